@@ -1,0 +1,244 @@
+//! The `llmq` command line: arguments only. Each command lives in its own module.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use llmq_shared::envelope::TaskType;
+
+/// llmq: a durable job queue for LLM work.
+#[derive(Parser, Debug)]
+#[command(name = "llmq", version)]
+pub struct Cli {
+    /// Redis holding the queues.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Enqueue one task and print its id (with --wait, its result).
+    Submit(Submit),
+    /// Enqueue a JSON array of tasks.
+    Batch(Batch),
+    /// Show a task's status and result.
+    Result(ResultArgs),
+    /// Show queue depths, live workers and provider readiness.
+    Status(StatusArgs),
+    /// Inspect, replay and purge dead letters.
+    Dlq(Dlq),
+    /// Apply the Postgres migrations.
+    Migrate(Migrate),
+    /// Report what the provider calls cost.
+    Costs(Costs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct Submit {
+    /// The prompt; `-` reads it from standard input.
+    #[arg(long)]
+    pub prompt: String,
+    /// A system prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// The task type.
+    #[arg(long = "type", value_parser = parse_type, default_value = "data_analysis")]
+    pub task_type: TaskType,
+    /// Run on this provider (a name from the provider file).
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Run on this model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Group the task under a chain id for cost reports.
+    #[arg(long)]
+    pub chain_id: Option<String>,
+    /// Seconds one attempt may take.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+    /// Attempts before the task becomes a dead letter.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    /// Run no sooner than this from now, e.g. 30s or 5m.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub delay: Option<Duration>,
+    /// Cap on output tokens.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    /// Free JSON kept with the task.
+    #[arg(long, value_parser = parse_json)]
+    pub metadata: Option<serde_json::Value>,
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    /// Write the output (or, with --format json, the whole result) to this file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Block until the task finishes and print its result.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait, give up after this long (exit 1).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait_timeout: Option<Duration>,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct Batch {
+    /// A JSON array of tasks: prompt, type, platform, model, timeout, metadata, ...
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Write the batch report here (with --wait) or the task ids (without).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    /// Block until every task finishes, showing progress, then print a summary.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait, give up after this long (exit 1).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait_timeout: Option<Duration>,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct ResultArgs {
+    pub task_id: String,
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Queues to show; default: every queue a worker has served.
+    #[arg(long = "queue")]
+    pub queues: Vec<String>,
+    /// The provider file, to check each provider.
+    #[arg(long, env = "LLMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct Dlq {
+    #[command(subcommand)]
+    pub command: DlqCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters, newest first.
+    List {
+        #[arg(long, default_value = "default")]
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show one dead letter in full (by dead-letter id or task id).
+    Show {
+        id: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Re-enqueue dead letters with their attempts reset.
+    Replay {
+        /// Dead-letter ids or task ids.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Replay every dead letter of the queue.
+        #[arg(long)]
+        all: bool,
+        /// Send the replayed tasks to this provider.
+        #[arg(long)]
+        platform: Option<String>,
+        #[arg(long, default_value = "default")]
+        queue: String,
+    },
+    /// Delete dead letters.
+    Purge {
+        /// Dead-letter ids or task ids.
+        #[arg(required_unless_present = "older_than", conflicts_with = "older_than")]
+        ids: Vec<String>,
+        /// Delete those that died longer ago than this, e.g. 7d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        #[arg(long, default_value = "default")]
+        queue: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct Migrate {
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum By {
+    Provider,
+    Model,
+    Type,
+    Day,
+    Chain,
+}
+
+#[derive(Args, Debug)]
+pub struct Costs {
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+    /// One UTC day, YYYY-MM-DD.
+    #[arg(long, value_parser = parse_date, conflicts_with_all = ["since", "until"])]
+    pub date: Option<chrono::NaiveDate>,
+    /// From this UTC day on (YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date)]
+    pub since: Option<chrono::NaiveDate>,
+    /// Up to and including this UTC day (YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date)]
+    pub until: Option<chrono::NaiveDate>,
+    #[arg(long)]
+    pub chain_id: Option<String>,
+    #[arg(long, value_enum, default_value = "provider")]
+    pub by: By,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+fn parse_type(s: &str) -> Result<TaskType, String> {
+    s.parse()
+        .map_err(|e: llmq_shared::envelope::Error| e.to_string())
+}
+
+fn parse_json(s: &str) -> Result<serde_json::Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+fn parse_date(s: &str) -> Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        .map_err(|_| format!("`{s}` is not a date; write it as YYYY-MM-DD"))
+}

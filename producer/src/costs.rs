@@ -1,0 +1,87 @@
+//! `llmq migrate` and `llmq costs`.
+
+use std::io::Write;
+
+use chrono::{NaiveDate, TimeZone, Utc};
+use llmq_shared::ledger::{GroupBy, Ledger};
+
+use crate::cli::{By, Costs, Format, Migrate};
+use crate::{EXIT_OK, Result, emit, render, to_json};
+
+pub async fn migrate(args: Migrate, out: &mut dyn Write) -> Result<u8> {
+    let ledger = Ledger::connect(&args.database_url, 1).await?;
+    ledger.migrate().await?;
+    emit(out, "database migrated\n");
+    Ok(EXIT_OK)
+}
+
+pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
+    let ledger = Ledger::connect(&args.database_url, 2).await?;
+    ledger.check_migrated().await?;
+    let day = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default());
+    let (since, until) = match (args.date, args.since, args.until) {
+        (Some(d), _, _) => (day(d), day(d) + chrono::Duration::days(1)),
+        (None, since, until) => (
+            since.map_or(chrono::DateTime::<Utc>::UNIX_EPOCH, day),
+            until.map_or(Utc::now() + chrono::Duration::days(1), |u| {
+                day(u) + chrono::Duration::days(1)
+            }),
+        ),
+    };
+    let by = match args.by {
+        By::Provider => GroupBy::Provider,
+        By::Model => GroupBy::Model,
+        By::Type => GroupBy::TaskType,
+        By::Day => GroupBy::Day,
+        By::Chain => GroupBy::Chain,
+    };
+    let lines = ledger
+        .costs(since, until, args.chain_id.as_deref(), by)
+        .await?;
+    let total: f64 = lines.iter().map(|l| l.cost_usd).sum();
+    let calls: i64 = lines.iter().map(|l| l.calls).sum();
+    let tasks = ledger
+        .tasks_in(since, until, args.chain_id.as_deref())
+        .await?;
+    match args.format {
+        Format::Json => emit(
+            out,
+            &to_json(&serde_json::json!({
+                "since": since, "until": until, "total_cost_usd": total,
+                "calls": calls, "tasks": tasks, "breakdown": lines,
+            })),
+        ),
+        Format::Text => {
+            let mut s = format!(
+                "Costs {} to {}\nTotal: {} over {calls} calls, {tasks} tasks\n\n",
+                since.format("%Y-%m-%d"),
+                (until - chrono::Duration::seconds(1)).format("%Y-%m-%d"),
+                render::usd(total)
+            );
+            s.push_str(&format!(
+                "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
+                format!("{:?}", args.by).to_uppercase(),
+                "CALLS",
+                "TASKS",
+                "IN TOKENS",
+                "CACHED",
+                "OUT TOKENS",
+                "COST"
+            ));
+            for l in &lines {
+                s.push_str(&format!(
+                    "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
+                    render::cut(&l.key, 32),
+                    l.calls,
+                    l.tasks,
+                    l.input_tokens,
+                    l.cached_tokens,
+                    l.output_tokens,
+                    render::usd(l.cost_usd)
+                ));
+            }
+            emit(out, &s);
+        }
+    }
+    Ok(EXIT_OK)
+}

@@ -1,0 +1,150 @@
+//! `llmq dlq`: list, show, replay and purge dead letters.
+
+use std::io::Write;
+
+use chrono::Utc;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::queue::{Client, DeadLetter};
+
+use crate::cli::{DlqCommand, Format};
+use crate::{EXIT_FAILED, EXIT_OK, Error, Result, emit, render, to_json};
+
+pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result<u8> {
+    match cmd {
+        DlqCommand::List {
+            queue,
+            limit,
+            format,
+        } => {
+            let dead = redis.dead_letters(&QueueKeys::new(&queue), limit).await?;
+            match format {
+                Format::Json => emit(out, &to_json(&dead)),
+                Format::Text => emit(out, &list_text(&dead)),
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Show { id, queue, format } => {
+            let found = redis
+                .find_dead(&QueueKeys::new(&queue), std::slice::from_ref(&id))
+                .await?;
+            let Some(d) = found.into_iter().next() else {
+                eprintln!("llmq: no dead letter {id} in queue `{queue}`");
+                return Ok(EXIT_FAILED);
+            };
+            match format {
+                Format::Json => emit(out, &to_json(&d)),
+                Format::Text => emit(out, &show_text(&d)),
+            }
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Replay {
+            ids,
+            all,
+            platform,
+            queue,
+        } => {
+            let keys = QueueKeys::new(&queue);
+            let dead = if all {
+                redis.dead_letters(&keys, usize::MAX).await?
+            } else {
+                found_all(redis, &keys, &ids).await?
+            };
+            let mut replayed = 0;
+            for d in &dead {
+                if redis.replay(&keys, d, platform.as_deref()).await? {
+                    replayed += 1;
+                }
+            }
+            emit(
+                out,
+                &format!("replayed {replayed} dead letter(s) to queue `{queue}`\n"),
+            );
+            Ok(EXIT_OK)
+        }
+        DlqCommand::Purge {
+            ids,
+            older_than,
+            queue,
+        } => {
+            let keys = QueueKeys::new(&queue);
+            let dead = match older_than {
+                Some(age) => {
+                    let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or_default();
+                    redis
+                        .dead_letters(&keys, usize::MAX)
+                        .await?
+                        .into_iter()
+                        .filter(|d| d.failed_at.is_some_and(|t| t < cutoff))
+                        .collect()
+                }
+                None => found_all(redis, &keys, &ids).await?,
+            };
+            let purged = redis.purge(&keys, &dead).await?;
+            emit(
+                out,
+                &format!("purged {purged} dead letter(s) from queue `{queue}`\n"),
+            );
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// The dead letters for `ids`, or an error naming the ids that are not there.
+async fn found_all(redis: &Client, keys: &QueueKeys, ids: &[String]) -> Result<Vec<DeadLetter>> {
+    let found = redis.find_dead(keys, ids).await?;
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !found.iter().any(|d| d.id == **id || d.task_id == **id))
+        .collect();
+    if !missing.is_empty() {
+        let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        return Err(Error::Usage(format!(
+            "no dead letter {} in queue `{}`; nothing was changed",
+            list.join(", "),
+            keys.name()
+        )));
+    }
+    Ok(found)
+}
+
+fn list_text(dead: &[DeadLetter]) -> String {
+    if dead.is_empty() {
+        return "no dead letters\n".into();
+    }
+    let mut s = format!(
+        "{:<17} {:<36} {:<16} {:>8} {:<20} {}\n",
+        "ID", "TASK", "CLASS", "ATTEMPTS", "FAILED AT", "ERROR"
+    );
+    for d in dead {
+        s.push_str(&format!(
+            "{:<17} {:<36} {:<16} {:>8} {:<20} {}\n",
+            d.id,
+            d.task_id,
+            d.class,
+            d.attempts,
+            d.failed_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_default(),
+            render::cut(&d.error, 80)
+        ));
+    }
+    s
+}
+
+fn show_text(d: &DeadLetter) -> String {
+    let task = serde_json::from_str::<serde_json::Value>(&d.task)
+        .ok()
+        .and_then(|v| serde_json::to_string_pretty(&v).ok())
+        .unwrap_or_else(|| d.task.clone());
+    format!(
+        "Dead letter: {}\nTask ID:     {}\nQueue:       {}\nClass:       {}\nAttempts:    {}\nFailed at:   {}\nError:       {}\nTask:\n{}\n",
+        d.id,
+        d.task_id,
+        d.queue,
+        d.class,
+        d.attempts,
+        d.failed_at.map(|t| t.to_rfc3339()).unwrap_or_default(),
+        d.error,
+        task
+    )
+}

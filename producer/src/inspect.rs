@@ -1,0 +1,147 @@
+//! `llmq result` and `llmq status`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use llmq_shared::config::{Config, ProviderConfig};
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::queue::{Client, QueueCounts};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+
+use crate::cli::{Format, ResultArgs, StatusArgs};
+use crate::{EXIT_FAILED, EXIT_OK, Result, emit, render, to_json};
+
+pub async fn result(redis: &Client, args: ResultArgs, out: &mut dyn Write) -> Result<u8> {
+    let keys = QueueKeys::new(&args.queue);
+    let Some(record) = redis.task(&keys, &args.task_id).await? else {
+        eprintln!(
+            "llmq: no task {} in queue `{}` (it may have expired, or be in another queue: pass --queue)",
+            args.task_id, args.queue
+        );
+        return Ok(EXIT_FAILED);
+    };
+    match args.format {
+        Format::Text => emit(out, &render::record(&record)),
+        Format::Json => emit(out, &to_json(&record)),
+    }
+    Ok(EXIT_OK)
+}
+
+/// One provider's line in `llmq status`.
+#[derive(Debug, Serialize)]
+pub struct ProviderStatus {
+    pub name: String,
+    pub enabled: bool,
+    pub ready: bool,
+    pub detail: String,
+}
+
+#[derive(Debug, Serialize)]
+struct StatusReport {
+    queues: Vec<QueueCounts>,
+    providers: Vec<ProviderStatus>,
+}
+
+pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Result<u8> {
+    let mut names = if args.queues.is_empty() {
+        redis.known_queues().await?
+    } else {
+        args.queues.clone()
+    };
+    if names.is_empty() {
+        names.push("default".into());
+    }
+    let mut queues = Vec::with_capacity(names.len());
+    for name in &names {
+        queues.push(redis.counts(&QueueKeys::new(name)).await?);
+    }
+    let providers = match &args.config {
+        Some(path) => {
+            let config = Config::load(path)?;
+            let http = reqwest::Client::new();
+            let checks = config.providers.iter().map(|p| check(&http, p));
+            futures_join(checks).await
+        }
+        None => Vec::new(),
+    };
+    let report = StatusReport { queues, providers };
+    match args.format {
+        Format::Json => emit(out, &to_json(&report)),
+        Format::Text => emit(out, &status_text(&report, args.config.is_some())),
+    }
+    Ok(EXIT_OK)
+}
+
+async fn futures_join<F: std::future::Future<Output = ProviderStatus>>(
+    checks: impl Iterator<Item = F>,
+) -> Vec<ProviderStatus> {
+    let handles: Vec<F> = checks.collect();
+    let mut out = Vec::with_capacity(handles.len());
+    // Few providers: checking one after another within the 3 s timeout each is fine.
+    for h in handles {
+        out.push(h.await);
+    }
+    out
+}
+
+/// A provider is ready when it is enabled and answers `GET {base_url}/models`.
+async fn check(http: &reqwest::Client, p: &ProviderConfig) -> ProviderStatus {
+    let status = |ready: bool, detail: String| ProviderStatus {
+        name: p.name.clone(),
+        enabled: p.enabled,
+        ready,
+        detail,
+    };
+    if !p.enabled {
+        return status(false, "disabled in the provider file".into());
+    }
+    let mut req = http
+        .get(format!("{}/models", p.base_url.trim_end_matches('/')))
+        .timeout(Duration::from_secs(3));
+    if let Some(key) = &p.api_key {
+        req = req.bearer_auth(key.expose_secret());
+    }
+    match req.send().await {
+        Ok(r) if r.status().is_success() => status(true, format!("answers at {}", p.base_url)),
+        Ok(r) => status(
+            false,
+            format!("{} answered HTTP {}", p.base_url, r.status().as_u16()),
+        ),
+        Err(e) if e.is_timeout() => {
+            status(false, format!("{} did not answer within 3s", p.base_url))
+        }
+        Err(_) => status(false, format!("cannot connect to {}", p.base_url)),
+    }
+}
+
+fn status_text(r: &StatusReport, with_providers: bool) -> String {
+    let mut s = format!(
+        "{:<20} {:>8} {:>10} {:>8} {:>6} {:>8}\n",
+        "QUEUE", "READY", "IN FLIGHT", "DELAYED", "DEAD", "WORKERS"
+    );
+    for q in &r.queues {
+        s.push_str(&format!(
+            "{:<20} {:>8} {:>10} {:>8} {:>6} {:>8}\n",
+            render::cut(&q.queue, 20),
+            q.ready,
+            q.in_flight,
+            q.delayed,
+            q.dead,
+            q.workers
+        ));
+    }
+    if with_providers {
+        s.push_str(&format!(
+            "\n{:<20} {:<8} {}\n",
+            "PROVIDER", "READY", "DETAIL"
+        ));
+        for p in &r.providers {
+            let ready = if p.ready { "yes" } else { "no" };
+            s.push_str(&format!("{:<20} {:<8} {}\n", p.name, ready, p.detail));
+        }
+    } else {
+        s.push_str("\n(set LLMQ_CONFIG or pass --config to check providers)\n");
+    }
+    s
+}

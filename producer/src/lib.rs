@@ -1,0 +1,91 @@
+//! The `llmq` command line as a library, so tests can run every command in-process.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use clap::Parser;
+//! let cli = llmq::cli::Cli::parse_from(["llmq", "submit", "--prompt", "Hello", "--wait"]);
+//! let exit_code = llmq::run(cli, &mut std::io::stdout()).await;
+//! # }
+//! ```
+
+use std::io::Write;
+
+pub mod cli;
+mod costs;
+mod dlq;
+mod inspect;
+mod render;
+mod submit;
+
+pub use submit::{BatchReport, wait_for};
+
+/// Exit code: the task(s) succeeded, or the command did what it was asked.
+pub const EXIT_OK: u8 = 0;
+/// Exit code: a task failed (or did not finish within --wait-timeout).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code: bad arguments, configuration, or a service that cannot be reached.
+pub const EXIT_USAGE: u8 = 2;
+
+/// A problem that stops a command; printed as `llmq: <sentence>` with exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Redis(#[from] llmq_shared::queue::Error),
+    #[error(transparent)]
+    Ledger(#[from] llmq_shared::ledger::Error),
+    #[error(transparent)]
+    Config(#[from] llmq_shared::config::Error),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs one command, writing its report to `out`; returns the exit code.
+pub async fn run(cli: cli::Cli, out: &mut dyn Write) -> u8 {
+    match dispatch(cli, out).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("llmq: {e}");
+            EXIT_USAGE
+        }
+    }
+}
+
+async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
+    use cli::Command;
+    let redis = || llmq_shared::queue::Client::new(&cli.redis_url, 4);
+    match cli.command {
+        Command::Submit(args) => submit::submit(&redis()?, args, out).await,
+        Command::Batch(args) => submit::batch(&redis()?, args, out).await,
+        Command::Result(args) => inspect::result(&redis()?, args, out).await,
+        Command::Status(args) => inspect::status(&redis()?, args, out).await,
+        Command::Dlq(args) => dlq::run(&redis()?, args.command, out).await,
+        Command::Migrate(args) => costs::migrate(args, out).await,
+        Command::Costs(args) => costs::costs(args, out).await,
+    }
+}
+
+/// Writes `text` to `out`, ignoring a closed pipe (`llmq ... | head`).
+fn emit(out: &mut dyn Write, text: &str) {
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+fn write_file(path: &std::path::Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|source| Error::Write {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    let mut s = serde_json::to_string_pretty(value).unwrap_or_default();
+    s.push('\n');
+    s
+}

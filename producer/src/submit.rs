@@ -1,0 +1,333 @@
+//! `llmq submit` and `llmq batch`: build envelopes, enqueue them, and optionally wait.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use llmq_shared::envelope::{Envelope, TaskType};
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::outcome::{Status, TaskRecord};
+use llmq_shared::queue::Client;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::{Batch, Format, Submit};
+use crate::{EXIT_FAILED, EXIT_OK, Error, Result, emit, render, to_json, write_file};
+
+pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result<u8> {
+    let prompt = if args.prompt == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|e| {
+            Error::Usage(format!("cannot read the prompt from standard input: {e}"))
+        })?;
+        s
+    } else {
+        args.prompt
+    };
+    if prompt.trim().is_empty() {
+        return Err(Error::Usage(
+            "the prompt is empty; pass --prompt with some text".into(),
+        ));
+    }
+    let mut env = Envelope::new(prompt);
+    env.system = args.system;
+    env.task_type = Some(args.task_type.to_string());
+    env.provider = args.platform;
+    env.model = args.model;
+    env.chain_id = args.chain_id;
+    env.timeout = Some(args.timeout);
+    env.max_attempts = Some(args.max_attempts);
+    env.max_tokens = args.max_tokens;
+    env.temperature = args.temperature;
+    env.metadata = args.metadata;
+    env.enqueued_at = Some(Utc::now());
+    if let Some(delay) = args.delay {
+        env.run_at = Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
+    }
+    let id = env.id.map(|u| u.to_string()).unwrap_or_default();
+    let keys = QueueKeys::new(&args.queue);
+    redis.ensure_group(&keys).await?;
+    redis.enqueue(&keys, &env).await?;
+    if !args.wait {
+        match args.format {
+            Format::Text => emit(out, &format!("{id}\n")),
+            Format::Json => emit(
+                out,
+                &to_json(&serde_json::json!({"task_id": id, "queue": args.queue})),
+            ),
+        }
+        return Ok(EXIT_OK);
+    }
+    let mut records = wait_for(
+        redis,
+        &keys,
+        std::slice::from_ref(&id),
+        args.wait_timeout,
+        |_| {},
+    )
+    .await?;
+    let Some(record) = records.pop().flatten() else {
+        eprintln!("llmq: task {id} did not finish within the wait timeout; it is still queued");
+        return Ok(EXIT_FAILED);
+    };
+    let text = match args.format {
+        Format::Text => render::record(&record),
+        Format::Json => to_json(&record),
+    };
+    if let Some(path) = &args.output {
+        let body = match args.format {
+            Format::Text => record.output.clone().unwrap_or_default(),
+            Format::Json => text.clone(),
+        };
+        write_file(path, &body)?;
+    }
+    emit(out, &text);
+    Ok(if record.status == Status::Succeeded {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
+
+/// Polls stored results until every task is final or `timeout` passes. Returns, per id,
+/// its final record (or `None` if it did not finish in time). `progress` is told how many
+/// are done after each poll.
+///
+/// # Errors
+/// Redis fails.
+pub async fn wait_for(
+    redis: &Client,
+    keys: &QueueKeys,
+    ids: &[String],
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<Option<TaskRecord>>> {
+    let started = Instant::now();
+    let mut done: Vec<Option<TaskRecord>> = vec![None; ids.len()];
+    let mut open: Vec<usize> = (0..ids.len()).collect();
+    let mut pause = Duration::from_millis(10);
+    while !open.is_empty() {
+        for chunk in open.clone().chunks(1000) {
+            let chunk_ids: Vec<String> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            for (&i, record) in chunk.iter().zip(redis.results(keys, &chunk_ids).await?) {
+                if let Some(r) = record.filter(|r| r.status.is_final()) {
+                    done[i] = Some(r);
+                }
+            }
+        }
+        open.retain(|&i| done[i].is_none());
+        progress(ids.len() - open.len());
+        if open.is_empty() || timeout.is_some_and(|t| started.elapsed() >= t) {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+    Ok(done)
+}
+
+/// One task of a batch file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchTask {
+    prompt: String,
+    #[serde(rename = "type", default)]
+    task_type: Option<String>,
+    #[serde(default)]
+    platform: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    timeout: Option<u64>,
+    #[serde(default)]
+    metadata: Option<serde_json::Value>,
+    #[serde(default)]
+    system: Option<String>,
+    #[serde(default)]
+    chain_id: Option<String>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+}
+
+/// Per-provider line of a batch report.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct ProviderSummary {
+    pub succeeded: usize,
+    pub failed: usize,
+    pub cost_usd: f64,
+}
+
+/// What `llmq batch --wait --output` writes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BatchReport {
+    pub total_tasks: usize,
+    pub success_count: usize,
+    pub failure_count: usize,
+    /// Percent, 0 to 100.
+    pub success_rate: f64,
+    pub total_cost: f64,
+    /// Seconds from the first enqueue to the last result.
+    pub total_duration: f64,
+    pub by_provider: BTreeMap<String, ProviderSummary>,
+    pub results: Vec<TaskRecord>,
+}
+
+pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u8> {
+    let text = std::fs::read_to_string(&args.input)
+        .map_err(|e| Error::Usage(format!("cannot read {}: {e}", args.input.display())))?;
+    let items: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
+        Error::Usage(format!(
+            "{} is not a JSON array of tasks: {e}",
+            args.input.display()
+        ))
+    })?;
+    let mut envs = Vec::with_capacity(items.len());
+    for (i, item) in items.into_iter().enumerate() {
+        let t: BatchTask = serde_json::from_value(item)
+            .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
+        if t.prompt.trim().is_empty() {
+            return Err(Error::Usage(format!(
+                "{} task [{i}]: the prompt is empty",
+                args.input.display()
+            )));
+        }
+        if let Some(ty) = &t.task_type {
+            ty.parse::<TaskType>()
+                .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
+        }
+        let mut env = Envelope::new(t.prompt);
+        env.task_type = t.task_type;
+        env.provider = t.platform;
+        env.model = t.model;
+        env.timeout = t.timeout;
+        env.metadata = t.metadata;
+        env.system = t.system;
+        env.chain_id = t.chain_id;
+        env.max_attempts = t.max_attempts;
+        env.max_tokens = t.max_tokens;
+        env.temperature = t.temperature;
+        env.enqueued_at = Some(Utc::now());
+        envs.push(env);
+    }
+    if envs.is_empty() {
+        return Err(Error::Usage(format!(
+            "{} holds no tasks",
+            args.input.display()
+        )));
+    }
+    let keys = QueueKeys::new(&args.queue);
+    redis.ensure_group(&keys).await?;
+    let started = Instant::now();
+    for chunk in envs.chunks(1000) {
+        redis.enqueue_many(&keys, chunk).await?;
+    }
+    let ids: Vec<String> = envs
+        .iter()
+        .filter_map(|e| e.id)
+        .map(|u| u.to_string())
+        .collect();
+    if !args.wait {
+        let listing = match args.format {
+            Format::Text => ids.iter().map(|id| format!("{id}\n")).collect::<String>(),
+            Format::Json => to_json(&serde_json::json!({"queue": args.queue, "task_ids": ids})),
+        };
+        if let Some(path) = &args.output {
+            write_file(path, &listing)?;
+        }
+        emit(out, &listing);
+        eprintln!("enqueued {} tasks to queue `{}`", ids.len(), args.queue);
+        return Ok(EXIT_OK);
+    }
+    let bar = indicatif::ProgressBar::new(ids.len() as u64);
+    bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tasks finished ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let records = wait_for(redis, &keys, &ids, args.wait_timeout, |n| {
+        bar.set_position(n as u64)
+    })
+    .await?;
+    bar.finish_and_clear();
+    let unfinished = records.iter().filter(|r| r.is_none()).count();
+    let results: Vec<TaskRecord> = records
+        .into_iter()
+        .zip(&ids)
+        .map(|(r, id)| r.unwrap_or_else(|| TaskRecord::pending(id, &args.queue, Status::Queued)))
+        .collect();
+    let report = summarize(results, started.elapsed());
+    if let Some(path) = &args.output {
+        write_file(path, &to_json(&report))?;
+    }
+    match args.format {
+        Format::Json => emit(out, &to_json(&report)),
+        Format::Text => emit(out, &summary_text(&report, unfinished)),
+    }
+    Ok(if report.failure_count == 0 {
+        EXIT_OK
+    } else {
+        EXIT_FAILED
+    })
+}
+
+fn summarize(results: Vec<TaskRecord>, took: Duration) -> BatchReport {
+    let mut by_provider: BTreeMap<String, ProviderSummary> = BTreeMap::new();
+    for r in &results {
+        let line = by_provider
+            .entry(r.provider.clone().unwrap_or_else(|| "-".into()))
+            .or_default();
+        if r.status == Status::Succeeded {
+            line.succeeded += 1;
+        } else {
+            line.failed += 1;
+        }
+        line.cost_usd += r.cost_usd;
+    }
+    let total = results.len();
+    let ok = results
+        .iter()
+        .filter(|r| r.status == Status::Succeeded)
+        .count();
+    BatchReport {
+        total_tasks: total,
+        success_count: ok,
+        failure_count: total - ok,
+        success_rate: if total == 0 {
+            0.0
+        } else {
+            ok as f64 * 100.0 / total as f64
+        },
+        total_cost: results.iter().map(|r| r.cost_usd).sum(),
+        total_duration: took.as_secs_f64(),
+        by_provider,
+        results,
+    }
+}
+
+fn summary_text(r: &BatchReport, unfinished: usize) -> String {
+    let mut s = format!("Batch finished: {} tasks\n", r.total_tasks);
+    s.push_str(&format!("  Succeeded:     {}\n", r.success_count));
+    s.push_str(&format!("  Failed:        {}\n", r.failure_count));
+    if unfinished > 0 {
+        s.push_str(&format!(
+            "  (of which {unfinished} still unfinished at the wait timeout)\n"
+        ));
+    }
+    s.push_str(&format!("  Success rate:  {:.1}%\n", r.success_rate));
+    s.push_str(&format!("  Total cost:    {}\n", render::usd(r.total_cost)));
+    s.push_str(&format!("  Duration:      {:.2}s\n", r.total_duration));
+    s.push_str("  By provider:\n");
+    for (name, p) in &r.by_provider {
+        s.push_str(&format!(
+            "    {name:<16} {:>5} ok {:>5} failed  {}\n",
+            p.succeeded,
+            p.failed,
+            render::usd(p.cost_usd)
+        ));
+    }
+    s
+}

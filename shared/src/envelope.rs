@@ -1,0 +1,378 @@
+//! The task envelope: the versioned JSON every producer writes into the `task` field.
+//!
+//! `schema/envelope.schema.json` and `docs/wire-format.md` describe it for other languages.
+//! Unknown fields are kept (and written back on retries) but otherwise ignored.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+/// The only envelope version this build understands.
+pub const VERSION: u64 = 1;
+
+/// Default payload limit: 1 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+
+/// Default number of attempts before a task becomes a dead letter.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+
+/// Default per-attempt timeout in seconds.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
+
+/// Why an envelope was rejected. The text is what lands in the dead letter.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    #[error(
+        "the task is {size} bytes, over the {limit}-byte limit; send a shorter prompt or raise --max-payload-bytes"
+    )]
+    TooLarge { size: usize, limit: usize },
+    #[error("the task is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("the task must be a JSON object, not {0}")]
+    NotObject(&'static str),
+    #[error("the task has no \"v\" field; set \"v\": 1")]
+    MissingVersion,
+    #[error("the task has version {0}, but this worker understands only \"v\": 1")]
+    WrongVersion(String),
+    #[error("field `{field}` is wrong: {message}")]
+    Field { field: String, message: String },
+    #[error("the task has no prompt; set \"prompt\" to a non-empty string")]
+    MissingPrompt,
+    #[error("unknown task type `{0}`; use one of: {list}", list = TaskType::names())]
+    UnknownType(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of work a task is. Routing and reporting group by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskType {
+    CodeGeneration,
+    Research,
+    #[default]
+    DataAnalysis,
+    Refactoring,
+    Documentation,
+    CodeReview,
+    SqlDbWork,
+    Testing,
+    Debugging,
+    Planning,
+}
+
+impl TaskType {
+    pub const ALL: [TaskType; 10] = [
+        TaskType::CodeGeneration,
+        TaskType::Research,
+        TaskType::DataAnalysis,
+        TaskType::Refactoring,
+        TaskType::Documentation,
+        TaskType::CodeReview,
+        TaskType::SqlDbWork,
+        TaskType::Testing,
+        TaskType::Debugging,
+        TaskType::Planning,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskType::CodeGeneration => "code_generation",
+            TaskType::Research => "research",
+            TaskType::DataAnalysis => "data_analysis",
+            TaskType::Refactoring => "refactoring",
+            TaskType::Documentation => "documentation",
+            TaskType::CodeReview => "code_review",
+            TaskType::SqlDbWork => "sql_db_work",
+            TaskType::Testing => "testing",
+            TaskType::Debugging => "debugging",
+            TaskType::Planning => "planning",
+        }
+    }
+
+    /// Every accepted name, comma-separated, for error messages.
+    #[must_use]
+    pub fn names() -> String {
+        Self::ALL.map(Self::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for TaskType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for TaskType {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| Error::UnknownType(s.to_owned()))
+    }
+}
+
+/// A task as producers write it and workers carry it through retries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub v: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Uuid>,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub task_type: Option<String>,
+    /// Provider hint (`--platform`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Model hint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_id: Option<String>,
+    /// Per-attempt timeout in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Do not run before this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Value>,
+    /// When the producer enqueued it; `llmq` sets it, other producers may.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enqueued_at: Option<DateTime<Utc>>,
+    /// Attempts already used up. Set by workers; producers leave it out.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Rate-limit waits so far; they do not use up attempts. Set by workers.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub snoozes: u32,
+    /// The error of the last failed attempt. Set by workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Fields this version does not know, kept as they came.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl Envelope {
+    /// A fresh envelope with a new id and every option unset.
+    #[must_use]
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            v: VERSION,
+            id: Some(Uuid::new_v4()),
+            prompt: prompt.into(),
+            system: None,
+            task_type: None,
+            provider: None,
+            model: None,
+            chain_id: None,
+            timeout: None,
+            max_attempts: None,
+            run_at: None,
+            idempotency_key: None,
+            max_tokens: None,
+            temperature: None,
+            metadata: None,
+            enqueued_at: None,
+            attempts: 0,
+            snoozes: 0,
+            last_error: None,
+            extra: Map::new(),
+        }
+    }
+
+    /// Parses and validates raw bytes from the stream.
+    ///
+    /// # Errors
+    /// Every way the input can be wrong, each as a sentence for the dead letter.
+    pub fn parse(raw: &[u8], max_bytes: usize) -> Result<Self> {
+        if raw.len() > max_bytes {
+            return Err(Error::TooLarge {
+                size: raw.len(),
+                limit: max_bytes,
+            });
+        }
+        let value: Value =
+            serde_json::from_slice(raw).map_err(|e| Error::NotJson(e.to_string()))?;
+        Self::from_value(value)
+    }
+
+    /// Validates a JSON value as an envelope.
+    ///
+    /// # Errors
+    /// As [`Envelope::parse`].
+    pub fn from_value(value: Value) -> Result<Self> {
+        let obj = match &value {
+            Value::Object(obj) => obj,
+            Value::Array(_) => return Err(Error::NotObject("an array")),
+            Value::String(_) => return Err(Error::NotObject("a string")),
+            Value::Number(_) => return Err(Error::NotObject("a number")),
+            Value::Bool(_) => return Err(Error::NotObject("a boolean")),
+            Value::Null => return Err(Error::NotObject("null")),
+        };
+        match obj.get("v") {
+            None => return Err(Error::MissingVersion),
+            Some(v) if v.as_u64() == Some(VERSION) => {}
+            Some(v) => return Err(Error::WrongVersion(v.to_string())),
+        }
+        match obj.get("prompt") {
+            None | Some(Value::Null) => return Err(Error::MissingPrompt),
+            Some(Value::String(s)) if s.trim().is_empty() => return Err(Error::MissingPrompt),
+            _ => {}
+        }
+        let env: Envelope = serde_path_to_error::deserialize(value).map_err(|e| Error::Field {
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+        env.task_type()?;
+        if env.max_attempts == Some(0) {
+            return Err(Error::Field {
+                field: "max_attempts".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        if env.timeout == Some(0) {
+            return Err(Error::Field {
+                field: "timeout".into(),
+                message: "must be at least 1 second".into(),
+            });
+        }
+        Ok(env)
+    }
+
+    /// The task type, `data_analysis` when unset.
+    ///
+    /// # Errors
+    /// [`Error::UnknownType`] for a name outside the ten task types.
+    pub fn task_type(&self) -> Result<TaskType> {
+        self.task_type
+            .as_deref()
+            .map_or(Ok(TaskType::default()), TaskType::from_str)
+    }
+
+    #[must_use]
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
+    }
+
+    #[must_use]
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.timeout.unwrap_or(DEFAULT_TIMEOUT_SECS))
+    }
+
+    /// The task id; for a producer that left it out, one derived from where the task sits,
+    /// so every redelivery of the same entry gets the same id.
+    #[must_use]
+    pub fn id_or_derive(&self, queue: &str, entry_id: &str) -> Uuid {
+        self.id.unwrap_or_else(|| derive_id(queue, entry_id))
+    }
+
+    /// The envelope as the JSON stored in Redis.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        // Serializing a struct of plain fields and a JSON map cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The id given to a task whose producer did not set one.
+#[must_use]
+pub fn derive_id(queue: &str, entry_id: &str) -> Uuid {
+    Uuid::new_v5(
+        &Uuid::NAMESPACE_OID,
+        format!("llmq:{queue}:{entry_id}").as_bytes(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Envelope> {
+        Envelope::parse(s.as_bytes(), DEFAULT_MAX_PAYLOAD_BYTES)
+    }
+
+    #[test]
+    fn minimal_envelope_parses_with_defaults() {
+        let env = parse(r#"{"v":1,"prompt":"hi"}"#).unwrap();
+        assert_eq!(env.prompt, "hi");
+        assert_eq!(env.max_attempts(), 3);
+        assert_eq!(env.task_type().unwrap(), TaskType::DataAnalysis);
+        assert!(env.id.is_none());
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip() {
+        let env = parse(r#"{"v":1,"prompt":"hi","future_field":{"a":1}}"#).unwrap();
+        let again = parse(&env.to_json()).unwrap();
+        assert_eq!(
+            again.extra.get("future_field"),
+            Some(&serde_json::json!({"a":1}))
+        );
+    }
+
+    #[test]
+    fn each_kind_of_bad_input_has_its_own_reason() {
+        let cases = [
+            ("not json", "not valid JSON"),
+            ("[1,2]", "JSON object, not an array"),
+            (r#"{"prompt":"x"}"#, "no \"v\" field"),
+            (r#"{"v":2,"prompt":"x"}"#, "version 2"),
+            (r#"{"v":1}"#, "no prompt"),
+            (r#"{"v":1,"prompt":"  "}"#, "no prompt"),
+            (
+                r#"{"v":1,"prompt":"x","type":"poetry"}"#,
+                "unknown task type `poetry`",
+            ),
+            (
+                r#"{"v":1,"prompt":"x","timeout":"soon"}"#,
+                "field `timeout` is wrong",
+            ),
+            (r#"{"v":1,"prompt":"x","id":"nope"}"#, "field `id` is wrong"),
+            (r#"{"v":1,"prompt":"x","max_attempts":0}"#, "at least 1"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{input}: {err}");
+        }
+        let big = format!(r#"{{"v":1,"prompt":"{}"}}"#, "x".repeat(100));
+        let err = Envelope::parse(big.as_bytes(), 50).unwrap_err().to_string();
+        assert!(err.contains("over the 50-byte limit"), "{err}");
+    }
+
+    #[test]
+    fn unknown_type_lists_all_ten() {
+        let err = "x".parse::<TaskType>().unwrap_err().to_string();
+        for t in TaskType::ALL {
+            assert!(err.contains(t.as_str()));
+        }
+    }
+
+    #[test]
+    fn derived_ids_are_stable() {
+        assert_eq!(derive_id("q", "1-0"), derive_id("q", "1-0"));
+        assert_ne!(derive_id("q", "1-0"), derive_id("q", "1-1"));
+    }
+}

@@ -1,0 +1,88 @@
+//! Every Redis key llmq uses, in one place.
+//!
+//! All keys of one queue share the hash tag `{<queue>}`, so every multi-key script runs on
+//! Redis Cluster. `docs/wire-format.md` documents this layout; it is the public API for
+//! producers in other languages, so a change here is a breaking change.
+
+/// The consumer group every worker reads the ready stream with.
+pub const GROUP: &str = "workers";
+
+/// The stream field that holds the JSON envelope.
+pub const TASK_FIELD: &str = "task";
+
+/// The set of queue names workers have served, for `llmq status`.
+pub const QUEUES: &str = "llmq:queues";
+
+/// Key names of one queue.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QueueKeys {
+    name: String,
+    prefix: String,
+}
+
+impl QueueKeys {
+    /// The keys of queue `name`.
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            prefix: format!("llmq:{{{name}}}"),
+        }
+    }
+
+    /// The queue's name, without the hash tag.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Ready tasks: a stream read by the group [`GROUP`].
+    #[must_use]
+    pub fn stream(&self) -> String {
+        format!("{}:stream", self.prefix)
+    }
+
+    /// Tasks waiting for `run_at` or a retry backoff: a sorted set scored by due time in ms.
+    #[must_use]
+    pub fn delayed(&self) -> String {
+        format!("{}:delayed", self.prefix)
+    }
+
+    /// Dead letters: a stream.
+    #[must_use]
+    pub fn dead(&self) -> String {
+        format!("{}:dead", self.prefix)
+    }
+
+    /// The stored outcome of one task: a JSON string with a TTL.
+    #[must_use]
+    pub fn result(&self, task_id: &str) -> String {
+        format!("{}:result:{task_id}", self.prefix)
+    }
+
+    /// Live workers of this queue: a sorted set of worker ids scored by last heartbeat (ms).
+    #[must_use]
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_queue_shares_one_hash_tag() {
+        let keys = QueueKeys::new("default");
+        for key in [
+            keys.stream(),
+            keys.delayed(),
+            keys.dead(),
+            keys.result("abc"),
+            keys.workers(),
+        ] {
+            assert!(key.starts_with("llmq:{default}:"), "{key}");
+        }
+        assert_eq!(keys.stream(), "llmq:{default}:stream");
+    }
+}

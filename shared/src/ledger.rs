@@ -1,0 +1,348 @@
+//! The Postgres ledger: every provider call with its tokens and cost, and every finished task.
+//!
+//! Rows are written in batches (group commit) before the tasks they belong to are acked, and
+//! are idempotent on (task id, attempt, call number), so a redelivered task is never billed
+//! twice.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use sqlx::postgres::PgPoolOptions;
+use uuid::Uuid;
+
+/// The migrations in `migrations/`, embedded in every binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot reach Postgres ({0}); start it or set DATABASE_URL to where it runs")]
+    Connect(String),
+    #[error("the database is not migrated ({0}); run `llmq migrate` first")]
+    NotMigrated(String),
+    #[error("migrating the database failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("Postgres failed: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// One provider call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallRow {
+    pub task_id: Uuid,
+    pub attempt: i32,
+    pub call_no: i32,
+    pub queue: String,
+    pub chain_id: Option<String>,
+    pub task_type: String,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub cost_usd: f64,
+    pub latency_ms: i32,
+    /// `ok` or `error`.
+    pub outcome: String,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub worker: String,
+    pub called_at: DateTime<Utc>,
+}
+
+/// One finished task (succeeded or dead).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskRow {
+    pub task_id: Uuid,
+    pub queue: String,
+    pub chain_id: Option<String>,
+    pub task_type: String,
+    pub status: String,
+    pub attempts: i32,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cost_usd: f64,
+    pub error: Option<String>,
+    pub error_class: Option<String>,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// One line of a cost report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct CostLine {
+    pub key: String,
+    pub calls: i64,
+    pub tasks: i64,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_usd: f64,
+}
+
+/// What `llmq costs` groups by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Provider,
+    Model,
+    TaskType,
+    Day,
+    Chain,
+}
+
+impl GroupBy {
+    fn column(self) -> &'static str {
+        match self {
+            GroupBy::Provider => "provider",
+            GroupBy::Model => "provider || '/' || model",
+            GroupBy::TaskType => "task_type",
+            GroupBy::Day => "to_char(called_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+            GroupBy::Chain => "coalesce(chain_id, '-')",
+        }
+    }
+}
+
+/// The Postgres ledger.
+#[derive(Debug, Clone)]
+pub struct Ledger {
+    pool: PgPool,
+}
+
+impl Ledger {
+    /// Connects to `url`.
+    ///
+    /// # Errors
+    /// Postgres cannot be reached.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))?;
+        Ok(Self { pool })
+    }
+
+    #[must_use]
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every pending migration.
+    ///
+    /// # Errors
+    /// A migration fails.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Fails unless every embedded migration has been applied.
+    ///
+    /// # Errors
+    /// [`Error::NotMigrated`] naming the first missing migration.
+    pub async fn check_migrated(&self) -> Result<()> {
+        let applied: Vec<i64> =
+            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(v) => v,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+        match MIGRATOR.iter().find(|m| !applied.contains(&m.version)) {
+            Some(m) => Err(Error::NotMigrated(format!(
+                "migration {} ({}) has not been applied",
+                m.version, m.description
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Writes a batch of calls and finished tasks in one transaction. Calls already recorded
+    /// (same task, attempt and call number) are left as they are.
+    ///
+    /// # Errors
+    /// Postgres fails; then nothing of the batch was written.
+    pub async fn record(&self, calls: &[CallRow], tasks: &[TaskRow]) -> Result<()> {
+        if calls.is_empty() && tasks.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        if !calls.is_empty() {
+            sqlx::query(
+                "INSERT INTO provider_calls (task_id, attempt, call_no, queue, chain_id, task_type,
+                    provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
+                    cost_usd, latency_ms, outcome, error_class, error, worker, called_at)
+                 SELECT t.task_id, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
+                    t.provider, t.model, t.input_tokens, t.output_tokens, t.cached_tokens,
+                    t.reasoning_tokens, t.cost_usd::numeric(20, 10), t.latency_ms, t.outcome,
+                    t.error_class, t.error, t.worker, t.called_at
+                 FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::text[],
+                    $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[],
+                    $12::int8[], $13::float8[], $14::int4[], $15::text[], $16::text[],
+                    $17::text[], $18::text[], $19::timestamptz[])
+                 AS t(task_id, attempt, call_no, queue, chain_id, task_type, provider, model,
+                    input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
+                    latency_ms, outcome, error_class, error, worker, called_at)
+                 ON CONFLICT (task_id, attempt, call_no) DO NOTHING",
+            )
+            .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.queue.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.chain_id.clone()).collect::<Vec<_>>())
+            .bind(
+                calls
+                    .iter()
+                    .map(|c| c.task_type.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(calls.iter().map(|c| c.provider.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.model.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.input_tokens).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.output_tokens).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.cached_tokens).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.reasoning_tokens).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.cost_usd).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.outcome.clone()).collect::<Vec<_>>())
+            .bind(
+                calls
+                    .iter()
+                    .map(|c| c.error_class.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(calls.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.worker.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !tasks.is_empty() {
+            sqlx::query(
+                "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
+                    provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
+                    finished_at)
+                 SELECT t.task_id, t.queue, t.chain_id, t.task_type, t.status, t.attempts,
+                    t.provider, t.model, t.input_tokens, t.output_tokens,
+                    t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at
+                 FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                    $6::int4[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::float8[],
+                    $12::text[], $13::text[], $14::timestamptz[])
+                 AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
+                    input_tokens, output_tokens, cost_usd, error, error_class, finished_at)
+                 ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,
+                    attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
+                    model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
+                    output_tokens = EXCLUDED.output_tokens, cost_usd = EXCLUDED.cost_usd,
+                    error = EXCLUDED.error, error_class = EXCLUDED.error_class,
+                    finished_at = EXCLUDED.finished_at",
+            )
+            .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.queue.clone()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.chain_id.clone()).collect::<Vec<_>>())
+            .bind(
+                tasks
+                    .iter()
+                    .map(|t| t.task_type.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(tasks.iter().map(|t| t.status.clone()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.attempts).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.provider.clone()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.model.clone()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.input_tokens).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.output_tokens).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.cost_usd).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.error.clone()).collect::<Vec<_>>())
+            .bind(
+                tasks
+                    .iter()
+                    .map(|t| t.error_class.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Distinct tasks with a call in `[since, until)`.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn tasks_in(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        chain_id: Option<&str>,
+    ) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(DISTINCT task_id) FROM provider_calls
+             WHERE called_at >= $1 AND called_at < $2 AND ($3::text IS NULL OR chain_id = $3)",
+        )
+        .bind(since)
+        .bind(until)
+        .bind(chain_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Costs of calls made in `[since, until)`, grouped, most expensive first.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn costs(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        chain_id: Option<&str>,
+        by: GroupBy,
+    ) -> Result<Vec<CostLine>> {
+        let sql = format!(
+            "SELECT {col} AS key, count(*) AS calls, count(DISTINCT task_id) AS tasks,
+                coalesce(sum(input_tokens), 0)::int8 AS input_tokens,
+                coalesce(sum(output_tokens), 0)::int8 AS output_tokens,
+                coalesce(sum(cached_tokens), 0)::int8 AS cached_tokens,
+                coalesce(sum(cost_usd), 0)::float8 AS cost_usd
+             FROM provider_calls
+             WHERE called_at >= $1 AND called_at < $2 AND ($3::text IS NULL OR chain_id = $3)
+             GROUP BY 1 ORDER BY cost_usd DESC, key",
+            col = by.column()
+        );
+        let rows: Vec<(String, i64, i64, i64, i64, i64, f64)> = sqlx::query_as(&sql)
+            .bind(since)
+            .bind(until)
+            .bind(chain_id)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(key, calls, tasks, input_tokens, output_tokens, cached_tokens, cost_usd)| {
+                    CostLine {
+                        key,
+                        calls,
+                        tasks,
+                        input_tokens,
+                        output_tokens,
+                        cached_tokens,
+                        cost_usd,
+                    }
+                },
+            )
+            .collect())
+    }
+}

@@ -1,0 +1,169 @@
+//! What became of a task: its status, its error class and the record stored at
+//! `llmq:{q}:result:<id>`. The record's JSON is what `llmq result --format json` prints; its
+//! field names are part of the documented wire format.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// In the stream, not yet read by a worker.
+    Queued,
+    /// Waiting in `delayed` for `run_at` or a retry backoff.
+    Delayed,
+    /// Read by a worker and not yet finished.
+    Running,
+    Succeeded,
+    /// Ended without success and no longer in the dead-letter queue (purged).
+    Failed,
+    /// In the dead-letter queue, where it can be replayed.
+    Dead,
+}
+
+impl Status {
+    /// True once nothing more will happen to the task without an operator.
+    #[must_use]
+    pub fn is_final(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Dead)
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Delayed => "delayed",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an attempt failed, which decides what happens next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// Worth another try: 408, 5xx, timeouts, connection resets.
+    Retryable,
+    /// 429: wait for Retry-After; the wait does not use up an attempt.
+    RateLimited,
+    /// Another try would fail the same way: 400, 401, 403, 404, 422, context too long.
+    Fatal,
+    /// The provider's quota or the budget is used up.
+    QuotaExhausted,
+    /// The task itself is malformed.
+    Invalid,
+    /// The task was redelivered too often: workers died while running it.
+    Poison,
+}
+
+impl ErrorClass {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Retryable => "retryable",
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Fatal => "fatal",
+            ErrorClass::QuotaExhausted => "quota_exhausted",
+            ErrorClass::Invalid => "invalid",
+            ErrorClass::Poison => "poison",
+        }
+    }
+
+    /// Whether another attempt may succeed.
+    #[must_use]
+    pub fn is_retryable(self) -> bool {
+        matches!(self, ErrorClass::Retryable | ErrorClass::RateLimited)
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ErrorClass {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        [
+            ErrorClass::Retryable,
+            ErrorClass::RateLimited,
+            ErrorClass::Fatal,
+            ErrorClass::QuotaExhausted,
+            ErrorClass::Invalid,
+            ErrorClass::Poison,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+        .ok_or_else(|| format!("unknown error class `{s}`"))
+    }
+}
+
+/// The stored outcome of a task (`llmq:{q}:result:<id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub task_id: String,
+    pub queue: String,
+    pub status: Status,
+    pub provider: Option<String>,
+    pub model: Option<String>,
+    pub output: Option<String>,
+    pub error: Option<String>,
+    pub error_class: Option<ErrorClass>,
+    pub attempts: u32,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub reasoning_tokens: u64,
+    pub cost_usd: f64,
+    /// Wall time of the last attempt, in milliseconds.
+    pub duration_ms: u64,
+    pub task_type: Option<String>,
+    pub chain_id: Option<String>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl TaskRecord {
+    /// A record with only an id, a queue and a status: for tasks not yet finished.
+    #[must_use]
+    pub fn pending(task_id: &str, queue: &str, status: Status) -> Self {
+        Self {
+            task_id: task_id.to_owned(),
+            queue: queue.to_owned(),
+            status,
+            provider: None,
+            model: None,
+            output: None,
+            error: None,
+            error_class: None,
+            attempts: 0,
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost_usd: 0.0,
+            duration_ms: 0,
+            task_type: None,
+            chain_id: None,
+            finished_at: None,
+        }
+    }
+
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}

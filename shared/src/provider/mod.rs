@@ -1,0 +1,172 @@
+//! LLM providers: one trait, one module per wire format.
+//!
+//! A provider turns a [`Request`] into a [`Completion`] (text and token usage) or a classified
+//! [`Error`] that says whether another try can help.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use crate::outcome::ErrorClass;
+
+pub mod openai;
+
+/// One call to a model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub model: String,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub max_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    /// The whole call, connect to last byte, must end within this.
+    pub timeout: Duration,
+}
+
+/// Tokens by kind, as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// All prompt tokens, cached ones included.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Prompt tokens served from the provider's cache (a subset of `input_tokens`).
+    pub cached_tokens: u64,
+    /// Reasoning tokens (a subset of `output_tokens`).
+    pub reasoning_tokens: u64,
+}
+
+/// A successful call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub usage: Usage,
+}
+
+/// A failed call, classified.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub struct Error {
+    pub class: ErrorClass,
+    pub provider: String,
+    pub model: String,
+    /// The HTTP status, when there was a response.
+    pub status: Option<u16>,
+    /// What went wrong, in a sentence, with a short excerpt of the body where there was one.
+    pub message: String,
+    /// How long the provider asked us to wait (429 Retry-After).
+    pub retry_after: Option<Duration>,
+}
+
+impl Error {
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        self.class.is_retryable()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}: ", self.provider, self.model)?;
+        if let Some(status) = self.status {
+            write!(f, "HTTP {status}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The future a provider call returns.
+pub type CallFuture<'a> = Pin<Box<dyn Future<Output = Result<Completion>> + Send + 'a>>;
+
+/// Something that answers prompts.
+pub trait Provider: Send + Sync {
+    /// The provider's name from the provider file.
+    fn name(&self) -> &str;
+
+    /// Sends one request.
+    ///
+    /// # Errors
+    /// A classified [`Error`]; callers retry only when [`Error::is_retryable`].
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a>;
+}
+
+/// Classifies an HTTP status the way every major provider uses them.
+#[must_use]
+pub fn classify_status(status: u16) -> ErrorClass {
+    match status {
+        429 => ErrorClass::RateLimited,
+        408 | 409 | 425 | 500..=599 => ErrorClass::Retryable,
+        _ => ErrorClass::Fatal,
+    }
+}
+
+/// Reads how long to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP-date.
+#[must_use]
+pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+    {
+        return Some(Duration::from_secs_f64(ms / 1000.0));
+    }
+    let value = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let wait = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(wait.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// At most `max` characters of `body`, on a character boundary, for error messages.
+#[must_use]
+pub fn excerpt(body: &str, max: usize) -> String {
+    let body = body.trim();
+    match body.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &body[..cut]),
+        None => body.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{HeaderMap, HeaderValue};
+
+    #[test]
+    fn statuses_are_classified() {
+        assert_eq!(classify_status(429), ErrorClass::RateLimited);
+        assert_eq!(classify_status(503), ErrorClass::Retryable);
+        assert_eq!(classify_status(408), ErrorClass::Retryable);
+        for s in [400, 401, 403, 404, 422] {
+            assert_eq!(classify_status(s), ErrorClass::Fatal, "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_reads_every_form() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        let mut h = HeaderMap::new();
+        let date = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc2822();
+        h.insert("retry-after", HeaderValue::from_str(&date).unwrap());
+        let wait = retry_after(&h).unwrap();
+        assert!(
+            wait > Duration::from_secs(25) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        assert_eq!(retry_after(&HeaderMap::new()), None);
+    }
+
+    #[test]
+    fn excerpt_cuts_on_char_boundaries() {
+        assert_eq!(excerpt("héllo", 2), "hé…");
+        assert_eq!(excerpt(" ok ", 10), "ok");
+    }
+}

@@ -1,0 +1,299 @@
+//! OpenAI chat completions (`POST {base_url}/chat/completions`), which also serves every
+//! OpenAI-compatible server: DeepSeek, Groq, OpenRouter, vLLM, llama.cpp, Ollama's `/v1`.
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
+    retry_after,
+};
+use crate::outcome::ErrorClass;
+
+/// Which field carries the output limit: OpenAI's own API wants `max_completion_tokens`
+/// (its reasoning models reject `max_tokens`); compatible servers know only `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLimitField {
+    MaxCompletionTokens,
+    MaxTokens,
+}
+
+/// A chat-completions endpoint.
+#[derive(Debug, Clone)]
+pub struct OpenAi {
+    name: String,
+    endpoint: String,
+    api_key: Option<SecretString>,
+    limit_field: TokenLimitField,
+    http: reqwest::Client,
+}
+
+impl OpenAi {
+    /// `base_url` is up to and including the version, e.g. `https://api.openai.com/v1`.
+    #[must_use]
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        api_key: Option<SecretString>,
+        limit_field: TokenLimitField,
+        http: reqwest::Client,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            endpoint: format!("{}/chat/completions", base_url.trim_end_matches('/')),
+            api_key,
+            limit_field,
+            http,
+        }
+    }
+
+    fn body(&self, req: &Request) -> Value {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &req.system {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": req.prompt}));
+        let mut body = json!({"model": req.model, "messages": messages});
+        if let Some(max) = req.max_tokens {
+            let field = match self.limit_field {
+                TokenLimitField::MaxCompletionTokens => "max_completion_tokens",
+                TokenLimitField::MaxTokens => "max_tokens",
+            };
+            body[field] = json!(max);
+        }
+        if let Some(t) = req.temperature {
+            body["temperature"] = json!(t);
+        }
+        body
+    }
+
+    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
+        Error {
+            class,
+            provider: self.name.clone(),
+            model: req.model.clone(),
+            status: None,
+            message,
+            retry_after: None,
+        }
+    }
+
+    async fn call(&self, req: &Request) -> Result<Completion> {
+        let mut builder = self
+            .http
+            .post(&self.endpoint)
+            .timeout(req.timeout)
+            .json(&self.body(req));
+        if let Some(key) = &self.api_key {
+            builder = builder.bearer_auth(key.expose_secret());
+        }
+        let response = builder
+            .send()
+            .await
+            .map_err(|e| self.error(req, ErrorClass::Retryable, transport_message(&e, req)))?;
+        let status = response.status().as_u16();
+        let wait = retry_after(response.headers());
+        let text = response
+            .text()
+            .await
+            .map_err(|e| self.error(req, ErrorClass::Retryable, transport_message(&e, req)))?;
+        if !(200..300).contains(&status) {
+            let mut err = self.error(req, classify_status(status), error_message(&text));
+            err.status = Some(status);
+            err.retry_after = wait;
+            refine_class(&mut err, &text);
+            return Err(err);
+        }
+        parse_completion(&text).map_err(|m| self.error(req, ErrorClass::Retryable, m))
+    }
+}
+
+impl Provider for OpenAi {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+        Box::pin(self.call(request))
+    }
+}
+
+fn transport_message(e: &reqwest::Error, req: &Request) -> String {
+    if e.is_timeout() {
+        format!("no answer within {:?}", req.timeout)
+    } else if e.is_connect() {
+        format!("cannot connect: {}", source_chain(e))
+    } else {
+        format!("the connection failed: {}", source_chain(e))
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+/// OpenAI's `{"error": {"message", "code"}}` body, or an excerpt of whatever came back.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(|m| excerpt(m, 300)))
+        .unwrap_or_else(|| excerpt(body, 300))
+}
+
+/// Codes that mean more than their status: an exhausted billing quota also comes as 429, and
+/// a too-long prompt as 400.
+fn refine_class(err: &mut Error, body: &str) {
+    let Ok(v) = serde_json::from_str::<Value>(body) else {
+        return;
+    };
+    let code = v["error"]["code"].as_str().or(v["error"]["type"].as_str());
+    match code {
+        Some("insufficient_quota") => err.class = ErrorClass::QuotaExhausted,
+        Some("context_length_exceeded") => {
+            err.class = ErrorClass::Fatal;
+            err.message = format!("context too long: {}", err.message);
+        }
+        _ => {}
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    choices: Vec<Choice>,
+    usage: Option<ChatUsage>,
+}
+
+#[derive(Deserialize)]
+struct Choice {
+    message: Message,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    content: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatUsage {
+    #[serde(default)]
+    prompt_tokens: u64,
+    #[serde(default)]
+    completion_tokens: u64,
+    prompt_tokens_details: Option<PromptDetails>,
+    completion_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize)]
+struct PromptDetails {
+    #[serde(default)]
+    cached_tokens: u64,
+}
+
+#[derive(Deserialize)]
+struct CompletionDetails {
+    #[serde(default)]
+    reasoning_tokens: u64,
+}
+
+fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
+    let parsed: ChatResponse = serde_json::from_str(body).map_err(|e| {
+        format!(
+            "the response is not a chat completion ({e}): {}",
+            excerpt(body, 200)
+        )
+    })?;
+    let text = parsed
+        .choices
+        .into_iter()
+        .next()
+        .and_then(|c| c.message.content)
+        .ok_or_else(|| {
+            format!(
+                "the response has no message content: {}",
+                excerpt(body, 200)
+            )
+        })?;
+    let usage = parsed.usage.map_or(Usage::default(), |u| Usage {
+        input_tokens: u.prompt_tokens,
+        output_tokens: u.completion_tokens,
+        cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
+        reasoning_tokens: u
+            .completion_tokens_details
+            .map_or(0, |d| d.reasoning_tokens),
+    });
+    Ok(Completion { text, usage })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_maps_cached_and_reasoning_tokens() {
+        let body = r#"{"choices":[{"message":{"role":"assistant","content":"hi"}}],
+            "usage":{"prompt_tokens":10,"completion_tokens":5,"total_tokens":15,
+            "prompt_tokens_details":{"cached_tokens":4},"completion_tokens_details":{"reasoning_tokens":2}}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(c.text, "hi");
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 10,
+                output_tokens: 5,
+                cached_tokens: 4,
+                reasoning_tokens: 2
+            }
+        );
+    }
+
+    #[test]
+    fn quota_and_context_errors_are_refined() {
+        let mut err = Error {
+            class: ErrorClass::RateLimited,
+            provider: "p".into(),
+            model: "m".into(),
+            status: Some(429),
+            message: "x".into(),
+            retry_after: None,
+        };
+        refine_class(&mut err, r#"{"error":{"code":"insufficient_quota"}}"#);
+        assert_eq!(err.class, ErrorClass::QuotaExhausted);
+        refine_class(&mut err, r#"{"error":{"code":"context_length_exceeded"}}"#);
+        assert_eq!(err.class, ErrorClass::Fatal);
+        assert!(err.message.starts_with("context too long"));
+    }
+
+    #[test]
+    fn limit_field_follows_the_flavour() {
+        let req = Request {
+            model: "m".into(),
+            system: Some("s".into()),
+            prompt: "p".into(),
+            max_tokens: Some(7),
+            temperature: None,
+            timeout: std::time::Duration::from_secs(1),
+        };
+        let http = reqwest::Client::new();
+        let a = OpenAi::new(
+            "a",
+            "http://x/v1/",
+            None,
+            TokenLimitField::MaxCompletionTokens,
+            http.clone(),
+        );
+        assert_eq!(a.body(&req)["max_completion_tokens"], 7);
+        assert_eq!(a.endpoint, "http://x/v1/chat/completions");
+        let b = OpenAi::new("b", "http://x/v1", None, TokenLimitField::MaxTokens, http);
+        let body = b.body(&req);
+        assert_eq!(body["max_tokens"], 7);
+        assert_eq!(body["messages"][0]["role"], "system");
+    }
+}

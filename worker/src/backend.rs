@@ -1,0 +1,104 @@
+//! The apalis adapter: llmq's own [`Backend`] over the fetcher's channel, and the worker
+//! that runs each task through [`Runtime::process`]. This is the only module that knows
+//! apalis; everything else is plain llmq code.
+//!
+//! apalis drives polling, runs tasks concurrently and, when the channel closes, waits for
+//! every running task before it returns: that is the graceful half of shutdown.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use apalis_core::backend::finalize::Ephemeral;
+use apalis_core::backend::{Backend, BackendConfig};
+use apalis_core::error::BoxDynError;
+use apalis_core::task::Task;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::data::Data;
+use apalis_core::task::task_id::RandomId;
+use apalis_core::worker::builder::WorkerBuilder;
+use apalis_core::worker::context::WorkerContext;
+use tokio::sync::mpsc;
+use tower_layer::Identity;
+
+use crate::Runtime;
+use crate::fetcher::Job;
+
+/// Tasks read from Redis streams by the [`crate::fetcher::Fetcher`].
+pub struct StreamBackend {
+    jobs: mpsc::UnboundedReceiver<Job>,
+}
+
+/// The channel backend cannot fail; errors surface as task outcomes instead.
+#[derive(Debug, thiserror::Error)]
+#[error("the task channel failed")]
+pub struct BackendError;
+
+impl Backend for StreamBackend {
+    type Task = Task<Job>;
+    type Error = BackendError;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), BackendError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Option<Result<Task<Job>, BackendError>>> {
+        self.jobs
+            .poll_recv(cx)
+            .map(|job| job.map(|job| Ok(TaskBuilder::new(job).build())))
+    }
+
+    fn poll_close(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &WorkerContext,
+    ) -> Poll<Result<(), BackendError>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for StreamBackend {
+    type Args = Job;
+    type Id = RandomId;
+    type Kind = Ephemeral;
+    type Config = ();
+    type Layer = Identity;
+
+    fn config(&self) -> &() {
+        &()
+    }
+
+    fn middleware(&mut self, _: &mut WorkerContext) -> Identity {
+        Identity::new()
+    }
+}
+
+async fn handle(job: Job, runtime: Data<Arc<Runtime>>) -> Result<(), BoxDynError> {
+    runtime.process(job).await;
+    Ok(())
+}
+
+/// Runs tasks from `jobs` until the channel is closed and every running task is done.
+///
+/// # Errors
+/// apalis reports a worker failure, as text.
+pub async fn run(
+    name: &str,
+    jobs: mpsc::UnboundedReceiver<Job>,
+    runtime: Arc<Runtime>,
+) -> Result<(), String> {
+    WorkerBuilder::new(name)
+        .backend(StreamBackend { jobs })
+        .data(runtime)
+        .build(handle)
+        .run()
+        .await
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,142 @@
+//! Pulls tasks from Redis, never more than the worker has free slots for.
+//!
+//! Each read asks for exactly as many tasks as there are free permits (`XREADGROUP ...
+//! COUNT n`), and every task carries its permit until it is written, so tasks wait in Redis,
+//! not in memory. Entries idle past the visibility timeout are taken over first.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::queue::{Client, Delivery};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// A task read from a queue, holding one of the worker's concurrency slots.
+pub struct Job {
+    pub queue: Arc<QueueKeys>,
+    pub delivery: Delivery,
+    pub permit: OwnedSemaphorePermit,
+}
+
+/// The read loop's settings.
+pub struct Fetcher {
+    pub redis: Client,
+    pub queues: Vec<Arc<QueueKeys>>,
+    pub consumer: String,
+    pub slots: Arc<Semaphore>,
+    pub max_batch: usize,
+    pub visibility_timeout: Duration,
+    pub max_deliveries: u64,
+    /// How long one read waits for a task before checking for shutdown.
+    pub block: Duration,
+    pub stop: CancellationToken,
+}
+
+impl Fetcher {
+    /// Reads until `stop`; the channel closes when it returns.
+    pub async fn run(self, jobs: mpsc::UnboundedSender<Job>) {
+        let reclaim_every = (self.visibility_timeout / 2)
+            .clamp(Duration::from_millis(200), Duration::from_secs(30));
+        let mut last_reclaim: Option<Instant> = None;
+        let mut conn = None;
+        let mut turn = 0usize;
+        loop {
+            let first = tokio::select! {
+                p = Arc::clone(&self.slots).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                () = self.stop.cancelled() => return,
+            };
+            let mut permits = vec![first];
+            while permits.len() < self.max_batch {
+                match Arc::clone(&self.slots).try_acquire_owned() {
+                    Ok(p) => permits.push(p),
+                    Err(_) => break,
+                }
+            }
+
+            let mut got: Vec<(Arc<QueueKeys>, Delivery)> = Vec::new();
+            let result: Result<(), llmq_shared::queue::Error> = async {
+                if last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every) {
+                    last_reclaim = Some(Instant::now());
+                    for q in &self.queues {
+                        let room = permits.len() - got.len();
+                        if room == 0 {
+                            break;
+                        }
+                        let taken = self
+                            .redis
+                            .reclaim(
+                                q,
+                                &self.consumer,
+                                self.visibility_timeout,
+                                room,
+                                self.max_deliveries,
+                            )
+                            .await?;
+                        if !taken.is_empty() {
+                            tracing::info!(
+                                queue = q.name(),
+                                count = taken.len(),
+                                "took over tasks idle past the visibility timeout"
+                            );
+                        }
+                        got.extend(taken.into_iter().map(|d| (Arc::clone(q), d)));
+                    }
+                }
+                if got.len() < permits.len() {
+                    let c = match conn.as_mut() {
+                        Some(c) => c,
+                        None => conn.insert(self.redis.conn().await?),
+                    };
+                    // One queue: block on it. Several: poll each in turn without blocking,
+                    // so a quiet queue never holds slots another queue could use.
+                    let block = (self.queues.len() == 1).then_some(self.block);
+                    for i in 0..self.queues.len() {
+                        let q = &self.queues[(turn + i) % self.queues.len()];
+                        let room = permits.len() - got.len();
+                        if room == 0 {
+                            break;
+                        }
+                        let read = self.redis.read(c, q, &self.consumer, room, block).await?;
+                        got.extend(read.into_iter().map(|d| (Arc::clone(q), d)));
+                    }
+                    turn = turn.wrapping_add(1);
+                }
+                Ok(())
+            }
+            .await;
+            let failed = result.is_err();
+            if let Err(e) = result {
+                conn = None;
+                tracing::error!("reading tasks failed, retrying in 1s: {e}");
+            }
+            let idle = got.is_empty();
+            for ((queue, delivery), permit) in got.into_iter().zip(permits) {
+                if jobs
+                    .send(Job {
+                        queue,
+                        delivery,
+                        permit,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if idle && (failed || self.queues.len() > 1) {
+                let pause = if failed {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_millis(20)
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = self.stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}

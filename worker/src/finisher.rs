@@ -1,0 +1,158 @@
+//! Writes outcomes in batches: the ledger first (one transaction for every call in the
+//! batch), then Redis (one Lua call per queue that stores results, moves retries and dead
+//! letters, and acks). A task is acked only after its calls are committed.
+//!
+//! The two stages run as two loops, so one batch's Redis write overlaps the next batch's
+//! commit. Batches form naturally: each stage takes whatever has arrived while it was busy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::ledger::Ledger;
+use llmq_shared::queue::Client;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::Finished;
+
+/// At most this many outcomes per batch.
+pub const MAX_BATCH: usize = 512;
+
+/// An outcome and who waits for it to be written. The answer is `true` when it was
+/// applied, `false` when the worker had lost the task to another worker (fenced).
+pub struct Pending {
+    pub finished: Finished,
+    pub done: oneshot::Sender<bool>,
+}
+
+/// The write path's settings.
+#[derive(Clone)]
+pub struct Finisher {
+    pub redis: Client,
+    pub ledger: Option<Ledger>,
+    pub consumer: String,
+    pub result_ttl: Duration,
+    /// Cancelled at the end of the shutdown grace period: a batch that still cannot be
+    /// written is dropped unacked, to be redelivered.
+    pub hard_stop: CancellationToken,
+}
+
+impl Finisher {
+    /// Starts both stages; outcomes go in through the returned sender. Both loops end when
+    /// every sender is dropped and what was sent is written.
+    pub fn spawn(self, tasks: &tokio_util::task::TaskTracker) -> mpsc::UnboundedSender<Pending> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (acks_tx, acks_rx) = mpsc::unbounded_channel();
+        let this = Arc::new(self);
+        tasks.spawn(Arc::clone(&this).ledger_stage(rx, acks_tx));
+        tasks.spawn(this.redis_stage(acks_rx));
+        tx
+    }
+
+    async fn ledger_stage(
+        self: Arc<Self>,
+        mut rx: mpsc::UnboundedReceiver<Pending>,
+        acks: mpsc::UnboundedSender<Vec<Pending>>,
+    ) {
+        while let Some(batch) = next_batch(&mut rx).await {
+            if let Some(ledger) = &self.ledger {
+                let calls: Vec<_> = batch
+                    .iter()
+                    .flat_map(|p| p.finished.calls.iter().cloned())
+                    .collect();
+                let tasks: Vec<_> = batch
+                    .iter()
+                    .filter_map(|p| p.finished.task.clone())
+                    .collect();
+                let written = self
+                    .retry("writing the ledger", || ledger.record(&calls, &tasks))
+                    .await;
+                if written.is_none() {
+                    // Shutdown hard stop: leave these unacked; they will be redelivered.
+                    continue;
+                }
+            }
+            if acks.send(batch).is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn redis_stage(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<Pending>>) {
+        while let Some(mut batch) = rx.recv().await {
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.extend(more),
+                    Err(_) => break,
+                }
+            }
+            let mut by_queue: HashMap<Arc<QueueKeys>, Vec<Pending>> = HashMap::new();
+            for p in batch {
+                by_queue
+                    .entry(Arc::clone(&p.finished.queue))
+                    .or_default()
+                    .push(p);
+            }
+            for (keys, items) in by_queue {
+                let finishes: Vec<_> = items.iter().map(|p| p.finished.finish.clone()).collect();
+                let applied = self
+                    .retry("acknowledging tasks in Redis", || {
+                        self.redis
+                            .finish(&keys, &self.consumer, self.result_ttl, &finishes)
+                    })
+                    .await;
+                let ok = applied.is_some();
+                let applied = applied.unwrap_or_default();
+                for (i, p) in items.into_iter().enumerate() {
+                    let was_applied = applied.get(i).copied().unwrap_or(false);
+                    if ok && !was_applied {
+                        tracing::warn!(
+                            task = %p.finished.finish.task_id,
+                            "another worker took this task over; its outcome here was discarded"
+                        );
+                    }
+                    let _ = p.done.send(was_applied);
+                }
+            }
+        }
+    }
+
+    /// Runs `op` until it succeeds, backing off up to 5 s between tries; gives up only at
+    /// the hard stop (then `None`).
+    async fn retry<T, F, Fut, E>(&self, what: &str, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: std::fmt::Display,
+    {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    tracing::error!("{what} failed, retrying in {wait:?}: {e}");
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.hard_stop.cancelled() => return None,
+                    }
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+async fn next_batch(rx: &mut mpsc::UnboundedReceiver<Pending>) -> Option<Vec<Pending>> {
+    let first = rx.recv().await?;
+    let mut batch = Vec::with_capacity(64);
+    batch.push(first);
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
