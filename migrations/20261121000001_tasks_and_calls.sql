@@ -20,11 +20,12 @@ CREATE TABLE tasks (
 CREATE INDEX tasks_finished_at ON tasks (finished_at);
 CREATE INDEX tasks_chain_id ON tasks (chain_id) WHERE chain_id IS NOT NULL;
 
--- One row per provider call. (task_id, attempt, call_no) makes a redelivered task's calls
--- idempotent: a worker that repeats an attempt after another worker's crash does not bill it
--- twice.
+-- One row per provider call. (task_id, run, attempt, call_no) makes a redelivered task's
+-- calls idempotent: a worker that repeats an attempt after another worker's crash does not
+-- bill it twice. `run` counts replays from the dead letters, whose calls are new calls.
 CREATE TABLE provider_calls (
     task_id          UUID NOT NULL,
+    run              INTEGER NOT NULL DEFAULT 0,
     attempt          INTEGER NOT NULL,
     call_no          INTEGER NOT NULL,
     queue            TEXT NOT NULL,
@@ -43,7 +44,7 @@ CREATE TABLE provider_calls (
     error            TEXT,
     worker           TEXT NOT NULL,
     called_at        TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (task_id, attempt, call_no)
+    PRIMARY KEY (task_id, run, attempt, call_no)
 );
 
 CREATE INDEX provider_calls_called_at ON provider_calls (called_at);

@@ -163,6 +163,10 @@ pub struct Envelope {
     /// Rate-limit waits so far; they do not use up attempts. Set by workers.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub snoozes: u32,
+    /// Times an operator replayed the task from the dead letters; part of the ledger key, so
+    /// a replayed task's calls are billed as the new calls they are.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub replays: u32,
     /// The error of the last failed attempt. Set by workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -198,6 +202,7 @@ impl Envelope {
             enqueued_at: None,
             attempts: 0,
             snoozes: 0,
+            replays: 0,
             last_error: None,
             extra: Map::new(),
         }

@@ -1,7 +1,7 @@
 //! The Postgres ledger: every provider call with its tokens and cost, and every finished task.
 //!
 //! Rows are written in batches (group commit) before the tasks they belong to are acked, and
-//! are idempotent on (task id, attempt, call number), so a redelivered task is never billed
+//! are idempotent on (task id, run, attempt, call number), so a redelivered task is never billed
 //! twice.
 
 use chrono::{DateTime, Utc};
@@ -31,6 +31,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallRow {
     pub task_id: Uuid,
+    /// Replays from the dead letters before this call (0 for the first run).
+    pub run: i32,
     pub attempt: i32,
     pub call_no: i32,
     pub queue: String,
@@ -180,23 +182,24 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         if !calls.is_empty() {
             sqlx::query(
-                "INSERT INTO provider_calls (task_id, attempt, call_no, queue, chain_id, task_type,
+                "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, chain_id, task_type,
                     provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
                     cost_usd, latency_ms, outcome, error_class, error, worker, called_at)
-                 SELECT t.task_id, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
+                 SELECT t.task_id, t.run, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
                     t.provider, t.model, t.input_tokens, t.output_tokens, t.cached_tokens,
                     t.reasoning_tokens, t.cost_usd::numeric(20, 10), t.latency_ms, t.outcome,
                     t.error_class, t.error, t.worker, t.called_at
-                 FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::text[], $5::text[],
-                    $6::text[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::int8[],
-                    $12::int8[], $13::float8[], $14::int4[], $15::text[], $16::text[],
-                    $17::text[], $18::text[], $19::timestamptz[])
-                 AS t(task_id, attempt, call_no, queue, chain_id, task_type, provider, model,
+                 FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[],
+                    $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[],
+                    $12::int8[], $13::int8[], $14::float8[], $15::int4[], $16::text[],
+                    $17::text[], $18::text[], $19::text[], $20::timestamptz[])
+                 AS t(task_id, run, attempt, call_no, queue, chain_id, task_type, provider, model,
                     input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
                     latency_ms, outcome, error_class, error, worker, called_at)
-                 ON CONFLICT (task_id, attempt, call_no) DO NOTHING",
+                 ON CONFLICT (task_id, run, attempt, call_no) DO NOTHING",
             )
             .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.run).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.queue.clone()).collect::<Vec<_>>())

@@ -631,7 +631,7 @@ async fn chat_completions(
     if let Ok(value) = serde_json::from_slice::<Value>(&body)
         && let Some(model) = value.get("model").and_then(Value::as_str)
     {
-        let _ = model;
+        state.count(model);
     }
     if !authorized(&headers) {
         return ApiError::new(

@@ -48,11 +48,17 @@ impl Backend for StreamBackend {
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
-        _: &WorkerContext,
+        worker: &WorkerContext,
     ) -> Poll<Option<Result<Task<Job>, BackendError>>> {
-        self.jobs
-            .poll_recv(cx)
-            .map(|job| job.map(|job| Ok(TaskBuilder::new(job).build())))
+        self.jobs.poll_recv(cx).map(|job| match job {
+            Some(job) => Some(Ok(TaskBuilder::new(job).build())),
+            None => {
+                // The fetcher has stopped: tell apalis to drain and finish. A worker that is
+                // already stopping says so with an error we do not need.
+                let _ = worker.stop();
+                None
+            }
+        })
     }
 
     fn poll_close(

@@ -142,6 +142,7 @@ impl Executor {
 
         let mut call = CallRow {
             task_id,
+            run: env.replays as i32,
             attempt: attempt as i32,
             call_no: env.snoozes as i32 + 1,
             queue: queue.name().to_owned(),

@@ -641,6 +641,7 @@ impl Client {
             Ok(mut env) => {
                 env.attempts = 0;
                 env.snoozes = 0;
+                env.replays += 1;
                 env.last_error = None;
                 if env.id.is_none() {
                     env.id = uuid::Uuid::parse_str(&dead.task_id).ok();

@@ -1,0 +1,120 @@
+#!/usr/bin/env node
+// Enqueue one llmq task from Node.js and wait for its result, with the `redis` package only.
+//
+//   node examples/node/enqueue.mjs "prompt text" [--queue default] [--model M] [--timeout-wait 60]
+//
+// Reads REDIS_URL (default redis://127.0.0.1:6379). Prints the result record as one JSON
+// line on stdout. Exit codes: 0 succeeded, 1 failed or dead, 2 bad usage or Redis
+// unreachable, 3 no final status within --timeout-wait seconds.
+//
+// The wire format is documented in docs/wire-format.md.
+
+import { randomUUID } from 'node:crypto';
+import { parseArgs } from 'node:util';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { createClient } from 'redis';
+
+const FINAL = new Set(['succeeded', 'failed', 'dead']);
+const USAGE =
+  'usage: enqueue.mjs "prompt text" [--queue default] [--model M] [--timeout-wait 60]';
+
+function usage(message) {
+  console.error(`enqueue.mjs: ${message}\n${USAGE}`);
+  process.exit(2);
+}
+
+let parsed;
+try {
+  parsed = parseArgs({
+    allowPositionals: true,
+    options: {
+      queue: { type: 'string', default: 'default' },
+      model: { type: 'string' },
+      'timeout-wait': { type: 'string', default: '60' },
+      help: { type: 'boolean', short: 'h' },
+    },
+  });
+} catch (e) {
+  usage(e.message);
+}
+const { values: opts, positionals } = parsed;
+if (opts.help) {
+  console.log(USAGE);
+  process.exit(0);
+}
+if (positionals.length !== 1) usage('give exactly one prompt');
+const prompt = positionals[0];
+if (prompt.trim() === '') usage('the prompt is empty');
+const timeoutWait = Number(opts['timeout-wait']);
+if (!Number.isFinite(timeoutWait) || timeoutWait < 0) {
+  usage(`--timeout-wait must be a number of seconds, not \`${opts['timeout-wait']}\``);
+}
+
+// randomUUID gives the canonical lower-case, hyphenated form the worker stores results under.
+const taskId = randomUUID();
+const envelope = {
+  v: 1,
+  id: taskId,
+  prompt,
+  type: 'data_analysis',
+  enqueued_at: new Date().toISOString(),
+};
+if (opts.model) envelope.model = opts.model;
+
+const stream = `llmq:{${opts.queue}}:stream`;
+const resultKey = `llmq:{${opts.queue}}:result:${taskId}`;
+
+const client = createClient({
+  url: process.env.REDIS_URL || 'redis://127.0.0.1:6379',
+  // Give up after a few failed reconnects instead of retrying forever.
+  socket: {
+    reconnectStrategy: (retries, cause) =>
+      retries >= 5 ? (cause ?? new Error('cannot reach Redis')) : Math.min(100 * 2 ** retries, 1000),
+  },
+});
+let lastError;
+client.on('error', (e) => {
+  lastError = e;
+});
+
+async function run() {
+  await client.connect();
+  // The whole enqueue: one XADD with the envelope in the `task` field.
+  await client.xAdd(stream, '*', { task: JSON.stringify(envelope) });
+
+  const deadline = Date.now() + timeoutWait * 1000;
+  for (;;) {
+    const raw = await client.get(resultKey);
+    if (raw !== null) {
+      const record = JSON.parse(raw);
+      // `delayed` means a retry or a rate-limit wait is pending: keep waiting.
+      if (FINAL.has(record.status)) {
+        process.stdout.write(`${JSON.stringify(record)}\n`);
+        return record.status === 'succeeded' ? 0 : 1;
+      }
+    }
+    if (Date.now() >= deadline) {
+      console.error(
+        `enqueue.mjs: task ${taskId} did not reach a final status within ${timeoutWait}s; ` +
+          `it is still in queue \`${opts.queue}\``,
+      );
+      return 3;
+    }
+    await sleep(100);
+  }
+}
+
+let code;
+try {
+  code = await run();
+} catch (e) {
+  console.error(`enqueue.mjs: Redis error: ${e?.message || lastError?.message || e}`);
+  code = 2;
+}
+try {
+  // node-redis v5 has close(); v4 has quit().
+  if (client.isOpen) await (typeof client.close === 'function' ? client.close() : client.quit());
+} catch {
+  // Closing a broken connection may fail; nothing to do.
+}
+process.exitCode = code;

@@ -1,0 +1,86 @@
+#!/usr/bin/env python3
+"""Enqueue one llmq task from Python and wait for its result, with redis-py only.
+
+    python3 examples/python/enqueue.py "prompt text" [--queue default] [--model M] [--timeout-wait 60]
+
+Reads REDIS_URL (default redis://127.0.0.1:6379). Prints the result record as one JSON
+line on stdout. Exit codes: 0 succeeded, 1 failed or dead, 2 bad usage or Redis
+unreachable, 3 no final status within --timeout-wait seconds.
+
+The wire format is documented in docs/wire-format.md.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+
+import redis
+
+FINAL = {"succeeded", "failed", "dead"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Enqueue one llmq task and wait for its result.")
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--queue", default="default", help="queue name (default: default)")
+    parser.add_argument("--model", default=None, help="model hint, e.g. mock-fast")
+    parser.add_argument(
+        "--timeout-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for a final status (default: 60)",
+    )
+    args = parser.parse_args()
+    if not args.prompt.strip():
+        parser.error("the prompt is empty")
+
+    # The worker stores the result under the canonical lower-case, hyphenated form of the id.
+    task_id = str(uuid.uuid4())
+    envelope = {
+        "v": 1,
+        "id": task_id,
+        "prompt": args.prompt,
+        "type": "data_analysis",
+        "enqueued_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+    }
+    if args.model:
+        envelope["model"] = args.model
+
+    stream = f"llmq:{{{args.queue}}}:stream"
+    result_key = f"llmq:{{{args.queue}}}:result:{task_id}"
+
+    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    try:
+        # The whole enqueue: one XADD with the envelope in the `task` field.
+        client.xadd(stream, {"task": json.dumps(envelope, separators=(",", ":"))})
+
+        deadline = time.monotonic() + args.timeout_wait
+        while True:
+            raw = client.get(result_key)
+            if raw is not None:
+                record = json.loads(raw)
+                # `delayed` means a retry or a rate-limit wait is pending: keep waiting.
+                if record.get("status") in FINAL:
+                    print(json.dumps(record, separators=(",", ":")), flush=True)
+                    return 0 if record["status"] == "succeeded" else 1
+            if time.monotonic() >= deadline:
+                print(
+                    f"enqueue.py: task {task_id} did not reach a final status within "
+                    f"{args.timeout_wait:g}s; it is still in queue `{args.queue}`",
+                    file=sys.stderr,
+                )
+                return 3
+            time.sleep(0.1)
+    except redis.RedisError as e:
+        print(f"enqueue.py: Redis error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

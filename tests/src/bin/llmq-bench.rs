@@ -1,0 +1,795 @@
+//! `llmq-bench`: how fast llmq moves tasks, measured against a real Redis (and Postgres for
+//! the end-to-end run). A benchmark, never a test: it prints one `key=value` line per
+//! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
+//!
+//! ```text
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup] [--tasks N]
+//! ```
+//!
+//! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
+//! touches other keys. The end-to-end run writes its ledger rows into the database
+//! `llmq_bench`, created next to `DATABASE_URL`'s database when missing.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use chrono::Utc;
+use clap::{Parser, ValueEnum};
+use llmq_shared::config::Config;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::{QUEUES, QueueKeys};
+use llmq_shared::ledger::Ledger;
+use llmq_shared::outcome::Status;
+use llmq_shared::provider::{CallFuture, Completion, Provider, Request, Usage};
+use llmq_shared::queue::Client;
+use llmq_tests::mock::{MockOptions, MockServer};
+use llmq_worker::Settings;
+use redis::aio::MultiplexedConnection as Redis;
+use sqlx::Connection;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The database the end-to-end benchmark writes its ledger rows into.
+const BENCH_DB: &str = "llmq_bench";
+/// Envelopes per `enqueue_many` call when building a backlog.
+const ENQUEUE_CHUNK: usize = 1000;
+/// How often the benchmarks look at the queue counts to see whether it is drained.
+const POLL: Duration = Duration::from_millis(10);
+/// A benchmark that has not drained by then has failed.
+const DRAIN_LIMIT: Duration = Duration::from_secs(120);
+
+/// Throughput and pickup latency of llmq workers against a real Redis.
+#[derive(Debug, Parser)]
+#[command(name = "llmq-bench")]
+struct Args {
+    /// Run only this benchmark.
+    #[arg(long, value_enum)]
+    only: Option<Bench>,
+
+    /// Tasks per benchmark [default: queue_noop 50000, e2e_mock 20000, pickup rate x 10 s].
+    #[arg(long)]
+    tasks: Option<usize>,
+
+    /// Concurrency of each worker [default: 256 for queue_noop and pickup, 128 for e2e_mock].
+    #[arg(long)]
+    concurrency: Option<usize>,
+
+    /// In-process workers [default: 1 for queue_noop and pickup, 2 for e2e_mock].
+    #[arg(long)]
+    workers: Option<usize>,
+
+    /// Latency the mock server adds to every answer in e2e_mock, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    mock_latency_ms: u64,
+
+    /// Tasks per second the pickup benchmark enqueues.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+
+    /// Also print per-command Redis deltas (INFO commandstats) for each benchmark.
+    #[arg(long)]
+    verbose: bool,
+
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum Bench {
+    QueueNoop,
+    E2eMock,
+    Pickup,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut redis = redis::Client::open(args.redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach Redis at {}; start it or set REDIS_URL",
+                args.redis_url
+            )
+        })?;
+    println!("{}", machine(&mut redis).await?);
+
+    let benches = match args.only {
+        Some(b) => vec![b],
+        None => vec![Bench::QueueNoop, Bench::E2eMock, Bench::Pickup],
+    };
+    let mut failed = 0;
+    for bench in benches {
+        let result = match bench {
+            Bench::QueueNoop => queue_noop(&args, &mut redis).await,
+            Bench::E2eMock => e2e_mock(&args, &mut redis).await,
+            Bench::Pickup => pickup(&args, &mut redis).await,
+        };
+        match result {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                failed += 1;
+                println!(
+                    "bench={} error={}",
+                    bench_name(bench),
+                    quote(&format!("{e:#}"))
+                );
+            }
+        }
+    }
+    ensure!(failed == 0, "{failed} benchmark(s) failed");
+    Ok(())
+}
+
+fn bench_name(b: Bench) -> &'static str {
+    match b {
+        Bench::QueueNoop => "queue_noop",
+        Bench::E2eMock => "e2e_mock",
+        Bench::Pickup => "pickup",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmarks
+
+/// (a) A 50,000-task backlog drained by one worker whose provider answers at once, ledger off.
+async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(50_000);
+    let workers = args.workers.unwrap_or(1);
+    let concurrency = args.concurrency.unwrap_or(256);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url, 4)?;
+        let ids = backlog(&client, &keys, tasks).await?;
+        let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
+        let config = noop_config()?;
+
+        let before = Snapshot::take(redis).await?;
+        let running = Workers::start(workers, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            s
+        });
+        let drained = wait_drained(&client, &keys, &running).await;
+        let after = Snapshot::take(redis).await?;
+        running.stop().await?;
+        drained?;
+        verify_results(&client, &keys, &ids).await?;
+
+        let d = after.since(&before, tasks);
+        if args.verbose {
+            d.print_commands("queue_noop");
+        }
+        Ok(format!(
+            "bench=queue_noop tasks={tasks} workers={workers} concurrency={concurrency} \
+             tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=off secs={:.3} \
+             proc_cpu_us_per_task={:.1}",
+            d.tasks_per_s, d.redis_cpu_us_per_task, d.secs, d.proc_cpu_us_per_task
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// (b) Like (a), through the mock LLM server over real HTTP, with the Postgres ledger on.
+async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(20_000);
+    let workers = args.workers.unwrap_or(2);
+    let concurrency = args.concurrency.unwrap_or(128);
+    let latency = Duration::from_millis(args.mock_latency_ms);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url, 4)?;
+        let bench_url = with_database(&args.database_url, BENCH_DB)?;
+        let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+        let mock = MockServer::start(MockOptions { latency })
+            .await
+            .context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+                 api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
+                 output_usd_per_mtok: 0.6}}\n",
+                mock.url()
+            ),
+            &|_| None,
+        )?;
+        let ids = backlog(&client, &keys, tasks).await?;
+
+        let before = Snapshot::take(redis).await?;
+        let running = Workers::start(workers, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            s.database_url = Some(bench_url.clone());
+            s
+        });
+        let drained = wait_drained(&client, &keys, &running).await;
+        let after = Snapshot::take(redis).await?;
+        running.stop().await?;
+        drained?;
+        verify_results(&client, &keys, &ids).await?;
+        let calls = mock.total_calls();
+        mock.shutdown().await;
+        ensure!(
+            calls == tasks as u64,
+            "the mock server saw {calls} calls for {tasks} tasks"
+        );
+        let recorded: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM provider_calls WHERE queue = $1")
+                .bind(&queue)
+                .fetch_one(ledger.pool())
+                .await?;
+        ensure!(
+            recorded == tasks as i64,
+            "the ledger holds {recorded} provider calls for queue {queue}, expected {tasks}"
+        );
+
+        let d = after.since(&before, tasks);
+        if args.verbose {
+            d.print_commands("e2e_mock");
+        }
+        Ok(format!(
+            "bench=e2e_mock tasks={tasks} workers={workers} concurrency={concurrency} \
+             tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=on mock_latency_ms={} \
+             secs={:.3} proc_cpu_us_per_task={:.1}",
+            d.tasks_per_s,
+            d.redis_cpu_us_per_task,
+            args.mock_latency_ms,
+            d.secs,
+            d.proc_cpu_us_per_task
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// (c) Pickup latency: tasks enqueued at a steady rate onto an idle worker; the time from
+/// enqueue until the provider is called.
+async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
+    let rate = args.rate.max(1);
+    let tasks = args.tasks.unwrap_or(rate as usize * 10);
+    let workers = args.workers.unwrap_or(1);
+    let concurrency = args.concurrency.unwrap_or(256);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url, 4)?;
+        client.ensure_group(&keys).await?;
+        let seen = Arc::new(Mutex::new(Vec::with_capacity(tasks)));
+        let provider: Arc<dyn Provider> = Arc::new(NoopProvider {
+            pickups: Some(Arc::clone(&seen)),
+        });
+        let config = noop_config()?;
+        let running = Workers::start(workers, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            s
+        });
+        // Wait until every worker has announced itself, then a little more so that each one
+        // sits in its blocking read.
+        let ready = async {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if client.counts(&keys).await?.workers >= workers as u64 {
+                    return Ok(());
+                }
+                running.check()?;
+                if Instant::now() > deadline {
+                    bail!("the workers did not start within 10 s");
+                }
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        .await;
+        if let Err(e) = ready {
+            running.stop().await?;
+            return Err(e);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Two tasks per tick: small batches at a steady pace.
+        const BATCH: u64 = 2;
+        let mut tick = tokio::time::interval(Duration::from_micros(BATCH * 1_000_000 / rate));
+        let mut sent = 0usize;
+        let send = async {
+            while sent < tasks {
+                tick.tick().await;
+                let n = (BATCH as usize).min(tasks - sent);
+                let now = Utc::now();
+                let batch: Vec<Envelope> = (0..n)
+                    .map(|_| {
+                        let mut env = Envelope::new(format!("t={}", now.timestamp_micros()));
+                        env.enqueued_at = Some(now);
+                        env
+                    })
+                    .collect();
+                client.enqueue_many(&keys, &batch).await?;
+                sent += n;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        let drained = match send {
+            Ok(()) => wait_drained(&client, &keys, &running).await,
+            Err(e) => Err(e),
+        };
+        running.stop().await?;
+        drained?;
+
+        let mut ms: Vec<u64> =
+            std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
+        ensure!(
+            ms.len() == tasks,
+            "the provider saw {} calls for {tasks} tasks",
+            ms.len()
+        );
+        ms.sort_unstable();
+        let pct = |p: f64| percentile(&ms, p) as f64 / 1000.0;
+        Ok(format!(
+            "bench=pickup rate_per_s={rate} tasks={tasks} p50_ms={:.2} p99_ms={:.2} \
+             max_ms={:.2} workers={workers} concurrency={concurrency}",
+            pct(50.0),
+            pct(99.0),
+            pct(100.0)
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// Answers every request at once. With `pickups`, records how long ago the request's prompt
+/// `t=<µs since the epoch>` was written, in µs.
+#[derive(Default)]
+struct NoopProvider {
+    pickups: Option<Arc<Mutex<Vec<u64>>>>,
+}
+
+impl Provider for NoopProvider {
+    fn name(&self) -> &str {
+        "noop"
+    }
+
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+        if let Some(pickups) = &self.pickups
+            && let Some(sent) = request
+                .prompt
+                .strip_prefix("t=")
+                .and_then(|t| t.parse::<i64>().ok())
+        {
+            let waited = u64::try_from(Utc::now().timestamp_micros() - sent).unwrap_or(0);
+            pickups
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(waited);
+        }
+        Box::pin(std::future::ready(Ok(Completion {
+            text: "ok".into(),
+            usage: Usage {
+                input_tokens: 8,
+                output_tokens: 1,
+                ..Usage::default()
+            },
+        })))
+    }
+}
+
+/// A provider file naming the `noop` provider. Its URL is never called: the override wins.
+fn noop_config() -> Result<Config> {
+    Ok(Config::parse(
+        "llmq-bench.yaml",
+        "providers:
+  - name: noop
+    kind: openai_compatible
+    base_url: http://127.0.0.1:9/v1
+    models:
+      - {id: noop, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}
+",
+        &|_| None,
+    )?)
+}
+
+fn settings(
+    redis_url: &str,
+    config: &Config,
+    queue: &str,
+    concurrency: usize,
+    i: usize,
+) -> Settings {
+    let mut s = Settings::new(redis_url, config.clone());
+    s.queues = vec![queue.to_owned()];
+    s.concurrency = concurrency;
+    s.worker_id = Some(format!("{queue}-w{i}"));
+    // If the bench dies before it cleans up, the results still go away.
+    s.result_ttl = Duration::from_secs(3600);
+    s.grace = Duration::from_secs(10);
+    s
+}
+
+/// In-process workers sharing one shutdown token.
+struct Workers {
+    token: CancellationToken,
+    handles: Vec<JoinHandle<llmq_worker::Result<()>>>,
+}
+
+impl Workers {
+    fn start(n: usize, settings: impl Fn(usize) -> Settings) -> Self {
+        let token = CancellationToken::new();
+        let handles = (0..n.max(1))
+            .map(|i| tokio::spawn(llmq_worker::run(settings(i), token.clone())))
+            .collect();
+        Self { token, handles }
+    }
+
+    /// Fails when a worker has stopped on its own (its error comes out of [`Workers::stop`]).
+    fn check(&self) -> Result<()> {
+        ensure!(
+            !self.handles.iter().any(JoinHandle::is_finished),
+            "a worker stopped on its own"
+        );
+        Ok(())
+    }
+
+    /// Shuts every worker down and returns the first error one of them had.
+    async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        for h in self.handles {
+            match tokio::time::timeout(Duration::from_secs(60), h).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(anyhow!(e).context("the worker failed")),
+                Ok(Err(e)) => return Err(anyhow!(e).context("the worker task failed")),
+                Err(_) => bail!("a worker did not stop within 60 s"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Enqueues `n` no-op tasks in chunks; returns their ids.
+async fn backlog(client: &Client, keys: &QueueKeys, n: usize) -> Result<Vec<String>> {
+    client.ensure_group(keys).await?;
+    let mut ids = Vec::with_capacity(n);
+    let mut left = n;
+    while left > 0 {
+        let chunk: Vec<Envelope> = (0..left.min(ENQUEUE_CHUNK))
+            .map(|i| Envelope::new(format!("benchmark task {}", n - left + i)))
+            .collect();
+        client.enqueue_many(keys, &chunk).await?;
+        ids.extend(chunk.iter().filter_map(|e| e.id).map(|id| id.to_string()));
+        left -= chunk.len();
+    }
+    Ok(ids)
+}
+
+/// Waits until nothing is ready, in flight or delayed; fails on a dead letter.
+async fn wait_drained(client: &Client, keys: &QueueKeys, workers: &Workers) -> Result<()> {
+    let deadline = Instant::now() + DRAIN_LIMIT;
+    loop {
+        let c = client.counts(keys).await?;
+        ensure!(c.dead == 0, "{} tasks went to the dead letters", c.dead);
+        if c.ready + c.in_flight + c.delayed == 0 {
+            return Ok(());
+        }
+        workers.check()?;
+        ensure!(
+            Instant::now() < deadline,
+            "not drained after {DRAIN_LIMIT:?}: {c:?}"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Checks that every task has a stored, successful result.
+async fn verify_results(client: &Client, keys: &QueueKeys, ids: &[String]) -> Result<()> {
+    for chunk in ids.chunks(1000) {
+        for (id, record) in chunk.iter().zip(client.results(keys, chunk).await?) {
+            match record {
+                Some(r) if r.status == Status::Succeeded => {}
+                Some(r) => bail!("task {id} ended {}: {:?}", r.status, r.error),
+                None => bail!("task {id} has no result"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes every key of `queue` and its entry in the set of known queues.
+async fn cleanup(redis: &mut Redis, queue: &str) -> Result<()> {
+    let pattern = format!("llmq:{{{queue}}}:*");
+    let mut cursor = 0u64;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(redis)
+            .await?;
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(redis)
+                .await?;
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    redis::cmd("SREM")
+        .arg(QUEUES)
+        .arg(queue)
+        .query_async::<()>(redis)
+        .await?;
+    Ok(())
+}
+
+fn fresh_queue() -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("bench-{}", &id[..8])
+}
+
+/// The nearest-rank percentile of sorted `v`.
+fn percentile(v: &[u64], p: f64) -> u64 {
+    if v.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// `url` with its database name replaced by `db` (query string kept).
+fn with_database(url: &str, db: &str) -> Result<String> {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let start = base
+        .find("://")
+        .map(|i| i + 3)
+        .ok_or_else(|| anyhow!("DATABASE_URL `{url}` is not a postgres:// URL"))?;
+    let root = match base[start..].find('/') {
+        Some(i) => &base[..start + i],
+        None => base,
+    };
+    Ok(match query {
+        Some(q) => format!("{root}/{db}?{q}"),
+        None => format!("{root}/{db}"),
+    })
+}
+
+/// Connects to the bench database, creating it next to `admin_url`'s database when it does
+/// not exist, and migrates it. The database belongs to the bench: if its migrations no
+/// longer match the embedded ones (they were edited during development), it is recreated.
+async fn bench_ledger(admin_url: &str, bench_url: &str) -> Result<Ledger> {
+    let mut admin = sqlx::PgConnection::connect(admin_url)
+        .await
+        .with_context(|| format!("cannot reach Postgres at {admin_url}; set DATABASE_URL"))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(BENCH_DB)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        sqlx::query(&format!("CREATE DATABASE {BENCH_DB}"))
+            .execute(&mut admin)
+            .await?;
+    }
+    let ledger = Ledger::connect(bench_url, 4).await?;
+    if let Err(e) = ledger.migrate().await {
+        if !matches!(
+            e,
+            llmq_shared::ledger::Error::Migrate(sqlx::migrate::MigrateError::VersionMismatch(_))
+        ) {
+            return Err(e.into());
+        }
+        ledger.pool().close().await;
+        sqlx::query(&format!("DROP DATABASE {BENCH_DB} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!("CREATE DATABASE {BENCH_DB}"))
+            .execute(&mut admin)
+            .await?;
+        let ledger = Ledger::connect(bench_url, 4).await?;
+        ledger.migrate().await?;
+        return Ok(ledger);
+    }
+    Ok(ledger)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurements
+
+/// Redis and process CPU, and Redis per-command stats, at one moment.
+struct Snapshot {
+    at: Instant,
+    redis_cpu_s: f64,
+    proc_cpu_s: f64,
+    commands: BTreeMap<String, (u64, u64)>,
+}
+
+impl Snapshot {
+    async fn take(redis: &mut Redis) -> Result<Self> {
+        let cpu = info(redis, "cpu").await?;
+        let field = |k: &str| -> Result<f64> {
+            cpu.get(k)
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| anyhow!("INFO cpu has no {k}"))
+        };
+        let redis_cpu_s = field("used_cpu_sys")? + field("used_cpu_user")?;
+        let mut commands = BTreeMap::new();
+        for (k, v) in info(redis, "commandstats").await? {
+            let Some(name) = k.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            let mut calls = 0;
+            let mut usec = 0;
+            for part in v.split(',') {
+                match part.split_once('=') {
+                    Some(("calls", n)) => calls = n.parse().unwrap_or(0),
+                    Some(("usec", n)) => usec = n.parse().unwrap_or(0),
+                    _ => {}
+                }
+            }
+            commands.insert(name.to_owned(), (calls, usec));
+        }
+        Ok(Self {
+            at: Instant::now(),
+            redis_cpu_s,
+            proc_cpu_s: process_cpu_s()?,
+            commands,
+        })
+    }
+
+    fn since(&self, before: &Snapshot, tasks: usize) -> Delta {
+        let secs = self.at.duration_since(before.at).as_secs_f64();
+        let n = tasks.max(1) as f64;
+        let mut commands: Vec<(String, u64, u64)> = self
+            .commands
+            .iter()
+            .map(|(name, (calls, usec))| {
+                let (c0, u0) = before.commands.get(name).copied().unwrap_or((0, 0));
+                (
+                    name.clone(),
+                    calls.saturating_sub(c0),
+                    usec.saturating_sub(u0),
+                )
+            })
+            .filter(|(_, calls, _)| *calls > 0)
+            .collect();
+        commands.sort_by(|a, b| b.2.cmp(&a.2));
+        Delta {
+            tasks: n,
+            secs,
+            tasks_per_s: n / secs,
+            redis_cpu_us_per_task: (self.redis_cpu_s - before.redis_cpu_s) * 1e6 / n,
+            proc_cpu_us_per_task: (self.proc_cpu_s - before.proc_cpu_s) * 1e6 / n,
+            commands,
+        }
+    }
+}
+
+struct Delta {
+    tasks: f64,
+    secs: f64,
+    tasks_per_s: f64,
+    redis_cpu_us_per_task: f64,
+    proc_cpu_us_per_task: f64,
+    /// name, calls, usec
+    commands: Vec<(String, u64, u64)>,
+}
+
+impl Delta {
+    /// One `cmdstat` line per Redis command that ran, most time first. Commands run inside
+    /// scripts are counted both on their own line and in the script's (`evalsha`) time.
+    fn print_commands(&self, bench: &str) {
+        for (name, calls, usec) in &self.commands {
+            println!(
+                "cmdstat bench={bench} cmd={name} calls={calls} usec={usec} \
+                 calls_per_task={:.3} usec_per_task={:.2} usec_per_call={:.2}",
+                *calls as f64 / self.tasks,
+                *usec as f64 / self.tasks,
+                *usec as f64 / (*calls).max(1) as f64
+            );
+        }
+    }
+}
+
+/// CPU time of this process (every thread) from `/proc/self/stat`, in seconds.
+fn process_cpu_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("cannot read /proc/self/stat")?;
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("/proc/self/stat is malformed"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // Fields 14 and 15 of the file (utime, stime) in clock ticks of 1/100 s.
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("/proc/self/stat has no field {}", i + 3))
+    };
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// `machine cpus=.. model=".." mem_gib=.. redis=.. os=".."`.
+async fn machine(redis: &mut Redis) -> Result<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpus = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let cpus = if cpus > 0 {
+        cpus
+    } else {
+        std::thread::available_parallelism().map_or(0, usize::from)
+    };
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map_or("unknown", |(_, m)| m.trim())
+        .to_owned();
+    let mem_kib: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0);
+    let server = info(redis, "server").await?;
+    let version = server
+        .get("redis_version")
+        .map_or("unknown", String::as_str);
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    };
+    let os = format!(
+        "{} {}",
+        read("/proc/sys/kernel/ostype"),
+        read("/proc/sys/kernel/osrelease")
+    );
+    Ok(format!(
+        "machine cpus={cpus} model={} mem_gib={:.1} redis={version} os={}",
+        quote(&model),
+        mem_kib / (1024.0 * 1024.0),
+        quote(os.trim())
+    ))
+}
+
+fn quote(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+/// `INFO <section>` as a map of its `key:value` lines.
+async fn info(redis: &mut Redis, section: &str) -> Result<BTreeMap<String, String>> {
+    let text: String = redis::cmd("INFO").arg(section).query_async(redis).await?;
+    Ok(text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect())
+}

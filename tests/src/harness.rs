@@ -1,0 +1,350 @@
+//! What the end-to-end suites share: a queue of their own, the shared test database, the mock
+//! server, in-process workers and worker processes.
+//!
+//! Test support: a failed setup step panics with its reason, as a test would.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmq_shared::config::Config;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::ledger::Ledger;
+use llmq_shared::outcome::TaskRecord;
+use llmq_shared::queue::Client;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+
+use crate::mock::{MockOptions, MockServer};
+
+/// Redis for tests: `REDIS_URL`, or the local default.
+#[must_use]
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The Postgres server for tests (without a database name): `LLMQ_TEST_PG`, or the local
+/// default with trust auth.
+#[must_use]
+pub fn pg_server() -> String {
+    std::env::var("LLMQ_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// The test database every suite shares. Suites never share a queue, and every ledger row
+/// carries its queue, so each test reads only its own rows.
+#[must_use]
+pub fn database_url() -> String {
+    format!("{}/llmq_test", pg_server())
+}
+
+static DATABASE: OnceCell<()> = OnceCell::const_new();
+
+/// Creates and migrates the test database once per test binary.
+///
+/// # Errors
+/// Postgres cannot be reached or the migration fails.
+pub async fn ensure_database() -> anyhow::Result<()> {
+    DATABASE
+        .get_or_try_init(|| async {
+            create_database("llmq_test").await?;
+            Ledger::connect(&database_url(), 2).await?.migrate().await?;
+            anyhow::Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// Creates database `name` if it does not exist.
+///
+/// # Errors
+/// Postgres cannot be reached.
+pub async fn create_database(name: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut admin = sqlx::PgConnection::connect(&format!("{}/postgres", pg_server())).await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        // Two test binaries may race to create it; the loser sees "already exists".
+        if let Err(e) = sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+        {
+            if !e.to_string().contains("already exists") {
+                return Err(e.into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The provider file the suites use, pointing at `mock_url`.
+#[must_use]
+pub fn mock_config(mock_url: &str) -> Config {
+    let text = include_str!("../../examples/providers.mock.yaml");
+    let url = mock_url.to_owned();
+    Config::parse("providers.mock.yaml", text, &move |name| {
+        (name == "LLMQ_MOCK_URL").then(|| url.clone())
+    })
+    .unwrap()
+}
+
+/// One test's world: its own queue, the shared database, a mock server.
+pub struct TestEnv {
+    pub queue: String,
+    pub keys: QueueKeys,
+    pub redis: Client,
+    pub ledger: Ledger,
+    pub mock: MockServer,
+}
+
+impl TestEnv {
+    /// # Errors
+    /// Redis, Postgres or the mock server cannot be started or reached.
+    pub async fn new() -> anyhow::Result<Self> {
+        ensure_database().await?;
+        let queue = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let keys = QueueKeys::new(&queue);
+        let redis = Client::new(&redis_url(), 8)?;
+        redis.ping().await?;
+        let ledger = Ledger::connect(&database_url(), 2).await?;
+        let mock = MockServer::start(MockOptions::default()).await?;
+        Ok(Self {
+            queue,
+            keys,
+            redis,
+            ledger,
+            mock,
+        })
+    }
+
+    /// Worker settings tuned for tests: short backoffs and timeouts.
+    #[must_use]
+    pub fn settings(&self) -> llmq_worker::Settings {
+        let mut s = llmq_worker::Settings::new(&redis_url(), mock_config(&self.mock.url()));
+        s.database_url = Some(database_url());
+        s.queues = vec![self.queue.clone()];
+        s.concurrency = 8;
+        s.retry_base = Duration::from_millis(50);
+        s.retry_max = Duration::from_millis(500);
+        s.visibility_timeout = Duration::from_secs(2);
+        s.promote_every = Duration::from_millis(50);
+        s.block = Duration::from_millis(200);
+        s.grace = Duration::from_secs(10);
+        s
+    }
+
+    /// Starts an in-process worker with [`TestEnv::settings`].
+    pub fn worker(&self) -> WorkerHandle {
+        WorkerHandle::start(self.settings())
+    }
+
+    /// Runs `llmq` in-process with `args` (after the program name). Returns the exit code
+    /// and what it printed.
+    pub async fn cli(&self, args: &[&str]) -> (u8, String) {
+        use clap::Parser;
+        let mut full = vec!["llmq", "--redis-url"];
+        let url = redis_url();
+        full.push(&url);
+        full.extend_from_slice(args);
+        let cli = llmq::cli::Cli::try_parse_from(full)
+            .unwrap_or_else(|e| panic!("bad test arguments: {e}"));
+        let mut out = Vec::new();
+        let code = llmq::run(cli, &mut out).await;
+        (code, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// Sends a raw payload with one XADD, as a producer in another language would.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn xadd(&self, field: &str, payload: &[u8]) -> anyhow::Result<String> {
+        let mut c = self.redis.conn().await?;
+        let id: String = redis::cmd("XADD")
+            .arg(self.keys.stream())
+            .arg("*")
+            .arg(field)
+            .arg(payload)
+            .query_async(&mut c)
+            .await?;
+        Ok(id)
+    }
+
+    /// Waits until task `id` has a final record.
+    ///
+    /// # Errors
+    /// It does not finish within `within`.
+    pub async fn wait_final(&self, id: &str, within: Duration) -> anyhow::Result<TaskRecord> {
+        let records = llmq::wait_for(
+            &self.redis,
+            &self.keys,
+            &[id.to_owned()],
+            Some(within),
+            |_| {},
+        )
+        .await?;
+        records
+            .into_iter()
+            .next()
+            .flatten()
+            .ok_or_else(|| anyhow::anyhow!("task {id} did not finish within {within:?}"))
+    }
+
+    /// Waits until `check` holds, polling every 20 ms.
+    ///
+    /// # Errors
+    /// It does not hold within `within`.
+    pub async fn eventually<F, Fut>(
+        &self,
+        what: &str,
+        within: Duration,
+        mut check: F,
+    ) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if check().await {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::bail!("{what} did not happen within {within:?}")
+    }
+
+    /// Ledger rows of this test's queue: (task id, run, attempt, call no, provider, model, cost).
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn calls(
+        &self,
+    ) -> anyhow::Result<Vec<(uuid::Uuid, i32, i32, i32, String, String, f64)>> {
+        Ok(sqlx::query_as(
+            "SELECT task_id, run, attempt, call_no, provider, model, cost_usd::float8
+             FROM provider_calls WHERE queue = $1 ORDER BY called_at, attempt",
+        )
+        .bind(&self.queue)
+        .fetch_all(self.ledger.pool())
+        .await?)
+    }
+}
+
+/// An in-process worker, stopped like SIGTERM would stop it.
+pub struct WorkerHandle {
+    pub token: CancellationToken,
+    join: tokio::task::JoinHandle<llmq_worker::Result<()>>,
+}
+
+impl WorkerHandle {
+    #[must_use]
+    pub fn start(settings: llmq_worker::Settings) -> Self {
+        let token = CancellationToken::new();
+        let join = tokio::spawn(llmq_worker::run(settings, token.clone()));
+        Self { token, join }
+    }
+
+    /// Cancels the worker and waits for its graceful stop.
+    ///
+    /// # Errors
+    /// The worker failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.token.cancel();
+        self.join.await??;
+        Ok(())
+    }
+}
+
+/// The workspace's built binaries (`make test` builds them before the suites run).
+#[must_use]
+pub fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap_or_default();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; build the binaries first with `cargo build --workspace --bins` (make test does)",
+        path.display()
+    );
+    path
+}
+
+/// A worker process for crash and signal tests.
+pub struct WorkerProcess {
+    pub child: Child,
+}
+
+impl WorkerProcess {
+    /// Starts `llmq-worker` on `env`'s queue with extra flags.
+    ///
+    /// # Errors
+    /// The binary cannot be started.
+    pub fn spawn(env: &TestEnv, extra: &[&str]) -> anyhow::Result<Self> {
+        let config = std::env::temp_dir().join(format!("llmq-{}.yaml", env.queue));
+        std::fs::write(&config, include_str!("../../examples/providers.mock.yaml"))?;
+        let child = Command::new(binary("llmq-worker"))
+            .env("REDIS_URL", redis_url())
+            .env("DATABASE_URL", database_url())
+            .env("LLMQ_CONFIG", &config)
+            .env("LLMQ_MOCK_URL", env.mock.url())
+            .env("RUST_LOG", "warn")
+            .args(["--queue", &env.queue, "--retry-base", "50ms"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        Ok(Self { child })
+    }
+
+    /// Sends `signal` (e.g. "KILL", "TERM") to the process.
+    ///
+    /// # Errors
+    /// `kill` cannot be run.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} failed");
+        Ok(())
+    }
+
+    /// Waits for the process to exit, at most `within`.
+    ///
+    /// # Errors
+    /// It is still running after `within`.
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                started.elapsed() < within,
+                "the worker did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Shared handle type for in-process providers in tests.
+pub type SharedProvider = Arc<dyn llmq_shared::provider::Provider>;
