@@ -59,7 +59,7 @@ pub async fn run(cli: cli::Cli, out: &mut dyn Write) -> u8 {
 
 async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
     use cli::Command;
-    let redis = || llmq_shared::queue::Client::new(&cli.redis_url, 4);
+    let redis = || llmq_shared::queue::Client::new(&cli.redis_url);
     match cli.command {
         Command::Submit(args) => submit::submit(&redis()?, args, out).await,
         Command::Batch(args) => submit::batch(&redis()?, args, out).await,

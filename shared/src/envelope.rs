@@ -302,6 +302,16 @@ impl Envelope {
     }
 }
 
+/// The task id of a raw stream payload, even one that is not a valid envelope: its `id`
+/// if that is a UUID (normalised to lower case), else the id derived from where it sits.
+#[must_use]
+pub fn task_id_of(queue: &str, entry_id: &str, payload: &[u8]) -> Uuid {
+    serde_json::from_slice::<Value>(payload)
+        .ok()
+        .and_then(|v| v.get("id")?.as_str()?.parse::<Uuid>().ok())
+        .unwrap_or_else(|| derive_id(queue, entry_id))
+}
+
 /// The id given to a task whose producer did not set one.
 #[must_use]
 pub fn derive_id(queue: &str, entry_id: &str) -> Uuid {

@@ -5,7 +5,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use llmq_shared::{envelope::Envelope, keys::QueueKeys, queue::Client};
 //!
-//! let redis = Client::new("redis://127.0.0.1:6379", 4)?;
+//! let redis = Client::new("redis://127.0.0.1:6379")?;
 //! let keys = QueueKeys::new("default");
 //! redis.ensure_group(&keys).await?;
 //! redis.enqueue(&keys, &Envelope::new("Summarise the attached log")).await?;

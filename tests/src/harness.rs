@@ -109,7 +109,7 @@ impl TestEnv {
         ensure_database().await?;
         let queue = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
         let keys = QueueKeys::new(&queue);
-        let redis = Client::new(&redis_url(), 8)?;
+        let redis = Client::new(&redis_url())?;
         redis.ping().await?;
         let ledger = Ledger::connect(&database_url(), 2).await?;
         let mock = MockServer::start(MockOptions::default()).await?;

@@ -56,11 +56,7 @@ impl Executor {
         let mut env = match Envelope::parse(&payload, self.max_payload_bytes) {
             Ok(env) => env,
             Err(e) => {
-                let task_id = serde_json::from_slice::<serde_json::Value>(&payload)
-                    .ok()
-                    .and_then(|v| v.get("id")?.as_str()?.parse::<uuid::Uuid>().ok())
-                    .unwrap_or_else(|| envelope::derive_id(queue.name(), &entry_id))
-                    .to_string();
+                let task_id = envelope::task_id_of(queue.name(), &entry_id, &payload).to_string();
                 let raw = String::from_utf8_lossy(&payload).into_owned();
                 return invalid(queue, entry_id, task_id, raw, e.to_string());
             }
@@ -282,8 +278,8 @@ impl Executor {
     }
 }
 
-/// `base * 2^(attempt-1)`, at most `max`, with ±20 % jitter so that failed tasks do not
-/// come back in lockstep; never shorter than the provider's Retry-After.
+/// `base * 2^(attempt-1)` with ±20 % jitter so that failed tasks do not come back in
+/// lockstep, never shorter than the provider's Retry-After, and never longer than `max`.
 #[must_use]
 pub fn backoff(
     base: Duration,
@@ -291,11 +287,9 @@ pub fn backoff(
     attempt: u32,
     retry_after: Option<Duration>,
 ) -> Duration {
-    let exp = base
-        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
-        .min(max);
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
     let jittered = exp.mul_f64(0.8 + fastrand_f64() * 0.4);
-    jittered.max(retry_after.unwrap_or(Duration::ZERO))
+    jittered.max(retry_after.unwrap_or(Duration::ZERO)).min(max)
 }
 
 fn fastrand_f64() -> f64 {
@@ -371,7 +365,8 @@ mod tests {
                 "attempt {attempt}: {got}"
             );
         }
-        assert!(backoff(base, max, 30, None) <= Duration::from_secs(72));
+        assert_eq!(backoff(base, max, 30, None), max);
+        assert_eq!(backoff(base, max, 1, Some(Duration::from_secs(600))), max);
         assert!(backoff(base, max, 1, Some(Duration::from_secs(9))) >= Duration::from_secs(9));
     }
 }

@@ -28,6 +28,8 @@ pub struct Fetcher {
     pub max_batch: usize,
     pub visibility_timeout: Duration,
     pub max_deliveries: u64,
+    /// How long a poison task's dead record is kept.
+    pub result_ttl: Duration,
     /// How long one read waits for a task before checking for shutdown.
     pub block: Duration,
     pub stop: CancellationToken,
@@ -74,6 +76,7 @@ impl Fetcher {
                                 self.visibility_timeout,
                                 room,
                                 self.max_deliveries,
+                                self.result_ttl,
                             )
                             .await?;
                         if !taken.is_empty() {
@@ -89,7 +92,7 @@ impl Fetcher {
                 if got.len() < permits.len() {
                     let c = match conn.as_mut() {
                         Some(c) => c,
-                        None => conn.insert(self.redis.conn().await?),
+                        None => conn.insert(self.redis.blocking_conn().await?),
                     };
                     // One queue: block on it. Several: poll each in turn without blocking,
                     // so a quiet queue never holds slots another queue could use.

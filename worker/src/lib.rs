@@ -144,7 +144,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     if settings.queues.is_empty() {
         return Err(Error::Settings("give at least one --queue".into()));
     }
-    let redis = Client::new(&settings.redis_url, 8)?;
+    let redis = Client::new(&settings.redis_url)?;
     redis.ping().await?;
     let ledger = match &settings.database_url {
         Some(url) => {
@@ -214,6 +214,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             max_batch: settings.concurrency.min(1000),
             visibility_timeout: settings.visibility_timeout,
             max_deliveries: settings.max_deliveries,
+            result_ttl: settings.result_ttl,
             block: settings.block,
             stop: stop.clone(),
         }

@@ -22,7 +22,7 @@ for i = 0, n - 1 do
     if kind == 'retry' then
       redis.call('ZADD', delayed, ARGV[base + 4], env)
     elseif kind == 'dead' then
-      local attempts = cjson.decode(record)['attempts']
+      local attempts = record ~= '' and cjson.decode(record)['attempts'] or 0
       redis.call('XADD', dead, '*', 'task', env, 'error', ARGV[base + 4], 'class', ARGV[base + 5],
         'attempts', tostring(attempts), 'failed_at', now, 'entry_id', id)
     elseif kind == 'release' then

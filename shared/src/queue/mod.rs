@@ -7,8 +7,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use deadpool_redis::{Pool, Runtime};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
+use tokio::sync::OnceCell;
 
 use crate::envelope::{self, Envelope};
 use crate::keys::{GROUP, QUEUES, QueueKeys, TASK_FIELD};
@@ -17,7 +18,7 @@ use crate::outcome::{ErrorClass, Status, TaskRecord};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot reach Redis ({0}); start Redis or set REDIS_URL to where it runs")]
-    Pool(String),
+    Connect(String),
     #[error("Redis answered with an error: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("Redis answered in an unexpected shape: {0}")]
@@ -98,10 +99,15 @@ struct Scripts {
     replay: Script,
 }
 
-/// A pooled Redis client speaking the llmq contract.
+/// A Redis client speaking the llmq contract.
+///
+/// Commands share one multiplexed, self-reconnecting connection: Redis answers them in
+/// order on one socket, so concurrent callers pipeline for free. Blocking reads get a
+/// connection of their own ([`Client::blocking_conn`]).
 #[derive(Clone)]
 pub struct Client {
-    pool: Pool,
+    client: redis::Client,
+    shared: std::sync::Arc<OnceCell<ConnectionManager>>,
     scripts: std::sync::Arc<Scripts>,
 }
 
@@ -111,19 +117,22 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// How long a command may take before the connection is considered broken. Scripts that
+/// finish a large batch on a loaded server can take a while; a hung server must not hang
+/// a worker forever.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Client {
     /// A client for `url` (`redis://host:port/db`). Connects lazily.
     ///
     /// # Errors
     /// The URL cannot be parsed.
-    pub fn new(url: &str, max_connections: usize) -> Result<Self> {
-        let mut cfg = deadpool_redis::Config::from_url(url);
-        cfg.pool = Some(deadpool_redis::PoolConfig::new(max_connections.max(2)));
-        let pool = cfg
-            .create_pool(Some(Runtime::Tokio1))
-            .map_err(|e| Error::Pool(format!("bad REDIS_URL `{url}`: {e}")))?;
+    pub fn new(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Connect(format!("bad REDIS_URL `{url}`: {e}")))?;
         Ok(Self {
-            pool,
+            client,
+            shared: std::sync::Arc::new(OnceCell::new()),
             scripts: std::sync::Arc::new(Scripts {
                 finish: Script::new(include_str!("finish.lua")),
                 reclaim: Script::new(include_str!("reclaim.lua")),
@@ -134,15 +143,40 @@ impl Client {
         })
     }
 
-    /// A pooled connection.
+    fn config(response_timeout: Option<Duration>) -> ConnectionManagerConfig {
+        ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(response_timeout)
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_secs(2))
+    }
+
+    /// The shared connection.
     ///
     /// # Errors
     /// Redis cannot be reached.
-    pub async fn conn(&self) -> Result<deadpool_redis::Connection> {
-        self.pool
-            .get()
+    pub async fn conn(&self) -> Result<ConnectionManager> {
+        self.shared
+            .get_or_try_init(|| {
+                ConnectionManager::new_with_config(
+                    self.client.clone(),
+                    Self::config(Some(RESPONSE_TIMEOUT)),
+                )
+            })
             .await
-            .map_err(|e| Error::Pool(e.to_string()))
+            .cloned()
+            .map_err(|e| Error::Connect(e.to_string()))
+    }
+
+    /// A connection of its own for blocking reads, which would stall everyone else's
+    /// commands on the shared one.
+    ///
+    /// # Errors
+    /// Redis cannot be reached.
+    pub async fn blocking_conn(&self) -> Result<ConnectionManager> {
+        ConnectionManager::new_with_config(self.client.clone(), Self::config(None))
+            .await
+            .map_err(|e| Error::Connect(e.to_string()))
     }
 
     /// Checks that Redis answers.
@@ -210,14 +244,13 @@ impl Client {
     }
 
     /// Reads up to `count` new tasks for `consumer`, waiting up to `block` for the first
-    /// (`None`: not at all). Use a connection of its own for a blocking read
-    /// (see [`Client::conn`]).
+    /// (`None`: not at all). A blocking read needs a [`Client::blocking_conn`].
     ///
     /// # Errors
     /// Redis fails; a missing group is created and the read retried once.
     pub async fn read(
         &self,
-        conn: &mut deadpool_redis::Connection,
+        conn: &mut ConnectionManager,
         keys: &QueueKeys,
         consumer: &str,
         count: usize,
@@ -245,7 +278,8 @@ impl Client {
     }
 
     /// Takes over up to `count` entries idle longer than `min_idle`. Entries delivered more
-    /// than `max_deliveries` times go to the dead letters instead.
+    /// than `max_deliveries` times go to the dead letters instead, with a `dead` record kept
+    /// for `result_ttl`.
     ///
     /// # Errors
     /// Redis fails.
@@ -256,9 +290,10 @@ impl Client {
         min_idle: Duration,
         count: usize,
         max_deliveries: u64,
+        result_ttl: Duration,
     ) -> Result<Vec<Delivery>> {
         let mut c = self.conn().await?;
-        let reply: Vec<Value> = self
+        let (claimed, poisoned): (Vec<Value>, Vec<Value>) = self
             .scripts
             .reclaim
             .key(keys.stream())
@@ -269,17 +304,15 @@ impl Client {
             .arg(count)
             .arg(max_deliveries)
             .arg(now_ms())
+            .arg(POISON_REASON)
             .invoke_async(&mut c)
             .await?;
-        reply
+        let deliveries = claimed
             .chunks(3)
             .map(|chunk| match chunk {
                 [id, deliveries, payload] => Ok(Delivery {
                     entry_id: as_string(id)?,
-                    deliveries: match deliveries {
-                        Value::Int(n) => u64::try_from(*n).unwrap_or(1),
-                        _ => 1,
-                    },
+                    deliveries: as_u64(deliveries).max(1),
                     payload: match payload {
                         Value::BulkString(b) => Some(b.clone()),
                         _ => None,
@@ -287,7 +320,35 @@ impl Client {
                 }),
                 _ => Err(Error::Protocol("reclaim returned a partial entry".into())),
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if !poisoned.is_empty() {
+            let mut pipe = redis::pipe();
+            for chunk in poisoned.chunks(3) {
+                let [id, deliveries, payload] = chunk else {
+                    return Err(Error::Protocol(
+                        "reclaim returned a partial poison entry".into(),
+                    ));
+                };
+                let payload = match payload {
+                    Value::BulkString(b) => b.as_slice(),
+                    _ => &[],
+                };
+                let task_id =
+                    envelope::task_id_of(keys.name(), &as_string(id)?, payload).to_string();
+                let mut record = TaskRecord::pending(&task_id, keys.name(), Status::Dead);
+                record.error = Some(poison_reason(as_u64(deliveries)));
+                record.error_class = Some(ErrorClass::Poison);
+                record.finished_at = Some(chrono::Utc::now());
+                pipe.cmd("SET")
+                    .arg(keys.result(&task_id))
+                    .arg(record.to_json())
+                    .arg("EX")
+                    .arg(result_ttl.as_secs().max(1))
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut c).await?;
+        }
+        Ok(deliveries)
     }
 
     /// Moves up to `limit` due delayed tasks to the stream. Returns how many moved and when
@@ -479,7 +540,8 @@ impl Client {
             return Ok(Some(record));
         }
         let mut c = self.conn().await?;
-        let pattern = format!("*\"id\":\"{task_id}\"*");
+        // Any JSON spacing; the id itself is unique enough.
+        let pattern = format!("*{task_id}*");
         let mut cursor = 0u64;
         loop {
             let (next, hits): (u64, Vec<String>) = redis::cmd("ZSCAN")
@@ -704,7 +766,7 @@ impl Client {
 
     async fn range(
         &self,
-        c: &mut deadpool_redis::Connection,
+        c: &mut ConnectionManager,
         key: &str,
         start: &str,
         count: usize,
@@ -721,6 +783,14 @@ impl Client {
     }
 }
 
+/// The end of a poison task's reason; the reclaim script writes it into the dead letter.
+const POISON_REASON: &str =
+    " times without finishing; a worker probably crashed or was killed while running it";
+
+fn poison_reason(deliveries: u64) -> String {
+    format!("the task was delivered {deliveries}{POISON_REASON}")
+}
+
 /// Milliseconds since the Unix epoch.
 #[must_use]
 pub fn now_ms() -> i64 {
@@ -733,16 +803,8 @@ fn entry_matches(
     fields: &HashMap<String, Vec<u8>>,
     task_id: &str,
 ) -> bool {
-    let Some(payload) = fields.get(TASK_FIELD) else {
-        return false;
-    };
-    match serde_json::from_slice::<serde_json::Value>(payload) {
-        Ok(v) => match v.get("id").and_then(|i| i.as_str()) {
-            Some(id) => id == task_id,
-            None => envelope::derive_id(queue, entry_id).to_string() == task_id,
-        },
-        Err(_) => envelope::derive_id(queue, entry_id).to_string() == task_id,
-    }
+    let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
+    envelope::task_id_of(queue, entry_id, payload).to_string() == task_id
 }
 
 fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>) -> DeadLetter {
@@ -752,11 +814,7 @@ fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>) -> DeadLet
             .unwrap_or_default()
     };
     let task = text(TASK_FIELD);
-    let entry_id = text("entry_id");
-    let task_id = serde_json::from_str::<serde_json::Value>(&task)
-        .ok()
-        .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
-        .unwrap_or_else(|| envelope::derive_id(queue, &entry_id).to_string());
+    let task_id = envelope::task_id_of(queue, &text("entry_id"), task.as_bytes()).to_string();
     DeadLetter {
         task_id,
         queue: queue.to_owned(),

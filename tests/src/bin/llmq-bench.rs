@@ -151,7 +151,7 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
-        let client = Client::new(&args.redis_url, 4)?;
+        let client = Client::new(&args.redis_url)?;
         let ids = backlog(&client, &keys, tasks).await?;
         let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
         let config = noop_config()?;
@@ -193,7 +193,7 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
-        let client = Client::new(&args.redis_url, 4)?;
+        let client = Client::new(&args.redis_url)?;
         let bench_url = with_database(&args.database_url, BENCH_DB)?;
         let ledger = bench_ledger(&args.database_url, &bench_url).await?;
         let mock = MockServer::start(MockOptions { latency })
@@ -268,7 +268,7 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
-        let client = Client::new(&args.redis_url, 4)?;
+        let client = Client::new(&args.redis_url)?;
         client.ensure_group(&keys).await?;
         let seen = Arc::new(Mutex::new(Vec::with_capacity(tasks)));
         let provider: Arc<dyn Provider> = Arc::new(NoopProvider {
@@ -676,7 +676,7 @@ impl Snapshot {
             })
             .filter(|(_, calls, _)| *calls > 0)
             .collect();
-        commands.sort_by(|a, b| b.2.cmp(&a.2));
+        commands.sort_by_key(|c| std::cmp::Reverse(c.2));
         Delta {
             tasks: n,
             secs,

@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::Parser;
 use llmq_tests::mock::{MockOptions, serve};
 use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// Mock LLM server speaking the OpenAI chat-completions wire format.
@@ -63,13 +64,15 @@ async fn run(listener: TcpListener, latency: Duration) -> anyhow::Result<()> {
         .local_addr()
         .context("cannot read the listening address")?;
     let shutdown = CancellationToken::new();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("cannot install the SIGTERM handler")?;
+    // Both handlers are installed before the "listening" line, so a script that signals
+    // right after reading it is never ignored (ctrl_c() would install its handler lazily).
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot install the ctrl-c handler")?;
     let stop = shutdown.clone();
     tokio::spawn(async move {
         tokio::select! {
             _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
         }
         stop.cancel();
     });

@@ -1,0 +1,344 @@
+//! Workers dying, being stopped and racing: delivery stays at least once, results exactly once,
+//! and no call is billed twice.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
+use llmq_shared::queue::{Finish, FinishKind};
+use llmq_tests::harness::{TestEnv, WorkerProcess};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn enqueue(env: &TestEnv, n: usize, model: &str) -> Vec<String> {
+    let envs: Vec<Envelope> = (0..n)
+        .map(|i| {
+            let mut e = Envelope::new(format!("task {i}"));
+            e.model = Some(model.into());
+            e
+        })
+        .collect();
+    env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
+    envs.iter().map(|e| e.id.unwrap().to_string()).collect()
+}
+
+/// (entry id, consumer) of every entry in flight.
+async fn pending(env: &TestEnv) -> Vec<(String, String)> {
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut c = env.redis.conn().await.unwrap();
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(env.keys.stream())
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    rows.into_iter()
+        .map(|(id, consumer, _, _)| (id, consumer))
+        .collect()
+}
+
+/// The task id inside each stream entry.
+async fn task_ids_of(env: &TestEnv, entry_ids: &[String]) -> Vec<String> {
+    let mut c = env.redis.conn().await.unwrap();
+    let mut out = Vec::new();
+    for id in entry_ids {
+        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
+            .arg(env.keys.stream())
+            .arg(id)
+            .arg(id)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for (_, fields) in entries {
+            let v: serde_json::Value = serde_json::from_str(&fields["task"]).unwrap();
+            out.push(v["id"].as_str().unwrap().to_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn sigkill_mid_task_loses_nothing_and_bills_each_attempt_once() {
+    let env = TestEnv::new().await.unwrap();
+    let ids = enqueue(&env, 24, "slow-300").await;
+    let victim =
+        WorkerProcess::spawn(&env, &["--concurrency", "4", "--visibility-timeout", "1s"]).unwrap();
+    let survivor =
+        WorkerProcess::spawn(&env, &["--concurrency", "4", "--visibility-timeout", "1s"]).unwrap();
+    let victim_tag = format!("-{}-", victim.child.id());
+
+    // Wait until the victim is mid-call on some tasks, then kill it without warning.
+    let held_by_victim = || async {
+        pending(&env)
+            .await
+            .into_iter()
+            .filter(|(_, c)| c.contains(&victim_tag))
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>()
+    };
+    env.eventually("the victim holding tasks", WAIT, || async {
+        !held_by_victim().await.is_empty()
+    })
+    .await
+    .unwrap();
+    let held = held_by_victim().await;
+    let orphaned = task_ids_of(&env, &held).await;
+    victim.signal("KILL").unwrap();
+
+    let records = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    let records: Vec<TaskRecord> = records
+        .into_iter()
+        .map(|r| r.expect("every task finishes"))
+        .collect();
+    assert!(
+        records.iter().all(|r| r.status == Status::Succeeded),
+        "{records:#?}"
+    );
+    for id in &orphaned {
+        assert!(
+            records.iter().any(|r| &r.task_id == id),
+            "orphaned task {id} was taken over"
+        );
+    }
+
+    // Exactly one billed call per task and attempt, even for the orphans whose call the
+    // victim may have recorded before it died.
+    let calls = env.calls().await.unwrap();
+    let mut seen = HashSet::new();
+    for (task, run, attempt, call_no, ..) in &calls {
+        assert!(
+            seen.insert((*task, *run, *attempt, *call_no)),
+            "billed twice: {task}"
+        );
+    }
+    let billed: HashSet<String> = calls.iter().map(|c| c.0.to_string()).collect();
+    assert_eq!(billed, ids.iter().cloned().collect::<HashSet<_>>());
+    assert_eq!(
+        calls.len(),
+        ids.len(),
+        "all succeeded on their first attempt"
+    );
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.in_flight, counts.delayed, counts.dead),
+        (0, 0, 0, 0)
+    );
+    drop(survivor);
+}
+
+#[tokio::test]
+async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = enqueue(&env, 1, "mock-fast").await.remove(0);
+    let mut conn = env.redis.conn().await.unwrap();
+    let mine = env
+        .redis
+        .read(&mut conn, &env.keys, "slow-worker", 10, None)
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 1);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let theirs = env
+        .redis
+        .reclaim(
+            &env.keys,
+            "fast-worker",
+            Duration::from_millis(10),
+            10,
+            5,
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(theirs.len(), 1, "the idle entry is taken over");
+    assert_eq!(theirs[0].deliveries, 2);
+
+    let outcome = |who: &str| {
+        let mut r = TaskRecord::pending(&id, &env.queue, Status::Succeeded);
+        r.output = Some(format!("written by {who}"));
+        Finish {
+            entry_id: mine[0].entry_id.clone(),
+            task_id: id.clone(),
+            kind: FinishKind::Done,
+            record: Some(r),
+            envelope: String::new(),
+        }
+    };
+    let fast = env
+        .redis
+        .finish(&env.keys, "fast-worker", WAIT, &[outcome("fast")])
+        .await
+        .unwrap();
+    assert_eq!(fast, vec![true]);
+    let slow = env
+        .redis
+        .finish(&env.keys, "slow-worker", WAIT, &[outcome("slow")])
+        .await
+        .unwrap();
+    assert_eq!(slow, vec![false], "the old owner is fenced off");
+    let stored = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(stored.output.as_deref(), Some("written by fast"));
+    // Nor may it push a retry or a dead letter.
+    let mut retry = outcome("slow");
+    retry.kind = FinishKind::Dead {
+        error: "late".into(),
+        class: ErrorClass::Fatal,
+    };
+    retry.envelope = "{}".into();
+    assert_eq!(
+        env.redis
+            .finish(&env.keys, "slow-worker", WAIT, &[retry])
+            .await
+            .unwrap(),
+        vec![false]
+    );
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().dead, 0);
+    assert_eq!(
+        env.redis
+            .refresh(&env.keys, "slow-worker", &[mine[0].entry_id.clone()])
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_task_that_keeps_killing_workers_becomes_a_poison_dead_letter() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = enqueue(&env, 1, "mock-fast").await.remove(0);
+    let mut conn = env.redis.conn().await.unwrap();
+    env.redis
+        .read(&mut conn, &env.keys, "crashed-1", 1, None)
+        .await
+        .unwrap();
+    for n in 2..=3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let got = env
+            .redis
+            .reclaim(
+                &env.keys,
+                &format!("crashed-{n}"),
+                Duration::from_millis(1),
+                1,
+                3,
+                WAIT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.len(), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let got = env
+        .redis
+        .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 3, WAIT)
+        .await
+        .unwrap();
+    assert!(got.is_empty(), "a fourth delivery is refused");
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].task_id, id);
+    assert_eq!(dead[0].class, "poison");
+    assert!(
+        dead[0].error.contains("delivered 4 times"),
+        "{}",
+        dead[0].error
+    );
+    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (r.status, r.error_class),
+        (Status::Dead, Some(ErrorClass::Poison)),
+        "its result says so too"
+    );
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((counts.ready, counts.in_flight), (0, 0));
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_running_task_finish_then_exits() {
+    let env = TestEnv::new().await.unwrap();
+    let mut worker = WorkerProcess::spawn(&env, &["--grace", "30s"]).unwrap();
+    let id = enqueue(&env, 1, "slow-1500").await.remove(0);
+    env.eventually("the task running", WAIT, || async {
+        env.redis
+            .counts(&env.keys)
+            .await
+            .map(|c| c.in_flight)
+            .unwrap_or(0)
+            == 1
+    })
+    .await
+    .unwrap();
+    worker.signal("TERM").unwrap();
+    let status = worker.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(
+        r.status,
+        Status::Succeeded,
+        "the running task was allowed to finish"
+    );
+    assert_eq!(
+        env.redis.counts(&env.keys).await.unwrap().workers,
+        0,
+        "it deregistered"
+    );
+}
+
+#[tokio::test]
+async fn past_the_grace_period_running_tasks_go_back_to_the_queue() {
+    let env = TestEnv::new().await.unwrap();
+    let mut worker = WorkerProcess::spawn(&env, &["--grace", "200ms"]).unwrap();
+    let id = enqueue(&env, 1, "slow-5000").await.remove(0);
+    env.eventually("the task running", WAIT, || async {
+        env.redis
+            .counts(&env.keys)
+            .await
+            .map(|c| c.in_flight)
+            .unwrap_or(0)
+            == 1
+    })
+    .await
+    .unwrap();
+    worker.signal("TERM").unwrap();
+    let status = worker.wait_exit(Duration::from_secs(4)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.in_flight),
+        (1, 0),
+        "handed back at once, not left to time out"
+    );
+    let next = env.worker();
+    let r = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded);
+    assert_eq!(r.attempts, 1, "a handed-back task has not used an attempt");
+    next.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_provider_file_stops_the_worker_with_the_key_named() {
+    let env = TestEnv::new().await.unwrap();
+    let path = std::env::temp_dir().join(format!("{}-bad.yaml", env.queue));
+    std::fs::write(
+        &path,
+        "providers:\n  - name: x\n    kind: telepathy\n    models: []\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(llmq_tests::harness::binary("llmq-worker"))
+        .env("LLMQ_CONFIG", &path)
+        .env("DATABASE_URL", llmq_tests::harness::database_url())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("providers[0].kind"), "{err}");
+    assert!(err.contains("telepathy"), "{err}");
+}
