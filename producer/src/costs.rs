@@ -52,10 +52,14 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             })),
         ),
         Format::Text => {
+            let last = (until - chrono::Duration::seconds(1)).format("%Y-%m-%d");
+            let range = match (args.date, args.since) {
+                (Some(d), _) => format!("on {d}"),
+                (None, Some(s)) => format!("from {s} to {last}"),
+                (None, None) => format!("up to {last}"),
+            };
             let mut s = format!(
-                "Costs {} to {}\nTotal: {} over {calls} calls, {tasks} tasks\n\n",
-                since.format("%Y-%m-%d"),
-                (until - chrono::Duration::seconds(1)).format("%Y-%m-%d"),
+                "Costs {range}\nTotal: {} over {calls} calls, {tasks} tasks\n\n",
                 render::usd(total)
             );
             s.push_str(&format!(

@@ -70,13 +70,12 @@ pub async fn create_database(name: &str) -> anyhow::Result<()> {
             .await?;
     if !exists {
         // Two test binaries may race to create it; the loser sees "already exists".
-        if let Err(e) = sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+        let created = sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
-            .await
-        {
-            if !e.to_string().contains("already exists") {
-                return Err(e.into());
-            }
+            .await;
+        match created {
+            Err(e) if !e.to_string().contains("already exists") => return Err(e.into()),
+            _ => {}
         }
     }
     Ok(())

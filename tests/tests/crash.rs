@@ -1,5 +1,6 @@
 //! Workers dying, being stopped and racing: delivery stays at least once, results exactly once,
 //! and no call is billed twice.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! The user's path end to end, against the real Redis, Postgres and llmq-mock over HTTP:
 //! submit, wait, results, retries, dead letters, replay, delays, batches, status.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

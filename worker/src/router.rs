@@ -19,6 +19,16 @@ pub struct Route {
     pub reason: &'static str,
 }
 
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("provider", &self.provider.name())
+            .field("model", &self.model.id)
+            .field("reason", &self.reason)
+            .finish()
+    }
+}
+
 /// A task that names something the provider file does not have. Retrying cannot help.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]

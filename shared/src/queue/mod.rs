@@ -770,7 +770,7 @@ impl Client {
         key: &str,
         start: &str,
         count: usize,
-    ) -> Result<Vec<(String, HashMap<String, Vec<u8>>)>> {
+    ) -> Result<Vec<Entry>> {
         let page: Value = redis::cmd("XRANGE")
             .arg(key)
             .arg(start)
@@ -846,8 +846,11 @@ fn as_u64(v: &Value) -> u64 {
     }
 }
 
+/// A stream entry: its id and fields.
+type Entry = (String, HashMap<String, Vec<u8>>);
+
 /// `[[id, [field, value, ...]], ...]` into ids and field maps.
-fn parse_entries(v: Value) -> Result<Vec<(String, HashMap<String, Vec<u8>>)>> {
+fn parse_entries(v: Value) -> Result<Vec<Entry>> {
     let Value::Array(entries) = v else {
         return Ok(Vec::new());
     };

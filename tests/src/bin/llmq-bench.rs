@@ -163,9 +163,10 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
             s
         });
         let drained = wait_drained(&client, &keys, &running).await;
-        let after = Snapshot::take(redis).await?;
+        let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
+        let after = after?;
         verify_results(&client, &keys, &ids).await?;
 
         let d = after.since(&before, tasks);
@@ -175,8 +176,12 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
         Ok(format!(
             "bench=queue_noop tasks={tasks} workers={workers} concurrency={concurrency} \
              tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=off secs={:.3} \
-             proc_cpu_us_per_task={:.1}",
-            d.tasks_per_s, d.redis_cpu_us_per_task, d.secs, d.proc_cpu_us_per_task
+             proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
+            d.tasks_per_s,
+            d.redis_cpu_us_per_task,
+            d.secs,
+            d.proc_cpu_us_per_task,
+            d.other_cpu_cores
         ))
     }
     .await;
@@ -218,9 +223,10 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             s
         });
         let drained = wait_drained(&client, &keys, &running).await;
-        let after = Snapshot::take(redis).await?;
+        let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
+        let after = after?;
         verify_results(&client, &keys, &ids).await?;
         let calls = mock.total_calls();
         mock.shutdown().await;
@@ -245,12 +251,13 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
         Ok(format!(
             "bench=e2e_mock tasks={tasks} workers={workers} concurrency={concurrency} \
              tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=on mock_latency_ms={} \
-             secs={:.3} proc_cpu_us_per_task={:.1}",
+             secs={:.3} proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
             d.tasks_per_s,
             d.redis_cpu_us_per_task,
             args.mock_latency_ms,
             d.secs,
-            d.proc_cpu_us_per_task
+            d.proc_cpu_us_per_task,
+            d.other_cpu_cores
         ))
     }
     .await;
@@ -306,6 +313,7 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
         const BATCH: u64 = 2;
         let mut tick = tokio::time::interval(Duration::from_micros(BATCH * 1_000_000 / rate));
         let mut sent = 0usize;
+        let before = Snapshot::take(redis).await?;
         let send = async {
             while sent < tasks {
                 tick.tick().await;
@@ -328,8 +336,13 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
             Ok(()) => wait_drained(&client, &keys, &running).await,
             Err(e) => Err(e),
         };
+        let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
+        let d = after?.since(&before, tasks);
+        if args.verbose {
+            d.print_commands("pickup");
+        }
 
         let mut ms: Vec<u64> =
             std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
@@ -342,10 +355,13 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
         let pct = |p: f64| percentile(&ms, p) as f64 / 1000.0;
         Ok(format!(
             "bench=pickup rate_per_s={rate} tasks={tasks} p50_ms={:.2} p99_ms={:.2} \
-             max_ms={:.2} workers={workers} concurrency={concurrency}",
+             max_ms={:.2} workers={workers} concurrency={concurrency} \
+             redis_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
             pct(50.0),
             pct(99.0),
-            pct(100.0)
+            pct(100.0),
+            d.redis_cpu_us_per_task,
+            d.other_cpu_cores
         ))
     }
     .await;
@@ -624,6 +640,8 @@ struct Snapshot {
     at: Instant,
     redis_cpu_s: f64,
     proc_cpu_s: f64,
+    /// CPU time every process on the machine has used since boot.
+    machine_cpu_s: f64,
     commands: BTreeMap<String, (u64, u64)>,
 }
 
@@ -656,6 +674,7 @@ impl Snapshot {
             at: Instant::now(),
             redis_cpu_s,
             proc_cpu_s: process_cpu_s()?,
+            machine_cpu_s: machine_cpu_s()?,
             commands,
         })
     }
@@ -683,6 +702,11 @@ impl Snapshot {
             tasks_per_s: n / secs,
             redis_cpu_us_per_task: (self.redis_cpu_s - before.redis_cpu_s) * 1e6 / n,
             proc_cpu_us_per_task: (self.proc_cpu_s - before.proc_cpu_s) * 1e6 / n,
+            other_cpu_cores: ((self.machine_cpu_s - before.machine_cpu_s)
+                - (self.redis_cpu_s - before.redis_cpu_s)
+                - (self.proc_cpu_s - before.proc_cpu_s))
+                .max(0.0)
+                / secs,
             commands,
         }
     }
@@ -694,6 +718,9 @@ struct Delta {
     tasks_per_s: f64,
     redis_cpu_us_per_task: f64,
     proc_cpu_us_per_task: f64,
+    /// Cores busy with anything but Redis and this process, on average: Postgres in
+    /// `e2e_mock`, otherwise noise that makes the run less trustworthy.
+    other_cpu_cores: f64,
     /// name, calls, usec
     commands: Vec<(String, u64, u64)>,
 }
@@ -730,6 +757,28 @@ fn process_cpu_s() -> Result<f64> {
             .ok_or_else(|| anyhow!("/proc/self/stat has no field {}", i + 3))
     };
     Ok((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// Busy CPU time of the whole machine from the first line of `/proc/stat`, in seconds.
+fn machine_cpu_s() -> Result<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").context("cannot read /proc/stat")?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .ok_or_else(|| anyhow!("/proc/stat has no cpu line"))?
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    let busy: f64 = ticks
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, t)| t)
+        .sum();
+    Ok(busy / 100.0)
 }
 
 /// `machine cpus=.. model=".." mem_gib=.. redis=.. os=".."`.

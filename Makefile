@@ -1,0 +1,37 @@
+# llmq: `make help` lists the targets.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+export REDIS_URL ?= redis://127.0.0.1:6379
+export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
+
+.PHONY: help demo test bench lint fmt build services examples-deps
+
+help: ## Show the targets and what they do
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+demo: ## Start or reuse Redis and Postgres, migrate, run llmq-mock and two workers, enqueue samples and a chain, print results and costs
+	@deploy/demo.sh
+
+test: services examples-deps build ## Run every test against the local Redis and Postgres
+	$(CARGO) test --workspace
+
+bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
+	$(CARGO) run --release -p llmq-tests --bin llmq-bench
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+build: ## Build every binary (the suites start llmq-worker as a process)
+	$(CARGO) build --workspace --bins
+
+services: ## Make sure Redis and Postgres answer (starting them if needed)
+	@deploy/services.sh
+
+examples-deps: ## Install what the Python and Node producer examples need
+	@python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+	@[ -d examples/node/node_modules/redis ] || (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)

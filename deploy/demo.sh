@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# `make demo`: Redis and Postgres (started or reused), migrations, the mock LLM provider (or
+# OpenAI when OPENAI_API_KEY is set), two workers, sample tasks, a three-step chain, then
+# results and costs. Leaves Redis and Postgres running; stops what it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
+export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/llmq}"
+QUEUE=demo
+DIR=.demo
+mkdir -p "$DIR"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "Redis and Postgres"
+deploy/services.sh
+
+step "Building llmq"
+cargo build --workspace --bins --quiet
+BIN=target/debug
+"$BIN/llmq" migrate
+
+if [ -n "${OPENAI_API_KEY:-}" ]; then
+  step "Provider: OpenAI (OPENAI_API_KEY is set)"
+  export LLMQ_CONFIG=examples/providers.openai.yaml
+  SAMPLES=examples/tasks.openai.json
+else
+  step "Provider: llmq-mock (no API key set)"
+  "$BIN/llmq-mock" --listen 127.0.0.1:0 --latency 30ms >"$DIR/mock.out" 2>"$DIR/mock.log" &
+  PIDS+=($!)
+  for _ in $(seq 1 50); do grep -q listening "$DIR/mock.out" 2>/dev/null && break; sleep 0.1; done
+  export LLMQ_MOCK_URL; LLMQ_MOCK_URL=$(sed -n 's/.*listening on //p' "$DIR/mock.out")
+  echo "llmq-mock at $LLMQ_MOCK_URL"
+  export LLMQ_CONFIG=examples/providers.mock.yaml
+  SAMPLES=examples/tasks.sample.json
+fi
+
+step "Two workers on queue '$QUEUE'"
+# A fresh demo queue each run, so the figures below are this run's.
+redis-cli -u "$REDIS_URL" --scan --pattern "llmq:{$QUEUE}:*" 2>/dev/null | xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
+for n in 1 2; do
+  "$BIN/llmq-worker" --queue "$QUEUE" --concurrency 8 --retry-base 300ms >"$DIR/worker-$n.log" 2>&1 &
+  PIDS+=($!)
+done
+echo "logs in $DIR/worker-1.log and $DIR/worker-2.log"
+
+step "A batch of sample tasks ($SAMPLES)"
+"$BIN/llmq" batch --input "$SAMPLES" --queue "$QUEUE" --wait --output "$DIR/results.json" || true
+echo "full results: $DIR/results.json"
+
+step "A three-step chain: each step's output is the next step's input"
+CHAIN="demo-chain-$(date +%s)"
+"$BIN/llmq" submit --queue "$QUEUE" --chain-id "$CHAIN" --type planning --wait \
+  --prompt "Plan a migration of the billing service to Postgres 16." --output "$DIR/step1.txt" >/dev/null
+"$BIN/llmq" submit --queue "$QUEUE" --chain-id "$CHAIN" --type code_generation --model mock-smart --wait \
+  --prompt "Write the migration script for this plan: $(cat "$DIR/step1.txt")" --output "$DIR/step2.txt" >/dev/null
+"$BIN/llmq" submit --queue "$QUEUE" --chain-id "$CHAIN" --type code_review --wait \
+  --prompt "Review this script: $(cat "$DIR/step2.txt")"
+
+step "Dead letters (replay with: llmq dlq replay <id> --queue $QUEUE)"
+"$BIN/llmq" dlq list --queue "$QUEUE"
+
+step "Status"
+"$BIN/llmq" status --queue "$QUEUE"
+
+step "Costs today, by model"
+"$BIN/llmq" costs --date "$(date -u +%F)" --by model
+step "Costs of the chain"
+"$BIN/llmq" costs --chain-id "$CHAIN" --by type
