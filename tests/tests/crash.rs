@@ -343,3 +343,30 @@ async fn a_bad_provider_file_stops_the_worker_with_the_key_named() {
     assert!(err.contains("providers[0].kind"), "{err}");
     assert!(err.contains("telepathy"), "{err}");
 }
+
+#[tokio::test]
+async fn a_long_call_keeps_its_claim_past_the_visibility_timeout() {
+    let env = TestEnv::new().await.unwrap();
+    let mut settings = env.settings();
+    settings.visibility_timeout = Duration::from_millis(600);
+    let a = llmq_tests::harness::WorkerHandle::start(settings);
+    let mut settings = env.settings();
+    settings.visibility_timeout = Duration::from_millis(600);
+    let b = llmq_tests::harness::WorkerHandle::start(settings);
+    // The marker makes the mock take 2.5 s: four visibility timeouts.
+    let mut e = Envelope::new("[[mock:slow-2500]] long analysis");
+    e.model = Some("mock-fast".into());
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env
+        .wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded);
+    assert_eq!(
+        env.mock.calls("mock-fast"),
+        1,
+        "no other worker took the running task over"
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
