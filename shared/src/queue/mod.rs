@@ -536,9 +536,23 @@ impl Client {
     /// # Errors
     /// Redis fails.
     pub async fn task(&self, keys: &QueueKeys, task_id: &str) -> Result<Option<TaskRecord>> {
-        if let Some(Some(record)) = self.results(keys, &[task_id.to_owned()]).await?.pop() {
-            return Ok(Some(record));
+        let stored = self
+            .results(keys, &[task_id.to_owned()])
+            .await?
+            .pop()
+            .flatten();
+        if let Some(record) = stored.as_ref().filter(|r| r.status.is_final()) {
+            return Ok(Some(record.clone()));
         }
+        // A record of a retry says `delayed`; where the task is now decides, and the record
+        // keeps its last error and attempts.
+        let now = |status: Status| {
+            let mut r = stored
+                .clone()
+                .unwrap_or_else(|| TaskRecord::pending(task_id, keys.name(), status));
+            r.status = status;
+            Ok(Some(r))
+        };
         let mut c = self.conn().await?;
         // Any JSON spacing; the id itself is unique enough.
         let pattern = format!("*{task_id}*");
@@ -554,11 +568,7 @@ impl Client {
                 .query_async(&mut c)
                 .await?;
             if !hits.is_empty() {
-                return Ok(Some(TaskRecord::pending(
-                    task_id,
-                    keys.name(),
-                    Status::Delayed,
-                )));
+                return now(Status::Delayed);
             }
             if next == 0 {
                 break;
@@ -585,7 +595,7 @@ impl Client {
                     } else {
                         Status::Queued
                     };
-                    return Ok(Some(TaskRecord::pending(task_id, keys.name(), status)));
+                    return now(status);
                 }
             }
             match page.last() {
@@ -604,7 +614,9 @@ impl Client {
                 r.error_class = d.class.parse().ok();
                 r.attempts = u32::try_from(d.attempts).unwrap_or(u32::MAX);
                 r
-            }))
+            })
+            // Between two places (e.g. being promoted) while we looked: the record stands.
+            .or(stored))
     }
 
     /// The stored records of `task_ids`, in order (`None` where there is none yet), in one
