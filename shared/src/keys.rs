@@ -67,6 +67,64 @@ impl QueueKeys {
     }
 }
 
+/// Key names of one provider's shared state: quotas, rate limits, failures and cooldown.
+/// They share the hash tag `{p:<provider>}`, so the quota scripts run on Redis Cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProviderKeys {
+    prefix: String,
+}
+
+impl ProviderKeys {
+    #[must_use]
+    pub fn new(provider: &str) -> Self {
+        Self {
+            prefix: format!("llmq:{{p:{provider}}}"),
+        }
+    }
+
+    /// Requests made on one UTC day (`YYYYMMDD`): a counter.
+    #[must_use]
+    pub fn requests_on(&self, day: &str) -> String {
+        format!("{}:rpd:{day}", self.prefix)
+    }
+
+    /// Micro-dollars spent in one UTC month (`YYYYMM`): a counter.
+    #[must_use]
+    pub fn spend_in(&self, month: &str) -> String {
+        format!("{}:usd:{month}", self.prefix)
+    }
+
+    /// Requests in the sliding rate window: a sorted set of reservation ids by time (ms).
+    #[must_use]
+    pub fn requests_window(&self) -> String {
+        format!("{}:rpm", self.prefix)
+    }
+
+    /// Tokens in the sliding rate window: a sorted set of `id:tokens` by time (ms).
+    #[must_use]
+    pub fn tokens_window(&self) -> String {
+        format!("{}:tpm", self.prefix)
+    }
+
+    /// Usage thresholds already announced: a hash of `kind:window:percent`.
+    #[must_use]
+    pub fn alerts(&self) -> String {
+        format!("{}:alerts", self.prefix)
+    }
+
+    /// Consecutive failures: a counter.
+    #[must_use]
+    pub fn failures(&self) -> String {
+        format!("{}:failures", self.prefix)
+    }
+
+    /// Set while every worker should skip the provider.
+    #[must_use]
+    pub fn cooldown(&self) -> String {
+        format!("{}:cooldown", self.prefix)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,5 +19,6 @@ pub mod ledger;
 pub mod outcome;
 pub mod provider;
 pub mod queue;
+pub mod quota;
 pub mod shutdown;
 pub mod telemetry;

@@ -120,7 +120,8 @@ impl Router {
 fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
     let field = match p.kind {
         Kind::Openai => TokenLimitField::MaxCompletionTokens,
-        Kind::OpenaiCompatible => TokenLimitField::MaxTokens,
+        // The other kinds are wired in with their adapters.
+        _ => TokenLimitField::MaxTokens,
     };
     Arc::new(OpenAi::new(
         &p.name,

@@ -1,0 +1,380 @@
+//! Quotas, rate limits, budgets and cooldowns, shared by every worker through Redis Lua.
+//!
+//! Before a call a worker reserves one request plus the estimated tokens and cost; the
+//! script checks every limit of the provider and either takes the reservation or refuses,
+//! atomically, so two workers can never both take the last request or spend the last dollar.
+//! After the call the reservation is reconciled with the real usage.
+//!
+//! Windows: requests per day reset at 00:00 UTC, dollars per month on the 1st (UTC);
+//! `rpm` and `tpm` count a sliding window (`quotas.window`, one minute by default).
+//! Every function takes the time as an argument, so tests drive the clock.
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use redis::Script;
+
+use crate::config::{Cooldown, Quotas};
+use crate::keys::ProviderKeys;
+use crate::queue::{Client, Result};
+
+/// A reservation to reconcile after the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub provider: String,
+    pub id: String,
+    pub tokens: u64,
+    pub micro_usd: i64,
+    month: String,
+}
+
+/// Why a provider cannot take a call now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `requests_per_day`, `usd_per_month`, `rpm` or `tpm`.
+    pub limit: String,
+    /// When the limit frees up.
+    pub until: DateTime<Utc>,
+}
+
+impl Refusal {
+    /// The refusal as a sentence.
+    #[must_use]
+    pub fn describe(&self, provider: &str) -> String {
+        let what = match self.limit.as_str() {
+            "requests_per_day" => "its requests for today are used up",
+            "usd_per_month" => "its budget for this month is spent",
+            "rpm" => "it is at its requests-per-minute limit",
+            "tpm" => "it is at its tokens-per-minute limit",
+            _ => "a limit is reached",
+        };
+        format!(
+            "{provider}: {what} until {}",
+            self.until.format("%Y-%m-%d %H:%M:%S UTC")
+        )
+    }
+
+    /// Daily and monthly limits are exhaustion; per-minute ones are a short wait.
+    #[must_use]
+    pub fn is_exhaustion(&self) -> bool {
+        matches!(self.limit.as_str(), "requests_per_day" | "usd_per_month")
+    }
+}
+
+/// The outcome of [`Limiter::reserve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Granted {
+        reservation: Reservation,
+        /// Thresholds crossed for the first time this window, e.g. `usd_per_month:80`.
+        crossed: Vec<String>,
+    },
+    Refused(Refusal),
+}
+
+/// One line of `llmq quota`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QuotaLine {
+    pub provider: String,
+    pub quota: String,
+    pub used: f64,
+    pub limit: f64,
+    pub remaining: f64,
+    pub reset: DateTime<Utc>,
+}
+
+/// Quota, rate-limit and cooldown state in Redis.
+#[derive(Clone)]
+pub struct Limiter {
+    redis: Client,
+    reserve: std::sync::Arc<Script>,
+    reconcile: std::sync::Arc<Script>,
+}
+
+impl Limiter {
+    #[must_use]
+    pub fn new(redis: Client) -> Self {
+        Self {
+            redis,
+            reserve: std::sync::Arc::new(Script::new(include_str!("quota/reserve.lua"))),
+            reconcile: std::sync::Arc::new(Script::new(include_str!("quota/reconcile.lua"))),
+        }
+    }
+
+    /// Reserves one call of about `tokens` tokens costing about `usd`.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn reserve(
+        &self,
+        provider: &str,
+        quotas: &Quotas,
+        tokens: u64,
+        usd: f64,
+        now: DateTime<Utc>,
+    ) -> Result<Decision> {
+        let keys = ProviderKeys::new(provider);
+        let (day, month) = (day_label(now), month_label(now));
+        let micro = to_micro(usd);
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let limit = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        let mut c = self.redis.conn().await?;
+        let reply: Vec<redis::Value> = self
+            .reserve
+            .key(keys.requests_on(&day))
+            .key(keys.spend_in(&month))
+            .key(keys.requests_window())
+            .key(keys.tokens_window())
+            .key(keys.alerts())
+            .arg(now.timestamp_millis())
+            .arg(&id)
+            .arg(tokens)
+            .arg(micro)
+            .arg(limit(quotas.requests_per_day))
+            .arg(quotas.usd_per_month.map_or(-1, to_micro))
+            .arg(limit(quotas.rpm))
+            .arg(limit(quotas.tpm))
+            .arg(quotas.window.as_millis() as i64)
+            .arg(next_day(now).timestamp_millis())
+            .arg(next_month(now).timestamp_millis())
+            .arg(&day)
+            .arg(&month)
+            .invoke_async(&mut c)
+            .await?;
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::Int(n) => n.to_string(),
+            other => format!("{other:?}"),
+        };
+        match reply.first() {
+            Some(redis::Value::Int(1)) => Ok(Decision::Granted {
+                reservation: Reservation {
+                    provider: provider.to_owned(),
+                    id,
+                    tokens,
+                    micro_usd: micro,
+                    month,
+                },
+                crossed: reply[1..].iter().map(text).collect(),
+            }),
+            _ => {
+                let limit = reply.get(1).map(text).unwrap_or_default();
+                let until_ms = reply
+                    .get(2)
+                    .map(text)
+                    .and_then(|t| t.parse::<i64>().ok())
+                    .unwrap_or(0);
+                Ok(Decision::Refused(Refusal {
+                    limit,
+                    until: DateTime::from_timestamp_millis(until_ms).unwrap_or(now),
+                }))
+            }
+        }
+    }
+
+    /// Replaces a reservation's estimate with the real tokens and cost.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn reconcile(&self, r: &Reservation, tokens: u64, usd: f64) -> Result<()> {
+        let keys = ProviderKeys::new(&r.provider);
+        let mut c = self.redis.conn().await?;
+        self.reconcile
+            .key(keys.spend_in(&r.month))
+            .key(keys.tokens_window())
+            .arg(&r.id)
+            .arg(r.tokens)
+            .arg(tokens)
+            .arg(to_micro(usd) - r.micro_usd)
+            .invoke_async::<i64>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether every worker should skip `provider` for now.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn cooling_down(&self, provider: &str) -> Result<bool> {
+        let mut c = self.redis.conn().await?;
+        Ok(redis::cmd("EXISTS")
+            .arg(ProviderKeys::new(provider).cooldown())
+            .query_async::<i64>(&mut c)
+            .await?
+            == 1)
+    }
+
+    /// Counts a failed call; after `cooldown.after_failures` in a row the provider is cooled
+    /// down for every worker. Returns true when this failure started a cooldown.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn failed(&self, provider: &str, cooldown: &Cooldown) -> Result<bool> {
+        let keys = ProviderKeys::new(provider);
+        let mut c = self.redis.conn().await?;
+        let (n,): (u64,) = redis::pipe()
+            .incr(keys.failures(), 1)
+            .pexpire(keys.failures(), cooldown.duration.as_millis() as i64)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        if n >= u64::from(cooldown.after_failures) {
+            redis::pipe()
+                .cmd("SET")
+                .arg(keys.cooldown())
+                .arg(n)
+                .arg("PX")
+                .arg(cooldown.duration.as_millis() as u64)
+                .ignore()
+                .del(keys.failures())
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A successful call ends a run of failures.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn succeeded(&self, provider: &str) -> Result<()> {
+        let mut c = self.redis.conn().await?;
+        redis::cmd("DEL")
+            .arg(ProviderKeys::new(provider).failures())
+            .query_async::<()>(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Usage against every configured limit of `provider`.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn usage(
+        &self,
+        provider: &str,
+        quotas: &Quotas,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<QuotaLine>> {
+        let keys = ProviderKeys::new(provider);
+        let mut c = self.redis.conn().await?;
+        let since = now.timestamp_millis() - quotas.window.as_millis() as i64;
+        let (day, month, in_window, members): (Option<u64>, Option<i64>, u64, Vec<String>) =
+            redis::pipe()
+                .get(keys.requests_on(&day_label(now)))
+                .get(keys.spend_in(&month_label(now)))
+                .zcount(keys.requests_window(), since, "+inf")
+                .zrangebyscore(keys.tokens_window(), since, "+inf")
+                .query_async(&mut c)
+                .await?;
+        let tokens: u64 = members
+            .iter()
+            .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
+            .sum();
+        let window_end = now + chrono::Duration::from_std(quotas.window).unwrap_or_default();
+        let mut out = Vec::new();
+        let mut line = |quota: &str, used: f64, limit: f64, reset| {
+            out.push(QuotaLine {
+                provider: provider.to_owned(),
+                quota: quota.to_owned(),
+                used,
+                limit,
+                remaining: (limit - used).max(0.0),
+                reset,
+            });
+        };
+        if let Some(l) = quotas.requests_per_day {
+            line(
+                "requests_per_day",
+                day.unwrap_or(0) as f64,
+                l as f64,
+                next_day(now),
+            );
+        }
+        if let Some(l) = quotas.usd_per_month {
+            line(
+                "usd_per_month",
+                month.unwrap_or(0) as f64 / 1e6,
+                l,
+                next_month(now),
+            );
+        }
+        if let Some(l) = quotas.rpm {
+            line("rpm", in_window as f64, l as f64, window_end);
+        }
+        if let Some(l) = quotas.tpm {
+            line("tpm", tokens as f64, l as f64, window_end);
+        }
+        Ok(out)
+    }
+}
+
+/// USD as integer micro-dollars, rounded up so reservations never undercount.
+fn to_micro(usd: f64) -> i64 {
+    (usd * 1e6).ceil() as i64
+}
+
+fn day_label(t: DateTime<Utc>) -> String {
+    t.format("%Y%m%d").to_string()
+}
+
+fn month_label(t: DateTime<Utc>) -> String {
+    t.format("%Y%m").to_string()
+}
+
+/// The next 00:00 UTC.
+#[must_use]
+pub fn next_day(t: DateTime<Utc>) -> DateTime<Utc> {
+    let d = t.date_naive() + chrono::Duration::days(1);
+    Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default())
+}
+
+/// 00:00 UTC on the next 1st.
+#[must_use]
+pub fn next_month(t: DateTime<Utc>) -> DateTime<Utc> {
+    let (y, m) = if t.month() == 12 {
+        (t.year() + 1, 1)
+    } else {
+        (t.year(), t.month() + 1)
+    };
+    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().unwrap_or(t)
+}
+
+/// A prompt's token count, estimated without a tokenizer: one token per three characters
+/// (real English averages about four, so this errs high) plus a few per message. Used only
+/// for reservations, which are reconciled with the provider's real count after the call.
+#[must_use]
+pub fn estimate_tokens(system: Option<&str>, prompt: &str) -> u64 {
+    let chars = system.map_or(0, |s| s.chars().count() + 4) + prompt.chars().count() + 4;
+    chars.div_ceil(3) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_reset_at_utc_boundaries() {
+        let t = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).unwrap();
+        assert_eq!(
+            next_day(t),
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap()
+        );
+        assert_eq!(
+            next_month(t),
+            Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).unwrap()
+        );
+        let t = Utc.with_ymd_and_hms(2026, 2, 10, 5, 0, 0).unwrap();
+        assert_eq!(
+            next_month(t),
+            Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap()
+        );
+    }
+
+    #[test]
+    fn estimates_err_high() {
+        let text = "The quick brown fox jumps over the lazy dog. ".repeat(20);
+        // About 200 real tokens.
+        assert!(estimate_tokens(None, &text) >= 250);
+    }
+}

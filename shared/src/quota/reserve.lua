@@ -1,0 +1,70 @@
+-- Reserves one request and its estimated tokens and cost against every limit of a provider,
+-- or refuses without changing anything. Shared by every worker, so two workers can never
+-- both take the last request or spend the last dollar.
+-- KEYS: 1 requests today, 2 micro-dollars this month, 3 request window, 4 token window,
+--       5 alerts
+-- ARGV: 1 now (ms), 2 reservation id, 3 estimated tokens, 4 estimated micro-dollars,
+--       5 requests/day limit, 6 micro-dollars/month limit, 7 requests/window limit,
+--       8 tokens/window limit (each -1 for none), 9 window (ms), 10 next day (ms),
+--       11 next month (ms), 12 day label, 13 month label
+-- Returns {1, crossed...} where crossed are `kind:percent` thresholds passed for the first
+-- time this window, or {0, limit name, when it frees up (ms)}.
+local now, id = tonumber(ARGV[1]), ARGV[2]
+local est_tokens, est_usd = tonumber(ARGV[3]), tonumber(ARGV[4])
+local rpd_limit, usd_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
+local rpm_limit, tpm_limit = tonumber(ARGV[7]), tonumber(ARGV[8])
+local window = tonumber(ARGV[9])
+
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - window)
+
+local rpd_used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if rpd_limit >= 0 and rpd_used + 1 > rpd_limit then
+  return {0, 'requests_per_day', ARGV[10]}
+end
+local usd_used = tonumber(redis.call('GET', KEYS[2]) or '0')
+if usd_limit >= 0 and usd_used + est_usd > usd_limit then
+  return {0, 'usd_per_month', ARGV[11]}
+end
+local function frees_at(key)
+  local oldest = redis.call('ZRANGE', KEYS[key], 0, 0, 'WITHSCORES')
+  return tostring(math.floor(tonumber(oldest[2] or now) + window))
+end
+if rpm_limit >= 0 and redis.call('ZCARD', KEYS[3]) + 1 > rpm_limit then
+  return {0, 'rpm', frees_at(3)}
+end
+if tpm_limit >= 0 then
+  local sum = 0
+  for _, m in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+    sum = sum + tonumber(string.match(m, ':(%d+)$') or '0')
+  end
+  -- A request larger than the whole budget still goes through when the window is empty.
+  if sum > 0 and sum + est_tokens > tpm_limit then
+    return {0, 'tpm', frees_at(4)}
+  end
+end
+
+redis.call('INCR', KEYS[1])
+-- Relative expiries, so a caller's clock (tests drive it) is all that decides windows.
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[10]) - now + 86400000)
+redis.call('INCRBY', KEYS[2], est_usd)
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]) - now + 86400000)
+redis.call('ZADD', KEYS[3], now, id)
+redis.call('PEXPIRE', KEYS[3], window * 2)
+redis.call('ZADD', KEYS[4], now, id .. ':' .. est_tokens)
+redis.call('PEXPIRE', KEYS[4], window * 2)
+
+local out = {1}
+local function crossed(kind, label, after, limit)
+  if limit <= 0 then return end
+  for _, pct in ipairs({50, 80, 90}) do
+    local mark = limit * pct / 100
+    if after >= mark and redis.call('HSETNX', KEYS[5], kind .. ':' .. label .. ':' .. pct, now) == 1 then
+      out[#out + 1] = kind .. ':' .. pct
+    end
+  end
+end
+crossed('requests_per_day', ARGV[12], rpd_used + 1, rpd_limit)
+crossed('usd_per_month', ARGV[13], usd_used + est_usd, usd_limit)
+redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[11]) - now + 86400000)
+return out

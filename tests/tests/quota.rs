@@ -1,0 +1,229 @@
+//! Quotas, rate limits and budgets hold across concurrent reservers on the real Redis.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use llmq_shared::config::{Cooldown, Quotas};
+use llmq_shared::queue::Client;
+use llmq_shared::quota::{Decision, Limiter};
+use llmq_tests::harness::redis_url;
+
+fn provider() -> String {
+    format!("q-{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
+}
+
+fn limiter() -> Limiter {
+    Limiter::new(Client::new(&redis_url()).unwrap())
+}
+
+#[tokio::test]
+async fn a_free_tier_of_n_requests_a_day_serves_exactly_n_under_contention() {
+    let limiter = limiter();
+    let name = provider();
+    let quotas = Quotas {
+        requests_per_day: Some(7),
+        ..Quotas::default()
+    };
+    let now = Utc::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        let (l, n) = (limiter.clone(), name.clone());
+        tasks.spawn(async move { l.reserve(&n, &quotas, 10, 0.0, now).await.unwrap() });
+    }
+    let granted = tasks
+        .join_all()
+        .await
+        .into_iter()
+        .filter(|d| matches!(d, Decision::Granted { .. }))
+        .count();
+    assert_eq!(granted, 7);
+}
+
+#[tokio::test]
+async fn concurrent_spenders_never_overspend_the_budget() {
+    let limiter = limiter();
+    let name = provider();
+    let quotas = Quotas {
+        usd_per_month: Some(0.01),
+        ..Quotas::default()
+    };
+    let now = Utc::now();
+    let est = 0.0007;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..50 {
+        let (l, n) = (limiter.clone(), name.clone());
+        tasks.spawn(async move {
+            match l.reserve(&n, &quotas, 100, est, now).await.unwrap() {
+                Decision::Granted { reservation, .. } => {
+                    // The real call cost a little less than the estimate.
+                    l.reconcile(&reservation, 90, est * 0.9).await.unwrap();
+                    1
+                }
+                Decision::Refused(_) => 0,
+            }
+        });
+    }
+    let granted: u32 = tasks.join_all().await.into_iter().sum();
+    assert_eq!(
+        granted, 14,
+        "0.01 / 0.0007 = 14.28: fourteen reservations fit"
+    );
+    let usage = limiter.usage(&name, &quotas, now).await.unwrap();
+    let spent = usage
+        .iter()
+        .find(|l| l.quota == "usd_per_month")
+        .unwrap()
+        .used;
+    assert!(spent <= 0.01, "spent {spent}");
+    assert!(
+        (spent - 14.0 * est * 0.9).abs() < 1e-5,
+        "reconciled to the real cost: {spent}"
+    );
+}
+
+#[tokio::test]
+async fn the_daily_window_resets_at_midnight_utc_and_the_month_on_the_first() {
+    let limiter = limiter();
+    let name = provider();
+    let quotas = Quotas {
+        requests_per_day: Some(2),
+        usd_per_month: Some(1.0),
+        ..Quotas::default()
+    };
+    let late = Utc.with_ymd_and_hms(2026, 1, 31, 23, 59, 58).unwrap();
+    for _ in 0..2 {
+        assert!(matches!(
+            limiter.reserve(&name, &quotas, 1, 0.4, late).await.unwrap(),
+            Decision::Granted { .. }
+        ));
+    }
+    match limiter.reserve(&name, &quotas, 1, 0.0, late).await.unwrap() {
+        Decision::Refused(r) => {
+            assert_eq!(r.limit, "requests_per_day");
+            assert_eq!(r.until, Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap());
+            assert!(r.describe(&name).contains("requests for today are used up"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Midnight: a new day and, on the 1st, a new month: both windows are fresh.
+    let midnight = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
+    assert!(matches!(
+        limiter
+            .reserve(&name, &quotas, 1, 0.9, midnight)
+            .await
+            .unwrap(),
+        Decision::Granted { .. }
+    ));
+    // Within February the month's budget holds.
+    let later = Utc.with_ymd_and_hms(2026, 2, 2, 12, 0, 0).unwrap();
+    match limiter
+        .reserve(&name, &quotas, 1, 0.2, later)
+        .await
+        .unwrap()
+    {
+        Decision::Refused(r) => {
+            assert_eq!(r.limit, "usd_per_month");
+            assert_eq!(r.until, Utc.with_ymd_and_hms(2026, 3, 1, 0, 0, 0).unwrap());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_sliding_window_is_never_exceeded() {
+    let limiter = limiter();
+    let name = provider();
+    let window = Duration::from_millis(400);
+    let quotas = Quotas {
+        rpm: Some(5),
+        window,
+        ..Quotas::default()
+    };
+    let grants = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..3 {
+        let (l, n, g) = (limiter.clone(), name.clone(), grants.clone());
+        tasks.spawn(async move {
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(1500) {
+                let now = Utc::now();
+                if let Decision::Granted { .. } = l.reserve(&n, &quotas, 1, 0.0, now).await.unwrap()
+                {
+                    g.lock().unwrap().push(now.timestamp_millis());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+    }
+    tasks.join_all().await;
+    let mut at = grants.lock().unwrap().clone();
+    at.sort_unstable();
+    assert!(at.len() >= 10, "the limiter let work through: {}", at.len());
+    for (i, t) in at.iter().enumerate() {
+        let in_window = at[i..]
+            .iter()
+            .take_while(|u| **u < t + window.as_millis() as i64)
+            .count();
+        assert!(
+            in_window <= 5,
+            "{in_window} grants within {window:?} from {t}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn thresholds_are_announced_once_per_window() {
+    let limiter = limiter();
+    let name = provider();
+    let quotas = Quotas {
+        requests_per_day: Some(10),
+        ..Quotas::default()
+    };
+    let now = Utc::now();
+    let mut crossed_all = Vec::new();
+    for _ in 0..10 {
+        if let Decision::Granted { crossed, .. } =
+            limiter.reserve(&name, &quotas, 1, 0.0, now).await.unwrap()
+        {
+            crossed_all.extend(crossed);
+        }
+    }
+    assert_eq!(
+        crossed_all,
+        vec![
+            "requests_per_day:50",
+            "requests_per_day:80",
+            "requests_per_day:90"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn repeated_failures_cool_a_provider_down_for_everyone() {
+    let a = limiter();
+    let b = limiter();
+    let name = provider();
+    let cooldown = Cooldown {
+        after_failures: 3,
+        duration: Duration::from_millis(300),
+    };
+    assert!(!a.failed(&name, &cooldown).await.unwrap());
+    a.succeeded(&name).await.unwrap();
+    assert!(!a.failed(&name, &cooldown).await.unwrap());
+    assert!(!b.failed(&name, &cooldown).await.unwrap());
+    assert!(
+        !a.cooling_down(&name).await.unwrap(),
+        "a success reset the run"
+    );
+    assert!(
+        b.failed(&name, &cooldown).await.unwrap(),
+        "the third failure in a row"
+    );
+    assert!(
+        a.cooling_down(&name).await.unwrap(),
+        "seen by the other worker"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!a.cooling_down(&name).await.unwrap(), "and it ends");
+}
