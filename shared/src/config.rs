@@ -101,6 +101,39 @@ pub enum Tier {
     Advanced,
 }
 
+impl Tier {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fast => "fast",
+            Tier::Standard => "standard",
+            Tier::Advanced => "advanced",
+        }
+    }
+}
+
+impl CostTier {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostTier::Free => "free",
+            CostTier::Subscription => "subscription",
+            CostTier::Paid => "paid",
+        }
+    }
+}
+
+impl Risk {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Risk::Low => "low",
+            Risk::Medium => "medium",
+            Risk::High => "high",
+        }
+    }
+}
+
 /// What a model is good for.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
@@ -117,6 +150,19 @@ pub enum Capability {
 }
 
 impl Capability {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Code => "code",
+            Capability::Analysis => "analysis",
+            Capability::Planning => "planning",
+            Capability::Review => "review",
+            Capability::ComplexReasoning => "complex_reasoning",
+            Capability::Docs => "docs",
+            Capability::SimpleTasks => "simple_tasks",
+        }
+    }
+
     pub const ALL: [Capability; 7] = [
         Capability::Code,
         Capability::Analysis,

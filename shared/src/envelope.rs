@@ -138,6 +138,12 @@ pub struct Envelope {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_id: Option<String>,
+    /// How much a mistake would hurt: `low`, `medium` or `high`; raises the model tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<crate::config::Risk>,
+    /// The part of the system the task touches (e.g. `billing`), for routing rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub area: Option<String>,
     /// Per-attempt timeout in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
@@ -192,6 +198,8 @@ impl Envelope {
             provider: None,
             model: None,
             chain_id: None,
+            risk: None,
+            area: None,
             timeout: None,
             max_attempts: None,
             run_at: None,
@@ -275,6 +283,16 @@ impl Envelope {
         self.task_type
             .as_deref()
             .map_or(Ok(TaskType::default()), TaskType::from_str)
+    }
+
+    #[must_use]
+    pub fn risk(&self) -> Option<crate::config::Risk> {
+        self.risk
+    }
+
+    #[must_use]
+    pub fn area(&self) -> Option<&str> {
+        self.area.as_deref()
     }
 
     #[must_use]
@@ -367,6 +385,10 @@ mod tests {
             ),
             (r#"{"v":1,"prompt":"x","id":"nope"}"#, "field `id` is wrong"),
             (r#"{"v":1,"prompt":"x","max_attempts":0}"#, "at least 1"),
+            (
+                r#"{"v":1,"prompt":"x","risk":"extreme"}"#,
+                "field `risk` is wrong",
+            ),
         ];
         for (input, want) in cases {
             let err = parse(input).unwrap_err().to_string();

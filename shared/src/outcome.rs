@@ -134,6 +134,12 @@ pub struct TaskRecord {
     pub task_type: Option<String>,
     pub chain_id: Option<String>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Why the router chose the provider that answered (or was tried last).
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Each failed call of the last attempt, `provider/model: error`, in order.
+    #[serde(default)]
+    pub provider_errors: Vec<String>,
 }
 
 impl TaskRecord {
@@ -159,6 +165,8 @@ impl TaskRecord {
             task_type: None,
             chain_id: None,
             finished_at: None,
+            route: None,
+            provider_errors: Vec::new(),
         }
     }
 

@@ -1,28 +1,46 @@
-//! `llmq-mock`: a mock LLM server that speaks OpenAI's chat-completions wire format over real
-//! HTTP, so the worker's real HTTP adapter can be tested without the internet.
+//! `llmq-mock`: a mock LLM server that speaks the OpenAI, Anthropic, Gemini and Ollama wire
+//! formats over real HTTP, so the worker's real HTTP adapters can be tested without the
+//! internet.
 //!
-//! Routes: `POST /v1/chat/completions` (and `POST /chat/completions`), `GET /v1/models`
-//! (and `GET /models`), `GET /healthz`. Every chat request needs `Authorization: Bearer <key>`;
-//! any non-empty key is accepted.
+//! Routes:
+//!
+//! | route | format | auth |
+//! |---|---|---|
+//! | `POST /v1/chat/completions`, `POST /chat/completions` | OpenAI chat completions | `Authorization: Bearer <key>` |
+//! | `POST /v1/messages` | Anthropic Messages (`max_tokens` required, unknown fields rejected) | `x-api-key` and `anthropic-version` |
+//! | `POST /v1beta/models/{model}:generateContent` (also `/v1/...`) | Gemini | `x-goog-api-key` or `?key=` |
+//! | `POST /api/chat` | Ollama (streams NDJSON unless `"stream": false`) | none |
+//! | `GET /v1/models`, `GET /models`, `GET /healthz` | | none |
+//!
+//! Any non-empty key is accepted; a missing one gets 401 (Gemini: 403 `PERMISSION_DENIED`) in
+//! the route's error shape. Every route counts its requests in [`MockServer::calls`].
 //!
 //! What a request does is chosen by its model name (see [`MAGIC_MODELS`]), or by a marker
-//! `[[mock:<name>]]` in the last user message, which wins over the model:
+//! `[[mock:<name>]]` in the last user message, which wins over the model. Errors come in each
+//! route's own shape: OpenAI `{"error":{"message","type","param","code"}}`, Anthropic
+//! `{"type":"error","error":{"type","message"}}` (`error.type` follows the status:
+//! `api_error`, `overloaded_error` for 529, `rate_limit_error`, ...), Google
+//! `{"error":{"code","message","status"}}` (`INTERNAL`, `UNAVAILABLE`, `RESOURCE_EXHAUSTED`,
+//! ...), Ollama `{"error":"..."}`.
 //!
 //! | name | behaviour |
 //! |---|---|
 //! | anything else (`mock-fast`, `gpt-4o-mini`, ...) | 200 after [`MockOptions::latency`] |
 //! | `slow`, `slow-<ms>` | 200 after 2 s, or after `<ms>` milliseconds (plus the latency) |
 //! | `timeout` | no answer for 10 minutes (ends early when the server shuts down) |
-//! | `fail-500`, `fail-503`, `fail-400`, `fail-401`, `fail-404`, `fail-<status>` | that status with an OpenAI error body |
-//! | `rate-limit` | 429 with `Retry-After: 1` |
-//! | `rate-limit-ms` | 429 with `retry-after-ms: 200` |
-//! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future |
+//! | `fail-500`, `fail-503`, `fail-529`, `fail-400`, `fail-401`, `fail-404`, `fail-<status>` | that status with the route's error body |
+//! | `rate-limit` | 429 with `Retry-After: 1` (Gemini: no header, a `RetryInfo` detail `retryDelay: "1s"`) |
+//! | `rate-limit-ms` | 429 with `retry-after-ms: 200` (Gemini: `retryDelay: "0.200s"`, no header) |
+//! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future (Gemini: that header and `retryDelay: "2s"`) |
 //! | `flaky`, `flaky-<n>` | per conversation, the first 2 (or `n`) requests get 500, later ones 200 |
-//! | `context-too-long` | 400 with code `context_length_exceeded` |
+//! | `context-too-long` | 400: OpenAI `context_length_exceeded`; Anthropic `prompt is too long: 250000 tokens > 200000 maximum`; Gemini `The input token count (N) exceeds the maximum number of tokens allowed (1048576).`; Ollama `the input length exceeds the context length` |
+//! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
+//! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
 //!
 //! A successful answer is deterministic: the content is `mock answer from <model>: ` followed
 //! by the first 60 characters of the last user message, and the usage is computed from the
-//! message lengths (see [`MockServer`]).
+//! message lengths (see [`MockServer`]); every route reports the same counts in its own
+//! fields.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -35,7 +53,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -57,6 +75,7 @@ pub const MAGIC_MODELS: &[&str] = &[
     "timeout",
     "fail-500",
     "fail-503",
+    "fail-529",
     "fail-400",
     "fail-401",
     "fail-404",
@@ -154,6 +173,14 @@ impl Shared {
 /// `max_completion_tokens`, which truncates the content and gives `finish_reason: "length"`),
 /// `cached_tokens` = prompt_tokens/2 when a system message has at least 400 characters (else 0)
 /// and `reasoning_tokens` = completion_tokens/2 for models whose name contains `reason`.
+///
+/// The other routes report the same numbers in their own fields: Anthropic
+/// `input_tokens` = prompt − cached, `cache_read_input_tokens` = cached,
+/// `cache_creation_input_tokens` = 0, `output_tokens` = completion, plus a `thinking` block
+/// for `reason` models; Gemini `promptTokenCount` = prompt, `cachedContentTokenCount` =
+/// cached, `thoughtsTokenCount` = reasoning and `candidatesTokenCount` = completion −
+/// reasoning (zero counts left out); Ollama `prompt_eval_count` = prompt, `eval_count` =
+/// completion (no cached count; `message.thinking` for `reason` models).
 pub struct MockServer {
     addr: SocketAddr,
     state: Arc<Shared>,
@@ -254,6 +281,10 @@ fn router(state: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1beta/models/{*rest}", post(gemini_generate))
+        .route("/v1/models/{*rest}", post(gemini_generate))
+        .route("/api/chat", post(ollama_chat))
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
@@ -371,11 +402,7 @@ impl IntoResponse for ApiError {
         });
         let mut response = (self.status, Json(body)).into_response();
         for (name, value) in self.headers {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                response
-                    .headers_mut()
-                    .insert(HeaderName::from_static(name), value);
-            }
+            insert_header(&mut response, name, &value);
         }
         response
     }
@@ -506,6 +533,12 @@ impl Conversation {
         self.messages.iter().map(|(_, text)| tokens(text) + 3).sum()
     }
 
+    /// True when the model is `name` or the last user message has a `[[mock:name]]` marker
+    /// (for the route-specific names `blocked` and `missing`).
+    fn named(&self, name: &str) -> bool {
+        self.model == name || self.last_user().contains(&format!("[[mock:{name}]]"))
+    }
+
     fn hash(&self) -> u64 {
         let mut h = DefaultHasher::new();
         for (_, text) in &self.messages {
@@ -628,11 +661,7 @@ async fn chat_completions(
             .into_response();
         }
     };
-    if let Ok(value) = serde_json::from_slice::<Value>(&body)
-        && let Some(model) = value.get("model").and_then(Value::as_str)
-    {
-        state.count(model);
-    }
+    count_body_model(&state, &body);
     if !authorized(&headers) {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -650,7 +679,29 @@ async fn chat_completions(
     }
 }
 
-async fn respond(state: &Shared, conv: &Conversation) -> Response {
+/// Counts a request under the `model` its JSON body names, if any.
+fn count_body_model(state: &Shared, body: &[u8]) {
+    if let Ok(value) = serde_json::from_slice::<Value>(body)
+        && let Some(model) = value.get("model").and_then(Value::as_str)
+    {
+        state.count(model);
+    }
+}
+
+/// What a valid request gets, before it is put in a wire format.
+#[derive(Debug)]
+enum Outcome {
+    Answer(Answer),
+    /// `fail-<status>`, or a `flaky` failure (500).
+    Fail(StatusCode),
+    RateLimit(RetryHeader),
+    ContextTooLong,
+    /// The server shut down while the request was waiting.
+    ShuttingDown,
+}
+
+/// Applies the request's behaviour: sleeps for the slow ones, counts the flaky ones.
+async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
     let behaviour = marker(conv.last_user())
         .or_else(|| magic(&conv.model))
         .unwrap_or(Behaviour::Normal);
@@ -658,32 +709,39 @@ async fn respond(state: &Shared, conv: &Conversation) -> Response {
         Behaviour::Normal => Duration::ZERO,
         Behaviour::Slow(d) => d,
         Behaviour::Timeout => TIMEOUT_SLEEP,
-        Behaviour::Fail(status) => return failure(status, &conv.model).into_response(),
-        Behaviour::RateLimit(kind) => return rate_limited(kind, &conv.model).into_response(),
-        Behaviour::ContextTooLong => {
-            return ApiError::invalid(
-                "context_length_exceeded",
-                Some("messages"),
-                format!(
-                    "This model's maximum context length is {CONTEXT_LIMIT} tokens. However, \
-                     your messages resulted in {} tokens. Please reduce the length of the \
-                     messages.",
-                    conv.prompt_tokens().max(CONTEXT_LIMIT + 1)
-                ),
-            )
-            .into_response();
-        }
+        Behaviour::Fail(status) => return Outcome::Fail(status),
+        Behaviour::RateLimit(kind) => return Outcome::RateLimit(kind),
+        Behaviour::ContextTooLong => return Outcome::ContextTooLong,
         Behaviour::Flaky(n) => {
             if state.flaky_attempt(conv.hash()) <= n {
-                return ApiError::server_error(StatusCode::INTERNAL_SERVER_ERROR).into_response();
+                return Outcome::Fail(StatusCode::INTERNAL_SERVER_ERROR);
             }
             Duration::ZERO
         }
     };
     if !state.sleep(state.opts.latency + extra).await {
-        return ApiError::shutting_down().into_response();
+        return Outcome::ShuttingDown;
     }
-    Json(completion(conv)).into_response()
+    Outcome::Answer(Answer::new(conv))
+}
+
+async fn respond(state: &Shared, conv: &Conversation) -> Response {
+    match decide(state, conv).await {
+        Outcome::Answer(answer) => Json(completion(conv, &answer)).into_response(),
+        Outcome::Fail(status) => failure(status, &conv.model).into_response(),
+        Outcome::RateLimit(kind) => rate_limited(kind, &conv.model).into_response(),
+        Outcome::ContextTooLong => ApiError::invalid(
+            "context_length_exceeded",
+            Some("messages"),
+            format!(
+                "This model's maximum context length is {CONTEXT_LIMIT} tokens. However, your \
+                 messages resulted in {} tokens. Please reduce the length of the messages.",
+                conv.prompt_tokens().max(CONTEXT_LIMIT + 1)
+            ),
+        )
+        .into_response(),
+        Outcome::ShuttingDown => ApiError::shutting_down().into_response(),
+    }
 }
 
 fn failure(status: StatusCode, model: &str) -> ApiError {
@@ -719,11 +777,7 @@ fn failure(status: StatusCode, model: &str) -> ApiError {
 }
 
 fn rate_limited(kind: RetryHeader, model: &str) -> ApiError {
-    let (wait, header, value) = match kind {
-        RetryHeader::Seconds => ("1s", "retry-after", "1".to_owned()),
-        RetryHeader::Millis => ("200ms", "retry-after-ms", "200".to_owned()),
-        RetryHeader::Date => ("2s", "retry-after", http_date_in(2)),
-    };
+    let (wait, header, value) = retry_header(kind);
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate_limit_exceeded",
@@ -736,6 +790,15 @@ fn rate_limited(kind: RetryHeader, model: &str) -> ApiError {
     .header(header, value)
 }
 
+/// The wait a 429 asks for: (as said in the message, header name, header value).
+fn retry_header(kind: RetryHeader) -> (&'static str, &'static str, String) {
+    match kind {
+        RetryHeader::Seconds => ("1s", "retry-after", "1".to_owned()),
+        RetryHeader::Millis => ("200ms", "retry-after-ms", "200".to_owned()),
+        RetryHeader::Date => ("2s", "retry-after", http_date_in(2)),
+    }
+}
+
 /// An HTTP-date (RFC 7231 IMF-fixdate) at least `secs` seconds from now.
 fn http_date_in(secs: i64) -> String {
     let when = chrono::Utc::now() + chrono::Duration::seconds(secs);
@@ -745,30 +808,69 @@ fn http_date_in(secs: i64) -> String {
         .unwrap_or_else(|| secs.to_string())
 }
 
-/// The deterministic chat.completion body for a successful request.
-fn completion(conv: &Conversation) -> Value {
-    let echo: String = conv.last_user().chars().take(ECHO_CHARS).collect();
-    let mut content = format!("mock answer from {}: {echo}", conv.model);
-    let mut completion_tokens = tokens(&content);
-    let mut finish_reason = "stop";
-    if let Some(max) = conv.max_tokens
-        && max < completion_tokens
-    {
-        let keep = usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX);
-        content = content.chars().take(keep).collect();
-        completion_tokens = max;
-        finish_reason = "length";
+/// A successful answer, the same whatever the wire format: the content is
+/// `mock answer from <model>: ` and the first 60 characters of the last user message, cut to
+/// `max_tokens`; the token counts follow from the message lengths.
+#[derive(Debug)]
+struct Answer {
+    content: String,
+    /// Cut short by the output limit.
+    truncated: bool,
+    /// All prompt tokens, cached ones included.
+    prompt_tokens: u64,
+    /// All output tokens, reasoning ones included.
+    completion_tokens: u64,
+    cached_tokens: u64,
+    reasoning_tokens: u64,
+}
+
+impl Answer {
+    fn new(conv: &Conversation) -> Self {
+        let echo: String = conv.last_user().chars().take(ECHO_CHARS).collect();
+        let mut content = format!("mock answer from {}: {echo}", conv.model);
+        let mut completion_tokens = tokens(&content);
+        let mut truncated = false;
+        if let Some(max) = conv.max_tokens
+            && max < completion_tokens
+        {
+            let keep = usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX);
+            content = content.chars().take(keep).collect();
+            completion_tokens = max;
+            truncated = true;
+        }
+        let prompt_tokens = conv.prompt_tokens();
+        let long_system = conv.messages.iter().any(|(role, text)| {
+            (role == "system" || role == "developer")
+                && text.chars().count() >= CACHE_MIN_SYSTEM_CHARS
+        });
+        let cached_tokens = if long_system { prompt_tokens / 2 } else { 0 };
+        let reasoning_tokens = if conv.model.contains("reason") {
+            completion_tokens / 2
+        } else {
+            0
+        };
+        Self {
+            content,
+            truncated,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            reasoning_tokens,
+        }
     }
-    let prompt_tokens = conv.prompt_tokens();
-    let long_system = conv.messages.iter().any(|(role, text)| {
-        (role == "system" || role == "developer") && text.chars().count() >= CACHE_MIN_SYSTEM_CHARS
-    });
-    let cached_tokens = if long_system { prompt_tokens / 2 } else { 0 };
-    let reasoning_tokens = if conv.model.contains("reason") {
-        completion_tokens / 2
-    } else {
-        0
-    };
+}
+
+/// The chat.completion body for a successful request.
+fn completion(conv: &Conversation, answer: &Answer) -> Value {
+    let Answer {
+        content,
+        truncated,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        reasoning_tokens,
+    } = answer;
+    let finish_reason = if *truncated { "length" } else { "stop" };
     json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
@@ -789,6 +891,842 @@ fn completion(conv: &Conversation) -> Value {
         },
         "system_fingerprint": "fp_llmq_mock",
     })
+}
+
+/// Sets a header on a response; values that are not valid header text are left out.
+fn insert_header(response: &mut Response, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// The text of a message's content: a string, or the `text` of each block of an array.
+fn content_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(blocks) => Some(
+            blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+// ---- Anthropic: POST /v1/messages ---------------------------------------------------------
+
+/// The context size claimed by `context-too-long` on the Anthropic route.
+const ANTHROPIC_CONTEXT_LIMIT: u64 = 200_000;
+/// The smallest prompt size `context-too-long` reports on the Anthropic route.
+const ANTHROPIC_TOO_LONG: u64 = 250_000;
+/// Top-level fields the Messages API knows; any other gets a 400, as from the real API.
+const ANTHROPIC_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "system",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "stream",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "service_tier",
+    "container",
+    "mcp_servers",
+];
+
+/// Anthropic's `error.type` for a status.
+fn anthropic_kind(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// `{"type":"error","error":{"type","message"},"request_id"}` with a `request-id` header.
+fn anthropic_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let id = format!("req_mock{}", short_id());
+    let body = json!({
+        "type": "error",
+        "error": {"type": kind, "message": message.into()},
+        "request_id": id,
+    });
+    let mut response = (status, Json(body)).into_response();
+    insert_header(&mut response, "request-id", &id);
+    response
+}
+
+fn anthropic_failure(status: StatusCode, model: &str) -> Response {
+    let code = status.as_u16();
+    let message = match code {
+        400 => "llmq-mock fail-400: the request was rejected.".to_owned(),
+        401 => "invalid x-api-key".to_owned(),
+        403 => "Your API key does not have permission to use the specified resource.".to_owned(),
+        404 => format!("model: {model}"),
+        500 => "Internal server error".to_owned(),
+        529 => "Overloaded".to_owned(),
+        _ => format!("llmq-mock answered {code} as asked."),
+    };
+    anthropic_error(status, anthropic_kind(code), message)
+}
+
+fn anthropic_rate_limited(kind: RetryHeader) -> Response {
+    let (wait, header, value) = retry_header(kind);
+    let mut response = anthropic_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        format!(
+            "This request would exceed the rate limit for your organization (llmq-mock) of 3 \
+             requests per minute. Please try again in {wait}."
+        ),
+    );
+    insert_header(&mut response, header, &value);
+    insert_header(&mut response, "anthropic-ratelimit-requests-limit", "3");
+    insert_header(&mut response, "anthropic-ratelimit-requests-remaining", "0");
+    response
+}
+
+/// What is wrong with the request's credentials, if anything.
+fn anthropic_auth_problem(headers: &HeaderMap) -> Option<&'static str> {
+    let present = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.trim().is_empty())
+    };
+    if !present("x-api-key") {
+        Some("x-api-key header is required")
+    } else if !present("anthropic-version") {
+        Some("anthropic-version: header is required")
+    } else {
+        None
+    }
+}
+
+fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("There was an error parsing the body of your request: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("Input should be a valid dictionary".to_owned());
+    };
+    if let Some(extra) = obj.keys().find(|k| !ANTHROPIC_FIELDS.contains(&k.as_str())) {
+        return Err(format!("{extra}: Extra inputs are not permitted"));
+    }
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.trim().is_empty())
+        .ok_or("model: Field required")?;
+    let max_tokens = match obj.get("max_tokens") {
+        None | Some(Value::Null) => return Err("max_tokens: Field required".to_owned()),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or("max_tokens: Input should be a valid integer greater than or equal to 1")?,
+    };
+    let list = obj
+        .get("messages")
+        .ok_or("messages: Field required")?
+        .as_array()
+        .ok_or("messages: Input should be a valid list")?;
+    if list.is_empty() {
+        return Err("messages: at least one message is required".to_owned());
+    }
+    let mut messages = Vec::with_capacity(list.len() + 1);
+    if let Some(system) = obj.get("system").filter(|s| !s.is_null()) {
+        let text = content_text(system)
+            .ok_or("system: Input should be a valid string or a list of text blocks")?;
+        messages.push(("system".to_owned(), text));
+    }
+    for (i, m) in list.iter().enumerate() {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some(role @ ("user" | "assistant")) => role,
+            _ => {
+                return Err(format!(
+                    "messages.{i}.role: Input should be 'user' or 'assistant'"
+                ));
+            }
+        };
+        let text = m
+            .get("content")
+            .and_then(content_text)
+            .ok_or_else(|| format!("messages.{i}.content: Field required"))?;
+        messages.push((role.to_owned(), text));
+    }
+    if let Some(t) = obj.get("temperature").filter(|t| !t.is_null()) {
+        let t = t
+            .as_f64()
+            .ok_or("temperature: Input should be a valid number")?;
+        if t < 0.0 {
+            return Err("temperature: Input should be greater than or equal to 0".to_owned());
+        }
+        if t > 1.0 {
+            return Err("temperature: Input should be less than or equal to 1".to_owned());
+        }
+    }
+    Ok(Conversation {
+        model: model.to_owned(),
+        messages,
+        max_tokens: Some(max_tokens),
+    })
+}
+
+/// The Messages API body for a successful request: Anthropic's `input_tokens` leaves out the
+/// cached ones, and reasoning models answer with a thinking block before the text.
+fn anthropic_message(conv: &Conversation, answer: &Answer) -> Value {
+    let mut content = Vec::with_capacity(2);
+    if answer.reasoning_tokens > 0 {
+        content.push(json!({
+            "type": "thinking",
+            "thinking": "llmq-mock is thinking.",
+            "signature": "llmq-mock-signature",
+        }));
+    }
+    content.push(json!({"type": "text", "text": answer.content}));
+    json!({
+        "id": format!("msg_mock{}", short_id()),
+        "type": "message",
+        "role": "assistant",
+        "model": conv.model,
+        "content": content,
+        "stop_reason": if answer.truncated { "max_tokens" } else { "end_turn" },
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": answer.prompt_tokens - answer.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": answer.cached_tokens,
+            "output_tokens": answer.completion_tokens,
+            "service_tier": "standard",
+        },
+    })
+}
+
+async fn anthropic_messages(
+    State(state): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            let status = rejection.status();
+            return anthropic_error(
+                status,
+                anthropic_kind(status.as_u16()),
+                rejection.body_text(),
+            );
+        }
+    };
+    count_body_model(&state, &body);
+    if let Some(problem) = anthropic_auth_problem(&headers) {
+        return anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", problem);
+    }
+    let conv = match validate_anthropic(&body) {
+        Ok(conv) => conv,
+        Err(message) => {
+            return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        }
+    };
+    match decide(&state, &conv).await {
+        Outcome::Answer(answer) => Json(anthropic_message(&conv, &answer)).into_response(),
+        Outcome::Fail(status) => anthropic_failure(status, &conv.model),
+        Outcome::RateLimit(kind) => anthropic_rate_limited(kind),
+        Outcome::ContextTooLong => anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!(
+                "prompt is too long: {} tokens > {ANTHROPIC_CONTEXT_LIMIT} maximum",
+                conv.prompt_tokens().max(ANTHROPIC_TOO_LONG)
+            ),
+        ),
+        Outcome::ShuttingDown => anthropic_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "llmq-mock is shutting down.",
+        ),
+    }
+}
+
+// ---- Gemini: POST /v1beta/models/{model}:generateContent ----------------------------------
+
+/// The context size claimed by `context-too-long` on the Gemini route.
+const GEMINI_CONTEXT_LIMIT: u64 = 1_048_576;
+/// Top-level fields of a `generateContent` request (proto JSON also takes them in snake_case).
+const GEMINI_FIELDS: &[&str] = &[
+    "contents",
+    "systemInstruction",
+    "generationConfig",
+    "safetySettings",
+    "tools",
+    "toolConfig",
+    "cachedContent",
+    "labels",
+];
+/// Fields of `generationConfig`.
+const GEMINI_CONFIG_FIELDS: &[&str] = &[
+    "maxOutputTokens",
+    "temperature",
+    "topP",
+    "topK",
+    "candidateCount",
+    "stopSequences",
+    "seed",
+    "presencePenalty",
+    "frequencyPenalty",
+    "responseMimeType",
+    "responseSchema",
+    "responseJsonSchema",
+    "responseModalities",
+    "responseLogprobs",
+    "logprobs",
+    "thinkingConfig",
+    "mediaResolution",
+    "speechConfig",
+];
+
+/// `system_instruction` → `systemInstruction`: proto JSON accepts both spellings.
+fn camel(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = false;
+    for c in name.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The object's fields under their camelCase names; the first unknown one is an error.
+fn proto_fields(
+    obj: serde_json::Map<String, Value>,
+    known: &[&str],
+    at: &str,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let mut out = serde_json::Map::with_capacity(obj.len());
+    for (key, value) in obj {
+        let name = camel(&key);
+        if !known.contains(&name.as_str()) {
+            return Err(format!(
+                "Invalid JSON payload received. Unknown name \"{key}\"{at}: Cannot find field."
+            ));
+        }
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// Google's canonical status for an HTTP status.
+fn google_status(status: u16) -> &'static str {
+    match status {
+        400 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        409 => "ABORTED",
+        429 => "RESOURCE_EXHAUSTED",
+        499 => "CANCELLED",
+        500 => "INTERNAL",
+        501 => "UNIMPLEMENTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        402..=498 => "FAILED_PRECONDITION",
+        _ => "UNKNOWN",
+    }
+}
+
+/// `{"error":{"code","message","status","details"?}}`.
+fn google_error(status: StatusCode, message: impl Into<String>, details: Vec<Value>) -> Response {
+    let mut error = json!({
+        "code": status.as_u16(),
+        "message": message.into(),
+        "status": google_status(status.as_u16()),
+    });
+    if !details.is_empty() {
+        error["details"] = Value::Array(details);
+    }
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+fn gemini_failure(status: StatusCode, model: &str) -> Response {
+    let code = status.as_u16();
+    let message = match code {
+        400 => "Request contains an invalid argument.".to_owned(),
+        401 => "Request had invalid authentication credentials.".to_owned(),
+        403 => "The caller does not have permission".to_owned(),
+        404 => format!(
+            "models/{model} is not found for API version v1beta, or is not supported for \
+             generateContent. Call ListModels to see the list of available models and their \
+             supported methods."
+        ),
+        500 => "An internal error has occurred. Please retry or report in \
+                https://developers.generativeai.google/guide/troubleshooting"
+            .to_owned(),
+        503 => "The model is overloaded. Please try again later.".to_owned(),
+        504 => "The request timed out. Please try again.".to_owned(),
+        _ => format!("llmq-mock answered {code} as asked."),
+    };
+    google_error(status, message, Vec::new())
+}
+
+/// 429 RESOURCE_EXHAUSTED with the wait in a `RetryInfo` detail, as Gemini sends it; only
+/// `rate-limit-date` also has a `Retry-After` header.
+fn gemini_rate_limited(kind: RetryHeader, model: &str) -> Response {
+    let (wait, header, value) = retry_header(kind);
+    let delay = match kind {
+        RetryHeader::Seconds => "1s",
+        RetryHeader::Millis => "0.200s",
+        RetryHeader::Date => "2s",
+    };
+    let details = vec![
+        json!({
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                "quotaDimensions": {"location": "global", "model": model},
+                "quotaValue": "3",
+            }],
+        }),
+        json!({
+            "@type": "type.googleapis.com/google.rpc.Help",
+            "links": [{
+                "description": "Learn more about Gemini API quotas",
+                "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+            }],
+        }),
+        json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}),
+    ];
+    let mut response = google_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "You exceeded your current quota, please check your plan and billing details. \
+             (llmq-mock: 3 requests per minute for {model}.) Please retry in {wait}."
+        ),
+        details,
+    );
+    if kind == RetryHeader::Date {
+        insert_header(&mut response, header, &value);
+    }
+    response
+}
+
+/// True when a non-empty key comes in `x-goog-api-key` or `?key=`.
+fn gemini_authorized(headers: &HeaderMap, uri: &Uri) -> bool {
+    let in_header = headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().is_empty());
+    let in_query = uri.query().is_some_and(|q| {
+        q.split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .any(|(name, value)| name == "key" && !value.is_empty())
+    });
+    in_header || in_query
+}
+
+/// The text of a `Content`'s parts; `None` when it has none.
+fn parts_text(content: &Value) -> Option<String> {
+    let parts = content.get("parts")?.as_array().filter(|p| !p.is_empty())?;
+    Some(
+        parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+    )
+}
+
+fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid JSON payload received. {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("Invalid JSON payload received. Expected an object.".to_owned());
+    };
+    let obj = proto_fields(obj, GEMINI_FIELDS, "")?;
+    let contents = obj
+        .get("contents")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+        .ok_or("* GenerateContentRequest.contents: contents is not specified\n")?;
+    let mut messages = Vec::with_capacity(contents.len() + 1);
+    if let Some(system) = obj.get("systemInstruction") {
+        let text = parts_text(system).ok_or(
+            "* GenerateContentRequest.system_instruction.parts: contents.parts must not be \
+             empty.\n",
+        )?;
+        messages.push(("system".to_owned(), text));
+    }
+    for (i, content) in contents.iter().enumerate() {
+        let role = match content.get("role").and_then(Value::as_str) {
+            None | Some("" | "user") => "user",
+            Some("model") => "assistant",
+            Some(_) => return Err("Please use a valid role: user, model.".to_owned()),
+        };
+        let text = parts_text(content).ok_or_else(|| {
+            format!(
+                "* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty.\n"
+            )
+        })?;
+        messages.push((role.to_owned(), text));
+    }
+    let mut max_tokens = None;
+    if let Some(config) = obj.get("generationConfig").filter(|c| !c.is_null()) {
+        let Value::Object(config) = config.clone() else {
+            return Err(
+                "Invalid JSON payload received. 'generation_config' must be an object.".to_owned(),
+            );
+        };
+        let config = proto_fields(config, GEMINI_CONFIG_FIELDS, " at 'generation_config'")?;
+        if let Some(t) = config.get("temperature").filter(|t| !t.is_null())
+            && !t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t))
+        {
+            return Err(
+                "* GenerateContentRequest.generation_config.temperature: must be in the range \
+                 [0.0, 2.0]\n"
+                    .to_owned(),
+            );
+        }
+        if let Some(max) = config.get("maxOutputTokens").filter(|m| !m.is_null()) {
+            let max = max
+                .as_u64()
+                .or_else(|| max.as_str().and_then(|s| s.parse().ok()))
+                .filter(|m| *m >= 1)
+                .ok_or(
+                    "* GenerateContentRequest.generation_config.max_output_tokens: must be a \
+                     positive integer\n",
+                )?;
+            max_tokens = Some(max);
+        }
+    }
+    Ok(Conversation {
+        model: model.to_owned(),
+        messages,
+        max_tokens,
+    })
+}
+
+/// `usageMetadata` leaves out zero counts; `candidatesTokenCount` excludes thoughts.
+fn gemini_response(conv: &Conversation, answer: &Answer) -> Value {
+    let thoughts = answer.reasoning_tokens;
+    let mut usage = json!({
+        "promptTokenCount": answer.prompt_tokens,
+        "candidatesTokenCount": answer.completion_tokens - thoughts,
+        "totalTokenCount": answer.prompt_tokens + answer.completion_tokens,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": answer.prompt_tokens}],
+    });
+    if answer.cached_tokens > 0 {
+        usage["cachedContentTokenCount"] = json!(answer.cached_tokens);
+    }
+    if thoughts > 0 {
+        usage["thoughtsTokenCount"] = json!(thoughts);
+    }
+    json!({
+        "candidates": [{
+            "content": {"parts": [{"text": answer.content}], "role": "model"},
+            "finishReason": if answer.truncated { "MAX_TOKENS" } else { "STOP" },
+            "index": 0,
+        }],
+        "usageMetadata": usage,
+        "modelVersion": conv.model,
+        "responseId": short_id(),
+    })
+}
+
+/// A prompt refused by the safety filters: no candidates at all.
+fn gemini_blocked(conv: &Conversation) -> Value {
+    let prompt_tokens = conv.prompt_tokens();
+    json!({
+        "promptFeedback": {
+            "blockReason": "SAFETY",
+            "safetyRatings": [{
+                "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                "probability": "HIGH",
+                "blocked": true,
+            }],
+        },
+        "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
+        "modelVersion": conv.model,
+        "responseId": short_id(),
+    })
+}
+
+async fn gemini_generate(
+    State(state): State<Arc<Shared>>,
+    Path(rest): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let (model, method) = rest.split_once(':').unwrap_or((rest.as_str(), ""));
+    if !model.is_empty() {
+        state.count(model);
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            return google_error(rejection.status(), rejection.body_text(), Vec::new());
+        }
+    };
+    if !gemini_authorized(&headers, &uri) {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "Method doesn't allow unregistered callers (callers without established identity). \
+             Please use API Key or other form of API consumer identity to call this API.",
+            Vec::new(),
+        );
+    }
+    if method != "generateContent" || model.is_empty() {
+        return google_error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "llmq-mock serves only models/<model>:generateContent, not {}",
+                uri.path()
+            ),
+            Vec::new(),
+        );
+    }
+    let conv = match validate_gemini(model, &body) {
+        Ok(conv) => conv,
+        Err(message) => return google_error(StatusCode::BAD_REQUEST, message, Vec::new()),
+    };
+    if conv.named("blocked") {
+        return Json(gemini_blocked(&conv)).into_response();
+    }
+    match decide(&state, &conv).await {
+        Outcome::Answer(answer) => Json(gemini_response(&conv, &answer)).into_response(),
+        Outcome::Fail(status) => gemini_failure(status, &conv.model),
+        Outcome::RateLimit(kind) => gemini_rate_limited(kind, &conv.model),
+        Outcome::ContextTooLong => google_error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "The input token count ({}) exceeds the maximum number of tokens allowed \
+                 ({GEMINI_CONTEXT_LIMIT}).",
+                conv.prompt_tokens().max(GEMINI_CONTEXT_LIMIT + 1)
+            ),
+            Vec::new(),
+        ),
+        Outcome::ShuttingDown => google_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "llmq-mock is shutting down.",
+            Vec::new(),
+        ),
+    }
+}
+
+// ---- Ollama: POST /api/chat ---------------------------------------------------------------
+
+/// `{"error": "..."}`.
+fn ollama_error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+fn ollama_not_found(model: &str) -> Response {
+    ollama_error(
+        StatusCode::NOT_FOUND,
+        format!("model \"{model}\" not found, try pulling it first"),
+    )
+}
+
+fn ollama_failure(status: StatusCode, model: &str) -> Response {
+    let code = status.as_u16();
+    if code == 404 {
+        return ollama_not_found(model);
+    }
+    let message = match code {
+        400 => "llmq-mock fail-400: invalid request".to_owned(),
+        401 => "unauthorized".to_owned(),
+        500 => "llama runner process has terminated: exit status 2".to_owned(),
+        503 => "server busy, please try again.  maximum pending requests exceeded".to_owned(),
+        _ => format!("llmq-mock answered {code} as asked."),
+    };
+    ollama_error(status, message)
+}
+
+fn ollama_rate_limited(kind: RetryHeader) -> Response {
+    let (wait, header, value) = retry_header(kind);
+    let mut response = ollama_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("too many requests, please retry in {wait}"),
+    );
+    insert_header(&mut response, header, &value);
+    response
+}
+
+/// The conversation and whether to stream (Ollama streams unless told `"stream": false`).
+fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("json: cannot unmarshal into Go value of type api.ChatRequest".to_owned());
+    };
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.trim().is_empty())
+        .ok_or("model is required")?;
+    let list = match obj.get("messages") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list.clone(),
+        Some(_) => {
+            return Err(
+                "json: cannot unmarshal into Go struct field ChatRequest.messages".to_owned(),
+            );
+        }
+    };
+    let mut messages = Vec::with_capacity(list.len());
+    for m in &list {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
+        if !matches!(role, "system" | "user" | "assistant" | "tool") {
+            return Err(format!("invalid role: {role:?}"));
+        }
+        let content = match m.get("content") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => {
+                return Err(
+                    "json: cannot unmarshal into Go struct field Message.messages.content of \
+                     type string"
+                        .to_owned(),
+                );
+            }
+        };
+        messages.push((role.to_owned(), content));
+    }
+    let mut max_tokens = None;
+    match obj.get("options") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(options)) => {
+            if let Some(n) = options.get("num_predict").and_then(Value::as_i64) {
+                max_tokens = u64::try_from(n).ok();
+            }
+        }
+        Some(_) => {
+            return Err(
+                "json: cannot unmarshal into Go struct field ChatRequest.options".to_owned(),
+            );
+        }
+    }
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(
+                "json: cannot unmarshal into Go struct field ChatRequest.stream".to_owned(),
+            );
+        }
+    };
+    Ok((
+        Conversation {
+            model: model.to_owned(),
+            messages,
+            max_tokens,
+        },
+        stream,
+    ))
+}
+
+/// The final chat object: Ollama has no cached-token count; a thinking model's thoughts come
+/// in `message.thinking`.
+fn ollama_done(conv: &Conversation, answer: &Answer, content: &str) -> Value {
+    let mut message = json!({"role": "assistant", "content": content});
+    if answer.reasoning_tokens > 0 {
+        message["thinking"] = json!("llmq-mock is thinking.");
+    }
+    json!({
+        "model": conv.model,
+        "created_at": chrono::Utc::now().to_rfc3339(),
+        "message": message,
+        "done_reason": if answer.truncated { "length" } else { "stop" },
+        "done": true,
+        "total_duration": 1_000_000,
+        "load_duration": 100_000,
+        "prompt_eval_count": answer.prompt_tokens,
+        "prompt_eval_duration": 200_000,
+        "eval_count": answer.completion_tokens,
+        "eval_duration": 700_000,
+    })
+}
+
+/// A streamed answer: one NDJSON chunk with the content, then the final object.
+fn ollama_stream(conv: &Conversation, answer: &Answer) -> Response {
+    let chunk = json!({
+        "model": conv.model,
+        "created_at": chrono::Utc::now().to_rfc3339(),
+        "message": {"role": "assistant", "content": answer.content},
+        "done": false,
+    });
+    let body = format!("{chunk}\n{}\n", ollama_done(conv, answer, ""));
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+async fn ollama_chat(
+    State(state): State<Arc<Shared>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return ollama_error(rejection.status(), rejection.body_text()),
+    };
+    count_body_model(&state, &body);
+    let (conv, stream) = match validate_ollama(&body) {
+        Ok(parsed) => parsed,
+        Err(message) => return ollama_error(StatusCode::BAD_REQUEST, message),
+    };
+    if conv.named("missing") {
+        return ollama_not_found(&conv.model);
+    }
+    if conv.messages.is_empty() {
+        // No messages only loads the model.
+        return Json(json!({
+            "model": conv.model,
+            "created_at": chrono::Utc::now().to_rfc3339(),
+            "message": {"role": "assistant", "content": ""},
+            "done_reason": "load",
+            "done": true,
+        }))
+        .into_response();
+    }
+    match decide(&state, &conv).await {
+        Outcome::Answer(answer) if stream => ollama_stream(&conv, &answer),
+        Outcome::Answer(answer) => {
+            Json(ollama_done(&conv, &answer, &answer.content)).into_response()
+        }
+        Outcome::Fail(status) => ollama_failure(status, &conv.model),
+        Outcome::RateLimit(kind) => ollama_rate_limited(kind),
+        Outcome::ContextTooLong => ollama_error(
+            StatusCode::BAD_REQUEST,
+            "the input length exceeds the context length",
+        ),
+        Outcome::ShuttingDown => ollama_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "llmq-mock is shutting down",
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -829,12 +1767,24 @@ mod tests {
         auth: Option<&str>,
         body: Option<&str>,
     ) -> HttpResponse {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+        http_with(server, method, path, &headers, body).await
+    }
+
+    /// One raw HTTP/1.1 request with these headers and `Connection: close`.
+    async fn http_with(
+        server: &MockServer,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&str>,
+    ) -> HttpResponse {
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             server.addr()
         );
-        if let Some(auth) = auth {
-            req.push_str(&format!("Authorization: {auth}\r\n"));
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
         }
         let body = body.unwrap_or("");
         if method == "POST" {
@@ -1380,6 +2330,550 @@ mod tests {
         }
     }
 
+    // ---- Anthropic route ----
+
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+
+    const ANTHROPIC_HEADERS: &[(&str, &str)] = &[
+        ("x-api-key", "sk-ant-test"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+
+    async fn messages(server: &MockServer, body: &Value) -> HttpResponse {
+        http_with(
+            server,
+            "POST",
+            "/v1/messages",
+            ANTHROPIC_HEADERS,
+            Some(&body.to_string()),
+        )
+        .await
+    }
+
+    fn ask_anthropic(model: &str, prompt: &str) -> Value {
+        json!({"model": model, "max_tokens": 1024,
+               "messages": [{"role": "user", "content": prompt}]})
+    }
+
+    fn assert_anthropic_error(resp: &HttpResponse, status: u16, kind: &str) -> String {
+        assert_eq!(resp.status, status, "{}", resp.body);
+        let v = resp.json();
+        assert_eq!(v["type"], "error", "{v}");
+        assert_eq!(v["error"]["type"], kind, "{v}");
+        assert!(resp.header("request-id").is_some());
+        let message = v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(!message.is_empty(), "{v}");
+        message
+    }
+
+    #[tokio::test]
+    async fn anthropic_success_has_messages_shape_and_usage() {
+        let s = server().await;
+        let system = "s".repeat(400); // 100 tokens
+        let resp = messages(
+            &s,
+            &json!({"model": "claude-reason", "max_tokens": 1024, "system": system,
+                    "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]}),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        let v = resp.json();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["role"], "assistant");
+        assert_eq!(v["stop_reason"], "end_turn");
+        // The thinking block comes first; the text is the usual answer.
+        assert_eq!(v["content"][0]["type"], "thinking");
+        assert_eq!(v["content"][1]["type"], "text");
+        let text = "mock answer from claude-reason: hello";
+        assert_eq!(v["content"][1]["text"], text);
+        // prompt = (100 + 3) + (2 + 3) = 108, half cached; input_tokens leaves them out.
+        let u = &v["usage"];
+        assert_eq!(u["cache_read_input_tokens"], 54);
+        assert_eq!(u["input_tokens"], 54);
+        assert_eq!(u["cache_creation_input_tokens"], 0);
+        assert_eq!(u["output_tokens"], tokens(text));
+
+        let mut body = ask_anthropic("claude-x", "a fairly long prompt to cut");
+        body["max_tokens"] = json!(2);
+        let v = messages(&s, &body).await.json();
+        assert_eq!(v["stop_reason"], "max_tokens");
+        assert_eq!(v["content"].as_array().map(Vec::len), Some(1));
+        assert_eq!(v["content"][0]["text"], "mock ans");
+        assert_eq!(v["usage"]["output_tokens"], 2);
+        assert_eq!(v["usage"]["cache_read_input_tokens"], 0);
+    }
+
+    #[tokio::test]
+    async fn anthropic_needs_a_key_and_a_version() {
+        let s = server().await;
+        let body = ask_anthropic("claude-x", "hi").to_string();
+        for headers in [
+            &[][..],
+            &[("anthropic-version", "2023-06-01")][..],
+            &[("x-api-key", " "), ("anthropic-version", "2023-06-01")][..],
+            &[("x-api-key", "sk-ant")][..],
+            // A bearer token is not Anthropic's auth.
+            &[
+                ("Authorization", "Bearer sk"),
+                ("anthropic-version", "2023-06-01"),
+            ][..],
+        ] {
+            let resp = http_with(&s, "POST", "/v1/messages", headers, Some(&body)).await;
+            assert_anthropic_error(&resp, 401, "authentication_error");
+        }
+    }
+
+    #[tokio::test]
+    async fn anthropic_errors_have_anthropic_shape() {
+        let s = server().await;
+        for (model, status, kind) in [
+            ("fail-500", 500, "api_error"),
+            ("fail-529", 529, "overloaded_error"),
+            ("fail-503", 503, "api_error"),
+            ("fail-400", 400, "invalid_request_error"),
+            ("fail-401", 401, "authentication_error"),
+            ("fail-403", 403, "permission_error"),
+            ("fail-404", 404, "not_found_error"),
+        ] {
+            let resp = messages(&s, &ask_anthropic(model, "hi")).await;
+            assert_anthropic_error(&resp, status, kind);
+        }
+        let resp = messages(&s, &ask_anthropic("context-too-long", "hi")).await;
+        let msg = assert_anthropic_error(&resp, 400, "invalid_request_error");
+        assert_eq!(msg, "prompt is too long: 250000 tokens > 200000 maximum");
+
+        let resp = messages(&s, &ask_anthropic("rate-limit", "hi")).await;
+        assert_anthropic_error(&resp, 429, "rate_limit_error");
+        assert_eq!(resp.header("retry-after"), Some("1"));
+        assert_eq!(
+            resp.header("anthropic-ratelimit-requests-remaining"),
+            Some("0")
+        );
+        let resp = messages(&s, &ask_anthropic("rate-limit-ms", "hi")).await;
+        assert_eq!(resp.header("retry-after-ms"), Some("200"));
+
+        // Markers and flaky work here too.
+        let resp = messages(&s, &ask_anthropic("claude-x", "x [[mock:fail-529]]")).await;
+        assert_eq!(resp.status, 529);
+        let statuses = [
+            messages(&s, &ask_anthropic("flaky-1", "conv")).await.status,
+            messages(&s, &ask_anthropic("flaky-1", "conv")).await.status,
+        ];
+        assert_eq!(statuses, [500, 200]);
+    }
+
+    #[tokio::test]
+    async fn anthropic_requests_are_validated() {
+        let s = server().await;
+        let cases = [
+            (
+                json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+                "max_tokens: Field required",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5}),
+                "messages: Field required",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "messages": []}),
+                "messages: at least one message is required",
+            ),
+            (
+                json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+                "model: Field required",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 5,
+                    "messages": [{"role": "user", "content": "x"}]}),
+                "max_completion_tokens: Extra inputs are not permitted",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5, "temperature": 1.5,
+                    "messages": [{"role": "user", "content": "x"}]}),
+                "temperature: Input should be less than or equal to 1",
+            ),
+            (
+                json!({"model": "m", "max_tokens": 5,
+                    "messages": [{"role": "system", "content": "x"}]}),
+                "messages.0.role: Input should be 'user' or 'assistant'",
+            ),
+        ];
+        for (body, want) in cases {
+            let resp = messages(&s, &body).await;
+            let msg = assert_anthropic_error(&resp, 400, "invalid_request_error");
+            assert_eq!(msg, want, "{body}");
+        }
+        let resp = http_with(&s, "POST", "/v1/messages", ANTHROPIC_HEADERS, Some("{nope")).await;
+        assert_anthropic_error(&resp, 400, "invalid_request_error");
+    }
+
+    // ---- Gemini route ----
+
+    async fn generate(server: &MockServer, model: &str, body: &Value) -> HttpResponse {
+        http_with(
+            server,
+            "POST",
+            &format!("/v1beta/models/{model}:generateContent"),
+            &[("x-goog-api-key", "AIza-test")],
+            Some(&body.to_string()),
+        )
+        .await
+    }
+
+    fn ask_gemini(prompt: &str) -> Value {
+        json!({"contents": [{"role": "user", "parts": [{"text": prompt}]}]})
+    }
+
+    fn assert_google_error(resp: &HttpResponse, code: u16, status: &str) -> Value {
+        assert_eq!(resp.status, code, "{}", resp.body);
+        let v = resp.json();
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert_eq!(v["error"]["status"], status, "{v}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        v["error"].clone()
+    }
+
+    #[tokio::test]
+    async fn gemini_success_has_generate_content_shape_and_usage() {
+        let s = server().await;
+        let system = "s".repeat(400);
+        let body = json!({
+            "systemInstruction": {"parts": [{"text": system}]},
+            "contents": [{"role": "user", "parts": [{"text": "hel"}, {"text": "lo"}]}],
+            "generationConfig": {"temperature": 0.2},
+        });
+        let v = generate(&s, "gemini-reason", &body).await.json();
+        let text = "mock answer from gemini-reason: hello";
+        assert_eq!(v["candidates"][0]["content"]["parts"][0]["text"], text);
+        assert_eq!(v["candidates"][0]["content"]["role"], "model");
+        assert_eq!(v["candidates"][0]["finishReason"], "STOP");
+        let u = &v["usageMetadata"];
+        let out = tokens(text);
+        assert_eq!(u["promptTokenCount"], 108);
+        assert_eq!(u["cachedContentTokenCount"], 54);
+        assert_eq!(u["thoughtsTokenCount"], out / 2);
+        assert_eq!(u["candidatesTokenCount"], out - out / 2);
+        assert_eq!(u["totalTokenCount"], 108 + out);
+
+        // Zero counts are left out, as Gemini does; snake_case fields are accepted.
+        let body = json!({"contents": [{"parts": [{"text": "a long enough prompt"}]}],
+                          "generation_config": {"max_output_tokens": 2}});
+        let v = generate(&s, "gemini-2.5-flash", &body).await.json();
+        assert_eq!(v["candidates"][0]["finishReason"], "MAX_TOKENS");
+        assert_eq!(
+            v["candidates"][0]["content"]["parts"][0]["text"],
+            "mock ans"
+        );
+        let u = v["usageMetadata"].as_object().unwrap();
+        assert_eq!(u["candidatesTokenCount"], 2);
+        assert!(
+            !u.contains_key("cachedContentTokenCount") && !u.contains_key("thoughtsTokenCount")
+        );
+        // The v1 path works too.
+        let resp = http_with(
+            &s,
+            "POST",
+            "/v1/models/g:generateContent?key=k",
+            &[],
+            Some(&ask_gemini("x").to_string()),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+
+    #[tokio::test]
+    async fn gemini_takes_the_key_from_header_or_query() {
+        let s = server().await;
+        let body = ask_gemini("hi").to_string();
+        let path = "/v1beta/models/g:generateContent";
+        let resp = http_with(&s, "POST", path, &[], Some(&body)).await;
+        assert_google_error(&resp, 403, "PERMISSION_DENIED");
+        let resp = http_with(&s, "POST", &format!("{path}?key="), &[], Some(&body)).await;
+        assert_google_error(&resp, 403, "PERMISSION_DENIED");
+        let resp = http_with(
+            &s,
+            "POST",
+            &format!("{path}?alt=json&key=AIza"),
+            &[],
+            Some(&body),
+        )
+        .await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        let resp = http_with(&s, "POST", path, &[("x-goog-api-key", "AIza")], Some(&body)).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+
+    #[tokio::test]
+    async fn gemini_errors_have_google_shape() {
+        let s = server().await;
+        for (model, code, status) in [
+            ("fail-500", 500, "INTERNAL"),
+            ("fail-503", 503, "UNAVAILABLE"),
+            ("fail-400", 400, "INVALID_ARGUMENT"),
+            ("fail-401", 401, "UNAUTHENTICATED"),
+            ("fail-404", 404, "NOT_FOUND"),
+        ] {
+            let resp = generate(&s, model, &ask_gemini("hi")).await;
+            assert_google_error(&resp, code, status);
+        }
+        let resp = generate(&s, "context-too-long", &ask_gemini("hi")).await;
+        let e = assert_google_error(&resp, 400, "INVALID_ARGUMENT");
+        assert_eq!(
+            e["message"],
+            "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."
+        );
+        // Rate limits: the wait is in a RetryInfo detail, without Retry-After.
+        for (model, delay) in [
+            ("rate-limit", "1s"),
+            ("rate-limit-ms", "0.200s"),
+            ("rate-limit-date", "2s"),
+        ] {
+            let resp = generate(&s, model, &ask_gemini("hi")).await;
+            let e = assert_google_error(&resp, 429, "RESOURCE_EXHAUSTED");
+            let info = e["details"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|d| d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
+                .unwrap();
+            assert_eq!(info["retryDelay"], delay);
+            assert!(resp.header("retry-after-ms").is_none());
+            assert_eq!(
+                resp.header("retry-after").is_some(),
+                model == "rate-limit-date",
+                "{model}"
+            );
+        }
+        // Blocked: 200 with promptFeedback and no candidates, by model or marker.
+        for (model, prompt) in [("blocked", "hi"), ("gemini-x", "[[mock:blocked]] hi")] {
+            let v = generate(&s, model, &ask_gemini(prompt)).await.json();
+            assert_eq!(v["promptFeedback"]["blockReason"], "SAFETY", "{v}");
+            assert!(v.get("candidates").is_none(), "{v}");
+        }
+    }
+
+    #[tokio::test]
+    async fn gemini_requests_are_validated() {
+        let s = server().await;
+        for body in [
+            json!({}),
+            json!({"contents": []}),
+            json!({"contents": [{"role": "user", "parts": []}]}),
+            json!({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}),
+            json!({"contents": [{"parts": [{"text": "x"}]}], "max_tokens": 5}),
+            json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"max_tokens": 5}}),
+            json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"temperature": 2.5}}),
+        ] {
+            let resp = generate(&s, "g", &body).await;
+            assert_google_error(&resp, 400, "INVALID_ARGUMENT");
+        }
+        let resp = http_with(
+            &s,
+            "POST",
+            "/v1beta/models/g:streamGenerateContent",
+            &[("x-goog-api-key", "k")],
+            Some("{}"),
+        )
+        .await;
+        assert_google_error(&resp, 404, "NOT_FOUND");
+    }
+
+    // ---- Ollama route ----
+
+    async fn ollama(server: &MockServer, body: &Value) -> HttpResponse {
+        http_with(server, "POST", "/api/chat", &[], Some(&body.to_string())).await
+    }
+
+    fn ask_ollama(model: &str, prompt: &str) -> Value {
+        json!({"model": model, "stream": false,
+               "messages": [{"role": "user", "content": prompt}]})
+    }
+
+    fn assert_ollama_error(resp: &HttpResponse, status: u16) -> String {
+        assert_eq!(resp.status, status, "{}", resp.body);
+        let v = resp.json();
+        assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+        v["error"].as_str().unwrap().to_owned()
+    }
+
+    #[tokio::test]
+    async fn ollama_success_has_chat_shape_and_counts() {
+        let s = server().await;
+        let body = json!({"model": "qwen-reason", "stream": false, "messages": [
+            {"role": "system", "content": "s".repeat(400)},
+            {"role": "user", "content": "hello"}]});
+        let v = ollama(&s, &body).await.json();
+        let text = "mock answer from qwen-reason: hello";
+        assert_eq!(v["message"]["role"], "assistant");
+        assert_eq!(v["message"]["content"], text);
+        assert!(v["message"]["thinking"].is_string());
+        assert_eq!(v["done"], true);
+        assert_eq!(v["done_reason"], "stop");
+        assert_eq!(v["prompt_eval_count"], 108);
+        assert_eq!(v["eval_count"], tokens(text));
+
+        let mut body = ask_ollama("llama3", "a long enough prompt");
+        body["options"] = json!({"num_predict": 2, "temperature": 0.1});
+        let v = ollama(&s, &body).await.json();
+        assert_eq!(v["done_reason"], "length");
+        assert_eq!(v["message"]["content"], "mock ans");
+        assert_eq!(v["eval_count"], 2);
+        assert!(v["message"].get("thinking").is_none());
+    }
+
+    #[tokio::test]
+    async fn ollama_streams_unless_told_not_to() {
+        let s = server().await;
+        let body = json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]});
+        let resp = ollama(&s, &body).await;
+        assert_eq!(resp.status, 200);
+        assert_eq!(resp.header("content-type"), Some("application/x-ndjson"));
+        let lines: Vec<Value> = resp
+            .body
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["done"], false);
+        assert_eq!(
+            lines[0]["message"]["content"],
+            "mock answer from llama3: hi"
+        );
+        assert_eq!(lines[1]["done"], true);
+        assert!(lines[1]["eval_count"].as_u64().is_some());
+        // No messages only loads the model.
+        let v = ollama(&s, &json!({"model": "llama3", "stream": false}))
+            .await
+            .json();
+        assert_eq!(v["done_reason"], "load");
+    }
+
+    #[tokio::test]
+    async fn ollama_errors_are_plain_strings() {
+        let s = server().await;
+        let msg = assert_ollama_error(&ollama(&s, &ask_ollama("missing", "hi")).await, 404);
+        assert_eq!(msg, "model \"missing\" not found, try pulling it first");
+        let msg = assert_ollama_error(&ollama(&s, &ask_ollama("fail-404", "hi")).await, 404);
+        assert_eq!(msg, "model \"fail-404\" not found, try pulling it first");
+        for (model, status) in [
+            ("fail-500", 500),
+            ("fail-503", 503),
+            ("fail-400", 400),
+            ("fail-401", 401),
+        ] {
+            assert_ollama_error(&ollama(&s, &ask_ollama(model, "hi")).await, status);
+        }
+        let msg = assert_ollama_error(
+            &ollama(&s, &ask_ollama("context-too-long", "hi")).await,
+            400,
+        );
+        assert_eq!(msg, "the input length exceeds the context length");
+        let resp = ollama(&s, &ask_ollama("rate-limit", "hi")).await;
+        assert_ollama_error(&resp, 429);
+        assert_eq!(resp.header("retry-after"), Some("1"));
+        let msg = assert_ollama_error(&ollama(&s, &json!({"messages": []})).await, 400);
+        assert_eq!(msg, "model is required");
+        assert_ollama_error(
+            &http_with(&s, "POST", "/api/chat", &[], Some("nope")).await,
+            400,
+        );
+    }
+
+    #[tokio::test]
+    async fn calls_are_counted_on_every_route() {
+        let s = server().await;
+        chat(&s, &ask("m", "a")).await;
+        messages(&s, &ask_anthropic("m", "b")).await;
+        generate(&s, "m", &ask_gemini("c")).await;
+        ollama(&s, &ask_ollama("m", "d")).await;
+        // Failures and unauthenticated requests count too.
+        http_with(
+            &s,
+            "POST",
+            "/v1/messages",
+            &[],
+            Some(&ask_anthropic("m", "e").to_string()),
+        )
+        .await;
+        http_with(
+            &s,
+            "POST",
+            "/v1beta/models/m:generateContent",
+            &[],
+            Some("{}"),
+        )
+        .await;
+        ollama(&s, &ask_ollama("fail-500", "f")).await;
+        assert_eq!(s.calls("m"), 6);
+        assert_eq!(s.calls("fail-500"), 1);
+        assert_eq!(s.total_calls(), 7);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_hanging_requests_on_every_route() {
+        let s = server().await;
+        let hanging: [(&str, Headers<'_>, Value); 3] = [
+            (
+                "/v1/messages",
+                ANTHROPIC_HEADERS,
+                ask_anthropic("timeout", "a"),
+            ),
+            (
+                "/v1beta/models/timeout:generateContent",
+                &[("x-goog-api-key", "k")],
+                ask_gemini("b"),
+            ),
+            ("/api/chat", &[], ask_ollama("timeout", "c")),
+        ];
+        let addr = s.addr();
+        let mut clients = Vec::new();
+        for (path, headers, body) in hanging {
+            let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+            for (n, v) in headers {
+                req.push_str(&format!("{n}: {v}\r\n"));
+            }
+            let body = body.to_string();
+            req.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ));
+            clients.push(tokio::spawn(async move {
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                stream.write_all(req.as_bytes()).await.unwrap();
+                let mut raw = String::new();
+                stream.read_to_string(&mut raw).await.unwrap();
+                raw
+            }));
+        }
+        let start = Instant::now();
+        while s.calls("timeout") < 3 {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "requests never arrived"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::timeout(Duration::from_secs(3), s.shutdown())
+            .await
+            .unwrap();
+        for client in clients {
+            let raw = tokio::time::timeout(Duration::from_secs(3), client)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+        }
+    }
+
     #[test]
     fn magic_names_parse() {
         assert_eq!(magic("slow"), Some(Behaviour::Slow(Duration::from_secs(2))));
@@ -1401,5 +2895,7 @@ mod tests {
             Some(Behaviour::Timeout)
         );
         assert_eq!(marker("[[mock:slow-20"), None);
+        assert_eq!(camel("system_instruction"), "systemInstruction");
+        assert_eq!(camel("generationConfig"), "generationConfig");
     }
 }

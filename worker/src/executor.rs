@@ -1,7 +1,8 @@
 //! Runs one task: validate, route, call the provider, and decide what happens next.
 //!
-//! Nothing here touches Redis or Postgres: the result is a [`Finished`] that the finisher
-//! writes (ledger first, then one Lua call for a whole batch).
+//! Outcomes are not written here: the result is a [`Finished`] that the finisher writes
+//! (ledger first, then one Lua call for a whole batch). Only quota and cooldown state is
+//! read and written as calls are made.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,16 +14,45 @@ use llmq_shared::ledger::{CallRow, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Request;
 use llmq_shared::queue::{Delivery, Finish, FinishKind, now_ms};
+use llmq_shared::quota::{Decision, Limiter};
 use tokio_util::sync::CancellationToken;
 
-use crate::router::Router;
+use crate::router::{Candidate, Plan, Router};
 
 /// Rate-limit waits a task may take without using up attempts; past this they count.
 pub const MAX_SNOOZES: u32 = 20;
 
+/// Retry-After waits within one provider before moving on to the next.
+const MAX_RATE_WAITS: u32 = 3;
+
+/// What trying a plan came to.
+struct PlanOutcome {
+    result: Tried,
+    route: String,
+    errors: Vec<String>,
+    last: Option<Candidate>,
+}
+
+enum Tried {
+    Answered(llmq_shared::provider::Completion),
+    /// The hard stop came: hand the task back.
+    Released,
+    /// No call was made: every candidate is out of quota until `until`.
+    Refused {
+        until: chrono::DateTime<Utc>,
+        reason: String,
+    },
+    Failed {
+        class: ErrorClass,
+        error: String,
+        retry_after: Option<Duration>,
+    },
+}
+
 /// What the executor needs to know, shared by every task.
 pub struct Executor {
     pub router: Router,
+    pub limiter: Limiter,
     pub worker_id: String,
     pub max_payload_bytes: usize,
     pub retry_base: Duration,
@@ -91,8 +121,8 @@ impl Executor {
         record.task_type = Some(task_type.clone());
         record.chain_id.clone_from(&env.chain_id);
 
-        let route = match self.router.route(&env) {
-            Ok(route) => route,
+        let plan = match self.router.plan(&env) {
+            Ok(plan) => plan,
             Err(e) => {
                 return self.fail(
                     queue,
@@ -106,74 +136,27 @@ impl Executor {
                 );
             }
         };
-        record.provider = Some(route.provider.name().to_owned());
-        record.model = Some(route.model.id.clone());
-        tracing::debug!(task = %task_id, provider = route.provider.name(), model = %route.model.id, reason = route.reason, "routed");
-
-        let request = Request {
-            model: route.model.id.clone(),
-            system: env.system.clone(),
-            prompt: env.prompt.clone(),
-            max_tokens: env.max_tokens,
-            temperature: env.temperature,
-            timeout: env.timeout(),
-        };
+        let mut calls = Vec::new();
         let started = Instant::now();
-        let called_at = Utc::now();
-        let result = tokio::select! {
-            r = route.provider.complete(&request) => r,
-            () = self.hard_stop.cancelled() => {
-                let finish = Finish {
-                    entry_id,
-                    task_id: task_id.to_string(),
-                    kind: FinishKind::Release,
-                    record: None,
-                    envelope: env.to_json(),
-                };
-                return Finished { queue, finish, calls: Vec::new(), task: None };
-            }
-        };
-        let latency = started.elapsed();
-        record.duration_ms = latency.as_millis() as u64;
-
-        let mut call = CallRow {
-            task_id,
-            run: env.replays as i32,
-            attempt: attempt as i32,
-            call_no: env.snoozes as i32 + 1,
-            queue: queue.name().to_owned(),
-            chain_id: env.chain_id.clone(),
-            task_type,
-            provider: route.provider.name().to_owned(),
-            model: route.model.id.clone(),
-            input_tokens: 0,
-            output_tokens: 0,
-            cached_tokens: 0,
-            reasoning_tokens: 0,
-            cost_usd: 0.0,
-            latency_ms: i32::try_from(latency.as_millis()).unwrap_or(i32::MAX),
-            outcome: "ok".into(),
-            error_class: None,
-            error: None,
-            worker: self.worker_id.clone(),
-            called_at,
-        };
-        match result {
-            Ok(completion) => {
+        let tried = self
+            .call_plan(&env, &plan, attempt, &queue, &task_type, &mut calls)
+            .await;
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        record.route = Some(tried.route);
+        record.provider_errors = tried.errors;
+        record.provider = tried.last.as_ref().map(|c| c.config.name.clone());
+        record.model = tried.last.as_ref().map(|c| c.model.id.clone());
+        let spent: f64 = calls.iter().map(|c| c.cost_usd).sum();
+        match tried.result {
+            Tried::Answered(completion) => {
                 let usage = completion.usage;
-                let cost = route.model.prices.cost(&usage);
-                call.input_tokens = usage.input_tokens as i64;
-                call.output_tokens = usage.output_tokens as i64;
-                call.cached_tokens = usage.cached_tokens as i64;
-                call.reasoning_tokens = usage.reasoning_tokens as i64;
-                call.cost_usd = cost;
                 record.status = Status::Succeeded;
                 record.output = Some(completion.text);
                 record.input_tokens = usage.input_tokens;
                 record.output_tokens = usage.output_tokens;
                 record.cached_tokens = usage.cached_tokens;
                 record.reasoning_tokens = usage.reasoning_tokens;
-                record.cost_usd = cost;
+                record.cost_usd = spent;
                 record.finished_at = Some(Utc::now());
                 let task = Some(task_row(&record));
                 let finish = Finish {
@@ -186,25 +169,315 @@ impl Executor {
                 Finished {
                     queue,
                     finish,
-                    calls: vec![call],
+                    calls,
                     task,
                 }
             }
-            Err(e) => {
-                call.outcome = "error".into();
-                call.error_class = Some(e.class.to_string());
-                call.error = Some(e.to_string());
+            Tried::Released => {
+                let finish = Finish {
+                    entry_id,
+                    task_id: task_id.to_string(),
+                    kind: FinishKind::Release,
+                    record: None,
+                    envelope: env.to_json(),
+                };
+                Finished {
+                    queue,
+                    finish,
+                    calls,
+                    task: None,
+                }
+            }
+            Tried::Refused { until, reason } => {
+                // Every capable provider is out of quota: wait for the earliest reset
+                // without using an attempt. It never spins: the due time is the reset.
+                record.status = Status::Delayed;
+                record.attempts = env.attempts;
+                record.error = Some(reason.clone());
+                record.error_class = Some(ErrorClass::QuotaExhausted);
+                record.cost_usd = spent;
+                env.last_error = Some(reason);
+                let finish = Finish {
+                    entry_id,
+                    task_id: task_id.to_string(),
+                    kind: FinishKind::Retry {
+                        due_ms: until.timestamp_millis().max(now_ms() + 100),
+                    },
+                    record: Some(record),
+                    envelope: env.to_json(),
+                };
+                Finished {
+                    queue,
+                    finish,
+                    calls,
+                    task: None,
+                }
+            }
+            Tried::Failed {
+                class,
+                error,
+                retry_after,
+            } => {
+                record.cost_usd = spent;
                 self.fail(
                     queue,
                     entry_id,
                     env,
                     record,
-                    vec![call],
-                    e.class,
-                    e.to_string(),
-                    e.retry_after,
+                    calls,
+                    class,
+                    error,
+                    retry_after,
                 )
             }
+        }
+    }
+
+    /// Tries the plan's candidates in order: each up to `tries_per_provider` times with
+    /// backoff, waiting out short rate limits without using a try, skipping providers that
+    /// are cooling down or out of quota, and moving on at once after a fatal error.
+    async fn call_plan(
+        &self,
+        env: &Envelope,
+        plan: &Plan,
+        attempt: u32,
+        queue: &QueueKeys,
+        task_type: &str,
+        calls: &mut Vec<CallRow>,
+    ) -> PlanOutcome {
+        let routing = &self.router.config().routing;
+        let retry = &routing.retry;
+        let mut route = plan.reason.clone();
+        let mut errors = Vec::new();
+        let mut tried_names: Vec<String> = Vec::new();
+        let mut last: Option<Candidate> = None;
+        let mut last_error: Option<llmq_shared::provider::Error> = None;
+        let mut refused: Vec<(String, chrono::DateTime<Utc>)> = Vec::new();
+        let mut called_any = false;
+        let request = |model: &str| Request {
+            model: model.to_owned(),
+            system: env.system.clone(),
+            prompt: env.prompt.clone(),
+            max_tokens: env.max_tokens,
+            temperature: env.temperature,
+            timeout: env.timeout(),
+        };
+        for (i, cand) in plan.candidates.iter().enumerate() {
+            let name = cand.config.name.as_str();
+            if tried_names.iter().any(|n| n == name) {
+                // A provider that failed is not asked again for another of its models.
+                continue;
+            }
+            if i > 0 {
+                // Say why we moved on, once, for the record.
+                if let Some(prev) = refused.last().filter(|_| last_error.is_none()) {
+                    route = format!("{route}; {} → {name}/{}", prev.0, cand.model.id);
+                } else if let Some(prev) = &last {
+                    route = format!(
+                        "{route}; {} failed → {name}/{}",
+                        prev.config.name, cand.model.id
+                    );
+                }
+            }
+            if self.limiter.cooling_down(name).await.unwrap_or(false) {
+                errors.push(format!(
+                    "{name}: skipped, cooling down after repeated failures"
+                ));
+                continue;
+            }
+            let mut tries = 0;
+            let mut rate_waits = 0;
+            loop {
+                let reservation = if cand.config.quotas.is_empty() {
+                    None
+                } else {
+                    match self
+                        .limiter
+                        .reserve(
+                            name,
+                            &cand.config.quotas,
+                            cand.estimated_tokens,
+                            cand.estimated_usd,
+                            Utc::now(),
+                        )
+                        .await
+                    {
+                        Ok(Decision::Granted {
+                            reservation,
+                            crossed,
+                        }) => {
+                            for c in crossed {
+                                tracing::warn!(provider = name, threshold = %c, "quota threshold crossed");
+                            }
+                            Some(reservation)
+                        }
+                        Ok(Decision::Refused(r)) => {
+                            refused.push((r.describe(name), r.until));
+                            break;
+                        }
+                        Err(e) => {
+                            // Without Redis no quota can be checked; do not call blind.
+                            errors.push(format!("{name}: quota check failed: {e}"));
+                            break;
+                        }
+                    }
+                };
+                tries += 1;
+                called_any = true;
+                last = Some(cand.clone());
+                let called_at = Utc::now();
+                let started = Instant::now();
+                let req = request(&cand.model.id);
+                let result = tokio::select! {
+                    r = cand.provider.complete(&req) => r,
+                    () = self.hard_stop.cancelled() => {
+                        return PlanOutcome { result: Tried::Released, route, errors, last };
+                    }
+                };
+                let mut call = CallRow {
+                    task_id: env.id.unwrap_or_default(),
+                    run: env.replays as i32,
+                    attempt: attempt as i32,
+                    // Unique within the attempt; a rate-limit wait in delayed repeats the
+                    // attempt, so its calls start at the next thousand.
+                    call_no: (env.snoozes * 1000) as i32 + calls.len() as i32 + 1,
+                    queue: queue.name().to_owned(),
+                    chain_id: env.chain_id.clone(),
+                    task_type: task_type.to_owned(),
+                    provider: name.to_owned(),
+                    model: cand.model.id.clone(),
+                    input_tokens: 0,
+                    output_tokens: 0,
+                    cached_tokens: 0,
+                    reasoning_tokens: 0,
+                    cost_usd: 0.0,
+                    latency_ms: i32::try_from(started.elapsed().as_millis()).unwrap_or(i32::MAX),
+                    outcome: "ok".into(),
+                    error_class: None,
+                    error: None,
+                    worker: self.worker_id.clone(),
+                    called_at,
+                };
+                let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
+                let cost = cand.model.prices.cost(&usage);
+                if let Some(r) = &reservation
+                    && let Err(e) = self
+                        .limiter
+                        .reconcile(r, usage.input_tokens + usage.output_tokens, cost)
+                        .await
+                {
+                    tracing::warn!(provider = name, "reconciling the quota failed: {e}");
+                }
+                call.input_tokens = usage.input_tokens as i64;
+                call.output_tokens = usage.output_tokens as i64;
+                call.cached_tokens = usage.cached_tokens as i64;
+                call.reasoning_tokens = usage.reasoning_tokens as i64;
+                call.cost_usd = cost;
+                match result {
+                    Ok(completion) => {
+                        calls.push(call);
+                        self.limiter.succeeded(name).await.ok();
+                        return PlanOutcome {
+                            result: Tried::Answered(completion),
+                            route,
+                            errors,
+                            last,
+                        };
+                    }
+                    Err(e) => {
+                        call.outcome = "error".into();
+                        call.error_class = Some(e.class.to_string());
+                        call.error = Some(e.to_string());
+                        calls.push(call);
+                        errors.push(e.to_string());
+                        if e.class == ErrorClass::Retryable
+                            && self
+                                .limiter
+                                .failed(name, &routing.cooldown)
+                                .await
+                                .unwrap_or(false)
+                        {
+                            tracing::warn!(provider = name, "cooling down after repeated failures");
+                        }
+                        let wait = match e.class {
+                            ErrorClass::RateLimited => e
+                                .retry_after
+                                .filter(|w| {
+                                    *w <= retry.max_retry_after && rate_waits < MAX_RATE_WAITS
+                                })
+                                .inspect(|_| {
+                                    rate_waits += 1;
+                                    tries -= 1;
+                                }),
+                            ErrorClass::Retryable if tries < retry.tries_per_provider => {
+                                let i =
+                                    (tries as usize - 1).min(retry.backoff.len().saturating_sub(1));
+                                retry
+                                    .backoff
+                                    .get(i)
+                                    .map(|b| b.mul_f64(0.8 + fastrand_f64() * 0.4))
+                            }
+                            _ => None,
+                        };
+                        last_error = Some(e);
+                        let Some(wait) = wait else { break };
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = self.hard_stop.cancelled() => {
+                                return PlanOutcome { result: Tried::Released, route, errors, last };
+                            }
+                        }
+                    }
+                }
+            }
+            if !tried_names.iter().any(|n| n == name) {
+                tried_names.push(name.to_owned());
+            }
+        }
+        if !called_any && let Some(until) = refused.iter().map(|(_, t)| *t).min() {
+            let reasons: Vec<String> = refused.into_iter().map(|(r, _)| r).collect();
+            errors.extend(reasons.iter().cloned());
+            return PlanOutcome {
+                result: Tried::Refused {
+                    until,
+                    reason: format!(
+                        "every capable provider is out of quota: {}",
+                        reasons.join("; ")
+                    ),
+                },
+                route,
+                errors,
+                last,
+            };
+        }
+        let (class, message, retry_after) = match &last_error {
+            Some(e) => (e.class, e.to_string(), e.retry_after),
+            None => (
+                ErrorClass::Retryable,
+                errors
+                    .last()
+                    .cloned()
+                    .unwrap_or_else(|| "no provider could be tried".into()),
+                None,
+            ),
+        };
+        let error = if tried_names.len() > 1 {
+            format!(
+                "all providers failed; last error: {message}; tried: {}",
+                tried_names.join(", ")
+            )
+        } else {
+            message
+        };
+        PlanOutcome {
+            result: Tried::Failed {
+                class,
+                error,
+                retry_after,
+            },
+            route,
+            errors,
+            last,
         }
     }
 

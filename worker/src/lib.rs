@@ -223,6 +223,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let runtime = Arc::new(Runtime {
         executor: Executor {
             router,
+            limiter: llmq_shared::quota::Limiter::new(redis.clone()),
             worker_id: worker_id.clone(),
             max_payload_bytes: settings.max_payload_bytes,
             retry_base: settings.retry_base,

@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use crate::outcome::ErrorClass;
 
+pub mod anthropic;
+pub mod command;
+pub mod gemini;
+pub mod ollama;
 pub mod openai;
 
 /// One call to a model.

@@ -72,9 +72,12 @@ struct Args {
     #[arg(long)]
     verbose: bool,
 
+    /// Redis to benchmark against; only the bench's own `llmq:{bench-*}` keys are touched.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
 
+    /// Postgres server for e2e_mock; the bench uses the database `llmq_bench` next to this
+    /// URL's database.
     #[arg(
         long,
         env = "DATABASE_URL",
@@ -239,6 +242,13 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
                 .bind(&queue)
                 .fetch_one(ledger.pool())
                 .await?;
+        // The rows have been counted; drop them so that runs stay alike.
+        for table in ["provider_calls", "tasks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1"))
+                .bind(&queue)
+                .execute(ledger.pool())
+                .await?;
+        }
         ensure!(
             recorded == tasks as i64,
             "the ledger holds {recorded} provider calls for queue {queue}, expected {tasks}"

@@ -1,0 +1,429 @@
+//! Anthropic's Messages API (`POST {base_url}/v1/messages`).
+//!
+//! Also home, for now, of the transport helpers the native adapters share ([`send`],
+//! [`transport_message`], [`source_chain`]); they belong in `provider/mod.rs`.
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{
+    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
+    retry_after,
+};
+use crate::outcome::ErrorClass;
+
+/// The API version every request names.
+const API_VERSION: &str = "2023-06-01";
+/// `max_tokens` is required by the Messages API; this is sent when the request has none.
+pub const DEFAULT_MAX_TOKENS: u32 = 4096;
+
+/// An Anthropic Messages endpoint.
+#[derive(Debug, Clone)]
+pub struct Anthropic {
+    name: String,
+    endpoint: String,
+    api_key: Option<SecretString>,
+    http: reqwest::Client,
+}
+
+impl Anthropic {
+    /// `base_url` is the host without the version, e.g. `https://api.anthropic.com`; a trailing
+    /// `/v1` is tolerated (the endpoint is then `{base_url}/messages`).
+    #[must_use]
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        api_key: Option<SecretString>,
+        http: reqwest::Client,
+    ) -> Self {
+        let base = base_url.trim_end_matches('/');
+        let endpoint = if base.ends_with("/v1") {
+            format!("{base}/messages")
+        } else {
+            format!("{base}/v1/messages")
+        };
+        Self {
+            name: name.to_owned(),
+            endpoint,
+            api_key,
+            http,
+        }
+    }
+
+    fn body(req: &Request) -> Value {
+        let mut body = json!({
+            "model": req.model,
+            "max_tokens": req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            "messages": [{"role": "user", "content": req.prompt}],
+        });
+        if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+            body["system"] = json!(system);
+        }
+        if let Some(t) = req.temperature {
+            body["temperature"] = json!(t);
+        }
+        body
+    }
+
+    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
+        Error {
+            class,
+            provider: self.name.clone(),
+            model: req.model.clone(),
+            status: None,
+            message,
+            retry_after: None,
+        }
+    }
+
+    async fn call(&self, req: &Request) -> Result<Completion> {
+        let mut builder = self
+            .http
+            .post(&self.endpoint)
+            .timeout(req.timeout)
+            .header("anthropic-version", API_VERSION)
+            .json(&Self::body(req));
+        if let Some(key) = &self.api_key {
+            builder = builder.header("x-api-key", key.expose_secret());
+        }
+        let reply = send(builder, req)
+            .await
+            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
+        if !(200..300).contains(&reply.status) {
+            let mut err = self.error(
+                req,
+                classify_status(reply.status),
+                error_message(&reply.body),
+            );
+            err.status = Some(reply.status);
+            err.retry_after = reply.retry_after;
+            refine_class(&mut err, &reply.body);
+            return Err(err);
+        }
+        parse_completion(&reply.body).map_err(|(class, m)| self.error(req, class, m))
+    }
+}
+
+impl Provider for Anthropic {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+        Box::pin(self.call(request))
+    }
+}
+
+/// What the adapters read from an HTTP exchange.
+pub(super) struct Reply {
+    pub(super) status: u16,
+    pub(super) retry_after: Option<Duration>,
+    pub(super) body: String,
+}
+
+/// Sends `builder` and reads the whole body; a failure on the way becomes its message (the
+/// caller classifies it as retryable).
+pub(super) async fn send(
+    builder: reqwest::RequestBuilder,
+    req: &Request,
+) -> std::result::Result<Reply, String> {
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| transport_message(&e, req))?;
+    let status = response.status().as_u16();
+    let wait = retry_after(response.headers());
+    let body = response
+        .text()
+        .await
+        .map_err(|e| transport_message(&e, req))?;
+    Ok(Reply {
+        status,
+        retry_after: wait,
+        body,
+    })
+}
+
+/// Duplicate of `openai.rs`'s; to move to `provider/mod.rs`.
+pub(super) fn transport_message(e: &reqwest::Error, req: &Request) -> String {
+    if e.is_timeout() {
+        format!("no answer within {:?}", req.timeout)
+    } else if e.is_connect() {
+        format!("cannot connect: {}", source_chain(e))
+    } else {
+        format!("the connection failed: {}", source_chain(e))
+    }
+}
+
+/// Duplicate of `openai.rs`'s; to move to `provider/mod.rs`.
+pub(super) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
+/// `(error.type, error.message)` of Anthropic's `{"type":"error","error":{...}}` body.
+fn error_fields(body: &str) -> Option<(String, String)> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let e = v.get("error")?;
+    let kind = e.get("type").and_then(Value::as_str).unwrap_or_default();
+    let message = e.get("message").and_then(Value::as_str).unwrap_or_default();
+    Some((kind.to_owned(), message.to_owned()))
+}
+
+/// `type: message` from the error body, or an excerpt of whatever came back.
+fn error_message(body: &str) -> String {
+    match error_fields(body) {
+        Some((kind, message)) if !kind.is_empty() => {
+            format!("{kind}: {}", excerpt(&message, 300))
+        }
+        Some((_, message)) if !message.is_empty() => excerpt(&message, 300),
+        _ => excerpt(body, 300),
+    }
+}
+
+/// Error types and messages that mean more than their status.
+fn refine_class(err: &mut Error, body: &str) {
+    let Some((kind, message)) = error_fields(body) else {
+        return;
+    };
+    match kind.as_str() {
+        "overloaded_error" | "api_error" | "timeout_error" => err.class = ErrorClass::Retryable,
+        "rate_limit_error" => err.class = ErrorClass::RateLimited,
+        "billing_error" => err.class = ErrorClass::QuotaExhausted,
+        _ => {}
+    }
+    let lower = message.to_ascii_lowercase();
+    if lower.contains("credit balance is too low") {
+        err.class = ErrorClass::QuotaExhausted;
+    } else if lower.contains("prompt is too long") || lower.contains("exceed context limit") {
+        err.class = ErrorClass::Fatal;
+        err.message = format!("context too long: {}", err.message);
+    }
+}
+
+#[derive(Deserialize)]
+struct MessageResponse {
+    content: Vec<Block>,
+    stop_reason: Option<String>,
+    usage: Option<MessageUsage>,
+}
+
+#[derive(Deserialize)]
+struct Block {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct MessageUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+}
+
+impl MessageUsage {
+    /// Anthropic's `input_tokens` leaves out the cached ones; ours counts every prompt token.
+    fn to_usage(&self) -> Usage {
+        let read = self.cache_read_input_tokens.unwrap_or(0);
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
+        Usage {
+            input_tokens: self.input_tokens.unwrap_or(0) + read + written,
+            output_tokens: self.output_tokens.unwrap_or(0),
+            cached_tokens: read,
+            reasoning_tokens: 0,
+        }
+    }
+}
+
+fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, String)> {
+    let parsed: MessageResponse = serde_json::from_str(body).map_err(|e| {
+        (
+            ErrorClass::Retryable,
+            format!(
+                "the response is not a message ({e}): {}",
+                excerpt(body, 200)
+            ),
+        )
+    })?;
+    let text: String = parsed
+        .content
+        .iter()
+        .filter(|b| b.kind == "text")
+        .filter_map(|b| b.text.as_deref())
+        .collect();
+    if parsed.stop_reason.as_deref() == Some("refusal") && text.trim().is_empty() {
+        return Err((
+            ErrorClass::Fatal,
+            "blocked: the model refused (stop_reason refusal)".to_owned(),
+        ));
+    }
+    let usage = parsed
+        .usage
+        .as_ref()
+        .map_or(Usage::default(), MessageUsage::to_usage);
+    Ok(Completion { text, usage })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(status: u16) -> Error {
+        Error {
+            class: classify_status(status),
+            provider: "p".into(),
+            model: "m".into(),
+            status: Some(status),
+            message: "x".into(),
+            retry_after: None,
+        }
+    }
+
+    fn refined(status: u16, body: &str) -> Error {
+        let mut e = err(status);
+        e.message = error_message(body);
+        refine_class(&mut e, body);
+        e
+    }
+
+    #[test]
+    fn text_blocks_are_joined_and_cached_tokens_count_as_input() {
+        let body = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude",
+            "content":[{"type":"thinking","thinking":"hmm","signature":"s"},
+                       {"type":"text","text":"Hello, "},{"type":"tool_use","id":"t","name":"f","input":{}},
+                       {"type":"text","text":"world"}],
+            "stop_reason":"end_turn","stop_sequence":null,
+            "usage":{"input_tokens":10,"cache_creation_input_tokens":3,"cache_read_input_tokens":20,"output_tokens":7}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(c.text, "Hello, world");
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 33,
+                output_tokens: 7,
+                cached_tokens: 20,
+                reasoning_tokens: 0
+            }
+        );
+    }
+
+    #[test]
+    fn null_or_missing_cache_fields_are_zero() {
+        let body = r#"{"content":[{"type":"text","text":"x"}],
+            "usage":{"input_tokens":5,"output_tokens":2,"cache_read_input_tokens":null}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 5,
+                output_tokens: 2,
+                ..Usage::default()
+            }
+        );
+    }
+
+    #[test]
+    fn a_refusal_is_fatal_and_garbage_is_retryable() {
+        let (class, msg) =
+            parse_completion(r#"{"content":[],"stop_reason":"refusal","usage":{}}"#).unwrap_err();
+        assert_eq!(class, ErrorClass::Fatal);
+        assert!(msg.starts_with("blocked"), "{msg}");
+        let (class, _) = parse_completion("<html>bad gateway</html>").unwrap_err();
+        assert_eq!(class, ErrorClass::Retryable);
+    }
+
+    #[test]
+    fn errors_are_refined_by_type_and_message() {
+        let e = refined(
+            529,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        );
+        assert_eq!(e.class, ErrorClass::Retryable);
+        assert_eq!(e.message, "overloaded_error: Overloaded");
+
+        let e = refined(
+            400,
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 250000 tokens > 200000 maximum"}}"#,
+        );
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert_eq!(
+            e.message,
+            "context too long: invalid_request_error: prompt is too long: 250000 tokens > 200000 maximum"
+        );
+
+        let e = refined(
+            400,
+            r#"{"type":"error","error":{"type":"invalid_request_error","message":"Your credit balance is too low to access the Anthropic API."}}"#,
+        );
+        assert_eq!(e.class, ErrorClass::QuotaExhausted);
+
+        let e = refined(
+            401,
+            r#"{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"}}"#,
+        );
+        assert_eq!(e.class, ErrorClass::Fatal);
+
+        let e = refined(502, "<html>Bad gateway</html>");
+        assert_eq!(e.class, ErrorClass::Retryable);
+        assert_eq!(e.message, "<html>Bad gateway</html>");
+    }
+
+    #[test]
+    fn long_error_messages_are_excerpted() {
+        let long = "y".repeat(1000);
+        let body =
+            format!(r#"{{"type":"error","error":{{"type":"api_error","message":"{long}"}}}}"#);
+        let msg = error_message(&body);
+        assert_eq!(msg.chars().count(), "api_error: ".len() + 300 + 1, "{msg}");
+        assert!(msg.ends_with('…'));
+    }
+
+    #[test]
+    fn body_and_endpoint() {
+        let req = Request {
+            model: "claude-x".into(),
+            system: Some("be brief".into()),
+            prompt: "hi".into(),
+            max_tokens: None,
+            temperature: Some(0.5),
+            timeout: Duration::from_secs(1),
+        };
+        let body = Anthropic::body(&req);
+        assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);
+        assert_eq!(body["system"], "be brief");
+        assert_eq!(body["temperature"], 0.5);
+        assert_eq!(body["messages"][0]["role"], "user");
+        assert_eq!(body["messages"][0]["content"], "hi");
+        let req = Request {
+            max_tokens: Some(7),
+            system: None,
+            temperature: None,
+            ..req
+        };
+        let body = Anthropic::body(&req);
+        assert_eq!(body["max_tokens"], 7);
+        assert!(body.get("system").is_none() && body.get("temperature").is_none());
+
+        let http = reqwest::Client::new();
+        let a = Anthropic::new("a", "https://api.anthropic.com/", None, http.clone());
+        assert_eq!(a.endpoint, "https://api.anthropic.com/v1/messages");
+        let b = Anthropic::new("b", "https://proxy/v1", None, http);
+        assert_eq!(b.endpoint, "https://proxy/v1/messages");
+    }
+}

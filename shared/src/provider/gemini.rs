@@ -1,0 +1,472 @@
+//! Google's Gemini API (`POST {base_url}/models/{model}:generateContent`).
+
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::anthropic::send;
+use super::{
+    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
+};
+use crate::outcome::ErrorClass;
+
+/// Candidate finish reasons that mean the answer was withheld.
+const BLOCKING_FINISH: &[&str] = &[
+    "SAFETY",
+    "RECITATION",
+    "BLOCKLIST",
+    "PROHIBITED_CONTENT",
+    "SPII",
+    "LANGUAGE",
+    "IMAGE_SAFETY",
+];
+
+/// A Gemini endpoint.
+#[derive(Debug, Clone)]
+pub struct Gemini {
+    name: String,
+    base_url: String,
+    api_key: Option<SecretString>,
+    http: reqwest::Client,
+}
+
+impl Gemini {
+    /// `base_url` is up to and including the version, e.g.
+    /// `https://generativelanguage.googleapis.com/v1beta`.
+    #[must_use]
+    pub fn new(
+        name: &str,
+        base_url: &str,
+        api_key: Option<SecretString>,
+        http: reqwest::Client,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+            http,
+        }
+    }
+
+    /// The model may be given bare (`gemini-2.5-flash`) or as a resource (`models/...`).
+    fn endpoint(&self, model: &str) -> String {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        format!("{}/models/{model}:generateContent", self.base_url)
+    }
+
+    fn body(req: &Request) -> Value {
+        let mut body = json!({
+            "contents": [{"role": "user", "parts": [{"text": req.prompt}]}],
+        });
+        if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+            body["systemInstruction"] = json!({"parts": [{"text": system}]});
+        }
+        let mut config = Map::new();
+        if let Some(max) = req.max_tokens {
+            config.insert("maxOutputTokens".to_owned(), json!(max));
+        }
+        if let Some(t) = req.temperature {
+            config.insert("temperature".to_owned(), json!(t));
+        }
+        if !config.is_empty() {
+            body["generationConfig"] = Value::Object(config);
+        }
+        body
+    }
+
+    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
+        Error {
+            class,
+            provider: self.name.clone(),
+            model: req.model.clone(),
+            status: None,
+            message,
+            retry_after: None,
+        }
+    }
+
+    async fn call(&self, req: &Request) -> Result<Completion> {
+        let mut builder = self
+            .http
+            .post(self.endpoint(&req.model))
+            .timeout(req.timeout)
+            .json(&Self::body(req));
+        if let Some(key) = &self.api_key {
+            builder = builder.header("x-goog-api-key", key.expose_secret());
+        }
+        let reply = send(builder, req)
+            .await
+            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
+        if !(200..300).contains(&reply.status) {
+            let mut err = self.error(
+                req,
+                classify_status(reply.status),
+                error_message(&reply.body),
+            );
+            err.status = Some(reply.status);
+            err.retry_after = reply.retry_after;
+            refine_class(&mut err, &reply.body);
+            return Err(err);
+        }
+        parse_completion(&reply.body).map_err(|(class, m)| self.error(req, class, m))
+    }
+}
+
+impl Provider for Gemini {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+        Box::pin(self.call(request))
+    }
+}
+
+/// Google's `{"error":{"code","message","status","details"}}`, sometimes wrapped in an array.
+fn error_object(body: &str) -> Option<Value> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let v = match v {
+        Value::Array(mut items) if !items.is_empty() => items.swap_remove(0),
+        other => other,
+    };
+    v.get("error").filter(|e| e.is_object()).cloned()
+}
+
+/// `STATUS: message` from the error body, or an excerpt of whatever came back.
+fn error_message(body: &str) -> String {
+    let Some(e) = error_object(body) else {
+        return excerpt(body, 300);
+    };
+    let message = e.get("message").and_then(Value::as_str).unwrap_or_default();
+    match e.get("status").and_then(Value::as_str) {
+        Some(status) if !status.is_empty() => format!("{status}: {}", excerpt(message, 300)),
+        _ if !message.is_empty() => excerpt(message, 300),
+        _ => excerpt(body, 300),
+    }
+}
+
+/// Google statuses that mean more than the HTTP status; a too-long prompt; the wait from a
+/// `RetryInfo` detail when there was no `Retry-After` header.
+fn refine_class(err: &mut Error, body: &str) {
+    let Some(e) = error_object(body) else {
+        return;
+    };
+    match e.get("status").and_then(Value::as_str) {
+        Some("RESOURCE_EXHAUSTED") => err.class = ErrorClass::RateLimited,
+        Some("UNAVAILABLE" | "INTERNAL" | "DEADLINE_EXCEEDED") => {
+            err.class = ErrorClass::Retryable;
+        }
+        _ => {}
+    }
+    let message = e
+        .get("message")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if message.contains("input token count") && message.contains("exceeds the maximum") {
+        err.class = ErrorClass::Fatal;
+        err.message = format!("context too long: {}", err.message);
+    }
+    if err.retry_after.is_none() {
+        err.retry_after = retry_info(&e);
+    }
+}
+
+/// The `retryDelay` of a `google.rpc.RetryInfo` detail, e.g. `"12s"` or `"0.250s"`.
+fn retry_info(error: &Value) -> Option<Duration> {
+    error
+        .get("details")?
+        .as_array()?
+        .iter()
+        .filter(|d| {
+            d.get("@type")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.ends_with("google.rpc.RetryInfo"))
+        })
+        .find_map(|d| d.get("retryDelay").and_then(Value::as_str))
+        .and_then(parse_proto_duration)
+}
+
+/// A protobuf JSON duration: decimal seconds with an `s` suffix.
+fn parse_proto_duration(text: &str) -> Option<Duration> {
+    let secs: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateResponse {
+    #[serde(default)]
+    candidates: Vec<Candidate>,
+    prompt_feedback: Option<PromptFeedback>,
+    usage_metadata: Option<UsageMetadata>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Candidate {
+    content: Option<Content>,
+    finish_reason: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Content {
+    #[serde(default)]
+    parts: Vec<Part>,
+}
+
+#[derive(Deserialize)]
+struct Part {
+    text: Option<String>,
+    /// A thought summary, not part of the answer.
+    #[serde(default)]
+    thought: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PromptFeedback {
+    block_reason: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct UsageMetadata {
+    #[serde(default)]
+    prompt_token_count: u64,
+    #[serde(default)]
+    candidates_token_count: u64,
+    #[serde(default)]
+    cached_content_token_count: u64,
+    #[serde(default)]
+    thoughts_token_count: u64,
+}
+
+impl UsageMetadata {
+    /// Thoughts are billed as output: ours counts them in `output_tokens` and as reasoning.
+    fn to_usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.prompt_token_count,
+            output_tokens: self.candidates_token_count + self.thoughts_token_count,
+            cached_tokens: self.cached_content_token_count,
+            reasoning_tokens: self.thoughts_token_count,
+        }
+    }
+}
+
+fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, String)> {
+    let parsed: GenerateResponse = serde_json::from_str(body).map_err(|e| {
+        (
+            ErrorClass::Retryable,
+            format!(
+                "the response is not a generateContent answer ({e}): {}",
+                excerpt(body, 200)
+            ),
+        )
+    })?;
+    if let Some(reason) = parsed.prompt_feedback.and_then(|f| f.block_reason) {
+        return Err((ErrorClass::Fatal, format!("blocked: {reason}")));
+    }
+    let Some(candidate) = parsed.candidates.into_iter().next() else {
+        return Err((
+            ErrorClass::Fatal,
+            "blocked: the response has no candidates".to_owned(),
+        ));
+    };
+    let finish = candidate.finish_reason.unwrap_or_default();
+    let has_content = candidate.content.is_some();
+    let text: String = candidate
+        .content
+        .map(|c| c.parts)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| !p.thought)
+        .filter_map(|p| p.text)
+        .collect();
+    if text.is_empty() && BLOCKING_FINISH.contains(&finish.as_str()) {
+        return Err((ErrorClass::Fatal, format!("blocked: {finish}")));
+    }
+    if !has_content && finish != "MAX_TOKENS" {
+        return Err((
+            ErrorClass::Retryable,
+            format!(
+                "the candidate has no content (finish reason {finish:?}): {}",
+                excerpt(body, 200)
+            ),
+        ));
+    }
+    let usage = parsed.usage_metadata.unwrap_or_default().to_usage();
+    Ok(Completion { text, usage })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refined(status: u16, wait: Option<Duration>, body: &str) -> Error {
+        let mut e = Error {
+            class: classify_status(status),
+            provider: "p".into(),
+            model: "m".into(),
+            status: Some(status),
+            message: error_message(body),
+            retry_after: wait,
+        };
+        refine_class(&mut e, body);
+        e
+    }
+
+    #[test]
+    fn parts_are_joined_and_thoughts_are_output() {
+        let body = r#"{"candidates":[{"content":{"role":"model","parts":[
+                {"text":"thinking...","thought":true},{"text":"Hello, "},{"text":"world"}]},
+              "finishReason":"STOP","index":0}],
+            "usageMetadata":{"promptTokenCount":100,"candidatesTokenCount":8,"totalTokenCount":138,
+              "cachedContentTokenCount":40,"thoughtsTokenCount":30},
+            "modelVersion":"gemini-2.5-flash","responseId":"abc"}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(c.text, "Hello, world");
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 100,
+                output_tokens: 38,
+                cached_tokens: 40,
+                reasoning_tokens: 30
+            }
+        );
+    }
+
+    #[test]
+    fn omitted_usage_fields_are_zero() {
+        let body = r#"{"candidates":[{"content":{"parts":[{"text":"x"}]}}],
+            "usageMetadata":{"promptTokenCount":3,"candidatesTokenCount":1}}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 3,
+                output_tokens: 1,
+                ..Usage::default()
+            }
+        );
+    }
+
+    #[test]
+    fn blocked_answers_are_fatal() {
+        let (class, msg) = parse_completion(
+            r#"{"promptFeedback":{"blockReason":"SAFETY"},"usageMetadata":{"promptTokenCount":5}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (class, msg.as_str()),
+            (ErrorClass::Fatal, "blocked: SAFETY")
+        );
+        let (class, msg) = parse_completion(r#"{"candidates":[]}"#).unwrap_err();
+        assert_eq!(class, ErrorClass::Fatal);
+        assert!(msg.starts_with("blocked: "), "{msg}");
+        let (class, msg) =
+            parse_completion(r#"{"candidates":[{"finishReason":"RECITATION"}]}"#).unwrap_err();
+        assert_eq!(
+            (class, msg.as_str()),
+            (ErrorClass::Fatal, "blocked: RECITATION")
+        );
+        // Out of output tokens while thinking: an empty answer, not an error.
+        let c = parse_completion(r#"{"candidates":[{"finishReason":"MAX_TOKENS"}]}"#).unwrap();
+        assert_eq!(c.text, "");
+        let (class, _) =
+            parse_completion(r#"{"candidates":[{"finishReason":"OTHER"}]}"#).unwrap_err();
+        assert_eq!(class, ErrorClass::Retryable);
+        let (class, _) = parse_completion("not json").unwrap_err();
+        assert_eq!(class, ErrorClass::Retryable);
+    }
+
+    #[test]
+    fn rate_limits_read_retry_info_when_there_is_no_header() {
+        let body = r#"{"error":{"code":429,"message":"You exceeded your current quota.",
+            "status":"RESOURCE_EXHAUSTED","details":[
+              {"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[]},
+              {"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"12s"}]}}"#;
+        let e = refined(429, None, body);
+        assert_eq!(e.class, ErrorClass::RateLimited);
+        assert_eq!(e.retry_after, Some(Duration::from_secs(12)));
+        assert_eq!(
+            e.message,
+            "RESOURCE_EXHAUSTED: You exceeded your current quota."
+        );
+        // The header wins.
+        let e = refined(429, Some(Duration::from_secs(3)), body);
+        assert_eq!(e.retry_after, Some(Duration::from_secs(3)));
+        assert_eq!(
+            parse_proto_duration("0.250s"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_proto_duration("12"), None);
+        assert_eq!(parse_proto_duration("-1s"), None);
+    }
+
+    #[test]
+    fn statuses_and_context_errors_are_refined() {
+        let e = refined(
+            400,
+            None,
+            r#"{"error":{"code":400,"message":"The input token count (3475108) exceeds the maximum number of tokens allowed (1048576).","status":"INVALID_ARGUMENT"}}"#,
+        );
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(
+            e.message
+                .starts_with("context too long: INVALID_ARGUMENT: The input"),
+            "{}",
+            e.message
+        );
+        let e = refined(
+            400,
+            None,
+            r#"[{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}]"#,
+        );
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert_eq!(e.message, "INVALID_ARGUMENT: API key not valid.");
+        let e = refined(
+            503,
+            None,
+            r#"{"error":{"code":503,"message":"The model is overloaded.","status":"UNAVAILABLE"}}"#,
+        );
+        assert_eq!(e.class, ErrorClass::Retryable);
+        let e = refined(502, None, "<html>bad gateway</html>");
+        assert_eq!(e.class, ErrorClass::Retryable);
+        assert_eq!(e.message, "<html>bad gateway</html>");
+    }
+
+    #[test]
+    fn body_and_endpoint() {
+        let req = Request {
+            model: "models/gemini-2.5-flash".into(),
+            system: Some("be brief".into()),
+            prompt: "hi".into(),
+            max_tokens: Some(9),
+            temperature: Some(0.5),
+            timeout: Duration::from_secs(1),
+        };
+        let body = Gemini::body(&req);
+        assert_eq!(body["contents"][0]["role"], "user");
+        assert_eq!(body["contents"][0]["parts"][0]["text"], "hi");
+        assert_eq!(body["systemInstruction"]["parts"][0]["text"], "be brief");
+        assert_eq!(body["generationConfig"]["maxOutputTokens"], 9);
+        assert_eq!(body["generationConfig"]["temperature"], 0.5);
+        let bare = Gemini::body(&Request {
+            system: None,
+            max_tokens: None,
+            temperature: None,
+            ..req.clone()
+        });
+        assert!(bare.get("systemInstruction").is_none());
+        assert!(bare.get("generationConfig").is_none());
+        let g = Gemini::new("g", "https://x/v1beta/", None, reqwest::Client::new());
+        assert_eq!(
+            g.endpoint(&req.model),
+            "https://x/v1beta/models/gemini-2.5-flash:generateContent"
+        );
+    }
+}

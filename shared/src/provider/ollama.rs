@@ -1,0 +1,245 @@
+//! Ollama's native chat API (`POST {base_url}/api/chat`, not streamed).
+//!
+//! Ollama's OpenAI-compatible `/v1` is served by the `openai` module; this one reads Ollama's
+//! own token counts and error bodies.
+
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::anthropic::send;
+use super::{
+    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
+};
+use crate::outcome::ErrorClass;
+
+/// An Ollama server.
+#[derive(Debug, Clone)]
+pub struct Ollama {
+    name: String,
+    endpoint: String,
+    http: reqwest::Client,
+}
+
+impl Ollama {
+    /// `base_url` is the server, e.g. `http://127.0.0.1:11434`.
+    #[must_use]
+    pub fn new(name: &str, base_url: &str, http: reqwest::Client) -> Self {
+        Self {
+            name: name.to_owned(),
+            endpoint: format!("{}/api/chat", base_url.trim_end_matches('/')),
+            http,
+        }
+    }
+
+    fn body(req: &Request) -> Value {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+            messages.push(json!({"role": "system", "content": system}));
+        }
+        messages.push(json!({"role": "user", "content": req.prompt}));
+        let mut body = json!({"model": req.model, "messages": messages, "stream": false});
+        let mut options = Map::new();
+        if let Some(max) = req.max_tokens {
+            options.insert("num_predict".to_owned(), json!(max));
+        }
+        if let Some(t) = req.temperature {
+            options.insert("temperature".to_owned(), json!(t));
+        }
+        if !options.is_empty() {
+            body["options"] = Value::Object(options);
+        }
+        body
+    }
+
+    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
+        Error {
+            class,
+            provider: self.name.clone(),
+            model: req.model.clone(),
+            status: None,
+            message,
+            retry_after: None,
+        }
+    }
+
+    async fn call(&self, req: &Request) -> Result<Completion> {
+        let builder = self
+            .http
+            .post(&self.endpoint)
+            .timeout(req.timeout)
+            .json(&Self::body(req));
+        let reply = send(builder, req)
+            .await
+            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
+        if !(200..300).contains(&reply.status) {
+            let mut err = self.error(
+                req,
+                classify_status(reply.status),
+                error_message(&reply.body),
+            );
+            err.status = Some(reply.status);
+            err.retry_after = reply.retry_after;
+            refine_class(&mut err);
+            return Err(err);
+        }
+        parse_completion(&reply.body).map_err(|m| self.error(req, ErrorClass::Retryable, m))
+    }
+}
+
+impl Provider for Ollama {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+        Box::pin(self.call(request))
+    }
+}
+
+/// Ollama's `{"error": "..."}` body, or an excerpt of whatever came back.
+fn error_message(body: &str) -> String {
+    serde_json::from_str::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("error")
+                .and_then(Value::as_str)
+                .map(|m| excerpt(m, 300))
+        })
+        .unwrap_or_else(|| excerpt(body, 300))
+}
+
+/// A prompt longer than the context (when Ollama is told not to truncate) is fatal whatever
+/// the status.
+fn refine_class(err: &mut Error) {
+    let lower = err.message.to_ascii_lowercase();
+    if lower.contains("exceeds the context length") || lower.contains("exceeds maximum context") {
+        err.class = ErrorClass::Fatal;
+        err.message = format!("context too long: {}", err.message);
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatResponse {
+    message: Option<Message>,
+    error: Option<String>,
+    /// Absent when the whole prompt came from Ollama's cache.
+    prompt_eval_count: Option<u64>,
+    eval_count: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    content: String,
+}
+
+fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
+    let parsed: ChatResponse = serde_json::from_str(body).map_err(|e| {
+        format!(
+            "the response is not an Ollama chat answer ({e}): {}",
+            excerpt(body, 200)
+        )
+    })?;
+    if let Some(error) = parsed.error {
+        return Err(excerpt(&error, 300));
+    }
+    let message = parsed
+        .message
+        .ok_or_else(|| format!("the response has no message: {}", excerpt(body, 200)))?;
+    Ok(Completion {
+        text: message.content,
+        usage: Usage {
+            input_tokens: parsed.prompt_eval_count.unwrap_or(0),
+            output_tokens: parsed.eval_count.unwrap_or(0),
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn counts_map_to_usage() {
+        let body = r#"{"model":"llama3.2","created_at":"2025-01-01T00:00:00Z",
+            "message":{"role":"assistant","content":"Hello!","thinking":"hmm"},
+            "done_reason":"stop","done":true,"total_duration":1,"load_duration":1,
+            "prompt_eval_count":26,"prompt_eval_duration":1,"eval_count":5,"eval_duration":1}"#;
+        let c = parse_completion(body).unwrap();
+        assert_eq!(c.text, "Hello!");
+        assert_eq!(
+            c.usage,
+            Usage {
+                input_tokens: 26,
+                output_tokens: 5,
+                ..Usage::default()
+            }
+        );
+        // A fully cached prompt has no prompt_eval_count.
+        let c = parse_completion(
+            r#"{"message":{"role":"assistant","content":"x"},"done":true,"eval_count":1}"#,
+        )
+        .unwrap();
+        assert_eq!(c.usage.input_tokens, 0);
+    }
+
+    #[test]
+    fn malformed_or_streamed_answers_are_errors() {
+        let streamed = "{\"message\":{\"content\":\"a\"},\"done\":false}\n{\"done\":true}\n";
+        assert!(parse_completion(streamed).is_err());
+        assert!(parse_completion(r#"{"done":true}"#).is_err());
+        assert_eq!(parse_completion(r#"{"error":"boom"}"#).unwrap_err(), "boom");
+    }
+
+    #[test]
+    fn errors_are_read_and_refined() {
+        let mut e = Error {
+            class: classify_status(404),
+            provider: "p".into(),
+            model: "m".into(),
+            status: Some(404),
+            message: error_message(r#"{"error":"model \"x\" not found, try pulling it first"}"#),
+            retry_after: None,
+        };
+        refine_class(&mut e);
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert_eq!(e.message, "model \"x\" not found, try pulling it first");
+        e.class = classify_status(500);
+        e.message = error_message(r#"{"error":"the input length exceeds the context length"}"#);
+        refine_class(&mut e);
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert!(e.message.starts_with("context too long: "), "{}", e.message);
+        assert_eq!(error_message("plain text 502"), "plain text 502");
+    }
+
+    #[test]
+    fn body_and_endpoint() {
+        let req = Request {
+            model: "llama3.2".into(),
+            system: Some("be brief".into()),
+            prompt: "hi".into(),
+            max_tokens: Some(9),
+            temperature: Some(0.5),
+            timeout: Duration::from_secs(1),
+        };
+        let body = Ollama::body(&req);
+        assert_eq!(body["stream"], false);
+        assert_eq!(body["messages"][0]["role"], "system");
+        assert_eq!(body["messages"][1]["content"], "hi");
+        assert_eq!(body["options"]["num_predict"], 9);
+        assert_eq!(body["options"]["temperature"], 0.5);
+        let bare = Ollama::body(&Request {
+            system: None,
+            max_tokens: None,
+            temperature: None,
+            ..req
+        });
+        assert_eq!(bare["messages"].as_array().map(Vec::len), Some(1));
+        assert!(bare.get("options").is_none());
+        let o = Ollama::new("o", "http://127.0.0.1:11434/", reqwest::Client::new());
+        assert_eq!(o.endpoint, "http://127.0.0.1:11434/api/chat");
+    }
+}

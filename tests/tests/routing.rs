@@ -1,0 +1,202 @@
+//! Routing, fallback, quotas and cooldowns through real workers, the real Redis and
+//! Postgres, and llmq-mock over HTTP.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use llmq_shared::config::Config;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::{ErrorClass, Status};
+use llmq_tests::harness::{TestEnv, WorkerHandle};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Providers a and b (and a free one) on the same mock, with short backoffs.
+fn config(env: &TestEnv, extra_a: &str, routing: &str) -> Config {
+    let url = env.mock.url();
+    let text = format!(
+        r#"
+providers:
+  - name: a
+    kind: openai_compatible
+    base_url: {url}/v1
+    api_key: k
+    {extra_a}
+    models:
+      - {{id: fail-500, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}
+      - {{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}
+  - name: b
+    kind: openai_compatible
+    base_url: {url}/v1
+    api_key: k
+    models:
+      - {{id: mock-smart, input_usd_per_mtok: 3, output_usd_per_mtok: 15}}
+routing:
+  retry: {{tries_per_provider: 3, backoff: [20ms, 40ms, 80ms]}}
+{routing}
+"#
+    );
+    Config::parse("routing-test.yaml", &text, &|_| None).unwrap()
+}
+
+fn worker(env: &TestEnv, config: Config) -> WorkerHandle {
+    let mut s = env.settings();
+    s.config = config;
+    WorkerHandle::start(s)
+}
+
+async fn run(env: &TestEnv, e: Envelope) -> llmq_shared::outcome::TaskRecord {
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    env.wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
+    let env = TestEnv::new().await.unwrap();
+    let w = worker(&env, config(&env, "", "  fallback: [b]"));
+    let mut e = Envelope::new("fall back please");
+    e.provider = Some("a".into());
+    e.model = Some("fail-500".into());
+    let r = run(&env, e).await;
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(
+        (r.provider.as_deref(), r.model.as_deref()),
+        (Some("b"), Some("mock-smart"))
+    );
+    assert_eq!(r.attempts, 1, "fallback happens within one attempt");
+    assert_eq!(r.provider_errors.len(), 3, "{:?}", r.provider_errors);
+    assert!(
+        r.route
+            .as_deref()
+            .unwrap_or_default()
+            .contains("a failed → b/mock-smart"),
+        "{:?}",
+        r.route
+    );
+
+    let calls = env.calls().await.unwrap();
+    let who: Vec<&str> = calls.iter().map(|c| c.4.as_str()).collect();
+    assert_eq!(who, ["a", "a", "a", "b"], "the ledger shows every call");
+    let b_cost = calls[3].6;
+    assert!(b_cost > 0.0);
+    assert!(
+        (r.cost_usd - b_cost).abs() < 1e-12,
+        "the task costs what b charged: {} vs {b_cost}",
+        r.cost_usd
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn when_all_fail_the_error_names_every_provider() {
+    let env = TestEnv::new().await.unwrap();
+    let mut e = Envelope::new("[[mock:fail-503]] nobody can");
+    e.provider = Some("a".into());
+    e.model = Some("mock-fast".into());
+    e.max_attempts = Some(1);
+    let w = worker(&env, config(&env, "", "  fallback: [b]"));
+    let r = run(&env, e).await;
+    assert_eq!(r.status, Status::Dead);
+    let error = r.error.unwrap();
+    assert!(
+        error.contains("all providers failed; last error: b/mock-smart: HTTP 503"),
+        "{error}"
+    );
+    assert!(error.ends_with("tried: a, b"), "{error}");
+    assert_eq!(r.provider_errors.len(), 6, "three tries on each");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fatal_error_skips_straight_to_the_next_provider() {
+    let env = TestEnv::new().await.unwrap();
+    let w = worker(&env, config(&env, "", "  fallback: [b]"));
+    let mut e = Envelope::new("[[mock:fail-401]] bad key on a");
+    e.provider = Some("a".into());
+    e.model = Some("mock-fast".into());
+    let r = run(&env, e).await;
+    // The marker makes b fail too; what matters is that a was asked once.
+    let calls = env.calls().await.unwrap();
+    let on_a = calls.iter().filter(|c| c.4 == "a").count();
+    assert_eq!(on_a, 1, "a 401 is not retried");
+    assert_eq!(r.error_class, Some(ErrorClass::Fatal));
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_used_up_free_tier_falls_through_and_then_everything_waits_for_the_reset() {
+    let env = TestEnv::new().await.unwrap();
+    // a allows two requests a day; b is the fallback with one.
+    let url = env.mock.url();
+    let text = format!(
+        r#"
+providers:
+  - name: a
+    kind: openai_compatible
+    cost_tier: free
+    base_url: {url}/v1
+    api_key: k
+    quotas: {{requests_per_day: 2}}
+    models: [{{id: mock-fast, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]
+  - name: b
+    kind: openai_compatible
+    base_url: {url}/v1
+    api_key: k
+    quotas: {{requests_per_day: 1}}
+    models: [{{id: mock-smart, input_usd_per_mtok: 3, output_usd_per_mtok: 15}}]
+"#
+    );
+    // Provider names are global in Redis: make them unique to this test.
+    let suffix = &env.queue[2..];
+    let text = text
+        .replace("name: a", &format!("name: a{suffix}"))
+        .replace("name: b", &format!("name: b{suffix}"));
+    let config = Config::parse("t.yaml", &text, &|_| None).unwrap();
+    let w = worker(&env, config);
+    let mut records = Vec::new();
+    for i in 0..3 {
+        records.push(run(&env, Envelope::new(format!("task {i}"))).await);
+    }
+    let used: Vec<String> = records
+        .iter()
+        .map(|r| r.provider.clone().unwrap())
+        .collect();
+    assert_eq!(
+        used,
+        [
+            format!("a{suffix}"),
+            format!("a{suffix}"),
+            format!("b{suffix}")
+        ],
+        "free first, then paid"
+    );
+    let route = records[2].route.clone().unwrap();
+    assert!(route.contains("requests for today are used up"), "{route}");
+
+    // Everything is used up: the fourth task waits in delayed until midnight, unspent.
+    let e = Envelope::new("task 3");
+    let id = e.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    env.eventually("the task waiting for the reset", WAIT, || async {
+        env.redis
+            .task(&env.keys, &id)
+            .await
+            .unwrap()
+            .is_some_and(|r| {
+                r.status == Status::Delayed && r.error_class == Some(ErrorClass::QuotaExhausted)
+            })
+    })
+    .await
+    .unwrap();
+    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(r.attempts, 0);
+    assert_eq!(
+        env.calls().await.unwrap().len(),
+        3,
+        "no call was made for it"
+    );
+    assert_eq!(env.mock.total_calls(), 3);
+    w.stop().await.unwrap();
+}
