@@ -38,6 +38,50 @@ pub enum Command {
     Migrate(Migrate),
     /// Report what the provider calls cost.
     Costs(Costs),
+    /// Show each provider's quota use: requests today, dollars this month, rate windows.
+    Quota(QuotaArgs),
+    /// Check or list the providers of the provider file.
+    Providers(Providers),
+}
+
+#[derive(Args, Debug)]
+pub struct QuotaArgs {
+    /// The provider file.
+    #[arg(long, env = "LLMQ_CONFIG")]
+    pub config: PathBuf,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct Providers {
+    #[command(subcommand)]
+    pub command: ProvidersCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProvidersCommand {
+    /// Validate the provider file; print every problem as file:key: problem; fix.
+    Check {
+        #[arg(long, env = "LLMQ_CONFIG")]
+        config: PathBuf,
+    },
+    /// List the configured models.
+    List {
+        #[arg(long, env = "LLMQ_CONFIG")]
+        config: PathBuf,
+        /// Only models with this capability.
+        #[arg(long, value_parser = parse_capability)]
+        capability: Option<llmq_shared::config::Capability>,
+        /// Only models of this tier (fast, standard, advanced).
+        #[arg(long, value_parser = parse_tier)]
+        tier: Option<llmq_shared::config::Tier>,
+        /// Only models whose input plus output price is at most this many USD per million tokens.
+        #[arg(long)]
+        max_cost: Option<f64>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -232,6 +276,27 @@ pub struct Costs {
 fn parse_type(s: &str) -> Result<TaskType, String> {
     s.parse()
         .map_err(|e: llmq_shared::envelope::Error| e.to_string())
+}
+
+fn parse_capability(s: &str) -> Result<llmq_shared::config::Capability, String> {
+    use llmq_shared::config::Capability;
+    Capability::ALL
+        .into_iter()
+        .find(|c| c.as_str() == s)
+        .ok_or_else(|| {
+            format!(
+                "unknown capability `{s}`; use one of: {}",
+                Capability::ALL.map(Capability::as_str).join(", ")
+            )
+        })
+}
+
+fn parse_tier(s: &str) -> Result<llmq_shared::config::Tier, String> {
+    use llmq_shared::config::Tier;
+    [Tier::Fast, Tier::Standard, Tier::Advanced]
+        .into_iter()
+        .find(|t| t.as_str() == s)
+        .ok_or_else(|| format!("unknown tier `{s}`; use fast, standard or advanced"))
 }
 
 fn parse_json(s: &str) -> Result<serde_json::Value, String> {

@@ -14,6 +14,7 @@ pub mod cli;
 mod costs;
 mod dlq;
 mod inspect;
+mod providers;
 mod render;
 mod submit;
 
@@ -68,6 +69,8 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Dlq(args) => dlq::run(&redis()?, args.command, out).await,
         Command::Migrate(args) => costs::migrate(args, out).await,
         Command::Costs(args) => costs::costs(args, out).await,
+        Command::Quota(args) => providers::quota(&redis()?, args, out).await,
+        Command::Providers(args) => providers::run(args.command, out),
     }
 }
 

@@ -1,17 +1,11 @@
 //! Anthropic's Messages API (`POST {base_url}/v1/messages`).
-//!
-//! Also home, for now, of the transport helpers the native adapters share ([`send`],
-//! [`transport_message`], [`source_chain`]); they belong in `provider/mod.rs`.
-
-use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
-    retry_after,
+    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt, send,
 };
 use crate::outcome::ErrorClass;
 
@@ -115,59 +109,6 @@ impl Provider for Anthropic {
     fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
-}
-
-/// What the adapters read from an HTTP exchange.
-pub(super) struct Reply {
-    pub(super) status: u16,
-    pub(super) retry_after: Option<Duration>,
-    pub(super) body: String,
-}
-
-/// Sends `builder` and reads the whole body; a failure on the way becomes its message (the
-/// caller classifies it as retryable).
-pub(super) async fn send(
-    builder: reqwest::RequestBuilder,
-    req: &Request,
-) -> std::result::Result<Reply, String> {
-    let response = builder
-        .send()
-        .await
-        .map_err(|e| transport_message(&e, req))?;
-    let status = response.status().as_u16();
-    let wait = retry_after(response.headers());
-    let body = response
-        .text()
-        .await
-        .map_err(|e| transport_message(&e, req))?;
-    Ok(Reply {
-        status,
-        retry_after: wait,
-        body,
-    })
-}
-
-/// Duplicate of `openai.rs`'s; to move to `provider/mod.rs`.
-pub(super) fn transport_message(e: &reqwest::Error, req: &Request) -> String {
-    if e.is_timeout() {
-        format!("no answer within {:?}", req.timeout)
-    } else if e.is_connect() {
-        format!("cannot connect: {}", source_chain(e))
-    } else {
-        format!("the connection failed: {}", source_chain(e))
-    }
-}
-
-/// Duplicate of `openai.rs`'s; to move to `provider/mod.rs`.
-pub(super) fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }
 
 /// `(error.type, error.message)` of Anthropic's `{"type":"error","error":{...}}` body.
@@ -402,7 +343,7 @@ mod tests {
             prompt: "hi".into(),
             max_tokens: None,
             temperature: Some(0.5),
-            timeout: Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(1),
         };
         let body = Anthropic::body(&req);
         assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);

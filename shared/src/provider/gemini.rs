@@ -6,7 +6,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::anthropic::send;
+use super::send;
 use super::{
     CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
 };

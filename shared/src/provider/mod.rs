@@ -135,6 +135,57 @@ pub fn excerpt(body: &str, max: usize) -> String {
     }
 }
 
+/// What the adapters read from an HTTP exchange.
+pub(crate) struct Reply {
+    pub(crate) status: u16,
+    pub(crate) retry_after: Option<Duration>,
+    pub(crate) body: String,
+}
+
+/// Sends `builder` and reads the whole body; a failure on the way becomes its message (the
+/// caller classifies it as retryable).
+pub(crate) async fn send(
+    builder: reqwest::RequestBuilder,
+    req: &Request,
+) -> std::result::Result<Reply, String> {
+    let response = builder
+        .send()
+        .await
+        .map_err(|e| transport_message(&e, req))?;
+    let status = response.status().as_u16();
+    let wait = retry_after(response.headers());
+    let body = response
+        .text()
+        .await
+        .map_err(|e| transport_message(&e, req))?;
+    Ok(Reply {
+        status,
+        retry_after: wait,
+        body,
+    })
+}
+
+pub(crate) fn transport_message(e: &reqwest::Error, req: &Request) -> String {
+    if e.is_timeout() {
+        format!("no answer within {:?}", req.timeout)
+    } else if e.is_connect() {
+        format!("cannot connect: {}", source_chain(e))
+    } else {
+        format!("the connection failed: {}", source_chain(e))
+    }
+}
+
+pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        cur = s.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
-    retry_after,
+    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt, send,
 };
 use crate::outcome::ErrorClass;
 
@@ -88,16 +87,10 @@ impl OpenAi {
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let response = builder
-            .send()
+        let reply = send(builder, req)
             .await
-            .map_err(|e| self.error(req, ErrorClass::Retryable, transport_message(&e, req)))?;
-        let status = response.status().as_u16();
-        let wait = retry_after(response.headers());
-        let text = response
-            .text()
-            .await
-            .map_err(|e| self.error(req, ErrorClass::Retryable, transport_message(&e, req)))?;
+            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
+        let (status, wait, text) = (reply.status, reply.retry_after, reply.body);
         if !(200..300).contains(&status) {
             let mut err = self.error(req, classify_status(status), error_message(&text));
             err.status = Some(status);
@@ -117,27 +110,6 @@ impl Provider for OpenAi {
     fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
-}
-
-fn transport_message(e: &reqwest::Error, req: &Request) -> String {
-    if e.is_timeout() {
-        format!("no answer within {:?}", req.timeout)
-    } else if e.is_connect() {
-        format!("cannot connect: {}", source_chain(e))
-    } else {
-        format!("the connection failed: {}", source_chain(e))
-    }
-}
-
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        cur = s.source();
-    }
-    text
 }
 
 /// OpenAI's `{"error": {"message", "code"}}` body, or an excerpt of whatever came back.

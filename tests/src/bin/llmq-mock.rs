@@ -1,4 +1,4 @@
-//! `llmq-mock`: the mock LLM server, speaking OpenAI's chat-completions format.
+//! `llmq-mock`: the mock LLM server, speaking the OpenAI, Anthropic, Gemini and Ollama formats.
 //!
 //! ```text
 //! llmq-mock --listen 127.0.0.1:8089 --latency 20ms

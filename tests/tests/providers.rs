@@ -1,0 +1,400 @@
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+//! The four HTTP provider adapters against llmq-mock over real HTTP: the answer text, every
+//! usage field, every error class, Retry-After in each form, timeouts.
+//!
+//! Each check runs once per adapter (see `adapter_tests!` at the end), so a failure names the
+//! wire format.
+
+use std::time::{Duration, Instant};
+
+use llmq_shared::outcome::ErrorClass;
+use llmq_shared::provider::anthropic::Anthropic;
+use llmq_shared::provider::gemini::Gemini;
+use llmq_shared::provider::ollama::Ollama;
+use llmq_shared::provider::openai::{OpenAi, TokenLimitField};
+use llmq_shared::provider::{Completion, Error, Provider, Request, Usage};
+use llmq_tests::mock::{MockOptions, MockServer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    OpenAi,
+    Anthropic,
+    Gemini,
+    Ollama,
+}
+
+impl Format {
+    fn name(self) -> &'static str {
+        match self {
+            Format::OpenAi => "openai",
+            Format::Anthropic => "anthropic",
+            Format::Gemini => "gemini",
+            Format::Ollama => "ollama",
+        }
+    }
+
+    /// The adapter pointed at `url` (the mock's base URL), with a key unless `keyless`.
+    /// (`reqwest` and `secrecy` are not dependencies of this crate: the client and the key are
+    /// built by inference.)
+    fn adapter_with(self, url: &str, keyless: bool) -> Box<dyn Provider> {
+        let key = || (!keyless).then(|| "sk-test".into());
+        let name = self.name();
+        match self {
+            Format::OpenAi => Box::new(OpenAi::new(
+                name,
+                &format!("{url}/v1"),
+                key(),
+                TokenLimitField::MaxTokens,
+                Default::default(),
+            )),
+            Format::Anthropic => Box::new(Anthropic::new(name, url, key(), Default::default())),
+            Format::Gemini => Box::new(Gemini::new(
+                name,
+                &format!("{url}/v1beta"),
+                key(),
+                Default::default(),
+            )),
+            Format::Ollama => Box::new(Ollama::new(name, url, Default::default())),
+        }
+    }
+
+    fn adapter(self, url: &str) -> Box<dyn Provider> {
+        self.adapter_with(url, false)
+    }
+}
+
+async fn mock() -> MockServer {
+    MockServer::start(MockOptions::default()).await.unwrap()
+}
+
+fn request(model: &str, prompt: &str) -> Request {
+    Request {
+        model: model.to_owned(),
+        system: None,
+        prompt: prompt.to_owned(),
+        max_tokens: None,
+        temperature: None,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+async fn call(format: Format, mock: &MockServer, req: &Request) -> Result<Completion, Error> {
+    format.adapter(&mock.url()).complete(req).await
+}
+
+async fn fails(format: Format, mock: &MockServer, model: &str) -> Error {
+    match call(format, mock, &request(model, "hi")).await {
+        Ok(c) => panic!("{format:?} {model}: expected an error, got {c:?}"),
+        Err(e) => {
+            assert_eq!(e.provider, format.name(), "{e}");
+            assert_eq!(e.model, model, "{e}");
+            e
+        }
+    }
+}
+
+// ---- the checks ----
+
+/// A 400-character system prompt makes the mock report half the prompt as cached; a model
+/// named `*reason*` reports half the output as reasoning, where the format has such fields.
+async fn success_maps_text_and_every_usage_field(format: Format) {
+    let mock = mock().await;
+    let req = Request {
+        system: Some("Answer briefly. ".repeat(25)), // 400 chars: 100 tokens
+        ..request("mock-reason", "hello")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    let text = "mock answer from mock-reason: hello"; // 35 chars: 9 tokens
+    assert_eq!(c.text, text, "{format:?}");
+    // Prompt: (100 + 3) + (2 + 3) = 108, of which half cached; output 9, of which 9/2 reasoning.
+    let (cached, reasoning) = match format {
+        Format::OpenAi | Format::Gemini => (54, 4),
+        Format::Anthropic => (54, 0), // no separate thinking count
+        Format::Ollama => (0, 0),     // neither
+    };
+    assert_eq!(
+        c.usage,
+        Usage {
+            input_tokens: 108,
+            output_tokens: 9,
+            cached_tokens: cached,
+            reasoning_tokens: reasoning,
+        },
+        "{format:?}"
+    );
+    assert_eq!(mock.calls("mock-reason"), 1, "{format:?}");
+}
+
+/// `max_tokens` and `temperature` reach the server in the format's own fields.
+async fn max_tokens_and_temperature_are_sent(format: Format) {
+    let mock = mock().await;
+    let req = Request {
+        max_tokens: Some(2),
+        temperature: Some(0.5),
+        ..request("mock-fast", "a prompt long enough to be cut")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    assert_eq!(c.text, "mock ans", "{format:?}");
+    assert_eq!(
+        c.usage,
+        Usage {
+            input_tokens: 8 + 3,
+            output_tokens: 2,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+        },
+        "{format:?}"
+    );
+}
+
+async fn server_errors_are_retryable(format: Format) {
+    let mock = mock().await;
+    for (model, status) in [("fail-500", 500), ("fail-503", 503)] {
+        let e = fails(format, &mock, model).await;
+        assert_eq!(e.class, ErrorClass::Retryable, "{e}");
+        assert_eq!(e.status, Some(status), "{e}");
+        assert!(e.is_retryable());
+        assert!(
+            !e.message.is_empty() && e.message.chars().count() <= 400,
+            "{e}"
+        );
+    }
+    if format == Format::Anthropic {
+        let e = fails(format, &mock, "fail-529").await;
+        assert_eq!(
+            (e.class, e.status),
+            (ErrorClass::Retryable, Some(529)),
+            "{e}"
+        );
+        assert!(e.message.starts_with("overloaded_error"), "{e}");
+    }
+    // flaky-1: one 500, then an answer.
+    let req = request("flaky-1", "flaky conversation");
+    let e = call(format, &mock, &req).await.unwrap_err();
+    assert_eq!(
+        (e.class, e.status),
+        (ErrorClass::Retryable, Some(500)),
+        "{e}"
+    );
+    let c = call(format, &mock, &req).await.unwrap();
+    assert!(c.text.starts_with("mock answer from flaky-1"), "{format:?}");
+}
+
+async fn client_errors_are_fatal(format: Format) {
+    let mock = mock().await;
+    for (model, status) in [("fail-400", 400), ("fail-401", 401), ("fail-404", 404)] {
+        let e = fails(format, &mock, model).await;
+        assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+        assert_eq!(e.status, Some(status), "{e}");
+        assert!(!e.is_retryable());
+        assert_eq!(e.retry_after, None, "{e}");
+    }
+}
+
+async fn context_too_long_is_fatal(format: Format) {
+    let mock = mock().await;
+    let e = fails(format, &mock, "context-too-long").await;
+    assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+    assert_eq!(e.status, Some(400), "{e}");
+    assert!(e.message.starts_with("context too long"), "{e}");
+    // The same by marker.
+    let req = request("mock-fast", "[[mock:context-too-long]] hi");
+    let e = call(format, &mock, &req).await.unwrap_err();
+    assert!(e.message.starts_with("context too long"), "{e}");
+}
+
+/// Every format, every form of the wait: `Retry-After: 1`, `retry-after-ms: 200` and an
+/// HTTP-date 2 s ahead (Gemini: a `RetryInfo` detail, with the date header for the last).
+async fn rate_limits_carry_the_wait(format: Format) {
+    let mock = mock().await;
+    let e = fails(format, &mock, "rate-limit").await;
+    assert_eq!(e.class, ErrorClass::RateLimited, "{e}");
+    assert_eq!(e.status, Some(429), "{e}");
+    assert_eq!(e.retry_after, Some(Duration::from_secs(1)), "{e}");
+
+    let e = fails(format, &mock, "rate-limit-ms").await;
+    assert_eq!(e.class, ErrorClass::RateLimited, "{e}");
+    assert_eq!(e.retry_after, Some(Duration::from_millis(200)), "{e}");
+
+    let e = fails(format, &mock, "rate-limit-date").await;
+    assert_eq!(e.class, ErrorClass::RateLimited, "{e}");
+    let wait = e.retry_after.unwrap();
+    // A whole-second date at least 2 s ahead, read a moment later.
+    assert!(
+        wait >= Duration::from_millis(1500) && wait <= Duration::from_secs(3),
+        "{format:?}: {wait:?}"
+    );
+}
+
+async fn timeouts_are_retryable(format: Format) {
+    let mock = mock().await;
+    let req = Request {
+        timeout: Duration::from_millis(300),
+        ..request("timeout", "hang")
+    };
+    let start = Instant::now();
+    // The mock's `timeout` hangs for 10 minutes: an adapter that ignores the timeout fails here.
+    let e = tokio::time::timeout(Duration::from_secs(5), call(format, &mock, &req))
+        .await
+        .unwrap_or_else(|_| panic!("{format:?}: request.timeout was not applied"))
+        .unwrap_err();
+    let took = start.elapsed();
+    assert_eq!(e.class, ErrorClass::Retryable, "{e}");
+    assert_eq!(e.status, None, "{e}");
+    assert!(e.message.contains("300ms"), "{e}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "{format:?}: {took:?}"
+    );
+}
+
+async fn refused_connections_are_retryable(format: Format) {
+    // A port that was just free.
+    let url = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let e = format
+        .adapter(&url)
+        .complete(&request("mock-fast", "hi"))
+        .await
+        .unwrap_err();
+    assert_eq!((e.class, e.status), (ErrorClass::Retryable, None), "{e}");
+    assert!(e.message.starts_with("cannot connect"), "{e}");
+}
+
+async fn a_missing_key_is_fatal(format: Format) {
+    let mock = mock().await;
+    let adapter = format.adapter_with(&mock.url(), true);
+    let result = adapter.complete(&request("mock-fast", "hi")).await;
+    if format == Format::Ollama {
+        // Ollama has no auth.
+        assert!(result.is_ok(), "{result:?}");
+        return;
+    }
+    let e = result.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+    // Gemini says 403 PERMISSION_DENIED to unidentified callers.
+    let want = if format == Format::Gemini { 403 } else { 401 };
+    assert_eq!(e.status, Some(want), "{e}");
+}
+
+macro_rules! adapter_tests {
+    ($module:ident, $format:expr) => {
+        mod $module {
+            use super::*;
+
+            #[tokio::test]
+            async fn success_maps_text_and_every_usage_field() {
+                super::success_maps_text_and_every_usage_field($format).await;
+            }
+
+            #[tokio::test]
+            async fn max_tokens_and_temperature_are_sent() {
+                super::max_tokens_and_temperature_are_sent($format).await;
+            }
+
+            #[tokio::test]
+            async fn server_errors_are_retryable() {
+                super::server_errors_are_retryable($format).await;
+            }
+
+            #[tokio::test]
+            async fn client_errors_are_fatal() {
+                super::client_errors_are_fatal($format).await;
+            }
+
+            #[tokio::test]
+            async fn context_too_long_is_fatal() {
+                super::context_too_long_is_fatal($format).await;
+            }
+
+            #[tokio::test]
+            async fn rate_limits_carry_the_wait() {
+                super::rate_limits_carry_the_wait($format).await;
+            }
+
+            #[tokio::test]
+            async fn timeouts_are_retryable() {
+                super::timeouts_are_retryable($format).await;
+            }
+
+            #[tokio::test]
+            async fn refused_connections_are_retryable() {
+                super::refused_connections_are_retryable($format).await;
+            }
+
+            #[tokio::test]
+            async fn a_missing_key_is_fatal() {
+                super::a_missing_key_is_fatal($format).await;
+            }
+        }
+    };
+}
+
+adapter_tests!(openai, Format::OpenAi);
+adapter_tests!(anthropic, Format::Anthropic);
+adapter_tests!(gemini, Format::Gemini);
+adapter_tests!(ollama, Format::Ollama);
+
+// ---- format-specific ----
+
+#[tokio::test]
+async fn gemini_blocked_prompts_are_fatal() {
+    let mock = mock().await;
+    let e = fails(Format::Gemini, &mock, "blocked").await;
+    assert_eq!(e.class, ErrorClass::Fatal, "{e}");
+    assert_eq!(e.status, None, "{e}");
+    assert_eq!(e.message, "blocked: SAFETY");
+    let req = request("gemini-2.5-flash", "[[mock:blocked]] something");
+    let e = call(Format::Gemini, &mock, &req).await.unwrap_err();
+    assert_eq!(
+        (e.class, e.message.as_str()),
+        (ErrorClass::Fatal, "blocked: SAFETY")
+    );
+}
+
+#[tokio::test]
+async fn gemini_rate_limit_wait_comes_from_retry_info() {
+    let mock = mock().await;
+    // The mock sends no Retry-After for `rate-limit` on this route: the 1 s is the detail's.
+    let e = fails(Format::Gemini, &mock, "rate-limit").await;
+    assert_eq!(e.retry_after, Some(Duration::from_secs(1)));
+    assert!(e.message.starts_with("RESOURCE_EXHAUSTED: "), "{e}");
+}
+
+#[tokio::test]
+async fn ollama_missing_model_is_fatal() {
+    let mock = mock().await;
+    let e = fails(Format::Ollama, &mock, "missing").await;
+    assert_eq!((e.class, e.status), (ErrorClass::Fatal, Some(404)), "{e}");
+    assert_eq!(
+        e.message,
+        "model \"missing\" not found, try pulling it first"
+    );
+}
+
+#[tokio::test]
+async fn the_same_request_costs_the_same_in_every_format() {
+    let mock = mock().await;
+    let req = Request {
+        system: Some("Be terse.".into()),
+        ..request("mock-smart", "What is the capital of France?")
+    };
+    let mut usages = Vec::new();
+    for format in [
+        Format::OpenAi,
+        Format::Anthropic,
+        Format::Gemini,
+        Format::Ollama,
+    ] {
+        let c = call(format, &mock, &req).await.unwrap();
+        assert_eq!(
+            c.text, "mock answer from mock-smart: What is the capital of France?",
+            "{format:?}"
+        );
+        usages.push(c.usage);
+    }
+    assert!(usages.windows(2).all(|w| w[0] == w[1]), "{usages:?}");
+    assert_eq!(mock.calls("mock-smart"), 4);
+}
