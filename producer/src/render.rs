@@ -32,6 +32,12 @@ pub fn record(r: &TaskRecord) -> String {
         r.input_tokens, r.cached_tokens, r.output_tokens
     ));
     s.push_str(&format!("Cost:      {}\n", usd(r.cost_usd)));
+    if let Some(route) = &r.route {
+        s.push_str(&format!("Route:     {route}\n"));
+    }
+    for e in &r.provider_errors {
+        s.push_str(&format!("  failed:  {e}\n"));
+    }
     if let Some(e) = &r.error {
         let class = r.error_class.map(|c| format!(" [{c}]")).unwrap_or_default();
         s.push_str(&format!("Error:     {e}{class}\n"));

@@ -11,9 +11,18 @@ use llmq_tests::harness::{TestEnv, WorkerHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// Providers a and b (and a free one) on the same mock, with short backoffs.
+/// Provider names are global in Redis (quotas, cooldowns): each test gets its own.
+fn names(env: &TestEnv) -> (String, String) {
+    let sfx = &env.queue[2..];
+    (format!("a{sfx}"), format!("b{sfx}"))
+}
+
+/// Providers a and b on the same mock, with short backoffs; `routing` may say
+/// `fallback: [b]`.
 fn config(env: &TestEnv, extra_a: &str, routing: &str) -> Config {
     let url = env.mock.url();
+    let (a, b) = names(env);
+    let routing = routing.replace("[b]", &format!("[{b}]"));
     let text = format!(
         r#"
 providers:
@@ -36,6 +45,9 @@ routing:
 {routing}
 "#
     );
+    let text = text
+        .replace("name: a\n", &format!("name: {a}\n"))
+        .replace("name: b\n", &format!("name: {b}\n"));
     Config::parse("routing-test.yaml", &text, &|_| None).unwrap()
 }
 
@@ -55,30 +67,28 @@ async fn run(env: &TestEnv, e: Envelope) -> llmq_shared::outcome::TaskRecord {
 #[tokio::test]
 async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
     let env = TestEnv::new().await.unwrap();
+    let (a, b) = names(&env);
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
     let mut e = Envelope::new("fall back please");
-    e.provider = Some("a".into());
+    e.provider = Some(a.clone());
     e.model = Some("fail-500".into());
     let r = run(&env, e).await;
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     assert_eq!(
         (r.provider.as_deref(), r.model.as_deref()),
-        (Some("b"), Some("mock-smart"))
+        (Some(b.as_str()), Some("mock-smart"))
     );
     assert_eq!(r.attempts, 1, "fallback happens within one attempt");
     assert_eq!(r.provider_errors.len(), 3, "{:?}", r.provider_errors);
+    let route = r.route.clone().unwrap_or_default();
     assert!(
-        r.route
-            .as_deref()
-            .unwrap_or_default()
-            .contains("a failed → b/mock-smart"),
-        "{:?}",
-        r.route
+        route.contains(&format!("{a} failed → {b}/mock-smart")),
+        "{route}"
     );
 
     let calls = env.calls().await.unwrap();
     let who: Vec<&str> = calls.iter().map(|c| c.4.as_str()).collect();
-    assert_eq!(who, ["a", "a", "a", "b"], "the ledger shows every call");
+    assert_eq!(who, [&*a, &*a, &*a, &*b], "the ledger shows every call");
     let b_cost = calls[3].6;
     assert!(b_cost > 0.0);
     assert!(
@@ -92,19 +102,18 @@ async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
 #[tokio::test]
 async fn when_all_fail_the_error_names_every_provider() {
     let env = TestEnv::new().await.unwrap();
+    let (a, b) = names(&env);
     let mut e = Envelope::new("[[mock:fail-503]] nobody can");
-    e.provider = Some("a".into());
+    e.provider = Some(a.clone());
     e.model = Some("mock-fast".into());
     e.max_attempts = Some(1);
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
     let r = run(&env, e).await;
     assert_eq!(r.status, Status::Dead);
     let error = r.error.unwrap();
-    assert!(
-        error.contains("all providers failed; last error: b/mock-smart: HTTP 503"),
-        "{error}"
-    );
-    assert!(error.ends_with("tried: a, b"), "{error}");
+    let want = format!("all providers failed; last error: {b}/mock-smart: HTTP 503");
+    assert!(error.contains(&want), "{error}");
+    assert!(error.ends_with(&format!("tried: {a}, {b}")), "{error}");
     assert_eq!(r.provider_errors.len(), 6, "three tries on each");
     w.stop().await.unwrap();
 }
@@ -113,13 +122,14 @@ async fn when_all_fail_the_error_names_every_provider() {
 async fn a_fatal_error_skips_straight_to_the_next_provider() {
     let env = TestEnv::new().await.unwrap();
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
+    let (a, _) = names(&env);
     let mut e = Envelope::new("[[mock:fail-401]] bad key on a");
-    e.provider = Some("a".into());
+    e.provider = Some(a.clone());
     e.model = Some("mock-fast".into());
     let r = run(&env, e).await;
     // The marker makes b fail too; what matters is that a was asked once.
     let calls = env.calls().await.unwrap();
-    let on_a = calls.iter().filter(|c| c.4 == "a").count();
+    let on_a = calls.iter().filter(|c| c.4 == a).count();
     assert_eq!(on_a, 1, "a 401 is not retried");
     assert_eq!(r.error_class, Some(ErrorClass::Fatal));
     w.stop().await.unwrap();
@@ -198,5 +208,15 @@ providers:
         "no call was made for it"
     );
     assert_eq!(env.mock.total_calls(), 3);
+
+    // Meanwhile the worker stops pulling tasks it could not run: they wait in Redis.
+    let more: Vec<Envelope> = (0..3)
+        .map(|i| Envelope::new(format!("later {i}")))
+        .collect();
+    env.redis.enqueue_many(&env.keys, &more).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    // A read already waiting when the quota ran out may take one; no more follow.
+    assert!(counts.ready >= 2 && counts.in_flight == 0, "{counts:?}");
     w.stop().await.unwrap();
 }

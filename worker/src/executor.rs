@@ -60,6 +60,33 @@ pub struct Executor {
     /// Cancelled when the shutdown grace period is over: running calls stop and their tasks
     /// go back to the stream.
     pub hard_stop: CancellationToken,
+    /// Set when every capable provider is out of quota: the fetcher reads nothing until
+    /// then (at most a few seconds at a time), so tasks wait in Redis, not in memory.
+    pub quota_pause: Arc<QuotaPause>,
+}
+
+/// When the fetcher may read again, in ms since the epoch (0: now).
+#[derive(Debug, Default)]
+pub struct QuotaPause(std::sync::atomic::AtomicI64);
+
+impl QuotaPause {
+    /// The longest one pause lasts; then one read finds out whether a quota freed up.
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    fn pause_until(&self, until: chrono::DateTime<Utc>) {
+        let capped = until
+            .timestamp_millis()
+            .min(now_ms() + Self::MAX.as_millis() as i64);
+        self.0
+            .fetch_max(capped, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long to wait before the next read.
+    #[must_use]
+    pub fn remaining(&self) -> Duration {
+        let until = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0))
+    }
 }
 
 /// The outcome of one delivery, ready for the finisher.
@@ -189,6 +216,7 @@ impl Executor {
                 }
             }
             Tried::Refused { until, reason } => {
+                self.quota_pause.pause_until(until);
                 // Every capable provider is out of quota: wait for the earliest reset
                 // without using an attempt. It never spins: the due time is the reset.
                 record.status = Status::Delayed;
@@ -520,7 +548,14 @@ impl Executor {
         } else {
             env.attempts = attempt;
             let error = if class.is_retryable() {
-                format!("gave up after {attempt} attempts; last error: {error}")
+                {
+                    let plural = if attempt == 1 { "" } else { "s" };
+                    if error.starts_with("all providers failed") {
+                        format!("gave up after {attempt} attempt{plural}; {error}")
+                    } else {
+                        format!("gave up after {attempt} attempt{plural}; last error: {error}")
+                    }
+                }
             } else {
                 error
             };

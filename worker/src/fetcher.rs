@@ -33,6 +33,7 @@ pub struct Fetcher {
     /// How long one read waits for a task before checking for shutdown.
     pub block: Duration,
     pub stop: CancellationToken,
+    pub quota_pause: Arc<crate::executor::QuotaPause>,
 }
 
 impl Fetcher {
@@ -44,6 +45,17 @@ impl Fetcher {
         let mut conn = None;
         let mut turn = 0usize;
         loop {
+            let pause = self.quota_pause.remaining();
+            if !pause.is_zero() {
+                tracing::debug!(
+                    ?pause,
+                    "every capable provider is out of quota; not reading"
+                );
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = self.stop.cancelled() => return,
+                }
+            }
             let first = tokio::select! {
                 p = Arc::clone(&self.slots).acquire_owned() => match p {
                     Ok(p) => p,

@@ -204,6 +204,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         settings.visibility_timeout,
         done.clone(),
     ));
+    let quota_pause = Arc::new(executor::QuotaPause::default());
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     tasks.spawn(
         Fetcher {
@@ -217,6 +218,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             result_ttl: settings.result_ttl,
             block: settings.block,
             stop: stop.clone(),
+            quota_pause: Arc::clone(&quota_pause),
         }
         .run(jobs_tx),
     );
@@ -229,6 +231,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             retry_base: settings.retry_base,
             retry_max: settings.retry_max,
             hard_stop: hard_stop.clone(),
+            quota_pause,
         },
         finisher,
         inflight: Arc::clone(&inflight),
