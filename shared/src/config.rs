@@ -1091,11 +1091,26 @@ routing:
     #[test]
     fn the_shipped_provider_files_are_valid() {
         let any = |name: &str| (!name.ends_with("_URL")).then(|| "set".to_owned());
-        let example = Config::parse("providers.example.yaml", include_str!("../../providers.example.yaml"), &any).unwrap();
+        let example = Config::parse(
+            "providers.example.yaml",
+            include_str!("../../providers.example.yaml"),
+            &any,
+        )
+        .unwrap();
         assert!(example.providers.len() >= 6);
         assert!(!example.routing.rules.is_empty());
-        Config::parse("providers.mock.yaml", include_str!("../../examples/providers.mock.yaml"), &any).unwrap();
-        Config::parse("providers.openai.yaml", include_str!("../../examples/providers.openai.yaml"), &any).unwrap();
+        Config::parse(
+            "providers.mock.yaml",
+            include_str!("../../examples/providers.mock.yaml"),
+            &any,
+        )
+        .unwrap();
+        Config::parse(
+            "providers.openai.yaml",
+            include_str!("../../examples/providers.openai.yaml"),
+            &any,
+        )
+        .unwrap();
     }
 
     #[test]

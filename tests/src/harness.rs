@@ -287,8 +287,24 @@ impl WorkerProcess {
     /// # Errors
     /// The binary cannot be started.
     pub fn spawn(env: &TestEnv, extra: &[&str]) -> anyhow::Result<Self> {
-        let config = std::env::temp_dir().join(format!("llmq-{}.yaml", env.queue));
-        std::fs::write(&config, include_str!("../../examples/providers.mock.yaml"))?;
+        Self::spawn_with(
+            env,
+            include_str!("../../examples/providers.mock.yaml"),
+            extra,
+        )
+    }
+
+    /// Starts `llmq-worker` with the provider file `config_text`.
+    ///
+    /// # Errors
+    /// The file cannot be written or the binary started.
+    pub fn spawn_with(env: &TestEnv, config_text: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        let config = std::env::temp_dir().join(format!(
+            "llmq-{}-{}.yaml",
+            env.queue,
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::write(&config, config_text)?;
         let child = Command::new(binary("llmq-worker"))
             .env("REDIS_URL", redis_url())
             .env("DATABASE_URL", database_url())

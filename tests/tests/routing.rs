@@ -220,3 +220,68 @@ providers:
     assert!(counts.ready >= 2 && counts.in_flight == 0, "{counts:?}");
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn three_worker_processes_never_exceed_a_shared_rate_limit() {
+    let env = TestEnv::new().await.unwrap();
+    let (a, _) = names(&env);
+    // 5 requests per 1 s window (a minute, scaled down), across three processes.
+    let text = format!(
+        "providers:\n  - name: {a}\n    kind: openai_compatible\n    base_url: {}/v1\n    api_key: k\n    quotas: {{rpm: 5, window: 1s}}\n    models: [{{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n",
+        env.mock.url()
+    );
+    let workers: Vec<_> = (0..3)
+        .map(|_| {
+            llmq_tests::harness::WorkerProcess::spawn_with(&env, &text, &["--concurrency", "4"])
+                .unwrap()
+        })
+        .collect();
+    let envs: Vec<Envelope> = (0..20)
+        .map(|i| Envelope::new(format!("limited {i}")))
+        .collect();
+    env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
+    let ids: Vec<String> = envs.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let records = llmq::wait_for(
+        &env.redis,
+        &env.keys,
+        &ids,
+        Some(Duration::from_secs(60)),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.status == Status::Succeeded)),
+        "{records:#?}"
+    );
+
+    let at: Vec<i64> = sqlx::query_scalar(
+        "SELECT (extract(epoch from called_at) * 1000)::int8 FROM provider_calls WHERE queue = $1 ORDER BY called_at",
+    )
+    .bind(&env.queue)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        at.len(),
+        20,
+        "one call per task: refusals wait in delayed, they are not calls"
+    );
+    // The limiter counts reservations; a call starts a moment after its reservation, so
+    // windows are checked 50 ms short of the full second.
+    for (i, t) in at.iter().enumerate() {
+        let in_window = at[i..].iter().take_while(|u| **u < t + 950).count();
+        assert!(
+            in_window <= 5,
+            "{in_window} calls within 950 ms from {t}: {at:?}"
+        );
+    }
+    let spread = at[at.len() - 1] - at[0];
+    assert!(
+        spread >= 3000,
+        "20 calls at 5 per second take at least 3 s, took {spread} ms"
+    );
+    drop(workers);
+}
