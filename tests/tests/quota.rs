@@ -206,7 +206,7 @@ async fn repeated_failures_cool_a_provider_down_for_everyone() {
     let name = provider();
     let cooldown = Cooldown {
         after_failures: 3,
-        duration: Duration::from_millis(300),
+        duration: Duration::from_millis(1200),
     };
     assert!(!a.failed(&name, &cooldown).await.unwrap());
     a.succeeded(&name).await.unwrap();
@@ -220,10 +220,13 @@ async fn repeated_failures_cool_a_provider_down_for_everyone() {
         b.failed(&name, &cooldown).await.unwrap(),
         "the third failure in a row"
     );
+    assert!(b.cooling_down(&name).await.unwrap());
+    // Workers cache what they know of a cooldown for a quarter of a second.
+    tokio::time::sleep(llmq_shared::quota::COOLDOWN_FRESHNESS + Duration::from_millis(50)).await;
     assert!(
         a.cooling_down(&name).await.unwrap(),
         "seen by the other worker"
     );
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!a.cooling_down(&name).await.unwrap(), "and it ends");
 }
