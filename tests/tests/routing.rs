@@ -285,3 +285,23 @@ async fn three_worker_processes_never_exceed_a_shared_rate_limit() {
     );
     drop(workers);
 }
+
+#[tokio::test]
+async fn an_attempt_ends_at_the_attempt_timeout_whatever_its_calls_do() {
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    s.config = config(&env, "", "");
+    s.attempt_timeout = Duration::from_millis(400);
+    let w = WorkerHandle::start(s);
+    let mut e = Envelope::new("[[mock:slow-3000]] takes too long");
+    e.model = Some("mock-fast".into());
+    e.max_attempts = Some(1);
+    let r = run(&env, e).await;
+    assert_eq!(r.status, Status::Dead);
+    assert!(
+        r.error
+            .unwrap_or_default()
+            .contains("the attempt took longer than 400ms")
+    );
+    w.stop().await.unwrap();
+}

@@ -57,6 +57,8 @@ pub struct Executor {
     pub max_payload_bytes: usize,
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// One attempt, every provider and wait included, ends after this.
+    pub attempt_timeout: Duration,
     /// Cancelled when the shutdown grace period is over: running calls stop and their tasks
     /// go back to the stream.
     pub hard_stop: CancellationToken,
@@ -165,9 +167,23 @@ impl Executor {
         };
         let mut calls = Vec::new();
         let started = Instant::now();
-        let tried = self
-            .call_plan(&env, &plan, attempt, &queue, &task_type, &mut calls)
-            .await;
+        let attempt_run = self.call_plan(&env, &plan, attempt, &queue, &task_type, &mut calls);
+        let tried = match tokio::time::timeout(self.attempt_timeout, attempt_run).await {
+            Ok(tried) => tried,
+            Err(_) => PlanOutcome {
+                result: Tried::Failed {
+                    class: ErrorClass::Retryable,
+                    error: format!(
+                        "the attempt took longer than {:?} (--attempt-timeout) across its providers",
+                        self.attempt_timeout
+                    ),
+                    retry_after: None,
+                },
+                route: plan.reason.clone(),
+                errors: calls.iter().filter_map(|c| c.error.clone()).collect(),
+                last: None,
+            },
+        };
         record.duration_ms = started.elapsed().as_millis() as u64;
         record.route = Some(tried.route);
         record.provider_errors = tried.errors;

@@ -70,6 +70,8 @@ pub struct Settings {
     pub max_payload_bytes: usize,
     pub retry_base: Duration,
     pub retry_max: Duration,
+    /// One attempt, every provider, retry and wait included, ends after this.
+    pub attempt_timeout: Duration,
     /// How often due delayed tasks are looked for, at the most.
     pub promote_every: Duration,
     /// How long one read waits for a task.
@@ -96,6 +98,7 @@ impl Settings {
             max_payload_bytes: llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
+            attempt_timeout: Duration::from_secs(30 * 60),
             promote_every: Duration::from_millis(250),
             block: Duration::from_millis(500),
             worker_id: None,
@@ -230,6 +233,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             max_payload_bytes: settings.max_payload_bytes,
             retry_base: settings.retry_base,
             retry_max: settings.retry_max,
+            attempt_timeout: settings.attempt_timeout,
             hard_stop: hard_stop.clone(),
             quota_pause,
         },

@@ -52,6 +52,10 @@ struct Args {
     /// The longest a retry waits.
     #[arg(long, env = "LLMQ_RETRY_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
     retry_max: Duration,
+    /// One attempt, every provider, retry and wait included, ends after this (a retryable
+    /// failure); each single call is bounded by the task's own `timeout`.
+    #[arg(long, env = "LLMQ_ATTEMPT_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    attempt_timeout: Duration,
 }
 
 #[tokio::main]
@@ -76,6 +80,7 @@ async fn main() -> ExitCode {
     settings.max_payload_bytes = args.max_payload_bytes;
     settings.retry_base = args.retry_base;
     settings.retry_max = args.retry_max;
+    settings.attempt_timeout = args.attempt_timeout;
     match llmq_worker::run(settings, llmq_shared::shutdown::on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
