@@ -378,11 +378,64 @@ pub struct Routing {
     pub cooldown: Cooldown,
 }
 
+/// How long dead letters are kept.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Retention {
+    /// Dead letters older than this are archived to Postgres and trimmed from Redis.
+    pub keep_in_redis: Duration,
+    /// Past this many, the oldest are archived and trimmed regardless of age.
+    pub max_in_redis: u64,
+    /// Archived dead letters older than this are deleted from Postgres.
+    pub keep_archived: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            keep_in_redis: Duration::from_secs(7 * 24 * 3600),
+            max_in_redis: 10_000,
+            keep_archived: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+/// A task the scheduler enqueues on a cron schedule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recurring {
+    /// Unique; names the task in logs and in its exactly-once marker.
+    pub name: String,
+    /// The cron expression, as written; the scheduler parses it.
+    pub cron: String,
+    pub queue: String,
+    /// Envelope fields (prompt, type, model, ...) for each run; `v` and `id` are added.
+    pub task: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The scheduler's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerConfig {
+    /// How long a scheduler's lease lasts without renewal; a standby takes over after it.
+    pub lease: Duration,
+    pub dead_letters: Retention,
+    pub recurring: Vec<Recurring>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(15),
+            dead_letters: Retention::default(),
+            recurring: Vec::new(),
+        }
+    }
+}
+
 /// The validated provider file.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub routing: Routing,
+    pub scheduler: SchedulerConfig,
 }
 
 #[derive(Deserialize)]
@@ -391,6 +444,39 @@ struct RawFile {
     providers: Vec<RawProvider>,
     #[serde(default)]
     routing: Option<RawRouting>,
+    #[serde(default)]
+    scheduler: Option<RawScheduler>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    lease: Option<String>,
+    dead_letters: Option<RawRetention>,
+    #[serde(default)]
+    recurring: Vec<RawRecurring>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    keep_in_redis: Option<String>,
+    max_in_redis: Option<u64>,
+    keep_archived: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecurring {
+    name: String,
+    cron: String,
+    #[serde(default = "default_queue")]
+    queue: String,
+    task: serde_json::Map<String, serde_json::Value>,
+}
+
+fn default_queue() -> String {
+    "default".into()
 }
 
 #[derive(Deserialize)]
@@ -574,7 +660,11 @@ impl Config {
             Some(r) => routing(&errs, r, &providers)?,
             None => Routing::default(),
         };
-        Ok(Self { providers, routing })
+        let scheduler = match raw.scheduler {
+            Some(s) => scheduler(&errs, s)?,
+            None => SchedulerConfig::default(),
+        };
+        Ok(Self { providers, routing, scheduler })
     }
 
     #[must_use]
@@ -971,6 +1061,42 @@ fn routing(errs: &Errors<'_>, r: RawRouting, providers: &[ProviderConfig]) -> Re
         retry,
         cooldown,
     })
+}
+
+fn scheduler(errs: &Errors<'_>, raw: RawScheduler) -> Result<SchedulerConfig> {
+    let mut out = SchedulerConfig::default();
+    if let Some(l) = raw.lease {
+        out.lease = errs.duration("scheduler.lease".into(), &l)?;
+        if out.lease < Duration::from_secs(1) {
+            return Err(errs.at("scheduler.lease", "a lease shorter than a second would flap", "use e.g. 15s"));
+        }
+    }
+    if let Some(r) = raw.dead_letters {
+        if let Some(d) = r.keep_in_redis {
+            out.dead_letters.keep_in_redis = errs.duration("scheduler.dead_letters.keep_in_redis".into(), &d)?;
+        }
+        if let Some(n) = r.max_in_redis {
+            out.dead_letters.max_in_redis = n;
+        }
+        if let Some(d) = r.keep_archived {
+            out.dead_letters.keep_archived = errs.duration("scheduler.dead_letters.keep_archived".into(), &d)?;
+        }
+    }
+    for (i, r) in raw.recurring.into_iter().enumerate() {
+        let at = |k: &str| format!("scheduler.recurring[{i}].{k}");
+        if r.name.trim().is_empty() || out.recurring.iter().any(|x: &Recurring| x.name == r.name) {
+            return Err(errs.at(at("name"), format!("`{}` is empty or used twice", r.name), "give every recurring task its own name"));
+        }
+        if r.cron.split_whitespace().count() < 5 {
+            return Err(errs.at(at("cron"), format!("`{}` is not a cron expression", r.cron), "write five fields, e.g. \"0 2 * * *\" for 02:00 UTC daily"));
+        }
+        let prompt_ok = r.task.get("prompt").and_then(|p| p.as_str()).is_some_and(|p| !p.trim().is_empty());
+        if !prompt_ok {
+            return Err(errs.at(at("task.prompt"), "the task has no prompt", "set task: {prompt: \"...\"}"));
+        }
+        out.recurring.push(Recurring { name: r.name, cron: r.cron, queue: r.queue, task: r.task });
+    }
+    Ok(out)
 }
 
 const ENV_FIX: &str = "export the variable, or give a default as ${NAME:-value}";

@@ -67,6 +67,22 @@ impl QueueKeys {
     }
 }
 
+/// The scheduler's keys (not per queue: one scheduler serves every queue).
+pub mod scheduler {
+    /// Who holds the lease: a string (the holder's id) with a TTL.
+    pub const LEASE: &str = "llmq:scheduler:lease";
+    /// A counter bumped on every takeover; the holder's fencing token.
+    pub const FENCE: &str = "llmq:scheduler:fence";
+    /// Each duty's last run: a hash of duty name to JSON.
+    pub const DUTIES: &str = "llmq:scheduler:duties";
+
+    /// Marks one tick of a recurring task as enqueued (SET NX with a TTL).
+    #[must_use]
+    pub fn tick(name: &str, tick_ms: i64) -> String {
+        format!("llmq:scheduler:recurring:{name}:{tick_ms}")
+    }
+}
+
 /// Key names of one provider's shared state: quotas, rate limits, failures and cooldown.
 /// They share the hash tag `{p:<provider>}`, so the quota scripts run on Redis Cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -1,0 +1,1 @@
+//! The llmq scheduler (being written).

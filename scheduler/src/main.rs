@@ -1,0 +1,3 @@
+//! `llmq-scheduler` (being written).
+
+fn main() {}
