@@ -664,7 +664,11 @@ impl Config {
             Some(s) => scheduler(&errs, s)?,
             None => SchedulerConfig::default(),
         };
-        Ok(Self { providers, routing, scheduler })
+        Ok(Self {
+            providers,
+            routing,
+            scheduler,
+        })
     }
 
     #[must_use]
@@ -1068,33 +1072,60 @@ fn scheduler(errs: &Errors<'_>, raw: RawScheduler) -> Result<SchedulerConfig> {
     if let Some(l) = raw.lease {
         out.lease = errs.duration("scheduler.lease".into(), &l)?;
         if out.lease < Duration::from_secs(1) {
-            return Err(errs.at("scheduler.lease", "a lease shorter than a second would flap", "use e.g. 15s"));
+            return Err(errs.at(
+                "scheduler.lease",
+                "a lease shorter than a second would flap",
+                "use e.g. 15s",
+            ));
         }
     }
     if let Some(r) = raw.dead_letters {
         if let Some(d) = r.keep_in_redis {
-            out.dead_letters.keep_in_redis = errs.duration("scheduler.dead_letters.keep_in_redis".into(), &d)?;
+            out.dead_letters.keep_in_redis =
+                errs.duration("scheduler.dead_letters.keep_in_redis".into(), &d)?;
         }
         if let Some(n) = r.max_in_redis {
             out.dead_letters.max_in_redis = n;
         }
         if let Some(d) = r.keep_archived {
-            out.dead_letters.keep_archived = errs.duration("scheduler.dead_letters.keep_archived".into(), &d)?;
+            out.dead_letters.keep_archived =
+                errs.duration("scheduler.dead_letters.keep_archived".into(), &d)?;
         }
     }
     for (i, r) in raw.recurring.into_iter().enumerate() {
         let at = |k: &str| format!("scheduler.recurring[{i}].{k}");
         if r.name.trim().is_empty() || out.recurring.iter().any(|x: &Recurring| x.name == r.name) {
-            return Err(errs.at(at("name"), format!("`{}` is empty or used twice", r.name), "give every recurring task its own name"));
+            return Err(errs.at(
+                at("name"),
+                format!("`{}` is empty or used twice", r.name),
+                "give every recurring task its own name",
+            ));
         }
         if r.cron.split_whitespace().count() < 5 {
-            return Err(errs.at(at("cron"), format!("`{}` is not a cron expression", r.cron), "write five fields, e.g. \"0 2 * * *\" for 02:00 UTC daily"));
+            return Err(errs.at(
+                at("cron"),
+                format!("`{}` is not a cron expression", r.cron),
+                "write five fields, e.g. \"0 2 * * *\" for 02:00 UTC daily",
+            ));
         }
-        let prompt_ok = r.task.get("prompt").and_then(|p| p.as_str()).is_some_and(|p| !p.trim().is_empty());
+        let prompt_ok = r
+            .task
+            .get("prompt")
+            .and_then(|p| p.as_str())
+            .is_some_and(|p| !p.trim().is_empty());
         if !prompt_ok {
-            return Err(errs.at(at("task.prompt"), "the task has no prompt", "set task: {prompt: \"...\"}"));
+            return Err(errs.at(
+                at("task.prompt"),
+                "the task has no prompt",
+                "set task: {prompt: \"...\"}",
+            ));
         }
-        out.recurring.push(Recurring { name: r.name, cron: r.cron, queue: r.queue, task: r.task });
+        out.recurring.push(Recurring {
+            name: r.name,
+            cron: r.cron,
+            queue: r.queue,
+            task: r.task,
+        });
     }
     Ok(out)
 }

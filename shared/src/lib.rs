@@ -14,6 +14,7 @@
 
 pub mod config;
 pub mod envelope;
+pub mod health;
 pub mod keys;
 pub mod ledger;
 pub mod outcome;

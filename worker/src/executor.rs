@@ -412,6 +412,14 @@ impl Executor {
                 {
                     tracing::warn!(provider = name, "reconciling the quota failed: {e}");
                 }
+                record_call(
+                    name,
+                    &cand.model.id,
+                    &result,
+                    started.elapsed(),
+                    &usage,
+                    cost,
+                );
                 call.input_tokens = usage.input_tokens as i64;
                 call.output_tokens = usage.output_tokens as i64;
                 call.cached_tokens = usage.cached_tokens as i64;
@@ -600,6 +608,32 @@ impl Executor {
             task,
         }
     }
+}
+
+/// Prometheus figures of one provider call.
+fn record_call(
+    provider: &str,
+    model: &str,
+    result: &llmq_shared::provider::Result<llmq_shared::provider::Completion>,
+    took: Duration,
+    usage: &llmq_shared::provider::Usage,
+    cost: f64,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.class.as_str(),
+    };
+    let (p, m) = (provider.to_owned(), model.to_owned());
+    metrics::counter!("llmq_provider_calls_total", "provider" => p.clone(), "model" => m.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!("llmq_provider_call_seconds", "provider" => p.clone(), "model" => m)
+        .record(took.as_secs_f64());
+    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "input")
+        .increment(usage.input_tokens);
+    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "output")
+        .increment(usage.output_tokens);
+    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "cached")
+        .increment(usage.cached_tokens);
+    metrics::gauge!("llmq_cost_usd_total", "provider" => p).increment(cost);
 }
 
 /// `base * 2^(attempt-1)` with ±20 % jitter so that failed tasks do not come back in

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::Ledger;
-use llmq_shared::queue::Client;
+use llmq_shared::queue::{Client, FinishKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -107,6 +107,17 @@ impl Finisher {
                 let applied = applied.unwrap_or_default();
                 for (i, p) in items.into_iter().enumerate() {
                     let was_applied = applied.get(i).copied().unwrap_or(false);
+                    if ok {
+                        let outcome = match (&p.finished.finish.kind, was_applied) {
+                            (_, false) => "fenced",
+                            (FinishKind::Done, _) => "succeeded",
+                            (FinishKind::Retry { .. }, _) => "delayed",
+                            (FinishKind::Dead { .. }, _) => "dead",
+                            (FinishKind::Release, _) => "released",
+                        };
+                        metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
+                            .increment(1);
+                    }
                     if ok && !was_applied {
                         tracing::warn!(
                             task = %p.finished.finish.task_id,

@@ -78,6 +78,8 @@ pub struct Settings {
     pub block: Duration,
     /// Names this worker in Redis; defaults to host, pid and a random suffix.
     pub worker_id: Option<String>,
+    /// Where to serve `/healthz`, `/readyz` and `/metrics`; `None`: not at all.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Providers to use instead of the ones the provider file would build (tests, benchmarks).
     pub provider_overrides: Vec<(String, Arc<dyn Provider>)>,
 }
@@ -102,6 +104,7 @@ impl Settings {
             promote_every: Duration::from_millis(250),
             block: Duration::from_millis(500),
             worker_id: None,
+            metrics_listen: None,
             provider_overrides: Vec::new(),
         }
     }
@@ -176,6 +179,18 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
 
     let stop = shutdown.child_token();
+    let readiness = llmq_shared::health::Readiness::default();
+    let endpoints = CancellationToken::new();
+    if let Some(addr) = settings.metrics_listen {
+        let bound = llmq_shared::health::serve(addr, readiness.clone(), endpoints.clone())
+            .await
+            .map_err(|e| {
+                Error::Settings(format!(
+                    "cannot serve metrics on {addr}: {e}; pass --metrics-listen with a free port"
+                ))
+            })?;
+        tracing::info!("serving /healthz, /readyz and /metrics on http://{bound}");
+    }
     let hard_stop = CancellationToken::new();
     let done = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -193,6 +208,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         queues.clone(),
         settings.promote_every,
         stop.clone(),
+    ));
+    tasks.spawn(maintenance::gauges(
+        redis.clone(),
+        queues.clone(),
+        settings.config.clone(),
+        done.clone(),
     ));
     tasks.spawn(maintenance::heartbeat(
         redis.clone(),
@@ -248,6 +269,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     );
     let name = worker_id.clone();
     let mut apalis = tokio::spawn(async move { backend::run(&name, jobs_rx, runtime).await });
+    readiness.set(true);
 
     tokio::select! {
         r = &mut apalis => {
@@ -256,6 +278,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             log_apalis(r);
         }
         () = stop.cancelled() => {
+            readiness.set(false);
             tracing::info!(running = inflight.count(), grace = ?settings.grace, "no longer reading; waiting for running tasks");
             match tokio::time::timeout(settings.grace, &mut apalis).await {
                 Ok(r) => log_apalis(r),
@@ -282,6 +305,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     if let Err(e) = redis.leave(&worker_id, &keys).await {
         tracing::warn!("could not deregister the worker: {e}");
     }
+    endpoints.cancel();
     tracing::info!(worker = %worker_id, "worker stopped");
     Ok(())
 }

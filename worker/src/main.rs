@@ -56,6 +56,9 @@ struct Args {
     /// failure); each single call is bounded by the task's own `timeout`.
     #[arg(long, env = "LLMQ_ATTEMPT_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     attempt_timeout: Duration,
+    /// Serve /healthz, /readyz and Prometheus /metrics here, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "LLMQ_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -81,6 +84,7 @@ async fn main() -> ExitCode {
     settings.retry_base = args.retry_base;
     settings.retry_max = args.retry_max;
     settings.attempt_timeout = args.attempt_timeout;
+    settings.metrics_listen = args.metrics_listen;
     match llmq_worker::run(settings, llmq_shared::shutdown::on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

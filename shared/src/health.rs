@@ -1,0 +1,94 @@
+//! `/healthz`, `/readyz` and Prometheus `/metrics`, served by every binary on
+//! `--metrics-listen` (axum).
+//!
+//! Metrics are recorded with the `metrics` facade anywhere in the process; the first call to
+//! [`recorder`] installs the Prometheus recorder that `/metrics` renders.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// The process's Prometheus recorder, installed on first use. `None` if another recorder
+/// was installed first (then metrics go there).
+pub fn recorder() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                        120.0,
+                    ],
+                )
+                .ok()?
+                .install_recorder()
+                .ok()
+        })
+        .as_ref()
+}
+
+/// Whether the process is ready for work; the binary flips it.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+
+    #[must_use]
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Serves the endpoints until `shutdown`. Returns the bound address (for port 0).
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(
+    listen: SocketAddr,
+    ready: Readiness,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    recorder();
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready.get();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { recorder().map(PrometheusHandle::render).unwrap_or_default() }),
+        );
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!("the metrics endpoint failed: {e}");
+        }
+    });
+    Ok(addr)
+}
