@@ -1,1 +1,456 @@
-//! The llmq scheduler (being written).
+//! The llmq scheduler: one active instance records closed quota windows, archives dead
+//! letters to Postgres before trimming them from Redis, and enqueues recurring tasks.
+//!
+//! Any number of instances run; the one holding the lease in Redis acts, the others poll
+//! every tick and take over within the lease's length after it dies (see `lease.rs` for
+//! the fencing that keeps a paused old holder from acting). Workers promote due delayed
+//! tasks and reclaim idle ones themselves, so no task waits for the scheduler to be up.
+//!
+//! Duties, each run by the holder and recorded in `llmq:scheduler:duties`
+//! ([`llmq_shared::archive::scheduler_status`] reads it for `llmq status`):
+//!
+//! - `quota_windows`: quota counters are per-window keys that expire by themselves, so a new
+//!   day (00:00 UTC) or month (the 1st) starts with an empty key and nothing needs resetting.
+//!   What would be lost is the closed window's usage: this duty writes it to `quota_history`
+//!   on the first run of the next day, while the key still exists.
+//! - `dead_letters`: dead letters older than `keep_in_redis`, or beyond `max_in_redis`
+//!   (oldest first), are inserted into `dead_letters_archive`, committed, and only then
+//!   deleted from the dead stream; archived rows older than `keep_archived` are deleted.
+//! - `recurring`: each recurring task's due ticks are enqueued exactly once.
+//!
+//! There is no duty for results or the ready streams: results carry their own TTL (the
+//! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
+//! that grows is the dead stream, which `dead_letters` trims by age and count.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use llmq_shared::config::Config;
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = Config::load("providers.yaml".as_ref())?;
+//! let settings = llmq_scheduler::Settings::new(
+//!     "redis://127.0.0.1:6379",
+//!     "postgres://postgres@127.0.0.1:5432/llmq",
+//!     config,
+//! );
+//! llmq_scheduler::run(settings, CancellationToken::new()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use llmq_shared::archive::DutyRun;
+use llmq_shared::config::{Config, Retention};
+use llmq_shared::ledger::Ledger;
+use llmq_shared::queue::Client;
+
+mod dead_letters;
+mod lease;
+mod recurring;
+mod windows;
+
+pub use recurring::{CATCH_UP, MARKER_TTL, MAX_TICKS_PER_PASS, parse_cron};
+
+use lease::{Lease, Mark};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] llmq_shared::config::Error),
+    #[error(transparent)]
+    Redis(#[from] llmq_shared::queue::Error),
+    #[error(transparent)]
+    Ledger(#[from] llmq_shared::ledger::Error),
+    #[error("Postgres failed: {0}")]
+    Postgres(#[from] sqlx::Error),
+    /// Another instance holds the lease (or took it over while this one was paused), so
+    /// this one's write was refused and nothing was written.
+    #[error("this scheduler no longer holds the lease; another instance took over")]
+    NotLeader,
+    #[error("{0}")]
+    Settings(String),
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(e: redis::RedisError) -> Self {
+        Error::Redis(llmq_shared::queue::Error::Redis(e))
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The time as the scheduler sees it; tests drive it.
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The real time.
+#[must_use]
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// Everything a scheduler instance needs; tests fill it in-process.
+#[derive(Clone)]
+pub struct Settings {
+    pub redis_url: String,
+    pub database_url: String,
+    /// The provider file: its providers' quotas and its `scheduler` section.
+    pub config: Config,
+    /// Where the provider file came from, for error messages.
+    pub config_file: String,
+    /// Names this instance in the lease; defaults to host, pid and a random suffix.
+    pub id: Option<String>,
+    /// How often standbys look for a free lease and the holder looks for due work.
+    pub tick: Duration,
+    /// How often the holder looks for closed quota windows.
+    pub quota_every: Duration,
+    /// How often the holder archives and trims dead letters.
+    pub dead_letters_every: Duration,
+    /// Queues whose dead letters to archive; empty: every queue a worker has served.
+    pub queues: Vec<String>,
+    pub clock: Clock,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("redis_url", &self.redis_url)
+            .field("config_file", &self.config_file)
+            .field("id", &self.id)
+            .field("tick", &self.tick)
+            .field("quota_every", &self.quota_every)
+            .field("dead_letters_every", &self.dead_letters_every)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settings {
+    #[must_use]
+    pub fn new(redis_url: &str, database_url: &str, config: Config) -> Self {
+        Self {
+            redis_url: redis_url.to_owned(),
+            database_url: database_url.to_owned(),
+            config,
+            config_file: "the provider file".into(),
+            id: None,
+            tick: Duration::from_secs(1),
+            quota_every: Duration::from_secs(60),
+            dead_letters_every: Duration::from_secs(60),
+            queues: Vec::new(),
+            clock: system_clock(),
+        }
+    }
+}
+
+/// A scheduler duty: the unit recorded in `llmq:scheduler:duties`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Duty {
+    QuotaWindows,
+    DeadLetters,
+    Recurring,
+}
+
+impl Duty {
+    pub const ALL: [Duty; 3] = [Duty::QuotaWindows, Duty::DeadLetters, Duty::Recurring];
+
+    /// Its field in the duties hash.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Duty::QuotaWindows => "quota_windows",
+            Duty::DeadLetters => "dead_letters",
+            Duty::Recurring => "recurring",
+        }
+    }
+}
+
+/// One scheduler instance: its lease and its duties. [`run`] drives it; tests call its
+/// duties and steps one by one.
+pub struct Scheduler {
+    redis: Client,
+    pool: PgPool,
+    config: Config,
+    recurring: Vec<recurring::Job>,
+    lease: Lease,
+    clock: Clock,
+    retention: Retention,
+    queues: Vec<String>,
+    tick: Duration,
+    quota_every: Duration,
+    dead_letters_every: Duration,
+    /// The day whose previous day's windows this holder has recorded.
+    windows_closed: Option<NaiveDate>,
+    /// When each duty is due next; empty right after taking the lease.
+    next_run: HashMap<Duty, Instant>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("id", &self.lease.id())
+            .field("fence", &self.lease.fence())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scheduler {
+    /// Validates the settings (every recurring task's cron and task), then connects to Redis
+    /// and Postgres. Takes no lease yet.
+    ///
+    /// # Errors
+    /// A bad setting or recurring task (naming the file and key), Redis or Postgres cannot be
+    /// reached, or the database is not migrated.
+    pub async fn connect(settings: Settings) -> Result<Self> {
+        if settings.tick.is_zero() {
+            return Err(Error::Settings("--tick must be longer than 0".into()));
+        }
+        let recurring =
+            recurring::parse(&settings.config_file, &settings.config.scheduler.recurring)?;
+        let redis = Client::new(&settings.redis_url)?;
+        redis.ping().await?;
+        let ledger = Ledger::connect(&settings.database_url, 4).await?;
+        ledger.check_migrated().await?;
+        let scheduler = &settings.config.scheduler;
+        Ok(Self {
+            lease: Lease::new(
+                settings.id.clone().unwrap_or_else(default_id),
+                scheduler.lease,
+            ),
+            retention: scheduler.dead_letters,
+            redis,
+            pool: ledger.pool().clone(),
+            recurring,
+            clock: settings.clock,
+            queues: settings.queues,
+            tick: settings.tick,
+            quota_every: settings.quota_every,
+            dead_letters_every: settings.dead_letters_every,
+            config: settings.config,
+            windows_closed: None,
+            next_run: HashMap::new(),
+        })
+    }
+
+    /// This instance's id, as the lease holds it.
+    #[must_use]
+    pub fn id(&self) -> &str {
+        self.lease.id()
+    }
+
+    /// The fencing token of our last takeover, while we believe we hold the lease.
+    #[must_use]
+    pub fn fence(&self) -> Option<i64> {
+        self.lease.fence()
+    }
+
+    /// Whether we hold the lease, as far as we know (taken, and extended in time).
+    #[must_use]
+    pub fn holds_lease(&self) -> bool {
+        self.lease.holds()
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        (self.clock)()
+    }
+
+    /// How long [`run`] waits between ticks: the tick, or a third of the lease if shorter, so
+    /// the lease is extended in time.
+    #[must_use]
+    pub fn pause(&self) -> Duration {
+        self.tick
+            .min(self.config.scheduler.lease / 3)
+            .max(Duration::from_millis(10))
+    }
+
+    fn period(&self, duty: Duty) -> Duration {
+        match duty {
+            Duty::QuotaWindows => self.quota_every,
+            Duty::DeadLetters => self.dead_letters_every,
+            Duty::Recurring => self.pause(),
+        }
+    }
+
+    /// Takes the lease if it is free, and tells Postgres the new fencing token. Returns
+    /// whether we hold it.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn acquire(&mut self) -> Result<bool> {
+        if self.lease.holds() {
+            return Ok(true);
+        }
+        if !self.lease.acquire(&self.redis).await? {
+            return Ok(false);
+        }
+        tracing::info!(
+            id = self.id(),
+            fence = self.fence(),
+            "took the scheduler lease"
+        );
+        self.next_run.clear();
+        self.windows_closed = None;
+        match self.lease.sync(&self.redis, &self.pool).await {
+            Ok(()) => {}
+            Err(Error::NotLeader) => {
+                self.lease.drop_lease();
+                return Ok(false);
+            }
+            // Retried before the first Postgres write.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the new fencing token in Postgres yet")
+            }
+        }
+        Ok(true)
+    }
+
+    /// Gives the lease up if we hold it, so a standby takes over at its next tick.
+    ///
+    /// # Errors
+    /// Redis fails (the lease then expires by itself).
+    pub async fn release(&mut self) -> Result<()> {
+        if self.lease.fence().is_some() {
+            tracing::info!(id = self.id(), "releasing the scheduler lease");
+        }
+        self.lease.release(&self.redis).await
+    }
+
+    async fn keep_lease(&mut self) -> Result<()> {
+        if self.lease.holds() {
+            if self.lease.needs_renewal() && !self.lease.renew(&self.redis).await? {
+                tracing::warn!(id = self.id(), "lost the scheduler lease; standing by");
+            }
+            return Ok(());
+        }
+        if self.lease.fence().is_some() {
+            tracing::warn!(
+                id = self.id(),
+                "could not extend the scheduler lease in time; standing by"
+            );
+            self.lease.drop_lease();
+        }
+        self.acquire().await?;
+        Ok(())
+    }
+
+    /// One tick: keep or take the lease, then, as the holder, run every duty that is due.
+    /// Stops between duties once `shutdown` is cancelled. Returns whether we hold the lease.
+    pub async fn tick(&mut self, shutdown: &CancellationToken) -> bool {
+        if let Err(e) = self.keep_lease().await {
+            tracing::warn!(error = %e, "cannot reach the scheduler lease");
+        }
+        if !self.lease.holds() {
+            return false;
+        }
+        for duty in Duty::ALL {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let now = Instant::now();
+            if self.next_run.get(&duty).is_some_and(|at| now < *at) {
+                continue;
+            }
+            self.next_run.insert(duty, now + self.period(duty));
+            if let Err(Error::NotLeader) = self.run_duty(duty).await {
+                tracing::warn!(
+                    id = self.id(),
+                    duty = duty.name(),
+                    "a write was refused: another scheduler holds the lease; standing by"
+                );
+                self.lease.drop_lease();
+                return false;
+            }
+        }
+        self.lease.holds()
+    }
+
+    /// Runs one duty now and records how it went in the duties hash. Returns what it did.
+    ///
+    /// # Errors
+    /// The duty failed; [`Error::NotLeader`] when a write was refused because another
+    /// instance holds the lease (then nothing is recorded).
+    pub async fn run_duty(&mut self, duty: Duty) -> Result<String> {
+        let at = self.now();
+        let outcome = match duty {
+            Duty::QuotaWindows => self.close_quota_windows().await,
+            Duty::DeadLetters => self.archive_dead_letters().await,
+            Duty::Recurring => self.enqueue_recurring().await,
+        };
+        let (ok, detail) = match &outcome {
+            Ok(detail) => {
+                tracing::debug!(duty = duty.name(), detail, "duty done");
+                (true, detail.clone())
+            }
+            Err(Error::NotLeader) => return outcome,
+            Err(e) => {
+                tracing::warn!(duty = duty.name(), error = %e, "duty failed; retried next period");
+                (false, e.to_string())
+            }
+        };
+        let run = DutyRun {
+            at,
+            ok,
+            detail,
+            holder: self.id().to_owned(),
+            every_ms: u64::try_from(self.period(duty).as_millis()).unwrap_or(u64::MAX),
+        };
+        let json = serde_json::to_string(&run).unwrap_or_default();
+        match self
+            .lease
+            .mark(&self.redis, duty.name(), &json, Mark::Always)
+            .await
+        {
+            Ok(_) => {}
+            Err(Error::NotLeader) => return Err(Error::NotLeader),
+            Err(e) => {
+                tracing::warn!(duty = duty.name(), error = %e, "cannot record the duty's run")
+            }
+        }
+        outcome
+    }
+}
+
+/// Runs a scheduler instance until `shutdown` is cancelled: stands by, takes the lease when
+/// it is free, runs the duties while it holds it. On shutdown it finishes the duty at hand
+/// and releases the lease, so a standby takes over at once.
+///
+/// # Errors
+/// The settings or the provider file's scheduler section are invalid, or Redis or Postgres
+/// cannot be reached at startup. Later failures are logged, recorded and retried.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    let mut scheduler = Scheduler::connect(settings).await?;
+    tracing::info!(
+        id = scheduler.id(),
+        "scheduler started; waiting for the lease"
+    );
+    let pause = scheduler.pause();
+    while !shutdown.is_cancelled() {
+        scheduler.tick(&shutdown).await;
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    if let Err(e) = scheduler.release().await {
+        tracing::warn!(error = %e, "cannot release the scheduler lease; it expires by itself");
+    }
+    tracing::info!(id = scheduler.id(), "scheduler stopped");
+    Ok(())
+}
+
+/// Host, pid and a random suffix.
+fn default_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "scheduler".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+}

@@ -12,6 +12,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod archive;
 pub mod config;
 pub mod envelope;
 pub mod health;

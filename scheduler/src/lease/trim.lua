@@ -1,0 +1,11 @@
+-- Deletes archived dead letters from a queue's dead stream, for the lease holder only.
+-- KEYS: 1 lease, 2 fence, 3 dead stream
+-- ARGV: 1 holder id, 2 fencing token, 3... entry ids
+-- Returns how many entries were deleted, or -1 when not the holder.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+  return -1
+end
+if #ARGV < 3 then
+  return 0
+end
+return redis.call('XDEL', KEYS[3], unpack(ARGV, 3))
