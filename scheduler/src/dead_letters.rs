@@ -15,11 +15,7 @@
 
 use std::collections::HashSet;
 
-use chrono::{DateTime, Utc};
-use redis::streams::{StreamId, StreamRangeReply};
-
-use llmq_shared::envelope;
-use llmq_shared::keys::{QueueKeys, TASK_FIELD};
+use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::DeadLetter;
 
 use crate::{Result, Scheduler};
@@ -92,17 +88,11 @@ impl Scheduler {
         let mut start = "-".to_owned();
         let mut index = 0u64;
         'pages: while due.len() < limit {
-            let page: StreamRangeReply = redis::cmd("XRANGE")
-                .arg(queue.dead())
-                .arg(&start)
-                .arg("+")
-                .arg("COUNT")
-                .arg(BATCH)
-                .query_async(&mut c)
-                .await?;
-            let full = page.ids.len() == BATCH;
-            for entry in &page.ids {
-                let letter = letter(queue.name(), entry);
+            let after = (start != "-").then_some(start.as_str());
+            let page = self.redis.oldest_dead_letters(queue, after, BATCH).await?;
+            let full = page.len() == BATCH;
+            let last = page.last().map(|l| l.id.clone());
+            for letter in page {
                 // Letters are appended as tasks die, so the first young one ends the search.
                 if index >= excess && age_ms(&letter) >= cutoff_ms {
                     break 'pages;
@@ -113,8 +103,8 @@ impl Scheduler {
                     break 'pages;
                 }
             }
-            match page.ids.last() {
-                Some(last) if full => start = format!("({}", last.id),
+            match last {
+                Some(last) if full => start = last,
                 _ => break,
             }
         }
@@ -222,31 +212,6 @@ impl Scheduler {
     }
 }
 
-/// A dead-stream entry as a [`DeadLetter`] (the fields `finish.lua` writes).
-fn letter(queue: &str, entry: &StreamId) -> DeadLetter {
-    let text = |k: &str| {
-        entry
-            .get::<Vec<u8>>(k)
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default()
-    };
-    let task = text(TASK_FIELD);
-    let task_id = envelope::task_id_of(queue, &text("entry_id"), task.as_bytes()).to_string();
-    DeadLetter {
-        id: entry.id.clone(),
-        task_id,
-        queue: queue.to_owned(),
-        error: text("error"),
-        class: text("class"),
-        attempts: text("attempts").parse().unwrap_or(0),
-        failed_at: text("failed_at")
-            .parse::<i64>()
-            .ok()
-            .and_then(DateTime::<Utc>::from_timestamp_millis),
-        task,
-    }
-}
-
 /// When a letter died: its `failed_at`, else the time in its entry id.
 fn age_ms(letter: &DeadLetter) -> i64 {
     letter.failed_at.map_or_else(
@@ -279,7 +244,7 @@ mod tests {
             task: String::new(),
         };
         assert_eq!(age_ms(&d), 1_700_000_000_123);
-        d.failed_at = DateTime::from_timestamp_millis(5);
+        d.failed_at = chrono::DateTime::from_timestamp_millis(5);
         assert_eq!(age_ms(&d), 5);
     }
 }

@@ -12,18 +12,9 @@
 use chrono::{Datelike, NaiveDate};
 
 use llmq_shared::keys::ProviderKeys;
+use llmq_shared::quota::{day_label, month_label};
 
 use crate::{Result, Scheduler};
-
-/// The day label of the request counters (`YYYYMMDD`), as `llmq_shared::quota` writes it.
-fn day_label(d: NaiveDate) -> String {
-    d.format("%Y%m%d").to_string()
-}
-
-/// The month label of the spend counters (`YYYYMM`), as `llmq_shared::quota` writes it.
-fn month_label(d: NaiveDate) -> String {
-    d.format("%Y%m").to_string()
-}
 
 impl Scheduler {
     /// The `quota_windows` duty: records yesterday's requests and, on the 1st, last month's

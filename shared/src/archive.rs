@@ -26,9 +26,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::envelope::Envelope;
 use crate::keys::{QueueKeys, TASK_FIELD, scheduler as keys};
-use crate::queue::{self, Client, DeadLetter};
+use crate::queue::{self, Client, DeadLetter, replayed_task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -205,28 +204,6 @@ pub async fn replay_archived(
         replayed += 1;
     }
     Ok(replayed)
-}
-
-/// The task a replay enqueues: the envelope with attempts reset and one more replay. The same
-/// rebuild as [`Client::replay`]'s, which keeps it private.
-fn replayed_task(dead: &DeadLetter, provider: Option<&str>) -> String {
-    match serde_json::from_str::<Envelope>(&dead.task) {
-        Ok(mut env) => {
-            env.attempts = 0;
-            env.snoozes = 0;
-            env.replays += 1;
-            env.last_error = None;
-            if env.id.is_none() {
-                env.id = uuid::Uuid::parse_str(&dead.task_id).ok();
-            }
-            if let Some(p) = provider {
-                env.provider = Some(p.to_owned());
-            }
-            env.to_json()
-        }
-        // Not an envelope: replay it as it came, e.g. after raising the size limit.
-        Err(_) => dead.task.clone(),
-    }
 }
 
 /// A duty's last run, as the scheduler stores it in the [`keys::DUTIES`] hash (JSON).

@@ -126,7 +126,7 @@ impl Limiter {
         now: DateTime<Utc>,
     ) -> Result<Decision> {
         let keys = ProviderKeys::new(provider);
-        let (day, month) = (day_label(now), month_label(now));
+        let (day, month) = (day_label(now.date_naive()), month_label(now.date_naive()));
         let micro = to_micro(usd);
         let id = uuid::Uuid::new_v4().simple().to_string();
         let limit = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
@@ -297,8 +297,8 @@ impl Limiter {
         let since = now.timestamp_millis() - quotas.window.as_millis() as i64;
         let (day, month, in_window, members): (Option<u64>, Option<i64>, u64, Vec<String>) =
             redis::pipe()
-                .get(keys.requests_on(&day_label(now)))
-                .get(keys.spend_in(&month_label(now)))
+                .get(keys.requests_on(&day_label(now.date_naive())))
+                .get(keys.spend_in(&month_label(now.date_naive())))
                 .zcount(keys.requests_window(), since, "+inf")
                 .zrangebyscore(keys.tokens_window(), since, "+inf")
                 .query_async(&mut c)
@@ -350,12 +350,16 @@ fn to_micro(usd: f64) -> i64 {
     (usd * 1e6).ceil() as i64
 }
 
-fn day_label(t: DateTime<Utc>) -> String {
-    t.format("%Y%m%d").to_string()
+/// The label of a day's request counter (`YYYYMMDD`, UTC).
+#[must_use]
+pub fn day_label(d: chrono::NaiveDate) -> String {
+    d.format("%Y%m%d").to_string()
 }
 
-fn month_label(t: DateTime<Utc>) -> String {
-    t.format("%Y%m").to_string()
+/// The label of a month's spend counter (`YYYYMM`, UTC).
+#[must_use]
+pub fn month_label(d: chrono::NaiveDate) -> String {
+    d.format("%Y%m").to_string()
 }
 
 /// The next 00:00 UTC.

@@ -687,6 +687,26 @@ impl Client {
         Ok(out)
     }
 
+    /// Up to `count` dead letters oldest first, starting after dead-entry id `after` (from
+    /// the beginning when `None`).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn oldest_dead_letters(
+        &self,
+        keys: &QueueKeys,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let mut c = self.conn().await?;
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let page = self.range(&mut c, &keys.dead(), &start, count).await?;
+        Ok(page
+            .into_iter()
+            .map(|(id, f)| dead_letter(keys.name(), id, &f))
+            .collect())
+    }
+
     /// Finds dead letters by dead-entry id or task id.
     ///
     /// # Errors
@@ -711,23 +731,7 @@ impl Client {
         dead: &DeadLetter,
         provider: Option<&str>,
     ) -> Result<bool> {
-        let task = match serde_json::from_str::<Envelope>(&dead.task) {
-            Ok(mut env) => {
-                env.attempts = 0;
-                env.snoozes = 0;
-                env.replays += 1;
-                env.last_error = None;
-                if env.id.is_none() {
-                    env.id = uuid::Uuid::parse_str(&dead.task_id).ok();
-                }
-                if let Some(p) = provider {
-                    env.provider = Some(p.to_owned());
-                }
-                env.to_json()
-            }
-            // Not an envelope: replay it as it came, e.g. after raising the size limit.
-            Err(_) => dead.task.clone(),
-        };
+        let task = replayed_task(dead, provider);
         let mut c = self.conn().await?;
         let replayed: i64 = self
             .scripts
@@ -801,6 +805,29 @@ const POISON_REASON: &str =
 
 fn poison_reason(deliveries: u64) -> String {
     format!("the task was delivered {deliveries}{POISON_REASON}")
+}
+
+/// What a replay enqueues: the dead letter's envelope with attempts reset, one more replay
+/// and, if given, a new provider; a payload that is not an envelope as it came (e.g. to
+/// replay it after raising the size limit).
+#[must_use]
+pub fn replayed_task(dead: &DeadLetter, provider: Option<&str>) -> String {
+    match serde_json::from_str::<Envelope>(&dead.task) {
+        Ok(mut env) => {
+            env.attempts = 0;
+            env.snoozes = 0;
+            env.replays += 1;
+            env.last_error = None;
+            if env.id.is_none() {
+                env.id = uuid::Uuid::parse_str(&dead.task_id).ok();
+            }
+            if let Some(p) = provider {
+                env.provider = Some(p.to_owned());
+            }
+            env.to_json()
+        }
+        Err(_) => dead.task.clone(),
+    }
 }
 
 /// Milliseconds since the Unix epoch.
