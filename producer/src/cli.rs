@@ -49,6 +49,15 @@ pub struct QuotaArgs {
     /// The provider file.
     #[arg(long, env = "LLMQ_CONFIG")]
     pub config: PathBuf,
+    /// Show closed windows from Postgres (recorded by the scheduler) instead.
+    #[arg(long)]
+    pub history: bool,
+    /// With --history, only this provider.
+    #[arg(long, requires = "history")]
+    pub provider: Option<String>,
+    /// With --history: the ledger.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
 }
@@ -199,6 +208,12 @@ pub enum DlqCommand {
         queue: String,
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Show the dead letters the scheduler archived to Postgres.
+        #[arg(long)]
+        archived: bool,
+        /// With --archived: the ledger.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
@@ -223,6 +238,9 @@ pub enum DlqCommand {
         platform: Option<String>,
         #[arg(long, default_value = "default")]
         queue: String,
+        /// Where archived dead letters are: ids not in Redis are looked up there.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
     },
     /// Delete dead letters.
     Purge {

@@ -14,9 +14,29 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
         DlqCommand::List {
             queue,
             limit,
+            archived,
+            database_url,
             format,
         } => {
-            let dead = redis.dead_letters(&QueueKeys::new(&queue), limit).await?;
+            let dead = if archived {
+                let ledger = crate::ledger(database_url.as_deref(), "--archived").await?;
+                llmq_shared::archive::list_archived(ledger.pool(), &queue, limit)
+                    .await?
+                    .into_iter()
+                    .map(|r| DeadLetter {
+                        id: r.id,
+                        task_id: r.task_id,
+                        queue: r.queue,
+                        error: r.error,
+                        class: r.class,
+                        attempts: u64::try_from(r.attempts).unwrap_or(0),
+                        failed_at: r.failed_at,
+                        task: r.task,
+                    })
+                    .collect()
+            } else {
+                redis.dead_letters(&QueueKeys::new(&queue), limit).await?
+            };
             match format {
                 Format::Json => emit(out, &to_json(&dead)),
                 Format::Text => emit(out, &list_text(&dead)),
@@ -42,14 +62,43 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
             all,
             platform,
             queue,
+            database_url,
         } => {
             let keys = QueueKeys::new(&queue);
-            let dead = if all {
-                redis.dead_letters(&keys, usize::MAX).await?
+            let (dead, elsewhere) = if all {
+                (redis.dead_letters(&keys, usize::MAX).await?, Vec::new())
             } else {
-                found_all(redis, &keys, &ids).await?
+                let found = redis.find_dead(&keys, &ids).await?;
+                let rest = absent(&found, &ids);
+                (found, rest)
             };
-            let mut replayed = 0;
+            let mut archived = 0;
+            if !elsewhere.is_empty() {
+                // Not in Redis: the scheduler may have archived them. Check they all exist
+                // before replaying anything.
+                let ledger =
+                    match crate::ledger(database_url.as_deref(), "replaying archived dead letters")
+                        .await
+                    {
+                        Ok(l) => l,
+                        Err(_) => return Err(missing(&elsewhere, &queue)),
+                    };
+                let found =
+                    llmq_shared::archive::take_archived(ledger.pool(), &queue, &elsewhere).await?;
+                let not_archived = absent(&found, &elsewhere);
+                if !not_archived.is_empty() {
+                    return Err(missing(&not_archived, &queue));
+                }
+                archived = llmq_shared::archive::replay_archived(
+                    redis,
+                    ledger.pool(),
+                    &queue,
+                    &elsewhere,
+                    platform.as_deref(),
+                )
+                .await?;
+            }
+            let mut replayed = archived;
             for d in &dead {
                 if redis.replay(&keys, d, platform.as_deref()).await? {
                     replayed += 1;
@@ -89,22 +138,29 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
     }
 }
 
+fn missing(ids: &[String], queue: &str) -> Error {
+    Error::Usage(format!(
+        "no dead letter {} in queue `{queue}`, in Redis or archived; nothing was changed",
+        ids.join(", ")
+    ))
+}
+
 /// The dead letters for `ids`, or an error naming the ids that are not there.
 async fn found_all(redis: &Client, keys: &QueueKeys, ids: &[String]) -> Result<Vec<DeadLetter>> {
     let found = redis.find_dead(keys, ids).await?;
-    let missing: Vec<&String> = ids
-        .iter()
-        .filter(|id| !found.iter().any(|d| d.id == **id || d.task_id == **id))
-        .collect();
-    if !missing.is_empty() {
-        let list: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-        return Err(Error::Usage(format!(
-            "no dead letter {} in queue `{}`; nothing was changed",
-            list.join(", "),
-            keys.name()
-        )));
+    let absent = absent(&found, ids);
+    if !absent.is_empty() {
+        return Err(missing(&absent, keys.name()));
     }
     Ok(found)
+}
+
+/// The ids (dead-letter or task ids) that match none of `found`.
+fn absent(found: &[DeadLetter], ids: &[String]) -> Vec<String> {
+    ids.iter()
+        .filter(|id| !found.iter().any(|d| d.id == **id || d.task_id == **id))
+        .cloned()
+        .collect()
 }
 
 fn list_text(dead: &[DeadLetter]) -> String {

@@ -41,6 +41,7 @@ pub struct ProviderStatus {
 struct StatusReport {
     queues: Vec<QueueCounts>,
     providers: Vec<ProviderStatus>,
+    scheduler: llmq_shared::archive::SchedulerStatus,
 }
 
 pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Result<u8> {
@@ -65,7 +66,12 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
             providers.push(check(&http, p).await);
         }
     }
-    let report = StatusReport { queues, providers };
+    let scheduler = llmq_shared::archive::scheduler_status(redis).await?;
+    let report = StatusReport {
+        queues,
+        providers,
+        scheduler,
+    };
     match args.format {
         Format::Json => emit(out, &to_json(&report)),
         Format::Text => emit(out, &status_text(&report, args.config.is_some())),
@@ -130,6 +136,42 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
         }
     } else {
         s.push_str("\n(set LLMQ_CONFIG or pass --config to check providers)\n");
+    }
+    let sch = &r.scheduler;
+    match &sch.holder {
+        Some(holder) => s.push_str(&format!(
+            "\nSCHEDULER  active: {holder} (fence {}, lease {} ms left)\n",
+            sch.fence,
+            sch.lease_ttl_ms.unwrap_or(0)
+        )),
+        None => s.push_str("\nSCHEDULER  none active (start llmq-scheduler)\n"),
+    }
+    let when = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map_or_else(
+            || "never".to_owned(),
+            |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
+        )
+    };
+    for d in &sch.duties {
+        let state = match (d.ok, d.overdue) {
+            (_, true) => "OVERDUE",
+            (true, false) => "ok",
+            (false, false) => "FAILED",
+        };
+        s.push_str(&format!(
+            "  {:<16} {:<8} last run {}  {}\n",
+            d.name,
+            state,
+            when(d.last_run),
+            render::cut(&d.detail, 60)
+        ));
+    }
+    for rec in &sch.recurring {
+        s.push_str(&format!(
+            "  recurring {:<20} last tick {}\n",
+            rec.name,
+            when(rec.last_tick)
+        ));
     }
     s
 }

@@ -36,6 +36,8 @@ pub enum Error {
     Ledger(#[from] llmq_shared::ledger::Error),
     #[error(transparent)]
     Config(#[from] llmq_shared::config::Error),
+    #[error(transparent)]
+    Archive(#[from] llmq_shared::archive::Error),
     #[error("{0}")]
     Usage(String),
     #[error("cannot write {path}: {source}")]
@@ -78,6 +80,16 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
 fn emit(out: &mut dyn Write, text: &str) {
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
+}
+
+/// The ledger, for commands that need Postgres only for some of their options.
+async fn ledger(url: Option<&str>, why: &str) -> Result<llmq_shared::ledger::Ledger> {
+    let url = url.ok_or_else(|| {
+        Error::Usage(format!(
+            "{why} needs Postgres; set DATABASE_URL or pass --database-url"
+        ))
+    })?;
+    Ok(llmq_shared::ledger::Ledger::connect(url, 2).await?)
 }
 
 fn write_file(path: &std::path::Path, text: &str) -> Result<()> {

@@ -11,6 +11,9 @@ use crate::cli::{Format, ProvidersCommand, QuotaArgs};
 use crate::{EXIT_OK, EXIT_USAGE, Result, emit, render, to_json};
 
 pub async fn quota(redis: &Client, args: QuotaArgs, out: &mut dyn Write) -> Result<u8> {
+    if args.history {
+        return history(args, out).await;
+    }
     let config = Config::load(&args.config)?;
     let limiter = Limiter::new(redis.clone());
     let now = chrono::Utc::now();
@@ -57,6 +60,40 @@ pub async fn quota(redis: &Client, args: QuotaArgs, out: &mut dyn Write) -> Resu
                     num(l.limit),
                     num(l.remaining),
                     l.reset.format("%Y-%m-%d %H:%M:%S UTC"),
+                ));
+            }
+            emit(out, &s);
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `llmq quota --history`: closed windows, newest first.
+async fn history(args: QuotaArgs, out: &mut dyn Write) -> Result<u8> {
+    let ledger = crate::ledger(args.database_url.as_deref(), "--history").await?;
+    let rows = llmq_shared::archive::quota_history(ledger.pool(), args.provider.as_deref()).await?;
+    match args.format {
+        Format::Json => emit(out, &to_json(&rows)),
+        Format::Text => {
+            if rows.is_empty() {
+                emit(
+                    out,
+                    "no closed quota window yet (the scheduler records each one as it closes)\n",
+                );
+                return Ok(EXIT_OK);
+            }
+            let mut s = format!(
+                "{:<20} {:<7} {:<12} {:>10} {:>12}\n",
+                "PROVIDER", "WINDOW", "START", "REQUESTS", "SPENT"
+            );
+            for r in &rows {
+                s.push_str(&format!(
+                    "{:<20} {:<7} {:<12} {:>10} {:>12}\n",
+                    render::cut(&r.provider, 20),
+                    r.window_kind,
+                    r.window_start,
+                    r.requests.map_or_else(|| "-".to_owned(), |n| n.to_string()),
+                    r.usd.map_or_else(|| "-".to_owned(), render::usd),
                 ));
             }
             emit(out, &s);

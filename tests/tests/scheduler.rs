@@ -214,6 +214,40 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
         Some(3),
         "the 00:00:01 request is the 15th's"
     );
+
+    // The CLI shows the same history, and llmq status the active scheduler and its duty.
+    let env = TestEnv::new().await.unwrap();
+    let (code, out) = env
+        .cli(&[
+            "quota",
+            "--history",
+            "--provider",
+            &p,
+            "--config",
+            "examples/providers.mock.yaml",
+            "--database-url",
+            &llmq_tests::harness::database_url(),
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows[0]["requests"], 3, "{out}");
+    let (code, out) = env
+        .cli(&["status", "--queue", &env.queue, "--format", "json"])
+        .await;
+    assert_eq!(code, 0);
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(status["scheduler"]["holder"], other.id(), "{out}");
+    assert!(
+        status["scheduler"]["duties"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["name"] == "quota_windows"),
+        "{out}"
+    );
     other.release().await.unwrap();
 }
 
@@ -433,17 +467,40 @@ async fn dead_letters_are_archived_before_they_are_trimmed_and_replay_from_the_a
         .unwrap();
     assert_eq!(taken.len(), 1);
     assert_eq!(taken[0].task_id, old_a);
+    let db = llmq_tests::harness::database_url();
+    let (code, listing) = env
+        .cli(&[
+            "dlq",
+            "list",
+            "--archived",
+            "--queue",
+            &env.queue,
+            "--database-url",
+            &db,
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0);
+    assert!(
+        listing.contains(&old_a),
+        "llmq dlq list --archived shows it: {listing}"
+    );
     let worker = env.worker();
-    let n = archive::replay_archived(
-        &env.redis,
-        env.ledger.pool(),
-        &env.queue,
-        std::slice::from_ref(&old_a),
-        None,
-    )
-    .await
-    .unwrap();
-    assert_eq!(n, 1);
+    // llmq dlq replay looks in the archive for ids that are no longer in Redis.
+    let (code, out) = env
+        .cli(&[
+            "dlq",
+            "replay",
+            &old_a,
+            "--queue",
+            &env.queue,
+            "--database-url",
+            &db,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("replayed 1 dead letter(s)"), "{out}");
     let record = env
         .wait_final(&old_a, Duration::from_secs(15))
         .await
