@@ -409,10 +409,29 @@ impl Client {
         for item in items {
             inv.key(keys.result(&item.task_id));
         }
+        let order = |id: &str| {
+            let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+            (
+                ms.parse::<u64>().unwrap_or(0),
+                seq.parse::<u64>().unwrap_or(0),
+            )
+        };
+        let lowest = items
+            .iter()
+            .map(|i| i.entry_id.as_str())
+            .min_by_key(|id| order(id))
+            .unwrap_or("-");
+        let highest = items
+            .iter()
+            .map(|i| i.entry_id.as_str())
+            .max_by_key(|id| order(id))
+            .unwrap_or("+");
         inv.arg(GROUP)
             .arg(consumer)
             .arg(result_ttl.as_secs().max(1))
-            .arg(now_ms());
+            .arg(now_ms())
+            .arg(lowest)
+            .arg(highest);
         for item in items {
             let (kind, a, b) = match &item.kind {
                 FinishKind::Done => ("ok", String::new(), String::new()),
