@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: Redis and Postgres (started or reused), migrations, the mock LLM provider (or
-# OpenAI when OPENAI_API_KEY is set), two workers, sample tasks, a three-step chain, then
-# results and costs. Leaves Redis and Postgres running; stops what it started.
+# OpenAI when OPENAI_API_KEY is set), two workers and the scheduler, sample tasks, a
+# three-step chain, then results, status and costs. Leaves Redis and Postgres running; stops
+# what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +43,7 @@ else
   SAMPLES=examples/tasks.sample.json
 fi
 
-step "Two workers on queue '$QUEUE'"
+step "Two workers on queue '$QUEUE', and the scheduler"
 # A fresh demo queue each run, so the figures below are this run's.
 redis-cli -u "$REDIS_URL" --scan --pattern "llmq:{$QUEUE}:*" 2>/dev/null | xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
 for n in 1 2; do
@@ -50,6 +51,9 @@ for n in 1 2; do
   PIDS+=($!)
 done
 echo "logs in $DIR/worker-1.log and $DIR/worker-2.log"
+"$BIN/llmq-scheduler" >"$DIR/scheduler.log" 2>&1 &
+PIDS+=($!)
+echo "scheduler log in $DIR/scheduler.log"
 
 step "A batch of sample tasks ($SAMPLES)"
 "$BIN/llmq" batch --input "$SAMPLES" --queue "$QUEUE" --wait --output "$DIR/results.json" || true
