@@ -392,6 +392,8 @@ impl Scheduler {
                 (false, e.to_string())
             }
         };
+        metrics::counter!("llmq_scheduler_duty_runs_total", "duty" => duty.name(), "ok" => if ok { "true" } else { "false" })
+            .increment(1);
         let run = DutyRun {
             at,
             ok,

@@ -37,6 +37,9 @@ struct Args {
     /// worker has served].
     #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
     queues: Vec<String>,
+    /// Serve /healthz, /readyz and Prometheus /metrics here, e.g. 0.0.0.0:9465.
+    #[arg(long, env = "LLMQ_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -57,7 +60,21 @@ async fn main() -> ExitCode {
     settings.quota_every = args.quota_every;
     settings.dead_letters_every = args.dead_letters_every;
     settings.queues = args.queues;
-    match llmq_scheduler::run(settings, llmq_shared::shutdown::on_signal()).await {
+    let endpoints = tokio_util::sync::CancellationToken::new();
+    if let Some(addr) = args.metrics_listen {
+        // A standby is as ready as the holder: either can act within a lease.
+        let ready = llmq_shared::health::Readiness::default();
+        ready.set(true);
+        if let Err(e) = llmq_shared::health::serve(addr, ready, endpoints.clone()).await {
+            eprintln!(
+                "llmq-scheduler: cannot serve metrics on {addr}: {e}; pass --metrics-listen with a free port"
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let outcome = llmq_scheduler::run(settings, llmq_shared::shutdown::on_signal()).await;
+    endpoints.cancel();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("llmq-scheduler: {e}");

@@ -122,6 +122,13 @@ impl ProviderKeys {
         format!("{}:tpm", self.prefix)
     }
 
+    /// The sum of the tokens in [`ProviderKeys::tokens_window`], kept beside it so a check
+    /// does not add up the whole window.
+    #[must_use]
+    pub fn tokens_sum(&self) -> String {
+        format!("{}:tpm-sum", self.prefix)
+    }
+
     /// Usage thresholds already announced: a hash of `kind:window:percent`.
     #[must_use]
     pub fn alerts(&self) -> String {

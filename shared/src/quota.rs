@@ -138,6 +138,7 @@ impl Limiter {
             .key(keys.requests_window())
             .key(keys.tokens_window())
             .key(keys.alerts())
+            .key(keys.tokens_sum())
             .arg(now.timestamp_millis())
             .arg(&id)
             .arg(tokens)
@@ -194,6 +195,7 @@ impl Limiter {
         self.reconcile
             .key(keys.spend_in(&r.month))
             .key(keys.tokens_window())
+            .key(keys.tokens_sum())
             .arg(&r.id)
             .arg(r.tokens)
             .arg(tokens)

@@ -230,3 +230,49 @@ async fn repeated_failures_cool_a_provider_down_for_everyone() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert!(!a.cooling_down(&name).await.unwrap(), "and it ends");
 }
+
+#[tokio::test]
+async fn a_token_window_counts_reconciled_tokens_and_forgets_old_ones() {
+    let limiter = limiter();
+    let name = provider();
+    let window = Duration::from_secs(60);
+    let quotas = Quotas {
+        tpm: Some(100),
+        window,
+        ..Quotas::default()
+    };
+    let t0 = Utc::now();
+    let grant = |d: Decision| match d {
+        Decision::Granted { reservation, .. } => Some(reservation),
+        Decision::Refused(_) => None,
+    };
+    let first =
+        grant(limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap()).expect("40 of 100");
+    assert!(
+        grant(limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap()).is_some(),
+        "80 of 100"
+    );
+    match limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap() {
+        Decision::Refused(r) => assert_eq!(r.limit, "tpm"),
+        other => panic!("120 of 100 must be refused: {other:?}"),
+    }
+    // The first call really used 10 tokens: 50 in the window, so 40 more fit.
+    limiter.reconcile(&first, 10, 0.0).await.unwrap();
+    assert!(
+        grant(limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap()).is_some(),
+        "90 of 100"
+    );
+    // A window later the old reservations no longer count.
+    let later = t0 + chrono::Duration::seconds(61);
+    assert!(
+        grant(
+            limiter
+                .reserve(&name, &quotas, 90, 0.0, later)
+                .await
+                .unwrap()
+        )
+        .is_some()
+    );
+    let usage = limiter.usage(&name, &quotas, later).await.unwrap();
+    assert_eq!(usage[0].used, 90.0);
+}

@@ -2,7 +2,7 @@
 -- or refuses without changing anything. Shared by every worker, so two workers can never
 -- both take the last request or spend the last dollar.
 -- KEYS: 1 requests today, 2 micro-dollars this month, 3 request window, 4 token window,
---       5 alerts
+--       5 alerts, 6 the token window's sum
 -- ARGV: 1 now (ms), 2 reservation id, 3 estimated tokens, 4 estimated micro-dollars,
 --       5 requests/day limit, 6 micro-dollars/month limit, 7 requests/window limit,
 --       8 tokens/window limit (each -1 for none), 9 window (ms), 10 next day (ms),
@@ -16,7 +16,16 @@ local rpm_limit, tpm_limit = tonumber(ARGV[7]), tonumber(ARGV[8])
 local window = tonumber(ARGV[9])
 
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - window)
+-- Tokens leaving the window leave its sum too: only they are read, not the whole window.
+local leaving = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - window)
+if #leaving > 0 then
+  local gone = 0
+  for _, m in ipairs(leaving) do
+    gone = gone + tonumber(string.match(m, ':(%d+)$') or '0')
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - window)
+  redis.call('DECRBY', KEYS[6], gone)
+end
 
 local rpd_used = tonumber(redis.call('GET', KEYS[1]) or '0')
 if rpd_limit >= 0 and rpd_used + 1 > rpd_limit then
@@ -34,10 +43,7 @@ if rpm_limit >= 0 and redis.call('ZCARD', KEYS[3]) + 1 > rpm_limit then
   return {0, 'rpm', frees_at(3)}
 end
 if tpm_limit >= 0 then
-  local sum = 0
-  for _, m in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
-    sum = sum + tonumber(string.match(m, ':(%d+)$') or '0')
-  end
+  local sum = tonumber(redis.call('GET', KEYS[6]) or '0')
   -- A request larger than the whole budget still goes through when the window is empty.
   if sum > 0 and sum + est_tokens > tpm_limit then
     return {0, 'tpm', frees_at(4)}
@@ -53,6 +59,8 @@ redis.call('ZADD', KEYS[3], now, id)
 redis.call('PEXPIRE', KEYS[3], window * 2)
 redis.call('ZADD', KEYS[4], now, id .. ':' .. est_tokens)
 redis.call('PEXPIRE', KEYS[4], window * 2)
+redis.call('INCRBY', KEYS[6], est_tokens)
+redis.call('PEXPIRE', KEYS[6], window * 2)
 
 local out = {1}
 local function crossed(kind, label, after, limit)

@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup|rate_limited|overhead] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -92,6 +92,8 @@ enum Bench {
     QueueNoop,
     E2eMock,
     Pickup,
+    RateLimited,
+    Overhead,
 }
 
 #[tokio::main]
@@ -110,7 +112,13 @@ async fn main() -> Result<()> {
 
     let benches = match args.only {
         Some(b) => vec![b],
-        None => vec![Bench::QueueNoop, Bench::E2eMock, Bench::Pickup],
+        None => vec![
+            Bench::QueueNoop,
+            Bench::E2eMock,
+            Bench::Pickup,
+            Bench::RateLimited,
+            Bench::Overhead,
+        ],
     };
     let mut failed = 0;
     for bench in benches {
@@ -118,6 +126,8 @@ async fn main() -> Result<()> {
             Bench::QueueNoop => queue_noop(&args, &mut redis).await,
             Bench::E2eMock => e2e_mock(&args, &mut redis).await,
             Bench::Pickup => pickup(&args, &mut redis).await,
+            Bench::RateLimited => rate_limited(&args, &mut redis).await,
+            Bench::Overhead => overhead(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -140,6 +150,8 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::QueueNoop => "queue_noop",
         Bench::E2eMock => "e2e_mock",
         Bench::Pickup => "pickup",
+        Bench::RateLimited => "rate_limited",
+        Bench::Overhead => "overhead",
     }
 }
 
@@ -450,6 +462,172 @@ fn settings(
     s
 }
 
+/// (d) Three workers share one provider limited to R requests per window, through the mock
+/// over real HTTP with the ledger on: how much of R llmq uses, and whether any task dies.
+/// The window is 5 s instead of a minute so a run takes seconds, not minutes; the limiter
+/// treats every window alike.
+async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
+    let per_window: usize = 100;
+    let window = Duration::from_secs(5);
+    let tasks = args.tasks.unwrap_or(per_window * 4);
+    let workers = args.workers.unwrap_or(3);
+    let concurrency = args.concurrency.unwrap_or(64);
+    let queue = fresh_queue();
+    let provider = format!("rl-{}", &queue[6..]);
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let bench_url = with_database(&args.database_url, BENCH_DB)?;
+        let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+        let mock = MockServer::start(MockOptions::default()).await.context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: {provider}\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+                 api_key: bench\n    quotas: {{rpm: {per_window}, window: {}s}}\n    models:\n      \
+                 - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+                mock.url(),
+                window.as_secs()
+            ),
+            &|_| None,
+        )?;
+        let ids = backlog(&client, &keys, tasks).await?;
+        let running = Workers::start(workers, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            s.database_url = Some(bench_url.clone());
+            s.promote_every = Duration::from_millis(20);
+            s
+        });
+        let drained = wait_drained(&client, &keys, &running).await;
+        running.stop().await?;
+        drained?;
+        verify_results(&client, &keys, &ids).await?;
+        mock.shutdown().await;
+        let at: Vec<i64> = sqlx::query_scalar(
+            "SELECT (extract(epoch from called_at) * 1000)::int8 FROM provider_calls
+             WHERE queue = $1 ORDER BY called_at",
+        )
+        .bind(&queue)
+        .fetch_all(ledger.pool())
+        .await?;
+        for table in ["provider_calls", "tasks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1")).bind(&queue).execute(ledger.pool()).await?;
+        }
+        ensure!(at.len() == tasks, "the ledger holds {} calls for {tasks} tasks", at.len());
+        let window_ms = window.as_millis() as i64;
+        // The most calls that started within any one window (a call starts a moment after
+        // its reservation, so this may read one or two above the limit).
+        let busiest = (0..at.len())
+            .map(|i| at[i..].iter().take_while(|t| **t < at[i] + window_ms).count())
+            .max()
+            .unwrap_or(0);
+        // A perfect limiter runs the first window's calls at once and each further batch a
+        // window later: ceil(tasks / R) - 1 windows from the first call to the last.
+        let span_ms = (at[at.len() - 1] - at[0]).max(1);
+        let ideal_ms = (tasks.div_ceil(per_window) as i64 - 1) * window_ms;
+        let used_pct = 100.0 * ideal_ms as f64 / span_ms as f64;
+        let dead = client.counts(&keys).await?.dead;
+        Ok(format!(
+            "bench=rate_limited limit_per_window={per_window} window_s={} tasks={tasks} workers={workers} \
+             used_pct={used_pct:.1} busiest_window_calls={busiest} span_s={:.2} dead_letters={dead}",
+            window.as_secs(),
+            span_ms as f64 / 1000.0
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    cleanup_provider(redis, &provider).await?;
+    result
+}
+
+/// (e) What llmq adds to each call: routing, the quota reservation and its reconciliation
+/// (two Lua calls to Redis), and the ledger's group commit, each timed on its own.
+async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
+    let calls = args.tasks.unwrap_or(5_000);
+    let provider = format!("oh-{}", &fresh_queue()[6..]);
+    let result = async {
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: {provider}\n    kind: openai_compatible\n    base_url: http://127.0.0.1:9/v1\n    \
+                 quotas: {{requests_per_day: 100000000, usd_per_month: 1000000, rpm: 100000000, tpm: 100000000000}}\n    \
+                 models:\n      - {{id: m, capabilities: [analysis], input_usd_per_mtok: 1, output_usd_per_mtok: 2}}\n"
+            ),
+            &|_| None,
+        )?;
+        let router = llmq_worker::router::Router::new(config.clone(), &reqwest::Client::new());
+        let limiter = llmq_shared::quota::Limiter::new(Client::new(&args.redis_url)?);
+        let quotas = config.providers[0].quotas;
+        let env = Envelope::new("Summarise the incident report in five bullet points.");
+        let mut per_call = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let started = Instant::now();
+            let plan = router.plan(&env).map_err(|e| anyhow!("{e}"))?;
+            let c = &plan.candidates[0];
+            let decision = limiter.reserve(&provider, &quotas, c.estimated_tokens, c.estimated_usd, Utc::now()).await?;
+            let llmq_shared::quota::Decision::Granted { reservation, .. } = decision else {
+                bail!("the generous quota refused a call");
+            };
+            limiter.reconcile(&reservation, 100, 0.0001).await?;
+            per_call.push(started.elapsed().as_micros() as u64);
+        }
+        per_call.sort_unstable();
+        // The ledger: rows are group-committed per batch of finished tasks; a batch of 64
+        // is typical under load. Each batch's commit, divided by its rows.
+        let bench_url = with_database(&args.database_url, BENCH_DB)?;
+        let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+        let queue = fresh_queue();
+        let mut per_row = Vec::new();
+        for _ in 0..100 {
+            let rows: Vec<llmq_shared::ledger::CallRow> = (0..64)
+                .map(|_| llmq_shared::ledger::CallRow {
+                    task_id: uuid::Uuid::new_v4(),
+                    run: 0,
+                    attempt: 1,
+                    call_no: 1,
+                    queue: queue.clone(),
+                    chain_id: None,
+                    task_type: "data_analysis".into(),
+                    provider: provider.clone(),
+                    model: "m".into(),
+                    input_tokens: 100,
+                    output_tokens: 50,
+                    cached_tokens: 0,
+                    reasoning_tokens: 0,
+                    cost_usd: 0.0002,
+                    latency_ms: 1,
+                    outcome: "ok".into(),
+                    error_class: None,
+                    error: None,
+                    worker: "bench".into(),
+                    called_at: Utc::now(),
+                })
+                .collect();
+            let started = Instant::now();
+            ledger.record(&rows, &[]).await?;
+            per_row.push(started.elapsed().as_micros() as u64 / 64);
+        }
+        sqlx::query("DELETE FROM provider_calls WHERE queue = $1").bind(&queue).execute(ledger.pool()).await?;
+        per_row.sort_unstable();
+        Ok(format!(
+            "bench=overhead calls={calls} route_quota_p50_us={} route_quota_p99_us={} \
+             ledger_per_call_p50_us={} ledger_per_call_p99_us={} ledger_batch_rows=64",
+            percentile(&per_call, 50.0),
+            percentile(&per_call, 99.0),
+            percentile(&per_row, 50.0),
+            percentile(&per_row, 99.0)
+        ))
+    }
+    .await;
+    cleanup_provider(redis, &provider).await?;
+    result
+}
+
+/// Deletes a bench provider's quota keys.
+async fn cleanup_provider(redis: &mut Redis, provider: &str) -> Result<()> {
+    unlink_matching(redis, &format!("llmq:{{p:{provider}}}:*")).await
+}
+
 /// In-process workers sharing one shutdown token.
 struct Workers {
     token: CancellationToken,
@@ -539,13 +717,23 @@ async fn verify_results(client: &Client, keys: &QueueKeys, ids: &[String]) -> Re
 
 /// Deletes every key of `queue` and its entry in the set of known queues.
 async fn cleanup(redis: &mut Redis, queue: &str) -> Result<()> {
-    let pattern = format!("llmq:{{{queue}}}:*");
+    unlink_matching(redis, &format!("llmq:{{{queue}}}:*")).await?;
+    redis::cmd("SREM")
+        .arg(QUEUES)
+        .arg(queue)
+        .query_async::<()>(redis)
+        .await?;
+    Ok(())
+}
+
+/// Deletes every key matching `pattern`.
+async fn unlink_matching(redis: &mut Redis, pattern: &str) -> Result<()> {
     let mut cursor = 0u64;
     loop {
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(&pattern)
+            .arg(pattern)
             .arg("COUNT")
             .arg(1000)
             .query_async(redis)
@@ -561,11 +749,6 @@ async fn cleanup(redis: &mut Redis, queue: &str) -> Result<()> {
         }
         cursor = next;
     }
-    redis::cmd("SREM")
-        .arg(QUEUES)
-        .arg(queue)
-        .query_async::<()>(redis)
-        .await?;
     Ok(())
 }
 
