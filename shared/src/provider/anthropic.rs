@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt, send,
+    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -62,17 +62,6 @@ impl Anthropic {
         body
     }
 
-    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
-        Error {
-            class,
-            provider: self.name.clone(),
-            model: req.model.clone(),
-            status: None,
-            message,
-            retry_after: None,
-        }
-    }
-
     async fn call(&self, req: &Request) -> Result<Completion> {
         let mut builder = self
             .http
@@ -83,23 +72,16 @@ impl Anthropic {
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key.expose_secret());
         }
-        let reply = send(builder, req)
-            .await
-            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
-        if !(200..300).contains(&reply.status) {
-            let mut err = self.error(
-                req,
-                classify_status(reply.status),
-                error_message(&reply.body),
-            );
-            err.status = Some(reply.status);
-            err.retry_after = reply.retry_after;
-            refine_class(&mut err, &reply.body);
-            return Err(err);
-        }
-        parse_completion(&reply.body).map_err(|(class, m)| self.error(req, class, m))
+        exchange(&self.name, req, builder, &FORMAT).await
     }
 }
+
+/// How this format's answers read.
+const FORMAT: Format = Format {
+    error_message,
+    refine: refine_class,
+    parse: parse_completion,
+};
 
 impl Provider for Anthropic {
     fn name(&self) -> &str {
@@ -224,6 +206,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::classify_status;
 
     fn err(status: u16) -> Error {
         Error {

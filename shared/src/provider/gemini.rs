@@ -6,9 +6,8 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::send;
 use super::{
-    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
+    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -76,17 +75,6 @@ impl Gemini {
         body
     }
 
-    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
-        Error {
-            class,
-            provider: self.name.clone(),
-            model: req.model.clone(),
-            status: None,
-            message,
-            retry_after: None,
-        }
-    }
-
     async fn call(&self, req: &Request) -> Result<Completion> {
         let mut builder = self
             .http
@@ -96,23 +84,16 @@ impl Gemini {
         if let Some(key) = &self.api_key {
             builder = builder.header("x-goog-api-key", key.expose_secret());
         }
-        let reply = send(builder, req)
-            .await
-            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
-        if !(200..300).contains(&reply.status) {
-            let mut err = self.error(
-                req,
-                classify_status(reply.status),
-                error_message(&reply.body),
-            );
-            err.status = Some(reply.status);
-            err.retry_after = reply.retry_after;
-            refine_class(&mut err, &reply.body);
-            return Err(err);
-        }
-        parse_completion(&reply.body).map_err(|(class, m)| self.error(req, class, m))
+        exchange(&self.name, req, builder, &FORMAT).await
     }
 }
+
+/// How this format's answers read.
+const FORMAT: Format = Format {
+    error_message,
+    refine: refine_class,
+    parse: parse_completion,
+};
 
 impl Provider for Gemini {
     fn name(&self) -> &str {
@@ -304,6 +285,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::classify_status;
 
     fn refined(status: u16, wait: Option<Duration>, body: &str) -> Error {
         let mut e = Error {

@@ -62,6 +62,19 @@ pub struct Error {
 }
 
 impl Error {
+    /// An error without an HTTP status or Retry-After.
+    #[must_use]
+    pub fn new(provider: &str, model: &str, class: ErrorClass, message: String) -> Self {
+        Self {
+            class,
+            provider: provider.to_owned(),
+            model: model.to_owned(),
+            status: None,
+            message,
+            retry_after: None,
+        }
+    }
+
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         self.class.is_retryable()
@@ -133,6 +146,37 @@ pub fn excerpt(body: &str, max: usize) -> String {
         Some((cut, _)) => format!("{}…", &body[..cut]),
         None => body.to_owned(),
     }
+}
+
+/// What differs between the HTTP wire formats; the exchange around them is the same.
+pub(crate) struct Format {
+    /// The error text of an error body.
+    pub(crate) error_message: fn(&str) -> String,
+    /// Corrects the class the status suggests from what the body says.
+    pub(crate) refine: fn(&mut Error, &str),
+    /// A 2xx body as a completion, or why it is not one.
+    pub(crate) parse: fn(&str) -> std::result::Result<Completion, (ErrorClass, String)>,
+}
+
+/// Sends one request and turns the answer into a completion or a classified error.
+pub(crate) async fn exchange(
+    provider: &str,
+    req: &Request,
+    builder: reqwest::RequestBuilder,
+    format: &Format,
+) -> Result<Completion> {
+    let reply = send(builder, req)
+        .await
+        .map_err(|m| Error::new(provider, &req.model, ErrorClass::Retryable, m))?;
+    if !(200..300).contains(&reply.status) {
+        let message = (format.error_message)(&reply.body);
+        let mut err = Error::new(provider, &req.model, classify_status(reply.status), message);
+        err.status = Some(reply.status);
+        err.retry_after = reply.retry_after;
+        (format.refine)(&mut err, &reply.body);
+        return Err(err);
+    }
+    (format.parse)(&reply.body).map_err(|(class, m)| Error::new(provider, &req.model, class, m))
 }
 
 /// What the adapters read from an HTTP exchange.

@@ -6,9 +6,8 @@
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::send;
 use super::{
-    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt,
+    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -51,40 +50,22 @@ impl Ollama {
         body
     }
 
-    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
-        Error {
-            class,
-            provider: self.name.clone(),
-            model: req.model.clone(),
-            status: None,
-            message,
-            retry_after: None,
-        }
-    }
-
     async fn call(&self, req: &Request) -> Result<Completion> {
         let builder = self
             .http
             .post(&self.endpoint)
             .timeout(req.timeout)
             .json(&Self::body(req));
-        let reply = send(builder, req)
-            .await
-            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
-        if !(200..300).contains(&reply.status) {
-            let mut err = self.error(
-                req,
-                classify_status(reply.status),
-                error_message(&reply.body),
-            );
-            err.status = Some(reply.status);
-            err.retry_after = reply.retry_after;
-            refine_class(&mut err);
-            return Err(err);
-        }
-        parse_completion(&reply.body).map_err(|m| self.error(req, ErrorClass::Retryable, m))
+        exchange(&self.name, req, builder, &FORMAT).await
     }
 }
+
+/// How this format's answers read.
+const FORMAT: Format = Format {
+    error_message,
+    refine: |err, _| refine_class(err),
+    parse: |body| parse_completion(body).map_err(|m| (ErrorClass::Retryable, m)),
+};
 
 impl Provider for Ollama {
     fn name(&self) -> &str {
@@ -160,6 +141,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::classify_status;
     use std::time::Duration;
 
     #[test]

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Provider, Request, Result, Usage, classify_status, excerpt, send,
+    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -67,17 +67,6 @@ impl OpenAi {
         body
     }
 
-    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
-        Error {
-            class,
-            provider: self.name.clone(),
-            model: req.model.clone(),
-            status: None,
-            message,
-            retry_after: None,
-        }
-    }
-
     async fn call(&self, req: &Request) -> Result<Completion> {
         let mut builder = self
             .http
@@ -87,20 +76,16 @@ impl OpenAi {
         if let Some(key) = &self.api_key {
             builder = builder.bearer_auth(key.expose_secret());
         }
-        let reply = send(builder, req)
-            .await
-            .map_err(|m| self.error(req, ErrorClass::Retryable, m))?;
-        let (status, wait, text) = (reply.status, reply.retry_after, reply.body);
-        if !(200..300).contains(&status) {
-            let mut err = self.error(req, classify_status(status), error_message(&text));
-            err.status = Some(status);
-            err.retry_after = wait;
-            refine_class(&mut err, &text);
-            return Err(err);
-        }
-        parse_completion(&text).map_err(|m| self.error(req, ErrorClass::Retryable, m))
+        exchange(&self.name, req, builder, &FORMAT).await
     }
 }
+
+/// How this format's answers read.
+const FORMAT: Format = Format {
+    error_message,
+    refine: refine_class,
+    parse: |body| parse_completion(body).map_err(|m| (ErrorClass::Retryable, m)),
+};
 
 impl Provider for OpenAi {
     fn name(&self) -> &str {
