@@ -348,13 +348,13 @@ async fn a_bad_provider_file_stops_the_worker_with_the_key_named() {
 async fn a_long_call_keeps_its_claim_past_the_visibility_timeout() {
     let env = TestEnv::new().await.unwrap();
     let mut settings = env.settings();
-    settings.visibility_timeout = Duration::from_millis(600);
+    settings.visibility_timeout = Duration::from_millis(1000);
     let a = llmq_tests::harness::WorkerHandle::start(settings);
     let mut settings = env.settings();
-    settings.visibility_timeout = Duration::from_millis(600);
+    settings.visibility_timeout = Duration::from_millis(1000);
     let b = llmq_tests::harness::WorkerHandle::start(settings);
-    // The marker makes the mock take 2.5 s: four visibility timeouts.
-    let mut e = Envelope::new("[[mock:slow-2500]] long analysis");
+    // The marker makes the mock take 3 s: three visibility timeouts.
+    let mut e = Envelope::new("[[mock:slow-3000]] long analysis");
     e.model = Some("mock-fast".into());
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     let r = env

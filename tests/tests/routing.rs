@@ -270,12 +270,13 @@ async fn three_worker_processes_never_exceed_a_shared_rate_limit() {
         "one call per task: refusals wait in delayed, they are not calls"
     );
     // The limiter counts reservations; a call starts a moment after its reservation, so
-    // windows are checked 50 ms short of the full second.
+    // windows are checked 200 ms short of the full second (a busy CI machine can delay a call that long after its
+    // reservation); a limiter that let three processes through on their own would show 15.
     for (i, t) in at.iter().enumerate() {
-        let in_window = at[i..].iter().take_while(|u| **u < t + 950).count();
+        let in_window = at[i..].iter().take_while(|u| **u < t + 800).count();
         assert!(
             in_window <= 5,
-            "{in_window} calls within 950 ms from {t}: {at:?}"
+            "{in_window} calls within 800 ms from {t}: {at:?}"
         );
     }
     let spread = at[at.len() - 1] - at[0];
