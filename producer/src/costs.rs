@@ -43,12 +43,17 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
     let tasks = ledger
         .tasks_in(since, until, args.chain_id.as_deref())
         .await?;
+    let chain = match &args.chain_id {
+        Some(id) => ledger.chain_tasks(id, since, until).await?,
+        None => Vec::new(),
+    };
     match args.format {
         Format::Json => emit(
             out,
             &to_json(&serde_json::json!({
                 "since": since, "until": until, "total_cost_usd": total,
                 "calls": calls, "tasks": tasks, "breakdown": lines,
+                "chain_tasks": chain,
             })),
         ),
         Format::Text => {
@@ -83,6 +88,23 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
                     l.output_tokens,
                     render::usd(l.cost_usd)
                 ));
+            }
+            if let Some(id) = &args.chain_id {
+                s.push_str(&format!("\nChain {id}: {} tasks\n", chain.len()));
+                s.push_str(&format!(
+                    "{:<36} {:<16} {:>5} {:>12}  {}\n",
+                    "TASK", "TYPE", "CALLS", "COST", "PROVIDER/MODEL"
+                ));
+                for t in &chain {
+                    s.push_str(&format!(
+                        "{:<36} {:<16} {:>5} {:>12}  {}\n",
+                        t.task_id,
+                        t.task_type,
+                        t.calls,
+                        render::usd(t.cost_usd),
+                        t.models.join(" → ")
+                    ));
+                }
             }
             emit(out, &s);
         }

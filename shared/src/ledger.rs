@@ -85,6 +85,18 @@ pub struct CostLine {
     pub cost_usd: f64,
 }
 
+/// One task of a chain in a cost report.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ChainTask {
+    pub task_id: Uuid,
+    pub task_type: String,
+    /// `provider/model` of every call, in call order, without repeats.
+    pub models: Vec<String>,
+    pub calls: i64,
+    pub cost_usd: f64,
+    pub first_call: DateTime<Utc>,
+}
+
 /// What `llmq costs` groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
@@ -301,6 +313,50 @@ impl Ledger {
         .bind(chain_id)
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    /// The tasks of chain `chain_id` with a call in `[since, until)`, in the order they ran.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn chain_tasks(
+        &self,
+        chain_id: &str,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<Vec<ChainTask>> {
+        let rows: Vec<(Uuid, String, Vec<String>, i64, f64, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT task_id, min(task_type),
+                    array_agg(provider || '/' || model ORDER BY called_at),
+                    count(*), coalesce(sum(cost_usd), 0)::float8, min(called_at)
+             FROM provider_calls
+             WHERE chain_id = $1 AND called_at >= $2 AND called_at < $3
+             GROUP BY task_id ORDER BY min(called_at), task_id",
+        )
+        .bind(chain_id)
+        .bind(since)
+        .bind(until)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(task_id, task_type, all, calls, cost_usd, first_call)| {
+                let mut models: Vec<String> = Vec::new();
+                for m in all {
+                    if !models.contains(&m) {
+                        models.push(m);
+                    }
+                }
+                ChainTask {
+                    task_id,
+                    task_type,
+                    models,
+                    calls,
+                    cost_usd,
+                    first_call,
+                }
+            })
+            .collect())
     }
 
     /// Costs of calls made in `[since, until)`, grouped, most expensive first.

@@ -1,0 +1,190 @@
+//! `llmq costs` against sums computed directly in SQL, on a ledger of mixed providers,
+//! models, task types, chains, cached tokens and free calls.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{Duration, NaiveDate, TimeZone, Utc};
+use llmq_shared::config::Prices;
+use llmq_shared::ledger::CallRow;
+use llmq_shared::provider::Usage;
+use llmq_tests::harness::{TestEnv, database_url};
+use serde_json::Value;
+
+#[tokio::test]
+async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
+    let env = TestEnv::new().await.unwrap();
+    // A day of its own, far from every other test's rows.
+    let offset = (uuid::Uuid::new_v4().as_u128() % 3650) as i64;
+    let day = NaiveDate::from_ymd_opt(2040, 1, 1).unwrap() + Duration::days(offset);
+    let start = Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).unwrap());
+    let chain = format!("chain-{}", env.queue);
+    let models = [
+        (
+            "openai",
+            "gpt-4o-mini",
+            Prices {
+                input: 0.15,
+                output: 0.60,
+                cached_input: 0.075,
+            },
+        ),
+        (
+            "anthropic",
+            "claude-sonnet",
+            Prices {
+                input: 3.0,
+                output: 15.0,
+                cached_input: 0.30,
+            },
+        ),
+        ("gemini-free", "gemini-flash", Prices::default()),
+    ];
+    let types = ["code_generation", "research", "code_review"];
+    let mut rows = Vec::new();
+    for i in 0..30u32 {
+        let (provider, model, prices) = &models[i as usize % 3];
+        let usage = Usage {
+            input_tokens: 1_000 + u64::from(i) * 137,
+            output_tokens: 200 + u64::from(i) * 53,
+            cached_tokens: if i % 4 == 0 { 500 } else { 0 },
+            reasoning_tokens: 0,
+        };
+        rows.push(CallRow {
+            task_id: uuid::Uuid::new_v4(),
+            run: 0,
+            attempt: 1,
+            call_no: 1,
+            queue: env.queue.clone(),
+            chain_id: (i % 2 == 0).then(|| chain.clone()),
+            task_type: types[i as usize % 3].into(),
+            provider: (*provider).into(),
+            model: (*model).into(),
+            input_tokens: usage.input_tokens as i64,
+            output_tokens: usage.output_tokens as i64,
+            cached_tokens: usage.cached_tokens as i64,
+            reasoning_tokens: 0,
+            cost_usd: prices.cost(&usage),
+            latency_ms: 10,
+            outcome: "ok".into(),
+            error_class: None,
+            error: None,
+            worker: "test".into(),
+            called_at: start + Duration::minutes(i64::from(i) * 7),
+        });
+    }
+    env.ledger.record(&rows, &[]).await.unwrap();
+
+    let db = database_url();
+    let date = day.to_string();
+    for (by, column) in [
+        ("provider", "provider"),
+        ("model", "provider || '/' || model"),
+        ("type", "task_type"),
+        ("day", "to_char(called_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+        ("chain", "coalesce(chain_id, '-')"),
+    ] {
+        let (code, out) = env
+            .cli(&[
+                "costs",
+                "--date",
+                &date,
+                "--by",
+                by,
+                "--format",
+                "json",
+                "--database-url",
+                &db,
+            ])
+            .await;
+        assert_eq!(code, 0, "{out}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        let want: Vec<(String, i64, f64)> = sqlx::query_as(&format!(
+            "SELECT {column}, count(*), sum(cost_usd)::float8 FROM provider_calls
+             WHERE called_at >= $1 AND called_at < $2 GROUP BY 1 ORDER BY 1"
+        ))
+        .bind(start)
+        .bind(start + Duration::days(1))
+        .fetch_all(env.ledger.pool())
+        .await
+        .unwrap();
+        let lines = report["breakdown"].as_array().unwrap();
+        assert_eq!(lines.len(), want.len(), "--by {by}: {out}");
+        for (key, calls, cost) in &want {
+            let line = lines
+                .iter()
+                .find(|l| l["key"] == key.as_str())
+                .unwrap_or_else(|| panic!("--by {by}: no {key}"));
+            assert_eq!(line["calls"].as_i64(), Some(*calls), "--by {by} {key}");
+            let got = line["cost_usd"].as_f64().unwrap();
+            assert!(
+                (got - cost).abs() < 0.005,
+                "--by {by} {key}: {got} vs {cost}"
+            );
+            assert!(
+                (got - cost).abs() < 1e-9,
+                "exact, not only to the cent: {got} vs {cost}"
+            );
+        }
+        let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+        assert!((report["total_cost_usd"].as_f64().unwrap() - total).abs() < 1e-9);
+        assert_eq!(report["calls"], 30);
+    }
+
+    // Free calls cost nothing but are counted.
+    let (_, out) = env
+        .cli(&[
+            "costs",
+            "--date",
+            &date,
+            "--by",
+            "provider",
+            "--format",
+            "json",
+            "--database-url",
+            &db,
+        ])
+        .await;
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let free = report["breakdown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == "gemini-free")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (free["calls"].as_i64(), free["cost_usd"].as_f64()),
+        (Some(10), Some(0.0))
+    );
+
+    // A chain: its tasks, each with its cost and provider, in the order they ran.
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--date",
+            &date,
+            "--chain-id",
+            &chain,
+            "--by",
+            "type",
+            "--database-url",
+            &db,
+        ])
+        .await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&format!("Chain {chain}: 15 tasks")), "{out}");
+    let first = rows.iter().find(|r| r.chain_id.is_some()).unwrap();
+    assert!(
+        out.contains(&first.task_id.to_string()) && out.contains("openai/gpt-4o-mini"),
+        "{out}"
+    );
+    let chain_total: f64 = rows
+        .iter()
+        .filter(|r| r.chain_id.is_some())
+        .map(|r| r.cost_usd)
+        .sum();
+    assert!(
+        out.contains(&format!("Total: ${chain_total:.4}"))
+            || out.contains(&format!("Total: ${chain_total:.6}")),
+        "{out}"
+    );
+}
