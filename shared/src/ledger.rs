@@ -325,7 +325,9 @@ impl Ledger {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
     ) -> Result<Vec<ChainTask>> {
-        let rows: Vec<(Uuid, String, Vec<String>, i64, f64, DateTime<Utc>)> = sqlx::query_as(
+        // task, type, models in call order, calls, cost, first call
+        type Row = (Uuid, String, Vec<String>, i64, f64, DateTime<Utc>);
+        let rows: Vec<Row> = sqlx::query_as(
             "SELECT task_id, min(task_type),
                     array_agg(provider || '/' || model ORDER BY called_at),
                     count(*), coalesce(sum(cost_usd), 0)::float8, min(called_at)
