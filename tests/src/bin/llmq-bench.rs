@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup|rate_limited|overhead] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup|rate_limited|overhead|memory] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -94,6 +94,7 @@ enum Bench {
     Pickup,
     RateLimited,
     Overhead,
+    Memory,
 }
 
 #[tokio::main]
@@ -128,6 +129,7 @@ async fn main() -> Result<()> {
             Bench::Pickup => pickup(&args, &mut redis).await,
             Bench::RateLimited => rate_limited(&args, &mut redis).await,
             Bench::Overhead => overhead(&args, &mut redis).await,
+            Bench::Memory => memory(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -152,6 +154,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::Pickup => "pickup",
         Bench::RateLimited => "rate_limited",
         Bench::Overhead => "overhead",
+        Bench::Memory => "memory",
     }
 }
 
@@ -620,6 +623,66 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
     }
     .await;
     cleanup_provider(redis, &provider).await?;
+    result
+}
+
+/// (f) Redis memory across 100,000 finished tasks with the scheduler running: what each
+/// finished task costs while its result lives, and that memory returns to where it was once
+/// the results expire (a 5 s result TTL stands in for the default 7 days).
+async fn memory(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(100_000);
+    let ttl = Duration::from_secs(5);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let used = |info: BTreeMap<String, String>| -> f64 {
+            info.get("used_memory").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        let before = used(info(redis, "memory").await?);
+        let bench_url = with_database(&args.database_url, BENCH_DB)?;
+        bench_ledger(&args.database_url, &bench_url).await?;
+        let config = noop_config()?;
+        let scheduler_stop = CancellationToken::new();
+        let mut sched = llmq_scheduler::Settings::new(&args.redis_url, &bench_url, config.clone());
+        sched.queues = vec![queue.clone()];
+        sched.id = Some(format!("{queue}-scheduler"));
+        let scheduler = tokio::spawn(llmq_scheduler::run(sched, scheduler_stop.clone()));
+        let ids = backlog(&client, &keys, tasks).await?;
+        let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
+        let running = Workers::start(1, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, 256, i);
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            s.result_ttl = ttl;
+            s
+        });
+        let drained = wait_drained(&client, &keys, &running).await;
+        let after_drain = used(info(redis, "memory").await?);
+        running.stop().await?;
+        drained?;
+        ensure!(!ids.is_empty());
+        // Results expire; Redis reclaims expired keys in the background within seconds.
+        let deadline = Instant::now() + ttl + Duration::from_secs(30);
+        let mut after_ttl = used(info(redis, "memory").await?);
+        while Instant::now() < deadline && after_ttl > before + 2.0 * 1024.0 * 1024.0 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            after_ttl = used(info(redis, "memory").await?);
+        }
+        scheduler_stop.cancel();
+        let _ = scheduler.await;
+        let mb = |b: f64| b / (1024.0 * 1024.0);
+        Ok(format!(
+            "bench=memory tasks={tasks} result_ttl_s={} scheduler=on before_mb={:.1} after_drain_mb={:.1} \
+             bytes_per_finished_task={:.0} after_ttl_mb={:.1}",
+            ttl.as_secs(),
+            mb(before),
+            mb(after_drain),
+            (after_drain - before) / tasks as f64,
+            mb(after_ttl)
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
     result
 }
 
