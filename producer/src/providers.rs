@@ -176,14 +176,14 @@ pub fn run(cmd: ProvidersCommand, out: &mut dyn Write) -> Result<u8> {
                     input_usd_per_mtok: m.prices.input,
                     output_usd_per_mtok: m.prices.output,
                     cached_input_usd_per_mtok: m.prices.cached_input,
-                    price_source: "provider file",
+                    price_source: m.price_source.as_str(),
                 })
                 .collect();
             match format {
                 Format::Json => emit(out, &to_json(&lines)),
                 Format::Text => {
                     let mut s = format!(
-                        "{:<16} {:<26} {:<13} {:<9} {:>9} {:>9} {:>9}  {}\n",
+                        "{:<16} {:<26} {:<13} {:<9} {:>9} {:>9} {:>9}  {:<14} {}\n",
                         "PROVIDER",
                         "MODEL",
                         "COST TIER",
@@ -191,12 +191,13 @@ pub fn run(cmd: ProvidersCommand, out: &mut dyn Write) -> Result<u8> {
                         "IN $/M",
                         "OUT $/M",
                         "CACHED",
+                        "PRICE FROM",
                         "CAPABILITIES"
                     );
                     for l in &lines {
                         let off = if l.enabled { "" } else { " (disabled)" };
                         s.push_str(&format!(
-                            "{:<16} {:<26} {:<13} {:<9} {:>9.3} {:>9.3} {:>9.3}  {}{off}\n",
+                            "{:<16} {:<26} {:<13} {:<9} {:>9.3} {:>9.3} {:>9.3}  {:<14} {}{off}\n",
                             render::cut(&l.provider, 16),
                             render::cut(&l.model, 26),
                             l.cost_tier,
@@ -204,6 +205,7 @@ pub fn run(cmd: ProvidersCommand, out: &mut dyn Write) -> Result<u8> {
                             l.input_usd_per_mtok,
                             l.output_usd_per_mtok,
                             l.cached_input_usd_per_mtok,
+                            l.price_source,
                             if l.capabilities.is_empty() {
                                 "any".to_owned()
                             } else {
@@ -211,7 +213,11 @@ pub fn run(cmd: ProvidersCommand, out: &mut dyn Write) -> Result<u8> {
                             },
                         ));
                     }
-                    s.push_str("(prices in USD per million tokens, from the provider file)\n");
+                    let table = llmq_shared::config::bundled_prices();
+                    s.push_str(&format!(
+                        "(USD per million tokens; the bundled table is from {}, as of {})\n",
+                        table.source, table.as_of
+                    ));
                     emit(out, &s);
                 }
             }

@@ -230,6 +230,61 @@ pub struct Model {
     pub tier: Tier,
     pub context_window: Option<u64>,
     pub prices: Prices,
+    /// Where the prices come from.
+    pub price_source: PriceSource,
+}
+
+/// Where a model's prices come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriceSource {
+    /// The provider file.
+    File,
+    /// llmq's bundled price table (`shared/src/prices.yaml`), for a model the file gives no
+    /// prices for.
+    Bundled,
+}
+
+impl PriceSource {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PriceSource::File => "provider file",
+            PriceSource::Bundled => "bundled table",
+        }
+    }
+}
+
+/// llmq's bundled price table.
+#[derive(Debug, Deserialize)]
+pub struct PriceTable {
+    /// Where the figures come from.
+    pub source: String,
+    /// When they were last checked.
+    pub as_of: String,
+    pub models: std::collections::BTreeMap<String, BundledPrice>,
+}
+
+/// One model of the bundled table, USD per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundledPrice {
+    pub input: f64,
+    pub output: f64,
+    pub cached_input: Option<f64>,
+    pub context_window: Option<u64>,
+}
+
+/// The bundled price table; no network needed.
+#[must_use]
+pub fn bundled_prices() -> &'static PriceTable {
+    static TABLE: std::sync::OnceLock<PriceTable> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        serde_yaml_ng::from_str(include_str!("prices.yaml")).unwrap_or_else(|_| PriceTable {
+            source: "unreadable".into(),
+            as_of: String::new(),
+            models: std::collections::BTreeMap::new(),
+        })
+    })
 }
 
 impl Model {
@@ -535,8 +590,8 @@ struct RawModel {
     #[serde(default)]
     tier: Tier,
     context_window: Option<u64>,
-    input_usd_per_mtok: f64,
-    output_usd_per_mtok: f64,
+    input_usd_per_mtok: Option<f64>,
+    output_usd_per_mtok: Option<f64>,
     cached_input_usd_per_mtok: Option<f64>,
 }
 
@@ -822,8 +877,8 @@ fn provider(
             ));
         }
         for (key, v) in [
-            ("input_usd_per_mtok", Some(m.input_usd_per_mtok)),
-            ("output_usd_per_mtok", Some(m.output_usd_per_mtok)),
+            ("input_usd_per_mtok", m.input_usd_per_mtok),
+            ("output_usd_per_mtok", m.output_usd_per_mtok),
             ("cached_input_usd_per_mtok", m.cached_input_usd_per_mtok),
         ] {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
@@ -841,17 +896,57 @@ fn provider(
                 "give the model's context size in tokens, e.g. 128000, or leave it out",
             ));
         }
+        let bundled = bundled_prices().models.get(&m.id).copied();
+        let (prices, price_source, window) =
+            match (m.input_usd_per_mtok, m.output_usd_per_mtok, bundled) {
+                (Some(input), Some(output), _) => (
+                    Prices {
+                        input,
+                        output,
+                        cached_input: m.cached_input_usd_per_mtok.unwrap_or(input),
+                    },
+                    PriceSource::File,
+                    m.context_window,
+                ),
+                (None, None, Some(b)) => (
+                    Prices {
+                        input: b.input,
+                        output: b.output,
+                        cached_input: b.cached_input.unwrap_or(b.input),
+                    },
+                    PriceSource::Bundled,
+                    m.context_window.or(b.context_window),
+                ),
+                (None, None, None) => {
+                    return Err(errs.at(
+                        at("input_usd_per_mtok"),
+                        format!(
+                            "model `{}` has no prices and is not in llmq's bundled price table",
+                            m.id
+                        ),
+                        "add input_usd_per_mtok and output_usd_per_mtok (0 for a free model)",
+                    ));
+                }
+                _ => {
+                    return Err(errs.at(
+                        at(if m.input_usd_per_mtok.is_none() {
+                            "input_usd_per_mtok"
+                        } else {
+                            "output_usd_per_mtok"
+                        }),
+                        "only one of the input and output prices is given",
+                        "give both, or neither to use the bundled price table",
+                    ));
+                }
+            };
         models.push(Model {
             name: m.name.unwrap_or_else(|| m.id.clone()),
             id: m.id,
             capabilities: m.capabilities,
             tier: m.tier,
-            context_window: m.context_window,
-            prices: Prices {
-                input: m.input_usd_per_mtok,
-                output: m.output_usd_per_mtok,
-                cached_input: m.cached_input_usd_per_mtok.unwrap_or(m.input_usd_per_mtok),
-            },
+            context_window: window,
+            prices,
+            price_source,
         });
     }
     Ok(ProviderConfig {
@@ -1268,6 +1363,65 @@ routing:
             &any,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn the_bundled_table_fills_in_prices_and_the_file_overrides_it() {
+        let table = bundled_prices();
+        assert!(table.models.len() >= 20, "the bundled table parses");
+        assert!(!table.as_of.is_empty() && !table.source.is_empty());
+        let text = r#"
+providers:
+  - name: openai
+    kind: openai
+    api_key: k
+    models:
+      - {id: gpt-4o-mini}
+      - {id: gpt-4o, input_usd_per_mtok: 2.0, output_usd_per_mtok: 8.0}
+"#;
+        let c = Config::parse("p.yaml", text, &env).unwrap();
+        let p = c.provider("openai").unwrap();
+        let mini = p.model("gpt-4o-mini").unwrap();
+        assert_eq!(mini.price_source, PriceSource::Bundled);
+        assert_eq!(
+            (
+                mini.prices.input,
+                mini.prices.output,
+                mini.prices.cached_input
+            ),
+            (0.15, 0.60, 0.075)
+        );
+        assert_eq!(mini.context_window, Some(128000));
+        let big = p.model("gpt-4o").unwrap();
+        assert_eq!(
+            (big.price_source, big.prices.input),
+            (PriceSource::File, 2.0)
+        );
+        let err = Config::parse(
+            "p.yaml",
+            &text.replace("{id: gpt-4o-mini}", "{id: my-own-model}"),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not in llmq's bundled price table"),
+            "{err}"
+        );
+        let err = Config::parse(
+            "p.yaml",
+            &text.replace(
+                "{id: gpt-4o-mini}",
+                "{id: gpt-4o-mini, input_usd_per_mtok: 1}",
+            ),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only one of the input and output prices"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -188,3 +188,35 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn providers_list_shows_the_price_in_use_and_where_it_came_from() {
+    let env = TestEnv::new().await.unwrap();
+    let path = std::env::temp_dir().join(format!("{}-prices.yaml", env.queue));
+    std::fs::write(
+        &path,
+        "providers:\n  - name: openai\n    kind: openai\n    api_key: k\n    models:\n      - {id: gpt-4o-mini}\n      - {id: gpt-4o, input_usd_per_mtok: 2.0, output_usd_per_mtok: 8.0}\n",
+    )
+    .unwrap();
+    let (code, out) = env
+        .cli(&[
+            "providers",
+            "list",
+            "--config",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let models: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let get = |id: &str| models.iter().find(|m| m["model"] == id).unwrap().clone();
+    assert_eq!(get("gpt-4o-mini")["price_source"], "bundled table");
+    assert_eq!(get("gpt-4o-mini")["input_usd_per_mtok"], 0.15);
+    assert_eq!(get("gpt-4o")["price_source"], "provider file");
+    assert_eq!(
+        get("gpt-4o")["input_usd_per_mtok"],
+        2.0,
+        "the provider file overrides the table"
+    );
+}
