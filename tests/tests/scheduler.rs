@@ -811,13 +811,28 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
     let config = std::env::temp_dir().join(format!("llmq-scheduler-{}.yaml", env.queue));
     std::fs::write(&config, include_str!("../../examples/providers.mock.yaml")).unwrap();
     let id = unique("process");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
     let mut process = Process(
         std::process::Command::new(binary("llmq-scheduler"))
             .env("REDIS_URL", redis_url())
             .env("DATABASE_URL", database_url())
             .env("LLMQ_CONFIG", &config)
             .env("RUST_LOG", "warn")
-            .args(["--id", &id, "--tick", "50ms", "--queue", &env.queue])
+            .args([
+                "--id",
+                &id,
+                "--tick",
+                "50ms",
+                "--queue",
+                &env.queue,
+                "--metrics-listen",
+                &listen,
+            ])
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap(),
@@ -834,6 +849,26 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
     )
     .await
     .unwrap();
+    // It serves health and metrics too.
+    let http = reqwest::Client::new();
+    let ready = http
+        .get(format!("http://{listen}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
+    let metrics = http
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("llmq_scheduler_duty_runs_total"),
+        "{metrics}"
+    );
 
     let term = std::process::Command::new("kill")
         .arg("-TERM")
