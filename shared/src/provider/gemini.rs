@@ -153,6 +153,26 @@ fn refine_class(err: &mut Error, body: &str) {
     if err.retry_after.is_none() {
         err.retry_after = retry_info(&e);
     }
+    if err.class == ErrorClass::RateLimited && daily_quota(&e) {
+        // A per-day quota will not come back within a Retry-After: the next provider it is.
+        err.class = ErrorClass::QuotaExhausted;
+    }
+}
+
+/// Whether a `google.rpc.QuotaFailure` detail names a per-day quota.
+fn daily_quota(error: &Value) -> bool {
+    error
+        .get("details")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.get("violations")?.as_array())
+        .flatten()
+        .any(|v| {
+            v.get("quotaId")
+                .and_then(Value::as_str)
+                .is_some_and(|q| q.contains("PerDay"))
+        })
 }
 
 /// The `retryDelay` of a `google.rpc.RetryInfo` detail, e.g. `"12s"` or `"0.250s"`.
@@ -285,6 +305,21 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_per_day_quota_is_exhaustion_not_a_rate_limit() {
+        let body = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"quota",
+            "details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[
+              {"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests",
+               "quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}"#;
+        let mut err = Error::new("g", "m", ErrorClass::RateLimited, "x".into());
+        refine_class(&mut err, body);
+        assert_eq!(err.class, ErrorClass::QuotaExhausted);
+        let per_minute = body.replace("PerDay", "PerMinute");
+        let mut err = Error::new("g", "m", ErrorClass::RateLimited, "x".into());
+        refine_class(&mut err, &per_minute);
+        assert_eq!(err.class, ErrorClass::RateLimited);
+    }
     use crate::provider::classify_status;
 
     fn refined(status: u16, wait: Option<Duration>, body: &str) -> Error {
