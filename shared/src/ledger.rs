@@ -214,31 +214,31 @@ impl Ledger {
             .bind(calls.iter().map(|c| c.run).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.queue.clone()).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.chain_id.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.chain_id.as_deref()).collect::<Vec<_>>())
             .bind(
                 calls
                     .iter()
-                    .map(|c| c.task_type.clone())
+                    .map(|c| c.task_type.as_str())
                     .collect::<Vec<_>>(),
             )
-            .bind(calls.iter().map(|c| c.provider.clone()).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.model.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.provider.as_str()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.model.as_str()).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.input_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.output_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.cached_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.reasoning_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.cost_usd).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.outcome.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.outcome.as_str()).collect::<Vec<_>>())
             .bind(
                 calls
                     .iter()
-                    .map(|c| c.error_class.clone())
+                    .map(|c| c.error_class.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(calls.iter().map(|c| c.error.clone()).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.worker.clone()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.error.as_deref()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.worker.as_str()).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
@@ -264,26 +264,36 @@ impl Ledger {
                     finished_at = EXCLUDED.finished_at",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.queue.clone()).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.chain_id.clone()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.queue.as_str()).collect::<Vec<_>>())
             .bind(
                 tasks
                     .iter()
-                    .map(|t| t.task_type.clone())
+                    .map(|t| t.chain_id.as_deref())
                     .collect::<Vec<_>>(),
             )
-            .bind(tasks.iter().map(|t| t.status.clone()).collect::<Vec<_>>())
+            .bind(
+                tasks
+                    .iter()
+                    .map(|t| t.task_type.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(tasks.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.attempts).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.provider.clone()).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.model.clone()).collect::<Vec<_>>())
+            .bind(
+                tasks
+                    .iter()
+                    .map(|t| t.provider.as_deref())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(tasks.iter().map(|t| t.model.as_deref()).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.input_tokens).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.output_tokens).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.cost_usd).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.error.clone()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.error.as_deref()).collect::<Vec<_>>())
             .bind(
                 tasks
                     .iter()
-                    .map(|t| t.error_class.clone())
+                    .map(|t| t.error_class.as_deref())
                     .collect::<Vec<_>>(),
             )
             .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())

@@ -56,15 +56,16 @@ impl Finisher {
         mut rx: mpsc::UnboundedReceiver<Pending>,
         acks: mpsc::UnboundedSender<Vec<Pending>>,
     ) {
-        while let Some(batch) = next_batch(&mut rx).await {
+        while let Some(mut batch) = next_batch(&mut rx).await {
             if let Some(ledger) = &self.ledger {
+                // The rows are written once and not needed after: move them, don't copy.
                 let calls: Vec<_> = batch
-                    .iter()
-                    .flat_map(|p| p.finished.calls.iter().cloned())
+                    .iter_mut()
+                    .flat_map(|p| std::mem::take(&mut p.finished.calls))
                     .collect();
                 let tasks: Vec<_> = batch
-                    .iter()
-                    .filter_map(|p| p.finished.task.clone())
+                    .iter_mut()
+                    .filter_map(|p| p.finished.task.take())
                     .collect();
                 let written = self
                     .retry("writing the ledger", || ledger.record(&calls, &tasks))
@@ -96,7 +97,10 @@ impl Finisher {
                     .push(p);
             }
             for (keys, items) in by_queue {
-                let finishes: Vec<_> = items.iter().map(|p| p.finished.finish.clone()).collect();
+                let (finishes, waiters): (Vec<_>, Vec<_>) = items
+                    .into_iter()
+                    .map(|p| (p.finished.finish, p.done))
+                    .unzip();
                 let applied = self
                     .retry("acknowledging tasks in Redis", || {
                         self.redis
@@ -105,10 +109,10 @@ impl Finisher {
                     .await;
                 let ok = applied.is_some();
                 let applied = applied.unwrap_or_default();
-                for (i, p) in items.into_iter().enumerate() {
+                for (i, (finish, done)) in finishes.iter().zip(waiters).enumerate() {
                     let was_applied = applied.get(i).copied().unwrap_or(false);
                     if ok {
-                        let outcome = match (&p.finished.finish.kind, was_applied) {
+                        let outcome = match (&finish.kind, was_applied) {
                             (_, false) => "fenced",
                             (FinishKind::Done, _) => "succeeded",
                             (FinishKind::Retry { .. }, _) => "delayed",
@@ -120,11 +124,11 @@ impl Finisher {
                     }
                     if ok && !was_applied {
                         tracing::warn!(
-                            task = %p.finished.finish.task_id,
+                            task = %finish.task_id,
                             "another worker took this task over; its outcome here was discarded"
                         );
                     }
-                    let _ = p.done.send(was_applied);
+                    let _ = done.send(was_applied);
                 }
             }
         }
