@@ -286,16 +286,6 @@ impl Envelope {
     }
 
     #[must_use]
-    pub fn risk(&self) -> Option<crate::config::Risk> {
-        self.risk
-    }
-
-    #[must_use]
-    pub fn area(&self) -> Option<&str> {
-        self.area.as_deref()
-    }
-
-    #[must_use]
     pub fn max_attempts(&self) -> u32 {
         self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
     }

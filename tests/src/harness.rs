@@ -6,7 +6,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmq_shared::config::Config;
@@ -360,6 +359,3 @@ impl Drop for WorkerProcess {
         let _ = self.child.wait();
     }
 }
-
-/// Shared handle type for in-process providers in tests.
-pub type SharedProvider = Arc<dyn llmq_shared::provider::Provider>;

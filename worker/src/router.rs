@@ -100,8 +100,8 @@ impl Router {
         let routing = &self.config.routing;
         let prompt_tokens = estimate_tokens(env.system.as_deref(), &env.prompt);
         let output_tokens = env.max_tokens.map_or(DEFAULT_OUTPUT_ESTIMATE, u64::from);
-        let risk = env.risk();
-        let area = env.area();
+        let risk = env.risk;
+        let area = env.area.as_deref();
 
         let mut needs = vec![Capability::for_task(task_type)];
         let lower = env.prompt.to_lowercase();
