@@ -557,3 +557,116 @@ async fn a_worker_refuses_an_unmigrated_database() {
         .to_string();
     assert!(err.contains("run `llmq migrate` first"), "{err}");
 }
+
+#[tokio::test]
+async fn status_checks_each_provider_and_dlq_show_prints_one_letter() {
+    let env = TestEnv::new().await.unwrap();
+    let path = std::env::temp_dir().join(format!("{}-status.yaml", env.queue));
+    // The mock provider file, plus a provider nothing answers for, before `routing:`.
+    let text = include_str!("../../examples/providers.mock.yaml")
+        .replace("${LLMQ_MOCK_URL:-http://127.0.0.1:8089}", &env.mock.url());
+    let (providers, routing) = text.split_once("\n# Short waits").unwrap();
+    let gone = "  - name: gone\n    kind: openai_compatible\n    base_url: http://127.0.0.1:9/v1\n    models: [{id: x, input_usd_per_mtok: 0, output_usd_per_mtok: 0}]\n";
+    std::fs::write(
+        &path,
+        format!("{providers}\n{gone}\n# Short waits{routing}"),
+    )
+    .unwrap();
+    let (code, out) = env
+        .cli(&[
+            "status",
+            "--queue",
+            &env.queue,
+            "--config",
+            path.to_str().unwrap(),
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let providers = v["providers"].as_array().unwrap();
+    let find = |n: &str| providers.iter().find(|p| p["name"] == n).unwrap().clone();
+    assert_eq!(find("mock")["ready"], true, "{out}");
+    assert_eq!(find("gone")["ready"], false, "{out}");
+    assert!(
+        find("gone")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cannot connect"),
+        "{out}"
+    );
+
+    let worker = env.worker();
+    let (_, out) = env
+        .cli(&[
+            "submit", "--prompt", "show me", "--model", "fail-404", "--queue", &env.queue,
+            "--wait", "--format", "json",
+        ])
+        .await;
+    let id = record(&out).task_id;
+    let (code, shown) = env.cli(&["dlq", "show", &id, "--queue", &env.queue]).await;
+    assert_eq!(code, 0);
+    for want in [
+        format!("Task ID:     {id}"),
+        "Class:       fatal".to_owned(),
+        "HTTP 404".to_owned(),
+        "\"prompt\": \"show me\"".to_owned(),
+    ] {
+        assert!(shown.contains(&want), "no `{want}` in\n{shown}");
+    }
+    let (code, _) = env
+        .cli(&["dlq", "show", "no-such-letter", "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 1);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn wait_timeout_exits_1_and_batch_without_wait_lists_the_ids() {
+    let env = TestEnv::new().await.unwrap();
+    // No worker: nothing finishes.
+    let (code, _) = env
+        .cli(&[
+            "submit",
+            "--prompt",
+            "nobody runs me",
+            "--queue",
+            &env.queue,
+            "--wait",
+            "--wait-timeout",
+            "300ms",
+        ])
+        .await;
+    assert_eq!(
+        code, 1,
+        "a task still queued at the wait timeout is not a success"
+    );
+
+    let input = std::env::temp_dir().join(format!("{}-ids-in.json", env.queue));
+    let output = std::env::temp_dir().join(format!("{}-ids-out.txt", env.queue));
+    std::fs::write(&input, r#"[{"prompt": "a"}, {"prompt": "b"}]"#).unwrap();
+    let (code, out) = env
+        .cli(&[
+            "batch",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--queue",
+            &env.queue,
+        ])
+        .await;
+    assert_eq!(code, 0);
+    let ids: Vec<&str> = out.lines().collect();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(
+        std::fs::read_to_string(&output).unwrap(),
+        out,
+        "--output holds the same ids"
+    );
+    for id in ids {
+        let r = env.redis.task(&env.keys, id).await.unwrap().unwrap();
+        assert_eq!(r.status, Status::Queued);
+    }
+}
