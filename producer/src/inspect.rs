@@ -37,10 +37,23 @@ pub struct ProviderStatus {
     pub detail: String,
 }
 
+/// An open circuit in `llmq status`: a provider or model every worker skips for now.
+#[derive(Debug, Serialize)]
+pub struct CoolingDown {
+    /// `provider` or `provider/model`.
+    pub scope: String,
+    pub reason: String,
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    pub until: chrono::DateTime<chrono::Utc>,
+    /// True when the cooldown is over and the next call (a probe) decides.
+    pub probing: bool,
+}
+
 #[derive(Debug, Serialize)]
 struct StatusReport {
     queues: Vec<QueueCounts>,
     providers: Vec<ProviderStatus>,
+    cooling_down: Vec<CoolingDown>,
     scheduler: llmq_shared::archive::SchedulerStatus,
 }
 
@@ -58,6 +71,7 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         queues.push(redis.counts(&QueueKeys::new(name)).await?);
     }
     let mut providers = Vec::new();
+    let mut cooling_down = Vec::new();
     if let Some(path) = &args.config {
         let config = Config::load(path)?;
         let http = reqwest::Client::new();
@@ -65,11 +79,35 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         for p in &config.providers {
             providers.push(check(&http, p).await);
         }
+        let scopes: Vec<(String, Vec<String>)> = config
+            .providers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.models.iter().map(|m| m.id.clone()).collect(),
+                )
+            })
+            .collect();
+        let circuits = llmq_shared::circuit::Circuits::new(redis.clone(), "llmq-status");
+        cooling_down = circuits
+            .open(&scopes)
+            .await?
+            .into_iter()
+            .map(|o| CoolingDown {
+                scope: o.scope(),
+                reason: o.reason,
+                since: o.since,
+                until: o.until,
+                probing: o.probing,
+            })
+            .collect();
     }
     let scheduler = llmq_shared::archive::scheduler_status(redis).await?;
     let report = StatusReport {
         queues,
         providers,
+        cooling_down,
         scheduler,
     };
     match args.format {
@@ -133,6 +171,30 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
         for p in &r.providers {
             let ready = if p.ready { "yes" } else { "no" };
             s.push_str(&format!("{:<20} {:<8} {}\n", p.name, ready, p.detail));
+        }
+        if r.cooling_down.is_empty() {
+            s.push_str("\nCooling down: nothing\n");
+        } else {
+            s.push_str(
+                "\nCooling down (every worker skips these; tasks with nowhere else to go wait):\n",
+            );
+            for c in &r.cooling_down {
+                let since = c
+                    .since
+                    .map(|t| format!(" since {}", t.format("%H:%M:%S")))
+                    .unwrap_or_default();
+                let state = if c.probing {
+                    "cooldown over; the next call probes it".to_owned()
+                } else {
+                    format!("{since} until {} UTC", c.until.format("%H:%M:%S"))
+                };
+                s.push_str(&format!(
+                    "  {:<32} {}: {}\n",
+                    c.scope,
+                    state.trim_start(),
+                    render::cut(&c.reason, 160)
+                ));
+            }
         }
     } else {
         s.push_str("\n(set LLMQ_CONFIG or pass --config to check providers)\n");

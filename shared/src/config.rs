@@ -420,7 +420,7 @@ impl Default for Cooldown {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
     /// Tasks whose estimated cost is higher are not sent to that model.
     pub max_cost_per_task: Option<f64>,
@@ -431,6 +431,26 @@ pub struct Routing {
     pub keywords: Vec<(Capability, Vec<String>)>,
     pub retry: Retry,
     pub cooldown: Cooldown,
+    /// How long a task may wait for a provider to become callable (an outage, an open
+    /// circuit, a rate limit) before it becomes a dead letter.
+    pub max_wait: Duration,
+}
+
+/// Default [`Routing::max_wait`]: an hour.
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(3600);
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            max_cost_per_task: None,
+            fallback: Vec::new(),
+            rules: Vec::new(),
+            keywords: Vec::new(),
+            retry: Retry::default(),
+            cooldown: Cooldown::default(),
+            max_wait: DEFAULT_MAX_WAIT,
+        }
+    }
 }
 
 /// How long dead letters are kept.
@@ -609,6 +629,7 @@ struct RawRouting {
     keywords: std::collections::BTreeMap<Capability, Vec<String>>,
     retry: Option<RawRetry>,
     cooldown: Option<RawCooldown>,
+    max_wait: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1152,6 +1173,10 @@ fn routing(errs: &Errors<'_>, r: RawRouting, providers: &[ProviderConfig]) -> Re
             cooldown.duration = errs.duration("routing.cooldown.for".into(), &d)?;
         }
     }
+    let max_wait = match r.max_wait {
+        Some(m) => errs.duration("routing.max_wait".into(), &m)?,
+        None => DEFAULT_MAX_WAIT,
+    };
     Ok(Routing {
         max_cost_per_task: r.max_cost_per_task,
         fallback: r.fallback,
@@ -1159,6 +1184,7 @@ fn routing(errs: &Errors<'_>, r: RawRouting, providers: &[ProviderConfig]) -> Re
         keywords,
         retry,
         cooldown,
+        max_wait,
     })
 }
 
@@ -1502,6 +1528,10 @@ providers:
             (
                 GOOD.replace("fallback: [cli]", "fallback: [nobody]"),
                 "routing.fallback[0]",
+            ),
+            (
+                GOOD.replace("fallback: [cli]", "fallback: [cli]\n  max_wait: a while"),
+                "routing.max_wait",
             ),
             (
                 GOOD.replace(

@@ -166,9 +166,14 @@ pub struct Envelope {
     /// Attempts already used up. Set by workers; producers leave it out.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
-    /// Rate-limit waits so far; they do not use up attempts. Set by workers.
+    /// Waits so far for a provider to become callable (rate limits, outages, quotas); they
+    /// do not use up attempts. Set by workers.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub snoozes: u32,
+    /// Since when the task has been waiting for a provider, without a call that failed it
+    /// in between; `routing.max_wait` after this it becomes a dead letter. Set by workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<DateTime<Utc>>,
     /// Times an operator replayed the task from the dead letters; part of the ledger key, so
     /// a replayed task's calls are billed as the new calls they are.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -210,6 +215,7 @@ impl Envelope {
             enqueued_at: None,
             attempts: 0,
             snoozes: 0,
+            waiting_since: None,
             replays: 0,
             last_error: None,
             extra: Map::new(),

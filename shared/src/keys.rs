@@ -135,17 +135,34 @@ impl ProviderKeys {
         format!("{}:alerts", self.prefix)
     }
 
-    /// Consecutive failures: a counter.
+    /// The circuit of the whole provider (`model` = `None`) or of one of its models.
     #[must_use]
-    pub fn failures(&self) -> String {
-        format!("{}:failures", self.prefix)
+    pub fn circuit(&self, model: Option<&str>) -> CircuitKeys {
+        let base = match model {
+            None => format!("{}:circuit", self.prefix),
+            Some(m) => format!("{}:model:{m}:circuit", self.prefix),
+        };
+        CircuitKeys {
+            open: format!("{base}:open"),
+            tripped: format!("{base}:tripped"),
+            probe: format!("{base}:probe"),
+            failures: format!("{base}:failures"),
+        }
     }
+}
 
-    /// Set while every worker should skip the provider.
-    #[must_use]
-    pub fn cooldown(&self) -> String {
-        format!("{}:cooldown", self.prefix)
-    }
+/// Key names of one circuit breaker (a provider's or a model's); see `circuit`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CircuitKeys {
+    /// `<since ms>|<reason>` while the circuit is open; expires when the cooldown ends.
+    pub open: String,
+    /// Set from the moment the circuit opens until a call succeeds: once `open` has expired,
+    /// its presence means half-open (one probe call decides).
+    pub tripped: String,
+    /// The worker making the probe call, with a lease.
+    pub probe: String,
+    /// Failures in a row while closed: a counter.
+    pub failures: String,
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! ```
 
 pub mod archive;
+pub mod circuit;
 pub mod config;
 pub mod envelope;
 pub mod health;

@@ -66,6 +66,9 @@ pub enum ErrorClass {
     Invalid,
     /// The task was redelivered too often: workers died while running it.
     Poison,
+    /// No provider could be called for longer than `routing.max_wait`: an outage, an open
+    /// circuit or a rate limit kept every candidate out of reach.
+    Unavailable,
 }
 
 impl ErrorClass {
@@ -78,6 +81,7 @@ impl ErrorClass {
             ErrorClass::QuotaExhausted => "quota_exhausted",
             ErrorClass::Invalid => "invalid",
             ErrorClass::Poison => "poison",
+            ErrorClass::Unavailable => "unavailable",
         }
     }
 
@@ -105,6 +109,7 @@ impl FromStr for ErrorClass {
             ErrorClass::QuotaExhausted,
             ErrorClass::Invalid,
             ErrorClass::Poison,
+            ErrorClass::Unavailable,
         ]
         .into_iter()
         .find(|c| c.as_str() == s)

@@ -1,4 +1,4 @@
-//! Quotas, rate limits, budgets and cooldowns, shared by every worker through Redis Lua.
+//! Quotas, rate limits and budgets, shared by every worker through Redis Lua.
 //!
 //! Before a call a worker reserves one request plus the estimated tokens and cost; the
 //! script checks every limit of the provider and either takes the reservation or refuses,
@@ -9,13 +9,10 @@
 //! `rpm` and `tpm` count a sliding window (`quotas.window`, one minute by default).
 //! Every function takes the time as an argument, so tests drive the clock.
 
-use std::collections::{HashMap, HashSet};
-use std::time::Instant;
-
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use redis::Script;
 
-use crate::config::{Cooldown, Quotas};
+use crate::config::Quotas;
 use crate::keys::ProviderKeys;
 use crate::queue::{Client, Result};
 
@@ -84,22 +81,13 @@ pub struct QuotaLine {
     pub reset: DateTime<Utc>,
 }
 
-/// Quota, rate-limit and cooldown state in Redis.
+/// Quota and rate-limit state in Redis.
 #[derive(Clone)]
 pub struct Limiter {
     redis: Client,
     reserve: std::sync::Arc<Script>,
     reconcile: std::sync::Arc<Script>,
-    /// What this process last learned of each provider's cooldown, and when: read from
-    /// Redis at most every [`COOLDOWN_FRESHNESS`], so the hot path does not ask per call.
-    cooldowns: std::sync::Arc<std::sync::Mutex<HashMap<String, (Instant, bool)>>>,
-    /// Providers this process saw fail since their last success: only their failure
-    /// counters need resetting on a success.
-    failing: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
 }
-
-/// How stale a cached cooldown state may be.
-pub const COOLDOWN_FRESHNESS: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Limiter {
     #[must_use]
@@ -108,8 +96,6 @@ impl Limiter {
             redis,
             reserve: std::sync::Arc::new(Script::new(include_str!("quota/reserve.lua"))),
             reconcile: std::sync::Arc::new(Script::new(include_str!("quota/reconcile.lua"))),
-            cooldowns: std::sync::Arc::default(),
-            failing: std::sync::Arc::default(),
         }
     }
 
@@ -201,85 +187,6 @@ impl Limiter {
             .arg(tokens)
             .arg(to_micro(usd) - r.micro_usd)
             .invoke_async::<i64>(&mut c)
-            .await?;
-        Ok(())
-    }
-
-    /// Whether every worker should skip `provider` for now.
-    ///
-    /// # Errors
-    /// Redis fails.
-    pub async fn cooling_down(&self, provider: &str) -> Result<bool> {
-        if let Ok(cache) = self.cooldowns.lock()
-            && let Some((at, cooling)) = cache.get(provider)
-            && at.elapsed() < COOLDOWN_FRESHNESS
-        {
-            return Ok(*cooling);
-        }
-        let mut c = self.redis.conn().await?;
-        let cooling = redis::cmd("EXISTS")
-            .arg(ProviderKeys::new(provider).cooldown())
-            .query_async::<i64>(&mut c)
-            .await?
-            == 1;
-        if let Ok(mut cache) = self.cooldowns.lock() {
-            cache.insert(provider.to_owned(), (Instant::now(), cooling));
-        }
-        Ok(cooling)
-    }
-
-    /// Counts a failed call; after `cooldown.after_failures` in a row the provider is cooled
-    /// down for every worker. Returns true when this failure started a cooldown.
-    ///
-    /// # Errors
-    /// Redis fails.
-    pub async fn failed(&self, provider: &str, cooldown: &Cooldown) -> Result<bool> {
-        let keys = ProviderKeys::new(provider);
-        if let Ok(mut f) = self.failing.lock() {
-            f.insert(provider.to_owned());
-        }
-        let mut c = self.redis.conn().await?;
-        let (n,): (u64,) = redis::pipe()
-            .incr(keys.failures(), 1)
-            .pexpire(keys.failures(), cooldown.duration.as_millis() as i64)
-            .ignore()
-            .query_async(&mut c)
-            .await?;
-        if n >= u64::from(cooldown.after_failures) {
-            redis::pipe()
-                .cmd("SET")
-                .arg(keys.cooldown())
-                .arg(n)
-                .arg("PX")
-                .arg(cooldown.duration.as_millis() as u64)
-                .ignore()
-                .del(keys.failures())
-                .ignore()
-                .query_async::<()>(&mut c)
-                .await?;
-            if let Ok(mut cache) = self.cooldowns.lock() {
-                cache.insert(provider.to_owned(), (Instant::now(), true));
-            }
-            return Ok(true);
-        }
-        Ok(false)
-    }
-
-    /// A successful call ends a run of failures.
-    ///
-    /// # Errors
-    /// Redis fails.
-    pub async fn succeeded(&self, provider: &str) -> Result<()> {
-        let was_failing = self.failing.lock().is_ok_and(|mut f| f.remove(provider));
-        if !was_failing {
-            // Counters this process did not raise expire by themselves within the cooldown
-            // period; not asking Redis keeps a success free on the hot path.
-            return Ok(());
-        }
-        let mut c = self.redis.conn().await?;
-        redis::cmd("DEL")
-            .arg(ProviderKeys::new(provider).failures())
-            .query_async::<()>(&mut c)
             .await?;
         Ok(())
     }

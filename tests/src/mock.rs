@@ -193,7 +193,15 @@ impl MockServer {
     /// # Errors
     /// When the port cannot be bound.
     pub async fn start(opts: MockOptions) -> io::Result<MockServer> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), opts).await
+    }
+
+    /// Binds `addr` (e.g. the port of a provider that was down) and serves in the background.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start_at(addr: SocketAddr, opts: MockOptions) -> io::Result<MockServer> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(Shared::new(opts, CancellationToken::new()));
         let task = tokio::spawn(serve_shared(listener, Arc::clone(&state)));

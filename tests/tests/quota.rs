@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
+use llmq_shared::circuit::{self, Admission, Circuits};
 use llmq_shared::config::{Cooldown, Quotas};
+use llmq_shared::provider::Scope;
 use llmq_shared::queue::Client;
 use llmq_shared::quota::{Decision, Limiter};
 use llmq_tests::harness::redis_url;
@@ -199,36 +201,108 @@ async fn thresholds_are_announced_once_per_window() {
     );
 }
 
+fn circuits(who: &str) -> Circuits {
+    Circuits::new(Client::new(&redis_url()).unwrap(), who)
+}
+
+fn is_call(a: &Admission) -> bool {
+    matches!(a, Admission::Call { probe: false })
+}
+
 #[tokio::test]
 async fn repeated_failures_cool_a_provider_down_for_everyone() {
-    let a = limiter();
-    let b = limiter();
+    let a = circuits("a");
+    let b = circuits("b");
     let name = provider();
     let cooldown = Cooldown {
         after_failures: 3,
         duration: Duration::from_millis(1200),
     };
-    assert!(!a.failed(&name, &cooldown).await.unwrap());
-    a.succeeded(&name).await.unwrap();
-    assert!(!a.failed(&name, &cooldown).await.unwrap());
-    assert!(!b.failed(&name, &cooldown).await.unwrap());
+    let fail = |c: &Circuits| {
+        let (c, name) = (c.clone(), name.clone());
+        async move {
+            c.failed(&name, "m", Scope::Provider, "cannot connect", &cooldown)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(!fail(&a).await);
+    assert!(is_call(&a.admit(&name, "m").await.unwrap()));
+    a.succeeded(&name, "m", false).await.unwrap();
+    assert!(!fail(&a).await);
+    assert!(!fail(&b).await);
     assert!(
-        !a.cooling_down(&name).await.unwrap(),
+        is_call(&a.admit(&name, "m").await.unwrap()),
         "a success reset the run"
     );
+    assert!(fail(&b).await, "the third failure in a row");
+    let Admission::Wait(open) = b.admit(&name, "other-model").await.unwrap() else {
+        panic!("a provider's circuit covers every model")
+    };
+    assert_eq!(open.model, None);
     assert!(
-        b.failed(&name, &cooldown).await.unwrap(),
-        "the third failure in a row"
+        open.reason
+            .starts_with("3 failures in a row; the last: cannot connect"),
+        "{open:?}"
     );
-    assert!(b.cooling_down(&name).await.unwrap());
-    // Workers cache what they know of a cooldown for a quarter of a second.
-    tokio::time::sleep(llmq_shared::quota::COOLDOWN_FRESHNESS + Duration::from_millis(50)).await;
+    // Workers cache a closed circuit for a quarter of a second.
+    tokio::time::sleep(circuit::FRESHNESS + Duration::from_millis(50)).await;
     assert!(
-        a.cooling_down(&name).await.unwrap(),
+        matches!(a.admit(&name, "m").await.unwrap(), Admission::Wait(_)),
         "seen by the other worker"
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(!a.cooling_down(&name).await.unwrap(), "and it ends");
+    // Half-open: one worker probes, the other keeps waiting.
+    assert_eq!(
+        a.admit(&name, "m").await.unwrap(),
+        Admission::Call { probe: true }
+    );
+    let Admission::Wait(probing) = b.admit(&name, "m").await.unwrap() else {
+        panic!("only one probe at a time")
+    };
+    assert!(probing.probing);
+    assert!(probing.until <= Utc::now() + chrono::Duration::from_std(circuit::PROBE_WAIT).unwrap());
+    // The probe fails: open again at once.
+    assert!(fail(&a).await, "a failed probe opens the circuit again");
+    let Admission::Wait(open) = b.admit(&name, "m").await.unwrap() else {
+        panic!("open again")
+    };
+    assert!(open.reason.starts_with("the probe call failed"), "{open:?}");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        b.admit(&name, "m").await.unwrap(),
+        Admission::Call { probe: true }
+    );
+    b.succeeded(&name, "m", true).await.unwrap();
+    assert!(is_call(&a.admit(&name, "m").await.unwrap()), "and it ends");
+    assert!(is_call(&b.admit(&name, "m").await.unwrap()));
+}
+
+#[tokio::test]
+async fn a_failing_model_does_not_cool_down_its_provider() {
+    let a = circuits("a");
+    let name = provider();
+    let cooldown = Cooldown {
+        after_failures: 2,
+        duration: Duration::from_secs(30),
+    };
+    for _ in 0..2 {
+        a.failed(&name, "bad", Scope::Model, "HTTP 500", &cooldown)
+            .await
+            .unwrap();
+    }
+    let Admission::Wait(open) = a.admit(&name, "bad").await.unwrap() else {
+        panic!("the model is cooling down")
+    };
+    assert_eq!(open.model.as_deref(), Some("bad"));
+    assert!(is_call(&a.admit(&name, "good").await.unwrap()));
+    let listed = a
+        .open(&[(name.clone(), vec!["bad".into(), "good".into()])])
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].scope(), format!("{name}/bad"));
+    assert!(listed[0].until > Utc::now() + chrono::Duration::seconds(25));
 }
 
 #[tokio::test]

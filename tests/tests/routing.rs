@@ -103,7 +103,7 @@ async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
 async fn when_all_fail_the_error_names_every_provider() {
     let env = TestEnv::new().await.unwrap();
     let (a, b) = names(&env);
-    let mut e = Envelope::new("[[mock:fail-503]] nobody can");
+    let mut e = Envelope::new("[[mock:fail-500]] nobody can");
     e.provider = Some(a.clone());
     e.model = Some("mock-fast".into());
     e.max_attempts = Some(1);
@@ -111,7 +111,7 @@ async fn when_all_fail_the_error_names_every_provider() {
     let r = run(&env, e).await;
     assert_eq!(r.status, Status::Dead);
     let error = r.error.unwrap();
-    let want = format!("all providers failed; last error: {b}/mock-smart: HTTP 503");
+    let want = format!("all providers failed; last error: {b}/mock-smart: HTTP 500");
     assert!(error.contains(&want), "{error}");
     assert!(error.ends_with(&format!("tried: {a}, {b}")), "{error}");
     assert_eq!(r.provider_errors.len(), 6, "three tries on each");

@@ -33,7 +33,7 @@ pub struct Fetcher {
     /// How long one read waits for a task before checking for shutdown.
     pub block: Duration,
     pub stop: CancellationToken,
-    pub quota_pause: Arc<crate::executor::QuotaPause>,
+    pub read_pause: Arc<crate::executor::ReadPause>,
 }
 
 impl Fetcher {
@@ -45,12 +45,9 @@ impl Fetcher {
         let mut conn = None;
         let mut turn = 0usize;
         loop {
-            let pause = self.quota_pause.remaining();
+            let pause = self.read_pause.remaining();
             if !pause.is_zero() {
-                tracing::debug!(
-                    ?pause,
-                    "every capable provider is out of quota; not reading"
-                );
+                tracing::debug!(?pause, "no capable provider can be called now; not reading");
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = self.stop.cancelled() => return,

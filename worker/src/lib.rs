@@ -228,7 +228,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         settings.visibility_timeout,
         done.clone(),
     ));
-    let quota_pause = Arc::new(executor::QuotaPause::default());
+    let read_pause = Arc::new(executor::ReadPause::default());
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     tasks.spawn(
         Fetcher {
@@ -242,7 +242,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             result_ttl: settings.result_ttl,
             block: settings.block,
             stop: stop.clone(),
-            quota_pause: Arc::clone(&quota_pause),
+            read_pause: Arc::clone(&read_pause),
         }
         .run(jobs_tx),
     );
@@ -250,13 +250,14 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         executor: Executor {
             router,
             limiter: llmq_shared::quota::Limiter::new(redis.clone()),
+            circuits: llmq_shared::circuit::Circuits::new(redis.clone(), &worker_id),
             worker_id: worker_id.clone(),
             max_payload_bytes: settings.max_payload_bytes,
             retry_base: settings.retry_base,
             retry_max: settings.retry_max,
             attempt_timeout: settings.attempt_timeout,
             hard_stop: hard_stop.clone(),
-            quota_pause,
+            read_pause,
         },
         finisher,
         inflight: Arc::clone(&inflight),

@@ -216,6 +216,7 @@ mod tests {
             status: Some(status),
             message: "x".into(),
             retry_after: None,
+            transport: None,
         }
     }
 

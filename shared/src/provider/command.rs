@@ -144,6 +144,7 @@ impl CommandRunner {
             status: None,
             message,
             retry_after: None,
+            transport: None,
         }
     }
 
@@ -176,11 +177,14 @@ impl CommandRunner {
         match tokio::time::timeout(req.timeout, self.run(req)).await {
             Ok(result) => result,
             // Dropping `run` drops the child, and `kill_on_drop` kills it.
-            Err(_) => Err(self.error(
-                req,
-                ErrorClass::Retryable,
-                format!("no answer within {:?}", req.timeout),
-            )),
+            Err(_) => Err(Error {
+                transport: Some(super::Transport::Timeout),
+                ..self.error(
+                    req,
+                    ErrorClass::Retryable,
+                    format!("no answer within {:?}", req.timeout),
+                )
+            }),
         }
     }
 

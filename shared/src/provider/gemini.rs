@@ -330,6 +330,7 @@ mod tests {
             status: Some(status),
             message: error_message(body),
             retry_after: wait,
+            transport: None,
         };
         refine_class(&mut e, body);
         e

@@ -57,8 +57,30 @@ pub struct Error {
     pub status: Option<u16>,
     /// What went wrong, in a sentence, with a short excerpt of the body where there was one.
     pub message: String,
-    /// How long the provider asked us to wait (429 Retry-After).
+    /// How long the provider asked us to wait (Retry-After, on any status).
     pub retry_after: Option<Duration>,
+    /// How the exchange broke when there was no complete answer.
+    pub transport: Option<Transport>,
+}
+
+/// How a call broke before an answer came.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// No connection could be made: refused, unreachable, DNS, TLS.
+    Connect,
+    /// Connected, but no (complete) answer within the call's timeout.
+    Timeout,
+    /// The connection broke while the request or answer was under way.
+    Broken,
+}
+
+/// Whose health a failed call says something about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The whole provider: it cannot be reached, or it refuses our credentials.
+    Provider,
+    /// One model of a provider that is otherwise answering.
+    Model,
 }
 
 impl Error {
@@ -72,12 +94,35 @@ impl Error {
             status: None,
             message,
             retry_after: None,
+            transport: None,
         }
     }
 
     #[must_use]
     pub fn is_retryable(&self) -> bool {
         self.class.is_retryable()
+    }
+
+    /// True when the provider, not the task, is the problem: the call could not be made or
+    /// answered (connection refused or reset, a timeout) or the provider said it is down or
+    /// overloaded (502, 503, 504, 529). Such errors never use up a task's attempts.
+    #[must_use]
+    pub fn is_outage(&self) -> bool {
+        self.transport.is_some() || matches!(self.status, Some(502 | 503 | 504 | 529))
+    }
+
+    /// Which circuit this error counts against: the provider's for connection and
+    /// authentication failures, the model's for server errors and timeouts, none for
+    /// answers about the task itself (400, 404, 422, rate limits, quotas).
+    #[must_use]
+    pub fn scope(&self) -> Option<Scope> {
+        match (self.transport, self.status) {
+            (Some(Transport::Connect | Transport::Broken), _) => Some(Scope::Provider),
+            (Some(Transport::Timeout), _) => Some(Scope::Model),
+            (None, Some(401 | 403)) => Some(Scope::Provider),
+            _ if self.class == ErrorClass::Retryable => Some(Scope::Model),
+            _ => None,
+        }
     }
 }
 
@@ -165,9 +210,10 @@ pub(crate) async fn exchange(
     builder: reqwest::RequestBuilder,
     format: &Format,
 ) -> Result<Completion> {
-    let reply = send(builder, req)
-        .await
-        .map_err(|m| Error::new(provider, &req.model, ErrorClass::Retryable, m))?;
+    let reply = send(builder, req).await.map_err(|(transport, m)| Error {
+        transport: Some(transport),
+        ..Error::new(provider, &req.model, ErrorClass::Retryable, m)
+    })?;
     if !(200..300).contains(&reply.status) {
         let message = (format.error_message)(&reply.body);
         let mut err = Error::new(provider, &req.model, classify_status(reply.status), message);
@@ -186,12 +232,12 @@ pub(crate) struct Reply {
     pub(crate) body: String,
 }
 
-/// Sends `builder` and reads the whole body; a failure on the way becomes its message (the
-/// caller classifies it as retryable).
+/// Sends `builder` and reads the whole body; a failure on the way becomes how it broke and
+/// its message (the caller classifies it as retryable).
 pub(crate) async fn send(
     builder: reqwest::RequestBuilder,
     req: &Request,
-) -> std::result::Result<Reply, String> {
+) -> std::result::Result<Reply, (Transport, String)> {
     let response = builder
         .send()
         .await
@@ -209,13 +255,22 @@ pub(crate) async fn send(
     })
 }
 
-pub(crate) fn transport_message(e: &reqwest::Error, req: &Request) -> String {
+pub(crate) fn transport_message(e: &reqwest::Error, req: &Request) -> (Transport, String) {
     if e.is_timeout() {
-        format!("no answer within {:?}", req.timeout)
+        (
+            Transport::Timeout,
+            format!("no answer within {:?}", req.timeout),
+        )
     } else if e.is_connect() {
-        format!("cannot connect: {}", source_chain(e))
+        (
+            Transport::Connect,
+            format!("cannot connect: {}", source_chain(e)),
+        )
     } else {
-        format!("the connection failed: {}", source_chain(e))
+        (
+            Transport::Broken,
+            format!("the connection failed: {}", source_chain(e)),
+        )
     }
 }
 

@@ -185,6 +185,7 @@ mod tests {
             status: Some(404),
             message: error_message(r#"{"error":"model \"x\" not found, try pulling it first"}"#),
             retry_after: None,
+            transport: None,
         };
         refine_class(&mut e);
         assert_eq!(e.class, ErrorClass::Fatal);

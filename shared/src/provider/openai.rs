@@ -220,6 +220,7 @@ mod tests {
             status: Some(429),
             message: "x".into(),
             retry_after: None,
+            transport: None,
         };
         refine_class(&mut err, r#"{"error":{"code":"insufficient_quota"}}"#);
         assert_eq!(err.class, ErrorClass::QuotaExhausted);

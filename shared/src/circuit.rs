@@ -1,0 +1,370 @@
+//! Circuit breakers, shared by every worker through Redis: one per provider and one per
+//! model, so that an outage is ridden out by waiting instead of by failing tasks.
+//!
+//! - **Closed**: calls go through. Failures in a row are counted; a success resets them.
+//! - **Open**: after `cooldown.after_failures` failures in a row, nobody calls for
+//!   `cooldown.for`. Tasks that have nowhere else to go wait in `delayed` until then.
+//! - **Half-open**: when the cooldown ends, one worker takes a probe lease and makes one
+//!   call; the others keep waiting. Its success closes the circuit; its failure opens it again.
+//!
+//! Which circuit an error counts against is [`crate::provider::Error::scope`]: connection and
+//! authentication failures say the provider is out, server errors and timeouts say one model
+//! is; 400, 404, 422, rate limits and quotas say nothing about health.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use redis::Script;
+
+use crate::config::Cooldown;
+use crate::keys::{CircuitKeys, ProviderKeys};
+use crate::provider::Scope;
+use crate::queue::{Client, Result};
+
+/// How stale a cached "closed" may be: the hot path asks Redis at most this often per model.
+pub const FRESHNESS: Duration = Duration::from_millis(250);
+
+/// How long a probe call holds its lease; a probe slower than this lets another worker probe.
+pub const PROBE_LEASE: Duration = Duration::from_secs(15);
+
+/// The longest a task waits on another worker's probe before it looks again.
+pub const PROBE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a tripped circuit remembers it tripped when nobody calls at all.
+const TRIPPED_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Whether a call may be made now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// Call. `probe` is set when this call decides whether a tripped circuit closes: its
+    /// outcome must be reported with [`Circuits::succeeded`] or [`Circuits::failed`].
+    Call { probe: bool },
+    /// Do not call until `until`.
+    Wait(Open),
+}
+
+/// An open circuit, or one being probed by another worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Open {
+    pub provider: String,
+    /// `None` when the whole provider is out.
+    pub model: Option<String>,
+    /// Why it opened, e.g. "5 failures in a row; the last: mock/x: cannot connect: ...".
+    pub reason: String,
+    /// When it opened, when known.
+    pub since: Option<DateTime<Utc>>,
+    /// When a call may be tried again.
+    pub until: DateTime<Utc>,
+    /// True while another worker's probe call decides.
+    pub probing: bool,
+}
+
+impl Open {
+    /// The scope as `provider` or `provider/model`.
+    #[must_use]
+    pub fn scope(&self) -> String {
+        match &self.model {
+            None => self.provider.clone(),
+            Some(m) => format!("{}/{m}", self.provider),
+        }
+    }
+
+    /// The state as a sentence, e.g. for a task's route or a dead letter.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        let what = if self.probing {
+            "is being probed after a cooldown"
+        } else {
+            "is cooling down"
+        };
+        let since = self
+            .since
+            .map(|s| format!(" since {}", s.format("%H:%M:%S UTC")))
+            .unwrap_or_default();
+        format!(
+            "{} {what}{since} until {} ({})",
+            self.scope(),
+            self.until.format("%H:%M:%S UTC"),
+            self.reason
+        )
+    }
+}
+
+/// What this process last learned of one provider/model pair.
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    at: Instant,
+    /// A failure counter is running (here or in another worker): a success resets it.
+    dirty: bool,
+}
+
+/// The circuit breakers of every provider and model.
+#[derive(Clone)]
+pub struct Circuits {
+    redis: Client,
+    check: Arc<Script>,
+    fail: Arc<Script>,
+    /// Pairs recently seen closed, so the hot path does not ask Redis per call.
+    closed: Arc<Mutex<HashMap<(String, String), Cached>>>,
+    who: String,
+}
+
+impl Circuits {
+    #[must_use]
+    pub fn new(redis: Client, who: &str) -> Self {
+        Self {
+            redis,
+            check: Arc::new(Script::new(include_str!("circuit/check.lua"))),
+            fail: Arc::new(Script::new(include_str!("circuit/fail.lua"))),
+            closed: Arc::default(),
+            who: who.to_owned(),
+        }
+    }
+
+    /// Whether a call to `provider`/`model` may be made now.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn admit(&self, provider: &str, model: &str) -> Result<Admission> {
+        let pair = (provider.to_owned(), model.to_owned());
+        if let Ok(cache) = self.closed.lock()
+            && let Some(c) = cache.get(&pair)
+            && c.at.elapsed() < FRESHNESS
+        {
+            return Ok(Admission::Call { probe: false });
+        }
+        let keys = ProviderKeys::new(provider);
+        let (p, m) = (keys.circuit(None), keys.circuit(Some(model)));
+        let mut invocation = self.check.prepare_invoke();
+        for k in [&p, &m] {
+            invocation
+                .key(&k.open)
+                .key(&k.tripped)
+                .key(&k.probe)
+                .key(&k.failures);
+        }
+        invocation
+            .arg(PROBE_LEASE.as_millis() as u64)
+            .arg(&self.who);
+        let mut c = self.redis.conn().await?;
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut c).await?;
+        let text = |i: usize| match reply.get(i) {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            Some(redis::Value::Int(n)) => n.to_string(),
+            _ => String::new(),
+        };
+        let int = |i: usize| text(i).parse::<i64>().unwrap_or(0);
+        if text(0) == "ok" {
+            let probe = int(4) != 0;
+            if !probe && let Ok(mut cache) = self.closed.lock() {
+                cache.insert(
+                    pair,
+                    Cached {
+                        at: Instant::now(),
+                        dirty: int(5) != 0,
+                    },
+                );
+            }
+            return Ok(Admission::Call { probe });
+        }
+        let probing = text(4) == "probing";
+        let wait_ms = int(2).max(0);
+        let wait = if probing {
+            Duration::from_millis(wait_ms as u64).min(PROBE_WAIT)
+        } else {
+            Duration::from_millis(wait_ms as u64)
+        };
+        let (since, reason) = split_open(&text(3), probing);
+        Ok(Admission::Wait(Open {
+            provider: provider.to_owned(),
+            model: (text(1) == "model").then(|| model.to_owned()),
+            reason,
+            since,
+            until: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+            probing,
+        }))
+    }
+
+    /// Counts a failed call against the circuit `scope` says. Returns true when this
+    /// failure opened it.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn failed(
+        &self,
+        provider: &str,
+        model: &str,
+        scope: Scope,
+        error: &str,
+        cooldown: &Cooldown,
+    ) -> Result<bool> {
+        let keys = ProviderKeys::new(provider);
+        let k = match scope {
+            Scope::Provider => keys.circuit(None),
+            Scope::Model => keys.circuit(Some(model)),
+        };
+        if let Ok(mut cache) = self.closed.lock() {
+            // Look again next time, and reset the counter on the next success.
+            cache.retain(|(p, m), _| p != provider || (scope == Scope::Model && m != model));
+        }
+        let mut c = self.redis.conn().await?;
+        let opened: i64 = self
+            .fail
+            .key(&k.open)
+            .key(&k.tripped)
+            .key(&k.probe)
+            .key(&k.failures)
+            .arg(cooldown.after_failures)
+            .arg(cooldown.duration.as_millis() as u64)
+            .arg(crate::provider::excerpt(error, 300))
+            .arg(Utc::now().timestamp_millis())
+            .arg(TRIPPED_TTL.as_millis() as u64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(opened == 1)
+    }
+
+    /// A call answered: the provider and the model are healthy. Resets their failure
+    /// counters and closes them if they had tripped. Free when nothing needs resetting.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn succeeded(&self, provider: &str, model: &str, probe: bool) -> Result<()> {
+        let pair = (provider.to_owned(), model.to_owned());
+        let clean = self
+            .closed
+            .lock()
+            .is_ok_and(|cache| cache.get(&pair).is_some_and(|c| !c.dirty));
+        if clean && !probe {
+            return Ok(());
+        }
+        let keys = ProviderKeys::new(provider);
+        let (p, m) = (keys.circuit(None), keys.circuit(Some(model)));
+        let mut c = self.redis.conn().await?;
+        redis::cmd("DEL")
+            .arg(&all(&p)[..])
+            .arg(&all(&m)[..])
+            .query_async::<()>(&mut c)
+            .await?;
+        if let Ok(mut cache) = self.closed.lock() {
+            cache.insert(
+                pair,
+                Cached {
+                    at: Instant::now(),
+                    dirty: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Every open (or probing) circuit among these providers and their models, for
+    /// `llmq status`.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn open(&self, providers: &[(String, Vec<String>)]) -> Result<Vec<Open>> {
+        let mut scopes: Vec<(&str, Option<&str>)> = Vec::new();
+        for (p, models) in providers {
+            scopes.push((p, None));
+            scopes.extend(models.iter().map(|m| (p.as_str(), Some(m.as_str()))));
+        }
+        let mut pipe = redis::pipe();
+        for (p, m) in &scopes {
+            let k = ProviderKeys::new(p).circuit(*m);
+            pipe.get(&k.open).pttl(&k.open).get(&k.tripped);
+        }
+        let mut c = self.redis.conn().await?;
+        let replies: Vec<(Option<String>, i64, Option<String>)> = {
+            let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+            flat.chunks(3)
+                .map(|ch| {
+                    let s = |v: &redis::Value| match v {
+                        redis::Value::BulkString(b) => {
+                            Some(String::from_utf8_lossy(b).into_owned())
+                        }
+                        _ => None,
+                    };
+                    let n = match ch.get(1) {
+                        Some(redis::Value::Int(n)) => *n,
+                        _ => 0,
+                    };
+                    (ch.first().and_then(s), n, ch.get(2).and_then(s))
+                })
+                .collect()
+        };
+        let now = Utc::now();
+        let mut out = Vec::new();
+        for ((p, m), (open, pttl, tripped)) in scopes.iter().zip(replies) {
+            let base = |reason: String, since, until, probing| Open {
+                provider: (*p).to_owned(),
+                model: m.map(str::to_owned),
+                reason,
+                since,
+                until,
+                probing,
+            };
+            if let Some(text) = open {
+                let (since, reason) = split_open(&text, false);
+                let until = now + chrono::Duration::milliseconds(pttl.max(0));
+                out.push(base(reason, since, until, false));
+            } else if let Some(reason) = tripped {
+                // Half-open: the next call (a probe) decides.
+                out.push(base(reason, None, now, true));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Every key of a circuit, for a reset.
+fn all(k: &CircuitKeys) -> [&str; 4] {
+    [&k.open, &k.tripped, &k.probe, &k.failures]
+}
+
+/// Reads `<since ms>|<reason>` (an open circuit) or a bare reason (a tripped one).
+fn split_open(text: &str, bare: bool) -> (Option<DateTime<Utc>>, String) {
+    if !bare
+        && let Some((ms, reason)) = text.split_once('|')
+        && let Ok(ms) = ms.parse::<i64>()
+    {
+        return (DateTime::from_timestamp_millis(ms), reason.to_owned());
+    }
+    (None, text.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_text_is_read_back() {
+        let (since, reason) = split_open("1767225600000|5 failures in a row", false);
+        assert_eq!(
+            since.map(|s| s.to_rfc3339()),
+            Some("2026-01-01T00:00:00+00:00".into())
+        );
+        assert_eq!(reason, "5 failures in a row");
+        assert_eq!(split_open("a|b", true), (None, "a|b".into()));
+    }
+
+    #[test]
+    fn an_open_circuit_reads_as_a_sentence() {
+        let at = DateTime::from_timestamp_millis(1_767_225_600_000).unwrap();
+        let open = Open {
+            provider: "openai".into(),
+            model: Some("gpt-4o".into()),
+            reason: "5 failures in a row; the last: HTTP 500".into(),
+            since: Some(at),
+            until: at + chrono::Duration::seconds(60),
+            probing: false,
+        };
+        assert_eq!(
+            open.describe(),
+            "openai/gpt-4o is cooling down since 00:00:00 UTC until 00:01:00 UTC (5 failures in a row; the last: HTTP 500)"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! Provider outages through real workers, the real Redis and Postgres, and llmq-mock over
+//! HTTP: an outage is waited out, not paid for with attempts; a task's own failures still
+//! use them up.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use llmq_shared::circuit::Circuits;
+use llmq_shared::config::Config;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::{ErrorClass, Status};
+use llmq_tests::harness::{TestEnv, WorkerHandle};
+use llmq_tests::mock::{MockOptions, MockServer};
+
+/// A loopback address where nothing listens (yet).
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Providers `<name><suffix>` at their urls with their models (an id, optionally followed by
+/// more flow-mapping keys), and `routing` (indented by two).
+fn config(env: &TestEnv, providers: &[(&str, String, &[&str])], routing: &str) -> Config {
+    let sfx = &env.queue[2..];
+    let mut text = String::from("providers:\n");
+    for (name, url, models) in providers {
+        text.push_str(&format!(
+            "  - name: {name}{sfx}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    models:\n"
+        ));
+        for m in *models {
+            text.push_str(&format!(
+                "      - {{id: {m}, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}\n"
+            ));
+        }
+    }
+    text.push_str("routing:\n");
+    text.push_str(&routing.replace("{sfx}", sfx));
+    Config::parse("outage-test.yaml", &text, &|_| None).unwrap()
+}
+
+fn worker(env: &TestEnv, config: Config) -> WorkerHandle {
+    let mut s = env.settings();
+    s.config = config;
+    WorkerHandle::start(s)
+}
+
+fn pinned(prompt: String, provider: &str, model: &str) -> Envelope {
+    let mut e = Envelope::new(prompt);
+    e.provider = Some(provider.to_owned());
+    e.model = Some(model.to_owned());
+    e
+}
+
+#[tokio::test]
+async fn the_only_provider_down_for_15_s_loses_no_task_and_no_attempt() {
+    let env = TestEnv::new().await.unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let config = config(
+        &env,
+        &[("down", url, &["mock-fast"])],
+        "  retry: {tries_per_provider: 3, backoff: [20ms, 40ms]}\n  cooldown: {after_failures: 5, for: 2s}\n",
+    );
+    let workers = [worker(&env, config.clone()), worker(&env, config)];
+    let tasks: Vec<Envelope> = (0..300)
+        .map(|i| Envelope::new(format!("outage task {i}")))
+        .collect();
+    env.redis.enqueue_many(&env.keys, &tasks).await.unwrap();
+
+    // Nothing listens for 15 s: the tasks must wait, not die.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(counts.dead, 0, "no dead letter during the outage");
+    assert!(counts.delayed > 0, "tasks wait in delayed: {counts:?}");
+    let mock = MockServer::start_at(addr, MockOptions::default())
+        .await
+        .unwrap();
+
+    let ids: Vec<String> = tasks.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let records = llmq::wait_for(
+        &env.redis,
+        &env.keys,
+        &ids,
+        Some(Duration::from_secs(60)),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let records: Vec<_> = records.into_iter().map(Option::unwrap).collect();
+    let succeeded = records
+        .iter()
+        .filter(|r| r.status == Status::Succeeded)
+        .count();
+    assert_eq!(succeeded, 300, "every task ran once the provider was back");
+    let most = records.iter().map(|r| r.attempts).max().unwrap();
+    assert_eq!(most, 1, "the outage used no attempt");
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().dead, 0);
+    assert_eq!(
+        mock.total_calls(),
+        300,
+        "one call per task once it was back"
+    );
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn during_an_outage_tasks_fall_back_to_a_second_provider_at_once() {
+    let env = TestEnv::new().await.unwrap();
+    let sfx = env.queue[2..].to_owned();
+    let config = config(
+        &env,
+        &[
+            ("down", format!("http://{}", free_addr()), &["mock-fast"]),
+            ("up", env.mock.url(), &["mock-smart"]),
+        ],
+        "  fallback: [up{sfx}]\n  retry: {tries_per_provider: 3, backoff: [1s, 2s]}\n",
+    );
+    let w = worker(&env, config);
+    let e = pinned("fall back".into(), &format!("down{sfx}"), "mock-fast");
+    let id = e.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env.wait_final(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.provider.as_deref(), Some(format!("up{sfx}").as_str()));
+    assert_eq!(r.attempts, 1);
+    let down_calls = env
+        .calls()
+        .await
+        .unwrap()
+        .iter()
+        .filter(|c| c.4 == format!("down{sfx}"))
+        .count();
+    assert_eq!(
+        down_calls, 1,
+        "a refused connection moves on at once, without the 1 s backoff"
+    );
+    assert!(
+        r.duration_ms < 1000,
+        "no backoff before falling back: {} ms",
+        r.duration_ms
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_failing_model_does_not_stop_the_other_models_of_its_provider() {
+    let env = TestEnv::new().await.unwrap();
+    let sfx = env.queue[2..].to_owned();
+    let name = format!("p{sfx}");
+    let config = config(
+        &env,
+        &[(
+            "p",
+            env.mock.url(),
+            &["fail-500", "mock-fast, capabilities: [analysis]"],
+        )],
+        "  retry: {tries_per_provider: 3, backoff: [10ms, 20ms]}\n  cooldown: {after_failures: 3, for: 30s}\n",
+    );
+    let w = worker(&env, config);
+    // Three 500s from fail-500 open its circuit; the task they came from used its attempt.
+    let mut first = pinned("break it".into(), &name, "fail-500");
+    first.max_attempts = Some(1);
+    let first_id = first.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &first).await.unwrap();
+    let r = env
+        .wait_final(&first_id, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Dead);
+    assert!(r.error.unwrap().contains("HTTP 500"));
+
+    // The provider's other model answers as before.
+    let ok: Vec<Envelope> = (0..5)
+        .map(|i| pinned(format!("fine {i}"), &name, "mock-fast"))
+        .collect();
+    env.redis.enqueue_many(&env.keys, &ok).await.unwrap();
+    for e in &ok {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+
+    // A task only the broken model can take (code) now waits for the cooldown instead of
+    // using attempts.
+    let mut waiting = pinned("wait for it".into(), &name, "fail-500");
+    waiting.task_type = Some("code_generation".into());
+    let wid = waiting.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &waiting).await.unwrap();
+    env.eventually(
+        "the task waiting on the open circuit",
+        Duration::from_secs(10),
+        || async {
+            env.redis
+                .task(&env.keys, &wid)
+                .await
+                .unwrap()
+                .is_some_and(|r| r.status == Status::Delayed)
+        },
+    )
+    .await
+    .unwrap();
+    let r = env.redis.task(&env.keys, &wid).await.unwrap().unwrap();
+    assert_eq!(r.attempts, 0, "{r:?}");
+    assert_eq!(r.error_class, Some(ErrorClass::Unavailable));
+    let error = r.error.unwrap();
+    assert!(
+        error.contains(&format!("{name}/fail-500 is cooling down since")),
+        "{error}"
+    );
+    assert_eq!(env.mock.calls("fail-500"), 3, "no call while it is open");
+
+    // `llmq status` names the model, why and until when.
+    let circuits = Circuits::new(env.redis.clone(), "test");
+    let open = circuits
+        .open(&[(name.clone(), vec!["fail-500".into(), "mock-fast".into()])])
+        .await
+        .unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    assert_eq!(open[0].scope(), format!("{name}/fail-500"));
+    let dir = std::env::temp_dir().join(format!("llmq-outage-{sfx}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("providers.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "providers:\n  - name: {name}\n    kind: openai_compatible\n    base_url: {}/v1\n    api_key: k\n    models:\n      - {{id: fail-500, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}\n      - {{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}\n",
+            env.mock.url()
+        ),
+    )
+    .unwrap();
+    let (code, out) = env
+        .cli(&[
+            "status",
+            "--queue",
+            &env.queue,
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Cooling down"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains(&format!("{name}/fail-500")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("until"), "{line}");
+    assert!(line.contains("3 failures in a row"), "{line}");
+    assert!(
+        !out.lines()
+            .any(|l| l.contains(&format!("{name}/mock-fast")) && l.contains("until")),
+        "{out}"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_that_fails_with_500_while_the_provider_answers_others_dies_after_its_attempts() {
+    let env = TestEnv::new().await.unwrap();
+    let sfx = env.queue[2..].to_owned();
+    let name = format!("p{sfx}");
+    // A threshold the failing task cannot reach alone (3 attempts x 2 tries): what is checked
+    // is that a 500 is the task's failure, not an outage to wait out.
+    let config = config(
+        &env,
+        &[("p", env.mock.url(), &["mock-fast"])],
+        "  retry: {tries_per_provider: 2, backoff: [10ms]}\n  cooldown: {after_failures: 10, for: 30s}\n",
+    );
+    let w = worker(&env, config);
+    let others: Vec<Envelope> = (0..20)
+        .map(|i| pinned(format!("[[mock:slow-100]] fine {i}"), &name, "mock-fast"))
+        .collect();
+    let bad = pinned("[[mock:fail-500]] always fails".into(), &name, "mock-fast");
+    let bad_id = bad.id.unwrap().to_string();
+    let mut all = others.clone();
+    all.insert(3, bad);
+    env.redis.enqueue_many(&env.keys, &all).await.unwrap();
+    let r = env
+        .wait_final(&bad_id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Dead, "{r:?}");
+    assert_eq!(r.attempts, 3);
+    assert_eq!(r.error_class, Some(ErrorClass::Retryable));
+    let error = r.error.unwrap();
+    assert!(
+        error.starts_with("gave up after 3 attempts; last error:") && error.contains("HTTP 500"),
+        "{error}"
+    );
+    for e in &others {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn max_wait_ends_a_longer_outage_with_what_it_waited_for_and_since_when() {
+    let env = TestEnv::new().await.unwrap();
+    let sfx = env.queue[2..].to_owned();
+    let config = config(
+        &env,
+        &[("down", format!("http://{}", free_addr()), &["mock-fast"])],
+        "  max_wait: 2s\n  cooldown: {after_failures: 2, for: 500ms}\n",
+    );
+    let w = worker(&env, config);
+    let e = Envelope::new("nobody answers");
+    let id = e.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(r.status, Status::Dead, "{r:?}");
+    assert_eq!(r.error_class, Some(ErrorClass::Unavailable));
+    assert_eq!(r.attempts, 0, "waiting used no attempt");
+    let error = r.error.unwrap();
+    assert!(
+        error.starts_with("waited ") && error.contains(" for a provider, since "),
+        "{error}"
+    );
+    assert!(error.contains("(routing.max_wait)"), "{error}");
+    assert!(
+        error.contains(&format!("down{sfx}")) && error.contains("cannot connect"),
+        "{error}"
+    );
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    w.stop().await.unwrap();
+}

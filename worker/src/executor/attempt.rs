@@ -1,0 +1,509 @@
+//! One attempt: try the plan's candidates in order until one answers.
+//!
+//! Per candidate: skip it while its circuit is open or its quota refuses; call it; on a
+//! rate limit wait out a short Retry-After (no try used); on a task's fault (a 500, a 400)
+//! retry it with backoff up to `tries_per_provider` or move on; on an outage (no
+//! connection, a timeout, 502/503/504/529) note when to look again and move on at once.
+//! Every failure with a health scope counts against the provider's or model's circuit.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use llmq_shared::circuit::Admission;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::ledger::CallRow;
+use llmq_shared::outcome::ErrorClass;
+use llmq_shared::provider::{self, Completion, Request, Usage};
+use llmq_shared::quota::{Decision, Reservation};
+
+use super::Executor;
+use super::decide::fastrand_f64;
+use crate::router::{Candidate, Plan};
+
+/// Retry-After waits within one provider before moving on to the next.
+const MAX_RATE_WAITS: u32 = 3;
+
+/// What an attempt came to.
+#[derive(Debug)]
+pub enum Outcome {
+    Answered(Completion),
+    /// The hard stop came: hand the task back.
+    Released,
+    /// No candidate could be called, and none failed because of the task.
+    Unavailable(Unavailable),
+    /// The task failed: a fatal answer, or retryable errors from providers that answer.
+    Failed(AttemptError),
+}
+
+/// Why no candidate could be called, and the earliest moment one may be.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unavailable {
+    pub until: DateTime<Utc>,
+    /// One sentence per candidate that could not be called.
+    pub reasons: Vec<String>,
+    /// `QuotaExhausted` when every candidate's quota is used up, `RateLimited` when every
+    /// one is rate-limited, else `Unavailable`.
+    pub class: ErrorClass,
+}
+
+impl Unavailable {
+    /// Every reason, joined.
+    #[must_use]
+    pub fn reason(&self) -> String {
+        let what = match self.class {
+            ErrorClass::QuotaExhausted => "every capable provider is out of quota",
+            ErrorClass::RateLimited => "every capable provider is rate-limited",
+            _ => "no capable provider can be called now",
+        };
+        format!("{what}: {}", self.reasons.join("; "))
+    }
+}
+
+/// An attempt that failed because of the task, with every provider it tried.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptError {
+    pub class: ErrorClass,
+    /// The last error, as `provider/model: ...`.
+    pub message: String,
+    /// Providers called, in order.
+    pub tried: Vec<String>,
+    pub retry_after: Option<Duration>,
+}
+
+impl AttemptError {
+    /// The error of the last attempt, after `attempts` attempts.
+    #[must_use]
+    pub fn gave_up(&self, attempts: u32) -> String {
+        let plural = if attempts == 1 { "" } else { "s" };
+        if self.tried.len() > 1 {
+            format!("gave up after {attempts} attempt{plural}; {self}")
+        } else {
+            format!("gave up after {attempts} attempt{plural}; last error: {self}")
+        }
+    }
+}
+
+impl fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tried.len() > 1 {
+            write!(
+                f,
+                "all providers failed; last error: {}; tried: {}",
+                self.message,
+                self.tried.join(", ")
+            )
+        } else {
+            f.write_str(&self.message)
+        }
+    }
+}
+
+/// An attempt with everything it did, for the record and the ledger.
+pub struct Tried {
+    pub outcome: Outcome,
+    /// Why the router chose the first candidate, and why the attempt moved on.
+    pub route: String,
+    /// Each failed or skipped candidate, in order.
+    pub errors: Vec<String>,
+    /// The candidate called last.
+    pub last: Option<Candidate>,
+}
+
+/// What stopped one candidate.
+enum Stop {
+    Answered(Completion),
+    Released,
+    /// Cannot be called before `until`.
+    Later {
+        until: DateTime<Utc>,
+        why: String,
+        class: ErrorClass,
+        /// Only this model is out: the provider's other models may still be asked.
+        model_only: bool,
+    },
+    /// Failed because of the task.
+    Failed(provider::Error),
+    /// Could not be asked (Redis failed while checking it).
+    Skipped,
+}
+
+/// One attempt of one task.
+pub(super) struct Attempt<'a> {
+    pub exec: &'a Executor,
+    pub env: &'a Envelope,
+    pub queue: &'a QueueKeys,
+    pub task_type: &'a str,
+    pub number: u32,
+    /// Every call made, for the ledger; kept by the caller so a timeout loses none.
+    pub calls: &'a mut Vec<CallRow>,
+}
+
+impl Attempt<'_> {
+    pub async fn run(mut self, plan: &Plan) -> Tried {
+        let mut route = plan.reason.clone();
+        let mut errors = Vec::new();
+        // Providers called, for the error; providers asked, whose other models are skipped.
+        let mut tried: Vec<String> = Vec::new();
+        let mut asked: Vec<String> = Vec::new();
+        let mut last: Option<Candidate> = None;
+        let mut fault: Option<provider::Error> = None;
+        let mut later: Vec<(DateTime<Utc>, ErrorClass, String)> = Vec::new();
+        let mut moved_on: Option<String> = None;
+        for cand in &plan.candidates {
+            let name = cand.config.name.as_str();
+            if asked.iter().any(|n| n == name) {
+                // A provider that failed or refused is not asked again for another model.
+                continue;
+            }
+            if let Some(why) = moved_on.take() {
+                route = format!("{route}; {why} → {name}/{}", cand.model.id);
+            }
+            let calls_before = self.calls.len();
+            let stop = self.candidate(cand, &mut errors, &mut last).await;
+            if self.calls.len() > calls_before && !tried.iter().any(|n| n == name) {
+                tried.push(name.to_owned());
+            }
+            if !matches!(
+                stop,
+                Stop::Later {
+                    model_only: true,
+                    ..
+                }
+            ) {
+                asked.push(name.to_owned());
+            }
+            match stop {
+                Stop::Answered(completion) => {
+                    return Tried {
+                        outcome: Outcome::Answered(completion),
+                        route,
+                        errors,
+                        last,
+                    };
+                }
+                Stop::Released => {
+                    return Tried {
+                        outcome: Outcome::Released,
+                        route,
+                        errors,
+                        last,
+                    };
+                }
+                Stop::Later {
+                    until, why, class, ..
+                } => {
+                    moved_on = Some(why.clone());
+                    later.push((until, class, why));
+                }
+                Stop::Failed(e) => {
+                    moved_on = Some(format!("{name} failed"));
+                    fault = Some(e);
+                }
+                Stop::Skipped => moved_on = Some(format!("{name} could not be checked")),
+            }
+        }
+        let outcome = if let Some(e) = fault {
+            Outcome::Failed(AttemptError {
+                class: e.class,
+                message: e.to_string(),
+                tried,
+                retry_after: e.retry_after,
+            })
+        } else if let Some(until) = later.iter().map(|(t, ..)| *t).min() {
+            let class = match later.first().map(|(_, c, _)| *c) {
+                Some(c) if later.iter().all(|(_, k, _)| *k == c) => c,
+                _ => ErrorClass::Unavailable,
+            };
+            Outcome::Unavailable(Unavailable {
+                until,
+                reasons: later.into_iter().map(|(.., why)| why).collect(),
+                class,
+            })
+        } else {
+            // Redis could not be asked about any candidate: the worker's fault, not the
+            // task's; look again in a moment.
+            Outcome::Unavailable(Unavailable {
+                until: Utc::now() + chrono::Duration::seconds(1),
+                reasons: errors.clone(),
+                class: ErrorClass::Unavailable,
+            })
+        };
+        Tried {
+            outcome,
+            route,
+            errors,
+            last,
+        }
+    }
+
+    /// Tries one candidate until it answers, fails or cannot be called.
+    async fn candidate(
+        &mut self,
+        cand: &Candidate,
+        errors: &mut Vec<String>,
+        last: &mut Option<Candidate>,
+    ) -> Stop {
+        let exec = self.exec;
+        let routing = &exec.router.config().routing;
+        let retry = &routing.retry;
+        let name = cand.config.name.as_str();
+        let model = cand.model.id.as_str();
+        let probe = match exec.circuits.admit(name, model).await {
+            Ok(Admission::Call { probe }) => probe,
+            Ok(Admission::Wait(open)) => {
+                let why = open.describe();
+                errors.push(format!("{name}/{model}: skipped: {why}"));
+                return Stop::Later {
+                    until: open.until,
+                    why,
+                    class: ErrorClass::Unavailable,
+                    model_only: open.model.is_some(),
+                };
+            }
+            Err(e) => {
+                // The circuit cannot be read: call anyway, as a closed circuit would.
+                tracing::warn!(provider = name, "cannot read the circuit breaker: {e}");
+                false
+            }
+        };
+        let mut tries = 0;
+        let mut rate_waits = 0;
+        loop {
+            let reservation = match self.reserve(cand).await {
+                Ok(r) => r,
+                Err(stop) => {
+                    if let Stop::Later { why, .. } = &stop {
+                        errors.push(why.clone());
+                    }
+                    return stop;
+                }
+            };
+            tries += 1;
+            *last = Some(cand.clone());
+            let result = tokio::select! {
+                r = self.call(cand, reservation.as_ref()) => r,
+                () = exec.hard_stop.cancelled() => return Stop::Released,
+            };
+            let e = match result {
+                Ok(completion) => {
+                    self.healthy(name, model, probe).await;
+                    return Stop::Answered(completion);
+                }
+                Err(e) => e,
+            };
+            errors.push(e.to_string());
+            let opened = match e.scope() {
+                Some(scope) => exec
+                    .circuits
+                    .failed(name, model, scope, &e.to_string(), &routing.cooldown)
+                    .await
+                    .unwrap_or_else(|err| {
+                        tracing::warn!(provider = name, "cannot count the failure: {err}");
+                        false
+                    }),
+                None => false,
+            };
+            if opened {
+                tracing::warn!(provider = name, model, "circuit opened: {e}");
+            }
+            if e.is_outage() || (probe && e.scope().is_some()) {
+                // The provider, not the task: look again when it may answer.
+                let wait = if opened || probe {
+                    routing.cooldown.duration
+                } else {
+                    e.retry_after.unwrap_or_else(|| {
+                        super::decide::backoff(
+                            exec.retry_base,
+                            routing.cooldown.duration,
+                            self.env.snoozes + 1,
+                            None,
+                        )
+                    })
+                };
+                return Stop::Later {
+                    until: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                    why: e.to_string(),
+                    class: ErrorClass::Unavailable,
+                    model_only: e.scope() == Some(provider::Scope::Model),
+                };
+            }
+            if probe && e.scope().is_none() {
+                // It answered, about the task (a 400, a rate limit): it is up again.
+                self.healthy(name, model, probe).await;
+            }
+            let wait = match e.class {
+                ErrorClass::RateLimited => {
+                    match e.retry_after {
+                        Some(w) if w <= retry.max_retry_after && rate_waits < MAX_RATE_WAITS => {
+                            // Waiting out a rate limit does not use a try.
+                            rate_waits += 1;
+                            tries -= 1;
+                            w
+                        }
+                        wait => {
+                            let wait = wait.unwrap_or(exec.retry_base);
+                            return Stop::Later {
+                                until: Utc::now()
+                                    + chrono::Duration::from_std(wait).unwrap_or_default(),
+                                why: e.to_string(),
+                                class: ErrorClass::RateLimited,
+                                model_only: false,
+                            };
+                        }
+                    }
+                }
+                ErrorClass::Retryable if tries < retry.tries_per_provider => {
+                    let i = (tries as usize - 1).min(retry.backoff.len().saturating_sub(1));
+                    let base = retry.backoff.get(i).copied().unwrap_or_default();
+                    base.mul_f64(0.8 + fastrand_f64() * 0.4)
+                        .max(e.retry_after.unwrap_or_default())
+                }
+                _ => return Stop::Failed(e),
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = exec.hard_stop.cancelled() => return Stop::Released,
+            }
+        }
+    }
+
+    /// A call got an answer: the provider and model are up.
+    async fn healthy(&self, provider: &str, model: &str, probe: bool) {
+        if let Err(e) = self.exec.circuits.succeeded(provider, model, probe).await {
+            tracing::warn!(provider, "cannot reset the circuit breaker: {e}");
+        }
+    }
+
+    /// Reserves one call against the candidate's quotas, if it has any.
+    async fn reserve(&self, cand: &Candidate) -> Result<Option<Reservation>, Stop> {
+        if cand.config.quotas.is_empty() {
+            return Ok(None);
+        }
+        let name = cand.config.name.as_str();
+        match self
+            .exec
+            .limiter
+            .reserve(
+                name,
+                &cand.config.quotas,
+                cand.estimated_tokens,
+                cand.estimated_usd,
+                Utc::now(),
+            )
+            .await
+        {
+            Ok(Decision::Granted {
+                reservation,
+                crossed,
+            }) => {
+                for c in crossed {
+                    tracing::warn!(provider = name, threshold = %c, "quota threshold crossed");
+                }
+                Ok(Some(reservation))
+            }
+            Ok(Decision::Refused(r)) => Err(Stop::Later {
+                until: r.until,
+                why: r.describe(name),
+                class: if r.is_exhaustion() {
+                    ErrorClass::QuotaExhausted
+                } else {
+                    ErrorClass::RateLimited
+                },
+                model_only: false,
+            }),
+            Err(e) => {
+                // Without Redis no quota can be checked; do not call blind.
+                tracing::warn!(provider = name, "quota check failed: {e}");
+                Err(Stop::Skipped)
+            }
+        }
+    }
+
+    /// Makes one call, reconciles its reservation and records it for the ledger.
+    async fn call(
+        &mut self,
+        cand: &Candidate,
+        reservation: Option<&Reservation>,
+    ) -> provider::Result<Completion> {
+        let exec = self.exec;
+        let env = self.env;
+        let name = cand.config.name.as_str();
+        let req = Request {
+            model: cand.model.id.clone(),
+            system: env.system.clone(),
+            prompt: env.prompt.clone(),
+            max_tokens: env.max_tokens,
+            temperature: env.temperature,
+            timeout: env.timeout(),
+        };
+        let called_at = Utc::now();
+        let started = Instant::now();
+        let result = cand.provider.complete(&req).await;
+        let took = started.elapsed();
+        let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
+        let cost = cand.model.prices.cost(&usage);
+        if let Some(r) = reservation
+            && let Err(e) = exec
+                .limiter
+                .reconcile(r, usage.input_tokens + usage.output_tokens, cost)
+                .await
+        {
+            tracing::warn!(provider = name, "reconciling the quota failed: {e}");
+        }
+        record_call(name, &cand.model.id, &result, took, &usage, cost);
+        let error = result.as_ref().err();
+        self.calls.push(CallRow {
+            task_id: env.id.unwrap_or_default(),
+            run: env.replays as i32,
+            attempt: self.number as i32,
+            // Unique within the attempt; a wait in delayed repeats the attempt, so its
+            // calls start at the next thousand.
+            call_no: (env.snoozes * 1000) as i32 + self.calls.len() as i32 + 1,
+            queue: self.queue.name().to_owned(),
+            chain_id: env.chain_id.clone(),
+            task_type: self.task_type.to_owned(),
+            provider: name.to_owned(),
+            model: cand.model.id.clone(),
+            input_tokens: usage.input_tokens as i64,
+            output_tokens: usage.output_tokens as i64,
+            cached_tokens: usage.cached_tokens as i64,
+            reasoning_tokens: usage.reasoning_tokens as i64,
+            cost_usd: cost,
+            latency_ms: i32::try_from(took.as_millis()).unwrap_or(i32::MAX),
+            outcome: if error.is_some() { "error" } else { "ok" }.into(),
+            error_class: error.map(|e| e.class.to_string()),
+            error: error.map(ToString::to_string),
+            worker: exec.worker_id.clone(),
+            called_at,
+        });
+        result
+    }
+}
+
+/// Prometheus figures of one provider call.
+fn record_call(
+    provider: &str,
+    model: &str,
+    result: &provider::Result<Completion>,
+    took: Duration,
+    usage: &Usage,
+    cost: f64,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.class.as_str(),
+    };
+    let (p, m) = (provider.to_owned(), model.to_owned());
+    metrics::counter!("llmq_provider_calls_total", "provider" => p.clone(), "model" => m.clone(), "outcome" => outcome).increment(1);
+    metrics::histogram!("llmq_provider_call_seconds", "provider" => p.clone(), "model" => m)
+        .record(took.as_secs_f64());
+    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "input")
+        .increment(usage.input_tokens);
+    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "output")
+        .increment(usage.output_tokens);
+    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "cached")
+        .increment(usage.cached_tokens);
+    metrics::gauge!("llmq_cost_usd_total", "provider" => p).increment(cost);
+}

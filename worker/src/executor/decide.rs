@@ -1,0 +1,369 @@
+//! What happens to a task after an attempt: a pure function of the task, what the attempt
+//! came to and the retry policy, so every rule here has a unit test without Redis.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use llmq_shared::outcome::ErrorClass;
+
+use super::attempt::{AttemptError, Outcome, Unavailable};
+
+/// The retry policy of one worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Policy {
+    /// The first retry's wait; each further one doubles it.
+    pub retry_base: Duration,
+    /// No retry waits longer.
+    pub retry_max: Duration,
+    /// How long a task may wait for a provider to become callable (`routing.max_wait`).
+    pub max_wait: Duration,
+}
+
+/// What the task carries into the decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TaskState {
+    /// Attempts used before this one.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// Since when it has been waiting for a provider, if it has.
+    pub waiting_since: Option<DateTime<Utc>>,
+}
+
+/// The Redis transition for the task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Transition {
+    /// It answered: store the result.
+    Done,
+    /// The worker is stopping: give the task back untouched.
+    Release,
+    /// No provider can be called now: wait until `due` without using an attempt.
+    Wait {
+        due: DateTime<Utc>,
+        since: DateTime<Utc>,
+    },
+    /// The attempt failed and is used up; try again at `due`.
+    Retry { due: DateTime<Utc> },
+    /// Nothing more will be tried.
+    Dead { error: String, class: ErrorClass },
+}
+
+impl Transition {
+    fn dead(error: String, class: ErrorClass) -> Self {
+        Self::Dead { error, class }
+    }
+}
+
+/// Decides what becomes of a task after an attempt that came to `outcome`.
+#[must_use]
+pub fn decide(
+    task: TaskState,
+    outcome: &Outcome,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> Transition {
+    match outcome {
+        Outcome::Answered(_) => Transition::Done,
+        Outcome::Released => Transition::Release,
+        Outcome::Unavailable(u) => wait(task, u, policy, now),
+        Outcome::Failed(e) => failed(task, e, policy, now),
+    }
+}
+
+fn wait(task: TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -> Transition {
+    let since = task.waiting_since.unwrap_or(now);
+    // A used-up daily or monthly quota is a known wait for a known reset, not an outage:
+    // it is not bounded by max_wait.
+    let bounded = u.class != ErrorClass::QuotaExhausted;
+    let waited = (now - since).to_std().unwrap_or_default();
+    if bounded && waited >= policy.max_wait {
+        return Transition::dead(
+            format!(
+                "waited {} for a provider, since {}, and none could be called (routing.max_wait); {}",
+                humantime::format_duration(round_secs(waited)),
+                since.format("%Y-%m-%d %H:%M:%S UTC"),
+                u.reason()
+            ),
+            ErrorClass::Unavailable,
+        );
+    }
+    // Never spin: look again no sooner than a moment from now.
+    let soonest = now + chrono::Duration::milliseconds(100);
+    let mut due = u.until.max(soonest);
+    if bounded {
+        // Do not wait past the bound: the task dies when it is reached, not later.
+        let bound = since + chrono::Duration::from_std(policy.max_wait).unwrap_or_default();
+        due = due.min(bound.max(soonest));
+    }
+    Transition::Wait { due, since }
+}
+
+fn failed(task: TaskState, e: &AttemptError, policy: &Policy, now: DateTime<Utc>) -> Transition {
+    let attempt = task.attempts + 1;
+    if e.class.is_retryable() && attempt < task.max_attempts {
+        let wait = backoff(policy.retry_base, policy.retry_max, attempt, e.retry_after);
+        return Transition::Retry {
+            due: now + chrono::Duration::from_std(wait).unwrap_or_default(),
+        };
+    }
+    let error = if e.class.is_retryable() {
+        e.gave_up(attempt)
+    } else {
+        e.to_string()
+    };
+    Transition::dead(error, e.class)
+}
+
+fn round_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+/// `base * 2^(attempt-1)` with ±20 % jitter so that failed tasks do not come back in
+/// lockstep, never shorter than the provider's Retry-After, and never longer than `max`.
+#[must_use]
+pub fn backoff(
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    let jittered = exp.mul_f64(0.8 + fastrand_f64() * 0.4);
+    jittered.max(retry_after.unwrap_or(Duration::ZERO)).min(max)
+}
+
+/// A uniform number in [0, 1).
+pub(crate) fn fastrand_f64() -> f64 {
+    // uuid v4 is random; its low 53 bits make a uniform f64 without another dependency.
+    (uuid::Uuid::new_v4().as_u128() & ((1u128 << 53) - 1)) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy {
+        retry_base: Duration::from_secs(1),
+        retry_max: Duration::from_secs(60),
+        max_wait: Duration::from_secs(3600),
+    };
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_767_225_600 + secs, 0).unwrap()
+    }
+
+    fn task(attempts: u32, waiting_since: Option<DateTime<Utc>>) -> TaskState {
+        TaskState {
+            attempts,
+            max_attempts: 3,
+            waiting_since,
+        }
+    }
+
+    fn unavailable(class: ErrorClass, until: DateTime<Utc>) -> Outcome {
+        Outcome::Unavailable(Unavailable {
+            until,
+            reasons: vec!["mock is cooling down until 00:01:00 UTC (cannot connect)".into()],
+            class,
+        })
+    }
+
+    fn failed(class: ErrorClass, tried: &[&str]) -> Outcome {
+        Outcome::Failed(AttemptError {
+            class,
+            message: "mock/x: HTTP 500: boom".into(),
+            tried: tried.iter().map(|s| (*s).to_owned()).collect(),
+            retry_after: None,
+        })
+    }
+
+    #[test]
+    fn an_outage_waits_until_the_provider_may_answer_without_using_an_attempt() {
+        let t = decide(
+            task(1, None),
+            &unavailable(ErrorClass::Unavailable, at(60)),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Wait {
+                due: at(60),
+                since: at(0)
+            }
+        );
+        // A task already waiting keeps its first moment of waiting.
+        let t = decide(
+            task(0, Some(at(-100))),
+            &unavailable(ErrorClass::Unavailable, at(60)),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Wait {
+                due: at(60),
+                since: at(-100)
+            }
+        );
+    }
+
+    #[test]
+    fn a_wait_never_spins_and_never_passes_max_wait() {
+        let t = decide(
+            task(0, None),
+            &unavailable(ErrorClass::RateLimited, at(-5)),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Wait {
+                due: at(0) + chrono::Duration::milliseconds(100),
+                since: at(0)
+            }
+        );
+        let t = decide(
+            task(0, Some(at(-3590))),
+            &unavailable(ErrorClass::Unavailable, at(60)),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Wait {
+                due: at(10),
+                since: at(-3590)
+            },
+            "the bound comes first"
+        );
+    }
+
+    #[test]
+    fn max_wait_ends_the_wait_with_what_it_waited_for_and_since_when() {
+        let t = decide(
+            task(0, Some(at(-3600))),
+            &unavailable(ErrorClass::Unavailable, at(60)),
+            &POLICY,
+            at(0),
+        );
+        let Transition::Dead { error, class } = t else {
+            panic!("{t:?}")
+        };
+        assert_eq!(class, ErrorClass::Unavailable);
+        assert_eq!(
+            error,
+            "waited 1h for a provider, since 2025-12-31 23:00:00 UTC, and none could be called \
+             (routing.max_wait); no capable provider can be called now: mock is cooling down \
+             until 00:01:00 UTC (cannot connect)"
+        );
+    }
+
+    #[test]
+    fn a_used_up_quota_waits_for_its_reset_however_long() {
+        let t = decide(
+            task(0, Some(at(-7200))),
+            &unavailable(ErrorClass::QuotaExhausted, at(20_000)),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Wait {
+                due: at(20_000),
+                since: at(-7200)
+            }
+        );
+    }
+
+    #[test]
+    fn a_task_fault_uses_an_attempt_and_dies_after_the_last() {
+        let t = decide(
+            task(0, None),
+            &failed(ErrorClass::Retryable, &["mock"]),
+            &POLICY,
+            at(0),
+        );
+        let Transition::Retry { due } = t else {
+            panic!("{t:?}")
+        };
+        let wait = (due - at(0)).num_milliseconds();
+        assert!((800..=1200).contains(&wait), "{wait}");
+
+        let t = decide(
+            task(2, None),
+            &failed(ErrorClass::Retryable, &["mock"]),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Dead {
+                error: "gave up after 3 attempts; last error: mock/x: HTTP 500: boom".into(),
+                class: ErrorClass::Retryable
+            }
+        );
+        let t = decide(
+            task(2, None),
+            &failed(ErrorClass::Retryable, &["a", "b"]),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Dead {
+                error: "gave up after 3 attempts; all providers failed; last error: mock/x: HTTP 500: boom; tried: a, b".into(),
+                class: ErrorClass::Retryable
+            }
+        );
+    }
+
+    #[test]
+    fn a_fatal_error_dies_at_once_with_its_own_words() {
+        let t = decide(
+            task(0, None),
+            &failed(ErrorClass::Fatal, &["mock"]),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Dead {
+                error: "mock/x: HTTP 500: boom".into(),
+                class: ErrorClass::Fatal
+            }
+        );
+    }
+
+    #[test]
+    fn answers_and_shutdowns_pass_through() {
+        let answered = Outcome::Answered(llmq_shared::provider::Completion {
+            text: "ok".into(),
+            usage: llmq_shared::provider::Usage::default(),
+        });
+        assert_eq!(
+            decide(task(0, None), &answered, &POLICY, at(0)),
+            Transition::Done
+        );
+        assert_eq!(
+            decide(task(0, None), &Outcome::Released, &POLICY, at(0)),
+            Transition::Release
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_respects_retry_after() {
+        let base = Duration::from_secs(1);
+        let max = Duration::from_secs(60);
+        for attempt in 1..=4u32 {
+            let want = 2f64.powi(attempt as i32 - 1);
+            let got = backoff(base, max, attempt, None).as_secs_f64();
+            assert!(
+                got >= want * 0.8 && got <= want * 1.2,
+                "attempt {attempt}: {got}"
+            );
+        }
+        assert_eq!(backoff(base, max, 30, None), max);
+        assert_eq!(backoff(base, max, 1, Some(Duration::from_secs(600))), max);
+        assert!(backoff(base, max, 1, Some(Duration::from_secs(9))) >= Duration::from_secs(9));
+    }
+}

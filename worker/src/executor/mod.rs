@@ -1,0 +1,393 @@
+//! Runs one task: parse -> plan -> attempt -> decide.
+//!
+//! - [`attempt`] tries the plan's candidates and says what the attempt came to;
+//! - [`decide`] turns that into the Redis transition (a pure function);
+//! - this module builds the record and the [`Finished`] value for the finisher.
+//!
+//! Outcomes are not written here: the finisher writes them (ledger first, then one Lua call
+//! for a whole batch). Only quota and circuit state is read and written as calls are made.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use llmq_shared::circuit::Circuits;
+use llmq_shared::envelope::{self, Envelope};
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::ledger::{CallRow, TaskRow};
+use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
+use llmq_shared::queue::{Delivery, Finish, FinishKind, now_ms};
+use llmq_shared::quota::Limiter;
+use tokio_util::sync::CancellationToken;
+
+use crate::router::Router;
+
+pub mod attempt;
+pub mod decide;
+
+use attempt::{Attempt, AttemptError, Outcome, Tried};
+use decide::{Policy, TaskState, Transition};
+
+/// What the executor needs to know, shared by every task.
+pub struct Executor {
+    pub router: Router,
+    pub limiter: Limiter,
+    pub circuits: Circuits,
+    pub worker_id: String,
+    pub max_payload_bytes: usize,
+    pub retry_base: Duration,
+    pub retry_max: Duration,
+    /// One attempt, every provider and wait included, ends after this.
+    pub attempt_timeout: Duration,
+    /// Cancelled when the shutdown grace period is over: running calls stop and their tasks
+    /// go back to the stream.
+    pub hard_stop: CancellationToken,
+    /// Set when a task found no provider it could call (quotas used up, an outage): the
+    /// fetcher reads nothing until then (at most a few seconds at a time), so tasks wait in
+    /// Redis, not in memory.
+    pub read_pause: Arc<ReadPause>,
+}
+
+/// When the fetcher may read again, in ms since the epoch (0: now).
+#[derive(Debug, Default)]
+pub struct ReadPause(AtomicI64);
+
+impl ReadPause {
+    /// The longest one pause lasts; then one read finds out whether a provider freed up.
+    pub const MAX: Duration = Duration::from_secs(5);
+
+    fn pause_until(&self, until: chrono::DateTime<Utc>) {
+        let capped = until
+            .timestamp_millis()
+            .min(now_ms() + Self::MAX.as_millis() as i64);
+        self.0.fetch_max(capped, Ordering::Relaxed);
+    }
+
+    /// How long to wait before the next read.
+    #[must_use]
+    pub fn remaining(&self) -> Duration {
+        let until = self.0.load(Ordering::Relaxed);
+        Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0))
+    }
+}
+
+/// The outcome of one delivery, ready for the finisher.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finished {
+    pub queue: Arc<QueueKeys>,
+    pub finish: Finish,
+    pub calls: Vec<CallRow>,
+    pub task: Option<TaskRow>,
+}
+
+impl Finished {
+    fn new(queue: Arc<QueueKeys>, finish: Finish, calls: Vec<CallRow>) -> Self {
+        Self {
+            queue,
+            finish,
+            calls,
+            task: None,
+        }
+    }
+}
+
+impl Executor {
+    /// Runs `delivery` to an outcome. Never fails: every problem becomes an outcome.
+    pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Finished {
+        let entry_id = delivery.entry_id;
+        // Parse.
+        let Some(payload) = delivery.payload else {
+            let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+            let error = format!(
+                "the stream entry has no `task` field; enqueue with XADD {} * task '<json>'",
+                queue.stream()
+            );
+            return invalid(queue, entry_id, task_id, String::new(), error);
+        };
+        let mut env = match Envelope::parse(&payload, self.max_payload_bytes) {
+            Ok(env) => env,
+            Err(e) => {
+                let task_id = envelope::task_id_of(queue.name(), &entry_id, &payload).to_string();
+                let raw = String::from_utf8_lossy(&payload).into_owned();
+                return invalid(queue, entry_id, task_id, raw, e.to_string());
+            }
+        };
+        let task_id = env.id_or_derive(queue.name(), &entry_id);
+        env.id = Some(task_id);
+        let task_id = task_id.to_string();
+
+        if let Some(run_at) = env.run_at {
+            let due_ms = run_at.timestamp_millis();
+            if due_ms > now_ms() + 5 {
+                // Enqueued straight into the stream with a future run_at: wait in delayed.
+                let finish = Finish {
+                    entry_id,
+                    task_id,
+                    kind: FinishKind::Retry { due_ms },
+                    record: None,
+                    envelope: env.to_json(),
+                };
+                return Finished::new(queue, finish, Vec::new());
+            }
+        }
+
+        let task_type = env.task_type().map(|t| t.to_string()).unwrap_or_default();
+        let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Running);
+        record.attempts = env.attempts + 1;
+        record.task_type = Some(task_type.clone());
+        record.chain_id.clone_from(&env.chain_id);
+
+        // Plan.
+        let mut calls = Vec::new();
+        let started = Instant::now();
+        let tried = match self.router.plan(&env) {
+            Ok(plan) => {
+                // Attempt.
+                let attempt = Attempt {
+                    exec: self,
+                    env: &env,
+                    queue: &queue,
+                    task_type: &task_type,
+                    number: env.attempts + 1,
+                    calls: &mut calls,
+                };
+                match tokio::time::timeout(self.attempt_timeout, attempt.run(&plan)).await {
+                    Ok(tried) => tried,
+                    Err(_) => self.timed_out(plan.reason.clone(), &calls),
+                }
+            }
+            Err(e) => Tried {
+                outcome: Outcome::Failed(AttemptError {
+                    class: ErrorClass::Fatal,
+                    message: e.to_string(),
+                    tried: Vec::new(),
+                    retry_after: None,
+                }),
+                route: String::new(),
+                errors: Vec::new(),
+                last: None,
+            },
+        };
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        record.route = Some(tried.route).filter(|r| !r.is_empty());
+        record.provider_errors = tried.errors;
+        record.provider = tried.last.as_ref().map(|c| c.config.name.clone());
+        record.model = tried.last.as_ref().map(|c| c.model.id.clone());
+        record.cost_usd = calls.iter().map(|c| c.cost_usd).sum();
+
+        // Decide.
+        let policy = Policy {
+            retry_base: self.retry_base,
+            retry_max: self.retry_max,
+            max_wait: self.router.config().routing.max_wait,
+        };
+        let state = TaskState {
+            attempts: env.attempts,
+            max_attempts: env.max_attempts(),
+            waiting_since: env.waiting_since,
+        };
+        let now = Utc::now();
+        let transition = decide::decide(state, &tried.outcome, &policy, now);
+        apply(
+            queue,
+            entry_id,
+            env,
+            record,
+            calls,
+            tried.outcome,
+            transition,
+            &self.read_pause,
+        )
+    }
+
+    /// The attempt ran past `--attempt-timeout`.
+    fn timed_out(&self, route: String, calls: &[CallRow]) -> Tried {
+        Tried {
+            outcome: Outcome::Failed(AttemptError {
+                class: ErrorClass::Retryable,
+                message: format!(
+                    "the attempt took longer than {:?} (--attempt-timeout) across its providers",
+                    self.attempt_timeout
+                ),
+                tried: Vec::new(),
+                retry_after: None,
+            }),
+            route,
+            errors: calls.iter().filter_map(|c| c.error.clone()).collect(),
+            last: None,
+        }
+    }
+}
+
+/// Carries out `transition` on the envelope and the record, ready for the finisher.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    mut env: Envelope,
+    mut record: TaskRecord,
+    calls: Vec<CallRow>,
+    outcome: Outcome,
+    transition: Transition,
+    read_pause: &ReadPause,
+) -> Finished {
+    let task_id = record.task_id.clone();
+    let finish = |kind, record: Option<TaskRecord>, envelope: String| Finish {
+        entry_id: entry_id.clone(),
+        task_id: task_id.clone(),
+        kind,
+        record,
+        envelope,
+    };
+    match (transition, outcome) {
+        (Transition::Done, Outcome::Answered(completion)) => {
+            let usage = completion.usage;
+            record.status = Status::Succeeded;
+            record.output = Some(completion.text);
+            record.input_tokens = usage.input_tokens;
+            record.output_tokens = usage.output_tokens;
+            record.cached_tokens = usage.cached_tokens;
+            record.reasoning_tokens = usage.reasoning_tokens;
+            record.finished_at = Some(Utc::now());
+            let task = Some(task_row(&record));
+            Finished {
+                task,
+                ..Finished::new(
+                    queue,
+                    finish(FinishKind::Done, Some(record), String::new()),
+                    calls,
+                )
+            }
+        }
+        (Transition::Wait { due, since }, outcome) => {
+            // No provider can be called now: wait without using an attempt. It never
+            // spins: the due time is when one may be called again.
+            read_pause.pause_until(due);
+            let (reason, class) = match &outcome {
+                Outcome::Unavailable(u) => (u.reason(), u.class),
+                _ => (String::new(), ErrorClass::Unavailable),
+            };
+            if class == ErrorClass::Unavailable {
+                metrics::counter!("llmq_tasks_waiting_on_outage_total", "queue" => queue.name().to_owned()).increment(1);
+            }
+            record.status = Status::Delayed;
+            record.attempts = env.attempts;
+            record.error = Some(reason.clone());
+            record.error_class = Some(class);
+            env.last_error = Some(reason);
+            env.snoozes += 1;
+            env.waiting_since = Some(since);
+            let kind = FinishKind::Retry {
+                due_ms: due.timestamp_millis(),
+            };
+            let envelope = env.to_json();
+            Finished::new(queue, finish(kind, Some(record), envelope), calls)
+        }
+        (Transition::Retry { due }, outcome) => {
+            let error = failure_text(&outcome);
+            env.attempts += 1;
+            env.waiting_since = None;
+            env.last_error = Some(error.clone());
+            record.status = Status::Delayed;
+            record.error = Some(error);
+            record.error_class = failure_class(&outcome);
+            let kind = FinishKind::Retry {
+                due_ms: due.timestamp_millis(),
+            };
+            let envelope = env.to_json();
+            Finished::new(queue, finish(kind, Some(record), envelope), calls)
+        }
+        (Transition::Dead { error, class }, _) => {
+            if class != ErrorClass::Unavailable {
+                env.attempts += 1;
+            }
+            record.attempts = env.attempts;
+            env.last_error = Some(error.clone());
+            record.status = Status::Dead;
+            record.error = Some(error.clone());
+            record.error_class = Some(class);
+            record.finished_at = Some(Utc::now());
+            let task = Some(task_row(&record));
+            let envelope = env.to_json();
+            let kind = FinishKind::Dead { error, class };
+            Finished {
+                task,
+                ..Finished::new(queue, finish(kind, Some(record), envelope), calls)
+            }
+        }
+        // Release, and Done without an answer (which decide never gives): hand it back.
+        (Transition::Release | Transition::Done, _) => {
+            let envelope = env.to_json();
+            Finished::new(queue, finish(FinishKind::Release, None, envelope), calls)
+        }
+    }
+}
+
+fn failure_text(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Failed(e) => e.to_string(),
+        Outcome::Unavailable(u) => u.reason(),
+        _ => String::new(),
+    }
+}
+
+fn failure_class(outcome: &Outcome) -> Option<ErrorClass> {
+    match outcome {
+        Outcome::Failed(e) => Some(e.class),
+        Outcome::Unavailable(u) => Some(u.class),
+        _ => None,
+    }
+}
+
+fn invalid(
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    task_id: String,
+    raw: String,
+    error: String,
+) -> Finished {
+    let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Dead);
+    record.error = Some(error.clone());
+    record.error_class = Some(ErrorClass::Invalid);
+    record.finished_at = Some(Utc::now());
+    let task = uuid::Uuid::parse_str(&task_id).ok().map(|id| TaskRow {
+        task_id: id,
+        ..task_row(&record)
+    });
+    let finish = Finish {
+        entry_id,
+        task_id,
+        kind: FinishKind::Dead {
+            error,
+            class: ErrorClass::Invalid,
+        },
+        record: Some(record),
+        envelope: raw,
+    };
+    Finished {
+        queue,
+        finish,
+        calls: Vec::new(),
+        task,
+    }
+}
+
+fn task_row(r: &TaskRecord) -> TaskRow {
+    TaskRow {
+        task_id: uuid::Uuid::parse_str(&r.task_id).unwrap_or_default(),
+        queue: r.queue.clone(),
+        chain_id: r.chain_id.clone(),
+        task_type: r.task_type.clone().unwrap_or_else(|| "unknown".into()),
+        status: r.status.to_string(),
+        attempts: r.attempts as i32,
+        provider: r.provider.clone(),
+        model: r.model.clone(),
+        input_tokens: r.input_tokens as i64,
+        output_tokens: r.output_tokens as i64,
+        cost_usd: r.cost_usd,
+        error: r.error.clone(),
+        error_class: r.error_class.map(|c| c.to_string()),
+        finished_at: r.finished_at.unwrap_or_else(Utc::now),
+    }
+}
