@@ -51,12 +51,6 @@ impl Refusal {
             self.until.format("%Y-%m-%d %H:%M:%S UTC")
         )
     }
-
-    /// Daily and monthly limits are exhaustion; per-minute ones are a short wait.
-    #[must_use]
-    pub fn is_exhaustion(&self) -> bool {
-        matches!(self.limit.as_str(), "requests_per_day" | "usd_per_month")
-    }
 }
 
 /// The outcome of [`Limiter::reserve`].

@@ -43,8 +43,8 @@ pub struct Unavailable {
     pub until: DateTime<Utc>,
     /// One sentence per candidate that could not be called.
     pub reasons: Vec<String>,
-    /// `QuotaExhausted` when every candidate's quota is used up, `RateLimited` when every
-    /// one is rate-limited, else `Unavailable`.
+    /// `QuotaExhausted` when every candidate is at one of its configured quotas or rate
+    /// limits, `RateLimited` when every one answered 429, else `Unavailable`.
     pub class: ErrorClass,
 }
 
@@ -403,14 +403,12 @@ impl Attempt<'_> {
                 }
                 Ok(Some(reservation))
             }
+            // Our own limits (per day, month or window) are known waits for a known reset,
+            // not an outage: they are not bounded by max_wait.
             Ok(Decision::Refused(r)) => Err(Stop::Later {
                 until: r.until,
                 why: r.describe(name),
-                class: if r.is_exhaustion() {
-                    ErrorClass::QuotaExhausted
-                } else {
-                    ErrorClass::RateLimited
-                },
+                class: ErrorClass::QuotaExhausted,
                 model_only: false,
             }),
             Err(e) => {

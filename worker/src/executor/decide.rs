@@ -71,7 +71,7 @@ pub fn decide(
 
 fn wait(task: TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -> Transition {
     let since = task.waiting_since.unwrap_or(now);
-    // A used-up daily or monthly quota is a known wait for a known reset, not an outage:
+    // A configured quota or rate limit is a known wait for a known reset, not an outage:
     // it is not bounded by max_wait.
     let bounded = u.class != ErrorClass::QuotaExhausted;
     let waited = (now - since).to_std().unwrap_or_default();
