@@ -13,9 +13,10 @@
 //!   refused once its successor has written, and a successor announces itself there as soon
 //!   as it takes the lease.
 //!
-//! The scripts touch the scheduler's keys and a queue's keys together, so they need one Redis
-//! (standalone or Sentinel); on Redis Cluster the scheduler's keys would need the queue's hash
-//! slot.
+//! Writes to a queue's keys (a recurring task's tick, trimming dead letters) are the queue's
+//! own functions, which take this lease's [`Fence`]. They touch the scheduler's keys and a
+//! queue's keys together, so they need one Redis (standalone or Sentinel); on Redis Cluster
+//! the scheduler's keys would need the queue's hash slot.
 
 use std::time::{Duration, Instant};
 
@@ -23,12 +24,9 @@ use redis::Script;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use llmq_shared::keys::{QueueKeys, scheduler as keys};
-use llmq_shared::queue::Client;
+use llmq_shared::queue::{Client, FENCE_LUA, Fence, NOT_HOLDER, Tick};
 
 use crate::{Error, Result};
-
-/// A guarded script answers this when the lease is not (or no longer) ours.
-const NOT_HOLDER: i64 = -1;
 
 struct Scripts {
     acquire: Script,
@@ -36,8 +34,11 @@ struct Scripts {
     release: Script,
     raise: Script,
     mark: Script,
-    tick: Script,
-    trim: Script,
+}
+
+/// A script that starts with the shared fence check.
+fn fenced(body: &str) -> Script {
+    Script::new(&format!("{FENCE_LUA}{body}"))
 }
 
 /// This instance's view of the lease.
@@ -70,12 +71,10 @@ impl Lease {
             synced: false,
             scripts: Scripts {
                 acquire: Script::new(include_str!("lease/acquire.lua")),
-                renew: Script::new(include_str!("lease/renew.lua")),
-                release: Script::new(include_str!("lease/release.lua")),
-                raise: Script::new(include_str!("lease/raise.lua")),
-                mark: Script::new(include_str!("lease/mark.lua")),
-                tick: Script::new(include_str!("lease/tick.lua")),
-                trim: Script::new(include_str!("lease/trim.lua")),
+                renew: fenced(include_str!("lease/renew.lua")),
+                release: fenced(include_str!("lease/release.lua")),
+                raise: fenced(include_str!("lease/raise.lua")),
+                mark: fenced(include_str!("lease/mark.lua")),
             },
         }
     }
@@ -265,29 +264,27 @@ impl Lease {
         Ok(Self::checked(inv.invoke_async(&mut c).await?)? == 1)
     }
 
+    /// Our proof of holding the lease, for the queue's fenced writes.
+    fn proof(&self) -> Result<Fence<'_>> {
+        let token = self.fence.ok_or(Error::NotLeader)?;
+        Ok(Fence {
+            holder: &self.id,
+            token,
+        })
+    }
+
     /// Enqueues one tick of a recurring task unless it was enqueued before, and records it
-    /// as `field`'s last tick. Returns whether it was enqueued now.
-    #[allow(clippy::too_many_arguments)]
+    /// as its last tick. Returns whether it was enqueued now.
     pub(crate) async fn enqueue_tick(
         &self,
         redis: &Client,
-        marker: &str,
-        marker_ttl: Duration,
         queue: &QueueKeys,
-        envelope: &str,
-        field: &str,
-        tick_ms: i64,
+        tick: &Tick<'_>,
     ) -> Result<bool> {
-        let mut inv = self.guard(&self.scripts.tick)?;
-        inv.key(marker)
-            .key(queue.stream())
-            .key(keys::DUTIES)
-            .arg(u64::try_from(marker_ttl.as_millis()).unwrap_or(u64::MAX))
-            .arg(envelope)
-            .arg(field)
-            .arg(tick_ms);
-        let mut c = redis.conn().await?;
-        Ok(Self::checked(inv.invoke_async(&mut c).await?)? == 1)
+        redis
+            .enqueue_tick(self.proof()?, queue, tick)
+            .await?
+            .ok_or(Error::NotLeader)
     }
 
     /// Deletes dead letters from `queue`'s dead stream. Returns how many were deleted.
@@ -297,10 +294,10 @@ impl Lease {
         queue: &QueueKeys,
         ids: &[String],
     ) -> Result<u64> {
-        let mut inv = self.guard(&self.scripts.trim)?;
-        inv.key(queue.dead()).arg(ids);
-        let mut c = redis.conn().await?;
-        Self::checked(inv.invoke_async(&mut c).await?)
+        redis
+            .trim_dead(self.proof()?, queue, ids)
+            .await?
+            .ok_or(Error::NotLeader)
     }
 }
 

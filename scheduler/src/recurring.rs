@@ -24,6 +24,7 @@ use llmq_shared::archive::RECURRING_FIELD;
 use llmq_shared::config::{self, Recurring};
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::{QueueKeys, scheduler as keys};
+use llmq_shared::queue::Tick;
 
 use crate::lease::Mark;
 use crate::{Result, Scheduler};
@@ -205,16 +206,20 @@ impl Scheduler {
                     break;
                 }
                 let tick_ms = tick.timestamp_millis();
+                let marker = keys::tick(&job.name, tick_ms);
+                let envelope = job.envelope(tick, now);
                 let fresh = self
                     .lease
                     .enqueue_tick(
                         &self.redis,
-                        &keys::tick(&job.name, tick_ms),
-                        MARKER_TTL,
                         &job.queue,
-                        &job.envelope(tick, now),
-                        &field,
-                        tick_ms,
+                        &Tick {
+                            marker: &marker,
+                            marker_ttl: MARKER_TTL,
+                            envelope: &envelope,
+                            field: &field,
+                            tick_ms,
+                        },
                     )
                     .await?;
                 if fresh {

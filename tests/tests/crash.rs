@@ -211,6 +211,60 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
 }
 
 #[tokio::test]
+async fn a_worker_killed_between_spotting_a_poison_task_and_dead_lettering_it_loses_nothing() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = enqueue(&env, 1, "mock-fast").await.remove(0);
+    let mut conn = env.redis.conn().await.unwrap();
+    env.redis
+        .read(&mut conn, &env.keys, "crashed-1", 1, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    // The first step of a takeover claims the entry and sees it is poison (2 deliveries, 1
+    // allowed); the worker is killed before the second step dead-letters it.
+    let claimed = env
+        .redis
+        .claim_idle(&env.keys, "killed", Duration::from_millis(1), 1)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(claimed[0].deliveries > 1);
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.in_flight, counts.delayed, counts.dead),
+        (0, 1, 0, 0),
+        "exactly one place: still claimed, by the killed worker"
+    );
+    assert!(env.redis.results(&env.keys, &[id.clone()]).await.unwrap()[0].is_none());
+    // The next worker's takeover finishes it as a dead letter in one script.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let got = env
+        .redis
+        .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 1, WAIT)
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.in_flight, counts.delayed, counts.dead),
+        (0, 0, 0, 1)
+    );
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(dead[0].task_id, id);
+    assert_eq!(dead[0].attempts, 3, "the delivery count");
+    let r = env.redis.results(&env.keys, &[id.clone()]).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(
+        (r.status, r.error_class),
+        (Status::Dead, Some(ErrorClass::Poison)),
+        "the record is written with the dead letter"
+    );
+    assert!(r.error.unwrap().contains("delivered 3 times"));
+}
+
+#[tokio::test]
 async fn a_task_that_keeps_killing_workers_becomes_a_poison_dead_letter() {
     let env = TestEnv::new().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();

@@ -2,7 +2,7 @@
 -- KEYS: 1 lease, 2 fence, 3 duties
 -- ARGV: 1 holder id, 2 fencing token, 3 field, 4 value, 5 `always` or `if_absent`
 -- Returns 1 written, 0 not written (if_absent and the field exists), -1 not the holder.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+if not is_holder() then
   return -1
 end
 if ARGV[5] == 'if_absent' then

@@ -4,7 +4,7 @@
 -- KEYS: 1 lease, 2 fence
 -- ARGV: 1 holder id, 2 fencing token, 3 floor
 -- Returns the holder's new token, or -1 when the lease expired or is someone else's.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+if not is_holder() then
   return -1
 end
 if (tonumber(redis.call('GET', KEYS[2])) or 0) < tonumber(ARGV[3]) then

@@ -2,7 +2,7 @@
 -- KEYS: 1 lease, 2 fence
 -- ARGV: 1 holder id, 2 fencing token
 -- Returns 1, or -1 when the lease expired or is someone else's.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+if not is_holder() then
   return -1
 end
 redis.call('DEL', KEYS[1])

@@ -17,7 +17,7 @@ use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
-use llmq_shared::queue::{Delivery, Finish, FinishKind, now_ms};
+use llmq_shared::queue::{Delivery, Finish, now_ms};
 use llmq_shared::quota::Limiter;
 use tokio_util::sync::CancellationToken;
 
@@ -121,13 +121,7 @@ impl Executor {
             let due_ms = run_at.timestamp_millis();
             if due_ms > now_ms() + 5 {
                 // Enqueued straight into the stream with a future run_at: wait in delayed.
-                let finish = Finish {
-                    entry_id,
-                    task_id,
-                    kind: FinishKind::Retry { due_ms },
-                    record: None,
-                    envelope: env.to_json(),
-                };
+                let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
                 return Finished::new(queue, finish, Vec::new());
             }
         }
@@ -233,13 +227,6 @@ fn apply(
     read_pause: &ReadPause,
 ) -> Finished {
     let task_id = record.task_id.clone();
-    let finish = |kind, record: Option<TaskRecord>, envelope: String| Finish {
-        entry_id: entry_id.clone(),
-        task_id: task_id.clone(),
-        kind,
-        record,
-        envelope,
-    };
     match (transition, outcome) {
         (Transition::Done, Outcome::Answered(completion)) => {
             let usage = completion.usage;
@@ -253,11 +240,7 @@ fn apply(
             let task = Some(task_row(&record));
             Finished {
                 task,
-                ..Finished::new(
-                    queue,
-                    finish(FinishKind::Done, Some(record), String::new()),
-                    calls,
-                )
+                ..Finished::new(queue, Finish::done(entry_id, task_id, record), calls)
             }
         }
         (Transition::Wait { due, since }, outcome) => {
@@ -278,11 +261,9 @@ fn apply(
             env.last_error = Some(reason);
             env.snoozes += 1;
             env.waiting_since = Some(since);
-            let kind = FinishKind::Retry {
-                due_ms: due.timestamp_millis(),
-            };
-            let envelope = env.to_json();
-            Finished::new(queue, finish(kind, Some(record), envelope), calls)
+            let due_ms = due.timestamp_millis();
+            let finish = Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json());
+            Finished::new(queue, finish, calls)
         }
         (Transition::Retry { due }, outcome) => {
             let error = failure_text(&outcome);
@@ -292,11 +273,9 @@ fn apply(
             record.status = Status::Delayed;
             record.error = Some(error);
             record.error_class = failure_class(&outcome);
-            let kind = FinishKind::Retry {
-                due_ms: due.timestamp_millis(),
-            };
-            let envelope = env.to_json();
-            Finished::new(queue, finish(kind, Some(record), envelope), calls)
+            let due_ms = due.timestamp_millis();
+            let finish = Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json());
+            Finished::new(queue, finish, calls)
         }
         (Transition::Dead { error, class }, _) => {
             if class != ErrorClass::Unavailable {
@@ -309,17 +288,16 @@ fn apply(
             record.error_class = Some(class);
             record.finished_at = Some(Utc::now());
             let task = Some(task_row(&record));
-            let envelope = env.to_json();
-            let kind = FinishKind::Dead { error, class };
+            let finish = Finish::dead(entry_id, task_id, error, class, record, env.to_json());
             Finished {
                 task,
-                ..Finished::new(queue, finish(kind, Some(record), envelope), calls)
+                ..Finished::new(queue, finish, calls)
             }
         }
         // Release, and Done without an answer (which decide never gives): hand it back.
         (Transition::Release | Transition::Done, _) => {
-            let envelope = env.to_json();
-            Finished::new(queue, finish(FinishKind::Release, None, envelope), calls)
+            let finish = Finish::release(entry_id, task_id, env.to_json());
+            Finished::new(queue, finish, calls)
         }
     }
 }
@@ -355,21 +333,10 @@ fn invalid(
         task_id: id,
         ..task_row(&record)
     });
-    let finish = Finish {
-        entry_id,
-        task_id,
-        kind: FinishKind::Dead {
-            error,
-            class: ErrorClass::Invalid,
-        },
-        record: Some(record),
-        envelope: raw,
-    };
+    let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
     Finished {
-        queue,
-        finish,
-        calls: Vec::new(),
         task,
+        ..Finished::new(queue, finish, Vec::new())
     }
 }
 

@@ -2,7 +2,7 @@
 -- KEYS: 1 lease, 2 fence, 3 dead stream
 -- ARGV: 1 holder id, 2 fencing token, 3... entry ids
 -- Returns how many entries were deleted, or -1 when not the holder.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+if not is_holder() then
   return -1
 end
 if #ARGV < 3 then

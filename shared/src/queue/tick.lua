@@ -5,7 +5,7 @@
 -- ARGV: 1 holder id, 2 fencing token, 3 marker ttl (ms), 4 envelope json, 5 duties field,
 --       6 tick (ms)
 -- Returns 1 enqueued, 0 the tick was enqueued before, -1 not the holder.
-if redis.call('GET', KEYS[1]) ~= ARGV[1] or redis.call('GET', KEYS[2]) ~= ARGV[2] then
+if not is_holder() then
   return -1
 end
 local last = tonumber(redis.call('HGET', KEYS[5], ARGV[5])) or 0

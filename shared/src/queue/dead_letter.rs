@@ -1,0 +1,213 @@
+//! Dead letters: listing, finding, replaying, purging, and the scheduler's fenced trim.
+
+use std::sync::LazyLock;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use super::{Client, DeadLetter, Fence, NOT_HOLDER, Result, reply};
+use crate::envelope::Envelope;
+use crate::keys::{QueueKeys, scheduler};
+use crate::outcome::{Status, TaskRecord};
+
+static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("replay.lua")));
+static TRIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        include_str!("trim.lua")
+    ))
+});
+
+impl Client {
+    /// The dead letters of a queue, newest first, at most `limit`.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn dead_letters(&self, keys: &QueueKeys, limit: usize) -> Result<Vec<DeadLetter>> {
+        let mut c = self.conn().await?;
+        let mut out = Vec::new();
+        let mut end = "+".to_owned();
+        while out.len() < limit {
+            let page: Value = redis::cmd("XREVRANGE")
+                .arg(keys.dead())
+                .arg(&end)
+                .arg("-")
+                .arg("COUNT")
+                .arg(500.min(limit - out.len()))
+                .query_async(&mut c)
+                .await?;
+            let entries = reply::parse_entries(page)?;
+            let full = entries.len() == 500.min(limit - out.len());
+            let Some((last, _)) = entries.last() else {
+                break;
+            };
+            end = format!("({last}");
+            out.extend(
+                entries
+                    .into_iter()
+                    .map(|(id, f)| reply::dead_letter(keys.name(), id, &f)),
+            );
+            if !full {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `count` dead letters oldest first, starting after dead-entry id `after` (from
+    /// the beginning when `None`).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn oldest_dead_letters(
+        &self,
+        keys: &QueueKeys,
+        after: Option<&str>,
+        count: usize,
+    ) -> Result<Vec<DeadLetter>> {
+        let mut c = self.conn().await?;
+        let start = after.map_or_else(|| "-".to_owned(), |id| format!("({id}"));
+        let page = self.range(&mut c, &keys.dead(), &start, count).await?;
+        Ok(page
+            .into_iter()
+            .map(|(id, f)| reply::dead_letter(keys.name(), id, &f))
+            .collect())
+    }
+
+    /// Finds dead letters by dead-entry id or task id.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn find_dead(&self, keys: &QueueKeys, ids: &[String]) -> Result<Vec<DeadLetter>> {
+        Ok(self
+            .dead_letters(keys, usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|d| ids.iter().any(|id| *id == d.id || *id == d.task_id))
+            .collect())
+    }
+
+    /// Re-enqueues a dead letter with its attempts reset (and, if given, a new provider),
+    /// removing it from the dead letters in the same step. Returns false if it was gone.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn replay(
+        &self,
+        keys: &QueueKeys,
+        dead: &DeadLetter,
+        provider: Option<&str>,
+    ) -> Result<bool> {
+        let task = replayed_task(dead, provider);
+        let mut c = self.conn().await?;
+        let replayed: i64 = REPLAY
+            .key(keys.dead())
+            .key(keys.stream())
+            .key(keys.result(&dead.task_id))
+            .arg(&dead.id)
+            .arg(task)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(replayed == 1)
+    }
+
+    /// Deletes dead letters. Their stored records, if any, turn from `dead` to `failed`.
+    /// Returns how many were deleted.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn purge(&self, keys: &QueueKeys, dead: &[DeadLetter]) -> Result<u64> {
+        let mut c = self.conn().await?;
+        let mut deleted = 0;
+        for d in dead {
+            let n: u64 = redis::cmd("XDEL")
+                .arg(keys.dead())
+                .arg(&d.id)
+                .query_async(&mut c)
+                .await?;
+            deleted += n;
+            let stored: Option<String> = redis::cmd("GET")
+                .arg(keys.result(&d.task_id))
+                .query_async(&mut c)
+                .await?;
+            if let Some(mut record) =
+                stored.and_then(|s| serde_json::from_str::<TaskRecord>(&s).ok())
+            {
+                record.status = Status::Failed;
+                redis::cmd("SET")
+                    .arg(keys.result(&d.task_id))
+                    .arg(record.to_json())
+                    .arg("KEEPTTL")
+                    .query_async::<()>(&mut c)
+                    .await?;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Deletes archived dead letters `ids` from `keys`' dead stream, for the lease holder
+    /// only. Returns how many were deleted, or `None` when `fence` no longer holds the lease.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn trim_dead(
+        &self,
+        fence: Fence<'_>,
+        keys: &QueueKeys,
+        ids: &[String],
+    ) -> Result<Option<u64>> {
+        let mut c = self.conn().await?;
+        let answer: i64 = TRIM
+            .key(scheduler::LEASE)
+            .key(scheduler::FENCE)
+            .key(keys.dead())
+            .arg(fence.holder)
+            .arg(fence.token)
+            .arg(ids)
+            .invoke_async(&mut c)
+            .await?;
+        Ok((answer != NOT_HOLDER).then(|| u64::try_from(answer).unwrap_or(0)))
+    }
+
+    pub(super) async fn range(
+        &self,
+        c: &mut ConnectionManager,
+        key: &str,
+        start: &str,
+        count: usize,
+    ) -> Result<Vec<reply::Entry>> {
+        let page: Value = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(c)
+            .await?;
+        reply::parse_entries(page)
+    }
+}
+
+/// What a replay enqueues: the dead letter's envelope with attempts reset, one more replay
+/// and, if given, a new provider; a payload that is not an envelope as it came (e.g. to
+/// replay it after raising the size limit).
+#[must_use]
+pub fn replayed_task(dead: &DeadLetter, provider: Option<&str>) -> String {
+    match serde_json::from_str::<Envelope>(&dead.task) {
+        Ok(mut env) => {
+            env.attempts = 0;
+            env.snoozes = 0;
+            env.waiting_since = None;
+            env.replays += 1;
+            env.last_error = None;
+            if env.id.is_none() {
+                env.id = uuid::Uuid::parse_str(&dead.task_id).ok();
+            }
+            if let Some(p) = provider {
+                env.provider = Some(p.to_owned());
+            }
+            env.to_json()
+        }
+        Err(_) => dead.task.clone(),
+    }
+}

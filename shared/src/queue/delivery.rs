@@ -1,0 +1,145 @@
+//! Getting tasks out: reading new entries, taking over idle ones, refreshing claims.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use super::{Client, Delivery, Finish, Result, reply};
+use crate::envelope;
+use crate::keys::{GROUP, QueueKeys};
+use crate::outcome::{ErrorClass, Status, TaskRecord};
+
+static RECLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reclaim.lua")));
+static REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("refresh.lua")));
+
+impl Client {
+    /// Reads up to `count` new tasks for `consumer`, waiting up to `block` for the first
+    /// (`None`: not at all). A blocking read needs a [`Client::blocking_conn`].
+    ///
+    /// # Errors
+    /// Redis fails; a missing group is created and the read retried once.
+    pub async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        keys: &QueueKeys,
+        consumer: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> Result<Vec<Delivery>> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block) = block {
+            // BLOCK 0 would wait forever.
+            cmd.arg("BLOCK").arg((block.as_millis() as u64).max(1));
+        }
+        cmd.arg("STREAMS").arg(keys.stream()).arg(">");
+        let reply: Value = match cmd.query_async(conn).await {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                self.ensure_group(keys).await?;
+                cmd.query_async(conn).await?
+            }
+            other => other?,
+        };
+        reply::parse_read_reply(reply)
+    }
+
+    /// Takes over up to `count` entries idle longer than `min_idle`. Entries delivered more
+    /// than `max_deliveries` times are poison tasks: they are finished at once as dead letters
+    /// (with a `dead` record kept for `result_ttl`) instead of being returned. A worker that
+    /// dies in between leaves them claimed, so the next takeover finishes them.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn reclaim(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+        max_deliveries: u64,
+        result_ttl: Duration,
+    ) -> Result<Vec<Delivery>> {
+        let claimed = self.claim_idle(keys, consumer, min_idle, count).await?;
+        let (poison, run): (Vec<Delivery>, Vec<Delivery>) = claimed
+            .into_iter()
+            .partition(|d| d.deliveries > max_deliveries);
+        if !poison.is_empty() {
+            let items: Vec<Finish> = poison.iter().map(|d| poison_finish(keys, d)).collect();
+            self.finish(keys, consumer, result_ttl, &items).await?;
+        }
+        Ok(run)
+    }
+
+    /// Claims up to `count` entries idle longer than `min_idle` for `consumer`, poison or not.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn claim_idle(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Delivery>> {
+        let mut c = self.conn().await?;
+        let claimed: Vec<Value> = RECLAIM
+            .key(keys.stream())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(count)
+            .invoke_async(&mut c)
+            .await?;
+        reply::parse_claimed(&claimed)
+    }
+
+    /// Resets the idle time of entries `consumer` still holds. Returns how many it held.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn refresh(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        entry_ids: &[String],
+    ) -> Result<u64> {
+        if entry_ids.is_empty() {
+            return Ok(0);
+        }
+        let mut c = self.conn().await?;
+        let mut inv = REFRESH.key(keys.stream());
+        inv.arg(GROUP).arg(consumer).arg(entry_ids);
+        Ok(inv.invoke_async(&mut c).await?)
+    }
+}
+
+/// The end of a poison task's reason, after "the task was delivered N".
+const POISON_REASON: &str =
+    " times without finishing; a worker probably crashed or was killed while running it";
+
+/// A poison task's way to the dead letters: the payload as it came, the delivery count as
+/// its attempts.
+fn poison_finish(keys: &QueueKeys, d: &Delivery) -> Finish {
+    let payload = d.payload.as_deref().unwrap_or_default();
+    let task_id = envelope::task_id_of(keys.name(), &d.entry_id, payload).to_string();
+    let error = format!("the task was delivered {}{POISON_REASON}", d.deliveries);
+    let mut record = TaskRecord::pending(&task_id, keys.name(), Status::Dead);
+    record.error = Some(error.clone());
+    record.error_class = Some(ErrorClass::Poison);
+    record.attempts = u32::try_from(d.deliveries).unwrap_or(u32::MAX);
+    record.finished_at = Some(chrono::Utc::now());
+    Finish::dead(
+        d.entry_id.clone(),
+        task_id,
+        error,
+        ErrorClass::Poison,
+        record,
+        String::from_utf8_lossy(payload).into_owned(),
+    )
+}

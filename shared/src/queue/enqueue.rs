@@ -1,0 +1,116 @@
+//! Getting tasks in: the consumer group, enqueueing, and the scheduler's recurring ticks.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+
+use super::{Client, Fence, NOT_HOLDER, Result, now_ms};
+use crate::envelope::Envelope;
+use crate::keys::{GROUP, QueueKeys, TASK_FIELD, scheduler};
+
+static TICK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        include_str!("tick.lua")
+    ))
+});
+
+/// One tick of a recurring task, as the scheduler enqueues it.
+#[derive(Debug, Clone, Copy)]
+pub struct Tick<'a> {
+    /// The key that marks this tick as enqueued.
+    pub marker: &'a str,
+    /// How long the marker is kept.
+    pub marker_ttl: Duration,
+    pub envelope: &'a str,
+    /// The duties-hash field that records the task's last tick.
+    pub field: &'a str,
+    pub tick_ms: i64,
+}
+
+impl Client {
+    /// Creates the consumer group if it does not exist (reading from the start, so tasks
+    /// enqueued before any worker ran are not skipped).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn ensure_group(&self, keys: &QueueKeys) -> Result<()> {
+        let mut c = self.conn().await?;
+        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(keys.stream())
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut c)
+            .await;
+        match r {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Enqueues one task: into the stream, or into `delayed` when its `run_at` is ahead.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn enqueue(&self, keys: &QueueKeys, env: &Envelope) -> Result<()> {
+        self.enqueue_many(keys, std::slice::from_ref(env)).await
+    }
+
+    /// Enqueues many tasks in one pipelined round trip.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn enqueue_many(&self, keys: &QueueKeys, envs: &[Envelope]) -> Result<()> {
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for env in envs {
+            let json = env.to_json();
+            match env.run_at.map(|t| t.timestamp_millis()) {
+                Some(due) if due > now => pipe.zadd(keys.delayed(), json, due).ignore(),
+                _ => pipe
+                    .cmd("XADD")
+                    .arg(keys.stream())
+                    .arg("*")
+                    .arg(TASK_FIELD)
+                    .arg(json)
+                    .ignore(),
+            };
+        }
+        let mut c = self.conn().await?;
+        pipe.query_async::<()>(&mut c).await?;
+        Ok(())
+    }
+
+    /// Enqueues one tick of a recurring task unless it was enqueued before, and records it
+    /// as the task's last tick, for the lease holder only. Returns `Some(true)` when it was
+    /// enqueued now, `Some(false)` when before, `None` when `fence` no longer holds the lease.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn enqueue_tick(
+        &self,
+        fence: Fence<'_>,
+        keys: &QueueKeys,
+        tick: &Tick<'_>,
+    ) -> Result<Option<bool>> {
+        let mut c = self.conn().await?;
+        let answer: i64 = TICK
+            .key(scheduler::LEASE)
+            .key(scheduler::FENCE)
+            .key(tick.marker)
+            .key(keys.stream())
+            .key(scheduler::DUTIES)
+            .arg(fence.holder)
+            .arg(fence.token)
+            .arg(u64::try_from(tick.marker_ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(tick.envelope)
+            .arg(tick.field)
+            .arg(tick.tick_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok((answer != NOT_HOLDER).then_some(answer == 1))
+    }
+}

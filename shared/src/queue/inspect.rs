@@ -1,0 +1,224 @@
+//! Looking at a queue: counts, where a task is, stored results, worker heartbeats.
+
+use redis::Value;
+
+use super::{Client, Error, QueueCounts, Result, WORKER_LIVENESS, now_ms, reply};
+use crate::keys::{GROUP, QUEUES, QueueKeys};
+use crate::outcome::{Status, TaskRecord};
+
+impl Client {
+    /// Records that `worker` serves `queues` (for `llmq status`) and drops workers silent for
+    /// an hour.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn heartbeat(&self, worker: &str, queues: &[QueueKeys]) -> Result<()> {
+        let now = now_ms();
+        let mut pipe = redis::pipe();
+        for keys in queues {
+            pipe.sadd(QUEUES, keys.name()).ignore();
+            pipe.zadd(keys.workers(), worker, now).ignore();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(keys.workers())
+                .arg("-inf")
+                .arg(now - 3_600_000)
+                .ignore();
+        }
+        let mut c = self.conn().await?;
+        pipe.query_async::<()>(&mut c).await?;
+        Ok(())
+    }
+
+    /// Removes `worker` from the live workers (on a clean shutdown).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn leave(&self, worker: &str, queues: &[QueueKeys]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for keys in queues {
+            pipe.zrem(keys.workers(), worker).ignore();
+        }
+        let mut c = self.conn().await?;
+        pipe.query_async::<()>(&mut c).await?;
+        Ok(())
+    }
+
+    /// Every queue a worker has served.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn known_queues(&self) -> Result<Vec<String>> {
+        let mut c = self.conn().await?;
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(QUEUES)
+            .query_async(&mut c)
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    /// Counts of one queue.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn counts(&self, keys: &QueueKeys) -> Result<QueueCounts> {
+        let mut c = self.conn().await?;
+        let live_since = now_ms() - WORKER_LIVENESS.as_millis() as i64;
+        let (len, delayed, dead, workers): (u64, u64, u64, u64) = redis::pipe()
+            .cmd("XLEN")
+            .arg(keys.stream())
+            .zcard(keys.delayed())
+            .cmd("XLEN")
+            .arg(keys.dead())
+            .zcount(keys.workers(), live_since, "+inf")
+            .query_async(&mut c)
+            .await?;
+        let pending: Value = match redis::cmd("XPENDING")
+            .arg(keys.stream())
+            .arg(GROUP)
+            .query_async(&mut c)
+            .await
+        {
+            Err(e) if e.code() == Some("NOGROUP") => Value::Nil,
+            other => other?,
+        };
+        let in_flight = match pending {
+            Value::Array(parts) => parts.first().map_or(0, reply::as_u64),
+            _ => 0,
+        };
+        // Acked entries are deleted at once, so the stream holds exactly the ready tasks and
+        // the ones in flight.
+        Ok(QueueCounts {
+            queue: keys.name().to_owned(),
+            ready: len.saturating_sub(in_flight),
+            in_flight,
+            delayed,
+            dead,
+            workers,
+        })
+    }
+
+    /// The stored record of a task, or where it is now if it has none yet.
+    ///
+    /// Finished, delayed and dead tasks are one lookup; a task still in the stream is found
+    /// by scanning it, which is fine for an operator's command.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn task(&self, keys: &QueueKeys, task_id: &str) -> Result<Option<TaskRecord>> {
+        let stored = self
+            .results(keys, &[task_id.to_owned()])
+            .await?
+            .pop()
+            .flatten();
+        if let Some(record) = stored.as_ref().filter(|r| r.status.is_final()) {
+            return Ok(Some(record.clone()));
+        }
+        // A record of a retry says `delayed`; where the task is now decides, and the record
+        // keeps its last error and attempts.
+        let now = |status: Status| {
+            let mut r = stored
+                .clone()
+                .unwrap_or_else(|| TaskRecord::pending(task_id, keys.name(), status));
+            r.status = status;
+            Ok(Some(r))
+        };
+        let mut c = self.conn().await?;
+        // Any JSON spacing; the id itself is unique enough.
+        let pattern = format!("*{task_id}*");
+        let mut cursor = 0u64;
+        loop {
+            let (next, hits): (u64, Vec<String>) = redis::cmd("ZSCAN")
+                .arg(keys.delayed())
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await?;
+            if !hits.is_empty() {
+                return now(Status::Delayed);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        let mut start = "-".to_owned();
+        loop {
+            let page = self.range(&mut c, &keys.stream(), &start, 1000).await?;
+            for (entry_id, fields) in &page {
+                if reply::entry_matches(keys.name(), entry_id, fields, task_id) {
+                    let held: Value = redis::cmd("XPENDING")
+                        .arg(keys.stream())
+                        .arg(GROUP)
+                        .arg(entry_id)
+                        .arg(entry_id)
+                        .arg(1)
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or(Value::Nil);
+                    let running = matches!(held, Value::Array(ref v) if !v.is_empty());
+                    let status = if running {
+                        Status::Running
+                    } else {
+                        Status::Queued
+                    };
+                    return now(status);
+                }
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == 1000 => start = format!("({last}"),
+                _ => break,
+            }
+        }
+        Ok(self
+            .dead_letters(keys, usize::MAX)
+            .await?
+            .into_iter()
+            .find(|d| d.task_id == task_id)
+            .map(|d| {
+                let mut r = TaskRecord::pending(task_id, keys.name(), Status::Dead);
+                r.error = Some(d.error);
+                r.error_class = d.class.parse().ok();
+                r.attempts = u32::try_from(d.attempts).unwrap_or(u32::MAX);
+                r
+            })
+            // Between two places (e.g. being promoted) while we looked: the record stands.
+            .or(stored))
+    }
+
+    /// The stored records of `task_ids`, in order (`None` where there is none yet), in one
+    /// round trip: what `--wait` polls.
+    ///
+    /// # Errors
+    /// Redis fails, or a stored record is not one.
+    pub async fn results(
+        &self,
+        keys: &QueueKeys,
+        task_ids: &[String],
+    ) -> Result<Vec<Option<TaskRecord>>> {
+        if task_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd("MGET");
+        for id in task_ids {
+            cmd.arg(keys.result(id));
+        }
+        let stored: Vec<Option<String>> = cmd.query_async(&mut c).await?;
+        stored
+            .into_iter()
+            .zip(task_ids)
+            .map(|(json, id)| {
+                json.map(|j| {
+                    serde_json::from_str(&j).map_err(|e| {
+                        Error::Protocol(format!("the stored result of {id} is not a record: {e}"))
+                    })
+                })
+                .transpose()
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,131 @@
+//! Reading Redis replies: stream entries, reads, dead letters. Every script's and
+//! command's reply is taken apart here.
+
+use std::collections::HashMap;
+
+use redis::Value;
+
+use super::{DeadLetter, Delivery, Error, Result};
+use crate::envelope;
+use crate::keys::TASK_FIELD;
+
+pub(super) fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>) -> DeadLetter {
+    let text = |k: &str| {
+        f.get(k)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default()
+    };
+    let task = text(TASK_FIELD);
+    let task_id = envelope::task_id_of(queue, &text("entry_id"), task.as_bytes()).to_string();
+    DeadLetter {
+        task_id,
+        queue: queue.to_owned(),
+        error: text("error"),
+        class: text("class"),
+        attempts: text("attempts").parse().unwrap_or(0),
+        failed_at: text("failed_at")
+            .parse::<i64>()
+            .ok()
+            .and_then(chrono::DateTime::from_timestamp_millis),
+        task,
+        id,
+    }
+}
+
+pub(super) fn as_string(v: &Value) -> Result<String> {
+    match v {
+        Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Ok(s.clone()),
+        other => Err(Error::Protocol(format!("expected a string, got {other:?}"))),
+    }
+}
+
+pub(super) fn as_u64(v: &Value) -> u64 {
+    match v {
+        Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+        Value::BulkString(b) => String::from_utf8_lossy(b).parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// A stream entry: its id and fields.
+pub(super) type Entry = (String, HashMap<String, Vec<u8>>);
+
+/// `[[id, [field, value, ...]], ...]` into ids and field maps.
+pub(super) fn parse_entries(v: Value) -> Result<Vec<Entry>> {
+    let Value::Array(entries) = v else {
+        return Ok(Vec::new());
+    };
+    entries
+        .into_iter()
+        .map(|e| {
+            let Value::Array(mut parts) = e else {
+                return Err(Error::Protocol("a stream entry is not an array".into()));
+            };
+            if parts.len() != 2 {
+                return Err(Error::Protocol("a stream entry is not [id, fields]".into()));
+            }
+            let fields = parts.pop().unwrap_or(Value::Nil);
+            let id = as_string(&parts[0])?;
+            let mut map = HashMap::new();
+            if let Value::Array(kv) = fields {
+                let mut it = kv.into_iter();
+                while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                    if let (Ok(k), Value::BulkString(v)) = (as_string(&k), v) {
+                        map.insert(k, v);
+                    }
+                }
+            }
+            Ok((id, map))
+        })
+        .collect()
+}
+
+/// XREADGROUP's `[[stream, entries]]` (RESP2) or `{stream: entries}` (RESP3).
+pub(super) fn parse_read_reply(reply: Value) -> Result<Vec<Delivery>> {
+    let entries = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(mut streams) => match streams.pop() {
+            Some(Value::Array(mut pair)) if pair.len() == 2 => pair.pop().unwrap_or(Value::Nil),
+            _ => return Ok(Vec::new()),
+        },
+        Value::Map(mut streams) => streams.pop().map_or(Value::Nil, |(_, v)| v),
+        other => return Err(Error::Protocol(format!("XREADGROUP returned {other:?}"))),
+    };
+    Ok(parse_entries(entries)?
+        .into_iter()
+        .map(|(entry_id, mut fields)| Delivery {
+            entry_id,
+            payload: fields.remove(TASK_FIELD),
+            deliveries: 1,
+        })
+        .collect())
+}
+
+/// A flat `[id, deliveries, payload or false, ...]` script reply as deliveries.
+pub(super) fn parse_claimed(flat: &[Value]) -> Result<Vec<Delivery>> {
+    flat.chunks(3)
+        .map(|chunk| match chunk {
+            [id, deliveries, payload] => Ok(Delivery {
+                entry_id: as_string(id)?,
+                deliveries: as_u64(deliveries).max(1),
+                payload: match payload {
+                    Value::BulkString(b) => Some(b.clone()),
+                    _ => None,
+                },
+            }),
+            _ => Err(Error::Protocol("a claimed entry came back partial".into())),
+        })
+        .collect()
+}
+
+/// Whether a stream entry holds task `task_id`.
+pub(super) fn entry_matches(
+    queue: &str,
+    entry_id: &str,
+    fields: &HashMap<String, Vec<u8>>,
+    task_id: &str,
+) -> bool {
+    let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
+    envelope::task_id_of(queue, entry_id, payload).to_string() == task_id
+}
