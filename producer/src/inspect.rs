@@ -1,12 +1,11 @@
 //! `llmq result` and `llmq status`.
 
 use std::io::Write;
-use std::time::Duration;
 
-use llmq_shared::config::{Config, ProviderConfig};
+use llmq_shared::config::Config;
 use llmq_shared::keys::QueueKeys;
+use llmq_shared::provider::clients::{Readiness, probe};
 use llmq_shared::queue::{Client, QueueCounts};
-use secrecy::ExposeSecret;
 use serde::Serialize;
 
 use crate::cli::{Format, ResultArgs, StatusArgs};
@@ -28,15 +27,6 @@ pub async fn result(redis: &Client, args: ResultArgs, out: &mut dyn Write) -> Re
     Ok(EXIT_OK)
 }
 
-/// One provider's line in `llmq status`.
-#[derive(Debug, Serialize)]
-pub struct ProviderStatus {
-    pub name: String,
-    pub enabled: bool,
-    pub ready: bool,
-    pub detail: String,
-}
-
 /// An open circuit in `llmq status`: a provider or model every worker skips for now.
 #[derive(Debug, Serialize)]
 pub struct CoolingDown {
@@ -52,7 +42,7 @@ pub struct CoolingDown {
 #[derive(Debug, Serialize)]
 struct StatusReport {
     queues: Vec<QueueCounts>,
-    providers: Vec<ProviderStatus>,
+    providers: Vec<Readiness>,
     cooling_down: Vec<CoolingDown>,
     scheduler: llmq_shared::archive::SchedulerStatus,
 }
@@ -77,7 +67,7 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         let http = reqwest::Client::new();
         // A few providers, each answering within 3 s: one after another is fine.
         for p in &config.providers {
-            providers.push(check(&http, p).await);
+            providers.push(probe(p, &http).await);
         }
         let scopes: Vec<(String, Vec<String>)> = config
             .providers
@@ -115,36 +105,6 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         Format::Text => emit(out, &status_text(&report, args.config.is_some())),
     }
     Ok(EXIT_OK)
-}
-
-/// A provider is ready when it is enabled and answers `GET {base_url}/models`.
-async fn check(http: &reqwest::Client, p: &ProviderConfig) -> ProviderStatus {
-    let status = |ready: bool, detail: String| ProviderStatus {
-        name: p.name.clone(),
-        enabled: p.enabled,
-        ready,
-        detail,
-    };
-    if !p.enabled {
-        return status(false, "disabled in the provider file".into());
-    }
-    let mut req = http
-        .get(format!("{}/models", p.base_url.trim_end_matches('/')))
-        .timeout(Duration::from_secs(3));
-    if let Some(key) = &p.api_key {
-        req = req.bearer_auth(key.expose_secret());
-    }
-    match req.send().await {
-        Ok(r) if r.status().is_success() => status(true, format!("answers at {}", p.base_url)),
-        Ok(r) => status(
-            false,
-            format!("{} answered HTTP {}", p.base_url, r.status().as_u16()),
-        ),
-        Err(e) if e.is_timeout() => {
-            status(false, format!("{} did not answer within 3s", p.base_url))
-        }
-        Err(_) => status(false, format!("cannot connect to {}", p.base_url)),
-    }
 }
 
 fn status_text(r: &StatusReport, with_providers: bool) -> String {

@@ -55,7 +55,7 @@ mod lease;
 mod recurring;
 mod windows;
 
-pub use recurring::{CATCH_UP, MARKER_TTL, MAX_TICKS_PER_PASS, parse_cron};
+pub use recurring::{CATCH_UP, MARKER_TTL, MAX_TICKS_PER_PASS};
 
 use lease::{Lease, Mark};
 
@@ -176,7 +176,7 @@ pub struct Scheduler {
     redis: Client,
     pool: PgPool,
     config: Config,
-    recurring: Vec<recurring::Job>,
+    recurring: Vec<llmq_shared::config::Recurring>,
     lease: Lease,
     clock: Clock,
     retention: Retention,
@@ -200,18 +200,16 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
-    /// Validates the settings (every recurring task's cron and task), then connects to Redis
-    /// and Postgres. Takes no lease yet.
+    /// Checks the settings, then connects to Redis and Postgres. Takes no lease yet. (The
+    /// provider file, recurring tasks included, was validated when it was parsed.)
     ///
     /// # Errors
-    /// A bad setting or recurring task (naming the file and key), Redis or Postgres cannot be
-    /// reached, or the database is not migrated.
+    /// A bad setting, Redis or Postgres cannot be reached, or the database is not migrated.
     pub async fn connect(settings: Settings) -> Result<Self> {
         if settings.tick.is_zero() {
             return Err(Error::Settings("--tick must be longer than 0".into()));
         }
-        let recurring =
-            recurring::parse(&settings.config_file, &settings.config.scheduler.recurring)?;
+        let recurring = settings.config.scheduler.recurring.clone();
         let redis = Client::new(&settings.redis_url)?;
         redis.ping().await?;
         let ledger = Ledger::connect(&settings.database_url, 4).await?;

@@ -119,6 +119,26 @@ impl FromStr for TaskType {
     }
 }
 
+/// How risky a task is; risk raises the minimum model tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Risk {
+    Low,
+    Medium,
+    High,
+}
+
+impl Risk {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Risk::Low => "low",
+            Risk::Medium => "medium",
+            Risk::High => "high",
+        }
+    }
+}
+
 /// A task as producers write it and workers carry it through retries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -140,7 +160,7 @@ pub struct Envelope {
     pub chain_id: Option<String>,
     /// How much a mistake would hurt: `low`, `medium` or `high`; raises the model tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub risk: Option<crate::config::Risk>,
+    pub risk: Option<Risk>,
     /// The part of the system the task touches (e.g. `billing`), for routing rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub area: Option<String>,

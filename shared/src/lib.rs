@@ -23,5 +23,6 @@ pub mod outcome;
 pub mod provider;
 pub mod queue;
 pub mod quota;
+pub mod routing;
 pub mod shutdown;
 pub mod telemetry;

@@ -117,6 +117,18 @@ impl FromStr for ErrorClass {
     }
 }
 
+/// Tokens by kind, as the provider reported them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// All prompt tokens, cached ones included.
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Prompt tokens served from the provider's cache (a subset of `input_tokens`).
+    pub cached_tokens: u64,
+    /// Reasoning tokens (a subset of `output_tokens`).
+    pub reasoning_tokens: u64,
+}
+
 /// The stored outcome of a task (`llmq:{q}:result:<id>`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {

@@ -236,7 +236,13 @@ async fn a_worker_killed_between_spotting_a_poison_task_and_dead_lettering_it_lo
         (0, 1, 0, 0),
         "exactly one place: still claimed, by the killed worker"
     );
-    assert!(env.redis.results(&env.keys, &[id.clone()]).await.unwrap()[0].is_none());
+    assert!(
+        env.redis
+            .results(&env.keys, std::slice::from_ref(&id))
+            .await
+            .unwrap()[0]
+            .is_none()
+    );
     // The next worker's takeover finishes it as a dead letter in one script.
     tokio::time::sleep(Duration::from_millis(5)).await;
     let got = env
@@ -253,7 +259,11 @@ async fn a_worker_killed_between_spotting_a_poison_task_and_dead_lettering_it_lo
     let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
     assert_eq!(dead[0].task_id, id);
     assert_eq!(dead[0].attempts, 3, "the delivery count");
-    let r = env.redis.results(&env.keys, &[id.clone()]).await.unwrap()[0]
+    let r = env
+        .redis
+        .results(&env.keys, std::slice::from_ref(&id))
+        .await
+        .unwrap()[0]
         .clone()
         .unwrap();
     assert_eq!(

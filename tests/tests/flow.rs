@@ -566,7 +566,15 @@ async fn status_checks_each_provider_and_dlq_show_prints_one_letter() {
     let text = include_str!("../../examples/providers.mock.yaml")
         .replace("${LLMQ_MOCK_URL:-http://127.0.0.1:8089}", &env.mock.url());
     let (providers, routing) = text.split_once("\n# Short waits").unwrap();
-    let gone = "  - name: gone\n    kind: openai_compatible\n    base_url: http://127.0.0.1:9/v1\n    models: [{id: x, input_usd_per_mtok: 0, output_usd_per_mtok: 0}]\n";
+    let url = env.mock.url();
+    let gone = format!(
+        "  - name: gone\n    kind: openai_compatible\n    base_url: http://127.0.0.1:9/v1\n    models: [{{id: x, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]\n\
+         \x20 - {{name: claude, kind: anthropic, base_url: \"{url}\", api_key: k, models: [{{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n\
+         \x20 - {{name: google, kind: gemini, base_url: \"{url}/v1beta\", api_key: k, models: [{{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n\
+         \x20 - {{name: local, kind: ollama, base_url: \"{url}\", models: [{{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n\
+         \x20 - {{name: shell, kind: command, command: {{program: sh}}, models: [{{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n\
+         \x20 - {{name: nocli, kind: command, command: {{program: llmq-no-such-cli}}, models: [{{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n"
+    );
     std::fs::write(
         &path,
         format!("{providers}\n{gone}\n# Short waits{routing}"),
@@ -594,6 +602,19 @@ async fn status_checks_each_provider_and_dlq_show_prints_one_letter() {
             .as_str()
             .unwrap()
             .contains("cannot connect"),
+        "{out}"
+    );
+    // Each kind is asked the way it answers: Anthropic /v1/models, Gemini /models with its
+    // key header, Ollama /api/tags, a CLI by looking it up on PATH.
+    for ready in ["claude", "google", "local", "shell"] {
+        assert_eq!(find(ready)["ready"], true, "{ready}: {out}");
+    }
+    assert_eq!(find("nocli")["ready"], false, "{out}");
+    assert!(
+        find("nocli")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not installed or not on PATH"),
         "{out}"
     );
 
@@ -669,4 +690,28 @@ async fn wait_timeout_exits_1_and_batch_without_wait_lists_the_ids() {
         let r = env.redis.task(&env.keys, id).await.unwrap().unwrap();
         assert_eq!(r.status, Status::Queued);
     }
+}
+
+#[tokio::test]
+async fn providers_check_refuses_a_cron_expression_the_scheduler_would_refuse() {
+    let env = TestEnv::new().await.unwrap();
+    // The binary, as an operator runs it.
+    let path = std::env::temp_dir().join(format!("{}-cron.yaml", env.queue));
+    // Six fields with a seventh (a year): croner refuses it, and so must the check.
+    std::fs::write(
+        &path,
+        "providers:\n  - {name: p, kind: ollama, models: [{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}]}\nscheduler:\n  recurring:\n    - {name: nightly, cron: \"0 2 * * * * 2030\", task: {prompt: Report}}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(llmq_tests::harness::binary("llmq"))
+        .args(["providers", "check", "--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{}:scheduler.recurring[0].cron: ", path.display())),
+        "{stderr}"
+    );
+    drop(env);
 }

@@ -547,6 +547,7 @@ async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
     config.scheduler.recurring.push(Recurring {
         name: name.clone(),
         cron: "* * * * * *".into(),
+        schedule: llmq_shared::config::parse_cron("* * * * * *").unwrap(),
         queue: env.queue.clone(),
         task: json!({"prompt": "tick"}).as_object().cloned().unwrap(),
     });
@@ -684,6 +685,7 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     config.scheduler.recurring.push(Recurring {
         name: name.clone(),
         cron: "* * * * * *".into(),
+        schedule: llmq_shared::config::parse_cron("* * * * * *").unwrap(),
         queue: env.queue.clone(),
         task: json!({"prompt": "tick", "metadata": {"team": "ops"}})
             .as_object()

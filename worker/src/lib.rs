@@ -21,6 +21,7 @@ use llmq_shared::config::Config;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::Ledger;
 use llmq_shared::provider::Provider;
+use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::Client;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -31,13 +32,11 @@ pub mod executor;
 mod fetcher;
 pub mod finisher;
 mod maintenance;
-pub mod router;
 
 use executor::Executor;
 use fetcher::{Fetcher, Job};
 use finisher::{Finisher, Pending};
 use maintenance::InFlight;
-use router::Router;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -173,9 +172,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         .pool_max_idle_per_host(settings.concurrency)
         .build()
         .map_err(|e| Error::Settings(format!("cannot build the HTTP client: {e}")))?;
-    let mut router = Router::new(settings.config.clone(), &http);
+    let mut clients = Clients::new(&settings.config, &http);
     for (name, provider) in &settings.provider_overrides {
-        router = router.with_provider(name, Arc::clone(provider));
+        clients.replace(name, Arc::clone(provider));
     }
 
     let stop = shutdown.child_token();
@@ -248,7 +247,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     );
     let runtime = Arc::new(Runtime {
         executor: Executor {
-            router,
+            config: settings.config.clone(),
+            clients,
             limiter: llmq_shared::quota::Limiter::new(redis.clone()),
             circuits: llmq_shared::circuit::Circuits::new(redis.clone(), &worker_id),
             worker_id: worker_id.clone(),

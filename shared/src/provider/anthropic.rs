@@ -10,7 +10,8 @@ use super::{
 use crate::outcome::ErrorClass;
 
 /// The API version every request names.
-const API_VERSION: &str = "2023-06-01";
+/// The `anthropic-version` header every request carries.
+pub const ANTHROPIC_VERSION: &str = "2023-06-01";
 /// `max_tokens` is required by the Messages API; this is sent when the request has none.
 pub const DEFAULT_MAX_TOKENS: u32 = 4096;
 
@@ -67,7 +68,7 @@ impl Anthropic {
             .http
             .post(&self.endpoint)
             .timeout(req.timeout)
-            .header("anthropic-version", API_VERSION)
+            .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&Self::body(req));
         if let Some(key) = &self.api_key {
             builder = builder.header("x-api-key", key.expose_secret());

@@ -9,8 +9,10 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::outcome::ErrorClass;
+pub use crate::outcome::Usage;
 
 pub mod anthropic;
+pub mod clients;
 pub mod command;
 pub mod gemini;
 pub mod ollama;
@@ -26,18 +28,6 @@ pub struct Request {
     pub temperature: Option<f32>,
     /// The whole call, connect to last byte, must end within this.
     pub timeout: Duration,
-}
-
-/// Tokens by kind, as the provider reported them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    /// All prompt tokens, cached ones included.
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-    /// Prompt tokens served from the provider's cache (a subset of `input_tokens`).
-    pub cached_tokens: u64,
-    /// Reasoning tokens (a subset of `output_tokens`).
-    pub reasoning_tokens: u64,
 }
 
 /// A successful call.

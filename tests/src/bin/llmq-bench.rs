@@ -558,14 +558,19 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
             ),
             &|_| None,
         )?;
-        let router = llmq_worker::router::Router::new(config.clone(), &reqwest::Client::new());
         let limiter = llmq_shared::quota::Limiter::new(Client::new(&args.redis_url)?);
         let quotas = config.providers[0].quotas;
         let env = Envelope::new("Summarise the incident report in five bullet points.");
         let mut per_call = Vec::with_capacity(calls);
         for _ in 0..calls {
             let started = Instant::now();
-            let plan = router.plan(&env).map_err(|e| anyhow!("{e}"))?;
+            let plan = llmq_shared::routing::plan(
+                &config,
+                &env,
+                &llmq_shared::routing::Constraints::default(),
+                &llmq_shared::routing::Stats::default(),
+            )
+            .map_err(|e| anyhow!("{e}"))?;
             let c = &plan.candidates[0];
             let decision = limiter.reserve(&provider, &quotas, c.estimated_tokens, c.estimated_usd, Utc::now()).await?;
             let llmq_shared::quota::Decision::Granted { reservation, .. } = decision else {

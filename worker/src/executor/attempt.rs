@@ -17,10 +17,10 @@ use llmq_shared::ledger::CallRow;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::quota::{Decision, Reservation};
+use llmq_shared::routing::{Candidate, Plan};
 
 use super::Executor;
 use super::decide::fastrand_f64;
-use crate::router::{Candidate, Plan};
 
 /// Retry-After waits within one provider before moving on to the next.
 const MAX_RATE_WAITS: u32 = 3;
@@ -107,8 +107,8 @@ pub struct Tried {
     pub route: String,
     /// Each failed or skipped candidate, in order.
     pub errors: Vec<String>,
-    /// The candidate called last.
-    pub last: Option<Candidate>,
+    /// The provider and model called last.
+    pub last: Option<(String, String)>,
 }
 
 /// What stopped one candidate.
@@ -141,18 +141,18 @@ pub(super) struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    pub async fn run(mut self, plan: &Plan) -> Tried {
+    pub async fn run(mut self, plan: &Plan<'_>) -> Tried {
         let mut route = plan.reason.clone();
         let mut errors = Vec::new();
         // Providers called, for the error; providers asked, whose other models are skipped.
         let mut tried: Vec<String> = Vec::new();
         let mut asked: Vec<String> = Vec::new();
-        let mut last: Option<Candidate> = None;
+        let mut last: Option<(String, String)> = None;
         let mut fault: Option<provider::Error> = None;
         let mut later: Vec<(DateTime<Utc>, ErrorClass, String)> = Vec::new();
         let mut moved_on: Option<String> = None;
         for cand in &plan.candidates {
-            let name = cand.config.name.as_str();
+            let name = cand.provider.name.as_str();
             if asked.iter().any(|n| n == name) {
                 // A provider that failed or refused is not asked again for another model.
                 continue;
@@ -241,14 +241,14 @@ impl Attempt<'_> {
     /// Tries one candidate until it answers, fails or cannot be called.
     async fn candidate(
         &mut self,
-        cand: &Candidate,
+        cand: &Candidate<'_>,
         errors: &mut Vec<String>,
-        last: &mut Option<Candidate>,
+        last: &mut Option<(String, String)>,
     ) -> Stop {
         let exec = self.exec;
-        let routing = &exec.router.config().routing;
+        let routing = &exec.config.routing;
         let retry = &routing.retry;
-        let name = cand.config.name.as_str();
+        let name = cand.provider.name.as_str();
         let model = cand.model.id.as_str();
         let probe = match exec.circuits.admit(name, model).await {
             Ok(Admission::Call { probe }) => probe,
@@ -281,7 +281,7 @@ impl Attempt<'_> {
                 }
             };
             tries += 1;
-            *last = Some(cand.clone());
+            *last = Some((name.to_owned(), model.to_owned()));
             let result = tokio::select! {
                 r = self.call(cand, reservation.as_ref()) => r,
                 () = exec.hard_stop.cancelled() => return Stop::Released,
@@ -377,17 +377,17 @@ impl Attempt<'_> {
     }
 
     /// Reserves one call against the candidate's quotas, if it has any.
-    async fn reserve(&self, cand: &Candidate) -> Result<Option<Reservation>, Stop> {
-        if cand.config.quotas.is_empty() {
+    async fn reserve(&self, cand: &Candidate<'_>) -> Result<Option<Reservation>, Stop> {
+        if cand.provider.quotas.is_empty() {
             return Ok(None);
         }
-        let name = cand.config.name.as_str();
+        let name = cand.provider.name.as_str();
         match self
             .exec
             .limiter
             .reserve(
                 name,
-                &cand.config.quotas,
+                &cand.provider.quotas,
                 cand.estimated_tokens,
                 cand.estimated_usd,
                 Utc::now(),
@@ -422,12 +422,12 @@ impl Attempt<'_> {
     /// Makes one call, reconciles its reservation and records it for the ledger.
     async fn call(
         &mut self,
-        cand: &Candidate,
+        cand: &Candidate<'_>,
         reservation: Option<&Reservation>,
     ) -> provider::Result<Completion> {
         let exec = self.exec;
         let env = self.env;
-        let name = cand.config.name.as_str();
+        let name = cand.provider.name.as_str();
         let req = Request {
             model: cand.model.id.clone(),
             system: env.system.clone(),
@@ -438,7 +438,15 @@ impl Attempt<'_> {
         };
         let called_at = Utc::now();
         let started = Instant::now();
-        let result = cand.provider.complete(&req).await;
+        let result = match exec.clients.get(name) {
+            Some(client) => client.complete(&req).await,
+            None => Err(provider::Error::new(
+                name,
+                &req.model,
+                ErrorClass::Fatal,
+                "no client is built for this provider".into(),
+            )),
+        };
         let took = started.elapsed();
         let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
         let cost = cand.model.prices.cost(&usage);

@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use llmq_shared::circuit::Circuits;
+use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
+use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{Delivery, Finish, now_ms};
 use llmq_shared::quota::Limiter;
+use llmq_shared::routing::{self, Constraints, Stats};
 use tokio_util::sync::CancellationToken;
-
-use crate::router::Router;
 
 pub mod attempt;
 pub mod decide;
@@ -31,7 +32,9 @@ use decide::{Policy, TaskState, Transition};
 
 /// What the executor needs to know, shared by every task.
 pub struct Executor {
-    pub router: Router,
+    pub config: Config,
+    /// A client per provider of `config`.
+    pub clients: Clients,
     pub limiter: Limiter,
     pub circuits: Circuits,
     pub worker_id: String,
@@ -135,7 +138,13 @@ impl Executor {
         // Plan.
         let mut calls = Vec::new();
         let started = Instant::now();
-        let tried = match self.router.plan(&env) {
+        let planned = routing::plan(
+            &self.config,
+            &env,
+            &Constraints::default(),
+            &Stats::default(),
+        );
+        let tried = match planned {
             Ok(plan) => {
                 // Attempt.
                 let attempt = Attempt {
@@ -166,15 +175,17 @@ impl Executor {
         record.duration_ms = started.elapsed().as_millis() as u64;
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
-        record.provider = tried.last.as_ref().map(|c| c.config.name.clone());
-        record.model = tried.last.as_ref().map(|c| c.model.id.clone());
+        if let Some((provider, model)) = tried.last {
+            record.provider = Some(provider);
+            record.model = Some(model);
+        }
         record.cost_usd = calls.iter().map(|c| c.cost_usd).sum();
 
         // Decide.
         let policy = Policy {
             retry_base: self.retry_base,
             retry_max: self.retry_max,
-            max_wait: self.router.config().routing.max_wait,
+            max_wait: self.config.routing.max_wait,
         };
         let state = TaskState {
             attempts: env.attempts,

@@ -1,0 +1,450 @@
+//! The provider file (`LLMQ_CONFIG`): providers, their models, prices, quotas, routing and
+//! the scheduler.
+//!
+//! The YAML is read into `deny_unknown_fields` raw structs, then validated into typed config.
+//! Every error names the file, the key, what is wrong and how to fix it. Everything the
+//! scheduler would refuse is refused here, so `llmq providers check` and every binary agree.
+//! Secrets are written as `${ENV_VAR}` (or `${ENV_VAR:-default}`) and held as `SecretString`.
+//! `docs/configuration.md` documents every key.
+//!
+//! Layout:
+//! - `raw`: the file's shape, as serde reads it;
+//! - `provider`: providers, models, prices, quotas, and their validation;
+//! - `routing`: rules, retries, cooldowns, and their validation;
+//! - `scheduler`: lease, dead-letter retention, recurring tasks (cron parsed here);
+//! - `env`: `${VAR}` expansion.
+
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+mod env;
+mod provider;
+mod raw;
+mod routing;
+mod scheduler;
+
+pub use provider::*;
+pub use routing::*;
+pub use scheduler::*;
+
+use raw::RawFile;
+
+/// A problem in the provider file: `file:key: what is wrong; how to fix`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct Error {
+    pub file: String,
+    pub key: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}: {}; {}",
+            self.file, self.key, self.problem, self.fix
+        )
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The validated provider file.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub providers: Vec<ProviderConfig>,
+    pub routing: Routing,
+    pub scheduler: SchedulerConfig,
+}
+
+/// Builds errors that all name the same file.
+pub(super) struct Errors<'a> {
+    pub(super) file: &'a str,
+}
+
+impl Errors<'_> {
+    pub(super) fn at(
+        &self,
+        key: impl Into<String>,
+        problem: impl Into<String>,
+        fix: &str,
+    ) -> Error {
+        Error {
+            file: self.file.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+            fix: fix.to_owned(),
+        }
+    }
+
+    pub(super) fn duration(&self, key: String, text: &str) -> Result<Duration> {
+        humantime::parse_duration(text).map_err(|e| {
+            self.at(
+                key,
+                format!("`{text}` is not a duration ({e})"),
+                "write it as e.g. 500ms, 2s or 5m",
+            )
+        })
+    }
+}
+
+impl Config {
+    /// Reads and validates the provider file at `path`.
+    ///
+    /// # Errors
+    /// The file cannot be read, is not valid YAML of the expected shape, or fails validation.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| Error {
+            file: file.clone(),
+            key: "-".into(),
+            problem: format!("cannot read the provider file ({e})"),
+            fix: "set LLMQ_CONFIG to the path of a provider file such as examples/providers.mock.yaml".into(),
+        })?;
+        Self::parse(&file, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses provider-file text; `env` looks up `${VAR}` references.
+    ///
+    /// # Errors
+    /// As [`Config::load`].
+    pub fn parse(file: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
+        let errs = Errors { file };
+        let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|e| {
+            let (key, problem) = split_yaml_error(&e.to_string());
+            errs.at(
+                key,
+                problem,
+                "see docs/configuration.md for every key and its type",
+            )
+        })?;
+        if raw.providers.is_empty() {
+            return Err(errs.at(
+                "providers",
+                "no provider is listed",
+                "add at least one provider with a name, kind and models",
+            ));
+        }
+        let mut providers = Vec::with_capacity(raw.providers.len());
+        for (i, p) in raw.providers.into_iter().enumerate() {
+            providers.push(provider::provider(&errs, i, p, env, &providers)?);
+        }
+        if !providers.iter().any(|p| p.enabled) {
+            return Err(errs.at(
+                "providers",
+                "every provider is disabled",
+                "set enabled: true on at least one provider",
+            ));
+        }
+        let routing = match raw.routing {
+            Some(r) => routing::routing(&errs, r, &providers)?,
+            None => Routing::default(),
+        };
+        let scheduler = match raw.scheduler {
+            Some(s) => scheduler::scheduler(&errs, s)?,
+            None => SchedulerConfig::default(),
+        };
+        Ok(Self {
+            providers,
+            routing,
+            scheduler,
+        })
+    }
+
+    #[must_use]
+    pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
+        self.providers.iter().find(|p| p.name == name)
+    }
+}
+
+/// serde_yaml_ng says `providers[0].kind: unknown variant ...`; split the path off.
+fn split_yaml_error(msg: &str) -> (String, String) {
+    match msg.split_once(": ") {
+        Some((path, rest))
+            if !path.contains(' ')
+                && (path.contains('.')
+                    || path.contains('[')
+                    || path == "providers"
+                    || path == "routing") =>
+        {
+            (path.to_owned(), rest.to_owned())
+        }
+        _ => ("-".to_owned(), msg.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "KEY").then(|| "sk-test".to_owned())
+    }
+
+    const GOOD: &str = r#"
+providers:
+  - name: mock
+    kind: openai_compatible
+    base_url: ${MOCK_URL:-http://127.0.0.1:8089}/v1
+    api_key: ${KEY}
+    cost_tier: free
+    quotas: {requests_per_day: 100, rpm: 10}
+    models:
+      - id: mock-fast
+        capabilities: [code, docs]
+        tier: fast
+        context_window: 8000
+        input_usd_per_mtok: 1.0
+        output_usd_per_mtok: 2.0
+        cached_input_usd_per_mtok: 0.5
+  - name: cli
+    kind: command
+    command: {program: claude, args: ["-p", "{prompt}"], delay: [1s, 2s]}
+    models:
+      - {id: sonnet, input_usd_per_mtok: 0, output_usd_per_mtok: 0}
+routing:
+  max_cost_per_task: 0.5
+  fallback: [cli]
+  rules:
+    - {task_type: documentation, tier: fast}
+    - {risk: high, model: mock/mock-fast}
+  keywords:
+    review: [audit]
+  retry: {tries_per_provider: 2, backoff: [10ms, 20ms]}
+  cooldown: {after_failures: 3, for: 30s}
+"#;
+
+    #[test]
+    fn a_good_file_parses_and_expands_env() {
+        let c = Config::parse("p.yaml", GOOD, &env).unwrap();
+        let p = c.provider("mock").unwrap();
+        assert_eq!(p.base_url, "http://127.0.0.1:8089/v1");
+        assert_eq!(
+            secrecy::ExposeSecret::expose_secret(p.api_key.as_ref().unwrap()),
+            "sk-test"
+        );
+        let m = p.model("mock-fast").unwrap();
+        assert_eq!(m.prices.cached_input, 0.5);
+        assert_eq!((m.tier, p.cost_tier), (Tier::Fast, CostTier::Free));
+        assert_eq!(p.quotas.rpm, Some(10));
+        let cli = c.provider("cli").unwrap();
+        assert_eq!(
+            cli.command.as_ref().unwrap().delay,
+            Some((Duration::from_secs(1), Duration::from_secs(2)))
+        );
+        assert_eq!(c.routing.retry.tries_per_provider, 2);
+        assert_eq!(c.routing.cooldown.after_failures, 3);
+        assert_eq!(c.routing.rules.len(), 2);
+        assert_eq!(
+            c.routing.keywords,
+            vec![(Capability::Review, vec!["audit".to_owned()])]
+        );
+    }
+
+    #[test]
+    fn the_shipped_provider_files_are_valid() {
+        let any = |name: &str| (!name.ends_with("_URL")).then(|| "set".to_owned());
+        let example = Config::parse(
+            "providers.example.yaml",
+            include_str!("../../../providers.example.yaml"),
+            &any,
+        )
+        .unwrap();
+        assert!(example.providers.len() >= 6);
+        assert!(!example.routing.rules.is_empty());
+        Config::parse(
+            "providers.mock.yaml",
+            include_str!("../../../examples/providers.mock.yaml"),
+            &any,
+        )
+        .unwrap();
+        Config::parse(
+            "providers.openai.yaml",
+            include_str!("../../../examples/providers.openai.yaml"),
+            &any,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_bundled_table_fills_in_prices_and_the_file_overrides_it() {
+        let table = bundled_prices();
+        assert!(table.models.len() >= 20, "the bundled table parses");
+        assert!(!table.as_of.is_empty() && !table.source.is_empty());
+        let text = r#"
+providers:
+  - name: openai
+    kind: openai
+    api_key: k
+    models:
+      - {id: gpt-4o-mini}
+      - {id: gpt-4o, input_usd_per_mtok: 2.0, output_usd_per_mtok: 8.0}
+"#;
+        let c = Config::parse("p.yaml", text, &env).unwrap();
+        let p = c.provider("openai").unwrap();
+        let mini = p.model("gpt-4o-mini").unwrap();
+        assert_eq!(mini.price_source, PriceSource::Bundled);
+        assert_eq!(
+            (
+                mini.prices.input,
+                mini.prices.output,
+                mini.prices.cached_input
+            ),
+            (0.15, 0.60, 0.075)
+        );
+        assert_eq!(mini.context_window, Some(128000));
+        let big = p.model("gpt-4o").unwrap();
+        assert_eq!(
+            (big.price_source, big.prices.input),
+            (PriceSource::File, 2.0)
+        );
+        let err = Config::parse(
+            "p.yaml",
+            &text.replace("{id: gpt-4o-mini}", "{id: my-own-model}"),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not in llmq's bundled price table"),
+            "{err}"
+        );
+        let err = Config::parse(
+            "p.yaml",
+            &text.replace(
+                "{id: gpt-4o-mini}",
+                "{id: gpt-4o-mini, input_usd_per_mtok: 1}",
+            ),
+            &env,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("only one of the input and output prices"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn cost_prices_cached_tokens_at_their_rate() {
+        let prices = Prices {
+            input: 1.0,
+            output: 2.0,
+            cached_input: 0.5,
+        };
+        let usage = crate::provider::Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 1_000_000,
+            cached_tokens: 500_000,
+            reasoning_tokens: 0,
+        };
+        assert!((prices.cost(&usage) - 2.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn broken_files_name_the_key() {
+        let cases = [
+            (
+                GOOD.replace("kind: openai_compatible", "kind: telepathy"),
+                "providers[0].kind",
+            ),
+            (GOOD.replace("${KEY}", "${NOPE}"), "providers[0].api_key"),
+            (
+                GOOD.replace(
+                    "base_url: ${MOCK_URL:-http://127.0.0.1:8089}/v1",
+                    "base_url: ftp://x",
+                ),
+                "providers[0].base_url",
+            ),
+            (
+                GOOD.replace("input_usd_per_mtok: 1.0", "input_usd_per_mtok: -1"),
+                "providers[0].models[0].input_usd_per_mtok",
+            ),
+            (
+                GOOD.replace("    api_key", "    colour: red\n    api_key"),
+                "providers[0]",
+            ),
+            (
+                GOOD.replace("name: mock", "name: my mock"),
+                "providers[0].name",
+            ),
+            ("providers: []".to_owned(), "providers"),
+            (
+                GOOD.replace("cost_tier: free", "cost_tier: cheap"),
+                "providers[0].cost_tier",
+            ),
+            (GOOD.replace("rpm: 10", "rpm: 0"), "providers[0].quotas.rpm"),
+            (
+                GOOD.replace(
+                    "tier: fast\n        context",
+                    "tier: genius\n        context",
+                ),
+                "providers[0].models[0].tier",
+            ),
+            (
+                GOOD.replace("[code, docs]", "[code, poetry]"),
+                "providers[0].models[0].capabilities",
+            ),
+            (
+                GOOD.replace("context_window: 8000", "context_window: 0"),
+                "providers[0].models[0].context_window",
+            ),
+            (
+                GOOD.replace("delay: [1s, 2s]", "delay: [3s, 2s]"),
+                "providers[1].command.delay",
+            ),
+            (
+                GOOD.replace(
+                    "command: {program: claude, args: [\"-p\", \"{prompt}\"], delay: [1s, 2s]}",
+                    "",
+                ),
+                "providers[1].command",
+            ),
+            (
+                GOOD.replace("fallback: [cli]", "fallback: [nobody]"),
+                "routing.fallback[0]",
+            ),
+            (
+                GOOD.replace("fallback: [cli]", "fallback: [cli]\n  max_wait: a while"),
+                "routing.max_wait",
+            ),
+            (
+                GOOD.replace(
+                    "{task_type: documentation, tier: fast}",
+                    "{task_type: poetry, tier: fast}",
+                ),
+                "routing.rules[0].task_type",
+            ),
+            (
+                GOOD.replace("model: mock/mock-fast", "model: mock-fast"),
+                "routing.rules[1].model",
+            ),
+            (
+                GOOD.replace("{task_type: documentation, tier: fast}", "{tier: fast}"),
+                "routing.rules[0]",
+            ),
+            (
+                GOOD.replace("backoff: [10ms, 20ms]", "backoff: [soon]"),
+                "routing.retry.backoff[0]",
+            ),
+            (
+                GOOD.replace("for: 30s", "for: forever"),
+                "routing.cooldown.for",
+            ),
+            (
+                GOOD.replace("max_cost_per_task: 0.5", "max_cost_per_task: -1"),
+                "routing.max_cost_per_task",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = Config::parse("p.yaml", &text, &env).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("p.yaml:{key}")),
+                "want {key}: {e}"
+            );
+            assert!(!e.fix.is_empty());
+        }
+    }
+}

@@ -1,0 +1,598 @@
+//! Providers and their models: kinds, tiers, capabilities, prices, quotas; and validating
+//! a provider entry of the file.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use super::env::{ENV_FIX, expand};
+use super::raw::{RawCommand, RawProvider};
+use super::{Errors, Result};
+use crate::envelope::TaskType;
+use crate::outcome::Usage;
+
+/// The wire format a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// api.openai.com: the output limit is sent as `max_completion_tokens`.
+    Openai,
+    /// Any OpenAI-compatible server: the output limit is sent as `max_tokens`.
+    OpenaiCompatible,
+    /// Anthropic Messages.
+    Anthropic,
+    /// Google Gemini generateContent.
+    Gemini,
+    /// Ollama's native `/api/chat`.
+    Ollama,
+    /// A local CLI (`claude -p`, `gemini -p`, `codex exec`).
+    Command,
+}
+
+impl Kind {
+    fn default_base_url(self) -> Option<&'static str> {
+        match self {
+            Kind::Openai => Some("https://api.openai.com/v1"),
+            Kind::Anthropic => Some("https://api.anthropic.com"),
+            Kind::Gemini => Some("https://generativelanguage.googleapis.com/v1beta"),
+            Kind::Ollama => Some("http://127.0.0.1:11434"),
+            Kind::OpenaiCompatible | Kind::Command => None,
+        }
+    }
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Openai => "openai",
+            Kind::OpenaiCompatible => "openai_compatible",
+            Kind::Anthropic => "anthropic",
+            Kind::Gemini => "gemini",
+            Kind::Ollama => "ollama",
+            Kind::Command => "command",
+        }
+    }
+}
+
+/// How a provider is paid for; routing prefers free, then subscription, then paid.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CostTier {
+    Free,
+    Subscription,
+    #[default]
+    Paid,
+}
+
+/// How capable a model is.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize, Default,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Fast,
+    #[default]
+    Standard,
+    Advanced,
+}
+
+impl Tier {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fast => "fast",
+            Tier::Standard => "standard",
+            Tier::Advanced => "advanced",
+        }
+    }
+}
+
+impl CostTier {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CostTier::Free => "free",
+            CostTier::Subscription => "subscription",
+            CostTier::Paid => "paid",
+        }
+    }
+}
+
+/// What a model is good for.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Code,
+    Analysis,
+    Planning,
+    Review,
+    ComplexReasoning,
+    Docs,
+    SimpleTasks,
+}
+
+impl Capability {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Capability::Code => "code",
+            Capability::Analysis => "analysis",
+            Capability::Planning => "planning",
+            Capability::Review => "review",
+            Capability::ComplexReasoning => "complex_reasoning",
+            Capability::Docs => "docs",
+            Capability::SimpleTasks => "simple_tasks",
+        }
+    }
+
+    pub const ALL: [Capability; 7] = [
+        Capability::Code,
+        Capability::Analysis,
+        Capability::Planning,
+        Capability::Review,
+        Capability::ComplexReasoning,
+        Capability::Docs,
+        Capability::SimpleTasks,
+    ];
+
+    /// What a task type needs by default.
+    #[must_use]
+    pub fn for_task(t: TaskType) -> Capability {
+        match t {
+            TaskType::CodeGeneration
+            | TaskType::Refactoring
+            | TaskType::SqlDbWork
+            | TaskType::Testing
+            | TaskType::Debugging => Capability::Code,
+            TaskType::Research | TaskType::DataAnalysis => Capability::Analysis,
+            TaskType::Documentation => Capability::Docs,
+            TaskType::CodeReview => Capability::Review,
+            TaskType::Planning => Capability::Planning,
+        }
+    }
+}
+
+/// USD per million tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Prices {
+    pub input: f64,
+    pub output: f64,
+    /// Cached prompt tokens; the input price when the provider file gives none.
+    pub cached_input: f64,
+}
+
+impl Prices {
+    /// The cost of one call in USD. Cached tokens are part of `input_tokens` and priced at
+    /// their own rate; reasoning tokens are part of `output_tokens`.
+    #[must_use]
+    pub fn cost(&self, usage: &Usage) -> f64 {
+        let cached = usage.cached_tokens.min(usage.input_tokens);
+        let fresh = usage.input_tokens - cached;
+        (fresh as f64 * self.input
+            + cached as f64 * self.cached_input
+            + usage.output_tokens as f64 * self.output)
+            / 1_000_000.0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Model {
+    pub id: String,
+    pub name: String,
+    pub capabilities: Vec<Capability>,
+    pub tier: Tier,
+    pub context_window: Option<u64>,
+    pub prices: Prices,
+    /// Where the prices come from.
+    pub price_source: PriceSource,
+}
+
+/// Where a model's prices come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriceSource {
+    /// The provider file.
+    File,
+    /// llmq's bundled price table (`shared/src/config/prices.yaml`), for a model the file gives no
+    /// prices for.
+    Bundled,
+}
+
+impl PriceSource {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PriceSource::File => "provider file",
+            PriceSource::Bundled => "bundled table",
+        }
+    }
+}
+
+/// llmq's bundled price table.
+#[derive(Debug, Deserialize)]
+pub struct PriceTable {
+    /// Where the figures come from.
+    pub source: String,
+    /// When they were last checked.
+    pub as_of: String,
+    pub models: std::collections::BTreeMap<String, BundledPrice>,
+}
+
+/// One model of the bundled table, USD per million tokens.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundledPrice {
+    pub input: f64,
+    pub output: f64,
+    pub cached_input: Option<f64>,
+    pub context_window: Option<u64>,
+}
+
+/// The bundled price table; no network needed.
+#[must_use]
+pub fn bundled_prices() -> &'static PriceTable {
+    static TABLE: std::sync::OnceLock<PriceTable> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        serde_yaml_ng::from_str(include_str!("prices.yaml")).unwrap_or_else(|_| PriceTable {
+            source: "unreadable".into(),
+            as_of: String::new(),
+            models: std::collections::BTreeMap::new(),
+        })
+    })
+}
+
+impl Model {
+    /// A model without listed capabilities can do anything.
+    #[must_use]
+    pub fn can(&self, c: Capability) -> bool {
+        self.capabilities.is_empty() || self.capabilities.contains(&c)
+    }
+}
+
+/// Limits shared by every worker. Days and months reset in UTC.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quotas {
+    pub requests_per_day: Option<u64>,
+    pub usd_per_month: Option<f64>,
+    /// Requests per sliding `window`.
+    pub rpm: Option<u64>,
+    /// Tokens per sliding `window`.
+    pub tpm: Option<u64>,
+    /// The window `rpm` and `tpm` count over: one minute unless the file says otherwise.
+    pub window: Duration,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self {
+            requests_per_day: None,
+            usd_per_month: None,
+            rpm: None,
+            tpm: None,
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Quotas {
+    /// True when no limit is set.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.requests_per_day.is_none()
+            && self.usd_per_month.is_none()
+            && self.rpm.is_none()
+            && self.tpm.is_none()
+    }
+}
+
+/// How a `command` provider runs its CLI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandConfig {
+    pub program: String,
+    pub args: Vec<String>,
+    pub prompt_via_stdin: bool,
+    pub delay: Option<(Duration, Duration)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: Kind,
+    pub enabled: bool,
+    pub base_url: String,
+    pub api_key: Option<SecretString>,
+    pub cost_tier: CostTier,
+    pub quotas: Quotas,
+    pub command: Option<CommandConfig>,
+    pub models: Vec<Model>,
+}
+
+impl ProviderConfig {
+    #[must_use]
+    pub fn model(&self, id: &str) -> Option<&Model> {
+        self.models.iter().find(|m| m.id == id)
+    }
+}
+
+pub(super) fn provider(
+    errs: &Errors<'_>,
+    i: usize,
+    p: RawProvider,
+    env: &dyn Fn(&str) -> Option<String>,
+    earlier: &[ProviderConfig],
+) -> Result<ProviderConfig> {
+    let at = |k: &str| format!("providers[{i}].{k}");
+    if p.name.trim().is_empty() || p.name.contains(['/', ' ']) {
+        return Err(errs.at(
+            at("name"),
+            format!("`{}` is not a usable name", p.name),
+            "use a short name without spaces or slashes, such as `openai`",
+        ));
+    }
+    if earlier.iter().any(|q| q.name == p.name) {
+        return Err(errs.at(
+            at("name"),
+            format!("provider `{}` is listed twice", p.name),
+            "give every provider its own name",
+        ));
+    }
+    let base_url = match (p.base_url, p.kind.default_base_url()) {
+        (Some(url), _) => expand(&url, env).map_err(|m| errs.at(at("base_url"), m, ENV_FIX))?,
+        (None, Some(url)) => url.to_owned(),
+        (None, None) if p.kind == Kind::Command => String::new(),
+        (None, None) => {
+            return Err(errs.at(
+                at("base_url"),
+                "an openai_compatible provider needs a base_url",
+                "set base_url to the server's address up to /v1, e.g. http://127.0.0.1:8000/v1",
+            ));
+        }
+    };
+    if p.kind != Kind::Command
+        && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+    {
+        return Err(errs.at(
+            at("base_url"),
+            format!("`{base_url}` is not an http(s) URL"),
+            "write it as http://host:port/v1 or https://host/v1",
+        ));
+    }
+    let api_key = p
+        .api_key
+        .map(|k| expand(&k, env).map_err(|m| errs.at(at("api_key"), m, ENV_FIX)))
+        .transpose()?
+        .map(SecretString::from);
+    let command = match (p.kind, p.command) {
+        (Kind::Command, Some(c)) => Some(command(errs, i, c)?),
+        (Kind::Command, None) => {
+            return Err(errs.at(
+                at("command"),
+                "a command provider needs a command section",
+                "add command: {program: claude, args: [\"-p\", \"{prompt}\"]}",
+            ));
+        }
+        (_, Some(_)) => {
+            return Err(errs.at(
+                at("command"),
+                format!(
+                    "only kind command takes a command section, not kind {}",
+                    p.kind.as_str()
+                ),
+                "remove it, or set kind: command",
+            ));
+        }
+        (_, None) => None,
+    };
+    let quotas = match p.quotas {
+        Some(q) => {
+            if let Some(tz) = q
+                .reset_timezone
+                .as_deref()
+                .filter(|tz| !tz.eq_ignore_ascii_case("utc"))
+            {
+                return Err(errs.at(
+                    at("quotas.reset_timezone"),
+                    format!("`{tz}` is not supported"),
+                    "quota windows reset in UTC; write UTC or leave it out",
+                ));
+            }
+            for (key, zero) in [
+                ("requests_per_day", q.requests_per_day == Some(0)),
+                ("rpm", q.rpm == Some(0)),
+                ("tpm", q.tpm == Some(0)),
+                (
+                    "usd_per_month",
+                    q.usd_per_month.is_some_and(|v| !v.is_finite() || v <= 0.0),
+                ),
+            ] {
+                if zero {
+                    return Err(errs.at(
+                        at(&format!("quotas.{key}")),
+                        "a quota must be more than zero",
+                        "raise it, or set enabled: false to stop using the provider",
+                    ));
+                }
+            }
+            let window = match q.window.as_deref() {
+                Some(w) => errs.duration(at("quotas.window"), w)?,
+                None => Quotas::default().window,
+            };
+            if window.is_zero() {
+                return Err(errs.at(
+                    at("quotas.window"),
+                    "the window cannot be zero",
+                    "leave it out for one minute, or give e.g. 10s",
+                ));
+            }
+            Quotas {
+                requests_per_day: q.requests_per_day,
+                usd_per_month: q.usd_per_month,
+                rpm: q.rpm,
+                tpm: q.tpm,
+                window,
+            }
+        }
+        None => Quotas::default(),
+    };
+    if p.models.is_empty() {
+        return Err(errs.at(
+            at("models"),
+            "no model is listed",
+            "list at least one model with its id and prices",
+        ));
+    }
+    let mut models: Vec<Model> = Vec::with_capacity(p.models.len());
+    for (j, m) in p.models.into_iter().enumerate() {
+        let at = |k: &str| format!("providers[{i}].models[{j}].{k}");
+        if m.id.trim().is_empty() {
+            return Err(errs.at(
+                at("id"),
+                "the model id is empty",
+                "set id to the model name the provider expects",
+            ));
+        }
+        if models.iter().any(|x| x.id == m.id) {
+            return Err(errs.at(
+                at("id"),
+                format!("model `{}` is listed twice", m.id),
+                "list each model once",
+            ));
+        }
+        for (key, v) in [
+            ("input_usd_per_mtok", m.input_usd_per_mtok),
+            ("output_usd_per_mtok", m.output_usd_per_mtok),
+            ("cached_input_usd_per_mtok", m.cached_input_usd_per_mtok),
+        ] {
+            if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+                return Err(errs.at(
+                    at(key),
+                    "a price must be a number of USD per million tokens, zero or more",
+                    "write it as e.g. 0.15 (use 0 for a free model)",
+                ));
+            }
+        }
+        if m.context_window == Some(0) {
+            return Err(errs.at(
+                at("context_window"),
+                "the context window cannot be 0 tokens",
+                "give the model's context size in tokens, e.g. 128000, or leave it out",
+            ));
+        }
+        let bundled = bundled_prices().models.get(&m.id).copied();
+        let (prices, price_source, window) =
+            match (m.input_usd_per_mtok, m.output_usd_per_mtok, bundled) {
+                (Some(input), Some(output), _) => (
+                    Prices {
+                        input,
+                        output,
+                        cached_input: m.cached_input_usd_per_mtok.unwrap_or(input),
+                    },
+                    PriceSource::File,
+                    m.context_window,
+                ),
+                (None, None, Some(b)) => (
+                    Prices {
+                        input: b.input,
+                        output: b.output,
+                        cached_input: b.cached_input.unwrap_or(b.input),
+                    },
+                    PriceSource::Bundled,
+                    m.context_window.or(b.context_window),
+                ),
+                (None, None, None) => {
+                    return Err(errs.at(
+                        at("input_usd_per_mtok"),
+                        format!(
+                            "model `{}` has no prices and is not in llmq's bundled price table",
+                            m.id
+                        ),
+                        "add input_usd_per_mtok and output_usd_per_mtok (0 for a free model)",
+                    ));
+                }
+                _ => {
+                    return Err(errs.at(
+                        at(if m.input_usd_per_mtok.is_none() {
+                            "input_usd_per_mtok"
+                        } else {
+                            "output_usd_per_mtok"
+                        }),
+                        "only one of the input and output prices is given",
+                        "give both, or neither to use the bundled price table",
+                    ));
+                }
+            };
+        models.push(Model {
+            name: m.name.unwrap_or_else(|| m.id.clone()),
+            id: m.id,
+            capabilities: m.capabilities,
+            tier: m.tier,
+            context_window: window,
+            prices,
+            price_source,
+        });
+    }
+    Ok(ProviderConfig {
+        name: p.name,
+        kind: p.kind,
+        enabled: p.enabled,
+        base_url,
+        api_key,
+        cost_tier: p.cost_tier,
+        quotas,
+        command,
+        models,
+    })
+}
+
+pub(super) fn command(errs: &Errors<'_>, i: usize, c: RawCommand) -> Result<CommandConfig> {
+    let at = |k: &str| format!("providers[{i}].command.{k}");
+    if c.program.trim().is_empty() {
+        return Err(errs.at(
+            at("program"),
+            "the program is empty",
+            "name the CLI to run, e.g. claude",
+        ));
+    }
+    let prompt_via_stdin = match c.prompt_via.as_deref() {
+        None | Some("arg") => false,
+        Some("stdin") => true,
+        Some(other) => {
+            return Err(errs.at(
+                at("prompt_via"),
+                format!("`{other}` is not a way to pass the prompt"),
+                "use arg or stdin",
+            ));
+        }
+    };
+    let delay = match c.delay {
+        None => None,
+        Some(d) if d.len() == 2 => {
+            let min = errs.duration(at("delay[0]"), &d[0])?;
+            let max = errs.duration(at("delay[1]"), &d[1])?;
+            if min > max {
+                return Err(errs.at(
+                    at("delay"),
+                    "the first delay is longer than the second",
+                    "write it as [shortest, longest], e.g. [1s, 3s]",
+                ));
+            }
+            Some((min, max))
+        }
+        Some(_) => {
+            return Err(errs.at(
+                at("delay"),
+                "the delay needs exactly two durations",
+                "write it as [shortest, longest], e.g. [1s, 3s]",
+            ));
+        }
+    };
+    Ok(CommandConfig {
+        program: c.program,
+        args: c.args,
+        prompt_via_stdin,
+        delay,
+    })
+}

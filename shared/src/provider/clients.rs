@@ -1,0 +1,200 @@
+//! A client per configured provider, and asking each whether it answers, the way its kind
+//! answers: OpenAI and compatible servers `GET /models` with a bearer token, Anthropic
+//! `GET /v1/models` with `x-api-key`, Gemini `GET /models` with `x-goog-api-key`, Ollama
+//! `GET /api/tags`, and a command runner looks its program up on `PATH` (it never runs it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use super::Provider;
+use super::anthropic::{ANTHROPIC_VERSION, Anthropic};
+use super::command::{CommandRunner, CommandSpec, PromptVia};
+use super::gemini::Gemini;
+use super::ollama::Ollama;
+use super::openai::{OpenAi, TokenLimitField};
+use crate::config::{CommandConfig, Config, Kind, ProviderConfig};
+
+/// How long a readiness probe waits for an answer.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The configured providers, ready to call, by name.
+#[derive(Clone)]
+pub struct Clients(HashMap<String, Arc<dyn Provider>>);
+
+impl Clients {
+    /// A client for every provider of `config`, sharing `http`.
+    #[must_use]
+    pub fn new(config: &Config, http: &reqwest::Client) -> Self {
+        Self(
+            config
+                .providers
+                .iter()
+                .map(|p| (p.name.clone(), build(p, http)))
+                .collect(),
+        )
+    }
+
+    /// The client of provider `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.0.get(name)
+    }
+
+    /// Replaces the client behind provider `name` (benchmarks and tests use an in-process
+    /// provider). A name the file does not list is ignored.
+    pub fn replace(&mut self, name: &str, provider: Arc<dyn Provider>) {
+        if let Some(entry) = self.0.get_mut(name) {
+            *entry = provider;
+        }
+    }
+}
+
+/// The client for one provider entry.
+#[must_use]
+pub fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
+    let http = http.clone();
+    match p.kind {
+        Kind::Openai => Arc::new(OpenAi::new(
+            &p.name,
+            &p.base_url,
+            p.api_key.clone(),
+            TokenLimitField::MaxCompletionTokens,
+            http,
+        )),
+        Kind::OpenaiCompatible => Arc::new(OpenAi::new(
+            &p.name,
+            &p.base_url,
+            p.api_key.clone(),
+            TokenLimitField::MaxTokens,
+            http,
+        )),
+        Kind::Anthropic => Arc::new(Anthropic::new(
+            &p.name,
+            &p.base_url,
+            p.api_key.clone(),
+            http,
+        )),
+        Kind::Gemini => Arc::new(Gemini::new(&p.name, &p.base_url, p.api_key.clone(), http)),
+        Kind::Ollama => Arc::new(Ollama::new(&p.name, &p.base_url, http)),
+        Kind::Command => {
+            let c = command_of(p);
+            Arc::new(CommandRunner::new(
+                &p.name,
+                CommandSpec {
+                    program: c.program,
+                    args: c.args,
+                    prompt_via: if c.prompt_via_stdin {
+                        PromptVia::Stdin
+                    } else {
+                        PromptVia::Arg
+                    },
+                    env: Vec::new(),
+                    delay: c.delay,
+                },
+            ))
+        }
+    }
+}
+
+/// A command provider's command; the provider's name when the file gives none.
+fn command_of(p: &ProviderConfig) -> CommandConfig {
+    p.command.clone().unwrap_or_else(|| CommandConfig {
+        program: p.name.clone(),
+        args: Vec::new(),
+        prompt_via_stdin: true,
+        delay: None,
+    })
+}
+
+/// Whether a provider answers, as `llmq status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Readiness {
+    pub name: String,
+    pub enabled: bool,
+    pub ready: bool,
+    /// What was asked and what came back, as a sentence.
+    pub detail: String,
+}
+
+/// Asks provider `p` whether it answers, the way its kind answers. Costs no tokens.
+pub async fn probe(p: &ProviderConfig, http: &reqwest::Client) -> Readiness {
+    let status = |ready: bool, detail: String| Readiness {
+        name: p.name.clone(),
+        enabled: p.enabled,
+        ready,
+        detail,
+    };
+    if !p.enabled {
+        return status(false, "disabled in the provider file".into());
+    }
+    let base = p.base_url.trim_end_matches('/');
+    let key = p.api_key.as_ref().map(|k| k.expose_secret().to_owned());
+    let req = match p.kind {
+        Kind::Openai | Kind::OpenaiCompatible => {
+            let r = http.get(format!("{base}/models"));
+            match &key {
+                Some(k) => r.bearer_auth(k),
+                None => r,
+            }
+        }
+        Kind::Anthropic => http
+            .get(format!("{base}/v1/models"))
+            .header("x-api-key", key.unwrap_or_default())
+            .header("anthropic-version", ANTHROPIC_VERSION),
+        Kind::Gemini => http
+            .get(format!("{base}/models"))
+            .header("x-goog-api-key", key.unwrap_or_default()),
+        Kind::Ollama => http.get(format!("{base}/api/tags")),
+        Kind::Command => {
+            let program = command_of(p).program;
+            return match find_program(&program) {
+                Some(path) => status(true, format!("runs `{}`", path.display())),
+                None => status(
+                    false,
+                    format!("`{program}` is not installed or not on PATH"),
+                ),
+            };
+        }
+    };
+    let url = base.to_owned();
+    match req.timeout(PROBE_TIMEOUT).send().await {
+        Ok(r) if r.status().is_success() => status(true, format!("answers at {url}")),
+        Ok(r) => status(
+            false,
+            format!("{url} answered HTTP {}", r.status().as_u16()),
+        ),
+        Err(e) if e.is_timeout() => status(
+            false,
+            format!("{url} did not answer within {}s", PROBE_TIMEOUT.as_secs()),
+        ),
+        Err(_) => status(false, format!("cannot connect to {url}")),
+    }
+}
+
+/// Where `program` would be run from: itself when it names a path, else the first match on
+/// `PATH` that is a file.
+fn find_program(program: &str) -> Option<std::path::PathBuf> {
+    let direct = std::path::Path::new(program);
+    if program.contains('/') {
+        return direct.is_file().then(|| direct.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_are_found_on_path_or_by_path() {
+        assert!(find_program("sh").is_some());
+        assert!(find_program("/bin/sh").is_some());
+        assert!(find_program("llmq-no-such-program").is_none());
+        assert!(find_program("./llmq-no-such-program").is_none());
+    }
+}

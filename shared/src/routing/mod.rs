@@ -1,0 +1,353 @@
+//! Routing: which providers and models a task goes to, in order, and why. A pure function of
+//! the provider file, the task, the constraints a caller adds and what was learned so far;
+//! no Redis, no network, so every rule is unit tested.
+//!
+//! The `cheapest` strategy, in order:
+//! 1. A provider/model hint is honoured first (its quota is checked at call time; when it is
+//!    used up, routing falls through to the rest of the plan).
+//! 2. A matching routing rule pins a model or sets the tier.
+//! 3. Otherwise: every enabled model that has the capability the task needs (from its type
+//!    and keywords in its prompt), is at least the tier its risk (and the constraints) ask
+//!    for, fits its context window and stays under `max_cost_per_task`, cheapest cost tier
+//!    first (free, then subscription, then paid), then the preferred tier, then the lowest
+//!    price.
+//! 4. Providers in `routing.fallback` come last, with their cheapest capable model.
+//!
+//! Constraints exclude models or providers and raise the minimum tier everywhere, hints
+//! included (a chain's review step must not be routed to the model it reviews).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::config::{Capability, Config, Model, ProviderConfig, RuleTarget, Tier};
+use crate::envelope::{Envelope, Risk};
+use crate::outcome::Usage;
+use crate::quota::estimate_tokens;
+
+#[cfg(test)]
+mod tests;
+
+/// One provider and model to try.
+#[derive(Clone, Copy)]
+pub struct Candidate<'a> {
+    pub provider: &'a ProviderConfig,
+    pub model: &'a Model,
+    /// Estimated tokens in and out, for the quota reservation.
+    pub estimated_tokens: u64,
+    /// Estimated cost of one call, USD.
+    pub estimated_usd: f64,
+}
+
+impl std::fmt::Debug for Candidate<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.provider.name, self.model.id)
+    }
+}
+
+/// Where a task goes, in order of preference, and why the first one was chosen.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub candidates: Vec<Candidate<'a>>,
+    pub reason: String,
+}
+
+/// What a caller adds to the provider file's routing for one task.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Constraints {
+    /// Model ids not to use (e.g. the model whose work a review step reviews).
+    pub exclude_models: Vec<String>,
+    /// Providers not to use.
+    pub exclude_providers: Vec<String>,
+    /// No model below this tier (e.g. an escalated retry).
+    pub min_tier: Option<Tier>,
+}
+
+impl Constraints {
+    fn allows(&self, p: &ProviderConfig, m: &Model) -> bool {
+        !self.exclude_providers.contains(&p.name)
+            && !self.exclude_models.contains(&m.id)
+            && self.min_tier.is_none_or(|t| m.tier >= t)
+    }
+}
+
+/// What the fleet observed of a model for a kind of task; the input of learned routing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub tasks: u64,
+    pub successes: u64,
+}
+
+/// Observations by (provider, model, task type, risk). The `cheapest` strategy, the only
+/// one so far, does not read them; it is here so learned strategies change no caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub by_model: HashMap<(String, String, String, Option<Risk>), Observed>,
+}
+
+/// A task that no configured model can take. Retrying cannot help.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RouteError(String);
+
+/// Output tokens assumed when a task sets no `max_tokens`, for estimates.
+const DEFAULT_OUTPUT_ESTIMATE: u64 = 1024;
+
+/// The plan for `task`.
+///
+/// # Errors
+/// The task names a provider or model that is not configured, is disabled or is excluded,
+/// or no model can take it.
+pub fn plan<'a>(
+    config: &'a Config,
+    task: &Envelope,
+    constraints: &Constraints,
+    _stats: &Stats,
+) -> Result<Plan<'a>, RouteError> {
+    let task_type = task.task_type().unwrap_or_default();
+    let routing = &config.routing;
+    let prompt_tokens = estimate_tokens(task.system.as_deref(), &task.prompt);
+    let output_tokens = task.max_tokens.map_or(DEFAULT_OUTPUT_ESTIMATE, u64::from);
+    let risk = task.risk;
+    let area = task.area.as_deref();
+
+    let mut needs = vec![Capability::for_task(task_type)];
+    let lower = task.prompt.to_lowercase();
+    for (cap, words) in &routing.keywords {
+        if words.iter().any(|w| lower.contains(w.as_str())) && !needs.contains(cap) {
+            needs.push(*cap);
+        }
+    }
+    let rule = routing.rules.iter().find(|r| {
+        r.task_type.is_none_or(|t| t == task_type)
+            && r.risk.is_none_or(|k| Some(k) == risk)
+            && r.area.as_deref().is_none_or(|a| Some(a) == area)
+    });
+    let min_tier = match risk {
+        Some(Risk::High) => Tier::Advanced,
+        Some(Risk::Medium) => Tier::Standard,
+        _ => Tier::Fast,
+    }
+    .max(constraints.min_tier.unwrap_or(Tier::Fast));
+    let wanted_tier = match rule.map(|r| &r.target) {
+        Some(RuleTarget::Tier(t)) => Some(*t),
+        _ => None,
+    };
+
+    let candidate = |p: &'a ProviderConfig, m: &'a Model| {
+        constraints.allows(p, m).then(|| Candidate {
+            provider: p,
+            model: m,
+            estimated_tokens: prompt_tokens + output_tokens,
+            estimated_usd: m.prices.cost(&Usage {
+                input_tokens: prompt_tokens,
+                output_tokens,
+                cached_tokens: 0,
+                reasoning_tokens: 0,
+            }),
+        })
+    };
+    let enabled = || config.providers.iter().filter(|p| p.enabled);
+    let mut plan: Vec<Candidate<'a>> = Vec::new();
+    let mut reason = String::new();
+
+    // 1. Hints.
+    if task.provider.is_some() || task.model.is_some() {
+        let (p, m) = hinted(config, task)?;
+        plan.extend(candidate(p, m));
+        reason = match (&task.provider, &task.model) {
+            (Some(_), Some(_)) => "provider and model hints honoured".into(),
+            (Some(_), None) => "provider hint honoured; its cheapest model".into(),
+            _ => "model hint honoured".into(),
+        };
+        if plan.is_empty() {
+            reason = format!("the hint {}/{} is excluded for this step", p.name, m.id);
+        }
+    }
+    // 2. A rule naming a model.
+    if let Some(RuleTarget::Model { provider, model }) = rule.map(|r| &r.target)
+        && let Some(p) = enabled().find(|p| p.name == *provider)
+        && let Some(m) = p.model(model)
+        && let Some(c) = candidate(p, m)
+    {
+        if reason.is_empty() {
+            reason = format!(
+                "routing rule: {}",
+                describe_rule(
+                    task_type.as_str(),
+                    risk,
+                    area,
+                    &format!("{provider}/{model}")
+                )
+            );
+        }
+        plan.push(c);
+    }
+    // 3. Everything capable, cheapest cost tier first.
+    let mut capable: Vec<(Candidate<'a>, (u8, u8, u64))> = Vec::new();
+    let mut excluded_by_cost = 0;
+    for p in enabled() {
+        for m in &p.models {
+            if !needs.iter().all(|c| m.can(*c)) || m.tier < min_tier {
+                continue;
+            }
+            if m.context_window
+                .is_some_and(|w| prompt_tokens + output_tokens > w)
+            {
+                continue;
+            }
+            let Some(c) = candidate(p, m) else { continue };
+            if routing
+                .max_cost_per_task
+                .is_some_and(|cap| c.estimated_usd > cap)
+            {
+                excluded_by_cost += 1;
+                continue;
+            }
+            let tier_miss = match wanted_tier {
+                Some(t) if t != m.tier => 1,
+                _ => 0,
+            };
+            let price = ((m.prices.input + m.prices.output) * 1e6) as u64;
+            capable.push((c, (p.cost_tier as u8, tier_miss, price)));
+        }
+    }
+    capable.sort_by_key(|(_, key)| *key);
+    if reason.is_empty()
+        && let Some((first, _)) = capable.first()
+    {
+        let tier = first.provider.cost_tier.as_str();
+        reason = match (rule, wanted_tier) {
+            (Some(_), Some(t)) => format!(
+                "routing rule: {}; cheapest {tier}-tier model",
+                describe_rule(task_type.as_str(), risk, area, t.as_str())
+            ),
+            _ => format!(
+                "cheapest capable model ({tier} tier) for {}",
+                needs_text(&needs)
+            ),
+        };
+    }
+    plan.extend(capable.into_iter().map(|(c, _)| c));
+    // 4. Fallback providers.
+    for name in &routing.fallback {
+        if let Some(p) = enabled().find(|p| p.name == *name)
+            && let Some(c) = p
+                .models
+                .iter()
+                .filter(|m| needs.iter().all(|c| m.can(*c)) && constraints.allows(p, m))
+                .min_by(|a, b| price(a).total_cmp(&price(b)))
+                .and_then(|m| candidate(p, m))
+        {
+            plan.push(c);
+        }
+    }
+    let mut seen = HashSet::new();
+    plan.retain(|c| seen.insert((&c.provider.name, &c.model.id)));
+    if plan.is_empty() {
+        let mut why = format!(
+            "no enabled model can take this task: it needs {}",
+            needs_text(&needs)
+        );
+        if min_tier > Tier::Fast {
+            why.push_str(&format!(" at tier {} or above", min_tier.as_str()));
+        }
+        if excluded_by_cost > 0 {
+            why.push_str(&format!(
+                "; {excluded_by_cost} model(s) would cost more than max_cost_per_task"
+            ));
+        }
+        if constraints != &Constraints::default() {
+            why.push_str("; some models are excluded for this step");
+        }
+        return Err(RouteError(why));
+    }
+    Ok(Plan {
+        candidates: plan,
+        reason,
+    })
+}
+
+fn hinted<'a>(
+    config: &'a Config,
+    task: &Envelope,
+) -> Result<(&'a ProviderConfig, &'a Model), RouteError> {
+    match (&task.provider, &task.model) {
+        (Some(name), model) => {
+            let p = config.provider(name).ok_or_else(|| {
+                RouteError(format!(
+                    "provider `{name}` is not in the provider file; known providers: {}",
+                    config
+                        .providers
+                        .iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            if !p.enabled {
+                return Err(RouteError(format!(
+                    "provider `{name}` is disabled in the provider file"
+                )));
+            }
+            let m = match model {
+                Some(m) => find_model(p, m)?,
+                None => p
+                    .models
+                    .iter()
+                    .min_by(|a, b| price(a).total_cmp(&price(b)))
+                    .ok_or_else(|| RouteError(format!("provider `{name}` lists no model")))?,
+            };
+            Ok((p, m))
+        }
+        (None, Some(m)) => {
+            let p = config
+                .providers
+                .iter()
+                .filter(|p| p.enabled)
+                .find(|p| p.model(m).is_some())
+                .ok_or_else(|| {
+                    RouteError(format!(
+                        "no enabled provider offers model `{m}`; add it under a provider's models"
+                    ))
+                })?;
+            Ok((p, find_model(p, m)?))
+        }
+        (None, None) => Err(RouteError("no hint".into())),
+    }
+}
+
+fn describe_rule(task_type: &str, risk: Option<Risk>, area: Option<&str>, target: &str) -> String {
+    let mut s = task_type.to_owned();
+    if let Some(r) = risk {
+        s.push_str(&format!(", {} risk", r.as_str()));
+    }
+    if let Some(a) = area {
+        s.push_str(&format!(", area {a}"));
+    }
+    format!("{s} → {target}")
+}
+
+fn needs_text(needs: &[Capability]) -> String {
+    needs
+        .iter()
+        .map(|c| c.as_str())
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
+fn find_model<'a>(p: &'a ProviderConfig, id: &str) -> Result<&'a Model, RouteError> {
+    p.model(id).ok_or_else(|| {
+        RouteError(format!(
+            "provider `{}` has no model `{id}`; its models: {}",
+            p.name,
+            p.models
+                .iter()
+                .map(|m| m.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })
+}
+
+fn price(m: &Model) -> f64 {
+    m.prices.input + m.prices.output
+}

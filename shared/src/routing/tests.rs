@@ -1,0 +1,211 @@
+use super::*;
+
+fn config(routing: &str) -> Config {
+    let text = format!(
+        r#"
+providers:
+  - name: paid
+    kind: openai_compatible
+    base_url: http://127.0.0.1:1/v1
+    models:
+      - {{id: big, tier: advanced, capabilities: [code, review, complex_reasoning, planning], input_usd_per_mtok: 5, output_usd_per_mtok: 15}}
+      - {{id: small, tier: fast, capabilities: [code, docs, simple_tasks, analysis], input_usd_per_mtok: 0.1, output_usd_per_mtok: 0.4}}
+  - name: sub
+    kind: openai_compatible
+    cost_tier: subscription
+    base_url: http://127.0.0.1:2/v1
+    models:
+      - {{id: mid, tier: standard, capabilities: [code, analysis, docs], input_usd_per_mtok: 3, output_usd_per_mtok: 6}}
+  - name: free
+    kind: openai_compatible
+    cost_tier: free
+    base_url: http://127.0.0.1:3/v1
+    models:
+      - {{id: tiny, tier: fast, capabilities: [docs, simple_tasks], input_usd_per_mtok: 0, output_usd_per_mtok: 0}}
+  - name: off
+    kind: openai_compatible
+    enabled: false
+    base_url: http://127.0.0.1:4/v1
+    models:
+      - {{id: gone, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}
+{routing}
+"#
+    );
+    Config::parse("t.yaml", &text, &|_| None).unwrap()
+}
+
+fn order(plan: &Plan) -> Vec<String> {
+    plan.candidates.iter().map(|c| format!("{c:?}")).collect()
+}
+
+fn task(prompt: &str, ty: &str) -> Envelope {
+    let mut e = Envelope::new(prompt);
+    e.task_type = Some(ty.into());
+    e
+}
+
+#[test]
+fn cost_tiers_come_in_order_free_subscription_paid() {
+    let r = config("");
+    let p = plan(
+        &r,
+        &task("write docs", "documentation"),
+        &Constraints::default(),
+        &Stats::default(),
+    )
+    .unwrap();
+    assert_eq!(order(&p), ["free/tiny", "sub/mid", "paid/small"]);
+    assert!(
+        p.reason.contains("cheapest capable model (free tier)"),
+        "{}",
+        p.reason
+    );
+    let p = plan(
+        &r,
+        &task("write code", "code_generation"),
+        &Constraints::default(),
+        &Stats::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        order(&p),
+        ["sub/mid", "paid/small", "paid/big"],
+        "free/tiny cannot code"
+    );
+}
+
+#[test]
+fn hints_come_first_and_the_rest_remains_as_fallback() {
+    let r = config("");
+    let mut e = task("x", "documentation");
+    e.provider = Some("paid".into());
+    e.model = Some("big".into());
+    let p = plan(&r, &e, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(order(&p)[0], "paid/big");
+    assert_eq!(p.reason, "provider and model hints honoured");
+    assert!(
+        order(&p).contains(&"free/tiny".to_owned()),
+        "routing falls through when the hint's quota is gone"
+    );
+}
+
+#[test]
+fn risk_raises_the_tier_and_rules_pin_models() {
+    let r = config(
+        "routing:\n  rules:\n    - {task_type: code_review, risk: high, model: paid/big}\n    - {task_type: documentation, tier: fast}\n",
+    );
+    let mut e = task("review the auth module", "code_review");
+    e.risk = Some(Risk::High);
+    let p = plan(&r, &e, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(order(&p), ["paid/big"]);
+    assert!(
+        p.reason
+            .starts_with("routing rule: code_review, high risk → paid/big"),
+        "{}",
+        p.reason
+    );
+    let p = plan(
+        &r,
+        &task("docs", "documentation"),
+        &Constraints::default(),
+        &Stats::default(),
+    )
+    .unwrap();
+    assert_eq!(order(&p)[0], "free/tiny");
+    assert!(
+        p.reason.contains("routing rule: documentation → fast"),
+        "{}",
+        p.reason
+    );
+}
+
+#[test]
+fn keywords_add_capabilities_and_the_cost_cap_filters() {
+    let r = config(
+        "routing:\n  max_cost_per_task: 0.01\n  keywords:\n    complex_reasoning: [architecture]\n",
+    );
+    let e = task("design the architecture", "code_generation");
+    let err = plan(&r, &e, &Constraints::default(), &Stats::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs code + complex_reasoning"), "{err}");
+    assert!(
+        err.contains("would cost more than max_cost_per_task"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_or_disabled_names_are_clear_errors() {
+    let r = config("");
+    let mut env = Envelope::new("x");
+    env.provider = Some("zzz".into());
+    assert!(
+        plan(&r, &env, &Constraints::default(), &Stats::default())
+            .unwrap_err()
+            .0
+            .contains("known providers: paid, sub, free, off")
+    );
+    env.provider = Some("off".into());
+    assert!(
+        plan(&r, &env, &Constraints::default(), &Stats::default())
+            .unwrap_err()
+            .0
+            .contains("disabled")
+    );
+    env.provider = Some("paid".into());
+    env.model = Some("nope".into());
+    assert!(
+        plan(&r, &env, &Constraints::default(), &Stats::default())
+            .unwrap_err()
+            .0
+            .contains("its models: big, small")
+    );
+}
+
+#[test]
+fn constraints_exclude_models_and_providers_and_raise_the_tier_even_for_hints() {
+    let r = config("");
+    let mut e = task("write code", "code_generation");
+    e.provider = Some("paid".into());
+    e.model = Some("small".into());
+    let c = Constraints {
+        exclude_models: vec!["small".into()],
+        ..Constraints::default()
+    };
+    let p = plan(&r, &e, &c, &Stats::default()).unwrap();
+    assert_eq!(order(&p), ["sub/mid", "paid/big"]);
+    assert!(p.reason.contains("excluded"), "{}", p.reason);
+
+    let c = Constraints {
+        exclude_providers: vec!["sub".into()],
+        min_tier: Some(Tier::Standard),
+        ..Constraints::default()
+    };
+    let p = plan(
+        &r,
+        &task("write code", "code_generation"),
+        &c,
+        &Stats::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        order(&p),
+        ["paid/big"],
+        "small is below standard, sub is excluded"
+    );
+
+    let c = Constraints {
+        exclude_models: vec!["big".into(), "mid".into(), "small".into()],
+        ..Constraints::default()
+    };
+    let err = plan(
+        &r,
+        &task("write code", "code_generation"),
+        &c,
+        &Stats::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("excluded for this step"), "{err}");
+}

@@ -1,0 +1,248 @@
+//! The Anthropic Messages wire format: `POST /v1/messages`.
+
+use super::*;
+
+/// The context size claimed by `context-too-long` on the Anthropic route.
+const ANTHROPIC_CONTEXT_LIMIT: u64 = 200_000;
+/// The smallest prompt size `context-too-long` reports on the Anthropic route.
+const ANTHROPIC_TOO_LONG: u64 = 250_000;
+/// Top-level fields the Messages API knows; any other gets a 400, as from the real API.
+const ANTHROPIC_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "max_tokens",
+    "system",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "stream",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "thinking",
+    "service_tier",
+    "container",
+    "mcp_servers",
+];
+
+/// Anthropic's `error.type` for a status.
+fn anthropic_kind(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+/// `{"type":"error","error":{"type","message"},"request_id"}` with a `request-id` header.
+fn anthropic_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let id = format!("req_mock{}", short_id());
+    let body = json!({
+        "type": "error",
+        "error": {"type": kind, "message": message.into()},
+        "request_id": id,
+    });
+    let mut response = (status, Json(body)).into_response();
+    insert_header(&mut response, "request-id", &id);
+    response
+}
+
+fn anthropic_failure(status: StatusCode, model: &str) -> Response {
+    let code = status.as_u16();
+    let message = match code {
+        400 => "llmq-mock fail-400: the request was rejected.".to_owned(),
+        401 => "invalid x-api-key".to_owned(),
+        403 => "Your API key does not have permission to use the specified resource.".to_owned(),
+        404 => format!("model: {model}"),
+        500 => "Internal server error".to_owned(),
+        529 => "Overloaded".to_owned(),
+        _ => format!("llmq-mock answered {code} as asked."),
+    };
+    anthropic_error(status, anthropic_kind(code), message)
+}
+
+fn anthropic_rate_limited(kind: RetryHeader) -> Response {
+    let (wait, header, value) = retry_header(kind);
+    let mut response = anthropic_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        format!(
+            "This request would exceed the rate limit for your organization (llmq-mock) of 3 \
+             requests per minute. Please try again in {wait}."
+        ),
+    );
+    insert_header(&mut response, header, &value);
+    insert_header(&mut response, "anthropic-ratelimit-requests-limit", "3");
+    insert_header(&mut response, "anthropic-ratelimit-requests-remaining", "0");
+    response
+}
+
+/// What is wrong with the request's credentials, if anything.
+fn anthropic_auth_problem(headers: &HeaderMap) -> Option<&'static str> {
+    let present = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.trim().is_empty())
+    };
+    if !present("x-api-key") {
+        Some("x-api-key header is required")
+    } else if !present("anthropic-version") {
+        Some("anthropic-version: header is required")
+    } else {
+        None
+    }
+}
+
+fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("There was an error parsing the body of your request: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("Input should be a valid dictionary".to_owned());
+    };
+    if let Some(extra) = obj.keys().find(|k| !ANTHROPIC_FIELDS.contains(&k.as_str())) {
+        return Err(format!("{extra}: Extra inputs are not permitted"));
+    }
+    let model = obj
+        .get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.trim().is_empty())
+        .ok_or("model: Field required")?;
+    let max_tokens = match obj.get("max_tokens") {
+        None | Some(Value::Null) => return Err("max_tokens: Field required".to_owned()),
+        Some(v) => v
+            .as_u64()
+            .filter(|n| *n >= 1)
+            .ok_or("max_tokens: Input should be a valid integer greater than or equal to 1")?,
+    };
+    let list = obj
+        .get("messages")
+        .ok_or("messages: Field required")?
+        .as_array()
+        .ok_or("messages: Input should be a valid list")?;
+    if list.is_empty() {
+        return Err("messages: at least one message is required".to_owned());
+    }
+    let mut messages = Vec::with_capacity(list.len() + 1);
+    if let Some(system) = obj.get("system").filter(|s| !s.is_null()) {
+        let text = content_text(system)
+            .ok_or("system: Input should be a valid string or a list of text blocks")?;
+        messages.push(("system".to_owned(), text));
+    }
+    for (i, m) in list.iter().enumerate() {
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some(role @ ("user" | "assistant")) => role,
+            _ => {
+                return Err(format!(
+                    "messages.{i}.role: Input should be 'user' or 'assistant'"
+                ));
+            }
+        };
+        let text = m
+            .get("content")
+            .and_then(content_text)
+            .ok_or_else(|| format!("messages.{i}.content: Field required"))?;
+        messages.push((role.to_owned(), text));
+    }
+    if let Some(t) = obj.get("temperature").filter(|t| !t.is_null()) {
+        let t = t
+            .as_f64()
+            .ok_or("temperature: Input should be a valid number")?;
+        if t < 0.0 {
+            return Err("temperature: Input should be greater than or equal to 0".to_owned());
+        }
+        if t > 1.0 {
+            return Err("temperature: Input should be less than or equal to 1".to_owned());
+        }
+    }
+    Ok(Conversation {
+        model: model.to_owned(),
+        messages,
+        max_tokens: Some(max_tokens),
+    })
+}
+
+/// The Messages API body for a successful request: Anthropic's `input_tokens` leaves out the
+/// cached ones, and reasoning models answer with a thinking block before the text.
+fn anthropic_message(conv: &Conversation, answer: &Answer) -> Value {
+    let mut content = Vec::with_capacity(2);
+    if answer.reasoning_tokens > 0 {
+        content.push(json!({
+            "type": "thinking",
+            "thinking": "llmq-mock is thinking.",
+            "signature": "llmq-mock-signature",
+        }));
+    }
+    content.push(json!({"type": "text", "text": answer.content}));
+    json!({
+        "id": format!("msg_mock{}", short_id()),
+        "type": "message",
+        "role": "assistant",
+        "model": conv.model,
+        "content": content,
+        "stop_reason": if answer.truncated { "max_tokens" } else { "end_turn" },
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": answer.prompt_tokens - answer.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": answer.cached_tokens,
+            "output_tokens": answer.completion_tokens,
+            "service_tier": "standard",
+        },
+    })
+}
+
+pub(super) async fn anthropic_messages(
+    State(state): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            let status = rejection.status();
+            return anthropic_error(
+                status,
+                anthropic_kind(status.as_u16()),
+                rejection.body_text(),
+            );
+        }
+    };
+    count_body_model(&state, &body);
+    if let Some(problem) = anthropic_auth_problem(&headers) {
+        return anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", problem);
+    }
+    let conv = match validate_anthropic(&body) {
+        Ok(conv) => conv,
+        Err(message) => {
+            return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", message);
+        }
+    };
+    match decide(&state, &conv).await {
+        Outcome::Answer(answer) => Json(anthropic_message(&conv, &answer)).into_response(),
+        Outcome::Fail(status) => anthropic_failure(status, &conv.model),
+        Outcome::RateLimit(kind) => anthropic_rate_limited(kind),
+        Outcome::ContextTooLong => anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            format!(
+                "prompt is too long: {} tokens > {ANTHROPIC_CONTEXT_LIMIT} maximum",
+                conv.prompt_tokens().max(ANTHROPIC_TOO_LONG)
+            ),
+        ),
+        Outcome::ShuttingDown => anthropic_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "api_error",
+            "llmq-mock is shutting down.",
+        ),
+    }
+}

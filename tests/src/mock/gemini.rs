@@ -1,0 +1,392 @@
+//! The Gemini wire format: `POST /v1beta/models/{model}:generateContent`, `GET /v1beta/models`.
+
+use super::*;
+
+/// The context size claimed by `context-too-long` on the Gemini route.
+const GEMINI_CONTEXT_LIMIT: u64 = 1_048_576;
+/// Top-level fields of a `generateContent` request (proto JSON also takes them in snake_case).
+const GEMINI_FIELDS: &[&str] = &[
+    "contents",
+    "systemInstruction",
+    "generationConfig",
+    "safetySettings",
+    "tools",
+    "toolConfig",
+    "cachedContent",
+    "labels",
+];
+/// Fields of `generationConfig`.
+const GEMINI_CONFIG_FIELDS: &[&str] = &[
+    "maxOutputTokens",
+    "temperature",
+    "topP",
+    "topK",
+    "candidateCount",
+    "stopSequences",
+    "seed",
+    "presencePenalty",
+    "frequencyPenalty",
+    "responseMimeType",
+    "responseSchema",
+    "responseJsonSchema",
+    "responseModalities",
+    "responseLogprobs",
+    "logprobs",
+    "thinkingConfig",
+    "mediaResolution",
+    "speechConfig",
+];
+
+/// `system_instruction` → `systemInstruction`: proto JSON accepts both spellings.
+pub(super) fn camel(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut upper = false;
+    for c in name.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The object's fields under their camelCase names; the first unknown one is an error.
+fn proto_fields(
+    obj: serde_json::Map<String, Value>,
+    known: &[&str],
+    at: &str,
+) -> Result<serde_json::Map<String, Value>, String> {
+    let mut out = serde_json::Map::with_capacity(obj.len());
+    for (key, value) in obj {
+        let name = camel(&key);
+        if !known.contains(&name.as_str()) {
+            return Err(format!(
+                "Invalid JSON payload received. Unknown name \"{key}\"{at}: Cannot find field."
+            ));
+        }
+        out.insert(name, value);
+    }
+    Ok(out)
+}
+
+/// Google's canonical status for an HTTP status.
+fn google_status(status: u16) -> &'static str {
+    match status {
+        400 => "INVALID_ARGUMENT",
+        401 => "UNAUTHENTICATED",
+        403 => "PERMISSION_DENIED",
+        404 => "NOT_FOUND",
+        409 => "ABORTED",
+        429 => "RESOURCE_EXHAUSTED",
+        499 => "CANCELLED",
+        500 => "INTERNAL",
+        501 => "UNIMPLEMENTED",
+        503 => "UNAVAILABLE",
+        504 => "DEADLINE_EXCEEDED",
+        402..=498 => "FAILED_PRECONDITION",
+        _ => "UNKNOWN",
+    }
+}
+
+/// `{"error":{"code","message","status","details"?}}`.
+fn google_error(status: StatusCode, message: impl Into<String>, details: Vec<Value>) -> Response {
+    let mut error = json!({
+        "code": status.as_u16(),
+        "message": message.into(),
+        "status": google_status(status.as_u16()),
+    });
+    if !details.is_empty() {
+        error["details"] = Value::Array(details);
+    }
+    (status, Json(json!({ "error": error }))).into_response()
+}
+
+fn gemini_failure(status: StatusCode, model: &str) -> Response {
+    let code = status.as_u16();
+    let message = match code {
+        400 => "Request contains an invalid argument.".to_owned(),
+        401 => "Request had invalid authentication credentials.".to_owned(),
+        403 => "The caller does not have permission".to_owned(),
+        404 => format!(
+            "models/{model} is not found for API version v1beta, or is not supported for \
+             generateContent. Call ListModels to see the list of available models and their \
+             supported methods."
+        ),
+        500 => "An internal error has occurred. Please retry or report in \
+                https://developers.generativeai.google/guide/troubleshooting"
+            .to_owned(),
+        503 => "The model is overloaded. Please try again later.".to_owned(),
+        504 => "The request timed out. Please try again.".to_owned(),
+        _ => format!("llmq-mock answered {code} as asked."),
+    };
+    google_error(status, message, Vec::new())
+}
+
+/// 429 RESOURCE_EXHAUSTED with the wait in a `RetryInfo` detail, as Gemini sends it; only
+/// `rate-limit-date` also has a `Retry-After` header.
+fn gemini_rate_limited(kind: RetryHeader, model: &str) -> Response {
+    let (wait, header, value) = retry_header(kind);
+    let delay = match kind {
+        RetryHeader::Seconds => "1s",
+        RetryHeader::Millis => "0.200s",
+        RetryHeader::Date => "2s",
+    };
+    let details = vec![
+        json!({
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                "quotaDimensions": {"location": "global", "model": model},
+                "quotaValue": "3",
+            }],
+        }),
+        json!({
+            "@type": "type.googleapis.com/google.rpc.Help",
+            "links": [{
+                "description": "Learn more about Gemini API quotas",
+                "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+            }],
+        }),
+        json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}),
+    ];
+    let mut response = google_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "You exceeded your current quota, please check your plan and billing details. \
+             (llmq-mock: 3 requests per minute for {model}.) Please retry in {wait}."
+        ),
+        details,
+    );
+    if kind == RetryHeader::Date {
+        insert_header(&mut response, header, &value);
+    }
+    response
+}
+
+/// True when a non-empty key comes in `x-goog-api-key` or `?key=`.
+fn gemini_authorized(headers: &HeaderMap, uri: &Uri) -> bool {
+    let in_header = headers
+        .get("x-goog-api-key")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().is_empty());
+    let in_query = uri.query().is_some_and(|q| {
+        q.split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .any(|(name, value)| name == "key" && !value.is_empty())
+    });
+    in_header || in_query
+}
+
+/// The text of a `Content`'s parts; `None` when it has none.
+fn parts_text(content: &Value) -> Option<String> {
+    let parts = content.get("parts")?.as_array().filter(|p| !p.is_empty())?;
+    Some(
+        parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+    )
+}
+
+fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("Invalid JSON payload received. {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err("Invalid JSON payload received. Expected an object.".to_owned());
+    };
+    let obj = proto_fields(obj, GEMINI_FIELDS, "")?;
+    let contents = obj
+        .get("contents")
+        .and_then(Value::as_array)
+        .filter(|c| !c.is_empty())
+        .ok_or("* GenerateContentRequest.contents: contents is not specified\n")?;
+    let mut messages = Vec::with_capacity(contents.len() + 1);
+    if let Some(system) = obj.get("systemInstruction") {
+        let text = parts_text(system).ok_or(
+            "* GenerateContentRequest.system_instruction.parts: contents.parts must not be \
+             empty.\n",
+        )?;
+        messages.push(("system".to_owned(), text));
+    }
+    for (i, content) in contents.iter().enumerate() {
+        let role = match content.get("role").and_then(Value::as_str) {
+            None | Some("" | "user") => "user",
+            Some("model") => "assistant",
+            Some(_) => return Err("Please use a valid role: user, model.".to_owned()),
+        };
+        let text = parts_text(content).ok_or_else(|| {
+            format!(
+                "* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty.\n"
+            )
+        })?;
+        messages.push((role.to_owned(), text));
+    }
+    let mut max_tokens = None;
+    if let Some(config) = obj.get("generationConfig").filter(|c| !c.is_null()) {
+        let Value::Object(config) = config.clone() else {
+            return Err(
+                "Invalid JSON payload received. 'generation_config' must be an object.".to_owned(),
+            );
+        };
+        let config = proto_fields(config, GEMINI_CONFIG_FIELDS, " at 'generation_config'")?;
+        if let Some(t) = config.get("temperature").filter(|t| !t.is_null())
+            && !t.as_f64().is_some_and(|t| (0.0..=2.0).contains(&t))
+        {
+            return Err(
+                "* GenerateContentRequest.generation_config.temperature: must be in the range \
+                 [0.0, 2.0]\n"
+                    .to_owned(),
+            );
+        }
+        if let Some(max) = config.get("maxOutputTokens").filter(|m| !m.is_null()) {
+            let max = max
+                .as_u64()
+                .or_else(|| max.as_str().and_then(|s| s.parse().ok()))
+                .filter(|m| *m >= 1)
+                .ok_or(
+                    "* GenerateContentRequest.generation_config.max_output_tokens: must be a \
+                     positive integer\n",
+                )?;
+            max_tokens = Some(max);
+        }
+    }
+    Ok(Conversation {
+        model: model.to_owned(),
+        messages,
+        max_tokens,
+    })
+}
+
+/// `usageMetadata` leaves out zero counts; `candidatesTokenCount` excludes thoughts.
+fn gemini_response(conv: &Conversation, answer: &Answer) -> Value {
+    let thoughts = answer.reasoning_tokens;
+    let mut usage = json!({
+        "promptTokenCount": answer.prompt_tokens,
+        "candidatesTokenCount": answer.completion_tokens - thoughts,
+        "totalTokenCount": answer.prompt_tokens + answer.completion_tokens,
+        "promptTokensDetails": [{"modality": "TEXT", "tokenCount": answer.prompt_tokens}],
+    });
+    if answer.cached_tokens > 0 {
+        usage["cachedContentTokenCount"] = json!(answer.cached_tokens);
+    }
+    if thoughts > 0 {
+        usage["thoughtsTokenCount"] = json!(thoughts);
+    }
+    json!({
+        "candidates": [{
+            "content": {"parts": [{"text": answer.content}], "role": "model"},
+            "finishReason": if answer.truncated { "MAX_TOKENS" } else { "STOP" },
+            "index": 0,
+        }],
+        "usageMetadata": usage,
+        "modelVersion": conv.model,
+        "responseId": short_id(),
+    })
+}
+
+/// A prompt refused by the safety filters: no candidates at all.
+fn gemini_blocked(conv: &Conversation) -> Value {
+    let prompt_tokens = conv.prompt_tokens();
+    json!({
+        "promptFeedback": {
+            "blockReason": "SAFETY",
+            "safetyRatings": [{
+                "category": "HARM_CATEGORY_DANGEROUS_CONTENT",
+                "probability": "HIGH",
+                "blocked": true,
+            }],
+        },
+        "usageMetadata": {"promptTokenCount": prompt_tokens, "totalTokenCount": prompt_tokens},
+        "modelVersion": conv.model,
+        "responseId": short_id(),
+    })
+}
+
+pub(super) async fn gemini_generate(
+    State(state): State<Arc<Shared>>,
+    Path(rest): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let (model, method) = rest.split_once(':').unwrap_or((rest.as_str(), ""));
+    if !model.is_empty() {
+        state.count(model);
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            return google_error(rejection.status(), rejection.body_text(), Vec::new());
+        }
+    };
+    if !gemini_authorized(&headers, &uri) {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "Method doesn't allow unregistered callers (callers without established identity). \
+             Please use API Key or other form of API consumer identity to call this API.",
+            Vec::new(),
+        );
+    }
+    if method != "generateContent" || model.is_empty() {
+        return google_error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "llmq-mock serves only models/<model>:generateContent, not {}",
+                uri.path()
+            ),
+            Vec::new(),
+        );
+    }
+    let conv = match validate_gemini(model, &body) {
+        Ok(conv) => conv,
+        Err(message) => return google_error(StatusCode::BAD_REQUEST, message, Vec::new()),
+    };
+    if conv.named("blocked") {
+        return Json(gemini_blocked(&conv)).into_response();
+    }
+    match decide(&state, &conv).await {
+        Outcome::Answer(answer) => Json(gemini_response(&conv, &answer)).into_response(),
+        Outcome::Fail(status) => gemini_failure(status, &conv.model),
+        Outcome::RateLimit(kind) => gemini_rate_limited(kind, &conv.model),
+        Outcome::ContextTooLong => google_error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "The input token count ({}) exceeds the maximum number of tokens allowed \
+                 ({GEMINI_CONTEXT_LIMIT}).",
+                conv.prompt_tokens().max(GEMINI_CONTEXT_LIMIT + 1)
+            ),
+            Vec::new(),
+        ),
+        Outcome::ShuttingDown => google_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "llmq-mock is shutting down.",
+            Vec::new(),
+        ),
+    }
+}
+
+/// `GET /v1beta/models`: the magic names as Gemini model resources; needs a key like every
+/// Gemini call.
+pub(super) async fn gemini_models(headers: HeaderMap, uri: Uri) -> Response {
+    if !gemini_authorized(&headers, &uri) {
+        return google_error(
+            StatusCode::FORBIDDEN,
+            "Method doesn't allow unregistered callers (callers without established identity). Please use API Key or other form of API consumer identity to call this API.",
+            Vec::new(),
+        );
+    }
+    let models: Vec<Value> = MAGIC_MODELS
+        .iter()
+        .map(|id| {
+            json!({"name": format!("models/{id}"), "displayName": id,
+                   "supportedGenerationMethods": ["generateContent"]})
+        })
+        .collect();
+    Json(json!({ "models": models })).into_response()
+}

@@ -1,0 +1,603 @@
+//! `llmq-mock`: a mock LLM server that speaks the OpenAI, Anthropic, Gemini and Ollama wire
+//! formats over real HTTP, so the worker's real HTTP adapters can be tested without the
+//! internet.
+//!
+//! Routes:
+//!
+//! | route | format | auth |
+//! |---|---|---|
+//! | `POST /v1/chat/completions`, `POST /chat/completions` | OpenAI chat completions | `Authorization: Bearer <key>` |
+//! | `POST /v1/messages` | Anthropic Messages (`max_tokens` required, unknown fields rejected) | `x-api-key` and `anthropic-version` |
+//! | `POST /v1beta/models/{model}:generateContent` (also `/v1/...`) | Gemini | `x-goog-api-key` or `?key=` |
+//! | `POST /api/chat` | Ollama (streams NDJSON unless `"stream": false`) | none |
+//! | `GET /v1/models`, `GET /models`, `GET /healthz` | | none |
+//!
+//! Any non-empty key is accepted; a missing one gets 401 (Gemini: 403 `PERMISSION_DENIED`) in
+//! the route's error shape. Every route counts its requests in [`MockServer::calls`].
+//!
+//! What a request does is chosen by its model name (see [`MAGIC_MODELS`]), or by a marker
+//! `[[mock:<name>]]` in the last user message, which wins over the model. Errors come in each
+//! route's own shape: OpenAI `{"error":{"message","type","param","code"}}`, Anthropic
+//! `{"type":"error","error":{"type","message"}}` (`error.type` follows the status:
+//! `api_error`, `overloaded_error` for 529, `rate_limit_error`, ...), Google
+//! `{"error":{"code","message","status"}}` (`INTERNAL`, `UNAVAILABLE`, `RESOURCE_EXHAUSTED`,
+//! ...), Ollama `{"error":"..."}`.
+//!
+//! | name | behaviour |
+//! |---|---|
+//! | anything else (`mock-fast`, `gpt-4o-mini`, ...) | 200 after [`MockOptions::latency`] |
+//! | `slow`, `slow-<ms>` | 200 after 2 s, or after `<ms>` milliseconds (plus the latency) |
+//! | `timeout` | no answer for 10 minutes (ends early when the server shuts down) |
+//! | `fail-500`, `fail-503`, `fail-529`, `fail-400`, `fail-401`, `fail-404`, `fail-<status>` | that status with the route's error body |
+//! | `rate-limit` | 429 with `Retry-After: 1` (Gemini: no header, a `RetryInfo` detail `retryDelay: "1s"`) |
+//! | `rate-limit-ms` | 429 with `retry-after-ms: 200` (Gemini: `retryDelay: "0.200s"`, no header) |
+//! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future (Gemini: that header and `retryDelay: "2s"`) |
+//! | `flaky`, `flaky-<n>` | per conversation, the first 2 (or `n`) requests get 500, later ones 200 |
+//! | `context-too-long` | 400: OpenAI `context_length_exceeded`; Anthropic `prompt is too long: 250000 tokens > 200000 maximum`; Gemini `The input token count (N) exceeds the maximum number of tokens allowed (1048576).`; Ollama `the input length exceeds the context length` |
+//! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
+//! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
+//!
+//! A successful answer is deterministic: the content is `mock answer from <model>: ` followed
+//! by the first 60 characters of the last user message, and the usage is computed from the
+//! message lengths (see [`MockServer`]); every route reports the same counts in its own
+//! fields.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod anthropic;
+mod gemini;
+mod ollama;
+mod openai;
+#[cfg(test)]
+mod tests;
+
+use anthropic::anthropic_messages;
+use gemini::{gemini_generate, gemini_models};
+use ollama::{ollama_chat, ollama_tags};
+use openai::{ApiError, chat_completions};
+
+/// The model names with a special behaviour, as listed by `GET /v1/models`. `slow-<ms>`,
+/// `flaky-<n>` and `fail-<status>` also work with other numbers than the ones listed.
+pub const MAGIC_MODELS: &[&str] = &[
+    "mock-fast",
+    "mock-smart",
+    "mock-reason",
+    "slow",
+    "slow-300",
+    "timeout",
+    "fail-500",
+    "fail-503",
+    "fail-529",
+    "fail-400",
+    "fail-401",
+    "fail-404",
+    "rate-limit",
+    "rate-limit-ms",
+    "rate-limit-date",
+    "flaky",
+    "flaky-1",
+    "context-too-long",
+];
+
+/// How long `slow` waits.
+const SLOW_DEFAULT: Duration = Duration::from_secs(2);
+/// How long `timeout` waits.
+const TIMEOUT_SLEEP: Duration = Duration::from_secs(600);
+/// How many requests `flaky` fails per conversation.
+const FLAKY_DEFAULT: u64 = 2;
+/// Characters of the last user message echoed in the answer.
+const ECHO_CHARS: usize = 60;
+/// System messages at least this long report half the prompt as cached.
+const CACHE_MIN_SYSTEM_CHARS: usize = 400;
+/// The context size claimed by `context-too-long`.
+const CONTEXT_LIMIT: u64 = 128_000;
+/// Request bodies larger than this get a 413.
+const BODY_LIMIT: usize = 64 << 20;
+
+/// Options of a mock server.
+#[derive(Debug, Clone, Default)]
+pub struct MockOptions {
+    /// Added to every successful response.
+    pub latency: Duration,
+}
+
+/// What the server shares between requests.
+struct Shared {
+    opts: MockOptions,
+    shutdown: CancellationToken,
+    total: AtomicU64,
+    per_model: Mutex<HashMap<String, u64>>,
+    /// Requests seen per conversation hash, for `flaky`.
+    flaky: Mutex<HashMap<u64, u64>>,
+}
+
+impl Shared {
+    fn new(opts: MockOptions, shutdown: CancellationToken) -> Self {
+        Self {
+            opts,
+            shutdown,
+            total: AtomicU64::new(0),
+            per_model: Mutex::new(HashMap::new()),
+            flaky: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn count(&self, model: &str) {
+        let mut map = self
+            .per_model
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *map.entry(model.to_owned()).or_insert(0) += 1;
+    }
+
+    fn calls(&self, model: &str) -> u64 {
+        let map = self
+            .per_model
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(model).copied().unwrap_or(0)
+    }
+
+    /// Counts one more request for the conversation and returns how many there have been.
+    fn flaky_attempt(&self, conversation: u64) -> u64 {
+        let mut map = self.flaky.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = map.entry(conversation).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// Sleeps for `d`; false when the server shut down first.
+    async fn sleep(&self, d: Duration) -> bool {
+        if d.is_zero() {
+            return !self.shutdown.is_cancelled();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(d) => true,
+            () = self.shutdown.cancelled() => false,
+        }
+    }
+}
+
+/// A mock server on `127.0.0.1`, serving in the background until dropped or shut down.
+///
+/// Successful answers have `prompt_tokens` = the sum over messages of ceil(chars/4) + 3,
+/// `completion_tokens` = ceil(content chars/4) (capped by `max_tokens` /
+/// `max_completion_tokens`, which truncates the content and gives `finish_reason: "length"`),
+/// `cached_tokens` = prompt_tokens/2 when a system message has at least 400 characters (else 0)
+/// and `reasoning_tokens` = completion_tokens/2 for models whose name contains `reason`.
+///
+/// The other routes report the same numbers in their own fields: Anthropic
+/// `input_tokens` = prompt − cached, `cache_read_input_tokens` = cached,
+/// `cache_creation_input_tokens` = 0, `output_tokens` = completion, plus a `thinking` block
+/// for `reason` models; Gemini `promptTokenCount` = prompt, `cachedContentTokenCount` =
+/// cached, `thoughtsTokenCount` = reasoning and `candidatesTokenCount` = completion −
+/// reasoning (zero counts left out); Ollama `prompt_eval_count` = prompt, `eval_count` =
+/// completion (no cached count; `message.thinking` for `reason` models).
+pub struct MockServer {
+    addr: SocketAddr,
+    state: Arc<Shared>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl MockServer {
+    /// Binds `127.0.0.1:0` and serves in the background until dropped or shut down.
+    ///
+    /// # Errors
+    /// When the port cannot be bound.
+    pub async fn start(opts: MockOptions) -> io::Result<MockServer> {
+        Self::start_at(SocketAddr::from(([127, 0, 0, 1], 0)), opts).await
+    }
+
+    /// Binds `addr` (e.g. the port of a provider that was down) and serves in the background.
+    ///
+    /// # Errors
+    /// When the address cannot be bound.
+    pub async fn start_at(addr: SocketAddr, opts: MockOptions) -> io::Result<MockServer> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Shared::new(opts, CancellationToken::new()));
+        let task = tokio::spawn(serve_shared(listener, Arc::clone(&state)));
+        Ok(MockServer {
+            addr,
+            state,
+            task: Some(task),
+        })
+    }
+
+    /// The base URL, `http://127.0.0.1:PORT` (no trailing slash, no `/v1`).
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The address the server listens on.
+    #[must_use]
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Chat-completion requests received for `model` (whatever their outcome, including 401s;
+    /// requests whose body names no model are counted only in [`MockServer::total_calls`]).
+    #[must_use]
+    pub fn calls(&self, model: &str) -> u64 {
+        self.state.calls(model)
+    }
+
+    /// All chat-completion requests received.
+    #[must_use]
+    pub fn total_calls(&self) -> u64 {
+        self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// Stops the server and waits (at most 5 s) for open connections to finish; requests
+    /// still sleeping (`slow`, `timeout`) are answered with 503 at once.
+    pub async fn shutdown(mut self) {
+        self.state.shutdown.cancel();
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(Duration::from_secs(5), &mut task)
+                .await
+                .is_err()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for MockServer {
+    fn drop(&mut self) {
+        self.state.shutdown.cancel();
+    }
+}
+
+impl fmt::Debug for MockServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MockServer")
+            .field("url", &self.url())
+            .field("total_calls", &self.total_calls())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves on an existing listener until `shutdown` is cancelled (used by the binary).
+///
+/// # Errors
+/// When the server fails; accept errors are retried, not returned.
+pub async fn serve(
+    listener: TcpListener,
+    opts: MockOptions,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    serve_shared(listener, Arc::new(Shared::new(opts, shutdown))).await
+}
+
+async fn serve_shared(listener: TcpListener, state: Arc<Shared>) -> io::Result<()> {
+    let stop = state.shutdown.clone().cancelled_owned();
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+fn router(state: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/chat/completions", post(chat_completions))
+        .route("/v1/messages", post(anthropic_messages))
+        .route("/v1beta/models/{*rest}", post(gemini_generate))
+        .route("/v1/models/{*rest}", post(gemini_generate))
+        .route("/api/chat", post(ollama_chat))
+        .route("/api/tags", get(ollama_tags))
+        .route("/v1beta/models", get(gemini_models))
+        .route("/v1/models", get(models))
+        .route("/models", get(models))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(unknown_url)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(axum::middleware::map_response(add_request_id))
+        .with_state(state)
+}
+
+/// Every response gets a fresh `x-request-id`, as OpenAI's do.
+async fn add_request_id(mut response: Response) -> Response {
+    let id = uuid::Uuid::new_v4().to_string();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), value);
+    }
+    response
+}
+
+async fn models() -> Json<Value> {
+    let data: Vec<Value> = MAGIC_MODELS
+        .iter()
+        .map(|id| json!({"id": id, "object": "model", "created": 1_700_000_000, "owned_by": "llmq-mock"}))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn unknown_url(method: Method, uri: Uri) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_url",
+        format!("Invalid URL ({method} {})", uri.path()),
+    )
+    .into_response()
+}
+
+/// Which `Retry-After` flavour a 429 carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RetryHeader {
+    Seconds,
+    Millis,
+    Date,
+}
+
+/// What a request does, chosen by its model or a `[[mock:...]]` marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    Normal,
+    Slow(Duration),
+    Timeout,
+    Fail(StatusCode),
+    RateLimit(RetryHeader),
+    Flaky(u64),
+    ContextTooLong,
+}
+
+/// The behaviour of a magic name; `None` for ordinary model names.
+fn magic(name: &str) -> Option<Behaviour> {
+    let name = name.trim();
+    let behaviour = match name {
+        "slow" => Behaviour::Slow(SLOW_DEFAULT),
+        "timeout" => Behaviour::Timeout,
+        "rate-limit" => Behaviour::RateLimit(RetryHeader::Seconds),
+        "rate-limit-ms" => Behaviour::RateLimit(RetryHeader::Millis),
+        "rate-limit-date" => Behaviour::RateLimit(RetryHeader::Date),
+        "flaky" => Behaviour::Flaky(FLAKY_DEFAULT),
+        "context-too-long" => Behaviour::ContextTooLong,
+        _ => {
+            if let Some(ms) = number_after(name, "slow-") {
+                Behaviour::Slow(Duration::from_millis(ms))
+            } else if let Some(n) = number_after(name, "flaky-") {
+                Behaviour::Flaky(n)
+            } else if let Some(code) = number_after(name, "fail-")
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (400..=599).contains(c))
+                .and_then(|c| StatusCode::from_u16(c).ok())
+            {
+                Behaviour::Fail(code)
+            } else {
+                return None;
+            }
+        }
+    };
+    Some(behaviour)
+}
+
+fn number_after(name: &str, prefix: &str) -> Option<u64> {
+    let digits = name.strip_prefix(prefix)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The first `[[mock:<name>]]` marker with a magic name in `text`.
+fn marker(text: &str) -> Option<Behaviour> {
+    const OPEN: &str = "[[mock:";
+    let mut rest = text;
+    while let Some(start) = rest.find(OPEN) {
+        rest = &rest[start + OPEN.len()..];
+        if let Some(end) = rest.find("]]")
+            && let Some(b) = magic(&rest[..end])
+        {
+            return Some(b);
+        }
+    }
+    None
+}
+
+/// A validated request, reduced to what the mock uses.
+struct Conversation {
+    model: String,
+    /// (role, text) per message.
+    messages: Vec<(String, String)>,
+    max_tokens: Option<u64>,
+}
+
+impl Conversation {
+    fn last_user(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|(role, _)| role == "user")
+            .map_or("", |(_, text)| text.as_str())
+    }
+
+    fn prompt_tokens(&self) -> u64 {
+        self.messages.iter().map(|(_, text)| tokens(text) + 3).sum()
+    }
+
+    /// True when the model is `name` or the last user message has a `[[mock:name]]` marker
+    /// (for the route-specific names `blocked` and `missing`).
+    fn named(&self, name: &str) -> bool {
+        self.model == name || self.last_user().contains(&format!("[[mock:{name}]]"))
+    }
+
+    fn hash(&self) -> u64 {
+        let mut h = DefaultHasher::new();
+        for (_, text) in &self.messages {
+            text.hash(&mut h);
+        }
+        h.finish()
+    }
+}
+
+/// ceil(chars / 4).
+fn tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+/// Counts a request under the `model` its JSON body names, if any.
+fn count_body_model(state: &Shared, body: &[u8]) {
+    if let Ok(value) = serde_json::from_slice::<Value>(body)
+        && let Some(model) = value.get("model").and_then(Value::as_str)
+    {
+        state.count(model);
+    }
+}
+
+/// What a valid request gets, before it is put in a wire format.
+#[derive(Debug)]
+enum Outcome {
+    Answer(Answer),
+    /// `fail-<status>`, or a `flaky` failure (500).
+    Fail(StatusCode),
+    RateLimit(RetryHeader),
+    ContextTooLong,
+    /// The server shut down while the request was waiting.
+    ShuttingDown,
+}
+
+/// Applies the request's behaviour: sleeps for the slow ones, counts the flaky ones.
+async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
+    let behaviour = marker(conv.last_user())
+        .or_else(|| magic(&conv.model))
+        .unwrap_or(Behaviour::Normal);
+    let extra = match behaviour {
+        Behaviour::Normal => Duration::ZERO,
+        Behaviour::Slow(d) => d,
+        Behaviour::Timeout => TIMEOUT_SLEEP,
+        Behaviour::Fail(status) => return Outcome::Fail(status),
+        Behaviour::RateLimit(kind) => return Outcome::RateLimit(kind),
+        Behaviour::ContextTooLong => return Outcome::ContextTooLong,
+        Behaviour::Flaky(n) => {
+            if state.flaky_attempt(conv.hash()) <= n {
+                return Outcome::Fail(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+            Duration::ZERO
+        }
+    };
+    if !state.sleep(state.opts.latency + extra).await {
+        return Outcome::ShuttingDown;
+    }
+    Outcome::Answer(Answer::new(conv))
+}
+
+/// The wait a 429 asks for: (as said in the message, header name, header value).
+fn retry_header(kind: RetryHeader) -> (&'static str, &'static str, String) {
+    match kind {
+        RetryHeader::Seconds => ("1s", "retry-after", "1".to_owned()),
+        RetryHeader::Millis => ("200ms", "retry-after-ms", "200".to_owned()),
+        RetryHeader::Date => ("2s", "retry-after", http_date_in(2)),
+    }
+}
+
+/// An HTTP-date (RFC 7231 IMF-fixdate) at least `secs` seconds from now.
+fn http_date_in(secs: i64) -> String {
+    let when = chrono::Utc::now() + chrono::Duration::seconds(secs);
+    let whole = when.timestamp() + i64::from(when.timestamp_subsec_nanos() > 0);
+    chrono::DateTime::from_timestamp(whole, 0)
+        .map(|t| t.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+        .unwrap_or_else(|| secs.to_string())
+}
+
+/// A successful answer, the same whatever the wire format: the content is
+/// `mock answer from <model>: ` and the first 60 characters of the last user message, cut to
+/// `max_tokens`; the token counts follow from the message lengths.
+#[derive(Debug)]
+struct Answer {
+    content: String,
+    /// Cut short by the output limit.
+    truncated: bool,
+    /// All prompt tokens, cached ones included.
+    prompt_tokens: u64,
+    /// All output tokens, reasoning ones included.
+    completion_tokens: u64,
+    cached_tokens: u64,
+    reasoning_tokens: u64,
+}
+
+impl Answer {
+    fn new(conv: &Conversation) -> Self {
+        let echo: String = conv.last_user().chars().take(ECHO_CHARS).collect();
+        let mut content = format!("mock answer from {}: {echo}", conv.model);
+        let mut completion_tokens = tokens(&content);
+        let mut truncated = false;
+        if let Some(max) = conv.max_tokens
+            && max < completion_tokens
+        {
+            let keep = usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX);
+            content = content.chars().take(keep).collect();
+            completion_tokens = max;
+            truncated = true;
+        }
+        let prompt_tokens = conv.prompt_tokens();
+        let long_system = conv.messages.iter().any(|(role, text)| {
+            (role == "system" || role == "developer")
+                && text.chars().count() >= CACHE_MIN_SYSTEM_CHARS
+        });
+        let cached_tokens = if long_system { prompt_tokens / 2 } else { 0 };
+        let reasoning_tokens = if conv.model.contains("reason") {
+            completion_tokens / 2
+        } else {
+            0
+        };
+        Self {
+            content,
+            truncated,
+            prompt_tokens,
+            completion_tokens,
+            cached_tokens,
+            reasoning_tokens,
+        }
+    }
+}
+
+/// Sets a header on a response; values that are not valid header text are left out.
+fn insert_header(response: &mut Response, name: &'static str, value: &str) {
+    if let Ok(value) = HeaderValue::from_str(value) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// The text of a message's content: a string, or the `text` of each block of an array.
+fn content_text(content: &Value) -> Option<String> {
+    match content {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(blocks) => Some(
+            blocks
+                .iter()
+                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn short_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}

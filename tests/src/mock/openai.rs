@@ -1,0 +1,352 @@
+//! The OpenAI chat-completions wire format: `POST /v1/chat/completions`.
+
+use super::*;
+
+/// An OpenAI error response: `{"error":{"message","type","param","code"}}` plus headers.
+#[derive(Debug)]
+pub(super) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    param: Option<&'static str>,
+    message: String,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    pub(super) fn new(
+        status: StatusCode,
+        kind: &'static str,
+        code: &'static str,
+        message: String,
+    ) -> Self {
+        Self {
+            status,
+            kind,
+            code,
+            param: None,
+            message,
+            headers: Vec::new(),
+        }
+    }
+
+    pub(super) fn invalid(
+        code: &'static str,
+        param: Option<&'static str>,
+        message: String,
+    ) -> Self {
+        Self {
+            param,
+            ..Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                code,
+                message,
+            )
+        }
+    }
+
+    pub(super) fn header(mut self, name: &'static str, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub(super) fn server_error(status: StatusCode) -> Self {
+        let (code, message) = match status.as_u16() {
+            503 => (
+                "service_unavailable",
+                "The server is overloaded or not ready yet.".to_owned(),
+            ),
+            502 => ("bad_gateway", "Bad gateway.".to_owned()),
+            504 => ("gateway_timeout", "Gateway timeout.".to_owned()),
+            _ => (
+                "server_error",
+                "The server had an error while processing your request. Sorry about that!"
+                    .to_owned(),
+            ),
+        };
+        Self::new(status, "server_error", code, message)
+    }
+
+    pub(super) fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "service_unavailable",
+            "llmq-mock is shutting down.".to_owned(),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        for (name, value) in self.headers {
+            insert_header(&mut response, name, &value);
+        }
+        response
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f64>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Value>,
+}
+
+impl ChatMessage {
+    /// The message's text: a string, or the `text` parts of a content array.
+    pub(super) fn text(&self) -> String {
+        match &self.content {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(""),
+            _ => String::new(),
+        }
+    }
+}
+
+pub(super) fn validate(body: &[u8]) -> Result<Conversation, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| {
+        ApiError::invalid(
+            "invalid_json",
+            None,
+            "We could not parse the JSON body of your request. (HINT: This likely means you \
+             aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, \
+             but what was sent was not valid JSON.)"
+                .to_owned(),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::invalid(
+            "invalid_type",
+            None,
+            "Invalid request body: expected a JSON object.".to_owned(),
+        ));
+    }
+    let req: ChatRequest = serde_json::from_value(value).map_err(|e| {
+        ApiError::invalid("invalid_type", None, format!("Invalid request body: {e}."))
+    })?;
+    let model = req.model.filter(|m| !m.trim().is_empty()).ok_or_else(|| {
+        ApiError::invalid(
+            "missing_required_parameter",
+            Some("model"),
+            "you must provide a model parameter".to_owned(),
+        )
+    })?;
+    let messages = req.messages.ok_or_else(|| {
+        ApiError::invalid(
+            "missing_required_parameter",
+            Some("messages"),
+            "Missing required parameter: 'messages'.".to_owned(),
+        )
+    })?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "empty_array",
+            Some("messages"),
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, but got \
+             an empty array instead."
+                .to_owned(),
+        ));
+    }
+    if let Some(t) = req.temperature
+        && !(0.0..=2.0).contains(&t)
+    {
+        let (code, bound) = if t < 0.0 {
+            (
+                "decimal_below_min_value",
+                "below minimum value. Expected a value >= 0",
+            )
+        } else {
+            (
+                "decimal_above_max_value",
+                "above maximum value. Expected a value <= 2",
+            )
+        };
+        return Err(ApiError::invalid(
+            code,
+            Some("temperature"),
+            format!("Invalid 'temperature': decimal {bound}, but got {t} instead."),
+        ));
+    }
+    let max_tokens = match (req.max_tokens, req.max_completion_tokens) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Conversation {
+        model,
+        messages: messages
+            .iter()
+            .map(|m| (m.role.clone(), m.text()))
+            .collect(),
+        max_tokens,
+    })
+}
+
+/// True when `Authorization: Bearer <non-empty key>` is present.
+pub(super) fn authorized(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            (scheme.eq_ignore_ascii_case("bearer") && !key.trim().is_empty()).then_some(())
+        })
+        .is_some()
+}
+
+pub(super) async fn chat_completions(
+    State(state): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    state.total.fetch_add(1, Ordering::SeqCst);
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => {
+            return ApiError::new(
+                rejection.status(),
+                "invalid_request_error",
+                "invalid_body",
+                rejection.body_text(),
+            )
+            .into_response();
+        }
+    };
+    count_body_model(&state, &body);
+    if !authorized(&headers) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_api_key",
+            "You didn't provide an API key. You need to provide your API key in an \
+             Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+                .to_owned(),
+        )
+        .into_response();
+    }
+    match validate(&body) {
+        Ok(conv) => respond(&state, &conv).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+pub(super) fn failure(status: StatusCode, model: &str) -> ApiError {
+    match status.as_u16() {
+        400 => ApiError::invalid(
+            "invalid_value",
+            Some("messages"),
+            "Invalid value for 'messages': the request was rejected (llmq-mock fail-400)."
+                .to_owned(),
+        ),
+        401 => ApiError::new(
+            status,
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided: sk-mock****. You can find your API key at \
+             https://platform.openai.com/account/api-keys."
+                .to_owned(),
+        ),
+        404 => ApiError::new(
+            status,
+            "invalid_request_error",
+            "model_not_found",
+            format!("The model `{model}` does not exist or you do not have access to it."),
+        ),
+        500..=599 => ApiError::server_error(status),
+        _ => ApiError::new(
+            status,
+            "invalid_request_error",
+            "mock_failure",
+            format!("llmq-mock answered {status} as asked."),
+        ),
+    }
+}
+
+pub(super) fn rate_limited(kind: RetryHeader, model: &str) -> ApiError {
+    let (wait, header, value) = retry_header(kind);
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_exceeded",
+        "rate_limit_exceeded",
+        format!(
+            "Rate limit reached for {model} in organization org-llmq-mock on requests per min \
+             (RPM): Limit 3, Used 3, Requested 1. Please try again in {wait}."
+        ),
+    )
+    .header(header, value)
+}
+
+/// The chat.completion body for a successful request.
+pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
+    let Answer {
+        content,
+        truncated,
+        prompt_tokens,
+        completion_tokens,
+        cached_tokens,
+        reasoning_tokens,
+    } = answer;
+    let finish_reason = if *truncated { "length" } else { "stop" };
+    json!({
+        "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        "object": "chat.completion",
+        "created": chrono::Utc::now().timestamp(),
+        "model": conv.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
+        },
+        "system_fingerprint": "fp_llmq_mock",
+    })
+}
+
+pub(super) async fn respond(state: &Shared, conv: &Conversation) -> Response {
+    match decide(state, conv).await {
+        Outcome::Answer(answer) => Json(completion(conv, &answer)).into_response(),
+        Outcome::Fail(status) => failure(status, &conv.model).into_response(),
+        Outcome::RateLimit(kind) => rate_limited(kind, &conv.model).into_response(),
+        Outcome::ContextTooLong => ApiError::invalid(
+            "context_length_exceeded",
+            Some("messages"),
+            format!(
+                "This model's maximum context length is {CONTEXT_LIMIT} tokens. However, your \
+                 messages resulted in {} tokens. Please reduce the length of the messages.",
+                conv.prompt_tokens().max(CONTEXT_LIMIT + 1)
+            ),
+        )
+        .into_response(),
+        Outcome::ShuttingDown => ApiError::shutting_down().into_response(),
+    }
+}

@@ -1,0 +1,1166 @@
+//! The mock over real HTTP, route by route.
+
+use super::*;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const KEY: &str = "Bearer sk-test";
+
+#[derive(Debug)]
+struct HttpResponse {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl HttpResponse {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One raw HTTP/1.1 request with `Connection: close`.
+async fn http(
+    server: &MockServer,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Option<&str>,
+) -> HttpResponse {
+    let headers: Vec<(&str, &str)> = auth.map(|a| ("Authorization", a)).into_iter().collect();
+    http_with(server, method, path, &headers, body).await
+}
+
+/// One raw HTTP/1.1 request with these headers and `Connection: close`.
+async fn http_with(
+    server: &MockServer,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> HttpResponse {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+        server.addr()
+    );
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if method == "POST" {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    let mut stream = TcpStream::connect(server.addr()).await.unwrap();
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8(raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    HttpResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").unwrap();
+        let size = usize::from_str_radix(size.trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+}
+
+async fn chat(server: &MockServer, body: &Value) -> HttpResponse {
+    http(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        Some(KEY),
+        Some(&body.to_string()),
+    )
+    .await
+}
+
+fn ask(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "messages": [{"role": "user", "content": prompt}]})
+}
+
+async fn server() -> MockServer {
+    MockServer::start(MockOptions::default()).await.unwrap()
+}
+
+fn assert_error(resp: &HttpResponse, status: u16, kind: &str, code: &str) {
+    assert_eq!(resp.status, status, "{}", resp.body);
+    let v = resp.json();
+    let e = &v["error"];
+    assert_eq!(e["type"], kind, "{v}");
+    assert_eq!(e["code"], code, "{v}");
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert!(e.get("param").is_some(), "param must be present: {v}");
+    assert_eq!(e.as_object().unwrap().len(), 4, "{v}");
+}
+
+#[tokio::test]
+async fn success_has_openai_shape_and_deterministic_usage() {
+    let s = server().await;
+    let system = "You are terse."; // 14 chars -> 4 tokens
+    let prompt = "Summarise the following text in one sentence, please, thanks!!! extra"; // 69
+    let resp = chat(
+        &s,
+        &json!({
+            "model": "mock-fast",
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": prompt},
+            ],
+            "temperature": 0.2,
+        }),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let rid = resp.header("x-request-id").unwrap();
+    uuid::Uuid::parse_str(rid).unwrap();
+    let v = resp.json();
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["model"], "mock-fast");
+    assert!(v["created"].as_i64().unwrap() > 1_600_000_000);
+    let choice = &v["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    let expected: String = format!(
+        "mock answer from mock-fast: {}",
+        prompt.chars().take(60).collect::<String>()
+    );
+    assert_eq!(choice["message"]["content"], expected.as_str());
+    assert_eq!(choice["finish_reason"], "stop");
+    let u = &v["usage"];
+    let prompt_tokens = (4 + 3) + (69_u64.div_ceil(4) + 3);
+    assert_eq!(u["prompt_tokens"], prompt_tokens);
+    let completion_tokens = (expected.chars().count() as u64).div_ceil(4);
+    assert_eq!(u["completion_tokens"], completion_tokens);
+    assert_eq!(u["total_tokens"], prompt_tokens + completion_tokens);
+    assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(u["completion_tokens_details"]["reasoning_tokens"], 0);
+    // x-request-id is fresh per response.
+    let again = chat(&s, &ask("mock-fast", "hi")).await;
+    assert_ne!(again.header("x-request-id").unwrap(), rid);
+}
+
+#[tokio::test]
+async fn max_tokens_truncates_with_finish_reason_length() {
+    let s = server().await;
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let mut body = ask(
+            "mock-fast",
+            "a fairly long prompt that produces many tokens",
+        );
+        body[field] = json!(3);
+        let v = chat(&s, &body).await.json();
+        assert_eq!(v["choices"][0]["finish_reason"], "length", "{field}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"], "mock answer ",
+            "{field}"
+        );
+        assert_eq!(v["usage"]["completion_tokens"], 3, "{field}");
+    }
+    // A generous limit changes nothing.
+    let mut body = ask("mock-fast", "x");
+    body["max_tokens"] = json!(1000);
+    let v = chat(&s, &body).await.json();
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test]
+async fn cached_and_reasoning_tokens() {
+    let s = server().await;
+    let system = "s".repeat(400);
+    let v = chat(
+        &s,
+        &json!({"model": "mock-reason", "messages": [
+            {"role": "system", "content": system},
+            {"role": "user", "content": "why?"},
+        ]}),
+    )
+    .await
+    .json();
+    let u = &v["usage"];
+    let prompt = 100 + 3 + 1 + 3;
+    assert_eq!(u["prompt_tokens"], prompt);
+    assert_eq!(u["prompt_tokens_details"]["cached_tokens"], prompt / 2);
+    let completion = u["completion_tokens"].as_u64().unwrap();
+    assert!(completion > 1);
+    assert_eq!(
+        u["completion_tokens_details"]["reasoning_tokens"],
+        completion / 2
+    );
+
+    // 399 characters of system prompt: nothing cached.
+    let v = chat(
+        &s,
+        &json!({"model": "mock-fast", "messages": [
+            {"role": "system", "content": "s".repeat(399)},
+            {"role": "user", "content": "why?"},
+        ]}),
+    )
+    .await
+    .json();
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+}
+
+#[tokio::test]
+async fn content_arrays_are_read_as_text() {
+    let s = server().await;
+    let v = chat(
+        &s,
+        &json!({"model": "m", "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hello "},
+            {"type": "text", "text": "world"},
+        ]}]}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "mock answer from m: hello world"
+    );
+}
+
+#[tokio::test]
+async fn fail_models_give_openai_error_bodies() {
+    let s = server().await;
+    let resp = chat(&s, &ask("fail-500", "hi")).await;
+    assert_error(&resp, 500, "server_error", "server_error");
+    assert_eq!(resp.json()["error"]["param"], Value::Null);
+    assert!(resp.header("x-request-id").is_some());
+    assert!(resp.header("retry-after").is_none());
+
+    assert_error(
+        &chat(&s, &ask("fail-503", "hi")).await,
+        503,
+        "server_error",
+        "service_unavailable",
+    );
+    assert_error(
+        &chat(&s, &ask("fail-400", "hi")).await,
+        400,
+        "invalid_request_error",
+        "invalid_value",
+    );
+    assert_error(
+        &chat(&s, &ask("fail-401", "hi")).await,
+        401,
+        "invalid_request_error",
+        "invalid_api_key",
+    );
+    let resp = chat(&s, &ask("fail-404", "hi")).await;
+    assert_error(&resp, 404, "invalid_request_error", "model_not_found");
+    assert!(
+        resp.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("fail-404")
+    );
+    assert_error(
+        &chat(&s, &ask("fail-502", "hi")).await,
+        502,
+        "server_error",
+        "bad_gateway",
+    );
+}
+
+#[tokio::test]
+async fn context_too_long() {
+    let s = server().await;
+    let resp = chat(&s, &ask("context-too-long", "hi")).await;
+    assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        "context_length_exceeded",
+    );
+    let msg = resp.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        msg.starts_with("This model's maximum context length is 128000 tokens"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn rate_limits_carry_retry_after() {
+    let s = server().await;
+    let resp = chat(&s, &ask("rate-limit", "hi")).await;
+    assert_error(&resp, 429, "rate_limit_exceeded", "rate_limit_exceeded");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert!(resp.header("retry-after-ms").is_none());
+
+    let resp = chat(&s, &ask("rate-limit-ms", "hi")).await;
+    assert_error(&resp, 429, "rate_limit_exceeded", "rate_limit_exceeded");
+    assert_eq!(resp.header("retry-after-ms"), Some("200"));
+    assert!(resp.header("retry-after").is_none());
+
+    let resp = chat(&s, &ask("rate-limit-date", "hi")).await;
+    assert_error(&resp, 429, "rate_limit_exceeded", "rate_limit_exceeded");
+    let date = resp.header("retry-after").unwrap();
+    assert!(date.ends_with(" GMT"), "{date}");
+    let when = chrono::DateTime::parse_from_rfc2822(date).unwrap();
+    let wait = when.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    assert!(
+        wait > chrono::Duration::milliseconds(1500) && wait <= chrono::Duration::seconds(3),
+        "{wait}"
+    );
+}
+
+#[tokio::test]
+async fn flaky_fails_exactly_twice_per_conversation() {
+    let s = server().await;
+    let statuses = |n| {
+        let s = &s;
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                out.push(chat(s, &ask("flaky", "conversation A")).await.status);
+            }
+            out
+        }
+    };
+    assert_eq!(statuses(4).await, [500, 500, 200, 200]);
+    // Another conversation has its own count.
+    assert_eq!(chat(&s, &ask("flaky", "conversation B")).await.status, 500);
+    let resp = chat(&s, &ask("flaky-1", "conversation C")).await;
+    assert_error(&resp, 500, "server_error", "server_error");
+    assert_eq!(
+        chat(&s, &ask("flaky-1", "conversation C")).await.status,
+        200
+    );
+    assert_eq!(
+        chat(&s, &ask("flaky-0", "conversation D")).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn marker_in_last_user_message_wins_over_model() {
+    let s = server().await;
+    let resp = chat(&s, &ask("mock-fast", "task 7 [[mock:fail-500]]")).await;
+    assert_error(&resp, 500, "server_error", "server_error");
+    assert_eq!(chat(&s, &ask("mock-fast", "task 8")).await.status, 200);
+    // An unknown marker is ignored.
+    assert_eq!(
+        chat(&s, &ask("mock-fast", "[[mock:nonsense]]"))
+            .await
+            .status,
+        200
+    );
+    // Flaky by marker.
+    let p = "[[mock:flaky-1]] hello";
+    assert_eq!(chat(&s, &ask("mock-fast", p)).await.status, 500);
+    assert_eq!(chat(&s, &ask("mock-fast", p)).await.status, 200);
+    // Only the last user message counts.
+    let body = json!({"model": "mock-fast", "messages": [
+        {"role": "user", "content": "[[mock:fail-500]]"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "fine now"},
+    ]});
+    assert_eq!(chat(&s, &body).await.status, 200);
+    // A marker overrides a failing model too.
+    let resp = chat(&s, &ask("fail-500", "[[mock:rate-limit]]")).await;
+    assert_eq!(resp.status, 429);
+    // Slow by marker.
+    let start = Instant::now();
+    let resp = chat(&s, &ask("mock-fast", "[[mock:slow-200]] wait")).await;
+    assert_eq!(resp.status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn slow_models_and_latency_delay_the_answer() {
+    let s = server().await;
+    let start = Instant::now();
+    assert_eq!(chat(&s, &ask("slow-300", "hi")).await.status, 200);
+    let took = start.elapsed();
+    assert!(took >= Duration::from_millis(300), "{took:?}");
+
+    let s = MockServer::start(MockOptions {
+        latency: Duration::from_millis(150),
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    assert_eq!(chat(&s, &ask("mock-fast", "hi")).await.status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    // Errors are not delayed.
+    let start = Instant::now();
+    assert_eq!(chat(&s, &ask("fail-500", "hi")).await.status, 500);
+    assert!(start.elapsed() < Duration::from_millis(150));
+}
+
+#[tokio::test]
+async fn missing_or_empty_auth_is_401() {
+    let s = server().await;
+    let body = ask("mock-fast", "hi").to_string();
+    for auth in [None, Some("Bearer "), Some("Basic abc"), Some("sk-test")] {
+        let resp = http(&s, "POST", "/v1/chat/completions", auth, Some(&body)).await;
+        assert_error(&resp, 401, "invalid_request_error", "invalid_api_key");
+    }
+    let resp = http(
+        &s,
+        "POST",
+        "/v1/chat/completions",
+        Some("bearer k"),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+}
+
+#[tokio::test]
+async fn malformed_requests_are_400() {
+    let s = server().await;
+    let post = |body: &'static str| {
+        let s = &s;
+        async move { http(s, "POST", "/v1/chat/completions", Some(KEY), Some(body)).await }
+    };
+    let resp = post("{not json").await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_json");
+    let resp = post("").await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_json");
+    let resp = post("[1,2]").await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_type");
+    let resp = post(r#"{"model":"m"}"#).await;
+    assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        "missing_required_parameter",
+    );
+    assert_eq!(resp.json()["error"]["param"], "messages");
+    let resp = post(r#"{"messages":[{"role":"user","content":"hi"}]}"#).await;
+    assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        "missing_required_parameter",
+    );
+    assert_eq!(resp.json()["error"]["param"], "model");
+    let resp = post(r#"{"model":"m","messages":[]}"#).await;
+    assert_error(&resp, 400, "invalid_request_error", "empty_array");
+    let resp = post(r#"{"model":"m","messages":"hi"}"#).await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_type");
+    let resp =
+        post(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":3}"#).await;
+    assert_error(
+        &resp,
+        400,
+        "invalid_request_error",
+        "decimal_above_max_value",
+    );
+    // The server is still fine afterwards.
+    assert_eq!(chat(&s, &ask("m", "hi")).await.status, 200);
+}
+
+#[tokio::test]
+async fn calls_are_counted_per_model_whatever_the_outcome() {
+    let s = server().await;
+    assert_eq!(s.calls("mock-fast"), 0);
+    assert_eq!(s.total_calls(), 0);
+    chat(&s, &ask("mock-fast", "a")).await;
+    chat(&s, &ask("mock-fast", "b")).await;
+    chat(&s, &ask("fail-500", "c")).await;
+    chat(&s, &ask("flaky", "d")).await;
+    let body = ask("mock-fast", "no key").to_string();
+    http(&s, "POST", "/v1/chat/completions", None, Some(&body)).await;
+    http(&s, "POST", "/v1/chat/completions", Some(KEY), Some("{oops")).await;
+    // Without /v1 too.
+    let resp = http(&s, "POST", "/chat/completions", Some(KEY), Some(&body)).await;
+    assert_eq!(resp.status, 200);
+    // Other routes are not chat calls.
+    http(&s, "GET", "/v1/models", Some(KEY), None).await;
+    assert_eq!(s.calls("mock-fast"), 4);
+    assert_eq!(s.calls("fail-500"), 1);
+    assert_eq!(s.calls("flaky"), 1);
+    assert_eq!(s.calls("mock-smart"), 0);
+    assert_eq!(s.total_calls(), 7);
+}
+
+#[tokio::test]
+async fn models_healthz_and_unknown_urls() {
+    let s = server().await;
+    assert!(s.url().starts_with("http://127.0.0.1:"));
+    assert!(!s.url().ends_with('/'));
+    let resp = http(&s, "GET", "/healthz", None, None).await;
+    assert_eq!((resp.status, resp.body.as_str()), (200, "ok"));
+    let v = http(&s, "GET", "/v1/models", Some(KEY), None).await.json();
+    assert_eq!(v["object"], "list");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, MAGIC_MODELS);
+    assert_eq!(v["data"][0]["object"], "model");
+    let resp = http(&s, "GET", "/v2/nothing", None, None).await;
+    assert_error(&resp, 404, "invalid_request_error", "unknown_url");
+}
+
+#[tokio::test]
+async fn shutdown_ends_a_hanging_timeout_request() {
+    let s = server().await;
+    let addr = s.addr();
+    let body = ask("timeout", "hang").to_string();
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\
+         Authorization: {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let client = tokio::spawn(async move {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).await.unwrap();
+        raw
+    });
+    // Wait until the request has arrived.
+    let start = Instant::now();
+    while s.calls("timeout") == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "request never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!client.is_finished(), "timeout must not answer on its own");
+    tokio::time::timeout(Duration::from_secs(3), s.shutdown())
+        .await
+        .unwrap();
+    let raw = tokio::time::timeout(Duration::from_secs(3), client)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    // The port no longer accepts connections.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn dropping_the_server_stops_it() {
+    let s = server().await;
+    let addr = s.addr();
+    assert_eq!(http(&s, "GET", "/healthz", None, None).await.status, 200);
+    drop(s);
+    let start = Instant::now();
+    while TcpStream::connect(addr).await.is_ok() {
+        assert!(start.elapsed() < Duration::from_secs(5), "still listening");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---- Anthropic route ----
+
+type Headers<'a> = &'a [(&'a str, &'a str)];
+
+const ANTHROPIC_HEADERS: &[(&str, &str)] = &[
+    ("x-api-key", "sk-ant-test"),
+    ("anthropic-version", "2023-06-01"),
+];
+
+async fn messages(server: &MockServer, body: &Value) -> HttpResponse {
+    http_with(
+        server,
+        "POST",
+        "/v1/messages",
+        ANTHROPIC_HEADERS,
+        Some(&body.to_string()),
+    )
+    .await
+}
+
+fn ask_anthropic(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "max_tokens": 1024,
+           "messages": [{"role": "user", "content": prompt}]})
+}
+
+fn assert_anthropic_error(resp: &HttpResponse, status: u16, kind: &str) -> String {
+    assert_eq!(resp.status, status, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    assert!(resp.header("request-id").is_some());
+    let message = v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(!message.is_empty(), "{v}");
+    message
+}
+
+#[tokio::test]
+async fn anthropic_success_has_messages_shape_and_usage() {
+    let s = server().await;
+    let system = "s".repeat(400); // 100 tokens
+    let resp = messages(
+        &s,
+        &json!({"model": "claude-reason", "max_tokens": 1024, "system": system,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]}),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert_eq!(v["stop_reason"], "end_turn");
+    // The thinking block comes first; the text is the usual answer.
+    assert_eq!(v["content"][0]["type"], "thinking");
+    assert_eq!(v["content"][1]["type"], "text");
+    let text = "mock answer from claude-reason: hello";
+    assert_eq!(v["content"][1]["text"], text);
+    // prompt = (100 + 3) + (2 + 3) = 108, half cached; input_tokens leaves them out.
+    let u = &v["usage"];
+    assert_eq!(u["cache_read_input_tokens"], 54);
+    assert_eq!(u["input_tokens"], 54);
+    assert_eq!(u["cache_creation_input_tokens"], 0);
+    assert_eq!(u["output_tokens"], tokens(text));
+
+    let mut body = ask_anthropic("claude-x", "a fairly long prompt to cut");
+    body["max_tokens"] = json!(2);
+    let v = messages(&s, &body).await.json();
+    assert_eq!(v["stop_reason"], "max_tokens");
+    assert_eq!(v["content"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["content"][0]["text"], "mock ans");
+    assert_eq!(v["usage"]["output_tokens"], 2);
+    assert_eq!(v["usage"]["cache_read_input_tokens"], 0);
+}
+
+#[tokio::test]
+async fn anthropic_needs_a_key_and_a_version() {
+    let s = server().await;
+    let body = ask_anthropic("claude-x", "hi").to_string();
+    for headers in [
+        &[][..],
+        &[("anthropic-version", "2023-06-01")][..],
+        &[("x-api-key", " "), ("anthropic-version", "2023-06-01")][..],
+        &[("x-api-key", "sk-ant")][..],
+        // A bearer token is not Anthropic's auth.
+        &[
+            ("Authorization", "Bearer sk"),
+            ("anthropic-version", "2023-06-01"),
+        ][..],
+    ] {
+        let resp = http_with(&s, "POST", "/v1/messages", headers, Some(&body)).await;
+        assert_anthropic_error(&resp, 401, "authentication_error");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_errors_have_anthropic_shape() {
+    let s = server().await;
+    for (model, status, kind) in [
+        ("fail-500", 500, "api_error"),
+        ("fail-529", 529, "overloaded_error"),
+        ("fail-503", 503, "api_error"),
+        ("fail-400", 400, "invalid_request_error"),
+        ("fail-401", 401, "authentication_error"),
+        ("fail-403", 403, "permission_error"),
+        ("fail-404", 404, "not_found_error"),
+    ] {
+        let resp = messages(&s, &ask_anthropic(model, "hi")).await;
+        assert_anthropic_error(&resp, status, kind);
+    }
+    let resp = messages(&s, &ask_anthropic("context-too-long", "hi")).await;
+    let msg = assert_anthropic_error(&resp, 400, "invalid_request_error");
+    assert_eq!(msg, "prompt is too long: 250000 tokens > 200000 maximum");
+
+    let resp = messages(&s, &ask_anthropic("rate-limit", "hi")).await;
+    assert_anthropic_error(&resp, 429, "rate_limit_error");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(
+        resp.header("anthropic-ratelimit-requests-remaining"),
+        Some("0")
+    );
+    let resp = messages(&s, &ask_anthropic("rate-limit-ms", "hi")).await;
+    assert_eq!(resp.header("retry-after-ms"), Some("200"));
+
+    // Markers and flaky work here too.
+    let resp = messages(&s, &ask_anthropic("claude-x", "x [[mock:fail-529]]")).await;
+    assert_eq!(resp.status, 529);
+    let statuses = [
+        messages(&s, &ask_anthropic("flaky-1", "conv")).await.status,
+        messages(&s, &ask_anthropic("flaky-1", "conv")).await.status,
+    ];
+    assert_eq!(statuses, [500, 200]);
+}
+
+#[tokio::test]
+async fn anthropic_requests_are_validated() {
+    let s = server().await;
+    let cases = [
+        (
+            json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}),
+            "max_tokens: Field required",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5}),
+            "messages: Field required",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "messages": []}),
+            "messages: at least one message is required",
+        ),
+        (
+            json!({"max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}),
+            "model: Field required",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 5,
+                "messages": [{"role": "user", "content": "x"}]}),
+            "max_completion_tokens: Extra inputs are not permitted",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5, "temperature": 1.5,
+                "messages": [{"role": "user", "content": "x"}]}),
+            "temperature: Input should be less than or equal to 1",
+        ),
+        (
+            json!({"model": "m", "max_tokens": 5,
+                "messages": [{"role": "system", "content": "x"}]}),
+            "messages.0.role: Input should be 'user' or 'assistant'",
+        ),
+    ];
+    for (body, want) in cases {
+        let resp = messages(&s, &body).await;
+        let msg = assert_anthropic_error(&resp, 400, "invalid_request_error");
+        assert_eq!(msg, want, "{body}");
+    }
+    let resp = http_with(&s, "POST", "/v1/messages", ANTHROPIC_HEADERS, Some("{nope")).await;
+    assert_anthropic_error(&resp, 400, "invalid_request_error");
+}
+
+// ---- Gemini route ----
+
+async fn generate(server: &MockServer, model: &str, body: &Value) -> HttpResponse {
+    http_with(
+        server,
+        "POST",
+        &format!("/v1beta/models/{model}:generateContent"),
+        &[("x-goog-api-key", "AIza-test")],
+        Some(&body.to_string()),
+    )
+    .await
+}
+
+fn ask_gemini(prompt: &str) -> Value {
+    json!({"contents": [{"role": "user", "parts": [{"text": prompt}]}]})
+}
+
+fn assert_google_error(resp: &HttpResponse, code: u16, status: &str) -> Value {
+    assert_eq!(resp.status, code, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v["error"]["code"], code, "{v}");
+    assert_eq!(v["error"]["status"], status, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{v}"
+    );
+    v["error"].clone()
+}
+
+#[tokio::test]
+async fn gemini_success_has_generate_content_shape_and_usage() {
+    let s = server().await;
+    let system = "s".repeat(400);
+    let body = json!({
+        "systemInstruction": {"parts": [{"text": system}]},
+        "contents": [{"role": "user", "parts": [{"text": "hel"}, {"text": "lo"}]}],
+        "generationConfig": {"temperature": 0.2},
+    });
+    let v = generate(&s, "gemini-reason", &body).await.json();
+    let text = "mock answer from gemini-reason: hello";
+    assert_eq!(v["candidates"][0]["content"]["parts"][0]["text"], text);
+    assert_eq!(v["candidates"][0]["content"]["role"], "model");
+    assert_eq!(v["candidates"][0]["finishReason"], "STOP");
+    let u = &v["usageMetadata"];
+    let out = tokens(text);
+    assert_eq!(u["promptTokenCount"], 108);
+    assert_eq!(u["cachedContentTokenCount"], 54);
+    assert_eq!(u["thoughtsTokenCount"], out / 2);
+    assert_eq!(u["candidatesTokenCount"], out - out / 2);
+    assert_eq!(u["totalTokenCount"], 108 + out);
+
+    // Zero counts are left out, as Gemini does; snake_case fields are accepted.
+    let body = json!({"contents": [{"parts": [{"text": "a long enough prompt"}]}],
+                      "generation_config": {"max_output_tokens": 2}});
+    let v = generate(&s, "gemini-2.5-flash", &body).await.json();
+    assert_eq!(v["candidates"][0]["finishReason"], "MAX_TOKENS");
+    assert_eq!(
+        v["candidates"][0]["content"]["parts"][0]["text"],
+        "mock ans"
+    );
+    let u = v["usageMetadata"].as_object().unwrap();
+    assert_eq!(u["candidatesTokenCount"], 2);
+    assert!(!u.contains_key("cachedContentTokenCount") && !u.contains_key("thoughtsTokenCount"));
+    // The v1 path works too.
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1/models/g:generateContent?key=k",
+        &[],
+        Some(&ask_gemini("x").to_string()),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+}
+
+#[tokio::test]
+async fn gemini_takes_the_key_from_header_or_query() {
+    let s = server().await;
+    let body = ask_gemini("hi").to_string();
+    let path = "/v1beta/models/g:generateContent";
+    let resp = http_with(&s, "POST", path, &[], Some(&body)).await;
+    assert_google_error(&resp, 403, "PERMISSION_DENIED");
+    let resp = http_with(&s, "POST", &format!("{path}?key="), &[], Some(&body)).await;
+    assert_google_error(&resp, 403, "PERMISSION_DENIED");
+    let resp = http_with(
+        &s,
+        "POST",
+        &format!("{path}?alt=json&key=AIza"),
+        &[],
+        Some(&body),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let resp = http_with(&s, "POST", path, &[("x-goog-api-key", "AIza")], Some(&body)).await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+}
+
+#[tokio::test]
+async fn gemini_errors_have_google_shape() {
+    let s = server().await;
+    for (model, code, status) in [
+        ("fail-500", 500, "INTERNAL"),
+        ("fail-503", 503, "UNAVAILABLE"),
+        ("fail-400", 400, "INVALID_ARGUMENT"),
+        ("fail-401", 401, "UNAUTHENTICATED"),
+        ("fail-404", 404, "NOT_FOUND"),
+    ] {
+        let resp = generate(&s, model, &ask_gemini("hi")).await;
+        assert_google_error(&resp, code, status);
+    }
+    let resp = generate(&s, "context-too-long", &ask_gemini("hi")).await;
+    let e = assert_google_error(&resp, 400, "INVALID_ARGUMENT");
+    assert_eq!(
+        e["message"],
+        "The input token count (1048577) exceeds the maximum number of tokens allowed (1048576)."
+    );
+    // Rate limits: the wait is in a RetryInfo detail, without Retry-After.
+    for (model, delay) in [
+        ("rate-limit", "1s"),
+        ("rate-limit-ms", "0.200s"),
+        ("rate-limit-date", "2s"),
+    ] {
+        let resp = generate(&s, model, &ask_gemini("hi")).await;
+        let e = assert_google_error(&resp, 429, "RESOURCE_EXHAUSTED");
+        let info = e["details"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["@type"] == "type.googleapis.com/google.rpc.RetryInfo")
+            .unwrap();
+        assert_eq!(info["retryDelay"], delay);
+        assert!(resp.header("retry-after-ms").is_none());
+        assert_eq!(
+            resp.header("retry-after").is_some(),
+            model == "rate-limit-date",
+            "{model}"
+        );
+    }
+    // Blocked: 200 with promptFeedback and no candidates, by model or marker.
+    for (model, prompt) in [("blocked", "hi"), ("gemini-x", "[[mock:blocked]] hi")] {
+        let v = generate(&s, model, &ask_gemini(prompt)).await.json();
+        assert_eq!(v["promptFeedback"]["blockReason"], "SAFETY", "{v}");
+        assert!(v.get("candidates").is_none(), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn gemini_requests_are_validated() {
+    let s = server().await;
+    for body in [
+        json!({}),
+        json!({"contents": []}),
+        json!({"contents": [{"role": "user", "parts": []}]}),
+        json!({"contents": [{"role": "assistant", "parts": [{"text": "x"}]}]}),
+        json!({"contents": [{"parts": [{"text": "x"}]}], "max_tokens": 5}),
+        json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"max_tokens": 5}}),
+        json!({"contents": [{"parts": [{"text": "x"}]}], "generationConfig": {"temperature": 2.5}}),
+    ] {
+        let resp = generate(&s, "g", &body).await;
+        assert_google_error(&resp, 400, "INVALID_ARGUMENT");
+    }
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1beta/models/g:streamGenerateContent",
+        &[("x-goog-api-key", "k")],
+        Some("{}"),
+    )
+    .await;
+    assert_google_error(&resp, 404, "NOT_FOUND");
+}
+
+// ---- Ollama route ----
+
+async fn ollama(server: &MockServer, body: &Value) -> HttpResponse {
+    http_with(server, "POST", "/api/chat", &[], Some(&body.to_string())).await
+}
+
+fn ask_ollama(model: &str, prompt: &str) -> Value {
+    json!({"model": model, "stream": false,
+           "messages": [{"role": "user", "content": prompt}]})
+}
+
+fn assert_ollama_error(resp: &HttpResponse, status: u16) -> String {
+    assert_eq!(resp.status, status, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v.as_object().map(|o| o.len()), Some(1), "{v}");
+    v["error"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn ollama_success_has_chat_shape_and_counts() {
+    let s = server().await;
+    let body = json!({"model": "qwen-reason", "stream": false, "messages": [
+        {"role": "system", "content": "s".repeat(400)},
+        {"role": "user", "content": "hello"}]});
+    let v = ollama(&s, &body).await.json();
+    let text = "mock answer from qwen-reason: hello";
+    assert_eq!(v["message"]["role"], "assistant");
+    assert_eq!(v["message"]["content"], text);
+    assert!(v["message"]["thinking"].is_string());
+    assert_eq!(v["done"], true);
+    assert_eq!(v["done_reason"], "stop");
+    assert_eq!(v["prompt_eval_count"], 108);
+    assert_eq!(v["eval_count"], tokens(text));
+
+    let mut body = ask_ollama("llama3", "a long enough prompt");
+    body["options"] = json!({"num_predict": 2, "temperature": 0.1});
+    let v = ollama(&s, &body).await.json();
+    assert_eq!(v["done_reason"], "length");
+    assert_eq!(v["message"]["content"], "mock ans");
+    assert_eq!(v["eval_count"], 2);
+    assert!(v["message"].get("thinking").is_none());
+}
+
+#[tokio::test]
+async fn ollama_streams_unless_told_not_to() {
+    let s = server().await;
+    let body = json!({"model": "llama3", "messages": [{"role": "user", "content": "hi"}]});
+    let resp = ollama(&s, &body).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("content-type"), Some("application/x-ndjson"));
+    let lines: Vec<Value> = resp
+        .body
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["done"], false);
+    assert_eq!(
+        lines[0]["message"]["content"],
+        "mock answer from llama3: hi"
+    );
+    assert_eq!(lines[1]["done"], true);
+    assert!(lines[1]["eval_count"].as_u64().is_some());
+    // No messages only loads the model.
+    let v = ollama(&s, &json!({"model": "llama3", "stream": false}))
+        .await
+        .json();
+    assert_eq!(v["done_reason"], "load");
+}
+
+#[tokio::test]
+async fn ollama_errors_are_plain_strings() {
+    let s = server().await;
+    let msg = assert_ollama_error(&ollama(&s, &ask_ollama("missing", "hi")).await, 404);
+    assert_eq!(msg, "model \"missing\" not found, try pulling it first");
+    let msg = assert_ollama_error(&ollama(&s, &ask_ollama("fail-404", "hi")).await, 404);
+    assert_eq!(msg, "model \"fail-404\" not found, try pulling it first");
+    for (model, status) in [
+        ("fail-500", 500),
+        ("fail-503", 503),
+        ("fail-400", 400),
+        ("fail-401", 401),
+    ] {
+        assert_ollama_error(&ollama(&s, &ask_ollama(model, "hi")).await, status);
+    }
+    let msg = assert_ollama_error(
+        &ollama(&s, &ask_ollama("context-too-long", "hi")).await,
+        400,
+    );
+    assert_eq!(msg, "the input length exceeds the context length");
+    let resp = ollama(&s, &ask_ollama("rate-limit", "hi")).await;
+    assert_ollama_error(&resp, 429);
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    let msg = assert_ollama_error(&ollama(&s, &json!({"messages": []})).await, 400);
+    assert_eq!(msg, "model is required");
+    assert_ollama_error(
+        &http_with(&s, "POST", "/api/chat", &[], Some("nope")).await,
+        400,
+    );
+}
+
+#[tokio::test]
+async fn calls_are_counted_on_every_route() {
+    let s = server().await;
+    chat(&s, &ask("m", "a")).await;
+    messages(&s, &ask_anthropic("m", "b")).await;
+    generate(&s, "m", &ask_gemini("c")).await;
+    ollama(&s, &ask_ollama("m", "d")).await;
+    // Failures and unauthenticated requests count too.
+    http_with(
+        &s,
+        "POST",
+        "/v1/messages",
+        &[],
+        Some(&ask_anthropic("m", "e").to_string()),
+    )
+    .await;
+    http_with(
+        &s,
+        "POST",
+        "/v1beta/models/m:generateContent",
+        &[],
+        Some("{}"),
+    )
+    .await;
+    ollama(&s, &ask_ollama("fail-500", "f")).await;
+    assert_eq!(s.calls("m"), 6);
+    assert_eq!(s.calls("fail-500"), 1);
+    assert_eq!(s.total_calls(), 7);
+}
+
+#[tokio::test]
+async fn shutdown_ends_hanging_requests_on_every_route() {
+    let s = server().await;
+    let hanging: [(&str, Headers<'_>, Value); 3] = [
+        (
+            "/v1/messages",
+            ANTHROPIC_HEADERS,
+            ask_anthropic("timeout", "a"),
+        ),
+        (
+            "/v1beta/models/timeout:generateContent",
+            &[("x-goog-api-key", "k")],
+            ask_gemini("b"),
+        ),
+        ("/api/chat", &[], ask_ollama("timeout", "c")),
+    ];
+    let addr = s.addr();
+    let mut clients = Vec::new();
+    for (path, headers, body) in hanging {
+        let mut req = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+        for (n, v) in headers {
+            req.push_str(&format!("{n}: {v}\r\n"));
+        }
+        let body = body.to_string();
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ));
+        clients.push(tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(req.as_bytes()).await.unwrap();
+            let mut raw = String::new();
+            stream.read_to_string(&mut raw).await.unwrap();
+            raw
+        }));
+    }
+    let start = Instant::now();
+    while s.calls("timeout") < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "requests never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(3), s.shutdown())
+        .await
+        .unwrap();
+    for client in clients {
+        let raw = tokio::time::timeout(Duration::from_secs(3), client)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(raw.starts_with("HTTP/1.1 503"), "{raw}");
+    }
+}
+
+#[test]
+fn magic_names_parse() {
+    assert_eq!(magic("slow"), Some(Behaviour::Slow(Duration::from_secs(2))));
+    assert_eq!(
+        magic("slow-300"),
+        Some(Behaviour::Slow(Duration::from_millis(300)))
+    );
+    assert_eq!(magic("flaky-5"), Some(Behaviour::Flaky(5)));
+    assert_eq!(
+        magic("fail-503"),
+        Some(Behaviour::Fail(StatusCode::SERVICE_UNAVAILABLE))
+    );
+    assert_eq!(magic("fail-200"), None);
+    assert_eq!(magic("slow-x"), None);
+    assert_eq!(magic("mock-fast"), None);
+    assert_eq!(magic("gpt-4o-mini"), None);
+    assert_eq!(
+        marker("a [[mock:x]] b [[mock:timeout]]"),
+        Some(Behaviour::Timeout)
+    );
+    assert_eq!(marker("[[mock:slow-20"), None);
+    assert_eq!(gemini::camel("system_instruction"), "systemInstruction");
+    assert_eq!(gemini::camel("generationConfig"), "generationConfig");
+}
