@@ -23,6 +23,7 @@ pub mod outcome;
 pub mod provider;
 pub mod queue;
 pub mod quota;
+pub mod retry;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;

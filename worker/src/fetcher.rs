@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::{Client, Delivery};
+use llmq_shared::retry::RetryPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
+
+/// How failed reads are retried: 250 ms doubling to 5 s while Redis is away.
+const READ_RETRY: RetryPolicy =
+    RetryPolicy::new(Duration::from_millis(250), Duration::from_secs(5));
 
 /// A task read from a queue, holding one of the worker's concurrency slots.
 pub struct Job {
@@ -44,6 +49,7 @@ impl Fetcher {
         let mut last_reclaim: Option<Instant> = None;
         let mut conn = None;
         let mut turn = 0usize;
+        let mut failures = 0u32;
         loop {
             let pause = self.read_pause.remaining();
             if !pause.is_zero() {
@@ -123,7 +129,10 @@ impl Fetcher {
             let failed = result.is_err();
             if let Err(e) = result {
                 conn = None;
-                tracing::error!("reading tasks failed, retrying in 1s: {e}");
+                failures += 1;
+                tracing::error!("reading tasks failed (Redis away?); retrying: {e}");
+            } else {
+                failures = 0;
             }
             let idle = got.is_empty();
             for ((queue, delivery), permit) in got.into_iter().zip(permits) {
@@ -140,7 +149,7 @@ impl Fetcher {
             }
             if idle && (failed || self.queues.len() > 1) {
                 let pause = if failed {
-                    Duration::from_secs(1)
+                    READ_RETRY.delay(failures, None)
                 } else {
                     Duration::from_millis(20)
                 };

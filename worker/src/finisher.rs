@@ -16,6 +16,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::Finished;
+use llmq_shared::retry::RetryPolicy;
+
+/// How a failed write of outcomes is retried: 100 ms doubling to 5 s, until it succeeds or
+/// the hard stop comes.
+const WRITE_RETRY: RetryPolicy =
+    RetryPolicy::new(Duration::from_millis(100), Duration::from_secs(5));
 
 /// At most this many outcomes per batch.
 pub const MAX_BATCH: usize = 512;
@@ -142,17 +148,17 @@ impl Finisher {
         Fut: std::future::Future<Output = Result<T, E>>,
         E: std::fmt::Display,
     {
-        let mut wait = Duration::from_millis(100);
+        let mut waits = WRITE_RETRY.waits();
         loop {
             match op().await {
                 Ok(v) => return Some(v),
                 Err(e) => {
+                    let wait = waits.next().unwrap_or(WRITE_RETRY.max);
                     tracing::error!("{what} failed, retrying in {wait:?}: {e}");
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = self.hard_stop.cancelled() => return None,
                     }
-                    wait = (wait * 2).min(Duration::from_secs(5));
                 }
             }
         }

@@ -17,10 +17,10 @@ use llmq_shared::ledger::CallRow;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::quota::{Decision, Reservation};
+use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
 
 use super::Executor;
-use super::decide::fastrand_f64;
 
 /// Retry-After waits within one provider before moving on to the next.
 const MAX_RATE_WAITS: u32 = 3;
@@ -313,14 +313,8 @@ impl Attempt<'_> {
                 let wait = if opened || probe {
                     routing.cooldown.duration
                 } else {
-                    e.retry_after.unwrap_or_else(|| {
-                        super::decide::backoff(
-                            exec.retry_base,
-                            routing.cooldown.duration,
-                            self.env.snoozes + 1,
-                            None,
-                        )
-                    })
+                    RetryPolicy::new(exec.retry_base, routing.cooldown.duration)
+                        .delay(self.env.snoozes + 1, e.retry_after)
                 };
                 return Stop::Later {
                     until: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
@@ -355,9 +349,12 @@ impl Attempt<'_> {
                     }
                 }
                 ErrorClass::Retryable if tries < retry.tries_per_provider => {
-                    let i = (tries as usize - 1).min(retry.backoff.len().saturating_sub(1));
-                    let base = retry.backoff.get(i).copied().unwrap_or_default();
-                    base.mul_f64(0.8 + fastrand_f64() * 0.4)
+                    // The configured waits: the first, doubling, up to the last. A
+                    // Retry-After is waited out in full, whatever the cap.
+                    let first = retry.backoff.first().copied().unwrap_or_default();
+                    let last = retry.backoff.last().copied().unwrap_or(first);
+                    RetryPolicy::new(first, last.max(first))
+                        .delay(tries, None)
                         .max(e.retry_after.unwrap_or_default())
                 }
                 _ => return Stop::Failed(e),

@@ -5,16 +5,15 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use llmq_shared::outcome::ErrorClass;
+use llmq_shared::retry::RetryPolicy;
 
 use super::attempt::{AttemptError, Outcome, Unavailable};
 
 /// The retry policy of one worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
-    /// The first retry's wait; each further one doubles it.
-    pub retry_base: Duration,
-    /// No retry waits longer.
-    pub retry_max: Duration,
+    /// Waits between attempts (`--retry-base` doubling up to `--retry-max`).
+    pub retry: RetryPolicy,
     /// How long a task may wait for a provider to become callable (`routing.max_wait`).
     pub max_wait: Duration,
 }
@@ -100,7 +99,7 @@ fn wait(task: TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -
 fn failed(task: TaskState, e: &AttemptError, policy: &Policy, now: DateTime<Utc>) -> Transition {
     let attempt = task.attempts + 1;
     if e.class.is_retryable() && attempt < task.max_attempts {
-        let wait = backoff(policy.retry_base, policy.retry_max, attempt, e.retry_after);
+        let wait = policy.retry.delay(attempt, e.retry_after);
         return Transition::Retry {
             due: now + chrono::Duration::from_std(wait).unwrap_or_default(),
         };
@@ -117,33 +116,12 @@ fn round_secs(d: Duration) -> Duration {
     Duration::from_secs(d.as_secs())
 }
 
-/// `base * 2^(attempt-1)` with ±20 % jitter so that failed tasks do not come back in
-/// lockstep, never shorter than the provider's Retry-After, and never longer than `max`.
-#[must_use]
-pub fn backoff(
-    base: Duration,
-    max: Duration,
-    attempt: u32,
-    retry_after: Option<Duration>,
-) -> Duration {
-    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    let jittered = exp.mul_f64(0.8 + fastrand_f64() * 0.4);
-    jittered.max(retry_after.unwrap_or(Duration::ZERO)).min(max)
-}
-
-/// A uniform number in [0, 1).
-pub(crate) fn fastrand_f64() -> f64 {
-    // uuid v4 is random; its low 53 bits make a uniform f64 without another dependency.
-    (uuid::Uuid::new_v4().as_u128() & ((1u128 << 53) - 1)) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const POLICY: Policy = Policy {
-        retry_base: Duration::from_secs(1),
-        retry_max: Duration::from_secs(60),
+        retry: RetryPolicy::new(Duration::from_secs(1), Duration::from_secs(60)),
         max_wait: Duration::from_secs(3600),
     };
 
@@ -287,7 +265,7 @@ mod tests {
             panic!("{t:?}")
         };
         let wait = (due - at(0)).num_milliseconds();
-        assert!((800..=1200).contains(&wait), "{wait}");
+        assert!((1000..2000).contains(&wait), "{wait}");
 
         let t = decide(
             task(2, None),
@@ -348,22 +326,5 @@ mod tests {
             decide(task(0, None), &Outcome::Released, &POLICY, at(0)),
             Transition::Release
         );
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_respects_retry_after() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(60);
-        for attempt in 1..=4u32 {
-            let want = 2f64.powi(attempt as i32 - 1);
-            let got = backoff(base, max, attempt, None).as_secs_f64();
-            assert!(
-                got >= want * 0.8 && got <= want * 1.2,
-                "attempt {attempt}: {got}"
-            );
-        }
-        assert_eq!(backoff(base, max, 30, None), max);
-        assert_eq!(backoff(base, max, 1, Some(Duration::from_secs(600))), max);
-        assert!(backoff(base, max, 1, Some(Duration::from_secs(9))) >= Duration::from_secs(9));
     }
 }

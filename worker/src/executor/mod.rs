@@ -21,6 +21,7 @@ use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{Delivery, Finish, now_ms};
 use llmq_shared::quota::Limiter;
+use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
 use tokio_util::sync::CancellationToken;
 
@@ -183,8 +184,7 @@ impl Executor {
 
         // Decide.
         let policy = Policy {
-            retry_base: self.retry_base,
-            retry_max: self.retry_max,
+            retry: RetryPolicy::new(self.retry_base, self.retry_max),
             max_wait: self.config.routing.max_wait,
         };
         let state = TaskState {
