@@ -32,7 +32,7 @@
 //!     "redis://127.0.0.1:6379",
 //!     "postgres://postgres@127.0.0.1:5432/llmq",
 //!     config,
-//! );
+//! )?;
 //! llmq_scheduler::run(settings, CancellationToken::new()).await?;
 //! # Ok(()) }
 //! ```
@@ -61,8 +61,6 @@ use lease::{Lease, Mark};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error(transparent)]
-    Config(#[from] llmq_shared::config::Error),
     #[error(transparent)]
     Redis(#[from] llmq_shared::queue::Error),
     #[error(transparent)]
@@ -94,25 +92,42 @@ pub fn system_clock() -> Clock {
     Arc::new(Utc::now)
 }
 
-/// Everything a scheduler instance needs; tests fill it in-process.
-#[derive(Clone)]
+/// Everything a scheduler instance needs. The flags of `llmq-scheduler` are this struct, so
+/// a flag, its environment variable and its default are written once; [`Settings::new`]
+/// gives the same defaults to in-process schedulers (tests).
+#[derive(clap::Args, Clone)]
 pub struct Settings {
+    /// Redis the workers use.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+    /// Postgres for the archive and quota history (migrate it first with `llmq migrate`).
+    #[arg(long, env = "DATABASE_URL", required = true)]
     pub database_url: String,
-    /// The provider file: its providers' quotas and its `scheduler` section.
+    /// The provider file (its providers' quotas and its `scheduler` section), read by the
+    /// binary from `--config`.
+    #[arg(skip)]
     pub config: Config,
-    /// Where the provider file came from, for error messages.
-    pub config_file: String,
-    /// Names this instance in the lease; defaults to host, pid and a random suffix.
+    /// Names this instance in the lease [default: host-pid-random].
+    #[arg(long, env = "LLMQ_SCHEDULER_ID")]
     pub id: Option<String>,
-    /// How often standbys look for a free lease and the holder looks for due work.
+    /// How often standbys look for a free lease and the holder for due work.
+    #[arg(long, env = "LLMQ_SCHEDULER_TICK", default_value = "1s", value_parser = humantime::parse_duration)]
     pub tick: Duration,
-    /// How often the holder looks for closed quota windows.
+    /// How often closed quota windows are looked for.
+    #[arg(long, env = "LLMQ_QUOTA_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
     pub quota_every: Duration,
-    /// How often the holder archives and trims dead letters.
+    /// How often dead letters are archived and trimmed.
+    #[arg(long, env = "LLMQ_DEAD_LETTERS_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
     pub dead_letters_every: Duration,
-    /// Queues whose dead letters to archive; empty: every queue a worker has served.
+    /// A queue whose dead letters to archive; repeat for several [default: every queue a
+    /// worker has served].
+    #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
     pub queues: Vec<String>,
+    /// Serve /healthz, /readyz and Prometheus /metrics here, e.g. 0.0.0.0:9465.
+    #[arg(long, env = "LLMQ_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The time as the scheduler sees it; tests drive it.
+    #[arg(skip = system_clock())]
     pub clock: Clock,
 }
 
@@ -120,31 +135,29 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settings")
             .field("redis_url", &self.redis_url)
-            .field("config_file", &self.config_file)
             .field("id", &self.id)
             .field("tick", &self.tick)
             .field("quota_every", &self.quota_every)
             .field("dead_letters_every", &self.dead_letters_every)
             .field("queues", &self.queues)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }
 
 impl Settings {
-    #[must_use]
-    pub fn new(redis_url: &str, database_url: &str, config: Config) -> Self {
-        Self {
-            redis_url: redis_url.to_owned(),
-            database_url: database_url.to_owned(),
-            config,
-            config_file: "the provider file".into(),
-            id: None,
-            tick: Duration::from_secs(1),
-            quota_every: Duration::from_secs(60),
-            dead_letters_every: Duration::from_secs(60),
-            queues: Vec::new(),
-            clock: system_clock(),
-        }
+    /// The flags' defaults (environment variables ignored), with this Redis, Postgres and
+    /// provider file.
+    ///
+    /// # Errors
+    /// Never in practice: the defaults are checked by a unit test.
+    pub fn new(redis_url: &str, database_url: &str, config: Config) -> Result<Self> {
+        let mut s = llmq_shared::process::defaults::<Self>("llmq-scheduler")
+            .map_err(|e| Error::Settings(e.to_string()))?;
+        s.redis_url = redis_url.to_owned();
+        s.database_url = database_url.to_owned();
+        s.config = config;
+        Ok(s)
     }
 }
 
@@ -217,7 +230,10 @@ impl Scheduler {
         let scheduler = &settings.config.scheduler;
         Ok(Self {
             lease: Lease::new(
-                settings.id.clone().unwrap_or_else(default_id),
+                settings
+                    .id
+                    .clone()
+                    .unwrap_or_else(|| llmq_shared::process::instance_id("scheduler")),
                 scheduler.lease,
             ),
             retention: scheduler.dead_letters,
@@ -423,7 +439,23 @@ impl Scheduler {
 /// The settings or the provider file's scheduler section are invalid, or Redis or Postgres
 /// cannot be reached at startup. Later failures are logged, recorded and retried.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
+    let metrics_listen = settings.metrics_listen;
     let mut scheduler = Scheduler::connect(settings).await?;
+    let endpoints = CancellationToken::new();
+    if let Some(addr) = metrics_listen {
+        // A standby is as ready as the holder: either can act within a lease. Readiness must
+        // not mean "holds the lease", or a standby would never be ready and rollouts stall.
+        let ready = llmq_shared::health::Readiness::default();
+        ready.set(true);
+        let bound = llmq_shared::health::serve(addr, ready, endpoints.clone())
+            .await
+            .map_err(|e| {
+                Error::Settings(format!(
+                    "cannot serve metrics on {addr}: {e}; pass --metrics-listen with a free port"
+                ))
+            })?;
+        tracing::info!("serving /healthz, /readyz and /metrics on http://{bound}");
+    }
     tracing::info!(
         id = scheduler.id(),
         "scheduler started; waiting for the lease"
@@ -439,18 +471,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     if let Err(e) = scheduler.release().await {
         tracing::warn!(error = %e, "cannot release the scheduler lease; it expires by itself");
     }
+    endpoints.cancel();
     tracing::info!(id = scheduler.id(), "scheduler stopped");
     Ok(())
 }
 
-/// Host, pid and a random suffix.
-fn default_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "scheduler".into());
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_process_settings_take_the_flags_defaults() {
+        let s = Settings::new("redis://r", "postgres://p", Config::default()).unwrap();
+        assert_eq!(
+            (s.redis_url.as_str(), s.database_url.as_str()),
+            ("redis://r", "postgres://p")
+        );
+        assert_eq!(s.tick, Duration::from_secs(1));
+        assert_eq!(s.quota_every, Duration::from_secs(60));
+        assert_eq!(s.dead_letters_every, Duration::from_secs(60));
+        assert!(s.queues.is_empty() && s.id.is_none() && s.metrics_listen.is_none());
+    }
 }

@@ -20,6 +20,7 @@ pub mod health;
 pub mod keys;
 pub mod ledger;
 pub mod outcome;
+pub mod process;
 pub mod provider;
 pub mod queue;
 pub mod quota;

@@ -123,7 +123,8 @@ impl TestEnv {
     /// Worker settings tuned for tests: short backoffs and timeouts.
     #[must_use]
     pub fn settings(&self) -> llmq_worker::Settings {
-        let mut s = llmq_worker::Settings::new(&redis_url(), mock_config(&self.mock.url()));
+        let mut s =
+            llmq_worker::Settings::new(&redis_url(), mock_config(&self.mock.url())).unwrap();
         s.database_url = Some(database_url());
         s.queues = vec![self.queue.clone()];
         s.concurrency = 8;

@@ -75,7 +75,7 @@ const LONG_LEASE: Duration = Duration::from_secs(30);
 
 /// Scheduler settings for tests: a 50 ms tick, and only `queue`'s dead letters.
 fn settings(id: &str, lease: Duration, config: Config, clock: Clock, queue: &str) -> Settings {
-    let mut s = Settings::new(&redis_url(), &database_url(), config);
+    let mut s = Settings::new(&redis_url(), &database_url(), config).unwrap();
     s.config.scheduler.lease = lease;
     s.id = Some(id.to_owned());
     s.tick = Duration::from_millis(50);

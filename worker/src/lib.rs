@@ -7,7 +7,7 @@
 //! use llmq_worker::Settings;
 //!
 //! let config = Config::load("examples/providers.mock.yaml".as_ref())?;
-//! let mut settings = Settings::new("redis://127.0.0.1:6379", config);
+//! let mut settings = Settings::new("redis://127.0.0.1:6379", config)?;
 //! settings.database_url = Some("postgres://127.0.0.1/test".into());
 //! let shutdown = llmq_shared::shutdown::on_signal();
 //! llmq_worker::run(settings, shutdown).await?;
@@ -50,62 +50,87 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything a worker needs; [`Settings::new`] fills in the defaults.
+/// Everything a worker needs. The flags of `llmq-worker` are this struct, so a flag, its
+/// environment variable and its default are written once; [`Settings::new`] gives the same
+/// defaults to in-process workers (tests, benchmarks).
+#[derive(clap::Args, Clone)]
 pub struct Settings {
+    /// Redis to read tasks from.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
-    /// Postgres for the ledger. `None` turns the ledger off (benchmarks only).
+    /// Postgres for the cost ledger (migrate it first with `llmq migrate`). In-process
+    /// workers may leave it unset, which turns the ledger off (benchmarks only).
+    #[arg(long, env = "DATABASE_URL", required = true)]
     pub database_url: Option<String>,
+    /// The provider file, read by the binary from `--config`.
+    #[arg(skip)]
     pub config: Config,
+    /// A queue to serve; repeat for several.
+    #[arg(
+        long = "queue",
+        env = "LLMQ_QUEUES",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
     pub queues: Vec<String>,
     /// Tasks run at once.
+    #[arg(long, env = "LLMQ_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
-    /// A task idle this long in another worker's hands is taken over.
+    /// A task idle this long in a silent worker's hands is taken over by another.
+    #[arg(long, env = "LLMQ_VISIBILITY_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub visibility_timeout: Duration,
-    /// Deliveries after which a task is a poison task and goes to the dead letters.
+    /// Deliveries after which a task that keeps killing workers becomes a dead letter.
+    #[arg(long, env = "LLMQ_MAX_DELIVERIES", default_value_t = 5)]
     pub max_deliveries: u64,
-    /// On shutdown, how long running tasks may take to finish before they are handed back.
+    /// On SIGTERM, how long running tasks may take before they are handed back.
+    #[arg(long, env = "LLMQ_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// How long results stay in Redis.
+    #[arg(long, env = "LLMQ_RESULT_TTL", default_value = "7d", value_parser = humantime::parse_duration)]
     pub result_ttl: Duration,
+    /// Larger tasks become dead letters.
+    #[arg(long, env = "LLMQ_MAX_PAYLOAD_BYTES", default_value_t = llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES)]
     pub max_payload_bytes: usize,
+    /// The first retry waits about this long; each further one twice as long.
+    #[arg(long, env = "LLMQ_RETRY_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
     pub retry_base: Duration,
+    /// The longest a retry waits.
+    #[arg(long, env = "LLMQ_RETRY_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
     pub retry_max: Duration,
-    /// One attempt, every provider, retry and wait included, ends after this.
+    /// One attempt, every provider, retry and wait included, ends after this (a retryable
+    /// failure); each single call is bounded by the task's own `timeout`.
+    #[arg(long, env = "LLMQ_ATTEMPT_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub attempt_timeout: Duration,
     /// How often due delayed tasks are looked for, at the most.
+    #[arg(long, hide = true, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub promote_every: Duration,
     /// How long one read waits for a task.
+    #[arg(long, hide = true, default_value = "500ms", value_parser = humantime::parse_duration)]
     pub block: Duration,
-    /// Names this worker in Redis; defaults to host, pid and a random suffix.
+    /// Names this worker in Redis [default: host-pid-random].
+    #[arg(long, env = "LLMQ_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Where to serve `/healthz`, `/readyz` and `/metrics`; `None`: not at all.
+    /// Serve /healthz, /readyz and Prometheus /metrics here, e.g. 0.0.0.0:9464.
+    #[arg(long, env = "LLMQ_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// Providers to use instead of the ones the provider file would build (tests, benchmarks).
+    #[arg(skip)]
     pub provider_overrides: Vec<(String, Arc<dyn Provider>)>,
 }
 
 impl Settings {
-    #[must_use]
-    pub fn new(redis_url: &str, config: Config) -> Self {
-        Self {
-            redis_url: redis_url.to_owned(),
-            database_url: None,
-            config,
-            queues: vec!["default".into()],
-            concurrency: 32,
-            visibility_timeout: Duration::from_secs(60),
-            max_deliveries: 5,
-            grace: Duration::from_secs(30),
-            result_ttl: Duration::from_secs(7 * 24 * 3600),
-            max_payload_bytes: llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES,
-            retry_base: Duration::from_secs(1),
-            retry_max: Duration::from_secs(300),
-            attempt_timeout: Duration::from_secs(30 * 60),
-            promote_every: Duration::from_millis(250),
-            block: Duration::from_millis(500),
-            worker_id: None,
-            metrics_listen: None,
-            provider_overrides: Vec::new(),
-        }
+    /// The flags' defaults (environment variables ignored), with this Redis and provider
+    /// file.
+    ///
+    /// # Errors
+    /// Never in practice: the defaults are checked by a unit test.
+    pub fn new(redis_url: &str, config: Config) -> Result<Self> {
+        let mut s = llmq_shared::process::defaults::<Self>("llmq-worker")
+            .map_err(|e| Error::Settings(e.to_string()))?;
+        s.redis_url = redis_url.to_owned();
+        s.database_url = None;
+        s.config = config;
+        Ok(s)
     }
 }
 
@@ -149,6 +174,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     if settings.queues.is_empty() {
         return Err(Error::Settings("give at least one --queue".into()));
     }
+    if settings.config.providers.is_empty() {
+        return Err(Error::Settings(
+            "the provider file lists no provider; pass --config with one".into(),
+        ));
+    }
     let redis = Client::new(&settings.redis_url)?;
     redis.ping().await?;
     let ledger = match &settings.database_url {
@@ -167,7 +197,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     for q in &queues {
         redis.ensure_group(q).await?;
     }
-    let worker_id = settings.worker_id.clone().unwrap_or_else(default_worker_id);
+    let worker_id = settings
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| llmq_shared::process::instance_id("worker"));
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(settings.concurrency)
         .build()
@@ -319,13 +352,20 @@ fn log_apalis(r: std::result::Result<std::result::Result<(), String>, tokio::tas
     }
 }
 
-fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into());
-    let suffix = uuid::Uuid::new_v4().simple().to_string();
-    format!("{host}-{}-{}", std::process::id(), &suffix[..6])
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_process_settings_take_the_flags_defaults() {
+        let s = Settings::new("redis://127.0.0.1:1", Config::default()).unwrap();
+        assert_eq!(s.redis_url, "redis://127.0.0.1:1");
+        assert_eq!(s.database_url, None);
+        assert_eq!(s.queues, ["default"]);
+        assert_eq!(s.concurrency, 32);
+        assert_eq!(s.visibility_timeout, Duration::from_secs(60));
+        assert_eq!(s.result_ttl, Duration::from_secs(7 * 24 * 3600));
+        assert_eq!(s.retry_max, Duration::from_secs(300));
+        assert_eq!(s.block, Duration::from_millis(500));
+    }
 }

@@ -51,8 +51,9 @@ impl fmt::Display for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The validated provider file.
-#[derive(Debug, Clone)]
+/// The validated provider file. The default has no provider: a binary fills it in from
+/// `--config` before it runs, and a worker refuses to start without one.
+#[derive(Debug, Clone, Default)]
 pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub routing: Routing,

@@ -176,10 +176,10 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
 
         let before = Snapshot::take(redis).await?;
         let running = Workers::start(workers, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
             s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
-            s
-        });
+            Ok(s)
+        })?;
         let drained = wait_drained(&client, &keys, &running).await;
         let after = Snapshot::take(redis).await;
         running.stop().await?;
@@ -236,10 +236,10 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
 
         let before = Snapshot::take(redis).await?;
         let running = Workers::start(workers, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
             s.database_url = Some(bench_url.clone());
-            s
-        });
+            Ok(s)
+        })?;
         let drained = wait_drained(&client, &keys, &running).await;
         let after = Snapshot::take(redis).await;
         running.stop().await?;
@@ -308,10 +308,10 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
         });
         let config = noop_config()?;
         let running = Workers::start(workers, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
             s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
-            s
-        });
+            Ok(s)
+        })?;
         // Wait until every worker has announced itself, then a little more so that each one
         // sits in its blocking read.
         let ready = async {
@@ -454,15 +454,15 @@ fn settings(
     queue: &str,
     concurrency: usize,
     i: usize,
-) -> Settings {
-    let mut s = Settings::new(redis_url, config.clone());
+) -> Result<Settings> {
+    let mut s = Settings::new(redis_url, config.clone())?;
     s.queues = vec![queue.to_owned()];
     s.concurrency = concurrency;
     s.worker_id = Some(format!("{queue}-w{i}"));
     // If the bench dies before it cleans up, the results still go away.
     s.result_ttl = Duration::from_secs(3600);
     s.grace = Duration::from_secs(10);
-    s
+    Ok(s)
 }
 
 /// (d) Three workers share one provider limited to R requests per window, through the mock
@@ -496,11 +496,11 @@ async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
         )?;
         let ids = backlog(&client, &keys, tasks).await?;
         let running = Workers::start(workers, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i);
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
             s.database_url = Some(bench_url.clone());
             s.promote_every = Duration::from_millis(20);
-            s
-        });
+            Ok(s)
+        })?;
         let drained = wait_drained(&client, &keys, &running).await;
         running.stop().await?;
         drained?;
@@ -649,18 +649,18 @@ async fn memory(args: &Args, redis: &mut Redis) -> Result<String> {
         bench_ledger(&args.database_url, &bench_url).await?;
         let config = noop_config()?;
         let scheduler_stop = CancellationToken::new();
-        let mut sched = llmq_scheduler::Settings::new(&args.redis_url, &bench_url, config.clone());
+        let mut sched = llmq_scheduler::Settings::new(&args.redis_url, &bench_url, config.clone())?;
         sched.queues = vec![queue.clone()];
         sched.id = Some(format!("{queue}-scheduler"));
         let scheduler = tokio::spawn(llmq_scheduler::run(sched, scheduler_stop.clone()));
         let ids = backlog(&client, &keys, tasks).await?;
         let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
         let running = Workers::start(1, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, 256, i);
+            let mut s = settings(&args.redis_url, &config, &queue, 256, i)?;
             s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
             s.result_ttl = ttl;
-            s
-        });
+            Ok(s)
+        })?;
         let drained = wait_drained(&client, &keys, &running).await;
         let after_drain = used(info(redis, "memory").await?);
         running.stop().await?;
@@ -703,12 +703,13 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(n: usize, settings: impl Fn(usize) -> Settings) -> Self {
+    fn start(n: usize, settings: impl Fn(usize) -> Result<Settings>) -> Result<Self> {
         let token = CancellationToken::new();
-        let handles = (0..n.max(1))
-            .map(|i| tokio::spawn(llmq_worker::run(settings(i), token.clone())))
-            .collect();
-        Self { token, handles }
+        let mut handles = Vec::new();
+        for i in 0..n.max(1) {
+            handles.push(tokio::spawn(llmq_worker::run(settings(i)?, token.clone())));
+        }
+        Ok(Self { token, handles })
     }
 
     /// Fails when a worker has stopped on its own (its error comes out of [`Workers::stop`]).
