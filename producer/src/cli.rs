@@ -190,6 +190,9 @@ pub struct StatusArgs {
     /// The provider file, to check each provider.
     #[arg(long, env = "LLMQ_CONFIG")]
     pub config: Option<PathBuf>,
+    /// The scheduler namespace to show (as given to `llmq-scheduler --namespace`).
+    #[arg(long, env = "LLMQ_SCHEDULER_NAMESPACE")]
+    pub scheduler_namespace: Option<String>,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
 }

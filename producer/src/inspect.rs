@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use llmq_shared::config::Config;
-use llmq_shared::keys::QueueKeys;
+use llmq_shared::keys::{QueueKeys, SchedulerKeys};
 use llmq_shared::provider::clients::{Readiness, probe};
 use llmq_shared::queue::{Client, QueueCounts};
 use serde::Serialize;
@@ -93,7 +93,11 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
             })
             .collect();
     }
-    let scheduler = llmq_shared::archive::scheduler_status(redis).await?;
+    let scheduler = llmq_shared::archive::scheduler_status(
+        redis,
+        &SchedulerKeys::new(args.scheduler_namespace.as_deref()),
+    )
+    .await?;
     let report = StatusReport {
         queues,
         providers,

@@ -1,5 +1,9 @@
 //! The `llmq` command line as a library, so tests can run every command in-process.
 //!
+//! Layout: `cli` (the clap tree), `submit` (submit, batch, waiting), `inspect` (result,
+//! status), `dlq`, `providers` (check, list, quota), `costs` (costs, migrate), `render`
+//! (text output).
+//!
 //! ```no_run
 //! # async fn demo() {
 //! use clap::Parser;

@@ -8,7 +8,7 @@
 //! - Redis writes are Lua scripts that first check the lease still holds this id and the fence
 //!   this token, and act in the same script, so an instance that was paused past its lease
 //!   cannot act once another has taken over.
-//! - Postgres writes run in a transaction that first raises the one `scheduler_lease` row to
+//! - Postgres writes run in a transaction that first raises the namespace's `scheduler_lease` row to
 //!   this token, or finds a higher token there and rolls back: a stale holder's writes are
 //!   refused once its successor has written, and a successor announces itself there as soon
 //!   as it takes the lease.
@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use redis::Script;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use llmq_shared::keys::{QueueKeys, scheduler as keys};
+use llmq_shared::keys::{QueueKeys, SchedulerKeys};
 use llmq_shared::queue::{Client, FENCE_LUA, Fence, NOT_HOLDER, Tick};
 
 use crate::{Error, Result};
@@ -44,6 +44,7 @@ fn fenced(body: &str) -> Script {
 /// This instance's view of the lease.
 pub(crate) struct Lease {
     id: String,
+    keys: SchedulerKeys,
     ttl: Duration,
     /// Our fencing token while we believe we hold the lease.
     fence: Option<i64>,
@@ -62,9 +63,10 @@ pub(crate) enum Mark {
 }
 
 impl Lease {
-    pub(crate) fn new(id: String, ttl: Duration) -> Self {
+    pub(crate) fn new(id: String, ttl: Duration, keys: SchedulerKeys) -> Self {
         Self {
             id,
+            keys,
             ttl,
             fence: None,
             renewed: None,
@@ -81,6 +83,10 @@ impl Lease {
 
     pub(crate) fn id(&self) -> &str {
         &self.id
+    }
+
+    pub(crate) fn keys(&self) -> &SchedulerKeys {
+        &self.keys
     }
 
     pub(crate) fn fence(&self) -> Option<i64> {
@@ -117,8 +123,8 @@ impl Lease {
         let fence: i64 = self
             .scripts
             .acquire
-            .key(keys::LEASE)
-            .key(keys::FENCE)
+            .key(self.keys.lease())
+            .key(self.keys.fence())
             .arg(&self.id)
             .arg(self.ttl_ms())
             .invoke_async(&mut c)
@@ -142,8 +148,8 @@ impl Lease {
         let held: i64 = self
             .scripts
             .renew
-            .key(keys::LEASE)
-            .key(keys::FENCE)
+            .key(self.keys.lease())
+            .key(self.keys.fence())
             .arg(&self.id)
             .arg(fence)
             .arg(self.ttl_ms())
@@ -167,8 +173,8 @@ impl Lease {
         let _: i64 = self
             .scripts
             .release
-            .key(keys::LEASE)
-            .key(keys::FENCE)
+            .key(self.keys.lease())
+            .key(self.keys.fence())
             .arg(&self.id)
             .arg(fence)
             .invoke_async(&mut c)
@@ -181,19 +187,21 @@ impl Lease {
         // Twice at most: once more after moving a Redis that lost its counter past Postgres.
         for _ in 0..2 {
             let fence = self.fence.ok_or(Error::NotLeader)?;
-            if raise_in_postgres(pool, fence, &self.id).await? {
+            if raise_in_postgres(pool, self.keys.namespace(), fence, &self.id).await? {
                 self.synced = true;
                 return Ok(());
             }
-            let highest: i64 = sqlx::query_scalar("SELECT fence FROM scheduler_lease WHERE id = 1")
-                .fetch_one(pool)
-                .await?;
+            let highest: i64 =
+                sqlx::query_scalar("SELECT fence FROM scheduler_lease WHERE namespace = $1")
+                    .bind(self.keys.namespace())
+                    .fetch_one(pool)
+                    .await?;
             let mut c = redis.conn().await?;
             let raised: i64 = self
                 .scripts
                 .raise
-                .key(keys::LEASE)
-                .key(keys::FENCE)
+                .key(self.keys.lease())
+                .key(self.keys.fence())
                 .arg(&self.id)
                 .arg(fence)
                 .arg(highest)
@@ -229,7 +237,7 @@ impl Lease {
         }
         let fence = self.fence.ok_or(Error::NotLeader)?;
         let mut tx = pool.begin().await?;
-        if !raise_in_postgres(&mut *tx, fence, &self.id).await? {
+        if !raise_in_postgres(&mut *tx, self.keys.namespace(), fence, &self.id).await? {
             tx.rollback().await?;
             return Err(Error::NotLeader);
         }
@@ -238,8 +246,8 @@ impl Lease {
 
     fn guard<'a>(&self, script: &'a Script) -> Result<redis::ScriptInvocation<'a>> {
         let fence = self.fence.ok_or(Error::NotLeader)?;
-        let mut inv = script.key(keys::LEASE);
-        inv.key(keys::FENCE).arg(&self.id).arg(fence);
+        let mut inv = script.key(self.keys.lease());
+        inv.key(self.keys.fence()).arg(&self.id).arg(fence);
         Ok(inv)
     }
 
@@ -256,10 +264,13 @@ impl Lease {
         how: Mark,
     ) -> Result<bool> {
         let mut inv = self.guard(&self.scripts.mark)?;
-        inv.key(keys::DUTIES).arg(field).arg(value).arg(match how {
-            Mark::Always => "always",
-            Mark::IfAbsent => "if_absent",
-        });
+        inv.key(self.keys.duties())
+            .arg(field)
+            .arg(value)
+            .arg(match how {
+                Mark::Always => "always",
+                Mark::IfAbsent => "if_absent",
+            });
         let mut c = redis.conn().await?;
         Ok(Self::checked(inv.invoke_async(&mut c).await?)? == 1)
     }
@@ -268,6 +279,7 @@ impl Lease {
     fn proof(&self) -> Result<Fence<'_>> {
         let token = self.fence.ok_or(Error::NotLeader)?;
         Ok(Fence {
+            keys: &self.keys,
             holder: &self.id,
             token,
         })
@@ -301,19 +313,26 @@ impl Lease {
     }
 }
 
-/// Raises the `scheduler_lease` row to `fence` unless it holds a higher one.
-async fn raise_in_postgres<'e, E>(executor: E, fence: i64, holder: &str) -> Result<bool>
+/// Raises the namespace's `scheduler_lease` row to `fence` unless it holds a higher one.
+async fn raise_in_postgres<'e, E>(
+    executor: E,
+    namespace: &str,
+    fence: i64,
+    holder: &str,
+) -> Result<bool>
 where
     E: sqlx::PgExecutor<'e>,
 {
     let raised = sqlx::query(
-        "INSERT INTO scheduler_lease (id, fence, holder, updated_at) VALUES (1, $1, $2, now())
-         ON CONFLICT (id) DO UPDATE
+        "INSERT INTO scheduler_lease (namespace, fence, holder, updated_at)
+         VALUES ($3, $1, $2, now())
+         ON CONFLICT (namespace) DO UPDATE
          SET fence = EXCLUDED.fence, holder = EXCLUDED.holder, updated_at = now()
          WHERE scheduler_lease.fence <= EXCLUDED.fence",
     )
     .bind(fence)
     .bind(holder)
+    .bind(namespace)
     .execute(executor)
     .await?
     .rows_affected();

@@ -1,6 +1,10 @@
 //! The llmq scheduler: one active instance records closed quota windows, archives dead
 //! letters to Postgres before trimming them from Redis, and enqueues recurring tasks.
 //!
+//! Layout: `lease` (the lease and the fence every write carries), `windows`,
+//! `dead_letters` and `recurring` (one duty each); queue writes go through the queue's own
+//! fenced functions.
+//!
 //! Any number of instances run; the one holding the lease in Redis acts, the others poll
 //! every tick and take over within the lease's length after it dies (see `lease.rs` for
 //! the fencing that keeps a paused old holder from acting). Workers promote due delayed
@@ -126,6 +130,10 @@ pub struct Settings {
     /// Serve /healthz, /readyz and Prometheus /metrics here, e.g. 0.0.0.0:9465.
     #[arg(long, env = "LLMQ_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Keeps this scheduler's lease and records apart from another deployment's on the same
+    /// Redis and database (`llmq:scheduler:<namespace>:*`); give `llmq status` the same.
+    #[arg(long, env = "LLMQ_SCHEDULER_NAMESPACE")]
+    pub namespace: Option<String>,
     /// The time as the scheduler sees it; tests drive it.
     #[arg(skip = system_clock())]
     pub clock: Clock,
@@ -235,6 +243,7 @@ impl Scheduler {
                     .clone()
                     .unwrap_or_else(|| llmq_shared::process::instance_id("scheduler")),
                 scheduler.lease,
+                llmq_shared::keys::SchedulerKeys::new(settings.namespace.as_deref()),
             ),
             retention: scheduler.dead_letters,
             redis,

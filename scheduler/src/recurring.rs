@@ -18,7 +18,7 @@ use std::time::Duration;
 use chrono::DateTime;
 
 use llmq_shared::archive::RECURRING_FIELD;
-use llmq_shared::keys::{QueueKeys, scheduler as keys};
+use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::Tick;
 
 use crate::lease::Mark;
@@ -48,7 +48,7 @@ impl Scheduler {
             let field = format!("{RECURRING_FIELD}{}", job.name);
             let mut c = self.redis.conn().await?;
             let last: Option<String> = redis::cmd("HGET")
-                .arg(keys::DUTIES)
+                .arg(self.lease.keys().duties())
                 .arg(&field)
                 .query_async(&mut c)
                 .await?;
@@ -90,7 +90,7 @@ impl Scheduler {
                     break;
                 }
                 let tick_ms = tick.timestamp_millis();
-                let marker = keys::tick(&job.name, tick_ms);
+                let marker = self.lease.keys().tick(&job.name, tick_ms);
                 let envelope = job.envelope(tick, now);
                 let fresh = self
                     .lease

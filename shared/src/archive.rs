@@ -15,7 +15,7 @@
 //!     println!("{} {} {}", letter.id, letter.task_id, letter.error);
 //! }
 //! let replayed = archive::replay_archived(&redis, &pool, "default", &["<task id>".into()], None).await?;
-//! let status = archive::scheduler_status(&redis).await?;
+//! let status = archive::scheduler_status(&redis, &Default::default()).await?;
 //! println!("{replayed} replayed; lease held by {:?}", status.holder);
 //! # Ok(()) }
 //! ```
@@ -26,7 +26,7 @@ use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::keys::{QueueKeys, TASK_FIELD, scheduler as keys};
+use crate::keys::{QueueKeys, SchedulerKeys, TASK_FIELD};
 use crate::queue::{self, Client, DeadLetter, replayed_task};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ impl From<redis::RedisError> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Fields of the [`keys::DUTIES`] hash that start with this hold a recurring task's last
+/// Fields of the [`SchedulerKeys::duties`] hash that start with this hold a recurring task's last
 /// enqueued tick (ms since the epoch), e.g. `recurring:nightly-report`. Every other field is a
 /// duty's last run ([`DutyRun`]).
 pub const RECURRING_FIELD: &str = "recurring:";
@@ -206,7 +206,7 @@ pub async fn replay_archived(
     Ok(replayed)
 }
 
-/// A duty's last run, as the scheduler stores it in the [`keys::DUTIES`] hash (JSON).
+/// A duty's last run, as the scheduler stores it in the [`SchedulerKeys::duties`] hash (JSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DutyRun {
     /// When it ran, by the scheduler's clock.
@@ -257,22 +257,26 @@ pub struct SchedulerStatus {
 ///
 /// # Errors
 /// Redis fails.
-pub async fn scheduler_status(client: &Client) -> Result<SchedulerStatus> {
-    scheduler_status_at(client, Utc::now()).await
+pub async fn scheduler_status(client: &Client, keys: &SchedulerKeys) -> Result<SchedulerStatus> {
+    scheduler_status_at(client, keys, Utc::now()).await
 }
 
 /// [`scheduler_status`] with `now` deciding what is overdue.
 ///
 /// # Errors
 /// Redis fails.
-pub async fn scheduler_status_at(client: &Client, now: DateTime<Utc>) -> Result<SchedulerStatus> {
+pub async fn scheduler_status_at(
+    client: &Client,
+    keys: &SchedulerKeys,
+    now: DateTime<Utc>,
+) -> Result<SchedulerStatus> {
     let mut c = client.conn().await?;
     let (holder, ttl, fence, fields): (Option<String>, i64, Option<u64>, HashMap<String, String>) =
         redis::pipe()
-            .get(keys::LEASE)
-            .pttl(keys::LEASE)
-            .get(keys::FENCE)
-            .hgetall(keys::DUTIES)
+            .get(keys.lease())
+            .pttl(keys.lease())
+            .get(keys.fence())
+            .hgetall(keys.duties())
             .query_async(&mut c)
             .await?;
     let mut duties = Vec::new();

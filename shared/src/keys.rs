@@ -67,19 +67,62 @@ impl QueueKeys {
     }
 }
 
-/// The scheduler's keys (not per queue: one scheduler serves every queue).
-pub mod scheduler {
+/// The scheduler's keys (not per queue: one scheduler serves every queue). A namespace keeps
+/// the schedulers of two deployments sharing one Redis (or two test suites) apart; the
+/// default has none: `llmq:scheduler:*`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SchedulerKeys {
+    namespace: String,
+    prefix: String,
+}
+
+impl Default for SchedulerKeys {
+    fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl SchedulerKeys {
+    #[must_use]
+    pub fn new(namespace: Option<&str>) -> Self {
+        let namespace = namespace.unwrap_or_default().to_owned();
+        let prefix = if namespace.is_empty() {
+            "llmq:scheduler".to_owned()
+        } else {
+            format!("llmq:scheduler:{namespace}")
+        };
+        Self { namespace, prefix }
+    }
+
+    /// The namespace, `""` for the default one; it also names the scheduler's fencing row in
+    /// Postgres.
+    #[must_use]
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// Who holds the lease: a string (the holder's id) with a TTL.
-    pub const LEASE: &str = "llmq:scheduler:lease";
+    #[must_use]
+    pub fn lease(&self) -> String {
+        format!("{}:lease", self.prefix)
+    }
+
     /// A counter bumped on every takeover; the holder's fencing token.
-    pub const FENCE: &str = "llmq:scheduler:fence";
+    #[must_use]
+    pub fn fence(&self) -> String {
+        format!("{}:fence", self.prefix)
+    }
+
     /// Each duty's last run: a hash of duty name to JSON.
-    pub const DUTIES: &str = "llmq:scheduler:duties";
+    #[must_use]
+    pub fn duties(&self) -> String {
+        format!("{}:duties", self.prefix)
+    }
 
     /// Marks one tick of a recurring task as enqueued (SET NX with a TTL).
     #[must_use]
-    pub fn tick(name: &str, tick_ms: i64) -> String {
-        format!("llmq:scheduler:recurring:{name}:{tick_ms}")
+    pub fn tick(&self, name: &str, tick_ms: i64) -> String {
+        format!("{}:recurring:{name}:{tick_ms}", self.prefix)
     }
 }
 

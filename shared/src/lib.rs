@@ -1,6 +1,16 @@
 //! llmq's shared core: the Redis contract every producer and worker speaks, the task
 //! envelope, providers, the provider file and the Postgres ledger.
 //!
+//! Layout (imports run one way: envelope <- config <- provider <- routing <- queue users):
+//! - `envelope`: the task as producers write it; `outcome`: its record, error classes, usage;
+//! - `config`: the provider file, validated (providers, routing, scheduler, `${ENV}`);
+//! - `provider`: one adapter per wire format, the shared HTTP exchange, clients and probes;
+//! - `routing`: `plan(config, task, constraints, stats)`, pure;
+//! - `keys`: every Redis key name; `queue`: every operation on a queue, one file each;
+//! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
+//! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres;
+//! - `health`, `telemetry`, `shutdown`, `process`: what every binary needs.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use llmq_shared::{envelope::Envelope, keys::QueueKeys, queue::Client};

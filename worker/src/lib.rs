@@ -1,6 +1,13 @@
 //! The llmq worker: pulls tasks from Redis streams, runs them against LLM providers on
 //! apalis, records every call in Postgres and writes results back to Redis.
 //!
+//! Layout:
+//! - `fetcher`: reads as many tasks as there are free slots, reclaims idle ones;
+//! - `backend`: the apalis adapter (the only module that imports apalis);
+//! - `executor`: one task, parse -> plan -> attempt -> decide;
+//! - `finisher`: writes outcomes in batches, ledger first, then one Lua call;
+//! - `maintenance`: promoting delayed tasks, claim refresh, heartbeats, gauges.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use llmq_shared::config::Config;

@@ -7,7 +7,7 @@ use redis::{Script, Value};
 
 use super::{Client, DeadLetter, Fence, NOT_HOLDER, Result, reply};
 use crate::envelope::Envelope;
-use crate::keys::{QueueKeys, scheduler};
+use crate::keys::QueueKeys;
 use crate::outcome::{Status, TaskRecord};
 
 static REPLAY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("replay.lua")));
@@ -158,8 +158,8 @@ impl Client {
     ) -> Result<Option<u64>> {
         let mut c = self.conn().await?;
         let answer: i64 = TRIM
-            .key(scheduler::LEASE)
-            .key(scheduler::FENCE)
+            .key(fence.keys.lease())
+            .key(fence.keys.fence())
             .key(keys.dead())
             .arg(fence.holder)
             .arg(fence.token)

@@ -7,7 +7,7 @@ use redis::Script;
 
 use super::{Client, Fence, NOT_HOLDER, Result, now_ms};
 use crate::envelope::Envelope;
-use crate::keys::{GROUP, QueueKeys, TASK_FIELD, scheduler};
+use crate::keys::{GROUP, QueueKeys, TASK_FIELD};
 
 static TICK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -98,11 +98,11 @@ impl Client {
     ) -> Result<Option<bool>> {
         let mut c = self.conn().await?;
         let answer: i64 = TICK
-            .key(scheduler::LEASE)
-            .key(scheduler::FENCE)
+            .key(fence.keys.lease())
+            .key(fence.keys.fence())
             .key(tick.marker)
             .key(keys.stream())
-            .key(scheduler::DUTIES)
+            .key(fence.keys.duties())
             .arg(fence.holder)
             .arg(fence.token)
             .arg(u64::try_from(tick.marker_ttl.as_millis()).unwrap_or(u64::MAX))

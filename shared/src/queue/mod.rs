@@ -149,6 +149,7 @@ impl Finish {
 /// check both in the same script that writes, so a holder paused past its lease cannot act.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fence<'a> {
+    pub keys: &'a crate::keys::SchedulerKeys,
     pub holder: &'a str,
     pub token: i64,
 }

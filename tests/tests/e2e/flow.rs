@@ -563,7 +563,7 @@ async fn status_checks_each_provider_and_dlq_show_prints_one_letter() {
     let env = TestEnv::new().await.unwrap();
     let path = std::env::temp_dir().join(format!("{}-status.yaml", env.queue));
     // The mock provider file, plus a provider nothing answers for, before `routing:`.
-    let text = include_str!("../../examples/providers.mock.yaml")
+    let text = include_str!("../../../examples/providers.mock.yaml")
         .replace("${LLMQ_MOCK_URL:-http://127.0.0.1:8089}", &env.mock.url());
     let (providers, routing) = text.split_once("\n# Short waits").unwrap();
     let url = env.mock.url();

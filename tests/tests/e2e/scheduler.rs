@@ -3,7 +3,7 @@
 //! holder is fenced off, dead letters are archived before they are trimmed and can be replayed
 //! from the archive, and recurring tasks run once per tick across a takeover.
 //!
-//! There is one scheduler lease per Redis, so these tests take turns (`LEASE`).
+//! Each test runs its schedulers in a namespace of its own, so the tests run in parallel.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashSet};
@@ -14,7 +14,7 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use llmq_scheduler::{Clock, Duty, Error, Scheduler, Settings};
 use llmq_shared::archive::{self, RECURRING_FIELD};
 use llmq_shared::config::{Config, Quotas, Recurring};
-use llmq_shared::keys::{QueueKeys, scheduler as keys};
+use llmq_shared::keys::{QueueKeys, SchedulerKeys};
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::Client;
 use llmq_shared::quota::{Decision, Limiter};
@@ -22,20 +22,10 @@ use llmq_tests::harness::{TestEnv, binary, database_url, ensure_database, mock_c
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-/// The scheduler lease is one key per Redis: one test at a time may contend for it.
-static LEASE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// Takes this test's turn and clears a lease a failed earlier test may have left behind.
-async fn my_turn() -> tokio::sync::MutexGuard<'static, ()> {
-    let guard = LEASE.lock().await;
-    let redis = Client::new(&redis_url()).unwrap();
-    let mut c = redis.conn().await.unwrap();
-    redis::cmd("DEL")
-        .arg(keys::LEASE)
-        .query_async::<()>(&mut c)
-        .await
-        .unwrap();
-    guard
+/// Each test's schedulers use the test's queue name as their namespace: their lease, fence
+/// and records are their own, so the suites run in parallel.
+fn sched_keys(env: &TestEnv) -> SchedulerKeys {
+    SchedulerKeys::new(Some(&env.queue))
 }
 
 /// A clock the test moves by hand.
@@ -80,6 +70,7 @@ fn settings(id: &str, lease: Duration, config: Config, clock: Clock, queue: &str
     s.id = Some(id.to_owned());
     s.tick = Duration::from_millis(50);
     s.queues = vec![queue.to_owned()];
+    s.namespace = Some(queue.to_owned());
     s.clock = clock;
     s
 }
@@ -121,7 +112,6 @@ async fn used(limiter: &Limiter, p: &str, quotas: &Quotas, quota: &str, t: DateT
 
 #[tokio::test]
 async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_empty() {
-    let _turn = my_turn().await;
     let pool = pool().await;
     let p = unique("daily");
     let config = quota_config(&p, "{requests_per_day: 3}");
@@ -154,7 +144,7 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
         LONG_LEASE,
         config.clone(),
         clock.clock(),
-        "none",
+        &p,
     ))
     .await
     .unwrap();
@@ -196,15 +186,9 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
     // A new holder records the same window again: same values, one row.
     s.release().await.unwrap();
     clock.set(utc(2031, 3, 15, 9, 0, 0));
-    let mut other = Scheduler::connect(settings(
-        "daily-b",
-        LONG_LEASE,
-        config,
-        clock.clock(),
-        "none",
-    ))
-    .await
-    .unwrap();
+    let mut other = Scheduler::connect(settings("daily-b", LONG_LEASE, config, clock.clock(), &p))
+        .await
+        .unwrap();
     assert!(other.acquire().await.unwrap());
     other.run_duty(Duty::QuotaWindows).await.unwrap();
     let again = archive::quota_history(&pool, Some(&p)).await.unwrap();
@@ -235,7 +219,15 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
     let rows: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rows[0]["requests"], 3, "{out}");
     let (code, out) = env
-        .cli(&["status", "--queue", &env.queue, "--format", "json"])
+        .cli(&[
+            "status",
+            "--queue",
+            &env.queue,
+            "--scheduler-namespace",
+            &p,
+            "--format",
+            "json",
+        ])
         .await;
     assert_eq!(code, 0);
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -253,7 +245,6 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
 
 #[tokio::test]
 async fn a_month_closes_on_the_first_into_the_history_and_the_new_budget_is_whole() {
-    let _turn = my_turn().await;
     let pool = pool().await;
     let p = unique("monthly");
     let config = quota_config(&p, "{usd_per_month: 0.01}");
@@ -281,15 +272,9 @@ async fn a_month_closes_on_the_first_into_the_history_and_the_new_budget_is_whol
 
     let first = utc(2031, 4, 1, 0, 0, 1);
     let clock = TestClock::at(first);
-    let mut s = Scheduler::connect(settings(
-        "monthly",
-        LONG_LEASE,
-        config,
-        clock.clock(),
-        "none",
-    ))
-    .await
-    .unwrap();
+    let mut s = Scheduler::connect(settings("monthly", LONG_LEASE, config, clock.clock(), &p))
+        .await
+        .unwrap();
     assert!(s.acquire().await.unwrap());
     s.run_duty(Duty::QuotaWindows).await.unwrap();
 
@@ -380,7 +365,6 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 
 #[tokio::test]
 async fn dead_letters_are_archived_before_they_are_trimmed_and_replay_from_the_archive() {
-    let _turn = my_turn().await;
     let env = TestEnv::new().await.unwrap();
     let now = Utc::now();
     let clock = TestClock::at(now);
@@ -525,7 +509,6 @@ async fn dead_letters_are_archived_before_they_are_trimmed_and_replay_from_the_a
 
 #[tokio::test]
 async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
-    let _turn = my_turn().await;
     let env = TestEnv::new().await.unwrap();
     let pool = env.ledger.pool().clone();
     let now = utc(2031, 6, 10, 12, 0, 0);
@@ -554,7 +537,7 @@ async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
     let field = format!("{RECURRING_FIELD}{name}");
     let mut c = env.redis.conn().await.unwrap();
     redis::cmd("HSET")
-        .arg(keys::DUTIES)
+        .arg(sched_keys(&env).duties())
         .arg(&field)
         .arg((now - chrono::Duration::seconds(5)).timestamp_millis())
         .query_async::<()>(&mut c)
@@ -606,7 +589,9 @@ async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
         .await
         .unwrap();
     assert_eq!(ready, 0, "no recurring tick was enqueued");
-    let status = archive::scheduler_status(&env.redis).await.unwrap();
+    let status = archive::scheduler_status(&env.redis, &sched_keys(&env))
+        .await
+        .unwrap();
     assert_eq!(status.holder.as_deref(), Some("new"));
     assert!(
         status.duties.iter().all(|d| d.holder != "old"),
@@ -636,7 +621,7 @@ async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
     assert_eq!(ready, 5, "the five ticks since the last recorded one");
     new.release().await.unwrap();
     redis::cmd("HDEL")
-        .arg(keys::DUTIES)
+        .arg(sched_keys(&env).duties())
         .arg(&field)
         .query_async::<()>(&mut c)
         .await
@@ -667,10 +652,10 @@ async fn ticks_in_stream(env: &TestEnv, name: &str) -> BTreeMap<i64, usize> {
     ticks
 }
 
-async fn lease_holder(redis: &Client) -> Option<String> {
-    let mut c = redis.conn().await.unwrap();
+async fn lease_holder(env: &TestEnv) -> Option<String> {
+    let mut c = env.redis.conn().await.unwrap();
     redis::cmd("GET")
-        .arg(keys::LEASE)
+        .arg(sched_keys(env).lease())
         .query_async(&mut c)
         .await
         .unwrap()
@@ -678,7 +663,6 @@ async fn lease_holder(redis: &Client) -> Option<String> {
 
 #[tokio::test]
 async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once() {
-    let _turn = my_turn().await;
     let env = TestEnv::new().await.unwrap();
     let name = unique("every-second");
     let mut config = mock_config(&env.mock.url());
@@ -702,18 +686,20 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     let (token_b, b) = start("sched-b");
 
     env.eventually("a holder", Duration::from_secs(5), || async {
-        lease_holder(&env.redis).await.is_some()
+        lease_holder(&env).await.is_some()
     })
     .await
     .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let holder = lease_holder(&env.redis).await.unwrap();
+    let holder = lease_holder(&env).await.unwrap();
     let (leader, standby, leader_task, standby_task, standby_token) = match holder.as_str() {
         "sched-a" => ("sched-a", "sched-b", a, b, token_b),
         "sched-b" => ("sched-b", "sched-a", b, a, token_a),
         other => panic!("unknown holder {other}"),
     };
-    let status = archive::scheduler_status(&env.redis).await.unwrap();
+    let status = archive::scheduler_status(&env.redis, &sched_keys(&env))
+        .await
+        .unwrap();
     assert_eq!(status.holder.as_deref(), Some(leader));
     assert!(
         status.lease_ttl_ms.is_some_and(|t| t > 0 && t <= 1000),
@@ -727,9 +713,13 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
             .unwrap_or_else(|| panic!("{duty} never ran: {status:?}"));
         assert!(d.ok && !d.overdue && d.holder == leader, "{d:?}");
     }
-    let later = archive::scheduler_status_at(&env.redis, Utc::now() + chrono::Duration::hours(1))
-        .await
-        .unwrap();
+    let later = archive::scheduler_status_at(
+        &env.redis,
+        &sched_keys(&env),
+        Utc::now() + chrono::Duration::hours(1),
+    )
+    .await
+    .unwrap();
     assert!(later.duties.iter().all(|d| d.overdue), "{later:?}");
     assert!(
         later
@@ -743,7 +733,7 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     let killed = Instant::now();
     let killed_at = Utc::now().timestamp_millis();
     env.eventually("the standby's takeover", Duration::from_secs(5), || async {
-        lease_holder(&env.redis).await.as_deref() == Some(standby)
+        lease_holder(&env).await.as_deref() == Some(standby)
     })
     .await
     .unwrap();
@@ -755,7 +745,7 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     tokio::time::sleep(Duration::from_millis(2000)).await;
     standby_token.cancel();
     standby_task.await.unwrap().unwrap();
-    assert_eq!(lease_holder(&env.redis).await, None, "released on shutdown");
+    assert_eq!(lease_holder(&env).await, None, "released on shutdown");
 
     let ticks = ticks_in_stream(&env, &name).await;
     let doubled: Vec<_> = ticks.iter().filter(|(_, n)| **n > 1).collect();
@@ -774,7 +764,7 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     let mut by = Vec::new();
     for t in &times {
         let who: Option<String> = redis::cmd("GET")
-            .arg(keys::tick(&name, *t))
+            .arg(sched_keys(&env).tick(&name, *t))
             .query_async(&mut c)
             .await
             .unwrap();
@@ -789,7 +779,7 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     let unique_holders: HashSet<_> = by.iter().collect();
     assert_eq!(unique_holders.len(), 2);
     redis::cmd("HDEL")
-        .arg(keys::DUTIES)
+        .arg(sched_keys(&env).duties())
         .arg(format!("{RECURRING_FIELD}{name}"))
         .query_async::<()>(&mut c)
         .await
@@ -808,10 +798,13 @@ impl Drop for Process {
 
 #[tokio::test]
 async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_sigterm() {
-    let _turn = my_turn().await;
     let env = TestEnv::new().await.unwrap();
     let config = std::env::temp_dir().join(format!("llmq-scheduler-{}.yaml", env.queue));
-    std::fs::write(&config, include_str!("../../examples/providers.mock.yaml")).unwrap();
+    std::fs::write(
+        &config,
+        include_str!("../../../examples/providers.mock.yaml"),
+    )
+    .unwrap();
     let id = unique("process");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -824,6 +817,7 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
             .env("REDIS_URL", redis_url())
             .env("DATABASE_URL", database_url())
             .env("LLMQ_CONFIG", &config)
+            .env("LLMQ_SCHEDULER_NAMESPACE", &env.queue)
             .env("RUST_LOG", "warn")
             .args([
                 "--id",
@@ -843,7 +837,9 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
         "every duty run by the process",
         Duration::from_secs(10),
         || async {
-            let status = archive::scheduler_status(&env.redis).await.unwrap();
+            let status = archive::scheduler_status(&env.redis, &sched_keys(&env))
+                .await
+                .unwrap();
             status.holder.as_deref() == Some(id.as_str())
                 && status.duties.len() >= 3
                 && status.duties.iter().all(|d| d.holder == id && d.ok)
@@ -890,6 +886,6 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "{exit:?}");
-    assert_eq!(lease_holder(&env.redis).await, None, "released on SIGTERM");
+    assert_eq!(lease_holder(&env).await, None, "released on SIGTERM");
     let _ = std::fs::remove_file(config);
 }

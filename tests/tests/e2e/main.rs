@@ -1,0 +1,15 @@
+//! The end-to-end suites, one module each, in one test binary (one link instead of nine).
+//! They talk to the real Redis and Postgres on this machine (`REDIS_URL`, `DATABASE_URL`)
+//! and to llmq-mock over HTTP; every test uses its own queue, provider names and scheduler
+//! namespace, so they run in parallel.
+
+mod costs;
+mod crash;
+mod examples;
+mod flow;
+mod metrics;
+mod outage;
+mod providers;
+mod quota;
+mod routing;
+mod scheduler;
