@@ -456,14 +456,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         // not mean "holds the lease", or a standby would never be ready and rollouts stall.
         let ready = llmq_shared::health::Readiness::default();
         ready.set(true);
-        let bound = llmq_shared::health::serve(addr, ready, endpoints.clone())
+        llmq_shared::health::serve(addr, ready, endpoints.clone())
             .await
-            .map_err(|e| {
-                Error::Settings(format!(
-                    "cannot serve metrics on {addr}: {e}; pass --metrics-listen with a free port"
-                ))
-            })?;
-        tracing::info!("serving /healthz, /readyz and /metrics on http://{bound}");
+            .map_err(|e| Error::Settings(e.to_string()))?;
     }
     tracing::info!(
         id = scheduler.id(),

@@ -51,6 +51,14 @@ impl Readiness {
     }
 }
 
+/// The endpoints could not be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {listen}: {source}; pass --metrics-listen with a free port")]
+pub struct ServeError {
+    listen: SocketAddr,
+    source: std::io::Error,
+}
+
 /// Serves the endpoints until `shutdown`. Returns the bound address (for port 0).
 ///
 /// # Errors
@@ -59,9 +67,12 @@ pub async fn serve(
     listen: SocketAddr,
     ready: Readiness,
     shutdown: CancellationToken,
-) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(listen).await?;
-    let addr = listener.local_addr()?;
+) -> Result<SocketAddr, ServeError> {
+    let failed = |source| ServeError { listen, source };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(failed)?;
+    let addr = listener.local_addr().map_err(failed)?;
     recorder();
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -82,6 +93,7 @@ pub async fn serve(
             "/metrics",
             get(|| async { recorder().map(PrometheusHandle::render).unwrap_or_default() }),
         );
+    tracing::info!("serving /healthz, /readyz and /metrics on http://{addr}");
     tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -221,14 +221,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let readiness = llmq_shared::health::Readiness::default();
     let endpoints = CancellationToken::new();
     if let Some(addr) = settings.metrics_listen {
-        let bound = llmq_shared::health::serve(addr, readiness.clone(), endpoints.clone())
+        llmq_shared::health::serve(addr, readiness.clone(), endpoints.clone())
             .await
-            .map_err(|e| {
-                Error::Settings(format!(
-                    "cannot serve metrics on {addr}: {e}; pass --metrics-listen with a free port"
-                ))
-            })?;
-        tracing::info!("serving /healthz, /readyz and /metrics on http://{bound}");
+            .map_err(|e| Error::Settings(e.to_string()))?;
     }
     let hard_stop = CancellationToken::new();
     let done = CancellationToken::new();
