@@ -42,6 +42,56 @@ pub enum Command {
     Quota(QuotaArgs),
     /// Check or list the providers of the provider file.
     Providers(Providers),
+    /// Submit, watch and inspect chains: multi-step workflows.
+    Chain(ChainCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct ChainCmd {
+    #[command(subcommand)]
+    pub command: ChainCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChainCommand {
+    /// Submit a chain (a JSON file, or - for stdin) and print its id (with --wait, each
+    /// step as it ends and then the chain's outcome).
+    Submit {
+        file: PathBuf,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Fills `{{NAME}}` in the chain's prompts; repeat for several.
+        #[arg(long = "var", value_name = "NAME=VALUE")]
+        vars: Vec<String>,
+        /// Wait until the chain ends.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait, give up after this long (exit 1).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait_timeout: Option<std::time::Duration>,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Show a chain's state and each step.
+    Show {
+        chain_id: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// List the queue's chains, newest first.
+    List {
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Only chains in this state: running, succeeded, failed or cancelled.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -14,6 +14,7 @@
 
 use std::io::Write;
 
+mod chain;
 pub mod cli;
 mod costs;
 mod dlq;
@@ -77,6 +78,7 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Costs(args) => costs::costs(args, out).await,
         Command::Quota(args) => providers::quota(&redis()?, args, out).await,
         Command::Providers(args) => providers::run(args.command, out),
+        Command::Chain(args) => chain::run(&redis()?, args.command, out).await,
     }
 }
 

@@ -158,6 +158,9 @@ pub struct Envelope {
     pub model: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_id: Option<String>,
+    /// The step of chain `chain_id` this task runs. Set by the chain's expansion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
     /// How much a mistake would hurt: `low`, `medium` or `high`; raises the model tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk: Option<Risk>,
@@ -223,6 +226,7 @@ impl Envelope {
             provider: None,
             model: None,
             chain_id: None,
+            step: None,
             risk: None,
             area: None,
             timeout: None,

@@ -10,6 +10,9 @@ pub const GROUP: &str = "workers";
 /// The stream field that holds the JSON envelope.
 pub const TASK_FIELD: &str = "task";
 
+/// The stream field that holds a chain spec.
+pub const CHAIN_FIELD: &str = "chain";
+
 /// The set of queue names workers have served, for `llmq status`.
 pub const QUEUES: &str = "llmq:queues";
 
@@ -58,6 +61,43 @@ impl QueueKeys {
     #[must_use]
     pub fn result(&self, task_id: &str) -> String {
         format!("{}:result:{task_id}", self.prefix)
+    }
+
+    /// A chain: a hash of its spec, graph, state and counters.
+    #[must_use]
+    pub fn chain(&self, chain_id: &str) -> String {
+        format!("{}:chain:{chain_id}", self.prefix)
+    }
+
+    /// A chain's steps: a hash of step name to its state (JSON).
+    #[must_use]
+    pub fn chain_steps(&self, chain_id: &str) -> String {
+        format!("{}:chain:{chain_id}:steps", self.prefix)
+    }
+
+    /// A chain's step tasks: a hash of step name to the envelope its run enqueues.
+    #[must_use]
+    pub fn chain_tasks(&self, chain_id: &str) -> String {
+        format!("{}:chain:{chain_id}:tasks", self.prefix)
+    }
+
+    /// The parents step `step` still waits for: a set of step names. Every wait set of a
+    /// chain starts with [`QueueKeys::chain_wait_prefix`].
+    #[must_use]
+    pub fn chain_wait(&self, chain_id: &str, step: &str) -> String {
+        format!("{}{step}", self.chain_wait_prefix(chain_id))
+    }
+
+    /// What every wait set of a chain starts with (the chain scripts add the step's name).
+    #[must_use]
+    pub fn chain_wait_prefix(&self, chain_id: &str) -> String {
+        format!("{}:chain:{chain_id}:wait:", self.prefix)
+    }
+
+    /// Every chain of the queue: a sorted set of chain ids by submission time (ms).
+    #[must_use]
+    pub fn chains(&self) -> String {
+        format!("{}:chains", self.prefix)
     }
 
     /// Live workers of this queue: a sorted set of worker ids scored by last heartbeat (ms).

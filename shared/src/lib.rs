@@ -23,6 +23,7 @@
 //! ```
 
 pub mod archive;
+pub mod chain;
 pub mod circuit;
 pub mod config;
 pub mod envelope;

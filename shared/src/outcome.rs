@@ -22,13 +22,18 @@ pub enum Status {
     Failed,
     /// In the dead-letter queue, where it can be replayed.
     Dead,
+    /// A chain step that was cancelled before it ran (its chain failed or was cancelled).
+    Cancelled,
 }
 
 impl Status {
     /// True once nothing more will happen to the task without an operator.
     #[must_use]
     pub fn is_final(self) -> bool {
-        matches!(self, Status::Succeeded | Status::Failed | Status::Dead)
+        matches!(
+            self,
+            Status::Succeeded | Status::Failed | Status::Dead | Status::Cancelled
+        )
     }
 
     #[must_use]
@@ -40,6 +45,7 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::Dead => "dead",
+            Status::Cancelled => "cancelled",
         }
     }
 }

@@ -15,7 +15,7 @@ use llmq_shared::queue::{Client, FinishKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::Finished;
+use crate::executor::{ChainWrite, Finished};
 use llmq_shared::retry::RetryPolicy;
 
 /// How a failed write of outcomes is retried: 100 ms doubling to 5 s, until it succeeds or
@@ -103,6 +103,14 @@ impl Finisher {
                     .push(p);
             }
             for (keys, items) in by_queue {
+                let (chained, items): (Vec<_>, Vec<_>) =
+                    items.into_iter().partition(|p| p.finished.chain.is_some());
+                for p in chained {
+                    self.write_chain(&keys, p).await;
+                }
+                if items.is_empty() {
+                    continue;
+                }
                 let (finishes, waiters): (Vec<_>, Vec<_>) = items
                     .into_iter()
                     .map(|p| (p.finished.finish, p.done))
@@ -162,6 +170,43 @@ impl Finisher {
                 }
             }
         }
+    }
+}
+
+impl Finisher {
+    /// Writes a chain transition (an expansion, or a step's end with what it unblocks) in
+    /// its one script.
+    async fn write_chain(&self, keys: &QueueKeys, p: Pending) {
+        let Pending { finished, done } = p;
+        let applied = match &finished.chain {
+            Some(ChainWrite::Expand(chain)) => self
+                .retry("expanding a chain in Redis", || {
+                    self.redis
+                        .expand_chain(keys, &self.consumer, &finished.finish.entry_id, chain)
+                })
+                .await
+                .map(|r| r.is_some()),
+            Some(ChainWrite::Step(step)) => {
+                self.retry("finishing a chain step in Redis", || {
+                    self.redis.finish_step(
+                        keys,
+                        &self.consumer,
+                        self.result_ttl,
+                        &finished.finish,
+                        step,
+                    )
+                })
+                .await
+            }
+            None => Some(false),
+        };
+        if applied == Some(false) {
+            tracing::warn!(
+                entry = %finished.finish.entry_id,
+                "another worker took this chain entry over; its outcome here was discarded"
+            );
+        }
+        let _ = done.send(applied.unwrap_or(false));
     }
 }
 

@@ -282,6 +282,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     );
     let runtime = Arc::new(Runtime {
         executor: Executor {
+            redis: redis.clone(),
             config: settings.config.clone(),
             clients,
             limiter: llmq_shared::quota::Limiter::new(redis.clone()),

@@ -126,7 +126,11 @@ const POISON_REASON: &str =
 /// A poison task's way to the dead letters: the payload as it came, the delivery count as
 /// its attempts.
 fn poison_finish(keys: &QueueKeys, d: &Delivery) -> Finish {
-    let payload = d.payload.as_deref().unwrap_or_default();
+    let payload = d
+        .payload
+        .as_deref()
+        .or(d.chain.as_deref())
+        .unwrap_or_default();
     let task_id = envelope::task_id_of(keys.name(), &d.entry_id, payload).to_string();
     let error = format!("the task was delivered {}{POISON_REASON}", d.deliveries);
     let mut record = TaskRecord::pending(&task_id, keys.name(), Status::Dead);

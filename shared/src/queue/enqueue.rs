@@ -7,7 +7,7 @@ use redis::Script;
 
 use super::{Client, Fence, NOT_HOLDER, Result, now_ms};
 use crate::envelope::Envelope;
-use crate::keys::{GROUP, QueueKeys, TASK_FIELD};
+use crate::keys::{CHAIN_FIELD, GROUP, QueueKeys, TASK_FIELD};
 
 static TICK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -82,6 +82,21 @@ impl Client {
         let mut c = self.conn().await?;
         pipe.query_async::<()>(&mut c).await?;
         Ok(())
+    }
+
+    /// Submits a chain spec as a producer in any language would: one `XADD ... chain <json>`.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn submit_chain(&self, keys: &QueueKeys, spec: &str) -> Result<String> {
+        let mut c = self.conn().await?;
+        Ok(redis::cmd("XADD")
+            .arg(keys.stream())
+            .arg("*")
+            .arg(CHAIN_FIELD)
+            .arg(spec)
+            .query_async(&mut c)
+            .await?)
     }
 
     /// Enqueues one tick of a recurring task unless it was enqueued before, and records it

@@ -9,7 +9,12 @@ use super::{Client, Finish, FinishKind, Result, now_ms};
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
-static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("finish.lua")));
+static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/settle.lua"),
+        include_str!("finish.lua")
+    ))
+});
 static PROMOTE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("promote.lua")));
 
 impl Client {

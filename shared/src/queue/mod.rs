@@ -21,6 +21,7 @@ use tokio::sync::OnceCell;
 
 use crate::outcome::{ErrorClass, TaskRecord};
 
+mod chain;
 mod dead_letter;
 mod delivery;
 mod enqueue;
@@ -28,6 +29,7 @@ mod finish;
 mod inspect;
 mod reply;
 
+pub use chain::{ChainState, StepOutcome, StepState};
 pub use dead_letter::replayed_task;
 pub use enqueue::Tick;
 
@@ -53,6 +55,8 @@ pub struct Delivery {
     pub entry_id: String,
     /// The `task` field; `None` when the entry has no such field.
     pub payload: Option<Vec<u8>>,
+    /// The `chain` field, for an entry that submits a chain.
+    pub chain: Option<Vec<u8>>,
     /// How many times the group has handed this entry out, this time included.
     pub deliveries: u64,
 }

@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::{DeadLetter, Delivery, Error, Result};
 use crate::envelope;
-use crate::keys::TASK_FIELD;
+use crate::keys::{CHAIN_FIELD, TASK_FIELD};
 
 pub(super) fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>) -> DeadLetter {
     let text = |k: &str| {
@@ -97,22 +97,26 @@ pub(super) fn parse_read_reply(reply: Value) -> Result<Vec<Delivery>> {
         .map(|(entry_id, mut fields)| Delivery {
             entry_id,
             payload: fields.remove(TASK_FIELD),
+            chain: fields.remove(CHAIN_FIELD),
             deliveries: 1,
         })
         .collect())
 }
 
-/// A flat `[id, deliveries, payload or false, ...]` script reply as deliveries.
+/// A flat `[id, deliveries, task or false, chain or false, ...]` script reply as
+/// deliveries.
 pub(super) fn parse_claimed(flat: &[Value]) -> Result<Vec<Delivery>> {
-    flat.chunks(3)
+    let bytes = |v: &Value| match v {
+        Value::BulkString(b) => Some(b.clone()),
+        _ => None,
+    };
+    flat.chunks(4)
         .map(|chunk| match chunk {
-            [id, deliveries, payload] => Ok(Delivery {
+            [id, deliveries, payload, chain] => Ok(Delivery {
                 entry_id: as_string(id)?,
                 deliveries: as_u64(deliveries).max(1),
-                payload: match payload {
-                    Value::BulkString(b) => Some(b.clone()),
-                    _ => None,
-                },
+                payload: bytes(payload),
+                chain: bytes(chain),
             }),
             _ => Err(Error::Protocol("a claimed entry came back partial".into())),
         })

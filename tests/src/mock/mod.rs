@@ -33,6 +33,9 @@
 //! | `rate-limit-ms` | 429 with `retry-after-ms: 200` (Gemini: `retryDelay: "0.200s"`, no header) |
 //! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future (Gemini: that header and `retryDelay: "2s"`) |
 //! | `flaky`, `flaky-<n>` | per conversation, the first 2 (or `n`) requests get 500, later ones 200 |
+//! | `judge-first`, `judge-last` | 200 answering `1`, or the highest `[n]` in the prompt (a chain's judge) |
+//! | `review-approve`, `review-reject` | 200 answering `{"verdict": "approve"\|"reject", "findings": [...]}` |
+//! | `review-reject-once` | rejects the first review of a piece of work (by its `## Work to review` line), approves the next |
 //! | `context-too-long` | 400: OpenAI `context_length_exceeded`; Anthropic `prompt is too long: 250000 tokens > 200000 maximum`; Gemini `The input token count (N) exceeds the maximum number of tokens allowed (1048576).`; Ollama `the input length exceeds the context length` |
 //! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
 //! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
@@ -97,6 +100,11 @@ pub const MAGIC_MODELS: &[&str] = &[
     "flaky",
     "flaky-1",
     "context-too-long",
+    "judge-first",
+    "judge-last",
+    "review-approve",
+    "review-reject",
+    "review-reject-once",
 ];
 
 /// How long `slow` waits.
@@ -363,6 +371,57 @@ enum Behaviour {
     RateLimit(RetryHeader),
     Flaky(u64),
     ContextTooLong,
+    /// A judge or a reviewer: a fixed kind of answer.
+    Scripted(Script),
+}
+
+/// Answers that chain steps read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Script {
+    /// Picks candidate 1.
+    JudgeFirst,
+    /// Picks the last candidate (the highest `[n]` in the prompt).
+    JudgeLast,
+    ReviewApprove,
+    ReviewReject,
+    /// Rejects the first review of a piece of work, approves the next.
+    ReviewRejectOnce,
+}
+
+impl Script {
+    fn answer(self, state: &Shared, prompt: &str) -> String {
+        const APPROVE: &str = r#"{"verdict": "approve", "findings": []}"#;
+        const REJECT: &str =
+            r#"{"verdict": "reject", "findings": ["llmq-mock rejects this work"]}"#;
+        match self {
+            Script::JudgeFirst => "1".into(),
+            Script::JudgeLast => {
+                let last = prompt
+                    .match_indices('[')
+                    .filter_map(|(i, _)| {
+                        let rest = &prompt[i + 1..];
+                        let end = rest.find(']')?;
+                        rest[..end].parse::<u32>().ok()
+                    })
+                    .max()
+                    .unwrap_or(1);
+                last.to_string()
+            }
+            Script::ReviewApprove => APPROVE.into(),
+            Script::ReviewReject => REJECT.into(),
+            Script::ReviewRejectOnce => {
+                // The work under review names its step; the first look at it rejects.
+                let work = prompt.split("## Work to review").nth(1).unwrap_or(prompt);
+                let mut h = DefaultHasher::new();
+                work.lines().next().unwrap_or_default().hash(&mut h);
+                if state.flaky_attempt(h.finish()) <= 1 {
+                    REJECT.into()
+                } else {
+                    APPROVE.into()
+                }
+            }
+        }
+    }
 }
 
 /// The behaviour of a magic name; `None` for ordinary model names.
@@ -376,6 +435,11 @@ fn magic(name: &str) -> Option<Behaviour> {
         "rate-limit-date" => Behaviour::RateLimit(RetryHeader::Date),
         "flaky" => Behaviour::Flaky(FLAKY_DEFAULT),
         "context-too-long" => Behaviour::ContextTooLong,
+        "judge-first" => Behaviour::Scripted(Script::JudgeFirst),
+        "judge-last" => Behaviour::Scripted(Script::JudgeLast),
+        "review-approve" => Behaviour::Scripted(Script::ReviewApprove),
+        "review-reject" => Behaviour::Scripted(Script::ReviewReject),
+        "review-reject-once" => Behaviour::Scripted(Script::ReviewRejectOnce),
         _ => {
             if let Some(ms) = number_after(name, "slow-") {
                 Behaviour::Slow(Duration::from_millis(ms))
@@ -485,8 +549,13 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
     let behaviour = marker(conv.last_user())
         .or_else(|| magic(&conv.model))
         .unwrap_or(Behaviour::Normal);
+    let mut scripted = None;
     let extra = match behaviour {
         Behaviour::Normal => Duration::ZERO,
+        Behaviour::Scripted(s) => {
+            scripted = Some(s.answer(state, conv.last_user()));
+            Duration::ZERO
+        }
         Behaviour::Slow(d) => d,
         Behaviour::Timeout => TIMEOUT_SLEEP,
         Behaviour::Fail(status) => return Outcome::Fail(status),
@@ -502,7 +571,12 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
     if !state.sleep(state.opts.latency + extra).await {
         return Outcome::ShuttingDown;
     }
-    Outcome::Answer(Answer::new(conv))
+    let mut answer = Answer::new(conv);
+    if let Some(text) = scripted {
+        answer.completion_tokens = tokens(&text);
+        answer.content = text;
+    }
+    Outcome::Answer(answer)
 }
 
 /// The wait a 429 asks for: (as said in the message, header name, header value).

@@ -12,20 +12,23 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use llmq_shared::chain::Chain;
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
+use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
-use llmq_shared::queue::{Delivery, Finish, now_ms};
+use llmq_shared::queue::{Client, Delivery, Finish, StepOutcome, StepState, now_ms};
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
 use tokio_util::sync::CancellationToken;
 
 pub mod attempt;
+mod chain;
 pub mod decide;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
@@ -33,6 +36,7 @@ use decide::{Policy, TaskState, Transition};
 
 /// What the executor needs to know, shared by every task.
 pub struct Executor {
+    pub redis: Client,
     pub config: Config,
     /// A client per provider of `config`.
     pub clients: Clients,
@@ -83,6 +87,17 @@ pub struct Finished {
     pub finish: Finish,
     pub calls: Vec<CallRow>,
     pub task: Option<TaskRow>,
+    /// What the chain this delivery belongs to must record, in the same script.
+    pub chain: Option<ChainWrite>,
+}
+
+/// A chain transition the finisher writes instead of a plain finish.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChainWrite {
+    /// The delivery submitted this chain: expand it (its `finish` is not used).
+    Expand(Box<Chain>),
+    /// A step's task ended: finish it and move its chain along.
+    Step(Box<StepOutcome>),
 }
 
 impl Finished {
@@ -92,6 +107,7 @@ impl Finished {
             finish,
             calls,
             task: None,
+            chain: None,
         }
     }
 }
@@ -101,6 +117,9 @@ impl Executor {
     pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Finished {
         let entry_id = delivery.entry_id;
         // Parse.
+        if let (None, Some(spec)) = (&delivery.payload, &delivery.chain) {
+            return self.submitted_chain(queue, entry_id, spec);
+        }
         let Some(payload) = delivery.payload else {
             let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
             let error = format!(
@@ -136,21 +155,64 @@ impl Executor {
         record.task_type = Some(task_type.clone());
         record.chain_id.clone_from(&env.chain_id);
 
+        // A chain step: its handoffs, candidates and constraints.
+        let mut call_env = env.clone();
+        let mut constraints = Constraints::default();
+        let mut reading = None;
+        let mut settled = None;
+        if env.step.is_some() {
+            match chain::prepare(&self.redis, &queue, &env).await {
+                // Redis is away: the worker's fault, not the task's. Hand it back.
+                Err(e) => {
+                    tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
+                    let finish = Finish::release(entry_id, task_id, env.to_json());
+                    return Finished::new(queue, finish, Vec::new());
+                }
+                Ok(chain::Prepared::Cancelled(why)) => {
+                    return cancelled(queue, entry_id, &env, record, why);
+                }
+                Ok(chain::Prepared::Fatal(why)) => {
+                    settled = Some(Outcome::Failed(AttemptError {
+                        class: ErrorClass::Fatal,
+                        message: why,
+                        tried: Vec::new(),
+                        retry_after: None,
+                    }));
+                }
+                Ok(chain::Prepared::Output(text)) => {
+                    settled = Some(Outcome::Answered(Completion {
+                        text,
+                        usage: llmq_shared::provider::Usage::default(),
+                    }));
+                }
+                Ok(chain::Prepared::Call {
+                    prompt,
+                    constraints: c,
+                    read,
+                }) => {
+                    call_env.prompt = prompt;
+                    constraints = c;
+                    reading = Some(read);
+                }
+            }
+        }
+
         // Plan.
         let mut calls = Vec::new();
         let started = Instant::now();
-        let planned = routing::plan(
-            &self.config,
-            &env,
-            &Constraints::default(),
-            &Stats::default(),
-        );
-        let tried = match planned {
-            Ok(plan) => {
+        let planned = routing::plan(&self.config, &call_env, &constraints, &Stats::default());
+        let tried = match (settled, planned) {
+            (Some(outcome), _) => Tried {
+                outcome,
+                route: String::new(),
+                errors: Vec::new(),
+                last: None,
+            },
+            (None, Ok(plan)) => {
                 // Attempt.
                 let attempt = Attempt {
                     exec: self,
-                    env: &env,
+                    env: &call_env,
                     queue: &queue,
                     task_type: &task_type,
                     number: env.attempts + 1,
@@ -161,7 +223,7 @@ impl Executor {
                     Err(_) => self.timed_out(plan.reason.clone(), &calls),
                 }
             }
-            Err(e) => Tried {
+            (None, Err(e)) => Tried {
                 outcome: Outcome::Failed(AttemptError {
                     class: ErrorClass::Fatal,
                     message: e.to_string(),
@@ -181,6 +243,14 @@ impl Executor {
             record.model = Some(model);
         }
         record.cost_usd = calls.iter().map(|c| c.cost_usd).sum();
+        // A judge's pick, a review's verdict.
+        let outcome = match (tried.outcome, &reading) {
+            (Outcome::Answered(c), Some(read)) => match chain::read(read, &c.text) {
+                Ok(text) => Outcome::Answered(Completion { text, ..c }),
+                Err(e) => Outcome::Failed(e),
+            },
+            (outcome, _) => outcome,
+        };
 
         // Decide.
         let policy = Policy {
@@ -193,17 +263,43 @@ impl Executor {
             waiting_since: env.waiting_since,
         };
         let now = Utc::now();
-        let transition = decide::decide(state, &tried.outcome, &policy, now);
-        apply(
+        let transition = decide::decide(state, &outcome, &policy, now);
+        let step = env.chain_id.clone().zip(env.step.clone());
+        let mut finished = apply(
             queue,
             entry_id,
             env,
             record,
             calls,
-            tried.outcome,
+            outcome,
             transition,
             &self.read_pause,
-        )
+        );
+        if let Some((chain_id, step)) = step {
+            finished.chain = step_outcome(&finished.finish, chain_id, step)
+                .map(|s| ChainWrite::Step(Box::new(s)));
+        }
+        finished
+    }
+
+    /// A delivery that submits a chain: validated here, expanded by the finisher in one
+    /// script; an invalid one is one dead letter whose reason names the step and the problem.
+    fn submitted_chain(&self, queue: Arc<QueueKeys>, entry_id: String, spec: &[u8]) -> Finished {
+        match Chain::parse(spec, self.max_payload_bytes, queue.name(), &entry_id) {
+            Ok(chain) => {
+                let finish = Finish::release(entry_id, chain.id.clone(), String::new());
+                Finished {
+                    chain: Some(ChainWrite::Expand(Box::new(chain))),
+                    ..Finished::new(queue, finish, Vec::new())
+                }
+            }
+            Err(e) => {
+                let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+                let raw = String::from_utf8_lossy(spec).into_owned();
+                let error = format!("the chain is invalid: {e}");
+                invalid(queue, entry_id, task_id, raw, error)
+            }
+        }
     }
 
     /// The attempt ran past `--attempt-timeout`.
@@ -310,6 +406,57 @@ fn apply(
             let finish = Finish::release(entry_id, task_id, env.to_json());
             Finished::new(queue, finish, calls)
         }
+    }
+}
+
+/// What a step's chain records when its task ended for good; `None` while it goes on.
+fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepOutcome> {
+    let record = finish.record.as_ref()?;
+    let outcome = match finish.kind {
+        llmq_shared::queue::FinishKind::Done => "succeeded",
+        llmq_shared::queue::FinishKind::Dead { .. } => "failed",
+        _ => return None,
+    };
+    Some(StepOutcome {
+        chain_id,
+        step,
+        outcome,
+        fields: StepState {
+            provider: record.provider.clone(),
+            model: record.model.clone(),
+            cost_usd: record.cost_usd,
+            summary: record.output.as_deref().map(llmq_shared::chain::summary),
+            error: record.error.clone(),
+            ..StepState::default()
+        },
+    })
+}
+
+/// A chain step that was cancelled before it ran: acked with a `cancelled` record.
+fn cancelled(
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    env: &Envelope,
+    mut record: TaskRecord,
+    why: String,
+) -> Finished {
+    record.status = Status::Cancelled;
+    record.attempts = env.attempts;
+    record.error = Some(why.clone());
+    record.finished_at = Some(Utc::now());
+    let task_id = record.task_id.clone();
+    let step = StepOutcome {
+        chain_id: env.chain_id.clone().unwrap_or_default(),
+        step: env.step.clone().unwrap_or_default(),
+        outcome: "cancelled",
+        fields: StepState {
+            error: Some(why),
+            ..StepState::default()
+        },
+    };
+    Finished {
+        chain: Some(ChainWrite::Step(Box::new(step))),
+        ..Finished::new(queue, Finish::done(entry_id, task_id, record), Vec::new())
     }
 }
 

@@ -1,0 +1,323 @@
+//! `llmq chain submit|show|list`.
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use llmq_shared::chain::Chain;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::outcome::Status;
+use llmq_shared::queue::{ChainState, Client};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::cli::{ChainCommand, Format};
+use crate::{EXIT_FAILED, EXIT_OK, Error, Result, emit, render, to_json};
+
+pub async fn run(redis: &Client, cmd: ChainCommand, out: &mut dyn Write) -> Result<u8> {
+    match cmd {
+        ChainCommand::Submit {
+            file,
+            queue,
+            vars,
+            wait,
+            wait_timeout,
+            format,
+        } => {
+            let keys = QueueKeys::new(&queue);
+            let spec = read_spec(&file, &vars)?;
+            let chain = Chain::parse(spec.as_bytes(), usize::MAX, &queue, "0-0")
+                .map_err(|e| Error::Usage(format!("{}: {e}", file.display())))?;
+            redis.ensure_group(&keys).await?;
+            redis.submit_chain(&keys, &spec).await?;
+            if !wait {
+                match format {
+                    Format::Text => emit(out, &format!("{}\n", chain.id)),
+                    Format::Json => emit(out, &to_json(&serde_json::json!({"chain_id": chain.id}))),
+                }
+                return Ok(EXIT_OK);
+            }
+            if format == Format::Text {
+                emit(out, &format!("chain {} submitted to `{queue}`\n", chain.id));
+            }
+            watch(redis, &keys, &chain.id, wait_timeout, format, out).await
+        }
+        ChainCommand::Show {
+            chain_id,
+            queue,
+            format,
+        } => {
+            let keys = QueueKeys::new(&queue);
+            let Some(state) = redis.chain(&keys, &chain_id).await? else {
+                eprintln!(
+                    "llmq: no chain {chain_id} in queue `{queue}` (it may be in another queue: pass --queue)"
+                );
+                return Ok(EXIT_FAILED);
+            };
+            let view = view(redis, &keys, &state).await?;
+            match format {
+                Format::Json => emit(out, &to_json(&view)),
+                Format::Text => emit(out, &text(&view)),
+            }
+            Ok(EXIT_OK)
+        }
+        ChainCommand::List {
+            queue,
+            state,
+            limit,
+            format,
+        } => {
+            let keys = QueueKeys::new(&queue);
+            let mut rows = Vec::new();
+            for (id, _) in redis.chains(&keys, limit).await? {
+                let Some(c) = redis.chain(&keys, &id).await? else {
+                    continue;
+                };
+                if state.as_deref().is_some_and(|s| s != c.state) {
+                    continue;
+                }
+                let done = c
+                    .steps
+                    .values()
+                    .filter(|s| matches!(s.status.as_str(), "succeeded" | "failed" | "cancelled"))
+                    .count();
+                rows.push(serde_json::json!({
+                    "chain_id": id,
+                    "state": c.state,
+                    "steps": c.spec.steps.len(),
+                    "finished_steps": done,
+                    "created_at": c.created_at,
+                }));
+            }
+            match format {
+                Format::Json => emit(out, &to_json(&rows)),
+                Format::Text => {
+                    let mut s = format!(
+                        "{:<38} {:<10} {:>7}  SUBMITTED\n",
+                        "CHAIN", "STATE", "STEPS"
+                    );
+                    for r in &rows {
+                        s.push_str(&format!(
+                            "{:<38} {:<10} {:>3}/{:<3}  {}\n",
+                            render::cut(r["chain_id"].as_str().unwrap_or_default(), 38),
+                            r["state"].as_str().unwrap_or_default(),
+                            r["finished_steps"],
+                            r["steps"],
+                            r["created_at"].as_str().unwrap_or_default(),
+                        ));
+                    }
+                    emit(out, &s);
+                }
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+/// The chain file (or stdin) with `--var`s merged into its `vars`, and a `chain_id` when it
+/// gives none, so the id can be printed before the chain runs.
+fn read_spec(file: &std::path::Path, vars: &[String]) -> Result<String> {
+    let text = if file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Error::Usage(format!("cannot read the chain from stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| Error::Usage(format!("cannot read {}: {e}", file.display())))?
+    };
+    let mut value: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Usage(format!("{} is not valid JSON: {e}", file.display())))?;
+    let Some(obj) = value.as_object_mut() else {
+        return Err(Error::Usage(format!(
+            "{} must hold a JSON object (a chain)",
+            file.display()
+        )));
+    };
+    for v in vars {
+        let Some((name, val)) = v.split_once('=') else {
+            return Err(Error::Usage(format!(
+                "--var `{v}` is not NAME=VALUE; write e.g. --var input=\"the billing service\""
+            )));
+        };
+        let map = obj
+            .entry("vars")
+            .or_insert_with(|| Value::Object(serde_json::Map::new()));
+        if let Some(m) = map.as_object_mut() {
+            m.insert(name.to_owned(), Value::String(val.to_owned()));
+        }
+    }
+    if !obj.contains_key("chain_id") {
+        obj.insert(
+            "chain_id".into(),
+            Value::String(uuid::Uuid::new_v4().to_string()),
+        );
+    }
+    Ok(value.to_string())
+}
+
+/// Prints each step as it ends, then the chain's outcome. Exit 0 when it succeeded.
+async fn watch(
+    redis: &Client,
+    keys: &QueueKeys,
+    chain_id: &str,
+    timeout: Option<Duration>,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let started = Instant::now();
+    let mut told: HashSet<String> = HashSet::new();
+    loop {
+        if let Some(state) = redis.chain(keys, chain_id).await? {
+            if format == Format::Text {
+                for step in &state.spec.steps {
+                    let Some(s) = state.steps.get(&step.name) else {
+                        continue;
+                    };
+                    if matches!(s.status.as_str(), "succeeded" | "failed" | "cancelled")
+                        && told.insert(step.name.clone())
+                    {
+                        let by = match (&s.provider, &s.model) {
+                            (Some(p), Some(m)) => format!(" by {p}/{m}"),
+                            _ => String::new(),
+                        };
+                        let why = s
+                            .error
+                            .as_deref()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default();
+                        emit(out, &format!("  {:<16} {}{by}{why}\n", step.name, s.status));
+                    }
+                }
+            }
+            if state.state != "running" {
+                let view = view(redis, keys, &state).await?;
+                match format {
+                    Format::Json => emit(out, &to_json(&view)),
+                    Format::Text => emit(out, &outcome_text(&view)),
+                }
+                return Ok(if state.state == "succeeded" {
+                    EXIT_OK
+                } else {
+                    EXIT_FAILED
+                });
+            }
+        }
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            eprintln!("llmq: chain {chain_id} is still running; see `llmq chain show {chain_id}`");
+            return Ok(EXIT_FAILED);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A step as `llmq chain show` prints it.
+#[derive(Debug, Serialize)]
+struct StepView {
+    name: String,
+    kind: &'static str,
+    status: String,
+    task_id: String,
+    provider: Option<String>,
+    model: Option<String>,
+    round: u32,
+    cost_usd: f64,
+    summary: Option<String>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChainView {
+    chain_id: String,
+    queue: String,
+    state: String,
+    created_at: Option<chrono::DateTime<chrono::Utc>>,
+    finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    cost_usd: f64,
+    steps: Vec<StepView>,
+}
+
+async fn view(redis: &Client, keys: &QueueKeys, state: &ChainState) -> Result<ChainView> {
+    let mut steps = Vec::with_capacity(state.spec.steps.len());
+    for step in &state.spec.steps {
+        let s = state.steps.get(&step.name).cloned().unwrap_or_default();
+        // The chain says `queued` until the step ends; its task says whether it runs or
+        // waits for a retry.
+        let status = if s.status == "queued" && !s.task_id.is_empty() {
+            match redis.task(keys, &s.task_id).await?.map(|r| r.status) {
+                Some(Status::Running) => "running".to_owned(),
+                Some(Status::Delayed) => "retrying".to_owned(),
+                _ => "queued".to_owned(),
+            }
+        } else {
+            s.status.clone()
+        };
+        steps.push(StepView {
+            name: step.name.clone(),
+            kind: step.kind.as_str(),
+            status,
+            task_id: s.task_id,
+            provider: s.provider,
+            model: s.model,
+            round: s.round,
+            cost_usd: s.cost_usd,
+            summary: s.summary,
+            error: s.error,
+        });
+    }
+    Ok(ChainView {
+        chain_id: state.spec.id.clone(),
+        queue: keys.name().to_owned(),
+        state: state.state.clone(),
+        created_at: state.created_at,
+        finished_at: state.finished_at,
+        cost_usd: steps.iter().map(|s| s.cost_usd).sum(),
+        steps,
+    })
+}
+
+fn text(v: &ChainView) -> String {
+    let mut s = format!(
+        "Chain:    {}\nQueue:    {}\nState:    {}\nCost:     ${:.6}\n\n{:<16} {:<10} {:<18} {:<28} {:>10}  SUMMARY / ERROR\n",
+        v.chain_id,
+        v.queue,
+        v.state,
+        v.cost_usd,
+        "STEP",
+        "KIND",
+        "STATUS",
+        "PROVIDER/MODEL",
+        "COST"
+    );
+    for st in &v.steps {
+        let by = match (&st.provider, &st.model) {
+            (Some(p), Some(m)) => format!("{p}/{m}"),
+            _ => "-".to_owned(),
+        };
+        let note = st.error.as_deref().or(st.summary.as_deref()).unwrap_or("");
+        s.push_str(&format!(
+            "{:<16} {:<10} {:<18} {:<28} {:>10}  {}\n",
+            render::cut(&st.name, 16),
+            st.kind,
+            st.status,
+            render::cut(&by, 28),
+            format!("${:.6}", st.cost_usd),
+            render::cut(&note.replace('\n', " "), 80)
+        ));
+    }
+    s
+}
+
+/// The end of a watched chain: its state, and the output summary of each last step.
+fn outcome_text(v: &ChainView) -> String {
+    let mut s = format!("chain {}: {} (${:.6})\n", v.chain_id, v.state, v.cost_usd);
+    for st in &v.steps {
+        if let Some(sum) = &st.summary
+            && st.status == "succeeded"
+        {
+            s.push_str(&format!("\n## {}\n{sum}\n", st.name));
+        }
+    }
+    s
+}

@@ -1,0 +1,578 @@
+//! Chains: a small DAG of steps submitted at once, from any language, with
+//! `XADD llmq:{q}:stream * chain '<json>'`. This module reads and validates the spec; the
+//! queue's chain scripts (`queue/chain.rs`) expand it and move it along.
+//!
+//! Every way a spec can be wrong is a sentence that names the step and the problem; the
+//! worker turns it into one dead letter and runs nothing of the chain.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::envelope::{self, Envelope, Risk, TaskType};
+
+#[cfg(test)]
+mod tests;
+
+/// The only chain version this build understands.
+pub const VERSION: u64 = 1;
+/// The most steps one chain may have.
+pub const MAX_STEPS: usize = 64;
+/// `{{step.summary}}` inlines at most this many characters.
+pub const SUMMARY_CHARS: usize = 500;
+
+/// Why a chain was rejected, as the sentence its dead letter carries.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Error(String);
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn err(text: impl Into<String>) -> Error {
+    Error(text.into())
+}
+
+/// What a failed step does to the rest of the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Its descendants are cancelled; independent branches go on (a judge or consensus join
+    /// waits for its other parents and needs `min_success`).
+    #[default]
+    CancelDescendants,
+    /// Every step not yet finished is cancelled.
+    FailChain,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A prompt to a model; after several parents, a merge of their outputs.
+    Llm,
+    /// A model picks the best of its parents' outputs; its output is the chosen one.
+    Judge,
+    /// No call: the majority of the parents' normalised outputs; a tie fails.
+    Consensus,
+    /// A model judges another step's output: `{"verdict": "approve"|"reject", "findings"}`.
+    Review,
+}
+
+impl Kind {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Llm => "llm",
+            Kind::Judge => "judge",
+            Kind::Consensus => "consensus",
+            Kind::Review => "review",
+        }
+    }
+
+    /// Joins wait for all their parents and run with `min_success` of them.
+    #[must_use]
+    pub fn is_join(self) -> bool {
+        matches!(self, Kind::Judge | Kind::Consensus)
+    }
+}
+
+/// What a review must not share with the step it reviews.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distinct {
+    Model,
+    Provider,
+}
+
+/// One validated step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub kind: Kind,
+    /// Parents, in the order given.
+    pub after: Vec<String>,
+    /// Steps that list this one in `after`.
+    pub children: Vec<String>,
+    /// The prompt with the chain's variables filled in; step references stay as written.
+    pub prompt: String,
+    pub min_success: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distinct: Option<Distinct>,
+    /// The step a review reviews.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reviews: Option<String>,
+    /// The task each run of the step is (prompt, hints, limits), chain fields set.
+    pub task: Envelope,
+}
+
+/// A validated chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Chain {
+    pub id: String,
+    pub on_failure: OnFailure,
+    /// In the order given, which is a valid order to run them in only by accident.
+    pub steps: Vec<Step>,
+}
+
+impl Chain {
+    /// Reads and validates a chain spec. `entry_id` (the stream entry) names a chain whose
+    /// spec gives no `chain_id`.
+    ///
+    /// # Errors
+    /// Every way the spec can be wrong, naming the step and the problem.
+    pub fn parse(raw: &[u8], max_bytes: usize, queue: &str, entry_id: &str) -> Result<Self> {
+        if raw.len() > max_bytes {
+            return Err(err(format!(
+                "the chain is {} bytes, over the {max_bytes}-byte limit; shorten its prompts or raise --max-payload-bytes",
+                raw.len()
+            )));
+        }
+        let value: Value = serde_json::from_slice(raw)
+            .map_err(|e| err(format!("the chain is not valid JSON: {e}")))?;
+        match value.get("v") {
+            Some(v) if v.as_u64() == Some(VERSION) => {}
+            Some(v) => {
+                return Err(err(format!(
+                    "the chain has version {v}, but this worker understands only \"v\": 1"
+                )));
+            }
+            None => return Err(err("the chain has no \"v\" field; set \"v\": 1")),
+        }
+        let spec: RawChain = serde_path_to_error::deserialize(value)
+            .map_err(|e| err(format!("field `{}` is wrong: {}", e.path(), e.inner())))?;
+        let id = match spec.chain_id.clone() {
+            Some(id) if id.trim().is_empty() => {
+                return Err(err("`chain_id` is empty; leave it out or name the chain"));
+            }
+            Some(id) => id,
+            None => envelope::derive_id(queue, entry_id).to_string(),
+        };
+        build(id, spec)
+    }
+
+    /// The step named `name`.
+    #[must_use]
+    pub fn step(&self, name: &str) -> Option<&Step> {
+        self.steps.iter().find(|s| s.name == name)
+    }
+
+    /// The spec as stored with the chain.
+    #[must_use]
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// The id of a step's task: the same for the same chain, step and round, so that an
+/// expansion or a finish replayed after a crash names the same task.
+#[must_use]
+pub fn step_task_id(chain_id: &str, step: &str, round: u32) -> uuid::Uuid {
+    uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("llmq-chain:{chain_id}:{step}:{round}").as_bytes(),
+    )
+}
+
+/// A `{{...}}` reference in a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reference {
+    /// `{{name}}`: a chain variable, filled in at expansion.
+    Var(String),
+    /// `{{step.summary}}`: at most [`SUMMARY_CHARS`] of the step's output, inlined.
+    Summary(String),
+    /// `{{step.output}}`: the step's whole output, read just before the call.
+    Output(String),
+}
+
+/// Every `{{...}}` in `text`, with its byte range.
+#[must_use]
+pub fn references(text: &str) -> Vec<(std::ops::Range<usize>, Reference)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(start) = text[from..].find("{{").map(|i| from + i) {
+        let Some(end) = text[start + 2..].find("}}").map(|i| start + 2 + i) else {
+            break;
+        };
+        let inner = text[start + 2..end].trim();
+        let reference = match inner.rsplit_once('.') {
+            Some((step, "summary")) => Some(Reference::Summary(step.to_owned())),
+            Some((step, "output")) => Some(Reference::Output(step.to_owned())),
+            None if is_name(inner) => Some(Reference::Var(inner.to_owned())),
+            _ => None,
+        };
+        if let Some(r) = reference {
+            out.push((start..end + 2, r));
+        }
+        from = end + 2;
+    }
+    out
+}
+
+/// Replaces each reference `fill` answers for; the rest stays as written.
+#[must_use]
+pub fn fill(text: &str, mut fill: impl FnMut(&Reference) -> Option<String>) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    for (range, r) in references(text) {
+        if let Some(value) = fill(&r) {
+            out.push_str(&text[last..range.start]);
+            out.push_str(&value);
+            last = range.end;
+        }
+    }
+    out.push_str(&text[last..]);
+    out
+}
+
+/// At most [`SUMMARY_CHARS`] characters of `output`, on a character boundary.
+#[must_use]
+pub fn summary(output: &str) -> String {
+    crate::provider::excerpt(output, SUMMARY_CHARS)
+}
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawChain {
+    #[allow(dead_code)]
+    v: u64,
+    chain_id: Option<String>,
+    #[serde(default)]
+    on_failure: OnFailure,
+    #[serde(default)]
+    defaults: RawFields,
+    #[serde(default)]
+    vars: BTreeMap<String, String>,
+    steps: Vec<RawStep>,
+}
+
+/// What a step and the chain's `defaults` may both set.
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawFields {
+    #[serde(rename = "type")]
+    task_type: Option<String>,
+    risk: Option<Risk>,
+    area: Option<String>,
+    provider: Option<String>,
+    model: Option<String>,
+    system: Option<String>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    max_attempts: Option<u32>,
+    timeout: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    #[serde(default)]
+    after: Vec<String>,
+    kind: Option<String>,
+    prompt: Option<String>,
+    #[serde(flatten)]
+    fields: RawFields,
+    distinct: Option<Distinct>,
+    reviews: Option<String>,
+    min_success: Option<u32>,
+    on_reject: Option<Value>,
+    escalate: Option<bool>,
+    on_timeout: Option<String>,
+    command: Option<String>,
+}
+
+fn build(id: String, spec: RawChain) -> Result<Chain> {
+    if spec.steps.is_empty() {
+        return Err(err(
+            "the chain has no steps; list at least one under \"steps\"",
+        ));
+    }
+    if spec.steps.len() > MAX_STEPS {
+        return Err(err(format!(
+            "the chain has {} steps; a chain may have at most {MAX_STEPS}",
+            spec.steps.len()
+        )));
+    }
+    let mut seen = HashSet::new();
+    for s in &spec.steps {
+        if !is_name(&s.name) {
+            return Err(err(format!(
+                "step name `{}` must be letters, digits, `_` or `-`",
+                s.name
+            )));
+        }
+        if !seen.insert(s.name.as_str()) {
+            return Err(err(format!(
+                "two steps are named `{}`; give every step its own name",
+                s.name
+            )));
+        }
+    }
+    for s in &spec.steps {
+        for p in &s.after {
+            if !seen.contains(p.as_str()) {
+                return Err(err(format!(
+                    "step `{}` is after `{p}`, which is not a step of this chain",
+                    s.name
+                )));
+            }
+            if *p == s.name {
+                return Err(err(format!("step `{}` is after itself", s.name)));
+            }
+        }
+    }
+    let parents: HashMap<&str, &[String]> = spec
+        .steps
+        .iter()
+        .map(|s| (s.name.as_str(), s.after.as_slice()))
+        .collect();
+    if let Some(cycle) = find_cycle(&spec.steps, &parents) {
+        return Err(err(format!(
+            "steps {} form a cycle; a chain must not loop",
+            cycle.join(" -> ")
+        )));
+    }
+    let mut steps = Vec::with_capacity(spec.steps.len());
+    for s in &spec.steps {
+        steps.push(step(&id, &spec, s, &parents)?);
+    }
+    for step in &mut steps {
+        step.children = spec
+            .steps
+            .iter()
+            .filter(|c| c.after.contains(&step.name))
+            .map(|c| c.name.clone())
+            .collect();
+    }
+    Ok(Chain {
+        id,
+        on_failure: spec.on_failure,
+        steps,
+    })
+}
+
+fn step(
+    chain_id: &str,
+    spec: &RawChain,
+    s: &RawStep,
+    parents: &HashMap<&str, &[String]>,
+) -> Result<Step> {
+    let at = |problem: String| err(format!("step `{}`: {problem}", s.name));
+    let kind = match s.kind.as_deref().unwrap_or("llm") {
+        "llm" => Kind::Llm,
+        "judge" => Kind::Judge,
+        "consensus" => Kind::Consensus,
+        "review" => Kind::Review,
+        k @ ("check" | "approval") => {
+            return Err(at(format!(
+                "kind `{k}` is not supported by this version of llmq yet; use llm, judge, consensus or review"
+            )));
+        }
+        k => {
+            return Err(at(format!(
+                "unknown kind `{k}`; use one of llm, judge, consensus, review"
+            )));
+        }
+    };
+    for (key, set) in [
+        ("on_reject", s.on_reject.is_some()),
+        ("escalate", s.escalate.is_some()),
+        ("on_timeout", s.on_timeout.is_some()),
+        ("command", s.command.is_some()),
+    ] {
+        if set {
+            return Err(at(format!(
+                "`{key}` is not supported by this version of llmq yet; leave it out"
+            )));
+        }
+    }
+    if kind.is_join() && s.after.len() < 2 {
+        return Err(at(format!(
+            "a {} step needs at least two steps in `after` to choose from",
+            kind.as_str()
+        )));
+    }
+    let min_success = s.min_success.unwrap_or(1);
+    if min_success == 0 || min_success as usize > s.after.len().max(1) {
+        return Err(at(format!(
+            "min_success {min_success} must be between 1 and the number of parents ({})",
+            s.after.len()
+        )));
+    }
+    let reviews = match (kind, &s.reviews) {
+        (Kind::Review, Some(r)) if !s.after.contains(r) => {
+            return Err(at(format!(
+                "it reviews `{r}`, which is not in its `after`; add it there"
+            )));
+        }
+        (Kind::Review, Some(r)) => Some(r.clone()),
+        (Kind::Review, None) if s.after.len() == 1 => Some(s.after[0].clone()),
+        (Kind::Review, None) => {
+            return Err(at("name the step it reviews in `reviews`".into()));
+        }
+        (_, Some(_)) => return Err(at("`reviews` is only for review steps".into())),
+        (_, None) => None,
+    };
+    if s.distinct.is_some() && kind != Kind::Review && kind != Kind::Judge {
+        return Err(at("`distinct` is only for review and judge steps".into()));
+    }
+    let prompt = match (&s.prompt, kind) {
+        (Some(p), _) if !p.trim().is_empty() => p.clone(),
+        (_, Kind::Consensus) => "The majority of its parents' outputs (no call).".into(),
+        (_, Kind::Judge) => "Pick the best candidate.".into(),
+        (_, Kind::Review) => "Review this work.".into(),
+        _ => return Err(at("the step has no prompt; set \"prompt\"".into())),
+    };
+    let ancestors = ancestors(&s.name, parents);
+    for (_, r) in references(&prompt) {
+        match r {
+            Reference::Var(v) if !spec.vars.contains_key(&v) => {
+                return Err(at(format!(
+                    "{{{{{v}}}}} is not a variable of the chain; give it in \"vars\" (llmq chain submit --var {v}=...)"
+                )));
+            }
+            Reference::Summary(p) | Reference::Output(p) if !ancestors.contains(p.as_str()) => {
+                return Err(at(format!(
+                    "the prompt uses `{p}`, which is not a step this one runs after"
+                )));
+            }
+            _ => {}
+        }
+    }
+    let prompt = fill(&prompt, |r| match r {
+        Reference::Var(v) => spec.vars.get(v).cloned(),
+        _ => None,
+    });
+    let f = merged(&spec.defaults, &s.fields);
+    let mut task = Envelope::new(prompt.clone());
+    task.id = Some(step_task_id(chain_id, &s.name, 0));
+    task.chain_id = Some(chain_id.to_owned());
+    task.step = Some(s.name.clone());
+    if let Some(t) = &f.task_type {
+        t.parse::<TaskType>().map_err(|e| at(e.to_string()))?;
+    }
+    task.task_type = f.task_type;
+    task.risk = f.risk;
+    task.area = f.area;
+    task.provider = f.provider;
+    task.model = f.model;
+    task.system = f.system;
+    task.max_tokens = f.max_tokens;
+    task.temperature = f.temperature;
+    task.max_attempts = f.max_attempts;
+    task.timeout = match &f.timeout {
+        None => None,
+        Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {
+            at("timeout must be whole seconds or a duration such as \"5m\"".into())
+        })?),
+        Some(Value::String(d)) => Some(
+            humantime::parse_duration(d)
+                .map_err(|e| at(format!("timeout `{d}` is not a duration ({e})")))?
+                .as_secs(),
+        ),
+        Some(_) => {
+            return Err(at(
+                "timeout must be whole seconds or a duration such as \"5m\"".into(),
+            ));
+        }
+    };
+    // The task must be one a worker accepts, like any other.
+    Envelope::from_value(serde_json::to_value(&task).unwrap_or_default())
+        .map_err(|e| at(format!("its task is not valid: {e}")))?;
+    Ok(Step {
+        name: s.name.clone(),
+        kind,
+        after: s.after.clone(),
+        children: Vec::new(),
+        prompt,
+        min_success,
+        distinct: s.distinct,
+        reviews,
+        task,
+    })
+}
+
+fn merged(defaults: &RawFields, own: &RawFields) -> RawFields {
+    let d = defaults.clone();
+    let o = own.clone();
+    RawFields {
+        task_type: o.task_type.or(d.task_type),
+        risk: o.risk.or(d.risk),
+        area: o.area.or(d.area),
+        provider: o.provider.or(d.provider),
+        model: o.model.or(d.model),
+        system: o.system.or(d.system),
+        max_tokens: o.max_tokens.or(d.max_tokens),
+        temperature: o.temperature.or(d.temperature),
+        max_attempts: o.max_attempts.or(d.max_attempts),
+        timeout: o.timeout.or(d.timeout),
+    }
+}
+
+fn ancestors<'a>(name: &str, parents: &HashMap<&'a str, &'a [String]>) -> HashSet<&'a str> {
+    let mut out = HashSet::new();
+    let mut todo: Vec<&str> = parents
+        .get(name)
+        .map(|p| p.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    while let Some(p) = todo.pop() {
+        if let Some((&key, more)) = parents.get_key_value(p)
+            && out.insert(key)
+        {
+            todo.extend(more.iter().map(String::as_str));
+        }
+    }
+    out
+}
+
+/// A cycle among `steps`, as the names along it, first repeated at the end.
+fn find_cycle(steps: &[RawStep], parents: &HashMap<&str, &[String]>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Open,
+        Done,
+    }
+    fn visit<'a>(
+        n: &'a str,
+        parents: &HashMap<&'a str, &'a [String]>,
+        marks: &mut HashMap<&'a str, Mark>,
+        path: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match marks.get(n) {
+            Some(Mark::Done) => return None,
+            Some(Mark::Open) => {
+                let from = path.iter().position(|p| *p == n).unwrap_or(0);
+                let mut cycle: Vec<String> = path[from..].iter().map(|s| (*s).to_owned()).collect();
+                cycle.push(n.to_owned());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        marks.insert(n, Mark::Open);
+        path.push(n);
+        for p in parents.get(n).copied().unwrap_or_default() {
+            if let Some((&key, _)) = parents.get_key_value(p.as_str())
+                && let Some(c) = visit(key, parents, marks, path)
+            {
+                return Some(c);
+            }
+        }
+        path.pop();
+        marks.insert(n, Mark::Done);
+        None
+    }
+    let mut marks = HashMap::new();
+    for s in steps {
+        if let Some(c) = visit(&s.name, parents, &mut marks, &mut Vec::new()) {
+            return Some(c);
+        }
+    }
+    None
+}

@@ -1,0 +1,152 @@
+use super::*;
+
+fn parse(json: &str) -> Result<Chain> {
+    Chain::parse(json.as_bytes(), 1 << 20, "q", "1-0")
+}
+
+fn reason(json: &str) -> String {
+    parse(json).unwrap_err().to_string()
+}
+
+const GOOD: &str = r#"{"v": 1, "chain_id": "c1", "vars": {"input": "a billing service"},
+ "defaults": {"type": "code_generation", "max_attempts": 2, "timeout": 300},
+ "steps": [
+  {"name": "plan", "prompt": "Plan: {{input}}", "type": "planning", "risk": "medium"},
+  {"name": "impl_a", "after": ["plan"], "prompt": "Implement:\n{{plan.output}}", "model": "gpt-4o-mini"},
+  {"name": "impl_b", "after": ["plan"], "prompt": "Implement:\n{{plan.summary}}", "timeout": "2m"},
+  {"name": "pick", "kind": "judge", "after": ["impl_a", "impl_b"], "distinct": "model"},
+  {"name": "review", "kind": "review", "reviews": "pick", "after": ["pick"], "distinct": "model"},
+  {"name": "docs", "after": ["review"], "prompt": "Document: {{pick.summary}}", "type": "documentation"}]}"#;
+
+#[test]
+fn a_good_chain_is_read_with_defaults_vars_and_children() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.id, "c1");
+    assert_eq!(c.on_failure, OnFailure::CancelDescendants);
+    let plan = c.step("plan").unwrap();
+    assert_eq!(plan.prompt, "Plan: a billing service");
+    assert_eq!(plan.children, ["impl_a", "impl_b"]);
+    assert_eq!(plan.task.task_type.as_deref(), Some("planning"));
+    assert_eq!(plan.task.max_attempts, Some(2), "from defaults");
+    assert_eq!(plan.task.timeout, Some(300));
+    assert_eq!(plan.task.chain_id.as_deref(), Some("c1"));
+    assert_eq!(plan.task.step.as_deref(), Some("plan"));
+    assert_eq!(plan.task.id, Some(step_task_id("c1", "plan", 0)));
+    let b = c.step("impl_b").unwrap();
+    assert_eq!(b.task.timeout, Some(120));
+    assert_eq!(b.task.task_type.as_deref(), Some("code_generation"));
+    let pick = c.step("pick").unwrap();
+    assert_eq!(pick.kind, Kind::Judge);
+    assert_eq!(pick.min_success, 1);
+    assert_eq!(c.step("review").unwrap().reviews.as_deref(), Some("pick"));
+    assert!(c.step("docs").unwrap().children.is_empty());
+}
+
+#[test]
+fn a_chain_without_an_id_is_named_by_its_entry() {
+    let c = parse(r#"{"v":1,"steps":[{"name":"a","prompt":"x"}]}"#).unwrap();
+    assert_eq!(c.id, envelope::derive_id("q", "1-0").to_string());
+}
+
+#[test]
+fn each_bad_chain_names_the_step_and_the_problem() {
+    for (json, want) in [
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x","after":["b"]},{"name":"b","prompt":"y","after":["a"]}]}"#,
+            "form a cycle",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x","after":["nope"]}]}"#,
+            "step `a` is after `nope`, which is not a step of this chain",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"a","prompt":"y"}]}"#,
+            "two steps are named `a`",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"b","prompt":"{{a.output}}"}]}"#,
+            "step `b`: the prompt uses `a`, which is not a step this one runs after",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"{{topic}}"}]}"#,
+            "step `a`: {{topic}} is not a variable of the chain",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","kind":"magic","prompt":"x"}]}"#,
+            "step `a`: unknown kind `magic`",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","kind":"check","prompt":"x"}]}"#,
+            "step `a`: kind `check` is not supported",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"j","kind":"judge","after":["a"]}]}"#,
+            "step `j`: a judge step needs at least two steps",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x","type":"poetry"}]}"#,
+            "step `a`: unknown task type `poetry`",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x","colour":"red"}]}"#,
+            "unknown field `colour`",
+        ),
+        (r#"{"v":1,"steps":[]}"#, "the chain has no steps"),
+        (r#"{"v":2,"steps":[]}"#, "understands only \"v\": 1"),
+        (r#"{"steps":[]}"#, "no \"v\" field"),
+        ("not json", "not valid JSON"),
+    ] {
+        let got = reason(json);
+        assert!(got.contains(want), "{json}\n wanted `{want}`, got `{got}`");
+    }
+    let many: Vec<String> = (0..65)
+        .map(|i| format!(r#"{{"name":"s{i}","prompt":"x"}}"#))
+        .collect();
+    let json = format!(r#"{{"v":1,"steps":[{}]}}"#, many.join(","));
+    assert!(reason(&json).contains("has 65 steps; a chain may have at most 64"));
+    let err = Chain::parse(GOOD.as_bytes(), 100, "q", "1-0")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("over the 100-byte limit"), "{err}");
+}
+
+#[test]
+fn references_are_found_and_filled() {
+    let text = "A {{x}} B {{plan.summary}} C {{ plan.output }} D {{not a ref}} {{open";
+    let refs: Vec<Reference> = references(text).into_iter().map(|(_, r)| r).collect();
+    assert_eq!(
+        refs,
+        [
+            Reference::Var("x".into()),
+            Reference::Summary("plan".into()),
+            Reference::Output("plan".into())
+        ]
+    );
+    let filled = fill(text, |r| match r {
+        Reference::Output(_) => Some("OUT".into()),
+        _ => None,
+    });
+    assert_eq!(
+        filled,
+        "A {{x}} B {{plan.summary}} C OUT D {{not a ref}} {{open"
+    );
+    assert_eq!(summary(&"é".repeat(600)).chars().count(), SUMMARY_CHARS + 1);
+}
+
+#[test]
+fn a_consensus_needs_no_prompt_and_joins_need_two_parents() {
+    let c = parse(
+        r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"b","prompt":"x"},
+            {"name":"vote","kind":"consensus","after":["a","b"],"min_success":2}]}"#,
+    )
+    .unwrap();
+    let vote = c.step("vote").unwrap();
+    assert_eq!((vote.kind, vote.min_success), (Kind::Consensus, 2));
+    assert!(
+        reason(
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"b","prompt":"x"},
+            {"name":"vote","kind":"consensus","after":["a","b"],"min_success":3}]}"#
+        )
+        .contains("min_success 3 must be between 1 and the number of parents (2)")
+    );
+}

@@ -1,0 +1,281 @@
+//! Chains on the queue: expanding a submitted chain, finishing a step and moving its chain
+//! along, and reading a chain's state. Every transition is one script.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+use serde::{Deserialize, Serialize};
+
+use super::{Client, Finish, FinishKind, Result};
+use crate::chain::Chain;
+use crate::keys::{GROUP, QueueKeys};
+use crate::outcome::TaskRecord;
+
+static EXPAND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_expand.lua")));
+static STEP: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/settle.lua"),
+        include_str!("chain_step.lua")
+    ))
+});
+
+/// What became of a chain step, as its chain records it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    /// `blocked`, `queued`, `succeeded`, `failed` or `cancelled` as the chain records it;
+    /// `llmq chain show` refines `queued` into `running` or `retrying` from the task.
+    pub status: String,
+    #[serde(default)]
+    pub task_id: String,
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Parents that succeeded and that did not, so far.
+    #[serde(default)]
+    pub ok: u32,
+    #[serde(default)]
+    pub failed: u32,
+}
+
+/// A chain as stored: its spec, state and steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainState {
+    pub spec: Chain,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub steps: HashMap<String, StepState>,
+}
+
+/// How a chain step's task ended, for its chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    pub chain_id: String,
+    pub step: String,
+    /// `succeeded`, `failed` or `cancelled`.
+    pub outcome: &'static str,
+    pub fields: StepState,
+}
+
+/// The compact graph the step script walks: children, whether a step is a join, and
+/// `min_success`; the chain's `on_failure` under `.on_failure`.
+fn graph(chain: &Chain) -> String {
+    let mut g = serde_json::Map::new();
+    for s in &chain.steps {
+        g.insert(
+            s.name.clone(),
+            serde_json::json!({
+                "children": s.children,
+                "join": s.kind.is_join(),
+                "min_success": s.min_success,
+            }),
+        );
+    }
+    g.insert(
+        ".on_failure".into(),
+        serde_json::to_value(chain.on_failure).unwrap_or_default(),
+    );
+    // An empty Lua table encodes as `{}`, so `children` of a sink must be an array: cjson
+    // decodes `[]` as an empty table, which ipairs walks as nothing.
+    serde_json::Value::Object(g).to_string()
+}
+
+impl Client {
+    /// Expands `chain`, read from stream entry `entry_id` held by `consumer`: once per chain
+    /// id, whatever the number of times it was submitted. Returns `Some(true)` when it was
+    /// expanded now, `Some(false)` when before, `None` when the entry is no longer ours.
+    ///
+    /// # Errors
+    /// Redis fails; then nothing of the chain was written.
+    pub async fn expand_chain(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        entry_id: &str,
+        chain: &Chain,
+    ) -> Result<Option<bool>> {
+        let mut inv = EXPAND.key(keys.stream());
+        inv.key(keys.chain(&chain.id))
+            .key(keys.chain_steps(&chain.id))
+            .key(keys.chain_tasks(&chain.id))
+            .key(keys.chains());
+        for s in chain.steps.iter().filter(|s| !s.after.is_empty()) {
+            inv.key(keys.chain_wait(&chain.id, &s.name));
+        }
+        inv.arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .arg(&chain.id)
+            .arg(chain.to_json())
+            .arg(graph(chain))
+            .arg(super::now_ms());
+        for s in &chain.steps {
+            inv.arg(&s.name)
+                .arg(s.task.id.map(|i| i.to_string()).unwrap_or_default())
+                .arg(s.task.to_json())
+                .arg(s.after.join(","));
+        }
+        let mut c = self.conn().await?;
+        let answer: i64 = inv.invoke_async(&mut c).await?;
+        Ok((answer >= 0).then_some(answer == 1))
+    }
+
+    /// Finishes a chain step's task like [`Client::finish`] does one task, and moves its
+    /// chain along in the same script. Returns false when the entry was no longer ours.
+    ///
+    /// # Errors
+    /// Redis fails; then nothing was applied.
+    pub async fn finish_step(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        result_ttl: Duration,
+        item: &Finish,
+        step: &StepOutcome,
+    ) -> Result<bool> {
+        let (kind, a, b) = match &item.kind {
+            FinishKind::Done => ("ok", String::new(), String::new()),
+            FinishKind::Retry { due_ms } => ("retry", due_ms.to_string(), String::new()),
+            FinishKind::Dead { error, class } => ("dead", error.clone(), class.to_string()),
+            FinishKind::Release => ("release", String::new(), String::new()),
+        };
+        let chain = &step.chain_id;
+        let mut c = self.conn().await?;
+        let applied: i64 = STEP
+            .key(keys.stream())
+            .key(keys.delayed())
+            .key(keys.dead())
+            .key(keys.result(&item.task_id))
+            .key(keys.chain(chain))
+            .key(keys.chain_steps(chain))
+            .key(keys.chain_tasks(chain))
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(result_ttl.as_secs().max(1))
+            .arg(super::now_ms())
+            .arg(&item.entry_id)
+            .arg(kind)
+            .arg(
+                item.record
+                    .as_ref()
+                    .map(TaskRecord::to_json)
+                    .unwrap_or_default(),
+            )
+            .arg(&item.envelope)
+            .arg(a)
+            .arg(b)
+            .arg(&step.step)
+            .arg(step.outcome)
+            .arg(step_fields(&step.fields))
+            .arg(keys.chain_wait_prefix(chain))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(applied == 1)
+    }
+
+    /// A chain's spec, state and steps; `None` when there is no such chain.
+    ///
+    /// # Errors
+    /// Redis fails, or what is stored is not a chain.
+    pub async fn chain(&self, keys: &QueueKeys, chain_id: &str) -> Result<Option<ChainState>> {
+        let mut c = self.conn().await?;
+        let (head, steps): (HashMap<String, String>, HashMap<String, String>) = redis::pipe()
+            .hgetall(keys.chain(chain_id))
+            .hgetall(keys.chain_steps(chain_id))
+            .query_async(&mut c)
+            .await?;
+        let Some(spec) = head.get("spec") else {
+            return Ok(None);
+        };
+        let spec: Chain = serde_json::from_str(spec).map_err(|e| {
+            super::Error::Protocol(format!(
+                "the stored spec of chain {chain_id} is not one: {e}"
+            ))
+        })?;
+        let at = |k: &str| {
+            head.get(k)
+                .and_then(|v| v.parse::<i64>().ok())
+                .and_then(chrono::DateTime::from_timestamp_millis)
+        };
+        let steps = steps
+            .into_iter()
+            .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
+            .collect();
+        Ok(Some(ChainState {
+            state: head.get("state").cloned().unwrap_or_default(),
+            created_at: at("created_at"),
+            finished_at: at("finished_at"),
+            spec,
+            steps,
+        }))
+    }
+
+    /// The states of some steps of a chain, in order (`None` where there is none).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn step_states(
+        &self,
+        keys: &QueueKeys,
+        chain_id: &str,
+        steps: &[&str],
+    ) -> Result<Vec<Option<StepState>>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let raw: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys.chain_steps(chain_id))
+            .arg(steps)
+            .query_async(&mut c)
+            .await?;
+        Ok(raw
+            .into_iter()
+            .map(|j| j.and_then(|j| serde_json::from_str(&j).ok()))
+            .collect())
+    }
+
+    /// The queue's chains, newest first, at most `limit`: (id, submitted at).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn chains(&self, keys: &QueueKeys, limit: usize) -> Result<Vec<(String, i64)>> {
+        let mut c = self.conn().await?;
+        let ids: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
+            .arg(keys.chains())
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await?;
+        Ok(ids.into_iter().map(|(id, at)| (id, at as i64)).collect())
+    }
+}
+
+/// The fields a finished step records, as the step script merges them.
+fn step_fields(s: &StepState) -> String {
+    let mut m = serde_json::Map::new();
+    let mut put = |k: &str, v: Option<&String>| {
+        if let Some(v) = v {
+            m.insert(k.to_owned(), serde_json::Value::String(v.clone()));
+        }
+    };
+    put("provider", s.provider.as_ref());
+    put("model", s.model.as_ref());
+    put("summary", s.summary.as_ref());
+    put("error", s.error.as_ref());
+    m.insert("cost_usd".into(), serde_json::json!(s.cost_usd));
+    serde_json::Value::Object(m).to_string()
+}

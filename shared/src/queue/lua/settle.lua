@@ -1,0 +1,20 @@
+-- Applies one outcome to a task whose entry this consumer holds (the caller checked):
+--   ok:      store the record
+--   retry:   a = due (ms): envelope to delayed; store the record
+--   dead:    a = error, b = class: envelope to the dead letters; store the record
+--   release: envelope back to the stream, no record
+-- The caller acks and deletes the entry. The dead letter's fields are written here only.
+local function settle(stream, delayed, dead, rkey, id, kind, record, env, a, b, now, ttl)
+  if kind == 'retry' then
+    redis.call('ZADD', delayed, a, env)
+  elseif kind == 'dead' then
+    local attempts = record ~= '' and cjson.decode(record)['attempts'] or 0
+    redis.call('XADD', dead, '*', 'task', env, 'error', a, 'class', b,
+      'attempts', tostring(attempts), 'failed_at', now, 'entry_id', id)
+  elseif kind == 'release' then
+    redis.call('XADD', stream, '*', 'task', env)
+  end
+  if record ~= '' then
+    redis.call('SET', rkey, record, 'EX', ttl)
+  end
+end

@@ -1,0 +1,435 @@
+//! Chains through real workers, the real Redis and Postgres, and llmq-mock over HTTP:
+//! submitted with one XADD, expanded once, handoffs resolved, fan-out and joins, reviews by
+//! another model, failures cancelling what depends on them, and bad chains as dead letters.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use llmq_shared::queue::ChainState;
+use llmq_tests::harness::{TestEnv, WorkerHandle};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn submit(env: &TestEnv, chain: &Value) -> String {
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    env.xadd("chain", chain.to_string().as_bytes())
+        .await
+        .unwrap()
+}
+
+/// Waits until chain `id` is no longer running.
+async fn finished(env: &TestEnv, id: &str) -> ChainState {
+    let started = Instant::now();
+    loop {
+        let c = env.redis.chain(&env.keys, id).await.unwrap();
+        if let Some(c) = &c
+            && c.state != "running"
+        {
+            return c.clone();
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "chain {id} did not finish: {c:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn output(env: &TestEnv, c: &ChainState, step: &str) -> String {
+    let id = &c.steps[step].task_id;
+    env.redis
+        .task(&env.keys, id)
+        .await
+        .unwrap()
+        .unwrap()
+        .output
+        .unwrap_or_default()
+}
+
+fn status<'a>(c: &'a ChainState, step: &str) -> &'a str {
+    c.steps[step].status.as_str()
+}
+
+#[tokio::test]
+async fn a_chain_submitted_with_one_xadd_runs_in_order_with_its_handoffs() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let chain = json!({"v": 1, "chain_id": format!("{}-linear", env.queue),
+        "vars": {"input": "the billing service"},
+        "steps": [
+            {"name": "plan", "prompt": "Plan: {{input}}", "type": "planning"},
+            {"name": "impl", "after": ["plan"], "prompt": "Implement {{plan.output}}", "model": "mock-smart"},
+            {"name": "docs", "after": ["impl"], "prompt": "Document {{impl.summary}}", "type": "documentation"}]});
+    submit(&env, &chain).await;
+    let c = finished(&env, &format!("{}-linear", env.queue)).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    for s in ["plan", "impl", "docs"] {
+        assert_eq!(status(&c, s), "succeeded");
+    }
+    assert_eq!(
+        output(&env, &c, "plan").await,
+        "mock answer from mock-fast: Plan: the billing service"
+    );
+    // The mock echoes the start of the prompt it got: the plan's output was inlined.
+    assert_eq!(
+        output(&env, &c, "impl").await,
+        "mock answer from mock-smart: Implement mock answer from mock-fast: Plan: the billing serv"
+    );
+    assert!(
+        output(&env, &c, "docs")
+            .await
+            .starts_with("mock answer from mock-fast: Document mock answer from mock-smart"),
+    );
+    assert_eq!(c.steps["impl"].model.as_deref(), Some("mock-smart"));
+    assert!(c.steps["impl"].cost_usd > 0.0);
+    assert!(c.steps["plan"].summary.is_some());
+    // Every step is billed under the chain.
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--chain-id",
+            &format!("{}-linear", env.queue),
+            "--database-url",
+            &llmq_tests::harness::database_url(),
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"tasks\": 3"), "{out}");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_same_chain_id_submitted_twice_runs_once() {
+    let env = TestEnv::new().await.unwrap();
+    let id = format!("{}-twice", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "a", "prompt": "once"},
+        {"name": "b", "after": ["a"], "prompt": "then {{a.summary}}"}]});
+    submit(&env, &chain).await;
+    submit(&env, &chain).await;
+    let w = env.worker();
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded");
+    // Let a second expansion, if there were one, run its steps too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(env.calls().await.unwrap().len(), 2, "two steps, two calls");
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((counts.ready, counts.in_flight, counts.dead), (0, 0, 0));
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn fan_out_then_a_judge_picks_and_a_consensus_counts() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-fan", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "ask", "prompt": "Question"},
+        {"name": "a", "after": ["ask"], "prompt": "Answer A: {{ask.summary}}", "model": "mock-fast"},
+        {"name": "b", "after": ["ask"], "prompt": "Answer B: {{ask.summary}}", "model": "mock-smart"},
+        {"name": "pick", "kind": "judge", "after": ["a", "b"], "model": "judge-last"},
+        {"name": "same1", "after": ["ask"], "prompt": "Say yes"},
+        {"name": "same2", "after": ["ask"], "prompt": "Say yes"},
+        {"name": "other", "after": ["ask"], "prompt": "Say no"},
+        {"name": "vote", "kind": "consensus", "after": ["same1", "same2", "other"]}]});
+    submit(&env, &chain).await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(
+        output(&env, &c, "pick").await,
+        output(&env, &c, "b").await,
+        "judge-last picks the last candidate, b"
+    );
+    assert_eq!(
+        output(&env, &c, "vote").await,
+        output(&env, &c, "same1").await
+    );
+    assert_eq!(c.steps["vote"].model, None, "a consensus makes no call");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_review_goes_to_another_model_and_a_rejection_stops_what_follows() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let ok = format!("{}-approve", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": ok, "steps": [
+            {"name": "impl", "prompt": "Write it", "model": "review-approve"},
+            {"name": "review", "kind": "review", "after": ["impl"], "distinct": "model",
+             "model": "review-approve"}]}),
+    )
+    .await;
+    let c = finished(&env, &ok).await;
+    // The hint names the model that wrote the work: distinct moves the review elsewhere,
+    // where the answer is no verdict, so it fails after its attempts; never self-review.
+    assert_eq!(c.steps["impl"].model.as_deref(), Some("review-approve"));
+    let reviewer = c.steps["review"].model.as_deref();
+    assert!(
+        reviewer.is_some() && reviewer != Some("review-approve"),
+        "{c:#?}"
+    );
+
+    let good = format!("{}-good", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": good, "steps": [
+            {"name": "impl", "prompt": "Write it"},
+            {"name": "review", "kind": "review", "after": ["impl"], "distinct": "model",
+             "model": "review-approve"},
+            {"name": "ship", "after": ["review"], "prompt": "Ship it"}]}),
+    )
+    .await;
+    let c = finished(&env, &good).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(c.steps["review"].model.as_deref(), Some("review-approve"));
+    assert!(output(&env, &c, "review").await.contains("approve"));
+
+    let bad = format!("{}-reject", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": bad, "steps": [
+            {"name": "impl", "prompt": "Write it"},
+            {"name": "review", "kind": "review", "after": ["impl"], "model": "review-reject"},
+            {"name": "ship", "after": ["review"], "prompt": "Ship it"},
+            {"name": "aside", "prompt": "Independent work"}]}),
+    )
+    .await;
+    let c = finished(&env, &bad).await;
+    assert_eq!(c.state, "failed");
+    assert_eq!(status(&c, "review"), "failed");
+    assert!(
+        c.steps["review"]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("the review rejected step `impl`: llmq-mock rejects this work"),
+        "{c:#?}"
+    );
+    assert_eq!(status(&c, "ship"), "cancelled");
+    assert_eq!(
+        status(&c, "aside"),
+        "succeeded",
+        "independent branches go on"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_parent_cancels_its_descendants_but_a_join_counts_it() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-fail", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "bad", "prompt": "x", "model": "fail-400"},
+            {"name": "good", "prompt": "y"},
+            {"name": "after_bad", "after": ["bad"], "prompt": "z"},
+            {"name": "deeper", "after": ["after_bad"], "prompt": "z"},
+            {"name": "good2", "prompt": "w"},
+            {"name": "pick", "kind": "judge", "after": ["bad", "good", "good2"], "model": "judge-first"}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "failed");
+    assert_eq!(status(&c, "bad"), "failed");
+    assert_eq!(status(&c, "after_bad"), "cancelled");
+    assert_eq!(status(&c, "deeper"), "cancelled");
+    assert_eq!(
+        status(&c, "pick"),
+        "succeeded",
+        "the judge ran with 2 of its 3 parents"
+    );
+    assert_eq!(
+        output(&env, &c, "pick").await,
+        output(&env, &c, "good").await
+    );
+
+    let all = format!("{}-failchain", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": all, "on_failure": "fail_chain", "steps": [
+            {"name": "bad", "prompt": "x", "model": "fail-400"},
+            {"name": "slow", "prompt": "y", "model": "slow-1500"},
+            {"name": "next", "after": ["slow"], "prompt": "z"}]}),
+    )
+    .await;
+    let c = finished(&env, &all).await;
+    assert_eq!(c.state, "failed");
+    assert_eq!(
+        status(&c, "next"),
+        "cancelled",
+        "fail_chain cancels everything unfinished"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_chain_is_one_dead_letter_naming_the_step_and_nothing_runs() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    for (chain, want) in [
+        (
+            json!({"v": 1, "steps": [
+                {"name": "a", "prompt": "x", "after": ["b"]},
+                {"name": "b", "prompt": "y", "after": ["a"]}]}),
+            "form a cycle",
+        ),
+        (
+            json!({"v": 1, "steps": [{"name": "a", "prompt": "x", "after": ["ghost"]}]}),
+            "step `a` is after `ghost`, which is not a step of this chain",
+        ),
+        (
+            json!({"v": 1, "steps": [{"name": "a", "kind": "telepathy", "prompt": "x"}]}),
+            "step `a`: unknown kind `telepathy`",
+        ),
+    ] {
+        submit(&env, &chain).await;
+        env.eventually("the dead letter", WAIT, || async {
+            env.redis
+                .dead_letters(&env.keys, 10)
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.error.contains(want))
+        })
+        .await
+        .unwrap();
+    }
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(dead.len(), 3);
+    assert!(
+        dead.iter()
+            .all(|d| d.class == "invalid" && d.error.starts_with("the chain is invalid: "))
+    );
+    assert!(env.calls().await.unwrap().is_empty(), "nothing ran");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_workers_racing_to_finish_a_joins_parents_enqueue_it_once() {
+    let env = TestEnv::new().await.unwrap();
+    let workers = [env.worker(), env.worker()];
+    let ids: Vec<String> = (0..20).map(|i| format!("{}-race-{i}", env.queue)).collect();
+    for id in &ids {
+        submit(
+            &env,
+            &json!({"v": 1, "chain_id": id, "steps": [
+                {"name": "a", "prompt": "left"},
+                {"name": "b", "prompt": "right"},
+                {"name": "merge", "after": ["a", "b"], "prompt": "Merge"}]}),
+        )
+        .await;
+    }
+    for id in &ids {
+        let c = finished(&env, id).await;
+        assert_eq!(c.state, "succeeded", "{c:#?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let calls = env.calls().await.unwrap();
+    assert_eq!(calls.len(), 60, "three steps per chain, each called once");
+    let merges = std::collections::HashSet::<uuid::Uuid>::from_iter(
+        ids.iter()
+            .map(|id| llmq_shared::chain::step_task_id(id, "merge", 0)),
+    );
+    assert_eq!(
+        calls.iter().filter(|c| merges.contains(&c.0)).count(),
+        20,
+        "every join ran exactly once"
+    );
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn llmq_chain_submit_waits_and_show_and_list_report_it() {
+    let env = TestEnv::new().await.unwrap();
+    let w = WorkerHandle::start(env.settings());
+    let path = std::env::temp_dir().join(format!("{}-chain.json", env.queue));
+    std::fs::write(
+        &path,
+        json!({"v": 1, "steps": [
+            {"name": "plan", "prompt": "Plan {{topic}}"},
+            {"name": "write", "after": ["plan"], "prompt": "Write from {{plan.summary}}"}]})
+        .to_string(),
+    )
+    .unwrap();
+    let (code, out) = env
+        .cli(&[
+            "chain",
+            "submit",
+            path.to_str().unwrap(),
+            "--queue",
+            &env.queue,
+            "--var",
+            "topic=caching",
+            "--wait",
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["state"], "succeeded", "{out}");
+    let id = v["chain_id"].as_str().unwrap().to_owned();
+    assert_eq!(v["steps"][0]["name"], "plan");
+    assert!(
+        v["steps"][0]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("Plan caching"),
+        "{out}"
+    );
+    for key in [
+        "name", "kind", "status", "task_id", "provider", "model", "round", "cost_usd", "summary",
+        "error",
+    ] {
+        assert!(v["steps"][1].get(key).is_some(), "no `{key}` in {out}");
+    }
+
+    let (code, out) = env
+        .cli(&["chain", "show", &id, "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 0);
+    assert!(out.contains("State:    succeeded"), "{out}");
+    assert!(out.contains("write"), "{out}");
+    let (code, out) = env
+        .cli(&[
+            "chain",
+            "list",
+            "--queue",
+            &env.queue,
+            "--state",
+            "succeeded",
+        ])
+        .await;
+    assert_eq!(code, 0);
+    assert!(out.contains(&id), "{out}");
+    let (code, _) = env
+        .cli(&["chain", "show", "no-such-chain", "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 1);
+    // A bad chain file is refused before anything is sent, naming the problem.
+    std::fs::write(
+        &path,
+        r#"{"v": 1, "steps": [{"name": "a", "prompt": "{{nope}}"}]}"#,
+    )
+    .unwrap();
+    let (code, _) = env
+        .cli(&[
+            "chain",
+            "submit",
+            path.to_str().unwrap(),
+            "--queue",
+            &env.queue,
+        ])
+        .await;
+    assert_eq!(code, 2);
+    w.stop().await.unwrap();
+}

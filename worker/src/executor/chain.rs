@@ -1,0 +1,340 @@
+//! Chain steps: what a step needs from its chain before its call (handoffs, candidates, the
+//! model it must not be), and what its answer means after (a judge's pick, a review's
+//! verdict). A consensus step makes no call.
+
+use std::collections::HashMap;
+
+use llmq_shared::chain::{self, Distinct, Kind, Reference};
+use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::outcome::ErrorClass;
+use llmq_shared::queue::{Client, StepState};
+use llmq_shared::routing::Constraints;
+
+use super::attempt::AttemptError;
+
+/// How a step is run, decided before its call.
+pub(super) enum Prepared {
+    /// Call a model with this prompt and these constraints, then read the answer as `read`.
+    Call {
+        prompt: String,
+        constraints: Constraints,
+        read: Reading,
+    },
+    /// No call: this is the step's output.
+    Output(String),
+    /// The step was cancelled (its chain failed or was cancelled): do not run it.
+    Cancelled(String),
+    /// The step cannot run; retrying cannot help.
+    Fatal(String),
+}
+
+/// What a step's answer means.
+pub(super) enum Reading {
+    /// The answer is the output.
+    Plain,
+    /// The answer names one of these candidates (1-based); the output is the chosen one.
+    Pick(Vec<String>),
+    /// The answer is a verdict on step `reviewed`.
+    Verdict { reviewed: String },
+}
+
+/// Reads what step `env.step` of chain `env.chain_id` needs, and decides how to run it.
+///
+/// # Errors
+/// Redis fails (the caller hands the task back: the worker's fault, not the task's).
+pub(super) async fn prepare(
+    redis: &Client,
+    keys: &QueueKeys,
+    env: &Envelope,
+) -> llmq_shared::queue::Result<Prepared> {
+    let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
+        return Ok(Prepared::Fatal("the task names a step but no chain".into()));
+    };
+    let Some(state) = redis.chain(keys, chain_id).await? else {
+        return Ok(Prepared::Fatal(format!(
+            "chain `{chain_id}` is not in queue `{}` (expired, or submitted elsewhere)",
+            keys.name()
+        )));
+    };
+    let Some(step) = state.spec.step(name).cloned() else {
+        return Ok(Prepared::Fatal(format!(
+            "chain `{chain_id}` has no step `{name}`"
+        )));
+    };
+    match state.steps.get(name).map(|s| s.status.as_str()) {
+        Some("cancelled") | None => {
+            let why = state
+                .steps
+                .get(name)
+                .and_then(|s| s.error.clone())
+                .unwrap_or_else(|| "the chain was cancelled".into());
+            return Ok(Prepared::Cancelled(why));
+        }
+        _ => {}
+    }
+    // Parents that succeeded, in `after` order, with their outputs where needed.
+    let succeeded: Vec<(&str, &StepState)> = step
+        .after
+        .iter()
+        .filter_map(|p| {
+            let s = state.steps.get(p)?;
+            (s.status == "succeeded").then_some((p.as_str(), s))
+        })
+        .collect();
+    let needs_outputs = !matches!(step.kind, Kind::Llm)
+        || step.after.len() > 1
+        || chain::references(&env.prompt)
+            .iter()
+            .any(|(_, r)| matches!(r, Reference::Output(_)));
+    let outputs: HashMap<&str, String> = if needs_outputs {
+        let ids: Vec<String> = succeeded.iter().map(|(_, s)| s.task_id.clone()).collect();
+        let records = redis.results(keys, &ids).await?;
+        succeeded
+            .iter()
+            .zip(records)
+            .filter_map(|((p, _), r)| Some((*p, r?.output?)))
+            .collect()
+    } else {
+        HashMap::new()
+    };
+    // Handoffs: a reference that cannot be resolved fails the step; it never runs blind.
+    let mut unresolved = None;
+    let prompt = chain::fill(&env.prompt, |r| {
+        let got = match r {
+            Reference::Var(_) => return None,
+            Reference::Summary(p) => succeeded
+                .iter()
+                .find(|(n, _)| n == p)
+                .and_then(|(_, s)| s.summary.clone()),
+            Reference::Output(p) => outputs.get(p.as_str()).cloned(),
+        };
+        if got.is_none() && unresolved.is_none() {
+            unresolved = Some(match r {
+                Reference::Summary(p) => format!("{{{{{p}.summary}}}}"),
+                Reference::Output(p) => format!("{{{{{p}.output}}}}"),
+                Reference::Var(v) => v.clone(),
+            });
+        }
+        got
+    });
+    if let Some(what) = unresolved {
+        return Ok(Prepared::Fatal(format!(
+            "handoff unresolved: {what} has no value (the step did not succeed, or its result expired); the step does not run without its context"
+        )));
+    }
+    let candidates: Vec<(&str, String)> = succeeded
+        .iter()
+        .filter_map(|(p, _)| Some((*p, outputs.get(p)?.clone())))
+        .collect();
+    Ok(match step.kind {
+        Kind::Llm if step.after.len() > 1 && chain::references(&env.prompt).is_empty() => {
+            // A merge: the parents' outputs follow the prompt.
+            let mut p = prompt;
+            p.push_str("\n\n## Inputs\n");
+            for (name, out) in &candidates {
+                p.push_str(&format!("\n### {name}\n{out}\n"));
+            }
+            call(p, Constraints::default(), Reading::Plain)
+        }
+        Kind::Llm => call(prompt, Constraints::default(), Reading::Plain),
+        Kind::Consensus => consensus(&candidates),
+        Kind::Judge => {
+            let mut p = prompt;
+            p.push_str("\n\n## Candidates\n");
+            for (i, (_, out)) in candidates.iter().enumerate() {
+                p.push_str(&format!("\n[{}]\n{out}\n", i + 1));
+            }
+            p.push_str(&format!(
+                "\nAnswer with the number of the best candidate (1 to {}) first.",
+                candidates.len()
+            ));
+            let constraints = distinct_from(
+                &step.distinct,
+                candidates.iter().filter_map(|(n, _)| state.steps.get(*n)),
+            );
+            let texts = candidates.into_iter().map(|(_, o)| o).collect();
+            call(p, constraints, Reading::Pick(texts))
+        }
+        Kind::Review => {
+            let reviewed = step.reviews.clone().unwrap_or_default();
+            let Some(work) = outputs.get(reviewed.as_str()) else {
+                return Ok(Prepared::Fatal(format!(
+                    "handoff unresolved: the output of `{reviewed}`, the step this one reviews, has no value"
+                )));
+            };
+            let p = format!(
+                "{prompt}\n\n## Work to review (step `{reviewed}`)\n\n{work}\n\nAnswer with JSON only: {{\"verdict\": \"approve\" or \"reject\", \"findings\": [\"...\"]}}."
+            );
+            let constraints = distinct_from(&step.distinct, state.steps.get(&reviewed));
+            call(p, constraints, Reading::Verdict { reviewed })
+        }
+    })
+}
+
+fn call(prompt: String, constraints: Constraints, read: Reading) -> Prepared {
+    Prepared::Call {
+        prompt,
+        constraints,
+        read,
+    }
+}
+
+/// Excludes the model (or provider) that wrote each of `steps`.
+fn distinct_from<'a>(
+    distinct: &Option<Distinct>,
+    steps: impl IntoIterator<Item = &'a StepState>,
+) -> Constraints {
+    let mut c = Constraints::default();
+    for s in steps {
+        match distinct {
+            Some(Distinct::Model) => c.exclude_models.extend(s.model.clone()),
+            Some(Distinct::Provider) => c.exclude_providers.extend(s.provider.clone()),
+            None => {}
+        }
+    }
+    c
+}
+
+/// The majority of the candidates' normalised outputs; a tie fails.
+fn consensus(candidates: &[(&str, String)]) -> Prepared {
+    let norm = |s: &str| {
+        s.split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let mut counts: Vec<(String, usize, &str)> = Vec::new();
+    for (_, out) in candidates {
+        let key = norm(out);
+        match counts.iter_mut().find(|(k, _, _)| *k == key) {
+            Some(c) => c.1 += 1,
+            None => counts.push((key, 1, out)),
+        }
+    }
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
+    match counts.as_slice() {
+        [] => Prepared::Fatal("consensus has no output to count".into()),
+        [(_, n, _), (_, m, _), ..] if n == m => Prepared::Fatal(format!(
+            "no consensus: {} outputs, the most common ones tie with {n} each",
+            candidates.len()
+        )),
+        [(_, _, out), ..] => Prepared::Output((*out).to_owned()),
+    }
+}
+
+/// What the answer of a step means, as its output, or why it is no good.
+pub(super) fn read(reading: &Reading, answer: &str) -> Result<String, AttemptError> {
+    match reading {
+        Reading::Plain => Ok(answer.to_owned()),
+        Reading::Pick(candidates) => {
+            let n = answer
+                .split(|c: char| !c.is_ascii_digit())
+                .find(|s| !s.is_empty())
+                .and_then(|s| s.parse::<usize>().ok())
+                .filter(|n| (1..=candidates.len()).contains(n));
+            match n {
+                Some(n) => Ok(candidates[n - 1].clone()),
+                None => Err(failure(
+                    ErrorClass::Retryable,
+                    format!(
+                        "the judge's answer names no candidate between 1 and {}: {}",
+                        candidates.len(),
+                        llmq_shared::provider::excerpt(answer, 200)
+                    ),
+                )),
+            }
+        }
+        Reading::Verdict { reviewed } => {
+            let Some(v) = verdict(answer) else {
+                return Err(failure(
+                    ErrorClass::Retryable,
+                    format!(
+                        "the review's answer is not a verdict ({{\"verdict\": \"approve\"|\"reject\"}}): {}",
+                        llmq_shared::provider::excerpt(answer, 200)
+                    ),
+                ));
+            };
+            let findings = v
+                .get("findings")
+                .and_then(|f| f.as_array())
+                .map(|f| {
+                    f.iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            match v.get("verdict").and_then(|x| x.as_str()) {
+                Some("approve") => Ok(v.to_string()),
+                _ => Err(failure(
+                    ErrorClass::Fatal,
+                    format!("the review rejected step `{reviewed}`: {findings}"),
+                )),
+            }
+        }
+    }
+}
+
+/// The first JSON object in `answer` with a `verdict` of approve or reject.
+fn verdict(answer: &str) -> Option<serde_json::Value> {
+    let start = answer.find('{')?;
+    let end = answer.rfind('}')?;
+    let v: serde_json::Value = serde_json::from_str(answer.get(start..=end)?).ok()?;
+    matches!(
+        v.get("verdict").and_then(|x| x.as_str()),
+        Some("approve" | "reject")
+    )
+    .then_some(v)
+}
+
+fn failure(class: ErrorClass, message: String) -> AttemptError {
+    AttemptError {
+        class,
+        message,
+        tried: Vec::new(),
+        retry_after: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_judge_picks_by_number_and_a_review_reads_its_verdict() {
+        let pick = Reading::Pick(vec!["A".into(), "B".into()]);
+        assert_eq!(read(&pick, "2. B is better").unwrap(), "B");
+        assert_eq!(read(&pick, "Candidate [1]").unwrap(), "A");
+        assert!(read(&pick, "3").is_err());
+        assert!(read(&pick, "neither").is_err());
+        let review = Reading::Verdict {
+            reviewed: "impl".into(),
+        };
+        let ok = read(&review, r#"Sure: {"verdict": "approve", "findings": []}"#).unwrap();
+        assert!(ok.contains("approve"));
+        let e = read(
+            &review,
+            r#"{"verdict":"reject","findings":["no tests","typo"]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Fatal);
+        assert_eq!(e.message, "the review rejected step `impl`: no tests; typo");
+        assert_eq!(
+            read(&review, "looks fine").unwrap_err().class,
+            ErrorClass::Retryable
+        );
+    }
+
+    #[test]
+    fn consensus_takes_the_majority_and_fails_on_a_tie() {
+        let c = [
+            ("a", "Yes.".to_owned()),
+            ("b", " yes. ".to_owned()),
+            ("c", "No".to_owned()),
+        ];
+        assert!(matches!(consensus(&c), Prepared::Output(o) if o == "Yes."));
+        let tie = [("a", "Yes".to_owned()), ("b", "No".to_owned())];
+        assert!(matches!(consensus(&tie), Prepared::Fatal(m) if m.contains("tie")));
+    }
+}
