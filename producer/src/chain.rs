@@ -272,7 +272,7 @@ async fn view(redis: &Client, keys: &QueueKeys, state: &ChainState) -> Result<Ch
         state: state.state.clone(),
         created_at: state.created_at,
         finished_at: state.finished_at,
-        cost_usd: steps.iter().map(|s| s.cost_usd).sum(),
+        cost_usd: steps.iter().map(|s| s.cost_usd).fold(0.0, |a, b| a + b),
         steps,
     })
 }

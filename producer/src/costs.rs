@@ -38,7 +38,7 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
     let lines = ledger
         .costs(since, until, args.chain_id.as_deref(), by)
         .await?;
-    let total: f64 = lines.iter().map(|l| l.cost_usd).sum();
+    let total: f64 = lines.iter().map(|l| l.cost_usd).fold(0.0, |a, b| a + b);
     let calls: i64 = lines.iter().map(|l| l.calls).sum();
     let tasks = ledger
         .tasks_in(since, until, args.chain_id.as_deref())

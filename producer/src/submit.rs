@@ -301,7 +301,7 @@ fn summarize(results: Vec<TaskRecord>, took: Duration) -> BatchReport {
         } else {
             ok as f64 * 100.0 / total as f64
         },
-        total_cost: results.iter().map(|r| r.cost_usd).sum(),
+        total_cost: results.iter().map(|r| r.cost_usd).fold(0.0, |a, b| a + b),
         total_duration: took.as_secs_f64(),
         by_provider,
         results,

@@ -150,3 +150,40 @@ fn a_consensus_needs_no_prompt_and_joins_need_two_parents() {
         .contains("min_success 3 must be between 1 and the number of parents (2)")
     );
 }
+
+#[test]
+fn the_shipped_templates_are_valid_chains() {
+    for (file, text) in [
+        (
+            "cross-review",
+            include_str!("../../../examples/chains/cross-review.json"),
+        ),
+        (
+            "best-of-n",
+            include_str!("../../../examples/chains/best-of-n.json"),
+        ),
+        (
+            "consensus",
+            include_str!("../../../examples/chains/consensus.json"),
+        ),
+        (
+            "simple",
+            include_str!("../../../examples/chains/simple.json"),
+        ),
+        (
+            "medium",
+            include_str!("../../../examples/chains/medium.json"),
+        ),
+        (
+            "complex",
+            include_str!("../../../examples/chains/complex.json"),
+        ),
+        (
+            "architectural",
+            include_str!("../../../examples/chains/architectural.json"),
+        ),
+    ] {
+        let c = parse(text).unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert!(!c.steps.is_empty(), "{file}");
+    }
+}

@@ -433,3 +433,30 @@ async fn llmq_chain_submit_waits_and_show_and_list_report_it() {
     assert_eq!(code, 2);
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_cross_review_template_runs_end_to_end() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let mut chain: Value =
+        serde_json::from_str(include_str!("../../../examples/chains/cross-review.json")).unwrap();
+    // llmq-mock's reviewer; routing would pick a model that answers no verdict.
+    for step in chain["steps"].as_array_mut().unwrap() {
+        if step["kind"] == "review" {
+            step["model"] = json!("review-approve");
+        }
+    }
+    let id = format!("{}-cross", env.queue);
+    chain["chain_id"] = json!(id);
+    submit(&env, &chain).await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(c.steps.len(), 5);
+    for (name, s) in &c.steps {
+        assert_eq!(s.status, "succeeded", "{name}");
+    }
+    // The reviews ran on a model other than the work they reviewed.
+    assert_ne!(c.steps["plan_review"].model, c.steps["plan"].model);
+    assert_ne!(c.steps["code_review"].model, c.steps["implement"].model);
+    w.stop().await.unwrap();
+}

@@ -64,3 +64,55 @@ async fn python_and_node_producers_enqueue_and_read_results() {
     );
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn python_and_node_producers_submit_a_chain_and_wait_for_it() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let worker = env.worker();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let file = std::env::temp_dir().join(format!("{}-example-chain.json", env.queue));
+    std::fs::write(
+        &file,
+        r#"{"v": 1, "steps": [
+            {"name": "plan", "prompt": "Plan {{input}}"},
+            {"name": "impl", "after": ["plan"], "prompt": "Do {{plan.summary}}"}]}"#,
+    )
+    .unwrap();
+    for (program, script) in [
+        ("python3", "examples/python/chain.py"),
+        ("node", "examples/node/chain.mjs"),
+    ] {
+        let out = tokio::process::Command::new(program)
+            .arg(root.join(script))
+            .arg(&file)
+            .args([
+                "--queue",
+                &env.queue,
+                "--var",
+                "input=caching",
+                "--timeout-wait",
+                "30",
+            ])
+            .env("REDIS_URL", redis_url())
+            .output()
+            .await
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{script}: {stdout} {stderr}");
+        let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(v["state"], "succeeded", "{script}: {v}");
+        assert_eq!(
+            v["steps"]["plan"]["output"],
+            "mock answer from mock-fast: Plan caching"
+        );
+        assert!(
+            v["steps"]["impl"]["output"].as_str().unwrap().starts_with(
+                "mock answer from mock-fast: Do mock answer from mock-fast: Plan caching"
+            ),
+            "{v}"
+        );
+    }
+    worker.stop().await.unwrap();
+}

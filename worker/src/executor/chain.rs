@@ -73,9 +73,21 @@ pub(super) async fn prepare(
         }
         _ => {}
     }
-    // Parents that succeeded, in `after` order, with their outputs where needed.
-    let succeeded: Vec<(&str, &StepState)> = step
-        .after
+    // Parents that succeeded, in `after` order, then the other ancestors the prompt names:
+    // with their outputs where needed.
+    let referenced = chain::references(&env.prompt)
+        .into_iter()
+        .filter_map(|(_, r)| match r {
+            Reference::Summary(p) | Reference::Output(p) => Some(p),
+            Reference::Var(_) => None,
+        });
+    let mut wanted: Vec<String> = step.after.clone();
+    for p in referenced {
+        if !wanted.contains(&p) {
+            wanted.push(p);
+        }
+    }
+    let succeeded: Vec<(&str, &StepState)> = wanted
         .iter()
         .filter_map(|p| {
             let s = state.steps.get(p)?;
@@ -123,8 +135,10 @@ pub(super) async fn prepare(
             "handoff unresolved: {what} has no value (the step did not succeed, or its result expired); the step does not run without its context"
         )));
     }
+    // Candidates (of a judge, a consensus, a merge) are the parents only.
     let candidates: Vec<(&str, String)> = succeeded
         .iter()
+        .filter(|(p, _)| step.after.iter().any(|a| a == p))
         .filter_map(|(p, _)| Some((*p, outputs.get(p)?.clone())))
         .collect();
     Ok(match step.kind {

@@ -242,7 +242,8 @@ impl Executor {
             record.provider = Some(provider);
             record.model = Some(model);
         }
-        record.cost_usd = calls.iter().map(|c| c.cost_usd).sum();
+        // A fold from 0.0: an empty f64 sum is -0.0.
+        record.cost_usd = calls.iter().map(|c| c.cost_usd).fold(0.0, |a, b| a + b);
         // A judge's pick, a review's verdict.
         let outcome = match (tried.outcome, &reading) {
             (Outcome::Answered(c), Some(read)) => match chain::read(read, &c.text) {
