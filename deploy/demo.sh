@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: Redis and Postgres (started or reused), migrations, the mock LLM provider (or
-# OpenAI when OPENAI_API_KEY is set), two workers and the scheduler, sample tasks, a
-# three-step chain, then results, status and costs. Leaves Redis and Postgres running; stops
+# OpenAI when OPENAI_API_KEY is set), two workers and the scheduler, sample tasks, the
+# cross-review chain, then results, status and costs. Leaves Redis and Postgres running; stops
 # what it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +39,10 @@ else
   for _ in $(seq 1 50); do grep -q listening "$DIR/mock.out" 2>/dev/null && break; sleep 0.1; done
   export LLMQ_MOCK_URL; LLMQ_MOCK_URL=$(sed -n 's/.*listening on //p' "$DIR/mock.out")
   echo "llmq-mock at $LLMQ_MOCK_URL"
-  export LLMQ_CONFIG=examples/providers.mock.yaml
+  # The mock's reviewer answers the chain's code reviews with a verdict.
+  { cat examples/providers.mock.yaml
+    printf '  rules:\n    - {task_type: code_review, model: mock/review-approve}\n'; } >"$DIR/providers.yaml"
+  export LLMQ_CONFIG="$DIR/providers.yaml"
   SAMPLES=examples/tasks.sample.json
 fi
 
@@ -59,14 +62,11 @@ step "A batch of sample tasks ($SAMPLES)"
 "$BIN/llmq" batch --input "$SAMPLES" --queue "$QUEUE" --wait --output "$DIR/results.json" || true
 echo "full results: $DIR/results.json"
 
-step "A three-step chain: each step's output is the next step's input"
-CHAIN="demo-chain-$(date +%s)"
-"$BIN/llmq" submit --queue "$QUEUE" --chain-id "$CHAIN" --type planning --wait \
-  --prompt "Plan a migration of the billing service to Postgres 16." --output "$DIR/step1.txt" >/dev/null
-"$BIN/llmq" submit --queue "$QUEUE" --chain-id "$CHAIN" --type code_generation --model mock-smart --wait \
-  --prompt "Write the migration script for this plan: $(cat "$DIR/step1.txt")" --output "$DIR/step2.txt" >/dev/null
-"$BIN/llmq" submit --queue "$QUEUE" --chain-id "$CHAIN" --type code_review --wait \
-  --prompt "Review this script: $(cat "$DIR/step2.txt")"
+step "A chain: plan -> plan review by another model -> implement -> code review -> release note"
+"$BIN/llmq" chain submit examples/chains/cross-review.json --queue "$QUEUE" \
+  --var input="Move the billing service to Postgres 16" --wait --format json >"$DIR/chain.json" || true
+CHAIN=$(sed -n 's/.*"chain_id": "\([^"]*\)".*/\1/p' "$DIR/chain.json" | head -1)
+"$BIN/llmq" chain show "$CHAIN" --queue "$QUEUE"
 
 step "Dead letters (replay with: llmq dlq replay <id> --queue $QUEUE)"
 "$BIN/llmq" dlq list --queue "$QUEUE"
