@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use llmq_shared::chain::Chain;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
-use llmq_shared::queue::{ChainState, Client};
+use llmq_shared::queue::{ChainState, Client, Refused, Rerun};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -60,6 +60,59 @@ pub async fn run(redis: &Client, cmd: ChainCommand, out: &mut dyn Write) -> Resu
                 Format::Text => emit(out, &text(&view)),
             }
             Ok(EXIT_OK)
+        }
+        ChainCommand::Cancel { chain_id, queue } => {
+            let keys = QueueKeys::new(&queue);
+            match redis.cancel_chain(&keys, &chain_id).await? {
+                Ok(n) => {
+                    emit(
+                        out,
+                        &format!("chain {chain_id} cancelled; {n} step(s) will not run\n"),
+                    );
+                    Ok(EXIT_OK)
+                }
+                Err(r) => Ok(refused(&chain_id, &queue, r, "it has already ended")),
+            }
+        }
+        ChainCommand::Retry {
+            chain_id,
+            queue,
+            from,
+        } => {
+            let keys = QueueKeys::new(&queue);
+            let Some(state) = redis.chain(&keys, &chain_id).await? else {
+                return Ok(refused(&chain_id, &queue, Refused::NoSuchChain, ""));
+            };
+            let reruns = match reruns(&state, from.as_deref()) {
+                Ok(r) => r,
+                Err(why) => {
+                    eprintln!("llmq: {why}");
+                    return Ok(EXIT_FAILED);
+                }
+            };
+            if reruns.is_empty() {
+                emit(
+                    out,
+                    &format!("chain {chain_id}: no failed or cancelled step to rerun\n"),
+                );
+                return Ok(EXIT_OK);
+            }
+            match redis.retry_chain(&keys, &chain_id, &reruns).await? {
+                Ok(_) => {
+                    let names: Vec<&str> = reruns.iter().map(|r| r.step.as_str()).collect();
+                    emit(
+                        out,
+                        &format!("chain {chain_id}: rerunning {}\n", names.join(", ")),
+                    );
+                    Ok(EXIT_OK)
+                }
+                Err(r) => Ok(refused(
+                    &chain_id,
+                    &queue,
+                    r,
+                    "it is still running; wait for it to end or cancel it first",
+                )),
+            }
         }
         ChainCommand::List {
             queue,
@@ -320,4 +373,77 @@ fn outcome_text(v: &ChainView) -> String {
         }
     }
     s
+}
+
+/// Says why a chain command could not act; exit 1.
+fn refused(chain_id: &str, queue: &str, r: Refused, wrong_state: &str) -> u8 {
+    match r {
+        Refused::NoSuchChain => eprintln!(
+            "llmq: no chain {chain_id} in queue `{queue}` (it may be in another queue: pass --queue)"
+        ),
+        Refused::WrongState => eprintln!("llmq: chain {chain_id}: {wrong_state}"),
+    }
+    EXIT_FAILED
+}
+
+/// The steps `llmq chain retry` runs again: the failed and cancelled ones, or `from` and
+/// every step after it; each in its next round, waiting for its parents that will not
+/// have succeeded.
+fn reruns(state: &ChainState, from: Option<&str>) -> std::result::Result<Vec<Rerun>, String> {
+    let spec = &state.spec;
+    let mut again: HashSet<String> = HashSet::new();
+    match from {
+        Some(f) => {
+            if spec.step(f).is_none() {
+                return Err(format!("chain {} has no step `{f}`", spec.id));
+            }
+            let mut todo = vec![f.to_owned()];
+            while let Some(n) = todo.pop() {
+                if again.insert(n.clone())
+                    && let Some(s) = spec.step(&n)
+                {
+                    todo.extend(s.children.iter().cloned());
+                }
+            }
+        }
+        None => {
+            for s in &spec.steps {
+                let status = state.steps.get(&s.name).map(|x| x.status.as_str());
+                if matches!(status, Some("failed" | "cancelled")) {
+                    again.insert(s.name.clone());
+                }
+            }
+        }
+    }
+    for s in spec.steps.iter().filter(|s| again.contains(&s.name)) {
+        if let Some(p) = s.after.iter().find(|p| {
+            !again.contains(*p) && state.steps.get(*p).is_none_or(|x| x.status != "succeeded")
+        }) {
+            return Err(format!(
+                "step `{}` runs after `{p}`, which did not succeed and would not run again; retry without --from, or --from {p}",
+                s.name
+            ));
+        }
+    }
+    Ok(spec
+        .steps
+        .iter()
+        .filter(|s| again.contains(&s.name))
+        .map(|s| {
+            let round = state.steps.get(&s.name).map_or(0, |x| x.round) + 1;
+            let mut task = s.task.clone();
+            task.id = Some(llmq_shared::chain::step_task_id(&spec.id, &s.name, round));
+            let (waits_for, ok): (Vec<String>, Vec<String>) =
+                s.after.iter().cloned().partition(|p| {
+                    again.contains(p) || state.steps.get(p).is_none_or(|x| x.status != "succeeded")
+                });
+            Rerun {
+                step: s.name.clone(),
+                round,
+                task,
+                waits_for,
+                ok: u32::try_from(ok.len()).unwrap_or(0),
+            }
+        })
+        .collect())
 }

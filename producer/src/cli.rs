@@ -80,6 +80,22 @@ pub enum ChainCommand {
         #[arg(long, value_enum, default_value_t)]
         format: Format,
     },
+    /// Cancel a running chain: its steps not yet ended never run.
+    Cancel {
+        chain_id: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+    },
+    /// Run an ended chain's failed and cancelled steps again (with --from, that step and
+    /// every step after it); steps that succeeded keep their outputs.
+    Retry {
+        chain_id: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Rerun this step and its descendants, whatever their state.
+        #[arg(long)]
+        from: Option<String>,
+    },
     /// List the queue's chains, newest first.
     List {
         #[arg(long, default_value = "default")]

@@ -14,6 +14,8 @@ use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
 static EXPAND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_expand.lua")));
+static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_cancel.lua")));
+static RETRY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_retry.lua")));
 static STEP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/settle.lua"),
@@ -67,6 +69,27 @@ pub struct StepOutcome {
     /// `succeeded`, `failed` or `cancelled`.
     pub outcome: &'static str,
     pub fields: StepState,
+}
+
+/// A step to run again, as [`Client::retry_chain`] enqueues it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rerun {
+    pub step: String,
+    pub round: u32,
+    /// The step's task for this round (its id names the round).
+    pub task: crate::envelope::Envelope,
+    /// The parents it waits for (those that are not succeeded, or are rerun too).
+    pub waits_for: Vec<String>,
+    /// How many of its parents already succeeded.
+    pub ok: u32,
+}
+
+/// Why a chain command could not act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    NoSuchChain,
+    /// Cancel: the chain has ended. Retry: it is still running.
+    WrongState,
 }
 
 /// The compact graph the step script walks: children, whether a step is a join, and
@@ -185,6 +208,56 @@ impl Client {
         Ok(applied == 1)
     }
 
+    /// Cancels a running chain: every step not yet ended is cancelled. Returns how many.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn cancel_chain(
+        &self,
+        keys: &QueueKeys,
+        chain_id: &str,
+    ) -> Result<std::result::Result<u64, Refused>> {
+        let mut c = self.conn().await?;
+        let n: i64 = CANCEL
+            .key(keys.chain(chain_id))
+            .key(keys.chain_steps(chain_id))
+            .arg(super::now_ms())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(refused(n))
+    }
+
+    /// Runs `steps` of an ended chain again, in one script. Returns how many.
+    ///
+    /// # Errors
+    /// Redis fails; then nothing changed.
+    pub async fn retry_chain(
+        &self,
+        keys: &QueueKeys,
+        chain_id: &str,
+        steps: &[Rerun],
+    ) -> Result<std::result::Result<u64, Refused>> {
+        let mut inv = RETRY.key(keys.stream());
+        inv.key(keys.chain(chain_id))
+            .key(keys.chain_steps(chain_id))
+            .key(keys.chain_tasks(chain_id));
+        for r in steps {
+            inv.key(keys.chain_wait(chain_id, &r.step));
+        }
+        inv.arg(super::now_ms());
+        for r in steps {
+            inv.arg(&r.step)
+                .arg(r.task.id.map(|i| i.to_string()).unwrap_or_default())
+                .arg(r.task.to_json())
+                .arg(r.round)
+                .arg(r.waits_for.join(","))
+                .arg(r.ok);
+        }
+        let mut c = self.conn().await?;
+        let n: i64 = inv.invoke_async(&mut c).await?;
+        Ok(refused(n))
+    }
+
     /// A chain's spec, state and steps; `None` when there is no such chain.
     ///
     /// # Errors
@@ -261,6 +334,14 @@ impl Client {
             .query_async(&mut c)
             .await?;
         Ok(ids.into_iter().map(|(id, at)| (id, at as i64)).collect())
+    }
+}
+
+fn refused(n: i64) -> std::result::Result<u64, Refused> {
+    match n {
+        -1 => Err(Refused::NoSuchChain),
+        n if n < 0 => Err(Refused::WrongState),
+        n => Ok(u64::try_from(n).unwrap_or(0)),
     }
 }
 

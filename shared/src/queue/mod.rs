@@ -29,7 +29,7 @@ mod finish;
 mod inspect;
 mod reply;
 
-pub use chain::{ChainState, StepOutcome, StepState};
+pub use chain::{ChainState, Refused, Rerun, StepOutcome, StepState};
 pub use dead_letter::replayed_task;
 pub use enqueue::Tick;
 

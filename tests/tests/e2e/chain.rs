@@ -460,3 +460,77 @@ async fn the_cross_review_template_runs_end_to_end() {
     assert_ne!(c.steps["code_review"].model, c.steps["implement"].model);
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_chain_can_be_cancelled_and_an_ended_one_retried() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    // Cancel: the running step ends, nothing after it runs.
+    let id = format!("{}-cancel", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "slow", "prompt": "x", "model": "slow-1500"},
+            {"name": "after", "after": ["slow"], "prompt": "y"}]}),
+    )
+    .await;
+    env.eventually("the slow step running", WAIT, || async {
+        env.mock.calls("slow-1500") == 1
+    })
+    .await
+    .unwrap();
+    let (code, out) = env
+        .cli(&["chain", "cancel", &id, "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "cancelled");
+    assert_eq!(status(&c, "after"), "cancelled");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        env.calls().await.unwrap().len(),
+        1,
+        "the cancelled step never ran"
+    );
+    let (code, _) = env
+        .cli(&["chain", "cancel", &id, "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 1, "an ended chain cannot be cancelled again");
+
+    // Retry: the first review rejects, the rerun approves; what succeeded keeps its output.
+    let id = format!("{}-retry", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "Write it"},
+            {"name": "review", "kind": "review", "after": ["impl"], "model": "review-reject-once"},
+            {"name": "ship", "after": ["review"], "prompt": "Ship"}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "failed");
+    let impl_task = c.steps["impl"].task_id.clone();
+    let (code, out) = env
+        .cli(&["chain", "retry", &id, "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("rerunning review, ship"), "{out}");
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(c.steps["impl"].task_id, impl_task, "impl kept its output");
+    assert_eq!(c.steps["review"].round, 1);
+    assert_eq!(c.steps["ship"].round, 1);
+    assert_eq!(
+        c.steps["review"].task_id,
+        llmq_shared::chain::step_task_id(&id, "review", 1).to_string()
+    );
+    let (code, out) = env
+        .cli(&[
+            "chain", "retry", &id, "--queue", &env.queue, "--from", "ship",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let c = finished(&env, &id).await;
+    assert_eq!((c.state.as_str(), c.steps["ship"].round), ("succeeded", 2));
+    w.stop().await.unwrap();
+}
