@@ -534,3 +534,87 @@ async fn a_chain_can_be_cancelled_and_an_ended_one_retried() {
     assert_eq!((c.state.as_str(), c.steps["ship"].round), ("succeeded", 2));
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn chains_survive_workers_killed_over_and_over() {
+    use llmq_tests::harness::WorkerProcess;
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let flags = ["--concurrency", "8", "--visibility-timeout", "1s"];
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::spawn(&env, &flags).unwrap())
+        .collect();
+    let ids: Vec<String> = (0..50)
+        .map(|i| format!("{}-chaos-{i}", env.queue))
+        .collect();
+    for id in &ids {
+        submit(
+            &env,
+            &json!({"v": 1, "chain_id": id, "steps": [
+                {"name": "s1", "prompt": "[[mock:slow-300]] start"},
+                {"name": "s2", "after": ["s1"], "prompt": "[[mock:slow-300]] left {{s1.summary}}"},
+                {"name": "s3", "after": ["s1"], "prompt": "[[mock:slow-300]] right {{s1.summary}}"},
+                {"name": "s4", "after": ["s2", "s3"], "prompt": "[[mock:slow-300]] join"},
+                {"name": "s5", "after": ["s4"], "prompt": "[[mock:slow-300]] then {{s4.output}}"},
+                {"name": "s6", "after": ["s5"], "prompt": "[[mock:slow-300]] end"}]}),
+        )
+        .await;
+    }
+    // Kill a worker without warning every 700 ms, six times, and start another each time.
+    for round in 0..6 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let victim = workers.remove(round % workers.len());
+        victim.signal("KILL").unwrap();
+        drop(victim);
+        workers.push(WorkerProcess::spawn(&env, &flags).unwrap());
+    }
+    let started = Instant::now();
+    for id in &ids {
+        loop {
+            let c = env.redis.chain(&env.keys, id).await.unwrap();
+            if let Some(c) = c.filter(|c| c.state != "running") {
+                assert_eq!(c.state, "succeeded", "{c:#?}");
+                assert!(
+                    c.steps
+                        .values()
+                        .all(|s| s.status == "succeeded" && s.round == 0)
+                );
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(90),
+                "chain {id} did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Every step's task ran to one result.
+    let tasks: Vec<String> = ids
+        .iter()
+        .flat_map(|id| {
+            (1..=6)
+                .map(move |n| llmq_shared::chain::step_task_id(id, &format!("s{n}"), 0).to_string())
+        })
+        .collect();
+    let records = env.redis.results(&env.keys, &tasks).await.unwrap();
+    assert!(records.iter().all(|r| {
+        r.as_ref()
+            .is_some_and(|r| r.status == llmq_shared::outcome::Status::Succeeded)
+    }));
+    // Nothing was enqueued twice: the stream took the 50 chains and the 300 step tasks, once
+    // each, and holds nothing now.
+    let mut c = env.redis.conn().await.unwrap();
+    let info: std::collections::HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(env.keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(info.get("entries-added"), Some(&redis::Value::Int(350)));
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(
+        (counts.ready, counts.in_flight, counts.delayed, counts.dead),
+        (0, 0, 0, 0)
+    );
+    drop(workers);
+}
