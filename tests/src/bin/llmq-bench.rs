@@ -95,6 +95,7 @@ enum Bench {
     RateLimited,
     Overhead,
     Memory,
+    Chain,
 }
 
 #[tokio::main]
@@ -119,6 +120,7 @@ async fn main() -> Result<()> {
             Bench::Pickup,
             Bench::RateLimited,
             Bench::Overhead,
+            Bench::Chain,
         ],
     };
     let mut failed = 0;
@@ -130,6 +132,7 @@ async fn main() -> Result<()> {
             Bench::RateLimited => rate_limited(&args, &mut redis).await,
             Bench::Overhead => overhead(&args, &mut redis).await,
             Bench::Memory => memory(&args, &mut redis).await,
+            Bench::Chain => chain(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -155,6 +158,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::RateLimited => "rate_limited",
         Bench::Overhead => "overhead",
         Bench::Memory => "memory",
+        Bench::Chain => "chain",
     }
 }
 
@@ -200,6 +204,70 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
             d.secs,
             d.proc_cpu_us_per_task,
             d.other_cpu_cores
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// (g) Chains of 5 steps (one fans out to two, a merge joins them, one more after it),
+/// each submitted with one XADD, run by one worker whose provider answers at once, ledger
+/// off: chains and steps per second, and Redis CPU per step, to set beside a plain task's.
+async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
+    const STEPS: usize = 5;
+    let chains = args.tasks.unwrap_or(4_000);
+    let workers = args.workers.unwrap_or(1);
+    let concurrency = args.concurrency.unwrap_or(256);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        client.ensure_group(&keys).await?;
+        let ids: Vec<String> = (0..chains).map(|i| format!("{queue}-{i}")).collect();
+        let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
+        let config = noop_config()?;
+        for id in &ids {
+            let spec = serde_json::json!({"v": 1, "chain_id": id, "steps": [
+                {"name": "plan", "prompt": "plan"},
+                {"name": "a", "after": ["plan"], "prompt": "a {{plan.summary}}"},
+                {"name": "b", "after": ["plan"], "prompt": "b {{plan.summary}}"},
+                {"name": "merge", "after": ["a", "b"], "prompt": "merge"},
+                {"name": "docs", "after": ["merge"], "prompt": "docs {{merge.output}}"}]});
+            client.submit_chain(&keys, &spec.to_string()).await?;
+        }
+        // From here on: expansion, every step, every finish.
+        let before = Snapshot::take(redis).await?;
+        let running = Workers::start(workers, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            Ok(s)
+        })?;
+        let drained = wait_drained(&client, &keys, &running).await;
+        let after = Snapshot::take(redis).await;
+        running.stop().await?;
+        drained?;
+        let after = after?;
+        for id in &ids {
+            let state = client.chain(&keys, id).await?.map(|c| c.state);
+            ensure!(
+                state.as_deref() == Some("succeeded"),
+                "chain {id} ended {state:?}"
+            );
+        }
+        let d = after.since(&before, chains * STEPS);
+        if args.verbose {
+            d.print_commands("chain");
+        }
+        Ok(format!(
+            "bench=chain chains={chains} steps_per_chain={STEPS} workers={workers} \
+             concurrency={concurrency} chains_per_s={:.0} steps_per_s={:.0} \
+             redis_cpu_us_per_step={:.1} ledger=off secs={:.3} proc_cpu_us_per_step={:.1}",
+            d.tasks_per_s / STEPS as f64,
+            d.tasks_per_s,
+            d.redis_cpu_us_per_task,
+            d.secs,
+            d.proc_cpu_us_per_task,
         ))
     }
     .await;
