@@ -57,6 +57,9 @@ pub enum Kind {
     Consensus,
     /// A model judges another step's output: `{"verdict": "approve"|"reject", "findings"}`.
     Review,
+    /// A quality gate: a command from the provider file's `checks`, with its parent's output
+    /// on stdin; exit 0 passes.
+    Check,
 }
 
 impl Kind {
@@ -67,6 +70,7 @@ impl Kind {
             Kind::Judge => "judge",
             Kind::Consensus => "consensus",
             Kind::Review => "review",
+            Kind::Check => "check",
         }
     }
 
@@ -102,6 +106,9 @@ pub struct Step {
     /// The step a review reviews.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reviews: Option<String>,
+    /// The check a check step runs: a name under `checks:` in the provider file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
     /// The task each run of the step is (prompt, hints, limits), chain fields set.
     pub task: Envelope,
 }
@@ -149,6 +156,21 @@ impl Chain {
             None => envelope::derive_id(queue, entry_id).to_string(),
         };
         build(id, spec)
+    }
+
+    /// The first check step whose command `configured` does not know, as the sentence its
+    /// dead letter carries.
+    #[must_use]
+    pub fn unknown_check(&self, configured: impl Fn(&str) -> bool) -> Option<Error> {
+        self.steps.iter().find_map(|s| {
+            let c = s.command.as_deref()?;
+            (!configured(c)).then(|| {
+                err(format!(
+                    "step `{}`: check `{c}` is not configured; add it under `checks:` in the provider file",
+                    s.name
+                ))
+            })
+        })
     }
 
     /// The step named `name`.
@@ -370,14 +392,15 @@ fn step(
         "judge" => Kind::Judge,
         "consensus" => Kind::Consensus,
         "review" => Kind::Review,
-        k @ ("check" | "approval") => {
-            return Err(at(format!(
-                "kind `{k}` is not supported by this version of llmq yet; use llm, judge, consensus or review"
-            )));
+        "check" => Kind::Check,
+        "approval" => {
+            return Err(at(
+                "kind `approval` is not supported by this version of llmq yet; use llm, judge, consensus, review or check".into(),
+            ));
         }
         k => {
             return Err(at(format!(
-                "unknown kind `{k}`; use one of llm, judge, consensus, review"
+                "unknown kind `{k}`; use one of llm, judge, consensus, review, check"
             )));
         }
     };
@@ -385,13 +408,27 @@ fn step(
         ("on_reject", s.on_reject.is_some()),
         ("escalate", s.escalate.is_some()),
         ("on_timeout", s.on_timeout.is_some()),
-        ("command", s.command.is_some()),
     ] {
         if set {
             return Err(at(format!(
                 "`{key}` is not supported by this version of llmq yet; leave it out"
             )));
         }
+    }
+    let command = match (kind, &s.command) {
+        (Kind::Check, Some(c)) if !c.trim().is_empty() => Some(c.clone()),
+        (Kind::Check, _) => {
+            return Err(at(
+                "a check step needs `command`: the name of a check under `checks:` in the provider file".into(),
+            ));
+        }
+        (_, Some(_)) => return Err(at("`command` is only for check steps".into())),
+        (_, None) => None,
+    };
+    if kind == Kind::Check && s.after.len() != 1 {
+        return Err(at(
+            "a check step runs after exactly one step, whose output it checks".into(),
+        ));
     }
     if kind.is_join() && s.after.len() < 2 {
         return Err(at(format!(
@@ -428,6 +465,7 @@ fn step(
         (_, Kind::Consensus) => "The majority of its parents' outputs (no call).".into(),
         (_, Kind::Judge) => "Pick the best candidate.".into(),
         (_, Kind::Review) => "Review this work.".into(),
+        (_, Kind::Check) => "Its parent's output, checked by a command (no call).".into(),
         _ => return Err(at("the step has no prompt; set \"prompt\"".into())),
     };
     let ancestors = ancestors(&s.name, parents);
@@ -495,6 +533,7 @@ fn step(
         min_success,
         distinct: s.distinct,
         reviews,
+        command,
         task,
     })
 }

@@ -76,8 +76,20 @@ fn each_bad_chain_names_the_step_and_the_problem() {
             "step `a`: unknown kind `magic`",
         ),
         (
-            r#"{"v":1,"steps":[{"name":"a","kind":"check","prompt":"x"}]}"#,
-            "step `a`: kind `check` is not supported",
+            r#"{"v":1,"steps":[{"name":"a","kind":"approval","prompt":"x"}]}"#,
+            "step `a`: kind `approval` is not supported",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"t","kind":"check","after":["a"]}]}"#,
+            "step `t`: a check step needs `command`",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"t","kind":"check","command":"pytest"}]}"#,
+            "step `t`: a check step runs after exactly one step",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x","command":"rm"}]}"#,
+            "step `a`: `command` is only for check steps",
         ),
         (
             r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"j","kind":"judge","after":["a"]}]}"#,
@@ -186,4 +198,19 @@ fn the_shipped_templates_are_valid_chains() {
         let c = parse(text).unwrap_or_else(|e| panic!("{file}: {e}"));
         assert!(!c.steps.is_empty(), "{file}");
     }
+}
+
+#[test]
+fn a_check_names_a_configured_command() {
+    let c = parse(
+        r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"t","kind":"check","after":["a"],"command":"tests"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(c.step("t").unwrap().command.as_deref(), Some("tests"));
+    assert!(c.unknown_check(|n| n == "tests").is_none());
+    let e = c.unknown_check(|_| false).unwrap().to_string();
+    assert_eq!(
+        e,
+        "step `t`: check `tests` is not configured; add it under `checks:` in the provider file"
+    );
 }

@@ -12,18 +12,21 @@
 //! - `provider`: providers, models, prices, quotas, and their validation;
 //! - `routing`: rules, retries, cooldowns, and their validation;
 //! - `scheduler`: lease, dead-letter retention, recurring tasks (cron parsed here);
+//! - `checks`: the commands chains' `check` steps may run;
 //! - `env`: `${VAR}` expansion.
 
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+mod checks;
 mod env;
 mod provider;
 mod raw;
 mod routing;
 mod scheduler;
 
+pub use checks::{CheckConfig, DEFAULT_CHECK_TIMEOUT};
 pub use provider::*;
 pub use routing::*;
 pub use scheduler::*;
@@ -58,6 +61,8 @@ pub struct Config {
     pub providers: Vec<ProviderConfig>,
     pub routing: Routing,
     pub scheduler: SchedulerConfig,
+    /// Quality gates chains' `check` steps may run, by name.
+    pub checks: std::collections::BTreeMap<String, CheckConfig>,
 }
 
 /// Builds errors that all name the same file.
@@ -147,10 +152,12 @@ impl Config {
             Some(s) => scheduler::scheduler(&errs, s)?,
             None => SchedulerConfig::default(),
         };
+        let checks = checks::checks(&errs, raw.checks)?;
         Ok(Self {
             providers,
             routing,
             scheduler,
+            checks,
         })
     }
 

@@ -14,6 +14,17 @@ pub(super) struct RawFile {
     pub(super) routing: Option<RawRouting>,
     #[serde(default)]
     pub(super) scheduler: Option<RawScheduler>,
+    #[serde(default)]
+    pub(super) checks: std::collections::BTreeMap<String, RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCheck {
+    pub(super) program: String,
+    #[serde(default)]
+    pub(super) args: Vec<String>,
+    pub(super) timeout: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -618,3 +618,69 @@ async fn chains_survive_workers_killed_over_and_over() {
     );
     drop(workers);
 }
+
+#[tokio::test]
+async fn a_check_gates_the_chain_with_a_command_the_operator_named() {
+    use llmq_shared::config::CheckConfig;
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    let gate = |args: &[&str]| CheckConfig {
+        program: "grep".into(),
+        args: args.iter().map(|a| (*a).to_owned()).collect(),
+        timeout: Duration::from_secs(10),
+    };
+    s.config
+        .checks
+        .insert("has-answer".into(), gate(&["-c", "mock answer"]));
+    s.config
+        .checks
+        .insert("has-tests".into(), gate(&["-q", "def test_"]));
+    let w = WorkerHandle::start(s);
+    let chain = |id: &str, check: &str| {
+        json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "Write it"},
+            {"name": "tests", "kind": "check", "after": ["impl"], "command": check},
+            {"name": "ship", "after": ["tests"], "prompt": "Ship {{tests.output}}"}]})
+    };
+    let pass = format!("{}-pass", env.queue);
+    submit(&env, &chain(&pass, "has-answer")).await;
+    let c = finished(&env, &pass).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(
+        output(&env, &c, "tests").await.trim(),
+        "1",
+        "grep -c's output"
+    );
+    assert_eq!(c.steps["tests"].model, None, "a check makes no call");
+
+    let fail = format!("{}-gate", env.queue);
+    submit(&env, &chain(&fail, "has-tests")).await;
+    let c = finished(&env, &fail).await;
+    assert_eq!(c.state, "failed");
+    assert!(
+        c.steps["tests"]
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("check `has-tests` failed (exit 1)"),
+        "{c:#?}"
+    );
+    assert_eq!(status(&c, "ship"), "cancelled");
+
+    // A check the provider file does not name: the chain is refused whole.
+    submit(&env, &chain(&format!("{}-nope", env.queue), "rm-rf")).await;
+    env.eventually("the dead letter", WAIT, || async {
+        env.redis
+            .dead_letters(&env.keys, 10)
+            .await
+            .unwrap()
+            .iter()
+            .any(|d| {
+                d.error
+                    .contains("step `tests`: check `rm-rf` is not configured")
+            })
+    })
+    .await
+    .unwrap();
+    w.stop().await.unwrap();
+}

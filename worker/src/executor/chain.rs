@@ -23,6 +23,8 @@ pub(super) enum Prepared {
     },
     /// No call: this is the step's output.
     Output(String),
+    /// No call: run check `command` on `input`.
+    Check { command: String, input: String },
     /// The step was cancelled (its chain failed or was cancelled): do not run it.
     Cancelled(String),
     /// The step cannot run; retrying cannot help.
@@ -152,6 +154,15 @@ pub(super) async fn prepare(
             call(p, Constraints::default(), Reading::Plain)
         }
         Kind::Llm => call(prompt, Constraints::default(), Reading::Plain),
+        Kind::Check => match candidates.into_iter().next() {
+            Some((_, input)) => Prepared::Check {
+                command: step.command.clone().unwrap_or_default(),
+                input,
+            },
+            None => Prepared::Fatal(
+                "handoff unresolved: the output of the step this check checks has no value".into(),
+            ),
+        },
         Kind::Consensus => consensus(&candidates),
         Kind::Judge => {
             let mut p = prompt;

@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod attempt;
 mod chain;
+mod check;
 pub mod decide;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
@@ -179,6 +180,19 @@ impl Executor {
                         retry_after: None,
                     }));
                 }
+                Ok(chain::Prepared::Check { command, input }) => {
+                    settled = Some(match self.config.checks.get(&command) {
+                        Some(c) => check::run(&command, c, &input).await,
+                        None => Outcome::Failed(AttemptError {
+                            class: ErrorClass::Fatal,
+                            message: format!(
+                                "check `{command}` is not configured; add it under `checks:` in the provider file"
+                            ),
+                            tried: Vec::new(),
+                            retry_after: None,
+                        }),
+                    });
+                }
                 Ok(chain::Prepared::Output(text)) => {
                     settled = Some(Outcome::Answered(Completion {
                         text,
@@ -286,7 +300,14 @@ impl Executor {
     /// A delivery that submits a chain: validated here, expanded by the finisher in one
     /// script; an invalid one is one dead letter whose reason names the step and the problem.
     fn submitted_chain(&self, queue: Arc<QueueKeys>, entry_id: String, spec: &[u8]) -> Finished {
-        match Chain::parse(spec, self.max_payload_bytes, queue.name(), &entry_id) {
+        let parsed =
+            Chain::parse(spec, self.max_payload_bytes, queue.name(), &entry_id).and_then(|chain| {
+                match chain.unknown_check(|c| self.config.checks.contains_key(c)) {
+                    Some(e) => Err(e),
+                    None => Ok(chain),
+                }
+            });
+        match parsed {
             Ok(chain) => {
                 let finish = Finish::release(entry_id, chain.id.clone(), String::new());
                 Finished {
