@@ -387,63 +387,27 @@ fn refused(chain_id: &str, queue: &str, r: Refused, wrong_state: &str) -> u8 {
 }
 
 /// The steps `llmq chain retry` runs again: the failed and cancelled ones, or `from` and
-/// every step after it; each in its next round, waiting for its parents that will not
-/// have succeeded.
+/// every step after it.
 fn reruns(state: &ChainState, from: Option<&str>) -> std::result::Result<Vec<Rerun>, String> {
-    let spec = &state.spec;
-    let mut again: HashSet<String> = HashSet::new();
-    match from {
-        Some(f) => {
-            if spec.step(f).is_none() {
-                return Err(format!("chain {} has no step `{f}`", spec.id));
-            }
-            let mut todo = vec![f.to_owned()];
-            while let Some(n) = todo.pop() {
-                if again.insert(n.clone())
-                    && let Some(s) = spec.step(&n)
-                {
-                    todo.extend(s.children.iter().cloned());
-                }
-            }
+    let again: HashSet<String> = match from {
+        Some(f) if state.spec.step(f).is_none() => {
+            return Err(format!("chain {} has no step `{f}`", state.spec.id));
         }
-        None => {
-            for s in &spec.steps {
-                let status = state.steps.get(&s.name).map(|x| x.status.as_str());
-                if matches!(status, Some("failed" | "cancelled")) {
-                    again.insert(s.name.clone());
-                }
-            }
-        }
-    }
-    for s in spec.steps.iter().filter(|s| again.contains(&s.name)) {
-        if let Some(p) = s.after.iter().find(|p| {
-            !again.contains(*p) && state.steps.get(*p).is_none_or(|x| x.status != "succeeded")
-        }) {
-            return Err(format!(
-                "step `{}` runs after `{p}`, which did not succeed and would not run again; retry without --from, or --from {p}",
-                s.name
-            ));
-        }
-    }
-    Ok(spec
-        .steps
-        .iter()
-        .filter(|s| again.contains(&s.name))
-        .map(|s| {
-            let round = state.steps.get(&s.name).map_or(0, |x| x.round) + 1;
-            let mut task = s.task.clone();
-            task.id = Some(llmq_shared::chain::step_task_id(&spec.id, &s.name, round));
-            let (waits_for, ok): (Vec<String>, Vec<String>) =
-                s.after.iter().cloned().partition(|p| {
-                    again.contains(p) || state.steps.get(p).is_none_or(|x| x.status != "succeeded")
-                });
-            Rerun {
-                step: s.name.clone(),
-                round,
-                task,
-                waits_for,
-                ok: u32::try_from(ok.len()).unwrap_or(0),
-            }
-        })
-        .collect())
+        Some(f) => state.descendants(f),
+        None => state
+            .spec
+            .steps
+            .iter()
+            .filter(|s| {
+                state
+                    .steps
+                    .get(&s.name)
+                    .is_some_and(|x| matches!(x.status.as_str(), "failed" | "cancelled"))
+            })
+            .map(|s| s.name.clone())
+            .collect(),
+    };
+    state
+        .reruns(&again)
+        .map_err(|e| format!("{e}; retry without --from, or --from the step that did not succeed"))
 }

@@ -198,6 +198,19 @@ impl Finisher {
                 })
                 .await
             }
+            Some(ChainWrite::Rework { chain_id, reruns }) => {
+                self.retry("sending a chain's work back in Redis", || {
+                    self.redis.rework_step(
+                        keys,
+                        &self.consumer,
+                        self.result_ttl,
+                        &finished.finish,
+                        chain_id,
+                        reruns,
+                    )
+                })
+                .await
+            }
             None => Some(false),
         };
         if applied == Some(false) {

@@ -89,6 +89,24 @@ pub enum Distinct {
     Provider,
 }
 
+/// What a review's rejection does instead of failing the step: the work goes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnReject {
+    /// The step to redo, with the findings in its prompt: the reviewed one or an ancestor.
+    pub rerun: String,
+    /// How many times the work may go back; the rejection after the last fails the step.
+    #[serde(default = "one")]
+    pub max_rounds: u32,
+    /// Rerun one model tier up: not supported by this version yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub escalate: bool,
+}
+
+fn one() -> u32 {
+    1
+}
+
 /// One validated step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
@@ -109,6 +127,9 @@ pub struct Step {
     /// The check a check step runs: a name under `checks:` in the provider file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
+    /// For a review: what a rejection does instead of failing the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_reject: Option<OnReject>,
     /// The task each run of the step is (prompt, hints, limits), chain fields set.
     pub task: Envelope,
 }
@@ -405,7 +426,6 @@ fn step(
         }
     };
     for (key, set) in [
-        ("on_reject", s.on_reject.is_some()),
         ("escalate", s.escalate.is_some()),
         ("on_timeout", s.on_timeout.is_some()),
     ] {
@@ -456,6 +476,36 @@ fn step(
         }
         (_, Some(_)) => return Err(at("`reviews` is only for review steps".into())),
         (_, None) => None,
+    };
+    let on_reject = match (&s.on_reject, kind) {
+        (None, _) => None,
+        (Some(_), k) if k != Kind::Review => {
+            return Err(at(
+                "`on_reject` is only for review steps in this version".into()
+            ));
+        }
+        (Some(v), _) => {
+            let o: OnReject = serde_json::from_value(v.clone())
+                .map_err(|e| at(format!("`on_reject` is wrong: {e}")))?;
+            if o.escalate {
+                return Err(at(
+                    "`on_reject.escalate` is not supported by this version of llmq yet; leave it out".into(),
+                ));
+            }
+            if !(1..=10).contains(&o.max_rounds) {
+                return Err(at(format!(
+                    "on_reject.max_rounds {} must be between 1 and 10",
+                    o.max_rounds
+                )));
+            }
+            if !ancestors(&s.name, parents).contains(o.rerun.as_str()) {
+                return Err(at(format!(
+                    "on_reject reruns `{}`, which is not a step this one runs after",
+                    o.rerun
+                )));
+            }
+            Some(o)
+        }
     };
     if s.distinct.is_some() && kind != Kind::Review && kind != Kind::Judge {
         return Err(at("`distinct` is only for review and judge steps".into()));
@@ -534,6 +584,7 @@ fn step(
         distinct: s.distinct,
         reviews,
         command,
+        on_reject,
         task,
     })
 }

@@ -214,3 +214,31 @@ fn a_check_names_a_configured_command() {
         "step `t`: check `tests` is not configured; add it under `checks:` in the provider file"
     );
 }
+
+#[test]
+fn a_review_may_send_the_work_back() {
+    let c = parse(
+        r#"{"v":1,"steps":[{"name":"a","prompt":"x"},
+            {"name":"r","kind":"review","after":["a"],"on_reject":{"rerun":"a","max_rounds":2}}]}"#,
+    )
+    .unwrap();
+    let o = c.step("r").unwrap().on_reject.clone().unwrap();
+    assert_eq!((o.rerun.as_str(), o.max_rounds), ("a", 2));
+    for (json, want) in [
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"r","kind":"review","after":["a"],"on_reject":{"rerun":"zz"}}]}"#,
+            "on_reject reruns `zz`, which is not a step this one runs after",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"b","after":["a"],"prompt":"y","on_reject":{"rerun":"a"}}]}"#,
+            "`on_reject` is only for review steps",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"r","kind":"review","after":["a"],"on_reject":{"rerun":"a","escalate":true}}]}"#,
+            "`on_reject.escalate` is not supported",
+        ),
+    ] {
+        let got = reason(json);
+        assert!(got.contains(want), "{got}");
+    }
+}

@@ -8,14 +8,26 @@ use std::time::Duration;
 use redis::Script;
 use serde::{Deserialize, Serialize};
 
-use super::{Client, Finish, FinishKind, Result};
+use super::{Client, Finish, Result};
 use crate::chain::Chain;
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
 static EXPAND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_expand.lua")));
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_cancel.lua")));
-static RETRY: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_retry.lua")));
+static RETRY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/rerun.lua"),
+        include_str!("chain_retry.lua")
+    ))
+});
+static REWORK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/settle.lua"),
+        include_str!("lua/rerun.lua"),
+        include_str!("chain_rework.lua")
+    ))
+});
 static STEP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/settle.lua"),
@@ -59,6 +71,64 @@ pub struct ChainState {
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub steps: HashMap<String, StepState>,
+}
+
+impl ChainState {
+    /// `again` in their next round, each waiting for those of its parents that will not
+    /// have succeeded (rerun too, or not succeeded), in the order of the spec.
+    ///
+    /// # Errors
+    /// A step would wait for a parent that did not succeed and is not rerun: it would never
+    /// run. The sentence names both.
+    pub fn reruns(
+        &self,
+        again: &std::collections::HashSet<String>,
+    ) -> std::result::Result<Vec<Rerun>, String> {
+        let will_succeed = |p: &str| {
+            !again.contains(p) && self.steps.get(p).is_some_and(|x| x.status == "succeeded")
+        };
+        let mut out = Vec::new();
+        for s in self.spec.steps.iter().filter(|s| again.contains(&s.name)) {
+            if let Some(p) = s
+                .after
+                .iter()
+                .find(|p| !again.contains(*p) && !will_succeed(p))
+            {
+                return Err(format!(
+                    "step `{}` runs after `{p}`, which did not succeed and would not run again",
+                    s.name
+                ));
+            }
+            let round = self.steps.get(&s.name).map_or(0, |x| x.round) + 1;
+            let mut task = s.task.clone();
+            task.id = Some(crate::chain::step_task_id(&self.spec.id, &s.name, round));
+            let (ok, waits_for): (Vec<String>, Vec<String>) =
+                s.after.iter().cloned().partition(|p| will_succeed(p));
+            out.push(Rerun {
+                step: s.name.clone(),
+                round,
+                task,
+                waits_for,
+                ok: u32::try_from(ok.len()).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// `from` and every step after it.
+    #[must_use]
+    pub fn descendants(&self, from: &str) -> std::collections::HashSet<String> {
+        let mut out = std::collections::HashSet::new();
+        let mut todo = vec![from.to_owned()];
+        while let Some(n) = todo.pop() {
+            if out.insert(n.clone())
+                && let Some(s) = self.spec.step(&n)
+            {
+                todo.extend(s.children.iter().cloned());
+            }
+        }
+        out
+    }
 }
 
 /// How a chain step's task ended, for its chain.
@@ -168,12 +238,7 @@ impl Client {
         item: &Finish,
         step: &StepOutcome,
     ) -> Result<bool> {
-        let (kind, a, b) = match &item.kind {
-            FinishKind::Done => ("ok", String::new(), String::new()),
-            FinishKind::Retry { due_ms } => ("retry", due_ms.to_string(), String::new()),
-            FinishKind::Dead { error, class } => ("dead", error.clone(), class.to_string()),
-            FinishKind::Release => ("release", String::new(), String::new()),
-        };
+        let (kind, a, b) = item.kind.args();
         let chain = &step.chain_id;
         let mut c = self.conn().await?;
         let applied: i64 = STEP
@@ -256,6 +321,60 @@ impl Client {
         let mut c = self.conn().await?;
         let n: i64 = inv.invoke_async(&mut c).await?;
         Ok(refused(n))
+    }
+
+    /// Finishes a review's task whose rejection sends work back, and puts `reruns` (the
+    /// step to redo, the steps after it up to the review, the review) into their next
+    /// round, in one script. Returns false when the entry was no longer ours.
+    ///
+    /// # Errors
+    /// Redis fails; then nothing was applied.
+    pub async fn rework_step(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        result_ttl: Duration,
+        item: &Finish,
+        chain_id: &str,
+        reruns: &[Rerun],
+    ) -> Result<bool> {
+        let (kind, a, b) = item.kind.args();
+        let mut inv = REWORK.key(keys.stream());
+        inv.key(keys.delayed())
+            .key(keys.dead())
+            .key(keys.result(&item.task_id))
+            .key(keys.chain(chain_id))
+            .key(keys.chain_steps(chain_id))
+            .key(keys.chain_tasks(chain_id));
+        for r in reruns {
+            inv.key(keys.chain_wait(chain_id, &r.step));
+        }
+        inv.arg(GROUP)
+            .arg(consumer)
+            .arg(result_ttl.as_secs().max(1))
+            .arg(super::now_ms())
+            .arg(&item.entry_id)
+            .arg(kind)
+            .arg(
+                item.record
+                    .as_ref()
+                    .map(TaskRecord::to_json)
+                    .unwrap_or_default(),
+            )
+            .arg(&item.envelope)
+            .arg(a)
+            .arg(b);
+        for r in reruns {
+            inv.arg(&r.step)
+                .arg(r.task.id.map(|i| i.to_string()).unwrap_or_default())
+                .arg(r.task.to_json())
+                .arg(r.round)
+                .arg(r.waits_for.join(","))
+                .arg(r.ok);
+        }
+        let mut c = self.conn().await?;
+        let applied: i64 = inv.invoke_async(&mut c).await?;
+        Ok(applied == 1)
     }
 
     /// A chain's spec, state and steps; `None` when there is no such chain.

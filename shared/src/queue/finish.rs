@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::Script;
 
-use super::{Client, Finish, FinishKind, Result, now_ms};
+use super::{Client, Finish, Result, now_ms};
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
@@ -79,12 +79,7 @@ impl Client {
             .arg(lowest)
             .arg(highest);
         for item in items {
-            let (kind, a, b) = match &item.kind {
-                FinishKind::Done => ("ok", String::new(), String::new()),
-                FinishKind::Retry { due_ms } => ("retry", due_ms.to_string(), String::new()),
-                FinishKind::Dead { error, class } => ("dead", error.clone(), class.to_string()),
-                FinishKind::Release => ("release", String::new(), String::new()),
-            };
+            let (kind, a, b) = item.kind.args();
             inv.arg(&item.entry_id)
                 .arg(kind)
                 .arg(

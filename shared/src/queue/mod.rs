@@ -74,6 +74,18 @@ pub enum FinishKind {
     Release,
 }
 
+impl FinishKind {
+    /// The kind and its two arguments, as `lua/settle.lua` reads them.
+    pub(super) fn args(&self) -> (&'static str, String, String) {
+        match self {
+            FinishKind::Done => ("ok", String::new(), String::new()),
+            FinishKind::Retry { due_ms } => ("retry", due_ms.to_string(), String::new()),
+            FinishKind::Dead { error, class } => ("dead", error.clone(), class.to_string()),
+            FinishKind::Release => ("release", String::new(), String::new()),
+        }
+    }
+}
+
 /// One item of a [`Client::finish`] batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {

@@ -684,3 +684,49 @@ async fn a_check_gates_the_chain_with_a_command_the_operator_named() {
     .unwrap();
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_rejection_sends_the_work_back_with_the_findings_up_to_max_rounds() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let chain = |id: &str, reviewer: &str| {
+        json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "W"},
+            {"name": "review", "kind": "review", "after": ["impl"], "model": reviewer,
+             "on_reject": {"rerun": "impl", "max_rounds": 1}},
+            {"name": "ship", "after": ["review"], "prompt": "Ship"}]})
+    };
+    let once = format!("{}-once", env.queue);
+    submit(&env, &chain(&once, "review-reject-once")).await;
+    let c = finished(&env, &once).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!((c.steps["impl"].round, c.steps["review"].round), (1, 1));
+    assert_eq!(
+        c.steps["ship"].round, 0,
+        "ship ran once, after the approval"
+    );
+    // The redone step saw the findings (the mock echoes the start of its prompt).
+    let redone = output(&env, &c, "impl").await;
+    assert!(
+        redone.starts_with("mock answer from mock-fast: W\n\n## Findings of review `review`"),
+        "{redone}"
+    );
+    // The first review's task records the rejection that sent the work back.
+    let first = llmq_shared::chain::step_task_id(&once, "review", 0).to_string();
+    let r = env.redis.task(&env.keys, &first).await.unwrap().unwrap();
+    assert!(
+        r.output
+            .unwrap()
+            .contains("the review rejected step `impl`"),
+        "round 0 of the review"
+    );
+
+    let always = format!("{}-always", env.queue);
+    submit(&env, &chain(&always, "review-reject")).await;
+    let c = finished(&env, &always).await;
+    assert_eq!(c.state, "failed");
+    assert_eq!(c.steps["review"].round, 1, "one round back, then it fails");
+    assert_eq!(status(&c, "review"), "failed");
+    assert_eq!(status(&c, "ship"), "cancelled");
+    w.stop().await.unwrap();
+}

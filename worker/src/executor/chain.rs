@@ -8,7 +8,7 @@ use llmq_shared::chain::{self, Distinct, Kind, Reference};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
-use llmq_shared::queue::{Client, StepState};
+use llmq_shared::queue::{ChainState, Client, Rerun, StepState};
 use llmq_shared::routing::Constraints;
 
 use super::attempt::AttemptError;
@@ -20,6 +20,8 @@ pub(super) enum Prepared {
         prompt: String,
         constraints: Constraints,
         read: Reading,
+        /// For a review that may send the work back: what goes back if it rejects.
+        rework: Option<Rework>,
     },
     /// No call: this is the step's output.
     Output(String),
@@ -29,6 +31,32 @@ pub(super) enum Prepared {
     Cancelled(String),
     /// The step cannot run; retrying cannot help.
     Fatal(String),
+}
+
+/// What a review's rejection sends back: the steps to run again, from the step to redo to
+/// the review itself, in their next round.
+pub(super) struct Rework {
+    pub chain_id: String,
+    pub review: String,
+    pub rerun: String,
+    pub reruns: Vec<Rerun>,
+}
+
+impl Rework {
+    /// The reruns, with the findings in the prompt of the step to redo. Template markers in
+    /// the findings are defused: they are the model's text, not references.
+    pub(super) fn with_findings(mut self, findings: &str) -> Vec<Rerun> {
+        let findings = findings.replace("{{", "{ {");
+        for r in &mut self.reruns {
+            if r.step == self.rerun {
+                r.task.prompt.push_str(&format!(
+                    "\n\n## Findings of review `{}` on the previous version\n\n{findings}\n\nAddress every finding.",
+                    self.review
+                ));
+            }
+        }
+        self.reruns
+    }
 }
 
 /// What a step's answer means.
@@ -192,7 +220,13 @@ pub(super) async fn prepare(
                 "{prompt}\n\n## Work to review (step `{reviewed}`)\n\n{work}\n\nAnswer with JSON only: {{\"verdict\": \"approve\" or \"reject\", \"findings\": [\"...\"]}}."
             );
             let constraints = distinct_from(&step.distinct, state.steps.get(&reviewed));
-            call(p, constraints, Reading::Verdict { reviewed })
+            let rework = rework(&state, &step);
+            Prepared::Call {
+                prompt: p,
+                constraints,
+                read: Reading::Verdict { reviewed },
+                rework,
+            }
         }
     })
 }
@@ -202,7 +236,39 @@ fn call(prompt: String, constraints: Constraints, read: Reading) -> Prepared {
         prompt,
         constraints,
         read,
+        rework: None,
     }
+}
+
+/// What review `step` sends back when it rejects, while it has rounds left.
+fn rework(state: &ChainState, step: &chain::Step) -> Option<Rework> {
+    let on_reject = step.on_reject.as_ref()?;
+    let round = state.steps.get(&step.name).map_or(0, |s| s.round);
+    if round >= on_reject.max_rounds {
+        return None;
+    }
+    // The step to redo, the review, and every step between them.
+    let mut upstream = std::collections::HashSet::new();
+    let mut todo = vec![step.name.clone()];
+    while let Some(n) = todo.pop() {
+        if upstream.insert(n.clone())
+            && let Some(s) = state.spec.step(&n)
+        {
+            todo.extend(s.after.iter().cloned());
+        }
+    }
+    let again: std::collections::HashSet<String> = state
+        .descendants(&on_reject.rerun)
+        .into_iter()
+        .filter(|n| upstream.contains(n))
+        .collect();
+    let reruns = state.reruns(&again).ok()?;
+    Some(Rework {
+        chain_id: state.spec.id.clone(),
+        review: step.name.clone(),
+        rerun: on_reject.rerun.clone(),
+        reruns,
+    })
 }
 
 /// Excludes the model (or provider) that wrote each of `steps`.

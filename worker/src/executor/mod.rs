@@ -99,6 +99,11 @@ pub enum ChainWrite {
     Expand(Box<Chain>),
     /// A step's task ended: finish it and move its chain along.
     Step(Box<StepOutcome>),
+    /// A review rejected with rounds left: finish its task and run the work again.
+    Rework {
+        chain_id: String,
+        reruns: Vec<llmq_shared::queue::Rerun>,
+    },
 }
 
 impl Finished {
@@ -160,6 +165,7 @@ impl Executor {
         let mut call_env = env.clone();
         let mut constraints = Constraints::default();
         let mut reading = None;
+        let mut rework = None;
         let mut settled = None;
         if env.step.is_some() {
             match chain::prepare(&self.redis, &queue, &env).await {
@@ -203,10 +209,12 @@ impl Executor {
                     prompt,
                     constraints: c,
                     read,
+                    rework: r,
                 }) => {
                     call_env.prompt = prompt;
                     constraints = c;
                     reading = Some(read);
+                    rework = r;
                 }
             }
         }
@@ -266,6 +274,25 @@ impl Executor {
             },
             (outcome, _) => outcome,
         };
+
+        // A rejection with rounds left sends the work back instead of failing the step.
+        if let (Outcome::Failed(e), Some(r)) = (&outcome, rework)
+            && e.class == ErrorClass::Fatal
+            && matches!(reading, Some(chain::Reading::Verdict { .. }))
+        {
+            record.status = Status::Succeeded;
+            record.output = Some(e.message.clone());
+            record.finished_at = Some(Utc::now());
+            let chain_id = r.chain_id.clone();
+            let reruns = r.with_findings(&e.message);
+            let task = Some(task_row(&record));
+            let finish = Finish::done(entry_id, task_id, record);
+            return Finished {
+                task,
+                chain: Some(ChainWrite::Rework { chain_id, reruns }),
+                ..Finished::new(queue, finish, calls)
+            };
+        }
 
         // Decide.
         let policy = Policy {
