@@ -62,10 +62,20 @@ step "A batch of sample tasks ($SAMPLES)"
 "$BIN/llmq" batch --input "$SAMPLES" --queue "$QUEUE" --wait --output "$DIR/results.json" || true
 echo "full results: $DIR/results.json"
 
-step "A chain: plan -> plan review by another model -> implement -> code review -> release note"
-"$BIN/llmq" chain submit examples/chains/cross-review.json --queue "$QUEUE" \
-  --var input="Move the billing service to Postgres 16" --wait --format json >"$DIR/chain.json" || true
-CHAIN=$(sed -n 's/.*"chain_id": "\([^"]*\)".*/\1/p' "$DIR/chain.json" | head -1)
+step "A chain: plan -> plan review by another model -> implement -> code review -> a person approves -> release note"
+CHAIN=$("$BIN/llmq" chain submit examples/chains/cross-review.json --queue "$QUEUE" \
+  --var input="Move the billing service to Postgres 16")
+echo "chain $CHAIN submitted; waiting for its approval step"
+for _ in $(seq 1 300); do
+  "$BIN/llmq" chain pending --queue "$QUEUE" | grep -q "$CHAIN" && break
+  sleep 0.1
+done
+"$BIN/llmq" chain pending --queue "$QUEUE"
+"$BIN/llmq" chain approve "$CHAIN" ship --queue "$QUEUE" --note "Approved by the demo script"
+for _ in $(seq 1 300); do
+  "$BIN/llmq" chain show "$CHAIN" --queue "$QUEUE" | grep -q "^State:    running" || break
+  sleep 0.1
+done
 "$BIN/llmq" chain show "$CHAIN" --queue "$QUEUE"
 
 step "Dead letters (replay with: llmq dlq replay <id> --queue $QUEUE)"

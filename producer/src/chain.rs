@@ -114,6 +114,55 @@ pub async fn run(redis: &Client, cmd: ChainCommand, out: &mut dyn Write) -> Resu
                 )),
             }
         }
+        ChainCommand::Pending { queue, format } => {
+            let keys = QueueKeys::new(&queue);
+            let rows: Vec<serde_json::Value> = redis
+                .approvals(&keys, None)
+                .await?
+                .into_iter()
+                .map(|(chain, step, at)| {
+                    serde_json::json!({
+                        "chain_id": chain,
+                        "step": step,
+                        "deadline": chrono::DateTime::from_timestamp_millis(at),
+                    })
+                })
+                .collect();
+            match format {
+                Format::Json => emit(out, &to_json(&rows)),
+                Format::Text => {
+                    let mut s = format!("{:<38} {:<16} DEADLINE\n", "CHAIN", "STEP");
+                    for r in &rows {
+                        s.push_str(&format!(
+                            "{:<38} {:<16} {}\n",
+                            render::cut(r["chain_id"].as_str().unwrap_or_default(), 38),
+                            r["step"].as_str().unwrap_or_default(),
+                            r["deadline"].as_str().unwrap_or_default()
+                        ));
+                    }
+                    emit(out, &s);
+                }
+            }
+            Ok(EXIT_OK)
+        }
+        ChainCommand::Approve {
+            chain_id,
+            step,
+            queue,
+            note,
+        } => {
+            let note = note.unwrap_or_else(|| "approved by an operator".into());
+            decide(redis, out, &queue, &chain_id, &step, true, &note).await
+        }
+        ChainCommand::Reject {
+            chain_id,
+            step,
+            queue,
+            reason,
+        } => {
+            let why = format!("rejected by an operator: {reason}");
+            decide(redis, out, &queue, &chain_id, &step, false, &why).await
+        }
         ChainCommand::List {
             queue,
             state,
@@ -410,4 +459,39 @@ fn reruns(state: &ChainState, from: Option<&str>) -> std::result::Result<Vec<Rer
     state
         .reruns(&again)
         .map_err(|e| format!("{e}; retry without --from, or --from the step that did not succeed"))
+}
+
+/// Takes a person's decision on an approval step, once.
+async fn decide(
+    redis: &Client,
+    out: &mut dyn Write,
+    queue: &str,
+    chain_id: &str,
+    step: &str,
+    approve: bool,
+    note: &str,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    match redis
+        .decide_approval(&keys, chain_id, step, approve, note)
+        .await?
+    {
+        Ok(()) => {
+            let what = if approve { "approved" } else { "rejected" };
+            emit(out, &format!("chain {chain_id}: step `{step}` {what}\n"));
+            Ok(EXIT_OK)
+        }
+        Err(Refused::NoSuchChain) => {
+            eprintln!(
+                "llmq: chain {chain_id} has no step `{step}` in queue `{queue}` (pass --queue if it is elsewhere)"
+            );
+            Ok(EXIT_FAILED)
+        }
+        Err(Refused::WrongState) => {
+            eprintln!(
+                "llmq: step `{step}` of chain {chain_id} is not awaiting approval: it was decided before, or it is not an approval that has been reached"
+            );
+            Ok(EXIT_FAILED)
+        }
+    }
 }

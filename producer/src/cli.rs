@@ -96,6 +96,33 @@ pub enum ChainCommand {
         #[arg(long)]
         from: Option<String>,
     },
+    /// List the chain steps awaiting a person's approval, soonest deadline first.
+    Pending {
+        #[arg(long, default_value = "default")]
+        queue: String,
+        #[arg(long, value_enum, default_value_t)]
+        format: Format,
+    },
+    /// Approve a step awaiting approval; the chain goes on. A step is decided once.
+    Approve {
+        chain_id: String,
+        step: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Recorded as the step's summary.
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Reject a step awaiting approval; it fails like any step. A step is decided once.
+    Reject {
+        chain_id: String,
+        step: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Why, recorded as the step's error.
+        #[arg(long)]
+        reason: String,
+    },
     /// List the queue's chains, newest first.
     List {
         #[arg(long, default_value = "default")]

@@ -21,6 +21,7 @@
 //!   (oldest first), are inserted into `dead_letters_archive`, committed, and only then
 //!   deleted from the dead stream; archived rows older than `keep_archived` are deleted.
 //! - `recurring`: each recurring task's due ticks are enqueued exactly once.
+//! - `approvals`: chain steps awaiting approval past their deadline get their `on_timeout`.
 //!
 //! There is no duty for results or the ready streams: results carry their own TTL (the
 //! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
@@ -54,6 +55,7 @@ use llmq_shared::config::{Config, Retention};
 use llmq_shared::ledger::Ledger;
 use llmq_shared::queue::Client;
 
+mod approvals;
 mod dead_letters;
 mod lease;
 mod recurring;
@@ -175,10 +177,16 @@ pub enum Duty {
     QuotaWindows,
     DeadLetters,
     Recurring,
+    Approvals,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 3] = [Duty::QuotaWindows, Duty::DeadLetters, Duty::Recurring];
+    pub const ALL: [Duty; 4] = [
+        Duty::QuotaWindows,
+        Duty::DeadLetters,
+        Duty::Recurring,
+        Duty::Approvals,
+    ];
 
     /// Its field in the duties hash.
     #[must_use]
@@ -187,6 +195,7 @@ impl Duty {
             Duty::QuotaWindows => "quota_windows",
             Duty::DeadLetters => "dead_letters",
             Duty::Recurring => "recurring",
+            Duty::Approvals => "approvals",
         }
     }
 }
@@ -295,7 +304,7 @@ impl Scheduler {
         match duty {
             Duty::QuotaWindows => self.quota_every,
             Duty::DeadLetters => self.dead_letters_every,
-            Duty::Recurring => self.pause(),
+            Duty::Recurring | Duty::Approvals => self.pause(),
         }
     }
 
@@ -403,6 +412,7 @@ impl Scheduler {
             Duty::QuotaWindows => self.close_quota_windows().await,
             Duty::DeadLetters => self.archive_dead_letters().await,
             Duty::Recurring => self.enqueue_recurring().await,
+            Duty::Approvals => self.expire_approvals().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

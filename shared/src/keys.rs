@@ -94,6 +94,12 @@ impl QueueKeys {
         format!("{}:chain:{chain_id}:wait:", self.prefix)
     }
 
+    /// Chain steps awaiting approval: a sorted set of `<chain id>\t<step>` by deadline (ms).
+    #[must_use]
+    pub fn approvals(&self) -> String {
+        format!("{}:approvals", self.prefix)
+    }
+
     /// Every chain of the queue: a sorted set of chain ids by submission time (ms).
     #[must_use]
     pub fn chains(&self) -> String {

@@ -198,6 +198,24 @@ impl Finisher {
                 })
                 .await
             }
+            Some(ChainWrite::Await {
+                chain_id,
+                step,
+                deadline_ms,
+            }) => {
+                self.retry("leaving a chain step to a person in Redis", || {
+                    self.redis.await_approval(
+                        keys,
+                        &self.consumer,
+                        self.result_ttl,
+                        &finished.finish,
+                        chain_id,
+                        step,
+                        *deadline_ms,
+                    )
+                })
+                .await
+            }
             Some(ChainWrite::Rework { chain_id, reruns }) => {
                 self.retry("sending a chain's work back in Redis", || {
                     self.redis.rework_step(

@@ -60,6 +60,17 @@ pub enum Kind {
     /// A quality gate: a command from the provider file's `checks`, with its parent's output
     /// on stdin; exit 0 passes.
     Check,
+    /// Waits for a person: `llmq chain approve|reject`, or `on_timeout` after `timeout`.
+    Approval,
+}
+
+/// What an approval nobody decided becomes when its time is up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    #[default]
+    Reject,
+    Approve,
 }
 
 impl Kind {
@@ -71,6 +82,7 @@ impl Kind {
             Kind::Consensus => "consensus",
             Kind::Review => "review",
             Kind::Check => "check",
+            Kind::Approval => "approval",
         }
     }
 
@@ -130,6 +142,9 @@ pub struct Step {
     /// For a review: what a rejection does instead of failing the step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_reject: Option<OnReject>,
+    /// For an approval: what it becomes when nobody decided within its `timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_timeout: Option<OnTimeout>,
     /// The task each run of the step is (prompt, hints, limits), chain fields set.
     pub task: Envelope,
 }
@@ -414,21 +429,28 @@ fn step(
         "consensus" => Kind::Consensus,
         "review" => Kind::Review,
         "check" => Kind::Check,
-        "approval" => {
-            return Err(at(
-                "kind `approval` is not supported by this version of llmq yet; use llm, judge, consensus, review or check".into(),
-            ));
-        }
+        "approval" => Kind::Approval,
         k => {
             return Err(at(format!(
-                "unknown kind `{k}`; use one of llm, judge, consensus, review, check"
+                "unknown kind `{k}`; use one of llm, judge, consensus, review, check, approval"
             )));
         }
     };
-    for (key, set) in [
-        ("escalate", s.escalate.is_some()),
-        ("on_timeout", s.on_timeout.is_some()),
-    ] {
+    let on_timeout = match (&s.on_timeout, kind) {
+        (None, Kind::Approval) => Some(OnTimeout::Reject),
+        (None, _) => None,
+        (Some(t), Kind::Approval) => Some(match t.as_str() {
+            "reject" => OnTimeout::Reject,
+            "approve" => OnTimeout::Approve,
+            other => {
+                return Err(at(format!(
+                    "on_timeout `{other}` is neither `reject` nor `approve`"
+                )));
+            }
+        }),
+        (Some(_), _) => return Err(at("`on_timeout` is only for approval steps".into())),
+    };
+    for (key, set) in [("escalate", s.escalate.is_some())] {
         if set {
             return Err(at(format!(
                 "`{key}` is not supported by this version of llmq yet; leave it out"
@@ -516,6 +538,7 @@ fn step(
         (_, Kind::Judge) => "Pick the best candidate.".into(),
         (_, Kind::Review) => "Review this work.".into(),
         (_, Kind::Check) => "Its parent's output, checked by a command (no call).".into(),
+        (_, Kind::Approval) => "Approve to go on.".into(),
         _ => return Err(at("the step has no prompt; set \"prompt\"".into())),
     };
     let ancestors = ancestors(&s.name, parents);
@@ -585,6 +608,7 @@ fn step(
         reviews,
         command,
         on_reject,
+        on_timeout,
         task,
     })
 }

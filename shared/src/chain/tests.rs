@@ -76,8 +76,12 @@ fn each_bad_chain_names_the_step_and_the_problem() {
             "step `a`: unknown kind `magic`",
         ),
         (
-            r#"{"v":1,"steps":[{"name":"a","kind":"approval","prompt":"x"}]}"#,
-            "step `a`: kind `approval` is not supported",
+            r#"{"v":1,"steps":[{"name":"a","kind":"approval","on_timeout":"shrug"}]}"#,
+            "step `a`: on_timeout `shrug` is neither `reject` nor `approve`",
+        ),
+        (
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x","on_timeout":"approve"}]}"#,
+            "step `a`: `on_timeout` is only for approval steps",
         ),
         (
             r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"t","kind":"check","after":["a"]}]}"#,

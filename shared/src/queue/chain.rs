@@ -31,7 +31,20 @@ static REWORK: LazyLock<Script> = LazyLock::new(|| {
 static STEP: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/settle.lua"),
+        include_str!("lua/advance.lua"),
         include_str!("chain_step.lua")
+    ))
+});
+static AWAIT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/settle.lua"),
+        include_str!("chain_await.lua")
+    ))
+});
+static DECIDE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/advance.lua"),
+        include_str!("chain_decide.lua")
     ))
 });
 
@@ -55,6 +68,9 @@ pub struct StepState {
     pub summary: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a step awaiting approval: when its `on_timeout` applies (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<i64>,
     /// Parents that succeeded and that did not, so far.
     #[serde(default)]
     pub ok: u32,
@@ -375,6 +391,117 @@ impl Client {
         let mut c = self.conn().await?;
         let applied: i64 = inv.invoke_async(&mut c).await?;
         Ok(applied == 1)
+    }
+
+    /// Settles an approval step's task and leaves the step awaiting a person's decision
+    /// until `deadline_ms`. Returns false when the entry was no longer ours.
+    ///
+    /// # Errors
+    /// Redis fails; then nothing was applied.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn await_approval(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        result_ttl: Duration,
+        item: &Finish,
+        chain_id: &str,
+        step: &str,
+        deadline_ms: i64,
+    ) -> Result<bool> {
+        let (kind, a, b) = item.kind.args();
+        let mut c = self.conn().await?;
+        let applied: i64 = AWAIT
+            .key(keys.stream())
+            .key(keys.delayed())
+            .key(keys.dead())
+            .key(keys.result(&item.task_id))
+            .key(keys.chain_steps(chain_id))
+            .key(keys.approvals())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(result_ttl.as_secs().max(1))
+            .arg(super::now_ms())
+            .arg(&item.entry_id)
+            .arg(kind)
+            .arg(
+                item.record
+                    .as_ref()
+                    .map(TaskRecord::to_json)
+                    .unwrap_or_default(),
+            )
+            .arg(&item.envelope)
+            .arg(a)
+            .arg(b)
+            .arg(chain_id)
+            .arg(step)
+            .arg(deadline_ms)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(applied == 1)
+    }
+
+    /// Decides an approval step once: approved (`note` becomes its summary), or rejected
+    /// (`note` becomes its error), and moves the chain along in the same script.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn decide_approval(
+        &self,
+        keys: &QueueKeys,
+        chain_id: &str,
+        step: &str,
+        approve: bool,
+        note: &str,
+    ) -> Result<std::result::Result<(), Refused>> {
+        let fields = if approve {
+            serde_json::json!({"summary": note})
+        } else {
+            serde_json::json!({"error": note})
+        };
+        let mut c = self.conn().await?;
+        let n: i64 = DECIDE
+            .key(keys.stream())
+            .key(keys.chain(chain_id))
+            .key(keys.chain_steps(chain_id))
+            .key(keys.chain_tasks(chain_id))
+            .key(keys.approvals())
+            .arg(chain_id)
+            .arg(step)
+            .arg(if approve { "succeeded" } else { "failed" })
+            .arg(fields.to_string())
+            .arg(super::now_ms())
+            .arg(keys.chain_wait_prefix(chain_id))
+            .invoke_async(&mut c)
+            .await?;
+        Ok(refused(n).map(|_| ()))
+    }
+
+    /// Steps awaiting approval, soonest deadline first: (chain id, step, deadline ms).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn approvals(
+        &self,
+        keys: &QueueKeys,
+        due_before: Option<i64>,
+    ) -> Result<Vec<(String, String, i64)>> {
+        let mut c = self.conn().await?;
+        let max = due_before.map_or_else(|| "+inf".to_owned(), |t| t.to_string());
+        let raw: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys.approvals())
+            .arg("-inf")
+            .arg(max)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(m, at)| {
+                let (chain, step) = m.split_once('\t')?;
+                Some((chain.to_owned(), step.to_owned(), at as i64))
+            })
+            .collect())
     }
 
     /// A chain's spec, state and steps; `None` when there is no such chain.

@@ -449,9 +449,23 @@ async fn the_cross_review_template_runs_end_to_end() {
     let id = format!("{}-cross", env.queue);
     chain["chain_id"] = json!(id);
     submit(&env, &chain).await;
+    // A person approves the ship step.
+    env.eventually("the ship step awaiting approval", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.steps["ship"].status == "awaiting_approval")
+    })
+    .await
+    .unwrap();
+    let (code, out) = env
+        .cli(&["chain", "approve", &id, "ship", "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 0, "{out}");
     let c = finished(&env, &id).await;
     assert_eq!(c.state, "succeeded", "{c:#?}");
-    assert_eq!(c.steps.len(), 5);
+    assert_eq!(c.steps.len(), 6);
     for (name, s) in &c.steps {
         assert_eq!(s.status, "succeeded", "{name}");
     }
@@ -728,5 +742,89 @@ async fn a_rejection_sends_the_work_back_with_the_findings_up_to_max_rounds() {
     assert_eq!(c.steps["review"].round, 1, "one round back, then it fails");
     assert_eq!(status(&c, "review"), "failed");
     assert_eq!(status(&c, "ship"), "cancelled");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_approval_waits_for_a_person_once_and_times_out_by_its_rule() {
+    use llmq_scheduler::{Duty, Scheduler, Settings};
+    use llmq_tests::harness::{database_url, mock_config, redis_url};
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let chain = |id: &str, timeout: &str| {
+        json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "Write it"},
+            {"name": "ship", "kind": "approval", "after": ["impl"], "timeout": timeout},
+            {"name": "docs", "after": ["ship"], "prompt": "Document {{ship.summary}}"}]})
+    };
+    let id = format!("{}-approve", env.queue);
+    submit(&env, &chain(&id, "1h")).await;
+    env.eventually("the step awaiting approval", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.steps["ship"].status == "awaiting_approval")
+    })
+    .await
+    .unwrap();
+    let (code, out) = env
+        .cli(&[
+            "chain", "pending", "--queue", &env.queue, "--format", "json",
+        ])
+        .await;
+    assert_eq!(code, 0);
+    let pending: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(pending[0]["chain_id"], id.as_str(), "{out}");
+    assert_eq!(pending[0]["step"], "ship");
+    let (code, out) = env
+        .cli(&[
+            "chain", "approve", &id, "ship", "--queue", &env.queue, "--note", "LGTM",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(c.steps["ship"].summary.as_deref(), Some("LGTM"));
+    assert!(output(&env, &c, "docs").await.contains("Document LGTM"));
+    let (code, _) = env
+        .cli(&[
+            "chain", "reject", &id, "ship", "--queue", &env.queue, "--reason", "too late",
+        ])
+        .await;
+    assert_eq!(code, 1, "a step is decided once");
+
+    // Nobody decides: the scheduler applies on_timeout (reject by default).
+    let late = format!("{}-late", env.queue);
+    submit(&env, &chain(&late, "1s")).await;
+    env.eventually("the step awaiting approval", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &late)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.steps["ship"].status == "awaiting_approval")
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut s = Settings::new(&redis_url(), &database_url(), mock_config(&env.mock.url())).unwrap();
+    s.namespace = Some(env.queue.clone());
+    s.queues = vec![env.queue.clone()];
+    let mut sched = Scheduler::connect(s).await.unwrap();
+    assert!(sched.acquire().await.unwrap());
+    let detail = sched.run_duty(Duty::Approvals).await.unwrap();
+    assert_eq!(detail, "applied on_timeout to 1 approval(s)");
+    let c = finished(&env, &late).await;
+    assert_eq!(c.state, "failed");
+    assert!(
+        c.steps["ship"]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("on_timeout: reject"),
+        "{c:#?}"
+    );
+    assert_eq!(status(&c, "docs"), "cancelled");
+    sched.release().await.unwrap();
     w.stop().await.unwrap();
 }

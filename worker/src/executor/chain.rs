@@ -13,6 +13,9 @@ use llmq_shared::routing::Constraints;
 
 use super::attempt::AttemptError;
 
+/// How long an approval waits when its step gives no `timeout`.
+const APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// How a step is run, decided before its call.
 pub(super) enum Prepared {
     /// Call a model with this prompt and these constraints, then read the answer as `read`.
@@ -27,6 +30,8 @@ pub(super) enum Prepared {
     Output(String),
     /// No call: run check `command` on `input`.
     Check { command: String, input: String },
+    /// No call: a person decides, by `deadline_ms` at the latest.
+    Await { deadline_ms: i64 },
     /// The step was cancelled (its chain failed or was cancelled): do not run it.
     Cancelled(String),
     /// The step cannot run; retrying cannot help.
@@ -182,6 +187,15 @@ pub(super) async fn prepare(
             call(p, Constraints::default(), Reading::Plain)
         }
         Kind::Llm => call(prompt, Constraints::default(), Reading::Plain),
+        Kind::Approval => {
+            let wait = env
+                .timeout
+                .map_or(APPROVAL_TIMEOUT, std::time::Duration::from_secs);
+            Prepared::Await {
+                deadline_ms: llmq_shared::queue::now_ms()
+                    + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2),
+            }
+        }
         Kind::Check => match candidates.into_iter().next() {
             Some((_, input)) => Prepared::Check {
                 command: step.command.clone().unwrap_or_default(),

@@ -99,6 +99,12 @@ pub enum ChainWrite {
     Expand(Box<Chain>),
     /// A step's task ended: finish it and move its chain along.
     Step(Box<StepOutcome>),
+    /// An approval step's task: settle it and leave the step to a person.
+    Await {
+        chain_id: String,
+        step: String,
+        deadline_ms: i64,
+    },
     /// A review rejected with rounds left: finish its task and run the work again.
     Rework {
         chain_id: String,
@@ -198,6 +204,9 @@ impl Executor {
                             retry_after: None,
                         }),
                     });
+                }
+                Ok(chain::Prepared::Await { deadline_ms }) => {
+                    return awaiting(queue, entry_id, &env, record, deadline_ms);
                 }
                 Ok(chain::Prepared::Output(text)) => {
                     settled = Some(Outcome::Answered(Completion {
@@ -479,6 +488,29 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
             ..StepState::default()
         },
     })
+}
+
+/// An approval step's task: acked with a record saying a person decides, the step left
+/// awaiting approval.
+fn awaiting(
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    env: &Envelope,
+    mut record: TaskRecord,
+    deadline_ms: i64,
+) -> Finished {
+    record.status = Status::Succeeded;
+    record.output = Some("handed to a person: llmq chain approve|reject".into());
+    record.finished_at = Some(Utc::now());
+    let task_id = record.task_id.clone();
+    Finished {
+        chain: Some(ChainWrite::Await {
+            chain_id: env.chain_id.clone().unwrap_or_default(),
+            step: env.step.clone().unwrap_or_default(),
+            deadline_ms,
+        }),
+        ..Finished::new(queue, Finish::done(entry_id, task_id, record), Vec::new())
+    }
 }
 
 /// A chain step that was cancelled before it ran: acked with a `cancelled` record.
