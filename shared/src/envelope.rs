@@ -139,6 +139,39 @@ impl Risk {
     }
 }
 
+/// How capable a model is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    Fast,
+    #[default]
+    Standard,
+    Advanced,
+}
+
+impl Tier {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Fast => "fast",
+            Tier::Standard => "standard",
+            Tier::Advanced => "advanced",
+        }
+    }
+}
+
+impl Tier {
+    /// The next tier up, if there is one.
+    #[must_use]
+    pub fn up(self) -> Option<Tier> {
+        match self {
+            Tier::Fast => Some(Tier::Standard),
+            Tier::Standard => Some(Tier::Advanced),
+            Tier::Advanced => None,
+        }
+    }
+}
+
 /// A task as producers write it and workers carry it through retries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
@@ -161,6 +194,9 @@ pub struct Envelope {
     /// The step of chain `chain_id` this task runs. Set by the chain's expansion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<String>,
+    /// No model below this tier: set by a chain step's escalation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_tier: Option<Tier>,
     /// How much a mistake would hurt: `low`, `medium` or `high`; raises the model tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk: Option<Risk>,
@@ -227,6 +263,7 @@ impl Envelope {
             model: None,
             chain_id: None,
             step: None,
+            min_tier: None,
             risk: None,
             area: None,
             timeout: None,

@@ -110,7 +110,8 @@ pub struct OnReject {
     /// How many times the work may go back; the rejection after the last fails the step.
     #[serde(default = "one")]
     pub max_rounds: u32,
-    /// Rerun one model tier up: not supported by this version yet.
+    /// The step to redo runs one model tier up (fast, standard, advanced; a pinned model stays
+    /// pinned).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub escalate: bool,
 }
@@ -145,6 +146,10 @@ pub struct Step {
     /// For an approval: what it becomes when nobody decided within its `timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_timeout: Option<OnTimeout>,
+    /// After a failure the step runs again one model tier up, while there is a tier up and
+    /// no model is pinned.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub escalate: bool,
     /// The task each run of the step is (prompt, hints, limits), chain fields set.
     pub task: Envelope,
 }
@@ -450,12 +455,11 @@ fn step(
         }),
         (Some(_), _) => return Err(at("`on_timeout` is only for approval steps".into())),
     };
-    for (key, set) in [("escalate", s.escalate.is_some())] {
-        if set {
-            return Err(at(format!(
-                "`{key}` is not supported by this version of llmq yet; leave it out"
-            )));
-        }
+    let escalate = s.escalate.unwrap_or(false);
+    if escalate && !matches!(kind, Kind::Llm | Kind::Judge | Kind::Review) {
+        return Err(at(
+            "`escalate` is only for steps that call a model (llm, judge, review)".into(),
+        ));
     }
     let command = match (kind, &s.command) {
         (Kind::Check, Some(c)) if !c.trim().is_empty() => Some(c.clone()),
@@ -509,11 +513,6 @@ fn step(
         (Some(v), _) => {
             let o: OnReject = serde_json::from_value(v.clone())
                 .map_err(|e| at(format!("`on_reject` is wrong: {e}")))?;
-            if o.escalate {
-                return Err(at(
-                    "`on_reject.escalate` is not supported by this version of llmq yet; leave it out".into(),
-                ));
-            }
             if !(1..=10).contains(&o.max_rounds) {
                 return Err(at(format!(
                     "on_reject.max_rounds {} must be between 1 and 10",
@@ -609,6 +608,7 @@ fn step(
         command,
         on_reject,
         on_timeout,
+        escalate,
         task,
     })
 }

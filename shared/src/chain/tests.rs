@@ -238,8 +238,8 @@ fn a_review_may_send_the_work_back() {
             "`on_reject` is only for review steps",
         ),
         (
-            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"r","kind":"review","after":["a"],"on_reject":{"rerun":"a","escalate":true}}]}"#,
-            "`on_reject.escalate` is not supported",
+            r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"t","kind":"consensus","after":["a","a2"],"escalate":true},{"name":"a2","prompt":"y"}]}"#,
+            "`escalate` is only for steps that call a model",
         ),
     ] {
         let got = reason(json);

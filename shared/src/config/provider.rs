@@ -10,6 +10,7 @@ use super::env::{ENV_FIX, expand};
 use super::raw::{RawCommand, RawProvider};
 use super::{Errors, Result};
 use crate::envelope::TaskType;
+pub use crate::envelope::Tier;
 use crate::outcome::Usage;
 
 /// The wire format a provider speaks.
@@ -64,29 +65,6 @@ pub enum CostTier {
     Subscription,
     #[default]
     Paid,
-}
-
-/// How capable a model is.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize, Default,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Tier {
-    Fast,
-    #[default]
-    Standard,
-    Advanced,
-}
-
-impl Tier {
-    #[must_use]
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Fast => "fast",
-            Tier::Standard => "standard",
-            Tier::Advanced => "advanced",
-        }
-    }
 }
 
 impl CostTier {

@@ -126,7 +126,8 @@ pub fn plan<'a>(
         Some(Risk::Medium) => Tier::Standard,
         _ => Tier::Fast,
     }
-    .max(constraints.min_tier.unwrap_or(Tier::Fast));
+    .max(constraints.min_tier.unwrap_or(Tier::Fast))
+    .max(task.min_tier.unwrap_or(Tier::Fast));
     let wanted_tier = match rule.map(|r| &r.target) {
         Some(RuleTarget::Tier(t)) => Some(*t),
         _ => None,

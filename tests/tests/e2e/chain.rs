@@ -828,3 +828,51 @@ async fn an_approval_waits_for_a_person_once_and_times_out_by_its_rule() {
     sched.release().await.unwrap();
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_step_that_escalates_runs_again_one_tier_up_after_a_failure() {
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    s.config = llmq_shared::config::Config::parse(
+        "escalate.yaml",
+        &format!(
+            "providers:\n  - name: p\n    kind: openai_compatible\n    base_url: {}/v1\n    api_key: k\n    models:\n      - {{id: fail-400, tier: fast, input_usd_per_mtok: 0.1, output_usd_per_mtok: 0.1}}\n      - {{id: mock-smart, tier: standard, input_usd_per_mtok: 3, output_usd_per_mtok: 15}}\n",
+            env.mock.url()
+        ),
+        &|_| None,
+    )
+    .unwrap();
+    let w = WorkerHandle::start(s);
+    let id = format!("{}-escalate", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "work", "prompt": "Do it", "escalate": true},
+            {"name": "next", "after": ["work"], "prompt": "Then {{work.summary}}", "model": "mock-smart"}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(c.steps["work"].round, 1);
+    assert_eq!(c.steps["work"].model.as_deref(), Some("mock-smart"));
+    // The failed rung keeps its record, and says where the step went.
+    let first = llmq_shared::chain::step_task_id(&id, "work", 0).to_string();
+    let r = env.redis.task(&env.keys, &first).await.unwrap().unwrap();
+    assert_eq!(r.status, llmq_shared::outcome::Status::Failed);
+    assert_eq!(r.model.as_deref(), Some("fail-400"));
+    assert!(
+        r.error
+            .unwrap()
+            .ends_with("escalating to a standard-tier model"),
+    );
+    // Each rung is billed: the failed call on the fast model, the answer on the standard one.
+    let models: Vec<String> = env
+        .calls()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.5)
+        .collect();
+    assert!(models.contains(&"fail-400".to_owned()) && models.contains(&"mock-smart".to_owned()));
+    w.stop().await.unwrap();
+}

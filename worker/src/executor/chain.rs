@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use llmq_shared::chain::{self, Distinct, Kind, Reference};
 use llmq_shared::envelope::Envelope;
+use llmq_shared::envelope::Tier;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::queue::{ChainState, Client, Rerun, StepState};
@@ -17,6 +18,8 @@ use super::attempt::AttemptError;
 const APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// How a step is run, decided before its call.
+// One per task, built and taken apart at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Prepared {
     /// Call a model with this prompt and these constraints, then read the answer as `read`.
     Call {
@@ -25,6 +28,8 @@ pub(super) enum Prepared {
         read: Reading,
         /// For a review that may send the work back: what goes back if it rejects.
         rework: Option<Rework>,
+        /// For a step that escalates: itself in its next round, if it fails.
+        escalation: Option<Rework>,
     },
     /// No call: this is the step's output.
     Output(String),
@@ -45,6 +50,8 @@ pub(super) struct Rework {
     pub review: String,
     pub rerun: String,
     pub reruns: Vec<Rerun>,
+    /// With `on_reject.escalate`: the tier of the model that did the work sent back.
+    pub escalate_from: Option<Option<Tier>>,
 }
 
 impl Rework {
@@ -54,6 +61,9 @@ impl Rework {
         let findings = findings.replace("{{", "{ {");
         for r in &mut self.reruns {
             if r.step == self.rerun {
+                if let Some(from) = self.escalate_from {
+                    escalate(&mut r.task, from);
+                }
                 r.task.prompt.push_str(&format!(
                     "\n\n## Findings of review `{}` on the previous version\n\n{findings}\n\nAddress every finding.",
                     self.review
@@ -82,6 +92,7 @@ pub(super) async fn prepare(
     redis: &Client,
     keys: &QueueKeys,
     env: &Envelope,
+    tiers: &HashMap<String, Tier>,
 ) -> llmq_shared::queue::Result<Prepared> {
     let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
         return Ok(Prepared::Fatal("the task names a step but no chain".into()));
@@ -176,7 +187,7 @@ pub(super) async fn prepare(
         .filter(|(p, _)| step.after.iter().any(|a| a == p))
         .filter_map(|(p, _)| Some((*p, outputs.get(p)?.clone())))
         .collect();
-    Ok(match step.kind {
+    let prepared = match step.kind {
         Kind::Llm if step.after.len() > 1 && chain::references(&env.prompt).is_empty() => {
             // A merge: the parents' outputs follow the prompt.
             let mut p = prompt;
@@ -234,14 +245,32 @@ pub(super) async fn prepare(
                 "{prompt}\n\n## Work to review (step `{reviewed}`)\n\n{work}\n\nAnswer with JSON only: {{\"verdict\": \"approve\" or \"reject\", \"findings\": [\"...\"]}}."
             );
             let constraints = distinct_from(&step.distinct, state.steps.get(&reviewed));
-            let rework = rework(&state, &step);
+            let rework = rework(&state, &step, tiers);
             Prepared::Call {
                 prompt: p,
                 constraints,
                 read: Reading::Verdict { reviewed },
                 rework,
+                escalation: escalation(&state, &step),
             }
         }
+    };
+    // A step that escalates runs again one tier up if it fails.
+    Ok(match prepared {
+        Prepared::Call {
+            prompt,
+            constraints,
+            read,
+            rework,
+            escalation: None,
+        } => Prepared::Call {
+            prompt,
+            constraints,
+            read,
+            rework,
+            escalation: escalation(&state, &step),
+        },
+        other => other,
     })
 }
 
@@ -251,11 +280,43 @@ fn call(prompt: String, constraints: Constraints, read: Reading) -> Prepared {
         constraints,
         read,
         rework: None,
+        escalation: None,
     }
 }
 
+/// Raises `task`'s minimum tier one above `from` (the tier of the model that failed, or
+/// the minimum it had); at the top, or with a pinned model, it stays as it is.
+pub(super) fn escalate(task: &mut Envelope, from: Option<Tier>) -> bool {
+    if task.model.is_some() {
+        return false;
+    }
+    let from = from.max(task.min_tier).unwrap_or(Tier::Fast);
+    match from.up() {
+        Some(up) => {
+            task.min_tier = Some(up);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Step `step` in its next round, for an escalation after it fails.
+fn escalation(state: &ChainState, step: &chain::Step) -> Option<Rework> {
+    if !step.escalate {
+        return None;
+    }
+    let again = std::collections::HashSet::from([step.name.clone()]);
+    Some(Rework {
+        chain_id: state.spec.id.clone(),
+        review: step.name.clone(),
+        rerun: step.name.clone(),
+        reruns: state.reruns(&again).ok()?,
+        escalate_from: None,
+    })
+}
+
 /// What review `step` sends back when it rejects, while it has rounds left.
-fn rework(state: &ChainState, step: &chain::Step) -> Option<Rework> {
+fn rework(state: &ChainState, step: &chain::Step, tiers: &HashMap<String, Tier>) -> Option<Rework> {
     let on_reject = step.on_reject.as_ref()?;
     let round = state.steps.get(&step.name).map_or(0, |s| s.round);
     if round >= on_reject.max_rounds {
@@ -277,11 +338,19 @@ fn rework(state: &ChainState, step: &chain::Step) -> Option<Rework> {
         .filter(|n| upstream.contains(n))
         .collect();
     let reruns = state.reruns(&again).ok()?;
+    let escalate_from = on_reject.escalate.then(|| {
+        state
+            .steps
+            .get(&on_reject.rerun)
+            .and_then(|s| s.model.as_deref())
+            .and_then(|m| tiers.get(m).copied())
+    });
     Some(Rework {
         chain_id: state.spec.id.clone(),
         review: step.name.clone(),
         rerun: on_reject.rerun.clone(),
         reruns,
+        escalate_from,
     })
 }
 
@@ -429,6 +498,23 @@ mod tests {
             read(&review, "looks fine").unwrap_err().class,
             ErrorClass::Retryable
         );
+    }
+
+    #[test]
+    fn escalation_climbs_a_tier_at_a_time_and_a_pinned_model_stays() {
+        let mut t = Envelope::new("x");
+        assert!(escalate(&mut t, Some(Tier::Fast)));
+        assert_eq!(t.min_tier, Some(Tier::Standard));
+        assert!(escalate(&mut t, None), "from the minimum it had");
+        assert_eq!(t.min_tier, Some(Tier::Advanced));
+        assert!(
+            !escalate(&mut t, Some(Tier::Standard)),
+            "no tier above advanced"
+        );
+        let mut pinned = Envelope::new("x");
+        pinned.model = Some("gpt-4o".into());
+        assert!(!escalate(&mut pinned, Some(Tier::Fast)));
+        assert_eq!(pinned.min_tier, None);
     }
 
     #[test]

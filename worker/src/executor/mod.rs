@@ -172,9 +172,16 @@ impl Executor {
         let mut constraints = Constraints::default();
         let mut reading = None;
         let mut rework = None;
+        let mut escalation = None;
         let mut settled = None;
+        let tiers: std::collections::HashMap<String, llmq_shared::envelope::Tier> = self
+            .config
+            .providers
+            .iter()
+            .flat_map(|p| p.models.iter().map(|m| (m.id.clone(), m.tier)))
+            .collect();
         if env.step.is_some() {
-            match chain::prepare(&self.redis, &queue, &env).await {
+            match chain::prepare(&self.redis, &queue, &env, &tiers).await {
                 // Redis is away: the worker's fault, not the task's. Hand it back.
                 Err(e) => {
                     tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
@@ -219,11 +226,13 @@ impl Executor {
                     constraints: c,
                     read,
                     rework: r,
+                    escalation: e,
                 }) => {
                     call_env.prompt = prompt;
                     constraints = c;
                     reading = Some(read);
                     rework = r;
+                    escalation = e;
                 }
             }
         }
@@ -315,6 +324,33 @@ impl Executor {
         };
         let now = Utc::now();
         let transition = decide::decide(state, &outcome, &policy, now);
+        // A step that escalates and failed for good runs again one tier up, while there is
+        // one; its failed round keeps its record.
+        if let (Transition::Dead { error, class }, Some(mut up)) = (&transition, escalation)
+            && *class != ErrorClass::Invalid
+        {
+            let from = record.model.as_deref().and_then(|m| tiers.get(m).copied());
+            if let Some(next) = up.reruns.first_mut()
+                && chain::escalate(&mut next.task, from)
+            {
+                let tier = next.task.min_tier.map(|t| t.as_str()).unwrap_or_default();
+                record.status = Status::Failed;
+                record.error = Some(format!("{error}; escalating to a {tier}-tier model"));
+                record.attempts = env.attempts + 1;
+                record.finished_at = Some(Utc::now());
+                let task = Some(task_row(&record));
+                let chain_id = up.chain_id.clone();
+                let finish = Finish::done(entry_id, task_id, record);
+                return Finished {
+                    task,
+                    chain: Some(ChainWrite::Rework {
+                        chain_id,
+                        reruns: up.reruns,
+                    }),
+                    ..Finished::new(queue, finish, calls)
+                };
+            }
+        }
         let step = env.chain_id.clone().zip(env.step.clone());
         let mut finished = apply(
             queue,
