@@ -140,7 +140,7 @@ pub struct Step {
     /// The check a check step runs: a name under `checks:` in the provider file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
-    /// For a review: what a rejection does instead of failing the step.
+    /// For a review or a check: what a rejection does instead of failing the step.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_reject: Option<OnReject>,
     /// For an approval: what it becomes when nobody decided within its `timeout`.
@@ -505,10 +505,8 @@ fn step(
     };
     let on_reject = match (&s.on_reject, kind) {
         (None, _) => None,
-        (Some(_), k) if k != Kind::Review => {
-            return Err(at(
-                "`on_reject` is only for review steps in this version".into()
-            ));
+        (Some(_), k) if k != Kind::Review && k != Kind::Check => {
+            return Err(at("`on_reject` is only for review and check steps".into()));
         }
         (Some(v), _) => {
             let o: OnReject = serde_json::from_value(v.clone())

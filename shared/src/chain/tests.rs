@@ -235,7 +235,7 @@ fn a_review_may_send_the_work_back() {
         ),
         (
             r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"b","after":["a"],"prompt":"y","on_reject":{"rerun":"a"}}]}"#,
-            "`on_reject` is only for review steps",
+            "`on_reject` is only for review and check steps",
         ),
         (
             r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"t","kind":"consensus","after":["a","a2"],"escalate":true},{"name":"a2","prompt":"y"}]}"#,

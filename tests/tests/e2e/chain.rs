@@ -676,7 +676,7 @@ async fn a_check_gates_the_chain_with_a_command_the_operator_named() {
             .error
             .as_deref()
             .unwrap()
-            .starts_with("check `has-tests` failed (exit 1)"),
+            .starts_with("the check rejected the work: check `has-tests` failed (exit 1)"),
         "{c:#?}"
     );
     assert_eq!(status(&c, "ship"), "cancelled");
@@ -874,5 +874,71 @@ async fn a_step_that_escalates_runs_again_one_tier_up_after_a_failure() {
         .map(|c| c.5)
         .collect();
     assert!(models.contains(&"fail-400".to_owned()) && models.contains(&"mock-smart".to_owned()));
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failed_check_sends_the_work_back_and_a_review_never_reviews_its_own_model() {
+    use llmq_shared::config::CheckConfig;
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    s.config.checks.insert(
+        "mentions-findings".into(),
+        CheckConfig {
+            program: "grep".into(),
+            args: vec!["-c".into(), "Findings".into()],
+            timeout: Duration::from_secs(10),
+        },
+    );
+    let w = WorkerHandle::start(s);
+    let id = format!("{}-checkback", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "W"},
+            {"name": "tests", "kind": "check", "after": ["impl"], "command": "mentions-findings",
+             "on_reject": {"rerun": "impl", "max_rounds": 1}}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!((c.steps["impl"].round, c.steps["tests"].round), (1, 1));
+    assert!(
+        output(&env, &c, "impl")
+            .await
+            .contains("## Findings of review `tests`")
+    );
+    w.stop().await.unwrap();
+
+    // With one model in the provider file, a review that must not use the model it reviews
+    // has nowhere to go: it fails with that reason, it never reviews itself.
+    let mut s = env.settings();
+    s.config = llmq_shared::config::Config::parse(
+        "one-model.yaml",
+        &format!(
+            "providers:\n  - name: p\n    kind: openai_compatible\n    base_url: {}/v1\n    api_key: k\n    models:\n      - {{id: review-approve, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}\n",
+            env.mock.url()
+        ),
+        &|_| None,
+    )
+    .unwrap();
+    let w = WorkerHandle::start(s);
+    let id = format!("{}-self", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "W"},
+            {"name": "review", "kind": "review", "after": ["impl"], "distinct": "model"}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "failed");
+    let error = c.steps["review"].error.clone().unwrap();
+    assert!(
+        error.contains("no enabled model can take this task")
+            && error.contains("excluded for this step"),
+        "{error}"
+    );
+    assert_eq!(c.steps["review"].model, None);
     w.stop().await.unwrap();
 }

@@ -33,8 +33,12 @@ pub(super) enum Prepared {
     },
     /// No call: this is the step's output.
     Output(String),
-    /// No call: run check `command` on `input`.
-    Check { command: String, input: String },
+    /// No call: run check `command` on `input`; a failure may send the work back.
+    Check {
+        command: String,
+        input: String,
+        rework: Option<Rework>,
+    },
     /// No call: a person decides, by `deadline_ms` at the latest.
     Await { deadline_ms: i64 },
     /// The step was cancelled (its chain failed or was cancelled): do not run it.
@@ -211,6 +215,7 @@ pub(super) async fn prepare(
             Some((_, input)) => Prepared::Check {
                 command: step.command.clone().unwrap_or_default(),
                 input,
+                rework: rework(&state, &step, tiers),
             },
             None => Prepared::Fatal(
                 "handoff unresolved: the output of the step this check checks has no value".into(),

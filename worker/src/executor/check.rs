@@ -13,6 +13,10 @@ use tokio::process::Command;
 
 use super::attempt::{AttemptError, Outcome};
 
+/// What a failing check says, so that it can send the work back like a review's rejection;
+/// a check that cannot run or runs too long is not a verdict on the work.
+pub(super) const REJECTED: &str = "the check rejected the work: ";
+
 /// Runs check `name` on `input`.
 pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome {
     let fail = |message: String| {
@@ -76,7 +80,7 @@ pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome
         .code()
         .map_or_else(|| "a signal".to_owned(), |c| format!("exit {c}"));
     fail(format!(
-        "check `{name}` failed ({code}): {}",
+        "{REJECTED}check `{name}` failed ({code}): {}",
         excerpt(&said, 1000)
     ))
 }
@@ -105,7 +109,8 @@ mod tests {
             Outcome::Failed(e) => {
                 assert_eq!(e.class, ErrorClass::Fatal);
                 assert!(
-                    e.message.starts_with("check `grep` failed (exit 1)"),
+                    e.message
+                        .starts_with("the check rejected the work: check `grep` failed (exit 1)"),
                     "{}",
                     e.message
                 );

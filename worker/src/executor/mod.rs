@@ -199,7 +199,12 @@ impl Executor {
                         retry_after: None,
                     }));
                 }
-                Ok(chain::Prepared::Check { command, input }) => {
+                Ok(chain::Prepared::Check {
+                    command,
+                    input,
+                    rework: r,
+                }) => {
+                    rework = r;
                     settled = Some(match self.config.checks.get(&command) {
                         Some(c) => check::run(&command, c, &input).await,
                         None => Outcome::Failed(AttemptError {
@@ -296,7 +301,8 @@ impl Executor {
         // A rejection with rounds left sends the work back instead of failing the step.
         if let (Outcome::Failed(e), Some(r)) = (&outcome, rework)
             && e.class == ErrorClass::Fatal
-            && matches!(reading, Some(chain::Reading::Verdict { .. }))
+            && (matches!(reading, Some(chain::Reading::Verdict { .. }))
+                || e.message.starts_with(check::REJECTED))
         {
             record.status = Status::Succeeded;
             record.output = Some(e.message.clone());
