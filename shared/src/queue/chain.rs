@@ -254,7 +254,6 @@ impl Client {
         item: &Finish,
         step: &StepOutcome,
     ) -> Result<bool> {
-        let (kind, a, b) = item.kind.args();
         let chain = &step.chain_id;
         let mut c = self.conn().await?;
         let applied: i64 = STEP
@@ -267,19 +266,7 @@ impl Client {
             .key(keys.chain_tasks(chain))
             .arg(GROUP)
             .arg(consumer)
-            .arg(result_ttl.as_secs().max(1))
-            .arg(super::now_ms())
-            .arg(&item.entry_id)
-            .arg(kind)
-            .arg(
-                item.record
-                    .as_ref()
-                    .map(TaskRecord::to_json)
-                    .unwrap_or_default(),
-            )
-            .arg(&item.envelope)
-            .arg(a)
-            .arg(b)
+            .arg(&settle_args(item, result_ttl)[..])
             .arg(&step.step)
             .arg(step.outcome)
             .arg(step_fields(&step.fields))
@@ -354,7 +341,6 @@ impl Client {
         chain_id: &str,
         reruns: &[Rerun],
     ) -> Result<bool> {
-        let (kind, a, b) = item.kind.args();
         let mut inv = REWORK.key(keys.stream());
         inv.key(keys.delayed())
             .key(keys.dead())
@@ -367,19 +353,7 @@ impl Client {
         }
         inv.arg(GROUP)
             .arg(consumer)
-            .arg(result_ttl.as_secs().max(1))
-            .arg(super::now_ms())
-            .arg(&item.entry_id)
-            .arg(kind)
-            .arg(
-                item.record
-                    .as_ref()
-                    .map(TaskRecord::to_json)
-                    .unwrap_or_default(),
-            )
-            .arg(&item.envelope)
-            .arg(a)
-            .arg(b);
+            .arg(&settle_args(item, result_ttl)[..]);
         for r in reruns {
             inv.arg(&r.step)
                 .arg(r.task.id.map(|i| i.to_string()).unwrap_or_default())
@@ -409,7 +383,6 @@ impl Client {
         step: &str,
         deadline_ms: i64,
     ) -> Result<bool> {
-        let (kind, a, b) = item.kind.args();
         let mut c = self.conn().await?;
         let applied: i64 = AWAIT
             .key(keys.stream())
@@ -420,19 +393,7 @@ impl Client {
             .key(keys.approvals())
             .arg(GROUP)
             .arg(consumer)
-            .arg(result_ttl.as_secs().max(1))
-            .arg(super::now_ms())
-            .arg(&item.entry_id)
-            .arg(kind)
-            .arg(
-                item.record
-                    .as_ref()
-                    .map(TaskRecord::to_json)
-                    .unwrap_or_default(),
-            )
-            .arg(&item.envelope)
-            .arg(a)
-            .arg(b)
+            .arg(&settle_args(item, result_ttl)[..])
             .arg(chain_id)
             .arg(step)
             .arg(deadline_ms)
@@ -589,6 +550,25 @@ fn refused(n: i64) -> std::result::Result<u64, Refused> {
         n if n < 0 => Err(Refused::WrongState),
         n => Ok(u64::try_from(n).unwrap_or(0)),
     }
+}
+
+/// ARGV 3 to 10 of the scripts that settle one task (see `lua/settle.lua`): result ttl, now,
+/// entry id, kind, record, envelope and the kind's two arguments.
+fn settle_args(item: &Finish, result_ttl: Duration) -> Vec<String> {
+    let (kind, a, b) = item.kind.args();
+    vec![
+        result_ttl.as_secs().max(1).to_string(),
+        super::now_ms().to_string(),
+        item.entry_id.clone(),
+        kind.to_owned(),
+        item.record
+            .as_ref()
+            .map(TaskRecord::to_json)
+            .unwrap_or_default(),
+        item.envelope.clone(),
+        a,
+        b,
+    ]
 }
 
 /// The fields a finished step records, as the step script merges them.

@@ -8,14 +8,11 @@
 --       8 envelope, 9 a, 10 b (settle.lua), then 6 per step to rerun: name, task id,
 --       envelope json, round, parents it waits for joined by ',', parents already succeeded
 -- Returns 1 applied, 0 fenced (the entry is no longer this consumer's).
-local stream, group, consumer, entry = KEYS[1], ARGV[1], ARGV[2], ARGV[5]
-if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
+local stream = KEYS[1]
+if not settle_one(stream, KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[5], ARGV[6],
+    ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[4], tonumber(ARGV[3])) then
   return 0
 end
-settle(stream, KEYS[2], KEYS[3], KEYS[4], entry, ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
-  ARGV[4], tonumber(ARGV[3]))
-redis.call('XACK', stream, group, entry)
-redis.call('XDEL', stream, entry)
 if redis.call('HGET', KEYS[5], 'state') ~= 'running' then
   return 1
 end

@@ -6,14 +6,11 @@
 --       cancelled), 13 step state fields as json (provider, model, cost_usd, summary, error),
 --       14 the prefix of the chain's wait sets
 -- Returns 1 applied, 0 fenced (the entry is no longer this consumer's).
-local stream, group, consumer, entry = KEYS[1], ARGV[1], ARGV[2], ARGV[5]
-if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
+local stream = KEYS[1]
+if not settle_one(stream, KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[5], ARGV[6],
+    ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[4], tonumber(ARGV[3])) then
   return 0
 end
-settle(stream, KEYS[2], KEYS[3], KEYS[4], entry, ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10],
-  ARGV[4], tonumber(ARGV[3]))
-redis.call('XACK', stream, group, entry)
-redis.call('XDEL', stream, entry)
 
 advance(stream, KEYS[5], KEYS[6], KEYS[7], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[4])
 return 1

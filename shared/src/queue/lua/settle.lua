@@ -18,3 +18,16 @@ local function settle(stream, delayed, dead, rkey, id, kind, record, env, a, b, 
     redis.call('SET', rkey, record, 'EX', ttl)
   end
 end
+
+-- For a script that finishes one entry: checks that this consumer still holds it (fencing),
+-- settles it, acks and deletes it. Returns false, having done nothing, when it is not held.
+local function settle_one(stream, delayed, dead, rkey, group, consumer, entry, kind, record,
+    env, a, b, now, ttl)
+  if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
+    return false
+  end
+  settle(stream, delayed, dead, rkey, entry, kind, record, env, a, b, now, ttl)
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+  return true
+end
