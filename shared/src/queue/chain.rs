@@ -157,6 +157,10 @@ pub struct StepOutcome {
     pub fields: StepState,
 }
 
+/// How long an ended chain's keys live when no worker's `--result-ttl` applies (a cancel,
+/// or an approval decided by a person): the worker's default result TTL.
+pub const CHAIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// A step to run again, as [`Client::retry_chain`] enqueues it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rerun {
@@ -289,7 +293,9 @@ impl Client {
         let n: i64 = CANCEL
             .key(keys.chain(chain_id))
             .key(keys.chain_steps(chain_id))
+            .key(keys.chain_tasks(chain_id))
             .arg(super::now_ms())
+            .arg(CHAIN_TTL.as_secs())
             .invoke_async(&mut c)
             .await?;
         Ok(refused(n))
@@ -433,6 +439,7 @@ impl Client {
             .arg(fields.to_string())
             .arg(super::now_ms())
             .arg(keys.chain_wait_prefix(chain_id))
+            .arg(CHAIN_TTL.as_secs())
             .invoke_async(&mut c)
             .await?;
         Ok(refused(n).map(|_| ()))

@@ -1,7 +1,7 @@
 -- Cancels a running chain: every step not yet ended is cancelled (a worker that reads its
 -- task later acks it without a call), and the chain's state becomes `cancelled`.
--- KEYS: 1 chain, 2 steps
--- ARGV: 1 now (ms)
+-- KEYS: 1 chain, 2 steps, 3 tasks
+-- ARGV: 1 now (ms), 2 how long an ended chain's keys live (s)
 -- Returns the number of steps cancelled, or -1 when there is no such chain, -2 when it is
 -- not running.
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -21,4 +21,7 @@ end
 redis.call('HINCRBY', KEYS[1], 'pending', -n)
 redis.call('HINCRBY', KEYS[1], 'cancelled', n)
 redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1])
+for i = 1, 3 do
+  redis.call('EXPIRE', KEYS[i], ARGV[2])
+end
 return n

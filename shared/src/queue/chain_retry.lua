@@ -17,4 +17,8 @@ for i = 0, n - 1 do
 end
 redis.call('HSET', KEYS[2], 'state', 'running')
 redis.call('HDEL', KEYS[2], 'finished_at')
+-- Running again: its keys no longer expire.
+for i = 2, 4 do
+  redis.call('PERSIST', KEYS[i])
+end
 return n

@@ -12,5 +12,6 @@ if not settle_one(stream, KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[5], 
   return 0
 end
 
-advance(stream, KEYS[5], KEYS[6], KEYS[7], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[4])
+advance(stream, KEYS[5], KEYS[6], KEYS[7], ARGV[11], ARGV[12], ARGV[13], ARGV[14], ARGV[4],
+  ARGV[3])
 return 1

@@ -83,6 +83,21 @@ async fn a_chain_submitted_with_one_xadd_runs_in_order_with_its_handoffs() {
     );
     assert_eq!(c.steps["impl"].model.as_deref(), Some("mock-smart"));
     assert!(c.steps["impl"].cost_usd > 0.0);
+    // An ended chain's keys expire like its results (the test worker keeps them 7 days).
+    let mut conn = env.redis.conn().await.unwrap();
+    let linear = format!("{}-linear", env.queue);
+    for key in [
+        env.keys.chain(&linear),
+        env.keys.chain_steps(&linear),
+        env.keys.chain_tasks(&linear),
+    ] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 3600, "{key}: {ttl}");
+    }
     assert!(c.steps["plan"].summary.is_some());
     // Every step is billed under the chain.
     let (code, out) = env

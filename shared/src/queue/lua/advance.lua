@@ -5,8 +5,10 @@
 -- succeeded. A failure cancels the descendants (a judge or consensus join counts it and
 -- waits for its other parents), or every unfinished step with `fail_chain`. When no step is
 -- left unfinished the chain is succeeded or failed. Wait sets are named from `wait_prefix`:
--- they share the queue's hash tag. A step already ended is left as it is.
-local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now)
+-- they share the queue's hash tag. A step already ended is left as it is. An ended chain's
+-- keys expire after `ttl` seconds, like its steps' results.
+local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now,
+    ttl)
   local graph_json = redis.call('HGET', chain, 'graph')
   if not graph_json then
     return
@@ -96,5 +98,8 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
     local failed = tonumber(redis.call('HGET', chain, 'failed')) > 0
       or tonumber(redis.call('HGET', chain, 'cancelled')) > 0
     redis.call('HSET', chain, 'state', failed and 'failed' or 'succeeded', 'finished_at', now)
+    for _, key in ipairs({chain, steps, tasks}) do
+      redis.call('EXPIRE', key, ttl)
+    end
   end
 end
