@@ -9,7 +9,7 @@ use redis::Script;
 use serde::{Deserialize, Serialize};
 
 use super::{Client, Finish, Result};
-use crate::chain::Chain;
+use crate::chain::{Chain, Step};
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
@@ -238,7 +238,8 @@ impl Client {
             inv.arg(&s.name)
                 .arg(s.task.id.map(|i| i.to_string()).unwrap_or_default())
                 .arg(s.task.to_json())
-                .arg(s.after.join(","));
+                .arg(s.after.join(","))
+                .arg(serde_json::to_string(s).unwrap_or_default());
         }
         let mut c = self.conn().await?;
         let answer: i64 = inv.invoke_async(&mut c).await?;
@@ -507,6 +508,38 @@ impl Client {
             spec,
             steps,
         }))
+    }
+
+    /// What a step needs before it runs: its definition and every step's state; `None`
+    /// when there is no such chain or step. Reads the step's own definition, not the spec.
+    ///
+    /// # Errors
+    /// Redis fails, or what is stored is not a chain.
+    pub async fn step_context(
+        &self,
+        keys: &QueueKeys,
+        chain_id: &str,
+        step: &str,
+    ) -> Result<Option<(Step, HashMap<String, StepState>)>> {
+        let mut c = self.conn().await?;
+        let (def, steps): (Option<String>, HashMap<String, String>) = redis::pipe()
+            .hget(keys.chain(chain_id), format!("def:{step}"))
+            .hgetall(keys.chain_steps(chain_id))
+            .query_async(&mut c)
+            .await?;
+        let def = match def {
+            Some(json) => serde_json::from_str::<Step>(&json).ok(),
+            // A chain expanded before definitions were stored one by one.
+            None => self
+                .chain(keys, chain_id)
+                .await?
+                .and_then(|c| c.spec.step(step).cloned()),
+        };
+        let steps = steps
+            .into_iter()
+            .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
+            .collect();
+        Ok(def.map(|d| (d, steps)))
     }
 
     /// The states of some steps of a chain, in order (`None` where there is none).

@@ -5,7 +5,8 @@
 -- KEYS: 1 stream, 2 chain, 3 steps, 4 tasks, 5 the queue's chains index, then one wait set
 --       per step that has parents, in the order of the steps
 -- ARGV: 1 group, 2 consumer, 3 entry id, 4 chain id, 5 spec json, 6 graph json, 7 now (ms),
---       then 4 per step: name, task id, envelope json, parents joined by ','
+--       then 5 per step: name, task id, envelope json, parents joined by ',', definition
+--       json (stored as the chain's field `def:<name>`, so a step reads only its own)
 -- Returns 1 expanded, 0 expanded before, -1 the entry is no longer this consumer's.
 local stream, group, consumer, entry = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
@@ -13,15 +14,16 @@ if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
 end
 local created = 0
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  local n = (#ARGV - 7) / 4
+  local n = (#ARGV - 7) / 5
   redis.call('HSET', KEYS[2], 'spec', ARGV[5], 'graph', ARGV[6], 'state', 'running',
     'created_at', ARGV[7], 'pending', n, 'failed', 0, 'cancelled', 0, 'queue_entry', entry)
   redis.call('ZADD', KEYS[5], ARGV[7], ARGV[4])
   local wait = 6
   for i = 0, n - 1 do
-    local base = 8 + i * 4
+    local base = 8 + i * 5
     local name, task_id, env, parents = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
     redis.call('HSET', KEYS[4], name, env)
+    redis.call('HSET', KEYS[2], 'def:' .. name, ARGV[base + 4])
     local state = {task_id = task_id, round = 0, ok = 0, failed = 0}
     if parents == '' then
       state.status = 'queued'

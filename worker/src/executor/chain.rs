@@ -101,21 +101,15 @@ pub(super) async fn prepare(
     let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
         return Ok(Prepared::Fatal("the task names a step but no chain".into()));
     };
-    let Some(state) = redis.chain(keys, chain_id).await? else {
+    let Some((step, states)) = redis.step_context(keys, chain_id, name).await? else {
         return Ok(Prepared::Fatal(format!(
-            "chain `{chain_id}` is not in queue `{}` (expired, or submitted elsewhere)",
+            "chain `{chain_id}` has no step `{name}` in queue `{}` (expired, or submitted elsewhere)",
             keys.name()
         )));
     };
-    let Some(step) = state.spec.step(name).cloned() else {
-        return Ok(Prepared::Fatal(format!(
-            "chain `{chain_id}` has no step `{name}`"
-        )));
-    };
-    match state.steps.get(name).map(|s| s.status.as_str()) {
+    match states.get(name).map(|s| s.status.as_str()) {
         Some("cancelled") | None => {
-            let why = state
-                .steps
+            let why = states
                 .get(name)
                 .and_then(|s| s.error.clone())
                 .unwrap_or_else(|| "the chain was cancelled".into());
@@ -123,6 +117,12 @@ pub(super) async fn prepare(
         }
         _ => {}
     }
+    // Sending work back or escalating needs the whole chain; most steps do neither.
+    let full = if step.on_reject.is_some() || step.escalate {
+        redis.chain(keys, chain_id).await?
+    } else {
+        None
+    };
     // Parents that succeeded, in `after` order, then the other ancestors the prompt names:
     // with their outputs where needed.
     let referenced = chain::references(&env.prompt)
@@ -140,7 +140,7 @@ pub(super) async fn prepare(
     let succeeded: Vec<(&str, &StepState)> = wanted
         .iter()
         .filter_map(|p| {
-            let s = state.steps.get(p)?;
+            let s = states.get(p)?;
             (s.status == "succeeded").then_some((p.as_str(), s))
         })
         .collect();
@@ -215,7 +215,7 @@ pub(super) async fn prepare(
             Some((_, input)) => Prepared::Check {
                 command: step.command.clone().unwrap_or_default(),
                 input,
-                rework: rework(&state, &step, tiers),
+                rework: full.as_ref().and_then(|f| rework(f, &step, tiers)),
             },
             None => Prepared::Fatal(
                 "handoff unresolved: the output of the step this check checks has no value".into(),
@@ -234,7 +234,7 @@ pub(super) async fn prepare(
             ));
             let constraints = distinct_from(
                 &step.distinct,
-                candidates.iter().filter_map(|(n, _)| state.steps.get(*n)),
+                candidates.iter().filter_map(|(n, _)| states.get(*n)),
             );
             let texts = candidates.into_iter().map(|(_, o)| o).collect();
             call(p, constraints, Reading::Pick(texts))
@@ -249,14 +249,14 @@ pub(super) async fn prepare(
             let p = format!(
                 "{prompt}\n\n## Work to review (step `{reviewed}`)\n\n{work}\n\nAnswer with JSON only: {{\"verdict\": \"approve\" or \"reject\", \"findings\": [\"...\"]}}."
             );
-            let constraints = distinct_from(&step.distinct, state.steps.get(&reviewed));
-            let rework = rework(&state, &step, tiers);
+            let constraints = distinct_from(&step.distinct, states.get(&reviewed));
+            let rework = full.as_ref().and_then(|f| rework(f, &step, tiers));
             Prepared::Call {
                 prompt: p,
                 constraints,
                 read: Reading::Verdict { reviewed },
                 rework,
-                escalation: escalation(&state, &step),
+                escalation: full.as_ref().and_then(|f| escalation(f, &step)),
             }
         }
     };
@@ -273,7 +273,7 @@ pub(super) async fn prepare(
             constraints,
             read,
             rework,
-            escalation: escalation(&state, &step),
+            escalation: full.as_ref().and_then(|f| escalation(f, &step)),
         },
         other => other,
     })
