@@ -105,7 +105,11 @@ impl Finisher {
             for (keys, items) in by_queue {
                 let (chained, items): (Vec<_>, Vec<_>) =
                     items.into_iter().partition(|p| p.finished.chain.is_some());
-                for p in chained {
+                let (steps, others): (Vec<_>, Vec<_>) = chained
+                    .into_iter()
+                    .partition(|p| matches!(p.finished.chain, Some(ChainWrite::Step(_))));
+                self.write_steps(&keys, steps).await;
+                for p in others {
                     self.write_chain(&keys, p).await;
                 }
                 if items.is_empty() {
@@ -174,6 +178,41 @@ impl Finisher {
 }
 
 impl Finisher {
+    /// Finishes a batch of chain steps and moves their chains along, in one script.
+    async fn write_steps(&self, keys: &QueueKeys, batch: Vec<Pending>) {
+        if batch.is_empty() {
+            return;
+        }
+        let items: Vec<(
+            &llmq_shared::queue::Finish,
+            &llmq_shared::queue::StepOutcome,
+        )> = batch
+            .iter()
+            .filter_map(|p| match &p.finished.chain {
+                Some(ChainWrite::Step(s)) => Some((&p.finished.finish, s.as_ref())),
+                _ => None,
+            })
+            .collect();
+        let applied = self
+            .retry("finishing chain steps in Redis", || {
+                self.redis
+                    .finish_steps(keys, &self.consumer, self.result_ttl, &items)
+            })
+            .await
+            .unwrap_or_default();
+        drop(items);
+        for (i, p) in batch.into_iter().enumerate() {
+            let was_applied = applied.get(i).copied().unwrap_or(false);
+            if !was_applied {
+                tracing::warn!(
+                    task = %p.finished.finish.task_id,
+                    "another worker took this chain step over; its outcome here was discarded"
+                );
+            }
+            let _ = p.done.send(was_applied);
+        }
+    }
+
     /// Writes a chain transition (an expansion, or a step's end with what it unblocks) in
     /// its one script.
     async fn write_chain(&self, keys: &QueueKeys, p: Pending) {
@@ -186,17 +225,10 @@ impl Finisher {
                 })
                 .await
                 .map(|r| r.is_some()),
-            Some(ChainWrite::Step(step)) => {
-                self.retry("finishing a chain step in Redis", || {
-                    self.redis.finish_step(
-                        keys,
-                        &self.consumer,
-                        self.result_ttl,
-                        &finished.finish,
-                        step,
-                    )
-                })
-                .await
+            Some(ChainWrite::Step(_)) => {
+                return self
+                    .write_steps(keys, vec![Pending { finished, done }])
+                    .await;
             }
             Some(ChainWrite::Await {
                 chain_id,

@@ -246,39 +246,45 @@ impl Client {
         Ok((answer >= 0).then_some(answer == 1))
     }
 
-    /// Finishes a chain step's task like [`Client::finish`] does one task, and moves its
-    /// chain along in the same script. Returns false when the entry was no longer ours.
+    /// Finishes a batch of chain steps' tasks like [`Client::finish`] does tasks, and moves
+    /// their chains along, in one script. Returns, per item, whether it was applied
+    /// (`false`: the entry was no longer ours).
     ///
     /// # Errors
-    /// Redis fails; then nothing was applied.
-    pub async fn finish_step(
+    /// Redis fails; then nothing of the batch was applied.
+    pub async fn finish_steps(
         &self,
         keys: &QueueKeys,
         consumer: &str,
         result_ttl: Duration,
-        item: &Finish,
-        step: &StepOutcome,
-    ) -> Result<bool> {
-        let chain = &step.chain_id;
-        let mut c = self.conn().await?;
-        let applied: i64 = STEP
-            .key(keys.stream())
-            .key(keys.delayed())
-            .key(keys.dead())
-            .key(keys.result(&item.task_id))
-            .key(keys.chain(chain))
-            .key(keys.chain_steps(chain))
-            .key(keys.chain_tasks(chain))
-            .arg(GROUP)
+        items: &[(&Finish, &StepOutcome)],
+    ) -> Result<Vec<bool>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = STEP.key(keys.stream());
+        inv.key(keys.delayed()).key(keys.dead());
+        for (item, step) in items {
+            let chain = &step.chain_id;
+            inv.key(keys.result(&item.task_id))
+                .key(keys.chain(chain))
+                .key(keys.chain_steps(chain))
+                .key(keys.chain_tasks(chain));
+        }
+        inv.arg(GROUP)
             .arg(consumer)
-            .arg(&settle_args(item, result_ttl)[..])
-            .arg(&step.step)
-            .arg(step.outcome)
-            .arg(step_fields(&step.fields))
-            .arg(keys.chain_wait_prefix(chain))
-            .invoke_async(&mut c)
-            .await?;
-        Ok(applied == 1)
+            .arg(result_ttl.as_secs().max(1))
+            .arg(super::now_ms());
+        for (item, step) in items {
+            inv.arg(&item_args(item)[..])
+                .arg(&step.step)
+                .arg(step.outcome)
+                .arg(step_fields(&step.fields))
+                .arg(keys.chain_wait_prefix(&step.chain_id));
+        }
+        let mut c = self.conn().await?;
+        let applied: Vec<i64> = inv.invoke_async(&mut c).await?;
+        Ok(applied.into_iter().map(|a| a == 1).collect())
     }
 
     /// Cancels a running chain: every step not yet ended is cancelled. Returns how many.
@@ -595,10 +601,18 @@ fn refused(n: i64) -> std::result::Result<u64, Refused> {
 /// ARGV 3 to 10 of the scripts that settle one task (see `lua/settle.lua`): result ttl, now,
 /// entry id, kind, record, envelope and the kind's two arguments.
 fn settle_args(item: &Finish, result_ttl: Duration) -> Vec<String> {
-    let (kind, a, b) = item.kind.args();
-    vec![
+    let mut args = vec![
         result_ttl.as_secs().max(1).to_string(),
         super::now_ms().to_string(),
+    ];
+    args.extend(item_args(item));
+    args
+}
+
+/// One item's settle arguments: entry id, kind, record, envelope and the kind's two.
+fn item_args(item: &Finish) -> [String; 6] {
+    let (kind, a, b) = item.kind.args();
+    [
         item.entry_id.clone(),
         kind.to_owned(),
         item.record
