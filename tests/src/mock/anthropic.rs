@@ -230,6 +230,10 @@ pub(super) async fn anthropic_messages(
     match decide(&state, &conv).await {
         Outcome::Answer(answer) => Json(anthropic_message(&conv, &answer)).into_response(),
         Outcome::Fail(status) => anthropic_failure(status, &conv.model),
+        Outcome::Unavailable(s) => unavailable(
+            anthropic_failure(StatusCode::SERVICE_UNAVAILABLE, &conv.model),
+            s,
+        ),
         Outcome::RateLimit(kind) => anthropic_rate_limited(kind),
         Outcome::ContextTooLong => anthropic_error(
             StatusCode::BAD_REQUEST,

@@ -353,6 +353,10 @@ pub(super) async fn gemini_generate(
     match decide(&state, &conv).await {
         Outcome::Answer(answer) => Json(gemini_response(&conv, &answer)).into_response(),
         Outcome::Fail(status) => gemini_failure(status, &conv.model),
+        Outcome::Unavailable(s) => unavailable(
+            gemini_failure(StatusCode::SERVICE_UNAVAILABLE, &conv.model),
+            s,
+        ),
         Outcome::RateLimit(kind) => gemini_rate_limited(kind, &conv.model),
         Outcome::ContextTooLong => google_error(
             StatusCode::BAD_REQUEST,

@@ -29,6 +29,7 @@
 //! | `slow`, `slow-<ms>` | 200 after 2 s, or after `<ms>` milliseconds (plus the latency) |
 //! | `timeout` | no answer for 10 minutes (ends early when the server shuts down) |
 //! | `fail-500`, `fail-503`, `fail-529`, `fail-400`, `fail-401`, `fail-404`, `fail-<status>` | that status with the route's error body |
+//! | `unavailable-<s>` | 503 with `Retry-After: <s>` (in the route's error shape) |
 //! | `rate-limit` | 429 with `Retry-After: 1` (Gemini: no header, a `RetryInfo` detail `retryDelay: "1s"`) |
 //! | `rate-limit-ms` | 429 with `retry-after-ms: 200` (Gemini: `retryDelay: "0.200s"`, no header) |
 //! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future (Gemini: that header and `retryDelay: "2s"`) |
@@ -368,6 +369,8 @@ enum Behaviour {
     Slow(Duration),
     Timeout,
     Fail(StatusCode),
+    /// 503 with `Retry-After: <seconds>`.
+    Unavailable(u64),
     RateLimit(RetryHeader),
     Flaky(u64),
     ContextTooLong,
@@ -443,6 +446,8 @@ fn magic(name: &str) -> Option<Behaviour> {
         _ => {
             if let Some(ms) = number_after(name, "slow-") {
                 Behaviour::Slow(Duration::from_millis(ms))
+            } else if let Some(secs) = number_after(name, "unavailable-") {
+                Behaviour::Unavailable(secs)
             } else if let Some(n) = number_after(name, "flaky-") {
                 Behaviour::Flaky(n)
             } else if let Some(code) = number_after(name, "fail-")
@@ -538,6 +543,8 @@ enum Outcome {
     Answer(Answer),
     /// `fail-<status>`, or a `flaky` failure (500).
     Fail(StatusCode),
+    /// `unavailable-<secs>`: a 503 asking to come back in that many seconds.
+    Unavailable(u64),
     RateLimit(RetryHeader),
     ContextTooLong,
     /// The server shut down while the request was waiting.
@@ -559,6 +566,7 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         Behaviour::Slow(d) => d,
         Behaviour::Timeout => TIMEOUT_SLEEP,
         Behaviour::Fail(status) => return Outcome::Fail(status),
+        Behaviour::Unavailable(secs) => return Outcome::Unavailable(secs),
         Behaviour::RateLimit(kind) => return Outcome::RateLimit(kind),
         Behaviour::ContextTooLong => return Outcome::ContextTooLong,
         Behaviour::Flaky(n) => {
@@ -647,6 +655,13 @@ impl Answer {
             reasoning_tokens,
         }
     }
+}
+
+/// A 503 with `Retry-After: secs`, in the route's error shape (`failure` builds it).
+fn unavailable(failure: Response, secs: u64) -> Response {
+    let mut r = failure;
+    insert_header(&mut r, "retry-after", &secs.to_string());
+    r
 }
 
 /// Sets a header on a response; values that are not valid header text are left out.

@@ -179,6 +179,10 @@ pub(super) async fn ollama_chat(
             Json(ollama_done(&conv, &answer, &answer.content)).into_response()
         }
         Outcome::Fail(status) => ollama_failure(status, &conv.model),
+        Outcome::Unavailable(s) => unavailable(
+            ollama_failure(StatusCode::SERVICE_UNAVAILABLE, &conv.model),
+            s,
+        ),
         Outcome::RateLimit(kind) => ollama_rate_limited(kind),
         Outcome::ContextTooLong => ollama_error(
             StatusCode::BAD_REQUEST,

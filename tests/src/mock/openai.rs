@@ -336,6 +336,10 @@ pub(super) async fn respond(state: &Shared, conv: &Conversation) -> Response {
     match decide(state, conv).await {
         Outcome::Answer(answer) => Json(completion(conv, &answer)).into_response(),
         Outcome::Fail(status) => failure(status, &conv.model).into_response(),
+        Outcome::Unavailable(s) => unavailable(
+            failure(StatusCode::SERVICE_UNAVAILABLE, &conv.model).into_response(),
+            s,
+        ),
         Outcome::RateLimit(kind) => rate_limited(kind, &conv.model).into_response(),
         Outcome::ContextTooLong => ApiError::invalid(
             "context_length_exceeded",

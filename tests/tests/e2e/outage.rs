@@ -332,3 +332,42 @@ async fn max_wait_ends_a_longer_outage_with_what_it_waited_for_and_since_when() 
     assert_eq!(dead.len(), 1);
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_503_with_retry_after_is_not_called_again_sooner() {
+    let env = TestEnv::new().await.unwrap();
+    let sfx = env.queue[2..].to_owned();
+    let config = config(
+        &env,
+        &[("p", env.mock.url(), &["mock-fast"])],
+        "  max_wait: 3500ms\n  cooldown: {after_failures: 50, for: 30s}\n",
+    );
+    let w = worker(&env, config);
+    let e = pinned(
+        "[[mock:unavailable-1]] come back later".into(),
+        &format!("p{sfx}"),
+        "mock-fast",
+    );
+    let id = e.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
+    assert_eq!(r.status, Status::Dead);
+    assert_eq!(r.error_class, Some(ErrorClass::Unavailable));
+    assert_eq!(r.attempts, 0, "a 503 is the provider's, not the task's");
+    let at: Vec<i64> = sqlx::query_scalar(
+        "SELECT (extract(epoch from called_at) * 1000)::int8 FROM provider_calls WHERE queue = $1 ORDER BY called_at",
+    )
+    .bind(&env.queue)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap();
+    assert!(at.len() >= 2, "{at:?}");
+    for pair in at.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= 1000,
+            "called again {gap} ms after a 503 asked for 1 s: {at:?}"
+        );
+    }
+    w.stop().await.unwrap();
+}

@@ -74,24 +74,22 @@ fn wait(task: TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -
     // it is not bounded by max_wait.
     let bounded = u.class != ErrorClass::QuotaExhausted;
     let waited = (now - since).to_std().unwrap_or_default();
-    if bounded && waited >= policy.max_wait {
+    // Never spin: look again no sooner than a moment from now.
+    let due = u.until.max(now + chrono::Duration::milliseconds(100));
+    let bound = since + chrono::Duration::from_std(policy.max_wait).unwrap_or_default();
+    // Past the bound, or nothing can be called before it: the wait ends now, without a call
+    // the provider asked us not to make.
+    if bounded && (waited >= policy.max_wait || due > bound) {
         return Transition::dead(
             format!(
-                "waited {} for a provider, since {}, and none could be called (routing.max_wait); {}",
+                "waited {} for a provider, since {}, and none could be called within {} (routing.max_wait); {}",
                 humantime::format_duration(round_secs(waited)),
                 since.format("%Y-%m-%d %H:%M:%S UTC"),
+                humantime::format_duration(policy.max_wait),
                 u.reason()
             ),
             ErrorClass::Unavailable,
         );
-    }
-    // Never spin: look again no sooner than a moment from now.
-    let soonest = now + chrono::Duration::milliseconds(100);
-    let mut due = u.until.max(soonest);
-    if bounded {
-        // Do not wait past the bound: the task dies when it is reached, not later.
-        let bound = since + chrono::Duration::from_std(policy.max_wait).unwrap_or_default();
-        due = due.min(bound.max(soonest));
     }
     Transition::Wait { due, since }
 }
@@ -206,13 +204,9 @@ mod tests {
             &POLICY,
             at(0),
         );
-        assert_eq!(
-            t,
-            Transition::Wait {
-                due: at(10),
-                since: at(-3590)
-            },
-            "the bound comes first"
+        assert!(
+            matches!(t, Transition::Dead { .. }),
+            "nothing can be called before the bound: it ends now, not with one more call: {t:?}"
         );
     }
 
@@ -231,8 +225,8 @@ mod tests {
         assert_eq!(
             error,
             "waited 1h for a provider, since 2025-12-31 23:00:00 UTC, and none could be called \
-             (routing.max_wait); no capable provider can be called now: mock is cooling down \
-             until 00:01:00 UTC (cannot connect)"
+             within 1h (routing.max_wait); no capable provider can be called now: mock is \
+             cooling down until 00:01:00 UTC (cannot connect)"
         );
     }
 
