@@ -21,7 +21,7 @@ use std::collections::{HashMap, HashSet};
 use crate::config::{Capability, Config, Model, ProviderConfig, RuleTarget, Tier};
 use crate::envelope::{Envelope, Risk};
 use crate::outcome::Usage;
-use crate::quota::estimate_tokens;
+use crate::quota::PromptTokens;
 
 #[cfg(test)]
 mod tests;
@@ -104,7 +104,7 @@ pub fn plan<'a>(
 ) -> Result<Plan<'a>, RouteError> {
     let task_type = task.task_type().unwrap_or_default();
     let routing = &config.routing;
-    let prompt_tokens = estimate_tokens(task.system.as_deref(), &task.prompt);
+    let tokens = PromptTokens::new(task.system.as_deref(), &task.prompt);
     let output_tokens = task.max_tokens.map_or(DEFAULT_OUTPUT_ESTIMATE, u64::from);
     let risk = task.risk;
     let area = task.area.as_deref();
@@ -137,9 +137,9 @@ pub fn plan<'a>(
         constraints.allows(p, m).then(|| Candidate {
             provider: p,
             model: m,
-            estimated_tokens: prompt_tokens + output_tokens,
+            estimated_tokens: tokens.for_model(&m.id) + output_tokens,
             estimated_usd: m.prices.cost(&Usage {
-                input_tokens: prompt_tokens,
+                input_tokens: tokens.for_model(&m.id),
                 output_tokens,
                 cached_tokens: 0,
                 reasoning_tokens: 0,
@@ -191,7 +191,7 @@ pub fn plan<'a>(
                 continue;
             }
             if m.context_window
-                .is_some_and(|w| prompt_tokens + output_tokens > w)
+                .is_some_and(|w| tokens.for_model(&m.id) + output_tokens > w)
             {
                 continue;
             }
