@@ -165,6 +165,18 @@ impl CommandRunner {
                     "the arguments are too long for `{program}`; pass the prompt on stdin instead"
                 ),
             ),
+            _ if matches!(e.raw_os_error(), Some(23 | 24)) => {
+                return Error {
+                    transport: Some(super::Transport::Exhausted),
+                    ..self.error(
+                        req,
+                        ErrorClass::Retryable,
+                        format!(
+                            "this worker is out of file descriptors and cannot start `{program}` (raise its limit, e.g. ulimit -n, or lower --concurrency): {e}"
+                        ),
+                    )
+                };
+            }
             _ => (
                 ErrorClass::Retryable,
                 format!("cannot start `{program}`: {e}"),

@@ -62,6 +62,9 @@ pub enum Transport {
     Timeout,
     /// The connection broke while the request or answer was under way.
     Broken,
+    /// The worker itself ran out of something (file descriptors): not the provider's fault,
+    /// nor the task's.
+    Exhausted,
 }
 
 /// Whose health a failed call says something about.
@@ -93,9 +96,10 @@ impl Error {
         self.class.is_retryable()
     }
 
-    /// True when the provider, not the task, is the problem: the call could not be made or
-    /// answered (connection refused or reset, a timeout) or the provider said it is down or
-    /// overloaded (502, 503, 504, 529). Such errors never use up a task's attempts.
+    /// True when the provider (or the worker itself), not the task, is the problem: the
+    /// call could not be made or answered (connection refused or reset, a timeout, the worker
+    /// out of file descriptors) or the provider said it is down or overloaded (502, 503, 504,
+    /// 529). Such errors never use up a task's attempts.
     #[must_use]
     pub fn is_outage(&self) -> bool {
         self.transport.is_some() || matches!(self.status, Some(502 | 503 | 504 | 529))
@@ -107,6 +111,8 @@ impl Error {
     #[must_use]
     pub fn scope(&self) -> Option<Scope> {
         match (self.transport, self.status) {
+            // The worker's own fault says nothing about the provider.
+            (Some(Transport::Exhausted), _) => None,
             (Some(Transport::Connect | Transport::Broken), _) => Some(Scope::Provider),
             (Some(Transport::Timeout), _) => Some(Scope::Model),
             (None, Some(401 | 403)) => Some(Scope::Provider),
@@ -246,7 +252,15 @@ pub(crate) async fn send(
 }
 
 pub(crate) fn transport_message(e: &reqwest::Error, req: &Request) -> (Transport, String) {
-    if e.is_timeout() {
+    if out_of_descriptors(e) {
+        (
+            Transport::Exhausted,
+            format!(
+                "this worker is out of file descriptors (raise its limit, e.g. ulimit -n, or lower --concurrency): {}",
+                source_chain(e)
+            ),
+        )
+    } else if e.is_timeout() {
         (
             Transport::Timeout,
             format!("no answer within {:?}", req.timeout),
@@ -262,6 +276,20 @@ pub(crate) fn transport_message(e: &reqwest::Error, req: &Request) -> (Transport
             format!("the connection failed: {}", source_chain(e)),
         )
     }
+}
+
+/// EMFILE or ENFILE anywhere in the error's sources.
+fn out_of_descriptors(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(23 | 24))
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {

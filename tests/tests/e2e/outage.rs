@@ -370,3 +370,78 @@ async fn a_503_with_retry_after_is_not_called_again_sooner() {
     }
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_worker_out_of_file_descriptors_uses_no_attempt_and_blames_no_provider() {
+    use llmq_tests::harness::{binary, database_url, redis_url};
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let tasks: Vec<Envelope> = (0..60)
+        .map(|i| {
+            let mut e = Envelope::new(format!("[[mock:slow-1500]] fd {i}"));
+            e.model = Some("mock-fast".into());
+            e
+        })
+        .collect();
+    env.redis.enqueue_many(&env.keys, &tasks).await.unwrap();
+    let config = std::env::temp_dir().join(format!("{}-fd.yaml", env.queue));
+    std::fs::write(
+        &config,
+        include_str!("../../../examples/providers.mock.yaml"),
+    )
+    .unwrap();
+    // Sixty calls at once cannot fit in 48 file descriptors.
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("ulimit -n 48 && exec \"$0\" \"$@\"")
+        .arg(binary("llmq-worker"))
+        .args([
+            "--queue",
+            &env.queue,
+            "--concurrency",
+            "60",
+            "--retry-base",
+            "200ms",
+        ])
+        .env("REDIS_URL", redis_url())
+        .env("DATABASE_URL", database_url())
+        .env("LLMQ_CONFIG", &config)
+        .env("LLMQ_MOCK_URL", env.mock.url())
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ids: Vec<String> = tasks.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let records = llmq::wait_for(
+        &env.redis,
+        &env.keys,
+        &ids,
+        Some(Duration::from_secs(90)),
+        |_| {},
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let records: Vec<_> = records.unwrap().into_iter().map(Option::unwrap).collect();
+    assert!(
+        records
+            .iter()
+            .all(|r| r.status == Status::Succeeded && r.attempts == 1),
+        "{records:#?}"
+    );
+    let refused: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM provider_calls WHERE queue = $1 AND error LIKE '%out of file descriptors%'",
+    )
+    .bind(&env.queue)
+    .fetch_one(env.ledger.pool())
+    .await
+    .unwrap();
+    assert!(refused > 0, "the limit was reached");
+    // The provider was never blamed: its circuit stayed closed.
+    let open = Circuits::new(env.redis.clone(), "test")
+        .open(&[("mock".into(), vec!["mock-fast".into()])])
+        .await
+        .unwrap();
+    assert!(open.is_empty(), "{open:?}");
+}
