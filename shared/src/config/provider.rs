@@ -55,6 +55,18 @@ impl Kind {
     }
 }
 
+/// How calls to a provider use HTTP/2, so that thousands of calls in flight share a few
+/// connections instead of one socket each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Http2 {
+    /// HTTP/2 where the server offers it over TLS (ALPN), else HTTP/1.1: every public API.
+    #[default]
+    Auto,
+    /// HTTP/2 from the first byte, without TLS (h2c): local servers that speak it.
+    PriorKnowledge,
+}
+
 /// How a provider is paid for; routing prefers free, then subscription, then paid.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize, Default,
@@ -281,6 +293,8 @@ pub struct ProviderConfig {
     pub kind: Kind,
     pub enabled: bool,
     pub base_url: String,
+    /// How the provider speaks HTTP/2.
+    pub http2: Http2,
     pub api_key: Option<SecretString>,
     pub cost_tier: CostTier,
     pub quotas: Quotas,
@@ -517,6 +531,7 @@ pub(super) fn provider(
         kind: p.kind,
         enabled: p.enabled,
         base_url,
+        http2: p.http2,
         api_key,
         cost_tier: p.cost_tier,
         quotas,

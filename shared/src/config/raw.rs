@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use super::{Capability, CostTier, Kind, Tier};
+use super::{Capability, CostTier, Http2, Kind, Tier};
 use crate::envelope::Risk;
 
 #[derive(Deserialize)]
@@ -73,6 +73,8 @@ pub(super) struct RawProvider {
     pub(super) quotas: Option<RawQuotas>,
     #[serde(default)]
     pub(super) command: Option<RawCommand>,
+    #[serde(default)]
+    pub(super) http2: Http2,
     pub(super) models: Vec<RawModel>,
 }
 

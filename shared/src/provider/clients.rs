@@ -15,7 +15,7 @@ use super::command::{CommandRunner, CommandSpec, PromptVia};
 use super::gemini::Gemini;
 use super::ollama::Ollama;
 use super::openai::{OpenAi, TokenLimitField};
-use crate::config::{CommandConfig, Config, Kind, ProviderConfig};
+use crate::config::{CommandConfig, Config, Http2, Kind, ProviderConfig};
 
 /// How long a readiness probe waits for an answer.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -28,11 +28,23 @@ impl Clients {
     /// A client for every provider of `config`, sharing `http`.
     #[must_use]
     pub fn new(config: &Config, http: &reqwest::Client) -> Self {
+        // Providers that speak h2c get a client of their own, since prior knowledge is a
+        // setting of the whole client; the rest share `http`.
+        let h2c = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .ok();
         Self(
             config
                 .providers
                 .iter()
-                .map(|p| (p.name.clone(), build(p, http)))
+                .map(|p| {
+                    let client = match (p.http2, &h2c) {
+                        (Http2::PriorKnowledge, Some(c)) => c,
+                        _ => http,
+                    };
+                    (p.name.clone(), build(p, client))
+                })
                 .collect(),
         )
     }

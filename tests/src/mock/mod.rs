@@ -10,7 +10,7 @@
 //! | `POST /v1/messages` | Anthropic Messages (`max_tokens` required, unknown fields rejected) | `x-api-key` and `anthropic-version` |
 //! | `POST /v1beta/models/{model}:generateContent` (also `/v1/...`) | Gemini | `x-goog-api-key` or `?key=` |
 //! | `POST /api/chat` | Ollama (streams NDJSON unless `"stream": false`) | none |
-//! | `GET /v1/models`, `GET /models`, `GET /healthz` | | none |
+//! | `GET /v1/models`, `GET /models`, `GET /healthz`, `GET /stats` (calls answered, per model, and HTTP/2 requests) | | none |
 //!
 //! Any non-empty key is accepted; a missing one gets 401 (Gemini: 403 `PERMISSION_DENIED`) in
 //! the route's error shape. Every route counts its requests in [`MockServer::calls`].
@@ -135,6 +135,8 @@ struct Shared {
     opts: MockOptions,
     shutdown: CancellationToken,
     total: AtomicU64,
+    /// Requests that came over HTTP/2 (h2c), any route.
+    http2: AtomicU64,
     per_model: Mutex<HashMap<String, u64>>,
     /// Requests seen per conversation hash, for `flaky`.
     flaky: Mutex<HashMap<u64, u64>>,
@@ -146,6 +148,7 @@ impl Shared {
             opts,
             shutdown,
             total: AtomicU64::new(0),
+            http2: AtomicU64::new(0),
             per_model: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
         }
@@ -252,6 +255,12 @@ impl MockServer {
         self.state.calls(model)
     }
 
+    /// Requests received over HTTP/2 (h2c), any route.
+    #[must_use]
+    pub fn http2_requests(&self) -> u64 {
+        self.state.http2.load(Ordering::SeqCst)
+    }
+
     /// All chat-completion requests received.
     #[must_use]
     pub fn total_calls(&self) -> u64 {
@@ -319,10 +328,42 @@ fn router(state: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/stats", get(stats))
         .fallback(unknown_url)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(axum::middleware::map_response(add_request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            count_version,
+        ))
         .with_state(state)
+}
+
+/// Counts the requests that came over HTTP/2.
+async fn count_version(
+    State(state): State<Arc<Shared>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if req.version() == axum::http::Version::HTTP_2 {
+        state.http2.fetch_add(1, Ordering::SeqCst);
+    }
+    next.run(req).await
+}
+
+/// `GET /stats`: the chat requests answered so far, in all and per model, and how many
+/// requests came over HTTP/2.
+async fn stats(State(state): State<Arc<Shared>>) -> Json<Value> {
+    let per_model = state
+        .per_model
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    Json(json!({
+        "calls": state.total.load(Ordering::SeqCst),
+        "calls_by_model": per_model,
+        "http2_requests": state.http2.load(Ordering::SeqCst),
+    }))
 }
 
 /// Every response gets a fresh `x-request-id`, as OpenAI's do.

@@ -306,3 +306,48 @@ async fn an_attempt_ends_at_the_attempt_timeout_whatever_its_calls_do() {
     );
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_and_others_http1() {
+    let env = TestEnv::new().await.unwrap();
+    let (a, b) = names(&env);
+    let url = env.mock.url();
+    let text = format!(
+        "providers:\n  - name: {a}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    http2: prior_knowledge\n    models: [{{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n  - name: {b}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    models: [{{id: mock-smart, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n"
+    );
+    let w = worker(&env, Config::parse("h2.yaml", &text, &|_| None).unwrap());
+    let mut over_h2 = Vec::new();
+    for i in 0..10 {
+        let mut e = Envelope::new(format!("h2 {i}"));
+        e.provider = Some(a.clone());
+        over_h2.push(e);
+    }
+    env.redis.enqueue_many(&env.keys, &over_h2).await.unwrap();
+    for e in &over_h2 {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+    assert_eq!(
+        env.mock.http2_requests(),
+        10,
+        "every call to {a} came over h2c"
+    );
+    let mut e = Envelope::new("h1");
+    e.provider = Some(b.clone());
+    let r = run(&env, e).await;
+    assert_eq!(r.status, Status::Succeeded);
+    assert_eq!(env.mock.http2_requests(), 10, "{b} stays on HTTP/1.1");
+    // llmq-mock says so over HTTP too.
+    let stats: serde_json::Value = reqwest::get(format!("{url}/stats"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["calls"], 11);
+    assert_eq!(stats["http2_requests"], 10);
+    w.stop().await.unwrap();
+}
