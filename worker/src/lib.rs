@@ -208,11 +208,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         .worker_id
         .clone()
         .unwrap_or_else(|| llmq_shared::process::instance_id("worker"));
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(settings.concurrency)
-        .build()
-        .map_err(|e| Error::Settings(format!("cannot build the HTTP client: {e}")))?;
-    let mut clients = Clients::new(&settings.config, &http);
+    let mut clients = Clients::new(&settings.config, settings.concurrency)
+        .map_err(|e| Error::Settings(format!("cannot build the HTTP clients: {e}")))?;
     for (name, provider) in &settings.provider_overrides {
         clients.replace(name, Arc::clone(provider));
     }

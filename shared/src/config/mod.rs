@@ -252,6 +252,26 @@ routing:
     }
 
     #[test]
+    fn connections_default_and_out_of_range_names_the_key() {
+        let c = Config::parse("p.yaml", GOOD, &env).unwrap();
+        assert_eq!(
+            c.provider("mock").unwrap().connections,
+            provider::DEFAULT_CONNECTIONS
+        );
+        let four = GOOD.replace("cost_tier: free", "cost_tier: free\n    connections: 4");
+        let c = Config::parse("p.yaml", &four, &env).unwrap();
+        assert_eq!(c.provider("mock").unwrap().connections, 4);
+        let zero = GOOD.replace("cost_tier: free", "cost_tier: free\n    connections: 0");
+        let err = Config::parse("p.yaml", &zero, &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("providers[0].connections") && err.contains("use 1 to 1024"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn the_shipped_provider_files_are_valid() {
         let any = |name: &str| (!name.ends_with("_URL")).then(|| "set".to_owned());
         let example = Config::parse(

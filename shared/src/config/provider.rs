@@ -55,6 +55,11 @@ impl Kind {
     }
 }
 
+/// HTTP clients per provider when the file names none: with a server limit of 100 HTTP/2
+/// streams a connection, room for 1,600 calls in flight per worker.
+pub const DEFAULT_CONNECTIONS: usize = 16;
+const MAX_CONNECTIONS: u32 = 1024;
+
 /// How calls to a provider use HTTP/2, so that thousands of calls in flight share a few
 /// connections instead of one socket each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -295,6 +300,8 @@ pub struct ProviderConfig {
     pub base_url: String,
     /// How the provider speaks HTTP/2.
     pub http2: Http2,
+    /// How many HTTP clients (each one HTTP/2 connection) a worker spreads calls over.
+    pub connections: usize,
     pub api_key: Option<SecretString>,
     pub cost_tier: CostTier,
     pub quotas: Quotas,
@@ -526,12 +533,26 @@ pub(super) fn provider(
             price_source,
         });
     }
+    let connections = match p.connections {
+        None => DEFAULT_CONNECTIONS,
+        Some(n @ 1..=MAX_CONNECTIONS) => n as usize,
+        Some(n) => {
+            return Err(errs.at(
+                at("connections"),
+                format!("{n} connections is not a usable number"),
+                &format!(
+                    "use 1 to {MAX_CONNECTIONS}; calls in flight per worker are about connections x the server's HTTP/2 stream limit (often 100)"
+                ),
+            ));
+        }
+    };
     Ok(ProviderConfig {
         name: p.name,
         kind: p.kind,
         enabled: p.enabled,
         base_url,
         http2: p.http2,
+        connections,
         api_key,
         cost_tier: p.cost_tier,
         quotas,

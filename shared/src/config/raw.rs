@@ -75,6 +75,8 @@ pub(super) struct RawProvider {
     pub(super) command: Option<RawCommand>,
     #[serde(default)]
     pub(super) http2: Http2,
+    #[serde(default)]
+    pub(super) connections: Option<u32>,
     pub(super) models: Vec<RawModel>,
 }
 

@@ -5,16 +5,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::Provider;
 use super::anthropic::{ANTHROPIC_VERSION, Anthropic};
 use super::command::{CommandRunner, CommandSpec, PromptVia};
 use super::gemini::Gemini;
 use super::ollama::Ollama;
 use super::openai::{OpenAi, TokenLimitField};
+use super::{CallFuture, Provider, Request};
 use crate::config::{CommandConfig, Config, Http2, Kind, ProviderConfig};
 
 /// How long a readiness probe waits for an answer.
@@ -25,28 +26,33 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 pub struct Clients(HashMap<String, Arc<dyn Provider>>);
 
 impl Clients {
-    /// A client for every provider of `config`, sharing `http`.
-    #[must_use]
-    pub fn new(config: &Config, http: &reqwest::Client) -> Self {
-        // Providers that speak h2c get a client of their own, since prior knowledge is a
-        // setting of the whole client; the rest share `http`.
-        let h2c = reqwest::Client::builder()
-            .http2_prior_knowledge()
-            .build()
-            .ok();
-        Self(
-            config
-                .providers
-                .iter()
-                .map(|p| {
-                    let client = match (p.http2, &h2c) {
-                        (Http2::PriorKnowledge, Some(c)) => c,
-                        _ => http,
-                    };
-                    (p.name.clone(), build(p, client))
+    /// A client for every provider of `config`; `concurrency` is how many calls a worker makes
+    /// at once, which sizes the idle HTTP/1.1 pools.
+    ///
+    /// # Errors
+    /// When the TLS backend cannot be set up.
+    pub fn new(config: &Config, concurrency: usize) -> Result<Self, reqwest::Error> {
+        let mut clients = HashMap::new();
+        for p in &config.providers {
+            let provider: Arc<dyn Provider> = if p.kind == Kind::Command || p.connections == 1 {
+                build(p, &http_client(p, concurrency)?)
+            } else {
+                // One HTTP/2 connection carries only as many calls as the server allows
+                // streams (often 100), and a client keeps one connection per host: calls
+                // beyond that would queue. So each provider gets several clients.
+                let each = concurrency.div_ceil(p.connections).max(1);
+                let spread = (0..p.connections)
+                    .map(|_| http_client(p, each).map(|http| build(p, &http)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Arc::new(Spread {
+                    name: p.name.clone(),
+                    providers: spread,
+                    next: AtomicUsize::new(0),
                 })
-                .collect(),
-        )
+            };
+            clients.insert(p.name.clone(), provider);
+        }
+        Ok(Self(clients))
     }
 
     /// The client of provider `name`.
@@ -61,6 +67,34 @@ impl Clients {
         if let Some(entry) = self.0.get_mut(name) {
             *entry = provider;
         }
+    }
+}
+
+/// An HTTP client for provider `p`, keeping up to `idle` idle HTTP/1.1 connections.
+fn http_client(p: &ProviderConfig, idle: usize) -> Result<reqwest::Client, reqwest::Error> {
+    let builder = reqwest::Client::builder().pool_max_idle_per_host(idle);
+    match p.http2 {
+        Http2::PriorKnowledge => builder.http2_prior_knowledge(),
+        Http2::Auto => builder,
+    }
+    .build()
+}
+
+/// Calls spread in turn over several clients of one provider.
+struct Spread {
+    name: String,
+    providers: Vec<Arc<dyn Provider>>,
+    next: AtomicUsize,
+}
+
+impl Provider for Spread {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.providers.len();
+        self.providers[i].complete(request)
     }
 }
 

@@ -72,6 +72,11 @@ struct Args {
     #[arg(long)]
     verbose: bool,
 
+    /// In e2e_mock, speak HTTP/2 to the mock (`http2: prior_knowledge`, h2c) instead of
+    /// HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
+
     /// Redis to benchmark against; only the bench's own `llmq:{bench-*}` keys are touched.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
@@ -294,9 +299,10 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             "llmq-bench.yaml",
             &format!(
                 "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
-                 api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
+                 api_key: bench\n    http2: {}\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
                  output_usd_per_mtok: 0.6}}\n",
-                mock.url()
+                mock.url(),
+                if args.http2 { "prior_knowledge" } else { "auto" }
             ),
             &|_| None,
         )?;
@@ -308,7 +314,23 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             s.database_url = Some(bench_url.clone());
             Ok(s)
         })?;
+        // The most connections open to the mock at once, sampled while the tasks run.
+        let port = mock.addr().port();
+        let sampling = CancellationToken::new();
+        let sampler = {
+            let stop = sampling.clone();
+            tokio::spawn(async move {
+                let mut most = 0;
+                while !stop.is_cancelled() {
+                    most = most.max(connections_to(port));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                most
+            })
+        };
         let drained = wait_drained(&client, &keys, &running).await;
+        sampling.cancel();
+        let max_connections = sampler.await.unwrap_or(0);
         let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
@@ -344,13 +366,15 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
         Ok(format!(
             "bench=e2e_mock tasks={tasks} workers={workers} concurrency={concurrency} \
              tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=on mock_latency_ms={} \
-             secs={:.3} proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
+             secs={:.3} proc_cpu_us_per_task={:.1} other_cpu_cores={:.2} http={} \
+             max_connections={max_connections}",
             d.tasks_per_s,
             d.redis_cpu_us_per_task,
             args.mock_latency_ms,
             d.secs,
             d.proc_cpu_us_per_task,
-            d.other_cpu_cores
+            d.other_cpu_cores,
+            if args.http2 { "h2c" } else { "1.1" },
         ))
     }
     .await;
@@ -887,6 +911,26 @@ async fn unlink_matching(redis: &mut Redis, pattern: &str) -> Result<()> {
         cursor = next;
     }
     Ok(())
+}
+
+/// Established TCP connections from this machine to local port `port`, from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (0 where they cannot be read).
+fn connections_to(port: u16) -> usize {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    // remote address, state 01 = ESTABLISHED
+                    cols.get(2).is_some_and(|r| r.ends_with(&want)) && cols.get(3) == Some(&"01")
+                })
+                .count()
+        })
+        .sum()
 }
 
 fn fresh_queue() -> String {
