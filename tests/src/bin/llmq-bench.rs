@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup|rate_limited|overhead|memory] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -64,6 +64,10 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     mock_latency_ms: u64,
 
+    /// How long the in-process provider of `inflight` takes to answer, in milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    latency_ms: u64,
+
     /// Tasks per second the pickup benchmark enqueues.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
@@ -76,6 +80,10 @@ struct Args {
     /// HTTP/1.1.
     #[arg(long)]
     http2: bool,
+
+    /// In e2e_mock, the provider's `connections` (HTTP clients calls are spread over).
+    #[arg(long, default_value_t = llmq_shared::config::DEFAULT_CONNECTIONS)]
+    connections: usize,
 
     /// Redis to benchmark against; only the bench's own `llmq:{bench-*}` keys are touched.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -101,6 +109,7 @@ enum Bench {
     Overhead,
     Memory,
     Chain,
+    Inflight,
 }
 
 #[tokio::main]
@@ -126,6 +135,7 @@ async fn main() -> Result<()> {
             Bench::RateLimited,
             Bench::Overhead,
             Bench::Chain,
+            Bench::Inflight,
         ],
     };
     let mut failed = 0;
@@ -138,6 +148,7 @@ async fn main() -> Result<()> {
             Bench::Overhead => overhead(&args, &mut redis).await,
             Bench::Memory => memory(&args, &mut redis).await,
             Bench::Chain => chain(&args, &mut redis).await,
+            Bench::Inflight => inflight(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -164,6 +175,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::Overhead => "overhead",
         Bench::Memory => "memory",
         Bench::Chain => "chain",
+        Bench::Inflight => "inflight",
     }
 }
 
@@ -214,6 +226,87 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
     .await;
     cleanup(redis, &queue).await?;
     result
+}
+
+/// (h) One worker keeping thousands of calls in flight: 40,000 tasks, concurrency 10,000, an
+/// in-process provider that answers after `--latency-ms` (BullMQ's sleeping processor), ledger
+/// off. Efficiency is the rate against concurrency / latency; memory is the process's peak
+/// RSS over its RSS before the worker started, per task in flight.
+async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(40_000);
+    let concurrency = args.concurrency.unwrap_or(10_000);
+    let latency = Duration::from_millis(args.latency_ms);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let ids = backlog(&client, &keys, tasks).await?;
+        let provider: Arc<dyn Provider> = Arc::new(NoopProvider {
+            latency,
+            ..NoopProvider::default()
+        });
+        let config = noop_config()?;
+
+        let idle_kib = rss_kib()?;
+        let sampling = CancellationToken::new();
+        let sampler = {
+            let sampling = sampling.clone();
+            tokio::spawn(async move {
+                let mut most = 0;
+                while !sampling.is_cancelled() {
+                    most = most.max(rss_kib().unwrap_or(0));
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                most
+            })
+        };
+        let before = Snapshot::take(redis).await?;
+        let running = Workers::start(1, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            Ok(s)
+        })?;
+        let drained = wait_drained(&client, &keys, &running).await;
+        let after = Snapshot::take(redis).await;
+        sampling.cancel();
+        let peak_kib = sampler.await.unwrap_or(0);
+        running.stop().await?;
+        drained?;
+        let after = after?;
+        verify_results(&client, &keys, &ids).await?;
+
+        let d = after.since(&before, tasks);
+        if args.verbose {
+            d.print_commands("inflight");
+        }
+        let ideal = concurrency as f64 / latency.as_secs_f64().max(1e-3);
+        Ok(format!(
+            "bench=inflight tasks={tasks} concurrency={concurrency} latency_ms={} \
+             tasks_per_s={:.0} ideal_per_s={ideal:.0} efficiency_pct={:.1} \
+             redis_cpu_us_per_task={:.1} proc_cpu_us_per_task={:.1} rss_kib_per_inflight={:.2} \
+             ledger=off secs={:.3}",
+            args.latency_ms,
+            d.tasks_per_s,
+            100.0 * d.tasks_per_s / ideal,
+            d.redis_cpu_us_per_task,
+            d.proc_cpu_us_per_task,
+            peak_kib.saturating_sub(idle_kib) as f64 / concurrency.min(tasks) as f64,
+            d.secs,
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// The process's resident memory, in KiB.
+fn rss_kib() -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))
 }
 
 /// (g) Chains of 5 steps (one fans out to two, a merge joins them, one more after it),
@@ -299,10 +392,11 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             "llmq-bench.yaml",
             &format!(
                 "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
-                 api_key: bench\n    http2: {}\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
+                 api_key: bench\n    http2: {}\n    connections: {}\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
                  output_usd_per_mtok: 0.6}}\n",
                 mock.url(),
-                if args.http2 { "prior_knowledge" } else { "auto" }
+                if args.http2 { "prior_knowledge" } else { "auto" },
+                args.connections,
             ),
             &|_| None,
         )?;
@@ -342,11 +436,15 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             calls == tasks as u64,
             "the mock server saw {calls} calls for {tasks} tasks"
         );
-        let recorded: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM provider_calls WHERE queue = $1")
-                .bind(&queue)
-                .fetch_one(ledger.pool())
-                .await?;
+        // Answered calls must match the mock one for one; calls the worker could not make
+        // (out of descriptors: no socket, nothing billed) are rows too, and counted apart.
+        let (recorded, refused): (i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE outcome = 'ok'), count(*) FILTER (WHERE outcome <> 'ok') \
+             FROM provider_calls WHERE queue = $1",
+        )
+        .bind(&queue)
+        .fetch_one(ledger.pool())
+        .await?;
         // The rows have been counted; drop them so that runs stay alike.
         for table in ["provider_calls", "tasks"] {
             sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1"))
@@ -356,7 +454,7 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
         }
         ensure!(
             recorded == tasks as i64,
-            "the ledger holds {recorded} provider calls for queue {queue}, expected {tasks}"
+            "the ledger holds {recorded} answered calls for queue {queue}, expected {tasks}"
         );
 
         let d = after.since(&before, tasks);
@@ -367,7 +465,7 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             "bench=e2e_mock tasks={tasks} workers={workers} concurrency={concurrency} \
              tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=on mock_latency_ms={} \
              secs={:.3} proc_cpu_us_per_task={:.1} other_cpu_cores={:.2} http={} \
-             max_connections={max_connections}",
+             max_connections={max_connections} refused_calls={refused} efficiency_pct={}",
             d.tasks_per_s,
             d.redis_cpu_us_per_task,
             args.mock_latency_ms,
@@ -375,6 +473,13 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             d.proc_cpu_us_per_task,
             d.other_cpu_cores,
             if args.http2 { "h2c" } else { "1.1" },
+            // Against what the concurrency allows at this latency; without latency, none.
+            if args.mock_latency_ms == 0 {
+                "-".to_owned()
+            } else {
+                let ideal = (workers * concurrency) as f64 * 1000.0 / args.mock_latency_ms as f64;
+                format!("{:.1}", 100.0 * d.tasks_per_s / ideal)
+            },
         ))
     }
     .await;
@@ -397,6 +502,7 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
         let seen = Arc::new(Mutex::new(Vec::with_capacity(tasks)));
         let provider: Arc<dyn Provider> = Arc::new(NoopProvider {
             pickups: Some(Arc::clone(&seen)),
+            ..NoopProvider::default()
         });
         let config = noop_config()?;
         let running = Workers::start(workers, |i| {
@@ -489,11 +595,12 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-/// Answers every request at once. With `pickups`, records how long ago the request's prompt
-/// `t=<µs since the epoch>` was written, in µs.
+/// Answers every request after `latency` (at once by default). With `pickups`, records how
+/// long ago the request's prompt `t=<µs since the epoch>` was written, in µs.
 #[derive(Default)]
 struct NoopProvider {
     pickups: Option<Arc<Mutex<Vec<u64>>>>,
+    latency: Duration,
 }
 
 impl Provider for NoopProvider {
@@ -514,14 +621,22 @@ impl Provider for NoopProvider {
                 .unwrap_or_else(PoisonError::into_inner)
                 .push(waited);
         }
-        Box::pin(std::future::ready(Ok(Completion {
+        let answer = Ok(Completion {
             text: "ok".into(),
             usage: Usage {
                 input_tokens: 8,
                 output_tokens: 1,
                 ..Usage::default()
             },
-        })))
+        });
+        if self.latency.is_zero() {
+            return Box::pin(std::future::ready(answer));
+        }
+        let latency = self.latency;
+        Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            answer
+        })
     }
 }
 
