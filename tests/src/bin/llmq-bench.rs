@@ -192,20 +192,8 @@ async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
         let ids = backlog(&client, &keys, tasks).await?;
-        let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
-        let config = noop_config()?;
-
-        let before = Snapshot::take(redis).await?;
-        let running = Workers::start(workers, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
-            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
-            Ok(s)
-        })?;
-        let drained = wait_drained(&client, &keys, &running).await;
-        let after = Snapshot::take(redis).await;
-        running.stop().await?;
-        drained?;
-        let after = after?;
+        let provider = NoopProvider::default();
+        let (before, after) = run_noop(args, redis, &keys, provider, workers, concurrency).await?;
         verify_results(&client, &keys, &ids).await?;
 
         let d = after.since(&before, tasks);
@@ -241,38 +229,15 @@ async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
         let ids = backlog(&client, &keys, tasks).await?;
-        let provider: Arc<dyn Provider> = Arc::new(NoopProvider {
+        let provider = NoopProvider {
             latency,
             ..NoopProvider::default()
-        });
-        let config = noop_config()?;
-
-        let idle_kib = rss_kib()?;
-        let sampling = CancellationToken::new();
-        let sampler = {
-            let sampling = sampling.clone();
-            tokio::spawn(async move {
-                let mut most = 0;
-                while !sampling.is_cancelled() {
-                    most = most.max(rss_kib().unwrap_or(0));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                most
-            })
         };
-        let before = Snapshot::take(redis).await?;
-        let running = Workers::start(1, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
-            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
-            Ok(s)
-        })?;
-        let drained = wait_drained(&client, &keys, &running).await;
-        let after = Snapshot::take(redis).await;
-        sampling.cancel();
-        let peak_kib = sampler.await.unwrap_or(0);
-        running.stop().await?;
-        drained?;
-        let after = after?;
+        let idle_kib = rss_kib()?;
+        let peak = Peak::start(|| rss_kib().unwrap_or(0));
+        let run = run_noop(args, redis, &keys, provider, 1, concurrency).await;
+        let peak_kib = peak.stop().await;
+        let (before, after) = run?;
         verify_results(&client, &keys, &ids).await?;
 
         let d = after.since(&before, tasks);
@@ -299,6 +264,61 @@ async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
     result
 }
 
+/// Runs `workers` workers on `keys`' queue, `provider` answering for `noop`, until the queue
+/// is drained: Redis as it was before they started and when the queue was drained.
+async fn run_noop(
+    args: &Args,
+    redis: &mut Redis,
+    keys: &QueueKeys,
+    provider: NoopProvider,
+    workers: usize,
+    concurrency: usize,
+) -> Result<(Snapshot, Snapshot)> {
+    let client = Client::new(&args.redis_url)?;
+    let provider: Arc<dyn Provider> = Arc::new(provider);
+    let config = noop_config()?;
+    let before = Snapshot::take(redis).await?;
+    let running = Workers::start(workers, |i| {
+        let mut s = settings(&args.redis_url, &config, keys.name(), concurrency, i)?;
+        s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+        Ok(s)
+    })?;
+    let drained = wait_drained(&client, keys, &running).await;
+    let after = Snapshot::take(redis).await;
+    running.stop().await?;
+    drained?;
+    Ok((before, after?))
+}
+
+/// The most a reading reached, read every 100 ms until stopped.
+struct Peak {
+    stop: CancellationToken,
+    most: JoinHandle<u64>,
+}
+
+impl Peak {
+    fn start(read: impl Fn() -> u64 + Send + 'static) -> Self {
+        let stop = CancellationToken::new();
+        let most = tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                let mut most = 0;
+                while !stop.is_cancelled() {
+                    most = most.max(read());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                most
+            }
+        });
+        Self { stop, most }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.cancel();
+        self.most.await.unwrap_or(0)
+    }
+}
+
 /// The process's resident memory, in KiB.
 fn rss_kib() -> Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -323,8 +343,6 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
         let client = Client::new(&args.redis_url)?;
         client.ensure_group(&keys).await?;
         let ids: Vec<String> = (0..chains).map(|i| format!("{queue}-{i}")).collect();
-        let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
-        let config = noop_config()?;
         for id in &ids {
             let spec = serde_json::json!({"v": 1, "chain_id": id, "steps": [
                 {"name": "plan", "prompt": "plan"},
@@ -335,17 +353,15 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
             client.submit_chain(&keys, &spec.to_string()).await?;
         }
         // From here on: expansion, every step, every finish.
-        let before = Snapshot::take(redis).await?;
-        let running = Workers::start(workers, |i| {
-            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
-            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
-            Ok(s)
-        })?;
-        let drained = wait_drained(&client, &keys, &running).await;
-        let after = Snapshot::take(redis).await;
-        running.stop().await?;
-        drained?;
-        let after = after?;
+        let (before, after) = run_noop(
+            args,
+            redis,
+            &keys,
+            NoopProvider::default(),
+            workers,
+            concurrency,
+        )
+        .await?;
         for id in &ids {
             let state = client.chain(&keys, id).await?.map(|c| c.state);
             ensure!(
@@ -410,21 +426,9 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
         })?;
         // The most connections open to the mock at once, sampled while the tasks run.
         let port = mock.addr().port();
-        let sampling = CancellationToken::new();
-        let sampler = {
-            let stop = sampling.clone();
-            tokio::spawn(async move {
-                let mut most = 0;
-                while !stop.is_cancelled() {
-                    most = most.max(connections_to(port));
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                most
-            })
-        };
+        let peak = Peak::start(move || connections_to(port));
         let drained = wait_drained(&client, &keys, &running).await;
-        sampling.cancel();
-        let max_connections = sampler.await.unwrap_or(0);
+        let max_connections = peak.stop().await;
         let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
@@ -1030,7 +1034,7 @@ async fn unlink_matching(redis: &mut Redis, pattern: &str) -> Result<()> {
 
 /// Established TCP connections from this machine to local port `port`, from
 /// `/proc/net/tcp` and `/proc/net/tcp6` (0 where they cannot be read).
-fn connections_to(port: u16) -> usize {
+fn connections_to(port: u16) -> u64 {
     let want = format!(":{port:04X}");
     ["/proc/net/tcp", "/proc/net/tcp6"]
         .iter()
@@ -1043,7 +1047,7 @@ fn connections_to(port: u16) -> usize {
                     // remote address, state 01 = ESTABLISHED
                     cols.get(2).is_some_and(|r| r.ends_with(&want)) && cols.get(3) == Some(&"01")
                 })
-                .count()
+                .count() as u64
         })
         .sum()
 }
