@@ -34,22 +34,26 @@ impl Clients {
     pub fn new(config: &Config, concurrency: usize) -> Result<Self, reqwest::Error> {
         let mut clients = HashMap::new();
         for p in &config.providers {
-            let provider: Arc<dyn Provider> = if p.kind == Kind::Command || p.connections == 1 {
-                build(p, &http_client(p, concurrency)?)
-            } else {
-                // One HTTP/2 connection carries only as many calls as the server allows
-                // streams (often 100), and a client keeps one connection per host: calls
-                // beyond that would queue. So each provider gets several clients.
-                let each = concurrency.div_ceil(p.connections).max(1);
-                let spread = (0..p.connections)
-                    .map(|_| http_client(p, each).map(|http| build(p, &http)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Arc::new(Spread {
-                    name: p.name.clone(),
-                    providers: spread,
-                    next: AtomicUsize::new(0),
-                })
-            };
+            // HTTP/2 happens with prior knowledge, or over TLS when the server offers it;
+            // plain HTTP/1.1 opens a connection per call in flight anyway.
+            let http2 = p.http2 == Http2::PriorKnowledge || p.base_url.starts_with("https://");
+            let provider: Arc<dyn Provider> =
+                if p.kind == Kind::Command || p.connections == 1 || !http2 {
+                    build(p, &http_client(p, concurrency)?)
+                } else {
+                    // One HTTP/2 connection carries only as many calls as the server allows
+                    // streams (often 100), and a client keeps one connection per host: calls
+                    // beyond that would queue. So each provider gets several clients.
+                    let each = concurrency.div_ceil(p.connections).max(1);
+                    let spread = (0..p.connections)
+                        .map(|_| http_client(p, each).map(|http| build(p, &http)))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Arc::new(Spread {
+                        name: p.name.clone(),
+                        providers: spread,
+                        next: AtomicUsize::new(0),
+                    })
+                };
             clients.insert(p.name.clone(), provider);
         }
         Ok(Self(clients))

@@ -426,7 +426,7 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
         })?;
         // The most connections open to the mock at once, sampled while the tasks run.
         let port = mock.addr().port();
-        let peak = Peak::start(move || connections_to(port));
+        let peak = Peak::start(move || llmq_tests::mock::connections_to(port));
         let drained = wait_drained(&client, &keys, &running).await;
         let max_connections = peak.stop().await;
         let after = Snapshot::take(redis).await;
@@ -1030,26 +1030,6 @@ async fn unlink_matching(redis: &mut Redis, pattern: &str) -> Result<()> {
         cursor = next;
     }
     Ok(())
-}
-
-/// Established TCP connections from this machine to local port `port`, from
-/// `/proc/net/tcp` and `/proc/net/tcp6` (0 where they cannot be read).
-fn connections_to(port: u16) -> u64 {
-    let want = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"]
-        .iter()
-        .filter_map(|f| std::fs::read_to_string(f).ok())
-        .map(|text| {
-            text.lines()
-                .skip(1)
-                .filter(|l| {
-                    let cols: Vec<&str> = l.split_whitespace().collect();
-                    // remote address, state 01 = ESTABLISHED
-                    cols.get(2).is_some_and(|r| r.ends_with(&want)) && cols.get(3) == Some(&"01")
-                })
-                .count() as u64
-        })
-        .sum()
 }
 
 fn fresh_queue() -> String {

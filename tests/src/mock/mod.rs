@@ -731,3 +731,23 @@ fn content_text(content: &Value) -> Option<String> {
 fn short_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
+
+/// Established TCP connections from this machine to local port `port`, from
+/// `/proc/net/tcp` and `/proc/net/tcp6` (0 where they cannot be read).
+pub fn connections_to(port: u16) -> u64 {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    // remote address, state 01 = ESTABLISHED
+                    cols.get(2).is_some_and(|r| r.ends_with(&want)) && cols.get(3) == Some(&"01")
+                })
+                .count() as u64
+        })
+        .sum()
+}

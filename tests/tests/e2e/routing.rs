@@ -308,12 +308,12 @@ async fn an_attempt_ends_at_the_attempt_timeout_whatever_its_calls_do() {
 }
 
 #[tokio::test]
-async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_and_others_http1() {
+async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_over_its_connections() {
     let env = TestEnv::new().await.unwrap();
     let (a, b) = names(&env);
     let url = env.mock.url();
     let text = format!(
-        "providers:\n  - name: {a}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    http2: prior_knowledge\n    models: [{{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n  - name: {b}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    models: [{{id: mock-smart, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n"
+        "providers:\n  - name: {a}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    http2: prior_knowledge\n    connections: 3\n    models: [{{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n  - name: {b}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    models: [{{id: mock-smart, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}]\n"
     );
     let w = worker(&env, Config::parse("h2.yaml", &text, &|_| None).unwrap());
     let mut over_h2 = Vec::new();
@@ -334,6 +334,13 @@ async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_and_others_http1() {
         env.mock.http2_requests(),
         10,
         "every call to {a} came over h2c"
+    );
+    // Calls are spread over `connections` clients, each holding one HTTP/2 connection,
+    // which stay open once made.
+    assert_eq!(
+        llmq_tests::mock::connections_to(env.mock.addr().port()),
+        3,
+        "{a}'s ten calls went over its three connections"
     );
     let mut e = Envelope::new("h1");
     e.provider = Some(b.clone());
