@@ -1,8 +1,10 @@
 //! The Postgres ledger: every provider call with its tokens and cost, and every finished task.
 //!
-//! Rows are written in batches (group commit) before the tasks they belong to are acked, and
-//! are idempotent on (task id, run, attempt, call number), so a redelivered task is never billed
-//! twice.
+//! A call's row is written (outcome `started`) before the call is made and completed after it,
+//! in batches (group commit), before the task it belongs to is acked. Rows are keyed by (task
+//! id, delivery, call number): the same row written twice is one row, and a task delivered
+//! again after a worker died makes new rows for its new calls, so the ledger holds every call a
+//! provider may bill, once.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -27,10 +29,15 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The outcome of a call's row until the call is over.
+pub const STARTED: &str = "started";
+
 /// One provider call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallRow {
     pub task_id: Uuid,
+    /// This delivery of the task: a fresh id each time a worker takes it.
+    pub delivery: Uuid,
     /// Replays from the dead letters before this call (0 for the first run).
     pub run: i32,
     pub attempt: i32,
@@ -46,7 +53,8 @@ pub struct CallRow {
     pub reasoning_tokens: i64,
     pub cost_usd: f64,
     pub latency_ms: i32,
-    /// `ok` or `error`.
+    /// `ok` or `error`; `started` while the call runs (and for good when its worker died
+    /// during it); `abandoned` when the worker gave up waiting (attempt timeout, shutdown).
     pub outcome: String,
     pub error_class: Option<String>,
     pub error: Option<String>,
@@ -182,8 +190,9 @@ impl Ledger {
         }
     }
 
-    /// Writes a batch of calls and finished tasks in one transaction. Calls already recorded
-    /// (same task, attempt and call number) are left as they are.
+    /// Writes a batch of calls and finished tasks in one transaction. A call already recorded
+    /// (same task, delivery and call number) is completed if it was `started`, else left as
+    /// it is.
     ///
     /// # Errors
     /// Postgres fails; then nothing of the batch was written.
@@ -196,19 +205,25 @@ impl Ledger {
             sqlx::query(
                 "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, chain_id, task_type,
                     provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
-                    cost_usd, latency_ms, outcome, error_class, error, worker, called_at)
+                    cost_usd, latency_ms, outcome, error_class, error, worker, called_at, delivery)
                  SELECT t.task_id, t.run, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
                     t.provider, t.model, t.input_tokens, t.output_tokens, t.cached_tokens,
                     t.reasoning_tokens, t.cost_usd::numeric(20, 10), t.latency_ms, t.outcome,
-                    t.error_class, t.error, t.worker, t.called_at
+                    t.error_class, t.error, t.worker, t.called_at, t.delivery
                  FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[],
                     $12::int8[], $13::int8[], $14::float8[], $15::int4[], $16::text[],
-                    $17::text[], $18::text[], $19::text[], $20::timestamptz[])
+                    $17::text[], $18::text[], $19::text[], $20::timestamptz[], $21::uuid[])
                  AS t(task_id, run, attempt, call_no, queue, chain_id, task_type, provider, model,
                     input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
-                    latency_ms, outcome, error_class, error, worker, called_at)
-                 ON CONFLICT (task_id, run, attempt, call_no) DO NOTHING",
+                    latency_ms, outcome, error_class, error, worker, called_at, delivery)
+                 ON CONFLICT (task_id, delivery, call_no) DO UPDATE SET
+                    input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
+                    cached_tokens = EXCLUDED.cached_tokens,
+                    reasoning_tokens = EXCLUDED.reasoning_tokens, cost_usd = EXCLUDED.cost_usd,
+                    latency_ms = EXCLUDED.latency_ms, outcome = EXCLUDED.outcome,
+                    error_class = EXCLUDED.error_class, error = EXCLUDED.error
+                 WHERE provider_calls.outcome = 'started'", // STARTED
             )
             .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.run).collect::<Vec<_>>())
@@ -240,6 +255,7 @@ impl Ledger {
             .bind(calls.iter().map(|c| c.error.as_deref()).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.worker.as_str()).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::Ledger;
+use llmq_shared::ledger::{CallRow, Ledger};
 use llmq_shared::queue::{Client, FinishKind};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,27 @@ pub struct Pending {
     pub done: oneshot::Sender<bool>,
 }
 
+/// A call's row to commit before the call is made, and who waits for it.
+type Start = (CallRow, oneshot::Sender<bool>);
+
+/// Records each provider call in the ledger, outcome `started`, before it is made, so a worker
+/// that dies during a call still leaves a row for a call the provider may bill. Rows are
+/// committed in batches, like outcomes.
+#[derive(Debug, Clone)]
+pub struct CallStarts(mpsc::UnboundedSender<Start>);
+
+impl CallStarts {
+    /// Waits until `row` is committed: `true`, or `false` when it could not be before the
+    /// hard stop (the call must then not be made).
+    pub async fn record(&self, row: CallRow) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send((row, tx)).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
 /// The write path's settings.
 #[derive(Clone)]
 pub struct Finisher {
@@ -47,14 +68,40 @@ pub struct Finisher {
 
 impl Finisher {
     /// Starts both stages; outcomes go in through the returned sender. Both loops end when
-    /// every sender is dropped and what was sent is written.
-    pub fn spawn(self, tasks: &tokio_util::task::TaskTracker) -> mpsc::UnboundedSender<Pending> {
+    /// every sender is dropped and what was sent is written. With a ledger, also starts the
+    /// loop that records calls before they are made.
+    pub fn spawn(
+        self,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> (mpsc::UnboundedSender<Pending>, Option<CallStarts>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let (acks_tx, acks_rx) = mpsc::unbounded_channel();
         let this = Arc::new(self);
+        let starts = this.ledger.is_some().then(|| {
+            let (starts_tx, starts_rx) = mpsc::unbounded_channel();
+            tasks.spawn(Arc::clone(&this).starts_stage(starts_rx));
+            CallStarts(starts_tx)
+        });
         tasks.spawn(Arc::clone(&this).ledger_stage(rx, acks_tx));
         tasks.spawn(this.redis_stage(acks_rx));
-        tx
+        (tx, starts)
+    }
+
+    /// Commits `started` rows in batches and tells each caller when its row is in.
+    async fn starts_stage(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Start>) {
+        let Some(ledger) = &self.ledger else { return };
+        while let Some(batch) = next_batch(&mut rx).await {
+            let (rows, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let written = self
+                .retry("recording calls in the ledger", || {
+                    ledger.record(&rows, &[])
+                })
+                .await
+                .is_some();
+            for done in waiters {
+                let _ = done.send(written);
+            }
+        }
     }
 
     async fn ledger_stage(
@@ -273,7 +320,7 @@ impl Finisher {
     }
 }
 
-async fn next_batch(rx: &mut mpsc::UnboundedReceiver<Pending>) -> Option<Vec<Pending>> {
+async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {
     let first = rx.recv().await?;
     let mut batch = Vec::with_capacity(64);
     batch.push(first);

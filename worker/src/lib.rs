@@ -225,7 +225,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let hard_stop = CancellationToken::new();
     let done = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let finisher = Finisher {
+    let (finisher, call_starts) = Finisher {
         redis: redis.clone(),
         ledger,
         consumer: worker_id.clone(),
@@ -291,6 +291,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             attempt_timeout: settings.attempt_timeout,
             hard_stop: hard_stop.clone(),
             read_pause,
+            call_starts,
         },
         finisher,
         inflight: Arc::clone(&inflight),

@@ -801,6 +801,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
             let rows: Vec<llmq_shared::ledger::CallRow> = (0..64)
                 .map(|_| llmq_shared::ledger::CallRow {
                     task_id: uuid::Uuid::new_v4(),
+                    delivery: uuid::Uuid::new_v4(),
                     run: 0,
                     attempt: 1,
                     call_no: 1,

@@ -138,6 +138,8 @@ struct Shared {
     /// Requests that came over HTTP/2 (h2c), any route.
     http2: AtomicU64,
     per_model: Mutex<HashMap<String, u64>>,
+    /// Valid chat requests per last user message, so a test can match calls to tasks.
+    per_prompt: Mutex<HashMap<String, u64>>,
     /// Requests seen per conversation hash, for `flaky`.
     flaky: Mutex<HashMap<u64, u64>>,
 }
@@ -150,6 +152,7 @@ impl Shared {
             total: AtomicU64::new(0),
             http2: AtomicU64::new(0),
             per_model: Mutex::new(HashMap::new()),
+            per_prompt: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
         }
     }
@@ -253,6 +256,19 @@ impl MockServer {
     #[must_use]
     pub fn calls(&self, model: &str) -> u64 {
         self.state.calls(model)
+    }
+
+    /// Valid chat requests received whose last user message is `prompt`, whatever their
+    /// outcome (a request whose client went away before the answer is counted too: a real
+    /// provider bills it).
+    #[must_use]
+    pub fn calls_with_prompt(&self, prompt: &str) -> u64 {
+        let map = self
+            .state
+            .per_prompt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(prompt).copied().unwrap_or(0)
     }
 
     /// Requests received over HTTP/2 (h2c), any route.
@@ -594,6 +610,12 @@ enum Outcome {
 
 /// Applies the request's behaviour: sleeps for the slow ones, counts the flaky ones.
 async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
+    *state
+        .per_prompt
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(conv.last_user().to_owned())
+        .or_insert(0) += 1;
     let behaviour = marker(conv.last_user())
         .or_else(|| magic(&conv.model))
         .unwrap_or(Behaviour::Normal);

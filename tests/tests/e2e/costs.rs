@@ -50,6 +50,7 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
         };
         rows.push(CallRow {
             task_id: uuid::Uuid::new_v4(),
+            delivery: uuid::Uuid::new_v4(),
             run: 0,
             attempt: 1,
             call_no: 1,

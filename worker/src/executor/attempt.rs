@@ -13,12 +13,13 @@ use chrono::{DateTime, Utc};
 use llmq_shared::circuit::Admission;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::CallRow;
+use llmq_shared::ledger::{CallRow, STARTED};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::quota::{Decision, Reservation};
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
+use uuid::Uuid;
 
 use super::Executor;
 
@@ -132,6 +133,8 @@ enum Stop {
 /// One attempt of one task.
 pub(super) struct Attempt<'a> {
     pub exec: &'a Executor,
+    /// This delivery of the task, which keys its calls in the ledger.
+    pub delivery: Uuid,
     pub env: &'a Envelope,
     pub queue: &'a QueueKeys,
     pub task_type: &'a str,
@@ -433,7 +436,39 @@ impl Attempt<'_> {
             temperature: env.temperature,
             timeout: env.timeout(),
         };
-        let called_at = Utc::now();
+        // The row goes in before the call, so a worker that dies during it leaves a trace
+        // of a call the provider may bill.
+        let row = self.calls.len();
+        self.calls.push(CallRow {
+            task_id: env.id.unwrap_or_default(),
+            delivery: self.delivery,
+            run: env.replays as i32,
+            attempt: self.number as i32,
+            call_no: row as i32 + 1,
+            queue: self.queue.name().to_owned(),
+            chain_id: env.chain_id.clone(),
+            task_type: self.task_type.to_owned(),
+            provider: name.to_owned(),
+            model: cand.model.id.clone(),
+            input_tokens: 0,
+            output_tokens: 0,
+            cached_tokens: 0,
+            reasoning_tokens: 0,
+            cost_usd: 0.0,
+            latency_ms: 0,
+            outcome: STARTED.into(),
+            error_class: None,
+            error: None,
+            worker: exec.worker_id.clone(),
+            called_at: Utc::now(),
+        });
+        if let Some(starts) = &exec.call_starts
+            && !starts.record(self.calls[row].clone()).await
+        {
+            // Only at the hard stop, which the caller races this against: it hands the task
+            // back without a call.
+            return std::future::pending().await;
+        }
         let started = Instant::now();
         let result = match exec.clients.get(name) {
             Some(client) => client.complete(&req).await,
@@ -457,30 +492,16 @@ impl Attempt<'_> {
         }
         record_call(name, &cand.model.id, &result, took, &usage, cost);
         let error = result.as_ref().err();
-        self.calls.push(CallRow {
-            task_id: env.id.unwrap_or_default(),
-            run: env.replays as i32,
-            attempt: self.number as i32,
-            // Unique within the attempt; a wait in delayed repeats the attempt, so its
-            // calls start at the next thousand.
-            call_no: (env.snoozes * 1000) as i32 + self.calls.len() as i32 + 1,
-            queue: self.queue.name().to_owned(),
-            chain_id: env.chain_id.clone(),
-            task_type: self.task_type.to_owned(),
-            provider: name.to_owned(),
-            model: cand.model.id.clone(),
-            input_tokens: usage.input_tokens as i64,
-            output_tokens: usage.output_tokens as i64,
-            cached_tokens: usage.cached_tokens as i64,
-            reasoning_tokens: usage.reasoning_tokens as i64,
-            cost_usd: cost,
-            latency_ms: i32::try_from(took.as_millis()).unwrap_or(i32::MAX),
-            outcome: if error.is_some() { "error" } else { "ok" }.into(),
-            error_class: error.map(|e| e.class.to_string()),
-            error: error.map(ToString::to_string),
-            worker: exec.worker_id.clone(),
-            called_at,
-        });
+        let call = &mut self.calls[row];
+        call.input_tokens = usage.input_tokens as i64;
+        call.output_tokens = usage.output_tokens as i64;
+        call.cached_tokens = usage.cached_tokens as i64;
+        call.reasoning_tokens = usage.reasoning_tokens as i64;
+        call.cost_usd = cost;
+        call.latency_ms = i32::try_from(took.as_millis()).unwrap_or(i32::MAX);
+        call.outcome = if error.is_some() { "error" } else { "ok" }.into();
+        call.error_class = error.map(|e| e.class.to_string());
+        call.error = error.map(ToString::to_string);
         result
     }
 }

@@ -17,7 +17,7 @@ use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, TaskRow};
+use llmq_shared::ledger::{CallRow, STARTED, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
@@ -26,6 +26,7 @@ use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 pub mod attempt;
 mod chain;
@@ -56,6 +57,8 @@ pub struct Executor {
     /// fetcher reads nothing until then (at most a few seconds at a time), so tasks wait in
     /// Redis, not in memory.
     pub read_pause: Arc<ReadPause>,
+    /// Records each call before it is made; `None` without a ledger.
+    pub call_starts: Option<crate::finisher::CallStarts>,
 }
 
 /// When the fetcher may read again, in ms since the epoch (0: now).
@@ -113,7 +116,12 @@ pub enum ChainWrite {
 }
 
 impl Finished {
-    fn new(queue: Arc<QueueKeys>, finish: Finish, calls: Vec<CallRow>) -> Self {
+    fn new(queue: Arc<QueueKeys>, finish: Finish, mut calls: Vec<CallRow>) -> Self {
+        // A call still running when its attempt ended (a timeout, the hard stop) was given up
+        // on: the provider may bill it, its usage is unknown.
+        for call in calls.iter_mut().filter(|c| c.outcome == STARTED) {
+            call.outcome = "abandoned".into();
+        }
         Self {
             queue,
             finish,
@@ -257,6 +265,7 @@ impl Executor {
                 // Attempt.
                 let attempt = Attempt {
                     exec: self,
+                    delivery: Uuid::new_v4(),
                     env: &call_env,
                     queue: &queue,
                     task_type: &task_type,
