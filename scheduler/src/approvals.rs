@@ -14,11 +14,7 @@ impl Scheduler {
     /// Redis fails.
     pub async fn expire_approvals(&mut self) -> Result<String> {
         let now = self.now();
-        let queues = if self.queues.is_empty() {
-            self.redis.known_queues().await?
-        } else {
-            self.queues.clone()
-        };
+        let queues = self.served_queues().await?;
         let mut decided = 0usize;
         for queue in &queues {
             let keys = QueueKeys::new(queue);

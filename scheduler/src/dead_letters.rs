@@ -32,11 +32,7 @@ impl Scheduler {
     /// # Errors
     /// Redis or Postgres fails; [`crate::Error::NotLeader`] when another instance took over.
     pub async fn archive_dead_letters(&mut self) -> Result<String> {
-        let queues = if self.queues.is_empty() {
-            self.redis.known_queues().await?
-        } else {
-            self.queues.clone()
-        };
+        let queues = self.served_queues().await?;
         let (mut archived, mut trimmed) = (0, 0);
         for queue in &queues {
             let keys = QueueKeys::new(queue);

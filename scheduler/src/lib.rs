@@ -57,6 +57,7 @@ use llmq_shared::queue::Client;
 
 mod approvals;
 mod dead_letters;
+mod gauges;
 mod lease;
 mod recurring;
 mod windows;
@@ -178,14 +179,16 @@ pub enum Duty {
     DeadLetters,
     Recurring,
     Approvals,
+    Gauges,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 4] = [
+    pub const ALL: [Duty; 5] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
         Duty::Approvals,
+        Duty::Gauges,
     ];
 
     /// Its field in the duties hash.
@@ -196,6 +199,7 @@ impl Duty {
             Duty::DeadLetters => "dead_letters",
             Duty::Recurring => "recurring",
             Duty::Approvals => "approvals",
+            Duty::Gauges => "gauges",
         }
     }
 }
@@ -218,6 +222,10 @@ pub struct Scheduler {
     windows_closed: Option<NaiveDate>,
     /// When each duty is due next; empty right after taking the lease.
     next_run: HashMap<Duty, Instant>,
+    /// Queues and (provider, quota) pairs whose gauges this instance set, to zero them
+    /// when it loses the lease.
+    gauged_queues: Vec<String>,
+    gauged_quotas: Vec<(String, String)>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -266,6 +274,8 @@ impl Scheduler {
             config: settings.config,
             windows_closed: None,
             next_run: HashMap::new(),
+            gauged_queues: Vec::new(),
+            gauged_quotas: Vec::new(),
         })
     }
 
@@ -305,6 +315,16 @@ impl Scheduler {
             Duty::QuotaWindows => self.quota_every,
             Duty::DeadLetters => self.dead_letters_every,
             Duty::Recurring | Duty::Approvals => self.pause(),
+            Duty::Gauges => gauges::EVERY,
+        }
+    }
+
+    /// The queues given with `--queue`, or else every queue a worker has served.
+    async fn served_queues(&self) -> Result<Vec<String>> {
+        if self.queues.is_empty() {
+            Ok(self.redis.known_queues().await?)
+        } else {
+            Ok(self.queues.clone())
         }
     }
 
@@ -377,6 +397,7 @@ impl Scheduler {
             tracing::warn!(error = %e, "cannot reach the scheduler lease");
         }
         if !self.lease.holds() {
+            self.zero_gauges();
             return false;
         }
         for duty in Duty::ALL {
@@ -413,6 +434,7 @@ impl Scheduler {
             Duty::DeadLetters => self.archive_dead_letters().await,
             Duty::Recurring => self.enqueue_recurring().await,
             Duty::Approvals => self.expire_approvals().await,
+            Duty::Gauges => self.publish_gauges().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

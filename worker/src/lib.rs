@@ -240,12 +240,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         settings.promote_every,
         stop.clone(),
     ));
-    tasks.spawn(maintenance::gauges(
-        redis.clone(),
-        queues.clone(),
-        settings.config.clone(),
-        done.clone(),
-    ));
     tasks.spawn(maintenance::heartbeat(
         redis.clone(),
         worker_id.clone(),

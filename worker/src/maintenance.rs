@@ -120,38 +120,3 @@ pub async fn refresh(
         }
     }
 }
-
-/// Publishes queue depths and quota use as Prometheus gauges every few seconds.
-pub async fn gauges(
-    redis: Client,
-    queues: Vec<Arc<QueueKeys>>,
-    config: llmq_shared::config::Config,
-    stop: CancellationToken,
-) {
-    let limiter = llmq_shared::quota::Limiter::new(redis.clone());
-    loop {
-        for q in &queues {
-            if let Ok(c) = redis.counts(q).await {
-                let name = q.name().to_owned();
-                metrics::gauge!("llmq_queue_ready", "queue" => name.clone()).set(c.ready as f64);
-                metrics::gauge!("llmq_queue_in_flight", "queue" => name.clone())
-                    .set(c.in_flight as f64);
-                metrics::gauge!("llmq_queue_delayed", "queue" => name.clone())
-                    .set(c.delayed as f64);
-                metrics::gauge!("llmq_queue_dead", "queue" => name).set(c.dead as f64);
-            }
-        }
-        for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
-            if let Ok(lines) = limiter.usage(&p.name, &p.quotas, chrono::Utc::now()).await {
-                for l in lines {
-                    let ratio = if l.limit > 0.0 { l.used / l.limit } else { 0.0 };
-                    metrics::gauge!("llmq_quota_used_ratio", "provider" => l.provider, "quota" => l.quota).set(ratio);
-                }
-            }
-        }
-        tokio::select! {
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-            () = stop.cancelled() => return,
-        }
-    }
-}

@@ -14,6 +14,7 @@ use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use llmq_scheduler::{Clock, Duty, Error, Scheduler, Settings};
 use llmq_shared::archive::{self, RECURRING_FIELD};
 use llmq_shared::config::{Config, Quotas, Recurring};
+use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::Client;
@@ -888,4 +889,108 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
     assert!(exit.success(), "{exit:?}");
     assert_eq!(lease_holder(&env).await, None, "released on SIGTERM");
     let _ = std::fs::remove_file(config);
+}
+
+/// `queue`'s value of gauge `name` in the process's Prometheus output.
+fn gauge(name: &str, queue: &str) -> Option<f64> {
+    let text = llmq_shared::health::recorder().unwrap().render();
+    let prefix = format!("{name}{{queue=\"{queue}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+async fn xlen(env: &TestEnv) -> u64 {
+    let mut c = env.redis.conn().await.unwrap();
+    redis::cmd("XLEN")
+        .arg(env.keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// What KEDA's stream-length trigger reads (`XLEN`) is tasks waiting plus running, never the
+/// delayed or the dead ones; the lease holder's `llmq_queue_backlog` says the same, and a
+/// scheduler that lost the lease shows 0 so a sum over pods stays right.
+#[tokio::test]
+async fn the_stream_length_is_waiting_plus_running_and_the_lease_holder_publishes_it() {
+    let env = TestEnv::new().await.unwrap();
+    llmq_shared::health::recorder().unwrap();
+    let mut s = env.settings();
+    s.concurrency = 1;
+    let worker = llmq_tests::harness::WorkerHandle::start(s);
+
+    // A dead letter, then one running task with three waiting behind it, and one delayed.
+    let mut dead = Envelope::new("dies");
+    dead.model = Some("fail-400".into());
+    env.redis.enqueue_many(&env.keys, &[dead]).await.unwrap();
+    env.eventually("the dead letter", Duration::from_secs(10), || async {
+        env.redis.counts(&env.keys).await.unwrap().dead == 1
+    })
+    .await
+    .unwrap();
+    let mut slow = Envelope::new("runs");
+    slow.model = Some("slow-5000".into());
+    let mut later = Envelope::new("later");
+    later.run_at = Some(Utc::now() + chrono::Duration::hours(1));
+    let mut batch = vec![slow];
+    batch.extend((0..3).map(|i| Envelope::new(format!("waits {i}"))));
+    batch.push(later);
+    env.redis.enqueue_many(&env.keys, &batch).await.unwrap();
+    env.eventually("the slow task running", Duration::from_secs(10), || async {
+        env.redis.counts(&env.keys).await.unwrap().in_flight == 1
+    })
+    .await
+    .unwrap();
+
+    let c = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((c.ready, c.in_flight, c.delayed, c.dead), (3, 1, 1, 1));
+    assert_eq!(xlen(&env).await, c.ready + c.in_flight);
+
+    let clock = TestClock::at(Utc::now());
+    let mut holder = Scheduler::connect(settings(
+        "gauges",
+        LONG_LEASE,
+        Config::default(),
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap();
+    assert!(holder.acquire().await.unwrap());
+    holder.run_duty(Duty::Gauges).await.unwrap();
+    assert_eq!(gauge("llmq_queue_backlog", &env.queue), Some(4.0));
+    assert_eq!(gauge("llmq_queue_delayed", &env.queue), Some(1.0));
+    assert_eq!(gauge("llmq_queue_dead", &env.queue), Some(1.0));
+
+    env.eventually("the stream drained", Duration::from_secs(20), || async {
+        let c = env.redis.counts(&env.keys).await.unwrap();
+        c.ready + c.in_flight == 0
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        xlen(&env).await,
+        0,
+        "delayed and dead tasks are not in the stream"
+    );
+    holder.run_duty(Duty::Gauges).await.unwrap();
+    assert_eq!(gauge("llmq_queue_backlog", &env.queue), Some(0.0));
+    assert_eq!(gauge("llmq_queue_dead", &env.queue), Some(1.0));
+
+    // Losing the lease to another instance zeroes what this one published.
+    holder.release().await.unwrap();
+    let mut other = Scheduler::connect(settings(
+        "gauges-b",
+        LONG_LEASE,
+        Config::default(),
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap();
+    assert!(other.acquire().await.unwrap());
+    assert!(!holder.tick(&CancellationToken::new()).await);
+    assert_eq!(gauge("llmq_queue_dead", &env.queue), Some(0.0));
+    worker.stop().await.unwrap();
 }

@@ -1,0 +1,90 @@
+//! The `gauges` duty: queue depths and quota use as Prometheus gauges, published by the
+//! scheduler that holds the lease and by no one else, so a sum over pods counts each queue
+//! once (workers used to publish them, and N worker replicas counted every queue N times).
+//!
+//! `llmq_queue_backlog{queue}` is what an autoscaler wants: tasks waiting plus running, the
+//! same number as `XLEN` of the queue's stream (llmq deletes an entry when its task ends).
+//! A scheduler that loses the lease sets what it published to 0, so a sum stays right.
+
+use std::time::Duration;
+
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::quota::Limiter;
+
+use crate::{Result, Scheduler};
+
+/// How often the holder publishes.
+pub(crate) const EVERY: Duration = Duration::from_secs(5);
+
+/// The per-queue gauges, with the count each one shows.
+const QUEUE_GAUGES: [&str; 5] = [
+    "llmq_queue_ready",
+    "llmq_queue_in_flight",
+    "llmq_queue_delayed",
+    "llmq_queue_dead",
+    "llmq_queue_backlog",
+];
+
+impl Scheduler {
+    /// Publishes every served queue's depths and every quota's use. Returns what it did.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn publish_gauges(&mut self) -> Result<String> {
+        let queues = self.served_queues().await?;
+        for queue in &queues {
+            let c = self.redis.counts(&QueueKeys::new(queue)).await?;
+            let values = [
+                c.ready,
+                c.in_flight,
+                c.delayed,
+                c.dead,
+                c.ready + c.in_flight,
+            ];
+            for (name, value) in QUEUE_GAUGES.iter().zip(values) {
+                metrics::gauge!(*name, "queue" => queue.clone()).set(value as f64);
+            }
+            if !self.gauged_queues.contains(queue) {
+                self.gauged_queues.push(queue.clone());
+            }
+        }
+        let limiter = Limiter::new(self.redis.clone());
+        let now = self.now();
+        let mut quotas = 0;
+        for p in self
+            .config
+            .providers
+            .iter()
+            .filter(|p| !p.quotas.is_empty())
+        {
+            for l in limiter.usage(&p.name, &p.quotas, now).await? {
+                let ratio = if l.limit > 0.0 { l.used / l.limit } else { 0.0 };
+                let key = (l.provider, l.quota);
+                metrics::gauge!("llmq_quota_used_ratio", "provider" => key.0.clone(), "quota" => key.1.clone())
+                    .set(ratio);
+                if !self.gauged_quotas.contains(&key) {
+                    self.gauged_quotas.push(key);
+                }
+                quotas += 1;
+            }
+        }
+        Ok(format!(
+            "published the depths of {} queue(s) and the use of {quotas} quota(s)",
+            queues.len()
+        ))
+    }
+
+    /// Sets every gauge this instance published to 0: it no longer holds the lease, and the
+    /// holder publishes the real figures.
+    pub(crate) fn zero_gauges(&mut self) {
+        for queue in self.gauged_queues.drain(..) {
+            for name in QUEUE_GAUGES {
+                metrics::gauge!(name, "queue" => queue.clone()).set(0.0);
+            }
+        }
+        for (provider, quota) in self.gauged_quotas.drain(..) {
+            metrics::gauge!("llmq_quota_used_ratio", "provider" => provider, "quota" => quota)
+                .set(0.0);
+        }
+    }
+}
