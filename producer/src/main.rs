@@ -6,7 +6,7 @@ use clap::Parser;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    llmq_shared::telemetry::init("warn");
+    let _traces = llmq_shared::telemetry::init("warn", "llmq");
     let cli = llmq::cli::Cli::parse();
     ExitCode::from(llmq::run(cli, &mut std::io::stdout()).await)
 }

@@ -45,9 +45,18 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         env.run_at = Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
     }
     let id = env.id.map(|u| u.to_string()).unwrap_or_default();
+    // With traces exported, the worker's spans for this task join the submit's trace.
+    let span = tracing::trace_span!(
+        target: llmq_shared::telemetry::TARGET,
+        "llmq.submit",
+        llmq.task.id = %id,
+        llmq.queue = %args.queue,
+    );
+    env.traceparent = llmq_shared::telemetry::traceparent(&span);
     let keys = QueueKeys::new(&args.queue);
     redis.ensure_group(&keys).await?;
     redis.enqueue(&keys, &env).await?;
+    drop(span);
     if !args.wait {
         match args.format {
             Format::Text => emit(out, &format!("{id}\n")),

@@ -20,7 +20,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    llmq_shared::telemetry::init("info");
+    let _traces = llmq_shared::telemetry::init("info", "llmq-scheduler");
     let Args {
         config,
         mut settings,

@@ -222,6 +222,10 @@ pub struct Envelope {
     /// When the producer enqueued it; `llmq` sets it, other producers may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// The producer's W3C trace context (`00-<trace id>-<span id>-<flags>`): the worker's
+    /// spans for this task join that trace. A malformed value is ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     /// Attempts already used up. Set by workers; producers leave it out.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
@@ -274,6 +278,7 @@ impl Envelope {
             temperature: None,
             metadata: None,
             enqueued_at: None,
+            traceparent: None,
             attempts: 0,
             snoozes: 0,
             waiting_since: None,

@@ -299,6 +299,20 @@ impl WorkerProcess {
     /// # Errors
     /// The file cannot be written or the binary started.
     pub fn spawn_with(env: &TestEnv, config_text: &str, extra: &[&str]) -> anyhow::Result<Self> {
+        Self::spawn_with_vars(env, config_text, extra, &[])
+    }
+
+    /// Starts `llmq-worker` with the provider file `config_text` and these environment
+    /// variables besides the usual ones.
+    ///
+    /// # Errors
+    /// The file cannot be written or the binary started.
+    pub fn spawn_with_vars(
+        env: &TestEnv,
+        config_text: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let config = std::env::temp_dir().join(format!(
             "llmq-{}-{}.yaml",
             env.queue,
@@ -311,6 +325,7 @@ impl WorkerProcess {
             .env("LLMQ_CONFIG", &config)
             .env("LLMQ_MOCK_URL", env.mock.url())
             .env("RUST_LOG", "warn")
+            .envs(vars.iter().copied())
             .args(["--queue", &env.queue, "--retry-base", "50ms"])
             .args(extra)
             .stdout(Stdio::null())

@@ -19,7 +19,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    llmq_shared::telemetry::init("info");
+    let _traces = llmq_shared::telemetry::init("info", "llmq-worker");
     let Args {
         config,
         mut settings,

@@ -14,3 +14,4 @@ mod providers;
 mod quota;
 mod routing;
 mod scheduler;
+mod traces;

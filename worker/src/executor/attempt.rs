@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use llmq_shared::circuit::Admission;
+use llmq_shared::config::Kind;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, STARTED};
@@ -19,6 +20,8 @@ use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::quota::{Decision, Reservation};
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
+use llmq_shared::telemetry;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::Executor;
@@ -469,9 +472,23 @@ impl Attempt<'_> {
             // back without a call.
             return std::future::pending().await;
         }
+        let span = tracing::trace_span!(
+            target: telemetry::TARGET,
+            "gen_ai.call",
+            otel.name = %format_args!("chat {}", req.model),
+            otel.kind = "client",
+            gen_ai.operation.name = "chat",
+            gen_ai.system = gen_ai_system(cand.provider.kind),
+            gen_ai.request.model = %req.model,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            error.type = tracing::field::Empty,
+            llmq.provider = name,
+            llmq.cost_usd = tracing::field::Empty,
+        );
         let started = Instant::now();
         let result = match exec.clients.get(name) {
-            Some(client) => client.complete(&req).await,
+            Some(client) => client.complete(&req).instrument(span.clone()).await,
             None => Err(provider::Error::new(
                 name,
                 &req.model,
@@ -491,6 +508,16 @@ impl Attempt<'_> {
             tracing::warn!(provider = name, "reconciling the quota failed: {e}");
         }
         record_call(name, &cand.model.id, &result, took, &usage, cost);
+        if !span.is_disabled() {
+            // As i64: OpenTelemetry has no unsigned integers, and a u64 would go as text.
+            let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+            span.record("gen_ai.usage.input_tokens", tokens(usage.input_tokens));
+            span.record("gen_ai.usage.output_tokens", tokens(usage.output_tokens));
+            span.record("llmq.cost_usd", cost);
+            if let Err(e) = &result {
+                span.record("error.type", e.class.as_str());
+            }
+        }
         let error = result.as_ref().err();
         let call = &mut self.calls[row];
         call.input_tokens = usage.input_tokens as i64;
@@ -503,6 +530,17 @@ impl Attempt<'_> {
         call.error_class = error.map(|e| e.class.to_string());
         call.error = error.map(ToString::to_string);
         result
+    }
+}
+
+/// `gen_ai.system` of the OpenTelemetry GenAI conventions for a provider kind.
+fn gen_ai_system(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Openai | Kind::OpenaiCompatible => "openai",
+        Kind::Anthropic => "anthropic",
+        Kind::Gemini => "gcp.gemini",
+        Kind::Ollama => "ollama",
+        Kind::Command => "_OTHER",
     }
 }
 

@@ -25,7 +25,9 @@ use llmq_shared::queue::{Client, Delivery, Finish, StepOutcome, StepState, now_m
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
+use llmq_shared::telemetry;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 pub mod attempt;
@@ -251,6 +253,22 @@ impl Executor {
         }
 
         // Plan.
+        let span = tracing::trace_span!(
+            target: telemetry::TARGET,
+            "llmq.task",
+            otel.name = %format_args!("task {task_type}"),
+            llmq.task.id = %task_id,
+            llmq.task.type = %task_type,
+            llmq.queue = queue.name(),
+            llmq.chain.id = env.chain_id.as_deref(),
+            llmq.attempt = env.attempts + 1,
+            llmq.cost_usd = tracing::field::Empty,
+        );
+        if let Some(parent) = env.traceparent.as_deref()
+            && !span.is_disabled()
+        {
+            telemetry::join_trace(&span, parent);
+        }
         let mut calls = Vec::new();
         let started = Instant::now();
         let planned = routing::plan(&self.config, &call_env, &constraints, &Stats::default());
@@ -272,7 +290,8 @@ impl Executor {
                     number: env.attempts + 1,
                     calls: &mut calls,
                 };
-                match tokio::time::timeout(self.attempt_timeout, attempt.run(&plan)).await {
+                let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
+                match run.instrument(span.clone()).await {
                     Ok(tried) => tried,
                     Err(_) => self.timed_out(plan.reason.clone(), &calls),
                 }
@@ -298,6 +317,7 @@ impl Executor {
         }
         // A fold from 0.0: an empty f64 sum is -0.0.
         record.cost_usd = calls.iter().map(|c| c.cost_usd).fold(0.0, |a, b| a + b);
+        span.record("llmq.cost_usd", record.cost_usd);
         // A judge's pick, a review's verdict.
         let outcome = match (tried.outcome, &reading) {
             (Outcome::Answered(c), Some(read)) => match chain::read(read, &c.text) {
