@@ -59,6 +59,7 @@ mod approvals;
 mod dead_letters;
 mod gauges;
 mod lease;
+mod promote;
 mod recurring;
 mod windows;
 
@@ -180,15 +181,17 @@ pub enum Duty {
     Recurring,
     Approvals,
     Gauges,
+    Promote,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 5] = [
+    pub const ALL: [Duty; 6] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
         Duty::Approvals,
         Duty::Gauges,
+        Duty::Promote,
     ];
 
     /// Its field in the duties hash.
@@ -200,6 +203,7 @@ impl Duty {
             Duty::Recurring => "recurring",
             Duty::Approvals => "approvals",
             Duty::Gauges => "gauges",
+            Duty::Promote => "promote",
         }
     }
 }
@@ -314,7 +318,7 @@ impl Scheduler {
         match duty {
             Duty::QuotaWindows => self.quota_every,
             Duty::DeadLetters => self.dead_letters_every,
-            Duty::Recurring | Duty::Approvals => self.pause(),
+            Duty::Recurring | Duty::Approvals | Duty::Promote => self.pause(),
             Duty::Gauges => gauges::EVERY,
         }
     }
@@ -435,6 +439,7 @@ impl Scheduler {
             Duty::Recurring => self.enqueue_recurring().await,
             Duty::Approvals => self.expire_approvals().await,
             Duty::Gauges => self.publish_gauges().await,
+            Duty::Promote => self.promote_due().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

@@ -994,3 +994,33 @@ async fn the_stream_length_is_waiting_plus_running_and_the_lease_holder_publishe
     assert_eq!(gauge("llmq_queue_dead", &env.queue), Some(0.0));
     worker.stop().await.unwrap();
 }
+
+/// With no worker running (a pool scaled to zero), the lease holder moves a due delayed task
+/// back to its stream, where the autoscaler sees it.
+#[tokio::test]
+async fn the_lease_holder_moves_due_delayed_tasks_to_the_stream_with_no_worker_running() {
+    let env = TestEnv::new().await.unwrap();
+    let mut task = Envelope::new("due soon");
+    task.run_at = Some(Utc::now() + chrono::Duration::milliseconds(300));
+    env.redis.enqueue_many(&env.keys, &[task]).await.unwrap();
+    assert_eq!(xlen(&env).await, 0);
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().delayed, 1);
+
+    let clock = TestClock::at(Utc::now());
+    let mut s = Scheduler::connect(settings(
+        "promote",
+        LONG_LEASE,
+        Config::default(),
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap();
+    assert!(s.acquire().await.unwrap());
+    s.run_duty(Duty::Promote).await.unwrap();
+    assert_eq!(xlen(&env).await, 0, "not due yet");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let did = s.run_duty(Duty::Promote).await.unwrap();
+    assert_eq!(xlen(&env).await, 1, "{did}");
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().delayed, 0);
+}
