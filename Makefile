@@ -5,7 +5,7 @@ CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
 
-.PHONY: help demo test bench bench-bullmq lint fmt build services examples-deps
+.PHONY: help demo test bench bench-bullmq lint fmt build services examples-deps deploy-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,3 +38,6 @@ services: ## Make sure Redis and Postgres answer (starting them if needed)
 examples-deps: ## Install what the Python and Node producer examples need
 	@python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
 	@[ -d examples/node/node_modules/redis ] || (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
+
+deploy-check: ## Check the Dockerfile and the Kubernetes manifests offline (kustomize, schemas, lints, deploy/tests)
+	@deploy/check.sh

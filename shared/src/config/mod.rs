@@ -288,6 +288,14 @@ routing:
             &any,
         )
         .unwrap();
+        // The provider file the Kubernetes manifests mount.
+        let kubernetes = Config::parse(
+            "deploy/kubernetes/base/providers.yaml",
+            include_str!("../../../deploy/kubernetes/base/providers.yaml"),
+            &any,
+        )
+        .unwrap();
+        assert!(!kubernetes.providers.is_empty());
         Config::parse(
             "providers.openai.yaml",
             include_str!("../../../examples/providers.openai.yaml"),

@@ -1,0 +1,243 @@
+"""Each check notices what it is there for: break a copy of the rendered manifests (or of the
+Dockerfile) one way at a time and expect the check to name the problem."""
+
+from __future__ import annotations
+
+import base64
+import copy
+
+import pytest
+
+import checks
+
+
+def worker(docs):
+    return checks.workload_running(docs, "llmq-worker")
+
+
+def scheduler(docs):
+    return checks.workload_running(docs, "llmq-scheduler")
+
+
+def worker_cm(docs):
+    _, c = worker(docs)
+    name = next(s["configMapRef"]["name"] for s in c["envFrom"] if "configMapRef" in s)
+    return checks.named(docs, "ConfigMap", name)["data"]
+
+
+def trigger(docs, i=0):
+    return checks.by_kind(docs, "ScaledObject")[0]["spec"]["triggers"][i]
+
+
+def hpa(docs):
+    return checks.by_kind(docs, "HorizontalPodAutoscaler")[0]["spec"]
+
+
+def set_secret(docs, key, value):
+    s = checks.by_kind(docs, "Secret")[0]
+    s["data"][key] = base64.b64encode(value.encode()).decode()
+
+
+def csc(docs, program="llmq-worker"):
+    return checks.workload_running(docs, program)[1]["securityContext"]
+
+
+def psc(docs, program="llmq-worker"):
+    return checks.pod_spec(checks.workload_running(docs, program)[0])
+
+
+def drop(d, key):
+    del d[key]
+
+
+BREAKS = {
+    # KEDA
+    "consumerGroup": ("keda", checks.check_keda,
+                      lambda d: trigger(d)["metadata"].update(consumerGroup="llmq"), "consumerGroup"),
+    "lagCount": ("keda", checks.check_keda,
+                 lambda d: trigger(d)["metadata"].update(lagCount="5"), "lagCount"),
+    "pendingEntriesCount": ("keda", checks.check_keda,
+                            lambda d: trigger(d)["metadata"].update(pendingEntriesCount="5"),
+                            "pendingEntriesCount"),
+    "activationLagCount": ("keda", checks.check_keda,
+                           lambda d: trigger(d)["metadata"].update(activationLagCount="0"),
+                           "activationLagCount"),
+    "unknown key": ("keda", checks.check_keda,
+                    lambda d: trigger(d)["metadata"].update(listLength="5"), "not a redis-streams metadata key"),
+    "number, not string": ("keda", checks.check_keda,
+                           lambda d: trigger(d)["metadata"].update(streamLength=64), "not a string"),
+    "streamLength != concurrency": ("keda", checks.check_keda,
+                                    lambda d: trigger(d)["metadata"].update(streamLength="32"),
+                                    "!= LLMQ_CONCURRENCY"),
+    "concurrency changed alone": ("keda", checks.check_keda,
+                                  lambda d: worker_cm(d).update(LLMQ_CONCURRENCY="128"), "!= LLMQ_CONCURRENCY"),
+    "stream without braces": ("keda", checks.check_keda,
+                              lambda d: trigger(d)["metadata"].update(stream="llmq:default:stream"),
+                              "is not llmq:{<queue>}:stream"),
+    "stream of another queue": ("keda", checks.check_keda,
+                                lambda d: trigger(d)["metadata"].update(stream="llmq:{other}:stream"),
+                                "not in LLMQ_QUEUES"),
+    "a queue without trigger": ("keda", checks.check_keda,
+                                lambda d: worker_cm(d).update(LLMQ_QUEUES="default,bulk"), "bulk has 0 triggers"),
+    "two triggers for a queue": ("keda", checks.check_keda,
+                                 lambda d: checks.by_kind(d, "ScaledObject")[0]["spec"]["triggers"].append(
+                                     copy.deepcopy(trigger(d))), "default has 2 triggers"),
+    "minReplicaCount 1": ("keda", checks.check_keda,
+                          lambda d: checks.by_kind(d, "ScaledObject")[0]["spec"].update(minReplicaCount=1),
+                          "minReplicaCount"),
+    "no fallback": ("keda", checks.check_keda,
+                    lambda d: drop(checks.by_kind(d, "ScaledObject")[0]["spec"], "fallback"), "fallback"),
+    "fast scale-down": ("keda", checks.check_keda,
+                        lambda d: checks.by_kind(d, "ScaledObject")[0]["spec"]["advanced"]
+                        ["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+                        .update(stabilizationWindowSeconds=0), "stabilizationWindowSeconds"),
+    "wrong target": ("keda", checks.check_keda,
+                     lambda d: checks.by_kind(d, "ScaledObject")[0]["spec"]["scaleTargetRef"]
+                     .update(name="llmq-scheduler"), "not the worker Deployment"),
+    "missing TriggerAuthentication": ("keda", checks.check_keda,
+                                      lambda d: trigger(d)["authenticationRef"].update(name="nope"),
+                                      "does not exist"),
+    "auth key not in secret": ("keda", checks.check_keda,
+                               lambda d: checks.by_kind(d, "TriggerAuthentication")[0]["spec"]
+                               ["secretTargetRef"][0].update(key="redis-host"), "missing secret key"),
+    "KEDA on another Redis": ("keda", checks.check_keda,
+                              lambda d: set_secret(d, "redis-address", "elsewhere:6379"), "not REDIS_URL's"),
+    "KEDA with another password": ("keda", checks.check_keda,
+                                   lambda d: set_secret(d, "redis-password", "other"), "password"),
+    "another database": ("keda", checks.check_keda,
+                         lambda d: set_secret(d, "REDIS_URL", "redis://:change-me@redis:6379/3"), "databaseIndex"),
+    "TLS Redis, plain KEDA": ("keda", checks.check_keda,
+                              lambda d: set_secret(d, "REDIS_URL", "rediss://:change-me@redis:6379/0"), "enableTLS"),
+    "an HPA beside KEDA": ("keda", checks.check_keda,
+                           lambda d: d.append({"kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"}}),
+                           "two autoscalers"),
+    # the static HPA
+    "averageValue != concurrency": ("static", checks.check_static_hpa,
+                                    lambda d: hpa(d)["metrics"][0]["external"]["target"]
+                                    .update(averageValue="10"), "!= LLMQ_CONCURRENCY"),
+    "HPA concurrency changed alone": ("static", checks.check_static_hpa,
+                                      lambda d: worker_cm(d).update(LLMQ_CONCURRENCY="16"), "!= LLMQ_CONCURRENCY"),
+    "Value, not AverageValue": ("static", checks.check_static_hpa,
+                                lambda d: hpa(d)["metrics"][0]["external"]["target"].update(type="Value"),
+                                "not AverageValue"),
+    "backlog of another queue": ("static", checks.check_static_hpa,
+                                 lambda d: hpa(d)["metrics"][0]["external"]["metric"]["selector"]
+                                 ["matchLabels"].update(queue="bulk"), "not one in LLMQ_QUEUES"),
+    "a queue without metric": ("static", checks.check_static_hpa,
+                               lambda d: worker_cm(d).update(LLMQ_QUEUES="default,bulk"), "bulk has 0 backlog"),
+    "another metric": ("static", checks.check_static_hpa,
+                       lambda d: hpa(d)["metrics"][0]["external"]["metric"].update(name="llmq_queue_ready"),
+                       "not External llmq_queue_backlog"),
+    "HPA fast scale-down": ("static", checks.check_static_hpa,
+                            lambda d: hpa(d)["behavior"]["scaleDown"]["policies"][0].update(value=5),
+                            "faster than 1 pod a minute"),
+    # the worker
+    "grace longer than the pod's": ("static", checks.check_worker,
+                                    lambda d: worker_cm(d).update(LLMQ_GRACE="1m"), "terminationGracePeriodSeconds"),
+    "no hand-back time": ("static", checks.check_worker,
+                          lambda d: psc(d).update(terminationGracePeriodSeconds=30), "terminationGracePeriodSeconds"),
+    "replicas on the worker": ("static", checks.check_worker,
+                               lambda d: worker(d)[0]["spec"].update(replicas=3), "replicas"),
+    "no worker PDB": ("static", checks.check_worker,
+                      lambda d: d.remove(next(p for p in checks.by_kind(d, "PodDisruptionBudget")
+                                              if "worker" in p["metadata"]["name"])), "PodDisruptionBudget"),
+    # the scheduler
+    "one scheduler": ("static", checks.check_scheduler,
+                      lambda d: scheduler(d)[0]["spec"].update(replicas=1), "at least 2"),
+    "scheduler on the worker's port": ("static", checks.check_scheduler,
+                                       lambda d: next(e for e in scheduler(d)[1]["env"]
+                                                      if e["name"] == "LLMQ_METRICS_LISTEN")
+                                       .update(value="0.0.0.0:9464"), "same metrics port"),
+    # probes
+    "liveness on readyz": ("static", checks.check_probes,
+                           lambda d: worker(d)[1]["livenessProbe"]["httpGet"].update(path="/readyz"), "/healthz"),
+    "readiness on healthz": ("static", checks.check_probes,
+                             lambda d: scheduler(d)[1]["readinessProbe"]["httpGet"].update(path="/healthz"),
+                             "/readyz"),
+    "probe port elsewhere": ("static", checks.check_probes,
+                             lambda d: worker_cm(d).update(LLMQ_METRICS_LISTEN="0.0.0.0:9999"), "port is not 9999"),
+    "no readiness": ("static", checks.check_probes,
+                     lambda d: drop(worker(d)[1], "readinessProbe"), "no httpGet readinessProbe"),
+    # security
+    "privilege escalation": ("static", checks.check_restricted,
+                             lambda d: csc(d).update(allowPrivilegeEscalation=True), "allowPrivilegeEscalation"),
+    "writable root": ("static", checks.check_restricted,
+                      lambda d: csc(d, "llmq-scheduler").update(readOnlyRootFilesystem=False),
+                      "readOnlyRootFilesystem"),
+    "capabilities kept": ("static", checks.check_restricted,
+                          lambda d: csc(d).update(capabilities={"drop": ["NET_RAW"]}), "drop ALL"),
+    "root": ("static", checks.check_restricted,
+             lambda d: (csc(d).update(runAsUser=0)), "runAsUser"),
+    "root by default": ("static", checks.check_restricted,
+                        lambda d: (drop(csc(d), "runAsNonRoot"), drop(psc(d)["securityContext"], "runAsNonRoot")),
+                        "runAsNonRoot"),
+    "no seccomp": ("static", checks.check_restricted,
+                   lambda d: (drop(csc(d), "seccompProfile"), drop(psc(d)["securityContext"], "seccompProfile")),
+                   "seccompProfile"),
+    "token mounted": ("static", checks.check_restricted,
+                      lambda d: psc(d, "llmq").update(automountServiceAccountToken=True),
+                      "automountServiceAccountToken"),
+    "hostPath": ("static", checks.check_restricted,
+                 lambda d: psc(d)["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "not allowed"),
+    "no memory limit": ("static", checks.check_restricted,
+                        lambda d: drop(worker(d)[1]["resources"], "limits"), "memory limit"),
+    # wiring
+    "missing ConfigMap": ("static", checks.check_references,
+                          lambda d: d.remove(checks.by_kind(d, "ConfigMap")[0]), "missing"),
+    "missing secret key": ("static", checks.check_references,
+                           lambda d: checks.workload_running(d, "llmq")[1]["env"][0]["valueFrom"]["secretKeyRef"]
+                           .update(key="NOPE"), "unresolved"),
+    "an API key missing": ("static", checks.check_provider_file,
+                           lambda d: checks.by_kind(d, "Secret")[0]["data"].pop("GEMINI_API_KEY"), "GEMINI_API_KEY"),
+    "provider file elsewhere": ("static", checks.check_provider_file,
+                                lambda d: worker_cm(d).update(LLMQ_CONFIG="/config/providers.yaml"),
+                                "nothing from a ConfigMap"),
+    "outside the namespace": ("static", checks.check_namespace,
+                              lambda d: d.append({"kind": "Service", "metadata": {"name": "x"}}),
+                              "not in namespace"),
+    "namespace not restricted": ("static", checks.check_namespace,
+                                 lambda d: checks.by_kind(d, "Namespace")[0]["metadata"]["labels"]
+                                 .update({"pod-security.kubernetes.io/enforce": "baseline"}), "restricted"),
+    "no common labels": ("static", checks.check_labels,
+                         lambda d: checks.by_kind(d, "Job")[0]["metadata"]["labels"]
+                         .pop("app.kubernetes.io/part-of"), "app.kubernetes.io/part-of"),
+    "job runs something else": ("static", checks.check_migration_job,
+                                lambda d: checks.workload_running(d, "llmq")[1].update(args=["status"]),
+                                "not llmq migrate"),
+    "job without ttl": ("static", checks.check_migration_job,
+                        lambda d: drop(checks.workload_running(d, "llmq")[0]["spec"], "ttlSecondsAfterFinished"),
+                        "ttlSecondsAfterFinished"),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_the_check_notices(rendered, name):
+    overlay, check, breaks, expected = BREAKS[name]
+    docs = copy.deepcopy(rendered[overlay])
+    assert not check(docs), "the check fails on the unbroken manifests"
+    breaks(docs)
+    problems = check(docs)
+    assert any(expected in p for p in problems), f"{name}: expected {expected!r} in {problems}"
+
+
+DOCKER_BREAKS = {
+    "root user": (("USER 65532:65532", "USER 0"), "runs as root"),
+    "named user": (("USER 65532:65532", "USER nonroot"), "not numeric"),
+    "no user": (("USER 65532:65532\n", ""), "no USER"),
+    "scheduler not copied": (("COPY --from=builder /src/target/release/llmq-scheduler "
+                              "/usr/local/bin/llmq-scheduler\n", ""), "does not copy"),
+    "scheduler not built": (("-p llmq-worker -p llmq-scheduler\n\n", "-p llmq-worker\n\n"), "is not built"),
+    "unlocked build": (("cargo build --release --locked", "cargo build --release"), "without --locked"),
+    "test tool shipped": (("ENTRYPOINT", "COPY --from=builder /src/target/release/llmq-mock /usr/local/bin/\n"
+                           "ENTRYPOINT"), "test tool"),
+}
+
+
+@pytest.mark.parametrize("name", list(DOCKER_BREAKS))
+def test_the_dockerfile_check_notices(rendered, dockerfile, name):
+    (old, new), expected = DOCKER_BREAKS[name]
+    programs = checks.programs_run(*rendered.values())
+    assert not checks.check_dockerfile(dockerfile, programs)
+    assert old in dockerfile, f"{name}: the Dockerfile no longer has {old!r}; update this test"
+    problems = checks.check_dockerfile(dockerfile.replace(old, new, 1), programs)
+    assert any(expected in p for p in problems), f"{name}: expected {expected!r} in {problems}"
