@@ -256,7 +256,7 @@ impl Attempt<'_> {
         let retry = &routing.retry;
         let name = cand.provider.name.as_str();
         let model = cand.model.id.as_str();
-        let probe = match exec.circuits.admit(name, model).await {
+        let probe = match Box::pin(exec.circuits.admit(name, model)).await {
             Ok(Admission::Call { probe }) => probe,
             Ok(Admission::Wait(open)) => {
                 let why = open.describe();
@@ -277,7 +277,7 @@ impl Attempt<'_> {
         let mut tries = 0;
         let mut rate_waits = 0;
         loop {
-            let reservation = match self.reserve(cand).await {
+            let reservation = match Box::pin(self.reserve(cand)).await {
                 Ok(r) => r,
                 Err(stop) => {
                     if let Stop::Later { why, .. } = &stop {
@@ -301,14 +301,18 @@ impl Attempt<'_> {
             };
             errors.push(e.to_string());
             let opened = match e.scope() {
-                Some(scope) => exec
-                    .circuits
-                    .failed(name, model, scope, &e.to_string(), &routing.cooldown)
-                    .await
-                    .unwrap_or_else(|err| {
-                        tracing::warn!(provider = name, "cannot count the failure: {err}");
-                        false
-                    }),
+                Some(scope) => Box::pin(exec.circuits.failed(
+                    name,
+                    model,
+                    scope,
+                    &e.to_string(),
+                    &routing.cooldown,
+                ))
+                .await
+                .unwrap_or_else(|err| {
+                    tracing::warn!(provider = name, "cannot count the failure: {err}");
+                    false
+                }),
                 None => false,
             };
             if opened {
@@ -374,7 +378,7 @@ impl Attempt<'_> {
 
     /// A call got an answer: the provider and model are up.
     async fn healthy(&self, provider: &str, model: &str, probe: bool) {
-        if let Err(e) = self.exec.circuits.succeeded(provider, model, probe).await {
+        if let Err(e) = Box::pin(self.exec.circuits.succeeded(provider, model, probe)).await {
             tracing::warn!(provider, "cannot reset the circuit breaker: {e}");
         }
     }
@@ -442,6 +446,8 @@ impl Attempt<'_> {
         // The row goes in before the call, so a worker that dies during it leaves a trace
         // of a call the provider may bill.
         let row = self.calls.len();
+        // Most tasks make one call: room for exactly that (a CallRow is 320 bytes).
+        self.calls.reserve_exact(1);
         self.calls.push(CallRow {
             task_id: env.id.unwrap_or_default(),
             delivery: self.delivery,
@@ -466,7 +472,7 @@ impl Attempt<'_> {
             called_at: Utc::now(),
         });
         if let Some(starts) = &exec.call_starts
-            && !starts.record(self.calls[row].clone()).await
+            && !Box::pin(starts.record(self.calls[row].clone())).await
         {
             // Only at the hard stop, which the caller races this against: it hands the task
             // back without a call.
@@ -500,10 +506,12 @@ impl Attempt<'_> {
         let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
         let cost = cand.model.prices.cost(&usage);
         if let Some(r) = reservation
-            && let Err(e) = exec
-                .limiter
-                .reconcile(r, usage.input_tokens + usage.output_tokens, cost)
-                .await
+            && let Err(e) = Box::pin(exec.limiter.reconcile(
+                r,
+                usage.input_tokens + usage.output_tokens,
+                cost,
+            ))
+            .await
         {
             tracing::warn!(provider = name, "reconciling the quota failed: {e}");
         }

@@ -178,20 +178,23 @@ impl Executor {
         record.chain_id.clone_from(&env.chain_id);
 
         // A chain step: its handoffs, candidates and constraints.
-        let mut call_env = env.clone();
+        // Futures that run briefly are boxed here and below: an async fn's state is as large
+        // as its largest await, and these would otherwise make every task in flight carry
+        // their size for the whole of its provider call.
+        let mut step_prompt = None;
         let mut constraints = Constraints::default();
         let mut reading = None;
         let mut rework = None;
         let mut escalation = None;
         let mut settled = None;
-        let tiers: std::collections::HashMap<String, llmq_shared::envelope::Tier> = self
-            .config
-            .providers
-            .iter()
-            .flat_map(|p| p.models.iter().map(|m| (m.id.clone(), m.tier)))
-            .collect();
         if env.step.is_some() {
-            match chain::prepare(&self.redis, &queue, &env, &tiers).await {
+            let tiers: std::collections::HashMap<String, llmq_shared::envelope::Tier> = self
+                .config
+                .providers
+                .iter()
+                .flat_map(|p| p.models.iter().map(|m| (m.id.clone(), m.tier)))
+                .collect();
+            match Box::pin(chain::prepare(&self.redis, &queue, &env, &tiers)).await {
                 // Redis is away: the worker's fault, not the task's. Hand it back.
                 Err(e) => {
                     tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
@@ -216,7 +219,7 @@ impl Executor {
                 }) => {
                     rework = r;
                     settled = Some(match self.config.checks.get(&command) {
-                        Some(c) => check::run(&command, c, &input).await,
+                        Some(c) => Box::pin(check::run(&command, c, &input)).await,
                         None => Outcome::Failed(AttemptError {
                             class: ErrorClass::Fatal,
                             message: format!(
@@ -243,7 +246,7 @@ impl Executor {
                     rework: r,
                     escalation: e,
                 }) => {
-                    call_env.prompt = prompt;
+                    step_prompt = Some(prompt);
                     constraints = c;
                     reading = Some(read);
                     rework = r;
@@ -269,9 +272,17 @@ impl Executor {
         {
             telemetry::join_trace(&span, parent);
         }
+        // A chain step's call carries the prompt its handoffs made.
+        let step_env = step_prompt.map(|prompt| {
+            Box::new(Envelope {
+                prompt,
+                ..env.clone()
+            })
+        });
+        let call_env = step_env.as_deref().unwrap_or(&env);
         let mut calls = Vec::new();
         let started = Instant::now();
-        let planned = routing::plan(&self.config, &call_env, &constraints, &Stats::default());
+        let planned = routing::plan(&self.config, call_env, &constraints, &Stats::default());
         let tried = match (settled, planned) {
             (Some(outcome), _) => Tried {
                 outcome,
@@ -284,7 +295,7 @@ impl Executor {
                 let attempt = Attempt {
                     exec: self,
                     delivery: Uuid::new_v4(),
-                    env: &call_env,
+                    env: call_env,
                     queue: &queue,
                     task_type: &task_type,
                     number: env.attempts + 1,
@@ -364,7 +375,10 @@ impl Executor {
         if let (Transition::Dead { error, class }, Some(mut up)) = (&transition, escalation)
             && *class != ErrorClass::Invalid
         {
-            let from = record.model.as_deref().and_then(|m| tiers.get(m).copied());
+            let from = record.model.as_deref().and_then(|id| {
+                let mut models = self.config.providers.iter().flat_map(|p| &p.models);
+                models.find(|m| m.id == id).map(|m| m.tier)
+            });
             if let Some(next) = up.reruns.first_mut()
                 && chain::escalate(&mut next.task, from)
             {
