@@ -210,6 +210,10 @@ pub struct Submit {
     /// Run on this model.
     #[arg(long)]
     pub model: Option<String>,
+    /// Run only on the provider the task names (or the first the routing picks): fail with
+    /// its error rather than fall back to another.
+    #[arg(long)]
+    pub no_fallback: bool,
     /// Group the task under a chain id for cost reports.
     #[arg(long)]
     pub chain_id: Option<String>,
@@ -251,11 +255,21 @@ pub struct Batch {
     /// A JSON array of tasks: prompt, type, platform, model, timeout, metadata, ...
     #[arg(long)]
     pub input: PathBuf,
-    /// Write the batch report here (with --wait) or the task ids (without).
+    /// Write the batch report here (with --wait) or the task ids (without); a directory
+    /// (an existing one, or a path ending in `/`) gets `batch_<timestamp>.json` inside.
     #[arg(long)]
     pub output: Option<PathBuf>,
     #[arg(long, default_value = "default")]
     pub queue: String,
+    /// At most this many of the batch's tasks run at once, across every worker.
+    #[arg(long, value_parser = parse_parallel)]
+    pub parallel: Option<u32>,
+    /// Let tasks fall back to other providers when theirs fails (as the provider file says).
+    #[arg(long, overrides_with = "no_fallback")]
+    pub fallback: bool,
+    /// Tasks run only on the provider they name (or the first the routing picks), or fail.
+    #[arg(long, overrides_with = "fallback")]
+    pub no_fallback: bool,
     /// Block until every task finishes, showing progress, then print a summary.
     #[arg(long)]
     pub wait: bool,
@@ -385,6 +399,15 @@ pub struct Costs {
     pub by: By,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
+}
+
+fn parse_parallel(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "`{s}` is not a number of tasks; --parallel takes how many of the batch's tasks may run at once, at least 1"
+        )),
+    }
 }
 
 fn parse_type(s: &str) -> Result<TaskType, String> {

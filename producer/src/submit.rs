@@ -35,6 +35,9 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     env.provider = args.platform;
     env.model = args.model;
     env.chain_id = args.chain_id;
+    if args.no_fallback {
+        env.fallback = Some(false);
+    }
     env.timeout = Some(args.timeout);
     env.max_attempts = Some(args.max_attempts);
     env.max_tokens = args.max_tokens;
@@ -194,6 +197,16 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
             args.input.display()
         ))
     })?;
+    // --parallel: one concurrency key for the whole batch.
+    let parallel_key = args
+        .parallel
+        .map(|_| format!("batch-{}", uuid::Uuid::new_v4().simple()));
+    let fallback = match (args.fallback, args.no_fallback) {
+        (_, true) => Some(false),
+        (true, _) => Some(true),
+        _ => None,
+    };
+    let output = args.output.as_deref().map(batch_output);
     let mut envs = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
         let t: BatchTask = serde_json::from_value(item)
@@ -220,6 +233,9 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         env.max_tokens = t.max_tokens;
         env.temperature = t.temperature;
         env.enqueued_at = Some(Utc::now());
+        env.concurrency_key.clone_from(&parallel_key);
+        env.concurrency_limit = args.parallel;
+        env.fallback = fallback;
         envs.push(env);
     }
     if envs.is_empty() {
@@ -244,7 +260,7 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
             Format::Text => ids.iter().map(|id| format!("{id}\n")).collect::<String>(),
             Format::Json => to_json(&serde_json::json!({"queue": args.queue, "task_ids": ids})),
         };
-        if let Some(path) = &args.output {
+        if let Some(path) = &output {
             write_file(path, &listing)?;
         }
         emit(out, &listing);
@@ -269,7 +285,7 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         .map(|(r, id)| r.unwrap_or_else(|| TaskRecord::pending(id, &args.queue, Status::Queued)))
         .collect();
     let report = summarize(results, started.elapsed());
-    if let Some(path) = &args.output {
+    if let Some(path) = &output {
         write_file(path, &to_json(&report))?;
     }
     match args.format {
@@ -281,6 +297,19 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     } else {
         EXIT_FAILED
     })
+}
+
+/// Where `--output` writes: the path itself, or `batch_<timestamp>.json` inside it when it
+/// is a directory (an existing one, or a path ending in `/`, which is created).
+fn batch_output(path: &std::path::Path) -> std::path::PathBuf {
+    let is_dir = path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/');
+    if is_dir {
+        // A failure shows when the file is written, with the path in the message.
+        let _ = std::fs::create_dir_all(path);
+        path.join(format!("batch_{}.json", Utc::now().format("%Y%m%d_%H%M%S")))
+    } else {
+        path.to_owned()
+    }
 }
 
 fn summarize(results: Vec<TaskRecord>, took: Duration) -> BatchReport {

@@ -1,5 +1,6 @@
 //! The `promote` duty: moves due delayed tasks (retries, waits for a provider, `run_at`) to
-//! their streams, as every worker also does. With workers scaled to zero (KEDA's
+//! their streams and wakes tasks parked on a concurrency key into free slots, as every
+//! worker also does. With workers scaled to zero (KEDA's
 //! `minReplicaCount: 0`) nobody else would: the task would stay in `delayed`, out of the
 //! stream length the autoscaler reads, until something new arrived in its queue.
 
@@ -22,6 +23,7 @@ impl Scheduler {
         let mut moved = 0;
         for queue in &queues {
             let keys = QueueKeys::new(queue);
+            self.redis.sweep_slots(&keys).await?;
             for _ in 0..MAX_CALLS {
                 let (n, _) = self.redis.promote(&keys, LIMIT).await?;
                 moved += n;

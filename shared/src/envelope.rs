@@ -48,6 +48,49 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The longest concurrency key accepted.
+pub const MAX_CONCURRENCY_KEY: usize = 200;
+
+/// `concurrency_key` and `concurrency_limit` come together: a non-empty key of at most
+/// [`MAX_CONCURRENCY_KEY`] characters, and a whole number of at least 1.
+fn check_concurrency(obj: &serde_json::Map<String, Value>) -> Result<()> {
+    let field = |field: &str, message: &str| Error::Field {
+        field: field.into(),
+        message: message.into(),
+    };
+    let key = obj.get("concurrency_key").filter(|v| !v.is_null());
+    let limit = obj.get("concurrency_limit").filter(|v| !v.is_null());
+    match (key, limit) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err(field(
+            "concurrency_key",
+            "needs a concurrency_limit, how many tasks of the key may run at once",
+        )),
+        (None, Some(_)) => Err(field(
+            "concurrency_limit",
+            "needs a concurrency_key, the name of the group it limits",
+        )),
+        (Some(k), Some(l)) => {
+            match k.as_str() {
+                Some(k) if !k.trim().is_empty() && k.chars().count() <= MAX_CONCURRENCY_KEY => {}
+                _ => {
+                    return Err(field(
+                        "concurrency_key",
+                        "must be a non-empty string of at most 200 characters",
+                    ));
+                }
+            }
+            match l.as_u64() {
+                Some(n) if n >= 1 && n <= u64::from(u32::MAX) => Ok(()),
+                _ => Err(field(
+                    "concurrency_limit",
+                    &format!("must be a whole number of at least 1, not {l}"),
+                )),
+            }
+        }
+    }
+}
+
 /// What kind of work a task is. Routing and reporting group by it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -222,6 +265,18 @@ pub struct Envelope {
     /// When the producer enqueued it; `llmq` sets it, other producers may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// Tasks with the same key run at most `concurrency_limit` at once across every worker;
+    /// the others wait, without using attempts, for a slot. Both or neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_key: Option<String>,
+    /// How many tasks of `concurrency_key` may run at once (at least 1). Each task is
+    /// admitted under its own limit; a freed slot goes to the oldest waiting task of the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_limit: Option<u32>,
+    /// `false`: the task runs on the first provider of its plan (the one it names, if it
+    /// names one) or fails with that provider's error; it never falls back to another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<bool>,
     /// The producer's W3C trace context (`00-<trace id>-<span id>-<flags>`): the worker's
     /// spans for this task join that trace. A malformed value is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -279,6 +334,9 @@ impl Envelope {
             metadata: None,
             enqueued_at: None,
             traceparent: None,
+            concurrency_key: None,
+            concurrency_limit: None,
+            fallback: None,
             attempts: 0,
             snoozes: 0,
             waiting_since: None,
@@ -322,6 +380,7 @@ impl Envelope {
             Some(v) if v.as_u64() == Some(VERSION) => {}
             Some(v) => return Err(Error::WrongVersion(v.to_string())),
         }
+        check_concurrency(obj)?;
         match obj.get("prompt") {
             None | Some(Value::Null) => return Err(Error::MissingPrompt),
             Some(Value::String(s)) if s.trim().is_empty() => return Err(Error::MissingPrompt),
@@ -473,5 +532,43 @@ mod tests {
     fn derived_ids_are_stable() {
         assert_eq!(derive_id("q", "1-0"), derive_id("q", "1-0"));
         assert_ne!(derive_id("q", "1-0"), derive_id("q", "1-1"));
+    }
+
+    #[test]
+    fn a_concurrency_key_needs_a_whole_limit_of_at_least_one() {
+        let parse = |extra: &str| {
+            Envelope::parse(
+                format!(r#"{{"v":1,"prompt":"x"{extra}}}"#).as_bytes(),
+                1 << 20,
+            )
+        };
+        assert!(parse(r#","concurrency_key":"k","concurrency_limit":3"#).is_ok());
+        for (extra, says) in [
+            (
+                r#","concurrency_key":"k","concurrency_limit":0"#,
+                "at least 1, not 0",
+            ),
+            (
+                r#","concurrency_key":"k","concurrency_limit":-2"#,
+                "at least 1, not -2",
+            ),
+            (
+                r#","concurrency_key":"k","concurrency_limit":1.5"#,
+                "whole number",
+            ),
+            (
+                r#","concurrency_key":"k","concurrency_limit":"3""#,
+                "whole number",
+            ),
+            (r#","concurrency_key":"k""#, "needs a concurrency_limit"),
+            (r#","concurrency_limit":2"#, "needs a concurrency_key"),
+            (
+                r#","concurrency_key":"","concurrency_limit":2"#,
+                "non-empty",
+            ),
+        ] {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+        }
     }
 }

@@ -159,10 +159,25 @@ impl Runtime {
         } = job;
         let entry_id = delivery.entry_id.clone();
         self.inflight.insert(&entry_id, &queue);
-        let finished = self.executor.run(queue, delivery).await;
-        let (done, written) = oneshot::channel();
-        if self.finisher.send(Pending { finished, done }).is_ok() {
-            let _ = written.await;
+        let finished = self.executor.run(Arc::clone(&queue), delivery).await;
+        if !finished.parked {
+            let slot = finished.slot.clone();
+            let (done, written) = oneshot::channel();
+            if self.finisher.send(Pending { finished, done }).is_ok()
+                && written.await.unwrap_or(false)
+                && let Some(key) = slot
+            {
+                // The outcome is written: pass the slot on. Should this fail, the slot is
+                // freed as stale by the next sweep, since its entry has left the stream.
+                let held = [(entry_id.as_str(), key.as_str())];
+                let free = self.executor.redis.free_slots(&queue, &held);
+                if let Err(e) = Box::pin(free).await {
+                    tracing::warn!(
+                        queue = queue.name(),
+                        "cannot free a slot of concurrency key `{key}`: {e}"
+                    );
+                }
+            }
         }
         self.inflight.remove(&entry_id);
         drop(permit);

@@ -48,7 +48,8 @@ impl InFlight {
 }
 
 /// Moves due delayed tasks to their streams; sleeps until the next one is due, at most
-/// `every`.
+/// `every`. About once a second also sweeps the concurrency keys: frees slots left by tasks
+/// that are gone and wakes parked tasks into them.
 pub async fn promote(
     redis: Client,
     queues: Vec<Arc<QueueKeys>>,
@@ -56,7 +57,17 @@ pub async fn promote(
     stop: CancellationToken,
 ) {
     const LIMIT: usize = 1000;
+    const SWEEP_EVERY: Duration = Duration::from_secs(1);
+    let mut swept = Instant::now();
     loop {
+        if swept.elapsed() >= SWEEP_EVERY {
+            swept = Instant::now();
+            for q in &queues {
+                if let Err(e) = redis.sweep_slots(q).await {
+                    tracing::warn!(queue = q.name(), "sweeping concurrency slots failed: {e}");
+                }
+            }
+        }
         let mut wait = every;
         for q in &queues {
             match redis.promote(q, LIMIT).await {

@@ -312,6 +312,8 @@ struct RawChain {
     defaults: RawFields,
     #[serde(default)]
     vars: BTreeMap<String, String>,
+    /// At most this many of the chain's step tasks run at once, across every worker.
+    max_parallel: Option<u32>,
     steps: Vec<RawStep>,
 }
 
@@ -575,6 +577,15 @@ fn step(
     task.max_tokens = f.max_tokens;
     task.temperature = f.temperature;
     task.max_attempts = f.max_attempts;
+    if let Some(n) = spec.max_parallel {
+        if n == 0 {
+            return Err(err(
+                "`max_parallel` must be at least 1: how many of the chain's steps may run at once",
+            ));
+        }
+        task.concurrency_key = Some(format!("chain-{chain_id}"));
+        task.concurrency_limit = Some(n);
+    }
     task.timeout = match &f.timeout {
         None => None,
         Some(Value::Number(n)) => Some(n.as_u64().ok_or_else(|| {

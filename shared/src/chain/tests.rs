@@ -43,6 +43,22 @@ fn a_good_chain_is_read_with_defaults_vars_and_children() {
 }
 
 #[test]
+fn max_parallel_puts_every_step_under_one_concurrency_key() {
+    let c = parse(
+        r#"{"v":1,"chain_id":"c9","max_parallel":2,"steps":[{"name":"a","prompt":"x"},{"name":"b","prompt":"y"}]}"#,
+    )
+    .unwrap();
+    for s in &c.steps {
+        assert_eq!(s.task.concurrency_key.as_deref(), Some("chain-c9"));
+        assert_eq!(s.task.concurrency_limit, Some(2));
+    }
+    assert!(
+        reason(r#"{"v":1,"max_parallel":0,"steps":[{"name":"a","prompt":"x"}]}"#)
+            .contains("`max_parallel` must be at least 1")
+    );
+}
+
+#[test]
 fn a_chain_without_an_id_is_named_by_its_entry() {
     let c = parse(r#"{"v":1,"steps":[{"name":"a","prompt":"x"}]}"#).unwrap();
     assert_eq!(c.id, envelope::derive_id("q", "1-0").to_string());

@@ -28,10 +28,12 @@ mod enqueue;
 mod finish;
 mod inspect;
 mod reply;
+mod slots;
 
 pub use chain::{ChainState, Refused, Rerun, StepOutcome, StepState};
 pub use dead_letter::replayed_task;
 pub use enqueue::Tick;
+pub use slots::Slot;
 
 /// The fence check every fenced script starts with (see `lua/fence.lua`), for scripts
 /// outside this module that guard the scheduler's own keys.

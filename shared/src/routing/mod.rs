@@ -13,6 +13,9 @@
 //!    price.
 //! 4. Providers in `routing.fallback` come last, with their cheapest capable model.
 //!
+//! A task with `fallback: false` keeps only the first candidate: the provider it names, or
+//! the first pick of the rules above.
+//!
 //! Constraints exclude models or providers and raise the minimum tier everywhere, hints
 //! included (a chain's review step must not be routed to the model it reviews).
 
@@ -243,6 +246,12 @@ pub fn plan<'a>(
     }
     let mut seen = HashSet::new();
     plan.retain(|c| seen.insert((&c.provider.name, &c.model.id)));
+    // Fallback off: the first candidate (the named provider, when the task names one) or
+    // nothing else.
+    if task.fallback == Some(false) && plan.len() > 1 {
+        plan.truncate(1);
+        reason.push_str("; fallback off, so no other provider");
+    }
     if plan.is_empty() {
         let mut why = format!(
             "no enabled model can take this task: it needs {}",

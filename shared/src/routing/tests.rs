@@ -90,6 +90,25 @@ fn hints_come_first_and_the_rest_remains_as_fallback() {
 }
 
 #[test]
+fn with_fallback_off_only_the_named_provider_is_tried() {
+    let r = config("");
+    let mut e = task("x", "documentation");
+    e.provider = Some("paid".into());
+    e.model = Some("big".into());
+    e.fallback = Some(false);
+    let p = plan(&r, &e, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(order(&p), ["paid/big"]);
+    assert!(
+        p.reason.ends_with("fallback off, so no other provider"),
+        "{}",
+        p.reason
+    );
+    e.fallback = Some(true);
+    let p = plan(&r, &e, &Constraints::default(), &Stats::default()).unwrap();
+    assert!(order(&p).len() > 1);
+}
+
+#[test]
 fn risk_raises_the_tier_and_rules_pin_models() {
     let r = config(
         "routing:\n  rules:\n    - {task_type: code_review, risk: high, model: paid/big}\n    - {task_type: documentation, tier: fast}\n",

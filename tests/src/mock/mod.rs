@@ -140,6 +140,8 @@ struct Shared {
     per_model: Mutex<HashMap<String, u64>>,
     /// Valid chat requests per last user message, so a test can match calls to tasks.
     per_prompt: Mutex<HashMap<String, u64>>,
+    /// Per model: valid chat requests being answered now, and the most there were at once.
+    open: Mutex<HashMap<String, (u64, u64)>>,
     /// Requests seen per conversation hash, for `flaky`.
     flaky: Mutex<HashMap<u64, u64>>,
 }
@@ -153,6 +155,7 @@ impl Shared {
             http2: AtomicU64::new(0),
             per_model: Mutex::new(HashMap::new()),
             per_prompt: Mutex::new(HashMap::new()),
+            open: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
         }
     }
@@ -269,6 +272,17 @@ impl MockServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         map.get(prompt).copied().unwrap_or(0)
+    }
+
+    /// The most chat requests for `model` that were being answered at the same moment.
+    #[must_use]
+    pub fn max_open_calls(&self, model: &str) -> u64 {
+        let map = self
+            .state
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.get(model).map_or(0, |(_, max)| *max)
     }
 
     /// Requests received over HTTP/2 (h2c), any route.
@@ -609,7 +623,31 @@ enum Outcome {
 }
 
 /// Applies the request's behaviour: sleeps for the slow ones, counts the flaky ones.
+/// Counts a request as open, under its model, while it is being answered (its client may go
+/// away meanwhile, which ends it too).
+struct Open<'a>(&'a Shared, &'a str);
+
+impl<'a> Open<'a> {
+    fn new(state: &'a Shared, model: &'a str) -> Self {
+        let mut map = state.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let (now, max) = map.entry(model.to_owned()).or_default();
+        *now += 1;
+        *max = (*max).max(*now);
+        Self(state, model)
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        let mut map = self.0.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((now, _)) = map.get_mut(self.1) {
+            *now -= 1;
+        }
+    }
+}
+
 async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
+    let _open = Open::new(state, &conv.model);
     *state
         .per_prompt
         .lock()

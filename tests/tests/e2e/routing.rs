@@ -100,6 +100,33 @@ async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
 }
 
 #[tokio::test]
+async fn with_fallback_off_a_failing_provider_fails_the_task_naming_it() {
+    let env = TestEnv::new().await.unwrap();
+    let (a, b) = names(&env);
+    let w = worker(&env, config(&env, "", "  fallback: [b]"));
+    let pinned = |fallback: Option<bool>| {
+        let mut e = Envelope::new(format!("pinned, fallback {fallback:?}"));
+        e.provider = Some(a.clone());
+        e.model = Some("fail-500".into());
+        e.max_attempts = Some(1);
+        e.fallback = fallback;
+        e
+    };
+
+    let r = run(&env, pinned(Some(false))).await;
+    assert_eq!(r.status, Status::Dead, "{r:?}");
+    let error = r.error.clone().unwrap_or_default();
+    assert!(error.contains(&format!("{a}/fail-500")), "{error}");
+    assert!(!error.contains(&b), "never tried elsewhere: {error}");
+    assert_eq!(r.provider.as_deref(), Some(a.as_str()));
+
+    let r = run(&env, pinned(Some(true))).await;
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.provider.as_deref(), Some(b.as_str()), "fell back to b");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn when_all_fail_the_error_names_every_provider() {
     let env = TestEnv::new().await.unwrap();
     let (a, b) = names(&env);

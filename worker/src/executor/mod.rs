@@ -21,7 +21,7 @@ use llmq_shared::ledger::{CallRow, STARTED, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
-use llmq_shared::queue::{Client, Delivery, Finish, StepOutcome, StepState, now_ms};
+use llmq_shared::queue::{Client, Delivery, Finish, Slot, StepOutcome, StepState, now_ms};
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
@@ -95,6 +95,12 @@ pub struct Finished {
     pub task: Option<TaskRow>,
     /// What the chain this delivery belongs to must record, in the same script.
     pub chain: Option<ChainWrite>,
+    /// The concurrency key whose slot this delivery holds, to free once its outcome is
+    /// written.
+    pub slot: Option<String>,
+    /// Nothing to write: the task was parked to wait for a slot of its concurrency key (or
+    /// the entry was no longer ours).
+    pub parked: bool,
 }
 
 /// A chain transition the finisher writes instead of a plain finish.
@@ -130,6 +136,8 @@ impl Finished {
             calls,
             task: None,
             chain: None,
+            slot: None,
+            parked: false,
         }
     }
 }
@@ -137,6 +145,19 @@ impl Finished {
 impl Executor {
     /// Runs `delivery` to an outcome. Never fails: every problem becomes an outcome.
     pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Finished {
+        let mut slot = None;
+        let mut finished = self.run_holding(queue, delivery, &mut slot).await;
+        finished.slot = slot;
+        finished
+    }
+
+    /// [`Executor::run`], setting `slot` once the task holds a slot of its concurrency key.
+    async fn run_holding(
+        &self,
+        queue: Arc<QueueKeys>,
+        delivery: Delivery,
+        slot: &mut Option<String>,
+    ) -> Finished {
         let entry_id = delivery.entry_id;
         // Parse.
         if let (None, Some(spec)) = (&delivery.payload, &delivery.chain) {
@@ -168,6 +189,33 @@ impl Executor {
                 // Enqueued straight into the stream with a future run_at: wait in delayed.
                 let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
                 return Finished::new(queue, finish, Vec::new());
+            }
+        }
+
+        // A concurrency key: run only with a slot, else wait parked for one.
+        if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {
+            let json = env.to_json();
+            let take = self
+                .redis
+                .take_slot(&queue, &self.worker_id, &entry_id, key, limit, &json);
+            match Box::pin(take).await {
+                Ok(Slot::Held) => *slot = Some(key.clone()),
+                Ok(Slot::Parked | Slot::Lost) => {
+                    return Finished {
+                        parked: true,
+                        ..Finished::new(
+                            queue,
+                            Finish::release(entry_id, task_id, String::new()),
+                            Vec::new(),
+                        )
+                    };
+                }
+                // Redis is away: the worker's fault, not the task's. Hand it back.
+                Err(e) => {
+                    tracing::warn!(task = %task_id, "cannot take a slot of concurrency key `{key}`: {e}");
+                    let finish = Finish::release(entry_id, task_id, env.to_json());
+                    return Finished::new(queue, finish, Vec::new());
+                }
             }
         }
 

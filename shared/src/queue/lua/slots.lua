@@ -1,0 +1,31 @@
+-- Concurrency keys: at most `limit` tasks of one key run at once, across every worker.
+-- A slot is held by the stream entry of the task using it (a set of entry ids per key), so
+-- a slot whose entry has left the stream (finished, dead-lettered after its worker died) is
+-- stale and is freed the next time someone looks. Tasks that find no slot are parked in a
+-- list per key, oldest first; a freed slot passes straight to the oldest one, which goes
+-- back to the stream already holding it.
+-- Keys of a concurrency key are named from the queue's prefix (`llmq:{q}:`), which shares
+-- the queue's hash tag, so these scripts stay on the queue's slot in Redis Cluster.
+
+-- Frees the slots of entries that are no longer in the stream.
+local function free_stale(stream, held)
+  for _, id in ipairs(redis.call('SMEMBERS', held)) do
+    if #redis.call('XRANGE', stream, id, id) == 0 then
+      redis.call('SREM', held, id)
+    end
+  end
+end
+
+-- Hands free slots of `key` to its oldest parked tasks, each re-added to the stream holding
+-- its slot. Forgets the key in the index once nothing is parked.
+local function wake(stream, prefix, key, limit)
+  local held, parked = prefix .. 'held:' .. key, prefix .. 'parked:' .. key
+  while redis.call('SCARD', held) < limit do
+    local env = redis.call('LPOP', parked)
+    if not env then
+      redis.call('HDEL', prefix .. 'parked', key)
+      return
+    end
+    redis.call('SADD', held, redis.call('XADD', stream, '*', 'task', env))
+  end
+end

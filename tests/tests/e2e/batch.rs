@@ -1,0 +1,154 @@
+//! Batch controls: a fleet-wide parallelism cap (`llmq batch --parallel`, i.e. a concurrency
+//! key on every task of the batch), held across workers and through a worker's SIGKILL.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::{Status, TaskRecord};
+use llmq_tests::harness::{TestEnv, WorkerProcess};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn finish_all(env: &TestEnv, ids: &[String]) -> Vec<TaskRecord> {
+    llmq::wait_for(&env.redis, &env.keys, ids, Some(WAIT), |_| {})
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.expect("every task finishes"))
+        .collect()
+}
+
+/// Entry ids the worker process `w` holds.
+async fn held_by(env: &TestEnv, w: &WorkerProcess) -> usize {
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut c = env.redis.conn().await.unwrap();
+    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+        .arg(env.keys.stream())
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let tag = format!("-{}-", w.child.id());
+    rows.iter()
+        .filter(|(_, who, ..)| who.contains(&tag))
+        .count()
+}
+
+#[tokio::test]
+async fn a_parallel_3_batch_never_has_more_than_3_calls_open_across_workers_and_a_kill() {
+    let env = TestEnv::new().await.unwrap();
+    let args = ["--concurrency", "16", "--visibility-timeout", "1s"];
+    let mut workers = vec![
+        WorkerProcess::spawn(&env, &args).unwrap(),
+        WorkerProcess::spawn(&env, &args).unwrap(),
+    ];
+    let tasks: Vec<serde_json::Value> = (0..40)
+        .map(|i| serde_json::json!({"prompt": format!("batch task {i}"), "model": "slow-300"}))
+        .collect();
+    let input = std::env::temp_dir().join(format!("llmq-{}-batch.json", env.queue));
+    std::fs::write(&input, serde_json::to_string(&tasks).unwrap()).unwrap();
+    let (code, listing) = env
+        .cli(&[
+            "batch",
+            "--input",
+            input.to_str().unwrap(),
+            "--queue",
+            &env.queue,
+            "--parallel",
+            "3",
+        ])
+        .await;
+    assert_eq!(code, 0, "{listing}");
+    let ids: Vec<String> = listing.lines().map(str::to_owned).collect();
+    assert_eq!(ids.len(), 40);
+
+    // Other work of the same queue is not held up by the batch.
+    let others: Vec<Envelope> = (0..6)
+        .map(|i| {
+            let mut e = Envelope::new(format!("other task {i}"));
+            e.model = Some("mock-fast".into());
+            e
+        })
+        .collect();
+    env.redis.enqueue_many(&env.keys, &others).await.unwrap();
+    let other_ids: Vec<String> = others.iter().map(|e| e.id.unwrap().to_string()).collect();
+
+    // Kill a worker while it holds batch tasks (and so slots), and start another.
+    let victim = workers.remove(0);
+    env.eventually("the victim holding a task", WAIT, || async {
+        held_by(&env, &victim).await > 0
+    })
+    .await
+    .unwrap();
+    victim.signal("KILL").unwrap();
+    drop(victim);
+    workers.push(WorkerProcess::spawn(&env, &args).unwrap());
+
+    let other_records = finish_all(&env, &other_ids).await;
+    let records = finish_all(&env, &ids).await;
+    assert!(
+        records.iter().all(|r| r.status == Status::Succeeded),
+        "{records:#?}"
+    );
+    assert!(other_records.iter().all(|r| r.status == Status::Succeeded));
+    let last_other = other_records.iter().filter_map(|r| r.finished_at).max();
+    let last_batch = records.iter().filter_map(|r| r.finished_at).max();
+    assert!(
+        last_other < last_batch,
+        "the other tasks finished while the batch still ran"
+    );
+
+    let most = env.mock.max_open_calls("slow-300");
+    assert!(
+        (2..=3).contains(&most),
+        "at most 3 of the batch's calls at once, and more than one: {most}"
+    );
+    // Nothing is left holding a slot or waiting for one.
+    let mut c = env.redis.conn().await.unwrap();
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("llmq:{{{}}}:*", env.queue))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        !left
+            .iter()
+            .any(|k| k.contains(":held:") || k.contains(":parked")),
+        "{left:?}"
+    );
+    let _ = std::fs::remove_file(input);
+    drop(workers);
+}
+
+#[tokio::test]
+async fn a_bad_concurrency_limit_is_a_dead_letter_with_a_reason() {
+    let env = TestEnv::new().await.unwrap();
+    let w = llmq_tests::harness::WorkerHandle::start(env.settings());
+    for (payload, says) in [
+        (
+            r#"{"v":1,"prompt":"x","concurrency_key":"k","concurrency_limit":0}"#,
+            "concurrency_limit",
+        ),
+        (
+            r#"{"v":1,"prompt":"x","concurrency_key":"k"}"#,
+            "needs a concurrency_limit",
+        ),
+    ] {
+        env.xadd("task", payload.as_bytes()).await.unwrap();
+        env.eventually("the dead letter", WAIT, || async {
+            env.redis
+                .dead_letters(&env.keys, 10)
+                .await
+                .unwrap()
+                .iter()
+                .any(|d| d.error.contains(says))
+        })
+        .await
+        .unwrap();
+    }
+    w.stop().await.unwrap();
+}
