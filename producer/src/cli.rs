@@ -270,6 +270,17 @@ pub struct Batch {
     /// Tasks run only on the provider they name (or the first the routing picks), or fail.
     #[arg(long, overrides_with = "fallback")]
     pub no_fallback: bool,
+    /// The provider file, to estimate the batch's requests, tokens and cost per provider and
+    /// warn before it pushes a quota past 90 %.
+    #[arg(long, env = "LLMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Enqueue even when the estimate warns about a quota (without a terminal, a warning
+    /// otherwise stops the batch with exit code 2).
+    #[arg(long)]
+    pub yes: bool,
+    /// Print the estimate and enqueue nothing.
+    #[arg(long)]
+    pub dry_run: bool,
     /// Block until every task finishes, showing progress, then print a summary.
     #[arg(long)]
     pub wait: bool,

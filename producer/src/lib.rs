@@ -18,6 +18,7 @@ mod chain;
 pub mod cli;
 mod costs;
 mod dlq;
+mod estimate;
 mod inspect;
 mod providers;
 mod render;

@@ -1,7 +1,7 @@
 //! `llmq submit` and `llmq batch`: build envelopes, enqueue them, and optionally wait.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -12,7 +12,7 @@ use llmq_shared::queue::Client;
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{Batch, Format, Submit};
-use crate::{EXIT_FAILED, EXIT_OK, Error, Result, emit, render, to_json, write_file};
+use crate::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, Error, Result, emit, render, to_json, write_file};
 
 pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result<u8> {
     let prompt = if args.prompt == "-" {
@@ -244,6 +244,12 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
             args.input.display()
         )));
     }
+    if !check_quotas(redis, &args, &envs, out).await? {
+        return Ok(EXIT_USAGE);
+    }
+    if args.dry_run {
+        return Ok(EXIT_OK);
+    }
     let keys = QueueKeys::new(&args.queue);
     redis.ensure_group(&keys).await?;
     let started = Instant::now();
@@ -297,6 +303,54 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     } else {
         EXIT_FAILED
     })
+}
+
+/// With a provider file, estimates the batch and, when a quota would pass 90 %, asks before
+/// going on: `--yes` goes on, a terminal is asked, anything else refuses. `--dry-run` prints
+/// the estimate to `out` (else it goes to stderr). Returns whether to enqueue.
+async fn check_quotas(
+    redis: &Client,
+    args: &Batch,
+    envs: &[Envelope],
+    out: &mut dyn Write,
+) -> Result<bool> {
+    let Some(path) = &args.config else {
+        if args.dry_run {
+            return Err(Error::Usage(
+                "--dry-run estimates the batch from the provider file; pass --config or set LLMQ_CONFIG".into(),
+            ));
+        }
+        return Ok(true);
+    };
+    let config = llmq_shared::config::Config::load(path)?;
+    let est = crate::estimate::estimate(redis, &config, envs, args.parallel.is_some(), Utc::now())
+        .await?;
+    if args.dry_run {
+        match args.format {
+            Format::Text => emit(out, &est.text()),
+            Format::Json => emit(out, &to_json(&est)),
+        }
+        return Ok(true);
+    }
+    eprint!("{}", est.text());
+    if est.warnings.is_empty() || args.yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        eprintln!(
+            "llmq: the batch would push a quota past 90 % (above); nothing was enqueued. Pass --yes to enqueue it anyway, or --parallel to pace it."
+        );
+        return Ok(false);
+    }
+    eprint!("Continue with this batch? [y/N] ");
+    let mut answer = String::new();
+    let _ = std::io::stdin().read_line(&mut answer);
+    if matches!(answer.trim(), "y" | "Y" | "yes") {
+        Ok(true)
+    } else {
+        eprintln!("llmq: nothing was enqueued.");
+        Ok(false)
+    }
 }
 
 /// Where `--output` writes: the path itself, or `batch_<timestamp>.json` inside it when it

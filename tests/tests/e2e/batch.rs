@@ -152,3 +152,111 @@ async fn a_bad_concurrency_limit_is_a_dead_letter_with_a_reason() {
     }
     w.stop().await.unwrap();
 }
+
+/// A free tier at 85 % of its requests for the day, and a paid provider behind it.
+fn quota_config(env: &TestEnv) -> (std::path::PathBuf, String, String) {
+    let sfx = &env.queue[2..];
+    let (free, paid) = (format!("free{sfx}"), format!("paid{sfx}"));
+    let text = format!(
+        r#"
+providers:
+  - name: {free}
+    kind: openai_compatible
+    base_url: {url}/v1
+    api_key: k
+    cost_tier: free
+    quotas: {{requests_per_day: 20}}
+    models:
+      - {{id: mock-fast, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}
+  - name: {paid}
+    kind: openai_compatible
+    base_url: {url}/v1
+    api_key: k
+    models:
+      - {{id: mock-smart, input_usd_per_mtok: 3, output_usd_per_mtok: 15}}
+"#,
+        url = env.mock.url()
+    );
+    let path = std::env::temp_dir().join(format!("llmq-{}-quota.yaml", env.queue));
+    std::fs::write(&path, text).unwrap();
+    (path, free, paid)
+}
+
+#[tokio::test]
+async fn a_batch_that_would_push_a_free_tier_past_90_percent_warns_and_without_yes_enqueues_nothing()
+ {
+    let env = TestEnv::new().await.unwrap();
+    let (config, free, paid) = quota_config(&env);
+    let day = llmq_shared::quota::day_label(chrono::Utc::now().date_naive());
+    let mut c = env.redis.conn().await.unwrap();
+    let used_key = llmq_shared::keys::ProviderKeys::new(&free).requests_on(&day);
+    let _: () = redis::cmd("SET")
+        .arg(&used_key)
+        .arg(17)
+        .arg("EX")
+        .arg(3600)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let tasks: Vec<serde_json::Value> = (0..5)
+        .map(|i| serde_json::json!({"prompt": format!("quota task {i}"), "type": "documentation"}))
+        .collect();
+    let input = std::env::temp_dir().join(format!("llmq-{}-quota.json", env.queue));
+    std::fs::write(&input, serde_json::to_string(&tasks).unwrap()).unwrap();
+    let batch = |extra: &[&str]| {
+        let mut args = vec![
+            "batch",
+            "--input",
+            input.to_str().unwrap(),
+            "--queue",
+            &env.queue,
+            "--config",
+            config.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let env = &env;
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        env.cli(&args).await
+    };
+
+    // --dry-run: the estimate with its warnings, nothing enqueued.
+    let (code, estimate) = run(batch(&["--dry-run"])).await;
+    assert_eq!(code, 0, "{estimate}");
+    assert!(estimate.contains(&free), "{estimate}");
+    assert!(
+        estimate.contains("requests_per_day would go from 85% to 110%"),
+        "{estimate}"
+    );
+    assert!(
+        estimate.contains("3 requests left today; the other 2 task(s)"),
+        "{estimate}"
+    );
+    assert!(
+        estimate.contains(&format!("fall through to {paid}")),
+        "{estimate}"
+    );
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().ready, 0);
+
+    // No terminal and no --yes: refused with exit 2, nothing enqueued.
+    let (code, listing) = run(batch(&[])).await;
+    assert_eq!(code, 2, "{listing}");
+    assert!(listing.is_empty());
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().ready, 0);
+
+    // --yes: enqueued.
+    let (code, listing) = run(batch(&["--yes"])).await;
+    assert_eq!(code, 0);
+    assert_eq!(listing.lines().count(), 5);
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().ready, 5);
+
+    let _: () = redis::cmd("DEL")
+        .arg(&used_key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(input);
+    let _ = std::fs::remove_file(config);
+}
