@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -103,6 +103,7 @@ struct Args {
 #[value(rename_all = "snake_case")]
 enum Bench {
     QueueNoop,
+    QueueNoopKeyed,
     E2eMock,
     Pickup,
     RateLimited,
@@ -130,6 +131,7 @@ async fn main() -> Result<()> {
         Some(b) => vec![b],
         None => vec![
             Bench::QueueNoop,
+            Bench::QueueNoopKeyed,
             Bench::E2eMock,
             Bench::Pickup,
             Bench::RateLimited,
@@ -141,7 +143,8 @@ async fn main() -> Result<()> {
     let mut failed = 0;
     for bench in benches {
         let result = match bench {
-            Bench::QueueNoop => queue_noop(&args, &mut redis).await,
+            Bench::QueueNoop => queue_noop(&args, &mut redis, false).await,
+            Bench::QueueNoopKeyed => queue_noop(&args, &mut redis, true).await,
             Bench::E2eMock => e2e_mock(&args, &mut redis).await,
             Bench::Pickup => pickup(&args, &mut redis).await,
             Bench::RateLimited => rate_limited(&args, &mut redis).await,
@@ -169,6 +172,7 @@ async fn main() -> Result<()> {
 fn bench_name(b: Bench) -> &'static str {
     match b {
         Bench::QueueNoop => "queue_noop",
+        Bench::QueueNoopKeyed => "queue_noop_keyed",
         Bench::E2eMock => "e2e_mock",
         Bench::Pickup => "pickup",
         Bench::RateLimited => "rate_limited",
@@ -183,25 +187,29 @@ fn bench_name(b: Bench) -> &'static str {
 // The benchmarks
 
 /// (a) A 50,000-task backlog drained by one worker whose provider answers at once, ledger off.
-async fn queue_noop(args: &Args, redis: &mut Redis) -> Result<String> {
+/// `keyed`: every task carries one concurrency key whose limit is the concurrency, so no task
+/// waits and what is measured is what a key costs: taking and freeing a slot.
+async fn queue_noop(args: &Args, redis: &mut Redis, keyed: bool) -> Result<String> {
     let tasks = args.tasks.unwrap_or(50_000);
     let workers = args.workers.unwrap_or(1);
     let concurrency = args.concurrency.unwrap_or(256);
+    let name = if keyed { "queue_noop_keyed" } else { "queue_noop" };
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
-        let ids = backlog(&client, &keys, tasks).await?;
+        let key = keyed.then(|| ("bench".to_owned(), (workers * concurrency) as u32));
+        let ids = backlog_keyed(&client, &keys, tasks, key.as_ref()).await?;
         let provider = NoopProvider::default();
         let (before, after) = run_noop(args, redis, &keys, provider, workers, concurrency).await?;
         verify_results(&client, &keys, &ids).await?;
 
         let d = after.since(&before, tasks);
         if args.verbose {
-            d.print_commands("queue_noop");
+            d.print_commands(name);
         }
         Ok(format!(
-            "bench=queue_noop tasks={tasks} workers={workers} concurrency={concurrency} \
+            "bench={name} tasks={tasks} workers={workers} concurrency={concurrency} \
              tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=off secs={:.3} \
              proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
             d.tasks_per_s,
@@ -950,12 +958,29 @@ impl Workers {
 
 /// Enqueues `n` no-op tasks in chunks; returns their ids.
 async fn backlog(client: &Client, keys: &QueueKeys, n: usize) -> Result<Vec<String>> {
+    backlog_keyed(client, keys, n, None).await
+}
+
+/// [`backlog`], each task under concurrency key `key` (name, limit) when given.
+async fn backlog_keyed(
+    client: &Client,
+    keys: &QueueKeys,
+    n: usize,
+    key: Option<&(String, u32)>,
+) -> Result<Vec<String>> {
     client.ensure_group(keys).await?;
     let mut ids = Vec::with_capacity(n);
     let mut left = n;
     while left > 0 {
         let chunk: Vec<Envelope> = (0..left.min(ENQUEUE_CHUNK))
-            .map(|i| Envelope::new(format!("benchmark task {}", n - left + i)))
+            .map(|i| {
+                let mut e = Envelope::new(format!("benchmark task {}", n - left + i));
+                if let Some((k, limit)) = key {
+                    e.concurrency_key = Some(k.clone());
+                    e.concurrency_limit = Some(*limit);
+                }
+                e
+            })
             .collect();
         client.enqueue_many(keys, &chunk).await?;
         ids.extend(chunk.iter().filter_map(|e| e.id).map(|id| id.to_string()));
