@@ -260,3 +260,47 @@ async fn a_batch_that_would_push_a_free_tier_past_90_percent_warns_and_without_y
     let _ = std::fs::remove_file(input);
     let _ = std::fs::remove_file(config);
 }
+
+#[tokio::test]
+async fn output_to_a_directory_writes_a_timestamped_file_inside_it() {
+    let env = TestEnv::new().await.unwrap();
+    let dir = std::env::temp_dir().join(format!("llmq-{}-out", env.queue));
+    let input = std::env::temp_dir().join(format!("llmq-{}-in.json", env.queue));
+    std::fs::write(&input, r#"[{"prompt": "one"}, {"prompt": "two"}]"#).unwrap();
+    let out_arg = format!("{}/", dir.display());
+    let (code, listing) = env
+        .cli(&[
+            "batch",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            &out_arg,
+            "--queue",
+            &env.queue,
+        ])
+        .await;
+    assert_eq!(code, 0, "{listing}");
+    let files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|f| f.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(
+        files[0].starts_with("batch_") && files[0].ends_with(".json"),
+        "{files:?}"
+    );
+    let written = std::fs::read_to_string(dir.join(&files[0])).unwrap();
+    assert_eq!(written, listing, "the file holds what was printed");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(input);
+}
+
+#[test]
+fn parallel_0_is_refused_with_a_sentence() {
+    use clap::Parser;
+    let e =
+        llmq::cli::Cli::try_parse_from(["llmq", "batch", "--input", "x.json", "--parallel", "0"])
+            .unwrap_err()
+            .to_string();
+    assert!(e.contains("at least 1"), "{e}");
+}
