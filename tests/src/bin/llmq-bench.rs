@@ -193,7 +193,11 @@ async fn queue_noop(args: &Args, redis: &mut Redis, keyed: bool) -> Result<Strin
     let tasks = args.tasks.unwrap_or(50_000);
     let workers = args.workers.unwrap_or(1);
     let concurrency = args.concurrency.unwrap_or(256);
-    let name = if keyed { "queue_noop_keyed" } else { "queue_noop" };
+    let name = if keyed {
+        "queue_noop_keyed"
+    } else {
+        "queue_noop"
+    };
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
