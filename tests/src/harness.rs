@@ -217,6 +217,45 @@ impl TestEnv {
         anyhow::bail!("{what} did not happen within {within:?}")
     }
 
+    /// (entry id, consumer) of every entry of the queue a worker holds.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn pending(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.redis.ensure_group(&self.keys).await?;
+        let mut c = self.redis.conn().await?;
+        let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
+            .arg(self.keys.stream())
+            .arg(llmq_shared::keys::GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(1000)
+            .query_async(&mut c)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, consumer, _, _)| (id, consumer))
+            .collect())
+    }
+
+    /// Waits until a dead letter of the queue has an error containing `says`.
+    ///
+    /// # Errors
+    /// It does not happen `within`.
+    pub async fn dead_letter_saying(&self, says: &str, within: Duration) -> anyhow::Result<()> {
+        self.eventually(
+            &format!("a dead letter saying `{says}`"),
+            within,
+            || async {
+                self.redis
+                    .dead_letters(&self.keys, 10)
+                    .await
+                    .is_ok_and(|letters| letters.iter().any(|d| d.error.contains(says)))
+            },
+        )
+        .await
+    }
+
     /// Ledger rows of this test's queue: (task id, run, attempt, call no, provider, model, cost).
     ///
     /// # Errors

@@ -19,23 +19,11 @@ async fn finish_all(env: &TestEnv, ids: &[String]) -> Vec<TaskRecord> {
         .collect()
 }
 
-/// Entry ids the worker process `w` holds.
+/// How many entries the worker process `w` holds.
 async fn held_by(env: &TestEnv, w: &WorkerProcess) -> usize {
-    env.redis.ensure_group(&env.keys).await.unwrap();
-    let mut c = env.redis.conn().await.unwrap();
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(env.keys.stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(1000)
-        .query_async(&mut c)
-        .await
-        .unwrap();
     let tag = format!("-{}-", w.child.id());
-    rows.iter()
-        .filter(|(_, who, ..)| who.contains(&tag))
-        .count()
+    let pending = env.pending().await.unwrap();
+    pending.iter().filter(|(_, who)| who.contains(&tag)).count()
 }
 
 #[tokio::test]
@@ -139,16 +127,7 @@ async fn a_bad_concurrency_limit_is_a_dead_letter_with_a_reason() {
         ),
     ] {
         env.xadd("task", payload.as_bytes()).await.unwrap();
-        env.eventually("the dead letter", WAIT, || async {
-            env.redis
-                .dead_letters(&env.keys, 10)
-                .await
-                .unwrap()
-                .iter()
-                .any(|d| d.error.contains(says))
-        })
-        .await
-        .unwrap();
+        env.dead_letter_saying(says, WAIT).await.unwrap();
     }
     w.stop().await.unwrap();
 }

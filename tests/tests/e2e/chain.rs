@@ -305,16 +305,7 @@ async fn a_bad_chain_is_one_dead_letter_naming_the_step_and_nothing_runs() {
         ),
     ] {
         submit(&env, &chain).await;
-        env.eventually("the dead letter", WAIT, || async {
-            env.redis
-                .dead_letters(&env.keys, 10)
-                .await
-                .unwrap()
-                .iter()
-                .any(|d| d.error.contains(want))
-        })
-        .await
-        .unwrap();
+        env.dead_letter_saying(want, WAIT).await.unwrap();
     }
     let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
     assert_eq!(dead.len(), 3);
@@ -698,19 +689,9 @@ async fn a_check_gates_the_chain_with_a_command_the_operator_named() {
 
     // A check the provider file does not name: the chain is refused whole.
     submit(&env, &chain(&format!("{}-nope", env.queue), "rm-rf")).await;
-    env.eventually("the dead letter", WAIT, || async {
-        env.redis
-            .dead_letters(&env.keys, 10)
-            .await
-            .unwrap()
-            .iter()
-            .any(|d| {
-                d.error
-                    .contains("step `tests`: check `rm-rf` is not configured")
-            })
-    })
-    .await
-    .unwrap();
+    env.dead_letter_saying("step `tests`: check `rm-rf` is not configured", WAIT)
+        .await
+        .unwrap();
     w.stop().await.unwrap();
 }
 

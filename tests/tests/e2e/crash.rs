@@ -24,24 +24,6 @@ async fn enqueue(env: &TestEnv, n: usize, model: &str) -> Vec<String> {
     envs.iter().map(|e| e.id.unwrap().to_string()).collect()
 }
 
-/// (entry id, consumer) of every entry in flight.
-async fn pending(env: &TestEnv) -> Vec<(String, String)> {
-    env.redis.ensure_group(&env.keys).await.unwrap();
-    let mut c = env.redis.conn().await.unwrap();
-    let rows: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
-        .arg(env.keys.stream())
-        .arg("workers")
-        .arg("-")
-        .arg("+")
-        .arg(1000)
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    rows.into_iter()
-        .map(|(id, consumer, _, _)| (id, consumer))
-        .collect()
-}
-
 /// The task id inside each stream entry.
 async fn task_ids_of(env: &TestEnv, entry_ids: &[String]) -> Vec<String> {
     let mut c = env.redis.conn().await.unwrap();
@@ -79,8 +61,9 @@ async fn repeated_sigkill_loses_no_task_and_the_ledger_holds_every_call_the_mock
         let victim = workers.remove(0);
         let tag = format!("-{}-", victim.child.id());
         let held_by_victim = || async {
-            pending(&env)
+            env.pending()
                 .await
+                .unwrap()
                 .into_iter()
                 .filter(|(_, c)| c.contains(&tag))
                 .map(|(id, _)| id)

@@ -891,6 +891,20 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
     let _ = std::fs::remove_file(config);
 }
 
+/// A scheduler `id` of the test's namespace, its clock stopped at now, with no provider file.
+async fn instance(env: &TestEnv, id: &str) -> Scheduler {
+    let clock = TestClock::at(Utc::now());
+    Scheduler::connect(settings(
+        id,
+        LONG_LEASE,
+        Config::default(),
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap()
+}
+
 /// `queue`'s value of gauge `name` in the process's Prometheus output.
 fn gauge(name: &str, queue: &str) -> Option<f64> {
     let text = llmq_shared::health::recorder().unwrap().render();
@@ -947,16 +961,7 @@ async fn the_stream_length_is_waiting_plus_running_and_the_lease_holder_publishe
     assert_eq!((c.ready, c.in_flight, c.delayed, c.dead), (3, 1, 1, 1));
     assert_eq!(xlen(&env).await, c.ready + c.in_flight);
 
-    let clock = TestClock::at(Utc::now());
-    let mut holder = Scheduler::connect(settings(
-        "gauges",
-        LONG_LEASE,
-        Config::default(),
-        clock.clock(),
-        &env.queue,
-    ))
-    .await
-    .unwrap();
+    let mut holder = instance(&env, "gauges").await;
     assert!(holder.acquire().await.unwrap());
     holder.run_duty(Duty::Gauges).await.unwrap();
     assert_eq!(gauge("llmq_queue_backlog", &env.queue), Some(4.0));
@@ -980,15 +985,7 @@ async fn the_stream_length_is_waiting_plus_running_and_the_lease_holder_publishe
 
     // Losing the lease to another instance zeroes what this one published.
     holder.release().await.unwrap();
-    let mut other = Scheduler::connect(settings(
-        "gauges-b",
-        LONG_LEASE,
-        Config::default(),
-        clock.clock(),
-        &env.queue,
-    ))
-    .await
-    .unwrap();
+    let mut other = instance(&env, "gauges-b").await;
     assert!(other.acquire().await.unwrap());
     assert!(!holder.tick(&CancellationToken::new()).await);
     assert_eq!(gauge("llmq_queue_dead", &env.queue), Some(0.0));
@@ -1006,16 +1003,7 @@ async fn the_lease_holder_moves_due_delayed_tasks_to_the_stream_with_no_worker_r
     assert_eq!(xlen(&env).await, 0);
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().delayed, 1);
 
-    let clock = TestClock::at(Utc::now());
-    let mut s = Scheduler::connect(settings(
-        "promote",
-        LONG_LEASE,
-        Config::default(),
-        clock.clock(),
-        &env.queue,
-    ))
-    .await
-    .unwrap();
+    let mut s = instance(&env, "promote").await;
     assert!(s.acquire().await.unwrap());
     s.run_duty(Duty::Promote).await.unwrap();
     assert_eq!(xlen(&env).await, 0, "not due yet");
