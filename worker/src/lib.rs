@@ -40,7 +40,7 @@ mod fetcher;
 pub mod finisher;
 mod maintenance;
 
-use executor::Executor;
+use executor::{Executor, Finished};
 use fetcher::{Fetcher, Job};
 use finisher::{Finisher, Pending};
 use maintenance::InFlight;
@@ -149,6 +149,19 @@ pub struct Runtime {
 }
 
 impl Runtime {
+    /// Gives an outcome to the finisher: the answer to wait for (whether it was applied) and
+    /// the concurrency key whose slot to free after; `None` when there is nothing to write
+    /// (a parked task) or the finisher is gone.
+    fn hand_over(&self, finished: Finished) -> Option<(oneshot::Receiver<bool>, Option<String>)> {
+        if finished.parked {
+            return None;
+        }
+        let slot = finished.slot.clone();
+        let (done, written) = oneshot::channel();
+        self.finisher.send(Pending { finished, done }).ok()?;
+        Some((written, slot))
+    }
+
     /// Runs one task and waits until its outcome is written (or the worker gives up on
     /// writing it at the hard stop).
     async fn process(&self, job: Job) {
@@ -160,23 +173,21 @@ impl Runtime {
         let entry_id = delivery.entry_id.clone();
         self.inflight.insert(&entry_id, &queue);
         let finished = self.executor.run(Arc::clone(&queue), delivery).await;
-        if !finished.parked {
-            let slot = finished.slot.clone();
-            let (done, written) = oneshot::channel();
-            if self.finisher.send(Pending { finished, done }).is_ok()
-                && written.await.unwrap_or(false)
-                && let Some(key) = slot
-            {
-                // The outcome is written: pass the slot on. Should this fail, the slot is
-                // freed as stale by the next sweep, since its entry has left the stream.
-                let held = [(entry_id.as_str(), key.as_str())];
-                let free = self.executor.redis.free_slots(&queue, &held);
-                if let Err(e) = Box::pin(free).await {
-                    tracing::warn!(
-                        queue = queue.name(),
-                        "cannot free a slot of concurrency key `{key}`: {e}"
-                    );
-                }
+        // `finished` must not live across an await: every task in flight would carry its
+        // size (see `hand_over`).
+        if let Some((written, slot)) = self.hand_over(finished)
+            && written.await.unwrap_or(false)
+            && let Some(key) = slot
+        {
+            // The outcome is written: pass the slot on. Should this fail, the slot is freed
+            // as stale by the next sweep, since its entry has left the stream.
+            let held = [(entry_id.as_str(), key.as_str())];
+            let free = self.executor.redis.free_slots(&queue, &held);
+            if let Err(e) = Box::pin(free).await {
+                tracing::warn!(
+                    queue = queue.name(),
+                    "cannot free a slot of concurrency key `{key}`: {e}"
+                );
             }
         }
         self.inflight.remove(&entry_id);

@@ -142,7 +142,101 @@ impl Finished {
     }
 }
 
+/// What a chain step's preparation decided, for its attempt and after it.
+#[derive(Default)]
+struct StepPlan {
+    /// The prompt its handoffs made, when it calls a model.
+    prompt: Option<String>,
+    constraints: Constraints,
+    reading: Option<chain::Reading>,
+    rework: Option<chain::Rework>,
+    escalation: Option<chain::Rework>,
+    /// Its outcome without a call (an output, a check, a fatal problem).
+    settled: Option<Outcome>,
+}
+
+/// A chain step that ends before any attempt.
+enum Ended {
+    /// Redis is away: the worker's fault, not the task's. Hand it back.
+    Release,
+    Cancelled(String),
+    /// Handed to a person until this deadline (ms).
+    Await(i64),
+}
+
 impl Executor {
+    /// Prepares a chain step: its handoffs, candidates and constraints, or its outcome when
+    /// it makes no call. Boxed by its caller: its futures are large and done before the
+    /// step's call starts.
+    async fn prepare_step(
+        &self,
+        queue: &QueueKeys,
+        task_id: &str,
+        env: &Envelope,
+    ) -> Result<StepPlan, Ended> {
+        let tiers: std::collections::HashMap<String, llmq_shared::envelope::Tier> = self
+            .config
+            .providers
+            .iter()
+            .flat_map(|p| p.models.iter().map(|m| (m.id.clone(), m.tier)))
+            .collect();
+        let mut step = StepPlan::default();
+        match chain::prepare(&self.redis, queue, env, &tiers).await {
+            Err(e) => {
+                tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
+                return Err(Ended::Release);
+            }
+            Ok(chain::Prepared::Cancelled(why)) => return Err(Ended::Cancelled(why)),
+            Ok(chain::Prepared::Await { deadline_ms }) => return Err(Ended::Await(deadline_ms)),
+            Ok(chain::Prepared::Fatal(why)) => {
+                step.settled = Some(Outcome::Failed(AttemptError {
+                    class: ErrorClass::Fatal,
+                    message: why,
+                    tried: Vec::new(),
+                    retry_after: None,
+                }));
+            }
+            Ok(chain::Prepared::Check {
+                command,
+                input,
+                rework,
+            }) => {
+                step.rework = rework;
+                step.settled = Some(match self.config.checks.get(&command) {
+                    Some(c) => check::run(&command, c, &input).await,
+                    None => Outcome::Failed(AttemptError {
+                        class: ErrorClass::Fatal,
+                        message: format!(
+                            "check `{command}` is not configured; add it under `checks:` in the provider file"
+                        ),
+                        tried: Vec::new(),
+                        retry_after: None,
+                    }),
+                });
+            }
+            Ok(chain::Prepared::Output(text)) => {
+                step.settled = Some(Outcome::Answered(Completion {
+                    text,
+                    usage: llmq_shared::provider::Usage::default(),
+                }));
+            }
+            Ok(chain::Prepared::Call {
+                prompt,
+                constraints,
+                read,
+                rework,
+                escalation,
+            }) => {
+                step.prompt = Some(prompt);
+                step.constraints = constraints;
+                step.reading = Some(read);
+                step.rework = rework;
+                step.escalation = escalation;
+            }
+        }
+        Ok(step)
+    }
+
     /// Runs `delivery` to an outcome. Never fails: every problem becomes an outcome.
     pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Finished {
         let mut slot = None;
@@ -229,79 +323,30 @@ impl Executor {
         // Futures that run briefly are boxed here and below: an async fn's state is as large
         // as its largest await, and these would otherwise make every task in flight carry
         // their size for the whole of its provider call.
-        let mut step_prompt = None;
-        let mut constraints = Constraints::default();
-        let mut reading = None;
-        let mut rework = None;
-        let mut escalation = None;
-        let mut settled = None;
-        if env.step.is_some() {
-            let tiers: std::collections::HashMap<String, llmq_shared::envelope::Tier> = self
-                .config
-                .providers
-                .iter()
-                .flat_map(|p| p.models.iter().map(|m| (m.id.clone(), m.tier)))
-                .collect();
-            match Box::pin(chain::prepare(&self.redis, &queue, &env, &tiers)).await {
-                // Redis is away: the worker's fault, not the task's. Hand it back.
-                Err(e) => {
-                    tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
+        let step = if env.step.is_some() {
+            let prepare = self.prepare_step(&queue, &task_id, &env);
+            match Box::pin(prepare).await {
+                Ok(step) => step,
+                Err(Ended::Release) => {
                     let finish = Finish::release(entry_id, task_id, env.to_json());
                     return Finished::new(queue, finish, Vec::new());
                 }
-                Ok(chain::Prepared::Cancelled(why)) => {
-                    return cancelled(queue, entry_id, &env, record, why);
-                }
-                Ok(chain::Prepared::Fatal(why)) => {
-                    settled = Some(Outcome::Failed(AttemptError {
-                        class: ErrorClass::Fatal,
-                        message: why,
-                        tried: Vec::new(),
-                        retry_after: None,
-                    }));
-                }
-                Ok(chain::Prepared::Check {
-                    command,
-                    input,
-                    rework: r,
-                }) => {
-                    rework = r;
-                    settled = Some(match self.config.checks.get(&command) {
-                        Some(c) => Box::pin(check::run(&command, c, &input)).await,
-                        None => Outcome::Failed(AttemptError {
-                            class: ErrorClass::Fatal,
-                            message: format!(
-                                "check `{command}` is not configured; add it under `checks:` in the provider file"
-                            ),
-                            tried: Vec::new(),
-                            retry_after: None,
-                        }),
-                    });
-                }
-                Ok(chain::Prepared::Await { deadline_ms }) => {
+                Err(Ended::Cancelled(why)) => return cancelled(queue, entry_id, &env, record, why),
+                Err(Ended::Await(deadline_ms)) => {
                     return awaiting(queue, entry_id, &env, record, deadline_ms);
                 }
-                Ok(chain::Prepared::Output(text)) => {
-                    settled = Some(Outcome::Answered(Completion {
-                        text,
-                        usage: llmq_shared::provider::Usage::default(),
-                    }));
-                }
-                Ok(chain::Prepared::Call {
-                    prompt,
-                    constraints: c,
-                    read,
-                    rework: r,
-                    escalation: e,
-                }) => {
-                    step_prompt = Some(prompt);
-                    constraints = c;
-                    reading = Some(read);
-                    rework = r;
-                    escalation = e;
-                }
             }
-        }
+        } else {
+            StepPlan::default()
+        };
+        let StepPlan {
+            prompt: step_prompt,
+            constraints,
+            reading,
+            rework,
+            escalation,
+            settled,
+        } = step;
 
         // Plan.
         let span = tracing::trace_span!(
