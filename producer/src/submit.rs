@@ -267,7 +267,7 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
             Format::Json => to_json(&serde_json::json!({"queue": args.queue, "task_ids": ids})),
         };
         if let Some(path) = &output {
-            write_file(path, &listing)?;
+            write_report(path, &listing)?;
         }
         emit(out, &listing);
         eprintln!("enqueued {} tasks to queue `{}`", ids.len(), args.queue);
@@ -292,7 +292,7 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         .collect();
     let report = summarize(results, started.elapsed());
     if let Some(path) = &output {
-        write_file(path, &to_json(&report))?;
+        write_report(path, &to_json(&report))?;
     }
     match args.format {
         Format::Json => emit(out, &to_json(&report)),
@@ -338,7 +338,7 @@ async fn check_quotas(
     }
     if !std::io::stdin().is_terminal() {
         eprintln!(
-            "llmq: the batch would push a quota past 90 % (above); nothing was enqueued. Pass --yes to enqueue it anyway, or --parallel to pace it."
+            "llmq: the batch would push a quota past 90 % (above); nothing was enqueued. Pass --yes to enqueue it anyway."
         );
         return Ok(false);
     }
@@ -354,16 +354,26 @@ async fn check_quotas(
 }
 
 /// Where `--output` writes: the path itself, or `batch_<timestamp>.json` inside it when it
-/// is a directory (an existing one, or a path ending in `/`, which is created).
+/// is a directory (an existing one, or a path ending in `/`, created when the file is
+/// written).
 fn batch_output(path: &std::path::Path) -> std::path::PathBuf {
     let is_dir = path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/');
     if is_dir {
-        // A failure shows when the file is written, with the path in the message.
-        let _ = std::fs::create_dir_all(path);
         path.join(format!("batch_{}.json", Utc::now().format("%Y%m%d_%H%M%S")))
     } else {
         path.to_owned()
     }
+}
+
+/// Writes a batch's listing or report, making the directory `--output DIR/` named.
+fn write_report(path: &std::path::Path, text: &str) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    }
+    write_file(path, text)
 }
 
 fn summarize(results: Vec<TaskRecord>, took: Duration) -> BatchReport {

@@ -423,6 +423,20 @@ fn build(id: String, spec: RawChain) -> Result<Chain> {
     })
 }
 
+/// The concurrency key of a chain's steps under `max_parallel`: `chain-<chain_id>`, or, for a
+/// chain id too long for a key, `chain-<a UUID derived from it>`.
+fn chain_key(chain_id: &str) -> String {
+    let key = format!("chain-{chain_id}");
+    if key.chars().count() <= envelope::MAX_CONCURRENCY_KEY {
+        key
+    } else {
+        format!(
+            "chain-{}",
+            uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_OID, chain_id.as_bytes())
+        )
+    }
+}
+
 fn step(
     chain_id: &str,
     spec: &RawChain,
@@ -583,7 +597,7 @@ fn step(
                 "`max_parallel` must be at least 1: how many of the chain's steps may run at once",
             ));
         }
-        task.concurrency_key = Some(format!("chain-{chain_id}"));
+        task.concurrency_key = Some(chain_key(chain_id));
         task.concurrency_limit = Some(n);
     }
     task.timeout = match &f.timeout {

@@ -56,6 +56,13 @@ fn max_parallel_puts_every_step_under_one_concurrency_key() {
         reason(r#"{"v":1,"max_parallel":0,"steps":[{"name":"a","prompt":"x"}]}"#)
             .contains("`max_parallel` must be at least 1")
     );
+    let long = "c".repeat(300);
+    let c = parse(&format!(
+        r#"{{"v":1,"chain_id":"{long}","max_parallel":1,"steps":[{{"name":"a","prompt":"x"}}]}}"#
+    ))
+    .unwrap();
+    let key = c.steps[0].task.concurrency_key.clone().unwrap();
+    assert!(key.starts_with("chain-") && key.len() < 50, "{key}");
 }
 
 #[test]

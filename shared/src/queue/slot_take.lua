@@ -14,7 +14,7 @@ if redis.call('SCARD', held) >= limit then
   free_stale(stream, held)
 end
 if redis.call('SCARD', held) < limit then
-  redis.call('SADD', held, entry)
+  hold(held, entry)
   return 1
 end
 if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then

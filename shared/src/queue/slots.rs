@@ -90,12 +90,14 @@ impl Client {
     }
 
     /// Frees stale slots and wakes parked tasks into free ones, for every key of the queue
-    /// with parked tasks. Returns how many keys have parked tasks.
+    /// with parked tasks, at most once a second across every caller. Returns how many keys
+    /// have parked tasks, or `None` when this second's sweep was done already.
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn sweep_slots(&self, keys: &QueueKeys) -> Result<u64> {
+    pub async fn sweep_slots(&self, keys: &QueueKeys) -> Result<Option<u64>> {
         let mut c = self.conn().await?;
-        Ok(SWEEP.key(keys.stream()).invoke_async(&mut c).await?)
+        let n: i64 = SWEEP.key(keys.stream()).invoke_async(&mut c).await?;
+        Ok(u64::try_from(n).ok())
     }
 }

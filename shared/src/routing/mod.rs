@@ -246,11 +246,21 @@ pub fn plan<'a>(
     }
     let mut seen = HashSet::new();
     plan.retain(|c| seen.insert((&c.provider.name, &c.model.id)));
-    // Fallback off: the first candidate (the named provider, when the task names one) or
-    // nothing else.
-    if task.fallback == Some(false) && plan.len() > 1 {
-        plan.truncate(1);
-        reason.push_str("; fallback off, so no other provider");
+    // Fallback off: the named provider (its first model in the plan), or the first pick when
+    // the task names none; nothing else.
+    if task.fallback == Some(false) {
+        if let Some(named) = &task.provider {
+            plan.retain(|c| &c.provider.name == named);
+            if plan.is_empty() {
+                return Err(RouteError(format!(
+                    "the task names provider `{named}` with fallback off, but `{named}` cannot take it here (excluded for this step, or no capable model)"
+                )));
+            }
+        }
+        if plan.len() > 1 {
+            plan.truncate(1);
+            reason.push_str("; fallback off, so no other provider");
+        }
     }
     if plan.is_empty() {
         let mut why = format!(

@@ -195,10 +195,18 @@ async fn a_batch_that_would_push_a_free_tier_past_90_percent_warns_and_without_y
         args.extend_from_slice(extra);
         args.into_iter().map(str::to_owned).collect::<Vec<_>>()
     };
-    let env = &env;
+    // The `llmq` binary with no terminal on standard input, as in a script or CI.
     let run = |args: Vec<String>| async move {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        env.cli(&args).await
+        let out = tokio::process::Command::new(llmq_tests::harness::binary("llmq"))
+            .args(&args)
+            .env("REDIS_URL", llmq_tests::harness::redis_url())
+            .env_remove("LLMQ_CONFIG")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .unwrap();
+        let code = out.status.code().unwrap_or(-1);
+        (code, String::from_utf8_lossy(&out.stdout).into_owned())
     };
 
     // --dry-run: the estimate with its warnings, nothing enqueued.

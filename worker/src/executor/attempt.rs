@@ -446,9 +446,7 @@ impl Attempt<'_> {
         // The row goes in before the call, so a worker that dies during it leaves a trace
         // of a call the provider may bill.
         let row = self.calls.len();
-        // Most tasks make one call: room for exactly that (a CallRow is 320 bytes).
-        self.calls.reserve_exact(1);
-        self.calls.push(CallRow {
+        let start = CallRow {
             task_id: env.id.unwrap_or_default(),
             delivery: self.delivery,
             run: env.replays as i32,
@@ -470,14 +468,17 @@ impl Attempt<'_> {
             error: None,
             worker: exec.worker_id.clone(),
             called_at: Utc::now(),
-        });
+        };
         if let Some(starts) = &exec.call_starts
-            && !Box::pin(starts.record(self.calls[row].clone())).await
+            && !Box::pin(starts.record(start.clone())).await
         {
             // Only at the hard stop, which the caller races this against: it hands the task
-            // back without a call.
+            // back without a call, and with no row for a call that was never made.
             return std::future::pending().await;
         }
+        // Most tasks make one call: room for exactly that (a CallRow is 320 bytes).
+        self.calls.reserve_exact(1);
+        self.calls.push(start);
         let span = tracing::trace_span!(
             target: telemetry::TARGET,
             "gen_ai.call",

@@ -7,6 +7,16 @@
 -- Keys of a concurrency key are named from the queue's prefix (`llmq:{q}:`), which shares
 -- the queue's hash tag, so these scripts stay on the queue's slot in Redis Cluster.
 
+-- A key's held set outlives its last use by a week at most, so a one-off key (a batch's, a
+-- chain's) whose last slot was never freed (its worker died after the outcome was written)
+-- does not stay in Redis for ever.
+local HELD_TTL_MS = 7 * 24 * 3600 * 1000
+
+local function hold(held, entry)
+  redis.call('SADD', held, entry)
+  redis.call('PEXPIRE', held, HELD_TTL_MS)
+end
+
 -- Frees the slots of entries that are no longer in the stream.
 local function free_stale(stream, held)
   for _, id in ipairs(redis.call('SMEMBERS', held)) do
@@ -26,6 +36,6 @@ local function wake(stream, prefix, key, limit)
       redis.call('HDEL', prefix .. 'parked', key)
       return
     end
-    redis.call('SADD', held, redis.call('XADD', stream, '*', 'task', env))
+    hold(held, redis.call('XADD', stream, '*', 'task', env))
   end
 end
