@@ -148,3 +148,42 @@ async fn a_worker_exports_the_task_and_provider_call_spans_inside_the_producers_
         );
     }
 }
+
+#[tokio::test]
+async fn llmq_submit_exports_its_span_and_puts_its_traceparent_in_the_envelope() {
+    let env = TestEnv::new().await.unwrap();
+    let (endpoint, spans) = receiver().await;
+    let out = tokio::process::Command::new(llmq_tests::harness::binary("llmq"))
+        .args(["submit", "--prompt", "traced submit", "--queue", &env.queue])
+        .env("REDIS_URL", llmq_tests::harness::redis_url())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+
+    let mut c = env.redis.conn().await.unwrap();
+    let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(env.keys.stream())
+        .arg("-")
+        .arg("+")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let task: serde_json::Value = serde_json::from_str(&entries[0].1["task"]).unwrap();
+    assert_eq!(task["id"], id.as_str());
+    let traceparent = task["traceparent"].as_str().expect("a traceparent").to_owned();
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+
+    // The CLI flushed its span before it exited.
+    let spans = spans.lock().unwrap();
+    let submit = spans
+        .iter()
+        .find(|s| s.name == "llmq.submit")
+        .expect("the submit span was exported");
+    assert_eq!(hex(&submit.trace_id), parts[1]);
+    assert_eq!(hex(&submit.span_id), parts[2]);
+}
