@@ -36,11 +36,14 @@ pub enum Slot {
     Parked,
     /// This consumer no longer holds the entry; nothing was done.
     Lost,
+    /// No slot is free, and no envelope was given to park: call again with it.
+    Full,
 }
 
 impl Client {
     /// Takes a slot of concurrency key `key` for the entry this consumer is about to run, or
-    /// parks `envelope` until one frees.
+    /// parks `envelope` until one frees; without an envelope, only tries ([`Slot::Full`] when
+    /// none is free), so a task's envelope is sent only when it is to be parked.
     ///
     /// # Errors
     /// Redis fails.
@@ -51,7 +54,7 @@ impl Client {
         entry_id: &str,
         key: &str,
         limit: u32,
-        envelope: &str,
+        envelope: Option<&str>,
     ) -> Result<Slot> {
         let mut c = self.conn().await?;
         let r: i64 = TAKE
@@ -61,12 +64,13 @@ impl Client {
             .arg(entry_id)
             .arg(key)
             .arg(limit)
-            .arg(envelope)
+            .arg(envelope.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
         Ok(match r {
             1 => Slot::Held,
             0 => Slot::Parked,
+            2 => Slot::Full,
             _ => Slot::Lost,
         })
     }

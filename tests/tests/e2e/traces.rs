@@ -174,7 +174,10 @@ async fn llmq_submit_exports_its_span_and_puts_its_traceparent_in_the_envelope()
         .unwrap();
     let task: serde_json::Value = serde_json::from_str(&entries[0].1["task"]).unwrap();
     assert_eq!(task["id"], id.as_str());
-    let traceparent = task["traceparent"].as_str().expect("a traceparent").to_owned();
+    let traceparent = task["traceparent"]
+        .as_str()
+        .expect("a traceparent")
+        .to_owned();
     let parts: Vec<&str> = traceparent.split('-').collect();
     assert_eq!(parts.len(), 4, "{traceparent}");
 

@@ -288,13 +288,31 @@ impl Executor {
 
         // A concurrency key: run only with a slot, else wait parked for one.
         if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {
-            let json = env.to_json();
-            let take = self
-                .redis
-                .take_slot(&queue, &self.worker_id, &entry_id, key, limit, &json);
-            match Box::pin(take).await {
+            // The envelope goes to Redis only when the task is to be parked.
+            let mut taken = Box::pin(self.redis.take_slot(
+                &queue,
+                &self.worker_id,
+                &entry_id,
+                key,
+                limit,
+                None,
+            ))
+            .await;
+            if let Ok(Slot::Full) = taken {
+                let json = env.to_json();
+                let park = self.redis.take_slot(
+                    &queue,
+                    &self.worker_id,
+                    &entry_id,
+                    key,
+                    limit,
+                    Some(&json),
+                );
+                taken = Box::pin(park).await;
+            }
+            match taken {
                 Ok(Slot::Held) => *slot = Some(key.clone()),
-                Ok(Slot::Parked | Slot::Lost) => {
+                Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
                     return Finished {
                         parked: true,
                         ..Finished::new(
