@@ -26,6 +26,10 @@ const WRITE_RETRY: RetryPolicy =
 /// At most this many outcomes per batch.
 pub const MAX_BATCH: usize = 512;
 
+/// Batches written to Redis at once: while one batch's script runs, the next one is already
+/// on its way instead of waiting for it.
+const WRITES_IN_FLIGHT: usize = 2;
+
 /// An outcome and who waits for it to be written. The answer is `true` when it was
 /// applied, `false` when the worker had lost the task to another worker (fenced).
 pub struct Pending {
@@ -135,6 +139,8 @@ impl Finisher {
     }
 
     async fn redis_stage(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<Pending>>) {
+        let writes = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
+        let mut running = tokio::task::JoinSet::new();
         while let Some(mut batch) = rx.recv().await {
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -142,59 +148,73 @@ impl Finisher {
                     Err(_) => break,
                 }
             }
-            let mut by_queue: HashMap<Arc<QueueKeys>, Vec<Pending>> = HashMap::new();
-            for p in batch {
-                by_queue
-                    .entry(Arc::clone(&p.finished.queue))
-                    .or_default()
-                    .push(p);
+            let Ok(permit) = Arc::clone(&writes).acquire_owned().await else {
+                return;
+            };
+            let this = Arc::clone(&self);
+            running.spawn(async move {
+                this.write_batch(batch).await;
+                drop(permit);
+            });
+            while running.try_join_next().is_some() {}
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    /// Writes one batch of outcomes to Redis, queue by queue.
+    async fn write_batch(&self, batch: Vec<Pending>) {
+        let mut by_queue: HashMap<Arc<QueueKeys>, Vec<Pending>> = HashMap::new();
+        for p in batch {
+            by_queue
+                .entry(Arc::clone(&p.finished.queue))
+                .or_default()
+                .push(p);
+        }
+        for (keys, items) in by_queue {
+            let (chained, items): (Vec<_>, Vec<_>) =
+                items.into_iter().partition(|p| p.finished.chain.is_some());
+            let (steps, others): (Vec<_>, Vec<_>) = chained
+                .into_iter()
+                .partition(|p| matches!(p.finished.chain, Some(ChainWrite::Step(_))));
+            self.write_steps(&keys, steps).await;
+            for p in others {
+                self.write_chain(&keys, p).await;
             }
-            for (keys, items) in by_queue {
-                let (chained, items): (Vec<_>, Vec<_>) =
-                    items.into_iter().partition(|p| p.finished.chain.is_some());
-                let (steps, others): (Vec<_>, Vec<_>) = chained
-                    .into_iter()
-                    .partition(|p| matches!(p.finished.chain, Some(ChainWrite::Step(_))));
-                self.write_steps(&keys, steps).await;
-                for p in others {
-                    self.write_chain(&keys, p).await;
-                }
-                if items.is_empty() {
-                    continue;
-                }
-                let (finishes, waiters): (Vec<_>, Vec<_>) = items
-                    .into_iter()
-                    .map(|p| (p.finished.finish, p.done))
-                    .unzip();
-                let applied = self
-                    .retry("acknowledging tasks in Redis", || {
-                        self.redis
-                            .finish(&keys, &self.consumer, self.result_ttl, &finishes)
-                    })
-                    .await;
-                let ok = applied.is_some();
-                let applied = applied.unwrap_or_default();
-                for (i, (finish, done)) in finishes.iter().zip(waiters).enumerate() {
-                    let was_applied = applied.get(i).copied().unwrap_or(false);
-                    if ok {
-                        let outcome = match (&finish.kind, was_applied) {
-                            (_, false) => "fenced",
-                            (FinishKind::Done, _) => "succeeded",
-                            (FinishKind::Retry { .. }, _) => "delayed",
-                            (FinishKind::Dead { .. }, _) => "dead",
-                            (FinishKind::Release, _) => "released",
-                        };
-                        metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
+            if items.is_empty() {
+                continue;
+            }
+            let (finishes, waiters): (Vec<_>, Vec<_>) = items
+                .into_iter()
+                .map(|p| (p.finished.finish, p.done))
+                .unzip();
+            let applied = self
+                .retry("acknowledging tasks in Redis", || {
+                    self.redis
+                        .finish(&keys, &self.consumer, self.result_ttl, &finishes)
+                })
+                .await;
+            let ok = applied.is_some();
+            let applied = applied.unwrap_or_default();
+            for (i, (finish, done)) in finishes.iter().zip(waiters).enumerate() {
+                let was_applied = applied.get(i).copied().unwrap_or(false);
+                if ok {
+                    let outcome = match (&finish.kind, was_applied) {
+                        (_, false) => "fenced",
+                        (FinishKind::Done, _) => "succeeded",
+                        (FinishKind::Retry { .. }, _) => "delayed",
+                        (FinishKind::Dead { .. }, _) => "dead",
+                        (FinishKind::Release, _) => "released",
+                    };
+                    metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
                             .increment(1);
-                    }
-                    if ok && !was_applied {
-                        tracing::warn!(
-                            task = %finish.task_id,
-                            "another worker took this task over; its outcome here was discarded"
-                        );
-                    }
-                    let _ = done.send(was_applied);
                 }
+                if ok && !was_applied {
+                    tracing::warn!(
+                        task = %finish.task_id,
+                        "another worker took this task over; its outcome here was discarded"
+                    );
+                }
+                let _ = done.send(was_applied);
             }
         }
     }
