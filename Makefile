@@ -20,7 +20,7 @@ bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
 	$(CARGO) run --release -p llmq-tests --bin llmq-bench
 
 bench-bullmq: services ## BullMQ's side of the comparison, on the same Redis (needs Node and npm)
-	cd tests/bullmq && npm ci --no-audit --no-fund --ignore-scripts && node bench.mjs noop && node bench.mjs inflight
+	cd tests/bullmq && npm install --no-audit --no-fund --ignore-scripts && node bench.mjs noop && node bench.mjs inflight
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
