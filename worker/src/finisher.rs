@@ -1,6 +1,7 @@
 //! Writes outcomes in batches: the ledger first (one transaction for every call in the
 //! batch), then Redis (one Lua call per queue that stores results, moves retries and dead
-//! letters, and acks). A task is acked only after its calls are committed.
+//! letters, and acks; then one that frees the concurrency slots of the batch's keyed
+//! tasks). A task is acked only after its calls are committed.
 //!
 //! The two stages run as two loops, so one batch's Redis write overlaps the next batch's
 //! commit. Batches form naturally: each stage takes whatever has arrived while it was busy.
@@ -171,51 +172,83 @@ impl Finisher {
                 .push(p);
         }
         for (keys, items) in by_queue {
-            let (chained, items): (Vec<_>, Vec<_>) =
-                items.into_iter().partition(|p| p.finished.chain.is_some());
-            let (steps, others): (Vec<_>, Vec<_>) = chained
-                .into_iter()
-                .partition(|p| matches!(p.finished.chain, Some(ChainWrite::Step(_))));
-            self.write_steps(&keys, steps).await;
-            for p in others {
-                self.write_chain(&keys, p).await;
-            }
-            if items.is_empty() {
-                continue;
-            }
-            let (finishes, waiters): (Vec<_>, Vec<_>) = items
-                .into_iter()
-                .map(|p| (p.finished.finish, p.done))
-                .unzip();
-            let applied = self
-                .retry("acknowledging tasks in Redis", || {
-                    self.redis
-                        .finish(&keys, &self.consumer, self.result_ttl, &finishes)
-                })
-                .await;
-            let ok = applied.is_some();
-            let applied = applied.unwrap_or_default();
-            for (i, (finish, done)) in finishes.iter().zip(waiters).enumerate() {
-                let was_applied = applied.get(i).copied().unwrap_or(false);
-                if ok {
-                    let outcome = match (&finish.kind, was_applied) {
-                        (_, false) => "fenced",
-                        (FinishKind::Done, _) => "succeeded",
-                        (FinishKind::Retry { .. }, _) => "delayed",
-                        (FinishKind::Dead { .. }, _) => "dead",
-                        (FinishKind::Release, _) => "released",
-                    };
-                    metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
-                            .increment(1);
+            // The concurrency slots of the tasks whose outcomes were applied, freed in one
+            // call once the queue's part of the batch is written.
+            let mut freed = Vec::new();
+            self.write_queue(&keys, items, &mut freed).await;
+            if !freed.is_empty() {
+                let held: Vec<(&str, &str)> = freed
+                    .iter()
+                    .map(|(e, k)| (e.as_str(), k.as_str()))
+                    .collect();
+                // Should this fail, the slots are freed as stale by the next sweep: their
+                // entries have left the stream.
+                if let Err(e) = self.redis.free_slots(&keys, &held).await {
+                    tracing::warn!(queue = keys.name(), "cannot free concurrency slots: {e}");
                 }
-                if ok && !was_applied {
-                    tracing::warn!(
-                        task = %finish.task_id,
-                        "another worker took this task over; its outcome here was discarded"
-                    );
-                }
-                let _ = done.send(was_applied);
             }
+        }
+    }
+
+    /// Writes one queue's part of a batch; adds (entry id, key) of every applied outcome
+    /// that held a concurrency slot to `freed`.
+    async fn write_queue(
+        &self,
+        keys: &QueueKeys,
+        items: Vec<Pending>,
+        freed: &mut Vec<(String, String)>,
+    ) {
+        let (chained, items): (Vec<_>, Vec<_>) =
+            items.into_iter().partition(|p| p.finished.chain.is_some());
+        let (steps, others): (Vec<_>, Vec<_>) = chained
+            .into_iter()
+            .partition(|p| matches!(p.finished.chain, Some(ChainWrite::Step(_))));
+        self.write_steps(keys, steps, freed).await;
+        for p in others {
+            self.write_chain(keys, p, freed).await;
+        }
+        if items.is_empty() {
+            return;
+        }
+        let mut slots = Vec::with_capacity(items.len());
+        let (finishes, waiters): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .map(|mut p| {
+                slots.push(p.finished.slot.take());
+                (p.finished.finish, p.done)
+            })
+            .unzip();
+        let applied = self
+            .retry("acknowledging tasks in Redis", || {
+                self.redis
+                    .finish(keys, &self.consumer, self.result_ttl, &finishes)
+            })
+            .await;
+        let ok = applied.is_some();
+        let applied = applied.unwrap_or_default();
+        for (i, ((finish, done), slot)) in finishes.iter().zip(waiters).zip(slots).enumerate() {
+            let was_applied = applied.get(i).copied().unwrap_or(false);
+            if was_applied && let Some(key) = slot {
+                freed.push((finish.entry_id.clone(), key));
+            }
+            if ok {
+                let outcome = match (&finish.kind, was_applied) {
+                    (_, false) => "fenced",
+                    (FinishKind::Done, _) => "succeeded",
+                    (FinishKind::Retry { .. }, _) => "delayed",
+                    (FinishKind::Dead { .. }, _) => "dead",
+                    (FinishKind::Release, _) => "released",
+                };
+                metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
+                    .increment(1);
+            }
+            if ok && !was_applied {
+                tracing::warn!(
+                    task = %finish.task_id,
+                    "another worker took this task over; its outcome here was discarded"
+                );
+            }
+            let _ = done.send(was_applied);
         }
     }
 
@@ -246,7 +279,12 @@ impl Finisher {
 
 impl Finisher {
     /// Finishes a batch of chain steps and moves their chains along, in one script.
-    async fn write_steps(&self, keys: &QueueKeys, batch: Vec<Pending>) {
+    async fn write_steps(
+        &self,
+        keys: &QueueKeys,
+        batch: Vec<Pending>,
+        freed: &mut Vec<(String, String)>,
+    ) {
         if batch.is_empty() {
             return;
         }
@@ -270,6 +308,9 @@ impl Finisher {
         drop(items);
         for (i, p) in batch.into_iter().enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
+            if was_applied && let Some(key) = p.finished.slot {
+                freed.push((p.finished.finish.entry_id.clone(), key));
+            }
             if !was_applied {
                 tracing::warn!(
                     task = %p.finished.finish.task_id,
@@ -282,7 +323,7 @@ impl Finisher {
 
     /// Writes a chain transition (an expansion, or a step's end with what it unblocks) in
     /// its one script.
-    async fn write_chain(&self, keys: &QueueKeys, p: Pending) {
+    async fn write_chain(&self, keys: &QueueKeys, p: Pending, freed: &mut Vec<(String, String)>) {
         let Pending { finished, done } = p;
         let applied = match &finished.chain {
             Some(ChainWrite::Expand(chain)) => self
@@ -294,7 +335,7 @@ impl Finisher {
                 .map(|r| r.is_some()),
             Some(ChainWrite::Step(_)) => {
                 return self
-                    .write_steps(keys, vec![Pending { finished, done }])
+                    .write_steps(keys, vec![Pending { finished, done }], freed)
                     .await;
             }
             Some(ChainWrite::Await {
@@ -336,7 +377,11 @@ impl Finisher {
                 "another worker took this chain entry over; its outcome here was discarded"
             );
         }
-        let _ = done.send(applied.unwrap_or(false));
+        let applied = applied.unwrap_or(false);
+        if applied && let Some(key) = finished.slot.clone() {
+            freed.push((finished.finish.entry_id.clone(), key));
+        }
+        let _ = done.send(applied);
     }
 }
 

@@ -149,17 +149,15 @@ pub struct Runtime {
 }
 
 impl Runtime {
-    /// Gives an outcome to the finisher: the answer to wait for (whether it was applied) and
-    /// the concurrency key whose slot to free after; `None` when there is nothing to write
-    /// (a parked task) or the finisher is gone.
-    fn hand_over(&self, finished: Finished) -> Option<(oneshot::Receiver<bool>, Option<String>)> {
+    /// Gives an outcome to the finisher: the answer to wait for (whether it was applied);
+    /// `None` when there is nothing to write (a parked task) or the finisher is gone.
+    fn hand_over(&self, finished: Finished) -> Option<oneshot::Receiver<bool>> {
         if finished.parked {
             return None;
         }
-        let slot = finished.slot.clone();
         let (done, written) = oneshot::channel();
         self.finisher.send(Pending { finished, done }).ok()?;
-        Some((written, slot))
+        Some(written)
     }
 
     /// Runs one task and waits until its outcome is written (or the worker gives up on
@@ -172,23 +170,11 @@ impl Runtime {
         } = job;
         let entry_id = delivery.entry_id.clone();
         self.inflight.insert(&entry_id, &queue);
-        let finished = self.executor.run(Arc::clone(&queue), delivery).await;
+        let finished = self.executor.run(queue, delivery).await;
         // `finished` must not live across an await: every task in flight would carry its
-        // size (see `hand_over`).
-        if let Some((written, slot)) = self.hand_over(finished)
-            && written.await.unwrap_or(false)
-            && let Some(key) = slot
-        {
-            // The outcome is written: pass the slot on. Should this fail, the slot is freed
-            // as stale by the next sweep, since its entry has left the stream.
-            let held = [(entry_id.as_str(), key.as_str())];
-            let free = self.executor.redis.free_slots(&queue, &held);
-            if let Err(e) = Box::pin(free).await {
-                tracing::warn!(
-                    queue = queue.name(),
-                    "cannot free a slot of concurrency key `{key}`: {e}"
-                );
-            }
+        // size (see `hand_over`). The finisher also frees its concurrency slot, if any.
+        if let Some(written) = self.hand_over(finished) {
+            let _ = written.await;
         }
         self.inflight.remove(&entry_id);
         drop(permit);

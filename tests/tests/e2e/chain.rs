@@ -167,6 +167,27 @@ async fn fan_out_then_a_judge_picks_and_a_consensus_counts() {
 }
 
 #[tokio::test]
+async fn max_parallel_runs_a_chains_parallel_steps_one_at_a_time() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-paced", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "max_parallel": 1, "steps": [
+        {"name": "a", "prompt": "A", "model": "slow-300"},
+        {"name": "b", "prompt": "B", "model": "slow-300"},
+        {"name": "c", "prompt": "C", "model": "slow-300"},
+        {"name": "join", "after": ["a", "b", "c"], "prompt": "Join", "model": "slow-300"}]});
+    submit(&env, &chain).await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(
+        env.mock.max_open_calls("slow-300"),
+        1,
+        "three steps ready at once, run one at a time"
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_review_goes_to_another_model_and_a_rejection_stops_what_follows() {
     let env = TestEnv::new().await.unwrap();
     let w = env.worker();
