@@ -45,8 +45,10 @@ impl Estimate {
         for (name, share) in &self.providers {
             let _ = writeln!(
                 s,
-                "  {name:<20} {:>6} requests  {:>10} tokens  ${:.4}",
-                share.requests, share.tokens, share.cost_usd
+                "  {name:<20} {:>6} requests  {:>10} tokens  {}",
+                share.requests,
+                share.tokens,
+                crate::render::usd(share.cost_usd)
             );
         }
         if self.unroutable > 0 {
