@@ -20,7 +20,8 @@ const READ_RETRY: RetryPolicy =
 /// A task read from a queue, holding one of the worker's concurrency slots.
 pub struct Job {
     pub queue: Arc<QueueKeys>,
-    pub delivery: Delivery,
+    /// Boxed: a job is moved through apalis into every task's state, so keep it small.
+    pub delivery: Box<Delivery>,
     pub permit: OwnedSemaphorePermit,
 }
 
@@ -139,7 +140,7 @@ impl Fetcher {
                 if jobs
                     .send(Job {
                         queue,
-                        delivery,
+                        delivery: Box::new(delivery),
                         permit,
                     })
                     .is_err()

@@ -115,6 +115,18 @@ pub struct Tried {
     pub last: Option<(String, String)>,
 }
 
+impl Tried {
+    /// An outcome reached without calling anyone.
+    pub(super) fn without_call(outcome: Outcome) -> Self {
+        Self {
+            outcome,
+            route: String::new(),
+            errors: Vec::new(),
+            last: None,
+        }
+    }
+}
+
 /// What stopped one candidate.
 enum Stop {
     Answered(Completion),
@@ -445,8 +457,12 @@ impl Attempt<'_> {
         };
         // The row goes in before the call, so a worker that dies during it leaves a trace
         // of a call the provider may bill.
+        // It goes straight into `calls`: a row held in a local across the await below would
+        // make every task in flight carry its 320 bytes for the whole call.
         let row = self.calls.len();
-        let start = CallRow {
+        // Most tasks make one call: room for exactly that.
+        self.calls.reserve_exact(1);
+        self.calls.push(CallRow {
             task_id: env.id.unwrap_or_default(),
             delivery: self.delivery,
             run: env.replays as i32,
@@ -468,17 +484,15 @@ impl Attempt<'_> {
             error: None,
             worker: exec.worker_id.clone(),
             called_at: Utc::now(),
-        };
+        });
         if let Some(starts) = &exec.call_starts
-            && !Box::pin(starts.record(start.clone())).await
+            && !Box::pin(starts.record(self.calls[row].clone())).await
         {
             // Only at the hard stop, which the caller races this against: it hands the task
             // back without a call, and with no row for a call that was never made.
+            self.calls.truncate(row);
             return std::future::pending().await;
         }
-        // Most tasks make one call: room for exactly that (a CallRow is 320 bytes).
-        self.calls.reserve_exact(1);
-        self.calls.push(start);
         let span = tracing::trace_span!(
             target: telemetry::TARGET,
             "gen_ai.call",

@@ -149,10 +149,19 @@ struct StepPlan {
     prompt: Option<String>,
     constraints: Constraints,
     reading: Option<chain::Reading>,
-    rework: Option<chain::Rework>,
-    escalation: Option<chain::Rework>,
+    rework: Option<Box<chain::Rework>>,
+    escalation: Option<Box<chain::Rework>>,
     /// Its outcome without a call (an output, a check, a fatal problem).
     settled: Option<Outcome>,
+}
+
+/// A task parsed from its delivery and ready to run: small, so a task in flight carries it
+/// once (its envelope is boxed).
+struct Admitted {
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    env: Box<Envelope>,
+    task_id: String,
 }
 
 /// A chain step that ends before any attempt.
@@ -201,7 +210,7 @@ impl Executor {
                 input,
                 rework,
             }) => {
-                step.rework = rework;
+                step.rework = rework.map(Box::new);
                 step.settled = Some(match self.config.checks.get(&command) {
                     Some(c) => check::run(&command, c, &input).await,
                     None => Outcome::Failed(AttemptError {
@@ -230,47 +239,64 @@ impl Executor {
                 step.prompt = Some(prompt);
                 step.constraints = constraints;
                 step.reading = Some(read);
-                step.rework = rework;
-                step.escalation = escalation;
+                step.rework = rework.map(Box::new);
+                step.escalation = escalation.map(Box::new);
             }
         }
         Ok(step)
     }
 
     /// Runs `delivery` to an outcome. Never fails: every problem becomes an outcome.
-    pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Finished {
+    pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Box<Delivery>) -> Finished {
+        let task = match self.admit(queue, *delivery) {
+            Ok(task) => task,
+            Err(finished) => return *finished,
+        };
         let mut slot = None;
-        let mut finished = self.run_holding(queue, delivery, &mut slot).await;
+        let mut finished = self.run_holding(task, &mut slot).await;
         finished.slot = slot;
         finished
     }
 
-    /// [`Executor::run`], setting `slot` once the task holds a slot of its concurrency key.
-    async fn run_holding(
-        &self,
-        queue: Arc<QueueKeys>,
-        delivery: Delivery,
-        slot: &mut Option<String>,
-    ) -> Finished {
-        let entry_id = delivery.entry_id;
-        // Parse.
-        if let (None, Some(spec)) = (&delivery.payload, &delivery.chain) {
-            return self.submitted_chain(queue, entry_id, spec);
+    /// Parses a delivery, or says how it ends without running: a chain to expand, a dead
+    /// letter, a task that waits for its `run_at`. The raw payload is dropped here, so a
+    /// task's prompt is not held twice during its call.
+    fn admit(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Result<Admitted, Box<Finished>> {
+        let Delivery {
+            entry_id,
+            payload,
+            chain,
+            ..
+        } = delivery;
+        if let (None, Some(spec)) = (&payload, &chain) {
+            return Err(Box::new(self.submitted_chain(queue, entry_id, spec)));
         }
-        let Some(payload) = delivery.payload else {
+        let Some(payload) = payload else {
             let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
             let error = format!(
                 "the stream entry has no `task` field; enqueue with XADD {} * task '<json>'",
                 queue.stream()
             );
-            return invalid(queue, entry_id, task_id, String::new(), error);
+            return Err(Box::new(invalid(
+                queue,
+                entry_id,
+                task_id,
+                String::new(),
+                error,
+            )));
         };
         let mut env = match Envelope::parse(&payload, self.max_payload_bytes) {
             Ok(env) => env,
             Err(e) => {
                 let task_id = envelope::task_id_of(queue.name(), &entry_id, &payload).to_string();
                 let raw = String::from_utf8_lossy(&payload).into_owned();
-                return invalid(queue, entry_id, task_id, raw, e.to_string());
+                return Err(Box::new(invalid(
+                    queue,
+                    entry_id,
+                    task_id,
+                    raw,
+                    e.to_string(),
+                )));
             }
         };
         let task_id = env.id_or_derive(queue.name(), &entry_id);
@@ -282,9 +308,28 @@ impl Executor {
             if due_ms > now_ms() + 5 {
                 // Enqueued straight into the stream with a future run_at: wait in delayed.
                 let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
-                return Finished::new(queue, finish, Vec::new());
+                return Err(Box::new(Finished::new(queue, finish, Vec::new())));
             }
         }
+        Ok(Admitted {
+            queue,
+            entry_id,
+            env: Box::new(env),
+            task_id,
+        })
+    }
+
+    /// [`Executor::run`], setting `slot` once the task holds a slot of its concurrency key.
+    ///
+    /// Everything held here is held for the whole of the task's call, by every task in
+    /// flight: keep what lives across the call's await small, and build the rest after it.
+    async fn run_holding(&self, task: Admitted, slot: &mut Option<String>) -> Finished {
+        let Admitted {
+            queue,
+            entry_id,
+            env,
+            task_id,
+        } = task;
 
         // A concurrency key: run only with a slot, else wait parked for one.
         if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {
@@ -332,10 +377,6 @@ impl Executor {
         }
 
         let task_type = env.task_type().map(|t| t.to_string()).unwrap_or_default();
-        let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Running);
-        record.attempts = env.attempts + 1;
-        record.task_type = Some(task_type.clone());
-        record.chain_id.clone_from(&env.chain_id);
 
         // A chain step: its handoffs, candidates and constraints.
         // Futures that run briefly are boxed here and below: an async fn's state is as large
@@ -349,8 +390,12 @@ impl Executor {
                     let finish = Finish::release(entry_id, task_id, env.to_json());
                     return Finished::new(queue, finish, Vec::new());
                 }
-                Err(Ended::Cancelled(why)) => return cancelled(queue, entry_id, &env, record, why),
+                Err(Ended::Cancelled(why)) => {
+                    let record = running(&queue, &task_id, &env, &task_type);
+                    return cancelled(queue, entry_id, &env, record, why);
+                }
                 Err(Ended::Await(deadline_ms)) => {
+                    let record = running(&queue, &task_id, &env, &task_type);
                     return awaiting(queue, entry_id, &env, record, deadline_ms);
                 }
             }
@@ -387,49 +432,45 @@ impl Executor {
         let step_env = step_prompt.map(|prompt| {
             Box::new(Envelope {
                 prompt,
-                ..env.clone()
+                ..(*env).clone()
             })
         });
         let call_env = step_env.as_deref().unwrap_or(&env);
         let mut calls = Vec::new();
         let started = Instant::now();
-        let planned = routing::plan(&self.config, call_env, &constraints, &Stats::default());
-        let tried = match (settled, planned) {
-            (Some(outcome), _) => Tried {
-                outcome,
-                route: String::new(),
-                errors: Vec::new(),
-                last: None,
-            },
-            (None, Ok(plan)) => {
-                // Attempt.
-                let attempt = Attempt {
-                    exec: self,
-                    delivery: Uuid::new_v4(),
-                    env: call_env,
-                    queue: &queue,
-                    task_type: &task_type,
-                    number: env.attempts + 1,
-                    calls: &mut calls,
-                };
-                let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
-                match run.instrument(span.clone()).await {
-                    Ok(tried) => tried,
-                    Err(_) => self.timed_out(plan.reason.clone(), &calls),
-                }
+        let tried = 'tried: {
+            if let Some(outcome) = settled {
+                break 'tried Tried::without_call(outcome);
             }
-            (None, Err(e)) => Tried {
-                outcome: Outcome::Failed(AttemptError {
-                    class: ErrorClass::Fatal,
-                    message: e.to_string(),
-                    tried: Vec::new(),
-                    retry_after: None,
-                }),
-                route: String::new(),
-                errors: Vec::new(),
-                last: None,
-            },
+            let plan = match routing::plan(&self.config, call_env, &constraints, &Stats::default())
+            {
+                Ok(plan) => plan,
+                Err(e) => {
+                    break 'tried Tried::without_call(Outcome::Failed(AttemptError {
+                        class: ErrorClass::Fatal,
+                        message: e.to_string(),
+                        tried: Vec::new(),
+                        retry_after: None,
+                    }));
+                }
+            };
+            // Attempt.
+            let attempt = Attempt {
+                exec: self,
+                delivery: Uuid::new_v4(),
+                env: call_env,
+                queue: &queue,
+                task_type: &task_type,
+                number: env.attempts + 1,
+                calls: &mut calls,
+            };
+            let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
+            match run.instrument(span.clone()).await {
+                Ok(tried) => tried,
+                Err(_) => self.timed_out(plan.reason.clone(), &calls),
+            }
         };
+        let mut record = running(&queue, &task_id, &env, &task_type);
         record.duration_ms = started.elapsed().as_millis() as u64;
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
@@ -515,7 +556,7 @@ impl Executor {
         let mut finished = apply(
             queue,
             entry_id,
-            env,
+            *env,
             record,
             calls,
             outcome,
@@ -684,6 +725,15 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
             ..StepState::default()
         },
     })
+}
+
+/// The record of a task that is running this attempt.
+fn running(queue: &QueueKeys, task_id: &str, env: &Envelope, task_type: &str) -> TaskRecord {
+    let mut record = TaskRecord::pending(task_id, queue.name(), Status::Running);
+    record.attempts = env.attempts + 1;
+    record.task_type = Some(task_type.to_owned());
+    record.chain_id.clone_from(&env.chain_id);
+    record
 }
 
 /// An approval step's task: acked with a record saying a person decides, the step left
