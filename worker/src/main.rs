@@ -17,8 +17,19 @@ struct Args {
     settings: llmq_worker::Settings,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // Before the runtime's threads exist.
+    llmq_worker::one_malloc_arena();
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("llmq-worker: cannot start the async runtime: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run() -> ExitCode {
     let _traces = llmq_shared::telemetry::init("info", "llmq-worker");
     let Args {
         config,

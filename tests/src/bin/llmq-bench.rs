@@ -113,8 +113,14 @@ enum Bench {
     Inflight,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // The workers run in this process: their allocator is set up as llmq-worker's is,
+    // before the runtime's threads exist.
+    llmq_worker::one_malloc_arena();
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     let args = Args::parse();
     let mut redis = redis::Client::open(args.redis_url.as_str())?
         .get_multiplexed_async_connection()
