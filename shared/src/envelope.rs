@@ -53,13 +53,12 @@ pub const MAX_CONCURRENCY_KEY: usize = 200;
 
 /// `concurrency_key` and `concurrency_limit` come together: a non-empty key of at most
 /// [`MAX_CONCURRENCY_KEY`] characters, and a whole number of at least 1.
-fn check_concurrency(obj: &serde_json::Map<String, Value>) -> Result<()> {
+/// `key` and `limit` are the fields' values, `None` when absent or null.
+fn check_concurrency(key: Option<&Value>, limit: Option<&Value>) -> Result<()> {
     let field = |field: &str, message: &str| Error::Field {
         field: field.into(),
         message: message.into(),
     };
-    let key = obj.get("concurrency_key").filter(|v| !v.is_null());
-    let limit = obj.get("concurrency_limit").filter(|v| !v.is_null());
     match (key, limit) {
         (None, None) => Ok(()),
         (Some(_), None) => Err(field(
@@ -357,6 +356,15 @@ impl Envelope {
                 limit: max_bytes,
             });
         }
+        // A well-formed envelope, the common case, takes one typed pass. Whatever that pass
+        // does not accept goes the long way, through a JSON value, whose checks say what is
+        // wrong and how to fix it; the checks both ways share are in `Envelope::check`.
+        if let Ok(env) = serde_json::from_slice::<Envelope>(raw)
+            && env.v == VERSION
+            && env.check().is_ok()
+        {
+            return Ok(env);
+        }
         let value: Value =
             serde_json::from_slice(raw).map_err(|e| Error::NotJson(e.to_string()))?;
         Self::from_value(value)
@@ -380,30 +388,42 @@ impl Envelope {
             Some(v) if v.as_u64() == Some(VERSION) => {}
             Some(v) => return Err(Error::WrongVersion(v.to_string())),
         }
-        check_concurrency(obj)?;
+        let field = |name| obj.get(name).filter(|v| !v.is_null());
+        check_concurrency(field("concurrency_key"), field("concurrency_limit"))?;
         match obj.get("prompt") {
             None | Some(Value::Null) => return Err(Error::MissingPrompt),
-            Some(Value::String(s)) if s.trim().is_empty() => return Err(Error::MissingPrompt),
             _ => {}
         }
         let env: Envelope = serde_path_to_error::deserialize(value).map_err(|e| Error::Field {
             field: e.path().to_string(),
             message: e.inner().to_string(),
         })?;
-        env.task_type()?;
-        if env.max_attempts == Some(0) {
+        env.check()?;
+        Ok(env)
+    }
+
+    /// The checks of a typed envelope, which both ways of parsing make.
+    fn check(&self) -> Result<()> {
+        if self.prompt.trim().is_empty() {
+            return Err(Error::MissingPrompt);
+        }
+        let key = self.concurrency_key.clone().map(Value::String);
+        let limit = self.concurrency_limit.map(Value::from);
+        check_concurrency(key.as_ref(), limit.as_ref())?;
+        self.task_type()?;
+        if self.max_attempts == Some(0) {
             return Err(Error::Field {
                 field: "max_attempts".into(),
                 message: "must be at least 1".into(),
             });
         }
-        if env.timeout == Some(0) {
+        if self.timeout == Some(0) {
             return Err(Error::Field {
                 field: "timeout".into(),
                 message: "must be at least 1 second".into(),
             });
         }
-        Ok(env)
+        Ok(())
     }
 
     /// The task type, `data_analysis` when unset.
@@ -525,6 +545,35 @@ mod tests {
         let err = "x".parse::<TaskType>().unwrap_err().to_string();
         for t in TaskType::ALL {
             assert!(err.contains(t.as_str()));
+        }
+    }
+
+    /// The typed pass and the long way through a JSON value come to the same envelope, or
+    /// the same error: the long way's.
+    #[test]
+    fn both_ways_of_parsing_agree() {
+        let inputs = [
+            r#"{"v":1,"prompt":"x"}"#,
+            r#"{"v":1,"prompt":"x","type":"research","max_attempts":2,"timeout":30,"metadata":{"a":[1]},"custom":"kept"}"#,
+            r#"{"v":1,"prompt":"x","concurrency_key":"k","concurrency_limit":3,"run_at":"2026-01-01T00:00:00Z"}"#,
+            r#"{"v":1,"prompt":"x","prompt":"y"}"#,
+            r#"{"v":2,"prompt":"x"}"#,
+            r#"{"prompt":"x"}"#,
+            r#"{"v":1,"prompt":"  "}"#,
+            r#"{"v":1,"prompt":null}"#,
+            r#"{"v":1,"prompt":"x","type":"poetry"}"#,
+            r#"{"v":1,"prompt":"x","max_attempts":0}"#,
+            r#"{"v":1,"prompt":"x","timeout":0}"#,
+            r#"{"v":1,"prompt":"x","concurrency_key":"k"}"#,
+            r#"{"v":1,"prompt":"x","concurrency_key":" ","concurrency_limit":1}"#,
+            r#"{"v":1,"prompt":"x","concurrency_key":"k","concurrency_limit":0}"#,
+            r#"{"v":1,"prompt":"x","max_tokens":"many"}"#,
+        ];
+        for raw in inputs {
+            let long_way = serde_json::from_str(raw)
+                .map_err(|e| Error::NotJson(e.to_string()))
+                .and_then(Envelope::from_value);
+            assert_eq!(parse(raw), long_way, "{raw}");
         }
     }
 
