@@ -326,6 +326,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             hard_stop: hard_stop.clone(),
             read_pause,
             call_starts,
+            call_metrics: executor::CallMetrics::new(&settings.config),
         },
         finisher,
         inflight: Arc::clone(&inflight),

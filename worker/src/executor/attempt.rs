@@ -16,7 +16,7 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, STARTED};
 use llmq_shared::outcome::ErrorClass;
-use llmq_shared::provider::{self, Completion, Request, Usage};
+use llmq_shared::provider::{self, Completion, Request};
 use llmq_shared::quota::{Decision, Reservation};
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
@@ -530,7 +530,8 @@ impl Attempt<'_> {
         {
             tracing::warn!(provider = name, "reconciling the quota failed: {e}");
         }
-        record_call(name, &cand.model.id, &result, took, &usage, cost);
+        exec.call_metrics
+            .record(name, &cand.model.id, &result, took, &usage, cost);
         if !span.is_disabled() {
             // As i64: OpenTelemetry has no unsigned integers, and a u64 would go as text.
             let tokens = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
@@ -565,30 +566,4 @@ fn gen_ai_system(kind: Kind) -> &'static str {
         Kind::Ollama => "ollama",
         Kind::Command => "_OTHER",
     }
-}
-
-/// Prometheus figures of one provider call.
-fn record_call(
-    provider: &str,
-    model: &str,
-    result: &provider::Result<Completion>,
-    took: Duration,
-    usage: &Usage,
-    cost: f64,
-) {
-    let outcome = match result {
-        Ok(_) => "ok",
-        Err(e) => e.class.as_str(),
-    };
-    let (p, m) = (provider.to_owned(), model.to_owned());
-    metrics::counter!("llmq_provider_calls_total", "provider" => p.clone(), "model" => m.clone(), "outcome" => outcome).increment(1);
-    metrics::histogram!("llmq_provider_call_seconds", "provider" => p.clone(), "model" => m)
-        .record(took.as_secs_f64());
-    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "input")
-        .increment(usage.input_tokens);
-    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "output")
-        .increment(usage.output_tokens);
-    metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "cached")
-        .increment(usage.cached_tokens);
-    metrics::gauge!("llmq_cost_usd_total", "provider" => p).increment(cost);
 }

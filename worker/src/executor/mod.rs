@@ -31,11 +31,13 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub mod attempt;
+mod call_metrics;
 mod chain;
 mod check;
 pub mod decide;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
+pub use call_metrics::CallMetrics;
 use decide::{Policy, TaskState, Transition};
 
 /// What the executor needs to know, shared by every task.
@@ -61,6 +63,7 @@ pub struct Executor {
     pub read_pause: Arc<ReadPause>,
     /// Records each call before it is made; `None` without a ledger.
     pub call_starts: Option<crate::finisher::CallStarts>,
+    pub call_metrics: CallMetrics,
 }
 
 /// When the fetcher may read again, in ms since the epoch (0: now).

@@ -1,0 +1,94 @@
+//! The Prometheus figures of provider calls, through handles registered once per provider
+//! and model: building a metric's key (its labels copied into a fresh vector) and looking it
+//! up in the registry for each of six figures on every call cost more than the rest of a
+//! call's bookkeeping.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use llmq_shared::config::Config;
+use llmq_shared::provider::{self, Completion, Usage};
+use metrics::{Counter, Gauge, Histogram};
+
+/// Handles for every model of every configured provider, each made on the model's first
+/// call (so they belong to the recorder installed by then).
+pub struct CallMetrics(HashMap<String, HashMap<String, OnceLock<Handles>>>);
+
+struct Handles {
+    answered: Counter,
+    seconds: Histogram,
+    input: Counter,
+    output: Counter,
+    cached: Counter,
+    cost: Gauge,
+}
+
+impl Handles {
+    fn new(provider: &str, model: &str) -> Self {
+        let p = provider.to_owned();
+        Self {
+            answered: calls(provider, model, "ok"),
+            seconds: metrics::histogram!("llmq_provider_call_seconds", "provider" => p.clone(), "model" => model.to_owned()),
+            input: metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "input"),
+            output: metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "output"),
+            cached: metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "cached"),
+            cost: metrics::gauge!("llmq_cost_usd_total", "provider" => p),
+        }
+    }
+}
+
+/// `llmq_provider_calls_total` of one outcome: `ok`, or the error's class.
+fn calls(provider: &str, model: &str, outcome: &'static str) -> Counter {
+    metrics::counter!("llmq_provider_calls_total", "provider" => provider.to_owned(), "model" => model.to_owned(), "outcome" => outcome)
+}
+
+impl CallMetrics {
+    #[must_use]
+    pub fn new(config: &Config) -> Self {
+        let models = |p: &llmq_shared::config::ProviderConfig| {
+            p.models
+                .iter()
+                .map(|m| (m.id.clone(), OnceLock::new()))
+                .collect()
+        };
+        Self(
+            config
+                .providers
+                .iter()
+                .map(|p| (p.name.clone(), models(p)))
+                .collect(),
+        )
+    }
+
+    /// Counts one call of `model` at `provider`.
+    pub fn record(
+        &self,
+        provider: &str,
+        model: &str,
+        result: &provider::Result<Completion>,
+        took: Duration,
+        usage: &Usage,
+        cost: f64,
+    ) {
+        let unlisted;
+        let h = match self.0.get(provider).and_then(|m| m.get(model)) {
+            Some(cell) => cell.get_or_init(|| Handles::new(provider, model)),
+            // Not in the provider file (a test's stand-in): registered for this call only.
+            None => {
+                unlisted = Handles::new(provider, model);
+                &unlisted
+            }
+        };
+        match result {
+            Ok(_) => h.answered.increment(1),
+            // Failures are few: their counters are looked up when they happen.
+            Err(e) => calls(provider, model, e.class.as_str()).increment(1),
+        }
+        h.seconds.record(took.as_secs_f64());
+        h.input.increment(usage.input_tokens);
+        h.output.increment(usage.output_tokens);
+        h.cached.increment(usage.cached_tokens);
+        h.cost.increment(cost);
+    }
+}
