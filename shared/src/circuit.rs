@@ -100,6 +100,32 @@ struct Cached {
     dirty: bool,
 }
 
+/// Pairs recently seen closed, by provider, then model: looked up by `&str` on every call,
+/// so the hot path allocates nothing.
+#[derive(Debug, Default)]
+struct Closed(HashMap<String, HashMap<String, Cached>>);
+
+impl Closed {
+    fn get(&self, provider: &str, model: &str) -> Option<&Cached> {
+        self.0.get(provider)?.get(model)
+    }
+
+    fn insert(&mut self, provider: &str, model: &str, cached: Cached) {
+        let models = self.0.entry(provider.to_owned()).or_default();
+        models.insert(model.to_owned(), cached);
+    }
+
+    /// Forgets the provider's pairs, or only the one model's.
+    fn forget(&mut self, provider: &str, model: Option<&str>) {
+        if let Some(models) = self.0.get_mut(provider) {
+            match model {
+                Some(m) => drop(models.remove(m)),
+                None => models.clear(),
+            }
+        }
+    }
+}
+
 /// The circuit breakers of every provider and model.
 #[derive(Clone)]
 pub struct Circuits {
@@ -107,7 +133,7 @@ pub struct Circuits {
     check: Arc<Script>,
     fail: Arc<Script>,
     /// Pairs recently seen closed, so the hot path does not ask Redis per call.
-    closed: Arc<Mutex<HashMap<(String, String), Cached>>>,
+    closed: Arc<Mutex<Closed>>,
     who: String,
 }
 
@@ -128,9 +154,8 @@ impl Circuits {
     /// # Errors
     /// Redis fails.
     pub async fn admit(&self, provider: &str, model: &str) -> Result<Admission> {
-        let pair = (provider.to_owned(), model.to_owned());
         if let Ok(cache) = self.closed.lock()
-            && let Some(c) = cache.get(&pair)
+            && let Some(c) = cache.get(provider, model)
             && c.at.elapsed() < FRESHNESS
         {
             return Ok(Admission::Call { probe: false });
@@ -161,7 +186,8 @@ impl Circuits {
             let probe = int(4) != 0;
             if !probe && let Ok(mut cache) = self.closed.lock() {
                 cache.insert(
-                    pair,
+                    provider,
+                    model,
                     Cached {
                         at: Instant::now(),
                         dirty: int(5) != 0,
@@ -208,7 +234,7 @@ impl Circuits {
         };
         if let Ok(mut cache) = self.closed.lock() {
             // Look again next time, and reset the counter on the next success.
-            cache.retain(|(p, m), _| p != provider || (scope == Scope::Model && m != model));
+            cache.forget(provider, (scope == Scope::Model).then_some(model));
         }
         let mut c = self.redis.conn().await?;
         let opened: i64 = self
@@ -233,11 +259,10 @@ impl Circuits {
     /// # Errors
     /// Redis fails.
     pub async fn succeeded(&self, provider: &str, model: &str, probe: bool) -> Result<()> {
-        let pair = (provider.to_owned(), model.to_owned());
         let clean = self
             .closed
             .lock()
-            .is_ok_and(|cache| cache.get(&pair).is_some_and(|c| !c.dirty));
+            .is_ok_and(|cache| cache.get(provider, model).is_some_and(|c| !c.dirty));
         if clean && !probe {
             return Ok(());
         }
@@ -251,7 +276,8 @@ impl Circuits {
             .await?;
         if let Ok(mut cache) = self.closed.lock() {
             cache.insert(
-                pair,
+                provider,
+                model,
                 Cached {
                     at: Instant::now(),
                     dirty: false,

@@ -195,6 +195,11 @@ impl TaskRecord {
 
     #[must_use]
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
+        // Room for a typical record up front instead of growing into it.
+        let mut json = Vec::with_capacity(512);
+        match serde_json::to_writer(&mut json, self) {
+            Ok(()) => String::from_utf8(json).unwrap_or_default(),
+            Err(_) => String::new(),
+        }
     }
 }

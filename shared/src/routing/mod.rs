@@ -19,7 +19,7 @@
 //! Constraints exclude models or providers and raise the minimum tier everywhere, hints
 //! included (a chain's review step must not be routed to the model it reviews).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use crate::config::{Capability, Config, Model, ProviderConfig, RuleTarget, Tier};
 use crate::envelope::{Envelope, Risk};
@@ -113,9 +113,11 @@ pub fn plan<'a>(
     let area = task.area.as_deref();
 
     let mut needs = vec![Capability::for_task(task_type)];
-    let lower = task.prompt.to_lowercase();
+    // A lowercase copy of the prompt only when there are keywords to look for in it.
+    let lower = (!routing.keywords.is_empty()).then(|| task.prompt.to_lowercase());
     for (cap, words) in &routing.keywords {
-        if words.iter().any(|w| lower.contains(w.as_str())) && !needs.contains(cap) {
+        let found = |w: &String| lower.as_deref().is_some_and(|l| l.contains(w.as_str()));
+        if words.iter().any(found) && !needs.contains(cap) {
             needs.push(*cap);
         }
     }
@@ -244,8 +246,17 @@ pub fn plan<'a>(
             plan.push(c);
         }
     }
-    let mut seen = HashSet::new();
-    plan.retain(|c| seen.insert((&c.provider.name, &c.model.id)));
+    // Each provider and model once, at its first place. Plans are short: a scan is cheaper
+    // than hashing.
+    let mut unique: Vec<Candidate<'a>> = Vec::with_capacity(plan.len());
+    for c in plan {
+        let same =
+            |u: &Candidate<'_>| u.provider.name == c.provider.name && u.model.id == c.model.id;
+        if !unique.iter().any(same) {
+            unique.push(c);
+        }
+    }
+    let mut plan = unique;
     // Fallback off: the named provider (its first model in the plan), or the first pick when
     // the task names none; nothing else.
     if task.fallback == Some(false) {
