@@ -110,6 +110,10 @@ impl Closed {
         self.0.get(provider)?.get(model)
     }
 
+    fn get_mut(&mut self, provider: &str, model: &str) -> Option<&mut Cached> {
+        self.0.get_mut(provider)?.get_mut(model)
+    }
+
     fn insert(&mut self, provider: &str, model: &str, cached: Cached) {
         let models = self.0.entry(provider.to_owned()).or_default();
         models.insert(model.to_owned(), cached);
@@ -154,11 +158,16 @@ impl Circuits {
     /// # Errors
     /// Redis fails.
     pub async fn admit(&self, provider: &str, model: &str) -> Result<Admission> {
-        if let Ok(cache) = self.closed.lock()
-            && let Some(c) = cache.get(provider, model)
-            && c.at.elapsed() < FRESHNESS
+        if let Ok(mut cache) = self.closed.lock()
+            && let Some(c) = cache.get_mut(provider, model)
         {
-            return Ok(Admission::Call { probe: false });
+            if c.at.elapsed() < FRESHNESS {
+                return Ok(Admission::Call { probe: false });
+            }
+            // Stale: this call looks again for everyone, and the others go on as before for
+            // the one round trip that takes. Otherwise every task arriving in that round
+            // trip asked too: hundreds of scripts a second at a few thousand tasks a second.
+            c.at = Instant::now();
         }
         let keys = ProviderKeys::new(provider);
         let (p, m) = (keys.circuit(None), keys.circuit(Some(model)));
@@ -194,7 +203,13 @@ impl Circuits {
                     },
                 );
             }
+            if probe && let Ok(mut cache) = self.closed.lock() {
+                cache.forget(provider, Some(model));
+            }
             return Ok(Admission::Call { probe });
+        }
+        if let Ok(mut cache) = self.closed.lock() {
+            cache.forget(provider, Some(model));
         }
         let probing = text(4) == "probing";
         let wait_ms = int(2).max(0);
