@@ -119,6 +119,17 @@ impl Closed {
         models.insert(model.to_owned(), cached);
     }
 
+    /// Makes the pair's entry stale, if there is one: the next call asks Redis again, and
+    /// a success still finds the pair clean (so it does not reset circuits it never saw).
+    fn expire(&mut self, provider: &str, model: &str) {
+        if let Some(c) = self.get_mut(provider, model) {
+            match Instant::now().checked_sub(FRESHNESS) {
+                Some(stale) => c.at = stale,
+                None => self.forget(provider, Some(model)),
+            }
+        }
+    }
+
     /// Forgets the provider's pairs, or only the one model's.
     fn forget(&mut self, provider: &str, model: Option<&str>) {
         if let Some(models) = self.0.get_mut(provider) {
@@ -182,8 +193,21 @@ impl Circuits {
         invocation
             .arg(PROBE_LEASE.as_millis() as u64)
             .arg(&self.who);
-        let mut c = self.redis.conn().await?;
-        let reply: Vec<redis::Value> = invocation.invoke_async(&mut c).await?;
+        let asked: Result<Vec<redis::Value>> = async {
+            let mut c = self.redis.conn().await?;
+            Ok(invocation.invoke_async(&mut c).await?)
+        }
+        .await;
+        let reply = match asked {
+            Ok(reply) => reply,
+            Err(e) => {
+                // Nobody knows better now: the next call asks again.
+                if let Ok(mut cache) = self.closed.lock() {
+                    cache.expire(provider, model);
+                }
+                return Err(e);
+            }
+        };
         let text = |i: usize| match reply.get(i) {
             Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
             Some(redis::Value::SimpleString(s)) => s.clone(),
@@ -204,12 +228,12 @@ impl Circuits {
                 );
             }
             if probe && let Ok(mut cache) = self.closed.lock() {
-                cache.forget(provider, Some(model));
+                cache.expire(provider, model);
             }
             return Ok(Admission::Call { probe });
         }
         if let Ok(mut cache) = self.closed.lock() {
-            cache.forget(provider, Some(model));
+            cache.expire(provider, model);
         }
         let probing = text(4) == "probing";
         let wait_ms = int(2).max(0);

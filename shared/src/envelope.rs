@@ -48,6 +48,11 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A prompt with nothing in it, which no model can answer.
+fn blank(prompt: &str) -> bool {
+    prompt.trim().is_empty()
+}
+
 /// The longest concurrency key accepted.
 pub const MAX_CONCURRENCY_KEY: usize = 200;
 
@@ -392,6 +397,7 @@ impl Envelope {
         check_concurrency(field("concurrency_key"), field("concurrency_limit"))?;
         match obj.get("prompt") {
             None | Some(Value::Null) => return Err(Error::MissingPrompt),
+            Some(Value::String(s)) if blank(s) => return Err(Error::MissingPrompt),
             _ => {}
         }
         let env: Envelope = serde_path_to_error::deserialize(value).map_err(|e| Error::Field {
@@ -404,7 +410,7 @@ impl Envelope {
 
     /// The checks of a typed envelope, which both ways of parsing make.
     fn check(&self) -> Result<()> {
-        if self.prompt.trim().is_empty() {
+        if blank(&self.prompt) {
             return Err(Error::MissingPrompt);
         }
         let key = self.concurrency_key.clone().map(Value::String);
@@ -568,6 +574,7 @@ mod tests {
             r#"{"v":1,"prompt":"x","concurrency_key":" ","concurrency_limit":1}"#,
             r#"{"v":1,"prompt":"x","concurrency_key":"k","concurrency_limit":0}"#,
             r#"{"v":1,"prompt":"x","max_tokens":"many"}"#,
+            r#"{"v":1,"prompt":"","max_tokens":"many"}"#,
         ];
         for raw in inputs {
             let long_way = serde_json::from_str(raw)
@@ -575,6 +582,11 @@ mod tests {
                 .and_then(Envelope::from_value);
             assert_eq!(parse(raw), long_way, "{raw}");
         }
+        // A blank prompt is named before any other problem.
+        assert_eq!(
+            parse(r#"{"v":1,"prompt":" ","max_tokens":"many"}"#),
+            Err(Error::MissingPrompt)
+        );
     }
 
     #[test]

@@ -456,13 +456,10 @@ impl Attempt<'_> {
             timeout: env.timeout(),
         };
         // The row goes in before the call, so a worker that dies during it leaves a trace
-        // of a call the provider may bill.
-        // It goes straight into `calls`: a row held in a local across the await below would
-        // make every task in flight carry its 320 bytes for the whole call.
+        // of a call the provider may bill. It is boxed while its start is recorded: a
+        // 320-byte local would size every task's state for the whole of its call.
         let row = self.calls.len();
-        // Most tasks make one call: room for exactly that.
-        self.calls.reserve_exact(1);
-        self.calls.push(CallRow {
+        let start = Box::new(CallRow {
             task_id: env.id.unwrap_or_default(),
             delivery: self.delivery,
             run: env.replays as i32,
@@ -486,13 +483,15 @@ impl Attempt<'_> {
             called_at: Utc::now(),
         });
         if let Some(starts) = &exec.call_starts
-            && !Box::pin(starts.record(self.calls[row].clone())).await
+            && !Box::pin(starts.record(CallRow::clone(&start))).await
         {
             // Only at the hard stop, which the caller races this against: it hands the task
             // back without a call, and with no row for a call that was never made.
-            self.calls.truncate(row);
             return std::future::pending().await;
         }
+        // Most tasks make one call: room for exactly that.
+        self.calls.reserve_exact(1);
+        self.calls.push(*start);
         let span = tracing::trace_span!(
             target: telemetry::TARGET,
             "gen_ai.call",
