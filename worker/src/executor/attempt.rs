@@ -457,9 +457,10 @@ impl Attempt<'_> {
         };
         // The row goes in before the call, so a worker that dies during it leaves a trace
         // of a call the provider may bill. It is boxed while its start is recorded: a
-        // 320-byte local would size every task's state for the whole of its call.
+        // 320-byte local would size every task's state for the whole of its call. Boxed as
+        // an array of one, so that for a task's first call the box becomes `calls` as is.
         let row = self.calls.len();
-        let start = Box::new(CallRow {
+        let start = Box::new([CallRow {
             task_id: env.id.unwrap_or_default(),
             delivery: self.delivery,
             run: env.replays as i32,
@@ -481,17 +482,21 @@ impl Attempt<'_> {
             error: None,
             worker: exec.worker_id.clone(),
             called_at: Utc::now(),
-        });
+        }]);
         if let Some(starts) = &exec.call_starts
-            && !Box::pin(starts.record(CallRow::clone(&start))).await
+            && !Box::pin(starts.record(start[0].clone())).await
         {
             // Only at the hard stop, which the caller races this against: it hands the task
             // back without a call, and with no row for a call that was never made.
             return std::future::pending().await;
         }
-        // Most tasks make one call: room for exactly that.
-        self.calls.reserve_exact(1);
-        self.calls.push(*start);
+        if self.calls.is_empty() {
+            let one: Box<[CallRow]> = start;
+            *self.calls = Vec::from(one);
+        } else {
+            let [start] = *start;
+            self.calls.push(start);
+        }
         let span = tracing::trace_span!(
             target: telemetry::TARGET,
             "gen_ai.call",
