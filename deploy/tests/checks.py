@@ -80,6 +80,17 @@ def workload_running(docs, program):
     return None, None
 
 
+def long_running(docs, problems):
+    """(program, workload, container, env) of the worker and the scheduler; a missing one is
+    added to `problems` and skipped."""
+    for program in ("llmq-worker", "llmq-scheduler"):
+        w, c = workload_running(docs, program)
+        if w is None:
+            problems.append(f"no workload runs {program}")
+            continue
+        yield program, w, c, env_of(docs, w, c)
+
+
 def secret_data(secret):
     data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
     data.update(secret.get("stringData") or {})
@@ -204,12 +215,7 @@ def check_references(docs):
 def check_provider_file(docs):
     """LLMQ_CONFIG points into the mounted provider ConfigMap, and every ${VAR} it needs is set."""
     problems = []
-    for program in ("llmq-worker", "llmq-scheduler"):
-        w, c = workload_running(docs, program)
-        if w is None:
-            problems.append(f"no workload runs {program}")
-            continue
-        env = env_of(docs, w, c)
+    for program, w, c, env in long_running(docs, problems):
         path = env.get("LLMQ_CONFIG")
         if not path:
             problems.append(f"{program}: LLMQ_CONFIG is not set")
@@ -304,12 +310,7 @@ def check_probes(docs):
     """Worker and scheduler: liveness on /healthz, readiness on /readyz, both on the port the
     process listens on (LLMQ_METRICS_LISTEN), which is also the one Prometheus is told."""
     problems = []
-    for program in ("llmq-worker", "llmq-scheduler"):
-        w, c = workload_running(docs, program)
-        if w is None:
-            problems.append(f"no workload runs {program}")
-            continue
-        env = env_of(docs, w, c)
+    for program, w, c, env in long_running(docs, problems):
         listen = env.get("LLMQ_METRICS_LISTEN")
         if not listen:
             problems.append(f"{program}: LLMQ_METRICS_LISTEN is not set, so no probe can answer")

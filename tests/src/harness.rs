@@ -173,6 +173,39 @@ impl TestEnv {
         Ok(id)
     }
 
+    /// The `task` fields of the stream's entries from `from` to `to` (`-` and `+` for all),
+    /// parsed; entries without one are left out.
+    ///
+    /// # Errors
+    /// Redis fails, or a `task` field is not JSON.
+    pub async fn stream_tasks(
+        &self,
+        from: &str,
+        to: &str,
+    ) -> anyhow::Result<Vec<serde_json::Value>> {
+        let mut c = self.redis.conn().await?;
+        let entries: Vec<(String, std::collections::HashMap<String, String>)> =
+            redis::cmd("XRANGE")
+                .arg(self.keys.stream())
+                .arg(from)
+                .arg(to)
+                .query_async(&mut c)
+                .await?;
+        entries
+            .iter()
+            .filter_map(|(_, fields)| fields.get("task"))
+            .map(|task| Ok(serde_json::from_str(task)?))
+            .collect()
+    }
+
+    /// Runs `llmq batch --input <input> --queue <this queue>` with `extra` flags.
+    pub async fn batch(&self, input: &std::path::Path, extra: &[&str]) -> (u8, String) {
+        let input = input.to_string_lossy();
+        let mut args = vec!["batch", "--input", &input, "--queue", &self.queue];
+        args.extend_from_slice(extra);
+        self.cli(&args).await
+    }
+
     /// Waits until task `id` has a final record.
     ///
     /// # Errors

@@ -39,17 +39,7 @@ async fn a_parallel_3_batch_never_has_more_than_3_calls_open_across_workers_and_
         .collect();
     let input = std::env::temp_dir().join(format!("llmq-{}-batch.json", env.queue));
     std::fs::write(&input, serde_json::to_string(&tasks).unwrap()).unwrap();
-    let (code, listing) = env
-        .cli(&[
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--queue",
-            &env.queue,
-            "--parallel",
-            "3",
-        ])
-        .await;
+    let (code, listing) = env.batch(&input, &["--parallel", "3"]).await;
     assert_eq!(code, 0, "{listing}");
     let ids: Vec<String> = listing.lines().map(str::to_owned).collect();
     assert_eq!(ids.len(), 40);
@@ -255,17 +245,7 @@ async fn output_to_a_directory_writes_a_timestamped_file_inside_it() {
     let input = std::env::temp_dir().join(format!("llmq-{}-in.json", env.queue));
     std::fs::write(&input, r#"[{"prompt": "one"}, {"prompt": "two"}]"#).unwrap();
     let out_arg = format!("{}/", dir.display());
-    let (code, listing) = env
-        .cli(&[
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            &out_arg,
-            "--queue",
-            &env.queue,
-        ])
-        .await;
+    let (code, listing) = env.batch(&input, &["--output", &out_arg]).await;
     assert_eq!(code, 0, "{listing}");
     let files: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()

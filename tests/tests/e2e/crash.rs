@@ -26,19 +26,10 @@ async fn enqueue(env: &TestEnv, n: usize, model: &str) -> Vec<String> {
 
 /// The task id inside each stream entry.
 async fn task_ids_of(env: &TestEnv, entry_ids: &[String]) -> Vec<String> {
-    let mut c = env.redis.conn().await.unwrap();
     let mut out = Vec::new();
     for id in entry_ids {
-        let entries: Vec<(String, HashMap<String, String>)> = redis::cmd("XRANGE")
-            .arg(env.keys.stream())
-            .arg(id)
-            .arg(id)
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        for (_, fields) in entries {
-            let v: serde_json::Value = serde_json::from_str(&fields["task"]).unwrap();
-            out.push(v["id"].as_str().unwrap().to_owned());
+        for task in env.stream_tasks(id, id).await.unwrap() {
+            out.push(task["id"].as_str().unwrap().to_owned());
         }
     }
     out

@@ -367,16 +367,7 @@ async fn batch_wait_writes_the_report() {
     )
     .unwrap();
     let (code, out) = env
-        .cli(&[
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--queue",
-            &env.queue,
-            "--wait",
-        ])
+        .batch(&input, &["--output", output.to_str().unwrap(), "--wait"])
         .await;
     assert_eq!(code, 1, "one task failed: {out}");
     assert!(
@@ -399,15 +390,7 @@ async fn batch_wait_writes_the_report() {
         r#"[{"prompt": "ok"}, {"prompt": "x", "type": "poetry"}]"#,
     )
     .unwrap();
-    let (code, _) = env
-        .cli(&[
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--queue",
-            &env.queue,
-        ])
-        .await;
+    let (code, _) = env.batch(&input, &[]).await;
     assert_eq!(code, 2);
     assert_eq!(
         env.redis.counts(&env.keys).await.unwrap().ready,
@@ -668,15 +651,7 @@ async fn wait_timeout_exits_1_and_batch_without_wait_lists_the_ids() {
     let output = std::env::temp_dir().join(format!("{}-ids-out.txt", env.queue));
     std::fs::write(&input, r#"[{"prompt": "a"}, {"prompt": "b"}]"#).unwrap();
     let (code, out) = env
-        .cli(&[
-            "batch",
-            "--input",
-            input.to_str().unwrap(),
-            "--output",
-            output.to_str().unwrap(),
-            "--queue",
-            &env.queue,
-        ])
+        .batch(&input, &["--output", output.to_str().unwrap()])
         .await;
     assert_eq!(code, 0);
     let ids: Vec<&str> = out.lines().collect();

@@ -20,7 +20,7 @@ use llmq_shared::outcome::Status;
 use llmq_shared::queue::Client;
 use llmq_shared::quota::{Decision, Limiter};
 use llmq_tests::harness::{TestEnv, binary, database_url, ensure_database, mock_config, redis_url};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 /// Each test's schedulers use the test's queue name as their namespace: their lease, fence
@@ -631,18 +631,8 @@ async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
 
 /// The recurring ticks in the stream: tick time (ms) -> how many entries.
 async fn ticks_in_stream(env: &TestEnv, name: &str) -> BTreeMap<i64, usize> {
-    let mut c = env.redis.conn().await.unwrap();
-    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(env.keys.stream())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut c)
-        .await
-        .unwrap();
     let mut ticks = BTreeMap::new();
-    for e in entries.ids {
-        let task: String = e.get("task").unwrap();
-        let v: Value = serde_json::from_str(&task).unwrap();
+    for v in env.stream_tasks("-", "+").await.unwrap() {
         assert_eq!(v["metadata"]["recurring"], name);
         assert_eq!(v["v"], 1);
         let tick = DateTime::parse_from_rfc3339(v["metadata"]["recurring_tick"].as_str().unwrap())

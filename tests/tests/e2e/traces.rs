@@ -164,15 +164,7 @@ async fn llmq_submit_exports_its_span_and_puts_its_traceparent_in_the_envelope()
     assert!(out.status.success(), "{out:?}");
     let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
 
-    let mut c = env.redis.conn().await.unwrap();
-    let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
-        .arg(env.keys.stream())
-        .arg("-")
-        .arg("+")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let task: serde_json::Value = serde_json::from_str(&entries[0].1["task"]).unwrap();
+    let task = env.stream_tasks("-", "+").await.unwrap().remove(0);
     assert_eq!(task["id"], id.as_str());
     let traceparent = task["traceparent"]
         .as_str()
