@@ -107,7 +107,7 @@ pub async fn estimate(
     }
     let limiter = Limiter::new(redis.clone());
     for (name, share) in &est.providers {
-        let Some(p) = config.providers.iter().find(|p| &p.name == name) else {
+        let Some(p) = config.provider(name) else {
             continue;
         };
         if p.quotas.requests_per_day.is_none() && p.quotas.usd_per_month.is_none() {

@@ -80,7 +80,9 @@ fn check_concurrency(key: Option<&Value>, limit: Option<&Value>) -> Result<()> {
                 _ => {
                     return Err(field(
                         "concurrency_key",
-                        "must be a non-empty string of at most 200 characters",
+                        &format!(
+                            "must be a non-empty string of at most {MAX_CONCURRENCY_KEY} characters"
+                        ),
                     ));
                 }
             }

@@ -57,23 +57,8 @@ impl QueueKeys {
         format!("{}:dead", self.prefix)
     }
 
-    /// The stream entries holding a slot of concurrency key `key`: a set of entry ids.
-    #[must_use]
-    pub fn held(&self, key: &str) -> String {
-        format!("{}:held:{key}", self.prefix)
-    }
-
-    /// Tasks of concurrency key `key` waiting for a slot, oldest first: a list of envelopes.
-    #[must_use]
-    pub fn parked(&self, key: &str) -> String {
-        format!("{}:parked:{key}", self.prefix)
-    }
-
-    /// Concurrency keys with parked tasks, and the limit each was last asked with: a hash.
-    #[must_use]
-    pub fn parked_keys(&self) -> String {
-        format!("{}:parked", self.prefix)
-    }
+    // The keys of concurrency slots (`held:<key>`, `parked:<key>`, `parked`) are named by
+    // the slot scripts themselves (queue/lua/slots.lua), from this prefix.
 
     /// The stored outcome of one task: a JSON string with a TTL.
     #[must_use]

@@ -87,7 +87,6 @@ fn exporter(service: &'static str) -> Result<Option<SdkTracerProvider>, String> 
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .build()
         .map_err(|e| format!("cannot build the OTLP exporter for {ENDPOINT}={endpoint}: {e}"))?;
-    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(Some(
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)

@@ -140,7 +140,6 @@ impl Finisher {
     }
 
     async fn redis_stage(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Vec<Pending>>) {
-        let writes = Arc::new(tokio::sync::Semaphore::new(WRITES_IN_FLIGHT));
         let mut running = tokio::task::JoinSet::new();
         while let Some(mut batch) = rx.recv().await {
             while batch.len() < MAX_BATCH {
@@ -149,14 +148,11 @@ impl Finisher {
                     Err(_) => break,
                 }
             }
-            let Ok(permit) = Arc::clone(&writes).acquire_owned().await else {
-                return;
-            };
+            while running.len() >= WRITES_IN_FLIGHT {
+                running.join_next().await;
+            }
             let this = Arc::clone(&self);
-            running.spawn(async move {
-                this.write_batch(batch).await;
-                drop(permit);
-            });
+            running.spawn(async move { this.write_batch(batch).await });
             while running.try_join_next().is_some() {}
         }
         while running.join_next().await.is_some() {}

@@ -165,6 +165,13 @@ impl Config {
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
         self.providers.iter().find(|p| p.name == name)
     }
+
+    /// The tier of model `id`, at the first provider that lists it.
+    #[must_use]
+    pub fn tier_of(&self, id: &str) -> Option<crate::envelope::Tier> {
+        let mut models = self.providers.iter().flat_map(|p| &p.models);
+        models.find(|m| m.id == id).map(|m| m.tier)
+    }
 }
 
 /// serde_yaml_ng says `providers[0].kind: unknown variant ...`; split the path off.

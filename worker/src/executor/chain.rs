@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use llmq_shared::chain::{self, Distinct, Kind, Reference};
+use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::envelope::Tier;
 use llmq_shared::keys::QueueKeys;
@@ -96,7 +97,7 @@ pub(super) async fn prepare(
     redis: &Client,
     keys: &QueueKeys,
     env: &Envelope,
-    tiers: &HashMap<String, Tier>,
+    config: &Config,
 ) -> llmq_shared::queue::Result<Prepared> {
     let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
         return Ok(Prepared::Fatal("the task names a step but no chain".into()));
@@ -215,7 +216,7 @@ pub(super) async fn prepare(
             Some((_, input)) => Prepared::Check {
                 command: step.command.clone().unwrap_or_default(),
                 input,
-                rework: full.as_ref().and_then(|f| rework(f, &step, tiers)),
+                rework: full.as_ref().and_then(|f| rework(f, &step, config)),
             },
             None => Prepared::Fatal(
                 "handoff unresolved: the output of the step this check checks has no value".into(),
@@ -250,7 +251,7 @@ pub(super) async fn prepare(
                 "{prompt}\n\n## Work to review (step `{reviewed}`)\n\n{work}\n\nAnswer with JSON only: {{\"verdict\": \"approve\" or \"reject\", \"findings\": [\"...\"]}}."
             );
             let constraints = distinct_from(&step.distinct, states.get(&reviewed));
-            let rework = full.as_ref().and_then(|f| rework(f, &step, tiers));
+            let rework = full.as_ref().and_then(|f| rework(f, &step, config));
             Prepared::Call {
                 prompt: p,
                 constraints,
@@ -321,7 +322,7 @@ fn escalation(state: &ChainState, step: &chain::Step) -> Option<Rework> {
 }
 
 /// What review `step` sends back when it rejects, while it has rounds left.
-fn rework(state: &ChainState, step: &chain::Step, tiers: &HashMap<String, Tier>) -> Option<Rework> {
+fn rework(state: &ChainState, step: &chain::Step, config: &Config) -> Option<Rework> {
     let on_reject = step.on_reject.as_ref()?;
     let round = state.steps.get(&step.name).map_or(0, |s| s.round);
     if round >= on_reject.max_rounds {
@@ -348,7 +349,7 @@ fn rework(state: &ChainState, step: &chain::Step, tiers: &HashMap<String, Tier>)
             .steps
             .get(&on_reject.rerun)
             .and_then(|s| s.model.as_deref())
-            .and_then(|m| tiers.get(m).copied())
+            .and_then(|m| config.tier_of(m))
     });
     Some(Rework {
         chain_id: state.spec.id.clone(),

@@ -186,14 +186,8 @@ impl Executor {
         task_id: &str,
         env: &Envelope,
     ) -> Result<StepPlan, Ended> {
-        let tiers: std::collections::HashMap<String, llmq_shared::envelope::Tier> = self
-            .config
-            .providers
-            .iter()
-            .flat_map(|p| p.models.iter().map(|m| (m.id.clone(), m.tier)))
-            .collect();
         let mut step = StepPlan::default();
-        match chain::prepare(&self.redis, queue, env, &tiers).await {
+        match chain::prepare(&self.redis, queue, env, &self.config).await {
             Err(e) => {
                 tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
                 return Err(Ended::Release);
@@ -530,10 +524,13 @@ impl Executor {
         if let (Transition::Dead { error, class }, Some(mut up)) = (&transition, escalation)
             && *class != ErrorClass::Invalid
         {
-            let from = record.model.as_deref().and_then(|id| {
-                let mut models = self.config.providers.iter().flat_map(|p| &p.models);
-                models.find(|m| m.id == id).map(|m| m.tier)
-            });
+            let from = record
+                .provider
+                .as_deref()
+                .and_then(|p| self.config.provider(p))
+                .zip(record.model.as_deref())
+                .and_then(|(p, id)| p.model(id))
+                .map(|m| m.tier);
             if let Some(next) = up.reruns.first_mut()
                 && chain::escalate(&mut next.task, from)
             {
