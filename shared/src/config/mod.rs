@@ -216,7 +216,7 @@ providers:
         cached_input_usd_per_mtok: 0.5
   - name: cli
     kind: command
-    command: {program: claude, args: ["-p", "{prompt}"], delay: [1s, 2s]}
+    command: {program: claude, args: ["-p"], prompt_via: stdin, delay: [1s, 2s]}
     models:
       - {id: sonnet, input_usd_per_mtok: 0, output_usd_per_mtok: 0}
 routing:
@@ -440,7 +440,7 @@ providers:
             ),
             (
                 GOOD.replace(
-                    "command: {program: claude, args: [\"-p\", \"{prompt}\"], delay: [1s, 2s]}",
+                    "command: {program: claude, args: [\"-p\"], prompt_via: stdin, delay: [1s, 2s]}",
                     "",
                 ),
                 "providers[1].command",

@@ -289,6 +289,8 @@ pub struct CommandConfig {
     pub program: String,
     pub args: Vec<String>,
     pub prompt_via_stdin: bool,
+    /// Options that take the next argument as their value, so task text may fill it.
+    pub value_options: Vec<String>,
     pub delay: Option<(Duration, Duration)>,
 }
 
@@ -365,12 +367,12 @@ pub(super) fn provider(
         .transpose()?
         .map(SecretString::from);
     let command = match (p.kind, p.command) {
-        (Kind::Command, Some(c)) => Some(command(errs, i, c)?),
+        (Kind::Command, Some(c)) => Some(command(errs, i, &p.name, c)?),
         (Kind::Command, None) => {
             return Err(errs.at(
                 at("command"),
                 "a command provider needs a command section",
-                "add command: {program: claude, args: [\"-p\", \"{prompt}\"]}",
+                "add command: {program: claude, args: [\"-p\"], prompt_via: stdin}",
             ));
         }
         (_, Some(_)) => {
@@ -561,7 +563,12 @@ pub(super) fn provider(
     })
 }
 
-pub(super) fn command(errs: &Errors<'_>, i: usize, c: RawCommand) -> Result<CommandConfig> {
+pub(super) fn command(
+    errs: &Errors<'_>,
+    i: usize,
+    provider: &str,
+    c: RawCommand,
+) -> Result<CommandConfig> {
     let at = |k: &str| format!("providers[{i}].command.{k}");
     if c.program.trim().is_empty() {
         return Err(errs.at(
@@ -581,6 +588,30 @@ pub(super) fn command(errs: &Errors<'_>, i: usize, c: RawCommand) -> Result<Comm
             ));
         }
     };
+    for (j, option) in c.value_options.iter().enumerate() {
+        if !option.starts_with('-') || option == "--" || option.contains('{') {
+            return Err(errs.at(
+                at(&format!("value_options[{j}]")),
+                format!("`{option}` is not an option"),
+                "list options exactly as args has them, e.g. value_options: [\"--prompt\"]",
+            ));
+        }
+    }
+    if let Some(bad) = crate::provider::command::unsafe_argument(&c.args, &c.value_options) {
+        let arg = &c.args[bad.index];
+        return Err(errs.at(
+            at(&format!("args[{}]", bad.index)),
+            format!(
+                "provider {provider} puts {} in `{arg}`, where `{}` could read task text as an option",
+                bad.placeholder, c.program
+            ),
+            &format!(
+                "pass it on stdin (prompt_via: stdin, with no {0} in args), as --option={0}, \
+                 after an option listed in value_options, or after a \"--\" argument",
+                bad.placeholder
+            ),
+        ));
+    }
     let delay = match c.delay {
         None => None,
         Some(d) if d.len() == 2 => {
@@ -607,6 +638,7 @@ pub(super) fn command(errs: &Errors<'_>, i: usize, c: RawCommand) -> Result<Comm
         program: c.program,
         args: c.args,
         prompt_via_stdin,
+        value_options: c.value_options,
         delay,
     })
 }

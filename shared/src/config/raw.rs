@@ -105,6 +105,8 @@ pub(super) struct RawCommand {
     #[serde(default)]
     pub(super) prompt_via: Option<String>,
     #[serde(default)]
+    pub(super) value_options: Vec<String>,
+    #[serde(default)]
     pub(super) delay: Option<Vec<String>>,
 }
 

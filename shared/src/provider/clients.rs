@@ -141,6 +141,7 @@ pub fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
                     } else {
                         PromptVia::Arg
                     },
+                    value_options: c.value_options,
                     env: Vec::new(),
                     delay: c.delay,
                 },
@@ -155,6 +156,7 @@ fn command_of(p: &ProviderConfig) -> CommandConfig {
         program: p.name.clone(),
         args: Vec::new(),
         prompt_via_stdin: true,
+        value_options: Vec::new(),
         delay: None,
     })
 }

@@ -1,4 +1,4 @@
-//! A local command-line client as a provider: `claude -p`, `gemini -p`, `codex exec`,
+//! A local command-line client as a provider: `claude -p`, `gemini`, `codex exec`,
 //! `ollama run`, or any program that reads a prompt and prints an answer.
 //!
 //! The program is started directly, never through a shell: every argument is one argv element
@@ -6,12 +6,27 @@
 //! pass, so a prompt full of shell metacharacters reaches the program byte for byte and text
 //! inside a substituted value is never substituted again. Other braces are left alone.
 //!
+//! **Task text never becomes an option.** An argv element that starts with `-` is code to the
+//! program that parses it (the Claude Code CLI's `--settings` can define hooks that run shell
+//! commands), so [`unsafe_argument`] accepts `{prompt}` and `{system}` only where no option
+//! parser reads them as an option:
+//! - on stdin ([`PromptVia::Stdin`], the safest, with no placeholder in the arguments);
+//! - attached to a long option, `--prompt={prompt}`;
+//! - right after an option the template declares as taking a value
+//!   ([`CommandSpec::value_options`], e.g. `["--prompt", "{prompt}"]`); since some parsers
+//!   (yargs) still read a following `-x` as an option, such an argument that would start with
+//!   `-` fails the call as [`ErrorClass::Fatal`] before the program starts;
+//! - after an end-of-options `--` argument.
+//!
+//! The configuration refuses every other template (`llmq providers check` and every binary at
+//! start); [`CommandRunner`] trusts the spec it is given.
+//!
 //! Where the prompt goes:
 //! - [`PromptVia::Stdin`]: the prompt is written to the program's stdin, which is then closed.
-//! - [`PromptVia::Arg`]: the prompt replaces `{prompt}` in every argument that contains it (also
-//!   inside a larger argument such as `--prompt={prompt}`); if no argument contains it, the
-//!   prompt is appended as the last argument. stdin is `/dev/null`. Linux limits one argument to
-//!   128 KiB; longer prompts fail as [`ErrorClass::Fatal`] and want `Stdin`.
+//! - [`PromptVia::Arg`]: the prompt replaces `{prompt}` in every argument that contains it; if no
+//!   argument contains it, the prompt is appended as the last argument, after a `--` (added
+//!   unless the template has one). stdin is `/dev/null`. Linux limits one argument to 128 KiB;
+//!   longer prompts fail as [`ErrorClass::Fatal`] and want `Stdin`.
 //!
 //! `{prompt}` and `{model}` are substituted wherever they appear, in either mode. The system
 //! prompt replaces `{system}` where the template has it (the empty string when the request has
@@ -49,7 +64,7 @@ pub const OUTPUT_LIMIT: usize = 10 * 1024 * 1024;
 pub enum PromptVia {
     /// Written to stdin, which is then closed.
     Stdin,
-    /// Substituted into the arguments containing `{prompt}`, or appended as the last argument.
+    /// Substituted into the arguments containing `{prompt}`, or appended last after `--`.
     Arg,
 }
 
@@ -61,6 +76,9 @@ pub struct CommandSpec {
     /// The argument template, e.g. `["-p", "{prompt}", "--model", "{model}"]`.
     pub args: Vec<String>,
     pub prompt_via: PromptVia,
+    /// Options that take the argument after them as their value, e.g. `--prompt`: task text
+    /// may fill that argument (see [`unsafe_argument`]).
+    pub value_options: Vec<String>,
     /// Extra environment variables, on top of the worker's own.
     pub env: Vec<(String, String)>,
     /// A random pause in `[min, max]` before each call (the Gemini CLI needs spacing between
@@ -76,6 +94,7 @@ impl fmt::Debug for CommandSpec {
             .field("program", &self.program)
             .field("args", &self.args)
             .field("prompt_via", &self.prompt_via)
+            .field("value_options", &self.value_options)
             .field("env", &env)
             .field("delay", &self.delay)
             .finish()
@@ -105,8 +124,11 @@ impl CommandRunner {
         }
     }
 
-    fn invocation(&self, req: &Request) -> Invocation {
-        let has = |placeholder: &str| self.spec.args.iter().any(|a| a.contains(placeholder));
+    /// The argv and stdin of one call; an error names an argument task text would turn into
+    /// an option.
+    fn invocation(&self, req: &Request) -> Result<Invocation, String> {
+        let template = &self.spec.args;
+        let has = |placeholder: &str| template.iter().any(|a| a.contains(placeholder));
         let system = req.system.as_deref().unwrap_or("");
         let prompt = if system.is_empty() || has("{system}") {
             req.prompt.clone()
@@ -118,22 +140,35 @@ impl CommandRunner {
             ("model", req.model.as_str()),
             ("system", system),
         ];
-        let mut args: Vec<String> = self
-            .spec
-            .args
-            .iter()
-            .map(|a| substitute(a, &values))
-            .collect();
+        let mut args = Vec::with_capacity(template.len() + 2);
+        for (i, a) in template.iter().enumerate() {
+            let arg = substitute(a, &values);
+            let after = i.checked_sub(1).map(|p| &template[p]);
+            if let Some(option) = after.filter(|o| self.spec.value_options.contains(o))
+                && TASK_TEXT.iter().any(|t| a.contains(t))
+                && arg.starts_with('-')
+            {
+                return Err(format!(
+                    "the text for `{option}` starts with `-`, which `{}` could read as an option; \
+                     pass the prompt on stdin (prompt_via: stdin) or as {option}={{prompt}}",
+                    self.spec.program
+                ));
+            }
+            args.push(arg);
+        }
         let stdin = match self.spec.prompt_via {
             PromptVia::Stdin => Some(prompt),
             PromptVia::Arg => {
                 if !has("{prompt}") {
+                    if !template.iter().any(|a| a == END_OF_OPTIONS) {
+                        args.push(END_OF_OPTIONS.to_owned());
+                    }
                     args.push(prompt);
                 }
                 None
             }
         };
-        Invocation { args, stdin }
+        Ok(Invocation { args, stdin })
     }
 
     fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
@@ -205,7 +240,9 @@ impl CommandRunner {
             tokio::time::sleep(pick_delay(min, max, uuid::Uuid::new_v4().as_u128())).await;
         }
         let program = &self.spec.program;
-        let Invocation { args, stdin } = self.invocation(req);
+        let Invocation { args, stdin } = self
+            .invocation(req)
+            .map_err(|message| self.error(req, ErrorClass::Fatal, message))?;
         let mut child = Command::new(program)
             .args(&args)
             .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
@@ -311,6 +348,42 @@ impl Provider for CommandRunner {
     fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
+}
+
+/// The placeholders that carry task text; `{model}` comes from the provider file.
+const TASK_TEXT: [&str; 2] = ["{prompt}", "{system}"];
+
+/// The argument after which no option parser reads options.
+const END_OF_OPTIONS: &str = "--";
+
+/// An argument of a template that puts task text where a program could read it as an option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsafeArgument {
+    /// Its index in the template.
+    pub index: usize,
+    /// `{prompt}` or `{system}`.
+    pub placeholder: &'static str,
+}
+
+/// The first argument of template `args` that puts `{prompt}` or `{system}` anywhere but in
+/// the value of `--option=…`, right after one of `value_options`, or after a `--` argument.
+#[must_use]
+pub fn unsafe_argument(args: &[String], value_options: &[String]) -> Option<UnsafeArgument> {
+    let end = args
+        .iter()
+        .position(|a| a == END_OF_OPTIONS)
+        .unwrap_or(args.len());
+    args[..end].iter().enumerate().find_map(|(index, arg)| {
+        let placeholder = *TASK_TEXT.iter().find(|t| arg.contains(*t))?;
+        let attached = arg
+            .strip_prefix("--")
+            .and_then(|a| a.split_once('='))
+            .is_some_and(|(name, _)| !name.is_empty() && !name.contains('{'));
+        let after_value_option = index
+            .checked_sub(1)
+            .is_some_and(|p| value_options.contains(&args[p]));
+        (!attached && !after_value_option).then_some(UnsafeArgument { index, placeholder })
+    })
 }
 
 /// Replaces `{name}` by its value in one pass; unknown placeholders and other braces stay.
@@ -456,6 +529,7 @@ mod tests {
             program: program.to_owned(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             prompt_via,
+            value_options: Vec::new(),
             env: Vec::new(),
             delay: None,
         }
@@ -512,9 +586,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn prompt_is_appended_without_a_placeholder() {
+    async fn prompt_is_appended_after_an_end_of_options_without_a_placeholder() {
         let r = runner("printf", &["[%s]"], PromptVia::Arg);
-        assert_eq!(text(&r, &request("x y")).await, "[x y]");
+        assert_eq!(text(&r, &request("--help")).await, "[--][--help]");
+        // A template with its own `--` gets no second one.
+        let r = runner("printf", &["[%s]", "--"], PromptVia::Arg);
+        assert_eq!(text(&r, &request("-p")).await, "[--][-p]");
     }
 
     #[tokio::test]
@@ -839,30 +916,91 @@ mod tests {
     fn invocation_follows_the_mode() {
         let mut req = request("p");
         req.system = Some("s".into());
-        let r = runner(
-            "x",
-            &["-p", "{prompt}", "--model", "{model}"],
-            PromptVia::Stdin,
-        );
+        let r = runner("x", &["-p", "--model", "{model}"], PromptVia::Stdin);
         assert_eq!(
             r.invocation(&req),
-            Invocation {
-                args: vec![
-                    "-p".into(),
-                    "s\n\np".into(),
-                    "--model".into(),
-                    "model-1".into()
-                ],
+            Ok(Invocation {
+                args: vec!["-p".into(), "--model".into(), "model-1".into()],
                 stdin: Some("s\n\np".into()),
-            }
+            })
         );
-        let r = runner("x", &["--system", "{system}"], PromptVia::Arg);
+        let r = runner("x", &["--system={system}"], PromptVia::Arg);
         assert_eq!(
             r.invocation(&req),
-            Invocation {
-                args: vec!["--system".into(), "s".into(), "p".into()],
+            Ok(Invocation {
+                args: vec!["--system=s".into(), "--".into(), "p".into()],
                 stdin: None,
-            }
+            })
         );
+    }
+
+    fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn task_text_is_accepted_only_where_it_cannot_be_an_option() {
+        let value_options = strings(&["--prompt", "-s"]);
+        let safe: &[&[&str]] = &[
+            &[],
+            &["-p", "--model", "{model}"],
+            &["--model={model}", "{model}"],
+            &["--prompt={prompt}", "--system={system}"],
+            &["--prompt=Q: {prompt}!"],
+            &["--prompt", "{prompt}", "-s", "{system}"],
+            &["-p", "--", "{prompt}"],
+            &["--", "-x", "{system}\n{prompt}"],
+        ];
+        for args in safe {
+            assert_eq!(
+                unsafe_argument(&strings(args), &value_options),
+                None,
+                "{args:?}"
+            );
+        }
+        let refused: &[(&[&str], usize, &str)] = &[
+            (&["-p", "{prompt}", "--model", "{model}"], 1, "{prompt}"),
+            (&["{prompt}"], 0, "{prompt}"),
+            (&["Q: {prompt}"], 0, "{prompt}"),
+            (&["-p{prompt}"], 0, "{prompt}"),
+            (&["-p={prompt}"], 0, "{prompt}"),
+            (&["--={prompt}"], 0, "{prompt}"),
+            (&["--{prompt}=x"], 0, "{prompt}"),
+            (&["--x{system}=y"], 0, "{system}"),
+            (&["--system", "{system}"], 1, "{system}"),
+            (&["--prompt", "{prompt}", "{system}", "--"], 2, "{system}"),
+            (&["--prompt={prompt}", "-m", "{prompt}"], 2, "{prompt}"),
+        ];
+        for (args, index, placeholder) in refused {
+            assert_eq!(
+                unsafe_argument(&strings(args), &value_options),
+                Some(UnsafeArgument {
+                    index: *index,
+                    placeholder
+                }),
+                "{args:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_after_a_value_option_never_starts_with_a_dash() {
+        let mut s = spec("printf", &["%s|%s", "--prompt", "{prompt}"], PromptVia::Arg);
+        s.value_options = strings(&["--prompt"]);
+        let r = CommandRunner::new("cli", s);
+        assert_eq!(text(&r, &request("a -b")).await, "--prompt|a -b");
+        for prompt in ["-", "--", "-p", "--settings={}"] {
+            let e = failure(&r, &request(prompt)).await;
+            assert_eq!(e.class, ErrorClass::Fatal, "{prompt}: {e}");
+            assert!(
+                e.message
+                    .starts_with("the text for `--prompt` starts with `-`, which `printf`"),
+                "{e}"
+            );
+        }
+        // A system prompt put before the prompt is what the argument starts with.
+        let mut req = request("-p");
+        req.system = Some("be brief".into());
+        assert_eq!(text(&r, &req).await, "--prompt|be brief\n\n-p");
     }
 }

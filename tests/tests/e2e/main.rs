@@ -5,6 +5,7 @@
 
 mod batch;
 mod chain;
+mod command;
 mod costs;
 mod crash;
 mod examples;
