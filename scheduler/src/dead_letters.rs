@@ -17,6 +17,7 @@ use std::collections::HashSet;
 
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::DeadLetter;
+use llmq_shared::text::storable;
 
 use crate::{Result, Scheduler};
 
@@ -118,17 +119,19 @@ impl Scheduler {
              ON CONFLICT (queue, dead_id) DO NOTHING",
         )
         .bind(queue.name())
-        .bind(due.iter().map(|d| d.id.clone()).collect::<Vec<_>>())
-        .bind(due.iter().map(|d| d.task_id.clone()).collect::<Vec<_>>())
-        .bind(due.iter().map(|d| d.error.clone()).collect::<Vec<_>>())
-        .bind(due.iter().map(|d| d.class.clone()).collect::<Vec<_>>())
+        // A dead letter's text is whatever a producer or a provider sent: NUL becomes U+FFFD,
+        // or one letter would stop the duty for its whole queue.
+        .bind(due.iter().map(|d| storable(&d.id)).collect::<Vec<_>>())
+        .bind(due.iter().map(|d| storable(&d.task_id)).collect::<Vec<_>>())
+        .bind(due.iter().map(|d| storable(&d.error)).collect::<Vec<_>>())
+        .bind(due.iter().map(|d| storable(&d.class)).collect::<Vec<_>>())
         .bind(
             due.iter()
                 .map(|d| i64::try_from(d.attempts).unwrap_or(i64::MAX))
                 .collect::<Vec<_>>(),
         )
         .bind(due.iter().map(|d| d.failed_at).collect::<Vec<_>>())
-        .bind(due.iter().map(|d| d.task.clone()).collect::<Vec<_>>())
+        .bind(due.iter().map(|d| storable(&d.task)).collect::<Vec<_>>())
         .bind(now)
         .execute(&mut *tx)
         .await?;

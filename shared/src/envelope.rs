@@ -23,6 +23,10 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Default per-attempt timeout in seconds.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 300;
 
+/// The longest `timeout` accepted, in seconds (30 days): an attempt's, or how long a chain's
+/// approval waits for a person. Deadlines computed from it stay far from any overflow.
+pub const MAX_TIMEOUT_SECS: u64 = 30 * 24 * 3600;
+
 /// Why an envelope was rejected. The text is what lands in the dead letter.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
@@ -47,6 +51,25 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The most bytes of a payload over the size limit that its dead letter keeps.
+pub const DEAD_PREFIX_BYTES: usize = 4096;
+
+/// A refused payload as its dead letter stores it: whole when it is within `max_bytes`, else
+/// its first [`DEAD_PREFIX_BYTES`] and its size, so that oversized input costs Redis little.
+#[must_use]
+pub fn dead_payload(raw: &[u8], max_bytes: usize) -> String {
+    if raw.len() <= max_bytes {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    let head = &raw[..DEAD_PREFIX_BYTES.min(raw.len())];
+    format!(
+        "{}… [{} bytes; only the first {} are kept]",
+        String::from_utf8_lossy(head),
+        raw.len(),
+        head.len()
+    )
+}
 
 /// A prompt with nothing in it, which no model can answer.
 fn blank(prompt: &str) -> bool {
@@ -415,6 +438,30 @@ impl Envelope {
         if blank(&self.prompt) {
             return Err(Error::MissingPrompt);
         }
+        // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
+        // enters, so nothing downstream meets it. `last_error` is the worker's own.
+        let texts = [
+            ("prompt", Some(&self.prompt)),
+            ("system", self.system.as_ref()),
+            ("type", self.task_type.as_ref()),
+            ("provider", self.provider.as_ref()),
+            ("model", self.model.as_ref()),
+            ("chain_id", self.chain_id.as_ref()),
+            ("step", self.step.as_ref()),
+            ("area", self.area.as_ref()),
+            ("idempotency_key", self.idempotency_key.as_ref()),
+            ("concurrency_key", self.concurrency_key.as_ref()),
+            ("traceparent", self.traceparent.as_ref()),
+        ];
+        if let Some((field, _)) = texts
+            .iter()
+            .find(|(_, text)| text.is_some_and(|t| t.contains('\0')))
+        {
+            return Err(Error::Field {
+                field: (*field).into(),
+                message: "contains a NUL character (\\u0000), which cannot be stored or passed on; remove it".into(),
+            });
+        }
         let key = self.concurrency_key.clone().map(Value::String);
         let limit = self.concurrency_limit.map(Value::from);
         check_concurrency(key.as_ref(), limit.as_ref())?;
@@ -425,10 +472,14 @@ impl Envelope {
                 message: "must be at least 1".into(),
             });
         }
-        if self.timeout == Some(0) {
+        if let Some(t) = self.timeout
+            && !(1..=MAX_TIMEOUT_SECS).contains(&t)
+        {
             return Err(Error::Field {
                 field: "timeout".into(),
-                message: "must be at least 1 second".into(),
+                message: format!(
+                    "must be between 1 second and {MAX_TIMEOUT_SECS} seconds (30 days), not {t}"
+                ),
             });
         }
         Ok(())

@@ -5,7 +5,7 @@
 //! [`recorder`] installs the Prometheus recorder that `/metrics` renders.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -36,18 +36,42 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
         .as_ref()
 }
 
-/// Whether the process is ready for work; the binary flips it.
+/// Whether the process is ready for work: the binary flips it, and any stage that cannot
+/// make progress (a write that keeps failing) holds it unready with a [`Stall`].
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadinessState>);
+
+#[derive(Debug, Default)]
+struct ReadinessState {
+    ready: AtomicBool,
+    stalled: AtomicUsize,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.0.ready.store(ready, Ordering::Relaxed);
     }
 
     #[must_use]
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.ready.load(Ordering::Relaxed) && self.0.stalled.load(Ordering::Relaxed) == 0
+    }
+
+    /// Unready until the returned guard is dropped.
+    #[must_use]
+    pub fn stall(&self) -> Stall {
+        self.0.stalled.fetch_add(1, Ordering::Relaxed);
+        Stall(Arc::clone(&self.0))
+    }
+}
+
+/// A stage that cannot make progress; dropping it ends the stall.
+#[derive(Debug)]
+pub struct Stall(Arc<ReadinessState>);
+
+impl Drop for Stall {
+    fn drop(&mut self) {
+        self.0.stalled.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

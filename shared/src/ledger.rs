@@ -192,13 +192,61 @@ impl Ledger {
 
     /// Writes a batch of calls and finished tasks in one transaction. A call already recorded
     /// (same task, delivery and call number) is completed if it was `started`, else left as
-    /// it is.
+    /// it is. Text is made storable first (NUL becomes U+FFFD).
+    ///
+    /// A batch Postgres refuses for its data (SQLSTATE class 22, 23 or 54: a value out of
+    /// range, say) is written again row by row, so one bad row never holds up the others or
+    /// the tasks they belong to: a row refused alone is logged, counted in
+    /// `llmq_ledger_rows_rejected_total` and left out.
     ///
     /// # Errors
-    /// Postgres fails; then nothing of the batch was written.
+    /// Postgres fails otherwise (unreachable, not migrated); then nothing of the batch was
+    /// written, and writing it again is safe.
     pub async fn record(&self, calls: &[CallRow], tasks: &[TaskRow]) -> Result<()> {
+        match self.write(calls, tasks).await {
+            Err(Error::Query(e)) if refused_for_its_data(&e) && calls.len() + tasks.len() > 1 => {
+                tracing::warn!("the ledger refused a batch ({e}); writing its rows one by one");
+                for c in calls {
+                    self.write_alone(std::slice::from_ref(c), &[], &c.task_id)
+                        .await?;
+                }
+                for t in tasks {
+                    self.write_alone(&[], std::slice::from_ref(t), &t.task_id)
+                        .await?;
+                }
+                Ok(())
+            }
+            Err(Error::Query(e)) if refused_for_its_data(&e) => {
+                let task = calls
+                    .first()
+                    .map(|c| c.task_id)
+                    .or(tasks.first().map(|t| t.task_id));
+                reject(task, &e);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    /// Writes one row; one that Postgres refuses for its data is logged and left out.
+    async fn write_alone(&self, calls: &[CallRow], tasks: &[TaskRow], task: &Uuid) -> Result<()> {
+        match self.write(calls, tasks).await {
+            Err(Error::Query(e)) if refused_for_its_data(&e) => {
+                reject(Some(*task), &e);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    async fn write(&self, calls: &[CallRow], tasks: &[TaskRow]) -> Result<()> {
         if calls.is_empty() && tasks.is_empty() {
             return Ok(());
+        }
+        // Borrowed unless a NUL had to be replaced: no copy per row.
+        use crate::text::storable as text;
+        fn opt(s: &Option<String>) -> Option<std::borrow::Cow<'_, str>> {
+            s.as_deref().map(crate::text::storable)
         }
         let mut tx = self.pool.begin().await?;
         if !calls.is_empty() {
@@ -229,31 +277,31 @@ impl Ledger {
             .bind(calls.iter().map(|c| c.run).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.attempt).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.queue.as_str()).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.chain_id.as_deref()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| text(&c.queue)).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| opt(&c.chain_id)).collect::<Vec<_>>())
             .bind(
                 calls
                     .iter()
-                    .map(|c| c.task_type.as_str())
+                    .map(|c| text(&c.task_type))
                     .collect::<Vec<_>>(),
             )
-            .bind(calls.iter().map(|c| c.provider.as_str()).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.model.as_str()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| text(&c.provider)).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| text(&c.model)).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.input_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.output_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.cached_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.reasoning_tokens).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.cost_usd).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.latency_ms).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.outcome.as_str()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| text(&c.outcome)).collect::<Vec<_>>())
             .bind(
                 calls
                     .iter()
-                    .map(|c| c.error_class.as_deref())
+                    .map(|c| opt(&c.error_class))
                     .collect::<Vec<_>>(),
             )
-            .bind(calls.iter().map(|c| c.error.as_deref()).collect::<Vec<_>>())
-            .bind(calls.iter().map(|c| c.worker.as_str()).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| opt(&c.error)).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| text(&c.worker)).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
             .execute(&mut *tx)
@@ -280,36 +328,21 @@ impl Ledger {
                     finished_at = EXCLUDED.finished_at",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.queue.as_str()).collect::<Vec<_>>())
-            .bind(
-                tasks
-                    .iter()
-                    .map(|t| t.chain_id.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                tasks
-                    .iter()
-                    .map(|t| t.task_type.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(tasks.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| text(&t.queue)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| opt(&t.chain_id)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| text(&t.task_type)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| text(&t.status)).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.attempts).collect::<Vec<_>>())
-            .bind(
-                tasks
-                    .iter()
-                    .map(|t| t.provider.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(tasks.iter().map(|t| t.model.as_deref()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| opt(&t.provider)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| opt(&t.model)).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.input_tokens).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.output_tokens).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.cost_usd).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.error.as_deref()).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| opt(&t.error)).collect::<Vec<_>>())
             .bind(
                 tasks
                     .iter()
-                    .map(|t| t.error_class.as_deref())
+                    .map(|t| opt(&t.error_class))
                     .collect::<Vec<_>>(),
             )
             .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
@@ -432,4 +465,23 @@ impl Ledger {
             )
             .collect())
     }
+}
+
+/// Whether Postgres refused a statement for the data it carried (data exception, integrity
+/// violation, program limit), which writing it again cannot change.
+fn refused_for_its_data(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        _ => false,
+    }
+}
+
+fn reject(task: Option<Uuid>, e: &sqlx::Error) {
+    metrics::counter!("llmq_ledger_rows_rejected_total").increment(1);
+    tracing::error!(
+        task = %task.map(|t| t.to_string()).unwrap_or_default(),
+        "the ledger refused a row and left it out: {e}"
+    );
 }

@@ -9,6 +9,7 @@
 //! - `keys`: every Redis key name; `queue`: every operation on a queue, one file each;
 //! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
 //! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres;
+//! - `text`: untrusted text made storable (Postgres) and printable (terminals);
 //! - `health`, `telemetry`, `shutdown`, `process`: what every binary needs.
 //!
 //! ```no_run
@@ -39,3 +40,4 @@ pub mod retry;
 pub mod routing;
 pub mod shutdown;
 pub mod telemetry;
+pub mod text;

@@ -1,5 +1,39 @@
-//! What every llmq binary shares about itself: the name an instance goes by, and the
-//! defaults of its flags for in-process use.
+//! What every llmq binary shares about itself: the name an instance goes by, the defaults of
+//! its flags for in-process use, and the environment of the programs it starts.
+
+use std::fmt;
+
+/// The environment a child process (a CLI provider, a chain's check) starts with: none of the
+/// worker's but [`ChildEnv::INHERITED`], plus what its entry in the provider file names. A
+/// check runs code that models wrote and a CLI agent runs tools: neither may read the
+/// worker's `DATABASE_URL`, `REDIS_URL` or provider keys.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ChildEnv(pub Vec<(String, String)>);
+
+impl ChildEnv {
+    /// Passed on from the worker's own environment, where set.
+    pub const INHERITED: [&str; 2] = ["PATH", "HOME"];
+
+    /// Clears `cmd`'s environment, then sets the inherited variables and the entry's own.
+    pub fn apply(&self, cmd: &mut tokio::process::Command) {
+        cmd.env_clear();
+        for name in Self::INHERITED {
+            if let Some(value) = std::env::var_os(name) {
+                cmd.env(name, value);
+            }
+        }
+        cmd.envs(self.0.iter().map(|(k, v)| (k, v)));
+    }
+}
+
+/// Values are left out: they often hold API keys.
+impl fmt::Debug for ChildEnv {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=…")))
+            .finish()
+    }
+}
 
 /// A name for this process, unique in the fleet: host, pid and a random suffix
 /// (`web-7f9c-1234-a1b2c3`); `fallback` stands in for an unknown host name.

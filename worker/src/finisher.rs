@@ -69,6 +69,9 @@ pub struct Finisher {
     /// Cancelled at the end of the shutdown grace period: a batch that still cannot be
     /// written is dropped unacked, to be redelivered.
     pub hard_stop: CancellationToken,
+    /// Held unready while a write keeps failing: a worker that cannot finish tasks should
+    /// take no more.
+    pub readiness: llmq_shared::health::Readiness,
 }
 
 impl Finisher {
@@ -248,8 +251,8 @@ impl Finisher {
         }
     }
 
-    /// Runs `op` until it succeeds, backing off up to 5 s between tries; gives up only at
-    /// the hard stop (then `None`).
+    /// Runs `op` until it succeeds, backing off up to 5 s between tries, with the worker
+    /// unready meanwhile; gives up only at the hard stop (then `None`).
     async fn retry<T, F, Fut, E>(&self, what: &str, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
@@ -257,10 +260,12 @@ impl Finisher {
         E: std::fmt::Display,
     {
         let mut waits = WRITE_RETRY.waits();
+        let mut stall = None;
         loop {
             match op().await {
                 Ok(v) => return Some(v),
                 Err(e) => {
+                    stall.get_or_insert_with(|| self.readiness.stall());
                     let wait = waits.next().unwrap_or(WRITE_RETRY.max);
                     tracing::error!("{what} failed, retrying in {wait:?}: {e}");
                     tokio::select! {

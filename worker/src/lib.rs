@@ -271,6 +271,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         consumer: worker_id.clone(),
         result_ttl: settings.result_ttl,
         hard_stop: hard_stop.clone(),
+        readiness: readiness.clone(),
     }
     .spawn(&tasks);
     let inflight = Arc::new(InFlight::default());

@@ -21,6 +21,10 @@ pub const VERSION: u64 = 1;
 pub const MAX_STEPS: usize = 64;
 /// `{{step.summary}}` inlines at most this many characters.
 pub const SUMMARY_CHARS: usize = 500;
+/// A chain's prompts, once its `vars` are filled in, may total at most this many times the
+/// payload limit (`--max-payload-bytes`); each step's prompt at most the limit itself. Both
+/// are checked before anything is filled in, so a small spec cannot make a large chain.
+pub const EXPANSION_FACTOR: usize = 4;
 
 /// Why a chain was rejected, as the sentence its dead letter carries.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -196,7 +200,7 @@ impl Chain {
             Some(id) => id,
             None => envelope::derive_id(queue, entry_id).to_string(),
         };
-        build(id, spec)
+        build(id, spec, max_bytes)
     }
 
     /// The first check step whose command `configured` does not know, as the sentence its
@@ -353,7 +357,7 @@ struct RawStep {
     command: Option<String>,
 }
 
-fn build(id: String, spec: RawChain) -> Result<Chain> {
+fn build(id: String, spec: RawChain, max_bytes: usize) -> Result<Chain> {
     if spec.steps.is_empty() {
         return Err(err(
             "the chain has no steps; list at least one under \"steps\"",
@@ -404,9 +408,18 @@ fn build(id: String, spec: RawChain) -> Result<Chain> {
             cycle.join(" -> ")
         )));
     }
+    // Variables are text: a reference in one would be expanded where the spec did not ask.
+    for (name, value) in &spec.vars {
+        if !references(value).is_empty() {
+            return Err(err(format!(
+                "variable `{name}` contains a `{{{{...}}}}` reference; variables are text, not templates"
+            )));
+        }
+    }
+    let mut budget = max_bytes.saturating_mul(EXPANSION_FACTOR);
     let mut steps = Vec::with_capacity(spec.steps.len());
     for s in &spec.steps {
-        steps.push(step(&id, &spec, s, &parents)?);
+        steps.push(step(&id, &spec, s, &parents, max_bytes, &mut budget)?);
     }
     for step in &mut steps {
         step.children = spec
@@ -437,11 +450,25 @@ fn chain_key(chain_id: &str) -> String {
     }
 }
 
+/// The size of `prompt` once `vars` are filled in, counted without filling them in.
+fn expanded_len(prompt: &str, vars: &BTreeMap<String, String>) -> usize {
+    references(prompt)
+        .iter()
+        .fold(prompt.len(), |n, (range, r)| match r {
+            Reference::Var(v) => n
+                .saturating_sub(range.len())
+                .saturating_add(vars.get(v).map_or(0, String::len)),
+            _ => n,
+        })
+}
+
 fn step(
     chain_id: &str,
     spec: &RawChain,
     s: &RawStep,
     parents: &HashMap<&str, &[String]>,
+    max_bytes: usize,
+    budget: &mut usize,
 ) -> Result<Step> {
     let at = |problem: String| err(format!("step `{}`: {problem}", s.name));
     let kind = match s.kind.as_deref().unwrap_or("llm") {
@@ -570,6 +597,18 @@ fn step(
             _ => {}
         }
     }
+    let size = expanded_len(&prompt, &spec.vars);
+    if size > max_bytes {
+        return Err(at(format!(
+            "its prompt is {size} bytes once its variables are filled in, over the {max_bytes}-byte limit; shorten it or raise --max-payload-bytes"
+        )));
+    }
+    *budget = budget.checked_sub(size).ok_or_else(|| {
+        at(format!(
+            "the chain's prompts come to more than {} bytes once its variables are filled in ({EXPANSION_FACTOR} times the {max_bytes}-byte limit); shorten them or the variables",
+            max_bytes.saturating_mul(EXPANSION_FACTOR)
+        ))
+    })?;
     let prompt = fill(&prompt, |r| match r {
         Reference::Var(v) => spec.vars.get(v).cloned(),
         _ => None,

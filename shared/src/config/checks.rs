@@ -14,6 +14,8 @@ use super::{Errors, Result};
 pub struct CheckConfig {
     pub program: String,
     pub args: Vec<String>,
+    /// What its environment holds besides `PATH` and `HOME`.
+    pub env: crate::process::ChildEnv,
     /// The check fails when it runs longer.
     pub timeout: Duration,
 }
@@ -24,6 +26,7 @@ pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(300);
 pub(super) fn checks(
     errs: &Errors<'_>,
     raw: BTreeMap<String, RawCheck>,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<BTreeMap<String, CheckConfig>> {
     let mut out = BTreeMap::new();
     for (name, c) in raw {
@@ -39,11 +42,13 @@ pub(super) fn checks(
             Some(t) => errs.duration(at("timeout"), &t)?,
             None => DEFAULT_CHECK_TIMEOUT,
         };
+        let child_env = super::env::child_env(errs, &at("env"), c.env, env)?;
         out.insert(
             name,
             CheckConfig {
                 program: c.program,
                 args: c.args,
+                env: child_env,
                 timeout,
             },
         );

@@ -30,3 +30,27 @@ pub(super) fn expand(
     out.push_str(rest);
     Ok(out)
 }
+
+/// A child process's `env:` section: each value expanded, each name one a program can be
+/// given. `at` names the section's key.
+pub(super) fn child_env(
+    errs: &super::Errors<'_>,
+    at: &str,
+    raw: std::collections::BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> super::Result<crate::process::ChildEnv> {
+    let mut out = Vec::with_capacity(raw.len());
+    for (name, value) in raw {
+        let key = format!("{at}.{name}");
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(errs.at(
+                key,
+                format!("`{name}` is not an environment variable name"),
+                "use a name such as ANTHROPIC_API_KEY",
+            ));
+        }
+        let value = expand(&value, env).map_err(|m| errs.at(key, m, ENV_FIX))?;
+        out.push((name, value));
+    }
+    Ok(crate::process::ChildEnv(out))
+}

@@ -152,7 +152,7 @@ impl Config {
             Some(s) => scheduler::scheduler(&errs, s)?,
             None => SchedulerConfig::default(),
         };
-        let checks = checks::checks(&errs, raw.checks)?;
+        let checks = checks::checks(&errs, raw.checks, env)?;
         Ok(Self {
             providers,
             routing,

@@ -291,6 +291,8 @@ pub struct CommandConfig {
     pub prompt_via_stdin: bool,
     /// Options that take the next argument as their value, so task text may fill it.
     pub value_options: Vec<String>,
+    /// What the CLI's environment holds besides `PATH` and `HOME`.
+    pub env: crate::process::ChildEnv,
     pub delay: Option<(Duration, Duration)>,
 }
 
@@ -367,7 +369,7 @@ pub(super) fn provider(
         .transpose()?
         .map(SecretString::from);
     let command = match (p.kind, p.command) {
-        (Kind::Command, Some(c)) => Some(command(errs, i, &p.name, c)?),
+        (Kind::Command, Some(c)) => Some(command(errs, i, &p.name, c, env)?),
         (Kind::Command, None) => {
             return Err(errs.at(
                 at("command"),
@@ -568,6 +570,7 @@ pub(super) fn command(
     i: usize,
     provider: &str,
     c: RawCommand,
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<CommandConfig> {
     let at = |k: &str| format!("providers[{i}].command.{k}");
     if c.program.trim().is_empty() {
@@ -639,6 +642,7 @@ pub(super) fn command(
         args: c.args,
         prompt_via_stdin,
         value_options: c.value_options,
+        env: super::env::child_env(errs, &at("env"), c.env, env)?,
         delay,
     })
 }

@@ -24,6 +24,8 @@ pub(super) struct RawCheck {
     pub(super) program: String,
     #[serde(default)]
     pub(super) args: Vec<String>,
+    #[serde(default)]
+    pub(super) env: std::collections::BTreeMap<String, String>,
     pub(super) timeout: Option<String>,
 }
 
@@ -106,6 +108,8 @@ pub(super) struct RawCommand {
     pub(super) prompt_via: Option<String>,
     #[serde(default)]
     pub(super) value_options: Vec<String>,
+    #[serde(default)]
+    pub(super) env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub(super) delay: Option<Vec<String>>,
 }

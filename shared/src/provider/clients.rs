@@ -142,7 +142,7 @@ pub fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
                         PromptVia::Arg
                     },
                     value_options: c.value_options,
-                    env: Vec::new(),
+                    env: c.env,
                     delay: c.delay,
                 },
             ))
@@ -157,6 +157,7 @@ fn command_of(p: &ProviderConfig) -> CommandConfig {
         args: Vec::new(),
         prompt_via_stdin: true,
         value_options: Vec::new(),
+        env: crate::process::ChildEnv::default(),
         delay: None,
     })
 }

@@ -44,7 +44,6 @@
 //! and of the answer, with no cached or reasoning tokens. These clients usually run on a
 //! subscription, not per-token billing.
 
-use std::fmt;
 use std::io;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -69,7 +68,7 @@ pub enum PromptVia {
 }
 
 /// How to run the program.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSpec {
     /// The program, looked up on `PATH` unless it is a path, e.g. `claude`.
     pub program: String,
@@ -79,26 +78,11 @@ pub struct CommandSpec {
     /// Options that take the argument after them as their value, e.g. `--prompt`: task text
     /// may fill that argument (see [`unsafe_argument`]).
     pub value_options: Vec<String>,
-    /// Extra environment variables, on top of the worker's own.
-    pub env: Vec<(String, String)>,
+    /// The program's environment: `PATH`, `HOME` and these, none of the worker's others.
+    pub env: crate::process::ChildEnv,
     /// A random pause in `[min, max]` before each call (the Gemini CLI needs spacing between
     /// calls). It counts against the request's timeout.
     pub delay: Option<(Duration, Duration)>,
-}
-
-/// Environment values are left out: they often hold API keys.
-impl fmt::Debug for CommandSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let env: Vec<String> = self.env.iter().map(|(k, _)| format!("{k}=…")).collect();
-        f.debug_struct("CommandSpec")
-            .field("program", &self.program)
-            .field("args", &self.args)
-            .field("prompt_via", &self.prompt_via)
-            .field("value_options", &self.value_options)
-            .field("env", &env)
-            .field("delay", &self.delay)
-            .finish()
-    }
 }
 
 /// A provider that runs a local program once per call.
@@ -243,9 +227,10 @@ impl CommandRunner {
         let Invocation { args, stdin } = self
             .invocation(req)
             .map_err(|message| self.error(req, ErrorClass::Fatal, message))?;
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        self.spec.env.apply(&mut command);
+        let mut child = command
             .args(&args)
-            .envs(self.spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -530,7 +515,7 @@ mod tests {
             args: args.iter().map(|a| (*a).to_owned()).collect(),
             prompt_via,
             value_options: Vec::new(),
-            env: Vec::new(),
+            env: crate::process::ChildEnv::default(),
             delay: None,
         }
     }
@@ -641,12 +626,26 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn env_is_passed() {
-        let mut s = spec("printenv", &["LLMQ_COMMAND_TEST"], PromptVia::Stdin);
-        s.env = vec![("LLMQ_COMMAND_TEST".into(), "secret-value".into())];
+    async fn the_program_sees_path_home_and_its_own_env_only() {
+        let mut s = spec("env", &[], PromptVia::Stdin);
+        s.env = crate::process::ChildEnv(vec![("LLMQ_COMMAND_TEST".into(), "secret-value".into())]);
         assert!(!format!("{s:?}").contains("secret-value"));
         let r = CommandRunner::new("cli", s);
-        assert_eq!(text(&r, &request("p")).await, "secret-value");
+        let mut names: Vec<String> = text(&r, &request("p"))
+            .await
+            .lines()
+            .map(|l| l.split('=').next().unwrap_or_default().to_owned())
+            .collect();
+        names.sort();
+        // The test process has many more (CARGO_*, RUST_*): none reaches the program.
+        let mut want = vec!["LLMQ_COMMAND_TEST"];
+        want.extend(
+            crate::process::ChildEnv::INHERITED
+                .iter()
+                .filter(|n| std::env::var_os(n).is_some()),
+        );
+        want.sort_unstable();
+        assert_eq!(names, want);
     }
 
     #[tokio::test]

@@ -668,6 +668,7 @@ async fn a_check_gates_the_chain_with_a_command_the_operator_named() {
     let gate = |args: &[&str]| CheckConfig {
         program: "grep".into(),
         args: args.iter().map(|a| (*a).to_owned()).collect(),
+        env: Default::default(),
         timeout: Duration::from_secs(10),
     };
     s.config
@@ -904,6 +905,7 @@ async fn a_failed_check_sends_the_work_back_and_a_review_never_reviews_its_own_m
         CheckConfig {
             program: "grep".into(),
             args: vec!["-c".into(), "Findings".into()],
+            env: Default::default(),
             timeout: Duration::from_secs(10),
         },
     );

@@ -268,6 +268,7 @@ async fn a_check_gets_an_option_like_output_on_stdin_only() {
         CheckConfig {
             program: fake(),
             args: vec!["-p".into(), "--model".into(), "sonnet".into()],
+            env: Default::default(),
             timeout: Duration::from_secs(20),
         },
     );
@@ -307,4 +308,71 @@ async fn a_check_gets_an_option_like_output_on_stdin_only() {
     assert_eq!(v["stdin"], json!(attack), "{v}");
     assert_eq!(v["words"], json!([]), "{v}");
     w.stop().await.unwrap();
+}
+
+/// The names in `env`'s output.
+fn names(env_output: &str) -> Vec<String> {
+    let mut names: Vec<String> = env_output
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k.to_owned()))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_cli_and_a_check_see_none_of_the_workers_secrets() {
+    let env = TestEnv::new().await.unwrap();
+    // The worker process has REDIS_URL, DATABASE_URL and an API key in its environment.
+    let config = "providers:\n  - {name: shell, kind: command, command: {program: env, prompt_via: stdin, env: {CLI_TOKEN: \"${LLMQ_TEST_CLI_TOKEN}\"}}, models: [{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}]}\nchecks:\n  printenv: {program: env, env: {GATE: \"on\"}}\n";
+    let _worker = WorkerProcess::spawn_with_vars(
+        &env,
+        config,
+        &[],
+        &[
+            ("OPENAI_API_KEY", "sk-must-not-leak"),
+            ("LLMQ_TEST_CLI_TOKEN", "given"),
+        ],
+    )
+    .unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-env", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "cli", "prompt": "print your environment"},
+        {"name": "gate", "kind": "check", "after": ["cli"], "command": "printenv"}]});
+    env.xadd("chain", chain.to_string().as_bytes())
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let c = loop {
+        let c = env.redis.chain(&env.keys, &id).await.unwrap();
+        if let Some(c) = c.filter(|c| c.state != "running") {
+            break c;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "chain {id} did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    let output = |step: &str| {
+        let task = c.steps[step].task_id.clone();
+        let redis = env.redis.clone();
+        let keys = env.keys.clone();
+        async move {
+            redis
+                .task(&keys, &task)
+                .await
+                .unwrap()
+                .unwrap()
+                .output
+                .unwrap()
+        }
+    };
+    let cli = output("cli").await;
+    assert_eq!(names(&cli), ["CLI_TOKEN", "HOME", "PATH"], "{cli}");
+    assert!(cli.contains("CLI_TOKEN=given"), "{cli}");
+    let gate = output("gate").await;
+    assert_eq!(names(&gate), ["GATE", "HOME", "PATH"], "{gate}");
 }

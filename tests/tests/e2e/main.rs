@@ -10,6 +10,7 @@ mod costs;
 mod crash;
 mod examples;
 mod flow;
+mod hostile;
 mod metrics;
 mod outage;
 mod providers;

@@ -46,6 +46,9 @@ pub(super) enum Prepared {
     Cancelled(String),
     /// The step cannot run; retrying cannot help.
     Fatal(String),
+    /// The task is not the step's to run: a dead letter of class `invalid` that leaves the
+    /// chain alone.
+    Invalid(String),
 }
 
 /// What a review's rejection sends back: the steps to run again, from the step to redo to
@@ -60,10 +63,9 @@ pub(super) struct Rework {
 }
 
 impl Rework {
-    /// The reruns, with the findings in the prompt of the step to redo. Template markers in
-    /// the findings are defused: they are the model's text, not references.
+    /// The reruns, with the findings after the prompt of the step to redo: the model's text,
+    /// which is never read as a template (only the spec's prompt is one).
     pub(super) fn with_findings(mut self, findings: &str) -> Vec<Rerun> {
-        let findings = findings.replace("{{", "{ {");
         for r in &mut self.reruns {
             if r.step == self.rerun {
                 if let Some(from) = self.escalate_from {
@@ -93,11 +95,14 @@ pub(super) enum Reading {
 ///
 /// # Errors
 /// Redis fails (the caller hands the task back: the worker's fault, not the task's).
+/// A prompt that its handoffs would make longer than `max_bytes` fails the step before it is
+/// built.
 pub(super) async fn prepare(
     redis: &Client,
     keys: &QueueKeys,
     env: &Envelope,
     config: &Config,
+    max_bytes: usize,
 ) -> llmq_shared::queue::Result<Prepared> {
     let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
         return Ok(Prepared::Fatal("the task names a step but no chain".into()));
@@ -108,6 +113,20 @@ pub(super) async fn prepare(
             keys.name()
         )));
     };
+    // Only the task the chain enqueued for the step's current round may run it, and only
+    // while the step is queued: a task naming a step is otherwise a forgery (or a stale
+    // copy), and it must not finish the step, least of all one that waits for a person.
+    let own = states
+        .get(name)
+        .is_some_and(|s| env.id.is_some_and(|id| s.task_id == id.to_string()));
+    if let Some(s) = states.get(name)
+        && (!own || !matches!(s.status.as_str(), "queued" | "cancelled"))
+    {
+        return Ok(Prepared::Invalid(format!(
+            "step `{name}` of chain `{chain_id}` is {} and runs as task {} (round {}); this task is not the one the chain enqueued for it, so it cannot run the step (a failed step runs again with `llmq chain retry`)",
+            s.status, s.task_id, s.round
+        )));
+    }
     match states.get(name).map(|s| s.status.as_str()) {
         Some("cancelled") | None => {
             let why = states
@@ -124,9 +143,17 @@ pub(super) async fn prepare(
     } else {
         None
     };
+    // Templates are expanded once, from the spec: only the step's own prompt is one. What a
+    // rerun's task adds after it (a review's findings) is a model's text, appended as data.
+    let Some(added) = env.prompt.strip_prefix(step.prompt.as_str()) else {
+        return Ok(Prepared::Invalid(format!(
+            "the task's prompt is not the prompt of step `{name}` of chain `{chain_id}`; only the chain's own tasks run its steps"
+        )));
+    };
+    let template = step.prompt.as_str();
     // Parents that succeeded, in `after` order, then the other ancestors the prompt names:
     // with their outputs where needed.
-    let referenced = chain::references(&env.prompt)
+    let referenced = chain::references(template)
         .into_iter()
         .filter_map(|(_, r)| match r {
             Reference::Summary(p) | Reference::Output(p) => Some(p),
@@ -147,7 +174,7 @@ pub(super) async fn prepare(
         .collect();
     let needs_outputs = !matches!(step.kind, Kind::Llm)
         || step.after.len() > 1
-        || chain::references(&env.prompt)
+        || chain::references(template)
             .iter()
             .any(|(_, r)| matches!(r, Reference::Output(_)));
     let outputs: HashMap<&str, String> = if needs_outputs {
@@ -161,9 +188,28 @@ pub(super) async fn prepare(
     } else {
         HashMap::new()
     };
+    // Handoffs: counted before they are filled in, so outputs referenced many times cannot
+    // make a prompt of any size.
+    let size = chain::references(template).iter().fold(
+        template.len().saturating_add(added.len()),
+        |n, (range, r)| {
+            let value = match r {
+                Reference::Var(_) => return n,
+                Reference::Summary(p) => states.get(p).and_then(|s| s.summary.as_ref()),
+                Reference::Output(p) => outputs.get(p.as_str()),
+            };
+            n.saturating_sub(range.len())
+                .saturating_add(value.map_or(0, String::len))
+        },
+    );
+    if size > max_bytes {
+        return Ok(Prepared::Fatal(format!(
+            "the step's prompt would be {size} bytes with its handoffs, over the {max_bytes}-byte limit; reference `.summary` instead of `.output`, or raise --max-payload-bytes"
+        )));
+    }
     // Handoffs: a reference that cannot be resolved fails the step; it never runs blind.
     let mut unresolved = None;
-    let prompt = chain::fill(&env.prompt, |r| {
+    let mut prompt = chain::fill(template, |r| {
         let got = match r {
             Reference::Var(_) => return None,
             Reference::Summary(p) => succeeded
@@ -186,6 +232,7 @@ pub(super) async fn prepare(
             "handoff unresolved: {what} has no value (the step did not succeed, or its result expired); the step does not run without its context"
         )));
     }
+    prompt.push_str(added);
     // Candidates (of a judge, a consensus, a merge) are the parents only.
     let candidates: Vec<(&str, String)> = succeeded
         .iter()
@@ -193,7 +240,7 @@ pub(super) async fn prepare(
         .filter_map(|(p, _)| Some((*p, outputs.get(p)?.clone())))
         .collect();
     let prepared = match step.kind {
-        Kind::Llm if step.after.len() > 1 && chain::references(&env.prompt).is_empty() => {
+        Kind::Llm if step.after.len() > 1 && chain::references(template).is_empty() => {
             // A merge: the parents' outputs follow the prompt.
             let mut p = prompt;
             p.push_str("\n\n## Inputs\n");
@@ -209,7 +256,7 @@ pub(super) async fn prepare(
                 .map_or(APPROVAL_TIMEOUT, std::time::Duration::from_secs);
             Prepared::Await {
                 deadline_ms: llmq_shared::queue::now_ms()
-                    + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2),
+                    .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
             }
         }
         Kind::Check => match candidates.into_iter().next() {

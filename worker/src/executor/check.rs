@@ -1,6 +1,6 @@
 //! A chain's `check` step: a quality gate that runs a command the operator named in the
 //! provider file (never one from the task), without a shell, with its parent's output on
-//! stdin. Exit 0 passes and its output is the step's; anything else fails the step with
+//! stdin and an environment of `PATH`, `HOME` and its entry's `env:` only. Exit 0 passes and its output is the step's; anything else fails the step with
 //! what the command printed.
 
 use std::process::Stdio;
@@ -28,7 +28,9 @@ pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome
         })
     };
     let program = &check.program;
-    let mut child = match Command::new(program)
+    let mut command = Command::new(program);
+    check.env.apply(&mut command);
+    let mut child = match command
         .args(&check.args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -95,6 +97,7 @@ mod tests {
         CheckConfig {
             program: program.into(),
             args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: llmq_shared::process::ChildEnv::default(),
             timeout: Duration::from_secs(5),
         }
     }

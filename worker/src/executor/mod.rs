@@ -172,6 +172,8 @@ enum Ended {
     /// Redis is away: the worker's fault, not the task's. Hand it back.
     Release,
     Cancelled(String),
+    /// Not the step's own task: a dead letter that leaves the chain alone.
+    Invalid(String),
     /// Handed to a person until this deadline (ms).
     Await(i64),
 }
@@ -187,12 +189,21 @@ impl Executor {
         env: &Envelope,
     ) -> Result<StepPlan, Ended> {
         let mut step = StepPlan::default();
-        match chain::prepare(&self.redis, queue, env, &self.config).await {
+        match chain::prepare(
+            &self.redis,
+            queue,
+            env,
+            &self.config,
+            self.max_payload_bytes,
+        )
+        .await
+        {
             Err(e) => {
                 tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
                 return Err(Ended::Release);
             }
             Ok(chain::Prepared::Cancelled(why)) => return Err(Ended::Cancelled(why)),
+            Ok(chain::Prepared::Invalid(why)) => return Err(Ended::Invalid(why)),
             Ok(chain::Prepared::Await { deadline_ms }) => return Err(Ended::Await(deadline_ms)),
             Ok(chain::Prepared::Fatal(why)) => {
                 step.settled = Some(Outcome::Failed(AttemptError {
@@ -285,8 +296,14 @@ impl Executor {
         let mut env = match Envelope::parse(&payload, self.max_payload_bytes) {
             Ok(env) => env,
             Err(e) => {
-                let task_id = envelope::task_id_of(queue.name(), &entry_id, &payload).to_string();
-                let raw = String::from_utf8_lossy(&payload).into_owned();
+                // An oversized payload is not parsed again for its id.
+                let task_id = if matches!(e, envelope::Error::TooLarge { .. }) {
+                    envelope::derive_id(queue.name(), &entry_id)
+                } else {
+                    envelope::task_id_of(queue.name(), &entry_id, &payload)
+                }
+                .to_string();
+                let raw = envelope::dead_payload(&payload, self.max_payload_bytes);
                 return Err(Box::new(invalid(
                     queue,
                     entry_id,
@@ -390,6 +407,9 @@ impl Executor {
                 Err(Ended::Cancelled(why)) => {
                     let record = running(&queue, &task_id, &env, &task_type);
                     return cancelled(queue, entry_id, &env, record, why);
+                }
+                Err(Ended::Invalid(why)) => {
+                    return invalid(queue, entry_id, task_id, env.to_json(), why);
                 }
                 Err(Ended::Await(deadline_ms)) => {
                     let record = running(&queue, &task_id, &env, &task_type);
@@ -590,7 +610,7 @@ impl Executor {
             }
             Err(e) => {
                 let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
-                let raw = String::from_utf8_lossy(spec).into_owned();
+                let raw = envelope::dead_payload(spec, self.max_payload_bytes);
                 let error = format!("the chain is invalid: {e}");
                 invalid(queue, entry_id, task_id, raw, error)
             }
