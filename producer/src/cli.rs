@@ -293,6 +293,8 @@ pub struct Batch {
 
 #[derive(Args, Debug)]
 pub struct ResultArgs {
+    /// The task's id, as `llmq submit` printed it.
+    #[arg(value_parser = parse_task_id)]
     pub task_id: String,
     #[arg(long, default_value = "default")]
     pub queue: String,
@@ -410,6 +412,13 @@ pub struct Costs {
     pub by: By,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
+}
+
+/// A task id is a UUID: never a pattern.
+fn parse_task_id(s: &str) -> Result<String, String> {
+    s.parse::<uuid::Uuid>()
+        .map(|id| id.to_string())
+        .map_err(|_| format!("`{s}` is not a task id; a task id is a UUID such as 7f3c2a9e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"))
 }
 
 fn parse_parallel(s: &str) -> Result<u32, String> {

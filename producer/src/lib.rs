@@ -84,7 +84,10 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
 }
 
 /// Writes `text` to `out`, ignoring a closed pipe (`llmq ... | head`).
+/// Writes `text` with its control characters shown, not obeyed: task text, model output and
+/// errors may carry escape sequences meant for the operator's terminal.
 fn emit(out: &mut dyn Write, text: &str) {
+    let text = llmq_shared::text::printable(text);
     let _ = out.write_all(text.as_bytes());
     let _ = out.flush();
 }

@@ -30,8 +30,9 @@ pub fn into_storable(text: String) -> String {
 }
 
 /// `text` as a terminal shows it without obeying it: control characters other than newline
-/// and tab (escape sequences, carriage returns, bells, the C1 controls) are written as
-/// `\u{…}`; borrowed when there is none.
+/// and tab (escape sequences, carriage returns, bells, DEL, the C1 controls) are written as
+/// `\u001b`, which is also how JSON escapes them, so JSON output stays valid and means the
+/// same; borrowed when there is none.
 #[must_use]
 pub fn printable(text: &str) -> Cow<'_, str> {
     let bad = |c: char| c.is_control() && c != '\n' && c != '\t';
@@ -41,10 +42,38 @@ pub fn printable(text: &str) -> Cow<'_, str> {
     let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
         if bad(c) {
-            out.push_str(&c.escape_unicode().to_string());
+            out.push_str(&format!("\\u{:04x}", u32::from(c)));
         } else {
             out.push(c);
         }
+    }
+    Cow::Owned(out)
+}
+
+/// `url` fit to print: a password or token in its user part becomes `***`, and a query
+/// (where `?key=` may sit) is left out; borrowed when there is neither.
+#[must_use]
+pub fn without_credentials(url: &str) -> Cow<'_, str> {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..]
+        .find(['/', '?', '#'])
+        .map_or(url.len(), |i| start + i);
+    let user = url[start..end].rfind('@').map(|i| start + i);
+    let query = url.find('?');
+    if user.is_none() && query.is_none() {
+        return Cow::Borrowed(url);
+    }
+    let mut out = String::with_capacity(url.len());
+    out.push_str(&url[..start]);
+    match user {
+        Some(at) => {
+            out.push_str("***");
+            out.push_str(&url[at..query.unwrap_or(url.len())]);
+        }
+        None => out.push_str(&url[start..query.unwrap_or(url.len())]),
+    }
+    if query.is_some() {
+        out.push_str("?…");
     }
     Cow::Owned(out)
 }
@@ -63,9 +92,33 @@ mod tests {
     #[test]
     fn control_characters_are_shown_not_obeyed() {
         assert_eq!(
-            printable("red \x1b[31mtext\x07\r\nnext\tcol \u{9b}"),
-            "red \\u{1b}[31mtext\\u{7}\\u{d}\nnext\tcol \\u{9b}"
+            printable("red \x1b[31mtext\x07\r\nnext\tcol \u{9b}\u{7f}"),
+            "red \\u001b[31mtext\\u0007\\u000d\nnext\tcol \\u009b\\u007f"
         );
+        // In JSON, the escape means the character it replaces.
+        let json = "{\"a\":\"x\u{9b}y\"}";
+        let v: serde_json::Value = serde_json::from_str(&printable(json)).unwrap();
+        assert_eq!(v["a"], "x\u{9b}y");
         assert!(matches!(printable("line\n\ttab"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn credentials_are_left_out_of_urls() {
+        for (url, shown) in [
+            ("https://api.example.com/v1", "https://api.example.com/v1"),
+            (
+                "https://user:pa55@proxy:8443/v1",
+                "https://***@proxy:8443/v1",
+            ),
+            (
+                "redis://:secret@127.0.0.1:6379/0",
+                "redis://***@127.0.0.1:6379/0",
+            ),
+            ("https://host/v1beta?key=AIza", "https://host/v1beta?…"),
+            ("http://a@b@host?x=1", "http://***@host?…"),
+            ("host:1234", "host:1234"),
+        ] {
+            assert_eq!(without_credentials(url), shown, "{url}");
+        }
     }
 }

@@ -19,6 +19,8 @@ mod tests;
 pub const VERSION: u64 = 1;
 /// The most steps one chain may have.
 pub const MAX_STEPS: usize = 64;
+/// The longest `chain_id` accepted, in characters.
+pub const MAX_CHAIN_ID: usize = 512;
 /// `{{step.summary}}` inlines at most this many characters.
 pub const SUMMARY_CHARS: usize = 500;
 /// A chain's prompts, once its `vars` are filled in, may total at most this many times the
@@ -196,6 +198,12 @@ impl Chain {
         let id = match spec.chain_id.clone() {
             Some(id) if id.trim().is_empty() => {
                 return Err(err("`chain_id` is empty; leave it out or name the chain"));
+            }
+            // It names keys and approval entries (`<chain id>\t<step>`).
+            Some(id) if id.chars().count() > MAX_CHAIN_ID || id.contains(char::is_control) => {
+                return Err(err(format!(
+                    "`chain_id` must be at most {MAX_CHAIN_ID} characters, none of them control characters (tab, newline, NUL, ...)"
+                )));
             }
             Some(id) => id,
             None => envelope::derive_id(queue, entry_id).to_string(),

@@ -260,6 +260,25 @@ pub struct Quotas {
     pub window: Duration,
 }
 
+impl Quotas {
+    /// Why one call of `tokens` tokens costing `usd` can never be granted: it needs more than
+    /// a whole window's tokens or a whole month's budget, so waiting for a reset cannot help.
+    #[must_use]
+    pub fn never_fits(&self, tokens: u64, usd: f64) -> Option<String> {
+        if let Some(tpm) = self.tpm.filter(|&t| tokens > t) {
+            return Some(format!(
+                "a call needs about {tokens} tokens (max_tokens included), more than its whole tpm of {tpm}"
+            ));
+        }
+        if let Some(month) = self.usd_per_month.filter(|&m| usd > m) {
+            return Some(format!(
+                "a call could cost ${usd:.2} (max_tokens included), more than its whole usd_per_month of ${month:.2}"
+            ));
+        }
+        None
+    }
+}
+
 impl Default for Quotas {
     fn default() -> Self {
         Self {
@@ -359,7 +378,10 @@ pub(super) fn provider(
     {
         return Err(errs.at(
             at("base_url"),
-            format!("`{base_url}` is not an http(s) URL"),
+            format!(
+                "`{}` is not an http(s) URL",
+                crate::text::without_credentials(&base_url)
+            ),
             "write it as http://host:port/v1 or https://host/v1",
         ));
     }

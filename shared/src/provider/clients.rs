@@ -212,7 +212,7 @@ pub async fn probe(p: &ProviderConfig, http: &reqwest::Client) -> Readiness {
             };
         }
     };
-    let url = base.to_owned();
+    let url = crate::text::without_credentials(base);
     match req.timeout(PROBE_TIMEOUT).send().await {
         Ok(r) if r.status().is_success() => status(true, format!("answers at {url}")),
         Ok(r) => status(

@@ -301,8 +301,11 @@ impl Client {
             .key(keys.chain(chain_id))
             .key(keys.chain_steps(chain_id))
             .key(keys.chain_tasks(chain_id))
+            .key(keys.approvals())
             .arg(super::now_ms())
             .arg(CHAIN_TTL.as_secs())
+            .arg(chain_id)
+            .arg(keys.chain_wait_prefix(chain_id))
             .invoke_async(&mut c)
             .await?;
         Ok(refused(n))

@@ -124,8 +124,15 @@ impl Client {
             Ok(Some(r))
         };
         let mut c = self.conn().await?;
-        // Any JSON spacing; the id itself is unique enough.
-        let pattern = format!("*{task_id}*");
+        // Any JSON spacing; the id itself is unique enough. It is text, not a pattern.
+        let escaped: String = task_id
+            .chars()
+            .flat_map(|c| {
+                let glob = matches!(c, '*' | '?' | '[' | ']' | '\\');
+                glob.then_some('\\').into_iter().chain([c])
+            })
+            .collect();
+        let pattern = format!("*{escaped}*");
         let mut cursor = 0u64;
         loop {
             let (next, hits): (u64, Vec<String>) = redis::cmd("ZSCAN")

@@ -232,8 +232,12 @@ impl Client {
     /// # Errors
     /// The URL cannot be parsed.
     pub fn new(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::Connect(format!("bad REDIS_URL `{url}`: {e}")))?;
+        let client = redis::Client::open(url).map_err(|e| {
+            Error::Connect(format!(
+                "bad REDIS_URL `{}`: {e}",
+                crate::text::without_credentials(url)
+            ))
+        })?;
         Ok(Self {
             client,
             shared: std::sync::Arc::new(OnceCell::new()),

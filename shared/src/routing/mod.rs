@@ -257,6 +257,28 @@ pub fn plan<'a>(
         }
     }
     let mut plan = unique;
+    // A call no reset can make room for (max_tokens beyond a whole quota) is not waited on.
+    let mut never = None;
+    plan.retain(|c| {
+        match c
+            .provider
+            .quotas
+            .never_fits(c.estimated_tokens, c.estimated_usd)
+        {
+            Some(why) => {
+                never.get_or_insert_with(|| format!("{}/{}: {why}", c.provider.name, c.model.id));
+                false
+            }
+            None => true,
+        }
+    });
+    if plan.is_empty()
+        && let Some(why) = never
+    {
+        return Err(RouteError(format!(
+            "no model can ever take this task: {why}; lower max_tokens"
+        )));
+    }
     // Fallback off: the named provider (its first model in the plan), or the first pick when
     // the task names none; nothing else.
     if task.fallback == Some(false) {

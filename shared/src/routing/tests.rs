@@ -228,3 +228,31 @@ fn constraints_exclude_models_and_providers_and_raise_the_tier_even_for_hints() 
     .to_string();
     assert!(err.contains("excluded for this step"), "{err}");
 }
+
+#[test]
+fn a_call_larger_than_a_whole_quota_is_refused_not_waited_on() {
+    let mut c = config("");
+    for p in &mut c.providers {
+        p.quotas.usd_per_month = Some(20.0);
+        p.quotas.tpm = Some(10_000_000_000);
+    }
+    let mut t = task("write docs", "documentation");
+    t.max_tokens = Some(u32::MAX);
+    // free/tiny costs nothing, so only its tokens can outgrow its quota.
+    let p = plan(&c, &t, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(order(&p), ["free/tiny"]);
+    c.providers[2].quotas.tpm = Some(100_000);
+    let e = plan(&c, &t, &Constraints::default(), &Stats::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("no model can ever take this task: "),
+        "{e}"
+    );
+    assert!(e.to_string().ends_with("; lower max_tokens"), "{e}");
+    // An ordinary max_tokens fits.
+    t.max_tokens = Some(1000);
+    assert_eq!(
+        order(&plan(&c, &t, &Constraints::default(), &Stats::default()).unwrap()),
+        ["free/tiny", "sub/mid", "paid/small"]
+    );
+}

@@ -585,3 +585,147 @@ async fn after_any_generated_input_every_ordinary_task_still_succeeds() {
     ordinary_tasks_succeed(&env, 10).await;
     w.stop().await.unwrap();
 }
+
+/// Keys of chain `id` and their TTLs (-1: none).
+async fn chain_keys(env: &TestEnv, id: &str) -> Vec<(String, i64)> {
+    let mut c = env.redis.conn().await.unwrap();
+    let pattern = format!("{}*", env.keys.chain(id));
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(&pattern)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    for k in keys {
+        let ttl: i64 = redis::cmd("TTL").arg(&k).query_async(&mut c).await.unwrap();
+        out.push((k, ttl));
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_ended_chain_leaves_no_approval_and_no_key_that_never_expires() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    // Cancelled while a step waits for a person, with a step still blocked behind it.
+    let gated = format!("{}-cancel", env.queue);
+    // Failed at its first step, with a branch that waits on two parents.
+    let failed = format!("{}-fail", env.queue);
+    for chain in [
+        json!({"v": 1, "chain_id": gated, "steps": [
+            {"name": "gate", "kind": "approval"},
+            {"name": "a", "prompt": "a"},
+            {"name": "after", "after": ["gate", "a"], "prompt": "go"}]}),
+        json!({"v": 1, "chain_id": failed, "steps": [
+            {"name": "bad", "prompt": "x", "model": "fail-400"},
+            {"name": "slow", "prompt": "y", "model": "slow-300"},
+            {"name": "join", "kind": "judge", "after": ["bad", "slow"], "model": "judge-first"}]}),
+    ] {
+        env.xadd("chain", chain.to_string().as_bytes())
+            .await
+            .unwrap();
+    }
+    env.eventually("the gate awaiting approval", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &gated)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.steps["gate"].status == "awaiting_approval")
+    })
+    .await
+    .unwrap();
+    let (code, _) = env
+        .cli(&["chain", "cancel", &gated, "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 0);
+    assert!(
+        env.redis
+            .approvals(&env.keys, None)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a cancelled chain's approval stays in the approvals"
+    );
+    assert_eq!(finished(&env, &failed).await.state, "failed");
+    for id in [&gated, &failed] {
+        let keys = chain_keys(&env, id).await;
+        assert!(keys.len() >= 3, "{keys:?}");
+        assert!(
+            keys.iter().all(|(_, ttl)| *ttl > 0),
+            "a key of chain {id} never expires: {keys:?}"
+        );
+    }
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_cli_shows_escape_sequences_and_credentials_never() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    // The mock's answer repeats the prompt: the output carries the escapes too.
+    let hostile = "\u{1b}]0;owned\u{7}\u{1b}[2J red \u{9b}31m";
+    let mut ok = Envelope::new(hostile);
+    ok.model = Some("mock-fast".into());
+    let mut dead = Envelope::new(hostile);
+    dead.model = Some("fail-400".into());
+    dead.max_attempts = Some(1);
+    let (ok_id, id) = (ok.id.unwrap().to_string(), dead.id.unwrap().to_string());
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    env.redis
+        .enqueue_many(&env.keys, &[ok, dead])
+        .await
+        .unwrap();
+    env.wait_final(&ok_id, WAIT).await.unwrap();
+    env.wait_final(&id, WAIT).await.unwrap();
+    for args in [
+        vec!["dlq", "list", "--queue", &env.queue],
+        vec!["dlq", "show", &id, "--queue", &env.queue],
+        vec!["result", &ok_id, "--queue", &env.queue],
+        vec!["result", &ok_id, "--queue", &env.queue, "--format", "json"],
+    ] {
+        let (_, out) = env.cli(&args).await;
+        assert!(
+            !out.contains(['\u{1b}', '\u{7}', '\u{9b}']),
+            "{args:?} printed a control character: {out:?}"
+        );
+        if args[1] != "list" {
+            assert!(out.contains("\\u001b]0;owned\\u0007"), "{args:?}: {out}");
+        }
+    }
+    // An id is an id, not a pattern.
+    let out = std::process::Command::new(llmq_tests::harness::binary("llmq"))
+        .args([
+            "--redis-url",
+            &redis_url(),
+            "result",
+            "*",
+            "--queue",
+            &env.queue,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`*` is not a task id"));
+    w.stop().await.unwrap();
+
+    // A provider URL with a password in it is shown without it.
+    let path = std::env::temp_dir().join(format!("{}-creds.yaml", env.queue));
+    std::fs::write(
+        &path,
+        "providers:\n  - {name: p, kind: openai_compatible, base_url: \"http://user:hunter2@127.0.0.1:9/v1?key=hunter3\", models: [{id: m, input_usd_per_mtok: 0, output_usd_per_mtok: 0}]}\n",
+    )
+    .unwrap();
+    let (_, out) = env
+        .cli(&[
+            "status",
+            "--queue",
+            &env.queue,
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .await;
+    assert!(out.contains("http://***@127.0.0.1:9/v1?…"), "{out}");
+    assert!(!out.contains("hunter"), "{out}");
+    let _ = std::fs::remove_file(&path);
+}

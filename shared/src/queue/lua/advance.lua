@@ -6,7 +6,7 @@
 -- waits for its other parents), or every unfinished step with `fail_chain`. When no step is
 -- left unfinished the chain is succeeded or failed. Wait sets are named from `wait_prefix`:
 -- they share the queue's hash tag. A step already ended is left as it is. An ended chain's
--- keys expire after `ttl` seconds, like its steps' results.
+-- keys, wait sets included, expire after `ttl` seconds, like its steps' results.
 local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now,
     ttl)
   local graph_json = redis.call('HGET', chain, 'graph')
@@ -100,6 +100,12 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
     redis.call('HSET', chain, 'state', failed and 'failed' or 'succeeded', 'finished_at', now)
     for _, key in ipairs({chain, steps, tasks}) do
       redis.call('EXPIRE', key, ttl)
+    end
+    -- Wait sets of steps that never ran (cancelled ones) would outlive the chain.
+    for other, _ in pairs(graph) do
+      if other ~= '.on_failure' then
+        redis.call('EXPIRE', wait_prefix .. other, ttl)
+      end
     end
   end
 end
