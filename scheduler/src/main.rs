@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
         config,
         mut settings,
     } = Args::parse();
-    settings.config = match Config::load(&config) {
+    settings.config = match Config::load_without_secrets(&config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("llmq-scheduler: {e}");

@@ -17,7 +17,7 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach Postgres ({0}); start it or set DATABASE_URL to where it runs")]
+    #[error("cannot reach Postgres ({0}); {fix}", fix = connect_fix(.0))]
     Connect(String),
     #[error("the database is not migrated ({0}); run `llmq migrate` first")]
     NotMigrated(String),
@@ -28,6 +28,15 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do about a connection that failed with `why`.
+fn connect_fix(why: &str) -> &'static str {
+    if why.contains("certificate") {
+        "trust the CA that signed Postgres's certificate with sslrootcert=/path/to/ca.pem in DATABASE_URL, or check its host name"
+    } else {
+        "start it or set DATABASE_URL to where it runs"
+    }
+}
 
 /// The outcome of a call's row until the call is over.
 pub const STARTED: &str = "started";
@@ -139,6 +148,7 @@ impl Ledger {
     /// # Errors
     /// Postgres cannot be reached.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        crate::tls::install_crypto_provider();
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))

@@ -10,6 +10,7 @@
 //! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
 //! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres;
 //! - `text`: untrusted text made storable (Postgres) and printable (terminals);
+//! - `tls`: the one rustls crypto provider every connection uses;
 //! - `health`, `telemetry`, `shutdown`, `process`: what every binary needs.
 //!
 //! ```no_run
@@ -41,3 +42,4 @@ pub mod routing;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;
+pub mod tls;

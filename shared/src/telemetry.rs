@@ -76,17 +76,24 @@ fn exporter(service: &'static str) -> Result<Option<SdkTracerProvider>, String> 
     if endpoint.trim().is_empty() {
         return Ok(None);
     }
-    if !endpoint.starts_with("http://") {
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         return Err(format!(
-            "{ENDPOINT} is `{endpoint}`, but llmq exports OTLP over plain HTTP only; point it at an OpenTelemetry Collector, e.g. http://otel-collector:4318"
+            "{ENDPOINT} is `{}`, but llmq exports OTLP over HTTP; point it at an OpenTelemetry Collector, e.g. http://otel-collector:4318 or https://otel.example.com:4318",
+            crate::text::without_credentials(&endpoint)
         ));
     }
+    crate::tls::install_crypto_provider();
     use opentelemetry_otlp::WithExportConfig as _;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
         .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
         .build()
-        .map_err(|e| format!("cannot build the OTLP exporter for {ENDPOINT}={endpoint}: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "cannot build the OTLP exporter for {ENDPOINT}={}: {e}",
+                crate::text::without_credentials(&endpoint)
+            )
+        })?;
     Ok(Some(
         SdkTracerProvider::builder()
             .with_batch_exporter(exporter)

@@ -39,6 +39,9 @@ pub(super) fn child_env(
     raw: std::collections::BTreeMap<String, String>,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> super::Result<crate::process::ChildEnv> {
+    if !errs.with_secrets {
+        return Ok(crate::process::ChildEnv::default());
+    }
     let mut out = Vec::with_capacity(raw.len());
     for (name, value) in raw {
         let key = format!("{at}.{name}");

@@ -68,6 +68,9 @@ pub struct Config {
 /// Builds errors that all name the same file.
 pub(super) struct Errors<'a> {
     pub(super) file: &'a str,
+    /// Whether secrets (`api_key`, a command's or check's `env:`) are read: the scheduler
+    /// never calls a provider or runs a program, so it is given none of them.
+    pub(super) with_secrets: bool,
 }
 
 impl Errors<'_> {
@@ -96,6 +99,16 @@ impl Errors<'_> {
     }
 }
 
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error {
+        file: path.display().to_string(),
+        key: "-".into(),
+        problem: format!("cannot read the provider file ({e})"),
+        fix: "set LLMQ_CONFIG to the path of a provider file such as examples/providers.mock.yaml"
+            .into(),
+    })
+}
+
 impl Config {
     /// Reads and validates the provider file at `path`.
     ///
@@ -103,13 +116,20 @@ impl Config {
     /// The file cannot be read, is not valid YAML of the expected shape, or fails validation.
     pub fn load(path: &Path) -> Result<Self> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| Error {
-            file: file.clone(),
-            key: "-".into(),
-            problem: format!("cannot read the provider file ({e})"),
-            fix: "set LLMQ_CONFIG to the path of a provider file such as examples/providers.mock.yaml".into(),
-        })?;
+        let text = read(path)?;
         Self::parse(&file, &text, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] without its secrets: `api_key` and `env:` values are neither read
+    /// nor required, so a process that calls no provider and runs no program (the
+    /// scheduler) needs no API key in its environment.
+    ///
+    /// # Errors
+    /// As [`Config::load`], but for unset variables named only by secrets.
+    pub fn load_without_secrets(path: &Path) -> Result<Self> {
+        let file = path.display().to_string();
+        let text = read(path)?;
+        Self::parse_with(&file, &text, &|name| std::env::var(name).ok(), false)
     }
 
     /// Parses provider-file text; `env` looks up `${VAR}` references.
@@ -117,7 +137,16 @@ impl Config {
     /// # Errors
     /// As [`Config::load`].
     pub fn parse(file: &str, text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Self> {
-        let errs = Errors { file };
+        Self::parse_with(file, text, env, true)
+    }
+
+    fn parse_with(
+        file: &str,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        with_secrets: bool,
+    ) -> Result<Self> {
+        let errs = Errors { file, with_secrets };
         let raw: RawFile = serde_yaml_ng::from_str(text).map_err(|e| {
             let (key, problem) = split_yaml_error(&e.to_string());
             errs.at(
@@ -276,6 +305,16 @@ routing:
             err.contains("providers[0].connections") && err.contains("use 1 to 1024"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn without_secrets_no_api_key_is_needed_or_read() {
+        let err = Config::parse("p.yaml", GOOD, &|_| None).unwrap_err();
+        assert!(err.to_string().contains("api_key"), "{err}");
+        let c = Config::parse_with("p.yaml", GOOD, &|_| None, false).unwrap();
+        assert!(c.provider("mock").unwrap().api_key.is_none());
+        let c = Config::parse_with("p.yaml", GOOD, &env, false).unwrap();
+        assert!(c.provider("mock").unwrap().api_key.is_none());
     }
 
     #[test]

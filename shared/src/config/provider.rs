@@ -387,6 +387,7 @@ pub(super) fn provider(
     }
     let api_key = p
         .api_key
+        .filter(|_| errs.with_secrets)
         .map(|k| expand(&k, env).map_err(|m| errs.at(at("api_key"), m, ENV_FIX)))
         .transpose()?
         .map(SecretString::from);

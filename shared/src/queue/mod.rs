@@ -41,7 +41,7 @@ pub const FENCE_LUA: &str = include_str!("lua/fence.lua");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot reach Redis ({0}); start Redis or set REDIS_URL to where it runs")]
+    #[error("cannot reach Redis ({0}); {fix}", fix = connect_fix(.0))]
     Connect(String),
     #[error("Redis answered with an error: {0}")]
     Redis(#[from] redis::RedisError),
@@ -50,6 +50,15 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What to do about a connection that failed with `why`.
+fn connect_fix(why: &str) -> &'static str {
+    if why.contains("certificate") {
+        "trust the CA that signed Redis's certificate with SSL_CERT_FILE=/path/to/ca.pem, or check the host name in REDIS_URL"
+    } else {
+        "start Redis or set REDIS_URL to where it runs"
+    }
+}
 
 /// A task as read from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -232,6 +241,7 @@ impl Client {
     /// # Errors
     /// The URL cannot be parsed.
     pub fn new(url: &str) -> Result<Self> {
+        crate::tls::install_crypto_provider();
         let client = redis::Client::open(url).map_err(|e| {
             Error::Connect(format!(
                 "bad REDIS_URL `{}`: {e}",

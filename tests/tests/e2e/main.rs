@@ -17,4 +17,5 @@ mod providers;
 mod quota;
 mod routing;
 mod scheduler;
+mod tls;
 mod traces;
