@@ -528,6 +528,7 @@ const TASK_FIELDS: &[&str] = &[
     "traceparent",
     "attempts",
 ];
+const CHAIN_FIELDS: &[&str] = &["chain_id", "on_failure", "defaults", "vars", "max_parallel"];
 const STEP_FIELDS: &[&str] = &[
     "name",
     "after",
@@ -562,8 +563,14 @@ async fn after_any_generated_input_every_ordinary_task_still_succeeds() {
             }
             let mut chain =
                 json!({"v": 1, "chain_id": format!("{}-gen-{case}", env.queue), "steps": [step]});
-            if rng.below(2) == 0 {
-                chain["vars"] = json!({"v": rng.value()});
+            match rng.below(4) {
+                0 => chain["vars"] = json!({"v": rng.value()}),
+                1 => chain["defaults"] = json!({"timeout": rng.value(), "type": rng.value()}),
+                2 => {
+                    let f = CHAIN_FIELDS[rng.below(CHAIN_FIELDS.len())];
+                    chain[f] = rng.value();
+                }
+                _ => {}
             }
             ("chain", chain.to_string().into_bytes())
         } else {

@@ -58,3 +58,66 @@ async fn a_worker_serves_health_readiness_and_prometheus_metrics() {
     assert!(body.contains("llmq_tokens_total"), "{body}");
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_worker_whose_finisher_cannot_write_is_not_ready_until_it_can() {
+    let env = TestEnv::new().await.unwrap();
+    // A ledger of its own, so breaking it breaks no other test.
+    let name = format!("llmq_test_{}", env.queue.replace('-', "_"));
+    llmq_tests::harness::create_database(&name).await.unwrap();
+    let url = format!("{}/{name}", llmq_tests::harness::pg_server());
+    let ledger = llmq_shared::ledger::Ledger::connect(&url, 1).await.unwrap();
+    ledger.migrate().await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut s = env.settings();
+    s.database_url = Some(url);
+    s.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
+    let w = WorkerHandle::start(s);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    let http = reqwest::Client::new();
+    let status = || async {
+        http.get(&readyz)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .ok()
+    };
+    env.eventually("the worker ready", Duration::from_secs(10), || async {
+        status().await == Some(200)
+    })
+    .await
+    .unwrap();
+
+    // Every write of a call fails until the table is back: the worker must say so.
+    sqlx::query("ALTER TABLE provider_calls RENAME TO provider_calls_away")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let mut task = llmq_shared::envelope::Envelope::new("wait for the ledger");
+    task.model = Some("mock-fast".into());
+    let id = task.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &task).await.unwrap();
+    env.eventually("the worker unready", Duration::from_secs(10), || async {
+        status().await == Some(503)
+    })
+    .await
+    .unwrap();
+    sqlx::query("ALTER TABLE provider_calls_away RENAME TO provider_calls")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let r = env.wait_final(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, llmq_shared::outcome::Status::Succeeded);
+    env.eventually(
+        "the worker ready again",
+        Duration::from_secs(10),
+        || async { status().await == Some(200) },
+    )
+    .await
+    .unwrap();
+    w.stop().await.unwrap();
+}
