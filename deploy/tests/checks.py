@@ -7,6 +7,7 @@ break a copy of the manifests and see the check notice. conftest.py renders the 
 from __future__ import annotations
 
 import base64
+import copy
 import re
 import shlex
 import tomllib
@@ -38,6 +39,22 @@ RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral"
                       "persistentVolumeClaim", "projected", "secret"}
 # The worker allows itself this long after LLMQ_GRACE to hand unfinished tasks back.
 HAND_BACK_SECONDS = 30
+# The keys of the Secret the scheduler may read: it calls no provider, so no API key.
+SCHEDULER_SECRET_KEYS = {"REDIS_URL", "DATABASE_URL"}
+
+# What each pod may reach (base/networkpolicy.yaml), as (protocol, port).
+DNS = {("UDP", 53), ("TCP", 53)}
+REDIS = {("TCP", 6379), ("TCP", 6380)}
+POSTGRES = {("TCP", 5432)}
+HTTPS = {("TCP", 443)}
+OTLP = {("TCP", 4317), ("TCP", 4318)}
+EGRESS = {
+    "llmq-worker": DNS | REDIS | POSTGRES | HTTPS | OTLP,
+    "llmq-scheduler": DNS | REDIS | POSTGRES | OTLP,
+    "llmq": DNS | POSTGRES,
+}
+PODS = {"llmq-worker": "the worker pods", "llmq-scheduler": "the scheduler pods",
+        "llmq": "the migration Job's pods"}
 
 
 # ---------------------------------------------------------------- access helpers
@@ -55,6 +72,13 @@ def pod_spec(obj):
     if obj["kind"] == "CronJob":
         return obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     return obj["spec"]["template"]["spec"]
+
+
+def pod_spec_labels(obj):
+    """The labels of the pods a workload makes."""
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"].get("labels")
+    return obj["spec"]["template"]["metadata"].get("labels")
 
 
 def workloads(docs):
@@ -118,15 +142,32 @@ def env_of(docs, workload, container):
             env[e["name"]] = e["value"]
             continue
         ref = e.get("valueFrom", {})
-        if "configMapKeyRef" in ref:
-            cm = named(ns_docs, "ConfigMap", ref["configMapKeyRef"]["name"])
-            env[e["name"]] = (cm.get("data") or {})[ref["configMapKeyRef"]["key"]]
-        elif "secretKeyRef" in ref:
-            s = named(ns_docs, "Secret", ref["secretKeyRef"]["name"])
-            env[e["name"]] = secret_data(s)[ref["secretKeyRef"]["key"]]
+        for field, kind, data in (("configMapKeyRef", "ConfigMap", lambda o: o.get("data") or {}),
+                                  ("secretKeyRef", "Secret", secret_data)):
+            if field not in ref:
+                continue
+            r = ref[field]
+            obj = named(ns_docs, kind, r["name"])
+            values = data(obj) if obj is not None else {}
+            if r["key"] in values:
+                env[e["name"]] = values[r["key"]]
+            elif not r.get("optional"):
+                raise KeyError(f"{kind} {r['name']} key {r['key']}" if obj is not None
+                               else f"{kind} {r['name']}")
+            break
         else:
             env[e["name"]] = None
     return env
+
+
+def secret_refs(container):
+    """[(secret name, key or None for all of it)] a container's environment takes."""
+    refs = [(s["secretRef"]["name"], None) for s in container.get("envFrom", []) if "secretRef" in s]
+    for e in container.get("env", []):
+        r = (e.get("valueFrom") or {}).get("secretKeyRef")
+        if r:
+            refs.append((r["name"], r["key"]))
+    return refs
 
 
 def duration_seconds(text):
@@ -233,11 +274,30 @@ def check_provider_file(docs):
             problems.append(f"{program}: the mounted ConfigMap has no key {file}")
             continue
         # llmq expands ${VAR} in the values of the parsed file (comments are gone by then).
-        values = " ".join(_strings(yaml.safe_load(text)))
+        # The scheduler reads it without its secrets: their ${VAR}s it neither reads nor needs.
+        parsed = yaml.safe_load(text)
+        if program == "llmq-scheduler":
+            parsed = without_secrets(parsed)
+        values = " ".join(_strings(parsed))
         for var, default in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}", values):
             if not default and not env.get(var):
                 problems.append(f"{program}: the provider file needs ${{{var}}}, which is not set")
     return problems
+
+
+def without_secrets(provider_file):
+    """The parsed provider file without what llmq-scheduler skips (Config::load_without_secrets):
+    each provider's api_key and command.env, and each check's env."""
+    f = copy.deepcopy(provider_file) or {}
+    for p in f.get("providers") or []:
+        if isinstance(p, dict):
+            p.pop("api_key", None)
+            if isinstance(p.get("command"), dict):
+                p["command"].pop("env", None)
+    for c in (f.get("checks") or {}).values():
+        if isinstance(c, dict):
+            c.pop("env", None)
+    return f
 
 
 def _strings(node):
@@ -552,6 +612,150 @@ def check_static_hpa(docs):
         if seen.count(q) != 1:
             problems.append(f"queue {q} has {seen.count(q)} backlog metrics, not one")
     return problems
+
+
+def check_scheduler_secrets(docs):
+    """The scheduler gets REDIS_URL and DATABASE_URL from the Secret, and nothing else of it:
+    no envFrom of a Secret, no provider API key, no Secret mounted."""
+    s, c = workload_running(docs, "llmq-scheduler")
+    if s is None:
+        return ["no workload runs llmq-scheduler"]
+    problems = []
+    read = set()
+    for secret, key in secret_refs(c):
+        if key is None:
+            problems.append(f"the scheduler takes every key of the Secret {secret} (envFrom), "
+                            "provider API keys included")
+        elif key not in SCHEDULER_SECRET_KEYS:
+            problems.append(f"the scheduler reads {key} from the Secret {secret}; "
+                            f"it needs only {' and '.join(sorted(SCHEDULER_SECRET_KEYS))}")
+        else:
+            read.add(key)
+    for key in sorted(SCHEDULER_SECRET_KEYS - read):
+        problems.append(f"the scheduler does not get {key} from the Secret")
+    for v in pod_spec(s).get("volumes", []):
+        if "secret" in v:
+            problems.append(f"the scheduler mounts the Secret {v['secret']['secretName']}")
+    return problems
+
+
+def image_tag(image):
+    """(tag, digest) of an image reference; either may be None."""
+    rest, _, digest = image.partition("@")
+    last = rest.rsplit("/", 1)[-1]
+    tag = last.rsplit(":", 1)[1] if ":" in last else None
+    return tag, digest or None
+
+
+def check_image_tags(docs):
+    """Every container's image is pinned: a tag other than `latest`, or a digest."""
+    problems = []
+    for w in workloads(docs):
+        for c in containers(pod_spec(w)):
+            at = f"{w['kind']}/{w['metadata']['name']}/{c['name']}"
+            tag, digest = image_tag(c.get("image") or "")
+            if digest:
+                continue
+            if tag is None:
+                problems.append(f"{at}: image {c.get('image')!r} has no tag (it would pull latest)")
+            elif tag == "latest":
+                problems.append(f"{at}: image {c.get('image')!r} uses the tag latest")
+    return problems
+
+
+def _matches(selector, labels):
+    """Whether a label selector selects these labels ({} selects everything)."""
+    if selector is None:
+        return False
+    labels = labels or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        op, key, values = e["operator"], e["key"], e.get("values") or []
+        if (op == "In" and labels.get(key) not in values) \
+                or (op == "NotIn" and key in labels and labels[key] in values) \
+                or (op == "Exists" and key not in labels) \
+                or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def _rule_ports(rule, container, where, problems):
+    """{(protocol, port)} a rule opens; a rule without ports opens every port (a problem)."""
+    if not rule.get("ports"):
+        problems.append(f"{where} allows every port")
+        return set()
+    opened = set()
+    for p in rule["ports"]:
+        port = p.get("port")
+        if p.get("endPort") is not None:
+            problems.append(f"{where} allows the range {port}-{p['endPort']}")
+        if isinstance(port, str) and container is not None:
+            port = _port(container, port) or port
+        if port is None:
+            problems.append(f"{where} allows every port of {p.get('protocol', 'TCP')}")
+            continue
+        opened.add((p.get("protocol", "TCP"), port))
+    return opened
+
+
+def _describe(ports):
+    return ", ".join(f"{port}/{proto}" for proto, port in sorted(ports, key=lambda x: (str(x[1]), x[0])))
+
+
+def check_network_policies(docs):
+    """A NetworkPolicy isolates the worker, scheduler and migration pods both ways: ingress
+    only on the metrics port (none for the Job), egress only on the ports of EGRESS."""
+    problems = []
+    policies = by_kind(docs, "NetworkPolicy")
+    for program, egress in EGRESS.items():
+        w, c = workload_running(docs, program)
+        if w is None:
+            problems.append(f"no workload runs {program}")
+            continue
+        pods = PODS[program]
+        labels = pod_spec_labels(w)
+        selecting = [p for p in policies if _matches(p["spec"].get("podSelector"), labels)]
+        if not selecting:
+            problems.append(f"no NetworkPolicy selects {pods}")
+            continue
+        ingress, egress_open = set(), set()
+        isolated = set()
+        for p in selecting:
+            where = f"NetworkPolicy/{p['metadata']['name']}"
+            types = p["spec"].get("policyTypes")
+            if not types:
+                problems.append(f"{where} does not list its policyTypes")
+                types = ["Ingress"] + (["Egress"] if "egress" in p["spec"] else [])
+            isolated |= set(types)
+            if "Ingress" in types:
+                for i, rule in enumerate(p["spec"].get("ingress") or []):
+                    ingress |= _rule_ports(rule, c, f"{where} ingress[{i}]", problems)
+            if "Egress" in types:
+                for i, rule in enumerate(p["spec"].get("egress") or []):
+                    egress_open |= _rule_ports(rule, None, f"{where} egress[{i}]", problems)
+        for kind in ("Ingress", "Egress"):
+            if kind not in isolated:
+                problems.append(f"no NetworkPolicy restricts the {kind.lower()} of {pods}")
+        if program == "llmq":
+            expected_in = set()
+        else:
+            env = env_of(docs, w, c)
+            expected_in = {("TCP", listen_port(env.get("LLMQ_METRICS_LISTEN", "0:0")))}
+        if "Ingress" in isolated and ingress != expected_in:
+            problems.append(f"{pods} accept {_describe(ingress) or 'nothing'}, "
+                            f"not {_describe(expected_in) or 'nothing'}")
+        if "Egress" in isolated:
+            for missing in sorted(egress - egress_open):
+                problems.append(f"{pods} cannot reach port {_describe({missing})}")
+            for extra in sorted(egress_open - egress, key=str):
+                problems.append(f"{pods} may also reach port {_describe({extra})}")
+    return problems
+
+
+def workspace_version():
+    """[workspace.package] version of the root Cargo.toml: what the image is tagged with."""
+    return tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
 
 
 # ---------------------------------------------------------------- the Dockerfile

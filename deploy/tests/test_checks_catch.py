@@ -50,6 +50,25 @@ def drop(d, key):
     del d[key]
 
 
+def policy(docs, component):
+    return next(p["spec"] for p in checks.by_kind(docs, "NetworkPolicy")
+                if p["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == component)
+
+
+def without_port(rules, port):
+    for rule in rules:
+        rule["ports"] = [p for p in rule["ports"] if p["port"] != port]
+
+
+def providers_file(docs):
+    cm = next(c for c in checks.by_kind(docs, "ConfigMap") if "providers.yaml" in (c.get("data") or {}))
+    return cm["data"]
+
+
+def scheduler_env(docs, name, key):
+    scheduler(docs)[1]["env"].append({"name": name, "valueFrom": {"secretKeyRef": {"name": "llmq", "key": key}}})
+
+
 BREAKS = {
     # KEDA
     "consumerGroup": ("keda", checks.check_keda,
@@ -148,6 +167,58 @@ BREAKS = {
                                        lambda d: next(e for e in scheduler(d)[1]["env"]
                                                       if e["name"] == "LLMQ_METRICS_LISTEN")
                                        .update(value="0.0.0.0:9464"), "same metrics port"),
+    # what the scheduler gets of the Secret
+    "scheduler takes the whole Secret": ("static", checks.check_scheduler_secrets,
+                                         lambda d: scheduler(d)[1].update(envFrom=[{"secretRef": {"name": "llmq"}}]),
+                                         "every key of the Secret llmq"),
+    "scheduler reads an API key": ("static", checks.check_scheduler_secrets,
+                                   lambda d: scheduler_env(d, "OPENAI_API_KEY", "OPENAI_API_KEY"),
+                                   "reads OPENAI_API_KEY"),
+    "scheduler without DATABASE_URL": ("static", checks.check_scheduler_secrets,
+                                       lambda d: scheduler(d)[1].update(env=[e for e in scheduler(d)[1]["env"]
+                                                                             if e["name"] != "DATABASE_URL"]),
+                                       "does not get DATABASE_URL"),
+    "scheduler mounts the Secret": ("static", checks.check_scheduler_secrets,
+                                    lambda d: psc(d, "llmq-scheduler")["volumes"].append(
+                                        {"name": "s", "secret": {"secretName": "llmq"}}), "mounts the Secret"),
+    # the image
+    "image latest": ("static", checks.check_image_tags,
+                     lambda d: worker(d)[1].update(image="llmq:latest"), "uses the tag latest"),
+    "image untagged": ("static", checks.check_image_tags,
+                       lambda d: scheduler(d)[1].update(image="registry.example.com:5000/llmq"), "has no tag"),
+    # network policies
+    "worker cannot reach the providers": ("static", checks.check_network_policies,
+                                          lambda d: without_port(policy(d, "worker")["egress"], 443),
+                                          "the worker pods cannot reach port 443/TCP"),
+    "scheduler may reach the providers": ("static", checks.check_network_policies,
+                                          lambda d: policy(d, "scheduler")["egress"].append(
+                                              {"ports": [{"protocol": "TCP", "port": 443}]}),
+                                          "the scheduler pods may also reach port 443/TCP"),
+    "migration Job may reach Redis": ("static", checks.check_network_policies,
+                                      lambda d: policy(d, "migrate")["egress"].append(
+                                          {"ports": [{"protocol": "TCP", "port": 6379}]}),
+                                      "the migration Job's pods may also reach port 6379/TCP"),
+    "no DNS over UDP": ("static", checks.check_network_policies,
+                        lambda d: policy(d, "scheduler")["egress"][0]["ports"].pop(0), "cannot reach port 53/UDP"),
+    "egress to every port": ("static", checks.check_network_policies,
+                             lambda d: policy(d, "worker")["egress"].append(
+                                 {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}),
+                             "allows every port"),
+    "ingress to the Job": ("static", checks.check_network_policies,
+                           lambda d: policy(d, "migrate").update(ingress=[{"ports": [{"port": 8080}]}]),
+                           "the migration Job's pods accept 8080/TCP, not nothing"),
+    "ingress beside metrics": ("static", checks.check_network_policies,
+                               lambda d: policy(d, "worker")["ingress"].append({"ports": [{"port": 22}]}),
+                               "accept 22/TCP, 9464/TCP"),
+    "policyTypes left out": ("static", checks.check_network_policies,
+                             lambda d: drop(policy(d, "migrate"), "policyTypes"), "does not list its policyTypes"),
+    "only ingress restricted": ("static", checks.check_network_policies,
+                                lambda d: policy(d, "worker").update(policyTypes=["Ingress"]),
+                                "restricts the egress of the worker pods"),
+    "policy selects other pods": ("static", checks.check_network_policies,
+                                  lambda d: policy(d, "scheduler")["podSelector"]["matchLabels"]
+                                  .update({"app.kubernetes.io/component": "schedule"}),
+                                  "no NetworkPolicy selects the scheduler pods"),
     # probes
     "liveness on readyz": ("static", checks.check_probes,
                            lambda d: worker(d)[1]["livenessProbe"]["httpGet"].update(path="/readyz"), "/healthz"),
@@ -188,7 +259,14 @@ BREAKS = {
                            lambda d: checks.workload_running(d, "llmq")[1]["env"][0]["valueFrom"]["secretKeyRef"]
                            .update(key="NOPE"), "unresolved"),
     "an API key missing": ("static", checks.check_provider_file,
-                           lambda d: checks.by_kind(d, "Secret")[0]["data"].pop("GEMINI_API_KEY"), "GEMINI_API_KEY"),
+                           lambda d: checks.by_kind(d, "Secret")[0]["data"].pop("GEMINI_API_KEY"),
+                           "llmq-worker: the provider file needs ${GEMINI_API_KEY}"),
+    # The scheduler skips api_key, but not a ${VAR} anywhere else.
+    "a variable the scheduler needs": ("static", checks.check_provider_file,
+                                       lambda d: providers_file(d).update(
+                                           {"providers.yaml": providers_file(d)["providers.yaml"]
+                                            .replace("max_wait: 1h", "max_wait: ${LLMQ_MAX_WAIT}")}),
+                                       "llmq-scheduler: the provider file needs ${LLMQ_MAX_WAIT}"),
     "provider file elsewhere": ("static", checks.check_provider_file,
                                 lambda d: worker_cm(d).update(LLMQ_CONFIG="/config/providers.yaml"),
                                 "nothing from a ConfigMap"),

@@ -59,6 +59,30 @@ def test_a_job_runs_llmq_migrate(rendered, overlay):
     ok(checks.check_migration_job(rendered[overlay]))
 
 
+@pytest.mark.parametrize("overlay", ALL)
+def test_the_scheduler_gets_no_provider_key(rendered, overlay):
+    ok(checks.check_scheduler_secrets(rendered[overlay]))
+
+
+@pytest.mark.parametrize("overlay", ALL)
+def test_a_network_policy_fences_each_pod(rendered, overlay):
+    ok(checks.check_network_policies(rendered[overlay]))
+
+
+@pytest.mark.parametrize("overlay", ALL)
+def test_every_image_is_pinned(rendered, overlay):
+    ok(checks.check_image_tags(rendered[overlay]))
+
+
+@pytest.mark.parametrize("overlay", ["keda", "static"])
+def test_our_image_tag_is_the_workspace_version(rendered, overlay):
+    version = checks.workspace_version()
+    for w in checks.workloads(rendered[overlay]):
+        for c in checks.containers(checks.pod_spec(w)):
+            assert c["image"] == f"llmq:{version}", \
+                f"{c['image']}: set newTag in base/kustomization.yaml to {version}, Cargo.toml's version"
+
+
 @pytest.mark.parametrize("overlay", KEDA_RENDERS)
 def test_keda_scales_on_stream_length_per_queue(rendered, overlay):
     ok(checks.check_keda(rendered[overlay]))
