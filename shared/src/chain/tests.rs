@@ -269,3 +269,45 @@ fn a_review_may_send_the_work_back() {
         assert!(got.contains(want), "{got}");
     }
 }
+
+#[test]
+fn a_chain_id_with_a_control_character_or_too_long_is_refused() {
+    for id in ["a\tb", "a\nb", "a\u{0}b", &"c".repeat(513)] {
+        let spec =
+            serde_json::json!({"v": 1, "chain_id": id, "steps": [{"name": "a", "prompt": "x"}]});
+        assert!(
+            reason(&spec.to_string()).contains("`chain_id` must be at most 512 characters"),
+            "{id:?}"
+        );
+    }
+}
+
+#[test]
+fn a_variable_holding_a_reference_or_filling_past_the_limit_is_refused() {
+    let spec = serde_json::json!({"v": 1, "vars": {"x": "{{a.output}}"},
+        "steps": [{"name": "a", "prompt": "p"}, {"name": "b", "after": ["a"], "prompt": "{{x}}"}]});
+    assert!(reason(&spec.to_string()).contains("variable `x` contains a `{{...}}` reference"));
+    // 100 bytes referenced 20 times is 2,000 bytes: over a 1,000-byte limit, counted before
+    // anything is filled in.
+    let spec = serde_json::json!({"v": 1, "vars": {"x": "y".repeat(100)},
+        "steps": [{"name": "a", "prompt": "{{x}}".repeat(20)}]});
+    let e = Chain::parse(spec.to_string().as_bytes(), 1000, "q", "1-0").unwrap_err();
+    assert!(
+        e.to_string().contains(
+            "its prompt is 2000 bytes once its variables are filled in, over the 1000-byte limit"
+        ),
+        "{e}"
+    );
+    // Each step fits, the chain does not: six of 750 bytes against 4 x 1,000.
+    let steps: Vec<_> = (0..6)
+        .map(|i| serde_json::json!({"name": format!("s{i}"), "prompt": "{{x}}{{x}}{{x}}"}))
+        .collect();
+    let spec = serde_json::json!({"v": 1, "vars": {"x": "y".repeat(250)}, "steps": steps});
+    let e = Chain::parse(spec.to_string().as_bytes(), 1000, "q", "1-0").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the chain's prompts come to more than 4000 bytes"),
+        "{e}"
+    );
+    assert!(Chain::parse(spec.to_string().as_bytes(), 2000, "q", "1-0").is_ok());
+}
