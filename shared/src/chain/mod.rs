@@ -19,6 +19,12 @@ mod tests;
 pub const VERSION: u64 = 1;
 /// The most steps one chain may have.
 pub const MAX_STEPS: usize = 64;
+/// How many times one step may run again after its first run (escalations, rejections and
+/// `llmq chain retry` together) unless the provider file's `chains.max_rounds` says otherwise.
+pub const DEFAULT_MAX_ROUNDS: u32 = 10;
+/// The highest `chains.max_rounds` accepted.
+pub const MAX_ROUNDS_CEILING: u32 = 100;
+
 /// The longest `chain_id` accepted, in characters.
 pub const MAX_CHAIN_ID: usize = 512;
 /// `{{step.summary}}` inlines at most this many characters.
@@ -126,6 +132,10 @@ fn one() -> u32 {
     1
 }
 
+fn default_max_rounds() -> u32 {
+    DEFAULT_MAX_ROUNDS
+}
+
 /// One validated step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Step {
@@ -165,6 +175,10 @@ pub struct Step {
 pub struct Chain {
     pub id: String,
     pub on_failure: OnFailure,
+    /// How many times one step may run again after its first run: the provider file's
+    /// `chains.max_rounds` when the chain was expanded, stored with it.
+    #[serde(default = "default_max_rounds")]
+    pub max_rounds: u32,
     /// In the order given, which is a valid order to run them in only by accident.
     pub steps: Vec<Step>,
 }
@@ -224,6 +238,27 @@ impl Chain {
                 ))
             })
         })
+    }
+
+    /// Bounds the chain by `max_rounds` (the provider file's `chains.max_rounds`): the first
+    /// step whose `on_reject.max_rounds` asks for more is an error naming both.
+    ///
+    /// # Errors
+    /// A step's `on_reject.max_rounds` is over `max_rounds`.
+    pub fn bound_rounds(&mut self, max_rounds: u32) -> Result<()> {
+        if let Some((s, o)) = self.steps.iter().find_map(|s| {
+            Some((
+                s,
+                s.on_reject.as_ref().filter(|o| o.max_rounds > max_rounds)?,
+            ))
+        }) {
+            return Err(err(format!(
+                "step `{}`: on_reject.max_rounds {} is over chains.max_rounds {max_rounds} in the provider file",
+                s.name, o.max_rounds
+            )));
+        }
+        self.max_rounds = max_rounds;
+        Ok(())
     }
 
     /// The step named `name`.
@@ -440,6 +475,7 @@ fn build(id: String, spec: RawChain, max_bytes: usize) -> Result<Chain> {
     Ok(Chain {
         id,
         on_failure: spec.on_failure,
+        max_rounds: DEFAULT_MAX_ROUNDS,
         steps,
     })
 }
@@ -562,9 +598,9 @@ fn step(
         (Some(v), _) => {
             let o: OnReject = serde_json::from_value(v.clone())
                 .map_err(|e| at(format!("`on_reject` is wrong: {e}")))?;
-            if !(1..=10).contains(&o.max_rounds) {
+            if !(1..=MAX_ROUNDS_CEILING).contains(&o.max_rounds) {
                 return Err(at(format!(
-                    "on_reject.max_rounds {} must be between 1 and 10",
+                    "on_reject.max_rounds {} must be between 1 and {MAX_ROUNDS_CEILING}",
                     o.max_rounds
                 )));
             }

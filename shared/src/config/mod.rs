@@ -63,6 +63,23 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Quality gates chains' `check` steps may run, by name.
     pub checks: std::collections::BTreeMap<String, CheckConfig>,
+    pub chains: Chains,
+}
+
+/// Bounds every chain meets, whatever its spec asks (`chains:` in the provider file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chains {
+    /// The most times one step runs again after its first run, escalations, rejections sent
+    /// back and `llmq chain retry` together.
+    pub max_rounds: u32,
+}
+
+impl Default for Chains {
+    fn default() -> Self {
+        Self {
+            max_rounds: crate::chain::DEFAULT_MAX_ROUNDS,
+        }
+    }
 }
 
 /// Builds errors that all name the same file.
@@ -182,11 +199,31 @@ impl Config {
             None => SchedulerConfig::default(),
         };
         let checks = checks::checks(&errs, raw.checks, env)?;
+        let chains = match raw.chains {
+            None => Chains::default(),
+            Some(c) => Chains {
+                max_rounds: match c.max_rounds {
+                    None => crate::chain::DEFAULT_MAX_ROUNDS,
+                    Some(n) if (1..=crate::chain::MAX_ROUNDS_CEILING).contains(&n) => n,
+                    Some(n) => {
+                        return Err(errs.at(
+                            "chains.max_rounds",
+                            format!(
+                                "{n} is not between 1 and {}",
+                                crate::chain::MAX_ROUNDS_CEILING
+                            ),
+                            "give how many times one chain step may run again, e.g. 10",
+                        ));
+                    }
+                },
+            },
+        };
         Ok(Self {
             providers,
             routing,
             scheduler,
             checks,
+            chains,
         })
     }
 

@@ -16,6 +16,14 @@ pub(super) struct RawFile {
     pub(super) scheduler: Option<RawScheduler>,
     #[serde(default)]
     pub(super) checks: std::collections::BTreeMap<String, RawCheck>,
+    #[serde(default)]
+    pub(super) chains: Option<RawChains>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawChains {
+    pub(super) max_rounds: Option<u32>,
 }
 
 #[derive(Deserialize)]

@@ -116,6 +116,15 @@ impl ChainState {
                 ));
             }
             let round = self.steps.get(&s.name).map_or(0, |x| x.round) + 1;
+            // The bound no input escapes: escalations, rejections and retries together.
+            if round > self.spec.max_rounds {
+                return Err(format!(
+                    "step `{}` has run again {} times, the most chains.max_rounds ({}) allows",
+                    s.name,
+                    round - 1,
+                    self.spec.max_rounds
+                ));
+            }
             let mut task = s.task.clone();
             task.id = Some(crate::chain::step_task_id(&self.spec.id, &s.name, round));
             let (ok, waits_for): (Vec<String>, Vec<String>) =

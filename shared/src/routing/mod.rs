@@ -133,13 +133,17 @@ pub fn plan<'a>(
     }
     .max(constraints.min_tier.unwrap_or(Tier::Fast))
     .max(task.min_tier.unwrap_or(Tier::Fast));
+    // A floor no candidate goes below, hints included: a chain step's constraint, or the
+    // tier an escalation raised the task to. (Risk raises the tier of the capable models
+    // only: a hint still names its model.)
+    let floor = constraints.min_tier.max(task.min_tier);
     let wanted_tier = match rule.map(|r| &r.target) {
         Some(RuleTarget::Tier(t)) => Some(*t),
         _ => None,
     };
 
     let candidate = |p: &'a ProviderConfig, m: &'a Model| {
-        constraints.allows(p, m).then(|| Candidate {
+        (constraints.allows(p, m) && floor.is_none_or(|t| m.tier >= t)).then(|| Candidate {
             provider: p,
             model: m,
             estimated_tokens: tokens.for_model(&m.id) + output_tokens,
@@ -157,7 +161,7 @@ pub fn plan<'a>(
 
     // 1. Hints.
     if task.provider.is_some() || task.model.is_some() {
-        let (p, m) = hinted(config, task)?;
+        let (p, m) = hinted(config, task, floor)?;
         plan.extend(candidate(p, m));
         reason = match (&task.provider, &task.model) {
             (Some(_), Some(_)) => "provider and model hints honoured".into(),
@@ -165,7 +169,14 @@ pub fn plan<'a>(
             _ => "model hint honoured".into(),
         };
         if plan.is_empty() {
-            reason = format!("the hint {}/{} is excluded for this step", p.name, m.id);
+            reason = match floor.filter(|t| m.tier < *t) {
+                Some(t) => format!(
+                    "provider {} has no {}-tier model or above for the hint",
+                    p.name,
+                    t.as_str()
+                ),
+                None => format!("the hint {}/{} is excluded for this step", p.name, m.id),
+            };
         }
     }
     // 2. A rule naming a model.
@@ -239,7 +250,11 @@ pub fn plan<'a>(
             && let Some(c) = p
                 .models
                 .iter()
-                .filter(|m| needs.iter().all(|c| m.can(*c)) && constraints.allows(p, m))
+                .filter(|m| {
+                    needs.iter().all(|c| m.can(*c))
+                        && constraints.allows(p, m)
+                        && floor.is_none_or(|t| m.tier >= t)
+                })
                 .min_by(|a, b| price(a).total_cmp(&price(b)))
                 .and_then(|m| candidate(p, m))
         {
@@ -285,9 +300,21 @@ pub fn plan<'a>(
         if let Some(named) = &task.provider {
             plan.retain(|c| &c.provider.name == named);
             if plan.is_empty() {
-                return Err(RouteError(format!(
-                    "the task names provider `{named}` with fallback off, but `{named}` cannot take it here (excluded for this step, or no capable model)"
-                )));
+                return Err(RouteError(match floor {
+                    Some(t)
+                        if config
+                            .provider(named)
+                            .is_some_and(|p| p.models.iter().all(|m| m.tier < t)) =>
+                    {
+                        format!(
+                            "provider {named} has no {}-tier model or above, and the task has fallback off",
+                            t.as_str()
+                        )
+                    }
+                    _ => format!(
+                        "the task names provider `{named}` with fallback off, but `{named}` cannot take it here (excluded for this step, or no capable model)"
+                    ),
+                }));
             }
         }
         if plan.len() > 1 {
@@ -319,9 +346,12 @@ pub fn plan<'a>(
     })
 }
 
+/// The provider and model a task's hints name; with only a provider, its cheapest model at
+/// `floor` or above (its cheapest of all when it has none that high).
 fn hinted<'a>(
     config: &'a Config,
     task: &Envelope,
+    floor: Option<Tier>,
 ) -> Result<(&'a ProviderConfig, &'a Model), RouteError> {
     match (&task.provider, &task.model) {
         (Some(name), model) => {
@@ -343,11 +373,17 @@ fn hinted<'a>(
             }
             let m = match model {
                 Some(m) => find_model(p, m)?,
-                None => p
-                    .models
-                    .iter()
-                    .min_by(|a, b| price(a).total_cmp(&price(b)))
-                    .ok_or_else(|| RouteError(format!("provider `{name}` lists no model")))?,
+                None => {
+                    let cheapest = |high_enough: bool| {
+                        p.models
+                            .iter()
+                            .filter(|m| !high_enough || floor.is_none_or(|t| m.tier >= t))
+                            .min_by(|a, b| price(a).total_cmp(&price(b)))
+                    };
+                    cheapest(true)
+                        .or_else(|| cheapest(false))
+                        .ok_or_else(|| RouteError(format!("provider `{name}` lists no model")))?
+                }
             };
             Ok((p, m))
         }

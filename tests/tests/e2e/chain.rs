@@ -961,3 +961,222 @@ async fn a_failed_check_sends_the_work_back_and_a_review_never_reviews_its_own_m
     assert_eq!(c.steps["review"].model, None);
     w.stop().await.unwrap();
 }
+
+/// Calls the ledger holds for chain `id`.
+async fn ledger_calls(env: &TestEnv, id: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM provider_calls WHERE chain_id = $1")
+        .bind(id)
+        .fetch_one(env.ledger.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn escalation_ends_in_every_routing_combination_after_one_call_per_rung() {
+    let env = TestEnv::new().await.unwrap();
+    // Provider `one`: a fast model that is always too long for its context, a standard one
+    // that answers. Provider `lone`: the failing fast model only. Provider `all`: a fatal
+    // answer at every tier. A rule names the failing model for `research` tasks.
+    let url = env.mock.url();
+    let model = |id: &str, tier: &str, price: f64| {
+        format!(
+            "      - {{id: {id}, tier: {tier}, input_usd_per_mtok: {price}, output_usd_per_mtok: {price}}}\n"
+        )
+    };
+    let provider = |name: &str, models: &[String]| {
+        format!(
+            "  - name: {name}\n    kind: openai_compatible\n    base_url: {url}/v1\n    api_key: k\n    models:\n{}",
+            models.concat()
+        )
+    };
+    let one = provider(
+        "one",
+        &[
+            model("context-too-long", "fast", 0.1),
+            model("mock-smart", "standard", 3.0),
+        ],
+    );
+    let lone = provider("lone", &[model("context-too-long", "fast", 0.1)]);
+    let all = provider(
+        "all",
+        &[
+            model("fail-400", "fast", 0.1),
+            model("fail-404", "standard", 1.0),
+            model("fail-401", "advanced", 2.0),
+        ],
+    );
+    let rule = "routing:\n  rules:\n    - {task_type: research, model: lone/context-too-long}\n";
+    // (providers, step fields, the chain's end, the most calls, what the step's error says).
+    // A rung tries each candidate at its tier once (a fatal answer is not retried), so the
+    // most is the candidates summed over the rungs.
+    let cases: Vec<(String, Value, &str, i64, &str)> = vec![
+        // The reported case: a provider hint; its standard model takes the next rung.
+        (one.clone(), json!({"provider": "one"}), "succeeded", 2, ""),
+        // A hint with other providers beside it: the first rung tries every fast model.
+        (
+            format!("{one}{lone}{all}"),
+            json!({"provider": "one"}),
+            "succeeded",
+            4,
+            "",
+        ),
+        // Nothing at the next tier: one call, then a sentence.
+        (
+            lone.clone(),
+            json!({"provider": "lone"}),
+            "failed",
+            1,
+            "cannot escalate: nothing at the standard-tier can take it: no enabled model can take this task",
+        ),
+        // Every tier fails: one call per rung, then the top says so.
+        (
+            all.clone(),
+            json!({"provider": "all"}),
+            "failed",
+            3,
+            "cannot escalate: it already ran on the highest tier, advanced",
+        ),
+        // A rule that names a model: the next rung is routed past it.
+        (
+            format!("{lone}{one}{rule}"),
+            json!({"type": "research"}),
+            "succeeded",
+            3,
+            "",
+        ),
+        // A pinned model stays pinned.
+        (
+            lone.clone(),
+            json!({"model": "context-too-long"}),
+            "failed",
+            1,
+            "cannot escalate: its model is pinned (context-too-long)",
+        ),
+        // A hint on the chain's defaults.
+        (
+            one.clone(),
+            json!({"defaults": {"provider": "one"}}),
+            "succeeded",
+            2,
+            "",
+        ),
+    ];
+    for (i, (providers, fields, end, most, says)) in cases.into_iter().enumerate() {
+        let mut s = env.settings();
+        s.config = llmq_shared::config::Config::parse(
+            "escalate.yaml",
+            &format!("providers:\n{providers}"),
+            &|_| None,
+        )
+        .unwrap();
+        let w = WorkerHandle::start(s);
+        let id = format!("{}-esc{i}", env.queue);
+        let mut step = json!({"name": "big", "prompt": "a long input", "escalate": true});
+        let mut chain = json!({"v": 1, "chain_id": id});
+        for (k, v) in fields.as_object().unwrap() {
+            if k == "defaults" {
+                chain[k] = v.clone();
+            } else {
+                step[k] = v.clone();
+            }
+        }
+        chain["steps"] = json!([step]);
+        submit(&env, &chain).await;
+        let c = finished(&env, &id).await;
+        assert_eq!(c.state, end, "{fields}: {c:#?}");
+        let calls = ledger_calls(&env, &id).await;
+        assert!(
+            calls >= 1 && calls <= most,
+            "{fields}: {calls} calls, at most {most}"
+        );
+        if !says.is_empty() {
+            let error = c.steps["big"].error.clone().unwrap_or_default();
+            assert!(error.contains(says), "{fields}: {error}");
+        }
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn chains_max_rounds_bounds_every_rerun_and_is_checked() {
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    let text = include_str!("../../../examples/providers.mock.yaml")
+        .replace("${LLMQ_MOCK_URL:-http://127.0.0.1:8089}", &env.mock.url());
+    s.config = llmq_shared::config::Config::parse(
+        "rounds.yaml",
+        &format!("{text}\nchains: {{max_rounds: 2}}\n"),
+        &|_| None,
+    )
+    .unwrap();
+    let w = WorkerHandle::start(s);
+    // A review that asks for more rounds than the provider file allows is refused whole.
+    let id = format!("{}-greedy", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "W"},
+            {"name": "review", "kind": "review", "after": ["impl"], "model": "review-reject",
+             "on_reject": {"rerun": "impl", "max_rounds": 3}}]}),
+    )
+    .await;
+    env.eventually("the greedy chain refused", WAIT, || async {
+        env.redis
+            .dead_letters(&env.keys, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|d| {
+                d.error
+                    .contains("on_reject.max_rounds 3 is over chains.max_rounds 2")
+            })
+    })
+    .await
+    .unwrap();
+    // `llmq chain retry` counts too: a step that failed twice more cannot run a fourth time.
+    let id = format!("{}-retry", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [{"name": "bad", "prompt": "x", "model": "fail-400"}]}),
+    )
+    .await;
+    for round in 0..=2 {
+        let c = finished(&env, &id).await;
+        assert_eq!((c.state.as_str(), c.steps["bad"].round), ("failed", round));
+        let (code, _) = env
+            .cli(&["chain", "retry", &id, "--queue", &env.queue])
+            .await;
+        if round < 2 {
+            assert_eq!(code, 0, "round {round}");
+            env.eventually("the retry running", WAIT, || async {
+                env.redis
+                    .chain(&env.keys, &id)
+                    .await
+                    .unwrap()
+                    .is_some_and(|c| c.steps["bad"].round == round + 1)
+            })
+            .await
+            .unwrap();
+        } else {
+            assert_ne!(code, 0, "a third rerun went through");
+        }
+    }
+    w.stop().await.unwrap();
+
+    // The provider file's bound is checked like every key.
+    for bad in ["0", "101"] {
+        let err = llmq_shared::config::Config::parse(
+            "rounds.yaml",
+            &format!("{text}\nchains: {{max_rounds: {bad}}}\n"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(&format!(
+                "chains.max_rounds: {bad} is not between 1 and 100"
+            )),
+            "{err}"
+        );
+    }
+}

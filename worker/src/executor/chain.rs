@@ -29,8 +29,9 @@ pub(super) enum Prepared {
         read: Reading,
         /// For a review that may send the work back: what goes back if it rejects.
         rework: Option<Rework>,
-        /// For a step that escalates: itself in its next round, if it fails.
-        escalation: Option<Rework>,
+        /// For a step that escalates: itself in its next round, if it fails, or why it
+        /// cannot run again (its rounds are used up).
+        escalation: Option<Result<Rework, String>>,
     },
     /// No call: this is the step's output.
     Output(String),
@@ -69,7 +70,8 @@ impl Rework {
         for r in &mut self.reruns {
             if r.step == self.rerun {
                 if let Some(from) = self.escalate_from {
-                    escalate(&mut r.task, from);
+                    // At the top tier, or pinned, the work goes back as it is.
+                    let _ = escalate(&mut r.task, from);
                 }
                 r.task.prompt.push_str(&format!(
                     "\n\n## Findings of review `{}` on the previous version\n\n{findings}\n\nAddress every finding.",
@@ -337,35 +339,35 @@ fn call(prompt: String, constraints: Constraints, read: Reading) -> Prepared {
     }
 }
 
-/// Raises `task`'s minimum tier one above `from` (the tier of the model that failed, or
-/// the minimum it had); at the top, or with a pinned model, it stays as it is.
-pub(super) fn escalate(task: &mut Envelope, from: Option<Tier>) -> bool {
-    if task.model.is_some() {
-        return false;
+/// Raises `task`'s minimum tier one above `from` (the higher of the failed model's tier and
+/// the minimum the failed round had, so every rung is a tier higher than the last: at most
+/// two); or says why it cannot go up.
+pub(super) fn escalate(task: &mut Envelope, from: Option<Tier>) -> Result<Tier, String> {
+    if let Some(model) = &task.model {
+        return Err(format!("its model is pinned ({model})"));
     }
     let from = from.max(task.min_tier).unwrap_or(Tier::Fast);
-    match from.up() {
-        Some(up) => {
-            task.min_tier = Some(up);
-            true
-        }
-        None => false,
-    }
+    let up = from
+        .up()
+        .ok_or_else(|| format!("it already ran on the highest tier, {}", from.as_str()))?;
+    task.min_tier = Some(up);
+    Ok(up)
 }
 
-/// Step `step` in its next round, for an escalation after it fails.
-fn escalation(state: &ChainState, step: &chain::Step) -> Option<Rework> {
+/// Step `step` in its next round, for an escalation after it fails; or why it has no next
+/// round.
+fn escalation(state: &ChainState, step: &chain::Step) -> Option<Result<Rework, String>> {
     if !step.escalate {
         return None;
     }
     let again = std::collections::HashSet::from([step.name.clone()]);
-    Some(Rework {
+    Some(state.reruns(&again).map(|reruns| Rework {
         chain_id: state.spec.id.clone(),
         review: step.name.clone(),
         rerun: step.name.clone(),
-        reruns: state.reruns(&again).ok()?,
+        reruns,
         escalate_from: None,
-    })
+    }))
 }
 
 /// What review `step` sends back when it rejects, while it has rounds left.
@@ -556,17 +558,30 @@ mod tests {
     #[test]
     fn escalation_climbs_a_tier_at_a_time_and_a_pinned_model_stays() {
         let mut t = Envelope::new("x");
-        assert!(escalate(&mut t, Some(Tier::Fast)));
+        assert_eq!(escalate(&mut t, Some(Tier::Fast)), Ok(Tier::Standard));
         assert_eq!(t.min_tier, Some(Tier::Standard));
-        assert!(escalate(&mut t, None), "from the minimum it had");
+        assert_eq!(
+            escalate(&mut t, None),
+            Ok(Tier::Advanced),
+            "from the minimum it had"
+        );
         assert_eq!(t.min_tier, Some(Tier::Advanced));
-        assert!(
-            !escalate(&mut t, Some(Tier::Standard)),
+        assert_eq!(
+            escalate(&mut t, Some(Tier::Standard)),
+            Err("it already ran on the highest tier, advanced".into()),
             "no tier above advanced"
         );
+        // Whatever tier failed, a rung is above the minimum the failed round had: a round
+        // that ran below it (a hint) cannot make the next rung repeat this one.
+        let mut again = Envelope::new("x");
+        again.min_tier = Some(Tier::Standard);
+        assert_eq!(escalate(&mut again, Some(Tier::Fast)), Ok(Tier::Advanced));
         let mut pinned = Envelope::new("x");
         pinned.model = Some("gpt-4o".into());
-        assert!(!escalate(&mut pinned, Some(Tier::Fast)));
+        assert_eq!(
+            escalate(&mut pinned, Some(Tier::Fast)),
+            Err("its model is pinned (gpt-4o)".into())
+        );
         assert_eq!(pinned.min_tier, None);
     }
 

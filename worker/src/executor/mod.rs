@@ -153,7 +153,7 @@ struct StepPlan {
     constraints: Constraints,
     reading: Option<chain::Reading>,
     rework: Option<Box<chain::Rework>>,
-    escalation: Option<Box<chain::Rework>>,
+    escalation: Option<Result<Box<chain::Rework>, String>>,
     /// Its outcome without a call (an output, a check, a fatal problem).
     settled: Option<Outcome>,
 }
@@ -248,7 +248,7 @@ impl Executor {
                 step.constraints = constraints;
                 step.reading = Some(read);
                 step.rework = rework.map(Box::new);
-                step.escalation = escalation.map(Box::new);
+                step.escalation = escalation.map(|e| e.map(Box::new));
             }
         }
         Ok(step)
@@ -538,38 +538,43 @@ impl Executor {
             waiting_since: env.waiting_since,
         };
         let now = Utc::now();
-        let transition = decide::decide(state, &outcome, &policy, now);
+        let mut transition = decide::decide(state, &outcome, &policy, now);
         // A step that escalates and failed for good runs again one tier up, while there is
-        // one; its failed round keeps its record.
-        if let (Transition::Dead { error, class }, Some(mut up)) = (&transition, escalation)
+        // one and the next tier can be routed; its failed round keeps its record. Each rung
+        // is a tier higher than the last, and every rerun counts against chains.max_rounds.
+        if let Transition::Dead { error, class } = &mut transition
             && *class != ErrorClass::Invalid
+            && let Some(up) = escalation
         {
-            let from = record
+            let failed_tier = record
                 .provider
                 .as_deref()
                 .and_then(|p| self.config.provider(p))
                 .zip(record.model.as_deref())
                 .and_then(|(p, id)| p.model(id))
                 .map(|m| m.tier);
-            if let Some(next) = up.reruns.first_mut()
-                && chain::escalate(&mut next.task, from)
-            {
-                let tier = next.task.min_tier.map(|t| t.as_str()).unwrap_or_default();
-                record.status = Status::Failed;
-                record.error = Some(format!("{error}; escalating to a {tier}-tier model"));
-                record.attempts = env.attempts + 1;
-                record.finished_at = Some(Utc::now());
-                let task = Some(task_row(&record));
-                let chain_id = up.chain_id.clone();
-                let finish = Finish::done(entry_id, task_id, record);
-                return Finished {
-                    task,
-                    chain: Some(ChainWrite::Rework {
-                        chain_id,
-                        reruns: up.reruns,
-                    }),
-                    ..Finished::new(queue, finish, calls)
-                };
+            match self.escalation(up, failed_tier.max(env.min_tier), &constraints) {
+                Ok((up, tier)) => {
+                    record.status = Status::Failed;
+                    record.error = Some(format!(
+                        "{error}; escalating to a {}-tier model",
+                        tier.as_str()
+                    ));
+                    record.attempts = env.attempts + 1;
+                    record.finished_at = Some(Utc::now());
+                    let task = Some(task_row(&record));
+                    let chain_id = up.chain_id.clone();
+                    let finish = Finish::done(entry_id, task_id, record);
+                    return Finished {
+                        task,
+                        chain: Some(ChainWrite::Rework {
+                            chain_id,
+                            reruns: up.reruns,
+                        }),
+                        ..Finished::new(queue, finish, calls)
+                    };
+                }
+                Err(why) => error.push_str(&format!("; cannot escalate: {why}")),
             }
         }
         let step = env.chain_id.clone().zip(env.step.clone());
@@ -590,16 +595,37 @@ impl Executor {
         finished
     }
 
+    /// The step's next round one tier above `from`, if it has one and that tier can be
+    /// routed: the rerun and its tier, or why not.
+    fn escalation(
+        &self,
+        up: Result<Box<chain::Rework>, String>,
+        from: Option<envelope::Tier>,
+        constraints: &Constraints,
+    ) -> Result<(Box<chain::Rework>, envelope::Tier), String> {
+        let mut up = up?;
+        let next = up
+            .reruns
+            .first_mut()
+            .ok_or_else(|| "the step has no next round".to_owned())?;
+        let tier = chain::escalate(&mut next.task, from)?;
+        routing::plan(&self.config, &next.task, constraints, &Stats::default())
+            .map_err(|e| format!("nothing at the {}-tier can take it: {e}", tier.as_str()))?;
+        Ok((up, tier))
+    }
+
     /// A delivery that submits a chain: validated here, expanded by the finisher in one
     /// script; an invalid one is one dead letter whose reason names the step and the problem.
     fn submitted_chain(&self, queue: Arc<QueueKeys>, entry_id: String, spec: &[u8]) -> Finished {
-        let parsed =
-            Chain::parse(spec, self.max_payload_bytes, queue.name(), &entry_id).and_then(|chain| {
+        let parsed = Chain::parse(spec, self.max_payload_bytes, queue.name(), &entry_id).and_then(
+            |mut chain| {
+                chain.bound_rounds(self.config.chains.max_rounds)?;
                 match chain.unknown_check(|c| self.config.checks.contains_key(c)) {
                     Some(e) => Err(e),
                     None => Ok(chain),
                 }
-            });
+            },
+        );
         match parsed {
             Ok(chain) => {
                 let finish = Finish::release(entry_id, chain.id.clone(), String::new());
