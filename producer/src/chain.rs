@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use llmq_shared::chain::Chain;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
-use llmq_shared::queue::{ChainState, Client, Refused, Rerun};
+use llmq_shared::queue::{ChainState, Client, Refused};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -83,7 +83,7 @@ pub async fn run(redis: &Client, cmd: ChainCommand, out: &mut dyn Write) -> Resu
             let Some(state) = redis.chain(&keys, &chain_id).await? else {
                 return Ok(refused(&chain_id, &queue, Refused::NoSuchChain, ""));
             };
-            let reruns = match reruns(&state, from.as_deref()) {
+            let reruns = match state.retry(from.as_deref()) {
                 Ok(r) => r,
                 Err(why) => {
                     eprintln!("llmq: {why}");
@@ -430,35 +430,12 @@ fn refused(chain_id: &str, queue: &str, r: Refused, wrong_state: &str) -> u8 {
         Refused::NoSuchChain => eprintln!(
             "llmq: no chain {chain_id} in queue `{queue}` (it may be in another queue: pass --queue)"
         ),
-        Refused::WrongState => eprintln!("llmq: chain {chain_id}: {wrong_state}"),
+        // Only a scheduler's fenced writes are refused so; a person's are not fenced.
+        Refused::WrongState | Refused::NotHolder => {
+            eprintln!("llmq: chain {chain_id}: {wrong_state}");
+        }
     }
     EXIT_FAILED
-}
-
-/// The steps `llmq chain retry` runs again: the failed and cancelled ones, or `from` and
-/// every step after it.
-fn reruns(state: &ChainState, from: Option<&str>) -> std::result::Result<Vec<Rerun>, String> {
-    let again: HashSet<String> = match from {
-        Some(f) if state.spec.step(f).is_none() => {
-            return Err(format!("chain {} has no step `{f}`", state.spec.id));
-        }
-        Some(f) => state.descendants(f),
-        None => state
-            .spec
-            .steps
-            .iter()
-            .filter(|s| {
-                state
-                    .steps
-                    .get(&s.name)
-                    .is_some_and(|x| matches!(x.status.as_str(), "failed" | "cancelled"))
-            })
-            .map(|s| s.name.clone())
-            .collect(),
-    };
-    state
-        .reruns(&again)
-        .map_err(|e| format!("{e}; retry without --from, or --from the step that did not succeed"))
 }
 
 /// Takes a person's decision on an approval step, once.
@@ -473,7 +450,7 @@ async fn decide(
 ) -> Result<u8> {
     let keys = QueueKeys::new(queue);
     match redis
-        .decide_approval(&keys, chain_id, step, approve, note)
+        .decide_approval(&keys, chain_id, step, approve, note, None)
         .await?
     {
         Ok(()) => {
@@ -487,7 +464,8 @@ async fn decide(
             );
             Ok(EXIT_FAILED)
         }
-        Err(Refused::WrongState) => {
+        // NotHolder: only a scheduler's fenced decision is refused so.
+        Err(Refused::WrongState | Refused::NotHolder) => {
             eprintln!(
                 "llmq: step `{step}` of chain {chain_id} is not awaiting approval: it was decided before, or it is not an approval that has been reached"
             );

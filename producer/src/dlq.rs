@@ -4,7 +4,7 @@ use std::io::Write;
 
 use chrono::Utc;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{Client, DeadLetter};
+use llmq_shared::queue::{Client, DeadLetter, Replayed};
 
 use crate::cli::{DlqCommand, Format};
 use crate::{EXIT_FAILED, EXIT_OK, Error, Result, emit, render, to_json};
@@ -100,8 +100,21 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
             }
             let mut replayed = archived;
             for d in &dead {
-                if redis.replay(&keys, d, platform.as_deref()).await? {
-                    replayed += 1;
+                match redis.replay(&keys, d, platform.as_deref()).await? {
+                    Replayed::Enqueued => replayed += 1,
+                    Replayed::Gone => {}
+                    Replayed::Resumed(steps) => {
+                        replayed += 1;
+                        emit(
+                            out,
+                            &format!(
+                                "dead letter {}: its chain runs {} again\n",
+                                d.id,
+                                steps.join(", ")
+                            ),
+                        );
+                    }
+                    Replayed::Refused(why) => eprintln!("llmq: dead letter {}: {why}", d.id),
                 }
             }
             emit(

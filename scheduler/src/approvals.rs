@@ -1,6 +1,7 @@
 //! The `approvals` duty: a chain step nobody approved or rejected by its deadline gets its
 //! `on_timeout` (reject unless the chain says approve), through the queue's own decision
-//! script, which decides a step once: a decision an operator took first stands.
+//! script, which decides a step once (a decision an operator took first stands) and is
+//! fenced: a scheduler that lost the lease decides nothing.
 
 use llmq_shared::chain::OnTimeout;
 use llmq_shared::keys::QueueKeys;
@@ -43,10 +44,9 @@ impl Scheduler {
                     ),
                 };
                 if self
-                    .redis
-                    .decide_approval(&keys, &chain, &step, approve, &note)
+                    .lease
+                    .decide_approval(&self.redis, &keys, &chain, &step, approve, &note)
                     .await?
-                    .is_ok()
                 {
                     tracing::info!(queue, chain, step, approve, "an approval timed out");
                     decided += 1;

@@ -299,6 +299,27 @@ impl Lease {
             .ok_or(Error::NotLeader)
     }
 
+    /// Applies an approval's `on_timeout`, fenced. Returns whether it was decided now (a
+    /// person's decision, or a step no longer awaiting, stands).
+    pub(crate) async fn decide_approval(
+        &self,
+        redis: &Client,
+        queue: &QueueKeys,
+        chain_id: &str,
+        step: &str,
+        approve: bool,
+        note: &str,
+    ) -> Result<bool> {
+        match redis
+            .decide_approval(queue, chain_id, step, approve, note, Some(self.proof()?))
+            .await?
+        {
+            Ok(()) => Ok(true),
+            Err(llmq_shared::queue::Refused::NotHolder) => Err(Error::NotLeader),
+            Err(_) => Ok(false),
+        }
+    }
+
     /// Deletes dead letters from `queue`'s dead stream. Returns how many were deleted.
     pub(crate) async fn trim(
         &self,

@@ -231,15 +231,7 @@ impl Finisher {
                 freed.push((finish.entry_id.clone(), key));
             }
             if ok {
-                let outcome = match (&finish.kind, was_applied) {
-                    (_, false) => "fenced",
-                    (FinishKind::Done, _) => "succeeded",
-                    (FinishKind::Retry { .. }, _) => "delayed",
-                    (FinishKind::Dead { .. }, _) => "dead",
-                    (FinishKind::Release, _) => "released",
-                };
-                metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
-                    .increment(1);
+                count(keys, &finish.kind, was_applied);
             }
             if ok && !was_applied {
                 tracing::warn!(
@@ -309,6 +301,9 @@ impl Finisher {
         drop(items);
         for (i, p) in batch.into_iter().enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
+            if !applied.is_empty() {
+                count(keys, &p.finished.finish.kind, was_applied);
+            }
             if was_applied && let Some(key) = p.finished.slot {
                 freed.push((p.finished.finish.entry_id.clone(), key));
             }
@@ -378,12 +373,30 @@ impl Finisher {
                 "another worker took this chain entry over; its outcome here was discarded"
             );
         }
+        if let (Some(was_applied), Some(ChainWrite::Await { .. } | ChainWrite::Rework { .. })) =
+            (applied, &finished.chain)
+        {
+            count(keys, &finished.finish.kind, was_applied);
+        }
         let applied = applied.unwrap_or(false);
         if applied && let Some(key) = finished.slot.clone() {
             freed.push((finished.finish.entry_id.clone(), key));
         }
         let _ = done.send(applied);
     }
+}
+
+/// Counts a written outcome in `llmq_tasks_total`, chain steps' as plain tasks'.
+fn count(keys: &QueueKeys, kind: &FinishKind, applied: bool) {
+    let outcome = match (kind, applied) {
+        (_, false) => "fenced",
+        (FinishKind::Done, _) => "succeeded",
+        (FinishKind::Retry { .. }, _) => "delayed",
+        (FinishKind::Dead { .. }, _) => "dead",
+        (FinishKind::Release, _) => "released",
+    };
+    metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
+        .increment(1);
 }
 
 async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {

@@ -43,6 +43,7 @@ static AWAIT: LazyLock<Script> = LazyLock::new(|| {
 });
 static DECIDE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
+        include_str!("lua/fence.lua"),
         include_str!("lua/advance.lua"),
         include_str!("chain_decide.lua")
     ))
@@ -140,6 +141,35 @@ impl ChainState {
         Ok(out)
     }
 
+    /// What `llmq chain retry` (and a replayed step's dead letter) runs again: the failed and
+    /// cancelled steps, or `from` and every step after it, each in its next round.
+    ///
+    /// # Errors
+    /// `from` is not a step, or a step would wait for one that will not run (the sentence
+    /// says which), or a step's rounds are used up.
+    pub fn retry(&self, from: Option<&str>) -> std::result::Result<Vec<Rerun>, String> {
+        let again: std::collections::HashSet<String> = match from {
+            Some(f) if self.spec.step(f).is_none() => {
+                return Err(format!("chain {} has no step `{f}`", self.spec.id));
+            }
+            Some(f) => self.descendants(f),
+            None => self
+                .spec
+                .steps
+                .iter()
+                .filter(|s| {
+                    self.steps
+                        .get(&s.name)
+                        .is_some_and(|x| matches!(x.status.as_str(), "failed" | "cancelled"))
+                })
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+        self.reruns(&again).map_err(|e| {
+            format!("{e}; retry without --from, or --from the step that did not succeed")
+        })
+    }
+
     /// `from` and every step after it.
     #[must_use]
     pub fn descendants(&self, from: &str) -> std::collections::HashSet<String> {
@@ -189,6 +219,8 @@ pub enum Refused {
     NoSuchChain,
     /// Cancel: the chain has ended. Retry: it is still running.
     WrongState,
+    /// A fenced write by a scheduler that no longer holds the lease.
+    NotHolder,
 }
 
 /// The compact graph the step script walks: children, whether a step is a join, and
@@ -439,19 +471,30 @@ impl Client {
         step: &str,
         approve: bool,
         note: &str,
+        fence: Option<super::Fence<'_>>,
     ) -> Result<std::result::Result<(), Refused>> {
         let fields = if approve {
             serde_json::json!({"summary": note})
         } else {
             serde_json::json!({"error": note})
         };
+        // A person's decision is not fenced: the keys are named, never read.
+        let unfenced = crate::keys::SchedulerKeys::new(None);
+        let (lease_keys, holder, token) = match &fence {
+            Some(f) => (f.keys, f.holder, f.token),
+            None => (&unfenced, "", 0),
+        };
         let mut c = self.conn().await?;
         let n: i64 = DECIDE
+            .key(lease_keys.lease())
+            .key(lease_keys.fence())
             .key(keys.stream())
             .key(keys.chain(chain_id))
             .key(keys.chain_steps(chain_id))
             .key(keys.chain_tasks(chain_id))
             .key(keys.approvals())
+            .arg(holder)
+            .arg(token)
             .arg(chain_id)
             .arg(step)
             .arg(if approve { "succeeded" } else { "failed" })
@@ -605,6 +648,7 @@ impl Client {
 fn refused(n: i64) -> std::result::Result<u64, Refused> {
     match n {
         -1 => Err(Refused::NoSuchChain),
+        -3 => Err(Refused::NotHolder),
         n if n < 0 => Err(Refused::WrongState),
         n => Ok(u64::try_from(n).unwrap_or(0)),
     }
@@ -645,6 +689,8 @@ fn step_fields(s: &StepState) -> String {
             m.insert(k.to_owned(), serde_json::Value::String(v.clone()));
         }
     };
+    // The step is recorded only while this is still its task (its current round's).
+    put("task_id", Some(&s.task_id).filter(|t| !t.is_empty()));
     put("provider", s.provider.as_ref());
     put("model", s.model.as_ref());
     put("summary", s.summary.as_ref());

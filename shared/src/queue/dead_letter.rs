@@ -18,6 +18,25 @@ static TRIM: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
+/// What replaying a dead letter did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Replayed {
+    /// The task is back in the stream.
+    Enqueued,
+    /// The dead letter was no longer there.
+    Gone,
+    /// A chain step's: its chain runs these steps again.
+    Resumed(Vec<String>),
+    /// Nothing was done, for this reason.
+    Refused(String),
+}
+
+/// The chain and step of a dead letter's task, if it is a chain step's.
+fn chain_step(task: &str) -> Option<(String, String)> {
+    let env: Envelope = serde_json::from_str(task).ok()?;
+    Some((env.chain_id?, env.step?))
+}
+
 impl Client {
     /// The dead letters of a queue, newest first, at most `limit`.
     ///
@@ -88,7 +107,9 @@ impl Client {
     }
 
     /// Re-enqueues a dead letter with its attempts reset (and, if given, a new provider),
-    /// removing it from the dead letters in the same step. Returns false if it was gone.
+    /// removing it from the dead letters in the same step. A chain step's dead letter resumes
+    /// its chain instead: the step and every step after it run again in their next round,
+    /// as `llmq chain retry --from STEP` runs them, and the letter is removed.
     ///
     /// # Errors
     /// Redis fails.
@@ -97,7 +118,10 @@ impl Client {
         keys: &QueueKeys,
         dead: &DeadLetter,
         provider: Option<&str>,
-    ) -> Result<bool> {
+    ) -> Result<Replayed> {
+        if let Some((chain_id, step)) = chain_step(&dead.task) {
+            return self.resume(keys, dead, &chain_id, &step).await;
+        }
         let task = replayed_task(dead, provider);
         let mut c = self.conn().await?;
         let replayed: i64 = REPLAY
@@ -108,7 +132,46 @@ impl Client {
             .arg(task)
             .invoke_async(&mut c)
             .await?;
-        Ok(replayed == 1)
+        Ok(if replayed == 1 {
+            Replayed::Enqueued
+        } else {
+            Replayed::Gone
+        })
+    }
+
+    /// Runs step `step` of chain `chain_id` and what follows it again, for its dead letter.
+    async fn resume(
+        &self,
+        keys: &QueueKeys,
+        dead: &DeadLetter,
+        chain_id: &str,
+        step: &str,
+    ) -> Result<Replayed> {
+        let Some(state) = self.chain(keys, chain_id).await? else {
+            return Ok(Replayed::Refused(format!(
+                "chain {chain_id} is gone (its keys expired); step `{step}` cannot run without it"
+            )));
+        };
+        let reruns = match state.retry(Some(step)) {
+            Ok(r) => r,
+            Err(why) => return Ok(Replayed::Refused(why)),
+        };
+        match self.retry_chain(keys, chain_id, &reruns).await? {
+            Ok(_) => {
+                let mut c = self.conn().await?;
+                redis::cmd("XDEL")
+                    .arg(keys.dead())
+                    .arg(&dead.id)
+                    .query_async::<()>(&mut c)
+                    .await?;
+                Ok(Replayed::Resumed(
+                    reruns.into_iter().map(|r| r.step).collect(),
+                ))
+            }
+            Err(_) => Ok(Replayed::Refused(format!(
+                "chain {chain_id} is still running; replay step `{step}` once it has ended"
+            ))),
+        }
     }
 
     /// Deletes dead letters. Their stored records, if any, turn from `dead` to `failed`.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Client, Delivery, Finish, Result, reply};
+use super::{Client, Delivery, Finish, Result, StepOutcome, StepState, reply};
 use crate::envelope;
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::{ErrorClass, Status, TaskRecord};
@@ -70,8 +70,39 @@ impl Client {
             .into_iter()
             .partition(|d| d.deliveries > max_deliveries);
         if !poison.is_empty() {
-            let items: Vec<Finish> = poison.iter().map(|d| poison_finish(keys, d)).collect();
-            self.finish(keys, consumer, result_ttl, &items).await?;
+            // A chain step's poison ends its step like any failure, in the same script, so
+            // its chain moves on (descendants cancelled, joins counted) and ends.
+            let (steps, plain): (Vec<_>, Vec<_>) = poison
+                .iter()
+                .map(|d| (poison_finish(keys, d), step_of(d)))
+                .partition(|(_, step)| step.is_some());
+            let plain: Vec<Finish> = plain.into_iter().map(|(f, _)| f).collect();
+            if !plain.is_empty() {
+                self.finish(keys, consumer, result_ttl, &plain).await?;
+            }
+            let steps: Vec<(Finish, StepOutcome)> = steps
+                .into_iter()
+                .filter_map(|(f, step)| {
+                    let (chain_id, step) = step?;
+                    let outcome = StepOutcome {
+                        chain_id,
+                        step,
+                        outcome: "failed",
+                        fields: StepState {
+                            task_id: f.task_id.clone(),
+                            error: f.record.as_ref().and_then(|r| r.error.clone()),
+                            ..StepState::default()
+                        },
+                    };
+                    Some((f, outcome))
+                })
+                .collect();
+            if !steps.is_empty() {
+                let items: Vec<(&Finish, &StepOutcome)> =
+                    steps.iter().map(|(f, s)| (f, s)).collect();
+                self.finish_steps(keys, consumer, result_ttl, &items)
+                    .await?;
+            }
         }
         Ok(run)
     }
@@ -117,6 +148,17 @@ impl Client {
         inv.arg(GROUP).arg(consumer).arg(entry_ids);
         Ok(inv.invoke_async(&mut c).await?)
     }
+}
+
+/// The chain and step a delivery's task runs, if it is a chain step's.
+fn step_of(d: &Delivery) -> Option<(String, String)> {
+    #[derive(serde::Deserialize)]
+    struct Step {
+        chain_id: Option<String>,
+        step: Option<String>,
+    }
+    let s: Step = serde_json::from_slice(d.payload.as_deref()?).ok()?;
+    Some((s.chain_id?, s.step?))
 }
 
 /// The end of a poison task's reason, after "the task was delivered N".

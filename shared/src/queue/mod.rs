@@ -31,7 +31,7 @@ mod reply;
 mod slots;
 
 pub use chain::{ChainState, Refused, Rerun, StepOutcome, StepState};
-pub use dead_letter::replayed_task;
+pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
 pub use slots::Slot;
 

@@ -1180,3 +1180,82 @@ async fn chains_max_rounds_bounds_every_rerun_and_is_checked() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_poison_step_ends_its_chain_and_its_replay_resumes_it() {
+    use llmq_tests::harness::WorkerProcess;
+    let env = TestEnv::new().await.unwrap();
+    let id = format!("{}-poison", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "slow", "prompt": "take your time", "model": "slow-1500"},
+            {"name": "after", "after": ["slow"], "prompt": "then {{slow.summary}}", "model": "mock-fast"}]}),
+    )
+    .await;
+    // A worker takes the step and dies holding it.
+    let doomed = WorkerProcess::spawn(&env, &["--visibility-timeout", "60s"]).unwrap();
+    env.eventually("the slow step held", WAIT, || async {
+        !env.pending().await.unwrap().is_empty()
+    })
+    .await
+    .unwrap();
+    doomed.signal("KILL").unwrap();
+    drop(doomed);
+    // It died holding it often enough to be poison.
+    let (entry, consumer) = env.pending().await.unwrap().remove(0);
+    let mut c = env.redis.conn().await.unwrap();
+    let _: redis::Value = redis::cmd("XCLAIM")
+        .arg(env.keys.stream())
+        .arg("workers")
+        .arg(&consumer)
+        .arg(0)
+        .arg(&entry)
+        .arg("RETRYCOUNT")
+        .arg(9)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let w = env.worker();
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "failed", "{c:#?}");
+    assert_eq!(status(&c, "slow"), "failed");
+    assert!(
+        c.steps["slow"]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("times without finishing"),
+        "{c:#?}"
+    );
+    assert_eq!(status(&c, "after"), "cancelled");
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].class, "poison");
+
+    // Replaying the letter runs the step and what follows again, to the end.
+    let (code, out) = env
+        .cli(&["dlq", "replay", &dead[0].id, "--queue", &env.queue])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("its chain runs slow, after again"), "{out}");
+    env.eventually("the chain resumed", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.state == "succeeded")
+    })
+    .await
+    .unwrap();
+    let c = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!((c.steps["slow"].round, c.steps["after"].round), (1, 1));
+    assert!(
+        env.redis
+            .dead_letters(&env.keys, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    w.stop().await.unwrap();
+}

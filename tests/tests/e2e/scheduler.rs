@@ -1002,3 +1002,73 @@ async fn the_lease_holder_moves_due_delayed_tasks_to_the_stream_with_no_worker_r
     assert_eq!(xlen(&env).await, 1, "{did}");
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().delayed, 0);
 }
+
+#[tokio::test]
+async fn a_holder_that_lost_its_lease_decides_no_approval() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-gate", env.queue);
+    env.xadd(
+        "chain",
+        json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "gate", "kind": "approval", "timeout": 1, "on_timeout": "approve"}]})
+        .to_string()
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    env.eventually(
+        "the gate awaiting approval",
+        Duration::from_secs(30),
+        || async {
+            env.redis
+                .chain(&env.keys, &id)
+                .await
+                .unwrap()
+                .is_some_and(|c| c.steps["gate"].status == "awaiting_approval")
+        },
+    )
+    .await
+    .unwrap();
+    w.stop().await.unwrap();
+    // Long past its deadline, by the schedulers' clock.
+    let clock = TestClock::at(Utc::now() + chrono::Duration::days(1));
+    let config = mock_config("http://127.0.0.1:9");
+    let mut old = Scheduler::connect(settings(
+        "old",
+        SHORT_LEASE,
+        config.clone(),
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap();
+    assert!(old.acquire().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut new = Scheduler::connect(settings(
+        "new",
+        LONG_LEASE,
+        config,
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap();
+    assert!(new.acquire().await.unwrap());
+
+    let r = old.expire_approvals().await;
+    assert!(matches!(r, Err(Error::NotLeader)), "{r:?}");
+    let c = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(c.steps["gate"].status, "awaiting_approval");
+    assert_eq!(env.redis.approvals(&env.keys, None).await.unwrap().len(), 1);
+
+    let done = new.expire_approvals().await.unwrap();
+    assert!(done.contains("applied on_timeout to 1 approval"), "{done}");
+    let c = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (c.state.as_str(), c.steps["gate"].status.as_str()),
+        ("succeeded", "succeeded")
+    );
+    new.release().await.unwrap();
+}

@@ -763,6 +763,7 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
         step,
         outcome,
         fields: StepState {
+            task_id: finish.task_id.clone(),
             provider: record.provider.clone(),
             model: record.model.clone(),
             cost_usd: record.cost_usd,
@@ -823,6 +824,7 @@ fn cancelled(
         step: env.step.clone().unwrap_or_default(),
         outcome: "cancelled",
         fields: StepState {
+            task_id: task_id.clone(),
             error: Some(why),
             ..StepState::default()
         },

@@ -69,8 +69,12 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
   end
 
   local s = get(name)
+  local fields = cjson.decode(fields_json)
+  -- A task of an earlier round, or not the chain's at all, does not end the step.
+  if s and fields.task_id and fields.task_id ~= s.task_id then
+    s = nil
+  end
   if s and not final(s.status) then
-    local fields = cjson.decode(fields_json)
     for k, v in pairs(fields) do s[k] = v end
     s.status = outcome
     put(name, s)
