@@ -5,6 +5,7 @@
 
 mod batch;
 mod chain;
+mod chain_property;
 mod command;
 mod costs;
 mod crash;
