@@ -12,7 +12,7 @@ use llmq_shared::config::Config;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::Ledger;
 use llmq_shared::outcome::TaskRecord;
-use llmq_shared::queue::Client;
+use llmq_shared::queue::{ChainState, Client};
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
@@ -224,6 +224,32 @@ impl TestEnv {
             .next()
             .flatten()
             .ok_or_else(|| anyhow::anyhow!("task {id} did not finish within {within:?}"))
+    }
+
+    /// Waits until chain `id` exists and no longer runs; panics after `within`.
+    pub async fn chain_ended(&self, id: &str, within: Duration) -> ChainState {
+        let started = Instant::now();
+        loop {
+            let c = self.redis.chain(&self.keys, id).await.unwrap();
+            if let Some(c) = c.as_ref().filter(|c| c.state != "running") {
+                return c.clone();
+            }
+            assert!(
+                started.elapsed() < within,
+                "chain {id} did not finish: {c:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The output of step `step` of chain `c` (empty when it has none).
+    pub async fn step_output(&self, c: &ChainState, step: &str) -> String {
+        self.redis
+            .task(&self.keys, &c.steps[step].task_id)
+            .await
+            .unwrap()
+            .and_then(|r| r.output)
+            .unwrap_or_default()
     }
 
     /// Waits until `check` holds, polling every 20 ms.
@@ -445,5 +471,23 @@ impl Drop for WorkerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A small seeded generator (xorshift64*): the same seed makes the same cases, so a failing
+/// property test can be replayed.
+pub struct SeededRng(pub u64);
+
+impl SeededRng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
     }
 }

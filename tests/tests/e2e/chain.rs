@@ -20,31 +20,11 @@ async fn submit(env: &TestEnv, chain: &Value) -> String {
 
 /// Waits until chain `id` is no longer running.
 async fn finished(env: &TestEnv, id: &str) -> ChainState {
-    let started = Instant::now();
-    loop {
-        let c = env.redis.chain(&env.keys, id).await.unwrap();
-        if let Some(c) = &c
-            && c.state != "running"
-        {
-            return c.clone();
-        }
-        assert!(
-            started.elapsed() < WAIT,
-            "chain {id} did not finish: {c:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.chain_ended(id, WAIT).await
 }
 
 async fn output(env: &TestEnv, c: &ChainState, step: &str) -> String {
-    let id = &c.steps[step].task_id;
-    env.redis
-        .task(&env.keys, id)
-        .await
-        .unwrap()
-        .unwrap()
-        .output
-        .unwrap_or_default()
+    env.step_output(c, step).await
 }
 
 fn status<'a>(c: &'a ChainState, step: &str) -> &'a str {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use llmq_shared::config::{CheckConfig, Config};
-use llmq_tests::harness::{TestEnv, WorkerHandle};
+use llmq_tests::harness::{SeededRng, TestEnv, WorkerHandle};
 use serde_json::{Value, json};
 
 /// The models, each a way llmq-mock answers: fine, slowly, retryable 5xx, fatal 4xx,
@@ -29,36 +29,23 @@ const MODELS: &[(&str, &str)] = &[
 const MAX_ROUNDS: u32 = 3;
 const TRIES: u32 = 2;
 
-/// xorshift64*: the same seed makes the same chains, so a failure can be replayed.
-struct Rng(u64);
+fn chance(rng: &mut SeededRng, percent: usize) -> bool {
+    rng.below(100) < percent
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: usize) -> bool {
-        self.below(100) < percent
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
+fn pick<'a, T>(rng: &mut SeededRng, items: &'a [T]) -> &'a T {
+    &items[rng.below(items.len())]
 }
 
 /// A random chain and the most calls it may cause.
-fn chain(rng: &mut Rng, id: &str, provider: &str) -> (Value, u64) {
+fn chain(rng: &mut SeededRng, id: &str, provider: &str) -> (Value, u64) {
     let n = 1 + rng.below(6);
     let mut steps: Vec<Value> = Vec::new();
     let mut bound = 0u64;
     for i in 0..n {
         let name = format!("s{i}");
         let parents: Vec<String> = (0..i)
-            .filter(|_| rng.chance(40))
+            .filter(|_| chance(rng, 40))
             .map(|p| format!("s{p}"))
             .collect();
         let kinds: &[&str] = match parents.len() {
@@ -66,41 +53,41 @@ fn chain(rng: &mut Rng, id: &str, provider: &str) -> (Value, u64) {
             1 => &["llm", "review", "check"],
             _ => &["llm", "judge", "consensus"],
         };
-        let kind = *rng.pick(kinds);
+        let kind = *pick(rng, kinds);
         let mut step =
             json!({"name": name, "after": parents, "kind": kind, "prompt": format!("work {i}")});
         let attempts = 1 + rng.below(3) as u64;
         step["max_attempts"] = json!(attempts);
-        if kind != "consensus" && kind != "check" && rng.chance(70) {
-            step["model"] = json!(rng.pick(MODELS).0);
-        } else if rng.chance(30) {
+        if kind != "consensus" && kind != "check" && chance(rng, 70) {
+            step["model"] = json!(pick(rng, MODELS).0);
+        } else if chance(rng, 30) {
             step["provider"] = json!(provider);
         }
-        if matches!(kind, "llm" | "judge" | "review") && rng.chance(40) {
+        if matches!(kind, "llm" | "judge" | "review") && chance(rng, 40) {
             step["escalate"] = json!(true);
         }
         if matches!(kind, "judge" | "consensus") {
             step["min_success"] = json!(1 + rng.below(parents.len()));
         }
-        if matches!(kind, "review" | "judge") && rng.chance(50) {
-            step["distinct"] = json!(*rng.pick(&["model", "provider"]));
+        if matches!(kind, "review" | "judge") && chance(rng, 50) {
+            step["distinct"] = json!(*pick(rng, &["model", "provider"]));
         }
         if kind == "check" {
-            step["command"] = json!(*rng.pick(&["pass", "fail"]));
+            step["command"] = json!(*pick(rng, &["pass", "fail"]));
         }
-        if matches!(kind, "review" | "check") && rng.chance(60) {
+        if matches!(kind, "review" | "check") && chance(rng, 60) {
             step["on_reject"] = json!({"rerun": parents[0], "max_rounds": 1 + rng.below(MAX_ROUNDS as usize),
-                                       "escalate": rng.chance(50)});
+                                       "escalate": chance(rng, 50)});
         }
         // Each run of the step: its attempts, each trying every model at most TRIES times.
         bound += u64::from(1 + MAX_ROUNDS) * attempts * MODELS.len() as u64 * u64::from(TRIES);
         steps.push(step);
     }
     let mut spec = json!({"v": 1, "chain_id": id, "steps": steps});
-    if rng.chance(30) {
+    if chance(rng, 30) {
         spec["on_failure"] = json!("fail_chain");
     }
-    if rng.chance(30) {
+    if chance(rng, 30) {
         spec["max_parallel"] = json!(1 + rng.below(3));
     }
     // A step is rerun as a whole round when work is sent back to it: count every step once
@@ -141,7 +128,7 @@ async fn every_random_chain_ends_within_its_call_bound() {
     let w = WorkerHandle::start(s);
     env.redis.ensure_group(&env.keys).await.unwrap();
 
-    let mut rng = Rng(0x5EED_CAFE_F00D_0001);
+    let mut rng = SeededRng(0x5EED_CAFE_F00D_0001);
     let cases = 200;
     let mut bounds = HashMap::new();
     for case in 0..cases {

@@ -4,7 +4,7 @@
 //! template form the provider file accepts, for the example file's own CLI entries, and for a
 //! chain's check step; and the unsafe forms refused by `llmq providers check` and the worker.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llmq_shared::config::Config;
 use llmq_shared::outcome::ErrorClass;
@@ -282,27 +282,9 @@ async fn a_check_gets_an_option_like_output_on_stdin_only() {
     env.xadd("chain", chain.to_string().as_bytes())
         .await
         .unwrap();
-    let started = Instant::now();
-    let c = loop {
-        let c = env.redis.chain(&env.keys, &id).await.unwrap();
-        if let Some(c) = c.filter(|c| c.state != "running") {
-            break c;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "chain {id} did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let c = env.chain_ended(&id, Duration::from_secs(30)).await;
     assert_eq!(c.state, "succeeded", "{c:#?}");
-    let out = env
-        .redis
-        .task(&env.keys, &c.steps["gate"].task_id)
-        .await
-        .unwrap()
-        .unwrap()
-        .output
-        .unwrap();
+    let out = env.step_output(&c, "gate").await;
     let v: Value = serde_json::from_str(&out).unwrap();
     no_option_taken(&v, attack);
     assert_eq!(v["stdin"], json!(attack), "{v}");
@@ -343,36 +325,11 @@ async fn a_cli_and_a_check_see_none_of_the_workers_secrets() {
     env.xadd("chain", chain.to_string().as_bytes())
         .await
         .unwrap();
-    let started = Instant::now();
-    let c = loop {
-        let c = env.redis.chain(&env.keys, &id).await.unwrap();
-        if let Some(c) = c.filter(|c| c.state != "running") {
-            break c;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "chain {id} did not finish"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let c = env.chain_ended(&id, Duration::from_secs(30)).await;
     assert_eq!(c.state, "succeeded", "{c:#?}");
-    let output = |step: &str| {
-        let task = c.steps[step].task_id.clone();
-        let redis = env.redis.clone();
-        let keys = env.keys.clone();
-        async move {
-            redis
-                .task(&keys, &task)
-                .await
-                .unwrap()
-                .unwrap()
-                .output
-                .unwrap()
-        }
-    };
-    let cli = output("cli").await;
+    let cli = env.step_output(&c, "cli").await;
     assert_eq!(names(&cli), ["CLI_TOKEN", "HOME", "PATH"], "{cli}");
     assert!(cli.contains("CLI_TOKEN=given"), "{cli}");
-    let gate = output("gate").await;
+    let gate = env.step_output(&c, "gate").await;
     assert_eq!(names(&gate), ["GATE", "HOME", "PATH"], "{gate}");
 }

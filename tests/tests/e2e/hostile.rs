@@ -4,7 +4,7 @@
 //! that would wrap; and a seeded generator of such input after which every ordinary task
 //! still succeeds.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::Utc;
 use llmq_scheduler::Scheduler;
@@ -12,7 +12,9 @@ use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::ChainState;
-use llmq_tests::harness::{TestEnv, WorkerHandle, WorkerProcess, database_url, redis_url};
+use llmq_tests::harness::{
+    SeededRng, TestEnv, WorkerHandle, WorkerProcess, database_url, redis_url,
+};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -48,15 +50,7 @@ async fn ordinary_tasks_succeed(env: &TestEnv, n: usize) {
 }
 
 async fn finished(env: &TestEnv, id: &str) -> ChainState {
-    let started = Instant::now();
-    loop {
-        let c = env.redis.chain(&env.keys, id).await.unwrap();
-        if let Some(c) = c.filter(|c| c.state != "running") {
-            return c;
-        }
-        assert!(started.elapsed() < WAIT, "chain {id} did not finish");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.chain_ended(id, WAIT).await
 }
 
 async fn dead_errors(env: &TestEnv) -> Vec<String> {
@@ -355,23 +349,13 @@ async fn outputs_findings_and_variables_are_never_templates() {
         .await
         .unwrap();
     let c = finished(&env, &id).await;
-    let output = |step: &str| {
-        let task = c.steps[step].task_id.clone();
-        let (redis, keys) = (env.redis.clone(), env.keys.clone());
-        async move {
-            redis
-                .task(&keys, &task)
-                .await
-                .unwrap()
-                .unwrap()
-                .output
-                .unwrap_or_default()
-        }
-    };
     assert_eq!(c.steps["secret"].status, "succeeded", "{c:#?}");
-    assert_eq!(output("leak").await, "Repeat: {{{secret.output}}");
+    assert_eq!(
+        env.step_output(&c, "leak").await,
+        "Repeat: {{{secret.output}}"
+    );
     assert_eq!(c.steps["work"].round, 1, "{c:#?}");
-    let reworked = output("work").await;
+    let reworked = env.step_output(&c, "work").await;
     assert!(
         reworked.starts_with("Work\n\n## Findings of review `gate`"),
         "{reworked}"
@@ -468,38 +452,22 @@ async fn an_approval_timeout_that_would_wrap_is_refused() {
     w.stop().await.unwrap();
 }
 
-/// A small deterministic generator (xorshift64*), so a failing case can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// A hostile JSON value: NUL, control characters, escapes, huge and negative numbers,
-    /// template markers, long text, or plain.
-    fn value(&mut self) -> Value {
-        match self.below(12) {
-            0 => json!("a\u{0}b"),
-            1 => json!("\u{1b}[31m\r\u{7}\u{9b}"),
-            2 => json!("{{x.output}}{{{y.summary}}"),
-            3 => json!(u64::MAX),
-            4 => json!(-1),
-            5 => json!(1e300),
-            6 => json!(9_223_372_036_854_775_u64),
-            7 => json!("x".repeat(self.below(5000))),
-            8 => json!(["--settings", {"nested": [null, true]}]),
-            9 => json!(null),
-            10 => json!("\t*?[]\\"),
-            _ => json!("plain"),
-        }
+/// A hostile JSON value: NUL, control characters, escapes, huge and negative numbers,
+/// template markers, long text, or plain.
+fn hostile_value(rng: &mut SeededRng) -> Value {
+    match rng.below(12) {
+        0 => json!("a\u{0}b"),
+        1 => json!("\u{1b}[31m\r\u{7}\u{9b}"),
+        2 => json!("{{x.output}}{{{y.summary}}"),
+        3 => json!(u64::MAX),
+        4 => json!(-1),
+        5 => json!(1e300),
+        6 => json!(9_223_372_036_854_775_u64),
+        7 => json!("x".repeat(rng.below(5000))),
+        8 => json!(["--settings", {"nested": [null, true]}]),
+        9 => json!(null),
+        10 => json!("\t*?[]\\"),
+        _ => json!("plain"),
     }
 }
 
@@ -552,23 +520,26 @@ async fn after_any_generated_input_every_ordinary_task_still_succeeds() {
     let env = TestEnv::new().await.unwrap();
     let w = env.worker();
     env.redis.ensure_group(&env.keys).await.unwrap();
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = SeededRng(0x9E37_79B9_7F4A_7C15);
     let cases = 300;
     for case in 0..cases {
         let (field, payload) = if case % 3 == 2 {
             let mut step = json!({"name": "s", "prompt": "p"});
             for _ in 0..1 + rng.below(3) {
                 let f = STEP_FIELDS[rng.below(STEP_FIELDS.len())];
-                step[f] = rng.value();
+                step[f] = hostile_value(&mut rng);
             }
             let mut chain =
                 json!({"v": 1, "chain_id": format!("{}-gen-{case}", env.queue), "steps": [step]});
             match rng.below(4) {
-                0 => chain["vars"] = json!({"v": rng.value()}),
-                1 => chain["defaults"] = json!({"timeout": rng.value(), "type": rng.value()}),
+                0 => chain["vars"] = json!({"v": hostile_value(&mut rng)}),
+                1 => {
+                    chain["defaults"] =
+                        json!({"timeout": hostile_value(&mut rng), "type": hostile_value(&mut rng)})
+                }
                 2 => {
                     let f = CHAIN_FIELDS[rng.below(CHAIN_FIELDS.len())];
-                    chain[f] = rng.value();
+                    chain[f] = hostile_value(&mut rng);
                 }
                 _ => {}
             }
@@ -577,7 +548,7 @@ async fn after_any_generated_input_every_ordinary_task_still_succeeds() {
             let mut task = json!({"v": 1, "prompt": "generated", "model": "mock-fast"});
             for _ in 0..1 + rng.below(3) {
                 let f = TASK_FIELDS[rng.below(TASK_FIELDS.len())];
-                task[f] = rng.value();
+                task[f] = hostile_value(&mut rng);
             }
             let mut bytes = task.to_string().into_bytes();
             if rng.below(10) == 0 {
