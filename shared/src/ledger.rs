@@ -204,7 +204,7 @@ impl Ledger {
     /// (same task, delivery and call number) is completed if it was `started`, else left as
     /// it is. Text is made storable first (NUL becomes U+FFFD).
     ///
-    /// A batch Postgres refuses for its data (SQLSTATE class 22, 23 or 54: a value out of
+    /// A batch Postgres refuses for its data (SQLSTATE class 21, 22, 23 or 54: a value out of
     /// range, say) is written again row by row, so one bad row never holds up the others or
     /// the tasks they belong to: a row refused alone is logged, counted in
     /// `llmq_ledger_rows_rejected_total` and left out.
@@ -477,13 +477,16 @@ impl Ledger {
     }
 }
 
-/// Whether Postgres refused a statement for the data it carried (data exception, integrity
-/// violation, program limit), which writing it again cannot change.
+/// Whether Postgres refused a statement for the data it carried (cardinality violation: two
+/// rows of one key in a batch; data exception; integrity violation; program limit), which
+/// writing it again cannot change.
 fn refused_for_its_data(e: &sqlx::Error) -> bool {
     match e {
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| c.starts_with("22") || c.starts_with("23") || c.starts_with("54")),
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            ["21", "22", "23", "54"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        }),
         _ => false,
     }
 }

@@ -55,23 +55,20 @@ pub fn printable(text: &str) -> Cow<'_, str> {
 #[must_use]
 pub fn without_credentials(url: &str) -> Cow<'_, str> {
     let start = url.find("://").map_or(0, |i| i + 3);
-    let end = url[start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| start + i);
+    // The user part ends at the last `@` before the path: a password may hold `#` or `?`.
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
     let user = url[start..end].rfind('@').map(|i| start + i);
-    let query = url.find('?');
+    let host = user.map_or(start, |at| at + 1);
+    let query = url[host..].find(['?', '#']).map(|i| host + i);
     if user.is_none() && query.is_none() {
         return Cow::Borrowed(url);
     }
     let mut out = String::with_capacity(url.len());
     out.push_str(&url[..start]);
-    match user {
-        Some(at) => {
-            out.push_str("***");
-            out.push_str(&url[at..query.unwrap_or(url.len())]);
-        }
-        None => out.push_str(&url[start..query.unwrap_or(url.len())]),
+    if user.is_some() {
+        out.push_str("***@");
     }
+    out.push_str(&url[host..query.unwrap_or(url.len())]);
     if query.is_some() {
         out.push_str("?…");
     }
@@ -117,6 +114,9 @@ mod tests {
             ("https://host/v1beta?key=AIza", "https://host/v1beta?…"),
             ("http://a@b@host?x=1", "http://***@host?…"),
             ("host:1234", "host:1234"),
+            ("redis://:p#ss@h:6379", "redis://***@h:6379"),
+            ("redis://:pa?ss@h/0", "redis://***@h/0"),
+            ("redis?x://h", "redis?x://h"),
         ] {
             assert_eq!(without_credentials(url), shown, "{url}");
         }

@@ -209,6 +209,29 @@ fn cap_malloc_arenas(n: i32) {
     }
 }
 
+/// Makes the worker's `/proc/<pid>/environ`, `cmdline` and memory unreadable to other
+/// processes of its user: the checks and CLI agents it starts run as that user, and would
+/// otherwise read `DATABASE_URL` and the API keys from their parent even though their own
+/// environment is cleared. Also turns off core dumps, which would hold the same secrets.
+pub fn guard_secrets_from_children() {
+    #[cfg(target_os = "linux")]
+    set_not_dumpable();
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn set_not_dumpable() {
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) changes one flag of this process and touches no
+    // memory of ours; its result is checked.
+    let done = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if done != 0 {
+        tracing::warn!(
+            "cannot make the worker non-dumpable: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// Runs a worker until `shutdown` is cancelled, then drains: no new reads, running tasks
 /// get `grace` to finish, the rest go back to the stream.
 ///

@@ -699,9 +699,16 @@ fn step(
             ));
         }
     };
-    // The task must be one a worker accepts, like any other.
+    // The task must be one a worker accepts, like any other: valid, and within the payload
+    // limit as JSON (escaping can make it longer than its prompt).
     Envelope::from_value(serde_json::to_value(&task).unwrap_or_default())
         .map_err(|e| at(format!("its task is not valid: {e}")))?;
+    let size = task.to_json().len();
+    if size > max_bytes {
+        return Err(at(format!(
+            "its task is {size} bytes as JSON, over the {max_bytes}-byte limit; shorten its prompt or raise --max-payload-bytes"
+        )));
+    }
     Ok(Step {
         name: s.name.clone(),
         kind,

@@ -311,3 +311,16 @@ fn a_variable_holding_a_reference_or_filling_past_the_limit_is_refused() {
     );
     assert!(Chain::parse(spec.to_string().as_bytes(), 2000, "q", "1-0").is_ok());
 }
+
+#[test]
+fn a_step_task_over_the_limit_as_json_is_refused() {
+    // 280 bytes of prompt, four times as many once its control characters are escaped.
+    let spec = serde_json::json!({"v": 1, "vars": {"x": "\u{1}a".repeat(70)},
+        "steps": [{"name": "a", "prompt": "{{x}}{{x}}"}]});
+    let e = Chain::parse(spec.to_string().as_bytes(), 1000, "q", "1-0").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("bytes as JSON, over the 1000-byte limit"),
+        "{e}"
+    );
+}

@@ -178,6 +178,12 @@ impl CommandRunner {
                 ErrorClass::Fatal,
                 format!("`{program}` cannot be run: permission denied"),
             ),
+            io::ErrorKind::InvalidInput => (
+                ErrorClass::Fatal,
+                format!(
+                    "an argument for `{program}` contains a NUL byte, which no program can be given; pass the prompt on stdin"
+                ),
+            ),
             io::ErrorKind::ArgumentListTooLong => (
                 ErrorClass::Fatal,
                 format!(

@@ -67,6 +67,8 @@ impl Rework {
     /// The reruns, with the findings after the prompt of the step to redo: the model's text,
     /// which is never read as a template (only the spec's prompt is one).
     pub(super) fn with_findings(mut self, findings: &str) -> Vec<Rerun> {
+        // A task may not carry NUL: a model's NUL would make the rerun a dead letter.
+        let findings = llmq_shared::text::storable(findings);
         for r in &mut self.reruns {
             if r.step == self.rerun {
                 if let Some(from) = self.escalate_from {
