@@ -152,6 +152,16 @@ impl Client {
                 "chain {chain_id} is gone (its keys expired); step `{step}` cannot run without it"
             )));
         };
+        // Only the letter of the step's current round, and only once the step has ended
+        // without success: an older round's letter, or a refused copy's, resumes nothing.
+        let current = state.steps.get(step).is_some_and(|s| {
+            s.task_id == dead.task_id && matches!(s.status.as_str(), "failed" | "cancelled")
+        });
+        if !current {
+            return Ok(Replayed::Refused(format!(
+                "step `{step}` of chain {chain_id} is not failed in the round this letter is of; nothing to resume (purge it, or use llmq chain retry)"
+            )));
+        }
         let reruns = match state.retry(Some(step)) {
             Ok(r) => r,
             Err(why) => return Ok(Replayed::Refused(why)),

@@ -287,6 +287,23 @@ async fn a_plain_task_cannot_finish_a_step_behind_an_approval() {
     let c = finished(&env, &id).await;
     assert_eq!(c.state, "failed");
     assert_eq!(c.steps["deploy"].status, "cancelled");
+    // A copy of a step that succeeded, under its real id, is refused without touching the
+    // real task's result, which later steps read.
+    let build = c.steps["build"].task_id.clone();
+    let copy = json!({"v": 1, "id": build, "prompt": "Build it", "chain_id": id, "step": "build"});
+    env.xadd("task", copy.to_string().as_bytes()).await.unwrap();
+    env.eventually("the copy refused", WAIT, || async {
+        dead_errors(&env)
+            .await
+            .iter()
+            .filter(|e| e.contains("this task is not the one the chain enqueued for it"))
+            .count()
+            == 4
+    })
+    .await
+    .unwrap();
+    let r = env.redis.task(&env.keys, &build).await.unwrap().unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
     w.stop().await.unwrap();
 }
 

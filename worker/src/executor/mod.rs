@@ -409,7 +409,10 @@ impl Executor {
                     return cancelled(queue, entry_id, &env, record, why);
                 }
                 Err(Ended::Invalid(why)) => {
-                    return invalid(queue, entry_id, task_id, env.to_json(), why);
+                    // Not under the id it claims: that is the real step's, whose result a
+                    // copy must not overwrite.
+                    let own_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+                    return invalid(queue, entry_id, own_id, env.to_json(), why);
                 }
                 Err(Ended::Await(deadline_ms)) => {
                     let record = running(&queue, &task_id, &env, &task_type);
