@@ -530,6 +530,19 @@ pub fn task_id_of(queue: &str, entry_id: &str, payload: &[u8]) -> Uuid {
         .unwrap_or_else(|| derive_id(queue, entry_id))
 }
 
+/// The chain and step a payload names, when it is JSON naming both: what a task that could
+/// not be run (refused, poison, dead) says of the chain step it claims to be.
+#[must_use]
+pub fn chain_step_of(payload: &[u8]) -> Option<(String, String)> {
+    #[derive(Deserialize)]
+    struct Step {
+        chain_id: Option<String>,
+        step: Option<String>,
+    }
+    let s: Step = serde_json::from_slice(payload).ok()?;
+    Some((s.chain_id?, s.step?))
+}
+
 /// The id given to a task whose producer did not set one.
 #[must_use]
 pub fn derive_id(queue: &str, entry_id: &str) -> Uuid {

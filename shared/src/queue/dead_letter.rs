@@ -31,12 +31,6 @@ pub enum Replayed {
     Refused(String),
 }
 
-/// The chain and step of a dead letter's task, if it is a chain step's.
-fn chain_step(task: &str) -> Option<(String, String)> {
-    let env: Envelope = serde_json::from_str(task).ok()?;
-    Some((env.chain_id?, env.step?))
-}
-
 impl Client {
     /// The dead letters of a queue, newest first, at most `limit`.
     ///
@@ -119,7 +113,7 @@ impl Client {
         dead: &DeadLetter,
         provider: Option<&str>,
     ) -> Result<Replayed> {
-        if let Some((chain_id, step)) = chain_step(&dead.task) {
+        if let Some((chain_id, step)) = crate::envelope::chain_step_of(dead.task.as_bytes()) {
             return self.resume(keys, dead, &chain_id, &step).await;
         }
         let task = replayed_task(dead, provider);

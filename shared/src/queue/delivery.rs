@@ -74,7 +74,10 @@ impl Client {
             // its chain moves on (descendants cancelled, joins counted) and ends.
             let (steps, plain): (Vec<_>, Vec<_>) = poison
                 .iter()
-                .map(|d| (poison_finish(keys, d), step_of(d)))
+                .map(|d| {
+                    let step = d.payload.as_deref().and_then(envelope::chain_step_of);
+                    (poison_finish(keys, d), step)
+                })
                 .partition(|(_, step)| step.is_some());
             let plain: Vec<Finish> = plain.into_iter().map(|(f, _)| f).collect();
             if !plain.is_empty() {
@@ -148,17 +151,6 @@ impl Client {
         inv.arg(GROUP).arg(consumer).arg(entry_ids);
         Ok(inv.invoke_async(&mut c).await?)
     }
-}
-
-/// The chain and step a delivery's task runs, if it is a chain step's.
-fn step_of(d: &Delivery) -> Option<(String, String)> {
-    #[derive(serde::Deserialize)]
-    struct Step {
-        chain_id: Option<String>,
-        step: Option<String>,
-    }
-    let s: Step = serde_json::from_slice(d.payload.as_deref()?).ok()?;
-    Some((s.chain_id?, s.step?))
 }
 
 /// The end of a poison task's reason, after "the task was delivered N".

@@ -1239,3 +1239,41 @@ async fn a_poison_step_ends_its_chain_and_its_replay_resumes_it() {
     );
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_step_task_refused_before_it_runs_still_ends_its_chain() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-refused", env.queue);
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "slow", "prompt": "take your time", "model": "slow-1500"},
+            {"name": "after", "after": ["slow"], "prompt": "then", "model": "mock-fast"}]}),
+    )
+    .await;
+    env.eventually("the slow step running", WAIT, || async {
+        !env.pending().await.unwrap().is_empty()
+    })
+    .await
+    .unwrap();
+    // The step's current task, in a form no worker accepts: it is a dead letter, and its
+    // step fails like any other, so the chain ends.
+    let task = llmq_shared::chain::step_task_id(&id, "slow", 0).to_string();
+    let refused = json!({"v": 1, "id": task, "prompt": "x", "chain_id": id, "step": "slow", "max_attempts": 0});
+    env.xadd("task", refused.to_string().as_bytes())
+        .await
+        .unwrap();
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "failed", "{c:#?}");
+    assert!(
+        c.steps["slow"]
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("max_attempts"),
+        "{c:#?}"
+    );
+    assert_eq!(status(&c, "after"), "cancelled");
+    w.stop().await.unwrap();
+}

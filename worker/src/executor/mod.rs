@@ -304,13 +304,25 @@ impl Executor {
                 }
                 .to_string();
                 let raw = envelope::dead_payload(&payload, self.max_payload_bytes);
-                return Err(Box::new(invalid(
-                    queue,
-                    entry_id,
-                    task_id,
-                    raw,
-                    e.to_string(),
-                )));
+                let step = (!matches!(e, envelope::Error::TooLarge { .. }))
+                    .then(|| envelope::chain_step_of(&payload))
+                    .flatten();
+                let mut finished = invalid(queue, entry_id, task_id.clone(), raw, e.to_string());
+                // A chain step's task refused here still ends its step, so its chain ends;
+                // the step script applies it only for the step's current, queued task.
+                if let Some((chain_id, step)) = step {
+                    finished.chain = Some(ChainWrite::Step(Box::new(StepOutcome {
+                        chain_id,
+                        step,
+                        outcome: "failed",
+                        fields: StepState {
+                            task_id,
+                            error: Some(e.to_string()),
+                            ..StepState::default()
+                        },
+                    })));
+                }
+                return Err(Box::new(finished));
             }
         };
         let task_id = env.id_or_derive(queue.name(), &entry_id);

@@ -70,8 +70,9 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
 
   local s = get(name)
   local fields = cjson.decode(fields_json)
-  -- A task of an earlier round, or not the chain's at all, does not end the step.
-  if s and fields.task_id and fields.task_id ~= s.task_id then
+  -- A task of an earlier round, or not the chain's at all, does not end the step; nor does
+  -- any task end a step that is not queued (blocked, or waiting for a person).
+  if s and fields.task_id and (fields.task_id ~= s.task_id or s.status ~= 'queued') then
     s = nil
   end
   if s and not final(s.status) then
