@@ -196,6 +196,24 @@ pub struct StepOutcome {
     pub fields: StepState,
 }
 
+impl StepOutcome {
+    /// Step `step` of chain `chain_id` failed with `error`, as task `task_id` (its current
+    /// round's task, or the step script leaves the step alone).
+    #[must_use]
+    pub fn failed(chain_id: String, step: String, task_id: String, error: String) -> Self {
+        Self {
+            chain_id,
+            step,
+            outcome: "failed",
+            fields: StepState {
+                task_id,
+                error: Some(error),
+                ..StepState::default()
+            },
+        }
+    }
+}
+
 /// How long an ended chain's keys live when no worker's `--result-ttl` applies (a cancel,
 /// or an approval decided by a person): the worker's default result TTL.
 pub const CHAIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -6,7 +6,7 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Client, Delivery, Finish, Result, StepOutcome, StepState, reply};
+use super::{Client, Delivery, Finish, Result, StepOutcome, reply};
 use crate::envelope;
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::{ErrorClass, Status, TaskRecord};
@@ -87,16 +87,8 @@ impl Client {
                 .into_iter()
                 .filter_map(|(f, step)| {
                     let (chain_id, step) = step?;
-                    let outcome = StepOutcome {
-                        chain_id,
-                        step,
-                        outcome: "failed",
-                        fields: StepState {
-                            task_id: f.task_id.clone(),
-                            error: f.record.as_ref().and_then(|r| r.error.clone()),
-                            ..StepState::default()
-                        },
-                    };
+                    let error = f.record.as_ref()?.error.clone()?;
+                    let outcome = StepOutcome::failed(chain_id, step, f.task_id.clone(), error);
                     Some((f, outcome))
                 })
                 .collect();

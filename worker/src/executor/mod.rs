@@ -296,31 +296,24 @@ impl Executor {
         let mut env = match Envelope::parse(&payload, self.max_payload_bytes) {
             Ok(env) => env,
             Err(e) => {
-                // An oversized payload is not parsed again for its id.
-                let task_id = if matches!(e, envelope::Error::TooLarge { .. }) {
-                    envelope::derive_id(queue.name(), &entry_id)
-                } else {
+                // An oversized payload is not parsed again, for its id or its step.
+                let readable = !matches!(e, envelope::Error::TooLarge { .. });
+                let task_id = if readable {
                     envelope::task_id_of(queue.name(), &entry_id, &payload)
+                } else {
+                    envelope::derive_id(queue.name(), &entry_id)
                 }
                 .to_string();
                 let raw = envelope::dead_payload(&payload, self.max_payload_bytes);
-                let step = (!matches!(e, envelope::Error::TooLarge { .. }))
+                let step = readable
                     .then(|| envelope::chain_step_of(&payload))
                     .flatten();
                 let mut finished = invalid(queue, entry_id, task_id.clone(), raw, e.to_string());
                 // A chain step's task refused here still ends its step, so its chain ends;
                 // the step script applies it only for the step's current, queued task.
                 if let Some((chain_id, step)) = step {
-                    finished.chain = Some(ChainWrite::Step(Box::new(StepOutcome {
-                        chain_id,
-                        step,
-                        outcome: "failed",
-                        fields: StepState {
-                            task_id,
-                            error: Some(e.to_string()),
-                            ..StepState::default()
-                        },
-                    })));
+                    let failed = StepOutcome::failed(chain_id, step, task_id, e.to_string());
+                    finished.chain = Some(ChainWrite::Step(Box::new(failed)));
                 }
                 return Err(Box::new(finished));
             }
