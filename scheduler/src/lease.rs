@@ -334,6 +334,23 @@ impl Lease {
     }
 }
 
+impl Lease {
+    /// Drops expired chains from `queue`'s chains index, a page from rank `first`. Returns
+    /// (dropped, read).
+    pub(crate) async fn trim_chains(
+        &self,
+        redis: &Client,
+        queue: &QueueKeys,
+        first: u64,
+        page: u64,
+    ) -> Result<(u64, u64)> {
+        redis
+            .trim_chains(self.proof()?, queue, first, page)
+            .await?
+            .ok_or(Error::NotLeader)
+    }
+}
+
 /// Raises the namespace's `scheduler_lease` row to `fence` unless it holds a higher one.
 async fn raise_in_postgres<'e, E>(
     executor: E,

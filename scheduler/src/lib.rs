@@ -22,6 +22,7 @@
 //!   deleted from the dead stream; archived rows older than `keep_archived` are deleted.
 //! - `recurring`: each recurring task's due ticks are enqueued exactly once.
 //! - `approvals`: chain steps awaiting approval past their deadline get their `on_timeout`.
+//! - `chains`: chains whose keys expired leave the queue's chains index.
 //!
 //! There is no duty for results or the ready streams: results carry their own TTL (the
 //! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
@@ -56,6 +57,7 @@ use llmq_shared::ledger::Ledger;
 use llmq_shared::queue::Client;
 
 mod approvals;
+mod chains;
 mod dead_letters;
 mod gauges;
 mod lease;
@@ -127,6 +129,9 @@ pub struct Settings {
     /// How often dead letters are archived and trimmed.
     #[arg(long, env = "LLMQ_DEAD_LETTERS_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
     pub dead_letters_every: Duration,
+    /// How often expired chains are dropped from the queues' chains index.
+    #[arg(long, env = "LLMQ_CHAINS_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub chains_every: Duration,
     /// A queue whose dead letters to archive; repeat for several [default: every queue a
     /// worker has served].
     #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
@@ -151,6 +156,7 @@ impl std::fmt::Debug for Settings {
             .field("tick", &self.tick)
             .field("quota_every", &self.quota_every)
             .field("dead_letters_every", &self.dead_letters_every)
+            .field("chains_every", &self.chains_every)
             .field("queues", &self.queues)
             .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
@@ -180,16 +186,18 @@ pub enum Duty {
     DeadLetters,
     Recurring,
     Approvals,
+    Chains,
     Gauges,
     Promote,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 6] = [
+    pub const ALL: [Duty; 7] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
         Duty::Approvals,
+        Duty::Chains,
         Duty::Gauges,
         Duty::Promote,
     ];
@@ -202,6 +210,7 @@ impl Duty {
             Duty::DeadLetters => "dead_letters",
             Duty::Recurring => "recurring",
             Duty::Approvals => "approvals",
+            Duty::Chains => "chains",
             Duty::Gauges => "gauges",
             Duty::Promote => "promote",
         }
@@ -222,6 +231,9 @@ pub struct Scheduler {
     tick: Duration,
     quota_every: Duration,
     dead_letters_every: Duration,
+    chains_every: Duration,
+    /// Where the `chains` duty reads each queue's index next.
+    chain_cursors: chains::Cursors,
     /// The day whose previous day's windows this holder has recorded.
     windows_closed: Option<NaiveDate>,
     /// When each duty is due next; empty right after taking the lease.
@@ -275,6 +287,8 @@ impl Scheduler {
             tick: settings.tick,
             quota_every: settings.quota_every,
             dead_letters_every: settings.dead_letters_every,
+            chains_every: settings.chains_every,
+            chain_cursors: chains::Cursors::new(),
             config: settings.config,
             windows_closed: None,
             next_run: HashMap::new(),
@@ -318,6 +332,7 @@ impl Scheduler {
         match duty {
             Duty::QuotaWindows => self.quota_every,
             Duty::DeadLetters => self.dead_letters_every,
+            Duty::Chains => self.chains_every,
             Duty::Recurring | Duty::Approvals | Duty::Promote => self.pause(),
             Duty::Gauges => gauges::EVERY,
         }
@@ -438,6 +453,7 @@ impl Scheduler {
             Duty::DeadLetters => self.archive_dead_letters().await,
             Duty::Recurring => self.enqueue_recurring().await,
             Duty::Approvals => self.expire_approvals().await,
+            Duty::Chains => self.trim_chains().await,
             Duty::Gauges => self.publish_gauges().await,
             Duty::Promote => self.promote_due().await,
         };

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Script, Value};
 use serde::{Deserialize, Serialize};
 
 use super::{Client, Finish, Result};
@@ -39,6 +39,12 @@ static AWAIT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/settle.lua"),
         include_str!("chain_await.lua")
+    ))
+});
+static TRIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        include_str!("chain_trim.lua")
     ))
 });
 static DECIDE: LazyLock<Script> = LazyLock::new(|| {
@@ -660,6 +666,41 @@ impl Client {
             .query_async(&mut c)
             .await?;
         Ok(ids.into_iter().map(|(id, at)| (id, at as i64)).collect())
+    }
+
+    /// Drops from `keys`' chains index the chains whose keys have expired, reading `page`
+    /// entries from rank `first` (oldest first), for the lease holder only. Returns (dropped,
+    /// read), or `None` when `fence` no longer holds the lease.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn trim_chains(
+        &self,
+        fence: super::Fence<'_>,
+        keys: &QueueKeys,
+        first: u64,
+        page: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let mut c = self.conn().await?;
+        let answer: Value = TRIM
+            .key(fence.keys.lease())
+            .key(fence.keys.fence())
+            .key(keys.chains())
+            .arg(fence.holder)
+            .arg(fence.token)
+            .arg(keys.chain(""))
+            .arg(first)
+            .arg(page)
+            .invoke_async(&mut c)
+            .await?;
+        let count = |v: Option<&Value>| match v {
+            Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+            _ => 0,
+        };
+        Ok(match answer {
+            Value::Array(v) => Some((count(v.first()), count(v.get(1)))),
+            _ => None,
+        })
     }
 }
 

@@ -864,9 +864,10 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
     result
 }
 
-/// (f) Redis memory across 100,000 finished tasks with the scheduler running: what each
-/// finished task costs while its result lives, and that memory returns to where it was once
-/// the results expire (a 5 s result TTL stands in for the default 7 days).
+/// (f) Redis memory across 100,000 finished tasks, then 100,000 finished two-step chains,
+/// with the scheduler running: what each costs while its results live, and that memory
+/// returns to where it was once they expire (a 5 s result TTL stands in for the default 7
+/// days) and the scheduler has dropped the expired chains from the chains index.
 async fn memory(args: &Args, redis: &mut Redis) -> Result<String> {
     let tasks = args.tasks.unwrap_or(100_000);
     let ttl = Duration::from_secs(5);
@@ -874,10 +875,7 @@ async fn memory(args: &Args, redis: &mut Redis) -> Result<String> {
     let result = async {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
-        let used = |info: BTreeMap<String, String>| -> f64 {
-            info.get("used_memory").and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-        };
-        let before = used(info(redis, "memory").await?);
+        let before = used_memory(redis).await?;
         let bench_url = with_database(&args.database_url, BENCH_DB)?;
         bench_ledger(&args.database_url, &bench_url).await?;
         let config = noop_config()?;
@@ -885,6 +883,7 @@ async fn memory(args: &Args, redis: &mut Redis) -> Result<String> {
         let mut sched = llmq_scheduler::Settings::new(&args.redis_url, &bench_url, config.clone())?;
         sched.queues = vec![queue.clone()];
         sched.id = Some(format!("{queue}-scheduler"));
+        sched.chains_every = Duration::from_secs(1);
         let scheduler = tokio::spawn(llmq_scheduler::run(sched, scheduler_stop.clone()));
         let ids = backlog(&client, &keys, tasks).await?;
         let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
@@ -895,33 +894,83 @@ async fn memory(args: &Args, redis: &mut Redis) -> Result<String> {
             Ok(s)
         })?;
         let drained = wait_drained(&client, &keys, &running).await;
-        let after_drain = used(info(redis, "memory").await?);
-        running.stop().await?;
+        let after_drain = used_memory(redis).await?;
         drained?;
         ensure!(!ids.is_empty());
-        // Results expire; Redis reclaims expired keys in the background within seconds.
-        let deadline = Instant::now() + ttl + Duration::from_secs(30);
-        let mut after_ttl = used(info(redis, "memory").await?);
-        while Instant::now() < deadline && after_ttl > before + 2.0 * 1024.0 * 1024.0 {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            after_ttl = used(info(redis, "memory").await?);
+        let after_ttl = settled_memory(redis, before, ttl).await?;
+
+        // The same number of chains, each a step and one after it.
+        let mut c = client.conn().await?;
+        for chunk in (0..tasks).collect::<Vec<_>>().chunks(ENQUEUE_CHUNK) {
+            let mut pipe = redis::pipe();
+            for i in chunk {
+                let spec = serde_json::json!({"v": 1, "chain_id": format!("m{i}"), "steps": [
+                    {"name": "plan", "prompt": "plan"},
+                    {"name": "docs", "after": ["plan"], "prompt": "docs {{plan.summary}}"}]});
+                pipe.cmd("XADD")
+                    .arg(keys.stream())
+                    .arg("*")
+                    .arg(llmq_shared::keys::CHAIN_FIELD)
+                    .arg(spec.to_string())
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut c).await?;
         }
+        let drained = wait_drained(&client, &keys, &running).await;
+        let after_chains = used_memory(redis).await?;
+        let indexed_after_drain: u64 = redis::cmd("ZCARD").arg(keys.chains()).query_async(redis).await?;
+        running.stop().await?;
+        drained?;
+        // The last chains expire within the TTL; the scheduler drops them within its period.
+        let deadline = Instant::now() + ttl + Duration::from_secs(30);
+        let mut indexed: u64 = indexed_after_drain;
+        while indexed > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            indexed = redis::cmd("ZCARD").arg(keys.chains()).query_async(redis).await?;
+        }
+        let after_chains_ttl = settled_memory(redis, before, ttl).await?;
         scheduler_stop.cancel();
         let _ = scheduler.await;
         let mb = |b: f64| b / (1024.0 * 1024.0);
         Ok(format!(
             "bench=memory tasks={tasks} result_ttl_s={} scheduler=on before_mb={:.1} after_drain_mb={:.1} \
-             bytes_per_finished_task={:.0} after_ttl_mb={:.1}",
+             bytes_per_finished_task={:.0} after_ttl_mb={:.1} chains={tasks} steps_per_chain=2 \
+             after_chains_drain_mb={:.1} bytes_per_finished_chain={:.0} chains_indexed_after_drain={indexed_after_drain} \
+             after_chains_ttl_mb={:.1} chains_indexed_after_ttl={indexed}",
             ttl.as_secs(),
             mb(before),
             mb(after_drain),
             (after_drain - before) / tasks as f64,
-            mb(after_ttl)
+            mb(after_ttl),
+            mb(after_chains),
+            (after_chains - after_ttl) / tasks as f64,
+            mb(after_chains_ttl),
         ))
     }
     .await;
     cleanup(redis, &queue).await?;
     result
+}
+
+/// Redis `used_memory`, in bytes.
+async fn used_memory(redis: &mut Redis) -> Result<f64> {
+    Ok(info(redis, "memory")
+        .await?
+        .get("used_memory")
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0))
+}
+
+/// Redis memory once what expires after `ttl` is gone (Redis reclaims expired keys in the
+/// background within seconds): back within 2 MiB of `before`, or what it is after 30 s more.
+async fn settled_memory(redis: &mut Redis, before: f64, ttl: Duration) -> Result<f64> {
+    let deadline = Instant::now() + ttl + Duration::from_secs(30);
+    let mut now = used_memory(redis).await?;
+    while Instant::now() < deadline && now > before + 2.0 * 1024.0 * 1024.0 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        now = used_memory(redis).await?;
+    }
+    Ok(now)
 }
 
 /// Deletes a bench provider's quota keys.

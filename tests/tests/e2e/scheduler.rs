@@ -1072,3 +1072,58 @@ async fn a_holder_that_lost_its_lease_decides_no_approval() {
     );
     new.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn expired_chains_leave_the_chains_index_and_live_ones_stay() {
+    let env = TestEnv::new().await.unwrap();
+    let mut c = env.redis.conn().await.unwrap();
+    // 2,500 chains in the index (more than a page), every seventh still with its keys.
+    let ids: Vec<String> = (0..2500).map(|i| format!("c{i:04}")).collect();
+    let mut add = redis::pipe();
+    for (i, id) in ids.iter().enumerate() {
+        add.zadd(env.keys.chains(), id, i).ignore();
+        if i % 7 == 0 {
+            add.hset(env.keys.chain(id), "state", "running").ignore();
+        }
+    }
+    add.query_async::<()>(&mut c).await.unwrap();
+    let mut s = instance(&env, "chains").await;
+    assert!(s.acquire().await.unwrap());
+
+    let did = s.run_duty(Duty::Chains).await.unwrap();
+    let live: Vec<String> = ids.iter().step_by(7).cloned().collect();
+    assert!(
+        did.contains(&format!(
+            "dropped {} expired chain(s)",
+            ids.len() - live.len()
+        )),
+        "{did}"
+    );
+    let left: Vec<String> = redis::cmd("ZRANGE")
+        .arg(env.keys.chains())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(left, live);
+    // Nothing more to drop until a chain expires.
+    assert!(
+        s.run_duty(Duty::Chains)
+            .await
+            .unwrap()
+            .contains("dropped 0")
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(env.keys.chain(&live[3]))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(
+        s.run_duty(Duty::Chains)
+            .await
+            .unwrap()
+            .contains("dropped 1")
+    );
+    s.release().await.unwrap();
+}
