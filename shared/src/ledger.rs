@@ -280,7 +280,8 @@ impl Ledger {
                     cached_tokens = EXCLUDED.cached_tokens,
                     reasoning_tokens = EXCLUDED.reasoning_tokens, cost_usd = EXCLUDED.cost_usd,
                     latency_ms = EXCLUDED.latency_ms, outcome = EXCLUDED.outcome,
-                    error_class = EXCLUDED.error_class, error = EXCLUDED.error
+                    error_class = EXCLUDED.error_class, error = EXCLUDED.error,
+                    called_at = EXCLUDED.called_at
                  WHERE provider_calls.outcome = 'started'", // STARTED
             )
             .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())

@@ -6,7 +6,9 @@
 //! After the call the reservation is reconciled with the real usage.
 //!
 //! Windows: requests per day reset at 00:00 UTC, dollars per month on the 1st (UTC);
-//! `rpm` and `tpm` count a sliding window (`quotas.window`, one minute by default).
+//! `rpm` and `tpm` count a sliding window (`quotas.window`, one minute by default, plus a
+//! margin: [`Quotas::counted_window`]) from when each request is sent: a reservation is
+//! stamped again right before its request goes out ([`Limiter::stamp`]).
 //! Every function takes the time as an argument, so tests drive the clock.
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
@@ -75,11 +77,34 @@ pub struct QuotaLine {
     pub reset: DateTime<Utc>,
 }
 
+/// A reply's element as text.
+fn text(v: &redis::Value) -> String {
+    match v {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+        redis::Value::Int(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A refusal as the quota scripts answer it: `{0, limit name, when it frees up (ms)}`.
+fn refusal(reply: &[redis::Value], now: DateTime<Utc>) -> Refusal {
+    let until_ms = reply
+        .get(2)
+        .map(text)
+        .and_then(|t| t.parse::<i64>().ok())
+        .unwrap_or(0);
+    Refusal {
+        limit: reply.get(1).map(text).unwrap_or_default(),
+        until: DateTime::from_timestamp_millis(until_ms).unwrap_or(now),
+    }
+}
+
 /// Quota and rate-limit state in Redis.
 #[derive(Clone)]
 pub struct Limiter {
     redis: Client,
     reserve: std::sync::Arc<Script>,
+    stamp: std::sync::Arc<Script>,
     reconcile: std::sync::Arc<Script>,
 }
 
@@ -88,7 +113,14 @@ impl Limiter {
     pub fn new(redis: Client) -> Self {
         Self {
             redis,
-            reserve: std::sync::Arc::new(Script::new(include_str!("quota/reserve.lua"))),
+            reserve: std::sync::Arc::new(Script::new(concat!(
+                include_str!("quota/window.lua"),
+                include_str!("quota/reserve.lua")
+            ))),
+            stamp: std::sync::Arc::new(Script::new(concat!(
+                include_str!("quota/window.lua"),
+                include_str!("quota/stamp.lua")
+            ))),
             reconcile: std::sync::Arc::new(Script::new(include_str!("quota/reconcile.lua"))),
         }
     }
@@ -127,18 +159,13 @@ impl Limiter {
             .arg(quotas.usd_per_month.map_or(-1, to_micro))
             .arg(limit(quotas.rpm))
             .arg(limit(quotas.tpm))
-            .arg(quotas.window.as_millis() as i64)
+            .arg(quotas.counted_window().as_millis() as i64)
             .arg(next_day(now).timestamp_millis())
             .arg(next_month(now).timestamp_millis())
             .arg(&day)
             .arg(&month)
             .invoke_async(&mut c)
             .await?;
-        let text = |v: &redis::Value| match v {
-            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-            redis::Value::Int(n) => n.to_string(),
-            other => format!("{other:?}"),
-        };
         match reply.first() {
             Some(redis::Value::Int(1)) => Ok(Decision::Granted {
                 reservation: Reservation {
@@ -150,19 +177,47 @@ impl Limiter {
                 },
                 crossed: reply[1..].iter().map(text).collect(),
             }),
-            _ => {
-                let limit = reply.get(1).map(text).unwrap_or_default();
-                let until_ms = reply
-                    .get(2)
-                    .map(text)
-                    .and_then(|t| t.parse::<i64>().ok())
-                    .unwrap_or(0);
-                Ok(Decision::Refused(Refusal {
-                    limit,
-                    until: DateTime::from_timestamp_millis(until_ms).unwrap_or(now),
-                }))
-            }
+            _ => Ok(Decision::Refused(refusal(&reply, now))),
         }
+    }
+
+    /// Stamps granted reservation `r` with `now`, when its request is sent: a provider counts
+    /// requests as they arrive, so the rolling windows (`rpm`, `tpm`) count the send, not the
+    /// reservation. `Some` when the call waited so long that its reservation left the window
+    /// and the window is full now: send it no sooner than the refusal says. Without a
+    /// rolling window there is nothing to stamp, and no Redis call.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn stamp(
+        &self,
+        r: &Reservation,
+        quotas: &Quotas,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Refusal>> {
+        if quotas.rpm.is_none() && quotas.tpm.is_none() {
+            return Ok(None);
+        }
+        let keys = ProviderKeys::new(&r.provider);
+        let limit = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        let mut c = self.redis.conn().await?;
+        let reply: Vec<redis::Value> = self
+            .stamp
+            .key(keys.requests_window())
+            .key(keys.tokens_window())
+            .key(keys.tokens_sum())
+            .arg(now.timestamp_millis())
+            .arg(&r.id)
+            .arg(r.tokens)
+            .arg(limit(quotas.rpm))
+            .arg(limit(quotas.tpm))
+            .arg(quotas.counted_window().as_millis() as i64)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match reply.first() {
+            Some(redis::Value::Int(1)) => None,
+            _ => Some(refusal(&reply, now)),
+        })
     }
 
     /// Replaces a reservation's estimate with the real tokens and cost.
@@ -197,7 +252,7 @@ impl Limiter {
     ) -> Result<Vec<QuotaLine>> {
         let keys = ProviderKeys::new(provider);
         let mut c = self.redis.conn().await?;
-        let since = now.timestamp_millis() - quotas.window.as_millis() as i64;
+        let since = now.timestamp_millis() - quotas.counted_window().as_millis() as i64;
         let (day, month, in_window, members): (Option<u64>, Option<i64>, u64, Vec<String>) =
             redis::pipe()
                 .get(keys.requests_on(&day_label(now.date_naive())))
@@ -210,7 +265,8 @@ impl Limiter {
             .iter()
             .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
             .sum();
-        let window_end = now + chrono::Duration::from_std(quotas.window).unwrap_or_default();
+        let window_end =
+            now + chrono::Duration::from_std(quotas.counted_window()).unwrap_or_default();
         let mut out = Vec::new();
         let mut line = |quota: &str, used: f64, limit: f64, reset| {
             out.push(QuotaLine {

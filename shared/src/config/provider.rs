@@ -261,6 +261,15 @@ pub struct Quotas {
 }
 
 impl Quotas {
+    /// How long a request counts against `rpm` and `tpm`: the window and a margin of 1 % of
+    /// it (at least 50 ms). A request is stamped when it is sent and the provider counts it
+    /// when it arrives, tens of milliseconds later under load; without the margin the first
+    /// requests of a window could arrive inside the provider's previous one.
+    #[must_use]
+    pub fn counted_window(&self) -> Duration {
+        self.window + (self.window / 100).max(Duration::from_millis(50))
+    }
+
     /// Why one call of `tokens` tokens costing `usd` can never be granted: it needs more than
     /// a whole window's tokens or a whole month's budget, so waiting for a reset cannot help.
     #[must_use]

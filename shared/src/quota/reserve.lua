@@ -15,17 +15,8 @@ local rpd_limit, usd_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local rpm_limit, tpm_limit = tonumber(ARGV[7]), tonumber(ARGV[8])
 local window = tonumber(ARGV[9])
 
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - window)
--- Tokens leaving the window leave its sum too: only they are read, not the whole window.
-local leaving = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now - window)
-if #leaving > 0 then
-  local gone = 0
-  for _, m in ipairs(leaving) do
-    gone = gone + tonumber(string.match(m, ':(%d+)$') or '0')
-  end
-  redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - window)
-  redis.call('DECRBY', KEYS[6], gone)
-end
+local w = {requests = KEYS[3], tokens = KEYS[4], sum = KEYS[6], window = window}
+prune(w, now)
 
 local rpd_used = tonumber(redis.call('GET', KEYS[1]) or '0')
 if rpd_limit >= 0 and rpd_used + 1 > rpd_limit then
@@ -35,19 +26,9 @@ local usd_used = tonumber(redis.call('GET', KEYS[2]) or '0')
 if usd_limit >= 0 and usd_used + est_usd > usd_limit then
   return {0, 'usd_per_month', ARGV[11]}
 end
-local function frees_at(key)
-  local oldest = redis.call('ZRANGE', KEYS[key], 0, 0, 'WITHSCORES')
-  return tostring(math.floor(tonumber(oldest[2] or now) + window))
-end
-if rpm_limit >= 0 and redis.call('ZCARD', KEYS[3]) + 1 > rpm_limit then
-  return {0, 'rpm', frees_at(3)}
-end
-if tpm_limit >= 0 then
-  local sum = tonumber(redis.call('GET', KEYS[6]) or '0')
-  -- A request larger than the whole budget still goes through when the window is empty.
-  if sum > 0 and sum + est_tokens > tpm_limit then
-    return {0, 'tpm', frees_at(4)}
-  end
+local limit, frees = full(w, now, rpm_limit, tpm_limit, est_tokens)
+if limit then
+  return {0, limit, frees}
 end
 
 redis.call('INCR', KEYS[1])
@@ -55,12 +36,7 @@ redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[10]) - now + 86400000)
 redis.call('INCRBY', KEYS[2], est_usd)
 redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[11]) - now + 86400000)
-redis.call('ZADD', KEYS[3], now, id)
-redis.call('PEXPIRE', KEYS[3], window * 2)
-redis.call('ZADD', KEYS[4], now, id .. ':' .. est_tokens)
-redis.call('PEXPIRE', KEYS[4], window * 2)
-redis.call('INCRBY', KEYS[6], est_tokens)
-redis.call('PEXPIRE', KEYS[6], window * 2)
+count(w, now, id, est_tokens)
 
 local out = {1}
 local function crossed(kind, label, after, limit)

@@ -737,6 +737,8 @@ async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
         running.stop().await?;
         drained?;
         verify_results(&client, &keys, &ids).await?;
+        // As the provider saw them: when each request arrived.
+        let arrived = mock.arrivals();
         mock.shutdown().await;
         let at: Vec<i64> = sqlx::query_scalar(
             "SELECT (extract(epoch from called_at) * 1000)::int8 FROM provider_calls
@@ -749,13 +751,22 @@ async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
             sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1")).bind(&queue).execute(ledger.pool()).await?;
         }
         ensure!(at.len() == tasks, "the ledger holds {} calls for {tasks} tasks", at.len());
+        ensure!(arrived.len() == tasks, "the provider saw {} requests for {tasks} tasks", arrived.len());
         let window_ms = window.as_millis() as i64;
-        // The most calls that started within any one window (a call starts a moment after
-        // its reservation, so this may read one or two above the limit).
-        let busiest = (0..at.len())
-            .map(|i| at[i..].iter().take_while(|t| **t < at[i] + window_ms).count())
-            .max()
-            .unwrap_or(0);
+        // The most requests within any one window: as the provider saw them arrive, and as
+        // the ledger stamps them sent.
+        let busiest = |at: &[i64]| {
+            (0..at.len())
+                .map(|i| at[i..].iter().take_while(|t| **t < at[i] + window_ms).count())
+                .max()
+                .unwrap_or(0)
+        };
+        let (busiest_arrived, busiest_sent) = (busiest(&arrived), busiest(&at));
+        // The k-th arrival against the k-th send, both in order: a lower bound on the longest
+        // a request took from its stamp to the provider.
+        let mut sorted = arrived.clone();
+        sorted.sort_unstable();
+        let lag = sorted.iter().zip(&at).map(|(a, s)| a - s).max().unwrap_or(0);
         // A perfect limiter runs the first window's calls at once and each further batch a
         // window later: ceil(tasks / R) - 1 windows from the first call to the last.
         let span_ms = (at[at.len() - 1] - at[0]).max(1);
@@ -764,7 +775,9 @@ async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
         let dead = client.counts(&keys).await?.dead;
         Ok(format!(
             "bench=rate_limited limit_per_window={per_window} window_s={} tasks={tasks} workers={workers} \
-             used_pct={used_pct:.1} busiest_window_calls={busiest} span_s={:.2} dead_letters={dead}",
+             used_pct={used_pct:.1} busiest_window_arrivals={busiest_arrived} busiest_window_sent={busiest_sent} \
+             send_to_arrival_ms_min={lag} \
+             span_s={:.2} dead_letters={dead}",
             window.as_secs(),
             span_ms as f64 / 1000.0
         ))
@@ -794,6 +807,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
         let quotas = config.providers[0].quotas;
         let env = Envelope::new("Summarise the incident report in five bullet points.");
         let mut per_call = Vec::with_capacity(calls);
+        let quota_before = Snapshot::take(redis).await?;
         for _ in 0..calls {
             let started = Instant::now();
             let plan = llmq_shared::routing::plan(
@@ -808,9 +822,23 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
             let llmq_shared::quota::Decision::Granted { reservation, .. } = decision else {
                 bail!("the generous quota refused a call");
             };
+            ensure!(limiter.stamp(&reservation, &quotas, Utc::now()).await?.is_none());
             limiter.reconcile(&reservation, 100, 0.0001).await?;
             per_call.push(started.elapsed().as_micros() as u64);
         }
+        let quota_after = Snapshot::take(redis).await?;
+        // The stamp alone: a reservation stamped again, as many times.
+        let llmq_shared::quota::Decision::Granted { reservation, .. } =
+            limiter.reserve(&provider, &quotas, 100, 0.0, Utc::now()).await?
+        else {
+            bail!("the generous quota refused a call");
+        };
+        let stamp_before = Snapshot::take(redis).await?;
+        for _ in 0..calls {
+            limiter.stamp(&reservation, &quotas, Utc::now()).await?;
+        }
+        let stamp_cpu_s = Snapshot::take(redis).await?.redis_cpu_s - stamp_before.redis_cpu_s;
+        let quota_cpu_s = quota_after.redis_cpu_s - quota_before.redis_cpu_s;
         per_call.sort_unstable();
         // The ledger: rows are group-committed per batch of finished tasks; a batch of 64
         // is typical under load. Each batch's commit, divided by its rows.
@@ -852,9 +880,12 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
         per_row.sort_unstable();
         Ok(format!(
             "bench=overhead calls={calls} route_quota_p50_us={} route_quota_p99_us={} \
+             quota_redis_cpu_us_per_call={:.1} stamp_redis_cpu_us={:.1} \
              ledger_per_call_p50_us={} ledger_per_call_p99_us={} ledger_batch_rows=64",
             percentile(&per_call, 50.0),
             percentile(&per_call, 99.0),
+            quota_cpu_s * 1e6 / calls as f64,
+            stamp_cpu_s * 1e6 / calls as f64,
             percentile(&per_row, 50.0),
             percentile(&per_row, 99.0)
         ))

@@ -174,6 +174,68 @@ async fn a_sliding_window_is_never_exceeded() {
     }
 }
 
+/// Calls wait a random while between their reservation and their send (for their ledger
+/// row), some longer than the whole window: counted from when they are sent, no window ever
+/// holds more sends than the limit.
+#[tokio::test]
+async fn sends_stamped_when_they_go_out_never_exceed_a_window() {
+    let limiter = limiter();
+    let name = provider();
+    let window = Duration::from_millis(300);
+    let quotas = Quotas {
+        rpm: Some(4),
+        window,
+        ..Quotas::default()
+    };
+    let sends = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let (l, n, sent) = (limiter.clone(), name.clone(), sends.clone());
+        tasks.spawn(async move {
+            let mut rng = llmq_tests::harness::SeededRng(0x9E37_79B9_7F4A_7C15 ^ (17 + worker));
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_millis(2000) {
+                let Decision::Granted { reservation, .. } =
+                    l.reserve(&n, &quotas, 1, 0.0, Utc::now()).await.unwrap()
+                else {
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                    continue;
+                };
+                // Up to 450 ms between reservation and send: beyond the window at times.
+                tokio::time::sleep(Duration::from_millis(rng.below(450) as u64)).await;
+                loop {
+                    let now = Utc::now();
+                    match l.stamp(&reservation, &quotas, now).await.unwrap() {
+                        None => {
+                            sent.lock().unwrap().push(now.timestamp_millis());
+                            break;
+                        }
+                        Some(full) => {
+                            assert_eq!(full.limit, "rpm");
+                            let wait = (full.until - now).to_std().unwrap_or_default();
+                            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+    tasks.join_all().await;
+    let mut at = sends.lock().unwrap().clone();
+    at.sort_unstable();
+    assert!(at.len() >= 10, "the limiter let work through: {}", at.len());
+    for (i, t) in at.iter().enumerate() {
+        let in_window = at[i..]
+            .iter()
+            .take_while(|u| **u < t + window.as_millis() as i64)
+            .count();
+        assert!(
+            in_window <= 4,
+            "{in_window} sends within {window:?} from {t}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn thresholds_are_announced_once_per_window() {
     let limiter = limiter();

@@ -438,6 +438,29 @@ impl Attempt<'_> {
         }
     }
 
+    /// Stamps the call's reservation with the time it is sent and returns that time. Waits
+    /// while its rolling window is full, which only a call that waited longer than the window
+    /// since its reservation can find; bounded by the attempt's timeout and the hard stop,
+    /// which the caller races the call against.
+    async fn stamp(&self, cand: &Candidate<'_>, r: &Reservation) -> chrono::DateTime<Utc> {
+        let quotas = &cand.provider.quotas;
+        loop {
+            let now = Utc::now();
+            match self.exec.limiter.stamp(r, quotas, now).await {
+                Ok(None) => return now,
+                Ok(Some(full)) => {
+                    let wait = (full.until - now).to_std().unwrap_or_default();
+                    tokio::time::sleep(wait.max(std::time::Duration::from_millis(10))).await;
+                }
+                Err(e) => {
+                    // The reservation stands, stamped when it was made.
+                    tracing::warn!(provider = r.provider, "cannot stamp the reservation: {e}");
+                    return now;
+                }
+            }
+        }
+    }
+
     /// Makes one call, reconciles its reservation and records it for the ledger.
     async fn call(
         &mut self,
@@ -511,6 +534,9 @@ impl Attempt<'_> {
             llmq.provider = name,
             llmq.cost_usd = tracing::field::Empty,
         );
+        if let Some(r) = reservation {
+            self.calls[row].called_at = Box::pin(self.stamp(cand, r)).await;
+        }
         let started = Instant::now();
         let result = match exec.clients.get(name) {
             Some(client) => client.complete(&req).instrument(span.clone()).await,
