@@ -150,13 +150,45 @@ fn refine_class(err: &mut Error, body: &str) {
         err.class = ErrorClass::Fatal;
         err.message = format!("context too long: {}", err.message);
     }
+    if err.class == ErrorClass::RateLimited && daily_quota(&e) {
+        // A per-day quota comes back at midnight Pacific time, as Google documents, whatever
+        // a `RetryInfo` says: the task waits for that (bounded by routing.max_wait like any
+        // wait for a provider), after the other candidates were tried.
+        let now = chrono::Utc::now();
+        let reset = next_pacific_midnight(now);
+        err.retry_after = (reset - now).to_std().ok();
+        err.message = format!(
+            "{} (a per-day quota; it resets at midnight Pacific time, {})",
+            err.message,
+            reset.format("%Y-%m-%d %H:%M UTC")
+        );
+        return;
+    }
     if err.retry_after.is_none() {
         err.retry_after = retry_info(&e);
     }
-    if err.class == ErrorClass::RateLimited && daily_quota(&e) {
-        // A per-day quota will not come back within a Retry-After: the next provider it is.
-        err.class = ErrorClass::QuotaExhausted;
+}
+
+/// The first midnight in Pacific time (America/Los_Angeles) after `now`: 08:00 UTC, or 07:00
+/// UTC while daylight saving time holds (from the second Sunday of March to the first Sunday
+/// of November, the US rule since 2007).
+fn next_pacific_midnight(now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime<chrono::Utc> {
+    use chrono::{Datelike, NaiveDate, Weekday};
+    let nth_sunday = |year: i32, month: u32, n: u8| {
+        NaiveDate::from_weekday_of_month_opt(year, month, Weekday::Sun, n).unwrap_or_default()
+    };
+    // Midnight starts a day on daylight time from the day after DST begins (it begins at
+    // 02:00) up to the day it ends (it ends at 02:00, after that day's midnight).
+    let midnight = |d: NaiveDate| {
+        let dst = d > nth_sunday(d.year(), 3, 2) && d <= nth_sunday(d.year(), 11, 1);
+        let hours = if dst { 7 } else { 8 };
+        d.and_hms_opt(hours, 0, 0).unwrap_or_default().and_utc()
+    };
+    let mut day = (now - chrono::Duration::hours(8)).date_naive();
+    while midnight(day) <= now {
+        day = day.succ_opt().unwrap_or(day);
     }
+    midnight(day)
 }
 
 /// Whether a `google.rpc.QuotaFailure` detail names a per-day quota.
@@ -307,18 +339,54 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_per_day_quota_is_exhaustion_not_a_rate_limit() {
+    fn a_per_day_quota_waits_for_midnight_pacific_not_for_its_retry_info() {
         let body = r#"{"error":{"code":429,"status":"RESOURCE_EXHAUSTED","message":"quota",
             "details":[{"@type":"type.googleapis.com/google.rpc.QuotaFailure","violations":[
               {"quotaMetric":"generativelanguage.googleapis.com/generate_content_free_tier_requests",
-               "quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]}]}}"#;
+               "quotaId":"GenerateRequestsPerDayPerProjectPerModel-FreeTier"}]},
+              {"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"16s"}]}}"#;
+        let before = chrono::Utc::now();
         let mut err = Error::new("g", "m", ErrorClass::RateLimited, "x".into());
         refine_class(&mut err, body);
-        assert_eq!(err.class, ErrorClass::QuotaExhausted);
+        assert_eq!(err.class, ErrorClass::RateLimited);
+        let wait = err.retry_after.unwrap();
+        let reset = next_pacific_midnight(before);
+        let expected = (reset - before).to_std().unwrap();
+        assert!(
+            wait <= expected && expected - wait < Duration::from_secs(5),
+            "{wait:?}"
+        );
+        assert!(
+            err.message.contains("resets at midnight Pacific time"),
+            "{}",
+            err.message
+        );
         let per_minute = body.replace("PerDay", "PerMinute");
         let mut err = Error::new("g", "m", ErrorClass::RateLimited, "x".into());
         refine_class(&mut err, &per_minute);
         assert_eq!(err.class, ErrorClass::RateLimited);
+        assert_eq!(err.retry_after, Some(Duration::from_secs(16)));
+    }
+
+    #[test]
+    fn pacific_midnight_follows_daylight_saving_time() {
+        let at = |s: &str| s.parse::<chrono::DateTime<chrono::Utc>>().unwrap();
+        let next = |s: &str| next_pacific_midnight(at(s)).to_rfc3339();
+        // Winter: PST, UTC-8.
+        assert_eq!(next("2026-01-15T12:00:00Z"), "2026-01-16T08:00:00+00:00");
+        assert_eq!(next("2026-01-16T07:59:59Z"), "2026-01-16T08:00:00+00:00");
+        assert_eq!(next("2026-01-16T08:00:00Z"), "2026-01-17T08:00:00+00:00");
+        // DST begins on Sunday 2026-03-08 at 02:00 PST: that day starts on PST, the next on PDT.
+        assert_eq!(next("2026-03-07T09:00:00Z"), "2026-03-08T08:00:00+00:00");
+        assert_eq!(next("2026-03-08T08:00:00Z"), "2026-03-09T07:00:00+00:00");
+        // Summer: PDT, UTC-7.
+        assert_eq!(next("2026-07-04T06:59:00Z"), "2026-07-04T07:00:00+00:00");
+        assert_eq!(next("2026-07-04T07:00:00Z"), "2026-07-05T07:00:00+00:00");
+        // DST ends on Sunday 2026-11-01 at 02:00 PDT: that day starts on PDT, the next on PST.
+        assert_eq!(next("2026-10-31T08:00:00Z"), "2026-11-01T07:00:00+00:00");
+        assert_eq!(next("2026-11-01T07:00:00Z"), "2026-11-02T08:00:00+00:00");
+        // New year.
+        assert_eq!(next("2026-12-31T23:00:00Z"), "2027-01-01T08:00:00+00:00");
     }
     use crate::provider::classify_status;
 

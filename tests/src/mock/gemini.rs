@@ -168,6 +168,32 @@ fn gemini_rate_limited(kind: RetryHeader, model: &str) -> Response {
     response
 }
 
+/// 429 RESOURCE_EXHAUSTED for a per-day quota, as the free tier sends it once its requests
+/// for the day are used: a `QuotaFailure` naming `...PerDay...`, and a `RetryInfo` of a few
+/// seconds that does not mean the quota is back then (it resets at midnight Pacific time).
+fn gemini_daily_quota(model: &str) -> Response {
+    let details = vec![
+        json!({
+            "@type": "type.googleapis.com/google.rpc.QuotaFailure",
+            "violations": [{
+                "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                "quotaId": "GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                "quotaDimensions": {"location": "global", "model": model},
+                "quotaValue": "50",
+            }],
+        }),
+        json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "16s"}),
+    ];
+    google_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "You exceeded your current quota, please check your plan and billing details. \
+             (llmq-mock: 50 requests per day for {model}.) Please retry in 16s."
+        ),
+        details,
+    )
+}
+
 /// True when a non-empty key comes in `x-goog-api-key` or `?key=`.
 fn gemini_authorized(headers: &HeaderMap, uri: &Uri) -> bool {
     let in_header = headers
@@ -349,6 +375,9 @@ pub(super) async fn gemini_generate(
     };
     if conv.named("blocked") {
         return Json(gemini_blocked(&conv)).into_response();
+    }
+    if conv.named("quota-daily") {
+        return gemini_daily_quota(&conv.model);
     }
     match decide(&state, &conv).await {
         Outcome::Answer(answer) => Json(gemini_response(&conv, &answer)).into_response(),

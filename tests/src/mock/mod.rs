@@ -39,6 +39,7 @@
 //! | `review-reject-once` | rejects the first review of a piece of work (by its `## Work to review` line), approves the next |
 //! | `context-too-long` | 400: OpenAI `context_length_exceeded`; Anthropic `prompt is too long: 250000 tokens > 200000 maximum`; Gemini `The input token count (N) exceeds the maximum number of tokens allowed (1048576).`; Ollama `the input length exceeds the context length` |
 //! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
+//! | `quota-daily` (Gemini only) | 429 `RESOURCE_EXHAUSTED` for the per-day quota `GenerateRequestsPerDayPerProjectPerModel-FreeTier`, with a `RetryInfo` of `16s` |
 //! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
 //!
 //! A successful answer is deterministic: the content is `mock answer from <model>: ` followed
@@ -131,6 +132,9 @@ pub struct MockOptions {
 }
 
 /// What the server shares between requests.
+/// How many arrival times the server keeps (the oldest go first).
+pub const ARRIVALS_KEPT: usize = 100_000;
+
 struct Shared {
     opts: MockOptions,
     shutdown: CancellationToken,
@@ -144,6 +148,9 @@ struct Shared {
     open: Mutex<HashMap<String, (u64, u64)>>,
     /// Requests seen per conversation hash, for `flaky`.
     flaky: Mutex<HashMap<u64, u64>>,
+    /// When each POST request arrived (ms since the epoch), as a provider counting requests
+    /// in a window sees them: the last [`ARRIVALS_KEPT`].
+    arrivals: Mutex<std::collections::VecDeque<i64>>,
 }
 
 impl Shared {
@@ -157,6 +164,7 @@ impl Shared {
             per_prompt: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
+            arrivals: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -297,6 +305,18 @@ impl MockServer {
         self.state.total.load(Ordering::SeqCst)
     }
 
+    /// When each of the last [`ARRIVALS_KEPT`] POST requests arrived (ms since the epoch),
+    /// in order of arrival.
+    #[must_use]
+    pub fn arrivals(&self) -> Vec<i64> {
+        let arrivals = self.state.arrivals.lock();
+        arrivals
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
+
     /// Stops the server and waits (at most 5 s) for open connections to finish; requests
     /// still sleeping (`slow`, `timeout`) are answered with 503 at once.
     pub async fn shutdown(mut self) {
@@ -369,7 +389,7 @@ fn router(state: Arc<Shared>) -> Router {
         .with_state(state)
 }
 
-/// Counts the requests that came over HTTP/2.
+/// Counts the requests that came over HTTP/2 and notes when each POST arrived.
 async fn count_version(
     State(state): State<Arc<Shared>>,
     req: axum::extract::Request,
@@ -377,6 +397,16 @@ async fn count_version(
 ) -> Response {
     if req.version() == axum::http::Version::HTTP_2 {
         state.http2.fetch_add(1, Ordering::SeqCst);
+    }
+    if req.method() == Method::POST {
+        let mut arrivals = state
+            .arrivals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if arrivals.len() >= ARRIVALS_KEPT {
+            arrivals.pop_front();
+        }
+        arrivals.push_back(chrono::Utc::now().timestamp_millis());
     }
     next.run(req).await
 }

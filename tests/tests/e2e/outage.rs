@@ -445,3 +445,101 @@ async fn a_worker_out_of_file_descriptors_uses_no_attempt_and_blames_no_provider
         .unwrap();
     assert!(open.is_empty(), "{open:?}");
 }
+
+/// A Gemini provider whose one model is `model`, for `routing.max_wait`.
+fn gemini_config(env: &TestEnv, name: &str, model: &str, max_wait: &str) -> Config {
+    Config::parse(
+        "gemini-test.yaml",
+        &format!(
+            "providers:\n  - {{name: {name}, kind: gemini, base_url: \"{}/v1beta\", api_key: k, \
+             models: [{{id: {model}, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n\
+             routing:\n  max_wait: {max_wait}\n",
+            env.mock.url()
+        ),
+        &|_| None,
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
+    let env = TestEnv::new().await.unwrap();
+    let name = format!("g{}", &env.queue[2..]);
+    // A max_wait longer than any day: the task waits for the reset, using no attempt.
+    let w = worker(&env, gemini_config(&env, &name, "quota-daily", "25h"));
+    let e = pinned("one more today".into(), &name, "quota-daily");
+    let id = e.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let ids = [id.clone()];
+    env.eventually("the task waiting", Duration::from_secs(20), || async {
+        env.redis.results(&env.keys, &ids).await.unwrap()[0]
+            .as_ref()
+            .is_some_and(|r| r.status == Status::Delayed)
+    })
+    .await
+    .unwrap();
+    w.stop().await.unwrap();
+    let r = env.redis.results(&env.keys, &ids).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(r.attempts, 0, "a quota is not the task's fault");
+    assert_eq!(r.error_class, Some(ErrorClass::RateLimited));
+    let error = r.error.unwrap();
+    let (_, reset) = error
+        .split_once("resets at midnight Pacific time, ")
+        .unwrap_or_else(|| panic!("{error}"));
+    let reset = chrono::NaiveDateTime::parse_from_str(&reset[..16], "%Y-%m-%d %H:%M")
+        .unwrap()
+        .and_utc();
+    assert_eq!(reset.format("%M:%S").to_string(), "00:00", "{error}");
+    assert!(
+        matches!(reset.format("%H").to_string().as_str(), "07" | "08"),
+        "{error}"
+    );
+    // Its due time is that reset, not the 16 s the RetryInfo said.
+    let mut c = env.redis.conn().await.unwrap();
+    let delayed: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(env.keys.delayed())
+        .arg(0)
+        .arg(-1)
+        .arg("WITHSCORES")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let due = delayed
+        .iter()
+        .find(|(task, _)| task.contains(&id))
+        .map(|(_, due)| *due as i64)
+        .unwrap();
+    assert!(
+        (due - reset.timestamp_millis()).abs() < 5_000,
+        "{due} against {reset}"
+    );
+    assert!(
+        env.redis
+            .dead_letters(&env.keys, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A max_wait shorter than the wait: a dead letter at once, saying why.
+    let other = TestEnv::new().await.unwrap();
+    let w = worker(&other, gemini_config(&other, &name, "quota-daily", "1m"));
+    let e = pinned("one more today".into(), &name, "quota-daily");
+    let id = e.id.unwrap().to_string();
+    other.redis.enqueue(&other.keys, &e).await.unwrap();
+    let r = other
+        .wait_final(&id, Duration::from_secs(20))
+        .await
+        .unwrap();
+    w.stop().await.unwrap();
+    // Unless this runs within a minute of the reset.
+    if reset - chrono::Utc::now() > chrono::Duration::minutes(2) {
+        assert_eq!(r.status, Status::Dead, "{r:?}");
+        assert_eq!(r.attempts, 0);
+        let error = r.error.unwrap();
+        assert!(error.contains("(routing.max_wait)"), "{error}");
+        assert!(error.contains("resets at midnight Pacific time"), "{error}");
+    }
+}
