@@ -7,7 +7,7 @@
 //! commit. Batches form naturally: each stage takes whatever has arrived while it was busy.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
@@ -100,12 +100,33 @@ impl Finisher {
         let Some(ledger) = &self.ledger else { return };
         while let Some(batch) = next_batch(&mut rx).await {
             let (rows, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            if ledger.record(&rows, &[]).await.is_ok() {
+                for done in waiters {
+                    let _ = done.send(true);
+                }
+                continue;
+            }
+            // Postgres is failing. A caller that stops waiting (its attempt ran out of time)
+            // makes no call, so its row is left out of every later try: a `started` row must
+            // stand for a call that was made.
+            let batch = std::sync::Mutex::new((rows, waiters));
             let written = self
                 .retry("recording calls in the ledger", || {
-                    ledger.record(&rows, &[])
+                    let rows = {
+                        let mut b = batch.lock().unwrap_or_else(PoisonError::into_inner);
+                        let (rows, waiters) = &mut *b;
+                        let keep: Vec<bool> = waiters.iter().map(|w| !w.is_closed()).collect();
+                        let mut k = keep.iter();
+                        rows.retain(|_| k.next().copied().unwrap_or(false));
+                        let mut k = keep.iter();
+                        waiters.retain(|_| k.next().copied().unwrap_or(false));
+                        rows.clone()
+                    };
+                    async move { ledger.record(&rows, &[]).await }
                 })
                 .await
                 .is_some();
+            let (_, waiters) = batch.into_inner().unwrap_or_else(PoisonError::into_inner);
             for done in waiters {
                 let _ = done.send(written);
             }

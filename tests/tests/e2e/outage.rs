@@ -543,3 +543,49 @@ async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
         assert!(error.contains("resets at midnight Pacific time"), "{error}");
     }
 }
+
+#[tokio::test]
+async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_it() {
+    let env = TestEnv::new().await.unwrap();
+    // A ledger of its own, so breaking it breaks no other test.
+    let name = format!("llmq_test_{}", env.queue.replace('-', "_"));
+    llmq_tests::harness::create_database(&name).await.unwrap();
+    let url = format!("{}/{name}", llmq_tests::harness::pg_server());
+    let ledger = llmq_shared::ledger::Ledger::connect(&url, 1).await.unwrap();
+    ledger.migrate().await.unwrap();
+    let mut s = env.settings();
+    s.database_url = Some(url);
+    s.attempt_timeout = Duration::from_millis(700);
+    let w = WorkerHandle::start(s);
+    // No call can be recorded, so none is made, for several attempts' time.
+    sqlx::query("ALTER TABLE provider_calls RENAME TO provider_calls_away")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let mut task = Envelope::new("wait for the ledger");
+    task.model = Some("mock-fast".into());
+    task.max_attempts = Some(2);
+    let id = task.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &task).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ids = [id.clone()];
+    let meanwhile = env.redis.results(&env.keys, &ids).await.unwrap()[0].clone();
+    assert!(meanwhile.is_none(), "{meanwhile:?}");
+    assert_eq!(env.mock.total_calls(), 0, "no call without its ledger row");
+    sqlx::query("ALTER TABLE provider_calls_away RENAME TO provider_calls")
+        .execute(ledger.pool())
+        .await
+        .unwrap();
+    let r = env.wait_final(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.attempts, 1, "the waits for Postgres used no attempt");
+    // One row, for the one call made: none for the calls given up before they were made.
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT outcome FROM provider_calls WHERE task_id = $1::uuid")
+            .bind(&id)
+            .fetch_all(ledger.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, ["ok"]);
+    w.stop().await.unwrap();
+}

@@ -156,6 +156,9 @@ pub(super) struct Attempt<'a> {
     pub number: u32,
     /// Every call made, for the ledger; kept by the caller so a timeout loses none.
     pub calls: &'a mut Vec<CallRow>,
+    /// Set while a call waits for the ledger to record its start: an attempt that times out
+    /// then was stopped by Postgres, not by its task or its provider.
+    pub awaiting_ledger: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Attempt<'_> {
@@ -506,12 +509,16 @@ impl Attempt<'_> {
             worker: exec.worker_id.clone(),
             called_at: Utc::now(),
         }]);
-        if let Some(starts) = &exec.call_starts
-            && !Box::pin(starts.record(start[0].clone())).await
-        {
-            // Only at the hard stop, which the caller races this against: it hands the task
-            // back without a call, and with no row for a call that was never made.
-            return std::future::pending().await;
+        if let Some(starts) = &exec.call_starts {
+            use std::sync::atomic::Ordering::Relaxed;
+            self.awaiting_ledger.store(true, Relaxed);
+            let recorded = Box::pin(starts.record(start[0].clone())).await;
+            self.awaiting_ledger.store(false, Relaxed);
+            if !recorded {
+                // Only at the hard stop, which the caller races this against: it hands the
+                // task back without a call, and with no row for a call that was never made.
+                return std::future::pending().await;
+            }
         }
         if self.calls.is_empty() {
             let one: Box<[CallRow]> = start;

@@ -480,6 +480,7 @@ impl Executor {
                 }
             };
             // Attempt.
+            let awaiting_ledger = std::sync::atomic::AtomicBool::new(false);
             let attempt = Attempt {
                 exec: self,
                 delivery: Uuid::new_v4(),
@@ -488,10 +489,21 @@ impl Executor {
                 task_type: &task_type,
                 number: env.attempts + 1,
                 calls: &mut calls,
+                awaiting_ledger: &awaiting_ledger,
             };
             let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
             match run.instrument(span.clone()).await {
                 Ok(tried) => tried,
+                Err(_) if awaiting_ledger.load(std::sync::atomic::Ordering::Relaxed) => {
+                    // Postgres could not record the call before the attempt's time ran out:
+                    // no call was made, and neither the task nor a provider is at fault. The
+                    // task goes back to its queue with its attempts as they were.
+                    tracing::warn!(
+                        task_id = %task_id,
+                        "the ledger could not record a call within --attempt-timeout; handing the task back"
+                    );
+                    Tried::without_call(Outcome::Released)
+                }
                 Err(_) => self.timed_out(plan.reason.clone(), &calls),
             }
         };
