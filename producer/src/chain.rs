@@ -5,9 +5,10 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use llmq_shared::chain::Chain;
+use llmq_shared::chain::ChainState;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
-use llmq_shared::queue::{ChainState, Client, Refused};
+use llmq_shared::queue::{Client, Refused};
 use serde::Serialize;
 use serde_json::Value;
 

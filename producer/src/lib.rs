@@ -1,8 +1,9 @@
 //! The `llmq` command line as a library, so tests can run every command in-process.
 //!
-//! Layout: `cli` (the clap tree), `submit` (submit, batch, waiting), `inspect` (result,
-//! status), `dlq`, `providers` (check, list, quota), `costs` (costs, migrate), `render`
-//! (text output).
+//! Layout: `cli` (the clap tree), `submit` (submit, batch, waiting), `estimate` (what a
+//! batch would cost and which quotas it would push, before it is enqueued), `chain` (chain
+//! submit, show, list, cancel, retry, approve, reject), `inspect` (result, status), `dlq`,
+//! `providers` (check, list, quota), `costs` (costs, migrate), `render` (text output).
 //!
 //! ```no_run
 //! # async fn demo() {

@@ -1,9 +1,9 @@
 //! The llmq scheduler: one active instance records closed quota windows, archives dead
 //! letters to Postgres before trimming them from Redis, and enqueues recurring tasks.
 //!
-//! Layout: `lease` (the lease and the fence every write carries), `windows`,
-//! `dead_letters` and `recurring` (one duty each); queue writes go through the queue's own
-//! fenced functions.
+//! Layout: `lease` (the lease and the fence every write carries), then one module per duty:
+//! `windows`, `dead_letters`, `recurring`, `approvals`, `chains`, `promote`, `gauges`. Queue
+//! writes go through the queue's own fenced functions.
 //!
 //! Any number of instances run; the one holding the lease in Redis acts, the others poll
 //! every tick and take over within the lease's length after it dies (see `lease.rs` for

@@ -8,11 +8,12 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use llmq_shared::chain::ChainState;
 use llmq_shared::config::Config;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::Ledger;
 use llmq_shared::outcome::TaskRecord;
-use llmq_shared::queue::{ChainState, Client};
+use llmq_shared::queue::Client;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 

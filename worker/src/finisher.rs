@@ -1,7 +1,8 @@
 //! Writes outcomes in batches: the ledger first (one transaction for every call in the
 //! batch), then Redis (one Lua call per queue that stores results, moves retries and dead
-//! letters, and acks; then one that frees the concurrency slots of the batch's keyed
-//! tasks). A task is acked only after its calls are committed.
+//! letters, moves chains along and acks, whatever the outcomes are; then one that frees the
+//! concurrency slots of the batch's keyed tasks). A task is acked only after its calls are
+//! committed.
 //!
 //! The two stages run as two loops, so one batch's Redis write overlaps the next batch's
 //! commit. Batches form naturally: each stage takes whatever has arrived while it was busy.
@@ -11,12 +12,12 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, Ledger};
-use llmq_shared::queue::{Client, FinishKind};
+use llmq_shared::ledger::Ledger;
+use llmq_shared::queue::{Client, FinishKind, Write};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::executor::{ChainWrite, Finished};
+use crate::finished::{CallStarts, Finished, Start};
 use llmq_shared::retry::RetryPolicy;
 
 /// How a failed write of outcomes is retried: 100 ms doubling to 5 s, until it succeeds or
@@ -36,27 +37,6 @@ const WRITES_IN_FLIGHT: usize = 2;
 pub struct Pending {
     pub finished: Finished,
     pub done: oneshot::Sender<bool>,
-}
-
-/// A call's row to commit before the call is made, and who waits for it.
-type Start = (CallRow, oneshot::Sender<bool>);
-
-/// Records each provider call in the ledger, outcome `started`, before it is made, so a worker
-/// that dies during a call still leaves a row for a call the provider may bill. Rows are
-/// committed in batches, like outcomes.
-#[derive(Debug, Clone)]
-pub struct CallStarts(mpsc::UnboundedSender<Start>);
-
-impl CallStarts {
-    /// Waits until `row` is committed: `true`, or `false` when it could not be before the
-    /// hard stop (the call must then not be made).
-    pub async fn record(&self, row: CallRow) -> bool {
-        let (tx, rx) = oneshot::channel();
-        if self.0.send((row, tx)).is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
-    }
 }
 
 /// The write path's settings.
@@ -210,54 +190,42 @@ impl Finisher {
         }
     }
 
-    /// Writes one queue's part of a batch; adds (entry id, key) of every applied outcome
-    /// that held a concurrency slot to `freed`.
+    /// Writes one queue's part of a batch in one script; adds (entry id, key) of every
+    /// applied outcome that held a concurrency slot to `freed`.
     async fn write_queue(
         &self,
         keys: &QueueKeys,
         items: Vec<Pending>,
         freed: &mut Vec<(String, String)>,
     ) {
-        let (chained, items): (Vec<_>, Vec<_>) =
-            items.into_iter().partition(|p| p.finished.chain.is_some());
-        let (steps, others): (Vec<_>, Vec<_>) = chained
-            .into_iter()
-            .partition(|p| matches!(p.finished.chain, Some(ChainWrite::Step(_))));
-        self.write_steps(keys, steps, freed).await;
-        for p in others {
-            self.write_chain(keys, p, freed).await;
-        }
-        if items.is_empty() {
-            return;
-        }
         let mut slots = Vec::with_capacity(items.len());
-        let (finishes, waiters): (Vec<_>, Vec<_>) = items
+        let (writes, waiters): (Vec<Write>, Vec<_>) = items
             .into_iter()
-            .map(|mut p| {
-                slots.push(p.finished.slot.take());
-                (p.finished.finish, p.done)
+            .map(|p| {
+                slots.push(p.finished.slot);
+                (p.finished.write, p.done)
             })
             .unzip();
         let applied = self
-            .retry("acknowledging tasks in Redis", || {
+            .retry("writing outcomes to Redis", || {
                 self.redis
-                    .finish(keys, &self.consumer, self.result_ttl, &finishes)
+                    .write(keys, &self.consumer, self.result_ttl, &writes)
             })
             .await;
         let ok = applied.is_some();
         let applied = applied.unwrap_or_default();
-        for (i, ((finish, done), slot)) in finishes.iter().zip(waiters).zip(slots).enumerate() {
+        for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
             if was_applied && let Some(key) = slot {
-                freed.push((finish.entry_id.clone(), key));
+                freed.push((write.entry_id().to_owned(), key));
             }
-            if ok {
+            if ok && let Some(finish) = write.finish() {
                 count(keys, &finish.kind, was_applied);
             }
             if ok && !was_applied {
                 tracing::warn!(
-                    task = %finish.task_id,
-                    "another worker took this task over; its outcome here was discarded"
+                    entry = write.entry_id(),
+                    "another worker took this entry over; its outcome here was discarded"
                 );
             }
             let _ = done.send(was_applied);
@@ -291,123 +259,7 @@ impl Finisher {
     }
 }
 
-impl Finisher {
-    /// Finishes a batch of chain steps and moves their chains along, in one script.
-    async fn write_steps(
-        &self,
-        keys: &QueueKeys,
-        batch: Vec<Pending>,
-        freed: &mut Vec<(String, String)>,
-    ) {
-        if batch.is_empty() {
-            return;
-        }
-        let items: Vec<(
-            &llmq_shared::queue::Finish,
-            &llmq_shared::queue::StepOutcome,
-        )> = batch
-            .iter()
-            .filter_map(|p| match &p.finished.chain {
-                Some(ChainWrite::Step(s)) => Some((&p.finished.finish, s.as_ref())),
-                _ => None,
-            })
-            .collect();
-        let applied = self
-            .retry("finishing chain steps in Redis", || {
-                self.redis
-                    .finish_steps(keys, &self.consumer, self.result_ttl, &items)
-            })
-            .await
-            .unwrap_or_default();
-        drop(items);
-        for (i, p) in batch.into_iter().enumerate() {
-            let was_applied = applied.get(i).copied().unwrap_or(false);
-            if !applied.is_empty() {
-                count(keys, &p.finished.finish.kind, was_applied);
-            }
-            if was_applied && let Some(key) = p.finished.slot {
-                freed.push((p.finished.finish.entry_id.clone(), key));
-            }
-            if !was_applied {
-                tracing::warn!(
-                    task = %p.finished.finish.task_id,
-                    "another worker took this chain step over; its outcome here was discarded"
-                );
-            }
-            let _ = p.done.send(was_applied);
-        }
-    }
-
-    /// Writes a chain transition (an expansion, or a step's end with what it unblocks) in
-    /// its one script.
-    async fn write_chain(&self, keys: &QueueKeys, p: Pending, freed: &mut Vec<(String, String)>) {
-        let Pending { finished, done } = p;
-        let applied = match &finished.chain {
-            Some(ChainWrite::Expand(chain)) => self
-                .retry("expanding a chain in Redis", || {
-                    self.redis
-                        .expand_chain(keys, &self.consumer, &finished.finish.entry_id, chain)
-                })
-                .await
-                .map(|r| r.is_some()),
-            Some(ChainWrite::Step(_)) => {
-                return self
-                    .write_steps(keys, vec![Pending { finished, done }], freed)
-                    .await;
-            }
-            Some(ChainWrite::Await {
-                chain_id,
-                step,
-                deadline_ms,
-            }) => {
-                self.retry("leaving a chain step to a person in Redis", || {
-                    self.redis.await_approval(
-                        keys,
-                        &self.consumer,
-                        self.result_ttl,
-                        &finished.finish,
-                        chain_id,
-                        step,
-                        *deadline_ms,
-                    )
-                })
-                .await
-            }
-            Some(ChainWrite::Rework { chain_id, reruns }) => {
-                self.retry("sending a chain's work back in Redis", || {
-                    self.redis.rework_step(
-                        keys,
-                        &self.consumer,
-                        self.result_ttl,
-                        &finished.finish,
-                        chain_id,
-                        reruns,
-                    )
-                })
-                .await
-            }
-            None => Some(false),
-        };
-        if applied == Some(false) {
-            tracing::warn!(
-                entry = %finished.finish.entry_id,
-                "another worker took this chain entry over; its outcome here was discarded"
-            );
-        }
-        if let (Some(was_applied), Some(ChainWrite::Await { .. } | ChainWrite::Rework { .. })) =
-            (applied, &finished.chain)
-        {
-            count(keys, &finished.finish.kind, was_applied);
-        }
-        let applied = applied.unwrap_or(false);
-        if applied && let Some(key) = finished.slot.clone() {
-            freed.push((finished.finish.entry_id.clone(), key));
-        }
-        let _ = done.send(applied);
-    }
-}
-
-/// Counts a written outcome in `llmq_tasks_total`, chain steps' as plain tasks'.
+/// Counts a task's written outcome in `llmq_tasks_total`, a chain step's as a plain task's.
 fn count(keys: &QueueKeys, kind: &FinishKind, applied: bool) {
     let outcome = match (kind, applied) {
         (_, false) => "fenced",

@@ -5,6 +5,7 @@
 //! - `fetcher`: reads as many tasks as there are free slots, reclaims idle ones;
 //! - `backend`: the apalis adapter (the only module that imports apalis);
 //! - `executor`: one task, parse -> plan -> attempt -> decide;
+//! - `finished`: what the executor hands the finisher (neither imports the other);
 //! - `finisher`: writes outcomes in batches, ledger first, then one Lua call;
 //! - `maintenance`: promoting delayed tasks, claim refresh, heartbeats, gauges.
 //!
@@ -37,11 +38,13 @@ use tokio_util::task::TaskTracker;
 mod backend;
 pub mod executor;
 mod fetcher;
+mod finished;
 pub mod finisher;
 mod maintenance;
 
-use executor::{Executor, Finished};
+use executor::Executor;
 use fetcher::{Fetcher, Job};
+use finished::Finished;
 use finisher::{Finisher, Pending};
 use maintenance::InFlight;
 

@@ -1,6 +1,12 @@
 //! Chains: a small DAG of steps submitted at once, from any language, with
-//! `XADD llmq:{q}:stream * chain '<json>'`. This module reads and validates the spec; the
-//! queue's chain scripts (`queue/chain.rs`) expand it and move it along.
+//! `XADD llmq:{q}:stream * chain '<json>'`. The queue's scripts store and move what is built
+//! here.
+//!
+//! Layout:
+//! - this module: the spec (the wire format), its validation, templates and handoffs;
+//! - `state`: a chain and its steps as stored, and the reruns that put steps into their
+//!   next round, bounded by `chains.max_rounds`;
+//! - `tests`: the spec's validation, one sentence per problem.
 //!
 //! Every way a spec can be wrong is a sentence that names the step and the problem; the
 //! worker turns it into one dead letter and runs nothing of the chain.
@@ -14,6 +20,9 @@ use crate::envelope::{self, Envelope, Risk, TaskType};
 
 #[cfg(test)]
 mod tests;
+
+mod state;
+pub use state::{ChainState, Rerun, StepOutcome, StepState};
 
 /// The only chain version this build understands.
 pub const VERSION: u64 = 1;

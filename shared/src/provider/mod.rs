@@ -2,6 +2,11 @@
 //!
 //! A provider turns a [`Request`] into a [`Completion`] (text and token usage) or a classified
 //! [`Error`] that says whether another try can help.
+//!
+//! Layout: this module holds the trait, the request, the error and the HTTP exchange every
+//! adapter shares; `openai`, `anthropic`, `gemini` and `ollama` are one wire format each;
+//! `command` runs a local CLI without a shell; `clients` builds a client per configured
+//! provider and probes whether it answers.
 
 use std::fmt;
 use std::future::Future;

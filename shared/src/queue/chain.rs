@@ -6,39 +6,16 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use redis::{Script, Value};
-use serde::{Deserialize, Serialize};
 
-use super::{Client, Finish, Result};
-use crate::chain::{Chain, Step};
-use crate::keys::{GROUP, QueueKeys};
-use crate::outcome::TaskRecord;
+use super::{Client, Result};
+use crate::chain::{Chain, ChainState, Rerun, Step, StepState};
+use crate::keys::QueueKeys;
 
-static EXPAND: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_expand.lua")));
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_cancel.lua")));
 static RETRY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/rerun.lua"),
         include_str!("chain_retry.lua")
-    ))
-});
-static REWORK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/settle.lua"),
-        include_str!("lua/rerun.lua"),
-        include_str!("chain_rework.lua")
-    ))
-});
-static STEP: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/settle.lua"),
-        include_str!("lua/advance.lua"),
-        include_str!("chain_step.lua")
-    ))
-});
-static AWAIT: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        include_str!("lua/settle.lua"),
-        include_str!("chain_await.lua")
     ))
 });
 static TRIM: LazyLock<Script> = LazyLock::new(|| {
@@ -55,187 +32,9 @@ static DECIDE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// What became of a chain step, as its chain records it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StepState {
-    /// `blocked`, `queued`, `succeeded`, `failed` or `cancelled` as the chain records it;
-    /// `llmq chain show` refines `queued` into `running` or `retrying` from the task.
-    pub status: String,
-    #[serde(default)]
-    pub task_id: String,
-    #[serde(default)]
-    pub round: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
-    #[serde(default)]
-    pub cost_usd: f64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub summary: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// For a step awaiting approval: when its `on_timeout` applies (ms).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<i64>,
-    /// Parents that succeeded and that did not, so far.
-    #[serde(default)]
-    pub ok: u32,
-    #[serde(default)]
-    pub failed: u32,
-}
-
-/// A chain as stored: its spec, state and steps.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChainState {
-    pub spec: Chain,
-    /// `running`, `succeeded`, `failed` or `cancelled`.
-    pub state: String,
-    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
-    pub steps: HashMap<String, StepState>,
-}
-
-impl ChainState {
-    /// `again` in their next round, each waiting for those of its parents that will not
-    /// have succeeded (rerun too, or not succeeded), in the order of the spec.
-    ///
-    /// # Errors
-    /// A step would wait for a parent that did not succeed and is not rerun: it would never
-    /// run. The sentence names both.
-    pub fn reruns(
-        &self,
-        again: &std::collections::HashSet<String>,
-    ) -> std::result::Result<Vec<Rerun>, String> {
-        let will_succeed = |p: &str| {
-            !again.contains(p) && self.steps.get(p).is_some_and(|x| x.status == "succeeded")
-        };
-        let mut out = Vec::new();
-        for s in self.spec.steps.iter().filter(|s| again.contains(&s.name)) {
-            if let Some(p) = s
-                .after
-                .iter()
-                .find(|p| !again.contains(*p) && !will_succeed(p))
-            {
-                return Err(format!(
-                    "step `{}` runs after `{p}`, which did not succeed and would not run again",
-                    s.name
-                ));
-            }
-            let round = self.steps.get(&s.name).map_or(0, |x| x.round) + 1;
-            // The bound no input escapes: escalations, rejections and retries together.
-            if round > self.spec.max_rounds {
-                return Err(format!(
-                    "step `{}` has run again {} times, the most chains.max_rounds ({}) allows",
-                    s.name,
-                    round - 1,
-                    self.spec.max_rounds
-                ));
-            }
-            let mut task = s.task.clone();
-            task.id = Some(crate::chain::step_task_id(&self.spec.id, &s.name, round));
-            let (ok, waits_for): (Vec<String>, Vec<String>) =
-                s.after.iter().cloned().partition(|p| will_succeed(p));
-            out.push(Rerun {
-                step: s.name.clone(),
-                round,
-                task,
-                waits_for,
-                ok: u32::try_from(ok.len()).unwrap_or(0),
-            });
-        }
-        Ok(out)
-    }
-
-    /// What `llmq chain retry` (and a replayed step's dead letter) runs again: the failed and
-    /// cancelled steps, or `from` and every step after it, each in its next round.
-    ///
-    /// # Errors
-    /// `from` is not a step, or a step would wait for one that will not run (the sentence
-    /// says which), or a step's rounds are used up.
-    pub fn retry(&self, from: Option<&str>) -> std::result::Result<Vec<Rerun>, String> {
-        let again: std::collections::HashSet<String> = match from {
-            Some(f) if self.spec.step(f).is_none() => {
-                return Err(format!("chain {} has no step `{f}`", self.spec.id));
-            }
-            Some(f) => self.descendants(f),
-            None => self
-                .spec
-                .steps
-                .iter()
-                .filter(|s| {
-                    self.steps
-                        .get(&s.name)
-                        .is_some_and(|x| matches!(x.status.as_str(), "failed" | "cancelled"))
-                })
-                .map(|s| s.name.clone())
-                .collect(),
-        };
-        self.reruns(&again).map_err(|e| {
-            format!("{e}; retry without --from, or --from the step that did not succeed")
-        })
-    }
-
-    /// `from` and every step after it.
-    #[must_use]
-    pub fn descendants(&self, from: &str) -> std::collections::HashSet<String> {
-        let mut out = std::collections::HashSet::new();
-        let mut todo = vec![from.to_owned()];
-        while let Some(n) = todo.pop() {
-            if out.insert(n.clone())
-                && let Some(s) = self.spec.step(&n)
-            {
-                todo.extend(s.children.iter().cloned());
-            }
-        }
-        out
-    }
-}
-
-/// How a chain step's task ended, for its chain.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepOutcome {
-    pub chain_id: String,
-    pub step: String,
-    /// `succeeded`, `failed` or `cancelled`.
-    pub outcome: &'static str,
-    pub fields: StepState,
-}
-
-impl StepOutcome {
-    /// Step `step` of chain `chain_id` failed with `error`, as task `task_id` (its current
-    /// round's task, or the step script leaves the step alone).
-    #[must_use]
-    pub fn failed(chain_id: String, step: String, task_id: String, error: String) -> Self {
-        Self {
-            chain_id,
-            step,
-            outcome: "failed",
-            fields: StepState {
-                task_id,
-                error: Some(error),
-                ..StepState::default()
-            },
-        }
-    }
-}
-
 /// How long an ended chain's keys live when no worker's `--result-ttl` applies (a cancel,
 /// or an approval decided by a person): the worker's default result TTL.
 pub const CHAIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// A step to run again, as [`Client::retry_chain`] enqueues it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rerun {
-    pub step: String,
-    pub round: u32,
-    /// The step's task for this round (its id names the round).
-    pub task: crate::envelope::Envelope,
-    /// The parents it waits for (those that are not succeeded, or are rerun too).
-    pub waits_for: Vec<String>,
-    /// How many of its parents already succeeded.
-    pub ok: u32,
-}
 
 /// Why a chain command could not act.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +48,7 @@ pub enum Refused {
 
 /// The compact graph the step script walks: children, whether a step is a join, and
 /// `min_success`; the chain's `on_failure` under `.on_failure`.
-fn graph(chain: &Chain) -> String {
+pub(super) fn graph(chain: &Chain) -> String {
     let mut g = serde_json::Map::new();
     for s in &chain.steps {
         g.insert(
@@ -271,87 +70,6 @@ fn graph(chain: &Chain) -> String {
 }
 
 impl Client {
-    /// Expands `chain`, read from stream entry `entry_id` held by `consumer`: once per chain
-    /// id, whatever the number of times it was submitted. Returns `Some(true)` when it was
-    /// expanded now, `Some(false)` when before, `None` when the entry is no longer ours.
-    ///
-    /// # Errors
-    /// Redis fails; then nothing of the chain was written.
-    pub async fn expand_chain(
-        &self,
-        keys: &QueueKeys,
-        consumer: &str,
-        entry_id: &str,
-        chain: &Chain,
-    ) -> Result<Option<bool>> {
-        let mut inv = EXPAND.key(keys.stream());
-        inv.key(keys.chain(&chain.id))
-            .key(keys.chain_steps(&chain.id))
-            .key(keys.chain_tasks(&chain.id))
-            .key(keys.chains());
-        for s in chain.steps.iter().filter(|s| !s.after.is_empty()) {
-            inv.key(keys.chain_wait(&chain.id, &s.name));
-        }
-        inv.arg(GROUP)
-            .arg(consumer)
-            .arg(entry_id)
-            .arg(&chain.id)
-            .arg(chain.to_json())
-            .arg(graph(chain))
-            .arg(super::now_ms());
-        for s in &chain.steps {
-            inv.arg(&s.name)
-                .arg(s.task.id.map(|i| i.to_string()).unwrap_or_default())
-                .arg(s.task.to_json())
-                .arg(s.after.join(","))
-                .arg(serde_json::to_string(s).unwrap_or_default());
-        }
-        let mut c = self.conn().await?;
-        let answer: i64 = inv.invoke_async(&mut c).await?;
-        Ok((answer >= 0).then_some(answer == 1))
-    }
-
-    /// Finishes a batch of chain steps' tasks like [`Client::finish`] does tasks, and moves
-    /// their chains along, in one script. Returns, per item, whether it was applied
-    /// (`false`: the entry was no longer ours).
-    ///
-    /// # Errors
-    /// Redis fails; then nothing of the batch was applied.
-    pub async fn finish_steps(
-        &self,
-        keys: &QueueKeys,
-        consumer: &str,
-        result_ttl: Duration,
-        items: &[(&Finish, &StepOutcome)],
-    ) -> Result<Vec<bool>> {
-        if items.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut inv = STEP.key(keys.stream());
-        inv.key(keys.delayed()).key(keys.dead());
-        for (item, step) in items {
-            let chain = &step.chain_id;
-            inv.key(keys.result(&item.task_id))
-                .key(keys.chain(chain))
-                .key(keys.chain_steps(chain))
-                .key(keys.chain_tasks(chain));
-        }
-        inv.arg(GROUP)
-            .arg(consumer)
-            .arg(result_ttl.as_secs().max(1))
-            .arg(super::now_ms());
-        for (item, step) in items {
-            inv.arg(&item_args(item)[..])
-                .arg(&step.step)
-                .arg(step.outcome)
-                .arg(step_fields(&step.fields))
-                .arg(keys.chain_wait_prefix(&step.chain_id));
-        }
-        let mut c = self.conn().await?;
-        let applied: Vec<i64> = inv.invoke_async(&mut c).await?;
-        Ok(applied.into_iter().map(|a| a == 1).collect())
-    }
-
     /// Cancels a running chain: every step not yet ended is cancelled. Returns how many.
     ///
     /// # Errors
@@ -395,92 +113,11 @@ impl Client {
         }
         inv.arg(super::now_ms());
         for r in steps {
-            inv.arg(&r.step)
-                .arg(r.task.id.map(|i| i.to_string()).unwrap_or_default())
-                .arg(r.task.to_json())
-                .arg(r.round)
-                .arg(r.waits_for.join(","))
-                .arg(r.ok);
+            inv.arg(&rerun_args(r)[..]);
         }
         let mut c = self.conn().await?;
         let n: i64 = inv.invoke_async(&mut c).await?;
         Ok(refused(n))
-    }
-
-    /// Finishes a review's task whose rejection sends work back, and puts `reruns` (the
-    /// step to redo, the steps after it up to the review, the review) into their next
-    /// round, in one script. Returns false when the entry was no longer ours.
-    ///
-    /// # Errors
-    /// Redis fails; then nothing was applied.
-    pub async fn rework_step(
-        &self,
-        keys: &QueueKeys,
-        consumer: &str,
-        result_ttl: Duration,
-        item: &Finish,
-        chain_id: &str,
-        reruns: &[Rerun],
-    ) -> Result<bool> {
-        let mut inv = REWORK.key(keys.stream());
-        inv.key(keys.delayed())
-            .key(keys.dead())
-            .key(keys.result(&item.task_id))
-            .key(keys.chain(chain_id))
-            .key(keys.chain_steps(chain_id))
-            .key(keys.chain_tasks(chain_id));
-        for r in reruns {
-            inv.key(keys.chain_wait(chain_id, &r.step));
-        }
-        inv.arg(GROUP)
-            .arg(consumer)
-            .arg(&settle_args(item, result_ttl)[..]);
-        for r in reruns {
-            inv.arg(&r.step)
-                .arg(r.task.id.map(|i| i.to_string()).unwrap_or_default())
-                .arg(r.task.to_json())
-                .arg(r.round)
-                .arg(r.waits_for.join(","))
-                .arg(r.ok);
-        }
-        let mut c = self.conn().await?;
-        let applied: i64 = inv.invoke_async(&mut c).await?;
-        Ok(applied == 1)
-    }
-
-    /// Settles an approval step's task and leaves the step awaiting a person's decision
-    /// until `deadline_ms`. Returns false when the entry was no longer ours.
-    ///
-    /// # Errors
-    /// Redis fails; then nothing was applied.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn await_approval(
-        &self,
-        keys: &QueueKeys,
-        consumer: &str,
-        result_ttl: Duration,
-        item: &Finish,
-        chain_id: &str,
-        step: &str,
-        deadline_ms: i64,
-    ) -> Result<bool> {
-        let mut c = self.conn().await?;
-        let applied: i64 = AWAIT
-            .key(keys.stream())
-            .key(keys.delayed())
-            .key(keys.dead())
-            .key(keys.result(&item.task_id))
-            .key(keys.chain_steps(chain_id))
-            .key(keys.approvals())
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(&settle_args(item, result_ttl)[..])
-            .arg(chain_id)
-            .arg(step)
-            .arg(deadline_ms)
-            .invoke_async(&mut c)
-            .await?;
-        Ok(applied == 1)
     }
 
     /// Decides an approval step once: approved (`note` becomes its summary), or rejected
@@ -713,35 +350,8 @@ fn refused(n: i64) -> std::result::Result<u64, Refused> {
     }
 }
 
-/// ARGV 3 to 10 of the scripts that settle one task (see `lua/settle.lua`): result ttl, now,
-/// entry id, kind, record, envelope and the kind's two arguments.
-fn settle_args(item: &Finish, result_ttl: Duration) -> Vec<String> {
-    let mut args = vec![
-        result_ttl.as_secs().max(1).to_string(),
-        super::now_ms().to_string(),
-    ];
-    args.extend(item_args(item));
-    args
-}
-
-/// One item's settle arguments: entry id, kind, record, envelope and the kind's two.
-fn item_args(item: &Finish) -> [String; 6] {
-    let (kind, a, b) = item.kind.args();
-    [
-        item.entry_id.clone(),
-        kind.to_owned(),
-        item.record
-            .as_ref()
-            .map(TaskRecord::to_json)
-            .unwrap_or_default(),
-        item.envelope.clone(),
-        a,
-        b,
-    ]
-}
-
 /// The fields a finished step records, as the step script merges them.
-fn step_fields(s: &StepState) -> String {
+pub(super) fn step_fields(s: &StepState) -> String {
     let mut m = serde_json::Map::new();
     let mut put = |k: &str, v: Option<&String>| {
         if let Some(v) = v {
@@ -756,4 +366,17 @@ fn step_fields(s: &StepState) -> String {
     put("error", s.error.as_ref());
     m.insert("cost_usd".into(), serde_json::json!(s.cost_usd));
     serde_json::Value::Object(m).to_string()
+}
+
+/// A rerun's six arguments, as `lua/rerun.lua` reads them: name, task id, envelope, round,
+/// the parents it waits for joined by ',', how many parents already succeeded.
+pub(super) fn rerun_args(r: &Rerun) -> [String; 6] {
+    [
+        r.step.clone(),
+        r.task.id.map(|i| i.to_string()).unwrap_or_default(),
+        r.task.to_json(),
+        r.round.to_string(),
+        r.waits_for.join(","),
+        r.ok.to_string(),
+    ]
 }

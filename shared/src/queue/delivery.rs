@@ -6,7 +6,8 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use redis::{Script, Value};
 
-use super::{Client, Delivery, Finish, Result, StepOutcome, reply};
+use super::{Client, Delivery, Finish, Result, Write, reply};
+use crate::chain::StepOutcome;
 use crate::envelope;
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::{ErrorClass, Status, TaskRecord};
@@ -69,36 +70,24 @@ impl Client {
         let (poison, run): (Vec<Delivery>, Vec<Delivery>) = claimed
             .into_iter()
             .partition(|d| d.deliveries > max_deliveries);
-        if !poison.is_empty() {
-            // A chain step's poison ends its step like any failure, in the same script, so
-            // its chain moves on (descendants cancelled, joins counted) and ends.
-            let (steps, plain): (Vec<_>, Vec<_>) = poison
-                .iter()
-                .map(|d| {
-                    let step = d.payload.as_deref().and_then(envelope::chain_step_of);
-                    (poison_finish(keys, d), step)
-                })
-                .partition(|(_, step)| step.is_some());
-            let plain: Vec<Finish> = plain.into_iter().map(|(f, _)| f).collect();
-            if !plain.is_empty() {
-                self.finish(keys, consumer, result_ttl, &plain).await?;
-            }
-            let steps: Vec<(Finish, StepOutcome)> = steps
-                .into_iter()
-                .filter_map(|(f, step)| {
-                    let (chain_id, step) = step?;
-                    let error = f.record.as_ref()?.error.clone()?;
-                    let outcome = StepOutcome::failed(chain_id, step, f.task_id.clone(), error);
-                    Some((f, outcome))
-                })
-                .collect();
-            if !steps.is_empty() {
-                let items: Vec<(&Finish, &StepOutcome)> =
-                    steps.iter().map(|(f, s)| (f, s)).collect();
-                self.finish_steps(keys, consumer, result_ttl, &items)
-                    .await?;
-            }
-        }
+        // A chain step's poison ends its step like any failure, in the same script, so its
+        // chain moves on (descendants cancelled, joins counted) and ends.
+        let writes: Vec<Write> = poison
+            .iter()
+            .map(|d| {
+                let finish = poison_finish(keys, d);
+                let step = d.payload.as_deref().and_then(envelope::chain_step_of);
+                match (step, finish.record.as_ref().and_then(|r| r.error.clone())) {
+                    (Some((chain_id, step)), Some(error)) => {
+                        let task_id = finish.task_id.clone();
+                        let outcome = StepOutcome::failed(chain_id, step, task_id, error);
+                        Write::Step(finish, Box::new(outcome))
+                    }
+                    _ => Write::Task(finish),
+                }
+            })
+            .collect();
+        self.write(keys, consumer, result_ttl, &writes).await?;
         Ok(run)
     }
 

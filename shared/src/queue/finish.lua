@@ -1,28 +1,125 @@
--- Finishes a batch of tasks in one call: for each, checks that this consumer still holds the
--- entry (fencing: a worker whose claim was taken over must not write), applies the outcome,
--- then acks and deletes every entry that was still held.
--- KEYS: 1 stream, 2 delayed, 3 dead, then one result key per item
+-- Writes a batch of outcomes of one queue in one call, whatever they are: for each item,
+-- checks that this consumer still holds its entry (fencing: a worker whose claim was taken
+-- over must not write), applies it, then acks and deletes every entry that was still held.
+-- Every op of a chain step acts on the chain only for the step's current task (its round's)
+-- while the step is queued: a stale or forged task settles its own entry and nothing else.
+-- KEYS: 1 stream, 2 delayed, 3 dead, then per item the keys of its op
 -- ARGV: 1 group, 2 consumer, 3 result ttl (s), 4 now (ms), 5 and 6 the lowest and highest
---   entry id of the batch, then 6 per item:
---   entry id, kind, record json, envelope json, a, b (see settle.lua)
--- Returns one integer per item: 1 applied, 0 fenced (no longer ours).
+--   entry id of the batch, then per item: op, its number of keys, its number of args, args
+-- Ops, with their keys and args (settle = entry id, kind, record, envelope, a, b, as
+-- settle.lua reads them):
+--   task:   result key; settle
+--   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
+--           cancelled), step state fields as json, prefix of the chain's wait sets
+--   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
+--   rerun:  result key, chain, steps, tasks, one wait set per rerun; settle, task id, step,
+--           then 6 per rerun (see rerun.lua): name, task id, envelope, round, waits, ok
+--   expand: chain, steps, tasks, the chains index, one wait set per step with parents;
+--           entry id, chain id, spec json, graph json, then 5 per step (see expand below)
+-- Returns one integer per item: 1 applied, 0 fenced (the entry is no longer this consumer's).
+
+-- An approval step's task: the step waits for a person until the deadline.
+local function await_step(steps, approvals, task_id, chain_id, name, deadline)
+  local raw = redis.call('HGET', steps, name)
+  if not raw then
+    return
+  end
+  local s = cjson.decode(raw)
+  if s.status == 'queued' and s.task_id == task_id then
+    s.status = 'awaiting_approval'
+    s.deadline = tonumber(deadline)
+    redis.call('HSET', steps, name, cjson.encode(s))
+    redis.call('ZADD', approvals, deadline, chain_id .. '\t' .. name)
+  end
+end
+
+-- A step sends work back (a review's or check's rejection) or escalates: the steps to run
+-- again go into their next round, while the chain runs and the step is still this task's.
+local function rerun_steps(stream, keys, args)
+  local chain, steps, tasks, task_id, name = keys[2], keys[3], keys[4], args[7], args[8]
+  if redis.call('HGET', chain, 'state') ~= 'running' then
+    return
+  end
+  local raw = redis.call('HGET', steps, name)
+  local s = raw and cjson.decode(raw)
+  if not s or s.task_id ~= task_id or s.status ~= 'queued' then
+    return
+  end
+  local n = (#args - 8) / 6
+  for i = 0, n - 1 do
+    local b = 9 + i * 6
+    rerun_step(stream, chain, steps, tasks, keys[5 + i], args[b], args[b + 1], args[b + 2],
+      args[b + 3], args[b + 4], args[b + 5])
+  end
+end
+
+-- Expands a validated chain, once per chain id: its spec and graph, each step's state, task
+-- and definition (the chain's field `def:<name>`, so a step reads only its own), the parents
+-- each step waits for; the steps that wait for nobody are enqueued. A replayed expansion
+-- (same chain id) writes nothing. Per step: name, task id, envelope, parents joined by ',',
+-- definition json.
+local function expand(stream, keys, args, now)
+  local chain, steps, tasks, index = keys[1], keys[2], keys[3], keys[4]
+  if redis.call('EXISTS', chain) == 1 then
+    return
+  end
+  local n = (#args - 4) / 5
+  redis.call('HSET', chain, 'spec', args[3], 'graph', args[4], 'state', 'running',
+    'created_at', now, 'pending', n, 'failed', 0, 'cancelled', 0, 'queue_entry', args[1])
+  redis.call('ZADD', index, now, args[2])
+  local wait = 5
+  for i = 0, n - 1 do
+    local b = 5 + i * 5
+    local name, task_id, env, parents = args[b], args[b + 1], args[b + 2], args[b + 3]
+    redis.call('HSET', tasks, name, env)
+    redis.call('HSET', chain, 'def:' .. name, args[b + 4])
+    local state = {task_id = task_id, round = 0, ok = 0, failed = 0}
+    if parents == '' then
+      state.status = 'queued'
+      redis.call('XADD', stream, '*', 'task', env)
+    else
+      state.status = 'blocked'
+      for p in string.gmatch(parents, '[^,]+') do
+        redis.call('SADD', keys[wait], p)
+      end
+      wait = wait + 1
+    end
+    redis.call('HSET', steps, name, cjson.encode(state))
+  end
+end
+
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local done, out = {}, {}
 -- One XPENDING for the whole batch: what this consumer still holds in the batch's range.
 local mine = {}
 for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[5], ARGV[6], 1000000, consumer)) do
   mine[p[1]] = true
 end
-local n = (#ARGV - 6) / 6
-for i = 0, n - 1 do
-  local base = 7 + i * 6
-  local id, kind, record, env = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
-  if mine[id] then
-    mine[id] = nil
-    settle(stream, delayed, dead, KEYS[4 + i], id, kind, record, env, ARGV[base + 4],
-      ARGV[base + 5], now, ttl)
-    done[#done + 1] = id
+local done, out = {}, {}
+local k, a = 4, 7
+while a <= #ARGV do
+  local op, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local keys, args = {}, {}
+  for i = 1, nk do keys[i] = KEYS[k + i - 1] end
+  for i = 1, na do args[i] = ARGV[a + 2 + i] end
+  k, a = k + nk, a + 3 + na
+  local entry = args[1]
+  if mine[entry] then
+    mine[entry] = nil
+    if op == 'expand' then
+      expand(stream, keys, args, now)
+    else
+      settle(stream, delayed, dead, keys[1], entry, args[2], args[3], args[4], args[5],
+        args[6], now, ttl)
+      if op == 'step' then
+        advance(stream, keys[2], keys[3], keys[4], args[7], args[8], args[9], args[10], now, ttl)
+      elseif op == 'await' then
+        await_step(keys[2], keys[3], args[7], args[8], args[9], args[10])
+      elseif op == 'rerun' then
+        rerun_steps(stream, keys, args)
+      end
+    end
+    done[#done + 1] = entry
     out[#out + 1] = 1
   else
     out[#out + 1] = 0

@@ -8,7 +8,11 @@
 //! Layout:
 //! - `enqueue`: the consumer group, enqueueing, and the scheduler's fenced recurring ticks;
 //! - `delivery`: reading, taking over idle entries (poison tasks included), claim refresh;
-//! - `finish`: a batch of outcomes in one script, and promoting due delayed tasks;
+//! - `finish`: every outcome of a batch ([`Write`]: tasks, chain steps and what their chains
+//!   do next, submitted chains) in one script, and promoting due delayed tasks;
+//! - `chain`: a chain's reads, and what a person or the scheduler does to one (cancel, retry,
+//!   approve, trim); its state types live in [`crate::chain`];
+//! - `slots`: concurrency-key slots, taken, parked for and freed;
 //! - `dead_letter`: listing, finding, replaying, purging and (fenced) trimming dead letters;
 //! - `inspect`: counts, task lookup, results, worker heartbeats;
 //! - `reply`: reading Redis replies, in one place;
@@ -30,9 +34,10 @@ mod inspect;
 mod reply;
 mod slots;
 
-pub use chain::{ChainState, Refused, Rerun, StepOutcome, StepState};
+pub use chain::Refused;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
+pub use finish::Write;
 pub use slots::Slot;
 
 /// The fence check every fenced script starts with (see `lua/fence.lua`), for scripts
@@ -97,7 +102,7 @@ impl FinishKind {
     }
 }
 
-/// One item of a [`Client::finish`] batch.
+/// A task's own outcome, in a [`Write`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
     pub entry_id: String,

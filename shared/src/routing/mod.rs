@@ -18,6 +18,9 @@
 //!
 //! Constraints exclude models or providers and raise the minimum tier everywhere, hints
 //! included (a chain's review step must not be routed to the model it reviews).
+//!
+//! Layout: this module holds `plan` and its types (`Plan`, `Candidate`, `Constraints`,
+//! `Stats` and `Observed`, `RouteError`); `tests` has its unit tests.
 
 use std::collections::HashMap;
 

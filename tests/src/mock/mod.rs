@@ -2,6 +2,10 @@
 //! formats over real HTTP, so the worker's real HTTP adapters can be tested without the
 //! internet.
 //!
+//! Layout: this module holds the server, the magic models and the counters; `openai`,
+//! `anthropic`, `gemini` and `ollama` are one route's wire format each; `tests` checks each
+//! format's shapes.
+//!
 //! Routes:
 //!
 //! | route | format | auth |

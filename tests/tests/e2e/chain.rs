@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use llmq_shared::queue::ChainState;
+use llmq_shared::chain::ChainState;
 use llmq_tests::harness::{TestEnv, WorkerHandle};
 use serde_json::{Value, json};
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
-use llmq_shared::queue::{Finish, FinishKind};
+use llmq_shared::queue::{Finish, FinishKind, Write};
 use llmq_tests::harness::{TestEnv, WorkerProcess};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -170,30 +170,32 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
     let outcome = |who: &str| {
         let mut r = TaskRecord::pending(&id, &env.queue, Status::Succeeded);
         r.output = Some(format!("written by {who}"));
-        Finish {
+        Write::Task(Finish {
             entry_id: mine[0].entry_id.clone(),
             task_id: id.clone(),
             kind: FinishKind::Done,
             record: Some(r),
             envelope: String::new(),
-        }
+        })
     };
     let fast = env
         .redis
-        .finish(&env.keys, "fast-worker", WAIT, &[outcome("fast")])
+        .write(&env.keys, "fast-worker", WAIT, &[outcome("fast")])
         .await
         .unwrap();
     assert_eq!(fast, vec![true]);
     let slow = env
         .redis
-        .finish(&env.keys, "slow-worker", WAIT, &[outcome("slow")])
+        .write(&env.keys, "slow-worker", WAIT, &[outcome("slow")])
         .await
         .unwrap();
     assert_eq!(slow, vec![false], "the old owner is fenced off");
     let stored = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
     assert_eq!(stored.output.as_deref(), Some("written by fast"));
     // Nor may it push a retry or a dead letter.
-    let mut retry = outcome("slow");
+    let Write::Task(mut retry) = outcome("slow") else {
+        unreachable!()
+    };
     retry.kind = FinishKind::Dead {
         error: "late".into(),
         class: ErrorClass::Fatal,
@@ -201,7 +203,7 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
     retry.envelope = "{}".into();
     assert_eq!(
         env.redis
-            .finish(&env.keys, "slow-worker", WAIT, &[retry])
+            .write(&env.keys, "slow-worker", WAIT, &[Write::Task(retry)])
             .await
             .unwrap(),
         vec![false]

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use chrono::Utc;
 use llmq_scheduler::Scheduler;
+use llmq_shared::chain::ChainState;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
-use llmq_shared::queue::ChainState;
 use llmq_tests::harness::{
     SeededRng, TestEnv, WorkerHandle, WorkerProcess, database_url, redis_url,
 };

@@ -39,6 +39,19 @@ pub enum Outcome {
     Unavailable(Unavailable),
     /// The task failed: a fatal answer, or retryable errors from providers that answer.
     Failed(AttemptError),
+    /// A review or a check judged the work and rejected it: a verdict, not a failed call,
+    /// so [`decide`](super::decide) may send the work back.
+    Rejected(Rejection),
+}
+
+/// A review's or a check's rejection, as a sentence with its findings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection(pub String);
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// Why no candidate could be called, and the earliest moment one may be.

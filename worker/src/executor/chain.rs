@@ -5,15 +5,18 @@
 use std::collections::HashMap;
 
 use llmq_shared::chain::{self, Distinct, Kind, Reference};
+use llmq_shared::chain::{ChainState, Rerun, StepState};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::envelope::Tier;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
-use llmq_shared::queue::{ChainState, Client, Rerun, StepState};
+use llmq_shared::queue::Client;
 use llmq_shared::routing::Constraints;
 
-use super::attempt::AttemptError;
+use llmq_shared::provider::Completion;
+
+use super::attempt::{AttemptError, Outcome, Rejection};
 
 /// How long an approval waits when its step gives no `timeout`.
 const APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
@@ -54,8 +57,7 @@ pub(super) enum Prepared {
 
 /// What a review's rejection sends back: the steps to run again, from the step to redo to
 /// the review itself, in their next round.
-pub(super) struct Rework {
-    pub chain_id: String,
+pub struct Rework {
     pub review: String,
     pub rerun: String,
     pub reruns: Vec<Rerun>,
@@ -66,7 +68,7 @@ pub(super) struct Rework {
 impl Rework {
     /// The reruns, with the findings after the prompt of the step to redo: the model's text,
     /// which is never read as a template (only the spec's prompt is one).
-    pub(super) fn with_findings(mut self, findings: &str) -> Vec<Rerun> {
+    pub fn with_findings(mut self, findings: &str) -> Vec<Rerun> {
         // A task may not carry NUL: a model's NUL would make the rerun a dead letter.
         let findings = llmq_shared::text::storable(findings);
         for r in &mut self.reruns {
@@ -364,7 +366,6 @@ fn escalation(state: &ChainState, step: &chain::Step) -> Option<Result<Rework, S
     }
     let again = std::collections::HashSet::from([step.name.clone()]);
     Some(state.reruns(&again).map(|reruns| Rework {
-        chain_id: state.spec.id.clone(),
         review: step.name.clone(),
         rerun: step.name.clone(),
         reruns,
@@ -403,7 +404,6 @@ fn rework(state: &ChainState, step: &chain::Step, config: &Config) -> Option<Rew
             .and_then(|m| config.tier_of(m))
     });
     Some(Rework {
-        chain_id: state.spec.id.clone(),
         review: step.name.clone(),
         rerun: on_reject.rerun.clone(),
         reruns,
@@ -454,35 +454,39 @@ fn consensus(candidates: &[(&str, String)]) -> Prepared {
     }
 }
 
-/// What the answer of a step means, as its output, or why it is no good.
-pub(super) fn read(reading: &Reading, answer: &str) -> Result<String, AttemptError> {
+/// What the answer of a step means: its output, a failure, or a review's rejection.
+pub(super) fn read(reading: &Reading, answer: Completion) -> Outcome {
     match reading {
-        Reading::Plain => Ok(answer.to_owned()),
+        Reading::Plain => Outcome::Answered(answer),
         Reading::Pick(candidates) => {
             let n = answer
+                .text
                 .split(|c: char| !c.is_ascii_digit())
                 .find(|s| !s.is_empty())
                 .and_then(|s| s.parse::<usize>().ok())
                 .filter(|n| (1..=candidates.len()).contains(n));
             match n {
-                Some(n) => Ok(candidates[n - 1].clone()),
-                None => Err(failure(
+                Some(n) => Outcome::Answered(Completion {
+                    text: candidates[n - 1].clone(),
+                    ..answer
+                }),
+                None => Outcome::Failed(failure(
                     ErrorClass::Retryable,
                     format!(
                         "the judge's answer names no candidate between 1 and {}: {}",
                         candidates.len(),
-                        llmq_shared::provider::excerpt(answer, 200)
+                        llmq_shared::provider::excerpt(&answer.text, 200)
                     ),
                 )),
             }
         }
         Reading::Verdict { reviewed } => {
-            let Some(v) = verdict(answer) else {
-                return Err(failure(
+            let Some(v) = verdict(&answer.text) else {
+                return Outcome::Failed(failure(
                     ErrorClass::Retryable,
                     format!(
                         "the review's answer is not a verdict ({{\"verdict\": \"approve\"|\"reject\"}}): {}",
-                        llmq_shared::provider::excerpt(answer, 200)
+                        llmq_shared::provider::excerpt(&answer.text, 200)
                     ),
                 ));
             };
@@ -497,11 +501,13 @@ pub(super) fn read(reading: &Reading, answer: &str) -> Result<String, AttemptErr
                 })
                 .unwrap_or_default();
             match v.get("verdict").and_then(|x| x.as_str()) {
-                Some("approve") => Ok(v.to_string()),
-                _ => Err(failure(
-                    ErrorClass::Fatal,
-                    format!("the review rejected step `{reviewed}`: {findings}"),
-                )),
+                Some("approve") => Outcome::Answered(Completion {
+                    text: v.to_string(),
+                    ..answer
+                }),
+                _ => Outcome::Rejected(Rejection(format!(
+                    "the review rejected step `{reviewed}`: {findings}"
+                ))),
             }
         }
     }
@@ -532,29 +538,50 @@ fn failure(class: ErrorClass, message: String) -> AttemptError {
 mod tests {
     use super::*;
 
+    fn answer(text: &str) -> Completion {
+        Completion {
+            text: text.into(),
+            usage: llmq_shared::provider::Usage::default(),
+        }
+    }
+
+    fn output(o: Outcome) -> String {
+        match o {
+            Outcome::Answered(c) => c.text,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn a_judge_picks_by_number_and_a_review_reads_its_verdict() {
         let pick = Reading::Pick(vec!["A".into(), "B".into()]);
-        assert_eq!(read(&pick, "2. B is better").unwrap(), "B");
-        assert_eq!(read(&pick, "Candidate [1]").unwrap(), "A");
-        assert!(read(&pick, "3").is_err());
-        assert!(read(&pick, "neither").is_err());
+        assert_eq!(output(read(&pick, answer("2. B is better"))), "B");
+        assert_eq!(output(read(&pick, answer("Candidate [1]"))), "A");
+        assert!(matches!(read(&pick, answer("3")), Outcome::Failed(_)));
+        assert!(matches!(read(&pick, answer("neither")), Outcome::Failed(_)));
         let review = Reading::Verdict {
             reviewed: "impl".into(),
         };
-        let ok = read(&review, r#"Sure: {"verdict": "approve", "findings": []}"#).unwrap();
-        assert!(ok.contains("approve"));
-        let e = read(
+        let ok = output(read(
             &review,
-            r#"{"verdict":"reject","findings":["no tests","typo"]}"#,
-        )
-        .unwrap_err();
-        assert_eq!(e.class, ErrorClass::Fatal);
-        assert_eq!(e.message, "the review rejected step `impl`: no tests; typo");
-        assert_eq!(
-            read(&review, "looks fine").unwrap_err().class,
-            ErrorClass::Retryable
+            answer(r#"Sure: {"verdict": "approve", "findings": []}"#),
+        ));
+        assert!(ok.contains("approve"));
+        let rejected = read(
+            &review,
+            answer(r#"{"verdict":"reject","findings":["no tests","typo"]}"#),
         );
+        assert!(
+            matches!(&rejected, Outcome::Rejected(r) if r.0 == "the review rejected step `impl`: no tests; typo"),
+            "a rejection is a verdict, not a failed call: {rejected:?}"
+        );
+        assert!(matches!(
+            read(&review, answer("looks fine")),
+            Outcome::Failed(AttemptError {
+                class: ErrorClass::Retryable,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -11,11 +11,7 @@ use llmq_shared::provider::{Completion, Usage, excerpt};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::attempt::{AttemptError, Outcome};
-
-/// What a failing check says, so that it can send the work back like a review's rejection;
-/// a check that cannot run or runs too long is not a verdict on the work.
-pub(super) const REJECTED: &str = "the check rejected the work: ";
+use super::attempt::{AttemptError, Outcome, Rejection};
 
 /// Runs check `name` on `input`.
 pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome {
@@ -81,10 +77,12 @@ pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome
         .status
         .code()
         .map_or_else(|| "a signal".to_owned(), |c| format!("exit {c}"));
-    fail(format!(
-        "{REJECTED}check `{name}` failed ({code}): {}",
+    // A verdict on the work, which may send it back; a check that cannot run or runs too
+    // long is not one.
+    Outcome::Rejected(Rejection(format!(
+        "the check rejected the work: check `{name}` failed ({code}): {}",
         excerpt(&said, 1000)
-    ))
+    )))
 }
 
 #[cfg(test)]
@@ -109,13 +107,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         match run("grep", &check("grep", &["-q", "TODO"]), "no todos here").await {
-            Outcome::Failed(e) => {
-                assert_eq!(e.class, ErrorClass::Fatal);
+            Outcome::Rejected(r) => {
                 assert!(
-                    e.message
-                        .starts_with("the check rejected the work: check `grep` failed (exit 1)"),
-                    "{}",
-                    e.message
+                    r.0.starts_with("the check rejected the work: check `grep` failed (exit 1)"),
+                    "{r}"
                 );
             }
             other => panic!("{other:?}"),

@@ -1,5 +1,8 @@
 //! What happens to a task after an attempt: a pure function of the task, what the attempt
-//! came to and the retry policy, so every rule here has a unit test without Redis.
+//! came to, what its chain step may do instead of ending, and the retry policy, so every
+//! rule here has a unit test without Redis. It is the only place a task's fate is chosen:
+//! done, retry, wait, escalate, rework, dead or release; nothing after it looks at the
+//! outcome again.
 
 use std::time::Duration;
 
@@ -7,7 +10,11 @@ use chrono::{DateTime, Utc};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::retry::RetryPolicy;
 
+use llmq_shared::chain::Rerun;
+use llmq_shared::envelope::Tier;
+
 use super::attempt::{AttemptError, Outcome, Unavailable};
+use super::chain::Rework;
 
 /// The retry policy of one worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -28,6 +35,24 @@ pub struct TaskState {
     pub waiting_since: Option<DateTime<Utc>>,
 }
 
+/// What a chain step may do instead of ending, known before the decision. Each rerun in it
+/// carries the round it leads to, within `chains.max_rounds` (or it would not exist: see
+/// `ChainState::reruns`).
+#[derive(Default)]
+pub struct StepRounds {
+    /// A review's or check's rejection sends this work back, while its rounds last.
+    pub rework: Option<Rework>,
+    /// The step escalates: its next round one tier up, or why it cannot have one.
+    pub escalation: Option<Result<Escalation, String>>,
+}
+
+/// A step's next round, one tier up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Escalation {
+    pub tier: Tier,
+    pub reruns: Vec<Rerun>,
+}
+
 /// The Redis transition for the task.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
@@ -44,6 +69,20 @@ pub enum Transition {
     Retry { due: DateTime<Utc> },
     /// Nothing more will be tried.
     Dead { error: String, class: ErrorClass },
+    /// A chain step failed for good with `error` and runs again at `tier`: this round ends
+    /// failed, `reruns` (the step in its next round) run.
+    Escalate {
+        error: String,
+        tier: Tier,
+        reruns: Vec<Rerun>,
+    },
+    /// A review or a check rejected the work with rounds left: its verdict (`findings`) is
+    /// this task's result, and `reruns` (the work, with the findings, up to the judging
+    /// step) run again.
+    Rework {
+        findings: String,
+        reruns: Vec<Rerun>,
+    },
 }
 
 impl Transition {
@@ -52,19 +91,44 @@ impl Transition {
     }
 }
 
-/// Decides what becomes of a task after an attempt that came to `outcome`.
+/// Decides what becomes of a task after an attempt that came to `outcome`; a chain step may
+/// instead run again as `rounds` allows.
 #[must_use]
 pub fn decide(
     task: TaskState,
     outcome: &Outcome,
+    rounds: StepRounds,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Transition {
-    match outcome {
-        Outcome::Answered(_) => Transition::Done,
-        Outcome::Released => Transition::Release,
+    let ended = match outcome {
+        Outcome::Answered(_) => return Transition::Done,
+        Outcome::Released => return Transition::Release,
         Outcome::Unavailable(u) => wait(task, u, policy, now),
         Outcome::Failed(e) => failed(task, e, policy, now),
+        Outcome::Rejected(r) => match rounds.rework {
+            Some(rework) => {
+                return Transition::Rework {
+                    findings: r.0.clone(),
+                    reruns: rework.with_findings(&r.0),
+                };
+            }
+            // No rounds left: the verdict stands, and ends the step.
+            None => Transition::dead(r.0.clone(), ErrorClass::Fatal),
+        },
+    };
+    // A step that escalates and ended for good runs again one tier up, while it can. An
+    // invalid task is not the step's to run again.
+    match (ended, rounds.escalation) {
+        (Transition::Dead { error, class }, Some(up)) if class != ErrorClass::Invalid => match up {
+            Ok(up) => Transition::Escalate {
+                error,
+                tier: up.tier,
+                reruns: up.reruns,
+            },
+            Err(why) => Transition::dead(format!("{error}; cannot escalate: {why}"), class),
+        },
+        (ended, _) => ended,
     }
 }
 
@@ -157,6 +221,7 @@ mod tests {
         let t = decide(
             task(1, None),
             &unavailable(ErrorClass::Unavailable, at(60)),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -171,6 +236,7 @@ mod tests {
         let t = decide(
             task(0, Some(at(-100))),
             &unavailable(ErrorClass::Unavailable, at(60)),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -188,6 +254,7 @@ mod tests {
         let t = decide(
             task(0, None),
             &unavailable(ErrorClass::RateLimited, at(-5)),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -201,6 +268,7 @@ mod tests {
         let t = decide(
             task(0, Some(at(-3590))),
             &unavailable(ErrorClass::Unavailable, at(60)),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -215,6 +283,7 @@ mod tests {
         let t = decide(
             task(0, Some(at(-3600))),
             &unavailable(ErrorClass::Unavailable, at(60)),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -235,6 +304,7 @@ mod tests {
         let t = decide(
             task(0, Some(at(-7200))),
             &unavailable(ErrorClass::QuotaExhausted, at(20_000)),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -252,6 +322,7 @@ mod tests {
         let t = decide(
             task(0, None),
             &failed(ErrorClass::Retryable, &["mock"]),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -264,6 +335,7 @@ mod tests {
         let t = decide(
             task(2, None),
             &failed(ErrorClass::Retryable, &["mock"]),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -277,6 +349,7 @@ mod tests {
         let t = decide(
             task(2, None),
             &failed(ErrorClass::Retryable, &["a", "b"]),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -294,6 +367,7 @@ mod tests {
         let t = decide(
             task(0, None),
             &failed(ErrorClass::Fatal, &["mock"]),
+            StepRounds::default(),
             &POLICY,
             at(0),
         );
@@ -313,12 +387,192 @@ mod tests {
             usage: llmq_shared::provider::Usage::default(),
         });
         assert_eq!(
-            decide(task(0, None), &answered, &POLICY, at(0)),
+            decide(
+                task(0, None),
+                &answered,
+                StepRounds::default(),
+                &POLICY,
+                at(0)
+            ),
             Transition::Done
         );
         assert_eq!(
-            decide(task(0, None), &Outcome::Released, &POLICY, at(0)),
+            decide(
+                task(0, None),
+                &Outcome::Released,
+                StepRounds::default(),
+                &POLICY,
+                at(0)
+            ),
             Transition::Release
+        );
+    }
+
+    fn rerun(step: &str, round: u32) -> Rerun {
+        let mut task = llmq_shared::envelope::Envelope::new("Write the parser.");
+        task.step = Some(step.into());
+        task.id = Some(llmq_shared::chain::step_task_id("c", step, round));
+        Rerun {
+            step: step.into(),
+            round,
+            task,
+            waits_for: Vec::new(),
+            ok: 0,
+        }
+    }
+
+    fn rework() -> Rework {
+        Rework {
+            review: "review".into(),
+            rerun: "impl".into(),
+            reruns: vec![rerun("impl", 1), rerun("review", 1)],
+            escalate_from: None,
+        }
+    }
+
+    fn rejected() -> Outcome {
+        Outcome::Rejected(super::super::attempt::Rejection(
+            "the review rejected step `impl`: no tests".into(),
+        ))
+    }
+
+    fn up() -> Escalation {
+        Escalation {
+            tier: Tier::Standard,
+            reruns: vec![rerun("impl", 1)],
+        }
+    }
+
+    #[test]
+    fn a_rejection_with_rounds_left_sends_the_work_back_with_its_findings() {
+        let rounds = StepRounds {
+            rework: Some(rework()),
+            escalation: None,
+        };
+        let Transition::Rework { findings, reruns } =
+            decide(task(0, None), &rejected(), rounds, &POLICY, at(0))
+        else {
+            panic!("a rejection with rounds left is rework")
+        };
+        assert_eq!(findings, "the review rejected step `impl`: no tests");
+        assert_eq!(reruns.len(), 2);
+        assert!(
+            reruns[0].task.prompt.starts_with("Write the parser.")
+                && reruns[0].task.prompt.contains("no tests"),
+            "the step to redo carries the findings after its prompt: {}",
+            reruns[0].task.prompt
+        );
+        assert_eq!(
+            reruns[1].task.prompt, "Write the parser.",
+            "only the step to redo gets them"
+        );
+    }
+
+    #[test]
+    fn a_rejection_without_rounds_ends_the_step_or_escalates_it() {
+        assert_eq!(
+            decide(
+                task(0, None),
+                &rejected(),
+                StepRounds::default(),
+                &POLICY,
+                at(0)
+            ),
+            Transition::Dead {
+                error: "the review rejected step `impl`: no tests".into(),
+                class: ErrorClass::Fatal
+            }
+        );
+        let rounds = StepRounds {
+            rework: None,
+            escalation: Some(Ok(up())),
+        };
+        assert!(matches!(
+            decide(task(0, None), &rejected(), rounds, &POLICY, at(0)),
+            Transition::Escalate {
+                tier: Tier::Standard,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn escalation_follows_only_a_failure_for_good_and_ends_with_why_when_it_cannot() {
+        let with = |e: Result<Escalation, String>| StepRounds {
+            rework: None,
+            escalation: Some(e),
+        };
+        // Attempts left: retry at the same tier first.
+        assert!(matches!(
+            decide(
+                task(0, None),
+                &failed(ErrorClass::Retryable, &["mock"]),
+                with(Ok(up())),
+                &POLICY,
+                at(0)
+            ),
+            Transition::Retry { .. }
+        ));
+        let t = decide(
+            task(0, None),
+            &failed(ErrorClass::Fatal, &["mock"]),
+            with(Ok(up())),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Escalate {
+                error: "mock/x: HTTP 500: boom".into(),
+                tier: Tier::Standard,
+                reruns: vec![rerun("impl", 1)]
+            }
+        );
+        let t = decide(
+            task(0, None),
+            &failed(ErrorClass::Fatal, &["mock"]),
+            with(Err(
+                "nothing at the advanced-tier can take it: provider mock has no advanced-tier model"
+                    .into(),
+            )),
+            &POLICY,
+            at(0),
+        );
+        assert_eq!(
+            t,
+            Transition::Dead {
+                error: "mock/x: HTTP 500: boom; cannot escalate: nothing at the advanced-tier \
+                        can take it: provider mock has no advanced-tier model"
+                    .into(),
+                class: ErrorClass::Fatal
+            }
+        );
+        // An invalid task is not the step's: it never runs the step again.
+        assert!(matches!(
+            decide(
+                task(0, None),
+                &failed(ErrorClass::Invalid, &[]),
+                with(Ok(up())),
+                &POLICY,
+                at(0)
+            ),
+            Transition::Dead {
+                class: ErrorClass::Invalid,
+                ..
+            }
+        ));
+        // An answer is done, whatever the step could have done instead.
+        let answered = Outcome::Answered(llmq_shared::provider::Completion {
+            text: "ok".into(),
+            usage: llmq_shared::provider::Usage::default(),
+        });
+        let rounds = StepRounds {
+            rework: Some(rework()),
+            escalation: Some(Ok(up())),
+        };
+        assert_eq!(
+            decide(task(0, None), &answered, rounds, &POLICY, at(0)),
+            Transition::Done
         );
     }
 }

@@ -1,8 +1,13 @@
 //! Runs one task: parse -> plan -> attempt -> decide.
 //!
-//! - [`attempt`] tries the plan's candidates and says what the attempt came to;
-//! - [`decide`] turns that into the Redis transition (a pure function);
-//! - this module builds the record and the [`Finished`] value for the finisher.
+//! Layout:
+//! - `attempt`: tries the plan's candidates and says what the attempt came to;
+//! - `decide`: turns that into the task's transition, a pure function and the only place a
+//!   task's fate is chosen (escalation and a rejection's send-back included);
+//! - `chain`: what a chain step needs before its call and what its answer means after;
+//! - `check`: a chain's check step, a command the provider file names;
+//! - `call_metrics`: the GenAI metrics of each call;
+//! - this module: admission, the record, and the [`Finished`] value for the finisher.
 //!
 //! Outcomes are not written here: the finisher writes them (ledger first, then one Lua call
 //! for a whole batch). Only quota and circuit state is read and written as calls are made.
@@ -12,16 +17,16 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use llmq_shared::chain::Chain;
+use llmq_shared::chain::{Chain, StepOutcome, StepState};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, STARTED, TaskRow};
+use llmq_shared::ledger::{CallRow, TaskRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
-use llmq_shared::queue::{Client, Delivery, Finish, Slot, StepOutcome, StepState, now_ms};
+use llmq_shared::queue::{Client, Delivery, Finish, FinishKind, Slot, Write, now_ms};
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
@@ -38,7 +43,9 @@ pub mod decide;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
 pub use call_metrics::CallMetrics;
-use decide::{Policy, TaskState, Transition};
+use decide::{Escalation, Policy, StepRounds, TaskState, Transition};
+
+use crate::finished::{CallStarts, Finished};
 
 /// What the executor needs to know, shared by every task.
 pub struct Executor {
@@ -62,7 +69,7 @@ pub struct Executor {
     /// Redis, not in memory.
     pub read_pause: Arc<ReadPause>,
     /// Records each call before it is made; `None` without a ledger.
-    pub call_starts: Option<crate::finisher::CallStarts>,
+    pub call_starts: Option<CallStarts>,
     pub call_metrics: CallMetrics,
 }
 
@@ -86,62 +93,6 @@ impl ReadPause {
     pub fn remaining(&self) -> Duration {
         let until = self.0.load(Ordering::Relaxed);
         Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0))
-    }
-}
-
-/// The outcome of one delivery, ready for the finisher.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Finished {
-    pub queue: Arc<QueueKeys>,
-    pub finish: Finish,
-    pub calls: Vec<CallRow>,
-    pub task: Option<TaskRow>,
-    /// What the chain this delivery belongs to must record, in the same script.
-    pub chain: Option<ChainWrite>,
-    /// The concurrency key whose slot this delivery holds, to free once its outcome is
-    /// written.
-    pub slot: Option<String>,
-    /// Nothing to write: the task was parked to wait for a slot of its concurrency key (or
-    /// the entry was no longer ours).
-    pub parked: bool,
-}
-
-/// A chain transition the finisher writes instead of a plain finish.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ChainWrite {
-    /// The delivery submitted this chain: expand it (its `finish` is not used).
-    Expand(Box<Chain>),
-    /// A step's task ended: finish it and move its chain along.
-    Step(Box<StepOutcome>),
-    /// An approval step's task: settle it and leave the step to a person.
-    Await {
-        chain_id: String,
-        step: String,
-        deadline_ms: i64,
-    },
-    /// A review rejected with rounds left: finish its task and run the work again.
-    Rework {
-        chain_id: String,
-        reruns: Vec<llmq_shared::queue::Rerun>,
-    },
-}
-
-impl Finished {
-    fn new(queue: Arc<QueueKeys>, finish: Finish, mut calls: Vec<CallRow>) -> Self {
-        // A call still running when its attempt ended (a timeout, the hard stop) was given up
-        // on: the provider may bill it, its usage is unknown.
-        for call in calls.iter_mut().filter(|c| c.outcome == STARTED) {
-            call.outcome = "abandoned".into();
-        }
-        Self {
-            queue,
-            finish,
-            calls,
-            task: None,
-            chain: None,
-            slot: None,
-            parked: false,
-        }
     }
 }
 
@@ -311,9 +262,9 @@ impl Executor {
                 let mut finished = invalid(queue, entry_id, task_id.clone(), raw, e.to_string());
                 // A chain step's task refused here still ends its step, so its chain ends;
                 // the step script applies it only for the step's current, queued task.
-                if let Some((chain_id, step)) = step {
+                if let (Some((chain_id, step)), Write::Task(finish)) = (step, &finished.write) {
                     let failed = StepOutcome::failed(chain_id, step, task_id, e.to_string());
-                    finished.chain = Some(ChainWrite::Step(Box::new(failed)));
+                    finished.write = Write::Step(finish.clone(), Box::new(failed));
                 }
                 return Err(Box::new(finished));
             }
@@ -327,7 +278,7 @@ impl Executor {
             if due_ms > now_ms() + 5 {
                 // Enqueued straight into the stream with a future run_at: wait in delayed.
                 let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
-                return Err(Box::new(Finished::new(queue, finish, Vec::new())));
+                return Err(Box::new(plain(queue, finish, Vec::new())));
             }
         }
         Ok(Admitted {
@@ -379,7 +330,7 @@ impl Executor {
                 Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
                     return Finished {
                         parked: true,
-                        ..Finished::new(
+                        ..plain(
                             queue,
                             Finish::release(entry_id, task_id, String::new()),
                             Vec::new(),
@@ -390,7 +341,7 @@ impl Executor {
                 Err(e) => {
                     tracing::warn!(task = %task_id, "cannot take a slot of concurrency key `{key}`: {e}");
                     let finish = Finish::release(entry_id, task_id, env.to_json());
-                    return Finished::new(queue, finish, Vec::new());
+                    return plain(queue, finish, Vec::new());
                 }
             }
         }
@@ -407,7 +358,7 @@ impl Executor {
                 Ok(step) => step,
                 Err(Ended::Release) => {
                     let finish = Finish::release(entry_id, task_id, env.to_json());
-                    return Finished::new(queue, finish, Vec::new());
+                    return plain(queue, finish, Vec::new());
                 }
                 Err(Ended::Cancelled(why)) => {
                     let record = running(&queue, &task_id, &env, &task_type);
@@ -520,32 +471,9 @@ impl Executor {
         span.record("llmq.cost_usd", record.cost_usd);
         // A judge's pick, a review's verdict.
         let outcome = match (tried.outcome, &reading) {
-            (Outcome::Answered(c), Some(read)) => match chain::read(read, &c.text) {
-                Ok(text) => Outcome::Answered(Completion { text, ..c }),
-                Err(e) => Outcome::Failed(e),
-            },
+            (Outcome::Answered(c), Some(read)) => chain::read(read, c),
             (outcome, _) => outcome,
         };
-
-        // A rejection with rounds left sends the work back instead of failing the step.
-        if let (Outcome::Failed(e), Some(r)) = (&outcome, rework)
-            && e.class == ErrorClass::Fatal
-            && (matches!(reading, Some(chain::Reading::Verdict { .. }))
-                || e.message.starts_with(check::REJECTED))
-        {
-            record.status = Status::Succeeded;
-            record.output = Some(e.message.clone());
-            record.finished_at = Some(Utc::now());
-            let chain_id = r.chain_id.clone();
-            let reruns = r.with_findings(&e.message);
-            let task = Some(task_row(&record));
-            let finish = Finish::done(entry_id, task_id, record);
-            return Finished {
-                task,
-                chain: Some(ChainWrite::Rework { chain_id, reruns }),
-                ..Finished::new(queue, finish, calls)
-            };
-        }
 
         // Decide.
         let policy = Policy {
@@ -557,48 +485,22 @@ impl Executor {
             max_attempts: env.max_attempts(),
             waiting_since: env.waiting_since,
         };
-        let now = Utc::now();
-        let mut transition = decide::decide(state, &outcome, &policy, now);
-        // A step that escalates and failed for good runs again one tier up, while there is
-        // one and the next tier can be routed; its failed round keeps its record. Each rung
-        // is a tier higher than the last, and every rerun counts against chains.max_rounds.
-        if let Transition::Dead { error, class } = &mut transition
-            && *class != ErrorClass::Invalid
-            && let Some(up) = escalation
-        {
-            let failed_tier = record
-                .provider
-                .as_deref()
-                .and_then(|p| self.config.provider(p))
-                .zip(record.model.as_deref())
-                .and_then(|(p, id)| p.model(id))
-                .map(|m| m.tier);
-            match self.escalation(up, failed_tier.max(env.min_tier), &constraints) {
-                Ok((up, tier)) => {
-                    record.status = Status::Failed;
-                    record.error = Some(format!(
-                        "{error}; escalating to a {}-tier model",
-                        tier.as_str()
-                    ));
-                    record.attempts = env.attempts + 1;
-                    record.finished_at = Some(Utc::now());
-                    let task = Some(task_row(&record));
-                    let chain_id = up.chain_id.clone();
-                    let finish = Finish::done(entry_id, task_id, record);
-                    return Finished {
-                        task,
-                        chain: Some(ChainWrite::Rework {
-                            chain_id,
-                            reruns: up.reruns,
-                        }),
-                        ..Finished::new(queue, finish, calls)
-                    };
-                }
-                Err(why) => error.push_str(&format!("; cannot escalate: {why}")),
-            }
-        }
-        let step = env.chain_id.clone().zip(env.step.clone());
-        let mut finished = apply(
+        // Each rung starts from the higher of the failed model's tier and the round's
+        // minimum, so it is a tier higher than the last.
+        let failed_tier = record
+            .provider
+            .as_deref()
+            .and_then(|p| self.config.provider(p))
+            .zip(record.model.as_deref())
+            .and_then(|(p, id)| p.model(id))
+            .map(|m| m.tier);
+        let rounds = StepRounds {
+            rework: rework.map(|r| *r),
+            escalation: escalation
+                .map(|up| self.escalation(up, failed_tier.max(env.min_tier), &constraints)),
+        };
+        let transition = decide::decide(state, &outcome, rounds, &policy, Utc::now());
+        apply(
             queue,
             entry_id,
             *env,
@@ -607,31 +509,25 @@ impl Executor {
             outcome,
             transition,
             &self.read_pause,
-        );
-        if let Some((chain_id, step)) = step {
-            finished.chain = step_outcome(&finished.finish, chain_id, step)
-                .map(|s| ChainWrite::Step(Box::new(s)));
-        }
-        finished
+        )
     }
 
     /// The step's next round one tier above `from`, if it has one and that tier can be
-    /// routed: the rerun and its tier, or why not.
+    /// routed; or why not.
     fn escalation(
         &self,
         up: Result<Box<chain::Rework>, String>,
         from: Option<envelope::Tier>,
         constraints: &Constraints,
-    ) -> Result<(Box<chain::Rework>, envelope::Tier), String> {
-        let mut up = up?;
-        let next = up
-            .reruns
+    ) -> Result<Escalation, String> {
+        let mut reruns = up?.reruns;
+        let next = reruns
             .first_mut()
             .ok_or_else(|| "the step has no next round".to_owned())?;
         let tier = chain::escalate(&mut next.task, from)?;
         routing::plan(&self.config, &next.task, constraints, &Stats::default())
             .map_err(|e| format!("nothing at the {}-tier can take it: {e}", tier.as_str()))?;
-        Ok((up, tier))
+        Ok(Escalation { tier, reruns })
     }
 
     /// A delivery that submits a chain: validated here, expanded by the finisher in one
@@ -648,11 +544,11 @@ impl Executor {
         );
         match parsed {
             Ok(chain) => {
-                let finish = Finish::release(entry_id, chain.id.clone(), String::new());
-                Finished {
-                    chain: Some(ChainWrite::Expand(Box::new(chain))),
-                    ..Finished::new(queue, finish, Vec::new())
-                }
+                let write = Write::Expand {
+                    entry_id,
+                    chain: Box::new(chain),
+                };
+                Finished::new(queue, write, Vec::new())
             }
             Err(e) => {
                 let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
@@ -695,7 +591,10 @@ fn apply(
     read_pause: &ReadPause,
 ) -> Finished {
     let task_id = record.task_id.clone();
-    match (transition, outcome) {
+    let step = env.chain_id.clone().zip(env.step.clone());
+    // A step's next rounds, for the transitions that run it again.
+    let mut reruns = None;
+    let finish = match (transition, outcome) {
         (Transition::Done, Outcome::Answered(completion)) => {
             let usage = completion.usage;
             record.status = Status::Succeeded;
@@ -705,11 +604,7 @@ fn apply(
             record.cached_tokens = usage.cached_tokens;
             record.reasoning_tokens = usage.reasoning_tokens;
             record.finished_at = Some(Utc::now());
-            let task = Some(task_row(&record));
-            Finished {
-                task,
-                ..Finished::new(queue, Finish::done(entry_id, task_id, record), calls)
-            }
+            Finish::done(entry_id, task_id, record)
         }
         (Transition::Wait { due, since }, outcome) => {
             // No provider can be called now: wait without using an attempt. It never
@@ -730,8 +625,7 @@ fn apply(
             env.snoozes += 1;
             env.waiting_since = Some(since);
             let due_ms = due.timestamp_millis();
-            let finish = Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json());
-            Finished::new(queue, finish, calls)
+            Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json())
         }
         (Transition::Retry { due }, outcome) => {
             let error = failure_text(&outcome);
@@ -742,8 +636,7 @@ fn apply(
             record.error = Some(error);
             record.error_class = failure_class(&outcome);
             let due_ms = due.timestamp_millis();
-            let finish = Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json());
-            Finished::new(queue, finish, calls)
+            Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json())
         }
         (Transition::Dead { error, class }, _) => {
             if class != ErrorClass::Unavailable {
@@ -755,28 +648,83 @@ fn apply(
             record.error = Some(error.clone());
             record.error_class = Some(class);
             record.finished_at = Some(Utc::now());
-            let task = Some(task_row(&record));
-            let finish = Finish::dead(entry_id, task_id, error, class, record, env.to_json());
-            Finished {
-                task,
-                ..Finished::new(queue, finish, calls)
-            }
+            Finish::dead(entry_id, task_id, error, class, record, env.to_json())
+        }
+        (
+            Transition::Escalate {
+                error,
+                tier,
+                reruns: up,
+            },
+            _,
+        ) => {
+            // This round failed; the step runs again one tier up.
+            record.status = Status::Failed;
+            record.error = Some(format!(
+                "{error}; escalating to a {}-tier model",
+                tier.as_str()
+            ));
+            record.attempts = env.attempts + 1;
+            record.finished_at = Some(Utc::now());
+            reruns = Some(up);
+            Finish::done(entry_id, task_id, record)
+        }
+        (
+            Transition::Rework {
+                findings,
+                reruns: back,
+            },
+            _,
+        ) => {
+            // The verdict is this task's result; the work runs again with it.
+            record.status = Status::Succeeded;
+            record.output = Some(findings);
+            record.finished_at = Some(Utc::now());
+            reruns = Some(back);
+            Finish::done(entry_id, task_id, record)
         }
         // Release, and Done without an answer (which decide never gives): hand it back.
         (Transition::Release | Transition::Done, _) => {
-            let finish = Finish::release(entry_id, task_id, env.to_json());
-            Finished::new(queue, finish, calls)
+            Finish::release(entry_id, task_id, env.to_json())
         }
+    };
+    // A task that ended (its record is finished) has its row in the ledger's tasks.
+    let row = finish
+        .record
+        .as_ref()
+        .filter(|r| r.finished_at.is_some())
+        .map(task_row);
+    let write = match (step, reruns) {
+        (Some((chain_id, step)), Some(reruns)) => Write::Rerun {
+            finish,
+            chain_id,
+            step,
+            reruns,
+        },
+        (Some((chain_id, step)), None) => match step_outcome(&finish, chain_id, step) {
+            Some(ended) => Write::Step(finish, Box::new(ended)),
+            None => Write::Task(finish),
+        },
+        (None, _) => Write::Task(finish),
+    };
+    Finished {
+        task: row,
+        ..Finished::new(queue, write, calls)
     }
+}
+
+/// A task's outcome that moves no chain.
+fn plain(queue: Arc<QueueKeys>, finish: Finish, calls: Vec<CallRow>) -> Finished {
+    Finished::new(queue, Write::Task(finish), calls)
 }
 
 /// What a step's chain records when its task ended for good; `None` while it goes on.
 fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepOutcome> {
     let record = finish.record.as_ref()?;
     let outcome = match finish.kind {
-        llmq_shared::queue::FinishKind::Done => "succeeded",
-        llmq_shared::queue::FinishKind::Dead { .. } => "failed",
-        _ => return None,
+        FinishKind::Done => "succeeded",
+        FinishKind::Dead { .. } => "failed",
+        FinishKind::Retry { .. } | FinishKind::Release => return None,
     };
     Some(StepOutcome {
         chain_id,
@@ -816,14 +764,13 @@ fn awaiting(
     record.output = Some("handed to a person: llmq chain approve|reject".into());
     record.finished_at = Some(Utc::now());
     let task_id = record.task_id.clone();
-    Finished {
-        chain: Some(ChainWrite::Await {
-            chain_id: env.chain_id.clone().unwrap_or_default(),
-            step: env.step.clone().unwrap_or_default(),
-            deadline_ms,
-        }),
-        ..Finished::new(queue, Finish::done(entry_id, task_id, record), Vec::new())
-    }
+    let write = Write::Await {
+        finish: Finish::done(entry_id, task_id, record),
+        chain_id: env.chain_id.clone().unwrap_or_default(),
+        step: env.step.clone().unwrap_or_default(),
+        deadline_ms,
+    };
+    Finished::new(queue, write, Vec::new())
 }
 
 /// A chain step that was cancelled before it ran: acked with a `cancelled` record.
@@ -849,17 +796,16 @@ fn cancelled(
             ..StepState::default()
         },
     };
-    Finished {
-        chain: Some(ChainWrite::Step(Box::new(step))),
-        ..Finished::new(queue, Finish::done(entry_id, task_id, record), Vec::new())
-    }
+    let finish = Finish::done(entry_id, task_id, record);
+    Finished::new(queue, Write::Step(finish, Box::new(step)), Vec::new())
 }
 
 fn failure_text(outcome: &Outcome) -> String {
     match outcome {
         Outcome::Failed(e) => e.to_string(),
         Outcome::Unavailable(u) => u.reason(),
-        _ => String::new(),
+        Outcome::Rejected(r) => r.0.clone(),
+        Outcome::Answered(_) | Outcome::Released => String::new(),
     }
 }
 
@@ -867,7 +813,8 @@ fn failure_class(outcome: &Outcome) -> Option<ErrorClass> {
     match outcome {
         Outcome::Failed(e) => Some(e.class),
         Outcome::Unavailable(u) => Some(u.class),
-        _ => None,
+        Outcome::Rejected(_) => Some(ErrorClass::Fatal),
+        Outcome::Answered(_) | Outcome::Released => None,
     }
 }
 
@@ -889,7 +836,7 @@ fn invalid(
     let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
     Finished {
         task,
-        ..Finished::new(queue, finish, Vec::new())
+        ..self::plain(queue, finish, Vec::new())
     }
 }
 

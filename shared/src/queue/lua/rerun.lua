@@ -1,4 +1,4 @@
--- Puts one step of a chain into a new round (see chain_retry.lua and chain_rework.lua): a
+-- Puts one step of a chain into a new round (see chain_retry.lua and finish.lua's rerun): a
 -- new task id, its task stored, the parents it waits for (enqueued at once when none);
 -- counters follow its old state.
 local function rerun_step(stream, chain, steps, tasks, wait, name, task_id, env, round, waits, ok)

@@ -1,0 +1,188 @@
+//! A chain's state as Redis stores it: each step's state, the chain's, and the reruns that
+//! put steps into their next round (escalation, a review's send-back, `llmq chain retry`),
+//! with the bound no input escapes (`chains.max_rounds`). Pure: the queue's chain scripts
+//! only store and move what is built here.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::Chain;
+
+/// What became of a chain step, as its chain records it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepState {
+    /// `blocked`, `queued`, `succeeded`, `failed` or `cancelled` as the chain records it;
+    /// `llmq chain show` refines `queued` into `running` or `retrying` from the task.
+    pub status: String,
+    #[serde(default)]
+    pub task_id: String,
+    #[serde(default)]
+    pub round: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// For a step awaiting approval: when its `on_timeout` applies (ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<i64>,
+    /// Parents that succeeded and that did not, so far.
+    #[serde(default)]
+    pub ok: u32,
+    #[serde(default)]
+    pub failed: u32,
+}
+
+/// A chain as stored: its spec, state and steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainState {
+    pub spec: Chain,
+    /// `running`, `succeeded`, `failed` or `cancelled`.
+    pub state: String,
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub steps: HashMap<String, StepState>,
+}
+
+impl ChainState {
+    /// `again` in their next round, each waiting for those of its parents that will not
+    /// have succeeded (rerun too, or not succeeded), in the order of the spec.
+    ///
+    /// # Errors
+    /// A step would wait for a parent that did not succeed and is not rerun: it would never
+    /// run. The sentence names both.
+    pub fn reruns(
+        &self,
+        again: &std::collections::HashSet<String>,
+    ) -> std::result::Result<Vec<Rerun>, String> {
+        let will_succeed = |p: &str| {
+            !again.contains(p) && self.steps.get(p).is_some_and(|x| x.status == "succeeded")
+        };
+        let mut out = Vec::new();
+        for s in self.spec.steps.iter().filter(|s| again.contains(&s.name)) {
+            if let Some(p) = s
+                .after
+                .iter()
+                .find(|p| !again.contains(*p) && !will_succeed(p))
+            {
+                return Err(format!(
+                    "step `{}` runs after `{p}`, which did not succeed and would not run again",
+                    s.name
+                ));
+            }
+            let round = self.steps.get(&s.name).map_or(0, |x| x.round) + 1;
+            // The bound no input escapes: escalations, rejections and retries together.
+            if round > self.spec.max_rounds {
+                return Err(format!(
+                    "step `{}` has run again {} times, the most chains.max_rounds ({}) allows",
+                    s.name,
+                    round - 1,
+                    self.spec.max_rounds
+                ));
+            }
+            let mut task = s.task.clone();
+            task.id = Some(super::step_task_id(&self.spec.id, &s.name, round));
+            let (ok, waits_for): (Vec<String>, Vec<String>) =
+                s.after.iter().cloned().partition(|p| will_succeed(p));
+            out.push(Rerun {
+                step: s.name.clone(),
+                round,
+                task,
+                waits_for,
+                ok: u32::try_from(ok.len()).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    /// What `llmq chain retry` (and a replayed step's dead letter) runs again: the failed and
+    /// cancelled steps, or `from` and every step after it, each in its next round.
+    ///
+    /// # Errors
+    /// `from` is not a step, or a step would wait for one that will not run (the sentence
+    /// says which), or a step's rounds are used up.
+    pub fn retry(&self, from: Option<&str>) -> std::result::Result<Vec<Rerun>, String> {
+        let again: std::collections::HashSet<String> = match from {
+            Some(f) if self.spec.step(f).is_none() => {
+                return Err(format!("chain {} has no step `{f}`", self.spec.id));
+            }
+            Some(f) => self.descendants(f),
+            None => self
+                .spec
+                .steps
+                .iter()
+                .filter(|s| {
+                    self.steps
+                        .get(&s.name)
+                        .is_some_and(|x| matches!(x.status.as_str(), "failed" | "cancelled"))
+                })
+                .map(|s| s.name.clone())
+                .collect(),
+        };
+        self.reruns(&again).map_err(|e| {
+            format!("{e}; retry without --from, or --from the step that did not succeed")
+        })
+    }
+
+    /// `from` and every step after it.
+    #[must_use]
+    pub fn descendants(&self, from: &str) -> std::collections::HashSet<String> {
+        let mut out = std::collections::HashSet::new();
+        let mut todo = vec![from.to_owned()];
+        while let Some(n) = todo.pop() {
+            if out.insert(n.clone())
+                && let Some(s) = self.spec.step(&n)
+            {
+                todo.extend(s.children.iter().cloned());
+            }
+        }
+        out
+    }
+}
+
+/// How a chain step's task ended, for its chain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    pub chain_id: String,
+    pub step: String,
+    /// `succeeded`, `failed` or `cancelled`.
+    pub outcome: &'static str,
+    pub fields: StepState,
+}
+
+impl StepOutcome {
+    /// Step `step` of chain `chain_id` failed with `error`, as task `task_id` (its current
+    /// round's task, or the step script leaves the step alone).
+    #[must_use]
+    pub fn failed(chain_id: String, step: String, task_id: String, error: String) -> Self {
+        Self {
+            chain_id,
+            step,
+            outcome: "failed",
+            fields: StepState {
+                task_id,
+                error: Some(error),
+                ..StepState::default()
+            },
+        }
+    }
+}
+
+/// A step to run again, as the queue's chain scripts enqueue it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rerun {
+    pub step: String,
+    pub round: u32,
+    /// The step's task for this round (its id names the round).
+    pub task: crate::envelope::Envelope,
+    /// The parents it waits for (those that are not succeeded, or are rerun too).
+    pub waits_for: Vec<String>,
+    /// How many of its parents already succeeded.
+    pub ok: u32,
+}
