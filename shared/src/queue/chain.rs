@@ -46,27 +46,22 @@ pub enum Refused {
     NotHolder,
 }
 
-/// The compact graph the step script walks: children, whether a step is a join, and
-/// `min_success`; the chain's `on_failure` under `.on_failure`.
-pub(super) fn graph(chain: &Chain) -> String {
-    let mut g = serde_json::Map::new();
-    for s in &chain.steps {
-        g.insert(
-            s.name.clone(),
-            serde_json::json!({
-                "children": s.children,
-                "join": s.kind.is_join(),
-                "min_success": s.min_success,
-            }),
-        );
-    }
-    g.insert(
-        ".on_failure".into(),
-        serde_json::to_value(chain.on_failure).unwrap_or_default(),
-    );
-    // An empty Lua table encodes as `{}`, so `children` of a sink must be an array: cjson
-    // decodes `[]` as an empty table, which ipairs walks as nothing.
-    serde_json::Value::Object(g).to_string()
+/// A step's state as its chain is expanded: its node of the graph (children, whether it is
+/// a join, `min_success`) and the parents it waits for ride along, so finishing a step reads
+/// only its own state and its children's (see `lua/advance.lua`).
+pub(super) fn first_state(s: &Step) -> String {
+    serde_json::json!({
+        "status": if s.after.is_empty() { "queued" } else { "blocked" },
+        "task_id": s.task.id.map(|i| i.to_string()).unwrap_or_default(),
+        "round": 0,
+        "ok": 0,
+        "failed": 0,
+        "children": s.children,
+        "join": s.kind.is_join(),
+        "min_success": s.min_success,
+        "waits": s.after,
+    })
+    .to_string()
 }
 
 impl Client {
@@ -108,9 +103,6 @@ impl Client {
         inv.key(keys.chain(chain_id))
             .key(keys.chain_steps(chain_id))
             .key(keys.chain_tasks(chain_id));
-        for r in steps {
-            inv.key(keys.chain_wait(chain_id, &r.step));
-        }
         inv.arg(super::now_ms());
         for r in steps {
             inv.arg(&rerun_args(r)[..]);

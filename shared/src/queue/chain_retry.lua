@@ -1,7 +1,7 @@
 -- Runs steps of an ended chain again: each gets a new round (and so a new task id), waits
 -- for those of its parents that are not succeeded, and is enqueued when it waits for none.
 -- Steps that succeeded and are not rerun keep their outputs. The chain runs again.
--- KEYS: 1 stream, 2 chain, 3 steps, 4 tasks, then one wait set per step, in order
+-- KEYS: 1 stream, 2 chain, 3 steps, 4 tasks
 -- ARGV: 1 now (ms), then 6 per step: name, task id, envelope json, round, parents it waits
 --       for joined by ',', parents already succeeded
 -- Returns the number of steps rerun, or -1 when there is no such chain, -2 when it is
@@ -12,8 +12,8 @@ if state == 'running' then return -2 end
 local n = (#ARGV - 1) / 6
 for i = 0, n - 1 do
   local base = 2 + i * 6
-  rerun_step(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5 + i], ARGV[base], ARGV[base + 1],
-    ARGV[base + 2], ARGV[base + 3], ARGV[base + 4], ARGV[base + 5])
+  rerun_step(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[base], ARGV[base + 1], ARGV[base + 2],
+    ARGV[base + 3], ARGV[base + 4], ARGV[base + 5])
 end
 redis.call('HSET', KEYS[2], 'state', 'running')
 redis.call('HDEL', KEYS[2], 'finished_at')

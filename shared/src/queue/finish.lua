@@ -12,10 +12,10 @@
 --   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
 --           cancelled), step state fields as json, prefix of the chain's wait sets
 --   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
---   rerun:  result key, chain, steps, tasks, one wait set per rerun; settle, task id, step,
---           then 6 per rerun (see rerun.lua): name, task id, envelope, round, waits, ok
---   expand: chain, steps, tasks, the chains index, one wait set per step with parents;
---           entry id, chain id, spec json, graph json, then 5 per step (see expand below)
+--   rerun:  result key, chain, steps, tasks; settle, task id, step, then 6 per rerun (see
+--           rerun.lua): name, task id, envelope, round, waits, ok
+--   expand: chain, steps, tasks, the chains index; entry id, chain id, spec json,
+--           on_failure, then 5 per step (see expand below)
 -- Returns one integer per item: 1 applied, 0 fenced (the entry is no longer this consumer's).
 
 -- An approval step's task: the step waits for a person until the deadline.
@@ -48,44 +48,42 @@ local function rerun_steps(stream, keys, args)
   local n = (#args - 8) / 6
   for i = 0, n - 1 do
     local b = 9 + i * 6
-    rerun_step(stream, chain, steps, tasks, keys[5 + i], args[b], args[b + 1], args[b + 2],
-      args[b + 3], args[b + 4], args[b + 5])
+    rerun_step(stream, chain, steps, tasks, args[b], args[b + 1], args[b + 2], args[b + 3],
+      args[b + 4], args[b + 5])
   end
 end
 
--- Expands a validated chain, once per chain id: its spec and graph, each step's state, task
--- and definition (the chain's field `def:<name>`, so a step reads only its own), the parents
--- each step waits for; the steps that wait for nobody are enqueued. A replayed expansion
--- (same chain id) writes nothing. Per step: name, task id, envelope, parents joined by ',',
--- definition json.
+-- Expands a validated chain, once per chain id: its spec, each step's definition (the
+-- chain's field `def:<name>`, so a step reads only its own), task and state (its node of the
+-- graph and the parents it waits for included), one write per hash; the steps that wait for
+-- nobody are enqueued. A replayed expansion (same chain id) writes nothing. Per step: name,
+-- envelope, definition json, state json, `1` when it waits for nobody.
 local function expand(stream, keys, args, now)
   local chain, steps, tasks, index = keys[1], keys[2], keys[3], keys[4]
   if redis.call('EXISTS', chain) == 1 then
     return
   end
   local n = (#args - 4) / 5
-  redis.call('HSET', chain, 'spec', args[3], 'graph', args[4], 'state', 'running',
-    'created_at', now, 'pending', n, 'failed', 0, 'cancelled', 0, 'queue_entry', args[1])
-  redis.call('ZADD', index, now, args[2])
-  local wait = 5
+  local head = {'spec', args[3], 'on_failure', args[4], 'state', 'running', 'created_at', now,
+    'pending', n, 'failed', 0, 'cancelled', 0, 'queue_entry', args[1]}
+  local envs, states = {}, {}
   for i = 0, n - 1 do
     local b = 5 + i * 5
-    local name, task_id, env, parents = args[b], args[b + 1], args[b + 2], args[b + 3]
-    redis.call('HSET', tasks, name, env)
-    redis.call('HSET', chain, 'def:' .. name, args[b + 4])
-    local state = {task_id = task_id, round = 0, ok = 0, failed = 0}
-    if parents == '' then
-      state.status = 'queued'
-      redis.call('XADD', stream, '*', 'task', env)
-    else
-      state.status = 'blocked'
-      for p in string.gmatch(parents, '[^,]+') do
-        redis.call('SADD', keys[wait], p)
-      end
-      wait = wait + 1
+    local name = args[b]
+    head[#head + 1] = 'def:' .. name
+    head[#head + 1] = args[b + 2]
+    envs[#envs + 1] = name
+    envs[#envs + 1] = args[b + 1]
+    states[#states + 1] = name
+    states[#states + 1] = args[b + 3]
+    if args[b + 4] == '1' then
+      redis.call('XADD', stream, '*', 'task', args[b + 1])
     end
-    redis.call('HSET', steps, name, cjson.encode(state))
   end
+  redis.call('HSET', chain, unpack(head))
+  redis.call('HSET', tasks, unpack(envs))
+  redis.call('HSET', steps, unpack(states))
+  redis.call('ZADD', index, now, args[2])
 end
 
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]

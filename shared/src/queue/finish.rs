@@ -197,41 +197,31 @@ impl Write {
                 step,
                 reruns,
             } => {
-                let mut k = chain_keys(finish, chain_id);
-                k.extend(reruns.iter().map(|r| keys.chain_wait(chain_id, &r.step)));
                 let mut args = settle(finish);
                 args.extend([finish.task_id.clone(), step.clone()]);
                 args.extend(reruns.iter().flat_map(super::chain::rerun_args));
-                ("rerun", k, args)
+                ("rerun", chain_keys(finish, chain_id), args)
             }
             Self::Expand { entry_id, chain } => {
                 let id = &chain.id;
-                let mut k = vec![
+                let k = vec![
                     keys.chain(id),
                     keys.chain_steps(id),
                     keys.chain_tasks(id),
                     keys.chains(),
                 ];
-                k.extend(
-                    chain
-                        .steps
-                        .iter()
-                        .filter(|s| !s.after.is_empty())
-                        .map(|s| keys.chain_wait(id, &s.name)),
-                );
-                let mut args = vec![
-                    entry_id.clone(),
-                    id.clone(),
-                    chain.to_json(),
-                    super::chain::graph(chain),
-                ];
+                let on_failure = match serde_json::to_value(chain.on_failure) {
+                    Ok(serde_json::Value::String(s)) => s,
+                    _ => String::new(),
+                };
+                let mut args = vec![entry_id.clone(), id.clone(), chain.to_json(), on_failure];
                 for s in &chain.steps {
                     args.extend([
                         s.name.clone(),
-                        s.task.id.map(|i| i.to_string()).unwrap_or_default(),
                         s.task.to_json(),
-                        s.after.join(","),
                         serde_json::to_string(s).unwrap_or_default(),
+                        super::chain::first_state(s),
+                        if s.after.is_empty() { "1" } else { "0" }.to_owned(),
                     ]);
                 }
                 ("expand", k, args)

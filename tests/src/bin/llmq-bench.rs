@@ -207,6 +207,29 @@ async fn queue_noop(args: &Args, redis: &mut Redis, keyed: bool) -> Result<Strin
     } else {
         "queue_noop"
     };
+    let d = plain_run(args, redis, tasks, workers, concurrency, keyed).await?;
+    if args.verbose {
+        d.print_commands(name);
+    }
+    Ok(format!(
+        "bench={name} tasks={tasks} workers={workers} concurrency={concurrency} \
+         tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=off secs={:.3} \
+         proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
+        d.tasks_per_s, d.redis_cpu_us_per_task, d.secs, d.proc_cpu_us_per_task, d.other_cpu_cores
+    ))
+}
+
+/// A backlog of `tasks` plain tasks on a fresh queue (each with one concurrency key whose
+/// limit is the concurrency, when `keyed`) drained by `workers` whose provider answers at
+/// once: what a task costs, the peer other benchmarks are set beside in the same run.
+async fn plain_run(
+    args: &Args,
+    redis: &mut Redis,
+    tasks: usize,
+    workers: usize,
+    concurrency: usize,
+    keyed: bool,
+) -> Result<Delta> {
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
@@ -216,21 +239,7 @@ async fn queue_noop(args: &Args, redis: &mut Redis, keyed: bool) -> Result<Strin
         let provider = NoopProvider::default();
         let (before, after) = run_noop(args, redis, &keys, provider, workers, concurrency).await?;
         verify_results(&client, &keys, &ids).await?;
-
-        let d = after.since(&before, tasks);
-        if args.verbose {
-            d.print_commands(name);
-        }
-        Ok(format!(
-            "bench={name} tasks={tasks} workers={workers} concurrency={concurrency} \
-             tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=off secs={:.3} \
-             proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
-            d.tasks_per_s,
-            d.redis_cpu_us_per_task,
-            d.secs,
-            d.proc_cpu_us_per_task,
-            d.other_cpu_cores
-        ))
+        Ok(after.since(&before, tasks))
     }
     .await;
     cleanup(redis, &queue).await?;
@@ -394,20 +403,26 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
         if args.verbose {
             d.print_commands("chain");
         }
-        Ok(format!(
-            "bench=chain chains={chains} steps_per_chain={STEPS} workers={workers} \
-             concurrency={concurrency} chains_per_s={:.0} steps_per_s={:.0} \
-             redis_cpu_us_per_step={:.1} ledger=off secs={:.3} proc_cpu_us_per_step={:.1}",
-            d.tasks_per_s / STEPS as f64,
-            d.tasks_per_s,
-            d.redis_cpu_us_per_task,
-            d.secs,
-            d.proc_cpu_us_per_task,
-        ))
+        Ok(d)
     }
     .await;
     cleanup(redis, &queue).await?;
-    result
+    let d = result?;
+    // The peer, in the same run: as many plain tasks as the chains had steps.
+    let plain = plain_run(args, redis, chains * STEPS, workers, concurrency, false).await?;
+    Ok(format!(
+        "bench=chain chains={chains} steps_per_chain={STEPS} workers={workers} \
+         concurrency={concurrency} chains_per_s={:.0} steps_per_s={:.0} \
+         redis_cpu_us_per_step={:.1} queue_noop_redis_cpu_us_per_task={:.1} \
+         ratio_to_queue_noop={:.2} ledger=off secs={:.3} proc_cpu_us_per_step={:.1}",
+        d.tasks_per_s / STEPS as f64,
+        d.tasks_per_s,
+        d.redis_cpu_us_per_task,
+        plain.redis_cpu_us_per_task,
+        d.redis_cpu_us_per_task / plain.redis_cpu_us_per_task,
+        d.secs,
+        d.proc_cpu_us_per_task,
+    ))
 }
 
 /// (b) Like (a), through the mock LLM server over real HTTP, with the Postgres ledger on.

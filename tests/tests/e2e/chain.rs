@@ -1277,3 +1277,92 @@ async fn a_step_task_refused_before_it_runs_still_ends_its_chain() {
     assert_eq!(status(&c, "after"), "cancelled");
     w.stop().await.unwrap();
 }
+
+/// A chain expanded by the version before step states carried their node of the graph (a
+/// `graph` field and one wait set per step) still runs to its end under today's scripts:
+/// successes unblock, a failure cancels what depends on it, and the wait sets expire.
+#[tokio::test]
+async fn a_chain_in_the_previous_layout_still_runs_to_its_end() {
+    use llmq_shared::chain::Chain;
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-old", env.queue);
+    let spec = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "plan", "prompt": "Plan"},
+        {"name": "a", "after": ["plan"], "prompt": "A {{plan.summary}}", "model": "slow-1500"},
+        {"name": "b", "after": ["plan"], "prompt": "B", "model": "fail-400"},
+        {"name": "merge", "after": ["a", "b"], "prompt": "Merge"}]});
+    let chain = Chain::parse(spec.to_string().as_bytes(), 1 << 20, &env.queue, "0-1").unwrap();
+    // What the previous chain_expand.lua wrote.
+    let keys = &env.keys;
+    let mut graph = serde_json::Map::new();
+    for s in &chain.steps {
+        graph.insert(
+            s.name.clone(),
+            json!({"children": s.children, "join": s.kind.is_join(), "min_success": s.min_success}),
+        );
+    }
+    graph.insert(".on_failure".into(), json!("cancel_descendants"));
+    let mut c = env.redis.conn().await.unwrap();
+    let mut p = redis::pipe();
+    p.hset_multiple(
+        keys.chain(&id),
+        &[
+            ("spec", chain.to_json()),
+            ("graph", Value::Object(graph).to_string()),
+            ("state", "running".into()),
+            ("created_at", "1".into()),
+            ("pending", chain.steps.len().to_string()),
+            ("failed", "0".into()),
+            ("cancelled", "0".into()),
+        ],
+    );
+    for s in &chain.steps {
+        p.hset(keys.chain_tasks(&id), &s.name, s.task.to_json());
+        p.hset(
+            keys.chain(&id),
+            format!("def:{}", s.name),
+            serde_json::to_string(s).unwrap(),
+        );
+        let status = if s.after.is_empty() {
+            "queued"
+        } else {
+            "blocked"
+        };
+        let task_id = s.task.id.unwrap().to_string();
+        p.hset(
+            keys.chain_steps(&id),
+            &s.name,
+            json!({"task_id": task_id, "round": 0, "ok": 0, "failed": 0, "status": status})
+                .to_string(),
+        );
+        for parent in &s.after {
+            p.sadd(keys.chain_wait(&id, &s.name), parent);
+        }
+    }
+    p.cmd("XADD")
+        .arg(keys.stream())
+        .arg("*")
+        .arg("task")
+        .arg(chain.steps[0].task.to_json());
+    p.query_async::<()>(&mut c).await.unwrap();
+
+    let w = env.worker();
+    let ended = finished(&env, &id).await;
+    assert_eq!(ended.state, "failed", "{ended:#?}");
+    assert_eq!(status(&ended, "plan"), "succeeded");
+    assert_eq!(status(&ended, "a"), "succeeded");
+    assert_eq!(status(&ended, "b"), "failed");
+    assert_eq!(status(&ended, "merge"), "cancelled");
+    let ttl: i64 = redis::cmd("TTL")
+        .arg(keys.chain_wait(&id, "merge"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // `b` failed long before the slow `a` ended: `a` was still in the wait set of `merge`.
+    assert!(
+        ttl > 0,
+        "the wait set of a step that never ran expires with its chain: {ttl}"
+    );
+    w.stop().await.unwrap();
+}
