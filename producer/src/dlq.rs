@@ -72,7 +72,7 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
                 let rest = absent(&found, &ids);
                 (found, rest)
             };
-            let mut archived = 0;
+            let mut done = Vec::new();
             if !elsewhere.is_empty() {
                 // Not in Redis: the scheduler may have archived them. Check they all exist
                 // before replaying anything.
@@ -89,7 +89,7 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
                 if !not_archived.is_empty() {
                     return Err(missing(&not_archived, &queue));
                 }
-                archived = llmq_shared::archive::replay_archived(
+                done = llmq_shared::archive::replay_archived(
                     redis,
                     ledger.pool(),
                     &queue,
@@ -98,9 +98,13 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
                 )
                 .await?;
             }
-            let mut replayed = archived;
             for d in &dead {
-                match redis.replay(&keys, d, platform.as_deref()).await? {
+                let replayed = redis.replay(&keys, d, platform.as_deref()).await?;
+                done.push((d.id.clone(), replayed));
+            }
+            let mut replayed = 0;
+            for (id, what) in done {
+                match what {
                     Replayed::Enqueued => replayed += 1,
                     Replayed::Gone => {}
                     Replayed::Resumed(steps) => {
@@ -108,13 +112,12 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
                         emit(
                             out,
                             &format!(
-                                "dead letter {}: its chain runs {} again\n",
-                                d.id,
+                                "dead letter {id}: its chain runs {} again\n",
                                 steps.join(", ")
                             ),
                         );
                     }
-                    Replayed::Refused(why) => eprintln!("llmq: dead letter {}: {why}", d.id),
+                    Replayed::Refused(why) => eprintln!("llmq: dead letter {id}: {why}"),
                 }
             }
             emit(

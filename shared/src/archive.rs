@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use crate::keys::{QueueKeys, SchedulerKeys, TASK_FIELD};
-use crate::queue::{self, Client, DeadLetter, replayed_task};
+use crate::queue::{self, Client, DeadLetter, Replayed, replayed_task};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -155,9 +155,10 @@ pub async fn take_archived(pool: &PgPool, queue: &str, ids: &[String]) -> Result
 
 /// Re-enqueues archived dead letters of `queue` (by dead-entry id or task id) with their
 /// attempts reset and `replays` raised by one (and, if given, a new provider), as
-/// [`Client::replay`] does for dead letters still in Redis. Each archived row is deleted
-/// only after its task is back in the stream, so a failure in between replays it at most
-/// twice and never loses it. Returns how many were replayed.
+/// [`Client::replay`] does for dead letters still in Redis; a chain step's letter resumes its
+/// chain as [`Client::replay`] does (or is refused, and stays archived). Each archived row is
+/// deleted only after its task is back in the stream, so a failure in between replays it at
+/// most twice and never loses it. Returns what became of each letter, by dead-entry id.
 ///
 /// The same step removes the task's stored `dead` record and, should the letter still be
 /// in Redis too (the scheduler archived it but had not trimmed it yet), that copy.
@@ -170,40 +171,44 @@ pub async fn replay_archived(
     queue: &str,
     ids: &[String],
     provider: Option<&str>,
-) -> Result<u64> {
+) -> Result<Vec<(String, Replayed)>> {
     let keys = QueueKeys::new(queue);
     let letters = take_archived(pool, queue, ids).await?;
-    if letters.is_empty() {
-        return Ok(0);
-    }
     let mut c = client.conn().await?;
-    let mut replayed = 0;
-    for dead in &letters {
-        // One MULTI: every key shares the queue's hash tag.
-        redis::pipe()
-            .atomic()
-            .cmd("XADD")
-            .arg(keys.stream())
-            .arg("*")
-            .arg(TASK_FIELD)
-            .arg(replayed_task(dead, provider))
-            .ignore()
-            .cmd("XDEL")
-            .arg(keys.dead())
-            .arg(&dead.id)
-            .ignore()
-            .del(keys.result(&dead.task_id))
-            .ignore()
-            .query_async::<()>(&mut c)
-            .await?;
-        sqlx::query("DELETE FROM dead_letters_archive WHERE queue = $1 AND dead_id = $2")
-            .bind(queue)
-            .bind(&dead.id)
-            .execute(pool)
-            .await?;
-        replayed += 1;
+    let mut out = Vec::with_capacity(letters.len());
+    for dead in letters {
+        let done = if crate::envelope::chain_step_of(dead.task.as_bytes()).is_some() {
+            client.replay(&keys, &dead, provider).await?
+        } else {
+            // One MULTI: every key shares the queue's hash tag.
+            redis::pipe()
+                .atomic()
+                .cmd("XADD")
+                .arg(keys.stream())
+                .arg("*")
+                .arg(TASK_FIELD)
+                .arg(replayed_task(&dead, provider))
+                .ignore()
+                .cmd("XDEL")
+                .arg(keys.dead())
+                .arg(&dead.id)
+                .ignore()
+                .del(keys.result(&dead.task_id))
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await?;
+            Replayed::Enqueued
+        };
+        if !matches!(done, Replayed::Refused(_)) {
+            sqlx::query("DELETE FROM dead_letters_archive WHERE queue = $1 AND dead_id = $2")
+                .bind(queue)
+                .bind(&dead.id)
+                .execute(pool)
+                .await?;
+        }
+        out.push((dead.id, done));
     }
-    Ok(replayed)
+    Ok(out)
 }
 
 /// A duty's last run, as the scheduler stores it in the [`SchedulerKeys::duties`] hash (JSON).

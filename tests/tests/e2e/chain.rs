@@ -1366,3 +1366,81 @@ async fn a_chain_in_the_previous_layout_still_runs_to_its_end() {
     );
     w.stop().await.unwrap();
 }
+
+/// A failed step's dead letter that the scheduler archived (and trimmed from Redis) resumes
+/// its chain when replayed from the archive, as a letter still in Redis does.
+#[tokio::test]
+async fn an_archived_step_letter_replayed_resumes_its_chain() {
+    use llmq_scheduler::{Scheduler, Settings};
+    use llmq_tests::harness::{database_url, redis_url};
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-archived", env.queue);
+    // `flaky` fails its first two requests: both tries of its one attempt; the replay succeeds.
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "try", "prompt": "try it", "model": "flaky", "max_attempts": 1},
+            {"name": "after", "after": ["try"], "prompt": "then {{try.summary}}"}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(
+        (status(&c, "try"), status(&c, "after")),
+        ("failed", "cancelled")
+    );
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+
+    // The scheduler archives it; then it leaves Redis.
+    let mut settings = Settings::new(&redis_url(), &database_url(), env.settings().config).unwrap();
+    settings.id = Some(format!("{}-archiver", env.queue));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    let later = chrono::Utc::now() + chrono::Duration::days(30);
+    settings.clock = std::sync::Arc::new(move || later);
+    let mut scheduler = Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    assert_eq!(scheduler.archive_step(&env.keys, 500).await.unwrap().len(), 1);
+    scheduler.release().await.unwrap();
+    let mut conn = env.redis.conn().await.unwrap();
+    let _: i64 = redis::cmd("XDEL")
+        .arg(env.keys.dead())
+        .arg(&dead[0].id)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (code, out) = env
+        .cli(&[
+            "dlq",
+            "replay",
+            &dead[0].task_id,
+            "--queue",
+            &env.queue,
+            "--database-url",
+            &database_url(),
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("its chain runs try, after again"), "{out}");
+    env.eventually("the chain resumed to its end", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.state == "succeeded")
+    })
+    .await
+    .unwrap();
+    // Replayed, it left the archive; a second replay finds nothing.
+    let left = llmq_shared::archive::take_archived(
+        env.ledger.pool(),
+        &env.queue,
+        std::slice::from_ref(&dead[0].task_id),
+    )
+    .await
+    .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    w.stop().await.unwrap();
+}
