@@ -1401,7 +1401,10 @@ async fn an_archived_step_letter_replayed_resumes_its_chain() {
     settings.clock = std::sync::Arc::new(move || later);
     let mut scheduler = Scheduler::connect(settings).await.unwrap();
     assert!(scheduler.acquire().await.unwrap());
-    assert_eq!(scheduler.archive_step(&env.keys, 500).await.unwrap().len(), 1);
+    assert_eq!(
+        scheduler.archive_step(&env.keys, 500).await.unwrap().len(),
+        1
+    );
     scheduler.release().await.unwrap();
     let mut conn = env.redis.conn().await.unwrap();
     let _: i64 = redis::cmd("XDEL")
@@ -1443,4 +1446,104 @@ async fn an_archived_step_letter_replayed_resumes_its_chain() {
     .unwrap();
     assert!(left.is_empty(), "{left:?}");
     w.stop().await.unwrap();
+}
+
+/// A step's rerun (a rejection sending work back, an escalation) and an approval's wait act
+/// only for the step's current task: an older round's task that finishes late settles its
+/// own entry and leaves the chain alone.
+#[tokio::test]
+async fn a_late_task_of_an_older_round_cannot_rerun_or_park_its_step() {
+    use llmq_shared::chain::Chain;
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::{Finish, Write};
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-late", env.queue);
+    let spec = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "impl", "prompt": "Write it"},
+        {"name": "after", "after": ["impl"], "prompt": "Then"}]});
+    let mut conn = env.redis.blocking_conn().await.unwrap();
+    let read = |n: usize| {
+        let (redis, keys) = (env.redis.clone(), env.keys.clone());
+        async move {
+            let mut conn = redis.blocking_conn().await.unwrap();
+            redis
+                .read(&mut conn, &keys, "tester", n, None)
+                .await
+                .unwrap()
+        }
+    };
+    env.xadd("chain", spec.to_string().as_bytes())
+        .await
+        .unwrap();
+    let entry = read(1).await.remove(0);
+    let chain = Chain::parse(
+        spec.to_string().as_bytes(),
+        1 << 20,
+        &env.queue,
+        &entry.entry_id,
+    )
+    .unwrap();
+    let ttl = Duration::from_secs(60);
+    let expand = Write::Expand {
+        entry_id: entry.entry_id,
+        chain: Box::new(chain),
+    };
+    assert_eq!(
+        env.redis
+            .write(&env.keys, "tester", ttl, &[expand])
+            .await
+            .unwrap(),
+        [true]
+    );
+    let state = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    let reruns = state.retry(Some("impl")).unwrap();
+    // Two entries held by this consumer: the step's own task, and a late one of an older
+    // round (any task id but the step's current one).
+    let own = read(1).await.remove(0);
+    env.xadd("task", b"{\"prompt\": \"late\"}").await.unwrap();
+    let late = read(1).await.remove(0);
+    let stale_id = uuid::Uuid::new_v4().to_string();
+    let finish = |entry: &str| {
+        let record = TaskRecord::pending(&stale_id, &env.queue, Status::Succeeded);
+        Finish::done(entry.to_owned(), stale_id.clone(), record)
+    };
+    let writes = [
+        Write::Rerun {
+            finish: finish(&late.entry_id),
+            chain_id: id.clone(),
+            step: "impl".into(),
+            reruns,
+        },
+        Write::Await {
+            finish: finish(&own.entry_id),
+            chain_id: id.clone(),
+            step: "impl".into(),
+            deadline_ms: i64::MAX,
+        },
+    ];
+    assert_eq!(
+        env.redis
+            .write(&env.keys, "tester", ttl, &writes)
+            .await
+            .unwrap(),
+        [true, true],
+        "both entries are settled"
+    );
+    let after = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(after.steps["impl"].status, "queued", "{after:#?}");
+    assert_eq!(after.steps["impl"].round, 0, "no new round: {after:#?}");
+    assert!(
+        env.redis
+            .approvals(&env.keys, None)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let len: u64 = redis::cmd("XLEN")
+        .arg(env.keys.stream())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 0, "nothing was enqueued");
 }
