@@ -662,10 +662,26 @@ fn step(
             max_bytes.saturating_mul(EXPANSION_FACTOR)
         ))
     })?;
-    let prompt = fill(&prompt, |r| match r {
+    let filled = fill(&prompt, |r| match r {
         Reference::Var(v) => spec.vars.get(v).cloned(),
         _ => None,
     });
+    // A value may still form a reference with the prompt's own text (`{{x}}.output}}` with
+    // `x = "{{a"`): the handoffs after filling must be the ones the spec wrote.
+    let handoffs = |text: &str| {
+        references(text)
+            .into_iter()
+            .filter(|(_, r)| !matches!(r, Reference::Var(_)))
+            .map(|(_, r)| r)
+            .collect::<Vec<_>>()
+    };
+    if handoffs(&filled) != handoffs(&prompt) {
+        return Err(at(
+            "its variables, filled in, would form a `{{...}}` reference with the prompt's own text; variables are text, not templates: keep `{{` and `}}` out of their values"
+                .into(),
+        ));
+    }
+    let prompt = filled;
     let f = merged(&spec.defaults, &s.fields);
     let mut task = Envelope::new(prompt.clone());
     task.id = Some(step_task_id(chain_id, &s.name, 0));

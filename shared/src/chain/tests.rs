@@ -287,6 +287,22 @@ fn a_variable_holding_a_reference_or_filling_past_the_limit_is_refused() {
     let spec = serde_json::json!({"v": 1, "vars": {"x": "{{a.output}}"},
         "steps": [{"name": "a", "prompt": "p"}, {"name": "b", "after": ["a"], "prompt": "{{x}}"}]});
     assert!(reason(&spec.to_string()).contains("variable `x` contains a `{{...}}` reference"));
+    // Nor may one form a reference with the prompt's own braces.
+    for (prompt, x) in [("{{x}}.output}}", "{{a"), ("{{x}}a.summary}}", "{{")] {
+        let spec = serde_json::json!({"v": 1, "vars": {"x": x},
+            "steps": [{"name": "a", "prompt": "p"}, {"name": "b", "after": ["a"], "prompt": prompt}]});
+        assert!(
+            reason(&spec.to_string()).contains("would form a `{{...}}` reference"),
+            "{prompt} with x = {x}"
+        );
+    }
+    // Braces inside a value, as in code, are text.
+    let spec = serde_json::json!({"v": 1, "vars": {"x": "fn main() { let v = {}; }"},
+        "steps": [{"name": "a", "prompt": "Review {{x}}"}]});
+    assert_eq!(
+        parse(&spec.to_string()).unwrap().steps[0].prompt,
+        "Review fn main() { let v = {}; }"
+    );
     // 100 bytes referenced 20 times is 2,000 bytes: over a 1,000-byte limit, counted before
     // anything is filled in.
     let spec = serde_json::json!({"v": 1, "vars": {"x": "y".repeat(100)},

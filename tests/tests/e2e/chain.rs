@@ -1547,3 +1547,46 @@ async fn a_late_task_of_an_older_round_cannot_rerun_or_park_its_step() {
         .unwrap();
     assert_eq!(len, 0, "nothing was enqueued");
 }
+
+/// A merge appends its parents' outputs after its prompt: what they add counts against
+/// --max-payload-bytes before the prompt is built, so the step fails without a call instead
+/// of sending more than the limit.
+#[tokio::test]
+async fn a_merge_whose_parents_outputs_pass_the_limit_fails_before_its_call() {
+    let env = TestEnv::new().await.unwrap();
+    let id = format!("{}-wide", env.queue);
+    // Sixteen parents whose answers (llmq-mock echoes 60 characters of the prompt) come to
+    // more than the whole spec: the limit can let the spec in and still keep the merge out.
+    let names: Vec<String> = (0..16).map(|i| format!("p{i}")).collect();
+    let mut steps: Vec<Value> = names
+        .iter()
+        .map(|n| json!({"name": n, "prompt": format!("{{{{task}}}} {n}")}))
+        .collect();
+    steps.push(json!({"name": "merge", "after": names, "prompt": "Merge"}));
+    let task = "Write one part of the quarterly report, in sixty characters.";
+    let spec = json!({"v": 1, "chain_id": id, "vars": {"task": task}, "steps": steps});
+    let limit = spec.to_string().len() + 20;
+    let mut s = env.settings();
+    s.max_payload_bytes = limit;
+    let w = WorkerHandle::start(s);
+    submit(&env, &spec).await;
+    let c = finished(&env, &id).await;
+    assert_eq!(status(&c, "merge"), "failed", "{c:#?}");
+    let error = c.steps["merge"].error.clone().unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "with its handoffs and its parents' outputs, over the {limit}-byte limit"
+        )),
+        "{error}"
+    );
+    let mut outputs = 0;
+    for n in &names {
+        outputs += output(&env, &c, n).await.len();
+    }
+    assert!(
+        outputs > limit,
+        "the parents' answers alone ({outputs} bytes) pass {limit}"
+    );
+    assert_eq!(env.mock.total_calls(), 16, "the parents' calls only");
+    w.stop().await.unwrap();
+}

@@ -208,9 +208,25 @@ pub(super) async fn prepare(
                 .saturating_add(value.map_or(0, String::len))
         },
     );
+    // What a merge, a judge or a review appends after the prompt: its parents' outputs, with
+    // their framing (a heading, a name or a number each, an instruction; counted a little high).
+    let parents_out = || {
+        step.after.iter().fold(160usize, |n, p| {
+            let out = outputs.get(p.as_str()).map_or(0, String::len);
+            n.saturating_add(out).saturating_add(p.len() + 16)
+        })
+    };
+    let appended = match step.kind {
+        Kind::Llm if step.after.len() > 1 && chain::references(template).is_empty() => {
+            parents_out()
+        }
+        Kind::Judge | Kind::Review => parents_out(),
+        _ => 0,
+    };
+    let size = size.saturating_add(appended);
     if size > max_bytes {
         return Ok(Prepared::Fatal(format!(
-            "the step's prompt would be {size} bytes with its handoffs, over the {max_bytes}-byte limit; reference `.summary` instead of `.output`, or raise --max-payload-bytes"
+            "the step's prompt would be {size} bytes with its handoffs and its parents' outputs, over the {max_bytes}-byte limit; reference `.summary` instead of `.output`, or raise --max-payload-bytes"
         )));
     }
     // Handoffs: a reference that cannot be resolved fails the step; it never runs blind.
