@@ -90,9 +90,10 @@ fn chain(rng: &mut SeededRng, id: &str, provider: &str) -> (Value, u64) {
     if chance(rng, 30) {
         spec["max_parallel"] = json!(1 + rng.below(3));
     }
-    // A step is rerun as a whole round when work is sent back to it: count every step once
-    // more per round its descendants may cause.
-    (spec, bound * n as u64)
+    // Whoever sends work back to a step (its review, a check, an escalation, a retry), its
+    // rounds are bounded by max_rounds: the bound is the sum over its steps, as
+    // docs/wire-format.md states it.
+    (spec, bound)
 }
 
 #[tokio::test]
