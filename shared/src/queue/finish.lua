@@ -18,8 +18,13 @@
 --           on_failure, then 5 per step (see expand below)
 -- Returns one integer per item: 1 applied, 0 fenced (the entry is no longer this consumer's).
 
+-- Each op reads its keys from KEYS[k] on and its args from ARGV[b] on (settle's six first):
+-- nothing is copied per item.
+
 -- An approval step's task: the step waits for a person until the deadline.
-local function await_step(steps, approvals, task_id, chain_id, name, deadline)
+local function await_step(k, b)
+  local steps, approvals = KEYS[k + 1], KEYS[k + 2]
+  local task_id, chain_id, name, deadline = ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], ARGV[b + 9]
   local raw = redis.call('HGET', steps, name)
   if not raw then
     return
@@ -35,8 +40,9 @@ end
 
 -- A step sends work back (a review's or check's rejection) or escalates: the steps to run
 -- again go into their next round, while the chain runs and the step is still this task's.
-local function rerun_steps(stream, keys, args)
-  local chain, steps, tasks, task_id, name = keys[2], keys[3], keys[4], args[7], args[8]
+local function rerun_steps(stream, k, b, na)
+  local chain, steps, tasks = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+  local task_id, name = ARGV[b + 6], ARGV[b + 7]
   if redis.call('HGET', chain, 'state') ~= 'running' then
     return
   end
@@ -45,11 +51,9 @@ local function rerun_steps(stream, keys, args)
   if not s or s.task_id ~= task_id or s.status ~= 'queued' then
     return
   end
-  local n = (#args - 8) / 6
-  for i = 0, n - 1 do
-    local b = 9 + i * 6
-    rerun_step(stream, chain, steps, tasks, args[b], args[b + 1], args[b + 2], args[b + 3],
-      args[b + 4], args[b + 5])
+  for r = b + 8, b + na - 1, 6 do
+    rerun_step(stream, chain, steps, tasks, ARGV[r], ARGV[r + 1], ARGV[r + 2], ARGV[r + 3],
+      ARGV[r + 4], ARGV[r + 5])
   end
 end
 
@@ -58,32 +62,31 @@ end
 -- graph and the parents it waits for included), one write per hash; the steps that wait for
 -- nobody are enqueued. A replayed expansion (same chain id) writes nothing. Per step: name,
 -- envelope, definition json, state json, `1` when it waits for nobody.
-local function expand(stream, keys, args, now)
-  local chain, steps, tasks, index = keys[1], keys[2], keys[3], keys[4]
+local function expand(stream, k, b, na, now)
+  local chain, steps, tasks, index = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   if redis.call('EXISTS', chain) == 1 then
     return
   end
-  local n = (#args - 4) / 5
-  local head = {'spec', args[3], 'on_failure', args[4], 'state', 'running', 'created_at', now,
-    'pending', n, 'failed', 0, 'cancelled', 0, 'queue_entry', args[1]}
+  local n = (na - 4) / 5
+  local head = {'spec', ARGV[b + 2], 'on_failure', ARGV[b + 3], 'state', 'running',
+    'created_at', now, 'pending', n, 'failed', 0, 'cancelled', 0, 'queue_entry', ARGV[b]}
   local envs, states = {}, {}
-  for i = 0, n - 1 do
-    local b = 5 + i * 5
-    local name = args[b]
+  for i = b + 4, b + na - 1, 5 do
+    local name = ARGV[i]
     head[#head + 1] = 'def:' .. name
-    head[#head + 1] = args[b + 2]
+    head[#head + 1] = ARGV[i + 2]
     envs[#envs + 1] = name
-    envs[#envs + 1] = args[b + 1]
+    envs[#envs + 1] = ARGV[i + 1]
     states[#states + 1] = name
-    states[#states + 1] = args[b + 3]
-    if args[b + 4] == '1' then
-      redis.call('XADD', stream, '*', 'task', args[b + 1])
+    states[#states + 1] = ARGV[i + 3]
+    if ARGV[i + 4] == '1' then
+      redis.call('XADD', stream, '*', 'task', ARGV[i + 1])
     end
   end
   redis.call('HSET', chain, unpack(head))
   redis.call('HSET', tasks, unpack(envs))
   redis.call('HSET', steps, unpack(states))
-  redis.call('ZADD', index, now, args[2])
+  redis.call('ZADD', index, now, ARGV[b + 1])
 end
 
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
@@ -94,27 +97,25 @@ for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[5], ARGV[6], 10000
   mine[p[1]] = true
 end
 local done, out = {}, {}
-local k, a = 4, 7
-while a <= #ARGV do
+local k, a, last = 4, 7, #ARGV
+while a <= last do
   local op, nk, na = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local keys, args = {}, {}
-  for i = 1, nk do keys[i] = KEYS[k + i - 1] end
-  for i = 1, na do args[i] = ARGV[a + 2 + i] end
-  k, a = k + nk, a + 3 + na
-  local entry = args[1]
+  local b = a + 3
+  local entry = ARGV[b]
   if mine[entry] then
     mine[entry] = nil
     if op == 'expand' then
-      expand(stream, keys, args, now)
+      expand(stream, k, b, na, now)
     else
-      settle(stream, delayed, dead, keys[1], entry, args[2], args[3], args[4], args[5],
-        args[6], now, ttl)
+      settle(stream, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
+        ARGV[b + 4], ARGV[b + 5], now, ttl)
       if op == 'step' then
-        advance(stream, keys[2], keys[3], keys[4], args[7], args[8], args[9], args[10], now, ttl)
+        advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],
+          ARGV[b + 8], ARGV[b + 9], now, ttl)
       elseif op == 'await' then
-        await_step(keys[2], keys[3], args[7], args[8], args[9], args[10])
+        await_step(k, b)
       elseif op == 'rerun' then
-        rerun_steps(stream, keys, args)
+        rerun_steps(stream, k, b, na)
       end
     end
     done[#done + 1] = entry
@@ -122,6 +123,7 @@ while a <= #ARGV do
   else
     out[#out + 1] = 0
   end
+  k, a = k + nk, b + na
 end
 if #done > 0 then
   redis.call('XACK', stream, group, unpack(done))

@@ -12,125 +12,138 @@
 -- children's. A chain expanded by an earlier version has a `graph` field and one wait set
 -- per step instead (named from `wait_prefix`, in the queue's hash tag); both are read when
 -- a state lacks its own.
+--
+-- The helpers live at the top of the script, not in `advance`: a script that moves many
+-- steps creates them once. `advance` sets the keys they work on (`adv`) for each step.
+local adv = {}
+
+local function adv_graph()
+  if adv.graph == nil then
+    local raw = redis.call('HGET', adv.chain, 'graph')
+    adv.graph = raw and cjson.decode(raw) or {}
+  end
+  return adv.graph
+end
+
+local function adv_node(n, s)
+  if s.children then
+    return s
+  end
+  return adv_graph()[n] or {children = {}, join = false, min_success = 1}
+end
+
+local function adv_get(n)
+  local s = redis.call('HGET', adv.steps, n)
+  return s and cjson.decode(s) or nil
+end
+
+local function adv_put(n, s)
+  redis.call('HSET', adv.steps, n, cjson.encode(s))
+end
+
+local function adv_final(status)
+  return status == 'succeeded' or status == 'failed' or status == 'cancelled'
+end
+
+-- Takes `parent` off what `child` waits for; false when it was not waited for.
+local function adv_unwait(child, c, parent)
+  if c.waits then
+    for i, p in ipairs(c.waits) do
+      if p == parent then
+        table.remove(c.waits, i)
+        return true
+      end
+    end
+    return false
+  end
+  return redis.call('SREM', adv.wait_prefix .. child, parent) == 1
+end
+
+local function adv_waiting(child, c)
+  if c.waits then
+    return #c.waits
+  end
+  return redis.call('SCARD', adv.wait_prefix .. child)
+end
+
+local adv_cancel
+
+local function adv_parent_done(child, parent, ok)
+  local c = adv_get(child)
+  if not c or adv_final(c.status) or not adv_unwait(child, c, parent) then
+    return
+  end
+  if ok then c.ok = c.ok + 1 else c.failed = c.failed + 1 end
+  local g = adv_node(child, c)
+  if not ok and not g.join then
+    adv_cancel(child, 'a step it runs after did not succeed: ' .. parent, c)
+    return
+  end
+  if adv_waiting(child, c) == 0 then
+    if c.ok >= g.min_success then
+      c.status = 'queued'
+      adv_put(child, c)
+      redis.call('XADD', adv.stream, '*', 'task', redis.call('HGET', adv.tasks, child))
+    else
+      adv_cancel(child, c.ok .. ' of its parents succeeded; it needs ' .. g.min_success, c)
+    end
+    return
+  end
+  adv_put(child, c)
+end
+
+adv_cancel = function(n, why, s)
+  s = s or adv_get(n)
+  if not s or adv_final(s.status) then
+    return
+  end
+  s.status = 'cancelled'
+  s.error = why
+  adv_put(n, s)
+  adv.left = redis.call('HINCRBY', adv.chain, 'pending', -1)
+  redis.call('HINCRBY', adv.chain, 'cancelled', 1)
+  for _, child in ipairs(adv_node(n, s).children) do
+    adv_parent_done(child, n, false)
+  end
+end
+
 local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now,
     ttl)
-  local graph
-  local function old_graph()
-    if graph == nil then
-      local raw = redis.call('HGET', chain, 'graph')
-      graph = raw and cjson.decode(raw) or {}
-    end
-    return graph
-  end
-  local function node(n, s)
-    if s.children then
-      return s
-    end
-    return old_graph()[n] or {children = {}, join = false, min_success = 1}
-  end
-  local function get(n)
-    local s = redis.call('HGET', steps, n)
-    return s and cjson.decode(s) or nil
-  end
-  local function put(n, s)
-    redis.call('HSET', steps, n, cjson.encode(s))
-  end
-  local function final(status)
-    return status == 'succeeded' or status == 'failed' or status == 'cancelled'
-  end
-  -- Takes `parent` off what `child` waits for; false when it was not waited for.
-  local function unwait(child, c, parent)
-    if c.waits then
-      for i, p in ipairs(c.waits) do
-        if p == parent then
-          table.remove(c.waits, i)
-          return true
-        end
-      end
-      return false
-    end
-    return redis.call('SREM', wait_prefix .. child, parent) == 1
-  end
-  local function waiting(child, c)
-    if c.waits then
-      return #c.waits
-    end
-    return redis.call('SCARD', wait_prefix .. child)
-  end
-  -- Steps left unfinished, after the last one this call ended.
-  local left
-  local cancel
-  local function parent_done(child, parent, ok)
-    local c = get(child)
-    if not c or final(c.status) or not unwait(child, c, parent) then
-      return
-    end
-    if ok then c.ok = c.ok + 1 else c.failed = c.failed + 1 end
-    local g = node(child, c)
-    if not ok and not g.join then
-      cancel(child, 'a step it runs after did not succeed: ' .. parent, c)
-      return
-    end
-    if waiting(child, c) == 0 then
-      if c.ok >= g.min_success then
-        c.status = 'queued'
-        put(child, c)
-        redis.call('XADD', stream, '*', 'task', redis.call('HGET', tasks, child))
-      else
-        cancel(child, c.ok .. ' of its parents succeeded; it needs ' .. g.min_success, c)
-      end
-      return
-    end
-    put(child, c)
-  end
-  cancel = function(n, why, s)
-    s = s or get(n)
-    if not s or final(s.status) then
-      return
-    end
-    s.status = 'cancelled'
-    s.error = why
-    put(n, s)
-    left = redis.call('HINCRBY', chain, 'pending', -1)
-    redis.call('HINCRBY', chain, 'cancelled', 1)
-    for _, child in ipairs(node(n, s).children) do
-      parent_done(child, n, false)
-    end
-  end
-
-  local s = get(name)
+  adv = {stream = stream, chain = chain, steps = steps, tasks = tasks,
+    wait_prefix = wait_prefix}
+  local s = adv_get(name)
   local fields = cjson.decode(fields_json)
   -- A task of an earlier round, or not the chain's at all, does not end the step; nor does
   -- any task end a step that is not queued (blocked, or waiting for a person).
   if s and fields.task_id and (fields.task_id ~= s.task_id or s.status ~= 'queued') then
     s = nil
   end
-  if not s or final(s.status) then
+  if not s or adv_final(s.status) then
     return
   end
   for k, v in pairs(fields) do s[k] = v end
   s.status = outcome
-  put(name, s)
-  left = redis.call('HINCRBY', chain, 'pending', -1)
-  local children = node(name, s).children
+  adv_put(name, s)
+  adv.left = redis.call('HINCRBY', chain, 'pending', -1)
+  local children = adv_node(name, s).children
   if outcome == 'succeeded' then
     for _, child in ipairs(children) do
-      parent_done(child, name, true)
+      adv_parent_done(child, name, true)
     end
   else
     redis.call('HINCRBY', chain, outcome, 1)
-    local on_failure = redis.call('HGET', chain, 'on_failure') or old_graph()['.on_failure']
+    local on_failure = redis.call('HGET', chain, 'on_failure') or adv_graph()['.on_failure']
     if on_failure == 'fail_chain' and outcome == 'failed' then
       for _, other in ipairs(redis.call('HKEYS', steps)) do
-        cancel(other, 'the chain failed at step ' .. name)
+        adv_cancel(other, 'the chain failed at step ' .. name)
       end
     else
       for _, child in ipairs(children) do
-        parent_done(child, name, false)
+        adv_parent_done(child, name, false)
       end
     end
   end
-  if left <= 0 and redis.call('HGET', chain, 'state') == 'running' then
+  if adv.left <= 0 and redis.call('HGET', chain, 'state') == 'running' then
     local counts = redis.call('HMGET', chain, 'failed', 'cancelled')
     local failed = tonumber(counts[1]) > 0 or tonumber(counts[2]) > 0
     redis.call('HSET', chain, 'state', failed and 'failed' or 'succeeded', 'finished_at', now)
