@@ -16,7 +16,7 @@
 //! }
 //! let replayed = archive::replay_archived(&redis, &pool, "default", &["<task id>".into()], None).await?;
 //! let status = archive::scheduler_status(&redis, &Default::default()).await?;
-//! println!("{replayed} replayed; lease held by {:?}", status.holder);
+//! println!("{} replayed; lease held by {:?}", replayed.len(), status.holder);
 //! # Ok(()) }
 //! ```
 

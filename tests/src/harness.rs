@@ -121,6 +121,35 @@ impl TestEnv {
         })
     }
 
+    /// A migrated ledger database of this test's own, so breaking it breaks no other test:
+    /// its URL and a handle.
+    pub async fn own_ledger(&self) -> (String, Ledger) {
+        let name = format!("llmq_test_{}", self.queue.replace('-', "_"));
+        create_database(&name).await.unwrap();
+        let url = format!("{}/{name}", pg_server());
+        let ledger = Ledger::connect(&url, 1).await.unwrap();
+        ledger.migrate().await.unwrap();
+        (url, ledger)
+    }
+
+    /// Archives this queue's dead letters to Postgres as the scheduler does, by a scheduler
+    /// whose clock is 30 days ahead (so every letter is old enough); returns how many.
+    pub async fn archive_dead_letters(&self) -> usize {
+        let mut settings =
+            llmq_scheduler::Settings::new(&redis_url(), &database_url(), self.settings().config)
+                .unwrap();
+        settings.id = Some(format!("{}-archiver", self.queue));
+        settings.queues = vec![self.queue.clone()];
+        settings.namespace = Some(self.queue.clone());
+        let later = chrono::Utc::now() + chrono::Duration::days(30);
+        settings.clock = std::sync::Arc::new(move || later);
+        let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+        assert!(scheduler.acquire().await.unwrap());
+        let archived = scheduler.archive_step(&self.keys, 500).await.unwrap().len();
+        scheduler.release().await.unwrap();
+        archived
+    }
+
     /// Worker settings tuned for tests: short backoffs and timeouts.
     #[must_use]
     pub fn settings(&self) -> llmq_worker::Settings {

@@ -1371,8 +1371,7 @@ async fn a_chain_in_the_previous_layout_still_runs_to_its_end() {
 /// its chain when replayed from the archive, as a letter still in Redis does.
 #[tokio::test]
 async fn an_archived_step_letter_replayed_resumes_its_chain() {
-    use llmq_scheduler::{Scheduler, Settings};
-    use llmq_tests::harness::{database_url, redis_url};
+    use llmq_tests::harness::database_url;
     let env = TestEnv::new().await.unwrap();
     let w = env.worker();
     let id = format!("{}-archived", env.queue);
@@ -1393,19 +1392,7 @@ async fn an_archived_step_letter_replayed_resumes_its_chain() {
     assert_eq!(dead.len(), 1, "{dead:?}");
 
     // The scheduler archives it; then it leaves Redis.
-    let mut settings = Settings::new(&redis_url(), &database_url(), env.settings().config).unwrap();
-    settings.id = Some(format!("{}-archiver", env.queue));
-    settings.queues = vec![env.queue.clone()];
-    settings.namespace = Some(env.queue.clone());
-    let later = chrono::Utc::now() + chrono::Duration::days(30);
-    settings.clock = std::sync::Arc::new(move || later);
-    let mut scheduler = Scheduler::connect(settings).await.unwrap();
-    assert!(scheduler.acquire().await.unwrap());
-    assert_eq!(
-        scheduler.archive_step(&env.keys, 500).await.unwrap().len(),
-        1
-    );
-    scheduler.release().await.unwrap();
+    assert_eq!(env.archive_dead_letters().await, 1);
     let mut conn = env.redis.conn().await.unwrap();
     let _: i64 = redis::cmd("XDEL")
         .arg(env.keys.dead())

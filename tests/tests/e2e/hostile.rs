@@ -7,14 +7,11 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use llmq_scheduler::Scheduler;
 use llmq_shared::chain::ChainState;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
-use llmq_tests::harness::{
-    SeededRng, TestEnv, WorkerHandle, WorkerProcess, database_url, redis_url,
-};
+use llmq_tests::harness::{SeededRng, TestEnv, WorkerHandle, WorkerProcess, redis_url};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -137,19 +134,7 @@ async fn a_nul_anywhere_stops_neither_the_worker_nor_the_archive() {
     w.stop().await.unwrap();
 
     // The scheduler archives every one of them, the raw NUL bytes included.
-    let mut settings =
-        llmq_scheduler::Settings::new(&redis_url(), &database_url(), env.settings().config)
-            .unwrap();
-    settings.id = Some(format!("{}-archiver", env.queue));
-    settings.queues = vec![env.queue.clone()];
-    settings.namespace = Some(env.queue.clone());
-    let later = Utc::now() + chrono::Duration::days(30);
-    settings.clock = std::sync::Arc::new(move || later);
-    let mut scheduler = Scheduler::connect(settings).await.unwrap();
-    assert!(scheduler.acquire().await.unwrap());
-    let archived = scheduler.archive_step(&env.keys, 500).await.unwrap();
-    assert_eq!(archived.len(), 6);
-    scheduler.release().await.unwrap();
+    assert_eq!(env.archive_dead_letters().await, 6);
 }
 
 #[tokio::test]

@@ -62,12 +62,7 @@ async fn a_worker_serves_health_readiness_and_prometheus_metrics() {
 #[tokio::test]
 async fn a_worker_whose_finisher_cannot_write_is_not_ready_until_it_can() {
     let env = TestEnv::new().await.unwrap();
-    // A ledger of its own, so breaking it breaks no other test.
-    let name = format!("llmq_test_{}", env.queue.replace('-', "_"));
-    llmq_tests::harness::create_database(&name).await.unwrap();
-    let url = format!("{}/{name}", llmq_tests::harness::pg_server());
-    let ledger = llmq_shared::ledger::Ledger::connect(&url, 1).await.unwrap();
-    ledger.migrate().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -547,12 +547,7 @@ async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
 #[tokio::test]
 async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_it() {
     let env = TestEnv::new().await.unwrap();
-    // A ledger of its own, so breaking it breaks no other test.
-    let name = format!("llmq_test_{}", env.queue.replace('-', "_"));
-    llmq_tests::harness::create_database(&name).await.unwrap();
-    let url = format!("{}/{name}", llmq_tests::harness::pg_server());
-    let ledger = llmq_shared::ledger::Ledger::connect(&url, 1).await.unwrap();
-    ledger.migrate().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
     let mut s = env.settings();
     s.database_url = Some(url);
     s.attempt_timeout = Duration::from_millis(700);
