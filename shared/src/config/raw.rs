@@ -142,6 +142,8 @@ pub(super) struct RawModel {
 pub(super) struct RawRouting {
     #[serde(default)]
     pub(super) strategy: Option<String>,
+    pub(super) explore: Option<f64>,
+    pub(super) tolerance: Option<f64>,
     pub(super) max_cost_per_task: Option<f64>,
     #[serde(default)]
     pub(super) fallback: Vec<String>,

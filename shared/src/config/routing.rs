@@ -67,8 +67,69 @@ impl Default for Cooldown {
     }
 }
 
+/// How the capable models are ordered, after a task's hints and a rule's model
+/// (`routing.strategy`; docs/configuration.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Strategy {
+    /// Free, then subscription, then paid; then the preferred tier; then the lowest price.
+    #[default]
+    Cheapest,
+    /// The highest observed success for the task's type and risk.
+    Performance,
+    /// The cheapest whose observed success is within `routing.tolerance` of the best.
+    Cost,
+    /// The most success per dollar.
+    Balanced,
+    /// `cost` on success drawn from each model's posterior (Thompson sampling) for at most
+    /// `routing.explore` of the tasks, on the posterior means for the rest.
+    Learning,
+}
+
+impl Strategy {
+    pub const ALL: [Strategy; 5] = [
+        Strategy::Cheapest,
+        Strategy::Performance,
+        Strategy::Cost,
+        Strategy::Balanced,
+        Strategy::Learning,
+    ];
+
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::Cheapest => "cheapest",
+            Strategy::Performance => "performance",
+            Strategy::Cost => "cost",
+            Strategy::Balanced => "balanced",
+            Strategy::Learning => "learning",
+        }
+    }
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a routing strategy"))
+    }
+}
+
+/// Default [`Routing::explore`]: at most a tenth of the tasks explore.
+pub const DEFAULT_EXPLORE: f64 = 0.1;
+/// Default [`Routing::tolerance`]: two points of success.
+pub const DEFAULT_TOLERANCE: f64 = 0.02;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
+    pub strategy: Strategy,
+    /// `learning`: the most of the tasks that may explore (0 to 1).
+    pub explore: f64,
+    /// `cost` and `learning`: how much lower a cheaper model's success may be than the
+    /// best's (0 to 1).
+    pub tolerance: f64,
     /// Tasks whose estimated cost is higher are not sent to that model.
     pub max_cost_per_task: Option<f64>,
     /// Providers to try, in order, after the chosen one.
@@ -89,6 +150,9 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(3600);
 impl Default for Routing {
     fn default() -> Self {
         Self {
+            strategy: Strategy::Cheapest,
+            explore: DEFAULT_EXPLORE,
+            tolerance: DEFAULT_TOLERANCE,
             max_cost_per_task: None,
             fallback: Vec::new(),
             rules: Vec::new(),
@@ -105,13 +169,33 @@ pub(super) fn routing(
     r: RawRouting,
     providers: &[ProviderConfig],
 ) -> Result<Routing> {
-    if let Some(s) = r.strategy.as_deref().filter(|s| *s != "cheapest") {
-        return Err(errs.at(
-            "routing.strategy",
-            format!("`{s}` is not a routing strategy"),
-            "use cheapest (the only strategy so far)",
-        ));
-    }
+    let strategy = match r.strategy.as_deref() {
+        None => Strategy::Cheapest,
+        Some(s) => s.parse::<Strategy>().map_err(|e| {
+            errs.at(
+                "routing.strategy",
+                e,
+                "use cheapest, performance, cost, balanced or learning",
+            )
+        })?,
+    };
+    let share = |key: &str, v: Option<f64>, default: f64, fix: &str| match v {
+        None => Ok(default),
+        Some(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        Some(v) => Err(errs.at(key, format!("{v} is not between 0 and 1"), fix)),
+    };
+    let explore = share(
+        "routing.explore",
+        r.explore,
+        DEFAULT_EXPLORE,
+        "give the most of the tasks that may explore as a share, e.g. 0.1 for a tenth",
+    )?;
+    let tolerance = share(
+        "routing.tolerance",
+        r.tolerance,
+        DEFAULT_TOLERANCE,
+        "give the success a cheaper model may give up as a share, e.g. 0.02 for two points",
+    )?;
     if r.max_cost_per_task
         .is_some_and(|v| !v.is_finite() || v <= 0.0)
     {
@@ -249,6 +333,9 @@ pub(super) fn routing(
         None => DEFAULT_MAX_WAIT,
     };
     Ok(Routing {
+        strategy,
+        explore,
+        tolerance,
         max_cost_per_task: r.max_cost_per_task,
         fallback: r.fallback,
         rules,

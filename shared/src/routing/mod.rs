@@ -19,18 +19,25 @@
 //! Constraints exclude models or providers and raise the minimum tier everywhere, hints
 //! included (a chain's review step must not be routed to the model it reviews).
 //!
+//! Other strategies (`routing.strategy`) reorder the capable models of step 3 by what the
+//! fleet observed ([`Stats`]): `performance`, `cost`, `balanced` and `learning`.
+//!
 //! Layout: this module holds `plan` and its types (`Plan`, `Candidate`, `Constraints`,
-//! `Stats` and `Observed`, `RouteError`); `tests` has its unit tests.
+//! `Stats` and `Observed`, `RouteError`); `learn` orders candidates by their observed
+//! success (Thompson sampling for `learning`); `tests` has the unit tests.
 
 use std::collections::HashMap;
 
-use crate::config::{Capability, Config, Model, ProviderConfig, RuleTarget, Tier};
+use crate::config::{Capability, Config, Model, ProviderConfig, RuleTarget, Strategy, Tier};
 use crate::envelope::{Envelope, Risk};
 use crate::outcome::Usage;
 use crate::quota::PromptTokens;
 
+mod learn;
 #[cfg(test)]
 mod tests;
+
+pub use learn::Learned;
 
 /// One provider and model to try.
 #[derive(Clone, Copy)]
@@ -54,6 +61,8 @@ impl std::fmt::Debug for Candidate<'_> {
 pub struct Plan<'a> {
     pub candidates: Vec<Candidate<'a>>,
     pub reason: String,
+    /// What a learned strategy chose, when one ordered the candidates.
+    pub learned: Option<Learned>,
 }
 
 /// What a caller adds to the provider file's routing for one task.
@@ -76,17 +85,75 @@ impl Constraints {
 }
 
 /// What the fleet observed of a model for a kind of task; the input of learned routing.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Observed {
+    /// Tasks it finished, successes and failures of the task's own (an outage is neither).
     pub tasks: u64,
+    /// Tasks that succeeded, and that no review or check that judged them rejected.
     pub successes: u64,
 }
 
-/// Observations by (provider, model, task type, risk). The `cheapest` strategy, the only
-/// one so far, does not read them; it is here so learned strategies change no caller.
+/// Observations by (provider, model, task type, risk): a row per risk seen, and one with no
+/// risk for every risk together, which a risk with no history of its own falls back to.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub by_model: HashMap<(String, String, String, Option<Risk>), Observed>,
+}
+
+/// One row of [`Stats`], as the scheduler stores them in Redis.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatRow {
+    pub provider: String,
+    pub model: String,
+    pub task_type: String,
+    pub risk: Option<Risk>,
+    #[serde(flatten)]
+    pub observed: Observed,
+}
+
+impl Stats {
+    /// What was observed of `provider`/`model` for tasks of `task_type` and `risk` (or, with
+    /// none for that risk, of every risk).
+    #[must_use]
+    pub fn observed(&self, provider: &str, model: &str, task_type: &str, risk: Option<Risk>) -> Observed {
+        let key = |risk| (provider.to_owned(), model.to_owned(), task_type.to_owned(), risk);
+        risk.and_then(|r| self.by_model.get(&key(Some(r))))
+            .filter(|o| o.tasks > 0)
+            .or_else(|| self.by_model.get(&key(None)))
+            .copied()
+            .unwrap_or_default()
+    }
+
+    /// The rows, for storing.
+    #[must_use]
+    pub fn rows(&self) -> Vec<StatRow> {
+        let mut rows: Vec<StatRow> = self
+            .by_model
+            .iter()
+            .map(|((provider, model, task_type, risk), o)| StatRow {
+                provider: provider.clone(),
+                model: model.clone(),
+                task_type: task_type.clone(),
+                risk: *risk,
+                observed: *o,
+            })
+            .collect();
+        rows.sort_by(|a, b| {
+            (&a.provider, &a.model, &a.task_type, a.risk).cmp(&(&b.provider, &b.model, &b.task_type, b.risk))
+        });
+        rows
+    }
+
+    /// Stats from stored rows.
+    #[must_use]
+    pub fn from_rows(rows: Vec<StatRow>) -> Self {
+        Self {
+            by_model: rows
+                .into_iter()
+                .map(|r| ((r.provider, r.model, r.task_type, r.risk), r.observed))
+                .collect(),
+        }
+    }
 }
 
 /// A task that no configured model can take. Retrying cannot help.
@@ -106,7 +173,7 @@ pub fn plan<'a>(
     config: &'a Config,
     task: &Envelope,
     constraints: &Constraints,
-    _stats: &Stats,
+    stats: &Stats,
 ) -> Result<Plan<'a>, RouteError> {
     let task_type = task.task_type().unwrap_or_default();
     let routing = &config.routing;
@@ -231,6 +298,51 @@ pub fn plan<'a>(
         }
     }
     capable.sort_by_key(|(_, key)| *key);
+    // A learned strategy reorders the capable models by what was observed of each.
+    let mut learned = None;
+    if routing.strategy != Strategy::Cheapest && !capable.is_empty() {
+        let observed: Vec<Observed> = capable
+            .iter()
+            .map(|(c, _)| stats.observed(&c.provider.name, &c.model.id, task_type.as_str(), risk))
+            .collect();
+        let cost: Vec<f64> = capable.iter().map(|(c, _)| c.estimated_usd).collect();
+        let (order, chose) = learn::order(
+            routing.strategy,
+            &observed,
+            &cost,
+            routing.explore,
+            routing.tolerance,
+            seed(task),
+        );
+        let mut slots: Vec<Option<(Candidate<'a>, (u8, u8, u64))>> =
+            capable.into_iter().map(Some).collect();
+        capable = order.iter().filter_map(|i| slots[*i].take()).collect();
+        learned = chose;
+        if reason.is_empty()
+            && let (Some((first, _)), Some(i)) = (capable.first(), order.first())
+        {
+            let o = observed[*i];
+            let kind = match risk {
+                Some(r) => format!("{}/{}", task_type.as_str(), r.as_str()),
+                None => task_type.as_str().to_owned(),
+            };
+            let explored = match chose {
+                Some(l) if l.explored => "; explored",
+                _ => "",
+            };
+            let share = match chose {
+                Some(_) => format!("; explores at most {:.0} % of the time", routing.explore * 100.0),
+                None => String::new(),
+            };
+            reason = format!(
+                "{}: {} for {kind} (success {:.2} over {} tasks{explored}{share})",
+                routing.strategy.as_str(),
+                first.model.id,
+                o.mean(),
+                o.tasks
+            );
+        }
+    }
     if reason.is_empty()
         && let Some((first, _)) = capable.first()
     {
@@ -346,7 +458,17 @@ pub fn plan<'a>(
     Ok(Plan {
         candidates: plan,
         reason,
+        learned,
     })
+}
+
+/// The seed of a task's draws: its id and attempt, so a route can be reproduced.
+fn seed(task: &Envelope) -> u64 {
+    let id = task.id.map_or(0, |u| {
+        let v = u.as_u128();
+        (v as u64) ^ ((v >> 64) as u64)
+    });
+    id ^ u64::from(task.attempts).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// The provider and model a task's hints name; with only a provider, its cheapest model at

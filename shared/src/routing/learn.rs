@@ -1,0 +1,185 @@
+//! Learned strategies: the capable candidates ordered by what the fleet observed of each for
+//! the task's type and risk (success of the task, and the verdict of a review or check that
+//! judged it), instead of by price alone. Pure: the draws come from a generator seeded by the
+//! task, so a route can be reproduced and its propensity is known.
+//!
+//! Each candidate's success is a Beta posterior, Beta(1 + successes, 1 + failures): a model
+//! with no history yet starts at the uniform prior (mean 0.5) and is tried like any other.
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Beta, Distribution};
+
+use super::Observed;
+use crate::config::Strategy;
+
+/// How many draws estimate the probability that exploration picks a candidate.
+const PROPENSITY_DRAWS: usize = 32;
+
+/// What a learned strategy chose, for the record and for judging the route later.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Learned {
+    pub strategy: Strategy,
+    /// The probability the strategy gave the model it put first.
+    pub propensity: f64,
+    /// The first model is not the one the posterior means favour: it was drawn.
+    pub explored: bool,
+    /// What was observed of the first model.
+    pub observed: Observed,
+}
+
+impl Observed {
+    /// The posterior mean of its success.
+    #[must_use]
+    pub fn mean(self) -> f64 {
+        (1.0 + self.successes as f64) / (2.0 + self.tasks as f64)
+    }
+
+    fn draw(self, rng: &mut SmallRng) -> f64 {
+        let failures = self.tasks.saturating_sub(self.successes) as f64;
+        Beta::new(1.0 + self.successes as f64, 1.0 + failures).map_or(self.mean(), |b| b.sample(rng))
+    }
+}
+
+/// The first candidate whose success is within `tolerance` of the best one's; candidates
+/// come cheapest first, so that is the cheapest good enough.
+fn good_enough(success: &[f64], tolerance: f64) -> usize {
+    let best = success.iter().copied().fold(f64::MIN, f64::max);
+    success
+        .iter()
+        .position(|s| *s >= best - tolerance)
+        .unwrap_or(0)
+}
+
+/// A new order for candidates that come cheapest first, given what was `observed` of each
+/// and their estimated cost: the indexes, best first, and for `learning` what it chose.
+#[must_use]
+pub(super) fn order(
+    strategy: Strategy,
+    observed: &[Observed],
+    cost: &[f64],
+    explore: f64,
+    tolerance: f64,
+    seed: u64,
+) -> (Vec<usize>, Option<Learned>) {
+    let n = observed.len();
+    let means: Vec<f64> = observed.iter().map(|o| o.mean()).collect();
+    // The rest, after the first: by observed success, the cheaper first among equals.
+    let by_success = |first: usize| {
+        let mut rest: Vec<usize> = (0..n).filter(|i| *i != first).collect();
+        rest.sort_by(|a, b| means[*b].total_cmp(&means[*a]));
+        std::iter::once(first).chain(rest).collect::<Vec<_>>()
+    };
+    if n == 0 {
+        return (Vec::new(), None);
+    }
+    match strategy {
+        Strategy::Cheapest => ((0..n).collect(), None),
+        Strategy::Performance => {
+            let best = (0..n).fold(0, |b, i| if means[i] > means[b] { i } else { b });
+            (by_success(best), None)
+        }
+        Strategy::Cost => (by_success(good_enough(&means, tolerance)), None),
+        Strategy::Balanced => {
+            // Success per dollar; a free model's cost counts as a tenth of a cent.
+            let value = |i: usize| means[i] / cost[i].max(1e-3 / 1000.0);
+            let best = (0..n).fold(0, |b, i| if value(i) > value(b) { i } else { b });
+            (by_success(best), None)
+        }
+        Strategy::Learning => {
+            let mut rng = SmallRng::seed_from_u64(seed);
+            let greedy = good_enough(&means, tolerance);
+            let drawn = |rng: &mut SmallRng| {
+                let success: Vec<f64> = observed.iter().map(|o| o.draw(rng)).collect();
+                good_enough(&success, tolerance)
+            };
+            let first = if rng.random::<f64>() < explore {
+                drawn(&mut rng)
+            } else {
+                greedy
+            };
+            let picked = (0..PROPENSITY_DRAWS)
+                .filter(|_| drawn(&mut rng) == first)
+                .count();
+            let p_explore = picked as f64 / PROPENSITY_DRAWS as f64;
+            let p_greedy = if first == greedy { 1.0 } else { 0.0 };
+            let learned = Learned {
+                strategy,
+                propensity: (1.0 - explore) * p_greedy + explore * p_explore,
+                explored: first != greedy,
+                observed: observed[first],
+            };
+            (by_success(first), Some(learned))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(tasks: u64, successes: u64) -> Observed {
+        Observed { tasks, successes }
+    }
+
+    #[test]
+    fn fixed_strategies_order_by_what_was_observed() {
+        // Cheapest first: a cheap model that fails half the time, two dearer ones that do not.
+        let observed = [seen(100, 50), seen(100, 96), seen(100, 97)];
+        let cost = [0.001, 0.01, 0.02];
+        let order_of = |s| order(s, &observed, &cost, 0.1, 0.02, 1).0;
+        assert_eq!(order_of(Strategy::Cheapest), [0, 1, 2]);
+        assert_eq!(order_of(Strategy::Performance), [2, 1, 0]);
+        assert_eq!(
+            order_of(Strategy::Cost),
+            [1, 2, 0],
+            "the cheapest within two points of the best"
+        );
+        // 0.50 / 0.001 beats 0.95 / 0.01; the rest by success.
+        assert_eq!(order_of(Strategy::Balanced), [0, 2, 1]);
+    }
+
+    #[test]
+    fn learning_converges_on_the_cheapest_good_model_and_explores_within_its_bound() {
+        let observed = [seen(400, 200), seen(400, 390)];
+        let cost = [0.001, 0.02];
+        let mut explored = 0;
+        let mut first_is_good = 0;
+        let runs = 2000;
+        for seed in 0..runs {
+            let (order, learned) = order(Strategy::Learning, &observed, &cost, 0.1, 0.02, seed);
+            let learned = learned.unwrap();
+            explored += usize::from(learned.explored);
+            first_is_good += usize::from(order[0] == 1);
+            assert!((0.0..=1.0).contains(&learned.propensity));
+            if !learned.explored {
+                assert!(learned.propensity >= 0.9, "{learned:?}");
+            }
+        }
+        assert!(explored <= runs as usize / 10, "{explored} explored");
+        assert!(first_is_good >= runs as usize * 95 / 100, "{first_is_good}");
+    }
+
+    #[test]
+    fn learning_tries_a_model_with_no_history_and_the_prior_is_even() {
+        assert!((seen(0, 0).mean() - 0.5).abs() < 1e-9);
+        // A known model at 0.6 and a new one: exploration reaches the new one often.
+        let observed = [seen(50, 30), seen(0, 0)];
+        let cost = [0.01, 0.01];
+        let tried_new = (0..1000)
+            .filter(|seed| {
+                order(Strategy::Learning, &observed, &cost, 1.0, 0.0, *seed).0[0] == 1
+            })
+            .count();
+        assert!((200..800).contains(&tried_new), "{tried_new}");
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_route() {
+        let observed = [seen(10, 5), seen(10, 6), seen(3, 3)];
+        let cost = [0.001, 0.002, 0.003];
+        let a = order(Strategy::Learning, &observed, &cost, 0.5, 0.02, 42);
+        let b = order(Strategy::Learning, &observed, &cost, 0.5, 0.02, 42);
+        assert_eq!(a, b);
+    }
+}
