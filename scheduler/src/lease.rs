@@ -34,6 +34,7 @@ struct Scripts {
     release: Script,
     raise: Script,
     mark: Script,
+    put: Script,
 }
 
 /// A script that starts with the shared fence check.
@@ -77,6 +78,7 @@ impl Lease {
                 release: fenced(include_str!("lease/release.lua")),
                 raise: fenced(include_str!("lease/raise.lua")),
                 mark: fenced(include_str!("lease/mark.lua")),
+                put: fenced(include_str!("lease/put.lua")),
             },
         }
     }
@@ -273,6 +275,15 @@ impl Lease {
             });
         let mut c = redis.conn().await?;
         Ok(Self::checked(inv.invoke_async(&mut c).await?)? == 1)
+    }
+
+    /// Stores the routing stats, for the workers' learned strategies.
+    pub(crate) async fn put_routing_stats(&self, redis: &Client, json: &str) -> Result<()> {
+        let mut inv = self.guard(&self.scripts.put)?;
+        inv.key(self.keys.routing_stats()).arg(json);
+        let mut c = redis.conn().await?;
+        Self::checked(inv.invoke_async(&mut c).await?)?;
+        Ok(())
     }
 
     /// Our proof of holding the lease, for the queue's fenced writes.

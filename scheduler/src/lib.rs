@@ -2,7 +2,8 @@
 //! letters to Postgres before trimming them from Redis, and enqueues recurring tasks.
 //!
 //! Layout: `lease` (the lease and the fence every write carries), then one module per duty:
-//! `windows`, `dead_letters`, `recurring`, `approvals`, `chains`, `promote`, `gauges`. Queue
+//! `windows`, `dead_letters`, `recurring`, `approvals`, `chains`, `promote`, `gauges`,
+//! `routing_stats`. Queue
 //! writes go through the queue's own fenced functions.
 //!
 //! Any number of instances run; the one holding the lease in Redis acts, the others poll
@@ -23,6 +24,8 @@
 //! - `recurring`: each recurring task's due ticks are enqueued exactly once.
 //! - `approvals`: chain steps awaiting approval past their deadline get their `on_timeout`.
 //! - `chains`: chains whose keys expired leave the queue's chains index.
+//! - `routing_stats`: with a learned `routing.strategy`, each model's observed success per
+//!   task type and risk, read from the ledger into Redis for every worker.
 //!
 //! There is no duty for results or the ready streams: results carry their own TTL (the
 //! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
@@ -63,6 +66,7 @@ mod gauges;
 mod lease;
 mod promote;
 mod recurring;
+mod routing_stats;
 mod windows;
 
 pub use recurring::{CATCH_UP, MARKER_TTL, MAX_TICKS_PER_PASS};
@@ -132,6 +136,10 @@ pub struct Settings {
     /// How often expired chains are dropped from the queues' chains index.
     #[arg(long, env = "LLMQ_CHAINS_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
     pub chains_every: Duration,
+    /// How often the routing stats are read again from the ledger (a learned
+    /// `routing.strategy` only).
+    #[arg(long, env = "LLMQ_ROUTING_STATS_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub routing_stats_every: Duration,
     /// A queue whose dead letters to archive; repeat for several [default: every queue a
     /// worker has served].
     #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
@@ -157,6 +165,7 @@ impl std::fmt::Debug for Settings {
             .field("quota_every", &self.quota_every)
             .field("dead_letters_every", &self.dead_letters_every)
             .field("chains_every", &self.chains_every)
+            .field("routing_stats_every", &self.routing_stats_every)
             .field("queues", &self.queues)
             .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
@@ -189,10 +198,11 @@ pub enum Duty {
     Chains,
     Gauges,
     Promote,
+    RoutingStats,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 7] = [
+    pub const ALL: [Duty; 8] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
@@ -200,6 +210,7 @@ impl Duty {
         Duty::Chains,
         Duty::Gauges,
         Duty::Promote,
+        Duty::RoutingStats,
     ];
 
     /// Its field in the duties hash.
@@ -213,6 +224,7 @@ impl Duty {
             Duty::Chains => "chains",
             Duty::Gauges => "gauges",
             Duty::Promote => "promote",
+            Duty::RoutingStats => "routing_stats",
         }
     }
 }
@@ -232,6 +244,7 @@ pub struct Scheduler {
     quota_every: Duration,
     dead_letters_every: Duration,
     chains_every: Duration,
+    routing_stats_every: Duration,
     /// Where the `chains` duty reads each queue's index next.
     chain_cursors: chains::Cursors,
     /// The day whose previous day's windows this holder has recorded.
@@ -288,6 +301,7 @@ impl Scheduler {
             quota_every: settings.quota_every,
             dead_letters_every: settings.dead_letters_every,
             chains_every: settings.chains_every,
+            routing_stats_every: settings.routing_stats_every,
             chain_cursors: chains::Cursors::new(),
             config: settings.config,
             windows_closed: None,
@@ -333,6 +347,7 @@ impl Scheduler {
             Duty::QuotaWindows => self.quota_every,
             Duty::DeadLetters => self.dead_letters_every,
             Duty::Chains => self.chains_every,
+            Duty::RoutingStats => self.routing_stats_every,
             Duty::Recurring | Duty::Approvals | Duty::Promote => self.pause(),
             Duty::Gauges => gauges::EVERY,
         }
@@ -456,6 +471,7 @@ impl Scheduler {
             Duty::Chains => self.trim_chains().await,
             Duty::Gauges => self.publish_gauges().await,
             Duty::Promote => self.promote_due().await,
+            Duty::RoutingStats => self.refresh_routing_stats().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

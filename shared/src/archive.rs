@@ -258,6 +258,27 @@ pub struct SchedulerStatus {
     pub recurring: Vec<RecurringStatus>,
 }
 
+/// The routing stats the scheduler last wrote; `None` before its first run (or after Redis
+/// lost them, until its next).
+///
+/// # Errors
+/// Redis fails, or what is stored is not a list of stats.
+pub async fn routing_stats(
+    client: &Client,
+    keys: &SchedulerKeys,
+) -> Result<Option<crate::routing::Stats>> {
+    let mut c = client.conn().await?;
+    let raw: Option<String> = redis::cmd("GET")
+        .arg(keys.routing_stats())
+        .query_async(&mut c)
+        .await?;
+    let Some(raw) = raw else { return Ok(None) };
+    let rows: Vec<crate::routing::StatRow> = serde_json::from_str(&raw).map_err(|e| {
+        queue::Error::Protocol(format!("the routing stats in Redis are not readable: {e}"))
+    })?;
+    Ok(Some(crate::routing::Stats::from_rows(rows)))
+}
+
 /// The scheduler's lease, fence and duties as of now.
 ///
 /// # Errors

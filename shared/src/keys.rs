@@ -168,6 +168,13 @@ impl SchedulerKeys {
         format!("{}:duties", self.prefix)
     }
 
+    /// What learned routing reads: the routing stats the scheduler's `routing_stats` duty
+    /// wrote from the ledger, a JSON array of rows (`routing::StatRow`).
+    #[must_use]
+    pub fn routing_stats(&self) -> String {
+        format!("{}:routing_stats", self.prefix)
+    }
+
     /// Marks one tick of a recurring task as enqueued (SET NX with a TTL).
     #[must_use]
     pub fn tick(&self, name: &str, tick_ms: i64) -> String {

@@ -72,7 +72,7 @@ pub struct CallRow {
 }
 
 /// One finished task (succeeded or dead).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct TaskRow {
     pub task_id: Uuid,
     pub queue: String,
@@ -88,6 +88,21 @@ pub struct TaskRow {
     pub error: Option<String>,
     pub error_class: Option<String>,
     pub finished_at: DateTime<Utc>,
+    pub risk: Option<String>,
+    pub duration_ms: i64,
+    /// The learned strategy that chose its model, the probability it gave that model, and
+    /// whether it explored; `None` under `cheapest` or a hint.
+    pub strategy: Option<String>,
+    pub propensity: Option<f64>,
+    pub explored: Option<bool>,
+}
+
+/// A review's or check's verdict on the output of the task it judged: the task's model did
+/// (`true`) or did not do the work well, for learned routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub task_id: Uuid,
+    pub approved: bool,
 }
 
 /// One line of a cost report.
@@ -322,21 +337,26 @@ impl Ledger {
             sqlx::query(
                 "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
                     provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
-                    finished_at)
+                    finished_at, risk, duration_ms, strategy, propensity, explored)
                  SELECT t.task_id, t.queue, t.chain_id, t.task_type, t.status, t.attempts,
                     t.provider, t.model, t.input_tokens, t.output_tokens,
-                    t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at
+                    t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at,
+                    t.risk, t.duration_ms, t.strategy, t.propensity, t.explored
                  FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::int4[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::float8[],
-                    $12::text[], $13::text[], $14::timestamptz[])
+                    $12::text[], $13::text[], $14::timestamptz[], $15::text[], $16::int8[],
+                    $17::text[], $18::float8[], $19::bool[])
                  AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
-                    input_tokens, output_tokens, cost_usd, error, error_class, finished_at)
+                    input_tokens, output_tokens, cost_usd, error, error_class, finished_at,
+                    risk, duration_ms, strategy, propensity, explored)
                  ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,
                     attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
                     model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
                     output_tokens = EXCLUDED.output_tokens, cost_usd = EXCLUDED.cost_usd,
                     error = EXCLUDED.error, error_class = EXCLUDED.error_class,
-                    finished_at = EXCLUDED.finished_at",
+                    finished_at = EXCLUDED.finished_at, risk = EXCLUDED.risk,
+                    duration_ms = EXCLUDED.duration_ms, strategy = EXCLUDED.strategy,
+                    propensity = EXCLUDED.propensity, explored = EXCLUDED.explored",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| text(&t.queue)).collect::<Vec<_>>())
@@ -357,11 +377,86 @@ impl Ledger {
                     .collect::<Vec<_>>(),
             )
             .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| opt(&t.risk)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.duration_ms).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| opt(&t.strategy)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.propensity).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.explored).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    /// Records reviews' and checks' verdicts on the tasks they judged.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn verdicts(&self, verdicts: &[Verdict]) -> Result<()> {
+        if verdicts.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "UPDATE tasks SET verdict = v.approved
+             FROM UNNEST($1::uuid[], $2::bool[]) AS v(task_id, approved)
+             WHERE tasks.task_id = v.task_id",
+        )
+        .bind(verdicts.iter().map(|v| v.task_id).collect::<Vec<_>>())
+        .bind(verdicts.iter().map(|v| v.approved).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// What learned routing reads: per provider, model, task type and risk (and per type
+    /// for every risk together), the tasks of `queues` finished since `since` that a model
+    /// answered or failed on its own account (an outage, a rate limit or a refused task is
+    /// neither), and those that succeeded without a review or check rejecting them.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn routing_stats(
+        &self,
+        queues: &[String],
+        since: DateTime<Utc>,
+    ) -> Result<crate::routing::Stats> {
+        /// provider, model, task type, risk, grouped over every risk, tasks, successes
+        type Row = (String, String, String, Option<String>, i32, i64, i64);
+        let rows: Vec<Row> = sqlx::query_as(
+            "SELECT provider, model, task_type, risk, GROUPING(risk), count(*),
+                count(*) FILTER (WHERE status = 'succeeded' AND verdict IS NOT FALSE)
+             FROM tasks
+             WHERE finished_at >= $1 AND queue = ANY($2)
+               AND provider IS NOT NULL AND model IS NOT NULL
+               AND status IN ('succeeded', 'dead', 'failed')
+               AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')
+             GROUP BY GROUPING SETS ((provider, model, task_type, risk), (provider, model, task_type))",
+        )
+        .bind(since)
+        .bind(queues)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stats = crate::routing::Stats::default();
+        for (provider, model, task_type, risk, all_risks, tasks, successes) in rows {
+            let risk = match (all_risks, risk.as_deref()) {
+                (1, _) => None,
+                (_, Some(r)) => match serde_json::from_value(serde_json::Value::String(r.into())) {
+                    Ok(r) => Some(r),
+                    Err(_) => continue,
+                },
+                // Tasks with no risk are counted in the row for every risk.
+                (_, None) => continue,
+            };
+            let observed = crate::routing::Observed {
+                tasks: u64::try_from(tasks).unwrap_or(0),
+                successes: u64::try_from(successes).unwrap_or(0),
+            };
+            stats
+                .by_model
+                .insert((provider, model, task_type, risk), observed);
+        }
+        Ok(stats)
     }
 
     /// Distinct tasks with a call in `[since, until)`.

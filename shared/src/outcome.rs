@@ -163,6 +163,21 @@ pub struct TaskRecord {
     /// Each failed call of the last attempt, `provider/model: error`, in order.
     #[serde(default)]
     pub provider_errors: Vec<String>,
+    /// When a learned strategy chose the model: the strategy, the probability it gave the
+    /// model (its propensity), whether it explored, and the models it ordered, best first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<LearnedRoute>,
+}
+
+/// How a learned strategy chose a task's model, so the route can be judged later
+/// (`llmq insights`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LearnedRoute {
+    pub strategy: String,
+    pub propensity: f64,
+    pub explored: bool,
+    /// The capable models it ordered, `provider/model`, best first.
+    pub candidates: Vec<String>,
 }
 
 impl TaskRecord {
@@ -190,6 +205,7 @@ impl TaskRecord {
             finished_at: None,
             route: None,
             provider_errors: Vec::new(),
+            learned: None,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, STARTED, TaskRow};
+use llmq_shared::ledger::{CallRow, STARTED, TaskRow, Verdict};
 use llmq_shared::queue::Write;
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,6 +17,8 @@ pub struct Finished {
     pub write: Write,
     pub calls: Vec<CallRow>,
     pub task: Option<TaskRow>,
+    /// A review's or check's verdict on the task whose output it judged.
+    pub verdict: Option<Verdict>,
     /// The concurrency key whose slot this delivery holds, to free once its outcome is
     /// written.
     pub slot: Option<String>,
@@ -39,6 +41,7 @@ impl Finished {
             write,
             calls,
             task: None,
+            verdict: None,
             slot: None,
             parked: false,
         }

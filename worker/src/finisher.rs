@@ -129,8 +129,12 @@ impl Finisher {
                     .iter_mut()
                     .filter_map(|p| p.finished.task.take())
                     .collect();
+                let verdicts: Vec<_> = batch.iter().filter_map(|p| p.finished.verdict).collect();
                 let written = self
-                    .retry("writing the ledger", || ledger.record(&calls, &tasks))
+                    .retry("writing the ledger", || async {
+                        ledger.record(&calls, &tasks).await?;
+                        ledger.verdicts(&verdicts).await
+                    })
                     .await;
                 if written.is_none() {
                     // Shutdown hard stop: leave these unacked; they will be redelivered.

@@ -111,6 +111,13 @@ pub struct Settings {
     /// failure); each single call is bounded by the task's own `timeout`.
     #[arg(long, env = "LLMQ_ATTEMPT_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
     pub attempt_timeout: Duration,
+    /// The scheduler's namespace (as `llmq-scheduler` is given it): where a learned
+    /// `routing.strategy` reads the routing stats the scheduler writes.
+    #[arg(long, env = "LLMQ_SCHEDULER_NAMESPACE")]
+    pub scheduler_namespace: Option<String>,
+    /// How often the routing stats are read again (a learned `routing.strategy` only).
+    #[arg(long, hide = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stats_every: Duration,
     /// How often due delayed tasks are looked for, at the most.
     #[arg(long, hide = true, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub promote_every: Duration,
@@ -321,6 +328,16 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         done.clone(),
     ));
     let read_pause = Arc::new(executor::ReadPause::default());
+    let stats = Arc::new(executor::StatsView::default());
+    if settings.config.routing.strategy != llmq_shared::config::Strategy::Cheapest {
+        tasks.spawn(maintenance::routing_stats(
+            redis.clone(),
+            llmq_shared::keys::SchedulerKeys::new(settings.scheduler_namespace.as_deref()),
+            Arc::clone(&stats),
+            settings.stats_every,
+            stop.clone(),
+        ));
+    }
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     tasks.spawn(
         Fetcher {
@@ -354,6 +371,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             read_pause,
             call_starts,
             call_metrics: executor::CallMetrics::new(&settings.config),
+            stats,
         },
         finisher,
         inflight: Arc::clone(&inflight),

@@ -90,6 +90,28 @@ pub async fn promote(
     }
 }
 
+/// Reads the routing stats the scheduler wrote, every `every`, for a learned strategy. Until
+/// there are any (a new fleet, Redis restarted) every model routes on its prior.
+pub async fn routing_stats(
+    redis: Client,
+    keys: llmq_shared::keys::SchedulerKeys,
+    view: Arc<crate::executor::StatsView>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        match llmq_shared::archive::routing_stats(&redis, &keys).await {
+            Ok(Some(stats)) => view.set(stats),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("cannot read the routing stats: {e}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
 /// Announces the worker every few seconds, for `llmq status`.
 pub async fn heartbeat(
     redis: Client,

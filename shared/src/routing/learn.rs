@@ -37,7 +37,8 @@ impl Observed {
 
     fn draw(self, rng: &mut SmallRng) -> f64 {
         let failures = self.tasks.saturating_sub(self.successes) as f64;
-        Beta::new(1.0 + self.successes as f64, 1.0 + failures).map_or(self.mean(), |b| b.sample(rng))
+        Beta::new(1.0 + self.successes as f64, 1.0 + failures)
+            .map_or(self.mean(), |b| b.sample(rng))
     }
 }
 
@@ -167,9 +168,7 @@ mod tests {
         let observed = [seen(50, 30), seen(0, 0)];
         let cost = [0.01, 0.01];
         let tried_new = (0..1000)
-            .filter(|seed| {
-                order(Strategy::Learning, &observed, &cost, 1.0, 0.0, *seed).0[0] == 1
-            })
+            .filter(|seed| order(Strategy::Learning, &observed, &cost, 1.0, 0.0, *seed).0[0] == 1)
             .count();
         assert!((200..800).contains(&tried_new), "{tried_new}");
     }

@@ -115,8 +115,21 @@ impl Stats {
     /// What was observed of `provider`/`model` for tasks of `task_type` and `risk` (or, with
     /// none for that risk, of every risk).
     #[must_use]
-    pub fn observed(&self, provider: &str, model: &str, task_type: &str, risk: Option<Risk>) -> Observed {
-        let key = |risk| (provider.to_owned(), model.to_owned(), task_type.to_owned(), risk);
+    pub fn observed(
+        &self,
+        provider: &str,
+        model: &str,
+        task_type: &str,
+        risk: Option<Risk>,
+    ) -> Observed {
+        let key = |risk| {
+            (
+                provider.to_owned(),
+                model.to_owned(),
+                task_type.to_owned(),
+                risk,
+            )
+        };
         risk.and_then(|r| self.by_model.get(&key(Some(r))))
             .filter(|o| o.tasks > 0)
             .or_else(|| self.by_model.get(&key(None)))
@@ -139,7 +152,12 @@ impl Stats {
             })
             .collect();
         rows.sort_by(|a, b| {
-            (&a.provider, &a.model, &a.task_type, a.risk).cmp(&(&b.provider, &b.model, &b.task_type, b.risk))
+            (&a.provider, &a.model, &a.task_type, a.risk).cmp(&(
+                &b.provider,
+                &b.model,
+                &b.task_type,
+                b.risk,
+            ))
         });
         rows
     }
@@ -314,8 +332,7 @@ pub fn plan<'a>(
             routing.tolerance,
             seed(task),
         );
-        let mut slots: Vec<Option<(Candidate<'a>, (u8, u8, u64))>> =
-            capable.into_iter().map(Some).collect();
+        let mut slots: Vec<Option<_>> = capable.into_iter().map(Some).collect();
         capable = order.iter().filter_map(|i| slots[*i].take()).collect();
         learned = chose;
         if reason.is_empty()
@@ -331,7 +348,10 @@ pub fn plan<'a>(
                 _ => "",
             };
             let share = match chose {
-                Some(_) => format!("; explores at most {:.0} % of the time", routing.explore * 100.0),
+                Some(_) => format!(
+                    "; explores at most {:.0} % of the time",
+                    routing.explore * 100.0
+                ),
                 None => String::new(),
             };
             reason = format!(

@@ -289,7 +289,11 @@ fn a_learned_strategy_routes_away_from_a_model_that_fails_a_task_type_and_says_w
     for strategy in ["cost", "learning"] {
         let r = config(&format!("routing:\n  strategy: {strategy}\n  explore: 0\n"));
         let p = plan(&r, &e, &Constraints::default(), &history).unwrap();
-        assert_eq!(order(&p), ["paid/small", "paid/big", "sub/mid"], "{strategy}");
+        assert_eq!(
+            order(&p),
+            ["paid/small", "paid/big", "sub/mid"],
+            "{strategy}"
+        );
         assert!(
             p.reason.starts_with(&format!(
                 "{strategy}: small for code_generation (success 0.93 over 118 tasks"
@@ -306,7 +310,13 @@ fn a_learned_strategy_routes_away_from_a_model_that_fails_a_task_type_and_says_w
     assert!(!learned.explored);
     assert!((learned.propensity - 1.0).abs() < 1e-9, "{learned:?}");
     // A type with no history routes as the prior sees it: every model even, the cheapest.
-    let p = plan(&r, &task("docs", "documentation"), &Constraints::default(), &history).unwrap();
+    let p = plan(
+        &r,
+        &task("docs", "documentation"),
+        &Constraints::default(),
+        &history,
+    )
+    .unwrap();
     assert_eq!(order(&p)[0], "free/tiny");
     // Hints still come first.
     let mut hinted = e.clone();
@@ -321,13 +331,24 @@ fn a_bad_strategy_or_share_names_the_key_and_the_fix() {
         let text = format!(
             "providers:\n  - name: p\n    kind: openai_compatible\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - {{id: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1}}\nrouting:\n{routing}\n"
         );
-        Config::parse("t.yaml", &text, &|_| None).unwrap_err().to_string()
+        Config::parse("t.yaml", &text, &|_| None)
+            .unwrap_err()
+            .to_string()
     };
     let e = bad("  strategy: smartest");
-    assert!(e.contains("routing.strategy") && e.contains("`smartest` is not a routing strategy"), "{e}");
-    assert!(e.contains("cheapest, performance, cost, balanced or learning"), "{e}");
+    assert!(
+        e.contains("routing.strategy") && e.contains("`smartest` is not a routing strategy"),
+        "{e}"
+    );
+    assert!(
+        e.contains("cheapest, performance, cost, balanced or learning"),
+        "{e}"
+    );
     let e = bad("  explore: 1.5");
-    assert!(e.contains("routing.explore") && e.contains("1.5 is not between 0 and 1"), "{e}");
+    assert!(
+        e.contains("routing.explore") && e.contains("1.5 is not between 0 and 1"),
+        "{e}"
+    );
     let e = bad("  tolerance: -0.1");
     assert!(e.contains("routing.tolerance"), "{e}");
 }

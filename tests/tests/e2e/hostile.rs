@@ -181,6 +181,7 @@ async fn a_ledger_batch_with_one_bad_row_writes_the_others() {
         error: Some("x\0y".into()),
         error_class: None,
         finished_at: Utc::now(),
+        ..TaskRow::default()
     };
     env.ledger.record(&calls, &[task]).await.unwrap();
     let mut stored: Vec<(Option<String>, Option<String>)> = sqlx::query_as(

@@ -12,6 +12,7 @@ mod crash;
 mod examples;
 mod flow;
 mod hostile;
+mod learning;
 mod metrics;
 mod outage;
 mod providers;

@@ -43,6 +43,8 @@ pub(super) enum Prepared {
         command: String,
         input: String,
         rework: Option<Rework>,
+        /// The task whose output it checks, whose model its verdict judges.
+        judged: Option<String>,
     },
     /// No call: a person decides, by `deadline_ms` at the latest.
     Await { deadline_ms: i64 },
@@ -93,8 +95,11 @@ pub(super) enum Reading {
     Plain,
     /// The answer names one of these candidates (1-based); the output is the chosen one.
     Pick(Vec<String>),
-    /// The answer is a verdict on step `reviewed`.
-    Verdict { reviewed: String },
+    /// The answer is a verdict on step `reviewed`, whose task was `judged`.
+    Verdict {
+        reviewed: String,
+        judged: Option<String>,
+    },
 }
 
 /// Reads what step `env.step` of chain `env.chain_id` needs, and decides how to run it.
@@ -282,10 +287,11 @@ pub(super) async fn prepare(
             }
         }
         Kind::Check => match candidates.into_iter().next() {
-            Some((_, input)) => Prepared::Check {
+            Some((parent, input)) => Prepared::Check {
                 command: step.command.clone().unwrap_or_default(),
                 input,
                 rework: full.as_ref().and_then(|f| rework(f, &step, config)),
+                judged: states.get(parent).map(|s| s.task_id.clone()),
             },
             None => Prepared::Fatal(
                 "handoff unresolved: the output of the step this check checks has no value".into(),
@@ -321,10 +327,11 @@ pub(super) async fn prepare(
             );
             let constraints = distinct_from(&step.distinct, states.get(&reviewed));
             let rework = full.as_ref().and_then(|f| rework(f, &step, config));
+            let judged = states.get(&reviewed).map(|s| s.task_id.clone());
             Prepared::Call {
                 prompt: p,
                 constraints,
-                read: Reading::Verdict { reviewed },
+                read: Reading::Verdict { reviewed, judged },
                 rework,
                 escalation: full.as_ref().and_then(|f| escalation(f, &step)),
             }
@@ -496,7 +503,7 @@ pub(super) fn read(reading: &Reading, answer: Completion) -> Outcome {
                 )),
             }
         }
-        Reading::Verdict { reviewed } => {
+        Reading::Verdict { reviewed, .. } => {
             let Some(v) = verdict(&answer.text) else {
                 return Outcome::Failed(failure(
                     ErrorClass::Retryable,
@@ -577,6 +584,7 @@ mod tests {
         assert!(matches!(read(&pick, answer("neither")), Outcome::Failed(_)));
         let review = Reading::Verdict {
             reviewed: "impl".into(),
+            judged: None,
         };
         let ok = output(read(
             &review,

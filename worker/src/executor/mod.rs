@@ -22,8 +22,8 @@ use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, TaskRow};
-use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
+use llmq_shared::ledger::{CallRow, TaskRow, Verdict};
+use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{Client, Delivery, Finish, FinishKind, Slot, Write, now_ms};
@@ -31,6 +31,7 @@ use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
 use llmq_shared::telemetry;
+use std::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -71,6 +72,34 @@ pub struct Executor {
     /// Records each call before it is made; `None` without a ledger.
     pub call_starts: Option<CallStarts>,
     pub call_metrics: CallMetrics,
+    /// What the fleet observed of each model, for learned routing strategies.
+    pub stats: Arc<StatsView>,
+}
+
+/// The routing stats every task of this worker reads, refreshed from Redis (where the
+/// scheduler's `routing_stats` duty writes them) while a learned strategy is configured.
+#[derive(Debug, Default)]
+pub struct StatsView(RwLock<Arc<Stats>>);
+
+impl StatsView {
+    /// The stats as last read.
+    #[must_use]
+    pub fn current(&self) -> Arc<Stats> {
+        Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Replaces them.
+    pub fn set(&self, stats: Stats) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(stats);
+    }
 }
 
 /// When the fetcher may read again, in ms since the epoch (0: now).
@@ -107,6 +136,8 @@ struct StepPlan {
     escalation: Option<Result<Box<chain::Rework>, String>>,
     /// Its outcome without a call (an output, a check, a fatal problem).
     settled: Option<Outcome>,
+    /// For a review or a check: the task whose output its verdict judges.
+    judged: Option<String>,
 }
 
 /// A task parsed from its delivery and ready to run: small, so a task in flight carries it
@@ -168,8 +199,10 @@ impl Executor {
                 command,
                 input,
                 rework,
+                judged,
             }) => {
                 step.rework = rework.map(Box::new);
+                step.judged = judged;
                 step.settled = Some(match self.config.checks.get(&command) {
                     Some(c) => check::run(&command, c, &input).await,
                     None => Outcome::Failed(AttemptError {
@@ -195,6 +228,9 @@ impl Executor {
                 rework,
                 escalation,
             }) => {
+                if let chain::Reading::Verdict { judged, .. } = &read {
+                    step.judged.clone_from(judged);
+                }
                 step.prompt = Some(prompt);
                 step.constraints = constraints;
                 step.reading = Some(read);
@@ -385,6 +421,7 @@ impl Executor {
             rework,
             escalation,
             settled,
+            judged,
         } = step;
 
         // Plan.
@@ -413,13 +450,14 @@ impl Executor {
         });
         let call_env = step_env.as_deref().unwrap_or(&env);
         let mut calls = Vec::new();
+        let mut learned = None;
         let started = Instant::now();
         let tried = 'tried: {
             if let Some(outcome) = settled {
                 break 'tried Tried::without_call(outcome);
             }
-            let plan = match routing::plan(&self.config, call_env, &constraints, &Stats::default())
-            {
+            let stats = self.stats.current();
+            let plan = match routing::plan(&self.config, call_env, &constraints, &stats) {
                 Ok(plan) => plan,
                 Err(e) => {
                     break 'tried Tried::without_call(Outcome::Failed(AttemptError {
@@ -430,6 +468,16 @@ impl Executor {
                     }));
                 }
             };
+            learned = plan.learned.map(|l| LearnedRoute {
+                strategy: l.strategy.as_str().to_owned(),
+                propensity: l.propensity,
+                explored: l.explored,
+                candidates: plan
+                    .candidates
+                    .iter()
+                    .map(|c| format!("{}/{}", c.provider.name, c.model.id))
+                    .collect(),
+            });
             // Attempt.
             let awaiting_ledger = std::sync::atomic::AtomicBool::new(false);
             let attempt = Attempt {
@@ -460,6 +508,7 @@ impl Executor {
         };
         let mut record = running(&queue, &task_id, &env, &task_type);
         record.duration_ms = started.elapsed().as_millis() as u64;
+        record.learned = learned;
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
         if let Some((provider, model)) = tried.last {
@@ -474,6 +523,20 @@ impl Executor {
             (Outcome::Answered(c), Some(read)) => chain::read(read, c),
             (outcome, _) => outcome,
         };
+        // A review's or check's verdict on the work it judged, for learned routing.
+        let verdict = judged
+            .and_then(|id| Uuid::parse_str(&id).ok())
+            .and_then(|task_id| match &outcome {
+                Outcome::Answered(_) => Some(Verdict {
+                    task_id,
+                    approved: true,
+                }),
+                Outcome::Rejected(_) => Some(Verdict {
+                    task_id,
+                    approved: false,
+                }),
+                _ => None,
+            });
 
         // Decide.
         let policy = Policy {
@@ -500,7 +563,7 @@ impl Executor {
                 .map(|up| self.escalation(up, failed_tier.max(env.min_tier), &constraints)),
         };
         let transition = decide::decide(state, &outcome, rounds, &policy, Utc::now());
-        apply(
+        let mut finished = apply(
             queue,
             entry_id,
             *env,
@@ -509,7 +572,9 @@ impl Executor {
             outcome,
             transition,
             &self.read_pause,
-        )
+        );
+        finished.verdict = verdict;
+        finished
     }
 
     /// The step's next round one tier above `from`, if it has one and that tier can be
@@ -525,7 +590,7 @@ impl Executor {
             .first_mut()
             .ok_or_else(|| "the step has no next round".to_owned())?;
         let tier = chain::escalate(&mut next.task, from)?;
-        routing::plan(&self.config, &next.task, constraints, &Stats::default())
+        routing::plan(&self.config, &next.task, constraints, &self.stats.current())
             .map_err(|e| format!("nothing at the {}-tier can take it: {e}", tier.as_str()))?;
         Ok(Escalation { tier, reruns })
     }
@@ -693,7 +758,7 @@ fn apply(
         .record
         .as_ref()
         .filter(|r| r.finished_at.is_some())
-        .map(task_row);
+        .map(|r| task_row(r, env.risk));
     let write = match (step, reruns) {
         (Some((chain_id, step)), Some(reruns)) => Write::Rerun {
             finish,
@@ -831,7 +896,7 @@ fn invalid(
     record.finished_at = Some(Utc::now());
     let task = uuid::Uuid::parse_str(&task_id).ok().map(|id| TaskRow {
         task_id: id,
-        ..task_row(&record)
+        ..task_row(&record, None)
     });
     let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
     Finished {
@@ -840,7 +905,7 @@ fn invalid(
     }
 }
 
-fn task_row(r: &TaskRecord) -> TaskRow {
+fn task_row(r: &TaskRecord, risk: Option<envelope::Risk>) -> TaskRow {
     TaskRow {
         task_id: uuid::Uuid::parse_str(&r.task_id).unwrap_or_default(),
         queue: r.queue.clone(),
@@ -856,5 +921,10 @@ fn task_row(r: &TaskRecord) -> TaskRow {
         error: r.error.clone(),
         error_class: r.error_class.map(|c| c.to_string()),
         finished_at: r.finished_at.unwrap_or_else(Utc::now),
+        risk: risk.map(|k| k.as_str().to_owned()),
+        duration_ms: i64::try_from(r.duration_ms).unwrap_or(i64::MAX),
+        strategy: r.learned.as_ref().map(|l| l.strategy.clone()),
+        propensity: r.learned.as_ref().map(|l| l.propensity),
+        explored: r.learned.as_ref().map(|l| l.explored),
     }
 }

@@ -1,0 +1,159 @@
+//! Learned routing through real workers, the scheduler, the real Redis and Postgres, and
+//! llmq-mock over HTTP: the scheduler reads what the ledger says of each model into Redis,
+//! workers route by it and say why, and reviews' verdicts reach the ledger.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use chrono::Utc;
+use llmq_shared::config::Strategy;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::SchedulerKeys;
+use llmq_shared::ledger::TaskRow;
+use llmq_shared::outcome::Status;
+use llmq_tests::harness::{TestEnv, WorkerHandle, database_url, redis_url};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// `n` finished tasks of `env`'s queue on `model`, of which `ok` succeeded; the others
+/// failed with `class`.
+fn history(env: &TestEnv, model: &str, n: usize, ok: usize, class: &str) -> Vec<TaskRow> {
+    (0..n)
+        .map(|i| TaskRow {
+            task_id: uuid::Uuid::new_v4(),
+            queue: env.queue.clone(),
+            task_type: "code_generation".into(),
+            status: if i < ok { "succeeded" } else { "dead" }.into(),
+            attempts: 1,
+            provider: Some("mock".into()),
+            model: Some(model.into()),
+            error_class: (i >= ok).then(|| class.to_owned()),
+            finished_at: Utc::now(),
+            ..TaskRow::default()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
+    let env = TestEnv::new().await.unwrap();
+    // The cheap model fails code generation; the dear one does it. Its outage is not held
+    // against it.
+    let mut rows = history(&env, "mock-fast", 40, 5, "fatal");
+    rows.extend(history(&env, "mock-smart", 40, 39, "fatal"));
+    rows.extend(history(&env, "mock-smart", 50, 0, "unavailable"));
+    env.ledger.record(&[], &rows).await.unwrap();
+
+    let mut config = env.settings().config;
+    config.routing.strategy = Strategy::Learning;
+    config.routing.explore = 0.0;
+    let mut settings =
+        llmq_scheduler::Settings::new(&redis_url(), &database_url(), config.clone()).unwrap();
+    settings.id = Some(format!("{}-router", env.queue));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    let did = scheduler.refresh_routing_stats().await.unwrap();
+    assert!(
+        did.ends_with("row(s) of routing stats from 1 queue(s)"),
+        "{did}"
+    );
+    let keys = SchedulerKeys::new(Some(&env.queue));
+    let stats = llmq_shared::archive::routing_stats(&env.redis, &keys)
+        .await
+        .unwrap()
+        .unwrap();
+    let smart = stats.observed("mock", "mock-smart", "code_generation", None);
+    assert_eq!(
+        (smart.tasks, smart.successes),
+        (40, 39),
+        "the outage is not counted"
+    );
+    scheduler.release().await.unwrap();
+
+    // Two workers read the same view.
+    let worker = || {
+        let mut s = env.settings();
+        s.config = config.clone();
+        s.scheduler_namespace = Some(env.queue.clone());
+        s.stats_every = Duration::from_millis(100);
+        WorkerHandle::start(s)
+    };
+    let (w1, w2) = (worker(), worker());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let mut task = Envelope::new(format!("write the parser, part {i}"));
+        task.task_type = Some("code_generation".into());
+        ids.push(task.id.unwrap().to_string());
+        env.redis.enqueue(&env.keys, &task).await.unwrap();
+    }
+    for id in &ids {
+        let r = env.wait_final(id, WAIT).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(r.model.as_deref(), Some("mock-smart"), "{r:?}");
+        let route = r.route.clone().unwrap_or_default();
+        assert!(
+            route.starts_with(
+                "learning: mock-smart for code_generation (success 0.95 over 40 tasks"
+            ),
+            "{route}"
+        );
+        let learned = r.learned.clone().unwrap();
+        assert!(!learned.explored);
+        assert!((learned.propensity - 1.0).abs() < 1e-9, "{learned:?}");
+        assert_eq!(learned.candidates[0], "mock/mock-smart");
+    }
+    w1.stop().await.unwrap();
+    w2.stop().await.unwrap();
+    let recorded: Vec<(Option<String>, Option<f64>, Option<bool>)> = sqlx::query_as(
+        "SELECT strategy, propensity, explored FROM tasks WHERE task_id = ANY($1::uuid[])",
+    )
+    .bind(&ids)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(recorded.len(), ids.len());
+    assert!(
+        recorded
+            .iter()
+            .all(|r| r == &(Some("learning".into()), Some(1.0), Some(false))),
+        "{recorded:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_reviews_verdict_is_recorded_against_the_work_it_judged() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut ids = Vec::new();
+    for verdict in ["approve", "reject"] {
+        let id = format!("{}-{verdict}", env.queue);
+        let chain = json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "Write it", "model": "mock-fast"},
+            {"name": "review", "kind": "review", "after": ["impl"], "model": format!("review-{verdict}")}]});
+        env.xadd("chain", chain.to_string().as_bytes())
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    for (id, approved) in ids.iter().zip([true, false]) {
+        let c = env.chain_ended(id, WAIT).await;
+        let judged = c.steps["impl"].task_id.clone();
+        env.eventually("the verdict in the ledger", WAIT, || async {
+            let v: Option<Option<bool>> =
+                sqlx::query_scalar("SELECT verdict FROM tasks WHERE task_id = $1::uuid")
+                    .bind(&judged)
+                    .fetch_optional(env.ledger.pool())
+                    .await
+                    .unwrap();
+            v == Some(Some(approved))
+        })
+        .await
+        .unwrap();
+    }
+    w.stop().await.unwrap();
+}
