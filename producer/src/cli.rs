@@ -38,6 +38,9 @@ pub enum Command {
     Migrate(Migrate),
     /// Report what the provider calls cost.
     Costs(Costs),
+    /// What the ledger says of each model: success, cost and latency by task type, rankings,
+    /// and switches that would save money at similar success.
+    Insights(InsightsCmd),
     /// Show each provider's quota use: requests today, dollars this month, rate windows.
     Quota(QuotaArgs),
     /// Check or list the providers of the provider file.
@@ -375,6 +378,48 @@ pub enum DlqCommand {
         older_than: Option<Duration>,
         #[arg(long, default_value = "default")]
         queue: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct InsightsCmd {
+    #[command(subcommand)]
+    pub command: Insights,
+    #[arg(long, env = "DATABASE_URL", global = true)]
+    pub database_url: Option<String>,
+    /// Only tasks finished since this UTC day (YYYY-MM-DD).
+    #[arg(long, value_parser = parse_date, global = true)]
+    pub since: Option<chrono::NaiveDate>,
+    #[arg(long, value_enum, default_value_t, global = true)]
+    pub format: Format,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Insights {
+    /// Success rate, cost and latency by model and task type.
+    Summary,
+    /// The models that did a task type, best success first.
+    Rankings {
+        /// The task type (e.g. code_review).
+        task_type: String,
+        /// Only tasks of this risk.
+        #[arg(long, value_parser = ["low", "medium", "high"])]
+        risk: Option<String>,
+    },
+    /// Switches that would save money at similar success, with the saving per task and the
+    /// evidence.
+    Optimize {
+        /// How much lower the cheaper model's success may be, as a share (0.02: two points).
+        #[arg(long, default_value_t = 0.02)]
+        tolerance: f64,
+        /// The fewest tasks a model needs on the type to be proposed.
+        #[arg(long, default_value_t = 20)]
+        min_tasks: i64,
+    },
+    /// One model, by task type.
+    Model {
+        /// The model id.
+        id: String,
     },
 }
 

@@ -3,7 +3,8 @@
 //! Layout: `cli` (the clap tree), `submit` (submit, batch, waiting), `estimate` (what a
 //! batch would cost and which quotas it would push, before it is enqueued), `chain` (chain
 //! submit, show, list, cancel, retry, approve, reject), `inspect` (result, status), `dlq`,
-//! `providers` (check, list, quota), `costs` (costs, migrate), `render` (text output).
+//! `providers` (check, list, quota), `costs` (costs, migrate), `insights`, `render` (text
+//! output).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -20,6 +21,7 @@ pub mod cli;
 mod costs;
 mod dlq;
 mod estimate;
+mod insights;
 mod inspect;
 mod providers;
 mod render;
@@ -78,6 +80,7 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Dlq(args) => dlq::run(&redis()?, args.command, out).await,
         Command::Migrate(args) => costs::migrate(args, out).await,
         Command::Costs(args) => costs::costs(args, out).await,
+        Command::Insights(args) => insights::run(args, out).await,
         Command::Quota(args) => providers::quota(&redis()?, args, out).await,
         Command::Providers(args) => providers::run(args.command, out),
         Command::Chain(args) => chain::run(&redis()?, args.command, out).await,

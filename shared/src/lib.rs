@@ -8,7 +8,8 @@
 //! - `routing`: `plan(config, task, constraints, stats)`, pure;
 //! - `keys`: every Redis key name; `queue`: every operation on a queue, one file each;
 //! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
-//! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres;
+//! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres; `insights`: what the
+//!   ledger says of each model (`llmq insights`);
 //! - `text`: untrusted text made storable (Postgres) and printable (terminals);
 //! - `tls`: the one rustls crypto provider every connection uses;
 //! - `health`, `telemetry`, `shutdown`, `process`: what every binary needs.
@@ -30,6 +31,7 @@ pub mod circuit;
 pub mod config;
 pub mod envelope;
 pub mod health;
+pub mod insights;
 pub mod keys;
 pub mod ledger;
 pub mod outcome;

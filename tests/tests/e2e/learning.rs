@@ -157,3 +157,131 @@ async fn a_reviews_verdict_is_recorded_against_the_work_it_judged() {
     }
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn insights_report_what_the_ledger_holds() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let row = |model: &str, ty: &str, ok: bool, class: Option<&str>, cost: f64| TaskRow {
+        task_id: uuid::Uuid::new_v4(),
+        queue: env.queue.clone(),
+        task_type: ty.into(),
+        status: if ok { "succeeded" } else { "dead" }.into(),
+        attempts: 1,
+        provider: Some("mock".into()),
+        model: Some(model.into()),
+        cost_usd: cost,
+        error_class: class.map(str::to_owned),
+        duration_ms: 100,
+        finished_at: Utc::now(),
+        ..TaskRow::default()
+    };
+    let mut rows = Vec::new();
+    // Code generation: the premium model 96 of 100 at 2 cents; the cheap one 39 of 40
+    // succeeded at a tenth of a cent, one of which a review rejected; and 10 outages that
+    // count neither way.
+    for i in 0..100 {
+        rows.push(row(
+            "premium",
+            "code_generation",
+            i < 96,
+            Some("fatal"),
+            0.02,
+        ));
+    }
+    for i in 0..40 {
+        rows.push(row(
+            "cheap",
+            "code_generation",
+            i < 39,
+            Some("retryable"),
+            0.001,
+        ));
+    }
+    for _ in 0..10 {
+        rows.push(row(
+            "cheap",
+            "code_generation",
+            false,
+            Some("unavailable"),
+            0.0,
+        ));
+    }
+    // Review: the cheap model is no good at it.
+    for i in 0..30 {
+        rows.push(row("cheap", "code_review", i < 10, Some("fatal"), 0.001));
+    }
+    ledger.record(&[], &rows).await.unwrap();
+    ledger
+        .verdicts(&[llmq_shared::ledger::Verdict {
+            task_id: rows[100].task_id,
+            approved: false,
+        }])
+        .await
+        .unwrap();
+
+    let env = &env;
+    let url = url.as_str();
+    let insights = |args: &'static [&'static str]| async move {
+        let mut all = vec!["insights"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--database-url", url, "--format", "json"]);
+        let (code, out) = env.cli(&all).await;
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let summary = insights(&["summary"]).await;
+    let find = |v: &serde_json::Value, model: &str, ty: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["model"] == model && l["task_type"] == ty)
+            .cloned()
+            .unwrap()
+    };
+    let cheap = find(&summary, "cheap", "code_generation");
+    assert_eq!(cheap["tasks"], 40, "outages are not counted: {cheap}");
+    assert_eq!(
+        cheap["successes"], 38,
+        "a rejected output is no success: {cheap}"
+    );
+    assert!((cheap["cost_per_task_usd"].as_f64().unwrap() - 0.001).abs() < 1e-9);
+    assert_eq!(
+        find(&summary, "premium", "code_generation")["successes"],
+        96
+    );
+    assert_eq!(find(&summary, "cheap", "code_review")["successes"], 10);
+
+    let ranked = insights(&["rankings", "code_generation"]).await;
+    let order: Vec<&str> = ranked
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["model"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["premium", "cheap"], "0.96 before 0.95");
+    assert_eq!(
+        insights(&["model", "cheap"])
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+
+    let switches = insights(&["optimize", "--tolerance", "0.02"]).await;
+    let switches = switches.as_array().unwrap();
+    assert_eq!(switches.len(), 1, "{switches:?}");
+    assert_eq!(switches[0]["from"], "mock/premium");
+    assert_eq!(switches[0]["to"], "mock/cheap");
+    assert!((switches[0]["saving_per_task_usd"].as_f64().unwrap() - 0.019).abs() < 1e-9);
+    // The same, in words.
+    let (code, text) = env
+        .cli(&["insights", "optimize", "--database-url", url])
+        .await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.starts_with("code_generation: mock/premium -> mock/cheap saves $0.0190 per task"),
+        "{text}"
+    );
+}
