@@ -2,8 +2,9 @@
 //! latency by model and task type, rankings, the switches that would save money at similar
 //! success, and an estimate of what another routing strategy would have done.
 //!
-//! A task counts as learned routing counts it (`routing::Stats`): it finished on its model's
-//! own account (an outage, a rate limit, a quota or a refused task counts neither way), and
+//! Reports count finished tasks by the model that finished them (learned routing counts each
+//! call instead, `Ledger::routing_stats`): a task counts when it ended on its model's own
+//! account (an outage, a rate limit, a quota or a refused task counts neither way), and
 //! succeeded when it succeeded and no review or check rejected its output.
 
 use chrono::{DateTime, Utc};

@@ -42,7 +42,7 @@ fn connect_fix(why: &str) -> &'static str {
 pub const STARTED: &str = "started";
 
 /// One provider call.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallRow {
     pub task_id: Uuid,
     /// This delivery of the task: a fresh id each time a worker takes it.
@@ -96,6 +96,17 @@ pub struct TaskRow {
     pub propensity: Option<f64>,
     pub explored: Option<bool>,
 }
+
+/// A call that counts for or against its model (SQL over `provider_calls c`): it answered,
+/// or failed on the task's account; an outage, a rate limit or a quota is neither.
+pub const CALL_COUNTS: &str =
+    "(c.outcome = 'ok' OR (c.outcome = 'error' AND c.error_class IN ('fatal', 'retryable')))";
+
+/// A call that succeeded (SQL over `provider_calls c` and its task `t`): it answered, and its
+/// task did not end failed (a judge's unreadable pick, say) nor have its output rejected by a
+/// review or check. A call whose task still runs counts by its answer.
+pub const CALL_SUCCEEDED: &str =
+    "c.outcome = 'ok' AND (t.status IS NULL OR t.status = 'succeeded') AND t.verdict IS NOT FALSE";
 
 /// A review's or check's verdict on the output of the task it judged: the task's model did
 /// (`true`) or did not do the work well, for learned routing.
@@ -410,9 +421,11 @@ impl Ledger {
     }
 
     /// What learned routing reads: per provider, model, task type and risk (and per type
-    /// for every risk together), the tasks of `queues` finished since `since` that a model
-    /// answered or failed on its own account (an outage, a rate limit or a refused task is
-    /// neither), and those that succeeded without a review or check rejecting them.
+    /// for every risk together), the calls of `queues` made since `since` that a model
+    /// answered or failed on its own account (an outage, a rate limit or a quota is neither),
+    /// and those it answered in a task that succeeded without a review or check rejecting
+    /// its output. Counting calls, not tasks, holds a model's failures against it even when
+    /// a fallback saved the task.
     ///
     /// # Errors
     /// Postgres fails.
@@ -421,18 +434,16 @@ impl Ledger {
         queues: &[String],
         since: DateTime<Utc>,
     ) -> Result<crate::routing::Stats> {
-        /// provider, model, task type, risk, grouped over every risk, tasks, successes
+        /// provider, model, task type, risk, grouped over every risk, tries, successes
         type Row = (String, String, String, Option<String>, i32, i64, i64);
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT provider, model, task_type, risk, GROUPING(risk), count(*),
-                count(*) FILTER (WHERE status = 'succeeded' AND verdict IS NOT FALSE)
-             FROM tasks
-             WHERE finished_at >= $1 AND queue = ANY($2)
-               AND provider IS NOT NULL AND model IS NOT NULL
-               AND status IN ('succeeded', 'dead', 'failed')
-               AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')
-             GROUP BY GROUPING SETS ((provider, model, task_type, risk), (provider, model, task_type))",
-        )
+        let rows: Vec<Row> = sqlx::query_as(&format!(
+            "SELECT c.provider, c.model, c.task_type, t.risk, GROUPING(t.risk), count(*),
+                count(*) FILTER (WHERE {CALL_SUCCEEDED})
+             FROM provider_calls c LEFT JOIN tasks t ON t.task_id = c.task_id
+             WHERE c.called_at >= $1 AND c.queue = ANY($2) AND {CALL_COUNTS}
+             GROUP BY GROUPING SETS ((c.provider, c.model, c.task_type, t.risk),
+                (c.provider, c.model, c.task_type))"
+        ))
         .bind(since)
         .bind(queues)
         .fetch_all(&self.pool)

@@ -9,30 +9,59 @@ use chrono::Utc;
 use llmq_shared::config::Strategy;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::SchedulerKeys;
-use llmq_shared::ledger::TaskRow;
+use llmq_shared::ledger::{CallRow, TaskRow};
 use llmq_shared::outcome::Status;
 use llmq_tests::harness::{TestEnv, WorkerHandle, database_url, redis_url};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// `n` finished tasks of `env`'s queue on `model`, of which `ok` succeeded; the others
-/// failed with `class`.
-fn history(env: &TestEnv, model: &str, n: usize, ok: usize, class: &str) -> Vec<TaskRow> {
+/// `n` finished tasks of `env`'s queue on `model`, one call each, of which `ok` succeeded;
+/// the others failed with `class`.
+fn history(
+    env: &TestEnv,
+    model: &str,
+    n: usize,
+    ok: usize,
+    class: &str,
+) -> (Vec<CallRow>, Vec<TaskRow>) {
     (0..n)
-        .map(|i| TaskRow {
-            task_id: uuid::Uuid::new_v4(),
-            queue: env.queue.clone(),
-            task_type: "code_generation".into(),
-            status: if i < ok { "succeeded" } else { "dead" }.into(),
-            attempts: 1,
-            provider: Some("mock".into()),
-            model: Some(model.into()),
-            error_class: (i >= ok).then(|| class.to_owned()),
-            finished_at: Utc::now(),
-            ..TaskRow::default()
+        .map(|i| {
+            let task_id = uuid::Uuid::new_v4();
+            let failed = (i >= ok).then(|| class.to_owned());
+            let call = CallRow {
+                task_id,
+                delivery: uuid::Uuid::new_v4(),
+                queue: env.queue.clone(),
+                task_type: "code_generation".into(),
+                provider: "mock".into(),
+                model: model.into(),
+                outcome: if failed.is_some() { "error" } else { "ok" }.into(),
+                error_class: failed.clone(),
+                worker: "history".into(),
+                called_at: Utc::now(),
+                ..CallRow::default()
+            };
+            let task = TaskRow {
+                task_id,
+                queue: env.queue.clone(),
+                task_type: "code_generation".into(),
+                status: if failed.is_some() {
+                    "dead"
+                } else {
+                    "succeeded"
+                }
+                .into(),
+                attempts: 1,
+                provider: Some("mock".into()),
+                model: Some(model.into()),
+                error_class: failed,
+                finished_at: Utc::now(),
+                ..TaskRow::default()
+            };
+            (call, task)
         })
-        .collect()
+        .unzip()
 }
 
 #[tokio::test]
@@ -40,10 +69,14 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
     let env = TestEnv::new().await.unwrap();
     // The cheap model fails code generation; the dear one does it. Its outage is not held
     // against it.
-    let mut rows = history(&env, "mock-fast", 40, 5, "fatal");
-    rows.extend(history(&env, "mock-smart", 40, 39, "fatal"));
-    rows.extend(history(&env, "mock-smart", 50, 0, "unavailable"));
-    env.ledger.record(&[], &rows).await.unwrap();
+    for (model, n, ok, class) in [
+        ("mock-fast", 40, 5, "fatal"),
+        ("mock-smart", 40, 39, "retryable"),
+        ("mock-smart", 50, 0, "unavailable"),
+    ] {
+        let (calls, tasks) = history(&env, model, n, ok, class);
+        env.ledger.record(&calls, &tasks).await.unwrap();
+    }
 
     let mut config = env.settings().config;
     config.routing.strategy = Strategy::Learning;
