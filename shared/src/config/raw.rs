@@ -144,6 +144,7 @@ pub(super) struct RawRouting {
     pub(super) strategy: Option<String>,
     pub(super) explore: Option<f64>,
     pub(super) tolerance: Option<f64>,
+    pub(super) prior: Option<f64>,
     pub(super) max_cost_per_task: Option<f64>,
     #[serde(default)]
     pub(super) fallback: Vec<String>,

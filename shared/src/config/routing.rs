@@ -121,6 +121,8 @@ impl std::str::FromStr for Strategy {
 pub const DEFAULT_EXPLORE: f64 = 0.1;
 /// Default [`Routing::tolerance`]: two points of success.
 pub const DEFAULT_TOLERANCE: f64 = 0.02;
+/// Default [`Routing::prior`]: a configured model is expected to do nine tasks in ten.
+pub const DEFAULT_PRIOR: f64 = 0.9;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routing {
@@ -130,6 +132,8 @@ pub struct Routing {
     /// `cost` and `learning`: how much lower a cheaper model's success may be than the
     /// best's (0 to 1).
     pub tolerance: f64,
+    /// Learned strategies: the success expected of a model with no history (0 to 1).
+    pub prior: f64,
     /// Tasks whose estimated cost is higher are not sent to that model.
     pub max_cost_per_task: Option<f64>,
     /// Providers to try, in order, after the chosen one.
@@ -153,6 +157,7 @@ impl Default for Routing {
             strategy: Strategy::Cheapest,
             explore: DEFAULT_EXPLORE,
             tolerance: DEFAULT_TOLERANCE,
+            prior: DEFAULT_PRIOR,
             max_cost_per_task: None,
             fallback: Vec::new(),
             rules: Vec::new(),
@@ -195,6 +200,12 @@ pub(super) fn routing(
         r.tolerance,
         DEFAULT_TOLERANCE,
         "give the success a cheaper model may give up as a share, e.g. 0.02 for two points",
+    )?;
+    let prior = share(
+        "routing.prior",
+        r.prior,
+        DEFAULT_PRIOR,
+        "give the success expected of a model with no history as a share, e.g. 0.9",
     )?;
     if r.max_cost_per_task
         .is_some_and(|v| !v.is_finite() || v <= 0.0)
@@ -336,6 +347,7 @@ pub(super) fn routing(
         strategy,
         explore,
         tolerance,
+        prior,
         max_cost_per_task: r.max_cost_per_task,
         fallback: r.fallback,
         rules,

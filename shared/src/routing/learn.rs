@@ -3,8 +3,11 @@
 //! judged it), instead of by price alone. Pure: the draws come from a generator seeded by the
 //! task, so a route can be reproduced and its propensity is known.
 //!
-//! Each candidate's success is a Beta posterior, Beta(1 + successes, 1 + failures): a model
-//! with no history yet starts at the uniform prior (mean 0.5) and is tried like any other.
+//! Each candidate's success is a Beta posterior: the prior (`routing.prior`, the success
+//! expected of a model with no history, worth [`PRIOR_WEIGHT`] observations) updated by its
+//! successes and failures. The prior is optimistic by default (0.9): a model nobody has
+//! tried yet looks good until its own record says otherwise, so it is tried where a known
+//! model falls short, instead of waiting for exploration to reach it.
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -12,6 +15,9 @@ use rand_distr::{Beta, Distribution};
 
 use super::Observed;
 use crate::config::Strategy;
+
+/// How many observations the prior is worth.
+pub const PRIOR_WEIGHT: f64 = 2.0;
 
 /// How many draws estimate the probability that exploration picks a candidate.
 const PROPENSITY_DRAWS: usize = 32;
@@ -29,16 +35,18 @@ pub struct Learned {
 }
 
 impl Observed {
-    /// The posterior mean of its success.
+    /// The posterior mean of its success, from a prior mean of `prior`.
     #[must_use]
-    pub fn mean(self) -> f64 {
-        (1.0 + self.successes as f64) / (2.0 + self.tasks as f64)
+    pub fn mean(self, prior: f64) -> f64 {
+        (prior * PRIOR_WEIGHT + self.successes as f64) / (PRIOR_WEIGHT + self.tasks as f64)
     }
 
-    fn draw(self, rng: &mut SmallRng) -> f64 {
+    fn draw(self, prior: f64, rng: &mut SmallRng) -> f64 {
         let failures = self.tasks.saturating_sub(self.successes) as f64;
-        Beta::new(1.0 + self.successes as f64, 1.0 + failures)
-            .map_or(self.mean(), |b| b.sample(rng))
+        let a = prior * PRIOR_WEIGHT + self.successes as f64;
+        let b = (1.0 - prior) * PRIOR_WEIGHT + failures;
+        // A prior of exactly 0 or 1 with no observations against it: no spread to draw from.
+        Beta::new(a.max(1e-6), b.max(1e-6)).map_or(self.mean(prior), |d| d.sample(rng))
     }
 }
 
@@ -61,10 +69,11 @@ pub(super) fn order(
     cost: &[f64],
     explore: f64,
     tolerance: f64,
+    prior: f64,
     seed: u64,
 ) -> (Vec<usize>, Option<Learned>) {
     let n = observed.len();
-    let means: Vec<f64> = observed.iter().map(|o| o.mean()).collect();
+    let means: Vec<f64> = observed.iter().map(|o| o.mean(prior)).collect();
     // The rest, after the first: by observed success, the cheaper first among equals.
     let by_success = |first: usize| {
         let mut rest: Vec<usize> = (0..n).filter(|i| *i != first).collect();
@@ -91,7 +100,7 @@ pub(super) fn order(
             let mut rng = SmallRng::seed_from_u64(seed);
             let greedy = good_enough(&means, tolerance);
             let drawn = |rng: &mut SmallRng| {
-                let success: Vec<f64> = observed.iter().map(|o| o.draw(rng)).collect();
+                let success: Vec<f64> = observed.iter().map(|o| o.draw(prior, rng)).collect();
                 good_enough(&success, tolerance)
             };
             let first = if rng.random::<f64>() < explore {
@@ -128,7 +137,7 @@ mod tests {
         // Cheapest first: a cheap model that fails half the time, two dearer ones that do not.
         let observed = [seen(100, 50), seen(100, 96), seen(100, 97)];
         let cost = [0.001, 0.01, 0.02];
-        let order_of = |s| order(s, &observed, &cost, 0.1, 0.02, 1).0;
+        let order_of = |s| order(s, &observed, &cost, 0.1, 0.02, 0.5, 1).0;
         assert_eq!(order_of(Strategy::Cheapest), [0, 1, 2]);
         assert_eq!(order_of(Strategy::Performance), [2, 1, 0]);
         assert_eq!(
@@ -148,7 +157,8 @@ mod tests {
         let mut first_is_good = 0;
         let runs = 2000;
         for seed in 0..runs {
-            let (order, learned) = order(Strategy::Learning, &observed, &cost, 0.1, 0.02, seed);
+            let (order, learned) =
+                order(Strategy::Learning, &observed, &cost, 0.1, 0.02, 0.5, seed);
             let learned = learned.unwrap();
             explored += usize::from(learned.explored);
             first_is_good += usize::from(order[0] == 1);
@@ -162,23 +172,30 @@ mod tests {
     }
 
     #[test]
-    fn learning_tries_a_model_with_no_history_and_the_prior_is_even() {
-        assert!((seen(0, 0).mean() - 0.5).abs() < 1e-9);
+    fn learning_tries_a_model_with_no_history() {
+        assert!((seen(0, 0).mean(0.9) - 0.9).abs() < 1e-9);
         // A known model at 0.6 and a new one: exploration reaches the new one often.
         let observed = [seen(50, 30), seen(0, 0)];
         let cost = [0.01, 0.01];
         let tried_new = (0..1000)
-            .filter(|seed| order(Strategy::Learning, &observed, &cost, 1.0, 0.0, *seed).0[0] == 1)
+            .filter(|seed| {
+                order(Strategy::Learning, &observed, &cost, 1.0, 0.0, 0.5, *seed).0[0] == 1
+            })
             .count();
         assert!((200..800).contains(&tried_new), "{tried_new}");
+        // With the optimistic prior, the greedy choice tries the new model where the known
+        // one falls short, without exploring at all.
+        let (order, learned) = order(Strategy::Learning, &observed, &cost, 0.0, 0.02, 0.9, 7);
+        assert_eq!(order[0], 1);
+        assert!(!learned.unwrap().explored);
     }
 
     #[test]
     fn the_same_seed_gives_the_same_route() {
         let observed = [seen(10, 5), seen(10, 6), seen(3, 3)];
         let cost = [0.001, 0.002, 0.003];
-        let a = order(Strategy::Learning, &observed, &cost, 0.5, 0.02, 42);
-        let b = order(Strategy::Learning, &observed, &cost, 0.5, 0.02, 42);
+        let a = order(Strategy::Learning, &observed, &cost, 0.5, 0.02, 0.5, 42);
+        let b = order(Strategy::Learning, &observed, &cost, 0.5, 0.02, 0.5, 42);
         assert_eq!(a, b);
     }
 }

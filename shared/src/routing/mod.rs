@@ -330,6 +330,7 @@ pub fn plan<'a>(
             &cost,
             routing.explore,
             routing.tolerance,
+            routing.prior,
             seed(task),
         );
         let mut slots: Vec<Option<_>> = capable.into_iter().map(Some).collect();
@@ -358,7 +359,7 @@ pub fn plan<'a>(
                 "{}: {} for {kind} (success {:.2} over {} tasks{explored}{share})",
                 routing.strategy.as_str(),
                 first.model.id,
-                o.mean(),
+                o.mean(routing.prior),
                 o.tasks
             );
         }

@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -111,6 +111,7 @@ enum Bench {
     Memory,
     Chain,
     Inflight,
+    RoutingSavings,
 }
 
 fn main() -> Result<()> {
@@ -147,6 +148,7 @@ async fn run() -> Result<()> {
             Bench::Overhead,
             Bench::Chain,
             Bench::Inflight,
+            Bench::RoutingSavings,
         ],
     };
     let mut failed = 0;
@@ -161,6 +163,7 @@ async fn run() -> Result<()> {
             Bench::Memory => memory(&args, &mut redis).await,
             Bench::Chain => chain(&args, &mut redis).await,
             Bench::Inflight => inflight(&args, &mut redis).await,
+            Bench::RoutingSavings => routing_savings(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -189,6 +192,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::Memory => "memory",
         Bench::Chain => "chain",
         Bench::Inflight => "inflight",
+        Bench::RoutingSavings => "routing_savings",
     }
 }
 
@@ -242,6 +246,239 @@ async fn plain_run(
         Ok(after.since(&before, tasks))
     }
     .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// The simulated workload of `routing_savings`: task type, its share of the tasks, and the
+/// share of good answers of each model (cheap, mid, premium) on it.
+const WORKLOAD: [(&str, f64, [f64; 3]); 4] = [
+    ("documentation", 0.40, [0.97, 0.98, 0.98]),
+    ("code_generation", 0.30, [0.60, 0.96, 0.97]),
+    ("code_review", 0.15, [0.40, 0.70, 0.96]),
+    ("data_analysis", 0.15, [0.95, 0.97, 0.97]),
+];
+/// The models: id, input and output price per million tokens.
+const SIM_MODELS: [(&str, f64, f64); 3] = [
+    ("cheap", 0.15, 0.60),
+    ("mid", 1.10, 4.40),
+    ("premium", 3.00, 15.00),
+];
+/// How much success a cheaper model may give up, for `learning` and for the oracle.
+const SIM_TOLERANCE: f64 = 0.02;
+
+/// How the work step of each simulated task is routed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Router {
+    /// Pinned to the premium model.
+    Premium,
+    /// Pinned to the cheapest model whose quality on the type is within the tolerance of
+    /// the premium model's: the most any router could save on this workload.
+    Oracle,
+    /// `routing.strategy: learning`, from a cold start.
+    Learning,
+}
+
+/// (i) Learned routing against a single premium model, on a simulated workload (llmq-mock's
+/// quality models, `WORKLOAD`): each task is a two-step chain, the work on a task type and a
+/// check that passes only good work (its verdict reaches the ledger, as a review's would). The
+/// same tasks run three times: pinned to the premium model, pinned to the oracle's model,
+/// and with `learning` from an empty ledger, the scheduler refreshing the stats as they come.
+/// Costs are the work steps' (the check costs nothing); success is the share of chains whose
+/// check passed.
+async fn routing_savings(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(6_000);
+    let concurrency = args.concurrency.unwrap_or(64);
+    let bench_url = with_database(&args.database_url, BENCH_DB)?;
+    let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+    let quality = SIM_MODELS
+        .iter()
+        .enumerate()
+        .map(|(m, (id, _, _))| llmq_tests::mock::Quality {
+            model: (*id).to_owned(),
+            by_type: WORKLOAD
+                .iter()
+                .map(|(ty, _, q)| ((*ty).to_owned(), q[m]))
+                .collect(),
+        })
+        .collect();
+    let mock = MockServer::start(MockOptions {
+        quality,
+        ..MockOptions::default()
+    })
+    .await
+    .context("cannot start the mock LLM server")?;
+    // The same tasks for every router: types drawn by their shares from a fixed seed.
+    let mut rng = llmq_tests::harness::SeededRng(0x5EED_0018);
+    let types: Vec<usize> = (0..tasks)
+        .map(|_| {
+            let x = rng.below(1_000_000) as f64 / 1e6;
+            let mut acc = 0.0;
+            WORKLOAD
+                .iter()
+                .position(|(_, share, _)| {
+                    acc += share;
+                    x < acc
+                })
+                .unwrap_or(WORKLOAD.len() - 1)
+        })
+        .collect();
+    let mut runs = Vec::new();
+    for router in [Router::Premium, Router::Oracle, Router::Learning] {
+        let run = simulate(
+            args,
+            redis,
+            &ledger,
+            &bench_url,
+            &mock,
+            &types,
+            concurrency,
+            router,
+        )
+        .await;
+        runs.push(run?);
+    }
+    mock.shutdown().await;
+    let [premium, oracle, learning] = [&runs[0], &runs[1], &runs[2]];
+    let total = |r: &[(f64, bool)]| r.iter().map(|(c, _)| c).sum::<f64>();
+    let success = |r: &[(f64, bool)]| {
+        100.0 * r.iter().filter(|(_, ok)| *ok).count() as f64 / r.len().max(1) as f64
+    };
+    let savings = |r: &[(f64, bool)], base: &[(f64, bool)]| 100.0 * (1.0 - total(r) / total(base));
+    // The learning curve: per 1,000 tasks, in the order they were submitted.
+    let curve: Vec<String> = learning
+        .chunks(1000)
+        .zip(premium.chunks(1000))
+        .map(|(l, p)| format!("{:.0}/{:.1}", savings(l, p), success(l)))
+        .collect();
+    Ok(format!(
+        "bench=routing_savings tasks={tasks} savings_pct={:.1} success_pct={:.1} \
+         premium_success_pct={:.1} oracle_savings_pct={:.1} oracle_success_pct={:.1} \
+         share_of_oracle_pct={:.0} premium_cost_usd={:.4} learning_cost_usd={:.4} \
+         curve_savings_success_per_1000={}",
+        savings(learning, premium),
+        success(learning),
+        success(premium),
+        savings(oracle, premium),
+        success(oracle),
+        100.0 * savings(learning, premium) / savings(oracle, premium),
+        total(premium),
+        total(learning),
+        curve.join(","),
+    ))
+}
+
+/// One router's run of the simulated workload: per task, in order, the work step's cost and
+/// whether its check passed.
+#[allow(clippy::too_many_arguments)]
+async fn simulate(
+    args: &Args,
+    redis: &mut Redis,
+    ledger: &Ledger,
+    bench_url: &str,
+    mock: &MockServer,
+    types: &[usize],
+    concurrency: usize,
+    router: Router,
+) -> Result<Vec<(f64, bool)>> {
+    let queue = fresh_queue();
+    let provider = format!("sim-{}", &queue[6..]);
+    let models: String = SIM_MODELS
+        .iter()
+        .map(|(id, i, o)| {
+            format!("      - {{id: {id}, input_usd_per_mtok: {i}, output_usd_per_mtok: {o}}}\n")
+        })
+        .collect();
+    let config = Config::parse(
+        "llmq-bench.yaml",
+        &format!(
+            "providers:\n  - name: {provider}\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+             api_key: bench\n    models:\n{models}\
+             routing:\n  strategy: learning\n  explore: 0.05\n  tolerance: {SIM_TOLERANCE}\n  \
+             retry: {{tries_per_provider: 1, backoff: [10ms]}}\n\
+             checks:\n  good: {{program: grep, args: [\"-qF\", \"verdict:good\"]}}\n",
+            mock.url()
+        ),
+        &|_| None,
+    )?;
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        client.ensure_group(&keys).await?;
+        // The scheduler refreshes the stats from the ledger as the tasks finish.
+        let mut sched = llmq_scheduler::Settings::new(&args.redis_url, bench_url, config.clone())?;
+        sched.id = Some(format!("{queue}-scheduler"));
+        sched.namespace = Some(queue.clone());
+        sched.queues = vec![queue.clone()];
+        sched.tick = Duration::from_millis(100);
+        sched.routing_stats_every = Duration::from_millis(250);
+        let stop_scheduler = CancellationToken::new();
+        let scheduler = tokio::spawn(llmq_scheduler::run(sched, stop_scheduler.clone()));
+        let running = Workers::start(1, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
+            s.database_url = Some(bench_url.to_owned());
+            s.scheduler_namespace = Some(queue.clone());
+            s.stats_every = Duration::from_millis(250);
+            Ok(s)
+        })?;
+        let oracle = |t: usize| {
+            let q = WORKLOAD[t].2;
+            // Cheapest first: the first within the tolerance of the premium model.
+            let m = (0..q.len())
+                .find(|m| q[*m] >= q[2] - SIM_TOLERANCE)
+                .unwrap_or(2);
+            SIM_MODELS[m].0
+        };
+        // Submitted at a steady pace, so what is learned early routes what comes later.
+        let mut ids = Vec::with_capacity(types.len());
+        for (i, t) in types.iter().enumerate() {
+            let id = format!("{queue}-{i}");
+            let mut work = serde_json::json!({"name": "work", "type": WORKLOAD[*t].0,
+                "prompt": format!("[[type:{}]] task {i}: do the work well", WORKLOAD[*t].0)});
+            match router {
+                Router::Premium => work["model"] = serde_json::json!("premium"),
+                Router::Oracle => work["model"] = serde_json::json!(oracle(*t)),
+                Router::Learning => {}
+            }
+            let spec = serde_json::json!({"v": 1, "chain_id": id, "steps": [work,
+                {"name": "check", "kind": "check", "after": ["work"], "command": "good"}]});
+            client.submit_chain(&keys, &spec.to_string()).await?;
+            ids.push(id);
+            if i % 50 == 49 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let state = loop {
+                match client.chain(&keys, id).await? {
+                    Some(c) if c.state != "running" => break c,
+                    _ => {
+                        running.check()?;
+                        ensure!(
+                            Instant::now() < deadline,
+                            "chain {id} not ended after {DRAIN_LIMIT:?}"
+                        );
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+            };
+            let cost = state.steps.get("work").map_or(0.0, |s| s.cost_usd);
+            out.push((cost, state.state == "succeeded"));
+        }
+        running.stop().await?;
+        stop_scheduler.cancel();
+        scheduler.await??;
+        Ok(out)
+    }
+    .await;
+    for table in ["provider_calls", "tasks"] {
+        sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1"))
+            .bind(&queue)
+            .execute(ledger.pool())
+            .await?;
+    }
     cleanup(redis, &queue).await?;
     result
 }
@@ -437,7 +674,7 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
         let client = Client::new(&args.redis_url)?;
         let bench_url = with_database(&args.database_url, BENCH_DB)?;
         let ledger = bench_ledger(&args.database_url, &bench_url).await?;
-        let mock = MockServer::start(MockOptions { latency })
+        let mock = MockServer::start(MockOptions { latency, ..MockOptions::default() })
             .await
             .context("cannot start the mock LLM server")?;
         let config = Config::parse(

@@ -81,9 +81,16 @@ async fn run(listener: TcpListener, latency: Duration) -> anyhow::Result<()> {
         writeln!(out, "llmq-mock listening on http://{addr}").context("cannot write to stdout")?;
         out.flush().context("cannot write to stdout")?;
     }
-    serve(listener, MockOptions { latency }, shutdown)
-        .await
-        .context("the server failed")?;
+    serve(
+        listener,
+        MockOptions {
+            latency,
+            ..MockOptions::default()
+        },
+        shutdown,
+    )
+    .await
+    .context("the server failed")?;
     Ok(())
 }
 

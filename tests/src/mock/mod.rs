@@ -41,6 +41,7 @@
 //! | `judge-first`, `judge-last` | 200 answering `1`, or the highest `[n]` in the prompt (a chain's judge) |
 //! | `review-approve`, `review-reject` | 200 answering `{"verdict": "approve"\|"reject", "findings": [...]}` |
 //! | `review-reject-once` | rejects the first review of a piece of work (by its `## Work to review` line), approves the next |
+//! | a model in [`MockOptions::quality`] | 200 whose answer ends with `[[verdict:good]]` or `[[verdict:bad]]`, good with the model's share for the prompt's `[[type:...]]` |
 //! | `context-too-long` | 400: OpenAI `context_length_exceeded`; Anthropic `prompt is too long: 250000 tokens > 200000 maximum`; Gemini `The input token count (N) exceeds the maximum number of tokens allowed (1048576).`; Ollama `the input length exceeds the context length` |
 //! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
 //! | `quota-daily` (Gemini only) | 429 `RESOURCE_EXHAUSTED` for the per-day quota `GenerateRequestsPerDayPerProjectPerModel-FreeTier`, with a `RetryInfo` of `16s` |
@@ -133,6 +134,20 @@ const BODY_LIMIT: usize = 64 << 20;
 pub struct MockOptions {
     /// Added to every successful response.
     pub latency: Duration,
+    /// Models whose work is good only some of the time, by task type: a simulation of
+    /// answer quality for learned routing (`bench=routing_savings`).
+    pub quality: Vec<Quality>,
+}
+
+/// How often a model's answers are good, per task type: an answer to a prompt carrying
+/// `[[type:<task type>]]` ends with `[[verdict:good]]` with that probability (drawn from a
+/// hash of the conversation and the model, so the same task gets the same answer), else
+/// `[[verdict:bad]]`; a check or review that reads the marker then judges the work.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quality {
+    pub model: String,
+    /// Task type and the share of good answers; a type not listed is always good.
+    pub by_type: Vec<(String, f64)>,
 }
 
 /// What the server shares between requests.
@@ -719,7 +734,33 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         answer.completion_tokens = tokens(&text);
         answer.content = text;
     }
+    if let Some(q) = state.opts.quality.iter().find(|q| q.model == conv.model) {
+        let good = quality_of(q, conv.last_user()) > draw(conv.hash(), &conv.model);
+        answer.content.push_str(if good {
+            " [[verdict:good]]"
+        } else {
+            " [[verdict:bad]]"
+        });
+    }
     Outcome::Answer(answer)
+}
+
+/// The share of good answers `q` gives a prompt, by its `[[type:...]]` marker.
+fn quality_of(q: &Quality, prompt: &str) -> f64 {
+    let ty = prompt
+        .split("[[type:")
+        .nth(1)
+        .and_then(|rest| rest.split("]]").next());
+    ty.and_then(|t| q.by_type.iter().find(|(name, _)| name == t))
+        .map_or(1.0, |(_, share)| *share)
+}
+
+/// A number in [0, 1) fixed by the conversation and the model.
+fn draw(conversation: u64, model: &str) -> f64 {
+    let mut h = DefaultHasher::new();
+    conversation.hash(&mut h);
+    model.hash(&mut h);
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// The wait a 429 asks for: (as said in the message, header name, header value).

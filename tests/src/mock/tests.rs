@@ -424,6 +424,7 @@ async fn slow_models_and_latency_delay_the_answer() {
 
     let s = MockServer::start(MockOptions {
         latency: Duration::from_millis(150),
+        ..MockOptions::default()
     })
     .await
     .unwrap();
@@ -1163,4 +1164,47 @@ fn magic_names_parse() {
     assert_eq!(marker("[[mock:slow-20"), None);
     assert_eq!(gemini::camel("system_instruction"), "systemInstruction");
     assert_eq!(gemini::camel("generationConfig"), "generationConfig");
+}
+
+#[tokio::test]
+async fn a_quality_model_is_good_at_its_share_of_a_task_type_and_the_same_for_the_same_task() {
+    let s = MockServer::start(MockOptions {
+        quality: vec![Quality {
+            model: "cheap".into(),
+            by_type: vec![("code_review".into(), 0.3), ("documentation".into(), 1.0)],
+        }],
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let mut good = 0;
+    for i in 0..200 {
+        let r = chat(&s, &ask("cheap", &format!("[[type:code_review]] task {i}"))).await;
+        let content = r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(content.ends_with("[[verdict:good]]") || content.ends_with("[[verdict:bad]]"));
+        good += usize::from(content.ends_with("[[verdict:good]]"));
+        let again = chat(&s, &ask("cheap", &format!("[[type:code_review]] task {i}"))).await;
+        assert_eq!(
+            again.json()["choices"][0]["message"]["content"],
+            content.as_str()
+        );
+    }
+    assert!((30..90).contains(&good), "{good} of 200 good at 0.3");
+    let docs = chat(&s, &ask("cheap", "[[type:documentation]] write it")).await;
+    assert!(
+        docs.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .ends_with("[[verdict:good]]")
+    );
+    let other = chat(&s, &ask("mock-fast", "[[type:code_review]] x")).await;
+    assert!(
+        !other.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .contains("verdict")
+    );
 }

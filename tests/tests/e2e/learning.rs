@@ -130,7 +130,7 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
         let route = r.route.clone().unwrap_or_default();
         assert!(
             route.starts_with(
-                "learning: mock-smart for code_generation (success 0.95 over 40 tasks"
+                "learning: mock-smart for code_generation (success 0.97 over 40 tasks"
             ),
             "{route}"
         );
