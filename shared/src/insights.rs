@@ -1,6 +1,6 @@
 //! What the ledger says of each model, for operators (`llmq insights`): success, cost and
-//! latency by model and task type, rankings, the switches that would save money at similar
-//! success, and an estimate of what another routing strategy would have done.
+//! latency by model and task type, rankings, and the switches that would save money at
+//! similar success.
 //!
 //! Reports count finished tasks by the model that finished them (learned routing counts each
 //! call instead, `Ledger::routing_stats`): a task counts when it ended on its model's own

@@ -448,6 +448,19 @@ fn build(id: String, spec: RawChain, max_bytes: usize) -> Result<Chain> {
                 return Err(err(format!("step `{}` is after itself", s.name)));
             }
         }
+        // A parent named twice would be waited for twice and end only once.
+        if let Some((i, p)) = s
+            .after
+            .iter()
+            .enumerate()
+            .find(|(i, p)| s.after[..*i].contains(p))
+        {
+            let _ = i;
+            return Err(err(format!(
+                "step `{}` names `{p}` twice in `after`; name each parent once",
+                s.name
+            )));
+        }
     }
     let parents: HashMap<&str, &[String]> = spec
         .steps

@@ -283,6 +283,17 @@ fn a_chain_id_with_a_control_character_or_too_long_is_refused() {
 }
 
 #[test]
+fn a_parent_named_twice_is_refused() {
+    let spec = serde_json::json!({"v": 1, "steps": [{"name": "a", "prompt": "p"},
+        {"name": "b", "after": ["a", "a"], "prompt": "q"}]});
+    assert!(
+        reason(&spec.to_string()).contains("step `b` names `a` twice in `after`"),
+        "{}",
+        reason(&spec.to_string())
+    );
+}
+
+#[test]
 fn a_variable_holding_a_reference_or_filling_past_the_limit_is_refused() {
     let spec = serde_json::json!({"v": 1, "vars": {"x": "{{a.output}}"},
         "steps": [{"name": "a", "prompt": "p"}, {"name": "b", "after": ["a"], "prompt": "{{x}}"}]});

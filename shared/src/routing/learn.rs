@@ -111,7 +111,10 @@ pub(super) fn order(
             let picked = (0..PROPENSITY_DRAWS)
                 .filter(|_| drawn(&mut rng) == first)
                 .count();
-            let p_explore = picked as f64 / PROPENSITY_DRAWS as f64;
+            // An explored pick's own draw counts too, so a model that was chosen never has a
+            // propensity of 0 (which would make it useless to inverse propensity weighting).
+            let own = usize::from(first != greedy);
+            let p_explore = (picked + own) as f64 / (PROPENSITY_DRAWS + own) as f64;
             let p_greedy = if first == greedy { 1.0 } else { 0.0 };
             let learned = Learned {
                 strategy,
@@ -163,7 +166,9 @@ mod tests {
             explored += usize::from(learned.explored);
             first_is_good += usize::from(order[0] == 1);
             assert!((0.0..=1.0).contains(&learned.propensity));
-            if !learned.explored {
+            if learned.explored {
+                assert!(learned.propensity > 0.0, "{learned:?}");
+            } else {
                 assert!(learned.propensity >= 0.9, "{learned:?}");
             }
         }

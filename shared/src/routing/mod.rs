@@ -335,7 +335,9 @@ pub fn plan<'a>(
         );
         let mut slots: Vec<Option<_>> = capable.into_iter().map(Some).collect();
         capable = order.iter().filter_map(|i| slots[*i].take()).collect();
-        learned = chose;
+        learned = chose
+            .zip(capable.first())
+            .map(|(l, (c, _))| (l, (c.provider.name.clone(), c.model.id.clone())));
         if reason.is_empty()
             && let (Some((first, _)), Some(i)) = (capable.first(), order.first())
         {
@@ -356,7 +358,7 @@ pub fn plan<'a>(
                 None => String::new(),
             };
             reason = format!(
-                "{}: {} for {kind} (success {:.2} over {} tasks{explored}{share})",
+                "{}: {} for {kind} (success {:.2} over {} calls{explored}{share})",
                 routing.strategy.as_str(),
                 first.model.id,
                 o.mean(routing.prior),
@@ -476,6 +478,14 @@ pub fn plan<'a>(
         }
         return Err(RouteError(why));
     }
+    // What the strategy chose is the route's only when nothing (a hint, a rule's model) came
+    // before its pick.
+    let learned = learned
+        .filter(|(_, (p, m))| {
+            plan.first()
+                .is_some_and(|c| c.provider.name == *p && c.model.id == *m)
+        })
+        .map(|(l, _)| l);
     Ok(Plan {
         candidates: plan,
         reason,

@@ -296,7 +296,7 @@ fn a_learned_strategy_routes_away_from_a_model_that_fails_a_task_type_and_says_w
         );
         assert!(
             p.reason.starts_with(&format!(
-                "{strategy}: small for code_generation (success 0.94 over 118 tasks"
+                "{strategy}: small for code_generation (success 0.94 over 118 calls"
             )),
             "{}",
             p.reason
@@ -323,6 +323,7 @@ fn a_learned_strategy_routes_away_from_a_model_that_fails_a_task_type_and_says_w
     hinted.model = Some("mid".into());
     let p = plan(&r, &hinted, &Constraints::default(), &history).unwrap();
     assert_eq!(order(&p)[0], "sub/mid");
+    assert!(p.learned.is_none(), "the hint, not the strategy, chose");
 }
 
 #[test]

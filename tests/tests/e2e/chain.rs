@@ -1175,8 +1175,10 @@ async fn a_poison_step_ends_its_chain_and_its_replay_resumes_it() {
     .await;
     // A worker takes the step and dies holding it.
     let doomed = WorkerProcess::spawn(&env, &["--visibility-timeout", "60s"]).unwrap();
+    // Held once the chain is expanded: before, the entry held is the chain's own.
     env.eventually("the slow step held", WAIT, || async {
-        !env.pending().await.unwrap().is_empty()
+        env.redis.chain(&env.keys, &id).await.unwrap().is_some()
+            && !env.pending().await.unwrap().is_empty()
     })
     .await
     .unwrap();

@@ -104,6 +104,19 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
         (40, 39),
         "the outage is not counted"
     );
+    // Redis loses them (a restart without persistence): the next run writes them again.
+    let mut c = env.redis.conn().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(keys.routing_stats())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    scheduler.refresh_routing_stats().await.unwrap();
+    let again = llmq_shared::archive::routing_stats(&env.redis, &keys)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again, stats, "rebuilt from the ledger");
     scheduler.release().await.unwrap();
 
     // Two workers read the same view.
@@ -130,7 +143,7 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
         let route = r.route.clone().unwrap_or_default();
         assert!(
             route.starts_with(
-                "learning: mock-smart for code_generation (success 0.97 over 40 tasks"
+                "learning: mock-smart for code_generation (success 0.97 over 40 calls"
             ),
             "{route}"
         );

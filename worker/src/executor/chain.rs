@@ -225,7 +225,12 @@ pub(super) async fn prepare(
         Kind::Llm if step.after.len() > 1 && chain::references(template).is_empty() => {
             parents_out()
         }
-        Kind::Judge | Kind::Review => parents_out(),
+        Kind::Judge => parents_out(),
+        Kind::Review => step
+            .reviews
+            .as_deref()
+            .and_then(|r| outputs.get(r))
+            .map_or(0, |o| o.len().saturating_add(400)),
         _ => 0,
     };
     let size = size.saturating_add(appended);

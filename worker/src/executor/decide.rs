@@ -73,6 +73,7 @@ pub enum Transition {
     /// failed, `reruns` (the step in its next round) run.
     Escalate {
         error: String,
+        class: ErrorClass,
         tier: Tier,
         reruns: Vec<Rerun>,
     },
@@ -123,6 +124,7 @@ pub fn decide(
         (Transition::Dead { error, class }, Some(up)) if class != ErrorClass::Invalid => match up {
             Ok(up) => Transition::Escalate {
                 error,
+                class,
                 tier: up.tier,
                 reruns: up.reruns,
             },
@@ -524,6 +526,7 @@ mod tests {
             t,
             Transition::Escalate {
                 error: "mock/x: HTTP 500: boom".into(),
+                class: ErrorClass::Fatal,
                 tier: Tier::Standard,
                 reruns: vec![rerun("impl", 1)]
             }

@@ -493,10 +493,13 @@ impl Executor {
             let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
             match run.instrument(span.clone()).await {
                 Ok(tried) => tried,
-                Err(_) if awaiting_ledger.load(std::sync::atomic::Ordering::Relaxed) => {
-                    // Postgres could not record the call before the attempt's time ran out:
-                    // no call was made, and neither the task nor a provider is at fault. The
-                    // task goes back to its queue with its attempts as they were.
+                Err(_)
+                    if calls.is_empty()
+                        && awaiting_ledger.load(std::sync::atomic::Ordering::Relaxed) =>
+                {
+                    // Postgres could not record the attempt's first call before its time ran
+                    // out: no call was made, and neither the task nor a provider is at fault.
+                    // The task goes back to its queue with its attempts as they were.
                     tracing::warn!(
                         task_id = %task_id,
                         "the ledger could not record a call within --attempt-timeout; handing the task back"
@@ -718,6 +721,7 @@ fn apply(
         (
             Transition::Escalate {
                 error,
+                class,
                 tier,
                 reruns: up,
             },
@@ -725,6 +729,7 @@ fn apply(
         ) => {
             // This round failed; the step runs again one tier up.
             record.status = Status::Failed;
+            record.error_class = Some(class);
             record.error = Some(format!(
                 "{error}; escalating to a {}-tier model",
                 tier.as_str()
