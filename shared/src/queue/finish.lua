@@ -51,14 +51,6 @@ local function rerun_steps(stream, k, b, na)
   if not s or s.task_id ~= task_id or s.status ~= 'queued' then
     return
   end
-  -- Each step to run again must be behind the round it is sent to: two judges sending the
-  -- same work back at once would otherwise enqueue it twice.
-  for r = b + 8, b + na - 1, 6 do
-    local cur = redis.call('HGET', steps, ARGV[r])
-    if cur and (cjson.decode(cur).round or 0) >= tonumber(ARGV[r + 3]) then
-      return
-    end
-  end
   for r = b + 8, b + na - 1, 6 do
     rerun_step(stream, chain, steps, tasks, ARGV[r], ARGV[r + 1], ARGV[r + 2], ARGV[r + 3],
       ARGV[r + 4], ARGV[r + 5])
