@@ -421,6 +421,17 @@ pub enum Insights {
         /// The model id.
         id: String,
     },
+    /// What another strategy would have achieved on the routes a learned strategy logged:
+    /// success and cost per task, estimated by inverse propensity weighting.
+    Replay {
+        /// The strategy to judge: performance, cost, balanced or learning (without
+        /// exploring).
+        #[arg(long)]
+        strategy: String,
+        /// The provider file: the models' prices and `routing`'s tolerance and prior.
+        #[arg(long, env = "LLMQ_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -36,6 +36,58 @@ pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
             let lines = insights::by_model(ledger.pool(), &filter).await?;
             print_lines(out, &lines, json);
         }
+        Insights::Replay { strategy, config } => {
+            let config = llmq_shared::config::Config::load_without_secrets(&config)?;
+            let strategy: llmq_shared::config::Strategy =
+                strategy.parse().map_err(|e: String| {
+                    crate::Error::Usage(format!("{e}; use performance, cost, balanced or learning"))
+                })?;
+            let logged = insights::logged_routes(ledger.pool(), since).await?;
+            let queues = insights::queues(ledger.pool()).await?;
+            let window = since.unwrap_or_else(|| Utc::now() - chrono::Duration::days(30));
+            let stats = ledger.routing_stats(&queues, window).await?;
+            let price = |c: &str| {
+                let (p, m) = c.split_once('/')?;
+                let model = config.provider(p)?.model(m)?;
+                Some(model.prices.input + model.prices.output)
+            };
+            let r = insights::replay(strategy.as_str(), &logged, |l| {
+                let cost: Vec<f64> = l
+                    .candidates
+                    .iter()
+                    .map(|c| price(c))
+                    .collect::<Option<_>>()?;
+                let observed: Vec<_> = l
+                    .candidates
+                    .iter()
+                    .map(|c| {
+                        let (p, m) = c.split_once('/').unwrap_or((c, ""));
+                        stats.observed(p, m, &l.task_type, l.risk)
+                    })
+                    .collect();
+                llmq_shared::routing::first_choice(strategy, &observed, &cost, &config.routing)
+            });
+            if json {
+                emit(out, &to_json(&r));
+            } else {
+                let est =
+                    |v: Option<f64>, f: &dyn Fn(f64) -> String| v.map_or("no evidence".into(), f);
+                emit(
+                    out,
+                    &format!(
+                        "{}: success {} and {} per task, estimated from {} of {} logged routes (as many as {:.0} equally weighted); the logged routes: success {:.3}, {} per task\n",
+                        r.strategy,
+                        est(r.success_rate, &|v| format!("{v:.3}")),
+                        est(r.cost_per_task_usd, &|v| render::usd(v)),
+                        r.matched,
+                        r.routes,
+                        r.effective_routes,
+                        r.logged_success_rate,
+                        render::usd(r.logged_cost_per_task_usd),
+                    ),
+                );
+            }
+        }
         Insights::Optimize {
             tolerance,
             min_tasks,

@@ -1,6 +1,7 @@
 //! What the ledger says of each model, for operators (`llmq insights`): success, cost and
-//! latency by model and task type, rankings, and the switches that would save money at
-//! similar success.
+//! latency by model and task type, rankings, the switches that would save money at similar
+//! success, and what another strategy would have achieved on the routes a learned strategy
+//! logged (inverse propensity weighting).
 //!
 //! Reports count finished tasks by the model that finished them (learned routing counts each
 //! call instead, `Ledger::routing_stats`): a task counts when it ended on its model's own
@@ -145,6 +146,116 @@ pub fn switches(lines: &[ModelLine], tolerance: f64, min_tasks: i64) -> Vec<Swit
     out
 }
 
+/// A route a learned strategy chose and logged, with how its task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logged {
+    pub task_type: String,
+    pub risk: Option<crate::envelope::Risk>,
+    /// `provider/model`, in the logged order; the first is the one chosen.
+    pub candidates: Vec<String>,
+    /// The probability the logging strategy gave the first.
+    pub propensity: f64,
+    pub success: bool,
+    pub cost_usd: f64,
+}
+
+/// The routes learned strategies logged since `since` (tasks that ended on their model's
+/// own account, as [`by_model`] counts them).
+///
+/// # Errors
+/// Postgres fails.
+pub async fn logged_routes(pool: &PgPool, since: Option<DateTime<Utc>>) -> Result<Vec<Logged>> {
+    type Row = (String, Option<String>, String, f64, bool, f64);
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT task_type, risk, candidates::text, propensity,
+            status = 'succeeded' AND verdict IS NOT FALSE, cost_usd::float8
+         FROM tasks
+         WHERE finished_at >= $1 AND candidates IS NOT NULL AND propensity > 0
+           AND status IN ('succeeded', 'dead', 'failed')
+           AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')",
+    )
+    .bind(since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(
+            |(task_type, risk, candidates, propensity, success, cost_usd)| {
+                Some(Logged {
+                    task_type,
+                    risk: risk
+                        .and_then(|r| serde_json::from_value(serde_json::Value::String(r)).ok()),
+                    candidates: serde_json::from_str(&candidates).ok()?,
+                    propensity,
+                    success,
+                    cost_usd,
+                })
+            },
+        )
+        .collect())
+}
+
+/// The queues with finished tasks in the ledger.
+///
+/// # Errors
+/// Postgres fails.
+pub async fn queues(pool: &PgPool) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar("SELECT DISTINCT queue FROM tasks")
+        .fetch_all(pool)
+        .await?)
+}
+
+/// What a strategy would have achieved on logged routes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Replay {
+    pub strategy: String,
+    /// Logged routes read.
+    pub routes: usize,
+    /// Those whose choice the strategy would have made too: the evidence.
+    pub matched: usize,
+    /// The matched routes' weight as a number of equally weighted routes.
+    pub effective_routes: f64,
+    pub logged_success_rate: f64,
+    pub logged_cost_per_task_usd: f64,
+    /// Inverse-propensity-weighted (self-normalised) estimates; `None` without evidence.
+    pub success_rate: Option<f64>,
+    pub cost_per_task_usd: Option<f64>,
+}
+
+/// Estimates, from `logged` routes, the success and cost per task of a strategy that puts
+/// `choose(route)` first: each route whose logged choice (its first candidate) is the one
+/// the strategy would make counts with weight 1 / propensity. Pure.
+#[must_use]
+pub fn replay(
+    strategy: &str,
+    logged: &[Logged],
+    choose: impl Fn(&Logged) -> Option<usize>,
+) -> Replay {
+    let n = logged.len().max(1) as f64;
+    let (mut w, mut w2, mut ws, mut wc, mut matched) = (0.0, 0.0, 0.0, 0.0, 0);
+    for l in logged {
+        if choose(l) != Some(0) {
+            continue;
+        }
+        let weight = 1.0 / l.propensity;
+        matched += 1;
+        w += weight;
+        w2 += weight * weight;
+        ws += weight * f64::from(u8::from(l.success));
+        wc += weight * l.cost_usd;
+    }
+    Replay {
+        strategy: strategy.to_owned(),
+        routes: logged.len(),
+        matched,
+        effective_routes: if w2 > 0.0 { w * w / w2 } else { 0.0 },
+        logged_success_rate: logged.iter().filter(|l| l.success).count() as f64 / n,
+        logged_cost_per_task_usd: logged.iter().map(|l| l.cost_usd).sum::<f64>() / n,
+        success_rate: (w > 0.0).then(|| ws / w),
+        cost_per_task_usd: (w > 0.0).then(|| wc / w),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,6 +272,35 @@ mod tests {
             cost_per_task_usd: cost,
             avg_duration_ms: 0.0,
         }
+    }
+
+    #[test]
+    fn replay_weighs_the_matching_routes_by_their_propensity() {
+        let route = |first: &str, p: f64, success: bool, cost: f64| Logged {
+            task_type: "docs".into(),
+            risk: None,
+            candidates: vec![first.into(), "other".into()],
+            propensity: p,
+            success,
+            cost_usd: cost,
+        };
+        let logged = [
+            route("cheap", 0.5, true, 0.001),
+            route("cheap", 0.25, false, 0.001),
+            route("dear", 0.9, true, 0.02),
+        ];
+        // A strategy that always picks "cheap": the first two count, weights 2 and 4.
+        let r = replay("cost", &logged, |l| {
+            l.candidates.iter().position(|c| c == "cheap")
+        });
+        assert_eq!((r.routes, r.matched), (3, 2));
+        assert!((r.success_rate.unwrap() - 2.0 / 6.0).abs() < 1e-12);
+        assert!((r.cost_per_task_usd.unwrap() - 0.001).abs() < 1e-12);
+        assert!((r.effective_routes - 36.0 / 20.0).abs() < 1e-12);
+        assert!((r.logged_success_rate - 2.0 / 3.0).abs() < 1e-12);
+        // No evidence, no estimate.
+        let none = replay("x", &logged, |_| Some(1));
+        assert_eq!((none.matched, none.success_rate), (0, None));
     }
 
     #[test]

@@ -95,6 +95,8 @@ pub struct TaskRow {
     pub strategy: Option<String>,
     pub propensity: Option<f64>,
     pub explored: Option<bool>,
+    /// The route it chose from, `provider/model` in order (the first is its choice).
+    pub candidates: Option<Vec<String>>,
 }
 
 /// A call that counts for or against its model (SQL over `provider_calls c`): it answered,
@@ -348,18 +350,19 @@ impl Ledger {
             sqlx::query(
                 "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
                     provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
-                    finished_at, risk, duration_ms, strategy, propensity, explored)
+                    finished_at, risk, duration_ms, strategy, propensity, explored, candidates)
                  SELECT t.task_id, t.queue, t.chain_id, t.task_type, t.status, t.attempts,
                     t.provider, t.model, t.input_tokens, t.output_tokens,
                     t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at,
-                    t.risk, t.duration_ms, t.strategy, t.propensity, t.explored
+                    t.risk, t.duration_ms, t.strategy, t.propensity, t.explored,
+                    t.candidates::jsonb
                  FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::int4[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::float8[],
                     $12::text[], $13::text[], $14::timestamptz[], $15::text[], $16::int8[],
-                    $17::text[], $18::float8[], $19::bool[])
+                    $17::text[], $18::float8[], $19::bool[], $20::text[])
                  AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
                     input_tokens, output_tokens, cost_usd, error, error_class, finished_at,
-                    risk, duration_ms, strategy, propensity, explored)
+                    risk, duration_ms, strategy, propensity, explored, candidates)
                  ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,
                     attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
                     model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
@@ -367,7 +370,8 @@ impl Ledger {
                     error = EXCLUDED.error, error_class = EXCLUDED.error_class,
                     finished_at = EXCLUDED.finished_at, risk = EXCLUDED.risk,
                     duration_ms = EXCLUDED.duration_ms, strategy = EXCLUDED.strategy,
-                    propensity = EXCLUDED.propensity, explored = EXCLUDED.explored",
+                    propensity = EXCLUDED.propensity, explored = EXCLUDED.explored,
+                    candidates = EXCLUDED.candidates",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| text(&t.queue)).collect::<Vec<_>>())
@@ -393,6 +397,16 @@ impl Ledger {
             .bind(tasks.iter().map(|t| opt(&t.strategy)).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.propensity).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.explored).collect::<Vec<_>>())
+            .bind(
+                tasks
+                    .iter()
+                    .map(|t| {
+                        t.candidates
+                            .as_ref()
+                            .map(|c| serde_json::to_string(c).unwrap_or_default())
+                    })
+                    .collect::<Vec<_>>(),
+            )
             .execute(&mut *tx)
             .await?;
         }

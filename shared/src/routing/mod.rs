@@ -493,6 +493,24 @@ pub fn plan<'a>(
     })
 }
 
+/// Which of `candidates` (any order, each with what was observed of it and its cost) a
+/// strategy would put first without exploring: for judging a strategy against logged routes
+/// (`llmq insights replay`). Ties in cost keep the given order.
+#[must_use]
+pub fn first_choice(
+    strategy: Strategy,
+    observed: &[Observed],
+    cost: &[f64],
+    routing: &crate::config::Routing,
+) -> Option<usize> {
+    let mut by_cost: Vec<usize> = (0..observed.len()).collect();
+    by_cost.sort_by(|a, b| cost[*a].total_cmp(&cost[*b]));
+    let o: Vec<Observed> = by_cost.iter().map(|i| observed[*i]).collect();
+    let c: Vec<f64> = by_cost.iter().map(|i| cost[*i]).collect();
+    let (order, _) = learn::order(strategy, &o, &c, 0.0, routing.tolerance, routing.prior, 0);
+    order.first().map(|i| by_cost[*i])
+}
+
 /// The seed of a task's draws: its id and attempt, so a route can be reproduced.
 fn seed(task: &Envelope) -> u64 {
     let id = task.id.map_or(0, |u| {

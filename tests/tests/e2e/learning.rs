@@ -330,4 +330,70 @@ async fn insights_report_what_the_ledger_holds() {
         text.starts_with("code_generation: mock/premium -> mock/cheap saves $0.0190 per task"),
         "{text}"
     );
+
+    // Routes a learned strategy logged: six put the cheap model first (five succeeded), four
+    // the premium one; each had an even chance. With no calls in this ledger every model
+    // stands at the prior, so `cost` would have put the cheap one first: the six count.
+    let logged: Vec<TaskRow> = (0..10)
+        .map(|i| {
+            let cheap_first = i < 6;
+            let mut r = row(
+                if cheap_first { "cheap" } else { "premium" },
+                "data_analysis",
+                i != 5,
+                Some("fatal"),
+                if cheap_first { 0.001 } else { 0.02 },
+            );
+            r.strategy = Some("learning".into());
+            r.propensity = Some(0.5);
+            r.explored = Some(false);
+            r.candidates = Some(if cheap_first {
+                vec!["mock/cheap".into(), "mock/premium".into()]
+            } else {
+                vec!["mock/premium".into(), "mock/cheap".into()]
+            });
+            r
+        })
+        .collect();
+    ledger.record(&[], &logged).await.unwrap();
+    let file = std::env::temp_dir().join(format!("{}-replay.yaml", env.queue));
+    std::fs::write(
+        &file,
+        "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - {id: cheap, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}\n      - {id: premium, input_usd_per_mtok: 3, output_usd_per_mtok: 15}\n",
+    )
+    .unwrap();
+    let (code, out) = env
+        .cli(&[
+            "insights",
+            "replay",
+            "--strategy",
+            "cost",
+            "--config",
+            file.to_str().unwrap(),
+            "--database-url",
+            url,
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (r["routes"].as_u64(), r["matched"].as_u64()),
+        (Some(10), Some(6)),
+        "{r}"
+    );
+    assert!(
+        (r["success_rate"].as_f64().unwrap() - 5.0 / 6.0).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (r["cost_per_task_usd"].as_f64().unwrap() - 0.001).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (r["logged_success_rate"].as_f64().unwrap() - 0.9).abs() < 1e-9,
+        "{r}"
+    );
+    let _ = std::fs::remove_file(&file);
 }

@@ -931,5 +931,6 @@ fn task_row(r: &TaskRecord, risk: Option<envelope::Risk>) -> TaskRow {
         strategy: r.learned.as_ref().map(|l| l.strategy.clone()),
         propensity: r.learned.as_ref().map(|l| l.propensity),
         explored: r.learned.as_ref().map(|l| l.explored),
+        candidates: r.learned.as_ref().map(|l| l.candidates.clone()),
     }
 }
