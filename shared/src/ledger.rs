@@ -414,6 +414,29 @@ impl Ledger {
         Ok(())
     }
 
+    /// Deletes the `started` rows of calls that were never made (their caller gave up
+    /// waiting for the commit): a `started` row must stand for a call that was made.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn forget_started(&self, calls: &[CallRow]) -> Result<()> {
+        if calls.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "DELETE FROM provider_calls c
+             USING UNNEST($1::uuid[], $2::uuid[], $3::int4[]) AS g(task_id, delivery, call_no)
+             WHERE c.task_id = g.task_id AND c.delivery = g.delivery AND c.call_no = g.call_no
+               AND c.outcome = 'started'",
+        )
+        .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     /// Records reviews' and checks' verdicts on the tasks they judged.
     ///
     /// # Errors

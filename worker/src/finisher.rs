@@ -12,7 +12,7 @@ use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::Ledger;
+use llmq_shared::ledger::{CallRow, Ledger};
 use llmq_shared::queue::{Client, FinishKind, Write};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -81,9 +81,7 @@ impl Finisher {
         while let Some(batch) = next_batch(&mut rx).await {
             let (rows, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             if ledger.record(&rows, &[]).await.is_ok() {
-                for done in waiters {
-                    let _ = done.send(true);
-                }
+                release(ledger, rows, waiters).await;
                 continue;
             }
             // Postgres is failing. A caller that stops waiting (its attempt ran out of time)
@@ -106,9 +104,13 @@ impl Finisher {
                 })
                 .await
                 .is_some();
-            let (_, waiters) = batch.into_inner().unwrap_or_else(PoisonError::into_inner);
-            for done in waiters {
-                let _ = done.send(written);
+            let (rows, waiters) = batch.into_inner().unwrap_or_else(PoisonError::into_inner);
+            if written {
+                release(ledger, rows, waiters).await;
+            } else {
+                for done in waiters {
+                    let _ = done.send(false);
+                }
             }
         }
     }
@@ -260,6 +262,22 @@ impl Finisher {
                 }
             }
         }
+    }
+}
+
+/// Tells each caller its `started` row is committed; the rows of callers that gave up
+/// meanwhile (their attempt ran out of time: no call will be made) are deleted again.
+async fn release(ledger: &Ledger, rows: Vec<CallRow>, waiters: Vec<oneshot::Sender<bool>>) {
+    let gone: Vec<CallRow> = rows
+        .into_iter()
+        .zip(waiters)
+        .filter_map(|(row, done)| done.send(true).is_err().then_some(row))
+        .collect();
+    if let Err(e) = ledger.forget_started(&gone).await {
+        tracing::warn!(
+            "cannot delete the `started` rows of {} call(s) never made: {e}",
+            gone.len()
+        );
     }
 }
 

@@ -584,3 +584,40 @@ async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_
     assert_eq!(rows, ["ok"]);
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let mut s = env.settings();
+    s.database_url = Some(url);
+    s.attempt_timeout = Duration::from_millis(700);
+    let w = WorkerHandle::start(s);
+    // Postgres answers, slowly: the calls' rows wait on a lock for several attempts' time,
+    // then commit after their callers gave up.
+    let mut lock = ledger.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE provider_calls IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let mut task = Envelope::new("wait for a slow ledger");
+    task.model = Some("mock-fast".into());
+    let id = task.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &task).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.mock.total_calls(), 0, "no call without its ledger row");
+    lock.rollback().await.unwrap();
+    let r = env.wait_final(&id, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.attempts, 1);
+    w.stop().await.unwrap();
+    // Every row stands for a call made: the one that answered.
+    let rows: Vec<String> =
+        sqlx::query_scalar("SELECT outcome FROM provider_calls WHERE task_id = $1::uuid")
+            .bind(&id)
+            .fetch_all(ledger.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, ["ok"]);
+    assert_eq!(env.mock.total_calls(), 1);
+}
