@@ -81,34 +81,29 @@ impl Finisher {
         while let Some(batch) = next_batch(&mut rx).await {
             let (rows, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             if ledger.record(&rows, &[]).await.is_ok() {
-                release(ledger, rows, waiters).await;
+                release(ledger, rows.into_iter().zip(waiters).collect()).await;
                 continue;
             }
             // Postgres is failing. A caller that stops waiting (its attempt ran out of time)
             // makes no call, so its row is left out of every later try: a `started` row must
             // stand for a call that was made.
-            let batch = std::sync::Mutex::new((rows, waiters));
+            let pending = std::sync::Mutex::new(rows.into_iter().zip(waiters).collect::<Vec<_>>());
             let written = self
                 .retry("recording calls in the ledger", || {
-                    let rows = {
-                        let mut b = batch.lock().unwrap_or_else(PoisonError::into_inner);
-                        let (rows, waiters) = &mut *b;
-                        let keep: Vec<bool> = waiters.iter().map(|w| !w.is_closed()).collect();
-                        let mut k = keep.iter();
-                        rows.retain(|_| k.next().copied().unwrap_or(false));
-                        let mut k = keep.iter();
-                        waiters.retain(|_| k.next().copied().unwrap_or(false));
-                        rows.clone()
+                    let rows: Vec<CallRow> = {
+                        let mut p = pending.lock().unwrap_or_else(PoisonError::into_inner);
+                        p.retain(|(_, waiter)| !waiter.is_closed());
+                        p.iter().map(|(row, _)| row.clone()).collect()
                     };
                     async move { ledger.record(&rows, &[]).await }
                 })
                 .await
                 .is_some();
-            let (rows, waiters) = batch.into_inner().unwrap_or_else(PoisonError::into_inner);
+            let pending = pending.into_inner().unwrap_or_else(PoisonError::into_inner);
             if written {
-                release(ledger, rows, waiters).await;
+                release(ledger, pending).await;
             } else {
-                for done in waiters {
+                for (_, done) in pending {
                     let _ = done.send(false);
                 }
             }
@@ -267,10 +262,9 @@ impl Finisher {
 
 /// Tells each caller its `started` row is committed; the rows of callers that gave up
 /// meanwhile (their attempt ran out of time: no call will be made) are deleted again.
-async fn release(ledger: &Ledger, rows: Vec<CallRow>, waiters: Vec<oneshot::Sender<bool>>) {
-    let gone: Vec<CallRow> = rows
+async fn release(ledger: &Ledger, committed: Vec<Start>) {
+    let gone: Vec<CallRow> = committed
         .into_iter()
-        .zip(waiters)
         .filter_map(|(row, done)| done.send(true).is_err().then_some(row))
         .collect();
     if let Err(e) = ledger.forget_started(&gone).await {

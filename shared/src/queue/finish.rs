@@ -4,7 +4,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 
 use super::{Client, Finish, Result, now_ms};
 use crate::chain::{Chain, Rerun, StepOutcome};
@@ -75,12 +75,7 @@ impl Client {
             .arg(lowest)
             .arg(highest);
         for item in items {
-            let (op, item_keys, args) = item.op(keys);
-            inv.arg(op).arg(item_keys.len()).arg(args.len());
-            for k in item_keys {
-                inv.key(k);
-            }
-            inv.arg(args);
+            item.push(keys, &mut inv);
         }
         let mut c = self.conn().await?;
         let applied: Vec<i64> = inv.invoke_async(&mut c).await?;
@@ -135,41 +130,46 @@ impl Write {
         }
     }
 
-    /// The op, keys and args `finish.lua` reads for this item.
-    fn op(&self, keys: &QueueKeys) -> (&'static str, Vec<String>, Vec<String>) {
-        let settle = |f: &Finish| -> Vec<String> {
+    /// Adds this item to `inv` as `finish.lua` reads it: its op, how many keys and args it
+    /// has, then its keys and args. Borrowed where they can be: a task's envelope is not
+    /// copied on its way to Redis.
+    fn push(&self, keys: &QueueKeys, inv: &mut ScriptInvocation<'_>) {
+        // settle.lua's six: entry id, kind, record, envelope and the kind's two.
+        const SETTLE: usize = 6;
+        fn settle(inv: &mut ScriptInvocation<'_>, f: &Finish) {
             let (kind, a, b) = f.kind.args();
-            vec![
-                f.entry_id.clone(),
-                kind.to_owned(),
-                f.record
-                    .as_ref()
-                    .map(TaskRecord::to_json)
-                    .unwrap_or_default(),
-                f.envelope.clone(),
-                a,
-                b,
-            ]
-        };
-        let chain_keys = |f: &Finish, chain_id: &str| {
-            vec![
-                keys.result(&f.task_id),
-                keys.chain(chain_id),
-                keys.chain_steps(chain_id),
-                keys.chain_tasks(chain_id),
-            ]
+            let record = f
+                .record
+                .as_ref()
+                .map(TaskRecord::to_json)
+                .unwrap_or_default();
+            inv.arg(&f.entry_id)
+                .arg(kind)
+                .arg(record)
+                .arg(&f.envelope)
+                .arg(a)
+                .arg(b);
+        }
+        let chain_keys = |inv: &mut ScriptInvocation<'_>, f: &Finish, chain_id: &str| {
+            inv.key(keys.result(&f.task_id))
+                .key(keys.chain(chain_id))
+                .key(keys.chain_steps(chain_id))
+                .key(keys.chain_tasks(chain_id));
         };
         match self {
-            Self::Task(f) => ("task", vec![keys.result(&f.task_id)], settle(f)),
+            Self::Task(f) => {
+                inv.arg("task").arg(1).arg(SETTLE);
+                inv.key(keys.result(&f.task_id));
+                settle(inv, f);
+            }
             Self::Step(f, s) => {
-                let mut args = settle(f);
-                args.extend([
-                    s.step.clone(),
-                    s.outcome.to_owned(),
-                    super::chain::step_fields(&s.fields),
-                    keys.chain_wait_prefix(&s.chain_id),
-                ]);
-                ("step", chain_keys(f, &s.chain_id), args)
+                inv.arg("step").arg(4).arg(SETTLE + 4);
+                chain_keys(inv, f, &s.chain_id);
+                settle(inv, f);
+                inv.arg(&s.step)
+                    .arg(s.outcome)
+                    .arg(super::chain::step_fields(&s.fields))
+                    .arg(keys.chain_wait_prefix(&s.chain_id));
             }
             Self::Await {
                 finish,
@@ -177,19 +177,15 @@ impl Write {
                 step,
                 deadline_ms,
             } => {
-                let mut args = settle(finish);
-                args.extend([
-                    finish.task_id.clone(),
-                    chain_id.clone(),
-                    step.clone(),
-                    deadline_ms.to_string(),
-                ]);
-                let k = vec![
-                    keys.result(&finish.task_id),
-                    keys.chain_steps(chain_id),
-                    keys.approvals(),
-                ];
-                ("await", k, args)
+                inv.arg("await").arg(3).arg(SETTLE + 4);
+                inv.key(keys.result(&finish.task_id))
+                    .key(keys.chain_steps(chain_id))
+                    .key(keys.approvals());
+                settle(inv, finish);
+                inv.arg(&finish.task_id)
+                    .arg(chain_id)
+                    .arg(step)
+                    .arg(deadline_ms);
             }
             Self::Rerun {
                 finish,
@@ -197,34 +193,36 @@ impl Write {
                 step,
                 reruns,
             } => {
-                let mut args = settle(finish);
-                args.extend([finish.task_id.clone(), step.clone()]);
-                args.extend(reruns.iter().flat_map(super::chain::rerun_args));
-                ("rerun", chain_keys(finish, chain_id), args)
+                inv.arg("rerun").arg(4).arg(SETTLE + 2 + 6 * reruns.len());
+                chain_keys(inv, finish, chain_id);
+                settle(inv, finish);
+                inv.arg(&finish.task_id).arg(step);
+                for r in reruns {
+                    inv.arg(&super::chain::rerun_args(r)[..]);
+                }
             }
             Self::Expand { entry_id, chain } => {
                 let id = &chain.id;
-                let k = vec![
-                    keys.chain(id),
-                    keys.chain_steps(id),
-                    keys.chain_tasks(id),
-                    keys.chains(),
-                ];
+                inv.arg("expand").arg(4).arg(4 + 5 * chain.steps.len());
+                inv.key(keys.chain(id))
+                    .key(keys.chain_steps(id))
+                    .key(keys.chain_tasks(id))
+                    .key(keys.chains());
                 let on_failure = match serde_json::to_value(chain.on_failure) {
                     Ok(serde_json::Value::String(s)) => s,
                     _ => String::new(),
                 };
-                let mut args = vec![entry_id.clone(), id.clone(), chain.to_json(), on_failure];
+                inv.arg(entry_id)
+                    .arg(id)
+                    .arg(chain.to_json())
+                    .arg(on_failure);
                 for s in &chain.steps {
-                    args.extend([
-                        s.name.clone(),
-                        s.task.to_json(),
-                        serde_json::to_string(s).unwrap_or_default(),
-                        super::chain::first_state(s),
-                        if s.after.is_empty() { "1" } else { "0" }.to_owned(),
-                    ]);
+                    inv.arg(&s.name)
+                        .arg(s.task.to_json())
+                        .arg(serde_json::to_string(s).unwrap_or_default())
+                        .arg(super::chain::first_state(s))
+                        .arg(if s.after.is_empty() { "1" } else { "0" });
                 }
-                ("expand", k, args)
             }
         }
     }
