@@ -13,6 +13,10 @@ local w = {requests = KEYS[1], tokens = KEYS[2], sum = KEYS[3], window = tonumbe
 if redis.call('ZSCORE', w.requests, id) then
   redis.call('ZADD', w.requests, 'XX', now, id)
   redis.call('ZADD', w.tokens, 'XX', now, id .. ':' .. est)
+  -- Counted from now on: the keys live as long as a count made now would keep them.
+  for _, key in ipairs({w.requests, w.tokens, w.sum}) do
+    redis.call('PEXPIRE', key, w.window * 2)
+  end
   return {1}
 end
 prune(w, now)
