@@ -200,6 +200,17 @@ pub enum Risk {
     High,
 }
 
+impl FromStr for Risk {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [Risk::Low, Risk::Medium, Risk::High]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("`{s}` is not a risk; use low, medium or high"))
+    }
+}
+
 impl Risk {
     #[must_use]
     pub fn as_str(self) -> &'static str {

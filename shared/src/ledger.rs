@@ -41,6 +41,11 @@ fn connect_fix(why: &str) -> &'static str {
 /// The outcome of a call's row until the call is over.
 pub const STARTED: &str = "started";
 
+/// The outcome of a call whose row was committed but whose request was never sent: its
+/// attempt ended while it waited for its rate-limit window. It costs nothing and counts for
+/// no model.
+pub const UNSENT: &str = "unsent";
+
 /// One provider call.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallRow {
@@ -489,7 +494,7 @@ impl Ledger {
         for (provider, model, task_type, risk, all_risks, tasks, successes) in rows {
             let risk = match (all_risks, risk.as_deref()) {
                 (1, _) => None,
-                (_, Some(r)) => match serde_json::from_value(serde_json::Value::String(r.into())) {
+                (_, Some(r)) => match r.parse() {
                     Ok(r) => Some(r),
                     Err(_) => continue,
                 },

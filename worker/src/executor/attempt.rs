@@ -14,7 +14,7 @@ use llmq_shared::circuit::Admission;
 use llmq_shared::config::Kind;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, STARTED};
+use llmq_shared::ledger::{CallRow, STARTED, UNSENT};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request};
 use llmq_shared::quota::{Decision, Reservation};
@@ -169,9 +169,10 @@ pub(super) struct Attempt<'a> {
     pub number: u32,
     /// Every call made, for the ledger; kept by the caller so a timeout loses none.
     pub calls: &'a mut Vec<CallRow>,
-    /// Set while a call waits for the ledger to record its start: an attempt that times out
-    /// then was stopped by Postgres, not by its task or its provider.
-    pub awaiting_ledger: &'a std::sync::atomic::AtomicBool,
+    /// Set while a call waits for the ledger to record its start or for its rate-limit
+    /// window, unsent: an attempt that times out then was stopped by neither its task nor
+    /// its provider.
+    pub waiting: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Attempt<'_> {
@@ -524,9 +525,9 @@ impl Attempt<'_> {
         }]);
         if let Some(starts) = &exec.call_starts {
             use std::sync::atomic::Ordering::Relaxed;
-            self.awaiting_ledger.store(true, Relaxed);
+            self.waiting.store(true, Relaxed);
             let recorded = Box::pin(starts.record(start[0].clone())).await;
-            self.awaiting_ledger.store(false, Relaxed);
+            self.waiting.store(false, Relaxed);
             if !recorded {
                 // Only at the hard stop, which the caller races this against: it hands the
                 // task back without a call, and with no row for a call that was never made.
@@ -555,7 +556,14 @@ impl Attempt<'_> {
             llmq.cost_usd = tracing::field::Empty,
         );
         if let Some(r) = reservation {
+            // Not sent until stamped: an attempt that ends while this waits for its window
+            // made no call here, which the row says.
+            use std::sync::atomic::Ordering::Relaxed;
+            self.calls[row].outcome = UNSENT.into();
+            self.waiting.store(true, Relaxed);
             self.calls[row].called_at = Box::pin(self.stamp(cand, r)).await;
+            self.waiting.store(false, Relaxed);
+            self.calls[row].outcome = STARTED.into();
         }
         let started = Instant::now();
         let result = match exec.clients.get(name) {

@@ -22,7 +22,7 @@ use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, TaskRow, Verdict};
+use llmq_shared::ledger::{CallRow, TaskRow, UNSENT, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
@@ -75,6 +75,9 @@ pub struct Executor {
     /// What the fleet observed of each model, for learned routing strategies.
     pub stats: Arc<StatsView>,
 }
+
+/// What `cheapest` routes by: nothing observed.
+static NO_STATS: std::sync::LazyLock<Stats> = std::sync::LazyLock::new(Stats::default);
 
 /// The routing stats every task of this worker reads, refreshed from Redis (where the
 /// scheduler's `routing_stats` duty writes them) while a learned strategy is configured.
@@ -456,8 +459,9 @@ impl Executor {
             if let Some(outcome) = settled {
                 break 'tried Tried::without_call(outcome);
             }
-            let stats = self.stats.current();
-            let plan = match routing::plan(&self.config, call_env, &constraints, &stats) {
+            let stats = self.learned_stats();
+            let stats = stats.as_deref().unwrap_or(&NO_STATS);
+            let plan = match routing::plan(&self.config, call_env, &constraints, stats) {
                 Ok(plan) => plan,
                 Err(e) => {
                     break 'tried Tried::without_call(Outcome::Failed(AttemptError {
@@ -479,7 +483,8 @@ impl Executor {
                     .collect(),
             });
             // Attempt.
-            let awaiting_ledger = std::sync::atomic::AtomicBool::new(false);
+            // Set while a call waits for its ledger row or its rate-limit window, not sent.
+            let waiting = std::sync::atomic::AtomicBool::new(false);
             let attempt = Attempt {
                 exec: self,
                 delivery: Uuid::new_v4(),
@@ -488,21 +493,22 @@ impl Executor {
                 task_type: &task_type,
                 number: env.attempts + 1,
                 calls: &mut calls,
-                awaiting_ledger: &awaiting_ledger,
+                waiting: &waiting,
             };
             let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
             match run.instrument(span.clone()).await {
                 Ok(tried) => tried,
                 Err(_)
-                    if calls.is_empty()
-                        && awaiting_ledger.load(std::sync::atomic::Ordering::Relaxed) =>
+                    if waiting.load(std::sync::atomic::Ordering::Relaxed)
+                        && calls.iter().all(|c| c.outcome == UNSENT) =>
                 {
-                    // Postgres could not record the attempt's first call before its time ran
-                    // out: no call was made, and neither the task nor a provider is at fault.
-                    // The task goes back to its queue with its attempts as they were.
+                    // The attempt's first call waited past its time for its ledger row or its
+                    // rate-limit window: nothing was sent, and neither the task nor a provider
+                    // is at fault. The task goes back to its queue with its attempts as they
+                    // were.
                     tracing::warn!(
                         task_id = %task_id,
-                        "the ledger could not record a call within --attempt-timeout; handing the task back"
+                        "a call waited past --attempt-timeout for its ledger row or its rate-limit window, unsent; handing the task back"
                     );
                     Tried::without_call(Outcome::Released)
                 }
@@ -580,6 +586,13 @@ impl Executor {
         finished
     }
 
+    /// The stats a learned strategy routes by; `None` under `cheapest`, which never reads
+    /// them (so its tasks do not touch the shared view at all).
+    fn learned_stats(&self) -> Option<Arc<Stats>> {
+        (self.config.routing.strategy != llmq_shared::config::Strategy::Cheapest)
+            .then(|| self.stats.current())
+    }
+
     /// The step's next round one tier above `from`, if it has one and that tier can be
     /// routed; or why not.
     fn escalation(
@@ -593,8 +606,14 @@ impl Executor {
             .first_mut()
             .ok_or_else(|| "the step has no next round".to_owned())?;
         let tier = chain::escalate(&mut next.task, from)?;
-        routing::plan(&self.config, &next.task, constraints, &self.stats.current())
-            .map_err(|e| format!("nothing at the {}-tier can take it: {e}", tier.as_str()))?;
+        let stats = self.learned_stats();
+        routing::plan(
+            &self.config,
+            &next.task,
+            constraints,
+            stats.as_deref().unwrap_or(&NO_STATS),
+        )
+        .map_err(|e| format!("nothing at the {}-tier can take it: {e}", tier.as_str()))?;
         Ok(Escalation { tier, reruns })
     }
 
