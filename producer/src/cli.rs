@@ -402,18 +402,18 @@ pub enum Insights {
     Rankings {
         /// The task type (e.g. code_review).
         task_type: String,
-        /// Only tasks of this risk.
-        #[arg(long, value_parser = ["low", "medium", "high"])]
-        risk: Option<String>,
+        /// Only tasks of this risk: low, medium or high.
+        #[arg(long, value_parser = |s: &str| s.parse::<llmq_shared::envelope::Risk>())]
+        risk: Option<llmq_shared::envelope::Risk>,
     },
     /// Switches that would save money at similar success, with the saving per task and the
     /// evidence.
     Optimize {
         /// How much lower the cheaper model's success may be, as a share (0.02: two points).
-        #[arg(long, default_value_t = 0.02)]
+        #[arg(long, default_value_t = 0.02, value_parser = parse_share)]
         tolerance: f64,
         /// The fewest tasks a model needs on the type to be proposed.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(i64).range(1..))]
         min_tasks: i64,
     },
     /// One model, by task type.
@@ -424,10 +424,10 @@ pub enum Insights {
     /// What another strategy would have achieved on the routes a learned strategy logged:
     /// success and cost per task, estimated by inverse propensity weighting.
     Replay {
-        /// The strategy to judge: performance, cost, balanced or learning (without
+        /// The strategy to judge: cheapest, performance, cost, balanced or learning (without
         /// exploring).
-        #[arg(long)]
-        strategy: String,
+        #[arg(long, value_parser = |s: &str| s.parse::<llmq_shared::config::Strategy>())]
+        strategy: llmq_shared::config::Strategy,
         /// The provider file: the models' prices and `routing`'s tolerance and prior.
         #[arg(long, env = "LLMQ_CONFIG")]
         config: PathBuf,
@@ -514,6 +514,16 @@ fn parse_tier(s: &str) -> Result<llmq_shared::config::Tier, String> {
 
 fn parse_json(s: &str) -> Result<serde_json::Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+/// A share between 0 and 1.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a share between 0 and 1; write e.g. 0.02 for two points"
+        )),
+    }
 }
 
 fn parse_date(s: &str) -> Result<chrono::NaiveDate, String> {

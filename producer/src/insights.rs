@@ -27,7 +27,7 @@ pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
         }
         Insights::Rankings { task_type, risk } => {
             filter.task_type = Some(task_type);
-            filter.risk = risk;
+            filter.risk = risk.map(|r| r.as_str().to_owned());
             let lines = insights::by_model(ledger.pool(), &filter).await?;
             print_lines(out, &lines, json);
         }
@@ -38,10 +38,6 @@ pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
         }
         Insights::Replay { strategy, config } => {
             let config = llmq_shared::config::Config::load_without_secrets(&config)?;
-            let strategy: llmq_shared::config::Strategy =
-                strategy.parse().map_err(|e: String| {
-                    crate::Error::Usage(format!("{e}; use performance, cost, balanced or learning"))
-                })?;
             let logged = insights::logged_routes(ledger.pool(), since).await?;
             let queues = insights::queues(ledger.pool()).await?;
             let window = since.unwrap_or_else(|| Utc::now() - chrono::Duration::days(30));

@@ -14,6 +14,14 @@ use sqlx::PgPool;
 
 use crate::ledger::Result;
 
+/// A finished task that counts for or against its model: it ended on the model's own account
+/// (an outage, a rate limit, a quota or a refused task is neither).
+const TASK_COUNTS: &str = "status IN ('succeeded', 'dead', 'failed')
+    AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')";
+
+/// A finished task that succeeded: no review or check rejected its output.
+const TASK_SUCCEEDED: &str = "status = 'succeeded' AND verdict IS NOT FALSE";
+
 /// One model on one task type.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ModelLine {
@@ -43,19 +51,18 @@ pub struct Filter {
 /// Postgres fails.
 pub async fn by_model(pool: &PgPool, f: &Filter) -> Result<Vec<ModelLine>> {
     type Row = (String, String, String, i64, i64, f64, f64);
-    let rows: Vec<Row> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(&format!(
         "SELECT provider, model, task_type, count(*),
-            count(*) FILTER (WHERE status = 'succeeded' AND verdict IS NOT FALSE),
+            count(*) FILTER (WHERE {TASK_SUCCEEDED}),
             coalesce(sum(cost_usd), 0)::float8, coalesce(avg(duration_ms), 0)::float8
          FROM tasks
          WHERE finished_at >= $1 AND provider IS NOT NULL AND model IS NOT NULL
-           AND status IN ('succeeded', 'dead', 'failed')
-           AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')
+           AND {TASK_COUNTS}
            AND ($2::text IS NULL OR task_type = $2)
            AND ($3::text IS NULL OR risk = $3)
            AND ($4::text IS NULL OR model = $4)
-         GROUP BY provider, model, task_type",
-    )
+         GROUP BY provider, model, task_type"
+    ))
     .bind(f.since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
     .bind(&f.task_type)
     .bind(&f.risk)
@@ -166,14 +173,13 @@ pub struct Logged {
 /// Postgres fails.
 pub async fn logged_routes(pool: &PgPool, since: Option<DateTime<Utc>>) -> Result<Vec<Logged>> {
     type Row = (String, Option<String>, String, f64, bool, f64);
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT task_type, risk, candidates::text, propensity,
-            status = 'succeeded' AND verdict IS NOT FALSE, cost_usd::float8
+    let rows: Vec<Row> = sqlx::query_as(&format!(
+        "SELECT task_type, risk, candidates::text, propensity, {TASK_SUCCEEDED},
+            cost_usd::float8
          FROM tasks
          WHERE finished_at >= $1 AND candidates IS NOT NULL AND propensity > 0
-           AND status IN ('succeeded', 'dead', 'failed')
-           AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')",
-    )
+           AND {TASK_COUNTS}"
+    ))
     .bind(since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
     .fetch_all(pool)
     .await?;
@@ -183,8 +189,7 @@ pub async fn logged_routes(pool: &PgPool, since: Option<DateTime<Utc>>) -> Resul
             |(task_type, risk, candidates, propensity, success, cost_usd)| {
                 Some(Logged {
                     task_type,
-                    risk: risk
-                        .and_then(|r| serde_json::from_value(serde_json::Value::String(r)).ok()),
+                    risk: risk.and_then(|r| r.parse().ok()),
                     candidates: serde_json::from_str(&candidates).ok()?,
                     propensity,
                     success,

@@ -330,9 +330,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let read_pause = Arc::new(executor::ReadPause::default());
     let stats = Arc::new(executor::StatsView::default());
     if settings.config.routing.strategy != llmq_shared::config::Strategy::Cheapest {
+        // Read before the first task, so it is not routed on the prior when stats exist.
+        let keys = llmq_shared::keys::SchedulerKeys::new(settings.scheduler_namespace.as_deref());
+        maintenance::load_routing_stats(&redis, &keys, &stats).await;
         tasks.spawn(maintenance::routing_stats(
             redis.clone(),
-            llmq_shared::keys::SchedulerKeys::new(settings.scheduler_namespace.as_deref()),
+            keys,
             Arc::clone(&stats),
             settings.stats_every,
             stop.clone(),

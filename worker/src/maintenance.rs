@@ -90,8 +90,28 @@ pub async fn promote(
     }
 }
 
-/// Reads the routing stats the scheduler wrote, every `every`, for a learned strategy. Until
-/// there are any (a new fleet, Redis restarted) every model routes on its prior.
+/// Reads the routing stats the scheduler wrote into `view`. Returns whether there were any.
+pub async fn load_routing_stats(
+    redis: &Client,
+    keys: &llmq_shared::keys::SchedulerKeys,
+    view: &crate::executor::StatsView,
+) -> bool {
+    match llmq_shared::archive::routing_stats(redis, keys).await {
+        Ok(Some(stats)) => {
+            view.set(stats);
+            true
+        }
+        Ok(None) => false,
+        Err(e) => {
+            tracing::warn!("cannot read the routing stats: {e}");
+            true
+        }
+    }
+}
+
+/// Reads the routing stats again every `every`, for a learned strategy (the worker read them
+/// once before it took a task). Until there are any (a new fleet, Redis restarted) every
+/// model routes on its prior, which it says once.
 pub async fn routing_stats(
     redis: Client,
     keys: llmq_shared::keys::SchedulerKeys,
@@ -99,11 +119,14 @@ pub async fn routing_stats(
     every: Duration,
     stop: CancellationToken,
 ) {
+    let mut warned = false;
     loop {
-        match llmq_shared::archive::routing_stats(&redis, &keys).await {
-            Ok(Some(stats)) => view.set(stats),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("cannot read the routing stats: {e}"),
+        if !load_routing_stats(&redis, &keys, &view).await && !warned {
+            warned = true;
+            tracing::warn!(
+                key = keys.routing_stats(),
+                "no routing stats yet: every model routes on routing.prior until the scheduler's routing_stats duty writes them (is the scheduler running, with the same LLMQ_SCHEDULER_NAMESPACE and a learned routing.strategy?)"
+            );
         }
         tokio::select! {
             () = tokio::time::sleep(every) => {}

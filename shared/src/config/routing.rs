@@ -113,7 +113,11 @@ impl std::str::FromStr for Strategy {
         Strategy::ALL
             .into_iter()
             .find(|x| x.as_str() == s)
-            .ok_or_else(|| format!("`{s}` is not a routing strategy"))
+            .ok_or_else(|| {
+                format!(
+                    "`{s}` is not a routing strategy; use cheapest, performance, cost, balanced or learning"
+                )
+            })
     }
 }
 
@@ -176,10 +180,10 @@ pub(super) fn routing(
 ) -> Result<Routing> {
     let strategy = match r.strategy.as_deref() {
         None => Strategy::Cheapest,
-        Some(s) => s.parse::<Strategy>().map_err(|e| {
+        Some(s) => s.parse::<Strategy>().map_err(|_| {
             errs.at(
                 "routing.strategy",
-                e,
+                format!("`{s}` is not a routing strategy"),
                 "use cheapest, performance, cost, balanced or learning",
             )
         })?,

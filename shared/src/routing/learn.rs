@@ -30,8 +30,6 @@ pub struct Learned {
     pub propensity: f64,
     /// The first model is not the one the posterior means favour: it was drawn.
     pub explored: bool,
-    /// What was observed of the first model.
-    pub observed: Observed,
 }
 
 impl Observed {
@@ -91,8 +89,8 @@ pub(super) fn order(
         }
         Strategy::Cost => (by_success(good_enough(&means, tolerance)), None),
         Strategy::Balanced => {
-            // Success per dollar; a free model's cost counts as a tenth of a cent.
-            let value = |i: usize| means[i] / cost[i].max(1e-3 / 1000.0);
+            // Success per dollar; a free model's cost counts as a millionth of a dollar.
+            let value = |i: usize| means[i] / cost[i].max(1e-6);
             let best = (0..n).fold(0, |b, i| if value(i) > value(b) { i } else { b });
             (by_success(best), None)
         }
@@ -108,9 +106,14 @@ pub(super) fn order(
             } else {
                 greedy
             };
-            let picked = (0..PROPENSITY_DRAWS)
-                .filter(|_| drawn(&mut rng) == first)
-                .count();
+            // With nothing to explore (no share, or one candidate) the greedy pick is certain.
+            let picked = if explore > 0.0 && n > 1 {
+                (0..PROPENSITY_DRAWS)
+                    .filter(|_| drawn(&mut rng) == first)
+                    .count()
+            } else {
+                0
+            };
             // An explored pick's own draw counts too, so a model that was chosen never has a
             // propensity of 0 (which would make it useless to inverse propensity weighting).
             let own = usize::from(first != greedy);
@@ -120,7 +123,6 @@ pub(super) fn order(
                 strategy,
                 propensity: (1.0 - explore) * p_greedy + explore * p_explore,
                 explored: first != greedy,
-                observed: observed[first],
             };
             (by_success(first), Some(learned))
         }

@@ -131,7 +131,6 @@ impl Stats {
             )
         };
         risk.and_then(|r| self.by_model.get(&key(Some(r))))
-            .filter(|o| o.tasks > 0)
             .or_else(|| self.by_model.get(&key(None)))
             .copied()
             .unwrap_or_default()

@@ -352,4 +352,9 @@ fn a_bad_strategy_or_share_names_the_key_and_the_fix() {
     );
     let e = bad("  tolerance: -0.1");
     assert!(e.contains("routing.tolerance"), "{e}");
+    let e = bad("  prior: 1.2");
+    assert!(
+        e.contains("routing.prior") && e.contains("1.2 is not between 0 and 1"),
+        "{e}"
+    );
 }
