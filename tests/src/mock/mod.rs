@@ -150,10 +150,10 @@ pub struct Quality {
     pub by_type: Vec<(String, f64)>,
 }
 
-/// What the server shares between requests.
 /// How many arrival times the server keeps (the oldest go first).
 pub const ARRIVALS_KEPT: usize = 100_000;
 
+/// What the server shares between requests.
 struct Shared {
     opts: MockOptions,
     shutdown: CancellationToken,

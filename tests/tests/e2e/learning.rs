@@ -119,7 +119,7 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
     assert_eq!(again, stats, "rebuilt from the ledger");
     scheduler.release().await.unwrap();
 
-    // Two workers read the same view.
+    // Two workers share the view; each reads it before its first task (no wait here).
     let worker = || {
         let mut s = env.settings();
         s.config = config.clone();
@@ -128,7 +128,6 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
         WorkerHandle::start(s)
     };
     let (w1, w2) = (worker(), worker());
-    tokio::time::sleep(Duration::from_millis(500)).await;
     let mut ids = Vec::new();
     for i in 0..8 {
         let mut task = Envelope::new(format!("write the parser, part {i}"));
@@ -171,37 +170,92 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
 }
 
 #[tokio::test]
-async fn a_reviews_verdict_is_recorded_against_the_work_it_judged() {
+async fn a_reviews_or_checks_verdict_is_recorded_against_the_work_it_judged() {
     let env = TestEnv::new().await.unwrap();
-    let w = env.worker();
+    let mut settings = env.settings();
+    for (name, program) in [("pass", "true"), ("fail", "false")] {
+        settings.config.checks.insert(
+            name.into(),
+            llmq_shared::config::CheckConfig {
+                program: program.into(),
+                args: Vec::new(),
+                env: Default::default(),
+                timeout: Duration::from_secs(5),
+            },
+        );
+    }
+    let w = WorkerHandle::start(settings);
     env.redis.ensure_group(&env.keys).await.unwrap();
     let mut ids = Vec::new();
-    for verdict in ["approve", "reject"] {
-        let id = format!("{}-{verdict}", env.queue);
+    let judges = [
+        (
+            "approve",
+            json!({"kind": "review", "model": "review-approve"}),
+            true,
+        ),
+        (
+            "reject",
+            json!({"kind": "review", "model": "review-reject"}),
+            false,
+        ),
+        ("pass", json!({"kind": "check", "command": "pass"}), true),
+        ("fail", json!({"kind": "check", "command": "fail"}), false),
+    ];
+    for (name, judge, _) in &judges {
+        let id = format!("{}-{name}", env.queue);
+        let mut judge = judge.clone();
+        judge["name"] = json!("judge");
+        judge["after"] = json!(["impl"]);
         let chain = json!({"v": 1, "chain_id": id, "steps": [
-            {"name": "impl", "prompt": "Write it", "model": "mock-fast"},
-            {"name": "review", "kind": "review", "after": ["impl"], "model": format!("review-{verdict}")}]});
+            {"name": "impl", "prompt": "Write it", "model": "mock-fast"}, judge]});
         env.xadd("chain", chain.to_string().as_bytes())
             .await
             .unwrap();
         ids.push(id);
     }
-    for (id, approved) in ids.iter().zip([true, false]) {
+    for (id, (name, _, approved)) in ids.iter().zip(&judges) {
         let c = env.chain_ended(id, WAIT).await;
         let judged = c.steps["impl"].task_id.clone();
-        env.eventually("the verdict in the ledger", WAIT, || async {
-            let v: Option<Option<bool>> =
-                sqlx::query_scalar("SELECT verdict FROM tasks WHERE task_id = $1::uuid")
-                    .bind(&judged)
-                    .fetch_optional(env.ledger.pool())
-                    .await
-                    .unwrap();
-            v == Some(Some(approved))
-        })
+        env.eventually(
+            &format!("the {name} verdict in the ledger"),
+            WAIT,
+            || async {
+                let v: Option<Option<bool>> =
+                    sqlx::query_scalar("SELECT verdict FROM tasks WHERE task_id = $1::uuid")
+                        .bind(&judged)
+                        .fetch_optional(env.ledger.pool())
+                        .await
+                        .unwrap();
+                v == Some(Some(*approved))
+            },
+        )
         .await
         .unwrap();
     }
     w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn under_cheapest_the_scheduler_keeps_no_routing_stats() {
+    let env = TestEnv::new().await.unwrap();
+    let mut settings =
+        llmq_scheduler::Settings::new(&redis_url(), &database_url(), env.settings().config)
+            .unwrap();
+    settings.id = Some(format!("{}-cheapest", env.queue));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    let did = scheduler.refresh_routing_stats().await.unwrap();
+    assert_eq!(did, "routing.strategy is cheapest: no stats to keep");
+    let keys = SchedulerKeys::new(Some(&env.queue));
+    assert!(
+        llmq_shared::archive::routing_stats(&env.redis, &keys)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    scheduler.release().await.unwrap();
 }
 
 #[tokio::test]
@@ -326,14 +380,34 @@ async fn insights_report_what_the_ledger_holds() {
         .cli(&["insights", "optimize", "--database-url", url])
         .await;
     assert_eq!(code, 0, "{text}");
+    assert_eq!(
+        text,
+        "code_generation: mock/premium -> mock/cheap saves $0.0190 per task ($1.9000 over its 100 tasks): success 0.95 over 40 tasks against 0.96 over 100\n"
+    );
+    // And the table.
+    let (code, table) = env
+        .cli(&[
+            "insights",
+            "rankings",
+            "code_generation",
+            "--database-url",
+            url,
+        ])
+        .await;
+    assert_eq!(code, 0, "{table}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("task type"), "{table}");
     assert!(
-        text.starts_with("code_generation: mock/premium -> mock/cheap saves $0.0190 per task"),
-        "{text}"
+        lines[1].contains("mock/premium") && lines[1].contains("96.0%"),
+        "{table}"
+    );
+    assert!(
+        lines[2].contains("mock/cheap") && lines[2].contains("95.0%"),
+        "{table}"
     );
 
     // Routes a learned strategy logged: six put the cheap model first (five succeeded), four
-    // the premium one; each had an even chance. With no calls in this ledger every model
-    // stands at the prior, so `cost` would have put the cheap one first: the six count.
+    // the premium one (all succeeded); each had an even chance.
     let logged: Vec<TaskRow> = (0..10)
         .map(|i| {
             let cheap_first = i < 6;
@@ -356,28 +430,33 @@ async fn insights_report_what_the_ledger_holds() {
         })
         .collect();
     ledger.record(&[], &logged).await.unwrap();
+    let replay = |strategy: &'static str, file: std::path::PathBuf| async move {
+        let (code, out) = env
+            .cli(&[
+                "insights",
+                "replay",
+                "--strategy",
+                strategy,
+                "--config",
+                file.to_str().unwrap(),
+                "--database-url",
+                url,
+                "--format",
+                "json",
+            ])
+            .await;
+        assert_eq!(code, 0, "{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
     let file = std::env::temp_dir().join(format!("{}-replay.yaml", env.queue));
     std::fs::write(
         &file,
         "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: http://127.0.0.1:1/v1\n    models:\n      - {id: cheap, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}\n      - {id: premium, input_usd_per_mtok: 3, output_usd_per_mtok: 15}\n",
     )
     .unwrap();
-    let (code, out) = env
-        .cli(&[
-            "insights",
-            "replay",
-            "--strategy",
-            "cost",
-            "--config",
-            file.to_str().unwrap(),
-            "--database-url",
-            url,
-            "--format",
-            "json",
-        ])
-        .await;
-    assert_eq!(code, 0, "{out}");
-    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // No calls in this ledger yet: every model stands at the prior, so `cost` would have
+    // put the cheap one first; the six count.
+    let r = replay("cost", file.clone()).await;
     assert_eq!(
         (r["routes"].as_u64(), r["matched"].as_u64()),
         (Some(10), Some(6)),
@@ -393,6 +472,34 @@ async fn insights_report_what_the_ledger_holds() {
     );
     assert!(
         (r["logged_success_rate"].as_f64().unwrap() - 0.9).abs() < 1e-9,
+        "{r}"
+    );
+    // The calls show the cheap model failing data analysis: now `cost` would have put the
+    // premium model first, and the four routes that did count.
+    let calls: Vec<llmq_shared::ledger::CallRow> = (0..40)
+        .map(|i| llmq_shared::ledger::CallRow {
+            task_id: uuid::Uuid::new_v4(),
+            delivery: uuid::Uuid::new_v4(),
+            queue: env.queue.clone(),
+            task_type: "data_analysis".into(),
+            provider: "mock".into(),
+            model: if i < 20 { "cheap" } else { "premium" }.into(),
+            outcome: if (5..20).contains(&i) { "error" } else { "ok" }.into(),
+            error_class: (5..20).contains(&i).then(|| "fatal".to_owned()),
+            worker: "history".into(),
+            called_at: Utc::now(),
+            ..llmq_shared::ledger::CallRow::default()
+        })
+        .collect();
+    ledger.record(&calls, &[]).await.unwrap();
+    let r = replay("cost", file.clone()).await;
+    assert_eq!(r["matched"].as_u64(), Some(4), "{r}");
+    assert!(
+        (r["success_rate"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{r}"
+    );
+    assert!(
+        (r["cost_per_task_usd"].as_f64().unwrap() - 0.02).abs() < 1e-9,
         "{r}"
     );
     let _ = std::fs::remove_file(&file);

@@ -544,14 +544,29 @@ async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
     }
 }
 
-#[tokio::test]
-async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_it() {
-    let env = TestEnv::new().await.unwrap();
+/// A worker on a ledger of this test's own (so breaking it breaks no other test), whose
+/// attempts end after 1.5 s.
+async fn worker_on_own_ledger(env: &TestEnv) -> (WorkerHandle, llmq_shared::ledger::Ledger) {
     let (url, ledger) = env.own_ledger().await;
     let mut s = env.settings();
     s.database_url = Some(url);
-    s.attempt_timeout = Duration::from_millis(700);
-    let w = WorkerHandle::start(s);
+    s.attempt_timeout = Duration::from_millis(1500);
+    (WorkerHandle::start(s), ledger)
+}
+
+/// The outcomes of task `id`'s call rows in `ledger`.
+async fn call_outcomes(ledger: &llmq_shared::ledger::Ledger, id: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT outcome FROM provider_calls WHERE task_id = $1::uuid")
+        .bind(id)
+        .fetch_all(ledger.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_it() {
+    let env = TestEnv::new().await.unwrap();
+    let (w, ledger) = worker_on_own_ledger(&env).await;
     // No call can be recorded, so none is made, for several attempts' time.
     sqlx::query("ALTER TABLE provider_calls RENAME TO provider_calls_away")
         .execute(ledger.pool())
@@ -562,7 +577,7 @@ async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_
     task.max_attempts = Some(2);
     let id = task.id.unwrap().to_string();
     env.redis.enqueue(&env.keys, &task).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let ids = [id.clone()];
     let meanwhile = env.redis.results(&env.keys, &ids).await.unwrap()[0].clone();
     assert!(meanwhile.is_none(), "{meanwhile:?}");
@@ -575,12 +590,7 @@ async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     assert_eq!(r.attempts, 1, "the waits for Postgres used no attempt");
     // One row, for the one call made: none for the calls given up before they were made.
-    let rows: Vec<String> =
-        sqlx::query_scalar("SELECT outcome FROM provider_calls WHERE task_id = $1::uuid")
-            .bind(&id)
-            .fetch_all(ledger.pool())
-            .await
-            .unwrap();
+    let rows = call_outcomes(&ledger, &id).await;
     assert_eq!(rows, ["ok"]);
     w.stop().await.unwrap();
 }
@@ -588,11 +598,7 @@ async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_
 #[tokio::test]
 async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
     let env = TestEnv::new().await.unwrap();
-    let (url, ledger) = env.own_ledger().await;
-    let mut s = env.settings();
-    s.database_url = Some(url);
-    s.attempt_timeout = Duration::from_millis(700);
-    let w = WorkerHandle::start(s);
+    let (w, ledger) = worker_on_own_ledger(&env).await;
     // Postgres answers, slowly: the calls' rows wait on a lock for several attempts' time,
     // then commit after their callers gave up.
     let mut lock = ledger.pool().begin().await.unwrap();
@@ -604,7 +610,7 @@ async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
     task.model = Some("mock-fast".into());
     let id = task.id.unwrap().to_string();
     env.redis.enqueue(&env.keys, &task).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(env.mock.total_calls(), 0, "no call without its ledger row");
     lock.rollback().await.unwrap();
     let r = env.wait_final(&id, Duration::from_secs(30)).await.unwrap();
@@ -612,12 +618,7 @@ async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
     assert_eq!(r.attempts, 1);
     w.stop().await.unwrap();
     // Every row stands for a call made: the one that answered.
-    let rows: Vec<String> =
-        sqlx::query_scalar("SELECT outcome FROM provider_calls WHERE task_id = $1::uuid")
-            .bind(&id)
-            .fetch_all(ledger.pool())
-            .await
-            .unwrap();
+    let rows = call_outcomes(&ledger, &id).await;
     assert_eq!(rows, ["ok"]);
     assert_eq!(env.mock.total_calls(), 1);
 }
