@@ -496,6 +496,10 @@ providers:
             ),
             (GOOD.replace("rpm: 10", "rpm: 0"), "providers[0].quotas.rpm"),
             (
+                GOOD.replace("rpm: 10", "rpm: 10, window: 2d"),
+                "providers[0].quotas.window",
+            ),
+            (
                 GOOD.replace(
                     "tier: fast\n        context",
                     "tier: genius\n        context",

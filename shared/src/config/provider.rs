@@ -260,6 +260,9 @@ pub struct Quotas {
     pub window: Duration,
 }
 
+/// The longest rolling window a provider's `rpm` and `tpm` may count over.
+pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 impl Quotas {
     /// How long a request counts against `rpm` and `tpm`: the window and a margin of 1 % of
     /// it (at least 50 ms). A request is stamped when it is sent and the provider counts it
@@ -460,6 +463,17 @@ pub(super) fn provider(
                     at("quotas.window"),
                     "the window cannot be zero",
                     "leave it out for one minute, or give e.g. 10s",
+                ));
+            }
+            // Rolling windows are for minutes and hours; a day's limit is requests_per_day.
+            if window > MAX_WINDOW {
+                return Err(errs.at(
+                    at("quotas.window"),
+                    format!(
+                        "{} is longer than a day",
+                        humantime::format_duration(window)
+                    ),
+                    "give at most 1d; for a daily limit use requests_per_day",
                 ));
             }
             Quotas {
