@@ -184,11 +184,13 @@ fn next_pacific_midnight(now: chrono::DateTime<chrono::Utc>) -> chrono::DateTime
         let hours = if dst { 7 } else { 8 };
         d.and_hms_opt(hours, 0, 0).unwrap_or_default().and_utc()
     };
-    let mut day = (now - chrono::Duration::hours(8)).date_naive();
-    while midnight(day) <= now {
-        day = day.succ_opt().unwrap_or(day);
-    }
-    midnight(day)
+    // The Pacific date is at most a day behind; the next midnight is at most two days on.
+    let day = (now - chrono::Duration::hours(8)).date_naive();
+    day.iter_days()
+        .take(3)
+        .map(midnight)
+        .find(|m| *m > now)
+        .unwrap_or_else(|| now + chrono::Duration::days(1))
 }
 
 /// Whether a `google.rpc.QuotaFailure` detail names a per-day quota.
