@@ -476,11 +476,14 @@ impl Ledger {
         queues: &[String],
         since: DateTime<Utc>,
     ) -> Result<crate::routing::Stats> {
-        /// provider, model, task type, risk, grouped over every risk, tries, successes
-        type Row = (String, String, String, Option<String>, i32, i64, i64);
+        /// provider, model, task type, risk, grouped over every risk, tries, successes,
+        /// median latency of the answered calls
+        type Row = (String, String, String, Option<String>, i32, i64, i64, Option<f64>);
         let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT c.provider, c.model, c.task_type, t.risk, GROUPING(t.risk), count(*),
-                count(*) FILTER (WHERE {CALL_SUCCEEDED})
+                count(*) FILTER (WHERE {CALL_SUCCEEDED}),
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY c.latency_ms)
+                    FILTER (WHERE c.outcome = 'ok')
              FROM provider_calls c LEFT JOIN tasks t ON t.task_id = c.task_id
              WHERE c.called_at >= $1 AND c.queue = ANY($2) AND {CALL_COUNTS}
              GROUP BY GROUPING SETS ((c.provider, c.model, c.task_type, t.risk),
@@ -491,7 +494,7 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await?;
         let mut stats = crate::routing::Stats::default();
-        for (provider, model, task_type, risk, all_risks, tasks, successes) in rows {
+        for (provider, model, task_type, risk, all_risks, tasks, successes, latency) in rows {
             let risk = match (all_risks, risk.as_deref()) {
                 (1, _) => None,
                 (_, Some(r)) => match r.parse() {
@@ -504,6 +507,7 @@ impl Ledger {
             let observed = crate::routing::Observed {
                 tasks: u64::try_from(tasks).unwrap_or(0),
                 successes: u64::try_from(successes).unwrap_or(0),
+                latency_ms: latency.map(|ms| ms.max(0.0).round() as u64),
             };
             stats
                 .by_model

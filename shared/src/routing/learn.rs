@@ -39,22 +39,43 @@ impl Observed {
         (prior * PRIOR_WEIGHT + self.successes as f64) / (PRIOR_WEIGHT + self.tasks as f64)
     }
 
-    fn draw(self, prior: f64, rng: &mut SmallRng) -> f64 {
+    /// The Beta posterior's parameters.
+    fn posterior(self, prior: f64) -> (f64, f64) {
         let failures = self.tasks.saturating_sub(self.successes) as f64;
         let a = prior * PRIOR_WEIGHT + self.successes as f64;
         let b = (1.0 - prior) * PRIOR_WEIGHT + failures;
+        (a, b)
+    }
+
+    /// The posterior's standard deviation: how far the mean may be off.
+    fn spread(self, prior: f64) -> f64 {
+        let (a, b) = self.posterior(prior);
+        (a * b / ((a + b) * (a + b) * (a + b + 1.0))).sqrt()
+    }
+
+    fn draw(self, prior: f64, rng: &mut SmallRng) -> f64 {
+        let (a, b) = self.posterior(prior);
         // A prior of exactly 0 or 1 with no observations against it: no spread to draw from.
         Beta::new(a.max(1e-6), b.max(1e-6)).map_or(self.mean(prior), |d| d.sample(rng))
     }
 }
 
-/// The first candidate whose success is within `tolerance` of the best one's; candidates
-/// come cheapest first, so that is the cheapest good enough.
-fn good_enough(success: &[f64], tolerance: f64) -> usize {
+/// The first candidate not shown to fall short of the best by more than `tolerance`: its
+/// success, plus one `spread` of what it may be off by (at most `tolerance` again), reaches
+/// the best's less the tolerance. Candidates come cheapest first, so that is the cheapest
+/// good enough.
+///
+/// A plain comparison of means flips on noise when a cheaper model sits right at the
+/// tolerance (sending its work to a dearer model half the time for no measurable gain); a
+/// dearer model is chosen only when the evidence says the cheaper one is worse. The cap
+/// keeps a model with little or no history from passing on its uncertainty alone: that is
+/// exploration's job, which is bounded. A draw carries its own uncertainty: draws are
+/// compared with no spread.
+fn good_enough(success: &[f64], spread: &[f64], tolerance: f64) -> usize {
     let best = success.iter().copied().fold(f64::MIN, f64::max);
-    success
-        .iter()
-        .position(|s| *s >= best - tolerance)
+    let doubt = |i: usize| spread.get(i).map_or(0.0, |s| s.min(tolerance));
+    (0..success.len())
+        .position(|i| success[i] + doubt(i) >= best - tolerance)
         .unwrap_or(0)
 }
 
@@ -72,10 +93,19 @@ pub(super) fn order(
 ) -> (Vec<usize>, Option<Learned>) {
     let n = observed.len();
     let means: Vec<f64> = observed.iter().map(|o| o.mean(prior)).collect();
-    // The rest, after the first: by observed success, the cheaper first among equals.
+    let spreads: Vec<f64> = observed.iter().map(|o| o.spread(prior)).collect();
+    // Higher observed success first; among equals the faster (a model never answered last),
+    // then the cheaper.
+    let rank = |a: usize, b: usize| {
+        let latency = |i: usize| observed[i].latency_ms.unwrap_or(u64::MAX);
+        means[b]
+            .total_cmp(&means[a])
+            .then(latency(a).cmp(&latency(b)))
+    };
+    // The rest, after the first: by that rank.
     let by_success = |first: usize| {
         let mut rest: Vec<usize> = (0..n).filter(|i| *i != first).collect();
-        rest.sort_by(|a, b| means[*b].total_cmp(&means[*a]));
+        rest.sort_by(|a, b| rank(*a, *b));
         std::iter::once(first).chain(rest).collect::<Vec<_>>()
     };
     if n == 0 {
@@ -84,10 +114,10 @@ pub(super) fn order(
     match strategy {
         Strategy::Cheapest => ((0..n).collect(), None),
         Strategy::Performance => {
-            let best = (0..n).fold(0, |b, i| if means[i] > means[b] { i } else { b });
+            let best = (0..n).min_by(|a, b| rank(*a, *b)).unwrap_or(0);
             (by_success(best), None)
         }
-        Strategy::Cost => (by_success(good_enough(&means, tolerance)), None),
+        Strategy::Cost => (by_success(good_enough(&means, &spreads, tolerance)), None),
         Strategy::Balanced => {
             // Success per dollar; a free model's cost counts as a millionth of a dollar.
             let value = |i: usize| means[i] / cost[i].max(1e-6);
@@ -96,10 +126,10 @@ pub(super) fn order(
         }
         Strategy::Learning => {
             let mut rng = SmallRng::seed_from_u64(seed);
-            let greedy = good_enough(&means, tolerance);
+            let greedy = good_enough(&means, &spreads, tolerance);
             let drawn = |rng: &mut SmallRng| {
                 let success: Vec<f64> = observed.iter().map(|o| o.draw(prior, rng)).collect();
-                good_enough(&success, tolerance)
+                good_enough(&success, &[], tolerance)
             };
             let first = if rng.random::<f64>() < explore {
                 drawn(&mut rng)
@@ -134,7 +164,11 @@ mod tests {
     use super::*;
 
     fn seen(tasks: u64, successes: u64) -> Observed {
-        Observed { tasks, successes }
+        Observed {
+            tasks,
+            successes,
+            latency_ms: None,
+        }
     }
 
     #[test]
@@ -152,6 +186,36 @@ mod tests {
         );
         // 0.50 / 0.001 beats 0.95 / 0.01; the rest by success.
         assert_eq!(order_of(Strategy::Balanced), [0, 2, 1]);
+    }
+
+    #[test]
+    fn a_dearer_model_is_chosen_only_when_the_cheaper_one_is_shown_to_fall_short() {
+        // The cheap model's 94.4 % is under the best's 96.9 % less two points by a hair, well
+        // within what 900 calls can tell apart: it keeps the work. At 91 % it is shown worse.
+        let cost = [0.001, 0.01, 0.02];
+        let first = |cheap: Observed| {
+            let observed = [cheap, seen(100, 97), seen(100, 97)];
+            order(Strategy::Cost, &observed, &cost, 0.0, 0.02, 0.9, 1).0[0]
+        };
+        assert_eq!(first(seen(900, 850)), 0);
+        assert_eq!(first(seen(900, 820)), 1);
+        // Its doubt counts at most one tolerance: 93.9 % over 100 calls keeps the work, 90 %
+        // over 20 does not (nor does an untried model's prior); 92 % over 5,000 is shown worse.
+        assert_eq!(first(seen(100, 94)), 0);
+        assert_eq!(first(seen(20, 18)), 1);
+        assert_eq!(first(seen(0, 0)), 1);
+        assert_eq!(first(seen(5000, 4600)), 1);
+    }
+
+    #[test]
+    fn among_equally_successful_models_performance_puts_the_faster_first() {
+        let timed = |latency_ms| Observed {
+            latency_ms,
+            ..seen(100, 90)
+        };
+        let observed = [timed(Some(2500)), timed(None), timed(Some(800)), seen(100, 95)];
+        let (order, _) = order(Strategy::Performance, &observed, &[0.0; 4], 0.0, 0.02, 0.9, 1);
+        assert_eq!(order, [3, 2, 0, 1]);
     }
 
     #[test]

@@ -91,6 +91,9 @@ pub struct Observed {
     pub tasks: u64,
     /// Tasks that succeeded, and that no review or check that judged them rejected.
     pub successes: u64,
+    /// The median time of its answered calls, milliseconds; none before its first answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
 }
 
 /// Observations by (provider, model, task type, risk): a row per risk seen, and one with no
@@ -356,8 +359,12 @@ pub fn plan<'a>(
                 ),
                 None => String::new(),
             };
+            let latency = o
+                .latency_ms
+                .map(|ms| format!(", median {:.1} s", ms as f64 / 1000.0))
+                .unwrap_or_default();
             reason = format!(
-                "{}: {} for {kind} (success {:.2} over {} calls{explored}{share})",
+                "{}: {} for {kind} (success {:.2} over {} calls{latency}{explored}{share})",
                 routing.strategy.as_str(),
                 first.model.id,
                 o.mean(routing.prior),

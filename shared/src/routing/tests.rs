@@ -266,6 +266,7 @@ fn stats(rows: &[(&str, &str, &str, u64, u64)]) -> Stats {
                 let o = Observed {
                     tasks: *tasks,
                     successes: *successes,
+                    latency_ms: None,
                 };
                 (key, o)
             })

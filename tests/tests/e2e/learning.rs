@@ -40,6 +40,7 @@ fn history(
                 error_class: failed.clone(),
                 worker: "history".into(),
                 called_at: Utc::now(),
+                latency_ms: 100 + i32::try_from(i).unwrap(),
                 ..CallRow::default()
             };
             let task = TaskRow {
@@ -100,9 +101,9 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
         .unwrap();
     let smart = stats.observed("mock", "mock-smart", "code_generation", None);
     assert_eq!(
-        (smart.tasks, smart.successes),
-        (40, 39),
-        "the outage is not counted"
+        (smart.tasks, smart.successes, smart.latency_ms),
+        (40, 39, Some(119)),
+        "the outage is not counted; the latency is the median of the answered calls"
     );
     // Redis loses them (a restart without persistence): the next run writes them again.
     let mut c = env.redis.conn().await.unwrap();
