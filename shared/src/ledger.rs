@@ -478,7 +478,16 @@ impl Ledger {
     ) -> Result<crate::routing::Stats> {
         /// provider, model, task type, risk, grouped over every risk, tries, successes,
         /// median latency of the answered calls
-        type Row = (String, String, String, Option<String>, i32, i64, i64, Option<f64>);
+        type Row = (
+            String,
+            String,
+            String,
+            Option<String>,
+            i32,
+            i64,
+            i64,
+            Option<f64>,
+        );
         let rows: Vec<Row> = sqlx::query_as(&format!(
             "SELECT c.provider, c.model, c.task_type, t.risk, GROUPING(t.risk), count(*),
                 count(*) FILTER (WHERE {CALL_SUCCEEDED}),

@@ -213,8 +213,21 @@ mod tests {
             latency_ms,
             ..seen(100, 90)
         };
-        let observed = [timed(Some(2500)), timed(None), timed(Some(800)), seen(100, 95)];
-        let (order, _) = order(Strategy::Performance, &observed, &[0.0; 4], 0.0, 0.02, 0.9, 1);
+        let observed = [
+            timed(Some(2500)),
+            timed(None),
+            timed(Some(800)),
+            seen(100, 95),
+        ];
+        let (order, _) = order(
+            Strategy::Performance,
+            &observed,
+            &[0.0; 4],
+            0.0,
+            0.02,
+            0.9,
+            1,
+        );
         assert_eq!(order, [3, 2, 0, 1]);
     }
 
