@@ -42,6 +42,12 @@ pub fn record(r: &TaskRecord) -> String {
         let class = r.error_class.map(|c| format!(" [{c}]")).unwrap_or_default();
         s.push_str(&format!("Error:     {e}{class}\n"));
     }
+    for call in &r.tool_calls {
+        s.push_str(&format!(
+            "Tool call: {} {}({})\n",
+            call.id, call.name, call.arguments
+        ));
+    }
     if let Some(o) = &r.output {
         s.push_str("Output:\n");
         s.push_str(o);

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::conversation::{self, Message, ResponseFormat, Tool, ToolChoice};
+
 /// The only envelope version this build understands.
 pub const VERSION: u64 = 1;
 
@@ -44,7 +46,7 @@ pub enum Error {
     WrongVersion(String),
     #[error("field `{field}` is wrong: {message}")]
     Field { field: String, message: String },
-    #[error("the task has no prompt; set \"prompt\" to a non-empty string")]
+    #[error("the task has no prompt; set \"prompt\" to a non-empty string, or give \"messages\"")]
     MissingPrompt,
     #[error("unknown task type `{0}`; use one of: {list}", list = TaskType::names())]
     UnknownType(String),
@@ -261,9 +263,23 @@ pub struct Envelope {
     pub v: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<Uuid>,
+    /// The user's request. May be left empty when `messages` carries the conversation;
+    /// otherwise it is the last user turn, after them.
+    #[serde(default)]
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub system: Option<String>,
+    /// Earlier turns of a conversation (`docs/wire-format.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<Message>,
+    /// Tools the model may call; their calls come back in the result, never run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<Tool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// JSON the answer must be: an object, or one that fits a schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub task_type: Option<String>,
     /// Provider hint (`--platform`).
@@ -357,6 +373,10 @@ impl Envelope {
             id: Some(Uuid::new_v4()),
             prompt: prompt.into(),
             system: None,
+            messages: Vec::new(),
+            tools: Vec::new(),
+            tool_choice: None,
+            response_format: None,
             task_type: None,
             provider: None,
             model: None,
@@ -431,9 +451,10 @@ impl Envelope {
         }
         let field = |name| obj.get(name).filter(|v| !v.is_null());
         check_concurrency(field("concurrency_key"), field("concurrency_limit"))?;
+        let no_messages = field("messages").is_none_or(|m| m.as_array().is_some_and(Vec::is_empty));
         match obj.get("prompt") {
-            None | Some(Value::Null) => return Err(Error::MissingPrompt),
-            Some(Value::String(s)) if blank(s) => return Err(Error::MissingPrompt),
+            None | Some(Value::Null) if no_messages => return Err(Error::MissingPrompt),
+            Some(Value::String(s)) if blank(s) && no_messages => return Err(Error::MissingPrompt),
             _ => {}
         }
         let env: Envelope = serde_path_to_error::deserialize(value).map_err(|e| Error::Field {
@@ -446,9 +467,19 @@ impl Envelope {
 
     /// The checks of a typed envelope, which both ways of parsing make.
     fn check(&self) -> Result<()> {
-        if blank(&self.prompt) {
+        if blank(&self.prompt) && self.messages.is_empty() {
             return Err(Error::MissingPrompt);
         }
+        conversation::check(
+            &self.messages,
+            &self.tools,
+            self.tool_choice.as_ref(),
+            self.response_format.as_ref(),
+        )
+        .map_err(|e| Error::Field {
+            field: e.field,
+            message: e.message,
+        })?;
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.
         let texts = [
@@ -494,6 +525,34 @@ impl Envelope {
             });
         }
         Ok(())
+    }
+
+    /// Everything the model reads besides the system prompt, as one text: the prompt alone for
+    /// a plain task; with a conversation, tools or a schema, every turn, tool and schema too.
+    /// For counting tokens and finding routing keywords.
+    #[must_use]
+    pub fn read_text(&self) -> std::borrow::Cow<'_, str> {
+        if self.messages.is_empty() && self.tools.is_empty() && self.response_format.is_none() {
+            return std::borrow::Cow::Borrowed(&self.prompt);
+        }
+        let mut text = String::new();
+        for m in &self.messages {
+            text.push_str(&m.content.joined());
+            text.push('\n');
+            for call in &m.tool_calls {
+                text.push_str(&call.name);
+                text.push_str(&call.arguments.to_string());
+                text.push('\n');
+            }
+        }
+        text.push_str(&self.prompt);
+        for tool in &self.tools {
+            text.push_str(&serde_json::to_string(tool).unwrap_or_default());
+        }
+        if let Some(format) = &self.response_format {
+            text.push_str(&serde_json::to_string(format).unwrap_or_default());
+        }
+        std::borrow::Cow::Owned(text)
     }
 
     /// The task type, `data_analysis` when unset.

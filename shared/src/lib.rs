@@ -2,7 +2,8 @@
 //! envelope, providers, the provider file and the Postgres ledger.
 //!
 //! Layout (imports run one way: envelope <- config <- provider <- routing <- queue users):
-//! - `envelope`: the task as producers write it; `outcome`: its record, error classes, usage;
+//! - `envelope`: the task as producers write it (`conversation`: its turns, tools and answer
+//!   format); `outcome`: its record, error classes, usage;
 //! - `config`: the provider file, validated (providers, routing, scheduler, `${ENV}`);
 //! - `provider`: one adapter per wire format, the shared HTTP exchange, clients and probes;
 //! - `routing`: `plan(config, task, constraints, stats)`, pure;
@@ -29,6 +30,7 @@ pub mod archive;
 pub mod chain;
 pub mod circuit;
 pub mod config;
+pub mod conversation;
 pub mod envelope;
 pub mod health;
 pub mod insights;

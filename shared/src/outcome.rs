@@ -167,6 +167,12 @@ pub struct TaskRecord {
     /// model (its propensity), whether it explored, and the models it ordered, best first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learned: Option<LearnedRoute>,
+    /// The answer read as JSON, when the task asked for JSON (`response_format`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
+    /// The tools the model called, when the task gave it tools. llmq never runs them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<crate::conversation::ToolCall>,
 }
 
 /// How a learned strategy chose a task's model, so the route can be judged later
@@ -206,6 +212,8 @@ impl TaskRecord {
             route: None,
             provider_errors: Vec::new(),
             learned: None,
+            json: None,
+            tool_calls: Vec::new(),
         }
     }
 

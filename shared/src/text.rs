@@ -75,6 +75,16 @@ pub fn without_credentials(url: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// At most `max` characters of `body`, trimmed, on a character boundary, for error messages.
+#[must_use]
+pub fn excerpt(body: &str, max: usize) -> String {
+    let body = body.trim();
+    match body.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &body[..cut]),
+        None => body.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

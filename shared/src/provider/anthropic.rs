@@ -5,7 +5,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
+    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role,
+    ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -49,16 +50,62 @@ impl Anthropic {
     }
 
     fn body(req: &Request) -> Value {
+        let messages: Vec<Value> = req
+            .turns()
+            .map(|turn| match turn.role {
+                // A tool's answer is a user turn with a tool_result block.
+                Role::Tool => json!({"role": "user", "content": [{
+                    "type": "tool_result",
+                    "tool_use_id": turn.tool_call_id,
+                    "content": turn.text,
+                }]}),
+                Role::Assistant if !turn.tool_calls.is_empty() => {
+                    let text = (!turn.text.is_empty())
+                        .then(|| json!({"type": "text", "text": turn.text}));
+                    let uses = turn.tool_calls.iter().map(|c| {
+                        json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments_object()})
+                    });
+                    json!({"role": "assistant", "content": text.into_iter().chain(uses).collect::<Vec<_>>()})
+                }
+                role => json!({"role": role.as_str(), "content": turn.text}),
+            })
+            .collect();
         let mut body = json!({
             "model": req.model,
             "max_tokens": req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
-            "messages": [{"role": "user", "content": req.prompt}],
+            "messages": messages,
         });
-        if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+        if let Some(system) = req.system_text().filter(|s| !s.is_empty()) {
             body["system"] = json!(system);
         }
         if let Some(t) = req.temperature {
             body["temperature"] = json!(t);
+        }
+        if !req.tools.is_empty() {
+            body["tools"] = req
+                .tools
+                .iter()
+                .map(|t| {
+                    let mut tool = json!({"name": t.name, "input_schema": t.parameters});
+                    if let Some(d) = &t.description {
+                        tool["description"] = json!(d);
+                    }
+                    tool
+                })
+                .collect();
+            if let Some(choice) = &req.tool_choice {
+                body["tool_choice"] = match choice {
+                    ToolChoice::Mode(ToolMode::Auto) => json!({"type": "auto"}),
+                    ToolChoice::Mode(ToolMode::None) => json!({"type": "none"}),
+                    ToolChoice::Mode(ToolMode::Required) => json!({"type": "any"}),
+                    ToolChoice::Named { name } => json!({"type": "tool", "name": name}),
+                };
+            }
+        }
+        // Structured outputs (`output_config.format`); "any JSON object" has no native form
+        // and is checked when the answer comes.
+        if let Some(ResponseFormat::JsonSchema { schema, .. }) = &req.response_format {
+            body["output_config"] = json!({"format": {"type": "json_schema", "schema": schema}});
         }
         body
     }
@@ -147,6 +194,13 @@ struct Block {
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// A `tool_use` block's id, name and input.
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    input: Value,
 }
 
 #[derive(Deserialize)]
@@ -201,7 +255,23 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
         .usage
         .as_ref()
         .map_or(Usage::default(), MessageUsage::to_usage);
-    Ok(Completion { text, usage })
+    let tool_calls = parsed
+        .content
+        .into_iter()
+        .filter(|b| b.kind == "tool_use")
+        .enumerate()
+        .map(|(i, b)| ToolCall {
+            id: b.id.unwrap_or_else(|| format!("call_{}", i + 1)),
+            name: b.name.unwrap_or_default(),
+            arguments: b.input,
+        })
+        .collect();
+    Ok(Completion {
+        text,
+        usage,
+        tool_calls,
+        json: None,
+    })
 }
 
 #[cfg(test)]
@@ -329,6 +399,7 @@ mod tests {
             max_tokens: None,
             temperature: Some(0.5),
             timeout: std::time::Duration::from_secs(1),
+            ..Request::default()
         };
         let body = Anthropic::body(&req);
         assert_eq!(body["max_tokens"], DEFAULT_MAX_TOKENS);

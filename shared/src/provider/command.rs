@@ -113,11 +113,13 @@ impl CommandRunner {
     fn invocation(&self, req: &Request) -> Result<Invocation, String> {
         let template = &self.spec.args;
         let has = |placeholder: &str| template.iter().any(|a| a.contains(placeholder));
-        let system = req.system.as_deref().unwrap_or("");
+        let system = req.system_text().unwrap_or_default();
+        let system = system.as_ref();
+        let transcript = req.transcript();
         let prompt = if system.is_empty() || has("{system}") {
-            req.prompt.clone()
+            transcript.into_owned()
         } else {
-            format!("{system}\n\n{}", req.prompt)
+            format!("{system}\n\n{transcript}")
         };
         let values = [
             ("prompt", prompt.as_str()),
@@ -318,7 +320,7 @@ impl CommandRunner {
             ));
         }
         let sent =
-            req.system.as_deref().map_or(0, |s| s.chars().count()) + req.prompt.chars().count();
+            req.system_text().map_or(0, |s| s.chars().count()) + req.transcript().chars().count();
         Ok(Completion {
             text: text.to_owned(),
             usage: Usage {
@@ -327,6 +329,7 @@ impl CommandRunner {
                 cached_tokens: 0,
                 reasoning_tokens: 0,
             },
+            ..Completion::default()
         })
     }
 }
@@ -538,6 +541,7 @@ mod tests {
             max_tokens: None,
             temperature: None,
             timeout: Duration::from_secs(10),
+            ..Request::default()
         }
     }
 
@@ -604,6 +608,23 @@ mod tests {
         let mut req = request("the prompt");
         req.system = Some("the system".into());
         assert_eq!(text(&r, &req).await, "the system\n\nthe prompt");
+    }
+
+    #[tokio::test]
+    async fn a_conversation_goes_to_stdin_as_a_transcript() {
+        use crate::conversation::{Message, Role};
+        let r = runner("cat", &[], PromptVia::Stdin);
+        let mut req = request("and 3+3?");
+        req.system = Some("the system".into());
+        req.messages = vec![
+            Message::text(Role::System, "in English"),
+            Message::text(Role::User, "2+2?"),
+            Message::text(Role::Assistant, "4"),
+        ];
+        assert_eq!(
+            text(&r, &req).await,
+            "the system\n\nin English\n\n[user]\n2+2?\n\n[assistant]\n4\n\n[user]\nand 3+3?"
+        );
     }
 
     #[tokio::test]

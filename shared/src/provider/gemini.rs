@@ -7,7 +7,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
+    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role,
+    ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -56,10 +57,40 @@ impl Gemini {
     }
 
     fn body(req: &Request) -> Value {
-        let mut body = json!({
-            "contents": [{"role": "user", "parts": [{"text": req.prompt}]}],
-        });
-        if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+        let contents: Vec<Value> = req
+            .turns()
+            .map(|turn| match turn.role {
+                // A tool's answer is a functionResponse part, named after the call it answers
+                // (the check at the door makes sure an earlier turn made that call).
+                Role::Tool => {
+                    let id = turn.tool_call_id.unwrap_or_default();
+                    let name = req
+                        .messages
+                        .iter()
+                        .flat_map(|m| &m.tool_calls)
+                        .find(|c| c.id == id)
+                        .map_or(id, |c| c.name.as_str());
+                    // Its response must be an object: a JSON object answer as is, else wrapped.
+                    let response = serde_json::from_str::<Value>(&turn.text)
+                        .ok()
+                        .filter(Value::is_object)
+                        .unwrap_or_else(|| json!({"result": turn.text}));
+                    json!({"role": "user", "parts": [{"functionResponse": {
+                        "id": id, "name": name, "response": response,
+                    }}]})
+                }
+                role => {
+                    let text = (!turn.text.is_empty()).then(|| json!({"text": turn.text}));
+                    let calls = turn.tool_calls.iter().map(|c| {
+                        json!({"functionCall": {"id": c.id, "name": c.name, "args": c.arguments_object()}})
+                    });
+                    let role = if role == Role::Assistant { "model" } else { "user" };
+                    json!({"role": role, "parts": text.into_iter().chain(calls).collect::<Vec<_>>()})
+                }
+            })
+            .collect();
+        let mut body = json!({"contents": contents});
+        if let Some(system) = req.system_text().filter(|s| !s.is_empty()) {
             body["systemInstruction"] = json!({"parts": [{"text": system}]});
         }
         let mut config = Map::new();
@@ -69,8 +100,39 @@ impl Gemini {
         if let Some(t) = req.temperature {
             config.insert("temperature".to_owned(), json!(t));
         }
+        if let Some(format) = &req.response_format {
+            config.insert("responseMimeType".to_owned(), json!("application/json"));
+            if let ResponseFormat::JsonSchema { schema, .. } = format {
+                config.insert("responseJsonSchema".to_owned(), schema.clone());
+            }
+        }
         if !config.is_empty() {
             body["generationConfig"] = Value::Object(config);
+        }
+        if !req.tools.is_empty() {
+            let declarations: Vec<Value> = req
+                .tools
+                .iter()
+                .map(|t| {
+                    let mut f = json!({"name": t.name, "parametersJsonSchema": t.parameters});
+                    if let Some(d) = &t.description {
+                        f["description"] = json!(d);
+                    }
+                    f
+                })
+                .collect();
+            body["tools"] = json!([{"functionDeclarations": declarations}]);
+            if let Some(choice) = &req.tool_choice {
+                let config = match choice {
+                    ToolChoice::Mode(ToolMode::Auto) => json!({"mode": "AUTO"}),
+                    ToolChoice::Mode(ToolMode::None) => json!({"mode": "NONE"}),
+                    ToolChoice::Mode(ToolMode::Required) => json!({"mode": "ANY"}),
+                    ToolChoice::Named { name } => {
+                        json!({"mode": "ANY", "allowedFunctionNames": [name]})
+                    }
+                };
+                body["toolConfig"] = json!({"functionCallingConfig": config});
+            }
         }
         body
     }
@@ -253,11 +315,22 @@ struct Content {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Part {
     text: Option<String>,
     /// A thought summary, not part of the answer.
     #[serde(default)]
     thought: bool,
+    function_call: Option<FunctionCall>,
+}
+
+#[derive(Deserialize)]
+struct FunctionCall {
+    #[serde(default)]
+    id: Option<String>,
+    name: String,
+    #[serde(default)]
+    args: Value,
 }
 
 #[derive(Deserialize)]
@@ -312,13 +385,23 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
     };
     let finish = candidate.finish_reason.unwrap_or_default();
     let has_content = candidate.content.is_some();
-    let text: String = candidate
+    let parts: Vec<Part> = candidate
         .content
         .map(|c| c.parts)
         .unwrap_or_default()
         .into_iter()
         .filter(|p| !p.thought)
-        .filter_map(|p| p.text)
+        .collect();
+    let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
+    let tool_calls: Vec<ToolCall> = parts
+        .into_iter()
+        .filter_map(|p| p.function_call)
+        .enumerate()
+        .map(|(i, f)| ToolCall {
+            id: f.id.unwrap_or_else(|| format!("call_{}", i + 1)),
+            name: f.name,
+            arguments: f.args,
+        })
         .collect();
     if text.is_empty() && BLOCKING_FINISH.contains(&finish.as_str()) {
         return Err((ErrorClass::Fatal, format!("blocked: {finish}")));
@@ -333,7 +416,12 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
         ));
     }
     let usage = parsed.usage_metadata.unwrap_or_default().to_usage();
-    Ok(Completion { text, usage })
+    Ok(Completion {
+        text,
+        usage,
+        tool_calls,
+        json: None,
+    })
 }
 
 #[cfg(test)]
@@ -536,6 +624,7 @@ mod tests {
             max_tokens: Some(9),
             temperature: Some(0.5),
             timeout: Duration::from_secs(1),
+            ..Request::default()
         };
         let body = Gemini::body(&req);
         assert_eq!(body["contents"][0]["role"], "user");

@@ -8,11 +8,15 @@
 //! `command` runs a local CLI without a shell; `clients` builds a client per configured
 //! provider and probes whether it answers.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+pub use crate::conversation::{
+    Content, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
+};
 use crate::outcome::ErrorClass;
 pub use crate::outcome::Usage;
 
@@ -24,22 +28,113 @@ pub mod ollama;
 pub mod openai;
 
 /// One call to a model.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Request {
     pub model: String,
     pub system: Option<String>,
+    /// The last user turn; empty when `messages` carries the whole conversation.
     pub prompt: String,
+    /// Earlier turns, before the prompt.
+    pub messages: Vec<Message>,
+    pub tools: Vec<Tool>,
+    pub tool_choice: Option<ToolChoice>,
+    pub response_format: Option<ResponseFormat>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     /// The whole call, connect to last byte, must end within this.
     pub timeout: Duration,
 }
 
+/// One turn as a wire format writes it: a message's, or the prompt as the user's last turn.
+#[derive(Debug, Clone)]
+pub struct Turn<'a> {
+    pub role: Role,
+    /// Its text, parts joined.
+    pub text: Cow<'a, str>,
+    pub tool_calls: &'a [ToolCall],
+    pub tool_call_id: Option<&'a str>,
+}
+
+impl Request {
+    /// The system prompt: the task's `system`, then the text of any system turns.
+    #[must_use]
+    pub fn system_text(&self) -> Option<Cow<'_, str>> {
+        let turns = self.messages.iter().filter(|m| m.role == Role::System);
+        if self.messages.iter().all(|m| m.role != Role::System) {
+            return self.system.as_deref().map(Cow::Borrowed);
+        }
+        let texts: Vec<String> = self
+            .system
+            .iter()
+            .cloned()
+            .chain(turns.map(|m| m.content.joined()))
+            .collect();
+        Some(Cow::Owned(texts.join("\n\n")))
+    }
+
+    /// The conversation after the system prompt: the messages (system turns are in
+    /// [`Request::system_text`]), then the prompt, when there is one, as the user's turn.
+    pub fn turns(&self) -> impl Iterator<Item = Turn<'_>> {
+        let prompt = (!self.prompt.is_empty()).then_some(Turn {
+            role: Role::User,
+            text: Cow::Borrowed(self.prompt.as_str()),
+            tool_calls: &[],
+            tool_call_id: None,
+        });
+        self.messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| Turn {
+                role: m.role,
+                text: match &m.content {
+                    Content::Text(t) => Cow::Borrowed(t.as_str()),
+                    parts => Cow::Owned(parts.joined()),
+                },
+                tool_calls: &m.tool_calls,
+                tool_call_id: m.tool_call_id.as_deref(),
+            })
+            .chain(prompt)
+    }
+
+    /// The conversation as one text, for a program's stdin or argument: the prompt alone for
+    /// a plain task, else each turn under a `[role]` line.
+    #[must_use]
+    pub fn transcript(&self) -> Cow<'_, str> {
+        if self.messages.iter().all(|m| m.role == Role::System) {
+            return Cow::Borrowed(&self.prompt);
+        }
+        let mut out = String::new();
+        for turn in self.turns() {
+            let head = match (turn.role, turn.tool_call_id) {
+                (Role::Tool, Some(id)) => format!("[tool result {id}]"),
+                (role, _) => format!("[{}]", role.as_str()),
+            };
+            out.push_str(&head);
+            out.push('\n');
+            out.push_str(&turn.text);
+            for call in turn.tool_calls {
+                out.push_str(&format!(
+                    "\n(calls {} {} with {})",
+                    call.name, call.id, call.arguments
+                ));
+            }
+            out.push_str("\n\n");
+        }
+        out.truncate(out.trim_end().len());
+        Cow::Owned(out)
+    }
+}
+
 /// A successful call.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Completion {
+    /// The answer's text; empty when the model only called tools.
     pub text: String,
     pub usage: Usage,
+    /// The tools the model called, in order.
+    pub tool_calls: Vec<ToolCall>,
+    /// The answer read as JSON, when the task asked for JSON (`response_format`).
+    pub json: Option<serde_json::Value>,
 }
 
 /// A failed call, classified.
@@ -184,15 +279,7 @@ pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     Some(wait.to_std().unwrap_or(Duration::ZERO))
 }
 
-/// At most `max` characters of `body`, on a character boundary, for error messages.
-#[must_use]
-pub fn excerpt(body: &str, max: usize) -> String {
-    let body = body.trim();
-    match body.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &body[..cut]),
-        None => body.to_owned(),
-    }
-}
+pub use crate::text::excerpt;
 
 /// What differs between the HTTP wire formats; the exchange around them is the same.
 pub(crate) struct Format {

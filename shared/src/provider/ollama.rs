@@ -7,7 +7,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
+    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, ToolChoice,
+    ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -31,11 +32,32 @@ impl Ollama {
     }
 
     fn body(req: &Request) -> Value {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+        let mut messages = Vec::with_capacity(2 + req.messages.len());
+        if let Some(system) = req.system_text().filter(|s| !s.is_empty()) {
             messages.push(json!({"role": "system", "content": system}));
         }
-        messages.push(json!({"role": "user", "content": req.prompt}));
+        for turn in req.turns() {
+            let mut m = json!({"role": turn.role.as_str(), "content": turn.text});
+            if !turn.tool_calls.is_empty() {
+                m["tool_calls"] = turn
+                    .tool_calls
+                    .iter()
+                    .map(|c| json!({"function": {"name": c.name, "arguments": c.arguments_object()}}))
+                    .collect();
+            }
+            if let Some(id) = turn.tool_call_id {
+                // Ollama matches a tool's answer by the tool's name.
+                if let Some(call) = req
+                    .messages
+                    .iter()
+                    .flat_map(|m| &m.tool_calls)
+                    .find(|c| c.id == id)
+                {
+                    m["tool_name"] = json!(call.name);
+                }
+            }
+            messages.push(m);
+        }
         let mut body = json!({"model": req.model, "messages": messages, "stream": false});
         let mut options = Map::new();
         if let Some(max) = req.max_tokens {
@@ -46,6 +68,16 @@ impl Ollama {
         }
         if !options.is_empty() {
             body["options"] = Value::Object(options);
+        }
+        // Ollama has no tool_choice: "none" sends no tools; a required or named tool cannot
+        // be enforced, and its answer is taken as it comes.
+        if !req.tools.is_empty() && req.tool_choice != Some(ToolChoice::Mode(ToolMode::None)) {
+            body["tools"] = super::openai::tools(&req.tools);
+        }
+        match &req.response_format {
+            Some(ResponseFormat::JsonSchema { schema, .. }) => body["format"] = schema.clone(),
+            Some(ResponseFormat::JsonObject) => body["format"] = json!("json"),
+            None => {}
         }
         body
     }
@@ -112,6 +144,8 @@ struct ChatResponse {
 struct Message {
     #[serde(default)]
     content: String,
+    #[serde(default)]
+    tool_calls: Vec<super::openai::WireToolCall>,
 }
 
 fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
@@ -135,6 +169,8 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
             cached_tokens: 0,
             reasoning_tokens: 0,
         },
+        tool_calls: super::openai::tool_calls(message.tool_calls),
+        json: None,
     })
 }
 
@@ -207,6 +243,7 @@ mod tests {
             max_tokens: Some(9),
             temperature: Some(0.5),
             timeout: Duration::from_secs(1),
+            ..Request::default()
         };
         let body = Ollama::body(&req);
         assert_eq!(body["stream"], false);

@@ -6,7 +6,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, Result, Usage, excerpt, exchange,
+    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role, Tool,
+    ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -48,11 +49,29 @@ impl OpenAi {
     }
 
     fn body(&self, req: &Request) -> Value {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = &req.system {
+        let mut messages = Vec::with_capacity(2 + req.messages.len());
+        if let Some(system) = req.system_text() {
             messages.push(json!({"role": "system", "content": system}));
         }
-        messages.push(json!({"role": "user", "content": req.prompt}));
+        for turn in req.turns() {
+            messages.push(match turn.role {
+                Role::Tool => json!({
+                    "role": "tool",
+                    "tool_call_id": turn.tool_call_id,
+                    "content": turn.text,
+                }),
+                Role::Assistant if !turn.tool_calls.is_empty() => json!({
+                    "role": "assistant",
+                    "content": (!turn.text.is_empty()).then_some(&turn.text),
+                    "tool_calls": turn.tool_calls.iter().map(|c| json!({
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.name, "arguments": c.arguments.to_string()},
+                    })).collect::<Vec<_>>(),
+                }),
+                role => json!({"role": role.as_str(), "content": turn.text}),
+            });
+        }
         let mut body = json!({"model": req.model, "messages": messages});
         if let Some(max) = req.max_tokens {
             let field = match self.limit_field {
@@ -63,6 +82,15 @@ impl OpenAi {
         }
         if let Some(t) = req.temperature {
             body["temperature"] = json!(t);
+        }
+        if !req.tools.is_empty() {
+            body["tools"] = tools(&req.tools);
+            if let Some(choice) = &req.tool_choice {
+                body["tool_choice"] = tool_choice(choice);
+            }
+        }
+        if let Some(format) = &req.response_format {
+            body["response_format"] = response_format(format);
         }
         body
     }
@@ -94,6 +122,42 @@ impl Provider for OpenAi {
 
     fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
         Box::pin(self.call(request))
+    }
+}
+
+/// Tools as chat completions (and Ollama) take them.
+pub(super) fn tools(tools: &[Tool]) -> Value {
+    tools
+        .iter()
+        .map(|t| {
+            let mut function = json!({"name": t.name, "parameters": t.parameters});
+            if let Some(d) = &t.description {
+                function["description"] = json!(d);
+            }
+            json!({"type": "function", "function": function})
+        })
+        .collect()
+}
+
+fn tool_choice(choice: &ToolChoice) -> Value {
+    match choice {
+        ToolChoice::Mode(ToolMode::Auto) => json!("auto"),
+        ToolChoice::Mode(ToolMode::None) => json!("none"),
+        ToolChoice::Mode(ToolMode::Required) => json!("required"),
+        ToolChoice::Named { name } => json!({"type": "function", "function": {"name": name}}),
+    }
+}
+
+fn response_format(format: &ResponseFormat) -> Value {
+    match format {
+        ResponseFormat::JsonObject => json!({"type": "json_object"}),
+        ResponseFormat::JsonSchema { schema, strict, .. } => {
+            let mut spec = json!({"name": format.name(), "schema": schema});
+            if let Some(strict) = strict {
+                spec["strict"] = json!(strict);
+            }
+            json!({"type": "json_schema", "json_schema": spec})
+        }
     }
 }
 
@@ -136,6 +200,40 @@ struct Choice {
 #[derive(Deserialize)]
 struct Message {
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+}
+
+#[derive(Deserialize)]
+pub(super) struct WireToolCall {
+    #[serde(default)]
+    id: Option<String>,
+    function: WireFunction,
+}
+
+#[derive(Deserialize)]
+struct WireFunction {
+    name: String,
+    /// A JSON text (OpenAI); an object (Ollama, some compatible servers).
+    #[serde(default)]
+    arguments: Value,
+}
+
+/// The tool calls of an answer; a call without an id gets `call_<n>`.
+pub(super) fn tool_calls(calls: Vec<WireToolCall>) -> Vec<ToolCall> {
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| ToolCall {
+            id: c.id.unwrap_or_else(|| format!("call_{}", i + 1)),
+            name: c.function.name,
+            arguments: match c.function.arguments {
+                // Arguments that are not JSON are kept as the model wrote them.
+                Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
+                other => other,
+            },
+        })
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -167,17 +265,21 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
             excerpt(body, 200)
         )
     })?;
-    let text = parsed
-        .choices
-        .into_iter()
-        .next()
-        .and_then(|c| c.message.content)
-        .ok_or_else(|| {
-            format!(
+    let message = parsed.choices.into_iter().next().map(|c| c.message);
+    let (text, calls) = match message {
+        Some(Message {
+            content,
+            tool_calls: calls,
+        }) if content.is_some() || !calls.is_empty() => {
+            (content.unwrap_or_default(), tool_calls(calls))
+        }
+        _ => {
+            return Err(format!(
                 "the response has no message content: {}",
                 excerpt(body, 200)
-            )
-        })?;
+            ));
+        }
+    };
     let usage = parsed.usage.map_or(Usage::default(), |u| Usage {
         input_tokens: u.prompt_tokens,
         output_tokens: u.completion_tokens,
@@ -186,7 +288,12 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
             .completion_tokens_details
             .map_or(0, |d| d.reasoning_tokens),
     });
-    Ok(Completion { text, usage })
+    Ok(Completion {
+        text,
+        usage,
+        tool_calls: calls,
+        json: None,
+    })
 }
 
 #[cfg(test)]
@@ -236,8 +343,8 @@ mod tests {
             system: Some("s".into()),
             prompt: "p".into(),
             max_tokens: Some(7),
-            temperature: None,
             timeout: std::time::Duration::from_secs(1),
+            ..Request::default()
         };
         let http = reqwest::Client::new();
         let a = OpenAi::new(

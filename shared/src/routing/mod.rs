@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 
-use crate::config::{Capability, Config, Model, ProviderConfig, RuleTarget, Strategy, Tier};
+use crate::config::{Capability, Config, Kind, Model, ProviderConfig, RuleTarget, Strategy, Tier};
 use crate::envelope::{Envelope, Risk};
 use crate::outcome::Usage;
 use crate::quota::PromptTokens;
@@ -197,14 +197,16 @@ pub fn plan<'a>(
 ) -> Result<Plan<'a>, RouteError> {
     let task_type = task.task_type().unwrap_or_default();
     let routing = &config.routing;
-    let tokens = PromptTokens::new(task.system.as_deref(), &task.prompt);
+    // Every turn, tool and schema counts against the context window and the quotas.
+    let read = task.read_text();
+    let tokens = PromptTokens::new(task.system.as_deref(), &read);
     let output_tokens = task.max_tokens.map_or(DEFAULT_OUTPUT_ESTIMATE, u64::from);
     let risk = task.risk;
     let area = task.area.as_deref();
 
     let mut needs = vec![Capability::for_task(task_type)];
     // A lowercase copy of the prompt only when there are keywords to look for in it.
-    let lower = (!routing.keywords.is_empty()).then(|| task.prompt.to_lowercase());
+    let lower = (!routing.keywords.is_empty()).then(|| read.to_lowercase());
     for (cap, words) in &routing.keywords {
         let found = |w: &String| lower.as_deref().is_some_and(|l| l.contains(w.as_str()));
         if words.iter().any(found) && !needs.contains(cap) {
@@ -232,18 +234,22 @@ pub fn plan<'a>(
         _ => None,
     };
 
+    // A local command cannot be handed tools, nor return the model's calls of them.
+    let takes_tools = |p: &ProviderConfig| task.tools.is_empty() || p.kind != Kind::Command;
     let candidate = |p: &'a ProviderConfig, m: &'a Model| {
-        (constraints.allows(p, m) && floor.is_none_or(|t| m.tier >= t)).then(|| Candidate {
-            provider: p,
-            model: m,
-            estimated_tokens: tokens.for_model(&m.id) + output_tokens,
-            estimated_usd: m.prices.cost(&Usage {
-                input_tokens: tokens.for_model(&m.id),
-                output_tokens,
-                cached_tokens: 0,
-                reasoning_tokens: 0,
-            }),
-        })
+        (constraints.allows(p, m) && floor.is_none_or(|t| m.tier >= t) && takes_tools(p)).then(
+            || Candidate {
+                provider: p,
+                model: m,
+                estimated_tokens: tokens.for_model(&m.id) + output_tokens,
+                estimated_usd: m.prices.cost(&Usage {
+                    input_tokens: tokens.for_model(&m.id),
+                    output_tokens,
+                    cached_tokens: 0,
+                    reasoning_tokens: 0,
+                }),
+            },
+        )
     };
     let enabled = || config.providers.iter().filter(|p| p.enabled);
     let mut plan: Vec<Candidate<'a>> = Vec::new();
@@ -264,6 +270,10 @@ pub fn plan<'a>(
                     "provider {} has no {}-tier model or above for the hint",
                     p.name,
                     t.as_str()
+                ),
+                None if !takes_tools(p) => format!(
+                    "the hint {}/{} is a local command, which cannot take the task's tools",
+                    p.name, m.id
                 ),
                 None => format!("the hint {}/{} is excluded for this step", p.name, m.id),
             };
@@ -481,6 +491,9 @@ pub fn plan<'a>(
         }
         if constraints != &Constraints::default() {
             why.push_str("; some models are excluded for this step");
+        }
+        if !task.tools.is_empty() {
+            why.push_str("; the task defines tools, which no local command provider can take");
         }
         return Err(RouteError(why));
     }

@@ -359,3 +359,51 @@ fn a_bad_strategy_or_share_names_the_key_and_the_fix() {
         "{e}"
     );
 }
+
+#[test]
+fn a_task_with_tools_is_never_routed_to_a_local_command_and_its_turns_count() {
+    let text = r#"
+providers:
+  - name: cli
+    kind: command
+    cost_tier: free
+    command: {program: claude, args: ["-p"], prompt_via: stdin}
+    models:
+      - {id: sonnet, capabilities: [analysis], input_usd_per_mtok: 0, output_usd_per_mtok: 0}
+  - name: api
+    kind: openai_compatible
+    base_url: http://127.0.0.1:1/v1
+    models:
+      - {id: small, capabilities: [analysis], context_window: 200, input_usd_per_mtok: 1, output_usd_per_mtok: 2}
+"#;
+    let c = Config::parse("t.yaml", text, &|_| None).unwrap();
+    let mut e = task("summarise", "data_analysis");
+    e.max_tokens = Some(10);
+    let plain = plan(&c, &e, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(order(&plain), ["cli/sonnet", "api/small"]);
+    e.tools = vec![crate::conversation::Tool {
+        name: "lookup".into(),
+        description: None,
+        parameters: serde_json::json!({"type": "object"}),
+    }];
+    let tooled = plan(&c, &e, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(order(&tooled), ["api/small"]);
+    // A hint to the command is refused with the reason.
+    e.provider = Some("cli".into());
+    e.fallback = Some(false);
+    let err = plan(&c, &e, &Constraints::default(), &Stats::default()).unwrap_err();
+    assert!(err.to_string().contains("cannot take"), "{err}");
+    // Earlier turns count against the context window: 200 tokens of history do not fit.
+    let mut long = task("and now?", "data_analysis");
+    long.max_tokens = Some(10);
+    long.messages = vec![crate::conversation::Message::text(
+        crate::conversation::Role::User,
+        "word ".repeat(400),
+    )];
+    let p = plan(&c, &long, &Constraints::default(), &Stats::default()).unwrap();
+    assert_eq!(
+        order(&p),
+        ["cli/sonnet"],
+        "the API model's window is too small"
+    );
+}

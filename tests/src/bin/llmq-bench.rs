@@ -905,6 +905,7 @@ impl Provider for NoopProvider {
                 output_tokens: 1,
                 ..Usage::default()
             },
+            ..Completion::default()
         });
         if self.latency.is_zero() {
             return Box::pin(std::future::ready(answer));

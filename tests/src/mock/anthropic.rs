@@ -24,6 +24,7 @@ const ANTHROPIC_FIELDS: &[&str] = &[
     "service_tier",
     "container",
     "mcp_servers",
+    "output_config",
 ];
 
 /// Anthropic's `error.type` for a status.
@@ -137,6 +138,7 @@ fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
             .ok_or("system: Input should be a valid string or a list of text blocks")?;
         messages.push(("system".to_owned(), text));
     }
+    let mut uses: Vec<String> = Vec::new();
     for (i, m) in list.iter().enumerate() {
         let role = match m.get("role").and_then(Value::as_str) {
             Some(role @ ("user" | "assistant")) => role,
@@ -146,12 +148,70 @@ fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
                 ));
             }
         };
-        let text = m
+        let content = m
             .get("content")
-            .and_then(content_text)
             .ok_or_else(|| format!("messages.{i}.content: Field required"))?;
+        let blocks = content.as_array().map(Vec::as_slice).unwrap_or_default();
+        // A user turn of tool_result blocks answers tool_use blocks of the turn before.
+        let results: Vec<&Value> = blocks
+            .iter()
+            .filter(|b| b["type"] == "tool_result")
+            .collect();
+        if !results.is_empty() {
+            for (j, r) in results.iter().enumerate() {
+                let id = r["tool_use_id"].as_str().unwrap_or_default();
+                if !uses.iter().any(|u| u == id) {
+                    return Err(format!(
+                        "messages.{i}.content.{j}: unexpected `tool_use_id` found in `tool_result` blocks: {id}. Each `tool_result` block must have a corresponding `tool_use` block in the previous message."
+                    ));
+                }
+                let said = r.get("content").and_then(content_text).unwrap_or_default();
+                messages.push(("tool".to_owned(), said));
+            }
+            continue;
+        }
+        let calls: Vec<&str> = blocks
+            .iter()
+            .filter(|b| b["type"] == "tool_use")
+            .map(|b| {
+                uses.extend(b["id"].as_str().map(str::to_owned));
+                b["name"].as_str().unwrap_or_default()
+            })
+            .collect();
+        let mut text = content_text(content).ok_or_else(|| {
+            format!("messages.{i}.content: Input should be a valid string or list")
+        })?;
+        if !calls.is_empty() {
+            text = format!("calls {}{text}", calls.join(", "));
+        }
         messages.push((role.to_owned(), text));
     }
+    let mut tools = Vec::new();
+    if let Some(list) = obj.get("tools").and_then(Value::as_array) {
+        for (i, t) in list.iter().enumerate() {
+            let name = t["name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| format!("tools.{i}.custom.name: Field required"))?;
+            let schema = t
+                .get("input_schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| format!("tools.{i}.custom.input_schema: Field required"))?;
+            tools.push((name.to_owned(), schema.clone()));
+        }
+    }
+    let schema = match obj.get("output_config").map(|c| &c["format"]) {
+        None => None,
+        Some(f) if f["type"] == "json_schema" && f["schema"].is_object() => {
+            Some(f["schema"].clone())
+        }
+        Some(_) => {
+            return Err(
+                "output_config.format: expected {\"type\": \"json_schema\", \"schema\": {...}}"
+                    .to_owned(),
+            );
+        }
+    };
     if let Some(t) = obj.get("temperature").filter(|t| !t.is_null()) {
         let t = t
             .as_f64()
@@ -167,6 +227,8 @@ fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
         model: model.to_owned(),
         messages,
         max_tokens: Some(max_tokens),
+        tools,
+        schema,
     })
 }
 
@@ -181,14 +243,24 @@ fn anthropic_message(conv: &Conversation, answer: &Answer) -> Value {
             "signature": "llmq-mock-signature",
         }));
     }
-    content.push(json!({"type": "text", "text": answer.content}));
+    if !answer.content.is_empty() || answer.tool_calls.is_empty() {
+        content.push(json!({"type": "text", "text": answer.content}));
+    }
+    for (id, name, input) in &answer.tool_calls {
+        content.push(json!({"type": "tool_use", "id": id, "name": name, "input": input}));
+    }
+    let stop = match (answer.truncated, answer.tool_calls.is_empty()) {
+        (true, _) => "max_tokens",
+        (false, false) => "tool_use",
+        (false, true) => "end_turn",
+    };
     json!({
         "id": format!("msg_mock{}", short_id()),
         "type": "message",
         "role": "assistant",
         "model": conv.model,
         "content": content,
-        "stop_reason": if answer.truncated { "max_tokens" } else { "end_turn" },
+        "stop_reason": stop,
         "stop_sequence": null,
         "usage": {
             "input_tokens": answer.prompt_tokens - answer.cached_tokens,

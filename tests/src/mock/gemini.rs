@@ -239,19 +239,76 @@ fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
         )?;
         messages.push(("system".to_owned(), text));
     }
+    let mut called: Vec<String> = Vec::new();
     for (i, content) in contents.iter().enumerate() {
         let role = match content.get("role").and_then(Value::as_str) {
             None | Some("" | "user") => "user",
             Some("model") => "assistant",
             Some(_) => return Err("Please use a valid role: user, model.".to_owned()),
         };
-        let text = parts_text(content).ok_or_else(|| {
+        let mut text = parts_text(content).ok_or_else(|| {
             format!(
                 "* GenerateContentRequest.contents[{i}].parts: contents.parts must not be empty.\n"
             )
         })?;
+        let parts = content["parts"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let calls: Vec<&str> = parts
+            .iter()
+            .filter_map(|p| p["functionCall"]["name"].as_str())
+            .collect();
+        called.extend(calls.iter().map(|c| (*c).to_owned()));
+        let mut answered = false;
+        for p in parts.iter().filter(|p| p.get("functionResponse").is_some()) {
+            let r = &p["functionResponse"];
+            let name = r["name"].as_str().unwrap_or_default();
+            if !called.iter().any(|c| c == name) || !r["response"].is_object() {
+                return Err(format!(
+                    "* GenerateContentRequest.contents[{i}].parts: a function_response must name an earlier function_call and carry a response object.\n"
+                ));
+            }
+            let said = r["response"]["result"]
+                .as_str()
+                .map_or_else(|| r["response"].to_string(), str::to_owned);
+            messages.push(("tool".to_owned(), said));
+            answered = true;
+        }
+        if answered {
+            continue;
+        }
+        if !calls.is_empty() {
+            text = format!("calls {}{text}", calls.join(", "));
+        }
         messages.push((role.to_owned(), text));
     }
+    let mut tools = Vec::new();
+    for t in obj
+        .get("tools")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for (i, f) in t["functionDeclarations"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .enumerate()
+        {
+            let name = f["name"].as_str().filter(|n| !n.is_empty()).ok_or_else(|| {
+                format!("* GenerateContentRequest.tools[0].function_declarations[{i}].name: Name cannot be empty.\n")
+            })?;
+            let params = f
+                .get("parametersJsonSchema")
+                .or_else(|| f.get("parameters"))
+                .cloned()
+                .unwrap_or(json!({}));
+            tools.push((name.to_owned(), params));
+        }
+    }
+    let mut schema = None;
     let mut max_tokens = None;
     if let Some(config) = obj.get("generationConfig").filter(|c| !c.is_null()) {
         let Value::Object(config) = config.clone() else {
@@ -266,6 +323,20 @@ fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
             return Err(
                 "* GenerateContentRequest.generation_config.temperature: must be in the range \
                  [0.0, 2.0]\n"
+                    .to_owned(),
+            );
+        }
+        if config.get("responseMimeType").and_then(Value::as_str) == Some("application/json") {
+            schema = Some(
+                config
+                    .get("responseJsonSchema")
+                    .or_else(|| config.get("responseSchema"))
+                    .cloned()
+                    .unwrap_or(json!({"type": "object"})),
+            );
+        } else if config.get("responseJsonSchema").is_some() {
+            return Err(
+                "* GenerateContentRequest.generation_config.response_mime_type: response_json_schema requires response_mime_type application/json\n"
                     .to_owned(),
             );
         }
@@ -285,6 +356,8 @@ fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
         model: model.to_owned(),
         messages,
         max_tokens,
+        tools,
+        schema,
     })
 }
 
@@ -303,9 +376,20 @@ fn gemini_response(conv: &Conversation, answer: &Answer) -> Value {
     if thoughts > 0 {
         usage["thoughtsTokenCount"] = json!(thoughts);
     }
+    // Function calls come without an id, as from most Gemini models.
+    let mut parts: Vec<Value> = Vec::new();
+    if !answer.content.is_empty() || answer.tool_calls.is_empty() {
+        parts.push(json!({"text": answer.content}));
+    }
+    parts.extend(
+        answer
+            .tool_calls
+            .iter()
+            .map(|(_, name, args)| json!({"functionCall": {"name": name, "args": args}})),
+    );
     json!({
         "candidates": [{
-            "content": {"parts": [{"text": answer.content}], "role": "model"},
+            "content": {"parts": parts, "role": "model"},
             "finishReason": if answer.truncated { "MAX_TOKENS" } else { "STOP" },
             "index": 0,
         }],

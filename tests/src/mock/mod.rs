@@ -46,6 +46,12 @@
 //! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
 //! | `quota-daily` (Gemini only) | 429 `RESOURCE_EXHAUSTED` for the per-day quota `GenerateRequestsPerDayPerProjectPerModel-FreeTier`, with a `RetryInfo` of `16s` |
 //! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
+//! | `tool-caller` | calls the first tool offered (arguments made from its schema) until the last turn is a tool's answer, then answers `the tool said: <answer>` |
+//! | `transcript` | answers `[[role, text], ...]`: the conversation as the route read it (`system`, `user`, `assistant`, `tool`) |
+//! | `json-bad-once`, `json-wrong` | with a schema asked for: not JSON on the first request of a conversation, then JSON made from the schema; JSON that does not fit, always |
+//!
+//! With a schema asked for (each format's native field), every other model answers JSON made
+//! from the schema (`const`, first `enum`, every property, `"x"`, the minimum or 1).
 //!
 //! A successful answer is deterministic: the content is `mock answer from <model>: ` followed
 //! by the first 60 characters of the last user message, and the usage is computed from the
@@ -608,11 +614,18 @@ fn marker(text: &str) -> Option<Behaviour> {
 }
 
 /// A validated request, reduced to what the mock uses.
+#[derive(Default)]
 struct Conversation {
     model: String,
-    /// (role, text) per message.
+    /// (role, text) per message: `system`, `user`, `assistant` or `tool` (a tool's answer,
+    /// whatever the format's own shape); an assistant turn that called tools reads
+    /// `calls <name>, ...`.
     messages: Vec<(String, String)>,
     max_tokens: Option<u64>,
+    /// The tools offered: (name, parameters schema).
+    tools: Vec<(String, Value)>,
+    /// The JSON the answer must be: a schema (`{"type": "object"}` for any JSON object).
+    schema: Option<Value>,
 }
 
 impl Conversation {
@@ -734,6 +747,7 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         answer.completion_tokens = tokens(&text);
         answer.content = text;
     }
+    shape(state, conv, &mut answer);
     if let Some(q) = state.opts.quality.iter().find(|q| q.model == conv.model) {
         let good = quality_of(q, conv.last_user()) > draw(conv.hash(), &conv.model);
         answer.content.push_str(if good {
@@ -743,6 +757,106 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         });
     }
     Outcome::Answer(answer)
+}
+
+/// Answers in the shape the request asks for: `tool-caller` calls the first tool offered
+/// (with arguments made from its schema) until a tool has answered, then says what it said;
+/// `transcript` answers the conversation as it arrived, `[[role, text], ...]`; with a schema,
+/// the answer is JSON made from it, except `json-bad-once`'s first answer per conversation
+/// and every answer of `json-wrong`, which do not fit.
+fn shape(state: &Shared, conv: &Conversation, answer: &mut Answer) {
+    let named = |name: &str| conv.named(name);
+    let last = conv
+        .messages
+        .last()
+        .map(|(role, text)| (role.as_str(), text.as_str()));
+    if named("tool-caller") {
+        match last {
+            Some(("tool", said)) => answer.content = format!("the tool said: {said}"),
+            _ => {
+                if let Some((name, parameters)) = conv.tools.first() {
+                    answer.content.clear();
+                    answer.tool_calls = vec![(
+                        format!("call_mock{}", short_id()),
+                        name.clone(),
+                        example(parameters),
+                    )];
+                }
+            }
+        }
+    } else if named("transcript") {
+        let turns: Vec<[&str; 2]> = conv
+            .messages
+            .iter()
+            .map(|(role, text)| [role.as_str(), text.as_str()])
+            .collect();
+        answer.content = json!(turns).to_string();
+    } else if let Some(schema) = &conv.schema {
+        let first = state.flaky_attempt(conv.hash() ^ 0x6a73_6f6e) == 1;
+        answer.content = if named("json-wrong") || (named("json-bad-once") && first) {
+            // Not JSON at all the first time; JSON of the wrong shape for `json-wrong`.
+            if named("json-wrong") {
+                "[\"not\", \"what was asked\"]".to_owned()
+            } else {
+                "Sure! Here is the JSON you asked for.".to_owned()
+            }
+        } else {
+            example(schema).to_string()
+        };
+    }
+    answer.completion_tokens = tokens(&answer.content) + 8 * answer.tool_calls.len() as u64;
+}
+
+/// A value that fits `schema`: its `const`, its first `enum` value, the first of `anyOf` or
+/// `oneOf`, every property of an object, one item of an array, `"x"`, its minimum or 1.
+fn example(schema: &Value) -> Value {
+    if let Some(c) = schema.get("const") {
+        return c.clone();
+    }
+    if let Some(first) = schema
+        .get("enum")
+        .and_then(Value::as_array)
+        .and_then(|e| e.first())
+    {
+        return first.clone();
+    }
+    for key in ["anyOf", "oneOf"] {
+        if let Some(first) = schema
+            .get(key)
+            .and_then(Value::as_array)
+            .and_then(|e| e.first())
+        {
+            return example(first);
+        }
+    }
+    let ty = match schema.get("type") {
+        Some(Value::Array(types)) => types.first().and_then(Value::as_str).unwrap_or("object"),
+        Some(Value::String(t)) => t.as_str(),
+        _ => "object",
+    };
+    match ty {
+        "string" => json!("x"),
+        "integer" => schema.get("minimum").cloned().unwrap_or(json!(1)),
+        "number" => schema.get("minimum").cloned().unwrap_or(json!(1.5)),
+        "boolean" => json!(true),
+        "null" => Value::Null,
+        "array" => {
+            let item = schema.get("items").map_or(json!("x"), example);
+            let n = schema
+                .get("minItems")
+                .and_then(Value::as_u64)
+                .unwrap_or(1)
+                .max(1);
+            Value::Array(vec![item; usize::try_from(n.min(8)).unwrap_or(1)])
+        }
+        _ => Value::Object(
+            schema
+                .get("properties")
+                .and_then(Value::as_object)
+                .map(|props| props.iter().map(|(k, v)| (k.clone(), example(v))).collect())
+                .unwrap_or_default(),
+        ),
+    }
 }
 
 /// The share of good answers `q` gives a prompt, by its `[[type:...]]` marker.
@@ -787,6 +901,8 @@ fn http_date_in(secs: i64) -> String {
 #[derive(Debug)]
 struct Answer {
     content: String,
+    /// Tool calls instead of (or with) the content: (id, name, arguments).
+    tool_calls: Vec<(String, String, Value)>,
     /// Cut short by the output limit.
     truncated: bool,
     /// All prompt tokens, cached ones included.
@@ -824,6 +940,7 @@ impl Answer {
         };
         Self {
             content,
+            tool_calls: Vec::new(),
             truncated,
             prompt_tokens,
             completion_tokens,

@@ -60,11 +60,25 @@ fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
         }
     };
     let mut messages = Vec::with_capacity(list.len());
+    let mut called = false;
     for m in &list {
         let role = m.get("role").and_then(Value::as_str).unwrap_or_default();
         if !matches!(role, "system" | "user" | "assistant" | "tool") {
             return Err(format!("invalid role: {role:?}"));
         }
+        if role == "tool" && !called {
+            return Err(
+                "a tool message must follow an assistant message with tool_calls".to_owned(),
+            );
+        }
+        let calls: Vec<&str> = m["tool_calls"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c["function"]["name"].as_str())
+            .collect();
+        called |= !calls.is_empty();
         let content = match m.get("content") {
             None | Some(Value::Null) => String::new(),
             Some(Value::String(s)) => s.clone(),
@@ -76,8 +90,26 @@ fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
                 );
             }
         };
+        let content = if calls.is_empty() {
+            content
+        } else {
+            format!("calls {}{content}", calls.join(", "))
+        };
         messages.push((role.to_owned(), content));
     }
+    let tools = match obj.get("tools") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => super::openai::chat_tools(list)?,
+        Some(_) => {
+            return Err("json: cannot unmarshal into Go struct field ChatRequest.tools".to_owned());
+        }
+    };
+    let schema = match obj.get("format") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(f)) if f == "json" => Some(json!({"type": "object"})),
+        Some(schema @ Value::Object(_)) => Some(schema.clone()),
+        Some(_) => return Err("invalid format: must be \"json\" or a JSON schema".to_owned()),
+    };
     let mut max_tokens = None;
     match obj.get("options") {
         None | Some(Value::Null) => {}
@@ -106,6 +138,8 @@ fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
             model: model.to_owned(),
             messages,
             max_tokens,
+            tools,
+            schema,
         },
         stream,
     ))
@@ -115,6 +149,13 @@ fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
 /// in `message.thinking`.
 fn ollama_done(conv: &Conversation, answer: &Answer, content: &str) -> Value {
     let mut message = json!({"role": "assistant", "content": content});
+    if !answer.tool_calls.is_empty() {
+        message["tool_calls"] = answer
+            .tool_calls
+            .iter()
+            .map(|(_, name, args)| json!({"function": {"name": name, "arguments": args}}))
+            .collect();
+    }
     if answer.reasoning_tokens > 0 {
         message["thinking"] = json!("llmq-mock is thinking.");
     }

@@ -103,13 +103,78 @@ struct ChatRequest {
     max_tokens: Option<u64>,
     max_completion_tokens: Option<u64>,
     temperature: Option<f64>,
+    #[serde(default)]
+    tools: Vec<Value>,
+    response_format: Option<Value>,
 }
 
 #[derive(Deserialize)]
-struct ChatMessage {
+pub(super) struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Value>,
+    #[serde(default)]
+    tool_calls: Vec<Value>,
+    tool_call_id: Option<String>,
+}
+
+/// The conversation of chat messages (OpenAI's, and Ollama's, which has the same shape):
+/// tool answers must answer a call an earlier assistant turn made.
+pub(super) fn turns(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, String> {
+    let mut calls: Vec<String> = Vec::new();
+    let mut turns = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let mut text = m.text();
+        if !m.tool_calls.is_empty() {
+            let mut names = Vec::new();
+            for c in &m.tool_calls {
+                let name = c["function"]["name"].as_str().filter(|n| !n.is_empty()).ok_or_else(
+                    || format!("Missing required parameter: 'messages[{i}].tool_calls[0].function.name'."),
+                )?;
+                names.push(name.to_owned());
+                calls.extend(c["id"].as_str().map(str::to_owned));
+                calls.push(name.to_owned());
+            }
+            text = format!("calls {}{text}", names.join(", "));
+        }
+        if m.role == "tool" {
+            // Ollama's tool turns name no call id; they still follow a call.
+            let answers = !calls.is_empty()
+                && m.tool_call_id
+                    .as_deref()
+                    .is_none_or(|id| calls.iter().any(|c| c == id));
+            if !answers {
+                return Err(format!(
+                    "Invalid parameter: messages with role 'tool' must be a response to a preceding message with 'tool_calls' (messages[{i}])."
+                ));
+            }
+        }
+        turns.push((m.role.clone(), text));
+    }
+    Ok(turns)
+}
+
+/// Chat-completions tools: (name, parameters) each.
+pub(super) fn chat_tools(tools: &[Value]) -> Result<Vec<(String, Value)>, String> {
+    tools
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let name = t["function"]["name"]
+                .as_str()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| {
+                    format!("Missing required parameter: 'tools[{i}].function.name'.")
+                })?;
+            Ok((
+                name.to_owned(),
+                t["function"]
+                    .get("parameters")
+                    .cloned()
+                    .unwrap_or(json!({})),
+            ))
+        })
+        .collect()
 }
 
 impl ChatMessage {
@@ -195,13 +260,38 @@ pub(super) fn validate(body: &[u8]) -> Result<Conversation, ApiError> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
+    let invalid = |param: &'static str| {
+        move |message: String| ApiError::invalid("invalid_value", Some(param), message)
+    };
+    let schema = match &req.response_format {
+        None | Some(Value::Null) => None,
+        Some(f) => match f["type"].as_str() {
+            Some("json_object") => Some(json!({"type": "object"})),
+            Some("text") => None,
+            Some("json_schema") => Some(
+                f["json_schema"]
+                    .get("schema")
+                    .filter(|_| f["json_schema"]["name"].is_string())
+                    .cloned()
+                    .ok_or_else(|| {
+                        invalid("response_format")(
+                            "Missing required parameter: 'response_format.json_schema.name' or 'response_format.json_schema.schema'.".to_owned(),
+                        )
+                    })?,
+            ),
+            _ => {
+                return Err(invalid("response_format")(
+                    "Invalid value: 'response_format.type'. Supported values are: 'json_object', 'json_schema', and 'text'.".to_owned(),
+                ));
+            }
+        },
+    };
     Ok(Conversation {
         model,
-        messages: messages
-            .iter()
-            .map(|m| (m.role.clone(), m.text()))
-            .collect(),
+        messages: turns(&messages).map_err(invalid("messages"))?,
         max_tokens,
+        tools: chat_tools(&req.tools).map_err(invalid("tools"))?,
+        schema,
     })
 }
 
@@ -303,6 +393,7 @@ pub(super) fn rate_limited(kind: RetryHeader, model: &str) -> ApiError {
 pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
     let Answer {
         content,
+        tool_calls,
         truncated,
         prompt_tokens,
         completion_tokens,
@@ -310,6 +401,19 @@ pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
         reasoning_tokens,
     } = answer;
     let finish_reason = if *truncated { "length" } else { "stop" };
+    let mut message = json!({"role": "assistant", "content": content, "refusal": null});
+    let finish_reason = if tool_calls.is_empty() {
+        finish_reason
+    } else {
+        message["content"] = Value::Null;
+        message["tool_calls"] = tool_calls
+            .iter()
+            .map(|(id, name, args)| {
+                json!({"id": id, "type": "function", "function": {"name": name, "arguments": args.to_string()}})
+            })
+            .collect();
+        "tool_calls"
+    };
     json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
@@ -317,7 +421,7 @@ pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
         "model": conv.model,
         "choices": [{
             "index": 0,
-            "message": {"role": "assistant", "content": content, "refusal": null},
+            "message": message,
             "logprobs": null,
             "finish_reason": finish_reason,
         }],

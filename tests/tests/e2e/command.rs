@@ -51,6 +51,7 @@ fn request(model: &str, prompt: &str, system: Option<&str>) -> Request {
         max_tokens: None,
         temperature: None,
         timeout: Duration::from_secs(20),
+        ..Request::default()
     }
 }
 

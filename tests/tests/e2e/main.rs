@@ -17,6 +17,7 @@ mod metrics;
 mod outage;
 mod providers;
 mod quota;
+mod requests;
 mod routing;
 mod scheduler;
 mod tls;

@@ -12,8 +12,12 @@ use llmq_shared::provider::anthropic::Anthropic;
 use llmq_shared::provider::gemini::Gemini;
 use llmq_shared::provider::ollama::Ollama;
 use llmq_shared::provider::openai::{OpenAi, TokenLimitField};
-use llmq_shared::provider::{Completion, Error, Provider, Request, Usage};
+use llmq_shared::provider::{
+    Completion, Error, Message, Provider, Request, ResponseFormat, Role, Tool, ToolChoice,
+    ToolMode, Usage,
+};
 use llmq_tests::mock::{MockOptions, MockServer};
+use serde_json::json;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
@@ -75,6 +79,7 @@ fn request(model: &str, prompt: &str) -> Request {
         max_tokens: None,
         temperature: None,
         timeout: Duration::from_secs(10),
+        ..Request::default()
     }
 }
 
@@ -328,6 +333,21 @@ macro_rules! adapter_tests {
             async fn a_missing_key_is_fatal() {
                 super::a_missing_key_is_fatal($format).await;
             }
+
+            #[tokio::test]
+            async fn conversations_arrive_whole() {
+                super::conversations_arrive_whole($format).await;
+            }
+
+            #[tokio::test]
+            async fn tool_calls_come_back_and_their_answers_go_in() {
+                super::tool_calls_come_back_and_their_answers_go_in($format).await;
+            }
+
+            #[tokio::test]
+            async fn schemas_go_in_the_native_field() {
+                super::schemas_go_in_the_native_field($format).await;
+            }
         }
     };
 }
@@ -336,6 +356,105 @@ adapter_tests!(openai, Format::OpenAi);
 adapter_tests!(anthropic, Format::Anthropic);
 adapter_tests!(gemini, Format::Gemini);
 adapter_tests!(ollama, Format::Ollama);
+
+// ---- conversations, tools, schemas ----
+
+fn tool() -> Tool {
+    Tool {
+        name: "get_weather".into(),
+        description: Some("The weather in a city".into()),
+        parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}),
+    }
+}
+
+/// Every turn arrives in order, in the format's own shape: the system prompt (the task's and
+/// its system turns) first, the prompt last.
+async fn conversations_arrive_whole(format: Format) {
+    let mock = mock().await;
+    let req = Request {
+        system: Some("be brief".into()),
+        messages: vec![
+            Message::text(Role::System, "answer in English"),
+            Message::text(Role::User, "what is 2+2?"),
+            Message::text(Role::Assistant, "4"),
+            Message::text(Role::User, "and 3+3?"),
+        ],
+        ..request("transcript", "and 4+4?")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    let turns: Vec<(String, String)> = serde_json::from_str(&c.text).unwrap();
+    let expected = [
+        ("system", "be brief\n\nanswer in English"),
+        ("user", "what is 2+2?"),
+        ("assistant", "4"),
+        ("user", "and 3+3?"),
+        ("user", "and 4+4?"),
+    ];
+    let turns: Vec<(&str, &str)> = turns
+        .iter()
+        .map(|(r, t)| (r.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(turns, expected, "{format:?}");
+}
+
+/// The model's tool calls come back with their arguments; a later request carrying the call
+/// and the tool's answer reaches the model, which reads the answer.
+async fn tool_calls_come_back_and_their_answers_go_in(format: Format) {
+    let mock = mock().await;
+    let req = Request {
+        tools: vec![tool()],
+        tool_choice: Some(ToolChoice::Mode(ToolMode::Required)),
+        ..request("tool-caller", "what is the weather in Paris?")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    assert_eq!(c.text, "", "{format:?}");
+    assert_eq!(c.tool_calls.len(), 1, "{format:?}: {c:?}");
+    let made = &c.tool_calls[0];
+    assert_eq!(
+        (made.name.as_str(), &made.arguments),
+        ("get_weather", &json!({"city": "x"}))
+    );
+    assert!(!made.id.is_empty());
+    let follow = Request {
+        messages: vec![
+            Message::text(Role::User, "what is the weather in Paris?"),
+            Message {
+                tool_calls: vec![made.clone()],
+                ..Message::text(Role::Assistant, "")
+            },
+            Message {
+                tool_call_id: Some(made.id.clone()),
+                ..Message::text(Role::Tool, "sunny, 21 degrees")
+            },
+        ],
+        tools: vec![tool()],
+        ..request("tool-caller", "")
+    };
+    let c = call(format, &mock, &follow).await.unwrap();
+    assert_eq!(c.text, "the tool said: sunny, 21 degrees", "{format:?}");
+    assert!(c.tool_calls.is_empty());
+}
+
+/// A schema goes in the format's native field, so the model answers JSON that fits it.
+async fn schemas_go_in_the_native_field(format: Format) {
+    let mock = mock().await;
+    let schema = json!({"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer", "minimum": 3}}, "required": ["name", "n"]});
+    let asked = ResponseFormat::JsonSchema {
+        schema,
+        name: Some("person".into()),
+        strict: None,
+    };
+    let req = Request {
+        response_format: Some(asked.clone()),
+        ..request("mock-fast", "extract the person")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    assert_eq!(
+        asked.read(&c.text).unwrap(),
+        json!({"name": "x", "n": 3}),
+        "{format:?}"
+    );
+}
 
 // ---- format-specific ----
 

@@ -491,6 +491,10 @@ impl Attempt<'_> {
             model: cand.model.id.clone(),
             system: env.system.clone(),
             prompt: env.prompt.clone(),
+            messages: env.messages.clone(),
+            tools: env.tools.clone(),
+            tool_choice: env.tool_choice.clone(),
+            response_format: env.response_format.clone(),
             max_tokens: env.max_tokens,
             temperature: env.temperature,
             timeout: env.timeout(),
@@ -577,6 +581,9 @@ impl Attempt<'_> {
         };
         let took = started.elapsed();
         let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
+        // An answer that is not the JSON the task asked for is a failed call (billed as
+        // made), which retries and falls back like any other.
+        let result = result.and_then(|c| conform(c, &req, name));
         let cost = cand.model.prices.cost(&usage);
         if let Some(r) = reservation
             && let Err(e) = Box::pin(exec.limiter.reconcile(
@@ -612,6 +619,29 @@ impl Attempt<'_> {
         call.error_class = error.map(|e| e.class.to_string());
         call.error = error.map(ToString::to_string);
         result
+    }
+}
+
+/// The answer read as the JSON `req` asks for, when it asks for some; an answer of only tool
+/// calls has no text to read.
+fn conform(mut c: Completion, req: &Request, provider: &str) -> provider::Result<Completion> {
+    let Some(format) = &req.response_format else {
+        return Ok(c);
+    };
+    if c.text.trim().is_empty() && !c.tool_calls.is_empty() {
+        return Ok(c);
+    }
+    match format.read(&c.text) {
+        Ok(json) => {
+            c.json = Some(json);
+            Ok(c)
+        }
+        Err(why) => Err(provider::Error::new(
+            provider,
+            &req.model,
+            ErrorClass::Retryable,
+            why,
+        )),
     }
 }
 

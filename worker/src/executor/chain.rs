@@ -570,6 +570,7 @@ mod tests {
         Completion {
             text: text.into(),
             usage: llmq_shared::provider::Usage::default(),
+            ..Completion::default()
         }
     }
 

@@ -64,6 +64,7 @@ pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome
         return Outcome::Answered(Completion {
             text,
             usage: Usage::default(),
+            ..Completion::default()
         });
     }
     let stderr = String::from_utf8_lossy(&output.stderr);

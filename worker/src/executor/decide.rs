@@ -386,7 +386,7 @@ mod tests {
     fn answers_and_shutdowns_pass_through() {
         let answered = Outcome::Answered(llmq_shared::provider::Completion {
             text: "ok".into(),
-            usage: llmq_shared::provider::Usage::default(),
+            ..llmq_shared::provider::Completion::default()
         });
         assert_eq!(
             decide(
@@ -567,7 +567,7 @@ mod tests {
         // An answer is done, whatever the step could have done instead.
         let answered = Outcome::Answered(llmq_shared::provider::Completion {
             text: "ok".into(),
-            usage: llmq_shared::provider::Usage::default(),
+            ..llmq_shared::provider::Completion::default()
         });
         let rounds = StepRounds {
             rework: Some(rework()),

@@ -222,6 +222,7 @@ impl Executor {
                 step.settled = Some(Outcome::Answered(Completion {
                     text,
                     usage: llmq_shared::provider::Usage::default(),
+                    ..Completion::default()
                 }));
             }
             Ok(chain::Prepared::Call {
@@ -686,6 +687,8 @@ fn apply(
             let usage = completion.usage;
             record.status = Status::Succeeded;
             record.output = Some(completion.text);
+            record.json = completion.json;
+            record.tool_calls = completion.tool_calls;
             record.input_tokens = usage.input_tokens;
             record.output_tokens = usage.output_tokens;
             record.cached_tokens = usage.cached_tokens;

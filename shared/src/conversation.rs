@@ -1,0 +1,617 @@
+//! What a task can ask of a model beyond one prompt: earlier turns of a conversation
+//! (`messages`), tools it may call (`tools`, `tool_choice`) and JSON that fits a schema
+//! (`response_format`). One neutral shape, close to OpenAI's (the one most producers know);
+//! each wire format turns it into its own in `provider`.
+//!
+//! Everything here comes from a task and is untrusted data: it is checked where it enters
+//! ([`check`]), never executed (llmq never runs a tool call), and a schema is compiled with
+//! no remote references and linear-time patterns.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Who said a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+            Self::Tool => "tool",
+        }
+    }
+}
+
+/// One turn of a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: Role,
+    /// The turn's text, or its parts. May be empty only for an assistant turn that calls
+    /// tools.
+    #[serde(default)]
+    pub content: Content,
+    /// An assistant turn's tool calls (the model's, from an earlier answer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// A tool turn: the id of the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    /// A turn of plain text.
+    #[must_use]
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: Content::Text(text.into()),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
+}
+
+/// A turn's content: text, or a list of parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+impl Default for Content {
+    fn default() -> Self {
+        Self::Text(String::new())
+    }
+}
+
+impl Content {
+    /// The text of every part, joined by blank lines.
+    #[must_use]
+    pub fn joined(&self) -> String {
+        match self {
+            Self::Text(t) => t.clone(),
+            Self::Parts(parts) => parts
+                .iter()
+                .map(|Part::Text { text }| text.as_str())
+                .collect::<Vec<_>>()
+                .join("\n\n"),
+        }
+    }
+
+    fn texts(&self) -> Vec<&str> {
+        match self {
+            Self::Text(t) => vec![t.as_str()],
+            Self::Parts(parts) => parts
+                .iter()
+                .map(|Part::Text { text }| text.as_str())
+                .collect(),
+        }
+    }
+
+    fn is_blank(&self) -> bool {
+        self.texts().iter().all(|t| t.trim().is_empty())
+    }
+}
+
+/// One part of a turn's content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Part {
+    Text { text: String },
+}
+
+/// A tool the model may call: a function with JSON-schema parameters. llmq passes it on and
+/// returns the model's calls; it never runs them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tool {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// A JSON Schema of the arguments; an object with no properties when left out.
+    #[serde(default = "empty_object_schema")]
+    pub parameters: Value,
+}
+
+fn empty_object_schema() -> Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+/// Whether and which tool the model must call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ToolChoice {
+    /// `"auto"` (the model decides), `"none"` (no tool) or `"required"` (some tool).
+    Mode(ToolMode),
+    /// `{"name": "..."}`: that tool.
+    Named { name: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ToolMode {
+    Auto,
+    None,
+    Required,
+}
+
+/// A tool call the model made: which tool, with which arguments (a JSON object).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCall {
+    /// The provider's id for the call (made up as `call_<n>` where a format has none), which
+    /// a later `tool` turn names.
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub arguments: Value,
+}
+
+impl ToolCall {
+    /// The arguments as an object, as Anthropic and Gemini want them: an object as is,
+    /// nothing as `{}`, anything else under `value`.
+    #[must_use]
+    pub fn arguments_object(&self) -> Value {
+        match &self.arguments {
+            Value::Object(_) => self.arguments.clone(),
+            Value::Null => serde_json::json!({}),
+            other => serde_json::json!({"value": other}),
+        }
+    }
+}
+
+/// The shape the answer must have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ResponseFormat {
+    /// Any JSON object.
+    JsonObject,
+    /// JSON that validates against `schema`.
+    JsonSchema {
+        schema: Value,
+        /// A name for the schema, where a format wants one (OpenAI); `answer` by default.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// Ask the provider to constrain decoding to the schema (OpenAI's `strict`; such
+        /// schemas must close every object with `"additionalProperties": false`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strict: Option<bool>,
+    },
+}
+
+impl ResponseFormat {
+    /// The schema's name for formats that want one.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Self::JsonSchema { name: Some(n), .. } => n,
+            _ => "answer",
+        }
+    }
+
+    /// Reads `text` as the JSON this format asks for: the value, or why not as a sentence.
+    /// A fenced block (```json ... ```) around it is accepted, as models add one.
+    ///
+    /// # Errors
+    /// The text is not JSON, not an object where one is asked for, or does not validate.
+    pub fn read(&self, text: &str) -> Result<Value, String> {
+        let trimmed = unfence(text);
+        let value: Value = serde_json::from_str(trimmed).map_err(|e| {
+            format!(
+                "the answer is not JSON ({e}): {}",
+                crate::text::excerpt(trimmed, 120)
+            )
+        })?;
+        match self {
+            Self::JsonObject if !value.is_object() => {
+                Err("the answer is JSON but not an object, which response_format asks for".into())
+            }
+            Self::JsonObject => Ok(value),
+            Self::JsonSchema { schema, .. } => {
+                let validator = validator(schema)?;
+                let errors: Vec<String> = validator
+                    .iter_errors(&value)
+                    .take(3)
+                    .map(|e| {
+                        let at = e.instance_path().to_string();
+                        let at = if at.is_empty() { "/".into() } else { at };
+                        format!("at {at}: {e}")
+                    })
+                    .collect();
+                if errors.is_empty() {
+                    Ok(value)
+                } else {
+                    Err(format!(
+                        "the answer does not fit the schema: {}",
+                        errors.join("; ")
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// `text` without a Markdown code fence around it.
+fn unfence(text: &str) -> &str {
+    let t = text.trim();
+    let Some(rest) = t.strip_prefix("```") else {
+        return t;
+    };
+    let Some(body) = rest.strip_suffix("```") else {
+        return t;
+    };
+    // The fence's info string (`json`) runs to the first newline.
+    body.split_once('\n').map_or(body, |(_, b)| b).trim()
+}
+
+/// A validator for a schema from a task: draft from its `$schema` (2020-12 when it names
+/// none), no remote references (a `$ref` to a URL fails to compile instead of fetching it),
+/// and patterns matched in linear time, so no schema can make a worker spin.
+fn validator(schema: &Value) -> Result<jsonschema::Validator, String> {
+    jsonschema::options()
+        .with_pattern_options(jsonschema::PatternOptions::regex())
+        .build(schema)
+        .map_err(|e| format!("{e}"))
+}
+
+/// A field of a task that is wrong, and how: for the task's dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// The most tools a task may define (OpenAI's limit, the lowest of the providers').
+pub const MAX_TOOLS: usize = 128;
+
+/// Checks what a task asks beyond its prompt: every turn has a known role and content (a
+/// tool turn its call's id), no text holds a NUL, every tool a name providers accept and a
+/// parameter schema that compiles, a named tool choice names a defined tool, and a response
+/// schema compiles.
+///
+/// # Errors
+/// The first thing wrong, naming its field and the fix.
+pub fn check(
+    messages: &[Message],
+    tools: &[Tool],
+    tool_choice: Option<&ToolChoice>,
+    response_format: Option<&ResponseFormat>,
+) -> Result<(), Invalid> {
+    for (i, m) in messages.iter().enumerate() {
+        let at = |f: &str| format!("messages[{i}].{f}");
+        let calls_only = m.role == Role::Assistant && !m.tool_calls.is_empty();
+        if m.content.is_blank() && !calls_only {
+            return Err(invalid(
+                at("content"),
+                "is empty; give the turn's text (only an assistant turn with tool_calls may have none)",
+            ));
+        }
+        if m.content.texts().iter().any(|t| t.contains('\0')) {
+            return Err(invalid(at("content"), NUL));
+        }
+        if !m.tool_calls.is_empty() && m.role != Role::Assistant {
+            return Err(invalid(
+                at("tool_calls"),
+                "only an assistant turn has tool calls",
+            ));
+        }
+        for (j, call) in m.tool_calls.iter().enumerate() {
+            let at = format!("messages[{i}].tool_calls[{j}]");
+            check_name(&format!("{at}.name"), &call.name)?;
+            if call.id.is_empty() || call.id.len() > 256 || call.id.contains('\0') {
+                return Err(invalid(
+                    format!("{at}.id"),
+                    "must be 1 to 256 characters without NUL: the id the tool turn answering it names",
+                ));
+            }
+            if !call.arguments.is_object() && !call.arguments.is_null() {
+                return Err(invalid(format!("{at}.arguments"), "must be a JSON object"));
+            }
+        }
+        match (m.role, &m.tool_call_id) {
+            (Role::Tool, None) => {
+                return Err(invalid(
+                    at("tool_call_id"),
+                    "is missing; a tool turn names the id of the call it answers",
+                ));
+            }
+            (Role::Tool, Some(id))
+                if !messages[..i]
+                    .iter()
+                    .any(|m| m.tool_calls.iter().any(|c| &c.id == id)) =>
+            {
+                return Err(invalid(
+                    at("tool_call_id"),
+                    "names no tool call of an earlier assistant turn; give the id of the call it answers",
+                ));
+            }
+            (Role::Tool, Some(_)) | (_, None) => {}
+            (_, Some(_)) => {
+                return Err(invalid(at("tool_call_id"), "belongs only to a tool turn"));
+            }
+        }
+    }
+    if tools.len() > MAX_TOOLS {
+        return Err(invalid(
+            "tools",
+            format!(
+                "has {} tools; at most {MAX_TOOLS} are accepted",
+                tools.len()
+            ),
+        ));
+    }
+    for (i, tool) in tools.iter().enumerate() {
+        check_name(&format!("tools[{i}].name"), &tool.name)?;
+        if tools[..i].iter().any(|t| t.name == tool.name) {
+            return Err(invalid(
+                format!("tools[{i}].name"),
+                format!(
+                    "`{}` is defined twice; give each tool its own name",
+                    tool.name
+                ),
+            ));
+        }
+        if tool
+            .description
+            .as_deref()
+            .is_some_and(|d| d.contains('\0'))
+        {
+            return Err(invalid(format!("tools[{i}].description"), NUL));
+        }
+        if tool.parameters.get("type").and_then(Value::as_str) != Some("object") {
+            return Err(invalid(
+                format!("tools[{i}].parameters"),
+                "must be a JSON Schema of an object (\"type\": \"object\")",
+            ));
+        }
+        validator(&tool.parameters).map_err(|e| {
+            invalid(
+                format!("tools[{i}].parameters"),
+                format!("is not a valid JSON Schema: {e}"),
+            )
+        })?;
+    }
+    match tool_choice {
+        Some(ToolChoice::Named { name }) if !tools.iter().any(|t| &t.name == name) => {
+            return Err(invalid(
+                "tool_choice",
+                format!(
+                    "names `{}`, which is not among the task's tools",
+                    crate::text::excerpt(name, 64)
+                ),
+            ));
+        }
+        Some(ToolChoice::Mode(ToolMode::Required) | ToolChoice::Named { .. })
+            if tools.is_empty() =>
+        {
+            return Err(invalid(
+                "tool_choice",
+                "asks for a tool call, but the task defines no tools",
+            ));
+        }
+        _ => {}
+    }
+    if let Some(ResponseFormat::JsonSchema { schema, name, .. }) = response_format {
+        if !schema.is_object() && !schema.is_boolean() {
+            return Err(invalid(
+                "response_format.schema",
+                "must be a JSON Schema (an object)",
+            ));
+        }
+        validator(schema).map_err(|e| {
+            invalid(
+                "response_format.schema",
+                format!("is not a valid JSON Schema: {e}"),
+            )
+        })?;
+        if let Some(n) = name {
+            check_name("response_format.name", n)?;
+        }
+    }
+    Ok(())
+}
+
+const NUL: &str =
+    "contains a NUL character (\\u0000), which cannot be stored or passed on; remove it";
+
+/// A tool's or schema's name as every provider accepts it: 1 to 64 of `a-z A-Z 0-9 _ -`.
+fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!(
+                "`{}` is not a name providers accept; use 1 to 64 letters, digits, `_` or `-`",
+                crate::text::excerpt(name, 64)
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn parse<T: serde::de::DeserializeOwned>(v: Value) -> T {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_schema_answer_is_read_validated_and_unfenced() {
+        let format: ResponseFormat = parse(json!({
+            "type": "json_schema",
+            "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+        }));
+        assert_eq!(format.read("{\"n\": 3}").unwrap(), json!({"n": 3}));
+        assert_eq!(
+            format.read("```json\n{\"n\": 4}\n```").unwrap(),
+            json!({"n": 4})
+        );
+        let e = format.read("{\"n\": \"three\"}").unwrap_err();
+        assert!(
+            e.starts_with("the answer does not fit the schema: at /n: "),
+            "{e}"
+        );
+        let e = format.read("{}").unwrap_err();
+        assert!(e.contains("\"n\" is a required property"), "{e}");
+        let e = format.read("sure! here it is").unwrap_err();
+        assert!(e.starts_with("the answer is not JSON"), "{e}");
+        let object = ResponseFormat::JsonObject;
+        assert!(object.read("[1]").unwrap_err().contains("not an object"));
+    }
+
+    #[test]
+    fn each_kind_of_bad_request_names_its_field() {
+        let user = Message::text(Role::User, "hi");
+        let tool = |name: &str| Tool {
+            name: name.into(),
+            description: None,
+            parameters: empty_object_schema(),
+        };
+        let field =
+            |m: &[Message], t: &[Tool], c: Option<&ToolChoice>, f: Option<&ResponseFormat>| {
+                check(m, t, c, f).unwrap_err().field
+            };
+        assert_eq!(
+            field(&[Message::text(Role::User, " ")], &[], None, None),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field(
+                &[user.clone(), Message::text(Role::Tool, "42")],
+                &[],
+                None,
+                None
+            ),
+            "messages[1].tool_call_id"
+        );
+        assert_eq!(
+            field(&[Message::text(Role::User, "a\0b")], &[], None, None),
+            "messages[0].content"
+        );
+        assert_eq!(
+            field(std::slice::from_ref(&user), &[tool("")], None, None),
+            "tools[0].name"
+        );
+        assert_eq!(
+            field(std::slice::from_ref(&user), &[tool("rm -rf")], None, None),
+            "tools[0].name"
+        );
+        assert_eq!(
+            field(
+                std::slice::from_ref(&user),
+                &[tool("a"), tool("a")],
+                None,
+                None
+            ),
+            "tools[1].name"
+        );
+        let named = ToolChoice::Named {
+            name: "nope".into(),
+        };
+        assert_eq!(
+            field(
+                std::slice::from_ref(&user),
+                &[tool("a")],
+                Some(&named),
+                None
+            ),
+            "tool_choice"
+        );
+        let bad_schema = ResponseFormat::JsonSchema {
+            schema: json!({"type": "no-such-type"}),
+            name: None,
+            strict: None,
+        };
+        assert_eq!(
+            field(std::slice::from_ref(&user), &[], None, Some(&bad_schema)),
+            "response_format.schema"
+        );
+        // A remote reference is not fetched: the schema does not compile.
+        let remote = ResponseFormat::JsonSchema {
+            schema: json!({"$ref": "http://169.254.169.254/latest/meta-data"}),
+            name: None,
+            strict: None,
+        };
+        assert_eq!(
+            field(std::slice::from_ref(&user), &[], None, Some(&remote)),
+            "response_format.schema"
+        );
+        // A tool call turn with no text is fine; the tool's answer names it.
+        let call = Message {
+            tool_calls: vec![ToolCall {
+                id: "c1".into(),
+                name: "a".into(),
+                arguments: json!({}),
+            }],
+            ..Message::text(Role::Assistant, "")
+        };
+        let answer = Message {
+            tool_call_id: Some("c1".into()),
+            ..Message::text(Role::Tool, "42")
+        };
+        check(
+            &[user, call, answer],
+            &[tool("a")],
+            Some(&ToolChoice::Mode(ToolMode::Auto)),
+            None,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn roles_parts_and_choices_read_as_documented() {
+        let m: Message = parse(
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+        );
+        assert_eq!(m.content.joined(), "a\n\nb");
+        assert!(
+            serde_json::from_value::<Message>(json!({"role": "robot", "content": "x"})).is_err()
+        );
+        assert!(
+            serde_json::from_value::<Message>(
+                json!({"role": "user", "content": [{"type": "video"}]})
+            )
+            .is_err()
+        );
+        // A misspelt field is refused, not ignored.
+        let typo = json!({"role": "tool", "content": "42", "tool_call": "c1"});
+        assert!(serde_json::from_value::<Message>(typo).is_err());
+        let typo = json!({"type": "json_schema", "schema": {}, "stricct": true});
+        assert!(serde_json::from_value::<ResponseFormat>(typo).is_err());
+        assert_eq!(
+            parse::<ToolChoice>(json!("required")),
+            ToolChoice::Mode(ToolMode::Required)
+        );
+        assert_eq!(
+            parse::<ToolChoice>(json!({"name": "f"})),
+            ToolChoice::Named { name: "f".into() }
+        );
+    }
+}

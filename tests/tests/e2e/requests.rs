@@ -1,0 +1,182 @@
+//! What a task can ask beyond a prompt, through a real worker, Redis, Postgres and llmq-mock:
+//! JSON that must fit a schema (a failed call when it does not, retried and billed), tool
+//! calls in the result record, conversations, and the dead letters of bad ones.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use llmq_shared::conversation::{ResponseFormat, Tool};
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::Status;
+use llmq_tests::harness::TestEnv;
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn person() -> ResponseFormat {
+    ResponseFormat::JsonSchema {
+        schema: json!({
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "n": {"type": "integer", "minimum": 3}},
+            "required": ["name", "n"],
+        }),
+        name: Some("person".into()),
+        strict: None,
+    }
+}
+
+/// A task on `mock-fast` whose prompt says which magic answer it gets.
+fn task(prompt: &str) -> Envelope {
+    let mut e = Envelope::new(prompt);
+    e.provider = Some("mock".into());
+    e.model = Some("mock-fast".into());
+    e
+}
+
+/// (outcome, error class, error, cost) of each call of `task_id`, in order.
+async fn calls_of(
+    env: &TestEnv,
+    task_id: uuid::Uuid,
+) -> Vec<(String, Option<String>, Option<String>, f64)> {
+    sqlx::query_as(
+        "SELECT outcome, error_class, error, cost_usd::float8 FROM provider_calls
+         WHERE task_id = $1 ORDER BY attempt, call_no",
+    )
+    .bind(task_id)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_answer_that_does_not_fit_the_schema_is_a_billed_failed_call_that_retries() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    let mut e = task("extract the person [[mock:json-bad-once]]");
+    e.response_format = Some(person());
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env
+        .wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.json, Some(json!({"name": "x", "n": 3})));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(r.output.as_deref().unwrap()).unwrap(),
+        json!({"name": "x", "n": 3})
+    );
+    let calls = env
+        .eventually("both calls in the ledger", WAIT, || async {
+            calls_of(&env, e.id.unwrap()).await.len() == 2
+        })
+        .await;
+    calls.unwrap();
+    let calls = calls_of(&env, e.id.unwrap()).await;
+    let (outcome, class, error, cost) = &calls[0];
+    assert_eq!(
+        (outcome.as_str(), class.as_deref()),
+        ("error", Some("retryable"))
+    );
+    assert!(
+        error.as_deref().unwrap().contains("the answer is not JSON"),
+        "{error:?}"
+    );
+    assert!(*cost > 0.0, "the call was made and is billed");
+    assert_eq!(calls[1].0, "ok");
+}
+
+#[tokio::test]
+async fn an_answer_that_never_fits_ends_saying_why() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    let mut e = task("extract the person [[mock:json-wrong]]");
+    e.response_format = Some(person());
+    e.max_attempts = Some(1);
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env
+        .wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Dead, "{r:?}");
+    let error = r.error.unwrap_or_default();
+    assert!(
+        error.contains("the answer does not fit the schema: at /: "),
+        "{error}"
+    );
+    assert_eq!(r.json, None);
+}
+
+#[tokio::test]
+async fn the_models_tool_calls_reach_the_result_and_are_never_run() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    let mut e = task("what is the weather in Paris? [[mock:tool-caller]]");
+    e.tools = vec![Tool {
+        name: "get_weather".into(),
+        description: None,
+        parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+    }];
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let r = env
+        .wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(r.output.as_deref(), Some(""));
+    assert_eq!(r.tool_calls.len(), 1, "{r:?}");
+    assert_eq!(r.tool_calls[0].name, "get_weather");
+    assert_eq!(r.tool_calls[0].arguments, json!({"city": "x"}));
+}
+
+#[tokio::test]
+async fn a_conversation_runs_and_bad_ones_are_dead_letters_naming_the_field() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    // From any producer: one XADD of a conversation with no prompt.
+    let good = json!({
+        "v": 1,
+        "id": uuid::Uuid::new_v4(),
+        "model": "mock-fast",
+        "messages": [
+            {"role": "user", "content": "say hi"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": [{"type": "text", "text": "again"}]},
+        ],
+    });
+    env.xadd("task", good.to_string().as_bytes()).await.unwrap();
+    let r = env
+        .wait_final(good["id"].as_str().unwrap(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(
+        r.output.as_deref(),
+        Some("mock answer from mock-fast: again")
+    );
+
+    for (task, says) in [
+        (
+            json!({"v": 1, "messages": [{"role": "robot", "content": "hi"}]}),
+            "field `messages[0].role` is wrong",
+        ),
+        (
+            json!({"v": 1, "messages": [{"role": "user", "content": ""}]}),
+            "field `messages[0].content` is wrong: is empty",
+        ),
+        (
+            json!({"v": 1, "prompt": "x", "tools": [{"name": "", "parameters": {"type": "object"}}]}),
+            "field `tools[0].name` is wrong",
+        ),
+        (
+            json!({"v": 1, "prompt": "x", "response_format": {"type": "json_schema", "schema": {"type": "nope"}}}),
+            "field `response_format.schema` is wrong: is not a valid JSON Schema",
+        ),
+        (
+            json!({"v": 1, "messages": [{"role": "tool", "tool_call_id": "c1", "content": "42"}]}),
+            "field `messages[0].tool_call_id` is wrong: names no tool call",
+        ),
+    ] {
+        env.xadd("task", task.to_string().as_bytes()).await.unwrap();
+        env.dead_letter_saying(says, WAIT).await.unwrap();
+    }
+}
