@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::conversation::{ResponseFormat, Tool, ToolChoice};
 use crate::envelope::{self, Envelope, Risk, TaskType};
 
 #[cfg(test)]
@@ -302,6 +303,51 @@ pub enum Reference {
     Summary(String),
     /// `{{step.output}}`: the step's whole output, read just before the call.
     Output(String),
+    /// `{{step.json}}`, `{{step.json.field.0.name}}`: the step's answer read as JSON (it
+    /// asked for some with `response_format`), or a value in it by object keys and array
+    /// indexes; a string as is, anything else as JSON text. Read just before the call.
+    Json(String, Vec<String>),
+}
+
+impl Reference {
+    /// The step it reads, if it reads one.
+    #[must_use]
+    pub fn step(&self) -> Option<&str> {
+        match self {
+            Self::Var(_) => None,
+            Self::Summary(p) | Self::Output(p) | Self::Json(p, _) => Some(p),
+        }
+    }
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Var(v) => write!(f, "{{{{{v}}}}}"),
+            Self::Summary(p) => write!(f, "{{{{{p}.summary}}}}"),
+            Self::Output(p) => write!(f, "{{{{{p}.output}}}}"),
+            Self::Json(p, path) if path.is_empty() => write!(f, "{{{{{p}.json}}}}"),
+            Self::Json(p, path) => write!(f, "{{{{{p}.json.{}}}}}", path.join(".")),
+        }
+    }
+}
+
+/// The value at `path` in `json`: object keys, and indexes into arrays; a string as is,
+/// anything else as JSON text.
+#[must_use]
+pub fn json_at(json: &Value, path: &[String]) -> Option<String> {
+    let mut at = json;
+    for key in path {
+        at = match at {
+            Value::Object(map) => map.get(key)?,
+            Value::Array(items) => items.get(key.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(match at {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    })
 }
 
 /// Every `{{...}}` in `text`, with its byte range.
@@ -314,7 +360,18 @@ pub fn references(text: &str) -> Vec<(std::ops::Range<usize>, Reference)> {
             break;
         };
         let inner = text[start + 2..end].trim();
+        let json = inner.split_once('.').and_then(|(step, rest)| {
+            let path = rest.strip_prefix("json")?;
+            let path: Vec<String> = match path.strip_prefix('.') {
+                None if path.is_empty() => Vec::new(),
+                None => return None,
+                Some(p) => p.split('.').map(str::to_owned).collect(),
+            };
+            (is_name(step) && path.iter().all(|k| !k.is_empty()))
+                .then(|| Reference::Json(step.to_owned(), path))
+        });
         let reference = match inner.rsplit_once('.') {
+            _ if json.is_some() => json,
             Some((step, "summary")) => Some(Reference::Summary(step.to_owned())),
             Some((step, "output")) => Some(Reference::Output(step.to_owned())),
             None if is_name(inner) => Some(Reference::Var(inner.to_owned())),
@@ -388,6 +445,9 @@ struct RawFields {
     temperature: Option<f32>,
     max_attempts: Option<u32>,
     timeout: Option<Value>,
+    response_format: Option<ResponseFormat>,
+    tools: Option<Vec<Tool>>,
+    tool_choice: Option<ToolChoice>,
 }
 
 #[derive(Deserialize)]
@@ -655,7 +715,9 @@ fn step(
                     "{{{{{v}}}}} is not a variable of the chain; give it in \"vars\" (llmq chain submit --var {v}=...)"
                 )));
             }
-            Reference::Summary(p) | Reference::Output(p) if !ancestors.contains(p.as_str()) => {
+            Reference::Summary(p) | Reference::Output(p) | Reference::Json(p, _)
+                if !ancestors.contains(p.as_str()) =>
+            {
                 return Err(at(format!(
                     "the prompt uses `{p}`, which is not a step this one runs after"
                 )));
@@ -712,6 +774,9 @@ fn step(
     task.max_tokens = f.max_tokens;
     task.temperature = f.temperature;
     task.max_attempts = f.max_attempts;
+    task.response_format = f.response_format;
+    task.tools = f.tools.unwrap_or_default();
+    task.tool_choice = f.tool_choice;
     if let Some(n) = spec.max_parallel {
         if n == 0 {
             return Err(err(
@@ -778,6 +843,9 @@ fn merged(defaults: &RawFields, own: &RawFields) -> RawFields {
         temperature: o.temperature.or(d.temperature),
         max_attempts: o.max_attempts.or(d.max_attempts),
         timeout: o.timeout.or(d.timeout),
+        response_format: o.response_format.or(d.response_format),
+        tools: o.tools.or(d.tools),
+        tool_choice: o.tool_choice.or(d.tool_choice),
     }
 }
 

@@ -173,6 +173,36 @@ fn references_are_found_and_filled() {
 }
 
 #[test]
+fn json_references_name_a_step_and_a_path() {
+    let text = "{{a.json}} {{a.json.x.0.name}} {{a.jsonx}} {{a.json.}} {{a.json..b}} {{a b.json}}";
+    let refs: Vec<Reference> = references(text).into_iter().map(|(_, r)| r).collect();
+    let path = |p: &[&str]| p.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(
+        refs,
+        [
+            Reference::Json("a".into(), vec![]),
+            Reference::Json("a".into(), path(&["x", "0", "name"])),
+        ]
+    );
+    assert_eq!(refs[1].to_string(), "{{a.json.x.0.name}}");
+    let json = serde_json::json!({"x": [{"name": "Ada", "n": 3}], "s": "text"});
+    assert_eq!(
+        json_at(&json, &path(&["x", "0", "name"])).as_deref(),
+        Some("Ada")
+    );
+    assert_eq!(
+        json_at(&json, &path(&["x", "0", "n"])).as_deref(),
+        Some("3")
+    );
+    assert_eq!(
+        json_at(&json, &path(&["x", "0"])).as_deref(),
+        Some(r#"{"n":3,"name":"Ada"}"#)
+    );
+    assert_eq!(json_at(&json, &path(&["x", "1"])), None);
+    assert_eq!(json_at(&json, &path(&["s", "0"])), None);
+}
+
+#[test]
 fn a_consensus_needs_no_prompt_and_joins_need_two_parents() {
     let c = parse(
         r#"{"v":1,"steps":[{"name":"a","prompt":"x"},{"name":"b","prompt":"x"},

@@ -180,3 +180,36 @@ async fn a_conversation_runs_and_bad_ones_are_dead_letters_naming_the_field() {
         env.dead_letter_saying(says, WAIT).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_chain_step_hands_a_field_of_its_json_to_the_next() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    let id = format!("{}-json", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "extract", "prompt": "Extract the customer", "model": "mock-fast",
+         "response_format": {"type": "json_schema", "schema": {"type": "object",
+            "properties": {"customer": {"type": "object", "properties": {"name": {"type": "string"}}}},
+            "required": ["customer"]}}},
+        {"name": "greet", "after": ["extract"], "model": "mock-fast",
+         "prompt": "Greet {{extract.json.customer.name}} of {{extract.json}}"},
+        {"name": "missing", "after": ["greet"], "model": "mock-fast",
+         "prompt": "Greet {{extract.json.customer.email}}"}]});
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    env.xadd("chain", chain.to_string().as_bytes())
+        .await
+        .unwrap();
+    let c = env.chain_ended(&id, WAIT).await;
+    assert_eq!(c.steps["extract"].status, "succeeded", "{c:#?}");
+    assert_eq!(
+        env.step_output(&c, "greet").await,
+        r#"mock answer from mock-fast: Greet x of {"customer":{"name":"x"}}"#
+    );
+    // A field the answer does not have fails the step; it never runs blind.
+    assert_eq!(c.steps["missing"].status, "failed", "{c:#?}");
+    let error = c.steps["missing"].error.clone().unwrap_or_default();
+    assert!(
+        error.contains("handoff unresolved: {{extract.json.customer.email}} has no value"),
+        "{error}"
+    );
+}

@@ -166,10 +166,7 @@ pub(super) async fn prepare(
     // with their outputs where needed.
     let referenced = chain::references(template)
         .into_iter()
-        .filter_map(|(_, r)| match r {
-            Reference::Summary(p) | Reference::Output(p) => Some(p),
-            Reference::Var(_) => None,
-        });
+        .filter_map(|(_, r)| r.step().map(str::to_owned));
     let mut wanted: Vec<String> = step.after.clone();
     for p in referenced {
         if !wanted.contains(&p) {
@@ -187,30 +184,49 @@ pub(super) async fn prepare(
         || step.after.len() > 1
         || chain::references(template)
             .iter()
-            .any(|(_, r)| matches!(r, Reference::Output(_)));
-    let outputs: HashMap<&str, String> = if needs_outputs {
+            .any(|(_, r)| matches!(r, Reference::Output(_) | Reference::Json(..)));
+    let mut outputs: HashMap<&str, String> = HashMap::new();
+    let mut jsons: HashMap<&str, serde_json::Value> = HashMap::new();
+    if needs_outputs {
         let ids: Vec<String> = succeeded.iter().map(|(_, s)| s.task_id.clone()).collect();
         let records = redis.results(keys, &ids).await?;
-        succeeded
-            .iter()
-            .zip(records)
-            .filter_map(|((p, _), r)| Some((*p, r?.output?)))
-            .collect()
-    } else {
-        HashMap::new()
+        for ((p, _), r) in succeeded.iter().zip(records) {
+            let Some(r) = r else { continue };
+            if let Some(json) = r.json {
+                jsons.insert(*p, json);
+            }
+            if let Some(output) = r.output {
+                outputs.insert(*p, output);
+            }
+        }
+    }
+    // What each reference to a step reads: its summary, its output, a value of its JSON.
+    let value = |r: &Reference| -> Option<String> {
+        match r {
+            Reference::Var(_) => None,
+            Reference::Summary(p) => succeeded
+                .iter()
+                .find(|(n, _)| n == p)
+                .and_then(|(_, s)| s.summary.clone()),
+            Reference::Output(p) => outputs.get(p.as_str()).cloned(),
+            Reference::Json(p, path) => chain::json_at(jsons.get(p.as_str())?, path),
+        }
     };
     // Handoffs: counted before they are filled in, so outputs referenced many times cannot
     // make a prompt of any size.
     let size = chain::references(template).iter().fold(
         template.len().saturating_add(added.len()),
         |n, (range, r)| {
-            let value = match r {
+            let len = match r {
                 Reference::Var(_) => return n,
-                Reference::Summary(p) => states.get(p).and_then(|s| s.summary.as_ref()),
-                Reference::Output(p) => outputs.get(p.as_str()),
+                Reference::Summary(p) => states
+                    .get(p)
+                    .and_then(|s| s.summary.as_ref())
+                    .map_or(0, String::len),
+                Reference::Output(p) => outputs.get(p.as_str()).map_or(0, String::len),
+                Reference::Json(..) => value(r).map_or(0, |v| v.len()),
             };
-            n.saturating_sub(range.len())
-                .saturating_add(value.map_or(0, String::len))
+            n.saturating_sub(range.len()).saturating_add(len)
         },
     );
     // What a merge, a judge or a review appends after the prompt: its parents' outputs, with
@@ -242,26 +258,24 @@ pub(super) async fn prepare(
     // Handoffs: a reference that cannot be resolved fails the step; it never runs blind.
     let mut unresolved = None;
     let mut prompt = chain::fill(template, |r| {
-        let got = match r {
-            Reference::Var(_) => return None,
-            Reference::Summary(p) => succeeded
-                .iter()
-                .find(|(n, _)| n == p)
-                .and_then(|(_, s)| s.summary.clone()),
-            Reference::Output(p) => outputs.get(p.as_str()).cloned(),
-        };
+        if matches!(r, Reference::Var(_)) {
+            return None;
+        }
+        let got = value(r);
         if got.is_none() && unresolved.is_none() {
-            unresolved = Some(match r {
-                Reference::Summary(p) => format!("{{{{{p}.summary}}}}"),
-                Reference::Output(p) => format!("{{{{{p}.output}}}}"),
-                Reference::Var(v) => v.clone(),
-            });
+            unresolved = Some(r.clone());
         }
         got
     });
-    if let Some(what) = unresolved {
+    if let Some(r) = unresolved {
+        let why = match &r {
+            Reference::Json(..) => {
+                "the step did not succeed, its result expired, or its answer has no JSON there (give it a response_format)"
+            }
+            _ => "the step did not succeed, or its result expired",
+        };
         return Ok(Prepared::Fatal(format!(
-            "handoff unresolved: {what} has no value (the step did not succeed, or its result expired); the step does not run without its context"
+            "handoff unresolved: {r} has no value ({why}); the step does not run without its context"
         )));
     }
     prompt.push_str(added);
