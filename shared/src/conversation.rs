@@ -84,7 +84,7 @@ impl Content {
             Self::Text(t) => t.clone(),
             Self::Parts(parts) => parts
                 .iter()
-                .map(|Part::Text { text }| text.as_str())
+                .filter_map(Part::text)
                 .collect::<Vec<_>>()
                 .join("\n\n"),
         }
@@ -93,15 +93,23 @@ impl Content {
     fn texts(&self) -> Vec<&str> {
         match self {
             Self::Text(t) => vec![t.as_str()],
-            Self::Parts(parts) => parts
-                .iter()
-                .map(|Part::Text { text }| text.as_str())
-                .collect(),
+            Self::Parts(parts) => parts.iter().filter_map(Part::text).collect(),
+        }
+    }
+
+    /// Its parts, when it has an image among them.
+    #[must_use]
+    pub fn with_images(&self) -> Option<&[Part]> {
+        match self {
+            Self::Parts(parts) if parts.iter().any(|p| matches!(p, Part::Image { .. })) => {
+                Some(parts)
+            }
+            _ => None,
         }
     }
 
     fn is_blank(&self) -> bool {
-        self.texts().iter().all(|t| t.trim().is_empty())
+        self.with_images().is_none() && self.texts().iter().all(|t| t.trim().is_empty())
     }
 }
 
@@ -109,7 +117,56 @@ impl Content {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Part {
-    Text { text: String },
+    Text {
+        text: String,
+    },
+    /// An image: at a public `http(s)` URL, or as base64 `data` with its `media_type`.
+    Image {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        url: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        data: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media_type: Option<String>,
+    },
+}
+
+/// The image types every provider that reads images accepts.
+pub const IMAGE_TYPES: [&str; 4] = ["image/png", "image/jpeg", "image/gif", "image/webp"];
+
+impl Part {
+    /// The text of a text part.
+    #[must_use]
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Self::Text { text } => Some(text),
+            Self::Image { .. } => None,
+        }
+    }
+
+    /// An image's media type: as given, or from a URL's extension; `image/jpeg` otherwise.
+    #[must_use]
+    pub fn media_type(&self) -> &str {
+        let Self::Image {
+            url, media_type, ..
+        } = self
+        else {
+            return "text/plain";
+        };
+        if let Some(t) = media_type {
+            return t;
+        }
+        let lower = url.as_deref().unwrap_or_default().to_ascii_lowercase();
+        let path = lower.split(['?', '#']).next().unwrap_or_default();
+        IMAGE_TYPES
+            .iter()
+            .find(|t| {
+                let ext = &t[6..];
+                path.ends_with(&format!(".{ext}")) || (ext == "jpeg" && path.ends_with(".jpg"))
+            })
+            .copied()
+            .unwrap_or("image/jpeg")
+    }
 }
 
 /// A tool the model may call: a function with JSON-schema parameters. llmq passes it on and
@@ -308,6 +365,14 @@ pub fn check(
         if m.content.texts().iter().any(|t| t.contains('\0')) {
             return Err(invalid(at("content"), NUL));
         }
+        if let Content::Parts(parts) = &m.content {
+            for (j, part) in parts.iter().enumerate() {
+                check_image(&format!("messages[{i}].content[{j}]"), part)?;
+            }
+        }
+        if m.content.with_images().is_some() && m.role != Role::User {
+            return Err(invalid(at("content"), "only a user turn may carry images"));
+        }
         if !m.tool_calls.is_empty() && m.role != Role::Assistant {
             return Err(invalid(
                 at("tool_calls"),
@@ -429,6 +494,84 @@ pub fn check(
     }
     Ok(())
 }
+
+/// An image part has a public `http(s)` URL or base64 data of a known type, not both.
+fn check_image(field: &str, part: &Part) -> Result<(), Invalid> {
+    let Part::Image {
+        url,
+        data,
+        media_type,
+    } = part
+    else {
+        return Ok(());
+    };
+    if let Some(t) = media_type
+        && !IMAGE_TYPES.contains(&t.as_str())
+    {
+        return Err(invalid(
+            format!("{field}.media_type"),
+            format!(
+                "`{}` is not an image type providers read; use one of {}",
+                crate::text::excerpt(t, 40),
+                IMAGE_TYPES.join(", ")
+            ),
+        ));
+    }
+    match (url, data) {
+        (Some(url), None) => {
+            let lower = url.to_ascii_lowercase();
+            if !(lower.starts_with("https://") || lower.starts_with("http://"))
+                || url.len() > 2048
+                || url.chars().any(|c| c.is_control() || c.is_whitespace())
+            {
+                return Err(invalid(
+                    format!("{field}.url"),
+                    "must be an http or https URL of at most 2048 characters; send other images as base64 \"data\"",
+                ));
+            }
+        }
+        (None, Some(data)) => {
+            if media_type.is_none() {
+                return Err(invalid(
+                    format!("{field}.media_type"),
+                    format!("is needed with \"data\": one of {}", IMAGE_TYPES.join(", ")),
+                ));
+            }
+            let base64 = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
+            if data.is_empty() || !data.bytes().all(base64) {
+                return Err(invalid(
+                    format!("{field}.data"),
+                    "must be the image's bytes in standard base64, without a data: prefix",
+                ));
+            }
+        }
+        _ => {
+            return Err(invalid(
+                field,
+                "an image has either \"url\" or \"data\" (base64, with \"media_type\"), not both",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How many images the turns carry, and whether any is by URL.
+#[must_use]
+pub fn images(messages: &[Message]) -> (u64, bool) {
+    let parts = messages
+        .iter()
+        .filter_map(|m| m.content.with_images())
+        .flatten();
+    parts.fold((0, false), |(n, by_url), p| match p {
+        Part::Image { url, .. } => (n + 1, by_url || url.is_some()),
+        Part::Text { .. } => (n, by_url),
+    })
+}
+
+/// Prompt tokens an image is reckoned at before the call (context windows and quota
+/// reservations): about what Anthropic and OpenAI charge for a large one; the ledger gets
+/// the provider's own count.
+pub const IMAGE_TOKENS: u64 = 1_600;
 
 const NUL: &str =
     "contains a NUL character (\\u0000), which cannot be stored or passed on; remove it";
@@ -563,6 +706,67 @@ mod tests {
             field(std::slice::from_ref(&user), &[], None, Some(&remote)),
             "response_format.schema"
         );
+        // Images: a URL or data, a known type, only from the user.
+        let image = |url: Option<&str>, data: Option<&str>, media: Option<&str>| {
+            vec![Message {
+                content: Content::Parts(vec![Part::Image {
+                    url: url.map(str::to_owned),
+                    data: data.map(str::to_owned),
+                    media_type: media.map(str::to_owned),
+                }]),
+                ..Message::text(Role::User, "")
+            }]
+        };
+        check(
+            &image(Some("https://x.test/a.png"), None, None),
+            &[],
+            None,
+            None,
+        )
+        .unwrap();
+        check(
+            &image(None, Some("aGk="), Some("image/png")),
+            &[],
+            None,
+            None,
+        )
+        .unwrap();
+        for (bad, at) in [
+            (
+                image(Some("file:///etc/passwd"), None, None),
+                "messages[0].content[0].url",
+            ),
+            (
+                image(Some("https://x.test/a b.png"), None, None),
+                "messages[0].content[0].url",
+            ),
+            (
+                image(None, Some("aGk="), None),
+                "messages[0].content[0].media_type",
+            ),
+            (
+                image(None, Some("data:image/png;base64,aGk="), Some("image/png")),
+                "messages[0].content[0].data",
+            ),
+            (
+                image(None, Some("aGk="), Some("text/html")),
+                "messages[0].content[0].media_type",
+            ),
+            (
+                image(
+                    Some("https://x.test/a.png"),
+                    Some("aGk="),
+                    Some("image/png"),
+                ),
+                "messages[0].content[0]",
+            ),
+            (image(None, None, None), "messages[0].content[0]"),
+        ] {
+            assert_eq!(field(&bad, &[], None, None), at);
+        }
+        let mut from_model = image(Some("https://x.test/a.png"), None, None);
+        from_model[0].role = Role::Assistant;
+        assert_eq!(field(&from_model, &[], None, None), "messages[0].content");
         // A tool call turn with no text is fine; the tool's answer names it.
         let call = Message {
             tool_calls: vec![ToolCall {

@@ -108,6 +108,9 @@ pub enum Capability {
     ComplexReasoning,
     Docs,
     SimpleTasks,
+    /// Reads images. Never assumed: a model takes a task with an image only when it lists
+    /// `vision`.
+    Vision,
 }
 
 impl Capability {
@@ -121,10 +124,11 @@ impl Capability {
             Capability::ComplexReasoning => "complex_reasoning",
             Capability::Docs => "docs",
             Capability::SimpleTasks => "simple_tasks",
+            Capability::Vision => "vision",
         }
     }
 
-    pub const ALL: [Capability; 7] = [
+    pub const ALL: [Capability; 8] = [
         Capability::Code,
         Capability::Analysis,
         Capability::Planning,
@@ -132,6 +136,7 @@ impl Capability {
         Capability::ComplexReasoning,
         Capability::Docs,
         Capability::SimpleTasks,
+        Capability::Vision,
     ];
 
     /// What a task type needs by default.
@@ -240,10 +245,11 @@ pub fn bundled_prices() -> &'static PriceTable {
 }
 
 impl Model {
-    /// A model without listed capabilities can do anything.
+    /// A model without listed capabilities can do anything but read images (`vision` must
+    /// be listed: a text model answers an image with a 400).
     #[must_use]
     pub fn can(&self, c: Capability) -> bool {
-        self.capabilities.is_empty() || self.capabilities.contains(&c)
+        self.capabilities.contains(&c) || (self.capabilities.is_empty() && c != Capability::Vision)
     }
 }
 

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role,
+    CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result, Role,
     ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
@@ -67,7 +67,26 @@ impl Anthropic {
                     });
                     json!({"role": "assistant", "content": text.into_iter().chain(uses).collect::<Vec<_>>()})
                 }
-                role => json!({"role": role.as_str(), "content": turn.text}),
+                role => match turn.parts {
+                    None => json!({"role": role.as_str(), "content": turn.text}),
+                    Some(parts) => {
+                        let blocks: Vec<Value> = parts
+                            .iter()
+                            .map(|p| match p {
+                                Part::Text { text } => json!({"type": "text", "text": text}),
+                                Part::Image { url: Some(url), .. } => {
+                                    json!({"type": "image", "source": {"type": "url", "url": url}})
+                                }
+                                Part::Image { data, .. } => json!({"type": "image", "source": {
+                                    "type": "base64",
+                                    "media_type": p.media_type(),
+                                    "data": data,
+                                }}),
+                            })
+                            .collect();
+                        json!({"role": role.as_str(), "content": blocks})
+                    }
+                },
             })
             .collect();
         let mut body = json!({

@@ -80,7 +80,22 @@ impl Gemini {
                     }}]})
                 }
                 role => {
-                    let text = (!turn.text.is_empty()).then(|| json!({"text": turn.text}));
+                    let text: Vec<Value> = match turn.parts {
+                        None if turn.text.is_empty() => Vec::new(),
+                        None => vec![json!({"text": turn.text})],
+                        Some(parts) => parts
+                            .iter()
+                            .map(|p| match p {
+                                super::Part::Text { text } => json!({"text": text}),
+                                super::Part::Image { url: Some(url), .. } => json!({"fileData": {
+                                    "mimeType": p.media_type(), "fileUri": url,
+                                }}),
+                                super::Part::Image { data, .. } => json!({"inlineData": {
+                                    "mimeType": p.media_type(), "data": data,
+                                }}),
+                            })
+                            .collect(),
+                    };
                     let calls = turn.tool_calls.iter().map(|c| {
                         json!({"functionCall": {"id": c.id, "name": c.name, "args": c.arguments_object()}})
                     });

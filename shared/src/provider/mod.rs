@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 pub use crate::conversation::{
-    Content, Message, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
+    Content, Message, Part, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
 };
 use crate::outcome::ErrorClass;
 pub use crate::outcome::Usage;
@@ -51,6 +51,8 @@ pub struct Turn<'a> {
     pub role: Role,
     /// Its text, parts joined.
     pub text: Cow<'a, str>,
+    /// Its parts in order, when an image is among them (the text alone otherwise).
+    pub parts: Option<&'a [Part]>,
     pub tool_calls: &'a [ToolCall],
     pub tool_call_id: Option<&'a str>,
 }
@@ -78,6 +80,7 @@ impl Request {
         let prompt = (!self.prompt.is_empty()).then_some(Turn {
             role: Role::User,
             text: Cow::Borrowed(self.prompt.as_str()),
+            parts: None,
             tool_calls: &[],
             tool_call_id: None,
         });
@@ -90,6 +93,7 @@ impl Request {
                     Content::Text(t) => Cow::Borrowed(t.as_str()),
                     parts => Cow::Owned(parts.joined()),
                 },
+                parts: m.content.with_images(),
                 tool_calls: &m.tool_calls,
                 tool_call_id: m.tool_call_id.as_deref(),
             })

@@ -7,8 +7,8 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, ToolChoice,
-    ToolMode, Usage, excerpt, exchange,
+    CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result,
+    ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -38,6 +38,19 @@ impl Ollama {
         }
         for turn in req.turns() {
             let mut m = json!({"role": turn.role.as_str(), "content": turn.text});
+            // Ollama takes images as base64 only (routing sends it no image by URL).
+            let images: Vec<&str> = turn
+                .parts
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Image { data: Some(d), .. } => Some(d.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if !images.is_empty() {
+                m["images"] = json!(images);
+            }
             if !turn.tool_calls.is_empty() {
                 m["tool_calls"] = turn
                     .tool_calls

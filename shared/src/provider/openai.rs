@@ -6,8 +6,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::{
-    CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role, Tool,
-    ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
+    CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result, Role,
+    Tool, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -69,7 +69,7 @@ impl OpenAi {
                         "function": {"name": c.name, "arguments": c.arguments.to_string()},
                     })).collect::<Vec<_>>(),
                 }),
-                role => json!({"role": role.as_str(), "content": turn.text}),
+                role => json!({"role": role.as_str(), "content": content(&turn)}),
             });
         }
         let mut body = json!({"model": req.model, "messages": messages});
@@ -123,6 +123,31 @@ impl Provider for OpenAi {
     fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
+}
+
+/// A turn's content: its text, or its parts with images as `image_url` (a URL, or the data
+/// as a `data:` URL).
+fn content(turn: &super::Turn<'_>) -> Value {
+    let Some(parts) = turn.parts else {
+        return json!(turn.text);
+    };
+    parts
+        .iter()
+        .map(|p| match p {
+            Part::Text { text } => json!({"type": "text", "text": text}),
+            Part::Image { url, data, .. } => {
+                let url = match (url, data) {
+                    (Some(url), _) => url.clone(),
+                    (None, data) => format!(
+                        "data:{};base64,{}",
+                        p.media_type(),
+                        data.as_deref().unwrap_or_default()
+                    ),
+                };
+                json!({"type": "image_url", "image_url": {"url": url}})
+            }
+        })
+        .collect()
 }
 
 /// Tools as chat completions (and Ollama) take them.

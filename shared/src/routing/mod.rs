@@ -205,6 +205,12 @@ pub fn plan<'a>(
     let area = task.area.as_deref();
 
     let mut needs = vec![Capability::for_task(task_type)];
+    let (image_count, images_by_url) = crate::conversation::images(&task.messages);
+    let images = image_count > 0;
+    let image_tokens = image_count * crate::conversation::IMAGE_TOKENS;
+    if images {
+        needs.push(Capability::Vision);
+    }
     // A lowercase copy of the prompt only when there are keywords to look for in it.
     let lower = (!routing.keywords.is_empty()).then(|| read.to_lowercase());
     for (cap, words) in &routing.keywords {
@@ -234,16 +240,21 @@ pub fn plan<'a>(
         _ => None,
     };
 
-    // A local command cannot be handed tools, nor return the model's calls of them.
-    let takes_tools = |p: &ProviderConfig| task.tools.is_empty() || p.kind != Kind::Command;
+    // A local command cannot be handed tools or images, nor return the model's tool calls;
+    // Ollama takes images only as data, never by URL.
+    let takes_tools = |p: &ProviderConfig| match p.kind {
+        Kind::Command => task.tools.is_empty() && !images,
+        Kind::Ollama => !images_by_url,
+        _ => true,
+    };
     let candidate = |p: &'a ProviderConfig, m: &'a Model| {
         (constraints.allows(p, m) && floor.is_none_or(|t| m.tier >= t) && takes_tools(p)).then(
             || Candidate {
                 provider: p,
                 model: m,
-                estimated_tokens: tokens.for_model(&m.id) + output_tokens,
+                estimated_tokens: tokens.for_model(&m.id) + image_tokens + output_tokens,
                 estimated_usd: m.prices.cost(&Usage {
-                    input_tokens: tokens.for_model(&m.id),
+                    input_tokens: tokens.for_model(&m.id) + image_tokens,
                     output_tokens,
                     cached_tokens: 0,
                     reasoning_tokens: 0,
@@ -272,8 +283,10 @@ pub fn plan<'a>(
                     t.as_str()
                 ),
                 None if !takes_tools(p) => format!(
-                    "the hint {}/{} is a local command, which cannot take the task's tools",
-                    p.name, m.id
+                    "the hint {}/{} cannot take the task's tools or images ({} provider)",
+                    p.name,
+                    m.id,
+                    p.kind.as_str()
                 ),
                 None => format!("the hint {}/{} is excluded for this step", p.name, m.id),
             };
@@ -307,7 +320,7 @@ pub fn plan<'a>(
                 continue;
             }
             if m.context_window
-                .is_some_and(|w| tokens.for_model(&m.id) + output_tokens > w)
+                .is_some_and(|w| tokens.for_model(&m.id) + image_tokens + output_tokens > w)
             {
                 continue;
             }
@@ -492,8 +505,10 @@ pub fn plan<'a>(
         if constraints != &Constraints::default() {
             why.push_str("; some models are excluded for this step");
         }
-        if !task.tools.is_empty() {
-            why.push_str("; the task defines tools, which no local command provider can take");
+        if !task.tools.is_empty() || images {
+            why.push_str(
+                "; a task with tools or images never goes to a local command, nor one with an image by URL to Ollama",
+            );
         }
         return Err(RouteError(why));
     }

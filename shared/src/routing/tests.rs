@@ -407,3 +407,60 @@ providers:
         "the API model's window is too small"
     );
 }
+
+#[test]
+fn an_image_goes_only_to_a_model_that_lists_vision_and_can_take_it() {
+    let text = r#"
+providers:
+  - name: local
+    kind: ollama
+    cost_tier: free
+    base_url: http://127.0.0.1:11434
+    models:
+      - {id: llava, capabilities: [analysis, vision], input_usd_per_mtok: 0, output_usd_per_mtok: 0}
+  - name: api
+    kind: openai_compatible
+    base_url: http://127.0.0.1:1/v1
+    models:
+      - {id: any, input_usd_per_mtok: 1, output_usd_per_mtok: 2}
+      - {id: eyes, capabilities: [analysis, vision], input_usd_per_mtok: 2, output_usd_per_mtok: 4}
+"#;
+    let c = Config::parse("t.yaml", text, &|_| None).unwrap();
+    use crate::conversation::{Content, Message, Part, Role};
+    let with = |image: Part| {
+        let mut e = task("", "data_analysis");
+        e.messages = vec![Message {
+            content: Content::Parts(vec![
+                Part::Text {
+                    text: "what is this?".into(),
+                },
+                image,
+            ]),
+            ..Message::text(Role::User, "")
+        }];
+        e
+    };
+    let data = Part::Image {
+        url: None,
+        data: Some("aGk=".into()),
+        media_type: Some("image/png".into()),
+    };
+    let url = Part::Image {
+        url: Some("https://example.com/a.png".into()),
+        data: None,
+        media_type: None,
+    };
+    let routed =
+        |e: &Envelope| order(&plan(&c, e, &Constraints::default(), &Stats::default()).unwrap());
+    // `any` lists no capabilities, which means everything but vision.
+    assert_eq!(
+        routed(&task("hi", "data_analysis")),
+        ["local/llava", "api/any", "api/eyes"]
+    );
+    assert_eq!(routed(&with(data)), ["local/llava", "api/eyes"]);
+    assert_eq!(
+        routed(&with(url)),
+        ["api/eyes"],
+        "Ollama takes no image by URL"
+    );
+}

@@ -214,7 +214,15 @@ fn parts_text(content: &Value) -> Option<String> {
     Some(
         parts
             .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .filter_map(|p| {
+                if let Some(d) = p.get("inlineData") {
+                    return Some(format!("[image {}]", d["mimeType"].as_str().unwrap_or("?")));
+                }
+                if let Some(f) = p.get("fileData") {
+                    return Some(format!("[image {}]", f["fileUri"].as_str().unwrap_or("?")));
+                }
+                p.get("text").and_then(Value::as_str).map(str::to_owned)
+            })
             .collect(),
     )
 }

@@ -973,7 +973,17 @@ fn content_text(content: &Value) -> Option<String> {
         Value::Array(blocks) => Some(
             blocks
                 .iter()
-                .filter_map(|b| b.get("text").and_then(Value::as_str))
+                .filter_map(|b| match b["type"].as_str() {
+                    // Anthropic's image block: base64 data or a URL.
+                    Some("image") => Some(match b["source"]["type"].as_str() {
+                        Some("base64") => format!(
+                            "[image {}]",
+                            b["source"]["media_type"].as_str().unwrap_or("?")
+                        ),
+                        _ => openai::image_mark(b["source"]["url"].as_str()),
+                    }),
+                    _ => b.get("text").and_then(Value::as_str).map(str::to_owned),
+                })
                 .collect(),
         ),
         _ => None,

@@ -90,11 +90,19 @@ fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
                 );
             }
         };
-        let content = if calls.is_empty() {
+        let mut content = if calls.is_empty() {
             content
         } else {
             format!("calls {}{content}", calls.join(", "))
         };
+        // Ollama's images: base64 strings beside the text; it sniffs their type.
+        for _ in m["images"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            content.push_str("[image data]");
+        }
         messages.push((role.to_owned(), content));
     }
     let tools = match obj.get("tools") {

@@ -118,6 +118,19 @@ pub(super) struct ChatMessage {
     tool_call_id: Option<String>,
 }
 
+/// How the mock writes an image it was sent into the turn's text: `[image <media type>]` for
+/// data (`data:<type>;base64,...`), `[image <url>]` for a URL, `[image ?]` when neither.
+pub(super) fn image_mark(url: Option<&str>) -> String {
+    match url {
+        Some(u) if u.starts_with("data:") => {
+            let media = u[5..].split(';').next().unwrap_or_default();
+            format!("[image {media}]")
+        }
+        Some(u) => format!("[image {u}]"),
+        None => "[image ?]".to_owned(),
+    }
+}
+
 /// The conversation of chat messages (OpenAI's, and Ollama's, which has the same shape):
 /// tool answers must answer a call an earlier assistant turn made.
 pub(super) fn turns(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, String> {
@@ -184,7 +197,10 @@ impl ChatMessage {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => parts
                 .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .filter_map(|p| match p["type"].as_str() {
+                    Some("image_url") => Some(image_mark(p["image_url"]["url"].as_str())),
+                    _ => p.get("text").and_then(Value::as_str).map(str::to_owned),
+                })
                 .collect::<Vec<_>>()
                 .join(""),
             _ => String::new(),

@@ -13,8 +13,8 @@ use llmq_shared::provider::gemini::Gemini;
 use llmq_shared::provider::ollama::Ollama;
 use llmq_shared::provider::openai::{OpenAi, TokenLimitField};
 use llmq_shared::provider::{
-    Completion, Error, Message, Provider, Request, ResponseFormat, Role, Tool, ToolChoice,
-    ToolMode, Usage,
+    Completion, Content, Error, Message, Part, Provider, Request, ResponseFormat, Role, Tool,
+    ToolChoice, ToolMode, Usage,
 };
 use llmq_tests::mock::{MockOptions, MockServer};
 use serde_json::json;
@@ -345,6 +345,11 @@ macro_rules! adapter_tests {
             }
 
             #[tokio::test]
+            async fn images_arrive_in_the_formats_shape() {
+                super::images_arrive_in_the_formats_shape($format).await;
+            }
+
+            #[tokio::test]
             async fn schemas_go_in_the_native_field() {
                 super::schemas_go_in_the_native_field($format).await;
             }
@@ -395,6 +400,49 @@ async fn conversations_arrive_whole(format: Format) {
         .map(|(r, t)| (r.as_str(), t.as_str()))
         .collect();
     assert_eq!(turns, expected, "{format:?}");
+}
+
+/// Images go in each format's shape, in order with the text: by URL where the format takes
+/// one, else as data.
+async fn images_arrive_in_the_formats_shape(format: Format) {
+    let mock = mock().await;
+    let mut parts = vec![
+        Part::Text {
+            text: "compare ".into(),
+        },
+        Part::Image {
+            url: None,
+            data: Some("iVBORw0KGgo=".into()),
+            media_type: Some("image/png".into()),
+        },
+    ];
+    if format != Format::Ollama {
+        parts.push(Part::Image {
+            url: Some("https://example.com/b.webp".into()),
+            data: None,
+            media_type: None,
+        });
+    }
+    let req = Request {
+        messages: vec![Message {
+            content: Content::Parts(parts),
+            ..Message::text(Role::User, "")
+        }],
+        ..request("transcript", "")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    let turns: Vec<(String, String)> = serde_json::from_str(&c.text).unwrap();
+    let expected = match format {
+        Format::OpenAi => "compare [image image/png][image https://example.com/b.webp]",
+        Format::Anthropic => "compare [image image/png][image https://example.com/b.webp]",
+        Format::Gemini => "compare [image image/png][image https://example.com/b.webp]",
+        Format::Ollama => "compare [image data]",
+    };
+    assert_eq!(
+        turns,
+        [("user".to_owned(), expected.to_owned())],
+        "{format:?}"
+    );
 }
 
 /// The model's tool calls come back with their arguments; a later request carrying the call
