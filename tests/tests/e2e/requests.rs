@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
+use llmq_shared::config::Config;
 use llmq_shared::conversation::{ResponseFormat, Tool};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
-use llmq_tests::harness::TestEnv;
+use llmq_tests::harness::{TestEnv, WorkerHandle};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -25,12 +26,49 @@ fn person() -> ResponseFormat {
     }
 }
 
-/// A task on `mock-fast` whose prompt says which magic answer it gets.
-fn task(prompt: &str) -> Envelope {
+/// One provider per wire format, all on the test's mock; names unique to the test (circuits
+/// and quotas are shared in Redis).
+const FORMATS: [&str; 4] = ["openai_compatible", "anthropic", "gemini", "ollama"];
+
+fn provider(env: &TestEnv, kind: &str) -> String {
+    format!("{kind}-{}", &env.queue[2..])
+}
+
+/// A worker whose provider file has one provider per wire format.
+fn worker(env: &TestEnv) -> WorkerHandle {
+    let url = env.mock.url();
+    let mut text = String::from("providers:\n");
+    for kind in FORMATS {
+        let base = match kind {
+            "openai_compatible" => format!("{url}/v1"),
+            "gemini" => format!("{url}/v1beta"),
+            _ => url.clone(),
+        };
+        text.push_str(&format!(
+            "  - {{name: {}, kind: {kind}, base_url: \"{base}\", api_key: k, models: [{{id: mock-fast, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}]}}\n",
+            provider(env, kind)
+        ));
+    }
+    text.push_str("routing:\n  retry: {tries_per_provider: 2, backoff: [10ms, 20ms]}\n");
+    let mut s = env.settings();
+    s.config = Config::parse("formats.yaml", &text, &|_| None).unwrap();
+    WorkerHandle::start(s)
+}
+
+/// A task for the `kind` provider whose prompt says which magic answer it gets.
+fn task(env: &TestEnv, kind: &str, prompt: &str) -> Envelope {
     let mut e = Envelope::new(prompt);
-    e.provider = Some("mock".into());
-    e.model = Some("mock-fast".into());
+    e.provider = Some(provider(env, kind));
+    e.fallback = Some(false);
     e
+}
+
+/// Runs `e` and waits for its final record.
+async fn run(env: &TestEnv, e: &Envelope) -> llmq_shared::outcome::TaskRecord {
+    env.redis.enqueue(&env.keys, e).await.unwrap();
+    env.wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap()
 }
 
 /// (outcome, error class, error, cost) of each call of `task_id`, in order.
@@ -51,81 +89,80 @@ async fn calls_of(
 #[tokio::test]
 async fn an_answer_that_does_not_fit_the_schema_is_a_billed_failed_call_that_retries() {
     let env = TestEnv::new().await.unwrap();
-    let _w = env.worker();
-    let mut e = task("extract the person [[mock:json-bad-once]]");
-    e.response_format = Some(person());
-    env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let r = env
-        .wait_final(&e.id.unwrap().to_string(), WAIT)
+    let _w = worker(&env);
+    for kind in FORMATS {
+        // Its own prompt per format: the mock counts a conversation's requests by its text.
+        let prompt = format!("extract the person ({kind}) [[mock:json-bad-once]]");
+        let mut e = task(&env, kind, &prompt);
+        e.response_format = Some(person());
+        let r = run(&env, &e).await;
+        assert_eq!(r.status, Status::Succeeded, "{kind}: {r:?}");
+        assert_eq!(r.json, Some(json!({"name": "x", "n": 3})), "{kind}");
+        let output: serde_json::Value = serde_json::from_str(r.output.as_deref().unwrap()).unwrap();
+        assert_eq!(output, json!({"name": "x", "n": 3}));
+        let id = e.id.unwrap();
+        env.eventually("both calls in the ledger", WAIT, || async {
+            calls_of(&env, id).await.len() == 2
+        })
         .await
         .unwrap();
-    assert_eq!(r.status, Status::Succeeded, "{r:?}");
-    assert_eq!(r.json, Some(json!({"name": "x", "n": 3})));
-    assert_eq!(
-        serde_json::from_str::<serde_json::Value>(r.output.as_deref().unwrap()).unwrap(),
-        json!({"name": "x", "n": 3})
-    );
-    let calls = env
-        .eventually("both calls in the ledger", WAIT, || async {
-            calls_of(&env, e.id.unwrap()).await.len() == 2
-        })
-        .await;
-    calls.unwrap();
-    let calls = calls_of(&env, e.id.unwrap()).await;
-    let (outcome, class, error, cost) = &calls[0];
-    assert_eq!(
-        (outcome.as_str(), class.as_deref()),
-        ("error", Some("retryable"))
-    );
-    assert!(
-        error.as_deref().unwrap().contains("the answer is not JSON"),
-        "{error:?}"
-    );
-    assert!(*cost > 0.0, "the call was made and is billed");
-    assert_eq!(calls[1].0, "ok");
+        let calls = calls_of(&env, id).await;
+        let (outcome, class, error, cost) = &calls[0];
+        assert_eq!(
+            (outcome.as_str(), class.as_deref()),
+            ("error", Some("retryable")),
+            "{kind}"
+        );
+        assert!(
+            error.as_deref().unwrap().contains("the answer is not JSON"),
+            "{kind}: {error:?}"
+        );
+        assert!(*cost > 0.0, "{kind}: the call was made and is billed");
+        assert_eq!(calls[1].0, "ok", "{kind}");
+    }
 }
 
 #[tokio::test]
 async fn an_answer_that_never_fits_ends_saying_why() {
     let env = TestEnv::new().await.unwrap();
-    let _w = env.worker();
-    let mut e = task("extract the person [[mock:json-wrong]]");
-    e.response_format = Some(person());
-    e.max_attempts = Some(1);
-    env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let r = env
-        .wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Dead, "{r:?}");
-    let error = r.error.unwrap_or_default();
-    assert!(
-        error.contains("the answer does not fit the schema: at /: "),
-        "{error}"
-    );
-    assert_eq!(r.json, None);
+    let _w = worker(&env);
+    for kind in FORMATS {
+        let mut e = task(&env, kind, "extract the person [[mock:json-wrong]]");
+        e.response_format = Some(person());
+        e.max_attempts = Some(1);
+        let r = run(&env, &e).await;
+        assert_eq!(r.status, Status::Dead, "{kind}: {r:?}");
+        let error = r.error.unwrap_or_default();
+        assert!(
+            error.contains("the answer does not fit the schema: at /: "),
+            "{kind}: {error}"
+        );
+        assert_eq!(r.json, None);
+    }
 }
 
 #[tokio::test]
 async fn the_models_tool_calls_reach_the_result_and_are_never_run() {
     let env = TestEnv::new().await.unwrap();
-    let _w = env.worker();
-    let mut e = task("what is the weather in Paris? [[mock:tool-caller]]");
-    e.tools = vec![Tool {
-        name: "get_weather".into(),
-        description: None,
-        parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
-    }];
-    env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let r = env
-        .wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap();
-    assert_eq!(r.status, Status::Succeeded, "{r:?}");
-    assert_eq!(r.output.as_deref(), Some(""));
-    assert_eq!(r.tool_calls.len(), 1, "{r:?}");
-    assert_eq!(r.tool_calls[0].name, "get_weather");
-    assert_eq!(r.tool_calls[0].arguments, json!({"city": "x"}));
+    let _w = worker(&env);
+    for kind in FORMATS {
+        let mut e = task(
+            &env,
+            kind,
+            "what is the weather in Paris? [[mock:tool-caller]]",
+        );
+        e.tools = vec![Tool {
+            name: "get_weather".into(),
+            description: None,
+            parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        }];
+        let r = run(&env, &e).await;
+        assert_eq!(r.status, Status::Succeeded, "{kind}: {r:?}");
+        assert_eq!(r.output.as_deref(), Some(""), "{kind}");
+        assert_eq!(r.tool_calls.len(), 1, "{kind}: {r:?}");
+        assert_eq!(r.tool_calls[0].name, "get_weather");
+        assert_eq!(r.tool_calls[0].arguments, json!({"city": "x"}));
+    }
 }
 
 #[tokio::test]
