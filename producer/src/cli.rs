@@ -246,6 +246,10 @@ pub struct Submit {
     /// Block until the task finishes and print its result.
     #[arg(long)]
     pub wait: bool,
+    /// With --wait: the provider streams the answer, and it is printed as it is written,
+    /// before the result.
+    #[arg(long, requires = "wait")]
+    pub stream: bool,
     /// With --wait, give up after this long (exit 1).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub wait_timeout: Option<Duration>,

@@ -8,7 +8,7 @@ use chrono::Utc;
 use llmq_shared::envelope::{Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
-use llmq_shared::queue::Client;
+use llmq_shared::queue::{Client, OutEntry};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{Batch, Format, Submit};
@@ -43,6 +43,9 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     env.max_tokens = args.max_tokens;
     env.temperature = args.temperature;
     env.metadata = args.metadata;
+    if args.stream {
+        env.stream = Some(true);
+    }
     env.enqueued_at = Some(Utc::now());
     if let Some(delay) = args.delay {
         env.run_at = Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
@@ -70,6 +73,9 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         }
         return Ok(EXIT_OK);
     }
+    if args.stream {
+        follow(redis, &keys, &id, args.wait_timeout, out).await?;
+    }
     let mut records = wait_for(
         redis,
         &keys,
@@ -83,7 +89,14 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         return Ok(EXIT_FAILED);
     };
     let text = match args.format {
+        // The answer was printed as it came: the report follows without it.
+        Format::Text if args.stream => {
+            let mut shown = record.clone();
+            shown.output = None;
+            format!("\n\n{}", render::record(&shown))
+        }
         Format::Text => render::record(&record),
+        Format::Json if args.stream => format!("\n{}", to_json(&record)),
         Format::Json => to_json(&record),
     };
     if let Some(path) = &args.output {
@@ -99,6 +112,44 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     } else {
         EXIT_FAILED
     })
+}
+
+/// Prints task `id`'s live answer as it is written, until it is complete, the task has a
+/// final result (it failed), or `timeout` passes. A call that failed halfway says so and
+/// the retry's answer follows.
+async fn follow(
+    redis: &Client,
+    keys: &QueueKeys,
+    id: &str,
+    timeout: Option<Duration>,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let started = Instant::now();
+    let mut conn = redis.blocking_conn().await?;
+    let mut after = "0".to_owned();
+    loop {
+        let entries = Client::read_out(&mut conn, keys, id, &after, Duration::from_secs(1)).await?;
+        for (entry_id, entry) in entries {
+            after = entry_id;
+            match entry {
+                OutEntry::Text(t) => emit(out, &t),
+                OutEntry::Restart(why) => {
+                    emit(
+                        out,
+                        &format!("\n[the call failed halfway ({why}); retrying]\n"),
+                    );
+                }
+                OutEntry::Done => return Ok(()),
+            }
+        }
+        let ids = [id.to_owned()];
+        let finished = redis.results(keys, &ids).await?[0]
+            .as_ref()
+            .is_some_and(|r| r.status.is_final());
+        if finished || timeout.is_some_and(|t| started.elapsed() >= t) {
+            return Ok(());
+        }
+    }
 }
 
 /// Polls stored results until every task is final or `timeout` passes. Returns, per id,

@@ -280,6 +280,10 @@ pub struct Envelope {
     /// JSON the answer must be: an object, or one that fits a schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
+    /// `true`: call the provider in streaming mode and append the answer's text to
+    /// `llmq:{q}:out:<id>` as it arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<bool>,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub task_type: Option<String>,
     /// Provider hint (`--platform`).
@@ -377,6 +381,7 @@ impl Envelope {
             tools: Vec::new(),
             tool_choice: None,
             response_format: None,
+            stream: None,
             task_type: None,
             provider: None,
             model: None,
@@ -480,6 +485,12 @@ impl Envelope {
             field: e.field,
             message: e.message,
         })?;
+        if self.streams() && !self.tools.is_empty() {
+            return Err(Error::Field {
+                field: "stream".into(),
+                message: "cannot be used with tools yet: a streamed answer carries text only; drop one of them".into(),
+            });
+        }
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.
         let texts = [
@@ -553,6 +564,12 @@ impl Envelope {
             text.push_str(&serde_json::to_string(format).unwrap_or_default());
         }
         std::borrow::Cow::Owned(text)
+    }
+
+    /// Whether the answer is to be streamed to `llmq:{q}:out:<id>`.
+    #[must_use]
+    pub fn streams(&self) -> bool {
+        self.stream == Some(true)
     }
 
     /// The task type, `data_analysis` when unset.

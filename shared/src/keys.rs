@@ -66,6 +66,12 @@ impl QueueKeys {
         format!("{}:result:{task_id}", self.prefix)
     }
 
+    /// A task's live answer: a stream of its text as it arrives (`"stream": true`).
+    #[must_use]
+    pub fn out(&self, task_id: &str) -> String {
+        format!("{}:out:{task_id}", self.prefix)
+    }
+
     /// A chain: a hash of its spec, graph, state and counters.
     #[must_use]
     pub fn chain(&self, chain_id: &str) -> String {

@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 
 use super::{
     CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result, Role,
-    ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
+    Streamed, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -126,6 +126,9 @@ impl Anthropic {
         if let Some(ResponseFormat::JsonSchema { schema, .. }) = &req.response_format {
             body["output_config"] = json!({"format": {"type": "json_schema", "schema": schema}});
         }
+        if req.sink.is_some() {
+            body["stream"] = json!(true);
+        }
         body
     }
 
@@ -148,7 +151,47 @@ const FORMAT: Format = Format {
     error_message,
     refine: refine_class,
     parse: parse_completion,
+    stream: stream_event,
 };
+
+/// An event of a streamed message: `message_start` (the input usage), `content_block_delta`
+/// (a `text_delta`), `message_delta` (the output tokens so far), `message_stop`, `error`.
+fn stream_event(
+    v: &Value,
+    acc: &mut Streamed,
+) -> std::result::Result<Option<String>, (ErrorClass, String)> {
+    match v["type"].as_str() {
+        Some("message_start") => {
+            if let Ok(u) = serde_json::from_value::<MessageUsage>(v["message"]["usage"].clone()) {
+                acc.usage = u.to_usage();
+            }
+            Ok(None)
+        }
+        Some("content_block_delta") if v["delta"]["type"] == "text_delta" => {
+            Ok(v["delta"]["text"].as_str().map(str::to_owned))
+        }
+        Some("message_delta") => {
+            if let Some(n) = v["usage"]["output_tokens"].as_u64() {
+                acc.usage.output_tokens = n;
+            }
+            Ok(None)
+        }
+        Some("message_stop") => {
+            acc.done = true;
+            Ok(None)
+        }
+        Some("error") => {
+            let body = v.to_string();
+            let class = match v["error"]["type"].as_str() {
+                Some("rate_limit_error") => ErrorClass::RateLimited,
+                Some("invalid_request_error") => ErrorClass::Fatal,
+                _ => ErrorClass::Retryable,
+            };
+            Err((class, error_message(&body)))
+        }
+        _ => Ok(None),
+    }
+}
 
 impl Provider for Anthropic {
     fn name(&self) -> &str {

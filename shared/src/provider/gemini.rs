@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role,
-    ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
+    Streamed, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -54,6 +54,14 @@ impl Gemini {
     fn endpoint(&self, model: &str) -> String {
         let model = model.strip_prefix("models/").unwrap_or(model);
         format!("{}/models/{model}:generateContent", self.base_url)
+    }
+
+    fn streaming_endpoint(&self, model: &str) -> String {
+        let model = model.strip_prefix("models/").unwrap_or(model);
+        format!(
+            "{}/models/{model}:streamGenerateContent?alt=sse",
+            self.base_url
+        )
     }
 
     fn body(req: &Request) -> Value {
@@ -155,7 +163,11 @@ impl Gemini {
     async fn call(&self, req: &Request) -> Result<Completion> {
         let mut builder = self
             .http
-            .post(self.endpoint(&req.model))
+            .post(if req.sink.is_some() {
+                self.streaming_endpoint(&req.model)
+            } else {
+                self.endpoint(&req.model)
+            })
             .timeout(req.timeout)
             .json(&Self::body(req));
         if let Some(key) = &self.api_key {
@@ -170,7 +182,38 @@ const FORMAT: Format = Format {
     error_message,
     refine: refine_class,
     parse: parse_completion,
+    stream: stream_event,
 };
+
+/// A chunk of `streamGenerateContent?alt=sse`: a whole response object with the next text;
+/// its usage is the running total, and a finish reason ends it.
+fn stream_event(
+    v: &Value,
+    acc: &mut Streamed,
+) -> std::result::Result<Option<String>, (ErrorClass, String)> {
+    if let Some(reason) = v["promptFeedback"]["blockReason"].as_str() {
+        return Err((ErrorClass::Fatal, format!("blocked: {reason}")));
+    }
+    if let Ok(u) = serde_json::from_value::<UsageMetadata>(v["usageMetadata"].clone()) {
+        acc.usage = u.to_usage();
+    }
+    let candidate = &v["candidates"][0];
+    if let Some(finish) = candidate["finishReason"].as_str() {
+        if BLOCKING_FINISH.contains(&finish) && acc.text.is_empty() {
+            return Err((ErrorClass::Fatal, format!("blocked: {finish}")));
+        }
+        acc.done = true;
+    }
+    let text: String = candidate["content"]["parts"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .filter(|p| p["thought"] != true)
+        .filter_map(|p| p["text"].as_str())
+        .collect();
+    Ok(Some(text))
+}
 
 impl Provider for Gemini {
     fn name(&self) -> &str {

@@ -43,7 +43,42 @@ pub struct Request {
     pub temperature: Option<f32>,
     /// The whole call, connect to last byte, must end within this.
     pub timeout: Duration,
+    /// Where the answer's text goes as it arrives: set, the call is made in the provider's
+    /// streaming mode. The completion is the same either way.
+    pub sink: Option<Sink>,
 }
+
+/// Receives an answer's text as it arrives, a piece at a time.
+#[derive(Clone)]
+pub struct Sink(pub tokio::sync::mpsc::UnboundedSender<String>);
+
+impl fmt::Debug for Sink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Sink")
+    }
+}
+
+/// Two requests that differ only by where their text goes are the same request.
+impl PartialEq for Sink {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+/// What a streamed answer has said so far; each format's stream reader fills it in.
+#[derive(Debug, Default)]
+pub(crate) struct Streamed {
+    pub(crate) text: String,
+    pub(crate) usage: Usage,
+    /// The format said the answer is complete.
+    pub(crate) done: bool,
+}
+
+/// One event of a streamed answer (a JSON payload) read into `acc`: the text it adds.
+pub(crate) type StreamEvent = fn(
+    &serde_json::Value,
+    &mut Streamed,
+) -> std::result::Result<Option<String>, (ErrorClass, String)>;
 
 /// One turn as a wire format writes it: a message's, or the prompt as the user's last turn.
 #[derive(Debug, Clone)]
@@ -293,7 +328,13 @@ pub(crate) struct Format {
     pub(crate) refine: fn(&mut Error, &str),
     /// A 2xx body as a completion, or why it is not one.
     pub(crate) parse: fn(&str) -> std::result::Result<Completion, (ErrorClass, String)>,
+    /// One event of a streamed answer (Server-Sent Events' `data:`, or a line of NDJSON).
+    pub(crate) stream: StreamEvent,
 }
+
+/// The longest line a streamed answer may send before its end: no provider sends one near
+/// it, and a stream that never ends a line cannot grow a worker's memory without bound.
+const MAX_STREAM_LINE: usize = 4 * 1024 * 1024;
 
 /// Sends one request and turns the answer into a completion or a classified error.
 pub(crate) async fn exchange(
@@ -302,6 +343,9 @@ pub(crate) async fn exchange(
     builder: reqwest::RequestBuilder,
     format: &Format,
 ) -> Result<Completion> {
+    if let Some(sink) = &req.sink {
+        return exchange_streamed(provider, req, builder, format, sink).await;
+    }
     let reply = send(builder, req).await.map_err(|(transport, m)| Error {
         transport: Some(transport),
         ..Error::new(provider, &req.model, ErrorClass::Retryable, m)
@@ -315,6 +359,119 @@ pub(crate) async fn exchange(
         return Err(err);
     }
     (format.parse)(&reply.body).map_err(|(class, m)| Error::new(provider, &req.model, class, m))
+}
+
+/// [`exchange`] in the provider's streaming mode: each piece of text goes to `sink` as it
+/// arrives; the completion is what the whole stream said. An error status is read whole and
+/// classified as in [`exchange`]; a stream that ends before the format says it is complete
+/// is a broken connection (retryable).
+async fn exchange_streamed(
+    provider: &str,
+    req: &Request,
+    builder: reqwest::RequestBuilder,
+    format: &Format,
+    sink: &Sink,
+) -> Result<Completion> {
+    let broken = |(transport, m): (Transport, String)| Error {
+        transport: Some(transport),
+        ..Error::new(provider, &req.model, ErrorClass::Retryable, m)
+    };
+    let mut response = builder
+        .send()
+        .await
+        .map_err(|e| broken(transport_message(&e, req)))?;
+    let status = response.status().as_u16();
+    if !(200..300).contains(&status) {
+        let wait = retry_after(response.headers());
+        let body = response
+            .text()
+            .await
+            .map_err(|e| broken(transport_message(&e, req)))?;
+        let mut err = Error::new(
+            provider,
+            &req.model,
+            classify_status(status),
+            (format.error_message)(&body),
+        );
+        err.status = Some(status);
+        err.retry_after = wait;
+        (format.refine)(&mut err, &body);
+        return Err(err);
+    }
+    let failed = |(class, m): (ErrorClass, String)| Error::new(provider, &req.model, class, m);
+    let mut acc = Streamed::default();
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|e| broken(transport_message(&e, req)))?;
+        let Some(chunk) = chunk else { break };
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            if let Some(text) = stream_line(line.trim(), format, &mut acc).map_err(failed)? {
+                // A reader that went away does not stop the call: the answer still counts.
+                let _ = sink.0.send(text);
+            }
+        }
+        if pending.len() > MAX_STREAM_LINE {
+            return Err(failed((
+                ErrorClass::Retryable,
+                format!("the stream sent a line over {MAX_STREAM_LINE} bytes"),
+            )));
+        }
+    }
+    let rest = String::from_utf8_lossy(&pending).into_owned();
+    if let Some(text) = stream_line(rest.trim(), format, &mut acc).map_err(failed)? {
+        let _ = sink.0.send(text);
+    }
+    if !acc.done {
+        return Err(broken((
+            Transport::Broken,
+            "the stream ended before the answer was complete".to_owned(),
+        )));
+    }
+    Ok(Completion {
+        text: acc.text,
+        usage: acc.usage,
+        ..Completion::default()
+    })
+}
+
+/// One line of a stream: Server-Sent Events (`data: <json>`; `event:`, comments and `[DONE]`
+/// say nothing of their own) or NDJSON (`<json>`).
+fn stream_line(
+    line: &str,
+    format: &Format,
+    acc: &mut Streamed,
+) -> std::result::Result<Option<String>, (ErrorClass, String)> {
+    let payload = match line.strip_prefix("data:") {
+        Some(data) => data.trim(),
+        None if line.is_empty() || line.starts_with(':') || line.starts_with("event:") => {
+            return Ok(None);
+        }
+        None => line,
+    };
+    if payload == "[DONE]" {
+        acc.done = true;
+        return Ok(None);
+    }
+    let value: serde_json::Value = serde_json::from_str(payload).map_err(|e| {
+        (
+            ErrorClass::Retryable,
+            format!(
+                "the stream sent an event that is not JSON ({e}): {}",
+                excerpt(payload, 120)
+            ),
+        )
+    })?;
+    let text = (format.stream)(&value, acc)?;
+    if let Some(t) = &text {
+        acc.text.push_str(t);
+    }
+    Ok(text.filter(|t| !t.is_empty()))
 }
 
 /// What the adapters read from an HTTP exchange.

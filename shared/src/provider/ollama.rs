@@ -8,7 +8,7 @@ use serde_json::{Map, Value, json};
 
 use super::{
     CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result,
-    ToolChoice, ToolMode, Usage, excerpt, exchange,
+    Streamed, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -71,7 +71,8 @@ impl Ollama {
             }
             messages.push(m);
         }
-        let mut body = json!({"model": req.model, "messages": messages, "stream": false});
+        let mut body =
+            json!({"model": req.model, "messages": messages, "stream": req.sink.is_some()});
         let mut options = Map::new();
         if let Some(max) = req.max_tokens {
             options.insert("num_predict".to_owned(), json!(max));
@@ -110,7 +111,27 @@ const FORMAT: Format = Format {
     error_message,
     refine: |err, _| refine_class(err),
     parse: |body| parse_completion(body).map_err(|m| (ErrorClass::Retryable, m)),
+    stream: stream_event,
 };
+
+/// A line of Ollama's NDJSON stream: the next `message.content`, and with `done` the counts.
+fn stream_event(
+    v: &Value,
+    acc: &mut Streamed,
+) -> std::result::Result<Option<String>, (ErrorClass, String)> {
+    if let Some(e) = v["error"].as_str() {
+        return Err((ErrorClass::Retryable, excerpt(e, 300)));
+    }
+    if v["done"] == true {
+        acc.done = true;
+        acc.usage = Usage {
+            input_tokens: v["prompt_eval_count"].as_u64().unwrap_or(0),
+            output_tokens: v["eval_count"].as_u64().unwrap_or(0),
+            ..Usage::default()
+        };
+    }
+    Ok(v["message"]["content"].as_str().map(str::to_owned))
+}
 
 impl Provider for Ollama {
     fn name(&self) -> &str {

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::{
     CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result, Role,
-    Tool, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
+    Streamed, Tool, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
 use crate::outcome::ErrorClass;
 
@@ -92,6 +92,10 @@ impl OpenAi {
         if let Some(format) = &req.response_format {
             body["response_format"] = response_format(format);
         }
+        if req.sink.is_some() {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
         body
     }
 
@@ -113,7 +117,32 @@ const FORMAT: Format = Format {
     error_message,
     refine: refine_class,
     parse: |body| parse_completion(body).map_err(|m| (ErrorClass::Retryable, m)),
+    stream: stream_event,
 };
+
+/// A chunk of a streamed chat completion: its `delta.content`; the last chunk, with
+/// `stream_options.include_usage`, carries the usage.
+fn stream_event(
+    v: &Value,
+    acc: &mut Streamed,
+) -> std::result::Result<Option<String>, (ErrorClass, String)> {
+    if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
+        let message = e["message"]
+            .as_str()
+            .unwrap_or("the stream reported an error");
+        return Err((ErrorClass::Retryable, excerpt(message, 300)));
+    }
+    if let Some(u) = v.get("usage").filter(|u| !u.is_null())
+        && let Ok(u) = serde_json::from_value::<ChatUsage>(u.clone())
+    {
+        acc.usage = u.to_usage();
+    }
+    let choice = &v["choices"][0];
+    if choice["finish_reason"].is_string() {
+        acc.done = true;
+    }
+    Ok(choice["delta"]["content"].as_str().map(str::to_owned))
+}
 
 impl Provider for OpenAi {
     fn name(&self) -> &str {
@@ -271,6 +300,23 @@ struct ChatUsage {
     completion_tokens_details: Option<CompletionDetails>,
 }
 
+impl ChatUsage {
+    fn to_usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.prompt_tokens,
+            output_tokens: self.completion_tokens,
+            cached_tokens: self
+                .prompt_tokens_details
+                .as_ref()
+                .map_or(0, |d| d.cached_tokens),
+            reasoning_tokens: self
+                .completion_tokens_details
+                .as_ref()
+                .map_or(0, |d| d.reasoning_tokens),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct PromptDetails {
     #[serde(default)]
@@ -305,14 +351,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
             ));
         }
     };
-    let usage = parsed.usage.map_or(Usage::default(), |u| Usage {
-        input_tokens: u.prompt_tokens,
-        output_tokens: u.completion_tokens,
-        cached_tokens: u.prompt_tokens_details.map_or(0, |d| d.cached_tokens),
-        reasoning_tokens: u
-            .completion_tokens_details
-            .map_or(0, |d| d.reasoning_tokens),
-    });
+    let usage = parsed.usage.map_or(Usage::default(), |u| u.to_usage());
     Ok(Completion {
         text,
         usage,

@@ -31,6 +31,7 @@ mod delivery;
 mod enqueue;
 mod finish;
 mod inspect;
+mod out;
 mod reply;
 mod slots;
 
@@ -38,6 +39,7 @@ pub use chain::Refused;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
 pub use finish::Write;
+pub use out::{OUT_TTL, OutEntry};
 pub use slots::Slot;
 
 /// The fence check every fenced script starts with (see `lua/fence.lua`), for scripts

@@ -243,7 +243,7 @@ pub fn plan<'a>(
     // A local command cannot be handed tools or images, nor return the model's tool calls;
     // Ollama takes images only as data, never by URL.
     let takes_tools = |p: &ProviderConfig| match p.kind {
-        Kind::Command => task.tools.is_empty() && !images,
+        Kind::Command => task.tools.is_empty() && !images && !task.streams(),
         Kind::Ollama => !images_by_url,
         _ => true,
     };
@@ -283,7 +283,7 @@ pub fn plan<'a>(
                     t.as_str()
                 ),
                 None if !takes_tools(p) => format!(
-                    "the hint {}/{} cannot take the task's tools or images ({} provider)",
+                    "the hint {}/{} cannot take the task's tools, images or stream ({} provider)",
                     p.name,
                     m.id,
                     p.kind.as_str()
@@ -505,9 +505,9 @@ pub fn plan<'a>(
         if constraints != &Constraints::default() {
             why.push_str("; some models are excluded for this step");
         }
-        if !task.tools.is_empty() || images {
+        if !task.tools.is_empty() || images || task.streams() {
             why.push_str(
-                "; a task with tools or images never goes to a local command, nor one with an image by URL to Ollama",
+                "; a task with tools, images or stream never goes to a local command, nor one with an image by URL to Ollama",
             );
         }
         return Err(RouteError(why));

@@ -229,6 +229,7 @@ fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
         max_tokens: Some(max_tokens),
         tools,
         schema,
+        stream: obj.get("stream").and_then(Value::as_bool).unwrap_or(false),
     })
 }
 
@@ -272,6 +273,44 @@ fn anthropic_message(conv: &Conversation, answer: &Answer) -> Value {
     })
 }
 
+/// A streamed message: `message_start` with the input usage, a text block's start, a
+/// `text_delta` per piece and its stop, `message_delta` with the output tokens, `message_stop`.
+fn anthropic_stream(conv: &Conversation, answer: &Answer) -> Response {
+    let mut message = anthropic_message(conv, answer);
+    message["content"] = json!([]);
+    message["stop_reason"] = Value::Null;
+    message["usage"]["output_tokens"] = json!(1);
+    let stop = message["stop_reason"].clone();
+    let mut events = vec![
+        (
+            Some("message_start"),
+            json!({"type": "message_start", "message": message}),
+        ),
+        (
+            Some("content_block_start"),
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}),
+        ),
+    ];
+    for p in pieces(&answer.content) {
+        events.push((
+            Some("content_block_delta"),
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": p}}),
+        ));
+    }
+    let _ = stop;
+    events.push((
+        Some("content_block_stop"),
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push((Some("message_delta"), json!({"type": "message_delta",
+        "delta": {"stop_reason": if answer.truncated { "max_tokens" } else { "end_turn" }, "stop_sequence": null},
+        "usage": {"output_tokens": answer.completion_tokens}})));
+    events.push((Some("message_stop"), json!({"type": "message_stop"})));
+    sse(conv, answer, events, false)
+}
+
 pub(super) async fn anthropic_messages(
     State(state): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -300,6 +339,7 @@ pub(super) async fn anthropic_messages(
         }
     };
     match decide(&state, &conv).await {
+        Outcome::Answer(answer) if conv.stream => anthropic_stream(&conv, &answer),
         Outcome::Answer(answer) => Json(anthropic_message(&conv, &answer)).into_response(),
         Outcome::Fail(status) => anthropic_failure(status, &conv.model),
         Outcome::Unavailable(s) => unavailable(

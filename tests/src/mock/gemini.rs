@@ -366,6 +366,7 @@ fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
         max_tokens,
         tools,
         schema,
+        stream: false,
     })
 }
 
@@ -451,7 +452,8 @@ pub(super) async fn gemini_generate(
             Vec::new(),
         );
     }
-    if method != "generateContent" || model.is_empty() {
+    let stream = method == "streamGenerateContent";
+    if !(method == "generateContent" || stream) || model.is_empty() {
         return google_error(
             StatusCode::NOT_FOUND,
             format!(
@@ -461,10 +463,24 @@ pub(super) async fn gemini_generate(
             Vec::new(),
         );
     }
-    let conv = match validate_gemini(model, &body) {
+    let mut conv = match validate_gemini(model, &body) {
         Ok(conv) => conv,
         Err(message) => return google_error(StatusCode::BAD_REQUEST, message, Vec::new()),
     };
+    if stream
+        && !uri
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .any(|q| q == "alt=sse")
+    {
+        return google_error(
+            StatusCode::BAD_REQUEST,
+            "llmq-mock streams generateContent only as Server-Sent Events: add ?alt=sse",
+            Vec::new(),
+        );
+    }
+    conv.stream = stream;
     if conv.named("blocked") {
         return Json(gemini_blocked(&conv)).into_response();
     }
@@ -472,6 +488,27 @@ pub(super) async fn gemini_generate(
         return gemini_daily_quota(&conv.model);
     }
     match decide(&state, &conv).await {
+        Outcome::Answer(answer) if conv.stream => {
+            // A response object per piece; the usage grows; the last one has the finish reason.
+            let whole = gemini_response(&conv, &answer);
+            let parts = pieces(&answer.content);
+            let n = parts.len();
+            let events = parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let mut chunk = whole.clone();
+                    chunk["candidates"][0]["content"]["parts"] = json!([{"text": p}]);
+                    if i + 1 < n {
+                        chunk["candidates"][0]
+                            .as_object_mut()
+                            .map(|c| c.remove("finishReason"));
+                    }
+                    (None, chunk)
+                })
+                .collect();
+            sse(&conv, &answer, events, false)
+        }
         Outcome::Answer(answer) => Json(gemini_response(&conv, &answer)).into_response(),
         Outcome::Fail(status) => gemini_failure(status, &conv.model),
         Outcome::Unavailable(s) => unavailable(

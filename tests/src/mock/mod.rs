@@ -48,6 +48,7 @@
 //! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
 //! | `tool-caller` | calls the first tool offered (arguments made from its schema) until the last turn is a tool's answer, then answers `the tool said: <answer>` |
 //! | `transcript` | answers `[[role, text], ...]`: the conversation as the route read it (`system`, `user`, `assistant`, `tool`) |
+//! | `stream-slow`, `stream-break-once` | streamed: 300 ms between the pieces of the answer; the first request of a conversation ends its stream halfway |
 //! | `json-bad-once`, `json-wrong` | with a schema asked for: not JSON on the first request of a conversation, then JSON made from the schema; JSON that does not fit, always |
 //!
 //! With a schema asked for (each format's native field), every other model answers JSON made
@@ -626,6 +627,8 @@ struct Conversation {
     tools: Vec<(String, Value)>,
     /// The JSON the answer must be: a schema (`{"type": "object"}` for any JSON object).
     schema: Option<Value>,
+    /// The answer is asked for as a stream (each route's own streaming form).
+    stream: bool,
 }
 
 impl Conversation {
@@ -655,6 +658,79 @@ impl Conversation {
         h.finish()
     }
 }
+
+/// A streamed answer's text in pieces: up to four, split after spaces, in order.
+fn pieces(content: &str) -> Vec<String> {
+    let words: Vec<&str> = content.split_inclusive(' ').collect();
+    let per = words.len().div_ceil(4).max(1);
+    words.chunks(per).map(|c| c.concat()).collect()
+}
+
+/// A streamed body: `events` one after another; for `stream-slow` (the model or a marker)
+/// [`STREAM_GAP`] apart, so a reader can watch the answer being written.
+fn streamed(
+    conv: &Conversation,
+    answer: &Answer,
+    content_type: &'static str,
+    mut events: Vec<String>,
+) -> Response {
+    if answer.cut {
+        // The connection ends halfway, before the answer is complete.
+        events.truncate(
+            events
+                .len()
+                .div_ceil(2)
+                .min(events.len().saturating_sub(2))
+                .max(1),
+        );
+    }
+    let gap = if conv.named("stream-slow") {
+        STREAM_GAP
+    } else {
+        Duration::ZERO
+    };
+    let body = futures_util::stream::unfold(
+        (events.into_iter(), true),
+        move |(mut rest, first)| async move {
+            let event = rest.next()?;
+            if !first && !gap.is_zero() {
+                tokio::time::sleep(gap).await;
+            }
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(event)),
+                (rest, false),
+            ))
+        },
+    );
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// Server-Sent Events: each payload as a `data:` event, with its `event:` name when given.
+fn sse(
+    conv: &Conversation,
+    answer: &Answer,
+    events: Vec<(Option<&str>, Value)>,
+    done: bool,
+) -> Response {
+    let mut out: Vec<String> = events
+        .into_iter()
+        .map(|(name, data)| match name {
+            Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+            None => format!("data: {data}\n\n"),
+        })
+        .collect();
+    if done {
+        out.push("data: [DONE]\n\n".to_owned());
+    }
+    streamed(conv, answer, "text/event-stream", out)
+}
+
+/// The pause between the pieces of a `stream-slow` answer.
+const STREAM_GAP: Duration = Duration::from_millis(300);
 
 /// ceil(chars / 4).
 fn tokens(text: &str) -> u64 {
@@ -748,6 +824,9 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         answer.content = text;
     }
     shape(state, conv, &mut answer);
+    answer.cut = conv.stream
+        && conv.named("stream-break-once")
+        && state.flaky_attempt(conv.hash() ^ 0x0063_7574) == 1;
     if let Some(q) = state.opts.quality.iter().find(|q| q.model == conv.model) {
         let good = quality_of(q, conv.last_user()) > draw(conv.hash(), &conv.model);
         answer.content.push_str(if good {
@@ -903,6 +982,8 @@ struct Answer {
     content: String,
     /// Tool calls instead of (or with) the content: (id, name, arguments).
     tool_calls: Vec<(String, String, Value)>,
+    /// Streamed, the connection ends halfway (`stream-break-once`, its first request).
+    cut: bool,
     /// Cut short by the output limit.
     truncated: bool,
     /// All prompt tokens, cached ones included.
@@ -941,6 +1022,7 @@ impl Answer {
         Self {
             content,
             tool_calls: Vec::new(),
+            cut: false,
             truncated,
             prompt_tokens,
             completion_tokens,

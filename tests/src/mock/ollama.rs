@@ -148,6 +148,7 @@ fn validate_ollama(body: &[u8]) -> Result<(Conversation, bool), String> {
             max_tokens,
             tools,
             schema,
+            stream: false,
         },
         stream,
     ))
@@ -182,16 +183,22 @@ fn ollama_done(conv: &Conversation, answer: &Answer, content: &str) -> Value {
     })
 }
 
-/// A streamed answer: one NDJSON chunk with the content, then the final object.
+/// A streamed answer: an NDJSON chunk per piece of the content, then the final object.
 fn ollama_stream(conv: &Conversation, answer: &Answer) -> Response {
-    let chunk = json!({
-        "model": conv.model,
-        "created_at": chrono::Utc::now().to_rfc3339(),
-        "message": {"role": "assistant", "content": answer.content},
-        "done": false,
-    });
-    let body = format!("{chunk}\n{}\n", ollama_done(conv, answer, ""));
-    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+    let mut lines: Vec<String> = pieces(&answer.content)
+        .into_iter()
+        .map(|p| {
+            let chunk = json!({
+                "model": conv.model,
+                "created_at": chrono::Utc::now().to_rfc3339(),
+                "message": {"role": "assistant", "content": p},
+                "done": false,
+            });
+            format!("{chunk}\n")
+        })
+        .collect();
+    lines.push(format!("{}\n", ollama_done(conv, answer, "")));
+    streamed(conv, answer, "application/x-ndjson", lines)
 }
 
 pub(super) async fn ollama_chat(
@@ -204,10 +211,11 @@ pub(super) async fn ollama_chat(
         Err(rejection) => return ollama_error(rejection.status(), rejection.body_text()),
     };
     count_body_model(&state, &body);
-    let (conv, stream) = match validate_ollama(&body) {
+    let (mut conv, stream) = match validate_ollama(&body) {
         Ok(parsed) => parsed,
         Err(message) => return ollama_error(StatusCode::BAD_REQUEST, message),
     };
+    conv.stream = stream;
     if conv.named("missing") {
         return ollama_not_found(&conv.model);
     }

@@ -106,6 +106,8 @@ struct ChatRequest {
     #[serde(default)]
     tools: Vec<Value>,
     response_format: Option<Value>,
+    #[serde(default)]
+    stream: bool,
 }
 
 #[derive(Deserialize)]
@@ -308,6 +310,7 @@ pub(super) fn validate(body: &[u8]) -> Result<Conversation, ApiError> {
         max_tokens,
         tools: chat_tools(&req.tools).map_err(invalid("tools"))?,
         schema,
+        stream: req.stream,
     })
 }
 
@@ -415,6 +418,7 @@ pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
         completion_tokens,
         cached_tokens,
         reasoning_tokens,
+        cut: _,
     } = answer;
     let finish_reason = if *truncated { "length" } else { "stop" };
     let mut message = json!({"role": "assistant", "content": content, "refusal": null});
@@ -452,8 +456,47 @@ pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
     })
 }
 
+/// A streamed chat completion: a chunk per piece, one with the finish reason, one with the
+/// usage (always sent; OpenAI sends it with `stream_options.include_usage`), then `[DONE]`.
+fn completion_stream(conv: &Conversation, answer: &Answer) -> Response {
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let chunk = |choices: Value, usage: Value| {
+        (
+            None,
+            json!({"id": id, "object": "chat.completion.chunk", "model": conv.model,
+            "choices": choices, "usage": usage}),
+        )
+    };
+    let mut events: Vec<(Option<&str>, Value)> = pieces(&answer.content)
+        .into_iter()
+        .map(|p| {
+            chunk(
+                json!([{"index": 0, "delta": {"content": p}, "finish_reason": null}]),
+                Value::Null,
+            )
+        })
+        .collect();
+    let finish = if answer.truncated { "length" } else { "stop" };
+    events.push(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": finish}]),
+        Value::Null,
+    ));
+    events.push(chunk(
+        json!([]),
+        json!({
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": answer.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": answer.reasoning_tokens},
+        }),
+    ));
+    sse(conv, answer, events, true)
+}
+
 pub(super) async fn respond(state: &Shared, conv: &Conversation) -> Response {
     match decide(state, conv).await {
+        Outcome::Answer(answer) if conv.stream => completion_stream(conv, &answer),
         Outcome::Answer(answer) => Json(completion(conv, &answer)).into_response(),
         Outcome::Fail(status) => failure(status, &conv.model).into_response(),
         Outcome::Unavailable(s) => unavailable(

@@ -945,12 +945,22 @@ async fn gemini_requests_are_validated() {
     let resp = http_with(
         &s,
         "POST",
-        "/v1beta/models/g:streamGenerateContent",
+        "/v1beta/models/g:countTokens",
         &[("x-goog-api-key", "k")],
         Some("{}"),
     )
     .await;
     assert_google_error(&resp, 404, "NOT_FOUND");
+    // Streaming is served as Server-Sent Events only.
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1beta/models/g:streamGenerateContent",
+        &[("x-goog-api-key", "k")],
+        Some(&ask_gemini("hi").to_string()),
+    )
+    .await;
+    assert_google_error(&resp, 400, "INVALID_ARGUMENT");
 }
 
 // ---- Ollama route ----
@@ -1008,14 +1018,17 @@ async fn ollama_streams_unless_told_not_to() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 2);
-    assert_eq!(lines[0]["done"], false);
-    assert_eq!(
-        lines[0]["message"]["content"],
-        "mock answer from llama3: hi"
-    );
-    assert_eq!(lines[1]["done"], true);
-    assert!(lines[1]["eval_count"].as_u64().is_some());
+    // A chunk per piece of the answer, then the final object.
+    let (last, chunks) = lines.split_last().unwrap();
+    assert!(chunks.len() > 1, "{lines:?}");
+    assert!(chunks.iter().all(|c| c["done"] == false));
+    let text: String = chunks
+        .iter()
+        .map(|c| c["message"]["content"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "mock answer from llama3: hi");
+    assert_eq!(last["done"], true);
+    assert!(last["eval_count"].as_u64().is_some());
     // No messages only loads the model.
     let v = ollama(&s, &json!({"model": "llama3", "stream": false}))
         .await

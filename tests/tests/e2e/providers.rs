@@ -13,7 +13,7 @@ use llmq_shared::provider::gemini::Gemini;
 use llmq_shared::provider::ollama::Ollama;
 use llmq_shared::provider::openai::{OpenAi, TokenLimitField};
 use llmq_shared::provider::{
-    Completion, Content, Error, Message, Part, Provider, Request, ResponseFormat, Role, Tool,
+    Completion, Content, Error, Message, Part, Provider, Request, ResponseFormat, Role, Sink, Tool,
     ToolChoice, ToolMode, Usage,
 };
 use llmq_tests::mock::{MockOptions, MockServer};
@@ -345,6 +345,11 @@ macro_rules! adapter_tests {
             }
 
             #[tokio::test]
+            async fn a_streamed_answer_arrives_in_pieces_and_adds_up() {
+                super::a_streamed_answer_arrives_in_pieces_and_adds_up($format).await;
+            }
+
+            #[tokio::test]
             async fn images_arrive_in_the_formats_shape() {
                 super::images_arrive_in_the_formats_shape($format).await;
             }
@@ -400,6 +405,43 @@ async fn conversations_arrive_whole(format: Format) {
         .map(|(r, t)| (r.as_str(), t.as_str()))
         .collect();
     assert_eq!(turns, expected, "{format:?}");
+}
+
+/// In streaming mode the answer arrives in pieces that add up to the same completion, with
+/// the same usage, as the call without streaming; a stream that stops halfway is a broken
+/// connection, not an answer.
+async fn a_streamed_answer_arrives_in_pieces_and_adds_up(format: Format) {
+    let mock = mock().await;
+    let prompt = "tell me a story about rivers and the sea";
+    let plain = call(format, &mock, &request("mock-fast", prompt))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let req = Request {
+        sink: Some(Sink(tx)),
+        ..request("mock-fast", prompt)
+    };
+    let streamed = call(format, &mock, &req).await.unwrap();
+    drop(req);
+    let mut pieces = Vec::new();
+    while let Some(p) = rx.recv().await {
+        pieces.push(p);
+    }
+    assert!(pieces.len() > 1, "{format:?}: {pieces:?}");
+    assert_eq!(pieces.concat(), streamed.text, "{format:?}");
+    assert_eq!(streamed.text, plain.text, "{format:?}");
+    assert_eq!(streamed.usage, plain.usage, "{format:?}");
+
+    let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+    let cut = Request {
+        sink: Some(Sink(tx)),
+        ..request("stream-break-once", prompt)
+    };
+    let e = call(format, &mock, &cut).await.unwrap_err();
+    assert_eq!(e.class, ErrorClass::Retryable, "{format:?}: {e}");
+    assert!(e.is_outage(), "{format:?}: {e}");
+    assert!(e.message.contains("before the answer was complete"), "{e}");
+    call(format, &mock, &cut).await.unwrap();
 }
 
 /// Images go in each format's shape, in order with the text: by URL where the format takes

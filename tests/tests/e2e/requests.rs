@@ -9,6 +9,7 @@ use llmq_shared::config::Config;
 use llmq_shared::conversation::{ResponseFormat, Tool};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
+use llmq_shared::queue::{Client, OutEntry};
 use llmq_tests::harness::{TestEnv, WorkerHandle};
 use serde_json::json;
 
@@ -248,5 +249,143 @@ async fn a_chain_step_hands_a_field_of_its_json_to_the_next() {
     assert!(
         error.contains("handoff unresolved: {{extract.json.customer.email}} has no value"),
         "{error}"
+    );
+}
+
+/// Follows task `id`'s live answer from its start as any language would (XREAD BLOCK): its
+/// entries up to the one that ends it, and whether text came before the task's result.
+async fn follow(env: &TestEnv, id: &str) -> (Vec<OutEntry>, bool) {
+    let mut after = "0".to_owned();
+    let mut seen = Vec::new();
+    let mut early = false;
+    let mut conn = env.redis.blocking_conn().await.unwrap();
+    loop {
+        let entries = Client::read_out(&mut conn, &env.keys, id, &after, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(
+            !entries.is_empty(),
+            "nothing in the live answer within 10 s: {seen:?}"
+        );
+        for (entry_id, entry) in entries {
+            after = entry_id;
+            if matches!(entry, OutEntry::Text(_)) && !early {
+                let ids = [id.to_owned()];
+                early = env.redis.results(&env.keys, &ids).await.unwrap()[0].is_none();
+            }
+            let end = entry == OutEntry::Done;
+            seen.push(entry);
+            if end {
+                return (seen, early);
+            }
+        }
+    }
+}
+
+fn text_of(entries: &[OutEntry]) -> String {
+    entries
+        .iter()
+        .filter_map(|e| match e {
+            OutEntry::Text(t) => Some(t.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_streamed_answer_is_read_while_it_is_written() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = worker(&env);
+    for kind in FORMATS {
+        let mut e = task(
+            &env,
+            kind,
+            &format!("tell a story ({kind}) [[mock:stream-slow]]"),
+        );
+        e.stream = Some(true);
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+        let id = e.id.unwrap().to_string();
+        let (entries, early) = follow(&env, &id).await;
+        assert!(
+            early,
+            "{kind}: the first text came only after the result: {entries:?}"
+        );
+        assert!(entries.len() > 2, "{kind}: {entries:?}");
+        let r = env.wait_final(&id, WAIT).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{kind}: {r:?}");
+        assert_eq!(
+            r.output.as_deref(),
+            Some(text_of(&entries).as_str()),
+            "{kind}"
+        );
+        assert!(r.input_tokens > 0 && r.output_tokens > 0, "{kind}: {r:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_halfway_says_so_and_the_retry_streams_it_whole() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = worker(&env);
+    let mut e = task(
+        &env,
+        "openai_compatible",
+        "tell a story [[mock:stream-break-once]]",
+    );
+    e.stream = Some(true);
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    let id = e.id.unwrap().to_string();
+    let (entries, _) = follow(&env, &id).await;
+    let restart = entries
+        .iter()
+        .position(|e| matches!(e, OutEntry::Restart(_)))
+        .unwrap_or_else(|| panic!("no restart: {entries:?}"));
+    assert!(restart > 0, "part of the answer came first: {entries:?}");
+    let r = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert_eq!(
+        r.output.as_deref(),
+        Some(text_of(&entries[restart..]).as_str()),
+        "after the restart, the whole answer again"
+    );
+    // A command cannot stream: a hint to one is refused with the reason.
+    let mut bad = Envelope::new("x");
+    bad.stream = Some(true);
+    bad.tools = vec![Tool {
+        name: "t".into(),
+        description: None,
+        parameters: json!({"type": "object"}),
+    }];
+    env.xadd("task", bad.to_json().as_bytes()).await.unwrap();
+    env.dead_letter_saying("field `stream` is wrong: cannot be used with tools", WAIT)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn llmq_submit_stream_prints_the_answer_as_it_is_written() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    let (code, out) = env
+        .cli(&[
+            "submit",
+            "--prompt",
+            "tell a story [[mock:stream-slow]]",
+            "--queue",
+            &env.queue,
+            "--wait",
+            "--stream",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.starts_with(
+            "mock answer from mock-fast: tell a story [[mock:stream-slow]]\n\nTask ID:"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("Status:    succeeded"), "{out}");
+    assert!(
+        !out.contains("Output:"),
+        "the answer is not printed twice: {out}"
     );
 }

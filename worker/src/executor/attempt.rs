@@ -17,6 +17,7 @@ use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, STARTED, UNSENT};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request};
+use llmq_shared::queue::OutEntry;
 use llmq_shared::quota::{Decision, Reservation};
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
@@ -487,7 +488,21 @@ impl Attempt<'_> {
         let exec = self.exec;
         let env = self.env;
         let name = cand.provider.name.as_str();
-        let req = Request {
+        // A streamed answer goes to the task's live answer as it arrives, through a task of
+        // its own that the call never waits on.
+        let (sink, forwarder) = if env.streams() {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let forwarder = tokio::spawn(forward(
+                exec.redis.clone(),
+                self.queue.clone(),
+                env.id.unwrap_or_default().to_string(),
+                rx,
+            ));
+            (Some(provider::Sink(tx)), Some(forwarder))
+        } else {
+            (None, None)
+        };
+        let mut req = Request {
             model: cand.model.id.clone(),
             system: env.system.clone(),
             prompt: env.prompt.clone(),
@@ -498,6 +513,7 @@ impl Attempt<'_> {
             max_tokens: env.max_tokens,
             temperature: env.temperature,
             timeout: env.timeout(),
+            sink,
         };
         // The row goes in before the call, so a worker that dies during it leaves a trace
         // of a call the provider may bill. It is boxed while its start is recorded: a
@@ -584,6 +600,19 @@ impl Attempt<'_> {
         // An answer that is not the JSON the task asked for is a failed call (billed as
         // made), which retries and falls back like any other.
         let result = result.and_then(|c| conform(c, &req, name));
+        if let Some(forwarder) = forwarder {
+            // The call is over: what it wrote is written before how it ended.
+            req.sink = None;
+            let _ = forwarder.await;
+            let end = match &result {
+                Ok(_) => OutEntry::Done,
+                Err(e) => OutEntry::Restart(e.to_string()),
+            };
+            let id = env.id.unwrap_or_default().to_string();
+            if let Err(e) = exec.redis.append_out(self.queue, &id, &end).await {
+                tracing::warn!(task_id = %id, "cannot end the live answer: {e}");
+            }
+        }
         let cost = cand.model.prices.cost(&usage);
         if let Some(r) = reservation
             && let Err(e) = Box::pin(exec.limiter.reconcile(
@@ -619,6 +648,27 @@ impl Attempt<'_> {
         call.error_class = error.map(|e| e.class.to_string());
         call.error = error.map(ToString::to_string);
         result
+    }
+}
+
+/// Appends what a streaming call sends to the task's live answer, as it comes: what arrived
+/// while the last append was under way goes in one entry. Ends when the call drops its end.
+async fn forward(
+    redis: llmq_shared::queue::Client,
+    queue: QueueKeys,
+    task_id: String,
+    mut pieces: tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(mut text) = pieces.recv().await {
+        while let Ok(more) = pieces.try_recv() {
+            text.push_str(&more);
+        }
+        if let Err(e) = redis
+            .append_out(&queue, &task_id, &OutEntry::Text(text))
+            .await
+        {
+            tracing::warn!(task_id, "cannot append to the live answer: {e}");
+        }
     }
 }
 
