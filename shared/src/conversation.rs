@@ -193,7 +193,14 @@ pub enum ToolChoice {
     /// `"auto"` (the model decides), `"none"` (no tool) or `"required"` (some tool).
     Mode(ToolMode),
     /// `{"name": "..."}`: that tool.
-    Named { name: String },
+    Named(NamedTool),
+}
+
+/// `{"name": "..."}` of a tool choice.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamedTool {
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,12 +215,21 @@ pub enum ToolMode {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolCall {
-    /// The provider's id for the call (made up as `call_<n>` where a format has none), which
-    /// a later `tool` turn names.
+    /// The provider's id for the call (made up as `call_<random>` where a format has none),
+    /// which a later `tool` turn names.
     pub id: String,
     pub name: String,
     #[serde(default)]
     pub arguments: Value,
+    /// An opaque token the provider wants back with the call (Gemini's thought signature).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// An id for a call a provider gave none: unique, so a later tool turn names only it.
+#[must_use]
+pub fn made_up_call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
 }
 
 impl ToolCall {
@@ -315,13 +331,21 @@ fn unfence(text: &str) -> &str {
 
 /// A validator for a schema from a task: draft from its `$schema` (2020-12 when it names
 /// none), no remote references (a `$ref` to a URL fails to compile instead of fetching it),
-/// and patterns matched in linear time, so no schema can make a worker spin.
+/// and patterns matched in linear time by automata of bounded size, so no schema can make
+/// a worker spin or take a lot of memory (a pattern too large to compile small is refused).
 fn validator(schema: &Value) -> Result<jsonschema::Validator, String> {
+    let patterns = jsonschema::PatternOptions::regex()
+        .size_limit(PATTERN_BYTES)
+        .dfa_size_limit(PATTERN_BYTES);
     jsonschema::options()
-        .with_pattern_options(jsonschema::PatternOptions::regex())
+        .with_pattern_options(patterns)
         .build(schema)
         .map_err(|e| format!("{e}"))
 }
+
+/// The most memory one compiled pattern of a task's schema, and its lazy automaton's
+/// cache, may take.
+const PATTERN_BYTES: usize = 64 * 1024;
 
 /// A field of a task that is wrong, and how: for the task's dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,6 +377,9 @@ pub fn check(
     tool_choice: Option<&ToolChoice>,
     response_format: Option<&ResponseFormat>,
 ) -> Result<(), Invalid> {
+    // Calls of the last assistant turn not yet answered, and every call id so far.
+    let mut open: Vec<&str> = Vec::new();
+    let mut ids: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for (i, m) in messages.iter().enumerate() {
         let at = |f: &str| format!("messages[{i}].{f}");
         let calls_only = m.role == Role::Assistant && !m.tool_calls.is_empty();
@@ -379,18 +406,48 @@ pub fn check(
                 "only an assistant turn has tool calls",
             ));
         }
+        if m.role != Role::Tool && !open.is_empty() {
+            return Err(invalid(
+                format!("messages[{i}]"),
+                format!(
+                    "comes before the call(s) {} of the assistant turn before it are answered; put a tool turn answering each call right after the turn that made it",
+                    open.join(", ")
+                ),
+            ));
+        }
         for (j, call) in m.tool_calls.iter().enumerate() {
             let at = format!("messages[{i}].tool_calls[{j}]");
             check_name(&format!("{at}.name"), &call.name)?;
-            if call.id.is_empty() || call.id.len() > 256 || call.id.contains('\0') {
+            let id_ok = (1..=256).contains(&call.id.len())
+                && call
+                    .id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !id_ok {
                 return Err(invalid(
                     format!("{at}.id"),
-                    "must be 1 to 256 characters without NUL: the id the tool turn answering it names",
+                    "must be 1 to 256 letters, digits, `_` or `-`: the id the tool turn answering it names",
                 ));
             }
-            if !call.arguments.is_object() && !call.arguments.is_null() {
-                return Err(invalid(format!("{at}.arguments"), "must be a JSON object"));
+            if !ids.insert(call.id.as_str()) {
+                return Err(invalid(
+                    format!("{at}.id"),
+                    format!(
+                        "`{}` names another call too; give each call its own id",
+                        call.id
+                    ),
+                ));
             }
+            if !(call.arguments.is_object()
+                || call.arguments.is_null()
+                || call.arguments.is_string())
+            {
+                return Err(invalid(
+                    format!("{at}.arguments"),
+                    "must be a JSON object (or the text the model wrote)",
+                ));
+            }
+            open.push(call.id.as_str());
         }
         match (m.role, &m.tool_call_id) {
             (Role::Tool, None) => {
@@ -399,21 +456,31 @@ pub fn check(
                     "is missing; a tool turn names the id of the call it answers",
                 ));
             }
-            (Role::Tool, Some(id))
-                if !messages[..i]
-                    .iter()
-                    .any(|m| m.tool_calls.iter().any(|c| &c.id == id)) =>
-            {
-                return Err(invalid(
-                    at("tool_call_id"),
-                    "names no tool call of an earlier assistant turn; give the id of the call it answers",
-                ));
-            }
-            (Role::Tool, Some(_)) | (_, None) => {}
+            (Role::Tool, Some(id)) => match open.iter().position(|c| c == id) {
+                Some(k) => {
+                    open.remove(k);
+                }
+                None => {
+                    return Err(invalid(
+                        at("tool_call_id"),
+                        "names no unanswered call of the assistant turn right before; give the id of the call it answers",
+                    ));
+                }
+            },
+            (_, None) => {}
             (_, Some(_)) => {
                 return Err(invalid(at("tool_call_id"), "belongs only to a tool turn"));
             }
         }
+    }
+    if !open.is_empty() {
+        return Err(invalid(
+            "messages",
+            format!(
+                "ends with the call(s) {} unanswered; add a tool turn answering each",
+                open.join(", ")
+            ),
+        ));
     }
     if tools.len() > MAX_TOOLS {
         return Err(invalid(
@@ -456,7 +523,7 @@ pub fn check(
         })?;
     }
     match tool_choice {
-        Some(ToolChoice::Named { name }) if !tools.iter().any(|t| &t.name == name) => {
+        Some(ToolChoice::Named(NamedTool { name })) if !tools.iter().any(|t| &t.name == name) => {
             return Err(invalid(
                 "tool_choice",
                 format!(
@@ -465,9 +532,7 @@ pub fn check(
                 ),
             ));
         }
-        Some(ToolChoice::Mode(ToolMode::Required) | ToolChoice::Named { .. })
-            if tools.is_empty() =>
-        {
+        Some(ToolChoice::Mode(ToolMode::Required) | ToolChoice::Named(_)) if tools.is_empty() => {
             return Err(invalid(
                 "tool_choice",
                 "asks for a tool call, but the task defines no tools",
@@ -476,7 +541,7 @@ pub fn check(
         _ => {}
     }
     if let Some(ResponseFormat::JsonSchema { schema, name, .. }) = response_format {
-        if !schema.is_object() && !schema.is_boolean() {
+        if !schema.is_object() {
             return Err(invalid(
                 "response_format.schema",
                 "must be a JSON Schema (an object)",
@@ -581,6 +646,10 @@ fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
     let ok = (1..=64).contains(&name.len())
         && name
             .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name
+            .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
@@ -588,7 +657,7 @@ fn check_name(field: &str, name: &str) -> Result<(), Invalid> {
         Err(invalid(
             field,
             format!(
-                "`{}` is not a name providers accept; use 1 to 64 letters, digits, `_` or `-`",
+                "`{}` is not a name providers accept; use 1 to 64 letters, digits, `_` or `-`, starting with a letter or `_`",
                 crate::text::excerpt(name, 64)
             ),
         ))
@@ -675,9 +744,9 @@ mod tests {
             ),
             "tools[1].name"
         );
-        let named = ToolChoice::Named {
+        let named = ToolChoice::Named(NamedTool {
             name: "nope".into(),
-        };
+        });
         assert_eq!(
             field(
                 std::slice::from_ref(&user),
@@ -773,6 +842,7 @@ mod tests {
                 id: "c1".into(),
                 name: "a".into(),
                 arguments: json!({}),
+                signature: None,
             }],
             ..Message::text(Role::Assistant, "")
         };
@@ -781,12 +851,109 @@ mod tests {
             ..Message::text(Role::Tool, "42")
         };
         check(
-            &[user, call, answer],
+            &[user.clone(), call.clone(), answer.clone()],
             &[tool("a")],
             Some(&ToolChoice::Mode(ToolMode::Auto)),
             None,
         )
         .unwrap();
+    }
+
+    #[test]
+    fn every_call_is_answered_right_after_the_turn_that_made_it() {
+        let made = |ids: &[&str]| Message {
+            tool_calls: ids
+                .iter()
+                .map(|id| ToolCall {
+                    id: (*id).into(),
+                    name: "a".into(),
+                    arguments: json!({}),
+                    signature: None,
+                })
+                .collect(),
+            ..Message::text(Role::Assistant, "")
+        };
+        let answer = |id: &str| Message {
+            tool_call_id: Some(id.into()),
+            ..Message::text(Role::Tool, "42")
+        };
+        let user = || Message::text(Role::User, "go on");
+        let field = |m: &[Message]| check(m, &[], None, None).map_err(|e| e.field);
+        // Two calls at once, answered in any order, then the conversation goes on.
+        assert_eq!(
+            field(&[
+                user(),
+                made(&["c1", "c2"]),
+                answer("c2"),
+                answer("c1"),
+                user()
+            ]),
+            Ok(())
+        );
+        assert_eq!(
+            field(&[user(), made(&["c1", "c2"]), answer("c1")]),
+            Err("messages".into()),
+            "c2 is never answered"
+        );
+        assert_eq!(
+            field(&[user(), made(&["c1"]), user(), answer("c1")]),
+            Err("messages[2]".into()),
+            "the answer must come right after"
+        );
+        assert_eq!(
+            field(&[user(), made(&["c1"]), answer("c1"), answer("c1")]),
+            Err("messages[3].tool_call_id".into()),
+            "answered twice"
+        );
+        assert_eq!(
+            field(&[
+                user(),
+                made(&["c1"]),
+                answer("c1"),
+                made(&["c1"]),
+                answer("c1")
+            ]),
+            Err("messages[3].tool_calls[0].id".into()),
+            "ids are unique"
+        );
+        assert_eq!(
+            field(&[user(), made(&["call 1"])]),
+            Err("messages[1].tool_calls[0].id".into())
+        );
+        // A name must start with a letter or `_` (Gemini's rule, the strictest).
+        let tool = Tool {
+            name: "1st".into(),
+            description: None,
+            parameters: empty_object_schema(),
+        };
+        assert_eq!(
+            check(&[user()], &[tool], None, None).unwrap_err().field,
+            "tools[0].name"
+        );
+        // A schema is an object; `true` is not one providers take.
+        let format = ResponseFormat::JsonSchema {
+            schema: json!(true),
+            name: None,
+            strict: None,
+        };
+        assert_eq!(
+            check(&[user()], &[], None, Some(&format))
+                .unwrap_err()
+                .field,
+            "response_format.schema"
+        );
+        // A pattern too large to compile small is refused, not compiled.
+        let huge = ResponseFormat::JsonSchema {
+            schema: json!({"type": "string", "pattern": "\\w{5000}"}),
+            name: None,
+            strict: None,
+        };
+        assert_eq!(
+            check(&[user()], &[], None, Some(&huge)).unwrap_err().field,
+            "response_format.schema"
+        );
+        let typo = json!({"name": "f", "typo": 1});
+        assert!(serde_json::from_value::<ToolChoice>(typo).is_err());
     }
 
     #[test]
@@ -815,7 +982,7 @@ mod tests {
         );
         assert_eq!(
             parse::<ToolChoice>(json!({"name": "f"})),
-            ToolChoice::Named { name: "f".into() }
+            ToolChoice::Named(NamedTool { name: "f".into() })
         );
     }
 }

@@ -475,6 +475,17 @@ impl Envelope {
         if blank(&self.prompt) && self.messages.is_empty() {
             return Err(Error::MissingPrompt);
         }
+        if blank(&self.prompt)
+            && self
+                .messages
+                .iter()
+                .all(|m| m.role == conversation::Role::System)
+        {
+            return Err(Error::Field {
+                field: "messages".into(),
+                message: "has only system turns and the prompt is empty; add a user turn or set \"prompt\"".into(),
+            });
+        }
         conversation::check(
             &self.messages,
             &self.tools,

@@ -8,6 +8,7 @@ use super::{
     CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result, Role,
     Streamed, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
+use crate::conversation::made_up_call_id;
 use crate::outcome::ErrorClass;
 
 /// The API version every request names.
@@ -50,17 +51,29 @@ impl Anthropic {
     }
 
     fn body(req: &Request) -> Value {
-        let messages: Vec<Value> = req
-            .turns()
-            .map(|turn| match turn.role {
-                // A tool's answer is a user turn with a tool_result block.
-                Role::Tool => json!({"role": "user", "content": [{
-                    "type": "tool_result",
-                    "tool_use_id": turn.tool_call_id,
-                    "content": turn.text,
-                }]}),
+        // Consecutive tool answers go in one user turn, a tool_result block each: the turn
+        // after the assistant's tool_use blocks answers them all.
+        let mut messages: Vec<Value> = Vec::new();
+        for turn in req.turns() {
+            let message = match turn.role {
+                Role::Tool => {
+                    let result = json!({
+                        "type": "tool_result",
+                        "tool_use_id": turn.tool_call_id,
+                        "content": turn.text,
+                    });
+                    if let Some(last) = messages.last_mut()
+                        && last["role"] == "user"
+                        && last["content"][0]["type"] == "tool_result"
+                        && let Some(blocks) = last["content"].as_array_mut()
+                    {
+                        blocks.push(result);
+                        continue;
+                    }
+                    json!({"role": "user", "content": [result]})
+                }
                 Role::Assistant if !turn.tool_calls.is_empty() => {
-                    let text = (!turn.text.is_empty())
+                    let text = (!turn.text.trim().is_empty())
                         .then(|| json!({"type": "text", "text": turn.text}));
                     let uses = turn.tool_calls.iter().map(|c| {
                         json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments_object()})
@@ -87,8 +100,9 @@ impl Anthropic {
                         json!({"role": role.as_str(), "content": blocks})
                     }
                 },
-            })
-            .collect();
+            };
+            messages.push(message);
+        }
         let mut body = json!({
             "model": req.model,
             "max_tokens": req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
@@ -117,7 +131,7 @@ impl Anthropic {
                     ToolChoice::Mode(ToolMode::Auto) => json!({"type": "auto"}),
                     ToolChoice::Mode(ToolMode::None) => json!({"type": "none"}),
                     ToolChoice::Mode(ToolMode::Required) => json!({"type": "any"}),
-                    ToolChoice::Named { name } => json!({"type": "tool", "name": name}),
+                    ToolChoice::Named(n) => json!({"type": "tool", "name": n.name}),
                 };
             }
         }
@@ -321,11 +335,11 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
         .content
         .into_iter()
         .filter(|b| b.kind == "tool_use")
-        .enumerate()
-        .map(|(i, b)| ToolCall {
-            id: b.id.unwrap_or_else(|| format!("call_{}", i + 1)),
+        .map(|b| ToolCall {
+            id: b.id.unwrap_or_else(made_up_call_id),
             name: b.name.unwrap_or_default(),
             arguments: b.input,
+            signature: None,
         })
         .collect();
     Ok(Completion {

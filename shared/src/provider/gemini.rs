@@ -10,6 +10,7 @@ use super::{
     CallFuture, Completion, Error, Format, Provider, Request, ResponseFormat, Result, Role,
     Streamed, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
+use crate::conversation::made_up_call_id;
 use crate::outcome::ErrorClass;
 
 /// Candidate finish reasons that mean the answer was withheld.
@@ -65,11 +66,13 @@ impl Gemini {
     }
 
     fn body(req: &Request) -> Value {
-        let contents: Vec<Value> = req
-            .turns()
-            .map(|turn| match turn.role {
+        // Consecutive tool answers go in one content, a functionResponse part each: as many
+        // as the calls of the model's turn before.
+        let mut contents: Vec<Value> = Vec::new();
+        for turn in req.turns() {
+            let content = match turn.role {
                 // A tool's answer is a functionResponse part, named after the call it answers
-                // (the check at the door makes sure an earlier turn made that call).
+                // (the check at the door makes sure the turn before made that call).
                 Role::Tool => {
                     let id = turn.tool_call_id.unwrap_or_default();
                     let name = req
@@ -83,13 +86,20 @@ impl Gemini {
                         .ok()
                         .filter(Value::is_object)
                         .unwrap_or_else(|| json!({"result": turn.text}));
-                    json!({"role": "user", "parts": [{"functionResponse": {
-                        "id": id, "name": name, "response": response,
-                    }}]})
+                    let part =
+                        json!({"functionResponse": {"id": id, "name": name, "response": response}});
+                    if let Some(last) = contents.last_mut()
+                        && last["parts"][0].get("functionResponse").is_some()
+                        && let Some(parts) = last["parts"].as_array_mut()
+                    {
+                        parts.push(part);
+                        continue;
+                    }
+                    json!({"role": "user", "parts": [part]})
                 }
                 role => {
                     let text: Vec<Value> = match turn.parts {
-                        None if turn.text.is_empty() => Vec::new(),
+                        None if turn.text.trim().is_empty() => Vec::new(),
                         None => vec![json!({"text": turn.text})],
                         Some(parts) => parts
                             .iter()
@@ -105,13 +115,22 @@ impl Gemini {
                             .collect(),
                     };
                     let calls = turn.tool_calls.iter().map(|c| {
-                        json!({"functionCall": {"id": c.id, "name": c.name, "args": c.arguments_object()}})
+                        let mut part = json!({"functionCall": {"id": c.id, "name": c.name, "args": c.arguments_object()}});
+                        if let Some(sig) = &c.signature {
+                            part["thoughtSignature"] = json!(sig);
+                        }
+                        part
                     });
-                    let role = if role == Role::Assistant { "model" } else { "user" };
+                    let role = if role == Role::Assistant {
+                        "model"
+                    } else {
+                        "user"
+                    };
                     json!({"role": role, "parts": text.into_iter().chain(calls).collect::<Vec<_>>()})
                 }
-            })
-            .collect();
+            };
+            contents.push(content);
+        }
         let mut body = json!({"contents": contents});
         if let Some(system) = req.system_text().filter(|s| !s.is_empty()) {
             body["systemInstruction"] = json!({"parts": [{"text": system}]});
@@ -150,8 +169,8 @@ impl Gemini {
                     ToolChoice::Mode(ToolMode::Auto) => json!({"mode": "AUTO"}),
                     ToolChoice::Mode(ToolMode::None) => json!({"mode": "NONE"}),
                     ToolChoice::Mode(ToolMode::Required) => json!({"mode": "ANY"}),
-                    ToolChoice::Named { name } => {
-                        json!({"mode": "ANY", "allowedFunctionNames": [name]})
+                    ToolChoice::Named(n) => {
+                        json!({"mode": "ANY", "allowedFunctionNames": [n.name]})
                     }
                 };
                 body["toolConfig"] = json!({"functionCallingConfig": config});
@@ -380,6 +399,8 @@ struct Part {
     #[serde(default)]
     thought: bool,
     function_call: Option<FunctionCall>,
+    /// Gemini 3's signature of the thinking behind a call, which must come back with it.
+    thought_signature: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -453,12 +474,12 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
     let text: String = parts.iter().filter_map(|p| p.text.as_deref()).collect();
     let tool_calls: Vec<ToolCall> = parts
         .into_iter()
-        .filter_map(|p| p.function_call)
-        .enumerate()
-        .map(|(i, f)| ToolCall {
-            id: f.id.unwrap_or_else(|| format!("call_{}", i + 1)),
+        .filter_map(|p| Some((p.function_call?, p.thought_signature)))
+        .map(|(f, signature)| ToolCall {
+            id: f.id.unwrap_or_else(made_up_call_id),
             name: f.name,
             arguments: f.args,
+            signature,
         })
         .collect();
     if text.is_empty() && BLOCKING_FINISH.contains(&finish.as_str()) {

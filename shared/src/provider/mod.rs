@@ -112,7 +112,7 @@ impl Request {
     /// The conversation after the system prompt: the messages (system turns are in
     /// [`Request::system_text`]), then the prompt, when there is one, as the user's turn.
     pub fn turns(&self) -> impl Iterator<Item = Turn<'_>> {
-        let prompt = (!self.prompt.is_empty()).then_some(Turn {
+        let prompt = (!self.prompt.trim().is_empty()).then_some(Turn {
             role: Role::User,
             text: Cow::Borrowed(self.prompt.as_str()),
             parts: None,
@@ -150,7 +150,17 @@ impl Request {
             };
             out.push_str(&head);
             out.push('\n');
-            out.push_str(&turn.text);
+            // A line of the text that looks like a turn's head is indented, so no text can
+            // pass itself off as another turn.
+            for (k, line) in turn.text.split('\n').enumerate() {
+                if k > 0 {
+                    out.push('\n');
+                }
+                if line.starts_with('[') {
+                    out.push(' ');
+                }
+                out.push_str(line);
+            }
             for call in turn.tool_calls {
                 out.push_str(&format!(
                     "\n(calls {} {} with {})",

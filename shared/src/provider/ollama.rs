@@ -37,7 +37,13 @@ impl Ollama {
             messages.push(json!({"role": "system", "content": system}));
         }
         for turn in req.turns() {
-            let mut m = json!({"role": turn.role.as_str(), "content": turn.text});
+            // A blank text beside tool calls is no text.
+            let text = if turn.text.trim().is_empty() {
+                ""
+            } else {
+                &turn.text
+            };
+            let mut m = json!({"role": turn.role.as_str(), "content": text});
             // Ollama takes images as base64 only (routing sends it no image by URL).
             let images: Vec<&str> = turn
                 .parts

@@ -9,6 +9,7 @@ use super::{
     CallFuture, Completion, Error, Format, Part, Provider, Request, ResponseFormat, Result, Role,
     Streamed, Tool, ToolCall, ToolChoice, ToolMode, Usage, excerpt, exchange,
 };
+use crate::conversation::made_up_call_id;
 use crate::outcome::ErrorClass;
 
 /// Which field carries the output limit: OpenAI's own API wants `max_completion_tokens`
@@ -50,8 +51,21 @@ impl OpenAi {
 
     fn body(&self, req: &Request) -> Value {
         let mut messages = Vec::with_capacity(2 + req.messages.len());
-        if let Some(system) = req.system_text() {
-            messages.push(json!({"role": "system", "content": system}));
+        // OpenAI refuses `json_object` unless a message mentions JSON.
+        let hint = matches!(req.response_format, Some(ResponseFormat::JsonObject))
+            && !req
+                .system_text()
+                .is_some_and(|s| s.to_lowercase().contains("json"))
+            && !req.turns().any(|t| t.text.to_lowercase().contains("json"));
+        match (req.system_text(), hint) {
+            (Some(system), true) => {
+                messages.push(
+                    json!({"role": "system", "content": format!("{system}\n\nAnswer in JSON.")}),
+                );
+            }
+            (Some(system), false) => messages.push(json!({"role": "system", "content": system})),
+            (None, true) => messages.push(json!({"role": "system", "content": "Answer in JSON."})),
+            (None, false) => {}
         }
         for turn in req.turns() {
             messages.push(match turn.role {
@@ -62,11 +76,15 @@ impl OpenAi {
                 }),
                 Role::Assistant if !turn.tool_calls.is_empty() => json!({
                     "role": "assistant",
-                    "content": (!turn.text.is_empty()).then_some(&turn.text),
+                    "content": (!turn.text.trim().is_empty()).then_some(&turn.text),
                     "tool_calls": turn.tool_calls.iter().map(|c| json!({
                         "id": c.id,
                         "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments.to_string()},
+                        "function": {"name": c.name, "arguments": match &c.arguments {
+                            Value::String(text) => text.clone(),
+                            Value::Null => "{}".to_owned(),
+                            args => args.to_string(),
+                        }},
                     })).collect::<Vec<_>>(),
                 }),
                 role => json!({"role": role.as_str(), "content": content(&turn)}),
@@ -198,7 +216,7 @@ fn tool_choice(choice: &ToolChoice) -> Value {
         ToolChoice::Mode(ToolMode::Auto) => json!("auto"),
         ToolChoice::Mode(ToolMode::None) => json!("none"),
         ToolChoice::Mode(ToolMode::Required) => json!("required"),
-        ToolChoice::Named { name } => json!({"type": "function", "function": {"name": name}}),
+        ToolChoice::Named(n) => json!({"type": "function", "function": {"name": n.name}}),
     }
 }
 
@@ -273,19 +291,19 @@ struct WireFunction {
     arguments: Value,
 }
 
-/// The tool calls of an answer; a call without an id gets `call_<n>`.
+/// The tool calls of an answer; a call without an id gets one made up.
 pub(super) fn tool_calls(calls: Vec<WireToolCall>) -> Vec<ToolCall> {
     calls
         .into_iter()
-        .enumerate()
-        .map(|(i, c)| ToolCall {
-            id: c.id.unwrap_or_else(|| format!("call_{}", i + 1)),
+        .map(|c| ToolCall {
+            id: c.id.unwrap_or_else(made_up_call_id),
             name: c.function.name,
             arguments: match c.function.arguments {
                 // Arguments that are not JSON are kept as the model wrote them.
                 Value::String(text) => serde_json::from_str(&text).unwrap_or(Value::String(text)),
                 other => other,
             },
+            signature: None,
         })
         .collect()
 }

@@ -158,6 +158,14 @@ fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
             .filter(|b| b["type"] == "tool_result")
             .collect();
         if !results.is_empty() {
+            // As the API: the tool_result blocks answer every tool_use of the message before.
+            if results.len() != uses.len() {
+                return Err(format!(
+                    "messages.{i}: `tool_use` ids were found without `tool_result` blocks immediately after: the message before has {} tool_use blocks and this one {} tool_result blocks",
+                    uses.len(),
+                    results.len()
+                ));
+            }
             for (j, r) in results.iter().enumerate() {
                 let id = r["tool_use_id"].as_str().unwrap_or_default();
                 if !uses.iter().any(|u| u == id) {
@@ -170,6 +178,8 @@ fn validate_anthropic(body: &[u8]) -> Result<Conversation, String> {
             }
             continue;
         }
+        // Only the message right before a tool_result turn can hold what it answers.
+        uses.clear();
         let calls: Vec<&str> = blocks
             .iter()
             .filter(|b| b["type"] == "tool_use")

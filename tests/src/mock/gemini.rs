@@ -267,6 +267,31 @@ fn validate_gemini(model: &str, body: &[u8]) -> Result<Conversation, String> {
             .iter()
             .filter_map(|p| p["functionCall"]["name"].as_str())
             .collect();
+        // As Gemini 3: a call it made comes back with the signature it gave it.
+        if role == "assistant"
+            && parts
+                .iter()
+                .any(|p| p.get("functionCall").is_some() && !p["thoughtSignature"].is_string())
+        {
+            return Err(format!(
+                "* GenerateContentRequest.contents[{i}].parts: Function call is missing a thought_signature in functionCall parts.\n"
+            ));
+        }
+        // As the API: the function responses of a turn answer all the calls of the turn
+        // before, no more and no fewer.
+        let responses = parts
+            .iter()
+            .filter(|p| p.get("functionResponse").is_some())
+            .count();
+        if responses > 0 && responses != called.len() {
+            return Err(format!(
+                "* GenerateContentRequest.contents[{i}]: please ensure that the number of function response parts ({responses}) is equal to the number of function call parts of the function call turn ({}).\n",
+                called.len()
+            ));
+        }
+        if responses == 0 {
+            called.clear();
+        }
         called.extend(calls.iter().map(|c| (*c).to_owned()));
         let mut answered = false;
         for p in parts.iter().filter(|p| p.get("functionResponse").is_some()) {
@@ -394,7 +419,9 @@ fn gemini_response(conv: &Conversation, answer: &Answer) -> Value {
         answer
             .tool_calls
             .iter()
-            .map(|(_, name, args)| json!({"functionCall": {"name": name, "args": args}})),
+            .map(|(_, name, args)| {
+                json!({"functionCall": {"name": name, "args": args}, "thoughtSignature": format!("sig-{name}")})
+            }),
     );
     json!({
         "candidates": [{

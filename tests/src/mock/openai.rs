@@ -147,8 +147,8 @@ pub(super) fn turns(messages: &[ChatMessage]) -> Result<Vec<(String, String)>, S
                     || format!("Missing required parameter: 'messages[{i}].tool_calls[0].function.name'."),
                 )?;
                 names.push(name.to_owned());
-                calls.extend(c["id"].as_str().map(str::to_owned));
-                calls.push(name.to_owned());
+                // Ollama's calls have no id; its tool turns follow them by name.
+                calls.push(c["id"].as_str().unwrap_or(name).to_owned());
             }
             text = format!("calls {}{text}", names.join(", "));
         }

@@ -14,7 +14,7 @@ use llmq_shared::provider::ollama::Ollama;
 use llmq_shared::provider::openai::{OpenAi, TokenLimitField};
 use llmq_shared::provider::{
     Completion, Content, Error, Message, Part, Provider, Request, ResponseFormat, Role, Sink, Tool,
-    ToolChoice, ToolMode, Usage,
+    ToolCall, ToolChoice, ToolMode, Usage,
 };
 use llmq_tests::mock::{MockOptions, MockServer};
 use serde_json::json;
@@ -355,6 +355,11 @@ macro_rules! adapter_tests {
             }
 
             #[tokio::test]
+            async fn parallel_calls_are_answered_together() {
+                super::parallel_calls_are_answered_together($format).await;
+            }
+
+            #[tokio::test]
             async fn schemas_go_in_the_native_field() {
                 super::schemas_go_in_the_native_field($format).await;
             }
@@ -505,6 +510,10 @@ async fn tool_calls_come_back_and_their_answers_go_in(format: Format) {
         ("get_weather", &json!({"city": "x"}))
     );
     assert!(!made.id.is_empty());
+    if format == Format::Gemini {
+        // Gemini's thought signature is kept, to go back with the call.
+        assert_eq!(made.signature.as_deref(), Some("sig-get_weather"));
+    }
     let follow = Request {
         messages: vec![
             Message::text(Role::User, "what is the weather in Paris?"),
@@ -523,6 +532,51 @@ async fn tool_calls_come_back_and_their_answers_go_in(format: Format) {
     let c = call(format, &mock, &follow).await.unwrap();
     assert_eq!(c.text, "the tool said: sunny, 21 degrees", "{format:?}");
     assert!(c.tool_calls.is_empty());
+}
+
+/// Two calls made at once are answered in one turn, as every format wants.
+async fn parallel_calls_are_answered_together(format: Format) {
+    let mock = mock().await;
+    let made = |id: &str, city: &str| ToolCall {
+        id: id.into(),
+        name: "get_weather".into(),
+        arguments: json!({"city": city}),
+        signature: Some("sig".into()),
+    };
+    let answer = |id: &str, said: &str| Message {
+        tool_call_id: Some(id.into()),
+        ..Message::text(Role::Tool, said)
+    };
+    let req = Request {
+        messages: vec![
+            Message::text(Role::User, "weather in Paris and Oslo?"),
+            Message {
+                tool_calls: vec![made("c1", "Paris"), made("c2", "Oslo")],
+                ..Message::text(Role::Assistant, " ")
+            },
+            answer("c1", "sunny"),
+            answer("c2", "snow"),
+        ],
+        tools: vec![tool()],
+        ..request("transcript", "which is warmer?")
+    };
+    let c = call(format, &mock, &req).await.unwrap();
+    let turns: Vec<(String, String)> = serde_json::from_str(&c.text).unwrap();
+    let turns: Vec<(&str, &str)> = turns
+        .iter()
+        .map(|(r, t)| (r.as_str(), t.as_str()))
+        .collect();
+    assert_eq!(
+        turns,
+        [
+            ("user", "weather in Paris and Oslo?"),
+            ("assistant", "calls get_weather, get_weather"),
+            ("tool", "sunny"),
+            ("tool", "snow"),
+            ("user", "which is warmer?"),
+        ],
+        "{format:?}"
+    );
 }
 
 /// A schema goes in the format's native field, so the model answers JSON that fits it.

@@ -211,7 +211,7 @@ async fn a_conversation_runs_and_bad_ones_are_dead_letters_naming_the_field() {
         ),
         (
             json!({"v": 1, "messages": [{"role": "tool", "tool_call_id": "c1", "content": "42"}]}),
-            "field `messages[0].tool_call_id` is wrong: names no tool call",
+            "field `messages[0].tool_call_id` is wrong: names no unanswered call",
         ),
     ] {
         env.xadd("task", task.to_string().as_bytes()).await.unwrap();

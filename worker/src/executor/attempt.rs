@@ -672,13 +672,13 @@ async fn forward(
     }
 }
 
-/// The answer read as the JSON `req` asks for, when it asks for some; an answer of only tool
-/// calls has no text to read.
+/// The answer read as the JSON `req` asks for, when it asks for some; an answer with tool
+/// calls is the model asking for their results, not its answer, and is not read.
 fn conform(mut c: Completion, req: &Request, provider: &str) -> provider::Result<Completion> {
     let Some(format) = &req.response_format else {
         return Ok(c);
     };
-    if c.text.trim().is_empty() && !c.tool_calls.is_empty() {
+    if !c.tool_calls.is_empty() {
         return Ok(c);
     }
     match format.read(&c.text) {
