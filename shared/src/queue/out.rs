@@ -10,7 +10,7 @@ use redis::aio::ConnectionManager;
 use super::{Client, Result};
 use crate::keys::QueueKeys;
 
-/// How long a live answer is kept after its last entry.
+/// How long a live answer is kept after its first entry (renewed by its last).
 pub const OUT_TTL: Duration = Duration::from_secs(3600);
 
 /// The most entries a live answer keeps (about; older ones go first).
@@ -49,8 +49,10 @@ impl OutEntry {
 }
 
 impl Client {
-    /// Appends `entry` to task `task_id`'s live answer and renews its TTL: one XADD and one
-    /// EXPIRE, pipelined.
+    /// Appends `entry` to task `task_id`'s live answer; with `renew`, sets its TTL too (an
+    /// EXPIRE pipelined with the XADD). A writer renews on its first entry and its last, so
+    /// a live answer never outlives its TTL by more than one answer's length, at two
+    /// EXPIREs per answer rather than one per piece.
     ///
     /// # Errors
     /// Redis fails.
@@ -59,6 +61,7 @@ impl Client {
         keys: &QueueKeys,
         task_id: &str,
         entry: &OutEntry,
+        renew: bool,
     ) -> Result<()> {
         let key = keys.out(task_id);
         let mut xadd = redis::cmd("XADD");
@@ -70,16 +73,13 @@ impl Client {
         for (k, v) in entry.fields() {
             xadd.arg(k).arg(v);
         }
+        let mut pipe = redis::pipe();
+        pipe.add_command(xadd).ignore();
+        if renew {
+            pipe.cmd("EXPIRE").arg(&key).arg(OUT_TTL.as_secs()).ignore();
+        }
         let mut c = self.conn().await?;
-        let _: () = redis::pipe()
-            .add_command(xadd)
-            .ignore()
-            .cmd("EXPIRE")
-            .arg(&key)
-            .arg(OUT_TTL.as_secs())
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -23,7 +23,7 @@ use llmq_shared::keys::{QUEUES, QueueKeys};
 use llmq_shared::ledger::Ledger;
 use llmq_shared::outcome::Status;
 use llmq_shared::provider::{CallFuture, Completion, Provider, Request, Usage};
-use llmq_shared::queue::Client;
+use llmq_shared::queue::{Client, OutEntry};
 use llmq_tests::mock::{MockOptions, MockServer};
 use llmq_worker::Settings;
 use redis::aio::MultiplexedConnection as Redis;
@@ -112,6 +112,7 @@ enum Bench {
     Chain,
     Inflight,
     RoutingSavings,
+    StreamFirstToken,
 }
 
 fn main() -> Result<()> {
@@ -149,6 +150,7 @@ async fn run() -> Result<()> {
             Bench::Chain,
             Bench::Inflight,
             Bench::RoutingSavings,
+            Bench::StreamFirstToken,
         ],
     };
     let mut failed = 0;
@@ -164,6 +166,7 @@ async fn run() -> Result<()> {
             Bench::Chain => chain(&args, &mut redis).await,
             Bench::Inflight => inflight(&args, &mut redis).await,
             Bench::RoutingSavings => routing_savings(&args, &mut redis).await,
+            Bench::StreamFirstToken => stream_first_token(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -193,6 +196,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::Chain => "chain",
         Bench::Inflight => "inflight",
         Bench::RoutingSavings => "routing_savings",
+        Bench::StreamFirstToken => "stream_first_token",
     }
 }
 
@@ -757,6 +761,124 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
                 let ideal = (workers * concurrency) as f64 * 1000.0 / args.mock_latency_ms as f64;
                 format!("{:.1}", 100.0 * d.tasks_per_s / ideal)
             },
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// Live answers through the mock over real HTTP, with the ledger on, its answers in four
+/// pieces 20 ms apart (as a model writes): the time from the call's start (its ledger row)
+/// until its first text is visible to a reader blocked on the task's live answer, one task
+/// at a time; and what streaming costs Redis per answer, against the same tasks unstreamed,
+/// both drained from a backlog at concurrency 64 in the same run.
+async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
+    const GAP_MS: u64 = 20;
+    let tasks = args.tasks.unwrap_or(1000);
+    let followed = 200.min(tasks);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        client.ensure_group(&keys).await?;
+        let bench_url = with_database(&args.database_url, BENCH_DB)?;
+        let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+        let mock = MockServer::start(MockOptions::default())
+            .await
+            .context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+                 api_key: bench\n    models:\n      - {{id: stream-gap-{GAP_MS}, input_usd_per_mtok: 0.15, \
+                 output_usd_per_mtok: 0.6}}\n",
+                mock.url()
+            ),
+            &|_| None,
+        )?;
+        let running = Workers::start(1, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, 64, i)?;
+            s.database_url = Some(bench_url.clone());
+            Ok(s)
+        })?;
+        let task = |i: usize, stream: bool| {
+            let mut e = Envelope::new(format!("tell the story of river number {i} in a few words"));
+            e.stream = stream.then_some(true);
+            e
+        };
+        // Redis per answer: the same tasks drained from a backlog, plain, then streamed.
+        let mut per_task = Vec::new();
+        for stream in [false, true] {
+            let chunk: Vec<Envelope> = (0..tasks).map(|i| task(i, stream)).collect();
+            let before = Snapshot::take(redis).await?;
+            for part in chunk.chunks(ENQUEUE_CHUNK) {
+                client.enqueue_many(&keys, part).await?;
+            }
+            wait_drained(&client, &keys, &running).await?;
+            let d = Snapshot::take(redis).await?.since(&before, tasks);
+            if args.verbose {
+                d.print_commands(if stream { "stream_streamed" } else { "stream_plain" });
+            }
+            // The live answer's own commands: its XADDs and EXPIREs (an enqueue is an XADD too,
+            // in both runs).
+            let (calls, usec) = d
+                .commands
+                .iter()
+                .filter(|(name, _, _)| name == "xadd" || name == "expire")
+                .fold((0, 0), |(c, u), (_, calls, usec)| (c + calls, u + usec));
+            let n = tasks as f64;
+            per_task.push((d.redis_cpu_us_per_task, calls as f64 / n, usec as f64 / n));
+        }
+        // First text, one task at a time, followed as any reader would.
+        let mut conn = client.blocking_conn().await?;
+        let mut firsts = Vec::with_capacity(followed);
+        for i in 0..followed {
+            let e = task(tasks + i, true);
+            let id = e.id.map(|u| u.to_string()).unwrap_or_default();
+            client.enqueue(&keys, &e).await?;
+            let seen = loop {
+                let entries =
+                    Client::read_out(&mut conn, &keys, &id, "0", Duration::from_secs(10)).await?;
+                if entries.iter().any(|(_, e)| matches!(e, OutEntry::Text(_))) {
+                    break Utc::now();
+                }
+                ensure!(!entries.is_empty(), "no text in task {id}'s live answer within 10 s");
+            };
+            firsts.push((id, seen));
+        }
+        wait_drained(&client, &keys, &running).await?;
+        running.stop().await?;
+        mock.shutdown().await;
+        let mut waits = Vec::with_capacity(followed);
+        for (id, seen) in &firsts {
+            let started: chrono::DateTime<Utc> = sqlx::query_scalar(
+                "SELECT min(called_at) FROM provider_calls WHERE task_id = $1::uuid AND queue = $2",
+            )
+            .bind(id)
+            .bind(&queue)
+            .fetch_one(ledger.pool())
+            .await?;
+            waits.push(u64::try_from((*seen - started).num_microseconds().unwrap_or(0)).unwrap_or(0));
+        }
+        for table in ["provider_calls", "tasks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1"))
+                .bind(&queue)
+                .execute(ledger.pool())
+                .await?;
+        }
+        waits.sort_unstable();
+        let ((plain_us, plain_cmds, plain_cmd_us), (streamed_us, cmds, cmd_us)) =
+            (per_task[0], per_task[1]);
+        Ok(format!(
+            "bench=stream_first_token followed={followed} first_token_p50_ms={:.2} first_token_p99_ms={:.2} \
+             tasks={tasks} pieces_per_answer=4 gap_ms={GAP_MS} redis_us_per_task_plain={plain_us:.1} \
+             redis_us_per_task_streamed={streamed_us:.1} live_answer_cmds_per_task={:.2} \
+             live_answer_us_per_task={:.1}",
+            percentile(&waits, 0.50) as f64 / 1000.0,
+            percentile(&waits, 0.99) as f64 / 1000.0,
+            cmds - plain_cmds,
+            cmd_us - plain_cmd_us,
         ))
     }
     .await;

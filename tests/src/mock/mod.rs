@@ -48,7 +48,7 @@
 //! | `missing` (Ollama only) | 404 `model "missing" not found, try pulling it first` |
 //! | `tool-caller` | calls the first tool offered (arguments made from its schema) until the last turn is a tool's answer, then answers `the tool said: <answer>` |
 //! | `transcript` | answers `[[role, text], ...]`: the conversation as the route read it (`system`, `user`, `assistant`, `tool`) |
-//! | `stream-slow`, `stream-break-once` | streamed: 300 ms between the pieces of the answer; the first request of a conversation ends its stream halfway |
+//! | `stream-slow`, `stream-gap-<ms>`, `stream-break-once` | streamed: 300 ms (or `<ms>`) between the pieces of the answer; the first request of a conversation ends its stream halfway |
 //! | `json-bad-once`, `json-wrong` | with a schema asked for: not JSON on the first request of a conversation, then JSON made from the schema; JSON that does not fit, always |
 //!
 //! With a schema asked for (each format's native field), every other model answers JSON made
@@ -686,6 +686,8 @@ fn streamed(
     }
     let gap = if conv.named("stream-slow") {
         STREAM_GAP
+    } else if let Some(ms) = number_after(&conv.model, "stream-gap-") {
+        Duration::from_millis(ms)
     } else {
         Duration::ZERO
     };

@@ -609,7 +609,7 @@ impl Attempt<'_> {
                 Err(e) => OutEntry::Restart(e.to_string()),
             };
             let id = env.id.unwrap_or_default().to_string();
-            if let Err(e) = exec.redis.append_out(self.queue, &id, &end).await {
+            if let Err(e) = exec.redis.append_out(self.queue, &id, &end, true).await {
                 tracing::warn!(task_id = %id, "cannot end the live answer: {e}");
             }
         }
@@ -659,16 +659,18 @@ async fn forward(
     task_id: String,
     mut pieces: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
+    let mut first = true;
     while let Some(mut text) = pieces.recv().await {
         while let Ok(more) = pieces.try_recv() {
             text.push_str(&more);
         }
         if let Err(e) = redis
-            .append_out(&queue, &task_id, &OutEntry::Text(text))
+            .append_out(&queue, &task_id, &OutEntry::Text(text), first)
             .await
         {
             tracing::warn!(task_id, "cannot append to the live answer: {e}");
         }
+        first = false;
     }
 }
 
