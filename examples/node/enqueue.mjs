@@ -1,7 +1,11 @@
 #!/usr/bin/env node
 // Enqueue one llmq task from Node.js and wait for its result, with the `redis` package only.
 //
-//   node examples/node/enqueue.mjs "prompt text" [--queue default] [--model M] [--timeout-wait 60]
+//   node examples/node/enqueue.mjs "prompt text" [--queue default] [--model M]
+//       [--schema '{"type": "object", ...}'] [--stream] [--timeout-wait 60]
+//
+// --schema asks for JSON that fits the schema (the result carries it parsed as "json");
+// --stream has the provider stream the answer, printed to stderr as it is written.
 //
 // Reads REDIS_URL (default redis://127.0.0.1:6379). Prints the result record as one JSON
 // line on stdout. Exit codes: 0 succeeded, 1 failed or dead, 2 bad usage or Redis
@@ -16,7 +20,7 @@ import { createClient } from 'redis';
 
 const FINAL = new Set(['succeeded', 'failed', 'dead']);
 const USAGE =
-  'usage: enqueue.mjs "prompt text" [--queue default] [--model M] [--timeout-wait 60]';
+  'usage: enqueue.mjs "prompt text" [--queue default] [--model M] [--schema JSON] [--stream] [--timeout-wait 60]';
 
 function usage(message) {
   console.error(`enqueue.mjs: ${message}\n${USAGE}`);
@@ -30,6 +34,8 @@ try {
     options: {
       queue: { type: 'string', default: 'default' },
       model: { type: 'string' },
+      schema: { type: 'string' },
+      stream: { type: 'boolean' },
       'timeout-wait': { type: 'string', default: '60' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -60,6 +66,16 @@ const envelope = {
   enqueued_at: new Date().toISOString(),
 };
 if (opts.model) envelope.model = opts.model;
+if (opts.schema) {
+  let schema;
+  try {
+    schema = JSON.parse(opts.schema);
+  } catch (e) {
+    usage(`--schema is not JSON: ${e.message}`);
+  }
+  envelope.response_format = { type: 'json_schema', schema };
+}
+if (opts.stream) envelope.stream = true;
 
 const stream = `llmq:{${opts.queue}}:stream`;
 const resultKey = `llmq:{${opts.queue}}:result:${taskId}`;
@@ -83,6 +99,7 @@ async function run() {
   await client.xAdd(stream, '*', { task: JSON.stringify(envelope) });
 
   const deadline = Date.now() + timeoutWait * 1000;
+  if (opts.stream) await follow(`llmq:{${opts.queue}}:out:${taskId}`, deadline);
   for (;;) {
     const raw = await client.get(resultKey);
     if (raw !== null) {
@@ -101,6 +118,35 @@ async function run() {
       return 3;
     }
     await sleep(100);
+  }
+}
+
+// Prints a live answer to stderr as it is written, until it is done, the task has a final
+// status (it failed) or the deadline passes. A blocking read takes a connection of its own.
+async function follow(outKey, deadline) {
+  const reader = client.duplicate();
+  await reader.connect();
+  try {
+    let after = '0';
+    while (Date.now() < deadline) {
+      const reply = await reader.xRead({ key: outKey, id: after }, { BLOCK: 1000 });
+      for (const { messages } of reply ?? []) {
+        for (const { id, message } of messages) {
+          after = id;
+          if (message.text !== undefined) process.stderr.write(message.text);
+          // A call that failed halfway: the retry's whole answer follows.
+          else if (message.event === 'restart') process.stderr.write('\n[retrying]\n');
+          else if (message.event === 'done') {
+            process.stderr.write('\n');
+            return;
+          }
+        }
+      }
+      const raw = await client.get(resultKey);
+      if (raw !== null && FINAL.has(JSON.parse(raw).status)) return;
+    }
+  } finally {
+    if (reader.isOpen) await (typeof reader.close === 'function' ? reader.close() : reader.quit());
   }
 }
 

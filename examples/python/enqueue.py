@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Enqueue one llmq task from Python and wait for its result, with redis-py only.
 
-    python3 examples/python/enqueue.py "prompt text" [--queue default] [--model M] [--timeout-wait 60]
+    python3 examples/python/enqueue.py "prompt text" [--queue default] [--model M]
+        [--schema '{"type": "object", ...}'] [--stream] [--timeout-wait 60]
+
+--schema asks for JSON that fits the schema (the result carries it parsed as "json");
+--stream has the provider stream the answer, printed to stderr as it is written.
 
 Reads REDIS_URL (default redis://127.0.0.1:6379). Prints the result record as one JSON
 line on stdout. Exit codes: 0 succeeded, 1 failed or dead, 2 bad usage or Redis
@@ -28,6 +32,10 @@ def main() -> int:
     parser.add_argument("prompt", help="the prompt text")
     parser.add_argument("--queue", default="default", help="queue name (default: default)")
     parser.add_argument("--model", default=None, help="model hint, e.g. mock-fast")
+    parser.add_argument("--schema", default=None, help="a JSON Schema the answer must fit")
+    parser.add_argument(
+        "--stream", action="store_true", help="print the answer to stderr as it is written"
+    )
     parser.add_argument(
         "--timeout-wait",
         type=float,
@@ -49,6 +57,14 @@ def main() -> int:
     }
     if args.model:
         envelope["model"] = args.model
+    if args.schema:
+        try:
+            schema = json.loads(args.schema)
+        except json.JSONDecodeError as e:
+            parser.error(f"--schema is not JSON: {e}")
+        envelope["response_format"] = {"type": "json_schema", "schema": schema}
+    if args.stream:
+        envelope["stream"] = True
 
     stream = f"llmq:{{{args.queue}}}:stream"
     result_key = f"llmq:{{{args.queue}}}:result:{task_id}"
@@ -59,6 +75,8 @@ def main() -> int:
         client.xadd(stream, {"task": json.dumps(envelope, separators=(",", ":"))})
 
         deadline = time.monotonic() + args.timeout_wait
+        if args.stream:
+            follow(client, f"llmq:{{{args.queue}}}:out:{task_id}", result_key, deadline)
         while True:
             raw = client.get(result_key)
             if raw is not None:
@@ -80,6 +98,28 @@ def main() -> int:
         return 2
     finally:
         client.close()
+
+
+def follow(client: redis.Redis, out_key: str, result_key: str, deadline: float) -> None:
+    """Prints a live answer to stderr as it is written, until it is done, the task has a
+    final status (it failed) or the deadline passes."""
+    after = "0"
+    while time.monotonic() < deadline:
+        for _, entries in client.xread({out_key: after}, block=1000) or []:
+            for entry_id, fields in entries:
+                after = entry_id
+                if b"text" in fields:
+                    sys.stderr.write(fields[b"text"].decode())
+                    sys.stderr.flush()
+                elif fields.get(b"event") == b"restart":
+                    # The call failed halfway; the retry's whole answer follows.
+                    sys.stderr.write("\n[retrying]\n")
+                elif fields.get(b"event") == b"done":
+                    sys.stderr.write("\n")
+                    return
+        raw = client.get(result_key)
+        if raw is not None and json.loads(raw).get("status") in FINAL:
+            return
 
 
 if __name__ == "__main__":

@@ -771,8 +771,9 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
 /// Live answers through the mock over real HTTP, with the ledger on, its answers in four
 /// pieces 20 ms apart (as a model writes): the time from the call's start (its ledger row)
 /// until its first text is visible to a reader blocked on the task's live answer, one task
-/// at a time; and what streaming costs Redis per answer, against the same tasks unstreamed,
-/// both drained from a backlog at concurrency 64 in the same run.
+/// at a time; and what streaming costs Redis per answer, against the same tasks unstreamed
+/// on a model as slow as the streamed one's four pieces (60 ms), both drained from a backlog
+/// at concurrency 64 in the same run.
 async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
     const GAP_MS: u64 = 20;
     let tasks = args.tasks.unwrap_or(1000);
@@ -792,8 +793,10 @@ async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
             &format!(
                 "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
                  api_key: bench\n    models:\n      - {{id: stream-gap-{GAP_MS}, input_usd_per_mtok: 0.15, \
+                 output_usd_per_mtok: 0.6}}\n      - {{id: slow-{}, input_usd_per_mtok: 0.15, \
                  output_usd_per_mtok: 0.6}}\n",
-                mock.url()
+                mock.url(),
+                3 * GAP_MS
             ),
             &|_| None,
         )?;
@@ -802,9 +805,16 @@ async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
             s.database_url = Some(bench_url.clone());
             Ok(s)
         })?;
+        // The plain peer's model answers in the time the streamed one takes to write its
+        // pieces, so the two runs differ only by the live answer.
         let task = |i: usize, stream: bool| {
             let mut e = Envelope::new(format!("tell the story of river number {i} in a few words"));
             e.stream = stream.then_some(true);
+            e.model = Some(if stream {
+                format!("stream-gap-{GAP_MS}")
+            } else {
+                format!("slow-{}", 3 * GAP_MS)
+            });
             e
         };
         // Redis per answer: the same tasks drained from a backlog, plain, then streamed.

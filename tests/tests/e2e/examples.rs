@@ -56,10 +56,16 @@ async fn python_and_node_producers_enqueue_and_read_results() {
         let (code, r) = run_example(program, script, &env, &["--model", "fail-400"]).await;
         assert_eq!(code, 1, "{script}: {r}");
         assert_eq!(r["status"], "dead");
+
+        // JSON that fits a schema, streamed as it is written.
+        let schema = r#"{"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}"#;
+        let (code, r) = run_example(program, script, &env, &["--schema", schema, "--stream"]).await;
+        assert_eq!(code, 0, "{script}: {r}");
+        assert_eq!(r["json"], serde_json::json!({"city": "x"}), "{script}: {r}");
     }
     assert_eq!(
         env.calls().await.unwrap().len(),
-        4,
+        6,
         "each example's calls are in the ledger"
     );
     worker.stop().await.unwrap();

@@ -651,8 +651,14 @@ impl Attempt<'_> {
     }
 }
 
-/// Appends what a streaming call sends to the task's live answer, as it comes: what arrived
-/// while the last append was under way goes in one entry. Ends when the call drops its end.
+/// How often, at most, a live answer gets a new entry after its first: what arrives in
+/// between goes in one entry. A provider streams a token or a few per event, tens of them a
+/// second; one XADD per event would cost Redis that much per streaming task.
+const LIVE_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Appends what a streaming call sends to the task's live answer: the first piece at once,
+/// then what arrived in each [`LIVE_FLUSH`] in one entry. Ends when the call drops its end
+/// of the channel, with what it had written.
 async fn forward(
     redis: llmq_shared::queue::Client,
     queue: QueueKeys,
@@ -660,9 +666,25 @@ async fn forward(
     mut pieces: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     let mut first = true;
-    while let Some(mut text) = pieces.recv().await {
-        while let Ok(more) = pieces.try_recv() {
-            text.push_str(&more);
+    let mut open = true;
+    while open {
+        let Some(mut text) = pieces.recv().await else {
+            break;
+        };
+        if !first {
+            let until = tokio::time::Instant::now() + LIVE_FLUSH;
+            loop {
+                tokio::select! {
+                    more = pieces.recv() => match more {
+                        Some(more) => text.push_str(&more),
+                        None => {
+                            open = false;
+                            break;
+                        }
+                    },
+                    () = tokio::time::sleep_until(until) => break,
+                }
+            }
         }
         if let Err(e) = redis
             .append_out(&queue, &task_id, &OutEntry::Text(text), first)
