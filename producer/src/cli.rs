@@ -259,7 +259,8 @@ pub struct Submit {
 
 #[derive(Args, Debug)]
 pub struct Batch {
-    /// A JSON array of tasks: prompt, type, platform, model, timeout, metadata, ...
+    /// A JSON array of tasks: prompt (or messages), type, platform, model, timeout, metadata,
+    /// system, tools, tool_choice, response_format, ...
     #[arg(long)]
     pub input: PathBuf,
     /// Write the batch report here (with --wait) or the task ids (without); a directory

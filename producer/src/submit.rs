@@ -5,6 +5,7 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use llmq_shared::conversation::{Message, ResponseFormat, Tool, ToolChoice};
 use llmq_shared::envelope::{Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
@@ -193,7 +194,16 @@ pub async fn wait_for(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchTask {
+    #[serde(default)]
     prompt: String,
+    #[serde(default)]
+    messages: Vec<Message>,
+    #[serde(default)]
+    tools: Vec<Tool>,
+    #[serde(default)]
+    tool_choice: Option<ToolChoice>,
+    #[serde(default)]
+    response_format: Option<ResponseFormat>,
     #[serde(rename = "type", default)]
     task_type: Option<String>,
     #[serde(default)]
@@ -262,9 +272,9 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     for (i, item) in items.into_iter().enumerate() {
         let t: BatchTask = serde_json::from_value(item)
             .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
-        if t.prompt.trim().is_empty() {
+        if t.prompt.trim().is_empty() && t.messages.is_empty() {
             return Err(Error::Usage(format!(
-                "{} task [{i}]: the prompt is empty",
+                "{} task [{i}]: the prompt is empty; give \"prompt\" or \"messages\"",
                 args.input.display()
             )));
         }
@@ -286,7 +296,14 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         env.enqueued_at = Some(Utc::now());
         env.concurrency_key.clone_from(&parallel_key);
         env.concurrency_limit = args.parallel;
+        env.messages = t.messages;
+        env.tools = t.tools;
+        env.tool_choice = t.tool_choice;
+        env.response_format = t.response_format;
         env.fallback = fallback;
+        // Refused here, as a worker would refuse it, rather than becoming a dead letter.
+        Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())
+            .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
         envs.push(env);
     }
     if envs.is_empty() {

@@ -389,3 +389,64 @@ async fn llmq_submit_stream_prints_the_answer_as_it_is_written() {
         "the answer is not printed twice: {out}"
     );
 }
+
+#[tokio::test]
+async fn llmq_batch_takes_conversations_and_schemas_and_refuses_a_bad_one_naming_it() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    let dir = std::env::temp_dir().join(format!("llmq-batch-{}", env.queue));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.json");
+    std::fs::write(
+        &good,
+        json!([
+            {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"},
+                          {"role": "user", "content": "again"}], "model": "mock-fast"},
+            {"prompt": "extract", "model": "mock-fast",
+             "response_format": {"type": "json_schema", "schema": {"type": "object",
+                 "properties": {"n": {"type": "integer"}}, "required": ["n"]}}},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let (code, out) = env.batch(&good, &[]).await;
+    assert_eq!(code, 0, "{out}");
+    let ids: Vec<&str> = out.lines().collect();
+    assert_eq!(ids.len(), 2, "{out}");
+    let first = env.wait_final(ids[0], WAIT).await.unwrap();
+    assert_eq!(
+        first.output.as_deref(),
+        Some("mock answer from mock-fast: again")
+    );
+    let second = env.wait_final(ids[1], WAIT).await.unwrap();
+    assert_eq!(second.json, Some(json!({"n": 1})), "{second:?}");
+
+    let bad = dir.join("bad.json");
+    std::fs::write(
+        &bad,
+        json!([{"prompt": "x", "tools": [{"name": "rm -rf", "parameters": {"type": "object"}}]}])
+            .to_string(),
+    )
+    .unwrap();
+    // As a user runs it, to read what it says on stderr.
+    let run = std::process::Command::new(llmq_tests::harness::binary("llmq"))
+        .args([
+            "batch",
+            "--input",
+            bad.to_str().unwrap(),
+            "--queue",
+            &env.queue,
+        ])
+        .env("REDIS_URL", llmq_tests::harness::redis_url())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains(
+            "task [0]: field `tools[0].name` is wrong: `rm -rf` is not a name providers accept"
+        ),
+        "{said}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
