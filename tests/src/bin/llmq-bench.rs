@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token|idle_fleet] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -113,6 +113,7 @@ enum Bench {
     Inflight,
     RoutingSavings,
     StreamFirstToken,
+    IdleFleet,
 }
 
 fn main() -> Result<()> {
@@ -151,6 +152,7 @@ async fn run() -> Result<()> {
             Bench::Inflight,
             Bench::RoutingSavings,
             Bench::StreamFirstToken,
+            Bench::IdleFleet,
         ],
     };
     let mut failed = 0;
@@ -167,6 +169,7 @@ async fn run() -> Result<()> {
             Bench::Inflight => inflight(&args, &mut redis).await,
             Bench::RoutingSavings => routing_savings(&args, &mut redis).await,
             Bench::StreamFirstToken => stream_first_token(&args, &mut redis).await,
+            Bench::IdleFleet => idle_fleet(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -197,6 +200,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::Inflight => "inflight",
         Bench::RoutingSavings => "routing_savings",
         Bench::StreamFirstToken => "stream_first_token",
+        Bench::IdleFleet => "idle_fleet",
     }
 }
 
@@ -889,6 +893,55 @@ async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
             percentile(&waits, 0.99) as f64 / 1000.0,
             cmds - plain_cmds,
             cmd_us - plain_cmd_us,
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// What a fleet costs Redis while it waits: N workers (default 20) on one empty queue,
+/// left to settle for 3 s, then every command Redis ran and the CPU it used over 10 s.
+async fn idle_fleet(args: &Args, redis: &mut Redis) -> Result<String> {
+    const SETTLE: Duration = Duration::from_secs(3);
+    const WINDOW: Duration = Duration::from_secs(10);
+    let workers = args.workers.unwrap_or(20);
+    let queue = fresh_queue();
+    let result = async {
+        let config = noop_config()?;
+        let running = Workers::start(workers, |i| {
+            settings(&args.redis_url, &config, &queue, 16, i)
+        })?;
+        tokio::time::sleep(SETTLE).await;
+        let before = Snapshot::take(redis).await?;
+        tokio::time::sleep(WINDOW).await;
+        let after = Snapshot::take(redis).await?;
+        running.check()?;
+        running.stop().await?;
+        let d = after.since(&before, 1);
+        // The bench's own two INFO calls are left out.
+        let calls: u64 = d
+            .commands
+            .iter()
+            .filter(|(name, _, _)| name != "info")
+            .map(|(_, calls, _)| calls)
+            .sum();
+        if args.verbose {
+            for (name, c, usec) in &d.commands {
+                println!(
+                    "cmdstat bench=idle_fleet cmd={name} calls={c} per_s_per_worker={:.2} usec={usec}",
+                    *c as f64 / d.secs / workers as f64
+                );
+            }
+        }
+        let per_s = calls as f64 / d.secs;
+        let cpu_pct = d.redis_cpu_us_per_task / 1e6 / d.secs * 100.0;
+        Ok(format!(
+            "bench=idle_fleet workers={workers} secs={:.1} cmds_per_s={per_s:.0} \
+             cmds_per_s_per_worker={:.1} redis_cpu_pct={cpu_pct:.2} redis_cpu_pct_per_worker={:.3}",
+            d.secs,
+            per_s / workers as f64,
+            cpu_pct / workers as f64,
         ))
     }
     .await;
