@@ -308,16 +308,19 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     .spawn(&tasks);
     let inflight = Arc::new(InFlight::default());
+    let fleet = Arc::new(maintenance::Fleet::default());
     tasks.spawn(maintenance::promote(
         redis.clone(),
         queues.clone(),
         settings.promote_every,
+        Arc::clone(&fleet),
         stop.clone(),
     ));
     tasks.spawn(maintenance::heartbeat(
         redis.clone(),
         worker_id.clone(),
         queues.clone(),
+        fleet,
         done.clone(),
     ));
     tasks.spawn(maintenance::refresh(

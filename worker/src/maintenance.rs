@@ -2,6 +2,7 @@
 //! delayed tasks to the stream, announcing itself, and refreshing the claim on long calls.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,20 +48,51 @@ impl InFlight {
     }
 }
 
+/// How many workers serve this worker's queues, as its last heartbeat counted them: duties
+/// every worker can do are spread over the fleet instead of each doing them at full rate.
+#[derive(Debug)]
+pub struct Fleet(AtomicU64);
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self(AtomicU64::new(1))
+    }
+}
+
+impl Fleet {
+    fn set(&self, live: u64) {
+        self.0.store(live.max(1), Ordering::Relaxed);
+    }
+
+    /// `every`, times the fleet, at most [`FLEET_DUTY_MAX`] (never less than `every`): what
+    /// one worker waits for so that the fleet as a whole does the duty every `every`.
+    fn spread(&self, every: Duration) -> Duration {
+        let n = u32::try_from(self.0.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        every.saturating_mul(n).min(FLEET_DUTY_MAX.max(every))
+    }
+}
+
+/// The longest one worker waits between two runs of a duty the fleet shares, whatever it
+/// counts (a count that includes workers that just died must not stall the duty).
+const FLEET_DUTY_MAX: Duration = Duration::from_secs(5);
+
 /// Moves due delayed tasks to their streams; sleeps until the next one is due, at most
-/// `every`. About once a second also sweeps the concurrency keys: frees slots left by tasks
-/// that are gone and wakes parked tasks into them.
+/// `every` for the fleet as a whole (each worker waits `every` times the live workers, so a
+/// fleet of any size looks `every` apart, not every worker). About once a second, fleet-wide
+/// again, also sweeps the concurrency keys: frees slots left by tasks that are gone and
+/// wakes parked tasks into them.
 pub async fn promote(
     redis: Client,
     queues: Vec<Arc<QueueKeys>>,
     every: Duration,
+    fleet: Arc<Fleet>,
     stop: CancellationToken,
 ) {
     const LIMIT: usize = 1000;
     const SWEEP_EVERY: Duration = Duration::from_secs(1);
     let mut swept = Instant::now();
     loop {
-        if swept.elapsed() >= SWEEP_EVERY {
+        if swept.elapsed() >= fleet.spread(SWEEP_EVERY) {
             swept = Instant::now();
             for q in &queues {
                 if let Err(e) = redis.sweep_slots(q).await {
@@ -68,7 +100,7 @@ pub async fn promote(
                 }
             }
         }
-        let mut wait = every;
+        let mut wait = fleet.spread(every);
         for q in &queues {
             match redis.promote(q, LIMIT).await {
                 Ok((moved, next)) => {
@@ -135,17 +167,20 @@ pub async fn routing_stats(
     }
 }
 
-/// Announces the worker every few seconds, for `llmq status`.
+/// Announces the worker every few seconds, for `llmq status`, and counts the fleet it
+/// belongs to.
 pub async fn heartbeat(
     redis: Client,
     worker: String,
     queues: Vec<Arc<QueueKeys>>,
+    fleet: Arc<Fleet>,
     stop: CancellationToken,
 ) {
     let keys: Vec<QueueKeys> = queues.iter().map(|q| QueueKeys::clone(q)).collect();
     loop {
-        if let Err(e) = redis.heartbeat(&worker, &keys).await {
-            tracing::warn!("heartbeat failed: {e}");
+        match redis.heartbeat(&worker, &keys).await {
+            Ok(live) => fleet.set(live),
+            Err(e) => tracing::warn!("heartbeat failed: {e}"),
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
@@ -174,5 +209,25 @@ pub async fn refresh(
                 tracing::warn!(queue = q.name(), "refreshing claims failed: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_shares_its_duties_and_none_waits_past_the_cap() {
+        let fleet = Fleet::default();
+        let ms = Duration::from_millis;
+        assert_eq!(fleet.spread(ms(250)), ms(250), "alone, at full rate");
+        fleet.set(4);
+        assert_eq!(fleet.spread(ms(250)), ms(1000));
+        fleet.set(20);
+        assert_eq!(fleet.spread(ms(250)), FLEET_DUTY_MAX);
+        fleet.set(0);
+        assert_eq!(fleet.spread(ms(250)), ms(250), "a count of 0 is the worker itself");
+        fleet.set(3);
+        assert_eq!(fleet.spread(Duration::from_secs(10)), Duration::from_secs(10));
     }
 }

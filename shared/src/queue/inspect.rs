@@ -8,12 +8,14 @@ use crate::outcome::{Status, TaskRecord};
 
 impl Client {
     /// Records that `worker` serves `queues` (for `llmq status`) and drops workers silent for
-    /// an hour.
+    /// an hour. Returns the fewest live workers any of the queues has (itself included), so
+    /// duties the fleet shares can be spread over it.
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn heartbeat(&self, worker: &str, queues: &[QueueKeys]) -> Result<()> {
+    pub async fn heartbeat(&self, worker: &str, queues: &[QueueKeys]) -> Result<u64> {
         let now = now_ms();
+        let live_since = now - i64::try_from(WORKER_LIVENESS.as_millis()).unwrap_or(i64::MAX);
         let mut pipe = redis::pipe();
         for keys in queues {
             pipe.sadd(QUEUES, keys.name()).ignore();
@@ -23,10 +25,11 @@ impl Client {
                 .arg("-inf")
                 .arg(now - 3_600_000)
                 .ignore();
+            pipe.zcount(keys.workers(), live_since, "+inf");
         }
         let mut c = self.conn().await?;
-        pipe.query_async::<()>(&mut c).await?;
-        Ok(())
+        let live: Vec<u64> = pipe.query_async(&mut c).await?;
+        Ok(live.into_iter().min().unwrap_or(1).max(1))
     }
 
     /// Removes `worker` from the live workers (on a clean shutdown).
