@@ -226,8 +226,15 @@ mod tests {
         fleet.set(20);
         assert_eq!(fleet.spread(ms(250)), FLEET_DUTY_MAX);
         fleet.set(0);
-        assert_eq!(fleet.spread(ms(250)), ms(250), "a count of 0 is the worker itself");
+        assert_eq!(
+            fleet.spread(ms(250)),
+            ms(250),
+            "a count of 0 is the worker itself"
+        );
         fleet.set(3);
-        assert_eq!(fleet.spread(Duration::from_secs(10)), Duration::from_secs(10));
+        assert_eq!(
+            fleet.spread(Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
     }
 }
