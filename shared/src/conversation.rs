@@ -765,15 +765,24 @@ mod tests {
             field(std::slice::from_ref(&user), &[], None, Some(&bad_schema)),
             "response_format.schema"
         );
-        // A remote reference is not fetched: the schema does not compile.
+        // A remote reference is not fetched: the schema does not compile, and nothing
+        // connects to the address it names (a listener here would see it).
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
         let remote = ResponseFormat::JsonSchema {
-            schema: json!({"$ref": "http://169.254.169.254/latest/meta-data"}),
+            schema: json!({"$ref": format!("http://127.0.0.1:{port}/schema.json")}),
             name: None,
             strict: None,
         };
         assert_eq!(
             field(std::slice::from_ref(&user), &[], None, Some(&remote)),
             "response_format.schema"
+        );
+        assert_eq!(
+            listener.accept().map(|_| ()).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::WouldBlock),
+            "the schema's $ref was fetched"
         );
         // Images: a URL or data, a known type, only from the user.
         let image = |url: Option<&str>, data: Option<&str>, media: Option<&str>| {

@@ -419,6 +419,30 @@ mod tests {
     }
 
     #[test]
+    fn json_object_gets_the_word_json_openai_requires() {
+        let http = reqwest::Client::new();
+        let a = OpenAi::new("a", "http://x/v1", None, TokenLimitField::MaxTokens, http);
+        let mut req = Request {
+            model: "m".into(),
+            prompt: "list three colours".into(),
+            response_format: Some(ResponseFormat::JsonObject),
+            ..Request::default()
+        };
+        let body = a.body(&req);
+        assert_eq!(body["messages"][0]["role"], "system");
+        assert_eq!(body["messages"][0]["content"], "Answer in JSON.");
+        assert_eq!(body["response_format"]["type"], "json_object");
+        req.system = Some("be brief".into());
+        assert_eq!(
+            a.body(&req)["messages"][0]["content"],
+            "be brief\n\nAnswer in JSON."
+        );
+        // A prompt that says JSON itself needs no hint.
+        req.prompt = "list three colours as JSON".into();
+        assert_eq!(a.body(&req)["messages"][0]["content"], "be brief");
+    }
+
+    #[test]
     fn limit_field_follows_the_flavour() {
         let req = Request {
             model: "m".into(),
