@@ -2,10 +2,12 @@
 // Enqueue one llmq task from Node.js and wait for its result, with the `redis` package only.
 //
 //   node examples/node/enqueue.mjs "prompt text" [--queue default] [--model M]
-//       [--schema '{"type": "object", ...}'] [--stream] [--timeout-wait 60]
+//       [--schema '{"type": "object", ...}'] [--stream] [--deadline 24h] [--timeout-wait 60]
 //
 // --schema asks for JSON that fits the schema (the result carries it parsed as "json");
-// --stream has the provider stream the answer, printed to stderr as it is written.
+// --stream has the provider stream the answer, printed to stderr as it is written;
+// --deadline says the task can wait that long, so it may go through a provider's batch API
+// at the batch price.
 //
 // Reads REDIS_URL (default redis://127.0.0.1:6379). Prints the result record as one JSON
 // line on stdout. Exit codes: 0 succeeded, 1 failed or dead, 2 bad usage or Redis
@@ -20,7 +22,7 @@ import { createClient } from 'redis';
 
 const FINAL = new Set(['succeeded', 'failed', 'dead']);
 const USAGE =
-  'usage: enqueue.mjs "prompt text" [--queue default] [--model M] [--schema JSON] [--stream] [--timeout-wait 60]';
+  'usage: enqueue.mjs "prompt text" [--queue default] [--model M] [--schema JSON] [--stream] [--deadline 24h] [--timeout-wait 60]';
 
 function usage(message) {
   console.error(`enqueue.mjs: ${message}\n${USAGE}`);
@@ -36,6 +38,7 @@ try {
       model: { type: 'string' },
       schema: { type: 'string' },
       stream: { type: 'boolean' },
+      deadline: { type: 'string' },
       'timeout-wait': { type: 'string', default: '60' },
       help: { type: 'boolean', short: 'h' },
     },
@@ -76,6 +79,7 @@ if (opts.schema) {
   envelope.response_format = { type: 'json_schema', schema };
 }
 if (opts.stream) envelope.stream = true;
+if (opts.deadline) envelope.deadline = opts.deadline;
 
 const stream = `llmq:{${opts.queue}}:stream`;
 const resultKey = `llmq:{${opts.queue}}:result:${taskId}`;

@@ -2,10 +2,12 @@
 """Enqueue one llmq task from Python and wait for its result, with redis-py only.
 
     python3 examples/python/enqueue.py "prompt text" [--queue default] [--model M]
-        [--schema '{"type": "object", ...}'] [--stream] [--timeout-wait 60]
+        [--schema '{"type": "object", ...}'] [--stream] [--deadline 24h] [--timeout-wait 60]
 
 --schema asks for JSON that fits the schema (the result carries it parsed as "json");
---stream has the provider stream the answer, printed to stderr as it is written.
+--stream has the provider stream the answer, printed to stderr as it is written;
+--deadline says the task can wait that long, so it may go through a provider's batch API
+at the batch price (then give --timeout-wait enough time).
 
 Reads REDIS_URL (default redis://127.0.0.1:6379). Prints the result record as one JSON
 line on stdout. Exit codes: 0 succeeded, 1 failed or dead, 2 bad usage or Redis
@@ -37,6 +39,9 @@ def main() -> int:
         "--stream", action="store_true", help="print the answer to stderr as it is written"
     )
     parser.add_argument(
+        "--deadline", default=None, help="the task can wait this long (at least 24h), e.g. 24h"
+    )
+    parser.add_argument(
         "--timeout-wait",
         type=float,
         default=60.0,
@@ -65,6 +70,8 @@ def main() -> int:
         envelope["response_format"] = {"type": "json_schema", "schema": schema}
     if args.stream:
         envelope["stream"] = True
+    if args.deadline:
+        envelope["deadline"] = args.deadline
 
     stream = f"llmq:{{{args.queue}}}:stream"
     result_key = f"llmq:{{{args.queue}}}:result:{task_id}"

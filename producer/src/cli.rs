@@ -272,6 +272,11 @@ pub struct Batch {
     /// At most this many of the batch's tasks run at once, across every worker.
     #[arg(long, value_parser = parse_parallel)]
     pub parallel: Option<u32>,
+    /// The tasks can wait this long (default 24h, at least 24h): they go through the
+    /// providers' batch APIs at the batch price where the provider file allows
+    /// (`deadline` on each task; a task's own `deadline` wins).
+    #[arg(long, num_args = 0..=1, default_missing_value = "24h", value_name = "DEADLINE")]
+    pub provider_batch: Option<String>,
     /// Let tasks fall back to other providers when theirs fails (as the provider file says).
     #[arg(long, overrides_with = "no_fallback")]
     pub fallback: bool,

@@ -39,6 +39,10 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
         .costs(since, until, args.chain_id.as_deref(), by)
         .await?;
     let total: f64 = lines.iter().map(|l| l.cost_usd).fold(0.0, |a, b| a + b);
+    let saved: f64 = lines
+        .iter()
+        .map(|l| l.batch_saved_usd)
+        .fold(0.0, |a, b| a + b);
     let calls: i64 = lines.iter().map(|l| l.calls).sum();
     let tasks = ledger
         .tasks_in(since, until, args.chain_id.as_deref())
@@ -52,6 +56,7 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             out,
             &to_json(&serde_json::json!({
                 "since": since, "until": until, "total_cost_usd": total,
+                "batch_saved_usd": saved,
                 "calls": calls, "tasks": tasks, "breakdown": lines,
                 "chain_tasks": chain,
             })),
@@ -64,9 +69,17 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
                 (None, None) => format!("up to {last}"),
             };
             let mut s = format!(
-                "Costs {range}\nTotal: {} over {calls} calls, {tasks} tasks\n\n",
+                "Costs {range}\nTotal: {} over {calls} calls, {tasks} tasks\n",
                 render::usd(total)
             );
+            if saved > 0.0 {
+                s.push_str(&format!(
+                    "Provider batches saved {} against list prices ({} at list prices)\n",
+                    render::usd(saved),
+                    render::usd(total + saved)
+                ));
+            }
+            s.push('\n');
             s.push_str(&format!(
                 "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
                 format!("{:?}", args.by).to_uppercase(),

@@ -39,9 +39,19 @@ pub struct CoolingDown {
     pub probing: bool,
 }
 
+/// Provider batches of a queue in `llmq status`: tasks waiting to be sent, and open batches.
+#[derive(Debug, Serialize)]
+struct QueueBatches {
+    queue: String,
+    /// Tasks waiting for a batch, per `provider/model`.
+    waiting: Vec<(String, u64)>,
+    open: Vec<llmq_shared::queue::BatchRecord>,
+}
+
 #[derive(Debug, Serialize)]
 struct StatusReport {
     queues: Vec<QueueCounts>,
+    batches: Vec<QueueBatches>,
     providers: Vec<Readiness>,
     cooling_down: Vec<CoolingDown>,
     scheduler: llmq_shared::archive::SchedulerStatus,
@@ -57,8 +67,24 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         names.push("default".into());
     }
     let mut queues = Vec::with_capacity(names.len());
+    let mut batches = Vec::new();
     for name in &names {
-        queues.push(redis.counts(&QueueKeys::new(name)).await?);
+        let keys = QueueKeys::new(name);
+        queues.push(redis.counts(&keys).await?);
+        let waiting: Vec<(String, u64)> = redis
+            .batch_groups(&keys)
+            .await?
+            .into_iter()
+            .map(|g| (g.name, g.waiting))
+            .collect();
+        let open = redis.open_batches(&keys).await?;
+        if !waiting.is_empty() || !open.is_empty() {
+            batches.push(QueueBatches {
+                queue: name.clone(),
+                waiting,
+                open,
+            });
+        }
     }
     let mut providers = Vec::new();
     let mut cooling_down = Vec::new();
@@ -100,6 +126,7 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
     .await?;
     let report = StatusReport {
         queues,
+        batches,
         providers,
         cooling_down,
         scheduler,
@@ -126,6 +153,33 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             q.dead,
             q.workers
         ));
+    }
+    if !r.batches.is_empty() {
+        s.push_str("\nPROVIDER BATCHES (tasks that can wait, at the batch price)\n");
+    }
+    for b in &r.batches {
+        for (group, n) in &b.waiting {
+            s.push_str(&format!(
+                "  {:<20} {n} task(s) waiting for a batch to {group}\n",
+                render::cut(&b.queue, 20)
+            ));
+        }
+        for o in &b.open {
+            let age = (llmq_shared::queue::now_ms() - o.created_ms).max(0) / 1000;
+            s.push_str(&format!(
+                "  {:<20} batch {} to {}/{}: {} task(s), {}, {age} s old{}\n",
+                render::cut(&b.queue, 20),
+                o.id,
+                o.provider,
+                o.model,
+                o.task_ids.len(),
+                o.state,
+                o.remote
+                    .as_deref()
+                    .map(|r| format!(" (the provider's {})", render::cut(r, 60)))
+                    .unwrap_or_default()
+            ));
+        }
     }
     if with_providers {
         s.push_str(&format!(

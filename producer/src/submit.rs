@@ -224,6 +224,8 @@ struct BatchTask {
     max_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
+    #[serde(default)]
+    deadline: Option<String>,
 }
 
 /// Per-provider line of a batch report.
@@ -300,6 +302,7 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         env.tools = t.tools;
         env.tool_choice = t.tool_choice;
         env.response_format = t.response_format;
+        env.deadline = t.deadline.or_else(|| args.provider_batch.clone());
         env.fallback = fallback;
         // Refused here, as a worker would refuse it, rather than becoming a dead letter.
         Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())

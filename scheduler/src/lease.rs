@@ -287,7 +287,7 @@ impl Lease {
     }
 
     /// Our proof of holding the lease, for the queue's fenced writes.
-    fn proof(&self) -> Result<Fence<'_>> {
+    pub(crate) fn proof(&self) -> Result<Fence<'_>> {
         let token = self.fence.ok_or(Error::NotLeader)?;
         Ok(Fence {
             keys: &self.keys,

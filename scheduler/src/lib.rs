@@ -3,7 +3,7 @@
 //!
 //! Layout: `lease` (the lease and the fence every write carries), then one module per duty:
 //! `windows`, `dead_letters`, `recurring`, `approvals`, `chains`, `promote`, `gauges`,
-//! `routing_stats`. Queue
+//! `routing_stats`, `batches`. Queue
 //! writes go through the queue's own fenced functions.
 //!
 //! Any number of instances run; the one holding the lease in Redis acts, the others poll
@@ -26,6 +26,8 @@
 //! - `chains`: chains whose keys expired leave the queue's chains index.
 //! - `routing_stats`: with a learned `routing.strategy`, each model's observed success per
 //!   task type and risk, read from the ledger into Redis for every worker.
+//! - `batches`: tasks that can wait (`deadline`) go to providers' batch APIs: sends them,
+//!   asks about open batches, and settles each task with its answer or a normal call.
 //!
 //! There is no duty for results or the ready streams: results carry their own TTL (the
 //! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
@@ -60,6 +62,7 @@ use llmq_shared::ledger::Ledger;
 use llmq_shared::queue::Client;
 
 mod approvals;
+mod batches;
 mod chains;
 mod dead_letters;
 mod gauges;
@@ -140,6 +143,10 @@ pub struct Settings {
     /// `routing.strategy` only).
     #[arg(long, env = "LLMQ_ROUTING_STATS_EVERY", default_value = "1m", value_parser = humantime::parse_duration)]
     pub routing_stats_every: Duration,
+    /// How often open provider batches are asked about, and waiting tasks looked at for a
+    /// batch to send.
+    #[arg(long, env = "LLMQ_BATCHES_EVERY", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub batches_every: Duration,
     /// A queue whose dead letters to archive; repeat for several [default: every queue a
     /// worker has served].
     #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
@@ -166,6 +173,7 @@ impl std::fmt::Debug for Settings {
             .field("dead_letters_every", &self.dead_letters_every)
             .field("chains_every", &self.chains_every)
             .field("routing_stats_every", &self.routing_stats_every)
+            .field("batches_every", &self.batches_every)
             .field("queues", &self.queues)
             .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
@@ -199,10 +207,11 @@ pub enum Duty {
     Gauges,
     Promote,
     RoutingStats,
+    Batches,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 8] = [
+    pub const ALL: [Duty; 9] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
@@ -211,6 +220,7 @@ impl Duty {
         Duty::Gauges,
         Duty::Promote,
         Duty::RoutingStats,
+        Duty::Batches,
     ];
 
     /// Its field in the duties hash.
@@ -225,6 +235,7 @@ impl Duty {
             Duty::Gauges => "gauges",
             Duty::Promote => "promote",
             Duty::RoutingStats => "routing_stats",
+            Duty::Batches => "batches",
         }
     }
 }
@@ -245,6 +256,9 @@ pub struct Scheduler {
     dead_letters_every: Duration,
     chains_every: Duration,
     routing_stats_every: Duration,
+    batches_every: Duration,
+    /// The batch API of each provider with a `batch:` section.
+    batch_clients: std::collections::HashMap<String, llmq_shared::provider::batch::BatchClient>,
     /// Where the `chains` duty reads each queue's index next.
     chain_cursors: chains::Cursors,
     /// The day whose previous day's windows this holder has recorded.
@@ -302,6 +316,8 @@ impl Scheduler {
             dead_letters_every: settings.dead_letters_every,
             chains_every: settings.chains_every,
             routing_stats_every: settings.routing_stats_every,
+            batches_every: settings.batches_every,
+            batch_clients: batches::clients(&settings.config),
             chain_cursors: chains::Cursors::new(),
             config: settings.config,
             windows_closed: None,
@@ -348,6 +364,7 @@ impl Scheduler {
             Duty::DeadLetters => self.dead_letters_every,
             Duty::Chains => self.chains_every,
             Duty::RoutingStats => self.routing_stats_every,
+            Duty::Batches => self.batches_every,
             Duty::Recurring | Duty::Approvals | Duty::Promote => self.pause(),
             Duty::Gauges => gauges::EVERY,
         }
@@ -472,6 +489,7 @@ impl Scheduler {
             Duty::Gauges => self.publish_gauges().await,
             Duty::Promote => self.promote_due().await,
             Duty::RoutingStats => self.refresh_routing_stats().await,
+            Duty::Batches => self.run_batches().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

@@ -25,10 +25,21 @@ async fn main() -> ExitCode {
         config,
         mut settings,
     } = Args::parse();
-    settings.config = match Config::load_without_secrets(&config) {
+    // The provider file without its secrets, unless a provider's batch API is to be used:
+    // the scheduler sends those batches, so it needs those keys (and then reads them all).
+    let loaded = Config::load_without_secrets(&config).and_then(|c| {
+        if c.providers.iter().any(|p| p.enabled && p.batch.is_some()) {
+            Config::load(&config)
+        } else {
+            Ok(c)
+        }
+    });
+    settings.config = match loaded {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("llmq-scheduler: {e}");
+            eprintln!(
+                "llmq-scheduler: {e} (the scheduler sends provider batches, so it needs the API keys of the providers with a batch section)"
+            );
             return ExitCode::from(2);
         }
     };

@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -284,6 +285,10 @@ pub struct Envelope {
     /// `llmq:{q}:out:<id>` as it arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    /// How long the task can wait for its answer (e.g. `"24h"`), from when it was enqueued:
+    /// set, it may go through a provider's batch API at the batch price.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<String>,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub task_type: Option<String>,
     /// Provider hint (`--platform`).
@@ -368,6 +373,41 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// The shortest `deadline`: every provider's batch API may take a day (OpenAI's only
+/// completion window is 24h; Anthropic and Gemini aim at a day too).
+pub const MIN_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// The longest `deadline`.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn check_deadline(text: &str, streams: bool) -> Result<()> {
+    let field = |message: String| Error::Field {
+        field: "deadline".into(),
+        message,
+    };
+    let d = humantime::parse_duration(text).map_err(|e| {
+        field(format!(
+            "`{}` is not a duration ({e}); write it as e.g. \"24h\" or \"3d\"",
+            crate::text::excerpt(text, 40)
+        ))
+    })?;
+    if d < MIN_DEADLINE {
+        return Err(field(format!(
+            "{text} is shorter than the 24h a provider may take to run a batch; give at least 24h, or leave deadline out to call the model now"
+        )));
+    }
+    if d > MAX_DEADLINE {
+        return Err(field(format!(
+            "{text} is longer than 30 days; give at most 30d"
+        )));
+    }
+    if streams {
+        return Err(field(
+            "cannot be used with stream: a batch answers all at once; drop one of them".into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Envelope {
     /// A fresh envelope with a new id and every option unset.
     #[must_use]
@@ -382,6 +422,7 @@ impl Envelope {
             tool_choice: None,
             response_format: None,
             stream: None,
+            deadline: None,
             task_type: None,
             provider: None,
             model: None,
@@ -409,6 +450,15 @@ impl Envelope {
             last_error: None,
             extra: Map::new(),
         }
+    }
+
+    /// How long the task can wait for its answer, when it says so (and says it well: an
+    /// envelope that parsed has a valid one).
+    #[must_use]
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+            .as_deref()
+            .and_then(|d| humantime::parse_duration(d).ok())
     }
 
     /// Parses and validates raw bytes from the stream.
@@ -501,6 +551,9 @@ impl Envelope {
                 field: "stream".into(),
                 message: "cannot be used with tools yet: a streamed answer carries text only; drop one of them".into(),
             });
+        }
+        if let Some(text) = &self.deadline {
+            check_deadline(text, self.streams())?;
         }
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.

@@ -120,6 +120,46 @@ impl QueueKeys {
     pub fn workers(&self) -> String {
         format!("{}:workers", self.prefix)
     }
+
+    /// A task that went to a provider batch: a hash of its state (`waiting`, `sent`,
+    /// `answered`, `fallback`), its envelope and request while it waits, and the answer.
+    #[must_use]
+    pub fn batch_task(&self, task_id: &str) -> String {
+        format!("{}:batch:task:{task_id}", self.prefix)
+    }
+
+    /// The tasks waiting to be sent in a batch to one `provider/model`: a sorted set of
+    /// task ids by when they began to wait (ms).
+    #[must_use]
+    pub fn batch_waiting(&self, group: &str) -> String {
+        format!("{}:batch:waiting:{group}", self.prefix)
+    }
+
+    /// The `provider/model` groups with waiting tasks: a set.
+    #[must_use]
+    pub fn batch_groups(&self) -> String {
+        format!("{}:batch:groups", self.prefix)
+    }
+
+    /// One batch llmq made: a hash of its provider, model, the provider's id for it, its
+    /// task ids in request order and its state.
+    #[must_use]
+    pub fn batch(&self, batch_id: &str) -> String {
+        format!("{}:batch:b:{batch_id}", self.prefix)
+    }
+
+    /// Open batches: a sorted set of batch ids by when they were made (ms).
+    #[must_use]
+    pub fn batches_open(&self) -> String {
+        format!("{}:batch:open", self.prefix)
+    }
+
+    /// Set, with a short TTL, while a scheduler sends this queue's batches: workers send
+    /// tasks to a batch only then, so none waits for a batcher that is not there.
+    #[must_use]
+    pub fn batcher(&self) -> String {
+        format!("{}:batch:batcher", self.prefix)
+    }
 }
 
 /// The scheduler's keys (not per queue: one scheduler serves every queue). A namespace keeps

@@ -74,6 +74,9 @@ pub struct CallRow {
     pub error: Option<String>,
     pub worker: String,
     pub called_at: DateTime<Utc>,
+    /// For a call made through a provider's batch API (billed at the batch price): what it
+    /// would have cost at list prices.
+    pub list_cost_usd: Option<f64>,
 }
 
 /// One finished task (succeeded or dead).
@@ -133,6 +136,8 @@ pub struct CostLine {
     pub output_tokens: i64,
     pub cached_tokens: i64,
     pub cost_usd: f64,
+    /// What calls made through provider batch APIs saved against list prices.
+    pub batch_saved_usd: f64,
 }
 
 /// One task of a chain in a cost report.
@@ -296,18 +301,22 @@ impl Ledger {
             sqlx::query(
                 "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, chain_id, task_type,
                     provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
-                    cost_usd, latency_ms, outcome, error_class, error, worker, called_at, delivery)
+                    cost_usd, latency_ms, outcome, error_class, error, worker, called_at, delivery,
+                    list_cost_usd)
                  SELECT t.task_id, t.run, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
                     t.provider, t.model, t.input_tokens, t.output_tokens, t.cached_tokens,
                     t.reasoning_tokens, t.cost_usd::numeric(20, 10), t.latency_ms, t.outcome,
-                    t.error_class, t.error, t.worker, t.called_at, t.delivery
+                    t.error_class, t.error, t.worker, t.called_at, t.delivery,
+                    t.list_cost_usd::numeric(20, 10)
                  FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[],
                     $12::int8[], $13::int8[], $14::float8[], $15::int4[], $16::text[],
-                    $17::text[], $18::text[], $19::text[], $20::timestamptz[], $21::uuid[])
+                    $17::text[], $18::text[], $19::text[], $20::timestamptz[], $21::uuid[],
+                    $22::float8[])
                  AS t(task_id, run, attempt, call_no, queue, chain_id, task_type, provider, model,
                     input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
-                    latency_ms, outcome, error_class, error, worker, called_at, delivery)
+                    latency_ms, outcome, error_class, error, worker, called_at, delivery,
+                    list_cost_usd)
                  ON CONFLICT (task_id, delivery, call_no) DO UPDATE SET
                     input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
                     cached_tokens = EXCLUDED.cached_tokens,
@@ -348,6 +357,7 @@ impl Ledger {
             .bind(calls.iter().map(|c| text(&c.worker)).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
             .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
+            .bind(calls.iter().map(|c| c.list_cost_usd).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -608,13 +618,15 @@ impl Ledger {
                 coalesce(sum(input_tokens), 0)::int8 AS input_tokens,
                 coalesce(sum(output_tokens), 0)::int8 AS output_tokens,
                 coalesce(sum(cached_tokens), 0)::int8 AS cached_tokens,
-                coalesce(sum(cost_usd), 0)::float8 AS cost_usd
+                coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
+                coalesce(sum(list_cost_usd - cost_usd), 0)::float8 AS batch_saved_usd
              FROM provider_calls
              WHERE called_at >= $1 AND called_at < $2 AND ($3::text IS NULL OR chain_id = $3)
              GROUP BY 1 ORDER BY cost_usd DESC, key",
             col = by.column()
         );
-        let rows: Vec<(String, i64, i64, i64, i64, i64, f64)> = sqlx::query_as(&sql)
+        type Row = (String, i64, i64, i64, i64, i64, f64, f64);
+        let rows: Vec<Row> = sqlx::query_as(&sql)
             .bind(since)
             .bind(until)
             .bind(chain_id)
@@ -623,16 +635,24 @@ impl Ledger {
         Ok(rows
             .into_iter()
             .map(
-                |(key, calls, tasks, input_tokens, output_tokens, cached_tokens, cost_usd)| {
-                    CostLine {
-                        key,
-                        calls,
-                        tasks,
-                        input_tokens,
-                        output_tokens,
-                        cached_tokens,
-                        cost_usd,
-                    }
+                |(
+                    key,
+                    calls,
+                    tasks,
+                    input_tokens,
+                    output_tokens,
+                    cached_tokens,
+                    cost_usd,
+                    batch_saved_usd,
+                )| CostLine {
+                    key,
+                    calls,
+                    tasks,
+                    input_tokens,
+                    output_tokens,
+                    cached_tokens,
+                    cost_usd,
+                    batch_saved_usd,
                 },
             )
             .collect())

@@ -448,11 +448,7 @@ providers:
 
     #[test]
     fn cost_prices_cached_tokens_at_their_rate() {
-        let prices = Prices {
-            input: 1.0,
-            output: 2.0,
-            cached_input: 0.5,
-        };
+        let prices = Prices::list(1.0, 2.0, 0.5);
         let usage = crate::provider::Usage {
             input_tokens: 1_000_000,
             output_tokens: 1_000_000,

@@ -163,6 +163,10 @@ pub struct Prices {
     pub output: f64,
     /// Cached prompt tokens; the input price when the provider file gives none.
     pub cached_input: f64,
+    /// Through the provider's batch API: half the input and output prices (OpenAI,
+    /// Anthropic and Gemini all sell batches at 50 % off) unless the file says otherwise.
+    pub batch_input: f64,
+    pub batch_output: f64,
 }
 
 impl Prices {
@@ -176,6 +180,35 @@ impl Prices {
             + cached as f64 * self.cached_input
             + usage.output_tokens as f64 * self.output)
             / 1_000_000.0
+    }
+
+    /// List prices with the batch discount's defaults: half of each.
+    #[must_use]
+    pub fn list(input: f64, output: f64, cached_input: f64) -> Self {
+        Self {
+            input,
+            output,
+            cached_input,
+            batch_input: input / 2.0,
+            batch_output: output / 2.0,
+        }
+    }
+
+    /// The prices of a call made through the provider's batch API; cached prompt tokens
+    /// get the same discount as the others.
+    #[must_use]
+    pub fn batch(&self) -> Prices {
+        let cached_input = if self.input > 0.0 {
+            self.cached_input * self.batch_input / self.input
+        } else {
+            self.cached_input / 2.0
+        };
+        Prices {
+            input: self.batch_input,
+            output: self.batch_output,
+            cached_input,
+            ..*self
+        }
     }
 }
 
@@ -347,8 +380,32 @@ pub struct ProviderConfig {
     pub cost_tier: CostTier,
     pub quotas: Quotas,
     pub command: Option<CommandConfig>,
+    /// Set: tasks that can wait (`deadline`) go through the provider's batch API.
+    pub batch: Option<BatchConfig>,
     pub models: Vec<Model>,
 }
+
+/// How a provider's batch API is used (the provider file's `batch:` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    /// How long the first waiting task waits for others before its batch is sent.
+    pub gather: Duration,
+    /// Requests per batch at most; more waiting tasks make more batches.
+    pub max_requests: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            gather: Duration::from_secs(60),
+            max_requests: 1000,
+        }
+    }
+}
+
+/// The most requests llmq puts in one batch: every provider takes at least this many
+/// (OpenAI 50,000, Anthropic 100,000; Gemini's inline requests up to 20 MB in all).
+pub const MAX_BATCH_REQUESTS: usize = 10_000;
 
 impl ProviderConfig {
     #[must_use]
@@ -520,6 +577,8 @@ pub(super) fn provider(
             ("input_usd_per_mtok", m.input_usd_per_mtok),
             ("output_usd_per_mtok", m.output_usd_per_mtok),
             ("cached_input_usd_per_mtok", m.cached_input_usd_per_mtok),
+            ("batch_input_usd_per_mtok", m.batch_input_usd_per_mtok),
+            ("batch_output_usd_per_mtok", m.batch_output_usd_per_mtok),
         ] {
             if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
                 return Err(errs.at(
@@ -540,20 +599,12 @@ pub(super) fn provider(
         let (prices, price_source, window) =
             match (m.input_usd_per_mtok, m.output_usd_per_mtok, bundled) {
                 (Some(input), Some(output), _) => (
-                    Prices {
-                        input,
-                        output,
-                        cached_input: m.cached_input_usd_per_mtok.unwrap_or(input),
-                    },
+                    Prices::list(input, output, m.cached_input_usd_per_mtok.unwrap_or(input)),
                     PriceSource::File,
                     m.context_window,
                 ),
                 (None, None, Some(b)) => (
-                    Prices {
-                        input: b.input,
-                        output: b.output,
-                        cached_input: b.cached_input.unwrap_or(b.input),
-                    },
+                    Prices::list(b.input, b.output, b.cached_input.unwrap_or(b.input)),
                     PriceSource::Bundled,
                     m.context_window.or(b.context_window),
                 ),
@@ -579,6 +630,13 @@ pub(super) fn provider(
                     ));
                 }
             };
+        let mut prices = prices;
+        if let Some(p) = m.batch_input_usd_per_mtok {
+            prices.batch_input = p;
+        }
+        if let Some(p) = m.batch_output_usd_per_mtok {
+            prices.batch_output = p;
+        }
         models.push(Model {
             name: m.name.unwrap_or_else(|| m.id.clone()),
             id: m.id,
@@ -589,6 +647,46 @@ pub(super) fn provider(
             price_source,
         });
     }
+    let batch = match p.batch {
+        None => None,
+        Some(_)
+            if !matches!(
+                p.kind,
+                Kind::Openai | Kind::OpenaiCompatible | Kind::Anthropic | Kind::Gemini
+            ) =>
+        {
+            return Err(errs.at(
+                at("batch"),
+                format!("kind {} has no batch API", p.kind.as_str()),
+                "remove the batch section; only openai, openai_compatible (a server with /v1/batches), anthropic and gemini take one",
+            ));
+        }
+        Some(b) => {
+            let mut batch = BatchConfig::default();
+            if let Some(g) = b.gather.as_deref() {
+                batch.gather = errs.duration(at("batch.gather"), g)?;
+                if batch.gather > Duration::from_secs(3600) {
+                    return Err(errs.at(
+                        at("batch.gather"),
+                        format!("{g} is longer than an hour"),
+                        "give at most 1h; a task waits this long for others before its batch is sent",
+                    ));
+                }
+            }
+            match b.max_requests {
+                None => {}
+                Some(n @ 1..=MAX_BATCH_REQUESTS) => batch.max_requests = n,
+                Some(n) => {
+                    return Err(errs.at(
+                        at("batch.max_requests"),
+                        format!("{n} requests per batch is not a usable number"),
+                        &format!("use 1 to {MAX_BATCH_REQUESTS}"),
+                    ));
+                }
+            }
+            Some(batch)
+        }
+    };
     let connections = match p.connections {
         None => DEFAULT_CONNECTIONS,
         Some(n @ 1..=MAX_CONNECTIONS) => n as usize,
@@ -613,6 +711,7 @@ pub(super) fn provider(
         cost_tier: p.cost_tier,
         quotas,
         command,
+        batch,
         models,
     })
 }

@@ -87,7 +87,16 @@ pub(super) struct RawProvider {
     pub(super) http2: Http2,
     #[serde(default)]
     pub(super) connections: Option<u32>,
+    #[serde(default)]
+    pub(super) batch: Option<RawBatch>,
     pub(super) models: Vec<RawModel>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBatch {
+    pub(super) gather: Option<String>,
+    pub(super) max_requests: Option<usize>,
 }
 
 pub(super) fn yes() -> bool {
@@ -135,6 +144,8 @@ pub(super) struct RawModel {
     pub(super) input_usd_per_mtok: Option<f64>,
     pub(super) output_usd_per_mtok: Option<f64>,
     pub(super) cached_input_usd_per_mtok: Option<f64>,
+    pub(super) batch_input_usd_per_mtok: Option<f64>,
+    pub(super) batch_output_usd_per_mtok: Option<f64>,
 }
 
 #[derive(Deserialize)]

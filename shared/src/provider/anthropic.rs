@@ -50,7 +50,7 @@ impl Anthropic {
         }
     }
 
-    fn body(req: &Request) -> Value {
+    pub(super) fn body(req: &Request) -> Value {
         // Consecutive tool answers go in one user turn, a tool_result block each: the turn
         // after the assistant's tool_use blocks answers them all.
         let mut messages: Vec<Value> = Vec::new();
@@ -161,7 +161,7 @@ impl Anthropic {
 }
 
 /// How this format's answers read.
-const FORMAT: Format = Format {
+pub(super) const FORMAT: Format = Format {
     error_message,
     refine: refine_class,
     parse: parse_completion,

@@ -75,7 +75,10 @@ impl Clients {
 }
 
 /// An HTTP client for provider `p`, keeping up to `idle` idle HTTP/1.1 connections.
-fn http_client(p: &ProviderConfig, idle: usize) -> Result<reqwest::Client, reqwest::Error> {
+///
+/// # Errors
+/// When the TLS backend cannot be set up.
+pub fn http_client(p: &ProviderConfig, idle: usize) -> Result<reqwest::Client, reqwest::Error> {
     let builder = reqwest::Client::builder().pool_max_idle_per_host(idle);
     match p.http2 {
         Http2::PriorKnowledge => builder.http2_prior_knowledge(),

@@ -65,7 +65,7 @@ impl Gemini {
         )
     }
 
-    fn body(req: &Request) -> Value {
+    pub(super) fn body(req: &Request) -> Value {
         // Consecutive tool answers go in one content, a functionResponse part each: as many
         // as the calls of the model's turn before.
         let mut contents: Vec<Value> = Vec::new();
@@ -197,7 +197,7 @@ impl Gemini {
 }
 
 /// How this format's answers read.
-const FORMAT: Format = Format {
+pub(super) const FORMAT: Format = Format {
     error_message,
     refine: refine_class,
     parse: parse_completion,

@@ -21,6 +21,7 @@ use crate::outcome::ErrorClass;
 pub use crate::outcome::Usage;
 
 pub mod anthropic;
+pub mod batch;
 pub mod clients;
 pub mod command;
 pub mod gemini;
@@ -342,6 +343,29 @@ pub(crate) struct Format {
     pub(crate) stream: StreamEvent,
 }
 
+impl Format {
+    /// An error status and its body, classified.
+    pub(crate) fn error(
+        &self,
+        provider: &str,
+        model: &str,
+        status: u16,
+        body: &str,
+        retry_after: Option<Duration>,
+    ) -> Error {
+        let mut err = Error::new(
+            provider,
+            model,
+            classify_status(status),
+            (self.error_message)(body),
+        );
+        err.status = Some(status);
+        err.retry_after = retry_after;
+        (self.refine)(&mut err, body);
+        err
+    }
+}
+
 /// The longest line a streamed answer may send before its end: no provider sends one near
 /// it, and a stream that never ends a line cannot grow a worker's memory without bound.
 const MAX_STREAM_LINE: usize = 4 * 1024 * 1024;
@@ -361,12 +385,13 @@ pub(crate) async fn exchange(
         ..Error::new(provider, &req.model, ErrorClass::Retryable, m)
     })?;
     if !(200..300).contains(&reply.status) {
-        let message = (format.error_message)(&reply.body);
-        let mut err = Error::new(provider, &req.model, classify_status(reply.status), message);
-        err.status = Some(reply.status);
-        err.retry_after = reply.retry_after;
-        (format.refine)(&mut err, &reply.body);
-        return Err(err);
+        return Err(format.error(
+            provider,
+            &req.model,
+            reply.status,
+            &reply.body,
+            reply.retry_after,
+        ));
     }
     (format.parse)(&reply.body).map_err(|(class, m)| Error::new(provider, &req.model, class, m))
 }
@@ -397,16 +422,7 @@ async fn exchange_streamed(
             .text()
             .await
             .map_err(|e| broken(transport_message(&e, req)))?;
-        let mut err = Error::new(
-            provider,
-            &req.model,
-            classify_status(status),
-            (format.error_message)(&body),
-        );
-        err.status = Some(status);
-        err.retry_after = wait;
-        (format.refine)(&mut err, &body);
-        return Err(err);
+        return Err(format.error(provider, &req.model, status, &body, wait));
     }
     let failed = |(class, m): (ErrorClass, String)| Error::new(provider, &req.model, class, m);
     let mut acc = Streamed::default();

@@ -50,71 +50,7 @@ impl OpenAi {
     }
 
     fn body(&self, req: &Request) -> Value {
-        let mut messages = Vec::with_capacity(2 + req.messages.len());
-        // OpenAI refuses `json_object` unless a message mentions JSON.
-        let hint = matches!(req.response_format, Some(ResponseFormat::JsonObject))
-            && !req
-                .system_text()
-                .is_some_and(|s| s.to_lowercase().contains("json"))
-            && !req.turns().any(|t| t.text.to_lowercase().contains("json"));
-        match (req.system_text(), hint) {
-            (Some(system), true) => {
-                messages.push(
-                    json!({"role": "system", "content": format!("{system}\n\nAnswer in JSON.")}),
-                );
-            }
-            (Some(system), false) => messages.push(json!({"role": "system", "content": system})),
-            (None, true) => messages.push(json!({"role": "system", "content": "Answer in JSON."})),
-            (None, false) => {}
-        }
-        for turn in req.turns() {
-            messages.push(match turn.role {
-                Role::Tool => json!({
-                    "role": "tool",
-                    "tool_call_id": turn.tool_call_id,
-                    "content": turn.text,
-                }),
-                Role::Assistant if !turn.tool_calls.is_empty() => json!({
-                    "role": "assistant",
-                    "content": (!turn.text.trim().is_empty()).then_some(&turn.text),
-                    "tool_calls": turn.tool_calls.iter().map(|c| json!({
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.name, "arguments": match &c.arguments {
-                            Value::String(text) => text.clone(),
-                            Value::Null => "{}".to_owned(),
-                            args => args.to_string(),
-                        }},
-                    })).collect::<Vec<_>>(),
-                }),
-                role => json!({"role": role.as_str(), "content": content(&turn)}),
-            });
-        }
-        let mut body = json!({"model": req.model, "messages": messages});
-        if let Some(max) = req.max_tokens {
-            let field = match self.limit_field {
-                TokenLimitField::MaxCompletionTokens => "max_completion_tokens",
-                TokenLimitField::MaxTokens => "max_tokens",
-            };
-            body[field] = json!(max);
-        }
-        if let Some(t) = req.temperature {
-            body["temperature"] = json!(t);
-        }
-        if !req.tools.is_empty() {
-            body["tools"] = tools(&req.tools);
-            if let Some(choice) = &req.tool_choice {
-                body["tool_choice"] = tool_choice(choice);
-            }
-        }
-        if let Some(format) = &req.response_format {
-            body["response_format"] = response_format(format);
-        }
-        if req.sink.is_some() {
-            body["stream"] = json!(true);
-            body["stream_options"] = json!({"include_usage": true});
-        }
-        body
+        body(req, self.limit_field)
     }
 
     async fn call(&self, req: &Request) -> Result<Completion> {
@@ -130,8 +66,76 @@ impl OpenAi {
     }
 }
 
+/// The chat-completions body of `req`, with its output limit in `limit_field`.
+pub(super) fn body(req: &Request, limit_field: TokenLimitField) -> Value {
+    let mut messages = Vec::with_capacity(2 + req.messages.len());
+    // OpenAI refuses `json_object` unless a message mentions JSON.
+    let hint = matches!(req.response_format, Some(ResponseFormat::JsonObject))
+        && !req
+            .system_text()
+            .is_some_and(|s| s.to_lowercase().contains("json"))
+        && !req.turns().any(|t| t.text.to_lowercase().contains("json"));
+    match (req.system_text(), hint) {
+        (Some(system), true) => {
+            messages
+                .push(json!({"role": "system", "content": format!("{system}\n\nAnswer in JSON.")}));
+        }
+        (Some(system), false) => messages.push(json!({"role": "system", "content": system})),
+        (None, true) => messages.push(json!({"role": "system", "content": "Answer in JSON."})),
+        (None, false) => {}
+    }
+    for turn in req.turns() {
+        messages.push(match turn.role {
+            Role::Tool => json!({
+                "role": "tool",
+                "tool_call_id": turn.tool_call_id,
+                "content": turn.text,
+            }),
+            Role::Assistant if !turn.tool_calls.is_empty() => json!({
+                "role": "assistant",
+                "content": (!turn.text.trim().is_empty()).then_some(&turn.text),
+                "tool_calls": turn.tool_calls.iter().map(|c| json!({
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": match &c.arguments {
+                        Value::String(text) => text.clone(),
+                        Value::Null => "{}".to_owned(),
+                        args => args.to_string(),
+                    }},
+                })).collect::<Vec<_>>(),
+            }),
+            role => json!({"role": role.as_str(), "content": content(&turn)}),
+        });
+    }
+    let mut body = json!({"model": req.model, "messages": messages});
+    if let Some(max) = req.max_tokens {
+        let field = match limit_field {
+            TokenLimitField::MaxCompletionTokens => "max_completion_tokens",
+            TokenLimitField::MaxTokens => "max_tokens",
+        };
+        body[field] = json!(max);
+    }
+    if let Some(t) = req.temperature {
+        body["temperature"] = json!(t);
+    }
+    if !req.tools.is_empty() {
+        body["tools"] = tools(&req.tools);
+        if let Some(choice) = &req.tool_choice {
+            body["tool_choice"] = tool_choice(choice);
+        }
+    }
+    if let Some(format) = &req.response_format {
+        body["response_format"] = response_format(format);
+    }
+    if req.sink.is_some() {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    body
+}
+
 /// How this format's answers read.
-const FORMAT: Format = Format {
+pub(super) const FORMAT: Format = Format {
     error_message,
     refine: refine_class,
     parse: |body| parse_completion(body).map_err(|m| (ErrorClass::Retryable, m)),

@@ -13,6 +13,7 @@
 //! - `chain`: a chain's reads, and what a person or the scheduler does to one (cancel, retry,
 //!   approve, trim); its state types live in [`crate::chain`];
 //! - `slots`: concurrency-key slots, taken, parked for and freed;
+//! - `batch`: tasks that wait for a provider batch, the batches, and their answers;
 //! - `dead_letter`: listing, finding, replaying, purging and (fenced) trimming dead letters;
 //! - `inspect`: counts, task lookup, results, worker heartbeats;
 //! - `reply`: reading Redis replies, in one place;
@@ -25,6 +26,7 @@ use tokio::sync::OnceCell;
 
 use crate::outcome::{ErrorClass, TaskRecord};
 
+mod batch;
 mod chain;
 mod dead_letter;
 mod delivery;
@@ -35,6 +37,7 @@ mod out;
 mod reply;
 mod slots;
 
+pub use batch::{BatchAnswer, BatchRecord, BatchState, Group, Parked, Settle, Taken};
 pub use chain::Refused;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;

@@ -1,6 +1,13 @@
-//! The Anthropic Messages wire format: `POST /v1/messages`.
+//! The Anthropic Messages wire format: `POST /v1/messages`; its Message Batches are in
+//! `batch`.
 
 use super::*;
+
+mod batch;
+
+#[cfg(test)]
+pub(super) use batch::valid_custom_id;
+pub(super) use batch::{batch_item, batch_results, cancel_batch, create_batch, get_batch};
 
 /// The context size claimed by `context-too-long` on the Anthropic route.
 const ANTHROPIC_CONTEXT_LIMIT: u64 = 200_000;

@@ -1,6 +1,11 @@
-//! The Gemini wire format: `POST /v1beta/models/{model}:generateContent`, `GET /v1beta/models`.
+//! The Gemini wire format: `POST /v1beta/models/{model}:generateContent`, `GET /v1beta/models`;
+//! its Batch API is in `batch`.
 
 use super::*;
+
+mod batch;
+
+pub(super) use batch::{batch_item, cancel_batch, get_batch};
 
 /// The context size claimed by `context-too-long` on the Gemini route.
 const GEMINI_CONTEXT_LIMIT: u64 = 1_048_576;
@@ -460,8 +465,11 @@ pub(super) async fn gemini_generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    state.total.fetch_add(1, Ordering::SeqCst);
     let (model, method) = rest.split_once(':').unwrap_or((rest.as_str(), ""));
+    if method == "batchGenerateContent" {
+        return batch::create_batch(&state, model, &uri, &headers, body);
+    }
+    state.total.fetch_add(1, Ordering::SeqCst);
     if !model.is_empty() {
         state.count(model);
     }

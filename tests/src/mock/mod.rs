@@ -3,8 +3,9 @@
 //! internet.
 //!
 //! Layout: this module holds the server, the magic models and the counters; `openai`,
-//! `anthropic`, `gemini` and `ollama` are one route's wire format each; `tests` checks each
-//! format's shapes.
+//! `anthropic`, `gemini` and `ollama` are one route's wire format each, with the batch API of
+//! the first three in their `batch` submodule; `batch` is what those share; `tests` checks
+//! each format's shapes.
 //!
 //! Routes:
 //!
@@ -14,10 +15,25 @@
 //! | `POST /v1/messages` | Anthropic Messages (`max_tokens` required, unknown fields rejected) | `x-api-key` and `anthropic-version` |
 //! | `POST /v1beta/models/{model}:generateContent` (also `/v1/...`) | Gemini | `x-goog-api-key` or `?key=` |
 //! | `POST /api/chat` | Ollama (streams NDJSON unless `"stream": false`) | none |
-//! | `GET /v1/models`, `GET /models`, `GET /healthz`, `GET /stats` (calls answered, per model, and HTTP/2 requests) | | none |
+//! | `POST /v1/files` (multipart, `purpose=batch`, a JSONL `file`), `GET /v1/files/{id}`, `GET /v1/files/{id}/content` | OpenAI files: a batch's input, output and error files | `Authorization: Bearer <key>` |
+//! | `POST /v1/batches`, `GET /v1/batches/{id}`, `POST /v1/batches/{id}/cancel` | OpenAI Batch API (endpoint `/v1/chat/completions`, window `24h`) | `Authorization: Bearer <key>` |
+//! | `POST /v1/messages/batches`, `GET /v1/messages/batches/{id}`, `POST /v1/messages/batches/{id}/cancel`, `GET /v1/messages/batches/{id}/results` (JSONL) | Anthropic Message Batches | `x-api-key` and `anthropic-version` |
+//! | `POST /v1beta/models/{model}:batchGenerateContent` (inlined requests), `GET /v1beta/batches/{id}`, `POST /v1beta/batches/{id}:cancel` | Gemini Batch API (a long-running operation) | `x-goog-api-key` or `?key=` |
+//! | `GET /v1/models`, `GET /models`, `GET /healthz`, `GET /stats` (calls answered, per model, HTTP/2 requests, batches and batch items per model) | | none |
 //!
 //! Any non-empty key is accepted; a missing one gets 401 (Gemini: 403 `PERMISSION_DENIED`) in
 //! the route's error shape. Every route counts its requests in [`MockServer::calls`].
+//!
+//! Batches: a batch is created in progress; the first poll (GET) of it always answers in
+//! progress, a later one answers it ended once [`MockOptions::batch_delay`] has passed since
+//! its creation and all its items are answered. Each item is answered by its format's own
+//! route handler, called in-process, a few at a time, so it behaves (magic models, markers,
+//! schemas, tools, usage) and counts ([`MockServer::calls`], [`MockServer::total_calls`],
+//! [`MockServer::calls_with_prompt`]) as a single request does, and also in
+//! [`MockServer::batch_items`]; an item asking to stream is refused with the format's
+//! invalid-request error. The batch's model (OpenAI: the lines' `body.model`; Anthropic: the
+//! first request's `params.model`; Gemini: the URL's) can be one of the `batch-*` names below
+//! for the batch as a whole; [`MockServer::batches`] counts batches per that model.
 //!
 //! What a request does is chosen by its model name (see [`MAGIC_MODELS`]), or by a marker
 //! `[[mock:<name>]]` in the last user message, which wins over the model. Errors come in each
@@ -50,6 +66,9 @@
 //! | `transcript` | answers `[[role, text], ...]`: the conversation as the route read it (`system`, `user`, `assistant`, `tool`) |
 //! | `stream-slow`, `stream-gap-<ms>`, `stream-break-once` | streamed: 300 ms (or `<ms>`) between the pieces of the answer; the first request of a conversation ends its stream halfway |
 //! | `json-bad-once`, `json-wrong` | with a schema asked for: not JSON on the first request of a conversation, then JSON made from the schema; JSON that does not fit, always |
+//! | `batch-expire` (a batch's model) | the batch ends expired, no item answered: OpenAI status `expired` with every request in the error file as `batch_expired`; Anthropic every result `expired`; Gemini `BATCH_STATE_EXPIRED`, done, no responses |
+//! | `batch-fail` (a batch's model) | the batch fails, no item answered: OpenAI status `failed` with `errors.data[0].code` `invalid_request`; Anthropic every result `errored` with an `api_error`; Gemini `BATCH_STATE_FAILED` with an operation `error` |
+//! | `batch-stuck` (a batch's model) | the batch never ends until cancelled |
 //!
 //! With a schema asked for (each format's native field), every other model answers JSON made
 //! from the schema (`const`, first `enum`, every property, `"x"`, the minimum or 1).
@@ -82,6 +101,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 mod anthropic;
+mod batch;
 mod gemini;
 mod ollama;
 mod openai;
@@ -119,6 +139,9 @@ pub const MAGIC_MODELS: &[&str] = &[
     "review-approve",
     "review-reject",
     "review-reject-once",
+    "batch-expire",
+    "batch-fail",
+    "batch-stuck",
 ];
 
 /// How long `slow` waits.
@@ -144,6 +167,10 @@ pub struct MockOptions {
     /// Models whose work is good only some of the time, by task type: a simulation of
     /// answer quality for learned routing (`bench=routing_savings`).
     pub quality: Vec<Quality>,
+    /// How long a batch (any format) stays in progress after its creation before its items
+    /// are answered and it can end. Whatever the delay, the first poll of a batch sees it in
+    /// progress; with zero, the next poll sees it ended (once its items are answered).
+    pub batch_delay: Duration,
 }
 
 /// How often a model's answers are good, per task type: an answer to a prompt carrying
@@ -177,6 +204,10 @@ struct Shared {
     /// When each POST request arrived (ms since the epoch), as a provider counting requests
     /// in a window sees them: the last [`ARRIVALS_KEPT`].
     arrivals: Mutex<std::collections::VecDeque<i64>>,
+    /// The batches and files of the batch APIs.
+    batch: batch::Batches,
+    /// The address the server listens on (for URLs it hands out).
+    addr: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Shared {
@@ -191,6 +222,8 @@ impl Shared {
             open: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
             arrivals: Mutex::new(std::collections::VecDeque::new()),
+            batch: batch::Batches::default(),
+            addr: std::sync::OnceLock::new(),
         }
     }
 
@@ -319,6 +352,21 @@ impl MockServer {
         map.get(model).map_or(0, |(_, max)| *max)
     }
 
+    /// Batches created (any format) whose model is `model`: OpenAI's lines' `body.model`,
+    /// Anthropic's first request's `params.model`, Gemini's URL model.
+    #[must_use]
+    pub fn batches(&self, model: &str) -> u64 {
+        self.state.batch.created(model)
+    }
+
+    /// Batch items for `model` (each item's own model) that were answered, whatever the
+    /// answer; items not run (the batch expired, failed or was cancelled first) are not
+    /// counted.
+    #[must_use]
+    pub fn batch_items(&self, model: &str) -> u64 {
+        self.state.batch.answered(model)
+    }
+
     /// Requests received over HTTP/2 (h2c), any route.
     #[must_use]
     pub fn http2_requests(&self) -> u64 {
@@ -385,6 +433,9 @@ pub async fn serve(
 }
 
 async fn serve_shared(listener: TcpListener, state: Arc<Shared>) -> io::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        let _ = state.addr.set(addr);
+    }
     let stop = state.shutdown.clone().cancelled_owned();
     axum::serve(listener, router(state))
         .with_graceful_shutdown(stop)
@@ -398,6 +449,26 @@ fn router(state: Arc<Shared>) -> Router {
         .route("/v1/messages", post(anthropic_messages))
         .route("/v1beta/models/{*rest}", post(gemini_generate))
         .route("/v1/models/{*rest}", post(gemini_generate))
+        .route("/v1/files", post(openai::upload_file))
+        .route("/v1/files/{id}", get(openai::file_info))
+        .route("/v1/files/{id}/content", get(openai::file_content))
+        .route("/v1/batches", post(openai::create_batch))
+        .route("/v1/batches/{id}", get(openai::get_batch))
+        .route("/v1/batches/{id}/cancel", post(openai::cancel_batch))
+        .route("/v1/messages/batches", post(anthropic::create_batch))
+        .route("/v1/messages/batches/{id}", get(anthropic::get_batch))
+        .route(
+            "/v1/messages/batches/{id}/cancel",
+            post(anthropic::cancel_batch),
+        )
+        .route(
+            "/v1/messages/batches/{id}/results",
+            get(anthropic::batch_results),
+        )
+        .route(
+            "/v1beta/batches/{id}",
+            get(gemini::get_batch).post(gemini::cancel_batch),
+        )
         .route("/api/chat", post(ollama_chat))
         .route("/api/tags", get(ollama_tags))
         .route("/v1beta/models", get(gemini_models))
@@ -437,8 +508,8 @@ async fn count_version(
     next.run(req).await
 }
 
-/// `GET /stats`: the chat requests answered so far, in all and per model, and how many
-/// requests came over HTTP/2.
+/// `GET /stats`: the chat requests answered so far, in all and per model, how many
+/// requests came over HTTP/2, and the batches created and batch items answered per model.
 async fn stats(State(state): State<Arc<Shared>>) -> Json<Value> {
     let per_model = state
         .per_model
@@ -449,6 +520,8 @@ async fn stats(State(state): State<Arc<Shared>>) -> Json<Value> {
         "calls": state.total.load(Ordering::SeqCst),
         "calls_by_model": per_model,
         "http2_requests": state.http2.load(Ordering::SeqCst),
+        "batches_by_model": state.batch.created_by_model(),
+        "batch_items_by_model": state.batch.answered_by_model(),
     }))
 }
 

@@ -1,6 +1,13 @@
-//! The OpenAI chat-completions wire format: `POST /v1/chat/completions`.
+//! The OpenAI chat-completions wire format: `POST /v1/chat/completions`; its Batch API is in
+//! `batch`.
 
 use super::*;
+
+mod batch;
+
+pub(super) use batch::{
+    batch_item, cancel_batch, create_batch, file_content, file_info, get_batch, upload_file,
+};
 
 /// An OpenAI error response: `{"error":{"message","type","param","code"}}` plus headers.
 #[derive(Debug)]

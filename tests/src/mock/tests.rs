@@ -57,10 +57,13 @@ async fn http_with(
     }
     let body = body.unwrap_or("");
     if method == "POST" {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        ));
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-type"))
+        {
+            req.push_str("Content-Type: application/json\r\n");
+        }
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -1177,6 +1180,11 @@ fn magic_names_parse() {
     assert_eq!(marker("[[mock:slow-20"), None);
     assert_eq!(gemini::camel("system_instruction"), "systemInstruction");
     assert_eq!(gemini::camel("generationConfig"), "generationConfig");
+    assert!(anthropic::valid_custom_id("req-1_B"));
+    assert!(anthropic::valid_custom_id(&"x".repeat(64)));
+    for bad in ["", "a b", "a/b", "é", &"x".repeat(65)] {
+        assert!(!anthropic::valid_custom_id(bad), "{bad}");
+    }
 }
 
 #[tokio::test]
@@ -1220,4 +1228,899 @@ async fn a_quality_model_is_good_at_its_share_of_a_task_type_and_the_same_for_th
             .unwrap()
             .contains("verdict")
     );
+}
+
+// ---- Batch APIs ----
+
+/// GETs a batch until `done` says it ended: (the answers seen before that, the last one).
+async fn poll_batch(
+    s: &MockServer,
+    path: &str,
+    headers: Headers<'_>,
+    done: impl Fn(&Value) -> bool,
+) -> (Vec<Value>, Value) {
+    let mut before = Vec::new();
+    for _ in 0..500 {
+        let resp = http_with(s, "GET", path, headers, None).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        let v = resp.json();
+        if done(&v) {
+            return (before, v);
+        }
+        before.push(v);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{path} never ended");
+}
+
+fn jsonl(body: &str) -> Vec<Value> {
+    body.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+const OPENAI_HEADERS: &[(&str, &str)] = &[("Authorization", KEY)];
+const BOUNDARY: &str = "llmq-mock-test-boundary";
+
+fn openai_line(custom_id: &str, body: &Value) -> String {
+    json!({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+        .to_string()
+}
+
+/// `POST /v1/files`, multipart with `purpose` and a `file`.
+async fn upload(s: &MockServer, purpose: &str, lines: &[String]) -> HttpResponse {
+    let file = lines.join("\n");
+    let body = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+         --{BOUNDARY}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n{file}\r\n--{BOUNDARY}--\r\n"
+    );
+    let ct = format!("multipart/form-data; boundary={BOUNDARY}");
+    http_with(
+        s,
+        "POST",
+        "/v1/files",
+        &[("Authorization", KEY), ("Content-Type", &ct)],
+        Some(&body),
+    )
+    .await
+}
+
+async fn openai_batch(s: &MockServer, lines: &[String]) -> Value {
+    let file = upload(s, "batch", lines).await;
+    assert_eq!(file.status, 200, "{}", file.body);
+    let file_id = file.json()["id"].as_str().unwrap().to_owned();
+    let resp = http(
+        s,
+        "POST",
+        "/v1/batches",
+        Some(KEY),
+        Some(
+            &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h"})
+            .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    resp.json()
+}
+
+async fn file_lines(s: &MockServer, id: &Value) -> Vec<Value> {
+    let resp = http(
+        s,
+        "GET",
+        &format!("/v1/files/{}/content", id.as_str().unwrap()),
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    jsonl(&resp.body)
+}
+
+fn ended_openai(v: &Value) -> bool {
+    ["completed", "failed", "expired", "cancelled"].contains(&v["status"].as_str().unwrap())
+}
+
+#[tokio::test]
+async fn openai_batch_runs_each_line_through_the_chat_route() {
+    let s = server().await;
+    let lines = [
+        openai_line("a", &ask("mock-fast", "hello batch")),
+        openai_line("b", &ask("mock-fast", "no [[mock:fail-400]]")),
+        openai_line(
+            "c",
+            &json!({"model": "mock-fast", "stream": true,
+                                 "messages": [{"role": "user", "content": "streamed"}]}),
+        ),
+    ];
+    let file = upload(&s, "batch", &lines).await;
+    assert_eq!(file.status, 200, "{}", file.body);
+    let f = file.json();
+    assert!(f["id"].as_str().unwrap().starts_with("file-"), "{f}");
+    assert_eq!(f["object"], "file");
+    assert_eq!(f["purpose"], "batch");
+    assert_eq!(f["filename"], "in.jsonl");
+    assert_eq!(f["bytes"], lines.join("\n").len());
+    assert!(f["created_at"].as_i64().unwrap() > 1_600_000_000);
+    let info = http(
+        &s,
+        "GET",
+        &format!("/v1/files/{}", f["id"].as_str().unwrap()),
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_eq!(info.json(), f);
+
+    let resp = http(
+        &s,
+        "POST",
+        "/v1/batches",
+        Some(KEY),
+        Some(
+            &json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                    "completion_window": "24h", "metadata": {"run": "r1"}})
+            .to_string(),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let b = resp.json();
+    let id = b["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("batch_"), "{b}");
+    assert!(
+        id.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    );
+    assert_eq!(b["object"], "batch");
+    assert_eq!(b["endpoint"], "/v1/chat/completions");
+    assert_eq!(b["status"], "validating");
+    assert_eq!(b["input_file_id"], f["id"]);
+    assert_eq!(b["completion_window"], "24h");
+    assert_eq!(b["errors"], Value::Null);
+    assert_eq!(b["output_file_id"], Value::Null);
+    assert_eq!(b["error_file_id"], Value::Null);
+    assert_eq!(b["metadata"], json!({"run": "r1"}));
+    assert_eq!(
+        b["request_counts"],
+        json!({"total": 3, "completed": 0, "failed": 0})
+    );
+    let created = b["created_at"].as_i64().unwrap();
+    assert_eq!(b["expires_at"].as_i64().unwrap(), created + 86_400);
+    assert_eq!(s.batches("mock-fast"), 1);
+
+    let (before, done) = poll_batch(
+        &s,
+        &format!("/v1/batches/{id}"),
+        OPENAI_HEADERS,
+        ended_openai,
+    )
+    .await;
+    assert!(!before.is_empty(), "no poll saw it in progress");
+    assert_eq!(before[0]["status"], "in_progress");
+    assert!(before[0]["in_progress_at"].as_i64().is_some());
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 3, "completed": 1, "failed": 2})
+    );
+    assert!(done["completed_at"].as_i64().is_some());
+    assert_eq!(done["failed_at"], Value::Null);
+
+    let out = file_lines(&s, &done["output_file_id"]).await;
+    assert_eq!(out.len(), 1, "{out:?}");
+    let line = &out[0];
+    assert!(line["id"].as_str().unwrap().starts_with("batch_req_"));
+    assert_eq!(line["custom_id"], "a");
+    assert_eq!(line["error"], Value::Null);
+    assert_eq!(line["response"]["status_code"], 200);
+    assert!(line["response"]["request_id"].is_string());
+    let body = &line["response"]["body"];
+    assert_eq!(body["object"], "chat.completion");
+    let text = "mock answer from mock-fast: hello batch";
+    assert_eq!(body["choices"][0]["message"]["content"], text);
+    assert_eq!(body["usage"]["prompt_tokens"], tokens("hello batch") + 3);
+    assert_eq!(body["usage"]["completion_tokens"], tokens(text));
+
+    let errors = file_lines(&s, &done["error_file_id"]).await;
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert_eq!(errors[0]["custom_id"], "b");
+    assert_eq!(errors[0]["response"]["status_code"], 400);
+    assert_eq!(
+        errors[0]["response"]["body"]["error"]["type"],
+        "invalid_request_error"
+    );
+    assert_eq!(errors[0]["error"], Value::Null);
+    assert_eq!(errors[1]["custom_id"], "c");
+    assert_eq!(errors[1]["response"]["status_code"], 400);
+    assert_eq!(errors[1]["response"]["body"]["error"]["param"], "stream");
+
+    // The two lines that reached the model count as calls; the streamed one was refused first.
+    assert_eq!(s.calls("mock-fast"), 2);
+    assert_eq!(s.total_calls(), 2);
+    assert_eq!(s.calls_with_prompt("hello batch"), 1);
+    assert_eq!(s.batch_items("mock-fast"), 3);
+    let stats = http(&s, "GET", "/stats", None, None).await.json();
+    assert_eq!(stats["batches_by_model"], json!({"mock-fast": 1}));
+    assert_eq!(stats["batch_items_by_model"], json!({"mock-fast": 3}));
+    // An ended batch cannot be cancelled; it stays as it was.
+    let resp = http(
+        &s,
+        "POST",
+        &format!("/v1/batches/{id}/cancel"),
+        Some(KEY),
+        None,
+    )
+    .await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_value");
+    let again = http(&s, "GET", &format!("/v1/batches/{id}"), Some(KEY), None)
+        .await
+        .json();
+    assert_eq!(again["status"], "completed");
+    assert_eq!(again["output_file_id"], done["output_file_id"]);
+}
+
+#[tokio::test]
+async fn a_batch_waits_for_the_batch_delay() {
+    let s = MockServer::start(MockOptions {
+        batch_delay: Duration::from_millis(300),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let start = Instant::now();
+    let b = openai_batch(&s, &[openai_line("a", &ask("mock-fast", "x"))]).await;
+    let path = format!("/v1/batches/{}", b["id"].as_str().unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(s.calls("mock-fast"), 0, "items ran before the delay");
+    let (before, done) = poll_batch(&s, &path, OPENAI_HEADERS, ended_openai).await;
+    assert!(start.elapsed() >= Duration::from_millis(300));
+    assert!(before.len() > 1);
+    assert_eq!(done["status"], "completed");
+    assert_eq!(s.calls("mock-fast"), 1);
+}
+
+#[tokio::test]
+async fn openai_batch_expire_fail_and_stuck() {
+    let s = server().await;
+    let two = |model: &str| {
+        [
+            openai_line("one", &ask(model, "first")),
+            openai_line("two", &ask(model, "second")),
+        ]
+    };
+    // Expired: nothing ran; every request is in the error file as batch_expired.
+    let b = openai_batch(&s, &two("batch-expire")).await;
+    let path = format!("/v1/batches/{}", b["id"].as_str().unwrap());
+    let (_, done) = poll_batch(&s, &path, OPENAI_HEADERS, ended_openai).await;
+    assert_eq!(done["status"], "expired", "{done}");
+    assert!(done["expired_at"].as_i64().is_some());
+    assert_eq!(done["output_file_id"], Value::Null);
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 2, "completed": 0, "failed": 2})
+    );
+    let errors = file_lines(&s, &done["error_file_id"]).await;
+    assert_eq!(errors.len(), 2);
+    for (line, id) in errors.iter().zip(["one", "two"]) {
+        assert_eq!(line["custom_id"], id);
+        assert_eq!(line["response"], Value::Null);
+        assert_eq!(line["error"]["code"], "batch_expired");
+        assert!(line["error"]["message"].is_string());
+    }
+    assert_eq!(s.calls("batch-expire"), 0);
+    assert_eq!(s.batches("batch-expire"), 1);
+
+    // Failed: validating, then failed with an error list and no files.
+    let b = openai_batch(&s, &two("batch-fail")).await;
+    let path = format!("/v1/batches/{}", b["id"].as_str().unwrap());
+    let (before, done) = poll_batch(&s, &path, OPENAI_HEADERS, ended_openai).await;
+    assert!(
+        before.iter().all(|v| v["status"] == "validating"),
+        "{before:?}"
+    );
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(done["failed_at"].as_i64().is_some());
+    assert_eq!(done["errors"]["object"], "list");
+    let e = &done["errors"]["data"][0];
+    assert_eq!(e["code"], "invalid_request");
+    assert!(e["message"].is_string());
+    assert_eq!(e["line"], Value::Null);
+    assert_eq!(e["param"], Value::Null);
+    assert_eq!(done["output_file_id"], Value::Null);
+    assert_eq!(done["error_file_id"], Value::Null);
+
+    // Stuck: in progress until cancelled; cancelling, then cancelled on the next GET.
+    let b = openai_batch(&s, &two("batch-stuck")).await;
+    let id = b["id"].as_str().unwrap();
+    let path = format!("/v1/batches/{id}");
+    for _ in 0..5 {
+        let v = http(&s, "GET", &path, Some(KEY), None).await.json();
+        assert_eq!(v["status"], "in_progress", "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = http(&s, "POST", &format!("{path}/cancel"), Some(KEY), None).await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v["status"], "cancelling");
+    assert!(v["cancelling_at"].as_i64().is_some());
+    let v = http(&s, "GET", &path, Some(KEY), None).await.json();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert!(v["cancelled_at"].as_i64().is_some());
+    assert_eq!(v["output_file_id"], Value::Null);
+    let errors = file_lines(&s, &v["error_file_id"]).await;
+    assert_eq!(errors.len(), 2);
+    assert!(
+        errors
+            .iter()
+            .all(|l| l["error"]["code"] == "batch_cancelled")
+    );
+    assert_eq!(s.batch_items("batch-stuck"), 0);
+}
+
+#[tokio::test]
+async fn openai_batch_refusals() {
+    let s = server().await;
+    let good = openai_line("a", &ask("m", "x"));
+    let refused = |resp: HttpResponse| {
+        assert_error(&resp, 400, "invalid_request_error", "invalid_value");
+        resp.json()["error"]["message"].as_str().unwrap().to_owned()
+    };
+    let msg = refused(upload(&s, "fine-tune", std::slice::from_ref(&good)).await);
+    assert!(msg.contains("batch"), "{msg}");
+    for (lines, want) in [
+        (vec![good.clone(), "{not json".to_owned()], "Line 2"),
+        (vec![json!({"method": "POST", "url": "/v1/chat/completions", "body": ask("m", "x")}).to_string()], "custom_id"),
+        (vec![good.clone(), good.clone()], "duplicate"),
+        (vec![json!({"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}).to_string()], "/v1/embeddings"),
+        (vec![good.clone(), openai_line("b", &ask("other", "x"))], "one model"),
+        (vec![String::new()], "no requests"),
+    ] {
+        let msg = refused(upload(&s, "batch", &lines).await);
+        assert!(msg.contains(want), "{want}: {msg}");
+    }
+    let resp = http_with(&s, "POST", "/v1/files", OPENAI_HEADERS, Some("{}")).await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_value");
+
+    let file = upload(&s, "batch", &[good]).await.json();
+    let create = |body: Value| {
+        let s = &s;
+        async move { http(s, "POST", "/v1/batches", Some(KEY), Some(&body.to_string())).await }
+    };
+    let resp = create(
+        json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                             "completion_window": "1h"}),
+    )
+    .await;
+    assert_error(&resp, 400, "invalid_request_error", "invalid_value");
+    assert_eq!(resp.json()["error"]["param"], "completion_window");
+    let resp = create(
+        json!({"input_file_id": file["id"], "endpoint": "/v1/embeddings",
+                             "completion_window": "24h"}),
+    )
+    .await;
+    assert_eq!(resp.json()["error"]["param"], "endpoint");
+    let resp = create(
+        json!({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions",
+                             "completion_window": "24h"}),
+    )
+    .await;
+    assert_error(&resp, 404, "invalid_request_error", "not_found");
+    assert_eq!(s.batches("m"), 0);
+
+    // A key on every route; unknown ids are 404.
+    for (method, path) in [
+        ("POST", "/v1/files"),
+        ("GET", "/v1/files/file-x/content"),
+        ("POST", "/v1/batches"),
+        ("GET", "/v1/batches/batch_x"),
+        ("POST", "/v1/batches/batch_x/cancel"),
+    ] {
+        let resp = http(&s, method, path, None, Some("{}")).await;
+        assert_error(&resp, 401, "invalid_request_error", "invalid_api_key");
+    }
+    for (method, path) in [
+        ("GET", "/v1/files/file-x/content"),
+        ("GET", "/v1/batches/batch_x"),
+        ("POST", "/v1/batches/batch_x/cancel"),
+    ] {
+        let resp = http(&s, method, path, Some(KEY), None).await;
+        assert_error(&resp, 404, "invalid_request_error", "not_found");
+    }
+    assert_eq!(s.total_calls(), 0);
+}
+
+async fn anthropic_batch(s: &MockServer, requests: &[(&str, Value)]) -> HttpResponse {
+    let requests: Vec<Value> = requests
+        .iter()
+        .map(|(id, params)| json!({"custom_id": id, "params": params}))
+        .collect();
+    http_with(
+        s,
+        "POST",
+        "/v1/messages/batches",
+        ANTHROPIC_HEADERS,
+        Some(&json!({ "requests": requests }).to_string()),
+    )
+    .await
+}
+
+fn ended_anthropic(v: &Value) -> bool {
+    v["processing_status"] == "ended"
+}
+
+async fn anthropic_results(s: &MockServer, id: &str) -> Vec<Value> {
+    let resp = http_with(
+        s,
+        "GET",
+        &format!("/v1/messages/batches/{id}/results"),
+        ANTHROPIC_HEADERS,
+        None,
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.header("content-type"), Some("application/x-jsonl"));
+    jsonl(&resp.body)
+}
+
+#[tokio::test]
+async fn anthropic_batch_runs_each_request_through_the_messages_route() {
+    let s = server().await;
+    let mut streamed = ask_anthropic("claude-x", "streamed");
+    streamed["stream"] = json!(true);
+    let resp = anthropic_batch(
+        &s,
+        &[
+            ("req-a", ask_anthropic("claude-x", "hello batch")),
+            ("req_b", ask_anthropic("fail-400", "b")),
+            ("c", streamed),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let b = resp.json();
+    let id = b["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("msgbatch_"), "{b}");
+    assert_eq!(b["type"], "message_batch");
+    assert_eq!(b["processing_status"], "in_progress");
+    assert_eq!(
+        b["request_counts"],
+        json!({"processing": 3, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0})
+    );
+    for field in [
+        "ended_at",
+        "cancel_initiated_at",
+        "archived_at",
+        "results_url",
+    ] {
+        assert_eq!(b[field], Value::Null, "{field}");
+    }
+    let created = chrono::DateTime::parse_from_rfc3339(b["created_at"].as_str().unwrap()).unwrap();
+    let expires = chrono::DateTime::parse_from_rfc3339(b["expires_at"].as_str().unwrap()).unwrap();
+    assert_eq!(expires - created, chrono::TimeDelta::hours(24));
+    // No results before the end.
+    let resp = http_with(
+        &s,
+        "GET",
+        &format!("/v1/messages/batches/{id}/results"),
+        ANTHROPIC_HEADERS,
+        None,
+    )
+    .await;
+    assert_anthropic_error(&resp, 404, "not_found_error");
+
+    let path = format!("/v1/messages/batches/{id}");
+    let (before, done) = poll_batch(&s, &path, ANTHROPIC_HEADERS, ended_anthropic).await;
+    assert!(!before.is_empty());
+    assert_eq!(before[0]["request_counts"]["processing"], 3);
+    assert_eq!(
+        done["request_counts"],
+        json!({"processing": 0, "succeeded": 1, "errored": 2, "canceled": 0, "expired": 0})
+    );
+    chrono::DateTime::parse_from_rfc3339(done["ended_at"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        done["results_url"],
+        format!("{}/v1/messages/batches/{id}/results", s.url())
+    );
+
+    let results = anthropic_results(&s, &id).await;
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["custom_id"], "req-a");
+    assert_eq!(results[0]["result"]["type"], "succeeded");
+    let m = &results[0]["result"]["message"];
+    assert_eq!(m["type"], "message");
+    let text = "mock answer from claude-x: hello batch";
+    assert_eq!(m["content"][0]["text"], text);
+    assert_eq!(m["usage"]["input_tokens"], tokens("hello batch") + 3);
+    assert_eq!(m["usage"]["output_tokens"], tokens(text));
+    for (r, id) in results[1..].iter().zip(["req_b", "c"]) {
+        assert_eq!(r["custom_id"], id);
+        assert_eq!(r["result"]["type"], "errored");
+        assert_eq!(r["result"]["error"]["type"], "error");
+        assert_eq!(
+            r["result"]["error"]["error"]["type"],
+            "invalid_request_error"
+        );
+        assert!(r["result"]["error"]["error"]["message"].is_string());
+    }
+    assert!(
+        results[2]["result"]["error"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stream")
+    );
+
+    assert_eq!(s.batches("claude-x"), 1);
+    assert_eq!(s.batch_items("claude-x"), 2);
+    assert_eq!(s.batch_items("fail-400"), 1);
+    assert_eq!(s.calls("claude-x"), 1);
+    assert_eq!(s.calls("fail-400"), 1);
+    // Cancelling an ended batch changes nothing.
+    let v = http_with(
+        &s,
+        "POST",
+        &format!("{path}/cancel"),
+        ANTHROPIC_HEADERS,
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(v["processing_status"], "ended");
+    assert_eq!(v["cancel_initiated_at"], Value::Null);
+}
+
+#[tokio::test]
+async fn anthropic_batch_expire_fail_and_stuck() {
+    let s = server().await;
+    let two = |model: &str| {
+        [
+            ("one", ask_anthropic(model, "a")),
+            ("two", ask_anthropic(model, "b")),
+        ]
+    };
+    for (model, counts, want) in [
+        (
+            "batch-expire",
+            json!({"processing": 0, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 2}),
+            "expired",
+        ),
+        (
+            "batch-fail",
+            json!({"processing": 0, "succeeded": 0, "errored": 2, "canceled": 0, "expired": 0}),
+            "errored",
+        ),
+    ] {
+        let id = anthropic_batch(&s, &two(model)).await.json()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (before, done) = poll_batch(
+            &s,
+            &format!("/v1/messages/batches/{id}"),
+            ANTHROPIC_HEADERS,
+            ended_anthropic,
+        )
+        .await;
+        assert!(!before.is_empty());
+        assert_eq!(done["request_counts"], counts, "{model}");
+        let results = anthropic_results(&s, &id).await;
+        assert_eq!(results.len(), 2);
+        for r in &results {
+            assert_eq!(r["result"]["type"], want, "{r}");
+            if want == "errored" {
+                assert_eq!(r["result"]["error"]["error"]["type"], "api_error");
+            }
+        }
+        assert_eq!(s.calls(model), 0);
+        assert_eq!(s.batches(model), 1);
+    }
+
+    let id = anthropic_batch(&s, &two("batch-stuck")).await.json()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1/messages/batches/{id}");
+    for _ in 0..5 {
+        let v = http_with(&s, "GET", &path, ANTHROPIC_HEADERS, None)
+            .await
+            .json();
+        assert_eq!(v["processing_status"], "in_progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let v = http_with(
+        &s,
+        "POST",
+        &format!("{path}/cancel"),
+        ANTHROPIC_HEADERS,
+        None,
+    )
+    .await
+    .json();
+    assert_eq!(v["processing_status"], "canceling");
+    assert!(v["cancel_initiated_at"].is_string());
+    let (_, done) = poll_batch(&s, &path, ANTHROPIC_HEADERS, ended_anthropic).await;
+    assert_eq!(
+        done["request_counts"],
+        json!({"processing": 0, "succeeded": 0, "errored": 0, "canceled": 2, "expired": 0})
+    );
+    let results = anthropic_results(&s, &id).await;
+    assert!(
+        results
+            .iter()
+            .all(|r| r["result"] == json!({"type": "canceled"})),
+        "{results:?}"
+    );
+}
+
+#[tokio::test]
+async fn anthropic_batch_refusals() {
+    let s = server().await;
+    let p = ask_anthropic("m", "x");
+    let too_long = "x".repeat(65);
+    for (requests, want) in [
+        (vec![("a b", p.clone())], "pattern"),
+        (vec![("", p.clone())], "pattern"),
+        (vec![(too_long.as_str(), p.clone())], "pattern"),
+        (vec![("same", p.clone()), ("same", p.clone())], "Duplicate"),
+        (vec![], "at least 1"),
+    ] {
+        let resp = anthropic_batch(&s, &requests).await;
+        let msg = assert_anthropic_error(&resp, 400, "invalid_request_error");
+        assert!(msg.contains(want), "{want}: {msg}");
+    }
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1/messages/batches",
+        ANTHROPIC_HEADERS,
+        Some(&json!({"requests": [{"custom_id": "a"}]}).to_string()),
+    )
+    .await;
+    let msg = assert_anthropic_error(&resp, 400, "invalid_request_error");
+    assert_eq!(msg, "requests.0.params: Field required");
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1/messages/batches",
+        &[("x-api-key", "k")],
+        Some(&json!({"requests": [{"custom_id": "a", "params": p}]}).to_string()),
+    )
+    .await;
+    assert_anthropic_error(&resp, 401, "authentication_error");
+    for (method, path) in [
+        ("GET", "/v1/messages/batches/msgbatch_x"),
+        ("POST", "/v1/messages/batches/msgbatch_x/cancel"),
+        ("GET", "/v1/messages/batches/msgbatch_x/results"),
+    ] {
+        let resp = http_with(&s, method, path, ANTHROPIC_HEADERS, None).await;
+        assert_anthropic_error(&resp, 404, "not_found_error");
+    }
+    assert_eq!(s.batches("m"), 0);
+}
+
+const GEMINI_HEADERS: &[(&str, &str)] = &[("x-goog-api-key", "AIza-test")];
+
+async fn gemini_batch(s: &MockServer, model: &str, body: &Value) -> HttpResponse {
+    http_with(
+        s,
+        "POST",
+        &format!("/v1beta/models/{model}:batchGenerateContent"),
+        GEMINI_HEADERS,
+        Some(&body.to_string()),
+    )
+    .await
+}
+
+/// A batch body in snake_case (as Python writes it): each prompt with `metadata.key`.
+fn gemini_batch_body(prompts: &[(&str, &str)]) -> Value {
+    let requests: Vec<Value> = prompts
+        .iter()
+        .map(|(key, prompt)| json!({"request": ask_gemini(prompt), "metadata": {"key": key}}))
+        .collect();
+    json!({"batch": {"display_name": "test batch",
+                     "input_config": {"requests": {"requests": requests}}}})
+}
+
+fn done_gemini(v: &Value) -> bool {
+    v["done"] == true
+}
+
+#[tokio::test]
+async fn gemini_batch_runs_each_request_through_generate_content() {
+    let s = server().await;
+    let resp = gemini_batch(
+        &s,
+        "gemini-x",
+        &gemini_batch_body(&[("a", "hello batch"), ("b", "no [[mock:fail-400]]")]),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let op = resp.json();
+    let name = op["name"].as_str().unwrap().to_owned();
+    let id = name.strip_prefix("batches/").unwrap().to_owned();
+    assert!(
+        id.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    );
+    assert!(op.get("done").is_none(), "{op}");
+    let m = &op["metadata"];
+    assert_eq!(
+        m["@type"],
+        "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
+    );
+    assert_eq!(m["model"], "models/gemini-x");
+    assert_eq!(m["displayName"], "test batch");
+    assert_eq!(m["state"], "BATCH_STATE_PENDING");
+    assert_eq!(m["name"], name.as_str());
+    assert_eq!(
+        m["batchStats"],
+        json!({"requestCount": "2", "pendingRequestCount": "2"})
+    );
+    chrono::DateTime::parse_from_rfc3339(m["createTime"].as_str().unwrap()).unwrap();
+    chrono::DateTime::parse_from_rfc3339(m["updateTime"].as_str().unwrap()).unwrap();
+    // Creating a batch is not a call.
+    assert_eq!(s.total_calls(), 0);
+
+    let path = format!("/v1beta/batches/{id}");
+    let (before, done) = poll_batch(&s, &path, GEMINI_HEADERS, done_gemini).await;
+    assert!(!before.is_empty());
+    assert_eq!(before[0]["metadata"]["state"], "BATCH_STATE_RUNNING");
+    assert_eq!(done["metadata"]["state"], "BATCH_STATE_SUCCEEDED", "{done}");
+    assert!(done.get("error").is_none());
+    let stats = &done["metadata"]["batchStats"];
+    assert_eq!(stats["requestCount"], "2");
+    assert_eq!(stats["successfulRequestCount"], "1");
+    assert_eq!(stats["failedRequestCount"], "1");
+    let r = &done["response"];
+    assert_eq!(
+        r["@type"],
+        "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatchOutput"
+    );
+    let out = r["inlinedResponses"]["inlinedResponses"]
+        .as_array()
+        .unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0]["metadata"], json!({"key": "a"}));
+    let text = "mock answer from gemini-x: hello batch";
+    let answer = &out[0]["response"];
+    assert_eq!(answer["candidates"][0]["content"]["parts"][0]["text"], text);
+    assert_eq!(
+        answer["usageMetadata"]["promptTokenCount"],
+        tokens("hello batch") + 3
+    );
+    assert_eq!(
+        answer["usageMetadata"]["candidatesTokenCount"],
+        tokens(text)
+    );
+    assert_eq!(out[1]["metadata"], json!({"key": "b"}));
+    assert_eq!(out[1]["error"]["code"], 400);
+    assert_eq!(out[1]["error"]["status"], "INVALID_ARGUMENT");
+    assert!(out[1]["error"]["message"].is_string());
+    assert!(out[1].get("response").is_none());
+
+    // camelCase fields and the key in the query work too.
+    let body = json!({"batch": {"displayName": "camel", "inputConfig": {"requests": {"requests": [
+        {"request": ask_gemini("camel")}]}}}});
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1beta/models/gemini-x:batchGenerateContent?key=AIza",
+        &[],
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let name = resp.json()["name"].as_str().unwrap().to_owned();
+    let (_, done) = poll_batch(&s, &format!("/v1beta/{name}?key=AIza"), &[], done_gemini).await;
+    let out = &done["response"]["inlinedResponses"]["inlinedResponses"];
+    assert_eq!(out.as_array().unwrap().len(), 1);
+    assert!(out[0].get("metadata").is_none());
+
+    assert_eq!(s.batches("gemini-x"), 2);
+    assert_eq!(s.batch_items("gemini-x"), 3);
+    assert_eq!(s.calls("gemini-x"), 3);
+    assert_eq!(s.calls_with_prompt("hello batch"), 1);
+}
+
+#[tokio::test]
+async fn gemini_batch_expire_fail_and_stuck() {
+    let s = server().await;
+    let body = gemini_batch_body(&[("a", "x"), ("b", "y")]);
+    for (model, state) in [
+        ("batch-expire", "BATCH_STATE_EXPIRED"),
+        ("batch-fail", "BATCH_STATE_FAILED"),
+    ] {
+        let name = gemini_batch(&s, model, &body).await.json()["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (before, done) =
+            poll_batch(&s, &format!("/v1beta/{name}"), GEMINI_HEADERS, done_gemini).await;
+        assert!(!before.is_empty());
+        assert_eq!(done["metadata"]["state"], state, "{done}");
+        assert!(done.get("response").is_none(), "{done}");
+        if model == "batch-fail" {
+            assert!(done["error"]["message"].is_string(), "{done}");
+            assert!(done["error"]["code"].is_u64(), "{done}");
+        } else {
+            assert!(done.get("error").is_none(), "{done}");
+        }
+        assert_eq!(s.calls(model), 0);
+        assert_eq!(s.batches(model), 1);
+    }
+
+    let name = gemini_batch(&s, "batch-stuck", &body).await.json()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/v1beta/{name}");
+    for _ in 0..5 {
+        let v = http_with(&s, "GET", &path, GEMINI_HEADERS, None)
+            .await
+            .json();
+        assert!(v.get("done").is_none(), "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let resp = http_with(
+        &s,
+        "POST",
+        &format!("{path}:cancel"),
+        GEMINI_HEADERS,
+        Some(""),
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.json(), json!({}));
+    let (_, done) = poll_batch(&s, &path, GEMINI_HEADERS, done_gemini).await;
+    assert_eq!(done["metadata"]["state"], "BATCH_STATE_CANCELLED");
+    assert!(done.get("response").is_none());
+}
+
+#[tokio::test]
+async fn gemini_batch_refusals() {
+    let s = server().await;
+    let resp = http_with(
+        &s,
+        "POST",
+        "/v1beta/models/g:batchGenerateContent",
+        &[],
+        Some(&gemini_batch_body(&[("a", "x")]).to_string()),
+    )
+    .await;
+    assert_google_error(&resp, 403, "PERMISSION_DENIED");
+    let requests = json!({"requests": {"requests": [{"request": ask_gemini("x")}]}});
+    for body in [
+        json!({}),
+        json!({"batch": {"input_config": requests}}),
+        json!({"batch": {"display_name": "n"}}),
+        json!({"batch": {"display_name": "n", "input_config": {"requests": {"requests": []}}}}),
+        json!({"batch": {"display_name": "n", "input_config": {"file_name": "files/x"}}}),
+        json!({"batch": {"display_name": "n", "input_config": requests, "colour": 1}}),
+        json!({"batch": {"display_name": "n", "input_config": {"requests": {"requests": [{"metadata": {}}]}}}}),
+    ] {
+        let resp = gemini_batch(&s, "g", &body).await;
+        assert_google_error(&resp, 400, "INVALID_ARGUMENT");
+    }
+    // A bad request inside a valid batch is that item's error, not the batch's.
+    let body = json!({"batch": {"display_name": "n", "input_config": {"requests": {"requests": [
+        {"request": {"contents": []}}]}}}});
+    let name = gemini_batch(&s, "g", &body).await.json()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, done) = poll_batch(&s, &format!("/v1beta/{name}"), GEMINI_HEADERS, done_gemini).await;
+    assert_eq!(
+        done["response"]["inlinedResponses"]["inlinedResponses"][0]["error"]["code"],
+        400
+    );
+    for (method, path) in [
+        ("GET", "/v1beta/batches/nope"),
+        ("POST", "/v1beta/batches/nope:cancel"),
+    ] {
+        let resp = http_with(&s, method, path, GEMINI_HEADERS, Some("")).await;
+        assert_google_error(&resp, 404, "NOT_FOUND");
+    }
+    assert_eq!(s.batches("g"), 1);
 }

@@ -18,24 +18,8 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
     let start = Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).unwrap());
     let chain = format!("chain-{}", env.queue);
     let models = [
-        (
-            "openai",
-            "gpt-4o-mini",
-            Prices {
-                input: 0.15,
-                output: 0.60,
-                cached_input: 0.075,
-            },
-        ),
-        (
-            "anthropic",
-            "claude-sonnet",
-            Prices {
-                input: 3.0,
-                output: 15.0,
-                cached_input: 0.30,
-            },
-        ),
+        ("openai", "gpt-4o-mini", Prices::list(0.15, 0.60, 0.075)),
+        ("anthropic", "claude-sonnet", Prices::list(3.0, 15.0, 0.30)),
         ("gemini-free", "gemini-flash", Prices::default()),
     ];
     let types = ["code_generation", "research", "code_review"];
@@ -70,6 +54,7 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
             error: None,
             worker: "test".into(),
             called_at: start + Duration::minutes(i64::from(i) * 7),
+            list_cost_usd: None,
         });
     }
     env.ledger.record(&rows, &[]).await.unwrap();

@@ -15,6 +15,7 @@ mod hostile;
 mod learning;
 mod metrics;
 mod outage;
+mod provider_batch;
 mod providers;
 mod quota;
 mod requests;

@@ -542,6 +542,7 @@ impl Attempt<'_> {
             error: None,
             worker: exec.worker_id.clone(),
             called_at: Utc::now(),
+            list_cost_usd: None,
         }]);
         if let Some(starts) = &exec.call_starts {
             use std::sync::atomic::Ordering::Relaxed;
@@ -698,7 +699,11 @@ async fn forward(
 
 /// The answer read as the JSON `req` asks for, when it asks for some; an answer with tool
 /// calls is the model asking for their results, not its answer, and is not read.
-fn conform(mut c: Completion, req: &Request, provider: &str) -> provider::Result<Completion> {
+pub(super) fn conform(
+    mut c: Completion,
+    req: &Request,
+    provider: &str,
+) -> provider::Result<Completion> {
     let Some(format) = &req.response_format else {
         return Ok(c);
     };

@@ -6,6 +6,7 @@
 //!   task's fate is chosen (escalation and a rejection's send-back included);
 //! - `chain`: what a chain step needs before its call and what its answer means after;
 //! - `check`: a chain's check step, a command the provider file names;
+//! - `batch`: tasks that can wait, sent to a provider batch and finished with its answer;
 //! - `call_metrics`: the GenAI metrics of each call;
 //! - this module: admission, the record, and the [`Finished`] value for the finisher.
 //!
@@ -26,7 +27,7 @@ use llmq_shared::ledger::{CallRow, TaskRow, UNSENT, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
-use llmq_shared::queue::{Client, Delivery, Finish, FinishKind, Slot, Write, now_ms};
+use llmq_shared::queue::{BatchState, Client, Delivery, Finish, FinishKind, Slot, Write, now_ms};
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
@@ -37,6 +38,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 pub mod attempt;
+mod batch;
 mod call_metrics;
 mod chain;
 mod check;
@@ -453,12 +455,32 @@ impl Executor {
             })
         });
         let call_env = step_env.as_deref().unwrap_or(&env);
+        // A task that can wait: back from a batch with its answer, or yet to go to one.
+        let mut batch_answer = None;
+        let mut may_batch = false;
+        if env.deadline.is_some() && settled.is_none() && slot.is_none() {
+            match Box::pin(self.redis.batch_state(&queue, &task_id)).await {
+                Ok(BatchState::None | BatchState::Pending) => may_batch = true,
+                Ok(BatchState::Answered { answer, generation })
+                    if generation == batch::generation(&env) =>
+                {
+                    batch_answer = Some(answer);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(task = %task_id, "cannot read the task's batch state, calling it now: {e}");
+                }
+            }
+        }
         let mut calls = Vec::new();
         let mut learned = None;
         let started = Instant::now();
         let tried = 'tried: {
             if let Some(outcome) = settled {
                 break 'tried Tried::without_call(outcome);
+            }
+            if let Some(answer) = &batch_answer {
+                break 'tried batch::answered(answer, &env);
             }
             let stats = self.learned_stats();
             let stats = stats.as_deref().unwrap_or(&NO_STATS);
@@ -483,6 +505,21 @@ impl Executor {
                     .map(|c| format!("{}/{}", c.provider.name, c.model.id))
                     .collect(),
             });
+            if may_batch {
+                let parking = batch::Parking {
+                    queue: &queue,
+                    entry_id: &entry_id,
+                    task_id: &task_id,
+                    env: &env,
+                };
+                if Box::pin(self.park_for_batch(parking, call_env, &plan)).await {
+                    let finish = Finish::release(entry_id, task_id, String::new());
+                    return Finished {
+                        parked: true,
+                        ..plain(queue, finish, Vec::new())
+                    };
+                }
+            }
             // Attempt.
             // Set while a call waits for its ledger row or its rate-limit window, not sent.
             let waiting = std::sync::atomic::AtomicBool::new(false);
@@ -527,6 +564,9 @@ impl Executor {
         }
         // A fold from 0.0: an empty f64 sum is -0.0.
         record.cost_usd = calls.iter().map(|c| c.cost_usd).fold(0.0, |a, b| a + b);
+        if let Some(answer) = &batch_answer {
+            record.cost_usd += answer.cost_usd;
+        }
         span.record("llmq.cost_usd", record.cost_usd);
         // A judge's pick, a review's verdict.
         let outcome = match (tried.outcome, &reading) {

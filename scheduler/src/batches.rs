@@ -1,0 +1,442 @@
+//! The `batches` duty: sends the tasks that wait for a provider batch (`deadline`) in
+//! batches, asks the providers about open ones, and settles each task when its batch is
+//! over: its answer (billed in the ledger at the batch price) or, when its request did not
+//! run or failed, a normal call. A batch still open an hour before a task's deadline is
+//! cancelled and its tasks are called as usual; what the provider still answers of it is
+//! billed in the ledger all the same, as a call whose answer was not used.
+//!
+//! Every step is safe to run again after a crash: a batch is recorded before it is sent
+//! (`submitting`, sent again by the next run if the provider's id was never recorded), a
+//! ledger row is keyed by the batch and the task, and settling skips tasks settled before.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{TimeZone, Utc};
+use llmq_shared::config::ProviderConfig;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::ledger::{CallRow, Ledger};
+use llmq_shared::provider::batch::{BatchClient, Item, Poll};
+use llmq_shared::queue::{BatchAnswer, BatchRecord, Settle, Taken, now_ms};
+use uuid::Uuid;
+
+use crate::{Error, Result, Scheduler};
+
+/// A batch not over this long before a task's deadline is given up: its tasks are called.
+pub const FALLBACK_MARGIN: Duration = Duration::from_secs(3600);
+/// How long a settled task's batch hash lives (its answer, or that it was handed to a call).
+const SETTLED_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
+/// Batches made per group per run.
+const MAX_BATCHES_PER_RUN: usize = 10;
+/// A batch that could not be sent for this long is given up: its tasks are called.
+const SEND_FOR: Duration = Duration::from_secs(3600);
+/// A given-up batch is asked about for this long, for what the provider still bills.
+const ABANDONED_FOR: Duration = Duration::from_secs(2 * 24 * 3600);
+
+/// The batch clients of the providers with a `batch:` section.
+pub(crate) fn clients(config: &llmq_shared::config::Config) -> HashMap<String, BatchClient> {
+    config
+        .providers
+        .iter()
+        .filter(|p| p.enabled && p.batch.is_some())
+        .filter_map(|p| {
+            let http = llmq_shared::provider::clients::http_client(p, 4).ok()?;
+            Some((p.name.clone(), BatchClient::new(p, http)?))
+        })
+        .collect()
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+impl Scheduler {
+    /// Sends due batches, asks about open ones and settles those that are over, for every
+    /// served queue. Returns what it did.
+    ///
+    /// # Errors
+    /// Redis or Postgres fails, or the lease was lost.
+    pub async fn run_batches(&mut self) -> Result<String> {
+        let queues = self.served_queues().await?;
+        let announce = (self.batches_every * 3).max(Duration::from_secs(30));
+        let (mut sent, mut settled) = (0, 0);
+        for queue in &queues {
+            let keys = QueueKeys::new(queue);
+            if !self.batch_clients.is_empty() {
+                self.redis
+                    .announce_batcher(&keys, self.id(), announce)
+                    .await?;
+            }
+            sent += self.send_waiting(&keys).await?;
+            for record in self.redis.open_batches(&keys).await? {
+                settled += self.follow(&keys, &record).await?;
+            }
+        }
+        Ok(format!(
+            "sent {sent} batch(es); settled {settled} task(s) of {} queue(s)",
+            queues.len()
+        ))
+    }
+
+    /// Takes each group's waiting tasks into batches once the oldest waited its gather time
+    /// or a batch is full, and sends them.
+    async fn send_waiting(&self, keys: &QueueKeys) -> Result<usize> {
+        let mut sent = 0;
+        for group in self.redis.batch_groups(keys).await? {
+            let Some((provider, model)) = group.name.split_once('/') else {
+                continue;
+            };
+            let config = self.config.provider(provider).filter(|p| p.enabled);
+            let (gather, max) = config
+                .and_then(|p| p.batch)
+                .map_or((Duration::ZERO, 1000), |b| (b.gather, b.max_requests));
+            let due = group.waiting >= max as u64 || now_ms() - group.oldest_ms >= ms(gather);
+            if !due {
+                continue;
+            }
+            for _ in 0..MAX_BATCHES_PER_RUN {
+                let batch_id = Uuid::new_v4().to_string();
+                let taken = self
+                    .redis
+                    .take_batch(
+                        self.lease.proof()?,
+                        keys,
+                        &group.name,
+                        provider,
+                        model,
+                        &batch_id,
+                        max,
+                    )
+                    .await?
+                    .ok_or(Error::NotLeader)?;
+                if taken.is_empty() {
+                    break;
+                }
+                let n = taken.len();
+                let record = BatchRecord {
+                    id: batch_id,
+                    provider: provider.to_owned(),
+                    model: model.to_owned(),
+                    created_ms: now_ms(),
+                    ..BatchRecord::default()
+                };
+                self.send(keys, &record, taken).await?;
+                sent += 1;
+                if n < max {
+                    break;
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Sends the batch `record` of `taken`: tasks whose deadline is too near, or that the
+    /// provider can no longer batch, are handed to calls instead.
+    async fn send(&self, keys: &QueueKeys, record: &BatchRecord, taken: Vec<Taken>) -> Result<()> {
+        let margin = ms(FALLBACK_MARGIN);
+        let now = now_ms();
+        let client = self.batch_clients.get(&record.provider);
+        let mut fallback = Vec::new();
+        let mut items = Vec::new();
+        let mut earliest = i64::MAX;
+        for t in taken {
+            let body: Option<serde_json::Value> = serde_json::from_str(&t.body).ok();
+            let why = if client.is_none() {
+                Some(format!(
+                    "provider `{}` no longer has a batch section",
+                    record.provider
+                ))
+            } else if body.is_none() {
+                Some("its batch request is unreadable".to_owned())
+            } else if t.deadline_ms - now < margin {
+                Some("its deadline is too near for a batch".to_owned())
+            } else {
+                None
+            };
+            match (why, body) {
+                (None, Some(body)) => {
+                    earliest = earliest.min(t.deadline_ms - margin);
+                    items.push(Item {
+                        custom_id: t.task_id,
+                        body,
+                    });
+                }
+                (why, _) => fallback.push((t.task_id, Settle::Fallback(why.unwrap_or_default()))),
+            }
+        }
+        let end = if items.is_empty() { "close" } else { "" };
+        self.settle(keys, &record.id, &fallback, end).await?;
+        let Some(client) = client.filter(|_| !items.is_empty()) else {
+            return Ok(());
+        };
+        match client.submit(&record.model, &record.id, &items).await {
+            Ok(remote) => {
+                tracing::info!(
+                    batch = record.id,
+                    remote,
+                    provider = record.provider,
+                    model = record.model,
+                    tasks = items.len(),
+                    "sent a batch"
+                );
+                let fields = [
+                    ("remote", remote),
+                    ("state", "open".to_owned()),
+                    ("fallback", earliest.to_string()),
+                    ("polled", now_ms().to_string()),
+                ];
+                self.mark(keys, &record.id, &fields).await
+            }
+            Err(e) if !e.is_retryable() || now_ms() - record.created_ms > ms(SEND_FOR) => {
+                tracing::warn!(
+                    batch = record.id,
+                    "the batch could not be sent; calling its tasks: {e}"
+                );
+                let why = format!("its batch could not be sent: {e}");
+                let all: Vec<_> = items
+                    .into_iter()
+                    .map(|i| (i.custom_id, Settle::Fallback(why.clone())))
+                    .collect();
+                self.settle(keys, &record.id, &all, "close").await.map(drop)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    batch = record.id,
+                    "the batch could not be sent; trying again next run: {e}"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks about one open batch and settles it when it is over (or gives it up when a
+    /// deadline is near). Returns how many tasks went back to their stream.
+    async fn follow(&self, keys: &QueueKeys, record: &BatchRecord) -> Result<u64> {
+        let now = now_ms();
+        let Some(remote) = record.remote.as_deref() else {
+            // Taken but never recorded as sent: its sender died. Send it again.
+            if now - record.created_ms > ms(self.batches_every) {
+                let taken = self.redis.batch_tasks(keys, record).await?;
+                let taken = taken
+                    .into_iter()
+                    .filter(|(state, _)| state == "sent")
+                    .map(|(_, t)| t)
+                    .collect();
+                self.send(keys, record, taken).await?;
+            }
+            return Ok(0);
+        };
+        if record
+            .polled_ms
+            .is_some_and(|p| now - p < ms(self.batches_every))
+        {
+            return Ok(0);
+        }
+        let Some(client) = self.batch_clients.get(&record.provider) else {
+            return self
+                .give_up(keys, record, "its provider no longer has a batch section")
+                .await;
+        };
+        self.mark(keys, &record.id, &[("polled", now.to_string())])
+            .await?;
+        let abandoned = record.state == "abandoned";
+        match client.poll(&record.model, remote).await {
+            Ok(Poll::Running) if abandoned && now - record.created_ms > ms(ABANDONED_FOR) => {
+                self.mark(keys, &record.id, &[]).await?;
+                Ok(0)
+            }
+            Ok(Poll::Running) if !abandoned && record.fallback_ms.is_some_and(|f| now >= f) => {
+                if let Err(e) = client.cancel(&record.model, remote).await {
+                    tracing::warn!(batch = record.id, "cannot cancel the batch: {e}");
+                }
+                self.give_up(
+                    keys,
+                    record,
+                    "its batch was not over an hour before the task's deadline",
+                )
+                .await
+            }
+            Ok(Poll::Running) => Ok(0),
+            Ok(Poll::Ended { results, unrun }) => {
+                self.settle_ended(keys, record, results, &unrun).await
+            }
+            Err(e) if !e.is_retryable() => {
+                tracing::warn!(
+                    batch = record.id,
+                    "the provider cannot say what became of the batch: {e}"
+                );
+                if abandoned {
+                    self.mark(keys, &record.id, &[]).await?;
+                    return Ok(0);
+                }
+                self.give_up(keys, record, &format!("its batch was lost: {e}"))
+                    .await
+            }
+            Err(e) => {
+                tracing::warn!(
+                    batch = record.id,
+                    "cannot ask about the batch; next run: {e}"
+                );
+                Ok(0)
+            }
+        }
+    }
+
+    /// Hands every task still in `record` to a call, keeping the record to read what the
+    /// provider still bills.
+    async fn give_up(&self, keys: &QueueKeys, record: &BatchRecord, why: &str) -> Result<u64> {
+        let tasks: Vec<_> = self
+            .redis
+            .batch_tasks(keys, record)
+            .await?
+            .into_iter()
+            .filter(|(state, _)| state == "sent")
+            .map(|(_, t)| (t.task_id, Settle::Fallback(why.to_owned())))
+            .collect();
+        self.settle(keys, &record.id, &tasks, "abandon").await
+    }
+
+    /// Bills what an ended batch answered, then settles its tasks.
+    async fn settle_ended(
+        &self,
+        keys: &QueueKeys,
+        record: &BatchRecord,
+        results: Vec<(
+            String,
+            llmq_shared::provider::Result<llmq_shared::provider::Completion>,
+        )>,
+        unrun: &str,
+    ) -> Result<u64> {
+        let tasks: HashMap<String, (String, Taken)> = self
+            .redis
+            .batch_tasks(keys, record)
+            .await?
+            .into_iter()
+            .map(|(state, t)| (t.task_id.clone(), (state, t)))
+            .collect();
+        let prices = self
+            .config
+            .provider(&record.provider)
+            .and_then(|p: &ProviderConfig| p.model(&record.model))
+            .map(|m| m.prices)
+            .unwrap_or_default();
+        let created = Utc
+            .timestamp_millis_opt(record.created_ms)
+            .single()
+            .unwrap_or_else(Utc::now);
+        let latency = i32::try_from(now_ms() - record.created_ms).unwrap_or(i32::MAX);
+        let delivery = Uuid::parse_str(&record.id).unwrap_or_else(|_| Uuid::new_v4());
+        let mut rows = Vec::new();
+        let mut settles = Vec::new();
+        let mut answered = HashSet::new();
+        for (custom_id, result) in results {
+            let Some((state, taken)) = tasks.get(&custom_id) else {
+                continue;
+            };
+            let Ok(task_id) = Uuid::parse_str(&custom_id) else {
+                continue;
+            };
+            if !answered.insert(custom_id.clone()) {
+                continue;
+            }
+            let env = Envelope::parse(taken.envelope.as_bytes(), usize::MAX).ok();
+            let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
+            let cost = prices.batch().cost(&usage);
+            let error = result.as_ref().err();
+            rows.push(CallRow {
+                task_id,
+                delivery,
+                run: env.as_ref().map_or(0, |e| e.replays as i32),
+                attempt: env.as_ref().map_or(1, |e| e.attempts as i32 + 1),
+                call_no: 1,
+                queue: keys.name().to_owned(),
+                chain_id: env.as_ref().and_then(|e| e.chain_id.clone()),
+                task_type: env
+                    .as_ref()
+                    .and_then(|e| e.task_type().ok())
+                    .map(|t| t.to_string())
+                    .unwrap_or_default(),
+                provider: record.provider.clone(),
+                model: record.model.clone(),
+                input_tokens: usage.input_tokens as i64,
+                output_tokens: usage.output_tokens as i64,
+                cached_tokens: usage.cached_tokens as i64,
+                reasoning_tokens: usage.reasoning_tokens as i64,
+                cost_usd: cost,
+                latency_ms: latency,
+                outcome: if error.is_some() { "error" } else { "ok" }.into(),
+                error_class: error.map(|e| e.class.to_string()),
+                error: error.map(ToString::to_string),
+                worker: self.id().to_owned(),
+                called_at: created,
+                list_cost_usd: Some(prices.cost(&usage)),
+            });
+            if state != "sent" {
+                continue;
+            }
+            settles.push((
+                custom_id,
+                match result {
+                    Ok(c) => Settle::Answered(Box::new(BatchAnswer {
+                        provider: record.provider.clone(),
+                        model: record.model.clone(),
+                        text: c.text,
+                        tool_calls: c.tool_calls,
+                        input_tokens: usage.input_tokens,
+                        output_tokens: usage.output_tokens,
+                        cached_tokens: usage.cached_tokens,
+                        reasoning_tokens: usage.reasoning_tokens,
+                        cost_usd: cost,
+                        batch: record.id.clone(),
+                    })),
+                    Err(e) => Settle::Fallback(format!("its batch request failed: {e}")),
+                },
+            ));
+        }
+        for (id, (state, _)) in &tasks {
+            if state == "sent" && !answered.contains(id) {
+                settles.push((id.clone(), Settle::Fallback(unrun.to_owned())));
+            }
+        }
+        Ledger::from_pool(self.pool.clone())
+            .record(&rows, &[])
+            .await?;
+        tracing::info!(
+            batch = record.id,
+            answered = rows.len(),
+            tasks = tasks.len(),
+            "a batch is over"
+        );
+        self.settle(keys, &record.id, &settles, "close").await
+    }
+
+    async fn settle(
+        &self,
+        keys: &QueueKeys,
+        batch_id: &str,
+        tasks: &[(String, Settle)],
+        end: &str,
+    ) -> Result<u64> {
+        if tasks.is_empty() && end.is_empty() {
+            return Ok(0);
+        }
+        self.redis
+            .settle_batch(self.lease.proof()?, keys, batch_id, tasks, end, SETTLED_TTL)
+            .await?
+            .ok_or(Error::NotLeader)
+    }
+
+    async fn mark(
+        &self,
+        keys: &QueueKeys,
+        batch_id: &str,
+        fields: &[(&str, String)],
+    ) -> Result<()> {
+        self.redis
+            .mark_batch(self.lease.proof()?, keys, batch_id, fields)
+            .await?
+            .ok_or(Error::NotLeader)
+            .map(drop)
+    }
+}

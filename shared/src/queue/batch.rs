@@ -1,0 +1,473 @@
+//! Tasks that go through a provider's batch API (`deadline`): a worker parks a task to wait
+//! for a batch ([`Client::park_for_batch`]); the scheduler takes waiting tasks into batches,
+//! sends them and, when a batch is over, settles each task with its answer or hands it to a
+//! normal call ([`Client::settle_batch`]): either way the task goes back to its stream, where
+//! a worker finishes it like any task. A task is thus always in one place: the stream, the
+//! pending list, waiting for a batch, in a batch, `delayed`, `dead`, or finished.
+//!
+//! A task's batch hash (`batch:task:<id>`) is a latch: a task that has one is never parked
+//! again, so a task that fell back, or whose answer did not do, is called as usual.
+
+use std::sync::LazyLock;
+
+use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
+
+use super::{Client, Fence, NOT_HOLDER, Result};
+use crate::conversation::ToolCall;
+use crate::keys::{GROUP, QueueKeys};
+use crate::outcome::Usage;
+
+static PARK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("batch_park.lua")));
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        include_str!("batch_take.lua")
+    ))
+});
+static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        include_str!("batch_settle.lua")
+    ))
+});
+static MARK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        include_str!("batch_mark.lua")
+    ))
+});
+
+/// Tasks settled per script call.
+const SETTLE_CHUNK: usize = 500;
+
+/// What [`Client::park_for_batch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parked {
+    /// The task waits for a batch; its entry is acked and deleted.
+    Waiting,
+    /// The task went to a batch before: this entry was a copy, acked and deleted.
+    Copy,
+    /// No scheduler sends this queue's batches now: call the model.
+    NoBatcher,
+    /// This consumer no longer holds the entry; nothing was done.
+    Lost,
+}
+
+/// A task's place in the batch path, as a worker reads it when the task comes back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchState {
+    /// Never sent to a batch.
+    None,
+    /// Waiting for a batch or in one: this delivery is a copy.
+    Pending,
+    /// Answered by a batch, for the delivery whose generation (`replays:attempts`) is `gen`.
+    Answered {
+        answer: Box<BatchAnswer>,
+        generation: String,
+    },
+    /// Handed to a normal call, or answered for an earlier generation.
+    Call,
+}
+
+/// A batch's answer to one task, stored in its batch hash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchAnswer {
+    pub provider: String,
+    pub model: String,
+    pub text: String,
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub cached_tokens: u64,
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+    /// At the batch price.
+    pub cost_usd: f64,
+    /// The batch (llmq's id).
+    pub batch: String,
+}
+
+impl BatchAnswer {
+    #[must_use]
+    pub fn usage(&self) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cached_tokens: self.cached_tokens,
+            reasoning_tokens: self.reasoning_tokens,
+        }
+    }
+}
+
+/// A task waiting for a batch of one `provider/model`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub waiting: u64,
+    /// When the longest-waiting task began to wait (ms).
+    pub oldest_ms: i64,
+}
+
+/// A task taken into a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub task_id: String,
+    pub envelope: String,
+    pub body: String,
+    pub deadline_ms: i64,
+}
+
+/// One batch llmq made, as its record says.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct BatchRecord {
+    pub id: String,
+    pub provider: String,
+    pub model: String,
+    /// The provider's id, once sent.
+    pub remote: Option<String>,
+    pub created_ms: i64,
+    pub task_ids: Vec<String>,
+    /// `submitting`, `open` or `abandoned` (its tasks fell back; read for what is billed).
+    pub state: String,
+    /// When its tasks fall back to normal calls if it is not over (ms).
+    pub fallback_ms: Option<i64>,
+    /// When it was last asked about (ms).
+    pub polled_ms: Option<i64>,
+}
+
+/// How a task of a batch ends.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    Answered(Box<BatchAnswer>),
+    Fallback(String),
+}
+
+impl Client {
+    /// Parks the task of `entry_id`, which `consumer` holds, to wait for a batch of `group`
+    /// (`provider/model`), with its envelope, its request body, its deadline and its
+    /// generation (`replays:attempts`).
+    ///
+    /// # Errors
+    /// Redis fails.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn park_for_batch(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        entry_id: &str,
+        task_id: &str,
+        group: &str,
+        envelope: &str,
+        body: &str,
+        deadline_ms: i64,
+        generation: &str,
+    ) -> Result<Parked> {
+        let mut c = self.conn().await?;
+        let r: i64 = PARK
+            .key(keys.stream())
+            .key(keys.batch_task(task_id))
+            .key(keys.batch_waiting(group))
+            .key(keys.batch_groups())
+            .key(keys.batcher())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .arg(task_id)
+            .arg(group)
+            .arg(envelope)
+            .arg(body)
+            .arg(deadline_ms)
+            .arg(generation)
+            .arg(super::now_ms())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match r {
+            1 => Parked::Waiting,
+            0 => Parked::Copy,
+            2 => Parked::NoBatcher,
+            _ => Parked::Lost,
+        })
+    }
+
+    /// Where task `task_id` stands in the batch path.
+    ///
+    /// # Errors
+    /// Redis fails, or the stored answer is unreadable.
+    pub async fn batch_state(&self, keys: &QueueKeys, task_id: &str) -> Result<BatchState> {
+        let mut c = self.conn().await?;
+        let (state, generation, answer): (Option<String>, Option<String>, Option<String>) =
+            redis::cmd("HMGET")
+                .arg(keys.batch_task(task_id))
+                .arg("state")
+                .arg("gen")
+                .arg("answer")
+                .query_async(&mut c)
+                .await?;
+        Ok(match state.as_deref() {
+            None => BatchState::None,
+            Some("waiting" | "sent") => BatchState::Pending,
+            Some("answered") => match answer {
+                Some(a) => BatchState::Answered {
+                    answer: Box::new(serde_json::from_str(&a).map_err(|e| {
+                        super::Error::Protocol(format!("a stored batch answer: {e}"))
+                    })?),
+                    generation: generation.unwrap_or_default(),
+                },
+                None => BatchState::Call,
+            },
+            Some(_) => BatchState::Call,
+        })
+    }
+
+    /// Says, for `ttl`, that a scheduler sends this queue's batches.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn announce_batcher(
+        &self,
+        keys: &QueueKeys,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        let mut c = self.conn().await?;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let _: () = c.pset_ex(keys.batcher(), holder, ms).await?;
+        Ok(())
+    }
+
+    /// The groups with tasks waiting for a batch.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn batch_groups(&self, keys: &QueueKeys) -> Result<Vec<Group>> {
+        let mut c = self.conn().await?;
+        let names: Vec<String> = c.smembers(keys.batch_groups()).await?;
+        let mut groups = Vec::with_capacity(names.len());
+        for name in names {
+            let waiting_key = keys.batch_waiting(&name);
+            let (waiting, oldest): (u64, Vec<(String, f64)>) = redis::pipe()
+                .zcard(&waiting_key)
+                .zrange_withscores(&waiting_key, 0, 0)
+                .query_async(&mut c)
+                .await?;
+            groups.push(Group {
+                name,
+                waiting,
+                oldest_ms: oldest.first().map_or(0, |(_, s)| *s as i64),
+            });
+        }
+        Ok(groups)
+    }
+
+    /// Takes up to `max` of `group`'s waiting tasks, oldest first, into a new batch
+    /// `batch_id` for `provider` and `model`; `None` when `fence` no longer holds the lease.
+    ///
+    /// # Errors
+    /// Redis fails.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn take_batch(
+        &self,
+        fence: Fence<'_>,
+        keys: &QueueKeys,
+        group: &str,
+        provider: &str,
+        model: &str,
+        batch_id: &str,
+        max: usize,
+    ) -> Result<Option<Vec<Taken>>> {
+        let mut c = self.conn().await?;
+        let v: redis::Value = TAKE
+            .key(fence.keys.lease())
+            .key(fence.keys.fence())
+            .key(keys.batch_waiting(group))
+            .key(keys.batch_groups())
+            .key(keys.batch(batch_id))
+            .key(keys.batches_open())
+            .arg(fence.holder)
+            .arg(fence.token)
+            .arg(group)
+            .arg(max)
+            .arg(batch_id)
+            .arg(super::now_ms())
+            .arg(provider)
+            .arg(model)
+            .arg(keys.batch_task(""))
+            .invoke_async(&mut c)
+            .await?;
+        if let redis::Value::Int(NOT_HOLDER) = v {
+            return Ok(None);
+        }
+        let flat: Vec<Option<String>> = redis::from_redis_value(v)
+            .map_err(|e| super::Error::Protocol(format!("a batch's tasks: {e}")))?;
+        Ok(Some(
+            flat.chunks_exact(4)
+                .map(|f| Taken {
+                    task_id: f[0].clone().unwrap_or_default(),
+                    envelope: f[1].clone().unwrap_or_default(),
+                    body: f[2].clone().unwrap_or_default(),
+                    deadline_ms: f[3].as_deref().and_then(|d| d.parse().ok()).unwrap_or(0),
+                })
+                .collect(),
+        ))
+    }
+
+    /// The tasks of batch `record` that are still its own, with their state (`sent` until
+    /// settled), envelope, body (while sent) and deadline.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn batch_tasks(
+        &self,
+        keys: &QueueKeys,
+        record: &BatchRecord,
+    ) -> Result<Vec<(String, Taken)>> {
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for id in &record.task_ids {
+            pipe.cmd("HMGET")
+                .arg(keys.batch_task(id))
+                .arg("state")
+                .arg("batch")
+                .arg("env")
+                .arg("body")
+                .arg("deadline");
+        }
+        let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await?;
+        let field =
+            |f: &[Option<String>], k: usize| f.get(k).cloned().flatten().unwrap_or_default();
+        Ok(record
+            .task_ids
+            .iter()
+            .zip(rows)
+            .filter(|(_, f)| f.get(1).and_then(Option::as_deref) == Some(record.id.as_str()))
+            .map(|(id, f)| {
+                let taken = Taken {
+                    task_id: id.clone(),
+                    envelope: field(&f, 2),
+                    body: field(&f, 3),
+                    deadline_ms: field(&f, 4).parse().unwrap_or(0),
+                };
+                (field(&f, 0), taken)
+            })
+            .collect())
+    }
+
+    /// Every open batch of the queue, oldest first.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn open_batches(&self, keys: &QueueKeys) -> Result<Vec<BatchRecord>> {
+        let mut c = self.conn().await?;
+        let ids: Vec<String> = c.zrange(keys.batches_open(), 0, -1).await?;
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let h: std::collections::HashMap<String, String> = c.hgetall(keys.batch(&id)).await?;
+            if h.is_empty() {
+                continue;
+            }
+            let num = |k: &str| h.get(k).and_then(|v| v.parse::<i64>().ok());
+            records.push(BatchRecord {
+                provider: h.get("provider").cloned().unwrap_or_default(),
+                model: h.get("model").cloned().unwrap_or_default(),
+                remote: h.get("remote").cloned(),
+                created_ms: num("created").unwrap_or(0),
+                task_ids: h
+                    .get("tasks")
+                    .map(|t| t.split(',').map(str::to_owned).collect())
+                    .unwrap_or_default(),
+                state: h.get("state").cloned().unwrap_or_default(),
+                fallback_ms: num("fallback"),
+                polled_ms: num("polled"),
+                id,
+            });
+        }
+        Ok(records)
+    }
+
+    /// Records `fields` of batch `batch_id` (none: drops the record); `None` when `fence` no
+    /// longer holds the lease, `Some(false)` when there is no such batch.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn mark_batch(
+        &self,
+        fence: Fence<'_>,
+        keys: &QueueKeys,
+        batch_id: &str,
+        fields: &[(&str, String)],
+    ) -> Result<Option<bool>> {
+        let mut c = self.conn().await?;
+        let mut inv = MARK.prepare_invoke();
+        inv.key(fence.keys.lease())
+            .key(fence.keys.fence())
+            .key(keys.batch(batch_id))
+            .key(keys.batches_open())
+            .arg(fence.holder)
+            .arg(fence.token)
+            .arg(batch_id);
+        for (k, v) in fields {
+            inv.arg(*k).arg(v);
+        }
+        let r: i64 = inv.invoke_async(&mut c).await?;
+        Ok((r != NOT_HOLDER).then_some(r == 1))
+    }
+
+    /// Ends `tasks` of batch `batch_id`: each goes back to the stream with its answer or to
+    /// be called as usual. `end`: `close` drops the batch's record, `abandon` keeps it (to
+    /// read what the provider still bills), `""` leaves it. Returns how many tasks went back,
+    /// or `None` when `fence` no longer holds the lease.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn settle_batch(
+        &self,
+        fence: Fence<'_>,
+        keys: &QueueKeys,
+        batch_id: &str,
+        tasks: &[(String, Settle)],
+        end: &str,
+        ttl: std::time::Duration,
+    ) -> Result<Option<u64>> {
+        let mut c = self.conn().await?;
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let mut moved = 0;
+        let chunks: Vec<&[(String, Settle)]> = if tasks.is_empty() {
+            vec![&[]]
+        } else {
+            tasks.chunks(SETTLE_CHUNK).collect()
+        };
+        let last = chunks.len() - 1;
+        for (k, chunk) in chunks.into_iter().enumerate() {
+            let mut inv = SETTLE.prepare_invoke();
+            inv.key(fence.keys.lease())
+                .key(fence.keys.fence())
+                .key(keys.stream())
+                .key(keys.batch(batch_id))
+                .key(keys.batches_open())
+                .arg(fence.holder)
+                .arg(fence.token)
+                .arg(batch_id)
+                .arg(ttl_ms)
+                .arg(keys.batch_task(""))
+                .arg(if k == last { end } else { "" });
+            for (id, settle) in chunk {
+                inv.arg(id);
+                match settle {
+                    Settle::Answered(a) => inv
+                        .arg("answered")
+                        .arg(serde_json::to_string(a).unwrap_or_default()),
+                    Settle::Fallback(why) => inv.arg("fallback").arg(why),
+                };
+            }
+            let n: i64 = inv.invoke_async(&mut c).await?;
+            if n == NOT_HOLDER {
+                return Ok(None);
+            }
+            moved += u64::try_from(n).unwrap_or(0);
+        }
+        Ok(Some(moved))
+    }
+}

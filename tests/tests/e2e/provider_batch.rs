@@ -1,0 +1,322 @@
+//! Tasks that can wait (`deadline`) through each provider's batch API, over real HTTP to
+//! llmq-mock, with real workers, a real scheduler, Redis and Postgres: answered at the batch
+//! price, billed once, and called as usual when their batch fails or expires; a worker and
+//! the scheduler SIGKILLed while batches are open lose nothing.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use llmq_shared::config::Config;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::Status;
+use llmq_tests::harness::{TestEnv, WorkerProcess, binary, database_url, redis_url};
+use llmq_tests::mock::{MockOptions, MockServer};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The batch formats: (kind, base URL suffix).
+const FORMATS: [(&str, &str); 3] = [("openai", "/v1"), ("anthropic", ""), ("gemini", "/v1beta")];
+
+fn provider(env: &TestEnv, kind: &str) -> String {
+    format!("{kind}-{}", &env.queue[2..])
+}
+
+/// A provider file with one batch provider per format on the test's mock, each with
+/// `models` (list price 1 and 2 USD per million tokens: the batch price is half).
+fn config_text(env: &TestEnv, kinds: &[&str], models: &[&str], gather: &str) -> String {
+    let url = env.mock.url();
+    let mut text = String::from("providers:\n");
+    for (kind, suffix) in FORMATS.iter().filter(|(k, _)| kinds.contains(k)) {
+        let models: Vec<String> = models
+            .iter()
+            .map(|m| format!("{{id: {m}, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}"))
+            .collect();
+        text.push_str(&format!(
+            "  - {{name: {}, kind: {kind}, base_url: \"{url}{suffix}\", api_key: k, batch: {{gather: {gather}}}, models: [{}]}}\n",
+            provider(env, kind),
+            models.join(", ")
+        ));
+    }
+    text.push_str("routing:\n  retry: {tries_per_provider: 2, backoff: [10ms, 20ms]}\n");
+    text
+}
+
+/// A scheduler in this process, in the test's namespace, until dropped.
+struct InProcessScheduler(CancellationToken);
+
+impl Drop for InProcessScheduler {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+fn scheduler(env: &TestEnv, config: Config) -> InProcessScheduler {
+    let mut s = llmq_scheduler::Settings::new(&redis_url(), &database_url(), config).unwrap();
+    s.id = Some(format!("{}-scheduler", env.queue));
+    s.namespace = Some(env.queue.clone());
+    s.queues = vec![env.queue.clone()];
+    s.tick = Duration::from_millis(50);
+    s.batches_every = Duration::from_millis(100);
+    let token = CancellationToken::new();
+    let stop = token.clone();
+    tokio::spawn(async move { llmq_scheduler::run(s, stop).await });
+    InProcessScheduler(token)
+}
+
+/// Waits until a scheduler sends the test queue's batches: before that, workers call
+/// tasks that could wait.
+async fn batcher_up(env: &TestEnv) {
+    env.eventually("a scheduler sending batches", WAIT, || async {
+        let mut c = env.redis.conn().await.unwrap();
+        redis::AsyncCommands::exists::<_, bool>(&mut c, env.keys.batcher())
+            .await
+            .unwrap()
+    })
+    .await
+    .unwrap();
+}
+
+fn waiting_task(env: &TestEnv, kind: &str, model: &str, prompt: &str) -> Envelope {
+    let mut e = Envelope::new(prompt);
+    e.provider = Some(provider(env, kind));
+    e.model = Some(model.into());
+    e.fallback = Some(false);
+    e.deadline = Some("24h".into());
+    e
+}
+
+/// (cost, list cost) of each ledger row of `task_id`.
+async fn rows_of(env: &TestEnv, task_id: uuid::Uuid) -> Vec<(f64, Option<f64>)> {
+    sqlx::query_as(
+        "SELECT cost_usd::float8, list_cost_usd::float8 FROM provider_calls WHERE task_id = $1",
+    )
+    .bind(task_id)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn tasks_that_can_wait_are_answered_through_each_formats_batch_api_at_the_batch_price() {
+    let env = TestEnv::new().await.unwrap();
+    let kinds: Vec<&str> = FORMATS.iter().map(|(k, _)| *k).collect();
+    let text = config_text(&env, &kinds, &["mock-fast"], "300ms");
+    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let _s = scheduler(&env, config.clone());
+    let mut settings = env.settings();
+    settings.config = config;
+    let _w = llmq_tests::harness::WorkerHandle::start(settings);
+    batcher_up(&env).await;
+    let mut tasks = Vec::new();
+    for kind in &kinds {
+        for i in 0..4 {
+            let e = waiting_task(&env, kind, "mock-fast", &format!("summarise {kind} {i}"));
+            env.redis.enqueue(&env.keys, &e).await.unwrap();
+            tasks.push((*kind, e));
+        }
+    }
+    for (kind, e) in &tasks {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{kind}: {r:?}");
+        assert!(
+            r.output
+                .as_deref()
+                .unwrap()
+                .starts_with("mock answer from mock-fast: summarise"),
+            "{kind}: {r:?}"
+        );
+        assert!(
+            r.route.as_deref().unwrap_or("").contains("batch API"),
+            "{kind}: {r:?}"
+        );
+        // One call, billed at half the list price.
+        let rows = rows_of(&env, e.id.unwrap()).await;
+        assert_eq!(rows.len(), 1, "{kind}: {rows:?}");
+        let (cost, list) = rows[0];
+        let list = list.unwrap();
+        assert!(
+            cost > 0.0 && (list - 2.0 * cost).abs() < 1e-9,
+            "{kind}: {rows:?}"
+        );
+        assert!((r.cost_usd - cost).abs() < 1e-9, "{kind}: {r:?}");
+    }
+    // Four tasks per provider, gathered for 300 ms: one batch each, two at most.
+    let batches = env.mock.batches("mock-fast");
+    assert!((3..=6).contains(&batches), "{batches} batches");
+    assert_eq!(env.mock.batch_items("mock-fast"), 12);
+    // `llmq costs` shows the saving against list prices.
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--by",
+            "model",
+            "--format",
+            "json",
+            "--database-url",
+            &database_url(),
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    for kind in &kinds {
+        let key = format!("{}/mock-fast", provider(&env, kind));
+        let line = report["breakdown"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["key"] == key.as_str())
+            .unwrap_or_else(|| panic!("{key} in {out}"));
+        let saved = line["batch_saved_usd"].as_f64().unwrap();
+        let cost = line["cost_usd"].as_f64().unwrap();
+        assert!(saved > 0.0 && (saved - cost).abs() < 1e-9, "{line}");
+    }
+}
+
+#[tokio::test]
+async fn a_batch_that_expires_or_fails_and_a_request_that_fails_in_one_fall_back_to_calls() {
+    let env = TestEnv::new().await.unwrap();
+    let kinds: Vec<&str> = FORMATS.iter().map(|(k, _)| *k).collect();
+    let text = config_text(
+        &env,
+        &kinds,
+        &["batch-expire", "batch-fail", "mock-fast"],
+        "200ms",
+    );
+    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let _s = scheduler(&env, config.clone());
+    let mut settings = env.settings();
+    settings.config = config;
+    let _w = llmq_tests::harness::WorkerHandle::start(settings);
+    batcher_up(&env).await;
+    let mut tasks = Vec::new();
+    for kind in &kinds {
+        for model in ["batch-expire", "batch-fail"] {
+            let e = waiting_task(&env, kind, model, &format!("work for {kind} {model}"));
+            env.redis.enqueue(&env.keys, &e).await.unwrap();
+            tasks.push((format!("{kind} {model}"), e, Status::Succeeded));
+        }
+        // A request that fails inside a working batch is called as usual, and fails as a
+        // call of it would: a 400 is a dead letter.
+        let e = waiting_task(&env, kind, "mock-fast", "broken [[mock:fail-400]]");
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+        tasks.push((format!("{kind} fail-400"), e, Status::Dead));
+    }
+    for (what, e, want) in &tasks {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, *want, "{what}: {r:?}");
+        // Called, not answered by the batch.
+        assert!(
+            !r.route.as_deref().unwrap_or("").contains("batch API"),
+            "{what}: {r:?}"
+        );
+    }
+    for model in ["batch-expire", "batch-fail"] {
+        assert!(env.mock.batches(model) >= 3, "{model}");
+    }
+}
+
+#[tokio::test]
+async fn a_deadline_shorter_than_a_batch_window_or_with_stream_is_a_dead_letter() {
+    let env = TestEnv::new().await.unwrap();
+    let _w = env.worker();
+    for (payload, says) in [
+        (
+            r#"{"v":1,"prompt":"p","deadline":"2h"}"#,
+            "field `deadline` is wrong: 2h is shorter than the 24h a provider may take to run a batch",
+        ),
+        (
+            r#"{"v":1,"prompt":"p","deadline":"soon"}"#,
+            "field `deadline` is wrong: `soon` is not a duration",
+        ),
+        (
+            r#"{"v":1,"prompt":"p","deadline":"24h","stream":true}"#,
+            "field `deadline` is wrong: cannot be used with stream",
+        ),
+    ] {
+        env.xadd("task", payload.as_bytes()).await.unwrap();
+        env.dead_letter_saying(says, WAIT).await.unwrap();
+    }
+}
+
+/// Spawns `llmq-scheduler` on the test's queue with the provider file `config`.
+fn scheduler_process(env: &TestEnv, config: &std::path::Path, id: &str) -> WorkerProcess {
+    let child = std::process::Command::new(binary("llmq-scheduler"))
+        .env("REDIS_URL", redis_url())
+        .env("DATABASE_URL", database_url())
+        .env("LLMQ_CONFIG", config)
+        .env("LLMQ_SCHEDULER_NAMESPACE", &env.queue)
+        .env("RUST_LOG", "warn")
+        .args([
+            "--id",
+            id,
+            "--tick",
+            "50ms",
+            "--batches-every",
+            "200ms",
+            "--queue",
+            &env.queue,
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    WorkerProcess { child }
+}
+
+#[tokio::test]
+async fn batches_survive_a_worker_and_the_scheduler_killed_while_they_are_open() {
+    let mut env = TestEnv::new().await.unwrap();
+    env.mock = MockServer::start(MockOptions {
+        batch_delay: Duration::from_secs(2),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let text = config_text(&env, &["openai", "anthropic"], &["mock-fast"], "1s");
+    let config = std::env::temp_dir().join(format!("llmq-batch-{}.yaml", env.queue));
+    std::fs::write(&config, &text).unwrap();
+    let worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
+    let sched = scheduler_process(&env, &config, "first");
+    batcher_up(&env).await;
+    let mut ids = Vec::new();
+    for kind in ["openai", "anthropic"] {
+        for i in 0..100 {
+            let e = waiting_task(&env, kind, "mock-fast", &format!("item {kind} {i}"));
+            env.redis.enqueue(&env.keys, &e).await.unwrap();
+            ids.push(e.id.unwrap());
+        }
+    }
+    // Both killed while batches are open at the providers.
+    env.eventually("open batches", WAIT, || async {
+        let open = env.redis.open_batches(&env.keys).await.unwrap();
+        open.iter().filter(|b| b.remote.is_some()).count() >= 2
+    })
+    .await
+    .unwrap();
+    worker.signal("KILL").unwrap();
+    sched.signal("KILL").unwrap();
+    let _worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
+    let _sched = scheduler_process(&env, &config, "second");
+    for id in &ids {
+        let r = env.wait_final(&id.to_string(), WAIT).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert!(
+            r.route.as_deref().unwrap_or("").contains("batch API"),
+            "{r:?}"
+        );
+        let rows = rows_of(&env, *id).await;
+        assert_eq!(rows.len(), 1, "{id}: {rows:?}");
+        assert!(rows[0].1.is_some(), "billed at the batch price: {rows:?}");
+    }
+    // Every task answered once; two providers, two batches each at most.
+    assert_eq!(env.mock.batch_items("mock-fast"), 200);
+    assert!(env.mock.batches("mock-fast") <= 4);
+    assert_eq!(env.mock.calls("mock-fast"), 200, "no task was also called");
+}

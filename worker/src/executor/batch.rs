@@ -1,0 +1,187 @@
+//! Tasks that can wait (`deadline`): sent to wait for a provider batch, and finished with
+//! the batch's answer when they come back (the scheduler sends the batches, see
+//! `llmq_shared::queue::batch`).
+//!
+//! A task goes to a batch when a scheduler sends this queue's batches, its deadline leaves
+//! time for a batch and a normal call after it ([`MIN_LEAD`]), and its plan has a provider
+//! with a batch API whose batch price is no more than what the plan's first choice costs
+//! now. Otherwise, and whenever it comes back without an answer (the batch failed, expired,
+//! or its deadline came near), it is called as any task.
+
+use std::time::Duration;
+
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::ErrorClass;
+use llmq_shared::provider::{self, Completion, Request};
+use llmq_shared::queue::{BatchAnswer, Parked};
+use llmq_shared::routing::{Candidate, Plan};
+
+use super::Executor;
+use super::attempt::{AttemptError, Outcome, Tried, conform};
+
+/// The task a worker holds, as [`Executor::park_for_batch`] needs it.
+pub(super) struct Parking<'a> {
+    pub queue: &'a llmq_shared::keys::QueueKeys,
+    pub entry_id: &'a str,
+    pub task_id: &'a str,
+    pub env: &'a Envelope,
+}
+
+/// The least time a task's deadline must leave to go to a batch: a gather (at most an hour)
+/// and, should the batch not be over by then, a normal call (an hour before the deadline).
+pub const MIN_LEAD: Duration = Duration::from_secs(2 * 3600);
+
+/// When a task's deadline is (ms): `deadline` after it was enqueued (`enqueued_at`, else
+/// its stream entry's time).
+pub(super) fn deadline_ms(env: &Envelope, entry_id: &str) -> Option<i64> {
+    let d = env.deadline()?;
+    let since = env.enqueued_at.map(|t| t.timestamp_millis()).or_else(|| {
+        entry_id
+            .split('-')
+            .next()
+            .and_then(|ms| ms.parse::<i64>().ok())
+    })?;
+    Some(since + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
+}
+
+/// The delivery's generation: an answer applies only to the delivery it was asked for, not
+/// to a later attempt or a replay.
+pub(super) fn generation(env: &Envelope) -> String {
+    format!("{}:{}", env.replays, env.attempts)
+}
+
+/// The candidate whose batch API a task goes to: the first in the plan with one, when its
+/// batch price is no more than the plan's first choice at list price.
+fn batch_candidate<'p>(plan: &'p Plan<'p>, env: &Envelope) -> Option<&'p Candidate<'p>> {
+    let first = plan.candidates.first()?;
+    let candidates = if env.fallback == Some(false) {
+        &plan.candidates[..1]
+    } else {
+        &plan.candidates[..]
+    };
+    candidates.iter().find(|c| {
+        let p = &c.model.prices;
+        let list = p.input + p.output;
+        let ratio = if list > 0.0 {
+            (p.batch_input + p.batch_output) / list
+        } else {
+            0.0
+        };
+        c.provider.batch.is_some() && c.estimated_usd * ratio <= first.estimated_usd
+    })
+}
+
+impl Executor {
+    /// Sends `task` to wait for a batch when it may go to one. Returns `true` when it was
+    /// parked (or found to be a copy): the delivery is over, with nothing to write.
+    pub(super) async fn park_for_batch(
+        &self,
+        task: Parking<'_>,
+        call_env: &Envelope,
+        plan: &Plan<'_>,
+    ) -> bool {
+        let Some(deadline) = deadline_ms(task.env, task.entry_id) else {
+            return false;
+        };
+        let lead = i64::try_from(MIN_LEAD.as_millis()).unwrap_or(i64::MAX);
+        if deadline - llmq_shared::queue::now_ms() < lead || task.env.concurrency_key.is_some() {
+            return false;
+        }
+        let Some(cand) = batch_candidate(plan, task.env) else {
+            return false;
+        };
+        let req = Request {
+            model: cand.model.id.clone(),
+            system: call_env.system.clone(),
+            prompt: call_env.prompt.clone(),
+            messages: call_env.messages.clone(),
+            tools: call_env.tools.clone(),
+            tool_choice: call_env.tool_choice.clone(),
+            response_format: call_env.response_format.clone(),
+            max_tokens: call_env.max_tokens,
+            temperature: call_env.temperature,
+            timeout: call_env.timeout(),
+            sink: None,
+        };
+        let Some(body) = provider::batch::item_body(cand.provider, &req) else {
+            return false;
+        };
+        let group = format!("{}/{}", cand.provider.name, cand.model.id);
+        let parked = self
+            .redis
+            .park_for_batch(
+                task.queue,
+                &self.worker_id,
+                task.entry_id,
+                task.task_id,
+                &group,
+                &task.env.to_json(),
+                &body.to_string(),
+                deadline,
+                &generation(task.env),
+            )
+            .await;
+        match parked {
+            Ok(Parked::Waiting) => {
+                tracing::debug!(task = %task.task_id, group, "waiting for a provider batch");
+                true
+            }
+            Ok(Parked::Copy | Parked::Lost) => true,
+            Ok(Parked::NoBatcher) => false,
+            Err(e) => {
+                tracing::warn!(task = %task.task_id, "cannot send the task to a batch, calling it now: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// A batch's answer as the attempt's outcome: read as the task asked (its JSON checked), with
+/// the route that says where it came from.
+pub(super) fn answered(answer: &BatchAnswer, env: &Envelope) -> Tried {
+    let completion = Completion {
+        text: answer.text.clone(),
+        usage: answer.usage(),
+        tool_calls: answer.tool_calls.clone(),
+        json: None,
+    };
+    let req = Request {
+        model: answer.model.clone(),
+        response_format: env.response_format.clone(),
+        ..Request::default()
+    };
+    let outcome = match conform(completion, &req, &answer.provider) {
+        Ok(c) => Outcome::Answered(c),
+        Err(e) => Outcome::Failed(AttemptError {
+            class: ErrorClass::Retryable,
+            message: format!("{e} (a batch answer; the next attempt calls the model)"),
+            tried: vec![answer.provider.clone()],
+            retry_after: None,
+        }),
+    };
+    Tried {
+        outcome,
+        route: format!(
+            "answered through {}/{}'s batch API at the batch price (batch {})",
+            answer.provider, answer.model, answer.batch
+        ),
+        errors: Vec::new(),
+        last: Some((answer.provider.clone(), answer.model.clone())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_deadline_counts_from_enqueueing_or_the_entry() {
+        let mut env = Envelope::new("x");
+        env.deadline = Some("24h".into());
+        assert_eq!(deadline_ms(&env, "1000-0"), Some(1000 + 86_400_000));
+        env.enqueued_at = chrono::DateTime::from_timestamp_millis(5000);
+        assert_eq!(deadline_ms(&env, "1000-0"), Some(5000 + 86_400_000));
+        env.deadline = None;
+        assert_eq!(deadline_ms(&env, "1000-0"), None);
+    }
+}
