@@ -114,6 +114,7 @@ enum Bench {
     RoutingSavings,
     StreamFirstToken,
     IdleFleet,
+    ProviderBatch,
 }
 
 fn main() -> Result<()> {
@@ -153,6 +154,7 @@ async fn run() -> Result<()> {
             Bench::RoutingSavings,
             Bench::StreamFirstToken,
             Bench::IdleFleet,
+            Bench::ProviderBatch,
         ],
     };
     let mut failed = 0;
@@ -170,6 +172,7 @@ async fn run() -> Result<()> {
             Bench::RoutingSavings => routing_savings(&args, &mut redis).await,
             Bench::StreamFirstToken => stream_first_token(&args, &mut redis).await,
             Bench::IdleFleet => idle_fleet(&args, &mut redis).await,
+            Bench::ProviderBatch => provider_batch(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -201,6 +204,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::RoutingSavings => "routing_savings",
         Bench::StreamFirstToken => "stream_first_token",
         Bench::IdleFleet => "idle_fleet",
+        Bench::ProviderBatch => "provider_batch",
     }
 }
 
@@ -900,6 +904,123 @@ async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
     result
 }
 
+/// What Redis spends on a task that goes through a provider batch (`deadline`): parked by a
+/// worker, taken into a batch and settled by the scheduler, then finished by a worker with
+/// its answer; against the same tasks called at once, in the same run. One worker and one
+/// scheduler, in this process, over real HTTP to the mock's OpenAI batch API.
+async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(2000);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        client.ensure_group(&keys).await?;
+        let bench_url = with_database(&args.database_url, BENCH_DB)?;
+        let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+        let mock = MockServer::start(MockOptions::default())
+            .await
+            .context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: mock\n    kind: openai\n    base_url: {}/v1\n    \
+                 api_key: bench\n    batch: {{gather: 500ms, max_requests: 10000}}\n    models:\n      \
+                 - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+                mock.url()
+            ),
+            &|_| None,
+        )?;
+        let mut sched = llmq_scheduler::Settings::new(&args.redis_url, &bench_url, config.clone())?;
+        sched.namespace = Some(queue.clone());
+        sched.queues = vec![queue.clone()];
+        sched.tick = Duration::from_millis(50);
+        sched.batches_every = Duration::from_millis(100);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let scheduler = tokio::spawn(llmq_scheduler::run(sched, stop.clone()));
+        let running = Workers::start(1, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, 64, i)?;
+            s.database_url = Some(bench_url.clone());
+            Ok(s)
+        })?;
+        let batcher = keys.batcher();
+        let up = Instant::now();
+        while !redis::AsyncCommands::exists::<_, bool>(redis, &batcher).await? {
+            ensure!(up.elapsed() < Duration::from_secs(30), "no scheduler sent batches within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut per_task = Vec::new();
+        for deadline in [None, Some("24h")] {
+            let chunk: Vec<Envelope> = (0..tasks)
+                .map(|i| {
+                    let mut e = Envelope::new(format!("classify ticket number {i}"));
+                    e.deadline = deadline.map(str::to_owned);
+                    e
+                })
+                .collect();
+            let ids: Vec<String> = chunk
+                .iter()
+                .filter_map(|e| e.id.map(|u| u.to_string()))
+                .collect();
+            let before = Snapshot::take(redis).await?;
+            for part in chunk.chunks(ENQUEUE_CHUNK) {
+                client.enqueue_many(&keys, part).await?;
+            }
+            // Done when every result is stored: a batched task leaves the stream long before.
+            let started = Instant::now();
+            let mut c = client.conn().await?;
+            loop {
+                let mut pipe = redis::pipe();
+                for id in &ids {
+                    pipe.exists(keys.result(id));
+                }
+                let stored: Vec<bool> = pipe.query_async(&mut c).await?;
+                if stored.iter().all(|s| *s) {
+                    break;
+                }
+                ensure!(started.elapsed() < Duration::from_secs(300), "tasks unfinished after 300 s");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            wait_drained(&client, &keys, &running).await?;
+            let d = Snapshot::take(redis).await?.since(&before, tasks);
+            if args.verbose {
+                d.print_commands(if deadline.is_some() { "provider_batch_batched" } else { "provider_batch_plain" });
+            }
+            // The polling for results above is the bench's own, not llmq's.
+            let (calls, usec) = d
+                .commands
+                .iter()
+                .filter(|(name, _, _)| name != "exists")
+                .fold((0, 0), |(c, u), (_, calls, usec)| (c + calls, u + usec));
+            let n = tasks as f64;
+            verify_results(&client, &keys, &ids).await?;
+            per_task.push((d.redis_cpu_us_per_task, calls as f64 / n, usec as f64 / n));
+        }
+        running.stop().await?;
+        stop.cancel();
+        let _ = scheduler.await;
+        let batches = mock.batches("mock-fast");
+        mock.shutdown().await;
+        for table in ["provider_calls", "tasks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1"))
+                .bind(&queue)
+                .execute(ledger.pool())
+                .await?;
+        }
+        let ((plain_us, plain_cmds, plain_cmd_us), (batched_us, cmds, cmd_us)) =
+            (per_task[0], per_task[1]);
+        Ok(format!(
+            "bench=provider_batch tasks={tasks} batches={batches} redis_us_per_task_plain={plain_us:.1} \
+             redis_us_per_task_batched={batched_us:.1} cmds_per_task_plain={plain_cmds:.1} \
+             cmds_per_task_batched={cmds:.1} cmd_us_per_task_plain={plain_cmd_us:.1} \
+             cmd_us_per_task_batched={cmd_us:.1}"
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    unlink_matching(redis, &format!("llmq:scheduler:{queue}:*")).await?;
+    result
+}
+
 /// What a fleet costs Redis while it waits: N workers (default 20) on one empty queue,
 /// left to settle for 3 s, then every command Redis ran and the CPU it used over 10 s.
 async fn idle_fleet(args: &Args, redis: &mut Redis) -> Result<String> {
@@ -1308,6 +1429,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
                     error: None,
                     worker: "bench".into(),
                     called_at: Utc::now(),
+                    list_cost_usd: None,
                 })
                 .collect();
             let started = Instant::now();

@@ -320,3 +320,53 @@ async fn batches_survive_a_worker_and_the_scheduler_killed_while_they_are_open()
     assert!(env.mock.batches("mock-fast") <= 4);
     assert_eq!(env.mock.calls("mock-fast"), 200, "no task was also called");
 }
+
+#[tokio::test]
+async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tasks_called() {
+    let env = TestEnv::new().await.unwrap();
+    let text = config_text(&env, &["openai"], &["batch-stuck"], "100ms");
+    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let _s = scheduler(&env, config.clone());
+    let mut settings = env.settings();
+    settings.config = config;
+    let _w = llmq_tests::harness::WorkerHandle::start(settings);
+    batcher_up(&env).await;
+    let e = waiting_task(
+        &env,
+        "openai",
+        "batch-stuck",
+        "a task in a batch that never ends",
+    );
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    env.eventually("the batch open at the provider", WAIT, || async {
+        let open = env.redis.open_batches(&env.keys).await.unwrap();
+        open.iter().any(|b| b.remote.is_some())
+    })
+    .await
+    .unwrap();
+    // An hour before the deadline, as far as the batch knows: 23 hours pass in one write.
+    let open = env.redis.open_batches(&env.keys).await.unwrap();
+    let mut c = env.redis.conn().await.unwrap();
+    let _: () = redis::AsyncCommands::hset(&mut c, env.keys.batch(&open[0].id), "fallback", 0)
+        .await
+        .unwrap();
+    let r = env
+        .wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert!(
+        !r.route.as_deref().unwrap_or("").contains("batch API"),
+        "{r:?}"
+    );
+    // Cancelled at the provider, read to its end (nothing of it ran, so nothing is billed),
+    // and forgotten.
+    env.eventually("the cancelled batch closed", WAIT, || async {
+        env.redis.open_batches(&env.keys).await.unwrap().is_empty()
+    })
+    .await
+    .unwrap();
+    assert_eq!(env.mock.batch_items("batch-stuck"), 0);
+    assert_eq!(env.mock.calls("batch-stuck"), 1);
+    assert_eq!(rows_of(&env, e.id.unwrap()).await.len(), 1, "the call only");
+}
