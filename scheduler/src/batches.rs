@@ -88,6 +88,10 @@ impl Scheduler {
                 continue;
             };
             let config = self.config.provider(provider).filter(|p| p.enabled);
+            let max_bytes = self
+                .batch_clients
+                .get(provider)
+                .map_or(usize::MAX, BatchClient::max_bytes);
             let (gather, max) = config
                 .and_then(|p| p.batch)
                 .map_or((Duration::ZERO, 1000), |b| (b.gather, b.max_requests));
@@ -107,13 +111,13 @@ impl Scheduler {
                         model,
                         &batch_id,
                         max,
+                        max_bytes,
                     )
                     .await?
                     .ok_or(Error::NotLeader)?;
                 if taken.is_empty() {
                     break;
                 }
-                let n = taken.len();
                 let record = BatchRecord {
                     id: batch_id,
                     provider: provider.to_owned(),
@@ -123,9 +127,6 @@ impl Scheduler {
                 };
                 self.send(keys, &record, taken).await?;
                 sent += 1;
-                if n < max {
-                    break;
-                }
             }
         }
         Ok(sent)

@@ -94,6 +94,17 @@ impl BatchClient {
         })
     }
 
+    /// The most bytes of requests one batch may carry: Gemini takes inline requests up to
+    /// 20 MB in all; the others take files far larger, bounded here so one batch's requests
+    /// stay a reasonable read for Redis and the scheduler.
+    #[must_use]
+    pub fn max_bytes(&self) -> usize {
+        match self.kind {
+            Kind::Gemini => 19 << 20,
+            _ => 100 << 20,
+        }
+    }
+
     /// Sends `items` for `model` as one batch labelled `label`; returns the provider's id of
     /// the batch.
     ///

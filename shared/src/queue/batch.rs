@@ -262,8 +262,9 @@ impl Client {
         Ok(groups)
     }
 
-    /// Takes up to `max` of `group`'s waiting tasks, oldest first, into a new batch
-    /// `batch_id` for `provider` and `model`; `None` when `fence` no longer holds the lease.
+    /// Takes up to `max` of `group`'s waiting tasks, oldest first, and no more than
+    /// `max_bytes` of their requests (one at least), into a new batch `batch_id` for
+    /// `provider` and `model`; `None` when `fence` no longer holds the lease.
     ///
     /// # Errors
     /// Redis fails.
@@ -277,6 +278,7 @@ impl Client {
         model: &str,
         batch_id: &str,
         max: usize,
+        max_bytes: usize,
     ) -> Result<Option<Vec<Taken>>> {
         let mut c = self.conn().await?;
         let v: redis::Value = TAKE
@@ -295,6 +297,7 @@ impl Client {
             .arg(provider)
             .arg(model)
             .arg(keys.batch_task(""))
+            .arg(max_bytes)
             .invoke_async(&mut c)
             .await?;
         if let redis::Value::Int(NOT_HOLDER) = v {

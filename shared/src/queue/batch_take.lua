@@ -1,26 +1,35 @@
--- Takes up to `max` of a group's waiting tasks into a new batch, for the lease holder only.
+-- Takes up to `max` of a group's waiting tasks, oldest first, into a new batch, for the lease
+-- holder only; no more than `max bytes` of requests (at least one task).
 -- A batch that was taken but never sent (its scheduler died) is taken again by `resend`.
 -- KEYS: 1 lease, 2 fence, 3 the group's waiting set, 4 the groups set, 5 the batch record,
 --       6 open batches
 -- ARGV: 1 holder, 2 token, 3 provider/model, 4 max, 5 batch id, 6 now (ms), 7 provider,
---       8 model, 9 the prefix of task batch hashes
+--       8 model, 9 the prefix of task batch hashes, 10 max bytes
 -- Returns -1 (not the holder) or, per task taken: its id, envelope, body, deadline (ms).
 if not is_holder() then
   return -1
 end
 local ids = redis.call('ZRANGE', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+local cap, size = tonumber(ARGV[10]), 0
 local out, taken = {}, {}
 for _, id in ipairs(ids) do
-  redis.call('ZREM', KEYS[3], id)
   local key = ARGV[9] .. id
   local f = redis.call('HMGET', key, 'state', 'env', 'body', 'deadline')
   if f[1] == 'waiting' then
+    local n = string.len(f[3] or '')
+    if #taken > 0 and size + n > cap then
+      break
+    end
+    size = size + n
+    redis.call('ZREM', KEYS[3], id)
     redis.call('HSET', key, 'state', 'sent', 'batch', ARGV[5])
     taken[#taken + 1] = id
     out[#out + 1] = id
     out[#out + 1] = f[2]
     out[#out + 1] = f[3]
     out[#out + 1] = f[4]
+  else
+    redis.call('ZREM', KEYS[3], id)
   end
 end
 if redis.call('ZCARD', KEYS[3]) == 0 then
