@@ -49,6 +49,7 @@ impl Fetcher {
             .clamp(Duration::from_millis(200), Duration::from_secs(30));
         let mut last_reclaim: Option<Instant> = None;
         let mut conn = None;
+        let mut conn_id = None;
         let mut turn = 0usize;
         let mut failures = 0u32;
         loop {
@@ -108,18 +109,41 @@ impl Fetcher {
                 if got.len() < permits.len() {
                     let c = match conn.as_mut() {
                         Some(c) => c,
-                        None => conn.insert(self.redis.blocking_conn().await?),
+                        None => {
+                            let mut c = self.redis.reading_conn(self.block).await?;
+                            conn_id = Client::client_id(&mut c).await.ok();
+                            conn.insert(c)
+                        }
                     };
-                    // One queue: block on it. Several: poll each in turn without blocking,
-                    // so a quiet queue never holds slots another queue could use.
-                    let block = (self.queues.len() == 1).then_some(self.block);
+                    // One queue: block on it, until the next takeover is due at most. Several:
+                    // poll each in turn without blocking, so a quiet queue never holds slots
+                    // another queue could use.
+                    let to_reclaim = last_reclaim.map_or(Duration::ZERO, |t| {
+                        reclaim_every.saturating_sub(t.elapsed())
+                    });
+                    let block = (self.queues.len() == 1)
+                        .then(|| self.block.min(to_reclaim).max(Duration::from_millis(1)));
                     for i in 0..self.queues.len() {
                         let q = &self.queues[(turn + i) % self.queues.len()];
                         let room = permits.len() - got.len();
                         if room == 0 {
                             break;
                         }
-                        let read = self.redis.read(c, q, &self.consumer, room, block).await?;
+                        let read = self.redis.read(c, q, &self.consumer, room, block);
+                        tokio::pin!(read);
+                        let read = tokio::select! {
+                            r = &mut read => r,
+                            // Shutdown ends a long blocking read at once: what it read before
+                            // is handed over as always, and nothing after.
+                            () = self.stop.cancelled(), if block.is_some() => {
+                                if let Some(id) = conn_id
+                                    && let Err(e) = self.redis.unblock(id).await
+                                {
+                                    tracing::debug!("cannot end the blocking read early: {e}");
+                                }
+                                read.await
+                            }
+                        }?;
                         got.extend(read.into_iter().map(|d| (Arc::clone(q), d)));
                     }
                     turn = turn.wrapping_add(1);
@@ -130,6 +154,7 @@ impl Fetcher {
             let failed = result.is_err();
             if let Err(e) = result {
                 conn = None;
+                conn_id = None;
                 failures += 1;
                 tracing::error!("reading tasks failed (Redis away?); retrying: {e}");
             } else {

@@ -121,8 +121,9 @@ pub struct Settings {
     /// How often due delayed tasks are looked for, at the most.
     #[arg(long, hide = true, default_value = "250ms", value_parser = humantime::parse_duration)]
     pub promote_every: Duration,
-    /// How long one read waits for a task.
-    #[arg(long, hide = true, default_value = "500ms", value_parser = humantime::parse_duration)]
+    /// How long one read waits for a task (shutdown ends it at once). A read returns as soon
+    /// as a task arrives; a long wait only saves an idle worker's commands.
+    #[arg(long, hide = true, default_value = "5s", value_parser = humantime::parse_duration)]
     pub block: Duration,
     /// Names this worker in Redis [default: host-pid-random].
     #[arg(long, env = "LLMQ_WORKER_ID")]
@@ -156,18 +157,24 @@ pub struct Runtime {
     executor: Executor,
     finisher: mpsc::UnboundedSender<Pending>,
     inflight: Arc<InFlight>,
+    /// Told when a task goes to `delayed`, so the promoter wakes for it.
+    fleet: Arc<maintenance::Fleet>,
 }
 
 impl Runtime {
-    /// Gives an outcome to the finisher: the answer to wait for (whether it was applied);
-    /// `None` when there is nothing to write (a parked task) or the finisher is gone.
-    fn hand_over(&self, finished: Finished) -> Option<oneshot::Receiver<bool>> {
+    /// Gives an outcome to the finisher: the answer to wait for (whether it was applied), and
+    /// whether it puts the task in `delayed`; `None` when there is nothing to write (a parked task) or the finisher is gone.
+    fn hand_over(&self, finished: Finished) -> Option<(oneshot::Receiver<bool>, bool)> {
         if finished.parked {
             return None;
         }
+        let delays = finished
+            .write
+            .finish()
+            .is_some_and(|f| matches!(f.kind, llmq_shared::queue::FinishKind::Retry { .. }));
         let (done, written) = oneshot::channel();
         self.finisher.send(Pending { finished, done }).ok()?;
-        Some(written)
+        Some((written, delays))
     }
 
     /// Runs one task and waits until its outcome is written (or the worker gives up on
@@ -183,8 +190,11 @@ impl Runtime {
         let finished = self.executor.run(queue, delivery).await;
         // `finished` must not live across an await: every task in flight would carry its
         // size (see `hand_over`). The finisher also frees its concurrency slot, if any.
-        if let Some(written) = self.hand_over(finished) {
-            let _ = written.await;
+        if let Some((written, delays)) = self.hand_over(finished) {
+            // Once the task is in `delayed`, the promoter wakes for it.
+            if written.await == Ok(true) && delays {
+                self.fleet.delayed();
+            }
         }
         self.inflight.remove(&entry_id);
         drop(permit);
@@ -320,7 +330,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         redis.clone(),
         worker_id.clone(),
         queues.clone(),
-        fleet,
+        Arc::clone(&fleet),
         done.clone(),
     ));
     tasks.spawn(maintenance::refresh(
@@ -381,6 +391,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         },
         finisher,
         inflight: Arc::clone(&inflight),
+        fleet: Arc::clone(&fleet),
     });
     tracing::info!(
         worker = %worker_id,
@@ -453,6 +464,6 @@ mod tests {
         assert_eq!(s.visibility_timeout, Duration::from_secs(60));
         assert_eq!(s.result_ttl, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(s.retry_max, Duration::from_secs(300));
-        assert_eq!(s.block, Duration::from_millis(500));
+        assert_eq!(s.block, Duration::from_secs(5));
     }
 }

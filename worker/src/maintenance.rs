@@ -50,37 +50,58 @@ impl InFlight {
 
 /// How many workers serve this worker's queues, as its last heartbeat counted them: duties
 /// every worker can do are spread over the fleet instead of each doing them at full rate.
+/// It also carries the word that this worker just put a task in `delayed`, so its promoter
+/// wakes for it rather than polling for it.
 #[derive(Debug)]
-pub struct Fleet(AtomicU64);
+pub struct Fleet {
+    live: AtomicU64,
+    delayed: tokio::sync::Notify,
+}
 
 impl Default for Fleet {
     fn default() -> Self {
-        Self(AtomicU64::new(1))
+        Self {
+            live: AtomicU64::new(1),
+            delayed: tokio::sync::Notify::new(),
+        }
     }
 }
 
 impl Fleet {
     fn set(&self, live: u64) {
-        self.0.store(live.max(1), Ordering::Relaxed);
+        self.live.store(live.max(1), Ordering::Relaxed);
     }
 
-    /// `every`, times the fleet, at most [`FLEET_DUTY_MAX`] (never less than `every`): what
-    /// one worker waits for so that the fleet as a whole does the duty every `every`.
-    fn spread(&self, every: Duration) -> Duration {
-        let n = u32::try_from(self.0.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
-        every.saturating_mul(n).min(FLEET_DUTY_MAX.max(every))
+    /// `every`, times the fleet, at most `cap` (never less than `every`): what one worker
+    /// waits for so that the fleet as a whole does the duty every `every`. The cap bounds
+    /// the wait whatever the count says (a count that includes workers that just died must
+    /// not stall the duty).
+    fn spread(&self, every: Duration, cap: Duration) -> Duration {
+        let n = u32::try_from(self.live.load(Ordering::Relaxed)).unwrap_or(u32::MAX);
+        every.saturating_mul(n).min(cap.max(every))
+    }
+
+    /// This worker just put a task in `delayed`: its promoter looks at the delayed tasks
+    /// again (its next due time is then known).
+    pub fn delayed(&self) {
+        self.delayed.notify_one();
     }
 }
 
-/// The longest one worker waits between two runs of a duty the fleet shares, whatever it
-/// counts (a count that includes workers that just died must not stall the duty).
-const FLEET_DUTY_MAX: Duration = Duration::from_secs(5);
+/// The longest one worker waits between two looks at the delayed tasks when it knows of
+/// none due: tasks this worker delays wake its promoter themselves, so this is only for
+/// tasks delayed by another worker that died before promoting them (the scheduler's
+/// `promote` duty, every tick, also moves them).
+const PROMOTE_MAX: Duration = Duration::from_secs(30);
+/// The longest one worker waits between two tries of the concurrency-slot sweep.
+const SWEEP_MAX: Duration = Duration::from_secs(10);
 
-/// Moves due delayed tasks to their streams; sleeps until the next one is due, at most
-/// `every` for the fleet as a whole (each worker waits `every` times the live workers, so a
-/// fleet of any size looks `every` apart, not every worker). About once a second, fleet-wide
-/// again, also sweeps the concurrency keys: frees slots left by tasks that are gone and
-/// wakes parked tasks into them.
+/// Moves due delayed tasks to their streams; sleeps until the next one is due, or until
+/// this worker delays a task, or at most `every` for the fleet as a whole (each worker waits
+/// `every` times the live workers, up to [`PROMOTE_MAX`], so a fleet of any size looks
+/// `every` apart, not every worker). About once a second, fleet-wide again (each worker at
+/// most [`SWEEP_MAX`] apart), also sweeps the concurrency keys: frees slots left by tasks that
+/// are gone and wakes parked tasks into them.
 pub async fn promote(
     redis: Client,
     queues: Vec<Arc<QueueKeys>>,
@@ -88,11 +109,14 @@ pub async fn promote(
     fleet: Arc<Fleet>,
     stop: CancellationToken,
 ) {
+    use tokio::time::Instant;
     const LIMIT: usize = 1000;
     const SWEEP_EVERY: Duration = Duration::from_secs(1);
     let mut swept = Instant::now();
+    let mut promoted = Instant::now();
+    let mut promote_at = Instant::now();
     loop {
-        if swept.elapsed() >= fleet.spread(SWEEP_EVERY) {
+        if swept.elapsed() >= fleet.spread(SWEEP_EVERY, SWEEP_MAX) {
             swept = Instant::now();
             for q in &queues {
                 if let Err(e) = redis.sweep_slots(q).await {
@@ -100,23 +124,32 @@ pub async fn promote(
                 }
             }
         }
-        let mut wait = fleet.spread(every);
-        for q in &queues {
-            match redis.promote(q, LIMIT).await {
-                Ok((moved, next)) => {
-                    if moved as usize == LIMIT {
-                        wait = Duration::ZERO;
-                    } else if let Some(next) = next {
-                        let until =
-                            Duration::from_millis(u64::try_from(next - now_ms()).unwrap_or(0));
-                        wait = wait.min(until);
+        if Instant::now() >= promote_at {
+            promoted = Instant::now();
+            let mut wait = fleet.spread(every, PROMOTE_MAX);
+            for q in &queues {
+                match redis.promote(q, LIMIT).await {
+                    Ok((moved, next)) => {
+                        if moved as usize == LIMIT {
+                            wait = Duration::ZERO;
+                        } else if let Some(next) = next {
+                            let until =
+                                Duration::from_millis(u64::try_from(next - now_ms()).unwrap_or(0));
+                            wait = wait.min(until);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(queue = q.name(), "moving due delayed tasks failed: {e}")
                     }
                 }
-                Err(e) => tracing::error!(queue = q.name(), "moving due delayed tasks failed: {e}"),
             }
+            promote_at = Instant::now() + wait.max(Duration::from_millis(5));
         }
+        let sweep_at = swept + fleet.spread(SWEEP_EVERY, SWEEP_MAX);
         tokio::select! {
-            () = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
+            () = tokio::time::sleep_until(promote_at.min(sweep_at)) => {}
+            // A task this worker delayed: look again, but not more often than `every`.
+            () = fleet.delayed.notified() => promote_at = promote_at.min(promoted + every),
             () = stop.cancelled() => return,
         }
     }
@@ -176,9 +209,14 @@ pub async fn heartbeat(
     fleet: Arc<Fleet>,
     stop: CancellationToken,
 ) {
+    /// Beats between two that also record the queues and forget workers silent for an hour.
+    const TIDY_EVERY: u32 = 12;
     let keys: Vec<QueueKeys> = queues.iter().map(|q| QueueKeys::clone(q)).collect();
+    let mut beat = 0u32;
     loop {
-        match redis.heartbeat(&worker, &keys).await {
+        let tidy = beat % TIDY_EVERY == 0;
+        beat = beat.wrapping_add(1);
+        match redis.heartbeat(&worker, &keys, tidy).await {
             Ok(live) => fleet.set(live),
             Err(e) => tracing::warn!("heartbeat failed: {e}"),
         }
@@ -220,20 +258,21 @@ mod tests {
     fn a_fleet_shares_its_duties_and_none_waits_past_the_cap() {
         let fleet = Fleet::default();
         let ms = Duration::from_millis;
-        assert_eq!(fleet.spread(ms(250)), ms(250), "alone, at full rate");
+        let cap = Duration::from_secs(5);
+        assert_eq!(fleet.spread(ms(250), cap), ms(250), "alone, at full rate");
         fleet.set(4);
-        assert_eq!(fleet.spread(ms(250)), ms(1000));
+        assert_eq!(fleet.spread(ms(250), cap), ms(1000));
         fleet.set(20);
-        assert_eq!(fleet.spread(ms(250)), FLEET_DUTY_MAX);
+        assert_eq!(fleet.spread(ms(250), cap), cap);
         fleet.set(0);
         assert_eq!(
-            fleet.spread(ms(250)),
+            fleet.spread(ms(250), cap),
             ms(250),
             "a count of 0 is the worker itself"
         );
         fleet.set(3);
         assert_eq!(
-            fleet.spread(Duration::from_secs(10)),
+            fleet.spread(Duration::from_secs(10), cap),
             Duration::from_secs(10)
         );
     }

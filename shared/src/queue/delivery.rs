@@ -50,6 +50,30 @@ impl Client {
         reply::parse_read_reply(reply)
     }
 
+    /// The id Redis gives the connection `conn` (`CLIENT ID`), to end its blocking read with
+    /// [`Client::unblock`].
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn client_id(conn: &mut ConnectionManager) -> Result<i64> {
+        Ok(redis::cmd("CLIENT").arg("ID").query_async(conn).await?)
+    }
+
+    /// Ends the blocking read of connection `id` at once, as if it had timed out (`CLIENT
+    /// UNBLOCK`): entries it read before are still returned to it, none after.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn unblock(&self, id: i64) -> Result<()> {
+        let mut c = self.conn().await?;
+        let _: i64 = redis::cmd("CLIENT")
+            .arg("UNBLOCK")
+            .arg(id)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
     /// Takes over up to `count` entries idle longer than `min_idle`. Entries delivered more
     /// than `max_deliveries` times are poison tasks: they are finished at once as dead letters
     /// (with a `dead` record kept for `result_ttl`) instead of being returned. A worker that

@@ -7,24 +7,26 @@ use crate::keys::{GROUP, QUEUES, QueueKeys};
 use crate::outcome::{Status, TaskRecord};
 
 impl Client {
-    /// Records that `worker` serves `queues` (for `llmq status`) and drops workers silent for
-    /// an hour. Returns the fewest live workers any of the queues has (itself included), so
+    /// Records that `worker` serves `queues` (for `llmq status`); with `tidy`, also lists the
+    /// queues in `llmq:queues` and drops workers silent for an hour. Returns the fewest live workers any of the queues has (itself included), so
     /// duties the fleet shares can be spread over it.
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn heartbeat(&self, worker: &str, queues: &[QueueKeys]) -> Result<u64> {
+    pub async fn heartbeat(&self, worker: &str, queues: &[QueueKeys], tidy: bool) -> Result<u64> {
         let now = now_ms();
         let live_since = now - i64::try_from(WORKER_LIVENESS.as_millis()).unwrap_or(i64::MAX);
         let mut pipe = redis::pipe();
         for keys in queues {
-            pipe.sadd(QUEUES, keys.name()).ignore();
+            if tidy {
+                pipe.sadd(QUEUES, keys.name()).ignore();
+                pipe.cmd("ZREMRANGEBYSCORE")
+                    .arg(keys.workers())
+                    .arg("-inf")
+                    .arg(now - 3_600_000)
+                    .ignore();
+            }
             pipe.zadd(keys.workers(), worker, now).ignore();
-            pipe.cmd("ZREMRANGEBYSCORE")
-                .arg(keys.workers())
-                .arg("-inf")
-                .arg(now - 3_600_000)
-                .ignore();
             pipe.zcount(keys.workers(), live_since, "+inf");
         }
         let mut c = self.conn().await?;

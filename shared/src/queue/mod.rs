@@ -300,6 +300,21 @@ impl Client {
             .map_err(|e| Error::Connect(e.to_string()))
     }
 
+    /// A connection of its own for blocking reads of at most `block` each: a read that gets
+    /// no answer within `block` and the usual response timeout fails (a connection that died
+    /// without a word), so no read waits for ever.
+    ///
+    /// # Errors
+    /// Redis cannot be reached.
+    pub async fn reading_conn(&self, block: Duration) -> Result<ConnectionManager> {
+        ConnectionManager::new_with_config(
+            self.client.clone(),
+            Self::config(Some(block + RESPONSE_TIMEOUT)),
+        )
+        .await
+        .map_err(|e| Error::Connect(e.to_string()))
+    }
+
     /// Checks that Redis answers.
     ///
     /// # Errors
