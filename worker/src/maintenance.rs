@@ -214,7 +214,7 @@ pub async fn heartbeat(
     let keys: Vec<QueueKeys> = queues.iter().map(|q| QueueKeys::clone(q)).collect();
     let mut beat = 0u32;
     loop {
-        let tidy = beat % TIDY_EVERY == 0;
+        let tidy = beat.is_multiple_of(TIDY_EVERY);
         beat = beat.wrapping_add(1);
         match redis.heartbeat(&worker, &keys, tidy).await {
             Ok(live) => fleet.set(live),
