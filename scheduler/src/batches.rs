@@ -18,21 +18,20 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, Ledger};
 use llmq_shared::provider::batch::{BatchClient, Item, Poll};
-use llmq_shared::queue::{BatchAnswer, BatchRecord, Settle, Taken, now_ms};
+use llmq_shared::queue::{BatchAnswer, BatchRecord, FALLBACK_MARGIN, Settle, Taken, now_ms};
 use uuid::Uuid;
 
 use crate::{Error, Result, Scheduler};
 
-/// A batch not over this long before a task's deadline is given up: its tasks are called.
-pub const FALLBACK_MARGIN: Duration = Duration::from_secs(3600);
-/// How long a settled task's batch hash lives (its answer, or that it was handed to a call).
-const SETTLED_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
 /// Batches made per group per run.
 const MAX_BATCHES_PER_RUN: usize = 10;
 /// A batch that could not be sent for this long is given up: its tasks are called.
 const SEND_FOR: Duration = Duration::from_secs(3600);
-/// A given-up batch is asked about for this long, for what the provider still bills.
+/// A given-up batch is asked about for this long after, for what the provider still bills.
 const ABANDONED_FOR: Duration = Duration::from_secs(2 * 24 * 3600);
+/// A batch taken but not recorded as sent this long after is sent again: its sender died
+/// (sending takes at most two requests of two minutes each).
+const RESEND_AFTER: Duration = Duration::from_secs(5 * 60);
 
 /// The batch clients of the providers with a `batch:` section.
 pub(crate) fn clients(config: &llmq_shared::config::Config) -> HashMap<String, BatchClient> {
@@ -181,13 +180,18 @@ impl Scheduler {
                     tasks = items.len(),
                     "sent a batch"
                 );
-                let fields = [
-                    ("remote", remote),
-                    ("state", "open".to_owned()),
-                    ("fallback", earliest.to_string()),
-                    ("polled", now_ms().to_string()),
-                ];
-                self.mark(keys, &record.id, &fields).await
+                if !self
+                    .redis
+                    .batch_sent(keys, &record.id, &remote, earliest)
+                    .await?
+                {
+                    tracing::warn!(
+                        batch = record.id,
+                        remote,
+                        "a batch was sent twice; the provider's batch {remote} is not followed"
+                    );
+                }
+                Ok(())
             }
             Err(e) if !e.is_retryable() || now_ms() - record.created_ms > ms(SEND_FOR) => {
                 tracing::warn!(
@@ -217,46 +221,58 @@ impl Scheduler {
         let now = now_ms();
         let Some(remote) = record.remote.as_deref() else {
             // Taken but never recorded as sent: its sender died. Send it again.
-            if now - record.created_ms > ms(self.batches_every) {
-                let taken = self.redis.batch_tasks(keys, record).await?;
-                let taken = taken
-                    .into_iter()
-                    .filter(|(state, _)| state == "sent")
-                    .map(|(_, t)| t)
-                    .collect();
+            if now - record.created_ms > ms(RESEND_AFTER) {
+                let taken = self.sent_tasks(keys, record).await?;
                 self.send(keys, record, taken).await?;
             }
             return Ok(0);
         };
+        let abandoned = record.state == "abandoned";
+        let Some(client) = self.batch_clients.get(&record.provider) else {
+            if abandoned {
+                tracing::warn!(
+                    batch = record.id,
+                    remote,
+                    "no longer following a batch whose provider has no batch section"
+                );
+                self.mark(keys, &record.id, &[]).await?;
+                return Ok(0);
+            }
+            return self
+                .give_up(keys, record, "its provider no longer has a batch section")
+                .await;
+        };
+        if !abandoned && record.fallback_ms.is_some_and(|f| now >= f) {
+            if let Err(e) = client.cancel(&record.model, remote).await {
+                tracing::warn!(batch = record.id, "cannot cancel the batch: {e}");
+            }
+            return self
+                .give_up(
+                    keys,
+                    record,
+                    "its batch was not over an hour before the task's deadline",
+                )
+                .await;
+        }
         if record
             .polled_ms
             .is_some_and(|p| now - p < ms(self.batches_every))
         {
             return Ok(0);
         }
-        let Some(client) = self.batch_clients.get(&record.provider) else {
-            return self
-                .give_up(keys, record, "its provider no longer has a batch section")
-                .await;
-        };
         self.mark(keys, &record.id, &[("polled", now.to_string())])
             .await?;
-        let abandoned = record.state == "abandoned";
+        let given_up_long_ago =
+            abandoned && now - record.abandoned_ms.unwrap_or(record.created_ms) > ms(ABANDONED_FOR);
         match client.poll(&record.model, remote).await {
-            Ok(Poll::Running) if abandoned && now - record.created_ms > ms(ABANDONED_FOR) => {
+            Ok(Poll::Running) if given_up_long_ago => {
+                tracing::warn!(
+                    batch = record.id,
+                    remote,
+                    "no longer following a batch given up two days ago"
+                );
                 self.mark(keys, &record.id, &[]).await?;
                 Ok(0)
-            }
-            Ok(Poll::Running) if !abandoned && record.fallback_ms.is_some_and(|f| now >= f) => {
-                if let Err(e) = client.cancel(&record.model, remote).await {
-                    tracing::warn!(batch = record.id, "cannot cancel the batch: {e}");
-                }
-                self.give_up(
-                    keys,
-                    record,
-                    "its batch was not over an hour before the task's deadline",
-                )
-                .await
             }
             Ok(Poll::Running) => Ok(0),
             Ok(Poll::Ended { results, unrun }) => {
@@ -284,16 +300,26 @@ impl Scheduler {
         }
     }
 
-    /// Hands every task still in `record` to a call, keeping the record to read what the
-    /// provider still bills.
-    async fn give_up(&self, keys: &QueueKeys, record: &BatchRecord, why: &str) -> Result<u64> {
-        let tasks: Vec<_> = self
+    /// The tasks of `record` it still holds (not settled).
+    async fn sent_tasks(&self, keys: &QueueKeys, record: &BatchRecord) -> Result<Vec<Taken>> {
+        Ok(self
             .redis
             .batch_tasks(keys, record)
             .await?
             .into_iter()
             .filter(|(state, _)| state == "sent")
-            .map(|(_, t)| (t.task_id, Settle::Fallback(why.to_owned())))
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// Hands every task still in `record` to a call, keeping the record to read what the
+    /// provider still bills.
+    async fn give_up(&self, keys: &QueueKeys, record: &BatchRecord, why: &str) -> Result<u64> {
+        let tasks: Vec<_> = self
+            .sent_tasks(keys, record)
+            .await?
+            .into_iter()
+            .map(|t| (t.task_id, Settle::Fallback(why.to_owned())))
             .collect();
         self.settle(keys, &record.id, &tasks, "abandon").await
     }
@@ -423,7 +449,7 @@ impl Scheduler {
             return Ok(0);
         }
         self.redis
-            .settle_batch(self.lease.proof()?, keys, batch_id, tasks, end, SETTLED_TTL)
+            .settle_batch(self.lease.proof()?, keys, batch_id, tasks, end)
             .await?
             .ok_or(Error::NotLeader)
     }

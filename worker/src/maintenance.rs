@@ -220,6 +220,31 @@ pub async fn heartbeat(
             Ok(live) => fleet.set(live),
             Err(e) => tracing::warn!("heartbeat failed: {e}"),
         }
+        if tidy {
+            // Tasks parked for a provider batch that no scheduler sends any more go back to
+            // their streams before their deadline.
+            for q in &keys {
+                match redis
+                    .rescue_batched(
+                        q,
+                        llmq_shared::queue::FALLBACK_MARGIN,
+                        llmq_shared::queue::LATCH_TTL,
+                    )
+                    .await
+                {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(
+                        queue = q.name(),
+                        tasks = n,
+                        "no scheduler sends this queue's provider batches: tasks near their deadline go to calls"
+                    ),
+                    Err(e) => tracing::warn!(
+                        queue = q.name(),
+                        "cannot look after parked batch tasks: {e}"
+                    ),
+                }
+            }
+        }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
             () = stop.cancelled() => return,

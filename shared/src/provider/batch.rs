@@ -57,8 +57,9 @@ pub enum Poll {
 #[must_use]
 pub fn item_body(p: &ProviderConfig, req: &Request) -> Option<Value> {
     match p.kind {
-        Kind::Openai => Some(openai::body(req, TokenLimitField::MaxCompletionTokens)),
-        Kind::OpenaiCompatible => Some(openai::body(req, TokenLimitField::MaxTokens)),
+        Kind::Openai | Kind::OpenaiCompatible => {
+            Some(openai::body(req, TokenLimitField::of(p.kind)))
+        }
         Kind::Anthropic => Some(anthropic::Anthropic::body(req)),
         Kind::Gemini => Some(gemini::Gemini::body(req)),
         Kind::Ollama | Kind::Command => None,
@@ -101,7 +102,7 @@ impl BatchClient {
     pub fn max_bytes(&self) -> usize {
         match self.kind {
             Kind::Gemini => 19 << 20,
-            _ => 100 << 20,
+            _ => 32 << 20,
         }
     }
 
@@ -363,33 +364,37 @@ impl BatchClient {
             timeout: HTTP_TIMEOUT,
             ..Request::default()
         };
-        let reply = super::send(builder, &req)
-            .await
-            .map_err(|(transport, m)| Error {
+        let broken = |e: &reqwest::Error| {
+            let (transport, m) = super::transport_message(e, &req);
+            Error {
                 transport: Some(transport),
                 ..Error::new(&self.name, model, ErrorClass::Retryable, m)
-            })?;
-        if !(200..300).contains(&reply.status) {
-            return Err(self.format().error(
-                &self.name,
-                model,
-                reply.status,
-                &reply.body,
-                reply.retry_after,
-            ));
+            }
+        };
+        let mut response = builder.send().await.map_err(|e| broken(&e))?;
+        let status = response.status().as_u16();
+        let wait = super::retry_after(response.headers());
+        // Read a piece at a time, so an answer past the bound is refused before it is held.
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| broken(&e))? {
+            if body.len() + chunk.len() > MAX_RESULTS_BYTES {
+                return Err(Error {
+                    transport: Some(Transport::Broken),
+                    ..Error::new(
+                        &self.name,
+                        model,
+                        ErrorClass::Retryable,
+                        format!("the batch API answered over {MAX_RESULTS_BYTES} bytes"),
+                    )
+                });
+            }
+            body.extend_from_slice(&chunk);
         }
-        if reply.body.len() > MAX_RESULTS_BYTES {
-            return Err(Error {
-                transport: Some(Transport::Broken),
-                ..Error::new(
-                    &self.name,
-                    model,
-                    ErrorClass::Retryable,
-                    format!("the batch API answered over {MAX_RESULTS_BYTES} bytes"),
-                )
-            });
+        let body = String::from_utf8_lossy(&body).into_owned();
+        if !(200..300).contains(&status) {
+            return Err(self.format().error(&self.name, model, status, &body, wait));
         }
-        Ok(reply.body)
+        Ok(body)
     }
 
     async fn send_json(&self, model: &str, builder: reqwest::RequestBuilder) -> Result<Value> {

@@ -110,18 +110,11 @@ impl Provider for Spread {
 pub fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
     let http = http.clone();
     match p.kind {
-        Kind::Openai => Arc::new(OpenAi::new(
+        Kind::Openai | Kind::OpenaiCompatible => Arc::new(OpenAi::new(
             &p.name,
             &p.base_url,
             p.api_key.clone(),
-            TokenLimitField::MaxCompletionTokens,
-            http,
-        )),
-        Kind::OpenaiCompatible => Arc::new(OpenAi::new(
-            &p.name,
-            &p.base_url,
-            p.api_key.clone(),
-            TokenLimitField::MaxTokens,
+            TokenLimitField::of(p.kind),
             http,
         )),
         Kind::Anthropic => Arc::new(Anthropic::new(

@@ -20,6 +20,19 @@ pub enum TokenLimitField {
     MaxTokens,
 }
 
+impl TokenLimitField {
+    /// The field a provider of `kind` wants: `max_completion_tokens` for OpenAI's own API,
+    /// `max_tokens` for every other server.
+    #[must_use]
+    pub fn of(kind: crate::config::Kind) -> Self {
+        if kind == crate::config::Kind::Openai {
+            TokenLimitField::MaxCompletionTokens
+        } else {
+            TokenLimitField::MaxTokens
+        }
+    }
+}
+
 /// A chat-completions endpoint.
 #[derive(Debug, Clone)]
 pub struct OpenAi {

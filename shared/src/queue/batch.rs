@@ -31,6 +31,8 @@ static SETTLE: LazyLock<Script> = LazyLock::new(|| {
         include_str!("batch_settle.lua")
     ))
 });
+static SENT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("batch_sent.lua")));
+static RESCUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("batch_rescue.lua")));
 static MARK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/fence.lua"),
@@ -40,6 +42,13 @@ static MARK: LazyLock<Script> = LazyLock::new(|| {
 
 /// Tasks settled per script call.
 const SETTLE_CHUNK: usize = 500;
+/// Tasks per group, and batches, one rescue looks at.
+const RESCUE_LIMIT: usize = 1000;
+
+/// A batch not over this long before a task's deadline is given up: its tasks are called.
+pub const FALLBACK_MARGIN: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How long a settled task's batch hash (its latch) lives past the task's deadline.
+pub const LATCH_TTL: std::time::Duration = std::time::Duration::from_secs(2 * 24 * 3600);
 
 /// What [`Client::park_for_batch`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,6 +145,8 @@ pub struct BatchRecord {
     pub fallback_ms: Option<i64>,
     /// When it was last asked about (ms).
     pub polled_ms: Option<i64>,
+    /// When its tasks were handed to calls (ms), for an `abandoned` one.
+    pub abandoned_ms: Option<i64>,
 }
 
 /// How a task of a batch ends.
@@ -384,10 +395,65 @@ impl Client {
                 state: h.get("state").cloned().unwrap_or_default(),
                 fallback_ms: num("fallback"),
                 polled_ms: num("polled"),
+                abandoned_ms: num("abandoned"),
                 id,
             });
         }
         Ok(records)
+    }
+
+    /// Records that batch `batch_id` was sent: the provider's id for it, and when its tasks
+    /// fall back (ms). Not fenced (see `batch_sent.lua`). Returns false when the record is
+    /// gone or already has a provider id.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn batch_sent(
+        &self,
+        keys: &QueueKeys,
+        batch_id: &str,
+        remote: &str,
+        fallback_ms: i64,
+    ) -> Result<bool> {
+        let mut c = self.conn().await?;
+        let r: i64 = SENT
+            .key(keys.batch(batch_id))
+            .arg(remote)
+            .arg(fallback_ms)
+            .arg(super::now_ms())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(r == 1)
+    }
+
+    /// Sends back to the stream the tasks of `keys`' batches whose deadline is `margin` away
+    /// when no scheduler sends this queue's batches (see `batch_rescue.lua`). Returns how many.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn rescue_batched(
+        &self,
+        keys: &QueueKeys,
+        margin: std::time::Duration,
+        ttl: std::time::Duration,
+    ) -> Result<u64> {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let mut c = self.conn().await?;
+        let n: i64 = RESCUE
+            .key(keys.batcher())
+            .key(keys.batch_groups())
+            .key(keys.batches_open())
+            .key(keys.stream())
+            .arg(super::now_ms())
+            .arg(ms(margin))
+            .arg(keys.batch_task(""))
+            .arg(keys.batch_waiting(""))
+            .arg(keys.batch(""))
+            .arg(ms(ttl))
+            .arg(RESCUE_LIMIT)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Records `fields` of batch `batch_id` (none: drops the record); `None` when `fence` no
@@ -432,10 +498,9 @@ impl Client {
         batch_id: &str,
         tasks: &[(String, Settle)],
         end: &str,
-        ttl: std::time::Duration,
     ) -> Result<Option<u64>> {
         let mut c = self.conn().await?;
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = u64::try_from(LATCH_TTL.as_millis()).unwrap_or(u64::MAX);
         let mut moved = 0;
         let chunks: Vec<&[(String, Settle)]> = if tasks.is_empty() {
             vec![&[]]
@@ -455,7 +520,8 @@ impl Client {
                 .arg(batch_id)
                 .arg(ttl_ms)
                 .arg(keys.batch_task(""))
-                .arg(if k == last { end } else { "" });
+                .arg(if k == last { end } else { "" })
+                .arg(super::now_ms());
             for (id, settle) in chunk {
                 inv.arg(id);
                 match settle {

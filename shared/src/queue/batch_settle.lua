@@ -3,18 +3,19 @@
 -- task. A task that is no longer this batch's (settled before) is left alone, so settling
 -- again after a crash changes nothing.
 -- KEYS: 1 lease, 2 fence, 3 stream, 4 the batch record, 5 open batches
--- ARGV: 1 holder, 2 token, 3 batch id, 4 how long a settled task's hash lives (ms), 5 the
---       prefix of task batch hashes, 6 'close' (drop the record), 'abandon' (keep it, to
---       read what the provider still bills) or '', then per task: id, 'answered' or
---       'fallback', the answer or the reason
+-- ARGV: 1 holder, 2 token, 3 batch id, 4 how long a settled task's hash lives past the
+--       task's deadline (ms), 5 the prefix of task batch hashes, 6 'close' (drop the record),
+--       'abandon' (keep it, to read what the provider still bills) or '', 7 now (ms), then
+--       per task: id, 'answered' or 'fallback', the answer or the reason
 -- Returns -1 (not the holder) or how many tasks went back to the stream.
 if not is_holder() then
   return -1
 end
 local n = 0
-for i = 7, #ARGV, 3 do
+local now = tonumber(ARGV[7])
+for i = 8, #ARGV, 3 do
   local key = ARGV[5] .. ARGV[i]
-  local f = redis.call('HMGET', key, 'state', 'batch', 'env')
+  local f = redis.call('HMGET', key, 'state', 'batch', 'env', 'deadline')
   if f[1] == 'sent' and f[2] == ARGV[3] then
     local field = 'answer'
     if ARGV[i + 1] == 'fallback' then
@@ -22,7 +23,8 @@ for i = 7, #ARGV, 3 do
     end
     redis.call('HSET', key, 'state', ARGV[i + 1], field, ARGV[i + 2])
     redis.call('HDEL', key, 'body')
-    redis.call('PEXPIRE', key, ARGV[4])
+    -- The latch outlives the deadline, after which no task can be parked again.
+    redis.call('PEXPIRE', key, math.max((tonumber(f[4] or '0') or 0) - now, 0) + tonumber(ARGV[4]))
     redis.call('XADD', KEYS[3], '*', 'task', f[3])
     n = n + 1
   end
@@ -30,7 +32,7 @@ end
 if ARGV[6] == 'close' then
   redis.call('DEL', KEYS[4])
   redis.call('ZREM', KEYS[5], ARGV[3])
-elseif ARGV[6] == 'abandon' then
-  redis.call('HSET', KEYS[4], 'state', 'abandoned')
+elseif ARGV[6] == 'abandon' and redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('HSET', KEYS[4], 'state', 'abandoned', 'abandoned', ARGV[7])
 end
 return n

@@ -37,7 +37,9 @@ mod out;
 mod reply;
 mod slots;
 
-pub use batch::{BatchAnswer, BatchRecord, BatchState, Group, Parked, Settle, Taken};
+pub use batch::{
+    BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
+};
 pub use chain::Refused;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;

@@ -370,3 +370,79 @@ async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tas
     assert_eq!(env.mock.calls("batch-stuck"), 1);
     assert_eq!(rows_of(&env, e.id.unwrap()).await.len(), 1, "the call only");
 }
+
+#[tokio::test]
+async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadline() {
+    let env = TestEnv::new().await.unwrap();
+    let text = config_text(&env, &["anthropic"], &["batch-stuck"], "100ms");
+    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let sched = scheduler(&env, config.clone());
+    let mut settings = env.settings();
+    settings.config = config;
+    let _w = llmq_tests::harness::WorkerHandle::start(settings);
+    batcher_up(&env).await;
+    // One task in a batch at the provider, then the scheduler goes for good.
+    let sent = waiting_task(&env, "anthropic", "batch-stuck", "sent, then forgotten");
+    env.redis.enqueue(&env.keys, &sent).await.unwrap();
+    env.eventually("the batch open at the provider", WAIT, || async {
+        let open = env.redis.open_batches(&env.keys).await.unwrap();
+        open.iter().any(|b| b.remote.is_some())
+    })
+    .await
+    .unwrap();
+    drop(sched);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c = env.redis.conn().await.unwrap();
+    let task_key = env.keys.batch_task(&sent.id.unwrap().to_string());
+    // While a scheduler sends batches, or while the deadline is far, nothing moves.
+    let rescued = env
+        .redis
+        .rescue_batched(
+            &env.keys,
+            llmq_shared::queue::FALLBACK_MARGIN,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rescued, 0, "the batcher key still stands");
+    // The batcher's key expires; the deadline comes within the hour (as 23 hours would).
+    let _: () = redis::AsyncCommands::del(&mut c, env.keys.batcher())
+        .await
+        .unwrap();
+    assert_eq!(
+        env.redis
+            .rescue_batched(
+                &env.keys,
+                llmq_shared::queue::FALLBACK_MARGIN,
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap(),
+        0,
+        "its deadline is a day away"
+    );
+    let near = llmq_shared::queue::now_ms() + 60_000;
+    let _: () = redis::AsyncCommands::hset(&mut c, &task_key, "deadline", near)
+        .await
+        .unwrap();
+    let rescued = env
+        .redis
+        .rescue_batched(
+            &env.keys,
+            llmq_shared::queue::FALLBACK_MARGIN,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rescued, 1);
+    let r = env
+        .wait_final(&sent.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    assert!(
+        !r.route.as_deref().unwrap_or("").contains("batch API"),
+        "{r:?}"
+    );
+    assert_eq!(env.mock.calls("batch-stuck"), 1);
+}

@@ -71,24 +71,34 @@ fn batch_candidate<'p>(plan: &'p Plan<'p>, env: &Envelope) -> Option<&'p Candida
     })
 }
 
+/// What became of a task that may go to a batch.
+pub(super) enum Batching {
+    /// It waits for a batch (or was a copy of one that does): nothing to write.
+    Parked,
+    /// Call the model now.
+    Call,
+    /// Redis failed while parking it, perhaps after it was parked: hand the delivery back
+    /// (a copy of a parked task is acked when it comes again), never call it too.
+    Release,
+}
+
 impl Executor {
-    /// Sends `task` to wait for a batch when it may go to one. Returns `true` when it was
-    /// parked (or found to be a copy): the delivery is over, with nothing to write.
+    /// Sends `task` to wait for a batch when it may go to one.
     pub(super) async fn park_for_batch(
         &self,
         task: Parking<'_>,
         call_env: &Envelope,
         plan: &Plan<'_>,
-    ) -> bool {
+    ) -> Batching {
         let Some(deadline) = deadline_ms(task.env, task.entry_id) else {
-            return false;
+            return Batching::Call;
         };
         let lead = i64::try_from(MIN_LEAD.as_millis()).unwrap_or(i64::MAX);
         if deadline - llmq_shared::queue::now_ms() < lead || task.env.concurrency_key.is_some() {
-            return false;
+            return Batching::Call;
         }
         let Some(cand) = batch_candidate(plan, task.env) else {
-            return false;
+            return Batching::Call;
         };
         let req = Request {
             model: cand.model.id.clone(),
@@ -104,7 +114,7 @@ impl Executor {
             sink: None,
         };
         let Some(body) = provider::batch::item_body(cand.provider, &req) else {
-            return false;
+            return Batching::Call;
         };
         let group = format!("{}/{}", cand.provider.name, cand.model.id);
         let parked = self
@@ -124,13 +134,13 @@ impl Executor {
         match parked {
             Ok(Parked::Waiting) => {
                 tracing::debug!(task = %task.task_id, group, "waiting for a provider batch");
-                true
+                Batching::Parked
             }
-            Ok(Parked::Copy | Parked::Lost) => true,
-            Ok(Parked::NoBatcher) => false,
+            Ok(Parked::Copy | Parked::Lost) => Batching::Parked,
+            Ok(Parked::NoBatcher) => Batching::Call,
             Err(e) => {
-                tracing::warn!(task = %task.task_id, "cannot send the task to a batch, calling it now: {e}");
-                false
+                tracing::warn!(task = %task.task_id, "cannot send the task to a batch; handing it back: {e}");
+                Batching::Release
             }
         }
     }

@@ -467,8 +467,12 @@ impl Executor {
                     batch_answer = Some(answer);
                 }
                 Ok(_) => {}
+                // Redis is away: the worker's fault, not the task's, and the task may have
+                // an answer already. Hand it back rather than call it.
                 Err(e) => {
-                    tracing::warn!(task = %task_id, "cannot read the task's batch state, calling it now: {e}");
+                    tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
+                    let finish = Finish::release(entry_id, task_id, env.to_json());
+                    return plain(queue, finish, Vec::new());
                 }
             }
         }
@@ -512,12 +516,19 @@ impl Executor {
                     task_id: &task_id,
                     env: &env,
                 };
-                if Box::pin(self.park_for_batch(parking, call_env, &plan)).await {
-                    let finish = Finish::release(entry_id, task_id, String::new());
-                    return Finished {
-                        parked: true,
-                        ..plain(queue, finish, Vec::new())
-                    };
+                match Box::pin(self.park_for_batch(parking, call_env, &plan)).await {
+                    batch::Batching::Call => {}
+                    batch::Batching::Parked => {
+                        let finish = Finish::release(entry_id, task_id, String::new());
+                        return Finished {
+                            parked: true,
+                            ..plain(queue, finish, Vec::new())
+                        };
+                    }
+                    batch::Batching::Release => {
+                        let finish = Finish::release(entry_id, task_id, env.to_json());
+                        return plain(queue, finish, Vec::new());
+                    }
                 }
             }
             // Attempt.
