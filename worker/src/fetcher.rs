@@ -17,6 +17,28 @@ use tokio_util::sync::CancellationToken;
 const READ_RETRY: RetryPolicy =
     RetryPolicy::new(Duration::from_millis(250), Duration::from_secs(5));
 
+/// Ends a blocking read under way with `CLIENT UNBLOCK` of its connection `id`, again every
+/// 50 ms until it returns (the read may not have reached Redis yet when first asked), and
+/// returns what it read; without an id, waits for it to time out.
+async fn end_read<F, T>(redis: &Client, id: Option<i64>, read: &mut std::pin::Pin<&mut F>) -> T
+where
+    F: std::future::Future<Output = T>,
+{
+    let Some(id) = id else {
+        return read.await;
+    };
+    loop {
+        if let Err(e) = redis.unblock(id).await {
+            tracing::debug!("cannot end the blocking read early: {e}");
+        }
+        tokio::select! {
+            biased;
+            r = &mut *read => return r,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
 /// A task read from a queue, holding one of the worker's concurrency slots.
 pub struct Job {
     pub queue: Arc<QueueKeys>,
@@ -132,16 +154,12 @@ impl Fetcher {
                         let read = self.redis.read(c, q, &self.consumer, room, block);
                         tokio::pin!(read);
                         let read = tokio::select! {
+                            biased;
                             r = &mut read => r,
                             // Shutdown ends a long blocking read at once: what it read before
                             // is handed over as always, and nothing after.
                             () = self.stop.cancelled(), if block.is_some() => {
-                                if let Some(id) = conn_id
-                                    && let Err(e) = self.redis.unblock(id).await
-                                {
-                                    tracing::debug!("cannot end the blocking read early: {e}");
-                                }
-                                read.await
+                                end_read(&self.redis, conn_id, &mut read).await
                             }
                         }?;
                         got.extend(read.into_iter().map(|d| (Arc::clone(q), d)));
