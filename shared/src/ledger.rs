@@ -614,7 +614,8 @@ impl Ledger {
         by: GroupBy,
     ) -> Result<Vec<CostLine>> {
         let sql = format!(
-            "SELECT {col} AS key, count(*) AS calls, count(DISTINCT task_id) AS tasks,
+            "SELECT {col} AS key, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
+                count(DISTINCT task_id) AS tasks,
                 coalesce(sum(input_tokens), 0)::int8 AS input_tokens,
                 coalesce(sum(output_tokens), 0)::int8 AS output_tokens,
                 coalesce(sum(cached_tokens), 0)::int8 AS cached_tokens,

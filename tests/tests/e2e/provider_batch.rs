@@ -78,6 +78,24 @@ async fn batcher_up(env: &TestEnv) {
     .unwrap();
 }
 
+/// A scheduler and a worker on the test's queue with [`config_text`]'s providers, once the
+/// scheduler sends batches.
+async fn started(
+    env: &TestEnv,
+    kinds: &[&str],
+    models: &[&str],
+    gather: &str,
+) -> (InProcessScheduler, llmq_tests::harness::WorkerHandle) {
+    let text = config_text(env, kinds, models, gather);
+    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let s = scheduler(env, config.clone());
+    let mut settings = env.settings();
+    settings.config = config;
+    let w = llmq_tests::harness::WorkerHandle::start(settings);
+    batcher_up(env).await;
+    (s, w)
+}
+
 fn waiting_task(env: &TestEnv, kind: &str, model: &str, prompt: &str) -> Envelope {
     let mut e = Envelope::new(prompt);
     e.provider = Some(provider(env, kind));
@@ -102,13 +120,7 @@ async fn rows_of(env: &TestEnv, task_id: uuid::Uuid) -> Vec<(f64, Option<f64>)> 
 async fn tasks_that_can_wait_are_answered_through_each_formats_batch_api_at_the_batch_price() {
     let env = TestEnv::new().await.unwrap();
     let kinds: Vec<&str> = FORMATS.iter().map(|(k, _)| *k).collect();
-    let text = config_text(&env, &kinds, &["mock-fast"], "300ms");
-    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
-    let _s = scheduler(&env, config.clone());
-    let mut settings = env.settings();
-    settings.config = config;
-    let _w = llmq_tests::harness::WorkerHandle::start(settings);
-    batcher_up(&env).await;
+    let (_s, _w) = started(&env, &kinds, &["mock-fast"], "300ms").await;
     let mut tasks = Vec::new();
     for kind in &kinds {
         for i in 0..4 {
@@ -181,17 +193,13 @@ async fn tasks_that_can_wait_are_answered_through_each_formats_batch_api_at_the_
 async fn a_batch_that_expires_or_fails_and_a_request_that_fails_in_one_fall_back_to_calls() {
     let env = TestEnv::new().await.unwrap();
     let kinds: Vec<&str> = FORMATS.iter().map(|(k, _)| *k).collect();
-    let text = config_text(
+    let (_s, _w) = started(
         &env,
         &kinds,
         &["batch-expire", "batch-fail", "mock-fast"],
         "200ms",
-    );
-    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
-    let _s = scheduler(&env, config.clone());
-    let mut settings = env.settings();
-    settings.config = config;
-    let _w = llmq_tests::harness::WorkerHandle::start(settings);
+    )
+    .await;
     batcher_up(&env).await;
     let mut tasks = Vec::new();
     for kind in &kinds {
@@ -324,13 +332,7 @@ async fn batches_survive_a_worker_and_the_scheduler_killed_while_they_are_open()
 #[tokio::test]
 async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tasks_called() {
     let env = TestEnv::new().await.unwrap();
-    let text = config_text(&env, &["openai"], &["batch-stuck"], "100ms");
-    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
-    let _s = scheduler(&env, config.clone());
-    let mut settings = env.settings();
-    settings.config = config;
-    let _w = llmq_tests::harness::WorkerHandle::start(settings);
-    batcher_up(&env).await;
+    let (_s, _w) = started(&env, &["openai"], &["batch-stuck"], "100ms").await;
     let e = waiting_task(
         &env,
         "openai",
@@ -374,13 +376,7 @@ async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tas
 #[tokio::test]
 async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadline() {
     let env = TestEnv::new().await.unwrap();
-    let text = config_text(&env, &["anthropic"], &["batch-stuck"], "100ms");
-    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
-    let sched = scheduler(&env, config.clone());
-    let mut settings = env.settings();
-    settings.config = config;
-    let _w = llmq_tests::harness::WorkerHandle::start(settings);
-    batcher_up(&env).await;
+    let (sched, _w) = started(&env, &["anthropic"], &["batch-stuck"], "100ms").await;
     // One task in a batch at the provider, then the scheduler goes for good.
     let sent = waiting_task(&env, "anthropic", "batch-stuck", "sent, then forgotten");
     env.redis.enqueue(&env.keys, &sent).await.unwrap();
