@@ -442,3 +442,245 @@ async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadl
     );
     assert_eq!(env.mock.calls("batch-stuck"), 1);
 }
+
+/// Where a task is, as Redis holds it: every task id must be in exactly one place.
+async fn places(env: &TestEnv) -> std::collections::HashMap<String, Vec<&'static str>> {
+    use redis::AsyncCommands;
+    let mut c = env.redis.conn().await.unwrap();
+    let mut at: std::collections::HashMap<String, Vec<&'static str>> = Default::default();
+    let entries: redis::streams::StreamRangeReply = c.xrange_all(env.keys.stream()).await.unwrap();
+    for e in entries.ids {
+        let task: String = e.get("task").unwrap();
+        let env_: Envelope = serde_json::from_str(&task).unwrap();
+        at.entry(env_.id.unwrap().to_string())
+            .or_default()
+            .push("stream");
+    }
+    let groups: Vec<String> = c.smembers(env.keys.batch_groups()).await.unwrap();
+    for g in groups {
+        let ids: Vec<String> = c.zrange(env.keys.batch_waiting(&g), 0, -1).await.unwrap();
+        for id in ids {
+            let state: Option<String> = c.hget(env.keys.batch_task(&id), "state").await.unwrap();
+            assert_eq!(
+                state.as_deref(),
+                Some("waiting"),
+                "{id} in {g}'s waiting set"
+            );
+            at.entry(id).or_default().push("waiting");
+        }
+    }
+    for b in env.redis.open_batches(&env.keys).await.unwrap() {
+        for (state, t) in env.redis.batch_tasks(&env.keys, &b).await.unwrap() {
+            if state == "sent" {
+                at.entry(t.task_id).or_default().push("in a batch");
+            }
+        }
+    }
+    at
+}
+
+#[tokio::test]
+async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_or_doubles_a_task() {
+    use llmq_shared::keys::SchedulerKeys;
+    use llmq_shared::queue::{BatchAnswer, BatchState, Fence, Settle};
+    use llmq_tests::harness::SeededRng;
+    use redis::AsyncCommands;
+    for seed in [7_u64, 1_234_567, 0xdead_beef] {
+        let env = TestEnv::new().await.unwrap();
+        let mut rng = SeededRng(seed);
+        let sched = SchedulerKeys::new(Some(&env.queue));
+        let mut c = env.redis.conn().await.unwrap();
+        let _: () = c.set(sched.lease(), "holder").await.unwrap();
+        let _: () = c.set(sched.fence(), 1).await.unwrap();
+        let fence = Fence {
+            keys: &sched,
+            holder: "holder",
+            token: 1,
+        };
+        env.redis.ensure_group(&env.keys).await.unwrap();
+        let mut reader = env.redis.blocking_conn().await.unwrap();
+        let mut enqueued = std::collections::HashSet::new();
+        let mut done = std::collections::HashSet::new();
+        let mut answered = 0;
+        for step in 0..300 {
+            let _: () = c.set_ex(env.keys.batcher(), "holder", 60).await.unwrap();
+            match rng.below(8) {
+                // A producer enqueues a task that can wait.
+                0 | 1 => {
+                    let mut e = Envelope::new(format!("task {step}"));
+                    e.deadline = Some("24h".into());
+                    enqueued.insert(e.id.unwrap().to_string());
+                    env.redis.enqueue(&env.keys, &e).await.unwrap();
+                }
+                // A worker reads one (or takes over one a dead worker held) and parks it,
+                // finishes it (back from a batch), or dies holding it.
+                2 | 3 => {
+                    let mut got = env
+                        .redis
+                        .read(&mut reader, &env.keys, "w", 1, None)
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        got = env
+                            .redis
+                            .reclaim(&env.keys, "w", Duration::ZERO, 1, 1_000, WAIT)
+                            .await
+                            .unwrap();
+                    }
+                    for d in got {
+                        let e = Envelope::parse(d.payload.as_deref().unwrap(), 1 << 20).unwrap();
+                        let id = e.id.unwrap().to_string();
+                        match env.redis.batch_state(&env.keys, &id).await.unwrap() {
+                            BatchState::None | BatchState::Pending if rng.below(4) > 0 => {
+                                let group = ["p/m1", "p/m2"][rng.below(2)];
+                                env.redis
+                                    .park_for_batch(
+                                        &env.keys,
+                                        "w",
+                                        &d.entry_id,
+                                        &id,
+                                        group,
+                                        &e.to_json(),
+                                        "{}",
+                                        llmq_shared::queue::now_ms() + 86_400_000,
+                                        "0:0",
+                                    )
+                                    .await
+                                    .unwrap();
+                            }
+                            BatchState::None | BatchState::Pending => {} // died holding it
+                            state @ (BatchState::Answered { .. } | BatchState::Call) => {
+                                if matches!(state, BatchState::Answered { .. }) {
+                                    answered += 1;
+                                }
+                                let _: () = redis::pipe()
+                                    .xack(env.keys.stream(), "workers", &[&d.entry_id])
+                                    .xdel(env.keys.stream(), &[&d.entry_id])
+                                    .query_async(&mut c)
+                                    .await
+                                    .unwrap();
+                                assert!(done.insert(id.clone()), "{id} finished twice");
+                            }
+                        }
+                    }
+                }
+                // The scheduler takes waiting tasks into a batch, and records it sent (or
+                // dies before it does).
+                4 => {
+                    let group = ["p/m1", "p/m2"][rng.below(2)];
+                    let batch = uuid::Uuid::new_v4().to_string();
+                    let taken = env
+                        .redis
+                        .take_batch(
+                            fence,
+                            &env.keys,
+                            group,
+                            "p",
+                            "m",
+                            &batch,
+                            1 + rng.below(4),
+                            1 << 20,
+                        )
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    if !taken.is_empty() && rng.below(4) > 0 {
+                        env.redis
+                            .batch_sent(&env.keys, &batch, "remote", i64::MAX)
+                            .await
+                            .unwrap();
+                    }
+                }
+                // A batch is over for some or all of its tasks: answers and fallbacks.
+                5 | 6 => {
+                    let open = env.redis.open_batches(&env.keys).await.unwrap();
+                    if open.is_empty() {
+                        continue;
+                    }
+                    let b = &open[rng.below(open.len())];
+                    let sent: Vec<String> = env
+                        .redis
+                        .batch_tasks(&env.keys, b)
+                        .await
+                        .unwrap()
+                        .into_iter()
+                        .filter(|(s, _)| s == "sent")
+                        .map(|(_, t)| t.task_id)
+                        .collect();
+                    let all = rng.below(2) == 0;
+                    let mut chosen: Vec<(String, Settle)> = Vec::new();
+                    for id in &sent {
+                        if !all && rng.below(2) == 0 {
+                            continue;
+                        }
+                        let settle = if rng.below(2) == 0 {
+                            Settle::Fallback("failed".into())
+                        } else {
+                            Settle::Answered(Box::new(BatchAnswer {
+                                provider: "p".into(),
+                                model: "m".into(),
+                                text: "answer".into(),
+                                tool_calls: Vec::new(),
+                                input_tokens: 1,
+                                output_tokens: 1,
+                                cached_tokens: 0,
+                                reasoning_tokens: 0,
+                                cost_usd: 0.0,
+                                batch: b.id.clone(),
+                            }))
+                        };
+                        chosen.push((id.clone(), settle));
+                    }
+                    let end = if all {
+                        ["close", "abandon"][rng.below(2)]
+                    } else {
+                        ""
+                    };
+                    env.redis
+                        .settle_batch(fence, &env.keys, &b.id, &chosen, end)
+                        .await
+                        .unwrap()
+                        .unwrap();
+                }
+                // No scheduler any more, and a deadline near: workers send tasks back.
+                _ => {
+                    let _: () = c.del(env.keys.batcher()).await.unwrap();
+                    let ids: Vec<String> = enqueued.iter().cloned().collect();
+                    if let Some(id) = ids.get(rng.below(ids.len().max(1)))
+                        && c.exists::<_, bool>(env.keys.batch_task(id)).await.unwrap()
+                    {
+                        let key = env.keys.batch_task(id);
+                        let _: () = c
+                            .hset(&key, "deadline", llmq_shared::queue::now_ms())
+                            .await
+                            .unwrap();
+                    }
+                    env.redis
+                        .rescue_batched(&env.keys, llmq_shared::queue::FALLBACK_MARGIN, WAIT)
+                        .await
+                        .unwrap();
+                }
+            }
+            let at = places(&env).await;
+            for id in &enqueued {
+                let mut here = at.get(id).cloned().unwrap_or_default();
+                if done.contains(id) {
+                    here.push("done");
+                }
+                assert_eq!(
+                    here.len(),
+                    1,
+                    "seed {seed} step {step}: task {id} is in {here:?}"
+                );
+            }
+        }
+        // The run went the whole way: tasks came back from batches with answers, and ended.
+        assert!(
+            answered > 0 && done.len() > 10,
+            "seed {seed}: {answered} answered, {} done",
+            done.len()
+        );
+        let mut c2 = env.redis.conn().await.unwrap();
+        let _: () = c2.del(&[sched.lease(), sched.fence()]).await.unwrap();
+    }
+}
