@@ -1,7 +1,7 @@
 //! The lease that keeps one scheduler active, and the fenced writes only its holder can make.
 //!
-//! `llmq:scheduler:lease` holds the holder's id with a TTL. An instance takes it with
-//! `SET NX PX`, which bumps `llmq:scheduler:fence` in the same script: the new holder's
+//! `llmq:{scheduler}:lease` holds the holder's id with a TTL. An instance takes it with
+//! `SET NX PX`, which bumps `llmq:{scheduler}:fence` in the same script: the new holder's
 //! fencing token. The holder extends the lease every third of its length with a
 //! compare-and-extend. Every write a duty makes goes through this module:
 //!
@@ -13,10 +13,11 @@
 //!   refused once its successor has written, and a successor announces itself there as soon
 //!   as it takes the lease.
 //!
-//! Writes to a queue's keys (a recurring task's tick, trimming dead letters) are the queue's
-//! own functions, which take this lease's [`Fence`]. They touch the scheduler's keys and a
-//! queue's keys together, so they need one Redis (standalone or Sentinel); on Redis Cluster
-//! the scheduler's keys would need the queue's hash slot.
+//! Writes to a queue's keys (a recurring task's tick, trimming dead letters, batches) are the
+//! queue's own functions, which take this lease's [`Fence`]: its token is checked against
+//! the queue's copy of the fence, in the queue's own slot, and a holder claims every queue
+//! it serves as it takes the lease (see `queue/lua/fence.lua`). The scheduler's own keys
+//! share a hash tag of their own, so every script stays in one slot on Redis Cluster.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +25,7 @@ use redis::Script;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
-use llmq_shared::queue::{Client, FENCE_LUA, Fence, NOT_HOLDER, Tick};
+use llmq_shared::queue::{Client, Fence, NOT_HOLDER, Tick};
 
 use crate::{Error, Result};
 
@@ -37,9 +38,16 @@ struct Scripts {
     put: Script,
 }
 
-/// A script that starts with the shared fence check.
+/// The check every script on the scheduler's own keys starts with: KEYS[1] the lease,
+/// KEYS[2] the fence counter, ARGV[1] the holder id, ARGV[2] its token.
+const LEASE_CHECK: &str = "local function is_holder()
+  return redis.call('GET', KEYS[1]) == ARGV[1] and redis.call('GET', KEYS[2]) == ARGV[2]
+end
+";
+
+/// A script on the scheduler's own keys that starts with the lease check.
 fn fenced(body: &str) -> Script {
-    Script::new(&format!("{FENCE_LUA}{body}"))
+    Script::new(&format!("{LEASE_CHECK}{body}"))
 }
 
 /// This instance's view of the lease.
@@ -290,10 +298,20 @@ impl Lease {
     pub(crate) fn proof(&self) -> Result<Fence<'_>> {
         let token = self.fence.ok_or(Error::NotLeader)?;
         Ok(Fence {
-            keys: &self.keys,
             holder: &self.id,
             token,
         })
+    }
+
+    /// Copies our token into each queue's fence, so a holder paused past its lease can no
+    /// longer write to them (a queue claimed later is claimed by our first write to it).
+    pub(crate) async fn claim(&self, redis: &Client, queues: &[String]) -> Result<()> {
+        for q in queues {
+            if !redis.claim_queue(self.proof()?, &QueueKeys::new(q)).await? {
+                return Err(Error::NotLeader);
+            }
+        }
+        Ok(())
     }
 
     /// Enqueues one tick of a recurring task unless it was enqueued before, and records it

@@ -398,6 +398,23 @@ impl Scheduler {
         );
         self.next_run.clear();
         self.windows_closed = None;
+        // Our token into every queue we serve, before any duty: a holder paused past its
+        // lease can no longer write to them.
+        match self.served_queues().await {
+            Ok(queues) => match self.lease.claim(&self.redis, &queues).await {
+                Ok(()) => {}
+                Err(Error::NotLeader) => {
+                    self.lease.drop_lease();
+                    return Ok(false);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim the queues yet; each is claimed by its first write")
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the queues to claim yet; each is claimed by its first write")
+            }
+        }
         match self.lease.sync(&self.redis, &self.pool).await {
             Ok(()) => {}
             Err(Error::NotLeader) => {

@@ -90,7 +90,6 @@ impl Scheduler {
                     break;
                 }
                 let tick_ms = tick.timestamp_millis();
-                let marker = self.lease.keys().tick(&job.name, tick_ms);
                 let envelope = job.envelope(tick, now);
                 let fresh = self
                     .lease
@@ -98,13 +97,17 @@ impl Scheduler {
                         &self.redis,
                         &QueueKeys::new(&job.queue),
                         &Tick {
-                            marker: &marker,
+                            name: &job.name,
                             marker_ttl: MARKER_TTL,
                             envelope: &envelope,
-                            field: &field,
                             tick_ms,
                         },
                     )
+                    .await?;
+                // The task's last tick, in the scheduler's own keys (another slot than the
+                // queue's): a tick recorded late is enqueued once all the same (its marker).
+                self.lease
+                    .mark(&self.redis, &field, &tick_ms.to_string(), Mark::Always)
                     .await?;
                 if fresh {
                     tracing::info!(name = job.name, queue = job.queue, %tick, "enqueued a recurring task");

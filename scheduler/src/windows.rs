@@ -39,20 +39,21 @@ impl Scheduler {
             .filter(|p| !p.quotas.is_empty())
             .map(|p| p.name.clone())
             .collect();
-        let mut pipe = redis::pipe();
-        for name in &providers {
-            let keys = ProviderKeys::new(name);
-            pipe.get(keys.requests_on(&day_label(day)));
-            if month.is_some() {
-                pipe.get(keys.spend_in(&month_label(day)));
+        // One pipeline per provider: each stays in its provider's slot (Redis Cluster).
+        let mut counters: Vec<Option<i64>> = Vec::new();
+        if !providers.is_empty() {
+            let mut c = self.redis.conn().await?;
+            for name in &providers {
+                let keys = ProviderKeys::new(name);
+                let mut pipe = redis::pipe();
+                pipe.get(keys.requests_on(&day_label(day)));
+                if month.is_some() {
+                    pipe.get(keys.spend_in(&month_label(day)));
+                }
+                let part: Vec<Option<i64>> = pipe.query_async(&mut c).await?;
+                counters.extend(part);
             }
         }
-        let counters: Vec<Option<i64>> = if providers.is_empty() {
-            Vec::new()
-        } else {
-            let mut c = self.redis.conn().await?;
-            pipe.query_async(&mut c).await?
-        };
         let mut counters = counters.into_iter();
         let mut tx = self.lease.fenced_tx(&self.redis, &self.pool).await?;
         for name in &providers {

@@ -337,14 +337,19 @@ impl Circuits {
             scopes.push((p, None));
             scopes.extend(models.iter().map(|m| (p.as_str(), Some(m.as_str()))));
         }
-        let mut pipe = redis::pipe();
-        for (p, m) in &scopes {
-            let k = ProviderKeys::new(p).circuit(*m);
-            pipe.get(&k.open).pttl(&k.open).get(&k.tripped);
-        }
         let mut c = self.redis.conn().await?;
         let replies: Vec<(Option<String>, i64, Option<String>)> = {
-            let flat: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+            // One pipeline per provider: each stays in its provider's slot (Redis Cluster).
+            let mut flat: Vec<redis::Value> = Vec::new();
+            for (p, models) in providers {
+                let mut pipe = redis::pipe();
+                for m in std::iter::once(None).chain(models.iter().map(|m| Some(m.as_str()))) {
+                    let k = ProviderKeys::new(p).circuit(m);
+                    pipe.get(&k.open).pttl(&k.open).get(&k.tripped);
+                }
+                let part: Vec<redis::Value> = pipe.query_async(&mut c).await?;
+                flat.extend(part);
+            }
             flat.chunks(3)
                 .map(|ch| {
                     let s = |v: &redis::Value| match v {

@@ -121,6 +121,19 @@ impl QueueKeys {
         format!("{}:workers", self.prefix)
     }
 
+    /// The scheduler's fencing token as this queue last saw it (see `queue/lua/fence.lua`):
+    /// fenced writes to the queue check it here, in the queue's own slot.
+    #[must_use]
+    pub fn fence(&self) -> String {
+        format!("{}:fence", self.prefix)
+    }
+
+    /// Marks one tick (`tick_ms`) of recurring task `name` as enqueued to this queue.
+    #[must_use]
+    pub fn tick(&self, name: &str, tick_ms: i64) -> String {
+        format!("{}:recurring:{name}:{tick_ms}", self.prefix)
+    }
+
     /// A task that went to a provider batch: a hash of its state (`waiting`, `sent`,
     /// `answered`, `fallback`), its envelope and request while it waits, and the answer.
     #[must_use]
@@ -181,10 +194,12 @@ impl SchedulerKeys {
     #[must_use]
     pub fn new(namespace: Option<&str>) -> Self {
         let namespace = namespace.unwrap_or_default().to_owned();
+        // One hash tag for all of them: the lease scripts touch several at once, which a
+        // Redis Cluster allows only within one slot.
         let prefix = if namespace.is_empty() {
-            "llmq:scheduler".to_owned()
+            "llmq:{scheduler}".to_owned()
         } else {
-            format!("llmq:scheduler:{namespace}")
+            format!("llmq:{{scheduler:{namespace}}}")
         };
         Self { namespace, prefix }
     }
@@ -219,12 +234,6 @@ impl SchedulerKeys {
     #[must_use]
     pub fn routing_stats(&self) -> String {
         format!("{}:routing_stats", self.prefix)
-    }
-
-    /// Marks one tick of a recurring task as enqueued (SET NX with a TTL).
-    #[must_use]
-    pub fn tick(&self, name: &str, tick_ms: i64) -> String {
-        format!("{}:recurring:{name}:{tick_ms}", self.prefix)
     }
 }
 

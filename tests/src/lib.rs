@@ -4,5 +4,6 @@
 //! database and mock, in-process workers and worker processes). The suites are modules of
 //! one test binary, `tests/e2e/`.
 
+pub mod cluster;
 pub mod harness;
 pub mod mock;

@@ -293,8 +293,7 @@ impl Client {
     ) -> Result<Option<Vec<Taken>>> {
         let mut c = self.conn().await?;
         let v: redis::Value = TAKE
-            .key(fence.keys.lease())
-            .key(fence.keys.fence())
+            .key(keys.fence())
             .key(keys.batch_waiting(group))
             .key(keys.batch_groups())
             .key(keys.batch(batch_id))
@@ -470,8 +469,7 @@ impl Client {
     ) -> Result<Option<bool>> {
         let mut c = self.conn().await?;
         let mut inv = MARK.prepare_invoke();
-        inv.key(fence.keys.lease())
-            .key(fence.keys.fence())
+        inv.key(keys.fence())
             .key(keys.batch(batch_id))
             .key(keys.batches_open())
             .arg(fence.holder)
@@ -510,8 +508,7 @@ impl Client {
         let last = chunks.len() - 1;
         for (k, chunk) in chunks.into_iter().enumerate() {
             let mut inv = SETTLE.prepare_invoke();
-            inv.key(fence.keys.lease())
-                .key(fence.keys.fence())
+            inv.key(keys.fence())
                 .key(keys.stream())
                 .key(keys.batch(batch_id))
                 .key(keys.batches_open())

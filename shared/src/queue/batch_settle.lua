@@ -2,7 +2,7 @@
 -- normal call ('fallback'), and goes back to the stream, where a worker finishes it as any
 -- task. A task that is no longer this batch's (settled before) is left alone, so settling
 -- again after a crash changes nothing.
--- KEYS: 1 lease, 2 fence, 3 stream, 4 the batch record, 5 open batches
+-- KEYS: 1 the queue's fence (see fence.lua), 2 stream, 3 the batch record, 4 open batches
 -- ARGV: 1 holder, 2 token, 3 batch id, 4 how long a settled task's hash lives past the
 --       task's deadline (ms), 5 the prefix of task batch hashes, 6 'close' (drop the record),
 --       'abandon' (keep it, to read what the provider still bills) or '', 7 now (ms), then
@@ -25,14 +25,14 @@ for i = 8, #ARGV, 3 do
     redis.call('HDEL', key, 'body')
     -- The latch outlives the deadline, after which no task can be parked again.
     redis.call('PEXPIRE', key, math.max((tonumber(f[4] or '0') or 0) - now, 0) + tonumber(ARGV[4]))
-    redis.call('XADD', KEYS[3], '*', 'task', f[3])
+    redis.call('XADD', KEYS[2], '*', 'task', f[3])
     n = n + 1
   end
 end
 if ARGV[6] == 'close' then
-  redis.call('DEL', KEYS[4])
-  redis.call('ZREM', KEYS[5], ARGV[3])
-elseif ARGV[6] == 'abandon' and redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('HSET', KEYS[4], 'state', 'abandoned', 'abandoned', ARGV[7])
+  redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[4], ARGV[3])
+elseif ARGV[6] == 'abandon' and redis.call('EXISTS', KEYS[3]) == 1 then
+  redis.call('HSET', KEYS[3], 'state', 'abandoned', 'abandoned', ARGV[7])
 end
 return n

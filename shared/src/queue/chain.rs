@@ -131,16 +131,11 @@ impl Client {
         } else {
             serde_json::json!({"error": note})
         };
-        // A person's decision is not fenced: the keys are named, never read.
-        let unfenced = crate::keys::SchedulerKeys::new(None);
-        let (lease_keys, holder, token) = match &fence {
-            Some(f) => (f.keys, f.holder, f.token),
-            None => (&unfenced, "", 0),
-        };
+        // A person's decision is not fenced: the queue's fence is named, never read.
+        let (holder, token) = fence.map_or(("", 0), |f| (f.holder, f.token));
         let mut c = self.conn().await?;
         let n: i64 = DECIDE
-            .key(lease_keys.lease())
-            .key(lease_keys.fence())
+            .key(keys.fence())
             .key(keys.stream())
             .key(keys.chain(chain_id))
             .key(keys.chain_steps(chain_id))
@@ -312,8 +307,7 @@ impl Client {
     ) -> Result<Option<(u64, u64)>> {
         let mut c = self.conn().await?;
         let answer: Value = TRIM
-            .key(fence.keys.lease())
-            .key(fence.keys.fence())
+            .key(keys.fence())
             .key(keys.chains())
             .arg(fence.holder)
             .arg(fence.token)

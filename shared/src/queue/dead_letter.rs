@@ -2,7 +2,7 @@
 
 use std::sync::LazyLock;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use redis::{Script, Value};
 
 use super::{Client, DeadLetter, Fence, NOT_HOLDER, Result, reply};
@@ -225,8 +225,7 @@ impl Client {
     ) -> Result<Option<u64>> {
         let mut c = self.conn().await?;
         let answer: i64 = TRIM
-            .key(fence.keys.lease())
-            .key(fence.keys.fence())
+            .key(keys.fence())
             .key(keys.dead())
             .arg(fence.holder)
             .arg(fence.token)
@@ -238,7 +237,7 @@ impl Client {
 
     pub(super) async fn range(
         &self,
-        c: &mut ConnectionManager,
+        c: &mut Conn,
         key: &str,
         start: &str,
         count: usize,

@@ -3,7 +3,7 @@
 use std::sync::LazyLock;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 use redis::{Script, Value};
 
 use super::{Client, Delivery, Finish, Result, Write, reply};
@@ -23,7 +23,7 @@ impl Client {
     /// Redis fails; a missing group is created and the read retried once.
     pub async fn read(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         keys: &QueueKeys,
         consumer: &str,
         count: usize,
@@ -55,7 +55,13 @@ impl Client {
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn client_id(conn: &mut ConnectionManager) -> Result<i64> {
+    pub async fn client_id(conn: &mut Conn) -> Result<i64> {
+        if conn.is_cluster() {
+            // Its reads go to whichever node holds the queue: no one id names them.
+            return Err(super::Error::Protocol(
+                "a cluster connection has no single client id".into(),
+            ));
+        }
         Ok(redis::cmd("CLIENT").arg("ID").query_async(conn).await?)
     }
 

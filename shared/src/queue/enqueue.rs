@@ -15,17 +15,21 @@ static TICK: LazyLock<Script> = LazyLock::new(|| {
         include_str!("tick.lua")
     ))
 });
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/fence.lua"),
+        "if not is_holder() then return -1 end\nreturn 1\n"
+    ))
+});
 
 /// One tick of a recurring task, as the scheduler enqueues it.
 #[derive(Debug, Clone, Copy)]
 pub struct Tick<'a> {
-    /// The key that marks this tick as enqueued.
-    pub marker: &'a str,
-    /// How long the marker is kept.
+    /// The recurring task's name.
+    pub name: &'a str,
+    /// How long the marker of the tick is kept.
     pub marker_ttl: Duration,
     pub envelope: &'a str,
-    /// The duties-hash field that records the task's last tick.
-    pub field: &'a str,
     pub tick_ms: i64,
 }
 
@@ -99,8 +103,24 @@ impl Client {
             .await?)
     }
 
-    /// Enqueues one tick of a recurring task unless it was enqueued before, and records it
-    /// as the task's last tick, for the lease holder only. Returns `Some(true)` when it was
+    /// Copies `fence`'s token into the queue's fence (see `lua/fence.lua`). Returns false
+    /// when a newer holder has claimed the queue.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn claim_queue(&self, fence: Fence<'_>, keys: &QueueKeys) -> Result<bool> {
+        let mut c = self.conn().await?;
+        let answer: i64 = CLAIM
+            .key(keys.fence())
+            .arg(fence.holder)
+            .arg(fence.token)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(answer != NOT_HOLDER)
+    }
+
+    /// Enqueues one tick of a recurring task unless it was enqueued before, for the lease
+    /// holder only. Returns `Some(true)` when it was
     /// enqueued now, `Some(false)` when before, `None` when `fence` no longer holds the lease.
     ///
     /// # Errors
@@ -113,17 +133,13 @@ impl Client {
     ) -> Result<Option<bool>> {
         let mut c = self.conn().await?;
         let answer: i64 = TICK
-            .key(fence.keys.lease())
-            .key(fence.keys.fence())
-            .key(tick.marker)
+            .key(keys.fence())
+            .key(keys.tick(tick.name, tick.tick_ms))
             .key(keys.stream())
-            .key(fence.keys.duties())
             .arg(fence.holder)
             .arg(fence.token)
             .arg(u64::try_from(tick.marker_ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(tick.envelope)
-            .arg(tick.field)
-            .arg(tick.tick_ms)
             .invoke_async(&mut c)
             .await?;
         Ok((answer != NOT_HOLDER).then_some(answer == 1))

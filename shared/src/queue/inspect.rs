@@ -16,10 +16,20 @@ impl Client {
     pub async fn heartbeat(&self, worker: &str, queues: &[QueueKeys], tidy: bool) -> Result<u64> {
         let now = now_ms();
         let live_since = now - i64::try_from(WORKER_LIVENESS.as_millis()).unwrap_or(i64::MAX);
-        let mut pipe = redis::pipe();
+        let mut c = self.conn().await?;
+        if tidy {
+            let names: Vec<&str> = queues.iter().map(QueueKeys::name).collect();
+            let _: () = redis::cmd("SADD")
+                .arg(QUEUES)
+                .arg(&names)
+                .query_async(&mut c)
+                .await?;
+        }
+        // One pipeline per queue: each stays in its queue's slot (Redis Cluster).
+        let mut fewest = u64::MAX;
         for keys in queues {
+            let mut pipe = redis::pipe();
             if tidy {
-                pipe.sadd(QUEUES, keys.name()).ignore();
                 pipe.cmd("ZREMRANGEBYSCORE")
                     .arg(keys.workers())
                     .arg("-inf")
@@ -28,10 +38,10 @@ impl Client {
             }
             pipe.zadd(keys.workers(), worker, now).ignore();
             pipe.zcount(keys.workers(), live_since, "+inf");
+            let (live,): (u64,) = pipe.query_async(&mut c).await?;
+            fewest = fewest.min(live);
         }
-        let mut c = self.conn().await?;
-        let live: Vec<u64> = pipe.query_async(&mut c).await?;
-        Ok(live.into_iter().min().unwrap_or(1).max(1))
+        Ok(fewest.clamp(1, u64::MAX))
     }
 
     /// Removes `worker` from the live workers (on a clean shutdown).
@@ -39,12 +49,14 @@ impl Client {
     /// # Errors
     /// Redis fails.
     pub async fn leave(&self, worker: &str, queues: &[QueueKeys]) -> Result<()> {
-        let mut pipe = redis::pipe();
-        for keys in queues {
-            pipe.zrem(keys.workers(), worker).ignore();
-        }
         let mut c = self.conn().await?;
-        pipe.query_async::<()>(&mut c).await?;
+        for keys in queues {
+            let _: () = redis::cmd("ZREM")
+                .arg(keys.workers())
+                .arg(worker)
+                .query_async(&mut c)
+                .await?;
+        }
         Ok(())
     }
 

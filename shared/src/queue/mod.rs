@@ -17,17 +17,18 @@
 //! - `dead_letter`: listing, finding, replaying, purging and (fenced) trimming dead letters;
 //! - `inspect`: counts, task lookup, results, worker heartbeats;
 //! - `reply`: reading Redis replies, in one place;
+//! - `conn`: one Redis or a Redis Cluster, behind one connection type;
 //! - `lua/`: fragments several scripts share, joined in with `concat!`.
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use crate::outcome::{ErrorClass, TaskRecord};
 
 mod batch;
 mod chain;
+mod conn;
 mod dead_letter;
 mod delivery;
 mod enqueue;
@@ -41,15 +42,12 @@ pub use batch::{
     BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
 };
 pub use chain::Refused;
+pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
 pub use finish::Write;
 pub use out::{OUT_TTL, OutEntry};
 pub use slots::Slot;
-
-/// The fence check every fenced script starts with (see `lua/fence.lua`), for scripts
-/// outside this module that guard the scheduler's own keys.
-pub const FENCE_LUA: &str = include_str!("lua/fence.lua");
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -65,7 +63,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What to do about a connection that failed with `why`.
 fn connect_fix(why: &str) -> &'static str {
-    if why.contains("certificate") {
+    if why.contains("is not in cluster mode") {
+        "use redis://host:port for a single Redis"
+    } else if why.contains("bad REDIS_URL") {
+        "write it as redis://host:port, rediss://host:port or redis+cluster://host:port,host:port"
+    } else if why.contains("certificate") {
         "trust the CA that signed Redis's certificate with SSL_CERT_FILE=/path/to/ca.pem, or check the host name in REDIS_URL"
     } else {
         "start Redis or set REDIS_URL to where it runs"
@@ -184,11 +186,12 @@ impl Finish {
     }
 }
 
-/// The scheduler's proof that it holds the lease: its id and fencing token. Fenced writes
-/// check both in the same script that writes, so a holder paused past its lease cannot act.
+/// The scheduler's proof that it holds the lease: its id and fencing token. Fenced writes to
+/// a queue check the token against the queue's copy of it in the same script that writes
+/// (`lua/fence.lua`), so a holder paused past its lease cannot act once its successor has
+/// claimed the queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fence<'a> {
-    pub keys: &'a crate::keys::SchedulerKeys,
     pub holder: &'a str,
     pub token: i64,
 }
@@ -232,8 +235,8 @@ pub const WORKER_LIVENESS: Duration = Duration::from_secs(15);
 /// connection of their own ([`Client::blocking_conn`]).
 #[derive(Clone)]
 pub struct Client {
-    client: redis::Client,
-    shared: std::sync::Arc<OnceCell<ConnectionManager>>,
+    backend: conn::Backend,
+    shared: std::sync::Arc<OnceCell<Conn>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -254,41 +257,21 @@ impl Client {
     /// The URL cannot be parsed.
     pub fn new(url: &str) -> Result<Self> {
         crate::tls::install_crypto_provider();
-        let client = redis::Client::open(url).map_err(|e| {
-            Error::Connect(format!(
-                "bad REDIS_URL `{}`: {e}",
-                crate::text::without_credentials(url)
-            ))
-        })?;
         Ok(Self {
-            client,
+            backend: conn::Backend::parse(url)?,
             shared: std::sync::Arc::new(OnceCell::new()),
         })
-    }
-
-    fn config(response_timeout: Option<Duration>) -> ConnectionManagerConfig {
-        ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(response_timeout)
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(2))
     }
 
     /// The shared connection.
     ///
     /// # Errors
     /// Redis cannot be reached.
-    pub async fn conn(&self) -> Result<ConnectionManager> {
+    pub async fn conn(&self) -> Result<Conn> {
         self.shared
-            .get_or_try_init(|| {
-                ConnectionManager::new_with_config(
-                    self.client.clone(),
-                    Self::config(Some(RESPONSE_TIMEOUT)),
-                )
-            })
+            .get_or_try_init(|| self.backend.connect(Some(RESPONSE_TIMEOUT)))
             .await
             .cloned()
-            .map_err(|e| Error::Connect(e.to_string()))
     }
 
     /// A connection of its own for blocking reads, which would stall everyone else's
@@ -296,10 +279,8 @@ impl Client {
     ///
     /// # Errors
     /// Redis cannot be reached.
-    pub async fn blocking_conn(&self) -> Result<ConnectionManager> {
-        ConnectionManager::new_with_config(self.client.clone(), Self::config(None))
-            .await
-            .map_err(|e| Error::Connect(e.to_string()))
+    pub async fn blocking_conn(&self) -> Result<Conn> {
+        self.backend.connect(None).await
     }
 
     /// A connection of its own for blocking reads of at most `block` each: a read that gets
@@ -308,13 +289,8 @@ impl Client {
     ///
     /// # Errors
     /// Redis cannot be reached.
-    pub async fn reading_conn(&self, block: Duration) -> Result<ConnectionManager> {
-        ConnectionManager::new_with_config(
-            self.client.clone(),
-            Self::config(Some(block + RESPONSE_TIMEOUT)),
-        )
-        .await
-        .map_err(|e| Error::Connect(e.to_string()))
+    pub async fn reading_conn(&self, block: Duration) -> Result<Conn> {
+        self.backend.connect(Some(block + RESPONSE_TIMEOUT)).await
     }
 
     /// Checks that Redis answers.

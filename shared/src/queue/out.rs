@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use super::Conn;
 
 use super::{Client, Result};
 use crate::keys::QueueKeys;
@@ -90,7 +90,7 @@ impl Client {
     /// # Errors
     /// Redis fails.
     pub async fn read_out(
-        conn: &mut ConnectionManager,
+        conn: &mut Conn,
         keys: &QueueKeys,
         task_id: &str,
         after: &str,

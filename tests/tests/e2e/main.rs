@@ -6,6 +6,7 @@
 mod batch;
 mod chain;
 mod chain_property;
+mod cluster;
 mod command;
 mod costs;
 mod crash;

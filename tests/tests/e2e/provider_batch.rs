@@ -481,19 +481,14 @@ async fn places(env: &TestEnv) -> std::collections::HashMap<String, Vec<&'static
 
 #[tokio::test]
 async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_or_doubles_a_task() {
-    use llmq_shared::keys::SchedulerKeys;
     use llmq_shared::queue::{BatchAnswer, BatchState, Fence, Settle};
     use llmq_tests::harness::SeededRng;
     use redis::AsyncCommands;
     for seed in [7_u64, 1_234_567, 0xdead_beef] {
         let env = TestEnv::new().await.unwrap();
         let mut rng = SeededRng(seed);
-        let sched = SchedulerKeys::new(Some(&env.queue));
         let mut c = env.redis.conn().await.unwrap();
-        let _: () = c.set(sched.lease(), "holder").await.unwrap();
-        let _: () = c.set(sched.fence(), 1).await.unwrap();
         let fence = Fence {
-            keys: &sched,
             holder: "holder",
             token: 1,
         };
@@ -680,7 +675,5 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
             "seed {seed}: {answered} answered, {} done",
             done.len()
         );
-        let mut c2 = env.redis.conn().await.unwrap();
-        let _: () = c2.del(&[sched.lease(), sched.fence()]).await.unwrap();
     }
 }

@@ -755,7 +755,7 @@ async fn one_instance_acts_a_standby_takes_over_and_every_tick_is_enqueued_once(
     let mut by = Vec::new();
     for t in &times {
         let who: Option<String> = redis::cmd("GET")
-            .arg(sched_keys(&env).tick(&name, *t))
+            .arg(env.keys.tick(&name, *t))
             .query_async(&mut c)
             .await
             .unwrap();

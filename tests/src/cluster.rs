@@ -1,0 +1,169 @@
+//! A throwaway Redis Cluster for tests: three masters from `redis-server --cluster-enabled
+//! yes` on free loopback ports (each port + 10000 free too, for the cluster bus), joined by
+//! `redis-cli --cluster create`. Stopped and removed when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the cluster may take to come up.
+const UP_WITHIN: Duration = Duration::from_secs(30);
+
+pub struct RedisCluster {
+    children: Vec<Child>,
+    pub ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+/// A free loopback port whose cluster-bus port (+ 10000) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        if port > 0
+            && port < 55_000
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts three masters and makes them one cluster.
+    ///
+    /// # Panics
+    /// When the processes cannot start or the cluster does not come up: a test's setup.
+    #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    #[must_use]
+    pub fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("llmq-cluster-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ports = Vec::new();
+        let mut children = Vec::new();
+        for _ in 0..3 {
+            let port = free_cluster_port();
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("cannot start redis-server");
+            ports.push(port);
+            children.push(child);
+        }
+        let cluster = Self {
+            children,
+            ports,
+            dir,
+        };
+        for port in &cluster.ports {
+            let started = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(
+                    started.elapsed() < UP_WITHIN,
+                    "redis-server on {port} did not start"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("cannot run redis-cli");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let started = Instant::now();
+        for port in &cluster.ports {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .expect("cannot run redis-cli");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(started.elapsed() < UP_WITHIN, "the cluster did not come up");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// `redis+cluster://` with every node as a seed.
+    #[must_use]
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The slot of hash tag `{name}`.
+    ///
+    /// # Panics
+    /// When `redis-cli` cannot be run.
+    #[allow(clippy::expect_used)]
+    #[must_use]
+    pub fn slot(&self, name: &str) -> u16 {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.ports[0].to_string(), "cluster", "keyslot"])
+            .arg(format!("llmq:{{{name}}}:stream"))
+            .output()
+            .expect("cannot run redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Three queue names, `<prefix>-<n>`, whose slots sit on the three masters (slots
+    /// 0-5460, 5461-10922, 10923-16383, as `redis-cli --cluster create` splits them).
+    #[must_use]
+    pub fn queue_per_node(&self, prefix: &str) -> Vec<String> {
+        let mut picked: [Option<String>; 3] = [None, None, None];
+        let mut n = 0u32;
+        while picked.iter().any(Option::is_none) {
+            let name = format!("{prefix}-{n}");
+            let node = match self.slot(&name) {
+                0..=5460 => 0,
+                5461..=10922 => 1,
+                _ => 2,
+            };
+            picked[node].get_or_insert(name);
+            n += 1;
+        }
+        picked.into_iter().flatten().collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
