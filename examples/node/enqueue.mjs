@@ -18,7 +18,7 @@
 import { randomUUID } from 'node:crypto';
 import { parseArgs } from 'node:util';
 import { setTimeout as sleep } from 'node:timers/promises';
-import { createClient } from 'redis';
+import { createClient, createCluster } from 'redis';
 
 const FINAL = new Set(['succeeded', 'failed', 'dead']);
 const USAGE =
@@ -84,14 +84,23 @@ if (opts.deadline) envelope.deadline = opts.deadline;
 const stream = `llmq:{${opts.queue}}:stream`;
 const resultKey = `llmq:{${opts.queue}}:result:${taskId}`;
 
-const client = createClient({
-  url: process.env.REDIS_URL || 'redis://127.0.0.1:6379',
-  // Give up after a few failed reconnects instead of retrying forever.
-  socket: {
-    reconnectStrategy: (retries, cause) =>
-      retries >= 5 ? (cause ?? new Error('cannot reach Redis')) : Math.min(100 * 2 ** retries, 1000),
-  },
-});
+const url = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
+// Give up after a few failed reconnects instead of retrying forever.
+const socket = {
+  reconnectStrategy: (retries, cause) =>
+    retries >= 5 ? (cause ?? new Error('cannot reach Redis')) : Math.min(100 * 2 ** retries, 1000),
+};
+// A Redis Cluster (REDIS_URL=redis+cluster://host:port,host:port, as llmq reads it): the
+// seeds; every key of a queue shares its hash tag, so each command goes to one node.
+const client = url.startsWith('redis+cluster://')
+  ? createCluster({
+      rootNodes: url
+        .slice('redis+cluster://'.length)
+        .split('/')[0]
+        .split(',')
+        .map((host) => ({ url: `redis://${host}`, socket })),
+    })
+  : createClient({ url, socket });
 let lastError;
 client.on('error', (e) => {
   lastError = e;

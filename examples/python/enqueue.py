@@ -76,7 +76,7 @@ def main() -> int:
     stream = f"llmq:{{{args.queue}}}:stream"
     result_key = f"llmq:{{{args.queue}}}:result:{task_id}"
 
-    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
+    client = connect(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"))
     try:
         # The whole enqueue: one XADD with the envelope in the `task` field.
         client.xadd(stream, {"task": json.dumps(envelope, separators=(",", ":"))})
@@ -107,7 +107,17 @@ def main() -> int:
         client.close()
 
 
-def follow(client: redis.Redis, out_key: str, result_key: str, deadline: float) -> None:
+def connect(url: str):
+    """One Redis, or a Redis Cluster (REDIS_URL=redis+cluster://host:port,host:port, as llmq
+    reads it): every key of a queue shares its hash tag, so each command goes to one node."""
+    if url.startswith("redis+cluster://"):
+        seeds = url[len("redis+cluster://") :].split("/")[0].split(",")
+        nodes = [redis.cluster.ClusterNode(h.rsplit(":", 1)[0], int(h.rsplit(":", 1)[1])) for h in seeds]
+        return redis.RedisCluster(startup_nodes=nodes)
+    return redis.Redis.from_url(url)
+
+
+def follow(client, out_key: str, result_key: str, deadline: float) -> None:
     """Prints a live answer to stderr as it is written, until it is done, the task has a
     final status (it failed) or the deadline passes."""
     after = "0"

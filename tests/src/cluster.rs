@@ -1,4 +1,4 @@
-//! A throwaway Redis Cluster for tests: three masters from `redis-server --cluster-enabled
+//! Throwaway Redis topologies for tests. A Redis Cluster: three masters from `redis-server --cluster-enabled
 //! yes` on free loopback ports (each port + 10000 free too, for the cluster bus), joined by
 //! `redis-cli --cluster create`. Stopped and removed when dropped.
 
@@ -161,6 +161,129 @@ impl RedisCluster {
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A throwaway Redis Sentinel setup: a master, a replica and three sentinels on free
+/// loopback ports, watching the master as `mymaster` (down after 1 s). Stopped and removed
+/// when dropped.
+pub struct RedisSentinel {
+    children: Vec<(u16, Child)>,
+    pub master_port: u16,
+    pub replica_port: u16,
+    pub sentinel_ports: Vec<u16>,
+    dir: PathBuf,
+}
+
+impl RedisSentinel {
+    /// # Panics
+    /// When the processes cannot start or the sentinels do not see the replica: a test's
+    /// setup.
+    #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    #[must_use]
+    pub fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("llmq-sentinel-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .unwrap()
+        };
+        let (master_port, replica_port) = (port(), port());
+        let mut children = Vec::new();
+        for (p, replica_of) in [(master_port, None), (replica_port, Some(master_port))] {
+            let mut cmd = Command::new("redis-server");
+            cmd.args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&dir);
+            if let Some(m) = replica_of {
+                cmd.args(["--replicaof", "127.0.0.1", &m.to_string()]);
+            }
+            children.push((p, cmd.stdout(Stdio::null()).spawn().expect("redis-server")));
+        }
+        let mut sentinel_ports = Vec::new();
+        for _ in 0..3 {
+            let p = port();
+            let conf = dir.join(format!("sentinel-{p}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {p}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 5000\nsentinel parallel-syncs mymaster 1\n"
+                ),
+            )
+            .unwrap();
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("redis-server --sentinel");
+            children.push((p, child));
+            sentinel_ports.push(p);
+        }
+        let setup = Self {
+            children,
+            master_port,
+            replica_port,
+            sentinel_ports,
+            dir,
+        };
+        // Every sentinel knows the replica (it is what a failover promotes).
+        let started = Instant::now();
+        for p in &setup.sentinel_ports {
+            loop {
+                let out = Command::new("redis-cli")
+                    .args(["-p", &p.to_string(), "sentinel", "replicas", "mymaster"])
+                    .output()
+                    .expect("redis-cli");
+                let text = String::from_utf8_lossy(&out.stdout);
+                if text.contains(&replica_port.to_string()) && !text.contains("s_down") {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < UP_WITHIN,
+                    "sentinel {p} never saw the replica"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        setup
+    }
+
+    /// `redis+sentinel://` with every sentinel, for master `mymaster`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .sentinel_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+sentinel://{}/mymaster", seeds.join(","))
+    }
+
+    /// SIGKILLs the master.
+    pub fn kill_master(&mut self) {
+        for (p, c) in &mut self.children {
+            if *p == self.master_port {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
             let _ = c.kill();
             let _ = c.wait();
         }

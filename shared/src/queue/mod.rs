@@ -63,10 +63,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What to do about a connection that failed with `why`.
 fn connect_fix(why: &str) -> &'static str {
-    if why.contains("is not in cluster mode") {
+    if why.contains("no sentinel named") {
+        "check the sentinels' host:port list and the master's name in REDIS_URL (redis+sentinel://host:port,host:port/MASTER_NAME)"
+    } else if why.contains("is not in cluster mode") {
         "use redis://host:port for a single Redis"
     } else if why.contains("bad REDIS_URL") {
-        "write it as redis://host:port, rediss://host:port or redis+cluster://host:port,host:port"
+        "write it as redis://host:port, rediss://host:port, redis+cluster://host:port,host:port or redis+sentinel://host:port,host:port/MASTER_NAME"
     } else if why.contains("certificate") {
         "trust the CA that signed Redis's certificate with SSL_CERT_FILE=/path/to/ca.pem, or check the host name in REDIS_URL"
     } else {

@@ -293,10 +293,24 @@ async fn cli_with(url: &str, args: &[&str]) -> (u8, String) {
 }
 
 #[tokio::test]
-async fn a_cluster_url_to_a_plain_redis_or_to_nothing_is_one_sentence_and_exit_2() {
+async fn a_cluster_or_sentinel_url_that_cannot_be_used_is_one_sentence_and_exit_2() {
     let plain = llmq_tests::harness::redis_url().replace("redis://", "redis+cluster://");
+    let sentinel = llmq_tests::cluster::RedisSentinel::start();
+    let no_such_master = sentinel.url().replace("/mymaster", "/nosuchmaster");
     for (url, says) in [
         (plain.as_str(), "is not in cluster mode"),
+        (
+            no_such_master.as_str(),
+            "the sentinels know no master named `nosuchmaster`",
+        ),
+        (
+            "redis+sentinel://127.0.0.1:1/mymaster",
+            "no sentinel named a reachable master",
+        ),
+        (
+            "redis+sentinel://127.0.0.1:1",
+            "needs the sentinels and the master's name",
+        ),
         (
             "redis+cluster://127.0.0.1:1,127.0.0.1:2",
             "no seed node of the Redis Cluster answered",
@@ -360,4 +374,84 @@ async fn the_cli_submits_waits_and_shows_status_on_a_cluster() {
         assert_eq!(q["workers"], 1, "{out}");
     }
     worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_sentinel_failover_under_500_slow_tasks_loses_none_and_bills_every_call() {
+    use llmq_tests::cluster::RedisSentinel;
+    let env = TestEnv::new().await.unwrap();
+    let mut sentinel = RedisSentinel::start();
+    let url = sentinel.url();
+    let redis = Client::new(&url).unwrap();
+    let keys = env.keys.clone();
+    redis.ensure_group(&keys).await.unwrap();
+    let mut ids = Vec::new();
+    let tasks: Vec<Envelope> = (0..500)
+        .map(|i| {
+            let mut e = Envelope::new(format!("slow task {i}"));
+            e.model = Some("slow-300".into());
+            ids.push(e.id.unwrap().to_string());
+            e
+        })
+        .collect();
+    redis.enqueue_many(&keys, &tasks).await.unwrap();
+    // The producer's part of durability: the replica has the tasks before it answers.
+    let mut c = redis.conn().await.unwrap();
+    let replicas: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(replicas, 1);
+    let workers: Vec<WorkerHandle> = (0..2)
+        .map(|_| {
+            let mut s = env.settings();
+            s.redis_url = url.clone();
+            s.concurrency = 32;
+            WorkerHandle::start(s)
+        })
+        .collect();
+    // The master dies while tasks run.
+    let started = Instant::now();
+    loop {
+        let done = redis.results(&keys, &ids).await.unwrap();
+        if done.iter().flatten().count() >= 50 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the tasks did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sentinel.kill_master();
+    // Every task gets a result, from the new master.
+    let started = Instant::now();
+    loop {
+        let done = redis.results(&keys, &ids).await;
+        if let Ok(done) = done
+            && done
+                .iter()
+                .all(|r| r.as_ref().is_some_and(|r| r.status == Status::Succeeded))
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not every task finished after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+    // The ledger holds every call the provider answered: a task whose finish the old
+    // master lost ran again, and both calls are billed.
+    let billed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM provider_calls WHERE queue = $1 AND outcome <> 'unsent'",
+    )
+    .bind(&env.queue)
+    .fetch_one(env.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(billed as u64, env.mock.calls("slow-300"));
+    assert!(billed >= 500);
 }

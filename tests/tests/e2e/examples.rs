@@ -8,6 +8,16 @@ use llmq_tests::harness::{TestEnv, redis_url};
 use serde_json::Value;
 
 async fn run_example(program: &str, script: &str, env: &TestEnv, extra: &[&str]) -> (i32, Value) {
+    run_example_on(program, script, env, extra, &redis_url()).await
+}
+
+async fn run_example_on(
+    program: &str,
+    script: &str,
+    env: &TestEnv,
+    extra: &[&str],
+    url: &str,
+) -> (i32, Value) {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     // Async, so the in-process worker keeps running while the example waits.
     let out = tokio::process::Command::new(program)
@@ -20,7 +30,7 @@ async fn run_example(program: &str, script: &str, env: &TestEnv, extra: &[&str])
             "30",
         ])
         .args(extra)
-        .env("REDIS_URL", redis_url())
+        .env("REDIS_URL", url)
         .output()
         .await
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
@@ -68,6 +78,27 @@ async fn python_and_node_producers_enqueue_and_read_results() {
         6,
         "each example's calls are in the ledger"
     );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn python_and_node_producers_enqueue_on_a_redis_cluster() {
+    let env = TestEnv::new().await.unwrap();
+    let cluster = llmq_tests::cluster::RedisCluster::start();
+    let mut settings = env.settings();
+    settings.redis_url = cluster.url();
+    let worker = llmq_tests::harness::WorkerHandle::start(settings);
+    for (program, script) in [
+        ("python3", "examples/python/enqueue.py"),
+        ("node", "examples/node/enqueue.mjs"),
+    ] {
+        let (code, r) = run_example_on(program, script, &env, &["--stream"], &cluster.url()).await;
+        assert_eq!(code, 0, "{script}: {r}");
+        assert_eq!(
+            r["output"], "mock answer from mock-fast: From another language",
+            "{script}: {r}"
+        );
+    }
     worker.stop().await.unwrap();
 }
 
