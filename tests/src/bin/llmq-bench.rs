@@ -115,6 +115,7 @@ enum Bench {
     StreamFirstToken,
     IdleFleet,
     ProviderBatch,
+    ClusterNoop,
 }
 
 fn main() -> Result<()> {
@@ -155,6 +156,7 @@ async fn run() -> Result<()> {
             Bench::StreamFirstToken,
             Bench::IdleFleet,
             Bench::ProviderBatch,
+            Bench::ClusterNoop,
         ],
     };
     let mut failed = 0;
@@ -173,6 +175,7 @@ async fn run() -> Result<()> {
             Bench::StreamFirstToken => stream_first_token(&args, &mut redis).await,
             Bench::IdleFleet => idle_fleet(&args, &mut redis).await,
             Bench::ProviderBatch => provider_batch(&args, &mut redis).await,
+            Bench::ClusterNoop => cluster_noop(&args).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -205,6 +208,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::StreamFirstToken => "stream_first_token",
         Bench::IdleFleet => "idle_fleet",
         Bench::ProviderBatch => "provider_batch",
+        Bench::ClusterNoop => "cluster_noop",
     }
 }
 
@@ -1019,6 +1023,53 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
     cleanup(redis, &queue).await?;
     unlink_matching(redis, &format!("llmq:scheduler:{queue}:*")).await?;
     result
+}
+
+/// How a Redis Cluster spreads the work: on a three-master cluster the bench starts from
+/// `redis-server`, a backlog on one queue drained by one worker, then three times that on three
+/// queues whose slots sit on the three nodes, one worker each (the noop provider, ledger
+/// off); the scale-out factor is the second throughput over the first.
+async fn cluster_noop(args: &Args) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(20_000);
+    let concurrency = args.concurrency.unwrap_or(256);
+    let cluster = llmq_tests::cluster::RedisCluster::start();
+    let url = cluster.url();
+    let client = Client::new(&url)?;
+    let queues = cluster.queue_per_node(&fresh_queue());
+    let provider: Arc<dyn Provider> = Arc::new(NoopProvider::default());
+    let config = noop_config()?;
+    let mut rates = Vec::new();
+    for n in [1, 3] {
+        let chosen = &queues[..n];
+        let mut ids = Vec::new();
+        for q in chosen {
+            let keys = QueueKeys::new(q);
+            client.ensure_group(&keys).await?;
+            ids.push(backlog(&client, &keys, tasks).await?);
+        }
+        let started = Instant::now();
+        let running = Workers::start(n, |i| {
+            let mut s = settings(&url, &config, &chosen[i], concurrency, i)?;
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            Ok(s)
+        })?;
+        for q in chosen {
+            wait_drained(&client, &QueueKeys::new(q), &running).await?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        running.stop().await?;
+        for (q, ids) in chosen.iter().zip(&ids) {
+            verify_results(&client, &QueueKeys::new(q), ids).await?;
+        }
+        rates.push((n * tasks) as f64 / secs);
+    }
+    Ok(format!(
+        "bench=cluster_noop tasks_per_queue={tasks} concurrency={concurrency} nodes=3 \
+         one_queue_tasks_per_s={:.0} three_queues_tasks_per_s={:.0} scale_out={:.2}",
+        rates[0],
+        rates[1],
+        rates[1] / rates[0]
+    ))
 }
 
 /// What a fleet costs Redis while it waits: N workers (default 20) on one empty queue,
