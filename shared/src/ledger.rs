@@ -127,7 +127,7 @@ pub struct Verdict {
 }
 
 /// One line of a cost report.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
 pub struct CostLine {
     pub key: String,
     pub calls: i64,
@@ -626,37 +626,12 @@ impl Ledger {
              GROUP BY 1 ORDER BY cost_usd DESC, key",
             col = by.column()
         );
-        type Row = (String, i64, i64, i64, i64, i64, f64, f64);
-        let rows: Vec<Row> = sqlx::query_as(&sql)
+        Ok(sqlx::query_as::<_, CostLine>(&sql)
             .bind(since)
             .bind(until)
             .bind(chain_id)
             .fetch_all(&self.pool)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(
-                    key,
-                    calls,
-                    tasks,
-                    input_tokens,
-                    output_tokens,
-                    cached_tokens,
-                    cost_usd,
-                    batch_saved_usd,
-                )| CostLine {
-                    key,
-                    calls,
-                    tasks,
-                    input_tokens,
-                    output_tokens,
-                    cached_tokens,
-                    cost_usd,
-                    batch_saved_usd,
-                },
-            )
-            .collect())
+            .await?)
     }
 }
 
