@@ -130,6 +130,19 @@ impl Lease {
     pub(crate) async fn acquire(&mut self, redis: &Client) -> Result<bool> {
         let started = Instant::now();
         let mut c = redis.conn().await?;
+        // A scheduler of an older version (its lease under the key without the hash tag)
+        // still acts: wait for it to stop, as a rolling upgrade does within a lease.
+        let older: Option<String> = redis::cmd("GET")
+            .arg(self.keys.untagged_lease())
+            .query_async(&mut c)
+            .await?;
+        if let Some(older) = older {
+            tracing::warn!(
+                holder = older,
+                "a scheduler of an older version holds the lease; standing by until it stops"
+            );
+            return Ok(false);
+        }
         let fence: i64 = self
             .scripts
             .acquire

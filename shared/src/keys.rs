@@ -217,6 +217,17 @@ impl SchedulerKeys {
         format!("{}:lease", self.prefix)
     }
 
+    /// The lease as schedulers before the `{scheduler}` hash tag named it: while one of them
+    /// still holds it, a newer scheduler does not take the lease (a rolling upgrade).
+    #[must_use]
+    pub fn untagged_lease(&self) -> String {
+        if self.namespace.is_empty() {
+            "llmq:scheduler:lease".to_owned()
+        } else {
+            format!("llmq:scheduler:{}:lease", self.namespace)
+        }
+    }
+
     /// A counter bumped on every takeover; the holder's fencing token.
     #[must_use]
     pub fn fence(&self) -> String {

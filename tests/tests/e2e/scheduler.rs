@@ -1127,3 +1127,38 @@ async fn expired_chains_leave_the_chains_index_and_live_ones_stay() {
     );
     s.release().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_scheduler_waits_while_one_of_an_older_version_holds_the_untagged_lease() {
+    let env = TestEnv::new().await.unwrap();
+    let keys = sched_keys(&env);
+    let mut c = env.redis.conn().await.unwrap();
+    // An older scheduler's lease, under the key before the `{scheduler}` hash tag.
+    let _: () = redis::cmd("SET")
+        .arg(keys.untagged_lease())
+        .arg("old-version")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let clock = TestClock::at(Utc::now());
+    let mut s = Scheduler::connect(settings(
+        &unique("new-version"),
+        LONG_LEASE,
+        Config::default(),
+        clock.clock(),
+        &env.queue,
+    ))
+    .await
+    .unwrap();
+    assert!(!s.acquire().await.unwrap(), "it stands by");
+    // The older one stops (its lease expires or is released): the new one takes over.
+    let _: () = redis::cmd("DEL")
+        .arg(keys.untagged_lease())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(s.acquire().await.unwrap());
+    s.release().await.unwrap();
+}
