@@ -47,6 +47,19 @@ pub enum Command {
     Providers(Providers),
     /// Submit, watch and inspect chains: multi-step workflows.
     Chain(ChainCmd),
+    /// Serve a page for operators: queues, tasks, dead letters (read-only for now).
+    Web(WebArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WebArgs {
+    /// Where to listen; loopback by default (reach it with `kubectl port-forward`, or put
+    /// your own ingress and authentication in front).
+    #[arg(long, env = "LLMQ_WEB_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// The scheduler namespace whose status the overview shows.
+    #[arg(long, env = "LLMQ_SCHEDULER_NAMESPACE")]
+    pub scheduler_namespace: Option<String>,
 }
 
 #[derive(Args, Debug)]

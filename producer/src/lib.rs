@@ -4,7 +4,7 @@
 //! batch would cost and which quotas it would push, before it is enqueued), `chain` (chain
 //! submit, show, list, cancel, retry, approve, reject), `inspect` (result, status), `dlq`,
 //! `providers` (check, list, quota), `costs` (costs, migrate), `insights`, `render` (text
-//! output).
+//! output), `web` (the operators' page).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -26,6 +26,7 @@ mod inspect;
 mod providers;
 mod render;
 mod submit;
+pub mod web;
 
 pub use submit::{BatchReport, wait_for};
 
@@ -84,6 +85,13 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Quota(args) => providers::quota(&redis()?, args, out).await,
         Command::Providers(args) => providers::run(args.command, out),
         Command::Chain(args) => chain::run(&redis()?, args.command, out).await,
+        Command::Web(args) => {
+            let state = web::WebState {
+                redis: redis()?,
+                scheduler_namespace: args.scheduler_namespace,
+            };
+            web::run(state, args.listen).await
+        }
     }
 }
 

@@ -24,3 +24,4 @@ mod routing;
 mod scheduler;
 mod tls;
 mod traces;
+mod web;
