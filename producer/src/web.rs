@@ -67,6 +67,8 @@ fn router(state: Arc<WebState>) -> Router {
         .route("/", get(overview))
         .route("/task", get(task))
         .route("/dead", get(dead))
+        .route("/chains", get(chains))
+        .route("/chain", get(chain))
         .fallback(|| async {
             page(
                 StatusCode::NOT_FOUND,
@@ -153,13 +155,14 @@ async fn overview(State(state): State<Arc<WebState>>) -> Response {
         let q = esc(name);
         rows.push_str(&format!(
             "<tr><td>{q}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td><a href=\"/dead?queue={}\">{}</a></td><td>{}</td></tr>",
+             <td><a href=\"/dead?queue={u}\">{}</a></td><td>{}</td>\
+             <td><a href=\"/chains?queue={u}\">chains</a></td></tr>",
             c.ready,
             c.in_flight,
             c.delayed,
-            esc(&urlencode(name)),
             c.dead,
-            c.workers
+            c.workers,
+            u = esc(&urlencode(name)),
         ));
     }
     let keys = SchedulerKeys::new(state.scheduler_namespace.as_deref());
@@ -195,7 +198,7 @@ async fn overview(State(state): State<Arc<WebState>>) -> Response {
     );
     let body = format!(
         "<h2>Queues</h2><table><tr><th>Queue</th><th>Ready</th><th>In flight</th>\
-         <th>Delayed</th><th>Dead</th><th>Workers</th></tr>{rows}</table>\
+         <th>Delayed</th><th>Dead</th><th>Workers</th><th></th></tr>{rows}</table>\
          <h2>Find a task</h2><form action=\"/task\" method=\"get\">\
          <label>Queue <input name=\"queue\" value=\"default\"></label> \
          <label>Task id <input name=\"id\" size=\"40\"></label> <button>Show</button></form>\
@@ -300,6 +303,161 @@ async fn dead(State(state): State<Arc<WebState>>, Query(q): Query<DeadQuery>) ->
         )
     };
     page(StatusCode::OK, &format!("Dead letters of {queue}"), &body)
+}
+
+#[derive(Deserialize)]
+struct ChainQuery {
+    queue: Option<String>,
+    id: Option<String>,
+}
+
+/// How many chains one page lists.
+const CHAIN_PAGE: usize = 50;
+
+async fn chains(State(state): State<Arc<WebState>>, Query(q): Query<ChainQuery>) -> Response {
+    let queue = q.queue.unwrap_or_else(|| "default".into());
+    let keys = QueueKeys::new(&queue);
+    let listed = match state.redis.chains(&keys, CHAIN_PAGE).await {
+        Ok(l) => l,
+        Err(e) => return redis_away(&e),
+    };
+    let mut rows = String::new();
+    for (id, at) in &listed {
+        let when = chrono::DateTime::from_timestamp_millis(*at)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+            .unwrap_or_default();
+        rows.push_str(&format!(
+            "<tr><td><a href=\"/chain?queue={}&amp;id={}\">{}</a></td><td>{when}</td></tr>",
+            esc(&urlencode(&queue)),
+            esc(&urlencode(id)),
+            esc(id)
+        ));
+    }
+    let body = if listed.is_empty() {
+        "<p>No chains.</p>".to_owned()
+    } else {
+        format!("<table><tr><th>Chain</th><th>Submitted</th></tr>{rows}</table>")
+    };
+    page(StatusCode::OK, &format!("Chains of {queue}"), &body)
+}
+
+/// The fill of a step's box, by its status.
+fn step_colour(status: &str) -> &'static str {
+    match status {
+        "succeeded" => "#c8efc8",
+        "failed" => "#f6c6c6",
+        "cancelled" => "#dddddd",
+        "awaiting_approval" => "#cdd6f6",
+        "queued" | "running" | "retrying" => "#f8efb8",
+        _ => "#f2f2f2",
+    }
+}
+
+async fn chain(State(state): State<Arc<WebState>>, Query(q): Query<ChainQuery>) -> Response {
+    let queue = q.queue.unwrap_or_else(|| "default".into());
+    let id = q.id.unwrap_or_default();
+    let keys = QueueKeys::new(&queue);
+    let c = match state.redis.chain(&keys, &id).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            return page(
+                StatusCode::NOT_FOUND,
+                "No such chain",
+                &format!(
+                    "<p>Queue {} has no chain {}: it was never submitted there, or its keys \
+                     expired.</p>",
+                    esc(&queue),
+                    esc(&id)
+                ),
+            );
+        }
+        Err(e) => return redis_away(&e),
+    };
+    // Each step one column right of its deepest parent: the DAG left to right.
+    let steps = &c.spec.steps;
+    let mut depth: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for _ in 0..steps.len() {
+        for s in steps {
+            let d = s
+                .after
+                .iter()
+                .map(|p| depth.get(p.as_str()).map_or(0, |d| d + 1))
+                .max()
+                .unwrap_or(0);
+            depth.insert(s.name.as_str(), d);
+        }
+    }
+    let (w, h, gap_x, gap_y) = (190, 56, 60, 20);
+    let mut row_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut used: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
+    for s in steps {
+        let d = depth.get(s.name.as_str()).copied().unwrap_or(0);
+        let r = used.entry(d).or_insert(0);
+        row_of.insert(s.name.as_str(), *r);
+        *r += 1;
+    }
+    let at = |name: &str| {
+        let d = depth.get(name).copied().unwrap_or(0);
+        let r = row_of.get(name).copied().unwrap_or(0);
+        (10 + d * (w + gap_x), 10 + r * (h + gap_y))
+    };
+    let width = 20 + (depth.values().max().copied().unwrap_or(0) + 1) * (w + gap_x);
+    let height = 20 + used.values().max().copied().unwrap_or(1) * (h + gap_y);
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
+         role=\"img\" aria-label=\"the chain's steps\">"
+    );
+    for s in steps {
+        let (x, y) = at(&s.name);
+        for p in &s.after {
+            let (px, py) = at(p);
+            svg.push_str(&format!(
+                "<line x1=\"{}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"#888\"/>",
+                px + w,
+                py + h / 2,
+                y + h / 2
+            ));
+        }
+    }
+    let mut table = String::new();
+    for s in steps {
+        let (x, y) = at(&s.name);
+        let st = c.steps.get(&s.name);
+        let status = st.map_or("blocked", |st| st.status.as_str());
+        let model = st.and_then(|st| st.model.clone()).unwrap_or_default();
+        let cost = st.map_or(0.0, |st| st.cost_usd);
+        svg.push_str(&format!(
+            "<g><rect x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" rx=\"6\" \
+             fill=\"{}\" stroke=\"#555\"/><text x=\"{}\" y=\"{}\" font-size=\"13\" \
+             font-weight=\"bold\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"11\">{} \
+             {}</text><text x=\"{}\" y=\"{}\" font-size=\"11\">${cost:.4}</text></g>",
+            step_colour(status),
+            x + 8,
+            y + 18,
+            esc(&s.name),
+            x + 8,
+            y + 33,
+            esc(status),
+            esc(&model),
+            x + 8,
+            y + 47,
+        ));
+        table.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>${cost:.6}</td><td>{}</td><td>{}</td></tr>",
+            esc(&s.name),
+            esc(status),
+            esc(&model),
+            esc(st.and_then(|st| st.summary.as_deref()).unwrap_or("")),
+            esc(st.and_then(|st| st.error.as_deref()).unwrap_or(""))
+        ));
+    }
+    svg.push_str("</svg>");
+    let body = format!(
+        "<p>State: {}</p>{svg}<h2>Steps</h2><table><tr><th>Step</th><th>Status</th>\
+         <th>Model</th><th>Cost</th><th>Summary</th><th>Error</th></tr>{table}</table>",
+        esc(&c.state)
+    );
+    page(StatusCode::OK, &format!("Chain {id}"), &body)
 }
 
 /// `text` for a URL's query.

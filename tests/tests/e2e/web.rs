@@ -128,3 +128,51 @@ async fn bad_requests_and_redis_away_get_a_page_that_says_so() {
     }
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_chain_is_drawn_as_its_dag_with_each_step_s_status_and_its_text_escaped() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = web(Client::new(&redis_url()).unwrap()).await;
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let worker = env.worker();
+    let chain_id = format!("web-{}", env.queue);
+    let spec = serde_json::json!({
+        "v": 1,
+        "chain_id": chain_id,
+        "steps": [
+            {"name": "plan", "prompt": "<b>plan</b> it", "model": "mock-fast"},
+            {"name": "build", "after": ["plan"], "prompt": "build {{plan.summary}}", "model": "mock-fast"},
+            {"name": "check", "after": ["plan"], "prompt": "check {{plan.summary}}", "model": "mock-fast"}
+        ]
+    });
+    env.redis
+        .submit_chain(&env.keys, &spec.to_string())
+        .await
+        .unwrap();
+    let c = env.chain_ended(&chain_id, WAIT).await;
+    assert_eq!(c.state, "succeeded", "{c:?}");
+    let (status, _, body) = get(&format!("{base}/chains?queue={}", env.queue)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains(&chain_id), "{body}");
+    let (status, _, body) = get(&format!("{base}/chain?queue={}&id={chain_id}", env.queue)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<svg"), "{body}");
+    assert_eq!(body.matches("<rect").count(), 3, "a box per step: {body}");
+    assert_eq!(
+        body.matches("<line").count(),
+        2,
+        "an edge per parent: {body}"
+    );
+    assert_eq!(
+        body.matches("#c8efc8").count(),
+        3,
+        "every step succeeded: {body}"
+    );
+    assert!(body.contains("&lt;b&gt;plan&lt;/b&gt;"), "{body}");
+    assert!(!body.contains("<b>plan"), "markup reached the page: {body}");
+    let (status, _, body) = get(&format!("{base}/chain?queue={}&id=nope", env.queue)).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("has no chain"), "{body}");
+    worker.stop().await.unwrap();
+    stop.cancel();
+}
