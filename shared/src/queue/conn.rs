@@ -100,22 +100,27 @@ impl SentinelSpec {
     async fn resolve(&self) -> redis::RedisResult<String> {
         let mut last: Option<redis::RedisError> = None;
         for s in &self.sentinels {
+            // Connecting and asking, bounded together: a sentinel that accepts and never
+            // answers must not hold a command for ever.
             let asked = async {
                 let client = redis::Client::open(s.as_str())?;
-                let mut c = tokio::time::timeout(
-                    CONNECT_TIMEOUT,
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                .map_err(|_| {
-                    redis::RedisError::from((redis::ErrorKind::Io, "no answer within 5 s"))
-                })??;
+                let mut c = client.get_multiplexed_async_connection().await?;
                 let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
                     .arg("get-master-addr-by-name")
                     .arg(&self.master)
                     .query_async(&mut c)
                     .await?;
                 Ok::<_, redis::RedisError>(addr)
+            };
+            let asked = async {
+                tokio::time::timeout(CONNECT_TIMEOUT, asked)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(redis::RedisError::from((
+                            redis::ErrorKind::Io,
+                            "the sentinel gave no answer within 5 s",
+                        )))
+                    })
             };
             match asked.await {
                 Ok(Some((host, port))) => return Ok(format!("{host}:{port}")),

@@ -297,7 +297,14 @@ async fn a_cluster_or_sentinel_url_that_cannot_be_used_is_one_sentence_and_exit_
     let plain = llmq_tests::harness::redis_url().replace("redis://", "redis+cluster://");
     let sentinel = llmq_tests::cluster::RedisSentinel::start();
     let no_such_master = sentinel.url().replace("/mymaster", "/nosuchmaster");
+    // A "sentinel" that takes connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = format!(
+        "redis+sentinel://127.0.0.1:{}/mymaster",
+        silent.local_addr().unwrap().port()
+    );
     for (url, says) in [
+        (silent.as_str(), "no sentinel named a reachable master"),
         (plain.as_str(), "is not in cluster mode"),
         (
             no_such_master.as_str(),
