@@ -47,8 +47,30 @@ pub enum Command {
     Providers(Providers),
     /// Submit, watch and inspect chains: multi-step workflows.
     Chain(ChainCmd),
-    /// Serve a page for operators: queues, tasks, dead letters (read-only for now).
+    /// Pause or resume a queue: workers stop taking its tasks within a second.
+    Queue(QueueCmd),
+    /// Serve a page for operators: queues, chains, approvals, dead letters and costs.
     Web(WebArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QueueCmd {
+    #[command(subcommand)]
+    pub command: QueueCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Every worker stops taking the queue's tasks within a second; tasks in flight finish,
+    /// and new ones wait in the queue until `resume`.
+    Pause {
+        queue: String,
+        /// Why, shown by `llmq status` and the web page.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Workers take the queue's tasks again.
+    Resume { queue: String },
 }
 
 #[derive(Args, Debug)]

@@ -1,4 +1,4 @@
-//! `llmq result` and `llmq status`.
+//! `llmq result`, `llmq status` and `llmq queue pause|resume`.
 
 use std::io::Write;
 
@@ -8,7 +8,7 @@ use llmq_shared::provider::clients::{Readiness, probe};
 use llmq_shared::queue::{Client, QueueCounts};
 use serde::Serialize;
 
-use crate::cli::{Format, ResultArgs, StatusArgs};
+use crate::cli::{Format, QueueCommand, ResultArgs, StatusArgs};
 use crate::{EXIT_FAILED, EXIT_OK, Result, emit, render, to_json};
 
 pub async fn result(redis: &Client, args: ResultArgs, out: &mut dyn Write) -> Result<u8> {
@@ -138,6 +138,32 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
     Ok(EXIT_OK)
 }
 
+/// `llmq queue pause|resume`.
+pub async fn queue(redis: &Client, cmd: QueueCommand, out: &mut dyn Write) -> Result<u8> {
+    match cmd {
+        QueueCommand::Pause { queue, reason } => {
+            let by = std::env::var("USER").unwrap_or_else(|_| "llmq queue pause".into());
+            let done = redis
+                .pause_queue(&QueueKeys::new(&queue), &by, &reason)
+                .await?;
+            let what = if done { "paused" } else { "was already paused" };
+            emit(
+                out,
+                &format!(
+                    "queue `{queue}` {what}: workers take none of its tasks (within a second); \
+                     tasks in flight finish. `llmq queue resume {queue}` undoes it.\n"
+                ),
+            );
+        }
+        QueueCommand::Resume { queue } => {
+            let done = redis.resume_queue(&QueueKeys::new(&queue)).await?;
+            let what = if done { "resumed" } else { "was not paused" };
+            emit(out, &format!("queue `{queue}` {what}\n"));
+        }
+    }
+    Ok(EXIT_OK)
+}
+
 fn status_text(r: &StatusReport, with_providers: bool) -> String {
     let mut s = format!(
         "{:<20} {:>8} {:>10} {:>8} {:>6} {:>8}\n",
@@ -152,6 +178,12 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             q.delayed,
             q.dead,
             q.workers
+        ));
+    }
+    for q in r.queues.iter().filter(|q| q.paused) {
+        s.push_str(&format!(
+            "queue `{}` is paused: workers take none of its tasks (llmq queue resume {})\n",
+            q.queue, q.queue
         ));
     }
     if !r.batches.is_empty() {

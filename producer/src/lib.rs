@@ -85,6 +85,7 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Quota(args) => providers::quota(&redis()?, args, out).await,
         Command::Providers(args) => providers::run(args.command, out),
         Command::Chain(args) => chain::run(&redis()?, args.command, out).await,
+        Command::Queue(args) => inspect::queue(&redis()?, args.command, out).await,
         Command::Web(args) => {
             let state = web::WebState {
                 redis: redis()?,

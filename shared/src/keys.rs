@@ -121,6 +121,13 @@ impl QueueKeys {
         format!("{}:workers", self.prefix)
     }
 
+    /// Set while the queue is paused (`llmq queue pause`): who paused it and when, as JSON.
+    /// Workers take none of its tasks while it exists.
+    #[must_use]
+    pub fn paused(&self) -> String {
+        format!("{}:paused", self.prefix)
+    }
+
     /// The scheduler's fencing token as this queue last saw it (see `queue/lua/fence.lua`):
     /// fenced writes to the queue check it here, in the queue's own slot.
     #[must_use]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{Client, Delivery};
+use llmq_shared::queue::{Client, Delivery, PAUSE_NOTICE};
 use llmq_shared::retry::RetryPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +16,43 @@ use tokio_util::sync::CancellationToken;
 /// How failed reads are retried: 250 ms doubling to 5 s while Redis is away.
 const READ_RETRY: RetryPolicy =
     RetryPolicy::new(Duration::from_millis(250), Duration::from_secs(5));
+
+/// How often a worker looks whether a paused queue was resumed.
+const PAUSE_POLL: Duration = Duration::from_millis(500);
+
+/// What this worker knows of its queues' pause flags, and since when.
+struct Pauses {
+    paused: Vec<bool>,
+    checked: Option<Instant>,
+}
+
+impl Pauses {
+    /// Reads every queue's flag when what is known may be stale: never read, a queue
+    /// paused (to notice its resume), or older than [`PAUSE_NOTICE`] with tasks to hand on.
+    async fn refresh(
+        &mut self,
+        redis: &Client,
+        queues: &[Arc<QueueKeys>],
+        handing_on: bool,
+    ) -> Result<(), llmq_shared::queue::Error> {
+        let due = match self.checked {
+            None => true,
+            Some(t) if self.paused.contains(&true) => t.elapsed() >= PAUSE_POLL,
+            Some(t) => handing_on && t.elapsed() >= PAUSE_NOTICE,
+        };
+        if due {
+            for (flag, q) in self.paused.iter_mut().zip(queues) {
+                *flag = redis.is_paused(q).await?;
+            }
+            self.checked = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    fn all(&self) -> bool {
+        self.paused.iter().all(|p| *p)
+    }
+}
 
 /// Ends a blocking read under way with `CLIENT UNBLOCK` of its connection `id`, again every
 /// 50 ms until it returns (the read may not have reached Redis yet when first asked), and
@@ -74,6 +111,10 @@ impl Fetcher {
         let mut conn_id = None;
         let mut turn = 0usize;
         let mut failures = 0u32;
+        let mut pauses = Pauses {
+            paused: vec![false; self.queues.len()],
+            checked: None,
+        };
         loop {
             let pause = self.read_pause.remaining();
             if !pause.is_zero() {
@@ -82,6 +123,24 @@ impl Fetcher {
                     () = tokio::time::sleep(pause) => {}
                     () = self.stop.cancelled() => return,
                 }
+            }
+            // A paused queue is not read; with every queue paused, wait for a resume.
+            if let Err(e) = pauses.refresh(&self.redis, &self.queues, false).await {
+                tracing::error!("cannot read whether the queues are paused (Redis away?): {e}");
+                pauses.checked = None;
+                failures += 1;
+                tokio::select! {
+                    () = tokio::time::sleep(READ_RETRY.delay(failures, None)) => {}
+                    () = self.stop.cancelled() => return,
+                }
+                continue;
+            }
+            if pauses.all() {
+                tokio::select! {
+                    () = tokio::time::sleep(PAUSE_POLL) => {}
+                    () = self.stop.cancelled() => return,
+                }
+                continue;
             }
             let first = tokio::select! {
                 p = Arc::clone(&self.slots).acquire_owned() => match p {
@@ -102,7 +161,7 @@ impl Fetcher {
             let result: Result<(), llmq_shared::queue::Error> = async {
                 if last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every) {
                     last_reclaim = Some(Instant::now());
-                    for q in &self.queues {
+                    for (q, _) in self.queues.iter().zip(&pauses.paused).filter(|(_, p)| !**p) {
                         let room = permits.len() - got.len();
                         if room == 0 {
                             break;
@@ -146,7 +205,11 @@ impl Fetcher {
                     let block = (self.queues.len() == 1)
                         .then(|| self.block.min(to_reclaim).max(Duration::from_millis(1)));
                     for i in 0..self.queues.len() {
-                        let q = &self.queues[(turn + i) % self.queues.len()];
+                        let at = (turn + i) % self.queues.len();
+                        if pauses.paused[at] {
+                            continue;
+                        }
+                        let q = &self.queues[at];
                         let room = permits.len() - got.len();
                         if room == 0 {
                             break;
@@ -165,6 +228,25 @@ impl Fetcher {
                         got.extend(read.into_iter().map(|d| (Arc::clone(q), d)));
                     }
                     turn = turn.wrapping_add(1);
+                }
+                // A blocking read may have waited past a pause: hand on nothing read from a
+                // queue paused since, and give it back to the stream.
+                if !got.is_empty() {
+                    pauses.refresh(&self.redis, &self.queues, true).await?;
+                    if pauses.paused.contains(&true) {
+                        let (back, keep): (Vec<_>, Vec<_>) = got.drain(..).partition(|(q, _)| {
+                            self.queues
+                                .iter()
+                                .position(|k| Arc::ptr_eq(k, q))
+                                .is_some_and(|i| pauses.paused[i])
+                        });
+                        got = keep;
+                        for (q, d) in &back {
+                            self.redis
+                                .unread(q, &self.consumer, &[d.entry_id.as_str()])
+                                .await?;
+                        }
+                    }
                 }
                 Ok(())
             }

@@ -81,13 +81,14 @@ impl Client {
     pub async fn counts(&self, keys: &QueueKeys) -> Result<QueueCounts> {
         let mut c = self.conn().await?;
         let live_since = now_ms() - WORKER_LIVENESS.as_millis() as i64;
-        let (len, delayed, dead, workers): (u64, u64, u64, u64) = redis::pipe()
+        let (len, delayed, dead, workers, paused): (u64, u64, u64, u64, bool) = redis::pipe()
             .cmd("XLEN")
             .arg(keys.stream())
             .zcard(keys.delayed())
             .cmd("XLEN")
             .arg(keys.dead())
             .zcount(keys.workers(), live_since, "+inf")
+            .exists(keys.paused())
             .query_async(&mut c)
             .await?;
         let pending: Value = match redis::cmd("XPENDING")
@@ -112,6 +113,7 @@ impl Client {
             delayed,
             dead,
             workers,
+            paused,
         })
     }
 

@@ -15,6 +15,7 @@
 //! - `slots`: concurrency-key slots, taken, parked for and freed;
 //! - `batch`: tasks that wait for a provider batch, the batches, and their answers;
 //! - `dead_letter`: listing, finding, replaying, purging and (fenced) trimming dead letters;
+//! - `pause`: pausing and resuming a queue, and handing back what a worker read meanwhile;
 //! - `inspect`: counts, task lookup, results, worker heartbeats;
 //! - `reply`: reading Redis replies, in one place;
 //! - `conn`: one Redis or a Redis Cluster, behind one connection type;
@@ -35,6 +36,7 @@ mod enqueue;
 mod finish;
 mod inspect;
 mod out;
+mod pause;
 mod reply;
 mod slots;
 
@@ -47,6 +49,7 @@ pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
 pub use finish::Write;
 pub use out::{OUT_TTL, OutEntry};
+pub use pause::{PAUSE_NOTICE, Paused};
 pub use slots::Slot;
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +213,8 @@ pub struct QueueCounts {
     pub delayed: u64,
     pub dead: u64,
     pub workers: u64,
+    /// Paused with `llmq queue pause`: workers take none of its tasks.
+    pub paused: bool,
 }
 
 /// A dead letter as `llmq dlq` shows it.

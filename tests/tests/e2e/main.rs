@@ -16,6 +16,7 @@ mod hostile;
 mod learning;
 mod metrics;
 mod outage;
+mod pause;
 mod provider_batch;
 mod providers;
 mod quota;
