@@ -82,6 +82,19 @@ pub struct WebArgs {
     /// The scheduler namespace whose status the overview shows.
     #[arg(long, env = "LLMQ_SCHEDULER_NAMESPACE")]
     pub scheduler_namespace: Option<String>,
+    /// The token a person signs in with to approve, reject, replay, purge, pause and resume;
+    /// without it the page is read-only.
+    #[arg(long, env = "LLMQ_WEB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// The provider file, for provider readiness and quota bars.
+    #[arg(long, env = "LLMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The ledger, for the costs page.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// Exit 0 when a server on --listen answers, 1 when not (a probe for Kubernetes).
+    #[arg(long)]
+    pub health_check: bool,
 }
 
 #[derive(Args, Debug)]

@@ -87,9 +87,24 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Chain(args) => chain::run(&redis()?, args.command, out).await,
         Command::Queue(args) => inspect::queue(&redis()?, args.command, out).await,
         Command::Web(args) => {
+            if args.health_check {
+                return web::health_check(args.listen).await;
+            }
+            let config = args
+                .config
+                .as_deref()
+                .map(llmq_shared::config::Config::load)
+                .transpose()?;
+            let ledger = match args.database_url.as_deref() {
+                Some(url) => Some(llmq_shared::ledger::Ledger::connect(url, 2).await?),
+                None => None,
+            };
             let state = web::WebState {
-                redis: redis()?,
                 scheduler_namespace: args.scheduler_namespace,
+                token: args.token,
+                config,
+                ledger,
+                ..web::WebState::new(redis()?)
             };
             web::run(state, args.listen).await
         }

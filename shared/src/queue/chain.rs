@@ -36,6 +36,13 @@ static DECIDE: LazyLock<Script> = LazyLock::new(|| {
 /// or an approval decided by a person): the worker's default result TTL.
 pub const CHAIN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A page of chains: (id, submitted at ms, state), and where the next page starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainsPage {
+    pub chains: Vec<(String, i64, String)>,
+    pub next: Option<(i64, String)>,
+}
+
 /// Why a chain command could not act.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -290,6 +297,95 @@ impl Client {
             .query_async(&mut c)
             .await?;
         Ok(ids.into_iter().map(|(id, at)| (id, at as i64)).collect())
+    }
+
+    /// A page of the queue's chains, newest first: up to `count` whose state is `state` (any
+    /// when `None`), submitted before the cursor `(submitted at ms, chain id)` (from the
+    /// newest when `None`). Reads at most `scan` index entries, so a rare state costs a bounded
+    /// read per page. Returns the chains as (id, submitted at, state) and the cursor of the
+    /// next page, `None` at the end.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn chains_page(
+        &self,
+        keys: &QueueKeys,
+        after: Option<(i64, String)>,
+        state: Option<&str>,
+        count: usize,
+        scan: usize,
+    ) -> Result<ChainsPage> {
+        let mut c = self.conn().await?;
+        let mut out = Vec::new();
+        let mut cursor = after;
+        let mut read = 0usize;
+        const STEP: usize = 200;
+        while out.len() < count && read < scan {
+            // Newest first, from the cursor's time on; entries of that same millisecond that
+            // sort at or after the cursor's id (ZREVRANGE order) were on earlier pages.
+            let max = cursor
+                .as_ref()
+                .map_or_else(|| "+inf".to_owned(), |(at, _)| at.to_string());
+            let mut skip = 0usize;
+            let ids: Vec<(String, f64)> = loop {
+                let ids: Vec<(String, f64)> = redis::cmd("ZREVRANGEBYSCORE")
+                    .arg(keys.chains())
+                    .arg(&max)
+                    .arg("-inf")
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(skip)
+                    .arg(STEP)
+                    .query_async(&mut c)
+                    .await?;
+                let fresh: Vec<(String, f64)> = ids
+                    .iter()
+                    .filter(|(id, at)| {
+                        cursor
+                            .as_ref()
+                            .is_none_or(|(ca, cid)| (*at as i64) < *ca || id < cid)
+                    })
+                    .cloned()
+                    .collect();
+                if !fresh.is_empty() || ids.len() < STEP {
+                    break fresh;
+                }
+                // A whole step of one millisecond already shown: look further.
+                skip += STEP;
+                read += STEP;
+                if read >= scan {
+                    break Vec::new();
+                }
+            };
+            if ids.is_empty() {
+                return Ok(ChainsPage {
+                    chains: out,
+                    next: None,
+                });
+            }
+            let mut pipe = redis::pipe();
+            for (id, _) in &ids {
+                pipe.hget(keys.chain(id), "state");
+            }
+            let states: Vec<Option<String>> = pipe.query_async(&mut c).await?;
+            for ((id, at), st) in ids.into_iter().zip(states) {
+                read += 1;
+                let at = at as i64;
+                cursor = Some((at, id.clone()));
+                // An index entry whose chain expired is left for the scheduler's trim.
+                let Some(st) = st else { continue };
+                if state.is_none_or(|want| want == st) {
+                    out.push((id, at, st));
+                    if out.len() == count {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(ChainsPage {
+            chains: out,
+            next: cursor,
+        })
     }
 
     /// Drops from `keys`' chains index the chains whose keys have expired, reading `page`

@@ -37,9 +37,23 @@ impl Client {
     /// # Errors
     /// Redis fails.
     pub async fn dead_letters(&self, keys: &QueueKeys, limit: usize) -> Result<Vec<DeadLetter>> {
+        self.dead_letters_before(keys, None, limit).await
+    }
+
+    /// The dead letters of a queue older than dead-entry id `before` (from the newest when
+    /// `None`), newest first, at most `limit`: a page that starts where the last one ended.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn dead_letters_before(
+        &self,
+        keys: &QueueKeys,
+        before: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>> {
         let mut c = self.conn().await?;
         let mut out = Vec::new();
-        let mut end = "+".to_owned();
+        let mut end = before.map_or_else(|| "+".to_owned(), |id| format!("({id}"));
         while out.len() < limit {
             let page: Value = redis::cmd("XREVRANGE")
                 .arg(keys.dead())
@@ -63,6 +77,36 @@ impl Client {
             if !full {
                 break;
             }
+        }
+        Ok(out)
+    }
+
+    /// The dead letters with these dead-entry ids, one lookup each (no scan): those that
+    /// exist, in the order asked.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn dead_letters_at(
+        &self,
+        keys: &QueueKeys,
+        ids: &[String],
+    ) -> Result<Vec<DeadLetter>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XRANGE").arg(keys.dead()).arg(id).arg(id);
+        }
+        let pages: Vec<Value> = pipe.query_async(&mut c).await?;
+        let mut out = Vec::new();
+        for page in pages {
+            out.extend(
+                reply::parse_entries(page)?
+                    .into_iter()
+                    .map(|(id, f)| reply::dead_letter(keys.name(), id, &f)),
+            );
         }
         Ok(out)
     }

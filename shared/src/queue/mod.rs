@@ -43,7 +43,7 @@ mod slots;
 pub use batch::{
     BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
 };
-pub use chain::Refused;
+pub use chain::{ChainsPage, Refused};
 pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;

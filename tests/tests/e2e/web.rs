@@ -14,15 +14,15 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A web server on a free loopback port until the token is cancelled; its base URL.
+/// A read-only web server on a free loopback port until the token is cancelled; its base URL.
 async fn web(redis: Client) -> (String, CancellationToken) {
+    serve_state(WebState::new(redis)).await
+}
+
+async fn serve_state(state: WebState) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
-    let state = WebState {
-        redis,
-        scheduler_namespace: None,
-    };
     tokio::spawn(serve(listener, state, stop.clone()));
     (base, stop)
 }
@@ -54,13 +54,17 @@ async fn the_pages_show_the_queues_and_hostile_text_only_as_text() {
     let (status, headers, body) = get(&format!("{base}/")).await;
     assert_eq!(status, 200);
     let row = format!(
-        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
+        "<td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
         env.queue, counts.ready, counts.in_flight, counts.delayed
     );
     assert!(body.contains(&row), "{row} in {body}");
     let csp = headers["content-security-policy"].to_str().unwrap();
     assert!(csp.contains("default-src 'none'") && csp.contains("frame-ancestors 'none'"));
-    assert!(!csp.contains("script-src"), "no script is allowed: {csp}");
+    assert!(
+        csp.contains("script-src 'self'") && !csp.contains("unsafe-eval"),
+        "only the server's own script file may run, never inline script: {csp}"
+    );
+    assert!(!csp.contains("script-src 'self' 'unsafe-inline'"), "{csp}");
     assert_eq!(headers["x-frame-options"], "DENY");
 
     // A task whose prompt and answer carry markup; and a dead letter that does.
@@ -174,5 +178,523 @@ async fn a_chain_is_drawn_as_its_dag_with_each_step_s_status_and_its_text_escape
     assert_eq!(status, 404);
     assert!(body.contains("has no chain"), "{body}");
     worker.stop().await.unwrap();
+    stop.cancel();
+}
+
+const TOKEN: &str = "s3cret-web-token";
+
+/// A person's browser, by hand: the session cookie it was given and the page's
+/// anti-forgery value.
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    cookie: String,
+    csrf: String,
+}
+
+impl Browser {
+    fn http() -> reqwest::Client {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    }
+
+    async fn sign_in(base: &str) -> Self {
+        let http = Self::http();
+        let r = http
+            .post(format!("{base}/login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("token={TOKEN}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 303);
+        let set = r.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            set.contains("HttpOnly") && set.contains("SameSite=Strict"),
+            "{set}"
+        );
+        let cookie = set.split(';').next().unwrap().to_owned();
+        let page = http
+            .get(format!("{base}/"))
+            .header("cookie", &cookie)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let csrf = page
+            .split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("a signed-in page carries the anti-forgery field")
+            .to_owned();
+        Self {
+            http,
+            base: base.to_owned(),
+            cookie,
+            csrf,
+        }
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .header("cookie", &self.cookie)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
+    /// POSTs `form` (the anti-forgery field added) as the page's own form would.
+    async fn post(&self, path: &str, form: &[(&str, &str)]) -> (u16, String) {
+        let mut fields: Vec<(&str, &str)> = vec![("csrf", &self.csrf)];
+        fields.extend_from_slice(form);
+        post_raw(
+            &self.http,
+            &format!("{}{path}", self.base),
+            &fields,
+            &[("cookie", &self.cookie), ("origin", &self.base)],
+        )
+        .await
+    }
+}
+
+async fn post_raw(
+    http: &reqwest::Client,
+    url: &str,
+    form: &[(&str, &str)],
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let body: String = form
+        .iter()
+        .map(|(k, v)| format!("{k}={}", urlencode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let mut r = http
+        .post(url)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    let r = r.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// A dead letter as a worker writes one, whose task runs fine when replayed.
+async fn dead_letter(env: &TestEnv, prompt: &str) -> (String, String) {
+    let mut e = Envelope::new(prompt);
+    e.model = Some("mock-fast".into());
+    let task_id = e.id.unwrap().to_string();
+    let mut c = env.redis.conn().await.unwrap();
+    let id: String = redis::cmd("XADD")
+        .arg(env.keys.dead())
+        .arg("*")
+        .arg("task")
+        .arg(e.to_json())
+        .arg("error")
+        .arg("the provider was down")
+        .arg("class")
+        .arg("retryable")
+        .arg("attempts")
+        .arg("5")
+        .arg("failed_at")
+        .arg(chrono::Utc::now().timestamp_millis())
+        .arg("entry_id")
+        .arg("0-1")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    (id, task_id)
+}
+
+#[tokio::test]
+async fn every_action_needs_the_token_and_the_anti_forgery_field() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let (dead_id, _) = dead_letter(&env, "keep me").await;
+    let q = env.queue.as_str();
+    let actions: [(&str, Vec<(&str, &str)>); 6] = [
+        ("/dead/replay", vec![("queue", q), ("id", &dead_id)]),
+        ("/dead/purge", vec![("queue", q), ("id", &dead_id)]),
+        ("/queue/pause", vec![("queue", q)]),
+        ("/queue/resume", vec![("queue", q)]),
+        (
+            "/approvals/decide",
+            vec![
+                ("queue", q),
+                ("chain", "c"),
+                ("step", "s"),
+                ("decision", "approve"),
+            ],
+        ),
+        ("/logout", vec![]),
+    ];
+    let http = Browser::http();
+
+    // Read-only: no token configured, so every action is refused and the page says why.
+    let (base, stop) = web(Client::new(&redis_url()).unwrap()).await;
+    let (_, _, overview) = get(&format!("{base}/")).await;
+    assert!(overview.contains("read-only"), "{overview}");
+    assert!(!overview.contains("<button>Pause"), "{overview}");
+    for (path, form) in &actions {
+        let (status, body) = post_raw(&http, &format!("{base}{path}"), form, &[]).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("LLMQ_WEB_TOKEN"), "{path}: {body}");
+    }
+    stop.cancel();
+
+    let (base, stop) = serve_state(WebState {
+        token: Some(TOKEN.into()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    })
+    .await;
+    let b = Browser::sign_in(&base).await;
+    let cookie = ("cookie", b.cookie.as_str());
+    for (path, form) in &actions {
+        let url = format!("{base}{path}");
+        // Not signed in.
+        let (status, body) = post_raw(&http, &url, form, &[]).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("Sign in"), "{path}: {body}");
+        // A wrong token as a bearer.
+        let (status, _) = post_raw(&http, &url, form, &[("authorization", "Bearer wrong")]).await;
+        assert_eq!(status, 403, "{path}");
+        // Signed in, but the form lacks the anti-forgery field, or carries a wrong one.
+        let (status, body) = post_raw(&http, &url, form, &[cookie]).await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("anti-forgery"), "{path}: {body}");
+        let mut wrong = vec![("csrf", "0000")];
+        wrong.extend_from_slice(form);
+        let (status, _) = post_raw(&http, &url, &wrong, &[cookie]).await;
+        assert_eq!(status, 403, "{path}");
+        // Everything right, but sent from another site.
+        let mut good = vec![("csrf", b.csrf.as_str())];
+        good.extend_from_slice(form);
+        let (status, body) = post_raw(
+            &http,
+            &url,
+            &good,
+            &[cookie, ("origin", "http://evil.example")],
+        )
+        .await;
+        assert_eq!(status, 403, "{path}: {body}");
+        assert!(body.contains("another site"), "{path}: {body}");
+    }
+    // Nothing of that acted.
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((counts.dead, counts.paused), (1, false));
+    // A wrong token does not sign in.
+    let (status, body) = post_raw(&http, &format!("{base}/login"), &[("token", "nope")], &[]).await;
+    assert_eq!(status, 403, "{body}");
+
+    // The right way: the page's form, and a script with the bearer token.
+    let (status, body) = b.post("/queue/pause", &[("queue", q)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Paused queue"), "{body}");
+    assert!(env.redis.counts(&env.keys).await.unwrap().paused);
+    let bearer = format!("Bearer {TOKEN}");
+    let (status, body) = post_raw(
+        &http,
+        &format!("{base}/queue/resume"),
+        &[("queue", q)],
+        &[("authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!env.redis.counts(&env.keys).await.unwrap().paused);
+    // Signed out, the old cookie no longer acts.
+    let (status, _) = b.post("/logout", &[]).await;
+    assert_eq!(status, 303);
+    let (status, _) = b.post("/queue/pause", &[("queue", q)]).await;
+    assert_eq!(status, 403);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn approving_moves_the_chain_on_and_replaying_runs_the_dead_letter() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let worker = env.worker();
+    let (base, stop) = serve_state(WebState {
+        token: Some(TOKEN.into()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    })
+    .await;
+    let b = Browser::sign_in(&base).await;
+    let chain = |id: &str| {
+        serde_json::json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "impl", "prompt": "Write <i>it</i>", "model": "mock-fast"},
+            {"name": "ship", "kind": "approval", "after": ["impl"], "timeout": "1h"},
+            {"name": "docs", "after": ["ship"], "prompt": "Document {{ship.summary}}", "model": "mock-fast"}]})
+        .to_string()
+    };
+    let (yes, no) = (format!("{}-yes", env.queue), format!("{}-no", env.queue));
+    for id in [&yes, &no] {
+        env.redis.submit_chain(&env.keys, &chain(id)).await.unwrap();
+    }
+    for id in [&yes, &no] {
+        env.eventually("the step awaiting approval", WAIT, || async {
+            env.redis
+                .chain(&env.keys, id)
+                .await
+                .unwrap()
+                .is_some_and(|c| c.steps["ship"].status == "awaiting_approval")
+        })
+        .await
+        .unwrap();
+    }
+    let (status, page) = b.get("/approvals").await;
+    assert_eq!(status, 200);
+    assert!(page.contains(&format!("data-chain=\"{yes}\"")), "{page}");
+    assert!(page.contains("value=\"approve\""), "{page}");
+    let c = env.redis.chain(&env.keys, &yes).await.unwrap().unwrap();
+    let parent = c.steps["impl"].summary.clone().unwrap();
+    assert!(
+        page.contains(&llmq::web::esc(&parent)),
+        "the parent's summary: {page}"
+    );
+
+    let decide = |id: &str, decision: &str| {
+        let (q, id, decision) = (env.queue.clone(), id.to_owned(), decision.to_owned());
+        let b = &b;
+        async move {
+            b.post(
+                "/approvals/decide",
+                &[
+                    ("queue", &q),
+                    ("chain", &id),
+                    ("step", "ship"),
+                    ("decision", &decision),
+                    ("note", "looks <b>good</b>"),
+                ],
+            )
+            .await
+        }
+    };
+    let (status, body) = decide(&yes, "approve").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Approved step ship"), "{body}");
+    let c = env.chain_ended(&yes, WAIT).await;
+    assert_eq!(c.state, "succeeded", "{c:?}");
+    assert_eq!(
+        c.steps["ship"].summary.as_deref(),
+        Some("looks <b>good</b>")
+    );
+    let (status, body) = decide(&no, "reject").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(env.chain_ended(&no, WAIT).await.state, "failed");
+    // Deciding again, or a step that is not there.
+    let (status, body) = decide(&yes, "approve").await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("not waiting for approval"), "{body}");
+    let (status, _) = decide("no-such-chain", "approve").await;
+    assert_eq!(status, 404);
+    let (_, shown) = b.get(&format!("/chain?queue={}&id={yes}", env.queue)).await;
+    assert!(shown.contains("looks &lt;b&gt;good&lt;/b&gt;"), "{shown}");
+
+    // A dead letter replayed from the page runs; one purged is gone.
+    let (replay_id, task_id) = dead_letter(&env, "run me again").await;
+    let (purge_id, _) = dead_letter(&env, "<script>alert(1)</script>").await;
+    let (status, list) = b.get(&format!("/dead?queue={}", env.queue)).await;
+    assert_eq!(status, 200);
+    assert!(list.contains(&format!("value=\"{replay_id}\"")), "{list}");
+    assert!(!list.contains("<script>alert"), "{list}");
+    let (status, body) = b
+        .post(
+            "/dead/replay",
+            &[
+                ("queue", &env.queue),
+                ("confirm", "1"),
+                ("all", "0"),
+                ("id", &replay_id),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Replayed 1 dead letter"), "{body}");
+    let r = env.wait_final(&task_id, WAIT).await.unwrap();
+    assert_eq!(r.status, llmq_shared::outcome::Status::Succeeded, "{r:?}");
+    let (status, body) = b
+        .post("/dead/purge", &[("queue", &env.queue), ("id", &purge_id)])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Purged 1 dead letter"), "{body}");
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().dead, 0);
+    // Gone now: a page that says so; "all" without the confirmation box is refused.
+    let (status, _) = b
+        .post("/dead/replay", &[("queue", &env.queue), ("id", &replay_id)])
+        .await;
+    assert_eq!(status, 404);
+    let (status, body) = b
+        .post("/dead/purge", &[("queue", &env.queue), ("all", "1")])
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _) = b
+        .post("/dead/purge", &[("queue", &env.queue), ("id", "+")])
+        .await;
+    assert_eq!(status, 400);
+    worker.stop().await.unwrap();
+    stop.cancel();
+}
+
+/// Long lists come in pages by cursor: every dead letter and every chain of a state exactly
+/// once, whatever the page boundaries (60 chains share one millisecond).
+#[tokio::test]
+async fn long_lists_come_in_cursor_pages_that_miss_and_repeat_nothing() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = web(Client::new(&redis_url()).unwrap()).await;
+    let mut dead = std::collections::HashSet::new();
+    for i in 0..120 {
+        dead.insert(dead_letter(&env, &format!("letter {i}")).await.0);
+    }
+    let mut c = env.redis.conn().await.unwrap();
+    let mut want_failed = std::collections::HashSet::new();
+    for i in 0..150 {
+        let id = format!("chain-{i:03}");
+        let at = if i < 60 {
+            1_700_000_000_000_i64
+        } else {
+            1_700_000_000_000 + i
+        };
+        let state = if i % 3 == 0 { "failed" } else { "succeeded" };
+        if state == "failed" {
+            want_failed.insert(id.clone());
+        }
+        let _: () = redis::pipe()
+            .zadd(env.keys.chains(), &id, at)
+            .hset(env.keys.chain(&id), "state", state)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let rows = |body: &str, attr: &str| -> Vec<String> {
+        body.split(attr)
+            .skip(1)
+            .filter_map(|r| r.split('"').next().map(str::to_owned))
+            .collect()
+    };
+    let next = |body: &str| -> Option<String> {
+        body.split("id=\"older\" href=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .map(|h| h.replace("&amp;", "&"))
+    };
+    let mut seen = Vec::new();
+    let mut url = format!("/dead?queue={}", env.queue);
+    let mut pages = 0;
+    loop {
+        let (status, _, body) = get(&format!("{base}{url}")).await;
+        assert_eq!(status, 200, "{body}");
+        seen.extend(rows(&body, "data-dead=\""));
+        pages += 1;
+        match next(&body) {
+            Some(n) => url = n,
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen.len(), 120);
+    assert_eq!(
+        seen.iter()
+            .cloned()
+            .collect::<std::collections::HashSet<_>>(),
+        dead
+    );
+
+    // Every chain, then the failed ones: page boundaries fall inside the 60 of one ms.
+    for (filter, want) in [("", 150), ("&state=failed", want_failed.len())] {
+        let mut seen = Vec::new();
+        let mut url = format!("/chains?queue={}{filter}", env.queue);
+        loop {
+            let (status, _, body) = get(&format!("{base}{url}")).await;
+            assert_eq!(status, 200, "{body}");
+            seen.extend(
+                body.split("<tr><td><a href=\"/chain?")
+                    .skip(1)
+                    .filter_map(|r| r.split("\">").nth(1)?.split('<').next().map(str::to_owned)),
+            );
+            match next(&body) {
+                Some(n) => url = n,
+                None => break,
+            }
+        }
+        assert_eq!(seen.len(), want, "{filter}: {seen:?}");
+        let seen: std::collections::HashSet<_> = seen.into_iter().collect();
+        assert_eq!(seen.len(), want, "{filter}: a chain shown twice");
+        if !filter.is_empty() {
+            assert_eq!(seen, want_failed);
+        }
+    }
+    let (status, _, _) = get(&format!("{base}/chains?queue={}&state=bogus", env.queue)).await;
+    assert_eq!(status, 400);
+    let (status, _, _) = get(&format!("{base}/dead?queue={}&before=x", env.queue)).await;
+    assert_eq!(status, 400);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn the_costs_page_charts_the_ledger_for_a_range() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = web(Client::new(&redis_url()).unwrap()).await;
+    let (status, _, body) = get(&format!("{base}/costs")).await;
+    assert_eq!(
+        status, 503,
+        "without a ledger the page says where costs live: {body}"
+    );
+    assert!(body.contains("DATABASE_URL"), "{body}");
+    stop.cancel();
+
+    let (base, stop) = serve_state(WebState {
+        ledger: Some(env.ledger.clone()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    })
+    .await;
+    let worker = env.worker();
+    let mut e = Envelope::new("cost me");
+    e.model = Some("mock-fast".into());
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    env.wait_final(&e.id.unwrap().to_string(), WAIT)
+        .await
+        .unwrap();
+    worker.stop().await.unwrap();
+    let (status, _, body) = get(&format!("{base}/costs")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("<svg id=\"by-day\""), "{body}");
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    assert!(
+        body.contains(&format!("{today}: $")),
+        "today has a bar: {body}"
+    );
+    for part in [
+        "By provider",
+        "By model",
+        "By task type",
+        "By chain",
+        "Insights",
+    ] {
+        assert!(body.contains(part), "{part}: {body}");
+    }
+    let (status, _, body) = get(&format!("{base}/costs?since=2026-13-01")).await;
+    assert_eq!(status, 400, "{body}");
+    let (status, _, _) = get(&format!("{base}/costs?since=2026-11-02&until=2026-11-01")).await;
+    assert_eq!(status, 400);
     stop.cancel();
 }

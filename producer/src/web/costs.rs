@@ -1,0 +1,226 @@
+//! Costs from the ledger for a chosen range: by day as a chart, by provider, model, task type
+//! and chain, and the switches `llmq insights optimize` proposes.
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use chrono::{NaiveDate, TimeZone, Utc};
+use llmq_shared::insights;
+use llmq_shared::ledger::{CostLine, GroupBy};
+use serde::Deserialize;
+
+use super::{AppState, Viewer, esc, message, page};
+
+/// The longest range one page reports.
+const MAX_DAYS: i64 = 366;
+/// Lines per table.
+const TOP: usize = 20;
+
+#[derive(Deserialize)]
+pub(super) struct CostsQuery {
+    /// First day, `YYYY-MM-DD` (UTC); default 30 days ago.
+    since: Option<String>,
+    /// Last day, included; default today.
+    until: Option<String>,
+}
+
+fn day(raw: Option<&str>, default: NaiveDate, name: &str) -> Result<NaiveDate, String> {
+    match raw.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(default),
+        Some(s) => NaiveDate::parse_from_str(s, "%Y-%m-%d")
+            .map_err(|_| format!("`{s}` is not a day for `{name}`: write it as 2026-11-24.")),
+    }
+}
+
+/// Costs by day as an SVG bar chart, one bar per day of the range.
+fn chart(days: &[CostLine], since: NaiveDate, until: NaiveDate) -> String {
+    let n = (until - since).num_days().max(0) as usize + 1;
+    let max = days.iter().map(|d| d.cost_usd).fold(0.0_f64, f64::max);
+    let (w, h, pad) = (640.0_f64, 160.0_f64, 30.0_f64);
+    let step = w / n as f64;
+    let mut svg = format!(
+        "<svg id=\"by-day\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" \
+         role=\"img\" aria-label=\"cost by day\"><line x1=\"0\" y1=\"{h}\" x2=\"{w}\" y2=\"{h}\" \
+         stroke=\"#888\"/><text x=\"2\" y=\"12\" font-size=\"11\">${max:.4} max a day</text>",
+        w,
+        h + pad
+    );
+    for (i, date) in since.iter_days().take(n).enumerate() {
+        let key = date.format("%Y-%m-%d").to_string();
+        let cost = days
+            .iter()
+            .find(|d| d.key == key)
+            .map_or(0.0, |d| d.cost_usd);
+        let bh = if max > 0.0 {
+            cost / max * (h - 16.0)
+        } else {
+            0.0
+        };
+        let x = i as f64 * step;
+        svg.push_str(&format!(
+            "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#6a9\">\
+             <title>{key}: ${cost:.6}</title></rect>",
+            x + step * 0.1,
+            h - bh,
+            (step * 0.8).max(1.0)
+        ));
+        if i == 0 || i + 1 == n || (n > 2 && i == n / 2) {
+            svg.push_str(&format!(
+                "<text x=\"{x:.1}\" y=\"{}\" font-size=\"10\">{key}</text>",
+                h + 14.0
+            ));
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+fn table(title: &str, lines: &[CostLine]) -> String {
+    if lines.is_empty() {
+        return String::new();
+    }
+    let mut rows = String::new();
+    for l in lines.iter().take(TOP) {
+        let key = esc(&l.key);
+        rows.push_str(&format!(
+            "<tr><td>{key}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>${:.6}</td></tr>",
+            l.calls, l.tasks, l.input_tokens, l.output_tokens, l.cost_usd
+        ));
+    }
+    let more = if lines.len() > TOP {
+        format!(
+            "<p class=\"note\">The {TOP} costliest of {}.</p>",
+            lines.len()
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "<h2>{}</h2><table><tr><th></th><th>Calls</th><th>Tasks</th><th>Input tokens</th>\
+         <th>Output tokens</th><th>Cost</th></tr>{rows}</table>{more}",
+        esc(title)
+    )
+}
+
+pub(super) async fn costs(
+    State(app): AppState,
+    viewer: Viewer,
+    Query(q): Query<CostsQuery>,
+) -> Response {
+    let Some(ledger) = &app.web.ledger else {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Costs",
+            "<p>The costs live in Postgres: start <code>llmq web</code> with \
+             <code>--database-url</code> (or <code>DATABASE_URL</code>) to see them.</p>",
+            &viewer,
+        );
+    };
+    let today = Utc::now().date_naive();
+    let range = day(q.until.as_deref(), today, "until").and_then(|until| {
+        let since = day(
+            q.since.as_deref(),
+            until - chrono::Duration::days(29),
+            "since",
+        )?;
+        if since > until {
+            return Err(format!(
+                "The range starts ({since}) after it ends ({until})."
+            ));
+        }
+        if (until - since).num_days() >= MAX_DAYS {
+            return Err(format!("Choose a range of at most {MAX_DAYS} days."));
+        }
+        Ok((since, until))
+    });
+    let (since, until) = match range {
+        Ok(r) => r,
+        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a range", &why, &viewer),
+    };
+    let from = Utc.from_utc_datetime(&since.and_time(chrono::NaiveTime::MIN));
+    let to = Utc
+        .from_utc_datetime(&(until + chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN));
+    let mut parts = Vec::new();
+    for by in [
+        GroupBy::Day,
+        GroupBy::Provider,
+        GroupBy::Model,
+        GroupBy::TaskType,
+        GroupBy::Chain,
+    ] {
+        match ledger.costs(from, to, None, by).await {
+            Ok(lines) => parts.push(lines),
+            Err(e) => {
+                return message(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Postgres cannot answer",
+                    &e.to_string(),
+                    &viewer,
+                );
+            }
+        }
+    }
+    let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
+    let calls: i64 = parts[1].iter().map(|l| l.calls).sum();
+    let saved: f64 = parts[1].iter().map(|l| l.batch_saved_usd).sum();
+    let filter = insights::Filter {
+        since: Some(from),
+        ..insights::Filter::default()
+    };
+    let switches = match insights::by_model(ledger.pool(), &filter).await {
+        Ok(lines) => insights::switches(&lines, 0.02, 20),
+        Err(e) => {
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Postgres cannot answer",
+                &e.to_string(),
+                &viewer,
+            );
+        }
+    };
+    let insight = if switches.is_empty() {
+        "<h2>Insights</h2><p>No switch would save money at similar success yet (each model \
+         needs 20 tasks of a type to be compared).</p>"
+            .to_owned()
+    } else {
+        let mut rows = String::new();
+        for s in &switches {
+            rows.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>${:.6} a task (${:.4} over {} tasks)\
+                 </td><td>{:.0}% of {} against {:.0}% of {}</td></tr>",
+                esc(&s.task_type),
+                esc(&s.from),
+                esc(&s.to),
+                s.saving_per_task_usd,
+                s.saving_usd,
+                s.from_tasks,
+                s.from_success_rate * 100.0,
+                s.from_tasks,
+                s.to_success_rate * 100.0,
+                s.to_tasks
+            ));
+        }
+        format!(
+            "<h2>Insights</h2><table><tr><th>Task type</th><th>From</th><th>To</th>\
+             <th>Saving</th><th>Success (from against to)</th></tr>{rows}</table>"
+        )
+    };
+    let body = format!(
+        "<form method=\"get\" action=\"/costs\"><label>From <input type=\"date\" name=\"since\" \
+         value=\"{since}\"></label> <label>to <input type=\"date\" name=\"until\" \
+         value=\"{until}\"></label> <button>Show</button></form>\
+         <p id=\"total\">${total:.6} over {calls} call(s) from {since} to {until} (UTC)\
+         {}.</p>{}{}{}{}{}{insight}",
+        if saved > 0.0 {
+            format!("; provider batches saved ${saved:.6}")
+        } else {
+            String::new()
+        },
+        chart(&parts[0], since, until),
+        table("By provider", &parts[1]),
+        table("By model", &parts[2]),
+        table("By task type", &parts[3]),
+        table("By chain", &parts[4]),
+    );
+    page(StatusCode::OK, "Costs", &body, &viewer)
+}

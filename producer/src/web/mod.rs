@@ -1,0 +1,383 @@
+//! `llmq web`: a page for operators, served on loopback by default. Server-rendered HTML;
+//! the one script (`live.js`, served by this server) only refreshes a page's live part.
+//!
+//! Every piece of text from a task, a model or Redis goes through [`esc`], and every answer
+//! carries a Content-Security-Policy that allows no inline script, no other origin and no
+//! framing. Actions (approve, reject, replay, purge, pause, resume) need `LLMQ_WEB_TOKEN`:
+//! without it the page is read-only and says so; with it, a person signs in with the token
+//! and each action is a POST that carries the session's anti-forgery field ([`auth`]).
+//!
+//! A bad request, an unknown id, a refused action or Redis away each answer a page that says
+//! so with the right status; the server goes on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use llmq_shared::config::Config;
+use llmq_shared::ledger::Ledger;
+use llmq_shared::queue::Client;
+use tokio_util::sync::CancellationToken;
+
+mod auth;
+mod chains;
+mod costs;
+mod dead;
+mod overview;
+
+pub use auth::Viewer;
+
+/// Same-origin script only (`/live.js`), no inline script, no framing, no plugins; styles
+/// inline only.
+const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
+                   style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; \
+                   frame-ancestors 'none'; base-uri 'none'";
+
+/// The script that refreshes a page's `#live` part every few seconds without a reload.
+const LIVE_JS: &str = include_str!("live.js");
+
+/// What `llmq web` is started with.
+pub struct WebState {
+    pub redis: Client,
+    /// The scheduler namespace whose status the overview shows.
+    pub scheduler_namespace: Option<String>,
+    /// `LLMQ_WEB_TOKEN`: without it, the page only shows.
+    pub token: Option<String>,
+    /// The provider file, for provider readiness and quota use.
+    pub config: Option<Config>,
+    /// The ledger, for the costs page.
+    pub ledger: Option<Ledger>,
+}
+
+impl WebState {
+    /// Read-only, over `redis` alone.
+    #[must_use]
+    pub fn new(redis: Client) -> Self {
+        Self {
+            redis,
+            scheduler_namespace: None,
+            token: None,
+            config: None,
+            ledger: None,
+        }
+    }
+}
+
+/// The server's state: what it was started with, its sign-in sessions and caches.
+pub(crate) struct App {
+    pub web: WebState,
+    pub sessions: auth::Sessions,
+    pub readiness: overview::ReadinessCache,
+}
+
+type AppState = axum::extract::State<Arc<App>>;
+
+/// Serves on `listener` until `shutdown`.
+///
+/// # Errors
+/// The listener fails.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: WebState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = App {
+        sessions: auth::Sessions::new(state.token.clone()),
+        readiness: overview::ReadinessCache::default(),
+        web: state,
+    };
+    axum::serve(listener, router(Arc::new(app)))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Binds `listen` and serves until SIGTERM or ctrl-c.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn run(state: WebState, listen: SocketAddr) -> crate::Result<u8> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| crate::Error::Usage(format!("cannot listen on {listen}: {e}")))?;
+    let mode = if state.token.is_some() {
+        "actions need a sign-in with LLMQ_WEB_TOKEN"
+    } else {
+        "read-only: set LLMQ_WEB_TOKEN to allow actions"
+    };
+    eprintln!("llmq web: serving on http://{listen} ({mode})");
+    serve(listener, state, llmq_shared::shutdown::on_signal())
+        .await
+        .map_err(|e| crate::Error::Usage(format!("the web server failed: {e}")))?;
+    Ok(crate::EXIT_OK)
+}
+
+/// `llmq web --health-check`: whether a server on `listen` answers `/healthz` (for an exec
+/// probe: the server listens on loopback, which the kubelet cannot reach).
+pub async fn health_check(listen: SocketAddr) -> crate::Result<u8> {
+    let mut at = listen;
+    if at.ip().is_unspecified() {
+        at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+        .map_err(|e| crate::Error::Usage(format!("cannot make an HTTP client: {e}")))?;
+    match http.get(format!("http://{at}/healthz")).send().await {
+        Ok(r) if r.status().is_success() => Ok(crate::EXIT_OK),
+        Ok(r) => {
+            eprintln!("llmq web on {at} answered /healthz with {}", r.status());
+            Ok(crate::EXIT_FAILED)
+        }
+        Err(e) => {
+            eprintln!("llmq web on {at} does not answer: {e}");
+            Ok(crate::EXIT_FAILED)
+        }
+    }
+}
+
+fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(overview::overview))
+        .route("/task", get(overview::task))
+        .route("/approvals", get(chains::approvals))
+        .route("/approvals/decide", post(chains::decide))
+        .route("/chains", get(chains::chains))
+        .route("/chain", get(chains::chain))
+        .route("/dead", get(dead::list))
+        .route("/dead/show", get(dead::show))
+        .route("/dead/replay", post(dead::replay))
+        .route("/dead/purge", post(dead::purge))
+        .route("/queue/pause", post(overview::pause))
+        .route("/queue/resume", post(overview::resume))
+        .route("/costs", get(costs::costs))
+        .route("/login", get(auth::login_form).post(auth::login))
+        .route("/logout", post(auth::logout))
+        .route("/live.js", get(live_js))
+        .route("/healthz", get(|| async { "ok" }))
+        .fallback(|viewer: Viewer| async move {
+            page(
+                StatusCode::NOT_FOUND,
+                "Not found",
+                "<p>There is no such page. Start from the <a href=\"/\">overview</a>.</p>",
+                &viewer,
+            )
+        })
+        .layer(axum::middleware::map_response(secure))
+        .with_state(app)
+}
+
+async fn live_js() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/javascript; charset=utf-8"),
+        )],
+        LIVE_JS,
+    )
+        .into_response()
+}
+
+/// The headers every answer carries.
+async fn secure(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Text made safe for HTML, in an element or a quoted attribute.
+#[must_use]
+pub fn esc(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `text` for a URL's query, already safe in an attribute.
+fn urlencode(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A time in ms since the epoch, as the pages show it.
+fn when_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+        .unwrap_or_default()
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:1.5em 2em;color:#222}\
+    nav a{margin-right:1em}nav .who{float:right;color:#555}\
+    table{border-collapse:collapse;margin:.5em 0}\
+    td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\
+    pre{white-space:pre-wrap;max-width:60em;margin:0}.note{color:#666}\
+    .done{background:#eef8ee;border:1px solid #9c9;padding:.5em 1em}\
+    .bar{position:relative;width:16em;height:1em;background:#eee;border:1px solid #bbb}\
+    .bar .fill{height:100%;background:#7a9}.bar .fill.warn{background:#db5}\
+    .bar .fill.hot{background:#d66}\
+    .bar .mark{position:absolute;top:-2px;bottom:-2px;width:1px;background:#444}\
+    .paused{color:#a40;font-weight:bold}form.inline{display:inline}";
+
+/// A whole page: `body` is HTML made by this module (its text escaped).
+fn page(status: StatusCode, title: &str, body: &str, viewer: &Viewer) -> Response {
+    let who = match viewer {
+        Viewer::ReadOnly => {
+            "read-only: start <code>llmq web</code> with <code>LLMQ_WEB_TOKEN</code> to allow \
+             actions"
+                .to_owned()
+        }
+        Viewer::SignedOut => "read-only: <a href=\"/login\">sign in</a> to act".to_owned(),
+        Viewer::SignedIn { csrf } => format!(
+            "signed in <form class=\"inline\" method=\"post\" action=\"/logout\">\
+             <input type=\"hidden\" name=\"csrf\" value=\"{}\"><button>sign out</button></form>",
+            esc(csrf)
+        ),
+    };
+    let html = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>{title} · llmq</title><style>{STYLE}</style>\
+         <script src=\"/live.js\" defer></script></head><body>\
+         <nav><a href=\"/\">Overview</a><a href=\"/approvals\">Approvals</a>\
+         <a href=\"/costs\">Costs</a><span class=\"who\">{who}</span></nav>\
+         <h1>{title}</h1>{body}</body></html>",
+        title = esc(title)
+    );
+    (status, Html(html)).into_response()
+}
+
+/// A page that says one thing: `text` is plain text, escaped here.
+fn message(status: StatusCode, title: &str, text: &str, viewer: &Viewer) -> Response {
+    page(status, title, &format!("<p>{}</p>", esc(text)), viewer)
+}
+
+/// Redis could not answer: a page that says so.
+fn redis_away(e: &llmq_shared::queue::Error, viewer: &Viewer) -> Response {
+    message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Redis cannot be reached",
+        &e.to_string(),
+        viewer,
+    )
+}
+
+/// A POST form for an action: the anti-forgery field, `hidden` fields and `inner` HTML (its
+/// inputs and buttons); nothing for a viewer who may not act.
+fn action_form(viewer: &Viewer, action: &str, hidden: &[(&str, &str)], inner: &str) -> String {
+    let Viewer::SignedIn { csrf } = viewer else {
+        return String::new();
+    };
+    let mut fields = format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(csrf)
+    );
+    for (k, v) in hidden {
+        fields.push_str(&format!(
+            "<input type=\"hidden\" name=\"{}\" value=\"{}\">",
+            esc(k),
+            esc(v)
+        ));
+    }
+    format!(
+        "<form class=\"inline\" method=\"post\" action=\"{}\">{fields}{inner}</form>",
+        esc(action)
+    )
+}
+
+/// A queue name from a query or form: as the CLI takes it, but not empty and not a key
+/// pattern (a brace would escape the queue's hash tag).
+fn queue_name(raw: Option<&str>) -> Result<String, String> {
+    let q = raw.map_or("default", str::trim);
+    if q.is_empty() || q.len() > 200 || q.contains(['{', '}']) || q.chars().any(char::is_control) {
+        return Err(format!(
+            "`{q}` is not a queue name: use the name the tasks were enqueued to, such as default"
+        ));
+    }
+    Ok(q.to_owned())
+}
+
+/// Whether `id` is a stream entry id (`<ms>-<seq>`), as dead letters are named.
+fn is_entry_id(id: &str) -> bool {
+    id.split_once('-').is_some_and(|(ms, seq)| {
+        !ms.is_empty()
+            && !seq.is_empty()
+            && ms.len() <= 20
+            && seq.len() <= 20
+            && ms.bytes().all(|b| b.is_ascii_digit())
+            && seq.bytes().all(|b| b.is_ascii_digit())
+    })
+}
+
+/// The fields of a form body, repeated names kept in order.
+fn form_fields(body: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(body.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_cannot_become_markup() {
+        assert_eq!(
+            esc("<script>alert('x')</script> & \"q\""),
+            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
+        );
+        assert_eq!(urlencode("a b&c/{d}"), "a%20b%26c%2F%7Bd%7D");
+    }
+
+    #[test]
+    fn only_stream_ids_name_dead_letters() {
+        assert!(is_entry_id("1700000000000-0"));
+        for bad in ["", "-", "1-", "-1", "1-2-3", "+", "(1-0", "1-0 ", "a-1"] {
+            assert!(!is_entry_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn queue_names_cannot_escape_their_hash_tag() {
+        assert_eq!(queue_name(None).unwrap(), "default");
+        assert!(queue_name(Some("a}b")).is_err());
+        assert!(queue_name(Some("")).is_err());
+        assert!(queue_name(Some("a\nb")).is_err());
+    }
+}

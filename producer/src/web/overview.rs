@@ -1,0 +1,357 @@
+//! The overview (queues with pause and resume, providers, quota bars, the scheduler) and a
+//! task by id.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use llmq_shared::keys::{QueueKeys, SchedulerKeys};
+use llmq_shared::provider::clients::{Readiness, probe};
+use llmq_shared::quota::{Limiter, QuotaLine};
+use serde::Deserialize;
+
+use super::auth::{done, refused};
+use super::{
+    App, AppState, Viewer, action_form, esc, field, form_fields, message, page, queue_name,
+    redis_away, urlencode,
+};
+
+/// How long a provider readiness probe is reused: the page refreshes every few seconds, the
+/// providers are asked at most this often.
+const READINESS_TTL: Duration = Duration::from_secs(30);
+
+/// The last readiness probes and when they were made.
+#[derive(Default)]
+pub(crate) struct ReadinessCache(tokio::sync::Mutex<Option<(Instant, Vec<Readiness>)>>);
+
+impl ReadinessCache {
+    async fn get(&self, app: &App) -> Vec<Readiness> {
+        let Some(config) = &app.web.config else {
+            return Vec::new();
+        };
+        let mut cached = self.0.lock().await;
+        if let Some((at, r)) = cached.as_ref()
+            && at.elapsed() < READINESS_TTL
+        {
+            return r.clone();
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        let probes = config.providers.iter().map(|p| probe(p, &http));
+        let fresh = futures_util::future::join_all(probes).await;
+        *cached = Some((Instant::now(), fresh.clone()));
+        fresh
+    }
+}
+
+/// A quota's use as a bar, with marks at 50, 80 and 90 %.
+fn bar(used: f64, limit: f64) -> String {
+    let pct = if limit > 0.0 {
+        (used * 100.0 / limit).clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
+    let class = match pct {
+        p if p >= 90.0 => "fill hot",
+        p if p >= 80.0 => "fill warn",
+        _ => "fill",
+    };
+    format!(
+        "<div class=\"bar\" role=\"meter\" aria-valuenow=\"{pct:.0}\" aria-valuemin=\"0\" \
+         aria-valuemax=\"100\"><div class=\"{class}\" style=\"width:{pct:.1}%\"></div>\
+         <div class=\"mark\" style=\"left:50%\"></div><div class=\"mark\" style=\"left:80%\">\
+         </div><div class=\"mark\" style=\"left:90%\"></div></div>"
+    )
+}
+
+fn quota_rows(lines: &[QuotaLine]) -> String {
+    let mut rows = String::new();
+    for l in lines {
+        let money = l.quota == "usd_per_month";
+        let num = |v: f64| {
+            if money {
+                format!("${v:.2}")
+            } else {
+                format!("{v:.0}")
+            }
+        };
+        let pct = if l.limit > 0.0 {
+            l.used * 100.0 / l.limit
+        } else {
+            0.0
+        };
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} of {} ({pct:.0}%)</td><td>{}</td></tr>",
+            esc(&l.provider),
+            esc(&l.quota),
+            bar(l.used, l.limit),
+            num(l.used),
+            num(l.limit),
+            l.reset.format("%Y-%m-%d %H:%M UTC"),
+        ));
+    }
+    rows
+}
+
+pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
+    let redis = &app.web.redis;
+    let queues = match redis.known_queues().await {
+        Ok(q) => q,
+        Err(e) => return redis_away(&e, &viewer),
+    };
+    let mut rows = String::new();
+    let mut waiting_approval = 0usize;
+    for name in &queues {
+        let keys = QueueKeys::new(name);
+        let (c, approvals) =
+            match tokio::try_join!(redis.counts(&keys), redis.approvals(&keys, None)) {
+                Ok(x) => x,
+                Err(e) => return redis_away(&e, &viewer),
+            };
+        waiting_approval += approvals.len();
+        let q = esc(name);
+        let u = esc(&urlencode(name));
+        let (state, button) = if c.paused {
+            (
+                "<span class=\"paused\">paused</span>",
+                action_form(
+                    &viewer,
+                    "/queue/resume",
+                    &[("queue", name)],
+                    "<button>Resume</button>",
+                ),
+            )
+        } else {
+            (
+                "running",
+                action_form(
+                    &viewer,
+                    "/queue/pause",
+                    &[("queue", name)],
+                    "<button>Pause</button>",
+                ),
+            )
+        };
+        rows.push_str(&format!(
+            "<tr data-queue=\"{q}\"><td>{q}</td><td>{}</td><td>{}</td><td>{}</td>\
+             <td><a href=\"/dead?queue={u}\">{}</a></td><td>{}</td><td>{state} {button}</td>\
+             <td><a href=\"/chains?queue={u}\">chains</a></td></tr>",
+            c.ready, c.in_flight, c.delayed, c.dead, c.workers,
+        ));
+    }
+    let providers = if app.web.config.is_some() {
+        let mut rows = String::new();
+        for r in app.readiness.get(&app).await {
+            let state = match (r.enabled, r.ready) {
+                (false, _) => "disabled",
+                (true, true) => "ready",
+                (true, false) => "not answering",
+            };
+            rows.push_str(&format!(
+                "<tr><td>{}</td><td>{state}</td><td>{}</td></tr>",
+                esc(&r.name),
+                esc(&r.detail)
+            ));
+        }
+        format!(
+            "<h2>Providers</h2><table><tr><th>Provider</th><th>State</th><th>Detail</th></tr>\
+             {rows}</table>"
+        )
+    } else {
+        "<h2>Providers</h2><p class=\"note\">Start <code>llmq web</code> with \
+         <code>--config</code> (or <code>LLMQ_CONFIG</code>) to see each provider's readiness \
+         and quota use.</p>"
+            .to_owned()
+    };
+    let quotas = match &app.web.config {
+        Some(config) => {
+            let limiter = Limiter::new(redis.clone());
+            let now = chrono::Utc::now();
+            let mut lines = Vec::new();
+            for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
+                match limiter.usage(&p.name, &p.quotas, now).await {
+                    Ok(l) => lines.extend(l),
+                    Err(e) => return redis_away(&e, &viewer),
+                }
+            }
+            if lines.is_empty() {
+                "<h2>Quotas</h2><p>No provider in the provider file has a quota.</p>".to_owned()
+            } else {
+                format!(
+                    "<h2>Quotas</h2><p class=\"note\">Marks at 50, 80 and 90 %.</p><table>\
+                     <tr><th>Provider</th><th>Quota</th><th>Use</th><th>Used</th>\
+                     <th>Resets</th></tr>{}</table>",
+                    quota_rows(&lines)
+                )
+            }
+        }
+        None => String::new(),
+    };
+    let keys = SchedulerKeys::new(app.web.scheduler_namespace.as_deref());
+    let scheduler = match llmq_shared::archive::scheduler_status(redis, &keys).await {
+        Ok(s) => s,
+        Err(e) => {
+            return message(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Redis cannot be reached",
+                &e.to_string(),
+                &viewer,
+            );
+        }
+    };
+    let mut duties = String::new();
+    for d in &scheduler.duties {
+        let state = match (d.ok, d.overdue) {
+            (_, true) => "overdue",
+            (true, false) => "ok",
+            (false, false) => "failed",
+        };
+        duties.push_str(&format!(
+            "<tr><td>{}</td><td>{state}</td><td>{}</td><td>{}</td></tr>",
+            esc(&d.name),
+            d.last_run
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "never".into()),
+            esc(&d.detail)
+        ));
+    }
+    let holder = scheduler.holder.as_deref().map_or_else(
+        || "none active (start llmq-scheduler)".to_owned(),
+        |h| format!("active: {}", esc(h)),
+    );
+    let body = format!(
+        "<div id=\"live\" data-refresh=\"3000\"><h2>Queues</h2><table id=\"queues\"><tr>\
+         <th>Queue</th><th>Ready</th><th>In flight</th><th>Delayed</th><th>Dead</th>\
+         <th>Workers</th><th>State</th><th></th></tr>{rows}</table>\
+         <p><a href=\"/approvals\">{waiting_approval} step(s) wait for approval</a></p>\
+         {providers}{quotas}<h2>Scheduler</h2><p>{holder}</p><table><tr><th>Duty</th>\
+         <th>State</th><th>Last run</th><th>Detail</th></tr>{duties}</table></div>\
+         <h2>Find a task</h2><form action=\"/task\" method=\"get\">\
+         <label>Queue <input name=\"queue\" value=\"default\"></label> \
+         <label>Task id <input name=\"id\" size=\"40\"></label> <button>Show</button></form>"
+    );
+    page(StatusCode::OK, "llmq", &body, &viewer)
+}
+
+#[derive(Deserialize)]
+pub(super) struct TaskQuery {
+    queue: Option<String>,
+    id: Option<String>,
+}
+
+pub(super) async fn task(
+    State(app): AppState,
+    viewer: Viewer,
+    Query(q): Query<TaskQuery>,
+) -> Response {
+    let queue = match queue_name(q.queue.as_deref()) {
+        Ok(q) => q,
+        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+    };
+    let Some(id) =
+        q.id.as_deref()
+            .and_then(|id| uuid::Uuid::parse_str(id.trim()).ok())
+    else {
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Not a task id",
+            "<p>A task id is a UUID, as <code>llmq submit</code> printed it, such as \
+             <code>0b6c2d1e-3f4a-4b5c-9d6e-7f8091a2b3c4</code>.</p>",
+            &viewer,
+        );
+    };
+    let keys = QueueKeys::new(&queue);
+    let record = match app.web.redis.task(&keys, &id.to_string()).await {
+        Ok(r) => r,
+        Err(e) => return redis_away(&e, &viewer),
+    };
+    let Some(r) = record else {
+        return message(
+            StatusCode::NOT_FOUND,
+            "No such task",
+            &format!(
+                "Queue {queue} has no task {id}: it was never enqueued there, or its result is \
+                 older than the workers' --result-ttl."
+            ),
+            &viewer,
+        );
+    };
+    let row = |name: &str, value: &str| format!("<tr><th>{name}</th><td>{}</td></tr>", esc(value));
+    let mut table = String::new();
+    table.push_str(&row("Queue", &queue));
+    table.push_str(&row("Status", &format!("{:?}", r.status).to_lowercase()));
+    table.push_str(&row("Attempts", &r.attempts.to_string()));
+    if let (Some(p), Some(m)) = (&r.provider, &r.model) {
+        table.push_str(&row("Provider/model", &format!("{p}/{m}")));
+    }
+    if let Some(route) = &r.route {
+        table.push_str(&row("Route", route));
+    }
+    table.push_str(&row("Cost", &format!("${:.6}", r.cost_usd)));
+    if let Some(e) = &r.error {
+        table.push_str(&row("Error", e));
+    }
+    let output = r
+        .output
+        .as_deref()
+        .map(|o| format!("<h2>Output</h2><pre>{}</pre>", esc(o)))
+        .unwrap_or_default();
+    page(
+        StatusCode::OK,
+        &format!("Task {id}"),
+        &format!("<div id=\"live\" data-refresh=\"3000\"><table>{table}</table>{output}</div>"),
+        &viewer,
+    )
+}
+
+/// POST `/queue/pause` and `/queue/resume`.
+async fn pause_or_resume(app: &Arc<App>, headers: &HeaderMap, body: &str, pause: bool) -> Response {
+    let viewer = app.sessions.viewer(headers);
+    let fields = form_fields(body);
+    if let Some(no) = refused(app, headers, &fields) {
+        return no;
+    }
+    let queue = match queue_name(field(&fields, "queue")) {
+        Ok(q) => q,
+        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+    };
+    let keys = QueueKeys::new(&queue);
+    let reason = field(&fields, "reason").unwrap_or("");
+    let changed = if pause {
+        app.web.redis.pause_queue(&keys, "llmq web", reason).await
+    } else {
+        app.web.redis.resume_queue(&keys).await
+    };
+    match changed {
+        Ok(changed) => {
+            let what = match (pause, changed) {
+                (true, true) => format!(
+                    "Paused queue {queue}: workers take none of its tasks within a second; \
+                     tasks in flight finish."
+                ),
+                (true, false) => format!("Queue {queue} was already paused."),
+                (false, true) => format!("Resumed queue {queue}: workers take its tasks again."),
+                (false, false) => format!("Queue {queue} was not paused."),
+            };
+            done(
+                if pause { "Paused" } else { "Resumed" },
+                &what,
+                "/",
+                &viewer,
+            )
+        }
+        Err(e) => redis_away(&e, &viewer),
+    }
+}
+
+pub(super) async fn pause(State(app): AppState, headers: HeaderMap, body: String) -> Response {
+    pause_or_resume(&app, &headers, &body, true).await
+}
+
+pub(super) async fn resume(State(app): AppState, headers: HeaderMap, body: String) -> Response {
+    pause_or_resume(&app, &headers, &body, false).await
+}
