@@ -4,6 +4,7 @@
 //! namespace, so they run in parallel.
 
 mod batch;
+mod browser;
 mod chain;
 mod chain_property;
 mod cluster;

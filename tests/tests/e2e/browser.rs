@@ -1,0 +1,194 @@
+//! The operator page in a real headless Chromium: `tests/browser/web.py` (Playwright driving
+//! Debian's chromium) against `llmq web` served here over the real Redis, Postgres and
+//! llmq-mock. The overview shows the counts `llmq status` shows; a chain's DAG shows every
+//! step; approving in the page moves the chain on (and the open chain page sees it without a
+//! reload); replaying a dead letter from the page runs it; a prompt containing `<script>`
+//! renders as text. `make browser-deps` installs what it needs; with
+//! `LLMQ_WEB_SCREENSHOTS=docs/web` it takes the screenshots of docs/web.md.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use llmq::web::{WebState, serve};
+use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::outcome::Status;
+use llmq_shared::queue::Client;
+use llmq_tests::harness::{TestEnv, mock_config, redis_url};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN: &str = "browser-test-token";
+
+/// The Python with Playwright: `LLMQ_BROWSER_PYTHON`, else the venv `make browser-deps` makes.
+fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("LLMQ_BROWSER_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let venv = std::env::var_os("LLMQ_BROWSER_VENV").map_or_else(
+        || {
+            let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
+                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
+                PathBuf::from,
+            );
+            cache.join("llmq/browser-venv")
+        },
+        PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists() && std::path::Path::new("/usr/bin/chromium").exists(),
+        "the browser test needs Playwright in {} and Debian's chromium: run `make browser-deps`",
+        venv.display()
+    );
+    python
+}
+
+/// One queue's counts as `llmq status` prints them: ready, in flight, delayed, dead.
+fn status_row(status: &str, queue: &str) -> [u64; 4] {
+    let cells: Vec<u64> = status
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(queue))
+        .unwrap_or_else(|| panic!("no row for {queue} in {status}"))
+        .split_whitespace()
+        .skip(1)
+        .map(|c| c.parse().unwrap())
+        .collect();
+    [cells[0], cells[1], cells[2], cells[3]]
+}
+
+#[tokio::test]
+async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium() {
+    let python = python();
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+
+    // A paused queue holding 3 tasks and a dead letter, and a live worker on it.
+    let held = format!("{}-held", env.queue);
+    let held_keys = QueueKeys::new(&held);
+    env.redis.ensure_group(&held_keys).await.unwrap();
+    env.redis
+        .pause_queue(&held_keys, "browser test", "")
+        .await
+        .unwrap();
+    for i in 0..3 {
+        env.redis
+            .enqueue(&held_keys, &Envelope::new(format!("held {i}")))
+            .await
+            .unwrap();
+    }
+    let mut c = env.redis.conn().await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(held_keys.dead())
+        .arg("*")
+        .arg("task")
+        .arg(r#"{"v":2}"#)
+        .arg("error")
+        .arg("bad version")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    env.redis
+        .heartbeat("browser-test", std::slice::from_ref(&held_keys), true)
+        .await
+        .unwrap();
+    let (_, status) = env.cli(&["status", "--queue", &held]).await;
+    let [ready, in_flight, delayed, dead] = status_row(&status, &held);
+    assert_eq!((ready, dead), (3, 1), "{status}");
+
+    // On the worker's queue: a chain waiting for approval, a dead letter whose task runs
+    // when replayed, and a task whose prompt is a script.
+    let worker = env.worker();
+    let chain_id = format!("{}-chain", env.queue);
+    let spec = serde_json::json!({"v": 1, "chain_id": chain_id, "steps": [
+        {"name": "impl", "prompt": "Write the <b>plan</b>", "model": "mock-fast"},
+        {"name": "ship", "kind": "approval", "after": ["impl"], "timeout": "1h"},
+        {"name": "docs", "after": ["ship"], "prompt": "Document {{ship.summary}}", "model": "mock-fast"}]});
+    env.redis
+        .submit_chain(&env.keys, &spec.to_string())
+        .await
+        .unwrap();
+    let mut e = Envelope::new("run me again");
+    e.model = Some("mock-fast".into());
+    let replayed_task = e.id.unwrap().to_string();
+    let dead_id: String = redis::cmd("XADD")
+        .arg(env.keys.dead())
+        .arg("*")
+        .arg("task")
+        .arg(e.to_json())
+        .arg("error")
+        .arg("the provider was down")
+        .arg("class")
+        .arg("retryable")
+        .arg("attempts")
+        .arg("5")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let mut hostile = Envelope::new("<script>window.__llmq_pwned=1;alert('pwned')</script>");
+    hostile.model = Some("mock-fast".into());
+    let hostile_id = hostile.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &hostile).await.unwrap();
+    env.wait_final(&hostile_id, WAIT).await.unwrap();
+    env.eventually("the step awaiting approval", WAIT, || async {
+        env.redis
+            .chain(&env.keys, &chain_id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.steps["ship"].status == "awaiting_approval")
+    })
+    .await
+    .unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let state = WebState {
+        token: Some(TOKEN.into()),
+        config: Some(mock_config(&env.mock.url())),
+        ledger: Some(env.ledger.clone()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    };
+    tokio::spawn(serve(listener, state, stop.clone()));
+
+    let shots = std::env::var("LLMQ_WEB_SCREENSHOTS").ok();
+    let args = serde_json::json!({
+        "base": base, "token": TOKEN, "queue": env.queue, "held": held,
+        "counts": {"ready": ready, "in_flight": in_flight, "delayed": delayed, "dead": dead},
+        "chain": chain_id, "steps": ["impl", "ship", "docs"], "dead": dead_id,
+        "hostile_task": hostile_id, "screenshots": shots,
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/web.py");
+    let mut child = tokio::process::Command::new(&python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(args.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(Duration::from_secs(180), child.wait_with_output())
+        .await
+        .expect("the browser test ends within 3 minutes")
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What the page did happened: the chain went on past the approval, the replayed task ran.
+    let c = env.chain_ended(&chain_id, WAIT).await;
+    assert_eq!(c.state, "succeeded", "{c:?}");
+    assert_eq!(c.steps["ship"].summary.as_deref(), Some("ship it"));
+    let r = env.wait_final(&replayed_task, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    worker.stop().await.unwrap();
+    stop.cancel();
+}
