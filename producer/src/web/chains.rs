@@ -282,14 +282,20 @@ pub(super) async fn approvals(State(app): AppState, viewer: Viewer) -> Response 
         Err(e) => return redis_away(&e, &viewer),
     };
     let mut waiting = Vec::new();
+    let mut total = 0u64;
     for q in &queues {
-        match redis.approvals(&QueueKeys::new(q), None).await {
-            Ok(a) => waiting.extend(a.into_iter().map(|(c, s, at)| (q.clone(), c, s, at))),
+        match redis
+            .approvals_soonest(&QueueKeys::new(q), APPROVALS_SHOWN)
+            .await
+        {
+            Ok((a, n)) => {
+                total += n;
+                waiting.extend(a.into_iter().map(|(c, s, at)| (q.clone(), c, s, at)));
+            }
             Err(e) => return redis_away(&e, &viewer),
         }
     }
     waiting.sort_by_key(|w| w.3);
-    let total = waiting.len();
     waiting.truncate(APPROVALS_SHOWN);
     let mut items = String::new();
     let mut chains: HashMap<(String, String), Option<ChainState>> = HashMap::new();
@@ -347,7 +353,7 @@ pub(super) async fn approvals(State(app): AppState, viewer: Viewer) -> Response 
     let body = if total == 0 {
         "<div id=\"live\" data-refresh=\"5000\"><p>Nothing waits for approval.</p></div>".to_owned()
     } else {
-        let shown = if total > APPROVALS_SHOWN {
+        let shown = if total > APPROVALS_SHOWN as u64 {
             format!("<p>The {APPROVALS_SHOWN} with the soonest deadlines of {total}.</p>")
         } else {
             String::new()

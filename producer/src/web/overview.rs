@@ -104,15 +104,15 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
         Err(e) => return redis_away(&e, &viewer),
     };
     let mut rows = String::new();
-    let mut waiting_approval = 0usize;
+    let mut waiting_approval = 0u64;
     for name in &queues {
         let keys = QueueKeys::new(name);
-        let (c, approvals) =
-            match tokio::try_join!(redis.counts(&keys), redis.approvals(&keys, None)) {
+        let (c, (_, approvals)) =
+            match tokio::try_join!(redis.counts(&keys), redis.approvals_soonest(&keys, 1)) {
                 Ok(x) => x,
                 Err(e) => return redis_away(&e, &viewer),
             };
-        waiting_approval += approvals.len();
+        waiting_approval += approvals;
         let q = esc(name);
         let u = esc(&urlencode(name));
         let (state, button) = if c.paused {

@@ -189,6 +189,36 @@ impl Client {
             .collect())
     }
 
+    /// The `limit` steps awaiting approval with the soonest deadlines, as (chain id, step,
+    /// deadline ms), and how many await in all: one bounded read for a page.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn approvals_soonest(
+        &self,
+        keys: &QueueKeys,
+        limit: usize,
+    ) -> Result<(Vec<(String, String, i64)>, u64)> {
+        let mut c = self.conn().await?;
+        let (raw, total): (Vec<(String, f64)>, u64) = redis::pipe()
+            .cmd("ZRANGE")
+            .arg(keys.approvals())
+            .arg(0)
+            .arg(limit.saturating_sub(1))
+            .arg("WITHSCORES")
+            .zcard(keys.approvals())
+            .query_async(&mut c)
+            .await?;
+        let soonest = raw
+            .into_iter()
+            .filter_map(|(m, at)| {
+                let (chain, step) = m.split_once('\t')?;
+                Some((chain.to_owned(), step.to_owned(), at as i64))
+            })
+            .collect();
+        Ok((soonest, total))
+    }
+
     /// A chain's spec, state and steps; `None` when there is no such chain.
     ///
     /// # Errors

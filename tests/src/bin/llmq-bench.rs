@@ -116,6 +116,7 @@ enum Bench {
     IdleFleet,
     ProviderBatch,
     ClusterNoop,
+    WebPages,
 }
 
 fn main() -> Result<()> {
@@ -157,6 +158,7 @@ async fn run() -> Result<()> {
             Bench::IdleFleet,
             Bench::ProviderBatch,
             Bench::ClusterNoop,
+            Bench::WebPages,
         ],
     };
     let mut failed = 0;
@@ -176,6 +178,7 @@ async fn run() -> Result<()> {
             Bench::IdleFleet => idle_fleet(&args, &mut redis).await,
             Bench::ProviderBatch => provider_batch(&args, &mut redis).await,
             Bench::ClusterNoop => cluster_noop(&args).await,
+            Bench::WebPages => web_pages(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -209,6 +212,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::IdleFleet => "idle_fleet",
         Bench::ProviderBatch => "provider_batch",
         Bench::ClusterNoop => "cluster_noop",
+        Bench::WebPages => "web_pages",
     }
 }
 
@@ -1799,6 +1803,120 @@ fn with_database(url: &str, db: &str) -> Result<String> {
 /// Connects to the bench database, creating it next to `admin_url`'s database when it does
 /// not exist, and migrates it. The database belongs to the bench: if its migrations no
 /// longer match the embedded ones (they were edited during development), it is recreated.
+/// `llmq web` over a big queue: 100,000 dead letters and 10,000 chains (1 % failed). Each
+/// page is asked 20 times over HTTP; the median and the slowest, in ms. The overview reads
+/// counts only; the lists read one page by cursor, however deep.
+async fn web_pages(args: &Args, redis: &mut Redis) -> Result<String> {
+    const DEAD: usize = 100_000;
+    const CHAINS: usize = 10_000;
+    let keys = QueueKeys::new("bench-web");
+    clear_web(redis, &keys, CHAINS).await?;
+    let task = Envelope::new("a task that died").to_json();
+    for start in (0..DEAD).step_by(1000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 1000 {
+            pipe.cmd("XADD")
+                .arg(keys.dead())
+                .arg("*")
+                .arg("task")
+                .arg(&task)
+                .arg("error")
+                .arg(format!("failure {i}"))
+                .arg("class")
+                .arg("fatal")
+                .ignore();
+        }
+        let () = pipe.query_async(redis).await?;
+    }
+    let now = Utc::now().timestamp_millis();
+    for start in (0..CHAINS).step_by(1000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 1000 {
+            let id = format!("chain-{i:05}");
+            let state = if i % 100 == 0 { "failed" } else { "succeeded" };
+            pipe.zadd(keys.chains(), &id, now - i as i64)
+                .ignore()
+                .hset(keys.chain(&id), "state", state)
+                .ignore();
+        }
+        let () = pipe.query_async(redis).await?;
+    }
+    let client = Client::new(&args.redis_url)?;
+    client
+        .heartbeat("bench-web", std::slice::from_ref(&keys), false)
+        .await?;
+    let deep_dead: Vec<(String, redis::Value)> = redis::cmd("XRANGE")
+        .arg(keys.dead())
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(100)
+        .query_async(redis)
+        .await
+        .unwrap_or_default();
+    let deep = deep_dead
+        .last()
+        .map(|(id, _)| id.clone())
+        .unwrap_or_default();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    tokio::spawn(llmq::web::serve(
+        listener,
+        llmq::web::WebState::new(client.clone()),
+        stop.clone(),
+    ));
+    let http = reqwest::Client::new();
+    let pages = [
+        ("overview", "/".to_owned()),
+        ("dead_first", "/dead?queue=bench-web".to_owned()),
+        ("dead_deep", format!("/dead?queue=bench-web&before={deep}")),
+        ("chains_first", "/chains?queue=bench-web".to_owned()),
+        (
+            "chains_failed",
+            "/chains?queue=bench-web&state=failed".to_owned(),
+        ),
+        (
+            "chains_deep",
+            format!("/chains?queue=bench-web&after={}:chain-09900", now - 9900),
+        ),
+    ];
+    let mut line = format!("bench=web_pages dead={DEAD} chains={CHAINS}");
+    for (name, path) in &pages {
+        let mut ms = Vec::new();
+        for _ in 0..20 {
+            let t = Instant::now();
+            let r = http.get(format!("{base}{path}")).send().await?;
+            ensure!(r.status().is_success(), "{path} answered {}", r.status());
+            let _ = r.bytes().await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        line.push_str(&format!(
+            " {name}_ms={:.1} {name}_max_ms={:.1}",
+            ms[ms.len() / 2],
+            ms[ms.len() - 1]
+        ));
+    }
+    stop.cancel();
+    client
+        .leave("bench-web", std::slice::from_ref(&keys))
+        .await?;
+    clear_web(redis, &keys, CHAINS).await?;
+    Ok(line)
+}
+
+async fn clear_web(redis: &mut Redis, keys: &QueueKeys, chains: usize) -> Result<()> {
+    let mut pipe = redis::pipe();
+    pipe.del(keys.dead()).ignore().del(keys.chains()).ignore();
+    for i in 0..chains {
+        pipe.del(keys.chain(&format!("chain-{i:05}"))).ignore();
+    }
+    let () = pipe.query_async(redis).await?;
+    Ok(())
+}
+
 async fn bench_ledger(admin_url: &str, bench_url: &str) -> Result<Ledger> {
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await

@@ -153,7 +153,13 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
     };
     tokio::spawn(serve(listener, state, stop.clone()));
 
-    let shots = std::env::var("LLMQ_WEB_SCREENSHOTS").ok();
+    // A relative directory is the workspace's (`docs/web`).
+    let shots = std::env::var("LLMQ_WEB_SCREENSHOTS").ok().map(|d| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let dir = root.join(d);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.display().to_string()
+    });
     let args = serde_json::json!({
         "base": base, "token": TOKEN, "queue": env.queue, "held": held,
         "counts": {"ready": ready, "in_flight": in_flight, "delayed": delayed, "dead": dead},
