@@ -61,6 +61,7 @@ def main() -> int:
         page.click('button:has-text("Sign in")')
         expect(page.locator("nav")).to_contain_text("signed in")
         expect(page.locator(f'#queues tr[data-queue="{held}"]')).to_contain_text("paused")
+        expect(page.locator(".bar").first).to_be_visible()
         shot(page, "overview")
 
         # The chain: a box per step, each named; it waits for approval.

@@ -64,9 +64,16 @@ fn chart(days: &[CostLine], since: NaiveDate, until: NaiveDate) -> String {
             h - bh,
             (step * 0.8).max(1.0)
         ));
-        if i == 0 || i + 1 == n || (n > 2 && i == n / 2) {
+        // The first day's date, the middle one's and the last one's, kept inside the chart.
+        let anchor = match i {
+            0 => Some(("start", x)),
+            i if i + 1 == n => Some(("end", w)),
+            i if n > 2 && i == n / 2 => Some(("middle", x + step / 2.0)),
+            _ => None,
+        };
+        if let Some((anchor, at)) = anchor {
             svg.push_str(&format!(
-                "<text x=\"{x:.1}\" y=\"{}\" font-size=\"10\">{key}</text>",
+                "<text x=\"{at:.1}\" y=\"{}\" font-size=\"10\" text-anchor=\"{anchor}\">{key}</text>",
                 h + 14.0
             ));
         }

@@ -15,7 +15,7 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::Client;
-use llmq_tests::harness::{TestEnv, mock_config, redis_url};
+use llmq_tests::harness::{TestEnv, redis_url};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +44,24 @@ fn python() -> PathBuf {
         venv.display()
     );
     python
+}
+
+/// The suites' provider file with quotas on the mock provider: 8 requests a day, $1 a month.
+fn with_quotas(mock_url: &str) -> llmq_shared::config::Config {
+    let text = include_str!("../../../examples/providers.mock.yaml").replacen(
+        "    api_key: ${LLMQ_MOCK_API_KEY:-mock-key}\n",
+        "    api_key: ${LLMQ_MOCK_API_KEY:-mock-key}\n    quotas: {requests_per_day: 8, usd_per_month: 1}\n",
+        1,
+    );
+    assert!(
+        text.contains("requests_per_day: 8"),
+        "the mock provider's api_key line moved"
+    );
+    let url = mock_url.to_owned();
+    llmq_shared::config::Config::parse("providers.mock.yaml", &text, &move |name| {
+        (name == "LLMQ_MOCK_URL").then(|| url.clone())
+    })
+    .unwrap()
 }
 
 /// One queue's counts as `llmq status` prints them: ready, in flight, delayed, dead.
@@ -99,8 +117,12 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
     assert_eq!((ready, dead), (3, 1), "{status}");
 
     // On the worker's queue: a chain waiting for approval, a dead letter whose task runs
-    // when replayed, and a task whose prompt is a script.
-    let worker = env.worker();
+    // when replayed, and a task whose prompt is a script. The provider has quotas, for the
+    // overview's bars.
+    let config = with_quotas(&env.mock.url());
+    let mut settings = env.settings();
+    settings.config = config.clone();
+    let worker = llmq_tests::harness::WorkerHandle::start(settings);
     let chain_id = format!("{}-chain", env.queue);
     let spec = serde_json::json!({"v": 1, "chain_id": chain_id, "steps": [
         {"name": "impl", "prompt": "Write the <b>plan</b>", "model": "mock-fast"},
@@ -147,7 +169,7 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
     let stop = CancellationToken::new();
     let state = WebState {
         token: Some(TOKEN.into()),
-        config: Some(mock_config(&env.mock.url())),
+        config: Some(config),
         ledger: Some(env.ledger.clone()),
         ..WebState::new(Client::new(&redis_url()).unwrap())
     };
