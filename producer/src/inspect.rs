@@ -265,10 +265,10 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
         )
     };
     for d in &sch.duties {
-        let state = match (d.ok, d.overdue) {
-            (_, true) => "OVERDUE",
-            (true, false) => "ok",
-            (false, false) => "FAILED",
+        // Loud where something is wrong.
+        let state = match d.state() {
+            "ok" => "ok".to_owned(),
+            other => other.to_uppercase(),
         };
         s.push_str(&format!(
             "  {:<16} {:<8} last run {}  {}\n",

@@ -41,11 +41,7 @@ pub async fn quota(redis: &Client, args: QuotaArgs, out: &mut dyn Write) -> Resu
                         format!("{v:.0}")
                     }
                 };
-                let pct = if l.limit > 0.0 {
-                    l.used * 100.0 / l.limit
-                } else {
-                    0.0
-                };
+                let pct = l.percent();
                 let flag = match pct {
                     p if p >= 90.0 => " (90%+)",
                     p if p >= 80.0 => " (80%+)",

@@ -237,6 +237,18 @@ pub struct DutyStatus {
     pub overdue: bool,
 }
 
+impl DutyStatus {
+    /// `overdue` (no scheduler does it), `ok` or `failed`, by its last run.
+    #[must_use]
+    pub fn state(&self) -> &'static str {
+        match (self.ok, self.overdue) {
+            (_, true) => "overdue",
+            (true, false) => "ok",
+            (false, false) => "failed",
+        }
+    }
+}
+
 /// One recurring task in `llmq status`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct RecurringStatus {

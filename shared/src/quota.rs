@@ -77,6 +77,18 @@ pub struct QuotaLine {
     pub reset: DateTime<Utc>,
 }
 
+impl QuotaLine {
+    /// How much of the limit is used, in percent (0 for no limit).
+    #[must_use]
+    pub fn percent(&self) -> f64 {
+        if self.limit > 0.0 {
+            self.used * 100.0 / self.limit
+        } else {
+            0.0
+        }
+    }
+}
+
 /// A reply's element as text.
 fn text(v: &redis::Value) -> String {
     match v {

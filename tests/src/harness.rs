@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use llmq_shared::chain::ChainState;
 use llmq_shared::config::Config;
+use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::Ledger;
 use llmq_shared::outcome::TaskRecord;
@@ -185,6 +186,34 @@ impl TestEnv {
         let mut out = Vec::new();
         let code = llmq::run(cli, &mut out).await;
         (code, String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// A dead letter as a worker writes one (a `mock-fast` task that ran out of attempts),
+    /// whose task runs fine when replayed: its dead-entry id and its task id.
+    pub async fn replayable_dead_letter(&self, prompt: &str) -> (String, String) {
+        let mut e = Envelope::new(prompt);
+        e.model = Some("mock-fast".into());
+        let task_id = e.id.unwrap_or_default().to_string();
+        let mut c = self.redis.conn().await.unwrap();
+        let id: String = redis::cmd("XADD")
+            .arg(self.keys.dead())
+            .arg("*")
+            .arg("task")
+            .arg(e.to_json())
+            .arg("error")
+            .arg("the provider was down")
+            .arg("class")
+            .arg("retryable")
+            .arg("attempts")
+            .arg("5")
+            .arg("failed_at")
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg("entry_id")
+            .arg("0-1")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        (id, task_id)
     }
 
     /// Sends a raw payload with one XADD, as a producer in another language would.

@@ -11,9 +11,9 @@ use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::Refused;
 use serde::Deserialize;
 
-use super::auth::{done, refused};
+use super::auth::done;
 use super::{
-    AppState, Viewer, action_form, esc, field, form_fields, message, page, queue_name, redis_away,
+    AppState, Viewer, action, action_form, esc, field, message, page, queue_in, redis_away,
     urlencode, when_ms,
 };
 
@@ -40,9 +40,9 @@ pub(super) async fn chains(
     viewer: Viewer,
     Query(q): Query<ChainQuery>,
 ) -> Response {
-    let queue = match queue_name(q.queue.as_deref()) {
+    let queue = match queue_in(q.queue.as_deref(), &viewer) {
         Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+        Err(page) => return *page,
     };
     let state = q.state.as_deref().filter(|s| !s.is_empty());
     if let Some(s) = state
@@ -230,9 +230,9 @@ pub(super) async fn chain(
     viewer: Viewer,
     Query(q): Query<ChainQuery>,
 ) -> Response {
-    let queue = match queue_name(q.queue.as_deref()) {
+    let queue = match queue_in(q.queue.as_deref(), &viewer) {
         Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+        Err(page) => return *page,
     };
     let id = q.id.unwrap_or_default();
     let keys = QueueKeys::new(&queue);
@@ -369,13 +369,9 @@ pub(super) async fn decide(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let fields = form_fields(&body);
-    if let Some(no) = refused(&app, &headers, &fields) {
-        return no;
-    }
-    let queue = match queue_name(field(&fields, "queue")) {
-        Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+        Ok(x) => x,
+        Err(page) => return *page,
     };
     let chain_id = field(&fields, "chain").unwrap_or("");
     let step = field(&fields, "step").unwrap_or("");

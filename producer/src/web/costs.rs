@@ -109,6 +109,16 @@ fn table(title: &str, lines: &[CostLine]) -> String {
     )
 }
 
+/// Postgres could not answer: a page that says so.
+fn postgres_away(e: &dyn std::fmt::Display, viewer: &Viewer) -> Response {
+    message(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Postgres cannot answer",
+        &e.to_string(),
+        viewer,
+    )
+}
+
 pub(super) async fn costs(
     State(app): AppState,
     viewer: Viewer,
@@ -157,14 +167,7 @@ pub(super) async fn costs(
     ] {
         match ledger.costs(from, to, None, by).await {
             Ok(lines) => parts.push(lines),
-            Err(e) => {
-                return message(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Postgres cannot answer",
-                    &e.to_string(),
-                    &viewer,
-                );
-            }
+            Err(e) => return postgres_away(&e, &viewer),
         }
     }
     let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
@@ -176,14 +179,7 @@ pub(super) async fn costs(
     };
     let switches = match insights::by_model(ledger.pool(), &filter).await {
         Ok(lines) => insights::switches(&lines, 0.02, 20),
-        Err(e) => {
-            return message(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Postgres cannot answer",
-                &e.to_string(),
-                &viewer,
-            );
-        }
+        Err(e) => return postgres_away(&e, &viewer),
     };
     let insight = if switches.is_empty() {
         "<h2>Insights</h2><p>No switch would save money at similar success yet (each model \

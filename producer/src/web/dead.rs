@@ -8,9 +8,9 @@ use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::{DeadLetter, Replayed};
 use serde::Deserialize;
 
-use super::auth::{done, refused};
+use super::auth::done;
 use super::{
-    AppState, Viewer, action_form, esc, field, form_fields, is_entry_id, message, page, queue_name,
+    AppState, Viewer, action, action_form, esc, field, is_entry_id, message, page, queue_in,
     redis_away, urlencode,
 };
 
@@ -52,9 +52,9 @@ pub(super) async fn list(
     viewer: Viewer,
     Query(q): Query<DeadQuery>,
 ) -> Response {
-    let queue = match queue_name(q.queue.as_deref()) {
+    let queue = match queue_in(q.queue.as_deref(), &viewer) {
         Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+        Err(page) => return *page,
     };
     let before = q.before.as_deref().filter(|b| !b.is_empty());
     if before.is_some_and(|b| !is_entry_id(b)) {
@@ -129,9 +129,9 @@ pub(super) async fn show(
     viewer: Viewer,
     Query(q): Query<DeadQuery>,
 ) -> Response {
-    let queue = match queue_name(q.queue.as_deref()) {
+    let queue = match queue_in(q.queue.as_deref(), &viewer) {
         Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+        Err(page) => return *page,
     };
     let id = q.id.unwrap_or_default();
     if !is_entry_id(&id) {
@@ -267,13 +267,9 @@ pub(super) async fn replay(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let fields = form_fields(&body);
-    if let Some(no) = refused(&app, &headers, &fields) {
-        return no;
-    }
-    let queue = match queue_name(field(&fields, "queue")) {
-        Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+        Ok(x) => x,
+        Err(page) => return *page,
     };
     let keys = QueueKeys::new(&queue);
     let (dead, all) = match chosen(&app, &keys, &fields, &viewer).await {
@@ -318,13 +314,9 @@ pub(super) async fn purge(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let fields = form_fields(&body);
-    if let Some(no) = refused(&app, &headers, &fields) {
-        return no;
-    }
-    let queue = match queue_name(field(&fields, "queue")) {
-        Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+        Ok(x) => x,
+        Err(page) => return *page,
     };
     let keys = QueueKeys::new(&queue);
     let (dead, all) = match chosen(&app, &keys, &fields, &viewer).await {

@@ -328,6 +328,34 @@ fn queue_name(raw: Option<&str>) -> Result<String, String> {
     Ok(q.to_owned())
 }
 
+/// The queue a request names, or the 400 page to answer instead.
+fn queue_in(raw: Option<&str>, viewer: &Viewer) -> Result<String, Box<Response>> {
+    queue_name(raw).map_err(|why| {
+        Box::new(message(
+            StatusCode::BAD_REQUEST,
+            "Not a queue",
+            &why,
+            viewer,
+        ))
+    })
+}
+
+/// An action's form: its fields and queue when it may act ([`auth::refused`]) and names a
+/// queue; else the page to answer instead.
+fn action(
+    app: &App,
+    headers: &axum::http::HeaderMap,
+    body: &str,
+    viewer: &Viewer,
+) -> Result<(Form, String), Box<Response>> {
+    let fields = form_fields(body);
+    if let Some(no) = auth::refused(app, headers, &fields) {
+        return Err(Box::new(no));
+    }
+    let queue = queue_in(field(&fields, "queue"), viewer)?;
+    Ok((fields, queue))
+}
+
 /// Whether `id` is a stream entry id (`<ms>-<seq>`), as dead letters are named.
 fn is_entry_id(id: &str) -> bool {
     id.split_once('-').is_some_and(|(ms, seq)| {
@@ -340,8 +368,11 @@ fn is_entry_id(id: &str) -> bool {
     })
 }
 
-/// The fields of a form body, repeated names kept in order.
-fn form_fields(body: &str) -> Vec<(String, String)> {
+/// A form's fields, repeated names kept in order.
+type Form = Vec<(String, String)>;
+
+/// The fields of a form body.
+fn form_fields(body: &str) -> Form {
     form_urlencoded::parse(body.as_bytes())
         .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()

@@ -12,10 +12,10 @@ use llmq_shared::provider::clients::{Readiness, probe};
 use llmq_shared::quota::{Limiter, QuotaLine};
 use serde::Deserialize;
 
-use super::auth::{done, refused};
+use super::auth::done;
 use super::{
-    App, AppState, Viewer, action_form, esc, field, form_fields, message, page, queue_name,
-    redis_away, urlencode,
+    App, AppState, Viewer, action, action_form, esc, field, message, page, queue_in, redis_away,
+    urlencode,
 };
 
 /// How long a provider readiness probe is reused: the page refreshes every few seconds, the
@@ -49,12 +49,8 @@ impl ReadinessCache {
 }
 
 /// A quota's use as a bar, with marks at 50, 80 and 90 %.
-fn bar(used: f64, limit: f64) -> String {
-    let pct = if limit > 0.0 {
-        (used * 100.0 / limit).clamp(0.0, 100.0)
-    } else {
-        0.0
-    };
+fn bar(pct: f64) -> String {
+    let pct = pct.clamp(0.0, 100.0);
     let class = match pct {
         p if p >= 90.0 => "fill hot",
         p if p >= 80.0 => "fill warn",
@@ -79,18 +75,14 @@ fn quota_rows(lines: &[QuotaLine]) -> String {
                 format!("{v:.0}")
             }
         };
-        let pct = if l.limit > 0.0 {
-            l.used * 100.0 / l.limit
-        } else {
-            0.0
-        };
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} of {} ({pct:.0}%)</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} of {} ({:.0}%)</td><td>{}</td></tr>",
             esc(&l.provider),
             esc(&l.quota),
-            bar(l.used, l.limit),
+            bar(l.percent()),
             num(l.used),
             num(l.limit),
+            l.percent(),
             l.reset.format("%Y-%m-%d %H:%M UTC"),
         ));
     }
@@ -205,14 +197,10 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
     };
     let mut duties = String::new();
     for d in &scheduler.duties {
-        let state = match (d.ok, d.overdue) {
-            (_, true) => "overdue",
-            (true, false) => "ok",
-            (false, false) => "failed",
-        };
         duties.push_str(&format!(
-            "<tr><td>{}</td><td>{state}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             esc(&d.name),
+            d.state(),
             d.last_run
                 .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
                 .unwrap_or_else(|| "never".into()),
@@ -248,9 +236,9 @@ pub(super) async fn task(
     viewer: Viewer,
     Query(q): Query<TaskQuery>,
 ) -> Response {
-    let queue = match queue_name(q.queue.as_deref()) {
+    let queue = match queue_in(q.queue.as_deref(), &viewer) {
         Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+        Err(page) => return *page,
     };
     let Some(id) =
         q.id.as_deref()
@@ -311,13 +299,9 @@ pub(super) async fn task(
 /// POST `/queue/pause` and `/queue/resume`.
 async fn pause_or_resume(app: &Arc<App>, headers: &HeaderMap, body: &str, pause: bool) -> Response {
     let viewer = app.sessions.viewer(headers);
-    let fields = form_fields(body);
-    if let Some(no) = refused(app, headers, &fields) {
-        return no;
-    }
-    let queue = match queue_name(field(&fields, "queue")) {
-        Ok(q) => q,
-        Err(why) => return message(StatusCode::BAD_REQUEST, "Not a queue", &why, &viewer),
+    let (fields, queue) = match action(app, headers, body, &viewer) {
+        Ok(x) => x,
+        Err(page) => return *page,
     };
     let keys = QueueKeys::new(&queue);
     let reason = field(&fields, "reason").unwrap_or("");

@@ -132,23 +132,7 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
         .submit_chain(&env.keys, &spec.to_string())
         .await
         .unwrap();
-    let mut e = Envelope::new("run me again");
-    e.model = Some("mock-fast".into());
-    let replayed_task = e.id.unwrap().to_string();
-    let dead_id: String = redis::cmd("XADD")
-        .arg(env.keys.dead())
-        .arg("*")
-        .arg("task")
-        .arg(e.to_json())
-        .arg("error")
-        .arg("the provider was down")
-        .arg("class")
-        .arg("retryable")
-        .arg("attempts")
-        .arg("5")
-        .query_async(&mut c)
-        .await
-        .unwrap();
+    let (dead_id, replayed_task) = env.replayable_dead_letter("run me again").await;
     let mut hostile = Envelope::new("<script>window.__llmq_pwned=1;alert('pwned')</script>");
     hostile.model = Some("mock-fast".into());
     let hostile_id = hostile.id.unwrap().to_string();

@@ -298,38 +298,11 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
-/// A dead letter as a worker writes one, whose task runs fine when replayed.
-async fn dead_letter(env: &TestEnv, prompt: &str) -> (String, String) {
-    let mut e = Envelope::new(prompt);
-    e.model = Some("mock-fast".into());
-    let task_id = e.id.unwrap().to_string();
-    let mut c = env.redis.conn().await.unwrap();
-    let id: String = redis::cmd("XADD")
-        .arg(env.keys.dead())
-        .arg("*")
-        .arg("task")
-        .arg(e.to_json())
-        .arg("error")
-        .arg("the provider was down")
-        .arg("class")
-        .arg("retryable")
-        .arg("attempts")
-        .arg("5")
-        .arg("failed_at")
-        .arg(chrono::Utc::now().timestamp_millis())
-        .arg("entry_id")
-        .arg("0-1")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    (id, task_id)
-}
-
 #[tokio::test]
 async fn every_action_needs_the_token_and_the_anti_forgery_field() {
     let env = TestEnv::new().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
-    let (dead_id, _) = dead_letter(&env, "keep me").await;
+    let (dead_id, _) = env.replayable_dead_letter("keep me").await;
     let q = env.queue.as_str();
     let actions: [(&str, Vec<(&str, &str)>); 6] = [
         ("/dead/replay", vec![("queue", q), ("id", &dead_id)]),
@@ -511,8 +484,10 @@ async fn approving_moves_the_chain_on_and_replaying_runs_the_dead_letter() {
     assert!(shown.contains("looks &lt;b&gt;good&lt;/b&gt;"), "{shown}");
 
     // A dead letter replayed from the page runs; one purged is gone.
-    let (replay_id, task_id) = dead_letter(&env, "run me again").await;
-    let (purge_id, _) = dead_letter(&env, "<script>alert(1)</script>").await;
+    let (replay_id, task_id) = env.replayable_dead_letter("run me again").await;
+    let (purge_id, _) = env
+        .replayable_dead_letter("<script>alert(1)</script>")
+        .await;
     let (status, list) = b.get(&format!("/dead?queue={}", env.queue)).await;
     assert_eq!(status, 200);
     assert!(list.contains(&format!("value=\"{replay_id}\"")), "{list}");
@@ -563,7 +538,7 @@ async fn long_lists_come_in_cursor_pages_that_miss_and_repeat_nothing() {
     let (base, stop) = web(Client::new(&redis_url()).unwrap()).await;
     let mut dead = std::collections::HashSet::new();
     for i in 0..120 {
-        dead.insert(dead_letter(&env, &format!("letter {i}")).await.0);
+        dead.insert(env.replayable_dead_letter(&format!("letter {i}")).await.0);
     }
     let mut c = env.redis.conn().await.unwrap();
     let mut want_failed = std::collections::HashSet::new();
