@@ -46,16 +46,20 @@ fn python() -> PathBuf {
     python
 }
 
-/// The suites' provider file with quotas on the mock provider: 8 requests a day, $1 a month.
-fn with_quotas(mock_url: &str) -> llmq_shared::config::Config {
-    let text = include_str!("../../../examples/providers.mock.yaml").replacen(
-        "    api_key: ${LLMQ_MOCK_API_KEY:-mock-key}\n",
-        "    api_key: ${LLMQ_MOCK_API_KEY:-mock-key}\n    quotas: {requests_per_day: 8, usd_per_month: 1}\n",
-        1,
-    );
+/// The suites' provider file with quotas on the mock provider, renamed `name` so that its
+/// quota counters (kept in Redis by provider name, for a day) are this test's alone: 10
+/// requests a day, $1 a month.
+fn with_quotas(mock_url: &str, name: &str) -> llmq_shared::config::Config {
+    let text = include_str!("../../../examples/providers.mock.yaml")
+        .replacen("  - name: mock\n", &format!("  - name: {name}\n"), 1)
+        .replacen(
+            "    api_key: ${LLMQ_MOCK_API_KEY:-mock-key}\n",
+            "    api_key: ${LLMQ_MOCK_API_KEY:-mock-key}\n    quotas: {requests_per_day: 10, usd_per_month: 1}\n",
+            1,
+        );
     assert!(
-        text.contains("requests_per_day: 8"),
-        "the mock provider's api_key line moved"
+        text.contains("requests_per_day: 10") && text.contains(name),
+        "the mock provider's name or api_key line moved"
     );
     let url = mock_url.to_owned();
     llmq_shared::config::Config::parse("providers.mock.yaml", &text, &move |name| {
@@ -119,7 +123,7 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
     // On the worker's queue: a chain waiting for approval, a dead letter whose task runs
     // when replayed, and a task whose prompt is a script. The provider has quotas, for the
     // overview's bars.
-    let config = with_quotas(&env.mock.url());
+    let config = with_quotas(&env.mock.url(), &format!("mock-{}", env.queue));
     let mut settings = env.settings();
     settings.config = config.clone();
     let worker = llmq_tests::harness::WorkerHandle::start(settings);
