@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 # The oldest Kubernetes the manifests are meant for, one in between, and the newest
 # kubernetes-validate knows.
 K8S_VERSIONS=(1.30 1.33 1.37)
-OVERLAYS=(keda static)
+# Our overlays, and the operator's example overlay, which adds the web page (components/web).
+OVERLAYS=(kubernetes/overlays/keda kubernetes/overlays/static tests/example-overlay)
 # The only kinds that may go unchecked for want of a schema.
 UNCHECKED_KINDS='ScaledObject|TriggerAuthentication'
 
@@ -36,8 +37,9 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-for overlay in "${OVERLAYS[@]}"; do
-    kubectl kustomize "deploy/kubernetes/overlays/$overlay" >"$out/$overlay.yaml"
+for path in "${OVERLAYS[@]}"; do
+    overlay=$(basename "$path")
+    kubectl kustomize "deploy/$path" >"$out/$overlay.yaml"
     objects=$(grep -c '^kind:' "$out/$overlay.yaml")
     for version in "${K8S_VERSIONS[@]}"; do
         if ! kubernetes-validate --strict --quiet -k "$version" "$out/$overlay.yaml" >"$out/validate.log" 2>&1; then
@@ -56,7 +58,7 @@ for overlay in "${OVERLAYS[@]}"; do
         skipped=$(grep -c "Couldn't find schema" "$out/validate.log" || true)
         note=""
         [ "$skipped" -eq 0 ] || note=" ($skipped KEDA objects skipped: no schema for them)"
-        echo "kubernetes-validate --strict -k $version: overlays/$overlay, $objects objects ok$note"
+        echo "kubernetes-validate --strict -k $version: $path, $objects objects ok$note"
     done
 done
 

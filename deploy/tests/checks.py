@@ -52,9 +52,13 @@ EGRESS = {
     "llmq-worker": DNS | REDIS | POSTGRES | HTTPS | OTLP,
     "llmq-scheduler": DNS | REDIS | POSTGRES | OTLP,
     "llmq": DNS | POSTGRES,
+    # The web page (components/web, optional): no provider, no collector.
+    "llmq web": DNS | REDIS | POSTGRES,
 }
 PODS = {"llmq-worker": "the worker pods", "llmq-scheduler": "the scheduler pods",
-        "llmq": "the migration Job's pods"}
+        "llmq": "the migration Job's pods", "llmq web": "the web page's pods"}
+# The keys of the Secret the web page may read: no provider key.
+WEB_SECRET_KEYS = {"REDIS_URL", "DATABASE_URL", "LLMQ_WEB_TOKEN"}
 
 
 # ---------------------------------------------------------------- access helpers
@@ -96,11 +100,16 @@ def binary(container):
 
 
 def workload_running(docs, program):
-    """The workload whose container runs /usr/local/bin/<program> (names may carry a prefix)."""
+    """The workload whose container runs /usr/local/bin/<program> (names may carry a prefix).
+    `llmq web` is the web page's; plain `llmq` any other llmq command's (the migration Job)."""
+    name, _, sub = program.partition(" ")
     for w in workloads(docs):
         for c in containers(pod_spec(w)):
-            if binary(c) and Path(binary(c)).name == program:
-                return w, c
+            if not binary(c) or Path(binary(c)).name != name:
+                continue
+            if name == "llmq" and ((c.get("args") or [None])[0] == "web") != (sub == "web"):
+                continue
+            return w, c
     return None, None
 
 
@@ -442,6 +451,35 @@ def check_scheduler(docs):
     return problems
 
 
+def check_web(docs):
+    """The web page, where an overlay adds it: one replica of `llmq web` on loopback, its
+    token from a Secret (never a literal), no provider key, probes that run inside the pod."""
+    w, c = workload_running(docs, "llmq web")
+    if w is None:
+        return []
+    problems = []
+    if w["kind"] != "Deployment" or w["spec"].get("replicas", 1) != 1:
+        problems.append("llmq web runs as a Deployment of one replica (its sessions are in memory)")
+    for e in c.get("env", []):
+        if e["name"] == "LLMQ_WEB_TOKEN" and "secretKeyRef" not in (e.get("valueFrom") or {}):
+            problems.append("LLMQ_WEB_TOKEN is not taken from a Secret")
+    for secret, key in secret_refs(c):
+        if key is None or key not in WEB_SECRET_KEYS:
+            problems.append(f"llmq web reads {key or 'every key'} of the Secret {secret}; "
+                            f"it needs only {', '.join(sorted(WEB_SECRET_KEYS))}")
+    listen = env_of(docs, w, c).get("LLMQ_WEB_LISTEN") or "127.0.0.1:8080"
+    if not listen.startswith(("127.0.0.1:", "[::1]:", "localhost:")):
+        problems.append(f"llmq web listens on {listen}, not loopback: put your own ingress "
+                        "and authentication in front in your overlay, not here")
+    want = ["/usr/local/bin/llmq", "web", "--health-check"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        command = ((c.get(probe) or {}).get("exec") or {}).get("command")
+        if command != want:
+            problems.append(f"llmq web: {probe} is not `{' '.join(want)}` (the kubelet cannot "
+                            "reach a loopback port)")
+    return problems
+
+
 def check_migration_job(docs):
     problems = []
     job, c = workload_running(docs, "llmq")
@@ -711,7 +749,8 @@ def check_network_policies(docs):
     for program, egress in EGRESS.items():
         w, c = workload_running(docs, program)
         if w is None:
-            problems.append(f"no workload runs {program}")
+            if program != "llmq web":  # the web page is an optional component
+                problems.append(f"no workload runs {program}")
             continue
         pods = PODS[program]
         labels = pod_spec_labels(w)
@@ -737,7 +776,7 @@ def check_network_policies(docs):
         for kind in ("Ingress", "Egress"):
             if kind not in isolated:
                 problems.append(f"no NetworkPolicy restricts the {kind.lower()} of {pods}")
-        if program == "llmq":
+        if program in ("llmq", "llmq web"):  # the Job, and the page on loopback
             expected_in = set()
         else:
             env = env_of(docs, w, c)

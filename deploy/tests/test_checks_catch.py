@@ -46,6 +46,15 @@ def psc(docs, program="llmq-worker"):
     return checks.pod_spec(checks.workload_running(docs, program)[0])
 
 
+def web_env(docs, name):
+    return next(e for e in checks.workload_running(docs, "llmq web")[1]["env"] if e["name"] == name)
+
+
+def literal(env_var, value):
+    env_var.pop("valueFrom")
+    env_var["value"] = value
+
+
 def drop(d, key):
     del d[key]
 
@@ -282,6 +291,20 @@ BREAKS = {
     "job runs something else": ("static", checks.check_migration_job,
                                 lambda d: checks.workload_running(d, "llmq")[1].update(args=["status"]),
                                 "not llmq migrate"),
+    "web token literal": ("example-overlay", checks.check_web,
+                          lambda d: literal(web_env(d, "LLMQ_WEB_TOKEN"), "x"), "not taken from a Secret"),
+    "web off loopback": ("example-overlay", checks.check_web,
+                         lambda d: web_env(d, "LLMQ_WEB_LISTEN").update(value="0.0.0.0:8080"), "not loopback"),
+    "web gets a provider key": ("example-overlay", checks.check_web,
+                                lambda d: checks.workload_running(d, "llmq web")[1].update(
+                                    envFrom=[{"secretRef": {"name": "acme-llmq"}}]), "every key"),
+    "web probe over http": ("example-overlay", checks.check_web,
+                            lambda d: checks.workload_running(d, "llmq web")[1].update(
+                                livenessProbe={"httpGet": {"path": "/healthz", "port": 8080}}), "livenessProbe"),
+    "web open to the cluster": ("example-overlay", checks.check_network_policies,
+                                lambda d: policy(d, "web").update(ingress=[{"ports": [{"protocol": "TCP",
+                                                                                        "port": 8080}]}]),
+                                "the web page's pods accept"),
     "job without ttl": ("static", checks.check_migration_job,
                         lambda d: drop(checks.workload_running(d, "llmq")[0]["spec"], "ttlSecondsAfterFinished"),
                         "ttlSecondsAfterFinished"),

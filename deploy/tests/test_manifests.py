@@ -60,6 +60,18 @@ def test_a_job_runs_llmq_migrate(rendered, overlay):
 
 
 @pytest.mark.parametrize("overlay", ALL)
+def test_the_web_page_is_on_loopback_with_its_token_from_the_secret(rendered, overlay):
+    ok(checks.check_web(rendered[overlay]))
+
+
+def test_the_operator_overlay_adds_the_web_page(rendered):
+    w, c = checks.workload_running(rendered["example-overlay"], "llmq web")
+    assert w is not None and c["args"] == ["web"]
+    job, _ = checks.workload_running(rendered["example-overlay"], "llmq")
+    assert job["kind"] == "Job", "plain `llmq` still names the migration Job"
+
+
+@pytest.mark.parametrize("overlay", ALL)
 def test_the_scheduler_gets_no_provider_key(rendered, overlay):
     ok(checks.check_scheduler_secrets(rendered[overlay]))
 

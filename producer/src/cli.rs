@@ -86,7 +86,8 @@ pub struct WebArgs {
     /// without it the page is read-only.
     #[arg(long, env = "LLMQ_WEB_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// The provider file, for provider readiness and quota bars.
+    /// The provider file, for each provider's state and quota bars (its API keys are not
+    /// read).
     #[arg(long, env = "LLMQ_CONFIG")]
     pub config: Option<PathBuf>,
     /// The ledger, for the costs page.

@@ -93,7 +93,7 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
             let config = args
                 .config
                 .as_deref()
-                .map(llmq_shared::config::Config::load)
+                .map(llmq_shared::config::Config::load_without_secrets)
                 .transpose()?;
             let ledger = match args.database_url.as_deref() {
                 Some(url) => Some(llmq_shared::ledger::Ledger::connect(url, 2).await?),

@@ -46,7 +46,7 @@ pub struct WebState {
     pub scheduler_namespace: Option<String>,
     /// `LLMQ_WEB_TOKEN`: without it, the page only shows.
     pub token: Option<String>,
-    /// The provider file, for provider readiness and quota use.
+    /// The provider file (read without its secrets), for provider state and quota use.
     pub config: Option<Config>,
     /// The ledger, for the costs page.
     pub ledger: Option<Ledger>,
@@ -66,11 +66,10 @@ impl WebState {
     }
 }
 
-/// The server's state: what it was started with, its sign-in sessions and caches.
+/// The server's state: what it was started with, and its sign-in sessions.
 pub(crate) struct App {
     pub web: WebState,
     pub sessions: auth::Sessions,
-    pub readiness: overview::ReadinessCache,
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -86,7 +85,6 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let app = App {
         sessions: auth::Sessions::new(state.token.clone()),
-        readiness: overview::ReadinessCache::default(),
         web: state,
     };
     axum::serve(listener, router(Arc::new(app)))

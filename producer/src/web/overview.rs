@@ -2,13 +2,13 @@
 //! task by id.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use llmq_shared::circuit::Circuits;
+use llmq_shared::config::Config;
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
-use llmq_shared::provider::clients::{Readiness, probe};
 use llmq_shared::quota::{Limiter, QuotaLine};
 use serde::Deserialize;
 
@@ -17,36 +17,6 @@ use super::{
     App, AppState, Viewer, action, action_form, esc, field, message, page, queue_in, redis_away,
     urlencode,
 };
-
-/// How long a provider readiness probe is reused: the page refreshes every few seconds, the
-/// providers are asked at most this often.
-const READINESS_TTL: Duration = Duration::from_secs(30);
-
-/// The last readiness probes and when they were made.
-#[derive(Default)]
-pub(crate) struct ReadinessCache(tokio::sync::Mutex<Option<(Instant, Vec<Readiness>)>>);
-
-impl ReadinessCache {
-    async fn get(&self, app: &App) -> Vec<Readiness> {
-        let Some(config) = &app.web.config else {
-            return Vec::new();
-        };
-        let mut cached = self.0.lock().await;
-        if let Some((at, r)) = cached.as_ref()
-            && at.elapsed() < READINESS_TTL
-        {
-            return r.clone();
-        }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
-            .unwrap_or_default();
-        let probes = config.providers.iter().map(|p| probe(p, &http));
-        let fresh = futures_util::future::join_all(probes).await;
-        *cached = Some((Instant::now(), fresh.clone()));
-        fresh
-    }
-}
 
 /// A quota's use as a bar, with marks at 50, 80 and 90 %.
 fn bar(pct: f64) -> String {
@@ -87,6 +57,51 @@ fn quota_rows(lines: &[QuotaLine]) -> String {
         ));
     }
     rows
+}
+
+/// Each provider's state as the workers see it: disabled, cooling down (its circuit open,
+/// with why and until when), or ready, with its models that cool down. Read from Redis, so
+/// the page calls no provider and needs no API key.
+async fn providers(
+    redis: &llmq_shared::queue::Client,
+    config: &Config,
+) -> Result<String, llmq_shared::queue::Error> {
+    let scopes: Vec<(String, Vec<String>)> = config
+        .providers
+        .iter()
+        .map(|p| {
+            (
+                p.name.clone(),
+                p.models.iter().map(|m| m.id.clone()).collect(),
+            )
+        })
+        .collect();
+    let open = Circuits::new(redis.clone(), "llmq-web")
+        .open(&scopes)
+        .await?;
+    let mut rows = String::new();
+    for p in &config.providers {
+        let mine: Vec<_> = open.iter().filter(|o| o.provider == p.name).collect();
+        let whole = mine.iter().find(|o| o.model.is_none());
+        let (state, detail) = match (p.enabled, whole) {
+            (false, _) => ("disabled", "disabled in the provider file".to_owned()),
+            (true, Some(o)) => ("cooling down", o.describe()),
+            (true, None) if mine.is_empty() => ("ready", String::new()),
+            (true, None) => (
+                "ready",
+                mine.iter()
+                    .map(|o| o.describe())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ),
+        };
+        rows.push_str(&format!(
+            "<tr><td>{}</td><td>{state}</td><td>{}</td></tr>",
+            esc(&p.name),
+            esc(&detail)
+        ));
+    }
+    Ok(rows)
 }
 
 pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
@@ -135,29 +150,20 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
             c.ready, c.in_flight, c.delayed, c.dead, c.workers,
         ));
     }
-    let providers = if app.web.config.is_some() {
-        let mut rows = String::new();
-        for r in app.readiness.get(&app).await {
-            let state = match (r.enabled, r.ready) {
-                (false, _) => "disabled",
-                (true, true) => "ready",
-                (true, false) => "not answering",
-            };
-            rows.push_str(&format!(
-                "<tr><td>{}</td><td>{state}</td><td>{}</td></tr>",
-                esc(&r.name),
-                esc(&r.detail)
-            ));
-        }
-        format!(
-            "<h2>Providers</h2><table><tr><th>Provider</th><th>State</th><th>Detail</th></tr>\
-             {rows}</table>"
-        )
-    } else {
-        "<h2>Providers</h2><p class=\"note\">Start <code>llmq web</code> with \
-         <code>--config</code> (or <code>LLMQ_CONFIG</code>) to see each provider's readiness \
-         and quota use.</p>"
-            .to_owned()
+    let providers = match &app.web.config {
+        Some(config) => match providers(redis, config).await {
+            Ok(rows) => format!(
+                "<h2>Providers</h2><p class=\"note\">As the workers found them: a provider or \
+                 model whose calls keep failing cools down, and every worker skips it until \
+                 then.</p><table><tr><th>Provider</th><th>State</th><th>Detail</th></tr>\
+                 {rows}</table>"
+            ),
+            Err(e) => return redis_away(&e, &viewer),
+        },
+        None => "<h2>Providers</h2><p class=\"note\">Start <code>llmq web</code> with \
+                 <code>--config</code> (or <code>LLMQ_CONFIG</code>) to see each provider's \
+                 state and quota use.</p>"
+            .to_owned(),
     };
     let quotas = match &app.web.config {
         Some(config) => {

@@ -673,3 +673,63 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
     assert_eq!(status, 400);
     stop.cancel();
 }
+
+/// The binary as Kubernetes runs it: `--health-check` says whether a server answers (exit 1,
+/// then 0), and SIGTERM stops the server with exit 0.
+#[tokio::test]
+async fn the_binary_answers_its_health_check_and_stops_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let llmq = llmq_tests::harness::binary("llmq");
+    let check = || {
+        std::process::Command::new(&llmq)
+            .args(["web", "--health-check"])
+            .env("LLMQ_WEB_LISTEN", &listen)
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not answer"));
+    let mut server = std::process::Command::new(&llmq)
+        .args(["web", "--listen", &listen])
+        .env("REDIS_URL", redis_url())
+        .env_remove("LLMQ_WEB_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if check().status.success() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "llmq web never answered its health check");
+    let pid = server.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(s) = server.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        server.kill().unwrap();
+        panic!("llmq web did not stop within 10 s of SIGTERM");
+    };
+    assert!(status.success(), "{status:?}");
+}
