@@ -70,6 +70,8 @@ impl WebState {
 pub(crate) struct App {
     pub web: WebState,
     pub sessions: auth::Sessions,
+    /// Listening on loopback: answer only requests addressed to a loopback name.
+    pub loopback_only: bool,
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -83,8 +85,10 @@ pub async fn serve(
     state: WebState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let loopback_only = listener.local_addr()?.ip().is_loopback();
     let app = App {
         sessions: auth::Sessions::new(state.token.clone()),
+        loopback_only,
         web: state,
     };
     axum::serve(listener, router(Arc::new(app)))
@@ -163,6 +167,10 @@ fn router(app: Arc<App>) -> Router {
                 &viewer,
             )
         })
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&app),
+            local_hosts_only,
+        ))
         .layer(axum::middleware::map_response(secure))
         .with_state(app)
 }
@@ -176,6 +184,49 @@ async fn live_js() -> Response {
         LIVE_JS,
     )
         .into_response()
+}
+
+/// On loopback, answers only requests whose `Host` is a loopback name (`localhost`,
+/// `127.0.0.1`, `[::1]`, any port, as `kubectl port-forward` gives): a page on another site
+/// whose name an attacker points at 127.0.0.1 (DNS rebinding) could otherwise read the
+/// pages from the operator's own browser. Listening elsewhere, the operator's ingress names
+/// the host.
+async fn local_hosts_only(
+    axum::extract::State(app): axum::extract::State<Arc<App>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if app.loopback_only {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("");
+        if !is_loopback_host(host) {
+            return message(
+                StatusCode::MISDIRECTED_REQUEST,
+                "Not this host",
+                "This page listens on loopback and answers only to localhost, 127.0.0.1 or \
+                 [::1]. To serve it under another name, listen on another address \
+                 (LLMQ_WEB_LISTEN) behind your own ingress and authentication.",
+                &Viewer::ReadOnly,
+            );
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether a `Host` header names this machine's loopback.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6
+            .split(']')
+            .next()
+            .map(|h| format!("[{h}]"))
+            .unwrap_or_default(),
+        None => host.split(':').next().unwrap_or("").to_ascii_lowercase(),
+    };
+    matches!(name.as_str(), "localhost" | "127.0.0.1" | "[::1]")
 }
 
 /// The headers every answer carries.
@@ -394,6 +445,28 @@ mod tests {
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
         );
         assert_eq!(urlencode("a b&c/{d}"), "a%20b%26c%2F%7Bd%7D");
+    }
+
+    #[test]
+    fn only_loopback_names_reach_a_loopback_server() {
+        for ok in [
+            "localhost:8080",
+            "127.0.0.1:9000",
+            "[::1]:8080",
+            "LOCALHOST",
+            "127.0.0.1",
+        ] {
+            assert!(is_loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example:8080",
+            "127.0.0.1.evil.example",
+            "[::2]:80",
+            "localhost.evil",
+        ] {
+            assert!(!is_loopback_host(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -115,6 +115,28 @@ async fn bad_requests_and_redis_away_get_a_page_that_says_so() {
     assert!(body.contains("has no task"), "{body}");
     let (status, _, _) = get(&format!("{base}/nowhere")).await;
     assert_eq!(status, 404);
+    // On loopback it answers only to loopback names: a page whose name was pointed at
+    // 127.0.0.1 (DNS rebinding) reads nothing.
+    let r = reqwest::Client::new()
+        .get(format!("{base}/"))
+        .header("host", "evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 421);
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("answers only to localhost")
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{base}/"))
+        .header("host", "localhost:1234")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     stop.cancel();
 
     // Redis away: 503 with the reason, and the server still answers.
