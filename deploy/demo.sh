@@ -88,3 +88,7 @@ step "Costs today, by model"
 "$BIN/llmq" costs --date "$(date -u +%F)" --by model
 step "Costs of the chain"
 "$BIN/llmq" costs --chain-id "$CHAIN" --by type
+
+step "The operator page"
+echo "the same, in a browser: REDIS_URL=$REDIS_URL DATABASE_URL=$DATABASE_URL $BIN/llmq web"
+echo "then open http://127.0.0.1:8080 (set LLMQ_WEB_TOKEN to approve, replay and pause from it)"
