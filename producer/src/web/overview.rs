@@ -225,7 +225,7 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
          {providers}{quotas}<h2>Scheduler</h2><p>{holder}</p><table><tr><th>Duty</th>\
          <th>State</th><th>Last run</th><th>Detail</th></tr>{duties}</table></div>\
          <h2>Find a task</h2><form action=\"/task\" method=\"get\">\
-         <label>Queue <input name=\"queue\" value=\"default\"></label> \
+         <label>Queue <input name=\"queue\" placeholder=\"any\"></label> \
          <label>Task id <input name=\"id\" size=\"40\"></label> <button>Show</button></form>"
     );
     page(StatusCode::OK, "llmq", &body, &viewer)
@@ -237,14 +237,25 @@ pub(super) struct TaskQuery {
     id: Option<String>,
 }
 
+/// How many delayed, ready and dead entries of a queue a task lookup reads at most.
+const TASK_SCAN: usize = 5000;
+
 pub(super) async fn task(
     State(app): AppState,
     viewer: Viewer,
     Query(q): Query<TaskQuery>,
 ) -> Response {
-    let queue = match queue_in(q.queue.as_deref(), &viewer) {
-        Ok(q) => q,
-        Err(page) => return *page,
+    // No queue named: every queue is looked in.
+    let named = q.queue.as_deref().map(str::trim).filter(|q| !q.is_empty());
+    let queues = match named {
+        Some(name) => match queue_in(Some(name), &viewer) {
+            Ok(q) => vec![q],
+            Err(page) => return *page,
+        },
+        None => match app.web.redis.known_queues().await {
+            Ok(q) => q,
+            Err(e) => return redis_away(&e, &viewer),
+        },
     };
     let Some(id) =
         q.id.as_deref()
@@ -258,18 +269,34 @@ pub(super) async fn task(
             &viewer,
         );
     };
-    let keys = QueueKeys::new(&queue);
-    let record = match app.web.redis.task(&keys, &id.to_string()).await {
-        Ok(r) => r,
-        Err(e) => return redis_away(&e, &viewer),
-    };
-    let Some(r) = record else {
+    let mut found = None;
+    for queue in &queues {
+        match app
+            .web
+            .redis
+            .task_within(&QueueKeys::new(queue), &id.to_string(), TASK_SCAN)
+            .await
+        {
+            Ok(Some(r)) => {
+                found = Some((queue.clone(), r));
+                break;
+            }
+            Ok(None) => {}
+            Err(e) => return redis_away(&e, &viewer),
+        }
+    }
+    let Some((queue, r)) = found else {
+        let missing = named.map_or_else(
+            || format!("No queue has task {id}"),
+            |q| format!("Queue {q} has no task {id}"),
+        );
         return message(
             StatusCode::NOT_FOUND,
             "No such task",
             &format!(
-                "Queue {queue} has no task {id}: it was never enqueued there, or its result is \
-                 older than the workers' --result-ttl."
+                "{missing}: it was never enqueued there, its result is older than the workers' \
+                 --result-ttl, or it waits behind more than {TASK_SCAN} delayed, ready or dead \
+                 tasks (llmq result finds it there)."
             ),
             &viewer,
         );

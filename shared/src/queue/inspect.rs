@@ -119,12 +119,27 @@ impl Client {
 
     /// The stored record of a task, or where it is now if it has none yet.
     ///
-    /// Finished, delayed and dead tasks are one lookup; a task still in the stream is found
-    /// by scanning it, which is fine for an operator's command.
+    /// Finished tasks are one lookup; a task delayed, still in the stream or dead is found
+    /// by scanning those, which is fine for an operator's command.
     ///
     /// # Errors
     /// Redis fails.
     pub async fn task(&self, keys: &QueueKeys, task_id: &str) -> Result<Option<TaskRecord>> {
+        self.task_within(keys, task_id, usize::MAX).await
+    }
+
+    /// [`Client::task`], looking at no more than about `scan` entries of each of `delayed`,
+    /// the stream and the dead letters (the newest of these): a bounded read for a page
+    /// anyone may ask.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn task_within(
+        &self,
+        keys: &QueueKeys,
+        task_id: &str,
+        scan: usize,
+    ) -> Result<Option<TaskRecord>> {
         let stored = self
             .results(keys, &[task_id.to_owned()])
             .await?
@@ -153,6 +168,7 @@ impl Client {
             .collect();
         let pattern = format!("*{escaped}*");
         let mut cursor = 0u64;
+        let mut looked = 0usize;
         loop {
             let (next, hits): (u64, Vec<String>) = redis::cmd("ZSCAN")
                 .arg(keys.delayed())
@@ -166,12 +182,14 @@ impl Client {
             if !hits.is_empty() {
                 return now(Status::Delayed);
             }
-            if next == 0 {
+            looked = looked.saturating_add(1000);
+            if next == 0 || looked >= scan {
                 break;
             }
             cursor = next;
         }
         let mut start = "-".to_owned();
+        let mut looked = 0usize;
         loop {
             let page = self.range(&mut c, &keys.stream(), &start, 1000).await?;
             for (entry_id, fields) in &page {
@@ -194,13 +212,16 @@ impl Client {
                     return now(status);
                 }
             }
+            looked = looked.saturating_add(page.len());
             match page.last() {
-                Some((last, _)) if page.len() == 1000 => start = format!("({last}"),
+                Some((last, _)) if page.len() == 1000 && looked < scan => {
+                    start = format!("({last}");
+                }
                 _ => break,
             }
         }
         Ok(self
-            .dead_letters(keys, usize::MAX)
+            .dead_letters(keys, scan)
             .await?
             .into_iter()
             .find(|d| d.task_id == task_id)

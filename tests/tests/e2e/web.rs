@@ -80,6 +80,10 @@ async fn the_pages_show_the_queues_and_hostile_text_only_as_text() {
     env.dead_letter_saying("version", WAIT).await.unwrap();
     let (status, _, body) = get(&format!("{base}/task?queue={}&id={id}", env.queue)).await;
     assert_eq!(status, 200, "{body}");
+    // With no queue named, every queue is looked in.
+    let (status, _, any) = get(&format!("{base}/task?id={id}")).await;
+    assert_eq!(status, 200, "{any}");
+    assert!(any.contains(&env.queue), "{any}");
     assert!(
         body.contains("&lt;img src=x onerror=alert(1)&gt;"),
         "{body}"
