@@ -6,6 +6,7 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
+use futures_util::{StreamExt, TryStreamExt};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
@@ -104,21 +105,34 @@ async fn providers(
     Ok(rows)
 }
 
+/// How many queues the overview counts at once.
+const OVERVIEW_PARALLEL: usize = 32;
+
 pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
     let redis = &app.web.redis;
     let queues = match redis.known_queues().await {
         Ok(q) => q,
         Err(e) => return redis_away(&e, &viewer),
     };
+    // Many queues' counts at once over the one multiplexed connection, in order.
+    let counted: Result<Vec<_>, _> = futures_util::stream::iter(queues.clone())
+        .map(|name| {
+            let redis = redis.clone();
+            async move {
+                let keys = QueueKeys::new(&name);
+                tokio::try_join!(redis.counts(&keys), redis.approvals_soonest(&keys, 1))
+            }
+        })
+        .buffered(OVERVIEW_PARALLEL)
+        .try_collect()
+        .await;
+    let counted = match counted {
+        Ok(c) => c,
+        Err(e) => return redis_away(&e, &viewer),
+    };
     let mut rows = String::new();
     let mut waiting_approval = 0u64;
-    for name in &queues {
-        let keys = QueueKeys::new(name);
-        let (c, (_, approvals)) =
-            match tokio::try_join!(redis.counts(&keys), redis.approvals_soonest(&keys, 1)) {
-                Ok(x) => x,
-                Err(e) => return redis_away(&e, &viewer),
-            };
+    for (name, (c, (_, approvals))) in queues.iter().zip(counted) {
         waiting_approval += approvals;
         let q = esc(name);
         let u = esc(&urlencode(name));

@@ -1881,8 +1881,14 @@ async fn web_pages(args: &Args, redis: &mut Redis) -> Result<String> {
             "chains_deep",
             format!("/chains?queue=bench-web&after={}:chain-09900", now - 9900),
         ),
+        // A task that is nowhere: the lookup reads at most 5,000 dead letters, not 100,000.
+        (
+            "task_unknown",
+            format!("/task?queue=bench-web&id={}", uuid::Uuid::new_v4()),
+        ),
     ];
-    let mut line = format!("bench=web_pages dead={DEAD} chains={CHAINS}");
+    let queues: u64 = redis::cmd("SCARD").arg(QUEUES).query_async(redis).await?;
+    let mut line = format!("bench=web_pages dead={DEAD} chains={CHAINS} queues={queues}");
     for (name, path) in &pages {
         let mut ms = Vec::new();
         for _ in 0..20 {
