@@ -142,6 +142,12 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
 pub async fn queue(redis: &Client, cmd: QueueCommand, out: &mut dyn Write) -> Result<u8> {
     match cmd {
         QueueCommand::Pause { queue, reason } => {
+            if !redis.known_queues().await?.contains(&queue) {
+                eprintln!(
+                    "llmq: no worker has served a queue `{queue}` yet; pausing it anyway (check \
+                     the name with llmq status)"
+                );
+            }
             let by = std::env::var("USER").unwrap_or_else(|_| "llmq queue pause".into());
             let done = redis
                 .pause_queue(&QueueKeys::new(&queue), &by, &reason)
