@@ -95,16 +95,7 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         for p in &config.providers {
             providers.push(probe(p, &http).await);
         }
-        let scopes: Vec<(String, Vec<String>)> = config
-            .providers
-            .iter()
-            .map(|p| {
-                (
-                    p.name.clone(),
-                    p.models.iter().map(|m| m.id.clone()).collect(),
-                )
-            })
-            .collect();
+        let scopes = config.circuit_scopes();
         let circuits = llmq_shared::circuit::Circuits::new(redis.clone(), "llmq-status");
         cooling_down = circuits
             .open(&scopes)

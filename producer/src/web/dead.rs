@@ -267,15 +267,47 @@ pub(super) async fn replay(
     headers: HeaderMap,
     body: String,
 ) -> Response {
-    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+    act(&app, &viewer, &headers, &body, true).await
+}
+
+pub(super) async fn purge(
+    State(app): AppState,
+    viewer: Viewer,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
+    act(&app, &viewer, &headers, &body, false).await
+}
+
+/// Replays (or purges) the dead letters the form names.
+async fn act(
+    app: &super::App,
+    viewer: &Viewer,
+    headers: &HeaderMap,
+    body: &str,
+    replay: bool,
+) -> Response {
+    let (fields, queue) = match action(app, headers, body, viewer) {
         Ok(x) => x,
         Err(page) => return *page,
     };
     let keys = QueueKeys::new(&queue);
-    let (dead, all) = match chosen(&app, &keys, &fields, &viewer).await {
+    let (dead, all) = match chosen(app, &keys, &fields, viewer).await {
         Ok(d) => d,
         Err(page) => return page,
     };
+    let back = format!("/dead?queue={}", urlencode(&queue));
+    if !replay {
+        let purged = match app.web.redis.purge(&keys, &dead).await {
+            Ok(n) => n,
+            Err(e) => return redis_away(&e, viewer),
+        };
+        let what = format!(
+            "Purged {purged} dead letter(s) from queue {queue}.{}",
+            left(app, &keys, all).await
+        );
+        return done("Purged", &what, &back, viewer);
+    }
     let (mut replayed, mut notes) = (0usize, Vec::new());
     for d in &dead {
         match app.web.redis.replay(&keys, d, None).await {
@@ -290,7 +322,7 @@ pub(super) async fn replay(
                 ));
             }
             Ok(Replayed::Refused(why)) => notes.push(format!("dead letter {}: {why}", d.id)),
-            Err(e) => return redis_away(&e, &viewer),
+            Err(e) => return redis_away(&e, viewer),
         }
     }
     let mut what = format!("Replayed {replayed} dead letter(s) to queue {queue}.");
@@ -299,42 +331,6 @@ pub(super) async fn replay(
         what.push_str(n);
         what.push('.');
     }
-    what.push_str(&left(&app, &keys, all).await);
-    done(
-        "Replayed",
-        &what,
-        &format!("/dead?queue={}", urlencode(&queue)),
-        &viewer,
-    )
-}
-
-pub(super) async fn purge(
-    State(app): AppState,
-    viewer: Viewer,
-    headers: HeaderMap,
-    body: String,
-) -> Response {
-    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
-        Ok(x) => x,
-        Err(page) => return *page,
-    };
-    let keys = QueueKeys::new(&queue);
-    let (dead, all) = match chosen(&app, &keys, &fields, &viewer).await {
-        Ok(d) => d,
-        Err(page) => return page,
-    };
-    let purged = match app.web.redis.purge(&keys, &dead).await {
-        Ok(n) => n,
-        Err(e) => return redis_away(&e, &viewer),
-    };
-    let what = format!(
-        "Purged {purged} dead letter(s) from queue {queue}.{}",
-        left(&app, &keys, all).await
-    );
-    done(
-        "Purged",
-        &what,
-        &format!("/dead?queue={}", urlencode(&queue)),
-        &viewer,
-    )
+    what.push_str(&left(app, &keys, all).await);
+    done("Replayed", &what, &back, viewer)
 }

@@ -67,16 +67,7 @@ async fn providers(
     redis: &llmq_shared::queue::Client,
     config: &Config,
 ) -> Result<String, llmq_shared::queue::Error> {
-    let scopes: Vec<(String, Vec<String>)> = config
-        .providers
-        .iter()
-        .map(|p| {
-            (
-                p.name.clone(),
-                p.models.iter().map(|m| m.id.clone()).collect(),
-            )
-        })
-        .collect();
+    let scopes = config.circuit_scopes();
     let open = Circuits::new(redis.clone(), "llmq-web")
         .open(&scopes)
         .await?;

@@ -127,6 +127,20 @@ fn read(path: &Path) -> Result<String> {
 }
 
 impl Config {
+    /// Every provider with its models' ids: the scopes of the fleet's circuits.
+    #[must_use]
+    pub fn circuit_scopes(&self) -> Vec<(String, Vec<String>)> {
+        self.providers
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone(),
+                    p.models.iter().map(|m| m.id.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+
     /// Reads and validates the provider file at `path`.
     ///
     /// # Errors
