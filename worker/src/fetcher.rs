@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{Client, Delivery, PAUSE_NOTICE};
+use llmq_shared::queue::{Client, Delivery, PAUSE_NOTICE, Takeover};
 use llmq_shared::retry::RetryPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -99,9 +99,45 @@ pub struct Fetcher {
     pub block: Duration,
     pub stop: CancellationToken,
     pub read_pause: Arc<crate::executor::ReadPause>,
+    /// Where each entry read or taken over is held from the moment Redis handed it over.
+    pub claims: Arc<crate::claims::Claims>,
 }
 
 impl Fetcher {
+    /// Counts takeovers in `llmq_takeovers_total` by queue and by whether the worker they
+    /// were taken from was still alive: one that was is warned of by name, for it kept no
+    /// claim although it had its heartbeat (a hung or starved process).
+    fn count_takeovers(&self, q: &QueueKeys, takeovers: &[Takeover]) {
+        if takeovers.is_empty() {
+            return;
+        }
+        let alive = takeovers.iter().filter(|t| t.from_alive).count();
+        let silent = takeovers.len() - alive;
+        if silent > 0 {
+            tracing::info!(
+                queue = q.name(),
+                count = silent,
+                "took over tasks idle past the visibility timeout from workers that stopped beating"
+            );
+            metrics::counter!("llmq_takeovers_total", "queue" => q.name().to_owned(), "from" => "silent")
+                .increment(silent as u64);
+        }
+        for t in takeovers.iter().filter(|t| t.from_alive) {
+            tracing::warn!(
+                queue = q.name(),
+                entry = %t.entry_id,
+                from = %t.from,
+                to = %self.consumer,
+                deliveries = t.deliveries,
+                "took over a task from a worker whose heartbeat is fresh: it held the claim past the visibility timeout without refreshing it (hung, starved, or the timeout is shorter than its pauses)"
+            );
+        }
+        if alive > 0 {
+            metrics::counter!("llmq_takeovers_total", "queue" => q.name().to_owned(), "from" => "alive")
+                .increment(alive as u64);
+        }
+    }
+
     /// Reads until `stop`; the channel closes when it returns.
     pub async fn run(self, jobs: mpsc::UnboundedSender<Job>) {
         let reclaim_every = (self.visibility_timeout / 2)
@@ -157,7 +193,8 @@ impl Fetcher {
                 }
             }
 
-            let mut got: Vec<(Arc<QueueKeys>, Delivery)> = Vec::new();
+            // Each entry with when Redis handed it over: its claim counts from then.
+            let mut got: Vec<(Arc<QueueKeys>, Delivery, Instant)> = Vec::new();
             let result: Result<(), llmq_shared::queue::Error> = async {
                 if last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every) {
                     last_reclaim = Some(Instant::now());
@@ -166,6 +203,7 @@ impl Fetcher {
                         if room == 0 {
                             break;
                         }
+                        let sent = Instant::now();
                         let taken = self
                             .redis
                             .reclaim(
@@ -177,14 +215,8 @@ impl Fetcher {
                                 self.result_ttl,
                             )
                             .await?;
-                        if !taken.is_empty() {
-                            tracing::info!(
-                                queue = q.name(),
-                                count = taken.len(),
-                                "took over tasks idle past the visibility timeout"
-                            );
-                        }
-                        got.extend(taken.into_iter().map(|d| (Arc::clone(q), d)));
+                        self.count_takeovers(q, &taken.takeovers);
+                        got.extend(taken.tasks.into_iter().map(|d| (Arc::clone(q), d, sent)));
                     }
                 }
                 if got.len() < permits.len() {
@@ -202,7 +234,8 @@ impl Fetcher {
                     let to_reclaim = last_reclaim.map_or(Duration::ZERO, |t| {
                         reclaim_every.saturating_sub(t.elapsed())
                     });
-                    let block = (self.queues.len() == 1)
+                    // Entries just taken over are not held back by a blocking read.
+                    let block = (self.queues.len() == 1 && got.is_empty())
                         .then(|| self.block.min(to_reclaim).max(Duration::from_millis(1)));
                     for i in 0..self.queues.len() {
                         let at = (turn + i) % self.queues.len();
@@ -225,7 +258,9 @@ impl Fetcher {
                                 end_read(&self.redis, conn_id, &mut read).await
                             }
                         }?;
-                        got.extend(read.into_iter().map(|d| (Arc::clone(q), d)));
+                        // A blocking read's entries were handed over when it returned.
+                        let at = Instant::now();
+                        got.extend(read.into_iter().map(|d| (Arc::clone(q), d, at)));
                     }
                     turn = turn.wrapping_add(1);
                 }
@@ -234,14 +269,14 @@ impl Fetcher {
                 if !got.is_empty() {
                     pauses.refresh(&self.redis, &self.queues, true).await?;
                     if pauses.paused.contains(&true) {
-                        let (back, keep): (Vec<_>, Vec<_>) = got.drain(..).partition(|(q, _)| {
+                        let (back, keep): (Vec<_>, Vec<_>) = got.drain(..).partition(|(q, ..)| {
                             self.queues
                                 .iter()
                                 .position(|k| Arc::ptr_eq(k, q))
                                 .is_some_and(|i| pauses.paused[i])
                         });
                         got = keep;
-                        for (q, d) in &back {
+                        for (q, d, _) in &back {
                             self.redis
                                 .unread(q, &self.consumer, &[d.entry_id.as_str()])
                                 .await?;
@@ -261,7 +296,8 @@ impl Fetcher {
                 failures = 0;
             }
             let idle = got.is_empty();
-            for ((queue, delivery), permit) in got.into_iter().zip(permits) {
+            for ((queue, delivery, at), permit) in got.into_iter().zip(permits) {
+                self.claims.hold(&queue, &delivery.entry_id, at);
                 if jobs
                     .send(Job {
                         queue,

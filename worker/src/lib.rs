@@ -7,7 +7,8 @@
 //! - `executor`: one task, parse -> plan -> attempt -> decide;
 //! - `finished`: what the executor hands the finisher (neither imports the other);
 //! - `finisher`: writes outcomes in batches, ledger first, then one Lua call;
-//! - `maintenance`: promoting delayed tasks, claim refresh, heartbeats, gauges.
+//! - `claims`: the entries this worker holds, kept claimed from read to written;
+//! - `maintenance`: promoting delayed tasks, heartbeats, routing stats.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -36,17 +37,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod backend;
+mod claims;
 pub mod executor;
 mod fetcher;
 mod finished;
 pub mod finisher;
 mod maintenance;
 
+use claims::Claims;
 use executor::Executor;
 use fetcher::{Fetcher, Job};
 use finished::Finished;
 use finisher::{Finisher, Pending};
-use maintenance::InFlight;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -156,7 +158,7 @@ impl Settings {
 pub struct Runtime {
     executor: Executor,
     finisher: mpsc::UnboundedSender<Pending>,
-    inflight: Arc<InFlight>,
+    claims: Arc<Claims>,
     /// Told when a task goes to `delayed`, so the promoter wakes for it.
     fleet: Arc<maintenance::Fleet>,
 }
@@ -186,7 +188,6 @@ impl Runtime {
             permit,
         } = job;
         let entry_id = delivery.entry_id.clone();
-        self.inflight.insert(&entry_id, &queue);
         let finished = self.executor.run(queue, delivery).await;
         // `finished` must not live across an await: every task in flight would carry its
         // size (see `hand_over`). The finisher also frees its concurrency slot, if any.
@@ -196,7 +197,7 @@ impl Runtime {
                 self.fleet.delayed();
             }
         }
-        self.inflight.remove(&entry_id);
+        self.claims.release(&entry_id);
         drop(permit);
     }
 }
@@ -317,7 +318,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         readiness: readiness.clone(),
     }
     .spawn(&tasks);
-    let inflight = Arc::new(InFlight::default());
+    let claims = Arc::new(Claims::new(settings.visibility_timeout));
     let fleet = Arc::new(maintenance::Fleet::default());
     tasks.spawn(maintenance::promote(
         redis.clone(),
@@ -333,11 +334,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         Arc::clone(&fleet),
         done.clone(),
     ));
-    tasks.spawn(maintenance::refresh(
+    tasks.spawn(claims::refresh(
         redis.clone(),
         worker_id.clone(),
-        Arc::clone(&inflight),
-        settings.visibility_timeout,
+        Arc::clone(&claims),
         done.clone(),
     ));
     let read_pause = Arc::new(executor::ReadPause::default());
@@ -368,6 +368,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             block: settings.block,
             stop: stop.clone(),
             read_pause: Arc::clone(&read_pause),
+            claims: Arc::clone(&claims),
         }
         .run(jobs_tx),
     );
@@ -388,9 +389,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             call_starts,
             call_metrics: executor::CallMetrics::new(&settings.config),
             stats,
+            claims: Arc::clone(&claims),
         },
         finisher,
-        inflight: Arc::clone(&inflight),
+        claims: Arc::clone(&claims),
         fleet: Arc::clone(&fleet),
     });
     tracing::info!(
@@ -411,11 +413,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         }
         () = stop.cancelled() => {
             readiness.set(false);
-            tracing::info!(running = inflight.count(), grace = ?settings.grace, "no longer reading; waiting for running tasks");
+            tracing::info!(running = claims.count(), grace = ?settings.grace, "no longer reading; waiting for running tasks");
             match tokio::time::timeout(settings.grace, &mut apalis).await {
                 Ok(r) => log_apalis(r),
                 Err(_) => {
-                    tracing::warn!(running = inflight.count(), "grace period over; handing running tasks back to the queue");
+                    tracing::warn!(running = claims.count(), "grace period over; handing running tasks back to the queue");
                     hard_stop.cancel();
                     match tokio::time::timeout(Duration::from_secs(30), &mut apalis).await {
                         Ok(r) => log_apalis(r),

@@ -1,52 +1,13 @@
 //! Background duties every worker does, so no task waits for the scheduler: moving due
-//! delayed tasks to the stream, announcing itself, and refreshing the claim on long calls.
+//! delayed tasks to the stream, announcing itself, reading the routing stats.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::{Client, now_ms};
 use tokio_util::sync::CancellationToken;
-
-/// Entries this worker is running, with when each started.
-#[derive(Default)]
-pub struct InFlight(Mutex<HashMap<String, (Arc<QueueKeys>, Instant)>>);
-
-impl InFlight {
-    pub fn insert(&self, entry_id: &str, queue: &Arc<QueueKeys>) {
-        if let Ok(mut m) = self.0.lock() {
-            m.insert(entry_id.to_owned(), (Arc::clone(queue), Instant::now()));
-        }
-    }
-
-    pub fn remove(&self, entry_id: &str) {
-        if let Ok(mut m) = self.0.lock() {
-            m.remove(entry_id);
-        }
-    }
-
-    /// How many tasks are running.
-    #[must_use]
-    pub fn count(&self) -> usize {
-        self.0.lock().map_or(0, |m| m.len())
-    }
-
-    /// Entries running for longer than `age`, by queue.
-    fn older_than(&self, age: Duration) -> Vec<(Arc<QueueKeys>, Vec<String>)> {
-        let Ok(m) = self.0.lock() else {
-            return Vec::new();
-        };
-        let mut by_queue: HashMap<Arc<QueueKeys>, Vec<String>> = HashMap::new();
-        for (id, (q, started)) in m.iter() {
-            if started.elapsed() >= age {
-                by_queue.entry(Arc::clone(q)).or_default().push(id.clone());
-            }
-        }
-        by_queue.into_iter().collect()
-    }
-}
 
 /// How many workers serve this worker's queues, as its last heartbeat counted them: duties
 /// every worker can do are spread over the fleet instead of each doing them at full rate.
@@ -248,29 +209,6 @@ pub async fn heartbeat(
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(5)) => {}
             () = stop.cancelled() => return,
-        }
-    }
-}
-
-/// Keeps long-running tasks claimed: every third of the visibility timeout, entries running
-/// longer than that get their idle time reset, so other workers do not take them over.
-pub async fn refresh(
-    redis: Client,
-    consumer: String,
-    inflight: Arc<InFlight>,
-    visibility_timeout: Duration,
-    stop: CancellationToken,
-) {
-    let every = visibility_timeout / 3;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(every) => {}
-            () = stop.cancelled() => return,
-        }
-        for (q, ids) in inflight.older_than(every) {
-            if let Err(e) = redis.refresh(&q, &consumer, &ids).await {
-                tracing::warn!(queue = q.name(), "refreshing claims failed: {e}");
-            }
         }
     }
 }

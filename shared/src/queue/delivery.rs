@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::Conn;
 use redis::{Script, Value};
 
-use super::{Client, Delivery, Finish, Result, Write, reply};
+use super::{Client, Delivery, Finish, Reclaimed, Result, WORKER_LIVENESS, Write, now_ms, reply};
 use crate::chain::StepOutcome;
 use crate::envelope;
 use crate::keys::{GROUP, QueueKeys};
@@ -95,9 +95,9 @@ impl Client {
         count: usize,
         max_deliveries: u64,
         result_ttl: Duration,
-    ) -> Result<Vec<Delivery>> {
-        let claimed = self.claim_idle(keys, consumer, min_idle, count).await?;
-        let (poison, run): (Vec<Delivery>, Vec<Delivery>) = claimed
+    ) -> Result<Reclaimed> {
+        let mut claimed = self.claim_idle(keys, consumer, min_idle, count).await?;
+        let (poison, run): (Vec<Delivery>, Vec<Delivery>) = std::mem::take(&mut claimed.tasks)
             .into_iter()
             .partition(|d| d.deliveries > max_deliveries);
         // A chain step's poison ends its step like any failure, in the same script, so its
@@ -118,10 +118,12 @@ impl Client {
             })
             .collect();
         self.write(keys, consumer, result_ttl, &writes).await?;
-        Ok(run)
+        claimed.tasks = run;
+        Ok(claimed)
     }
 
-    /// Claims up to `count` entries idle longer than `min_idle` for `consumer`, poison or not.
+    /// Claims up to `count` entries idle longer than `min_idle` for `consumer`, poison or not,
+    /// and says whom each was taken from.
     ///
     /// # Errors
     /// Redis fails.
@@ -131,20 +133,24 @@ impl Client {
         consumer: &str,
         min_idle: Duration,
         count: usize,
-    ) -> Result<Vec<Delivery>> {
+    ) -> Result<Reclaimed> {
+        let live_since = now_ms() - i64::try_from(WORKER_LIVENESS.as_millis()).unwrap_or(0);
         let mut c = self.conn().await?;
         let claimed: Vec<Value> = RECLAIM
             .key(keys.stream())
+            .key(keys.workers())
             .arg(GROUP)
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
             .arg(count)
+            .arg(live_since)
             .invoke_async(&mut c)
             .await?;
         reply::parse_claimed(&claimed)
     }
 
-    /// Resets the idle time of entries `consumer` still holds. Returns how many it held.
+    /// Resets the idle time of entries `consumer` still holds. Returns the ones it no
+    /// longer holds (taken over by another worker, or finished).
     ///
     /// # Errors
     /// Redis fails.
@@ -153,9 +159,9 @@ impl Client {
         keys: &QueueKeys,
         consumer: &str,
         entry_ids: &[String],
-    ) -> Result<u64> {
+    ) -> Result<Vec<String>> {
         if entry_ids.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut c = self.conn().await?;
         let mut inv = REFRESH.key(keys.stream());

@@ -91,6 +91,27 @@ pub struct Delivery {
     pub deliveries: u64,
 }
 
+/// What a takeover claimed: the tasks to run (poison ones already finished as dead
+/// letters), and whom every entry it claimed was taken from.
+#[derive(Debug, Default)]
+pub struct Reclaimed {
+    pub tasks: Vec<Delivery>,
+    pub takeovers: Vec<Takeover>,
+}
+
+/// One entry taken over after its claim lapsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Takeover {
+    pub entry_id: String,
+    /// The worker that held it.
+    pub from: String,
+    /// That worker's heartbeat was still fresh: it is alive, yet it did not keep its claim
+    /// (a hung or starved process, or a claim it never refreshed), which should not happen.
+    pub from_alive: bool,
+    /// How many times the entry has been delivered, this time included.
+    pub deliveries: u64,
+}
+
 /// What to do with a task that a worker is done with.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FinishKind {

@@ -1,14 +1,27 @@
 -- Takes over entries idle longer than the visibility timeout (their worker died or hung).
--- KEYS: 1 stream
--- ARGV: 1 group, 2 consumer, 3 min idle (ms), 4 count
+-- KEYS: 1 stream, 2 the queue's live workers (zset of heartbeat times)
+-- ARGV: 1 group, 2 consumer, 3 min idle (ms), 4 count, 5 a heartbeat at or after this (ms)
+--       is fresh
 -- Returns a flat array of id, delivery count (this one included), task payload (or false),
--- chain payload (or false).
+-- chain payload (or false), the worker that held it, and 1 when that worker's heartbeat was
+-- still fresh (it is alive but did not keep its claim), else 0.
+-- XPENDING IDLE reads the whole pending list for idle entries, wherever they are in it, and
+-- names each one's holder; XCLAIM with the same min idle takes exactly those (entries deleted
+-- meanwhile leave the pending list and are not returned).
 -- A poison task (delivered too often) is claimed like any other: the caller finishes it as
 -- a dead letter with `finish.lua`, so it is never in two places, whenever a worker dies.
-local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
-local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[3], '0-0', 'COUNT', ARGV[4])
+local stream, workers = KEYS[1], KEYS[2]
+local group, consumer, min_idle, count, live_since = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local idle = redis.call('XPENDING', stream, group, 'IDLE', min_idle, '-', '+', count)
+if #idle == 0 then return {} end
+local ids, holder = {}, {}
+for i, p in ipairs(idle) do
+  ids[i] = p[1]
+  holder[p[1]] = p[2]
+end
+local claimed = redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(ids))
 local out = {}
-for _, entry in ipairs(claimed[2]) do
+for _, entry in ipairs(claimed) do
   local id, fields = entry[1], entry[2]
   local task, chain = false, false
   if fields then
@@ -18,9 +31,13 @@ for _, entry in ipairs(claimed[2]) do
     end
   end
   local info = redis.call('XPENDING', stream, group, id, id, 1)
+  local from = holder[id] or ''
+  local seen = tonumber(redis.call('ZSCORE', workers, from) or '0') or 0
   out[#out + 1] = id
   out[#out + 1] = info[1] and tonumber(info[1][4]) or 1
   out[#out + 1] = task
   out[#out + 1] = chain
+  out[#out + 1] = from
+  out[#out + 1] = (from ~= consumer and seen >= live_since) and 1 or 0
 end
 return out

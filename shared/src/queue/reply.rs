@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use redis::Value;
 
-use super::{DeadLetter, Delivery, Error, Result};
+use super::{DeadLetter, Delivery, Error, Reclaimed, Result, Takeover};
 use crate::envelope;
 use crate::keys::{CHAIN_FIELD, TASK_FIELD};
 
@@ -103,24 +103,33 @@ pub(super) fn parse_read_reply(reply: Value) -> Result<Vec<Delivery>> {
         .collect())
 }
 
-/// A flat `[id, deliveries, task or false, chain or false, ...]` script reply as
-/// deliveries.
-pub(super) fn parse_claimed(flat: &[Value]) -> Result<Vec<Delivery>> {
+/// A flat `[id, deliveries, task or false, chain or false, holder, holder alive, ...]`
+/// script reply as deliveries, and whom each was taken from.
+pub(super) fn parse_claimed(flat: &[Value]) -> Result<Reclaimed> {
     let bytes = |v: &Value| match v {
         Value::BulkString(b) => Some(b.clone()),
         _ => None,
     };
-    flat.chunks(4)
-        .map(|chunk| match chunk {
-            [id, deliveries, payload, chain] => Ok(Delivery {
-                entry_id: as_string(id)?,
-                deliveries: as_u64(deliveries).max(1),
-                payload: bytes(payload),
-                chain: bytes(chain),
-            }),
-            _ => Err(Error::Protocol("a claimed entry came back partial".into())),
-        })
-        .collect()
+    let mut out = Reclaimed::default();
+    for chunk in flat.chunks(6) {
+        let [id, deliveries, payload, chain, from, alive] = chunk else {
+            return Err(Error::Protocol("a claimed entry came back partial".into()));
+        };
+        let delivery = Delivery {
+            entry_id: as_string(id)?,
+            deliveries: as_u64(deliveries).max(1),
+            payload: bytes(payload),
+            chain: bytes(chain),
+        };
+        out.takeovers.push(Takeover {
+            entry_id: delivery.entry_id.clone(),
+            from: as_string(from)?,
+            from_alive: as_u64(alive) == 1,
+            deliveries: delivery.deliveries,
+        });
+        out.tasks.push(delivery);
+    }
+    Ok(out)
 }
 
 /// Whether a stream entry holds task `task_id`.

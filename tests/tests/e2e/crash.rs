@@ -164,8 +164,16 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
         )
         .await
         .unwrap();
-    assert_eq!(theirs.len(), 1, "the idle entry is taken over");
-    assert_eq!(theirs[0].deliveries, 2);
+    assert_eq!(theirs.tasks.len(), 1, "the idle entry is taken over");
+    assert_eq!(theirs.tasks[0].deliveries, 2);
+    assert_eq!(
+        (
+            theirs.takeovers[0].from.as_str(),
+            theirs.takeovers[0].from_alive
+        ),
+        ("slow-worker", false),
+        "taken from the slow worker, which never sent a heartbeat"
+    );
 
     let outcome = |who: &str| {
         let mut r = TaskRecord::pending(&id, &env.queue, Status::Succeeded);
@@ -214,7 +222,8 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
             .refresh(&env.keys, "slow-worker", &[mine[0].entry_id.clone()])
             .await
             .unwrap(),
-        0
+        [mine[0].entry_id.clone()],
+        "the slow worker's refresh finds its claim lost"
     );
 }
 
@@ -236,8 +245,8 @@ async fn a_worker_killed_between_spotting_a_poison_task_and_dead_lettering_it_lo
         .claim_idle(&env.keys, "killed", Duration::from_millis(1), 1)
         .await
         .unwrap();
-    assert_eq!(claimed.len(), 1);
-    assert!(claimed[0].deliveries > 1);
+    assert_eq!(claimed.tasks.len(), 1);
+    assert!(claimed.tasks[0].deliveries > 1);
     let counts = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!(
         (counts.ready, counts.in_flight, counts.delayed, counts.dead),
@@ -258,7 +267,7 @@ async fn a_worker_killed_between_spotting_a_poison_task_and_dead_lettering_it_lo
         .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 1, WAIT)
         .await
         .unwrap();
-    assert!(got.is_empty());
+    assert!(got.tasks.is_empty());
     let counts = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!(
         (counts.ready, counts.in_flight, counts.delayed, counts.dead),
@@ -306,7 +315,7 @@ async fn a_task_that_keeps_killing_workers_becomes_a_poison_dead_letter() {
             )
             .await
             .unwrap();
-        assert_eq!(got.len(), 1);
+        assert_eq!(got.tasks.len(), 1);
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     let got = env
@@ -314,7 +323,7 @@ async fn a_task_that_keeps_killing_workers_becomes_a_poison_dead_letter() {
         .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 3, WAIT)
         .await
         .unwrap();
-    assert!(got.is_empty(), "a fourth delivery is refused");
+    assert!(got.tasks.is_empty(), "a fourth delivery is refused");
     let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].task_id, id);

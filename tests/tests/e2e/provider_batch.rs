@@ -520,7 +520,8 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                             .redis
                             .reclaim(&env.keys, "w", Duration::ZERO, 1, 1_000, WAIT)
                             .await
-                            .unwrap();
+                            .unwrap()
+                            .tasks;
                     }
                     for d in got {
                         let e = Envelope::parse(d.payload.as_deref().unwrap(), 1 << 20).unwrap();

@@ -166,6 +166,8 @@ pub(super) struct Attempt<'a> {
     pub delivery: Uuid,
     pub env: &'a Envelope,
     pub queue: &'a QueueKeys,
+    /// The stream entry whose claim this worker must still hold when a call starts.
+    pub entry_id: &'a str,
     pub task_type: &'a str,
     pub number: u32,
     /// Every call made, for the ledger; kept by the caller so a timeout loses none.
@@ -316,6 +318,16 @@ impl Attempt<'_> {
                     return stop;
                 }
             };
+            // A call is made only on a claim this worker surely holds: one that lapsed (Redis
+            // away past the visibility timeout) may be another worker's, and its call would
+            // be a second, paid one.
+            if !exec.claims.may_call(self.entry_id).await {
+                tracing::warn!(
+                    entry = self.entry_id,
+                    "the claim on this task lapsed before its call; handing it back uncalled"
+                );
+                return Stop::Released;
+            }
             tries += 1;
             *last = Some((name.to_owned(), model.to_owned()));
             let result = tokio::select! {

@@ -76,6 +76,8 @@ pub struct Executor {
     pub call_metrics: CallMetrics,
     /// What the fleet observed of each model, for learned routing strategies.
     pub stats: Arc<StatsView>,
+    /// The claims this worker holds: no call starts on one that may have lapsed.
+    pub claims: Arc<crate::claims::Claims>,
 }
 
 /// What `cheapest` routes by: nothing observed.
@@ -539,6 +541,7 @@ impl Executor {
                 delivery: Uuid::new_v4(),
                 env: call_env,
                 queue: &queue,
+                entry_id: &entry_id,
                 task_type: &task_type,
                 number: env.attempts + 1,
                 calls: &mut calls,
