@@ -390,6 +390,77 @@ impl Circuits {
     }
 }
 
+/// A wait a provider asked for, which every worker honours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub until: DateTime<Utc>,
+    /// The answer that asked for it.
+    pub reason: String,
+}
+
+impl Hold {
+    /// The time left from now.
+    #[must_use]
+    pub fn remaining(&self) -> Duration {
+        (self.until - Utc::now()).to_std().unwrap_or_default()
+    }
+}
+
+/// Sets a hold unless a longer one stands. KEYS: 1 hold; ARGV: 1 wait (ms), 2 the text.
+static HOLD: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| {
+    Script::new(
+        r"
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+end
+return 0
+",
+    )
+});
+
+impl Circuits {
+    /// A provider answered `model`'s call with a wait (Retry-After, or its reset headers on
+    /// a 429): nobody in the fleet calls that model until it passes. A Retry-After speaks
+    /// to the API key, not to one worker. Only lengthens a hold already set.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn hold(&self, provider: &str, model: &str, wait: Duration, why: &str) -> Result<()> {
+        let ms = wait.as_millis().max(1) as u64;
+        let until = Utc::now().timestamp_millis() + ms as i64;
+        let text = format!("{until}|{}", crate::provider::excerpt(why, 300));
+        let mut c = self.redis.conn().await?;
+        let _: i64 = HOLD
+            .key(ProviderKeys::new(provider).hold(model))
+            .arg(ms)
+            .arg(text)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The wait the provider asked of `model`'s callers, if one stands. One `GET` per call:
+    /// a hold set by another worker a moment ago must stop this call too.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn held(&self, provider: &str, model: &str) -> Result<Option<Hold>> {
+        let mut c = self.redis.conn().await?;
+        let text: Option<String> = redis::cmd("GET")
+            .arg(ProviderKeys::new(provider).hold(model))
+            .query_async(&mut c)
+            .await?;
+        Ok(text.and_then(|t| {
+            let (until, reason) = t.split_once('|')?;
+            let until = DateTime::from_timestamp_millis(until.parse().ok()?)?;
+            (until > Utc::now()).then(|| Hold {
+                until,
+                reason: reason.to_owned(),
+            })
+        }))
+    }
+}
+
 /// Every key of a circuit, for a reset.
 fn all(k: &CircuitKeys) -> [&str; 4] {
     [&k.open, &k.tripped, &k.probe, &k.failures]

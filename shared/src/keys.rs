@@ -307,6 +307,13 @@ impl ProviderKeys {
         format!("{}:alerts", self.prefix)
     }
 
+    /// While set, `<until ms>|<reason>`: the provider asked (Retry-After, or its reset
+    /// headers on a 429) that nobody call `model` until then; expires when that passes.
+    #[must_use]
+    pub fn hold(&self, model: &str) -> String {
+        format!("{}:model:{model}:hold", self.prefix)
+    }
+
     /// The circuit of the whole provider (`model` = `None`) or of one of its models.
     #[must_use]
     pub fn circuit(&self, model: Option<&str>) -> CircuitKeys {

@@ -309,6 +309,75 @@ pub fn classify_status(status: u16) -> ErrorClass {
     }
 }
 
+/// How long an answer of `status` asks its caller to wait: [`retry_after`], or on a 429
+/// without it, the provider's own reset headers.
+#[must_use]
+pub fn wait_asked(status: u16, headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    retry_after(headers).or_else(|| (status == 429).then(|| reset_after(headers)).flatten())
+}
+
+/// The longest of the rate-limit resets a provider sends beside a 429: OpenAI's
+/// `x-ratelimit-reset-requests` / `-tokens` (durations such as `1s`, `6m0s`, `20ms`) and
+/// Anthropic's `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset`
+/// (RFC 3339 times). Which limit was hit is not said, so the longest is waited for.
+#[must_use]
+pub fn reset_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let openai = ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"]
+        .into_iter()
+        .filter_map(|h| text(h).and_then(go_duration));
+    let anthropic = [
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-tokens-reset",
+        "anthropic-ratelimit-input-tokens-reset",
+        "anthropic-ratelimit-output-tokens-reset",
+    ]
+    .into_iter()
+    .filter_map(|h| {
+        let at = chrono::DateTime::parse_from_rfc3339(text(h)?).ok()?;
+        Some(
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default(),
+        )
+    });
+    openai.chain(anthropic).max()
+}
+
+/// A duration as Go prints it (`1h2m3.5s`, `20ms`, `6m0s`), as OpenAI's reset headers are.
+fn go_duration(text: &str) -> Option<Duration> {
+    let mut total = 0f64;
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let secs = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 0.001,
+            "us" | "µs" => 0.000_001,
+            "ns" => 0.000_000_001,
+            _ => return None,
+        };
+        total += n * secs;
+        rest = &rest[unit_end..];
+    }
+    (total.is_finite() && total >= 0.0 && total < 1e9).then(|| Duration::from_secs_f64(total))
+}
+
 /// Reads how long to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP-date.
 #[must_use]
 pub fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
@@ -417,7 +486,7 @@ async fn exchange_streamed(
         .map_err(|e| broken(transport_message(&e, req)))?;
     let status = response.status().as_u16();
     if !(200..300).contains(&status) {
-        let wait = retry_after(response.headers());
+        let wait = wait_asked(status, response.headers());
         let body = response
             .text()
             .await
@@ -518,7 +587,7 @@ pub(crate) async fn send(
         .await
         .map_err(|e| transport_message(&e, req))?;
     let status = response.status().as_u16();
-    let wait = retry_after(response.headers());
+    let wait = wait_asked(status, response.headers());
     let body = response
         .text()
         .await
@@ -617,6 +686,43 @@ mod tests {
         assert_eq!(classify_status(408), ErrorClass::Retryable);
         for s in [400, 401, 403, 404, 422] {
             assert_eq!(classify_status(s), ErrorClass::Fatal, "{s}");
+        }
+    }
+
+    #[test]
+    fn a_429_without_retry_after_waits_for_the_providers_longest_reset() {
+        use reqwest::header::{HeaderMap, HeaderValue};
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-ratelimit-reset-requests",
+            HeaderValue::from_static("1m2.5s"),
+        );
+        h.insert("x-ratelimit-reset-tokens", HeaderValue::from_static("20ms"));
+        assert_eq!(wait_asked(429, &h), Some(Duration::from_millis(62_500)));
+        assert_eq!(
+            wait_asked(500, &h),
+            None,
+            "resets are sent with every answer"
+        );
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(
+            wait_asked(429, &h),
+            Some(Duration::from_secs(3)),
+            "Retry-After first"
+        );
+        let mut h = HeaderMap::new();
+        let at = (chrono::Utc::now() + chrono::Duration::seconds(30)).to_rfc3339();
+        h.insert(
+            "anthropic-ratelimit-tokens-reset",
+            HeaderValue::from_str(&at).unwrap(),
+        );
+        let wait = wait_asked(429, &h).unwrap();
+        assert!(
+            wait > Duration::from_secs(28) && wait <= Duration::from_secs(30),
+            "{wait:?}"
+        );
+        for bad in ["", "s", "1x", "-1s", "1e999s"] {
+            assert_eq!(go_duration(bad), None, "{bad}");
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::Conn;
 use redis::{Script, Value};
 
-use super::{Client, Delivery, Finish, Reclaimed, Result, WORKER_LIVENESS, Write, now_ms, reply};
+use super::{Client, Delivery, Finish, Reclaimed, Result, Write, now_ms, reply};
 use crate::chain::StepOutcome;
 use crate::envelope;
 use crate::keys::{GROUP, QueueKeys};
@@ -134,7 +134,6 @@ impl Client {
         min_idle: Duration,
         count: usize,
     ) -> Result<Reclaimed> {
-        let live_since = now_ms() - i64::try_from(WORKER_LIVENESS.as_millis()).unwrap_or(0);
         let mut c = self.conn().await?;
         let claimed: Vec<Value> = RECLAIM
             .key(keys.stream())
@@ -143,7 +142,7 @@ impl Client {
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
             .arg(count)
-            .arg(live_since)
+            .arg(now_ms())
             .invoke_async(&mut c)
             .await?;
         reply::parse_claimed(&claimed)
@@ -165,7 +164,11 @@ impl Client {
         }
         let mut c = self.conn().await?;
         let mut inv = REFRESH.key(keys.stream());
-        inv.arg(GROUP).arg(consumer).arg(entry_ids);
+        inv.key(keys.workers())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(now_ms())
+            .arg(entry_ids);
         Ok(inv.invoke_async(&mut c).await?)
     }
 }

@@ -105,8 +105,8 @@ pub struct Takeover {
     pub entry_id: String,
     /// The worker that held it.
     pub from: String,
-    /// That worker's heartbeat was still fresh: it is alive, yet it did not keep its claim
-    /// (a hung or starved process, or a claim it never refreshed), which should not happen.
+    /// That worker was seen alive (a heartbeat, or a refresh of its other claims) well after
+    /// it last kept this claim: alive, yet it let this claim lapse, which should not happen.
     pub from_alive: bool,
     /// How many times the entry has been delivered, this time included.
     pub deliveries: u64,

@@ -54,6 +54,7 @@
 //! | `rate-limit-ms` | 429 with `retry-after-ms: 200` (Gemini: `retryDelay: "0.200s"`, no header) |
 //! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future (Gemini: that header and `retryDelay: "2s"`) |
 //! | `flaky`, `flaky-<n>` | per conversation, the first 2 (or `n`) requests get 500, later ones 200 |
+//! | `strict-<n>` | a provider that judges its clients: every `n`th request of the model gets 429 with `retry-after-ms: 200`, and the model's key is held that long; a request arriving while the hold stands (25 ms after it began or later, so requests already on their way are forgiven) gets another 429 and counts in [`MockServer::retry_after_ignored`]; others get 200 after 20 ms |
 //! | `judge-first`, `judge-last` | 200 answering `1`, or the highest `[n]` in the prompt (a chain's judge) |
 //! | `review-approve`, `review-reject` | 200 answering `{"verdict": "approve"\|"reject", "findings": [...]}` |
 //! | `review-reject-once` | rejects the first review of a piece of work (by its `## Work to review` line), approves the next |
@@ -85,7 +86,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -133,6 +134,7 @@ pub const MAGIC_MODELS: &[&str] = &[
     "rate-limit-date",
     "flaky",
     "flaky-1",
+    "strict-10",
     "context-too-long",
     "judge-first",
     "judge-last",
@@ -201,6 +203,10 @@ struct Shared {
     open: Mutex<HashMap<String, (u64, u64)>>,
     /// Requests seen per conversation hash, for `flaky`.
     flaky: Mutex<HashMap<u64, u64>>,
+    /// Per `strict-<n>` model: requests counted, and the hold it asked for (since, until).
+    strict: Mutex<HashMap<String, (u64, Option<(Instant, Instant)>)>>,
+    /// Requests that came while a wait the mock asked for stood.
+    retry_after_ignored: AtomicU64,
     /// When each POST request arrived (ms since the epoch), as a provider counting requests
     /// in a window sees them: the last [`ARRIVALS_KEPT`].
     arrivals: Mutex<std::collections::VecDeque<i64>>,
@@ -221,6 +227,8 @@ impl Shared {
             per_prompt: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
+            strict: Mutex::new(HashMap::new()),
+            retry_after_ignored: AtomicU64::new(0),
             arrivals: Mutex::new(std::collections::VecDeque::new()),
             batch: batch::Batches::default(),
             addr: std::sync::OnceLock::new(),
@@ -244,6 +252,31 @@ impl Shared {
     }
 
     /// Counts one more request for the conversation and returns how many there have been.
+    /// Whether a `strict-<n>` request is refused with a 429: while a hold stands (counted
+    /// as ignoring it, once past the grace for requests already on their way), or as the
+    /// `n`th, which begins a hold of 200 ms (what `retry-after-ms` then says).
+    fn strict_refuses(&self, model: &str, n: u64) -> bool {
+        const HOLD: Duration = Duration::from_millis(200);
+        const IN_FLIGHT: Duration = Duration::from_millis(25);
+        let now = Instant::now();
+        let mut map = self.strict.lock().unwrap_or_else(PoisonError::into_inner);
+        let (count, hold) = map.entry(model.to_owned()).or_default();
+        if let Some((since, until)) = *hold
+            && now < until
+        {
+            if now >= since + IN_FLIGHT {
+                self.retry_after_ignored.fetch_add(1, Ordering::SeqCst);
+            }
+            return true;
+        }
+        *count += 1;
+        if (*count).is_multiple_of(n) {
+            *hold = Some((now, now + HOLD));
+            return true;
+        }
+        false
+    }
+
     fn flaky_attempt(&self, conversation: u64) -> u64 {
         let mut map = self.flaky.lock().unwrap_or_else(PoisonError::into_inner);
         let n = map.entry(conversation).or_insert(0);
@@ -377,6 +410,12 @@ impl MockServer {
     #[must_use]
     pub fn total_calls(&self) -> u64 {
         self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// Requests to a `strict-<n>` model that arrived while a wait it had asked for stood.
+    #[must_use]
+    pub fn retry_after_ignored(&self) -> u64 {
+        self.state.retry_after_ignored.load(Ordering::SeqCst)
     }
 
     /// When each of the last [`ARRIVALS_KEPT`] POST requests arrived (ms since the epoch),
@@ -573,6 +612,8 @@ enum Behaviour {
     Unavailable(u64),
     RateLimit(RetryHeader),
     Flaky(u64),
+    /// `strict-<n>`: every `n`th request rate-limited, and a wait it asked for enforced.
+    Strict(u64),
     ContextTooLong,
     /// A judge or a reviewer: a fixed kind of answer.
     Scripted(Script),
@@ -650,6 +691,8 @@ fn magic(name: &str) -> Option<Behaviour> {
                 Behaviour::Unavailable(secs)
             } else if let Some(n) = number_after(name, "flaky-") {
                 Behaviour::Flaky(n)
+            } else if let Some(n) = number_after(name, "strict-").filter(|n| *n > 0) {
+                Behaviour::Strict(n)
             } else if let Some(code) = number_after(name, "fail-")
                 .and_then(|c| u16::try_from(c).ok())
                 .filter(|c| (400..=599).contains(c))
@@ -888,6 +931,12 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
                 return Outcome::Fail(StatusCode::INTERNAL_SERVER_ERROR);
             }
             Duration::ZERO
+        }
+        Behaviour::Strict(n) => {
+            if state.strict_refuses(&conv.model, n) {
+                return Outcome::RateLimit(RetryHeader::Millis);
+            }
+            Duration::from_millis(20)
         }
     };
     if !state.sleep(state.opts.latency + extra).await {

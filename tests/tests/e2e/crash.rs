@@ -451,3 +451,133 @@ async fn a_long_call_keeps_its_claim_past_the_visibility_timeout() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// The run of issue 31, smaller: three workers of 40 under a 3 s visibility timeout, a
+/// saturated queue of 2 s calls, and five SIGKILLs 1.5 s apart, each killed worker
+/// replaced. Live workers never pass tasks between them: every task succeeds, none becomes
+/// `poison`, and the mock answers each task at most once more than the number of times a
+/// worker died holding it.
+#[tokio::test]
+async fn under_churn_a_task_is_held_by_one_live_worker_and_called_once_more_per_kill_at_most() {
+    let env = TestEnv::new().await.unwrap();
+    // Small enough that the queue runs dry while workers die: takeovers then meet an
+    // empty stream, where a worker's reads block.
+    let ids = enqueue(&env, 300, "slow").await;
+    let args = [
+        "--concurrency",
+        "40",
+        "--visibility-timeout",
+        "3s",
+        "--max-deliveries",
+        "6",
+    ];
+    let mut workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::spawn(&env, &args).unwrap())
+        .collect();
+    // The entries a killed worker held, read after it died: exactly what it held then.
+    let mut held_at_death: HashMap<String, usize> = HashMap::new();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..5 {
+        let mut victim = workers.remove(0);
+        let tag = format!("-{}-", victim.child.id());
+        victim.signal("KILL").unwrap();
+        victim.wait_exit(WAIT).await.unwrap();
+        let held: Vec<String> = env
+            .pending()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|(_, c)| c.contains(&tag))
+            .map(|(id, _)| id)
+            .collect();
+        for task in task_ids_of(&env, &held).await {
+            *held_at_death.entry(task).or_default() += 1;
+        }
+        drop(victim);
+        workers.push(WorkerProcess::spawn(&env, &args).unwrap());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert!(!held_at_death.is_empty(), "no worker died holding a task");
+
+    let records = llmq::wait_for(
+        &env.redis,
+        &env.keys,
+        &ids,
+        Some(Duration::from_secs(120)),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let mut not_succeeded = Vec::new();
+    for (i, (id, r)) in ids.iter().zip(&records).enumerate() {
+        let r = r.as_ref().expect("every task finishes");
+        if r.status != Status::Succeeded {
+            not_succeeded.push(format!("{id}: {:?} {:?}", r.status, r.error));
+        }
+        let calls = env.mock.calls_with_prompt(&format!("task {i}"));
+        let kills = held_at_death.get(id).copied().unwrap_or(0) as u64;
+        assert!(
+            calls <= 1 + kills,
+            "task {id} was called {calls} times, though only {kills} worker(s) died holding it"
+        );
+    }
+    assert!(not_succeeded.is_empty(), "{not_succeeded:#?}");
+    assert_eq!(
+        env.redis.counts(&env.keys).await.unwrap().dead,
+        0,
+        "no poison"
+    );
+    eprintln!(
+        "churn: {} tasks, {} held by a killed worker, {} calls",
+        ids.len(),
+        held_at_death.len(),
+        env.mock.total_calls()
+    );
+    drop(workers);
+}
+
+#[tokio::test]
+async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    enqueue(&env, 2, "mock-fast").await;
+    let mut conn = env.redis.conn().await.unwrap();
+    let read = env
+        .redis
+        .read(&mut conn, &env.keys, "alive", 2, None)
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 2);
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    // The worker keeps its second claim (and so is seen alive), not its first.
+    let lost = env
+        .redis
+        .refresh(&env.keys, "alive", &[read[1].entry_id.clone()])
+        .await
+        .unwrap();
+    assert!(lost.is_empty());
+    let taken = env
+        .redis
+        .reclaim(&env.keys, "other", Duration::from_millis(40), 10, 5, WAIT)
+        .await
+        .unwrap();
+    assert_eq!(taken.takeovers.len(), 1, "{taken:?}");
+    let t = &taken.takeovers[0];
+    assert_eq!(
+        (t.entry_id.as_str(), t.from.as_str(), t.from_alive),
+        (read[0].entry_id.as_str(), "alive", true)
+    );
+    // The other claim lapses too, and its holder is not seen again: a dead worker.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let taken = env
+        .redis
+        .reclaim(&env.keys, "other", Duration::from_millis(40), 10, 5, WAIT)
+        .await
+        .unwrap();
+    let t = taken
+        .takeovers
+        .iter()
+        .find(|t| t.entry_id == read[1].entry_id)
+        .unwrap();
+    assert_eq!((t.from.as_str(), t.from_alive), ("alive", false));
+}

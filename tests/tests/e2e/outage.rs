@@ -10,7 +10,7 @@ use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::{ErrorClass, Status};
-use llmq_tests::harness::{TestEnv, WorkerHandle};
+use llmq_tests::harness::{TestEnv, WorkerHandle, WorkerProcess};
 use llmq_tests::mock::{MockOptions, MockServer};
 
 /// A loopback address where nothing listens (yet).
@@ -621,4 +621,48 @@ async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
     let rows = call_outcomes(&ledger, &id).await;
     assert_eq!(rows, ["ok"]);
     assert_eq!(env.mock.total_calls(), 1);
+}
+
+/// Three worker processes on one API key; the provider answers every tenth request with a
+/// 429 asking for 200 ms and enforces it. A Retry-After speaks to the key: no worker calls
+/// before the wait another one was asked for has passed, and no task uses an attempt on it.
+#[tokio::test]
+async fn a_retry_after_given_to_one_worker_holds_every_worker_on_the_key() {
+    let env = TestEnv::new().await.unwrap();
+    let ids: Vec<String> = {
+        let envs: Vec<Envelope> = (0..240)
+            .map(|i| {
+                let mut e = Envelope::new(format!("strict {i}"));
+                e.model = Some("strict-10".into());
+                e
+            })
+            .collect();
+        env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
+        envs.iter().map(|e| e.id.unwrap().to_string()).collect()
+    };
+    let workers: Vec<WorkerProcess> = (0..3)
+        .map(|_| WorkerProcess::spawn(&env, &["--concurrency", "8"]).unwrap())
+        .collect();
+    let records = llmq::wait_for(
+        &env.redis,
+        &env.keys,
+        &ids,
+        Some(Duration::from_secs(90)),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    for r in &records {
+        let r = r.as_ref().expect("every task finishes");
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(r.attempts, 1, "a wait asked for uses no attempt: {r:?}");
+    }
+    let refused = env.mock.total_calls() - ids.len() as u64;
+    assert!(refused >= 20, "the provider asked to wait {refused} times");
+    assert_eq!(
+        env.mock.retry_after_ignored(),
+        0,
+        "a worker called while a wait the provider asked of another worker stood"
+    );
+    drop(workers);
 }

@@ -309,6 +309,36 @@ impl Attempt<'_> {
         let mut tries = 0;
         let mut rate_waits = 0;
         loop {
+            // A wait the provider asked of any worker for this model (Retry-After) holds
+            // here too: waited out like one's own when short, else the task waits in
+            // `delayed`, neither using a try.
+            match Box::pin(exec.circuits.held(name, model)).await {
+                Ok(Some(hold)) => {
+                    let wait = hold.remaining();
+                    let why = format!(
+                        "{name}/{model} asked every caller to wait until {} ({})",
+                        hold.until.format("%H:%M:%S%.3f UTC"),
+                        hold.reason
+                    );
+                    if wait > retry.max_retry_after || rate_waits >= MAX_RATE_WAITS {
+                        errors.push(why.clone());
+                        return Stop::Later {
+                            until: hold.until,
+                            why,
+                            class: ErrorClass::RateLimited,
+                            model_only: true,
+                        };
+                    }
+                    rate_waits += 1;
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = exec.hard_stop.cancelled() => return Stop::Released,
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(provider = name, "cannot read the provider's hold: {e}"),
+            }
             let reservation = match Box::pin(self.reserve(cand)).await {
                 Ok(r) => r,
                 Err(stop) => {
@@ -342,6 +372,16 @@ impl Attempt<'_> {
                 Err(e) => e,
             };
             errors.push(e.to_string());
+            // A wait asked with a 429 or an overload speaks to the API key: the fleet waits.
+            let asks_all =
+                e.class == ErrorClass::RateLimited || matches!(e.status, Some(503 | 529));
+            if asks_all
+                && let Some(wait) = e.retry_after
+                && let Err(err) =
+                    Box::pin(exec.circuits.hold(name, model, wait, &e.to_string())).await
+            {
+                tracing::warn!(provider = name, "cannot tell the fleet to wait: {err}");
+            }
             let opened = match e.scope() {
                 Some(scope) => Box::pin(exec.circuits.failed(
                     name,
