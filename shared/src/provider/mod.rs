@@ -375,7 +375,7 @@ fn go_duration(text: &str) -> Option<Duration> {
         total += n * secs;
         rest = &rest[unit_end..];
     }
-    (total.is_finite() && total >= 0.0 && total < 1e9).then(|| Duration::from_secs_f64(total))
+    (0.0..1e9).contains(&total).then(|| Duration::from_secs_f64(total))
 }
 
 /// Reads how long to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP-date.
