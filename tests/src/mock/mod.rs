@@ -203,8 +203,8 @@ struct Shared {
     open: Mutex<HashMap<String, (u64, u64)>>,
     /// Requests seen per conversation hash, for `flaky`.
     flaky: Mutex<HashMap<u64, u64>>,
-    /// Per `strict-<n>` model: requests counted, and the hold it asked for (since, until).
-    strict: Mutex<HashMap<String, (u64, Option<(Instant, Instant)>)>>,
+    /// Per `strict-<n>` model: requests counted, and the hold it asked for.
+    strict: Mutex<HashMap<String, (u64, Option<StrictHold>)>>,
     /// Requests that came while a wait the mock asked for stood.
     retry_after_ignored: AtomicU64,
     /// When each POST request arrived (ms since the epoch), as a provider counting requests
@@ -215,6 +215,9 @@ struct Shared {
     /// The address the server listens on (for URLs it hands out).
     addr: std::sync::OnceLock<SocketAddr>,
 }
+
+/// A wait a `strict-<n>` model asked for: since when, until when.
+type StrictHold = (Instant, Instant);
 
 impl Shared {
     fn new(opts: MockOptions, shutdown: CancellationToken) -> Self {
