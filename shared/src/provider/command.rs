@@ -212,6 +212,44 @@ impl CommandRunner {
         self.error(req, class, message)
     }
 
+    /// A non-zero exit, read like an HTTP answer where its text allows: a rate limit or a
+    /// quota by its words, a context window that is too small as `context too long` (fatal,
+    /// as for HTTP), a server error or a network failure the CLI met as the model's or the
+    /// provider's health. Anything else is about the task: it retries and falls back, but
+    /// opens no circuit.
+    fn exit_error(&self, req: &Request, detail: &str, message: String) -> Error {
+        let said = detail.to_lowercase();
+        if is_context_window(&said) {
+            return self.error(
+                req,
+                ErrorClass::Fatal,
+                format!("context too long: {message}"),
+            );
+        }
+        let class = classify_failure(detail);
+        let mut e = self.error(req, class, message);
+        if class == ErrorClass::Retryable {
+            if let Some(status) = server_status(&said) {
+                e.status = Some(status);
+            } else if [
+                "connection refused",
+                "connection reset",
+                "econnrefused",
+                "econnreset",
+                "network error",
+                "could not resolve host",
+                "getaddrinfo",
+                "enotfound",
+            ]
+            .iter()
+            .any(|w| said.contains(w))
+            {
+                e.transport = Some(super::Transport::Connect);
+            }
+        }
+        e
+    }
+
     async fn call(&self, req: &Request) -> Result<Completion> {
         match tokio::time::timeout(req.timeout, self.run(req)).await {
             Ok(result) => result,
@@ -308,7 +346,7 @@ impl CommandRunner {
                 message.push_str(": ");
                 message.push_str(&cut);
             }
-            return Err(self.error(req, classify_failure(&detail), message));
+            return Err(self.exit_error(req, &detail, message));
         }
         written.map_err(|e| io_error("write the prompt to", e))?;
         let text = stdout.trim_end_matches(['\n', '\r']);
@@ -481,6 +519,42 @@ fn classify_failure(said: &str) -> ErrorClass {
     } else {
         ErrorClass::Retryable
     }
+}
+
+/// Whether a CLI's (lowercased) error says the prompt did not fit the model's context.
+fn is_context_window(said: &str) -> bool {
+    [
+        "context length",
+        "context window",
+        "context_length_exceeded",
+        "maximum context",
+        "prompt is too long",
+        "input is too long",
+        "exceeds the context",
+        "exceeds the maximum number of tokens",
+        "input length exceeds",
+        "too many tokens",
+    ]
+    .iter()
+    .any(|w| said.contains(w))
+}
+
+/// The server error a CLI's (lowercased) error reports, as the HTTP status it stands for.
+fn server_status(said: &str) -> Option<u16> {
+    for (words, status) in [
+        ("internal server error", 500),
+        ("bad gateway", 502),
+        ("service unavailable", 503),
+        ("gateway timeout", 504),
+        ("overloaded", 529),
+    ] {
+        if said.contains(words) {
+            return Some(status);
+        }
+    }
+    [500u16, 502, 503, 504, 529]
+        .into_iter()
+        .find(|n| mentions_number(said, &n.to_string()))
 }
 
 /// Whether `number` occurs in `text` not as part of a longer number.
@@ -757,6 +831,66 @@ mod tests {
             let e = failure(&r, &request("p")).await;
             assert_eq!(e.class, class, "{script}: {e}");
         }
+    }
+
+    #[tokio::test]
+    async fn an_exit_counts_against_a_circuit_only_when_its_text_says_the_model_or_provider_is_unwell()
+     {
+        use crate::provider::Scope;
+        let cases = [
+            // The task failed on this model: routing's business, not the circuit's.
+            (
+                "echo '3 tests failed' >&2; exit 1",
+                ErrorClass::Retryable,
+                None,
+            ),
+            ("exit 1", ErrorClass::Retryable, None),
+            (
+                "echo 'API Error: 529 overloaded' >&2; exit 1",
+                ErrorClass::Retryable,
+                Some(Scope::Model),
+            ),
+            (
+                "echo 'Error: 503 Service Unavailable' >&2; exit 1",
+                ErrorClass::Retryable,
+                Some(Scope::Model),
+            ),
+            (
+                "echo 'connect ECONNREFUSED 127.0.0.1:443' >&2; exit 1",
+                ErrorClass::Retryable,
+                Some(Scope::Provider),
+            ),
+            (
+                "echo 'Prompt is too long: 250000 tokens' >&2; exit 1",
+                ErrorClass::Fatal,
+                None,
+            ),
+            (
+                "echo 'Rate limit exceeded' >&2; exit 1",
+                ErrorClass::RateLimited,
+                None,
+            ),
+        ];
+        for (script, class, scope) in cases {
+            let r = runner("sh", &["-c", script], PromptVia::Stdin);
+            let e = failure(&r, &request("p")).await;
+            assert_eq!((e.class, e.scope()), (class, scope), "{script}: {e}");
+        }
+        let r = runner(
+            "sh",
+            &["-c", "echo 'prompt is too long' >&2; exit 1"],
+            PromptVia::Stdin,
+        );
+        let e = failure(&r, &request("p")).await;
+        assert!(
+            e.message.starts_with("context too long: `sh` exited"),
+            "{e}"
+        );
+        let r = runner("sh", &["-c", "sleep 5"], PromptVia::Stdin);
+        let mut req = request("p");
+        req.timeout = Duration::from_millis(100);
+        let e = failure(&r, &req).await;
+        assert_eq!(e.scope(), Some(Scope::Model), "no answer in time: {e}");
     }
 
     #[tokio::test]

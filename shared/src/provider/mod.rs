@@ -256,8 +256,12 @@ impl Error {
     }
 
     /// Which circuit this error counts against: the provider's for connection and
-    /// authentication failures, the model's for server errors and timeouts, none for
-    /// answers about the task itself (400, 404, 422, rate limits, quotas).
+    /// authentication failures and a program that cannot start, the model's for server
+    /// errors (408, 5xx) and timeouts. None for answers about the task itself: 400, 404,
+    /// 409, 422, rate limits, quotas, an answer that does not fit the task's schema, a CLI
+    /// that ran and failed the task (its exit reads as a server error only when its text
+    /// says so). What one kind of task does on one model is routing's business (stats,
+    /// escalation, fallback), not the model's health.
     #[must_use]
     pub fn scope(&self) -> Option<Scope> {
         match (self.transport, self.status) {
@@ -266,7 +270,7 @@ impl Error {
             (Some(Transport::Connect | Transport::Broken), _) => Some(Scope::Provider),
             (Some(Transport::Timeout), _) => Some(Scope::Model),
             (None, Some(401 | 403)) => Some(Scope::Provider),
-            _ if self.class == ErrorClass::Retryable => Some(Scope::Model),
+            (None, Some(408 | 500..=599)) => Some(Scope::Model),
             _ => None,
         }
     }
@@ -375,7 +379,9 @@ fn go_duration(text: &str) -> Option<Duration> {
         total += n * secs;
         rest = &rest[unit_end..];
     }
-    (0.0..1e9).contains(&total).then(|| Duration::from_secs_f64(total))
+    (0.0..1e9)
+        .contains(&total)
+        .then(|| Duration::from_secs_f64(total))
 }
 
 /// Reads how long to wait from `retry-after-ms`, or `Retry-After` in seconds or as an HTTP-date.

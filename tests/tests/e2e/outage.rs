@@ -666,3 +666,76 @@ async fn a_retry_after_given_to_one_worker_holds_every_worker_on_the_key() {
     );
     drop(workers);
 }
+
+/// A cheap CLI model fails every hard code task (it runs, and exits 1 saying the tests
+/// failed) and answers documentation well. Its failures are about those tasks: they fall
+/// back to the premium model, and the cheap model's circuit stays closed, so documentation
+/// keeps going to it.
+#[tokio::test]
+async fn a_model_failing_one_kind_of_task_stays_open_to_the_others() {
+    let env = TestEnv::new().await.unwrap();
+    let sfx = &env.queue[2..];
+    let script = r#"p=$(cat); case "$p" in *HARD*) echo "3 tests failed" >&2; exit 1;; *) echo "documented";; esac"#;
+    let text = format!(
+        "providers:
+  - name: cheap{sfx}
+    kind: command
+    command: {{program: sh, args: [\"-c\", {script:?}], prompt_via: stdin}}
+    models: [{{id: cheap-cli, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]
+  - name: premium{sfx}
+    kind: openai_compatible
+    base_url: {}/v1
+    api_key: k
+    models: [{{id: mock-smart, input_usd_per_mtok: 3, output_usd_per_mtok: 15}}]
+routing:
+  strategy: cheapest
+  retry: {{tries_per_provider: 1, backoff: [10ms]}}
+  cooldown: {{after_failures: 3, for: 60s}}
+",
+        env.mock.url()
+    );
+    let config = Config::parse("circuit-test.yaml", &text, &|_| None).unwrap();
+    let w = worker(&env, config);
+    let hard: Vec<Envelope> = (0..6)
+        .map(|i| {
+            let mut e = Envelope::new(format!("HARD code task {i}"));
+            e.task_type = Some("code_generation".into());
+            e
+        })
+        .collect();
+    for e in &hard {
+        // One after another, so the cheap model fails six times in a row.
+        env.redis.enqueue(&env.keys, e).await.unwrap();
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(
+            r.provider.as_deref(),
+            Some(format!("premium{sfx}").as_str()),
+            "{r:?}"
+        );
+    }
+    for i in 0..3 {
+        let mut e = Envelope::new(format!("document module {i}"));
+        e.task_type = Some("documentation".into());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert_eq!(
+            r.provider.as_deref(),
+            Some(format!("cheap{sfx}").as_str()),
+            "documentation still goes to the cheap model: {r:?}"
+        );
+    }
+    let open = Circuits::new(env.redis.clone(), "test")
+        .open(&[(format!("cheap{sfx}"), vec!["cheap-cli".into()])])
+        .await
+        .unwrap();
+    assert!(open.is_empty(), "{open:?}");
+    w.stop().await.unwrap();
+}
