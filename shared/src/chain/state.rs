@@ -37,6 +37,10 @@ pub struct StepState {
     pub ok: u32,
     #[serde(default)]
     pub failed: u32,
+    /// Findings of other reviews that rejected the same work at once, folded into this
+    /// round rather than sending the step back again: appended to its prompt as data.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folded: Vec<String>,
 }
 
 /// A chain as stored: its spec, state and steps.
@@ -96,6 +100,7 @@ impl ChainState {
                 task,
                 waits_for,
                 ok: u32::try_from(ok.len()).unwrap_or(0),
+                fold: String::new(),
             });
         }
         Ok(out)
@@ -185,4 +190,8 @@ pub struct Rerun {
     pub waits_for: Vec<String>,
     /// How many of its parents already succeeded.
     pub ok: u32,
+    /// What a review's rejection appended to the step's prompt (its findings), for the step
+    /// to redo; empty for the others. When a sibling review already sent the step into this
+    /// round, this is folded into that round instead of running the step twice.
+    pub fold: String,
 }

@@ -480,9 +480,13 @@ pub(super) fn step_fields(s: &StepState) -> String {
     serde_json::Value::Object(m).to_string()
 }
 
-/// A rerun's six arguments, as `lua/rerun.lua` reads them: name, task id, envelope, round,
-/// the parents it waits for joined by ',', how many parents already succeeded.
-pub(super) fn rerun_args(r: &Rerun) -> [String; 6] {
+/// How many arguments a rerun takes.
+pub(super) const RERUN_ARGS: usize = 7;
+
+/// A rerun's seven arguments: name, task id, envelope, round, the parents it waits for
+/// joined by ',', how many parents already succeeded (as `lua/rerun.lua` reads them), and
+/// what to fold into the round when a sibling review already started it (`finish.lua`).
+pub(super) fn rerun_args(r: &Rerun) -> [String; RERUN_ARGS] {
     [
         r.step.clone(),
         r.task.id.map(|i| i.to_string()).unwrap_or_default(),
@@ -490,5 +494,6 @@ pub(super) fn rerun_args(r: &Rerun) -> [String; 6] {
         r.round.to_string(),
         r.waits_for.join(","),
         r.ok.to_string(),
+        r.fold.clone(),
     ]
 }

@@ -12,8 +12,8 @@
 --   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
 --           cancelled), step state fields as json, prefix of the chain's wait sets
 --   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
---   rerun:  result key, chain, steps, tasks; settle, task id, step, then 6 per rerun (see
---           rerun.lua): name, task id, envelope, round, waits, ok
+--   rerun:  result key, chain, steps, tasks; settle, task id, step, then 7 per rerun:
+--           name, task id, envelope, round, waits, ok (see rerun.lua), fold
 --   expand: chain, steps, tasks, the chains index; entry id, chain id, spec json,
 --           on_failure, then 5 per step (see expand below)
 -- Returns one integer per item: 1 applied, 0 fenced (the entry is no longer this consumer's).
@@ -48,12 +48,41 @@ local function rerun_steps(stream, k, b, na)
   end
   local raw = redis.call('HGET', steps, name)
   local s = raw and cjson.decode(raw)
-  if not s or s.task_id ~= task_id or s.status ~= 'queued' then
+  if not s then
     return
   end
-  for r = b + 8, b + na - 1, 6 do
-    rerun_step(stream, chain, steps, tasks, ARGV[r], ARGV[r + 1], ARGV[r + 2], ARGV[r + 3],
-      ARGV[r + 4], ARGV[r + 5])
+  -- A step whose task is no longer its current one (a sibling's rejection sent the work,
+  -- and this step with it, into a new round) reruns nothing: it may only fold.
+  local current = s.task_id == task_id and s.status == 'queued'
+  -- Two reviews that reject the same work at once send it back once: a step a sibling's
+  -- rejection already put into this round is not run again. Its findings are folded into
+  -- that round while it has not run; a step that already succeeded in it counts as a parent
+  -- that succeeded for the steps after it. (A step that failed or was cancelled in it runs
+  -- again, as a rerun always did.)
+  local settled = {}
+  for r = b + 8, b + na - 1, 7 do
+    local step, round = ARGV[r], tonumber(ARGV[r + 3])
+    local raw_now = redis.call('HGET', steps, step)
+    local now_s = raw_now and cjson.decode(raw_now)
+    if now_s and (tonumber(now_s.round) or 0) >= round and now_s.status ~= 'failed'
+        and now_s.status ~= 'cancelled' then
+      if now_s.status == 'succeeded' then
+        settled[step] = true
+      elseif ARGV[r + 6] ~= '' then
+        local folded = now_s.folded
+        if type(folded) ~= 'table' then folded = {} end
+        folded[#folded + 1] = ARGV[r + 6]
+        now_s.folded = folded
+        redis.call('HSET', steps, step, cjson.encode(now_s))
+      end
+    elseif current then
+      local waits, ok = {}, tonumber(ARGV[r + 5])
+      for p in string.gmatch(ARGV[r + 4], '[^,]+') do
+        if settled[p] then ok = ok + 1 else waits[#waits + 1] = p end
+      end
+      rerun_step(stream, chain, steps, tasks, step, ARGV[r + 1], ARGV[r + 2], ARGV[r + 3],
+        table.concat(waits, ','), ok)
+    end
   end
 end
 

@@ -193,7 +193,9 @@ impl Write {
                 step,
                 reruns,
             } => {
-                inv.arg("rerun").arg(4).arg(SETTLE + 2 + 6 * reruns.len());
+                inv.arg("rerun")
+                    .arg(4)
+                    .arg(SETTLE + 2 + super::chain::RERUN_ARGS * reruns.len());
                 chain_keys(inv, finish, chain_id);
                 settle(inv, finish);
                 inv.arg(&finish.task_id).arg(step);

@@ -54,10 +54,11 @@
 //! | `rate-limit-ms` | 429 with `retry-after-ms: 200` (Gemini: `retryDelay: "0.200s"`, no header) |
 //! | `rate-limit-date` | 429 with an HTTP-date `Retry-After` 2 s in the future (Gemini: that header and `retryDelay: "2s"`) |
 //! | `flaky`, `flaky-<n>` | per conversation, the first 2 (or `n`) requests get 500, later ones 200 |
-//! | `strict-<n>` | a provider that judges its clients: every `n`th request of the model gets 429 with `retry-after-ms: 200`, and the model's key is held that long; a request arriving while the hold stands (25 ms after it began or later, so requests already on their way are forgiven) gets another 429 and counts in [`MockServer::retry_after_ignored`]; others get 200 after 20 ms |
+//! | `strict-<n>` | a provider that judges its clients: every `n`th request of the model gets 429 with `retry-after-ms: 200`, and the model's key is held that long; a request arriving while the hold stands (50 ms after it began or later, so requests already on their way are forgiven) gets another 429 and counts in [`MockServer::retry_after_ignored`]; others get 200 after 20 ms |
 //! | `judge-first`, `judge-last` | 200 answering `1`, or the highest `[n]` in the prompt (a chain's judge) |
 //! | `review-approve`, `review-reject` | 200 answering `{"verdict": "approve"\|"reject", "findings": [...]}` |
 //! | `review-reject-once` | rejects the first review of a piece of work (by its `## Work to review` line), approves the next |
+//! | `review-reject-draft` | rejects work that was not redone (no `## Findings of review` in it), approves work that was |
 //! | a model in [`MockOptions::quality`] | 200 whose answer ends with `[[verdict:good]]` or `[[verdict:bad]]`, good with the model's share for the prompt's `[[type:...]]` |
 //! | `context-too-long` | 400: OpenAI `context_length_exceeded`; Anthropic `prompt is too long: 250000 tokens > 200000 maximum`; Gemini `The input token count (N) exceeds the maximum number of tokens allowed (1048576).`; Ollama `the input length exceeds the context length` |
 //! | `blocked` (Gemini only) | 200 with `promptFeedback.blockReason: "SAFETY"` and no candidates |
@@ -141,6 +142,7 @@ pub const MAGIC_MODELS: &[&str] = &[
     "review-approve",
     "review-reject",
     "review-reject-once",
+    "review-reject-draft",
     "batch-expire",
     "batch-fail",
     "batch-stuck",
@@ -260,7 +262,7 @@ impl Shared {
     /// `n`th, which begins a hold of 200 ms (what `retry-after-ms` then says).
     fn strict_refuses(&self, model: &str, n: u64) -> bool {
         const HOLD: Duration = Duration::from_millis(200);
-        const IN_FLIGHT: Duration = Duration::from_millis(25);
+        const IN_FLIGHT: Duration = Duration::from_millis(50);
         let now = Instant::now();
         let mut map = self.strict.lock().unwrap_or_else(PoisonError::into_inner);
         let (count, hold) = map.entry(model.to_owned()).or_default();
@@ -413,6 +415,17 @@ impl MockServer {
     #[must_use]
     pub fn total_calls(&self) -> u64 {
         self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// The last user messages of the chat requests received, each once.
+    #[must_use]
+    pub fn prompts(&self) -> Vec<String> {
+        let map = self
+            .state
+            .per_prompt
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        map.keys().cloned().collect()
     }
 
     /// Requests to a `strict-<n>` model that arrived while a wait it had asked for stood.
@@ -633,6 +646,8 @@ enum Script {
     ReviewReject,
     /// Rejects the first review of a piece of work, approves the next.
     ReviewRejectOnce,
+    /// Rejects work that has not been redone yet (no findings in it), approves the rest.
+    ReviewRejectDraft,
 }
 
 impl Script {
@@ -656,6 +671,14 @@ impl Script {
             }
             Script::ReviewApprove => APPROVE.into(),
             Script::ReviewReject => REJECT.into(),
+            Script::ReviewRejectDraft => {
+                let work = prompt.split("## Work to review").nth(1).unwrap_or(prompt);
+                if work.contains("## Findings of review") {
+                    APPROVE.into()
+                } else {
+                    REJECT.into()
+                }
+            }
             Script::ReviewRejectOnce => {
                 // The work under review names its step; the first look at it rejects.
                 let work = prompt.split("## Work to review").nth(1).unwrap_or(prompt);
@@ -687,6 +710,7 @@ fn magic(name: &str) -> Option<Behaviour> {
         "review-approve" => Behaviour::Scripted(Script::ReviewApprove),
         "review-reject" => Behaviour::Scripted(Script::ReviewReject),
         "review-reject-once" => Behaviour::Scripted(Script::ReviewRejectOnce),
+        "review-reject-draft" => Behaviour::Scripted(Script::ReviewRejectDraft),
         _ => {
             if let Some(ms) = number_after(name, "slow-") {
                 Behaviour::Slow(Duration::from_millis(ms))

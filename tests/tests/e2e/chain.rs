@@ -1579,3 +1579,198 @@ async fn a_merge_whose_parents_outputs_pass_the_limit_fails_before_its_call() {
     assert_eq!(env.mock.total_calls(), 16, "the parents' calls only");
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn two_reviews_that_reject_at_once_send_the_work_back_once_with_both_findings_folded() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-two", env.queue);
+    let review = |name: &str| {
+        json!({"name": name, "kind": "review", "after": ["draft"], "reviews": "draft",
+               "model": "review-reject-draft", "on_reject": {"rerun": "draft", "max_rounds": 1}})
+    };
+    submit(
+        &env,
+        &json!({"v": 1, "chain_id": id, "steps": [
+            {"name": "draft", "prompt": "Write the parser"},
+            review("review_a"),
+            review("review_b"),
+            {"name": "ship", "after": ["review_a", "review_b"], "prompt": "Ship"}]}),
+    )
+    .await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    assert_eq!(c.steps["draft"].round, 1, "one round back, not two");
+    assert_eq!(
+        (c.steps["review_a"].round, c.steps["review_b"].round),
+        (1, 1),
+        "each review looked again at the redone work"
+    );
+    // The redone work ran once: one call for round 1's task, none for a round 2.
+    let calls: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT task_id::text, count(*) FROM provider_calls WHERE queue = $1 GROUP BY task_id",
+    )
+    .bind(&env.queue)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap();
+    let calls: std::collections::HashMap<String, i64> = calls.into_iter().collect();
+    let round = |n| llmq_shared::chain::step_task_id(&id, "draft", n).to_string();
+    assert_eq!(calls.get(&round(0)), Some(&1));
+    assert_eq!(
+        calls.get(&round(1)),
+        Some(&1),
+        "the step sent back by two rejections ran once: {calls:?}"
+    );
+    assert_eq!(calls.get(&round(2)), None);
+    // The redone work was asked once.
+    let redone: Vec<String> = env
+        .mock
+        .prompts()
+        .into_iter()
+        .filter(|p| p.starts_with("Write the parser\n\n## Findings of review"))
+        .collect();
+    assert_eq!(redone.len(), 1, "{redone:#?}");
+    // Both rejections' findings are in it when the second came before the redone work ran
+    // (the two reviews run at once, so as a rule); say which it was.
+    let both = redone[0].contains("review `review_a`") && redone[0].contains("review `review_b`");
+    eprintln!("both findings folded into the redone round: {both}");
+    assert_eq!(
+        env.redis.counts(&env.keys).await.unwrap().dead,
+        0,
+        "a review superseded by its sibling's rejection ends quietly"
+    );
+    w.stop().await.unwrap();
+}
+
+/// Two reviews' rejections of the same work written in one batch: the work goes into one
+/// new round, once in the stream, carrying the second review's findings folded in; both
+/// reviews wait for it.
+#[tokio::test]
+async fn two_rejections_in_one_batch_fold_into_one_round() {
+    use llmq_shared::chain::{Chain, StepOutcome, StepState};
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::{Finish, Write};
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-fold", env.queue);
+    let review = |name: &str| {
+        json!({"name": name, "kind": "review", "after": ["draft"], "reviews": "draft",
+               "on_reject": {"rerun": "draft", "max_rounds": 2}})
+    };
+    let spec = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "draft", "prompt": "Write it"}, review("review_a"), review("review_b")]});
+    let read = |n: usize| {
+        let (redis, keys) = (env.redis.clone(), env.keys.clone());
+        async move {
+            let mut conn = redis.blocking_conn().await.unwrap();
+            redis
+                .read(&mut conn, &keys, "tester", n, None)
+                .await
+                .unwrap()
+        }
+    };
+    let ttl = Duration::from_secs(60);
+    env.xadd("chain", spec.to_string().as_bytes())
+        .await
+        .unwrap();
+    let entry = read(1).await.remove(0);
+    let chain = Chain::parse(
+        spec.to_string().as_bytes(),
+        1 << 20,
+        &env.queue,
+        &entry.entry_id,
+    )
+    .unwrap();
+    let expand = Write::Expand {
+        entry_id: entry.entry_id,
+        chain: Box::new(chain),
+    };
+    env.redis
+        .write(&env.keys, "tester", ttl, &[expand])
+        .await
+        .unwrap();
+    // The draft succeeds: both reviews are enqueued.
+    let draft = read(1).await.remove(0);
+    let draft_id = llmq_shared::chain::step_task_id(&id, "draft", 0).to_string();
+    let done = Write::Step(
+        Finish::done(
+            draft.entry_id,
+            draft_id.clone(),
+            TaskRecord::pending(&draft_id, &env.queue, Status::Succeeded),
+        ),
+        Box::new(StepOutcome {
+            chain_id: id.clone(),
+            step: "draft".into(),
+            outcome: "succeeded",
+            fields: StepState {
+                task_id: draft_id,
+                ..StepState::default()
+            },
+        }),
+    );
+    env.redis
+        .write(&env.keys, "tester", ttl, &[done])
+        .await
+        .unwrap();
+    let reviews = read(2).await;
+    assert_eq!(reviews.len(), 2);
+    // Each review rejects, sending the draft and itself into round 1 with its findings.
+    let state = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    let rejection = |entry: &str, name: &str| {
+        let again = ["draft".to_owned(), name.to_owned()].into_iter().collect();
+        let mut reruns = state.reruns(&again).unwrap();
+        for r in &mut reruns {
+            if r.step == "draft" {
+                r.fold = format!("\n\n## Findings of review `{name}`\n\nfix it");
+                r.task.prompt.push_str(&r.fold);
+            }
+        }
+        let task_id = state.steps[name].task_id.clone();
+        Write::Rerun {
+            finish: Finish::done(
+                entry.to_owned(),
+                task_id.clone(),
+                TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+            ),
+            chain_id: id.clone(),
+            step: name.into(),
+            reruns,
+        }
+    };
+    let by_name = |d: &llmq_shared::queue::Delivery| {
+        let e: Value = serde_json::from_slice(d.payload.as_deref().unwrap()).unwrap();
+        e["step"].as_str().unwrap().to_owned()
+    };
+    let writes: Vec<Write> = reviews
+        .iter()
+        .map(|d| rejection(&d.entry_id, &by_name(d)))
+        .collect();
+    assert_eq!(
+        env.redis
+            .write(&env.keys, "tester", ttl, &writes)
+            .await
+            .unwrap(),
+        [true, true]
+    );
+    let after = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            after.steps["draft"].round,
+            after.steps["draft"].status.as_str()
+        ),
+        (1, "queued"),
+        "{after:#?}"
+    );
+    assert_eq!(after.steps["draft"].folded.len(), 1, "{after:#?}");
+    for r in ["review_a", "review_b"] {
+        assert_eq!(
+            (after.steps[r].round, after.steps[r].status.as_str()),
+            (1, "blocked"),
+            "{r}"
+        );
+    }
+    let queued = read(10).await;
+    assert_eq!(queued.len(), 1, "the draft is enqueued once");
+    assert_eq!(by_name(&queued[0]), "draft");
+}

@@ -309,36 +309,6 @@ impl Attempt<'_> {
         let mut tries = 0;
         let mut rate_waits = 0;
         loop {
-            // A wait the provider asked of any worker for this model (Retry-After) holds
-            // here too: waited out like one's own when short, else the task waits in
-            // `delayed`, neither using a try.
-            match Box::pin(exec.circuits.held(name, model)).await {
-                Ok(Some(hold)) => {
-                    let wait = hold.remaining();
-                    let why = format!(
-                        "{name}/{model} asked every caller to wait until {} ({})",
-                        hold.until.format("%H:%M:%S%.3f UTC"),
-                        hold.reason
-                    );
-                    if wait > retry.max_retry_after || rate_waits >= MAX_RATE_WAITS {
-                        errors.push(why.clone());
-                        return Stop::Later {
-                            until: hold.until,
-                            why,
-                            class: ErrorClass::RateLimited,
-                            model_only: true,
-                        };
-                    }
-                    rate_waits += 1;
-                    tokio::select! {
-                        () = tokio::time::sleep(wait) => {}
-                        () = exec.hard_stop.cancelled() => return Stop::Released,
-                    }
-                    continue;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(provider = name, "cannot read the provider's hold: {e}"),
-            }
             let reservation = match Box::pin(self.reserve(cand)).await {
                 Ok(r) => r,
                 Err(stop) => {
@@ -372,16 +342,6 @@ impl Attempt<'_> {
                 Err(e) => e,
             };
             errors.push(e.to_string());
-            // A wait asked with a 429 or an overload speaks to the API key: the fleet waits.
-            let asks_all =
-                e.class == ErrorClass::RateLimited || matches!(e.status, Some(503 | 529));
-            if asks_all
-                && let Some(wait) = e.retry_after
-                && let Err(err) =
-                    Box::pin(exec.circuits.hold(name, model, wait, &e.to_string())).await
-            {
-                tracing::warn!(provider = name, "cannot tell the fleet to wait: {err}");
-            }
             let opened = match e.scope() {
                 Some(scope) => Box::pin(exec.circuits.failed(
                     name,
@@ -455,6 +415,52 @@ impl Attempt<'_> {
                 () = tokio::time::sleep(wait) => {}
                 () = exec.hard_stop.cancelled() => return Stop::Released,
             }
+        }
+    }
+
+    /// The wait another worker was asked for this model, as the 429 it stands for.
+    async fn held(&self, cand: &Candidate<'_>) -> Option<provider::Error> {
+        let (name, model) = (cand.provider.name.as_str(), cand.model.id.as_str());
+        match Box::pin(self.exec.circuits.held(name, model)).await {
+            Ok(Some(hold)) => {
+                let mut e = provider::Error::new(
+                    name,
+                    model,
+                    ErrorClass::RateLimited,
+                    format!(
+                        "not sent: the provider asked every caller to wait until {} ({})",
+                        hold.until.format("%H:%M:%S%.3f UTC"),
+                        hold.reason
+                    ),
+                );
+                e.retry_after = Some(hold.remaining());
+                Some(e)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(provider = name, "cannot read the provider's hold: {e}");
+                None
+            }
+        }
+    }
+
+    /// A wait asked with a 429, or a 503 or 529, speaks to the API key, not to this worker:
+    /// every worker waits it out.
+    async fn hold_fleet(&self, cand: &Candidate<'_>, e: &provider::Error) {
+        let asks_all = e.class == ErrorClass::RateLimited || matches!(e.status, Some(503 | 529));
+        if let (true, Some(wait)) = (asks_all, e.retry_after)
+            && let Err(err) = Box::pin(self.exec.circuits.hold(
+                &cand.provider.name,
+                &cand.model.id,
+                wait,
+                &e.to_string(),
+            ))
+            .await
+        {
+            tracing::warn!(
+                provider = cand.provider.name,
+                "cannot tell the fleet to wait: {err}"
+            );
         }
     }
 
@@ -638,6 +644,13 @@ impl Attempt<'_> {
             self.waiting.store(false, Relaxed);
             self.calls[row].outcome = STARTED.into();
         }
+        // A wait the provider asked of any worker for this model (Retry-After) holds this
+        // call too, read as late as can be: the call is not sent (its row says so) and the
+        // attempt waits as for a 429 of its own, using no try.
+        if let Some(held) = self.held(cand).await {
+            self.calls[row].outcome = UNSENT.into();
+            return Err(held);
+        }
         let started = Instant::now();
         let result = match exec.clients.get(name) {
             Some(client) => client.complete(&req).instrument(span.clone()).await,
@@ -649,6 +662,9 @@ impl Attempt<'_> {
             )),
         };
         let took = started.elapsed();
+        if let Err(e) = &result {
+            self.hold_fleet(cand, e).await;
+        }
         let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
         // An answer that is not the JSON the task asked for is a failed call (billed as
         // made), which retries and falls back like any other.

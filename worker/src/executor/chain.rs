@@ -79,10 +79,11 @@ impl Rework {
                     // At the top tier, or pinned, the work goes back as it is.
                     let _ = escalate(&mut r.task, from);
                 }
-                r.task.prompt.push_str(&format!(
+                r.fold = format!(
                     "\n\n## Findings of review `{}` on the previous version\n\n{findings}\n\nAddress every finding.",
                     self.review
-                ));
+                );
+                r.task.prompt.push_str(&r.fold);
             }
         }
         self.reruns
@@ -130,6 +131,18 @@ pub(super) async fn prepare(
     let own = states
         .get(name)
         .is_some_and(|s| env.id.is_some_and(|id| s.task_id == id.to_string()));
+    // An earlier round's task of a step sent into a new round (a sibling's rejection sent the
+    // work it depends on back) is superseded: it ends quietly, and the new round runs.
+    if let Some(s) = states.get(name)
+        && !own
+        && let Some(id) = env.id
+        && (0..s.round).any(|r| chain::step_task_id(chain_id, name, r) == id)
+    {
+        return Ok(Prepared::Cancelled(format!(
+            "superseded: step `{name}` of chain `{chain_id}` runs again as round {}, after the work it depends on was sent back",
+            s.round
+        )));
+    }
     if let Some(s) = states.get(name)
         && (!own || !matches!(s.status.as_str(), "queued" | "cancelled"))
     {
@@ -162,6 +175,10 @@ pub(super) async fn prepare(
         )));
     };
     let template = step.prompt.as_str();
+    let folded: Vec<String> = states
+        .get(name)
+        .map(|s| s.folded.clone())
+        .unwrap_or_default();
     // Parents that succeeded, in `after` order, then the other ancestors the prompt names:
     // with their outputs where needed.
     let referenced = chain::references(template)
@@ -215,7 +232,11 @@ pub(super) async fn prepare(
     // Handoffs: counted before they are filled in, so outputs referenced many times cannot
     // make a prompt of any size.
     let size = chain::references(template).iter().fold(
-        template.len().saturating_add(added.len()),
+        folded
+            .iter()
+            .fold(template.len().saturating_add(added.len()), |n, f| {
+                n.saturating_add(f.len())
+            }),
         |n, (range, r)| {
             let len = match r {
                 Reference::Var(_) => return n,
@@ -279,6 +300,11 @@ pub(super) async fn prepare(
         )));
     }
     prompt.push_str(added);
+    // Findings of sibling reviews that rejected the same work at once, folded into this
+    // round: data, like `added`.
+    for fold in &folded {
+        prompt.push_str(fold);
+    }
     // Candidates (of a judge, a consensus, a merge) are the parents only.
     let candidates: Vec<(&str, String)> = succeeded
         .iter()
@@ -432,10 +458,18 @@ fn rework(state: &ChainState, step: &chain::Step, config: &Config) -> Option<Rew
             todo.extend(s.after.iter().cloned());
         }
     }
+    // Also every other step after the redone one that is queued now (a sibling review, say):
+    // it would read work that is being redone, so it runs again after the new round instead.
     let again: std::collections::HashSet<String> = state
         .descendants(&on_reject.rerun)
         .into_iter()
-        .filter(|n| upstream.contains(n))
+        .filter(|n| {
+            upstream.contains(n)
+                || state
+                    .steps
+                    .get(n)
+                    .is_some_and(|s| s.status == "queued" && *n != on_reject.rerun)
+        })
         .collect();
     let reruns = state.reruns(&again).ok()?;
     let escalate_from = on_reject.escalate.then(|| {

@@ -420,6 +420,7 @@ mod tests {
             task,
             waits_for: Vec::new(),
             ok: 0,
+            fold: String::new(),
         }
     }
 
