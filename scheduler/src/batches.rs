@@ -29,9 +29,6 @@ const MAX_BATCHES_PER_RUN: usize = 10;
 const SEND_FOR: Duration = Duration::from_secs(3600);
 /// A given-up batch is asked about for this long after, for what the provider still bills.
 const ABANDONED_FOR: Duration = Duration::from_secs(2 * 24 * 3600);
-/// A batch taken but not recorded as sent this long after is sent again: its sender died
-/// (sending takes at most two requests of two minutes each).
-const RESEND_AFTER: Duration = Duration::from_secs(5 * 60);
 
 /// The batch clients of the providers with a `batch:` section.
 pub(crate) fn clients(config: &llmq_shared::config::Config) -> HashMap<String, BatchClient> {
@@ -220,10 +217,13 @@ impl Scheduler {
     async fn follow(&self, keys: &QueueKeys, record: &BatchRecord) -> Result<u64> {
         let now = now_ms();
         let Some(remote) = record.remote.as_deref() else {
-            // Taken but never recorded as sent: its sender died. Send it again.
-            if now - record.created_ms > ms(RESEND_AFTER) {
+            // Taken but never recorded as sent: its sender died, before the provider made
+            // the batch or after. Found there by its label, it is followed; else sent again.
+            if now - record.created_ms > ms(self.batch_resend_after) {
                 let taken = self.sent_tasks(keys, record).await?;
-                self.send(keys, record, taken).await?;
+                if !self.sent_already(keys, record, &taken).await? {
+                    self.send(keys, record, taken).await?;
+                }
             }
             return Ok(0);
         };
@@ -310,6 +310,56 @@ impl Scheduler {
             .filter(|(state, _)| state == "sent")
             .map(|(_, t)| t)
             .collect())
+    }
+
+    /// Looks for the batch `record` at its provider by the label it was sent with, and records
+    /// it as sent when it is there. Returns whether it was; a provider that cannot be asked
+    /// now counts as having it (asked again next run), so a batch is never sent twice on a
+    /// guess.
+    async fn sent_already(
+        &self,
+        keys: &QueueKeys,
+        record: &BatchRecord,
+        taken: &[Taken],
+    ) -> Result<bool> {
+        let Some(client) = self.batch_clients.get(&record.provider) else {
+            return Ok(false);
+        };
+        match client.find(&record.model, &record.id).await {
+            Ok(Some(remote)) => {
+                let margin = ms(FALLBACK_MARGIN);
+                let earliest = taken
+                    .iter()
+                    .map(|t| t.deadline_ms - margin)
+                    .min()
+                    .unwrap_or(i64::MAX);
+                tracing::warn!(
+                    batch = record.id,
+                    remote,
+                    provider = record.provider,
+                    "a batch whose sender died before recording it was found at the provider; following it"
+                );
+                self.redis
+                    .batch_sent(keys, &record.id, &remote, earliest)
+                    .await?;
+                Ok(true)
+            }
+            Ok(None) => Ok(false),
+            Err(e) if now_ms() - record.created_ms > ms(SEND_FOR) => {
+                tracing::warn!(
+                    batch = record.id,
+                    "cannot look the unrecorded batch up at its provider; sending it again: {e}"
+                );
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    batch = record.id,
+                    "cannot look the unrecorded batch up at its provider; asking again next run: {e}"
+                );
+                Ok(true)
+            }
+        }
     }
 
     /// Hands every task still in `record` to a call, keeping the record to read what the

@@ -147,6 +147,11 @@ pub struct Settings {
     /// batch to send.
     #[arg(long, env = "LLMQ_BATCHES_EVERY", default_value = "10s", value_parser = humantime::parse_duration)]
     pub batches_every: Duration,
+    /// A batch taken but not recorded as sent this long after is looked up at its provider
+    /// by its label and followed, or sent again: its sender died (sending takes at most two
+    /// requests of two minutes each).
+    #[arg(long, hide = true, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub batch_resend_after: Duration,
     /// A queue whose dead letters to archive; repeat for several [default: every queue a
     /// worker has served].
     #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
@@ -174,6 +179,7 @@ impl std::fmt::Debug for Settings {
             .field("chains_every", &self.chains_every)
             .field("routing_stats_every", &self.routing_stats_every)
             .field("batches_every", &self.batches_every)
+            .field("batch_resend_after", &self.batch_resend_after)
             .field("queues", &self.queues)
             .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
@@ -257,6 +263,7 @@ pub struct Scheduler {
     chains_every: Duration,
     routing_stats_every: Duration,
     batches_every: Duration,
+    batch_resend_after: Duration,
     /// The batch API of each provider with a `batch:` section.
     batch_clients: std::collections::HashMap<String, llmq_shared::provider::batch::BatchClient>,
     /// Where the `chains` duty reads each queue's index next.
@@ -317,6 +324,7 @@ impl Scheduler {
             chains_every: settings.chains_every,
             routing_stats_every: settings.routing_stats_every,
             batches_every: settings.batches_every,
+            batch_resend_after: settings.batch_resend_after,
             batch_clients: batches::clients(&settings.config),
             chain_cursors: chains::Cursors::new(),
             config: settings.config,

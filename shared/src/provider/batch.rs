@@ -29,6 +29,9 @@ use crate::outcome::ErrorClass;
 /// included).
 const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How many pages of a provider's newest batches [`BatchClient::find`] looks through.
+pub const FIND_PAGES: usize = 5;
+
 /// The most bytes of results llmq reads for one batch.
 const MAX_RESULTS_BYTES: usize = 512 << 20;
 
@@ -177,6 +180,76 @@ impl BatchClient {
                 self.id_in(model, &v, "id")
             }
         }
+    }
+
+    /// Whether the provider holds a batch labelled `label` (as [`BatchClient::submit`] labels
+    /// it), among its most recent ones: its id if so. A sender that died after the provider
+    /// created a batch but before its id was recorded left it there; looking it up before
+    /// sending again keeps the batch from being sent (and paid for) twice. OpenAI finds it by
+    /// its `metadata.llmq_batch`, Gemini by its display name, among the newest
+    /// [`FIND_PAGES`] pages of 100. Anthropic's Message Batches carry no label: `None`, and
+    /// the caller sends again (its window is one request: the batch is created and its id
+    /// answered by the same call).
+    ///
+    /// # Errors
+    /// The provider could not be asked, or answered something unreadable.
+    pub async fn find(&self, model: &str, label: &str) -> Result<Option<String>> {
+        let (size, list, next, cursor, label_at): (&str, &str, &str, &str, &[&str]) =
+            match self.kind {
+                Kind::Anthropic | Kind::Ollama | Kind::Command => return Ok(None),
+                Kind::Gemini => (
+                    "pageSize",
+                    "operations",
+                    "nextPageToken",
+                    "pageToken",
+                    &["metadata", "displayName"],
+                ),
+                Kind::Openai | Kind::OpenaiCompatible => (
+                    "limit",
+                    "data",
+                    "last_id",
+                    "after",
+                    &["metadata", "llmq_batch"],
+                ),
+            };
+        let url = format!("{}/batches", self.base);
+        let mut token: Option<String> = None;
+        for _ in 0..FIND_PAGES {
+            let mut query = vec![(size, "100".to_owned())];
+            if let Some(t) = token.take() {
+                query.push((cursor, t));
+            }
+            let v = self.send_json(model, self.get(&url).query(&query)).await?;
+            let Some(items) = v[list].as_array() else {
+                // Gemini leaves the list out when there is none.
+                return if v.get(list).is_none() && self.kind == Kind::Gemini {
+                    Ok(None)
+                } else {
+                    Err(self.garbled(model, format!("no `{list}` list in {v}")))
+                };
+            };
+            let found = items.iter().find(|b| {
+                label_at
+                    .iter()
+                    .fold(*b, |v, k| &v[*k])
+                    .as_str()
+                    .is_some_and(|l| l == label)
+            });
+            if let Some(b) = found {
+                let field = if self.kind == Kind::Gemini {
+                    "name"
+                } else {
+                    "id"
+                };
+                return self.id_in(model, b, field).map(Some);
+            }
+            let more = self.kind == Kind::Gemini || v["has_more"] == true;
+            match v[next].as_str() {
+                Some(t) if more && !t.is_empty() => token = Some(t.to_owned()),
+                _ => return Ok(None),
+            }
+        }
+        Ok(None)
     }
 
     /// Asks what batch `id` (as [`BatchClient::submit`] returned it) has come to, and reads

@@ -243,6 +243,31 @@ impl Batches {
         lock(&self.answered).clone()
     }
 
+    /// A page of `format`'s batches, newest first, as `f` shows each: at most `size` after the
+    /// batch `after` (exclusive), and whether more follow.
+    pub(super) fn page<R>(
+        &self,
+        format: Format,
+        size: usize,
+        after: Option<&str>,
+        f: impl Fn(&str, &Batch) -> R,
+    ) -> (Vec<(String, R)>, bool) {
+        let all = lock(&self.all);
+        let mut mine: Vec<(&String, &Batch)> =
+            all.iter().filter(|(_, b)| b.format == format).collect();
+        mine.sort_by(|a, b| b.1.created.cmp(&a.1.created).then(b.0.cmp(a.0)));
+        let start = after
+            .and_then(|a| mine.iter().position(|(id, _)| id.as_str() == a))
+            .map_or(0, |i| i + 1);
+        let rest = &mine[start.min(mine.len())..];
+        let page = rest
+            .iter()
+            .take(size)
+            .map(|(id, b)| ((*id).clone(), f(id, b)))
+            .collect();
+        (page, rest.len() > size)
+    }
+
     /// Runs `f` on batch `id`; `None` when there is no such batch (or it is of another
     /// format).
     pub(super) fn with<R>(

@@ -5,7 +5,7 @@ use super::*;
 
 mod batch;
 
-pub(super) use batch::{batch_item, cancel_batch, get_batch};
+pub(super) use batch::{batch_item, cancel_batch, get_batch, list_batches};
 
 /// The context size claimed by `context-too-long` on the Gemini route.
 const GEMINI_CONTEXT_LIMIT: u64 = 1_048_576;

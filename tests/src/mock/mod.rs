@@ -175,6 +175,10 @@ pub struct MockOptions {
     /// are answered and it can end. Whatever the delay, the first poll of a batch sees it in
     /// progress; with zero, the next poll sees it ended (once its items are answered).
     pub batch_delay: Duration,
+    /// How long a request creating a batch waits for its answer after the batch is made (a
+    /// client that dies meanwhile leaves a batch it has no id of).
+    /// OpenAI's `POST /v1/batches` only.
+    pub batch_create_delay: Duration,
 }
 
 /// How often a model's answers are good, per task type: an answer to a prompt carrying
@@ -507,7 +511,11 @@ fn router(state: Arc<Shared>) -> Router {
         .route("/v1/files", post(openai::upload_file))
         .route("/v1/files/{id}", get(openai::file_info))
         .route("/v1/files/{id}/content", get(openai::file_content))
-        .route("/v1/batches", post(openai::create_batch))
+        .route(
+            "/v1/batches",
+            post(openai::create_batch).get(openai::list_batches),
+        )
+        .route("/v1beta/batches", get(gemini::list_batches))
         .route("/v1/batches/{id}", get(openai::get_batch))
         .route("/v1/batches/{id}/cancel", post(openai::cancel_batch))
         .route("/v1/messages/batches", post(anthropic::create_batch))

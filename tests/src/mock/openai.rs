@@ -6,7 +6,8 @@ use super::*;
 mod batch;
 
 pub(super) use batch::{
-    batch_item, cancel_batch, create_batch, file_content, file_info, get_batch, upload_file,
+    batch_item, cancel_batch, create_batch, file_content, file_info, get_batch, list_batches,
+    upload_file,
 };
 
 /// An OpenAI error response: `{"error":{"message","type","param","code"}}` plus headers.

@@ -255,7 +255,12 @@ async fn a_deadline_shorter_than_a_batch_window_or_with_stream_is_a_dead_letter(
 }
 
 /// Spawns `llmq-scheduler` on the test's queue with the provider file `config`.
-fn scheduler_process(env: &TestEnv, config: &std::path::Path, id: &str) -> WorkerProcess {
+fn scheduler_process(
+    env: &TestEnv,
+    config: &std::path::Path,
+    id: &str,
+    extra: &[&str],
+) -> WorkerProcess {
     let child = std::process::Command::new(binary("llmq-scheduler"))
         .env("REDIS_URL", redis_url())
         .env("DATABASE_URL", database_url())
@@ -272,6 +277,7 @@ fn scheduler_process(env: &TestEnv, config: &std::path::Path, id: &str) -> Worke
             "--queue",
             &env.queue,
         ])
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -291,7 +297,7 @@ async fn batches_survive_a_worker_and_the_scheduler_killed_while_they_are_open()
     let config = std::env::temp_dir().join(format!("llmq-batch-{}.yaml", env.queue));
     std::fs::write(&config, &text).unwrap();
     let worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
-    let sched = scheduler_process(&env, &config, "first");
+    let sched = scheduler_process(&env, &config, "first", &[]);
     batcher_up(&env).await;
     let mut ids = Vec::new();
     for kind in ["openai", "anthropic"] {
@@ -311,7 +317,7 @@ async fn batches_survive_a_worker_and_the_scheduler_killed_while_they_are_open()
     worker.signal("KILL").unwrap();
     sched.signal("KILL").unwrap();
     let _worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
-    let _sched = scheduler_process(&env, &config, "second");
+    let _sched = scheduler_process(&env, &config, "second", &[]);
     for id in &ids {
         let r = env.wait_final(&id.to_string(), WAIT).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -677,4 +683,110 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
             done.len()
         );
     }
+}
+
+#[tokio::test]
+async fn a_batch_is_found_at_its_provider_by_the_label_llmq_gave_it() {
+    use llmq_shared::provider::batch::{BatchClient, Item};
+    let env = TestEnv::new().await.unwrap();
+    let text = config_text(
+        &env,
+        &["openai", "anthropic", "gemini"],
+        &["mock-fast"],
+        "1s",
+    );
+    let config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let http = reqwest::Client::new();
+    for (kind, _) in FORMATS {
+        let p = config.provider(&provider(&env, kind)).unwrap();
+        let client = BatchClient::new(p, http.clone()).unwrap();
+        let req = llmq_shared::provider::Request {
+            model: "mock-fast".into(),
+            prompt: "hi".into(),
+            ..Default::default()
+        };
+        let body = llmq_shared::provider::batch::item_body(p, &req).unwrap();
+        let item = |id: &str| Item {
+            custom_id: id.into(),
+            body: body.clone(),
+        };
+        // Three batches, the one looked for among them.
+        let label = uuid::Uuid::new_v4().to_string();
+        let mut made = String::new();
+        for i in 0..3 {
+            let l = if i == 1 {
+                label.clone()
+            } else {
+                uuid::Uuid::new_v4().to_string()
+            };
+            let id = client.submit("mock-fast", &l, &[item("a")]).await.unwrap();
+            if i == 1 {
+                made = id;
+            }
+        }
+        let found = client.find("mock-fast", &label).await.unwrap();
+        let missing = client.find("mock-fast", "no-such-label").await.unwrap();
+        if kind == "anthropic" {
+            assert_eq!(
+                (found, missing),
+                (None, None),
+                "Message Batches carry no label"
+            );
+        } else {
+            assert_eq!(found.as_deref(), Some(made.as_str()), "{kind}");
+            assert_eq!(missing, None, "{kind}");
+        }
+    }
+}
+
+/// The scheduler is killed after the provider made its batch and before it recorded the
+/// batch's id: the next scheduler finds the batch by its label and follows it, instead of
+/// sending (and paying for) the same requests twice.
+#[tokio::test]
+async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_again() {
+    let mut env = TestEnv::new().await.unwrap();
+    env.mock = MockServer::start(MockOptions {
+        batch_create_delay: Duration::from_secs(30),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let text = config_text(&env, &["openai"], &["mock-fast"], "200ms");
+    let config = std::env::temp_dir().join(format!("llmq-batch-{}.yaml", env.queue));
+    std::fs::write(&config, &text).unwrap();
+    let _worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
+    let first = scheduler_process(&env, &config, "first", &[]);
+    batcher_up(&env).await;
+    let ids: Vec<_> = (0..5)
+        .map(|i| waiting_task(&env, "openai", "mock-fast", &format!("orphan {i}")))
+        .collect();
+    for e in &ids {
+        env.redis.enqueue(&env.keys, e).await.unwrap();
+    }
+    // The provider made the batch; its answer (the id) has not reached the scheduler.
+    env.eventually("a batch made at the provider", WAIT, || async {
+        env.mock.batches("mock-fast") == 1
+    })
+    .await
+    .unwrap();
+    first.signal("KILL").unwrap();
+    let _second = scheduler_process(&env, &config, "second", &["--batch-resend-after", "1s"]);
+    for e in &ids {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert!(
+            r.route.as_deref().unwrap_or("").contains("batch API"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        env.mock.batches("mock-fast"),
+        1,
+        "the batch was not sent again"
+    );
+    assert_eq!(env.mock.batch_items("mock-fast"), 5);
+    assert_eq!(env.mock.calls("mock-fast"), 5, "no task was also called");
 }

@@ -234,6 +234,35 @@ fn operation(id: &str, b: &Batch) -> Value {
     op
 }
 
+/// `GET /v1beta/batches?pageSize=&pageToken=`: the newest batches' Operations first, in
+/// pages; `nextPageToken` names the page after (the last name of this one).
+pub(in crate::mock) async fn list_batches(
+    State(state): State<Arc<Shared>>,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    if !gemini_authorized(&headers, &uri) {
+        return unregistered();
+    }
+    let size = q
+        .get("pageSize")
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(50)
+        .min(1000);
+    let after = q.get("pageToken").map(|t| t.trim_start_matches("batches/"));
+    let (page, more) = state.batch.page(Format::Gemini, size, after, operation);
+    let mut out = json!({});
+    if let Some((id, _)) = page.last().filter(|_| more) {
+        out["nextPageToken"] = json!(format!("batches/{id}"));
+    }
+    if !page.is_empty() {
+        out["operations"] = json!(page.into_iter().map(|(_, op)| op).collect::<Vec<_>>());
+    }
+    Json(out).into_response()
+}
+
 /// `GET /v1beta/batches/{id}`: the Operation.
 pub(in crate::mock) async fn get_batch(
     State(state): State<Arc<Shared>>,

@@ -373,6 +373,7 @@ pub(in crate::mock) async fn create_batch(
     let b = Batch::new(&state, Format::OpenAi, model, items, extra);
     let object = batch_object(&id, &b);
     batch::start(&state, &id, b);
+    tokio::time::sleep(state.opts.batch_create_delay).await;
     Json(object).into_response()
 }
 
@@ -528,6 +529,42 @@ pub(in crate::mock) async fn get_batch(
         Some(object) => Json(object).into_response(),
         None => not_found("batch", &id),
     }
+}
+
+/// `GET /v1/batches?limit=&after=`: the newest batches first, in pages.
+pub(in crate::mock) async fn list_batches(
+    State(state): State<Arc<Shared>>,
+    headers: HeaderMap,
+    axum::extract::Query(q): axum::extract::Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&headers) {
+        return unauthorized();
+    }
+    let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+        None => 20,
+        Some(Ok(n)) if (1..=100).contains(&n) => n,
+        Some(_) => {
+            return invalid(
+                Some("limit"),
+                "Invalid 'limit': integer below minimum value or above maximum value (1 to 100).",
+            );
+        }
+    };
+    let (page, has_more) = state.batch.page(
+        Format::OpenAi,
+        limit,
+        q.get("after").map(String::as_str),
+        batch_object,
+    );
+    let data: Vec<Value> = page.into_iter().map(|(_, o)| o).collect();
+    Json(json!({
+        "object": "list",
+        "first_id": data.first().map(|b| b["id"].clone()),
+        "last_id": data.last().map(|b| b["id"].clone()),
+        "has_more": has_more,
+        "data": data,
+    }))
+    .into_response()
 }
 
 /// `POST /v1/batches/{id}/cancel`: `cancelling` now, `cancelled` on the next GET.
