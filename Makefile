@@ -5,7 +5,7 @@ CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
 
-.PHONY: help demo test bench bench-bullmq lint fmt build services examples-deps browser-deps deploy-check
+.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps browser-deps deploy-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ test: services examples-deps browser-deps build ## Run every test against the lo
 
 bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
 	$(CARGO) run --release -p llmq-tests --bin llmq-bench
+
+bench-compare: services ## Compare the core benchmarks of REF=<commit> with this tree: alternating runs (RUNS=3), each figure's medians and ratio
+	@REF="$(REF)" python3 tests/bench/compare.py
 
 bench-bullmq: services ## BullMQ's side of the comparison, on the same Redis (needs Node and npm)
 	cd tests/bullmq && npm install --no-audit --no-fund --ignore-scripts && node bench.mjs noop && node bench.mjs inflight

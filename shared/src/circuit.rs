@@ -149,7 +149,37 @@ pub struct Circuits {
     fail: Arc<Script>,
     /// Pairs recently seen closed, so the hot path does not ask Redis per call.
     closed: Arc<Mutex<Closed>>,
+    /// What this process last read of each pair's hold, and when: calls made at once share
+    /// one read (see [`HOLD_FRESHNESS`]).
+    holds: Arc<Mutex<Holds>>,
     who: String,
+}
+
+/// How old a read of a pair's hold may be for a call: the calls of a busy worker share one
+/// `GET` per pair per this long, instead of one each (a wait another worker was asked for
+/// reaches this one within it, plus a round trip).
+pub const HOLD_FRESHNESS: Duration = Duration::from_millis(5);
+
+/// One pair's last read hold, behind an async lock so that concurrent calls wait for one
+/// read rather than each making its own.
+type HoldSlot = Arc<tokio::sync::Mutex<Option<(Instant, Option<Hold>)>>>;
+
+/// Per provider, then model: looked up by `&str`, so the hot path allocates nothing.
+#[derive(Default)]
+struct Holds(HashMap<String, HashMap<String, HoldSlot>>);
+
+impl Holds {
+    fn slot(&mut self, provider: &str, model: &str) -> HoldSlot {
+        if let Some(s) = self.0.get(provider).and_then(|m| m.get(model)) {
+            return Arc::clone(s);
+        }
+        let slot = HoldSlot::default();
+        self.0
+            .entry(provider.to_owned())
+            .or_default()
+            .insert(model.to_owned(), Arc::clone(&slot));
+        slot
+    }
 }
 
 impl Circuits {
@@ -160,6 +190,7 @@ impl Circuits {
             check: Arc::new(Script::new(include_str!("circuit/check.lua"))),
             fail: Arc::new(Script::new(include_str!("circuit/fail.lua"))),
             closed: Arc::default(),
+            holds: Arc::default(),
             who: who.to_owned(),
         }
     }
@@ -428,7 +459,8 @@ impl Circuits {
     pub async fn hold(&self, provider: &str, model: &str, wait: Duration, why: &str) -> Result<()> {
         let ms = wait.as_millis().max(1) as u64;
         let until = Utc::now().timestamp_millis() + ms as i64;
-        let text = format!("{until}|{}", crate::provider::excerpt(why, 300));
+        let reason = crate::provider::excerpt(why, 300);
+        let text = format!("{until}|{reason}");
         let mut c = self.redis.conn().await?;
         let _: i64 = HOLD
             .key(ProviderKeys::new(provider).hold(model))
@@ -436,15 +468,46 @@ impl Circuits {
             .arg(text)
             .invoke_async(&mut c)
             .await?;
+        // This worker's own calls see it at once.
+        let slot = self.holds.lock().ok().map(|mut h| h.slot(provider, model));
+        if let (Some(until), Some(slot)) = (DateTime::from_timestamp_millis(until), slot) {
+            let mut s = slot.lock().await;
+            let longer = s
+                .as_ref()
+                .and_then(|(_, h)| h.as_ref())
+                .is_some_and(|h| h.until >= until);
+            if !longer {
+                *s = Some((Instant::now(), Some(Hold { until, reason })));
+            }
+        }
         Ok(())
     }
 
-    /// The wait the provider asked of `model`'s callers, if one stands. One `GET` per call:
-    /// a hold set by another worker a moment ago must stop this call too.
+    /// The wait the provider asked of `model`'s callers, if one stands: read from Redis, by
+    /// one call at a time per pair and at most [`HOLD_FRESHNESS`] ago, so that a hold set by
+    /// another worker a moment ago stops this call too, at the cost of one `GET` per pair per
+    /// few milliseconds however many calls a worker makes.
     ///
     /// # Errors
     /// Redis fails.
     pub async fn held(&self, provider: &str, model: &str) -> Result<Option<Hold>> {
+        let Some(slot) = self.holds.lock().ok().map(|mut h| h.slot(provider, model)) else {
+            return self.read_hold(provider, model).await;
+        };
+        let mut last = slot.lock().await;
+        if let Some((at, hold)) = last.as_ref()
+            && at.elapsed() < HOLD_FRESHNESS
+        {
+            return Ok(hold.clone().filter(|h| h.until > Utc::now()));
+        }
+        let read_at = Instant::now();
+        let hold = self.read_hold(provider, model).await?;
+        *last = Some((read_at, hold.clone()));
+        Ok(hold)
+    }
+
+    /// Reads the pair's hold from Redis.
+    async fn read_hold(&self, provider: &str, model: &str) -> Result<Option<Hold>> {
         let mut c = self.redis.conn().await?;
         let text: Option<String> = redis::cmd("GET")
             .arg(ProviderKeys::new(provider).hold(model))
