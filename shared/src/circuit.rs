@@ -160,9 +160,28 @@ pub struct Circuits {
 /// reaches this one within it, plus a round trip).
 pub const HOLD_FRESHNESS: Duration = Duration::from_millis(5);
 
-/// One pair's last read hold, behind an async lock so that concurrent calls wait for one
-/// read rather than each making its own.
-type HoldSlot = Arc<tokio::sync::Mutex<Option<(Instant, Option<Hold>)>>>;
+/// One pair's last read hold: when that read started and ended, what it said, and since
+/// when a call is reading it again (a read whose call was dropped midway counts for a second
+/// at most).
+#[derive(Default)]
+struct HoldRead {
+    at: Option<Instant>,
+    done: Option<Instant>,
+    hold: Option<Hold>,
+    reading: Option<Instant>,
+}
+
+/// The last read, and the word that a read ended. A call takes a fresh read as it is; one
+/// that finds it stale reads again, or, when another call is reading already, waits for that
+/// read to end and takes its answer: calls never wait for one another one by one, and a
+/// worker reads once however many calls found the last read stale at once.
+#[derive(Default)]
+struct HoldState {
+    last: Mutex<HoldRead>,
+    read: tokio::sync::Notify,
+}
+
+type HoldSlot = Arc<HoldState>;
 
 /// Per provider, then model: looked up by `&str`, so the hot path allocates nothing.
 #[derive(Default)]
@@ -470,40 +489,93 @@ impl Circuits {
             .await?;
         // This worker's own calls see it at once.
         let slot = self.holds.lock().ok().map(|mut h| h.slot(provider, model));
-        if let (Some(until), Some(slot)) = (DateTime::from_timestamp_millis(until), slot) {
-            let mut s = slot.lock().await;
-            let longer = s
-                .as_ref()
-                .and_then(|(_, h)| h.as_ref())
-                .is_some_and(|h| h.until >= until);
-            if !longer {
-                *s = Some((Instant::now(), Some(Hold { until, reason })));
-            }
+        if let (Some(until), Some(slot)) = (DateTime::from_timestamp_millis(until), slot)
+            && let Ok(mut s) = slot.last.lock()
+            && s.hold.as_ref().is_none_or(|h| h.until < until)
+        {
+            s.hold = Some(Hold { until, reason });
         }
         Ok(())
     }
 
-    /// The wait the provider asked of `model`'s callers, if one stands: read from Redis, by
-    /// one call at a time per pair and at most [`HOLD_FRESHNESS`] ago, so that a hold set by
-    /// another worker a moment ago stops this call too, at the cost of one `GET` per pair per
-    /// few milliseconds however many calls a worker makes.
+    /// The wait the provider asked of `model`'s callers, if one stands, as read from Redis
+    /// at most [`HOLD_FRESHNESS`] ago: a hold set by another worker a moment ago stops this
+    /// call too. One call at a time per pair reads it; calls that find the last read stale
+    /// meanwhile wait for that read, so a busy worker pays one `GET` per pair per few
+    /// milliseconds however many calls it makes.
     ///
     /// # Errors
     /// Redis fails.
     pub async fn held(&self, provider: &str, model: &str) -> Result<Option<Hold>> {
-        let Some(slot) = self.holds.lock().ok().map(|mut h| h.slot(provider, model)) else {
-            return self.read_hold(provider, model).await;
-        };
-        let mut last = slot.lock().await;
-        if let Some((at, hold)) = last.as_ref()
-            && at.elapsed() < HOLD_FRESHNESS
-        {
-            return Ok(hold.clone().filter(|h| h.until > Utc::now()));
+        /// What a look at the last read says.
+        enum Look {
+            Known(Option<Hold>),
+            Read,
+            Wait,
+            Broken,
         }
-        let read_at = Instant::now();
-        let hold = self.read_hold(provider, model).await?;
-        *last = Some((read_at, hold.clone()));
-        Ok(hold)
+        let Some(slot) = self.holds.lock().ok().map(|mut h| h.slot(provider, model)) else {
+            return Box::pin(self.read_hold(provider, model)).await;
+        };
+        let since = Instant::now();
+        loop {
+            let ended = slot.read.notified();
+            tokio::pin!(ended);
+            let look = match slot.last.lock() {
+                Err(_) => Look::Broken,
+                Ok(mut s) => {
+                    let fresh = s.at.is_some_and(|at| at.elapsed() < HOLD_FRESHNESS);
+                    if fresh || s.done.is_some_and(|d| d >= since) {
+                        // The hot path: nothing awaited, nothing allocated.
+                        let now = Utc::now();
+                        Look::Known(s.hold.clone().filter(|h| h.until > now))
+                    } else if s
+                        .reading
+                        .is_some_and(|r| r.elapsed() < Duration::from_secs(1))
+                    {
+                        // Registered before the lock is let go: the end cannot be missed.
+                        ended.as_mut().enable();
+                        Look::Wait
+                    } else {
+                        s.reading = Some(Instant::now());
+                        Look::Read
+                    }
+                }
+            };
+            match look {
+                Look::Known(hold) => return Ok(hold),
+                Look::Broken => return Box::pin(self.read_hold(provider, model)).await,
+                Look::Wait => {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
+                }
+                Look::Read => {
+                    let read_at = Instant::now();
+                    // Boxed: a call's state stays the size of a wait, not of a command's.
+                    let read = Box::pin(self.read_hold(provider, model)).await;
+                    let answer = slot.last.lock().ok().map(|mut s| {
+                        s.reading = None;
+                        let now = Utc::now();
+                        if let Ok(hold) = &read {
+                            s.at = Some(read_at);
+                            s.done = Some(Instant::now());
+                            // A longer hold this worker set meanwhile stands.
+                            let kept = s.hold.as_ref().filter(|h| h.until > now);
+                            if kept
+                                .is_none_or(|k| hold.as_ref().is_some_and(|n| n.until >= k.until))
+                            {
+                                s.hold.clone_from(hold);
+                            }
+                        }
+                        s.hold.clone().filter(|h| h.until > now)
+                    });
+                    slot.read.notify_waiters();
+                    return match (read, answer) {
+                        (Ok(_), Some(kept)) => Ok(kept),
+                        (read, _) => read,
+                    };
+                }
+            }
+        }
     }
 
     /// Reads the pair's hold from Redis.
