@@ -157,8 +157,12 @@ pub struct Circuits {
 
 /// How old a read of a pair's hold may be for a call: the calls of a busy worker share one
 /// `GET` per pair per this long, instead of one each (a wait another worker was asked for
-/// reaches this one within it, plus a round trip).
+/// reaches this one within [`HOLD_STALE`], plus a round trip).
 pub const HOLD_FRESHNESS: Duration = Duration::from_millis(5);
+
+/// How old a read of a pair's hold may be for a call while the next read is under way: a
+/// busy worker's calls go on with it rather than wait a round trip for the next.
+pub const HOLD_STALE: Duration = Duration::from_millis(25);
 
 /// One pair's last read hold: when that read started and ended, what it said, and since
 /// when a call is reading it again (a read whose call was dropped midway counts for a second
@@ -171,10 +175,10 @@ struct HoldRead {
     reading: Option<Instant>,
 }
 
-/// The last read, and the word that a read ended. A call takes a fresh read as it is; one
-/// that finds it stale reads again, or, when another call is reading already, waits for that
-/// read to end and takes its answer: calls never wait for one another one by one, and a
-/// worker reads once however many calls found the last read stale at once.
+/// The last read, and the word that a read ended. A call takes a recent read as it is (see
+/// [`Circuits::held`]); one that finds it too old reads again, or, when another call is
+/// reading already, waits for that read to end and takes its answer: calls never wait for
+/// one another one by one, and a worker reads once however many calls found it old at once.
 #[derive(Default)]
 struct HoldState {
     last: Mutex<HoldRead>,
@@ -499,10 +503,12 @@ impl Circuits {
     }
 
     /// The wait the provider asked of `model`'s callers, if one stands, as read from Redis
-    /// at most [`HOLD_FRESHNESS`] ago: a hold set by another worker a moment ago stops this
-    /// call too. One call at a time per pair reads it; calls that find the last read stale
-    /// meanwhile wait for that read, so a busy worker pays one `GET` per pair per few
-    /// milliseconds however many calls it makes.
+    /// at most [`HOLD_FRESHNESS`] ago, or [`HOLD_STALE`] ago while a newer read is under way:
+    /// a hold set by another worker a moment ago stops this call too. A busy worker's calls
+    /// never wait for that read: the first call that finds the last one older than
+    /// [`HOLD_FRESHNESS`] starts the next in the background and goes on with the last
+    /// answer. Only a call after a quiet spell (the last read older than [`HOLD_STALE`])
+    /// waits for a read, and calls that arrive during it share it.
     ///
     /// # Errors
     /// Redis fails.
@@ -510,6 +516,8 @@ impl Circuits {
         /// What a look at the last read says.
         enum Look {
             Known(Option<Hold>),
+            /// Known, and this call starts the next read in the background.
+            Refresh(Option<Hold>),
             Read,
             Wait,
             Broken,
@@ -524,15 +532,27 @@ impl Circuits {
             let look = match slot.last.lock() {
                 Err(_) => Look::Broken,
                 Ok(mut s) => {
-                    let fresh = s.at.is_some_and(|at| at.elapsed() < HOLD_FRESHNESS);
-                    if fresh || s.done.is_some_and(|d| d >= since) {
-                        // The hot path: nothing awaited, nothing allocated.
-                        let now = Utc::now();
-                        Look::Known(s.hold.clone().filter(|h| h.until > now))
-                    } else if s
+                    let age = s.at.map(|at| at.elapsed());
+                    let reading = s
                         .reading
-                        .is_some_and(|r| r.elapsed() < Duration::from_secs(1))
+                        .is_some_and(|r| r.elapsed() < Duration::from_secs(1));
+                    let known = || {
+                        let now = Utc::now();
+                        s.hold.clone().filter(|h| h.until > now)
+                    };
+                    if age.is_some_and(|a| a < HOLD_FRESHNESS) || s.done.is_some_and(|d| d >= since)
                     {
+                        // The hot path: nothing awaited, nothing allocated.
+                        Look::Known(known())
+                    } else if age.is_some_and(|a| a < HOLD_STALE) {
+                        if reading {
+                            Look::Known(known())
+                        } else {
+                            let hold = known();
+                            s.reading = Some(Instant::now());
+                            Look::Refresh(hold)
+                        }
+                    } else if reading {
                         // Registered before the lock is let go: the end cannot be missed.
                         ended.as_mut().enable();
                         Look::Wait
@@ -544,37 +564,53 @@ impl Circuits {
             };
             match look {
                 Look::Known(hold) => return Ok(hold),
+                Look::Refresh(hold) => {
+                    let (this, slot) = (self.clone(), Arc::clone(&slot));
+                    let (provider, model) = (provider.to_owned(), model.to_owned());
+                    tokio::spawn(async move {
+                        if let Err(e) = this.read_into(&slot, &provider, &model).await {
+                            tracing::debug!(provider, model, "reading the hold failed: {e}");
+                        }
+                    });
+                    return Ok(hold);
+                }
                 Look::Broken => return Box::pin(self.read_hold(provider, model)).await,
                 Look::Wait => {
                     let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
                 }
-                Look::Read => {
-                    let read_at = Instant::now();
-                    // Boxed: a call's state stays the size of a wait, not of a command's.
-                    let read = Box::pin(self.read_hold(provider, model)).await;
-                    let answer = slot.last.lock().ok().map(|mut s| {
-                        s.reading = None;
-                        let now = Utc::now();
-                        if let Ok(hold) = &read {
-                            s.at = Some(read_at);
-                            s.done = Some(Instant::now());
-                            // A longer hold this worker set meanwhile stands.
-                            let kept = s.hold.as_ref().filter(|h| h.until > now);
-                            if kept
-                                .is_none_or(|k| hold.as_ref().is_some_and(|n| n.until >= k.until))
-                            {
-                                s.hold.clone_from(hold);
-                            }
-                        }
-                        s.hold.clone().filter(|h| h.until > now)
-                    });
-                    slot.read.notify_waiters();
-                    return match (read, answer) {
-                        (Ok(_), Some(kept)) => Ok(kept),
-                        (read, _) => read,
-                    };
+                // Boxed: a call's state stays the size of a wait, not of a command's.
+                Look::Read => return Box::pin(self.read_into(&slot, provider, model)).await,
+            }
+        }
+    }
+
+    /// Reads the pair's hold into `slot` (a longer hold this worker set meanwhile stands),
+    /// wakes the calls waiting for it and returns what now stands.
+    async fn read_into(
+        &self,
+        slot: &HoldState,
+        provider: &str,
+        model: &str,
+    ) -> Result<Option<Hold>> {
+        let read_at = Instant::now();
+        let read = self.read_hold(provider, model).await;
+        let answer = slot.last.lock().ok().map(|mut s| {
+            s.reading = None;
+            let now = Utc::now();
+            if let Ok(hold) = &read {
+                s.at = Some(read_at);
+                s.done = Some(Instant::now());
+                let kept = s.hold.as_ref().filter(|h| h.until > now);
+                if kept.is_none_or(|k| hold.as_ref().is_some_and(|n| n.until >= k.until)) {
+                    s.hold.clone_from(hold);
                 }
             }
+            s.hold.clone().filter(|h| h.until > now)
+        });
+        slot.read.notify_waiters();
+        match (read, answer) {
+            (Ok(_), Some(kept)) => Ok(kept),
+            (read, _) => read,
         }
     }
 
