@@ -679,7 +679,9 @@ impl Attempt<'_> {
                 Err(e) => OutEntry::Restart(e.to_string()),
             };
             let id = env.id.unwrap_or_default().to_string();
-            if let Err(e) = exec.redis.append_out(self.queue, &id, &end, true).await {
+            // Boxed: a write's state would size every call's for the whole of the call.
+            let write = Box::pin(exec.redis.append_out(self.queue, &id, &end, true));
+            if let Err(e) = write.await {
                 tracing::warn!(task_id = %id, "cannot end the live answer: {e}");
             }
         }
