@@ -187,6 +187,18 @@ struct HoldState {
 
 type HoldSlot = Arc<HoldState>;
 
+/// What a look at a pair's last read hold says to a call.
+enum Look {
+    /// What stands (a read may have been started in the background).
+    Known(Option<Hold>),
+    /// Too old, and nobody is reading: this call reads.
+    Read,
+    /// Too old, and another call is reading: wait for its answer.
+    Wait,
+    /// The lock is poisoned: read without it.
+    Broken,
+}
+
 /// Per provider, then model: looked up by `&str`, so the hot path allocates nothing.
 #[derive(Default)]
 struct Holds(HashMap<String, HashMap<String, HoldSlot>>);
@@ -513,73 +525,82 @@ impl Circuits {
     /// # Errors
     /// Redis fails.
     pub async fn held(&self, provider: &str, model: &str) -> Result<Option<Hold>> {
-        /// What a look at the last read says.
-        enum Look {
-            Known(Option<Hold>),
-            /// Known, and this call starts the next read in the background.
-            Refresh(Option<Hold>),
-            Read,
-            Wait,
-            Broken,
-        }
         let Some(slot) = self.holds.lock().ok().map(|mut h| h.slot(provider, model)) else {
             return Box::pin(self.read_hold(provider, model)).await;
         };
         let since = Instant::now();
-        loop {
-            let ended = slot.read.notified();
-            tokio::pin!(ended);
-            let look = match slot.last.lock() {
-                Err(_) => Look::Broken,
-                Ok(mut s) => {
-                    let age = s.at.map(|at| at.elapsed());
-                    let reading = s
-                        .reading
-                        .is_some_and(|r| r.elapsed() < Duration::from_secs(1));
-                    let known = || {
-                        let now = Utc::now();
-                        s.hold.clone().filter(|h| h.until > now)
-                    };
-                    if age.is_some_and(|a| a < HOLD_FRESHNESS) || s.done.is_some_and(|d| d >= since)
-                    {
-                        // The hot path: nothing awaited, nothing allocated.
-                        Look::Known(known())
-                    } else if age.is_some_and(|a| a < HOLD_STALE) {
-                        if reading {
-                            Look::Known(known())
-                        } else {
-                            let hold = known();
-                            s.reading = Some(Instant::now());
-                            Look::Refresh(hold)
-                        }
-                    } else if reading {
-                        // Registered before the lock is let go: the end cannot be missed.
-                        ended.as_mut().enable();
-                        Look::Wait
-                    } else {
-                        s.reading = Some(Instant::now());
-                        Look::Read
+        match self.look(&slot, provider, model, since) {
+            Look::Known(hold) => Ok(hold),
+            // Boxed: a call's state stays the size of the look, not of a wait or a read.
+            look => Box::pin(self.held_slowly(look, slot, provider, model, since)).await,
+        }
+    }
+
+    /// What the last read of `slot` says to a call that arrived at `since`; when it says
+    /// to refresh, the next read is already under way in the background.
+    fn look(&self, slot: &Arc<HoldState>, provider: &str, model: &str, since: Instant) -> Look {
+        let Ok(mut s) = slot.last.lock() else {
+            return Look::Broken;
+        };
+        let age = s.at.map(|at| at.elapsed());
+        let reading = s
+            .reading
+            .is_some_and(|r| r.elapsed() < Duration::from_secs(1));
+        let known = |s: &HoldRead| {
+            let now = Utc::now();
+            s.hold.clone().filter(|h| h.until > now)
+        };
+        if age.is_some_and(|a| a < HOLD_FRESHNESS) || s.done.is_some_and(|d| d >= since) {
+            // The hot path: nothing awaited, nothing allocated.
+            return Look::Known(known(&s));
+        }
+        if age.is_some_and(|a| a < HOLD_STALE) {
+            if !reading {
+                s.reading = Some(Instant::now());
+                let (this, slot) = (self.clone(), Arc::clone(slot));
+                let (provider, model) = (provider.to_owned(), model.to_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = this.read_into(&slot, &provider, &model).await {
+                        tracing::debug!(provider, model, "reading the hold failed: {e}");
                     }
-                }
-            };
+                });
+            }
+            return Look::Known(known(&s));
+        }
+        if reading {
+            Look::Wait
+        } else {
+            s.reading = Some(Instant::now());
+            Look::Read
+        }
+    }
+
+    /// [`Circuits::held`] when `look`, the call's first, found the last read too old to go
+    /// on with: reads it (the look made this call the reader), or waits for the read another
+    /// call started.
+    async fn held_slowly(
+        &self,
+        mut look: Look,
+        slot: Arc<HoldState>,
+        provider: &str,
+        model: &str,
+        since: Instant,
+    ) -> Result<Option<Hold>> {
+        loop {
             match look {
                 Look::Known(hold) => return Ok(hold),
-                Look::Refresh(hold) => {
-                    let (this, slot) = (self.clone(), Arc::clone(&slot));
-                    let (provider, model) = (provider.to_owned(), model.to_owned());
-                    tokio::spawn(async move {
-                        if let Err(e) = this.read_into(&slot, &provider, &model).await {
-                            tracing::debug!(provider, model, "reading the hold failed: {e}");
-                        }
-                    });
-                    return Ok(hold);
-                }
-                Look::Broken => return Box::pin(self.read_hold(provider, model)).await,
-                Look::Wait => {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
-                }
-                // Boxed: a call's state stays the size of a wait, not of a command's.
-                Look::Read => return Box::pin(self.read_into(&slot, provider, model)).await,
+                Look::Broken => return self.read_hold(provider, model).await,
+                Look::Read => return self.read_into(&slot, provider, model).await,
+                Look::Wait => {}
+            }
+            let ended = slot.read.notified();
+            tokio::pin!(ended);
+            // Registered before the second look: a read's end cannot be missed.
+            ended.as_mut().enable();
+            look = self.look(&slot, provider, model, since);
+            if matches!(look, Look::Wait) {
+                let _ = tokio::time::timeout(Duration::from_secs(1), ended).await;
+                look = self.look(&slot, provider, model, since);
             }
         }
     }

@@ -421,7 +421,7 @@ impl Attempt<'_> {
     /// The wait another worker was asked for this model, as the 429 it stands for.
     async fn held(&self, cand: &Candidate<'_>) -> Option<provider::Error> {
         let (name, model) = (cand.provider.name.as_str(), cand.model.id.as_str());
-        // Not boxed: its fast path allocates nothing, and its wait is small.
+        // Not boxed: its fast path allocates nothing, and it boxes its slow path itself.
         match self.exec.circuits.held(name, model).await {
             Ok(Some(hold)) => {
                 let mut e = provider::Error::new(
