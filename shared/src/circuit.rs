@@ -589,8 +589,9 @@ impl Circuits {
         loop {
             match look {
                 Look::Known(hold) => return Ok(hold),
-                Look::Broken => return self.read_hold(provider, model).await,
-                Look::Read => return self.read_into(&slot, provider, model).await,
+                // Boxed: the calls that wait hold only the wait, not a read's state.
+                Look::Broken => return Box::pin(self.read_hold(provider, model)).await,
+                Look::Read => return Box::pin(self.read_into(&slot, provider, model)).await,
                 Look::Wait => {}
             }
             let ended = slot.read.notified();

@@ -296,8 +296,10 @@ impl Client {
     /// # Errors
     /// Redis cannot be reached.
     pub async fn conn(&self) -> Result<Conn> {
+        // Boxed: connecting is a large future, and unboxed it would size every command's
+        // (5 KB each, moved and kept by every caller) for what happens once.
         self.shared
-            .get_or_try_init(|| self.backend.connect(Some(RESPONSE_TIMEOUT)))
+            .get_or_try_init(|| Box::pin(self.backend.connect(Some(RESPONSE_TIMEOUT))))
             .await
             .cloned()
     }
