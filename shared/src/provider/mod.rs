@@ -256,12 +256,14 @@ impl Error {
     }
 
     /// Which circuit this error counts against: the provider's for connection and
-    /// authentication failures and a program that cannot start, the model's for server
+    /// authentication failures, the model's for server
     /// errors (408, 5xx) and timeouts. None for answers about the task itself: 400, 404,
     /// 409, 422, rate limits, quotas, an answer that does not fit the task's schema, a CLI
     /// that ran and failed the task (its exit reads as a server error only when its text
-    /// says so). What one kind of task does on one model is routing's business (stats,
-    /// escalation, fallback), not the model's health.
+    /// says so), and a CLI that cannot start on this worker (not installed, not executable):
+    /// that is this worker's image, and a circuit is every worker's. What one kind of task
+    /// does on one model is routing's business (stats, escalation, fallback), not the
+    /// model's health.
     #[must_use]
     pub fn scope(&self) -> Option<Scope> {
         match (self.transport, self.status) {
