@@ -358,17 +358,22 @@ impl Circuits {
         Ok(opened == 1)
     }
 
+    /// Whether this process saw the pair closed and no failure since: a success then has
+    /// nothing to reset (see [`Circuits::succeeded`]).
+    #[must_use]
+    pub fn known_closed(&self, provider: &str, model: &str) -> bool {
+        self.closed
+            .lock()
+            .is_ok_and(|cache| cache.get(provider, model).is_some_and(|c| !c.dirty))
+    }
+
     /// A call answered: the provider and the model are healthy. Resets their failure
     /// counters and closes them if they had tripped. Free when nothing needs resetting.
     ///
     /// # Errors
     /// Redis fails.
     pub async fn succeeded(&self, provider: &str, model: &str, probe: bool) -> Result<()> {
-        let clean = self
-            .closed
-            .lock()
-            .is_ok_and(|cache| cache.get(provider, model).is_some_and(|c| !c.dirty));
-        if clean && !probe {
+        if self.known_closed(provider, model) && !probe {
             return Ok(());
         }
         let keys = ProviderKeys::new(provider);

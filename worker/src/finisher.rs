@@ -215,13 +215,14 @@ impl Finisher {
             .await;
         let ok = applied.is_some();
         let applied = applied.unwrap_or_default();
+        let mut counts = [0_u64; OUTCOMES.len()];
         for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
             if was_applied && let Some(key) = slot {
                 freed.push((write.entry_id().to_owned(), key));
             }
             if ok && let Some(finish) = write.finish() {
-                count(keys, &finish.kind, was_applied);
+                counts[outcome(&finish.kind, was_applied)] += 1;
             }
             if ok && !was_applied {
                 tracing::warn!(
@@ -231,6 +232,7 @@ impl Finisher {
             }
             let _ = done.send(was_applied);
         }
+        count(keys, &counts);
     }
 
     /// Runs `op` until it succeeds, backing off up to 5 s between tries, with the worker
@@ -275,17 +277,29 @@ async fn release(ledger: &Ledger, committed: Vec<Start>) {
     }
 }
 
-/// Counts a task's written outcome in `llmq_tasks_total`, a chain step's as a plain task's.
-fn count(keys: &QueueKeys, kind: &FinishKind, applied: bool) {
-    let outcome = match (kind, applied) {
-        (_, false) => "fenced",
-        (FinishKind::Done, _) => "succeeded",
-        (FinishKind::Retry { .. }, _) => "delayed",
-        (FinishKind::Dead { .. }, _) => "dead",
-        (FinishKind::Release, _) => "released",
-    };
-    metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => outcome)
-        .increment(1);
+/// The `outcome` labels of `llmq_tasks_total`.
+const OUTCOMES: [&str; 5] = ["fenced", "succeeded", "delayed", "dead", "released"];
+
+/// A task's written outcome as an index into [`OUTCOMES`], a chain step's as a plain task's.
+fn outcome(kind: &FinishKind, applied: bool) -> usize {
+    match (kind, applied) {
+        (_, false) => 0,
+        (FinishKind::Done, _) => 1,
+        (FinishKind::Retry { .. }, _) => 2,
+        (FinishKind::Dead { .. }, _) => 3,
+        (FinishKind::Release, _) => 4,
+    }
+}
+
+/// Counts a written batch's outcomes in `llmq_tasks_total`: one look-up per outcome the
+/// batch has, not one per task.
+fn count(keys: &QueueKeys, counts: &[u64; OUTCOMES.len()]) {
+    for (outcome, &n) in OUTCOMES.iter().zip(counts) {
+        if n > 0 {
+            metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => *outcome)
+                .increment(n);
+        }
+    }
 }
 
 async fn next_batch<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> Option<Vec<T>> {

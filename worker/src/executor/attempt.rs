@@ -309,7 +309,12 @@ impl Attempt<'_> {
         let mut tries = 0;
         let mut rate_waits = 0;
         loop {
-            let reservation = match Box::pin(self.reserve(cand)).await {
+            // Boxed, and only for quotas: a short wait, kept out of the call's state.
+            let reservation = match if cand.provider.quotas.is_empty() {
+                Ok(None)
+            } else {
+                Box::pin(self.reserve(cand)).await
+            } {
                 Ok(r) => r,
                 Err(stop) => {
                     if let Stop::Later { why, .. } = &stop {
@@ -467,7 +472,12 @@ impl Attempt<'_> {
 
     /// A call got an answer: the provider and model are up.
     async fn healthy(&self, provider: &str, model: &str, probe: bool) {
-        if let Err(e) = Box::pin(self.exec.circuits.succeeded(provider, model, probe)).await {
+        let circuits = &self.exec.circuits;
+        if !probe && circuits.known_closed(provider, model) {
+            // The hot path: nothing to reset, nothing allocated.
+            return;
+        }
+        if let Err(e) = Box::pin(circuits.succeeded(provider, model, probe)).await {
             tracing::warn!(provider, "cannot reset the circuit breaker: {e}");
         }
     }
