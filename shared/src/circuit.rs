@@ -230,6 +230,18 @@ impl Circuits {
         }
     }
 
+    /// Whether this process saw the pair closed within [`FRESHNESS`]: a call may be made
+    /// without asking Redis (what [`Circuits::admit`] answers first, without a wait or an
+    /// allocation).
+    #[must_use]
+    pub fn admitted(&self, provider: &str, model: &str) -> bool {
+        self.closed.lock().is_ok_and(|mut cache| {
+            cache
+                .get_mut(provider, model)
+                .is_some_and(|c| c.at.elapsed() < FRESHNESS)
+        })
+    }
+
     /// Whether a call to `provider`/`model` may be made now.
     ///
     /// # Errors

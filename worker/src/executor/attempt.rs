@@ -288,7 +288,12 @@ impl Attempt<'_> {
         let retry = &routing.retry;
         let name = cand.provider.name.as_str();
         let model = cand.model.id.as_str();
-        let probe = match Box::pin(exec.circuits.admit(name, model)).await {
+        // Boxed, and only when Redis must be asked: the hot path allocates nothing.
+        let probe = match if exec.circuits.admitted(name, model) {
+            Ok(Admission::Call { probe: false })
+        } else {
+            Box::pin(exec.circuits.admit(name, model)).await
+        } {
             Ok(Admission::Call { probe }) => probe,
             Ok(Admission::Wait(open)) => {
                 let why = open.describe();
