@@ -230,16 +230,25 @@ impl Circuits {
         }
     }
 
-    /// Whether this process saw the pair closed within [`FRESHNESS`]: a call may be made
-    /// without asking Redis (what [`Circuits::admit`] answers first, without a wait or an
-    /// allocation).
+    /// Whether a call to `provider`/`model` may be made without asking Redis: this process
+    /// saw the pair closed within [`FRESHNESS`]. No wait and no allocation. When what it saw
+    /// has gone stale, this caller is the one to ask ([`Circuits::ask`]) and gets `false`;
+    /// the others go on as before for the one round trip that takes (otherwise every task
+    /// arriving in that round trip asked too: hundreds of scripts a second at a few thousand
+    /// tasks a second).
     #[must_use]
     pub fn admitted(&self, provider: &str, model: &str) -> bool {
-        self.closed.lock().is_ok_and(|mut cache| {
-            cache
-                .get_mut(provider, model)
-                .is_some_and(|c| c.at.elapsed() < FRESHNESS)
-        })
+        let Ok(mut cache) = self.closed.lock() else {
+            return false;
+        };
+        let Some(c) = cache.get_mut(provider, model) else {
+            return false;
+        };
+        if c.at.elapsed() < FRESHNESS {
+            return true;
+        }
+        c.at = Instant::now();
+        false
     }
 
     /// Whether a call to `provider`/`model` may be made now.
@@ -247,17 +256,18 @@ impl Circuits {
     /// # Errors
     /// Redis fails.
     pub async fn admit(&self, provider: &str, model: &str) -> Result<Admission> {
-        if let Ok(mut cache) = self.closed.lock()
-            && let Some(c) = cache.get_mut(provider, model)
-        {
-            if c.at.elapsed() < FRESHNESS {
-                return Ok(Admission::Call { probe: false });
-            }
-            // Stale: this call looks again for everyone, and the others go on as before for
-            // the one round trip that takes. Otherwise every task arriving in that round
-            // trip asked too: hundreds of scripts a second at a few thousand tasks a second.
-            c.at = Instant::now();
+        if self.admitted(provider, model) {
+            return Ok(Admission::Call { probe: false });
         }
+        self.ask(provider, model).await
+    }
+
+    /// Asks Redis whether a call to `provider`/`model` may be made now, for a caller that
+    /// was not [`Circuits::admitted`].
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn ask(&self, provider: &str, model: &str) -> Result<Admission> {
         let keys = ProviderKeys::new(provider);
         let (p, m) = (keys.circuit(None), keys.circuit(Some(model)));
         let mut invocation = self.check.prepare_invoke();

@@ -412,3 +412,50 @@ async fn a_token_window_counts_reconciled_tokens_and_forgets_old_ones() {
     let usage = limiter.usage(&name, &quotas, later).await.unwrap();
     assert_eq!(usage[0].used, 90.0);
 }
+
+/// The fleet's Retry-After hold as one worker's calls read it: a hold another worker set
+/// reaches every call of this one, including many that find the last read too old at once
+/// (one reads, the others take its answer), and a read older than `HOLD_STALE` is never
+/// used. The worker that set a hold sees it at once, without a read.
+#[tokio::test]
+async fn a_hold_set_by_another_worker_reaches_every_call_of_this_one() {
+    let provider = format!("hold-{}", uuid::Uuid::new_v4().simple());
+    let (setter, reader) = (circuits("setter"), circuits("reader"));
+    let wait = Duration::from_secs(30);
+
+    // Read once while nothing is held: this worker now knows "no hold".
+    assert_eq!(reader.held(&provider, "m").await.unwrap(), None);
+    setter
+        .hold(&provider, "m", wait, "HTTP 429: slow down")
+        .await
+        .unwrap();
+    let own = setter
+        .held(&provider, "m")
+        .await
+        .unwrap()
+        .expect("its own hold");
+    assert_eq!(own.reason, "HTTP 429: slow down");
+
+    // Past the longest a stale read may be used, fifty calls at once all see it.
+    tokio::time::sleep(circuit::HOLD_STALE + Duration::from_millis(5)).await;
+    let calls = (0..50).map(|_| reader.held(&provider, "m"));
+    for seen in futures_util::future::join_all(calls).await {
+        let hold = seen
+            .unwrap()
+            .expect("every call sees the other worker's hold");
+        assert_eq!(hold.until, own.until);
+    }
+
+    // A model that is not held is not held by its sibling's hold, on a cold reader too.
+    assert_eq!(
+        circuits("cold").held(&provider, "other").await.unwrap(),
+        None
+    );
+    assert!(
+        circuits("cold")
+            .held(&provider, "m")
+            .await
+            .unwrap()
+            .is_some()
+    );
+}

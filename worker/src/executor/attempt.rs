@@ -292,7 +292,7 @@ impl Attempt<'_> {
         let probe = match if exec.circuits.admitted(name, model) {
             Ok(Admission::Call { probe: false })
         } else {
-            Box::pin(exec.circuits.admit(name, model)).await
+            Box::pin(exec.circuits.ask(name, model)).await
         } {
             Ok(Admission::Call { probe }) => probe,
             Ok(Admission::Wait(open)) => {
