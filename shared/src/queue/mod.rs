@@ -339,3 +339,21 @@ impl Client {
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connecting stays boxed: inline, it made every Redis command's future 5 KB, and every
+    /// task in flight carried that (issue 32). A size, not a speed: the same on every run.
+    #[test]
+    fn a_command_does_not_carry_the_connect() {
+        let client = Client::new("redis://127.0.0.1:6379").unwrap();
+        let conn = client.conn();
+        assert!(
+            std::mem::size_of_val(&conn) <= 512,
+            "Client::conn's future is {} bytes",
+            std::mem::size_of_val(&conn)
+        );
+    }
+}
