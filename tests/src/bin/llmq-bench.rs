@@ -1204,6 +1204,7 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
         if args.verbose {
             d.print_commands("pickup");
         }
+        let bare = bare_streams(&client, redis, rate, BATCH, tasks).await?;
 
         let mut ms: Vec<u64> =
             std::mem::take(&mut *seen.lock().unwrap_or_else(PoisonError::into_inner));
@@ -1217,7 +1218,8 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
         Ok(format!(
             "bench=pickup rate_per_s={rate} tasks={tasks} p50_ms={:.2} p99_ms={:.2} \
              max_ms={:.2} workers={workers} concurrency={concurrency} \
-             redis_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
+             redis_cpu_us_per_task={:.1} bare_redis_cpu_us_per_task={bare:.1} \
+             other_cpu_cores={:.2}",
             pct(50.0),
             pct(99.0),
             pct(100.0),
@@ -1227,6 +1229,108 @@ async fn pickup(args: &Args, redis: &mut Redis) -> Result<String> {
     }
     .await;
     cleanup(redis, &queue).await?;
+    result
+}
+
+/// The pickup benchmark's traffic through Redis Streams with nothing of llmq, for its Redis
+/// CPU per task in the same minutes: the same envelopes in the same batches at the same
+/// pace, one consumer's blocking `XREADGROUP` and one `XACK` + `XDEL` per read. No queue
+/// that blocks to read a stream costs Redis less per task at this rate.
+async fn bare_streams(
+    client: &Client,
+    redis: &mut Redis,
+    rate: u64,
+    batch: u64,
+    tasks: usize,
+) -> Result<f64> {
+    const GROUP: &str = "bare";
+    let stream = format!("llmq-bench:bare:{}", fresh_queue());
+    let result = async {
+        let () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&stream)
+            .arg(GROUP)
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(redis)
+            .await?;
+        let block = Duration::from_millis(100);
+        let mut reader = client.reading_conn(block).await?;
+        let mut acker = client.reading_conn(block).await?;
+        let consume = {
+            let stream = stream.clone();
+            tokio::spawn(async move {
+                type Read = Option<Vec<(String, Vec<(String, Vec<String>)>)>>;
+                let mut done = 0;
+                while done < tasks {
+                    let read: Read = redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(GROUP)
+                        .arg("c")
+                        .arg("COUNT")
+                        .arg(256)
+                        .arg("BLOCK")
+                        .arg(block.as_millis() as u64)
+                        .arg("STREAMS")
+                        .arg(&stream)
+                        .arg(">")
+                        .query_async(&mut reader)
+                        .await?;
+                    let ids: Vec<String> = read
+                        .into_iter()
+                        .flatten()
+                        .flat_map(|(_, entries)| entries.into_iter().map(|(id, _)| id))
+                        .collect();
+                    if ids.is_empty() {
+                        continue;
+                    }
+                    redis::pipe()
+                        .cmd("XACK")
+                        .arg(&stream)
+                        .arg(GROUP)
+                        .arg(&ids)
+                        .ignore()
+                        .cmd("XDEL")
+                        .arg(&stream)
+                        .arg(&ids)
+                        .ignore()
+                        .query_async::<()>(&mut acker)
+                        .await?;
+                    done += ids.len();
+                }
+                anyhow::Ok(())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = Snapshot::take(redis).await?;
+        let mut tick = tokio::time::interval(Duration::from_micros(batch * 1_000_000 / rate));
+        let mut sent = 0usize;
+        while sent < tasks {
+            tick.tick().await;
+            let n = (batch as usize).min(tasks - sent);
+            let now = Utc::now();
+            let mut pipe = redis::pipe();
+            for _ in 0..n {
+                let mut env = Envelope::new(format!("t={}", now.timestamp_micros()));
+                env.enqueued_at = Some(now);
+                pipe.cmd("XADD")
+                    .arg(&stream)
+                    .arg("*")
+                    .arg("task")
+                    .arg(env.to_json())
+                    .ignore();
+            }
+            pipe.query_async::<()>(redis).await?;
+            sent += n;
+        }
+        tokio::time::timeout(Duration::from_secs(30), consume)
+            .await
+            .context("the bare consumer did not drain the stream within 30 s")???;
+        let after = Snapshot::take(redis).await?;
+        anyhow::Ok(after.since(&before, tasks).redis_cpu_us_per_task)
+    }
+    .await;
+    let () = redis::cmd("DEL").arg(&stream).query_async(redis).await?;
     result
 }
 
