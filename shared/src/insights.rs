@@ -14,13 +14,13 @@ use sqlx::PgPool;
 
 use crate::ledger::Result;
 
-/// A finished task that counts for or against its model: it ended on the model's own account
-/// (an outage, a rate limit, a quota or a refused task is neither).
-const TASK_COUNTS: &str = "status IN ('succeeded', 'dead', 'failed')
-    AND coalesce(error_class, 'fatal') IN ('fatal', 'retryable')";
+/// A finished task (`tasks`) that counts for or against its model: it ended on the model's
+/// own account (an outage, a rate limit, a quota or a refused task is neither). Defined once,
+/// in SQL, where the rollups use it too.
+const TASK_COUNTS: &str = "ledger_task_counts(tasks)";
 
-/// A finished task that succeeded: no review or check rejected its output.
-const TASK_SUCCEEDED: &str = "status = 'succeeded' AND verdict IS NOT FALSE";
+/// A finished task (`tasks`) that succeeded: no review or check rejected its output.
+const TASK_SUCCEEDED: &str = "ledger_task_succeeded(tasks)";
 
 /// One model on one task type.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -51,18 +51,19 @@ pub struct Filter {
 /// Postgres fails.
 pub async fn by_model(pool: &PgPool, f: &Filter) -> Result<Vec<ModelLine>> {
     type Row = (String, String, String, i64, i64, f64, f64);
-    let rows: Vec<Row> = sqlx::query_as(&format!(
-        "SELECT provider, model, task_type, count(*),
-            count(*) FILTER (WHERE {TASK_SUCCEEDED}),
-            coalesce(sum(cost_usd), 0)::float8, coalesce(avg(duration_ms), 0)::float8
-         FROM tasks
-         WHERE finished_at >= $1 AND provider IS NOT NULL AND model IS NOT NULL
-           AND {TASK_COUNTS}
+    // From the rollups: whole UTC days from `since`'s.
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT provider, model, task_type, sum(counted)::int8, sum(successes)::int8,
+            sum(counted_cost_usd)::float8,
+            coalesce(sum(duration_ms)::float8 / nullif(sum(durations), 0), 0)
+         FROM task_rollups
+         WHERE day >= ($1 AT TIME ZONE 'UTC')::date AND provider <> '' AND model <> ''
            AND ($2::text IS NULL OR task_type = $2)
            AND ($3::text IS NULL OR risk = $3)
            AND ($4::text IS NULL OR model = $4)
-         GROUP BY provider, model, task_type"
-    ))
+         GROUP BY provider, model, task_type
+         HAVING sum(counted) > 0",
+    )
     .bind(f.since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
     .bind(&f.task_type)
     .bind(&f.risk)
@@ -200,14 +201,16 @@ pub async fn logged_routes(pool: &PgPool, since: Option<DateTime<Utc>>) -> Resul
         .collect())
 }
 
-/// The queues with finished tasks in the ledger.
+/// The queues the ledger has seen (a call or a finished task).
 ///
 /// # Errors
 /// Postgres fails.
 pub async fn queues(pool: &PgPool) -> Result<Vec<String>> {
-    Ok(sqlx::query_scalar("SELECT DISTINCT queue FROM tasks")
-        .fetch_all(pool)
-        .await?)
+    Ok(
+        sqlx::query_scalar("SELECT queue FROM ledger_queues ORDER BY queue")
+            .fetch_all(pool)
+            .await?,
+    )
 }
 
 /// What a strategy would have achieved on logged routes.

@@ -163,16 +163,41 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
-    fn column(self) -> &'static str {
+    /// The key over the rollups (`call_rollups` and `task_rollups`, or `chain_rollups`).
+    fn rollup_key(self) -> &'static str {
         match self {
             GroupBy::Provider => "provider",
             GroupBy::Model => "provider || '/' || model",
             GroupBy::TaskType => "task_type",
-            GroupBy::Day => "to_char(called_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
-            GroupBy::Chain => "coalesce(chain_id, '-')",
+            GroupBy::Day => "to_char(day, 'YYYY-MM-DD')",
+            GroupBy::Chain => "CASE chain_id WHEN '' THEN '-' ELSE chain_id END",
+        }
+    }
+
+    /// The key over raw rows, whose time column is `at`.
+    fn raw_key(self, at: &str) -> String {
+        match self {
+            GroupBy::Provider => "provider".into(),
+            GroupBy::Model => "provider || '/' || model".into(),
+            GroupBy::TaskType => "task_type".into(),
+            GroupBy::Day => format!("to_char({at} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
+            GroupBy::Chain => "coalesce(chain_id, '-')".into(),
+        }
+    }
+
+    /// The rollups of calls and of finished tasks this grouping reads.
+    fn rollups(self) -> (&'static str, &'static str) {
+        match self {
+            GroupBy::Chain => ("chain_rollups", "chain_rollups"),
+            _ => ("call_rollups", "task_rollups"),
         }
     }
 }
+
+/// The whole UTC days `[since, until)` covers, as SQL over `$1` and `$2` (timestamps): from
+/// `since`'s day to the day `until` ends in.
+const DAYS: &str = "day >= ($1 AT TIME ZONE 'UTC')::date
+    AND day < (($2 - interval '1 microsecond') AT TIME ZONE 'UTC')::date + 1";
 
 /// The Postgres ledger.
 #[derive(Debug, Clone)]
@@ -535,7 +560,7 @@ impl Ledger {
         Ok(stats)
     }
 
-    /// Distinct tasks with a call in `[since, until)`.
+    /// Tasks that finished in `[since, until)` (whole UTC days; of one chain: exactly).
     ///
     /// # Errors
     /// Postgres fails.
@@ -545,15 +570,18 @@ impl Ledger {
         until: DateTime<Utc>,
         chain_id: Option<&str>,
     ) -> Result<i64> {
-        Ok(sqlx::query_scalar(
-            "SELECT count(DISTINCT task_id) FROM provider_calls
-             WHERE called_at >= $1 AND called_at < $2 AND ($3::text IS NULL OR chain_id = $3)",
-        )
-        .bind(since)
-        .bind(until)
-        .bind(chain_id)
-        .fetch_one(&self.pool)
-        .await?)
+        let sql = match chain_id {
+            None => format!("SELECT coalesce(sum(tasks), 0)::int8 FROM chain_rollups WHERE {DAYS}"),
+            Some(_) => "SELECT count(*) FROM tasks
+                 WHERE chain_id = $3 AND finished_at >= $1 AND finished_at < $2"
+                .to_owned(),
+        };
+        Ok(sqlx::query_scalar(&sql)
+            .bind(since)
+            .bind(until)
+            .bind(chain_id)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     /// The tasks of chain `chain_id` with a call in `[since, until)`, in the order they ran.
@@ -602,7 +630,9 @@ impl Ledger {
             .collect())
     }
 
-    /// Costs of calls made in `[since, until)`, grouped, most expensive first.
+    /// Costs of calls made in `[since, until)`, grouped, most expensive first; a line's
+    /// `tasks` are the tasks of its key that finished in the range. Read from the rollups
+    /// (whole UTC days); one chain's from its raw rows.
     ///
     /// # Errors
     /// Postgres fails.
@@ -613,18 +643,50 @@ impl Ledger {
         chain_id: Option<&str>,
         by: GroupBy,
     ) -> Result<Vec<CostLine>> {
+        let (calls, tasks) = match chain_id {
+            None => {
+                let (call_rollups, task_rollups) = by.rollups();
+                let key = by.rollup_key();
+                (
+                    format!(
+                        "SELECT {key} AS key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,
+                            sum(output_tokens) AS output_tokens,
+                            sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
+                            sum(batch_saved_usd) AS batch_saved_usd
+                         FROM {call_rollups} WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
+                            OR sum(cost_usd) <> 0"
+                    ),
+                    format!(
+                        "SELECT {key} AS key, sum(tasks) AS tasks FROM {task_rollups}
+                         WHERE {DAYS} GROUP BY 1"
+                    ),
+                )
+            }
+            Some(_) => (
+                format!(
+                    "SELECT {key} AS key, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
+                        sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                        sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
+                        coalesce(sum(list_cost_usd - cost_usd), 0) AS batch_saved_usd
+                     FROM provider_calls
+                     WHERE chain_id = $3 AND called_at >= $1 AND called_at < $2 GROUP BY 1",
+                    key = by.raw_key("called_at")
+                ),
+                format!(
+                    "SELECT {key} AS key, count(*) AS tasks FROM tasks
+                     WHERE chain_id = $3 AND finished_at >= $1 AND finished_at < $2 GROUP BY 1",
+                    key = by.raw_key("finished_at")
+                ),
+            ),
+        };
         let sql = format!(
-            "SELECT {col} AS key, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
-                count(DISTINCT task_id) AS tasks,
-                coalesce(sum(input_tokens), 0)::int8 AS input_tokens,
-                coalesce(sum(output_tokens), 0)::int8 AS output_tokens,
-                coalesce(sum(cached_tokens), 0)::int8 AS cached_tokens,
-                coalesce(sum(cost_usd), 0)::float8 AS cost_usd,
-                coalesce(sum(list_cost_usd - cost_usd), 0)::float8 AS batch_saved_usd
-             FROM provider_calls
-             WHERE called_at >= $1 AND called_at < $2 AND ($3::text IS NULL OR chain_id = $3)
-             GROUP BY 1 ORDER BY cost_usd DESC, key",
-            col = by.column()
+            "WITH c AS ({calls}), t AS ({tasks})
+             SELECT c.key, c.calls::int8 AS calls, coalesce(t.tasks, 0)::int8 AS tasks,
+                c.input_tokens::int8 AS input_tokens, c.output_tokens::int8 AS output_tokens,
+                c.cached_tokens::int8 AS cached_tokens, c.cost_usd::float8 AS cost_usd,
+                c.batch_saved_usd::float8 AS batch_saved_usd
+             FROM c LEFT JOIN t ON t.key = c.key
+             ORDER BY cost_usd DESC, key"
         );
         Ok(sqlx::query_as::<_, CostLine>(&sql)
             .bind(since)

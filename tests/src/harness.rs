@@ -550,3 +550,96 @@ impl SeededRng {
         (self.next_u64() % n as u64) as usize
     }
 }
+
+/// Where the ledger's rollups and the raw rows they sum differ, read in one snapshot (so
+/// writers may go on meanwhile): one line per differing key of each rollup, none when every
+/// rollup equals its rows exactly. Keys whose sums are all zero count as absent.
+///
+/// # Errors
+/// Postgres fails.
+pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String>> {
+    const CHECKS: [(&str, &str, &str); 3] = [
+        (
+            "call_rollups",
+            "SELECT day, queue, provider, model, task_type, sum(calls) AS calls,
+                sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cached_tokens) AS c,
+                sum(reasoning_tokens) AS r, sum(cost_usd) AS cost, sum(batch_saved_usd) AS saved
+             FROM call_rollups GROUP BY 1, 2, 3, 4, 5",
+            "SELECT (called_at AT TIME ZONE 'UTC')::date, queue, provider, model, task_type,
+                count(*) FILTER (WHERE outcome <> 'unsent'), sum(input_tokens),
+                sum(output_tokens), sum(cached_tokens), sum(reasoning_tokens), sum(cost_usd),
+                coalesce(sum(list_cost_usd - cost_usd), 0)
+             FROM provider_calls GROUP BY 1, 2, 3, 4, 5",
+        ),
+        (
+            "task_rollups",
+            "SELECT day, queue, provider, model, task_type, risk, sum(tasks) AS calls,
+                sum(counted) AS i, sum(successes) AS o, sum(cost_usd) AS c,
+                sum(counted_cost_usd) AS r, sum(durations) AS cost, sum(duration_ms) AS saved
+             FROM task_rollups GROUP BY 1, 2, 3, 4, 5, 6",
+            "SELECT (finished_at AT TIME ZONE 'UTC')::date, queue, coalesce(provider, ''),
+                coalesce(model, ''), task_type, coalesce(risk, ''), count(*),
+                count(*) FILTER (WHERE ledger_task_counts(tasks)),
+                count(*) FILTER (WHERE ledger_task_counts(tasks)
+                    AND ledger_task_succeeded(tasks)),
+                sum(cost_usd), coalesce(sum(cost_usd) FILTER (WHERE ledger_task_counts(tasks)), 0),
+                count(duration_ms) FILTER (WHERE ledger_task_counts(tasks)),
+                coalesce(sum(duration_ms) FILTER (WHERE ledger_task_counts(tasks)), 0)
+             FROM tasks GROUP BY 1, 2, 3, 4, 5, 6",
+        ),
+        (
+            "chain_rollups",
+            "SELECT day, chain_id, sum(calls) AS calls, sum(tasks) AS i,
+                sum(input_tokens) AS o, sum(output_tokens) AS c, sum(cached_tokens) AS r,
+                sum(cost_usd) AS cost, sum(batch_saved_usd) AS saved
+             FROM chain_rollups GROUP BY 1, 2",
+            "SELECT day, chain_id, sum(calls), sum(tasks), sum(i), sum(o), sum(c), sum(cost),
+                sum(saved)
+             FROM (SELECT (called_at AT TIME ZONE 'UTC')::date AS day,
+                    coalesce(chain_id, '') AS chain_id,
+                    count(*) FILTER (WHERE outcome <> 'unsent') AS calls, 0 AS tasks,
+                    sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cached_tokens) AS c,
+                    sum(cost_usd) AS cost, coalesce(sum(list_cost_usd - cost_usd), 0) AS saved
+                 FROM provider_calls GROUP BY 1, 2
+                 UNION ALL
+                 SELECT (finished_at AT TIME ZONE 'UTC')::date, coalesce(chain_id, ''), 0,
+                    count(*), 0, 0, 0, 0, 0
+                 FROM tasks GROUP BY 1, 2) s
+             GROUP BY 1, 2",
+        ),
+    ];
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let mut out = Vec::new();
+    for (name, rollup, raw) in CHECKS {
+        // Compared by position: the keys, then seven sums.
+        let keys = match name {
+            "call_rollups" => 5,
+            "task_rollups" => 6,
+            _ => 2,
+        };
+        let columns: Vec<String> = (1..=keys)
+            .map(|k| format!("k{k}"))
+            .chain(["calls", "i", "o", "c", "r", "cost", "saved"].map(String::from))
+            .collect();
+        let columns = columns.join(", ");
+        let nonzero = "NOT (calls = 0 AND i = 0 AND o = 0 AND c = 0 AND r = 0 AND cost = 0
+            AND saved = 0)";
+        let sql = format!(
+            "WITH a AS (SELECT * FROM ({rollup}) x ({columns}) WHERE {nonzero}),
+                  b AS (SELECT * FROM ({raw}) y ({columns}) WHERE {nonzero})
+             SELECT 'rollup', row_to_json(d)::text FROM (SELECT * FROM a EXCEPT SELECT * FROM b) d
+             UNION ALL
+             SELECT 'rows', row_to_json(d)::text FROM (SELECT * FROM b EXCEPT SELECT * FROM a) d"
+        );
+        let rows: Vec<(String, String)> = sqlx::query_as(&sql).fetch_all(&mut *tx).await?;
+        out.extend(
+            rows.into_iter()
+                .map(|(side, row)| format!("{name}: only in the {side}: {row}")),
+        );
+    }
+    tx.commit().await?;
+    Ok(out)
+}

@@ -527,6 +527,12 @@ async fn under_churn_a_task_is_held_by_one_live_worker_and_called_once_more_per_
         0,
         "no poison"
     );
+    // Workers SIGKILLed in the middle of their ledger writes leave rollups that equal the
+    // rows they sum (read in one snapshot while other tests write).
+    let wrong = llmq_tests::harness::rollup_mismatches(env.ledger.pool())
+        .await
+        .unwrap();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     eprintln!(
         "churn: {} tasks, {} held by a killed worker, {} calls",
         ids.len(),

@@ -1,0 +1,231 @@
+//! The ledger's rollups equal the rows they sum, whatever is written through the ledger and
+//! in whatever order, by writers at once, with connections cut in the middle of writes (what
+//! a Postgres restart does to the transactions under way); and the migration that adds them
+//! sums a ledger written before it.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use llmq_shared::ledger::{CallRow, Ledger, MIGRATOR, TaskRow, Verdict};
+use llmq_tests::harness::{SeededRng, TestEnv, rollup_mismatches};
+use uuid::Uuid;
+
+/// Around a midnight, so that rows and their updates land on both days.
+fn around_midnight(rng: &mut SeededRng) -> DateTime<Utc> {
+    let midnight = Utc.with_ymd_and_hms(2031, 3, 10, 0, 0, 0).unwrap();
+    midnight
+        + Duration::seconds(rng.below(7200) as i64 - 3600)
+        + Duration::days(rng.below(3) as i64)
+}
+
+fn pick<'a>(rng: &mut SeededRng, from: &[&'a str]) -> &'a str {
+    from[rng.below(from.len())]
+}
+
+fn call(rng: &mut SeededRng, task_id: Uuid, chain: Option<&str>) -> CallRow {
+    CallRow {
+        task_id,
+        delivery: Uuid::new_v4(),
+        run: 0,
+        attempt: 1,
+        call_no: rng.below(3) as i32,
+        queue: pick(rng, &["q-a", "q-b"]).into(),
+        chain_id: chain.map(str::to_owned),
+        task_type: pick(rng, &["research", "code_review"]).into(),
+        provider: pick(rng, &["openai", "anthropic"]).into(),
+        model: pick(rng, &["small", "large"]).into(),
+        outcome: llmq_shared::ledger::STARTED.into(),
+        worker: "w".into(),
+        called_at: around_midnight(rng),
+        ..CallRow::default()
+    }
+}
+
+/// The call `c` over: answered, failed or never sent, with its tokens and cost.
+fn completed(rng: &mut SeededRng, c: &CallRow) -> CallRow {
+    let outcome = pick(rng, &["ok", "ok", "error", "unsent"]);
+    let sent = outcome != "unsent";
+    CallRow {
+        outcome: outcome.into(),
+        error_class: (outcome == "error").then(|| pick(rng, &["fatal", "rate_limited"]).into()),
+        input_tokens: if sent { rng.below(5000) as i64 } else { 0 },
+        output_tokens: if sent { rng.below(900) as i64 } else { 0 },
+        cached_tokens: if sent { rng.below(300) as i64 } else { 0 },
+        reasoning_tokens: if sent { rng.below(50) as i64 } else { 0 },
+        cost_usd: if sent {
+            rng.below(100_000) as f64 / 1e7
+        } else {
+            0.0
+        },
+        list_cost_usd: (rng.below(4) == 0).then(|| rng.below(200_000) as f64 / 1e7),
+        latency_ms: rng.below(3000) as i32,
+        // Completing may move a call across midnight.
+        called_at: c.called_at + Duration::seconds(rng.below(120) as i64),
+        ..c.clone()
+    }
+}
+
+fn task(rng: &mut SeededRng, c: &CallRow) -> TaskRow {
+    let status = pick(rng, &["succeeded", "succeeded", "dead", "failed"]);
+    TaskRow {
+        task_id: c.task_id,
+        queue: c.queue.clone(),
+        chain_id: c.chain_id.clone(),
+        task_type: c.task_type.clone(),
+        status: status.into(),
+        attempts: 1 + rng.below(3) as i32,
+        provider: (rng.below(5) > 0).then(|| c.provider.clone()),
+        model: Some(c.model.clone()),
+        cost_usd: rng.below(100_000) as f64 / 1e7,
+        error_class: (status != "succeeded")
+            .then(|| pick(rng, &["fatal", "retryable", "quota"]).into()),
+        finished_at: around_midnight(rng),
+        risk: (rng.below(2) == 0).then(|| pick(rng, &["low", "high"]).into()),
+        duration_ms: rng.below(10_000) as i64,
+        ..TaskRow::default()
+    }
+}
+
+/// One writer: starts calls, completes, forgets or leaves them, finishes tasks, finishes some
+/// again (a new status, a new day), and judges some. Errors (a cut connection) are expected
+/// and counted: whatever committed must still sum exactly. Returns how many writes failed.
+async fn writer(ledger: Ledger, seed: u64, ops: usize) -> usize {
+    let mut rng = SeededRng(seed);
+    let mut started: Vec<CallRow> = Vec::new();
+    let mut finished: Vec<TaskRow> = Vec::new();
+    let mut failed = 0;
+    for _ in 0..ops {
+        match rng.below(6) {
+            0 | 1 => {
+                let chain = format!("chain-{}", rng.below(4));
+                let chain = (rng.below(2) == 0).then_some(chain.as_str());
+                let rows: Vec<CallRow> = (0..1 + rng.below(6))
+                    .map(|_| call(&mut rng, Uuid::new_v4(), chain))
+                    .collect();
+                match ledger.record(&rows, &[]).await {
+                    Ok(()) => started.extend(rows),
+                    Err(_) => failed += 1,
+                }
+            }
+            2 if !started.is_empty() => {
+                let n = 1 + rng.below(started.len().min(8));
+                let rows: Vec<CallRow> = started.drain(..n).collect();
+                let done: Vec<CallRow> = rows.iter().map(|c| completed(&mut rng, c)).collect();
+                let mut tasks: Vec<TaskRow> = Vec::new();
+                for c in &done {
+                    if rng.below(2) == 0 {
+                        tasks.push(task(&mut rng, c));
+                    }
+                }
+                match ledger.record(&done, &tasks).await {
+                    Ok(()) => finished.extend(tasks),
+                    Err(_) => failed += 1,
+                }
+            }
+            3 if !started.is_empty() => {
+                let n = 1 + rng.below(started.len().min(4));
+                let gone: Vec<CallRow> = started.drain(..n).collect();
+                failed += usize::from(ledger.forget_started(&gone).await.is_err());
+            }
+            4 if !finished.is_empty() => {
+                let i = rng.below(finished.len());
+                let mut again = finished[i].clone();
+                again.status = pick(&mut rng, &["succeeded", "dead"]).into();
+                again.finished_at = around_midnight(&mut rng);
+                again.risk = None;
+                failed += usize::from(ledger.record(&[], &[again]).await.is_err());
+            }
+            5 if !finished.is_empty() => {
+                let verdicts: Vec<Verdict> = (0..1 + rng.below(3))
+                    .map(|_| Verdict {
+                        task_id: finished[rng.below(finished.len())].task_id,
+                        approved: rng.below(2) == 0,
+                    })
+                    .collect();
+                failed += usize::from(ledger.verdicts(&verdicts).await.is_err());
+            }
+            _ => {}
+        }
+    }
+    failed
+}
+
+#[tokio::test]
+async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connections() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, admin) = env.own_ledger().await;
+    let name = url.rsplit('/').next().unwrap().to_owned();
+    let mut cut = 0;
+    for seed in [0x5eed_0001_u64, 0x5eed_0002, 0x5eed_0003] {
+        let ledger = Ledger::connect(&url, 4).await.unwrap();
+        let writers: Vec<_> = (0..4)
+            .map(|w| tokio::spawn(writer(ledger.clone(), seed * 31 + w, 80)))
+            .collect();
+        // Chaos: cut the writers' connections while they write, as a Postgres restart cuts
+        // the transactions under way.
+        let cutter = {
+            let admin = admin.clone();
+            let name = name.clone();
+            tokio::spawn(async move {
+                for _ in 0..6 {
+                    tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+                    let _ = sqlx::query(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = $1 AND pid <> pg_backend_pid() AND state <> 'idle'",
+                    )
+                    .bind(&name)
+                    .execute(admin.pool())
+                    .await;
+                }
+            })
+        };
+        for w in writers {
+            cut += w.await.unwrap();
+        }
+        cutter.await.unwrap();
+        let calls: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
+            .fetch_one(admin.pool())
+            .await
+            .unwrap();
+        assert!(calls > 0, "seed {seed:#x}: nothing was written");
+        let wrong = rollup_mismatches(admin.pool()).await.unwrap();
+        assert!(wrong.is_empty(), "seed {seed:#x}:\n{}", wrong.join("\n"));
+    }
+    assert!(cut > 0, "no write was cut: the chaos did not happen");
+    eprintln!("rollups: {cut} writes cut");
+}
+
+#[tokio::test]
+async fn the_migration_sums_a_ledger_written_before_it() {
+    let env = TestEnv::new().await.unwrap();
+    let name = format!("llmq_test_{}_pre", env.queue.replace('-', "_"));
+    llmq_tests::harness::create_database(&name).await.unwrap();
+    let url = format!("{}/{name}", llmq_tests::harness::pg_server());
+    let ledger = Ledger::connect(&url, 2).await.unwrap();
+    // Every migration before the rollups.
+    let dir = std::env::temp_dir().join(&name);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations")).unwrap() {
+        let path = f.unwrap().path();
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        if file.as_str() < "20261126000001" {
+            std::fs::copy(&path, dir.join(&file)).unwrap();
+        }
+    }
+    let before = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    assert!(before.iter().count() < MIGRATOR.iter().count());
+    before.run(ledger.pool()).await.unwrap();
+    assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
+    ledger.migrate().await.unwrap();
+    let wrong = rollup_mismatches(ledger.pool()).await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "after the migration:\n{}",
+        wrong.join("\n")
+    );
+    // And what is written after it adds to what it summed.
+    assert_eq!(writer(ledger.clone(), 0xaf7e2, 150).await, 0);
+    let wrong = rollup_mismatches(ledger.pool()).await.unwrap();
+    assert!(wrong.is_empty(), "after more writes:\n{}", wrong.join("\n"));
+    let queues = llmq_shared::insights::queues(ledger.pool()).await.unwrap();
+    assert_eq!(queues, ["q-a", "q-b"]);
+}
