@@ -163,7 +163,7 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
-    /// The key over the rollups (`call_rollups` and `task_rollups`, or `chain_rollups`).
+    /// The key over the rollups (`call_rollups` and `task_rollups`; `chain_rollups` by chain).
     fn rollup_key(self) -> &'static str {
         match self {
             GroupBy::Provider => "provider",
@@ -182,14 +182,6 @@ impl GroupBy {
             GroupBy::TaskType => "task_type".into(),
             GroupBy::Day => format!("to_char({at} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
             GroupBy::Chain => "coalesce(chain_id, '-')".into(),
-        }
-    }
-
-    /// The rollups of calls and of finished tasks this grouping reads.
-    fn rollups(self) -> (&'static str, &'static str) {
-        match self {
-            GroupBy::Chain => ("chain_rollups", "chain_rollups"),
-            _ => ("call_rollups", "task_rollups"),
         }
     }
 }
@@ -571,7 +563,7 @@ impl Ledger {
         chain_id: Option<&str>,
     ) -> Result<i64> {
         let sql = match chain_id {
-            None => format!("SELECT coalesce(sum(tasks), 0)::int8 FROM chain_rollups WHERE {DAYS}"),
+            None => format!("SELECT coalesce(sum(tasks), 0)::int8 FROM task_rollups WHERE {DAYS}"),
             Some(_) => "SELECT count(*) FROM tasks
                  WHERE chain_id = $3 AND finished_at >= $1 AND finished_at < $2"
                 .to_owned(),
@@ -644,8 +636,20 @@ impl Ledger {
         by: GroupBy,
     ) -> Result<Vec<CostLine>> {
         let (calls, tasks) = match chain_id {
+            // Calls and tasks in one table: summed in one pass (a line per chain).
+            None if by == GroupBy::Chain => (
+                format!(
+                    "SELECT {key} AS key, sum(calls) AS calls, sum(tasks) AS tasks,
+                        sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
+                        sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
+                        sum(batch_saved_usd) AS batch_saved_usd
+                     FROM chain_rollups WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
+                        OR sum(cost_usd) <> 0",
+                    key = by.rollup_key()
+                ),
+                String::new(),
+            ),
             None => {
-                let (call_rollups, task_rollups) = by.rollups();
                 let key = by.rollup_key();
                 (
                     format!(
@@ -653,11 +657,11 @@ impl Ledger {
                             sum(output_tokens) AS output_tokens,
                             sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
                             sum(batch_saved_usd) AS batch_saved_usd
-                         FROM {call_rollups} WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
+                         FROM call_rollups WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
                             OR sum(cost_usd) <> 0"
                     ),
                     format!(
-                        "SELECT {key} AS key, sum(tasks) AS tasks FROM {task_rollups}
+                        "SELECT {key} AS key, sum(tasks) AS tasks FROM task_rollups
                          WHERE {DAYS} GROUP BY 1"
                     ),
                 )
@@ -679,15 +683,25 @@ impl Ledger {
                 ),
             ),
         };
-        let sql = format!(
-            "WITH c AS ({calls}), t AS ({tasks})
+        let sql = if tasks.is_empty() {
+            format!(
+                "SELECT key, calls::int8 AS calls, tasks::int8 AS tasks,
+                    input_tokens::int8 AS input_tokens, output_tokens::int8 AS output_tokens,
+                    cached_tokens::int8 AS cached_tokens, cost_usd::float8 AS cost_usd,
+                    batch_saved_usd::float8 AS batch_saved_usd
+                 FROM ({calls}) c ORDER BY cost_usd DESC, key"
+            )
+        } else {
+            format!(
+                "WITH c AS ({calls}), t AS ({tasks})
              SELECT c.key, c.calls::int8 AS calls, coalesce(t.tasks, 0)::int8 AS tasks,
                 c.input_tokens::int8 AS input_tokens, c.output_tokens::int8 AS output_tokens,
                 c.cached_tokens::int8 AS cached_tokens, c.cost_usd::float8 AS cost_usd,
                 c.batch_saved_usd::float8 AS batch_saved_usd
              FROM c LEFT JOIN t ON t.key = c.key
              ORDER BY cost_usd DESC, key"
-        );
+            )
+        };
         Ok(sqlx::query_as::<_, CostLine>(&sql)
             .bind(since)
             .bind(until)
