@@ -558,7 +558,20 @@ impl SeededRng {
 /// # Errors
 /// Postgres fails.
 pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String>> {
-    const CHECKS: [(&str, &str, &str); 3] = [
+    const CHECKS: [(&str, &str, &str); 4] = [
+        (
+            // The latency histogram compared as a key.
+            "routing_rollups",
+            "SELECT day, queue, provider, model, task_type, risk, ledger_hist_sum(latency)::text,
+                sum(tries), sum(successes), 0, 0, 0, 0, 0
+             FROM routing_rollups GROUP BY 1, 2, 3, 4, 5, 6",
+            "SELECT (called_at AT TIME ZONE 'UTC')::date, queue, provider, model, task_type,
+                coalesce(task_risk, ''),
+                coalesce(ledger_hist(ledger_latency_bucket(latency_ms), 1)
+                    FILTER (WHERE outcome = 'ok'), array_fill(0::bigint, ARRAY[160]))::text,
+                count(*), count(*) FILTER (WHERE ledger_call_succeeded(c)), 0, 0, 0, 0, 0
+             FROM provider_calls c WHERE ledger_call_counts(c) GROUP BY 1, 2, 3, 4, 5, 6",
+        ),
         (
             "call_rollups",
             "SELECT day, queue, provider, model, task_type, sum(calls) AS calls,
@@ -616,6 +629,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
     for (name, rollup, raw) in CHECKS {
         // Compared by position: the keys, then seven sums.
         let keys = match name {
+            "routing_rollups" => 7,
             "call_rollups" => 5,
             "task_rollups" => 6,
             _ => 2,
@@ -642,4 +656,19 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
     }
     tx.commit().await?;
     Ok(out)
+}
+
+/// Calls whose copy of their task's status, verdict and risk (what routing reads) differs
+/// from the task's row, or that carry one without a task row.
+///
+/// # Errors
+/// Postgres fails.
+pub async fn calls_out_of_step(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM provider_calls c LEFT JOIN tasks t USING (task_id)
+         WHERE (c.task_status, c.task_verdict, c.task_risk)
+             IS DISTINCT FROM (t.status, t.verdict, t.risk)",
+    )
+    .fetch_one(pool)
+    .await?)
 }

@@ -117,6 +117,7 @@ enum Bench {
     ProviderBatch,
     ClusterNoop,
     WebPages,
+    LedgerScale,
 }
 
 fn main() -> Result<()> {
@@ -179,6 +180,7 @@ async fn run() -> Result<()> {
             Bench::ProviderBatch => provider_batch(&args, &mut redis).await,
             Bench::ClusterNoop => cluster_noop(&args).await,
             Bench::WebPages => web_pages(&args, &mut redis).await,
+            Bench::LedgerScale => ledger_scale(&args).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -213,6 +215,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::ProviderBatch => "provider_batch",
         Bench::ClusterNoop => "cluster_noop",
         Bench::WebPages => "web_pages",
+        Bench::LedgerScale => "ledger_scale",
     }
 }
 
@@ -1334,6 +1337,155 @@ async fn bare_streams(
     result
 }
 
+/// The ledger's reports at scale: a ledger of `--tasks` calls (default 5 million) and as
+/// many finished tasks over 60 days, about a third of them chain steps (chains of five), in
+/// a database of its own that is kept between runs (filled again only when its size
+/// differs). Prints how fast it filled (rows a second through the rollup triggers) and the
+/// median of three runs of each report's queries, in ms; `raw_by_model_ms` is the same
+/// report summed over the raw rows, as before the rollups, for comparison in the same run.
+async fn ledger_scale(args: &Args) -> Result<String> {
+    const DB: &str = "llmq_bench_ledger";
+    const CHUNK: i64 = 250_000;
+    let n = args.tasks.unwrap_or(5_000_000) as i64;
+    let url = with_database(&args.database_url, DB)?;
+    let ledger = bench_ledger_named(&args.database_url, &url, DB).await?;
+    let pool = ledger.pool();
+    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
+        .fetch_one(pool)
+        .await?;
+    let mut fill_rows_per_s = 0.0;
+    if have != n {
+        sqlx::query("TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_rollups, ledger_queues")
+            .execute(pool)
+            .await?;
+        let started = Instant::now();
+        // Call i is made at an even pace over the last 60 days; calls 5k..5k+4 of every third
+        // k are one chain's steps.
+        let at = "now() - interval '60 days' + i * (interval '60 days' / $3)";
+        let chain = "CASE WHEN (i / 5) % 3 = 0 THEN 'chain-' || (i / 5) END";
+        for from in (0..n).step_by(CHUNK as usize) {
+            let to = (from + CHUNK).min(n) - 1;
+            let mut tx = pool.begin().await?;
+            sqlx::query(&format!(
+                "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
+                    chain_id, task_type, provider, model, input_tokens, output_tokens,
+                    cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
+                    called_at)
+                 SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, 'queue-' || (i % 4),
+                    {chain}, (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
+                    (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7),
+                    1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
+                    'ok', 'w', {at}
+                 FROM generate_series($1::int8, $2::int8) i"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(n as f64)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(&format!(
+                "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
+                    provider, model, input_tokens, output_tokens, cost_usd, finished_at, risk,
+                    duration_ms)
+                 SELECT md5(i::text)::uuid, 'queue-' || (i % 4), {chain},
+                    (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
+                    CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END, 1,
+                    (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7),
+                    1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
+                    {at} + interval '2 seconds', (ARRAY['low', 'medium', 'high'])[1 + i % 3],
+                    100 + i % 2000
+                 FROM generate_series($1::int8, $2::int8) i"
+            ))
+            .bind(from)
+            .bind(to)
+            .bind(n as f64)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        fill_rows_per_s = (2 * n) as f64 / started.elapsed().as_secs_f64();
+        sqlx::query("VACUUM ANALYZE").execute(pool).await?;
+    }
+
+    let today = Utc::now().date_naive();
+    let day = |d: i64| {
+        chrono::TimeZone::from_utc_datetime(
+            &Utc,
+            &(today - chrono::Duration::days(d))
+                .and_hms_opt(0, 0, 0)
+                .unwrap_or_default(),
+        )
+    };
+    let until = day(-1);
+    use llmq_shared::ledger::GroupBy;
+    async fn median_ms<F, Fut, T>(mut read: F) -> Result<f64>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, llmq_shared::ledger::Error>>,
+    {
+        let mut ms = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            read().await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        Ok(ms[1])
+    }
+    let epoch = chrono::DateTime::<Utc>::UNIX_EPOCH;
+    let costs = median_ms(|| ledger.costs(epoch, until, None, GroupBy::Provider)).await?;
+    let by_model = median_ms(|| ledger.costs(day(30), until, None, GroupBy::Model)).await?;
+    let by_day = median_ms(|| ledger.costs(day(60), until, None, GroupBy::Day)).await?;
+    let by_chain = median_ms(|| ledger.costs(day(30), until, None, GroupBy::Chain)).await?;
+    let tasks = median_ms(|| ledger.tasks_in(day(30), until, None)).await?;
+    let filter = llmq_shared::insights::Filter {
+        since: Some(day(30)),
+        ..Default::default()
+    };
+    let insights = median_ms(|| llmq_shared::insights::by_model(pool, &filter)).await?;
+    let queues = median_ms(|| llmq_shared::insights::queues(pool)).await?;
+    // The costs page: what `llmq web` reads for 30 days.
+    let web = median_ms(|| async {
+        for by in [
+            GroupBy::Day,
+            GroupBy::Provider,
+            GroupBy::Model,
+            GroupBy::TaskType,
+            GroupBy::Chain,
+        ] {
+            ledger.costs(day(29), until, None, by).await?;
+        }
+        llmq_shared::insights::by_model(pool, &filter).await
+    })
+    .await?;
+    let raw = median_ms(|| async {
+        sqlx::query(
+            "SELECT provider || '/' || model, count(*), count(DISTINCT task_id), sum(cost_usd)
+             FROM provider_calls WHERE called_at >= $1 AND called_at < $2 GROUP BY 1",
+        )
+        .bind(day(30))
+        .bind(until)
+        .fetch_all(pool)
+        .await
+        .map_err(llmq_shared::ledger::Error::from)
+    })
+    .await?;
+    let rollup_rows: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM call_rollups) + (SELECT count(*) FROM task_rollups)
+            + (SELECT count(*) FROM chain_rollups)",
+    )
+    .fetch_one(pool)
+    .await?;
+    pool.close().await;
+    Ok(format!(
+        "bench=ledger_scale calls={n} fill_rows_per_s={fill_rows_per_s:.0} \
+         rollup_rows={rollup_rows} costs_ms={costs:.1} by_model_ms={by_model:.1} \
+         by_day_ms={by_day:.1} by_chain_ms={by_chain:.1} tasks_ms={tasks:.1} \
+         insights_ms={insights:.1} queues_ms={queues:.1} web_costs_ms={web:.1} \
+         raw_by_model_ms={raw:.1}"
+    ))
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
@@ -2033,16 +2185,21 @@ async fn clear_web(redis: &mut Redis, keys: &QueueKeys, chains: usize) -> Result
 }
 
 async fn bench_ledger(admin_url: &str, bench_url: &str) -> Result<Ledger> {
+    bench_ledger_named(admin_url, bench_url, BENCH_DB).await
+}
+
+/// [`bench_ledger`] for the database `name` (at `bench_url`).
+async fn bench_ledger_named(admin_url: &str, bench_url: &str, name: &str) -> Result<Ledger> {
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .with_context(|| format!("cannot reach Postgres at {admin_url}; set DATABASE_URL"))?;
     let exists: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(BENCH_DB)
+            .bind(name)
             .fetch_one(&mut admin)
             .await?;
     if !exists {
-        sqlx::query(&format!("CREATE DATABASE {BENCH_DB}"))
+        sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await?;
     }
@@ -2055,10 +2212,10 @@ async fn bench_ledger(admin_url: &str, bench_url: &str) -> Result<Ledger> {
             return Err(e.into());
         }
         ledger.pool().close().await;
-        sqlx::query(&format!("DROP DATABASE {BENCH_DB} WITH (FORCE)"))
+        sqlx::query(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .execute(&mut admin)
             .await?;
-        sqlx::query(&format!("CREATE DATABASE {BENCH_DB}"))
+        sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await?;
         let ledger = Ledger::connect(bench_url, 4).await?;

@@ -101,9 +101,15 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
         .unwrap();
     let smart = stats.observed("mock", "mock-smart", "code_generation", None);
     assert_eq!(
-        (smart.tasks, smart.successes, smart.latency_ms),
-        (40, 39, Some(119)),
-        "the outage is not counted; the latency is the median of the answered calls"
+        (smart.tasks, smart.successes),
+        (40, 39),
+        "the outage is not counted"
+    );
+    // The median of the answered calls (119 ms), from a histogram whose buckets are 10 % wide.
+    let latency = smart.latency_ms.unwrap();
+    assert!(
+        latency.abs_diff(119) * 20 <= 119,
+        "the latency is the median of the answered calls to within 5 %: {latency}"
     );
     // Redis loses them (a restart without persistence): the next run writes them again.
     let mut c = env.redis.conn().await.unwrap();

@@ -6,7 +6,7 @@
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use llmq_shared::ledger::{CallRow, Ledger, MIGRATOR, TaskRow, Verdict};
-use llmq_tests::harness::{SeededRng, TestEnv, rollup_mismatches};
+use llmq_tests::harness::{SeededRng, TestEnv, calls_out_of_step, rollup_mismatches};
 use uuid::Uuid;
 
 /// Around a midnight, so that rows and their updates land on both days.
@@ -189,6 +189,11 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
         assert!(calls > 0, "seed {seed:#x}: nothing was written");
         let wrong = rollup_mismatches(admin.pool()).await.unwrap();
         assert!(wrong.is_empty(), "seed {seed:#x}:\n{}", wrong.join("\n"));
+        assert_eq!(
+            calls_out_of_step(admin.pool()).await.unwrap(),
+            0,
+            "seed {seed:#x}: every call carries its task's status, verdict and risk"
+        );
     }
     assert!(cut > 0, "no write was cut: the chaos did not happen");
     eprintln!("rollups: {cut} writes cut");
@@ -214,7 +219,17 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     let before = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
     assert!(before.iter().count() < MIGRATOR.iter().count());
     before.run(ledger.pool()).await.unwrap();
+    // This version's writer also names the columns the routing rollup adds to each call; they
+    // are there while it writes the old ledger, and gone (as in a ledger an older version
+    // wrote) before the migration.
+    let columns = |sql: &'static str| {
+        let pool = ledger.pool().clone();
+        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
+    };
+    columns("ALTER TABLE provider_calls ADD COLUMN task_status TEXT, ADD COLUMN task_risk TEXT")
+        .await;
     assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
+    columns("ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk").await;
     ledger.migrate().await.unwrap();
     let wrong = rollup_mismatches(ledger.pool()).await.unwrap();
     assert!(
@@ -222,6 +237,7 @@ async fn the_migration_sums_a_ledger_written_before_it() {
         "after the migration:\n{}",
         wrong.join("\n")
     );
+    assert_eq!(calls_out_of_step(ledger.pool()).await.unwrap(), 0);
     // And what is written after it adds to what it summed.
     assert_eq!(writer(ledger.clone(), 0xaf7e2, 150).await, 0);
     let wrong = rollup_mismatches(ledger.pool()).await.unwrap();
