@@ -173,12 +173,14 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- What was written before: each call learns its task's status, verdict and risk (with the
--- rollup triggers off: the costs do not change), then the routing rollup sums the calls.
-ALTER TABLE provider_calls DISABLE TRIGGER provider_calls_roll_update;
-UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict, task_risk = t.risk
-FROM tasks t WHERE c.task_id = t.task_id;
-ALTER TABLE provider_calls ENABLE TRIGGER provider_calls_roll_update;
+-- What was written before, summed as the rows stand: a call written before this migration
+-- does not know its task's view yet (NULL), and counts as such. `Ledger::migrate` then copies
+-- each task's view to its calls in batches of tasks, each batch its own transaction (the
+-- rollup moves with every row it changes, as for any write), resuming after the last task
+-- id recorded here, so the tables are never locked for the whole copy. Done when the row is
+-- gone.
+CREATE TABLE ledger_backfills (name TEXT PRIMARY KEY, after UUID NOT NULL);
+INSERT INTO ledger_backfills VALUES ('task_views', '00000000-0000-0000-0000-000000000000');
 
 INSERT INTO routing_rollups
 SELECT (called_at AT TIME ZONE 'UTC')::date, queue, provider, model, task_type,

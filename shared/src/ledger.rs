@@ -218,7 +218,58 @@ impl Ledger {
     /// A migration fails.
     pub async fn migrate(&self) -> Result<()> {
         MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        self.copy_task_views().await
+    }
+
+    /// Copies each task's status, verdict and risk to its calls written before migration
+    /// `20261126000002_routing_rollups` (which records where the copy stands), 10,000 tasks
+    /// per transaction, resuming where an interrupted run stopped; the rollups move with
+    /// every row changed. Nothing to do once it is done.
+    async fn copy_task_views(&self) -> Result<()> {
+        const BATCH: i64 = 10_000;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let after: Option<Uuid> = sqlx::query_scalar(
+                "SELECT after FROM ledger_backfills WHERE name = 'task_views' FOR UPDATE",
+            )
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(after) = after else {
+                return Ok(());
+            };
+            let last: Option<Uuid> = sqlx::query_scalar(
+                "SELECT task_id FROM (SELECT task_id FROM tasks WHERE task_id > $1
+                    ORDER BY task_id LIMIT $2) s ORDER BY task_id DESC LIMIT 1",
+            )
+            .bind(after)
+            .bind(BATCH)
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(last) = last else {
+                sqlx::query("DELETE FROM ledger_backfills WHERE name = 'task_views'")
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                return Ok(());
+            };
+            sqlx::query(
+                "UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
+                    task_risk = t.risk
+                 FROM tasks t
+                 WHERE t.task_id > $1 AND t.task_id <= $2 AND c.task_id = t.task_id
+                   AND (c.task_status, c.task_verdict, c.task_risk)
+                       IS DISTINCT FROM (t.status, t.verdict, t.risk)",
+            )
+            .bind(after)
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE ledger_backfills SET after = $1 WHERE name = 'task_views'")
+                .bind(last)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
     }
 
     /// Fails unless every embedded migration has been applied.

@@ -1348,16 +1348,22 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     const CHUNK: i64 = 250_000;
     let n = args.tasks.unwrap_or(5_000_000) as i64;
     let url = with_database(&args.database_url, DB)?;
+    // Migrating a ledger filled by an earlier version is timed too.
+    let migrating = Instant::now();
     let ledger = bench_ledger_named(&args.database_url, &url, DB).await?;
+    let migrate_s = migrating.elapsed().as_secs_f64();
     let pool = ledger.pool();
     let have: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
         .fetch_one(pool)
         .await?;
     let mut fill_rows_per_s = 0.0;
     if have != n {
-        sqlx::query("TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_rollups, ledger_queues")
-            .execute(pool)
-            .await?;
+        sqlx::query(
+            "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_rollups,
+                routing_rollups, ledger_queues",
+        )
+        .execute(pool)
+        .await?;
         let started = Instant::now();
         // Call i is made at an even pace over the last 60 days; calls 5k..5k+4 of every third
         // k are one chain's steps.
@@ -1444,6 +1450,8 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     };
     let insights = median_ms(|| llmq_shared::insights::by_model(pool, &filter)).await?;
     let queues = median_ms(|| llmq_shared::insights::queues(pool)).await?;
+    let names = llmq_shared::insights::queues(pool).await?;
+    let routing = median_ms(|| ledger.routing_stats(&names, day(30))).await?;
     // The costs page: what `llmq web` reads for 30 days.
     let web = median_ms(|| async {
         for by in [
@@ -1472,7 +1480,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     .await?;
     let rollup_rows: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM call_rollups) + (SELECT count(*) FROM task_rollups)
-            + (SELECT count(*) FROM chain_rollups)",
+            + (SELECT count(*) FROM chain_rollups) + (SELECT count(*) FROM routing_rollups)",
     )
     .fetch_one(pool)
     .await?;
@@ -1481,8 +1489,8 @@ async fn ledger_scale(args: &Args) -> Result<String> {
         "bench=ledger_scale calls={n} fill_rows_per_s={fill_rows_per_s:.0} \
          rollup_rows={rollup_rows} costs_ms={costs:.1} by_model_ms={by_model:.1} \
          by_day_ms={by_day:.1} by_chain_ms={by_chain:.1} tasks_ms={tasks:.1} \
-         insights_ms={insights:.1} queues_ms={queues:.1} web_costs_ms={web:.1} \
-         raw_by_model_ms={raw:.1}"
+         insights_ms={insights:.1} queues_ms={queues:.1} routing_ms={routing:.1} \
+         web_costs_ms={web:.1} raw_by_model_ms={raw:.1} migrate_s={migrate_s:.1}"
     ))
 }
 
