@@ -89,7 +89,8 @@ CREATE TABLE chain_rollups (
 -- version removed and its new one added). Keys are written in order, so two transactions
 -- never wait for each other's rows in opposite orders within one statement.
 CREATE FUNCTION ledger_roll_calls(added provider_calls[], removed provider_calls[])
-RETURNS void LANGUAGE sql AS $$
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     WITH c AS (
         SELECT 1 AS s, a.* FROM unnest(added) a
         UNION ALL
@@ -133,12 +134,13 @@ RETURNS void LANGUAGE sql AS $$
 
     INSERT INTO ledger_queues SELECT DISTINCT queue FROM unnest(added) ORDER BY 1
     ON CONFLICT DO NOTHING;
-$$;
+END $$;
 
 -- The same for finished tasks: a task written again (a new status, a verdict) moves from its
 -- old row's keys to its new one's.
 CREATE FUNCTION ledger_roll_tasks(added tasks[], removed tasks[])
-RETURNS void LANGUAGE sql AS $$
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     WITH t AS (
         SELECT 1 AS s, ledger_task_counts(a) AS counts, ledger_task_succeeded(a) AS ok, a.*
         FROM unnest(added) a
@@ -179,7 +181,7 @@ RETURNS void LANGUAGE sql AS $$
 
     INSERT INTO ledger_queues SELECT DISTINCT queue FROM unnest(added) ORDER BY 1
     ON CONFLICT DO NOTHING;
-$$;
+END $$;
 
 CREATE FUNCTION provider_calls_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

@@ -39,11 +39,13 @@ END $$;
 -- `ledger_hist(bucket, n)`: a histogram of n per bucket.
 CREATE AGGREGATE ledger_hist(integer, bigint) (SFUNC = ledger_hist_step, STYPE = bigint[]);
 
+-- plpgsql, not sql: its plan is kept for the session instead of made at every call.
 CREATE FUNCTION ledger_hist_add(a bigint[], b bigint[]) RETURNS bigint[]
-LANGUAGE sql IMMUTABLE AS $$
-    SELECT array_agg(coalesce(x, 0) + coalesce(y, 0) ORDER BY i)
-    FROM unnest(a, b) WITH ORDINALITY AS u(x, y, i)
-$$;
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN (SELECT array_agg(coalesce(x, 0) + coalesce(y, 0) ORDER BY i)
+        FROM unnest(a, b) WITH ORDINALITY AS u(x, y, i));
+END $$;
 
 -- `ledger_hist_sum(histogram)`: histograms added bucket by bucket.
 CREATE AGGREGATE ledger_hist_sum(bigint[]) (SFUNC = ledger_hist_add, STYPE = bigint[]);
@@ -79,7 +81,8 @@ LANGUAGE sql IMMUTABLE AS $$
 $$;
 
 CREATE FUNCTION ledger_roll_routing(added provider_calls[], removed provider_calls[])
-RETURNS void LANGUAGE sql AS $$
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     WITH c AS (
         SELECT 1 AS s, a AS rec FROM unnest(added) a
         UNION ALL
@@ -99,7 +102,7 @@ RETURNS void LANGUAGE sql AS $$
         tries = r.tries + EXCLUDED.tries,
         successes = r.successes + EXCLUDED.successes,
         latency = ledger_hist_add(r.latency, EXCLUDED.latency);
-$$;
+END $$;
 
 CREATE OR REPLACE FUNCTION provider_calls_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
@@ -131,8 +134,8 @@ END $$;
 
 -- A task written or judged: its calls carry its status, verdict and risk (a deleted task's
 -- calls carry none again). Only rows that differ are written.
-CREATE FUNCTION ledger_tell_calls(tasks_now tasks[], tasks_gone tasks[]) RETURNS void
-LANGUAGE sql AS $$
+CREATE FUNCTION ledger_tell_calls(tasks_now tasks[], tasks_gone tasks[]) RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
     UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
         task_risk = t.risk
     FROM (
@@ -144,7 +147,7 @@ LANGUAGE sql AS $$
     WHERE c.task_id = t.task_id
       AND (c.task_status, c.task_verdict, c.task_risk)
           IS DISTINCT FROM (t.status, t.verdict, t.risk);
-$$;
+END $$;
 
 CREATE OR REPLACE FUNCTION tasks_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
