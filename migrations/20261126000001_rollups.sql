@@ -91,6 +91,11 @@ CREATE TABLE chain_rollups (
 CREATE FUNCTION ledger_roll_calls(added provider_calls[], removed provider_calls[])
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+    -- A statement trigger fires for statements that changed no row (an upsert that found
+    -- nothing to update): nothing to add then.
+    IF cardinality(added) + cardinality(removed) = 0 THEN
+        RETURN;
+    END IF;
     WITH c AS (
         SELECT 1 AS s, a.* FROM unnest(added) a
         UNION ALL
@@ -141,6 +146,11 @@ END $$;
 CREATE FUNCTION ledger_roll_tasks(added tasks[], removed tasks[])
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+    -- A statement trigger fires for statements that changed no row (an upsert that found
+    -- nothing to update): nothing to add then.
+    IF cardinality(added) + cardinality(removed) = 0 THEN
+        RETURN;
+    END IF;
     WITH t AS (
         SELECT 1 AS s, ledger_task_counts(a) AS counts, ledger_task_succeeded(a) AS ok, a.*
         FROM unnest(added) a

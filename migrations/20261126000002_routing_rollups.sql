@@ -83,6 +83,9 @@ $$;
 CREATE FUNCTION ledger_roll_routing(added provider_calls[], removed provider_calls[])
 RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
+    IF cardinality(added) + cardinality(removed) = 0 THEN
+        RETURN;
+    END IF;
     WITH c AS (
         SELECT 1 AS s, a AS rec FROM unnest(added) a
         UNION ALL
@@ -136,17 +139,21 @@ END $$;
 -- calls carry none again). Only rows that differ are written.
 CREATE FUNCTION ledger_tell_calls(tasks_now tasks[], tasks_gone tasks[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
-        task_risk = t.risk
-    FROM (
-        SELECT task_id, status, verdict, risk FROM unnest(tasks_now)
-        UNION ALL
-        SELECT g.task_id, NULL, NULL, NULL FROM unnest(tasks_gone) g
-        WHERE g.task_id NOT IN (SELECT task_id FROM unnest(tasks_now))
-    ) t
-    WHERE c.task_id = t.task_id
-      AND (c.task_status, c.task_verdict, c.task_risk)
-          IS DISTINCT FROM (t.status, t.verdict, t.risk);
+    -- A statement trigger fires for statements that changed no row: nothing to look up then.
+    IF cardinality(tasks_now) > 0 THEN
+        UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
+            task_risk = t.risk
+        FROM unnest(tasks_now) t
+        WHERE c.task_id = t.task_id
+          AND (c.task_status, c.task_verdict, c.task_risk)
+              IS DISTINCT FROM (t.status, t.verdict, t.risk);
+    END IF;
+    IF cardinality(tasks_gone) > 0 THEN
+        UPDATE provider_calls c SET task_status = NULL, task_verdict = NULL, task_risk = NULL
+        FROM unnest(tasks_gone) g
+        WHERE c.task_id = g.task_id
+          AND (c.task_status IS NOT NULL OR c.task_verdict IS NOT NULL OR c.task_risk IS NOT NULL);
+    END IF;
 END $$;
 
 CREATE OR REPLACE FUNCTION tasks_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
