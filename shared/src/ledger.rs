@@ -152,6 +152,16 @@ pub enum GroupBy {
 }
 
 impl GroupBy {
+    /// The groupings `llmq web`'s costs page shows, in its order (by day first, for its
+    /// chart): what it reads for a range.
+    pub const PAGE: [GroupBy; 5] = [
+        GroupBy::Day,
+        GroupBy::Provider,
+        GroupBy::Model,
+        GroupBy::TaskType,
+        GroupBy::Chain,
+    ];
+
     /// The key over the rollups (`call_rollups` and `task_rollups`; `chain_rollups` by chain).
     fn rollup_key(self) -> &'static str {
         match self {

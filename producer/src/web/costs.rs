@@ -158,13 +158,7 @@ pub(super) async fn costs(
     let to = Utc
         .from_utc_datetime(&(until + chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN));
     let mut parts = Vec::new();
-    for by in [
-        GroupBy::Day,
-        GroupBy::Provider,
-        GroupBy::Model,
-        GroupBy::TaskType,
-        GroupBy::Chain,
-    ] {
+    for by in GroupBy::PAGE {
         match ledger.costs(from, to, None, by).await {
             Ok(lines) => parts.push(lines),
             Err(e) => return postgres_away(&e, &viewer),

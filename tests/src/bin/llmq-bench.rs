@@ -1326,9 +1326,13 @@ async fn bare_streams(
             pipe.query_async::<()>(redis).await?;
             sent += n;
         }
-        tokio::time::timeout(Duration::from_secs(30), consume)
-            .await
-            .context("the bare consumer did not drain the stream within 30 s")???;
+        let abort = consume.abort_handle();
+        let drained = tokio::time::timeout(Duration::from_secs(30), consume).await;
+        if drained.is_err() {
+            // Not left reading for the rest of the run.
+            abort.abort();
+        }
+        drained.context("the bare consumer did not drain the stream within 30 s")???;
         let after = Snapshot::take(redis).await?;
         anyhow::Ok(after.since(&before, tasks).redis_cpu_us_per_task)
     }
@@ -1369,6 +1373,12 @@ async fn ledger_scale(args: &Args) -> Result<String> {
         // k are one chain's steps.
         let at = "now() - interval '60 days' + i * (interval '60 days' / $3)";
         let chain = "CASE WHEN (i / 5) % 3 = 0 THEN 'chain-' || (i / 5) END";
+        // What a call and its task share: queue, chain, type, provider, model.
+        let shared = format!(
+            "'queue-' || (i % 4), {chain},
+             (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
+             (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7)"
+        );
         for from in (0..n).step_by(CHUNK as usize) {
             let to = (from + CHUNK).min(n) - 1;
             let mut tx = pool.begin().await?;
@@ -1377,9 +1387,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
                     chain_id, task_type, provider, model, input_tokens, output_tokens,
                     cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
                     called_at)
-                 SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, 'queue-' || (i % 4),
-                    {chain}, (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
-                    (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7),
+                 SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
                     1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
                     'ok', 'w', {at}
                  FROM generate_series($1::int8, $2::int8) i"
@@ -1390,13 +1398,11 @@ async fn ledger_scale(args: &Args) -> Result<String> {
             .execute(&mut *tx)
             .await?;
             sqlx::query(&format!(
-                "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
-                    provider, model, input_tokens, output_tokens, cost_usd, finished_at, risk,
+                "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
+                    status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
                     duration_ms)
-                 SELECT md5(i::text)::uuid, 'queue-' || (i % 4), {chain},
-                    (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
+                 SELECT md5(i::text)::uuid, {shared},
                     CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END, 1,
-                    (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7),
                     1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
                     {at} + interval '2 seconds', (ARRAY['low', 'medium', 'high'])[1 + i % 3],
                     100 + i % 2000
@@ -1454,13 +1460,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     let routing = median_ms(|| ledger.routing_stats(&names, day(30))).await?;
     // The costs page: what `llmq web` reads for 30 days.
     let web = median_ms(|| async {
-        for by in [
-            GroupBy::Day,
-            GroupBy::Provider,
-            GroupBy::Model,
-            GroupBy::TaskType,
-            GroupBy::Chain,
-        ] {
+        for by in GroupBy::PAGE {
             ledger.costs(day(29), until, None, by).await?;
         }
         llmq_shared::insights::by_model(pool, &filter).await
