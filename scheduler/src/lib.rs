@@ -3,7 +3,7 @@
 //!
 //! Layout: `lease` (the lease and the fence every write carries), then one module per duty:
 //! `windows`, `dead_letters`, `recurring`, `approvals`, `chains`, `promote`, `gauges`,
-//! `routing_stats`, `batches`. Queue
+//! `routing_stats`, `batches`, `ledger_partitions`. Queue
 //! writes go through the queue's own fenced functions.
 //!
 //! Any number of instances run; the one holding the lease in Redis acts, the others poll
@@ -28,6 +28,8 @@
 //!   task type and risk, read from the ledger into Redis for every worker.
 //! - `batches`: tasks that can wait (`deadline`) go to providers' batch APIs: sends them,
 //!   asks about open batches, and settles each task with its answer or a normal call.
+//! - `ledger_partitions`: the ledger's monthly partitions are made three months ahead, and
+//!   with `ledger.retention` the months past it are dropped whole (the rollups stay).
 //!
 //! There is no duty for results or the ready streams: results carry their own TTL (the
 //! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
@@ -67,6 +69,7 @@ mod chains;
 mod dead_letters;
 mod gauges;
 mod lease;
+mod ledger_partitions;
 mod promote;
 mod recurring;
 mod routing_stats;
@@ -214,10 +217,11 @@ pub enum Duty {
     Promote,
     RoutingStats,
     Batches,
+    LedgerPartitions,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 9] = [
+    pub const ALL: [Duty; 10] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
@@ -227,6 +231,7 @@ impl Duty {
         Duty::Promote,
         Duty::RoutingStats,
         Duty::Batches,
+        Duty::LedgerPartitions,
     ];
 
     /// Its field in the duties hash.
@@ -242,6 +247,7 @@ impl Duty {
             Duty::Promote => "promote",
             Duty::RoutingStats => "routing_stats",
             Duty::Batches => "batches",
+            Duty::LedgerPartitions => "ledger_partitions",
         }
     }
 }
@@ -375,6 +381,7 @@ impl Scheduler {
             Duty::Batches => self.batches_every,
             Duty::Recurring | Duty::Approvals | Duty::Promote => self.pause(),
             Duty::Gauges => gauges::EVERY,
+            Duty::LedgerPartitions => ledger_partitions::EVERY,
         }
     }
 
@@ -515,6 +522,7 @@ impl Scheduler {
             Duty::Promote => self.promote_due().await,
             Duty::RoutingStats => self.refresh_routing_stats().await,
             Duty::Batches => self.run_batches().await,
+            Duty::LedgerPartitions => self.keep_ledger_partitions().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

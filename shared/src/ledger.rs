@@ -2,9 +2,12 @@
 //!
 //! A call's row is written (outcome `started`) before the call is made and completed after it,
 //! in batches (group commit), before the task it belongs to is acked. Rows are keyed by (task
-//! id, delivery, call number): the same row written twice is one row, and a task delivered
-//! again after a worker died makes new rows for its new calls, so the ledger holds every call a
-//! provider may bill, once.
+//! id, delivery, call number, and `called_at`, fixed when the row is first written): the same
+//! row written twice is one row, and a task delivered again after a worker died makes new rows
+//! for its new calls, so the ledger holds every call a provider may bill, once.
+//!
+//! Both tables are partitioned by month (migration `20261127000001_partitions`): retention
+//! drops whole months, and the rollups outlive them.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -73,6 +76,8 @@ pub struct CallRow {
     pub error_class: Option<String>,
     pub error: Option<String>,
     pub worker: String,
+    /// When the call's row was first written (before any wait for a quota window); part of
+    /// the key and the month partition, so it never changes.
     pub called_at: DateTime<Utc>,
     /// For a call made through a provider's batch API (billed at the batch price): what it
     /// would have cost at list prices.
@@ -227,8 +232,89 @@ impl Ledger {
     /// # Errors
     /// A migration fails.
     pub async fn migrate(&self) -> Result<()> {
+        self.prepare_partitions().await?;
         MIGRATOR.run(&self.pool).await?;
         self.copy_task_views().await
+    }
+
+    /// Before migration `20261127000001_partitions` on a ledger that has rows, what would
+    /// otherwise lock it for a scan: the keys that include the time, built CONCURRENTLY, and
+    /// the CHECK that every row is before the first month boundary a week ahead and after
+    /// the newest row (the old table's range as a partition), validated with the table open. Each statement is its
+    /// own transaction; an interrupted run leaves what it finished, and an invalid index
+    /// (a CONCURRENTLY build cut off) is built again. Nothing to do on a new or partitioned
+    /// ledger.
+    async fn prepare_partitions(&self) -> Result<()> {
+        for (table, column, key) in [
+            (
+                "provider_calls",
+                "called_at",
+                "(task_id, delivery, call_no, called_at)",
+            ),
+            ("tasks", "finished_at", "(task_id, finished_at)"),
+        ] {
+            let kind: Option<String> = sqlx::query_scalar(
+                "SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)",
+            )
+            .bind(table)
+            .fetch_optional(&self.pool)
+            .await?;
+            // 'r': an ordinary table, the ledger as it was before partitions.
+            if kind.as_deref() != Some("r") {
+                continue;
+            }
+            let invalid: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_index WHERE indexrelid = to_regclass($1)
+                    AND NOT indisvalid)",
+            )
+            .bind(format!("{table}_key"))
+            .fetch_one(&self.pool)
+            .await?;
+            if invalid {
+                sqlx::query(&format!("DROP INDEX CONCURRENTLY {table}_key"))
+                    .execute(&self.pool)
+                    .await?;
+            }
+            tracing::info!("building {table}_key {key} with the table open");
+            sqlx::query(&format!(
+                "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {table}_key ON {table} {key}"
+            ))
+            .execute(&self.pool)
+            .await?;
+            // After every row (a clock ahead may have written some in a later month).
+            let (day, at): (String, String) = sqlx::query_as(&format!(
+                "SELECT to_char(m, 'YYYYMMDD'), to_char(m, 'YYYY-MM-DD') || ' 00:00:00+00'
+                 FROM (SELECT date_trunc('month', greatest(now() + interval '7 days',
+                    (SELECT max({column}) FROM {table})), 'UTC') + interval '1 month' AS m) c"
+            ))
+            .fetch_one(&self.pool)
+            .await?;
+            let check = format!("{table}_before_{day}");
+            // A CHECK an earlier run left with another cutoff would refuse rows after it.
+            let stale: Vec<String> = sqlx::query_scalar(
+                "SELECT conname::text FROM pg_constraint
+                 WHERE conrelid = to_regclass($1) AND conname LIKE $1 || '_before_%'",
+            )
+            .bind(table)
+            .fetch_all(&self.pool)
+            .await?;
+            for name in stale {
+                sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT \"{name}\""))
+                    .execute(&self.pool)
+                    .await?;
+            }
+            tracing::info!("checking every row of {table} is before {at} with the table open");
+            sqlx::query(&format!(
+                "ALTER TABLE {table} ADD CONSTRAINT {check}
+                    CHECK ({column} < '{at}'::timestamptz) NOT VALID"
+            ))
+            .execute(&self.pool)
+            .await?;
+            sqlx::query(&format!("ALTER TABLE {table} VALIDATE CONSTRAINT {check}"))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Copies each task's status, verdict and risk to its calls written before migration
@@ -387,13 +473,12 @@ impl Ledger {
                     input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
                     latency_ms, outcome, error_class, error, worker, called_at, delivery,
                     list_cost_usd, task_status, task_risk)
-                 ON CONFLICT (task_id, delivery, call_no) DO UPDATE SET
+                 ON CONFLICT (task_id, delivery, call_no, called_at) DO UPDATE SET
                     input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
                     cached_tokens = EXCLUDED.cached_tokens,
                     reasoning_tokens = EXCLUDED.reasoning_tokens, cost_usd = EXCLUDED.cost_usd,
                     latency_ms = EXCLUDED.latency_ms, outcome = EXCLUDED.outcome,
                     error_class = EXCLUDED.error_class, error = EXCLUDED.error,
-                    called_at = EXCLUDED.called_at,
                     task_status = coalesce(EXCLUDED.task_status, provider_calls.task_status),
                     task_risk = coalesce(EXCLUDED.task_risk, provider_calls.task_risk)
                  WHERE provider_calls.outcome = 'started'", // STARTED
@@ -446,6 +531,16 @@ impl Ledger {
             .await?;
         }
         if !tasks.is_empty() {
+            // A task finished before (a replay, a delivery after a worker died past its
+            // write) keeps one row: the earlier finish goes, the rollups with it.
+            sqlx::query(
+                "DELETE FROM tasks t USING UNNEST($1::uuid[], $2::timestamptz[]) AS n(task_id, at)
+                 WHERE t.task_id = n.task_id AND t.finished_at <> n.at",
+            )
+            .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
             sqlx::query(
                 "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
                     provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
@@ -462,12 +557,12 @@ impl Ledger {
                  AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
                     input_tokens, output_tokens, cost_usd, error, error_class, finished_at,
                     risk, duration_ms, strategy, propensity, explored, candidates)
-                 ON CONFLICT (task_id) DO UPDATE SET status = EXCLUDED.status,
+                 ON CONFLICT (task_id, finished_at) DO UPDATE SET status = EXCLUDED.status,
                     attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
                     model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
                     output_tokens = EXCLUDED.output_tokens, cost_usd = EXCLUDED.cost_usd,
                     error = EXCLUDED.error, error_class = EXCLUDED.error_class,
-                    finished_at = EXCLUDED.finished_at, risk = EXCLUDED.risk,
+                    risk = EXCLUDED.risk,
                     duration_ms = EXCLUDED.duration_ms, strategy = EXCLUDED.strategy,
                     propensity = EXCLUDED.propensity, explored = EXCLUDED.explored,
                     candidates = EXCLUDED.candidates",
@@ -524,13 +619,15 @@ impl Ledger {
         }
         sqlx::query(
             "DELETE FROM provider_calls c
-             USING UNNEST($1::uuid[], $2::uuid[], $3::int4[]) AS g(task_id, delivery, call_no)
+             USING UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[])
+                AS g(task_id, delivery, call_no, called_at)
              WHERE c.task_id = g.task_id AND c.delivery = g.delivery AND c.call_no = g.call_no
-               AND c.outcome = 'started'",
+               AND c.called_at = g.called_at AND c.outcome = 'started'",
         )
         .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
         .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
         .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
+        .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
         .execute(&self.pool)
         .await?;
         Ok(())

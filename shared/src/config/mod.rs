@@ -64,7 +64,19 @@ pub struct Config {
     /// Quality gates chains' `check` steps may run, by name.
     pub checks: std::collections::BTreeMap<String, CheckConfig>,
     pub chains: Chains,
+    pub ledger: LedgerConfig,
 }
+
+/// What the Postgres ledger keeps (`ledger:` in the provider file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerConfig {
+    /// Months of calls and tasks whose last day is older than this are dropped whole by the
+    /// scheduler (the rollups stay); `None` keeps everything.
+    pub retention: Option<Duration>,
+}
+
+/// The longest `ledger.retention` taken: ten years.
+pub const MAX_LEDGER_RETENTION: Duration = Duration::from_secs(3660 * 24 * 3600);
 
 /// Bounds every chain meets, whatever its spec asks (`chains:` in the provider file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +126,28 @@ impl Errors<'_> {
             )
         })
     }
+}
+
+/// `ledger.retention`: between a day and [`MAX_LEDGER_RETENTION`]. A month's partition goes
+/// once its last day is older than this, so the current month never can.
+fn retention(errs: &Errors<'_>, text: &str) -> Result<Duration> {
+    const DAY: Duration = Duration::from_secs(24 * 3600);
+    let keep = errs.duration("ledger.retention".into(), text)?;
+    if keep < DAY {
+        return Err(errs.at(
+            "ledger.retention",
+            format!("`{text}` is shorter than a day, and the ledger drops whole months"),
+            "give at least 1d (e.g. 400d), or leave it out to keep everything",
+        ));
+    }
+    if keep > MAX_LEDGER_RETENTION {
+        return Err(errs.at(
+            "ledger.retention",
+            format!("`{text}` is longer than ten years"),
+            "give at most 3660d, or leave it out to keep everything",
+        ));
+    }
+    Ok(keep)
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -232,12 +266,19 @@ impl Config {
                 },
             },
         };
+        let ledger = LedgerConfig {
+            retention: match raw.ledger.and_then(|l| l.retention) {
+                None => None,
+                Some(text) => Some(retention(&errs, &text)?),
+            },
+        };
         Ok(Self {
             providers,
             routing,
             scheduler,
             checks,
             chains,
+            ledger,
         })
     }
 
@@ -356,6 +397,36 @@ routing:
             err.contains("providers[0].connections") && err.contains("use 1 to 1024"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ledger_retention_is_a_day_to_ten_years_and_says_which_key_and_fix() {
+        let c = Config::parse("p.yaml", GOOD, &env).unwrap();
+        assert_eq!(c.ledger.retention, None, "everything is kept by default");
+        let with = |r: &str| format!("{GOOD}ledger:\n  retention: {r}\n");
+        let c = Config::parse("p.yaml", &with("400d"), &env).unwrap();
+        assert_eq!(
+            c.ledger.retention,
+            Some(Duration::from_secs(400 * 24 * 3600))
+        );
+        for (bad, says) in [
+            ("12h", "shorter than a day"),
+            ("0s", "shorter than a day"),
+            ("3661d", "longer than ten years"),
+            ("forever", "is not a duration"),
+        ] {
+            let err = Config::parse("p.yaml", &with(bad), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("ledger.retention") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+        let err = Config::parse("p.yaml", &format!("{GOOD}ledger:\n  keep: 4d\n"), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("keep"), "{err}");
     }
 
     #[test]

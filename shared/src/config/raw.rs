@@ -18,6 +18,14 @@ pub(super) struct RawFile {
     pub(super) checks: std::collections::BTreeMap<String, RawCheck>,
     #[serde(default)]
     pub(super) chains: Option<RawChains>,
+    #[serde(default)]
+    pub(super) ledger: Option<RawLedger>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLedger {
+    pub(super) retention: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -1,20 +1,28 @@
 //! The ledger's rollups equal the rows they sum, whatever is written through the ledger and
 //! in whatever order, by writers at once, with connections cut in the middle of writes (what
-//! a Postgres restart does to the transactions under way); and the migration that adds them
-//! sums a ledger written before it.
+//! a Postgres restart does to the transactions under way) and months' partitions made (their
+//! rows moved out of the default partition) meanwhile; and the migration that adds them sums
+//! a ledger written before it.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use llmq_shared::ledger::{CallRow, Ledger, MIGRATOR, TaskRow, Verdict};
 use llmq_tests::harness::{SeededRng, TestEnv, calls_out_of_step, rollup_mismatches};
 use uuid::Uuid;
 
-/// Around a midnight, so that rows and their updates land on both days.
+/// The first midnight of a month five months from now: beyond the partitions a new ledger
+/// has (three months ahead), so rows wait in the default partition until the test makes
+/// their months' partitions while the writers write.
+fn boundary() -> DateTime<Utc> {
+    let later = Utc::now().date_naive() + chrono::Months::new(5);
+    Utc.from_utc_datetime(&later.with_day(1).unwrap().and_hms_opt(0, 0, 0).unwrap())
+}
+
+/// Around a midnight that ends a month, so that rows and their updates land on both days
+/// and in both months' partitions.
 fn around_midnight(rng: &mut SeededRng) -> DateTime<Utc> {
-    let midnight = Utc.with_ymd_and_hms(2031, 3, 10, 0, 0, 0).unwrap();
-    midnight
-        + Duration::seconds(rng.below(7200) as i64 - 3600)
-        + Duration::days(rng.below(3) as i64)
+    boundary() + Duration::seconds(rng.below(7200) as i64 - 3600)
+        - Duration::days(rng.below(3) as i64)
 }
 
 fn pick<'a>(rng: &mut SeededRng, from: &[&'a str]) -> &'a str {
@@ -58,8 +66,6 @@ fn completed(rng: &mut SeededRng, c: &CallRow) -> CallRow {
         },
         list_cost_usd: (rng.below(4) == 0).then(|| rng.below(200_000) as f64 / 1e7),
         latency_ms: rng.below(3000) as i32,
-        // Completing may move a call across midnight.
-        called_at: c.called_at + Duration::seconds(rng.below(120) as i64),
         ..c.clone()
     }
 }
@@ -160,6 +166,23 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
         let writers: Vec<_> = (0..4)
             .map(|w| tokio::spawn(writer(ledger.clone(), seed * 31 + w, 80)))
             .collect();
+        // The rows' months get their partitions while the writers write: what the default
+        // partition holds of them moves, and no write may be lost or counted twice.
+        let partitions = {
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                loop {
+                    let made = sqlx::query_scalar::<_, i32>("SELECT ledger_make_partitions($1)")
+                        .bind(boundary() + Duration::days(1))
+                        .fetch_one(admin.pool())
+                        .await;
+                    if made.is_ok() {
+                        return;
+                    }
+                }
+            })
+        };
         // Chaos: cut the writers' connections while they write, as a Postgres restart cuts
         // the transactions under way.
         let cutter = {
@@ -182,6 +205,18 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
             cut += w.await.unwrap();
         }
         cutter.await.unwrap();
+        partitions.await.unwrap();
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM provider_calls_default)
+                + (SELECT count(*) FROM tasks_default)",
+        )
+        .fetch_one(admin.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            waiting, 0,
+            "seed {seed:#x}: rows left in the default partitions"
+        );
         let calls: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
             .fetch_one(admin.pool())
             .await
@@ -226,10 +261,15 @@ async fn the_migration_sums_a_ledger_written_before_it() {
         let pool = ledger.pool().clone();
         async move { sqlx::query(sql).execute(&pool).await.unwrap() }
     };
+    // So do its keys, which hold the time since the partitions.
     columns("ALTER TABLE provider_calls ADD COLUMN task_status TEXT, ADD COLUMN task_risk TEXT")
         .await;
+    columns("CREATE UNIQUE INDEX old_call_key ON provider_calls (task_id, delivery, call_no, called_at)").await;
+    columns("CREATE UNIQUE INDEX old_task_key ON tasks (task_id, finished_at)").await;
     assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
     columns("ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk").await;
+    columns("DROP INDEX old_call_key").await;
+    columns("DROP INDEX old_task_key").await;
     ledger.migrate().await.unwrap();
     let wrong = rollup_mismatches(ledger.pool()).await.unwrap();
     assert!(

@@ -530,16 +530,16 @@ impl Attempt<'_> {
         }
     }
 
-    /// Stamps the call's reservation with the time it is sent and returns that time. Waits
+    /// Stamps the call's reservation with the time it is sent. Waits
     /// while its rolling window is full, which only a call that waited longer than the window
     /// since its reservation can find; bounded by the attempt's timeout and the hard stop,
     /// which the caller races the call against.
-    async fn stamp(&self, cand: &Candidate<'_>, r: &Reservation) -> chrono::DateTime<Utc> {
+    async fn stamp(&self, cand: &Candidate<'_>, r: &Reservation) {
         let quotas = &cand.provider.quotas;
         loop {
             let now = Utc::now();
             match self.exec.limiter.stamp(r, quotas, now).await {
-                Ok(None) => return now,
+                Ok(None) => return,
                 Ok(Some(full)) => {
                     let wait = (full.until - now).to_std().unwrap_or_default();
                     tokio::time::sleep(wait.max(std::time::Duration::from_millis(10))).await;
@@ -547,7 +547,7 @@ impl Attempt<'_> {
                 Err(e) => {
                     // The reservation stands, stamped when it was made.
                     tracing::warn!(provider = r.provider, "cannot stamp the reservation: {e}");
-                    return now;
+                    return;
                 }
             }
         }
@@ -656,7 +656,8 @@ impl Attempt<'_> {
             use std::sync::atomic::Ordering::Relaxed;
             self.calls[row].outcome = UNSENT.into();
             self.waiting.store(true, Relaxed);
-            self.calls[row].called_at = Box::pin(self.stamp(cand, r)).await;
+            // `called_at` stays the row's start: it is part of the row's key.
+            Box::pin(self.stamp(cand, r)).await;
             self.waiting.store(false, Relaxed);
             self.calls[row].outcome = STARTED.into();
         }

@@ -1,0 +1,61 @@
+//! The `ledger_partitions` duty: the ledger's tables are partitioned by month
+//! (`migrations/20261127000001_partitions.sql`). This makes the partitions of the next
+//! [`AHEAD`] before any row needs them (a row that comes early waits in the default partition
+//! and moves into its month's when that is made), and, with `ledger.retention`, drops the
+//! months whose last day is older than the retention: whole tables, so no DELETE and no
+//! bloat. The rollups are separate tables and keep those months' sums.
+
+use std::time::Duration;
+
+use crate::{Result, Scheduler};
+
+/// How often the duty runs.
+pub const EVERY: Duration = Duration::from_secs(3600);
+
+/// How far ahead partitions are made.
+pub const AHEAD: chrono::TimeDelta = chrono::TimeDelta::days(92);
+
+impl Scheduler {
+    /// Makes the coming months' partitions and drops those past `ledger.retention`, in one
+    /// fenced transaction. Returns what it did.
+    ///
+    /// # Errors
+    /// Postgres fails (a lock not had within 10 s: retried next period);
+    /// [`crate::Error::NotLeader`] when the lease is no longer ours.
+    pub async fn keep_ledger_partitions(&mut self) -> Result<String> {
+        let now = self.now();
+        let mut tx = self.lease.fenced_tx(&self.redis, &self.pool).await?;
+        // Making or dropping a partition locks its table for a moment; never queue the
+        // workers' writes behind a long wait for it.
+        sqlx::query("SET LOCAL lock_timeout = '10s'")
+            .execute(&mut *tx)
+            .await?;
+        let made: i32 = sqlx::query_scalar("SELECT ledger_make_partitions($1)")
+            .bind(now + AHEAD)
+            .fetch_one(&mut *tx)
+            .await?;
+        let dropped: Vec<String> = match self.config.ledger.retention {
+            Some(keep) => {
+                let before = now - chrono::TimeDelta::from_std(keep).unwrap_or_default();
+                sqlx::query_scalar("SELECT ledger_drop_partitions($1)")
+                    .bind(before)
+                    .fetch_all(&mut *tx)
+                    .await?
+            }
+            None => Vec::new(),
+        };
+        tx.commit().await?;
+        if !dropped.is_empty() {
+            tracing::info!(partitions = ?dropped, "dropped ledger months past ledger.retention");
+        }
+        Ok(format!(
+            "{made} partition(s) made, {} dropped{}",
+            dropped.len(),
+            if dropped.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", dropped.join(", "))
+            }
+        ))
+    }
+}
