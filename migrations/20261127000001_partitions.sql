@@ -327,7 +327,8 @@ BEGIN
 END $$;
 
 -- Drops every partition whose range ends at or before `before`; returns their names. The
--- current month's never does: its range ends after now.
+-- scheduler gives now less `ledger.retention` (at least a day), so the current month's range,
+-- which ends after now, never does.
 CREATE FUNCTION ledger_drop_partitions(before timestamptz) RETURNS SETOF text
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -335,7 +336,7 @@ DECLARE
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('llmq ledger_partitions'));
     FOR part IN
-        SELECT name FROM ledger_partitions WHERE upper <= least(before, now()) ORDER BY upper
+        SELECT name FROM ledger_partitions WHERE upper <= before ORDER BY upper
     LOOP
         EXECUTE format('DROP TABLE %I', part);
         DELETE FROM ledger_partitions WHERE name = part;

@@ -133,6 +133,29 @@ impl TestEnv {
         (url, ledger)
     }
 
+    /// A ledger database of this test's own (`suffix` tells it from the test's others),
+    /// migrated only up to the migrations named before `version`: a ledger an older release
+    /// wrote, for testing what `llmq migrate` does to it. Its URL and a handle.
+    pub async fn ledger_before(&self, suffix: &str, version: &str) -> (String, Ledger) {
+        let name = format!("llmq_test_{}_{suffix}", self.queue.replace('-', "_"));
+        create_database(&name).await.unwrap();
+        let url = format!("{}/{name}", pg_server());
+        let ledger = Ledger::connect(&url, 2).await.unwrap();
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations")).unwrap() {
+            let path = f.unwrap().path();
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            if file.as_str() < version {
+                std::fs::copy(&path, dir.join(&file)).unwrap();
+            }
+        }
+        let before = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+        assert!(before.iter().count() < llmq_shared::ledger::MIGRATOR.iter().count());
+        before.run(ledger.pool()).await.unwrap();
+        (url, ledger)
+    }
+
     /// Archives this queue's dead letters to Postgres as the scheduler does, by a scheduler
     /// whose clock is 30 days ahead (so every letter is old enough); returns how many.
     pub async fn archive_dead_letters(&self) -> usize {

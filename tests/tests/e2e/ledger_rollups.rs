@@ -6,7 +6,7 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
-use llmq_shared::ledger::{CallRow, Ledger, MIGRATOR, TaskRow, Verdict};
+use llmq_shared::ledger::{CallRow, Ledger, TaskRow, Verdict};
 use llmq_tests::harness::{SeededRng, TestEnv, calls_out_of_step, rollup_mismatches};
 use uuid::Uuid;
 
@@ -237,23 +237,8 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
 #[tokio::test]
 async fn the_migration_sums_a_ledger_written_before_it() {
     let env = TestEnv::new().await.unwrap();
-    let name = format!("llmq_test_{}_pre", env.queue.replace('-', "_"));
-    llmq_tests::harness::create_database(&name).await.unwrap();
-    let url = format!("{}/{name}", llmq_tests::harness::pg_server());
-    let ledger = Ledger::connect(&url, 2).await.unwrap();
     // Every migration before the rollups.
-    let dir = std::env::temp_dir().join(&name);
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations")).unwrap() {
-        let path = f.unwrap().path();
-        let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        if file.as_str() < "20261126000001" {
-            std::fs::copy(&path, dir.join(&file)).unwrap();
-        }
-    }
-    let before = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
-    assert!(before.iter().count() < MIGRATOR.iter().count());
-    before.run(ledger.pool()).await.unwrap();
+    let (_, ledger) = env.ledger_before("pre", "20261126000001").await;
     // This version's writer also names the columns the routing rollup adds to each call; they
     // are there while it writes the old ledger, and gone (as in a ledger an older version
     // wrote) before the migration.

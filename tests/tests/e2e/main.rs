@@ -15,6 +15,7 @@ mod examples;
 mod flow;
 mod hostile;
 mod learning;
+mod ledger_partitions;
 mod ledger_rollups;
 mod metrics;
 mod outage;

@@ -1,0 +1,301 @@
+//! The ledger partitioned by month: `llmq migrate` partitions a written ledger in place while
+//! it is written to, losing and doubling nothing; a task finished again in another month keeps
+//! one row; and `ledger.retention` drops whole months (the rollups keep their sums), run by
+//! the scheduler's `ledger_partitions` duty.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use chrono::{DateTime, Duration, Utc};
+use llmq_shared::ledger::{CallRow, Ledger, TaskRow};
+use llmq_tests::harness::{TestEnv, calls_out_of_step, redis_url, rollup_mismatches};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+async fn scalar(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// The table a task's row is in.
+async fn home_of(pool: &PgPool, task: Uuid) -> Vec<String> {
+    sqlx::query_scalar("SELECT tableoid::regclass::text FROM tasks WHERE task_id = $1")
+        .bind(task)
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn finished(task: Uuid, queue: &str, at: DateTime<Utc>, status: &str) -> TaskRow {
+    TaskRow {
+        task_id: task,
+        queue: queue.into(),
+        task_type: "research".into(),
+        status: status.into(),
+        attempts: 1,
+        provider: Some("openai".into()),
+        model: Some("small".into()),
+        cost_usd: 0.25,
+        finished_at: at,
+        duration_ms: 900,
+        ..TaskRow::default()
+    }
+}
+
+fn answered(task: Uuid, queue: &str, at: DateTime<Utc>) -> CallRow {
+    CallRow {
+        task_id: task,
+        delivery: Uuid::new_v4(),
+        attempt: 1,
+        call_no: 1,
+        queue: queue.into(),
+        task_type: "research".into(),
+        provider: "openai".into(),
+        model: "small".into(),
+        input_tokens: 1000,
+        output_tokens: 200,
+        cost_usd: 0.25,
+        latency_ms: 700,
+        outcome: "ok".into(),
+        worker: "w".into(),
+        called_at: at,
+        ..CallRow::default()
+    }
+}
+
+#[tokio::test]
+async fn a_written_ledger_is_partitioned_in_place_while_it_is_written() {
+    let env = TestEnv::new().await.unwrap();
+    // The ledger as the release before partitions left it, with 90 days of rows.
+    let (url, ledger) = env.ledger_before("parts", "20261127000001").await;
+    let pool = ledger.pool().clone();
+    sqlx::query(
+        "INSERT INTO tasks (task_id, queue, task_type, status, attempts, provider, model,
+            cost_usd, finished_at, duration_ms)
+         SELECT md5('t' || g)::uuid, 'q-old', 'research',
+            CASE WHEN g % 5 = 0 THEN 'dead' ELSE 'succeeded' END, 1, 'openai', 'small',
+            g * 0.0001, now() - (g % 90) * interval '1 day' - interval '1 hour', 1000
+         FROM generate_series(1, 10000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue, task_type,
+            provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
+            cost_usd, latency_ms, outcome, worker, called_at)
+         SELECT md5('t' || (g % 10000 + 1))::uuid, md5('d' || g)::uuid, 0, 1, 1, 'q-old',
+            'research', 'openai', 'small', 100, 20, 0, 0, 0.0001, 500, 'ok', 'w',
+            now() - (g % 90) * interval '1 day' - interval '2 hours'
+         FROM generate_series(1, 20000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // A writer that never stops while the ledger is migrated: every write must land.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        let writes = Ledger::connect(&url, 1).await.unwrap();
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut slowest) = (0_i64, Vec::new(), std::time::Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                let started = std::time::Instant::now();
+                let wrote = sqlx::query(
+                    "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
+                        task_type, provider, model, input_tokens, output_tokens, cached_tokens,
+                        reasoning_tokens, cost_usd, latency_ms, outcome, worker, called_at)
+                     VALUES ($1, $2, 0, 1, 1, 'q-new', 'research', 'openai', 'small', 10, 2, 0,
+                        0, 0.001, 300, 'ok', 'w', now())",
+                )
+                .bind(Uuid::new_v4())
+                .bind(Uuid::new_v4())
+                .execute(writes.pool())
+                .await;
+                slowest = slowest.max(started.elapsed());
+                match wrote {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            (ok, failed, slowest)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    ledger.migrate().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (written, failed, slowest) = writer.await.unwrap();
+    eprintln!("partitioning: {written} writes meanwhile, the slowest {slowest:?}");
+    assert!(failed.is_empty(), "writes failed: {failed:?}");
+    assert!(written > 0);
+
+    let kinds: Vec<String> = sqlx::query_scalar(
+        "SELECT relkind::text FROM pg_class WHERE relname IN ('tasks', 'provider_calls')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(kinds, ["p", "p"], "both tables are partitioned");
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM provider_calls").await,
+        20_000 + written
+    );
+    assert_eq!(scalar(&pool, "SELECT count(*) FROM tasks").await, 10_000);
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM provider_calls_legacy").await,
+        20_000 + written,
+        "the old rows stay where they are, in the first partition"
+    );
+    // Nothing left of the preparation: the CHECKs go with the attach.
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_constraint WHERE conname LIKE '%\\_before\\_%'"
+        )
+        .await,
+        0
+    );
+    let wrong = rollup_mismatches(&pool).await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "after the migration:\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(calls_out_of_step(&pool).await.unwrap(), 0);
+
+    // A task finished again in a later month (a replay) keeps one row, in its new month.
+    let task = Uuid::new_v4();
+    let past = Utc::now() - Duration::days(10);
+    let later = Utc::now() + Duration::days(40);
+    ledger
+        .record(
+            &[answered(task, "q-new", past)],
+            &[finished(task, "q-new", past, "dead")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(home_of(&pool, task).await, ["tasks_legacy"]);
+    ledger
+        .record(&[], &[finished(task, "q-new", later, "succeeded")])
+        .await
+        .unwrap();
+    let home = home_of(&pool, task).await;
+    assert_eq!(home.len(), 1, "one row for the task: {home:?}");
+    assert!(
+        home[0].starts_with("tasks_2"),
+        "in its month's partition: {home:?}"
+    );
+    let wrong = rollup_mismatches(&pool).await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "after a finish moved:\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(calls_out_of_step(&pool).await.unwrap(), 0);
+
+    // `llmq migrate` again finds nothing to do.
+    ledger.migrate().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_drops_whole_months_and_the_rollups_keep_their_sums() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let pool = ledger.pool().clone();
+    let now = Utc::now();
+    let q = env.queue.as_str();
+    // Rows in the first partition, in a month's, and far ahead (in the default partition
+    // until its month is made).
+    let (old, month, ahead) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for (task, at) in [
+        (old, now - Duration::days(30)),
+        (month, now + Duration::days(40)),
+        (ahead, now + Duration::days(800)),
+    ] {
+        ledger
+            .record(
+                &[answered(task, q, at)],
+                &[finished(task, q, at, "succeeded")],
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(home_of(&pool, ahead).await, ["tasks_default"]);
+    let sums = "SELECT ((SELECT sum(calls) FROM call_rollups) * 1000000
+        + (SELECT sum(tasks) FROM task_rollups) * 1000
+        + (SELECT sum(tries) FROM routing_rollups))::bigint";
+    let before = scalar(&pool, sums).await;
+    assert_eq!(before, 3_003_003);
+
+    // The scheduler, 800 days on, keeps 400 days.
+    let mut config = env.settings().config;
+    config.ledger.retention = Some(std::time::Duration::from_secs(400 * 24 * 3600));
+    let mut settings = llmq_scheduler::Settings::new(&redis_url(), &url, config).unwrap();
+    settings.id = Some(format!("{q}-partitions"));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    let later = now + Duration::days(800);
+    settings.clock = Arc::new(move || later);
+    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    let did = scheduler
+        .run_duty(llmq_scheduler::Duty::LedgerPartitions)
+        .await
+        .unwrap();
+    eprintln!("ledger_partitions: {did}");
+
+    for task in [old, month] {
+        assert!(home_of(&pool, task).await.is_empty(), "{did}");
+    }
+    let home = home_of(&pool, ahead).await;
+    assert!(
+        home[0].starts_with("tasks_2"),
+        "moved to its month: {home:?}"
+    );
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM provider_calls").await,
+        1,
+        "{did}"
+    );
+    assert_eq!(
+        scalar(&pool, sums).await,
+        before,
+        "the rollups keep every month's sums"
+    );
+    // What is left: the months from 400 days before the scheduler's now, ahead to three
+    // months after it; none that ended before.
+    let cutoff = later - Duration::days(400);
+    let (kept, oldest): (i64, DateTime<Utc>) =
+        sqlx::query_as("SELECT count(*), min(upper) FROM ledger_partitions")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        oldest > cutoff && oldest <= cutoff + Duration::days(31),
+        "{oldest}"
+    );
+    assert!(kept >= 2 * 16, "{kept} partitions");
+    let tables = scalar(
+        &pool,
+        "SELECT count(*) FROM pg_inherits WHERE inhparent IN ('tasks'::regclass,
+            'provider_calls'::regclass)",
+    )
+    .await;
+    assert_eq!(
+        tables,
+        kept + 2,
+        "the bookkeeping names every partition but the defaults"
+    );
+    assert!(did.contains("dropped"), "{did}");
+
+    // A second run has nothing to do.
+    let again = scheduler
+        .run_duty(llmq_scheduler::Duty::LedgerPartitions)
+        .await
+        .unwrap();
+    assert_eq!(again, "0 partition(s) made, 0 dropped");
+    scheduler.release().await.unwrap();
+}
