@@ -232,9 +232,18 @@ impl Ledger {
     /// # Errors
     /// A migration fails.
     pub async fn migrate(&self) -> Result<()> {
-        self.prepare_partitions().await?;
+        self.migrate_telling(&mut |_| {}).await
+    }
+
+    /// [`Ledger::migrate`], telling `say` what it does as it goes (the steps on a populated
+    /// ledger take minutes: building indexes, copying the task views).
+    ///
+    /// # Errors
+    /// A migration fails.
+    pub async fn migrate_telling(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
+        self.prepare_partitions(say).await?;
         MIGRATOR.run(&self.pool).await?;
-        self.copy_task_views().await
+        self.copy_task_views(say).await
     }
 
     /// Before migration `20261127000001_partitions` on a ledger that has rows, what would
@@ -244,7 +253,7 @@ impl Ledger {
     /// own transaction; an interrupted run leaves what it finished, and an invalid index
     /// (a CONCURRENTLY build cut off) is built again. Nothing to do on a new or partitioned
     /// ledger.
-    async fn prepare_partitions(&self) -> Result<()> {
+    async fn prepare_partitions(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
         for (table, column, key) in [
             (
                 "provider_calls",
@@ -275,7 +284,9 @@ impl Ledger {
                     .execute(&self.pool)
                     .await?;
             }
-            tracing::info!("building {table}_key {key} with the table open");
+            say(format!(
+                "building {table}_key {key}, the table open to writers"
+            ));
             sqlx::query(&format!(
                 "CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS {table}_key ON {table} {key}"
             ))
@@ -303,7 +314,9 @@ impl Ledger {
                     .execute(&self.pool)
                     .await?;
             }
-            tracing::info!("checking every row of {table} is before {at} with the table open");
+            say(format!(
+                "checking every row of {table} is before {at}, the table open to writers"
+            ));
             sqlx::query(&format!(
                 "ALTER TABLE {table} ADD CONSTRAINT {check}
                     CHECK ({column} < '{at}'::timestamptz) NOT VALID"
@@ -321,8 +334,9 @@ impl Ledger {
     /// `20261126000002_routing_rollups` (which records where the copy stands), 10,000 tasks
     /// per transaction, resuming where an interrupted run stopped; the rollups move with
     /// every row changed. Nothing to do once it is done.
-    async fn copy_task_views(&self) -> Result<()> {
+    async fn copy_task_views(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
         const BATCH: i64 = 10_000;
+        let mut batches = 0_u64;
         loop {
             let mut tx = self.pool.begin().await?;
             let after: Option<Uuid> = sqlx::query_scalar(
@@ -365,6 +379,14 @@ impl Ledger {
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
+            batches += 1;
+            if batches.is_multiple_of(10) {
+                say(format!(
+                    "copied the task views of {} tasks to their calls (up to task id {last}); \
+                     an interrupted run resumes here",
+                    batches * BATCH as u64
+                ));
+            }
         }
     }
 
