@@ -257,20 +257,28 @@ BEGIN
         latency = ledger_hist_add(r.latency, EXCLUDED.latency);
 END $$;
 
+-- Unchanged but for how the calls are found. The join alone was planned as a hash join over a
+-- sequential scan of every partition wherever the planner had no statistics yet (a new or
+-- freshly partitioned ledger: 1.3 ms a call in bench=e2e_mock). `c.task_id = ANY(...)` makes
+-- each partition one index lookup per task whatever the statistics say; the join compares the
+-- ids as text so that it cannot become an index lookup per task per array element as well
+-- (N² lookups, 0.6 ms a call), and is a hash join over what the lookups found.
 CREATE FUNCTION ledger_tell_calls(tasks_now tasks[], tasks_gone tasks[]) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
     IF cardinality(tasks_now) > 0 THEN
         UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
             task_risk = t.risk
         FROM unnest(tasks_now) t
-        WHERE c.task_id = t.task_id
+        WHERE c.task_id::text = t.task_id::text
+          AND c.task_id = ANY(ARRAY(SELECT n.task_id FROM unnest(tasks_now) n))
           AND (c.task_status, c.task_verdict, c.task_risk)
               IS DISTINCT FROM (t.status, t.verdict, t.risk);
     END IF;
     IF cardinality(tasks_gone) > 0 THEN
         UPDATE provider_calls c SET task_status = NULL, task_verdict = NULL, task_risk = NULL
         FROM unnest(tasks_gone) g
-        WHERE c.task_id = g.task_id
+        WHERE c.task_id::text = g.task_id::text
+          AND c.task_id = ANY(ARRAY(SELECT n.task_id FROM unnest(tasks_gone) n))
           AND (c.task_status IS NOT NULL OR c.task_verdict IS NOT NULL OR c.task_risk IS NOT NULL);
     END IF;
 END $$;

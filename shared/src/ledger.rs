@@ -556,8 +556,12 @@ impl Ledger {
             // A task finished before (a replay, a delivery after a worker died past its
             // write) keeps one row: the earlier finish goes, the rollups with it.
             sqlx::query(
+                // Found as ledger_tell_calls finds calls (migrations/20261127000001): one
+                // index lookup per task in each partition (`= ANY($1)`) whatever the
+                // statistics, joined by a hash (the ids as text), not a lookup per pair.
                 "DELETE FROM tasks t USING UNNEST($1::uuid[], $2::timestamptz[]) AS n(task_id, at)
-                 WHERE t.task_id = n.task_id AND t.finished_at <> n.at",
+                 WHERE t.task_id::text = n.task_id::text AND t.task_id = ANY($1)
+                   AND t.finished_at <> n.at",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
@@ -643,8 +647,9 @@ impl Ledger {
             "DELETE FROM provider_calls c
              USING UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[])
                 AS g(task_id, delivery, call_no, called_at)
-             WHERE c.task_id = g.task_id AND c.delivery = g.delivery AND c.call_no = g.call_no
-               AND c.called_at = g.called_at AND c.outcome = 'started'",
+             WHERE c.task_id::text = g.task_id::text AND c.delivery = g.delivery
+               AND c.call_no = g.call_no AND c.called_at = g.called_at AND c.task_id = ANY($1)
+               AND c.outcome = 'started'",
         )
         .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
         .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
@@ -666,7 +671,7 @@ impl Ledger {
         sqlx::query(
             "UPDATE tasks SET verdict = v.approved
              FROM UNNEST($1::uuid[], $2::bool[]) AS v(task_id, approved)
-             WHERE tasks.task_id = v.task_id",
+             WHERE tasks.task_id::text = v.task_id::text AND tasks.task_id = ANY($1)",
         )
         .bind(verdicts.iter().map(|v| v.task_id).collect::<Vec<_>>())
         .bind(verdicts.iter().map(|v| v.approved).collect::<Vec<_>>())
