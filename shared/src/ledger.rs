@@ -310,6 +310,7 @@ impl Ledger {
             .fetch_all(&self.pool)
             .await?;
             for name in stale {
+                let name = name.replace('"', "\"\"");
                 sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT \"{name}\""))
                     .execute(&self.pool)
                     .await?;
