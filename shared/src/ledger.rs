@@ -242,8 +242,41 @@ impl Ledger {
     /// A migration fails.
     pub async fn migrate_telling(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
         self.prepare_partitions(say).await?;
-        MIGRATOR.run(&self.pool).await?;
+        if let Err(e) = MIGRATOR.run(&self.pool).await {
+            // The CHECKs the preparation added would refuse every row written after their
+            // cutoff (a week or more ahead) if the tables stayed as they are.
+            self.drop_partition_checks(None).await;
+            return Err(e.into());
+        }
         self.copy_task_views(say).await
+    }
+
+    /// Drops the CHECKs [`Ledger::prepare_partitions`] added (an earlier run's too) to
+    /// `table`, or to both tables, while still unpartitioned. Best effort: a CHECK left
+    /// behind is dropped by the next run.
+    async fn drop_partition_checks(&self, table: Option<&str>) {
+        let checks: Vec<(String, String)> = sqlx::query_as(
+            "SELECT c.relname::text, k.conname::text FROM pg_constraint k
+             JOIN pg_class c ON c.oid = k.conrelid
+             WHERE c.relkind = 'r' AND c.relname IN ('provider_calls', 'tasks')
+               AND ($1::text IS NULL OR c.relname = $1)
+               AND k.conname LIKE c.relname || '_before_%'",
+        )
+        .bind(table)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default();
+        for (table, name) in checks {
+            let name = name.replace('"', "\"\"");
+            let dropped = sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT \"{name}\""))
+                .execute(&self.pool)
+                .await;
+            if let Err(e) = dropped {
+                tracing::warn!(
+                    "cannot drop {name} from {table} after a failed migration ({e}); drop it before its date or rows after it are refused"
+                );
+            }
+        }
     }
 
     /// Before migration `20261127000001_partitions` on a ledger that has rows, what would
@@ -302,19 +335,7 @@ impl Ledger {
             .await?;
             let check = format!("{table}_before_{day}");
             // A CHECK an earlier run left with another cutoff would refuse rows after it.
-            let stale: Vec<String> = sqlx::query_scalar(
-                "SELECT conname::text FROM pg_constraint
-                 WHERE conrelid = to_regclass($1) AND conname LIKE $1 || '_before_%'",
-            )
-            .bind(table)
-            .fetch_all(&self.pool)
-            .await?;
-            for name in stale {
-                let name = name.replace('"', "\"\"");
-                sqlx::query(&format!("ALTER TABLE {table} DROP CONSTRAINT \"{name}\""))
-                    .execute(&self.pool)
-                    .await?;
-            }
+            self.drop_partition_checks(Some(table)).await;
             say(format!(
                 "checking every row of {table} is before {at}, the table open to writers"
             ));

@@ -289,7 +289,11 @@ async fn retention_drops_whole_months_and_the_rollups_keep_their_sums() {
         kept + 2,
         "the bookkeeping names every partition but the defaults"
     );
-    assert!(did.contains("dropped"), "{did}");
+    // The first partitions (everything before the migration's cutoff) went, by name.
+    assert!(
+        did.contains("provider_calls_legacy") && did.contains("tasks_legacy"),
+        "{did}"
+    );
 
     // A second run has nothing to do.
     let again = scheduler
@@ -298,4 +302,39 @@ async fn retention_drops_whole_months_and_the_rollups_keep_their_sums() {
         .unwrap();
     assert_eq!(again, "0 partition(s) made, 0 dropped");
     scheduler.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_migration_that_fails_leaves_no_check_that_would_refuse_rows_later() {
+    let env = TestEnv::new().await.unwrap();
+    let (_, ledger) = env.ledger_before("failed", "20261127000001").await;
+    let pool = ledger.pool().clone();
+    // The partition migration cannot create its bookkeeping table: it fails, after the
+    // preparation added its CHECKs (the first week of a month ahead) to both tables.
+    sqlx::query("CREATE TABLE ledger_partitions (in_the_way int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let checks = "SELECT count(*) FROM pg_constraint WHERE conname LIKE '%\\_before\\_%'";
+    assert!(ledger.migrate().await.is_err());
+    assert_eq!(
+        scalar(&pool, checks).await,
+        0,
+        "a CHECK left would refuse every row after its date"
+    );
+    // Out of the way, the next run partitions the ledger.
+    sqlx::query("DROP TABLE ledger_partitions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    ledger.migrate().await.unwrap();
+    assert_eq!(scalar(&pool, checks).await, 0);
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_class WHERE relname = 'tasks' AND relkind = 'p'"
+        )
+        .await,
+        1
+    );
 }
