@@ -1382,37 +1382,36 @@ async fn ledger_scale(args: &Args) -> Result<String> {
         for from in (0..n).step_by(CHUNK as usize) {
             let to = (from + CHUNK).min(n) - 1;
             let mut tx = pool.begin().await?;
-            sqlx::query(&format!(
-                "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
-                    chain_id, task_type, provider, model, input_tokens, output_tokens,
-                    cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
-                    called_at)
-                 SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
-                    1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
-                    'ok', 'w', {at}
-                 FROM generate_series($1::int8, $2::int8) i"
-            ))
-            .bind(from)
-            .bind(to)
-            .bind(n as f64)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(&format!(
-                "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
-                    status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
-                    duration_ms)
-                 SELECT md5(i::text)::uuid, {shared},
-                    CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END, 1,
-                    1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
-                    {at} + interval '2 seconds', (ARRAY['low', 'medium', 'high'])[1 + i % 3],
-                    100 + i % 2000
-                 FROM generate_series($1::int8, $2::int8) i"
-            ))
-            .bind(from)
-            .bind(to)
-            .bind(n as f64)
-            .execute(&mut *tx)
-            .await?;
+            for sql in [
+                format!(
+                    "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
+                        chain_id, task_type, provider, model, input_tokens, output_tokens,
+                        cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
+                        called_at)
+                     SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
+                        1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
+                        'ok', 'w', {at}
+                     FROM generate_series($1::int8, $2::int8) i"
+                ),
+                format!(
+                    "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
+                        status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
+                        duration_ms)
+                     SELECT md5(i::text)::uuid, {shared},
+                        CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END, 1,
+                        1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
+                        {at} + interval '2 seconds', (ARRAY['low', 'medium', 'high'])[1 + i % 3],
+                        100 + i % 2000
+                     FROM generate_series($1::int8, $2::int8) i"
+                ),
+            ] {
+                sqlx::query(&sql)
+                    .bind(from)
+                    .bind(to)
+                    .bind(n as f64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             tx.commit().await?;
         }
         fill_rows_per_s = (2 * n) as f64 / started.elapsed().as_secs_f64();

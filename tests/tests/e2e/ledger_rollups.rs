@@ -172,15 +172,20 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
             let admin = admin.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                loop {
-                    let made = sqlx::query_scalar::<_, i32>("SELECT ledger_make_partitions($1)")
+                // Retried while the cutter cuts its connection too; 50 tries at most.
+                let mut last = None;
+                for _ in 0..50 {
+                    match sqlx::query_scalar::<_, i32>("SELECT ledger_make_partitions($1)")
                         .bind(boundary() + Duration::days(1))
                         .fetch_one(admin.pool())
-                        .await;
-                    if made.is_ok() {
-                        return;
+                        .await
+                    {
+                        Ok(_) => return,
+                        Err(e) => last = Some(e),
                     }
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                 }
+                panic!("the partitions were never made: {last:?}");
             })
         };
         // Chaos: cut the writers' connections while they write, as a Postgres restart cuts
