@@ -523,8 +523,13 @@ pub struct Costs {
     pub until: Option<chrono::NaiveDate>,
     #[arg(long)]
     pub chain_id: Option<String>,
+    /// Group the costs by this; by chain, the costliest chains begun in the range, each
+    /// with its whole cost.
     #[arg(long, value_enum, default_value = "provider")]
     pub by: By,
+    /// With --by chain: how many chains to list, the costliest first.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
 }

@@ -38,15 +38,29 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
         By::Day => GroupBy::Day,
         By::Chain => GroupBy::Chain,
     };
-    let lines = ledger
-        .costs(since, until, args.chain_id.as_deref(), by)
-        .await?;
-    let total: f64 = lines.iter().map(|l| l.cost_usd).fold(0.0, |a, b| a + b);
-    let saved: f64 = lines
+    // By chain over the ledger, the lines are whole chains (begun in the range, the
+    // costliest `--limit`), so the total is read by provider: the calls made in the range.
+    let chains = args.chain_id.is_none() && by == GroupBy::Chain;
+    let lines = if chains {
+        ledger.costliest_chains(since, until, args.limit).await?
+    } else {
+        ledger
+            .costs(since, until, args.chain_id.as_deref(), by)
+            .await?
+    };
+    let by_provider;
+    let totals = if chains {
+        by_provider = ledger.costs(since, until, None, GroupBy::Provider).await?;
+        &by_provider
+    } else {
+        &lines
+    };
+    let total: f64 = totals.iter().map(|l| l.cost_usd).fold(0.0, |a, b| a + b);
+    let saved: f64 = totals
         .iter()
         .map(|l| l.batch_saved_usd)
         .fold(0.0, |a, b| a + b);
-    let calls: i64 = lines.iter().map(|l| l.calls).sum();
+    let calls: i64 = totals.iter().map(|l| l.calls).sum();
     let tasks = ledger
         .tasks_in(since, until, args.chain_id.as_deref())
         .await?;
@@ -83,6 +97,12 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
                 ));
             }
             s.push('\n');
+            if chains {
+                s.push_str(&format!(
+                    "The {} costliest chains begun in the range, each with its whole cost:\n",
+                    lines.len()
+                ));
+            }
             s.push_str(&format!(
                 "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
                 format!("{:?}", args.by).to_uppercase(),

@@ -158,23 +158,22 @@ pub enum GroupBy {
 
 impl GroupBy {
     /// The groupings `llmq web`'s costs page shows, in its order (by day first, for its
-    /// chart): what it reads for a range.
-    pub const PAGE: [GroupBy; 5] = [
+    /// chart): what it reads for a range, with [`Ledger::costliest_chains`].
+    pub const PAGE: [GroupBy; 4] = [
         GroupBy::Day,
         GroupBy::Provider,
         GroupBy::Model,
         GroupBy::TaskType,
-        GroupBy::Chain,
     ];
 
-    /// The key over the rollups (`call_rollups` and `task_rollups`; `chain_rollups` by chain).
-    fn rollup_key(self) -> &'static str {
+    /// The key over `call_rollups` and `task_rollups`; none by chain (`chain_costs`).
+    fn rollup_key(self) -> Option<&'static str> {
         match self {
-            GroupBy::Provider => "provider",
-            GroupBy::Model => "provider || '/' || model",
-            GroupBy::TaskType => "task_type",
-            GroupBy::Day => "to_char(day, 'YYYY-MM-DD')",
-            GroupBy::Chain => "CASE chain_id WHEN '' THEN '-' ELSE chain_id END",
+            GroupBy::Provider => Some("provider"),
+            GroupBy::Model => Some("provider || '/' || model"),
+            GroupBy::TaskType => Some("task_type"),
+            GroupBy::Day => Some("to_char(day, 'YYYY-MM-DD')"),
+            GroupBy::Chain => None,
         }
     }
 
@@ -839,7 +838,8 @@ impl Ledger {
 
     /// Costs of calls made in `[since, until)`, grouped, most expensive first; a line's
     /// `tasks` are the tasks of its key that finished in the range. Read from the rollups
-    /// (whole UTC days); one chain's from its raw rows.
+    /// (whole UTC days); one chain's from its raw rows. By chain over the whole ledger, see
+    /// [`Ledger::costliest_chains`].
     ///
     /// # Errors
     /// Postgres fails.
@@ -850,38 +850,23 @@ impl Ledger {
         chain_id: Option<&str>,
         by: GroupBy,
     ) -> Result<Vec<CostLine>> {
-        let (calls, tasks) = match chain_id {
-            // Calls and tasks in one table: summed in one pass (a line per chain).
-            None if by == GroupBy::Chain => (
+        let (calls, tasks) = match (chain_id, by.rollup_key()) {
+            (None, None) => return self.costliest_chains(since, until, u32::MAX).await,
+            (None, Some(key)) => (
                 format!(
-                    "SELECT {key} AS key, sum(calls) AS calls, sum(tasks) AS tasks,
-                        sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
-                        sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
-                        sum(batch_saved_usd) AS batch_saved_usd
-                     FROM chain_rollups WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
-                        OR sum(cost_usd) <> 0",
-                    key = by.rollup_key()
-                ),
-                String::new(),
-            ),
-            None => {
-                let key = by.rollup_key();
-                (
-                    format!(
-                        "SELECT {key} AS key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,
+                    "SELECT {key} AS key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,
                             sum(output_tokens) AS output_tokens,
                             sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
                             sum(batch_saved_usd) AS batch_saved_usd
                          FROM call_rollups WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
                             OR sum(cost_usd) <> 0"
-                    ),
-                    format!(
-                        "SELECT {key} AS key, sum(tasks) AS tasks FROM task_rollups
+                ),
+                format!(
+                    "SELECT {key} AS key, sum(tasks) AS tasks FROM task_rollups
                          WHERE {DAYS} GROUP BY 1"
-                    ),
-                )
-            }
-            Some(_) => (
+                ),
+            ),
+            (Some(_), _) => (
                 format!(
                     "SELECT {key} AS key, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
                         sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
@@ -898,31 +883,55 @@ impl Ledger {
                 ),
             ),
         };
-        let sql = if tasks.is_empty() {
-            format!(
-                "SELECT key, calls::int8 AS calls, tasks::int8 AS tasks,
-                    input_tokens::int8 AS input_tokens, output_tokens::int8 AS output_tokens,
-                    cached_tokens::int8 AS cached_tokens, cost_usd::float8 AS cost_usd,
-                    batch_saved_usd::float8 AS batch_saved_usd
-                 FROM ({calls}) c ORDER BY cost_usd DESC, key"
-            )
-        } else {
-            format!(
-                "WITH c AS ({calls}), t AS ({tasks})
+        let sql = format!(
+            "WITH c AS ({calls}), t AS ({tasks})
              SELECT c.key, c.calls::int8 AS calls, coalesce(t.tasks, 0)::int8 AS tasks,
                 c.input_tokens::int8 AS input_tokens, c.output_tokens::int8 AS output_tokens,
                 c.cached_tokens::int8 AS cached_tokens, c.cost_usd::float8 AS cost_usd,
                 c.batch_saved_usd::float8 AS batch_saved_usd
              FROM c LEFT JOIN t ON t.key = c.key
              ORDER BY cost_usd DESC, key"
-            )
-        };
+        );
         Ok(sqlx::query_as::<_, CostLine>(&sql)
             .bind(since)
             .bind(until)
             .bind(chain_id)
             .fetch_all(&self.pool)
             .await?)
+    }
+
+    /// The `limit` costliest chains begun in `[since, until)` (whole UTC days: the day of a
+    /// chain's first call or finished task), each with its whole cost, most expensive first.
+    /// Read from `chain_costs`: each day of the range is one walk of its index that stops
+    /// after `limit` rows, so the time grows with the days and `limit`, not with the chains.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn costliest_chains(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u32,
+    ) -> Result<Vec<CostLine>> {
+        Ok(sqlx::query_as::<_, CostLine>(
+            "SELECT c.chain_id AS key, c.calls, c.tasks, c.input_tokens, c.output_tokens,
+                c.cached_tokens, c.cost_usd::float8 AS cost_usd,
+                c.batch_saved_usd::float8 AS batch_saved_usd
+             FROM generate_series(
+                    greatest(($1 AT TIME ZONE 'UTC')::date,
+                        (SELECT min(first_day) FROM chain_costs)),
+                    (($2 - interval '1 microsecond') AT TIME ZONE 'UTC')::date,
+                    interval '1 day') d,
+                LATERAL (SELECT * FROM chain_costs c WHERE c.first_day = d::date
+                    AND (c.calls, c.tasks, c.cost_usd) <> (0, 0, 0)
+                    ORDER BY c.cost_usd DESC LIMIT $3) c
+             ORDER BY c.cost_usd DESC, key LIMIT $3",
+        )
+        .bind(since)
+        .bind(until)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?)
     }
 }
 

@@ -624,24 +624,22 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
              FROM tasks GROUP BY 1, 2, 3, 4, 5, 6",
         ),
         (
-            "chain_rollups",
-            "SELECT day, chain_id, sum(calls) AS calls, sum(tasks) AS i,
-                sum(input_tokens) AS o, sum(output_tokens) AS c, sum(cached_tokens) AS r,
-                sum(cost_usd) AS cost, sum(batch_saved_usd) AS saved
-             FROM chain_rollups GROUP BY 1, 2",
-            "SELECT day, chain_id, sum(calls), sum(tasks), sum(i), sum(o), sum(c), sum(cost),
+            // Whole chains; `first_day` is checked below.
+            "chain_costs",
+            "SELECT chain_id, calls, tasks AS i, input_tokens AS o, output_tokens AS c,
+                cached_tokens AS r, cost_usd AS cost, batch_saved_usd AS saved
+             FROM chain_costs",
+            "SELECT chain_id, sum(calls), sum(tasks), sum(i), sum(o), sum(c), sum(cost),
                 sum(saved)
-             FROM (SELECT (called_at AT TIME ZONE 'UTC')::date AS day,
-                    coalesce(chain_id, '') AS chain_id,
-                    count(*) FILTER (WHERE outcome <> 'unsent') AS calls, 0 AS tasks,
-                    sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cached_tokens) AS c,
-                    sum(cost_usd) AS cost, coalesce(sum(list_cost_usd - cost_usd), 0) AS saved
-                 FROM provider_calls GROUP BY 1, 2
+             FROM (SELECT chain_id, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
+                    0 AS tasks, sum(input_tokens) AS i, sum(output_tokens) AS o,
+                    sum(cached_tokens) AS c, sum(cost_usd) AS cost,
+                    coalesce(sum(list_cost_usd - cost_usd), 0) AS saved
+                 FROM provider_calls WHERE chain_id IS NOT NULL GROUP BY 1
                  UNION ALL
-                 SELECT (finished_at AT TIME ZONE 'UTC')::date, coalesce(chain_id, ''), 0,
-                    count(*), 0, 0, 0, 0, 0
-                 FROM tasks GROUP BY 1, 2) s
-             GROUP BY 1, 2",
+                 SELECT chain_id, 0, count(*), 0, 0, 0, 0, 0
+                 FROM tasks WHERE chain_id IS NOT NULL GROUP BY 1) s
+             GROUP BY 1",
         ),
     ];
     let mut tx = pool.begin().await?;
@@ -655,7 +653,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
             "routing_rollups" => 7,
             "call_rollups" => 5,
             "task_rollups" => 6,
-            _ => 2,
+            _ => 1,
         };
         let columns: Vec<String> = (1..=keys)
             .map(|k| format!("k{k}"))
@@ -677,6 +675,22 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
                 .map(|(side, row)| format!("{name}: only in the {side}: {row}")),
         );
     }
+    // A chain is dated by its earliest row ever recorded, so never after one it has now.
+    let late: Vec<(String, String)> = sqlx::query_as(
+        "SELECT k.chain_id, k.first_day::text FROM chain_costs k
+         JOIN (SELECT chain_id, min((called_at AT TIME ZONE 'UTC')::date) AS day
+               FROM provider_calls GROUP BY 1
+               UNION ALL
+               SELECT chain_id, min((finished_at AT TIME ZONE 'UTC')::date) FROM tasks
+               GROUP BY 1) r USING (chain_id)
+         GROUP BY 1, 2 HAVING k.first_day > min(r.day)",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    out.extend(
+        late.into_iter()
+            .map(|(chain, day)| format!("chain_costs: {chain} dated {day}, after its first row")),
+    );
     tx.commit().await?;
     Ok(out)
 }

@@ -109,6 +109,17 @@ fn table(title: &str, lines: &[CostLine]) -> String {
     )
 }
 
+/// The costliest chains begun in the range: a section even when there is none.
+fn chains_table(chains: &[CostLine]) -> String {
+    if chains.is_empty() {
+        return "<h2>Costliest chains</h2><p>No chain began in this range.</p>".to_owned();
+    }
+    format!(
+        "{}<p class=\"note\">The chains begun in the range, each with its whole cost.</p>",
+        table("Costliest chains", chains)
+    )
+}
+
 /// Postgres could not answer: a page that says so.
 fn postgres_away(e: &dyn std::fmt::Display, viewer: &Viewer) -> Response {
     message(
@@ -164,6 +175,10 @@ pub(super) async fn costs(
             Err(e) => return postgres_away(&e, &viewer),
         }
     }
+    let chains = match ledger.costliest_chains(from, to, TOP as u32).await {
+        Ok(lines) => lines,
+        Err(e) => return postgres_away(&e, &viewer),
+    };
     let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
     let calls: i64 = parts[1].iter().map(|l| l.calls).sum();
     let saved: f64 = parts[1].iter().map(|l| l.batch_saved_usd).sum();
@@ -217,7 +232,7 @@ pub(super) async fn costs(
         table("By provider", &parts[1]),
         table("By model", &parts[2]),
         table("By task type", &parts[3]),
-        table("By chain", &parts[4]),
+        chains_table(&chains),
     );
     page(StatusCode::OK, "Costs", &body, &viewer)
 }

@@ -1363,7 +1363,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     let mut fill_rows_per_s = 0.0;
     if have != n {
         sqlx::query(
-            "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_rollups,
+            "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
                 routing_rollups, ledger_queues",
         )
         .execute(pool)
@@ -1447,7 +1447,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     let costs = median_ms(|| ledger.costs(epoch, until, None, GroupBy::Provider)).await?;
     let by_model = median_ms(|| ledger.costs(day(30), until, None, GroupBy::Model)).await?;
     let by_day = median_ms(|| ledger.costs(day(60), until, None, GroupBy::Day)).await?;
-    let by_chain = median_ms(|| ledger.costs(day(30), until, None, GroupBy::Chain)).await?;
+    let by_chain = median_ms(|| ledger.costliest_chains(day(30), until, 50)).await?;
     let tasks = median_ms(|| ledger.tasks_in(day(30), until, None)).await?;
     let filter = llmq_shared::insights::Filter {
         since: Some(day(30)),
@@ -1462,6 +1462,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
         for by in GroupBy::PAGE {
             ledger.costs(day(29), until, None, by).await?;
         }
+        ledger.costliest_chains(day(29), until, 20).await?;
         llmq_shared::insights::by_model(pool, &filter).await
     })
     .await?;
@@ -1479,7 +1480,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     .await?;
     let rollup_rows: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM call_rollups) + (SELECT count(*) FROM task_rollups)
-            + (SELECT count(*) FROM chain_rollups) + (SELECT count(*) FROM routing_rollups)",
+            + (SELECT count(*) FROM chain_costs) + (SELECT count(*) FROM routing_rollups)",
     )
     .fetch_one(pool)
     .await?;

@@ -77,12 +77,13 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
 
     let db = database_url();
     let date = day.to_string();
+    // By chain: the chains begun that day, each whole (here all of it is that day).
     for (by, column) in [
         ("provider", "provider"),
         ("model", "provider || '/' || model"),
         ("type", "task_type"),
         ("day", "to_char(called_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
-        ("chain", "coalesce(chain_id, '-')"),
+        ("chain", "chain_id"),
     ] {
         let (code, out) = env
             .cli(&[
@@ -101,7 +102,8 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
         let report: Value = serde_json::from_str(&out).unwrap();
         let want: Vec<(String, i64, f64)> = sqlx::query_as(&format!(
             "SELECT {column}, count(*) FILTER (WHERE outcome <> 'unsent'), sum(cost_usd)::float8 FROM provider_calls
-             WHERE called_at >= $1 AND called_at < $2 GROUP BY 1 ORDER BY 1"
+             WHERE called_at >= $1 AND called_at < $2 AND {column} IS NOT NULL
+             GROUP BY 1 ORDER BY 1"
         ))
         .bind(start)
         .bind(start + Duration::days(1))
@@ -221,4 +223,105 @@ async fn providers_list_shows_the_price_in_use_and_where_it_came_from() {
         2.0,
         "the provider file overrides the table"
     );
+}
+
+/// `--by chain` lists the costliest chains begun in the range, each with its whole cost:
+/// a chain begun before the range is left out though it called within it, one begun in it
+/// counts its calls after it, and `--limit` keeps the costliest, in order.
+#[tokio::test]
+async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
+    let env = TestEnv::new().await.unwrap();
+    let offset = (uuid::Uuid::new_v4().as_u128() % 3650) as i64;
+    let first = NaiveDate::from_ymd_opt(2050, 1, 1).unwrap() + Duration::days(offset);
+    let at = |day: i64, hour: i64| {
+        Utc.from_utc_datetime(&first.and_hms_opt(0, 0, 0).unwrap())
+            + Duration::days(day)
+            + Duration::hours(hour)
+    };
+    let call = |chain: &str, called_at, cost_usd| CallRow {
+        task_id: uuid::Uuid::new_v4(),
+        delivery: uuid::Uuid::new_v4(),
+        run: 0,
+        attempt: 1,
+        call_no: 1,
+        queue: env.queue.clone(),
+        chain_id: Some(format!("{}-{chain}", env.queue)),
+        task_type: "research".into(),
+        provider: "openai".into(),
+        model: "gpt-4o-mini".into(),
+        input_tokens: 10,
+        output_tokens: 5,
+        cached_tokens: 0,
+        reasoning_tokens: 0,
+        cost_usd,
+        latency_ms: 10,
+        outcome: "ok".into(),
+        error_class: None,
+        error: None,
+        worker: "test".into(),
+        called_at,
+        list_cost_usd: None,
+    };
+    // Days 1 to 3 are the range.
+    let rows = [
+        call("before", at(0, 23), 5.0),
+        call("before", at(1, 1), 5.0),
+        call("small", at(1, 2), 0.5),
+        call("spans", at(2, 22), 1.0),
+        call("spans", at(4, 3), 2.5),
+        call("big", at(3, 12), 3.0),
+        call("mid", at(2, 5), 2.0),
+        call("after", at(4, 1), 9.0),
+    ];
+    env.ledger.record(&rows, &[]).await.unwrap();
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--since",
+            &(first + Duration::days(1)).to_string(),
+            "--until",
+            &(first + Duration::days(3)).to_string(),
+            "--by",
+            "chain",
+            "--limit",
+            "3",
+            "--format",
+            "json",
+            "--database-url",
+            &database_url(),
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    let lines: Vec<(String, f64, i64)> = report["breakdown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["key"].as_str().unwrap().to_owned(),
+                l["cost_usd"].as_f64().unwrap(),
+                l["calls"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    let name = |c: &str| format!("{}-{c}", env.queue);
+    assert_eq!(
+        lines,
+        [
+            (name("spans"), 3.5, 2),
+            (name("big"), 3.0, 1),
+            (name("mid"), 2.0, 1)
+        ],
+        "{out}"
+    );
+    // The total is what was called in the range, chains or not.
+    assert!((report["total_cost_usd"].as_f64().unwrap() - 11.5).abs() < 1e-9);
+
+    use clap::Parser;
+    let refused = llmq::cli::Cli::try_parse_from(["llmq", "costs", "--limit", "0"])
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(refused.contains("--limit"), "{refused}");
 }

@@ -688,7 +688,7 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
         "By provider",
         "By model",
         "By task type",
-        "By chain",
+        "Costliest chains",
         "Insights",
     ] {
         assert!(body.contains(part), "{part}: {body}");
