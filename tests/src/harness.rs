@@ -574,6 +574,159 @@ impl SeededRng {
     }
 }
 
+/// A throwaway Postgres cluster on a free loopback port (initdb, run as the `postgres` user
+/// when this is root), with TLS when given a certificate and key; stopped and removed on drop.
+pub struct ScratchPostgres {
+    dir: PathBuf,
+    port: u16,
+    as_postgres: bool,
+    options: String,
+}
+
+impl ScratchPostgres {
+    fn bin(name: &str) -> PathBuf {
+        let base = std::path::Path::new("/usr/lib/postgresql");
+        let mut versions: Vec<PathBuf> = std::fs::read_dir(base)
+            .expect("Postgres is installed under /usr/lib/postgresql")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        versions.sort();
+        versions
+            .last()
+            .expect("a Postgres version")
+            .join("bin")
+            .join(name)
+    }
+
+    fn run(&self, program: &std::path::Path, args: &[&str]) {
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        let out = cmd.args(args).output().expect("Postgres's tools run");
+        assert!(
+            out.status.success(),
+            "{} {args:?}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes and starts the cluster; `tls` is the server's certificate and key.
+    ///
+    /// # Panics
+    /// Postgres's tools are missing or fail.
+    #[must_use]
+    pub fn start(tls: Option<(&std::path::Path, &std::path::Path)>) -> Self {
+        let dir = std::env::temp_dir().join(format!("llmq-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a temporary directory");
+        let as_postgres = Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| o.stdout == b"0\n");
+        let d = dir.display().to_string();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut options = format!("-p {port} -k {d} -c listen_addresses=127.0.0.1");
+        if let Some((cert, key)) = tls {
+            std::fs::copy(cert, dir.join("server.pem")).expect("the certificate");
+            std::fs::copy(key, dir.join("server.key")).expect("the key");
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={d}/server.pem -c ssl_key_file={d}/server.key"
+            ));
+        }
+        if as_postgres {
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status();
+            assert!(status.is_ok_and(|s| s.success()));
+        }
+        if tls.is_some() {
+            let status = Command::new("chmod")
+                .arg("600")
+                .arg(dir.join("server.key"))
+                .status();
+            assert!(status.is_ok_and(|s| s.success()));
+        }
+        let pg = Self {
+            dir,
+            port,
+            as_postgres,
+            options,
+        };
+        let data = pg.data();
+        pg.run(
+            &Self::bin("initdb"),
+            &["-D", &data, "-A", "trust", "-U", "postgres"],
+        );
+        pg.start_server();
+        pg
+    }
+
+    fn data(&self) -> String {
+        self.dir.join("data").display().to_string()
+    }
+
+    fn start_server(&self) {
+        let log = format!("{}/log", self.dir.display());
+        self.run(
+            &Self::bin("pg_ctl"),
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-o",
+                &self.options,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    #[must_use]
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The URL of database `db`, without TLS.
+    #[must_use]
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Stops the server as a crash would (`-m immediate`: no checkpoint, every connection
+    /// cut, the WAL replayed at the start), then starts it again.
+    pub fn crash_and_restart(&self) {
+        self.run(
+            &Self::bin("pg_ctl"),
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+        self.start_server();
+    }
+}
+
+impl Drop for ScratchPostgres {
+    fn drop(&mut self) {
+        let data = self.data();
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(Self::bin("pg_ctl"));
+            c
+        } else {
+            Command::new(Self::bin("pg_ctl"))
+        };
+        let _ = cmd.args(["-D", &data, "-m", "immediate", "stop"]).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Where the ledger's rollups and the raw rows they sum differ, read in one snapshot (so
 /// writers may go on meanwhile): one line per differing key of each rollup, none when every
 /// rollup equals its rows exactly. Keys whose sums are all zero count as absent.

@@ -2,12 +2,15 @@
 //! in whatever order, by writers at once, with connections cut in the middle of writes (what
 //! a Postgres restart does to the transactions under way) and months' partitions made (their
 //! rows moved out of the default partition) meanwhile; and the migration that adds them sums
-//! a ledger written before it.
+//! a ledger written before it. A Postgres of the test's own is crashed (`pg_ctl stop -m
+//! immediate`) and started again while writers write: what it recovers sums exactly too.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use llmq_shared::ledger::{CallRow, Ledger, TaskRow, Verdict};
-use llmq_tests::harness::{SeededRng, TestEnv, calls_out_of_step, rollup_mismatches};
+use llmq_tests::harness::{
+    ScratchPostgres, SeededRng, TestEnv, calls_out_of_step, rollup_mismatches,
+};
 use uuid::Uuid;
 
 /// The first midnight of a month five months from now: beyond the partitions a new ledger
@@ -237,6 +240,56 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
     }
     assert!(cut > 0, "no write was cut: the chaos did not happen");
     eprintln!("rollups: {cut} writes cut");
+}
+
+/// Writers go on while their Postgres crashes and comes back: every write under way is cut,
+/// and what the server recovers from its WAL (rows and rollups alike) must sum exactly.
+#[tokio::test]
+async fn rollups_equal_the_rows_after_postgres_crashes_under_writers() {
+    let pg = tokio::task::spawn_blocking(|| ScratchPostgres::start(None))
+        .await
+        .unwrap();
+    let url = pg.url("postgres");
+    let ledger = Ledger::connect(&url, 4).await.unwrap();
+    ledger.migrate().await.unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| tokio::spawn(writer(ledger.clone(), 0xc4a5_0000 + w, 150)))
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let pg = tokio::task::spawn_blocking(move || {
+        pg.crash_and_restart();
+        pg
+    })
+    .await
+    .unwrap();
+    let mut failed = 0;
+    for w in writers {
+        failed += w.await.unwrap();
+    }
+    assert!(
+        failed > 0,
+        "no write failed: the crash came after the writers"
+    );
+    eprintln!("rollups after a crash: {failed} writes failed");
+    // The pool's connections died with the server: a fresh one reads what it recovered.
+    let admin = Ledger::connect(&url, 1).await.unwrap();
+    let calls: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
+        .fetch_one(admin.pool())
+        .await
+        .unwrap();
+    assert!(calls > 0, "nothing was written before the crash");
+    let wrong = rollup_mismatches(admin.pool()).await.unwrap();
+    assert!(
+        wrong.is_empty(),
+        "after a crash ({failed} writes failed):\n{}",
+        wrong.join("\n")
+    );
+    assert_eq!(calls_out_of_step(admin.pool()).await.unwrap(), 0);
+    // And writes after it add to what it recovered.
+    assert_eq!(writer(admin.clone(), 0xc4a5_1000, 60).await, 0);
+    let wrong = rollup_mismatches(admin.pool()).await.unwrap();
+    assert!(wrong.is_empty(), "after more writes:\n{}", wrong.join("\n"));
+    drop(pg);
 }
 
 #[tokio::test]

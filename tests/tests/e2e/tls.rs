@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Bytes;
 use axum::routing::post;
-use llmq_tests::harness::{TestEnv, WorkerProcess, binary};
+use llmq_tests::harness::{ScratchPostgres, TestEnv, WorkerProcess, binary};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -169,116 +169,20 @@ impl Drop for TlsRedis {
     }
 }
 
-/// A throwaway Postgres cluster (initdb, run as the `postgres` user when this is root) with
-/// `ssl=on` and the test's certificate.
-struct TlsPostgres {
-    dir: PathBuf,
-    port: u16,
-    as_postgres: bool,
+/// The throwaway Postgres with `ssl=on` and the test's certificate.
+fn tls_postgres(pki: &Pki) -> ScratchPostgres {
+    ScratchPostgres::start(Some((
+        &pki.dir.join("server.pem"),
+        &pki.dir.join("server.key"),
+    )))
 }
 
-impl TlsPostgres {
-    fn bin(name: &str) -> PathBuf {
-        let base = Path::new("/usr/lib/postgresql");
-        let mut versions: Vec<PathBuf> = std::fs::read_dir(base)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
-        versions.sort();
-        versions.last().unwrap().join("bin").join(name)
-    }
-
-    fn run(&self, program: &Path, args: &[&str]) {
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        let out = cmd.args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{} {args:?}: {}",
-            program.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn start(pki: &Pki) -> Self {
-        let dir = std::env::temp_dir().join(format!("llmq-pg-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let as_postgres = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
-        for f in ["server.pem", "server.key"] {
-            std::fs::copy(pki.dir.join(f), dir.join(f)).unwrap();
-        }
-        if as_postgres {
-            let status = Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
-        let status = Command::new("chmod")
-            .arg("600")
-            .arg(dir.join("server.key"))
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let pg = Self {
-            dir,
-            port: free_port(),
-            as_postgres,
-        };
-        let data = pg.dir.join("data").display().to_string();
-        pg.run(
-            &Self::bin("initdb"),
-            &["-D", &data, "-A", "trust", "-U", "postgres"],
-        );
-        let d = pg.dir.display().to_string();
-        let options = format!(
-            "-p {} -k {d} -c listen_addresses=127.0.0.1 -c ssl=on -c ssl_cert_file={d}/server.pem -c ssl_key_file={d}/server.key",
-            pg.port
-        );
-        pg.run(
-            &Self::bin("pg_ctl"),
-            &[
-                "-D",
-                &data,
-                "-l",
-                &format!("{d}/log"),
-                "-o",
-                &options,
-                "-w",
-                "start",
-            ],
-        );
-        pg
-    }
-
-    fn url(&self, pki: &Pki) -> String {
-        format!(
-            "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
-            self.port,
-            pki.path("ca.pem")
-        )
-    }
-}
-
-impl Drop for TlsPostgres {
-    fn drop(&mut self) {
-        let data = self.dir.join("data").display().to_string();
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(Self::bin("pg_ctl"));
-            c
-        } else {
-            Command::new(Self::bin("pg_ctl"))
-        };
-        let _ = cmd.args(["-D", &data, "-m", "immediate", "stop"]).output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn tls_postgres_url(pg: &ScratchPostgres, pki: &Pki) -> String {
+    format!(
+        "postgres://postgres@localhost:{}/postgres?sslmode=verify-full&sslrootcert={}",
+        pg.port(),
+        pki.path("ca.pem")
+    )
 }
 
 /// An OTLP/HTTP receiver behind a TLS front: how many trace exports arrived over https.
@@ -349,11 +253,11 @@ async fn a_worker_and_the_cli_speak_tls_to_redis_postgres_and_the_collector() {
     let env = TestEnv::new().await.unwrap();
     let pki = Pki::new();
     let redis = TlsRedis::start(&pki);
-    let pg = TlsPostgres::start(&pki);
+    let pg = tls_postgres(&pki);
     let (collector, exports) = https_collector(&pki).await;
     let ca = pki.path("ca.pem");
     let trust = [("SSL_CERT_FILE", ca.as_str())];
-    let database_url = pg.url(&pki);
+    let database_url = tls_postgres_url(&pg, &pki);
 
     // An untrusted CA is a sentence that says what to do, for Redis and for Postgres.
     let out = llmq(
