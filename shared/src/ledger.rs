@@ -9,6 +9,8 @@
 //! Both tables are partitioned by month (migration `20261127000001_partitions`): retention
 //! drops whole months, and the rollups outlive them.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use sqlx::migrate::Migrator;
@@ -715,53 +717,63 @@ impl Ledger {
         queues: &[String],
         since: DateTime<Utc>,
     ) -> Result<crate::routing::Stats> {
-        /// provider, model, task type, risk ('' unknown), grouped over every risk, tries,
-        /// successes, the answered calls' latency histogram
-        type Row = (
-            String,
-            String,
-            String,
-            Option<String>,
-            i32,
-            i64,
-            i64,
-            Option<Vec<i64>>,
-        );
+        /// provider, model, task type, risk ('' unknown), tries, successes, the answered
+        /// calls' latency histogram
+        type Row = (String, String, String, String, i64, i64, Option<Vec<i64>>);
         // From the rollups (migrations/20261126000002_routing_rollups.sql, which defines
-        // what counts and what succeeded): whole UTC days from `since`'s.
+        // what counts and what succeeded): whole UTC days from `since`'s. The line over
+        // every risk is added up here from the few lines per risk: in SQL (a second grouping
+        // set) it merged every rollup row's histogram a second time.
         let rows: Vec<Row> = sqlx::query_as(
-            "SELECT provider, model, task_type, risk, GROUPING(risk), sum(tries)::int8,
-                sum(successes)::int8, ledger_hist_sum(latency)
+            "SELECT provider, model, task_type, risk, sum(tries)::int8, sum(successes)::int8,
+                ledger_hist_sum(latency)
              FROM routing_rollups
              WHERE day >= ($1 AT TIME ZONE 'UTC')::date AND queue = ANY($2)
-             GROUP BY GROUPING SETS ((provider, model, task_type, risk),
-                (provider, model, task_type))
-             HAVING sum(tries) > 0",
+             GROUP BY 1, 2, 3, 4",
         )
         .bind(since)
         .bind(queues)
         .fetch_all(&self.pool)
         .await?;
+        /// tries, successes, latency histogram
+        type Sums = (i64, i64, Vec<i64>);
+        let mut all_risks: HashMap<(String, String, String), Sums> = HashMap::new();
         let mut stats = crate::routing::Stats::default();
-        for (provider, model, task_type, risk, all_risks, tasks, successes, latency) in rows {
-            let risk = match (all_risks, risk.as_deref()) {
-                (1, _) => None,
-                // Calls whose task has no risk (or no row yet) count in the row for every
-                // risk only.
-                (_, None | Some("")) => continue,
-                (_, Some(r)) => match r.parse() {
-                    Ok(r) => Some(r),
-                    Err(_) => continue,
-                },
-            };
-            let observed = crate::routing::Observed {
-                tasks: u64::try_from(tasks).unwrap_or(0),
-                successes: u64::try_from(successes).unwrap_or(0),
-                latency_ms: latency.as_deref().and_then(median_latency_ms),
-            };
-            stats
-                .by_model
-                .insert((provider, model, task_type, risk), observed);
+        let observed = |tries: i64, successes: i64, latency: &[i64]| crate::routing::Observed {
+            tasks: u64::try_from(tries).unwrap_or(0),
+            successes: u64::try_from(successes).unwrap_or(0),
+            latency_ms: median_latency_ms(latency),
+        };
+        for (provider, model, task_type, risk, tries, successes, latency) in rows {
+            let latency = latency.unwrap_or_default();
+            let all = all_risks
+                .entry((provider.clone(), model.clone(), task_type.clone()))
+                .or_default();
+            all.0 += tries;
+            all.1 += successes;
+            if all.2.len() < latency.len() {
+                all.2.resize(latency.len(), 0);
+            }
+            for (sum, n) in all.2.iter_mut().zip(&latency) {
+                *sum += n;
+            }
+            // Calls whose task has no risk (or no row yet) count in the line for every risk
+            // only.
+            let Ok(risk) = risk.parse() else { continue };
+            if tries > 0 {
+                stats.by_model.insert(
+                    (provider, model, task_type, Some(risk)),
+                    observed(tries, successes, &latency),
+                );
+            }
+        }
+        for ((provider, model, task_type), (tries, successes, latency)) in all_risks {
+            if tries > 0 {
+                stats.by_model.insert(
+                    (provider, model, task_type, None),
+                    observed(tries, successes, &latency),
+                );
+            }
         }
         Ok(stats)
     }
