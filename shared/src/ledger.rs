@@ -17,6 +17,8 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
+use crate::envelope::Risk;
+
 /// The migrations in `migrations/`, embedded in every binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
@@ -717,62 +719,62 @@ impl Ledger {
         queues: &[String],
         since: DateTime<Utc>,
     ) -> Result<crate::routing::Stats> {
+        use futures_util::TryStreamExt;
         /// provider, model, task type, risk ('' unknown), tries, successes, the answered
         /// calls' latency histogram
-        type Row = (String, String, String, String, i64, i64, Option<Vec<i64>>);
+        type Row = (String, String, String, String, i64, i64, Vec<i64>);
+        /// tries, successes, latency histogram
+        type Sums = (i64, i64, Vec<i64>);
+        fn add(to: &mut Sums, tries: i64, successes: i64, latency: &[i64]) {
+            to.0 += tries;
+            to.1 += successes;
+            if to.2.len() < latency.len() {
+                to.2.resize(latency.len(), 0);
+            }
+            for (sum, n) in to.2.iter_mut().zip(latency) {
+                *sum += n;
+            }
+        }
         // From the rollups (migrations/20261126000002_routing_rollups.sql, which defines
-        // what counts and what succeeded): whole UTC days from `since`'s. The line over
-        // every risk is added up here from the few lines per risk: in SQL (a second grouping
-        // set) it merged every rollup row's histogram a second time.
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT provider, model, task_type, risk, sum(tries)::int8, sum(successes)::int8,
-                ledger_hist_sum(latency)
+        // what counts and what succeeded): whole UTC days from `since`'s. The rows are
+        // added up here as they stream in, per risk and over every risk: merging their
+        // histograms in SQL took a plpgsql loop per row (182 ms for 6,888 rows, where this
+        // reads them in a fraction of that).
+        let mut rows = sqlx::query_as::<_, Row>(
+            "SELECT provider, model, task_type, risk, tries, successes, latency
              FROM routing_rollups
-             WHERE day >= ($1 AT TIME ZONE 'UTC')::date AND queue = ANY($2)
-             GROUP BY 1, 2, 3, 4",
+             WHERE day >= ($1 AT TIME ZONE 'UTC')::date AND queue = ANY($2)",
         )
         .bind(since)
         .bind(queues)
-        .fetch_all(&self.pool)
-        .await?;
-        /// tries, successes, latency histogram
-        type Sums = (i64, i64, Vec<i64>);
-        let mut all_risks: HashMap<(String, String, String), Sums> = HashMap::new();
-        let mut stats = crate::routing::Stats::default();
-        let observed = |tries: i64, successes: i64, latency: &[i64]| crate::routing::Observed {
-            tasks: u64::try_from(tries).unwrap_or(0),
-            successes: u64::try_from(successes).unwrap_or(0),
-            latency_ms: median_latency_ms(latency),
-        };
-        for (provider, model, task_type, risk, tries, successes, latency) in rows {
-            let latency = latency.unwrap_or_default();
-            let all = all_risks
-                .entry((provider.clone(), model.clone(), task_type.clone()))
-                .or_default();
-            all.0 += tries;
-            all.1 += successes;
-            if all.2.len() < latency.len() {
-                all.2.resize(latency.len(), 0);
-            }
-            for (sum, n) in all.2.iter_mut().zip(&latency) {
-                *sum += n;
-            }
+        .fetch(&self.pool);
+        let mut by_risk: HashMap<(String, String, String, Option<Risk>), Sums> = HashMap::new();
+        while let Some((provider, model, task_type, risk, tries, successes, latency)) =
+            rows.try_next().await?
+        {
             // Calls whose task has no risk (or no row yet) count in the line for every risk
             // only.
-            let Ok(risk) = risk.parse() else { continue };
-            if tries > 0 {
-                stats.by_model.insert(
-                    (provider, model, task_type, Some(risk)),
-                    observed(tries, successes, &latency),
+            if let Ok(risk) = risk.parse::<Risk>() {
+                let key = (
+                    provider.clone(),
+                    model.clone(),
+                    task_type.clone(),
+                    Some(risk),
                 );
+                add(by_risk.entry(key).or_default(), tries, successes, &latency);
             }
+            let key = (provider, model, task_type, None);
+            add(by_risk.entry(key).or_default(), tries, successes, &latency);
         }
-        for ((provider, model, task_type), (tries, successes, latency)) in all_risks {
+        let mut stats = crate::routing::Stats::default();
+        for (key, (tries, successes, latency)) in by_risk {
             if tries > 0 {
-                stats.by_model.insert(
-                    (provider, model, task_type, None),
-                    observed(tries, successes, &latency),
-                );
+                let observed = crate::routing::Observed {
+                    tasks: u64::try_from(tries).unwrap_or(0),
+                    successes: u64::try_from(successes).unwrap_or(0),
+                    latency_ms: median_latency_ms(&latency),
+                };
+                stats.by_model.insert(key, observed);
             }
         }
         Ok(stats)

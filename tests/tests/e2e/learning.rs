@@ -511,3 +511,46 @@ async fn insights_report_what_the_ledger_holds() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+/// What `routing_stats` reads for each risk, and over every risk: a task of no known risk
+/// counts in the line over every risk only, and each line's latency is its own calls'.
+#[tokio::test]
+async fn routing_stats_has_a_line_per_risk_and_one_over_every_risk() {
+    use llmq_shared::envelope::Risk;
+    let env = TestEnv::new().await.unwrap();
+    let mut rows = Vec::new();
+    for (risk, n, ok, latency) in [
+        (Some("high"), 10, 4, 1_000),
+        (Some("low"), 20, 18, 100),
+        (None, 5, 5, 100),
+    ] {
+        let (mut calls, mut tasks) = history(&env, "mock-smart", n, ok, "fatal");
+        for c in &mut calls {
+            c.latency_ms = latency;
+        }
+        for t in &mut tasks {
+            t.risk = risk.map(str::to_owned);
+        }
+        rows.push((calls, tasks));
+    }
+    for (calls, tasks) in &rows {
+        env.ledger.record(calls, tasks).await.unwrap();
+    }
+    let stats = env
+        .ledger
+        .routing_stats(
+            std::slice::from_ref(&env.queue),
+            Utc::now() - chrono::Duration::days(1),
+        )
+        .await
+        .unwrap();
+    let line = |risk| stats.observed("mock", "mock-smart", "code_generation", risk);
+    let (high, low, all) = (line(Some(Risk::High)), line(Some(Risk::Low)), line(None));
+    assert_eq!((high.tasks, high.successes), (10, 4));
+    assert_eq!((low.tasks, low.successes), (20, 18));
+    assert_eq!((all.tasks, all.successes), (35, 27));
+    // Within 5 % of each line's median: 1,000 ms for high, 100 ms for low and for all.
+    assert!(high.latency_ms.unwrap().abs_diff(1_000) <= 50, "{high:?}");
+    assert!(low.latency_ms.unwrap().abs_diff(100) <= 5, "{low:?}");
+    assert!(all.latency_ms.unwrap().abs_diff(100) <= 5, "{all:?}");
+}
