@@ -245,12 +245,18 @@ impl Ledger {
     /// A migration fails.
     pub async fn migrate_telling(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
         self.prepare_partitions(say).await?;
-        if let Err(e) = MIGRATOR.run(&self.pool).await {
+        let mut conn = self.pool.acquire().await?;
+        if let Err(e) = MIGRATOR.run(&mut *conn).await {
+            // sqlx leaves its migration lock (a session's advisory lock) held when a
+            // migration fails: the connection is closed, not handed back to the pool, where
+            // the next migration on another of its connections would wait for it for ever.
+            let _ = conn.close().await;
             // The CHECKs the preparation added would refuse every row written after their
             // cutoff (a week or more ahead) if the tables stayed as they are.
             self.drop_partition_checks(None).await;
             return Err(e.into());
         }
+        drop(conn);
         self.copy_task_views(say).await
     }
 

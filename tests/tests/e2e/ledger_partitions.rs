@@ -322,6 +322,18 @@ async fn a_migration_that_fails_leaves_no_check_that_would_refuse_rows_later() {
         0,
         "a CHECK left would refuse every row after its date"
     );
+    // Nor is the migration lock left held by a pooled connection: the next run, on another
+    // connection of the pool, would wait for it for ever.
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        .await,
+        0,
+        "the migration lock is still held"
+    );
     // Out of the way, the next run partitions the ledger.
     sqlx::query("DROP TABLE ledger_partitions")
         .execute(&pool)
