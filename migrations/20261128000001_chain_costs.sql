@@ -9,6 +9,11 @@
 -- Tasks outside chains have no row: the row every one of them shared per day was the hottest
 -- of the rollups, and no report reads it (their calls are in `call_rollups`).
 
+-- Writers wait while this runs (one pass over `chain_rollups`, which holds a row per chain and
+-- day, not per call): a statement that began before it would otherwise run the old rollup
+-- function into the table this drops, and fail.
+LOCK TABLE provider_calls, tasks IN SHARE ROW EXCLUSIVE MODE;
+
 CREATE TABLE chain_costs (
     chain_id        TEXT PRIMARY KEY,
     first_day       DATE NOT NULL,
