@@ -269,6 +269,14 @@ pub struct Submit {
     /// Group the task under a chain id for cost reports.
     #[arg(long)]
     pub chain_id: Option<String>,
+    /// How urgent: 0 (the default, most urgent) to 9 (least). Within a queue, a ready task
+    /// of a lower number runs before any of a higher one.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=9))]
+    pub priority: Option<i64>,
+    /// Whose work this is (a customer, a team): within a priority, tenants with work are
+    /// served in turn.
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// Seconds one attempt may take.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
@@ -321,6 +329,14 @@ pub struct Batch {
     /// At most this many of the batch's tasks run at once, across every worker.
     #[arg(long, value_parser = parse_parallel)]
     pub parallel: Option<u32>,
+    /// How urgent every task is (a task's own `priority` wins): 0 (the default, most urgent) to 9 (least). Within a queue, a ready task
+    /// of a lower number runs before any of a higher one.
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=9))]
+    pub priority: Option<i64>,
+    /// Whose work the tasks are (a task's own `tenant` wins) (a customer, a team): within a priority, tenants with work are
+    /// served in turn.
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// The tasks can wait this long (default 24h, at least 24h): they go through the
     /// providers' batch APIs at the batch price where the provider file allows
     /// (`deadline` on each task; a task's own `deadline` wins).

@@ -36,6 +36,10 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     env.provider = args.platform;
     env.model = args.model;
     env.chain_id = args.chain_id;
+    llmq_shared::envelope::check_class(args.priority, args.tenant.as_deref())
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    env.priority = args.priority;
+    env.tenant = args.tenant;
     if args.no_fallback {
         env.fallback = Some(false);
     }
@@ -226,6 +230,10 @@ struct BatchTask {
     temperature: Option<f32>,
     #[serde(default)]
     deadline: Option<String>,
+    #[serde(default)]
+    priority: Option<i64>,
+    #[serde(default)]
+    tenant: Option<String>,
 }
 
 /// Per-provider line of a batch report.
@@ -304,6 +312,8 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         env.response_format = t.response_format;
         env.deadline = t.deadline.or_else(|| args.provider_batch.clone());
         env.fallback = fallback;
+        env.priority = t.priority.or(args.priority);
+        env.tenant = t.tenant.or_else(|| args.tenant.clone());
         // Refused here, as a worker would refuse it, rather than becoming a dead letter.
         Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())
             .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;

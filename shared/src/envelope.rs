@@ -321,6 +321,15 @@ pub struct Envelope {
     pub run_at: Option<DateTime<Utc>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// How urgent the task is: 0 (the default, most urgent) to [`MAX_PRIORITY`] (least). A
+    /// ready task of a lower number is taken before any of a higher one, fleet-wide; a task
+    /// with neither `priority` nor `tenant` is served first, straight from the stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    /// Whose work it is (a customer, a team): within a priority, tenants with ready tasks
+    /// are served in turn, so one tenant's backlog delays another's tasks by a few tasks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -371,6 +380,49 @@ pub struct Envelope {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+/// The least urgent `priority`; 0 is the most urgent and the default.
+pub const MAX_PRIORITY: i64 = 9;
+/// The longest `tenant`, in bytes.
+pub const MAX_TENANT_BYTES: usize = 128;
+
+/// Checks a `priority` and a `tenant`, wherever they are given (a task, a chain).
+///
+/// # Errors
+/// A priority out of range, or a tenant that is empty, too long or holds control characters.
+pub fn check_class(priority: Option<i64>, tenant: Option<&str>) -> Result<()> {
+    if let Some(p) = priority
+        && !(0..=MAX_PRIORITY).contains(&p)
+    {
+        return Err(Error::Field {
+            field: "priority".into(),
+            message: format!(
+                "{p} is out of range; use 0 (the default, most urgent) to {MAX_PRIORITY} (least urgent)"
+            ),
+        });
+    }
+    if let Some(t) = tenant {
+        let wrong = if t.is_empty() {
+            Some("is empty; leave it out or name the tenant".to_owned())
+        } else if t.len() > MAX_TENANT_BYTES {
+            Some(format!(
+                "is {} bytes long; use at most {MAX_TENANT_BYTES} (an id, not a description)",
+                t.len()
+            ))
+        } else if t.chars().any(char::is_control) {
+            Some("contains a control character (a newline, tab or NUL); remove it".to_owned())
+        } else {
+            None
+        };
+        if let Some(message) = wrong {
+            return Err(Error::Field {
+                field: "tenant".into(),
+                message,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The shortest `deadline`: every provider's batch API may take a day (OpenAI's only
@@ -435,6 +487,8 @@ impl Envelope {
             max_attempts: None,
             run_at: None,
             idempotency_key: None,
+            priority: None,
+            tenant: None,
             max_tokens: None,
             temperature: None,
             metadata: None,
@@ -583,6 +637,7 @@ impl Envelope {
         let limit = self.concurrency_limit.map(Value::from);
         check_concurrency(key.as_ref(), limit.as_ref())?;
         self.task_type()?;
+        check_class(self.priority, self.tenant.as_deref())?;
         if self.max_attempts == Some(0) {
             return Err(Error::Field {
                 field: "max_attempts".into(),
@@ -628,6 +683,20 @@ impl Envelope {
             text.push_str(&serde_json::to_string(format).unwrap_or_default());
         }
         std::borrow::Cow::Owned(text)
+    }
+
+    /// The task's class when it waits in the queue's room (`priority` or `tenant` set):
+    /// its priority and tenant (`""` for none). `None`: served straight from the stream.
+    #[must_use]
+    pub fn class(&self) -> Option<(u8, &str)> {
+        if self.priority.unwrap_or(0) == 0 && self.tenant.is_none() {
+            return None;
+        }
+        let p = self.priority.unwrap_or(0).clamp(0, MAX_PRIORITY);
+        Some((
+            u8::try_from(p).unwrap_or(0),
+            self.tenant.as_deref().unwrap_or(""),
+        ))
     }
 
     /// Whether the answer is to be streamed to `llmq:{q}:out:<id>`.

@@ -13,6 +13,10 @@ pub const TASK_FIELD: &str = "task";
 /// The stream field that holds a chain spec.
 pub const CHAIN_FIELD: &str = "chain";
 
+/// The stream field that marks an entry as having had its turn in the room (fed from it, or
+/// run once already): the worker runs it even when it has a `priority` or `tenant`.
+pub const ROOM_FIELD: &str = "room";
+
 /// The set of queue names workers have served, for `llmq status`.
 pub const QUEUES: &str = "llmq:queues";
 
@@ -119,6 +123,23 @@ impl QueueKeys {
     #[must_use]
     pub fn workers(&self) -> String {
         format!("{}:workers", self.prefix)
+    }
+
+    /// The room: ready tasks with a `priority` or `tenant`, waiting to be fed to the stream in
+    /// their turn (`queue/lua/room.lua`). This key is a sorted set of the priorities that
+    /// have tasks, each scored by itself; `room:<p>` is the ring of tenants with tasks at
+    /// priority `p` (a list, its head served next) and `room:<p>:<tenant>` that tenant's
+    /// tasks (a list of envelopes, oldest first). A tenant's keys exist only while it has
+    /// work.
+    #[must_use]
+    pub fn room(&self) -> String {
+        format!("{}:room", self.prefix)
+    }
+
+    /// How many tasks wait in the room at each priority: a hash of priority to count.
+    #[must_use]
+    pub fn room_counts(&self) -> String {
+        format!("{}:room:n", self.prefix)
     }
 
     /// Set while the queue is paused (`llmq queue pause`): who paused it and when, as JSON.
@@ -357,6 +378,8 @@ mod tests {
             keys.dead(),
             keys.result("abc"),
             keys.workers(),
+            keys.room(),
+            keys.room_counts(),
         ] {
             assert!(key.starts_with("llmq:{default}:"), "{key}");
         }

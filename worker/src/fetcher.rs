@@ -147,6 +147,8 @@ impl Fetcher {
         let mut conn_id = None;
         let mut turn = 0usize;
         let mut failures = 0u32;
+        // Per queue: its room had tasks when last read, so read it with them.
+        let mut feeding = vec![false; self.queues.len()];
         let mut pauses = Pauses {
             paused: vec![false; self.queues.len()],
             checked: None,
@@ -247,17 +249,38 @@ impl Fetcher {
                         if room == 0 {
                             break;
                         }
-                        let read = self.redis.read(c, q, &self.consumer, room, block);
-                        tokio::pin!(read);
-                        let read = tokio::select! {
-                            biased;
-                            r = &mut read => r,
-                            // Shutdown ends a long blocking read at once: what it read before
-                            // is handed over as always, and nothing after.
-                            () = self.stop.cancelled(), if block.is_some() => {
-                                end_read(&self.redis, conn_id, &mut read).await
-                            }
-                        }?;
+                        // A queue whose room has tasks is read with them in their turn;
+                        // only when nothing at all is there does the reader block.
+                        let mut read = Vec::new();
+                        if feeding[at] {
+                            let more;
+                            (read, more) = self.redis.read_room(c, q, &self.consumer, room).await?;
+                            feeding[at] = more;
+                        }
+                        if read.is_empty() {
+                            let plain = self.redis.read(c, q, &self.consumer, room, block);
+                            tokio::pin!(plain);
+                            read = tokio::select! {
+                                biased;
+                                r = &mut plain => r,
+                                // Shutdown ends a long blocking read at once: what it read
+                                // before is handed over as always, and nothing after.
+                                () = self.stop.cancelled(), if block.is_some() => {
+                                    end_read(&self.redis, conn_id, &mut plain).await
+                                }
+                            }?;
+                        }
+                        // The room's beacon says it has tasks: drop it, and feed from it.
+                        if read.iter().any(Delivery::is_beacon) {
+                            feeding[at] = true;
+                            let beacons: Vec<&str> = read
+                                .iter()
+                                .filter(|d| d.is_beacon())
+                                .map(|d| d.entry_id.as_str())
+                                .collect();
+                            self.redis.drop_read(q, &beacons).await?;
+                            read.retain(|d| !d.is_beacon());
+                        }
                         // A blocking read's entries were handed over when it returned.
                         let at = Instant::now();
                         got.extend(read.into_iter().map(|d| (Arc::clone(q), d, at)));

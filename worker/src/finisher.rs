@@ -278,7 +278,14 @@ async fn release(ledger: &Ledger, committed: Vec<Start>) {
 }
 
 /// The `outcome` labels of `llmq_tasks_total`.
-const OUTCOMES: [&str; 5] = ["fenced", "succeeded", "delayed", "dead", "released"];
+const OUTCOMES: [&str; 6] = [
+    "fenced",
+    "succeeded",
+    "delayed",
+    "dead",
+    "released",
+    "sorted",
+];
 
 /// A task's written outcome as an index into [`OUTCOMES`], a chain step's as a plain task's.
 fn outcome(kind: &FinishKind, applied: bool) -> usize {
@@ -288,6 +295,7 @@ fn outcome(kind: &FinishKind, applied: bool) -> usize {
         (FinishKind::Retry { .. }, _) => 2,
         (FinishKind::Dead { .. }, _) => 3,
         (FinishKind::Release, _) => 4,
+        (FinishKind::Room { .. }, _) => 5,
     }
 }
 

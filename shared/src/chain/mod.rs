@@ -427,6 +427,9 @@ struct RawChain {
     vars: BTreeMap<String, String>,
     /// At most this many of the chain's step tasks run at once, across every worker.
     max_parallel: Option<u32>,
+    /// Every step's task's `priority` and `tenant`.
+    priority: Option<i64>,
+    tenant: Option<String>,
     steps: Vec<RawStep>,
 }
 
@@ -470,6 +473,7 @@ struct RawStep {
 }
 
 fn build(id: String, spec: RawChain, max_bytes: usize) -> Result<Chain> {
+    envelope::check_class(spec.priority, spec.tenant.as_deref()).map_err(|e| err(e.to_string()))?;
     if spec.steps.is_empty() {
         return Err(err(
             "the chain has no steps; list at least one under \"steps\"",
@@ -777,6 +781,8 @@ fn step(
     task.response_format = f.response_format;
     task.tools = f.tools.unwrap_or_default();
     task.tool_choice = f.tool_choice;
+    task.priority = spec.priority;
+    task.tenant.clone_from(&spec.tenant);
     if let Some(n) = spec.max_parallel {
         if n == 0 {
             return Err(err(

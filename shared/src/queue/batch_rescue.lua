@@ -16,7 +16,7 @@ local function back(id, key, deadline, env, why)
   redis.call('HSET', key, 'state', 'fallback', 'reason', why)
   redis.call('HDEL', key, 'body')
   redis.call('PEXPIRE', key, math.max(deadline - now, 0) + tonumber(ARGV[6]))
-  redis.call('XADD', KEYS[4], '*', 'task', env)
+  redis.call('XADD', KEYS[4], '*', 'task', env, 'room', '-')
   n = n + 1
 end
 for _, group in ipairs(redis.call('SMEMBERS', KEYS[2])) do

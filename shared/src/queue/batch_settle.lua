@@ -25,7 +25,7 @@ for i = 8, #ARGV, 3 do
     redis.call('HDEL', key, 'body')
     -- The latch outlives the deadline, after which no task can be parked again.
     redis.call('PEXPIRE', key, math.max((tonumber(f[4] or '0') or 0) - now, 0) + tonumber(ARGV[4]))
-    redis.call('XADD', KEYS[2], '*', 'task', f[3])
+    redis.call('XADD', KEYS[2], '*', 'task', f[3], 'room', '-')
     n = n + 1
   end
 end

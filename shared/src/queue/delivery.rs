@@ -14,6 +14,12 @@ use crate::outcome::{ErrorClass, Status, TaskRecord};
 
 static RECLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("reclaim.lua")));
 static REFRESH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("refresh.lua")));
+static ROOM_READ: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/room.lua"),
+        include_str!("room_read.lua")
+    ))
+});
 
 impl Client {
     /// Reads up to `count` new tasks for `consumer`, waiting up to `block` for the first
@@ -48,6 +54,66 @@ impl Client {
             other => other?,
         };
         reply::parse_read_reply(reply)
+    }
+
+    /// Reads up to `count` tasks for `consumer` without waiting: the stream's unread
+    /// entries first, then the room's next tasks in their turn (`room_read.lua`). Also says
+    /// whether the room still has tasks; while it does, the reader keeps reading this way.
+    ///
+    /// # Errors
+    /// Redis fails; a missing group is created and the read retried once.
+    pub async fn read_room(
+        &self,
+        conn: &mut Conn,
+        keys: &QueueKeys,
+        consumer: &str,
+        count: usize,
+    ) -> Result<(Vec<Delivery>, bool)> {
+        let mut inv = ROOM_READ.key(keys.stream());
+        inv.arg(GROUP).arg(consumer).arg(count);
+        let reply: Value = match inv.invoke_async(conn).await {
+            Err(e) if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP") => {
+                self.ensure_group(keys).await?;
+                inv.invoke_async(conn).await?
+            }
+            other => other?,
+        };
+        let Value::Array(parts) = reply else {
+            return Err(super::Error::Protocol(format!(
+                "the room's read returned {reply:?}"
+            )));
+        };
+        let mut parts = parts.into_iter();
+        let more = parts.next().is_some_and(|v| reply::as_u64(&v) == 1);
+        let mut read = Vec::new();
+        for entries in parts {
+            read.extend(reply::deliveries(entries)?);
+        }
+        Ok((read, more))
+    }
+
+    /// Acks and deletes entries read but not to be run: the room's beacons.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn drop_read(&self, keys: &QueueKeys, ids: &[&str]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let () = redis::pipe()
+            .cmd("XACK")
+            .arg(keys.stream())
+            .arg(GROUP)
+            .arg(ids)
+            .ignore()
+            .cmd("XDEL")
+            .arg(keys.stream())
+            .arg(ids)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// The id Redis gives the connection `conn` (`CLIENT ID`), to end its blocking read with

@@ -136,7 +136,7 @@ while a <= last do
     if op == 'expand' then
       expand(stream, k, b, na, now)
     else
-      settle(stream, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
+      settle(stream, group, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
         ARGV[b + 4], ARGV[b + 5], now, ttl)
       if op == 'step' then
         advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],

@@ -13,6 +13,7 @@ use crate::outcome::TaskRecord;
 
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
+        include_str!("lua/room.lua"),
         include_str!("lua/settle.lua"),
         include_str!("lua/advance.lua"),
         include_str!("lua/rerun.lua"),

@@ -89,6 +89,18 @@ pub struct Delivery {
     pub chain: Option<Vec<u8>>,
     /// How many times the group has handed this entry out, this time included.
     pub deliveries: u64,
+    /// The entry has had its turn in the room ([`crate::keys::ROOM_FIELD`]): run it as it
+    /// is, whatever its class.
+    pub from_room: bool,
+}
+
+impl Delivery {
+    /// A beacon of the room (`queue/lua/room.lua`): no task, only word that the room has
+    /// tasks. Dropped by the reader, who then feeds itself from the room.
+    #[must_use]
+    pub fn is_beacon(&self) -> bool {
+        self.from_room && self.payload.is_none() && self.chain.is_none()
+    }
 }
 
 /// What a takeover claimed: the tasks to run (poison ones already finished as dead
@@ -123,6 +135,14 @@ pub enum FinishKind {
     Dead { error: String, class: ErrorClass },
     /// Give the task back to the stream untouched (shutdown).
     Release,
+    /// Put the envelope in the queue's room to wait for its turn, at `priority` for
+    /// `tenant` (`""` for none): behind the tenant's tasks, or before them (`front`) when it
+    /// comes back from a wait.
+    Room {
+        priority: u8,
+        tenant: String,
+        front: bool,
+    },
 }
 
 impl FinishKind {
@@ -133,6 +153,15 @@ impl FinishKind {
             FinishKind::Retry { due_ms } => ("retry", due_ms.to_string(), String::new()),
             FinishKind::Dead { error, class } => ("dead", error.clone(), class.to_string()),
             FinishKind::Release => ("release", String::new(), String::new()),
+            FinishKind::Room {
+                priority,
+                tenant,
+                front,
+            } => (
+                if *front { "room_front" } else { "room" },
+                priority.to_string(),
+                tenant.clone(),
+            ),
         }
     }
 }
@@ -206,6 +235,28 @@ impl Finish {
             entry_id,
             task_id,
             kind: FinishKind::Release,
+            record: None,
+            envelope,
+        }
+    }
+
+    /// Put `envelope` in the queue's room to wait for its turn (see [`FinishKind::Room`]).
+    #[must_use]
+    pub fn room(
+        entry_id: String,
+        task_id: String,
+        (priority, tenant): (u8, &str),
+        front: bool,
+        envelope: String,
+    ) -> Self {
+        Self {
+            entry_id,
+            task_id,
+            kind: FinishKind::Room {
+                priority,
+                tenant: tenant.to_owned(),
+                front,
+            },
             record: None,
             envelope,
         }

@@ -7,7 +7,7 @@ use redis::Value;
 
 use super::{DeadLetter, Delivery, Error, Reclaimed, Result, Takeover};
 use crate::envelope;
-use crate::keys::{CHAIN_FIELD, TASK_FIELD};
+use crate::keys::{CHAIN_FIELD, ROOM_FIELD, TASK_FIELD};
 
 pub(super) fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>) -> DeadLetter {
     let text = |k: &str| {
@@ -92,6 +92,11 @@ pub(super) fn parse_read_reply(reply: Value) -> Result<Vec<Delivery>> {
         Value::Map(mut streams) => streams.pop().map_or(Value::Nil, |(_, v)| v),
         other => return Err(Error::Protocol(format!("XREADGROUP returned {other:?}"))),
     };
+    deliveries(entries)
+}
+
+/// Stream entries just read (`[[id, [field, value, ...]], ...]`) as deliveries.
+pub(super) fn deliveries(entries: Value) -> Result<Vec<Delivery>> {
     Ok(parse_entries(entries)?
         .into_iter()
         .map(|(entry_id, mut fields)| Delivery {
@@ -99,6 +104,7 @@ pub(super) fn parse_read_reply(reply: Value) -> Result<Vec<Delivery>> {
             payload: fields.remove(TASK_FIELD),
             chain: fields.remove(CHAIN_FIELD),
             deliveries: 1,
+            from_room: fields.contains_key(ROOM_FIELD),
         })
         .collect())
 }
@@ -120,6 +126,8 @@ pub(super) fn parse_claimed(flat: &[Value]) -> Result<Reclaimed> {
             deliveries: as_u64(deliveries).max(1),
             payload: bytes(payload),
             chain: bytes(chain),
+            // A taken-over task in the room's turn is sorted in again, at its tenant's end.
+            from_room: false,
         };
         out.takeovers.push(Takeover {
             entry_id: delivery.entry_id.clone(),

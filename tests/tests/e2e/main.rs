@@ -20,6 +20,7 @@ mod ledger_rollups;
 mod metrics;
 mod outage;
 mod pause;
+mod priority;
 mod provider_batch;
 mod providers;
 mod quota;

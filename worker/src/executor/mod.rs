@@ -269,6 +269,7 @@ impl Executor {
             entry_id,
             payload,
             chain,
+            from_room,
             ..
         } = delivery;
         if let (None, Some(spec)) = (&payload, &chain) {
@@ -324,6 +325,13 @@ impl Executor {
                 let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
                 return Err(Box::new(plain(queue, finish, Vec::new())));
             }
+        }
+        // A task with a priority or tenant waits its turn in the room first; one coming
+        // back from a wait (a retry, a rate limit) keeps its place at its tenant's head.
+        if !from_room && let Some(class) = env.class() {
+            let front = env.attempts > 0 || env.snoozes > 0;
+            let finish = Finish::room(entry_id, task_id, class, front, env.to_json());
+            return Err(Box::new(plain(queue, finish, Vec::new())));
         }
         Ok(Admitted {
             queue,
@@ -870,7 +878,7 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
     let outcome = match finish.kind {
         FinishKind::Done => "succeeded",
         FinishKind::Dead { .. } => "failed",
-        FinishKind::Retry { .. } | FinishKind::Release => return None,
+        FinishKind::Retry { .. } | FinishKind::Release | FinishKind::Room { .. } => return None,
     };
     Some(StepOutcome {
         chain_id,

@@ -2,10 +2,13 @@
 --   ok:      store the record
 --   retry:   a = due (ms): envelope to delayed; store the record
 --   dead:    a = error, b = class: envelope to the dead letters; store the record
---   release: envelope back to the stream, no record
+--   release: envelope back to the stream, no record; marked as having had its turn (it
+--            was run, so it came from the room or has no class), so it is run again
+--   room, room_front: a = priority, b = tenant: envelope into the room (lua/room.lua),
+--            behind the tenant's tasks or before them; no record
 -- The caller (finish.lua) acks and deletes the entry. The dead letter's fields are written
 -- here only.
-local function settle(stream, delayed, dead, rkey, id, kind, record, env, a, b, now, ttl)
+local function settle(stream, group, delayed, dead, rkey, id, kind, record, env, a, b, now, ttl)
   if kind == 'retry' then
     redis.call('ZADD', delayed, a, env)
   elseif kind == 'dead' then
@@ -13,7 +16,9 @@ local function settle(stream, delayed, dead, rkey, id, kind, record, env, a, b, 
     redis.call('XADD', dead, '*', 'task', env, 'error', a, 'class', b,
       'attempts', tostring(attempts), 'failed_at', now, 'entry_id', id)
   elseif kind == 'release' then
-    redis.call('XADD', stream, '*', 'task', env)
+    redis.call('XADD', stream, '*', 'task', env, 'room', '-')
+  elseif kind == 'room' or kind == 'room_front' then
+    room_push(stream, group, a, b, env, kind == 'room_front')
   end
   if record ~= '' then
     redis.call('SET', rkey, record, 'EX', ttl)

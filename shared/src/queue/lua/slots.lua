@@ -3,7 +3,7 @@
 -- a slot whose entry has left the stream (finished, dead-lettered after its worker died) is
 -- stale and is freed the next time someone looks. Tasks that find no slot are parked in a
 -- list per key, oldest first; a freed slot passes straight to the oldest one, which goes
--- back to the stream already holding it.
+-- back to the stream already holding it (marked as having had its turn in the room).
 -- Keys of a concurrency key are named from the queue's prefix (`llmq:{q}:`), which shares
 -- the queue's hash tag, so these scripts stay on the queue's slot in Redis Cluster.
 
@@ -36,6 +36,6 @@ local function wake(stream, prefix, key, limit)
       redis.call('HDEL', prefix .. 'parked', key)
       return
     end
-    hold(held, redis.call('XADD', stream, '*', 'task', env))
+    hold(held, redis.call('XADD', stream, '*', 'task', env, 'room', '-'))
   end
 end

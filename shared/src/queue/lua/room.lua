@@ -1,0 +1,75 @@
+-- The room (`QueueKeys::room` in keys.rs): ready tasks with a priority or a tenant wait here
+-- and are fed to the stream in their turn: the most urgent priority first (0), and within
+-- it the tenants with tasks in turn, one task each. A task fed to the stream carries the
+-- field `room`, so the worker that reads it runs it instead of sorting it in again.
+-- Every key is named from the queue's prefix, under its hash tag.
+
+-- The room's key, from the stream's (`llmq:{q}:stream`).
+local function room_of(stream)
+  return string.sub(stream, 1, -7) .. 'room'
+end
+
+-- Moves the room's next task to the stream, marked; returns its entry id, or false when
+-- the room is empty (for room_read.lua, which reads it in the same step). A listing without
+-- tasks (written by hand) is dropped on the way.
+local function room_feed_one(stream, room)
+  while true do
+    local p = redis.call('ZRANGE', room, 0, 0)[1]
+    if not p then
+      return false
+    end
+    local ring = room .. ':' .. p
+    local tenant = redis.call('LINDEX', ring, 0)
+    if not tenant then
+      redis.call('ZREM', room, p)
+    else
+      local list = ring .. ':' .. tenant
+      local env = redis.call('LPOP', list)
+      if redis.call('EXISTS', list) == 0 then
+        redis.call('LPOP', ring)
+        if redis.call('EXISTS', ring) == 0 then
+          redis.call('ZREM', room, p)
+        end
+      else
+        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+      end
+      if env then
+        redis.call('HINCRBY', room .. ':n', p, -1)
+        return redis.call('XADD', stream, '*', 'task', env, 'room', p)
+      end
+    end
+  end
+end
+
+-- While the room has tasks, a beacon waits in the stream unread: an entry with no task and
+-- the field `room`. The worker that reads it drops it and feeds itself from the room from
+-- then on; an idle worker blocked on the stream wakes for it. (A task of the room's
+-- itself would jump the room's order.)
+local function room_beacon(stream, group, room)
+  local mark = room .. ':mark'
+  local id = redis.call('GET', mark)
+  if id and #redis.call('XRANGE', stream, id, id) == 1
+      and #redis.call('XPENDING', stream, group, id, id, 1) == 0 then
+    return
+  end
+  redis.call('SET', mark, redis.call('XADD', stream, '*', 'room', 'wake'))
+end
+
+-- Puts envelope `env` in the room at priority `p` for `tenant`: behind the tenant's tasks,
+-- or before them (`front`) for a task coming back from a wait, which keeps its place.
+local function room_push(stream, group, p, tenant, env, front)
+  local room = room_of(stream)
+  local ring = room .. ':' .. p
+  local list = ring .. ':' .. tenant
+  local n
+  if front then
+    n = redis.call('LPUSH', list, env)
+  else
+    n = redis.call('RPUSH', list, env)
+  end
+  if n == 1 and redis.call('RPUSH', ring, tenant) == 1 then
+    redis.call('ZADD', room, p, p)
+  end
+  redis.call('HINCRBY', room .. ':n', p, 1)
+  room_beacon(stream, group, room)
+end

@@ -1,0 +1,255 @@
+//! Priorities and tenants (issue 34): a ready task of a more urgent priority runs before any
+//! of a less urgent one, tenants of one priority take turns, a task without a class runs
+//! first; classes reach chain steps; bad classes are dead letters or usage errors.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::Status;
+use llmq_tests::harness::{SeededRng, TestEnv, WorkerHandle};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A task's class as the test enqueues it: priority (`None`: unset) and tenant.
+type Class = (Option<i64>, Option<String>);
+
+/// One priority of the room: its ring of tenants and each tenant's tasks.
+type Room = (VecDeque<String>, HashMap<String, VecDeque<usize>>);
+
+/// The order one worker taking one task at a time runs `tasks` in, enqueued in this order
+/// before it starts: tasks without a class as they come (each is read before the room's
+/// beacon), then the room: the most urgent priority first, its tenants in turn, a tenant
+/// joining the ring's end when its first task arrives.
+fn expected_order(tasks: &[Class]) -> Vec<usize> {
+    let mut order: Vec<usize> = Vec::new();
+    // Per priority: the ring of tenants and each tenant's tasks.
+    let mut rooms: BTreeMap<i64, Room> = BTreeMap::new();
+    for (i, (p, t)) in tasks.iter().enumerate() {
+        if p.unwrap_or(0) == 0 && t.is_none() {
+            order.push(i);
+            continue;
+        }
+        let tenant = t.clone().unwrap_or_default();
+        let (ring, lists) = rooms.entry(p.unwrap_or(0)).or_default();
+        let list = lists.entry(tenant.clone()).or_default();
+        if list.is_empty() {
+            ring.push_back(tenant);
+        }
+        list.push_back(i);
+    }
+    for (ring, lists) in rooms.values_mut() {
+        while let Some(tenant) = ring.pop_front() {
+            let list = lists.get_mut(&tenant).unwrap();
+            order.push(list.pop_front().unwrap());
+            if !list.is_empty() {
+                ring.push_back(tenant);
+            }
+        }
+    }
+    order
+}
+
+#[tokio::test]
+async fn the_most_urgent_runs_first_and_tenants_take_turns() {
+    for seed in [0x5eed_0001_u64, 0x5eed_0002] {
+        let env = TestEnv::new().await.unwrap();
+        env.redis.ensure_group(&env.keys).await.unwrap();
+        let mut rng = SeededRng(seed);
+        let tenants = ["acme", "globex", "initech", "umbrella"];
+        let mut classes: Vec<Class> = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..36 {
+            // Mostly a flood of one tenant, as in a nightly batch beside a few others.
+            let p = match rng.below(5) {
+                0 => None,
+                n => Some(n as i64 % 4),
+            };
+            let t = match rng.below(6) {
+                0 => None,
+                1..=3 => Some(tenants[0].to_owned()),
+                n => Some(tenants[n - 3].to_owned()),
+            };
+            let mut e = Envelope::new(format!("task {i}"));
+            e.model = Some("mock-fast".into());
+            e.priority = p;
+            e.tenant.clone_from(&t);
+            env.redis.enqueue(&env.keys, &e).await.unwrap();
+            ids.push(e.id.unwrap().to_string());
+            classes.push((p, t));
+        }
+        let mut s = env.settings();
+        s.concurrency = 1;
+        let w = WorkerHandle::start(s);
+        let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+            .await
+            .unwrap();
+        let mut ran: Vec<(chrono::DateTime<chrono::Utc>, usize)> = r
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let r = r.as_ref().unwrap();
+                assert_eq!(r.status, Status::Succeeded, "{r:?}");
+                (r.finished_at.unwrap(), i)
+            })
+            .collect();
+        ran.sort();
+        let ran: Vec<usize> = ran.into_iter().map(|(_, i)| i).collect();
+        let want = expected_order(&classes);
+        let show = |o: &[usize]| -> Vec<String> {
+            o.iter()
+                .map(|&i| {
+                    format!(
+                        "{i}:{:?}/{}",
+                        classes[i].0,
+                        classes[i].1.as_deref().unwrap_or("-")
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(show(&ran), show(&want), "seed {seed:#x}");
+        // The room is empty and leaves no key behind.
+        let mut c = env.redis.conn().await.unwrap();
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("llmq:{{{}}}:room*", env.queue))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let counts: HashMap<String, i64> = redis::cmd("HGETALL")
+            .arg(env.keys.room_counts())
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        assert!(counts.values().all(|n| *n == 0), "{counts:?}");
+        assert!(
+            left.iter()
+                .all(|k| k.ends_with(":room:n") || k.ends_with(":room:mark")),
+            "{left:?}"
+        );
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn several_workers_drain_the_room_and_lose_nothing() {
+    let env = TestEnv::new().await.unwrap();
+    let workers: Vec<WorkerHandle> = (0..3).map(|_| env.worker()).collect();
+    // Workers are idle and blocked on the stream when the classed tasks come.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ids = Vec::new();
+    for i in 0..120 {
+        let mut e = Envelope::new(format!("task {i}"));
+        e.model = Some("mock-fast".into());
+        e.priority = Some(i % 3);
+        e.tenant = Some(format!("tenant-{}", i % 7));
+        ids.push(e.id.unwrap().to_string());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().unwrap().status == Status::Succeeded)
+    );
+    // Each task was called once, in one attempt.
+    assert_eq!(env.calls().await.unwrap().len(), ids.len());
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((counts.in_flight, counts.dead), (0, 0), "{counts:?}");
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_chain_gives_its_class_to_its_steps() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-classed", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "priority": 3, "tenant": "acme", "steps": [
+        {"name": "a", "prompt": "first"},
+        {"name": "b", "after": ["a"], "prompt": "then {{a.summary}}"}]});
+    env.redis
+        .submit_chain(&env.keys, &chain.to_string())
+        .await
+        .unwrap();
+    let c = env.chain_ended(&id, WAIT).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    let mut conn = env.redis.conn().await.unwrap();
+    let task: String = redis::cmd("HGET")
+        .arg(env.keys.chain_tasks(&id))
+        .arg("b")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let task: serde_json::Value = serde_json::from_str(&task).unwrap();
+    assert_eq!(
+        (task["priority"].as_i64(), task["tenant"].as_str()),
+        (Some(3), Some("acme"))
+    );
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_class_is_a_dead_letter_or_a_usage_error() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let long = "t".repeat(200);
+    for (payload, says) in [
+        (
+            json!({"v": 1, "prompt": "p", "priority": 12}),
+            "field `priority` is wrong: 12 is out of range; use 0",
+        ),
+        (
+            json!({"v": 1, "prompt": "p", "priority": -1}),
+            "field `priority` is wrong: -1 is out of range",
+        ),
+        (
+            json!({"v": 1, "prompt": "p", "priority": "high"}),
+            "field `priority` is wrong",
+        ),
+        (
+            json!({"v": 1, "prompt": "p", "tenant": long}),
+            "field `tenant` is wrong: is 200 bytes long",
+        ),
+        (
+            json!({"v": 1, "prompt": "p", "tenant": "a\nb"}),
+            "field `tenant` is wrong: contains a control character",
+        ),
+        (
+            json!({"v": 1, "prompt": "p", "tenant": ""}),
+            "field `tenant` is wrong: is empty",
+        ),
+        (
+            json!({"v": 1, "prompt": "p", "tenant": 7}),
+            "field `tenant` is wrong",
+        ),
+    ] {
+        env.xadd("task", payload.to_string().as_bytes())
+            .await
+            .unwrap();
+        env.dead_letter_saying(says, WAIT).await.unwrap();
+    }
+    let chain = json!({"v": 1, "priority": 99, "steps": [{"name": "a", "prompt": "p"}]});
+    env.xadd("chain", chain.to_string().as_bytes())
+        .await
+        .unwrap();
+    env.dead_letter_saying("99 is out of range", WAIT)
+        .await
+        .unwrap();
+    w.stop().await.unwrap();
+
+    let (code, said) = env
+        .cli(&[
+            "submit", "--prompt", "p", "--queue", &env.queue, "--tenant", "a\tb",
+        ])
+        .await;
+    assert_ne!(code, 0, "{said}");
+    use clap::Parser;
+    let cli =
+        llmq::cli::Cli::try_parse_from(["llmq", "submit", "--prompt", "p", "--priority", "10"]);
+    let e = cli.unwrap_err().to_string();
+    assert!(e.contains("--priority") && e.contains("0..=9"), "{e}");
+}
