@@ -177,6 +177,18 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             q.workers
         ));
     }
+    for q in r.queues.iter().filter(|q| !q.ready_by_priority.is_empty()) {
+        let by: Vec<String> = q
+            .ready_by_priority
+            .iter()
+            .map(|(p, n)| format!("priority {p}: {n}"))
+            .collect();
+        s.push_str(&format!(
+            "queue `{}`: of the ready tasks, waiting in the room by priority (0 most urgent): {}\n",
+            q.queue,
+            by.join(", ")
+        ));
+    }
     for q in r.queues.iter().filter(|q| q.paused) {
         s.push_str(&format!(
             "queue `{}` is paused: workers take none of its tasks (llmq queue resume {})\n",

@@ -25,6 +25,14 @@ const QUEUE_GAUGES: [&str; 5] = [
     "llmq_queue_backlog",
 ];
 
+/// Every priority a task can have, for the room's gauge.
+const PRIORITIES: std::ops::RangeInclusive<u8> = 0..=llmq_shared::envelope::MAX_PRIORITY;
+
+/// `llmq_queue_ready_in_room{queue,priority}`: tasks waiting in the room at priority `p`.
+fn room_gauge(queue: &str, p: u8) -> metrics::Gauge {
+    metrics::gauge!("llmq_queue_ready_in_room", "queue" => queue.to_owned(), "priority" => p.to_string())
+}
+
 impl Scheduler {
     /// Publishes every served queue's depths and every quota's use. Returns what it did.
     ///
@@ -43,6 +51,15 @@ impl Scheduler {
             ];
             for (name, value) in QUEUE_GAUGES.iter().zip(values) {
                 metrics::gauge!(*name, "queue" => queue.clone()).set(value as f64);
+            }
+            // Per priority, not per tenant: ten labels at most.
+            for p in PRIORITIES {
+                let n = c
+                    .ready_by_priority
+                    .iter()
+                    .find(|(q, _)| *q == p)
+                    .map_or(0, |(_, n)| *n);
+                room_gauge(queue, p).set(n as f64);
             }
             if !self.gauged_queues.contains(queue) {
                 self.gauged_queues.push(queue.clone());
@@ -80,6 +97,9 @@ impl Scheduler {
         for queue in self.gauged_queues.drain(..) {
             for name in QUEUE_GAUGES {
                 metrics::gauge!(name, "queue" => queue.clone()).set(0.0);
+            }
+            for p in PRIORITIES {
+                room_gauge(&queue, p).set(0.0);
             }
         }
         for (provider, quota) in self.gauged_quotas.drain(..) {

@@ -383,7 +383,7 @@ fn is_zero(n: &u32) -> bool {
 }
 
 /// The least urgent `priority`; 0 is the most urgent and the default.
-pub const MAX_PRIORITY: i64 = 9;
+pub const MAX_PRIORITY: u8 = 9;
 /// The longest `tenant`, in bytes.
 pub const MAX_TENANT_BYTES: usize = 128;
 
@@ -393,7 +393,7 @@ pub const MAX_TENANT_BYTES: usize = 128;
 /// A priority out of range, or a tenant that is empty, too long or holds control characters.
 pub fn check_class(priority: Option<i64>, tenant: Option<&str>) -> Result<()> {
     if let Some(p) = priority
-        && !(0..=MAX_PRIORITY).contains(&p)
+        && !(0..=i64::from(MAX_PRIORITY)).contains(&p)
     {
         return Err(Error::Field {
             field: "priority".into(),
@@ -692,7 +692,7 @@ impl Envelope {
         if self.priority.unwrap_or(0) == 0 && self.tenant.is_none() {
             return None;
         }
-        let p = self.priority.unwrap_or(0).clamp(0, MAX_PRIORITY);
+        let p = self.priority.unwrap_or(0).clamp(0, i64::from(MAX_PRIORITY));
         Some((
             u8::try_from(p).unwrap_or(0),
             self.tenant.as_deref().unwrap_or(""),

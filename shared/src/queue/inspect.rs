@@ -81,7 +81,8 @@ impl Client {
     pub async fn counts(&self, keys: &QueueKeys) -> Result<QueueCounts> {
         let mut c = self.conn().await?;
         let live_since = now_ms() - WORKER_LIVENESS.as_millis() as i64;
-        let (len, delayed, dead, workers, paused): (u64, u64, u64, u64, bool) = redis::pipe()
+        type Depths = (u64, u64, u64, u64, bool, Vec<(String, i64)>);
+        let (len, delayed, dead, workers, paused, room): Depths = redis::pipe()
             .cmd("XLEN")
             .arg(keys.stream())
             .zcard(keys.delayed())
@@ -89,8 +90,16 @@ impl Client {
             .arg(keys.dead())
             .zcount(keys.workers(), live_since, "+inf")
             .exists(keys.paused())
+            .hgetall(keys.room_counts())
             .query_async(&mut c)
             .await?;
+        let mut ready_by_priority: Vec<(u8, u64)> = room
+            .into_iter()
+            .filter_map(|(p, n)| Some((p.parse().ok()?, u64::try_from(n).ok()?)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        ready_by_priority.sort_unstable();
+        let in_room: u64 = ready_by_priority.iter().map(|(_, n)| n).sum();
         let pending: Value = match redis::cmd("XPENDING")
             .arg(keys.stream())
             .arg(GROUP)
@@ -108,7 +117,9 @@ impl Client {
         // the ones in flight.
         Ok(QueueCounts {
             queue: keys.name().to_owned(),
-            ready: len.saturating_sub(in_flight),
+            // While the room has tasks, one stream entry is its beacon, not a task.
+            ready: len.saturating_sub(in_flight + u64::from(in_room > 0)) + in_room,
+            ready_by_priority,
             in_flight,
             delayed,
             dead,

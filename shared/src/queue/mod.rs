@@ -280,7 +280,12 @@ pub const NOT_HOLDER: i64 = -1;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct QueueCounts {
     pub queue: String,
+    /// Tasks waiting to run: in the stream and in the room.
     pub ready: u64,
+    /// Of `ready`, those waiting in the room, per priority that has any (most urgent
+    /// first); the rest wait in the stream, served before them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ready_by_priority: Vec<(u8, u64)>,
     pub in_flight: u64,
     pub delayed: u64,
     pub dead: u64,

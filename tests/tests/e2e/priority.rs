@@ -253,3 +253,39 @@ async fn a_bad_class_is_a_dead_letter_or_a_usage_error() {
     let e = cli.unwrap_err().to_string();
     assert!(e.contains("--priority") && e.contains("0..=9"), "{e}");
 }
+
+#[tokio::test]
+async fn status_counts_the_room_by_priority() {
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    s.concurrency = 2;
+    let w = WorkerHandle::start(s);
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut e = Envelope::new(format!("slow {i}"));
+        e.model = Some("slow-1500".into());
+        e.priority = Some(4);
+        e.tenant = Some("acme".into());
+        ids.push(e.id.unwrap().to_string());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    // Two run at a time; the other four wait in the room.
+    env.eventually("four tasks waiting in the room", WAIT, || async {
+        let c = env.redis.counts(&env.keys).await.unwrap();
+        c.ready_by_priority == [(4, 4)] && c.ready == 4 && c.in_flight == 2
+    })
+    .await
+    .unwrap();
+    let (code, said) = env.cli(&["status"]).await;
+    assert_eq!(code, 0, "{said}");
+    assert!(
+        said.contains(&format!("queue `{}`: of the ready tasks, waiting in the room by priority (0 most urgent): priority 4: 4", env.queue)),
+        "{said}"
+    );
+    llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    let c = env.redis.counts(&env.keys).await.unwrap();
+    assert!(c.ready_by_priority.is_empty() && c.ready == 0, "{c:?}");
+    w.stop().await.unwrap();
+}
