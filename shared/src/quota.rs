@@ -137,7 +137,9 @@ impl Limiter {
         }
     }
 
-    /// Reserves one call of about `tokens` tokens costing about `usd`.
+    /// Reserves one call of about `tokens` tokens costing about `usd`, for a task of
+    /// `priority` (0 when it has none): the shares `quotas.reserve` holds for the other
+    /// priorities that are asking are left free (`quota/reserve.lua`).
     ///
     /// # Errors
     /// Redis fails.
@@ -145,6 +147,7 @@ impl Limiter {
         &self,
         provider: &str,
         quotas: &Quotas,
+        priority: u8,
         tokens: u64,
         usd: f64,
         now: DateTime<Utc>,
@@ -176,6 +179,8 @@ impl Limiter {
             .arg(next_month(now).timestamp_millis())
             .arg(&day)
             .arg(&month)
+            .arg(priority)
+            .arg(shares(quotas))
             .invoke_async(&mut c)
             .await?;
         match reply.first() {
@@ -399,6 +404,23 @@ impl<'a> PromptTokens<'a> {
 pub fn estimate_tokens(system: Option<&str>, prompt: &str) -> u64 {
     let chars = system.map_or(0, |s| s.chars().count() + 4) + prompt.chars().count() + 4;
     chars.div_ceil(3) as u64
+}
+
+/// `quotas.reserve` as `reserve.lua` reads it: `<priority>:<percent>` comma-separated.
+fn shares(quotas: &Quotas) -> String {
+    let mut out = String::new();
+    for (p, pct) in quotas
+        .reserve
+        .iter()
+        .enumerate()
+        .filter(|(_, pct)| **pct > 0)
+    {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&format!("{p}:{pct}"));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -365,6 +365,15 @@ routing:
         assert_eq!(m.prices.cached_input, 0.5);
         assert_eq!((m.tier, p.cost_tier), (Tier::Fast, CostTier::Free));
         assert_eq!(p.quotas.rpm, Some(10));
+        let shared = Config::parse(
+            "p.yaml",
+            &GOOD.replace("rpm: 10", "rpm: 10, reserve: {0: 50, 2: 20}"),
+            &env,
+        )
+        .unwrap();
+        let mut reserve = [0; 10];
+        (reserve[0], reserve[2]) = (50, 20);
+        assert_eq!(shared.providers[0].quotas.reserve, reserve);
         let cli = c.provider("cli").unwrap();
         assert_eq!(
             cli.command.as_ref().unwrap().delay,
@@ -576,6 +585,22 @@ providers:
                 "providers[0].cost_tier",
             ),
             (GOOD.replace("rpm: 10", "rpm: 0"), "providers[0].quotas.rpm"),
+            (
+                GOOD.replace("rpm: 10", "rpm: 10, reserve: {12: 50}"),
+                "providers[0].quotas.reserve",
+            ),
+            (
+                GOOD.replace("rpm: 10", "rpm: 10, reserve: {0: 0}"),
+                "providers[0].quotas.reserve.0",
+            ),
+            (
+                GOOD.replace("rpm: 10", "rpm: 10, reserve: {0: 60, 3: 40}"),
+                "providers[0].quotas.reserve",
+            ),
+            (
+                GOOD.replace("rpm: 10", "reserve: {0: 60}"),
+                "providers[0].quotas.reserve",
+            ),
             (
                 GOOD.replace("rpm: 10", "rpm: 10, window: 2d"),
                 "providers[0].quotas.window",

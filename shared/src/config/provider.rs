@@ -297,6 +297,9 @@ pub struct Quotas {
     pub tpm: Option<u64>,
     /// The window `rpm` and `tpm` count over: one minute unless the file says otherwise.
     pub window: Duration,
+    /// Per priority (the index), the percent of `rpm` and `tpm` held for its calls while it
+    /// asks for some (0: nothing held). Under 100 in all, so every priority keeps a share.
+    pub reserve: [u8; 10],
 }
 
 /// The longest rolling window a provider's `rpm` and `tpm` may count over.
@@ -338,6 +341,7 @@ impl Default for Quotas {
             rpm: None,
             tpm: None,
             window: Duration::from_secs(60),
+            reserve: [0; 10],
         }
     }
 }
@@ -539,12 +543,51 @@ pub(super) fn provider(
                     "give at most 1d; for a daily limit use requests_per_day",
                 ));
             }
+            let mut reserve = [0u8; 10];
+            for (&priority, &percent) in q.reserve.iter().flatten() {
+                let slot = usize::try_from(priority)
+                    .ok()
+                    .and_then(|i| reserve.get_mut(i))
+                    .ok_or_else(|| {
+                        errs.at(
+                            at("quotas.reserve"),
+                            format!("priority {priority} is out of range"),
+                            "name priorities 0 (most urgent) to 9",
+                        )
+                    })?;
+                *slot = u8::try_from(percent)
+                    .ok()
+                    .filter(|p| (1..=99).contains(p))
+                    .ok_or_else(|| {
+                        errs.at(
+                            at(&format!("quotas.reserve.{priority}")),
+                            format!("{percent} is not a share"),
+                            "give a percent of rpm and tpm from 1 to 99",
+                        )
+                    })?;
+            }
+            let held: u32 = reserve.iter().map(|&p| u32::from(p)).sum();
+            if held >= 100 {
+                return Err(errs.at(
+                    at("quotas.reserve"),
+                    format!("the shares add up to {held} %"),
+                    "keep them under 100 % in all, so that the priorities without a share keep some of the limit",
+                ));
+            }
+            if held > 0 && q.rpm.is_none() && q.tpm.is_none() {
+                return Err(errs.at(
+                    at("quotas.reserve"),
+                    "there is no rpm or tpm to share",
+                    "set quotas.rpm or quotas.tpm, or leave reserve out",
+                ));
+            }
             Quotas {
                 requests_per_day: q.requests_per_day,
                 usd_per_month: q.usd_per_month,
                 rpm: q.rpm,
                 tpm: q.tpm,
                 window,
+                reserve,
             }
         }
         None => Quotas::default(),

@@ -1696,7 +1696,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
             )
             .map_err(|e| anyhow!("{e}"))?;
             let c = &plan.candidates[0];
-            let decision = limiter.reserve(&provider, &quotas, c.estimated_tokens, c.estimated_usd, Utc::now()).await?;
+            let decision = limiter.reserve(&provider, &quotas, 0, c.estimated_tokens, c.estimated_usd, Utc::now()).await?;
             let llmq_shared::quota::Decision::Granted { reservation, .. } = decision else {
                 bail!("the generous quota refused a call");
             };
@@ -1707,7 +1707,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
         let quota_after = Snapshot::take(redis).await?;
         // The stamp alone: a reservation stamped again, as many times.
         let llmq_shared::quota::Decision::Granted { reservation, .. } =
-            limiter.reserve(&provider, &quotas, 100, 0.0, Utc::now()).await?
+            limiter.reserve(&provider, &quotas, 0, 100, 0.0, Utc::now()).await?
         else {
             bail!("the generous quota refused a call");
         };

@@ -31,7 +31,7 @@ async fn a_free_tier_of_n_requests_a_day_serves_exactly_n_under_contention() {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..40 {
         let (l, n) = (limiter.clone(), name.clone());
-        tasks.spawn(async move { l.reserve(&n, &quotas, 10, 0.0, now).await.unwrap() });
+        tasks.spawn(async move { l.reserve(&n, &quotas, 0, 10, 0.0, now).await.unwrap() });
     }
     let granted = tasks
         .join_all()
@@ -56,7 +56,7 @@ async fn concurrent_spenders_never_overspend_the_budget() {
     for _ in 0..50 {
         let (l, n) = (limiter.clone(), name.clone());
         tasks.spawn(async move {
-            match l.reserve(&n, &quotas, 100, est, now).await.unwrap() {
+            match l.reserve(&n, &quotas, 0, 100, est, now).await.unwrap() {
                 Decision::Granted { reservation, .. } => {
                     // The real call cost a little less than the estimate.
                     l.reconcile(&reservation, 90, est * 0.9).await.unwrap();
@@ -96,11 +96,18 @@ async fn the_daily_window_resets_at_midnight_utc_and_the_month_on_the_first() {
     let late = Utc.with_ymd_and_hms(2026, 1, 31, 23, 59, 58).unwrap();
     for _ in 0..2 {
         assert!(matches!(
-            limiter.reserve(&name, &quotas, 1, 0.4, late).await.unwrap(),
+            limiter
+                .reserve(&name, &quotas, 0, 1, 0.4, late)
+                .await
+                .unwrap(),
             Decision::Granted { .. }
         ));
     }
-    match limiter.reserve(&name, &quotas, 1, 0.0, late).await.unwrap() {
+    match limiter
+        .reserve(&name, &quotas, 0, 1, 0.0, late)
+        .await
+        .unwrap()
+    {
         Decision::Refused(r) => {
             assert_eq!(r.limit, "requests_per_day");
             assert_eq!(r.until, Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap());
@@ -112,7 +119,7 @@ async fn the_daily_window_resets_at_midnight_utc_and_the_month_on_the_first() {
     let midnight = Utc.with_ymd_and_hms(2026, 2, 1, 0, 0, 0).unwrap();
     assert!(matches!(
         limiter
-            .reserve(&name, &quotas, 1, 0.9, midnight)
+            .reserve(&name, &quotas, 0, 1, 0.9, midnight)
             .await
             .unwrap(),
         Decision::Granted { .. }
@@ -120,7 +127,7 @@ async fn the_daily_window_resets_at_midnight_utc_and_the_month_on_the_first() {
     // Within February the month's budget holds.
     let later = Utc.with_ymd_and_hms(2026, 2, 2, 12, 0, 0).unwrap();
     match limiter
-        .reserve(&name, &quotas, 1, 0.2, later)
+        .reserve(&name, &quotas, 0, 1, 0.2, later)
         .await
         .unwrap()
     {
@@ -150,7 +157,8 @@ async fn a_sliding_window_is_never_exceeded() {
             let start = std::time::Instant::now();
             while start.elapsed() < Duration::from_millis(1500) {
                 let now = Utc::now();
-                if let Decision::Granted { .. } = l.reserve(&n, &quotas, 1, 0.0, now).await.unwrap()
+                if let Decision::Granted { .. } =
+                    l.reserve(&n, &quotas, 0, 1, 0.0, now).await.unwrap()
                 {
                     g.lock().unwrap().push(now.timestamp_millis());
                 }
@@ -196,7 +204,7 @@ async fn sends_stamped_when_they_go_out_never_exceed_a_window() {
             let start = std::time::Instant::now();
             while start.elapsed() < Duration::from_millis(2000) {
                 let Decision::Granted { reservation, .. } =
-                    l.reserve(&n, &quotas, 1, 0.0, Utc::now()).await.unwrap()
+                    l.reserve(&n, &quotas, 0, 1, 0.0, Utc::now()).await.unwrap()
                 else {
                     tokio::time::sleep(Duration::from_millis(3)).await;
                     continue;
@@ -247,8 +255,10 @@ async fn thresholds_are_announced_once_per_window() {
     let now = Utc::now();
     let mut crossed_all = Vec::new();
     for _ in 0..10 {
-        if let Decision::Granted { crossed, .. } =
-            limiter.reserve(&name, &quotas, 1, 0.0, now).await.unwrap()
+        if let Decision::Granted { crossed, .. } = limiter
+            .reserve(&name, &quotas, 0, 1, 0.0, now)
+            .await
+            .unwrap()
         {
             crossed_all.extend(crossed);
         }
@@ -382,20 +392,41 @@ async fn a_token_window_counts_reconciled_tokens_and_forgets_old_ones() {
         Decision::Granted { reservation, .. } => Some(reservation),
         Decision::Refused(_) => None,
     };
-    let first =
-        grant(limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap()).expect("40 of 100");
+    let first = grant(
+        limiter
+            .reserve(&name, &quotas, 0, 40, 0.0, t0)
+            .await
+            .unwrap(),
+    )
+    .expect("40 of 100");
     assert!(
-        grant(limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap()).is_some(),
+        grant(
+            limiter
+                .reserve(&name, &quotas, 0, 40, 0.0, t0)
+                .await
+                .unwrap()
+        )
+        .is_some(),
         "80 of 100"
     );
-    match limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap() {
+    match limiter
+        .reserve(&name, &quotas, 0, 40, 0.0, t0)
+        .await
+        .unwrap()
+    {
         Decision::Refused(r) => assert_eq!(r.limit, "tpm"),
         other => panic!("120 of 100 must be refused: {other:?}"),
     }
     // The first call really used 10 tokens: 50 in the window, so 40 more fit.
     limiter.reconcile(&first, 10, 0.0).await.unwrap();
     assert!(
-        grant(limiter.reserve(&name, &quotas, 40, 0.0, t0).await.unwrap()).is_some(),
+        grant(
+            limiter
+                .reserve(&name, &quotas, 0, 40, 0.0, t0)
+                .await
+                .unwrap()
+        )
+        .is_some(),
         "90 of 100"
     );
     // A window later the old reservations no longer count.
@@ -403,7 +434,7 @@ async fn a_token_window_counts_reconciled_tokens_and_forgets_old_ones() {
     assert!(
         grant(
             limiter
-                .reserve(&name, &quotas, 90, 0.0, later)
+                .reserve(&name, &quotas, 0, 90, 0.0, later)
                 .await
                 .unwrap()
         )
@@ -458,4 +489,53 @@ async fn a_hold_set_by_another_worker_reaches_every_call_of_this_one() {
             .unwrap()
             .is_some()
     );
+}
+
+#[tokio::test]
+async fn a_reserved_share_is_held_only_while_its_priority_asks() {
+    let limiter = limiter();
+    let name = provider();
+    let mut quotas = Quotas {
+        rpm: Some(10),
+        ..Quotas::default()
+    };
+    quotas.reserve[0] = 50;
+    let granted = |d: &Decision| matches!(d, Decision::Granted { .. });
+    let t0 = Utc::now();
+    let take = |priority: u8, n: usize, at: chrono::DateTime<Utc>| {
+        let (limiter, name) = (limiter.clone(), name.clone());
+        async move {
+            let mut got = 0;
+            for _ in 0..n {
+                if granted(
+                    &limiter
+                        .reserve(&name, &quotas, priority, 1, 0.0, at)
+                        .await
+                        .unwrap(),
+                ) {
+                    got += 1;
+                }
+            }
+            got
+        }
+    };
+    // Nobody of priority 0 has asked: the flood may use the whole window.
+    assert_eq!(take(5, 12, t0).await, 10);
+    // Priority 0 asks into a full window and is refused, but it has asked now.
+    assert_eq!(take(0, 1, t0).await, 0);
+    // A window on, priority 0 asks again: the flood gets what its half leaves...
+    let t1 = t0 + chrono::Duration::seconds(61);
+    assert_eq!(take(0, 1, t1).await, 1);
+    assert_eq!(take(5, 8, t1).await, 5);
+    // ... and priority 0 the rest, with nothing more for anyone.
+    assert_eq!(take(0, 8, t1).await, 4);
+    assert_eq!(take(5, 1, t1).await, 0);
+    // Priority 0 used its share; what it leaves unused the flood may have, no more.
+    let t2 = t1 + chrono::Duration::seconds(61);
+    assert_eq!(take(0, 2, t2).await, 2);
+    assert_eq!(take(5, 10, t2).await, 5);
+    assert_eq!(take(0, 10, t2).await, 3);
+    // A window after priority 0 last asked, the flood may have it all again.
+    let t3 = t2 + chrono::Duration::seconds(125);
+    assert_eq!(take(5, 12, t3).await, 10);
 }

@@ -123,7 +123,7 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
     for _ in 0..3 {
         assert!(granted(
             &limiter
-                .reserve(&p, &quotas, 10, 0.0, evening)
+                .reserve(&p, &quotas, 0, 10, 0.0, evening)
                 .await
                 .unwrap()
         ));
@@ -131,7 +131,7 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
     assert!(
         !granted(
             &limiter
-                .reserve(&p, &quotas, 10, 0.0, evening)
+                .reserve(&p, &quotas, 0, 10, 0.0, evening)
                 .await
                 .unwrap()
         ),
@@ -179,7 +179,7 @@ async fn a_day_closes_at_midnight_utc_into_the_history_and_the_new_day_starts_em
     );
     assert!(granted(
         &limiter
-            .reserve(&p, &quotas, 10, 0.0, after_midnight)
+            .reserve(&p, &quotas, 0, 10, 0.0, after_midnight)
             .await
             .unwrap()
     ));
@@ -256,7 +256,7 @@ async fn a_month_closes_on_the_first_into_the_history_and_the_new_budget_is_whol
     for _ in 0..2 {
         assert!(granted(
             &limiter
-                .reserve(&p, &quotas, 10, 0.004, last_evening)
+                .reserve(&p, &quotas, 0, 10, 0.004, last_evening)
                 .await
                 .unwrap()
         ));
@@ -264,7 +264,7 @@ async fn a_month_closes_on_the_first_into_the_history_and_the_new_budget_is_whol
     assert!(
         !granted(
             &limiter
-                .reserve(&p, &quotas, 10, 0.004, last_evening)
+                .reserve(&p, &quotas, 0, 10, 0.004, last_evening)
                 .await
                 .unwrap()
         ),
@@ -302,7 +302,7 @@ async fn a_month_closes_on_the_first_into_the_history_and_the_new_budget_is_whol
     );
     assert!(granted(
         &limiter
-            .reserve(&p, &quotas, 10, 0.004, first)
+            .reserve(&p, &quotas, 0, 10, 0.004, first)
             .await
             .unwrap()
     ));
@@ -521,7 +521,7 @@ async fn a_paused_holder_that_lost_its_lease_cannot_write_anything() {
     let quotas = config.provider(&p).unwrap().quotas;
     let limiter = Limiter::new(env.redis.clone());
     limiter
-        .reserve(&p, &quotas, 10, 0.0, now - chrono::Duration::days(1))
+        .reserve(&p, &quotas, 0, 10, 0.0, now - chrono::Duration::days(1))
         .await
         .unwrap();
     for _ in 0..2 {

@@ -499,6 +499,7 @@ impl Attempt<'_> {
             .reserve(
                 name,
                 &cand.provider.quotas,
+                self.env.class().map_or(0, |(p, _)| p),
                 cand.estimated_tokens,
                 cand.estimated_usd,
                 Utc::now(),
