@@ -252,12 +252,21 @@ impl Fetcher {
                         // A queue whose room has tasks is read with them in their turn;
                         // only when nothing at all is there does the reader block.
                         let mut read = Vec::new();
-                        if feeding[at] {
+                        let room_pause = self.read_pause.room_remaining();
+                        if feeding[at] && room_pause.is_zero() {
                             let more;
                             (read, more) = self.redis.read_room(c, q, &self.consumer, room).await?;
                             feeding[at] = more;
                         }
                         if read.is_empty() {
+                            // While the room's tasks must wait, block no longer than that.
+                            let block = block.map(|b| {
+                                if feeding[at] && !room_pause.is_zero() {
+                                    b.min(room_pause)
+                                } else {
+                                    b
+                                }
+                            });
                             let plain = self.redis.read(c, q, &self.consumer, room, block);
                             tokio::pin!(plain);
                             read = tokio::select! {

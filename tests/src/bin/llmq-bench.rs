@@ -104,6 +104,9 @@ struct Args {
 enum Bench {
     QueueNoop,
     QueueNoopKeyed,
+    QueueNoopClassed,
+    Priority,
+    FairShare,
     E2eMock,
     Pickup,
     RateLimited,
@@ -148,6 +151,9 @@ async fn run() -> Result<()> {
         None => vec![
             Bench::QueueNoop,
             Bench::QueueNoopKeyed,
+            Bench::QueueNoopClassed,
+            Bench::Priority,
+            Bench::FairShare,
             Bench::E2eMock,
             Bench::Pickup,
             Bench::RateLimited,
@@ -165,8 +171,11 @@ async fn run() -> Result<()> {
     let mut failed = 0;
     for bench in benches {
         let result = match bench {
-            Bench::QueueNoop => queue_noop(&args, &mut redis, false).await,
-            Bench::QueueNoopKeyed => queue_noop(&args, &mut redis, true).await,
+            Bench::QueueNoop | Bench::QueueNoopKeyed | Bench::QueueNoopClassed => {
+                queue_noop(&args, &mut redis, bench).await
+            }
+            Bench::Priority => priority(&args, &mut redis).await,
+            Bench::FairShare => fair_share(&args, &mut redis).await,
             Bench::E2eMock => e2e_mock(&args, &mut redis).await,
             Bench::Pickup => pickup(&args, &mut redis).await,
             Bench::RateLimited => rate_limited(&args, &mut redis).await,
@@ -202,6 +211,9 @@ fn bench_name(b: Bench) -> &'static str {
     match b {
         Bench::QueueNoop => "queue_noop",
         Bench::QueueNoopKeyed => "queue_noop_keyed",
+        Bench::QueueNoopClassed => "queue_noop_classed",
+        Bench::Priority => "priority",
+        Bench::FairShare => "fair_share",
         Bench::E2eMock => "e2e_mock",
         Bench::Pickup => "pickup",
         Bench::RateLimited => "rate_limited",
@@ -225,16 +237,17 @@ fn bench_name(b: Bench) -> &'static str {
 /// (a) A 50,000-task backlog drained by one worker whose provider answers at once, ledger off.
 /// `keyed`: every task carries one concurrency key whose limit is the concurrency, so no task
 /// waits and what is measured is what a key costs: taking and freeing a slot.
-async fn queue_noop(args: &Args, redis: &mut Redis, keyed: bool) -> Result<String> {
+async fn queue_noop(args: &Args, redis: &mut Redis, bench: Bench) -> Result<String> {
     let tasks = args.tasks.unwrap_or(50_000);
     let workers = args.workers.unwrap_or(1);
     let concurrency = args.concurrency.unwrap_or(256);
-    let name = if keyed {
-        "queue_noop_keyed"
-    } else {
-        "queue_noop"
+    let name = bench_name(bench);
+    let shape = match bench {
+        Bench::QueueNoopKeyed => Shape::Keyed((workers * concurrency) as u32),
+        Bench::QueueNoopClassed => Shape::Classed,
+        _ => Shape::Plain,
     };
-    let d = plain_run(args, redis, tasks, workers, concurrency, keyed).await?;
+    let d = plain_run(args, redis, tasks, workers, concurrency, shape).await?;
     if args.verbose {
         d.print_commands(name);
     }
@@ -246,8 +259,7 @@ async fn queue_noop(args: &Args, redis: &mut Redis, keyed: bool) -> Result<Strin
     ))
 }
 
-/// A backlog of `tasks` plain tasks on a fresh queue (each with one concurrency key whose
-/// limit is the concurrency, when `keyed`) drained by `workers` whose provider answers at
+/// A backlog of `tasks` tasks shaped by `shape` on a fresh queue drained by `workers` whose provider answers at
 /// once: what a task costs, the peer other benchmarks are set beside in the same run.
 async fn plain_run(
     args: &Args,
@@ -255,14 +267,13 @@ async fn plain_run(
     tasks: usize,
     workers: usize,
     concurrency: usize,
-    keyed: bool,
+    shape: Shape,
 ) -> Result<Delta> {
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
-        let key = keyed.then(|| ("bench".to_owned(), (workers * concurrency) as u32));
-        let ids = backlog_keyed(&client, &keys, tasks, key.as_ref()).await?;
+        let ids = backlog_shaped(&client, &keys, tasks, shape).await?;
         let provider = NoopProvider::default();
         let (before, after) = run_noop(args, redis, &keys, provider, workers, concurrency).await?;
         verify_results(&client, &keys, &ids).await?;
@@ -669,7 +680,15 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
     cleanup(redis, &queue).await?;
     let d = result?;
     // The peer, in the same run: as many plain tasks as the chains had steps.
-    let plain = plain_run(args, redis, chains * STEPS, workers, concurrency, false).await?;
+    let plain = plain_run(
+        args,
+        redis,
+        chains * STEPS,
+        workers,
+        concurrency,
+        Shape::Plain,
+    )
+    .await?;
     Ok(format!(
         "bench=chain chains={chains} steps_per_chain={STEPS} workers={workers} \
          concurrency={concurrency} chains_per_s={:.0} steps_per_s={:.0} \
@@ -1666,6 +1685,228 @@ async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
     result
 }
 
+/// `bench=priority` (issue 34): interactive tasks arrive one every 250 ms for 10 s; a second
+/// in, a flood of less urgent ones lands and saturates a provider's rate limit (R requests
+/// per 5 s window, through the mock over HTTP): the time from enqueue to answer of each
+/// interactive task sent after the flood landed (`measured`), p50 and p99,
+/// with priorities on (the flood at priority 5, `quotas.reserve: {0: 20}`) and off (the
+/// flood without a class and no share: today's FIFO), in the same run.
+async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
+    let flood = args.tasks.unwrap_or(1000);
+    let mut line = format!(
+        "bench=priority flood={flood} per_window={PRIORITY_PER_WINDOW} window_s=5 interactive={INTERACTIVE}"
+    );
+    for on in [false, true] {
+        let (mut waits, left, flood_per_s) = priority_run(args, redis, flood, on).await?;
+        waits.sort_unstable();
+        let mode = if on { "on" } else { "off" };
+        line.push_str(&format!(
+            " {mode}_measured={} {mode}_p50_ms={} {mode}_p99_ms={} {mode}_max_ms={} {mode}_flood_left={left} {mode}_flood_per_s={flood_per_s:.1}",
+            waits.len(),
+            percentile(&waits, 50.0),
+            percentile(&waits, 99.0),
+            waits.last().copied().unwrap_or(0)
+        ));
+    }
+    Ok(line)
+}
+
+/// The rate limit of `bench=priority`, per 5 s window.
+const PRIORITY_PER_WINDOW: usize = 200;
+/// Interactive tasks in `bench=priority`, one every 250 ms.
+const INTERACTIVE: usize = 40;
+
+/// One half of `bench=priority`: the interactive tasks' waits (ms), how much of the flood
+/// was still waiting when the last of them answered (it lasted throughout when > 0), and
+/// the flood's tasks done per second since it landed (with the interactive ones, the use of
+/// the limit: R / 5 s in all).
+async fn priority_run(
+    args: &Args,
+    redis: &mut Redis,
+    flood: usize,
+    on: bool,
+) -> Result<(Vec<u64>, u64, f64)> {
+    let queue = fresh_queue();
+    let provider = format!("pr-{}", &queue[6..]);
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let mock = MockServer::start(MockOptions::default()).await.context("cannot start the mock LLM server")?;
+        let reserve = if on { ", reserve: {0: 20}" } else { "" };
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: {provider}\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+                 api_key: bench\n    quotas: {{rpm: {PRIORITY_PER_WINDOW}, window: 5s{reserve}}}\n    models:\n      \
+                 - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+                mock.url(),
+            ),
+            &|_| None,
+        )?;
+        client.ensure_group(&keys).await?;
+        let running = Workers::start(2, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, 32, i)?;
+            s.promote_every = Duration::from_millis(20);
+            Ok(s)
+        })?;
+        // Interactive traffic is under way when the flood lands, a second in.
+        let landing = {
+            let (client, keys) = (client.clone(), keys.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                for start in (0..flood).step_by(ENQUEUE_CHUNK) {
+                    let chunk: Vec<Envelope> = (start..flood.min(start + ENQUEUE_CHUNK))
+                        .map(|i| {
+                            let mut e = Envelope::new(format!("nightly {i}"));
+                            e.model = Some("mock-fast".into());
+                            e.priority = on.then_some(5);
+                            e
+                        })
+                        .collect();
+                    client.enqueue_many(&keys, &chunk).await?;
+                }
+                anyhow::Ok(chrono::Utc::now())
+            })
+        };
+        let mut sent = Vec::with_capacity(INTERACTIVE);
+        for i in 0..INTERACTIVE {
+            let mut e = Envelope::new(format!("interactive {i}"));
+            e.model = Some("mock-fast".into());
+            let at = chrono::Utc::now();
+            client.enqueue(&keys, &e).await?;
+            sent.push((e.id.map(|u| u.to_string()).unwrap_or_default(), at));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let landed = landing.await??;
+        // Only the tasks sent while the flood was there count.
+        sent.retain(|(_, at)| *at >= landed);
+        let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let waits = loop {
+            let records = client.results(&keys, &ids).await?;
+            if records.iter().all(|r| r.as_ref().is_some_and(|r| r.status == Status::Succeeded)) {
+                break records
+                    .iter()
+                    .zip(&sent)
+                    .map(|(r, (_, at))| {
+                        let done = r.as_ref().and_then(|r| r.finished_at).unwrap_or(*at);
+                        u64::try_from((done - *at).num_milliseconds()).unwrap_or(0)
+                    })
+                    .collect::<Vec<u64>>();
+            }
+            ensure!(Instant::now() < deadline, "the interactive tasks did not all answer");
+            tokio::time::sleep(POLL).await;
+        };
+        let left = client.counts(&keys).await?;
+        let secs = (chrono::Utc::now() - landed).num_milliseconds() as f64 / 1000.0;
+        running.stop().await?;
+        mock.shutdown().await;
+        let left = left.ready + left.delayed;
+        let flood_per_s = (flood as u64).saturating_sub(left) as f64 / secs;
+        Ok((waits, left, flood_per_s))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    cleanup_provider(redis, &provider).await?;
+    result
+}
+
+/// `bench=fair_share` (issue 34): three tenants offer 10:1:1 (1,000, 100 and 100 tasks, the
+/// big one enqueued first) to a worker kept saturated (concurrency 8, the mock answering in
+/// 5 ms): each tenant's share of the calls while all three have work, and Jain's fairness
+/// index over them, with tenants (on) and without (off: FIFO), in the same run.
+async fn fair_share(args: &Args, redis: &mut Redis) -> Result<String> {
+    let big = args.tasks.unwrap_or(1000);
+    let small = big / 10;
+    let mut line = format!("bench=fair_share offered={big}:{small}:{small}");
+    for on in [false, true] {
+        let shares = fair_share_run(args, redis, big, small, on).await?;
+        let total: f64 = shares.iter().sum();
+        let jain = total * total / (3.0 * shares.iter().map(|x| x * x).sum::<f64>());
+        let mode = if on { "on" } else { "off" };
+        line.push_str(&format!(
+            " {mode}_shares_pct={:.1}/{:.1}/{:.1} {mode}_jain={jain:.3}",
+            100.0 * shares[0] / total,
+            100.0 * shares[1] / total,
+            100.0 * shares[2] / total
+        ));
+    }
+    line.push_str(" weights=not_built");
+    Ok(line)
+}
+
+/// One half of `bench=fair_share`: each tenant's calls until the first tenant ran out.
+async fn fair_share_run(
+    args: &Args,
+    redis: &mut Redis,
+    big: usize,
+    small: usize,
+    on: bool,
+) -> Result<[f64; 3]> {
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let mock = MockServer::start(MockOptions {
+            latency: Duration::from_millis(5),
+            ..MockOptions::default()
+        })
+        .await
+        .context("cannot start the mock LLM server")?;
+        let config = llmq_tests::harness::mock_config(&mock.url());
+        client.ensure_group(&keys).await?;
+        let mut tasks: Vec<(String, usize)> = Vec::new();
+        for (tenant, n) in [big, small, small].into_iter().enumerate() {
+            let envs: Vec<Envelope> = (0..n)
+                .map(|i| {
+                    let mut e = Envelope::new(format!("tenant {tenant} task {i}"));
+                    e.model = Some("mock-fast".into());
+                    e.tenant = on.then(|| format!("tenant-{tenant}"));
+                    e
+                })
+                .collect();
+            for chunk in envs.chunks(ENQUEUE_CHUNK) {
+                client.enqueue_many(&keys, chunk).await?;
+            }
+            tasks.extend(
+                envs.iter()
+                    .map(|e| (e.id.map(|u| u.to_string()).unwrap_or_default(), tenant)),
+            );
+        }
+        let running = Workers::start(1, |i| settings(&args.redis_url, &config, &queue, 8, i))?;
+        let drained = wait_drained(&client, &keys, &running).await;
+        running.stop().await?;
+        mock.shutdown().await;
+        drained?;
+        let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
+        let mut done: Vec<(chrono::DateTime<chrono::Utc>, usize)> = Vec::with_capacity(ids.len());
+        for (chunk, owners) in ids.chunks(1000).zip(tasks.chunks(1000)) {
+            for (r, (_, tenant)) in client.results(&keys, chunk).await?.into_iter().zip(owners) {
+                let r = r.context("a task has no result")?;
+                done.push((
+                    r.finished_at.context("a result has no finish time")?,
+                    *tenant,
+                ));
+            }
+        }
+        done.sort_unstable();
+        // Calls per tenant until one of them has none left.
+        let mut left = [big, small, small];
+        let mut calls = [0.0; 3];
+        for (_, tenant) in done {
+            if left.contains(&0) {
+                break;
+            }
+            left[tenant] -= 1;
+            calls[tenant] += 1.0;
+        }
+        Ok(calls)
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
 /// (e) What llmq adds to each call: routing, the quota reservation and its reconciliation
 /// (two Lua calls to Redis), and the ledger's group commit, each timed on its own.
 async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
@@ -1930,15 +2171,41 @@ impl Workers {
 
 /// Enqueues `n` no-op tasks in chunks; returns their ids.
 async fn backlog(client: &Client, keys: &QueueKeys, n: usize) -> Result<Vec<String>> {
-    backlog_keyed(client, keys, n, None).await
+    backlog_shaped(client, keys, n, Shape::Plain).await
 }
 
-/// [`backlog`], each task under concurrency key `key` (name, limit) when given.
-async fn backlog_keyed(
+/// What the tasks of a no-op backlog carry besides their prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Plain,
+    /// One concurrency key for every task, whose limit is `.0`.
+    Keyed(u32),
+    /// Priorities 1 to 3 and 100 tenants, in turn: every task goes through the room.
+    Classed,
+}
+
+impl Shape {
+    fn apply(self, i: usize, e: &mut Envelope) {
+        match self {
+            Shape::Plain => {}
+            Shape::Keyed(limit) => {
+                e.concurrency_key = Some("bench".to_owned());
+                e.concurrency_limit = Some(limit);
+            }
+            Shape::Classed => {
+                e.priority = Some(1 + (i % 3) as i64);
+                e.tenant = Some(format!("tenant-{}", i % 100));
+            }
+        }
+    }
+}
+
+/// [`backlog`], each task shaped by `shape`.
+async fn backlog_shaped(
     client: &Client,
     keys: &QueueKeys,
     n: usize,
-    key: Option<&(String, u32)>,
+    shape: Shape,
 ) -> Result<Vec<String>> {
     client.ensure_group(keys).await?;
     let mut ids = Vec::with_capacity(n);
@@ -1947,10 +2214,7 @@ async fn backlog_keyed(
         let chunk: Vec<Envelope> = (0..left.min(ENQUEUE_CHUNK))
             .map(|i| {
                 let mut e = Envelope::new(format!("benchmark task {}", n - left + i));
-                if let Some((k, limit)) = key {
-                    e.concurrency_key = Some(k.clone());
-                    e.concurrency_limit = Some(*limit);
-                }
+                shape.apply(n - left + i, &mut e);
                 e
             })
             .collect();

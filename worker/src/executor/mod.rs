@@ -109,25 +109,42 @@ impl StatsView {
     }
 }
 
-/// When the fetcher may read again, in ms since the epoch (0: now).
+/// When the fetcher may read again, in ms since the epoch (0: now): any task, and tasks
+/// from the room. A task with a class that must wait (for a priority's share of a rate
+/// limit, say) pauses only the room's feeding, so the stream's tasks, served first, are
+/// still read at once.
 #[derive(Debug, Default)]
-pub struct ReadPause(AtomicI64);
+pub struct ReadPause {
+    all: AtomicI64,
+    room: AtomicI64,
+}
 
 impl ReadPause {
     /// The longest one pause lasts; then one read finds out whether a provider freed up.
     pub const MAX: Duration = Duration::from_secs(5);
 
-    fn pause_until(&self, until: chrono::DateTime<Utc>) {
+    fn pause_until(&self, until: chrono::DateTime<Utc>, from_room: bool) {
         let capped = until
             .timestamp_millis()
             .min(now_ms() + Self::MAX.as_millis() as i64);
-        self.0.fetch_max(capped, Ordering::Relaxed);
+        let pause = if from_room { &self.room } else { &self.all };
+        pause.fetch_max(capped, Ordering::Relaxed);
     }
 
     /// How long to wait before the next read.
     #[must_use]
     pub fn remaining(&self) -> Duration {
-        let until = self.0.load(Ordering::Relaxed);
+        Self::left(&self.all)
+    }
+
+    /// How long to wait before feeding from the room again (reading the stream may go on).
+    #[must_use]
+    pub fn room_remaining(&self) -> Duration {
+        Self::left(&self.room).max(self.remaining())
+    }
+
+    fn left(until: &AtomicI64) -> Duration {
+        let until = until.load(Ordering::Relaxed);
         Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0))
     }
 }
@@ -761,7 +778,7 @@ fn apply(
         (Transition::Wait { due, since }, outcome) => {
             // No provider can be called now: wait without using an attempt. It never
             // spins: the due time is when one may be called again.
-            read_pause.pause_until(due);
+            read_pause.pause_until(due, env.class().is_some());
             let (reason, class) = match &outcome {
                 Outcome::Unavailable(u) => (u.reason(), u.class),
                 _ => (String::new(), ErrorClass::Unavailable),
