@@ -51,6 +51,9 @@ struct QueueBatches {
 #[derive(Debug, Serialize)]
 struct StatusReport {
     queues: Vec<QueueCounts>,
+    /// Per queue with tasks in its room, the tenants with the most of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    busiest_tenants: Vec<(String, Vec<llmq_shared::queue::TenantBacklog>)>,
     batches: Vec<QueueBatches>,
     providers: Vec<Readiness>,
     cooling_down: Vec<CoolingDown>,
@@ -67,10 +70,15 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
         names.push("default".into());
     }
     let mut queues = Vec::with_capacity(names.len());
+    let mut busiest_tenants = Vec::new();
     let mut batches = Vec::new();
     for name in &names {
         let keys = QueueKeys::new(name);
-        queues.push(redis.counts(&keys).await?);
+        let counts = redis.counts(&keys).await?;
+        if !counts.ready_by_priority.is_empty() {
+            busiest_tenants.push((name.clone(), redis.busiest_tenants(&keys, 5).await?));
+        }
+        queues.push(counts);
         let waiting: Vec<(String, u64)> = redis
             .batch_groups(&keys)
             .await?
@@ -117,6 +125,7 @@ pub async fn status(redis: &Client, args: StatusArgs, out: &mut dyn Write) -> Re
     .await?;
     let report = StatusReport {
         queues,
+        busiest_tenants,
         batches,
         providers,
         cooling_down,
@@ -187,6 +196,28 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             "queue `{}`: of the ready tasks, waiting in the room by priority (0 most urgent): {}\n",
             q.queue,
             by.join(", ")
+        ));
+    }
+    for (queue, top) in &r.busiest_tenants {
+        let top: Vec<String> = top
+            .iter()
+            .map(|t| {
+                let name = if t.tenant.is_empty() {
+                    "(no tenant)"
+                } else {
+                    &t.tenant
+                };
+                format!(
+                    "{} {} (priority {})",
+                    render::cut(name, 40),
+                    t.waiting,
+                    t.priority
+                )
+            })
+            .collect();
+        s.push_str(&format!(
+            "queue `{queue}`: busiest tenants: {}\n",
+            top.join(", ")
         ));
     }
     for q in r.queues.iter().filter(|q| q.paused) {

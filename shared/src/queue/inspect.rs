@@ -6,6 +6,21 @@ use super::{Client, Error, QueueCounts, Result, WORKER_LIVENESS, now_ms, reply};
 use crate::keys::{GROUP, QUEUES, QueueKeys};
 use crate::outcome::{Status, TaskRecord};
 
+static ROOM_TOP: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(concat!(
+        include_str!("lua/room.lua"),
+        include_str!("room_top.lua")
+    ))
+});
+
+/// Tasks of one tenant waiting in a queue's room at one priority.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TenantBacklog {
+    pub priority: u8,
+    pub tenant: String,
+    pub waiting: u64,
+}
+
 impl Client {
     /// Records that `worker` serves `queues` (for `llmq status`); with `tidy`, also lists the
     /// queues in `llmq:queues` and drops workers silent for an hour. Returns the fewest live workers any of the queues has (itself included), so
@@ -72,6 +87,33 @@ impl Client {
             .await?;
         names.sort();
         Ok(names)
+    }
+
+    /// The `n` tenants with the most tasks waiting in the room (`room_top.lua`: at most 200
+    /// per priority are looked at, those next in turn): priority, tenant, tasks, most
+    /// first.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn busiest_tenants(&self, keys: &QueueKeys, n: usize) -> Result<Vec<TenantBacklog>> {
+        let mut c = self.conn().await?;
+        let flat: Vec<Value> = ROOM_TOP.key(keys.stream()).invoke_async(&mut c).await?;
+        let mut top = Vec::with_capacity(flat.len() / 3);
+        for chunk in flat.chunks(3) {
+            let [p, tenant, waiting] = chunk else {
+                return Err(Error::Protocol(
+                    "the room's tenants came back partial".into(),
+                ));
+            };
+            top.push(TenantBacklog {
+                priority: u8::try_from(reply::as_u64(p)).unwrap_or(u8::MAX),
+                tenant: reply::as_string(tenant)?,
+                waiting: reply::as_u64(waiting),
+            });
+        }
+        top.sort_by(|a, b| b.waiting.cmp(&a.waiting).then(a.priority.cmp(&b.priority)));
+        top.truncate(n);
+        Ok(top)
     }
 
     /// Counts of one queue.

@@ -48,6 +48,7 @@ pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
 pub use finish::Write;
+pub use inspect::TenantBacklog;
 pub use out::{OUT_TTL, OutEntry};
 pub use pause::{PAUSE_NOTICE, Paused};
 pub use slots::Slot;

@@ -282,6 +282,13 @@ async fn status_counts_the_room_by_priority() {
         said.contains(&format!("queue `{}`: of the ready tasks, waiting in the room by priority (0 most urgent): priority 4: 4", env.queue)),
         "{said}"
     );
+    assert!(
+        said.contains(&format!(
+            "queue `{}`: busiest tenants: acme 4 (priority 4)",
+            env.queue
+        )),
+        "{said}"
+    );
     llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
         .await
         .unwrap();
