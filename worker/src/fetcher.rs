@@ -101,6 +101,8 @@ pub struct Fetcher {
     pub read_pause: Arc<crate::executor::ReadPause>,
     /// Where each entry read or taken over is held from the moment Redis handed it over.
     pub claims: Arc<crate::claims::Claims>,
+    /// Tenants that get more than one task per turn in a room (`tenants.weights`).
+    pub tenant_weights: Vec<(String, u32)>,
 }
 
 impl Fetcher {
@@ -255,7 +257,10 @@ impl Fetcher {
                         let room_pause = self.read_pause.room_remaining();
                         if feeding[at] && room_pause.is_zero() {
                             let more;
-                            (read, more) = self.redis.read_room(c, q, &self.consumer, room).await?;
+                            (read, more) = self
+                                .redis
+                                .read_room(c, q, &self.consumer, room, &self.tenant_weights)
+                                .await?;
                             feeding[at] = more;
                         }
                         if read.is_empty() {

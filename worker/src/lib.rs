@@ -369,6 +369,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             stop: stop.clone(),
             read_pause: Arc::clone(&read_pause),
             claims: Arc::clone(&claims),
+            tenant_weights: settings
+                .config
+                .tenant_weights
+                .iter()
+                .map(|(t, w)| (t.clone(), *w))
+                .collect(),
         }
         .run(jobs_tx),
     );

@@ -65,7 +65,13 @@ pub struct Config {
     pub checks: std::collections::BTreeMap<String, CheckConfig>,
     pub chains: Chains,
     pub ledger: LedgerConfig,
+    /// How many tasks a tenant gets per turn in a queue's room (`tenants.weights`), for the
+    /// tenants whose weight is not 1; the same on every worker.
+    pub tenant_weights: std::collections::BTreeMap<String, u32>,
 }
+
+/// The highest `tenants.weights` value.
+pub const MAX_TENANT_WEIGHT: i64 = 100;
 
 /// What the Postgres ledger keeps (`ledger:` in the provider file).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -272,6 +278,27 @@ impl Config {
                 Some(text) => Some(retention(&errs, &text)?),
             },
         };
+        let mut tenant_weights = std::collections::BTreeMap::new();
+        for (tenant, weight) in raw.tenants.map(|t| t.weights).unwrap_or_default() {
+            let key = format!("tenants.weights.{tenant}");
+            crate::envelope::check_class(None, Some(&tenant)).map_err(|e| {
+                errs.at(
+                    key.clone(),
+                    format!("is not a tenant name: {e}"),
+                    "name the tenant as its tasks' `tenant` does",
+                )
+            })?;
+            if !(1..=MAX_TENANT_WEIGHT).contains(&weight) {
+                return Err(errs.at(
+                    key,
+                    format!("{weight} is not a weight"),
+                    "give how many tasks the tenant gets per turn, from 1 to 100",
+                ));
+            }
+            if weight > 1 {
+                tenant_weights.insert(tenant, u32::try_from(weight).unwrap_or(1));
+            }
+        }
         Ok(Self {
             providers,
             routing,
@@ -279,6 +306,7 @@ impl Config {
             checks,
             chains,
             ledger,
+            tenant_weights,
         })
     }
 
@@ -406,6 +434,27 @@ routing:
             err.contains("providers[0].connections") && err.contains("use 1 to 1024"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tenant_weights_are_one_to_a_hundred_tasks_a_turn() {
+        let with = |w: &str| format!("{GOOD}tenants:\n  weights: {w}\n");
+        let c = Config::parse("p.yaml", &with("{acme: 3, globex: 1}"), &env).unwrap();
+        assert_eq!(
+            c.tenant_weights,
+            std::collections::BTreeMap::from([("acme".to_owned(), 3)]),
+            "a weight of 1 is the default, not listed"
+        );
+        for (w, key, says) in [
+            ("{acme: 0}", "tenants.weights.acme", "0 is not a weight"),
+            ("{acme: 101}", "tenants.weights.acme", "101 is not a weight"),
+            ("{\"\": 2}", "tenants.weights.", "is empty"),
+        ] {
+            let err = Config::parse("p.yaml", &with(w), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(says), "{w}: {err}");
+        }
     }
 
     #[test]

@@ -20,6 +20,15 @@ pub(super) struct RawFile {
     pub(super) chains: Option<RawChains>,
     #[serde(default)]
     pub(super) ledger: Option<RawLedger>,
+    #[serde(default)]
+    pub(super) tenants: Option<RawTenants>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenants {
+    #[serde(default)]
+    pub(super) weights: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Deserialize)]

@@ -57,7 +57,8 @@ impl Client {
     }
 
     /// Reads up to `count` tasks for `consumer` without waiting: the stream's unread
-    /// entries first, then the room's next tasks in their turn (`room_read.lua`). Also says
+    /// entries first, then the room's next tasks in their turn (`room_read.lua`), a tenant
+    /// of `weights` getting that many tasks per turn. Also says
     /// whether the room still has tasks; while it does, the reader keeps reading this way.
     ///
     /// # Errors
@@ -68,9 +69,13 @@ impl Client {
         keys: &QueueKeys,
         consumer: &str,
         count: usize,
+        weights: &[(String, u32)],
     ) -> Result<(Vec<Delivery>, bool)> {
         let mut inv = ROOM_READ.key(keys.stream());
         inv.arg(GROUP).arg(consumer).arg(count);
+        for (tenant, weight) in weights {
+            inv.arg(tenant).arg(weight);
+        }
         let reply: Value = match inv.invoke_async(conn).await {
             Err(e) if e.code() == Some("NOGROUP") || e.to_string().contains("NOGROUP") => {
                 self.ensure_group(keys).await?;

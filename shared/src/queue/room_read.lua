@@ -3,7 +3,8 @@
 -- tasks, fed to the stream and read in the same step, so no other worker takes them.
 -- Beacons read on the way are dropped here: this reader is feeding already.
 -- KEYS: 1 stream
--- ARGV: 1 group, 2 consumer, 3 count
+-- ARGV: 1 group, 2 consumer, 3 count, then tenant and weight pairs (tenants with more than
+--       one task per turn)
 -- Returns {1 if the room still has tasks else 0, entries read, entries fed and read}.
 local stream, group, consumer, want = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local read = function(n)
@@ -24,9 +25,13 @@ if #beacons > 0 then
   redis.call('XACK', stream, group, unpack(beacons))
   redis.call('XDEL', stream, unpack(beacons))
 end
+local weights = {}
+for i = 4, #ARGV, 2 do
+  weights[ARGV[i]] = tonumber(ARGV[i + 1])
+end
 local room = room_of(stream)
 local fed = 0
-while fed < want - #first and room_feed_one(stream, room) do
+while fed < want - #first and room_feed_one(stream, room, weights) do
   fed = fed + 1
 end
 local second = {}

@@ -1814,16 +1814,23 @@ async fn priority_run(
 /// `bench=fair_share` (issue 34): three tenants offer 10:1:1 (1,000, 100 and 100 tasks, the
 /// big one enqueued first) to a worker kept saturated (concurrency 8, the mock answering in
 /// 5 ms): each tenant's share of the calls while all three have work, and Jain's fairness
-/// index over them, with tenants (on) and without (off: FIFO), in the same run.
+/// index over them (each share divided by its tenant's weight), with tenants (on), without
+/// (off: FIFO), and with the big tenant weighted 2 (weighted: 2:1:1), in the same run.
 async fn fair_share(args: &Args, redis: &mut Redis) -> Result<String> {
     let big = args.tasks.unwrap_or(1000);
     let small = big / 10;
     let mut line = format!("bench=fair_share offered={big}:{small}:{small}");
-    for on in [false, true] {
-        let shares = fair_share_run(args, redis, big, small, on).await?;
+    for (mode, tenants, weighted) in [
+        ("off", false, false),
+        ("on", true, false),
+        ("weighted", true, true),
+    ] {
+        let shares = fair_share_run(args, redis, big, small, tenants, weighted).await?;
         let total: f64 = shares.iter().sum();
-        let jain = total * total / (3.0 * shares.iter().map(|x| x * x).sum::<f64>());
-        let mode = if on { "on" } else { "off" };
+        // Jain's index over each tenant's share divided by its weight.
+        let weights = if weighted { [2.0, 1.0, 1.0] } else { [1.0; 3] };
+        let x: Vec<f64> = shares.iter().zip(weights).map(|(s, w)| s / w).collect();
+        let jain = x.iter().sum::<f64>().powi(2) / (3.0 * x.iter().map(|x| x * x).sum::<f64>());
         line.push_str(&format!(
             " {mode}_shares_pct={:.1}/{:.1}/{:.1} {mode}_jain={jain:.3}",
             100.0 * shares[0] / total,
@@ -1831,7 +1838,6 @@ async fn fair_share(args: &Args, redis: &mut Redis) -> Result<String> {
             100.0 * shares[2] / total
         ));
     }
-    line.push_str(" weights=not_built");
     Ok(line)
 }
 
@@ -1842,6 +1848,7 @@ async fn fair_share_run(
     big: usize,
     small: usize,
     on: bool,
+    weighted: bool,
 ) -> Result<[f64; 3]> {
     let queue = fresh_queue();
     let result = async {
@@ -1853,7 +1860,10 @@ async fn fair_share_run(
         })
         .await
         .context("cannot start the mock LLM server")?;
-        let config = llmq_tests::harness::mock_config(&mock.url());
+        let mut config = llmq_tests::harness::mock_config(&mock.url());
+        if weighted {
+            config.tenant_weights.insert("tenant-0".into(), 2);
+        }
         client.ensure_group(&keys).await?;
         let mut tasks: Vec<(String, usize)> = Vec::new();
         for (tenant, n) in [big, small, small].into_iter().enumerate() {

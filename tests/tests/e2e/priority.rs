@@ -22,8 +22,8 @@ type Room = (VecDeque<String>, HashMap<String, VecDeque<usize>>);
 /// The order one worker taking one task at a time runs `tasks` in, enqueued in this order
 /// before it starts: tasks without a class as they come (each is read before the room's
 /// beacon), then the room: the most urgent priority first, its tenants in turn, a tenant
-/// joining the ring's end when its first task arrives.
-fn expected_order(tasks: &[Class]) -> Vec<usize> {
+/// joining the ring's end when its first task arrives and taking its weight in tasks a turn.
+fn expected_order(tasks: &[Class], weights: &HashMap<String, u32>) -> Vec<usize> {
     let mut order: Vec<usize> = Vec::new();
     // Per priority: the ring of tenants and each tenant's tasks.
     let mut rooms: BTreeMap<i64, Room> = BTreeMap::new();
@@ -43,7 +43,12 @@ fn expected_order(tasks: &[Class]) -> Vec<usize> {
     for (ring, lists) in rooms.values_mut() {
         while let Some(tenant) = ring.pop_front() {
             let list = lists.get_mut(&tenant).unwrap();
-            order.push(list.pop_front().unwrap());
+            // A weighted tenant gets up to its weight in a row.
+            for _ in 0..weights.get(&tenant).copied().unwrap_or(1) {
+                if let Some(task) = list.pop_front() {
+                    order.push(task);
+                }
+            }
             if !list.is_empty() {
                 ring.push_back(tenant);
             }
@@ -82,6 +87,13 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
         }
         let mut s = env.settings();
         s.concurrency = 1;
+        // The big tenant gets three tasks a turn on the second run.
+        let weights: HashMap<String, u32> = if seed % 2 == 0 {
+            HashMap::from([(tenants[0].to_owned(), 3)])
+        } else {
+            HashMap::new()
+        };
+        s.config.tenant_weights = weights.clone().into_iter().collect();
         let w = WorkerHandle::start(s);
         let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
             .await
@@ -97,7 +109,7 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
             .collect();
         ran.sort();
         let ran: Vec<usize> = ran.into_iter().map(|(_, i)| i).collect();
-        let want = expected_order(&classes);
+        let want = expected_order(&classes, &weights);
         let show = |o: &[usize]| -> Vec<String> {
             o.iter()
                 .map(|&i| {

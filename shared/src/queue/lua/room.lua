@@ -11,8 +11,10 @@ end
 
 -- Moves the room's next task to the stream, marked; returns its entry id, or false when
 -- the room is empty (for room_read.lua, which reads it in the same step). A listing without
--- tasks (written by hand) is dropped on the way.
-local function room_feed_one(stream, room)
+-- tasks (written by hand) is dropped on the way. `weights` maps a tenant to the tasks it
+-- gets per turn when more than one; its tasks in this turn so far are counted in
+-- `room:turn:<p>` (not under `room:<p>:`, where a tenant named `turn` has its tasks).
+local function room_feed_one(stream, room, weights)
   while true do
     local p = redis.call('ZRANGE', room, 0, 0)[1]
     if not p then
@@ -25,12 +27,21 @@ local function room_feed_one(stream, room)
     else
       local list = ring .. ':' .. tenant
       local env = redis.call('LPOP', list)
+      local weight = weights[tenant]
+      local turn_over = true
+      if weight then
+        local turn = room .. ':turn:' .. p
+        turn_over = redis.call('HINCRBY', turn, tenant, 1) >= weight
+        if turn_over or redis.call('EXISTS', list) == 0 then
+          redis.call('HDEL', turn, tenant)
+        end
+      end
       if redis.call('EXISTS', list) == 0 then
         redis.call('LPOP', ring)
         if redis.call('EXISTS', ring) == 0 then
           redis.call('ZREM', room, p)
         end
-      else
+      elseif turn_over then
         redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
       end
       if env then
