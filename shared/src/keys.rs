@@ -315,6 +315,19 @@ impl ProviderKeys {
         format!("{}:tpm", self.prefix)
     }
 
+    /// The requests of priority `p` in the window, for a priority with a reserved share
+    /// (`quota/reserve.lua` names it the same way from [`ProviderKeys::requests_window`]).
+    #[must_use]
+    pub fn requests_window_of(&self, p: usize) -> String {
+        format!("{}:{p}", self.requests_window())
+    }
+
+    /// The tokens of priority `p` in the window, as [`ProviderKeys::requests_window_of`].
+    #[must_use]
+    pub fn tokens_window_of(&self, p: usize) -> String {
+        format!("{}:{p}", self.tokens_window())
+    }
+
     /// The sum of the tokens in [`ProviderKeys::tokens_window`], kept beside it so a check
     /// does not add up the whole window.
     #[must_use]

@@ -530,6 +530,15 @@ async fn a_reserved_share_is_held_only_while_its_priority_asks() {
     // ... and priority 0 the rest, with nothing more for anyone.
     assert_eq!(take(0, 8, t1).await, 4);
     assert_eq!(take(5, 1, t1).await, 0);
+    // llmq quota, the page and the gauges show the share beside the limit.
+    let lines = limiter.usage(&name, &quotas, t1).await.unwrap();
+    let held = lines
+        .iter()
+        .find(|l| l.quota == "rpm held for priority 0")
+        .unwrap();
+    assert_eq!((held.used, held.limit), (5.0, 5.0), "{lines:?}");
+    let all = lines.iter().find(|l| l.quota == "rpm").unwrap();
+    assert_eq!((all.used, all.limit), (10.0, 10.0), "{lines:?}");
     // Priority 0 used its share; what it leaves unused the flood may have, no more.
     let t2 = t1 + chrono::Duration::seconds(61);
     assert_eq!(take(0, 2, t2).await, 2);
