@@ -122,11 +122,40 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
         Err(e) => return redis_away(&e, &viewer),
     };
     let mut rows = String::new();
+    let mut rooms = String::new();
     let mut waiting_approval = 0u64;
     for (name, (c, (_, approvals))) in queues.iter().zip(counted) {
         waiting_approval += approvals;
         let q = esc(name);
         let u = esc(&urlencode(name));
+        if !c.ready_by_priority.is_empty() {
+            // Tenant names are the producers' text: escaped like every other.
+            let tenants = match redis.busiest_tenants(&QueueKeys::new(name), 5).await {
+                Ok(t) => t,
+                Err(e) => return redis_away(&e, &viewer),
+            };
+            let by: Vec<String> = c
+                .ready_by_priority
+                .iter()
+                .map(|(p, n)| format!("priority {p}: {n}"))
+                .collect();
+            let top: Vec<String> = tenants
+                .iter()
+                .map(|t| {
+                    let name = if t.tenant.is_empty() {
+                        "(no tenant)"
+                    } else {
+                        &t.tenant
+                    };
+                    format!("{} {} (priority {})", esc(name), t.waiting, t.priority)
+                })
+                .collect();
+            rooms.push_str(&format!(
+                "<li data-room=\"{q}\">{q}: {}; busiest tenants: {}</li>",
+                by.join(", "),
+                top.join(", ")
+            ));
+        }
         let (state, button) = if c.paused {
             (
                 "<span class=\"paused\">paused</span>",
@@ -222,10 +251,16 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
         || "none active (start llmq-scheduler)".to_owned(),
         |h| format!("active: {}", esc(h)),
     );
+    if !rooms.is_empty() {
+        rooms = format!(
+            "<p class=\"note\">Of the ready tasks, waiting their turn (priority 0 first, \
+             tenants in turn):</p><ul id=\"rooms\">{rooms}</ul>"
+        );
+    }
     let body = format!(
         "<div id=\"live\" data-refresh=\"3000\"><h2>Queues</h2><table id=\"queues\"><tr>\
          <th>Queue</th><th>Ready</th><th>In flight</th><th>Delayed</th><th>Dead</th>\
-         <th>Workers</th><th>State</th><th></th></tr>{rows}</table>\
+         <th>Workers</th><th>State</th><th></th></tr>{rows}</table>{rooms}\
          <p><a href=\"/approvals\">{waiting_approval} step(s) wait for approval</a></p>\
          {providers}{quotas}<h2>Scheduler</h2><p>{holder}</p><table><tr><th>Duty</th>\
          <th>State</th><th>Last run</th><th>Detail</th></tr>{duties}</table></div>\

@@ -759,3 +759,36 @@ async fn the_binary_answers_its_health_check_and_stops_on_sigterm() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn the_overview_shows_the_room_by_priority_and_tenants_as_text() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = web(Client::new(&redis_url()).unwrap()).await;
+    let mut s = env.settings();
+    s.concurrency = 1;
+    let w = llmq_tests::harness::WorkerHandle::start(s);
+    let hostile = "<img src=x onerror=alert(1)>";
+    for i in 0..4 {
+        let mut e = Envelope::new(format!("slow {i}"));
+        e.model = Some("slow-1500".into());
+        e.priority = Some(3);
+        e.tenant = Some(hostile.into());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    // One runs; three wait their turn in the room.
+    env.eventually("three tasks in the room", WAIT, || async {
+        env.redis.counts(&env.keys).await.unwrap().ready_by_priority == [(3, 3)]
+    })
+    .await
+    .unwrap();
+    let (status, _, body) = get(&format!("{base}/")).await;
+    assert_eq!(status, 200);
+    let line = format!(
+        "{q}: priority 3: 3; busiest tenants: &lt;img src=x onerror=alert(1)&gt; 3 (priority 3)",
+        q = env.queue
+    );
+    assert!(body.contains(&line), "{line} in {body}");
+    assert!(!body.contains(hostile), "{body}");
+    w.stop().await.unwrap();
+    stop.cancel();
+}
