@@ -168,8 +168,17 @@ impl Client {
         result_ttl: Duration,
     ) -> Result<Reclaimed> {
         let mut claimed = self.claim_idle(keys, consumer, min_idle, count).await?;
+        // A beacon of the room that a dead worker held: dropped, as its reader would have.
+        let beacons: Vec<&str> = claimed
+            .tasks
+            .iter()
+            .filter(|d| d.is_beacon())
+            .map(|d| d.entry_id.as_str())
+            .collect();
+        self.drop_read(keys, &beacons).await?;
         let (poison, run): (Vec<Delivery>, Vec<Delivery>) = std::mem::take(&mut claimed.tasks)
             .into_iter()
+            .filter(|d| !d.is_beacon())
             .partition(|d| d.deliveries > max_deliveries);
         // A chain step's poison ends its step like any failure, in the same script, so its
         // chain moves on (descendants cancelled, joins counted) and ends.

@@ -2,8 +2,9 @@
 -- KEYS: 1 stream, 2 the queue's live workers (zset of heartbeat times)
 -- ARGV: 1 group, 2 consumer, 3 min idle (ms), 4 count, 5 now (ms, the workers' clock)
 -- Returns a flat array of id, delivery count (this one included), task payload (or false),
--- chain payload (or false), the worker that held it, and 1 when that worker was alive but
--- did not keep its claim, else 0. Alive: it was seen (a heartbeat, or a refresh of its other
+-- chain payload (or false), the worker that held it, 1 when that worker was alive but did
+-- not keep its claim, else 0, and 1 when the entry has had its turn in the room (its field
+-- `room`), else 0. Alive: it was seen (a heartbeat, or a refresh of its other
 -- claims, which also beats) more than half a timeout after this entry's claim was last
 -- kept. A worker refreshes every quarter of the timeout, so one that died was last seen at
 -- most about that long after its last refresh of any claim it held.
@@ -26,11 +27,12 @@ local claimed = redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(i
 local out = {}
 for _, entry in ipairs(claimed) do
   local id, fields = entry[1], entry[2]
-  local task, chain = false, false
+  local task, chain, room = false, false, 0
   if fields then
     for j = 1, #fields, 2 do
       if fields[j] == 'task' then task = fields[j + 1] end
       if fields[j] == 'chain' then chain = fields[j + 1] end
+      if fields[j] == 'room' then room = 1 end
     end
   end
   local info = redis.call('XPENDING', stream, group, id, id, 1)
@@ -43,5 +45,6 @@ for _, entry in ipairs(claimed) do
   out[#out + 1] = chain
   out[#out + 1] = from
   out[#out + 1] = alive and 1 or 0
+  out[#out + 1] = room
 end
 return out

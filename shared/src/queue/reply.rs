@@ -109,16 +109,16 @@ pub(super) fn deliveries(entries: Value) -> Result<Vec<Delivery>> {
         .collect())
 }
 
-/// A flat `[id, deliveries, task or false, chain or false, holder, holder alive, ...]`
-/// script reply as deliveries, and whom each was taken from.
+/// A flat `[id, deliveries, task or false, chain or false, holder, holder alive, had its
+/// turn in the room, ...]` script reply as deliveries, and whom each was taken from.
 pub(super) fn parse_claimed(flat: &[Value]) -> Result<Reclaimed> {
     let bytes = |v: &Value| match v {
         Value::BulkString(b) => Some(b.clone()),
         _ => None,
     };
     let mut out = Reclaimed::default();
-    for chunk in flat.chunks(6) {
-        let [id, deliveries, payload, chain, from, alive] = chunk else {
+    for chunk in flat.chunks(7) {
+        let [id, deliveries, payload, chain, from, alive, room] = chunk else {
             return Err(Error::Protocol("a claimed entry came back partial".into()));
         };
         let delivery = Delivery {
@@ -126,8 +126,9 @@ pub(super) fn parse_claimed(flat: &[Value]) -> Result<Reclaimed> {
             deliveries: as_u64(deliveries).max(1),
             payload: bytes(payload),
             chain: bytes(chain),
-            // A taken-over task in the room's turn is sorted in again, at its tenant's end.
-            from_room: false,
+            // A task fed from the room runs when taken over, so its deliveries add up on
+            // one entry and a task that kills its workers ends as poison.
+            from_room: as_u64(room) == 1,
         };
         out.takeovers.push(Takeover {
             entry_id: delivery.entry_id.clone(),

@@ -308,3 +308,167 @@ async fn status_counts_the_room_by_priority() {
     assert!(c.ready_by_priority.is_empty() && c.ready == 0, "{c:?}");
     w.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_paused_queue_feeds_nothing_from_its_room_until_resumed() {
+    let env = TestEnv::new().await.unwrap();
+    let mut s = env.settings();
+    s.concurrency = 2;
+    let w = WorkerHandle::start(s);
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let mut e = Envelope::new(format!("slow {i}"));
+        e.model = Some("slow-300".into());
+        e.priority = Some(2);
+        e.tenant = Some(format!("t{}", i % 2));
+        ids.push(e.id.unwrap().to_string());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    env.eventually("tasks waiting in the room", WAIT, || async {
+        let c = env.redis.counts(&env.keys).await.unwrap();
+        c.ready_by_priority.first().is_some_and(|(_, n)| *n >= 4)
+    })
+    .await
+    .unwrap();
+    let (code, said) = env.cli(&["queue", "pause", &env.queue]).await;
+    assert_eq!(code, 0, "{said}");
+    // What was in flight finishes; then nothing more leaves the room.
+    env.eventually("nothing in flight", WAIT, || async {
+        env.redis.counts(&env.keys).await.unwrap().in_flight == 0
+    })
+    .await
+    .unwrap();
+    let waiting = env.redis.counts(&env.keys).await.unwrap().ready_by_priority;
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let c = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((c.ready_by_priority, c.in_flight), (waiting, 0));
+    let (code, said) = env.cli(&["queue", "resume", &env.queue]).await;
+    assert_eq!(code, 0, "{said}");
+    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().unwrap().status == Status::Succeeded)
+    );
+    assert_eq!(env.calls().await.unwrap().len(), ids.len(), "one call each");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn classed_tasks_under_a_concurrency_key_each_run_once() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let mut e = Envelope::new(format!("keyed {i}"));
+        e.model = Some("mock-fast".into());
+        e.priority = Some(1 + i % 2);
+        e.tenant = Some(format!("t{}", i % 3));
+        e.concurrency_key = Some("one-at-a-time".into());
+        e.concurrency_limit = Some(1);
+        ids.push(e.id.unwrap().to_string());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().unwrap().status == Status::Succeeded)
+    );
+    // Each called once: a parked task woken with its slot runs; it is not sorted again.
+    assert_eq!(env.calls().await.unwrap().len(), ids.len());
+    let c = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((c.ready, c.in_flight, c.dead), (0, 0, 0), "{c:?}");
+    w.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
+    use llmq_shared::queue::{Finish, Write};
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut e = Envelope::new("kills its workers");
+    e.model = Some("mock-fast".into());
+    e.priority = Some(4);
+    e.tenant = Some("acme".into());
+    let id = e.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    // A worker sorts it into the room, as the executor does.
+    let mut conn = env.redis.conn().await.unwrap();
+    let read = env
+        .redis
+        .read(&mut conn, &env.keys, "sorter", 1, None)
+        .await
+        .unwrap();
+    let sort = Finish::room(
+        read[0].entry_id.clone(),
+        id.clone(),
+        (4, "acme"),
+        false,
+        e.to_json(),
+    );
+    let ttl = Duration::from_secs(60);
+    env.redis
+        .write(&env.keys, "sorter", ttl, &[Write::Task(sort)])
+        .await
+        .unwrap();
+    // A beacon waits in the stream; a worker that read it died: the takeover drops it.
+    let beacon = env
+        .redis
+        .read(&mut conn, &env.keys, "dead-reader", 1, None)
+        .await
+        .unwrap();
+    assert!(beacon[0].is_beacon(), "{beacon:?}");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let got = env
+        .redis
+        .reclaim(&env.keys, "next", Duration::from_millis(1), 10, 3, ttl)
+        .await
+        .unwrap();
+    assert!(got.tasks.is_empty(), "{got:?}");
+    // Fed to a worker that dies, then taken over twice: the same entry, run each time.
+    let (fed, more) = env
+        .redis
+        .read_room(&mut conn, &env.keys, "crashed-1", 1, &[])
+        .await
+        .unwrap();
+    assert_eq!((fed.len(), more), (1, false));
+    assert!(fed[0].from_room);
+    for n in 2..=3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let got = env
+            .redis
+            .reclaim(
+                &env.keys,
+                &format!("crashed-{n}"),
+                Duration::from_millis(1),
+                1,
+                3,
+                ttl,
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.tasks.len(), 1);
+        assert!(
+            got.tasks[0].from_room,
+            "run when taken over, not sorted again"
+        );
+        assert_eq!(got.tasks[0].entry_id, fed[0].entry_id);
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let got = env
+        .redis
+        .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 3, ttl)
+        .await
+        .unwrap();
+    assert!(got.tasks.is_empty(), "a fourth delivery is refused");
+    let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
+    assert_eq!(
+        (dead.len(), dead[0].class.as_str()),
+        (1, "poison"),
+        "{dead:?}"
+    );
+    assert_eq!(dead[0].task_id, id);
+}
