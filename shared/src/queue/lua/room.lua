@@ -9,6 +9,35 @@ local function room_of(stream)
   return string.sub(stream, 1, -7) .. 'room'
 end
 
+-- One feed in AGE_EVERY, while tasks wait at several priorities, goes to the priority served
+-- longest ago instead of the most urgent, so a less urgent priority is never held for ever
+-- behind a backlog the fleet cannot drain: each waiting priority gets at least one task in
+-- AGE_EVERY times as many feeds as there are priorities waiting.
+local AGE_EVERY = 10
+
+-- The priority to feed next; nil when the room is empty. Feeds are counted in `room:feeds`
+-- and each priority's last one in `room:served`.
+local function room_pick(room)
+  local ps = redis.call('ZRANGE', room, 0, -1)
+  if #ps == 0 then
+    return nil
+  end
+  local feeds = redis.call('INCR', room .. ':feeds')
+  local p = ps[1]
+  if #ps > 1 and feeds % AGE_EVERY == 0 then
+    local served = redis.call('HMGET', room .. ':served', unpack(ps))
+    local oldest
+    for i, q in ipairs(ps) do
+      local at = tonumber(served[i]) or 0
+      if not oldest or at < oldest then
+        oldest, p = at, q
+      end
+    end
+  end
+  redis.call('HSET', room .. ':served', p, feeds)
+  return p
+end
+
 -- Moves the room's next task to the stream, marked; returns its entry id, or false when
 -- the room is empty (for room_read.lua, which reads it in the same step). A listing without
 -- tasks (written by hand) is dropped on the way. `weights` maps a tenant to the tasks it
@@ -16,7 +45,7 @@ end
 -- `room:turn:<p>` (not under `room:<p>:`, where a tenant named `turn` has its tasks).
 local function room_feed_one(stream, room, weights)
   while true do
-    local p = redis.call('ZRANGE', room, 0, 0)[1]
+    local p = room_pick(room)
     if not p then
       return false
     end
