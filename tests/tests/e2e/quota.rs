@@ -1,6 +1,7 @@
 //! Quotas, rate limits and budgets hold across concurrent reservers on the real Redis.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -547,4 +548,77 @@ async fn a_reserved_share_is_held_only_while_its_priority_asks() {
     // A window after priority 0 last asked, the flood may have it all again.
     let t3 = t2 + chrono::Duration::seconds(125);
     assert_eq!(take(5, 12, t3).await, 10);
+}
+
+/// Reserved shares, property-tested: for random limits, shares and sequences of calls from
+/// several priorities on a moving clock, every decision of the reservation script is the
+/// one the documented rule gives (docs/configuration.md `quotas.reserve`), and no window
+/// ever holds more than `rpm` calls.
+#[tokio::test]
+async fn reserved_shares_follow_the_rule_for_every_sequence() {
+    use llmq_tests::harness::SeededRng;
+    let limiter = limiter();
+    for seed in [0x51a7_e001_u64, 0x51a7_e002, 0x51a7_e003, 0x51a7_e004] {
+        let mut rng = SeededRng(seed);
+        let name = provider();
+        let rpm = 5 + rng.below(20) as u64;
+        let mut quotas = Quotas {
+            rpm: Some(rpm),
+            window: Duration::from_secs(10),
+            ..Quotas::default()
+        };
+        let mut left = 95;
+        for p in [0usize, 2] {
+            if rng.below(3) > 0 {
+                let pct = 1 + rng.below(left.min(60));
+                quotas.reserve[p] = pct as u8;
+                left -= pct;
+            }
+        }
+        let window = quotas.counted_window().as_millis() as i64;
+        let share = |p: usize| rpm as i64 * i64::from(quotas.reserve[p]) / 100;
+        // The model: every grant's time, each priority's grants and when it last asked.
+        let mut all: Vec<i64> = Vec::new();
+        let mut mine: HashMap<usize, Vec<i64>> = HashMap::new();
+        let mut asked: HashMap<usize, i64> = HashMap::new();
+        let mut t = Utc::now().timestamp_millis();
+        for step in 0..300 {
+            t += rng.below(window as usize / 8) as i64;
+            let p = [0usize, 1, 2, 5][rng.below(4)];
+            all.retain(|&g| g > t - window);
+            for grants in mine.values_mut() {
+                grants.retain(|&g| g > t - window);
+            }
+            let held: i64 = (0..10)
+                .filter(|&q| q != p && quotas.reserve[q] > 0)
+                .filter(|q| asked.get(q).is_some_and(|&a| a > t - window))
+                .map(|q| (share(q) - mine.get(&q).map_or(0, Vec::len) as i64).max(0))
+                .sum();
+            let want = (all.len() as i64) < rpm as i64 - held;
+            if quotas.reserve[p] > 0 {
+                asked.insert(p, t);
+            }
+            let at = Utc.timestamp_millis_opt(t).unwrap();
+            let got = matches!(
+                limiter
+                    .reserve(&name, &quotas, p as u8, 1, 0.0, at)
+                    .await
+                    .unwrap(),
+                Decision::Granted { .. }
+            );
+            assert_eq!(
+                got,
+                want,
+                "seed {seed:#x} step {step}: priority {p} at {t}, {} in the window, {held} held",
+                all.len()
+            );
+            if got {
+                all.push(t);
+                if quotas.reserve[p] > 0 {
+                    mine.entry(p).or_default().push(t);
+                }
+            }
+            assert!(all.len() as u64 <= rpm);
+        }
+    }
 }
