@@ -187,33 +187,16 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
         ));
     }
     for q in r.queues.iter().filter(|q| !q.ready_by_priority.is_empty()) {
-        let by: Vec<String> = q
-            .ready_by_priority
-            .iter()
-            .map(|(p, n)| format!("priority {p}: {n}"))
-            .collect();
         s.push_str(&format!(
             "queue `{}`: of the ready tasks, waiting in the room by priority (0 most urgent): {}\n",
             q.queue,
-            by.join(", ")
+            q.room_by_priority()
         ));
     }
     for (queue, top) in &r.busiest_tenants {
         let top: Vec<String> = top
             .iter()
-            .map(|t| {
-                let name = if t.tenant.is_empty() {
-                    "(no tenant)"
-                } else {
-                    &t.tenant
-                };
-                format!(
-                    "{} {} (priority {})",
-                    render::cut(name, 40),
-                    t.waiting,
-                    t.priority
-                )
-            })
+            .map(|t| t.describe(|name| render::cut(name, 40)))
             .collect();
         s.push_str(&format!(
             "queue `{queue}`: busiest tenants: {}\n",

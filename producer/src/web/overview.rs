@@ -134,25 +134,10 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
                 Ok(t) => t,
                 Err(e) => return redis_away(&e, &viewer),
             };
-            let by: Vec<String> = c
-                .ready_by_priority
-                .iter()
-                .map(|(p, n)| format!("priority {p}: {n}"))
-                .collect();
-            let top: Vec<String> = tenants
-                .iter()
-                .map(|t| {
-                    let name = if t.tenant.is_empty() {
-                        "(no tenant)"
-                    } else {
-                        &t.tenant
-                    };
-                    format!("{} {} (priority {})", esc(name), t.waiting, t.priority)
-                })
-                .collect();
+            let top: Vec<String> = tenants.iter().map(|t| t.describe(esc)).collect();
             rooms.push_str(&format!(
                 "<li data-room=\"{q}\">{q}: {}; busiest tenants: {}</li>",
-                by.join(", "),
+                c.room_by_priority(),
                 top.join(", ")
             ));
         }

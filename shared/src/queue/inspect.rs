@@ -21,6 +21,37 @@ pub struct TenantBacklog {
     pub waiting: u64,
 }
 
+impl TenantBacklog {
+    /// `<tenant> <waiting> (priority <p>)`, the tenant's name (the producers' text) as
+    /// `show` makes it safe for where it goes: cut for a terminal, escaped for a page.
+    #[must_use]
+    pub fn describe(&self, show: impl Fn(&str) -> String) -> String {
+        let name = if self.tenant.is_empty() {
+            "(no tenant)"
+        } else {
+            &self.tenant
+        };
+        format!(
+            "{} {} (priority {})",
+            show(name),
+            self.waiting,
+            self.priority
+        )
+    }
+}
+
+impl QueueCounts {
+    /// The room's tasks per priority, as `priority <p>: <n>, ...`.
+    #[must_use]
+    pub fn room_by_priority(&self) -> String {
+        self.ready_by_priority
+            .iter()
+            .map(|(p, n)| format!("priority {p}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 impl Client {
     /// Records that `worker` serves `queues` (for `llmq status`); with `tidy`, also lists the
     /// queues in `llmq:queues` and drops workers silent for an hour. Returns the fewest live workers any of the queues has (itself included), so
