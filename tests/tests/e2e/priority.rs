@@ -491,3 +491,53 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
     );
     assert_eq!(dead[0].task_id, id);
 }
+
+#[tokio::test]
+async fn submit_and_batch_give_their_tasks_a_class_and_a_task_s_own_wins() {
+    let env = TestEnv::new().await.unwrap();
+    let (code, said) = env
+        .cli(&[
+            "submit",
+            "--prompt",
+            "urgent",
+            "--queue",
+            &env.queue,
+            "--priority",
+            "1",
+            "--tenant",
+            "acme",
+        ])
+        .await;
+    assert_eq!(code, 0, "{said}");
+    let dir = std::env::temp_dir().join(&env.queue);
+    std::fs::create_dir_all(&dir).unwrap();
+    let input = dir.join("tasks.json");
+    std::fs::write(
+        &input,
+        json!([{"prompt": "nightly"}, {"prompt": "own", "priority": 2, "tenant": "globex"}])
+            .to_string(),
+    )
+    .unwrap();
+    let (code, said) = env
+        .batch(&input, &["--priority", "5", "--tenant", "nightly"])
+        .await;
+    assert_eq!(code, 0, "{said}");
+    let tasks = env.stream_tasks("-", "+").await.unwrap();
+    let classes: Vec<(Option<i64>, Option<&str>)> = tasks
+        .iter()
+        .map(|t| (t["priority"].as_i64(), t["tenant"].as_str()))
+        .collect();
+    assert_eq!(
+        classes,
+        [
+            (Some(1), Some("acme")),
+            (Some(5), Some("nightly")),
+            (Some(2), Some("globex"))
+        ]
+    );
+    // A bad class in a batch file stops the batch before anything is enqueued.
+    std::fs::write(&input, json!([{"prompt": "p", "priority": 10}]).to_string()).unwrap();
+    let (code, said) = env.batch(&input, &[]).await;
+    assert_ne!(code, 0, "{said}");
+    assert_eq!(env.stream_tasks("-", "+").await.unwrap().len(), 3);
+}
