@@ -9,6 +9,12 @@ use super::{Client, Fence, NOT_HOLDER, Result, now_ms};
 use crate::envelope::Envelope;
 use crate::keys::{CHAIN_FIELD, GROUP, QueueKeys, TASK_FIELD};
 
+static ROOM_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/room.lua"),
+        include_str!("room_enqueue.lua")
+    ))
+});
 static TICK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/fence.lua"),
@@ -63,28 +69,49 @@ impl Client {
         self.enqueue_many(keys, std::slice::from_ref(env)).await
     }
 
-    /// Enqueues many tasks in one pipelined round trip.
+    /// Enqueues many tasks: those with a `run_at` ahead into `delayed`, the rest into the
+    /// stream in one pipelined round trip, except that those with a class (`priority` or
+    /// `tenant`) go straight into the queue's room in one script (`room_enqueue.lua`), where
+    /// a worker would sort them after an `XADD`. The queue's group must exist (the room's
+    /// beacon is checked against it): [`Client::ensure_group`].
     ///
     /// # Errors
     /// Redis fails.
     pub async fn enqueue_many(&self, keys: &QueueKeys, envs: &[Envelope]) -> Result<()> {
         let now = now_ms();
         let mut pipe = redis::pipe();
+        let mut room = ROOM_ENQUEUE.key(keys.stream());
+        room.arg(GROUP);
+        let (mut piped, mut to_room) = (false, false);
         for env in envs {
             let json = env.to_json();
-            match env.run_at.map(|t| t.timestamp_millis()) {
-                Some(due) if due > now => pipe.zadd(keys.delayed(), json, due).ignore(),
-                _ => pipe
-                    .cmd("XADD")
-                    .arg(keys.stream())
-                    .arg("*")
-                    .arg(TASK_FIELD)
-                    .arg(json)
-                    .ignore(),
-            };
+            match (env.run_at.map(|t| t.timestamp_millis()), env.class()) {
+                (Some(due), _) if due > now => {
+                    pipe.zadd(keys.delayed(), json, due).ignore();
+                    piped = true;
+                }
+                (_, Some((priority, tenant))) => {
+                    room.arg(priority).arg(tenant).arg(json);
+                    to_room = true;
+                }
+                _ => {
+                    pipe.cmd("XADD")
+                        .arg(keys.stream())
+                        .arg("*")
+                        .arg(TASK_FIELD)
+                        .arg(json)
+                        .ignore();
+                    piped = true;
+                }
+            }
         }
         let mut c = self.conn().await?;
-        pipe.query_async::<()>(&mut c).await?;
+        if piped {
+            pipe.query_async::<()>(&mut c).await?;
+        }
+        if to_room {
+            let _: u64 = room.invoke_async(&mut c).await?;
+        }
         Ok(())
     }
 

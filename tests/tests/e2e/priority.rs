@@ -25,10 +25,16 @@ type Room = (VecDeque<String>, HashMap<String, VecDeque<usize>>);
 /// with several priorities waiting goes to the priority fed longest ago; within a priority
 /// its tenants in turn, a tenant joining the ring's end when its first task arrives and
 /// taking its weight in tasks a turn.
-fn expected_order(tasks: &[Class], weights: &HashMap<String, u32>) -> Vec<usize> {
+fn expected_order(tasks: &[Class], weights: &HashMap<String, u32>, direct: &[bool]) -> Vec<usize> {
     let mut order: Vec<usize> = Vec::new();
     let mut rooms: BTreeMap<i64, Room> = BTreeMap::new();
-    for (i, (p, t)) in tasks.iter().enumerate() {
+    // Tasks put straight into the room (`direct`) are in it before the worker starts; the
+    // rest are sorted into it as the worker reads the stream.
+    let arrivals = (0..tasks.len())
+        .filter(|&i| direct[i])
+        .chain((0..tasks.len()).filter(|&i| !direct[i]));
+    for i in arrivals {
+        let (p, t) = &tasks[i];
         if p.unwrap_or(0) == 0 && t.is_none() {
             order.push(i);
             continue;
@@ -83,6 +89,7 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
         let mut rng = SeededRng(seed);
         let tenants = ["acme", "globex", "initech", "umbrella"];
         let mut classes: Vec<Class> = Vec::new();
+        let mut direct = Vec::new();
         let mut ids = Vec::new();
         for i in 0..36 {
             // Mostly a flood of one tenant, as in a nightly batch beside a few others.
@@ -99,7 +106,15 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
             e.model = Some("mock-fast".into());
             e.priority = p;
             e.tenant.clone_from(&t);
-            env.redis.enqueue(&env.keys, &e).await.unwrap();
+            // As llmq submit does (a classed task straight into the room), or as a producer
+            // in another language does (one XADD; the worker sorts it in).
+            let by_client = rng.below(2) == 0;
+            if by_client {
+                env.redis.enqueue(&env.keys, &e).await.unwrap();
+            } else {
+                env.xadd("task", e.to_json().as_bytes()).await.unwrap();
+            }
+            direct.push(by_client && e.class().is_some());
             ids.push(e.id.unwrap().to_string());
             classes.push((p, t));
         }
@@ -127,7 +142,7 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
             .collect();
         ran.sort();
         let ran: Vec<usize> = ran.into_iter().map(|(_, i)| i).collect();
-        let want = expected_order(&classes, &weights);
+        let want = expected_order(&classes, &weights, &direct);
         let show = |o: &[usize]| -> Vec<String> {
             o.iter()
                 .map(|&i| {
@@ -405,7 +420,6 @@ async fn classed_tasks_under_a_concurrency_key_each_run_once() {
 
 #[tokio::test]
 async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
-    use llmq_shared::queue::{Finish, Write};
     let env = TestEnv::new().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
     let mut e = Envelope::new("kills its workers");
@@ -413,26 +427,10 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
     e.priority = Some(4);
     e.tenant = Some("acme".into());
     let id = e.id.unwrap().to_string();
+    // A producer that knows the class puts the task straight into the room.
     env.redis.enqueue(&env.keys, &e).await.unwrap();
-    // A worker sorts it into the room, as the executor does.
     let mut conn = env.redis.conn().await.unwrap();
-    let read = env
-        .redis
-        .read(&mut conn, &env.keys, "sorter", 1, None)
-        .await
-        .unwrap();
-    let sort = Finish::room(
-        read[0].entry_id.clone(),
-        id.clone(),
-        (4, "acme"),
-        false,
-        e.to_json(),
-    );
     let ttl = Duration::from_secs(60);
-    env.redis
-        .write(&env.keys, "sorter", ttl, &[Write::Task(sort)])
-        .await
-        .unwrap();
     // A beacon waits in the stream; a worker that read it died: the takeover drops it.
     let beacon = env
         .redis
@@ -522,22 +520,26 @@ async fn submit_and_batch_give_their_tasks_a_class_and_a_task_s_own_wins() {
         .batch(&input, &["--priority", "5", "--tenant", "nightly"])
         .await;
     assert_eq!(code, 0, "{said}");
-    let tasks = env.stream_tasks("-", "+").await.unwrap();
-    let classes: Vec<(Option<i64>, Option<&str>)> = tasks
-        .iter()
-        .map(|t| (t["priority"].as_i64(), t["tenant"].as_str()))
+    // They wait in the room, each at its priority under its tenant.
+    let waiting: Vec<(u8, String, u64)> = env
+        .redis
+        .busiest_tenants(&env.keys, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.priority, t.tenant, t.waiting))
         .collect();
     assert_eq!(
-        classes,
+        waiting,
         [
-            (Some(1), Some("acme")),
-            (Some(5), Some("nightly")),
-            (Some(2), Some("globex"))
+            (1, "acme".into(), 1),
+            (2, "globex".into(), 1),
+            (5, "nightly".into(), 1)
         ]
     );
     // A bad class in a batch file stops the batch before anything is enqueued.
     std::fs::write(&input, json!([{"prompt": "p", "priority": 10}]).to_string()).unwrap();
     let (code, said) = env.batch(&input, &[]).await;
     assert_ne!(code, 0, "{said}");
-    assert_eq!(env.stream_tasks("-", "+").await.unwrap().len(), 3);
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().ready, 3);
 }

@@ -88,16 +88,20 @@ end
 local function room_beacon(stream, group, room)
   local mark = room .. ':mark'
   local id = redis.call('GET', mark)
-  if id and #redis.call('XRANGE', stream, id, id) == 1
-      and #redis.call('XPENDING', stream, group, id, id, 1) == 0 then
-    return
+  if id and #redis.call('XRANGE', stream, id, id) == 1 then
+    -- Without the group yet (a producer came first), nothing has been delivered.
+    local held = redis.pcall('XPENDING', stream, group, id, id, 1)
+    if held.err or #held == 0 then
+      return
+    end
   end
   redis.call('SET', mark, redis.call('XADD', stream, '*', 'room', 'wake'))
 end
 
 -- Puts envelope `env` in the room at priority `p` for `tenant`: behind the tenant's tasks,
--- or before them (`front`) for a task coming back from a wait, which keeps its place.
-local function room_push(stream, group, p, tenant, env, front)
+-- or before them (`front`) for a task coming back from a wait, which keeps its place. The
+-- caller then makes sure of the beacon (room_beacon).
+local function room_push(stream, p, tenant, env, front)
   local room = room_of(stream)
   local ring = room .. ':' .. p
   local list = ring .. ':' .. tenant
@@ -111,5 +115,4 @@ local function room_push(stream, group, p, tenant, env, front)
     redis.call('ZADD', room, p, p)
   end
   redis.call('HINCRBY', room .. ':n', p, 1)
-  room_beacon(stream, group, room)
 end

@@ -18,7 +18,8 @@ local function settle(stream, group, delayed, dead, rkey, id, kind, record, env,
   elseif kind == 'release' then
     redis.call('XADD', stream, '*', 'task', env, 'room', '-')
   elseif kind == 'room' or kind == 'room_front' then
-    room_push(stream, group, a, b, env, kind == 'room_front')
+    room_push(stream, a, b, env, kind == 'room_front')
+    room_beacon(stream, group, room_of(stream))
   end
   if record ~= '' then
     redis.call('SET', rkey, record, 'EX', ttl)
