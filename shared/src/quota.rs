@@ -317,39 +317,46 @@ impl Limiter {
         if let Some(l) = quotas.tpm {
             line("tpm", tokens as f64, l as f64, window_end);
         }
-        // Each reserved share: its priority's use of the window against the share
-        // (`reserve.lua` keeps the window of a priority with a share beside the provider's).
-        for (p, pct) in quotas
-            .reserve
-            .iter()
-            .enumerate()
-            .filter(|(_, pct)| **pct > 0)
-        {
-            let (requests, tokens): (u64, Vec<String>) = redis::pipe()
-                .zcount(keys.requests_window_of(p), since, "+inf")
-                .zrangebyscore(keys.tokens_window_of(p), since, "+inf")
-                .query_async(&mut c)
-                .await?;
-            let share = |limit: u64| (limit * u64::from(*pct) / 100) as f64;
-            if let Some(l) = quotas.rpm {
-                line(
-                    &format!("rpm held for priority {p}"),
-                    requests as f64,
-                    share(l),
-                    window_end,
-                );
-            }
-            if let Some(l) = quotas.tpm {
-                let used: u64 = tokens
-                    .iter()
-                    .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
-                    .sum();
-                line(
-                    &format!("tpm held for priority {p}"),
-                    used as f64,
-                    share(l),
-                    window_end,
-                );
+        // With shares set, each priority's use of the window: against its share when it
+        // has one (`... held for priority <p>`), else against the whole limit (`... used by
+        // priority <p>`), shown while it has calls in the window.
+        if quotas.reserve.iter().any(|&pct| pct > 0) {
+            for (p, &pct) in quotas.reserve.iter().enumerate() {
+                let (requests, tokens): (u64, Vec<String>) = redis::pipe()
+                    .zcount(keys.requests_window_of(p), since, "+inf")
+                    .zrangebyscore(keys.tokens_window_of(p), since, "+inf")
+                    .query_async(&mut c)
+                    .await?;
+                if pct == 0 && requests == 0 {
+                    continue;
+                }
+                let (what, share) = if pct > 0 {
+                    ("held for", u64::from(pct))
+                } else {
+                    ("used by", 100)
+                };
+                if let Some(l) = quotas.rpm {
+                    let limit = (l * share / 100) as f64;
+                    line(
+                        &format!("rpm {what} priority {p}"),
+                        requests as f64,
+                        limit,
+                        window_end,
+                    );
+                }
+                if let Some(l) = quotas.tpm {
+                    let used: u64 = tokens
+                        .iter()
+                        .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
+                        .sum();
+                    let limit = (l * share / 100) as f64;
+                    line(
+                        &format!("tpm {what} priority {p}"),
+                        used as f64,
+                        limit,
+                        window_end,
+                    );
+                }
             }
         }
         Ok(out)

@@ -11,8 +11,9 @@
 -- A reserved share holds `percent` of rpm and tpm for its priority while that priority has
 -- asked within the window: every other priority's call must leave the unused rest of it
 -- free. A priority that has not asked holds nothing back (idle capacity is lent freely).
--- Each priority with a share has its own window keys beside the provider's (`<key>:<p>`)
--- and the time it last asked (`<request window>:asked:<p>`).
+-- With shares set, each priority has its own window keys beside the provider's
+-- (`<key>:<p>`), and each priority with a share the time it last asked
+-- (`<request window>:asked:<p>`).
 -- Returns {1, crossed...} where crossed are `kind:percent` thresholds passed for the first
 -- time this window, or {0, limit name, when it frees up (ms)}.
 local now, id = tonumber(ARGV[1]), ARGV[2]
@@ -60,6 +61,9 @@ if shares ~= '' then
   if tpm_limit >= 0 then
     tpm_limit = math.max(tpm_limit - held_t, 1)
   end
+  -- A priority without a share is counted too, so each priority's use of the window shows.
+  mine = mine or {requests = KEYS[3] .. ':' .. priority, tokens = KEYS[4] .. ':' .. priority,
+    sum = KEYS[6] .. ':' .. priority, window = window}
 end
 local limit, frees = full(w, now, rpm_limit, tpm_limit, est_tokens)
 if limit then

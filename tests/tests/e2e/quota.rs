@@ -540,6 +540,15 @@ async fn a_reserved_share_is_held_only_while_its_priority_asks() {
     assert_eq!((held.used, held.limit), (5.0, 5.0), "{lines:?}");
     let all = lines.iter().find(|l| l.quota == "rpm").unwrap();
     assert_eq!((all.used, all.limit), (10.0, 10.0), "{lines:?}");
+    let flood = lines
+        .iter()
+        .find(|l| l.quota == "rpm used by priority 5")
+        .unwrap();
+    assert_eq!((flood.used, flood.limit), (5.0, 10.0), "{lines:?}");
+    assert!(
+        !lines.iter().any(|l| l.quota.ends_with("priority 1")),
+        "{lines:?}"
+    );
     // Priority 0 used its share; what it leaves unused the flood may have, no more.
     let t2 = t1 + chrono::Duration::seconds(61);
     assert_eq!(take(0, 2, t2).await, 2);
