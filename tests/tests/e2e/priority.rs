@@ -543,3 +543,80 @@ async fn submit_and_batch_give_their_tasks_a_class_and_a_task_s_own_wins() {
     assert_ne!(code, 0, "{said}");
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().ready, 3);
 }
+
+#[tokio::test]
+async fn sigkilled_workers_lose_no_classed_task_and_the_room_drains() {
+    use llmq_tests::harness::WorkerProcess;
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let mut e = Envelope::new(format!("classed {i}"));
+        e.model = Some("slow-300".into());
+        e.priority = Some(i % 3);
+        e.tenant = Some(format!("t{}", i % 4));
+        ids.push(e.id.unwrap().to_string());
+        // Half put into the room by the client, half sorted in by a worker.
+        if i % 2 == 0 {
+            env.redis.enqueue(&env.keys, &e).await.unwrap();
+        } else {
+            env.xadd("task", e.to_json().as_bytes()).await.unwrap();
+        }
+    }
+    let args = ["--concurrency", "4", "--visibility-timeout", "1s"];
+    let mut workers = vec![
+        WorkerProcess::spawn(&env, &args).unwrap(),
+        WorkerProcess::spawn(&env, &args).unwrap(),
+    ];
+    let mut kills = 0;
+    for round in 0..3 {
+        let victim = workers.remove(0);
+        let tag = format!("-{}-", victim.child.id());
+        let holding = env
+            .eventually(
+                &format!("round {round}: a worker holding tasks"),
+                WAIT,
+                || async {
+                    env.pending()
+                        .await
+                        .unwrap()
+                        .iter()
+                        .any(|(_, c)| c.contains(&tag))
+                },
+            )
+            .await;
+        if holding.is_err() {
+            workers.push(victim);
+            break;
+        }
+        victim.signal("KILL").unwrap();
+        drop(victim);
+        kills += 1;
+        workers.push(WorkerProcess::spawn(&env, &args).unwrap());
+    }
+    assert!(kills > 0, "no worker was killed holding a task");
+    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().unwrap().status == Status::Succeeded),
+        "{r:#?}"
+    );
+    // Each task called once, and once more at most per kill (a call cut off by it).
+    for i in 0..40 {
+        let calls = env.mock.calls_with_prompt(&format!("classed {i}"));
+        assert!(
+            (1..=1 + kills).contains(&calls),
+            "task {i}: {calls} calls after {kills} kills"
+        );
+    }
+    let c = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!(
+        (c.ready, c.in_flight, c.delayed, c.dead),
+        (0, 0, 0, 0),
+        "{c:?}"
+    );
+    assert!(c.ready_by_priority.is_empty(), "{c:?}");
+    drop(workers);
+}
