@@ -12,6 +12,12 @@ static ROOM_TOP: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|
         include_str!("room_top.lua")
     ))
 });
+static ROOM_FIND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(concat!(
+        include_str!("lua/room.lua"),
+        include_str!("room_find.lua")
+    ))
+});
 
 /// Tasks of one tenant waiting in a queue's room at one priority.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -213,8 +219,8 @@ impl Client {
     }
 
     /// [`Client::task`], looking at no more than about `scan` entries of each of `delayed`,
-    /// the stream and the dead letters (the newest of these): a bounded read for a page
-    /// anyone may ask.
+    /// the stream, the room and the dead letters (the newest of these): a bounded read for a
+    /// page anyone may ask.
     ///
     /// # Errors
     /// Redis fails.
@@ -303,6 +309,16 @@ impl Client {
                 }
                 _ => break,
             }
+        }
+        // Waiting its turn in the room: queued, as in the stream.
+        let in_room: u64 = ROOM_FIND
+            .key(keys.stream())
+            .arg(task_id)
+            .arg(scan.min(i64::MAX as usize))
+            .invoke_async(&mut c)
+            .await?;
+        if in_room == 1 {
+            return now(Status::Queued);
         }
         Ok(self
             .dead_letters(keys, scan)

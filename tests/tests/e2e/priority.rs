@@ -322,6 +322,15 @@ async fn status_counts_the_room_by_priority() {
     })
     .await
     .unwrap();
+    // llmq result finds a task waiting its turn: queued, not unknown.
+    let mut queued = 0;
+    for id in &ids {
+        if let Some(r) = env.redis.task(&env.keys, id).await.unwrap() {
+            queued += usize::from(r.status == Status::Queued);
+        }
+    }
+    // Four when looked at; two still wait after the first pair's 1.5 s calls.
+    assert!((2..=4).contains(&queued), "{queued}");
     let (code, said) = env.cli(&["status"]).await;
     assert_eq!(code, 0, "{said}");
     assert!(
