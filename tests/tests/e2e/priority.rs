@@ -375,7 +375,9 @@ async fn a_paused_queue_feeds_nothing_from_its_room_until_resumed() {
     .unwrap();
     let (code, said) = env.cli(&["queue", "pause", &env.queue]).await;
     assert_eq!(code, 0, "{said}");
-    // What was in flight finishes; then nothing more leaves the room.
+    // Within a second the worker knows (it reads the flag at most 750 ms before handing a
+    // task on); what was in flight finishes; then nothing more leaves the room.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     env.eventually("nothing in flight", WAIT, || async {
         env.redis.counts(&env.keys).await.unwrap().in_flight == 0
     })
