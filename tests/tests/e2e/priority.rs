@@ -81,6 +81,19 @@ fn expected_order(tasks: &[Class], weights: &HashMap<String, u32>, direct: &[boo
     order
 }
 
+/// Every task of `ids` succeeded, each with one call.
+async fn all_succeed_once(env: &TestEnv, ids: &[String]) {
+    let r = llmq::wait_for(&env.redis, &env.keys, ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().unwrap().status == Status::Succeeded),
+        "{r:#?}"
+    );
+    assert_eq!(env.calls().await.unwrap().len(), ids.len(), "one call each");
+}
+
 #[tokio::test]
 async fn the_most_urgent_runs_first_and_tenants_take_turns() {
     for seed in [0x5eed_0001_u64, 0x5eed_0002] {
@@ -193,15 +206,8 @@ async fn several_workers_drain_the_room_and_lose_nothing() {
         ids.push(e.id.unwrap().to_string());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
-    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
-        .await
-        .unwrap();
-    assert!(
-        r.iter()
-            .all(|r| r.as_ref().unwrap().status == Status::Succeeded)
-    );
     // Each task was called once, in one attempt.
-    assert_eq!(env.calls().await.unwrap().len(), ids.len());
+    all_succeed_once(&env, &ids).await;
     let counts = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!((counts.in_flight, counts.dead), (0, 0), "{counts:?}");
     for w in workers {
@@ -389,14 +395,7 @@ async fn a_paused_queue_feeds_nothing_from_its_room_until_resumed() {
     assert_eq!((c.ready_by_priority, c.in_flight), (waiting, 0));
     let (code, said) = env.cli(&["queue", "resume", &env.queue]).await;
     assert_eq!(code, 0, "{said}");
-    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
-        .await
-        .unwrap();
-    assert!(
-        r.iter()
-            .all(|r| r.as_ref().unwrap().status == Status::Succeeded)
-    );
-    assert_eq!(env.calls().await.unwrap().len(), ids.len(), "one call each");
+    all_succeed_once(&env, &ids).await;
     w.stop().await.unwrap();
 }
 
@@ -415,15 +414,8 @@ async fn classed_tasks_under_a_concurrency_key_each_run_once() {
         ids.push(e.id.unwrap().to_string());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
-    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
-        .await
-        .unwrap();
-    assert!(
-        r.iter()
-            .all(|r| r.as_ref().unwrap().status == Status::Succeeded)
-    );
     // Each called once: a parked task woken with its slot runs; it is not sorted again.
-    assert_eq!(env.calls().await.unwrap().len(), ids.len());
+    all_succeed_once(&env, &ids).await;
     let c = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!((c.ready, c.in_flight, c.dead), (0, 0, 0), "{c:?}");
     w.stop().await.unwrap();
