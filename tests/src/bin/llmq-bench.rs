@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token|idle_fleet] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|queue_noop_classed|priority|fair_share|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token|idle_fleet|provider_batch|cluster_noop|web_pages|ledger_scale] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
