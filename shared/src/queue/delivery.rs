@@ -176,6 +176,9 @@ impl Client {
             .map(|d| d.entry_id.as_str())
             .collect();
         self.drop_read(keys, &beacons).await?;
+        // A beacon is no task: its takeover is not one either.
+        let dropped: Vec<String> = beacons.iter().map(|&b| b.to_owned()).collect();
+        claimed.takeovers.retain(|t| !dropped.contains(&t.entry_id));
         let (poison, run): (Vec<Delivery>, Vec<Delivery>) = std::mem::take(&mut claimed.tasks)
             .into_iter()
             .filter(|d| !d.is_beacon())

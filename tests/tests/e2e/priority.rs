@@ -447,7 +447,7 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
         .reclaim(&env.keys, "next", Duration::from_millis(1), 10, 3, ttl)
         .await
         .unwrap();
-    assert!(got.tasks.is_empty(), "{got:?}");
+    assert!(got.tasks.is_empty() && got.takeovers.is_empty(), "{got:?}");
     // Fed to a worker that dies, then taken over twice: the same entry, run each time.
     let (fed, more) = env
         .redis
