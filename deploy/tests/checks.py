@@ -25,6 +25,13 @@ REDIS_STREAMS_KEYS = {
     "stream", "consumerGroup", "pendingEntriesCount", "streamLength", "lagCount",
     "activationLagCount", "databaseIndex", "enableTLS", "unsafeSsl",
 }
+# The keys KEDA's redis (list length) scaler reads from a trigger's metadata: the room's
+# backlog list of each queue (docs/kubernetes.md).
+REDIS_LIST_KEYS = {
+    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv",
+    "username", "usernameFromEnv", "password", "passwordFromEnv",
+    "listName", "listLength", "activationListLength", "databaseIndex", "enableTLS", "unsafeSsl",
+}
 # Keys that would switch the scaler away from stream-length (XLEN) mode: see
 # overlays/keda/scaledobject.yaml for why each is wrong for llmq.
 FORBIDDEN_TRIGGER_KEYS = {"consumerGroup", "lagCount", "pendingEntriesCount", "activationLagCount"}
@@ -548,11 +555,14 @@ def check_keda(docs):
     behavior = (((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {})
                 .get("behavior"))
     problems += _slow_scale_down(behavior)
-    seen = []
+    seen, rooms = [], []
     for i, t in enumerate(spec.get("triggers") or []):
         at = f"trigger {i}"
+        if t.get("type") == "redis":
+            problems += _check_room_trigger(docs, so, t, at, queues, concurrency, redis, rooms)
+            continue
         if t.get("type") != "redis-streams":
-            problems.append(f"{at}: type {t.get('type')!r}, not redis-streams")
+            problems.append(f"{at}: type {t.get('type')!r}, not redis-streams or redis")
             continue
         if t.get("metricType", "AverageValue") != "AverageValue":
             problems.append(f"{at}: metricType must be AverageValue (fallback needs it)")
@@ -584,7 +594,40 @@ def check_keda(docs):
     for q in queues:
         if seen.count(q) != 1:
             problems.append(f"queue {q} has {seen.count(q)} triggers, not one")
+        if rooms.count(q) != 1:
+            problems.append(f"queue {q} has {rooms.count(q)} room triggers, not one: "
+                            "tasks with a priority or tenant would not size the pool")
     return problems
+
+
+def _check_room_trigger(docs, so, t, at, queues, concurrency, redis, rooms):
+    """A queue's room trigger: KEDA's redis scaler on the length of llmq:{<q>}:room:backlog."""
+    problems = []
+    if t.get("metricType", "AverageValue") != "AverageValue":
+        problems.append(f"{at}: metricType must be AverageValue (fallback needs it)")
+    meta = t.get("metadata") or {}
+    for key, value in meta.items():
+        if key not in REDIS_LIST_KEYS:
+            problems.append(f"{at}: {key} is not a redis (list) metadata key")
+        if not isinstance(value, str):
+            problems.append(f"{at}: {key} is {value!r}, not a string")
+    for key in ("address", "host", "password", "username"):
+        if key in meta:
+            problems.append(f"{at}: {key} in metadata; it comes from the TriggerAuthentication")
+    m = re.fullmatch(r"llmq:\{([^{}]+)\}:room:backlog", str(meta.get("listName", "")))
+    if not m:
+        problems.append(f"{at}: listName {meta.get('listName')!r} is not llmq:{{<queue>}}:room:backlog")
+    elif m.group(1) not in queues:
+        problems.append(f"{at}: queue {m.group(1)} is not in LLMQ_QUEUES {queues}")
+    else:
+        rooms.append(m.group(1))
+    if meta.get("listLength") != concurrency:
+        problems.append(f"{at}: listLength {meta.get('listLength')!r} != LLMQ_CONCURRENCY {concurrency!r}")
+    if meta.get("databaseIndex", "0") != redis["db"]:
+        problems.append(f"{at}: databaseIndex {meta.get('databaseIndex')!r} != REDIS_URL's {redis['db']}")
+    if meta.get("enableTLS", "false") != ("true" if redis["tls"] else "false"):
+        problems.append(f"{at}: enableTLS does not match REDIS_URL's scheme")
+    return problems + _check_trigger_auth(docs, so, t, redis, at)
 
 
 def _check_trigger_auth(docs, so, trigger, redis, at):

@@ -136,6 +136,13 @@ impl QueueKeys {
         format!("{}:room", self.prefix)
     }
 
+    /// As many one-byte elements as tasks wait in the room: a list whose length KEDA's
+    /// `redis` scaler reads (it reads only a list's length), beside the stream's trigger.
+    #[must_use]
+    pub fn room_backlog(&self) -> String {
+        format!("{}:room:backlog", self.prefix)
+    }
+
     /// How many tasks wait in the room at each priority: a hash of priority to count.
     #[must_use]
     pub fn room_counts(&self) -> String {
@@ -393,6 +400,7 @@ mod tests {
             keys.workers(),
             keys.room(),
             keys.room_counts(),
+            keys.room_backlog(),
         ] {
             assert!(key.starts_with("llmq:{default}:"), "{key}");
         }

@@ -392,7 +392,15 @@ async fn a_paused_queue_feeds_nothing_from_its_room_until_resumed() {
     let waiting = env.redis.counts(&env.keys).await.unwrap().ready_by_priority;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let c = env.redis.counts(&env.keys).await.unwrap();
-    assert_eq!((c.ready_by_priority, c.in_flight), (waiting, 0));
+    assert_eq!((&c.ready_by_priority, c.in_flight), (&waiting, 0));
+    // KEDA's list is as long as the room's backlog.
+    let mut conn = env.redis.conn().await.unwrap();
+    let listed: u64 = redis::cmd("LLEN")
+        .arg(env.keys.room_backlog())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(listed, waiting.iter().map(|(_, n)| n).sum::<u64>());
     let (code, said) = env.cli(&["queue", "resume", &env.queue]).await;
     assert_eq!(code, 0, "{said}");
     all_succeed_once(&env, &ids).await;

@@ -75,6 +75,7 @@ local function room_feed_one(stream, room, weights)
       end
       if env then
         redis.call('HINCRBY', room .. ':n', p, -1)
+        redis.call('LPOP', room .. ':backlog')
         return redis.call('XADD', stream, '*', 'task', env, 'room', p)
       end
     end
@@ -115,4 +116,6 @@ local function room_push(stream, p, tenant, env, front)
     redis.call('ZADD', room, p, p)
   end
   redis.call('HINCRBY', room .. ':n', p, 1)
+  -- One byte a task, so that KEDA's redis (list length) scaler sees the room's backlog.
+  redis.call('RPUSH', room .. ':backlog', p)
 end
