@@ -90,7 +90,13 @@ impl Client {
                     pipe.zadd(keys.delayed(), json, due).ignore();
                     piped = true;
                 }
-                (_, Some((priority, tenant))) => {
+                // Only a class the worker would accept goes into the room as it is (its
+                // tenant names keys and is shown to operators); any other goes by the stream,
+                // where the worker makes it a dead letter that says why.
+                (_, Some((priority, tenant)))
+                    if crate::envelope::check_class(env.priority, env.tenant.as_deref())
+                        .is_ok() =>
+                {
                     room.arg(priority).arg(tenant).arg(json);
                     to_room = true;
                 }

@@ -293,6 +293,22 @@ async fn a_bad_class_is_a_dead_letter_or_a_usage_error() {
         .unwrap();
     w.stop().await.unwrap();
 
+    // A client that puts classed tasks straight into the room sends a bad class by the
+    // stream instead, where a worker makes it a dead letter: never a key or a name shown to
+    // operators.
+    let mut e = Envelope::new("p");
+    e.tenant = Some("\u{1b}[31mred".into());
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    assert!(
+        env.redis
+            .busiest_tenants(&env.keys, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let queued = env.stream_tasks("-", "+").await.unwrap();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+
     let (code, said) = env
         .cli(&[
             "submit", "--prompt", "p", "--queue", &env.queue, "--tenant", "a\tb",
