@@ -555,21 +555,27 @@ def check_keda(docs):
     behavior = (((spec.get("advanced") or {}).get("horizontalPodAutoscalerConfig") or {})
                 .get("behavior"))
     problems += _slow_scale_down(behavior)
-    seen, rooms = [], []
+    # Per queue, its stream's trigger and its room's (the backlog list of tasks with a
+    # priority or tenant, which are not stream entries).
+    kinds = {
+        "redis-streams": ("stream", "streamLength", r"llmq:\{([^{}]+)\}:stream",
+                          "llmq:{<queue>}:stream", REDIS_STREAMS_KEYS),
+        "redis": ("listName", "listLength", r"llmq:\{([^{}]+)\}:room:backlog",
+                  "llmq:{<queue>}:room:backlog", REDIS_LIST_KEYS),
+    }
+    seen = {kind: [] for kind in kinds}
     for i, t in enumerate(spec.get("triggers") or []):
         at = f"trigger {i}"
-        if t.get("type") == "redis":
-            problems += _check_room_trigger(docs, so, t, at, queues, concurrency, redis, rooms)
-            continue
-        if t.get("type") != "redis-streams":
+        if t.get("type") not in kinds:
             problems.append(f"{at}: type {t.get('type')!r}, not redis-streams or redis")
             continue
+        name_key, length_key, pattern, shape, allowed = kinds[t["type"]]
         if t.get("metricType", "AverageValue") != "AverageValue":
             problems.append(f"{at}: metricType must be AverageValue (fallback needs it)")
         meta = t.get("metadata") or {}
         for key, value in meta.items():
-            if key not in REDIS_STREAMS_KEYS:
-                problems.append(f"{at}: {key} is not a redis-streams metadata key")
+            if key not in allowed:
+                problems.append(f"{at}: {key} is not a {t['type']} metadata key")
             if not isinstance(value, str):
                 problems.append(f"{at}: {key} is {value!r}, not a string")
         for key in sorted(FORBIDDEN_TRIGGER_KEYS & set(meta)):
@@ -577,57 +583,28 @@ def check_keda(docs):
         for key in ("address", "host", "password", "username"):
             if key in meta:
                 problems.append(f"{at}: {key} in metadata; it comes from the TriggerAuthentication")
-        m = re.fullmatch(r"llmq:\{([^{}]+)\}:stream", str(meta.get("stream", "")))
+        m = re.fullmatch(pattern, str(meta.get(name_key, "")))
         if not m:
-            problems.append(f"{at}: stream {meta.get('stream')!r} is not llmq:{{<queue>}}:stream")
+            problems.append(f"{at}: {name_key} {meta.get(name_key)!r} is not {shape}")
         elif m.group(1) not in queues:
             problems.append(f"{at}: queue {m.group(1)} is not in LLMQ_QUEUES {queues}")
         else:
-            seen.append(m.group(1))
-        if meta.get("streamLength") != concurrency:
-            problems.append(f"{at}: streamLength {meta.get('streamLength')!r} != LLMQ_CONCURRENCY {concurrency!r}")
+            seen[t["type"]].append(m.group(1))
+        if meta.get(length_key) != concurrency:
+            problems.append(f"{at}: {length_key} {meta.get(length_key)!r} != LLMQ_CONCURRENCY {concurrency!r}")
         if meta.get("databaseIndex", "0") != redis["db"]:
             problems.append(f"{at}: databaseIndex {meta.get('databaseIndex')!r} != REDIS_URL's {redis['db']}")
         if meta.get("enableTLS", "false") != ("true" if redis["tls"] else "false"):
             problems.append(f"{at}: enableTLS does not match REDIS_URL's scheme")
         problems += _check_trigger_auth(docs, so, t, redis, at)
     for q in queues:
-        if seen.count(q) != 1:
-            problems.append(f"queue {q} has {seen.count(q)} triggers, not one")
-        if rooms.count(q) != 1:
-            problems.append(f"queue {q} has {rooms.count(q)} room triggers, not one: "
+        streams, rooms = seen["redis-streams"].count(q), seen["redis"].count(q)
+        if streams != 1:
+            problems.append(f"queue {q} has {streams} triggers, not one")
+        if rooms != 1:
+            problems.append(f"queue {q} has {rooms} room triggers, not one: "
                             "tasks with a priority or tenant would not size the pool")
     return problems
-
-
-def _check_room_trigger(docs, so, t, at, queues, concurrency, redis, rooms):
-    """A queue's room trigger: KEDA's redis scaler on the length of llmq:{<q>}:room:backlog."""
-    problems = []
-    if t.get("metricType", "AverageValue") != "AverageValue":
-        problems.append(f"{at}: metricType must be AverageValue (fallback needs it)")
-    meta = t.get("metadata") or {}
-    for key, value in meta.items():
-        if key not in REDIS_LIST_KEYS:
-            problems.append(f"{at}: {key} is not a redis (list) metadata key")
-        if not isinstance(value, str):
-            problems.append(f"{at}: {key} is {value!r}, not a string")
-    for key in ("address", "host", "password", "username"):
-        if key in meta:
-            problems.append(f"{at}: {key} in metadata; it comes from the TriggerAuthentication")
-    m = re.fullmatch(r"llmq:\{([^{}]+)\}:room:backlog", str(meta.get("listName", "")))
-    if not m:
-        problems.append(f"{at}: listName {meta.get('listName')!r} is not llmq:{{<queue>}}:room:backlog")
-    elif m.group(1) not in queues:
-        problems.append(f"{at}: queue {m.group(1)} is not in LLMQ_QUEUES {queues}")
-    else:
-        rooms.append(m.group(1))
-    if meta.get("listLength") != concurrency:
-        problems.append(f"{at}: listLength {meta.get('listLength')!r} != LLMQ_CONCURRENCY {concurrency!r}")
-    if meta.get("databaseIndex", "0") != redis["db"]:
-        problems.append(f"{at}: databaseIndex {meta.get('databaseIndex')!r} != REDIS_URL's {redis['db']}")
-    if meta.get("enableTLS", "false") != ("true" if redis["tls"] else "false"):
-        problems.append(f"{at}: enableTLS does not match REDIS_URL's scheme")
-    return problems + _check_trigger_auth(docs, so, t, redis, at)
 
 
 def _check_trigger_auth(docs, so, trigger, redis, at):
