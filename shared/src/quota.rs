@@ -278,10 +278,7 @@ impl Limiter {
                 .zrangebyscore(keys.tokens_window(), since, "+inf")
                 .query_async(&mut c)
                 .await?;
-        let tokens: u64 = members
-            .iter()
-            .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
-            .sum();
+        let tokens = tokens_of(&members);
         let window_end =
             now + chrono::Duration::from_std(quotas.counted_window()).unwrap_or_default();
         let mut out = Vec::new();
@@ -321,12 +318,14 @@ impl Limiter {
         // has one (`... held for priority <p>`), else against the whole limit (`... used by
         // priority <p>`), shown while it has calls in the window.
         if quotas.reserve.iter().any(|&pct| pct > 0) {
-            for (p, &pct) in quotas.reserve.iter().enumerate() {
-                let (requests, tokens): (u64, Vec<String>) = redis::pipe()
-                    .zcount(keys.requests_window_of(p), since, "+inf")
-                    .zrangebyscore(keys.tokens_window_of(p), since, "+inf")
-                    .query_async(&mut c)
-                    .await?;
+            // Every priority's window in one round trip.
+            let mut pipe = redis::pipe();
+            for p in 0..quotas.reserve.len() {
+                pipe.zcount(keys.requests_window_of(p), since, "+inf")
+                    .zrangebyscore(keys.tokens_window_of(p), since, "+inf");
+            }
+            let windows: Vec<(u64, Vec<String>)> = pipe.query_async(&mut c).await?;
+            for (p, (&pct, (requests, members))) in quotas.reserve.iter().zip(windows).enumerate() {
                 if pct == 0 && requests == 0 {
                     continue;
                 }
@@ -345,17 +344,9 @@ impl Limiter {
                     );
                 }
                 if let Some(l) = quotas.tpm {
-                    let used: u64 = tokens
-                        .iter()
-                        .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
-                        .sum();
                     let limit = (l * share / 100) as f64;
-                    line(
-                        &format!("tpm {what} priority {p}"),
-                        used as f64,
-                        limit,
-                        window_end,
-                    );
+                    let used = tokens_of(&members) as f64;
+                    line(&format!("tpm {what} priority {p}"), used, limit, window_end);
                 }
             }
         }
@@ -446,6 +437,14 @@ impl<'a> PromptTokens<'a> {
 pub fn estimate_tokens(system: Option<&str>, prompt: &str) -> u64 {
     let chars = system.map_or(0, |s| s.chars().count() + 4) + prompt.chars().count() + 4;
     chars.div_ceil(3) as u64
+}
+
+/// The tokens of a token window's members (`<reservation id>:<tokens>`).
+fn tokens_of(members: &[String]) -> u64 {
+    members
+        .iter()
+        .filter_map(|m| m.rsplit(':').next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// `quotas.reserve` as `reserve.lua` reads it: `<priority>:<percent>` comma-separated.

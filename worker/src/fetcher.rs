@@ -285,15 +285,8 @@ impl Fetcher {
                             }?;
                         }
                         // The room's beacon says it has tasks: drop it, and feed from it.
-                        if read.iter().any(Delivery::is_beacon) {
+                        if !self.redis.drop_beacons(q, &mut read).await?.is_empty() {
                             feeding[at] = true;
-                            let beacons: Vec<&str> = read
-                                .iter()
-                                .filter(|d| d.is_beacon())
-                                .map(|d| d.entry_id.as_str())
-                                .collect();
-                            self.redis.drop_read(q, &beacons).await?;
-                            read.retain(|d| !d.is_beacon());
                         }
                         // A blocking read's entries were handed over when it returned.
                         let at = Instant::now();

@@ -97,28 +97,39 @@ impl Client {
         Ok((read, more))
     }
 
-    /// Acks and deletes entries read but not to be run: the room's beacons.
+    /// Takes the room's beacons out of `read` (entries read or taken over) and acks and
+    /// deletes them: they are no tasks. Returns their entry ids.
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn drop_read(&self, keys: &QueueKeys, ids: &[&str]) -> Result<()> {
+    pub async fn drop_beacons(
+        &self,
+        keys: &QueueKeys,
+        read: &mut Vec<Delivery>,
+    ) -> Result<Vec<String>> {
+        let ids: Vec<String> = read
+            .iter()
+            .filter(|d| d.is_beacon())
+            .map(|d| d.entry_id.clone())
+            .collect();
         if ids.is_empty() {
-            return Ok(());
+            return Ok(ids);
         }
+        read.retain(|d| !d.is_beacon());
         let mut c = self.conn().await?;
         let () = redis::pipe()
             .cmd("XACK")
             .arg(keys.stream())
             .arg(GROUP)
-            .arg(ids)
+            .arg(&ids)
             .ignore()
             .cmd("XDEL")
             .arg(keys.stream())
-            .arg(ids)
+            .arg(&ids)
             .ignore()
             .query_async(&mut c)
             .await?;
-        Ok(())
+        Ok(ids)
     }
 
     /// The id Redis gives the connection `conn` (`CLIENT ID`), to end its blocking read with
@@ -168,20 +179,12 @@ impl Client {
         result_ttl: Duration,
     ) -> Result<Reclaimed> {
         let mut claimed = self.claim_idle(keys, consumer, min_idle, count).await?;
-        // A beacon of the room that a dead worker held: dropped, as its reader would have.
-        let beacons: Vec<&str> = claimed
-            .tasks
-            .iter()
-            .filter(|d| d.is_beacon())
-            .map(|d| d.entry_id.as_str())
-            .collect();
-        self.drop_read(keys, &beacons).await?;
-        // A beacon is no task: its takeover is not one either.
-        let dropped: Vec<String> = beacons.iter().map(|&b| b.to_owned()).collect();
+        // A beacon of the room that a dead worker held: dropped, as its reader would have;
+        // it is no task, so its takeover is not one either.
+        let dropped = self.drop_beacons(keys, &mut claimed.tasks).await?;
         claimed.takeovers.retain(|t| !dropped.contains(&t.entry_id));
         let (poison, run): (Vec<Delivery>, Vec<Delivery>) = std::mem::take(&mut claimed.tasks)
             .into_iter()
-            .filter(|d| !d.is_beacon())
             .partition(|d| d.deliveries > max_deliveries);
         // A chain step's poison ends its step like any failure, in the same script, so its
         // chain moves on (descendants cancelled, joins counted) and ends.
