@@ -7,6 +7,8 @@ mod batch;
 mod browser;
 mod chain;
 mod chain_property;
+mod client_node;
+mod client_python;
 mod cluster;
 mod command;
 mod costs;
