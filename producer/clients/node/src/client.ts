@@ -1,0 +1,500 @@
+// The llmq client: enqueue tasks and chains, wait for and follow them, list and replay dead
+// letters. Everything it writes and reads is docs/wire-format.md.
+
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { setTimeout as sleep } from 'node:timers/promises';
+
+import { buildChain, type Chain, type ChainEvent, type ChainState, type StepState } from './chain.js';
+import { buildEnvelope, DEFAULT_MAX_PAYLOAD_BYTES, RESERVED_FIELDS, TASK_FIELDS, type Task, type TaskRecord } from './envelope.js';
+import { invalid, LlmqError } from './errors.js';
+import { connectRedis, redisError, type Commands, type Connection, type StreamEntry } from './redis.js';
+import { CANONICAL_UUID, canonicalUuid, deriveId } from './uuid.js';
+
+/** The statuses after which nothing more happens to a task without an operator. */
+const FINAL = new Set(['succeeded', 'failed', 'dead']);
+/** Tasks per MULTI/EXEC of a batch, as `llmq batch` sends 1000 per round trip. */
+const BATCH_CHUNK = 1000;
+
+/** replay.lua, shipped beside this file by the build from shared/src/queue/replay.lua. */
+const REPLAY_LUA = readFileSync(new URL('./replay.lua', import.meta.url), 'utf8');
+const REPLAY_SHA = createHash('sha1').update(REPLAY_LUA).digest('hex');
+
+export interface ConnectOptions {
+  /** The Redis URL, as llmq takes it; default `REDIS_URL`, else redis://127.0.0.1:6379. */
+  url?: string;
+  /** The queue; default `default`. */
+  queue?: string;
+  /** The workers' `--max-payload-bytes`; default 1 MiB. */
+  maxPayloadBytes?: number;
+}
+
+export interface WaitOptions {
+  /** Give up after this many milliseconds (default 60000); `Infinity` waits for ever. */
+  timeoutMs?: number;
+  /** How often to look, in milliseconds (default 100). */
+  pollMs?: number;
+}
+
+export interface FollowAnswerOptions extends WaitOptions {
+  /** Called when a call failed after part of its answer: the text so far is void, the retry's follows in full. */
+  onRestart?: (error: string) => void;
+}
+
+/** A dead letter (`llmq:{q}:dead`), as `llmq dlq list` shows it. */
+export interface DeadLetter {
+  /** The dead-entry id, e.g. `1763900000000-0`. */
+  id: string;
+  taskId: string;
+  queue: string;
+  error: string;
+  class: string;
+  attempts: number;
+  failedAt: Date | null;
+  /** The payload as it was when the task died. */
+  task: string;
+}
+
+/** What replaying a dead letter did. */
+export interface Replayed {
+  /** `enqueued`: back in the stream; `gone`: someone else replayed or purged it meanwhile. */
+  status: 'enqueued' | 'gone';
+  taskId: string;
+}
+
+/** A queue name as llmq takes one: it goes into `llmq:{<queue>}:...` keys verbatim. */
+export function checkQueueName(name: unknown): asserts name is string {
+  if (
+    typeof name !== 'string' ||
+    name.trim() === '' ||
+    Buffer.byteLength(name, 'utf8') > 200 ||
+    /[{}\u0000-\u001f\u007f-\u009f]/.test(name) ||
+    !name.isWellFormed()
+  ) {
+    throw invalid(
+      `Queue name ${JSON.stringify(name)} cannot be used: use 1 to 200 bytes without braces or control characters, such as default (letters, digits, -, _ and . are safest).`,
+    );
+  }
+}
+
+function timeoutOf(opts: WaitOptions | undefined, fallback: number): { deadline: number; ms: number; poll: number } {
+  const ms = opts?.timeoutMs ?? fallback;
+  const poll = opts?.pollMs ?? 100;
+  if (typeof ms !== 'number' || Number.isNaN(ms) || ms < 0) {
+    throw invalid(`timeoutMs must be a number of milliseconds of at least 0, not ${String(ms)}.`);
+  }
+  if (typeof poll !== 'number' || !Number.isFinite(poll) || poll < 1) {
+    throw invalid(`pollMs must be a number of milliseconds of at least 1, not ${String(poll)}.`);
+  }
+  return { deadline: Date.now() + ms, ms, poll };
+}
+
+/** A task id as the worker stores results under: a canonical UUID. */
+function checkTaskId(id: unknown): asserts id is string {
+  if (typeof id !== 'string' || !CANONICAL_UUID.test(id)) {
+    throw invalid(
+      `${JSON.stringify(id) ?? String(id)} is not a task id; give the id enqueue() returned (a lower-case, hyphenated UUID).`,
+    );
+  }
+}
+
+/** A chain id as a worker takes one. */
+function checkChainId(id: unknown): asserts id is string {
+  if (typeof id !== 'string' || id.trim() === '' || [...id].length > 512 || /[\u0000-\u001f\u007f-\u009f]/.test(id)) {
+    throw invalid(`${JSON.stringify(id) ?? String(id)} is not a chain id; give the id submitChain() returned.`);
+  }
+}
+
+const seconds = (ms: number) => `${Math.round(ms / 100) / 10}s`;
+
+/**
+ * What `llmq dlq replay` enqueues for a plain task's dead letter (`replayed_task` in
+ * shared/src/queue/dead_letter.rs): the envelope with `attempts`, `snoozes`, `waiting_since`
+ * and `last_error` reset, `replays` one more, its `id` filled in if missing, and optionally a
+ * new `provider`; a payload that is not an envelope as it came.
+ */
+export function replayedTask(task: string, taskId: string, provider?: string): string {
+  let env: unknown;
+  try {
+    env = JSON.parse(task);
+  } catch {
+    return task;
+  }
+  if (typeof env !== 'object' || env === null || Array.isArray(env)) return task;
+  const e = env as Record<string, unknown>;
+  const counter = (v: unknown) => v === undefined || (Number.isSafeInteger(v) && (v as number) >= 0);
+  const id = e.id === undefined || e.id === null ? null : typeof e.id === 'string' ? (canonicalUuid(e.id) ?? undefined) : undefined;
+  // What the worker's Envelope type would not read is replayed as it came, as llmq does.
+  if (!(Number.isSafeInteger(e.v) && (e.v as number) >= 0) || id === undefined || !counter(e.replays)) return task;
+  if (!counter(e.attempts) || !counter(e.snoozes)) return task;
+  // Unset options are left out when llmq writes an envelope back; unknown fields are kept.
+  for (const f of [...TASK_FIELDS, ...RESERVED_FIELDS] as string[]) if (e[f] === null) delete e[f];
+  delete e.attempts;
+  delete e.snoozes;
+  delete e.waiting_since;
+  delete e.last_error;
+  e.replays = ((e.replays as number | undefined) ?? 0) + 1;
+  e.id = id ?? canonicalUuid(taskId) ?? undefined;
+  if (provider !== undefined) e.provider = provider;
+  return JSON.stringify(e);
+}
+
+/** The chain and step a payload names, when it names both (`chain_step_of` in envelope.rs). */
+function chainStepOf(task: string): [string, string] | null {
+  try {
+    const v = JSON.parse(task) as { chain_id?: unknown; step?: unknown } | null;
+    return typeof v?.chain_id === 'string' && typeof v?.step === 'string' ? [v.chain_id, v.step] : null;
+  } catch {
+    return null;
+  }
+}
+
+/** A queue of llmq on one Redis connection. Make one with {@link connect}. */
+export class Queue {
+  readonly name: string;
+  readonly #conn: Connection;
+  readonly #maxPayloadBytes: number;
+  /** Stream entries of the chains submitted here, to find a refused chain's reason. */
+  readonly #chainEntries = new Map<string, string>();
+
+  /** @internal Use {@link connect}. */
+  constructor(conn: Connection, name: string, maxPayloadBytes: number) {
+    checkQueueName(name);
+    this.#conn = conn;
+    this.name = name;
+    this.#maxPayloadBytes = maxPayloadBytes;
+  }
+
+  /** Another queue on the same connection. */
+  queue(name: string): Queue {
+    return new Queue(this.#conn, name, this.#maxPayloadBytes);
+  }
+
+  /** A key of this queue: `llmq:{<queue>}:<rest>`. */
+  key(rest: string): string {
+    return `llmq:{${this.name}}:${rest}`;
+  }
+
+  async #redis<T>(f: (cmd: Commands) => Promise<T>): Promise<T> {
+    try {
+      return await f(this.#conn.cmd);
+    } catch (e) {
+      throw redisError(this.#conn.where, e);
+    }
+  }
+
+  /**
+   * Enqueues one task (one `XADD` of its envelope) and returns its id.
+   *
+   * @throws {LlmqError} `invalid` for a task a worker would refuse (nothing is written), `redis`.
+   */
+  async enqueue(task: Task): Promise<string> {
+    const { id, json } = buildEnvelope(task, this.#maxPayloadBytes);
+    await this.#redis((r) => r.xAdd(this.key('stream'), '*', { task: json }));
+    return id;
+  }
+
+  /**
+   * Enqueues tasks in order, 1000 to one MULTI/EXEC round trip, and returns their ids. Every
+   * task is checked first: one a worker would refuse throws before anything is written.
+   */
+  async enqueueMany(tasks: readonly Task[]): Promise<string[]> {
+    if (!Array.isArray(tasks)) throw invalid('enqueueMany takes an array of tasks.');
+    const built = tasks.map((t, i) => {
+      try {
+        return buildEnvelope(t, this.#maxPayloadBytes);
+      } catch (e) {
+        const m = (e as Error).message;
+        throw invalid(`Task ${i} of the batch: ${m} Nothing was enqueued.`);
+      }
+    });
+    const stream = this.key('stream');
+    for (let at = 0; at < built.length; at += BATCH_CHUNK) {
+      const tx = this.#conn.multi(stream);
+      for (const { json } of built.slice(at, at + BATCH_CHUNK)) tx.xAdd(stream, '*', { task: json });
+      try {
+        await tx.exec();
+      } catch (e) {
+        const err = redisError(this.#conn.where, e);
+        err.message += ` The first ${at} task(s) of the batch were enqueued, the rest not.`;
+        throw err;
+      }
+    }
+    return built.map((b) => b.id);
+  }
+
+  /** The task's result record now, or `null` when it has none yet. */
+  async result(id: string): Promise<TaskRecord | null> {
+    checkTaskId(id);
+    const raw = await this.#redis((r) => r.get(this.key(`result:${id}`)));
+    return raw === null ? null : (JSON.parse(raw) as TaskRecord);
+  }
+
+  /**
+   * Waits until the task has a final record (`succeeded`, `failed` or `dead`) and returns it;
+   * `delayed` (a retry pending) is waited through.
+   *
+   * @throws {LlmqError} `timeout` when it has none within `timeoutMs` (default 60 s).
+   */
+  async waitForResult(id: string, options?: WaitOptions): Promise<TaskRecord> {
+    const [record] = await this.waitForResults([id], options);
+    return record!;
+  }
+
+  /** Waits for several tasks at once (one `MGET` per look); records in the order of `ids`. */
+  async waitForResults(ids: readonly string[], options?: WaitOptions): Promise<TaskRecord[]> {
+    if (!Array.isArray(ids)) throw invalid('waitForResults takes an array of task ids.');
+    ids.forEach(checkTaskId);
+    const { deadline, ms, poll } = timeoutOf(options, 60_000);
+    const done = new Map<string, TaskRecord>();
+    for (;;) {
+      const open = ids.filter((id) => !done.has(id));
+      if (open.length === 0) return ids.map((id) => done.get(id)!);
+      // The keys of a queue share one hash tag, so one MGET serves a cluster too.
+      const raws = await this.#redis((r) => r.mGet(open.map((id) => this.key(`result:${id}`))));
+      raws.forEach((raw, i) => {
+        if (raw === null) return;
+        const record = JSON.parse(raw) as TaskRecord;
+        if (FINAL.has(record.status)) done.set(open[i]!, record);
+      });
+      if (ids.every((id) => done.has(id))) return ids.map((id) => done.get(id)!);
+      if (Date.now() >= deadline) {
+        const left = ids.filter((id) => !done.has(id));
+        throw new LlmqError(
+          'timeout',
+          `Task ${left.slice(0, 3).join(', ')}${left.length > 3 ? ` and ${left.length - 3} more` : ''} did not reach a final status within ${seconds(ms)}; ` +
+            `it is still in queue \`${this.name}\` (is a worker serving it?), so wait again or look with llmq result.`,
+        );
+      }
+      await sleep(Math.max(0, Math.min(poll, deadline - Date.now())));
+    }
+  }
+
+  /**
+   * Follows the live answer of a task enqueued with `stream: true`: the text as the worker
+   * writes it to `llmq:{q}:out:<id>`, piece by piece, ending when the answer is done or the
+   * task has a final record (then read it with {@link waitForResult}).
+   *
+   * @throws {LlmqError} `timeout` when the task has not ended within `timeoutMs` (default 60 s).
+   */
+  async *followAnswer(id: string, options?: FollowAnswerOptions): AsyncGenerator<string, void, undefined> {
+    checkTaskId(id);
+    const { deadline, ms } = timeoutOf(options, 60_000);
+    const out = this.key(`out:${id}`);
+    let lease;
+    try {
+      lease = await this.#conn.lease();
+    } catch (e) {
+      throw redisError(this.#conn.where, e);
+    }
+    try {
+      let after = '0';
+      let ended = false;
+      for (;;) {
+        const left = deadline - Date.now();
+        if (left <= 0) {
+          throw new LlmqError(
+            'timeout',
+            `The answer of task ${id} did not end within ${seconds(ms)}; it is still in queue \`${this.name}\`, so follow it again or wait for its result.`,
+          );
+        }
+        // After the record turned final, one more read without blocking takes what is left.
+        const block = ended ? undefined : Math.max(1, Math.min(1000, Math.floor(left)));
+        let reply;
+        try {
+          reply = await lease.cmd.xRead({ key: out, id: after }, block === undefined ? { COUNT: 1000 } : { BLOCK: block, COUNT: 1000 });
+        } catch (e) {
+          throw redisError(this.#conn.where, e);
+        }
+        const entries: StreamEntry[] = reply?.[0]?.messages ?? [];
+        for (const { id: entryId, message } of entries) {
+          after = entryId;
+          if (message.text !== undefined) yield message.text;
+          else if (message.event === 'restart') options?.onRestart?.(message.error ?? '');
+          else if (message.event === 'done') return;
+        }
+        if (ended && entries.length === 0) return;
+        if (!ended && entries.length === 0) {
+          const record = await this.result(id);
+          ended = record !== null && FINAL.has(record.status);
+        }
+      }
+    } finally {
+      await lease.release();
+    }
+  }
+
+  /**
+   * Submits a chain (one `XADD` of its spec in the `chain` field) and returns its id. A worker
+   * expands it; submitting the same `chain_id` again runs nothing twice.
+   *
+   * @throws {LlmqError} `invalid` for a chain the client can tell is wrong (nothing is written).
+   */
+  async submitChain(chain: Chain): Promise<string> {
+    const { chainId, json } = buildChain(chain);
+    const entry = await this.#redis((r) => r.xAdd(this.key('stream'), '*', { chain: json }));
+    this.#chainEntries.set(chainId, entry);
+    return chainId;
+  }
+
+  /**
+   * Follows a chain: an event for each step whenever its state changes (first its state when
+   * the follow begins), then one `end` event with the chain's final state and every step.
+   *
+   * @throws {LlmqError} `refused` when the worker refused a chain submitted by this client (its
+   * reason), `timeout` when it has not ended within `timeoutMs` (default 10 minutes).
+   */
+  async *followChain(chainId: string, options?: WaitOptions): AsyncGenerator<ChainEvent, void, undefined> {
+    checkChainId(chainId);
+    const { deadline, ms, poll } = timeoutOf(options, 600_000);
+    const seen = new Map<string, string>();
+    const entry = this.#chainEntries.get(chainId);
+    for (;;) {
+      const [state, rawSteps] = await this.#redis((r) =>
+        Promise.all([r.hGet(this.key(`chain:${chainId}`), 'state'), r.hGetAll(this.key(`chain:${chainId}:steps`))]),
+      );
+      const steps: Record<string, StepState> = {};
+      for (const [name, raw] of Object.entries(rawSteps)) {
+        steps[name] = JSON.parse(raw) as StepState;
+        const mark = `${steps[name].status}/${steps[name].round}/${steps[name].task_id}`;
+        if (seen.get(name) !== mark) {
+          seen.set(name, mark);
+          yield { type: 'step', chainId, step: name, state: steps[name] };
+        }
+      }
+      if (state && state !== 'running') {
+        yield { type: 'end', chainId, state: state as ChainState, steps };
+        return;
+      }
+      if (!state && entry !== undefined) {
+        // A chain the worker refused is a dead letter with a record under the entry's derived id.
+        const record = await this.result(deriveId(this.name, entry));
+        if (record !== null && record.status === 'dead') {
+          throw new LlmqError('refused', `Chain ${chainId} was refused by the worker: ${record.error ?? 'no reason given'}; nothing of it ran.`);
+        }
+      }
+      if (Date.now() >= deadline) {
+        throw new LlmqError(
+          'timeout',
+          state
+            ? `Chain ${chainId} did not end within ${seconds(ms)}; it still runs in queue \`${this.name}\`, so follow it again or look with llmq chain show ${chainId}.`
+            : `Chain ${chainId} did not appear in queue \`${this.name}\` within ${seconds(ms)}; check the chain id and the queue, and that a worker serves it.`,
+        );
+      }
+      await sleep(Math.max(0, Math.min(poll, deadline - Date.now())));
+    }
+  }
+
+  #deadLetter(e: StreamEntry): DeadLetter {
+    const f = e.message;
+    const task = f.task ?? '';
+    let taskId: string | null = null;
+    try {
+      const v = JSON.parse(task) as { id?: unknown } | null;
+      if (typeof v?.id === 'string') taskId = canonicalUuid(v.id);
+    } catch {
+      // Not JSON: the id is derived from where it sat.
+    }
+    const failedAt = Number.parseInt(f.failed_at ?? '', 10);
+    return {
+      id: e.id,
+      taskId: taskId ?? deriveId(this.name, f.entry_id ?? ''),
+      queue: this.name,
+      error: f.error ?? '',
+      class: f.class ?? '',
+      attempts: Number.parseInt(f.attempts ?? '', 10) || 0,
+      failedAt: Number.isNaN(failedAt) ? null : new Date(failedAt),
+      task,
+    };
+  }
+
+  /** The queue's dead letters, newest first, at most `limit` (default 100). */
+  async deadLetters(options?: { limit?: number }): Promise<DeadLetter[]> {
+    const limit = options?.limit ?? 100;
+    if (!Number.isSafeInteger(limit) || limit < 1) throw invalid(`limit must be a whole number of at least 1, not ${String(limit)}.`);
+    const entries = await this.#redis((r) => r.xRevRange(this.key('dead'), '+', '-', { COUNT: limit }));
+    return entries.map((e) => this.#deadLetter(e));
+  }
+
+  /** The dead letter with this dead-entry id or task id, or `null`. */
+  async #findDead(id: string): Promise<DeadLetter | null> {
+    const dead = this.key('dead');
+    if (/^\d+-\d+$/.test(id)) {
+      const [e] = await this.#redis((r) => r.xRange(dead, id, id));
+      return e === undefined ? null : this.#deadLetter(e);
+    }
+    let end = '+';
+    for (;;) {
+      const page = await this.#redis((r) => r.xRevRange(dead, end, '-', { COUNT: 500 }));
+      const found = page.map((e) => this.#deadLetter(e)).find((d) => d.taskId === id);
+      if (found) return found;
+      if (page.length < 500) return null;
+      end = `(${page[page.length - 1]!.id}`;
+    }
+  }
+
+  /**
+   * Replays a dead letter (by dead-entry id or task id) as `llmq dlq replay` does: its
+   * envelope with attempts reset ({@link replayedTask}) goes back to the stream, and the dead
+   * letter and the task's record are deleted, in one script (llmq's replay.lua).
+   *
+   * @throws {LlmqError} `not_found` for no such dead letter, `refused` for a chain step's.
+   */
+  async replay(id: string, options?: { provider?: string }): Promise<Replayed> {
+    if (typeof id !== 'string' || id === '') throw invalid('Give the dead-entry id or the task id of the dead letter to replay.');
+    const provider = options?.provider;
+    if (provider !== undefined && (typeof provider !== 'string' || provider === '' || provider.includes('\0'))) {
+      throw invalid('provider must be the non-empty name of a provider in the workers\' provider file.');
+    }
+    const d = await this.#findDead(id);
+    if (d === null) {
+      throw new LlmqError(
+        'not_found',
+        `There is no dead letter ${id} in queue \`${this.name}\`; list them with deadLetters() (or llmq dlq list --queue ${this.name}).`,
+      );
+    }
+    const step = chainStepOf(d.task);
+    if (step !== null) {
+      const [chain, name] = step;
+      throw new LlmqError(
+        'refused',
+        `Dead letter ${d.id} is step \`${name}\` of chain ${chain}, and resuming a chain is the llmq binary's job; ` +
+          `run \`llmq dlq replay ${d.id} --queue ${this.name}\` or \`llmq chain retry ${chain} --from ${name} --queue ${this.name}\`.`,
+      );
+    }
+    const task = replayedTask(d.task, d.taskId, provider);
+    const script = { keys: [this.key('dead'), this.key('stream'), this.key(`result:${d.taskId}`)], arguments: [d.id, task] };
+    const replayed = await this.#redis(async (r) => {
+      try {
+        return await r.evalSha(REPLAY_SHA, script);
+      } catch (e) {
+        if (!/NOSCRIPT/.test((e as Error)?.message ?? '')) throw e;
+        return r.eval(REPLAY_LUA, script);
+      }
+    });
+    return { status: replayed === 1 ? 'enqueued' : 'gone', taskId: d.taskId };
+  }
+
+  /** Closes the connection (every queue made from it with {@link queue} too). */
+  async close(): Promise<void> {
+    await this.#conn.close().catch(() => undefined);
+  }
+}
+
+/**
+ * Connects to Redis and returns the queue to work with.
+ *
+ * @throws {LlmqError} `invalid` for a bad queue name, `url` for a Redis URL llmq does not read,
+ * `redis` when Redis cannot be reached.
+ */
+export async function connect(options: ConnectOptions = {}): Promise<Queue> {
+  const queue = options.queue ?? 'default';
+  checkQueueName(queue);
+  const max = options.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
+  if (!Number.isSafeInteger(max) || max < 1) {
+    throw invalid(`maxPayloadBytes must be a whole number of bytes, as the workers' --max-payload-bytes, not ${String(max)}.`);
+  }
+  const url = options.url ?? process.env.REDIS_URL ?? 'redis://127.0.0.1:6379';
+  const conn = await connectRedis(url);
+  return new Queue(conn, queue, max);
+}

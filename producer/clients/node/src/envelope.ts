@@ -1,0 +1,622 @@
+// The task envelope (schema/envelope.schema.json, shared/src/envelope.rs): its fields, typed,
+// and the checks a worker makes, so that this client never writes an envelope a worker would
+// refuse for its shape. Field names are the wire format's, snake_case.
+
+import { randomUUID } from 'node:crypto';
+
+import { invalid } from './errors.js';
+import { CANONICAL_UUID } from './uuid.js';
+
+export const TASK_TYPES = [
+  'code_generation',
+  'research',
+  'data_analysis',
+  'refactoring',
+  'documentation',
+  'code_review',
+  'sql_db_work',
+  'testing',
+  'debugging',
+  'planning',
+] as const;
+export type TaskType = (typeof TASK_TYPES)[number];
+export type Risk = 'low' | 'medium' | 'high';
+export type Tier = 'fast' | 'standard' | 'advanced';
+export type ImageType = 'image/png' | 'image/jpeg' | 'image/gif' | 'image/webp';
+export type Role = 'system' | 'user' | 'assistant' | 'tool';
+
+/** Any JSON object (a JSON Schema, tool arguments). */
+export type JsonObject = { [key: string]: unknown };
+
+export type ContentPart =
+  | { type: 'text'; text: string }
+  | { type: 'image'; url: string; media_type?: ImageType }
+  | { type: 'image'; data: string; media_type: ImageType };
+
+/** A tool call the model made in an earlier answer (as the result record's `tool_calls`). */
+export interface ToolCall {
+  id: string;
+  name: string;
+  arguments?: JsonObject | string | null;
+  signature?: string;
+}
+
+/** One earlier turn of a conversation. */
+export interface Message {
+  role: Role;
+  content?: string | ContentPart[];
+  tool_calls?: ToolCall[];
+  tool_call_id?: string;
+}
+
+/** A function the model may call; llmq never runs it. */
+export interface Tool {
+  name: string;
+  description?: string;
+  /** A JSON Schema of an object (`"type": "object"`). */
+  parameters?: JsonObject;
+}
+
+export type ToolChoice = 'auto' | 'none' | 'required' | { name: string };
+
+export type ResponseFormat =
+  | { type: 'json_object' }
+  | { type: 'json_schema'; schema: JsonObject; name?: string; strict?: boolean };
+
+/**
+ * A task: every envelope field a producer may set (docs/wire-format.md, "The envelope").
+ * `prompt` is required unless `messages` is given. `null` means the same as leaving a field
+ * out. Dates may be given as `Date`s or RFC 3339 strings.
+ */
+export interface Task {
+  /** The task id, a canonical UUID; a fresh one when left out. */
+  id?: string | null;
+  /** The user message: the last user turn, after `messages`. */
+  prompt?: string | null;
+  system?: string | null;
+  messages?: Message[] | null;
+  tools?: Tool[] | null;
+  tool_choice?: ToolChoice | null;
+  response_format?: ResponseFormat | null;
+  /** How long the task can wait for its answer, `24h` to `30d`: it may go through a provider's batch API. */
+  deadline?: string | null;
+  /** `true`: the answer is written to `llmq:{q}:out:<id>` as it arrives ({@link Queue.followAnswer}). */
+  stream?: boolean | null;
+  type?: TaskType | null;
+  provider?: string | null;
+  model?: string | null;
+  chain_id?: string | null;
+  risk?: Risk | null;
+  area?: string | null;
+  /** Per-attempt timeout in seconds, 1 to 2592000. */
+  timeout?: number | null;
+  max_attempts?: number | null;
+  run_at?: Date | string | null;
+  idempotency_key?: string | null;
+  max_tokens?: number | null;
+  temperature?: number | null;
+  metadata?: unknown;
+  /** 0 (the default, most urgent) to 9 (least). */
+  priority?: number | null;
+  /** Whose work it is: 1 to 128 bytes, no control characters. */
+  tenant?: string | null;
+  concurrency_key?: string | null;
+  concurrency_limit?: number | null;
+  fallback?: boolean | null;
+  traceparent?: string | null;
+  /** When it was enqueued; now when left out. */
+  enqueued_at?: Date | string | null;
+  min_tier?: Tier | null;
+}
+
+/** Every envelope field a {@link Task} may carry, in the order they are written. */
+export const TASK_FIELDS = [
+  'id',
+  'prompt',
+  'system',
+  'messages',
+  'tools',
+  'tool_choice',
+  'response_format',
+  'deadline',
+  'stream',
+  'type',
+  'provider',
+  'model',
+  'chain_id',
+  'risk',
+  'area',
+  'timeout',
+  'max_attempts',
+  'run_at',
+  'idempotency_key',
+  'max_tokens',
+  'temperature',
+  'metadata',
+  'priority',
+  'tenant',
+  'concurrency_key',
+  'concurrency_limit',
+  'fallback',
+  'traceparent',
+  'enqueued_at',
+  'min_tier',
+] as const satisfies readonly (keyof Task)[];
+
+/**
+ * The envelope fields a task may not carry: `v`, which the client writes, and those llmq sets
+ * itself (workers' counters, a chain expansion's `step`).
+ */
+export const RESERVED_FIELDS = ['v', 'attempts', 'snoozes', 'replays', 'last_error', 'waiting_since', 'step'] as const;
+
+// Every field of Task is listed in TASK_FIELDS (and the list names only Task's fields, above).
+type Unlisted = Exclude<keyof Task, (typeof TASK_FIELDS)[number]>;
+const everyFieldListed: [Unlisted] extends [never] ? true : Unlisted = true;
+void everyFieldListed;
+
+/** The result record at `llmq:{q}:result:<id>` (schema/result.schema.json). */
+export interface TaskRecord {
+  task_id: string;
+  queue: string;
+  status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead';
+  provider: string | null;
+  model: string | null;
+  output: string | null;
+  error: string | null;
+  error_class:
+    | 'retryable'
+    | 'rate_limited'
+    | 'fatal'
+    | 'quota_exhausted'
+    | 'invalid'
+    | 'poison'
+    | 'unavailable'
+    | null;
+  attempts: number;
+  input_tokens: number;
+  output_tokens: number;
+  cached_tokens: number;
+  reasoning_tokens: number;
+  cost_usd: number;
+  duration_ms: number;
+  task_type: string | null;
+  chain_id: string | null;
+  finished_at: string | null;
+  route?: string | null;
+  provider_errors?: string[];
+  /** The answer parsed, when the task had `response_format`. */
+  json?: unknown;
+  tool_calls?: { id: string; name: string; arguments: unknown; signature?: string }[];
+  learned?: { strategy: string; propensity: number; explored: boolean; candidates: string[] };
+  [field: string]: unknown;
+}
+
+/** The fields given: `null` means the same as left out. */
+type Given<T> = { [K in keyof T]?: Exclude<T[K], null> };
+
+/** The default `--max-payload-bytes` of a worker: 1 MiB. */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024;
+const MAX_TIMEOUT_SECS = 30 * 24 * 3600;
+const U32_MAX = 4294967295;
+const MAX_TENANT_BYTES = 128;
+const MAX_CONCURRENCY_KEY = 200;
+const MAX_TOOLS = 128;
+const IMAGE_TYPES: readonly string[] = ['image/png', 'image/jpeg', 'image/gif', 'image/webp'];
+
+/** Rust's `char::is_control`: the C0 and C1 controls and DEL. */
+const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+
+/** A field that is wrong, in the words a worker's dead letter would use. */
+function wrong(field: string, message: string): Error {
+  return invalid(`The task's field \`${field}\` is wrong: ${message}.`);
+}
+
+function show(v: unknown): string {
+  try {
+    const s = typeof v === 'string' ? JSON.stringify(v) : String(JSON.stringify(v) ?? v);
+    return s.length > 60 ? `${s.slice(0, 57)}...` : s;
+  } catch {
+    return String(v);
+  }
+}
+
+function isObject(v: unknown): v is JsonObject {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Date);
+}
+
+const chars = (s: string) => [...s].length;
+const blank = (s: string) => s.trim() === '';
+
+export function checkString(field: string, v: unknown): asserts v is string {
+  if (typeof v !== 'string') throw wrong(field, `must be a string, not ${show(v)}`);
+  if (!v.isWellFormed()) throw wrong(field, 'holds a lone UTF-16 surrogate, which is not valid JSON text; fix the string');
+  if (v.includes('\0')) {
+    throw wrong(field, 'contains a NUL character (\\u0000), which cannot be stored or passed on; remove it');
+  }
+}
+
+export function checkInteger(field: string, v: unknown, min: number, max: number, hint: string): asserts v is number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v)) throw wrong(field, `must be a whole number, not ${show(v)}`);
+  if (v < min || v > max) throw wrong(field, `${v} is out of range; ${hint}`);
+}
+
+function checkBoolean(field: string, v: unknown): asserts v is boolean {
+  if (typeof v !== 'boolean') throw wrong(field, `must be true or false, not ${show(v)}`);
+}
+
+function checkEnum(field: string, v: unknown, values: readonly string[]): void {
+  if (typeof v !== 'string' || !values.includes(v)) {
+    throw wrong(field, `${show(v)} is not one of ${values.join(', ')}`);
+  }
+}
+
+/** The keys of `obj` outside `known`, refused as a worker refuses them. */
+function onlyKeys(field: string, obj: JsonObject, known: readonly string[]): void {
+  const extra = Object.keys(obj).find((k) => !known.includes(k));
+  if (extra !== undefined) {
+    throw wrong(`${field}.${extra}`, `is not a field here; use only ${known.join(', ')}`);
+  }
+}
+
+/** A name providers accept: a tool's, a schema's. */
+function checkName(field: string, v: unknown): void {
+  if (typeof v !== 'string' || !/^[A-Za-z_][A-Za-z0-9_-]{0,63}$/.test(v)) {
+    throw wrong(
+      field,
+      `${show(v)} is not a name providers accept; use 1 to 64 letters, digits, \`_\` or \`-\`, starting with a letter or \`_\``,
+    );
+  }
+}
+
+/** Checks a priority and a tenant, wherever they are given (a task, a chain). */
+export function checkClass(priority: unknown, tenant: unknown, what = "The task's"): void {
+  const field = (f: string, m: string) => invalid(`${what} field \`${f}\` is wrong: ${m}.`);
+  if (priority !== undefined && priority !== null) {
+    if (typeof priority !== 'number' || !Number.isSafeInteger(priority)) {
+      throw field('priority', `must be a whole number from 0 (the default, most urgent) to 9 (least urgent), not ${show(priority)}`);
+    }
+    if (priority < 0 || priority > 9) {
+      throw field('priority', `${priority} is out of range; use 0 (the default, most urgent) to 9 (least urgent)`);
+    }
+  }
+  if (tenant !== undefined && tenant !== null) {
+    if (typeof tenant !== 'string') throw field('tenant', `must be a string, not ${show(tenant)}`);
+    if (tenant === '') throw field('tenant', 'is empty; leave it out or name the tenant');
+    const bytes = Buffer.byteLength(tenant, 'utf8');
+    if (bytes > MAX_TENANT_BYTES) {
+      throw field('tenant', `is ${bytes} bytes long; use at most ${MAX_TENANT_BYTES} (an id, not a description)`);
+    }
+    if (CONTROL.test(tenant)) throw field('tenant', 'contains a control character (a newline, tab or NUL); remove it');
+    if (!tenant.isWellFormed()) throw field('tenant', 'holds a lone UTF-16 surrogate; fix the string');
+  }
+}
+
+const UNITS: Record<string, number> = {};
+for (const [names, secs] of [
+  [['nanos', 'nsec', 'ns'], 1e-9],
+  [['usec', 'us'], 1e-6],
+  [['millis', 'msec', 'ms'], 1e-3],
+  [['seconds', 'second', 'secs', 'sec', 's'], 1],
+  [['minutes', 'minute', 'mins', 'min', 'm'], 60],
+  [['hours', 'hour', 'hrs', 'hr', 'h'], 3600],
+  [['days', 'day', 'd'], 86400],
+  [['weeks', 'week', 'w'], 604800],
+  [['months', 'month', 'M'], 2630016],
+  [['years', 'year', 'y'], 31557600],
+] as const) {
+  for (const n of names) UNITS[n] = secs;
+}
+
+/** Seconds of a duration as llmq writes them (humantime: `24h`, `3d`, `1day 12h`); `null` if none. */
+export function parseDuration(text: string): number | null {
+  const parts = text.trim().split(/\s+/).join('');
+  if (parts === '') return null;
+  let total = 0;
+  const re = /(\d+)([A-Za-z]+)/y;
+  let at = 0;
+  while (at < parts.length) {
+    re.lastIndex = at;
+    const m = re.exec(parts);
+    const unit = m ? UNITS[m[2]!] : undefined;
+    if (!m || unit === undefined) return null;
+    total += Number(m[1]) * unit;
+    at = re.lastIndex;
+  }
+  return total;
+}
+
+const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
+
+function timestamp(field: string, v: unknown): string {
+  if (v instanceof Date) {
+    if (Number.isNaN(v.getTime())) throw wrong(field, 'is an invalid Date');
+    return v.toISOString();
+  }
+  if (typeof v !== 'string' || !RFC3339.test(v) || Number.isNaN(Date.parse(v))) {
+    throw wrong(field, `${show(v)} is not an RFC 3339 time; give a Date or a string such as 2030-01-02T03:04:05Z`);
+  }
+  return v;
+}
+
+function checkContent(at: string, role: string, content: unknown, callsOnly: boolean): void {
+  let texts: string[];
+  let images = false;
+  if (content === undefined || typeof content === 'string') {
+    texts = [content ?? ''];
+  } else if (Array.isArray(content)) {
+    texts = [];
+    content.forEach((part, j) => {
+      const f = `${at}.content[${j}]`;
+      if (!isObject(part)) throw wrong(f, 'must be an object: {"type": "text", "text": "..."} or an image');
+      if (part.type === 'text') {
+        onlyKeys(f, part, ['type', 'text']);
+        checkString(`${f}.text`, part.text);
+        texts.push(part.text);
+      } else if (part.type === 'image') {
+        onlyKeys(f, part, ['type', 'url', 'data', 'media_type']);
+        images = true;
+        if (part.media_type !== undefined && (typeof part.media_type !== 'string' || !IMAGE_TYPES.includes(part.media_type))) {
+          throw wrong(`${f}.media_type`, `${show(part.media_type)} is not an image type providers read; use one of ${IMAGE_TYPES.join(', ')}`);
+        }
+        if (part.url !== undefined && part.data === undefined) {
+          const url = part.url;
+          if (typeof url !== 'string' || !/^https?:\/\//i.test(url) || url.length > 2048 || /[\s\u0000-\u001f\u007f-\u009f]/.test(url)) {
+            throw wrong(`${f}.url`, 'must be an http or https URL of at most 2048 characters; send other images as base64 "data"');
+          }
+        } else if (part.data !== undefined && part.url === undefined) {
+          if (part.media_type === undefined) throw wrong(`${f}.media_type`, `is needed with "data": one of ${IMAGE_TYPES.join(', ')}`);
+          if (typeof part.data !== 'string' || !/^[A-Za-z0-9+/=]+$/.test(part.data)) {
+            throw wrong(`${f}.data`, "must be the image's bytes in standard base64, without a data: prefix");
+          }
+        } else {
+          throw wrong(f, 'an image has either "url" or "data" (base64, with "media_type"), not both');
+        }
+      } else {
+        throw wrong(`${f}.type`, `${show(part.type)} is neither "text" nor "image"`);
+      }
+    });
+  } else {
+    throw wrong(`${at}.content`, 'must be a string or a list of parts');
+  }
+  if (texts.some((t) => typeof t === 'string' && t.includes('\0'))) {
+    throw wrong(`${at}.content`, 'contains a NUL character (\\u0000), which cannot be stored or passed on; remove it');
+  }
+  if (!images && texts.every(blank) && !callsOnly) {
+    throw wrong(`${at}.content`, "is empty; give the turn's text (only an assistant turn with tool_calls may have none)");
+  }
+  if (images && role !== 'user') throw wrong(`${at}.content`, 'only a user turn may carry images');
+}
+
+/** The conversation, tools, tool choice and response format, as `conversation::check` does. */
+function checkConversation(task: Given<Task>): void {
+  const messages = task.messages ?? [];
+  if (!Array.isArray(messages)) throw wrong('messages', 'must be a list of turns');
+  const open: string[] = [];
+  const ids = new Set<string>();
+  messages.forEach((m: unknown, i) => {
+    const at = `messages[${i}]`;
+    if (!isObject(m)) throw wrong(at, 'must be an object with a role and content');
+    onlyKeys(at, m, ['role', 'content', 'tool_calls', 'tool_call_id']);
+    checkEnum(`${at}.role`, m.role, ['system', 'user', 'assistant', 'tool']);
+    const calls = m.tool_calls ?? [];
+    if (!Array.isArray(calls)) throw wrong(`${at}.tool_calls`, 'must be a list of calls');
+    checkContent(at, m.role as string, m.content, m.role === 'assistant' && calls.length > 0);
+    if (calls.length > 0 && m.role !== 'assistant') throw wrong(`${at}.tool_calls`, 'only an assistant turn has tool calls');
+    if (m.role !== 'tool' && open.length > 0) {
+      throw wrong(
+        at,
+        `comes before the call(s) ${open.join(', ')} of the assistant turn before it are answered; put a tool turn answering each call right after the turn that made it`,
+      );
+    }
+    calls.forEach((call: unknown, j) => {
+      const f = `${at}.tool_calls[${j}]`;
+      if (!isObject(call)) throw wrong(f, 'must be an object with an id and a name');
+      onlyKeys(f, call, ['id', 'name', 'arguments', 'signature']);
+      checkName(`${f}.name`, call.name);
+      if (typeof call.id !== 'string' || !/^[A-Za-z0-9_-]{1,256}$/.test(call.id)) {
+        throw wrong(`${f}.id`, 'must be 1 to 256 letters, digits, `_` or `-`: the id the tool turn answering it names');
+      }
+      if (ids.has(call.id)) throw wrong(`${f}.id`, `\`${call.id}\` names another call too; give each call its own id`);
+      const args = call.arguments;
+      if (!(args === undefined || args === null || typeof args === 'string' || isObject(args))) {
+        throw wrong(`${f}.arguments`, 'must be a JSON object (or the text the model wrote)');
+      }
+      if (call.signature !== undefined) checkString(`${f}.signature`, call.signature);
+      ids.add(call.id);
+      open.push(call.id);
+    });
+    if (m.role === 'tool') {
+      if (m.tool_call_id === undefined) throw wrong(`${at}.tool_call_id`, 'is missing; a tool turn names the id of the call it answers');
+      const k = open.indexOf(m.tool_call_id as string);
+      if (k < 0) {
+        throw wrong(
+          `${at}.tool_call_id`,
+          'names no unanswered call of the assistant turn right before; give the id of the call it answers',
+        );
+      }
+      open.splice(k, 1);
+    } else if (m.tool_call_id !== undefined) {
+      throw wrong(`${at}.tool_call_id`, 'belongs only to a tool turn');
+    }
+  });
+  if (open.length > 0) throw wrong('messages', `ends with the call(s) ${open.join(', ')} unanswered; add a tool turn answering each`);
+
+  const tools = task.tools ?? [];
+  if (!Array.isArray(tools)) throw wrong('tools', 'must be a list of tools');
+  if (tools.length > MAX_TOOLS) throw wrong('tools', `has ${tools.length} tools; at most ${MAX_TOOLS} are accepted`);
+  const names: string[] = [];
+  tools.forEach((tool: unknown, i) => {
+    const f = `tools[${i}]`;
+    if (!isObject(tool)) throw wrong(f, 'must be an object with a name');
+    onlyKeys(f, tool, ['name', 'description', 'parameters']);
+    checkName(`${f}.name`, tool.name);
+    if (names.includes(tool.name as string)) {
+      throw wrong(`${f}.name`, `\`${tool.name as string}\` is defined twice; give each tool its own name`);
+    }
+    names.push(tool.name as string);
+    if (tool.description !== undefined) checkString(`${f}.description`, tool.description);
+    if (tool.parameters !== undefined && !(isObject(tool.parameters) && tool.parameters.type === 'object')) {
+      throw wrong(`${f}.parameters`, 'must be a JSON Schema of an object ("type": "object")');
+    }
+  });
+
+  const choice = task.tool_choice;
+  if (choice !== undefined && choice !== null) {
+    if (isObject(choice)) {
+      onlyKeys('tool_choice', choice, ['name']);
+      if (typeof choice.name !== 'string' || !names.includes(choice.name)) {
+        throw wrong('tool_choice', `names ${show(choice.name)}, which is not among the task's tools`);
+      }
+    } else {
+      checkEnum('tool_choice', choice, ['auto', 'none', 'required']);
+      if (choice === 'required' && names.length === 0) {
+        throw wrong('tool_choice', 'asks for a tool call, but the task defines no tools');
+      }
+    }
+  }
+
+  const format: unknown = task.response_format;
+  if (format !== undefined && format !== null) {
+    if (!isObject(format)) throw wrong('response_format', 'must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}');
+    if (format.type === 'json_object') {
+      onlyKeys('response_format', format, ['type']);
+    } else if (format.type === 'json_schema') {
+      onlyKeys('response_format', format, ['type', 'schema', 'name', 'strict']);
+      if (!isObject(format.schema)) throw wrong('response_format.schema', 'must be a JSON Schema (an object)');
+      if (format.name !== undefined) checkName('response_format.name', format.name);
+      if (format.strict !== undefined) checkBoolean('response_format.strict', format.strict);
+    } else {
+      throw wrong('response_format.type', `${show(format.type)} is neither "json_object" nor "json_schema"`);
+    }
+  }
+}
+
+/** Every string in `v` (keys too) is well-formed UTF-16, which the worker's JSON parser needs. */
+function checkText(path: string, v: unknown): void {
+  if (typeof v === 'string') {
+    if (!v.isWellFormed()) throw wrong(path, 'holds a lone UTF-16 surrogate, which is not valid JSON text; fix the string');
+  } else if (Array.isArray(v)) {
+    v.forEach((x, i) => checkText(`${path}[${i}]`, x));
+  } else if (isObject(v)) {
+    for (const [k, x] of Object.entries(v)) {
+      checkText(`${path}.${k}`, k);
+      checkText(`${path}.${k}`, x);
+    }
+  }
+}
+
+/**
+ * Checks a task as a worker would and returns its envelope: `{"v": 1, "id": ..., ...}` with
+ * a fresh id and `enqueued_at` when they were left out.
+ *
+ * @throws {LlmqError} code `invalid`: a sentence naming the field and the fix.
+ */
+export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES): { id: string; json: string } {
+  if (!isObject(task)) throw invalid(`A task must be an object such as {prompt: "..."}, not ${show(task)}.`);
+  for (const key of Object.keys(task)) {
+    if ((RESERVED_FIELDS as readonly string[]).includes(key)) {
+      if ((task as JsonObject)[key] === undefined) continue;
+      throw invalid(
+        key === 'v'
+          ? 'The task sets `v`; leave it out: the client writes "v": 1.'
+          : `The task sets \`${key}\`, which llmq sets itself; leave it out.`,
+      );
+    }
+    if (!(TASK_FIELDS as readonly string[]).includes(key)) {
+      throw invalid(
+        `\`${key}\` is not a task field; use one of ${TASK_FIELDS.join(', ')} (put data of your own in \`metadata\`).`,
+      );
+    }
+  }
+  const t = Object.fromEntries(Object.entries(task).filter(([, v]) => v !== undefined && v !== null)) as Given<Task>;
+
+  const messages = t.messages ?? [];
+  if (t.prompt !== undefined) checkString('prompt', t.prompt);
+  const prompt = t.prompt ?? '';
+  if (blank(prompt) && (!Array.isArray(messages) || messages.length === 0)) {
+    throw invalid('The task has no prompt; set `prompt` to a non-empty string, or give `messages`.');
+  }
+  for (const f of ['system', 'provider', 'model', 'chain_id', 'area', 'idempotency_key', 'traceparent', 'deadline'] as const) {
+    if (t[f] !== undefined) checkString(f, t[f]);
+  }
+  if (t.traceparent !== undefined && chars(t.traceparent) > 256) {
+    throw wrong('traceparent', 'is longer than 256 characters; give a W3C traceparent, 00-<trace id>-<span id>-<flags>');
+  }
+  if (t.id !== undefined && (typeof t.id !== 'string' || !CANONICAL_UUID.test(t.id))) {
+    throw wrong('id', `${show(t.id)} is not a UUID in canonical form (lower-case, hyphenated); leave it out for a fresh one`);
+  }
+  if (t.type !== undefined && !(TASK_TYPES as readonly unknown[]).includes(t.type)) {
+    throw invalid(`Unknown task type ${show(t.type)}; use one of: ${TASK_TYPES.join(', ')}.`);
+  }
+  if (t.risk !== undefined) checkEnum('risk', t.risk, ['low', 'medium', 'high']);
+  if (t.min_tier !== undefined) checkEnum('min_tier', t.min_tier, ['fast', 'standard', 'advanced']);
+  if (t.stream !== undefined) checkBoolean('stream', t.stream);
+  if (t.fallback !== undefined) checkBoolean('fallback', t.fallback);
+  if (t.timeout !== undefined) {
+    checkInteger('timeout', t.timeout, 1, MAX_TIMEOUT_SECS, `give seconds between 1 and ${MAX_TIMEOUT_SECS} (30 days)`);
+  }
+  if (t.max_attempts !== undefined) checkInteger('max_attempts', t.max_attempts, 1, U32_MAX, 'give at least 1');
+  if (t.max_tokens !== undefined) checkInteger('max_tokens', t.max_tokens, 0, U32_MAX, `give 0 to ${U32_MAX}`);
+  if (t.temperature !== undefined) {
+    if (typeof t.temperature !== 'number' || !Number.isFinite(t.temperature) || Math.abs(t.temperature) > 3.4e38) {
+      throw wrong('temperature', `must be a number, not ${show(t.temperature)}`);
+    }
+  }
+  checkClass(t.priority, t.tenant);
+  const key = t.concurrency_key;
+  const limit = t.concurrency_limit;
+  if (key !== undefined && limit === undefined) {
+    throw wrong('concurrency_key', 'needs a concurrency_limit, how many tasks of the key may run at once');
+  }
+  if (key === undefined && limit !== undefined) {
+    throw wrong('concurrency_limit', 'needs a concurrency_key, the name of the group it limits');
+  }
+  if (key !== undefined) {
+    checkString('concurrency_key', key);
+    if (blank(key) || chars(key) > MAX_CONCURRENCY_KEY) {
+      throw wrong('concurrency_key', `must be a non-empty string of at most ${MAX_CONCURRENCY_KEY} characters`);
+    }
+    checkInteger('concurrency_limit', limit, 1, U32_MAX, 'give a whole number of at least 1');
+  }
+  if (t.deadline !== undefined) {
+    const secs = parseDuration(t.deadline);
+    if (secs === null) throw wrong('deadline', `${show(t.deadline)} is not a duration; write it as e.g. "24h" or "3d"`);
+    if (secs < 24 * 3600) {
+      throw wrong(
+        'deadline',
+        `${t.deadline} is shorter than the 24h a provider may take to run a batch; give at least 24h, or leave deadline out to call the model now`,
+      );
+    }
+    if (secs > 30 * 86400) throw wrong('deadline', `${t.deadline} is longer than 30 days; give at most 30d`);
+    if (t.stream === true) throw wrong('deadline', 'cannot be used with stream: a batch answers all at once; drop one of them');
+  }
+  checkConversation(t);
+  if (blank(prompt) && messages.every((m) => isObject(m) && m.role === 'system')) {
+    throw wrong('messages', 'has only system turns and the prompt is empty; add a user turn or set "prompt"');
+  }
+  if (t.stream === true && (t.tools ?? []).length > 0) {
+    throw wrong('stream', 'cannot be used with tools yet: a streamed answer carries text only; drop one of them');
+  }
+
+  const id = t.id ?? randomUUID();
+  const envelope: JsonObject = { v: 1, id };
+  for (const f of TASK_FIELDS) {
+    if (f === 'id' || t[f] === undefined) continue;
+    envelope[f] = f === 'run_at' || f === 'enqueued_at' ? timestamp(f, t[f]) : t[f];
+  }
+  envelope.enqueued_at ??= new Date().toISOString();
+  checkText('metadata', envelope.metadata);
+  let json: string;
+  try {
+    json = JSON.stringify(envelope);
+  } catch (e) {
+    throw wrong('metadata', `cannot be written as JSON (${(e as Error).message})`);
+  }
+  const size = Buffer.byteLength(json, 'utf8');
+  if (size > maxPayloadBytes) {
+    throw invalid(
+      `The task is ${size} bytes, over the ${maxPayloadBytes}-byte limit; send a shorter prompt, or raise --max-payload-bytes on the workers and maxPayloadBytes here.`,
+    );
+  }
+  return { id, json };
+}

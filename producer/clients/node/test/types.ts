@@ -1,0 +1,71 @@
+// Type-checked with `tsc --noEmit -p test/tsconfig.json` (never run): the published types, as a
+// user's TypeScript sees them through the package's `exports`. A `@ts-expect-error` line
+// fails the check when the types let a wrong use through.
+import { connect, LlmqError, type ChainEvent, type DeadLetter, type Task, type TaskRecord } from '@llmq/client';
+
+export async function usage(): Promise<void> {
+  const q = await connect({ url: 'redis+cluster://127.0.0.1:7000', queue: 'default' });
+  const task: Task = {
+    prompt: 'Summarise this',
+    model: 'mock-fast',
+    priority: 3,
+    tenant: 'acme',
+    stream: true,
+    run_at: new Date(),
+    messages: [{ role: 'user', content: [{ type: 'text', text: 'earlier' }] }],
+    response_format: { type: 'json_schema', schema: { type: 'object' } },
+    tool_choice: { name: 'lookup' },
+    tools: [{ name: 'lookup', parameters: { type: 'object' } }],
+  };
+  const id: string = await q.enqueue(task);
+  const ids: string[] = await q.enqueueMany([task, { messages: [{ role: 'user', content: 'hi' }] }]);
+  for await (const text of q.followAnswer(id, { timeoutMs: 5000, onRestart: (why: string) => void why })) {
+    const piece: string = text;
+    void piece;
+  }
+  const record: TaskRecord = await q.waitForResult(id);
+  const status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead' = record.status;
+  const records: TaskRecord[] = await q.waitForResults(ids, { timeoutMs: 1000, pollMs: 50 });
+
+  const chainId = await q.submitChain({
+    chain_id: 'release-42',
+    on_failure: 'fail_chain',
+    vars: { input: 'x' },
+    defaults: { model: 'mock-fast', timeout: '5m' },
+    steps: [
+      { name: 'plan', prompt: 'Plan {{input}}' },
+      { name: 'review', kind: 'review', after: ['plan'], on_reject: { rerun: 'plan', max_rounds: 2 } },
+    ],
+  });
+  for await (const e of q.followChain(chainId)) {
+    const event: ChainEvent = e;
+    if (e.type === 'step') void e.state.status;
+    else void (e.state satisfies 'running' | 'succeeded' | 'failed' | 'cancelled');
+    void event;
+  }
+  const dead: DeadLetter[] = await q.deadLetters({ limit: 10 });
+  const replayed = await q.replay(dead[0]!.id, { provider: 'mock' });
+  const how: 'enqueued' | 'gone' = replayed.status;
+  try {
+    await q.queue('other').enqueue({ prompt: 'x' });
+  } catch (e) {
+    if (e instanceof LlmqError) void (e.code satisfies 'invalid' | 'url' | 'redis' | 'timeout' | 'not_found' | 'refused');
+  }
+  void [status, records, how];
+
+  // @ts-expect-error priority is a number
+  await q.enqueue({ prompt: 'x', priority: '1' });
+  // @ts-expect-error a misspelt field
+  await q.enqueue({ prompt: 'x', modle: 'mock-fast' });
+  // @ts-expect-error workers set attempts
+  await q.enqueue({ prompt: 'x', attempts: 2 });
+  // @ts-expect-error not a task type
+  await q.enqueue({ prompt: 'x', type: 'poetry' });
+  // @ts-expect-error not a role
+  await q.enqueue({ messages: [{ role: 'robot', content: 'hi' }] });
+  // @ts-expect-error a chain needs steps
+  await q.submitChain({ chain_id: 'x' });
+  // @ts-expect-error not a step kind
+  await q.submitChain({ steps: [{ name: 'a', kind: 'poll' }] });
+  await q.close();
+}
