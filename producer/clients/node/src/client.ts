@@ -36,7 +36,9 @@ export interface WaitOptions {
   pollMs?: number;
 }
 
-export interface FollowAnswerOptions extends WaitOptions {
+export interface FollowAnswerOptions {
+  /** Give up after this many milliseconds (default 60000); `Infinity` waits for ever. */
+  timeoutMs?: number;
   /** Called when a call failed after part of its answer: the text so far is void, the retry's follows in full. */
   onRestart?: (error: string) => void;
 }
