@@ -1,1 +1,148 @@
-//! Filled in by the client work (issue 35).
+//! The Python client (`producer/clients/python`, issue 35) against real workers: its pytest
+//! suite runs here, in the virtualenv `producer/clients/python/deps.sh` makes, with a worker
+//! serving one queue on the local Redis, on a Redis Cluster and on a Sentinel-watched master,
+//! and with dead letters that `llmq dlq replay` has replayed in one queue and the client is to
+//! replay, to the same envelopes, in another.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use llmq_tests::cluster::{RedisCluster, RedisSentinel};
+use llmq_tests::harness::{TestEnv, WorkerHandle, redis_url};
+
+/// The pytest suite may take this long (it waits for real tasks, each bounded by itself).
+const SUITE_WITHIN: Duration = Duration::from_secs(600);
+
+/// The virtualenv's Python: `LLMQ_PYTHON_CLIENT_VENV`, else the one deps.sh makes.
+fn python() -> PathBuf {
+    let venv = std::env::var_os("LLMQ_PYTHON_CLIENT_VENV").map_or_else(
+        || {
+            let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
+                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
+                PathBuf::from,
+            );
+            cache.join("llmq/python-client-venv")
+        },
+        PathBuf::from,
+    );
+    let python = venv.join("bin/python");
+    assert!(
+        python.exists(),
+        "the Python client's tests need its virtualenv at {}: run producer/clients/python/deps.sh",
+        venv.display()
+    );
+    python
+}
+
+/// The same dead letters, written to `queue`'s dead stream as workers write them: a full
+/// envelope with every counter a replay resets, one without an id (its id derives from the
+/// entry), one that does not deserialize and one that is not JSON.
+async fn dead_letters(env: &TestEnv, queue: &str) {
+    let letters = [
+        (
+            "3-0",
+            r#"{"v":1,"id":"5C2F1D9E-0B7A-4F3B-9C1D-2E3F4A5B6C7D","prompt":"replay me","system":null,"model":"mock-fast","attempts":3,"snoozes":2,"replays":1,"waiting_since":"2030-01-02T03:04:05Z","last_error":"HTTP 500","temperature":0.2,"run_at":"2020-01-02T05:04:05.120+02:00","stream":false,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"","tool_calls":[{"id":"c1","name":"look"}]},{"role":"tool","tool_call_id":"c1","content":"seen"}],"tools":[{"name":"look","description":null}],"metadata":{"a":[1,null]},"custom":{"kept":true,"gone":null}}"#,
+        ),
+        ("0-7", r#"{"v":1,"prompt":"no id","attempts":1}"#),
+        (
+            "0-8",
+            r#"{"v":1,"prompt":"x","timeout":"soon","attempts":2}"#,
+        ),
+        ("0-9", "not json {"),
+    ];
+    let keys = llmq_shared::keys::QueueKeys::new(queue);
+    let mut c = env.redis.conn().await.unwrap();
+    for (entry_id, task) in letters {
+        let _: String = redis::cmd("XADD")
+            .arg(keys.dead())
+            .arg("*")
+            .arg("task")
+            .arg(task)
+            .arg("error")
+            .arg("gave up after 3 attempts; last error: HTTP 500")
+            .arg("class")
+            .arg("retryable")
+            .arg("attempts")
+            .arg("3")
+            .arg("failed_at")
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg("entry_id")
+            .arg(entry_id)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_client_against_real_workers() {
+    let python = python();
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let worker = env.worker();
+    let cluster = RedisCluster::start();
+    let mut on_cluster = env.settings();
+    on_cluster.redis_url = cluster.url();
+    let cluster_worker = WorkerHandle::start(on_cluster);
+    let sentinel = RedisSentinel::start();
+    let mut on_sentinel = env.settings();
+    on_sentinel.redis_url = sentinel.url();
+    let sentinel_worker = WorkerHandle::start(on_sentinel);
+
+    // The same dead letters in two queues no worker serves; the CLI replays the first.
+    let (by_cli, by_client) = (
+        format!("{}-replay-cli", env.queue),
+        format!("{}-replay-py", env.queue),
+    );
+    dead_letters(&env, &by_cli).await;
+    dead_letters(&env, &by_client).await;
+    let (code, out) = env
+        .cli(&[
+            "dlq",
+            "replay",
+            "--all",
+            "--platform",
+            "mock",
+            "--queue",
+            &by_cli,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("replayed 4 dead letter(s)"), "{out}");
+
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let suite = tokio::process::Command::new(&python)
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"])
+        .arg("--rootdir")
+        .arg(root.join("producer/clients/python"))
+        .arg(root.join("producer/clients/python/tests"))
+        .current_dir(&root)
+        .env("REDIS_URL", redis_url())
+        .env("LLMQ_QUEUE", &env.queue)
+        .env("LLMQ_CLUSTER_URL", cluster.url())
+        .env("LLMQ_SENTINEL_URL", sentinel.url())
+        .env("LLMQ_REPLAY_CLI_QUEUE", &by_cli)
+        .env("LLMQ_REPLAY_PY_QUEUE", &by_client)
+        .env("LLMQ_REPO", &root)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(SUITE_WITHIN, suite)
+        .await
+        .unwrap_or_else(|_| panic!("the Python client's tests ran past {SUITE_WITHIN:?}"))
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", python.display()));
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "the Python client's tests failed:\n{report}"
+    );
+    for w in [worker, cluster_worker, sentinel_worker] {
+        w.stop().await.unwrap();
+    }
+}

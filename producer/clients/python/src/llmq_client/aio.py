@@ -1,0 +1,148 @@
+"""The asynchronous client, on redis.asyncio: the same calls as :class:`Client`, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import RedisClusterException
+import redis.asyncio as aredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
+
+from . import envelope as E
+from . import plans
+from .base import Base, target_of
+from .envelope import Task, TaskFields
+from .records import ChainEnd, ChainHandle, DeadLetter, Restart, Step, TaskRecord, Text
+from .urls import Target, failure
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
+
+T = TypeVar("T")
+
+
+def connect(target: Target, options: Mapping[str, Any]) -> Any:
+    """A redis.asyncio client for ``target``; ``options`` are passed to it."""
+    if target.kind == "single":
+        return aredis.Redis.from_url(target.url, **options)
+    auth = {"username": target.username, "password": target.password, "ssl": target.tls}
+    if target.kind == "cluster":
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **auth, **options)
+    sentinel = Sentinel(list(target.nodes), db=target.db, **auth, **options)
+    return sentinel.master_for(target.master)
+
+
+class AsyncClient(Base):
+    """As :class:`Client`, for asyncio: every call is awaited, ``follow`` and
+    ``follow_chain`` are async iterators. ``async with AsyncClient.from_url(...) as c:``."""
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None = None,
+        queue: str = "default",
+        *,
+        max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
+        **redis_options: Any,
+    ) -> AsyncClient:
+        """As :meth:`Client.from_url`; connects on the first call."""
+        target = target_of(url)
+        try:
+            client = connect(target, redis_options)
+        except (redis.RedisError, RedisClusterException) as e:
+            raise failure(target, e) from e
+        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- I/O: the only code that differs from Client.
+
+    async def _do(self, op: plans.Op) -> Any:
+        try:
+            if isinstance(op, plans.Command):
+                return await self.redis.execute_command(*op.args)
+            if isinstance(op, plans.Pipeline):
+                pipe = self.redis.pipeline(transaction=False)
+                for args in op.commands:
+                    pipe.execute_command(*args)
+                return await pipe.execute()
+        except (redis.RedisError, RedisClusterException) as e:
+            raise failure(self._target, e) from e
+        if isinstance(op, plans.Sleep):
+            await asyncio.sleep(op.seconds)
+        return None
+
+    async def _run(self, plan: plans.Plan[T]) -> T:
+        reply = None
+        try:
+            while True:
+                reply = await self._do(plan.send(reply))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def _iter(self, plan: plans.Plan[Any]) -> AsyncIterator[Any]:
+        reply = None
+        try:
+            while True:
+                try:
+                    op = plan.send(reply)
+                except StopIteration:
+                    return
+                if isinstance(op, plans.Emit):
+                    reply = None
+                    yield op.value
+                else:
+                    reply = await self._do(op)
+        finally:
+            plan.close()
+
+    # --- The calls (see Client for what each does).
+
+    async def enqueue(self, prompt: str | None = None, **fields: Unpack[TaskFields]) -> str:
+        return (await self._run(self._enqueue(prompt, fields)))[0]
+
+    async def enqueue_many(self, tasks: Iterable[Task]) -> list[str]:
+        return await self._run(self._enqueue_many(tasks))
+
+    async def result(self, task_id: str) -> TaskRecord | None:
+        return await self._run(self._result(task_id))
+
+    async def wait(self, task_id: str, timeout: float = 60.0, poll: float = 0.1) -> TaskRecord:
+        return (await self._run(self._wait([task_id], timeout, poll)))[0]
+
+    async def wait_all(self, task_ids: Iterable[str], timeout: float = 60.0, poll: float = 0.1) -> list[TaskRecord]:
+        return await self._run(self._wait(task_ids, timeout, poll))
+
+    def follow(self, task_id: str, timeout: float = 300.0) -> AsyncIterator[Text | Restart]:
+        return self._iter(self._follow(task_id, timeout))
+
+    async def submit_chain(self, spec: Mapping[str, Any], vars: Mapping[str, str] | None = None) -> ChainHandle:
+        return await self._run(self._submit_chain(spec, vars))
+
+    def follow_chain(
+        self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1
+    ) -> AsyncIterator[Step | ChainEnd]:
+        return self._iter(self._follow_chain(chain, timeout, poll))
+
+    async def wait_chain(self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1) -> ChainEnd:
+        return await self._run(self._follow_chain(chain, timeout, poll))
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return await self._run(self._dead_letters(limit))
+
+    async def replay(self, dead: DeadLetter | str, provider: str | None = None) -> str:
+        return await self._run(self._replay(dead, provider))

@@ -1,0 +1,90 @@
+"""What :class:`Client` and :class:`AsyncClient` share: their settings, and the plan each call
+runs (see plans.py). The two classes add only the I/O."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import chain as chains
+from . import envelope as E
+from . import plans
+from .errors import InvalidArgument
+from .keys import Keys
+from .records import ChainEnd, ChainHandle, DeadLetter, TaskRecord
+from .urls import Target, parse_url
+
+#: Where Redis is when neither a URL nor REDIS_URL says.
+DEFAULT_URL = "redis://127.0.0.1:6379"
+
+
+def target_of(url: str | None) -> Target:
+    """The URL given, else ``REDIS_URL``, else the local default."""
+    return parse_url(url if url is not None else os.environ.get("REDIS_URL", DEFAULT_URL))
+
+
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"{name} must be a number of seconds, 0 or more, not {value!r}.")
+    return float(value)
+
+
+class Base:
+    """A queue on a Redis: the key names, the payload limit and the plans of every call."""
+
+    def __init__(
+        self,
+        redis: Any,
+        queue: str = "default",
+        *,
+        max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
+        target: Target | None = None,
+    ) -> None:
+        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+            raise InvalidArgument(
+                f"max_payload_bytes must be the workers' --max-payload-bytes, a whole number, not {max_payload_bytes!r}."
+            )
+        self.redis = redis
+        self.keys = Keys(queue)
+        self.max_payload_bytes = max_payload_bytes
+        self._target = target or Target("single", "", "the Redis client given")
+        self._script = plans.replay_script()
+
+    @property
+    def queue(self) -> str:
+        return self.keys.queue
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._target.shown!r}, queue={self.queue!r})"
+
+    def _enqueue(self, prompt: str | None, fields: Mapping[str, Any]) -> plans.Plan[list[str]]:
+        task = dict(fields) if prompt is None else {**fields, "prompt": prompt}
+        task_id, env = E.build(task)
+        return plans.enqueue(self.keys, [(task_id, E.encode(env, self.max_payload_bytes))])
+
+    def _enqueue_many(self, tasks: Iterable[Mapping[str, Any]]) -> plans.Plan[list[str]]:
+        return plans.enqueue(self.keys, E.build_batch(tasks, self.max_payload_bytes))
+
+    def _result(self, task_id: str) -> plans.Plan[TaskRecord | None]:
+        return plans.result(self.keys, task_id)
+
+    def _wait(self, task_ids: Iterable[str], timeout: float, poll: float) -> plans.Plan[list[TaskRecord]]:
+        return plans.wait(self.keys, list(task_ids), _seconds("timeout", timeout), _seconds("poll", poll))
+
+    def _follow(self, task_id: str, timeout: float) -> plans.Plan[None]:
+        return plans.follow(self.keys, task_id, _seconds("timeout", timeout))
+
+    def _submit_chain(self, spec: Mapping[str, Any], variables: Mapping[str, str] | None) -> plans.Plan[ChainHandle]:
+        chain_id, text = chains.build(spec, variables, self.max_payload_bytes)
+        return plans.submit_chain(self.keys, chain_id, text)
+
+    def _follow_chain(self, chain: ChainHandle | str, timeout: float, poll: float) -> plans.Plan[ChainEnd]:
+        return plans.follow_chain(self.keys, chain, _seconds("timeout", timeout), _seconds("poll", poll))
+
+    def _dead_letters(self, limit: int) -> plans.Plan[list[DeadLetter]]:
+        return plans.dead_letters(self.keys, limit)
+
+    def _replay(self, dead: DeadLetter | str, provider: str | None) -> plans.Plan[str]:
+        return plans.replay(self.keys, dead, provider, self._script)

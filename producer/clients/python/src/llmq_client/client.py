@@ -1,0 +1,170 @@
+"""The synchronous client, on redis-py (``redis.Redis``, ``RedisCluster``, Sentinel)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import closing
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import RedisClusterException
+from redis.cluster import ClusterNode, RedisCluster
+from redis.sentinel import Sentinel
+
+from . import envelope as E
+from . import plans
+from .base import Base, target_of
+from .envelope import Task, TaskFields
+from .records import ChainEnd, ChainHandle, DeadLetter, Restart, Step, TaskRecord, Text
+from .urls import Target, failure
+
+if sys.version_info >= (3, 11):
+    from typing import Unpack
+else:  # pragma: no cover
+    from typing_extensions import Unpack
+
+T = TypeVar("T")
+
+
+def connect(target: Target, options: Mapping[str, Any]) -> Any:
+    """A redis-py client for ``target``; ``options`` are passed to it (e.g. socket_timeout)."""
+    if target.kind == "single":
+        return redis.Redis.from_url(target.url, **options)
+    auth = {"username": target.username, "password": target.password, "ssl": target.tls}
+    if target.kind == "cluster":
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **auth, **options)
+    sentinel = Sentinel(list(target.nodes), db=target.db, **auth, **options)
+    return sentinel.master_for(target.master)
+
+
+class Client(Base):
+    """One queue of llmq, on a Redis, a Redis Cluster or the master Sentinel names.
+
+    Make one with :meth:`from_url` (or wrap a redis-py client you have:
+    ``Client(redis.Redis(...), queue="default")``). Every error is an :class:`LlmqError`
+    whose message is a sentence.
+    """
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | None = None,
+        queue: str = "default",
+        *,
+        max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
+        **redis_options: Any,
+    ) -> Client:
+        """A client of ``queue`` on the Redis ``url`` names (as the llmq binaries take it;
+        default: ``REDIS_URL``, else redis://127.0.0.1:6379). ``max_payload_bytes``: the
+        workers' --max-payload-bytes."""
+        target = target_of(url)
+        try:
+            client = connect(target, redis_options)
+        except (redis.RedisError, RedisClusterException) as e:
+            raise failure(target, e) from e
+        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- I/O: the only code that differs from AsyncClient.
+
+    def _do(self, op: plans.Op) -> Any:
+        try:
+            if isinstance(op, plans.Command):
+                return self.redis.execute_command(*op.args)
+            if isinstance(op, plans.Pipeline):
+                pipe = self.redis.pipeline(transaction=False)
+                for args in op.commands:
+                    pipe.execute_command(*args)
+                return pipe.execute()
+        except (redis.RedisError, RedisClusterException) as e:
+            raise failure(self._target, e) from e
+        if isinstance(op, plans.Sleep):
+            time.sleep(op.seconds)
+        return None
+
+    def _run(self, plan: plans.Plan[T]) -> T:
+        reply = None
+        try:
+            while True:
+                reply = self._do(plan.send(reply))
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _iter(self, plan: plans.Plan[Any]) -> Iterator[Any]:
+        reply = None
+        with closing(plan):
+            while True:
+                try:
+                    op = plan.send(reply)
+                except StopIteration:
+                    return
+                if isinstance(op, plans.Emit):
+                    reply = None
+                    yield op.value
+                else:
+                    reply = self._do(op)
+
+    # --- The calls.
+
+    def enqueue(self, prompt: str | None = None, **fields: Unpack[TaskFields]) -> str:
+        """Enqueues one task (one XADD) and returns its id. ``fields`` are the envelope's
+        (``task_id`` for ``id``, ``task_type`` for ``type``); :class:`InvalidTask` for a
+        task a worker would refuse."""
+        return self._run(self._enqueue(prompt, fields))[0]
+
+    def enqueue_many(self, tasks: Iterable[Task]) -> list[str]:
+        """Enqueues tasks (each a mapping of ``prompt`` and fields), pipelined 1000 per round
+        trip; returns their ids. Every task is checked before any is written."""
+        return self._run(self._enqueue_many(tasks))
+
+    def result(self, task_id: str) -> TaskRecord | None:
+        """The task's result record as it is now (None before the first outcome)."""
+        return self._run(self._result(task_id))
+
+    def wait(self, task_id: str, timeout: float = 60.0, poll: float = 0.1) -> TaskRecord:
+        """The task's record once it is final (succeeded, dead or failed);
+        :class:`WaitTimeout` after ``timeout`` seconds."""
+        return self._run(self._wait([task_id], timeout, poll))[0]
+
+    def wait_all(self, task_ids: Iterable[str], timeout: float = 60.0, poll: float = 0.1) -> list[TaskRecord]:
+        """The tasks' final records, in the order given (one MGET per poll)."""
+        return self._run(self._wait(task_ids, timeout, poll))
+
+    def follow(self, task_id: str, timeout: float = 300.0) -> Iterator[Text | Restart]:
+        """The live answer of a task enqueued with ``stream=True``, piece by piece as the
+        worker writes it: :class:`Text`, or :class:`Restart` when a failed call voids what
+        came before. Ends with the answer (or the task)."""
+        return self._iter(self._follow(task_id, timeout))
+
+    def submit_chain(self, spec: Mapping[str, Any], vars: Mapping[str, str] | None = None) -> ChainHandle:
+        """Submits a chain (one XADD of its spec; a ``chain_id`` is made up when it has none)."""
+        return self._run(self._submit_chain(spec, vars))
+
+    def follow_chain(self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1) -> Iterator[Step | ChainEnd]:
+        """Each :class:`Step` of the chain as it ends, then the :class:`ChainEnd`."""
+        return self._iter(self._follow_chain(chain, timeout, poll))
+
+    def wait_chain(self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1) -> ChainEnd:
+        """The chain's end, with every step."""
+        return self._run(self._follow_chain(chain, timeout, poll))
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The queue's newest dead letters, newest first."""
+        return self._run(self._dead_letters(limit))
+
+    def replay(self, dead: DeadLetter | str, provider: str | None = None) -> str:
+        """Replays a dead letter (or the one with that dead-entry id or task id) as
+        ``llmq dlq replay`` does, optionally on another provider; returns the task id. A
+        chain step's letter is refused (:class:`ReplayRefused`): use the llmq binaries."""
+        return self._run(self._replay(dead, provider))
+

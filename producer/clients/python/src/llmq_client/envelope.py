@@ -1,0 +1,821 @@
+"""The task envelope (docs/wire-format.md, "The envelope"; schema/envelope.schema.json):
+building one from keyword fields, and checking it as the worker does (shared/src/envelope.rs
+and shared/src/conversation.rs), so that a task this library writes is never a dead letter
+for its shape. Also what a replay does to a dead letter's envelope.
+
+Checks run in two passes, as the worker's: the *typed* pass (each field has the JSON type the
+worker's deserializer wants) and the *semantic* pass (ranges, names, the conversation's
+order). A replay needs only the first: an envelope that deserializes is reset and re-encoded,
+anything else is replayed as it came.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import struct
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypedDict
+
+from .errors import InvalidTask
+from .keys import has_control, parse_uuid
+
+VERSION = 1
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+TASK_TYPES = (
+    "code_generation",
+    "research",
+    "data_analysis",
+    "refactoring",
+    "documentation",
+    "code_review",
+    "sql_db_work",
+    "testing",
+    "debugging",
+    "planning",
+)
+RISKS = ("low", "medium", "high")
+TIERS = ("fast", "standard", "advanced")
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+F32_MAX = 3.4028234663852886e38
+MAX_TIMEOUT_SECS = 30 * 24 * 3600
+MAX_PRIORITY = 9
+MAX_TENANT_BYTES = 128
+MAX_CONCURRENCY_KEY = 200
+MAX_TOOLS = 128
+MIN_DEADLINE_SECS = 24 * 3600
+MAX_DEADLINE_SECS = 30 * 24 * 3600
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+NUL = "contains a NUL character (\\u0000), which cannot be stored or passed on; remove it"
+
+
+class TaskFields(TypedDict, total=False):
+    """The fields of a task, by their Python names: ``task_id`` is the envelope's ``id`` and
+    ``task_type`` its ``type``; every other name is the envelope's. This is the library's own
+    list of the envelope fields a producer sets (tests compare it with the schema)."""
+
+    task_id: str | uuid.UUID
+    system: str
+    messages: Sequence[Mapping[str, Any]]
+    tools: Sequence[Mapping[str, Any]]
+    tool_choice: str | Mapping[str, Any]
+    response_format: Mapping[str, Any]
+    stream: bool
+    deadline: str | timedelta
+    task_type: str
+    provider: str
+    model: str
+    chain_id: str
+    risk: str
+    area: str
+    timeout: int | timedelta
+    max_attempts: int
+    run_at: datetime | str
+    idempotency_key: str
+    max_tokens: int
+    temperature: float
+    metadata: Any
+    priority: int
+    tenant: str
+    concurrency_key: str
+    concurrency_limit: int
+    fallback: bool
+    traceparent: str
+    enqueued_at: datetime | str
+    min_tier: str
+
+
+class Task(TaskFields, total=False):
+    """One task of :meth:`Client.enqueue_many`: ``prompt`` and any of :class:`TaskFields`."""
+
+    prompt: str
+
+
+#: Python names that differ from the envelope's.
+WIRE_NAMES = {"task_id": "id", "task_type": "type"}
+#: The envelope fields a producer sets, by their envelope names.
+PRODUCER_FIELDS: tuple[str, ...] = tuple(WIRE_NAMES.get(n, n) for n in Task.__annotations__)
+#: The envelope fields workers (or a chain's expansion, or a replay) set, never a producer.
+WORKER_FIELDS: tuple[str, ...] = ("attempts", "snoozes", "waiting_since", "replays", "last_error", "step")
+
+# The JSON type of every field, as the worker's deserializer wants it: (kind, null allowed).
+FIELD_KINDS: dict[str, tuple[Any, bool]] = {
+    "v": ("u64", False),
+    "id": ("uuid", True),
+    "prompt": ("string", False),
+    "system": ("string", True),
+    "messages": ("messages", False),
+    "tools": ("tools", False),
+    "tool_choice": ("tool_choice", True),
+    "response_format": ("response_format", True),
+    "stream": ("bool", True),
+    "deadline": ("string", True),
+    "type": ("string", True),
+    "provider": ("string", True),
+    "model": ("string", True),
+    "chain_id": ("string", True),
+    "step": ("string", True),
+    "min_tier": (TIERS, True),
+    "risk": (RISKS, True),
+    "area": ("string", True),
+    "timeout": ("u64", True),
+    "max_attempts": ("u32", True),
+    "run_at": ("datetime", True),
+    "idempotency_key": ("string", True),
+    "priority": ("i64", True),
+    "tenant": ("string", True),
+    "max_tokens": ("u32", True),
+    "temperature": ("number", True),
+    "metadata": ("any", True),
+    "enqueued_at": ("datetime", True),
+    "concurrency_key": ("string", True),
+    "concurrency_limit": ("u32", True),
+    "fallback": ("bool", True),
+    "traceparent": ("string", True),
+    "attempts": ("u32", False),
+    "snoozes": ("u32", False),
+    "waiting_since": ("datetime", True),
+    "replays": ("u32", False),
+    "last_error": ("string", True),
+}
+assert set(FIELD_KINDS) == {"v", *PRODUCER_FIELDS, *WORKER_FIELDS}
+
+#: Text fields in which the worker refuses a NUL character.
+NUL_FREE = (
+    "prompt", "system", "type", "provider", "model", "chain_id", "step", "area",
+    "idempotency_key", "concurrency_key", "traceparent",
+)  # fmt: skip
+
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+_CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_BASE64 = re.compile(r"[A-Za-z0-9+/=]+")
+_DURATION_PART = re.compile(r" *([0-9]+) *([A-Za-z]+)")
+_DURATION_UNITS = {
+    **dict.fromkeys(("seconds", "second", "secs", "sec", "s"), 1),
+    **dict.fromkeys(("minutes", "minute", "min", "mins", "m"), 60),
+    **dict.fromkeys(("hours", "hour", "hr", "hrs", "h"), 3600),
+    **dict.fromkeys(("days", "day", "d"), 86400),
+    **dict.fromkeys(("weeks", "week", "wk", "wks", "w"), 7 * 86400),
+}
+
+
+class Problem(Exception):
+    """A field that is wrong, before it is worded for the caller."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"field `{field}` is wrong: {message}")
+        self.field = field
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as JSON, cut short: for messages."""
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _blank(text: str) -> bool:
+    return text.strip() == ""
+
+
+def parse_duration_secs(text: str) -> int | None:
+    """Seconds of a duration such as ``"24h"``, ``"3d"`` or ``"1h 30m"``: whole numbers and
+    units the worker's parser (humantime) also reads. None when it is not one."""
+    pos, total = 0, 0
+    while pos < len(text):
+        m = _DURATION_PART.match(text, pos)
+        if m is None or m.group(2) not in _DURATION_UNITS:
+            return None
+        total += int(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+        while pos < len(text) and text[pos] == " ":
+            pos += 1
+    return total if text.strip() else None
+
+
+# ---------------------------------------------------------------------------------------
+# The typed pass: each field's JSON type.
+
+
+def _kind_problem(kind: Any, v: Any) -> str | None:
+    """What is wrong with ``v`` as a value of ``kind``, or None."""
+    if kind == "any":
+        return None
+    if kind == "string":
+        return None if isinstance(v, str) else "must be a string"
+    if kind == "bool":
+        return None if isinstance(v, bool) else "must be true or false"
+    if kind in ("u32", "u64", "i64"):
+        lo, hi = {"u32": (0, U32_MAX), "u64": (0, U64_MAX), "i64": (I64_MIN, I64_MAX)}[kind]
+        if _is_int(v) and lo <= v <= hi:
+            return None
+        return f"must be a whole number from {lo} to {hi}, not {_show(v)}"
+    if kind == "number":
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            return None
+        return f"must be a finite number, not {_show(v)}"
+    if kind == "datetime":
+        if isinstance(v, str) and _utc(v) is not None:
+            return None
+        return f"must be an RFC 3339 time such as 2030-01-02T03:04:05Z, not {_show(v)}"
+    if kind == "uuid":
+        if isinstance(v, str) and parse_uuid(v) is not None:
+            return None
+        return f"must be a UUID such as 0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90, not {_show(v)}"
+    if isinstance(kind, tuple):
+        return None if v in kind else f"must be one of {', '.join(kind)}, not {_show(v)}"
+    return {
+        "messages": _messages_problem,
+        "tools": _tools_problem,
+        "tool_choice": _tool_choice_problem,
+        "response_format": _response_format_problem,
+    }[kind](v)
+
+
+def _utc(text: str) -> str | None:
+    """An RFC 3339 time in UTC as the worker writes it back (chrono: seconds, then 3, 6 or 9
+    fraction digits as needed, then Z), or None when it is not one."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        return None
+    date, clock, fraction, offset = m.groups()
+    try:
+        dt = datetime.fromisoformat(f"{date}T{clock}{'+00:00' if offset in 'Zz' else offset}")
+    except ValueError:
+        return None
+    nanos = int(((fraction or "") + "000000000")[:9])
+    digits = 0 if nanos == 0 else 3 if nanos % 1_000_000 == 0 else 6 if nanos % 1000 == 0 else 9
+    frac = f".{nanos:09d}"[: digits + 1] if digits else ""
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
+
+
+def _keys_problem(obj: Mapping[str, Any], allowed: Iterable[str], required: Iterable[str]) -> str | None:
+    allowed = tuple(allowed)
+    unknown = [k for k in obj if k not in allowed]
+    if unknown:
+        return f"has an unknown field `{unknown[0]}`; use only {', '.join(allowed)}"
+    missing = [k for k in required if k not in obj]
+    if missing:
+        return f"needs the field `{missing[0]}`"
+    return None
+
+
+def _opt(obj: Mapping[str, Any], key: str, kind: str) -> str | None:
+    if obj.get(key) is None:
+        return None
+    problem = _kind_problem(kind, obj[key])
+    return None if problem is None else f"`{key}` {problem}"
+
+
+def _part_problem(p: Any) -> str | None:
+    if not isinstance(p, Mapping):
+        return "must be an object: {\"type\": \"text\", \"text\": ...} or an image"
+    if p.get("type") == "text":
+        keys = _keys_problem(p, ("type", "text"), ("text",))
+        return keys or (None if isinstance(p["text"], str) else "`text` must be a string")
+    if p.get("type") == "image":
+        keys = _keys_problem(p, ("type", "url", "data", "media_type"), ())
+        return keys or _opt(p, "url", "string") or _opt(p, "data", "string") or _opt(p, "media_type", "string")
+    return "`type` must be text or image"
+
+
+def _message_problem(m: Any) -> str | None:
+    if not isinstance(m, Mapping):
+        return "must be an object with a role and content"
+    keys = _keys_problem(m, ("role", "content", "tool_calls", "tool_call_id"), ("role",))
+    if keys:
+        return keys
+    if m["role"] not in ("system", "user", "assistant", "tool"):
+        return f"`role` must be one of system, user, assistant, tool, not {_show(m['role'])}"
+    content = m.get("content", "")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            problem = _part_problem(part)
+            if problem:
+                return f"content[{j}] {problem}"
+    elif not isinstance(content, str):
+        return "`content` must be a string or a list of parts"
+    calls = m.get("tool_calls", [])
+    if not isinstance(calls, list):
+        return "`tool_calls` must be a list"
+    for j, call in enumerate(calls):
+        if not isinstance(call, Mapping):
+            return f"tool_calls[{j}] must be an object with an id and a name"
+        problem = (
+            _keys_problem(call, ("id", "name", "arguments", "signature"), ("id", "name"))
+            or _opt(call, "id", "string")
+            or _opt(call, "name", "string")
+            or _opt(call, "signature", "string")
+        )
+        if problem:
+            return f"tool_calls[{j}] {problem}"
+    return _opt(m, "tool_call_id", "string")
+
+
+def _messages_problem(v: Any) -> str | None:
+    if not isinstance(v, list):
+        return "must be a list of turns"
+    for i, m in enumerate(v):
+        problem = _message_problem(m)
+        if problem:
+            return f"turn {i} {problem}"
+    return None
+
+
+def _tools_problem(v: Any) -> str | None:
+    if not isinstance(v, list):
+        return "must be a list of tools"
+    for i, t in enumerate(v):
+        if not isinstance(t, Mapping):
+            return f"tool {i} must be an object with a name"
+        problem = (
+            _keys_problem(t, ("name", "description", "parameters"), ("name",))
+            or _opt(t, "name", "string")
+            or _opt(t, "description", "string")
+        )
+        if problem:
+            return f"tool {i} {problem}"
+    return None
+
+
+def _tool_choice_problem(v: Any) -> str | None:
+    if v in ("auto", "none", "required"):
+        return None
+    if isinstance(v, Mapping) and list(v) == ["name"] and isinstance(v["name"], str):
+        return None
+    return 'must be "auto", "none", "required" or {"name": "<a tool>"}'
+
+
+def _response_format_problem(v: Any) -> str | None:
+    if isinstance(v, Mapping) and v.get("type") == "json_object":
+        return _keys_problem(v, ("type",), ())
+    if isinstance(v, Mapping) and v.get("type") == "json_schema":
+        return (
+            _keys_problem(v, ("type", "schema", "name", "strict"), ("schema",))
+            or _opt(v, "name", "string")
+            or _opt(v, "strict", "bool")
+        )
+    return 'must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}'
+
+
+def typed_problem(env: Mapping[str, Any]) -> Problem | None:
+    """The first field of ``env`` whose JSON type the worker's deserializer refuses."""
+    for field, (kind, nullable) in FIELD_KINDS.items():
+        if field not in env:
+            continue
+        v = env[field]
+        if v is None:
+            if nullable:
+                continue
+            return Problem(field, "must not be null; leave it out instead")
+        problem = _kind_problem(kind, v)
+        if problem is not None:
+            return Problem(field, problem)
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The semantic pass (Envelope::check and conversation::check).
+
+
+def check_name(field: str, name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise Problem(
+            field,
+            f"`{name[:64]}` is not a name providers accept; use 1 to 64 letters, digits, `_` or `-`, "
+            "starting with a letter or `_`",
+        )
+
+
+def check_class(priority: Any, tenant: Any) -> None:
+    """A priority of 0 to 9 and a tenant of 1 to 128 bytes without control characters."""
+    if priority is not None and not (_is_int(priority) and 0 <= priority <= MAX_PRIORITY):
+        raise Problem(
+            "priority",
+            f"{_show(priority)} is out of range; use 0 (the default, most urgent) to "
+            f"{MAX_PRIORITY} (least urgent)",
+        )
+    if tenant is None:
+        return
+    if not isinstance(tenant, str):
+        raise Problem("tenant", "must be a string")
+    size = len(tenant.encode("utf-8", "surrogatepass"))
+    if size == 0:
+        raise Problem("tenant", "is empty; leave it out or name the tenant")
+    if size > MAX_TENANT_BYTES:
+        raise Problem(
+            "tenant", f"is {size} bytes long; use at most {MAX_TENANT_BYTES} (an id, not a description)"
+        )
+    if has_control(tenant):
+        raise Problem("tenant", "contains a control character (a newline, tab or NUL); remove it")
+
+
+def _check_concurrency(key: Any, limit: Any) -> None:
+    if key is None and limit is None:
+        return
+    if limit is None:
+        raise Problem("concurrency_key", "needs a concurrency_limit, how many tasks of the key may run at once")
+    if key is None:
+        raise Problem("concurrency_limit", "needs a concurrency_key, the name of the group it limits")
+    if not isinstance(key, str) or _blank(key) or len(key) > MAX_CONCURRENCY_KEY:
+        raise Problem(
+            "concurrency_key", f"must be a non-empty string of at most {MAX_CONCURRENCY_KEY} characters"
+        )
+    if not (_is_int(limit) and 1 <= limit <= U32_MAX):
+        raise Problem("concurrency_limit", f"must be a whole number of at least 1, not {_show(limit)}")
+
+
+def _texts(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    return [p["text"] for p in content if p.get("type") == "text"]
+
+
+def _has_images(content: Any) -> bool:
+    return isinstance(content, list) and any(p.get("type") == "image" for p in content)
+
+
+def _check_image(field: str, part: Mapping[str, Any]) -> None:
+    media_type, url, data = part.get("media_type"), part.get("url"), part.get("data")
+    if media_type is not None and media_type not in IMAGE_TYPES:
+        raise Problem(
+            f"{field}.media_type",
+            f"`{media_type[:40]}` is not an image type providers read; use one of {', '.join(IMAGE_TYPES)}",
+        )
+    if url is not None and data is None:
+        lower = url.lower()
+        if (
+            not (lower.startswith("https://") or lower.startswith("http://"))
+            or len(url) > 2048
+            or has_control(url)
+            or any(c.isspace() for c in url)
+        ):
+            raise Problem(
+                f"{field}.url",
+                "must be an http or https URL of at most 2048 characters; send other images as base64 \"data\"",
+            )
+    elif data is not None and url is None:
+        if media_type is None:
+            raise Problem(f"{field}.media_type", f"is needed with \"data\": one of {', '.join(IMAGE_TYPES)}")
+        if not _BASE64.fullmatch(data):
+            raise Problem(f"{field}.data", "must be the image's bytes in standard base64, without a data: prefix")
+    else:
+        raise Problem(field, "an image has either \"url\" or \"data\" (base64, with \"media_type\"), not both")
+
+
+def check_conversation(
+    messages: Sequence[Mapping[str, Any]],
+    tools: Sequence[Mapping[str, Any]],
+    tool_choice: Any,
+    response_format: Any,
+) -> None:
+    """What a task asks beyond its prompt, checked as conversation::check does (except that
+    a schema is not compiled: the worker finds a schema that does not compile)."""
+    open_calls: list[str] = []
+    ids: set[str] = set()
+    for i, m in enumerate(messages):
+        at = f"messages[{i}]"
+        role, content = m["role"], m.get("content", "")
+        calls = m.get("tool_calls") or []
+        calls_only = role == "assistant" and len(calls) > 0
+        if not _has_images(content) and all(_blank(t) for t in _texts(content)) and not calls_only:
+            raise Problem(
+                f"{at}.content",
+                "is empty; give the turn's text (only an assistant turn with tool_calls may have none)",
+            )
+        if any("\0" in t for t in _texts(content)):
+            raise Problem(f"{at}.content", NUL)
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.get("type") == "image":
+                    _check_image(f"{at}.content[{j}]", part)
+        if _has_images(content) and role != "user":
+            raise Problem(f"{at}.content", "only a user turn may carry images")
+        if calls and role != "assistant":
+            raise Problem(f"{at}.tool_calls", "only an assistant turn has tool calls")
+        if role != "tool" and open_calls:
+            raise Problem(
+                at,
+                f"comes before the call(s) {', '.join(open_calls)} of the assistant turn before it are "
+                "answered; put a tool turn answering each call right after the turn that made it",
+            )
+        for j, call in enumerate(calls):
+            cat = f"{at}.tool_calls[{j}]"
+            check_name(f"{cat}.name", call["name"])
+            if not _CALL_ID.fullmatch(call["id"]):
+                raise Problem(
+                    f"{cat}.id",
+                    "must be 1 to 256 letters, digits, `_` or `-`: the id the tool turn answering it names",
+                )
+            if call["id"] in ids:
+                raise Problem(f"{cat}.id", f"`{call['id']}` names another call too; give each call its own id")
+            ids.add(call["id"])
+            args = call.get("arguments")
+            if not (args is None or isinstance(args, (str, Mapping))):
+                raise Problem(f"{cat}.arguments", "must be a JSON object (or the text the model wrote)")
+            open_calls.append(call["id"])
+        answers = m.get("tool_call_id")
+        if role == "tool":
+            if answers is None:
+                raise Problem(f"{at}.tool_call_id", "is missing; a tool turn names the id of the call it answers")
+            if answers not in open_calls:
+                raise Problem(
+                    f"{at}.tool_call_id",
+                    "names no unanswered call of the assistant turn right before; give the id of the call it answers",
+                )
+            open_calls.remove(answers)
+        elif answers is not None:
+            raise Problem(f"{at}.tool_call_id", "belongs only to a tool turn")
+    if open_calls:
+        raise Problem(
+            "messages", f"ends with the call(s) {', '.join(open_calls)} unanswered; add a tool turn answering each"
+        )
+    if len(tools) > MAX_TOOLS:
+        raise Problem("tools", f"has {len(tools)} tools; at most {MAX_TOOLS} are accepted")
+    for i, tool in enumerate(tools):
+        check_name(f"tools[{i}].name", tool["name"])
+        if any(t["name"] == tool["name"] for t in tools[:i]):
+            raise Problem(f"tools[{i}].name", f"`{tool['name']}` is defined twice; give each tool its own name")
+        if "\0" in (tool.get("description") or ""):
+            raise Problem(f"tools[{i}].description", NUL)
+        params = tool.get("parameters", {"type": "object"})
+        if not isinstance(params, Mapping) or params.get("type") != "object":
+            raise Problem(f"tools[{i}].parameters", 'must be a JSON Schema of an object ("type": "object")')
+    named = tool_choice.get("name") if isinstance(tool_choice, Mapping) else None
+    if named is not None and not any(t["name"] == named for t in tools):
+        raise Problem("tool_choice", f"names `{named[:64]}`, which is not among the task's tools")
+    if (tool_choice == "required" or named is not None) and not tools:
+        raise Problem("tool_choice", "asks for a tool call, but the task defines no tools")
+    if isinstance(response_format, Mapping) and response_format.get("type") == "json_schema":
+        if not isinstance(response_format["schema"], Mapping):
+            raise Problem("response_format.schema", "must be a JSON Schema (an object)")
+        if response_format.get("name") is not None:
+            check_name("response_format.name", response_format["name"])
+
+
+def check_deadline(text: str, streams: bool) -> None:
+    secs = parse_duration_secs(text)
+    if secs is None:
+        raise Problem(
+            "deadline",
+            f"`{text[:40]}` is not a duration in whole days, hours, minutes or seconds; "
+            'write it as e.g. "24h" or "3d"',
+        )
+    if secs < MIN_DEADLINE_SECS:
+        raise Problem(
+            "deadline",
+            f"{text} is shorter than the 24h a provider may take to run a batch; give at least 24h, "
+            "or leave deadline out to call the model now",
+        )
+    if secs > MAX_DEADLINE_SECS:
+        raise Problem("deadline", f"{text} is longer than 30 days; give at most 30d")
+    if streams:
+        raise Problem("deadline", "cannot be used with stream: a batch answers all at once; drop one of them")
+
+
+def check_envelope(env: Mapping[str, Any]) -> None:
+    """Raises :class:`Problem` (or :class:`InvalidTask` for a whole-task problem) for an
+    envelope a worker would refuse, in the worker's order (Envelope::from_value)."""
+    if env.get("v") != VERSION or not _is_int(env.get("v")):
+        raise InvalidTask(f"the task has version {_show(env.get('v'))}, but workers understand only \"v\": 1.")
+    field = {k: v for k, v in env.items() if v is not None}
+    _check_concurrency(field.get("concurrency_key"), field.get("concurrency_limit"))
+    messages = field.get("messages") or []
+    prompt = field.get("prompt")
+    if not messages and (prompt is None or (isinstance(prompt, str) and _blank(prompt))):
+        raise InvalidTask(
+            'the task has no prompt; set "prompt" to a non-empty string, or give "messages".'
+        )
+    problem = typed_problem(env)
+    if problem is not None:
+        raise problem
+    prompt = field.get("prompt", "")
+    if _blank(prompt) and all(m["role"] == "system" for m in messages):
+        raise Problem(
+            "messages", 'has only system turns and the prompt is empty; add a user turn or set "prompt"'
+        )
+    tools = field.get("tools") or []
+    check_conversation(messages, tools, field.get("tool_choice"), field.get("response_format"))
+    if field.get("stream") is True and tools:
+        raise Problem(
+            "stream", "cannot be used with tools yet: a streamed answer carries text only; drop one of them"
+        )
+    if "deadline" in field:
+        check_deadline(field["deadline"], field.get("stream") is True)
+    for name in NUL_FREE:
+        if "\0" in field.get(name, ""):
+            raise Problem(name, NUL)
+    if field.get("type", "data_analysis") not in TASK_TYPES:
+        raise InvalidTask(f"unknown task type `{field['type']}`; use one of: {', '.join(TASK_TYPES)}.")
+    check_class(field.get("priority"), field.get("tenant"))
+    if field.get("max_attempts") == 0:
+        raise Problem("max_attempts", "must be at least 1")
+    timeout = field.get("timeout")
+    if timeout is not None and not 1 <= timeout <= MAX_TIMEOUT_SECS:
+        raise Problem(
+            "timeout",
+            f"must be between 1 second and {MAX_TIMEOUT_SECS} seconds (30 days), not {timeout}",
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Building envelopes.
+
+
+def rfc3339(dt: datetime) -> str:
+    """An aware datetime as RFC 3339 in UTC, e.g. ``2030-01-02T03:04:05Z``."""
+    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _wire_value(field: str, value: Any) -> Any:
+    """A Python value of ``field`` as the JSON the envelope holds."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise Problem(field, "is a datetime without a time zone; give one, e.g. datetime.now(timezone.utc)")
+        return rfc3339(value)
+    if isinstance(value, timedelta):
+        secs = value.total_seconds()
+        if secs != int(secs):
+            raise Problem(field, f"must be whole seconds, not {secs}")
+        return f"{int(secs)}s" if field == "deadline" else int(secs)
+    if field == "id":
+        if isinstance(value, uuid.UUID):
+            return str(value)
+        parsed = parse_uuid(value) if isinstance(value, str) else None
+        if parsed is None:
+            raise Problem("id", f"must be a UUID such as 0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90, not {_show(value)}")
+        return str(parsed)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def to_json(value: Any, field: str = "task") -> str:
+    """Compact JSON (as the wire format asks), or :class:`Problem` for what is not JSON."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise Problem(field, f"is not JSON ({e})") from None
+    return text
+
+
+def build(task: Mapping[str, Any], now: datetime | None = None) -> tuple[str, dict[str, Any]]:
+    """The task id and the envelope of one task given by Python names; :class:`InvalidTask`
+    when a worker would refuse it."""
+    try:
+        if not isinstance(task, Mapping):
+            raise InvalidTask(f"a task must be a mapping of its fields, not {type(task).__name__}.")
+        env: dict[str, Any] = {"v": VERSION}
+        for name, value in task.items():
+            wire = WIRE_NAMES.get(name, name)
+            if name in WIRE_NAMES.values() or wire not in PRODUCER_FIELDS:
+                python_name = {v: k for k, v in WIRE_NAMES.items()}.get(name)
+                hint = (
+                    f" (write {python_name}= for the envelope's `{name}`)"
+                    if python_name
+                    else f" (workers set `{name}`)"
+                    if name in WORKER_FIELDS
+                    else ""
+                )
+                raise InvalidTask(
+                    f"`{name}` is not a task field{hint}; use {', '.join(sorted(Task.__annotations__))}."
+                )
+            if value is not None:
+                env[wire] = _wire_value(wire, value)
+        env.setdefault("id", str(uuid.uuid4()))
+        env.setdefault("enqueued_at", rfc3339(now or datetime.now(timezone.utc)))
+        for field in ("messages", "tools", "metadata", "response_format", "tool_choice"):
+            if field in env:
+                env[field] = json.loads(to_json(env[field], field))
+        check_envelope(env)
+    except Problem as e:
+        raise InvalidTask(f"{e}.") from None
+    return env["id"], env
+
+
+def encode(env: Mapping[str, Any], max_bytes: int) -> str:
+    """The envelope as the ``task`` field, within the workers' payload limit."""
+    try:
+        text = to_json(env)
+    except Problem as e:
+        raise InvalidTask(f"{e}.") from None
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidTask(
+            f"the task is {size} bytes, over the {max_bytes}-byte limit; send a shorter prompt "
+            "(or, if the workers run with a larger --max-payload-bytes, pass max_payload_bytes)."
+        )
+    return text
+
+
+def build_batch(tasks: Iterable[Mapping[str, Any]], max_bytes: int) -> list[tuple[str, str]]:
+    """Each task's id and ``task`` field; :class:`InvalidTask` naming the first task a worker
+    would refuse, before anything is written."""
+    out = []
+    for i, task in enumerate(tasks):
+        try:
+            task_id, env = build(task)
+            out.append((task_id, encode(env, max_bytes)))
+        except InvalidTask as e:
+            raise InvalidTask(f"task {i} of the batch: {e}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Replays.
+
+
+def _f32(x: float) -> float:
+    """``x`` as the worker re-encodes a 32-bit float: its shortest decimal."""
+    f = struct.unpack("f", struct.pack("f", x))[0]
+    for digits in range(1, 10):
+        short = float(f"{f:.{digits}g}")
+        if struct.unpack("f", struct.pack("f", short))[0] == f:
+            return short
+    return f
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _without_none(obj: Mapping[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:
+    return {k: v for k, v in obj.items() if v is not None or k in keep}
+
+
+def _reencoded(env: dict[str, Any]) -> dict[str, Any]:
+    """A typed envelope as the worker writes it back (serde): unset options, empty lists and
+    zero counters left out, defaults filled in, times in UTC, floats as 32-bit. Unknown fields
+    are kept as they came."""
+    out = {k: v for k, v in env.items() if not (k in FIELD_KINDS and v is None)}
+    for field in ("messages", "tools"):
+        if out.get(field) == []:
+            del out[field]
+    for field in ("attempts", "snoozes", "replays"):
+        if out.get(field) == 0:
+            del out[field]
+    for field in ("run_at", "enqueued_at", "waiting_since"):
+        if field in out:
+            out[field] = _utc(out[field])
+    if "id" in out:
+        out["id"] = str(parse_uuid(out["id"]))
+    if "temperature" in out:
+        out["temperature"] = _f32(out["temperature"])
+    out.setdefault("prompt", "")
+    if "messages" in out:
+        out["messages"] = [_turn_reencoded(m) for m in out["messages"]]
+    if "tools" in out:
+        out["tools"] = [
+            {"parameters": {"type": "object", "properties": {}}, **_without_none(t, ("parameters",))}
+            for t in out["tools"]
+        ]
+    if isinstance(out.get("response_format"), dict):
+        out["response_format"] = _without_none(out["response_format"])
+    return out
+
+
+def _turn_reencoded(m: Mapping[str, Any]) -> dict[str, Any]:
+    content = m.get("content", "")
+    turn: dict[str, Any] = {
+        "role": m["role"],
+        "content": [_without_none(p) for p in content] if isinstance(content, list) else content,
+    }
+    calls = [{**_without_none(c), "arguments": c.get("arguments")} for c in m.get("tool_calls", [])]
+    if calls:
+        turn["tool_calls"] = calls
+    if m.get("tool_call_id") is not None:
+        turn["tool_call_id"] = m["tool_call_id"]
+    return turn
+
+
+def replayed_task(task: str, task_id: str, provider: str | None) -> str:
+    """What replaying a dead letter enqueues, as ``replayed_task`` in
+    shared/src/queue/dead_letter.rs: an envelope (a payload the worker's deserializer takes)
+    with attempts, snoozes, waiting_since and last_error reset, one more replay, its id filled
+    in if missing and, if given, a new provider; any other payload as it came."""
+    try:
+        env = json.loads(task, parse_constant=_not_json)
+    except ValueError:
+        return task
+    if not isinstance(env, dict) or "v" not in env or typed_problem(env) is not None:
+        return task
+    out = _reencoded(env)
+    for field in ("attempts", "snoozes", "waiting_since", "last_error"):
+        out.pop(field, None)
+    out["replays"] = env.get("replays", 0) + 1
+    out.setdefault("id", task_id)
+    if provider is not None:
+        out["provider"] = provider
+    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,299 @@
+"""What each client call does, written once and free of I/O.
+
+A plan is a generator that yields operations (a Redis command, a pipeline of commands, a
+pause, a value for the caller) and is sent back each operation's result. :class:`Client`
+carries them out with redis-py, :class:`AsyncClient` with redis.asyncio; neither holds any
+logic of its own beyond that.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar, Union
+
+from .envelope import replayed_task
+from .errors import ChainRefused, InvalidArgument, NotFound, ReplayRefused, WaitTimeout
+from .keys import Keys, canonical_task_id, check_chain_id
+from .records import (
+    STEP_ENDED,
+    ChainEnd,
+    ChainHandle,
+    DeadLetter,
+    TaskRecord,
+    dead_letter,
+    entries,
+    field_map,
+    live_piece,
+    read_entries,
+    step,
+    text,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One Redis command; its reply is sent back."""
+
+    args: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """Commands sent in one round trip (all keys of one queue: one cluster slot); the list
+    of their replies is sent back."""
+
+    commands: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Emit:
+    """A value for the caller of an iterating call (``follow``, ``follow_chain``)."""
+
+    value: Any
+
+
+Op = Union[Command, Pipeline, Sleep, Emit]
+Plan = Generator[Op, Any, T]
+
+#: Tasks per pipelined round trip, as ``llmq batch`` sends them.
+PIPELINE_SIZE = 1000
+#: The longest blocking read of a live answer before the task's record is looked at.
+BLOCK_MS = 1000
+_STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
+
+
+def replay_script() -> str:
+    """shared/src/queue/replay.lua, the script ``llmq dlq replay`` runs, as the package
+    carries it."""
+    return resources.files("llmq_client").joinpath("replay.lua").read_text(encoding="utf-8")
+
+
+def enqueue(keys: Keys, payloads: list[tuple[str, str]]) -> Plan[list[str]]:
+    """XADDs the ``task`` fields, pipelined; returns the task ids."""
+    for start in range(0, len(payloads), PIPELINE_SIZE):
+        chunk = payloads[start : start + PIPELINE_SIZE]
+        yield Pipeline(tuple(("XADD", keys.stream, "*", "task", payload) for _, payload in chunk))
+    return [task_id for task_id, _ in payloads]
+
+
+def result(keys: Keys, task_id: str) -> Plan[TaskRecord | None]:
+    return TaskRecord.parse((yield Command(("GET", keys.result(task_id)))))
+
+
+def _waiting(keys: Keys, task_id: str, record: TaskRecord | None) -> str:
+    if record is None:
+        return (
+            f"task {task_id} has no result record yet (it is queued, running or waiting for its "
+            f"run_at; is a worker serving queue `{keys.queue}`?)"
+        )
+    return f"task {task_id} is {record.status} ({record.error_class}: {record.error})"
+
+
+def wait(keys: Keys, task_ids: Iterable[str], timeout: float, poll: float) -> Plan[list[TaskRecord]]:
+    """Polls the tasks' records (docs/wire-format.md, "Waiting for a result") until every one
+    is final; :class:`WaitTimeout` after ``timeout`` seconds."""
+    ids = [canonical_task_id(t) for t in task_ids]
+    deadline = time.monotonic() + timeout
+    done: dict[str, TaskRecord] = {}
+    last: dict[str, TaskRecord | None] = {}
+    while True:
+        pending = [t for t in ids if t not in done]
+        if pending:
+            replies = yield Command(("MGET", *[keys.result(t) for t in pending]))
+            for task_id, raw in zip(pending, replies):
+                record = last[task_id] = TaskRecord.parse(raw)
+                if record is not None and record.final:
+                    done[task_id] = record
+            pending = [t for t in ids if t not in done]
+        if not pending:
+            return [done[t] for t in ids]
+        if time.monotonic() >= deadline:
+            many = f"{len(pending)} of {len(ids)} tasks have" if len(ids) > 1 else "the task has"
+            raise WaitTimeout(
+                f"{many} no final status after {timeout:g}s: {_waiting(keys, pending[0], last.get(pending[0]))}; "
+                "wait longer, or call wait() again later."
+            )
+        yield Sleep(poll)
+
+
+def follow(keys: Keys, task_id: str, timeout: float) -> Plan[None]:
+    """Emits the pieces of a task's live answer (``llmq:{q}:out:<id>``) as they are written,
+    until it is done or the task has a final status."""
+    out, res = keys.out(task_id), keys.result(task_id)
+    deadline = time.monotonic() + timeout
+    after, final = "0", False
+    while True:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        block = () if final else ("BLOCK", max(1, min(BLOCK_MS, left_ms)))
+        got = read_entries((yield Command(("XREAD", "COUNT", 1000, *block, "STREAMS", out, after))))
+        for entry_id, fields in got:
+            after = entry_id
+            if fields.get("event") == "done":
+                return None
+            piece = live_piece(fields)
+            if piece is not None:
+                yield Emit(piece)
+        if final:
+            if not got:  # everything written before the record has been read
+                return None
+            continue
+        record = TaskRecord.parse((yield Command(("GET", res))))
+        final = record is not None and record.final
+        if not final and time.monotonic() >= deadline:
+            raise WaitTimeout(
+                f"the live answer of task {task_id} did not end within {timeout:g}s: "
+                f"{_waiting(keys, canonical_task_id(task_id), record)}; follow it again, or wait() for it."
+            )
+
+
+def submit_chain(keys: Keys, chain_id: str, spec: str) -> Plan[ChainHandle]:
+    """One XADD with the spec in the ``chain`` field."""
+    entry_id = yield Command(("XADD", keys.stream, "*", "chain", spec))
+    return ChainHandle(chain_id, keys.queue, text(entry_id))
+
+
+def _records(keys: Keys, task_ids: list[str]) -> Plan[dict[str, TaskRecord | None]]:
+    ids = [t for t in task_ids if t]
+    if not ids:
+        return {}
+    replies = yield Pipeline(tuple(("GET", keys.result(t)) for t in ids))
+    return {t: TaskRecord.parse(raw) for t, raw in zip(ids, replies)}
+
+
+def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: float) -> Plan[ChainEnd]:
+    """Emits each step of a chain as it ends (every round of a step that runs again), then
+    the chain's end, which it returns. :class:`ChainRefused` when the worker refused the
+    chain (known only for a :class:`ChainHandle`)."""
+    chain_id = check_chain_id(chain.chain_id if isinstance(chain, ChainHandle) else chain)
+    refusal = keys.result(chain.refusal_id) if isinstance(chain, ChainHandle) else None
+    deadline = time.monotonic() + timeout
+    seen: set[tuple[str, int, str]] = set()
+    order: list[str] = []  # the steps as the spec lists them (parents, mostly, first)
+    while True:
+        reads = {"state": ("HGET", keys.chain(chain_id), "state"), "steps": ("HGETALL", keys.chain_steps(chain_id))}
+        if not order:
+            reads["spec"] = ("HGET", keys.chain(chain_id), "spec")
+        if refusal:
+            reads["refusal"] = ("GET", refusal)
+        got = dict(zip(reads, (yield Pipeline(tuple(reads.values())))))
+        state = text(got["state"]) if got["state"] is not None else None
+        if got.get("spec") is not None:
+            order = [str(s.get("name")) for s in json.loads(text(got["spec"])).get("steps", [])]
+        steps = {
+            name: json.loads(raw)
+            for name, raw in sorted(field_map(got["steps"]).items(), key=lambda s: _place(order, s[0]))
+        }
+        refused = TaskRecord.parse(got.get("refusal"))
+        if state is None and refused is not None and refused.status == "dead":
+            raise ChainRefused(
+                f"the worker refused chain {chain_id} (dead letter of task {refused.task_id}): "
+                f"{refused.error}; fix the chain and submit it again."
+            )
+        ended = [
+            name
+            for name, s in steps.items()
+            if s.get("status") in STEP_ENDED and (name, s.get("round", 0), s["status"]) not in seen
+        ]
+        finished = state not in (None, "running")
+        wanted = list(steps) if finished else ended
+        records = yield from _records(keys, [steps[n].get("task_id", "") for n in wanted])
+        made = {n: step(n, steps[n], records.get(steps[n].get("task_id", ""))) for n in wanted}
+        for name in ended:
+            seen.add((name, steps[name].get("round", 0), steps[name]["status"]))
+            yield Emit(made[name])
+        if finished:
+            assert state is not None
+            end = ChainEnd(chain_id, state, made)
+            yield Emit(end)
+            return end
+        if time.monotonic() >= deadline:
+            states = ", ".join(f"{n} {s.get('status')}" for n, s in steps.items()) or "not expanded yet"
+            raise WaitTimeout(
+                f"chain {chain_id} did not end within {timeout:g}s (its steps: {states}); "
+                "follow it again later, or look with `llmq chain show`."
+            )
+        yield Sleep(poll)
+
+
+def _place(order: list[str], name: str) -> tuple[int, str]:
+    return (order.index(name) if name in order else len(order), name)
+
+
+def dead_letters(keys: Keys, limit: int) -> Plan[list[DeadLetter]]:
+    """The newest ``limit`` dead letters, newest first."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}.")
+    reply = yield Command(("XREVRANGE", keys.dead, "+", "-", "COUNT", limit))
+    return [dead_letter(keys.queue, e) for e in entries(reply)]
+
+
+def find_dead(keys: Keys, ident: str) -> Plan[DeadLetter]:
+    """The dead letter with dead-entry id or task id ``ident``, as ``llmq dlq replay`` finds it."""
+    if isinstance(ident, str) and _STREAM_ID.fullmatch(ident):
+        found = entries((yield Command(("XRANGE", keys.dead, ident, ident))))
+        if found:
+            return dead_letter(keys.queue, found[0])
+    else:
+        task_id = canonical_task_id(ident)
+        end = "+"
+        while True:
+            page = entries((yield Command(("XREVRANGE", keys.dead, end, "-", "COUNT", 500))))
+            for entry in page:
+                letter = dead_letter(keys.queue, entry)
+                if letter.task_id == task_id:
+                    return letter
+            if len(page) < 500:
+                break
+            end = f"({page[-1][0]}"
+    raise NotFound(
+        f"no dead letter {ident} in queue `{keys.queue}`; it may have been replayed, purged or "
+        "archived (list them with dead_letters(), or `llmq dlq list --archived`)."
+    )
+
+
+def replay(keys: Keys, dead: DeadLetter | str, provider: str | None, script: str) -> Plan[str]:
+    """Replays a plain task's dead letter as ``llmq dlq replay`` does: the envelope reset by
+    :func:`replayed_task`, then replay.lua re-enqueues it, deletes the letter and the task's
+    record in one step. Returns the task id."""
+    if provider is not None and (not isinstance(provider, str) or not provider.strip() or "\0" in provider):
+        raise InvalidArgument(
+            f"provider must be a provider's name from the workers' provider file, not {provider!r}."
+        )
+    if isinstance(dead, DeadLetter):
+        if dead.queue != keys.queue:
+            raise NotFound(
+                f"dead letter {dead.id} is of queue `{dead.queue}`, not `{keys.queue}`; "
+                "replay it with a client of its queue."
+            )
+        letter = dead
+    else:
+        letter = yield from find_dead(keys, dead)
+    chain_step = letter.chain_step
+    if chain_step is not None:
+        chain_id, name = chain_step
+        raise ReplayRefused(
+            f"dead letter {letter.id} is step `{name}` of chain {chain_id}, and resuming a chain is the "
+            f"llmq binaries' job: run `llmq dlq replay {letter.id} --queue {keys.queue}` or "
+            f"`llmq chain retry {chain_id} --from {name} --queue {keys.queue}`."
+        )
+    task = replayed_task(letter.task, letter.task_id, provider)
+    args = (keys.dead, keys.stream, keys.result(letter.task_id), letter.id, task)
+    done = yield Command(("EVAL", script, 3, *args))
+    if int(done) != 1:
+        raise NotFound(
+            f"dead letter {letter.id} is no longer in queue `{keys.queue}`: it was replayed or purged meanwhile."
+        )
+    return letter.task_id
+

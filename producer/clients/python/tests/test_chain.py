@@ -1,0 +1,66 @@
+"""Chains submitted with the client and followed to their end, on a real worker."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from llmq_client import ChainEnd, ChainRefused, Client, Step
+
+from .conftest import answer
+
+WAIT = 60.0
+
+
+def test_a_chain_is_followed_step_by_step_to_its_end(client: Client) -> None:
+    topic = uuid.uuid4().hex[:8]
+    chain = client.submit_chain(
+        {
+            "steps": [
+                {"name": "plan", "prompt": "Plan {{input}}", "model": "mock-fast"},
+                {"name": "impl", "after": ["plan"], "prompt": "Do {{plan.summary}}", "model": "mock-fast"},
+            ]
+        },
+        vars={"input": topic},
+    )
+    events = list(client.follow_chain(chain, timeout=WAIT))
+    steps = [e for e in events if isinstance(e, Step)]
+    assert [(s.name, s.status) for s in steps] == [("plan", "succeeded"), ("impl", "succeeded")], events
+    assert steps[0].output == answer(f"Plan {topic}")
+    assert steps[1].output == answer(f"Do {answer(f'Plan {topic}')}")
+    end = events[-1]
+    assert isinstance(end, ChainEnd) and end.state == "succeeded" and end.chain_id == chain.chain_id
+    assert set(end.steps) == {"plan", "impl"} and end.steps["plan"].output == steps[0].output
+    assert all(s.record is not None and s.record.chain_id == chain.chain_id for s in steps)
+    # Waiting for it again reads the same end.
+    assert client.wait_chain(chain.chain_id, timeout=WAIT) == end
+
+
+def test_a_failed_step_cancels_the_steps_after_it(client: Client) -> None:
+    chain = client.submit_chain(
+        {
+            "chain_id": f"fails-{uuid.uuid4().hex[:8]}",
+            "priority": 4,
+            "tenant": "acme",
+            "steps": [
+                {"name": "ok", "prompt": "Fine", "model": "mock-fast"},
+                {"name": "bad", "prompt": "Refused", "model": "fail-400"},
+                {"name": "after", "after": ["bad"], "prompt": "Never {{bad.output}}"},
+            ],
+        }
+    )
+    end = client.wait_chain(chain, timeout=WAIT)
+    assert end.state == "failed"
+    assert {n: s.status for n, s in end.steps.items()} == {"ok": "succeeded", "bad": "failed", "after": "cancelled"}
+    assert end.steps["bad"].error and end.steps["bad"].output is None
+
+
+def test_a_chain_the_worker_refuses_is_reported_with_the_workers_reason(client: Client) -> None:
+    chain = client.submit_chain({"steps": [{"name": "a", "prompt": "Uses {{nope}}"}]})
+    with pytest.raises(ChainRefused) as e:
+        list(client.follow_chain(chain, timeout=WAIT))
+    text = str(e.value)
+    assert f"the worker refused chain {chain.chain_id}" in text
+    assert "the chain is invalid: step `a`: {{nope}} is not a variable of the chain" in text
+    assert text.endswith("fix the chain and submit it again.")

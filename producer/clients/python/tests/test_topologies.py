@@ -1,0 +1,51 @@
+"""A Redis Cluster (redis+cluster://) and a Sentinel-watched master (redis+sentinel://), each
+with a worker serving the queue: every kind of call, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmq_client import AsyncClient, Client, Text
+
+from .conftest import answer, env, unique
+
+WAIT = 30.0
+
+
+@pytest.mark.parametrize("url_var", ["LLMQ_CLUSTER_URL", "LLMQ_SENTINEL_URL"])
+def test_every_call_on_a_cluster_and_behind_sentinels(queue: str, url_var: str) -> None:
+    url = env(url_var)
+    with Client.from_url(url, queue) as client:
+        prompt = unique("Topology")
+        assert client.wait(client.enqueue(prompt, model="mock-fast"), timeout=WAIT).output == answer(prompt)
+        prompts = [unique(f"Topology batch {i}") for i in range(5)]
+        ids = client.enqueue_many([{"prompt": p, "model": "mock-fast", "tenant": "acme"} for p in prompts])
+        assert [r.output for r in client.wait_all(ids, timeout=WAIT)] == [answer(p) for p in prompts]
+
+        streamed = unique("Topology story")
+        task_id = client.enqueue(streamed, model="mock-fast", stream=True)
+        text = "".join(p.text for p in client.follow(task_id, timeout=WAIT) if isinstance(p, Text))
+        assert text == answer(streamed)
+
+        chain = client.submit_chain({"steps": [{"name": "a", "prompt": "A"}, {"name": "b", "after": ["a"], "prompt": "B"}]})
+        assert client.wait_chain(chain, timeout=WAIT).state == "succeeded"
+
+        task_id = client.enqueue(unique("Topology refused"), model="fail-400")
+        assert client.wait(task_id, timeout=WAIT).status == "dead"
+        letter = next(d for d in client.dead_letters(1000) if d.task_id == task_id)
+        assert client.replay(letter) == task_id  # replay.lua on this topology
+        assert client.redis.xrange(client.keys.dead, letter.id, letter.id) == []
+
+    async def main() -> None:
+        async with AsyncClient.from_url(url, queue) as client:
+            prompt = unique("Async topology")
+            record = await client.wait(await client.enqueue(prompt, model="mock-fast"), timeout=WAIT)
+            assert record.output == answer(prompt)
+            task_id = await client.enqueue(unique("Async topology story"), model="mock-fast", stream=True)
+            assert [p async for p in client.follow(task_id, timeout=WAIT)]
+            ids = await client.enqueue_many([{"prompt": unique("x")}, {"prompt": unique("y")}])
+            assert len(await client.wait_all(ids, timeout=WAIT)) == 2
+
+    asyncio.run(main())
