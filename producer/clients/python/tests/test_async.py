@@ -29,7 +29,9 @@ def test_async_enqueue_wait_and_batch(queue: str) -> None:
         ids = await client.enqueue_many({"prompt": p, "model": "mock-fast", "priority": 2} for p in prompts)
         records = await client.wait_all(ids, timeout=WAIT)
         assert [r.output for r in records] == [answer(p) for p in prompts]
-        dead = await client.wait(await client.enqueue(unique("Async refused"), model="fail-400"), timeout=WAIT)
+        dead = await client.wait(
+            await client.enqueue(unique("Async refused"), model="fail-400"), timeout=WAIT
+        )
         assert dead.status == "dead"
         assert (await client.result(ids[0])) == records[0]
 
@@ -54,7 +56,12 @@ def test_async_live_answer_and_json(queue: str) -> None:
 def test_async_chain_and_dead_letter_replay(queue: str) -> None:
     async def body(client: AsyncClient) -> None:
         chain = await client.submit_chain(
-            {"steps": [{"name": "one", "prompt": "First"}, {"name": "two", "after": ["one"], "prompt": "Then"}]}
+            {
+                "steps": [
+                    {"name": "one", "prompt": "First"},
+                    {"name": "two", "after": ["one"], "prompt": "Then"},
+                ]
+            }
         )
         events = [e async for e in client.follow_chain(chain, timeout=WAIT)]
         assert [e.name for e in events if isinstance(e, Step)] == ["one", "two"]
@@ -73,7 +80,9 @@ def test_async_chain_and_dead_letter_replay(queue: str) -> None:
 
 def test_leaving_a_live_answer_early_stops_reading(queue: str) -> None:
     async def body(client: AsyncClient) -> None:
-        task_id = await client.enqueue(unique("Slow story [[mock:stream-slow]]"), model="mock-fast", stream=True)
+        task_id = await client.enqueue(
+            unique("Slow story [[mock:stream-slow]]"), model="mock-fast", stream=True
+        )
         async for piece in client.follow(task_id, timeout=WAIT):
             assert isinstance(piece, Text)
             break

@@ -52,7 +52,11 @@ def test_a_failed_step_cancels_the_steps_after_it(client: Client) -> None:
     )
     end = client.wait_chain(chain, timeout=WAIT)
     assert end.state == "failed"
-    assert {n: s.status for n, s in end.steps.items()} == {"ok": "succeeded", "bad": "failed", "after": "cancelled"}
+    assert {n: s.status for n, s in end.steps.items()} == {
+        "ok": "succeeded",
+        "bad": "failed",
+        "after": "cancelled",
+    }
     assert end.steps["bad"].error and end.steps["bad"].output is None
 
 

@@ -48,6 +48,7 @@ def test_a_replay_by_task_id_counts_the_replay_in_the_envelope(client: Client) -
     first = letter_of(client, task_id)
     assert first.envelope is not None and "replays" not in first.envelope
     assert client.replay(task_id) == task_id
+
     # It runs again, fails again: a new letter whose envelope says it was replayed once.
     def replayed() -> list[DeadLetter]:
         return [d for d in client.dead_letters(1000) if d.task_id == task_id and d.id != first.id]
@@ -102,15 +103,30 @@ def test_a_replay_enqueues_what_llmq_dlq_replay_enqueues() -> None:
         assert len(letters) == 4
         for letter in letters:
             client.redis.set(client.keys.result(letter.task_id), '{"status":"dead"}')
-        assert {d.task_id for d in letters} >= {"5c2f1d9e-0b7a-4f3b-9c1d-2e3f4a5b6c7d", derive_id(by_client, "0-7")}
+        assert {d.task_id for d in letters} >= {
+            "5c2f1d9e-0b7a-4f3b-9c1d-2e3f4a5b6c7d",
+            derive_id(by_client, "0-7"),
+        }
         for letter in letters:
             assert client.replay(letter, provider="mock") == letter.task_id
             assert client.redis.exists(client.keys.result(letter.task_id)) == 0, "its record is deleted"
         assert client.dead_letters() == []
-        mine = [canonical(fields[b"task"].decode(), by_client) for _, fields in client.redis.xrange(client.keys.stream)]
-        theirs = [canonical(fields[b"task"].decode(), by_cli) for _, fields in client.redis.xrange(f"llmq:{{{by_cli}}}:stream")]
-    assert sorted(json.dumps(t, sort_keys=True) for t in mine) == sorted(json.dumps(t, sort_keys=True) for t in theirs)
+        mine = [
+            canonical(fields[b"task"].decode(), by_client)
+            for _, fields in client.redis.xrange(client.keys.stream)
+        ]
+        theirs = [
+            canonical(fields[b"task"].decode(), by_cli)
+            for _, fields in client.redis.xrange(f"llmq:{{{by_cli}}}:stream")
+        ]
+    assert sorted(json.dumps(t, sort_keys=True) for t in mine) == sorted(
+        json.dumps(t, sort_keys=True) for t in theirs
+    )
     full = next(t for t in mine if isinstance(t, dict) and t["prompt"] == "replay me")
-    assert (full["replays"], full["provider"], full["id"]) == (2, "mock", "5c2f1d9e-0b7a-4f3b-9c1d-2e3f4a5b6c7d")
+    assert (full["replays"], full["provider"], full["id"]) == (
+        2,
+        "mock",
+        "5c2f1d9e-0b7a-4f3b-9c1d-2e3f4a5b6c7d",
+    )
     assert not {"attempts", "snoozes", "waiting_since", "last_error"} & set(full)
     assert "not json {" in mine, "a payload that is not an envelope is replayed as it came"

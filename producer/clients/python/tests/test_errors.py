@@ -27,7 +27,7 @@ from llmq_client import (
     WaitTimeout,
 )
 
-from .conftest import assert_sentence, env, unique
+from .conftest import assert_sentence, env
 
 # Envelopes (as JSON) a worker refuses, each for a reason the client words as the worker does.
 REFUSED: list[dict[str, Any]] = [
@@ -81,9 +81,9 @@ def test_a_task_the_client_refuses_a_worker_refuses_in_the_same_words(client: Cl
         said.append(str(refused.value))
     # The same envelopes, written raw: each becomes a dead letter saying the same.
     ids = [str(uuid.uuid4()) for _ in REFUSED]
-    for task_id, case in zip(ids, REFUSED):
+    for task_id, case in zip(ids, REFUSED, strict=True):
         client.redis.xadd(client.keys.stream, {"task": json.dumps({"v": 1, "id": task_id, **case})})
-    for case, mine, record in zip(REFUSED, said, client.wait_all(ids, timeout=30)):
+    for case, mine, record in zip(REFUSED, said, client.wait_all(ids, timeout=30), strict=True):
         assert (record.status, record.error_class) == ("dead", "invalid"), (case, record)
         assert mine == f"{record.error}.", f"{case}: the client says {mine!r}, the worker {record.error!r}"
 
@@ -175,9 +175,17 @@ def test_a_redis_that_cannot_be_reached_is_a_sentence(queue: str) -> None:
     sentinel = env("LLMQ_SENTINEL_URL").replace("/mymaster", "/nosuchmaster")
     cases = [
         ("redis://127.0.0.1:1", "cannot reach Redis at redis://127.0.0.1:1", "start Redis or set REDIS_URL"),
-        ("redis+cluster://127.0.0.1:1,127.0.0.1:2", "no seed node of the Redis Cluster answered", "127.0.0.1:2"),
+        (
+            "redis+cluster://127.0.0.1:1,127.0.0.1:2",
+            "no seed node of the Redis Cluster answered",
+            "127.0.0.1:2",
+        ),
         (plain, "is not in cluster mode", "use redis://host:port for a single Redis"),
-        (sentinel, "no sentinel named a reachable master `nosuchmaster`", "check the sentinels' host:port list"),
+        (
+            sentinel,
+            "no sentinel named a reachable master `nosuchmaster`",
+            "check the sentinels' host:port list",
+        ),
         ("redis+sentinel://127.0.0.1:1/mymaster", "no sentinel named a reachable master", "127.0.0.1:1"),
     ]
     options = {"socket_connect_timeout": 2, "socket_timeout": 2}
@@ -213,8 +221,16 @@ def test_bad_arguments_are_sentences(idle: Client) -> None:
     for call, error, says in [
         (lambda: idle.wait("not-a-uuid"), InvalidId, "'not-a-uuid' is not a task id"),
         (lambda: idle.follow("12", timeout=1).__next__(), InvalidId, "is not a task id"),
-        (lambda: idle.wait(str(uuid.uuid4()), timeout=-1), InvalidArgument, "timeout must be a number of seconds"),
-        (lambda: idle.wait(str(uuid.uuid4()), timeout="1"), InvalidArgument, "timeout must be a number of seconds"),
+        (
+            lambda: idle.wait(str(uuid.uuid4()), timeout=-1),
+            InvalidArgument,
+            "timeout must be a number of seconds",
+        ),
+        (
+            lambda: idle.wait(str(uuid.uuid4()), timeout="1"),
+            InvalidArgument,
+            "timeout must be a number of seconds",
+        ),
         (lambda: idle.dead_letters(0), InvalidArgument, "limit must be a whole number"),
         (lambda: idle.replay("1-0", provider=""), InvalidArgument, "provider must be a provider's name"),
         (lambda: idle.wait_chain("a\tb"), InvalidId, "`chain_id` must be at most 512 characters"),
@@ -245,17 +261,28 @@ CHAIN = {"steps": [{"name": "a", "prompt": "A"}, {"name": "b", "after": ["a"], "
         ({"steps": []}, "the chain has no steps"),
         ({"steps": [{"name": "a b", "prompt": "x"}]}, "step name `a b` must be letters, digits"),
         ({"steps": [{"name": "a", "prompt": "x"}, {"name": "a", "prompt": "y"}]}, "two steps are named `a`"),
-        ({"steps": [{"name": "a", "prompt": "x", "after": ["z"]}]}, "step `a` is after `z`, which is not a step"),
+        (
+            {"steps": [{"name": "a", "prompt": "x", "after": ["z"]}]},
+            "step `a` is after `z`, which is not a step",
+        ),
         ({"steps": [{"name": "a", "prompt": "x", "after": ["a"]}]}, "step `a` is after itself"),
         (
-            {"steps": [{"name": "a", "prompt": "x", "after": ["b"]}, {"name": "b", "prompt": "y", "after": ["a"]}]},
+            {
+                "steps": [
+                    {"name": "a", "prompt": "x", "after": ["b"]},
+                    {"name": "b", "prompt": "y", "after": ["a"]},
+                ]
+            },
             "steps a -> b -> a form a cycle",
         ),
         ({"steps": [{"name": "a"}]}, 'step `a`: the step has no prompt; set "prompt"'),
         ({"steps": [{"name": "a", "prompt": "x", "kind": "vote"}]}, "step `a`: unknown kind `vote`"),
         ({"steps": [{"name": "a", "prompt": "x", "model": 4}]}, "step `a`: `model` must be a string"),
         ({"steps": [{"name": "a", "prompt": "x", "type": "poetry"}]}, "step `a`: unknown task type `poetry`"),
-        ({"steps": [{"name": "a", "prompt": "x", "timeout": "soon"}]}, "step `a`: timeout must be whole seconds"),
+        (
+            {"steps": [{"name": "a", "prompt": "x", "timeout": "soon"}]},
+            "step `a`: timeout must be whole seconds",
+        ),
         ({"steps": [{"name": "a", "prompt": "x", "colour": 1}]}, "step `a`: `colour` is not a step field"),
     ],
 )
@@ -274,4 +301,3 @@ def test_every_error_class_is_an_llmq_error() -> None:
         value = getattr(llmq_client, name)
         if isinstance(value, type) and issubclass(value, Exception):
             assert issubclass(value, LlmqError), name
-

@@ -86,7 +86,11 @@ def full_task() -> dict[str, Any]:
         "response_format": {
             "type": "json_schema",
             "name": "advice",
-            "schema": {"type": "object", "properties": {"umbrella": {"type": "boolean"}}, "required": ["umbrella"]},
+            "schema": {
+                "type": "object",
+                "properties": {"umbrella": {"type": "boolean"}},
+                "required": ["umbrella"],
+            },
         },
         "stream": False,
         "deadline": "24h",
@@ -131,7 +135,9 @@ def test_a_fully_populated_envelope_validates_against_the_schema() -> None:
 
 def test_a_fully_populated_chain_validates_against_the_schema() -> None:
     envelope_schema = schema("envelope.schema.json")
-    registry: Registry = Registry().with_resource(envelope_schema["$id"], Resource.from_contents(envelope_schema))
+    registry: Registry = Registry().with_resource(
+        envelope_schema["$id"], Resource.from_contents(envelope_schema)
+    )
     task_fields = {
         "type": "research",
         "risk": "low",

@@ -29,7 +29,9 @@ def test_every_call_on_a_cluster_and_behind_sentinels(queue: str, url_var: str) 
         text = "".join(p.text for p in client.follow(task_id, timeout=WAIT) if isinstance(p, Text))
         assert text == answer(streamed)
 
-        chain = client.submit_chain({"steps": [{"name": "a", "prompt": "A"}, {"name": "b", "after": ["a"], "prompt": "B"}]})
+        chain = client.submit_chain(
+            {"steps": [{"name": "a", "prompt": "A"}, {"name": "b", "after": ["a"], "prompt": "B"}]}
+        )
         assert client.wait_chain(chain, timeout=WAIT).state == "succeeded"
 
         task_id = client.enqueue(unique("Topology refused"), model="fail-400")

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, TypeVar
 
 import redis
-from redis.exceptions import RedisClusterException
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisClusterException
 
 from . import envelope as E
 from . import plans
@@ -26,16 +26,21 @@ else:  # pragma: no cover
     from typing_extensions import Unpack
 
 T = TypeVar("T")
+# Untyped in redis-py.
+make_node: Any = ClusterNode
+make_sentinel: Any = Sentinel
 
 
 def connect(target: Target, options: Mapping[str, Any]) -> Any:
     """A redis.asyncio client for ``target``; ``options`` are passed to it."""
     if target.kind == "single":
         return aredis.Redis.from_url(target.url, **options)
-    auth = {"username": target.username, "password": target.password, "ssl": target.tls}
+    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
     if target.kind == "cluster":
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **auth, **options)
-    sentinel = Sentinel(list(target.nodes), db=target.db, **auth, **options)
+        nodes = [make_node(h, p) for h, p in target.nodes]
+        return RedisCluster(startup_nodes=nodes, **auth, **options)
+    # The sentinels are asked without the credentials, which are the master's.
+    sentinel = make_sentinel(list(target.nodes), db=target.db, **auth, **options)
     return sentinel.master_for(target.master)
 
 
@@ -124,13 +129,17 @@ class AsyncClient(Base):
     async def wait(self, task_id: str, timeout: float = 60.0, poll: float = 0.1) -> TaskRecord:
         return (await self._run(self._wait([task_id], timeout, poll)))[0]
 
-    async def wait_all(self, task_ids: Iterable[str], timeout: float = 60.0, poll: float = 0.1) -> list[TaskRecord]:
+    async def wait_all(
+        self, task_ids: Iterable[str], timeout: float = 60.0, poll: float = 0.1
+    ) -> list[TaskRecord]:
         return await self._run(self._wait(task_ids, timeout, poll))
 
     def follow(self, task_id: str, timeout: float = 300.0) -> AsyncIterator[Text | Restart]:
         return self._iter(self._follow(task_id, timeout))
 
-    async def submit_chain(self, spec: Mapping[str, Any], vars: Mapping[str, str] | None = None) -> ChainHandle:
+    async def submit_chain(
+        self, spec: Mapping[str, Any], vars: Mapping[str, str] | None = None
+    ) -> ChainHandle:
         return await self._run(self._submit_chain(spec, vars))
 
     def follow_chain(
@@ -138,7 +147,9 @@ class AsyncClient(Base):
     ) -> AsyncIterator[Step | ChainEnd]:
         return self._iter(self._follow_chain(chain, timeout, poll))
 
-    async def wait_chain(self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1) -> ChainEnd:
+    async def wait_chain(
+        self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1
+    ) -> ChainEnd:
         return await self._run(self._follow_chain(chain, timeout, poll))
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:

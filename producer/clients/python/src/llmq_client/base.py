@@ -26,7 +26,12 @@ def target_of(url: str | None) -> Target:
 
 
 def _seconds(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise InvalidArgument(f"{name} must be a number of seconds, 0 or more, not {value!r}.")
     return float(value)
 
@@ -42,7 +47,11 @@ class Base:
         max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
         target: Target | None = None,
     ) -> None:
-        if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes < 1
+        ):
             raise InvalidArgument(
                 f"max_payload_bytes must be the workers' --max-payload-bytes, a whole number, not {max_payload_bytes!r}."
             )
@@ -76,7 +85,9 @@ class Base:
     def _follow(self, task_id: str, timeout: float) -> plans.Plan[None]:
         return plans.follow(self.keys, task_id, _seconds("timeout", timeout))
 
-    def _submit_chain(self, spec: Mapping[str, Any], variables: Mapping[str, str] | None) -> plans.Plan[ChainHandle]:
+    def _submit_chain(
+        self, spec: Mapping[str, Any], variables: Mapping[str, str] | None
+    ) -> plans.Plan[ChainHandle]:
         chain_id, text = chains.build(spec, variables, self.max_payload_bytes)
         return plans.submit_chain(self.keys, chain_id, text)
 

@@ -19,7 +19,17 @@ from .errors import InvalidChain
 from .keys import chain_id_problem
 
 #: The top-level fields of a chain this library writes (tests compare them with the schema).
-CHAIN_FIELDS = ("v", "chain_id", "on_failure", "vars", "max_parallel", "priority", "tenant", "defaults", "steps")
+CHAIN_FIELDS = (
+    "v",
+    "chain_id",
+    "on_failure",
+    "vars",
+    "max_parallel",
+    "priority",
+    "tenant",
+    "defaults",
+    "steps",
+)
 #: Task fields a step (or the chain's ``defaults``) may set.
 STEP_TASK_FIELDS = (
     "type", "risk", "area", "provider", "model", "system", "max_tokens", "temperature",
@@ -79,10 +89,10 @@ def _check_fields(where: str, obj: Mapping[str, Any]) -> None:
     if obj.get("max_attempts") == 0:
         raise _fail(f"{where}: `max_attempts` must be at least 1")
     timeout = obj.get("timeout")
-    secs = timeout if E._is_int(timeout) else E.parse_duration_secs(timeout) if isinstance(timeout, str) else None
-    if timeout is not None and not (isinstance(secs, int) and 1 <= secs <= E.MAX_TIMEOUT_SECS):
+    secs: Any = E.parse_duration_secs(timeout) if isinstance(timeout, str) else timeout
+    if timeout is not None and not (E._is_int(secs) and 1 <= secs <= E.MAX_TIMEOUT_SECS):
         raise _fail(
-            f"{where}: timeout must be whole seconds or a duration such as \"5m\", "
+            f'{where}: timeout must be whole seconds or a duration such as "5m", '
             f"from 1 second to {E.MAX_TIMEOUT_SECS} seconds (30 days)"
         )
     try:
@@ -125,7 +135,7 @@ def build(spec: Mapping[str, Any], variables: Mapping[str, str] | None, max_byte
         raise _fail(f"`{unknown[0]}` is not a chain field; use {', '.join(CHAIN_FIELDS)}")
     chain.setdefault("v", 1)
     if chain["v"] != 1 or not E._is_int(chain["v"]):
-        raise _fail(f"the chain has version {E._show(chain['v'])}, but workers understand only \"v\": 1")
+        raise _fail(f'the chain has version {E._show(chain["v"])}, but workers understand only "v": 1')
     if chain.get("chain_id") is None:
         chain["chain_id"] = str(uuid.uuid4())
     problem = chain_id_problem(chain["chain_id"])
@@ -166,7 +176,9 @@ def build(spec: Mapping[str, Any], variables: Mapping[str, str] | None, max_byte
         names.append(s["name"])
         unknown = [k for k in s if k not in STEP_FIELDS]
         if unknown:
-            raise _fail(f"step `{s['name']}`: `{unknown[0]}` is not a step field; use {', '.join(STEP_FIELDS)}")
+            raise _fail(
+                f"step `{s['name']}`: `{unknown[0]}` is not a step field; use {', '.join(STEP_FIELDS)}"
+            )
     for s in steps:
         at = f"step `{s['name']}`"
         after = s.get("after", [])

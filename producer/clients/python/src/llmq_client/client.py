@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import closing
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import closing
 from typing import Any, TypeVar
 
 import redis
-from redis.exceptions import RedisClusterException
 from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
 from . import envelope as E
@@ -26,16 +26,21 @@ else:  # pragma: no cover
     from typing_extensions import Unpack
 
 T = TypeVar("T")
+# Untyped in redis-py.
+make_node: Any = ClusterNode
+make_sentinel: Any = Sentinel
 
 
 def connect(target: Target, options: Mapping[str, Any]) -> Any:
     """A redis-py client for ``target``; ``options`` are passed to it (e.g. socket_timeout)."""
     if target.kind == "single":
         return redis.Redis.from_url(target.url, **options)
-    auth = {"username": target.username, "password": target.password, "ssl": target.tls}
+    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
     if target.kind == "cluster":
-        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **auth, **options)
-    sentinel = Sentinel(list(target.nodes), db=target.db, **auth, **options)
+        nodes = [make_node(h, p) for h, p in target.nodes]
+        return RedisCluster(startup_nodes=nodes, **auth, **options)
+    # The sentinels are asked without the credentials, which are the master's.
+    sentinel = make_sentinel(list(target.nodes), db=target.db, **auth, **options)
     return sentinel.master_for(target.master)
 
 
@@ -150,7 +155,9 @@ class Client(Base):
         """Submits a chain (one XADD of its spec; a ``chain_id`` is made up when it has none)."""
         return self._run(self._submit_chain(spec, vars))
 
-    def follow_chain(self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1) -> Iterator[Step | ChainEnd]:
+    def follow_chain(
+        self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1
+    ) -> Iterator[Step | ChainEnd]:
         """Each :class:`Step` of the chain as it ends, then the :class:`ChainEnd`."""
         return self._iter(self._follow_chain(chain, timeout, poll))
 
@@ -167,4 +174,3 @@ class Client(Base):
         ``llmq dlq replay`` does, optionally on another provider; returns the task id. A
         chain step's letter is refused (:class:`ReplayRefused`): use the llmq binaries."""
         return self._run(self._replay(dead, provider))
-

@@ -280,13 +280,15 @@ def _opt(obj: Mapping[str, Any], key: str, kind: str) -> str | None:
 
 def _part_problem(p: Any) -> str | None:
     if not isinstance(p, Mapping):
-        return "must be an object: {\"type\": \"text\", \"text\": ...} or an image"
+        return 'must be an object: {"type": "text", "text": ...} or an image'
     if p.get("type") == "text":
         keys = _keys_problem(p, ("type", "text"), ("text",))
         return keys or (None if isinstance(p["text"], str) else "`text` must be a string")
     if p.get("type") == "image":
         keys = _keys_problem(p, ("type", "url", "data", "media_type"), ())
-        return keys or _opt(p, "url", "string") or _opt(p, "data", "string") or _opt(p, "media_type", "string")
+        return (
+            keys or _opt(p, "url", "string") or _opt(p, "data", "string") or _opt(p, "media_type", "string")
+        )
     return "`type` must be text or image"
 
 
@@ -425,7 +427,9 @@ def _check_concurrency(key: Any, limit: Any) -> None:
     if key is None and limit is None:
         return
     if limit is None:
-        raise Problem("concurrency_key", "needs a concurrency_limit, how many tasks of the key may run at once")
+        raise Problem(
+            "concurrency_key", "needs a concurrency_limit, how many tasks of the key may run at once"
+        )
     if key is None:
         raise Problem("concurrency_limit", "needs a concurrency_key, the name of the group it limits")
     if not isinstance(key, str) or _blank(key) or len(key) > MAX_CONCURRENCY_KEY:
@@ -463,15 +467,17 @@ def _check_image(field: str, part: Mapping[str, Any]) -> None:
         ):
             raise Problem(
                 f"{field}.url",
-                "must be an http or https URL of at most 2048 characters; send other images as base64 \"data\"",
+                'must be an http or https URL of at most 2048 characters; send other images as base64 "data"',
             )
     elif data is not None and url is None:
         if media_type is None:
-            raise Problem(f"{field}.media_type", f"is needed with \"data\": one of {', '.join(IMAGE_TYPES)}")
+            raise Problem(f"{field}.media_type", f'is needed with "data": one of {", ".join(IMAGE_TYPES)}')
         if not _BASE64.fullmatch(data):
-            raise Problem(f"{field}.data", "must be the image's bytes in standard base64, without a data: prefix")
+            raise Problem(
+                f"{field}.data", "must be the image's bytes in standard base64, without a data: prefix"
+            )
     else:
-        raise Problem(field, "an image has either \"url\" or \"data\" (base64, with \"media_type\"), not both")
+        raise Problem(field, 'an image has either "url" or "data" (base64, with "media_type"), not both')
 
 
 def check_conversation(
@@ -519,7 +525,9 @@ def check_conversation(
                     "must be 1 to 256 letters, digits, `_` or `-`: the id the tool turn answering it names",
                 )
             if call["id"] in ids:
-                raise Problem(f"{cat}.id", f"`{call['id']}` names another call too; give each call its own id")
+                raise Problem(
+                    f"{cat}.id", f"`{call['id']}` names another call too; give each call its own id"
+                )
             ids.add(call["id"])
             args = call.get("arguments")
             if not (args is None or isinstance(args, (str, Mapping))):
@@ -528,7 +536,9 @@ def check_conversation(
         answers = m.get("tool_call_id")
         if role == "tool":
             if answers is None:
-                raise Problem(f"{at}.tool_call_id", "is missing; a tool turn names the id of the call it answers")
+                raise Problem(
+                    f"{at}.tool_call_id", "is missing; a tool turn names the id of the call it answers"
+                )
             if answers not in open_calls:
                 raise Problem(
                     f"{at}.tool_call_id",
@@ -539,14 +549,17 @@ def check_conversation(
             raise Problem(f"{at}.tool_call_id", "belongs only to a tool turn")
     if open_calls:
         raise Problem(
-            "messages", f"ends with the call(s) {', '.join(open_calls)} unanswered; add a tool turn answering each"
+            "messages",
+            f"ends with the call(s) {', '.join(open_calls)} unanswered; add a tool turn answering each",
         )
     if len(tools) > MAX_TOOLS:
         raise Problem("tools", f"has {len(tools)} tools; at most {MAX_TOOLS} are accepted")
     for i, tool in enumerate(tools):
         check_name(f"tools[{i}].name", tool["name"])
         if any(t["name"] == tool["name"] for t in tools[:i]):
-            raise Problem(f"tools[{i}].name", f"`{tool['name']}` is defined twice; give each tool its own name")
+            raise Problem(
+                f"tools[{i}].name", f"`{tool['name']}` is defined twice; give each tool its own name"
+            )
         if "\0" in (tool.get("description") or ""):
             raise Problem(f"tools[{i}].description", NUL)
         params = tool.get("parameters", {"type": "object"})
@@ -588,15 +601,13 @@ def check_envelope(env: Mapping[str, Any]) -> None:
     """Raises :class:`Problem` (or :class:`InvalidTask` for a whole-task problem) for an
     envelope a worker would refuse, in the worker's order (Envelope::from_value)."""
     if env.get("v") != VERSION or not _is_int(env.get("v")):
-        raise InvalidTask(f"the task has version {_show(env.get('v'))}, but workers understand only \"v\": 1.")
+        raise InvalidTask(f'the task has version {_show(env.get("v"))}, but workers understand only "v": 1.')
     field = {k: v for k, v in env.items() if v is not None}
     _check_concurrency(field.get("concurrency_key"), field.get("concurrency_limit"))
     messages = field.get("messages") or []
     prompt = field.get("prompt")
     if not messages and (prompt is None or (isinstance(prompt, str) and _blank(prompt))):
-        raise InvalidTask(
-            'the task has no prompt; set "prompt" to a non-empty string, or give "messages".'
-        )
+        raise InvalidTask('the task has no prompt; set "prompt" to a non-empty string, or give "messages".')
     problem = typed_problem(env)
     if problem is not None:
         raise problem
@@ -642,7 +653,9 @@ def _wire_value(field: str, value: Any) -> Any:
     """A Python value of ``field`` as the JSON the envelope holds."""
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
-            raise Problem(field, "is a datetime without a time zone; give one, e.g. datetime.now(timezone.utc)")
+            raise Problem(
+                field, "is a datetime without a time zone; give one, e.g. datetime.now(timezone.utc)"
+            )
         return rfc3339(value)
     if isinstance(value, timedelta):
         secs = value.total_seconds()
@@ -654,7 +667,9 @@ def _wire_value(field: str, value: Any) -> Any:
             return str(value)
         parsed = parse_uuid(value) if isinstance(value, str) else None
         if parsed is None:
-            raise Problem("id", f"must be a UUID such as 0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90, not {_show(value)}")
+            raise Problem(
+                "id", f"must be a UUID such as 0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90, not {_show(value)}"
+            )
         return str(parsed)
     if isinstance(value, tuple):
         return list(value)
@@ -739,7 +754,7 @@ def build_batch(tasks: Iterable[Mapping[str, Any]], max_bytes: int) -> list[tupl
 
 def _f32(x: float) -> float:
     """``x`` as the worker re-encodes a 32-bit float: its shortest decimal."""
-    f = struct.unpack("f", struct.pack("f", x))[0]
+    f: float = struct.unpack("f", struct.pack("f", x))[0]
     for digits in range(1, 10):
         short = float(f"{f:.{digits}g}")
         if struct.unpack("f", struct.pack("f", short))[0] == f:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from .envelope import replayed_task
 from .errors import ChainRefused, InvalidArgument, NotFound, ReplayRefused, WaitTimeout
@@ -64,7 +64,7 @@ class Emit:
     value: Any
 
 
-Op = Union[Command, Pipeline, Sleep, Emit]
+Op = Command | Pipeline | Sleep | Emit
 Plan = Generator[Op, Any, T]
 
 #: Tasks per pipelined round trip, as ``llmq batch`` sends them.
@@ -112,7 +112,7 @@ def wait(keys: Keys, task_ids: Iterable[str], timeout: float, poll: float) -> Pl
         pending = [t for t in ids if t not in done]
         if pending:
             replies = yield Command(("MGET", *[keys.result(t) for t in pending]))
-            for task_id, raw in zip(pending, replies):
+            for task_id, raw in zip(pending, replies, strict=True):
                 record = last[task_id] = TaskRecord.parse(raw)
                 if record is not None and record.final:
                     done[task_id] = record
@@ -169,7 +169,7 @@ def _records(keys: Keys, task_ids: list[str]) -> Plan[dict[str, TaskRecord | Non
     if not ids:
         return {}
     replies = yield Pipeline(tuple(("GET", keys.result(t)) for t in ids))
-    return {t: TaskRecord.parse(raw) for t, raw in zip(ids, replies)}
+    return {t: TaskRecord.parse(raw) for t, raw in zip(ids, replies, strict=True)}
 
 
 def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: float) -> Plan[ChainEnd]:
@@ -182,12 +182,15 @@ def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: flo
     seen: set[tuple[str, int, str]] = set()
     order: list[str] = []  # the steps as the spec lists them (parents, mostly, first)
     while True:
-        reads = {"state": ("HGET", keys.chain(chain_id), "state"), "steps": ("HGETALL", keys.chain_steps(chain_id))}
+        reads = {
+            "state": ("HGET", keys.chain(chain_id), "state"),
+            "steps": ("HGETALL", keys.chain_steps(chain_id)),
+        }
         if not order:
             reads["spec"] = ("HGET", keys.chain(chain_id), "spec")
         if refusal:
             reads["refusal"] = ("GET", refusal)
-        got = dict(zip(reads, (yield Pipeline(tuple(reads.values())))))
+        got = dict(zip(reads, (yield Pipeline(tuple(reads.values()))), strict=True))
         state = text(got["state"]) if got["state"] is not None else None
         if got.get("spec") is not None:
             order = [str(s.get("name")) for s in json.loads(text(got["spec"])).get("steps", [])]
@@ -296,4 +299,3 @@ def replay(keys: Keys, dead: DeadLetter | str, provider: str | None, script: str
             f"dead letter {letter.id} is no longer in queue `{keys.queue}`: it was replayed or purged meanwhile."
         )
     return letter.task_id
-

@@ -30,7 +30,7 @@ def field_map(raw: Any) -> dict[str, str]:
     if isinstance(raw, Mapping):
         return {text(k): text(v) for k, v in raw.items()}
     items = list(raw or [])
-    return {text(k): text(v) for k, v in zip(items[::2], items[1::2])}
+    return {text(k): text(v) for k, v in zip(items[::2], items[1::2], strict=False)}
 
 
 def entries(reply: Any) -> list[tuple[str, dict[str, str]]]:

@@ -90,7 +90,9 @@ def parse_url(url: object) -> Target:
         userinfo, _, hosts = rest.rpartition("@")
         nodes = _nodes(url, re.split("[/?]", hosts)[0])
         if not nodes:
-            raise _bad(url, "a cluster URL needs at least one seed node: redis+cluster://host:port[,host:port...]")
+            raise _bad(
+                url, "a cluster URL needs at least one seed node: redis+cluster://host:port[,host:port...]"
+            )
         user, password = _credentials(userinfo)
         return Target("cluster", url, shown, scheme == "rediss+cluster", nodes, user, password)
     if scheme in ("redis+sentinel", "rediss+sentinel"):
@@ -108,15 +110,17 @@ def parse_url(url: object) -> Target:
         if db and not db.isdigit():
             raise _bad(url, f"`{db}` is not a database number")
         user, password = _credentials(userinfo)
-        return Target("sentinel", url, shown, scheme == "rediss+sentinel", nodes, user, password, int(db or 0), master)
+        return Target(
+            "sentinel", url, shown, scheme == "rediss+sentinel", nodes, user, password, int(db or 0), master
+        )
     if scheme not in ("redis", "rediss", "unix"):
         raise _bad(url, f"`{scheme}://` is not a scheme llmq takes")
     try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 (raises for a port that is not a number)
+        split = urlsplit(url)
+        split.port  # noqa: B018 (raises for a port that is not a number)
     except ValueError as e:
         raise _bad(url, str(e)) from None
-    db = parts.path.strip("/") if scheme != "unix" else ""
+    db = split.path.strip("/") if scheme != "unix" else ""
     if db and not db.isdigit():
         raise _bad(url, f"`{db}` is not a database number")
     return Target("single", url, shown, scheme == "rediss")
