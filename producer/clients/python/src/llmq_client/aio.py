@@ -7,18 +7,15 @@ import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, TypeVar
 
-import redis
 import redis.asyncio as aredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
-from redis.exceptions import RedisClusterException
 
-from . import envelope as E
 from . import plans
-from .base import Base, target_of
+from .base import REDIS_ERRORS, Base, Flavour
 from .envelope import Task, TaskFields
 from .records import ChainEnd, ChainHandle, DeadLetter, Restart, Step, TaskRecord, Text
-from .urls import Target, failure
+from .urls import failure
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -26,44 +23,13 @@ else:  # pragma: no cover
     from typing_extensions import Unpack
 
 T = TypeVar("T")
-# Untyped in redis-py.
-make_node: Any = ClusterNode
-make_sentinel: Any = Sentinel
-
-
-def connect(target: Target, options: Mapping[str, Any]) -> Any:
-    """A redis.asyncio client for ``target``; ``options`` are passed to it."""
-    if target.kind == "single":
-        return aredis.Redis.from_url(target.url, **options)
-    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
-    if target.kind == "cluster":
-        nodes = [make_node(h, p) for h, p in target.nodes]
-        return RedisCluster(startup_nodes=nodes, **auth, **options)
-    # The sentinels are asked without the credentials, which are the master's.
-    sentinel = make_sentinel(list(target.nodes), db=target.db, **auth, **options)
-    return sentinel.master_for(target.master)
 
 
 class AsyncClient(Base):
     """As :class:`Client`, for asyncio: every call is awaited, ``follow`` and
     ``follow_chain`` are async iterators. ``async with AsyncClient.from_url(...) as c:``."""
 
-    @classmethod
-    def from_url(
-        cls,
-        url: str | None = None,
-        queue: str = "default",
-        *,
-        max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
-        **redis_options: Any,
-    ) -> AsyncClient:
-        """As :meth:`Client.from_url`; connects on the first call."""
-        target = target_of(url)
-        try:
-            client = connect(target, redis_options)
-        except (redis.RedisError, RedisClusterException) as e:
-            raise failure(target, e) from e
-        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target)
+    flavour = Flavour(aredis.Redis, RedisCluster, ClusterNode, Sentinel)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -85,7 +51,7 @@ class AsyncClient(Base):
                 for args in op.commands:
                     pipe.execute_command(*args)
                 return await pipe.execute()
-        except (redis.RedisError, RedisClusterException) as e:
+        except REDIS_ERRORS as e:
             raise failure(self._target, e) from e
         if isinstance(op, plans.Sleep):
             await asyncio.sleep(op.seconds)

@@ -6,7 +6,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis
+from redis.exceptions import RedisClusterException
 
 from . import chain as chains
 from . import envelope as E
@@ -14,10 +18,35 @@ from . import plans
 from .errors import InvalidArgument
 from .keys import Keys
 from .records import ChainEnd, ChainHandle, DeadLetter, TaskRecord
-from .urls import Target, parse_url
+from .urls import Target, failure, parse_url
 
 #: Where Redis is when neither a URL nor REDIS_URL says.
 DEFAULT_URL = "redis://127.0.0.1:6379"
+#: What redis-py raises (a cluster's own errors are not RedisErrors).
+REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+B = TypeVar("B", bound="Base")
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """The redis-py classes a client connects with: redis-py's or redis.asyncio's."""
+
+    single: Any
+    cluster: Any
+    node: Any
+    sentinel: Any
+
+    def connect(self, target: Target, options: Mapping[str, Any]) -> Any:
+        """A client for ``target``; ``options`` are passed to it (e.g. socket_timeout)."""
+        if target.kind == "single":
+            return self.single.from_url(target.url, **options)
+        auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
+        if target.kind == "cluster":
+            nodes = [self.node(h, p) for h, p in target.nodes]
+            return self.cluster(startup_nodes=nodes, **auth, **options)
+        # The sentinels are asked without the credentials, which are the master's.
+        sentinel = self.sentinel(list(target.nodes), db=target.db, **auth, **options)
+        return sentinel.master_for(target.master)
 
 
 def target_of(url: str | None) -> Target:
@@ -38,6 +67,8 @@ def _seconds(name: str, value: Any) -> float:
 
 class Base:
     """A queue on a Redis: the key names, the payload limit and the plans of every call."""
+
+    flavour: Flavour
 
     def __init__(
         self,
@@ -60,6 +91,26 @@ class Base:
         self.max_payload_bytes = max_payload_bytes
         self._target = target or Target("single", "", "the Redis client given")
         self._script = plans.replay_script()
+
+    @classmethod
+    def from_url(
+        cls: type[B],
+        url: str | None = None,
+        queue: str = "default",
+        *,
+        max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
+        **redis_options: Any,
+    ) -> B:
+        """A client of ``queue`` on the Redis ``url`` names, as the llmq binaries take it
+        (default: ``REDIS_URL``, else redis://127.0.0.1:6379). ``max_payload_bytes``: the
+        workers' --max-payload-bytes; ``redis_options`` go to redis-py. A single Redis and a
+        Sentinel's master are connected to on the first call, a cluster's seeds at once."""
+        target = target_of(url)
+        try:
+            client = cls.flavour.connect(target, redis_options)
+        except REDIS_ERRORS as e:
+            raise failure(target, e) from e
+        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target)
 
     @property
     def queue(self) -> str:

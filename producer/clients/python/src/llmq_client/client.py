@@ -10,15 +10,13 @@ from typing import Any, TypeVar
 
 import redis
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
 from redis.sentinel import Sentinel
 
-from . import envelope as E
 from . import plans
-from .base import Base, target_of
+from .base import REDIS_ERRORS, Base, Flavour
 from .envelope import Task, TaskFields
 from .records import ChainEnd, ChainHandle, DeadLetter, Restart, Step, TaskRecord, Text
-from .urls import Target, failure
+from .urls import failure
 
 if sys.version_info >= (3, 11):
     from typing import Unpack
@@ -26,22 +24,6 @@ else:  # pragma: no cover
     from typing_extensions import Unpack
 
 T = TypeVar("T")
-# Untyped in redis-py.
-make_node: Any = ClusterNode
-make_sentinel: Any = Sentinel
-
-
-def connect(target: Target, options: Mapping[str, Any]) -> Any:
-    """A redis-py client for ``target``; ``options`` are passed to it (e.g. socket_timeout)."""
-    if target.kind == "single":
-        return redis.Redis.from_url(target.url, **options)
-    auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
-    if target.kind == "cluster":
-        nodes = [make_node(h, p) for h, p in target.nodes]
-        return RedisCluster(startup_nodes=nodes, **auth, **options)
-    # The sentinels are asked without the credentials, which are the master's.
-    sentinel = make_sentinel(list(target.nodes), db=target.db, **auth, **options)
-    return sentinel.master_for(target.master)
 
 
 class Client(Base):
@@ -52,24 +34,7 @@ class Client(Base):
     whose message is a sentence.
     """
 
-    @classmethod
-    def from_url(
-        cls,
-        url: str | None = None,
-        queue: str = "default",
-        *,
-        max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
-        **redis_options: Any,
-    ) -> Client:
-        """A client of ``queue`` on the Redis ``url`` names (as the llmq binaries take it;
-        default: ``REDIS_URL``, else redis://127.0.0.1:6379). ``max_payload_bytes``: the
-        workers' --max-payload-bytes."""
-        target = target_of(url)
-        try:
-            client = connect(target, redis_options)
-        except (redis.RedisError, RedisClusterException) as e:
-            raise failure(target, e) from e
-        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target)
+    flavour = Flavour(redis.Redis, RedisCluster, ClusterNode, Sentinel)
 
     def close(self) -> None:
         self.redis.close()
@@ -91,7 +56,7 @@ class Client(Base):
                 for args in op.commands:
                     pipe.execute_command(*args)
                 return pipe.execute()
-        except (redis.RedisError, RedisClusterException) as e:
+        except REDIS_ERRORS as e:
             raise failure(self._target, e) from e
         if isinstance(op, plans.Sleep):
             time.sleep(op.seconds)

@@ -127,7 +127,7 @@ def parse_url(url: object) -> Target:
 
 
 def _detail(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+    return " ".join(str(e).split()).rstrip(".") or type(e).__name__
 
 
 def failure(target: Target, e: Exception) -> LlmqError:
