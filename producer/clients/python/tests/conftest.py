@@ -5,6 +5,8 @@ sets, besides REDIS_URL:
   LLMQ_SENTINEL_URL (each a worker of its own, all with the mock provider file);
 - LLMQ_REPLAY_CLI_QUEUE and LLMQ_REPLAY_PY_QUEUE: two queues no worker serves, holding the
   same dead letters; `llmq dlq replay --all --platform mock` has replayed the first;
+- LLMQ_TLS_URL and LLMQ_TLS_CA: a Redis on a TLS port only (no worker), and the CA that
+  signed its certificate;
 - LLMQ_REPO: the repository, for the schemas and the canonical replay.lua.
 """
 

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from llmq_client import AsyncClient, Client, Text
+from llmq_client import AsyncClient, Client, RedisUnavailable, Text
 
-from .conftest import answer, env, unique
+from .conftest import answer, assert_sentence, env, unique
 
 WAIT = 30.0
 
@@ -49,5 +49,27 @@ def test_every_call_on_a_cluster_and_behind_sentinels(queue: str, url_var: str) 
             assert [p async for p in client.follow(task_id, timeout=WAIT)]
             ids = await client.enqueue_many([{"prompt": unique("x")}, {"prompt": unique("y")}])
             assert len(await client.wait_all(ids, timeout=WAIT)) == 2
+
+    asyncio.run(main())
+
+
+def test_a_redis_that_speaks_only_tls(queue: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = env("LLMQ_TLS_URL")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    with pytest.raises(RedisUnavailable) as e:
+        with Client.from_url(url, queue) as client:
+            client.enqueue("x")
+    assert_sentence(e.value, "certificate", "trust the CA that signed Redis's certificate with SSL_CERT_FILE")
+
+    monkeypatch.setenv("SSL_CERT_FILE", env("LLMQ_TLS_CA"))
+    with Client.from_url(url, queue) as client:
+        client.enqueue("over TLS")
+        client.enqueue_many([{"prompt": "one"}, {"prompt": "two"}])
+        assert client.redis.xlen(client.keys.stream) == 3
+
+    async def main() -> None:
+        async with AsyncClient.from_url(url, queue) as client:
+            await client.enqueue("async over TLS")
+            assert await client.redis.xlen(client.keys.stream) == 4
 
     asyncio.run(main())

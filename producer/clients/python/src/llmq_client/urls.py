@@ -145,6 +145,11 @@ def failure(target: Target, e: Exception) -> LlmqError:
             f"the URL names a Redis Cluster (redis+cluster://), but {target.seeds} is not in cluster "
             f"mode ({detail}); use redis://host:port for a single Redis."
         )
+    if "certificate" in lower:
+        return RedisUnavailable(
+            f"cannot reach Redis at {target.shown} ({detail}); trust the CA that signed Redis's "
+            "certificate with SSL_CERT_FILE=/path/to/ca.pem, or check the host name in the URL."
+        )
     if name == "AuthenticationError" or ("auth" in lower and "password" in lower):
         return RedisUnavailable(
             f"Redis at {target.shown} refused the credentials ({detail}); check the user and password in the URL."
