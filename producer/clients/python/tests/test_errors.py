@@ -98,6 +98,7 @@ def test_a_task_the_client_refuses_a_worker_refuses_in_the_same_words(client: Cl
         ({"max_tokens": -1}, "field `max_tokens` is wrong"),
         ({"max_attempts": 2**32}, "field `max_attempts` is wrong"),
         ({"temperature": math.nan}, "field `temperature` is wrong: must be a finite number"),
+        ({"temperature": 1e39}, "field `temperature` is wrong: 1e+39 is too large"),
         ({"stream": "yes"}, "field `stream` is wrong: must be true or false"),
         ({"risk": "extreme"}, "field `risk` is wrong: must be one of low, medium, high"),
         ({"min_tier": "huge"}, "field `min_tier` is wrong"),

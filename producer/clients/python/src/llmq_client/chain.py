@@ -86,6 +86,10 @@ def _check_fields(where: str, obj: Mapping[str, Any]) -> None:
             raise _fail(f"{where}: `{name}` {E.NUL}")
     if obj.get("type") is not None and obj["type"] not in E.TASK_TYPES:
         raise _fail(f"{where}: unknown task type `{obj['type']}`; use one of: {', '.join(E.TASK_TYPES)}")
+    try:
+        E.check_temperature(obj.get("temperature"))
+    except E.Problem as e:
+        raise _fail(f"{where}: {e}") from None
     if obj.get("max_attempts") == 0:
         raise _fail(f"{where}: `max_attempts` must be at least 1")
     timeout = obj.get("timeout")

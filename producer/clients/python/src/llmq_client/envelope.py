@@ -577,6 +577,13 @@ def check_conversation(
             check_name("response_format.name", response_format["name"])
 
 
+def check_temperature(value: Any) -> None:
+    """A temperature a worker reads as the 32-bit float it is (a larger one would turn into
+    infinity on its way to the provider)."""
+    if value is not None and abs(value) > F32_MAX:
+        raise Problem("temperature", f"{value} is too large; give a sampling temperature such as 0.2")
+
+
 def check_deadline(text: str, streams: bool) -> None:
     secs = parse_duration_secs(text)
     if secs is None:
@@ -630,6 +637,7 @@ def check_envelope(env: Mapping[str, Any]) -> None:
     if field.get("type", "data_analysis") not in TASK_TYPES:
         raise InvalidTask(f"unknown task type `{field['type']}`; use one of: {', '.join(TASK_TYPES)}.")
     check_class(field.get("priority"), field.get("tenant"))
+    check_temperature(field.get("temperature"))
     if field.get("max_attempts") == 0:
         raise Problem("max_attempts", "must be at least 1")
     timeout = field.get("timeout")
@@ -686,6 +694,17 @@ def to_json(value: Any, field: str = "task") -> str:
     return text
 
 
+def _unknown_field(name: str) -> InvalidTask:
+    if name in WIRE_NAMES.values():
+        python = next(k for k, v in WIRE_NAMES.items() if v == name)
+        hint = f" (write {python}= for the envelope's `{name}`)"
+    elif name in WORKER_FIELDS:
+        hint = f" (workers set `{name}`)"
+    else:
+        hint = ""
+    return InvalidTask(f"`{name}` is not a task field{hint}; use {', '.join(sorted(Task.__annotations__))}.")
+
+
 def build(task: Mapping[str, Any], now: datetime | None = None) -> tuple[str, dict[str, Any]]:
     """The task id and the envelope of one task given by Python names; :class:`InvalidTask`
     when a worker would refuse it."""
@@ -696,17 +715,7 @@ def build(task: Mapping[str, Any], now: datetime | None = None) -> tuple[str, di
         for name, value in task.items():
             wire = WIRE_NAMES.get(name, name)
             if name in WIRE_NAMES.values() or wire not in PRODUCER_FIELDS:
-                python_name = {v: k for k, v in WIRE_NAMES.items()}.get(name)
-                hint = (
-                    f" (write {python_name}= for the envelope's `{name}`)"
-                    if python_name
-                    else f" (workers set `{name}`)"
-                    if name in WORKER_FIELDS
-                    else ""
-                )
-                raise InvalidTask(
-                    f"`{name}` is not a task field{hint}; use {', '.join(sorted(Task.__annotations__))}."
-                )
+                raise _unknown_field(name)
             if value is not None:
                 env[wire] = _wire_value(wire, value)
         env.setdefault("id", str(uuid.uuid4()))
