@@ -3,9 +3,15 @@
 #   docker build -t llmq:dev .
 # The Kubernetes manifests (deploy/kubernetes) name the binary to run in each container;
 # without one the image runs the CLI (`docker run --rm llmq:dev --help`). docs/kubernetes.md.
+#
+# The base images are build arguments: the public ones by default; `make image` builds this
+# same file with buildah against bases made from Debian 12's packages (deploy/image.sh), since
+# the machine it runs on cannot pull from a registry.
+ARG BUILDER=docker.io/library/rust:1.95-bookworm
+ARG RUNTIME=gcr.io/distroless/cc-debian12:nonroot
 
 # The toolchain, and cargo-chef to build the dependencies in a layer of their own.
-FROM rust:1.95-bookworm AS chef
+FROM ${BUILDER} AS chef
 RUN cargo install cargo-chef --version 0.1.77 --locked
 WORKDIR /src
 
@@ -24,7 +30,7 @@ COPY . .
 RUN cargo build --release --locked -p llmq -p llmq-worker -p llmq-scheduler
 
 # glibc and libgcc only (TLS is rustls with bundled roots); no shell, no package manager.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME}
 COPY --from=builder /src/target/release/llmq /usr/local/bin/llmq
 COPY --from=builder /src/target/release/llmq-worker /usr/local/bin/llmq-worker
 COPY --from=builder /src/target/release/llmq-scheduler /usr/local/bin/llmq-scheduler

@@ -5,7 +5,7 @@ CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
 
-.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps browser-deps deploy-check
+.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps browser-deps deploy-check image image-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -47,3 +47,10 @@ browser-deps: ## Install what the browser test needs: Debian's chromium, and Pla
 
 deploy-check: ## Check the Dockerfile and the Kubernetes manifests offline (kustomize, schemas, lints, deploy/tests)
 	@deploy/check.sh
+
+image: ## Build the image from ./Dockerfile with buildah (no daemon, no registry: bases made from Debian's packages; deploy/image.sh) and print its size
+	@deploy/image.sh
+
+image-check: services ## Run the built image: each binary's --version as its user, and a worker from it finishing a task against the local Redis, Postgres and llmq-mock
+	@$(CARGO) build --quiet -p llmq-tests --bin llmq-mock
+	@deploy/image-check.sh
