@@ -5,7 +5,7 @@ CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
 
-.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps browser-deps deploy-check image image-check
+.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps clients-deps browser-deps deploy-check image image-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -13,7 +13,7 @@ help: ## Show the targets and what they do
 demo: ## Start or reuse Redis and Postgres, migrate, run llmq-mock and two workers, enqueue samples and a chain, print results and costs
 	@deploy/demo.sh
 
-test: services examples-deps browser-deps build ## Run every test against the local Redis and Postgres
+test: services examples-deps clients-deps browser-deps build ## Run every test against the local Redis and Postgres
 	$(CARGO) test --workspace
 
 bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
@@ -41,6 +41,10 @@ services: ## Make sure Redis and Postgres answer (starting them if needed)
 examples-deps: ## Install what the Python and Node producer examples need
 	@python3 -c 'import redis' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
 	@[ -d examples/node/node_modules/redis ] || (cd examples/node && npm ci --no-audit --no-fund --loglevel=error)
+
+clients-deps: ## Install the Python client and its pinned test tools in a venv, and build the Node client (producer/clients)
+	@producer/clients/python/deps.sh
+	@producer/clients/node/deps.sh
 
 browser-deps: ## Install what the browser test needs: Debian's chromium, and Playwright (pinned) in a venv
 	@tests/browser/deps.sh
