@@ -285,6 +285,10 @@ pub struct Envelope {
     /// `llmq:{q}:out:<id>` as it arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream: Option<bool>,
+    /// `false`: do not ask the provider to cache this task's prompt prefix. Unset: the
+    /// provider file's `prompt_cache` (on unless it says false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_cache: Option<bool>,
     /// How long the task can wait for its answer (e.g. `"24h"`), from when it was enqueued:
     /// set, it may go through a provider's batch API at the batch price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -474,6 +478,7 @@ impl Envelope {
             tool_choice: None,
             response_format: None,
             stream: None,
+            prompt_cache: None,
             deadline: None,
             task_type: None,
             provider: None,

@@ -131,6 +131,9 @@ pub struct Usage {
     pub output_tokens: u64,
     /// Prompt tokens served from the provider's cache (a subset of `input_tokens`).
     pub cached_tokens: u64,
+    /// Prompt tokens written to the provider's cache (a subset of `input_tokens`; Anthropic
+    /// bills them above the input price).
+    pub cache_write_tokens: u64,
     /// Reasoning tokens (a subset of `output_tokens`).
     pub reasoning_tokens: u64,
 }

@@ -596,9 +596,47 @@ providers:
             input_tokens: 1_000_000,
             output_tokens: 1_000_000,
             cached_tokens: 500_000,
+            cache_write_tokens: 0,
             reasoning_tokens: 0,
         };
         assert!((prices.cost(&usage) - 2.75).abs() < 1e-9);
+    }
+
+    #[test]
+    fn cache_writes_cost_a_quarter_more_than_input_unless_the_file_says() {
+        // 1M input tokens: 200k read from the cache, 300k written to it, 500k plain.
+        let usage = crate::provider::Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 0,
+            cached_tokens: 200_000,
+            cache_write_tokens: 300_000,
+            reasoning_tokens: 0,
+        };
+        let prices = Prices::list(3.0, 15.0, 0.3);
+        assert!((prices.cost(&usage) - (1.5 + 0.06 + 1.125)).abs() < 1e-9);
+        // The batch discount applies to writes as to the rest.
+        assert!((prices.batch().cost(&usage) - (1.5 + 0.06 + 1.125) / 2.0).abs() < 1e-9);
+        let config = Config::parse(
+            "p.yaml",
+            &GOOD.replace(
+                "input_usd_per_mtok: 1.0",
+                "input_usd_per_mtok: 1.0\n        cache_write_usd_per_mtok: 2.0",
+            ),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(config.providers[0].models[0].prices.cache_write, 2.0);
+        assert!(config.providers[0].prompt_cache, "on unless the file says");
+        let off = Config::parse(
+            "p.yaml",
+            &GOOD.replace(
+                "kind: openai_compatible",
+                "kind: openai_compatible\n    prompt_cache: false",
+            ),
+            &env,
+        )
+        .unwrap();
+        assert!(!off.providers[0].prompt_cache);
     }
 
     #[test]

@@ -156,6 +156,9 @@ impl Capability {
     }
 }
 
+/// Anthropic's price of a five-minute cache write, as a multiple of the input price.
+pub const CACHE_WRITE_MULTIPLIER: f64 = 1.25;
+
 /// USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Prices {
@@ -163,6 +166,9 @@ pub struct Prices {
     pub output: f64,
     /// Cached prompt tokens; the input price when the provider file gives none.
     pub cached_input: f64,
+    /// Prompt tokens written to the provider's cache: 1.25 times the input price (Anthropic's
+    /// five-minute cache, the one llmq asks for) unless the provider file says otherwise.
+    pub cache_write: f64,
     /// Through the provider's batch API: half the input and output prices (OpenAI,
     /// Anthropic and Gemini all sell batches at 50 % off) unless the file says otherwise.
     pub batch_input: f64,
@@ -170,43 +176,51 @@ pub struct Prices {
 }
 
 impl Prices {
-    /// The cost of one call in USD. Cached tokens are part of `input_tokens` and priced at
-    /// their own rate; reasoning tokens are part of `output_tokens`.
+    /// The cost of one call in USD. Cached tokens and tokens written to the cache are part
+    /// of `input_tokens` and priced at their own rates; reasoning tokens are part of
+    /// `output_tokens`.
     #[must_use]
     pub fn cost(&self, usage: &Usage) -> f64 {
         let cached = usage.cached_tokens.min(usage.input_tokens);
-        let fresh = usage.input_tokens - cached;
+        let written = usage.cache_write_tokens.min(usage.input_tokens - cached);
+        let fresh = usage.input_tokens - cached - written;
         (fresh as f64 * self.input
             + cached as f64 * self.cached_input
+            + written as f64 * self.cache_write
             + usage.output_tokens as f64 * self.output)
             / 1_000_000.0
     }
 
-    /// List prices with the batch discount's defaults: half of each.
+    /// List prices with the defaults: a cache write at 1.25 times the input price, a batch
+    /// at half of each.
     #[must_use]
     pub fn list(input: f64, output: f64, cached_input: f64) -> Self {
         Self {
             input,
             output,
             cached_input,
+            cache_write: input * CACHE_WRITE_MULTIPLIER,
             batch_input: input / 2.0,
             batch_output: output / 2.0,
         }
     }
 
-    /// The prices of a call made through the provider's batch API; cached prompt tokens
-    /// get the same discount as the others.
+    /// The prices of a call made through the provider's batch API; cached prompt tokens and
+    /// cache writes get the same discount as the others.
     #[must_use]
     pub fn batch(&self) -> Prices {
-        let cached_input = if self.input > 0.0 {
-            self.cached_input * self.batch_input / self.input
-        } else {
-            self.cached_input / 2.0
+        let discount = |price: f64| {
+            if self.input > 0.0 {
+                price * self.batch_input / self.input
+            } else {
+                price / 2.0
+            }
         };
         Prices {
             input: self.batch_input,
             output: self.batch_output,
-            cached_input,
+            cached_input: discount(self.cached_input),
+            cache_write: discount(self.cache_write),
             ..*self
         }
     }
@@ -386,6 +400,9 @@ pub struct ProviderConfig {
     pub command: Option<CommandConfig>,
     /// Set: tasks that can wait (`deadline`) go through the provider's batch API.
     pub batch: Option<BatchConfig>,
+    /// Whether llmq asks the provider to cache a long prompt's stable prefix (Anthropic's
+    /// `cache_control`, OpenAI's `prompt_cache_key`); a task's `prompt_cache` can say no.
+    pub prompt_cache: bool,
     pub models: Vec<Model>,
 }
 
@@ -620,6 +637,7 @@ pub(super) fn provider(
             ("input_usd_per_mtok", m.input_usd_per_mtok),
             ("output_usd_per_mtok", m.output_usd_per_mtok),
             ("cached_input_usd_per_mtok", m.cached_input_usd_per_mtok),
+            ("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok),
             ("batch_input_usd_per_mtok", m.batch_input_usd_per_mtok),
             ("batch_output_usd_per_mtok", m.batch_output_usd_per_mtok),
         ] {
@@ -674,6 +692,9 @@ pub(super) fn provider(
                 }
             };
         let mut prices = prices;
+        if let Some(p) = m.cache_write_usd_per_mtok {
+            prices.cache_write = p;
+        }
         if let Some(p) = m.batch_input_usd_per_mtok {
             prices.batch_input = p;
         }
@@ -755,6 +776,7 @@ pub(super) fn provider(
         quotas,
         command,
         batch,
+        prompt_cache: p.prompt_cache,
         models,
     })
 }

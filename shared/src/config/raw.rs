@@ -106,6 +106,8 @@ pub(super) struct RawProvider {
     pub(super) connections: Option<u32>,
     #[serde(default)]
     pub(super) batch: Option<RawBatch>,
+    #[serde(default = "yes")]
+    pub(super) prompt_cache: bool,
     pub(super) models: Vec<RawModel>,
 }
 
@@ -163,6 +165,7 @@ pub(super) struct RawModel {
     pub(super) input_usd_per_mtok: Option<f64>,
     pub(super) output_usd_per_mtok: Option<f64>,
     pub(super) cached_input_usd_per_mtok: Option<f64>,
+    pub(super) cache_write_usd_per_mtok: Option<f64>,
     pub(super) batch_input_usd_per_mtok: Option<f64>,
     pub(super) batch_output_usd_per_mtok: Option<f64>,
 }

@@ -143,6 +143,9 @@ impl Anthropic {
         if req.sink.is_some() {
             body["stream"] = json!(true);
         }
+        if req.prompt_cache {
+            mark_cache_breakpoints(&mut body, req);
+        }
         body
     }
 
@@ -157,6 +160,60 @@ impl Anthropic {
             builder = builder.header("x-api-key", key.expose_secret());
         }
         exchange(&self.name, req, builder, &FORMAT).await
+    }
+}
+
+/// The fewest prompt tokens Anthropic caches for `model` (its prompt caching docs): 2,048
+/// for Haiku 3 and 3.5; 4,096 for Haiku 4.5 and Opus 4.5 and later; 1,024 for the others
+/// (Sonnet, Opus 4.1 and earlier). A shorter prefix is not cached and not billed as a write.
+#[must_use]
+pub fn min_cacheable_tokens(model: &str) -> u64 {
+    let m = model.to_ascii_lowercase();
+    let minor_after = |family: &str| {
+        m.find(family)
+            .and_then(|at| m[at + family.len()..].chars().next())
+            .and_then(|c| c.to_digit(10))
+    };
+    if m.contains("haiku") {
+        if m.contains("claude-3") { 2048 } else { 4096 }
+    } else if minor_after("opus-4-").is_some_and(|d| d >= 5) {
+        4096
+    } else {
+        1024
+    }
+}
+
+/// Marks the stable prefix for Anthropic's five-minute prompt cache: `cache_control` on the
+/// last tool, on the system prompt and on the turn before the last, each where the prefix up
+/// to it is long enough to be cached (three breakpoints of the four the API allows). The
+/// next request with the same prefix reads it at a tenth of the input price; the first
+/// writes it at 1.25 times.
+fn mark_cache_breakpoints(body: &mut Value, req: &Request) {
+    let min = min_cacheable_tokens(&req.model);
+    let prefix = req.cache_prefix();
+    let ephemeral = || json!({"type": "ephemeral"});
+    if prefix.tools.is_some_and(|n| n >= min)
+        && let Some(last) = body["tools"].as_array_mut().and_then(|t| t.last_mut())
+    {
+        last["cache_control"] = ephemeral();
+    }
+    if prefix.system.is_some_and(|n| n >= min)
+        && let Some(system) = body.get("system").and_then(Value::as_str)
+    {
+        body["system"] = json!([{"type": "text", "text": system, "cache_control": ephemeral()}]);
+    }
+    if prefix.leading.is_some_and(|n| n >= min)
+        && let Some(messages) = body["messages"].as_array_mut()
+        && messages.len() >= 2
+    {
+        let before_last = messages.len() - 2;
+        let turn = &mut messages[before_last]["content"];
+        if let Some(text) = turn.as_str() {
+            *turn = json!([{"type": "text", "text": text}]);
+        }
+        if let Some(last) = turn.as_array_mut().and_then(|b| b.last_mut()) {
+            last["cache_control"] = ephemeral();
+        }
     }
 }
 
@@ -300,6 +357,7 @@ impl MessageUsage {
             input_tokens: self.input_tokens.unwrap_or(0) + read + written,
             output_tokens: self.output_tokens.unwrap_or(0),
             cached_tokens: read,
+            cache_write_tokens: written,
             reasoning_tokens: 0,
         }
     }
@@ -390,9 +448,87 @@ mod tests {
                 input_tokens: 33,
                 output_tokens: 7,
                 cached_tokens: 20,
+                cache_write_tokens: 3,
                 reasoning_tokens: 0
             }
         );
+    }
+
+    fn cacheable(model: &str, system: &str, on: bool) -> Request {
+        Request {
+            model: model.into(),
+            system: Some(system.into()),
+            prompt: "the document".into(),
+            prompt_cache: on,
+            ..Request::default()
+        }
+    }
+
+    #[test]
+    fn a_long_stable_prefix_is_marked_for_the_cache_and_a_short_one_is_not() {
+        let long = "Follow these instructions. ".repeat(200); // 5,400 characters
+        let body = Anthropic::body(&cacheable("claude-sonnet-4-5", &long, true));
+        assert_eq!(
+            body["system"],
+            json!([{"type": "text", "text": long, "cache_control": {"type": "ephemeral"}}])
+        );
+        // Off (the task or the provider file), or under the model's minimum: as before.
+        for (model, on) in [
+            ("claude-sonnet-4-5", false),
+            ("claude-3-5-haiku-latest", true),
+        ] {
+            assert_eq!(
+                Anthropic::body(&cacheable(model, &long, on))["system"],
+                json!(long)
+            );
+        }
+        let short = Anthropic::body(&cacheable("claude-sonnet-4-5", "Be brief.", true));
+        assert_eq!(short["system"], "Be brief.");
+        assert!(!short.to_string().contains("cache_control"));
+    }
+
+    #[test]
+    fn the_tools_and_the_turns_before_the_last_are_marked_too() {
+        let long = "x".repeat(5000);
+        let req = Request {
+            model: "claude-opus-4-1".into(),
+            messages: vec![
+                serde_json::from_value(json!({"role": "user", "content": long})).unwrap(),
+                serde_json::from_value(json!({"role": "assistant", "content": "noted"})).unwrap(),
+            ],
+            prompt: "and now?".into(),
+            tools: vec![
+                serde_json::from_value(json!({"name": "a", "parameters": {"type": "object"}}))
+                    .unwrap(),
+                serde_json::from_value(json!({"name": "b", "parameters": {"type": "object"}}))
+                    .unwrap(),
+            ],
+            prompt_cache: true,
+            ..Request::default()
+        };
+        let body = Anthropic::body(&req);
+        // The tools alone are short: not marked. The history before the last turn is long.
+        assert!(body["tools"][1].get("cache_control").is_none());
+        assert_eq!(
+            body["messages"][1]["content"],
+            json!([{"type": "text", "text": "noted", "cache_control": {"type": "ephemeral"}}])
+        );
+        assert_eq!(body["messages"][2]["content"], "and now?");
+        assert_eq!(body.to_string().matches("cache_control").count(), 1);
+    }
+
+    #[test]
+    fn each_model_family_has_its_minimum() {
+        for (model, min) in [
+            ("claude-sonnet-4-5-20250929", 1024),
+            ("claude-opus-4-20250514", 1024),
+            ("claude-opus-4-1-20250805", 1024),
+            ("claude-opus-4-5-20251101", 4096),
+            ("claude-3-5-haiku-20241022", 2048),
+            ("claude-haiku-4-5", 4096),
+        ] {
+            assert_eq!(min_cacheable_tokens(model), min, "{model}");
+        }
     }
 
     #[test]

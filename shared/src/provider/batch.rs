@@ -20,7 +20,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
-use super::openai::TokenLimitField;
+use super::openai::Dialect;
 use super::{Completion, Error, Format, Request, Result, Transport, anthropic, gemini, openai};
 use crate::config::{Kind, ProviderConfig};
 use crate::outcome::ErrorClass;
@@ -60,9 +60,7 @@ pub enum Poll {
 #[must_use]
 pub fn item_body(p: &ProviderConfig, req: &Request) -> Option<Value> {
     match p.kind {
-        Kind::Openai | Kind::OpenaiCompatible => {
-            Some(openai::body(req, TokenLimitField::of(p.kind)))
-        }
+        Kind::Openai | Kind::OpenaiCompatible => Some(openai::body(req, Dialect::of(p.kind))),
         Kind::Anthropic => Some(anthropic::Anthropic::body(req)),
         Kind::Gemini => Some(gemini::Gemini::body(req)),
         Kind::Ollama | Kind::Command => None,

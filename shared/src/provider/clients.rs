@@ -14,7 +14,7 @@ use super::anthropic::{ANTHROPIC_VERSION, Anthropic};
 use super::command::{CommandRunner, CommandSpec, PromptVia};
 use super::gemini::Gemini;
 use super::ollama::Ollama;
-use super::openai::{OpenAi, TokenLimitField};
+use super::openai::{Dialect, OpenAi};
 use super::{CallFuture, Provider, Request};
 use crate::config::{CommandConfig, Config, Http2, Kind, ProviderConfig};
 
@@ -114,7 +114,7 @@ pub fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
             &p.name,
             &p.base_url,
             p.api_key.clone(),
-            TokenLimitField::of(p.kind),
+            Dialect::of(p.kind),
             http,
         )),
         Kind::Anthropic => Arc::new(Anthropic::new(

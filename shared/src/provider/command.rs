@@ -365,6 +365,7 @@ impl CommandRunner {
                 input_tokens: estimate_tokens(sent),
                 output_tokens: estimate_tokens(text.chars().count()),
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 reasoning_tokens: 0,
             },
             ..Completion::default()
@@ -767,6 +768,7 @@ mod tests {
                 input_tokens: 3,  // 11 characters; 5 without the system prompt would make 2
                 output_tokens: 2, // 5 characters
                 cached_tokens: 0,
+                cache_write_tokens: 0,
                 reasoning_tokens: 0
             }
         );

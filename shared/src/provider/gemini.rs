@@ -438,6 +438,7 @@ impl UsageMetadata {
             input_tokens: self.prompt_token_count,
             output_tokens: self.candidates_token_count + self.thoughts_token_count,
             cached_tokens: self.cached_content_token_count,
+            cache_write_tokens: 0,
             reasoning_tokens: self.thoughts_token_count,
         }
     }
@@ -589,6 +590,7 @@ mod tests {
                 input_tokens: 100,
                 output_tokens: 38,
                 cached_tokens: 40,
+                cache_write_tokens: 0,
                 reasoning_tokens: 30
             }
         );

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::config::ProviderConfig;
 pub use crate::conversation::{
     Content, Message, Part, ResponseFormat, Role, Tool, ToolCall, ToolChoice, ToolMode,
 };
@@ -47,6 +48,30 @@ pub struct Request {
     /// Where the answer's text goes as it arrives: set, the call is made in the provider's
     /// streaming mode. The completion is the same either way.
     pub sink: Option<Sink>,
+    /// Ask the provider to cache the prompt's stable prefix where it is long enough to be
+    /// cached (Anthropic's `cache_control`, OpenAI's `prompt_cache_key`).
+    pub prompt_cache: bool,
+}
+
+/// A request's stable prefix, in estimated tokens up to and including each part
+/// ([`Request::cache_prefix`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CachePrefix {
+    pub tools: Option<u64>,
+    pub system: Option<u64>,
+    /// The turns before the last one (a conversation's shared history).
+    pub leading: Option<u64>,
+}
+
+impl CachePrefix {
+    /// The longest part at least `min` tokens long, if any.
+    #[must_use]
+    pub fn longest(&self, min: u64) -> Option<u64> {
+        [self.leading, self.system, self.tools]
+            .into_iter()
+            .flatten()
+            .find(|&n| n >= min)
+    }
 }
 
 /// Receives an answer's text as it arrives, a piece at a time.
@@ -94,6 +119,55 @@ pub struct Turn<'a> {
 }
 
 impl Request {
+    /// The call of task `env` to `model` on `provider`, without a sink.
+    #[must_use]
+    pub fn of(env: &crate::envelope::Envelope, model: &str, provider: &ProviderConfig) -> Self {
+        Self {
+            model: model.to_owned(),
+            system: env.system.clone(),
+            prompt: env.prompt.clone(),
+            messages: env.messages.clone(),
+            tools: env.tools.clone(),
+            tool_choice: env.tool_choice.clone(),
+            response_format: env.response_format.clone(),
+            max_tokens: env.max_tokens,
+            temperature: env.temperature,
+            timeout: env.timeout(),
+            sink: None,
+            prompt_cache: provider.prompt_cache && env.prompt_cache != Some(false),
+        }
+    }
+
+    /// The stable prefix's estimated tokens at each point a provider can cache it: after the
+    /// tools, after the system prompt, and after the turns before the last one (each `None`
+    /// when the request has no such part). Estimated at four characters a token (English's
+    /// average); a provider caches nothing under its minimum, so a wrong guess costs nothing.
+    #[must_use]
+    pub fn cache_prefix(&self) -> CachePrefix {
+        let tokens = |chars: usize| (chars as u64).div_ceil(4);
+        let tools = (!self.tools.is_empty())
+            .then(|| tokens(serde_json::to_string(&self.tools).map_or(0, |t| t.len())));
+        let upto_tools = tools.unwrap_or(0);
+        let system = self
+            .system_text()
+            .filter(|s| !s.is_empty())
+            .map(|s| upto_tools + tokens(s.chars().count()));
+        let upto_system = system.unwrap_or(upto_tools);
+        let turns: Vec<Turn<'_>> = self.turns().collect();
+        let leading = (turns.len() >= 2).then(|| {
+            upto_system
+                + turns[..turns.len() - 1]
+                    .iter()
+                    .map(|t| tokens(t.text.chars().count()) + 4)
+                    .sum::<u64>()
+        });
+        CachePrefix {
+            tools,
+            system,
+            leading,
+        }
+    }
+
     /// The system prompt: the task's `system`, then the text of any system turns.
     #[must_use]
     pub fn system_text(&self) -> Option<Cow<'_, str>> {

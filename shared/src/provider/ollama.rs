@@ -207,6 +207,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
             input_tokens: parsed.prompt_eval_count.unwrap_or(0),
             output_tokens: parsed.eval_count.unwrap_or(0),
             cached_tokens: 0,
+            cache_write_tokens: 0,
             reasoning_tokens: 0,
         },
         tool_calls: super::openai::tool_calls(message.tool_calls),

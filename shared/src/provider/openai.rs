@@ -12,23 +12,24 @@ use super::{
 use crate::conversation::made_up_call_id;
 use crate::outcome::ErrorClass;
 
-/// Which field carries the output limit: OpenAI's own API wants `max_completion_tokens`
-/// (its reasoning models reject `max_tokens`); compatible servers know only `max_tokens`.
+/// What the server understands beyond the common chat-completions body: OpenAI's own API
+/// wants `max_completion_tokens` (its reasoning models reject `max_tokens`) and takes a
+/// `prompt_cache_key`; compatible servers know only `max_tokens`, and some refuse a field
+/// they do not know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenLimitField {
-    MaxCompletionTokens,
-    MaxTokens,
+pub enum Dialect {
+    OpenAi,
+    Compatible,
 }
 
-impl TokenLimitField {
-    /// The field a provider of `kind` wants: `max_completion_tokens` for OpenAI's own API,
-    /// `max_tokens` for every other server.
+impl Dialect {
+    /// The dialect of a provider of `kind`.
     #[must_use]
     pub fn of(kind: crate::config::Kind) -> Self {
         if kind == crate::config::Kind::Openai {
-            TokenLimitField::MaxCompletionTokens
+            Dialect::OpenAi
         } else {
-            TokenLimitField::MaxTokens
+            Dialect::Compatible
         }
     }
 }
@@ -39,7 +40,7 @@ pub struct OpenAi {
     name: String,
     endpoint: String,
     api_key: Option<SecretString>,
-    limit_field: TokenLimitField,
+    dialect: Dialect,
     http: reqwest::Client,
 }
 
@@ -50,20 +51,20 @@ impl OpenAi {
         name: &str,
         base_url: &str,
         api_key: Option<SecretString>,
-        limit_field: TokenLimitField,
+        dialect: Dialect,
         http: reqwest::Client,
     ) -> Self {
         Self {
             name: name.to_owned(),
             endpoint: format!("{}/chat/completions", base_url.trim_end_matches('/')),
             api_key,
-            limit_field,
+            dialect,
             http,
         }
     }
 
     fn body(&self, req: &Request) -> Value {
-        body(req, self.limit_field)
+        body(req, self.dialect)
     }
 
     async fn call(&self, req: &Request) -> Result<Completion> {
@@ -79,8 +80,8 @@ impl OpenAi {
     }
 }
 
-/// The chat-completions body of `req`, with its output limit in `limit_field`.
-pub(super) fn body(req: &Request, limit_field: TokenLimitField) -> Value {
+/// The chat-completions body of `req`, in `dialect`.
+pub(super) fn body(req: &Request, dialect: Dialect) -> Value {
     let mut messages = Vec::with_capacity(2 + req.messages.len());
     // OpenAI refuses `json_object` unless a message mentions JSON.
     let hint = matches!(req.response_format, Some(ResponseFormat::JsonObject))
@@ -122,9 +123,9 @@ pub(super) fn body(req: &Request, limit_field: TokenLimitField) -> Value {
     }
     let mut body = json!({"model": req.model, "messages": messages});
     if let Some(max) = req.max_tokens {
-        let field = match limit_field {
-            TokenLimitField::MaxCompletionTokens => "max_completion_tokens",
-            TokenLimitField::MaxTokens => "max_tokens",
+        let field = match dialect {
+            Dialect::OpenAi => "max_completion_tokens",
+            Dialect::Compatible => "max_tokens",
         };
         body[field] = json!(max);
     }
@@ -144,7 +145,36 @@ pub(super) fn body(req: &Request, limit_field: TokenLimitField) -> Value {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
     }
+    if req.prompt_cache
+        && dialect == Dialect::OpenAi
+        && req
+            .cache_prefix()
+            .longest(OPENAI_MIN_CACHED_TOKENS)
+            .is_some()
+    {
+        body["prompt_cache_key"] = json!(prompt_cache_key(&body));
+    }
     body
+}
+
+/// OpenAI caches prompts of at least this many tokens, by itself.
+const OPENAI_MIN_CACHED_TOKENS: u64 = 1024;
+
+/// A key naming the body's stable prefix (its tools and every message but the last), so
+/// that OpenAI sends requests sharing it to the same cache: FNV-1a of their JSON, the same
+/// from every worker and every build.
+fn prompt_cache_key(body: &Value) -> String {
+    let messages = body["messages"].as_array().map_or(&[][..], Vec::as_slice);
+    let stable = &messages[..messages.len().saturating_sub(1)];
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in body["tools"]
+        .to_string()
+        .bytes()
+        .chain(serde_json::to_string(stable).unwrap_or_default().bytes())
+    {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("llmq-{hash:016x}")
 }
 
 /// How this format's answers read.
@@ -344,6 +374,7 @@ impl ChatUsage {
                 .prompt_tokens_details
                 .as_ref()
                 .map_or(0, |d| d.cached_tokens),
+            cache_write_tokens: 0,
             reasoning_tokens: self
                 .completion_tokens_details
                 .as_ref()
@@ -412,6 +443,7 @@ mod tests {
                 input_tokens: 10,
                 output_tokens: 5,
                 cached_tokens: 4,
+                cache_write_tokens: 0,
                 reasoning_tokens: 2
             }
         );
@@ -438,7 +470,7 @@ mod tests {
     #[test]
     fn json_object_gets_the_word_json_openai_requires() {
         let http = reqwest::Client::new();
-        let a = OpenAi::new("a", "http://x/v1", None, TokenLimitField::MaxTokens, http);
+        let a = OpenAi::new("a", "http://x/v1", None, Dialect::Compatible, http);
         let mut req = Request {
             model: "m".into(),
             prompt: "list three colours".into(),
@@ -460,7 +492,7 @@ mod tests {
     }
 
     #[test]
-    fn limit_field_follows_the_flavour() {
+    fn the_output_limit_follows_the_dialect() {
         let req = Request {
             model: "m".into(),
             system: Some("s".into()),
@@ -470,18 +502,45 @@ mod tests {
             ..Request::default()
         };
         let http = reqwest::Client::new();
-        let a = OpenAi::new(
-            "a",
-            "http://x/v1/",
-            None,
-            TokenLimitField::MaxCompletionTokens,
-            http.clone(),
-        );
+        let a = OpenAi::new("a", "http://x/v1/", None, Dialect::OpenAi, http.clone());
         assert_eq!(a.body(&req)["max_completion_tokens"], 7);
         assert_eq!(a.endpoint, "http://x/v1/chat/completions");
-        let b = OpenAi::new("b", "http://x/v1", None, TokenLimitField::MaxTokens, http);
+        let b = OpenAi::new("b", "http://x/v1", None, Dialect::Compatible, http);
         let body = b.body(&req);
         assert_eq!(body["max_tokens"], 7);
         assert_eq!(body["messages"][0]["role"], "system");
+    }
+
+    #[test]
+    fn openai_gets_a_prompt_cache_key_naming_the_stable_prefix() {
+        let req = |system: &str, prompt: &str, on: bool| Request {
+            model: "gpt-4o".into(),
+            system: Some(system.into()),
+            prompt: prompt.into(),
+            prompt_cache: on,
+            ..Request::default()
+        };
+        let long = "The same long instructions. ".repeat(200);
+        let key = |r: &Request, dialect| body(r, dialect)["prompt_cache_key"].clone();
+        let a = key(&req(&long, "document one", true), Dialect::OpenAi);
+        assert!(a.as_str().is_some_and(|k| k.starts_with("llmq-")), "{a}");
+        // The same prefix, another document: the same key; another prefix: another key.
+        assert_eq!(key(&req(&long, "document two", true), Dialect::OpenAi), a);
+        assert_ne!(
+            key(
+                &req(&format!("{long}!"), "document one", true),
+                Dialect::OpenAi
+            ),
+            a
+        );
+        // Not to a compatible server (some refuse fields they do not know), not when off,
+        // not for a prefix too short for OpenAI to cache.
+        for (r, dialect) in [
+            (req(&long, "d", true), Dialect::Compatible),
+            (req(&long, "d", false), Dialect::OpenAi),
+            (req("Be brief.", "d", true), Dialect::OpenAi),
+        ] {
+            assert!(body(&r, dialect).get("prompt_cache_key").is_none());
+        }
     }
 }

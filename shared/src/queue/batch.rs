@@ -106,6 +106,7 @@ impl BatchAnswer {
             input_tokens: self.input_tokens,
             output_tokens: self.output_tokens,
             cached_tokens: self.cached_tokens,
+            cache_write_tokens: 0,
             reasoning_tokens: self.reasoning_tokens,
         }
     }

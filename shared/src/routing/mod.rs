@@ -257,6 +257,7 @@ pub fn plan<'a>(
                     input_tokens: tokens.for_model(&m.id) + image_tokens,
                     output_tokens,
                     cached_tokens: 0,
+                    cache_write_tokens: 0,
                     reasoning_tokens: 0,
                 }),
             },

@@ -281,8 +281,8 @@ fn anthropic_message(conv: &Conversation, answer: &Answer) -> Value {
         "stop_reason": stop,
         "stop_sequence": null,
         "usage": {
-            "input_tokens": answer.prompt_tokens - answer.cached_tokens,
-            "cache_creation_input_tokens": 0,
+            "input_tokens": answer.prompt_tokens - answer.cached_tokens - answer.cache_write_tokens,
+            "cache_creation_input_tokens": answer.cache_write_tokens,
             "cache_read_input_tokens": answer.cached_tokens,
             "output_tokens": answer.completion_tokens,
             "service_tier": "standard",
@@ -356,8 +356,14 @@ pub(super) async fn anthropic_messages(
         }
     };
     match decide(&state, &conv).await {
-        Outcome::Answer(answer) if conv.stream => anthropic_stream(&conv, &answer),
-        Outcome::Answer(answer) => Json(anthropic_message(&conv, &answer)).into_response(),
+        Outcome::Answer(mut answer) => {
+            prompt_cache(&state, &body, &conv, &mut answer);
+            if conv.stream {
+                anthropic_stream(&conv, &answer)
+            } else {
+                Json(anthropic_message(&conv, &answer)).into_response()
+            }
+        }
         Outcome::Fail(status) => anthropic_failure(status, &conv.model),
         Outcome::Unavailable(s) => unavailable(
             anthropic_failure(StatusCode::SERVICE_UNAVAILABLE, &conv.model),
@@ -378,4 +384,110 @@ pub(super) async fn anthropic_messages(
             "llmq-mock is shutting down.",
         ),
     }
+}
+
+/// Anthropic's prompt cache, as its docs describe it: a block with `cache_control` marks the
+/// prompt up to and including its message (tools, system, then the messages, in that order)
+/// for caching. The longest marked prefix seen within its TTL (five minutes, `"ttl": "1h"`
+/// an hour) is read; each longer marked prefix at least the model's minimum long is written;
+/// the rest of the prompt is plain input. Replaces the other routes' made-up cached tokens.
+/// Counted per message, as [`Conversation::prompt_tokens`] counts the prompt.
+fn prompt_cache(state: &Shared, body: &[u8], conv: &Conversation, answer: &mut Answer) {
+    let Ok(body) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    let marked = |v: &Value| {
+        v.as_array().into_iter().flatten().find_map(|b| {
+            b.get("cache_control").filter(|c| c.is_object()).map(|c| {
+                if c["ttl"] == "1h" {
+                    Duration::from_secs(3600)
+                } else {
+                    Duration::from_secs(300)
+                }
+            })
+        })
+    };
+    // (tokens of the prefix, its key, its TTL) at each marked point.
+    let mut points: Vec<(u64, u64, Duration)> = Vec::new();
+    let mut seen = vec![strip_cache_control(&body["tools"])];
+    let mut upto = 0;
+    if let Some(ttl) = marked(&body["tools"]) {
+        points.push((upto, key_of(&conv.model, &seen), ttl));
+    }
+    let system = body.get("system").filter(|s| !s.is_null());
+    let mut counted = conv.messages.iter().map(|(_, text)| tokens(text) + 3);
+    if let Some(system) = system {
+        upto += counted.next().unwrap_or(0);
+        seen.push(strip_cache_control(system));
+        if let Some(ttl) = marked(system) {
+            points.push((upto, key_of(&conv.model, &seen), ttl));
+        }
+    }
+    for m in body["messages"].as_array().into_iter().flatten() {
+        // A turn of tool results counts one message per result, as the conversation does.
+        let results = m["content"].as_array().map_or(0, |b| {
+            b.iter().filter(|b| b["type"] == "tool_result").count()
+        });
+        upto += counted.by_ref().take(results.max(1)).sum::<u64>();
+        seen.push(strip_cache_control(m));
+        if let Some(ttl) = marked(&m["content"]) {
+            points.push((upto, key_of(&conv.model, &seen), ttl));
+        }
+    }
+    let min = llmq_shared::provider::anthropic::min_cacheable_tokens(&conv.model);
+    let now = Instant::now();
+    let mut cache = state
+        .prompt_cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    cache.retain(|_, (expires, _)| *expires > now);
+    let hit = points
+        .iter()
+        .rposition(|(_, key, _)| cache.contains_key(key));
+    let read = hit.map_or(0, |i| {
+        let (tokens, key, ttl) = points[i];
+        cache.insert(key, (now + ttl, tokens));
+        tokens
+    });
+    let mut written = read;
+    for &(tokens, key, ttl) in &points[hit.map_or(0, |i| i + 1)..] {
+        if tokens >= min && tokens > written {
+            cache.insert(key, (now + ttl, tokens));
+            written = tokens;
+        }
+    }
+    drop(cache);
+    answer.cached_tokens = read.min(answer.prompt_tokens);
+    answer.cache_write_tokens = (written - read).min(answer.prompt_tokens - answer.cached_tokens);
+    let mut billed = state
+        .anthropic_billed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    billed[0] += answer.prompt_tokens - answer.cached_tokens - answer.cache_write_tokens;
+    billed[1] += answer.cached_tokens;
+    billed[2] += answer.cache_write_tokens;
+    billed[3] += answer.completion_tokens;
+}
+
+/// `v` without its `cache_control` fields: where the marks stand is not part of the prefix.
+fn strip_cache_control(v: &Value) -> Value {
+    match v {
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .filter(|(k, _)| *k != "cache_control")
+                .map(|(k, v)| (k.clone(), strip_cache_control(v)))
+                .collect(),
+        ),
+        Value::Array(a) => Value::Array(a.iter().map(strip_cache_control).collect()),
+        other => other.clone(),
+    }
+}
+
+fn key_of(model: &str, prefix: &[Value]) -> u64 {
+    let mut h = DefaultHasher::new();
+    model.hash(&mut h);
+    for v in prefix {
+        v.to_string().hash(&mut h);
+    }
+    h.finish()
 }

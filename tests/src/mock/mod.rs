@@ -218,6 +218,12 @@ struct Shared {
     arrivals: Mutex<std::collections::VecDeque<i64>>,
     /// The batches and files of the batch APIs.
     batch: batch::Batches,
+    /// Anthropic's prompt cache: per marked prefix (model and content), when it expires and
+    /// its tokens.
+    prompt_cache: Mutex<HashMap<u64, (Instant, u64)>>,
+    /// What the Messages API billed, in tokens: fresh input, cache reads, cache writes,
+    /// output.
+    anthropic_billed: Mutex<[u64; 4]>,
     /// The address the server listens on (for URLs it hands out).
     addr: std::sync::OnceLock<SocketAddr>,
 }
@@ -240,6 +246,8 @@ impl Shared {
             retry_after_ignored: AtomicU64::new(0),
             arrivals: Mutex::new(std::collections::VecDeque::new()),
             batch: batch::Batches::default(),
+            prompt_cache: Mutex::new(HashMap::new()),
+            anthropic_billed: Mutex::new([0; 4]),
             addr: std::sync::OnceLock::new(),
         }
     }
@@ -579,12 +587,18 @@ async fn stats(State(state): State<Arc<Shared>>) -> Json<Value> {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    let [input, cache_read, cache_write, output] = *state
+        .anthropic_billed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     Json(json!({
         "calls": state.total.load(Ordering::SeqCst),
         "calls_by_model": per_model,
         "http2_requests": state.http2.load(Ordering::SeqCst),
         "batches_by_model": state.batch.created_by_model(),
         "batch_items_by_model": state.batch.answered_by_model(),
+        "anthropic_billed_tokens": {"input": input, "cache_read": cache_read,
+            "cache_write": cache_write, "output": output},
     }))
 }
 
@@ -1150,6 +1164,8 @@ struct Answer {
     /// All output tokens, reasoning ones included.
     completion_tokens: u64,
     cached_tokens: u64,
+    /// Prompt tokens written to the cache (Anthropic's `cache_creation_input_tokens`).
+    cache_write_tokens: u64,
     reasoning_tokens: u64,
 }
 
@@ -1186,6 +1202,7 @@ impl Answer {
             prompt_tokens,
             completion_tokens,
             cached_tokens,
+            cache_write_tokens: 0,
             reasoning_tokens,
         }
     }

@@ -427,6 +427,7 @@ pub(super) fn completion(conv: &Conversation, answer: &Answer) -> Value {
         cached_tokens,
         reasoning_tokens,
         cut: _,
+        cache_write_tokens: _,
     } = answer;
     let finish_reason = if *truncated { "length" } else { "stop" };
     let mut message = json!({"role": "assistant", "content": content, "refusal": null});

@@ -30,6 +30,7 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
             input_tokens: 1_000 + u64::from(i) * 137,
             output_tokens: 200 + u64::from(i) * 53,
             cached_tokens: if i % 4 == 0 { 500 } else { 0 },
+            cache_write_tokens: 0,
             reasoning_tokens: 0,
         };
         rows.push(CallRow {

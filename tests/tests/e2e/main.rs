@@ -23,6 +23,7 @@ mod metrics;
 mod outage;
 mod pause;
 mod priority;
+mod prompt_cache;
 mod provider_batch;
 mod providers;
 mod quota;

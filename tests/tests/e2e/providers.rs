@@ -11,7 +11,7 @@ use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::anthropic::Anthropic;
 use llmq_shared::provider::gemini::Gemini;
 use llmq_shared::provider::ollama::Ollama;
-use llmq_shared::provider::openai::{OpenAi, TokenLimitField};
+use llmq_shared::provider::openai::{Dialect, OpenAi};
 use llmq_shared::provider::{
     Completion, Content, Error, Message, Part, Provider, Request, ResponseFormat, Role, Sink, Tool,
     ToolCall, ToolChoice, ToolMode, Usage,
@@ -48,7 +48,7 @@ impl Format {
                 name,
                 &format!("{url}/v1"),
                 key(),
-                TokenLimitField::MaxTokens,
+                Dialect::Compatible,
                 Default::default(),
             )),
             Format::Anthropic => Box::new(Anthropic::new(name, url, key(), Default::default())),
@@ -114,8 +114,10 @@ async fn success_maps_text_and_every_usage_field(format: Format) {
     // Prompt: (100 + 3) + (2 + 3) = 108, of which half cached; output 9, of which 9/2 reasoning.
     let (cached, reasoning) = match format {
         Format::OpenAi | Format::Gemini => (54, 4),
-        Format::Anthropic => (54, 0), // no separate thinking count
-        Format::Ollama => (0, 0),     // neither
+        // Anthropic caches only what the request marks (prompt_cache.rs); no separate
+        // thinking count.
+        Format::Anthropic => (0, 0),
+        Format::Ollama => (0, 0), // neither
     };
     assert_eq!(
         c.usage,
@@ -123,6 +125,7 @@ async fn success_maps_text_and_every_usage_field(format: Format) {
             input_tokens: 108,
             output_tokens: 9,
             cached_tokens: cached,
+            cache_write_tokens: 0,
             reasoning_tokens: reasoning,
         },
         "{format:?}"
@@ -146,6 +149,7 @@ async fn max_tokens_and_temperature_are_sent(format: Format) {
             input_tokens: 8 + 3,
             output_tokens: 2,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             reasoning_tokens: 0,
         },
         "{format:?}"

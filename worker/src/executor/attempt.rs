@@ -578,17 +578,8 @@ impl Attempt<'_> {
             (None, None)
         };
         let mut req = Request {
-            model: cand.model.id.clone(),
-            system: env.system.clone(),
-            prompt: env.prompt.clone(),
-            messages: env.messages.clone(),
-            tools: env.tools.clone(),
-            tool_choice: env.tool_choice.clone(),
-            response_format: env.response_format.clone(),
-            max_tokens: env.max_tokens,
-            temperature: env.temperature,
-            timeout: env.timeout(),
             sink,
+            ..Request::of(env, &cand.model.id, cand.provider)
         };
         // The row goes in before the call, so a worker that dies during it leaves a trace
         // of a call the provider may bill. It is boxed while its start is recorded: a

@@ -100,18 +100,11 @@ impl Executor {
         let Some(cand) = batch_candidate(plan, task.env) else {
             return Batching::Call;
         };
+        // A batch's answers carry no cache writes (BatchAnswer): ask for no caching, so that
+        // none is billed unseen.
         let req = Request {
-            model: cand.model.id.clone(),
-            system: call_env.system.clone(),
-            prompt: call_env.prompt.clone(),
-            messages: call_env.messages.clone(),
-            tools: call_env.tools.clone(),
-            tool_choice: call_env.tool_choice.clone(),
-            response_format: call_env.response_format.clone(),
-            max_tokens: call_env.max_tokens,
-            temperature: call_env.temperature,
-            timeout: call_env.timeout(),
-            sink: None,
+            prompt_cache: false,
+            ..Request::of(call_env, &cand.model.id, cand.provider)
         };
         let Some(body) = provider::batch::item_body(cand.provider, &req) else {
             return Batching::Call;

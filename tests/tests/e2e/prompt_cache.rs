@@ -1,0 +1,105 @@
+//! Provider prompt caching (issue 36): the worker marks a long stable prefix for
+//! Anthropic's cache, llmq-mock caches marked prefixes as Anthropic does (written once,
+//! then read), and the ledger prices cache reads and writes at their own rates.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use llmq_shared::config::Config;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::Status;
+use llmq_tests::harness::{TestEnv, WorkerHandle};
+use serde_json::Value;
+
+const INPUT: f64 = 3.0;
+const OUTPUT: f64 = 15.0;
+const CACHED: f64 = 0.3;
+
+fn anthropic_only(mock_url: &str) -> Config {
+    let text = format!(
+        "providers:\n  - name: claude\n    kind: anthropic\n    base_url: \"{mock_url}\"\n    api_key: k\n    models:\n      - {{id: claude-sonnet-4-5, input_usd_per_mtok: {INPUT}, output_usd_per_mtok: {OUTPUT}, cached_input_usd_per_mtok: {CACHED}}}\n"
+    );
+    Config::parse("anthropic.yaml", &text, &|_| None).unwrap()
+}
+
+/// What llmq-mock billed through its Messages API: fresh input, cache reads, cache writes,
+/// output.
+async fn billed(env: &TestEnv) -> [u64; 4] {
+    let stats: Value = reqwest::get(format!("{}/stats", env.mock.url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let b = &stats["anthropic_billed_tokens"];
+    ["input", "cache_read", "cache_write", "output"].map(|k| b[k].as_u64().unwrap())
+}
+
+async fn run(env: &TestEnv, tasks: &[Envelope]) {
+    for t in tasks {
+        env.redis.enqueue(&env.keys, t).await.unwrap();
+        // One at a time: the first call has written the prefix before the next asks.
+        let r = env
+            .wait_final(&t.id.unwrap().to_string(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_what_the_provider_did()
+ {
+    let env = TestEnv::new().await.unwrap();
+    let mut settings = env.settings();
+    settings.config = anthropic_only(&env.mock.url());
+    let worker = WorkerHandle::start(settings);
+    // 6,000 characters: about 1,500 tokens, over Sonnet's 1,024-token minimum.
+    let instructions = "Classify the document by its tone and topic. ".repeat(134);
+    let task = |doc: &str| Envelope {
+        system: Some(instructions.clone()),
+        ..Envelope::new(format!("The document: {doc}"))
+    };
+    run(&env, &[task("one"), task("two"), task("three")]).await;
+    let [_, read, written, _] = billed(&env).await;
+    assert!(
+        written > 1024,
+        "the first call writes the prefix: {written}"
+    );
+    assert_eq!(read, 2 * written, "the next two read what the first wrote");
+
+    // Turned off by the task: the prefix is sent unmarked, so nothing is read or written.
+    let before = billed(&env).await;
+    run(
+        &env,
+        &[Envelope {
+            prompt_cache: Some(false),
+            ..task("four")
+        }],
+    )
+    .await;
+    let after = billed(&env).await;
+    assert_eq!((after[1], after[2]), (before[1], before[2]), "{after:?}");
+    assert!(after[0] > before[0] + 1024, "all of it is plain input");
+
+    // The ledger (written by the time the worker has stopped): every token the provider
+    // reported, cache reads at the cached price and writes at 1.25 times the input price.
+    worker.stop().await.unwrap();
+    let [fresh, read, written, output] = after;
+    let want = (fresh as f64 * INPUT
+        + read as f64 * CACHED
+        + written as f64 * INPUT * 1.25
+        + output as f64 * OUTPUT)
+        / 1e6;
+    let (tokens, cached, cost): (i64, i64, f64) = sqlx::query_as(
+        "SELECT sum(input_tokens)::int8, sum(cached_tokens)::int8, sum(cost_usd)::float8
+         FROM provider_calls WHERE queue = $1 AND outcome = 'ok'",
+    )
+    .bind(&env.queue)
+    .fetch_one(env.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(tokens as u64, fresh + read + written);
+    assert_eq!(cached as u64, read);
+    assert!((cost - want).abs() < 1e-9, "ledger {cost} against {want}");
+}
