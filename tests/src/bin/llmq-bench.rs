@@ -118,6 +118,7 @@ enum Bench {
     StreamFirstToken,
     IdleFleet,
     ProviderBatch,
+    PromptCache,
     ClusterNoop,
     WebPages,
     LedgerScale,
@@ -164,6 +165,7 @@ async fn run() -> Result<()> {
             Bench::StreamFirstToken,
             Bench::IdleFleet,
             Bench::ProviderBatch,
+            Bench::PromptCache,
             Bench::ClusterNoop,
             Bench::WebPages,
         ],
@@ -187,6 +189,7 @@ async fn run() -> Result<()> {
             Bench::StreamFirstToken => stream_first_token(&args, &mut redis).await,
             Bench::IdleFleet => idle_fleet(&args, &mut redis).await,
             Bench::ProviderBatch => provider_batch(&args, &mut redis).await,
+            Bench::PromptCache => prompt_cache(&args).await,
             Bench::ClusterNoop => cluster_noop(&args).await,
             Bench::WebPages => web_pages(&args, &mut redis).await,
             Bench::LedgerScale => ledger_scale(&args).await,
@@ -225,6 +228,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::StreamFirstToken => "stream_first_token",
         Bench::IdleFleet => "idle_fleet",
         Bench::ProviderBatch => "provider_batch",
+        Bench::PromptCache => "prompt_cache",
         Bench::ClusterNoop => "cluster_noop",
         Bench::WebPages => "web_pages",
         Bench::LedgerScale => "ledger_scale",
@@ -705,6 +709,110 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
 }
 
 /// (b) Like (a), through the mock LLM server over real HTTP, with the Postgres ledger on.
+/// 1,000 tasks sharing a 3,000-token system prompt (the instructions), each with a short
+/// document of its own, to an Anthropic model through llmq-mock (which caches what
+/// `cache_control` marks, as Anthropic does), with the provider's `prompt_cache` on and
+/// then off, each run on a fresh mock: the input cost of each, what caching saved of the
+/// prefix's cost, and whether the ledger's cost equals what the mock billed at each rate.
+async fn prompt_cache(args: &Args) -> Result<String> {
+    const INPUT: f64 = 3.0;
+    const CACHED: f64 = 0.3;
+    const OUTPUT: f64 = 15.0;
+    // How long the mock takes to answer: a cache entry serves the requests sent after
+    // the answer that wrote it, so the first `concurrency` requests all write.
+    const ANSWER_TIME: Duration = Duration::from_millis(300);
+    let tasks = args.tasks.unwrap_or(1000);
+    let concurrency = args.concurrency.unwrap_or(32);
+    // 12,000 characters: the mock counts 3,003 tokens (four characters a token, 3 a message).
+    let instructions = "Read the document and say its tone, its topic and who it is for. "
+        .repeat(185)
+        .chars()
+        .take(12_000)
+        .collect::<String>();
+    let prefix_tokens = 3003.0;
+    let bench_url = with_database(&args.database_url, BENCH_DB)?;
+    let ledger = bench_ledger(&args.database_url, &bench_url).await?;
+    let client = Client::new(&args.redis_url)?;
+    let mut input_usd = [0.0; 2];
+    let mut billed_tokens = [[0; 4]; 2];
+    let mut ledger_matches = true;
+    for (run, on) in [true, false].into_iter().enumerate() {
+        let queue = fresh_queue();
+        let keys = QueueKeys::new(&queue);
+        let mock = MockServer::start(MockOptions {
+            latency: ANSWER_TIME,
+            ..MockOptions::default()
+        })
+        .await
+        .context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: claude\n    kind: anthropic\n    base_url: {}\n    \
+                 api_key: bench\n    prompt_cache: {on}\n    models:\n      - {{id: claude-sonnet-4-5, \
+                 input_usd_per_mtok: {INPUT}, output_usd_per_mtok: {OUTPUT}, \
+                 cached_input_usd_per_mtok: {CACHED}}}\n",
+                mock.url()
+            ),
+            &|_| None,
+        )?;
+        client.ensure_group(&keys).await?;
+        let envs: Vec<Envelope> = (0..tasks)
+            .map(|i| Envelope {
+                system: Some(instructions.clone()),
+                ..Envelope::new(format!("Document {i}: the quarterly numbers are in."))
+            })
+            .collect();
+        for part in envs.chunks(ENQUEUE_CHUNK) {
+            client.enqueue_many(&keys, part).await?;
+        }
+        let running = Workers::start(1, |i| {
+            let mut s = settings(&args.redis_url, &config, &queue, concurrency, i)?;
+            s.database_url = Some(bench_url.clone());
+            Ok(s)
+        })?;
+        let drained = wait_drained(&client, &keys, &running).await;
+        running.stop().await?;
+        drained?;
+        let billed = mock.anthropic_billed();
+        mock.shutdown().await;
+        let [fresh, read, written, output] = billed;
+        input_usd[run] =
+            (fresh as f64 * INPUT + read as f64 * CACHED + written as f64 * INPUT * 1.25) / 1e6;
+        let mock_usd = input_usd[run] + output as f64 * OUTPUT / 1e6;
+        let (ledger_usd,): (Option<f64>,) = sqlx::query_as(
+            "SELECT sum(cost_usd)::float8 FROM provider_calls WHERE queue = $1 AND outcome = 'ok'",
+        )
+        .bind(&queue)
+        .fetch_one(ledger.pool())
+        .await?;
+        ledger_matches &= (ledger_usd.unwrap_or(0.0) - mock_usd).abs() < 1e-6;
+        for table in ["provider_calls", "tasks"] {
+            sqlx::query(&format!("DELETE FROM {table} WHERE queue = $1"))
+                .bind(&queue)
+                .execute(ledger.pool())
+                .await?;
+        }
+        billed_tokens[run] = billed;
+    }
+    let prefix_usd = tasks as f64 * prefix_tokens * INPUT / 1e6;
+    let [on, off] = billed_tokens;
+    Ok(format!(
+        "bench=prompt_cache tasks={tasks} concurrency={concurrency} answer_ms={} prefix_tokens={prefix_tokens} \
+         input_usd_cached={:.4} input_usd_uncached={:.4} prefix_saved_pct={:.1} \
+         cache_writes={} cache_read_tokens={} cache_write_tokens={} uncached_read_tokens={} \
+         ledger_matches_mock={ledger_matches}",
+        ANSWER_TIME.as_millis(),
+        input_usd[0],
+        input_usd[1],
+        100.0 * (input_usd[1] - input_usd[0]) / prefix_usd,
+        on[2] / 3003,
+        on[1],
+        on[2],
+        off[1],
+    ))
+}
+
 async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
     let tasks = args.tasks.unwrap_or(20_000);
     let workers = args.workers.unwrap_or(2);

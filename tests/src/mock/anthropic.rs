@@ -333,6 +333,7 @@ pub(super) async fn anthropic_messages(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let arrived = Instant::now();
     state.total.fetch_add(1, Ordering::SeqCst);
     let body = match body {
         Ok(b) => b,
@@ -357,7 +358,7 @@ pub(super) async fn anthropic_messages(
     };
     match decide(&state, &conv).await {
         Outcome::Answer(mut answer) => {
-            prompt_cache(&state, &body, &conv, &mut answer);
+            prompt_cache(&state, &body, &conv, arrived, &mut answer);
             if conv.stream {
                 anthropic_stream(&conv, &answer)
             } else {
@@ -390,9 +391,17 @@ pub(super) async fn anthropic_messages(
 /// prompt up to and including its message (tools, system, then the messages, in that order)
 /// for caching. The longest marked prefix seen within its TTL (five minutes, `"ttl": "1h"`
 /// an hour) is read; each longer marked prefix at least the model's minimum long is written;
-/// the rest of the prompt is plain input. Replaces the other routes' made-up cached tokens.
-/// Counted per message, as [`Conversation::prompt_tokens`] counts the prompt.
-fn prompt_cache(state: &Shared, body: &[u8], conv: &Conversation, answer: &mut Answer) {
+/// the rest of the prompt is plain input. An entry serves only requests that arrived after
+/// the answer that wrote it (Anthropic: a cache entry is available once the first response
+/// begins), so requests sent at once all write. Replaces the other routes' made-up cached
+/// tokens. Counted per message, as [`Conversation::prompt_tokens`] counts the prompt.
+fn prompt_cache(
+    state: &Shared,
+    body: &[u8],
+    conv: &Conversation,
+    arrived: Instant,
+    answer: &mut Answer,
+) {
     let Ok(body) = serde_json::from_slice::<Value>(body) else {
         return;
     };
@@ -440,19 +449,24 @@ fn prompt_cache(state: &Shared, body: &[u8], conv: &Conversation, answer: &mut A
         .prompt_cache
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
-    cache.retain(|_, (expires, _)| *expires > now);
-    let hit = points
-        .iter()
-        .rposition(|(_, key, _)| cache.contains_key(key));
+    cache.retain(|_, (expires, _, _)| *expires > now);
+    let hit = points.iter().rposition(|(_, key, _)| {
+        cache
+            .get(key)
+            .is_some_and(|&(_, _, written_at)| written_at <= arrived)
+    });
     let read = hit.map_or(0, |i| {
         let (tokens, key, ttl) = points[i];
-        cache.insert(key, (now + ttl, tokens));
+        if let Some(entry) = cache.get_mut(&key) {
+            entry.0 = now + ttl;
+        }
         tokens
     });
     let mut written = read;
     for &(tokens, key, ttl) in &points[hit.map_or(0, |i| i + 1)..] {
         if tokens >= min && tokens > written {
-            cache.insert(key, (now + ttl, tokens));
+            let at = cache.get(&key).map_or(now, |&(_, _, at)| at);
+            cache.insert(key, (now + ttl, tokens, at));
             written = tokens;
         }
     }

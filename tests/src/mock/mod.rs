@@ -218,9 +218,9 @@ struct Shared {
     arrivals: Mutex<std::collections::VecDeque<i64>>,
     /// The batches and files of the batch APIs.
     batch: batch::Batches,
-    /// Anthropic's prompt cache: per marked prefix (model and content), when it expires and
-    /// its tokens.
-    prompt_cache: Mutex<HashMap<u64, (Instant, u64)>>,
+    /// Anthropic's prompt cache: per marked prefix (model and content), when it expires, its
+    /// tokens, and when it was first written.
+    prompt_cache: Mutex<HashMap<u64, (Instant, u64, Instant)>>,
     /// What the Messages API billed, in tokens: fresh input, cache reads, cache writes,
     /// output.
     anthropic_billed: Mutex<[u64; 4]>,
@@ -389,6 +389,17 @@ impl MockServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         map.get(prompt).copied().unwrap_or(0)
+    }
+
+    /// What the Messages API billed, in tokens: fresh input, cache reads, cache writes,
+    /// output (`/stats`' `anthropic_billed_tokens`).
+    #[must_use]
+    pub fn anthropic_billed(&self) -> [u64; 4] {
+        *self
+            .state
+            .anthropic_billed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The most chat requests for `model` that were being answered at the same moment.

@@ -9,7 +9,6 @@ use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
 use llmq_tests::harness::{TestEnv, WorkerHandle};
-use serde_json::Value;
 
 const INPUT: f64 = 3.0;
 const OUTPUT: f64 = 15.0;
@@ -20,19 +19,6 @@ fn anthropic_only(mock_url: &str) -> Config {
         "providers:\n  - name: claude\n    kind: anthropic\n    base_url: \"{mock_url}\"\n    api_key: k\n    models:\n      - {{id: claude-sonnet-4-5, input_usd_per_mtok: {INPUT}, output_usd_per_mtok: {OUTPUT}, cached_input_usd_per_mtok: {CACHED}}}\n"
     );
     Config::parse("anthropic.yaml", &text, &|_| None).unwrap()
-}
-
-/// What llmq-mock billed through its Messages API: fresh input, cache reads, cache writes,
-/// output.
-async fn billed(env: &TestEnv) -> [u64; 4] {
-    let stats: Value = reqwest::get(format!("{}/stats", env.mock.url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let b = &stats["anthropic_billed_tokens"];
-    ["input", "cache_read", "cache_write", "output"].map(|k| b[k].as_u64().unwrap())
 }
 
 async fn run(env: &TestEnv, tasks: &[Envelope]) {
@@ -61,7 +47,7 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
         ..Envelope::new(format!("The document: {doc}"))
     };
     run(&env, &[task("one"), task("two"), task("three")]).await;
-    let [_, read, written, _] = billed(&env).await;
+    let [_, read, written, _] = env.mock.anthropic_billed();
     assert!(
         written > 1024,
         "the first call writes the prefix: {written}"
@@ -69,7 +55,7 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
     assert_eq!(read, 2 * written, "the next two read what the first wrote");
 
     // Turned off by the task: the prefix is sent unmarked, so nothing is read or written.
-    let before = billed(&env).await;
+    let before = env.mock.anthropic_billed();
     run(
         &env,
         &[Envelope {
@@ -78,7 +64,7 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
         }],
     )
     .await;
-    let after = billed(&env).await;
+    let after = env.mock.anthropic_billed();
     assert_eq!((after[1], after[2]), (before[1], before[2]), "{after:?}");
     assert!(after[0] > before[0] + 1024, "all of it is plain input");
 
