@@ -56,10 +56,7 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
         &lines
     };
     let total: f64 = totals.iter().map(|l| l.cost_usd).fold(0.0, |a, b| a + b);
-    let saved: f64 = totals
-        .iter()
-        .map(|l| l.batch_saved_usd)
-        .fold(0.0, |a, b| a + b);
+    let saved: f64 = totals.iter().map(|l| l.saved_usd).fold(0.0, |a, b| a + b);
     let calls: i64 = totals.iter().map(|l| l.calls).sum();
     let tasks = ledger
         .tasks_in(since, until, args.chain_id.as_deref())
@@ -73,7 +70,7 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             out,
             &to_json(&serde_json::json!({
                 "since": since, "until": until, "total_cost_usd": total,
-                "batch_saved_usd": saved,
+                "saved_usd": saved,
                 "calls": calls, "tasks": tasks, "breakdown": lines,
                 "chain_tasks": chain,
             })),
@@ -91,9 +88,14 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             );
             if saved > 0.0 {
                 s.push_str(&format!(
-                    "Provider batches saved {} against list prices ({} at list prices)\n",
+                    "Provider batches and prompt caching saved {} against list prices ({} at list prices)\n",
                     render::usd(saved),
                     render::usd(total + saved)
+                ));
+            } else if saved < 0.0 {
+                s.push_str(&format!(
+                    "Prompt cache writes no read followed cost {} more than list prices\n",
+                    render::usd(-saved)
                 ));
             }
             s.push('\n');

@@ -439,6 +439,7 @@ impl Scheduler {
                 input_tokens: usage.input_tokens as i64,
                 output_tokens: usage.output_tokens as i64,
                 cached_tokens: usage.cached_tokens as i64,
+                cache_write_tokens: usage.cache_write_tokens as i64,
                 reasoning_tokens: usage.reasoning_tokens as i64,
                 cost_usd: cost,
                 latency_ms: latency,

@@ -71,6 +71,8 @@ pub struct CallRow {
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cached_tokens: i64,
+    /// Prompt tokens written to the provider's cache (a part of `input_tokens`).
+    pub cache_write_tokens: i64,
     pub reasoning_tokens: i64,
     pub cost_usd: f64,
     pub latency_ms: i32,
@@ -83,8 +85,9 @@ pub struct CallRow {
     /// When the call's row was first written (before any wait for a quota window); part of
     /// the key and the month partition, so it never changes.
     pub called_at: DateTime<Utc>,
-    /// For a call made through a provider's batch API (billed at the batch price): what it
-    /// would have cost at list prices.
+    /// What the call would have cost at list prices: for a call made through a provider's
+    /// batch API (billed at the batch price), and for one that read or wrote the provider's
+    /// prompt cache (as if it had done neither). `None` when it is `cost_usd`.
     pub list_cost_usd: Option<f64>,
 }
 
@@ -134,8 +137,9 @@ pub struct CostLine {
     pub output_tokens: i64,
     pub cached_tokens: i64,
     pub cost_usd: f64,
-    /// What calls made through provider batch APIs saved against list prices.
-    pub batch_saved_usd: f64,
+    /// What provider batches and the providers' prompt caches saved against list prices
+    /// (negative when cache writes no read followed cost more).
+    pub saved_usd: f64,
 }
 
 /// One task of a chain in a cost report.
@@ -511,24 +515,27 @@ impl Ledger {
                 "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, chain_id, task_type,
                     provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
                     cost_usd, latency_ms, outcome, error_class, error, worker, called_at, delivery,
-                    list_cost_usd, task_status, task_risk)
+                    list_cost_usd, task_status, task_risk, cache_write_tokens)
                  SELECT t.task_id, t.run, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
                     t.provider, t.model, t.input_tokens, t.output_tokens, t.cached_tokens,
                     t.reasoning_tokens, t.cost_usd::numeric(20, 10), t.latency_ms, t.outcome,
                     t.error_class, t.error, t.worker, t.called_at, t.delivery,
-                    t.list_cost_usd::numeric(20, 10), t.task_status, t.task_risk
+                    t.list_cost_usd::numeric(20, 10), t.task_status, t.task_risk,
+                    t.cache_write_tokens
                  FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[],
                     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[],
                     $12::int8[], $13::int8[], $14::float8[], $15::int4[], $16::text[],
                     $17::text[], $18::text[], $19::text[], $20::timestamptz[], $21::uuid[],
-                    $22::float8[], $23::text[], $24::text[])
+                    $22::float8[], $23::text[], $24::text[], $25::int8[])
                  AS t(task_id, run, attempt, call_no, queue, chain_id, task_type, provider, model,
                     input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
                     latency_ms, outcome, error_class, error, worker, called_at, delivery,
-                    list_cost_usd, task_status, task_risk)
+                    list_cost_usd, task_status, task_risk, cache_write_tokens)
                  ON CONFLICT (task_id, delivery, call_no, called_at) DO UPDATE SET
                     input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
                     cached_tokens = EXCLUDED.cached_tokens,
+                    cache_write_tokens = EXCLUDED.cache_write_tokens,
+                    list_cost_usd = EXCLUDED.list_cost_usd,
                     reasoning_tokens = EXCLUDED.reasoning_tokens, cost_usd = EXCLUDED.cost_usd,
                     latency_ms = EXCLUDED.latency_ms, outcome = EXCLUDED.outcome,
                     error_class = EXCLUDED.error_class, error = EXCLUDED.error,
@@ -578,6 +585,12 @@ impl Ledger {
                 calls
                     .iter()
                     .map(|c| finished(c).and_then(|t| opt(&t.risk)))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                calls
+                    .iter()
+                    .map(|c| c.cache_write_tokens)
                     .collect::<Vec<_>>(),
             )
             .execute(&mut *tx)
@@ -908,7 +921,7 @@ impl Ledger {
              SELECT c.key, c.calls::int8 AS calls, coalesce(t.tasks, 0)::int8 AS tasks,
                 c.input_tokens::int8 AS input_tokens, c.output_tokens::int8 AS output_tokens,
                 c.cached_tokens::int8 AS cached_tokens, c.cost_usd::float8 AS cost_usd,
-                c.batch_saved_usd::float8 AS batch_saved_usd
+                c.batch_saved_usd::float8 AS saved_usd
              FROM c LEFT JOIN t ON t.key = c.key
              ORDER BY cost_usd DESC, key"
         );
@@ -936,7 +949,7 @@ impl Ledger {
         Ok(sqlx::query_as::<_, CostLine>(
             "SELECT c.chain_id AS key, c.calls, c.tasks, c.input_tokens, c.output_tokens,
                 c.cached_tokens, c.cost_usd::float8 AS cost_usd,
-                c.batch_saved_usd::float8 AS batch_saved_usd
+                c.batch_saved_usd::float8 AS saved_usd
              FROM generate_series(
                     greatest(($1 AT TIME ZONE 'UTC')::date,
                         (SELECT min(first_day) FROM chain_costs)),

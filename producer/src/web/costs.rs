@@ -181,7 +181,7 @@ pub(super) async fn costs(
     };
     let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
     let calls: i64 = parts[1].iter().map(|l| l.calls).sum();
-    let saved: f64 = parts[1].iter().map(|l| l.batch_saved_usd).sum();
+    let saved: f64 = parts[1].iter().map(|l| l.saved_usd).sum();
     let filter = insights::Filter {
         since: Some(from),
         ..insights::Filter::default()
@@ -224,7 +224,12 @@ pub(super) async fn costs(
          <p id=\"total\">${total:.6} over {calls} call(s) from {since} to {until} (UTC)\
          {}.</p>{}{}{}{}{}{insight}",
         if saved > 0.0 {
-            format!("; provider batches saved ${saved:.6}")
+            format!("; provider batches and prompt caching saved ${saved:.6} against list prices")
+        } else if saved < 0.0 {
+            format!(
+                "; prompt cache writes no read followed cost ${:.6} more",
+                -saved
+            )
         } else {
             String::new()
         },

@@ -2099,6 +2099,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
                     input_tokens: 100,
                     output_tokens: 50,
                     cached_tokens: 0,
+                    cache_write_tokens: 0,
                     reasoning_tokens: 0,
                     cost_usd: 0.0002,
                     latency_ms: 1,

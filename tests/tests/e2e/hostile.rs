@@ -155,6 +155,7 @@ async fn a_ledger_batch_with_one_bad_row_writes_the_others() {
         input_tokens: 1,
         output_tokens: 1,
         cached_tokens: 0,
+        cache_write_tokens: 0,
         reasoning_tokens: 0,
         cost_usd,
         latency_ms: 1,

@@ -297,7 +297,8 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     let env = TestEnv::new().await.unwrap();
     // Every migration before the rollups.
     let (_, ledger) = env.ledger_before("pre", "20261126000001").await;
-    // This version's writer also names the columns the routing rollup adds to each call; they
+    // This version's writer also names the columns the routing rollup and the cache writes
+    // add to each call; they
     // are there while it writes the old ledger, and gone (as in a ledger an older version
     // wrote) before the migration.
     let columns = |sql: &'static str| {
@@ -305,12 +306,19 @@ async fn the_migration_sums_a_ledger_written_before_it() {
         async move { sqlx::query(sql).execute(&pool).await.unwrap() }
     };
     // So do its keys, which hold the time since the partitions.
-    columns("ALTER TABLE provider_calls ADD COLUMN task_status TEXT, ADD COLUMN task_risk TEXT")
-        .await;
+    columns(
+        "ALTER TABLE provider_calls ADD COLUMN task_status TEXT, ADD COLUMN task_risk TEXT,
+            ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0",
+    )
+    .await;
     columns("CREATE UNIQUE INDEX old_call_key ON provider_calls (task_id, delivery, call_no, called_at)").await;
     columns("CREATE UNIQUE INDEX old_task_key ON tasks (task_id, finished_at)").await;
     assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
-    columns("ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk").await;
+    columns(
+        "ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk,
+            DROP COLUMN cache_write_tokens",
+    )
+    .await;
     columns("DROP INDEX old_call_key").await;
     columns("DROP INDEX old_task_key").await;
     ledger.migrate().await.unwrap();

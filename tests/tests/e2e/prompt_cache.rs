@@ -14,9 +14,10 @@ const INPUT: f64 = 3.0;
 const OUTPUT: f64 = 15.0;
 const CACHED: f64 = 0.3;
 
-fn anthropic_only(mock_url: &str) -> Config {
+/// One Anthropic provider, named after the test's queue (the ledger is shared).
+fn anthropic_only(name: &str, mock_url: &str) -> Config {
     let text = format!(
-        "providers:\n  - name: claude\n    kind: anthropic\n    base_url: \"{mock_url}\"\n    api_key: k\n    models:\n      - {{id: claude-sonnet-4-5, input_usd_per_mtok: {INPUT}, output_usd_per_mtok: {OUTPUT}, cached_input_usd_per_mtok: {CACHED}}}\n"
+        "providers:\n  - name: {name}\n    kind: anthropic\n    base_url: \"{mock_url}\"\n    api_key: k\n    models:\n      - {{id: claude-sonnet-4-5, input_usd_per_mtok: {INPUT}, output_usd_per_mtok: {OUTPUT}, cached_input_usd_per_mtok: {CACHED}}}\n"
     );
     Config::parse("anthropic.yaml", &text, &|_| None).unwrap()
 }
@@ -38,7 +39,8 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
  {
     let env = TestEnv::new().await.unwrap();
     let mut settings = env.settings();
-    settings.config = anthropic_only(&env.mock.url());
+    let provider = format!("claude-{}", env.queue);
+    settings.config = anthropic_only(&provider, &env.mock.url());
     let worker = WorkerHandle::start(settings);
     // 6,000 characters: about 1,500 tokens, over Sonnet's 1,024-token minimum.
     let instructions = "Classify the document by its tone and topic. ".repeat(134);
@@ -88,4 +90,31 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
     assert_eq!(tokens as u64, fresh + read + written);
     assert_eq!(cached as u64, read);
     assert!((cost - want).abs() < 1e-9, "ledger {cost} against {want}");
+
+    // `llmq costs` says what caching saved against list prices: each read at the input price
+    // less the cached price, less each write's premium over the input price.
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--format",
+            "json",
+            "--database-url",
+            &llmq_tests::harness::database_url(),
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let line = report["breakdown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["key"] == provider.as_str())
+        .unwrap_or_else(|| panic!("{provider} in {out}"));
+    let saved = (read as f64 * (INPUT - CACHED) - written as f64 * INPUT * 0.25) / 1e6;
+    assert!(saved > 0.0);
+    let reported = line["saved_usd"].as_f64().unwrap();
+    assert!(
+        (reported - saved).abs() < 1e-9,
+        "{reported} against {saved}: {line}"
+    );
 }

@@ -183,7 +183,7 @@ async fn tasks_that_can_wait_are_answered_through_each_formats_batch_api_at_the_
             .iter()
             .find(|l| l["key"] == key.as_str())
             .unwrap_or_else(|| panic!("{key} in {out}"));
-        let saved = line["batch_saved_usd"].as_f64().unwrap();
+        let saved = line["saved_usd"].as_f64().unwrap();
         let cost = line["cost_usd"].as_f64().unwrap();
         assert!(saved > 0.0 && (saved - cost).abs() < 1e-9, "{line}");
     }

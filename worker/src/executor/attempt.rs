@@ -16,7 +16,7 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, STARTED, UNSENT};
 use llmq_shared::outcome::ErrorClass;
-use llmq_shared::provider::{self, Completion, Request};
+use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::queue::OutEntry;
 use llmq_shared::quota::{Decision, Reservation};
 use llmq_shared::retry::RetryPolicy;
@@ -600,6 +600,7 @@ impl Attempt<'_> {
             input_tokens: 0,
             output_tokens: 0,
             cached_tokens: 0,
+            cache_write_tokens: 0,
             reasoning_tokens: 0,
             cost_usd: 0.0,
             latency_ms: 0,
@@ -721,8 +722,17 @@ impl Attempt<'_> {
         call.input_tokens = usage.input_tokens as i64;
         call.output_tokens = usage.output_tokens as i64;
         call.cached_tokens = usage.cached_tokens as i64;
+        call.cache_write_tokens = usage.cache_write_tokens as i64;
         call.reasoning_tokens = usage.reasoning_tokens as i64;
         call.cost_usd = cost;
+        // What the provider's prompt cache saved (or, for a write no read followed, cost).
+        call.list_cost_usd = (usage.cached_tokens + usage.cache_write_tokens > 0).then(|| {
+            cand.model.prices.cost(&Usage {
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+                ..usage
+            })
+        });
         call.latency_ms = i32::try_from(took.as_millis()).unwrap_or(i32::MAX);
         call.outcome = if error.is_some() { "error" } else { "ok" }.into();
         call.error_class = error.map(|e| e.class.to_string());
