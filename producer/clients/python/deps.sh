@@ -16,6 +16,9 @@ if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements-test.txt"
     echo "$want" >"$venv/.requirements.sha256"
 fi
+# setuptools builds in the source tree and packs whatever build/lib holds: what an earlier
+# build left there (a module since removed) would be shipped. Start clean, and leave it clean.
+rm -rf "$here/build" "$here/src/llmq_client.egg-info"
 "$venv/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps "./$here"
 # The client's own dependencies must be met by the pinned ones.
 if ! broken=$("$venv/bin/pip" check --disable-pip-version-check 2>&1); then
