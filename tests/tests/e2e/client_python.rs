@@ -37,6 +37,22 @@ fn python() -> PathBuf {
     python
 }
 
+/// The counts of pytest's closing line (`12 passed, 1 skipped, 2 warnings in 3.40s`), as
+/// (outcome, count).
+fn outcomes(stdout: &str) -> Vec<(String, u64)> {
+    let parse = |line: &str| -> Option<Vec<(String, u64)>> {
+        let (counts, _) = line.trim().trim_matches('=').trim().rsplit_once(" in ")?;
+        counts
+            .split(", ")
+            .map(|part| {
+                let (n, what) = part.split_once(' ')?;
+                Some((what.to_owned(), n.parse().ok()?))
+            })
+            .collect()
+    };
+    stdout.lines().rev().find_map(parse).unwrap_or_default()
+}
+
 /// A CA, and a certificate for localhost it signed, in `dir`.
 fn make_pki(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
@@ -196,7 +212,7 @@ async fn the_python_client_against_real_workers() {
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let suite = tokio::process::Command::new(&python)
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE"])
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEsxX"])
         .arg("--rootdir")
         .arg(root.join("producer/clients/python"))
         .arg(root.join("producer/clients/python/tests"))
@@ -226,6 +242,20 @@ async fn the_python_client_against_real_workers() {
         out.status.code(),
         Some(0),
         "the Python client's tests failed:\n{report}"
+    );
+    // Every test ran and passed: a skipped (or expected-to-fail) test is a failure here.
+    let counts = outcomes(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        counts.iter().any(|(what, n)| what == "passed" && *n > 0),
+        "no pytest summary with passed tests:\n{report}"
+    );
+    let others: Vec<_> = counts
+        .iter()
+        .filter(|(what, _)| !matches!(what.as_str(), "passed" | "warning" | "warnings"))
+        .collect();
+    assert!(
+        others.is_empty(),
+        "pytest did not run every test: {others:?}\n{report}"
     );
     for w in [worker, cluster_worker, sentinel_worker] {
         w.stop().await.unwrap();

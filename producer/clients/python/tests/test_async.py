@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from llmq_client import AsyncClient, ChainEnd, Step, Text
 
@@ -83,9 +84,27 @@ def test_leaving_a_live_answer_early_stops_reading(queue: str) -> None:
         task_id = await client.enqueue(
             unique("Slow story [[mock:stream-slow]]"), model="mock-fast", stream=True
         )
+        reads: list[tuple[Any, ...]] = []
+        execute = client.redis.execute_command
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            if args and args[0] == "XREAD":
+                reads.append(args)
+            return await execute(*args, **kwargs)
+
+        client.redis.execute_command = counted
+        read = []
         async for piece in client.follow(task_id, timeout=WAIT):
             assert isinstance(piece, Text)
+            read.append(piece)
             break
+        assert len(read) == 1 and reads, "the first piece was read from the live answer"
+        before = len(reads)
+        # The answer goes on being written to its end; nothing of it is read any more.
         assert (await client.wait(task_id, timeout=WAIT)).succeeded
+        for _ in range(10):
+            await asyncio.sleep(0)  # let a left generator be finalised, were it to read again
+        assert len(reads) == before, f"the live answer was read after it was left: {reads[before:]}"
+        assert await client.redis.xlen(client.keys.out(task_id)) > len(read), "there was more to read"
 
     run(queue, body)
