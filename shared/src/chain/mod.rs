@@ -451,6 +451,9 @@ struct RawFields {
     response_format: Option<ResponseFormat>,
     tools: Option<Vec<Tool>>,
     tool_choice: Option<ToolChoice>,
+    /// The step's answer is written to its task's live answer as it arrives.
+    stream: Option<bool>,
+    prompt_cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -781,6 +784,8 @@ fn step(
     task.response_format = f.response_format;
     task.tools = f.tools.unwrap_or_default();
     task.tool_choice = f.tool_choice;
+    task.stream = f.stream;
+    task.prompt_cache = f.prompt_cache;
     task.priority = spec.priority;
     task.tenant.clone_from(&spec.tenant);
     if let Some(n) = spec.max_parallel {
@@ -852,6 +857,8 @@ fn merged(defaults: &RawFields, own: &RawFields) -> RawFields {
         response_format: o.response_format.or(d.response_format),
         tools: o.tools.or(d.tools),
         tool_choice: o.tool_choice.or(d.tool_choice),
+        stream: o.stream.or(d.stream),
+        prompt_cache: o.prompt_cache.or(d.prompt_cache),
     }
 }
 

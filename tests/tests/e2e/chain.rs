@@ -1774,3 +1774,56 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
     assert_eq!(queued.len(), 1, "the draft is enqueued once");
     assert_eq!(by_name(&queued[0]), "draft");
 }
+
+#[tokio::test]
+async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    let id = format!("{}-live", env.queue);
+    let chain = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "draft", "prompt": "Draft the release note", "stream": true},
+        {"name": "facts", "after": ["draft"], "prompt": "The facts of {{draft.output}}",
+         "response_format": {"type": "json_schema", "schema": {"type": "object",
+            "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]});
+    submit(&env, &chain).await;
+    let c = finished(&env, &id).await;
+    assert_eq!(c.state, "succeeded", "{c:#?}");
+    // The streamed step's live answer, read as a client follows it: its pieces, then done,
+    // adding up to the step's output.
+    let mut conn = env.redis.blocking_conn().await.unwrap();
+    let task = &c.steps["draft"].task_id;
+    let entries = llmq_shared::queue::Client::read_out(
+        &mut conn,
+        &env.keys,
+        task,
+        "0",
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
+    let (last, pieces) = entries.split_last().expect("the step wrote a live answer");
+    assert_eq!(last.1, llmq_shared::queue::OutEntry::Done);
+    let text: String = pieces
+        .iter()
+        .map(|(_, e)| match e {
+            llmq_shared::queue::OutEntry::Text(t) => t.as_str(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(text, output(&env, &c, "draft").await);
+    // The unstreamed step wrote none; its answer fits its schema.
+    let facts = &c.steps["facts"].task_id;
+    let none = llmq_shared::queue::Client::read_out(
+        &mut conn,
+        &env.keys,
+        facts,
+        "0",
+        Duration::from_millis(1),
+    )
+    .await
+    .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+    let record = env.wait_final(facts, WAIT).await.unwrap();
+    assert_eq!(record.json, Some(json!({"city": "x"})), "{record:?}");
+    w.stop().await.unwrap();
+}
