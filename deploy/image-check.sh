@@ -138,4 +138,4 @@ for stop in "worker $worker $worker_pid" "scheduler $scheduler $scheduler_pid"; 
 done
 pids=("${pids[0]}")
 say "the worker and the scheduler from the image stopped on SIGTERM with exit code 0"
-echo "image-check: $IMAGE passed"
+echo "image-check: $IMAGE passed ($(buildah images --format '{{.Size}}' "$IMAGE"))"
