@@ -132,19 +132,65 @@ impl Drop for TlsRedis {
 
 /// The same dead letters, written to `queue`'s dead stream as workers write them: a full
 /// envelope with every counter a replay resets, one without an id (its id derives from the
-/// entry), one that does not deserialize and one that is not JSON.
+/// entry), one that does not deserialize and one that is not JSON; then what only Rust's
+/// parsers decide: a time in year 1 east of UTC (year 0 in UTC, beyond Python's datetime), a
+/// temperature beyond a 32-bit float and one at its edge, spellings of an id, JSON nested
+/// deeper than serde_json reads, a field given twice, a lone surrogate, a number beyond a
+/// float, and a key given twice where the last counts.
 async fn dead_letters(env: &TestEnv, queue: &str) {
+    let deep = format!(
+        r#"{{"v":1,"prompt":"deep","metadata":{}{}}}"#,
+        "[".repeat(200_000),
+        "]".repeat(200_000)
+    );
     let letters = [
         (
             "3-0",
-            r#"{"v":1,"id":"5C2F1D9E-0B7A-4F3B-9C1D-2E3F4A5B6C7D","prompt":"replay me","system":null,"model":"mock-fast","attempts":3,"snoozes":2,"replays":1,"waiting_since":"2030-01-02T03:04:05Z","last_error":"HTTP 500","temperature":0.2,"run_at":"2020-01-02T05:04:05.120+02:00","stream":false,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"","tool_calls":[{"id":"c1","name":"look"}]},{"role":"tool","tool_call_id":"c1","content":"seen"}],"tools":[{"name":"look","description":null}],"metadata":{"a":[1,null]},"custom":{"kept":true,"gone":null}}"#,
+            r#"{"v":1,"id":"5C2F1D9E-0B7A-4F3B-9C1D-2E3F4A5B6C7D","prompt":"replay me","system":null,"model":"mock-fast","attempts":3,"snoozes":2,"replays":1,"waiting_since":"2030-01-02T03:04:05Z","last_error":"HTTP 500","temperature":0.2,"run_at":"2020-01-02T05:04:05.120+02:00","stream":false,"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]},{"role":"assistant","content":"","tool_calls":[{"id":"c1","name":"look"}]},{"role":"tool","tool_call_id":"c1","content":"seen"}],"tools":[{"name":"look","description":null}],"metadata":{"a":[1,null]},"custom":{"kept":true,"gone":null}}"#.to_owned(),
         ),
-        ("0-7", r#"{"v":1,"prompt":"no id","attempts":1}"#),
+        ("0-7", r#"{"v":1,"prompt":"no id","attempts":1}"#.to_owned()),
         (
             "0-8",
-            r#"{"v":1,"prompt":"x","timeout":"soon","attempts":2}"#,
+            r#"{"v":1,"prompt":"x","timeout":"soon","attempts":2}"#.to_owned(),
         ),
-        ("0-9", "not json {"),
+        ("0-9", "not json {".to_owned()),
+        (
+            "0-10",
+            r#"{"v":1,"id":"URN:UUID:7D1E2F3A-4B5C-4D6E-8F70-8192A3B4C5D6","prompt":"year one","run_at":"0001-01-01T00:00:00+01:00","prompt_cache":false}"#.to_owned(),
+        ),
+        (
+            "0-18",
+            r#"{"v":1,"prompt":"beyond f32","temperature":1e39}"#.to_owned(),
+        ),
+        (
+            "0-19",
+            r#"{"v":1,"prompt":"f32 max","temperature":3.4028235e38}"#.to_owned(),
+        ),
+        (
+            "0-11",
+            r#"{"v":1,"id":"7d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d7\n","prompt":"newline id"}"#.to_owned(),
+        ),
+        (
+            "0-12",
+            r#"{"v":1,"id":"{7d1e2f3a4b5c4d6e8f708192a3b4c5d8}","prompt":"braced simple id"}"#.to_owned(),
+        ),
+        ("0-13", deep),
+        (
+            "0-14",
+            r#"{"v":1,"prompt":"twice","prompt":"given"}"#.to_owned(),
+        ),
+        (
+            "0-15",
+            r#"{"v":1,"prompt":"surrogate","metadata":"\ud800"}"#.to_owned(),
+        ),
+        (
+            "0-16",
+            r#"{"v":1,"prompt":"huge","metadata":1e400}"#.to_owned(),
+        ),
+        (
+            "0-17",
+            r#"{"v":1,"prompt":"last counts","metadata":{"a":1,"a":2},"extra":{"b":1,"b":[2]}}"#.to_owned(),
+        ),
     ];
     let keys = llmq_shared::keys::QueueKeys::new(queue);
     let mut c = env.redis.conn().await.unwrap();
@@ -153,7 +199,7 @@ async fn dead_letters(env: &TestEnv, queue: &str) {
             .arg(keys.dead())
             .arg("*")
             .arg("task")
-            .arg(task)
+            .arg(&task)
             .arg("error")
             .arg("gave up after 3 attempts; last error: HTTP 500")
             .arg("class")
@@ -204,7 +250,7 @@ async fn the_python_client_against_real_workers() {
         ])
         .await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("replayed 4 dead letter(s)"), "{out}");
+    assert!(out.contains("replayed 14 dead letter(s)"), "{out}");
 
     let pki = std::env::temp_dir().join(format!("{}-pki", env.queue));
     make_pki(&pki);

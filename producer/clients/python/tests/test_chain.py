@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
 import pytest
 
-from llmq_client import ChainEnd, ChainRefused, Client, Step
+from llmq_client import ChainEnd, ChainHandle, ChainRefused, Client, InvalidChain, Step
 
 from .conftest import answer
 
@@ -68,3 +70,51 @@ def test_a_chain_the_worker_refuses_is_reported_with_the_workers_reason(client: 
     assert f"the worker refused chain {chain.chain_id}" in text
     assert "the chain is invalid: step `a`: {{nope}} is not a variable of the chain" in text
     assert text.endswith("fix the chain and submit it again.")
+
+
+@pytest.mark.parametrize(
+    ("spec", "variables", "says"),
+    [
+        (
+            {"steps": [{"name": "a", "prompt": "Use {{x}}"}]},
+            {"x": "{{a.output}}"},
+            "variable `x` contains a `{{...}}` reference; variables are text, not templates",
+        ),
+        (
+            {"steps": [{"name": "a", "prompt": "Use {{x}}"}]},
+            {"x": "  {{ y }} "},
+            "variable `x` contains a `{{...}}` reference",
+        ),
+        (
+            {
+                "steps": [
+                    {"name": "a", "prompt": "A"},
+                    {"name": "b", "after": ["a"], "prompt": "{{x}}.output}}"},
+                ]
+            },
+            {"x": "{{a"},
+            "step `b`: its variables, filled in, would form a `{{...}}` reference with the prompt's own text",
+        ),
+    ],
+)
+def test_variables_holding_references_are_refused_in_the_workers_words(
+    client: Client, spec: dict[str, Any], variables: dict[str, str], says: str
+) -> None:
+    with pytest.raises(InvalidChain) as e:
+        client.submit_chain(spec, vars=variables)
+    mine = str(e.value)
+    assert mine.startswith(f"the chain is invalid: {says}"), mine
+    # The same chain, written raw: the worker refuses it in the same words.
+    raw = {"v": 1, "chain_id": f"vars-{uuid.uuid4().hex[:8]}", "vars": variables, **spec}
+    entry_id = client.redis.xadd(client.keys.stream, {"chain": json.dumps(raw)}).decode()
+    with pytest.raises(ChainRefused) as refused:
+        client.wait_chain(ChainHandle(raw["chain_id"], client.queue, entry_id), timeout=WAIT)
+    assert f": {mine[:-1]}; fix the chain" in str(refused.value), (mine, str(refused.value))
+
+
+def test_variables_that_merely_mention_braces_are_taken(client: Client) -> None:
+    chain = client.submit_chain(
+        {"steps": [{"name": "a", "prompt": "Say {{x}}", "model": "mock-fast"}]},
+        vars={"x": "{ not a {reference} }"},
+    )
+    assert client.wait_chain(chain, timeout=WAIT).state == "succeeded"

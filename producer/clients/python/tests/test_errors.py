@@ -7,7 +7,7 @@ import asyncio
 import json
 import math
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
@@ -26,8 +26,9 @@ from llmq_client import (
     RedisUnavailable,
     WaitTimeout,
 )
+from llmq_client.keys import derive_id
 
-from .conftest import assert_sentence, env
+from .conftest import assert_sentence, env, unique
 
 # Envelopes (as JSON) a worker refuses, each for a reason the client words as the worker does.
 REFUSED: list[dict[str, Any]] = [
@@ -51,6 +52,13 @@ REFUSED: list[dict[str, Any]] = [
     {"prompt": "x", "deadline": "2h"},
     {"prompt": "x", "deadline": "31d"},
     {"prompt": "x", "deadline": "24h", "stream": True},
+    {"prompt": "x", "deadline": "soon"},
+    {"prompt": "x", "deadline": "1.5"},
+    {"prompt": "x", "deadline": "3 fortnights"},
+    {"prompt": "x", "deadline": "23h 59m 59s 999ms"},
+    {"prompt": "x", "deadline": "1M 1d"},
+    {"prompt": "x", "deadline": "2y"},
+    {"prompt": "x", "deadline": "1.h"},
     {"prompt": "x", "model": "mock\u0000fast"},
     {"prompt": "x", "messages": [{"role": "tool", "tool_call_id": "c1", "content": "r"}]},
     {"prompt": "x", "messages": [{"role": "user", "content": " "}]},
@@ -133,7 +141,7 @@ def test_bad_field_values_are_sentences(idle: Client, fields: dict[str, Any], sa
     assert idle.redis.xlen(idle.keys.stream) == 0, "nothing of a refused batch is written"
 
 
-@pytest.mark.parametrize("name", ["", "   ", "a{b", "a}b", "a\nb", "tab\there", "x" * 201, 7])
+@pytest.mark.parametrize("name", ["", "   ", "a{b", "a}b", "a\nb", "tab\there", "x" * 201, 7, "lone \ud800"])
 def test_a_queue_name_that_cannot_make_keys_is_refused(name: Any) -> None:
     with pytest.raises(InvalidQueue) as e:
         Client.from_url(env("REDIS_URL"), name)
@@ -233,6 +241,11 @@ def test_bad_arguments_are_sentences(idle: Client) -> None:
             "timeout must be a number of seconds",
         ),
         (lambda: idle.dead_letters(0), InvalidArgument, "limit must be a whole number"),
+        (
+            lambda: idle.replay("1-0", provider="lone \ud800"),
+            InvalidArgument,
+            "provider must be a provider's name",
+        ),
         (lambda: idle.replay("1-0", provider=""), InvalidArgument, "provider must be a provider's name"),
         (lambda: idle.wait_chain("a\tb"), InvalidId, "`chain_id` must be at most 512 characters"),
         (lambda: Client(idle.redis, "q", max_payload_bytes=0), InvalidArgument, "max_payload_bytes must be"),
@@ -282,7 +295,7 @@ CHAIN = {"steps": [{"name": "a", "prompt": "A"}, {"name": "b", "after": ["a"], "
         ({"steps": [{"name": "a", "prompt": "x", "type": "poetry"}]}, "step `a`: unknown task type `poetry`"),
         (
             {"steps": [{"name": "a", "prompt": "x", "timeout": "soon"}]},
-            "step `a`: timeout must be whole seconds",
+            "step `a`: timeout `soon` is not a duration (expected number at 0)",
         ),
         ({"steps": [{"name": "a", "prompt": "x", "colour": 1}]}, "step `a`: `colour` is not a step field"),
     ],
@@ -302,3 +315,37 @@ def test_every_error_class_is_an_llmq_error() -> None:
         value = getattr(llmq_client, name)
         if isinstance(value, type) and issubclass(value, Exception):
             assert issubclass(value, LlmqError), name
+
+
+def nested(levels: int) -> Any:
+    value: Any = "deep"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def test_json_as_deep_as_a_worker_reads_runs_and_deeper_is_a_sentence(client: Client) -> None:
+    # 126 levels in `metadata`, 127 with the envelope: the most serde_json reads.
+    record = client.wait(client.enqueue(unique("Deep"), model="mock-fast", metadata=nested(126)), timeout=30)
+    assert record.status == "succeeded", record
+    for levels in (127, 200_000):
+        with pytest.raises(InvalidTask) as e:
+            client.enqueue("x", metadata=nested(levels))
+        assert_sentence(
+            e.value, "field `metadata` is wrong: nests arrays and objects deeper than a worker reads"
+        )
+    # The same, written raw: a worker cannot read it, not even its id (so the task's id is
+    # the one derived from its entry).
+    raw = json.dumps({"v": 1, "id": str(uuid.uuid4()), "prompt": "x", "metadata": nested(127)})
+    entry_id = client.redis.xadd(client.keys.stream, {"task": raw}).decode()
+    record = client.wait(derive_id(client.queue, entry_id), timeout=30)
+    assert (record.status, record.error_class) == ("dead", "invalid"), record
+
+
+def test_times_at_the_ends_of_the_calendar_run(client: Client) -> None:
+    early = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    ids = [
+        client.enqueue(unique("Year 1"), model="mock-fast", run_at="0001-01-01T00:00:00+01:00"),
+        client.enqueue(unique("Year 0"), model="mock-fast", run_at=early),
+    ]
+    assert [r.status for r in client.wait_all(ids, timeout=30)] == ["succeeded", "succeeded"]

@@ -93,6 +93,7 @@ def full_task() -> dict[str, Any]:
             },
         },
         "stream": False,
+        "prompt_cache": False,
         "deadline": "24h",
         "task_type": "research",
         "provider": "mock",

@@ -8,13 +8,13 @@ reports (:class:`ChainRefused`)."""
 from __future__ import annotations
 
 import copy
-import json
 import re
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import envelope as E
+from . import wirejson
 from .errors import InvalidChain
 from .keys import chain_id_problem
 
@@ -69,6 +69,12 @@ _STEP_KINDS: dict[str, str | tuple[str, ...]] = {
 }
 
 
+TOO_DEEP = (
+    f"it nests arrays and objects deeper than a worker reads (at most {wirejson.MAX_DEPTH} levels in "
+    "all, the chain's own included); flatten it"
+)
+
+
 def _fail(problem: str) -> InvalidChain:
     return InvalidChain(f"the chain is invalid: {problem}.")
 
@@ -93,7 +99,12 @@ def _check_fields(where: str, obj: Mapping[str, Any]) -> None:
     if obj.get("max_attempts") == 0:
         raise _fail(f"{where}: `max_attempts` must be at least 1")
     timeout = obj.get("timeout")
-    secs: Any = E.parse_duration_secs(timeout) if isinstance(timeout, str) else timeout
+    secs: Any = timeout
+    if isinstance(timeout, str):
+        try:
+            secs = E.parse_duration(timeout)[0]  # whole seconds, as the worker keeps them
+        except E.DurationError as e:
+            raise _fail(f"{where}: timeout `{timeout}` is not a duration ({e})") from None
     if timeout is not None and not (E._is_int(secs) and 1 <= secs <= E.MAX_TIMEOUT_SECS):
         raise _fail(
             f'{where}: timeout must be whole seconds or a duration such as "5m", '
@@ -103,6 +114,72 @@ def _check_fields(where: str, obj: Mapping[str, Any]) -> None:
         E.check_conversation([], obj.get("tools") or [], obj.get("tool_choice"), obj.get("response_format"))
     except E.Problem as e:
         raise _fail(f"{where}: {e}") from None
+
+
+def _is_name(text: str) -> bool:
+    return bool(text) and all(c.isascii() and (c.isalnum() or c in "_-") for c in text)
+
+
+def references(text: str) -> list[tuple[int, int, tuple[str, ...]]]:
+    """Every ``{{...}}`` reference in ``text``, found as ``references`` in
+    shared/src/chain/mod.rs finds them: (start, end, what it reads), what it reads being
+    ("var", name), ("summary", step), ("output", step) or ("json", step, key...)."""
+    out: list[tuple[int, int, tuple[str, ...]]] = []
+    at = 0
+    while (start := text.find("{{", at)) != -1:
+        end = text.find("}}", start + 2)
+        if end == -1:
+            break
+        inner = text[start + 2 : end].strip("".join(E.RUST_WHITESPACE))
+        ref: tuple[str, ...] | None = None
+        step, dot, rest = inner.partition(".")
+        if dot and rest.startswith("json"):
+            tail = rest[4:]
+            path = [] if tail == "" else tail[1:].split(".") if tail.startswith(".") else None
+            if path is not None and _is_name(step) and all(path):
+                ref = ("json", step, *path)
+        if ref is None:
+            head, dot, last = inner.rpartition(".")
+            if dot and last in ("summary", "output"):
+                ref = (last, head)
+            elif not dot and _is_name(inner):
+                ref = ("var", inner)
+        if ref is not None:
+            out.append((start, end + 2, ref))
+        at = end + 2
+    return out
+
+
+def _check_references(steps: Sequence[Mapping[str, Any]], variables: Mapping[str, str]) -> None:
+    """What the worker refuses of a chain's variables: a value holding a reference, and
+    values that, filled into a prompt, form a reference with the prompt's own text."""
+    for name in sorted(variables):
+        if references(variables[name]):
+            raise _fail(
+                f"variable `{name}` contains a `{{{{...}}}}` reference; variables are text, not templates"
+            )
+    for s in steps:
+        prompt = s.get("prompt")
+        if not isinstance(prompt, str):
+            continue
+        refs = references(prompt)
+        if any(r[0] == "var" and r[1] not in variables for _, _, r in refs):
+            continue  # the worker names the missing variable first
+        filled, last = [], 0
+        for start, end, r in refs:
+            if r[0] == "var":
+                filled += [prompt[last:start], variables[r[1]]]
+                last = end
+        filled.append(prompt[last:])
+
+        def handoffs(text: str) -> list[tuple[str, ...]]:
+            return [r for _, _, r in references(text) if r[0] != "var"]
+
+        if handoffs("".join(filled)) != handoffs(prompt):
+            raise _fail(
+                f"step `{s['name']}`: its variables, filled in, would form a `{{{{...}}}}` reference with "
+                "the prompt's own text; variables are text, not templates: keep `{{` and `}}` out of their values"
+            )
 
 
 def _cycle(steps: Sequence[Mapping[str, Any]]) -> list[str] | None:
@@ -133,7 +210,14 @@ def build(spec: Mapping[str, Any], variables: Mapping[str, str] | None, max_byte
     ``vars``; :class:`InvalidChain` for a spec a worker would refuse for its shape."""
     if not isinstance(spec, Mapping):
         raise InvalidChain(f"a chain must be a mapping (its JSON spec), not {type(spec).__name__}.")
-    chain = copy.deepcopy(dict(spec))
+    try:
+        chain = copy.deepcopy(dict(spec))
+        return _build(chain, variables, max_bytes)
+    except RecursionError:
+        raise _fail(TOO_DEEP) from None
+
+
+def _build(chain: dict[str, Any], variables: Mapping[str, str] | None, max_bytes: int) -> tuple[str, str]:
     unknown = [k for k in chain if k not in CHAIN_FIELDS]
     if unknown:
         raise _fail(f"`{unknown[0]}` is not a chain field; use {', '.join(CHAIN_FIELDS)}")
@@ -205,11 +289,14 @@ def build(spec: Mapping[str, Any], variables: Mapping[str, str] | None, max_byte
     cycle = _cycle(steps)
     if cycle:
         raise _fail(f"steps {' -> '.join(cycle)} form a cycle; a chain must not loop")
+    _check_references(steps, chain.get("vars", {}))
     try:
-        text = json.dumps(chain, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = wirejson.dumps(chain)
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError) as e:
         raise _fail(f"it is not JSON ({e})") from None
+    if wirejson.depth(text) > wirejson.MAX_DEPTH:
+        raise _fail(TOO_DEEP)
     if size > max_bytes:
         raise _fail(
             f"the chain is {size} bytes, over the {max_bytes}-byte limit; shorten its prompts "

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypedDict
 
+from . import wirejson
 from .errors import InvalidTask
 from .keys import has_control, parse_uuid
 
@@ -66,6 +67,7 @@ class TaskFields(TypedDict, total=False):
     tool_choice: str | Mapping[str, Any]
     response_format: Mapping[str, Any]
     stream: bool
+    prompt_cache: bool
     deadline: str | timedelta
     task_type: str
     provider: str
@@ -114,6 +116,7 @@ FIELD_KINDS: dict[str, tuple[Any, bool]] = {
     "tool_choice": ("tool_choice", True),
     "response_format": ("response_format", True),
     "stream": ("bool", True),
+    "prompt_cache": ("bool", True),
     "deadline": ("string", True),
     "type": ("string", True),
     "provider": ("string", True),
@@ -157,14 +160,31 @@ _RFC3339 = re.compile(
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]+")
-_DURATION_PART = re.compile(r" *([0-9]+) *([A-Za-z]+)")
-_DURATION_UNITS = {
-    **dict.fromkeys(("seconds", "second", "secs", "sec", "s"), 1),
-    **dict.fromkeys(("minutes", "minute", "min", "mins", "m"), 60),
-    **dict.fromkeys(("hours", "hour", "hr", "hrs", "h"), 3600),
-    **dict.fromkeys(("days", "day", "d"), 86400),
-    **dict.fromkeys(("weeks", "week", "wk", "wks", "w"), 7 * 86400),
+#: What Rust's ``char::is_whitespace`` takes (Unicode White_Space; Python's isspace differs).
+RUST_WHITESPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009"
+    "\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+_UNIT_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\u00b5")
+# humantime's units: (seconds, nanoseconds) of one, and how a fraction of one is counted:
+# in nanoseconds (below an hour), in whole seconds (from an hour up), or not at all (ns).
+_NS, _SECS, _NONE = "ns", "secs", "none"
+_UNITS: dict[str, tuple[int, int, str]] = {
+    **dict.fromkeys(("nanos", "nsec", "ns"), (0, 1, _NONE)),
+    **dict.fromkeys(("usec", "us", "\u00b5s"), (0, 1000, _NS)),
+    **dict.fromkeys(("millis", "msec", "ms"), (0, 1_000_000, _NS)),
+    **dict.fromkeys(("seconds", "second", "secs", "sec", "s"), (1, 0, _NS)),
+    **dict.fromkeys(("minutes", "minute", "min", "mins", "m"), (60, 0, _NS)),
+    **dict.fromkeys(("hours", "hour", "hr", "hrs", "h"), (3600, 0, _SECS)),
+    **dict.fromkeys(("days", "day", "d"), (86400, 0, _SECS)),
+    **dict.fromkeys(("weeks", "week", "wk", "wks", "w"), (7 * 86400, 0, _SECS)),
+    **dict.fromkeys(("months", "month", "M"), (2_630_016, 0, _SECS)),
+    **dict.fromkeys(("years", "year", "yr", "yrs", "y"), (31_557_600, 0, _SECS)),
 }
+_TOO_LARGE = (
+    "number is too large or cannot be represented without a lack of precision "
+    "(values below 1ns are not supported)"
+)
 
 
 class Problem(Exception):
@@ -176,8 +196,11 @@ class Problem(Exception):
 
 
 def _show(value: Any, limit: int = 60) -> str:
-    """A value as JSON, cut short: for messages."""
-    text = json.dumps(value, ensure_ascii=False, default=repr)
+    """A value as JSON, cut short: for messages (a value too deep to write, by its type)."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+    except (RecursionError, ValueError):
+        return f"a {type(value).__name__} nested too deeply to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -189,19 +212,155 @@ def _blank(text: str) -> bool:
     return text.strip() == ""
 
 
-def parse_duration_secs(text: str) -> int | None:
-    """Seconds of a duration such as ``"24h"``, ``"3d"`` or ``"1h 30m"``: whole numbers and
-    units the worker's parser (humantime) also reads. None when it is not one."""
-    pos, total = 0, 0
-    while pos < len(text):
-        m = _DURATION_PART.match(text, pos)
-        if m is None or m.group(2) not in _DURATION_UNITS:
-            return None
-        total += int(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-        while pos < len(text) and text[pos] == " ":
+class DurationError(ValueError):
+    """Why humantime does not read a text as a duration, in its words."""
+
+
+def _u64(n: int) -> int:
+    if n > U64_MAX:
+        raise DurationError(_TOO_LARGE)
+    return n
+
+
+def _exact(n: int, d: int) -> int:
+    if n % d:
+        raise DurationError(_TOO_LARGE)
+    return n // d
+
+
+def parse_duration(src: str) -> tuple[int, int]:
+    """``humantime::parse_duration`` (2.x), which the worker reads ``deadline`` and a chain
+    step's ``timeout`` with: (seconds, nanoseconds), or :class:`DurationError` in its words.
+    Numbers may have fractions and spaces between their digits; units are ns, us, ms, s, m,
+    h, d, w, M (months of 30.44 days), y (365.25 days) and their longer spellings."""
+    if src == "0":
+        return 0, 0
+    pos, end = 0, len(src)
+
+    def offset(at: int) -> int:  # a byte offset, as humantime counts
+        return len(src[:at].encode("utf-8", "surrogatepass"))
+
+    def first_digit() -> int | None:
+        nonlocal pos
+        at = pos
+        while pos < end:
+            c = src[pos]
             pos += 1
-    return total if text.strip() else None
+            if "0" <= c <= "9":
+                return ord(c) - 48
+            if c not in RUST_WHITESPACE:
+                raise DurationError(f"expected number at {offset(at)}")
+        return None
+
+    secs = nanos = 0
+
+    def add(s: int, ns: int) -> None:
+        nonlocal secs, nanos
+        total = _u64(nanos + ns)
+        if total > 1_000_000_000:
+            s = _u64(s + total // 1_000_000_000)
+            total %= 1_000_000_000
+        secs = _u64(secs + s)
+        nanos = total
+        if nanos == 1_000_000_000:  # Duration::new carries it
+            secs, nanos = _u64(secs + 1), 0
+
+    def unit(n: int, frac: tuple[int, int] | None, start: int, stop: int) -> None:
+        name = src[start:stop]
+        if name not in _UNITS:
+            if not name:
+                raise DurationError(f"time unit needed, for example {n}sec or {n}ms")
+            raise DurationError(
+                f'unknown time unit "{name}", supported units: ns, us/\u00b5s, ms, sec, min, hours, '
+                "days, weeks, months, years (and few variations)"
+            )
+        s, ns, fraction = _UNITS[name]
+        add(_u64(n * s), _u64(n * ns))
+        if frac is not None:
+            num, den = frac
+            if fraction == _NONE:
+                raise DurationError(_TOO_LARGE)
+            if fraction == _NS:
+                add(0, _exact(_u64(num * (s * 1_000_000_000 + ns)), den))
+            else:
+                add(_exact(_u64(num * s), den), 0)
+
+    n = first_digit()
+    if n is None:
+        raise DurationError("value was empty")
+    while True:
+        frac: tuple[int, int] | None = None
+        off = pos
+        while pos < end:
+            c = src[pos]
+            pos += 1
+            if "0" <= c <= "9":
+                n = _u64(n * 10 + ord(c) - 48)
+            elif c in RUST_WHITESPACE:
+                pass
+            elif c in _UNIT_LETTERS:
+                break
+            elif c == ".":
+                num, den, zeros = 0, 1, True
+                while pos < end:
+                    c = src[pos]
+                    pos += 1
+                    if "0" <= c <= "9":
+                        den = _u64(den * 10)
+                        if c != "0" or not zeros:
+                            zeros = zeros and c == "0"
+                            num = _u64(num * 10 + ord(c) - 48)
+                    elif c in RUST_WHITESPACE:
+                        pass
+                    elif c in _UNIT_LETTERS:
+                        break
+                    else:
+                        raise DurationError(f"invalid character at {offset(off)}")
+                    off = pos
+                if den == 1:
+                    raise DurationError(f"invalid character at {offset(off)}")
+                frac = (num, den)
+                break
+            else:
+                raise DurationError(f"invalid character at {offset(off)}")
+            off = pos
+        start, off = off, pos
+        more = False
+        while pos < end:
+            c = src[pos]
+            pos += 1
+            if "0" <= c <= "9":
+                unit(n, frac, start, off)
+                n, more = ord(c) - 48, True
+                break
+            if c in RUST_WHITESPACE:
+                break
+            if c not in _UNIT_LETTERS:
+                raise DurationError(f"invalid character at {offset(off)}")
+            off = pos
+        if more:
+            continue
+        unit(n, frac, start, off)
+        following = first_digit()
+        if following is None:
+            return secs, nanos
+        n = following
+
+
+def duration_problem(text: str) -> str | None:
+    """Why humantime refuses ``text`` as a duration, in its words, or None."""
+    try:
+        parse_duration(text)
+    except DurationError as e:
+        return str(e)
+    return None
+
+
+def excerpt(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``, trimmed, with an ellipsis when cut (as
+    ``text::excerpt`` in shared/src/text.rs)."""
+    trimmed = text.strip("".join(RUST_WHITESPACE))
+    return trimmed if len(trimmed) <= limit else trimmed[:limit] + "\u2026"
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,21 +402,63 @@ def _kind_problem(kind: Any, v: Any) -> str | None:
     }[kind](v)
 
 
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (any year)."""
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _civil_from_days(z: int) -> tuple[int, int, int]:
+    z += 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + (3 if mp < 10 else -9)
+    return yoe + era * 400 + (m <= 2), m, d
+
+
+def _month_days(y: int, m: int) -> int:
+    if m == 2:
+        return 29 if y % 4 == 0 and (y % 100 != 0 or y % 400 == 0) else 28
+    return 30 if m in (4, 6, 9, 11) else 31
+
+
 def _utc(text: str) -> str | None:
     """An RFC 3339 time in UTC as the worker writes it back (chrono: seconds, then 3, 6 or 9
-    fraction digits as needed, then Z), or None when it is not one."""
+    fraction digits as needed, then Z; a year outside 0 to 9999 with its sign), or None when
+    it is not one. Computed by hand: a time near year 1 or 9999 moves to year 0 or 10000 in
+    UTC, which chrono holds and Python's datetime does not."""
     m = _RFC3339.fullmatch(text)
     if m is None:
         return None
     date, clock, fraction, offset = m.groups()
-    try:
-        dt = datetime.fromisoformat(f"{date}T{clock}{'+00:00' if offset in 'Zz' else offset}")
-    except ValueError:
+    year, month, day = (int(x) for x in date.split("-"))
+    hour, minute, second = (int(x) for x in clock.split(":"))
+    if not (1 <= month <= 12 and 1 <= day <= _month_days(year, month)):
         return None
+    if hour > 23 or minute > 59 or second > 59:
+        return None
+    shift = 0
+    if offset not in ("Z", "z"):
+        oh, om = int(offset[1:3]), int(offset[4:6])
+        if oh > 23 or om > 59:
+            return None
+        shift = (oh * 60 + om) * 60 * (-1 if offset[0] == "-" else 1)
+    total = _days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + second - shift
+    days, secs = divmod(total, 86400)
+    y, mo, d = _civil_from_days(days)
     nanos = int(((fraction or "") + "000000000")[:9])
     digits = 0 if nanos == 0 else 3 if nanos % 1_000_000 == 0 else 6 if nanos % 1000 == 0 else 9
     frac = f".{nanos:09d}"[: digits + 1] if digits else ""
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + frac + "Z"
+    shown = f"{y:04d}" if 0 <= y <= 9999 else f"{y:+05d}"
+    return f"{shown}-{mo:02d}-{d:02d}T{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}{frac}Z"
 
 
 def _keys_problem(obj: Mapping[str, Any], allowed: Iterable[str], required: Iterable[str]) -> str | None:
@@ -585,20 +786,20 @@ def check_temperature(value: Any) -> None:
 
 
 def check_deadline(text: str, streams: bool) -> None:
-    secs = parse_duration_secs(text)
-    if secs is None:
+    """A deadline as ``check_deadline`` in shared/src/envelope.rs checks it, in its words."""
+    try:
+        secs, nanos = parse_duration(text)
+    except DurationError as e:
         raise Problem(
-            "deadline",
-            f"`{text[:40]}` is not a duration in whole days, hours, minutes or seconds; "
-            'write it as e.g. "24h" or "3d"',
-        )
-    if secs < MIN_DEADLINE_SECS:
+            "deadline", f'`{excerpt(text, 40)}` is not a duration ({e}); write it as e.g. "24h" or "3d"'
+        ) from None
+    if (secs, nanos) < (MIN_DEADLINE_SECS, 0):
         raise Problem(
             "deadline",
             f"{text} is shorter than the 24h a provider may take to run a batch; give at least 24h, "
             "or leave deadline out to call the model now",
         )
-    if secs > MAX_DEADLINE_SECS:
+    if (secs, nanos) > (MAX_DEADLINE_SECS, 0):
         raise Problem("deadline", f"{text} is longer than 30 days; give at most 30d")
     if streams:
         raise Problem("deadline", "cannot be used with stream: a batch answers all at once; drop one of them")
@@ -653,8 +854,12 @@ def check_envelope(env: Mapping[str, Any]) -> None:
 
 
 def rfc3339(dt: datetime) -> str:
-    """An aware datetime as RFC 3339 in UTC, e.g. ``2030-01-02T03:04:05Z``."""
-    return dt.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    """An aware datetime as RFC 3339 in UTC, e.g. ``2030-01-02T03:04:05Z`` (as the worker
+    writes it back; a time that is year 0 or 10000 in UTC too)."""
+    shown = _utc(dt.isoformat())
+    if shown is None:  # an offset of seconds, which RFC 3339 cannot write
+        raise ValueError(f"{dt.isoformat()} has a time zone offset that is not whole minutes")
+    return shown
 
 
 def _wire_value(field: str, value: Any) -> Any:
@@ -664,7 +869,10 @@ def _wire_value(field: str, value: Any) -> Any:
             raise Problem(
                 field, "is a datetime without a time zone; give one, e.g. datetime.now(timezone.utc)"
             )
-        return rfc3339(value)
+        try:
+            return rfc3339(value)
+        except ValueError as e:
+            raise Problem(field, f"{e}; give it in UTC") from None
     if isinstance(value, timedelta):
         secs = value.total_seconds()
         if secs != int(secs):
@@ -684,13 +892,24 @@ def _wire_value(field: str, value: Any) -> Any:
     return value
 
 
-def to_json(value: Any, field: str = "task") -> str:
-    """Compact JSON (as the wire format asks), or :class:`Problem` for what is not JSON."""
+def to_json(value: Any, field: str = "task", within: int = 0) -> str:
+    """Compact JSON (as the wire format asks), or :class:`Problem` for what is not JSON or
+    what nests deeper than a worker reads: serde_json reads at most 127 levels of arrays and
+    objects, ``within`` of them around the value (1 for a field of the envelope)."""
+    deepest = wirejson.MAX_DEPTH - within
+    too_deep = (
+        f"nests arrays and objects deeper than a worker reads (at most {deepest} levels here, "
+        f"{wirejson.MAX_DEPTH} in the whole task); flatten it"
+    )
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = wirejson.dumps(value)
         text.encode("utf-8")
+    except RecursionError:
+        raise Problem(field, too_deep) from None
     except (TypeError, ValueError) as e:
         raise Problem(field, f"is not JSON ({e})") from None
+    if wirejson.depth(text) > deepest:
+        raise Problem(field, too_deep)
     return text
 
 
@@ -722,7 +941,7 @@ def build(task: Mapping[str, Any], now: datetime | None = None) -> tuple[str, di
         env.setdefault("enqueued_at", rfc3339(now or datetime.now(timezone.utc)))
         for field in ("messages", "tools", "metadata", "response_format", "tool_choice"):
             if field in env:
-                env[field] = json.loads(to_json(env[field], field))
+                env[field] = json.loads(to_json(env[field], field, within=1))
         check_envelope(env)
     except Problem as e:
         raise InvalidTask(f"{e}.") from None
@@ -761,9 +980,15 @@ def build_batch(tasks: Iterable[Mapping[str, Any]], max_bytes: int) -> list[tupl
 # Replays.
 
 
-def _f32(x: float) -> float:
-    """``x`` as the worker re-encodes a 32-bit float: its shortest decimal."""
-    f: float = struct.unpack("f", struct.pack("f", x))[0]
+def _f32(x: float) -> float | None:
+    """``x`` as the worker re-encodes a 32-bit float: its shortest decimal; None for one
+    beyond the 32-bit range (which rounds to infinity)."""
+    try:
+        f: float = struct.unpack("f", struct.pack("f", x))[0]
+    except OverflowError:
+        return None
+    if math.isinf(f):
+        return None
     for digits in range(1, 10):
         short = float(f"{f:.{digits}g}")
         if struct.unpack("f", struct.pack("f", short))[0] == f:
@@ -771,8 +996,20 @@ def _f32(x: float) -> float:
     return f
 
 
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
+def _repeats_a_field(env: Mapping[str, Any]) -> bool:
+    """Whether a struct the worker deserializes (the envelope, a turn, a part, a tool call, a
+    tool, tool_choice, response_format) names a field twice, which serde refuses. Free JSON
+    (metadata, parameters, a schema, arguments, unknown fields) may: the last one counts."""
+    if isinstance(env, wirejson.Object) and env.repeated & set(FIELD_KINDS):
+        return True
+    structs: list[Any] = [env.get("tool_choice"), env.get("response_format")]
+    for m in env.get("messages") or []:
+        structs.append(m)
+        content = m.get("content")
+        structs.extend(content if isinstance(content, list) else [])
+        structs.extend(m.get("tool_calls") or [])
+    structs.extend(env.get("tools") or [])
+    return any(wirejson.repeats(s) for s in structs)
 
 
 def _without_none(obj: Mapping[str, Any], keep: Iterable[str] = ()) -> dict[str, Any]:
@@ -830,16 +1067,28 @@ def replayed_task(task: str, task_id: str, provider: str | None) -> str:
     with attempts, snoozes, waiting_since and last_error reset, one more replay, its id filled
     in if missing and, if given, a new provider; any other payload as it came."""
     try:
-        env = json.loads(task, parse_constant=_not_json)
+        env = wirejson.loads(task, object_pairs_hook=wirejson.Object)
     except ValueError:
         return task
     if not isinstance(env, dict) or "v" not in env or typed_problem(env) is not None:
         return task
+    if _repeats_a_field(env):
+        return task
+    # serde_json (built with float_roundtrip) reads `temperature` straight into an f32, and
+    # refuses one beyond its range ("number out of range").
+    if env.get("temperature") is not None and _f32(env["temperature"]) is None:
+        return task
     out = _reencoded(env)
     for field in ("attempts", "snoozes", "waiting_since", "last_error"):
         out.pop(field, None)
-    out["replays"] = env.get("replays", 0) + 1
+    # `env.replays += 1` on a u32: a release build wraps past 4294967295 to 0, which serde
+    # leaves out (a debug build panics); never a number a worker would refuse.
+    replays = (env.get("replays", 0) + 1) % (U32_MAX + 1)
+    if replays:
+        out["replays"] = replays
+    else:
+        out.pop("replays", None)
     out.setdefault("id", task_id)
     if provider is not None:
         out["provider"] = provider
-    return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+    return wirejson.dumps(out)

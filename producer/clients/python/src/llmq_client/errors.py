@@ -52,5 +52,10 @@ class ReplayRefused(LlmqError):
     """A dead letter this library does not replay (a chain step's)."""
 
 
+class InvalidRecord(LlmqError, ValueError):
+    """Something read from Redis (a result record, a chain's state) that is not what llmq
+    writes there: written by hand, by another program, or damaged."""
+
+
 class InvalidArgument(LlmqError, ValueError):
     """An argument of a call that is out of range (a timeout, a limit, a provider name)."""

@@ -18,10 +18,8 @@ MAX_QUEUE_BYTES = 200
 #: The longest chain id a worker accepts, in characters.
 MAX_CHAIN_ID = 512
 
-_UUID_FORMS = re.compile(
-    r"^(?:urn:uuid:)?(\{)?[0-9a-fA-F]{8}(-?)[0-9a-fA-F]{4}\2[0-9a-fA-F]{4}\2[0-9a-fA-F]{4}\2"
-    r"[0-9a-fA-F]{12}(?(1)\})$"
-)
+_SIMPLE = re.compile(r"[0-9a-fA-F]{32}")
+_HYPHENATED = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
 def has_control(text: str) -> bool:
@@ -30,30 +28,54 @@ def has_control(text: str) -> bool:
     return any(unicodedata.category(c) == "Cc" for c in text)
 
 
+def utf8(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (it holds no lone surrogate, which Python
+    strings may and Redis keys, JSON and Rust strings may not)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_queue(name: object) -> str:
     """``name`` if it can be used as a queue name, else :class:`InvalidQueue`."""
     ok = (
         isinstance(name, str)
         and name.strip() != ""
-        and len(name.encode("utf-8", "surrogatepass")) <= MAX_QUEUE_BYTES
+        and utf8(name)
+        and len(name.encode("utf-8")) <= MAX_QUEUE_BYTES
         and "{" not in name
         and "}" not in name
         and not has_control(name)
     )
     if not ok:
         raise InvalidQueue(
-            f"{name!r} is not a queue name llmq can use: give 1 to {MAX_QUEUE_BYTES} bytes without "
-            "braces or control characters, such as default (letters, digits, -, _ and . are safest)."
+            f"{name!r} is not a queue name llmq can use: give 1 to {MAX_QUEUE_BYTES} bytes of UTF-8 "
+            "without braces or control characters, such as default (letters, digits, -, _ and . are safest)."
         )
     assert isinstance(name, str)
     return name
 
 
 def parse_uuid(text: str) -> uuid.UUID | None:
-    """A UUID in a spelling the worker parses (hyphenated, simple, braced, urn:uuid:)."""
-    if not _UUID_FORMS.match(text):
+    """A UUID in exactly the spellings the worker's parser (Rust's uuid crate, ``Uuid::parse_str``)
+    takes, else None: 32 hex digits; 36 characters hyphenated 8-4-4-4-12; that in braces,
+    ``{...}``; or that after ``urn:uuid:`` in any case. Nothing else (no ``{32 hex digits}``,
+    no ``urn:uuid:`` before 32 digits or braces, no spaces or newline around it)."""
+    if not isinstance(text, str):
         return None
-    return uuid.UUID(text.replace("urn:uuid:", ""))
+    if len(text) == 32 and _SIMPLE.fullmatch(text):
+        return uuid.UUID(hex=text)
+    if len(text) == 38 and text[0] == "{" and text[-1] == "}":
+        hyphenated = text[1:-1]
+    elif len(text) == 45 and text[:9].isascii() and text[:9].lower() == "urn:uuid:":
+        hyphenated = text[9:]
+    else:
+        hyphenated = text
+    if len(hyphenated) == 36 and _HYPHENATED.fullmatch(hyphenated):
+        return uuid.UUID(hex=hyphenated)
+    return None
 
 
 def canonical_task_id(task_id: object) -> str:
@@ -80,6 +102,8 @@ def chain_id_problem(chain_id: object) -> str | None:
             f"`chain_id` must be at most {MAX_CHAIN_ID} characters, none of them control "
             "characters (tab, newline, NUL, ...)"
         )
+    if not utf8(chain_id):
+        return "`chain_id` holds a lone surrogate, which is not text a worker reads; give a chain id in UTF-8"
     return None
 
 

@@ -8,7 +8,6 @@ logic of its own beyond that.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Generator, Iterable
@@ -18,19 +17,21 @@ from typing import Any, TypeVar
 
 from .envelope import replayed_task
 from .errors import ChainRefused, InvalidArgument, NotFound, ReplayRefused, WaitTimeout
-from .keys import Keys, canonical_task_id, check_chain_id
+from .keys import Keys, canonical_task_id, check_chain_id, parse_uuid, utf8
 from .records import (
     STEP_ENDED,
     ChainEnd,
     ChainHandle,
     DeadLetter,
     TaskRecord,
+    chain_json,
     dead_letter,
     entries,
     field_map,
     live_piece,
     read_entries,
     step,
+    step_state,
     text,
 )
 
@@ -89,7 +90,7 @@ def enqueue(keys: Keys, payloads: list[tuple[str, str]]) -> Plan[list[str]]:
 
 
 def result(keys: Keys, task_id: str) -> Plan[TaskRecord | None]:
-    return TaskRecord.parse((yield Command(("GET", keys.result(task_id)))))
+    return TaskRecord.parse((yield Command(("GET", keys.result(task_id)))), canonical_task_id(task_id))
 
 
 def _waiting(keys: Keys, task_id: str, record: TaskRecord | None) -> str:
@@ -113,7 +114,7 @@ def wait(keys: Keys, task_ids: Iterable[str], timeout: float, poll: float) -> Pl
         if pending:
             replies = yield Command(("MGET", *[keys.result(t) for t in pending]))
             for task_id, raw in zip(pending, replies, strict=True):
-                record = last[task_id] = TaskRecord.parse(raw)
+                record = last[task_id] = TaskRecord.parse(raw, task_id)
                 if record is not None and record.final:
                     done[task_id] = record
             pending = [t for t in ids if t not in done]
@@ -149,7 +150,7 @@ def follow(keys: Keys, task_id: str, timeout: float) -> Plan[None]:
             if not got:  # everything written before the record has been read
                 return None
             continue
-        record = TaskRecord.parse((yield Command(("GET", res))))
+        record = TaskRecord.parse((yield Command(("GET", res))), canonical_task_id(task_id))
         final = record is not None and record.final
         if not final and time.monotonic() >= deadline:
             raise WaitTimeout(
@@ -169,7 +170,7 @@ def _records(keys: Keys, task_ids: list[str]) -> Plan[dict[str, TaskRecord | Non
     if not ids:
         return {}
     replies = yield Pipeline(tuple(("GET", keys.result(t)) for t in ids))
-    return {t: TaskRecord.parse(raw) for t, raw in zip(ids, replies, strict=True)}
+    return {t: TaskRecord.parse(raw, canonical_task_id(t)) for t, raw in zip(ids, replies, strict=True)}
 
 
 def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: float) -> Plan[ChainEnd]:
@@ -193,12 +194,19 @@ def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: flo
         got = dict(zip(reads, (yield Pipeline(tuple(reads.values()))), strict=True))
         state = text(got["state"]) if got["state"] is not None else None
         if got.get("spec") is not None:
-            order = [str(s.get("name")) for s in json.loads(text(got["spec"])).get("steps", [])]
+            listed = chain_json(got["spec"], chain_id, "the spec").get("steps")
+            order = (
+                [str(s.get("name")) for s in listed if isinstance(s, dict)]
+                if isinstance(listed, list)
+                else []
+            )
         steps = {
-            name: json.loads(raw)
+            name: step_state(chain_json(raw, chain_id, f"the state of step `{name}`"))
             for name, raw in sorted(field_map(got["steps"]).items(), key=lambda s: _place(order, s[0]))
         }
-        refused = TaskRecord.parse(got.get("refusal"))
+        refused = TaskRecord.parse(
+            got.get("refusal"), chain.refusal_id if isinstance(chain, ChainHandle) else None
+        )
         if state is None and refused is not None and refused.status == "dead":
             raise ChainRefused(
                 f"the worker refused chain {chain_id} (dead letter of task {refused.task_id}): "
@@ -207,14 +215,15 @@ def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: flo
         ended = [
             name
             for name, s in steps.items()
-            if s.get("status") in STEP_ENDED and (name, s.get("round", 0), s["status"]) not in seen
+            if s["status"] in STEP_ENDED and (name, s["round"], s["status"]) not in seen
         ]
         finished = state not in (None, "running")
         wanted = list(steps) if finished else ended
-        records = yield from _records(keys, [steps[n].get("task_id", "") for n in wanted])
-        made = {n: step(n, steps[n], records.get(steps[n].get("task_id", ""))) for n in wanted}
+        ids = [steps[n]["task_id"] for n in wanted]
+        records = yield from _records(keys, [t for t in ids if parse_uuid(t) is not None])
+        made = {n: step(n, steps[n], records.get(steps[n]["task_id"])) for n in wanted}
         for name in ended:
-            seen.add((name, steps[name].get("round", 0), steps[name]["status"]))
+            seen.add((name, steps[name]["round"], steps[name]["status"]))
             yield Emit(made[name])
         if finished:
             assert state is not None
@@ -270,7 +279,9 @@ def replay(keys: Keys, dead: DeadLetter | str, provider: str | None, script: str
     """Replays a plain task's dead letter as ``llmq dlq replay`` does: the envelope reset by
     :func:`replayed_task`, then replay.lua re-enqueues it, deletes the letter and the task's
     record in one step. Returns the task id."""
-    if provider is not None and (not isinstance(provider, str) or not provider.strip() or "\0" in provider):
+    if provider is not None and (
+        not isinstance(provider, str) or not provider.strip() or "\0" in provider or not utf8(provider)
+    ):
         raise InvalidArgument(
             f"provider must be a provider's name from the workers' provider file, not {provider!r}."
         )

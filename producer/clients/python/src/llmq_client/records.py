@@ -4,12 +4,14 @@ and the Redis replies they come in (bytes or text, RESP2 or RESP3 shapes)."""
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from . import wirejson
+from .errors import InvalidRecord
 from .keys import derive_id, parse_uuid
 
 #: The statuses after which nothing happens to a task without an operator.
@@ -84,11 +86,22 @@ class TaskRecord:
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def parse(cls, raw: Any) -> TaskRecord | None:
-        """The record stored as ``raw`` (None for no value)."""
+    def parse(cls, raw: Any, task_id: str | None = None) -> TaskRecord | None:
+        """The record stored as ``raw`` (None for no value); :class:`InvalidRecord` for a
+        value that is not a record llmq writes (``task_id`` names the task in its message)."""
         if raw is None:
             return None
-        data = json.loads(text(raw))
+        what = f"the result record of task {task_id}" if task_id else "a result record"
+        fix = "llmq's workers did not write it: delete the key, or replay or enqueue the task again"
+        try:
+            data = wirejson.loads(text(raw))
+        except ValueError as e:
+            raise InvalidRecord(f"{what} is not JSON ({brief(e)}); {fix}.") from None
+        if not isinstance(data, dict):
+            raise InvalidRecord(f"{what} is JSON {_kind(data)}, not an object; {fix}.")
+        for name in ("task_id", "queue", "status"):
+            if not isinstance(data.get(name), str):
+                raise InvalidRecord(f"{what} has no `{name}` text; {fix}.")
         names = {f.name for f in dataclasses.fields(cls)} - {"raw"}
         return cls(**{k: v for k, v in data.items() if k in names}, raw=data)
 
@@ -122,43 +135,90 @@ class DeadLetter:
 
     @property
     def envelope(self) -> dict[str, Any] | None:
+        """The payload as a JSON object, when the worker reads it as one (else None)."""
         try:
-            value = json.loads(self.task)
+            value = wirejson.loads(self.task)
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
 
     @property
     def chain_step(self) -> tuple[str, str] | None:
-        """(chain id, step) when the payload names both: a chain step's letter."""
-        env = self.envelope or {}
-        chain_id, step = env.get("chain_id"), env.get("step")
-        return (chain_id, step) if isinstance(chain_id, str) and isinstance(step, str) else None
+        """(chain id, step) when the payload names both, as the binaries read it
+        (``chain_step_of`` in shared/src/envelope.rs): a chain step's letter."""
+        return chain_step_of(self.task)
 
 
-def dead_letter(queue: str, entry: tuple[str, dict[str, str]]) -> DeadLetter:
-    """A dead letter from its stream entry, its task id found as the worker finds it."""
-    dead_id, f = entry
-    task = f.get("task", "")
+def chain_step_of(task: str) -> tuple[str, str] | None:
+    """The chain and step a payload names, as serde reads ``struct {chain_id: Option<String>,
+    step: Option<String>}`` from it: an object with both as text (each at most once), or an
+    array of exactly those two texts; else None."""
     try:
-        payload = json.loads(task)
+        value = wirejson.loads(task, object_pairs_hook=wirejson.Object)
+    except ValueError:
+        return None
+    if isinstance(value, wirejson.Object):
+        if value.repeated & {"chain_id", "step"}:
+            return None
+        pair = (value.get("chain_id"), value.get("step"))
+    elif isinstance(value, list) and len(value) == 2:
+        pair = (value[0], value[1])
+    else:
+        return None
+    chain_id, step = pair
+    return (chain_id, step) if isinstance(chain_id, str) and isinstance(step, str) else None
+
+
+def task_id_of(queue: str, entry_id: str, task: str) -> str:
+    """The task id of a payload, even one that is not a valid envelope, as the worker finds it
+    (``task_id_of`` in shared/src/envelope.rs): its ``id`` if that is a UUID, else the id
+    derived from where the task sat in the stream."""
+    try:
+        payload = wirejson.loads(task)
     except ValueError:
         payload = None
     named = payload.get("id") if isinstance(payload, dict) else None
     parsed = parse_uuid(named) if isinstance(named, str) else None
-    failed_at = f.get("failed_at", "")
+    return str(parsed) if parsed else derive_id(queue, entry_id)
+
+
+_RUST_UNSIGNED = re.compile(r"\+?[0-9]+")
+_RUST_SIGNED = re.compile(r"[+-]?[0-9]+")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def rust_u64(value: str) -> int | None:
+    """``value.parse::<u64>()``: ASCII digits with an optional +, within 64 bits."""
+    n = int(value) if _RUST_UNSIGNED.fullmatch(value) else -1
+    return n if 0 <= n < 2**64 else None
+
+
+def millis_time(value: str) -> datetime | None:
+    """A time in milliseconds since 1970 as the binaries read ``failed_at`` (an i64), None for
+    anything else or for a time a Python datetime cannot hold (before year 1, after 9999)."""
+    n = int(value) if _RUST_SIGNED.fullmatch(value) else None
+    if n is None or not -(2**63) <= n < 2**63:
+        return None
+    try:
+        return _EPOCH + timedelta(milliseconds=n)
+    except OverflowError:
+        return None
+
+
+def dead_letter(queue: str, entry: tuple[str, dict[str, str]]) -> DeadLetter:
+    """A dead letter from its stream entry, read as the binaries read it (``dead_letter`` in
+    shared/src/queue/reply.rs): whatever its fields hold, never an error; a field that does
+    not parse reads as the binaries read it (0, None)."""
+    dead_id, f = entry
+    task = f.get("task", "")
     return DeadLetter(
         id=dead_id,
-        task_id=str(parsed) if parsed else derive_id(queue, f.get("entry_id", "")),
+        task_id=task_id_of(queue, f.get("entry_id", ""), task),
         queue=queue,
         error=f.get("error", ""),
         error_class=f.get("class", ""),
-        attempts=int(f["attempts"]) if f.get("attempts", "").isdigit() else 0,
-        failed_at=(
-            datetime.fromtimestamp(int(failed_at) / 1000, timezone.utc)
-            if failed_at.lstrip("-").isdigit()
-            else None
-        ),
+        attempts=rust_u64(f.get("attempts", "")) or 0,
+        failed_at=millis_time(f.get("failed_at", "")),
         entry_id=f.get("entry_id", ""),
         task=task,
     )
@@ -214,17 +274,71 @@ class Step:
         return self.summary if self.status == "succeeded" else None
 
 
+def brief(e: BaseException) -> str:
+    """An error's message on one line, without a closing full stop."""
+    return " ".join(str(e).split()).rstrip(".")[:200] or type(e).__name__
+
+
+def _kind(value: Any) -> str:
+    return {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def chain_json(raw: Any, chain_id: str, what: str) -> dict[str, Any]:
+    """A chain's ``spec`` or one step's state as the JSON object llmq writes;
+    :class:`InvalidRecord` for anything else."""
+    try:
+        value = wirejson.loads(text(raw))
+    except ValueError as e:
+        value, problem = None, f"is not JSON ({brief(e)})"
+    else:
+        problem = "" if isinstance(value, dict) else f"is JSON {_kind(value)}, not an object"
+    if problem:
+        raise InvalidRecord(
+            f"{what} of chain {chain_id} {problem}; llmq's workers did not write it, so look at the "
+            f"chain with `llmq chain show {chain_id}`."
+        )
+    assert isinstance(value, dict)
+    return value
+
+
+def _opt_text(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def step_state(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A step's state with every field this library reads of the type llmq writes: text,
+    a whole number or a number (a field of another type reads as left out)."""
+    number = raw.get("cost_usd")
+    rnd = raw.get("round")
+    return {
+        **raw,
+        "status": raw["status"] if isinstance(raw.get("status"), str) else "",
+        "round": rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else 0,
+        "task_id": raw["task_id"] if isinstance(raw.get("task_id"), str) else "",
+        "provider": _opt_text(raw.get("provider")),
+        "model": _opt_text(raw.get("model")),
+        "error": _opt_text(raw.get("error")),
+        "summary": _opt_text(raw.get("summary")),
+        "cost_usd": float(number)
+        if isinstance(number, (int, float)) and not isinstance(number, bool)
+        else 0.0,
+    }
+
+
 def step(name: str, state: Mapping[str, Any], record: TaskRecord | None) -> Step:
+    """A step from its state (as :func:`step_state` made it) and its task's record."""
     return Step(
         name=name,
-        status=str(state.get("status", "")),
-        round=int(state.get("round") or 0),
-        task_id=str(state.get("task_id") or ""),
-        provider=state.get("provider"),
-        model=state.get("model"),
-        error=state.get("error"),
-        summary=state.get("summary"),
-        cost_usd=float(state.get("cost_usd") or 0.0),
+        status=state["status"],
+        round=state["round"],
+        task_id=state["task_id"],
+        provider=state["provider"],
+        model=state["model"],
+        error=state["error"],
+        summary=state["summary"],
+        cost_usd=state["cost_usd"],
         record=record,
     )
 

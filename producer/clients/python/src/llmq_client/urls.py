@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from .errors import BadRedisUrl, LlmqError, RedisFailed, RedisUnavailable
+from .keys import utf8
 
 FORMS = (
     "write it as redis://host:port, rediss://host:port, redis+cluster://host:port,host:port "
@@ -81,6 +82,8 @@ def parse_url(url: object) -> Target:
     """Where ``url`` points, or :class:`BadRedisUrl` saying how to write it."""
     if not isinstance(url, str) or not url.strip():
         raise BadRedisUrl(f"the Redis URL is empty; {FORMS}.")
+    if not utf8(url):
+        raise BadRedisUrl(f"the Redis URL holds a lone surrogate, which is not text; {FORMS}.")
     scheme, sep, rest = url.partition("://")
     scheme = scheme.lower()
     shown = without_credentials(url)

@@ -1,0 +1,369 @@
+"""What the client reads and writes, checked without Redis: ids, durations and times spelled
+as the Rust side spells them, JSON as serde_json reads it, hostile dead letters and records,
+replays, the pauses of wait() and follow_chain(), and deps.sh. What a worker makes of the same
+text is checked against real workers in the other files."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from llmq_client import InvalidChain, InvalidRecord, InvalidTask, TaskRecord, plans, wirejson
+from llmq_client import envelope as E
+from llmq_client.chain import build as build_chain
+from llmq_client.chain import references
+from llmq_client.keys import Keys, derive_id, parse_uuid
+from llmq_client.records import dead_letter
+
+from .conftest import assert_sentence
+
+U = "0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90"
+H = U.replace("-", "")
+
+# Every spelling Rust's uuid crate (Uuid::parse_str) takes, and spellings it refuses.
+UUID_TAKEN = [
+    H,
+    H.upper(),
+    U,
+    U.upper(),
+    "{" + U + "}",
+    "{" + U.upper() + "}",
+    "urn:uuid:" + U,
+    "URN:UUID:" + U,
+    "Urn:Uuid:" + U.upper(),
+]
+UUID_REFUSED = [
+    "{" + H + "}",
+    "urn:uuid:" + H,
+    "urn:uuid:{" + U + "}",
+    "{urn:uuid:" + U + "}",
+    U + "\n",
+    H + "\n",
+    "\n" + U,
+    " " + U,
+    U + " ",
+    "{" + U,
+    U + "}",
+    U[:13] + U[14:],  # a hyphen missing
+    "0b6f4c2e8-a57-4a43-9c3e-2f5d8e7a1b90",  # 36 characters, a hyphen out of place
+    "0b6f-4c2e-8a57-4a43-9c3e2f5d8e7a1b90",
+    U[:-1] + "g",
+    "urn:uuix:" + U,
+    "urn:uuid" + U + "x",
+    "\uff10" + U[1:],  # a fullwidth digit
+    "",
+    U + "-",
+    "u" * 36,
+]
+
+
+@pytest.mark.parametrize("spelling", UUID_TAKEN)
+def test_a_uuid_spelling_rust_takes_is_taken(spelling: str) -> None:
+    assert parse_uuid(spelling) == uuid.UUID(U)
+
+
+@pytest.mark.parametrize("spelling", UUID_REFUSED)
+def test_a_uuid_spelling_rust_refuses_is_refused(spelling: str) -> None:
+    assert parse_uuid(spelling) is None
+    # A dead letter naming it is the task whose id derives from its entry, as the worker says.
+    letter = dead_letter("q", ("5-0", {"task": json.dumps({"v": 1, "id": spelling}), "entry_id": "1-0"}))
+    assert letter.task_id == derive_id("q", "1-0")
+    with pytest.raises(InvalidTask):
+        E.build({"prompt": "x", "task_id": spelling})
+
+
+# humantime::parse_duration (2.4): (text, seconds, nanoseconds) it reads.
+DURATIONS = [
+    ("0", 0, 0),
+    ("24h", 86400, 0),
+    ("1h 30m", 5400, 0),
+    ("1h30m", 5400, 0),
+    ("1.5h", 5400, 0),
+    ("1.5d", 129600, 0),
+    ("2M", 2 * 2_630_016, 0),
+    ("1y", 31_557_600, 0),
+    ("1year 2months", 31_557_600 + 2 * 2_630_016, 0),
+    ("1500ms", 1, 500_000_000),
+    ("86400000ms", 86400, 0),
+    ("3ns", 0, 3),
+    ("7us", 0, 7000),
+    ("7\u00b5s", 0, 7000),
+    ("1 2h", 12 * 3600, 0),  # humantime skips spaces between digits
+    ("  5 min  ", 300, 0),
+    ("0.000000001s", 0, 1),
+    ("1.05s", 1, 50_000_000),
+    ("2wks", 14 * 86400, 0),
+]
+DURATIONS_REFUSED = [
+    ("", "value was empty"),
+    ("   ", "value was empty"),
+    ("soon", "expected number at 0"),
+    ("5", "time unit needed, for example 5sec or 5ms"),
+    ("1.5", "time unit needed, for example 1sec or 1ms"),
+    ("3 fortnights", 'unknown time unit "fortnights"'),
+    ("1.h", "invalid character at 1"),
+    ("-1h", "expected number at 0"),
+    ("1h!", "invalid character at 2"),
+    ("1.5ns", "number is too large"),
+    ("0.0001h", "number is too large"),  # 0.36s is not whole seconds of an hour's fraction
+    ("99999999999999999999s", "number is too large"),
+]
+
+
+@pytest.mark.parametrize(("text", "secs", "nanos"), DURATIONS)
+def test_a_duration_humantime_reads_is_read_alike(text: str, secs: int, nanos: int) -> None:
+    assert E.parse_duration(text) == (secs, nanos)
+
+
+@pytest.mark.parametrize(("text", "says"), DURATIONS_REFUSED)
+def test_a_duration_humantime_refuses_is_refused_in_its_words(text: str, says: str) -> None:
+    with pytest.raises(E.DurationError) as e:
+        E.parse_duration(text)
+    assert says in str(e.value)
+
+
+@pytest.mark.parametrize("deadline", ["1.5d", "720h", "0.5M", "86400000ms", "1w", "2592000s"])
+def test_deadlines_in_any_unit_the_worker_reads_are_taken(deadline: str) -> None:
+    assert E.build({"prompt": "x", "deadline": deadline})[1]["deadline"] == deadline
+
+
+def test_a_chain_step_timeout_in_milliseconds_is_taken() -> None:
+    spec = {"steps": [{"name": "a", "prompt": "x", "timeout": "1500ms"}]}
+    assert build_chain(spec, None, 1 << 20)[0]
+
+
+@pytest.mark.parametrize(
+    ("given", "utc"),
+    [
+        ("0001-01-01T00:00:00+01:00", "0000-12-31T23:00:00Z"),
+        ("9999-12-31T23:30:00-02:00", "+10000-01-01T01:30:00Z"),
+        ("2020-01-02T05:04:05.120+02:00", "2020-01-02T03:04:05.120Z"),
+        ("2000-03-01T00:30:00+01:00", "2000-02-29T23:30:00Z"),
+        ("2030-01-02 03:04:05.000001z", "2030-01-02T03:04:05.000001Z"),
+    ],
+)
+def test_a_time_near_the_ends_of_the_calendar_is_read_as_chrono_reads_it(given: str, utc: str) -> None:
+    assert E._utc(given) == utc
+    _, env = E.build({"prompt": "x", "run_at": given})
+    assert env["run_at"] == given
+    replayed = json.loads(E.replayed_task(json.dumps({"v": 1, "prompt": "x", "run_at": given}), U, None))
+    assert replayed["run_at"] == utc
+
+
+def test_a_datetime_in_year_1_east_of_utc_is_written_as_year_0() -> None:
+    early = datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=1)))
+    assert E.build({"prompt": "x", "run_at": early})[1]["run_at"] == "0000-12-31T23:00:00Z"
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", "run_at": datetime(2030, 1, 1, tzinfo=timezone(timedelta(seconds=30)))})
+    assert_sentence(e.value, "field `run_at` is wrong", "not whole minutes")
+
+
+def nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("levels", [127, 128, 1000, 200_000])
+def test_metadata_nested_deeper_than_a_worker_reads_is_a_sentence(levels: int) -> None:
+    for field in ("metadata",):
+        with pytest.raises(InvalidTask) as e:
+            E.build({"prompt": "x", field: {"a": nested(levels - 1)}})
+        assert_sentence(
+            e.value, f"field `{field}` is wrong: nests arrays and objects deeper than a worker reads"
+        )
+    params = {"type": "object", "properties": nested(levels)}
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", "tools": [{"name": "t", "parameters": params}]})
+    assert_sentence(e.value, "field `tools` is wrong: nests arrays and objects deeper")
+    schema = {"type": "json_schema", "schema": {"x": nested(levels)}}
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", "response_format": schema})
+    assert_sentence(e.value, "field `response_format` is wrong: nests arrays and objects deeper")
+    with pytest.raises(InvalidChain) as chain_error:
+        build_chain(
+            {"steps": [{"name": "a", "prompt": "x", "tools": [{"name": "t", "parameters": params}]}]},
+            None,
+            1 << 30,
+        )
+    assert_sentence(chain_error.value, "nests arrays and objects deeper than a worker reads")
+
+
+def test_metadata_as_deep_as_a_worker_reads_is_taken() -> None:
+    # 126 levels in the field, 127 with the envelope: serde_json's most.
+    _, env = E.build({"prompt": "x", "metadata": nested(126)})
+    assert wirejson.depth(E.encode(env, 1 << 20)) == 127
+
+
+def test_json_is_read_as_serde_json_reads_it() -> None:
+    for text in [
+        "[" * 128 + "]" * 128,
+        "[" * 200_000 + "]" * 200_000,
+        "NaN",
+        '{"t": Infinity}',
+        "1e400",
+        "1" * 5000,
+        '"\\ud800"',
+        '{"\\udc00": 1}',
+        "",
+        "{",
+    ]:
+        with pytest.raises(ValueError):
+            wirejson.loads(text)
+    assert wirejson.loads("[" * 127 + "]" * 127) is not None
+    assert wirejson.loads('"\\ud83d\\ude00 [[["') == "\U0001f600 [[["
+    assert wirejson.loads("18446744073709551616") == 18446744073709551616.0  # beyond u64: a float
+    assert wirejson.depth('{"a": "[[[[{{", "b": [["\\"]"]]}') == 3
+
+
+def test_replays_of_values_rust_cannot_hold_are_what_llmq_dlq_replay_writes() -> None:
+    # `replays += 1` on a u32: past its most it wraps to 0, which is left out.
+    out = json.loads(E.replayed_task(json.dumps({"v": 1, "prompt": "x", "replays": 4294967295}), U, None))
+    assert "replays" not in out
+    assert (
+        json.loads(E.replayed_task(json.dumps({"v": 1, "prompt": "x", "replays": 7}), U, None))["replays"]
+        == 8
+    )
+    # The largest 32-bit float is kept, as its shortest decimal; a temperature beyond it is
+    # one serde_json refuses, so the payload is replayed as it came, never with Infinity.
+    top = json.loads(E.replayed_task('{"v":1,"prompt":"x","temperature":3.4028235e38}', U, None))
+    assert top["temperature"] == 3.4028235e38  # the shortest decimal of the largest f32
+    for huge in ("1e39", "-3.5e38"):
+        task = '{"v":1,"prompt":"x","temperature":' + huge + "}"
+        assert E.replayed_task(task, U, None) == task
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        '{"v":1,"prompt":"x","prompt":"y"}',  # a field twice: serde refuses the envelope
+        '{"v":1,"prompt":"x","messages":[{"role":"user","role":"user","content":"hi"}]}',
+        '{"v":1,"prompt":"x","metadata":{"a":"\\ud800"}}',
+        '{"v":1,"prompt":"x","metadata":1e400}',
+        '{"v":1,"prompt":"x","metadata":' + "[" * 127 + "]" * 127 + "}",
+        '{"v":1,"prompt":"x","metadata":' + "[" * 200_000 + "]" * 200_000 + "}",
+        '{"v":1,"id":"' + U + '\\n","prompt":"x"}',
+    ],
+)
+def test_a_payload_the_worker_cannot_read_is_replayed_as_it_came(task: str) -> None:
+    assert E.replayed_task(task, U, "mock") == task
+
+
+def test_repeated_free_json_keeps_the_last_value_as_serde_json_does() -> None:
+    out = json.loads(E.replayed_task('{"v":1,"prompt":"x","metadata":{"a":1,"a":2},"extra":3}', U, None))
+    assert out["metadata"] == {"a": 2} and out["extra"] == 3 and out["replays"] == 1
+
+
+HOSTILE_LETTERS: list[tuple[dict[str, str], dict[str, Any]]] = [
+    (
+        {"task": '{"v":1,"metadata":' + "[" * 200_000 + "]" * 200_000 + "}"},
+        {"envelope": None, "task_id": derive_id("q", "1-0")},
+    ),
+    ({"task": '{"v":1,"id":"' + U + '\\n"}'}, {"task_id": derive_id("q", "1-0")}),
+    ({"task": '{"v":1,"id":"URN:UUID:' + U.upper() + '"}'}, {"task_id": U}),
+    ({"task": '["chain-1","step-a"]'}, {"chain_step": ("chain-1", "step-a")}),
+    ({"task": '{"chain_id":"c","step":"s","step":"t"}'}, {"chain_step": None}),
+    ({"task": '{"chain_id":"c","step":"\\ud800"}'}, {"chain_step": None, "envelope": None}),
+    ({"failed_at": "99999999999999999999"}, {"failed_at": None}),
+    ({"failed_at": "9223372036854775807"}, {"failed_at": None}),
+    ({"failed_at": "-9223372036854775808"}, {"failed_at": None}),
+    ({"failed_at": "+1000"}, {"failed_at": datetime(1970, 1, 1, 0, 0, 1, tzinfo=timezone.utc)}),
+    ({"failed_at": "1.5"}, {"failed_at": None}),
+    ({"failed_at": "\u0661\u0662"}, {"failed_at": None}),  # Arabic-Indic digits: not Rust's
+    ({"attempts": "\u00b2"}, {"attempts": 0}),
+    ({"attempts": "+3"}, {"attempts": 3}),
+    ({"attempts": "-1"}, {"attempts": 0}),
+    ({"attempts": "18446744073709551616"}, {"attempts": 0}),
+    ({"attempts": "18446744073709551615"}, {"attempts": 18446744073709551615}),
+]
+
+
+@pytest.mark.parametrize(("fields", "reads"), HOSTILE_LETTERS)
+def test_a_hostile_dead_letter_is_read_as_the_binaries_read_it(
+    fields: dict[str, str], reads: dict[str, Any]
+) -> None:
+    letter = dead_letter("q", ("5-0", {"entry_id": "1-0", **fields}))
+    for name, value in reads.items():
+        assert getattr(letter, name) == value, name
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        ("not json", "the result record of task {id} is not JSON"),
+        ("[1, 2]", "the result record of task {id} is JSON an array, not an object"),
+        ('{"status": "succeeded"}', "the result record of task {id} has no `task_id` text"),
+        ('{"task_id": 1, "queue": "q", "status": "dead"}', "has no `task_id` text"),
+        ("[" * 100_000, "the result record of task {id} is not JSON"),
+        (b"\xff\xfe", "is not JSON"),
+    ],
+)
+def test_a_record_llmq_did_not_write_is_a_sentence(raw: Any, says: str) -> None:
+    with pytest.raises(InvalidRecord) as e:
+        TaskRecord.parse(raw, U)
+    assert_sentence(e.value, says.format(id=U), "delete the key")
+
+
+def test_a_chain_state_llmq_did_not_write_is_a_sentence() -> None:
+    plan = plans.follow_chain(Keys("q"), "c", timeout=1.0, poll=5.0)
+    next(plan)
+    with pytest.raises(InvalidRecord) as e:
+        plan.send([b"running", {b"a": b"[" * 100_000}, None])
+    assert_sentence(e.value, "the state of step `a` of chain c is not JSON", "llmq chain show c")
+    plan = plans.follow_chain(Keys("q"), "c", timeout=1.0, poll=5.0)
+    next(plan)
+    with pytest.raises(InvalidRecord) as e:
+        plan.send([b"running", {}, b"[1]"])
+    assert_sentence(e.value, "the spec of chain c is JSON an array, not an object")
+    # Fields of the wrong type read as left out; a task id that is no UUID names no record.
+    plan = plans.follow_chain(Keys("q"), "c", timeout=1.0, poll=5.0)
+    next(plan)
+    state = {"status": "succeeded", "round": "x", "task_id": "nope", "cost_usd": [1], "model": 7}
+    end = plan.send([b"succeeded", {b"a": json.dumps(state).encode()}, None])
+    assert isinstance(end, plans.Emit)
+    step = end.value
+    assert (step.round, step.task_id, step.cost_usd, step.model, step.record) == (0, "nope", 0.0, None, None)
+
+
+def test_prompt_cache_is_a_boolean_field() -> None:
+    assert E.build({"prompt": "x", "prompt_cache": False})[1]["prompt_cache"] is False
+    assert "prompt_cache" not in E.build({"prompt": "x", "prompt_cache": None})[1]
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", "prompt_cache": "no"})
+    assert_sentence(e.value, "field `prompt_cache` is wrong: must be true or false")
+    assert (
+        E.replayed_task('{"v":1,"prompt":"x","prompt_cache":1}', U, None)
+        == '{"v":1,"prompt":"x","prompt_cache":1}'
+    )
+
+
+def test_references_are_found_as_the_worker_finds_them() -> None:
+    assert [r for _, _, r in references("{{a}} {{ b.output }} {{c.json.x.0}} {{d.summary}} {{e.json}}")] == [
+        ("var", "a"),
+        ("output", "b"),
+        ("json", "c", "x", "0"),
+        ("summary", "d"),
+        ("json", "e"),
+    ]
+    assert references("{{a b}} {{}} {{x.json.}} {{{a}}") == []
+    assert references("{{a") == []
+
+
+def test_a_surrogate_anywhere_is_a_sentence_not_a_traceback() -> None:
+    from llmq_client import BadRedisUrl, Client, InvalidId, InvalidQueue
+
+    with pytest.raises(InvalidQueue):
+        Keys("q\ud800")
+    with pytest.raises(BadRedisUrl):
+        Client.from_url("redis://h\ud800:1", "q")
+    with pytest.raises(InvalidId):
+        Keys("q").chain("c\udc00")
+    with pytest.raises(InvalidTask):
+        E.build_batch([{"prompt": "x\ud800"}], 1 << 20)
+    with pytest.raises(InvalidChain):
+        build_chain({"steps": [{"name": "a", "prompt": "x\ud800"}]}, None, 1 << 20)
