@@ -1791,16 +1791,14 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
     // The streamed step's live answer, read as a client follows it: its pieces, then done,
     // adding up to the step's output.
     let mut conn = env.redis.blocking_conn().await.unwrap();
-    let task = &c.steps["draft"].task_id;
-    let entries = llmq_shared::queue::Client::read_out(
-        &mut conn,
-        &env.keys,
-        task,
-        "0",
-        Duration::from_millis(100),
-    )
-    .await
-    .unwrap();
+    let mut live = async |step: &str| {
+        let task = &c.steps[step].task_id;
+        let wait = Duration::from_millis(1);
+        llmq_shared::queue::Client::read_out(&mut conn, &env.keys, task, "0", wait)
+            .await
+            .unwrap()
+    };
+    let entries = live("draft").await;
     let (last, pieces) = entries.split_last().expect("the step wrote a live answer");
     assert_eq!(last.1, llmq_shared::queue::OutEntry::Done);
     let text: String = pieces
@@ -1812,18 +1810,12 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
         .collect();
     assert_eq!(text, output(&env, &c, "draft").await);
     // The unstreamed step wrote none; its answer fits its schema.
-    let facts = &c.steps["facts"].task_id;
-    let none = llmq_shared::queue::Client::read_out(
-        &mut conn,
-        &env.keys,
-        facts,
-        "0",
-        Duration::from_millis(1),
-    )
-    .await
-    .unwrap();
+    let none = live("facts").await;
     assert!(none.is_empty(), "{none:?}");
-    let record = env.wait_final(facts, WAIT).await.unwrap();
+    let record = env
+        .wait_final(&c.steps["facts"].task_id, WAIT)
+        .await
+        .unwrap();
     assert_eq!(record.json, Some(json!({"city": "x"})), "{record:?}");
     w.stop().await.unwrap();
 }
