@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from llmq_client import Client, DeadLetter, InvalidRecord, NotFound, ReplayRefused
+from llmq_client import Client, DeadLetter, InvalidArgument, InvalidRecord, NotFound, ReplayRefused
 from llmq_client.keys import derive_id, parse_uuid
 
 from .conftest import answer, assert_sentence, env, unique
@@ -269,6 +269,32 @@ def test_hostile_dead_letters_are_listed_and_replayed_as_llmq_dlq_replay_does(id
         '{"v":1,"prompt":"x","metadata":"\\ud800"}',
         '{"v":1,"prompt":"x","temperature":1e39}',
     ]
+
+
+def test_dead_letters_are_read_a_page_at_a_time_and_at_most_1000_a_call(idle: Client) -> None:
+    written = [write_letter(idle, json.dumps({"v": 1, "prompt": f"letter {i}"})) for i in range(250)]
+    counts: list[int] = []
+    execute = idle.redis.execute_command
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if args[0] == "XREVRANGE":
+            counts.append(int(args[args.index("COUNT") + 1]))
+        return execute(*args, **kwargs)
+
+    idle.redis.execute_command = counted
+    newest = idle.dead_letters(250)
+    assert [d.id for d in newest] == written[::-1]
+    assert counts == [100, 100, 50], "each read is one page of at most 100 letters"
+    counts.clear()
+    older = idle.dead_letters(1000, before=newest[99].id)
+    assert [d.id for d in older] == written[::-1][100:] and counts == [100, 100]
+    for limit in (0, 1001, 10**9):
+        with pytest.raises(InvalidArgument) as e:
+            idle.dead_letters(limit)
+        assert_sentence(e.value, "limit must be a whole number from 1 to 1000", "before=")
+    with pytest.raises(InvalidArgument) as e:
+        idle.dead_letters(10, before="newest")
+    assert_sentence(e.value, "before must be a dead letter's id")
 
 
 def test_a_record_llmq_did_not_write_is_a_sentence(idle: Client) -> None:

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import redis
 
 import llmq_client
 from llmq_client import (
@@ -23,6 +24,7 @@ from llmq_client import (
     InvalidQueue,
     InvalidTask,
     LlmqError,
+    RedisFailed,
     RedisUnavailable,
     WaitTimeout,
 )
@@ -148,6 +150,16 @@ def test_a_queue_name_that_cannot_make_keys_is_refused(name: Any) -> None:
     assert_sentence(e.value, "is not a queue name llmq can use")
     with pytest.raises(InvalidQueue):
         AsyncClient.from_url(env("REDIS_URL"), name)
+
+
+def test_a_bad_queue_name_is_refused_before_connecting() -> None:
+    # A cluster is connected to at once: nothing listens on port 1, so a connection tried
+    # first would be the error.
+    for name in ["a{b", "lone \udc00"]:
+        with pytest.raises(InvalidQueue):
+            Client.from_url("redis+cluster://127.0.0.1:1", name)
+        with pytest.raises(InvalidArgument):
+            Client.from_url("redis+cluster://127.0.0.1:1", "q", max_payload_bytes=0)
 
 
 def test_queue_names_the_workers_use_are_accepted() -> None:
@@ -349,3 +361,56 @@ def test_times_at_the_ends_of_the_calendar_run(client: Client) -> None:
         client.enqueue(unique("Year 0"), model="mock-fast", run_at=early),
     ]
     assert [r.status for r in client.wait_all(ids, timeout=30)] == ["succeeded", "succeeded"]
+
+
+def test_a_batch_cut_short_by_redis_says_which_tasks_were_enqueued(idle: Client) -> None:
+    make_pipeline, rounds = idle.redis.pipeline, []
+    failure: list[Any] = []
+
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
+        pipe = make_pipeline(*args, **kwargs)
+        run = pipe.execute
+
+        def execute(*a: Any, **k: Any) -> Any:
+            rounds.append(1)
+            if len(rounds) == 2 and failure == ["connection"]:
+                raise redis.exceptions.ConnectionError("Connection reset by peer")
+            replies = run(*a, **k)
+            if failure == ["reply"]:
+                replies[500] = redis.exceptions.ResponseError(
+                    "OOM command not allowed when used memory > 'maxmemory'"
+                )
+            return replies
+
+        pipe.execute = execute
+        return pipe
+
+    idle.redis.pipeline = pipeline
+    failure.append("connection")
+    with pytest.raises(RedisUnavailable) as cut:
+        idle.enqueue_many({"prompt": f"task {i}"} for i in range(2500))
+    assert_sentence(
+        cut.value,
+        "cannot reach Redis",
+        "1000 of the 2500 tasks were enqueued",
+        "1000 may or may not have been",
+    )
+    written = [json.loads(f[b"task"])["id"] for _, f in idle.redis.xrange(idle.keys.stream)]
+    assert len(written) == 1000 and list(cut.value.enqueued) == written
+    assert len(cut.value.unknown) == 1000 and not set(cut.value.unknown) & set(written)
+
+    idle.redis.delete(idle.keys.stream)
+    rounds.clear()
+    failure[:] = ["reply"]
+    with pytest.raises(RedisFailed) as refused:
+        idle.enqueue_many({"prompt": f"task {i}"} for i in range(2500))
+    assert_sentence(refused.value, "OOM command not allowed", "999 of the 2500 tasks were enqueued")
+    assert len(refused.value.enqueued) == 999 and refused.value.unknown == ()
+    assert len(rounds) == 1, "nothing more is sent after a refused command"
+    # One task: the error as it came.
+    rounds.clear()
+    failure[:] = ["connection"]
+    idle.enqueue("first round")
+    with pytest.raises(RedisUnavailable) as single:
+        idle.enqueue("second round")
+    assert single.value.enqueued == () and "enqueued" not in str(single.value)

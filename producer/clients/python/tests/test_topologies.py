@@ -4,6 +4,7 @@ with a worker serving the queue: every kind of call, sync and async."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -71,5 +72,35 @@ def test_a_redis_that_speaks_only_tls(queue: str, monkeypatch: pytest.MonkeyPatc
         async with AsyncClient.from_url(url, queue) as client:
             await client.enqueue("async over TLS")
             assert await client.redis.xlen(client.keys.stream) == 4
+
+    asyncio.run(main())
+
+
+def connected(clients: list[Any]) -> int:
+    """How many connections the redis-py clients' pools hold open."""
+    pools = [c.connection_pool for c in clients]
+    return sum(
+        bool(conn.is_connected)
+        for pool in pools
+        for conn in [*pool._available_connections, *pool._in_use_connections]
+    )
+
+
+def test_closing_a_client_behind_sentinels_closes_its_connections_to_them(queue: str) -> None:
+    url = env("LLMQ_SENTINEL_URL")
+    client = Client.from_url(url, queue)
+    client.enqueue(unique("Sentinel close"), model="mock-fast")  # the sentinels are asked
+    sentinels = client.redis.connection_pool.sentinel_manager.sentinels
+    assert connected(sentinels) > 0 and connected([client.redis]) > 0
+    client.close()
+    assert connected(sentinels) == 0 and connected([client.redis]) == 0
+
+    async def main() -> None:
+        aclient = AsyncClient.from_url(url, queue)
+        await aclient.enqueue(unique("Async sentinel close"), model="mock-fast")
+        asentinels = aclient.redis.connection_pool.sentinel_manager.sentinels
+        assert connected(asentinels) > 0
+        await aclient.close()
+        assert connected(asentinels) == 0 and connected([aclient.redis]) == 0
 
     asyncio.run(main())

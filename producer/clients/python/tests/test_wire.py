@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llmq_client import InvalidChain, InvalidRecord, InvalidTask, TaskRecord, plans, wirejson
+from llmq_client import InvalidChain, InvalidRecord, InvalidTask, TaskRecord, WaitTimeout, plans, wirejson
 from llmq_client import envelope as E
 from llmq_client.chain import build as build_chain
 from llmq_client.chain import references
@@ -307,6 +307,41 @@ def test_a_record_llmq_did_not_write_is_a_sentence(raw: Any, says: str) -> None:
     with pytest.raises(InvalidRecord) as e:
         TaskRecord.parse(raw, U)
     assert_sentence(e.value, says.format(id=U), "delete the key")
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_wait_sleeps_no_longer_than_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(plans, "time", clock)
+    plan = plans.wait(Keys("q"), [U], timeout=0.25, poll=10.0)
+    assert isinstance(next(plan), plans.Command)
+    assert plan.send([None]) == plans.Sleep(0.25)
+    clock.now += 0.25
+    assert isinstance(plan.send(None), plans.Command)
+    with pytest.raises(WaitTimeout):
+        plan.send([None])
+
+
+def test_follow_chain_sleeps_no_longer_than_the_time_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    monkeypatch.setattr(plans, "time", clock)
+    plan = plans.follow_chain(Keys("q"), "c", timeout=1.0, poll=5.0)
+    assert isinstance(next(plan), plans.Pipeline)
+    clock.now += 0.75
+    assert plan.send([None, {}, None]) == plans.Sleep(0.25)
+    clock.now += 0.25
+    assert isinstance(plan.send(None), plans.Pipeline)
+    with pytest.raises(WaitTimeout):
+        plan.send([None, {}, None])
 
 
 def test_a_chain_state_llmq_did_not_write_is_a_sentence() -> None:

@@ -14,6 +14,7 @@ from redis.asyncio.sentinel import Sentinel
 from . import plans
 from .base import REDIS_ERRORS, Base, Flavour
 from .envelope import Task, TaskFields
+from .errors import LlmqError
 from .records import ChainEnd, ChainHandle, DeadLetter, Restart, Step, TaskRecord, Text
 from .urls import failure
 
@@ -32,7 +33,11 @@ class AsyncClient(Base):
     flavour = Flavour(aredis.Redis, RedisCluster, ClusterNode, Sentinel)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        try:
+            await self.redis.aclose()
+        finally:
+            for other in self._closes:
+                await other.aclose()
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -50,7 +55,8 @@ class AsyncClient(Base):
                 pipe = self.redis.pipeline(transaction=False)
                 for args in op.commands:
                     pipe.execute_command(*args)
-                return await pipe.execute()
+                replies = await pipe.execute(raise_on_error=not op.keep_errors)
+                return [failure(self._target, r) if isinstance(r, Exception) else r for r in replies]
         except REDIS_ERRORS as e:
             raise failure(self._target, e) from e
         if isinstance(op, plans.Sleep):
@@ -58,26 +64,33 @@ class AsyncClient(Base):
         return None
 
     async def _run(self, plan: plans.Plan[T]) -> T:
-        reply = None
+        reply, error = None, None
         try:
             while True:
-                reply = await self._do(plan.send(reply))
+                op = plan.send(reply) if error is None else plan.throw(error)
+                try:
+                    reply, error = await self._do(op), None
+                except LlmqError as e:
+                    reply, error = None, e
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
     async def _iter(self, plan: plans.Plan[Any]) -> AsyncIterator[Any]:
-        reply = None
+        reply, error = None, None
         try:
             while True:
                 try:
-                    op = plan.send(reply)
+                    op = plan.send(reply) if error is None else plan.throw(error)
                 except StopIteration:
                     return
+                reply, error = None, None
                 if isinstance(op, plans.Emit):
-                    reply = None
                     yield op.value
-                else:
+                    continue
+                try:
                     reply = await self._do(op)
+                except LlmqError as e:
+                    error = e
         finally:
             plan.close()
 
@@ -118,8 +131,8 @@ class AsyncClient(Base):
     ) -> ChainEnd:
         return await self._run(self._follow_chain(chain, timeout, poll))
 
-    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return await self._run(self._dead_letters(limit))
+    async def dead_letters(self, limit: int = 100, before: str | None = None) -> list[DeadLetter]:
+        return await self._run(self._dead_letters(limit, before))
 
     async def replay(self, dead: DeadLetter | str, provider: str | None = None) -> str:
         return await self._run(self._replay(dead, provider))

@@ -36,17 +36,19 @@ class Flavour:
     node: Any
     sentinel: Any
 
-    def connect(self, target: Target, options: Mapping[str, Any]) -> Any:
-        """A client for ``target``; ``options`` are passed to it (e.g. socket_timeout)."""
+    def connect(self, target: Target, options: Mapping[str, Any]) -> tuple[Any, list[Any]]:
+        """A client for ``target``, and the clients it leaves open that are to be closed with
+        it (a Sentinel's, one per sentinel); ``options`` are passed to them (e.g.
+        socket_timeout)."""
         if target.kind == "single":
-            return self.single.from_url(target.url, **options)
+            return self.single.from_url(target.url, **options), []
         auth: dict[str, Any] = {"username": target.username, "password": target.password, "ssl": target.tls}
         if target.kind == "cluster":
             nodes = [self.node(h, p) for h, p in target.nodes]
-            return self.cluster(startup_nodes=nodes, **auth, **options)
+            return self.cluster(startup_nodes=nodes, **auth, **options), []
         # The sentinels are asked without the credentials, which are the master's.
         sentinel = self.sentinel(list(target.nodes), db=target.db, **auth, **options)
-        return sentinel.master_for(target.master)
+        return sentinel.master_for(target.master), list(sentinel.sentinels)
 
 
 def target_of(url: str | None) -> Target:
@@ -65,8 +67,19 @@ def _seconds(name: str, value: Any) -> float:
     return float(value)
 
 
+def _payload_limit(max_payload_bytes: Any) -> int:
+    if isinstance(max_payload_bytes, bool) or not isinstance(max_payload_bytes, int) or max_payload_bytes < 1:
+        raise InvalidArgument(
+            f"max_payload_bytes must be the workers' --max-payload-bytes, a whole number, not {max_payload_bytes!r}."
+        )
+    return max_payload_bytes
+
+
 class Base:
-    """A queue on a Redis: the key names, the payload limit and the plans of every call."""
+    """A queue on a Redis: the key names, the payload limit and the plans of every call.
+
+    ``closes``: redis-py clients closed with this one (made by :meth:`from_url`: a Sentinel's
+    connections to its sentinels)."""
 
     flavour: Flavour
 
@@ -77,18 +90,12 @@ class Base:
         *,
         max_payload_bytes: int = E.DEFAULT_MAX_PAYLOAD_BYTES,
         target: Target | None = None,
+        closes: Iterable[Any] = (),
     ) -> None:
-        if (
-            isinstance(max_payload_bytes, bool)
-            or not isinstance(max_payload_bytes, int)
-            or max_payload_bytes < 1
-        ):
-            raise InvalidArgument(
-                f"max_payload_bytes must be the workers' --max-payload-bytes, a whole number, not {max_payload_bytes!r}."
-            )
-        self.redis = redis
         self.keys = Keys(queue)
-        self.max_payload_bytes = max_payload_bytes
+        self.max_payload_bytes = _payload_limit(max_payload_bytes)
+        self.redis = redis
+        self._closes = list(closes)
         self._target = target or Target("single", "", "the Redis client given")
         self._script = plans.replay_script()
 
@@ -106,11 +113,13 @@ class Base:
         workers' --max-payload-bytes; ``redis_options`` go to redis-py. A single Redis and a
         Sentinel's master are connected to on the first call, a cluster's seeds at once."""
         target = target_of(url)
+        Keys(queue)  # an InvalidQueue before any connection is made
+        _payload_limit(max_payload_bytes)
         try:
-            client = cls.flavour.connect(target, redis_options)
+            client, closes = cls.flavour.connect(target, redis_options)
         except REDIS_ERRORS as e:
             raise failure(target, e) from e
-        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target)
+        return cls(client, queue, max_payload_bytes=max_payload_bytes, target=target, closes=closes)
 
     @property
     def queue(self) -> str:
@@ -122,7 +131,7 @@ class Base:
     def _enqueue(self, prompt: str | None, fields: Mapping[str, Any]) -> plans.Plan[list[str]]:
         task = dict(fields) if prompt is None else {**fields, "prompt": prompt}
         task_id, env = E.build(task)
-        return plans.enqueue(self.keys, [(task_id, E.encode(env, self.max_payload_bytes))])
+        return plans.enqueue(self.keys, [(task_id, E.encode(env, self.max_payload_bytes))], batch=False)
 
     def _enqueue_many(self, tasks: Iterable[Mapping[str, Any]]) -> plans.Plan[list[str]]:
         return plans.enqueue(self.keys, E.build_batch(tasks, self.max_payload_bytes))
@@ -145,8 +154,8 @@ class Base:
     def _follow_chain(self, chain: ChainHandle | str, timeout: float, poll: float) -> plans.Plan[ChainEnd]:
         return plans.follow_chain(self.keys, chain, _seconds("timeout", timeout), _seconds("poll", poll))
 
-    def _dead_letters(self, limit: int) -> plans.Plan[list[DeadLetter]]:
-        return plans.dead_letters(self.keys, limit)
+    def _dead_letters(self, limit: int, before: str | None) -> plans.Plan[list[DeadLetter]]:
+        return plans.dead_letters(self.keys, limit, before)
 
     def _replay(self, dead: DeadLetter | str, provider: str | None) -> plans.Plan[str]:
         return plans.replay(self.keys, dead, provider, self._script)

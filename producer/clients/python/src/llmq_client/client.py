@@ -15,6 +15,7 @@ from redis.sentinel import Sentinel
 from . import plans
 from .base import REDIS_ERRORS, Base, Flavour
 from .envelope import Task, TaskFields
+from .errors import LlmqError
 from .records import ChainEnd, ChainHandle, DeadLetter, Restart, Step, TaskRecord, Text
 from .urls import failure
 
@@ -37,7 +38,12 @@ class Client(Base):
     flavour = Flavour(redis.Redis, RedisCluster, ClusterNode, Sentinel)
 
     def close(self) -> None:
-        self.redis.close()
+        """Closes the connections (a Sentinel's to its sentinels too)."""
+        try:
+            self.redis.close()
+        finally:
+            for other in self._closes:
+                other.close()
 
     def __enter__(self) -> Client:
         return self
@@ -55,34 +61,47 @@ class Client(Base):
                 pipe = self.redis.pipeline(transaction=False)
                 for args in op.commands:
                     pipe.execute_command(*args)
-                return pipe.execute()
+                replies = pipe.execute(raise_on_error=not op.keep_errors)
+                return [failure(self._target, r) if isinstance(r, Exception) else r for r in replies]
         except REDIS_ERRORS as e:
             raise failure(self._target, e) from e
         if isinstance(op, plans.Sleep):
             time.sleep(op.seconds)
         return None
 
+    def _step(self, plan: plans.Plan[Any], reply: Any, error: LlmqError | None) -> plans.Op:
+        """The plan's next operation, given the last one's reply, or its error (which the
+        plan may catch)."""
+        return plan.send(reply) if error is None else plan.throw(error)
+
     def _run(self, plan: plans.Plan[T]) -> T:
-        reply = None
+        reply, error = None, None
         try:
             while True:
-                reply = self._do(plan.send(reply))
+                op = self._step(plan, reply, error)
+                try:
+                    reply, error = self._do(op), None
+                except LlmqError as e:
+                    reply, error = None, e
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
     def _iter(self, plan: plans.Plan[Any]) -> Iterator[Any]:
-        reply = None
+        reply, error = None, None
         with closing(plan):
             while True:
                 try:
-                    op = plan.send(reply)
+                    op = self._step(plan, reply, error)
                 except StopIteration:
                     return
+                reply, error = None, None
                 if isinstance(op, plans.Emit):
-                    reply = None
                     yield op.value
-                else:
+                    continue
+                try:
                     reply = self._do(op)
+                except LlmqError as e:
+                    error = e
 
     # --- The calls.
 
@@ -130,9 +149,11 @@ class Client(Base):
         """The chain's end, with every step."""
         return self._run(self._follow_chain(chain, timeout, poll))
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """The queue's newest dead letters, newest first."""
-        return self._run(self._dead_letters(limit))
+    def dead_letters(self, limit: int = 100, before: str | None = None) -> list[DeadLetter]:
+        """The queue's newest dead letters, newest first: at most ``limit`` (1 to 1000, each
+        letter being as large as its task); ``before``, a letter's id: those older than it,
+        to page through more."""
+        return self._run(self._dead_letters(limit, before))
 
     def replay(self, dead: DeadLetter | str, provider: str | None = None) -> str:
         """Replays a dead letter (or the one with that dead-entry id or task id) as

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 
 class LlmqError(Exception):
-    """Base of every error this library raises."""
+    """Base of every error this library raises.
+
+    An error that stopped :meth:`Client.enqueue_many` partway says so, and carries the ids of
+    the tasks it had enqueued (``enqueued``) and of those in the round trip that failed,
+    which Redis may or may not have written (``unknown``); for any other error both are
+    empty."""
+
+    enqueued: tuple[str, ...] = ()
+    unknown: tuple[str, ...] = ()
 
 
 class InvalidTask(LlmqError, ValueError):

@@ -16,7 +16,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from .envelope import replayed_task
-from .errors import ChainRefused, InvalidArgument, NotFound, ReplayRefused, WaitTimeout
+from .errors import ChainRefused, InvalidArgument, LlmqError, NotFound, ReplayRefused, WaitTimeout
 from .keys import Keys, canonical_task_id, check_chain_id, parse_uuid, utf8
 from .records import (
     STEP_ENDED,
@@ -48,9 +48,13 @@ class Command:
 @dataclass(frozen=True)
 class Pipeline:
     """Commands sent in one round trip (all keys of one queue: one cluster slot); the list
-    of their replies is sent back."""
+    of their replies is sent back. With ``keep_errors``, a command Redis answered with an
+    error has that error (an :class:`LlmqError`) as its reply, the others their replies;
+    else the first such error is raised. A round trip that fails as a whole (a lost
+    connection) raises its error into the plan."""
 
     commands: tuple[tuple[Any, ...], ...]
+    keep_errors: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,10 @@ Plan = Generator[Op, Any, T]
 
 #: Tasks per pipelined round trip, as ``llmq batch`` sends them.
 PIPELINE_SIZE = 1000
+#: The most dead letters one call lists (each may be as large as a task, 1 MiB by default).
+MAX_DEAD_LETTERS = 1000
+#: Dead letters per XREVRANGE.
+DEAD_PAGE = 100
 #: The longest blocking read of a live answer before the task's record is looked at.
 BLOCK_MS = 1000
 _STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
@@ -81,11 +89,42 @@ def replay_script() -> str:
     return resources.files("llmq_client").joinpath("replay.lua").read_text(encoding="utf-8")
 
 
-def enqueue(keys: Keys, payloads: list[tuple[str, str]]) -> Plan[list[str]]:
-    """XADDs the ``task`` fields, pipelined; returns the task ids."""
+def _partly(error: LlmqError, total: int, enqueued: list[str], unknown: list[str]) -> LlmqError:
+    """``error`` again (same class), saying what of a batch was written before it, with the
+    ids as ``enqueued`` (written) and ``unknown`` (in the round trip that failed: written or
+    not)."""
+    told = f"{len(enqueued)} of the {total} tasks were enqueued (their ids are the error's .enqueued)"
+    if unknown:
+        told += f" and {len(unknown)} may or may not have been (.unknown: look for their records before enqueueing them again)"
+    again = type(error)(f"{str(error).rstrip('.')}; {told}.")
+    again.enqueued, again.unknown = tuple(enqueued), tuple(unknown)
+    return again
+
+
+def enqueue(keys: Keys, payloads: list[tuple[str, str]], batch: bool = True) -> Plan[list[str]]:
+    """XADDs the ``task`` fields, pipelined; returns the task ids. When Redis fails partway
+    through a ``batch``, the error carries the ids already enqueued (``.enqueued``) and those
+    of the round trip that failed (``.unknown``)."""
+    enqueued: list[str] = []
     for start in range(0, len(payloads), PIPELINE_SIZE):
         chunk = payloads[start : start + PIPELINE_SIZE]
-        yield Pipeline(tuple(("XADD", keys.stream, "*", "task", payload) for _, payload in chunk))
+        commands = tuple(("XADD", keys.stream, "*", "task", payload) for _, payload in chunk)
+        try:
+            replies = yield Pipeline(commands, keep_errors=True)
+        except LlmqError as e:
+            if not batch:
+                raise
+            raise _partly(e, len(payloads), enqueued, [task_id for task_id, _ in chunk]) from e
+        failed: LlmqError | None = None
+        for (task_id, _), reply in zip(chunk, replies, strict=True):
+            if isinstance(reply, LlmqError):
+                failed = failed or reply
+            else:
+                enqueued.append(task_id)
+        if failed is not None:
+            if not batch:
+                raise failed
+            raise _partly(failed, len(payloads), enqueued, []) from failed
     return [task_id for task_id, _ in payloads]
 
 
@@ -126,7 +165,12 @@ def wait(keys: Keys, task_ids: Iterable[str], timeout: float, poll: float) -> Pl
                 f"{many} no final status after {timeout:g}s: {_waiting(keys, pending[0], last.get(pending[0]))}; "
                 "wait longer, or call wait() again later."
             )
-        yield Sleep(poll)
+        yield Sleep(_until(deadline, poll))
+
+
+def _until(deadline: float, poll: float) -> float:
+    """The pause before the next look: ``poll``, but never past ``deadline`` (monotonic)."""
+    return max(0.0, min(poll, deadline - time.monotonic()))
 
 
 def follow(keys: Keys, task_id: str, timeout: float) -> Plan[None]:
@@ -236,19 +280,33 @@ def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: flo
                 f"chain {chain_id} did not end within {timeout:g}s (its steps: {states}); "
                 "follow it again later, or look with `llmq chain show`."
             )
-        yield Sleep(poll)
+        yield Sleep(_until(deadline, poll))
 
 
 def _place(order: list[str], name: str) -> tuple[int, str]:
     return (order.index(name) if name in order else len(order), name)
 
 
-def dead_letters(keys: Keys, limit: int) -> Plan[list[DeadLetter]]:
-    """The newest ``limit`` dead letters, newest first."""
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise InvalidArgument(f"limit must be a whole number of at least 1, not {limit!r}.")
-    reply = yield Command(("XREVRANGE", keys.dead, "+", "-", "COUNT", limit))
-    return [dead_letter(keys.queue, e) for e in entries(reply)]
+def dead_letters(keys: Keys, limit: int, before: str | None = None) -> Plan[list[DeadLetter]]:
+    """The newest ``limit`` dead letters (at most :data:`MAX_DEAD_LETTERS`), newest first,
+    read :data:`DEAD_PAGE` at a time; with ``before`` (a dead-entry id), those older than it."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_DEAD_LETTERS:
+        raise InvalidArgument(
+            f"limit must be a whole number from 1 to {MAX_DEAD_LETTERS}, not {limit!r}; for older letters, "
+            "call dead_letters again with before= the id of the last letter listed."
+        )
+    if before is not None and not (isinstance(before, str) and _STREAM_ID.fullmatch(before)):
+        raise InvalidArgument(f"before must be a dead letter's id, such as 1700000000000-0, not {before!r}.")
+    end = "+" if before is None else f"({before}"
+    out: list[DeadLetter] = []
+    while len(out) < limit:
+        count = min(DEAD_PAGE, limit - len(out))
+        page = entries((yield Command(("XREVRANGE", keys.dead, end, "-", "COUNT", count))))
+        out.extend(dead_letter(keys.queue, e) for e in page)
+        if len(page) < count:
+            break
+        end = f"({page[-1][0]}"
+    return out
 
 
 def find_dead(keys: Keys, ident: str) -> Plan[DeadLetter]:
@@ -261,12 +319,12 @@ def find_dead(keys: Keys, ident: str) -> Plan[DeadLetter]:
         task_id = canonical_task_id(ident)
         end = "+"
         while True:
-            page = entries((yield Command(("XREVRANGE", keys.dead, end, "-", "COUNT", 500))))
+            page = entries((yield Command(("XREVRANGE", keys.dead, end, "-", "COUNT", DEAD_PAGE))))
             for entry in page:
                 letter = dead_letter(keys.queue, entry)
                 if letter.task_id == task_id:
                     return letter
-            if len(page) < 500:
+            if len(page) < DEAD_PAGE:
                 break
             end = f"({page[-1][0]}"
     raise NotFound(
