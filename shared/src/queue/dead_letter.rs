@@ -308,7 +308,9 @@ pub fn replayed_task(dead: &DeadLetter, provider: Option<&str>) -> String {
             env.attempts = 0;
             env.snoozes = 0;
             env.waiting_since = None;
-            env.replays += 1;
+            // Saturating: a letter forged with the largest count neither panics nor wraps to
+            // 0, which would make the run look like the first one in the ledger.
+            env.replays = env.replays.saturating_add(1);
             env.last_error = None;
             if env.id.is_none() {
                 env.id = uuid::Uuid::parse_str(&dead.task_id).ok();

@@ -191,6 +191,10 @@ async fn dead_letters(env: &TestEnv, queue: &str) {
             "0-17",
             r#"{"v":1,"prompt":"last counts","metadata":{"a":1,"a":2},"extra":{"b":1,"b":[2]}}"#.to_owned(),
         ),
+        (
+            "0-20",
+            r#"{"v":1,"prompt":"replayed too often","replays":4294967295}"#.to_owned(),
+        ),
     ];
     let keys = llmq_shared::keys::QueueKeys::new(queue);
     let mut c = env.redis.conn().await.unwrap();
@@ -250,7 +254,7 @@ async fn the_python_client_against_real_workers() {
         ])
         .await;
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("replayed 14 dead letter(s)"), "{out}");
+    assert!(out.contains("replayed 15 dead letter(s)"), "{out}");
 
     let pki = std::env::temp_dir().join(format!("{}-pki", env.queue));
     make_pki(&pki);

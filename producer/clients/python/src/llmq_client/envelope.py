@@ -1081,13 +1081,9 @@ def replayed_task(task: str, task_id: str, provider: str | None) -> str:
     out = _reencoded(env)
     for field in ("attempts", "snoozes", "waiting_since", "last_error"):
         out.pop(field, None)
-    # `env.replays += 1` on a u32: a release build wraps past 4294967295 to 0, which serde
-    # leaves out (a debug build panics); never a number a worker would refuse.
-    replays = (env.get("replays", 0) + 1) % (U32_MAX + 1)
-    if replays:
-        out["replays"] = replays
-    else:
-        out.pop("replays", None)
+    # One more, saturating at the u32 maximum as Rust's `saturating_add`: never a number a
+    # worker would refuse.
+    out["replays"] = min(env.get("replays", 0) + 1, U32_MAX)
     out.setdefault("id", task_id)
     if provider is not None:
         out["provider"] = provider
