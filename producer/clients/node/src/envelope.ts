@@ -6,6 +6,7 @@ import { randomUUID } from 'node:crypto';
 
 import { invalid } from './errors.js';
 import { CANONICAL_UUID } from './uuid.js';
+import { excerpt, humantime, MAX_JSON_DEPTH, nesting, parseChrono, type Duration } from './wire.js';
 
 export const TASK_TYPES = [
   'code_generation',
@@ -78,10 +79,18 @@ export interface Task {
   tools?: Tool[] | null;
   tool_choice?: ToolChoice | null;
   response_format?: ResponseFormat | null;
-  /** How long the task can wait for its answer, `24h` to `30d`: it may go through a provider's batch API. */
+  /**
+   * How long the task can wait for its answer, `24h` to `30d` (humantime, as llmq reads it:
+   * `36h`, `1day 12h`, `1.5d`): it may go through a provider's batch API.
+   */
   deadline?: string | null;
   /** `true`: the answer is written to `llmq:{q}:out:<id>` as it arrives ({@link Queue.followAnswer}). */
   stream?: boolean | null;
+  /**
+   * `false`: llmq does not ask the provider to cache this task's prompt prefix. Left out: the
+   * provider file's `prompt_cache`, on unless it says false.
+   */
+  prompt_cache?: boolean | null;
   type?: TaskType | null;
   provider?: string | null;
   model?: string | null;
@@ -91,6 +100,7 @@ export interface Task {
   /** Per-attempt timeout in seconds, 1 to 2592000. */
   timeout?: number | null;
   max_attempts?: number | null;
+  /** Not before this time: a `Date`, or an RFC 3339 string such as `2030-01-02T03:04:05Z`. */
   run_at?: Date | string | null;
   idempotency_key?: string | null;
   max_tokens?: number | null;
@@ -120,6 +130,7 @@ export const TASK_FIELDS = [
   'response_format',
   'deadline',
   'stream',
+  'prompt_cache',
   'type',
   'provider',
   'model',
@@ -261,9 +272,10 @@ function onlyKeys(field: string, obj: JsonObject, known: readonly string[]): voi
 /** A name providers accept: a tool's, a schema's. */
 function checkName(field: string, v: unknown): void {
   if (typeof v !== 'string' || !/^[A-Za-z_][A-Za-z0-9_-]{0,63}$/.test(v)) {
+    const shown = typeof v === 'string' ? `\`${excerpt(v, 64)}\`` : show(v);
     throw wrong(
       field,
-      `${show(v)} is not a name providers accept; use 1 to 64 letters, digits, \`_\` or \`-\`, starting with a letter or \`_\``,
+      `${shown} is not a name providers accept; use 1 to 64 letters, digits, \`_\` or \`-\`, starting with a letter or \`_\``,
     );
   }
 }
@@ -291,49 +303,57 @@ export function checkClass(priority: unknown, tenant: unknown, what = "The task'
   }
 }
 
-const UNITS: Record<string, number> = {};
-for (const [names, secs] of [
-  [['nanos', 'nsec', 'ns'], 1e-9],
-  [['usec', 'us'], 1e-6],
-  [['millis', 'msec', 'ms'], 1e-3],
-  [['seconds', 'second', 'secs', 'sec', 's'], 1],
-  [['minutes', 'minute', 'mins', 'min', 'm'], 60],
-  [['hours', 'hour', 'hrs', 'hr', 'h'], 3600],
-  [['days', 'day', 'd'], 86400],
-  [['weeks', 'week', 'w'], 604800],
-  [['months', 'month', 'M'], 2630016],
-  [['years', 'year', 'y'], 31557600],
-] as const) {
-  for (const n of names) UNITS[n] = secs;
-}
-
-/** Seconds of a duration as llmq writes them (humantime: `24h`, `3d`, `1day 12h`); `null` if none. */
+/**
+ * Seconds of a duration as llmq reads one (humantime 2: `24h`, `3d`, `1day 12h`, `1.5h`,
+ * `90 min`; whitespace between and even inside numbers is skipped, as humantime skips it);
+ * `null` for what llmq refuses.
+ */
 export function parseDuration(text: string): number | null {
-  const parts = text.trim().split(/\s+/).join('');
-  if (parts === '') return null;
-  let total = 0;
-  const re = /(\d+)([A-Za-z]+)/y;
-  let at = 0;
-  while (at < parts.length) {
-    re.lastIndex = at;
-    const m = re.exec(parts);
-    const unit = m ? UNITS[m[2]!] : undefined;
-    if (!m || unit === undefined) return null;
-    total += Number(m[1]) * unit;
-    at = re.lastIndex;
-  }
-  return total;
+  const d = humantime(text);
+  return typeof d === 'string' ? null : Number(d.secs) + Number(d.nanos) / 1e9;
 }
 
-const RFC3339 = /^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$/;
+const DAY = 86_400n;
 
+/** `check_deadline` of the worker, in its words. */
+function checkDeadline(text: string, streams: boolean): void {
+  const d: Duration | string = humantime(text);
+  if (typeof d === 'string') {
+    throw wrong('deadline', `\`${excerpt(text, 40)}\` is not a duration (${d}); write it as e.g. "24h" or "3d"`);
+  }
+  if (d.secs < DAY) {
+    throw wrong(
+      'deadline',
+      `${text} is shorter than the 24h a provider may take to run a batch; give at least 24h, or leave deadline out to call the model now`,
+    );
+  }
+  if (d.secs > 30n * DAY || (d.secs === 30n * DAY && d.nanos > 0n)) {
+    throw wrong('deadline', `${text} is longer than 30 days; give at most 30d`);
+  }
+  if (streams) throw wrong('deadline', 'cannot be used with stream: a batch answers all at once; drop one of them');
+}
+
+/** RFC 3339 as docs/wire-format.md writes it: `2030-01-02T03:04:05Z`, `...05.5+02:00`. */
+const RFC3339 = /^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$/;
+
+/**
+ * A time as the task carries it: a `Date`, or an RFC 3339 string naming a time that exists,
+ * as the worker's time type (chrono) reads it: no 2030-02-30, no 24:00, offsets under a day.
+ */
 function timestamp(field: string, v: unknown): string {
   if (v instanceof Date) {
-    if (Number.isNaN(v.getTime())) throw wrong(field, 'is an invalid Date');
-    return v.toISOString();
+    const iso = Number.isNaN(v.getTime()) ? null : v.toISOString();
+    if (iso === null || parseChrono(iso) === null) throw wrong(field, 'is an invalid Date, or one beyond the years a worker reads');
+    return iso;
   }
-  if (typeof v !== 'string' || !RFC3339.test(v) || Number.isNaN(Date.parse(v))) {
+  if (typeof v !== 'string' || !RFC3339.test(v)) {
     throw wrong(field, `${show(v)} is not an RFC 3339 time; give a Date or a string such as 2030-01-02T03:04:05Z`);
+  }
+  if (parseChrono(v) === null) {
+    throw wrong(
+      field,
+      `${show(v)} is not a time that exists (a day past the month's end, an hour past 23, a minute past 59 or an offset of a day or more); give a Date or a string such as 2030-01-02T03:04:05Z`,
+    );
   }
   return v;
 }
@@ -356,7 +376,8 @@ function checkContent(at: string, role: string, content: unknown, callsOnly: boo
         onlyKeys(f, part, ['type', 'url', 'data', 'media_type']);
         images = true;
         if (part.media_type !== undefined && (typeof part.media_type !== 'string' || !IMAGE_TYPES.includes(part.media_type))) {
-          throw wrong(`${f}.media_type`, `${show(part.media_type)} is not an image type providers read; use one of ${IMAGE_TYPES.join(', ')}`);
+          const shown = typeof part.media_type === 'string' ? `\`${excerpt(part.media_type, 40)}\`` : show(part.media_type);
+          throw wrong(`${f}.media_type`, `${shown} is not an image type providers read; use one of ${IMAGE_TYPES.join(', ')}`);
         }
         if (part.url !== undefined && part.data === undefined) {
           const url = part.url;
@@ -465,7 +486,8 @@ function checkConversation(task: Given<Task>): void {
     if (isObject(choice)) {
       onlyKeys('tool_choice', choice, ['name']);
       if (typeof choice.name !== 'string' || !names.includes(choice.name)) {
-        throw wrong('tool_choice', `names ${show(choice.name)}, which is not among the task's tools`);
+        const shown = typeof choice.name === 'string' ? `\`${excerpt(choice.name, 64)}\`` : show(choice.name);
+        throw wrong('tool_choice', `names ${shown}, which is not among the task's tools`);
       }
     } else {
       checkEnum('tool_choice', choice, ['auto', 'none', 'required']);
@@ -506,6 +528,26 @@ function checkText(path: string, v: unknown): void {
 }
 
 /**
+ * The JSON a worker reads nests at most 127 levels (serde_json's limit), the envelope's own
+ * level included; deeper, its dead letter says the task "is not valid JSON". Names the free-form
+ * field (metadata, a tool's parameters, a schema, a call's arguments) that nests too deep.
+ */
+function checkNesting(envelope: JsonObject): void {
+  if (nesting(envelope) <= MAX_JSON_DEPTH) return;
+  const places: [string, unknown, number][] = [['metadata', envelope.metadata, 1]];
+  (envelope.tools as Tool[] | undefined)?.forEach((tool, i) => places.push([`tools[${i}].parameters`, tool.parameters, 3]));
+  if (isObject(envelope.response_format)) places.push(['response_format.schema', envelope.response_format.schema, 2]);
+  (envelope.messages as Message[] | undefined)?.forEach((m, i) =>
+    m.tool_calls?.forEach((c, j) => places.push([`messages[${i}].tool_calls[${j}].arguments`, c.arguments, 5])),
+  );
+  const [field, , above] = places.find(([, v, above]) => above + nesting(v) > MAX_JSON_DEPTH) ?? ['metadata', undefined, 1];
+  throw wrong(
+    field,
+    `nests more than ${MAX_JSON_DEPTH - above} levels deep, the most a worker reads here (it reads JSON at most ${MAX_JSON_DEPTH} levels deep, the task's own ${above} around this field included); flatten it`,
+  );
+}
+
+/**
  * Checks a task as a worker would and returns its envelope: `{"v": 1, "id": ..., ...}` with
  * a fresh id and `enqueued_at` when they were left out.
  *
@@ -534,7 +576,7 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
   if (t.prompt !== undefined) checkString('prompt', t.prompt);
   const prompt = t.prompt ?? '';
   if (blank(prompt) && (!Array.isArray(messages) || messages.length === 0)) {
-    throw invalid('The task has no prompt; set `prompt` to a non-empty string, or give `messages`.');
+    throw invalid('The task has no prompt; set "prompt" to a non-empty string, or give "messages".');
   }
   for (const f of ['system', 'provider', 'model', 'chain_id', 'area', 'idempotency_key', 'traceparent', 'deadline'] as const) {
     if (t[f] !== undefined) checkString(f, t[f]);
@@ -546,20 +588,29 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
     throw wrong('id', `${show(t.id)} is not a UUID in canonical form (lower-case, hyphenated); leave it out for a fresh one`);
   }
   if (t.type !== undefined && !(TASK_TYPES as readonly unknown[]).includes(t.type)) {
-    throw invalid(`Unknown task type ${show(t.type)}; use one of: ${TASK_TYPES.join(', ')}.`);
+    const shown = typeof t.type === 'string' ? `\`${t.type}\`` : show(t.type);
+    throw invalid(`Unknown task type ${shown}; use one of: ${TASK_TYPES.join(', ')}.`);
   }
   if (t.risk !== undefined) checkEnum('risk', t.risk, ['low', 'medium', 'high']);
   if (t.min_tier !== undefined) checkEnum('min_tier', t.min_tier, ['fast', 'standard', 'advanced']);
   if (t.stream !== undefined) checkBoolean('stream', t.stream);
+  if (t.prompt_cache !== undefined) checkBoolean('prompt_cache', t.prompt_cache);
   if (t.fallback !== undefined) checkBoolean('fallback', t.fallback);
   if (t.timeout !== undefined) {
-    checkInteger('timeout', t.timeout, 1, MAX_TIMEOUT_SECS, `give seconds between 1 and ${MAX_TIMEOUT_SECS} (30 days)`);
+    if (typeof t.timeout !== 'number' || !Number.isSafeInteger(t.timeout)) throw wrong('timeout', `must be a whole number, not ${show(t.timeout)}`);
+    if (t.timeout < 1 || t.timeout > MAX_TIMEOUT_SECS) {
+      throw wrong('timeout', `must be between 1 second and ${MAX_TIMEOUT_SECS} seconds (30 days), not ${t.timeout}`);
+    }
   }
+  if (t.max_attempts === 0) throw wrong('max_attempts', 'must be at least 1');
   if (t.max_attempts !== undefined) checkInteger('max_attempts', t.max_attempts, 1, U32_MAX, 'give at least 1');
   if (t.max_tokens !== undefined) checkInteger('max_tokens', t.max_tokens, 0, U32_MAX, `give 0 to ${U32_MAX}`);
   if (t.temperature !== undefined) {
-    if (typeof t.temperature !== 'number' || !Number.isFinite(t.temperature) || Math.abs(t.temperature) > 3.4e38) {
-      throw wrong('temperature', `must be a number, not ${show(t.temperature)}`);
+    if (typeof t.temperature !== 'number' || !Number.isFinite(t.temperature)) {
+      throw wrong('temperature', `must be a finite number, not ${show(t.temperature)}`);
+    }
+    if (!Number.isFinite(Math.fround(t.temperature))) {
+      throw wrong('temperature', `${t.temperature} is too large for the worker's 32-bit float; give a sampling temperature such as 0.2`);
     }
   }
   checkClass(t.priority, t.tenant);
@@ -578,18 +629,7 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
     }
     checkInteger('concurrency_limit', limit, 1, U32_MAX, 'give a whole number of at least 1');
   }
-  if (t.deadline !== undefined) {
-    const secs = parseDuration(t.deadline);
-    if (secs === null) throw wrong('deadline', `${show(t.deadline)} is not a duration; write it as e.g. "24h" or "3d"`);
-    if (secs < 24 * 3600) {
-      throw wrong(
-        'deadline',
-        `${t.deadline} is shorter than the 24h a provider may take to run a batch; give at least 24h, or leave deadline out to call the model now`,
-      );
-    }
-    if (secs > 30 * 86400) throw wrong('deadline', `${t.deadline} is longer than 30 days; give at most 30d`);
-    if (t.stream === true) throw wrong('deadline', 'cannot be used with stream: a batch answers all at once; drop one of them');
-  }
+  if (t.deadline !== undefined) checkDeadline(t.deadline, t.stream === true);
   checkConversation(t);
   if (blank(prompt) && messages.every((m) => isObject(m) && m.role === 'system')) {
     throw wrong('messages', 'has only system turns and the prompt is empty; add a user turn or set "prompt"');
@@ -605,7 +645,8 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
     envelope[f] = f === 'run_at' || f === 'enqueued_at' ? timestamp(f, t[f]) : t[f];
   }
   envelope.enqueued_at ??= new Date().toISOString();
-  checkText('metadata', envelope.metadata);
+  checkNesting(envelope);
+  for (const [field, value] of Object.entries(envelope)) checkText(field, value);
   let json: string;
   try {
     json = JSON.stringify(envelope);
