@@ -6,15 +6,22 @@ import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { buildChain, type Chain, type ChainEvent, type ChainState, type StepState } from './chain.js';
-import { buildEnvelope, DEFAULT_MAX_PAYLOAD_BYTES, RESERVED_FIELDS, TASK_FIELDS, type Task, type TaskRecord } from './envelope.js';
+import { buildEnvelope, DEFAULT_MAX_PAYLOAD_BYTES, type Task, type TaskRecord } from './envelope.js';
 import { invalid, LlmqError } from './errors.js';
 import { connectRedis, redisError, type Commands, type Connection, type StreamEntry } from './redis.js';
+import { chainStepOf, replayedTask, taskIdOf } from './replay.js';
 import { CANONICAL_UUID, canonicalUuid, deriveId } from './uuid.js';
 
 /** The statuses after which nothing more happens to a task without an operator. */
 const FINAL = new Set(['succeeded', 'failed', 'dead']);
 /** Tasks per MULTI/EXEC of a batch, as `llmq batch` sends 1000 per round trip. */
 const BATCH_CHUNK = 1000;
+/** The most dead letters one {@link Queue.deadLetters} reads (each may be up to a payload's size). */
+export const MAX_DEAD_LETTERS = 1000;
+/** How many of the newest dead letters a replay by task id looks through. */
+export const DEAD_SCAN = 10_000;
+/** Chains submitted here whose entries are kept to tell a refusal, at most (the newest). */
+export const CHAINS_KEPT = 1000;
 
 /** replay.lua, shipped beside this file by the build from shared/src/queue/replay.lua. */
 const REPLAY_LUA = readFileSync(new URL('./replay.lua', import.meta.url), 'utf8');
@@ -39,9 +46,14 @@ export interface WaitOptions {
 export interface FollowAnswerOptions {
   /** Give up after this many milliseconds (default 60000); `Infinity` waits for ever. */
   timeoutMs?: number;
-  /** Called when a call failed after part of its answer: the text so far is void, the retry's follows in full. */
-  onRestart?: (error: string) => void;
 }
+
+/**
+ * What following a live answer yields: a piece of its text, or a restart. After a restart the
+ * text so far is void (a call failed halfway): the retry's answer follows in full, from its
+ * start, so a reader drops what it has (or shows it struck out) and starts again.
+ */
+export type AnswerEvent = { type: 'text'; text: string } | { type: 'restart'; error: string };
 
 /** A dead letter (`llmq:{q}:dead`), as `llmq dlq list` shows it. */
 export interface DeadLetter {
@@ -83,13 +95,16 @@ function timeoutOf(opts: WaitOptions | undefined, fallback: number): { deadline:
   const ms = opts?.timeoutMs ?? fallback;
   const poll = opts?.pollMs ?? 100;
   if (typeof ms !== 'number' || Number.isNaN(ms) || ms < 0) {
-    throw invalid(`timeoutMs must be a number of milliseconds of at least 0, not ${String(ms)}.`);
+    throw invalid(`The timeoutMs option must be a number of milliseconds of at least 0, not ${String(ms)}.`);
   }
   if (typeof poll !== 'number' || !Number.isFinite(poll) || poll < 1) {
-    throw invalid(`pollMs must be a number of milliseconds of at least 1, not ${String(poll)}.`);
+    throw invalid(`The pollMs option must be a number of milliseconds of at least 1, not ${String(poll)}.`);
   }
-  return { deadline: Date.now() + ms, ms, poll };
+  return { deadline: performance.now() + ms, ms, poll };
 }
+
+/** Milliseconds left until `deadline` on the monotonic clock (a wall clock may jump). */
+const left = (deadline: number) => deadline - performance.now();
 
 /** A task id as the worker stores results under: a canonical UUID. */
 function checkTaskId(id: unknown): asserts id is string {
@@ -109,55 +124,52 @@ function checkChainId(id: unknown): asserts id is string {
 
 const seconds = (ms: number) => `${Math.round(ms / 100) / 10}s`;
 
-/**
- * What `llmq dlq replay` enqueues for a plain task's dead letter (`replayed_task` in
- * shared/src/queue/dead_letter.rs): the envelope with `attempts`, `snoozes`, `waiting_since`
- * and `last_error` reset, `replays` one more, its `id` filled in if missing, and optionally a
- * new `provider`; a payload that is not an envelope as it came.
- */
-export function replayedTask(task: string, taskId: string, provider?: string): string {
-  let env: unknown;
-  try {
-    env = JSON.parse(task);
-  } catch {
-    return task;
-  }
-  if (typeof env !== 'object' || env === null || Array.isArray(env)) return task;
-  const e = env as Record<string, unknown>;
-  const counter = (v: unknown) => v === undefined || (Number.isSafeInteger(v) && (v as number) >= 0);
-  const id = e.id === undefined || e.id === null ? null : typeof e.id === 'string' ? (canonicalUuid(e.id) ?? undefined) : undefined;
-  // What the worker's Envelope type would not read is replayed as it came, as llmq does.
-  if (!(Number.isSafeInteger(e.v) && (e.v as number) >= 0) || id === undefined || !counter(e.replays)) return task;
-  if (!counter(e.attempts) || !counter(e.snoozes)) return task;
-  // Unset options are left out when llmq writes an envelope back; unknown fields are kept.
-  for (const f of [...TASK_FIELDS, ...RESERVED_FIELDS] as string[]) if (e[f] === null) delete e[f];
-  delete e.attempts;
-  delete e.snoozes;
-  delete e.waiting_since;
-  delete e.last_error;
-  e.replays = ((e.replays as number | undefined) ?? 0) + 1;
-  e.id = id ?? canonicalUuid(taskId) ?? undefined;
-  if (provider !== undefined) e.provider = provider;
-  return JSON.stringify(e);
+/** `s.parse::<u64>()` / `s.parse::<i64>()` as Rust reads a dead letter's numbers. */
+function rustInt(s: string | undefined, signed: boolean): bigint | null {
+  if (s === undefined || !(signed ? /^[+-]?[0-9]+$/ : /^\+?[0-9]+$/).test(s)) return null;
+  const n = BigInt(s);
+  const ok = signed ? n >= -(1n << 63n) && n < 1n << 63n : n < 1n << 64n;
+  return ok ? n : null;
 }
 
-/** The chain and step a payload names, when it names both (`chain_step_of` in envelope.rs). */
-function chainStepOf(task: string): [string, string] | null {
+/** What a result record must at least be: an object with a status. */
+function parseRecord(raw: string, what: string, fix: string): TaskRecord {
+  let v: unknown;
+  let why = '';
   try {
-    const v = JSON.parse(task) as { chain_id?: unknown; step?: unknown } | null;
-    return typeof v?.chain_id === 'string' && typeof v?.step === 'string' ? [v.chain_id, v.step] : null;
-  } catch {
-    return null;
+    v = JSON.parse(raw);
+  } catch (e) {
+    why = (e as Error).message;
   }
+  if (why === '' && !(typeof v === 'object' && v !== null && !Array.isArray(v) && typeof (v as TaskRecord).status === 'string')) {
+    why = 'not an object with a "status"';
+  }
+  if (why !== '') {
+    throw new LlmqError(
+      'bad_record',
+      `${what} is not what llmq writes there (${why.replace(/[.\s]+$/, '')}); something else wrote it, so ${fix}.`,
+    );
+  }
+  return v as TaskRecord;
 }
+
+/** @internal For the tests: the chain entries a queue keeps. */
+export let chainEntriesOf: (q: Queue) => ReadonlyMap<string, string>;
 
 /** A queue of llmq on one Redis connection. Make one with {@link connect}. */
 export class Queue {
   readonly name: string;
   readonly #conn: Connection;
   readonly #maxPayloadBytes: number;
-  /** Stream entries of the chains submitted here, to find a refused chain's reason. */
+  /**
+   * Stream entries of chains submitted here, to find a refused chain's reason: the newest
+   * {@link CHAINS_KEPT}, each dropped once a follow of its chain has ended.
+   */
   readonly #chainEntries = new Map<string, string>();
+
+  static {
+    chainEntriesOf = (q) => q.#chainEntries;
+  }
 
   /** @internal Use {@link connect}. */
   constructor(conn: Connection, name: string, maxPayloadBytes: number) {
@@ -201,7 +213,7 @@ export class Queue {
    * task is checked first: one a worker would refuse throws before anything is written.
    */
   async enqueueMany(tasks: readonly Task[]): Promise<string[]> {
-    if (!Array.isArray(tasks)) throw invalid('enqueueMany takes an array of tasks.');
+    if (!Array.isArray(tasks)) throw invalid('`enqueueMany` takes an array of tasks.');
     const built = tasks.map((t, i) => {
       try {
         return buildEnvelope(t, this.#maxPayloadBytes);
@@ -210,26 +222,43 @@ export class Queue {
         throw invalid(`Task ${i} of the batch: ${m} Nothing was enqueued.`);
       }
     });
+    const ids = built.map((b) => b.id);
     const stream = this.key('stream');
     for (let at = 0; at < built.length; at += BATCH_CHUNK) {
+      const chunk = built.slice(at, at + BATCH_CHUNK);
       const tx = this.#conn.multi(stream);
-      for (const { json } of built.slice(at, at + BATCH_CHUNK)) tx.xAdd(stream, '*', { task: json });
+      for (const { json } of chunk) tx.xAdd(stream, '*', { task: json });
       try {
         await tx.exec();
       } catch (e) {
+        // The error says which tasks went in: `enqueued` has their ids, which will run.
         const err = redisError(this.#conn.where, e);
-        err.message += ` The first ${at} task(s) of the batch were enqueued, the rest not.`;
+        const after =
+          err.code === 'redis_reply'
+            ? 'the rest were not'
+            : `the next ${chunk.length} may or may not have been (the connection broke as Redis ran them; look for them before sending them again), and the rest were not`;
+        err.message += ` The first ${at} task(s) of the batch were enqueued (their ids are in the error's \`enqueued\`); ${after}.`;
+        err.enqueued = ids.slice(0, at);
         throw err;
       }
     }
-    return built.map((b) => b.id);
+    return ids;
   }
 
-  /** The task's result record now, or `null` when it has none yet. */
+  /**
+   * The task's result record now, or `null` when it has none yet.
+   *
+   * @throws {LlmqError} `bad_record` for a record that is not what llmq writes.
+   */
   async result(id: string): Promise<TaskRecord | null> {
     checkTaskId(id);
     const raw = await this.#redis((r) => r.get(this.key(`result:${id}`)));
-    return raw === null ? null : (JSON.parse(raw) as TaskRecord);
+    return raw === null ? null : this.#record(id, raw);
+  }
+
+  #record(id: string, raw: string): TaskRecord {
+    const key = this.key(`result:${id}`);
+    return parseRecord(raw, `The result record of task ${id} (${key})`, `look at it with \`llmq result ${id} --queue ${this.name}\` and delete the key if it is stray`);
   }
 
   /**
@@ -245,7 +274,7 @@ export class Queue {
 
   /** Waits for several tasks at once (one `MGET` per look); records in the order of `ids`. */
   async waitForResults(ids: readonly string[], options?: WaitOptions): Promise<TaskRecord[]> {
-    if (!Array.isArray(ids)) throw invalid('waitForResults takes an array of task ids.');
+    if (!Array.isArray(ids)) throw invalid('`waitForResults` takes an array of task ids.');
     ids.forEach(checkTaskId);
     const { deadline, ms, poll } = timeoutOf(options, 60_000);
     const done = new Map<string, TaskRecord>();
@@ -256,11 +285,11 @@ export class Queue {
       const raws = await this.#redis((r) => r.mGet(open.map((id) => this.key(`result:${id}`))));
       raws.forEach((raw, i) => {
         if (raw === null) return;
-        const record = JSON.parse(raw) as TaskRecord;
+        const record = this.#record(open[i]!, raw);
         if (FINAL.has(record.status)) done.set(open[i]!, record);
       });
       if (ids.every((id) => done.has(id))) return ids.map((id) => done.get(id)!);
-      if (Date.now() >= deadline) {
+      if (left(deadline) <= 0) {
         const left = ids.filter((id) => !done.has(id));
         throw new LlmqError(
           'timeout',
@@ -268,19 +297,24 @@ export class Queue {
             `it is still in queue \`${this.name}\` (is a worker serving it?), so wait again or look with llmq result.`,
         );
       }
-      await sleep(Math.max(0, Math.min(poll, deadline - Date.now())));
+      await sleep(Math.max(0, Math.min(poll, left(deadline))));
     }
   }
 
   /**
-   * Follows the live answer of a task enqueued with `stream: true`: the text as the worker
-   * writes it to `llmq:{q}:out:<id>`, piece by piece, ending when the answer is done or the
-   * task has a final record (then read it with {@link waitForResult}).
+   * Follows the live answer of a task enqueued with `stream: true`, as the worker writes it to
+   * `llmq:{q}:out:<id>`: `{type: 'text', text}` for each piece, and `{type: 'restart', error}`
+   * when a call failed after part of its answer, which voids the text so far (the retry's
+   * answer follows in full). Ends when the answer is done or the task has a final record
+   * (then read it with {@link waitForResult}).
    *
    * @throws {LlmqError} `timeout` when the task has not ended within `timeoutMs` (default 60 s).
    */
-  async *followAnswer(id: string, options?: FollowAnswerOptions): AsyncGenerator<string, void, undefined> {
+  async *followAnswer(id: string, options?: FollowAnswerOptions): AsyncGenerator<AnswerEvent, void, undefined> {
     checkTaskId(id);
+    if (options !== undefined && 'onRestart' in options) {
+      throw invalid("`followAnswer` takes no onRestart: it yields {type: 'restart'} events among {type: 'text'} ones; handle them in the loop.");
+    }
     const { deadline, ms } = timeoutOf(options, 60_000);
     const out = this.key(`out:${id}`);
     let lease;
@@ -293,15 +327,15 @@ export class Queue {
       let after = '0';
       let ended = false;
       for (;;) {
-        const left = deadline - Date.now();
-        if (left <= 0) {
+        const remaining = left(deadline);
+        if (remaining <= 0) {
           throw new LlmqError(
             'timeout',
             `The answer of task ${id} did not end within ${seconds(ms)}; it is still in queue \`${this.name}\`, so follow it again or wait for its result.`,
           );
         }
         // After the record turned final, one more read without blocking takes what is left.
-        const block = ended ? undefined : Math.max(1, Math.min(1000, Math.floor(left)));
+        const block = ended ? undefined : Math.max(1, Math.min(1000, Math.floor(remaining)));
         let reply;
         try {
           reply = await lease.cmd.xRead({ key: out, id: after }, block === undefined ? { COUNT: 1000 } : { BLOCK: block, COUNT: 1000 });
@@ -311,8 +345,8 @@ export class Queue {
         const entries: StreamEntry[] = reply?.[0]?.messages ?? [];
         for (const { id: entryId, message } of entries) {
           after = entryId;
-          if (message.text !== undefined) yield message.text;
-          else if (message.event === 'restart') options?.onRestart?.(message.error ?? '');
+          if (message.text !== undefined) yield { type: 'text', text: message.text };
+          else if (message.event === 'restart') yield { type: 'restart', error: message.error ?? '' };
           else if (message.event === 'done') return;
         }
         if (ended && entries.length === 0) return;
@@ -333,9 +367,14 @@ export class Queue {
    * @throws {LlmqError} `invalid` for a chain the client can tell is wrong (nothing is written).
    */
   async submitChain(chain: Chain): Promise<string> {
-    const { chainId, json } = buildChain(chain);
+    const { chainId, json } = buildChain(chain, this.#maxPayloadBytes);
     const entry = await this.#redis((r) => r.xAdd(this.key('stream'), '*', { chain: json }));
+    this.#chainEntries.delete(chainId);
     this.#chainEntries.set(chainId, entry);
+    for (const old of this.#chainEntries.keys()) {
+      if (this.#chainEntries.size <= CHAINS_KEPT) break;
+      this.#chainEntries.delete(old);
+    }
     return chainId;
   }
 
@@ -351,20 +390,27 @@ export class Queue {
     const { deadline, ms, poll } = timeoutOf(options, 600_000);
     const seen = new Map<string, string>();
     const entry = this.#chainEntries.get(chainId);
+    const stepsKey = this.key(`chain:${chainId}:steps`);
     for (;;) {
       const [state, rawSteps] = await this.#redis((r) =>
-        Promise.all([r.hGet(this.key(`chain:${chainId}`), 'state'), r.hGetAll(this.key(`chain:${chainId}:steps`))]),
+        Promise.all([r.hGet(this.key(`chain:${chainId}`), 'state'), r.hGetAll(stepsKey)]),
       );
       const steps: Record<string, StepState> = {};
       for (const [name, raw] of Object.entries(rawSteps)) {
-        steps[name] = JSON.parse(raw) as StepState;
-        const mark = `${steps[name].status}/${steps[name].round}/${steps[name].task_id}`;
+        const step = parseRecord(
+          raw,
+          `The state of step \`${name}\` of chain ${chainId} (${stepsKey})`,
+          `look at it with \`llmq chain show ${chainId} --queue ${this.name}\``,
+        ) as unknown as StepState;
+        steps[name] = step;
+        const mark = `${step.status}/${step.round}/${step.task_id}`;
         if (seen.get(name) !== mark) {
           seen.set(name, mark);
-          yield { type: 'step', chainId, step: name, state: steps[name] };
+          yield { type: 'step', chainId, step: name, state: step };
         }
       }
       if (state && state !== 'running') {
+        this.#chainEntries.delete(chainId);
         yield { type: 'end', chainId, state: state as ChainState, steps };
         return;
       }
@@ -372,10 +418,11 @@ export class Queue {
         // A chain the worker refused is a dead letter with a record under the entry's derived id.
         const record = await this.result(deriveId(this.name, entry));
         if (record !== null && record.status === 'dead') {
+          this.#chainEntries.delete(chainId);
           throw new LlmqError('refused', `Chain ${chainId} was refused by the worker: ${record.error ?? 'no reason given'}; nothing of it ran.`);
         }
       }
-      if (Date.now() >= deadline) {
+      if (left(deadline) <= 0) {
         throw new LlmqError(
           'timeout',
           state
@@ -383,56 +430,71 @@ export class Queue {
             : `Chain ${chainId} did not appear in queue \`${this.name}\` within ${seconds(ms)}; check the chain id and the queue, and that a worker serves it.`,
         );
       }
-      await sleep(Math.max(0, Math.min(poll, deadline - Date.now())));
+      await sleep(Math.max(0, Math.min(poll, left(deadline))));
     }
   }
 
   #deadLetter(e: StreamEntry): DeadLetter {
     const f = e.message;
     const task = f.task ?? '';
-    let taskId: string | null = null;
-    try {
-      const v = JSON.parse(task) as { id?: unknown } | null;
-      if (typeof v?.id === 'string') taskId = canonicalUuid(v.id);
-    } catch {
-      // Not JSON: the id is derived from where it sat.
-    }
-    const failedAt = Number.parseInt(f.failed_at ?? '', 10);
+    const failedAt = rustInt(f.failed_at, true);
+    const when = failedAt === null ? null : new Date(Number(failedAt));
     return {
       id: e.id,
-      taskId: taskId ?? deriveId(this.name, f.entry_id ?? ''),
+      // As the worker finds it: the payload's id if it is a UUID it parses, else derived.
+      taskId: taskIdOf(this.name, f.entry_id ?? '', task),
       queue: this.name,
       error: f.error ?? '',
       class: f.class ?? '',
-      attempts: Number.parseInt(f.attempts ?? '', 10) || 0,
-      failedAt: Number.isNaN(failedAt) ? null : new Date(failedAt),
+      attempts: Number(rustInt(f.attempts, false) ?? 0n),
+      failedAt: when === null || Number.isNaN(when.getTime()) ? null : when,
       task,
     };
   }
 
-  /** The queue's dead letters, newest first, at most `limit` (default 100). */
+  /** The queue's dead letters, newest first, at most `limit` (default 100, at most 1000). */
   async deadLetters(options?: { limit?: number }): Promise<DeadLetter[]> {
     const limit = options?.limit ?? 100;
-    if (!Number.isSafeInteger(limit) || limit < 1) throw invalid(`limit must be a whole number of at least 1, not ${String(limit)}.`);
+    if (!Number.isSafeInteger(limit) || limit < 1 || limit > MAX_DEAD_LETTERS) {
+      throw invalid(
+        `The limit must be a whole number from 1 to ${MAX_DEAD_LETTERS}, not ${String(limit)}; each letter may be as large as a task, so read more a page at a time (llmq dlq list pages them too).`,
+      );
+    }
     const entries = await this.#redis((r) => r.xRevRange(this.key('dead'), '+', '-', { COUNT: limit }));
     return entries.map((e) => this.#deadLetter(e));
   }
 
-  /** The dead letter with this dead-entry id or task id, or `null`. */
+  /**
+   * The dead letter with this dead-entry id, or the newest with this task id among the newest
+   * {@link DEAD_SCAN} letters; `null` when there is none.
+   */
   async #findDead(id: string): Promise<DeadLetter | null> {
     const dead = this.key('dead');
-    if (/^\d+-\d+$/.test(id)) {
+    const [ms, seq] = id.split('-');
+    if (/^[0-9]+-[0-9]+$/.test(id) && BigInt(ms!) < 1n << 64n && BigInt(seq!) < 1n << 64n) {
       const [e] = await this.#redis((r) => r.xRange(dead, id, id));
       return e === undefined ? null : this.#deadLetter(e);
     }
+    const taskId = canonicalUuid(id);
+    if (taskId === null) {
+      throw invalid(
+        `${JSON.stringify(id)} is neither a dead-entry id (such as 1763900000000-0) nor a task id (a UUID); give one that deadLetters() lists.`,
+      );
+    }
     let end = '+';
-    for (;;) {
-      const page = await this.#redis((r) => r.xRevRange(dead, end, '-', { COUNT: 500 }));
-      const found = page.map((e) => this.#deadLetter(e)).find((d) => d.taskId === id);
+    for (let read = 0; read < DEAD_SCAN; ) {
+      const count = Math.min(500, DEAD_SCAN - read);
+      const page = await this.#redis((r) => r.xRevRange(dead, end, '-', { COUNT: count }));
+      const found = page.map((e) => this.#deadLetter(e)).find((d) => d.taskId === taskId);
       if (found) return found;
-      if (page.length < 500) return null;
+      if (page.length < count) return null;
+      read += page.length;
       end = `(${page[page.length - 1]!.id}`;
     }
+    throw new LlmqError(
+      'not_found',
+      `Task ${taskId} has no dead letter among the newest ${DEAD_SCAN} of queue \`${this.name}\`, and a replay by task id looks no further; give the letter's dead-entry id instead (deadLetters() or llmq dlq list --queue ${this.name} list them).`,
+    );
   }
 
   /**
@@ -446,7 +508,7 @@ export class Queue {
     if (typeof id !== 'string' || id === '') throw invalid('Give the dead-entry id or the task id of the dead letter to replay.');
     const provider = options?.provider;
     if (provider !== undefined && (typeof provider !== 'string' || provider === '' || provider.includes('\0'))) {
-      throw invalid('provider must be the non-empty name of a provider in the workers\' provider file.');
+      throw invalid('The provider must be the non-empty name of a provider in the workers\' provider file.');
     }
     const d = await this.#findDead(id);
     if (d === null) {

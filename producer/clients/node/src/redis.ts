@@ -1,7 +1,7 @@
 // One Redis, a Redis Cluster or Sentinel's master, behind the few commands the client uses.
 // node-redis v5 types its clients with deep generics; this file alone touches them.
 
-import { createClient, createCluster, createSentinel } from 'redis';
+import { createClient, createCluster, createSentinel, ErrorReply, MultiErrorReply } from 'redis';
 
 import { LlmqError } from './errors.js';
 import { parseRedisUrl, withoutCredentials, type RedisTarget } from './url.js';
@@ -53,18 +53,43 @@ export interface Connection {
 
 const CONNECT_TIMEOUT_MS = 5000;
 
-/** The sentence for a Redis that cannot be reached or used. */
+/** The sentence for a Redis that cannot be reached, or that answered a command with an error. */
 export function redisError(where: string, e: unknown): LlmqError {
   if (e instanceof LlmqError) return e;
   const err = e as { message?: string; errors?: { message?: string }[] } | undefined;
-  const detail =
-    err?.message || (err?.errors ?? []).map((x) => x.message).filter(Boolean).join('; ') || String(e) || 'no reason given';
+  // A transaction's error: the first command's that failed says what happened.
+  const first = e instanceof MultiErrorReply ? [...e.errors()][0]?.message : undefined;
+  const detail = (
+    first ||
+    err?.message ||
+    (err?.errors ?? []).map((x) => x.message).filter(Boolean).join('; ') ||
+    String(e) ||
+    'no reason given'
+  ).replace(/[.\s]+$/, '');
   if (/cluster support disabled/i.test(detail)) {
     return new LlmqError(
       'redis',
       `The Redis URL names a Redis Cluster (redis+cluster://), but ${where} is not in cluster mode (${detail}); use redis://host:port for a single Redis.`,
       { cause: e },
     );
+  }
+  if (e instanceof ErrorReply) {
+    // Redis is there and said no: say what it said, and what that usually means.
+    const kind = /^[A-Z]+/.exec(detail)?.[0] ?? '';
+    const hint =
+      {
+        WRONGTYPE: 'a key of the queue holds another kind of value than llmq writes there; look at the key (another program may share this Redis) and delete it if it is stray',
+        OOM: 'Redis is out of memory under its maxmemory setting; free memory (trim or purge dead letters, expire results) or raise maxmemory',
+        READONLY: 'the URL names a read-only replica; point it at the master (or use redis+sentinel:// to find it)',
+        NOPERM: "the Redis user may not run this command or touch these keys; grant it llmq's keys (~llmq:*) and commands in its ACL",
+        NOAUTH: 'Redis wants a password; put it in the URL (redis://:password@host:port)',
+        WRONGPASS: 'the user name or password in the URL is wrong',
+        MISCONF: 'Redis cannot save to disk and refuses writes; fix its persistence (see its log)',
+        BUSY: 'Redis is busy running a script; wait, or end the script with SCRIPT KILL',
+        LOADING: 'Redis is loading its data set; wait until it has',
+        CROSSSLOT: "the keys are not in one cluster slot; the queue's keys share a hash tag, so check the queue name",
+      }[kind] ?? 'see what it said, fix that and try again';
+    return new LlmqError('redis_reply', `Redis at ${where} refused the command: ${detail}; ${hint}.`, { cause: e });
   }
   return new LlmqError(
     'redis',
