@@ -11,18 +11,24 @@ import {
   buildChain,
   buildEnvelope,
   CHAIN_FIELDS,
+  CHAINS_KEPT,
   checkQueueName,
   connect,
+  DEAD_SCAN,
   deriveId,
   LlmqError,
   parseDuration,
   parseRedisUrl,
+  Queue,
   replayedTask,
   RESERVED_FIELDS,
   STEP_DEFAULT_FIELDS,
   STEP_FIELDS,
   TASK_FIELDS,
 } from '../dist/index.js';
+import { chainEntriesOf } from '../dist/client.js';
+import { canonicalUuid } from '../dist/uuid.js';
+import { chainStepOf, taskIdOf } from '../dist/replay.js';
 
 const schemaDir = new URL('../../../../schema/', import.meta.url);
 const envelopeSchema = JSON.parse(readFileSync(new URL('envelope.schema.json', schemaDir), 'utf8'));
@@ -43,6 +49,17 @@ function refuses(f, code, says) {
 }
 
 const sorted = (xs) => [...xs].sort();
+
+/** Rejects with an LlmqError of `code` whose message is one sentence matching `says`. */
+async function rejects(p, code, says) {
+  await assert.rejects(p, (e) => {
+    assert.ok(e instanceof LlmqError, `expected an LlmqError, got ${e}`);
+    assert.equal(e.code, code, e.message);
+    assert.match(e.message, /^[A-Z`"].*[.]$/s, `not a sentence: ${e.message}`);
+    assert.match(e.message, says);
+    return true;
+  });
+}
 
 test('the client knows every envelope field the schema has, and no other', () => {
   assert.deepEqual(sorted([...TASK_FIELDS, ...RESERVED_FIELDS]), sorted(Object.keys(envelopeSchema.properties)));
@@ -104,6 +121,7 @@ const FULL = {
   traceparent: '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01',
   enqueued_at: '2030-01-01T00:00:00Z',
   min_tier: 'standard',
+  prompt_cache: false,
 };
 
 test('a fully populated envelope the client writes fits schema/envelope.schema.json', () => {
@@ -167,11 +185,11 @@ test('bad task fields are refused with a sentence naming the field and the fix',
     [{ prompt: 'x', tenant: 'ac\u0085me' }, /`tenant` is wrong: contains a control character/],
     [{ prompt: 'x', tenant: '' }, /`tenant` is wrong: is empty/],
     [{ prompt: 'x', tenant: 'é'.repeat(65) }, /`tenant` is wrong: is 130 bytes long; use at most 128/],
-    [{ prompt: '' }, /has no prompt; set `prompt`/],
+    [{ prompt: '' }, /has no prompt; set "prompt" to a non-empty string, or give "messages"/],
     [{ prompt: '   \n' }, /has no prompt/],
     [{}, /has no prompt/],
-    [{ prompt: 'x', type: 'poetry' }, /Unknown task type "poetry"; use one of: code_generation/],
-    [{ prompt: 'x', timeout: 0 }, /`timeout` is wrong: 0 is out of range/],
+    [{ prompt: 'x', type: 'poetry' }, /Unknown task type `poetry`; use one of: code_generation/],
+    [{ prompt: 'x', timeout: 0 }, /`timeout` is wrong: must be between 1 second and 2592000 seconds \(30 days\), not 0/],
     [{ prompt: 'x', timeout: 3.5 }, /`timeout` is wrong: must be a whole number/],
     [{ prompt: 'x', max_attempts: 0 }, /`max_attempts` is wrong/],
     [{ prompt: 'x', max_tokens: -1 }, /`max_tokens` is wrong/],
@@ -180,7 +198,17 @@ test('bad task fields are refused with a sentence naming the field and the fix',
     [{ prompt: 'x', id: '0B6F4C2E-8A57-4A43-9C3E-2F5D8E7A1B90' }, /`id` is wrong: .* not a UUID in canonical form/],
     [{ prompt: 'x', deadline: '1h' }, /`deadline` is wrong: 1h is shorter than the 24h/],
     [{ prompt: 'x', deadline: '31d' }, /longer than 30 days/],
-    [{ prompt: 'x', deadline: 'soon' }, /`deadline` is wrong: "soon" is not a duration/],
+    [{ prompt: 'x', deadline: 'soon' }, /`deadline` is wrong: `soon` is not a duration \(expected number at 0\)/],
+    [{ prompt: 'x', deadline: '1 d 2' }, /`deadline` is wrong: `1 d 2` is not a duration \(time unit needed, for example 2sec or 2ms\)/],
+    [{ prompt: 'x', deadline: '2592000.000000001s' }, /longer than 30 days/],
+    [{ prompt: 'x', temperature: 3.5e38 }, /`temperature` is wrong: 3.5e\+38 is too large for the worker's 32-bit float/],
+    [{ prompt: 'x', prompt_cache: 'no' }, /`prompt_cache` is wrong: must be true or false, not "no"/],
+    [{ prompt: 'x', run_at: '2030-02-30T00:00:00Z' }, /`run_at` is wrong: "2030-02-30T00:00:00Z" is not a time that exists/],
+    [{ prompt: 'x', run_at: '2100-02-29T00:00:00Z' }, /`run_at` is wrong: .* is not a time that exists/],
+    [{ prompt: 'x', run_at: '2030-01-02T24:00:00Z' }, /`run_at` is wrong: .* is not a time that exists/],
+    [{ prompt: 'x', run_at: '2030-01-02T03:04:05+24:00' }, /`run_at` is wrong: .* is not a time that exists/],
+    [{ prompt: 'x', enqueued_at: '2030-01-02 03:04:05Z' }, /`enqueued_at` is wrong: .* is not an RFC 3339 time/],
+    [{ prompt: 'x', run_at: new Date(8.64e15) }, /`run_at` is wrong: is an invalid Date, or one beyond the years a worker reads/],
     [{ prompt: 'x', deadline: '24h', stream: true }, /`deadline` is wrong: cannot be used with stream/],
     [{ prompt: 'x', stream: true, tools: [{ name: 't' }] }, /`stream` is wrong: cannot be used with tools/],
     [{ prompt: 'x', concurrency_key: 'k' }, /`concurrency_key` is wrong: needs a concurrency_limit/],
@@ -190,14 +218,15 @@ test('bad task fields are refused with a sentence naming the field and the fix',
     [{ prompt: 'x', model: 'a\u0000' }, /`model` is wrong: contains a NUL/],
     [{ prompt: 'x\ud800' }, /lone UTF-16 surrogate/],
     [{ prompt: 'x', metadata: { note: 'y\udc00' } }, /`metadata.note` is wrong: holds a lone UTF-16 surrogate/],
+    [{ prompt: 'x', tools: [{ name: 't', parameters: { type: 'object', description: '\ud800' } }] }, /`tools\[0\].parameters.description` is wrong: holds a lone UTF-16 surrogate/],
     [{ prompt: 'x', run_at: 'tomorrow' }, /`run_at` is wrong: "tomorrow" is not an RFC 3339 time/],
     [{ prompt: 'x', modle: 'mock-fast' }, /`modle` is not a task field; use one of id, prompt/],
     [{ prompt: 'x', attempts: 2 }, /sets `attempts`, which llmq sets itself/],
     [{ prompt: 'x', step: 'plan' }, /sets `step`, which llmq sets itself/],
     [{ prompt: 'x', v: 2 }, /sets `v`; leave it out/],
     [{ prompt: 'x', tool_choice: 'required' }, /`tool_choice` is wrong: asks for a tool call, but the task defines no tools/],
-    [{ prompt: 'x', tools: [{ name: 't' }], tool_choice: { name: 'u' } }, /`tool_choice` is wrong: names "u"/],
-    [{ prompt: 'x', tools: [{ name: '1t' }] }, /`tools\[0\].name` is wrong: "1t" is not a name providers accept/],
+    [{ prompt: 'x', tools: [{ name: 't' }], tool_choice: { name: 'u' } }, /`tool_choice` is wrong: names `u`/],
+    [{ prompt: 'x', tools: [{ name: '1t' }] }, /`tools\[0\].name` is wrong: `1t` is not a name providers accept/],
     [{ prompt: 'x', tools: [{ name: 't', parameters: { type: 'string' } }] }, /`tools\[0\].parameters` is wrong/],
     [{ prompt: 'x', tools: [{ name: 't' }, { name: 't' }] }, /is defined twice/],
     [{ prompt: 'x', response_format: { type: 'xml' } }, /`response_format.type` is wrong/],
@@ -229,6 +258,15 @@ test('what a worker accepts the client accepts too', () => {
     { prompt: 'x', priority: 0, tenant: 'é'.repeat(64) },
     { prompt: 'x', deadline: '1day 12h' },
     { prompt: 'x', deadline: '30d' },
+    // humantime reads these too: a fraction, and spaces even inside the number (24h).
+    { prompt: 'x', deadline: '1.5d' },
+    { prompt: 'x', deadline: '2 4h' },
+    { prompt: 'x', deadline: '2592000s' },
+    { prompt: 'x', prompt_cache: false },
+    { prompt: 'x', temperature: 3.4028234e38 },
+    { prompt: 'x', run_at: '2028-02-29T23:59:60Z' },
+    { prompt: 'x', run_at: '2030-01-02t03:04:05.123456789123z' },
+    { prompt: 'x', run_at: '2030-01-02T03:04:05-23:59' },
     { messages: [{ role: 'user', content: 'hi' }] },
     { prompt: 'x', messages: [{ role: 'user', content: [{ type: 'image', data: 'aGk=', media_type: 'image/png' }] }] },
     { prompt: 'x', run_at: '2030-01-02T03:04:05.5+02:00', enqueued_at: new Date() },
@@ -242,9 +280,9 @@ test('what a worker accepts the client accepts too', () => {
 test('chains the client can tell are wrong are refused with a sentence', () => {
   const cases = [
     [{ steps: [] }, /The chain is invalid: the chain has no steps/],
-    [{ steps: [{ name: 'a b', prompt: 'x' }] }, /step name "a b" must be letters, digits/],
+    [{ steps: [{ name: 'a b', prompt: 'x' }] }, /step name `a b` must be letters, digits/],
     [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'a', prompt: 'y' }] }, /two steps are named `a`/],
-    [{ steps: [{ name: 'a', prompt: 'x', after: ['b'] }] }, /step `a` is after "b", which is not a step/],
+    [{ steps: [{ name: 'a', prompt: 'x', after: ['b'] }] }, /step `a` is after `b`, which is not a step/],
     [{ steps: [{ name: 'a', prompt: 'x', after: ['a'] }] }, /step `a` is after itself/],
     [{ steps: [{ name: 'a' }] }, /step `a`: the step has no prompt/],
     [{ steps: [{ name: 'a', prompt: 'x', kind: 'poll' }] }, /unknown kind `poll`/],
@@ -252,12 +290,50 @@ test('chains the client can tell are wrong are refused with a sentence', () => {
     [{ steps: [{ name: 'a', prompt: 'x' }], vars: { v: '{{a.output}}' } }, /variable `v` contains a `\{\{...\}\}` reference/],
     [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: 'a\tb' }, /`chain_id` must be at most 512 characters, none of them control/],
     [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: ' ' }, /`chain_id` is empty/],
-    [{ steps: [{ name: 'a', prompt: 'x' }], max_parallel: 0 }, /`max_parallel` must be a whole number of at least 1/],
-    [{ steps: [{ name: 'a', prompt: 'x' }], tenant: 'a\u0007' }, /The chain's field `tenant` is wrong: contains a control character/],
-    [{ steps: [{ name: 'a', prompt: 'x' }], priority: -1 }, /The chain's field `priority` is wrong/],
+        [{ steps: [{ name: 'a', prompt: 'x' }], tenant: 'a\u0007' }, /^The chain is invalid: field `tenant` is wrong: contains a control character/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], priority: -1 }, /^The chain is invalid: field `priority` is wrong: -1 is out of range/],
     [{ steps: [{ name: 'a', prompt: 'x' }], v: 1 }, /the spec has a field `v` that chains do not have/],
+    // Its shape, as llmq chain submit and a worker check it.
+    [
+      { steps: [{ name: 'a', prompt: 'x', after: ['b'] }, { name: 'b', prompt: 'y', after: ['a'] }] },
+      /^The chain is invalid: steps a -> b -> a form a cycle; a chain must not loop\.$/,
+    ],
+    [
+      { steps: [{ name: 'a', prompt: 'x', after: ['c'] }, { name: 'b', prompt: 'y', after: ['a'] }, { name: 'c', prompt: 'z', after: ['b'] }] },
+      /steps a -> c -> b -> a form a cycle/,
+    ],
+    [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'j', kind: 'judge', after: ['a'] }] }, /step `j`: a judge step needs at least two steps in `after`/],
+    [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'k', kind: 'check', after: ['a'] }] }, /step `k`: a check step needs `command`/],
+    [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'k', kind: 'check', command: 'lint' }] }, /step `k`: a check step runs after exactly one step/],
+    [{ steps: [{ name: 'a', prompt: 'x', command: 'lint' }] }, /step `a`: `command` is only for check steps/],
+    [{ steps: [{ name: 'a', kind: 'approval', on_timeout: 'shrug' }] }, /step `a`: on_timeout `shrug` is neither `reject` nor `approve`/],
+    [{ steps: [{ name: 'a', kind: 'approval', escalate: true }] }, /`escalate` is only for steps that call a model/],
+    [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'b', prompt: 'y' }, { name: 'r', kind: 'review', after: ['a', 'b'] }] }, /step `r`: name the step it reviews in `reviews`/],
+    [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'r', kind: 'review', after: ['a'], on_reject: { rerun: 'r' } }] }, /on_reject reruns `r`, which is not a step this one runs after/],
+    [{ steps: [{ name: 'a', prompt: 'x' }, { name: 'r', kind: 'review', after: ['a'], on_reject: { rerun: 'a', max_rounds: 101 } }] }, /on_reject.max_rounds 101 must be between 1 and 100/],
+    [{ steps: [{ name: 'a', prompt: 'x', distinct: 'model' }] }, /`distinct` is only for review and judge steps/],
+    [{ steps: [{ name: 'a', prompt: 'x', min_success: 2 }] }, /min_success 2 must be between 1 and the number of parents \(0\)/],
+    [{ steps: [{ name: 'a', prompt: 'Use {{nope}}' }] }, /step `a`: \{\{nope\}\} is not a variable of the chain/],
+    [{ steps: [{ name: 'a', prompt: 'Use {{b.output}}' }, { name: 'b', prompt: 'y' }] }, /the prompt uses `b`, which is not a step this one runs after/],
+    [{ steps: [{ name: 'a', prompt: 'x', timeout: 'soon' }] }, /step `a`: timeout `soon` is not a duration \(expected number at 0\)/],
+    [{ steps: [{ name: 'a', prompt: 'x', max_attempts: 0 }] }, /step `a`: its task is not valid: field `max_attempts` is wrong: must be at least 1/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], max_parallel: 0 }, /`max_parallel` must be at least 1/],
+    [{ steps: [{ name: 'a', prompt: 'x'.repeat(2000) }] }, /the chain is 2\d{3} bytes, over the 1000-byte limit/, 1000],
+    [{ vars: { v: 'é'.repeat(300) }, steps: [{ name: 'a', prompt: '{{v}}{{v}}' }] }, /its prompt is 1200 bytes once its variables are filled in, over the 1000-byte limit/, 1000],
   ];
-  for (const [chain, says] of cases) refuses(() => buildChain(chain), 'invalid', says);
+  for (const [chain, says, max] of cases) refuses(() => buildChain(chain, max), 'invalid', says);
+  // What llmq accepts, the client accepts: a DAG with every kind of step.
+  buildChain({
+    vars: { v: 'text with . and } in it' },
+    steps: [
+      { name: 'a', prompt: 'x {{v}}', escalate: true, timeout: '5 min' },
+      { name: 'b', prompt: '{{a.json.x.0}} {{a.json}} {{a.output}}', after: ['a'] },
+      { name: 'r', kind: 'review', after: ['b'], distinct: 'provider', on_reject: { rerun: 'a', max_rounds: 2, escalate: true } },
+      { name: 'k', kind: 'check', after: ['r'], command: 'lint', on_reject: { rerun: 'b' } },
+      { name: 'j', kind: 'judge', after: ['a', 'b'], min_success: 2 },
+      { name: 'ok', kind: 'approval', after: ['j', 'k'], timeout: 3600, on_timeout: 'approve' },
+    ],
+  });
 });
 
 test('Redis URLs are read as the llmq binaries read them', () => {
@@ -320,14 +396,21 @@ test('derived ids are those llmq derives (UUIDv5 in the OID namespace)', () => {
   assert.equal(deriveId('q', '1700000000000-0'), 'eb874ad9-fbaa-5c8b-8436-d8a507a2b4ac');
 });
 
-test('durations are read as llmq reads them', () => {
+test('durations are read as llmq reads them (humantime)', () => {
   assert.equal(parseDuration('24h'), 86400);
   assert.equal(parseDuration('1day 12h'), 129600);
   assert.equal(parseDuration('3d'), 259200);
   assert.equal(parseDuration('2weeks'), 1209600);
-  assert.equal(parseDuration('1.5h'), null);
-  assert.equal(parseDuration('12'), null);
-  assert.equal(parseDuration(''), null);
+  assert.equal(parseDuration('2wks'), 1209600);
+  assert.equal(parseDuration('1.5h'), 5400);
+  assert.equal(parseDuration('90 min'), 5400);
+  assert.equal(parseDuration('1\u00b5s'), 1e-6);
+  // humantime skips whitespace between digits too: this is 24h to it, so to llmq.
+  assert.equal(parseDuration('2 4h'), 86400);
+  assert.equal(parseDuration('0'), 0);
+  for (const refused of ['12', '', '00', '1.h', '1..5h', '+1h', '1H', '1e3s', '1 d 2', '1.0001h', '18446744073709551616s']) {
+    assert.equal(parseDuration(refused), null, refused);
+  }
 });
 
 test('a replayed envelope has its counters reset, one more replay and an id, as llmq dlq replay writes it', () => {
@@ -359,4 +442,212 @@ test('a replayed envelope has its counters reset, one more replay and an id, as 
   for (const raw of ['not json', '[1]', '{"prompt":"x"}', '{"v":1,"id":"nope","prompt":"x"}', '{"v":1,"prompt":"x","attempts":null}']) {
     assert.equal(replayedTask(raw, taskId), raw);
   }
+});
+
+test("task ids are read in exactly the spellings llmq's uuid crate parses", () => {
+  const H = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  const S = H.replaceAll('-', '');
+  for (const accepted of [H, H.toUpperCase(), S, S.toUpperCase(), `{${H}}`, `{${H.toUpperCase()}}`, `urn:uuid:${H}`, `URN:UUID:${H}`, `uRn:UuId:${H.toUpperCase()}`]) {
+    assert.equal(canonicalUuid(accepted), H, accepted);
+  }
+  for (const refused of [`{${S}}`, `urn:uuid:${S}`, `{urn:uuid:${H}}`, `urn:uuid:{${H}}`, `(${H})`, `[${H}]`, ` ${H}`, `${H} `, `${H}0`, H.slice(1), `${H.slice(0, 8)}${H.slice(9)}-`, H.replace('a', 'g'), H.replaceAll('-', '_'), `{${H}`, `uuid:${H}`, '', '{}']) {
+    assert.equal(canonicalUuid(refused), null, refused);
+  }
+  // The reviewer's case: 32 digits in braces is no id to the worker, which derives one from
+  // where the task sat; the client finds the same, so a replay touches the right records.
+  const braced = JSON.stringify({ v: 1, prompt: 'x', id: `{${S}}` });
+  assert.equal(taskIdOf('q', '1-0', braced), deriveId('q', '1-0'));
+  assert.equal(replayedTask(braced, deriveId('q', '1-0')), braced, 'the worker would not read it: replayed as it came');
+  assert.equal(taskIdOf('q', '1-0', JSON.stringify({ v: 1, prompt: 'x', id: `URN:UUID:${H}` })), H);
+  // A duplicated key: the last one, as serde_json's Value keeps it.
+  assert.equal(taskIdOf('q', '1-0', `{"id":"nope","id":"${H}"}`), H);
+});
+
+test('a replayed envelope is what llmq dlq replay writes, byte for byte', () => {
+  const H = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  const cases = [
+    // What serde refuses goes back exactly as it came.
+    ['{"v":1,"prompt":"x","timeout":"soon","attempts":3}', '{"v":1,"prompt":"x","timeout":"soon","attempts":3}'],
+    ['{"v":1,"prompt":"x","timeout":120.0}', '{"v":1,"prompt":"x","timeout":120.0}'],
+    ['{"v":1,"prompt":"x","messages":null}', '{"v":1,"prompt":"x","messages":null}'],
+    ['{"v":1,"prompt":"x","prompt":"y"}', '{"v":1,"prompt":"x","prompt":"y"}'],
+    ['{"v":1,"prompt":"x","run_at":"2030-02-30T00:00:00Z"}', '{"v":1,"prompt":"x","run_at":"2030-02-30T00:00:00Z"}'],
+    ['{"v":1,"prompt":"x","temperature":3.5e38}', '{"v":1,"prompt":"x","temperature":3.5e38}'],
+    ['{"v":1,"prompt":"x\\ud800"}', '{"v":1,"prompt":"x\\ud800"}'],
+    // What it reads is written as Rust writes it: fields in order, times in UTC, an f32...
+    [
+      ' {"metadata":{"b":1,"a":[1.0,-0,1e2]},"zz":2,"Z":1,"run_at":"2030-01-02T03:04:05.5+02:00","prompt":"x","v":1,"temperature":0.30000000000000004,"last_error":"e","waiting_since":"2030-01-01T00:00:00Z","attempts":4,"snoozes":1,"replays":1,"system":null} ',
+      `{"v":1,"id":"${H}","prompt":"x","run_at":"2030-01-02T01:04:05.500Z","temperature":0.3,"metadata":{"a":[1.0,-0.0,100.0],"b":1},"replays":2,"Z":1,"zz":2}`,
+    ],
+    // ... tools with their default parameters, a call's arguments, serde's other spellings.
+    [
+      '{"v":1,"tools":[["t"]],"tool_choice":{"auto":null},"messages":[["user","hi"],{"role":"assistant","content":"","tool_calls":[{"id":"c","name":"t"}]},{"role":"tool","tool_call_id":"c","content":"r"}],"risk":{"low":null},"response_format":["json_object"]}',
+      `{"v":1,"id":"${H}","prompt":"","messages":[{"role":"user","content":"hi"},{"role":"assistant","content":"","tool_calls":[{"id":"c","name":"t","arguments":null}]},{"role":"tool","content":"r","tool_call_id":"c"}],"tools":[{"name":"t","parameters":{"properties":{},"type":"object"}}],"tool_choice":"auto","response_format":{"type":"json_object"},"risk":"low","replays":1}`,
+    ],
+    [`{"v":1,"prompt":"x","id":"urn:uuid:${H.toUpperCase()}","enqueued_at":"2030-01-02 03:04:05 UTC"}`, `{"v":1,"id":"${H}","prompt":"x","enqueued_at":"2030-01-02T03:04:05Z","replays":1}`],
+  ];
+  for (const [dead, replayed] of cases) assert.equal(replayedTask(dead, H), replayed, dead);
+  assert.equal(replayedTask('{"v":1,"prompt":"x"}', H, 'other'), `{"v":1,"id":"${H}","prompt":"x","provider":"other","replays":1}`);
+  for (const raw of ['not json', '[1]', '{"prompt":"x"}', '{"v":1,"id":"nope","prompt":"x"}', '{"v":1,"prompt":"x","attempts":null}']) {
+    assert.equal(replayedTask(raw, H), raw);
+  }
+  // A chain step's letter names its chain and step; serde's Option fields, not more.
+  assert.deepEqual(chainStepOf('{"chain_id":"c","step":"s","x":1}'), ['c', 's']);
+  assert.deepEqual(chainStepOf('["c","s"]'), ['c', 's']);
+  for (const raw of ['{"chain_id":"c"}', '{"chain_id":"c","step":1}', '{"chain_id":"c","chain_id":"c","step":"s"}', '["c"]', 'x']) {
+    assert.equal(chainStepOf(raw), null, raw);
+  }
+});
+
+test('JSON nested deeper than a worker reads (127 levels) is refused with a sentence', () => {
+  const deep = (n) => JSON.parse('['.repeat(n) + ']'.repeat(n));
+  buildEnvelope({ prompt: 'x', metadata: deep(126) });
+  refuses(() => buildEnvelope({ prompt: 'x', metadata: deep(127) }), 'invalid', /`metadata` is wrong: nests more than 126 levels deep, the most a worker reads here/);
+  buildEnvelope({ prompt: 'x', tools: [{ name: 't', parameters: { type: 'object', x: deep(123) } }] });
+  refuses(
+    () => buildEnvelope({ prompt: 'x', tools: [{ name: 't', parameters: { type: 'object', x: deep(124) } }] }),
+    'invalid',
+    /`tools\[0\].parameters` is wrong: nests more than 124 levels deep/,
+  );
+  refuses(
+    () => buildEnvelope({ prompt: 'x', response_format: { type: 'json_schema', schema: { a: deep(126) } } }),
+    'invalid',
+    /`response_format.schema` is wrong: nests more than 125 levels deep/,
+  );
+  const loop = {};
+  loop.self = loop;
+  refuses(() => buildEnvelope({ prompt: 'x', metadata: loop }), 'invalid', /`metadata` is wrong: nests more than/);
+  refuses(() => buildChain({ steps: [{ name: 'a', prompt: 'x', tools: [{ name: 't', parameters: { type: 'object', x: deep(125) } }] }] }), 'invalid', /nests deeper than the 127 levels/);
+});
+
+/** A connection that answers what `answers` says and records the commands sent. */
+function fakeConnection(answers = {}) {
+  const sent = [];
+  const cmd = new Proxy(
+    {},
+    {
+      get: (_, name) => async (...args) => {
+        sent.push([name, ...args]);
+        const f = answers[name];
+        if (f === undefined) throw new Error(`unexpected ${String(name)}`);
+        return f(...args);
+      },
+    },
+  );
+  let execs = 0;
+  return {
+    sent,
+    conn: {
+      where: 'redis://fake',
+      cmd,
+      multi: () => {
+        const tx = { n: 0, xAdd: () => ((tx.n += 1), tx), exec: async () => answers.exec(++execs, tx.n) };
+        return tx;
+      },
+      lease: async () => ({ cmd, release: async () => undefined }),
+      close: async () => undefined,
+    },
+  };
+}
+
+test('a batch that fails partway says which tasks went in, and gives their ids', async () => {
+  const { conn } = fakeConnection({
+    exec: async (n) => {
+      if (n === 1) return [];
+      const e = new Error('OOM command not allowed when used memory > maxmemory');
+      throw e;
+    },
+  });
+  const q = new Queue(conn, 'q', 1 << 20);
+  const tasks = Array.from({ length: 2500 }, (_, i) => ({ prompt: `t${i}` }));
+  const err = await q.enqueueMany(tasks).catch((e) => e);
+  assert.ok(err instanceof LlmqError, String(err));
+  assert.equal(err.enqueued.length, 1000);
+  assert.match(err.message, /The first 1000 task\(s\) of the batch were enqueued \(their ids are in the error's `enqueued`\)/);
+  // The ids are those of the first 1000 tasks: built ids are the returned ones.
+  const ids = err.enqueued;
+  assert.equal(new Set(ids).size, 1000);
+  const fixed = await new Queue(fakeConnection({ exec: async () => [] }).conn, 'q', 1 << 20).enqueueMany(
+    ids.map((id) => ({ id, prompt: 'x' })),
+  );
+  assert.deepEqual(fixed, ids);
+});
+
+test('a long-lived producer keeps the entries of its newest chains only, and drops one once followed', async () => {
+  let n = 0;
+  const { conn } = fakeConnection({
+    xAdd: async () => `${++n}-0`,
+    hGet: async () => 'succeeded',
+    hGetAll: async () => ({ a: JSON.stringify({ status: 'succeeded', task_id: 't', round: 0 }) }),
+  });
+  const q = new Queue(conn, 'q', 1 << 20);
+  for (let i = 0; i < CHAINS_KEPT + 50; i++) await q.submitChain({ chain_id: `c${i}`, steps: [{ name: 'a', prompt: 'x' }] });
+  const kept = chainEntriesOf(q);
+  assert.equal(kept.size, CHAINS_KEPT);
+  assert.ok(!kept.has('c0') && kept.has(`c${CHAINS_KEPT + 49}`), 'the oldest went first');
+  const last = `c${CHAINS_KEPT + 49}`;
+  const events = [];
+  for await (const e of q.followChain(last)) events.push(e.type);
+  assert.deepEqual(events, ['step', 'end']);
+  assert.equal(kept.has(last), false, 'a chain followed to its end is forgotten');
+});
+
+test('waits run on a monotonic clock: a wall clock that jumps ends nothing early', async () => {
+  const id = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  let looks = 0;
+  const { conn } = fakeConnection({
+    mGet: async () => [++looks < 4 ? null : JSON.stringify({ status: 'succeeded', task_id: id })],
+  });
+  const q = new Queue(conn, 'q', 1 << 20);
+  const wall = Date.now;
+  let t = wall();
+  Date.now = () => (t += 3_600_000); // an hour later at every look
+  try {
+    const record = await q.waitForResult(id, { timeoutMs: 60_000, pollMs: 1 });
+    assert.equal(record.status, 'succeeded');
+    assert.equal(looks, 4);
+  } finally {
+    Date.now = wall;
+  }
+});
+
+test('bad ids and limits are sentences before anything is sent', async () => {
+  const { conn, sent } = fakeConnection({});
+  const q = new Queue(conn, 'q', 1 << 20);
+  await rejects(q.replay('nope'), 'invalid', /^"nope" is neither a dead-entry id \(such as 1763900000000-0\) nor a task id \(a UUID\)/);
+  await rejects(q.replay('1-0-0'), 'invalid', /is neither a dead-entry id/);
+  await rejects(q.replay('99999999999999999999-0'), 'invalid', /is neither a dead-entry id/);
+  await rejects(q.deadLetters({ limit: 1001 }), 'invalid', /^The limit must be a whole number from 1 to 1000, not 1001/);
+  await rejects(q.deadLetters({ limit: 0 }), 'invalid', /from 1 to 1000/);
+  await rejects(
+    q.followAnswer('0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90', { onRestart: () => undefined }).next(),
+    'invalid',
+    /^`followAnswer` takes no onRestart: it yields \{type: 'restart'\} events/,
+  );
+  assert.deepEqual(sent, []);
+});
+
+test('a replay by task id looks through the newest dead letters only, and says so', async () => {
+  const H = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  let served = 0;
+  const { conn, sent } = fakeConnection({
+    xRevRange: async (_key, end, _start, { COUNT }) => {
+      const from = end === '+' ? 1_000_000 : Number(end.slice(1).split('-')[0]) - 1;
+      served += COUNT;
+      return Array.from({ length: COUNT }, (_, i) => ({ id: `${from - i}-0`, message: { task: '{"v":1,"prompt":"x"}', entry_id: `${from - i}-0` } }));
+    },
+  });
+  const q = new Queue(conn, 'q', 1 << 20);
+  await rejects(q.replay(H), 'not_found', new RegExp(`^Task ${H} has no dead letter among the newest ${DEAD_SCAN} of queue \`q\`, and a replay by task id looks no further; give the letter's dead-entry id`));
+  assert.equal(served, DEAD_SCAN);
+  assert.ok(sent.every(([name]) => name === 'xRevRange'));
+});
+
+test('the redis dependency is a caret range for a library, the lock pins it exactly', () => {
+  const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
+  const lock = JSON.parse(readFileSync(new URL('../package-lock.json', import.meta.url), 'utf8'));
+  const range = pkg.dependencies.redis;
+  assert.match(range, /^\^5\.\d+\.\d+$/, 'a caret range in the major version the client is written for');
+  assert.equal(lock.packages[''].dependencies.redis, range, 'the lock agrees with package.json (npm ci checks it)');
+  assert.equal(`^${lock.packages['node_modules/redis'].version}`, range, 'the lock pins the version the range starts at');
 });
