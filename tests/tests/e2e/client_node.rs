@@ -1,15 +1,18 @@
 //! The Node client (producer/clients/node) against real workers: its `node --test` suites run
 //! as a subprocess, on the compiled dist/, with a worker serving a fresh queue on one Redis,
 //! a Redis Cluster and Sentinel's master. `producer/clients/node/deps.sh` installs (npm ci)
-//! and builds it first, each only when needed.
+//! and builds it first, each only when needed. The inputs of test/vectors.json go through
+//! llmq's own Rust code here, and test/rust.test.mjs checks the client answers the same.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+use llmq_shared::chain::Chain;
 use llmq_shared::keys::QueueKeys;
+use llmq_shared::queue::{DeadLetter, replayed_task};
 use llmq_tests::harness::{TestEnv, WorkerHandle, redis_url};
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::sync::OnceCell;
 
 /// How long one `node --test` run may take before it is killed as hung.
@@ -76,54 +79,157 @@ async fn node_tests(files: &[&str], vars: &[(&str, &str)]) {
     assert!(out.contains("todo 0"), "{out}");
 }
 
-/// What the driver leaves in the idle queue's dead letters for the client to replay: a task as
-/// a worker writes it back (its counters set, no id), and a record of it.
-async fn prepare_dead_letter(env: &TestEnv, idle: &QueueKeys) -> String {
-    let task = serde_json::json!({
-        "v": 1,
-        "prompt": "Replayed by the Node client",
-        "model": "mock-fast",
-        "system": null,
-        "temperature": 0.5,
-        "max_attempts": 4,
-        "enqueued_at": "2030-01-01T00:00:00Z",
-        "metadata": {"ticket": "OPS-42"},
-        "custom_field": {"kept": [1, 2]},
-        "attempts": 4,
-        "snoozes": 2,
-        "replays": 1,
-        "waiting_since": "2030-01-01T00:01:00Z",
-        "last_error": "the provider was down",
-    });
+/// The dead letters the driver leaves in the idle queue for the client to replay, each as a
+/// worker writes one back (its counters set), each awkward for a replay: one the worker's
+/// `Envelope` type does not read (replayed as it came), one with a time at an offset and an id
+/// in another spelling, one with a temperature no 32-bit float holds exactly, one with tools
+/// and turns in serde's other shapes. Each has a record, which the replay deletes.
+async fn prepare_dead_letters(env: &TestEnv, idle: &QueueKeys) -> Vec<String> {
+    let id = uuid::Uuid::new_v4();
+    let tasks = [
+        json!({
+            "v": 1,
+            "prompt": "Replayed by the Node client",
+            "model": "mock-fast",
+            "system": null,
+            "temperature": 0.5,
+            "max_attempts": 4,
+            "enqueued_at": "2030-01-01T00:00:00Z",
+            "metadata": {"ticket": "OPS-42"},
+            "custom_field": {"kept": [1, 2]},
+            "attempts": 4,
+            "snoozes": 2,
+            "replays": 1,
+            "waiting_since": "2030-01-01T00:01:00Z",
+            "last_error": "the provider was down",
+        })
+        .to_string(),
+        r#"{"v":1,"prompt":"Replayed as it came","timeout":"soon","attempts":3,"last_error":"x"}"#
+            .to_owned(),
+        format!(
+            r#"{{"v":1,"id":"URN:UUID:{}","prompt":"Replayed at an offset","run_at":"2030-01-02T03:04:05.5+02:00","enqueued_at":"2030-01-02 03:04:05 UTC","attempts":2}}"#,
+            id.to_string().to_uppercase()
+        ),
+        r#"{"v":1,"prompt":"Replayed with a 32-bit temperature","temperature":0.30000000000000004,"snoozes":3,"metadata":{"b":1.0,"a":-0,"c":1e2}}"#
+            .to_owned(),
+        r#"{"v":1,"prompt":"Replayed with tools","tools":[{"name":"lookup"}],"tool_choice":{"name":"lookup"},"messages":[["user","earlier"]],"risk":{"low":null},"replays":2,"zz":1,"aa":{"y":2,"x":1}}"#
+            .to_owned(),
+    ];
     let mut c = env.redis.conn().await.unwrap();
-    let id: String = redis::cmd("XADD")
-        .arg(idle.dead())
-        .arg("*")
-        .arg("task")
-        .arg(task.to_string())
-        .arg("error")
-        .arg("gave up after 4 attempts")
-        .arg("class")
-        .arg("retryable")
-        .arg("attempts")
-        .arg("4")
-        .arg("failed_at")
-        .arg(chrono::Utc::now().timestamp_millis())
-        .arg("entry_id")
-        .arg("1700000000000-0")
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    let task_id = env.redis.dead_letters(idle, 10).await.unwrap()[0]
-        .task_id
-        .clone();
-    redis::cmd("SET")
-        .arg(idle.result(&task_id))
-        .arg(r#"{"status":"dead"}"#)
-        .query_async::<()>(&mut c)
-        .await
-        .unwrap();
-    id
+    let mut ids = Vec::new();
+    for (i, task) in tasks.iter().enumerate() {
+        let dead_id: String = redis::cmd("XADD")
+            .arg(idle.dead())
+            .arg("*")
+            .arg("task")
+            .arg(task)
+            .arg("error")
+            .arg("gave up after 4 attempts")
+            .arg("class")
+            .arg("retryable")
+            .arg("attempts")
+            .arg("4")
+            .arg("failed_at")
+            .arg(chrono::Utc::now().timestamp_millis())
+            .arg("entry_id")
+            .arg(format!("1700000000000-{i}"))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let letter = env
+            .redis
+            .dead_letters_at(idle, std::slice::from_ref(&dead_id))
+            .await
+            .unwrap()
+            .remove(0);
+        redis::cmd("SET")
+            .arg(idle.result(&letter.task_id))
+            .arg(r#"{"status":"dead"}"#)
+            .query_async::<()>(&mut c)
+            .await
+            .unwrap();
+        ids.push(dead_id);
+    }
+    ids
+}
+
+/// What llmq's own code answers for each input of test/vectors.json (`uuid::Uuid::parse_str`,
+/// `humantime::parse_duration`, chrono's `DateTime<Utc>`, `replayed_task`, `Chain::parse`),
+/// written to a file for test/rust.test.mjs; its path.
+fn oracle(queue: &str) -> PathBuf {
+    let vectors: Value = serde_json::from_str(
+        &std::fs::read_to_string(package().join("test/vectors.json")).unwrap(),
+    )
+    .unwrap();
+    let strings = |kind: &str| -> Vec<String> {
+        vectors[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let uuids: Vec<Value> = strings("uuids")
+        .into_iter()
+        .map(|s| {
+            let parsed = uuid::Uuid::parse_str(&s).ok().map(|u| u.to_string());
+            json!([s, parsed])
+        })
+        .collect();
+    let durations: Vec<Value> = strings("durations")
+        .into_iter()
+        .map(|s| {
+            let answer = match humantime::parse_duration(&s) {
+                Ok(d) => json!({"secs": d.as_secs().to_string(), "nanos": d.subsec_nanos()}),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            json!([s, answer])
+        })
+        .collect();
+    let times: Vec<Value> = strings("times")
+        .into_iter()
+        .map(|s| {
+            let t =
+                serde_json::from_value::<chrono::DateTime<chrono::Utc>>(Value::String(s.clone()))
+                    .ok();
+            json!([s, t.map(|t| serde_json::to_value(t).unwrap())])
+        })
+        .collect();
+    let letters: Vec<Value> = vectors["letters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            let dead = DeadLetter {
+                id: "1-0".into(),
+                task_id: l[1].as_str().unwrap().into(),
+                queue: "q".into(),
+                error: String::new(),
+                class: String::new(),
+                attempts: 0,
+                failed_at: None,
+                task: l[0].as_str().unwrap().into(),
+            };
+            json!([l[0], l[1], l[2], replayed_task(&dead, l[2].as_str())])
+        })
+        .collect();
+    let max = usize::try_from(vectors["chain_max_bytes"].as_u64().unwrap()).unwrap();
+    let chains: Vec<Value> = strings("chains")
+        .into_iter()
+        .map(|s| {
+            let mut spec: Value = serde_json::from_str(&s).unwrap();
+            spec["v"] = json!(1);
+            let answer = match Chain::parse(spec.to_string().as_bytes(), max, "q", "1-0") {
+                Ok(_) => json!({"ok": true}),
+                Err(e) => json!({"error": e.to_string()}),
+            };
+            json!([s, answer])
+        })
+        .collect();
+    let path = std::env::temp_dir().join(format!("llmq-node-oracle-{queue}.json"));
+    let answers = json!({"uuids": uuids, "durations": durations, "times": times, "letters": letters, "chains": chains});
+    std::fs::write(&path, answers.to_string()).unwrap();
+    path
 }
 
 #[tokio::test]
@@ -132,25 +238,36 @@ async fn node_client_enqueues_waits_follows_and_replays_with_a_worker() {
     let worker = env.worker();
     let idle_name = format!("{}-idle", env.queue);
     let idle = QueueKeys::new(&idle_name);
-    let dead_id = prepare_dead_letter(&env, &idle).await;
-    // What llmq dlq replay would enqueue for it.
-    let letter = env.redis.dead_letters(&idle, 10).await.unwrap().remove(0);
-    let expected: Value =
-        serde_json::from_str(&llmq_shared::queue::replayed_task(&letter, None)).unwrap();
+    let dead_ids = prepare_dead_letters(&env, &idle).await;
+    // What llmq dlq replay would enqueue for each: the awkward ones are not written back as
+    // they came, but the one the worker's type refuses is.
+    let letters = env.redis.dead_letters_at(&idle, &dead_ids).await.unwrap();
+    let expected: Vec<String> = letters.iter().map(|l| replayed_task(l, None)).collect();
+    assert_eq!(expected[1], letters[1].task);
+    for (e, l) in expected.iter().zip(&letters).skip(2) {
+        assert_ne!(*e, l.task.replace("\"replays\":2", "\"replays\":3"));
+    }
+    let oracle = oracle(&env.queue);
 
     let url = redis_url();
     node_tests(
-        &["test/unit.test.mjs", "test/worker.test.mjs"],
+        &[
+            "test/unit.test.mjs",
+            "test/rust.test.mjs",
+            "test/worker.test.mjs",
+        ],
         &[
             ("REDIS_URL", &url),
             ("LLMQ_TEST_QUEUE", &env.queue),
             ("LLMQ_TEST_IDLE_QUEUE", &idle_name),
-            ("LLMQ_TEST_DEAD_ID", &dead_id),
+            ("LLMQ_TEST_DEAD_IDS", &json!(dead_ids).to_string()),
+            ("LLMQ_TEST_ORACLE", oracle.to_str().unwrap()),
         ],
     )
     .await;
+    std::fs::remove_file(&oracle).unwrap();
 
-    // The client's replay enqueued exactly what llmq's own replay would have.
+    // The client's replays enqueued exactly what llmq's own replay would have, byte for byte.
     let mut c = env.redis.conn().await.unwrap();
     let entries: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
         .arg(idle.stream())
@@ -159,20 +276,15 @@ async fn node_client_enqueues_waits_follows_and_replays_with_a_worker() {
         .query_async(&mut c)
         .await
         .unwrap();
-    let replayed: Vec<Value> = entries
-        .iter()
-        .filter_map(|(_, f)| serde_json::from_str::<Value>(f.get("task")?).ok())
-        .filter(|t| t["prompt"] == "Replayed by the Node client")
-        .collect();
-    assert_eq!(replayed, [expected]);
-    assert!(
-        env.redis
-            .dead_letters(&idle, 10)
-            .await
-            .unwrap()
+    for want in &expected {
+        let found = entries
             .iter()
-            .all(|d| d.id != dead_id)
-    );
+            .filter(|(_, f)| f.get("task") == Some(want))
+            .count();
+        assert_eq!(found, 1, "{want} is not in {entries:?}");
+    }
+    let left = env.redis.dead_letters(&idle, 100).await.unwrap();
+    assert!(left.iter().all(|d| !dead_ids.contains(&d.id)));
     worker.stop().await.unwrap();
 }
 

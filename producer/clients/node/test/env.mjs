@@ -23,11 +23,11 @@ export async function raw(url) {
 
 /** Waits until `f()` is truthy (a look every 100 ms, at most `ms`), and returns it. */
 export async function eventually(what, f, ms = 30_000) {
-  const end = Date.now() + ms;
+  const end = performance.now() + ms;
   for (;;) {
     const v = await f();
     if (v) return v;
-    if (Date.now() > end) throw new Error(`${what} did not happen within ${ms} ms`);
+    if (performance.now() > end) throw new Error(`${what} did not happen within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 100));
   }
 }

@@ -1,7 +1,7 @@
 // Type-checked with `tsc --noEmit -p test/tsconfig.json` (never run): the published types, as a
 // user's TypeScript sees them through the package's `exports`. A `@ts-expect-error` line
 // fails the check when the types let a wrong use through.
-import { connect, LlmqError, type ChainEvent, type DeadLetter, type Task, type TaskRecord } from '@llmq/client';
+import { connect, LlmqError, type AnswerEvent, type ChainEvent, type DeadLetter, type Task, type TaskRecord } from '@llmq/client';
 
 export async function usage(): Promise<void> {
   const q = await connect({ url: 'redis+cluster://127.0.0.1:7000', queue: 'default' });
@@ -16,11 +16,23 @@ export async function usage(): Promise<void> {
     response_format: { type: 'json_schema', schema: { type: 'object' } },
     tool_choice: { name: 'lookup' },
     tools: [{ name: 'lookup', parameters: { type: 'object' } }],
+    prompt_cache: false,
   };
   const id: string = await q.enqueue(task);
   const ids: string[] = await q.enqueueMany([task, { messages: [{ role: 'user', content: 'hi' }] }]);
-  for await (const text of q.followAnswer(id, { timeoutMs: 5000, onRestart: (why: string) => void why })) {
-    const piece: string = text;
+  let answerText = '';
+  for await (const e of q.followAnswer(id, { timeoutMs: 5000 })) {
+    const event: AnswerEvent = e;
+    if (e.type === 'text') answerText += e.text;
+    else answerText = `(restarted: ${e.error}) `;
+    void event;
+  }
+  void answerText;
+  // @ts-expect-error the restart is an event of the loop, not a callback
+  q.followAnswer(id, { onRestart: (why: string) => void why });
+  for await (const e of q.followAnswer(id)) {
+    // @ts-expect-error an event is not a string: its text is under `text`
+    const piece: string = e;
     void piece;
   }
   const record: TaskRecord = await q.waitForResult(id);
@@ -49,10 +61,16 @@ export async function usage(): Promise<void> {
   try {
     await q.queue('other').enqueue({ prompt: 'x' });
   } catch (e) {
-    if (e instanceof LlmqError) void (e.code satisfies 'invalid' | 'url' | 'redis' | 'timeout' | 'not_found' | 'refused');
+    if (e instanceof LlmqError) {
+      void (e.code satisfies 'invalid' | 'url' | 'redis' | 'redis_reply' | 'bad_record' | 'timeout' | 'not_found' | 'refused');
+      const enqueued: readonly string[] | undefined = e.enqueued;
+      void enqueued;
+    }
   }
   void [status, records, how];
 
+  // @ts-expect-error prompt_cache is true or false
+  await q.enqueue({ prompt: 'x', prompt_cache: 'off' });
   // @ts-expect-error priority is a number
   await q.enqueue({ prompt: 'x', priority: '1' });
   // @ts-expect-error a misspelt field

@@ -2,16 +2,22 @@
 // LLMQ_TEST_QUEUE with the mock provider; LLMQ_TEST_IDLE_QUEUE has no worker, so what the
 // client writes there stays to be looked at.
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 
-import { connect, deriveId, LlmqError, replayedTask } from '../dist/index.js';
+import { buildEnvelope, connect, deriveId, LlmqError, replayedTask } from '../dist/index.js';
 import { eventually, need, raw } from './env.mjs';
 
 const url = need('REDIS_URL');
 const queueName = need('LLMQ_TEST_QUEUE');
 const idleName = need('LLMQ_TEST_IDLE_QUEUE');
-const preparedDeadId = need('LLMQ_TEST_DEAD_ID');
+const preparedDeadIds = JSON.parse(need('LLMQ_TEST_DEAD_IDS'));
 const answer = (prompt) => `mock answer from mock-fast: ${prompt}`;
+/** The text of a followed answer: the pieces after its last restart. */
+const textOf = (events) => {
+  const from = events.findLastIndex((e) => e.type === 'restart') + 1;
+  return events.slice(from).map((e) => e.text).join('');
+};
 
 let q;
 let idle;
@@ -87,23 +93,44 @@ test('an answer that must fit a JSON schema comes back parsed', async () => {
 
 test('a live answer is followed as it is written, to its end', async () => {
   const id = await q.enqueue({ prompt: 'Stream this answer', model: 'mock-fast', stream: true });
-  const pieces = [];
-  for await (const text of q.followAnswer(id, { timeoutMs: 30_000 })) pieces.push(text);
-  assert.ok(pieces.length >= 1);
+  const events = [];
+  for await (const e of q.followAnswer(id, { timeoutMs: 30_000 })) events.push(e);
+  assert.ok(events.length >= 1);
+  assert.ok(events.every((e) => e.type === 'text' && typeof e.text === 'string'), JSON.stringify(events));
   const r = await q.waitForResult(id, { timeoutMs: 30_000 });
   assert.equal(r.status, 'succeeded');
-  assert.equal(pieces.join(''), r.output);
+  assert.equal(textOf(events), r.output);
   assert.equal(r.output, answer('Stream this answer'));
   // The answer really was written to the live-answer stream, which the follow read.
   const entries = await redis.xRange(`llmq:{${queueName}}:out:${id}`, '-', '+');
   assert.equal(entries.at(-1).message.event, 'done');
 });
 
-test("following the answer of a task that fails ends when the task does", async () => {
+test('a live answer cut halfway says so, and the retry streams the answer whole', async () => {
+  // llmq-mock ends the first stream of this conversation halfway; the worker retries.
+  const prompt = 'A tale told twice [[mock:stream-break-once]]';
+  const id = await q.enqueue({ prompt, model: 'mock-fast', stream: true });
+  const events = [];
+  for await (const e of q.followAnswer(id, { timeoutMs: 30_000 })) events.push(e);
+  const restart = events.findIndex((e) => e.type === 'restart');
+  assert.ok(restart > 0, `part of the answer came, then a restart: ${JSON.stringify(events)}`);
+  assert.equal(typeof events[restart].error, 'string');
+  const before = events.slice(0, restart).map((e) => e.text).join('');
+  const r = await q.waitForResult(id, { timeoutMs: 30_000 });
+  assert.equal(r.status, 'succeeded');
+  assert.equal(r.output, answer(prompt));
+  // What came before the restart is void: the answer is what came after it, whole.
+  assert.ok(before.length > 0 && r.output.startsWith(before), before);
+  assert.equal(textOf(events), r.output);
+  assert.notEqual(events.filter((e) => e.type === 'text').map((e) => e.text).join(''), r.output, 'all the text read as one is garbled');
+});
+
+test("following the answer of a task that fails ends when the task does, saying why", async () => {
   const id = await q.enqueue({ prompt: 'Fail streaming', model: 'fail-400', stream: true });
-  const pieces = [];
-  for await (const text of q.followAnswer(id, { timeoutMs: 30_000 })) pieces.push(text);
-  assert.deepEqual(pieces, []);
+  const events = [];
+  for await (const e of q.followAnswer(id, { timeoutMs: 30_000 })) events.push(e);
+  // No text, and the call's failure as a restart: what came (nothing) is void.
+  assert.ok(events.every((e) => e.type === 'restart' && /fail-400/.test(e.error)), JSON.stringify(events));
   assert.equal((await q.waitForResult(id, { timeoutMs: 30_000 })).status, 'dead');
 });
 
@@ -131,7 +158,6 @@ test('a chain is submitted and followed step by step to its end', async () => {
     priority: 2,
     tenant: 'acme',
     steps: [
-      // A slow first step: the follow sees the second one wait for it.
       { name: 'plan', prompt: 'Plan {{input}}', model: 'slow-1500' },
       { name: 'impl', after: ['plan'], prompt: 'Do {{plan.summary}}' },
     ],
@@ -143,7 +169,10 @@ test('a chain is submitted and followed step by step to its end', async () => {
   assert.equal(end.state, 'succeeded', JSON.stringify(events));
   assert.equal(events.filter((e) => e.type === 'end').length, 1);
   const statuses = (step) => events.filter((e) => e.type === 'step' && e.step === step).map((e) => e.state.status);
-  assert.equal(statuses('impl')[0], 'blocked', JSON.stringify(events));
+  // Whatever the first look caught, the states come in the order they happen.
+  const order = ['blocked', 'queued', 'succeeded'];
+  const seen = statuses('impl').map((x) => order.indexOf(x));
+  assert.ok(seen.every((x, i) => x >= 0 && (i === 0 || x > seen[i - 1])), JSON.stringify(events));
   assert.equal(statuses('impl').at(-1), 'succeeded');
   assert.equal(statuses('plan').at(-1), 'succeeded');
   // One event per change: no state is reported twice in a row.
@@ -158,11 +187,41 @@ test('a chain is submitted and followed step by step to its end', async () => {
   assert.ok(impl.output.startsWith(answer('Do mock answer from slow-1500: Plan caching')), impl.output);
 });
 
-test("a chain the worker refuses ends its follow with the worker's reason", async () => {
+test('a step waiting for another is followed as blocked, whenever the follow looks', async () => {
+  // The first step waits for a person (no scheduler runs here to time it out), so the second
+  // is blocked at every look, not only at an early one.
   const chainId = await q.submitChain({
     steps: [
-      { name: 'a', prompt: 'x', after: ['b'] },
-      { name: 'b', prompt: 'y', after: ['a'] },
+      { name: 'plan', kind: 'approval', timeout: 3600 },
+      { name: 'impl', after: ['plan'], prompt: 'Do it', model: 'mock-fast' },
+    ],
+  });
+  const seen = { plan: [], impl: [] };
+  for await (const e of q.followChain(chainId, { timeoutMs: 30_000, pollMs: 20 })) {
+    assert.equal(e.type, 'step', JSON.stringify(e));
+    seen[e.step].push(e.state.status);
+    if (seen.plan.at(-1) === 'awaiting_approval' && seen.impl.length > 0) break;
+  }
+  assert.deepEqual(seen.impl, ['blocked']);
+  assert.equal(seen.plan.at(-1), 'awaiting_approval');
+});
+
+test('a chain that loops is refused by the client, as llmq chain submit refuses it', async () => {
+  const stream = `llmq:{${idleName}}:stream`;
+  const before = await redis.xLen(stream);
+  await assert.rejects(
+    idle.submitChain({ steps: [{ name: 'a', prompt: 'x', after: ['b'] }, { name: 'b', prompt: 'y', after: ['a'] }] }),
+    (e) => e instanceof LlmqError && e.code === 'invalid' && /^The chain is invalid: steps a -> b -> a form a cycle; a chain must not loop\.$/.test(e.message),
+  );
+  assert.equal(await redis.xLen(stream), before);
+});
+
+test("a chain the worker refuses ends its follow with the worker's reason", async () => {
+  // Only the worker knows its provider file's checks; this one has none named `lint`.
+  const chainId = await q.submitChain({
+    steps: [
+      { name: 'a', prompt: 'x' },
+      { name: 'k', kind: 'check', after: ['a'], command: 'lint' },
     ],
   });
   await assert.rejects(
@@ -173,7 +232,7 @@ test("a chain the worker refuses ends its follow with the worker's reason", asyn
     },
     (e) => {
       assert.ok(e instanceof LlmqError && e.code === 'refused', String(e));
-      assert.match(e.message, /^Chain .* was refused by the worker: the chain is invalid: steps .* form a cycle.*; nothing of it ran\.$/);
+      assert.match(e.message, /^Chain .* was refused by the worker: the chain is invalid: step `k`: check `lint` is not configured.*; nothing of it ran\.$/);
       return true;
     },
   );
@@ -212,24 +271,163 @@ test('a dead letter is replayed to the worker, which runs it again', async () =>
 
 test('replay writes what llmq dlq replay writes, with its own script: the letter and the record go', async () => {
   const dead = `llmq:{${idleName}}:dead`;
-  const [letter] = await redis.xRange(dead, preparedDeadId, preparedDeadId);
-  assert.ok(letter, 'the driver prepared a dead letter');
-  const listed = (await idle.deadLetters()).find((d) => d.id === preparedDeadId);
-  assert.equal(listed.taskId, deriveId(idleName, letter.message.entry_id), 'it has no id: the derived one');
-  assert.ok(await redis.exists(`llmq:{${idleName}}:result:${listed.taskId}`));
-  const before = await redis.xLen(`llmq:{${idleName}}:stream`);
+  assert.ok(preparedDeadIds.length >= 4, 'the driver prepared awkward dead letters');
+  for (const deadId of preparedDeadIds) {
+    const [letter] = await redis.xRange(dead, deadId, deadId);
+    assert.ok(letter, `the driver prepared dead letter ${deadId}`);
+    const listed = (await idle.deadLetters()).find((d) => d.id === deadId);
+    assert.ok(await redis.exists(`llmq:{${idleName}}:result:${listed.taskId}`));
+    const before = await redis.xLen(`llmq:{${idleName}}:stream`);
 
-  assert.deepEqual(await idle.replay(preparedDeadId), { status: 'enqueued', taskId: listed.taskId });
-  assert.equal((await redis.xRange(dead, preparedDeadId, preparedDeadId)).length, 0);
-  assert.equal(await redis.exists(`llmq:{${idleName}}:result:${listed.taskId}`), 0);
-  const stream = await redis.xRange(`llmq:{${idleName}}:stream`, '-', '+');
-  assert.equal(stream.length, before + 1);
-  const task = stream.at(-1).message.task;
-  assert.equal(task, replayedTask(letter.message.task, listed.taskId));
-  const env = JSON.parse(task);
-  assert.equal(env.id, listed.taskId);
-  for (const reset of ['attempts', 'snoozes', 'last_error', 'waiting_since']) assert.equal(env[reset], undefined, reset);
-  // The driver compares it with what llmq's own replayed_task writes.
+    assert.deepEqual(await idle.replay(deadId), { status: 'enqueued', taskId: listed.taskId });
+    assert.equal((await redis.xRange(dead, deadId, deadId)).length, 0);
+    assert.equal(await redis.exists(`llmq:{${idleName}}:result:${listed.taskId}`), 0);
+    const stream = await redis.xRange(`llmq:{${idleName}}:stream`, '-', '+');
+    assert.equal(stream.length, before + 1);
+    assert.equal(stream.at(-1).message.task, replayedTask(letter.message.task, listed.taskId));
+  }
+  // The driver compares each with what llmq's own replayed_task writes.
+});
+
+test('a task whose id is no UUID to the worker gets a derived id, and its replay touches only its own records', async () => {
+  // 32 hex digits in braces: not a spelling the worker parses, so it refuses the task and
+  // files it under the id derived from its stream entry, as the client must find it too.
+  const other = randomUUID();
+  const braced = `{${other.replaceAll('-', '')}}`;
+  const otherKey = `llmq:{${queueName}}:result:${other}`;
+  await redis.set(otherKey, JSON.stringify({ status: 'succeeded', task_id: other, output: 'another task' }));
+  const payload = JSON.stringify({ v: 1, id: braced, prompt: 'Braced id', model: 'mock-fast' });
+  const entry = await redis.xAdd(`llmq:{${queueName}}:stream`, '*', { task: payload });
+  const taskId = deriveId(queueName, entry);
+  const record = await q.waitForResult(taskId, { timeoutMs: 30_000 });
+  assert.equal(record.status, 'dead');
+  assert.match(record.error, /^field `id` is wrong/);
+  const first = await eventually('the dead letter', async () => (await q.deadLetters()).find((d) => d.taskId === taskId));
+  assert.equal(first.task, payload);
+  await assert.rejects(q.replay(other), (e) => e.code === 'not_found', 'no letter is filed under the braced id');
+
+  assert.deepEqual(await q.replay(taskId), { status: 'enqueued', taskId });
+  // Replayed as it came, the worker refuses it again: a second letter, the payload unchanged.
+  const second = await eventually('the second dead letter', async () =>
+    (await q.deadLetters()).find((d) => d.task === payload && d.id !== first.id),
+  );
+  assert.notEqual(second.taskId, taskId);
+  assert.equal((await redis.xRange(`llmq:{${queueName}}:dead`, first.id, first.id)).length, 0, 'the first letter is gone');
+  assert.equal(await redis.get(otherKey), JSON.stringify({ status: 'succeeded', task_id: other, output: 'another task' }));
+});
+
+/** Tasks a worker refuses, each for a reason the client words as the worker does. */
+const REFUSED = [
+  { prompt: 'x', priority: 12 },
+  { prompt: 'x', priority: -1 },
+  { prompt: 'x', tenant: 'a\nb' },
+  { prompt: 'x', tenant: '' },
+  { prompt: 'x', tenant: 'é'.repeat(65) },
+  { prompt: '   ' },
+  { prompt: 'x', type: 'poetry' },
+  { prompt: 'x', max_attempts: 0 },
+  { prompt: 'x', timeout: 0 },
+  { prompt: 'x', timeout: 2592001 },
+  { prompt: 'x', concurrency_key: 'k' },
+  { prompt: 'x', concurrency_limit: 2 },
+  { prompt: 'x', concurrency_key: ' ', concurrency_limit: 1 },
+  { prompt: 'x', stream: true, tools: [{ name: 't' }] },
+  { prompt: 'x', deadline: '2h' },
+  { prompt: 'x', deadline: '31d' },
+  { prompt: 'x', deadline: 'soon' },
+  { prompt: 'x', deadline: '1 d 2' },
+  { prompt: 'x', deadline: '24h', stream: true },
+  { prompt: 'x', model: 'mock\u0000fast' },
+  { prompt: 'x', messages: [{ role: 'tool', tool_call_id: 'c1', content: 'r' }] },
+  { prompt: 'x', messages: [{ role: 'user', content: ' ' }] },
+  { prompt: '', messages: [{ role: 'system', content: 'be brief' }] },
+  { prompt: 'x', messages: [{ role: 'assistant', content: '', tool_calls: [{ id: 'c 1', name: 't' }] }] },
+  { prompt: 'x', messages: [{ role: 'assistant', content: '', tool_calls: [{ id: 'c', name: 't' }] }] },
+  { prompt: 'x', messages: [{ role: 'user', content: [{ type: 'image', url: 'ftp://x/y.png' }] }] },
+  { prompt: 'x', messages: [{ role: 'assistant', content: [{ type: 'image', data: 'AAAA', media_type: 'image/png' }] }] },
+  { prompt: 'x', messages: [{ role: 'user', content: [{ type: 'image', data: 'AAAA', media_type: 'image/bmp' }] }] },
+  { prompt: 'x', tools: [{ name: '1bad' }] },
+  { prompt: 'x', tools: [{ name: 't' }, { name: 't' }] },
+  { prompt: 'x', tools: [{ name: 't', parameters: { type: 'array' } }] },
+  { prompt: 'x', tool_choice: 'required' },
+  { prompt: 'x', tool_choice: { name: 'nope' }, tools: [{ name: 't' }] },
+  { prompt: 'x', response_format: { type: 'json_schema', schema: [1] } },
+  { prompt: 'x', response_format: { type: 'json_schema', schema: {}, name: 'has space' } },
+];
+
+/** A worker's dead-letter error as the client words it: the same, as a sentence. */
+const inClientWords = (error) => (error.startsWith('field ') ? `The task's ${error}.` : `${error[0].toUpperCase()}${error.slice(1)}.`);
+
+test('a task the client refuses, a worker refuses too, in the same words', async () => {
+  const said = REFUSED.map((task) => {
+    try {
+      buildEnvelope(task);
+    } catch (e) {
+      assert.ok(e instanceof LlmqError && e.code === 'invalid', String(e));
+      return e.message;
+    }
+    return assert.fail(`the client took ${JSON.stringify(task)}`);
+  });
+  // The same envelopes, written raw: each becomes a dead letter saying the same.
+  const ids = REFUSED.map(() => randomUUID());
+  for (const [i, task] of REFUSED.entries()) {
+    await redis.xAdd(`llmq:{${queueName}}:stream`, '*', { task: JSON.stringify({ v: 1, id: ids[i], ...task }) });
+  }
+  const records = await q.waitForResults(ids, { timeoutMs: 30_000 });
+  records.forEach((r, i) => {
+    assert.deepEqual([r.status, r.error_class], ['dead', 'invalid'], JSON.stringify(REFUSED[i]));
+    assert.equal(said[i], inClientWords(r.error), `${JSON.stringify(REFUSED[i])}: the client says ${said[i]}, the worker ${r.error}`);
+  });
+});
+
+test('JSON nested deeper than a worker reads is refused by the client, and dead-lettered by a worker', async () => {
+  const metadata = JSON.parse('['.repeat(127) + ']'.repeat(127));
+  assert.throws(() => buildEnvelope({ prompt: 'x', metadata }), (e) => e.code === 'invalid' && /`metadata` is wrong: nests more than 126 levels deep/.test(e.message));
+  const id = randomUUID();
+  await redis.xAdd(`llmq:{${queueName}}:stream`, '*', { task: JSON.stringify({ v: 1, id, prompt: 'x', metadata }) });
+  // Not JSON to the worker: the record is under the id it derives, so look in the letters.
+  const letter = await eventually('the dead letter', async () => (await q.deadLetters()).find((d) => d.task.includes(id)));
+  assert.match(letter.error, /^the task is not valid JSON: recursion limit exceeded/);
+  // One level less is read, and runs.
+  const ok = await q.enqueue({ prompt: 'Deep but readable', model: 'mock-fast', metadata: JSON.parse('['.repeat(126) + ']'.repeat(126)) });
+  assert.equal((await q.waitForResult(ok, { timeoutMs: 30_000 })).status, 'succeeded');
+});
+
+test('what Redis answers with an error is said as such, not as a Redis that cannot be reached', async () => {
+  const id = randomUUID();
+  const key = `llmq:{${idleName}}:result:${id}`;
+  await redis.lPush(key, 'not a string');
+  await assert.rejects(idle.result(id), (e) => {
+    assert.ok(e instanceof LlmqError && e.code === 'redis_reply', String(e));
+    assert.match(e.message, /^Redis at redis:\/\/.* refused the command: WRONGTYPE .*; a key of the queue holds another kind of value than llmq writes there; .*\.$/);
+    assert.doesNotMatch(e.message, /Cannot reach/);
+    return true;
+  });
+  await redis.del(key);
+});
+
+test('a record that is not what llmq writes is a sentence, not a SyntaxError', async () => {
+  const id = randomUUID();
+  const key = `llmq:{${idleName}}:result:${id}`;
+  for (const bad of ['not json', 'null', '[1]', '{"output":"no status"}']) {
+    await redis.set(key, bad);
+    for (const call of [() => idle.result(id), () => idle.waitForResult(id, { timeoutMs: 1000 })]) {
+      await assert.rejects(call(), (e) => {
+        assert.ok(e instanceof LlmqError && e.code === 'bad_record', String(e));
+        assert.match(e.message, new RegExp(`^The result record of task ${id} \\(llmq:\\{${idleName}\\}:result:${id}\\) is not what llmq writes there \\(.*\\); something else wrote it, so look at it with \`llmq result ${id} --queue ${idleName}\` and delete the key if it is stray\\.$`));
+        return true;
+      });
+    }
+  }
+  await redis.del(key);
+  const chainId = `broken-${id}`;
+  await redis.hSet(`llmq:{${idleName}}:chain:${chainId}`, 'state', 'running');
+  await redis.hSet(`llmq:{${idleName}}:chain:${chainId}:steps`, 'plan', '{not json');
+  await assert.rejects(idle.followChain(chainId).next(), (e) => {
+    assert.ok(e instanceof LlmqError && e.code === 'bad_record', String(e));
+    assert.match(e.message, /^The state of step `plan` of chain broken-.* is not what llmq writes there \(.*\); something else wrote it, so look at it with `llmq chain show broken-.*`\.$/);
+    return true;
+  });
 });
 
 test("a chain step's dead letter is refused with what to run instead", async () => {
@@ -265,6 +463,8 @@ test('bad input through the client is a sentence and writes nothing', async () =
   await assert.rejects(idle.submitChain({ steps: [{ name: 'a' }] }), (e) => e.code === 'invalid' && /has no prompt/.test(e.message));
   assert.equal(await redis.xLen(stream), before);
   await assert.rejects(q.waitForResult('0B6F4C2E-8A57-4A43-9C3E-2F5D8E7A1B90'), (e) => e.code === 'invalid' && /is not a task id; give the id enqueue\(\) returned/.test(e.message));
+  await assert.rejects(idle.replay('1700000000000-O'), (e) => e.code === 'invalid' && /is neither a dead-entry id .* nor a task id/.test(e.message));
+  await assert.rejects(idle.deadLetters({ limit: 5000 }), (e) => e.code === 'invalid' && /from 1 to 1000/.test(e.message));
   await assert.rejects(q.followChain('a\nb').next(), (e) => e.code === 'invalid' && /is not a chain id/.test(e.message));
   assert.throws(() => q.queue('a}b'), (e) => e.code === 'invalid' && /^Queue name "a}b" cannot be used/.test(e.message));
 });
