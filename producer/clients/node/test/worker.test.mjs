@@ -187,6 +187,35 @@ test('a chain is submitted and followed step by step to its end', async () => {
   assert.ok(impl.output.startsWith(answer('Do mock answer from slow-1500: Plan caching')), impl.output);
 });
 
+test("a step's live answer is followed while its chain runs, as the README shows", async () => {
+  const live = await q.submitChain({
+    vars: { input: 'caching' },
+    steps: [
+      { name: 'draft', prompt: 'Draft a note on {{input}}', stream: true },
+      {
+        name: 'facts', after: ['draft'], prompt: 'The facts of {{draft.output}}',
+        response_format: { type: 'json_schema', schema: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] } },
+      },
+    ],
+  });
+  let streamed = null;
+  let end = null;
+  for await (const e of q.followChain(live, { timeoutMs: 60_000 })) {
+    if (e.type === 'step' && e.step === 'draft' && e.state.status !== 'blocked' && streamed === null) {
+      const events = [];
+      for await (const piece of q.followAnswer(e.state.task_id, { timeoutMs: 30_000 })) events.push(piece);
+      streamed = textOf(events);
+    } else if (e.type === 'end') {
+      end = e;
+    }
+  }
+  assert.equal(end?.state, 'succeeded', JSON.stringify(end));
+  const draft = await q.waitForResult(end.steps.draft.task_id);
+  assert.ok(streamed && streamed === draft.output, `${streamed} against ${draft.output}`);
+  const facts = await q.waitForResult(end.steps.facts.task_id);
+  assert.deepEqual(facts.json, { city: 'x' });
+});
+
 test('a step waiting for another is followed as blocked, whenever the follow looks', async () => {
   // The first step waits for a person (no scheduler runs here to time it out), so the second
   // is blocked at every look, not only at an early one.

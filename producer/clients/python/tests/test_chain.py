@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from llmq_client import ChainEnd, ChainHandle, ChainRefused, Client, InvalidChain, Step
+from llmq_client import ChainEnd, ChainHandle, ChainRefused, Client, InvalidChain, Step, Text
 
 from .conftest import answer
 
@@ -27,7 +27,12 @@ def test_a_chain_is_followed_step_by_step_to_its_end(client: Client) -> None:
         vars={"input": topic},
     )
     events = list(client.follow_chain(chain, timeout=WAIT))
-    steps = [e for e in events if isinstance(e, Step)]
+    # Each step's changes in order (whichever the polls saw of `blocked` and `queued`), the
+    # last being how it ended.
+    for name in ("plan", "impl"):
+        seen = [e.status for e in events if isinstance(e, Step) and e.name == name]
+        assert seen[-1] == "succeeded" and set(seen[:-1]) <= {"blocked", "queued"}, events
+    steps = [e for e in events if isinstance(e, Step) and e.ended]
     assert [(s.name, s.status) for s in steps] == [("plan", "succeeded"), ("impl", "succeeded")], events
     assert steps[0].output == answer(f"Plan {topic}")
     assert steps[1].output == answer(f"Do {answer(f'Plan {topic}')}")
@@ -118,3 +123,38 @@ def test_variables_that_merely_mention_braces_are_taken(client: Client) -> None:
         vars={"x": "{ not a {reference} }"},
     )
     assert client.wait_chain(chain, timeout=WAIT).state == "succeeded"
+
+
+def test_a_steps_live_answer_is_followed_while_its_chain_runs(client: Client) -> None:
+    """As the README shows: a chain whose first step streams its answer and whose second
+    answers JSON that fits a schema; the first step's answer is read as it is written."""
+    chain = client.submit_chain(
+        {
+            "steps": [
+                {"name": "draft", "prompt": "Draft a note on {{input}}", "stream": True},
+                {
+                    "name": "facts",
+                    "after": ["draft"],
+                    "prompt": "The facts of {{draft.output}}",
+                    "response_format": {
+                        "type": "json_schema",
+                        "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                    },
+                },
+            ]
+        },
+        vars={"input": "caching"},
+    )
+    streamed = ""
+    end = None
+    for event in client.follow_chain(chain, timeout=WAIT):
+        # Its first change past `blocked`: `queued`, or already its end when a poll missed
+        # the queued moment (the live answer is kept after the task ends).
+        if isinstance(event, Step) and event.name == "draft" and event.status != "blocked" and not streamed:
+            streamed = "".join(p.text for p in client.follow(event.task_id) if isinstance(p, Text))
+        elif isinstance(event, ChainEnd):
+            end = event
+    assert end is not None and end.state == "succeeded", end
+    assert streamed and streamed == end.steps["draft"].output
+    facts = end.steps["facts"].record
+    assert facts is not None and facts.json == {"city": "x"}

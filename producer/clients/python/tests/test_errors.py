@@ -310,6 +310,14 @@ CHAIN = {"steps": [{"name": "a", "prompt": "A"}, {"name": "b", "after": ["a"], "
             "step `a`: timeout `soon` is not a duration (expected number at 0)",
         ),
         ({"steps": [{"name": "a", "prompt": "x", "colour": 1}]}, "step `a`: `colour` is not a step field"),
+        ({"steps": [{"name": "a", "prompt": "x", "stream": "yes"}]}, "step `a`: `stream` must be"),
+        (
+            {
+                "defaults": {"tools": [{"name": "look", "parameters": {"type": "object"}}]},
+                "steps": [{"name": "a", "prompt": "x", "stream": True}],
+            },
+            "step `a`: `stream` cannot be used with tools yet",
+        ),
     ],
 )
 def test_a_bad_chain_is_refused_with_a_sentence(idle: Client, change: dict[str, Any], says: str) -> None:

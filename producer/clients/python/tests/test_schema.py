@@ -153,6 +153,7 @@ def test_a_fully_populated_chain_validates_against_the_schema() -> None:
         "response_format": {"type": "json_object"},
         "tools": [{"name": "look", "parameters": {"type": "object"}}],
         "tool_choice": "none",
+        "prompt_cache": False,
     }
     spec = {
         "v": 1,
@@ -165,7 +166,7 @@ def test_a_fully_populated_chain_validates_against_the_schema() -> None:
         "defaults": task_fields,
         "steps": [
             {"name": "draft", "prompt": "Write about {{topic}}", **task_fields},
-            {"name": "other", "prompt": "Also {{topic}}"},
+            {"name": "other", "prompt": "Also {{topic}}", "stream": True, "tools": []},
             {
                 "name": "review",
                 "after": ["draft", "other"],

@@ -33,7 +33,8 @@ CHAIN_FIELDS = (
 #: Task fields a step (or the chain's ``defaults``) may set.
 STEP_TASK_FIELDS = (
     "type", "risk", "area", "provider", "model", "system", "max_tokens", "temperature",
-    "max_attempts", "timeout", "response_format", "tools", "tool_choice",
+    "max_attempts", "timeout", "response_format", "tools", "tool_choice", "stream",
+    "prompt_cache",
 )  # fmt: skip
 #: Every field of a step.
 STEP_FIELDS = (
@@ -58,6 +59,8 @@ _STEP_KINDS: dict[str, str | tuple[str, ...]] = {
     "response_format": "response_format",
     "tools": "tools",
     "tool_choice": "tool_choice",
+    "stream": "bool",
+    "prompt_cache": "bool",
     "kind": "string",
     "prompt": "string",
     "reviews": "string",
@@ -283,6 +286,12 @@ def _build(chain: dict[str, Any], variables: Mapping[str, str] | None, max_bytes
         if kind not in KINDS:
             raise _fail(f"{at}: unknown kind `{kind}`; use one of {', '.join(KINDS)}")
         _check_fields(at, s)
+        task = {**defaults, **{k: v for k, v in s.items() if v is not None}}
+        if task.get("stream") is True and task.get("tools"):
+            raise _fail(
+                f"{at}: `stream` cannot be used with tools yet: a streamed answer carries text only; "
+                "drop one of them"
+            )
         prompt = s.get("prompt")
         if kind == "llm" and (not isinstance(prompt, str) or E._blank(prompt)):
             raise _fail(f'{at}: the step has no prompt; set "prompt"')

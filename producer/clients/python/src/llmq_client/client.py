@@ -142,7 +142,8 @@ class Client(Base):
     def follow_chain(
         self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1
     ) -> Iterator[Step | ChainEnd]:
-        """Each :class:`Step` of the chain as it ends, then the :class:`ChainEnd`."""
+        """Each :class:`Step` of the chain whenever its status changes (``queued``: its task's
+        live answer can be followed), then the :class:`ChainEnd`."""
         return self._iter(self._follow_chain(chain, timeout, poll))
 
     def wait_chain(self, chain: ChainHandle | str, timeout: float = 300.0, poll: float = 0.1) -> ChainEnd:

@@ -218,8 +218,9 @@ def _records(keys: Keys, task_ids: list[str]) -> Plan[dict[str, TaskRecord | Non
 
 
 def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: float) -> Plan[ChainEnd]:
-    """Emits each step of a chain as it ends (every round of a step that runs again), then
-    the chain's end, which it returns. :class:`ChainRefused` when the worker refused the
+    """Emits each step of a chain whenever its status changes (`blocked`, `queued`: its task
+    is waiting or running, and its live answer can be followed; then how it ended; every round
+    of a step that runs again), then the chain's end, which it returns. :class:`ChainRefused` when the worker refused the
     chain (known only for a :class:`ChainHandle`)."""
     chain_id = check_chain_id(chain.chain_id if isinstance(chain, ChainHandle) else chain)
     refusal = keys.result(chain.refusal_id) if isinstance(chain, ChainHandle) else None
@@ -256,17 +257,13 @@ def follow_chain(keys: Keys, chain: ChainHandle | str, timeout: float, poll: flo
                 f"the worker refused chain {chain_id} (dead letter of task {refused.task_id}): "
                 f"{refused.error}; fix the chain and submit it again."
             )
-        ended = [
-            name
-            for name, s in steps.items()
-            if s["status"] in STEP_ENDED and (name, s["round"], s["status"]) not in seen
-        ]
+        changed = [name for name, s in steps.items() if (name, s["round"], s["status"]) not in seen]
         finished = state not in (None, "running")
-        wanted = list(steps) if finished else ended
-        ids = [steps[n]["task_id"] for n in wanted]
+        wanted = list(steps) if finished else changed
+        ids = [steps[n]["task_id"] for n in wanted if steps[n]["status"] in STEP_ENDED]
         records = yield from _records(keys, [t for t in ids if parse_uuid(t) is not None])
         made = {n: step(n, steps[n], records.get(steps[n]["task_id"])) for n in wanted}
-        for name in ended:
+        for name in changed:
             seen.add((name, steps[name]["round"], steps[name]["status"]))
             yield Emit(made[name])
         if finished:

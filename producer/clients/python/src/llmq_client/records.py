@@ -266,6 +266,13 @@ class Step:
     record: TaskRecord | None
 
     @property
+    def ended(self) -> bool:
+        """Whether the step has ended (``succeeded``, ``failed`` or ``cancelled``) in this
+        round; before, ``blocked`` (waiting for its parents) or ``queued`` (its task waits or
+        runs: follow its live answer at ``task_id``)."""
+        return self.status in STEP_ENDED
+
+    @property
     def output(self) -> str | None:
         """The step's whole output: its task's (or, for a step that calls no model, its
         summary)."""
