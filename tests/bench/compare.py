@@ -40,8 +40,23 @@ def build(src: pathlib.Path, target: pathlib.Path) -> pathlib.Path:
     return target / "release" / "llmq-bench"
 
 
+# Benchmarks that write the ledger in the bench database (`llmq_bench`), which each build
+# migrates to its own version: dropped before each of their runs, so that neither build meets
+# a database the other migrated (an older build refuses a newer migration it does not know).
+LEDGER_BENCHES = {"e2e_mock", "provider_batch", "prompt_cache", "routing_savings",
+                  "stream_first_token", "rate_limited", "overhead", "memory"}
+
+
+def fresh_bench_database() -> None:
+    url = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/llmq")
+    subprocess.run(["psql", url, "-q", "-c", "DROP DATABASE IF EXISTS llmq_bench WITH (FORCE)"],
+                   check=True, capture_output=True)
+
+
 def figures(binary: pathlib.Path, bench: str, extra: list[str]) -> tuple[dict, str]:
     """One run of one benchmark: its numeric figures, and the machine line."""
+    if bench in LEDGER_BENCHES:
+        fresh_bench_database()
     out = subprocess.run([str(binary), "--only", bench, *extra], cwd=ROOT, check=False,
                          capture_output=True, text=True)
     machine, line = "", None
