@@ -7,11 +7,12 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use llmq_tests::cluster::{RedisCluster, RedisSentinel};
 use llmq_tests::harness::{TestEnv, WorkerHandle, redis_url};
+
+use crate::tls::{Pki, TlsRedis};
 
 /// The pytest suite may take this long (it waits for real tasks, each bounded by itself).
 const SUITE_WITHIN: Duration = Duration::from_secs(600);
@@ -54,82 +55,6 @@ fn outcomes(stdout: &str) -> Vec<(String, u64)> {
 }
 
 /// A CA, and a certificate for localhost it signed, in `dir`.
-fn make_pki(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .unwrap();
-    for args in [
-        "req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=llmq-python-test-CA",
-        "req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost",
-        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext",
-    ] {
-        let out = Command::new("openssl")
-            .args(args.split(' '))
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args}: {out:?}");
-    }
-}
-
-/// A `redis-server` on a TLS port only, with the certificate of [`make_pki`]; killed when
-/// dropped.
-struct TlsRedis(Child, u16);
-
-impl TlsRedis {
-    fn start(pki: &Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .unwrap()
-            .port();
-        let file = |name: &str| pki.join(name).display().to_string();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                "0",
-                "--tls-port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-            ])
-            .args([
-                "--tls-cert-file",
-                &file("server.pem"),
-                "--tls-key-file",
-                &file("server.key"),
-            ])
-            .args([
-                "--tls-ca-cert-file",
-                &file("ca.pem"),
-                "--tls-auth-clients",
-                "no",
-            ])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no TLS Redis on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self(child, port)
-    }
-}
-
-impl Drop for TlsRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The same dead letters, written to `queue`'s dead stream as workers write them: a full
 /// envelope with every counter a replay resets, one without an id (its id derives from the
 /// entry), one that does not deserialize and one that is not JSON; then what only Rust's
@@ -256,8 +181,7 @@ async fn the_python_client_against_real_workers() {
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("replayed 15 dead letter(s)"), "{out}");
 
-    let pki = std::env::temp_dir().join(format!("{}-pki", env.queue));
-    make_pki(&pki);
+    let pki = Pki::new();
     let tls = TlsRedis::start(&pki);
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -273,8 +197,8 @@ async fn the_python_client_against_real_workers() {
         .env("LLMQ_SENTINEL_URL", sentinel.url())
         .env("LLMQ_REPLAY_CLI_QUEUE", &by_cli)
         .env("LLMQ_REPLAY_PY_QUEUE", &by_client)
-        .env("LLMQ_TLS_URL", format!("rediss://localhost:{}", tls.1))
-        .env("LLMQ_TLS_CA", pki.join("ca.pem"))
+        .env("LLMQ_TLS_URL", tls.url())
+        .env("LLMQ_TLS_CA", pki.path("ca.pem"))
         .env("LLMQ_REPO", &root)
         .kill_on_drop(true)
         .output();
@@ -311,5 +235,5 @@ async fn the_python_client_against_real_workers() {
         w.stop().await.unwrap();
     }
     drop(tls);
-    let _ = std::fs::remove_dir_all(&pki);
+    drop(pki);
 }

@@ -20,12 +20,13 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A CA and a certificate for `localhost` and 127.0.0.1 that it signed, in a fresh folder.
-struct Pki {
+/// (The client suites use it too.)
+pub(crate) struct Pki {
     dir: PathBuf,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = std::env::temp_dir().join(format!("llmq-tls-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let run = |args: &[&str]| {
@@ -92,7 +93,7 @@ impl Pki {
         Self { dir }
     }
 
-    fn path(&self, name: &str) -> String {
+    pub(crate) fn path(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
 }
@@ -120,13 +121,13 @@ fn wait_for_port(port: u16) {
 }
 
 /// A `redis-server` with its plain port off: TLS or nothing.
-struct TlsRedis {
+pub(crate) struct TlsRedis {
     child: Child,
     port: u16,
 }
 
 impl TlsRedis {
-    fn start(pki: &Pki) -> Self {
+    pub(crate) fn start(pki: &Pki) -> Self {
         let port = free_port();
         let child = Command::new("redis-server")
             .args([
@@ -157,7 +158,7 @@ impl TlsRedis {
         Self { child, port }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("rediss://localhost:{}", self.port)
     }
 }
