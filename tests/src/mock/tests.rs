@@ -641,6 +641,36 @@ fn assert_anthropic_error(resp: &HttpResponse, status: u16, kind: &str) -> Strin
     message
 }
 
+/// Anthropic's cache: a marked prefix of at least the model's minimum is written by the first
+/// request and read by the next (sent after that answer), the rest of the prompt being input;
+/// a marked prefix under the minimum, or another model, is neither.
+#[tokio::test]
+async fn anthropic_caches_what_cache_control_marks() {
+    let s = server().await;
+    let marked = |model: &str, system: &str, prompt: &str| {
+        json!({"model": model, "max_tokens": 64,
+            "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
+            "messages": [{"role": "user", "content": prompt}]})
+    };
+    let usage = |v: Value| {
+        let u = &v["usage"];
+        ["input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"]
+            .map(|k| u[k].as_u64().unwrap())
+    };
+    let long = "x".repeat(8000); // 2,000 tokens + 3: over Sonnet's 1,024
+    let first = usage(messages(&s, &marked("claude-sonnet-4-5", &long, "one")).await.json());
+    assert_eq!(first, [tokens("one") + 3, 0, 2003]);
+    let second = usage(messages(&s, &marked("claude-sonnet-4-5", &long, "two")).await.json());
+    assert_eq!(second, [tokens("two") + 3, 2003, 0]);
+    // Another model has a cache of its own; Haiku 3.5's minimum is 2,048.
+    let haiku = usage(messages(&s, &marked("claude-3-5-haiku", &long, "one")).await.json());
+    assert_eq!(haiku, [2003 + tokens("one") + 3, 0, 0]);
+    let short = usage(messages(&s, &marked("claude-sonnet-4-5", "brief", "one")).await.json());
+    assert_eq!(short, [tokens("brief") + 3 + tokens("one") + 3, 0, 0]);
+    let billed = s.anthropic_billed();
+    assert_eq!(billed[1..3], [2003, 2003]);
+}
+
 #[tokio::test]
 async fn anthropic_success_has_messages_shape_and_usage() {
     let s = server().await;
@@ -661,10 +691,10 @@ async fn anthropic_success_has_messages_shape_and_usage() {
     assert_eq!(v["content"][1]["type"], "text");
     let text = "mock answer from claude-reason: hello";
     assert_eq!(v["content"][1]["text"], text);
-    // prompt = (100 + 3) + (2 + 3) = 108, half cached; input_tokens leaves them out.
+    // prompt = (100 + 3) + (2 + 3) = 108; nothing marked for the cache: all of it input.
     let u = &v["usage"];
-    assert_eq!(u["cache_read_input_tokens"], 54);
-    assert_eq!(u["input_tokens"], 54);
+    assert_eq!(u["cache_read_input_tokens"], 0);
+    assert_eq!(u["input_tokens"], 108);
     assert_eq!(u["cache_creation_input_tokens"], 0);
     assert_eq!(u["output_tokens"], tokens(text));
 
