@@ -652,20 +652,24 @@ async fn anthropic_caches_what_cache_control_marks() {
             "system": [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
             "messages": [{"role": "user", "content": prompt}]})
     };
-    let usage = |v: Value| {
-        let u = &v["usage"];
-        ["input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"]
-            .map(|k| u[k].as_u64().unwrap())
+    let usage = async |model: &str, system: &str, prompt: &str| {
+        let v = messages(&s, &marked(model, system, prompt)).await.json();
+        [
+            "input_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+        ]
+        .map(|k| v["usage"][k].as_u64().unwrap())
     };
     let long = "x".repeat(8000); // 2,000 tokens + 3: over Sonnet's 1,024
-    let first = usage(messages(&s, &marked("claude-sonnet-4-5", &long, "one")).await.json());
+    let first = usage("claude-sonnet-4-5", &long, "one").await;
     assert_eq!(first, [tokens("one") + 3, 0, 2003]);
-    let second = usage(messages(&s, &marked("claude-sonnet-4-5", &long, "two")).await.json());
+    let second = usage("claude-sonnet-4-5", &long, "two").await;
     assert_eq!(second, [tokens("two") + 3, 2003, 0]);
     // Another model has a cache of its own; Haiku 3.5's minimum is 2,048.
-    let haiku = usage(messages(&s, &marked("claude-3-5-haiku", &long, "one")).await.json());
+    let haiku = usage("claude-3-5-haiku", &long, "one").await;
     assert_eq!(haiku, [2003 + tokens("one") + 3, 0, 0]);
-    let short = usage(messages(&s, &marked("claude-sonnet-4-5", "brief", "one")).await.json());
+    let short = usage("claude-sonnet-4-5", "brief", "one").await;
     assert_eq!(short, [tokens("brief") + 3 + tokens("one") + 3, 0, 0]);
     let billed = s.anthropic_billed();
     assert_eq!(billed[1..3], [2003, 2003]);
