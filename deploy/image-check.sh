@@ -20,6 +20,9 @@ QUEUE=image-check-$$
 say() { echo "image-check: $*" >&2; }
 fail() { say "$*"; exit 1; }
 
+for tool in buildah psql redis-cli pgrep; do
+    command -v "$tool" >/dev/null || fail "$tool is not installed; image-check needs it (Debian: buildah, postgresql-client, redis-tools, procps)."
+done
 buildah inspect --type image "$IMAGE" >/dev/null 2>&1 || fail "there is no image $IMAGE; run make image first."
 [ "$(buildah inspect --type image --format '{{.OCIv1.Config.User}}' "$IMAGE")" = 65532:65532 ] ||
     fail "the image does not run as nonroot (65532:65532); see the Dockerfile's USER."
@@ -59,7 +62,7 @@ mnt=$(buildah mount "$ctr")
 for bin in llmq llmq-worker llmq-scheduler; do
     [ -x "$mnt/usr/local/bin/$bin" ] || fail "the image has no /usr/local/bin/$bin."
 done
-extra=$(cd "$mnt" && find . -type f -perm -u+x ! -name '*.so*' ! -path './usr/local/bin/*' | head -5)
+extra=$(cd "$mnt" && find . -type f -perm -u+x ! -name '*.so*' ! -path './usr/local/bin/*' -print -quit)
 [ -z "$extra" ] || fail "the image holds executables besides the three binaries: $extra"
 [ ! -e "$mnt/bin/sh" ] || fail "the image has a shell (/bin/sh); the runtime base must not."
 buildah umount "$ctr" >/dev/null
@@ -92,21 +95,31 @@ in_image /usr/local/bin/llmq-scheduler >"$work/scheduler.log" 2>&1 &
 scheduler=$!
 pids+=("$scheduler")
 
-# The process a binary runs as inside `buildah run` (named after it; buildah's own process,
-# whose arguments match too, is named buildah): "pid uid".
-process_of() { # name pattern
+# The process of binary `name` that our `buildah run` (pid `run`) started: found among that
+# run's descendants only, never another one of the host's. "pid uid".
+descendant() { # run name
+    local pid
+    for pid in $(pgrep -P "$1"); do
+        if [ "$(ps -o comm= -p "$pid")" = "$2" ]; then
+            echo "$pid $(ps -o uid= -p "$pid" | tr -d ' ')"
+            return 0
+        fi
+        descendant "$pid" "$2" && return 0
+    done
+    return 1
+}
+process_of() { # run name
     local found=
     for _ in $(seq 1 100); do
-        found=$(ps -eo pid=,uid=,comm=,args= | awk -v n="$1" -v p="$2" '$3 == n && index($0, p) {print $1, $2; exit}')
-        [ -n "$found" ] && break
+        found=$(descendant "$1" "$2") && break
         sleep 0.1
     done
-    [ -n "$found" ] || fail "no $1 process started from the image."
+    [ -n "$found" ] || fail "no $2 process started from the image."
     echo "$found"
 }
-read -r worker_pid uid < <(process_of llmq-worker "--queue $QUEUE")
+read -r worker_pid uid < <(process_of "$worker" llmq-worker)
 [ "$uid" = 65532 ] || fail "the worker from the image runs as user $uid, not nonroot (65532)."
-read -r scheduler_pid uid < <(process_of llmq-scheduler /usr/local/bin/llmq-scheduler)
+read -r scheduler_pid uid < <(process_of "$scheduler" llmq-scheduler)
 [ "$uid" = 65532 ] || fail "the scheduler from the image runs as user $uid, not nonroot (65532)."
 
 result=$(in_image /usr/local/bin/llmq submit --queue "$QUEUE" --model mock-fast --wait --wait-timeout 60s \

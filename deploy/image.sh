@@ -70,14 +70,16 @@ if ! have "$RUNTIME_BASE"; then
     # mmdebstrap fetches the packages (and their dependencies); the hook, run once they are
     # extracted, extracts only the listed ones again into $root; mmdebstrap's own tree is thrown away.
     include=$(IFS=,; echo "${RUNTIME_PACKAGES[*]}")
-    mmdebstrap --quiet --variant=extract --include="$include" \
-        --extract-hook="for p in ${RUNTIME_PACKAGES[*]}; do dpkg-deb --extract \"\$1\"/var/cache/apt/archives/\${p}_*.deb '$root'; done" \
+    # The hook is a shell command: the folder reaches it through the environment, never
+    # pasted into its text.
+    LLMQ_IMAGE_ROOT=$root mmdebstrap --quiet --variant=extract --include="$include" \
+        --extract-hook="for p in ${RUNTIME_PACKAGES[*]}; do dpkg-deb --extract \"\$1\"/var/cache/apt/archives/\${p}_*.deb \"\$LLMQ_IMAGE_ROOT\"; done" \
         "$SUITE" /dev/null "$MIRROR"
     # What only a package manager or a shell would use: maintainer tools and their examples,
     # the login banner's script; each package's copyright stays.
     # glibc's iconv modules (8 MB) too: Rust's standard library never calls iconv.
     rm -rf "$root/usr/sbin/update-ca-certificates" "$root/etc/update-motd.d" "$root/usr/share/man" \
-        "$root/usr/lib/x86_64-linux-gnu/gconv"
+        "$root"/usr/lib/*-linux-gnu/gconv
     find "$root/usr/share/doc" -mindepth 2 -maxdepth 2 ! -name copyright -exec rm -rf {} +
     mkdir -p "$root/etc/ssl/certs" "$root/home/nonroot" "$root/tmp"
     cat "$root"/usr/share/ca-certificates/mozilla/*.crt >"$root/etc/ssl/certs/ca-certificates.crt"
@@ -116,9 +118,12 @@ if ! have "$BUILDER_BASE"; then
 fi
 
 say "building $IMAGE from ./Dockerfile (BUILDER=$BUILDER_BASE, RUNTIME=$RUNTIME_BASE)"
-buildah bud --quiet --isolation chroot --layers --force-rm --pull-never \
+if ! buildah bud --quiet --isolation chroot --layers --force-rm --pull-never \
     --build-arg BUILDER="$BUILDER_BASE" --build-arg RUNTIME="$RUNTIME_BASE" \
-    -t "$IMAGE" . >/dev/null
+    -t "$IMAGE" . >"$work/build.log" 2>&1; then
+    tail -30 "$work/build.log" >&2
+    fail "building $IMAGE from ./Dockerfile failed (the end of its output is above)."
+fi
 
 ctr=$(buildah from --pull-never "$IMAGE")
 trap 'buildah rm "$ctr" >/dev/null 2>&1 || true; rm -rf "$work"' EXIT

@@ -94,7 +94,7 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
                 ));
             } else if saved < 0.0 {
                 s.push_str(&format!(
-                    "Prompt cache writes no read followed cost {} more than list prices\n",
+                    "Provider batches and prompt caching together cost {} more than list prices (cache writes that few reads followed)\n",
                     render::usd(-saved)
                 ));
             }

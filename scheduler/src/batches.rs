@@ -17,6 +17,7 @@ use llmq_shared::config::ProviderConfig;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, Ledger};
+use llmq_shared::provider::Usage;
 use llmq_shared::provider::batch::{BatchClient, Item, Poll};
 use llmq_shared::queue::{BatchAnswer, BatchRecord, FALLBACK_MARGIN, Settle, Taken, now_ms};
 use uuid::Uuid;
@@ -448,7 +449,13 @@ impl Scheduler {
                 error: error.map(ToString::to_string),
                 worker: self.id().to_owned(),
                 called_at: created,
-                list_cost_usd: Some(prices.cost(&usage)),
+                // At list prices and as if no prompt cache had been read or written, as a
+                // call made at once keeps it.
+                list_cost_usd: Some(prices.cost(&Usage {
+                    cached_tokens: 0,
+                    cache_write_tokens: 0,
+                    ..usage
+                })),
             });
             if state != "sent" {
                 continue;

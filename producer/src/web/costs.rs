@@ -227,7 +227,7 @@ pub(super) async fn costs(
             format!("; provider batches and prompt caching saved ${saved:.6} against list prices")
         } else if saved < 0.0 {
             format!(
-                "; prompt cache writes no read followed cost ${:.6} more",
+                "; provider batches and prompt caching together cost ${:.6} more than list prices",
                 -saved
             )
         } else {

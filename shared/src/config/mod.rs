@@ -637,6 +637,17 @@ providers:
         )
         .unwrap();
         assert!(!off.providers[0].prompt_cache);
+        // An Anthropic model without a cached price reads the cache at a tenth of its input
+        // price, as Anthropic bills it; another kind at its input price, unless the file says.
+        let anthropic = Config::parse(
+            "p.yaml",
+            "providers:\n  - name: claude\n    kind: anthropic\n    api_key: k\n    models:\n      - {id: c, input_usd_per_mtok: 3, output_usd_per_mtok: 15}\n",
+            &env,
+        )
+        .unwrap();
+        let prices = anthropic.providers[0].models[0].prices;
+        assert!((prices.cached_input - 0.3).abs() < 1e-12 && prices.cache_write == 3.75);
+        assert_eq!(config.providers[0].models[0].prices.cached_input, 0.5);
     }
 
     #[test]

@@ -158,6 +158,8 @@ impl Capability {
 
 /// Anthropic's price of a five-minute cache write, as a multiple of the input price.
 pub const CACHE_WRITE_MULTIPLIER: f64 = 1.25;
+/// Anthropic's price of a cache read, as a multiple of the input price.
+pub const ANTHROPIC_CACHE_READ_MULTIPLIER: f64 = 0.1;
 
 /// USD per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -660,7 +662,15 @@ pub(super) fn provider(
         let (prices, price_source, window) =
             match (m.input_usd_per_mtok, m.output_usd_per_mtok, bundled) {
                 (Some(input), Some(output), _) => (
-                    Prices::list(input, output, m.cached_input_usd_per_mtok.unwrap_or(input)),
+                    Prices::list(
+                        input,
+                        output,
+                        m.cached_input_usd_per_mtok.unwrap_or(match p.kind {
+                            // Anthropic sells a cache read at a tenth of the input price.
+                            Kind::Anthropic => input * ANTHROPIC_CACHE_READ_MULTIPLIER,
+                            _ => input,
+                        }),
+                    ),
                     PriceSource::File,
                     m.context_window,
                 ),

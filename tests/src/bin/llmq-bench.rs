@@ -708,7 +708,6 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
     ))
 }
 
-/// (b) Like (a), through the mock LLM server over real HTTP, with the Postgres ledger on.
 /// 1,000 tasks sharing a 3,000-token system prompt (the instructions), each with a short
 /// document of its own, to an Anthropic model through llmq-mock (which caches what
 /// `cache_control` marks, as Anthropic does), with the provider's `prompt_cache` on and
@@ -729,7 +728,7 @@ async fn prompt_cache(args: &Args) -> Result<String> {
         .chars()
         .take(12_000)
         .collect::<String>();
-    let prefix_tokens = 3003.0;
+    const PREFIX_TOKENS: u64 = 3003;
     let bench_url = with_database(&args.database_url, BENCH_DB)?;
     let ledger = bench_ledger(&args.database_url, &bench_url).await?;
     let client = Client::new(&args.redis_url)?;
@@ -795,10 +794,10 @@ async fn prompt_cache(args: &Args) -> Result<String> {
         }
         billed_tokens[run] = billed;
     }
-    let prefix_usd = tasks as f64 * prefix_tokens * INPUT / 1e6;
+    let prefix_usd = (tasks as u64 * PREFIX_TOKENS) as f64 * INPUT / 1e6;
     let [on, off] = billed_tokens;
     Ok(format!(
-        "bench=prompt_cache tasks={tasks} concurrency={concurrency} answer_ms={} prefix_tokens={prefix_tokens} \
+        "bench=prompt_cache tasks={tasks} concurrency={concurrency} answer_ms={} prefix_tokens={PREFIX_TOKENS} \
          input_usd_cached={:.4} input_usd_uncached={:.4} prefix_saved_pct={:.1} \
          cache_writes={} cache_read_tokens={} cache_write_tokens={} uncached_read_tokens={} \
          ledger_matches_mock={ledger_matches}",
@@ -806,13 +805,14 @@ async fn prompt_cache(args: &Args) -> Result<String> {
         input_usd[0],
         input_usd[1],
         100.0 * (input_usd[1] - input_usd[0]) / prefix_usd,
-        on[2] / 3003,
+        on[2] / PREFIX_TOKENS,
         on[1],
         on[2],
         off[1],
     ))
 }
 
+/// (b) Like (a), through the mock LLM server over real HTTP, with the Postgres ledger on.
 async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
     let tasks = args.tasks.unwrap_or(20_000);
     let workers = args.workers.unwrap_or(2);

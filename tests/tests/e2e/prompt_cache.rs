@@ -79,8 +79,9 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
         + written as f64 * INPUT * 1.25
         + output as f64 * OUTPUT)
         / 1e6;
-    let (tokens, cached, cost): (i64, i64, f64) = sqlx::query_as(
-        "SELECT sum(input_tokens)::int8, sum(cached_tokens)::int8, sum(cost_usd)::float8
+    let (tokens, cached, writes, cost): (i64, i64, i64, f64) = sqlx::query_as(
+        "SELECT sum(input_tokens)::int8, sum(cached_tokens)::int8,
+            sum(cache_write_tokens)::int8, sum(cost_usd)::float8
          FROM provider_calls WHERE queue = $1 AND outcome = 'ok'",
     )
     .bind(&env.queue)
@@ -89,6 +90,7 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
     .unwrap();
     assert_eq!(tokens as u64, fresh + read + written);
     assert_eq!(cached as u64, read);
+    assert_eq!(writes as u64, written);
     assert!((cost - want).abs() < 1e-9, "ledger {cost} against {want}");
 
     // `llmq costs` says what caching saved against list prices: each read at the input price
