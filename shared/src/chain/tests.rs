@@ -43,6 +43,31 @@ fn a_good_chain_is_read_with_defaults_vars_and_children() {
 }
 
 #[test]
+fn stream_and_prompt_cache_come_from_the_defaults_unless_a_step_says_otherwise() {
+    let c = parse(
+        r#"{"v": 1, "chain_id": "s", "defaults": {"stream": true, "prompt_cache": false},
+            "steps": [{"name": "a", "prompt": "A"},
+                      {"name": "b", "prompt": "B", "stream": false, "prompt_cache": true}]}"#,
+    )
+    .unwrap();
+    let task = |name: &str| c.step(name).unwrap().task.clone();
+    assert_eq!(
+        (task("a").stream, task("a").prompt_cache),
+        (Some(true), Some(false))
+    );
+    assert_eq!(
+        (task("b").stream, task("b").prompt_cache),
+        (Some(false), Some(true))
+    );
+    // A streamed step cannot have tools, from the defaults or its own.
+    let tools = r#"[{"name": "look", "parameters": {"type": "object"}}]"#;
+    let err = reason(&format!(
+        r#"{{"v": 1, "defaults": {{"tools": {tools}}}, "steps": [{{"name": "a", "prompt": "A", "stream": true}}]}}"#
+    ));
+    assert!(err.contains("stream") && err.contains("tools"), "{err}");
+}
+
+#[test]
 fn max_parallel_puts_every_step_under_one_concurrency_key() {
     let c = parse(
         r#"{"v":1,"chain_id":"c9","max_parallel":2,"steps":[{"name":"a","prompt":"x"},{"name":"b","prompt":"y"}]}"#,
