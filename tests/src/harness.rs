@@ -359,6 +359,32 @@ impl TestEnv {
     }
 
     /// (entry id, consumer) of every entry of the queue a worker holds.
+    /// What `consumer` takes over of tasks idle for a millisecond (after waiting 5 ms for
+    /// them to be), up to `count`, as a worker with `max_deliveries` of 3 would: a task
+    /// delivered a fourth time is poison.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn take_over(
+        &self,
+        consumer: &str,
+        count: usize,
+    ) -> anyhow::Result<llmq_shared::queue::Reclaimed> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let ttl = Duration::from_secs(60);
+        Ok(self
+            .redis
+            .reclaim(
+                &self.keys,
+                consumer,
+                Duration::from_millis(1),
+                count,
+                3,
+                ttl,
+            )
+            .await?)
+    }
+
     ///
     /// # Errors
     /// Redis fails.

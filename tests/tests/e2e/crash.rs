@@ -302,27 +302,10 @@ async fn a_task_that_keeps_killing_workers_becomes_a_poison_dead_letter() {
         .await
         .unwrap();
     for n in 2..=3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let got = env
-            .redis
-            .reclaim(
-                &env.keys,
-                &format!("crashed-{n}"),
-                Duration::from_millis(1),
-                1,
-                3,
-                WAIT,
-            )
-            .await
-            .unwrap();
+        let got = env.take_over(&format!("crashed-{n}"), 1).await.unwrap();
         assert_eq!(got.tasks.len(), 1);
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let got = env
-        .redis
-        .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 3, WAIT)
-        .await
-        .unwrap();
+    let got = env.take_over("next", 1).await.unwrap();
     assert!(got.tasks.is_empty(), "a fourth delivery is refused");
     let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
     assert_eq!(dead.len(), 1);

@@ -82,6 +82,27 @@ fn expected_order(tasks: &[Class], weights: &HashMap<String, u32>, direct: &[boo
 }
 
 /// Every task of `ids` succeeded, each with one call.
+/// `n` tasks of `model` (a slow one) at `priority`, task `i` of tenant `tenant(i)`, enqueued
+/// one by one: their ids.
+async fn slow_classed(
+    env: &TestEnv,
+    n: usize,
+    model: &str,
+    priority: i64,
+    tenant: impl Fn(usize) -> String,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut e = Envelope::new(format!("slow {i}"));
+        e.model = Some(model.into());
+        e.priority = Some(priority);
+        e.tenant = Some(tenant(i));
+        ids.push(e.id.unwrap().to_string());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    ids
+}
+
 async fn all_succeed_once(env: &TestEnv, ids: &[String]) {
     let r = llmq::wait_for(&env.redis, &env.keys, ids, Some(WAIT), |_| {})
         .await
@@ -328,15 +349,7 @@ async fn status_counts_the_room_by_priority() {
     let mut s = env.settings();
     s.concurrency = 2;
     let w = WorkerHandle::start(s);
-    let mut ids = Vec::new();
-    for i in 0..6 {
-        let mut e = Envelope::new(format!("slow {i}"));
-        e.model = Some("slow-1500".into());
-        e.priority = Some(4);
-        e.tenant = Some("acme".into());
-        ids.push(e.id.unwrap().to_string());
-        env.redis.enqueue(&env.keys, &e).await.unwrap();
-    }
+    let ids = slow_classed(&env, 6, "slow-1500", 4, |_| "acme".into()).await;
     // Two run at a time; the other four wait in the room.
     env.eventually("four tasks waiting in the room", WAIT, || async {
         let c = env.redis.counts(&env.keys).await.unwrap();
@@ -380,15 +393,7 @@ async fn a_paused_queue_feeds_nothing_from_its_room_until_resumed() {
     let mut s = env.settings();
     s.concurrency = 2;
     let w = WorkerHandle::start(s);
-    let mut ids = Vec::new();
-    for i in 0..8 {
-        let mut e = Envelope::new(format!("slow {i}"));
-        e.model = Some("slow-300".into());
-        e.priority = Some(2);
-        e.tenant = Some(format!("t{}", i % 2));
-        ids.push(e.id.unwrap().to_string());
-        env.redis.enqueue(&env.keys, &e).await.unwrap();
-    }
+    let ids = slow_classed(&env, 8, "slow-300", 2, |i| format!("t{}", i % 2)).await;
     env.eventually("tasks waiting in the room", WAIT, || async {
         let c = env.redis.counts(&env.keys).await.unwrap();
         c.ready_by_priority.first().is_some_and(|(_, n)| *n >= 4)
@@ -457,7 +462,6 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
     // A producer that knows the class puts the task straight into the room.
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     let mut conn = env.redis.conn().await.unwrap();
-    let ttl = Duration::from_secs(60);
     // A beacon waits in the stream; a worker that read it died: the takeover drops it.
     let beacon = env
         .redis
@@ -465,12 +469,7 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
         .await
         .unwrap();
     assert!(beacon[0].is_beacon(), "{beacon:?}");
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let got = env
-        .redis
-        .reclaim(&env.keys, "next", Duration::from_millis(1), 10, 3, ttl)
-        .await
-        .unwrap();
+    let got = env.take_over("next", 10).await.unwrap();
     assert!(got.tasks.is_empty() && got.takeovers.is_empty(), "{got:?}");
     // Fed to a worker that dies, then taken over twice: the same entry, run each time.
     let (fed, more) = env
@@ -481,19 +480,7 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
     assert_eq!((fed.len(), more), (1, false));
     assert!(fed[0].from_room);
     for n in 2..=3 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let got = env
-            .redis
-            .reclaim(
-                &env.keys,
-                &format!("crashed-{n}"),
-                Duration::from_millis(1),
-                1,
-                3,
-                ttl,
-            )
-            .await
-            .unwrap();
+        let got = env.take_over(&format!("crashed-{n}"), 1).await.unwrap();
         assert_eq!(got.tasks.len(), 1);
         assert!(
             got.tasks[0].from_room,
@@ -501,12 +488,7 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
         );
         assert_eq!(got.tasks[0].entry_id, fed[0].entry_id);
     }
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    let got = env
-        .redis
-        .reclaim(&env.keys, "next", Duration::from_millis(1), 1, 3, ttl)
-        .await
-        .unwrap();
+    let got = env.take_over("next", 1).await.unwrap();
     assert!(got.tasks.is_empty(), "a fourth delivery is refused");
     let dead = env.redis.dead_letters(&env.keys, 10).await.unwrap();
     assert_eq!(
