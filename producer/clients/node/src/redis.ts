@@ -138,6 +138,31 @@ async function probe(node: { host: string; port: number }, tls: boolean, args: s
   }
 }
 
+type Connectable = Closable & { connect(): Promise<unknown> };
+
+/**
+ * The connection over `client` (already open): its commands, its transactions by `multi`, and
+ * leases that are clients of their own, made by `make` and opened as `client` was.
+ */
+function connection<C extends Connectable>(
+  where: string,
+  client: C,
+  make: () => { c: Connectable; state: { connected: boolean } },
+  multi: (routingKey: string) => Transaction,
+): Connection {
+  return {
+    where,
+    cmd: client as unknown as Commands,
+    multi,
+    lease: async () => {
+      const { c: dup, state: s } = make();
+      await opened(dup, () => dup.connect(), where, s);
+      return { cmd: dup as unknown as Commands, release: () => dup.close().catch(() => undefined) };
+    },
+    close: () => client.close(),
+  };
+}
+
 const nodes = (list: { host: string; port: number }[]) => list.map(({ host, port }) => `${host}:${port}`).join(', ');
 
 function single(target: Extract<RedisTarget, { kind: 'single' }>, where: string): () => Promise<Connection> {
@@ -151,18 +176,11 @@ function single(target: Extract<RedisTarget, { kind: 'single' }>, where: string)
     };
     const client = createClient(options);
     await opened(client, () => client.connect(), where, state);
-    return {
-      where,
-      cmd: client as unknown as Commands,
-      multi: () => client.multi() as unknown as Transaction,
-      lease: async () => {
-        const s = { connected: false };
-        const dup = client.duplicate({ socket: { ...options.socket, reconnectStrategy: reconnect(s) } });
-        await opened(dup, () => dup.connect(), where, s);
-        return { cmd: dup as unknown as Commands, release: () => dup.close().catch(() => undefined) };
-      },
-      close: () => client.close(),
+    const fresh = () => {
+      const s = { connected: false };
+      return { c: client.duplicate({ socket: { ...options.socket, reconnectStrategy: reconnect(s) } }), state: s };
     };
+    return connection(where, client, fresh, () => client.multi() as unknown as Transaction);
   };
 }
 
@@ -211,17 +229,7 @@ function cluster(target: Extract<RedisTarget, { kind: 'cluster' }>, where: strin
         { cause: e },
       );
     }
-    return {
-      where,
-      cmd: client as unknown as Commands,
-      multi: (routingKey: string) => client.multi(routingKey) as unknown as Transaction,
-      lease: async () => {
-        const { c: dup, state: s } = make();
-        await opened(dup, () => dup.connect(), where, s);
-        return { cmd: dup as unknown as Commands, release: () => dup.close().catch(() => undefined) };
-      },
-      close: () => client.close(),
-    };
+    return connection(where, client, make, (routingKey: string) => client.multi(routingKey) as unknown as Transaction);
   };
 }
 
@@ -280,17 +288,7 @@ function sentinel(target: Extract<RedisTarget, { kind: 'sentinel' }>, where: str
     await resolveMaster(target);
     const { c: client, state } = make();
     await opened(client, () => client.connect(), where, state);
-    return {
-      where,
-      cmd: client as unknown as Commands,
-      multi: () => client.multi() as unknown as Transaction,
-      lease: async () => {
-        const { c: dup, state: s } = make();
-        await opened(dup, () => dup.connect(), where, s);
-        return { cmd: dup as unknown as Commands, release: () => dup.close().catch(() => undefined) };
-      },
-      close: () => client.close(),
-    };
+    return connection(where, client, make, () => client.multi() as unknown as Transaction);
   };
 }
 
