@@ -289,6 +289,10 @@ pub struct Envelope {
     /// provider file's `prompt_cache` (on unless it says false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_cache: Option<bool>,
+    /// The answer cache (`{"ttl": "24h"}`): an identical request within the TTL is answered
+    /// from Redis without a call. `false`: not even the queue's (`answer_cache.queues`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<Box<CacheAsk>>,
     /// How long the task can wait for its answer (e.g. `"24h"`), from when it was enqueued:
     /// set, it may go through a provider's batch API at the batch price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -429,6 +433,103 @@ pub fn check_class(priority: Option<i64>, tenant: Option<&str>) -> Result<()> {
     Ok(())
 }
 
+/// What a task asks of the answer cache (`cache`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum CacheAsk {
+    /// `false`: never answered from the cache, nor stored in it. `true` is refused: a TTL
+    /// must be given.
+    Use(bool),
+    /// Answered from the cache, and stored in it for `ttl`.
+    Keep(CacheKeep),
+}
+
+/// `{"ttl": "24h", "sampled": true}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheKeep {
+    pub ttl: String,
+    /// `true`: cache a sampled answer too (`temperature` above 0, or unset: every provider's
+    /// default samples), so every identical request gets that one sample.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sampled: bool,
+}
+
+/// The shortest answer-cache TTL.
+pub const MIN_CACHE_TTL: Duration = Duration::from_secs(1);
+/// The longest answer-cache TTL.
+pub const MAX_CACHE_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// An answer-cache TTL between [`MIN_CACHE_TTL`] and [`MAX_CACHE_TTL`], or what is wrong with
+/// it as a sentence's end (`... ; write ...`).
+///
+/// # Errors
+/// The text is not a duration, or out of range.
+pub fn cache_ttl(text: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| {
+        format!(
+            "`{}` is not a duration ({e}); write it as e.g. \"10m\" or \"24h\"",
+            crate::text::excerpt(text, 40)
+        )
+    })?;
+    if d < MIN_CACHE_TTL || d > MAX_CACHE_TTL {
+        return Err(format!(
+            "{text} is not between 1s and 30d; give e.g. \"24h\""
+        ));
+    }
+    Ok(d)
+}
+
+/// Whether a request samples its answer: `temperature` above 0, or unset (every provider's
+/// default is 1).
+#[must_use]
+pub fn samples(temperature: Option<f32>) -> bool {
+    temperature.is_none_or(|t| t > 0.0)
+}
+
+impl CacheAsk {
+    /// The TTL asked for, when the task asks to be cached (`None` for `false`).
+    #[must_use]
+    pub fn ttl(&self) -> Option<Duration> {
+        match self {
+            Self::Use(_) => None,
+            Self::Keep(k) => cache_ttl(&k.ttl).ok(),
+        }
+    }
+
+    fn check(&self, env: &Envelope) -> Result<()> {
+        let field = |field: &str, message: String| Error::Field {
+            field: field.into(),
+            message,
+        };
+        let keep = match self {
+            Self::Use(false) => return Ok(()),
+            Self::Use(true) => {
+                return Err(field(
+                    "cache",
+                    "true needs a time to keep the answer; write {\"ttl\": \"24h\"}".into(),
+                ));
+            }
+            Self::Keep(keep) => keep,
+        };
+        cache_ttl(&keep.ttl).map_err(|e| field("cache.ttl", e))?;
+        if env.streams() {
+            return Err(field(
+                "cache",
+                "cannot be used with stream: a cached answer is not streamed; drop one of them"
+                    .into(),
+            ));
+        }
+        if samples(env.temperature) && !keep.sampled {
+            return Err(field(
+                "cache",
+                "would give every identical request one sampled answer (temperature is unset or above 0); set \"temperature\": 0, or \"sampled\": true in cache to keep one sample".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The shortest `deadline`: every provider's batch API may take a day (OpenAI's only
 /// completion window is 24h; Anthropic and Gemini aim at a day too).
 pub const MIN_DEADLINE: Duration = Duration::from_secs(24 * 3600);
@@ -479,6 +580,7 @@ impl Envelope {
             response_format: None,
             stream: None,
             prompt_cache: None,
+            cache: None,
             deadline: None,
             task_type: None,
             provider: None,
@@ -613,6 +715,9 @@ impl Envelope {
         }
         if let Some(text) = &self.deadline {
             check_deadline(text, self.streams())?;
+        }
+        if let Some(ask) = &self.cache {
+            ask.check(self)?;
         }
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.

@@ -77,7 +77,9 @@ pub struct CallRow {
     pub cost_usd: f64,
     pub latency_ms: i32,
     /// `ok` or `error`; `started` while the call runs (and for good when its worker died
-    /// during it); `abandoned` when the worker gave up waiting (attempt timeout, shutdown).
+    /// during it); `abandoned` when the worker gave up waiting (attempt timeout, shutdown);
+    /// `cached` for an answer the answer cache gave: no call, no tokens, $0, and as list cost
+    /// what the call it reuses cost.
     pub outcome: String,
     pub error_class: Option<String>,
     pub error: Option<String>,
@@ -901,7 +903,7 @@ impl Ledger {
             ),
             (Some(_), _) => (
                 format!(
-                    "SELECT {key} AS key, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
+                    "SELECT {key} AS key, count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')) AS calls,
                         sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                         sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
                         coalesce(sum(list_cost_usd - cost_usd), 0) AS batch_saved_usd

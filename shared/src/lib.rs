@@ -8,6 +8,7 @@
 //! - `provider`: one adapter per wire format, the shared HTTP exchange, clients and probes;
 //! - `routing`: `plan(config, task, constraints, stats)`, pure;
 //! - `keys`: every Redis key name; `queue`: every operation on a queue, one file each;
+//! - `answer_cache`: which tasks the answer cache answers, and what makes requests identical;
 //! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
 //! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres; `insights`: what the
 //!   ledger says of each model (`llmq insights`);
@@ -26,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod answer_cache;
 pub mod archive;
 pub mod chain;
 pub mod circuit;

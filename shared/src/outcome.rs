@@ -176,6 +176,12 @@ pub struct TaskRecord {
     /// The tools the model called, when the task gave it tools. llmq never runs them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<crate::conversation::ToolCall>,
+    /// Answered from the answer cache, without a call.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cached: bool,
+    /// The task whose call gave the cached answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_from: Option<String>,
 }
 
 /// How a learned strategy chose a task's model, so the route can be judged later
@@ -217,6 +223,8 @@ impl TaskRecord {
             learned: None,
             json: None,
             tool_calls: Vec::new(),
+            cached: false,
+            cached_from: None,
         }
     }
 

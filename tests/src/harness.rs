@@ -781,7 +781,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
                 sum(reasoning_tokens) AS r, sum(cost_usd) AS cost, sum(batch_saved_usd) AS saved
              FROM call_rollups GROUP BY 1, 2, 3, 4, 5",
             "SELECT (called_at AT TIME ZONE 'UTC')::date, queue, provider, model, task_type,
-                count(*) FILTER (WHERE outcome <> 'unsent'), sum(input_tokens),
+                count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')), sum(input_tokens),
                 sum(output_tokens), sum(cached_tokens), sum(reasoning_tokens), sum(cost_usd),
                 coalesce(sum(list_cost_usd - cost_usd), 0)
              FROM provider_calls GROUP BY 1, 2, 3, 4, 5",
@@ -810,7 +810,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
              FROM chain_costs",
             "SELECT chain_id, sum(calls), sum(tasks), sum(i), sum(o), sum(c), sum(cost),
                 sum(saved)
-             FROM (SELECT chain_id, count(*) FILTER (WHERE outcome <> 'unsent') AS calls,
+             FROM (SELECT chain_id, count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')) AS calls,
                     0 AS tasks, sum(input_tokens) AS i, sum(output_tokens) AS o,
                     sum(cached_tokens) AS c, sum(cost_usd) AS cost,
                     coalesce(sum(list_cost_usd - cost_usd), 0) AS saved

@@ -22,6 +22,8 @@ pub struct Finished {
     /// The concurrency key whose slot this delivery holds, to free once its outcome is
     /// written.
     pub slot: Option<String>,
+    /// The answer to keep in the answer cache once the outcome is written.
+    pub keep: Option<Box<llmq_shared::queue::Keep>>,
     /// Nothing to write: the task was parked to wait for a slot of its concurrency key (or
     /// the entry was no longer ours).
     pub parked: bool,
@@ -43,6 +45,7 @@ impl Finished {
             task: None,
             verdict: None,
             slot: None,
+            keep: None,
             parked: false,
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, Ledger};
-use llmq_shared::queue::{Client, FinishKind, Write};
+use llmq_shared::queue::{Client, FinishKind, Keep, Write};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +52,8 @@ pub struct Finisher {
     /// Held unready while a write keeps failing: a worker that cannot finish tasks should
     /// take no more.
     pub readiness: llmq_shared::health::Readiness,
+    /// `answer_cache.max_memory_mb`, in bytes: the most one queue's kept answers take.
+    pub answer_cache_bytes: u64,
 }
 
 impl Finisher {
@@ -176,7 +178,20 @@ impl Finisher {
             // The concurrency slots of the tasks whose outcomes were applied, freed in one
             // call once the queue's part of the batch is written.
             let mut freed = Vec::new();
-            self.write_queue(&keys, items, &mut freed).await;
+            let mut kept = Vec::new();
+            self.write_queue(&keys, items, &mut freed, &mut kept).await;
+            // Kept before the flights are freed, so the tasks they wake find the answers.
+            // Should this fail, they call the model again.
+            if let Err(e) = self
+                .redis
+                .keep_answers(&keys, self.answer_cache_bytes, &kept)
+                .await
+            {
+                tracing::warn!(
+                    queue = keys.name(),
+                    "cannot keep answers in the answer cache: {e}"
+                );
+            }
             if !freed.is_empty() {
                 let held: Vec<(&str, &str)> = freed
                     .iter()
@@ -192,18 +207,20 @@ impl Finisher {
     }
 
     /// Writes one queue's part of a batch in one script; adds (entry id, key) of every
-    /// applied outcome that held a concurrency slot to `freed`.
+    /// applied outcome that held a concurrency slot (or an answer-cache flight) to `freed`,
+    /// and the answer of every applied outcome that keeps one to `kept`.
     async fn write_queue(
         &self,
         keys: &QueueKeys,
         items: Vec<Pending>,
         freed: &mut Vec<(String, String)>,
+        kept: &mut Vec<Keep>,
     ) {
         let mut slots = Vec::with_capacity(items.len());
         let (writes, waiters): (Vec<Write>, Vec<_>) = items
             .into_iter()
             .map(|p| {
-                slots.push(p.finished.slot);
+                slots.push((p.finished.slot, p.finished.keep));
                 (p.finished.write, p.done)
             })
             .unzip();
@@ -216,10 +233,14 @@ impl Finisher {
         let ok = applied.is_some();
         let applied = applied.unwrap_or_default();
         let mut counts = [0_u64; OUTCOMES.len()];
-        for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
+        for (i, ((write, done), (slot, keep))) in writes.iter().zip(waiters).zip(slots).enumerate()
+        {
             let was_applied = applied.get(i).copied().unwrap_or(false);
             if was_applied && let Some(key) = slot {
                 freed.push((write.entry_id().to_owned(), key));
+            }
+            if was_applied && let Some(keep) = keep {
+                kept.push(*keep);
             }
             if ok && let Some(finish) = write.finish() {
                 counts[outcome(&finish.kind, was_applied)] += 1;

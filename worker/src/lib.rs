@@ -316,6 +316,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         result_ttl: settings.result_ttl,
         hard_stop: hard_stop.clone(),
         readiness: readiness.clone(),
+        answer_cache_bytes: settings.config.answer_cache.max_bytes,
     }
     .spawn(&tasks);
     let claims = Arc::new(Claims::new(settings.visibility_timeout));

@@ -68,6 +68,46 @@ pub struct Config {
     /// How many tasks a tenant gets per turn in a queue's room (`tenants.weights`), for the
     /// tenants whose weight is not 1; the same on every worker.
     pub tenant_weights: std::collections::BTreeMap<String, u32>,
+    pub answer_cache: AnswerCache,
+}
+
+/// The answer cache (`answer_cache:` in the provider file): which queues' tasks are answered
+/// from it without asking, and its bounds. A task's own `cache` comes first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnswerCache {
+    /// Queues whose tasks are cached unless they say `"cache": false`.
+    pub queues: std::collections::BTreeMap<String, QueueCache>,
+    /// The most bytes of answers one queue keeps; the answers nearest their end go first.
+    pub max_bytes: u64,
+    /// Whether a tenant's request may be answered with another tenant's answer.
+    pub share_across_tenants: bool,
+    /// Tools whose calls depend on more than the request (the time, a database): a request
+    /// offering one is never cached.
+    pub uncacheable_tools: std::collections::BTreeSet<String>,
+}
+
+/// A queue's answer cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueCache {
+    pub ttl: Duration,
+    /// Whether sampled requests (`temperature` above 0 or unset) are cached too.
+    pub sampled: bool,
+}
+
+/// `answer_cache.max_memory_mb` when unset: 256 MiB per queue.
+pub const DEFAULT_ANSWER_CACHE_MB: u64 = 256;
+/// The largest `answer_cache.max_memory_mb`: 1 TiB.
+pub const MAX_ANSWER_CACHE_MB: u64 = 1024 * 1024;
+
+impl Default for AnswerCache {
+    fn default() -> Self {
+        Self {
+            queues: std::collections::BTreeMap::new(),
+            max_bytes: DEFAULT_ANSWER_CACHE_MB * 1024 * 1024,
+            share_across_tenants: false,
+            uncacheable_tools: std::collections::BTreeSet::new(),
+        }
+    }
 }
 
 /// The highest `tenants.weights` value.
@@ -154,6 +194,40 @@ fn retention(errs: &Errors<'_>, text: &str) -> Result<Duration> {
         ));
     }
     Ok(keep)
+}
+
+/// `answer_cache:`, checked.
+fn answer_cache(errs: &Errors<'_>, raw: Option<raw::RawAnswerCache>) -> Result<AnswerCache> {
+    let Some(raw) = raw else {
+        return Ok(AnswerCache::default());
+    };
+    let mb = raw.max_memory_mb.unwrap_or(DEFAULT_ANSWER_CACHE_MB);
+    if !(1..=MAX_ANSWER_CACHE_MB).contains(&mb) {
+        return Err(errs.at(
+            "answer_cache.max_memory_mb",
+            format!("{mb} is not between 1 and {MAX_ANSWER_CACHE_MB}"),
+            "give the most megabytes of answers one queue keeps, e.g. 256",
+        ));
+    }
+    let mut queues = std::collections::BTreeMap::new();
+    for (queue, q) in raw.queues {
+        let key = format!("answer_cache.queues.{queue}.ttl");
+        let ttl = crate::envelope::cache_ttl(&q.ttl)
+            .map_err(|e| errs.at(key, e, "give how long an answer is kept, e.g. 24h"))?;
+        queues.insert(
+            queue,
+            QueueCache {
+                ttl,
+                sampled: q.sampled,
+            },
+        );
+    }
+    Ok(AnswerCache {
+        queues,
+        max_bytes: mb * 1024 * 1024,
+        share_across_tenants: raw.share_across_tenants,
+        uncacheable_tools: raw.uncacheable_tools.into_iter().collect(),
+    })
 }
 
 fn read(path: &Path) -> Result<String> {
@@ -278,6 +352,7 @@ impl Config {
                 Some(text) => Some(retention(&errs, &text)?),
             },
         };
+        let answer_cache = answer_cache(&errs, raw.answer_cache)?;
         let mut tenant_weights = std::collections::BTreeMap::new();
         for (tenant, weight) in raw.tenants.map(|t| t.weights).unwrap_or_default() {
             let key = format!("tenants.weights.{tenant}");
@@ -307,6 +382,7 @@ impl Config {
             chains,
             ledger,
             tenant_weights,
+            answer_cache,
         })
     }
 
@@ -434,6 +510,56 @@ routing:
             err.contains("providers[0].connections") && err.contains("use 1 to 1024"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn answer_cache_queues_ttls_and_bound_are_checked_naming_the_key() {
+        let c = Config::parse("p.yaml", GOOD, &env).unwrap();
+        assert_eq!(c.answer_cache, AnswerCache::default(), "off unless asked");
+        assert_eq!(c.answer_cache.max_bytes, 256 * 1024 * 1024);
+        let with = |a: &str| format!("{GOOD}answer_cache:\n{a}");
+        let on = with(
+            "  max_memory_mb: 16\n  share_across_tenants: true\n  uncacheable_tools: [now]\n  queues:\n    reviews: {ttl: 24h, sampled: true}\n",
+        );
+        let c = Config::parse("p.yaml", &on, &env).unwrap();
+        assert_eq!(c.answer_cache.max_bytes, 16 * 1024 * 1024);
+        assert!(c.answer_cache.share_across_tenants);
+        assert!(c.answer_cache.uncacheable_tools.contains("now"));
+        assert_eq!(
+            c.answer_cache.queues["reviews"],
+            QueueCache {
+                ttl: Duration::from_secs(24 * 3600),
+                sampled: true
+            }
+        );
+        for (a, key, says) in [
+            (
+                "  queues:\n    reviews: {ttl: 0s}\n",
+                "answer_cache.queues.reviews.ttl",
+                "between 1s and 30d",
+            ),
+            (
+                "  queues:\n    reviews: {ttl: 40d}\n",
+                "answer_cache.queues.reviews.ttl",
+                "between 1s and 30d",
+            ),
+            (
+                "  queues:\n    reviews: {ttl: tomorrow}\n",
+                "answer_cache.queues.reviews.ttl",
+                "not a duration",
+            ),
+            (
+                "  max_memory_mb: 0\n",
+                "answer_cache.max_memory_mb",
+                "not between",
+            ),
+            ("  max_bytes: 5\n", "max_bytes", "unknown field"),
+        ] {
+            let err = Config::parse("p.yaml", &with(a), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(says), "{a}: {err}");
+        }
     }
 
     #[test]

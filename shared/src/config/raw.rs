@@ -22,6 +22,28 @@ pub(super) struct RawFile {
     pub(super) ledger: Option<RawLedger>,
     #[serde(default)]
     pub(super) tenants: Option<RawTenants>,
+    #[serde(default)]
+    pub(super) answer_cache: Option<RawAnswerCache>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAnswerCache {
+    pub(super) max_memory_mb: Option<u64>,
+    #[serde(default)]
+    pub(super) share_across_tenants: bool,
+    #[serde(default)]
+    pub(super) uncacheable_tools: Vec<String>,
+    #[serde(default)]
+    pub(super) queues: std::collections::BTreeMap<String, RawQueueCache>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQueueCache {
+    pub(super) ttl: String,
+    #[serde(default)]
+    pub(super) sampled: bool,
 }
 
 #[derive(Deserialize)]

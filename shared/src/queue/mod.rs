@@ -13,6 +13,7 @@
 //! - `chain`: a chain's reads, and what a person or the scheduler does to one (cancel, retry,
 //!   approve, trim); its state types live in [`crate::chain`];
 //! - `slots`: concurrency-key slots, taken, parked for and freed;
+//! - `answers`: the answer cache's answers and single flights (slots of their own);
 //! - `batch`: tasks that wait for a provider batch, the batches, and their answers;
 //! - `dead_letter`: listing, finding, replaying, purging and (fenced) trimming dead letters;
 //! - `pause`: pausing and resuming a queue, and handing back what a worker read meanwhile;
@@ -27,6 +28,7 @@ use tokio::sync::OnceCell;
 
 use crate::outcome::{ErrorClass, TaskRecord};
 
+mod answers;
 mod batch;
 mod chain;
 mod conn;
@@ -40,6 +42,7 @@ mod pause;
 mod reply;
 mod slots;
 
+pub use answers::{Answer, Keep, flight_key};
 pub use batch::{
     BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
 };

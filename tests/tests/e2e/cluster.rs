@@ -458,7 +458,7 @@ async fn a_sentinel_failover_under_500_slow_tasks_loses_none_and_bills_every_cal
     // The ledger holds every call the provider answered: a task whose finish the old
     // master lost ran again, and both calls are billed.
     let billed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM provider_calls WHERE queue = $1 AND outcome <> 'unsent'",
+        "SELECT count(*) FROM provider_calls WHERE queue = $1 AND outcome NOT IN ('unsent', 'cached')",
     )
     .bind(&env.queue)
     .fetch_one(env.ledger.pool())

@@ -3,6 +3,7 @@
 //! and to llmq-mock over HTTP; every test uses its own queue, provider names and scheduler
 //! namespace, so they run in parallel.
 
+mod answer_cache;
 mod batch;
 mod browser;
 mod chain;

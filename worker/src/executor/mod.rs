@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use llmq_shared::answer_cache::{self, Use};
 use llmq_shared::chain::{Chain, StepOutcome, StepState};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
@@ -27,7 +28,9 @@ use llmq_shared::ledger::{CallRow, TaskRow, UNSENT, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
-use llmq_shared::queue::{BatchState, Client, Delivery, Finish, FinishKind, Slot, Write, now_ms};
+use llmq_shared::queue::{
+    BatchState, Client, Delivery, Finish, FinishKind, Slot, Write, flight_key, now_ms,
+};
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
@@ -39,6 +42,7 @@ use uuid::Uuid;
 
 pub mod attempt;
 mod batch;
+mod cache;
 mod call_metrics;
 mod chain;
 mod check;
@@ -505,6 +509,10 @@ impl Executor {
         }
         let mut calls = Vec::new();
         let mut learned = None;
+        // The answer cache: the task whose answer this one reuses, or what to keep this
+        // one's answer as (boxed: every task in flight carries these through its call).
+        let mut cached_from = None;
+        let mut to_keep = None;
         let started = Instant::now();
         let tried = 'tried: {
             if let Some(outcome) = settled {
@@ -512,6 +520,51 @@ impl Executor {
             }
             if let Some(answer) = &batch_answer {
                 break 'tried batch::answered(answer, &env);
+            }
+            match answer_cache::use_of(&self.config.answer_cache, queue.name(), call_env) {
+                Use::Off => {}
+                Use::Refused { field, message } => {
+                    break 'tried Tried::without_call(Outcome::Failed(AttemptError {
+                        class: ErrorClass::Invalid,
+                        message: format!("field `{field}` is wrong: {message}"),
+                        tried: Vec::new(),
+                        retry_after: None,
+                    }));
+                }
+                Use::On { ttl } => {
+                    let share = self.config.answer_cache.share_across_tenants;
+                    let hash = answer_cache::request_hash(call_env, share);
+                    // One call for concurrent identical requests, unless the task holds a
+                    // concurrency key's slot already or may wait for a provider batch.
+                    let flight = slot.is_none() && env.deadline.is_none();
+                    let look = self.look_up(&queue, &entry_id, &hash, flight, &env);
+                    match Box::pin(look).await {
+                        cache::Looked::Hit(answer) => {
+                            let (tried, row) =
+                                cache::hit(&answer, &queue, &env, &task_type, &self.worker_id);
+                            calls.push(row);
+                            cached_from = Some(Box::new(answer.task_id));
+                            break 'tried tried;
+                        }
+                        cache::Looked::Miss => {
+                            if flight {
+                                *slot = Some(flight_key(&hash));
+                            }
+                            to_keep = Some(Box::new((hash, ttl)));
+                        }
+                        cache::Looked::Parked => {
+                            let finish = Finish::release(entry_id, task_id, String::new());
+                            return Finished {
+                                parked: true,
+                                ..plain(queue, finish, Vec::new())
+                            };
+                        }
+                        cache::Looked::Release => {
+                            let finish = Finish::release(entry_id, task_id, env.to_json());
+                            return plain(queue, finish, Vec::new());
+                        }
+                    }
+                }
             }
             let stats = self.learned_stats();
             let stats = stats.as_deref().unwrap_or(&NO_STATS);
@@ -597,6 +650,14 @@ impl Executor {
         record.learned = learned;
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
+        let keep = match (to_keep, &tried.outcome, &tried.last) {
+            (Some(to_keep), Outcome::Answered(c), Some(last)) => {
+                cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
+            }
+            _ => None,
+        };
+        record.cached_from = cached_from.map(|id| *id);
+        record.cached = record.cached_from.is_some();
         if let Some((provider, model)) = tried.last {
             record.provider = Some(provider);
             record.model = Some(model);
@@ -663,6 +724,7 @@ impl Executor {
             &self.read_pause,
         );
         finished.verdict = verdict;
+        finished.keep = keep;
         finished
     }
 

@@ -27,9 +27,22 @@ local function free_stale(stream, held)
 end
 
 -- Hands free slots of `key` to its oldest parked tasks, each re-added to the stream holding
--- its slot. Forgets the key in the index once nothing is parked.
+-- its slot. Limit 0 is an answer-cache flight (`answer_take.lua`): once nothing holds it,
+-- every parked task goes back, none holding it. Forgets the key in the index once nothing is
+-- parked.
 local function wake(stream, prefix, key, limit)
   local held, parked = prefix .. 'held:' .. key, prefix .. 'parked:' .. key
+  if limit == 0 then
+    if redis.call('SCARD', held) > 0 then
+      return
+    end
+    for _, env in ipairs(redis.call('LRANGE', parked, 0, -1)) do
+      redis.call('XADD', stream, '*', 'task', env, 'room', '-')
+    end
+    redis.call('DEL', parked)
+    redis.call('HDEL', prefix .. 'parked', key)
+    return
+  end
   while redis.call('SCARD', held) < limit do
     local env = redis.call('LPOP', parked)
     if not env then

@@ -1,0 +1,117 @@
+//! The answer cache: answers kept for identical requests (`crate::answer_cache` says which
+//! requests are identical), and the single flight that makes concurrent identical requests
+//! one call, fleet-wide.
+//!
+//! A request's flight is a concurrency slot of limit 1 (`slots`), under a key no task's
+//! `concurrency_key` can have (it starts with NUL, which envelopes refuse): the first task to
+//! miss holds it and calls; the others park until it is freed, and are then all woken at
+//! once (a parked key of limit 0), to find the answer stored, or, when the call failed, for
+//! one of them to take the flight. A worker that dies during the call leaves the slot to the
+//! entry, which the next worker to take the entry over holds again; an entry that left the
+//! stream without freeing it is stale for the sweep, as any slot's.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+use super::{Client, Result};
+use crate::keys::{GROUP, QueueKeys};
+
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/slots.lua"),
+        include_str!("answer_take.lua")
+    ))
+});
+static STORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("answer_store.lua")));
+
+/// The concurrency key of the flight of request `hash`.
+#[must_use]
+pub fn flight_key(hash: &str) -> String {
+    format!("\0answer:{hash}")
+}
+
+/// What [`Client::take_answer`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The answer kept for the request (JSON of a [`crate::answer_cache::CachedAnswer`]).
+    Hit(String),
+    /// Not kept: call the model. With a flight asked for, this task holds it.
+    Miss,
+    /// Another task is calling for the same request: this one was parked until it is done
+    /// (its entry is acked and deleted).
+    Parked,
+    /// Another task is calling, and no envelope was given to park: call again with it.
+    Busy,
+    /// This consumer no longer holds the entry; nothing was done.
+    Lost,
+}
+
+/// One answer to keep.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Keep {
+    pub hash: String,
+    pub ttl_ms: u64,
+    pub answer: String,
+}
+
+impl Client {
+    /// Looks request `hash` up for the entry this consumer is about to run; on a miss with
+    /// `flight`, takes the request's flight, or parks `envelope` behind it (without an
+    /// envelope, only tries: [`Answer::Busy`]).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn take_answer(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        entry_id: &str,
+        hash: &str,
+        flight: bool,
+        envelope: Option<&str>,
+    ) -> Result<Answer> {
+        let mut c = self.conn().await?;
+        let v: redis::Value = TAKE
+            .key(keys.stream())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .arg(hash)
+            .arg(if flight { "1" } else { "" })
+            .arg(envelope.unwrap_or_default())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match v {
+            redis::Value::Int(1 | 3) => Answer::Miss,
+            redis::Value::Int(0) => Answer::Parked,
+            redis::Value::Int(2) => Answer::Busy,
+            redis::Value::Int(_) => Answer::Lost,
+            other => Answer::Hit(super::reply::as_string(&other)?),
+        })
+    }
+
+    /// Keeps these answers, each for its TTL, within `max_bytes` for the queue: the answers
+    /// nearest their end are dropped to make room; one larger than the bound is not kept.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn keep_answers(
+        &self,
+        keys: &QueueKeys,
+        max_bytes: u64,
+        answers: &[Keep],
+    ) -> Result<()> {
+        if answers.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let mut inv = STORE.key(keys.stream());
+        inv.arg(max_bytes).arg(super::now_ms());
+        for a in answers {
+            inv.arg(&a.hash).arg(a.ttl_ms).arg(&a.answer);
+        }
+        inv.invoke_async::<i64>(&mut c).await?;
+        Ok(())
+    }
+}

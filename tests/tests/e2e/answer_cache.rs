@@ -1,0 +1,263 @@
+//! The answer cache (issue 36): identical requests enqueued at once make one call each (the
+//! rest wait for it, fleet-wide, and read its answer), a failed call hands the request to a
+//! waiting task, answers end with their TTL and stay within their bound, tenants do not share
+//! answers, and the ledger counts a hit as a hit, not a call.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use llmq_shared::config::QueueCache;
+use llmq_shared::envelope::{CacheAsk, CacheKeep, Envelope};
+use llmq_shared::outcome::{Status, TaskRecord};
+use llmq_shared::queue::{Answer, Keep};
+use llmq_tests::harness::{TestEnv, WorkerHandle, rollup_mismatches};
+
+fn task(prompt: &str) -> Envelope {
+    Envelope {
+        temperature: Some(0.0),
+        model: Some("mock-fast".into()),
+        ..Envelope::new(prompt)
+    }
+}
+
+fn cached_for(ttl: &str) -> Option<Box<CacheAsk>> {
+    Some(Box::new(CacheAsk::Keep(CacheKeep {
+        ttl: ttl.into(),
+        sampled: false,
+    })))
+}
+
+/// A worker on `env`'s queue, whose provider file caches the queue's answers for 10 minutes.
+fn caching_worker(env: &TestEnv, concurrency: usize) -> WorkerHandle {
+    let mut settings = env.settings();
+    settings.concurrency = concurrency;
+    settings.config.answer_cache.queues.insert(
+        env.queue.clone(),
+        QueueCache {
+            ttl: Duration::from_secs(600),
+            sampled: false,
+        },
+    );
+    settings
+        .config
+        .answer_cache
+        .uncacheable_tools
+        .insert("now".into());
+    WorkerHandle::start(settings)
+}
+
+async fn run_all(env: &TestEnv, tasks: &[Envelope]) -> Vec<TaskRecord> {
+    for t in tasks {
+        env.redis.enqueue(&env.keys, t).await.unwrap();
+    }
+    let mut records = Vec::new();
+    for t in tasks {
+        let id = t.id.unwrap().to_string();
+        records.push(env.wait_final(&id, Duration::from_secs(60)).await.unwrap());
+    }
+    records
+}
+
+#[tokio::test]
+async fn identical_tasks_sent_at_once_make_one_call_each_and_the_rest_read_its_answer() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = caching_worker(&env, 16);
+    // Four requests, ten copies each, interleaved; every call takes 300 ms, so copies arrive
+    // while their request's first call is on its way.
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Classify review {i} [[mock:slow-300]]"))
+        .collect();
+    let tasks: Vec<Envelope> = (0..10)
+        .flat_map(|_| prompts.iter().map(|p| task(p)))
+        .collect();
+    let records = run_all(&env, &tasks).await;
+
+    let mut by_prompt: HashMap<&str, Vec<&TaskRecord>> = HashMap::new();
+    for (t, r) in tasks.iter().zip(&records) {
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        by_prompt.entry(t.prompt.as_str()).or_default().push(r);
+    }
+    for p in &prompts {
+        assert_eq!(env.mock.calls_with_prompt(p), 1, "one call for {p}");
+        let rs = &by_prompt[p.as_str()];
+        let called: Vec<_> = rs.iter().filter(|r| !r.cached).collect();
+        assert_eq!(called.len(), 1, "one task called for {p}");
+        let leader = called[0];
+        assert!(leader.cost_usd > 0.0);
+        for r in rs.iter().filter(|r| r.cached) {
+            assert_eq!(r.output, leader.output, "the same answer");
+            assert_eq!(r.cached_from.as_deref(), Some(leader.task_id.as_str()));
+            assert_eq!(r.cost_usd, 0.0, "a hit is billed nothing");
+            assert_eq!(r.model, leader.model);
+        }
+    }
+    worker.stop().await.unwrap();
+
+    // The ledger: four calls, 36 hits at $0, each saving what its request's call cost.
+    let rows: Vec<(String, i64, f64, f64)> = sqlx::query_as(
+        "SELECT outcome, count(*), sum(cost_usd)::float8, sum(coalesce(list_cost_usd, cost_usd))::float8
+         FROM provider_calls WHERE queue = $1 GROUP BY 1 ORDER BY 1",
+    )
+    .bind(&env.queue)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let (hits, ok) = (&rows[0], &rows[1]);
+    assert_eq!((hits.0.as_str(), hits.1, hits.2), ("cached", 36, 0.0));
+    assert_eq!((ok.0.as_str(), ok.1), ("ok", 4));
+    assert!((hits.3 - 9.0 * ok.2).abs() < 1e-12, "{rows:?}");
+    assert_eq!(
+        rollup_mismatches(env.ledger.pool()).await.unwrap(),
+        Vec::<String>::new()
+    );
+    let calls: i64 =
+        sqlx::query_scalar("SELECT sum(calls)::int8 FROM call_rollups WHERE queue = $1")
+            .bind(&env.queue)
+            .fetch_one(env.ledger.pool())
+            .await
+            .unwrap();
+    assert_eq!(calls, 4, "a hit is not a call");
+}
+
+#[tokio::test]
+async fn a_failed_call_hands_its_request_to_a_waiting_task() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = caching_worker(&env, 8);
+    // The first request of the conversation gets a 500, the next ones 200.
+    let prompt = "Summarise the incident [[mock:flaky-1]]";
+    let tasks: Vec<Envelope> = (0..6).map(|_| task(prompt)).collect();
+    let records = run_all(&env, &tasks).await;
+    assert!(
+        records.iter().all(|r| r.status == Status::Succeeded),
+        "{records:?}"
+    );
+    assert_eq!(
+        env.mock.calls_with_prompt(prompt),
+        2,
+        "the failed call and one more"
+    );
+    assert_eq!(records.iter().filter(|r| !r.cached).count(), 1);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn answers_end_with_their_ttl_tenants_keep_their_own_and_what_cannot_be_cached_is_refused() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = caching_worker(&env, 4);
+    // The task's own TTL, on a queue the provider file also caches.
+    let prompt = "What changed in release 7?";
+    let one_second = || Envelope {
+        cache: cached_for("1s"),
+        ..task(prompt)
+    };
+    let first = run_all(&env, &[one_second()]).await;
+    let second = run_all(&env, &[one_second()]).await;
+    assert!(!first[0].cached && second[0].cached, "{second:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let third = run_all(&env, &[one_second()]).await;
+    assert!(!third[0].cached, "the answer ended with its TTL");
+    assert_eq!(env.mock.calls_with_prompt(prompt), 2);
+
+    // `"cache": false` on a cached queue: called every time.
+    let off = || Envelope {
+        cache: Some(Box::new(CacheAsk::Use(false))),
+        ..task(prompt)
+    };
+    let offs = run_all(&env, &[off(), off()]).await;
+    assert!(offs.iter().all(|r| !r.cached));
+    assert_eq!(env.mock.calls_with_prompt(prompt), 4);
+
+    // Two tenants asking the same: each its own answer.
+    let tenants = "Rate the ticket";
+    let of = |tenant: &str| Envelope {
+        tenant: Some(tenant.into()),
+        ..task(tenants)
+    };
+    let rs = run_all(&env, &[of("acme"), of("globex"), of("acme")]).await;
+    assert_eq!(env.mock.calls_with_prompt(tenants), 2);
+    assert_eq!(
+        rs.iter().map(|r| r.cached).collect::<Vec<_>>(),
+        [false, false, true]
+    );
+
+    // A tool whose calls depend on the moment: the queue's cache leaves it alone, a task
+    // asking for the cache with it is a dead letter that names it.
+    let tool = llmq_shared::conversation::Tool {
+        name: "now".into(),
+        description: None,
+        parameters: serde_json::json!({"type": "object", "properties": {}}),
+    };
+    let clock = "What time is it?";
+    let with_tool = |cache| Envelope {
+        tools: vec![tool.clone()],
+        cache,
+        ..task(clock)
+    };
+    let rs = run_all(&env, &[with_tool(None), with_tool(None)]).await;
+    assert!(
+        rs.iter()
+            .all(|r| r.status == Status::Succeeded && !r.cached)
+    );
+    let refused = run_all(&env, &[with_tool(cached_for("1h"))]).await;
+    assert_eq!(refused[0].status, Status::Dead);
+    let error = refused[0].error.as_deref().unwrap();
+    assert!(
+        error.contains("tools[0]") && error.contains("uncacheable_tools"),
+        "{error}"
+    );
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn kept_answers_stay_within_their_bound_nearest_end_first() {
+    let env = TestEnv::new().await.unwrap();
+    let keep = |hash: &str, ttl_s: u64, bytes: usize| Keep {
+        hash: hash.into(),
+        ttl_ms: ttl_s * 1000,
+        answer: "x".repeat(bytes),
+    };
+    let look = |hash: &'static str| {
+        let env = &env;
+        async move {
+            env.redis
+                .take_answer(&env.keys, "c", "0-1", hash, false, None)
+                .await
+                .unwrap()
+        }
+    };
+    // 1,000 bytes: room for two answers of 400 (each counts its hash's bytes too).
+    let bound = 1000;
+    env.redis
+        .keep_answers(&env.keys, bound, &[keep("a", 60, 400), keep("b", 30, 400)])
+        .await
+        .unwrap();
+    assert!(matches!(look("a").await, Answer::Hit(_)));
+    assert!(matches!(look("b").await, Answer::Hit(_)));
+    env.redis
+        .keep_answers(&env.keys, bound, &[keep("c", 90, 400)])
+        .await
+        .unwrap();
+    assert_eq!(
+        look("b").await,
+        Answer::Miss,
+        "b ended soonest: it made room"
+    );
+    assert!(matches!(look("a").await, Answer::Hit(_)));
+    assert!(matches!(look("c").await, Answer::Hit(_)));
+    // Larger than the whole bound: not kept, nothing dropped for it.
+    env.redis
+        .keep_answers(&env.keys, bound, &[keep("d", 90, 1200)])
+        .await
+        .unwrap();
+    assert_eq!(look("d").await, Answer::Miss);
+    assert!(matches!(look("a").await, Answer::Hit(_)));
+    let mut c = env.redis.conn().await.unwrap();
+    let bytes: i64 = redis::cmd("GET")
+        .arg(format!("llmq:{{{}}}:answers:bytes", env.queue))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(bytes, 802, "a and c, with their hashes");
+}
