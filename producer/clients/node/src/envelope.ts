@@ -65,6 +65,19 @@ export type ResponseFormat =
   | { type: 'json_schema'; schema: JsonObject; name?: string; strict?: boolean };
 
 /**
+ * The answer cache, as an object (docs/wire-format.md, "Answer cache"): an identical request
+ * within `ttl` (1s to 30d, humantime: `10m`, `24h`, `7d`) is answered from Redis without a call.
+ */
+export interface CacheAsk {
+  ttl: string;
+  /**
+   * `true`: cache a sampled answer too (`temperature` unset or above 0), which every identical
+   * request then gets. Without it, a cached task needs `temperature: 0`.
+   */
+  sampled?: boolean;
+}
+
+/**
  * A task: every envelope field a producer may set (docs/wire-format.md, "The envelope").
  * `prompt` is required unless `messages` is given. `null` means the same as leaving a field
  * out. Dates may be given as `Date`s or RFC 3339 strings.
@@ -91,6 +104,11 @@ export interface Task {
    * provider file's `prompt_cache`, on unless it says false.
    */
   prompt_cache?: boolean | null;
+  /**
+   * The answer cache: `{ttl: '24h'}` ({@link CacheAsk}); `false`: never answered from it, not
+   * even by the queue's (`answer_cache.queues`). Not with `stream`.
+   */
+  cache?: false | CacheAsk | null;
   type?: TaskType | null;
   provider?: string | null;
   model?: string | null;
@@ -131,6 +149,7 @@ export const TASK_FIELDS = [
   'deadline',
   'stream',
   'prompt_cache',
+  'cache',
   'type',
   'provider',
   'model',
@@ -199,6 +218,10 @@ export interface TaskRecord {
   json?: unknown;
   tool_calls?: { id: string; name: string; arguments: unknown; signature?: string }[];
   learned?: { strategy: string; propensity: number; explored: boolean; candidates: string[] };
+  /** `true`: answered from the answer cache, without a call (`cost_usd` 0). */
+  cached?: boolean;
+  /** For a cached answer, the task whose call gave it. */
+  cached_from?: string;
   [field: string]: unknown;
 }
 
@@ -331,6 +354,52 @@ function checkDeadline(text: string, streams: boolean): void {
     throw wrong('deadline', `${text} is longer than 30 days; give at most 30d`);
   }
   if (streams) throw wrong('deadline', 'cannot be used with stream: a batch answers all at once; drop one of them');
+}
+
+const MAX_CACHE_TTL_SECS = 30n * DAY;
+
+/** `cache` as the worker's deserializer reads it: a boolean, or `{"ttl": text, "sampled": bool}`. */
+function checkCacheShape(v: unknown): void {
+  if (typeof v === 'boolean') return;
+  if (!isObject(v)) throw wrong('cache', `must be false or {"ttl": "24h"} (an object with a ttl), not ${show(v)}`);
+  onlyKeys('cache', v, ['ttl', 'sampled']);
+  if (v.ttl === undefined) throw wrong('cache.ttl', 'is missing; give how long to keep the answer, e.g. "24h"');
+  if (typeof v.ttl !== 'string') throw wrong('cache.ttl', `must be a duration as text, such as "24h", not ${show(v.ttl)}`);
+  if (!v.ttl.isWellFormed()) throw wrong('cache.ttl', 'holds a lone UTF-16 surrogate, which is not valid JSON text; fix the string');
+  if (v.sampled !== undefined) checkBoolean('cache.sampled', v.sampled);
+}
+
+/**
+ * Whether a request samples its answer (`samples` of the worker): `temperature` unset, or
+ * above 0 as the worker's 32-bit float holds it.
+ */
+function samples(temperature: number | undefined): boolean {
+  return temperature === undefined || Math.fround(temperature) > 0;
+}
+
+/** `CacheAsk::check` of the worker, in its words. */
+function checkCache(ask: false | true | CacheAsk, streams: boolean, temperature: number | undefined): void {
+  if (ask === false) return;
+  if (ask === true) throw wrong('cache', 'true needs a time to keep the answer; write {"ttl": "24h"}');
+  const d: Duration | string = humantime(ask.ttl);
+  if (typeof d === 'string') {
+    throw wrong('cache.ttl', `\`${excerpt(ask.ttl, 40)}\` is not a duration (${d}); write it as e.g. "10m" or "24h"`);
+  }
+  if (d.secs < 1n || d.secs > MAX_CACHE_TTL_SECS || (d.secs === MAX_CACHE_TTL_SECS && d.nanos > 0n)) {
+    throw wrong('cache.ttl', `${ask.ttl} is not between 1s and 30d; give e.g. "24h"`);
+  }
+  if (streams) throw wrong('cache', 'cannot be used with stream: a cached answer is not streamed; drop one of them');
+  if (samples(temperature) && ask.sampled !== true) {
+    throw wrong(
+      'cache',
+      'would give every identical request one sampled answer (temperature is unset or above 0); set "temperature": 0, or "sampled": true in cache to keep one sample',
+    );
+  }
+}
+
+/** A valid `cache` as the worker writes it (serde): `ttl`, then `sampled` only when true. */
+function cacheWritten(ask: boolean | CacheAsk): boolean | CacheAsk {
+  return typeof ask === 'boolean' ? ask : ask.sampled === true ? { ttl: ask.ttl, sampled: true } : { ttl: ask.ttl };
 }
 
 /** RFC 3339 as docs/wire-format.md writes it: `2030-01-02T03:04:05Z`, `...05.5+02:00`. */
@@ -595,6 +664,7 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
   if (t.min_tier !== undefined) checkEnum('min_tier', t.min_tier, ['fast', 'standard', 'advanced']);
   if (t.stream !== undefined) checkBoolean('stream', t.stream);
   if (t.prompt_cache !== undefined) checkBoolean('prompt_cache', t.prompt_cache);
+  if (t.cache !== undefined) checkCacheShape(t.cache);
   if (t.fallback !== undefined) checkBoolean('fallback', t.fallback);
   if (t.timeout !== undefined) {
     if (typeof t.timeout !== 'number' || !Number.isSafeInteger(t.timeout)) throw wrong('timeout', `must be a whole number, not ${show(t.timeout)}`);
@@ -637,12 +707,13 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
   if (t.stream === true && (t.tools ?? []).length > 0) {
     throw wrong('stream', 'cannot be used with tools yet: a streamed answer carries text only; drop one of them');
   }
+  if (t.cache !== undefined) checkCache(t.cache, t.stream === true, t.temperature);
 
   const id = t.id ?? randomUUID();
   const envelope: JsonObject = { v: 1, id };
   for (const f of TASK_FIELDS) {
     if (f === 'id' || t[f] === undefined) continue;
-    envelope[f] = f === 'run_at' || f === 'enqueued_at' ? timestamp(f, t[f]) : t[f];
+    envelope[f] = f === 'run_at' || f === 'enqueued_at' ? timestamp(f, t[f]) : f === 'cache' ? cacheWritten(t[f]) : t[f];
   }
   envelope.enqueued_at ??= new Date().toISOString();
   checkNesting(envelope);

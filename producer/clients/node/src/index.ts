@@ -3,6 +3,7 @@ export type { AnswerEvent, ConnectOptions, DeadLetter, FollowAnswerOptions, Repl
 export { replayedTask } from './replay.js';
 export { buildEnvelope, parseDuration, DEFAULT_MAX_PAYLOAD_BYTES, RESERVED_FIELDS, TASK_FIELDS, TASK_TYPES } from './envelope.js';
 export type {
+  CacheAsk,
   ContentPart,
   ImageType,
   JsonObject,

@@ -235,7 +235,19 @@ const responseFormat = tagged([
   },
 ]);
 
-// shared/src/envelope.rs, `Envelope`, its fields in declaration order (the order written).
+// shared/src/envelope.rs
+
+const CACHE_KEEP: Field[] = [
+  { name: 'ttl', dec: str },
+  { name: 'sampled', dec: bool, missing: () => 'false', skip: (w) => w === 'false' },
+];
+/**
+ * `CacheAsk`, untagged: a boolean, or `CacheKeep` (`deny_unknown_fields`; `sampled` defaults
+ * to false, written only when true), read from serde's buffer.
+ */
+const cacheAsk: Dec = (j) => (j.k === 'bool' ? String(j.v) : write(CACHE_KEEP, struct(CACHE_KEEP, true, j, BUFFERED)));
+
+// `Envelope`, its fields in declaration order (the order written).
 
 const zero = () => '0';
 const skipZero = (w: string | undefined) => w === '0';
@@ -252,6 +264,7 @@ const ENVELOPE: Field[] = [
   optional('response_format', responseFormat),
   optional('stream', bool),
   optional('prompt_cache', bool),
+  optional('cache', cacheAsk),
   optional('deadline', str),
   optional('type', str),
   optional('provider', str),

@@ -1,7 +1,16 @@
 // Type-checked with `tsc --noEmit -p test/tsconfig.json` (never run): the published types, as a
 // user's TypeScript sees them through the package's `exports`. A `@ts-expect-error` line
 // fails the check when the types let a wrong use through.
-import { connect, LlmqError, type AnswerEvent, type ChainEvent, type DeadLetter, type Task, type TaskRecord } from '@llmq/client';
+import {
+  connect,
+  LlmqError,
+  type AnswerEvent,
+  type CacheAsk,
+  type ChainEvent,
+  type DeadLetter,
+  type Task,
+  type TaskRecord,
+} from '@llmq/client';
 
 export async function usage(): Promise<void> {
   const q = await connect({ url: 'redis+cluster://127.0.0.1:7000', queue: 'default' });
@@ -37,6 +46,12 @@ export async function usage(): Promise<void> {
   }
   const record: TaskRecord = await q.waitForResult(id);
   const status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead' = record.status;
+  const cached: boolean | undefined = record.cached;
+  const cachedFrom: string | undefined = record.cached_from;
+  const keep: CacheAsk = { ttl: '24h', sampled: true };
+  await q.enqueue({ prompt: 'x', temperature: 0, cache: { ttl: '10m' } });
+  await q.enqueue({ prompt: 'x', cache: keep });
+  await q.enqueue({ prompt: 'x', cache: false });
   const records: TaskRecord[] = await q.waitForResults(ids, { timeoutMs: 1000, pollMs: 50 });
 
   const chainId = await q.submitChain({
@@ -67,10 +82,16 @@ export async function usage(): Promise<void> {
       void enqueued;
     }
   }
-  void [status, records, how];
+  void [status, records, how, cached, cachedFrom];
 
   // @ts-expect-error prompt_cache is true or false
   await q.enqueue({ prompt: 'x', prompt_cache: 'off' });
+  // @ts-expect-error cache: true needs a ttl: write { ttl: '24h' }
+  await q.enqueue({ prompt: 'x', cache: true });
+  // @ts-expect-error a cache has a ttl and sampled, nothing else
+  await q.enqueue({ prompt: 'x', cache: { ttl: '1h', keep: true } });
+  // @ts-expect-error a ttl is a duration as text
+  await q.enqueue({ prompt: 'x', cache: { ttl: 3600 } });
   // @ts-expect-error priority is a number
   await q.enqueue({ prompt: 'x', priority: '1' });
   // @ts-expect-error a misspelt field

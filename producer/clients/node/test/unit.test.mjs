@@ -122,6 +122,7 @@ const FULL = {
   enqueued_at: '2030-01-01T00:00:00Z',
   min_tier: 'standard',
   prompt_cache: false,
+  cache: { ttl: '1h', sampled: true },
 };
 
 test('a fully populated envelope the client writes fits schema/envelope.schema.json', () => {
@@ -251,6 +252,70 @@ test('bad task fields are refused with a sentence naming the field and the fix',
   for (const [task, says] of cases) refuses(() => buildEnvelope(task), 'invalid', says);
   refuses(() => buildEnvelope('hi'), 'invalid', /A task must be an object/);
   refuses(() => buildEnvelope({ prompt: 'x'.repeat(100) }, 50), 'invalid', /over the 50-byte limit/);
+});
+
+const SAMPLED =
+  'The task\'s field `cache` is wrong: would give every identical request one sampled answer (temperature is unset or above 0); set "temperature": 0, or "sampled": true in cache to keep one sample.';
+
+test('a cache the worker refuses is refused in its words (CacheAsk::check), in its order', () => {
+  /** The whole sentence, as a pattern. */
+  const exactly = (text) => new RegExp('^' + text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + '$');
+  const field = (name, message) => exactly(`The task's field \`${name}\` is wrong: ${message}.`);
+  const cases = [
+    [{ cache: true }, field('cache', 'true needs a time to keep the answer; write {"ttl": "24h"}')],
+    [{ cache: true, stream: true, temperature: 0.7 }, /`cache` is wrong: true needs a time to keep the answer/],
+    [{ cache: { ttl: 'soon' }, temperature: 0 }, field('cache.ttl', '`soon` is not a duration (expected number at 0); write it as e.g. "10m" or "24h"')],
+    [{ cache: { ttl: '1 d 2' } }, field('cache.ttl', '`1 d 2` is not a duration (time unit needed, for example 2sec or 2ms); write it as e.g. "10m" or "24h"')],
+    [{ cache: { ttl: `${'1'.repeat(50)}x` } }, new RegExp(`\`cache.ttl\` is wrong: \`${'1'.repeat(40)}…\` is not a duration \\(`)],
+    [{ cache: { ttl: '0.5s' }, temperature: 0 }, field('cache.ttl', '0.5s is not between 1s and 30d; give e.g. "24h"')],
+    [{ cache: { ttl: '0' }, temperature: 0 }, field('cache.ttl', '0 is not between 1s and 30d; give e.g. "24h"')],
+    [{ cache: { ttl: '31d' }, temperature: 0 }, field('cache.ttl', '31d is not between 1s and 30d; give e.g. "24h"')],
+    [{ cache: { ttl: '2592000.000000001s' } }, field('cache.ttl', '2592000.000000001s is not between 1s and 30d; give e.g. "24h"')],
+    [{ cache: { ttl: '24h' }, temperature: 0, stream: true }, field('cache', 'cannot be used with stream: a cached answer is not streamed; drop one of them')],
+    [{ cache: { ttl: '24h' }, stream: true }, /`cache` is wrong: cannot be used with stream/],
+    [{ cache: { ttl: '24h' } }, exactly(SAMPLED)],
+    [{ cache: { ttl: '24h' }, temperature: 0.7 }, exactly(SAMPLED)],
+    [{ cache: { ttl: '24h' }, temperature: 1e-45 }, exactly(SAMPLED)],
+    [{ cache: { ttl: '24h', sampled: false }, temperature: 1 }, exactly(SAMPLED)],
+    // Envelope::check's order: stream with tools, and deadline, come before cache.
+    [{ cache: true, stream: true, tools: [{ name: 't' }] }, /`stream` is wrong: cannot be used with tools/],
+    [{ cache: true, deadline: '2h' }, /`deadline` is wrong: 2h is shorter than the 24h/],
+    // Its shape, which the worker's deserializer refuses before any check.
+    [{ cache: { ttl: '24h', keep: '1h' }, temperature: 0 }, /`cache.keep` is wrong: is not a field here; use only ttl, sampled/],
+    [{ cache: {} }, /`cache.ttl` is wrong: is missing/],
+    [{ cache: { ttl: null } }, /`cache.ttl` is wrong: must be a duration as text, such as "24h", not null/],
+    [{ cache: { ttl: 86400 } }, /`cache.ttl` is wrong: must be a duration as text/],
+    [{ cache: { ttl: '24h', sampled: null }, temperature: 0 }, /`cache.sampled` is wrong: must be true or false, not null/],
+    [{ cache: { ttl: '24h', sampled: 'yes' }, temperature: 0 }, /`cache.sampled` is wrong: must be true or false/],
+    [{ cache: '24h' }, /`cache` is wrong: must be false or \{"ttl": "24h"\}/],
+    [{ cache: 0 }, /`cache` is wrong: must be false or/],
+    [{ cache: [] }, /`cache` is wrong: must be false or/],
+    [{ cache: { ttl: '24h\ud800' } }, /`cache.ttl` is wrong: holds a lone UTF-16 surrogate/],
+  ];
+  for (const [task, says] of cases) refuses(() => buildEnvelope({ prompt: 'x', ...task }), 'invalid', says);
+});
+
+test('a cached task is written as the worker writes cache', () => {
+  const id = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  const head = `{"v":1,"id":"${id}","prompt":"x"`;
+  const tail = ',"enqueued_at":"2030-01-02T03:04:05Z"}';
+  const written = (task) => buildEnvelope({ id, prompt: 'x', enqueued_at: '2030-01-02T03:04:05Z', ...task }).json;
+  assert.equal(written({ cache: { ttl: '24h' }, temperature: 0 }), `${head},"cache":{"ttl":"24h"},"temperature":0${tail}`);
+  assert.equal(written({ cache: false }), `${head},"cache":false${tail}`);
+  assert.equal(written({ cache: null }), `${head}${tail}`);
+  assert.equal(written({ cache: undefined }), `${head}${tail}`);
+  // As serde writes CacheKeep: ttl first, sampled only when true.
+  assert.equal(written({ cache: { sampled: false, ttl: '24h' }, temperature: 0 }), `${head},"cache":{"ttl":"24h"},"temperature":0${tail}`);
+  assert.equal(written({ cache: { sampled: true, ttl: '1h' } }), `${head},"cache":{"ttl":"1h","sampled":true}${tail}`);
+  assert.equal(written({ cache: { ttl: '1h', sampled: undefined }, temperature: 0 }), `${head},"cache":{"ttl":"1h"},"temperature":0${tail}`);
+  assert.ok(ajv().getSchema('urn:llmq:schema:envelope:1')(JSON.parse(written({ cache: { ttl: '1h', sampled: true } }))));
+  assert.ok(ajv().getSchema('urn:llmq:schema:envelope:1')(JSON.parse(written({ cache: false }))));
+  // Taken as the worker takes them: the ends of the range, any humantime spelling, a
+  // temperature that is 0 (or below) as the worker's 32-bit float holds it.
+  for (const ttl of ['1s', '1000ms', '30d', '720h', '2592000s', '1h 30m', '1.5d']) written({ cache: { ttl }, temperature: 0 });
+  for (const temperature of [0, -0, -0.5, 1e-46]) written({ cache: { ttl: '10m' }, temperature });
+  written({ cache: { ttl: '10m', sampled: true }, temperature: 1.5 });
+  written({ cache: false, stream: true });
 });
 
 test('what a worker accepts the client accepts too', () => {
@@ -487,6 +552,23 @@ test('a replayed envelope is what llmq dlq replay writes, byte for byte', () => 
     [`{"v":1,"prompt":"x","id":"urn:uuid:${H.toUpperCase()}","enqueued_at":"2030-01-02 03:04:05 UTC"}`, `{"v":1,"id":"${H}","prompt":"x","enqueued_at":"2030-01-02T03:04:05Z","replays":1}`],
   ];
   for (const [dead, replayed] of cases) assert.equal(replayedTask(dead, H), replayed, dead);
+  // cache: where Envelope declares it, as serde writes CacheAsk; what it refuses, as it came.
+  const withCache = (cache) => `{"v":1,"prompt":"x","stream":false,"deadline":"24h","cache":${cache}}`;
+  const writtenCache = (cache) => `{"v":1,"id":"${H}","prompt":"x","stream":false,"cache":${cache},"deadline":"24h","replays":1}`;
+  for (const [cache, written] of [
+    ['{"sampled":false,"ttl":"24h"}', '{"ttl":"24h"}'],
+    ['{"sampled":true,"ttl":"24h"}', '{"ttl":"24h","sampled":true}'],
+    ['["24h"]', '{"ttl":"24h"}'],
+    ['["24h",true]', '{"ttl":"24h","sampled":true}'],
+    ['true', 'true'],
+    ['false', 'false'],
+  ]) {
+    assert.equal(replayedTask(withCache(cache), H), writtenCache(written), cache);
+  }
+  assert.equal(replayedTask(withCache('null'), H), `{"v":1,"id":"${H}","prompt":"x","stream":false,"deadline":"24h","replays":1}`);
+  for (const cache of ['{"ttl":"24h","keep":1}', '{"ttl":"24h","ttl":"1h"}', '{"ttl":"24h","sampled":null}', '{}', '{"ttl":5}', '[]', '["24h",true,1]', '0', '"24h"']) {
+    assert.equal(replayedTask(withCache(cache), H), withCache(cache), cache);
+  }
   assert.equal(replayedTask('{"v":1,"prompt":"x"}', H, 'other'), `{"v":1,"id":"${H}","prompt":"x","provider":"other","replays":1}`);
   for (const raw of ['not json', '[1]', '{"prompt":"x"}', '{"v":1,"id":"nope","prompt":"x"}', '{"v":1,"prompt":"x","attempts":null}']) {
     assert.equal(replayedTask(raw, H), raw);

@@ -94,6 +94,7 @@ def full_task() -> dict[str, Any]:
         },
         "stream": False,
         "prompt_cache": False,
+        "cache": {"ttl": "1h", "sampled": True},
         "deadline": "24h",
         "task_type": "research",
         "provider": "mock",

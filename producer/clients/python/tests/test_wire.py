@@ -402,3 +402,108 @@ def test_a_surrogate_anywhere_is_a_sentence_not_a_traceback() -> None:
         E.build_batch([{"prompt": "x\ud800"}], 1 << 20)
     with pytest.raises(InvalidChain):
         build_chain({"steps": [{"name": "a", "prompt": "x\ud800"}]}, None, 1 << 20)
+
+
+def written(**task: Any) -> str:
+    """The ``task`` field the client writes for ``task`` (fixed id and time: comparable)."""
+    _, env = E.build({"prompt": "x", "task_id": U, "enqueued_at": "2030-01-02T03:04:05Z", **task})
+    return E.encode(env, E.DEFAULT_MAX_PAYLOAD_BYTES)
+
+
+def test_a_cached_task_is_written_as_the_worker_writes_cache() -> None:
+    head = f'{{"v":1,"prompt":"x","id":"{U}","enqueued_at":"2030-01-02T03:04:05Z"'
+    assert written(cache={"ttl": "24h"}, temperature=0) == head + ',"cache":{"ttl":"24h"},"temperature":0}'
+    assert written(cache=False) == head + ',"cache":false}'
+    assert "cache" not in json.loads(written(cache=None))
+    # As serde writes CacheKeep: ttl first, sampled only when true; a timedelta as seconds.
+    assert json.loads(written(cache={"sampled": False, "ttl": "24h"}, temperature=0))["cache"] == {
+        "ttl": "24h"
+    }
+    assert '"cache":{"ttl":"1h","sampled":true}' in written(cache={"sampled": True, "ttl": "1h"})
+    assert json.loads(written(cache={"ttl": timedelta(hours=24)}, temperature=0))["cache"] == {
+        "ttl": "86400s"
+    }
+    # Taken as the worker takes them: the ends of the range, any humantime spelling, a
+    # temperature that is 0 (or below) as the worker's 32-bit float holds it.
+    for ttl in ("1s", "1000ms", "30d", "720h", "2592000s", "1h 30m", "1.5d"):
+        written(cache={"ttl": ttl}, temperature=0)
+    for temperature in (0, 0.0, -0.0, -0.5, 1e-46):
+        written(cache={"ttl": "10m"}, temperature=temperature)
+    written(cache={"ttl": "10m", "sampled": True}, temperature=1.5)
+    written(cache=False, stream=True)
+
+
+SAMPLED = (
+    "field `cache` is wrong: would give every identical request one sampled answer (temperature is "
+    'unset or above 0); set "temperature": 0, or "sampled": true in cache to keep one sample.'
+)
+CACHE_REFUSED: list[tuple[dict[str, Any], str]] = [
+    # CacheAsk::check, in its words and order.
+    ({"cache": True}, 'field `cache` is wrong: true needs a time to keep the answer; write {"ttl": "24h"}.'),
+    ({"cache": True, "stream": True, "temperature": 0.7}, "true needs a time to keep the answer"),
+    ({"cache": {"ttl": "soon"}, "temperature": 0}, 'field `cache.ttl` is wrong: `soon` is not a duration (expected number at 0); write it as e.g. "10m" or "24h".'),
+    ({"cache": {"ttl": "1 d 2"}}, 'field `cache.ttl` is wrong: `1 d 2` is not a duration (time unit needed, for example 2sec or 2ms); write it as e.g. "10m" or "24h".'),
+    ({"cache": {"ttl": "1" * 50 + "x"}}, "field `cache.ttl` is wrong: `" + "1" * 40 + "\u2026` is not a duration ("),
+    ({"cache": {"ttl": "0.5s"}, "temperature": 0}, 'field `cache.ttl` is wrong: 0.5s is not between 1s and 30d; give e.g. "24h".'),
+    ({"cache": {"ttl": "0"}, "temperature": 0}, 'field `cache.ttl` is wrong: 0 is not between 1s and 30d; give e.g. "24h".'),
+    ({"cache": {"ttl": "31d"}, "temperature": 0}, 'field `cache.ttl` is wrong: 31d is not between 1s and 30d; give e.g. "24h".'),
+    ({"cache": {"ttl": "2592000.000000001s"}}, "field `cache.ttl` is wrong: 2592000.000000001s is not between 1s and 30d"),
+    ({"cache": {"ttl": "24h"}, "temperature": 0, "stream": True}, "field `cache` is wrong: cannot be used with stream: a cached answer is not streamed; drop one of them."),
+    ({"cache": {"ttl": "24h"}, "stream": True}, "field `cache` is wrong: cannot be used with stream"),
+    ({"cache": {"ttl": "24h"}}, SAMPLED),
+    ({"cache": {"ttl": "24h"}, "temperature": 0.7}, SAMPLED),
+    ({"cache": {"ttl": "24h"}, "temperature": 1e-45}, SAMPLED),
+    ({"cache": {"ttl": "24h", "sampled": False}, "temperature": 1}, SAMPLED),
+    # Envelope::check's order: stream with tools and deadline before cache, NUL checks after.
+    ({"cache": True, "stream": True, "tools": [{"name": "t"}]}, "field `stream` is wrong: cannot be used with tools"),
+    ({"cache": True, "deadline": "2h"}, "field `deadline` is wrong: 2h is shorter than the 24h"),
+    ({"cache": True, "model": "a\u0000b"}, "field `cache` is wrong: true needs"),
+    # Its shape, which serde refuses before any check.
+    ({"cache": {"ttl": "24h", "keep": "1h"}, "temperature": 0}, "field `cache` is wrong: has an unknown field `keep`; use only ttl, sampled."),
+    ({"cache": {}}, "field `cache` is wrong: needs the field `ttl`."),
+    ({"cache": {"ttl": None}}, "field `cache` is wrong: `ttl` must be a duration as text"),
+    ({"cache": {"ttl": 86400}}, "field `cache` is wrong: `ttl` must be a duration as text"),
+    ({"cache": {"ttl": "24h", "sampled": None}, "temperature": 0}, "field `cache` is wrong: `sampled` must be true or false, not null."),
+    ({"cache": "24h"}, 'field `cache` is wrong: must be false or {"ttl": "24h"}'),
+    ({"cache": 0}, 'field `cache` is wrong: must be false or {"ttl": "24h"}'),
+    ({"cache": {"ttl": timedelta(seconds=1.5)}}, "field `cache.ttl` is wrong: must be whole seconds, not 1.5."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "says"), CACHE_REFUSED)
+def test_a_cache_the_worker_refuses_is_refused_in_its_words(task: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", **task})
+    assert_sentence(e.value, says)
+    if says.endswith("."):  # the whole sentence
+        assert str(e.value) == says
+
+
+def test_a_cached_tasks_letter_is_replayed_as_llmq_dlq_replay_writes_cache() -> None:
+    def replayed(cache: str) -> Any:
+        return json.loads(E.replayed_task('{"v":1,"prompt":"x","cache":' + cache + "}", U, None)).get("cache")
+
+    assert replayed('{"sampled":false,"ttl":"24h"}') == {"ttl": "24h"}
+    assert list(replayed('{"sampled":true,"ttl":"24h"}').items()) == [("ttl", "24h"), ("sampled", True)]
+    # Replays do not check: true is written back as it came, null left out.
+    assert (replayed("true"), replayed("false"), replayed("null")) == (True, False, None)
+    for cache in (
+        '{"ttl":"24h","keep":1}',
+        '{"ttl":"24h","ttl":"1h"}',
+        '{"ttl":"24h","sampled":null}',
+        "{}",
+        '{"ttl":5}',
+        "0",
+        '"24h"',
+    ):
+        task = '{"v":1,"prompt":"x","cache":' + cache + "}"
+        assert E.replayed_task(task, U, None) == task, "serde refuses it: replayed as it came"
+
+
+def test_a_cached_answer_is_read_from_its_record() -> None:
+    base = {"task_id": U, "queue": "q", "status": "succeeded", "output": "hi", "cost_usd": 0.0}
+    other = str(uuid.uuid4())
+    record = TaskRecord.parse(json.dumps({**base, "cached": True, "cached_from": other}), U)
+    assert record is not None and (record.cached, record.cached_from) == (True, other)
+    called = TaskRecord.parse(json.dumps(base), U)
+    assert called is not None and (called.cached, called.cached_from) == (False, None)

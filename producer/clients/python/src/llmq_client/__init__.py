@@ -13,7 +13,7 @@ answers, list and replay dead letters. The wire format is docs/wire-format.md.
 from .aio import AsyncClient
 from .chain import CHAIN_FIELDS, STEP_FIELDS, STEP_TASK_FIELDS
 from .client import Client
-from .envelope import PRODUCER_FIELDS, WORKER_FIELDS, Task, TaskFields
+from .envelope import PRODUCER_FIELDS, WORKER_FIELDS, CacheAsk, Task, TaskFields
 from .errors import (
     BadRedisUrl,
     ChainRefused,
@@ -40,6 +40,7 @@ __all__ = [
     "WORKER_FIELDS",
     "AsyncClient",
     "BadRedisUrl",
+    "CacheAsk",
     "ChainEnd",
     "ChainHandle",
     "ChainRefused",

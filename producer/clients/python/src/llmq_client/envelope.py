@@ -18,7 +18,7 @@ import struct
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from . import wirejson
 from .errors import InvalidTask
@@ -51,8 +51,25 @@ MAX_CONCURRENCY_KEY = 200
 MAX_TOOLS = 128
 MIN_DEADLINE_SECS = 24 * 3600
 MAX_DEADLINE_SECS = 30 * 24 * 3600
+MIN_CACHE_TTL_SECS = 1
+MAX_CACHE_TTL_SECS = 30 * 24 * 3600
+#: A temperature at or below this (2**-150) is 0 as the worker's 32-bit float holds it.
+_F32_ROUNDS_TO_ZERO = 2.0**-150
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 NUL = "contains a NUL character (\\u0000), which cannot be stored or passed on; remove it"
+
+
+class _CacheTtl(TypedDict):
+    ttl: str | timedelta
+
+
+class CacheAsk(_CacheTtl, total=False):
+    """``cache`` as an object (docs/wire-format.md, "Answer cache"): ``ttl``, how long an
+    answer is kept (1s to 30d: ``"24h"``, or a timedelta of whole seconds); ``sampled``,
+    True to cache a sampled answer too (``temperature`` unset or above 0), which every
+    identical request then gets."""
+
+    sampled: bool
 
 
 class TaskFields(TypedDict, total=False):
@@ -68,6 +85,9 @@ class TaskFields(TypedDict, total=False):
     response_format: Mapping[str, Any]
     stream: bool
     prompt_cache: bool
+    #: The answer cache: ``{"ttl": "24h"}`` (see :class:`CacheAsk`), or False for none, not
+    #: even the queue's.
+    cache: Literal[False] | CacheAsk
     deadline: str | timedelta
     task_type: str
     provider: str
@@ -117,6 +137,7 @@ FIELD_KINDS: dict[str, tuple[Any, bool]] = {
     "response_format": ("response_format", True),
     "stream": ("bool", True),
     "prompt_cache": ("bool", True),
+    "cache": ("cache", True),
     "deadline": ("string", True),
     "type": ("string", True),
     "provider": ("string", True),
@@ -399,6 +420,7 @@ def _kind_problem(kind: Any, v: Any) -> str | None:
         "tools": _tools_problem,
         "tool_choice": _tool_choice_problem,
         "response_format": _response_format_problem,
+        "cache": _cache_problem,
     }[kind](v)
 
 
@@ -570,6 +592,23 @@ def _response_format_problem(v: Any) -> str | None:
             or _opt(v, "strict", "bool")
         )
     return 'must be {"type": "json_object"} or {"type": "json_schema", "schema": {...}}'
+
+
+def _cache_problem(v: Any) -> str | None:
+    """``CacheAsk``: a boolean, or ``{"ttl": text, "sampled": bool}`` without other fields
+    (``sampled`` may be left out, not null)."""
+    if isinstance(v, bool):
+        return None
+    if not isinstance(v, Mapping):
+        return f'must be false or {{"ttl": "24h"}} (an object with a ttl), not {_show(v)}'
+    keys = _keys_problem(v, ("ttl", "sampled"), ("ttl",))
+    if keys:
+        return keys
+    if not isinstance(v["ttl"], str):
+        return f'`ttl` must be a duration as text, such as "24h", not {_show(v["ttl"])}'
+    if "sampled" in v and not isinstance(v["sampled"], bool):
+        return f"`sampled` must be true or false, not {_show(v['sampled'])}"
+    return None
 
 
 def typed_problem(env: Mapping[str, Any]) -> Problem | None:
@@ -805,6 +844,40 @@ def check_deadline(text: str, streams: bool) -> None:
         raise Problem("deadline", "cannot be used with stream: a batch answers all at once; drop one of them")
 
 
+def samples(temperature: Any) -> bool:
+    """Whether a request samples its answer, as ``samples`` in shared/src/envelope.rs: its
+    temperature unset, or above 0 as the worker's 32-bit float holds it (a positive one that
+    rounds to 0 there does not sample)."""
+    return temperature is None or temperature > _F32_ROUNDS_TO_ZERO
+
+
+def check_cache(ask: Any, streams: bool, temperature: Any) -> None:
+    """``cache`` as ``CacheAsk::check`` in shared/src/envelope.rs checks it, in its words."""
+    if ask is False:
+        return
+    if ask is True:
+        raise Problem("cache", 'true needs a time to keep the answer; write {"ttl": "24h"}')
+    ttl = ask["ttl"]
+    try:
+        secs, nanos = parse_duration(ttl)
+    except DurationError as e:
+        raise Problem(
+            "cache.ttl", f'`{excerpt(ttl, 40)}` is not a duration ({e}); write it as e.g. "10m" or "24h"'
+        ) from None
+    if (secs, nanos) < (MIN_CACHE_TTL_SECS, 0) or (secs, nanos) > (MAX_CACHE_TTL_SECS, 0):
+        raise Problem("cache.ttl", f'{ttl} is not between 1s and 30d; give e.g. "24h"')
+    if streams:
+        raise Problem(
+            "cache", "cannot be used with stream: a cached answer is not streamed; drop one of them"
+        )
+    if samples(temperature) and ask.get("sampled") is not True:
+        raise Problem(
+            "cache",
+            "would give every identical request one sampled answer (temperature is unset or above 0); "
+            'set "temperature": 0, or "sampled": true in cache to keep one sample',
+        )
+
+
 def check_envelope(env: Mapping[str, Any]) -> None:
     """Raises :class:`Problem` (or :class:`InvalidTask` for a whole-task problem) for an
     envelope a worker would refuse, in the worker's order (Envelope::from_value)."""
@@ -832,6 +905,8 @@ def check_envelope(env: Mapping[str, Any]) -> None:
         )
     if "deadline" in field:
         check_deadline(field["deadline"], field.get("stream") is True)
+    if "cache" in field:
+        check_cache(field["cache"], field.get("stream") is True, field.get("temperature"))
     for name in NUL_FREE:
         if "\0" in field.get(name, ""):
             raise Problem(name, NUL)
@@ -877,7 +952,7 @@ def _wire_value(field: str, value: Any) -> Any:
         secs = value.total_seconds()
         if secs != int(secs):
             raise Problem(field, f"must be whole seconds, not {secs}")
-        return f"{int(secs)}s" if field == "deadline" else int(secs)
+        return f"{int(secs)}s" if field in ("deadline", "cache.ttl") else int(secs)
     if field == "id":
         if isinstance(value, uuid.UUID):
             return str(value)
@@ -887,9 +962,19 @@ def _wire_value(field: str, value: Any) -> Any:
                 "id", f"must be a UUID such as 0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90, not {_show(value)}"
             )
         return str(parsed)
+    if field == "cache" and isinstance(value, Mapping):
+        return {k: _wire_value("cache.ttl", v) if k == "ttl" else v for k, v in value.items()}
     if isinstance(value, tuple):
         return list(value)
     return value
+
+
+def _cache_written(ask: Any) -> Any:
+    """A valid ``cache`` as the worker writes it (serde): ``ttl``, then ``sampled`` only when
+    true; ``false`` and ``true`` as they are."""
+    if isinstance(ask, Mapping):
+        return {"ttl": ask["ttl"], **({"sampled": True} if ask.get("sampled") is True else {})}
+    return ask
 
 
 def to_json(value: Any, field: str = "task", within: int = 0) -> str:
@@ -943,6 +1028,8 @@ def build(task: Mapping[str, Any], now: datetime | None = None) -> tuple[str, di
             if field in env:
                 env[field] = json.loads(to_json(env[field], field, within=1))
         check_envelope(env)
+        if "cache" in env:
+            env["cache"] = _cache_written(env["cache"])
     except Problem as e:
         raise InvalidTask(f"{e}.") from None
     return env["id"], env
@@ -998,11 +1085,11 @@ def _f32(x: float) -> float | None:
 
 def _repeats_a_field(env: Mapping[str, Any]) -> bool:
     """Whether a struct the worker deserializes (the envelope, a turn, a part, a tool call, a
-    tool, tool_choice, response_format) names a field twice, which serde refuses. Free JSON
+    tool, tool_choice, response_format, cache) names a field twice, which serde refuses. Free JSON
     (metadata, parameters, a schema, arguments, unknown fields) may: the last one counts."""
     if isinstance(env, wirejson.Object) and env.repeated & set(FIELD_KINDS):
         return True
-    structs: list[Any] = [env.get("tool_choice"), env.get("response_format")]
+    structs: list[Any] = [env.get("tool_choice"), env.get("response_format"), env.get("cache")]
     for m in env.get("messages") or []:
         structs.append(m)
         content = m.get("content")
@@ -1044,6 +1131,8 @@ def _reencoded(env: dict[str, Any]) -> dict[str, Any]:
         ]
     if isinstance(out.get("response_format"), dict):
         out["response_format"] = _without_none(out["response_format"])
+    if "cache" in out:
+        out["cache"] = _cache_written(out["cache"])
     return out
 
 

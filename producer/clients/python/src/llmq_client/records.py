@@ -83,6 +83,10 @@ class TaskRecord:
     #: The answer parsed as JSON, for a task with ``response_format``.
     json: Any = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    #: True: answered from the answer cache, without a call (``cost_usd`` 0).
+    cached: bool = False
+    #: For a cached answer, the task whose call gave it.
+    cached_from: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
