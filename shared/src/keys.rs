@@ -62,7 +62,14 @@ impl QueueKeys {
     }
 
     // The keys of concurrency slots (`held:<key>`, `parked:<key>`, `parked`) are named by
-    // the slot scripts themselves (queue/lua/slots.lua), from this prefix.
+    // the slot scripts themselves (queue/lua/slots.lua), from this prefix; so are the answer
+    // cache's accounting (`answers:*`, queue/answer_store.lua).
+
+    /// The answer cache's answer to request `hash`: a JSON string with a TTL.
+    #[must_use]
+    pub fn answer(&self, hash: &str) -> String {
+        format!("{}:answer:{hash}", self.prefix)
+    }
 
     /// The stored outcome of one task: a JSON string with a TTL.
     #[must_use]

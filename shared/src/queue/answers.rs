@@ -72,6 +72,14 @@ impl Client {
         envelope: Option<&str>,
     ) -> Result<Answer> {
         let mut c = self.conn().await?;
+        // A hit, the common case of a warm cache, is one plain GET; the script looks again.
+        let kept: Option<String> = redis::cmd("GET")
+            .arg(keys.answer(hash))
+            .query_async(&mut c)
+            .await?;
+        if let Some(answer) = kept {
+            return Ok(Answer::Hit(answer));
+        }
         let v: redis::Value = TAKE
             .key(keys.stream())
             .arg(GROUP)

@@ -119,6 +119,7 @@ enum Bench {
     IdleFleet,
     ProviderBatch,
     PromptCache,
+    AnswerCache,
     ClusterNoop,
     WebPages,
     LedgerScale,
@@ -166,6 +167,7 @@ async fn run() -> Result<()> {
             Bench::IdleFleet,
             Bench::ProviderBatch,
             Bench::PromptCache,
+            Bench::AnswerCache,
             Bench::ClusterNoop,
             Bench::WebPages,
         ],
@@ -190,6 +192,7 @@ async fn run() -> Result<()> {
             Bench::IdleFleet => idle_fleet(&args, &mut redis).await,
             Bench::ProviderBatch => provider_batch(&args, &mut redis).await,
             Bench::PromptCache => prompt_cache(&args).await,
+            Bench::AnswerCache => answer_cache(&args, &mut redis).await,
             Bench::ClusterNoop => cluster_noop(&args).await,
             Bench::WebPages => web_pages(&args, &mut redis).await,
             Bench::LedgerScale => ledger_scale(&args).await,
@@ -229,6 +232,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::IdleFleet => "idle_fleet",
         Bench::ProviderBatch => "provider_batch",
         Bench::PromptCache => "prompt_cache",
+        Bench::AnswerCache => "answer_cache",
         Bench::ClusterNoop => "cluster_noop",
         Bench::WebPages => "web_pages",
         Bench::LedgerScale => "ledger_scale",
@@ -810,6 +814,132 @@ async fn prompt_cache(args: &Args) -> Result<String> {
         on[2],
         off[1],
     ))
+}
+
+/// 10,000 tasks of which 2,000 are unique (each request five times, interleaved), enqueued at
+/// once to a queue whose answers are cached, through the mock over real HTTP (100 ms a call),
+/// ledger off: the calls made (goal: one per unique request) and Redis CPU per task. Then the
+/// same 10,000 requests again, every one a hit: the Redis CPU a hit costs. And, in the same
+/// run, 10,000 unique tasks without the cache, every one called (what a called task costs at
+/// the mock's pace), and 10,000 no-op tasks (a hit's peer: a task answered at once).
+async fn answer_cache(args: &Args, redis: &mut Redis) -> Result<String> {
+    const UNIQUE: usize = 2_000;
+    let tasks = args.tasks.unwrap_or(10_000);
+    let concurrency = args.concurrency.unwrap_or(256);
+    let latency = Duration::from_millis(100);
+    let mock = MockServer::start(MockOptions {
+        latency,
+        ..MockOptions::default()
+    })
+    .await
+    .context("cannot start the mock LLM server")?;
+    let mut config = Config::parse(
+        "llmq-bench.yaml",
+        &format!(
+            "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+             api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
+             output_usd_per_mtok: 0.6}}\n",
+            mock.url()
+        ),
+        &|_| None,
+    )?;
+    let client = Client::new(&args.redis_url)?;
+    // One run: `tasks` tasks of `unique` requests to a fresh queue, cached or not; the calls
+    // the mock saw and the Redis figures.
+    let run =
+        async |redis: &mut Redis, config: &Config, queue: &str, unique: usize, rounds: usize| {
+            let keys = QueueKeys::new(queue);
+            client.ensure_group(&keys).await?;
+            let calls_before = mock.total_calls();
+            let mut deltas = Vec::new();
+            for _ in 0..rounds {
+                let envs: Vec<Envelope> = (0..tasks)
+                    .map(|i| Envelope {
+                        temperature: Some(0.0),
+                        ..Envelope::new(format!("Classify support ticket {}", i % unique))
+                    })
+                    .collect();
+                for part in envs.chunks(ENQUEUE_CHUNK) {
+                    client.enqueue_many(&keys, part).await?;
+                }
+                let before = Snapshot::take(redis).await?;
+                let running = Workers::start(1, |i| {
+                    settings(&args.redis_url, config, queue, concurrency, i)
+                })?;
+                // Drained, and nothing parked behind a call.
+                let drained = async {
+                    loop {
+                        wait_drained(&client, &keys, &running).await?;
+                        let parked: u64 = redis::cmd("HLEN")
+                            .arg(format!("llmq:{{{queue}}}:parked"))
+                            .query_async(redis)
+                            .await?;
+                        if parked == 0 {
+                            return anyhow::Ok(());
+                        }
+                        tokio::time::sleep(POLL).await;
+                    }
+                }
+                .await;
+                let after = Snapshot::take(redis).await;
+                running.stop().await?;
+                drained?;
+                let ids: Vec<String> = envs
+                    .iter()
+                    .filter_map(|e| e.id)
+                    .map(|id| id.to_string())
+                    .collect();
+                verify_results(&client, &keys, &ids).await?;
+                let d = after?.since(&before, tasks);
+                if args.verbose {
+                    d.print_commands("answer_cache");
+                }
+                deltas.push(d);
+            }
+            anyhow::Ok((mock.total_calls() - calls_before, deltas))
+        };
+    let cached = fresh_queue();
+    let plain = fresh_queue();
+    config.answer_cache.queues.insert(
+        cached.clone(),
+        llmq_shared::config::QueueCache {
+            ttl: Duration::from_secs(3600),
+            sampled: false,
+        },
+    );
+    let result = async {
+        let (calls, cold_warm) = run(redis, &config, &cached, UNIQUE, 2).await?;
+        let (plain_calls, called) = run(redis, &config, &plain, tasks, 1).await?;
+        ensure!(
+            plain_calls == tasks as u64,
+            "{plain_calls} calls for {tasks} uncached tasks"
+        );
+        // The peer of a hit: a task whose provider answers at once, in the same run.
+        let noop = plain_run(args, redis, tasks, 1, concurrency, Shape::Plain).await?;
+        let (cold, warm, called) = (&cold_warm[0], &cold_warm[1], &called[0]);
+        Ok(format!(
+            "bench=answer_cache tasks={tasks} unique={UNIQUE} concurrency={concurrency} \
+             mock_latency_ms={} calls={calls} cold_tasks_per_s={:.0} \
+             cold_redis_cpu_us_per_task={:.1} redis_cpu_us_per_hit={:.1} \
+             hit_tasks_per_s={:.0} called_redis_cpu_us_per_task={:.1} \
+             noop_redis_cpu_us_per_task={:.1} noop_tasks_per_s={:.0} \
+             hit_ratio_to_noop={:.2} ledger=off",
+            latency.as_millis(),
+            cold.tasks_per_s,
+            cold.redis_cpu_us_per_task,
+            warm.redis_cpu_us_per_task,
+            warm.tasks_per_s,
+            called.redis_cpu_us_per_task,
+            noop.redis_cpu_us_per_task,
+            noop.tasks_per_s,
+            warm.redis_cpu_us_per_task / noop.redis_cpu_us_per_task,
+        ))
+    }
+    .await;
+    mock.shutdown().await;
+    cleanup(redis, &cached).await?;
+    cleanup(redis, &plain).await?;
+    result
 }
 
 /// (b) Like (a), through the mock LLM server over real HTTP, with the Postgres ledger on.
