@@ -1,6 +1,7 @@
 //! The answer cache's rules: which tasks it answers (a task's `cache`, else its queue's
-//! `answer_cache.queues` entry), and what makes two requests identical. The Redis side (the
-//! answers kept, the single flight) is `crate::queue::answers`.
+//! `answer_cache.queues` entry), and what makes two requests identical. And the provider
+//! prompt cache's warm-up: which requests share a prompt prefix worth warming. The Redis side
+//! (the answers kept, the single flights) is `crate::queue::answers`.
 
 use std::time::Duration;
 
@@ -112,9 +113,37 @@ pub fn request_hash(env: &Envelope, share_across_tenants: bool) -> String {
     let mut hasher = Sha256::new();
     // Serializing these types cannot fail: no maps with non-string keys.
     let _ = serde_json::to_writer(HashWriter(&mut hasher), &request);
-    let digest = hasher.finalize();
-    let mut hex = String::with_capacity(64);
-    for b in digest {
+    hex(&hasher.finalize())
+}
+
+/// The name of `req`'s stable prompt prefix (its tools, system prompt and turns before the
+/// last) when a provider of `kind` caches it for `req.model` (Anthropic's and OpenAI's
+/// minimums) and the request asks for prompt caching: requests sharing it are sent so that
+/// one call warms the cache before the others read it. `None` for a request with nothing
+/// worth caching.
+#[must_use]
+pub fn warm_prefix(req: &crate::provider::Request, kind: crate::config::Kind) -> Option<String> {
+    let min = crate::provider::min_cached_tokens(kind, &req.model)?;
+    if !req.prompt_cache {
+        return None;
+    }
+    req.cache_prefix().longest(min)?;
+    let leading = if req.prompt.is_empty() {
+        &req.messages[..req.messages.len().saturating_sub(1)]
+    } else {
+        &req.messages[..]
+    };
+    let mut hasher = Sha256::new();
+    let _ = serde_json::to_writer(
+        HashWriter(&mut hasher),
+        &(&req.tools, req.system.as_deref(), leading),
+    );
+    Some(hex(&hasher.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
         use std::fmt::Write;
         let _ = write!(hex, "{b:02x}");
     }

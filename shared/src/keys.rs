@@ -65,10 +65,11 @@ impl QueueKeys {
     // the slot scripts themselves (queue/lua/slots.lua), from this prefix; so are the answer
     // cache's accounting (`answers:*`, queue/answer_store.lua).
 
-    /// The answer cache's answer to request `hash`: a JSON string with a TTL.
+    /// What the answer cache keeps as `name` (`queue::answer_name`, `queue::warm_name`): a
+    /// string with a TTL.
     #[must_use]
-    pub fn answer(&self, hash: &str) -> String {
-        format!("{}:answer:{hash}", self.prefix)
+    pub fn kept(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
     }
 
     /// The stored outcome of one task: a JSON string with a TTL.

@@ -74,6 +74,17 @@ impl CachePrefix {
     }
 }
 
+/// The fewest prompt tokens a provider of `kind` caches for `model`, when it caches prompts
+/// llmq marks or keys (`Request::prompt_cache`): Anthropic's minimums, OpenAI's 1,024.
+#[must_use]
+pub fn min_cached_tokens(kind: crate::config::Kind, model: &str) -> Option<u64> {
+    match kind {
+        crate::config::Kind::Anthropic => Some(anthropic::min_cacheable_tokens(model)),
+        crate::config::Kind::Openai => Some(openai::OPENAI_MIN_CACHED_TOKENS),
+        _ => None,
+    }
+}
+
 /// Receives an answer's text as it arrives, a piece at a time.
 #[derive(Clone)]
 pub struct Sink(pub tokio::sync::mpsc::UnboundedSender<String>);

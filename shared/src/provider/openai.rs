@@ -158,7 +158,7 @@ pub(super) fn body(req: &Request, dialect: Dialect) -> Value {
 }
 
 /// OpenAI caches prompts of at least this many tokens, by itself.
-const OPENAI_MIN_CACHED_TOKENS: u64 = 1024;
+pub(crate) const OPENAI_MIN_CACHED_TOKENS: u64 = 1024;
 
 /// A key naming the body's stable prefix (its tools and every message but the last), so
 /// that OpenAI sends requests sharing it to the same cache: FNV-1a of their JSON, the same

@@ -1,7 +1,8 @@
 -- Keeps answers in the answer cache, within a bound of bytes for the queue.
 -- KEYS: 1 stream
--- ARGV: 1 most bytes kept, 2 now (ms), then triples of request hash, TTL (ms), answer
--- `answers:ends` (a sorted set of hashes by when their answer ends), `answers:sizes` (hash to
+-- ARGV: 1 most bytes kept, 2 now (ms), then triples of name (`answer:<hash>`, `warm:<hash>`),
+-- TTL (ms), answer
+-- `answers:ends` (a sorted set of names by when their answer ends), `answers:sizes` (name to
 -- bytes) and `answers:bytes` (their sum) account for what is kept. An answer that ended (Redis
 -- dropped it) leaves the accounting here; to make room, the answers nearest their end go
 -- first. An answer larger than the whole bound is not kept.
@@ -10,34 +11,34 @@ local prefix = string.sub(stream, 1, -7)
 local ends, sizes, total = prefix .. 'answers:ends', prefix .. 'answers:sizes', prefix .. 'answers:bytes'
 local max, now = tonumber(ARGV[1]), tonumber(ARGV[2])
 
-local function forget(hash)
-  local size = tonumber(redis.call('HGET', sizes, hash) or '0')
-  redis.call('HDEL', sizes, hash)
-  redis.call('ZREM', ends, hash)
+local function forget(name)
+  local size = tonumber(redis.call('HGET', sizes, name) or '0')
+  redis.call('HDEL', sizes, name)
+  redis.call('ZREM', ends, name)
   if size > 0 then
     redis.call('DECRBY', total, size)
   end
 end
 
-for _, hash in ipairs(redis.call('ZRANGEBYSCORE', ends, '-inf', now, 'LIMIT', 0, 100)) do
-  forget(hash)
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', ends, '-inf', now, 'LIMIT', 0, 100)) do
+  forget(name)
 end
 for i = 3, #ARGV, 3 do
-  local hash, ttl, answer = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
-  local size = #answer + #hash
+  local name, ttl, answer = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local size = #answer + #name
   if size <= max then
-    forget(hash)
+    forget(name)
     while tonumber(redis.call('GET', total) or '0') + size > max do
       local first = redis.call('ZRANGE', ends, 0, 0)[1]
       if not first then
         break
       end
       forget(first)
-      redis.call('DEL', prefix .. 'answer:' .. first)
+      redis.call('DEL', prefix .. first)
     end
-    redis.call('SET', prefix .. 'answer:' .. hash, answer, 'PX', ttl)
-    redis.call('ZADD', ends, now + ttl, hash)
-    redis.call('HSET', sizes, hash, size)
+    redis.call('SET', prefix .. name, answer, 'PX', ttl)
+    redis.call('ZADD', ends, now + ttl, name)
+    redis.call('HSET', sizes, name, size)
     redis.call('INCRBY', total, size)
   end
 end

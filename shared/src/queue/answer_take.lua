@@ -1,21 +1,22 @@
--- Looks a request up in the answer cache; on a miss, takes its flight or parks behind it.
+-- Looks a name up in the answer cache (`answer:<hash>`, `warm:<hash>`); on a miss, takes its
+-- flight or parks behind it.
 -- KEYS: 1 stream
--- ARGV: 1 group, 2 consumer, 3 entry id, 4 request hash, 5 '1' to take the flight (else only
+-- ARGV: 1 group, 2 consumer, 3 entry id, 4 name, 5 '1' to take the flight (else only
 -- look), 6 envelope json, or '' to only try
 -- Returns the answer kept; 1 (a miss: call, holding the flight if one was asked for), 3 (a
 -- miss, no flight asked for), 0 (parked: the entry is acked and deleted until the flight
 -- ends), 2 (the flight is taken and no envelope was given: call again with it) or -1 (this
 -- consumer no longer holds the entry: nothing done).
-local stream, group, consumer, entry, hash = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local stream, group, consumer, entry, name = KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local prefix = string.sub(stream, 1, -7)
-local answer = redis.call('GET', prefix .. 'answer:' .. hash)
+local answer = redis.call('GET', prefix .. name)
 if answer then
   return answer
 end
 if ARGV[5] ~= '1' then
   return 3
 end
-local key = '\0answer:' .. hash
+local key = '\0' .. name
 local held = prefix .. 'held:' .. key
 if redis.call('SISMEMBER', held, entry) == 1 then
   return 1

@@ -1,6 +1,8 @@
 //! The answer cache: answers kept for identical requests (`crate::answer_cache` says which
 //! requests are identical), and the single flight that makes concurrent identical requests
-//! one call, fleet-wide.
+//! one call, fleet-wide. The same two serve the provider's prompt cache: which model's
+//! cache holds a prompt prefix warm (kept as `warm:<hash>`), and the one call that warms it
+//! while the other tasks sharing the prefix wait.
 //!
 //! A request's flight is a concurrency slot of limit 1 (`slots`), under a key no task's
 //! `concurrency_key` can have (it starts with NUL, which envelopes refuse): the first task to
@@ -25,10 +27,23 @@ static TAKE: LazyLock<Script> = LazyLock::new(|| {
 });
 static STORE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("answer_store.lua")));
 
-/// The concurrency key of the flight of request `hash`.
+/// The name (under the queue's prefix) of the answer kept for request `hash`.
 #[must_use]
-pub fn flight_key(hash: &str) -> String {
-    format!("\0answer:{hash}")
+pub fn answer_name(hash: &str) -> String {
+    format!("answer:{hash}")
+}
+
+/// The name (under the queue's prefix) of the model whose prompt cache holds prompt prefix
+/// `hash`, warm.
+#[must_use]
+pub fn warm_name(hash: &str) -> String {
+    format!("warm:{hash}")
+}
+
+/// The concurrency key of the flight of what is kept as `name`.
+#[must_use]
+pub fn flight_key(name: &str) -> String {
+    format!("\0{name}")
 }
 
 /// What [`Client::take_answer`] found.
@@ -50,15 +65,16 @@ pub enum Answer {
 /// One answer to keep.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Keep {
-    pub hash: String,
+    /// [`answer_name`] or [`warm_name`].
+    pub name: String,
     pub ttl_ms: u64,
     pub answer: String,
 }
 
 impl Client {
-    /// Looks request `hash` up for the entry this consumer is about to run; on a miss with
-    /// `flight`, takes the request's flight, or parks `envelope` behind it (without an
-    /// envelope, only tries: [`Answer::Busy`]).
+    /// Looks `name` ([`answer_name`], [`warm_name`]) up for the entry this consumer is about
+    /// to run; on a miss with `flight`, takes its flight, or parks `envelope` behind it
+    /// (without an envelope, only tries: [`Answer::Busy`]).
     ///
     /// # Errors
     /// Redis fails.
@@ -67,14 +83,14 @@ impl Client {
         keys: &QueueKeys,
         consumer: &str,
         entry_id: &str,
-        hash: &str,
+        name: &str,
         flight: bool,
         envelope: Option<&str>,
     ) -> Result<Answer> {
         let mut c = self.conn().await?;
         // A hit, the common case of a warm cache, is one plain GET; the script looks again.
         let kept: Option<String> = redis::cmd("GET")
-            .arg(keys.answer(hash))
+            .arg(keys.kept(name))
             .query_async(&mut c)
             .await?;
         if let Some(answer) = kept {
@@ -85,7 +101,7 @@ impl Client {
             .arg(GROUP)
             .arg(consumer)
             .arg(entry_id)
-            .arg(hash)
+            .arg(name)
             .arg(if flight { "1" } else { "" })
             .arg(envelope.unwrap_or_default())
             .invoke_async(&mut c)
@@ -117,7 +133,7 @@ impl Client {
         let mut inv = STORE.key(keys.stream());
         inv.arg(max_bytes).arg(super::now_ms());
         for a in answers {
-            inv.arg(&a.hash).arg(a.ttl_ms).arg(&a.answer);
+            inv.arg(&a.name).arg(a.ttl_ms).arg(&a.answer);
         }
         inv.invoke_async::<i64>(&mut c).await?;
         Ok(())

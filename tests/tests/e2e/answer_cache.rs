@@ -213,21 +213,21 @@ async fn answers_end_with_their_ttl_tenants_keep_their_own_and_what_cannot_be_ca
 #[tokio::test]
 async fn kept_answers_stay_within_their_bound_nearest_end_first() {
     let env = TestEnv::new().await.unwrap();
-    let keep = |hash: &str, ttl_s: u64, bytes: usize| Keep {
-        hash: hash.into(),
+    let keep = |name: &str, ttl_s: u64, bytes: usize| Keep {
+        name: name.into(),
         ttl_ms: ttl_s * 1000,
         answer: "x".repeat(bytes),
     };
-    let look = |hash: &'static str| {
+    let look = |name: &'static str| {
         let env = &env;
         async move {
             env.redis
-                .take_answer(&env.keys, "c", "0-1", hash, false, None)
+                .take_answer(&env.keys, "c", "0-1", name, false, None)
                 .await
                 .unwrap()
         }
     };
-    // 1,000 bytes: room for two answers of 400 (each counts its hash's bytes too).
+    // 1,000 bytes: room for two answers of 400 (each counts its name's bytes too).
     let bound = 1000;
     env.redis
         .keep_answers(&env.keys, bound, &[keep("a", 60, 400), keep("b", 30, 400)])
@@ -259,5 +259,5 @@ async fn kept_answers_stay_within_their_bound_nearest_end_first() {
         .query_async(&mut c)
         .await
         .unwrap();
-    assert_eq!(bytes, 802, "a and c, with their hashes");
+    assert_eq!(bytes, 802, "a and c, with their names");
 }

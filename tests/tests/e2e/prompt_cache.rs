@@ -120,3 +120,93 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
         "{reported} against {saved}: {line}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_sharing_a_prefix_is_sent_after_one_call_has_warmed_the_cache() {
+    let env = TestEnv::new().await.unwrap();
+    let mut settings = env.settings();
+    let provider = format!("claude-{}", env.queue);
+    settings.config = anthropic_only(&provider, &env.mock.url());
+    settings.concurrency = 16;
+    let worker = WorkerHandle::start(settings);
+    let instructions = "Classify the document by its tone and topic. ".repeat(134);
+    // Sixteen tasks sharing the prefix, enqueued at once, every call taking 300 ms: without
+    // the warm-up, each of the first sixteen would be sent before any answer and write it.
+    let tasks: Vec<Envelope> = (0..16)
+        .map(|i| Envelope {
+            system: Some(instructions.clone()),
+            ..Envelope::new(format!("The document: number {i} [[mock:slow-300]]"))
+        })
+        .collect();
+    for t in &tasks {
+        env.redis.enqueue(&env.keys, t).await.unwrap();
+    }
+    for t in &tasks {
+        let r = env
+            .wait_final(&t.id.unwrap().to_string(), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+    worker.stop().await.unwrap();
+    let [_, read, written, _] = env.mock.anthropic_billed();
+    assert!(written > 1024, "one call wrote the prefix: {written}");
+    assert_eq!(read, 15 * written, "and the fifteen others read it");
+}
+
+#[tokio::test]
+async fn calls_sharing_a_warm_prefix_stay_on_the_model_whose_cache_holds_it() {
+    let env = TestEnv::new().await.unwrap();
+    let mut settings = env.settings();
+    let provider = format!("claude-{}", env.queue);
+    // Two models: routing (`cheapest`) picks haiku, but sonnet's cache is warm.
+    let text = format!(
+        "providers:\n  - name: {provider}\n    kind: anthropic\n    base_url: \"{}\"\n    api_key: k\n    models:\n      - {{id: claude-sonnet-4-5, input_usd_per_mtok: {INPUT}, output_usd_per_mtok: {OUTPUT}}}\n      - {{id: claude-haiku-4-5, input_usd_per_mtok: 1, output_usd_per_mtok: 5}}\n",
+        env.mock.url()
+    );
+    settings.config = Config::parse("anthropic.yaml", &text, &|_| None).unwrap();
+    let instructions = "Classify the document by its tone and topic. ".repeat(400);
+    let task = |doc: &str| Envelope {
+        system: Some(instructions.clone()),
+        ..Envelope::new(format!("The document: {doc}"))
+    };
+    let cold = task("one");
+    let config = settings.config.clone();
+    let worker = WorkerHandle::start(settings);
+    env.redis.enqueue(&env.keys, &cold).await.unwrap();
+    let r = env
+        .wait_final(&cold.id.unwrap().to_string(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.model.as_deref(),
+        Some("claude-haiku-4-5"),
+        "the cheapest, cold"
+    );
+
+    // Sonnet's cache is warm now (as another worker's call would have left it).
+    let p = config.provider(&provider).unwrap();
+    let req = llmq_shared::provider::Request::of(&cold, "claude-sonnet-4-5", p);
+    let hash = llmq_shared::answer_cache::warm_prefix(&req, p.kind).unwrap();
+    let mut c = env.redis.conn().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(env.keys.kept(&llmq_shared::queue::warm_name(&hash)))
+        .arg(format!("{provider}/claude-sonnet-4-5"))
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let warm = task("two");
+    env.redis.enqueue(&env.keys, &warm).await.unwrap();
+    let r = env
+        .wait_final(&warm.id.unwrap().to_string(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    worker.stop().await.unwrap();
+    assert_eq!(
+        r.model.as_deref(),
+        Some("claude-sonnet-4-5"),
+        "pinned to the warm cache"
+    );
+}

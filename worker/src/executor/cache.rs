@@ -6,11 +6,13 @@
 
 use chrono::Utc;
 use llmq_shared::answer_cache::CachedAnswer;
+use llmq_shared::answer_cache::warm_prefix;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::CallRow;
 use llmq_shared::provider::Completion;
-use llmq_shared::queue::{Answer, Keep};
+use llmq_shared::queue::{Answer, Keep, answer_name, warm_name};
+use llmq_shared::routing::Plan;
 use uuid::Uuid;
 
 use super::Executor;
@@ -31,8 +33,8 @@ pub(super) enum Looked {
 pub const CACHED: &str = "cached";
 
 impl Executor {
-    /// Looks `hash` up for the delivery `entry_id` of `env`; with `flight`, takes the
-    /// request's flight on a miss or parks behind it.
+    /// Looks request `hash` up for the delivery `entry_id` of `env`; with `flight`, takes
+    /// the request's flight on a miss or parks behind it.
     pub(super) async fn look_up(
         &self,
         queue: &QueueKeys,
@@ -41,24 +43,10 @@ impl Executor {
         flight: bool,
         env: &Envelope,
     ) -> Looked {
-        let take = |envelope: Option<String>| async move {
-            self.redis
-                .take_answer(
-                    queue,
-                    &self.worker_id,
-                    entry_id,
-                    hash,
-                    flight,
-                    envelope.as_deref(),
-                )
-                .await
-        };
-        let mut taken = take(None).await;
-        if let Ok(Answer::Busy) = taken {
-            // The envelope goes to Redis only when the task is to be parked.
-            taken = take(Some(env.to_json())).await;
-        }
-        match taken {
+        match self
+            .take(queue, entry_id, &answer_name(hash), flight, env)
+            .await
+        {
             Ok(Answer::Hit(json)) => match serde_json::from_str::<CachedAnswer>(&json) {
                 Ok(answer) => {
                     metrics::counter!("llmq_answer_cache_total", "queue" => queue.name().to_owned(), "result" => "hit").increment(1);
@@ -92,6 +80,113 @@ impl Executor {
             }
         }
     }
+}
+
+impl Executor {
+    /// Looks `name` up, taking its flight on a miss when `flight` (or parking behind it).
+    async fn take(
+        &self,
+        queue: &QueueKeys,
+        entry_id: &str,
+        name: &str,
+        flight: bool,
+        env: &Envelope,
+    ) -> llmq_shared::queue::Result<Answer> {
+        let take = |envelope: Option<String>| async move {
+            self.redis
+                .take_answer(
+                    queue,
+                    &self.worker_id,
+                    entry_id,
+                    name,
+                    flight,
+                    envelope.as_deref(),
+                )
+                .await
+        };
+        let taken = take(None).await;
+        if let Ok(Answer::Busy) = taken {
+            // The envelope goes to Redis only when the task is to be parked.
+            return take(Some(env.to_json())).await;
+        }
+        taken
+    }
+
+    /// The stable prompt prefix of `env`'s call to the plan's first choice, when that
+    /// provider caches it: its hash.
+    pub(super) fn warm_prefix(&self, env: &Envelope, plan: &Plan<'_>) -> Option<String> {
+        // Most tasks have no prefix: no request is built for them.
+        if env.system.is_none() && env.tools.is_empty() && env.messages.is_empty() {
+            return None;
+        }
+        let first = plan.candidates.first()?;
+        let req = llmq_shared::provider::Request::of(env, &first.model.id, first.provider);
+        warm_prefix(&req, first.provider.kind)
+    }
+
+    /// Which model holds prefix `hash` warm; on a miss with `flight`, this task warms it
+    /// (the others sharing it park until it has).
+    pub(super) async fn warm_up(
+        &self,
+        queue: &QueueKeys,
+        entry_id: &str,
+        hash: &str,
+        flight: bool,
+        env: &Envelope,
+    ) -> Warm {
+        match self
+            .take(queue, entry_id, &warm_name(hash), flight, env)
+            .await
+        {
+            Ok(Answer::Hit(model)) => Warm::On(model),
+            Ok(Answer::Miss) => Warm::Cold,
+            Ok(Answer::Parked) => Warm::Parked,
+            Ok(Answer::Busy | Answer::Lost) => Warm::Release,
+            Err(e) => {
+                tracing::warn!(
+                    queue = queue.name(),
+                    "cannot look up whose prompt cache is warm; handing the task back: {e}"
+                );
+                Warm::Release
+            }
+        }
+    }
+}
+
+/// Whose prompt cache holds a task's prefix.
+pub(super) enum Warm {
+    /// `provider/model`'s: call it.
+    On(String),
+    /// Nobody's: this task's call warms it (holding the prefix's flight, when asked).
+    Cold,
+    /// Another task's call is warming it: parked until it has.
+    Parked,
+    /// Redis failed, or the entry is no longer ours: hand the delivery back.
+    Release,
+}
+
+/// How long a model's prompt cache is taken as warm after the call that wrote it: a little
+/// under the five minutes Anthropic's cache (and OpenAI's, when idle) keeps a prefix.
+pub const WARM_FOR: std::time::Duration = std::time::Duration::from_secs(240);
+
+/// Moves the candidate `provider/model` (a warm cache) to the front of `plan`, when it is in
+/// it: routing does not scatter calls sharing a warm prefix for a cent.
+pub(super) fn pin(plan: &mut Plan<'_>, warm: &str) {
+    let at = plan.candidates.iter().position(|c| {
+        warm.split_once('/') == Some((c.provider.name.as_str(), c.model.id.as_str()))
+    });
+    if let Some(i) = at {
+        plan.candidates[..=i].rotate_right(1);
+    }
+}
+
+/// What to keep once `hash`'s warming call answered on `provider/model`.
+pub(super) fn warmed(hash: &str, (provider, model): &(String, String)) -> Box<Keep> {
+    Box::new(Keep {
+        name: warm_name(hash),
+        ttl_ms: u64::try_from(WARM_FOR.as_millis()).unwrap_or(u64::MAX),
+        answer: format!("{provider}/{model}"),
+    })
 }
 
 /// The attempt of a task answered by `answer`, and its call's ledger row: no tokens, $0, and
@@ -167,7 +262,7 @@ pub(super) fn keep(
     let answer = serde_json::to_string(&answer).ok()?;
     (answer.len() <= max_bytes).then(|| {
         Box::new(Keep {
-            hash,
+            name: answer_name(&hash),
             ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
             answer,
         })

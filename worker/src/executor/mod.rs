@@ -29,7 +29,8 @@ use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{
-    BatchState, Client, Delivery, Finish, FinishKind, Slot, Write, flight_key, now_ms,
+    BatchState, Client, Delivery, Finish, FinishKind, Slot, Write, answer_name, flight_key, now_ms,
+    warm_name,
 };
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
@@ -513,6 +514,8 @@ impl Executor {
         // one's answer as (boxed: every task in flight carries these through its call).
         let mut cached_from = None;
         let mut to_keep = None;
+        // The prompt prefix this task's call warms.
+        let mut warming = None;
         let started = Instant::now();
         let tried = 'tried: {
             if let Some(outcome) = settled {
@@ -548,7 +551,7 @@ impl Executor {
                         }
                         cache::Looked::Miss => {
                             if flight {
-                                *slot = Some(flight_key(&hash));
+                                *slot = Some(flight_key(&answer_name(&hash)));
                             }
                             to_keep = Some(Box::new((hash, ttl)));
                         }
@@ -611,6 +614,32 @@ impl Executor {
                     }
                 }
             }
+            // A prompt prefix a provider caches: its calls go to the model whose cache holds
+            // it warm; while nobody's does, one call warms it before the rest are sent.
+            let mut plan = plan;
+            if let Some(hash) = self.warm_prefix(call_env, &plan) {
+                let flight = slot.is_none();
+                match Box::pin(self.warm_up(&queue, &entry_id, &hash, flight, &env)).await {
+                    cache::Warm::On(model) => cache::pin(&mut plan, &model),
+                    cache::Warm::Cold => {
+                        if flight {
+                            *slot = Some(flight_key(&warm_name(&hash)));
+                            warming = Some(Box::new(hash));
+                        }
+                    }
+                    cache::Warm::Parked => {
+                        let finish = Finish::release(entry_id, task_id, String::new());
+                        return Finished {
+                            parked: true,
+                            ..plain(queue, finish, Vec::new())
+                        };
+                    }
+                    cache::Warm::Release => {
+                        let finish = Finish::release(entry_id, task_id, env.to_json());
+                        return plain(queue, finish, Vec::new());
+                    }
+                }
+            }
             // Attempt.
             // Set while a call waits for its ledger row or its rate-limit window, not sent.
             let waiting = std::sync::atomic::AtomicBool::new(false);
@@ -650,9 +679,12 @@ impl Executor {
         record.learned = learned;
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
-        let keep = match (to_keep, &tried.outcome, &tried.last) {
-            (Some(to_keep), Outcome::Answered(c), Some(last)) => {
+        let keep = match (to_keep, warming, &tried.outcome, &tried.last) {
+            (Some(to_keep), _, Outcome::Answered(c), Some(last)) => {
                 cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
+            }
+            (None, Some(hash), Outcome::Answered(_), Some(last)) => {
+                Some(cache::warmed(&hash, last))
             }
             _ => None,
         };
