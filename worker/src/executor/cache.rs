@@ -120,6 +120,7 @@ impl Executor {
             return None;
         }
         let first = plan.candidates.first()?;
+        llmq_shared::provider::min_cached_tokens(first.provider.kind, &first.model.id)?;
         let req = llmq_shared::provider::Request::of(env, &first.model.id, first.provider);
         warm_prefix(&req, first.provider.kind)
     }
