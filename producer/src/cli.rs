@@ -292,6 +292,17 @@ pub struct Submit {
     /// Sampling temperature.
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Answer from the answer cache when an identical request was answered within this
+    /// long (e.g. 24h; 1s to 30d), and keep this answer as long. Needs --temperature 0, or
+    /// --cache-sampled.
+    #[arg(long, value_name = "TTL")]
+    pub cache: Option<String>,
+    /// With --cache: keep a sampled answer too (temperature unset or above 0).
+    #[arg(long, requires = "cache")]
+    pub cache_sampled: bool,
+    /// Never answer from the answer cache, nor keep this answer (not even the queue's).
+    #[arg(long, conflicts_with = "cache")]
+    pub no_cache: bool,
     /// Free JSON kept with the task.
     #[arg(long, value_parser = parse_json)]
     pub metadata: Option<serde_json::Value>,

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use llmq_shared::conversation::{Message, ResponseFormat, Tool, ToolChoice};
-use llmq_shared::envelope::{Envelope, TaskType};
+use llmq_shared::envelope::{CacheAsk, CacheKeep, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::{Client, OutEntry};
@@ -50,6 +50,19 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     env.metadata = args.metadata;
     if args.stream {
         env.stream = Some(true);
+    }
+    if let Some(ttl) = args.cache {
+        env.cache = Some(Box::new(CacheAsk::Keep(CacheKeep {
+            ttl,
+            sampled: args.cache_sampled,
+        })));
+    } else if args.no_cache {
+        env.cache = Some(Box::new(CacheAsk::Use(false)));
+    }
+    if env.cache.is_some() {
+        // Refused here, in the worker's words, rather than as a dead letter.
+        Envelope::parse(env.to_json().as_bytes(), usize::MAX)
+            .map_err(|e| Error::Usage(e.to_string()))?;
     }
     env.enqueued_at = Some(Utc::now());
     if let Some(delay) = args.delay {

@@ -84,9 +84,10 @@ struct Request<'a> {
 
 /// The request's name in the cache: a SHA-256 of what makes it identical, in hex. A
 /// cryptographic hash, so no task can be made to collide with another's request and read its
-/// answer.
+/// answer. `None` when the request cannot be written out whole (then it is not cached: a
+/// part of it would name it).
 #[must_use]
-pub fn request_hash(env: &Envelope, share_across_tenants: bool) -> String {
+pub fn request_hash(env: &Envelope, share_across_tenants: bool) -> Option<String> {
     let request = Request {
         v: 1,
         provider: env.provider.as_deref(),
@@ -111,9 +112,8 @@ pub fn request_hash(env: &Envelope, share_across_tenants: bool) -> String {
         },
     };
     let mut hasher = Sha256::new();
-    // Serializing these types cannot fail: no maps with non-string keys.
-    let _ = serde_json::to_writer(HashWriter(&mut hasher), &request);
-    hex(&hasher.finalize())
+    serde_json::to_writer(HashWriter(&mut hasher), &request).ok()?;
+    Some(hex(&hasher.finalize()))
 }
 
 /// The name of `req`'s stable prompt prefix (its tools, system prompt and turns before the
@@ -134,10 +134,11 @@ pub fn warm_prefix(req: &crate::provider::Request, kind: crate::config::Kind) ->
         &req.messages[..]
     };
     let mut hasher = Sha256::new();
-    let _ = serde_json::to_writer(
+    serde_json::to_writer(
         HashWriter(&mut hasher),
         &(&req.tools, req.system.as_deref(), leading),
-    );
+    )
+    .ok()?;
     Some(hex(&hasher.finalize()))
 }
 

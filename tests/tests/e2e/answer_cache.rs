@@ -261,3 +261,48 @@ async fn kept_answers_stay_within_their_bound_nearest_end_first() {
         .unwrap();
     assert_eq!(bytes, 802, "a and c, with their names");
 }
+
+#[tokio::test]
+async fn llmq_submit_asks_for_the_cache_and_refuses_what_the_worker_would() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let queue = env.queue.clone();
+    let submit = async |extra: &[&str]| {
+        let mut args = vec![
+            "submit",
+            "--prompt",
+            "Name the release's biggest change",
+            "--model",
+            "mock-fast",
+            "--queue",
+            &queue,
+            "--wait",
+            "--wait-timeout",
+            "30s",
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        env.cli(&args).await
+    };
+    // Refused before anything is enqueued (the sentences, the worker's, go to stderr): a
+    // sampled request, a TTL out of range.
+    for refused in [&["--cache", "1h"][..], &["--cache", "40d", "--temperature", "0"]] {
+        let (code, out) = submit(refused).await;
+        assert_eq!((code, out.as_str()), (2, ""), "{refused:?}");
+    }
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().ready, 0);
+
+    let cached = ["--cache", "1h", "--temperature", "0"];
+    let (code, first) = submit(&cached).await;
+    assert_eq!(code, 0, "{first}");
+    let (code, second) = submit(&cached).await;
+    assert_eq!(code, 0, "{second}");
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let second: serde_json::Value = serde_json::from_str(&second).unwrap();
+    assert!(first.get("cached").is_none(), "{first}");
+    assert_eq!(second["cached"], true, "{second}");
+    assert_eq!(second["cached_from"], first["task_id"]);
+    assert_eq!(second["output"], first["output"]);
+    worker.stop().await.unwrap();
+}

@@ -534,9 +534,11 @@ impl Executor {
                         retry_after: None,
                     }));
                 }
-                Use::On { ttl } => {
+                Use::On { ttl } => 'cache: {
                     let share = self.config.answer_cache.share_across_tenants;
-                    let hash = answer_cache::request_hash(call_env, share);
+                    let Some(hash) = answer_cache::request_hash(call_env, share) else {
+                        break 'cache;
+                    };
                     // One call for concurrent identical requests, unless the task holds a
                     // concurrency key's slot already or may wait for a provider batch.
                     let flight = slot.is_none() && env.deadline.is_none();
