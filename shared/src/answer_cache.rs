@@ -27,6 +27,10 @@ pub enum Use {
 /// How `env`, on `queue`, uses the answer cache of `config`.
 #[must_use]
 pub fn use_of(config: &AnswerCache, queue: &str, env: &Envelope) -> Use {
+    // The common case, no cache anywhere: a field check.
+    if env.cache.is_none() && config.queues.is_empty() {
+        return Use::Off;
+    }
     let uncacheable = env
         .tools
         .iter()
@@ -111,8 +115,13 @@ pub fn request_hash(env: &Envelope, share_across_tenants: bool) -> Option<String
             env.tenant.as_deref()
         },
     };
+    json_sha256(&request)
+}
+
+/// The SHA-256 of `value`'s JSON, in hex; `None` when it cannot be written out whole.
+fn json_sha256(value: &impl Serialize) -> Option<String> {
     let mut hasher = Sha256::new();
-    serde_json::to_writer(HashWriter(&mut hasher), &request).ok()?;
+    serde_json::to_writer(HashWriter(&mut hasher), value).ok()?;
     Some(hex(&hasher.finalize()))
 }
 
@@ -127,19 +136,25 @@ pub fn warm_prefix(req: &crate::provider::Request, kind: crate::config::Kind) ->
     if !req.prompt_cache {
         return None;
     }
-    req.cache_prefix().longest(min)?;
-    let leading = if req.prompt.is_empty() {
-        &req.messages[..req.messages.len().saturating_sub(1)]
+    // Up to the first point long enough to be cached: tasks that share their tools or
+    // system prompt share it whatever their conversations say after.
+    let prefix = req.cache_prefix();
+    let long = |n: Option<u64>| n.is_some_and(|n| n >= min);
+    let (system, leading) = if long(prefix.tools) {
+        (None, &[][..])
+    } else if long(prefix.system) {
+        (req.system_text(), &[][..])
+    } else if long(prefix.leading) {
+        let leading = if req.prompt.is_empty() {
+            &req.messages[..req.messages.len().saturating_sub(1)]
+        } else {
+            &req.messages[..]
+        };
+        (req.system_text(), leading)
     } else {
-        &req.messages[..]
+        return None;
     };
-    let mut hasher = Sha256::new();
-    serde_json::to_writer(
-        HashWriter(&mut hasher),
-        &(&req.tools, req.system.as_deref(), leading),
-    )
-    .ok()?;
-    Some(hex(&hasher.finalize()))
+    json_sha256(&(&req.tools, system.as_deref(), leading))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -435,7 +435,10 @@ pub fn check_class(priority: Option<i64>, tenant: Option<&str>) -> Result<()> {
 
 /// What a task asks of the answer cache (`cache`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "false, or an object such as {\"ttl\": \"24h\"} (with \"sampled\": true to keep a sampled answer)"
+)]
 pub enum CacheAsk {
     /// `false`: never answered from the cache, nor stored in it. `true` is refused: a TTL
     /// must be given.
@@ -474,7 +477,8 @@ pub fn cache_ttl(text: &str) -> std::result::Result<Duration, String> {
     })?;
     if d < MIN_CACHE_TTL || d > MAX_CACHE_TTL {
         return Err(format!(
-            "{text} is not between 1s and 30d; give e.g. \"24h\""
+            "{} is not between 1s and 30d; give e.g. \"24h\"",
+            crate::text::excerpt(text, 40)
         ));
     }
     Ok(d)

@@ -174,14 +174,17 @@ impl Finisher {
                 .or_default()
                 .push(p);
         }
-        for (keys, items) in by_queue {
-            // The concurrency slots of the tasks whose outcomes were applied, freed in one
-            // call once the queue's part of the batch is written.
-            let mut freed = Vec::new();
-            let mut kept = Vec::new();
-            self.write_queue(&keys, items, &mut freed, &mut kept).await;
-            // Kept before the flights are freed, so the tasks they wake find the answers.
-            // Should this fail, they call the model again.
+        for (keys, mut items) in by_queue {
+            // Answers are kept before the outcomes are written: once a leader's entry leaves
+            // the stream, its flight is stale, and an identical task arriving then must find
+            // the answer. An answer whose outcome is then not applied (the task was taken
+            // over) is still the model's answer to the request. Should this fail, the tasks
+            // its flight wakes call the model again.
+            let kept: Vec<Keep> = items
+                .iter_mut()
+                .filter_map(|p| p.finished.keep.take())
+                .map(|k| *k)
+                .collect();
             if let Err(e) = self
                 .redis
                 .keep_answers(&keys, self.answer_cache_bytes, &kept)
@@ -192,6 +195,10 @@ impl Finisher {
                     "cannot keep answers in the answer cache: {e}"
                 );
             }
+            // The concurrency slots of the tasks whose outcomes were applied, freed in one
+            // call once the queue's part of the batch is written.
+            let mut freed = Vec::new();
+            self.write_queue(&keys, items, &mut freed).await;
             if !freed.is_empty() {
                 let held: Vec<(&str, &str)> = freed
                     .iter()
@@ -207,20 +214,18 @@ impl Finisher {
     }
 
     /// Writes one queue's part of a batch in one script; adds (entry id, key) of every
-    /// applied outcome that held a concurrency slot (or an answer-cache flight) to `freed`,
-    /// and the answer of every applied outcome that keeps one to `kept`.
+    /// applied outcome that held a concurrency slot (or an answer-cache flight) to `freed`.
     async fn write_queue(
         &self,
         keys: &QueueKeys,
         items: Vec<Pending>,
         freed: &mut Vec<(String, String)>,
-        kept: &mut Vec<Keep>,
     ) {
         let mut slots = Vec::with_capacity(items.len());
         let (writes, waiters): (Vec<Write>, Vec<_>) = items
             .into_iter()
             .map(|p| {
-                slots.push((p.finished.slot, p.finished.keep));
+                slots.push(p.finished.slot);
                 (p.finished.write, p.done)
             })
             .unzip();
@@ -233,14 +238,10 @@ impl Finisher {
         let ok = applied.is_some();
         let applied = applied.unwrap_or_default();
         let mut counts = [0_u64; OUTCOMES.len()];
-        for (i, ((write, done), (slot, keep))) in writes.iter().zip(waiters).zip(slots).enumerate()
-        {
+        for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
             if was_applied && let Some(key) = slot {
                 freed.push((write.entry_id().to_owned(), key));
-            }
-            if was_applied && let Some(keep) = keep {
-                kept.push(*keep);
             }
             if ok && let Some(finish) = write.finish() {
                 counts[outcome(&finish.kind, was_applied)] += 1;

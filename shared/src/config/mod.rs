@@ -213,7 +213,7 @@ fn answer_cache(errs: &Errors<'_>, raw: Option<raw::RawAnswerCache>) -> Result<A
     for (queue, q) in raw.queues {
         let key = format!("answer_cache.queues.{queue}.ttl");
         let ttl = crate::envelope::cache_ttl(&q.ttl)
-            .map_err(|e| errs.at(key, e, "give how long an answer is kept, e.g. 24h"))?;
+            .map_err(|e| errs.at(key, e, "it is how long an answer is kept"))?;
         queues.insert(
             queue,
             QueueCache {

@@ -69,12 +69,20 @@ pub struct Keep {
     pub name: String,
     pub ttl_ms: u64,
     pub answer: String,
+    /// Whether it counts in the queue's bound (answers do; a warm cache's model, a few bytes
+    /// whose TTL its readers extend, does not).
+    pub counted: bool,
 }
+
+/// What the answer cache keeps for a request whose answer is too large to keep: call the
+/// model, each task on its own (no flight to wait on).
+pub const NOT_KEPT: &str = "-";
 
 impl Client {
     /// Looks `name` ([`answer_name`], [`warm_name`]) up for the entry this consumer is about
-    /// to run; on a miss with `flight`, takes its flight, or parks `envelope` behind it
-    /// (without an envelope, only tries: [`Answer::Busy`]).
+    /// to run, extending its TTL to `refresh_ms` on a hit when given; on a miss with
+    /// `flight`, takes its flight, or parks `envelope` behind it (without an envelope, only
+    /// tries: [`Answer::Busy`]).
     ///
     /// # Errors
     /// Redis fails.
@@ -86,13 +94,19 @@ impl Client {
         name: &str,
         flight: bool,
         envelope: Option<&str>,
+        refresh_ms: Option<u64>,
     ) -> Result<Answer> {
         let mut c = self.conn().await?;
         // A hit, the common case of a warm cache, is one plain GET; the script looks again.
-        let kept: Option<String> = redis::cmd("GET")
-            .arg(keys.kept(name))
-            .query_async(&mut c)
-            .await?;
+        let mut get = match refresh_ms {
+            Some(_) => redis::cmd("GETEX"),
+            None => redis::cmd("GET"),
+        };
+        get.arg(keys.kept(name));
+        if let Some(ms) = refresh_ms {
+            get.arg("PX").arg(ms);
+        }
+        let kept: Option<String> = get.query_async(&mut c).await?;
         if let Some(answer) = kept {
             return Ok(Answer::Hit(answer));
         }
@@ -131,9 +145,12 @@ impl Client {
         }
         let mut c = self.conn().await?;
         let mut inv = STORE.key(keys.stream());
-        inv.arg(max_bytes).arg(super::now_ms());
+        inv.arg(max_bytes);
         for a in answers {
-            inv.arg(&a.name).arg(a.ttl_ms).arg(&a.answer);
+            inv.arg(&a.name)
+                .arg(a.ttl_ms)
+                .arg(&a.answer)
+                .arg(if a.counted { "1" } else { "" });
         }
         inv.invoke_async::<i64>(&mut c).await?;
         Ok(())

@@ -42,7 +42,7 @@ mod pause;
 mod reply;
 mod slots;
 
-pub use answers::{Answer, Keep, answer_name, flight_key, warm_name};
+pub use answers::{Answer, Keep, NOT_KEPT, answer_name, flight_key, warm_name};
 pub use batch::{
     BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
 };

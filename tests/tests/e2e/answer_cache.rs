@@ -217,12 +217,13 @@ async fn kept_answers_stay_within_their_bound_nearest_end_first() {
         name: name.into(),
         ttl_ms: ttl_s * 1000,
         answer: "x".repeat(bytes),
+        counted: true,
     };
     let look = |name: &'static str| {
         let env = &env;
         async move {
             env.redis
-                .take_answer(&env.keys, "c", "0-1", name, false, None)
+                .take_answer(&env.keys, "c", "0-1", name, false, None, None)
                 .await
                 .unwrap()
         }
@@ -287,7 +288,10 @@ async fn llmq_submit_asks_for_the_cache_and_refuses_what_the_worker_would() {
     };
     // Refused before anything is enqueued (the sentences, the worker's, go to stderr): a
     // sampled request, a TTL out of range.
-    for refused in [&["--cache", "1h"][..], &["--cache", "40d", "--temperature", "0"]] {
+    for refused in [
+        &["--cache", "1h"][..],
+        &["--cache", "40d", "--temperature", "0"],
+    ] {
         let (code, out) = submit(refused).await;
         assert_eq!((code, out.as_str()), (2, ""), "{refused:?}");
     }

@@ -11,7 +11,7 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::CallRow;
 use llmq_shared::provider::Completion;
-use llmq_shared::queue::{Answer, Keep, answer_name, warm_name};
+use llmq_shared::queue::{Answer, Keep, NOT_KEPT, answer_name, warm_name};
 use llmq_shared::routing::Plan;
 use uuid::Uuid;
 
@@ -21,8 +21,11 @@ use super::attempt::{Outcome, Tried};
 /// What a lookup came to.
 pub(super) enum Looked {
     Hit(Box<CachedAnswer>),
-    /// Call the model (holding the request's flight, when one was asked for).
-    Miss,
+    /// Call the model holding the request's flight: identical tasks wait for this call.
+    Lead,
+    /// Call the model on its own: no flight was asked for, or the request's answers are not
+    /// kept (too large), or what is kept is not an answer this build reads.
+    Call,
     /// Parked behind another task's call for the same request: nothing to write.
     Parked,
     /// Redis failed, or the entry is no longer ours: hand the delivery back.
@@ -31,6 +34,11 @@ pub(super) enum Looked {
 
 /// The `outcome` of a call's ledger row for an answer the cache gave.
 pub const CACHED: &str = "cached";
+
+fn count(queue: &QueueKeys, result: &'static str) {
+    metrics::counter!("llmq_answer_cache_total", "queue" => queue.name().to_owned(), "result" => result)
+        .increment(1);
+}
 
 impl Executor {
     /// Looks request `hash` up for the delivery `entry_id` of `env`; with `flight`, takes
@@ -43,31 +51,33 @@ impl Executor {
         flight: bool,
         env: &Envelope,
     ) -> Looked {
-        match self
-            .take(queue, entry_id, &answer_name(hash), flight, env)
-            .await
-        {
+        let name = answer_name(hash);
+        match self.take(queue, entry_id, &name, flight, env, None).await {
+            Ok(Answer::Hit(json)) if json == NOT_KEPT => {
+                count(queue, "miss");
+                Looked::Call
+            }
             Ok(Answer::Hit(json)) => match serde_json::from_str::<CachedAnswer>(&json) {
                 Ok(answer) => {
-                    metrics::counter!("llmq_answer_cache_total", "queue" => queue.name().to_owned(), "result" => "hit").increment(1);
+                    count(queue, "hit");
                     Looked::Hit(Box::new(answer))
                 }
-                // Not an answer this worker wrote: call the model, without a flight, and
-                // keep its answer over this one.
+                // Not an answer this build reads: call the model on its own, and keep its
+                // answer over this one.
                 Err(e) => {
                     tracing::warn!(
                         queue = queue.name(),
                         "an answer in the cache is not one llmq keeps; calling the model: {e}"
                     );
-                    Looked::Miss
+                    Looked::Call
                 }
             },
             Ok(Answer::Miss) => {
-                metrics::counter!("llmq_answer_cache_total", "queue" => queue.name().to_owned(), "result" => "miss").increment(1);
-                Looked::Miss
+                count(queue, "miss");
+                if flight { Looked::Lead } else { Looked::Call }
             }
             Ok(Answer::Parked) => {
-                metrics::counter!("llmq_answer_cache_total", "queue" => queue.name().to_owned(), "result" => "waited").increment(1);
+                count(queue, "waited");
                 Looked::Parked
             }
             Ok(Answer::Busy | Answer::Lost) => Looked::Release,
@@ -91,6 +101,7 @@ impl Executor {
         name: &str,
         flight: bool,
         env: &Envelope,
+        refresh_ms: Option<u64>,
     ) -> llmq_shared::queue::Result<Answer> {
         let take = |envelope: Option<String>| async move {
             self.redis
@@ -101,6 +112,7 @@ impl Executor {
                     name,
                     flight,
                     envelope.as_deref(),
+                    refresh_ms,
                 )
                 .await
         };
@@ -120,6 +132,9 @@ impl Executor {
             return None;
         }
         let first = plan.candidates.first()?;
+        if !first.provider.prompt_cache || env.prompt_cache == Some(false) {
+            return None;
+        }
         llmq_shared::provider::min_cached_tokens(first.provider.kind, &first.model.id)?;
         let req = llmq_shared::provider::Request::of(env, &first.model.id, first.provider);
         warm_prefix(&req, first.provider.kind)
@@ -135,8 +150,11 @@ impl Executor {
         flight: bool,
         env: &Envelope,
     ) -> Warm {
+        // A warm cache's readers keep it warm, as each read keeps the provider's.
+        let refresh = u64::try_from(WARM_FOR.as_millis()).ok();
+        let name = warm_name(hash);
         match self
-            .take(queue, entry_id, &warm_name(hash), flight, env)
+            .take(queue, entry_id, &name, flight, env, refresh)
             .await
         {
             Ok(Answer::Hit(model)) => Warm::On(model),
@@ -166,8 +184,9 @@ pub(super) enum Warm {
     Release,
 }
 
-/// How long a model's prompt cache is taken as warm after the call that wrote it: a little
-/// under the five minutes Anthropic's cache (and OpenAI's, when idle) keeps a prefix.
+/// How long a model's prompt cache is taken as warm after the last call that read or wrote
+/// it: a little under the five minutes Anthropic's cache (and OpenAI's, when idle) keeps a
+/// prefix after its last use.
 pub const WARM_FOR: std::time::Duration = std::time::Duration::from_secs(240);
 
 /// Moves the candidate `provider/model` (a warm cache) to the front of `plan`, when it is in
@@ -187,6 +206,7 @@ pub(super) fn warmed(hash: &str, (provider, model): &(String, String)) -> Box<Ke
         name: warm_name(hash),
         ttl_ms: u64::try_from(WARM_FOR.as_millis()).unwrap_or(u64::MAX),
         answer: format!("{provider}/{model}"),
+        counted: false,
     })
 }
 
@@ -238,8 +258,8 @@ pub(super) fn hit(
     (tried, row)
 }
 
-/// The answer of `completion` to keep for `hash`, or `None` when it is larger than
-/// `max_bytes` (the payload limit).
+/// The answer of `completion` to keep for `hash`; [`NOT_KEPT`] in its place when it is
+/// larger than `max_bytes` (the payload limit).
 pub(super) fn keep(
     (hash, ttl): (String, std::time::Duration),
     completion: &Completion,
@@ -260,12 +280,15 @@ pub(super) fn keep(
             .map(|c| c.list_cost_usd.unwrap_or(c.cost_usd))
             .fold(0.0, |a, b| a + b),
     };
-    let answer = serde_json::to_string(&answer).ok()?;
-    (answer.len() <= max_bytes).then(|| {
-        Box::new(Keep {
-            name: answer_name(&hash),
-            ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
-            answer,
-        })
-    })
+    let mut answer = serde_json::to_string(&answer).ok()?;
+    if answer.len() > max_bytes {
+        // Kept as too large, so identical tasks call on their own instead of one at a time.
+        NOT_KEPT.clone_into(&mut answer);
+    }
+    Some(Box::new(Keep {
+        name: answer_name(&hash),
+        ttl_ms: u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX),
+        answer,
+        counted: true,
+    }))
 }

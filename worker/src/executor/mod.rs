@@ -402,20 +402,12 @@ impl Executor {
             match taken {
                 Ok(Slot::Held) => *slot = Some(key.clone()),
                 Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
-                    return Finished {
-                        parked: true,
-                        ..plain(
-                            queue,
-                            Finish::release(entry_id, task_id, String::new()),
-                            Vec::new(),
-                        )
-                    };
+                    return parked(queue, entry_id, task_id);
                 }
                 // Redis is away: the worker's fault, not the task's. Hand it back.
                 Err(e) => {
                     tracing::warn!(task = %task_id, "cannot take a slot of concurrency key `{key}`: {e}");
-                    let finish = Finish::release(entry_id, task_id, env.to_json());
-                    return plain(queue, finish, Vec::new());
+                    return handed_back(queue, entry_id, task_id, &env);
                 }
             }
         }
@@ -431,8 +423,7 @@ impl Executor {
             match Box::pin(prepare).await {
                 Ok(step) => step,
                 Err(Ended::Release) => {
-                    let finish = Finish::release(entry_id, task_id, env.to_json());
-                    return plain(queue, finish, Vec::new());
+                    return handed_back(queue, entry_id, task_id, &env);
                 }
                 Err(Ended::Cancelled(why)) => {
                     let record = running(&queue, &task_id, &env, &task_type);
@@ -503,8 +494,7 @@ impl Executor {
                 // an answer already. Hand it back rather than call it.
                 Err(e) => {
                     tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
-                    let finish = Finish::release(entry_id, task_id, env.to_json());
-                    return plain(queue, finish, Vec::new());
+                    return handed_back(queue, entry_id, task_id, &env);
                 }
             }
         }
@@ -534,6 +524,9 @@ impl Executor {
                         retry_after: None,
                     }));
                 }
+                // A chain step kept off some models or providers (a review distinct from
+                // the work it reviews) is not answered with what any model said.
+                Use::On { .. } if constraints != Constraints::default() => {}
                 Use::On { ttl } => 'cache: {
                     let share = self.config.answer_cache.share_across_tenants;
                     let Some(hash) = answer_cache::request_hash(call_env, share) else {
@@ -551,22 +544,16 @@ impl Executor {
                             cached_from = Some(Box::new(answer.task_id));
                             break 'tried tried;
                         }
-                        cache::Looked::Miss => {
-                            if flight {
-                                *slot = Some(flight_key(&answer_name(&hash)));
-                            }
+                        cache::Looked::Lead => {
+                            *slot = Some(flight_key(&answer_name(&hash)));
                             to_keep = Some(Box::new((hash, ttl)));
                         }
+                        cache::Looked::Call => to_keep = Some(Box::new((hash, ttl))),
                         cache::Looked::Parked => {
-                            let finish = Finish::release(entry_id, task_id, String::new());
-                            return Finished {
-                                parked: true,
-                                ..plain(queue, finish, Vec::new())
-                            };
+                            return parked(queue, entry_id, task_id);
                         }
                         cache::Looked::Release => {
-                            let finish = Finish::release(entry_id, task_id, env.to_json());
-                            return plain(queue, finish, Vec::new());
+                            return handed_back(queue, entry_id, task_id, &env);
                         }
                     }
                 }
@@ -604,15 +591,10 @@ impl Executor {
                 match Box::pin(self.park_for_batch(parking, call_env, &plan)).await {
                     batch::Batching::Call => {}
                     batch::Batching::Parked => {
-                        let finish = Finish::release(entry_id, task_id, String::new());
-                        return Finished {
-                            parked: true,
-                            ..plain(queue, finish, Vec::new())
-                        };
+                        return parked(queue, entry_id, task_id);
                     }
                     batch::Batching::Release => {
-                        let finish = Finish::release(entry_id, task_id, env.to_json());
-                        return plain(queue, finish, Vec::new());
+                        return handed_back(queue, entry_id, task_id, &env);
                     }
                 }
             }
@@ -630,15 +612,10 @@ impl Executor {
                         }
                     }
                     cache::Warm::Parked => {
-                        let finish = Finish::release(entry_id, task_id, String::new());
-                        return Finished {
-                            parked: true,
-                            ..plain(queue, finish, Vec::new())
-                        };
+                        return parked(queue, entry_id, task_id);
                     }
                     cache::Warm::Release => {
-                        let finish = Finish::release(entry_id, task_id, env.to_json());
-                        return plain(queue, finish, Vec::new());
+                        return handed_back(queue, entry_id, task_id, &env);
                     }
                 }
             }
@@ -681,11 +658,13 @@ impl Executor {
         record.learned = learned;
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
-        let keep = match (to_keep, warming, &tried.outcome, &tried.last) {
+        // What to keep once the outcome is written: the model's answer as it came (a chain
+        // step reads it again on a hit), or which model's prompt cache the call warmed.
+        let mut keep = match (to_keep, warming, &tried.outcome, &tried.last) {
             (Some(to_keep), _, Outcome::Answered(c), Some(last)) => {
                 cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
             }
-            (None, Some(hash), Outcome::Answered(_), Some(last)) => {
+            (None, Some(hash), Outcome::Answered(_), Some(last)) if self.caches_prompts(last) => {
                 Some(cache::warmed(&hash, last))
             }
             _ => None,
@@ -707,6 +686,11 @@ impl Executor {
             (Outcome::Answered(c), Some(read)) => chain::read(read, c),
             (outcome, _) => outcome,
         };
+        // An answer its step could not read (a judge naming no candidate) is not kept: its
+        // retry must not be given it again.
+        if !matches!(outcome, Outcome::Answered(_)) && keep.as_ref().is_some_and(|k| k.counted) {
+            keep = None;
+        }
         // A review's or check's verdict on the work it judged, for learned routing.
         let verdict = judged
             .and_then(|id| Uuid::parse_str(&id).ok())
@@ -760,6 +744,13 @@ impl Executor {
         finished.verdict = verdict;
         finished.keep = keep;
         finished
+    }
+
+    /// Whether `provider`'s `model` caches prompts llmq marks (so a call to it warmed one).
+    fn caches_prompts(&self, (provider, model): &(String, String)) -> bool {
+        self.config.provider(provider).is_some_and(|p| {
+            p.prompt_cache && llmq_shared::provider::min_cached_tokens(p.kind, model).is_some()
+        })
     }
 
     /// The stats a learned strategy routes by; `None` under `cheapest`, which never reads
@@ -978,6 +969,31 @@ fn apply(
         task: row,
         ..Finished::new(queue, write, calls)
     }
+}
+
+/// A task parked in Redis (for a slot of its concurrency key, a provider batch, an
+/// identical request's call, a warm-up): nothing to write.
+fn parked(queue: Arc<QueueKeys>, entry_id: String, task_id: String) -> Finished {
+    let finish = Finish::release(entry_id, task_id, String::new());
+    Finished {
+        parked: true,
+        ..plain(queue, finish, Vec::new())
+    }
+}
+
+/// A task handed back to its queue as it came, without using an attempt: Redis failed, or
+/// the worker is at fault.
+fn handed_back(
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    task_id: String,
+    env: &Envelope,
+) -> Finished {
+    plain(
+        queue,
+        Finish::release(entry_id, task_id, env.to_json()),
+        Vec::new(),
+    )
 }
 
 /// A task's outcome that moves no chain.

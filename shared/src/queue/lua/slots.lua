@@ -36,11 +36,15 @@ local function wake(stream, prefix, key, limit)
     if redis.call('SCARD', held) > 0 then
       return
     end
-    for _, env in ipairs(redis.call('LRANGE', parked, 0, -1)) do
+    -- At most 2,000 a call, so one script never holds Redis long; the sweep (every second)
+    -- wakes the rest.
+    local woken = redis.call('LPOP', parked, 2000)
+    for _, env in ipairs(woken or {}) do
       redis.call('XADD', stream, '*', 'task', env, 'room', '-')
     end
-    redis.call('DEL', parked)
-    redis.call('HDEL', prefix .. 'parked', key)
+    if redis.call('LLEN', parked) == 0 then
+      redis.call('HDEL', prefix .. 'parked', key)
+    end
     return
   end
   while redis.call('SCARD', held) < limit do
