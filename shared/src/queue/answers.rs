@@ -86,6 +86,7 @@ impl Client {
     ///
     /// # Errors
     /// Redis fails.
+    #[allow(clippy::too_many_arguments)]
     pub async fn take_answer(
         &self,
         keys: &QueueKeys,

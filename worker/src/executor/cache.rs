@@ -292,3 +292,29 @@ pub(super) fn keep(
         counted: true,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_over_the_payload_limit_is_kept_as_not_kept() {
+        let completion = Completion {
+            text: "a long answer".repeat(10),
+            ..Completion::default()
+        };
+        let last = ("p".to_owned(), "m".to_owned());
+        let ttl = std::time::Duration::from_secs(60);
+        let kept = |max| keep(("h".into(), ttl), &completion, "t", &last, &[], max).unwrap();
+        let whole = kept(1 << 20);
+        let answer: CachedAnswer = serde_json::from_str(&whole.answer).unwrap();
+        assert_eq!(answer.text, completion.text);
+        assert_eq!((whole.name.as_str(), whole.ttl_ms), ("answer:h", 60_000));
+        let over = kept(50);
+        assert_eq!(
+            over.answer, NOT_KEPT,
+            "identical tasks then call on their own"
+        );
+        assert!(over.counted);
+    }
+}
