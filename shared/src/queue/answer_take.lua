@@ -31,12 +31,5 @@ end
 if ARGV[6] == '' then
   return 2
 end
-if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
-  return -1
-end
-redis.call('RPUSH', prefix .. 'parked:' .. key, ARGV[6])
 -- Limit 0: when the flight ends, every task parked behind it is woken, none holding it.
-redis.call('HSET', prefix .. 'parked', key, 0)
-redis.call('XACK', stream, group, entry)
-redis.call('XDEL', stream, entry)
-return 0
+return park(stream, group, consumer, entry, prefix, key, 0, ARGV[6])

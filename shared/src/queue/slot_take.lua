@@ -21,11 +21,4 @@ end
 if ARGV[6] == '' then
   return 2
 end
-if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
-  return -1
-end
-redis.call('RPUSH', prefix .. 'parked:' .. key, ARGV[6])
-redis.call('HSET', prefix .. 'parked', key, limit)
-redis.call('XACK', stream, group, entry)
-redis.call('XDEL', stream, entry)
-return 0
+return park(stream, group, consumer, entry, prefix, key, limit, ARGV[6])

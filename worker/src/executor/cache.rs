@@ -230,19 +230,12 @@ pub(super) fn hit(
         task_type: task_type.to_owned(),
         provider: answer.provider.clone(),
         model: answer.model.clone(),
-        input_tokens: 0,
-        output_tokens: 0,
-        cached_tokens: 0,
-        cache_write_tokens: 0,
-        reasoning_tokens: 0,
-        cost_usd: 0.0,
-        latency_ms: 0,
         outcome: CACHED.into(),
-        error_class: None,
-        error: None,
         worker: worker.to_owned(),
         called_at: Utc::now(),
         list_cost_usd: Some(answer.list_cost_usd),
+        // No tokens, $0.
+        ..CallRow::default()
     };
     let tried = Tried {
         outcome: Outcome::Answered(Completion {

@@ -26,6 +26,19 @@ local function free_stale(stream, held)
   end
 end
 
+-- Parks envelope `env` behind `key` (to be woken under `limit`), acking and deleting its
+-- entry: 0, or -1 when `consumer` no longer holds the entry (nothing done).
+local function park(stream, group, consumer, entry, prefix, key, limit, env)
+  if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 0 then
+    return -1
+  end
+  redis.call('RPUSH', prefix .. 'parked:' .. key, env)
+  redis.call('HSET', prefix .. 'parked', key, limit)
+  redis.call('XACK', stream, group, entry)
+  redis.call('XDEL', stream, entry)
+  return 0
+end
+
 -- Hands free slots of `key` to its oldest parked tasks, each re-added to the stream holding
 -- its slot. Limit 0 is an answer-cache flight (`answer_take.lua`): once nothing holds it,
 -- every parked task goes back, none holding it. Forgets the key in the index once nothing is
