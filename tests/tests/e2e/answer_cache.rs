@@ -310,3 +310,49 @@ async fn llmq_submit_asks_for_the_cache_and_refuses_what_the_worker_would() {
     assert_eq!(second["output"], first["output"]);
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_worker_killed_during_the_call_leaves_the_flight_to_the_worker_that_takes_over() {
+    let env = TestEnv::new().await.unwrap();
+    let config = format!(
+        "{}answer_cache:\n  queues:\n    {}: {{ttl: 10m}}\n",
+        include_str!("../../../examples/providers.mock.yaml"),
+        env.queue
+    );
+    let args = ["--concurrency", "4", "--visibility-timeout", "1s"];
+    let prompt = "Summarise the outage report [[mock:slow-1500]]";
+    let tasks: Vec<Envelope> = (0..10).map(|_| task(prompt)).collect();
+    for t in &tasks {
+        env.redis.enqueue(&env.keys, t).await.unwrap();
+    }
+    let first = llmq_tests::harness::WorkerProcess::spawn_with(&env, &config, &args).unwrap();
+    // Killed without warning while its one call is on its way, the others parked behind it.
+    env.eventually("the first call made", Duration::from_secs(20), || async {
+        env.mock.calls_with_prompt(prompt) == 1
+    })
+    .await
+    .unwrap();
+    first.signal("KILL").unwrap();
+    drop(first);
+    let second = llmq_tests::harness::WorkerProcess::spawn_with(&env, &config, &args).unwrap();
+    let mut records = Vec::new();
+    for t in &tasks {
+        let id = t.id.unwrap().to_string();
+        records.push(env.wait_final(&id, Duration::from_secs(60)).await.unwrap());
+    }
+    second.signal("TERM").unwrap();
+    assert!(
+        records.iter().all(|r| r.status == Status::Succeeded),
+        "{records:?}"
+    );
+    // The killed call, and the one the task's new holder made: none of the nine waiting.
+    assert_eq!(env.mock.calls_with_prompt(prompt), 2);
+    let called: Vec<_> = records.iter().filter(|r| !r.cached).collect();
+    assert_eq!(called.len(), 1, "{records:?}");
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.cached)
+            .all(|r| r.cached_from.as_deref() == Some(called[0].task_id.as_str()))
+    );
+}
