@@ -356,3 +356,62 @@ async fn a_worker_killed_during_the_call_leaves_the_flight_to_the_worker_that_ta
             .all(|r| r.cached_from.as_deref() == Some(called[0].task_id.as_str()))
     );
 }
+
+/// The single flight's bound, over a seeded generator of workloads: however many copies of
+/// each request arrive, in whatever order, on however many concurrent slots, and whether a
+/// request's first call fails or not, each request is called once (twice when its first call
+/// fails: once more, by one task) and every copy ends with that answer.
+#[tokio::test]
+async fn identical_requests_make_one_call_each_whatever_their_order_concurrency_and_failures() {
+    let mut rng = llmq_tests::harness::SeededRng(0x5EED_A115_CAC4_E001);
+    for case in 0..6 {
+        let env = TestEnv::new().await.unwrap();
+        let concurrency = 1 + rng.below(8);
+        let worker = caching_worker(&env, concurrency);
+        // Up to four requests, each 50 ms or 300 ms a call, or failing its first call.
+        let requests: Vec<(String, u64)> = (0..1 + rng.below(4))
+            .map(|i| match rng.below(3) {
+                0 => (format!("Request {i} of case {case}"), 1),
+                1 => (format!("Request {i} of case {case} [[mock:slow-300]]"), 1),
+                _ => (format!("Request {i} of case {case} [[mock:flaky-1]]"), 2),
+            })
+            .collect();
+        let mut tasks: Vec<Envelope> = requests
+            .iter()
+            .flat_map(|(prompt, _)| {
+                let copies = 1 + rng.below(6);
+                (0..copies).map(move |_| task(prompt))
+            })
+            .collect();
+        // In a random order.
+        for i in (1..tasks.len()).rev() {
+            tasks.swap(i, rng.below(i + 1));
+        }
+        let records = run_all(&env, &tasks).await;
+        worker.stop().await.unwrap();
+        let what = format!("case {case}: concurrency {concurrency}, {requests:?}");
+        assert!(
+            records.iter().all(|r| r.status == Status::Succeeded),
+            "{what}: {records:?}"
+        );
+        for (prompt, calls) in &requests {
+            assert_eq!(
+                env.mock.calls_with_prompt(prompt),
+                *calls,
+                "{what}: {prompt}"
+            );
+            let rs: Vec<_> = tasks
+                .iter()
+                .zip(&records)
+                .filter(|(t, _)| &t.prompt == prompt)
+                .map(|(_, r)| r)
+                .collect();
+            let called: Vec<_> = rs.iter().filter(|r| !r.cached).collect();
+            assert_eq!(called.len(), 1, "{what}: {prompt}: {rs:?}");
+            assert!(
+                rs.iter().all(|r| r.output == called[0].output),
+                "{what}: {prompt}"
+            );
+        }
+    }
+}
