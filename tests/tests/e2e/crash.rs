@@ -60,11 +60,25 @@ async fn repeated_sigkill_loses_no_task_and_the_ledger_holds_every_call_the_mock
                 .map(|(id, _)| id)
                 .collect::<Vec<_>>()
         };
+        // Mid-call: holding tasks, one of whose calls is recorded and on its way (a row
+        // `started` by this worker; a call takes 300 ms), not merely read.
+        let calling = || async {
+            let (n,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM provider_calls
+                 WHERE queue = $1 AND outcome = 'started' AND worker LIKE '%' || $2 || '%'",
+            )
+            .bind(&env.queue)
+            .bind(&tag)
+            .fetch_one(env.ledger.pool())
+            .await
+            .unwrap();
+            n > 0
+        };
         let holding = env
             .eventually(
-                &format!("round {round}: a worker holding tasks"),
+                &format!("round {round}: a worker holding tasks, mid-call"),
                 WAIT,
-                || async { !held_by_victim().await.is_empty() },
+                || async { !held_by_victim().await.is_empty() && calling().await },
             )
             .await;
         if holding.is_err() {
