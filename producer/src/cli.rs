@@ -303,6 +303,15 @@ pub struct Submit {
     /// Never answer from the answer cache, nor keep this answer (not even the queue's).
     #[arg(long, conflicts_with = "cache")]
     pub no_cache: bool,
+    /// Run once per key (on the queue, for the tenant): submitting again with the same key,
+    /// while the first runs or within its window after it succeeded, gives the first's
+    /// answer without a call. A first that failed frees the key.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+    /// With --idempotency-key: how long after the first succeeded its answer is given
+    /// (e.g. 1h; 1s to 30d). Default: the queue's (provider file `idempotency:`), else 24h.
+    #[arg(long, value_name = "WINDOW", requires = "idempotency_key")]
+    pub idempotency_window: Option<String>,
     /// Free JSON kept with the task.
     #[arg(long, value_parser = parse_json)]
     pub metadata: Option<serde_json::Value>,

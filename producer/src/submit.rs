@@ -59,7 +59,9 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     } else if args.no_cache {
         env.cache = Some(Box::new(CacheAsk::Use(false)));
     }
-    if env.cache.is_some() {
+    env.idempotency_key = args.idempotency_key;
+    env.idempotency_window = args.idempotency_window;
+    if env.cache.is_some() || env.idempotency_key.is_some() {
         // Refused here, in the worker's words, rather than as a dead letter.
         Envelope::parse(env.to_json().as_bytes(), usize::MAX)
             .map_err(|e| Error::Usage(e.to_string()))?;

@@ -327,8 +327,15 @@ pub struct Envelope {
     /// Do not run before this time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_at: Option<DateTime<Utc>>,
+    /// Tasks with the same key (on one queue, for one tenant) run once: a copy that comes
+    /// while the first waits or runs, or within `idempotency_window` after it succeeded, is
+    /// answered with its answer (`crate::idempotency`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// How long after the first task with the key succeeded a copy is still answered with
+    /// its answer (e.g. `"24h"`); unset: the queue's, from the provider file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_window: Option<String>,
     /// How urgent the task is: 0 (the default, most urgent) to [`MAX_PRIORITY`] (least). A
     /// ready task of a lower number is taken before any of a higher one, fleet-wide; a task
     /// with neither `priority` nor `tenant` is served first, straight from the stream.
@@ -534,6 +541,34 @@ impl CacheAsk {
     }
 }
 
+impl Envelope {
+    /// An `idempotency_key` is not empty (every keyless producer would share it), and an
+    /// `idempotency_window` comes with one and is a TTL.
+    fn check_idempotency(&self) -> Result<()> {
+        let field = |field: &str, message: String| Error::Field {
+            field: field.into(),
+            message,
+        };
+        if self.idempotency_key.as_deref() == Some("") {
+            return Err(field(
+                "idempotency_key",
+                "is empty; give each task that must run once a key of its own, or leave it out"
+                    .into(),
+            ));
+        }
+        if let Some(window) = &self.idempotency_window {
+            if self.idempotency_key.is_none() {
+                return Err(field(
+                    "idempotency_window",
+                    "needs idempotency_key: it is how long a key is remembered; add the key or drop the window".into(),
+                ));
+            }
+            cache_ttl(window).map_err(|e| field("idempotency_window", e))?;
+        }
+        Ok(())
+    }
+}
+
 /// The shortest `deadline`: every provider's batch API may take a day (OpenAI's only
 /// completion window is 24h; Anthropic and Gemini aim at a day too).
 pub const MIN_DEADLINE: Duration = Duration::from_secs(24 * 3600);
@@ -598,6 +633,7 @@ impl Envelope {
             max_attempts: None,
             run_at: None,
             idempotency_key: None,
+            idempotency_window: None,
             priority: None,
             tenant: None,
             max_tokens: None,
@@ -723,6 +759,7 @@ impl Envelope {
         if let Some(ask) = &self.cache {
             ask.check(self)?;
         }
+        self.check_idempotency()?;
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.
         let texts = [

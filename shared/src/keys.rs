@@ -72,6 +72,13 @@ impl QueueKeys {
         format!("{}:{name}", self.prefix)
     }
 
+    /// How many copies of keyed tasks were answered with the first's answer: a counter.
+    /// (The keys themselves, `idem:<hash>`, are named by `crate::idempotency`.)
+    #[must_use]
+    pub fn duplicates(&self) -> String {
+        format!("{}:duplicates", self.prefix)
+    }
+
     /// The stored outcome of one task: a JSON string with a TTL.
     #[must_use]
     pub fn result(&self, task_id: &str) -> String {

@@ -9,6 +9,7 @@
 //! - `routing`: `plan(config, task, constraints, stats)`, pure;
 //! - `keys`: every Redis key name; `queue`: every operation on a queue, one file each;
 //! - `answer_cache`: which tasks the answer cache answers, and what makes requests identical;
+//!   `idempotency`: which tasks are copies of one another (`idempotency_key`);
 //! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
 //! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres; `insights`: what the
 //!   ledger says of each model (`llmq insights`);
@@ -35,6 +36,7 @@ pub mod config;
 pub mod conversation;
 pub mod envelope;
 pub mod health;
+pub mod idempotency;
 pub mod insights;
 pub mod keys;
 pub mod ledger;

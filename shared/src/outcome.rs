@@ -182,6 +182,9 @@ pub struct TaskRecord {
     /// The task whose call gave the cached answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_from: Option<String>,
+    /// A copy of a task with the same `idempotency_key`: that task, whose answer this is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicate_of: Option<String>,
 }
 
 /// How a learned strategy chose a task's model, so the route can be judged later
@@ -225,6 +228,7 @@ impl TaskRecord {
             tool_calls: Vec::new(),
             cached: false,
             cached_from: None,
+            duplicate_of: None,
         }
     }
 

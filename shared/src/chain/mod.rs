@@ -191,6 +191,10 @@ pub struct Chain {
     pub max_rounds: u32,
     /// In the order given, which is a valid order to run them in only by accident.
     pub steps: Vec<Step>,
+    /// The submission's idempotency key: the chain's id when the spec names none, so a
+    /// chain submitted twice with one key is one chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 impl Chain {
@@ -230,8 +234,19 @@ impl Chain {
                 )));
             }
             Some(id) => id,
-            None => envelope::derive_id(queue, entry_id).to_string(),
+            None => match spec.idempotency_key.as_deref() {
+                Some(key) => crate::idempotency::chain_id(queue, spec.tenant.as_deref(), key),
+                None => envelope::derive_id(queue, entry_id),
+            }
+            .to_string(),
         };
+        if let Some(key) = &spec.idempotency_key
+            && (key.is_empty() || key.contains('\0'))
+        {
+            return Err(err(
+                "`idempotency_key` is empty or holds a NUL character; give the chain a key of its own, or leave it out",
+            ));
+        }
         build(id, spec, max_bytes)
     }
 
@@ -419,6 +434,7 @@ struct RawChain {
     #[allow(dead_code)]
     v: u64,
     chain_id: Option<String>,
+    idempotency_key: Option<String>,
     #[serde(default)]
     on_failure: OnFailure,
     #[serde(default)]
@@ -566,6 +582,7 @@ fn build(id: String, spec: RawChain, max_bytes: usize) -> Result<Chain> {
         on_failure: spec.on_failure,
         max_rounds: DEFAULT_MAX_ROUNDS,
         steps,
+        idempotency_key: spec.idempotency_key,
     })
 }
 

@@ -69,6 +69,65 @@ pub struct Config {
     /// tenants whose weight is not 1; the same on every worker.
     pub tenant_weights: std::collections::BTreeMap<String, u32>,
     pub answer_cache: AnswerCache,
+    pub idempotency: Idempotency,
+}
+
+/// Idempotency keys (`idempotency:` in the provider file): how long after a keyed task
+/// succeeded a copy of it is still answered with its answer, unless the task says
+/// (`idempotency_window`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Idempotency {
+    /// Every queue's but those in `queues`.
+    pub window: Duration,
+    pub queues: std::collections::BTreeMap<String, Duration>,
+}
+
+/// `idempotency.window` when unset: a day, as BullMQ's and Stripe's keys.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for Idempotency {
+    fn default() -> Self {
+        Self {
+            window: DEFAULT_IDEMPOTENCY_WINDOW,
+            queues: std::collections::BTreeMap::new(),
+        }
+    }
+}
+
+impl Idempotency {
+    /// The window of queue `queue`'s keys.
+    #[must_use]
+    pub fn window_of(&self, queue: &str) -> Duration {
+        self.queues.get(queue).copied().unwrap_or(self.window)
+    }
+}
+
+/// `idempotency:`, checked: each window a TTL of 1s to 30d.
+fn idempotency(errs: &Errors<'_>, raw: Option<raw::RawIdempotency>) -> Result<Idempotency> {
+    let Some(raw) = raw else {
+        return Ok(Idempotency::default());
+    };
+    let window = |key: String, text: &str| {
+        crate::envelope::cache_ttl(text).map_err(|e| {
+            errs.at(
+                key,
+                e,
+                "it is how long after a keyed task succeeded its copies are answered with its answer",
+            )
+        })
+    };
+    let mut queues = std::collections::BTreeMap::new();
+    for (queue, q) in raw.queues {
+        let key = format!("idempotency.queues.{queue}.window");
+        queues.insert(queue, window(key, &q.window)?);
+    }
+    Ok(Idempotency {
+        window: match raw.window {
+            Some(text) => window("idempotency.window".into(), &text)?,
+            None => DEFAULT_IDEMPOTENCY_WINDOW,
+        },
+        queues,
+    })
 }
 
 /// The answer cache (`answer_cache:` in the provider file): which queues' tasks are answered
@@ -353,6 +412,7 @@ impl Config {
             },
         };
         let answer_cache = answer_cache(&errs, raw.answer_cache)?;
+        let idempotency = idempotency(&errs, raw.idempotency)?;
         let mut tenant_weights = std::collections::BTreeMap::new();
         for (tenant, weight) in raw.tenants.map(|t| t.weights).unwrap_or_default() {
             let key = format!("tenants.weights.{tenant}");
@@ -383,6 +443,7 @@ impl Config {
             ledger,
             tenant_weights,
             answer_cache,
+            idempotency,
         })
     }
 

@@ -24,6 +24,22 @@ pub(super) struct RawFile {
     pub(super) tenants: Option<RawTenants>,
     #[serde(default)]
     pub(super) answer_cache: Option<RawAnswerCache>,
+    #[serde(default)]
+    pub(super) idempotency: Option<RawIdempotency>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawIdempotency {
+    pub(super) window: Option<String>,
+    #[serde(default)]
+    pub(super) queues: std::collections::BTreeMap<String, RawQueueIdempotency>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQueueIdempotency {
+    pub(super) window: String,
 }
 
 #[derive(Deserialize)]

@@ -278,12 +278,17 @@ fn poison_finish(keys: &QueueKeys, d: &Delivery) -> Finish {
     record.error_class = Some(ErrorClass::Poison);
     record.attempts = u32::try_from(d.deliveries).unwrap_or(u32::MAX);
     record.finished_at = Some(chrono::Utc::now());
-    Finish::dead(
+    let mut finish = Finish::dead(
         d.entry_id.clone(),
         task_id,
         error,
         ErrorClass::Poison,
         record,
         String::from_utf8_lossy(payload).into_owned(),
-    )
+    );
+    // The key it held is free: a copy may run.
+    if let Some(name) = crate::idempotency::name_in(payload) {
+        finish.end_key(name, Duration::ZERO);
+    }
+    finish
 }

@@ -8,7 +8,8 @@
 --   entry id of the batch, then per item: op, its number of keys, its number of args, args
 -- Ops, with their keys and args (settle = entry id, kind, record, envelope, a, b, as
 -- settle.lua reads them):
---   task:   result key; settle
+--   task:   result key; settle, and for a task with an idempotency key that ended: its
+--           name, the task id, and its window (ms; '' when the task did not succeed)
 --   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
 --           cancelled), step state fields as json, prefix of the chain's wait sets
 --   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
@@ -118,6 +119,27 @@ local function expand(stream, k, b, na, now)
   redis.call('ZADD', index, now, ARGV[b + 1])
 end
 
+-- A keyed task ended: its key remembers it for the window (its copies are answered with its
+-- answer) or, when it did not succeed, is free (its next copy runs); the copies parked
+-- behind it wake either way. Only the task holding the key ends it.
+local function end_key(stream, name, task, window)
+  local prefix = string.sub(stream, 1, -7)
+  local key = prefix .. name
+  if redis.call('GET', key) ~= task then
+    return
+  end
+  if window ~= '' then
+    redis.call('SET', key, 'done:' .. task, 'PX', window)
+  else
+    redis.call('DEL', key)
+  end
+  local copies = '\0' .. name
+  local limit = redis.call('HGET', prefix .. 'parked', copies)
+  if limit then
+    wake(stream, prefix, copies, 0)
+  end
+end
+
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 -- One XPENDING for the whole batch: what this consumer still holds in the batch's range.
@@ -138,7 +160,9 @@ while a <= last do
     else
       settle(stream, group, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
         ARGV[b + 4], ARGV[b + 5], now, ttl)
-      if op == 'step' then
+      if op == 'task' and na > 6 then
+        end_key(stream, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
+      elseif op == 'step' then
         advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],
           ARGV[b + 8], ARGV[b + 9], now, ttl)
       elseif op == 'await' then

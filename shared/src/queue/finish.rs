@@ -14,6 +14,7 @@ use crate::outcome::TaskRecord;
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/room.lua"),
+        include_str!("lua/slots.lua"),
         include_str!("lua/settle.lua"),
         include_str!("lua/advance.lua"),
         include_str!("lua/rerun.lua"),
@@ -159,9 +160,19 @@ impl Write {
         };
         match self {
             Self::Task(f) => {
-                inv.arg("task").arg(1).arg(SETTLE);
+                let ends_key = f.key_end.as_deref();
+                let args = if ends_key.is_some() { SETTLE + 3 } else { SETTLE };
+                inv.arg("task").arg(1).arg(args);
                 inv.key(keys.result(&f.task_id));
                 settle(inv, f);
+                if let Some(end) = ends_key {
+                    let window = end
+                        .window
+                        .map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX).max(1));
+                    inv.arg(&end.name)
+                        .arg(&f.task_id)
+                        .arg(window.map(|w| w.to_string()).unwrap_or_default());
+                }
             }
             Self::Step(f, s) => {
                 inv.arg("step").arg(4).arg(SETTLE + 4);

@@ -29,6 +29,7 @@ use tokio::sync::OnceCell;
 use crate::outcome::{ErrorClass, TaskRecord};
 
 mod answers;
+mod idem;
 mod batch;
 mod chain;
 mod conn;
@@ -43,6 +44,7 @@ mod reply;
 mod slots;
 
 pub use answers::{Answer, Keep, NOT_KEPT, answer_name, flight_key, warm_name};
+pub use idem::{KeyEnd, Keyed};
 pub use batch::{
     BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
 };
@@ -180,6 +182,8 @@ pub struct Finish {
     pub record: Option<TaskRecord>,
     /// The envelope (or raw payload) to carry to `delayed`, `dead` or the stream.
     pub envelope: String,
+    /// A task holding an idempotency key that ended: what becomes of the key.
+    pub key_end: Option<Box<KeyEnd>>,
 }
 
 impl Finish {
@@ -192,6 +196,7 @@ impl Finish {
             kind: FinishKind::Done,
             record: Some(record),
             envelope: String::new(),
+            key_end: None,
         }
     }
 
@@ -210,6 +215,7 @@ impl Finish {
             kind: FinishKind::Retry { due_ms },
             record,
             envelope,
+            key_end: None,
         }
     }
 
@@ -229,7 +235,20 @@ impl Finish {
             kind: FinishKind::Dead { error, class },
             record: Some(record),
             envelope,
+            key_end: None,
         }
+    }
+
+    /// Ends idempotency key `name`, which this task holds, if the task ended: remembered
+    /// for `window` when it succeeded, else freed. A task that goes on (a retry, a wait, a
+    /// hand-back) keeps holding it.
+    pub fn end_key(&mut self, name: String, window: Duration) {
+        let window = match (&self.kind, self.record.as_ref().map(|r| r.status)) {
+            (FinishKind::Done, Some(crate::outcome::Status::Succeeded)) => Some(window),
+            (FinishKind::Done | FinishKind::Dead { .. }, _) => None,
+            _ => return,
+        };
+        self.key_end = Some(Box::new(KeyEnd { name, window }));
     }
 
     /// Hand `envelope` back to the stream untouched (shutdown).
@@ -241,6 +260,7 @@ impl Finish {
             kind: FinishKind::Release,
             record: None,
             envelope,
+            key_end: None,
         }
     }
 
@@ -263,6 +283,7 @@ impl Finish {
             },
             record: None,
             envelope,
+            key_end: None,
         }
     }
 }

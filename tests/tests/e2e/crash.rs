@@ -192,13 +192,7 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
     let outcome = |who: &str| {
         let mut r = TaskRecord::pending(&id, &env.queue, Status::Succeeded);
         r.output = Some(format!("written by {who}"));
-        Write::Task(Finish {
-            entry_id: mine[0].entry_id.clone(),
-            task_id: id.clone(),
-            kind: FinishKind::Done,
-            record: Some(r),
-            envelope: String::new(),
-        })
+        Write::Task(Finish::done(mine[0].entry_id.clone(), id.clone(), r))
     };
     let fast = env
         .redis

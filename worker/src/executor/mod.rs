@@ -48,6 +48,7 @@ mod call_metrics;
 mod chain;
 mod check;
 pub mod decide;
+mod keyed;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
 pub use call_metrics::CallMetrics;
@@ -278,8 +279,14 @@ impl Executor {
             Err(finished) => return *finished,
         };
         let mut slot = None;
-        let mut finished = self.run_holding(task, &mut slot).await;
+        let mut key = None;
+        let mut finished = self.run_holding(task, &mut slot, &mut key).await;
         finished.slot = slot;
+        // A task holding an idempotency key ends it with its outcome's write.
+        if let (Some(key), Write::Task(finish)) = (key, &mut finished.write) {
+            let (name, window) = *key;
+            finish.end_key(name, window);
+        }
         finished
     }
 
@@ -363,17 +370,34 @@ impl Executor {
         })
     }
 
-    /// [`Executor::run`], setting `slot` once the task holds a slot of its concurrency key.
+    /// [`Executor::run`], setting `slot` once the task holds a slot of its concurrency key,
+    /// and `key` once it holds its idempotency key.
     ///
     /// Everything held here is held for the whole of the task's call, by every task in
     /// flight: keep what lives across the call's await small, and build the rest after it.
-    async fn run_holding(&self, task: Admitted, slot: &mut Option<String>) -> Finished {
+    async fn run_holding(
+        &self,
+        task: Admitted,
+        slot: &mut Option<String>,
+        key: &mut Option<Box<(String, Duration)>>,
+    ) -> Finished {
         let Admitted {
             queue,
             entry_id,
             env,
             task_id,
         } = task;
+
+        // An idempotency key: run only holding it; a copy of a task that succeeded is
+        // answered with its answer, one of a task still running waits for it.
+        if let Some(name) = llmq_shared::idempotency::name_of(&env) {
+            match Box::pin(self.take_key(&queue, &entry_id, name, &env)).await {
+                keyed::Taken::Run(held) => *key = Some(held),
+                keyed::Taken::Copy(finished) => return *finished,
+                keyed::Taken::Parked => return parked(queue, entry_id, task_id),
+                keyed::Taken::Release => return handed_back(queue, entry_id, task_id, &env),
+            }
+        }
 
         // A concurrency key: run only with a slot, else wait parked for one.
         if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {

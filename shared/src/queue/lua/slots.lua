@@ -39,14 +39,34 @@ local function park(stream, group, consumer, entry, prefix, key, limit, env)
   return 0
 end
 
+-- Whether a task's result record says it ended without success.
+local function ended(record)
+  return record ~= nil and record ~= false and (string.find(record, '"status":"dead"', 1, true)
+    or string.find(record, '"status":"failed"', 1, true)
+    or string.find(record, '"status":"cancelled"', 1, true)) ~= nil
+end
+
+-- Whether an idempotency key (`idem:<hash>`, whose parked copies wait under `\0idem:<hash>`)
+-- is held by a task that has not ended (`idem_take.lua`).
+local function key_held(prefix, key)
+  if string.sub(key, 1, 6) ~= '\0idem:' then
+    return false
+  end
+  local holder = redis.call('GET', prefix .. string.sub(key, 2))
+  if not holder or string.sub(holder, 1, 5) == 'done:' then
+    return false
+  end
+  return not ended(redis.call('GET', prefix .. 'result:' .. holder))
+end
+
 -- Hands free slots of `key` to its oldest parked tasks, each re-added to the stream holding
--- its slot. Limit 0 is an answer-cache flight (`answer_take.lua`): once nothing holds it,
--- every parked task goes back, none holding it. Forgets the key in the index once nothing is
--- parked.
+-- its slot. Limit 0 is an answer-cache flight (`answer_take.lua`) or an idempotency key's
+-- copies: once nothing holds it, every parked task goes back, none holding it. Forgets the
+-- key in the index once nothing is parked.
 local function wake(stream, prefix, key, limit)
   local held, parked = prefix .. 'held:' .. key, prefix .. 'parked:' .. key
   if limit == 0 then
-    if redis.call('SCARD', held) > 0 then
+    if redis.call('SCARD', held) > 0 or key_held(prefix, key) then
       return
     end
     -- At most 2,000 a call, so one script never holds Redis long; the sweep (every second)

@@ -1,0 +1,113 @@
+//! Idempotency keys in Redis (`crate::idempotency` says which tasks share one). The key
+//! `idem:<hash>` holds the id of the task that holds it, or `done:<id>` for its window once
+//! that task succeeded; copies that come while it is held park under `\0idem:<hash>` (the
+//! parked tasks of a concurrency key of limit 0, as an answer-cache flight's) and wake when
+//! it ends (`finish.lua`'s `end_key`, or the sweep once its record says it ended).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+
+use super::{Client, Result};
+use crate::keys::{GROUP, QueueKeys};
+
+static TAKE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/slots.lua"),
+        include_str!("idem_take.lua")
+    ))
+});
+
+/// What [`Client::take_key`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keyed {
+    /// The task holds the key: run it.
+    Run,
+    /// A copy of a task that succeeded: this is that task's result record (JSON).
+    Copy(String),
+    /// The key is held by a task that has not ended: this one was parked until it does (its
+    /// entry is acked and deleted).
+    Parked,
+    /// The key is held, and no envelope was given to park: call again with it.
+    Busy,
+    /// This consumer no longer holds the entry; nothing was done.
+    Lost,
+}
+
+/// What a task's write does to its key once it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEnd {
+    /// `idem:<hash>`.
+    pub name: String,
+    /// `Some`: the task succeeded, and its copies are answered with its answer this long;
+    /// `None`: it did not, and the key is free.
+    pub window: Option<Duration>,
+}
+
+impl Client {
+    /// Takes key `name` for task `task_id` (entry `entry_id`, which this consumer is about
+    /// to run) for `hold`, or says whose copy it is; a key held by another task parks
+    /// `envelope` until that task ends (without an envelope, only tries: [`Keyed::Busy`]).
+    /// A replayed task (`replay`) takes the key whoever holds it: it is a new run by intent.
+    ///
+    /// # Errors
+    /// Redis fails.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn take_key(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        entry_id: &str,
+        name: &str,
+        task_id: &str,
+        hold: Duration,
+        replay: bool,
+        envelope: Option<&str>,
+    ) -> Result<Keyed> {
+        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut c = self.conn().await?;
+        // A free key, the common case, is one plain SET.
+        let mut set = redis::cmd("SET");
+        set.arg(keys.kept(name)).arg(task_id);
+        if !replay {
+            set.arg("NX");
+        }
+        set.arg("GET").arg("PX").arg(hold_ms);
+        let holder: Option<String> = set.query_async(&mut c).await?;
+        if replay || holder.as_deref().is_none_or(|h| h == task_id) {
+            return Ok(Keyed::Run);
+        }
+        let v: redis::Value = TAKE
+            .key(keys.stream())
+            .arg(GROUP)
+            .arg(consumer)
+            .arg(entry_id)
+            .arg(name)
+            .arg(task_id)
+            .arg(hold_ms)
+            .arg(envelope.unwrap_or_default())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(match v {
+            redis::Value::Int(1) => Keyed::Run,
+            redis::Value::Int(0) => Keyed::Parked,
+            redis::Value::Int(2) => Keyed::Busy,
+            redis::Value::Int(_) => Keyed::Lost,
+            other => Keyed::Copy(super::reply::as_string(&other)?),
+        })
+    }
+
+    /// How many copies of keyed tasks queue `keys` answered with the first's answer, ever.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn duplicates(&self, keys: &QueueKeys) -> Result<u64> {
+        let mut c = self.conn().await?;
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(keys.duplicates())
+            .query_async(&mut c)
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+}

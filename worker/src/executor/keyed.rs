@@ -1,0 +1,120 @@
+//! Idempotency keys, as a task meets them: before anything else, a task with a key takes it,
+//! or is answered as a copy of the task that succeeded with it, or parks until the task
+//! holding it ends. The rules are `llmq_shared::idempotency`; the Redis side is
+//! `llmq_shared::queue::Keyed`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::idempotency;
+use llmq_shared::keys::QueueKeys;
+use llmq_shared::outcome::{Status, TaskRecord};
+use llmq_shared::queue::{Finish, Keyed};
+
+use super::Executor;
+use crate::finished::Finished;
+
+/// What taking a task's key came to.
+pub(super) enum Taken {
+    /// Run the task, holding key `name`, which it ends (remembered this long once it
+    /// succeeds).
+    Run(Box<(String, Duration)>),
+    /// A copy of a task that succeeded: answered with its answer.
+    Copy(Box<Finished>),
+    /// Parked behind the task holding the key: nothing to write.
+    Parked,
+    /// Redis failed, or the entry is no longer ours: hand the delivery back.
+    Release,
+}
+
+impl Executor {
+    /// Takes the key of `env` (which has one, named `name`) for delivery `entry_id`.
+    pub(super) async fn take_key(
+        &self,
+        queue: &Arc<QueueKeys>,
+        entry_id: &str,
+        name: String,
+        env: &Envelope,
+    ) -> Taken {
+        let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
+        let replay = env.replays > 0;
+        let take = |envelope: Option<String>| {
+            let (name, task_id) = (&name, &task_id);
+            async move {
+                self.redis
+                    .take_key(
+                        queue,
+                        &self.worker_id,
+                        entry_id,
+                        name,
+                        task_id,
+                        idempotency::HOLD,
+                        replay,
+                        envelope.as_deref(),
+                    )
+                    .await
+            }
+        };
+        let mut taken = take(None).await;
+        if let Ok(Keyed::Busy) = taken {
+            // The envelope goes to Redis only when the task is to be parked.
+            taken = take(Some(env.to_json())).await;
+        }
+        match taken {
+            Ok(Keyed::Run) => {
+                let window = idempotency::window(&self.config.idempotency, queue.name(), env);
+                Taken::Run(Box::new((name, window)))
+            }
+            Ok(Keyed::Copy(record)) => match serde_json::from_str::<TaskRecord>(&record) {
+                Ok(first) => {
+                    metrics::counter!("llmq_duplicates_total", "queue" => queue.name().to_owned())
+                        .increment(1);
+                    Taken::Copy(Box::new(copy(Arc::clone(queue), entry_id, env, first)))
+                }
+                Err(e) => {
+                    // Not a record this build reads: hand it back rather than run it twice.
+                    tracing::warn!(
+                        queue = queue.name(),
+                        task = %task_id,
+                        "the record of the task holding this task's idempotency key cannot be read; handing the task back: {e}"
+                    );
+                    Taken::Release
+                }
+            },
+            Ok(Keyed::Parked | Keyed::Lost) => Taken::Parked,
+            Ok(Keyed::Busy) => Taken::Release,
+            Err(e) => {
+                tracing::warn!(
+                    queue = queue.name(),
+                    task = %task_id,
+                    "cannot take the task's idempotency key; handing it back: {e}"
+                );
+                Taken::Release
+            }
+        }
+    }
+}
+
+/// A copy's end: succeeded with `first`'s answer, marked `duplicate_of` it, $0, no call and
+/// no attempt. Not in the ledger: nothing ran.
+fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord) -> Finished {
+    let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
+    let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Succeeded);
+    record.task_type = env.task_type().ok().map(|t| t.to_string());
+    record.chain_id.clone_from(&env.chain_id);
+    record.route = Some(format!(
+        "answered with task {}'s answer: the same idempotency_key",
+        first.task_id
+    ));
+    record.provider = first.provider;
+    record.model = first.model;
+    record.output = first.output;
+    record.json = first.json;
+    record.tool_calls = first.tool_calls;
+    record.duplicate_of = Some(first.task_id);
+    record.finished_at = Some(Utc::now());
+    let finish = Finish::done(entry_id.to_owned(), task_id, record);
+    super::plain(queue, finish, Vec::new())
+}
