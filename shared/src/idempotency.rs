@@ -91,7 +91,11 @@ mod tests {
         assert_ne!(name, key_name(Some("acme"), "order-1"));
         assert_ne!(key_name(Some("a:b"), "c"), key_name(Some("a"), "b:c"));
         let long = "k".repeat(100_000);
-        assert_eq!(key_name(None, &long).len(), 69, "a long key is not stored as is");
+        assert_eq!(
+            key_name(None, &long).len(),
+            69,
+            "a long key is not stored as is"
+        );
         let mut env = Envelope::new("hi");
         env.idempotency_key = Some("order-1".into());
         assert_eq!(name_of(&env), Some(name));
@@ -111,7 +115,10 @@ mod tests {
             .queues
             .insert("reports".into(), Duration::from_secs(3600));
         let mut env = Envelope::new("hi");
-        assert_eq!(window(&config, "default", &env), Duration::from_secs(86_400));
+        assert_eq!(
+            window(&config, "default", &env),
+            Duration::from_secs(86_400)
+        );
         assert_eq!(window(&config, "reports", &env), Duration::from_secs(3600));
         env.idempotency_window = Some("10m".into());
         assert_eq!(window(&config, "reports", &env), Duration::from_secs(600));

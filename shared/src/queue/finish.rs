@@ -161,7 +161,11 @@ impl Write {
         match self {
             Self::Task(f) => {
                 let ends_key = f.key_end.as_deref();
-                let args = if ends_key.is_some() { SETTLE + 3 } else { SETTLE };
+                let args = if ends_key.is_some() {
+                    SETTLE + 3
+                } else {
+                    SETTLE
+                };
                 inv.arg("task").arg(1).arg(args);
                 inv.key(keys.result(&f.task_id));
                 settle(inv, f);

@@ -29,7 +29,6 @@ use tokio::sync::OnceCell;
 use crate::outcome::{ErrorClass, TaskRecord};
 
 mod answers;
-mod idem;
 mod batch;
 mod chain;
 mod conn;
@@ -37,6 +36,7 @@ mod dead_letter;
 mod delivery;
 mod enqueue;
 mod finish;
+mod idem;
 mod inspect;
 mod out;
 mod pause;
@@ -44,7 +44,6 @@ mod reply;
 mod slots;
 
 pub use answers::{Answer, Keep, NOT_KEPT, answer_name, flight_key, warm_name};
-pub use idem::{KeyEnd, Keyed};
 pub use batch::{
     BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
 };
@@ -53,6 +52,7 @@ pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::Tick;
 pub use finish::Write;
+pub use idem::{KeyEnd, Keyed};
 pub use inspect::TenantBacklog;
 pub use out::{OUT_TTL, OutEntry};
 pub use pause::{PAUSE_NOTICE, Paused};

@@ -17,6 +17,7 @@ mod crash;
 mod examples;
 mod flow;
 mod hostile;
+mod idempotency;
 mod learning;
 mod ledger_partitions;
 mod ledger_rollups;

@@ -276,7 +276,14 @@ impl Executor {
     pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Box<Delivery>) -> Finished {
         let task = match self.admit(queue, *delivery) {
             Ok(task) => task,
-            Err(finished) => return *finished,
+            Err(finished) => {
+                if let Write::Expand { chain, .. } = &finished.write
+                    && chain.idempotency_key.is_some()
+                {
+                    self.resubmitted(&finished.queue, chain).await;
+                }
+                return *finished;
+            }
         };
         let mut slot = None;
         let mut key = None;
@@ -833,6 +840,36 @@ impl Executor {
                 let raw = envelope::dead_payload(spec, self.max_payload_bytes);
                 let error = format!("the chain is invalid: {e}");
                 invalid(queue, entry_id, task_id, raw, error)
+            }
+        }
+    }
+
+    /// A chain submitted with an idempotency key that names a chain which ended failed: its
+    /// failed and cancelled steps run again, as `llmq chain retry` runs them (its steps that
+    /// succeeded keep their outputs). Its expansion then runs nothing: the chain exists.
+    /// Every other state of an existing chain is left as it is: a second submission of it is
+    /// one chain.
+    async fn resubmitted(&self, queue: &QueueKeys, chain: &Chain) {
+        let state = match self.redis.chain(queue, &chain.id).await {
+            Ok(Some(state)) if state.state == "failed" => state,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(chain = %chain.id, "cannot read the chain this submission's idempotency_key names: {e}");
+                return;
+            }
+        };
+        let reruns = match state.retry(None) {
+            Ok(reruns) if !reruns.is_empty() => reruns,
+            _ => return,
+        };
+        match self.redis.retry_chain(queue, &chain.id, &reruns).await {
+            Ok(Ok(_)) => {
+                tracing::info!(chain = %chain.id, "a chain submitted again with its idempotency_key after it failed: its failed steps run again");
+            }
+            // Another submission retried it first: it runs.
+            Ok(Err(_)) => {}
+            Err(e) => {
+                tracing::warn!(chain = %chain.id, "cannot run the failed chain again: {e}");
             }
         }
     }
