@@ -18,6 +18,7 @@ import {
   type Tool,
   type ToolChoice,
 } from './envelope.js';
+import { chainKeyId } from './uuid.js';
 import { byCodePoint, humantime, MAX_JSON_DEPTH, nesting, rustTrim } from './wire.js';
 
 /** Task fields a step takes, from `defaults` or its own. */
@@ -60,8 +61,18 @@ export interface Step extends StepFields {
 
 /** A chain to submit; `v` is written by the client. */
 export interface Chain {
-  /** Names the chain; a fresh UUID when left out. Submitting the same id twice runs it once. */
+  /**
+   * Names the chain; when left out, the id its `idempotency_key` names, else a fresh UUID.
+   * Submitting the same id twice runs it once.
+   */
   chain_id?: string;
+  /**
+   * Without `chain_id`, names the chain: `uuid5(OID, "llmq-chain-key:<queue>:<tenant's length
+   * in bytes>:<tenant>:<key>")` ({@link chainKeyId}), so a chain submitted twice with one key
+   * is one chain; submitted again after it ended failed, its failed and cancelled steps run
+   * again. Not empty, no NUL.
+   */
+  idempotency_key?: string;
   on_failure?: 'cancel_descendants' | 'fail_chain';
   vars?: Record<string, string>;
   max_parallel?: number;
@@ -74,6 +85,7 @@ export interface Chain {
 /** The top-level fields of a chain spec a {@link Chain} may carry (`v` is the client's). */
 export const CHAIN_FIELDS = [
   'chain_id',
+  'idempotency_key',
   'on_failure',
   'vars',
   'max_parallel',
@@ -251,19 +263,35 @@ function onlyKeys(where: string, obj: Record<string, unknown>, known: readonly s
 }
 
 /**
- * Checks a chain and returns its spec as JSON, with `"v": 1` and its chain id.
+ * Checks a chain and returns its spec as JSON, with `"v": 1`, and its chain id on `queue`:
+ * its `chain_id`; else, with an `idempotency_key`, the id the worker names it by from the key
+ * (no `chain_id` is written); else a fresh UUID (written as its `chain_id`).
  *
  * @throws {LlmqError} code `invalid`: a sentence naming the step and the problem.
  */
-export function buildChain(chain: Chain, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES): { chainId: string; json: string } {
+export function buildChain(
+  chain: Chain,
+  maxPayloadBytes = DEFAULT_MAX_PAYLOAD_BYTES,
+  queue = 'default',
+): { chainId: string; json: string } {
   if (!isObject(chain)) throw invalid('A chain must be an object such as {steps: [{name: "plan", prompt: "..."}]}.');
   onlyKeys('the spec', chain, CHAIN_FIELDS);
-  const chainId = chain.chain_id ?? randomUUID();
-  if (typeof chainId !== 'string' || chainId.trim() === '') {
+  // `null` is none, as the worker reads it. Its type first, as the worker's deserializer refuses it.
+  const key: unknown = chain.idempotency_key ?? undefined;
+  if (key !== undefined && typeof key !== 'string') throw bad(`\`idempotency_key\` must be a string, not ${JSON.stringify(key)}`);
+  const given = chain.chain_id ?? (key === undefined ? randomUUID() : undefined);
+  if (given !== undefined && (typeof given !== 'string' || given.trim() === '')) {
     throw bad('`chain_id` is empty; leave it out or name the chain');
   }
-  if ([...chainId].length > 512 || CONTROL.test(chainId) || !chainId.isWellFormed()) {
+  if (given !== undefined && ([...given].length > 512 || CONTROL.test(given) || !given.isWellFormed())) {
     throw bad('`chain_id` must be at most 512 characters, none of them control characters (tab, newline, NUL, ...)');
+  }
+  // Chain::parse's order: the chain id, then the key.
+  if (key === '' || key?.includes('\0')) {
+    throw bad('`idempotency_key` is empty or holds a NUL character; give the chain a key of its own, or leave it out');
+  }
+  if (key !== undefined && !key.isWellFormed()) {
+    throw bad('`idempotency_key` holds a lone UTF-16 surrogate, which is not valid JSON text; fix the string');
   }
   try {
     checkClass(chain.priority, chain.tenant);
@@ -287,7 +315,7 @@ export function buildChain(chain: Chain, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_B
     if (!isObject(chain.defaults)) throw bad('`defaults` must be an object of task fields');
     onlyKeys('`defaults`', chain.defaults, STEP_DEFAULT_FIELDS);
   }
-  const spec: Record<string, unknown> = { v: 1, chain_id: chainId };
+  const spec: Record<string, unknown> = given === undefined ? { v: 1 } : { v: 1, chain_id: given };
   for (const f of CHAIN_FIELDS) if (f !== 'chain_id' && chain[f] !== undefined) spec[f] = chain[f];
   if (nesting(spec) > MAX_JSON_DEPTH) {
     throw bad(`it nests deeper than the ${MAX_JSON_DEPTH} levels of JSON a worker reads (the spec's own levels included); flatten its tools' parameters and schemas`);
@@ -339,7 +367,8 @@ export function buildChain(chain: Chain, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_B
   }
   let budget = maxPayloadBytes * EXPANSION_FACTOR;
   for (const s of steps) budget = checkStep(chain, s, parents, vars, maxPayloadBytes, budget);
-  return { chainId, json };
+  // Without an id of its own, the chain is named from its key (the tenant checked above).
+  return { chainId: given ?? chainKeyId(queue, chain.tenant ?? undefined, key as string), json };
 }
 
 /** What `step()` in chain/mod.rs checks of one step; returns the expansion budget left. */

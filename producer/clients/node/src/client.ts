@@ -367,7 +367,7 @@ export class Queue {
    * @throws {LlmqError} `invalid` for a chain the client can tell is wrong (nothing is written).
    */
   async submitChain(chain: Chain): Promise<string> {
-    const { chainId, json } = buildChain(chain, this.#maxPayloadBytes);
+    const { chainId, json } = buildChain(chain, this.#maxPayloadBytes, this.name);
     const entry = await this.#redis((r) => r.xAdd(this.key('stream'), '*', { chain: json }));
     this.#chainEntries.delete(chainId);
     this.#chainEntries.set(chainId, entry);

@@ -120,7 +120,19 @@ export interface Task {
   max_attempts?: number | null;
   /** Not before this time: a `Date`, or an RFC 3339 string such as `2030-01-02T03:04:05Z`. */
   run_at?: Date | string | null;
+  /**
+   * Tasks with the same key, on one queue and for one tenant, run once: a copy read while the
+   * first waits or runs waits for it to end; within {@link Task.idempotency_window} after it
+   * succeeded, a copy is answered with its answer (its record's `duplicate_of`, `cost_usd` 0);
+   * after it failed or went dead, the next copy runs. Not empty.
+   */
   idempotency_key?: string | null;
+  /**
+   * How long after the first task with the key succeeded its copies get its answer: 1s to 30d
+   * (humantime, as `cache.ttl`: `10m`, `24h`, `7d`). Needs `idempotency_key`. Left out: the
+   * queue's (the provider file's `idempotency:`), else 24h.
+   */
+  idempotency_window?: string | null;
   max_tokens?: number | null;
   temperature?: number | null;
   metadata?: unknown;
@@ -160,6 +172,7 @@ export const TASK_FIELDS = [
   'max_attempts',
   'run_at',
   'idempotency_key',
+  'idempotency_window',
   'max_tokens',
   'temperature',
   'metadata',
@@ -222,6 +235,11 @@ export interface TaskRecord {
   cached?: boolean;
   /** For a cached answer, the task whose call gave it. */
   cached_from?: string;
+  /**
+   * For a copy of a task with the same `idempotency_key`: that task, whose answer (output,
+   * json, tool_calls, provider, model) this is, without a call (`cost_usd` 0).
+   */
+  duplicate_of?: string;
   [field: string]: unknown;
 }
 
@@ -261,12 +279,17 @@ function isObject(v: unknown): v is JsonObject {
 const chars = (s: string) => [...s].length;
 const blank = (s: string) => s.trim() === '';
 
-export function checkString(field: string, v: unknown): asserts v is string {
+const NUL = 'contains a NUL character (\\u0000), which cannot be stored or passed on; remove it';
+
+/** A string, as the worker's deserializer takes one (well-formed: it must be UTF-8 there). */
+function checkStringType(field: string, v: unknown): asserts v is string {
   if (typeof v !== 'string') throw wrong(field, `must be a string, not ${show(v)}`);
   if (!v.isWellFormed()) throw wrong(field, 'holds a lone UTF-16 surrogate, which is not valid JSON text; fix the string');
-  if (v.includes('\0')) {
-    throw wrong(field, 'contains a NUL character (\\u0000), which cannot be stored or passed on; remove it');
-  }
+}
+
+export function checkString(field: string, v: unknown): asserts v is string {
+  checkStringType(field, v);
+  if (v.includes('\0')) throw wrong(field, NUL);
 }
 
 export function checkInteger(field: string, v: unknown, min: number, max: number, hint: string): asserts v is number {
@@ -377,17 +400,25 @@ function samples(temperature: number | undefined): boolean {
   return temperature === undefined || Math.fround(temperature) > 0;
 }
 
+/**
+ * A duration of 1s to 30d, as the worker's `cache_ttl` reads a cache TTL (and an
+ * `idempotency_window`), in its words, for `field`.
+ */
+function checkTtl(field: string, text: string): void {
+  const d: Duration | string = humantime(text);
+  if (typeof d === 'string') {
+    throw wrong(field, `\`${excerpt(text, 40)}\` is not a duration (${d}); write it as e.g. "10m" or "24h"`);
+  }
+  if (d.secs < 1n || d.secs > MAX_CACHE_TTL_SECS || (d.secs === MAX_CACHE_TTL_SECS && d.nanos > 0n)) {
+    throw wrong(field, `${excerpt(text, 40)} is not between 1s and 30d; give e.g. "24h"`);
+  }
+}
+
 /** `CacheAsk::check` of the worker, in its words. */
 function checkCache(ask: false | true | CacheAsk, streams: boolean, temperature: number | undefined): void {
   if (ask === false) return;
   if (ask === true) throw wrong('cache', 'true needs a time to keep the answer; write {"ttl": "24h"}');
-  const d: Duration | string = humantime(ask.ttl);
-  if (typeof d === 'string') {
-    throw wrong('cache.ttl', `\`${excerpt(ask.ttl, 40)}\` is not a duration (${d}); write it as e.g. "10m" or "24h"`);
-  }
-  if (d.secs < 1n || d.secs > MAX_CACHE_TTL_SECS || (d.secs === MAX_CACHE_TTL_SECS && d.nanos > 0n)) {
-    throw wrong('cache.ttl', `${ask.ttl} is not between 1s and 30d; give e.g. "24h"`);
-  }
+  checkTtl('cache.ttl', ask.ttl);
   if (streams) throw wrong('cache', 'cannot be used with stream: a cached answer is not streamed; drop one of them');
   if (samples(temperature) && ask.sampled !== true) {
     throw wrong(
@@ -395,6 +426,19 @@ function checkCache(ask: false | true | CacheAsk, streams: boolean, temperature:
       'would give every identical request one sampled answer (temperature is unset or above 0); set "temperature": 0, or "sampled": true in cache to keep one sample',
     );
   }
+}
+
+/**
+ * `Envelope::check_idempotency` of the worker, in its words: a key is not empty (every keyless
+ * producer would share it), and a window comes with a key and is a TTL.
+ */
+function checkIdempotency(key: string | undefined, window: string | undefined): void {
+  if (key === '') throw wrong('idempotency_key', 'is empty; give each task that must run once a key of its own, or leave it out');
+  if (window === undefined) return;
+  if (key === undefined) {
+    throw wrong('idempotency_window', 'needs idempotency_key: it is how long a key is remembered; add the key or drop the window');
+  }
+  checkTtl('idempotency_window', window);
 }
 
 /** A valid `cache` as the worker writes it (serde): `ttl`, then `sampled` only when true. */
@@ -647,8 +691,13 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
   if (blank(prompt) && (!Array.isArray(messages) || messages.length === 0)) {
     throw invalid('The task has no prompt; set "prompt" to a non-empty string, or give "messages".');
   }
-  for (const f of ['system', 'provider', 'model', 'chain_id', 'area', 'idempotency_key', 'traceparent', 'deadline'] as const) {
+  for (const f of ['system', 'provider', 'model', 'chain_id', 'area', 'traceparent', 'deadline'] as const) {
     if (t[f] !== undefined) checkString(f, t[f]);
+  }
+  // The key's NUL is looked for after Envelope::check_idempotency, as the worker looks; a
+  // window's is humantime's to refuse.
+  for (const f of ['idempotency_key', 'idempotency_window'] as const) {
+    if (t[f] !== undefined) checkStringType(f, t[f]);
   }
   if (t.traceparent !== undefined && chars(t.traceparent) > 256) {
     throw wrong('traceparent', 'is longer than 256 characters; give a W3C traceparent, 00-<trace id>-<span id>-<flags>');
@@ -708,6 +757,8 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
     throw wrong('stream', 'cannot be used with tools yet: a streamed answer carries text only; drop one of them');
   }
   if (t.cache !== undefined) checkCache(t.cache, t.stream === true, t.temperature);
+  checkIdempotency(t.idempotency_key, t.idempotency_window);
+  if (t.idempotency_key?.includes('\0')) throw wrong('idempotency_key', NUL);
 
   const id = t.id ?? randomUUID();
   const envelope: JsonObject = { v: 1, id };

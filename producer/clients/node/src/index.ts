@@ -25,4 +25,4 @@ export { LlmqError } from './errors.js';
 export type { LlmqErrorCode } from './errors.js';
 export { parseRedisUrl } from './url.js';
 export type { HostPort, RedisTarget } from './url.js';
-export { deriveId } from './uuid.js';
+export { chainKeyId, deriveId } from './uuid.js';

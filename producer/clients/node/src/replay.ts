@@ -278,6 +278,7 @@ const ENVELOPE: Field[] = [
   optional('max_attempts', u32),
   optional('run_at', time),
   optional('idempotency_key', str),
+  optional('idempotency_window', str),
   optional('priority', i64),
   optional('tenant', str),
   optional('max_tokens', u32),

@@ -26,6 +26,17 @@ export function deriveId(queue: string, entryId: string): string {
   return uuid5(NAMESPACE_OID, `llmq:${queue}:${entryId}`);
 }
 
+/**
+ * The id a worker gives a chain submitted with `idempotency_key` `key` and no `chain_id`
+ * (`chain_id` in shared/src/idempotency.rs): UUID version 5, in the OID namespace, of
+ * `llmq-chain-key:<queue>:<tenant's length in UTF-8 bytes>:<tenant>:<key>`, the tenant empty
+ * when the chain names none. Submitting it twice names one chain.
+ */
+export function chainKeyId(queue: string, tenant: string | undefined, key: string): string {
+  const t = tenant ?? '';
+  return uuid5(NAMESPACE_OID, `llmq-chain-key:${queue}:${Buffer.byteLength(t, 'utf8')}:${t}:${key}`);
+}
+
 const HEX32 = /^[0-9a-fA-F]{32}$/;
 const HYPHENATED = /^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$/;
 

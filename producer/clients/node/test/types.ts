@@ -2,6 +2,7 @@
 // user's TypeScript sees them through the package's `exports`. A `@ts-expect-error` line
 // fails the check when the types let a wrong use through.
 import {
+  chainKeyId,
   connect,
   LlmqError,
   type AnswerEvent,
@@ -48,6 +49,9 @@ export async function usage(): Promise<void> {
   const status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead' = record.status;
   const cached: boolean | undefined = record.cached;
   const cachedFrom: string | undefined = record.cached_from;
+  const duplicateOf: string | undefined = record.duplicate_of;
+  await q.enqueue({ prompt: 'x', idempotency_key: 'order-42', idempotency_window: '1h' });
+  await q.enqueue({ prompt: 'x', idempotency_key: 'order-42', idempotency_window: null });
   const keep: CacheAsk = { ttl: '24h', sampled: true };
   await q.enqueue({ prompt: 'x', temperature: 0, cache: { ttl: '10m' } });
   await q.enqueue({ prompt: 'x', cache: keep });
@@ -64,6 +68,9 @@ export async function usage(): Promise<void> {
       { name: 'review', kind: 'review', after: ['plan'], on_reject: { rerun: 'plan', max_rounds: 2 } },
     ],
   });
+  const keyed: string = await q.submitChain({ idempotency_key: 'release-42', tenant: 'acme', steps: [{ name: 'plan', prompt: 'x' }] });
+  const derived: string = chainKeyId('default', 'acme', 'release-42');
+  void [keyed, derived];
   for await (const e of q.followChain(chainId)) {
     const event: ChainEvent = e;
     if (e.type === 'step') void e.state.status;
@@ -82,7 +89,7 @@ export async function usage(): Promise<void> {
       void enqueued;
     }
   }
-  void [status, records, how, cached, cachedFrom];
+  void [status, records, how, cached, cachedFrom, duplicateOf];
 
   // @ts-expect-error prompt_cache is true or false
   await q.enqueue({ prompt: 'x', prompt_cache: 'off' });
@@ -92,6 +99,12 @@ export async function usage(): Promise<void> {
   await q.enqueue({ prompt: 'x', cache: { ttl: '1h', keep: true } });
   // @ts-expect-error a ttl is a duration as text
   await q.enqueue({ prompt: 'x', cache: { ttl: 3600 } });
+  // @ts-expect-error a window is a duration as text
+  await q.enqueue({ prompt: 'x', idempotency_key: 'k', idempotency_window: 3600 });
+  // @ts-expect-error a key is text
+  await q.enqueue({ prompt: 'x', idempotency_key: 42 });
+  // @ts-expect-error a chain's key is text
+  await q.submitChain({ idempotency_key: 42, steps: [{ name: 'a', prompt: 'x' }] });
   // @ts-expect-error priority is a number
   await q.enqueue({ prompt: 'x', priority: '1' });
   // @ts-expect-error a misspelt field

@@ -11,6 +11,7 @@ import {
   buildChain,
   buildEnvelope,
   CHAIN_FIELDS,
+  chainKeyId,
   CHAINS_KEPT,
   checkQueueName,
   connect,
@@ -110,6 +111,7 @@ const FULL = {
   max_attempts: 5,
   run_at: new Date('2030-01-02T03:04:05Z'),
   idempotency_key: 'order-42',
+  idempotency_window: '1h',
   max_tokens: 800,
   temperature: 0.2,
   metadata: { ticket: 'OPS-42', tags: ['a'] },
@@ -149,6 +151,7 @@ test('a minimal envelope gets a fresh canonical id and enqueued_at', () => {
 test('a fully populated chain the client writes fits schema/chain.schema.json', () => {
   const chain = {
     chain_id: 'release-42',
+    idempotency_key: 'release-42-key',
     on_failure: 'fail_chain',
     vars: { input: 'the billing service' },
     max_parallel: 2,
@@ -295,6 +298,115 @@ test('a cache the worker refuses is refused in its words (CacheAsk::check), in i
   for (const [task, says] of cases) refuses(() => buildEnvelope({ prompt: 'x', ...task }), 'invalid', says);
 });
 
+test('an idempotency key and window the worker refuses are refused in its words (check_idempotency), in its order', () => {
+  /** The whole sentence, as a pattern. */
+  const exactly = (text) => new RegExp('^' + text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + '$');
+  const field = (name, message) => exactly(`The task's field \`${name}\` is wrong: ${message}.`);
+  const empty = field('idempotency_key', 'is empty; give each task that must run once a key of its own, or leave it out');
+  const keyless = field('idempotency_window', 'needs idempotency_key: it is how long a key is remembered; add the key or drop the window');
+  const cases = [
+    [{ idempotency_key: '' }, empty],
+    [{ idempotency_key: '', idempotency_window: 'soon' }, empty],
+    [{ idempotency_window: '1h' }, keyless],
+    [{ idempotency_window: 'soon' }, keyless],
+    [{ idempotency_key: null, idempotency_window: '1h' }, keyless],
+    [{ idempotency_key: undefined, idempotency_window: '1h' }, keyless],
+    [{ idempotency_key: 'k', idempotency_window: 'soon' }, field('idempotency_window', '`soon` is not a duration (expected number at 0); write it as e.g. "10m" or "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: '1 d 2' }, field('idempotency_window', '`1 d 2` is not a duration (time unit needed, for example 2sec or 2ms); write it as e.g. "10m" or "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: `${'1'.repeat(50)}x` }, new RegExp(`\`idempotency_window\` is wrong: \`${'1'.repeat(40)}…\` is not a duration \\(`)],
+    [{ idempotency_key: 'k', idempotency_window: '0.5s' }, field('idempotency_window', '0.5s is not between 1s and 30d; give e.g. "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: '0' }, field('idempotency_window', '0 is not between 1s and 30d; give e.g. "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: '31d' }, field('idempotency_window', '31d is not between 1s and 30d; give e.g. "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: ' 31d ' }, field('idempotency_window', '31d is not between 1s and 30d; give e.g. "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: '2592000.000000001s' }, field('idempotency_window', '2592000.000000001s is not between 1s and 30d; give e.g. "24h"')],
+    [{ idempotency_key: 'k', idempotency_window: '1h\u0000' }, /`idempotency_window` is wrong: `1h\u0000` is not a duration/],
+    // Envelope::check's order: deadline and cache before it, the key's NUL after it.
+    [{ idempotency_key: '', deadline: '2h' }, /`deadline` is wrong: 2h is shorter than the 24h/],
+    [{ idempotency_window: '1h', cache: true }, /`cache` is wrong: true needs a time to keep the answer/],
+    [{ idempotency_key: 'a\u0000b', idempotency_window: 'soon' }, /`idempotency_window` is wrong: `soon` is not a duration/],
+    [{ idempotency_key: 'a\u0000b' }, field('idempotency_key', 'contains a NUL character (\\u0000), which cannot be stored or passed on; remove it')],
+    // Its type, which the worker's deserializer refuses before any check.
+    [{ idempotency_key: 'k', idempotency_window: 3600 }, field('idempotency_window', 'must be a string, not 3600')],
+    [{ idempotency_key: 42 }, field('idempotency_key', 'must be a string, not 42')],
+    [{ idempotency_key: 'k\ud800' }, /`idempotency_key` is wrong: holds a lone UTF-16 surrogate/],
+    [{ idempotency_key: 'k', idempotency_window: '1h\udc00' }, /`idempotency_window` is wrong: holds a lone UTF-16 surrogate/],
+  ];
+  for (const [task, says] of cases) refuses(() => buildEnvelope({ prompt: 'x', ...task }), 'invalid', says);
+});
+
+test('a keyed task is written with its key and window, as the worker writes them', () => {
+  const id = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  const written = (task) => buildEnvelope({ id, prompt: 'x', enqueued_at: '2030-01-02T03:04:05Z', ...task }).json;
+  const head = `{"v":1,"id":"${id}","prompt":"x"`;
+  const tail = ',"enqueued_at":"2030-01-02T03:04:05Z"}';
+  assert.equal(written({ idempotency_key: 'order-42' }), `${head},"idempotency_key":"order-42"${tail}`);
+  assert.equal(
+    written({ idempotency_window: '1h', idempotency_key: 'order-42' }),
+    `${head},"idempotency_key":"order-42","idempotency_window":"1h"${tail}`,
+  );
+  assert.equal(written({ idempotency_key: 'k', idempotency_window: null }), `${head},"idempotency_key":"k"${tail}`);
+  assert.ok(ajv().getSchema('urn:llmq:schema:envelope:1')(JSON.parse(written({ idempotency_key: 'k', idempotency_window: '7d' }))));
+  // Taken as the worker takes them: the ends of the range, any humantime spelling; a key of
+  // spaces is a key (only an empty one is refused).
+  for (const w of ['1s', '1000ms', '30d', '720h', '2592000s', '1h 30m', '1.5d', ' 2h']) written({ idempotency_key: 'k', idempotency_window: w });
+  written({ idempotency_key: ' ' });
+  // A dead letter is replayed with both, where Envelope declares them; a window that is not
+  // text is refused by serde, and the letter goes back as it came.
+  const H = id;
+  assert.equal(
+    replayedTask('{"v":1,"prompt":"x","idempotency_window":"1h","tenant":"acme","idempotency_key":"k","attempts":2}', H),
+    `{"v":1,"id":"${H}","prompt":"x","idempotency_key":"k","idempotency_window":"1h","tenant":"acme","replays":1}`,
+  );
+  assert.equal(replayedTask('{"v":1,"prompt":"x","idempotency_key":"k","idempotency_window":null}', H), `{"v":1,"id":"${H}","prompt":"x","idempotency_key":"k","replays":1}`);
+  const odd = '{"v":1,"prompt":"x","idempotency_key":"k","idempotency_window":3600}';
+  assert.equal(replayedTask(odd, H), odd);
+});
+
+// uuid.uuid5(uuid.NAMESPACE_OID, "llmq-chain-key:<queue>:<tenant's bytes>:<tenant>:<key>")
+// computed with Python's uuid module: [queue, tenant, key, id].
+const CHAIN_KEY_IDS = [
+  ['default', undefined, 'release-42', 'a32eb052-b09c-573b-9365-9ace304218df'],
+  ['default', 'acme', 'release-42', 'aeacc8ba-0ab7-5ba6-9c32-e8cabcd52d3e'],
+  ['default', '\u00e9', 'release-42', 'a9e91551-ec8d-5043-9bc8-df75e6a3727e'], // 2 bytes, 1 character
+  ['q', undefined, 'release-42', '00f1064a-4fd0-519f-81ef-b5210ec088d9'],
+];
+
+test('a keyed chain without a chain_id is named as a worker names it (UUIDv5 of its queue, tenant and key)', () => {
+  const steps = [{ name: 'a', prompt: 'x' }];
+  for (const [queue, tenant, key, id] of CHAIN_KEY_IDS) {
+    assert.equal(chainKeyId(queue, tenant, key), id);
+    const chain = { idempotency_key: key, ...(tenant === undefined ? {} : { tenant }), steps };
+    const { chainId, json } = buildChain(chain, undefined, queue);
+    assert.equal(chainId, id);
+    // The worker names it from the key: no chain_id is written, the key is.
+    const spec = JSON.parse(json);
+    assert.equal(spec.chain_id, undefined);
+    assert.equal(spec.idempotency_key, key);
+    assert.equal(buildChain(chain, undefined, queue).chainId, id, 'submitted twice: one chain');
+    assert.equal(buildChain({ ...chain, chain_id: null }, undefined, queue).chainId, id, 'a null chain_id is none');
+  }
+  // The queue connect() serves by default.
+  assert.equal(buildChain({ idempotency_key: 'release-42', steps }).chainId, CHAIN_KEY_IDS[0][3]);
+  // A chain_id of its own names it; without a key, a fresh one.
+  const named = buildChain({ chain_id: 'c1', idempotency_key: 'k', steps }, undefined, 'q');
+  assert.equal(named.chainId, 'c1');
+  assert.equal(JSON.parse(named.json).chain_id, 'c1');
+  const fresh = buildChain({ steps }, undefined, 'q');
+  assert.match(fresh.chainId, /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+  assert.equal(JSON.parse(fresh.json).chain_id, fresh.chainId);
+  assert.notEqual(buildChain({ steps }, undefined, 'q').chainId, fresh.chainId);
+  assert.equal(buildChain({ idempotency_key: ' ', steps }, undefined, 'q').chainId, chainKeyId('q', undefined, ' '));
+  // One key names one chain per queue and tenant, and nothing else changes it.
+  const ids = [
+    ['q', {}],
+    ['r', {}],
+    ['q', { tenant: 'acme' }],
+    ['q', { tenant: 'acme', priority: 3 }],
+  ].map(([queue, extra]) => buildChain({ idempotency_key: 'k', steps, ...extra }, undefined, queue).chainId);
+  assert.equal(new Set(ids).size, 3);
+  assert.equal(ids[2], ids[3]);
+});
+
 test('a cached task is written as the worker writes cache', () => {
   const id = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
   const head = `{"v":1,"id":"${id}","prompt":"x"`;
@@ -355,6 +467,14 @@ test('chains the client can tell are wrong are refused with a sentence', () => {
     [{ steps: [{ name: 'a', prompt: 'x' }], vars: { v: '{{a.output}}' } }, /variable `v` contains a `\{\{...\}\}` reference/],
     [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: 'a\tb' }, /`chain_id` must be at most 512 characters, none of them control/],
     [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: ' ' }, /`chain_id` is empty/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], idempotency_key: '' }, /^The chain is invalid: `idempotency_key` is empty or holds a NUL character; give the chain a key of its own, or leave it out\.$/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], idempotency_key: 'a\u0000b' }, /^The chain is invalid: `idempotency_key` is empty or holds a NUL character/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: 'c1', idempotency_key: '' }, /`idempotency_key` is empty or holds a NUL character/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], idempotency_key: 42 }, /^The chain is invalid: `idempotency_key` must be a string, not 42\.$/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], idempotency_key: 'k\ud800' }, /`idempotency_key` holds a lone UTF-16 surrogate/],
+    // Chain::parse's order: the chain id before the key (and the key's type before both).
+    [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: ' ', idempotency_key: '' }, /`chain_id` is empty/],
+    [{ steps: [{ name: 'a', prompt: 'x' }], chain_id: ' ', idempotency_key: 42 }, /`idempotency_key` must be a string/],
         [{ steps: [{ name: 'a', prompt: 'x' }], tenant: 'a\u0007' }, /^The chain is invalid: field `tenant` is wrong: contains a control character/],
     [{ steps: [{ name: 'a', prompt: 'x' }], priority: -1 }, /^The chain is invalid: field `priority` is wrong: -1 is out of range/],
     [{ steps: [{ name: 'a', prompt: 'x' }], v: 1 }, /the spec has a field `v` that chains do not have/],

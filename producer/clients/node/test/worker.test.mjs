@@ -5,7 +5,7 @@ import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 
-import { buildEnvelope, connect, deriveId, LlmqError, replayedTask } from '../dist/index.js';
+import { buildEnvelope, chainKeyId, connect, deriveId, LlmqError, replayedTask } from '../dist/index.js';
 import { eventually, need, raw } from './env.mjs';
 
 const url = need('REDIS_URL');
@@ -149,6 +149,36 @@ test('tasks with a priority and a tenant are run by the worker', async () => {
       ['succeeded', answer('Later, no tenant')],
     ],
   );
+});
+
+test("a copy of a keyed task is answered with the first one's answer, marked duplicate_of it", async () => {
+  const key = `order-${randomUUID()}`;
+  const first = await q.enqueue({ prompt: `Keyed ${key}`, model: 'mock-fast', idempotency_key: key, idempotency_window: '1h' });
+  const r = await q.waitForResult(first, { timeoutMs: 30_000 });
+  assert.deepEqual([r.status, r.output, r.duplicate_of], ['succeeded', answer(`Keyed ${key}`), undefined], JSON.stringify(r));
+  // A copy within the window: the first one's answer, without a call.
+  const copy = await q.waitForResult(await q.enqueue({ prompt: `Copy ${key}`, model: 'mock-fast', idempotency_key: key }), { timeoutMs: 30_000 });
+  assert.deepEqual([copy.status, copy.output, copy.duplicate_of, copy.cost_usd], ['succeeded', r.output, first, 0], JSON.stringify(copy));
+  // The same key for another tenant is another key: its task runs.
+  const other = await q.waitForResult(
+    await q.enqueue({ prompt: `Keyed ${key}`, model: 'mock-fast', idempotency_key: key, tenant: 'acme' }),
+    { timeoutMs: 30_000 },
+  );
+  assert.deepEqual([other.status, other.duplicate_of], ['succeeded', undefined], JSON.stringify(other));
+});
+
+test('a chain submitted twice with one key is one chain, named from the key as the client names it', async () => {
+  const key = `release-${randomUUID()}`;
+  const spec = { idempotency_key: key, tenant: 'acme', steps: [{ name: 'a', prompt: `Once ${key}`, model: 'mock-fast' }] };
+  const first = await q.submitChain(spec);
+  const again = await q.submitChain(spec);
+  assert.equal(first, again);
+  assert.equal(first, chainKeyId(queueName, 'acme', key));
+  // The worker names it so too: it is followed to its end under that id.
+  let end;
+  for await (const e of q.followChain(first, { timeoutMs: 60_000 })) if (e.type === 'end') end = e;
+  assert.equal(end.state, 'succeeded', JSON.stringify(end));
+  assert.equal((await q.waitForResult(end.steps.a.task_id)).chain_id, first);
 });
 
 test('a chain is submitted and followed step by step to its end', async () => {
@@ -367,6 +397,14 @@ const REFUSED = [
   { prompt: 'x', deadline: '1 d 2' },
   { prompt: 'x', deadline: '24h', stream: true },
   { prompt: 'x', model: 'mock\u0000fast' },
+  { prompt: 'x', idempotency_key: '' },
+  { prompt: 'x', idempotency_window: '1h' },
+  { prompt: 'x', idempotency_key: 'refused-window', idempotency_window: 'soon' },
+  { prompt: 'x', idempotency_key: 'refused-window', idempotency_window: '0.5s' },
+  { prompt: 'x', idempotency_key: 'refused-window', idempotency_window: '31d' },
+  { prompt: 'x', idempotency_key: 'refused\u0000key' },
+  { prompt: 'x', idempotency_key: 'refused\u0000key', idempotency_window: 'soon' },
+  { prompt: 'x', idempotency_key: '', cache: true },
   { prompt: 'x', messages: [{ role: 'tool', tool_call_id: 'c1', content: 'r' }] },
   { prompt: 'x', messages: [{ role: 'user', content: ' ' }] },
   { prompt: '', messages: [{ role: 'system', content: 'be brief' }] },

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from llmq_client import ChainEnd, ChainHandle, ChainRefused, Client, InvalidChain, Step, Text
+from llmq_client.keys import chain_key_id
 
 from .conftest import answer
 
@@ -65,6 +66,24 @@ def test_a_failed_step_cancels_the_steps_after_it(client: Client) -> None:
         "after": "cancelled",
     }
     assert end.steps["bad"].error and end.steps["bad"].output is None
+
+
+def test_a_chain_submitted_twice_with_one_key_is_one_chain_named_from_it(client: Client) -> None:
+    key = f"release-{uuid.uuid4().hex[:8]}"
+    spec = {
+        "idempotency_key": key,
+        "tenant": "acme",
+        "steps": [{"name": "a", "prompt": f"Once {key}", "model": "mock-fast"}],
+    }
+    first = client.submit_chain(spec)
+    again = client.submit_chain(spec)
+    assert first.chain_id == again.chain_id == chain_key_id(client.queue, "acme", key)
+    # The worker names it so too: the chain is found, and followed to its end, under that id.
+    end = client.wait_chain(first, timeout=WAIT)
+    assert end.state == "succeeded" and end.chain_id == first.chain_id, end
+    assert client.wait_chain(again, timeout=WAIT).steps["a"].task_id == end.steps["a"].task_id
+    record = end.steps["a"].record
+    assert record is not None and record.chain_id == first.chain_id
 
 
 def test_a_chain_the_worker_refuses_is_reported_with_the_workers_reason(client: Client) -> None:

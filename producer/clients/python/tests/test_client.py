@@ -110,9 +110,35 @@ def test_every_field_a_worker_accepts(client: Client) -> None:
     task = full_task()
     del task["task_id"]
     task["prompt"] = unique("Every field")
+    task["idempotency_key"] = unique("umbrella")
     record = client.wait(client.enqueue(**task), timeout=WAIT)
     assert record.status == "succeeded", record
     assert record.json == {"umbrella": True} and record.chain_id == "nightly"
+    assert record.duplicate_of is None
+
+
+def test_a_copy_of_a_keyed_task_is_answered_with_the_first_ones_answer(client: Client) -> None:
+    key = unique("order")
+    prompt = unique("Keyed")
+    first = client.enqueue(prompt, model="mock-fast", idempotency_key=key, idempotency_window="1h")
+    record = client.wait(first, timeout=WAIT)
+    assert (record.status, record.output, record.duplicate_of) == ("succeeded", answer(prompt), None), record
+    # A copy, within the window: the first one's answer, without a call.
+    copy = client.wait(
+        client.enqueue(unique("Keyed copy"), model="mock-fast", idempotency_key=key), timeout=WAIT
+    )
+    assert (copy.status, copy.output, copy.duplicate_of, copy.cost_usd) == (
+        "succeeded",
+        record.output,
+        first,
+        0.0,
+    ), copy
+    assert copy.raw["duplicate_of"] == first
+    # The same key for another tenant is another key: its task runs.
+    other = client.wait(
+        client.enqueue(prompt, model="mock-fast", idempotency_key=key, tenant="acme"), timeout=WAIT
+    )
+    assert (other.status, other.duplicate_of) == ("succeeded", None), other
 
 
 def count_round_trips(client: Client) -> dict[str, int]:

@@ -106,6 +106,7 @@ def full_task() -> dict[str, Any]:
         "max_attempts": 2,
         "run_at": datetime(2020, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
         "idempotency_key": "umbrella-1",
+        "idempotency_window": timedelta(hours=1),
         "max_tokens": 200,
         "temperature": 0.2,
         "metadata": {"ticket": "OPS-42", "tags": ["a", None]},
@@ -133,6 +134,7 @@ def test_a_fully_populated_envelope_validates_against_the_schema() -> None:
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(written)]
     assert not errors, errors
     assert written["timeout"] == 300 and written["run_at"] == "2020-01-02T03:04:05Z"
+    assert written["idempotency_window"] == "3600s"
 
 
 def test_a_fully_populated_chain_validates_against_the_schema() -> None:
@@ -159,6 +161,7 @@ def test_a_fully_populated_chain_validates_against_the_schema() -> None:
     spec = {
         "v": 1,
         "chain_id": "full-chain",
+        "idempotency_key": "full-chain-1",
         "on_failure": "fail_chain",
         "vars": {"topic": "caching"},
         "max_parallel": 2,
@@ -185,7 +188,7 @@ def test_a_fully_populated_chain_validates_against_the_schema() -> None:
     used = {k for s in spec["steps"] for k in s}  # type: ignore[attr-defined]
     assert used == set(llmq_client.STEP_FIELDS), "the spec must use every step field"
     assert set(spec) == set(llmq_client.CHAIN_FIELDS)
-    chain_id, text = build_chain(spec, {"extra": "x"}, E.DEFAULT_MAX_PAYLOAD_BYTES)
+    chain_id, text = build_chain(spec, {"extra": "x"}, E.DEFAULT_MAX_PAYLOAD_BYTES, "default")
     assert chain_id == "full-chain"
     validator = jsonschema.Draft202012Validator(schema("chain.schema.json"), registry=registry)
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(json.loads(text))]
@@ -202,6 +205,8 @@ def test_each_field_alone_validates(field: str) -> None:
         task.update(concurrency_key="k", concurrency_limit=1)
     if field in ("tool_choice", "messages"):
         task["tools"] = full["tools"]
+    if field == "idempotency_window":
+        task["idempotency_key"] = full["idempotency_key"]
     _, env = E.build(task)
     validator = jsonschema.Draft202012Validator(schema("envelope.schema.json"))
     assert not list(validator.iter_errors(json.loads(E.encode(env, 1 << 20))))

@@ -16,7 +16,7 @@ from llmq_client import InvalidChain, InvalidRecord, InvalidTask, TaskRecord, Wa
 from llmq_client import envelope as E
 from llmq_client.chain import build as build_chain
 from llmq_client.chain import references
-from llmq_client.keys import Keys, derive_id, parse_uuid
+from llmq_client.keys import Keys, chain_key_id, derive_id, parse_uuid
 from llmq_client.records import dead_letter
 
 from .conftest import assert_sentence
@@ -133,7 +133,7 @@ def test_deadlines_in_any_unit_the_worker_reads_are_taken(deadline: str) -> None
 
 def test_a_chain_step_timeout_in_milliseconds_is_taken() -> None:
     spec = {"steps": [{"name": "a", "prompt": "x", "timeout": "1500ms"}]}
-    assert build_chain(spec, None, 1 << 20)[0]
+    assert build_chain(spec, None, 1 << 20, "q")[0]
 
 
 @pytest.mark.parametrize(
@@ -190,6 +190,7 @@ def test_metadata_nested_deeper_than_a_worker_reads_is_a_sentence(levels: int) -
             {"steps": [{"name": "a", "prompt": "x", "tools": [{"name": "t", "parameters": params}]}]},
             None,
             1 << 30,
+            "q",
         )
     assert_sentence(chain_error.value, "nests arrays and objects deeper than a worker reads")
 
@@ -401,7 +402,7 @@ def test_a_surrogate_anywhere_is_a_sentence_not_a_traceback() -> None:
     with pytest.raises(InvalidTask):
         E.build_batch([{"prompt": "x\ud800"}], 1 << 20)
     with pytest.raises(InvalidChain):
-        build_chain({"steps": [{"name": "a", "prompt": "x\ud800"}]}, None, 1 << 20)
+        build_chain({"steps": [{"name": "a", "prompt": "x\ud800"}]}, None, 1 << 20, "q")
 
 
 def written(**task: Any) -> str:
@@ -507,3 +508,176 @@ def test_a_cached_answer_is_read_from_its_record() -> None:
     assert record is not None and (record.cached, record.cached_from) == (True, other)
     called = TaskRecord.parse(json.dumps(base), U)
     assert called is not None and (called.cached, called.cached_from) == (False, None)
+
+
+def test_a_copy_of_a_keyed_task_is_read_from_its_record() -> None:
+    base = {"task_id": U, "queue": "q", "status": "succeeded", "output": "hi", "cost_usd": 0.0}
+    first = str(uuid.uuid4())
+    record = TaskRecord.parse(json.dumps({**base, "duplicate_of": first}), U)
+    assert record is not None and record.duplicate_of == first and record.cached_from is None
+    called = TaskRecord.parse(json.dumps(base), U)
+    assert called is not None and called.duplicate_of is None
+
+
+def test_a_keyed_task_is_written_with_its_key_and_window() -> None:
+    head = f'{{"v":1,"prompt":"x","id":"{U}","enqueued_at":"2030-01-02T03:04:05Z"'
+    assert written(idempotency_key="order-42") == head + ',"idempotency_key":"order-42"}'
+    assert (
+        written(idempotency_key="order-42", idempotency_window="1h")
+        == head + ',"idempotency_key":"order-42","idempotency_window":"1h"}'
+    )
+    daily = json.loads(written(idempotency_key="k", idempotency_window=timedelta(hours=24)))
+    assert daily["idempotency_window"] == "86400s"
+    assert "idempotency_window" not in json.loads(written(idempotency_key="k", idempotency_window=None))
+    # Taken as the worker takes them: the ends of the range, any humantime spelling; a key
+    # only of spaces is a key (only an empty one is refused).
+    for window in ("1s", "1000ms", "30d", "720h", "2592000s", "1h 30m", "1.5d", " 2h"):
+        written(idempotency_key="k", idempotency_window=window)
+    written(idempotency_key=" ")
+
+
+def _window(message: str) -> str:
+    return f"field `idempotency_window` is wrong: {message}."
+
+
+KEY_EMPTY = (
+    "field `idempotency_key` is wrong: is empty; give each task that must run once a key of its own, "
+    "or leave it out."
+)
+WINDOW_WITHOUT_KEY = _window(
+    "needs idempotency_key: it is how long a key is remembered; add the key or drop the window"
+)
+IDEMPOTENCY_REFUSED: list[tuple[dict[str, Any], str]] = [
+    # Envelope::check_idempotency, in its words and order.
+    ({"idempotency_key": ""}, KEY_EMPTY),
+    ({"idempotency_key": "", "idempotency_window": "soon"}, KEY_EMPTY),
+    ({"idempotency_window": "1h"}, WINDOW_WITHOUT_KEY),
+    ({"idempotency_window": "soon"}, WINDOW_WITHOUT_KEY),
+    ({"idempotency_key": None, "idempotency_window": "1h"}, WINDOW_WITHOUT_KEY),
+    ({"idempotency_key": "k", "idempotency_window": "soon"}, _window('`soon` is not a duration (expected number at 0); write it as e.g. "10m" or "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": "1 d 2"}, _window('`1 d 2` is not a duration (time unit needed, for example 2sec or 2ms); write it as e.g. "10m" or "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": "1" * 50 + "x"}, "field `idempotency_window` is wrong: `" + "1" * 40 + "\u2026` is not a duration ("),
+    ({"idempotency_key": "k", "idempotency_window": "0.5s"}, _window('0.5s is not between 1s and 30d; give e.g. "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": "0"}, _window('0 is not between 1s and 30d; give e.g. "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": "31d"}, _window('31d is not between 1s and 30d; give e.g. "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": " 31d "}, _window('31d is not between 1s and 30d; give e.g. "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": "2592000.000000001s"}, _window('2592000.000000001s is not between 1s and 30d; give e.g. "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": timedelta(0)}, _window('0s is not between 1s and 30d; give e.g. "24h"')),
+    ({"idempotency_key": "k", "idempotency_window": timedelta(seconds=1.5)}, _window("must be whole seconds, not 1.5")),
+    # Envelope::check's order: deadline and cache before it, the NUL checks after it.
+    ({"idempotency_key": "", "deadline": "2h"}, "field `deadline` is wrong: 2h is shorter than the 24h"),
+    ({"idempotency_window": "1h", "cache": True}, "field `cache` is wrong: true needs"),
+    ({"idempotency_key": "", "model": "a\u0000b"}, KEY_EMPTY),
+    ({"idempotency_window": "1h", "model": "a\u0000b"}, WINDOW_WITHOUT_KEY),
+    ({"idempotency_key": "a\u0000b", "idempotency_window": "soon"}, "field `idempotency_window` is wrong: `soon` is not a duration"),
+    ({"idempotency_key": "a\u0000b"}, "field `idempotency_key` is wrong: contains a NUL character (\\u0000)"),
+    # Its type, which serde refuses before any check.
+    ({"idempotency_key": "k", "idempotency_window": 3600}, "field `idempotency_window` is wrong: must be a string."),
+    ({"idempotency_key": 42}, "field `idempotency_key` is wrong: must be a string."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "says"), IDEMPOTENCY_REFUSED)
+def test_a_key_or_window_the_worker_refuses_is_refused_in_its_words(task: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", **task})
+    assert_sentence(e.value, says)
+    if says.endswith("."):  # the whole sentence
+        assert str(e.value) == says
+
+
+def test_a_keyed_tasks_letter_is_replayed_with_its_key_and_window() -> None:
+    task = '{"v":1,"prompt":"x","idempotency_key":"k","idempotency_window":"1h"}'
+    replayed = json.loads(E.replayed_task(task, U, None))
+    assert (replayed["idempotency_key"], replayed["idempotency_window"]) == ("k", "1h")
+    unset = json.loads(E.replayed_task('{"v":1,"prompt":"x","idempotency_window":null}', U, None))
+    assert "idempotency_window" not in unset
+    # Replays do not check (a window without a key is written back), but serde refuses a
+    # window that is not text: replayed as it came.
+    keyless = json.loads(E.replayed_task('{"v":1,"prompt":"x","idempotency_window":"1h"}', U, None))
+    assert keyless["idempotency_window"] == "1h"
+    odd = '{"v":1,"prompt":"x","idempotency_key":"k","idempotency_window":3600}'
+    assert E.replayed_task(odd, U, None) == odd
+
+
+# uuid.uuid5(uuid.NAMESPACE_OID, "llmq-chain-key:<queue>:<tenant's bytes>:<tenant>:<key>"),
+# computed with Python's uuid module: (queue, tenant, key, id).
+CHAIN_KEY_IDS = [
+    ("default", None, "release-42", "a32eb052-b09c-573b-9365-9ace304218df"),
+    ("default", "acme", "release-42", "aeacc8ba-0ab7-5ba6-9c32-e8cabcd52d3e"),
+    ("default", "\u00e9", "release-42", "a9e91551-ec8d-5043-9bc8-df75e6a3727e"),  # 2 bytes
+    ("q", None, "release-42", "00f1064a-4fd0-519f-81ef-b5210ec088d9"),
+]
+
+
+@pytest.mark.parametrize(("queue", "tenant", "key", "chain_id"), CHAIN_KEY_IDS)
+def test_a_keyed_chain_without_an_id_is_named_as_the_worker_names_it(
+    queue: str, tenant: str | None, key: str, chain_id: str
+) -> None:
+    assert chain_key_id(queue, tenant, key) == chain_id
+    spec: dict[str, Any] = {"idempotency_key": key, "steps": [{"name": "a", "prompt": "x"}]}
+    if tenant is not None:
+        spec["tenant"] = tenant
+    got, text = build_chain(spec, None, 1 << 20, queue)
+    assert got == chain_id
+    written = json.loads(text)
+    # The worker names it from the key: no chain_id is written, the key is.
+    assert "chain_id" not in written and written["idempotency_key"] == key
+    assert build_chain(spec, None, 1 << 20, queue)[0] == chain_id, "submitted twice: one chain"
+    # A null chain_id is none.
+    assert build_chain({**spec, "chain_id": None}, None, 1 << 20, queue) == (got, text)
+
+
+def test_a_chain_id_or_no_key_names_a_chain_as_before() -> None:
+    steps = [{"name": "a", "prompt": "x"}]
+    named, text = build_chain({"chain_id": "c1", "idempotency_key": "k", "steps": steps}, None, 1 << 20, "q")
+    assert named == "c1" and json.loads(text)["chain_id"] == "c1"
+    fresh, text = build_chain({"steps": steps}, None, 1 << 20, "q")
+    assert uuid.UUID(fresh).version == 4 and json.loads(text)["chain_id"] == fresh
+    assert build_chain({"steps": steps}, None, 1 << 20, "q")[0] != fresh
+    # The key names the chain on one queue for one tenant, and nothing else does.
+    variants: list[tuple[str, dict[str, Any]]] = [
+        ("q", {}),
+        ("r", {}),
+        ("q", {"tenant": "acme"}),
+        ("q", {"tenant": "acme", "priority": 3}),
+    ]
+    ids = [
+        build_chain({"idempotency_key": "k", "steps": steps, **extra}, None, 1 << 20, q)[0]
+        for q, extra in variants
+    ]
+    assert len(set(ids)) == 3 and ids[2] == ids[3]
+    # A key of spaces is a key (only an empty one is refused).
+    spaces = build_chain({"idempotency_key": " ", "steps": steps}, None, 1 << 20, "q")[0]
+    assert spaces == chain_key_id("q", None, " ")
+
+
+CHAIN_KEY_REFUSED = (
+    "the chain is invalid: `idempotency_key` is empty or holds a NUL character; give the chain a key of its "
+    "own, or leave it out."
+)
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"idempotency_key": ""}, CHAIN_KEY_REFUSED),
+        ({"idempotency_key": "a\u0000b"}, CHAIN_KEY_REFUSED),
+        ({"idempotency_key": "", "chain_id": "c1"}, CHAIN_KEY_REFUSED),
+        ({"idempotency_key": 42}, "the chain is invalid: `idempotency_key` must be a string, not int."),
+        ({"idempotency_key": "k\ud800"}, "the chain is invalid: `idempotency_key` holds a lone surrogate"),
+        # Chain::parse's order: the chain id before the key.
+        ({"idempotency_key": "", "chain_id": " "}, "the chain is invalid: `chain_id` is empty"),
+        (
+            {"idempotency_key": 42, "chain_id": " "},
+            "the chain is invalid: `idempotency_key` must be a string",
+        ),
+        ({"idempotency_key": "k", "tenant": "k\ud800"}, "the chain is invalid: it is not JSON"),
+    ],
+)
+def test_a_chain_key_the_worker_refuses_is_refused_in_its_words(change: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidChain) as e:
+        build_chain({"steps": [{"name": "a", "prompt": "x"}], **change}, None, 1 << 20, "q")
+    assert_sentence(e.value, says)
+    if says.endswith("."):
+        assert str(e.value) == says

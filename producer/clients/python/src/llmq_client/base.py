@@ -148,7 +148,7 @@ class Base:
     def _submit_chain(
         self, spec: Mapping[str, Any], variables: Mapping[str, str] | None
     ) -> plans.Plan[ChainHandle]:
-        chain_id, text = chains.build(spec, variables, self.max_payload_bytes)
+        chain_id, text = chains.build(spec, variables, self.max_payload_bytes, self.keys.queue)
         return plans.submit_chain(self.keys, chain_id, text)
 
     def _follow_chain(self, chain: ChainHandle | str, timeout: float, poll: float) -> plans.Plan[ChainEnd]:

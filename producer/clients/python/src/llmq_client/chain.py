@@ -16,12 +16,13 @@ from typing import Any
 from . import envelope as E
 from . import wirejson
 from .errors import InvalidChain
-from .keys import chain_id_problem
+from .keys import chain_id_problem, chain_key_id, utf8
 
 #: The top-level fields of a chain this library writes (tests compare them with the schema).
 CHAIN_FIELDS = (
     "v",
     "chain_id",
+    "idempotency_key",
     "on_failure",
     "vars",
     "max_parallel",
@@ -119,6 +120,22 @@ def _check_fields(where: str, obj: Mapping[str, Any]) -> None:
         raise _fail(f"{where}: {e}") from None
 
 
+def _key_problem(key: str | None) -> str | None:
+    """Why a chain's ``idempotency_key`` is refused (as ``Chain::parse`` words it), or None."""
+    if key is None:
+        return None
+    if key == "" or "\0" in key:
+        return (
+            "`idempotency_key` is empty or holds a NUL character; give the chain a key of its own, "
+            "or leave it out"
+        )
+    if not utf8(key):
+        return (
+            "`idempotency_key` holds a lone surrogate, which is not text a worker reads; give a key in UTF-8"
+        )
+    return None
+
+
 def _is_name(text: str) -> bool:
     return bool(text) and all(c.isascii() and (c.isalnum() or c in "_-") for c in text)
 
@@ -208,28 +225,46 @@ def _cycle(steps: Sequence[Mapping[str, Any]]) -> list[str] | None:
     return None
 
 
-def build(spec: Mapping[str, Any], variables: Mapping[str, str] | None, max_bytes: int) -> tuple[str, str]:
-    """The chain id and the ``chain`` field of a chain spec, with ``variables`` added to its
-    ``vars``; :class:`InvalidChain` for a spec a worker would refuse for its shape."""
+def build(
+    spec: Mapping[str, Any], variables: Mapping[str, str] | None, max_bytes: int, queue: str
+) -> tuple[str, str]:
+    """The chain id and the ``chain`` field of a chain spec for ``queue``, with ``variables``
+    added to its ``vars``; :class:`InvalidChain` for a spec a worker would refuse for its
+    shape. A spec without ``chain_id`` is given a fresh one, unless it has an
+    ``idempotency_key``: then the worker names it from the key (:func:`chain_key_id`), and so
+    does this."""
     if not isinstance(spec, Mapping):
         raise InvalidChain(f"a chain must be a mapping (its JSON spec), not {type(spec).__name__}.")
     try:
         chain = copy.deepcopy(dict(spec))
-        return _build(chain, variables, max_bytes)
+        return _build(chain, variables, max_bytes, queue)
     except RecursionError:
         raise _fail(TOO_DEEP) from None
 
 
-def _build(chain: dict[str, Any], variables: Mapping[str, str] | None, max_bytes: int) -> tuple[str, str]:
+def _build(
+    chain: dict[str, Any], variables: Mapping[str, str] | None, max_bytes: int, queue: str
+) -> tuple[str, str]:
     unknown = [k for k in chain if k not in CHAIN_FIELDS]
     if unknown:
         raise _fail(f"`{unknown[0]}` is not a chain field; use {', '.join(CHAIN_FIELDS)}")
     chain.setdefault("v", 1)
     if chain["v"] != 1 or not E._is_int(chain["v"]):
         raise _fail(f'the chain has version {E._show(chain["v"])}, but workers understand only "v": 1')
+    key = chain.get("idempotency_key")
+    # Its type first, as the worker's deserializer refuses it before any check.
+    if key is not None and not isinstance(key, str):
+        raise _fail(f"`idempotency_key` must be a string, not {type(key).__name__}")
     if chain.get("chain_id") is None:
-        chain["chain_id"] = str(uuid.uuid4())
-    problem = chain_id_problem(chain["chain_id"])
+        # Named by the worker from its key, as here; else a fresh id of its own.
+        chain.pop("chain_id", None)
+        if key is None:
+            chain["chain_id"] = str(uuid.uuid4())
+    # Chain::parse's order: the chain id, then the key.
+    problem = chain_id_problem(chain["chain_id"]) if "chain_id" in chain else None
+    if problem:
+        raise _fail(problem)
+    problem = _key_problem(key)
     if problem:
         raise _fail(problem)
     if chain.get("on_failure", "cancel_descendants") not in ("cancel_descendants", "fail_chain"):
@@ -311,4 +346,7 @@ def _build(chain: dict[str, Any], variables: Mapping[str, str] | None, max_bytes
             f"the chain is {size} bytes, over the {max_bytes}-byte limit; shorten its prompts "
             "(or pass max_payload_bytes if the workers take more)"
         )
-    return chain["chain_id"], text
+    if "chain_id" in chain:
+        return chain["chain_id"], text
+    assert isinstance(key, str)  # a chain without an id has a key (checked above)
+    return chain_key_id(queue, chain.get("tenant"), key), text

@@ -136,7 +136,9 @@ class Client(Base):
         return self._iter(self._follow(task_id, timeout))
 
     def submit_chain(self, spec: Mapping[str, Any], vars: Mapping[str, str] | None = None) -> ChainHandle:
-        """Submits a chain (one XADD of its spec; a ``chain_id`` is made up when it has none)."""
+        """Submits a chain (one XADD of its spec). Without a ``chain_id``, a chain with an
+        ``idempotency_key`` is named from the key, as the worker names it (submitted twice, it
+        is one chain); one without either is given a fresh id."""
         return self._run(self._submit_chain(spec, vars))
 
     def follow_chain(

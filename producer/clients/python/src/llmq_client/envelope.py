@@ -98,7 +98,12 @@ class TaskFields(TypedDict, total=False):
     timeout: int | timedelta
     max_attempts: int
     run_at: datetime | str
+    #: Tasks with the same key (on one queue, for one tenant) run once: a copy is answered with
+    #: the first one's answer (its record's ``duplicate_of``). Not empty.
     idempotency_key: str
+    #: How long after the first task with the key succeeded its copies get its answer: 1s to
+    #: 30d (``"1h"``, or a timedelta of whole seconds). Needs ``idempotency_key``.
+    idempotency_window: str | timedelta
     max_tokens: int
     temperature: float
     metadata: Any
@@ -151,6 +156,7 @@ FIELD_KINDS: dict[str, tuple[Any, bool]] = {
     "max_attempts": ("u32", True),
     "run_at": ("datetime", True),
     "idempotency_key": ("string", True),
+    "idempotency_window": ("string", True),
     "priority": ("i64", True),
     "tenant": ("string", True),
     "max_tokens": ("u32", True),
@@ -851,21 +857,26 @@ def samples(temperature: Any) -> bool:
     return temperature is None or temperature > _F32_ROUNDS_TO_ZERO
 
 
+def check_ttl(field: str, text: str) -> None:
+    """A duration of 1s to 30d, as ``cache_ttl`` in shared/src/envelope.rs reads a cache TTL
+    (and an ``idempotency_window``), in its words, for ``field``."""
+    try:
+        secs, nanos = parse_duration(text)
+    except DurationError as e:
+        raise Problem(
+            field, f'`{excerpt(text, 40)}` is not a duration ({e}); write it as e.g. "10m" or "24h"'
+        ) from None
+    if (secs, nanos) < (MIN_CACHE_TTL_SECS, 0) or (secs, nanos) > (MAX_CACHE_TTL_SECS, 0):
+        raise Problem(field, f'{excerpt(text, 40)} is not between 1s and 30d; give e.g. "24h"')
+
+
 def check_cache(ask: Any, streams: bool, temperature: Any) -> None:
     """``cache`` as ``CacheAsk::check`` in shared/src/envelope.rs checks it, in its words."""
     if ask is False:
         return
     if ask is True:
         raise Problem("cache", 'true needs a time to keep the answer; write {"ttl": "24h"}')
-    ttl = ask["ttl"]
-    try:
-        secs, nanos = parse_duration(ttl)
-    except DurationError as e:
-        raise Problem(
-            "cache.ttl", f'`{excerpt(ttl, 40)}` is not a duration ({e}); write it as e.g. "10m" or "24h"'
-        ) from None
-    if (secs, nanos) < (MIN_CACHE_TTL_SECS, 0) or (secs, nanos) > (MAX_CACHE_TTL_SECS, 0):
-        raise Problem("cache.ttl", f'{ttl} is not between 1s and 30d; give e.g. "24h"')
+    check_ttl("cache.ttl", ask["ttl"])
     if streams:
         raise Problem(
             "cache", "cannot be used with stream: a cached answer is not streamed; drop one of them"
@@ -876,6 +887,24 @@ def check_cache(ask: Any, streams: bool, temperature: Any) -> None:
             "would give every identical request one sampled answer (temperature is unset or above 0); "
             'set "temperature": 0, or "sampled": true in cache to keep one sample',
         )
+
+
+def check_idempotency(key: str | None, window: str | None) -> None:
+    """``idempotency_key`` and ``idempotency_window`` as ``Envelope::check_idempotency`` in
+    shared/src/envelope.rs checks them, in its words: a key is not empty (every keyless
+    producer would share it), and a window comes with a key and is a TTL."""
+    if key == "":
+        raise Problem(
+            "idempotency_key",
+            "is empty; give each task that must run once a key of its own, or leave it out",
+        )
+    if window is not None:
+        if key is None:
+            raise Problem(
+                "idempotency_window",
+                "needs idempotency_key: it is how long a key is remembered; add the key or drop the window",
+            )
+        check_ttl("idempotency_window", window)
 
 
 def check_envelope(env: Mapping[str, Any]) -> None:
@@ -907,6 +936,7 @@ def check_envelope(env: Mapping[str, Any]) -> None:
         check_deadline(field["deadline"], field.get("stream") is True)
     if "cache" in field:
         check_cache(field["cache"], field.get("stream") is True, field.get("temperature"))
+    check_idempotency(field.get("idempotency_key"), field.get("idempotency_window"))
     for name in NUL_FREE:
         if "\0" in field.get(name, ""):
             raise Problem(name, NUL)
@@ -952,7 +982,7 @@ def _wire_value(field: str, value: Any) -> Any:
         secs = value.total_seconds()
         if secs != int(secs):
             raise Problem(field, f"must be whole seconds, not {secs}")
-        return f"{int(secs)}s" if field in ("deadline", "cache.ttl") else int(secs)
+        return f"{int(secs)}s" if field in ("deadline", "cache.ttl", "idempotency_window") else int(secs)
     if field == "id":
         if isinstance(value, uuid.UUID):
             return str(value)

@@ -121,6 +121,16 @@ def derive_id(queue: str, entry_id: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_OID, f"llmq:{queue}:{entry_id}"))
 
 
+def chain_key_id(queue: str, tenant: str | None, key: str) -> str:
+    """The id a worker gives a chain submitted with ``idempotency_key`` ``key`` and no
+    ``chain_id`` (``chain_id`` in shared/src/idempotency.rs): a UUIDv5 in the OID namespace of
+    ``llmq-chain-key:<queue>:<tenant's length in UTF-8 bytes>:<tenant>:<key>``, the tenant
+    empty when the chain names none. Submitting it twice names one chain."""
+    tenant = tenant or ""
+    name = f"llmq-chain-key:{queue}:{len(tenant.encode('utf-8'))}:{tenant}:{key}"
+    return str(uuid.uuid5(uuid.NAMESPACE_OID, name))
+
+
 class Keys:
     """The key names of one queue."""
 

@@ -87,6 +87,9 @@ class TaskRecord:
     cached: bool = False
     #: For a cached answer, the task whose call gave it.
     cached_from: str | None = None
+    #: For a copy of a task with the same ``idempotency_key``: that task, whose answer (output,
+    #: json, tool_calls, provider, model) this is, without a call (``cost_usd`` 0).
+    duplicate_of: str | None = None
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
