@@ -164,9 +164,9 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
         };
         rows.push_str(&format!(
             "<tr data-queue=\"{q}\"><td>{q}</td><td>{}</td><td>{}</td><td>{}</td>\
-             <td><a href=\"/dead?queue={u}\">{}</a></td><td>{}</td><td>{state} {button}</td>\
-             <td><a href=\"/chains?queue={u}\">chains</a></td></tr>",
-            c.ready, c.in_flight, c.delayed, c.dead, c.workers,
+             <td><a href=\"/dead?queue={u}\">{}</a></td><td>{}</td><td>{}</td>\
+             <td>{state} {button}</td><td><a href=\"/chains?queue={u}\">chains</a></td></tr>",
+            c.ready, c.in_flight, c.delayed, c.dead, c.duplicates, c.workers,
         ));
     }
     let providers = match &app.web.config {
@@ -245,6 +245,7 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
     let body = format!(
         "<div id=\"live\" data-refresh=\"3000\"><h2>Queues</h2><table id=\"queues\"><tr>\
          <th>Queue</th><th>Ready</th><th>In flight</th><th>Delayed</th><th>Dead</th>\
+         <th title=\"Tasks sent again with an idempotency_key already used, answered with the first's answer without a call\">Copies</th>\
          <th>Workers</th><th>State</th><th></th></tr>{rows}</table>{rooms}\
          <p><a href=\"/approvals\">{waiting_approval} step(s) wait for approval</a></p>\
          {providers}{quotas}<h2>Scheduler</h2><p>{holder}</p><table><tr><th>Duty</th>\

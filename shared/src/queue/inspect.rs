@@ -160,8 +160,8 @@ impl Client {
     pub async fn counts(&self, keys: &QueueKeys) -> Result<QueueCounts> {
         let mut c = self.conn().await?;
         let live_since = now_ms() - WORKER_LIVENESS.as_millis() as i64;
-        type Depths = (u64, u64, u64, u64, bool, Vec<(String, i64)>);
-        let (len, delayed, dead, workers, paused, room): Depths = redis::pipe()
+        type Depths = (u64, u64, u64, u64, bool, Vec<(String, i64)>, Option<u64>);
+        let (len, delayed, dead, workers, paused, room, duplicates): Depths = redis::pipe()
             .cmd("XLEN")
             .arg(keys.stream())
             .zcard(keys.delayed())
@@ -170,6 +170,7 @@ impl Client {
             .zcount(keys.workers(), live_since, "+inf")
             .exists(keys.paused())
             .hgetall(keys.room_counts())
+            .get(keys.duplicates())
             .query_async(&mut c)
             .await?;
         let mut ready_by_priority: Vec<(u8, u64)> = room
@@ -204,6 +205,7 @@ impl Client {
             dead,
             workers,
             paused,
+            duplicates: duplicates.unwrap_or(0),
         })
     }
 

@@ -317,6 +317,8 @@ pub struct QueueCounts {
     pub workers: u64,
     /// Paused with `llmq queue pause`: workers take none of its tasks.
     pub paused: bool,
+    /// Copies of keyed tasks answered with the first's answer, ever (`idempotency_key`).
+    pub duplicates: u64,
 }
 
 /// A dead letter as `llmq dlq` shows it.

@@ -492,6 +492,7 @@ const TASK_FIELDS: &[&str] = &[
     "max_attempts",
     "run_at",
     "idempotency_key",
+    "idempotency_window",
     "max_tokens",
     "temperature",
     "metadata",
@@ -501,7 +502,14 @@ const TASK_FIELDS: &[&str] = &[
     "traceparent",
     "attempts",
 ];
-const CHAIN_FIELDS: &[&str] = &["chain_id", "on_failure", "defaults", "vars", "max_parallel"];
+const CHAIN_FIELDS: &[&str] = &[
+    "chain_id",
+    "idempotency_key",
+    "on_failure",
+    "defaults",
+    "vars",
+    "max_parallel",
+];
 const STEP_FIELDS: &[&str] = &[
     "name",
     "after",

@@ -83,6 +83,8 @@ async fn copies_sent_while_the_first_runs_wait_for_it_and_get_its_answer_at_no_c
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_eq!(calls[0].0.to_string(), first[0].task_id);
     assert_eq!(duplicates(&env).await, 2);
+    // `llmq status --format json` and the page count them from the same counter.
+    assert_eq!(env.redis.counts(&env.keys).await.unwrap().duplicates, 2);
     worker.stop().await.unwrap();
 }
 

@@ -54,8 +54,13 @@ async fn the_pages_show_the_queues_and_hostile_text_only_as_text() {
     let (status, headers, body) = get(&format!("{base}/")).await;
     assert_eq!(status, 200);
     let row = format!(
-        "<td>{}</td><td>{}</td><td>{}</td><td>{}</td>",
-        env.queue, counts.ready, counts.in_flight, counts.delayed
+        "<td>{q}</td><td>{}</td><td>{}</td><td>{}</td><td><a href=\"/dead?queue={q}\">{}</a></td><td>{}</td>",
+        counts.ready,
+        counts.in_flight,
+        counts.delayed,
+        counts.dead,
+        counts.duplicates,
+        q = env.queue,
     );
     assert!(body.contains(&row), "{row} in {body}");
     let csp = headers["content-security-policy"].to_str().unwrap();
