@@ -120,23 +120,27 @@ local function expand(stream, k, b, na, now)
 end
 
 -- A keyed task ended: its key remembers it for the window (its copies are answered with its
--- answer) or, when it did not succeed, is free (its next copy runs); the copies parked
--- behind it wake either way. Only the task holding the key ends it.
+-- answer) or, when it did not succeed, is free (its next copy runs). The key holds the task's
+-- id, with `+` after it once a copy parked behind it (idem_take.lua): then the copies wake.
+-- Only the task holding the key ends it; the common case, a success with no copy, is one SET.
 local function end_key(stream, name, task, window)
   local prefix = string.sub(stream, 1, -7)
   local key = prefix .. name
-  if redis.call('GET', key) ~= task then
-    return
-  end
+  local old
   if window ~= '' then
-    redis.call('SET', key, 'done:' .. task, 'PX', window)
+    old = redis.call('SET', key, 'done:' .. task, 'PX', window, 'GET')
   else
-    redis.call('DEL', key)
+    old = redis.call('GET', key)
+    if old == task or old == task .. '+' then
+      redis.call('DEL', key)
+    end
   end
-  local copies = '\0' .. name
-  local limit = redis.call('HGET', prefix .. 'parked', copies)
-  if limit then
-    wake(stream, prefix, copies, 0)
+  if old == task .. '+' then
+    wake(stream, prefix, '\0' .. name, 0)
+  elseif old and old ~= task and window ~= '' then
+    -- Another task's (a replay took the key over): put it back.
+    local ttl = string.sub(old, 1, 5) == 'done:' and window or HELD_TTL_MS
+    redis.call('SET', key, old, 'PX', ttl)
   end
 end
 

@@ -1,6 +1,7 @@
 //! Idempotency keys in Redis (`crate::idempotency` says which tasks share one). The key
-//! `idem:<hash>` holds the id of the task that holds it, or `done:<id>` for its window once
-//! that task succeeded; copies that come while it is held park under `\0idem:<hash>` (the
+//! `idem:<hash>` holds the id of the task that holds it (then `+` once a copy parked behind
+//! it), or `done:<id>` for its window once that task succeeded; copies that come while it is
+//! held park under `\0idem:<hash>` (the
 //! parked tasks of a concurrency key of limit 0, as an answer-cache flight's) and wake when
 //! it ends (`finish.lua`'s `end_key`, or the sweep once its record says it ended).
 
@@ -75,7 +76,9 @@ impl Client {
         }
         set.arg("GET").arg("PX").arg(hold_ms);
         let holder: Option<String> = set.query_async(&mut c).await?;
-        if replay || holder.as_deref().is_none_or(|h| h == task_id) {
+        // Its own (with `+` once copies parked behind it): a retry, a takeover.
+        let own = |h: &str| h.strip_suffix('+').unwrap_or(h) == task_id;
+        if replay || holder.as_deref().is_none_or(own) {
             return Ok(Keyed::Run);
         }
         let v: redis::Value = TAKE

@@ -3,7 +3,8 @@
 -- KEYS: 1 stream
 -- ARGV: 1 group, 2 consumer, 3 entry id, 4 name (`idem:<hash>`), 5 task id, 6 how long to
 -- hold it (ms), 7 envelope json, or '' to only try
--- The key holds the id of the task that holds it, or `done:<id>` once that task succeeded.
+-- The key holds the id of the task that holds it (followed by `+` once a copy parked behind
+-- it, so that its end wakes them), or `done:<id>` once that task succeeded.
 -- Returns 1 (run: the task holds the key), the first task's result record (a copy of a task
 -- that succeeded: answer it with that), 0 (parked until the task holding the key ends), 2
 -- (held, and no envelope was given to park: call again with it) or -1 (this consumer no
@@ -13,12 +14,12 @@ local name, task = ARGV[4], ARGV[5]
 local prefix = string.sub(stream, 1, -7)
 local key = prefix .. name
 local holder = redis.call('GET', key)
-if holder == task then
+if holder == task or holder == task .. '+' then
   return 1
 end
 if holder then
   local done = string.sub(holder, 1, 5) == 'done:'
-  local first = done and string.sub(holder, 6) or holder
+  local first = done and string.sub(holder, 6) or string.gsub(holder, '%+$', '')
   local record = redis.call('GET', prefix .. 'result:' .. first)
   if done and record then
     redis.call('INCR', prefix .. 'duplicates')
@@ -30,7 +31,11 @@ if holder then
     if ARGV[7] == '' then
       return 2
     end
-    return park(stream, group, consumer, entry, prefix, '\0' .. name, 0, ARGV[7])
+    local parked = park(stream, group, consumer, entry, prefix, '\0' .. name, 0, ARGV[7])
+    if parked == 0 and holder == first then
+      redis.call('SET', key, first .. '+', 'KEEPTTL')
+    end
+    return parked
   end
   -- Succeeded, but its record is gone (kept for less than the window): run again.
 end

@@ -56,6 +56,7 @@ local function key_held(prefix, key)
   if not holder or string.sub(holder, 1, 5) == 'done:' then
     return false
   end
+  holder = string.gsub(holder, '%+$', '')
   return not ended(redis.call('GET', prefix .. 'result:' .. holder))
 end
 
