@@ -336,10 +336,16 @@ pub struct Submit {
 
 #[derive(Args, Debug)]
 pub struct Batch {
-    /// A JSON array of tasks: prompt (or messages), type, platform, model, timeout, metadata,
-    /// system, tools, tool_choice, response_format, ...
+    /// The tasks: a JSON array, or JSON Lines (one task a line), each with prompt (or
+    /// messages), type, platform, model, timeout, metadata, system, tools, tool_choice,
+    /// response_format, custom_id, ...; `-` reads standard input, enqueuing as it comes.
     #[arg(long)]
     pub input: PathBuf,
+    /// Names the batch: each task's id and idempotency key are made of it and the task's
+    /// custom_id (else its place), and a rerun with the same id after an interrupted enqueue
+    /// enqueues only what did not go in. Default: a new id, printed.
+    #[arg(long, value_name = "ID")]
+    pub batch_id: Option<String>,
     /// Write the batch report here (with --wait) or the task ids (without); a directory
     /// (an existing one, or a path ending in `/`) gets `batch_<timestamp>.json` inside.
     #[arg(long)]

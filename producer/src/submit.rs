@@ -9,9 +9,10 @@ use llmq_shared::conversation::{Message, ResponseFormat, Tool, ToolChoice};
 use llmq_shared::envelope::{CacheAsk, CacheKeep, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
-use llmq_shared::queue::{Client, OutEntry};
+use llmq_shared::queue::{Client, OutEntry, Progress};
 use serde::{Deserialize, Serialize};
 
+use crate::batch_input::{self, At, Input};
 use crate::cli::{Batch, Format, Submit};
 use crate::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, Error, Result, emit, render, to_json, write_file};
 
@@ -249,6 +250,14 @@ struct BatchTask {
     priority: Option<i64>,
     #[serde(default)]
     tenant: Option<String>,
+    /// The task's id within its batch (as in OpenAI's and Anthropic's batch files): with the
+    /// batch's id, it names the task's id and idempotency key.
+    #[serde(default)]
+    custom_id: Option<String>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    idempotency_window: Option<String>,
 }
 
 /// Per-provider line of a batch report.
@@ -275,98 +284,122 @@ pub struct BatchReport {
 }
 
 pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u8> {
-    let text = std::fs::read_to_string(&args.input)
-        .map_err(|e| Error::Usage(format!("cannot read {}: {e}", args.input.display())))?;
-    let items: Vec<serde_json::Value> = serde_json::from_str(&text).map_err(|e| {
-        Error::Usage(format!(
-            "{} is not a JSON array of tasks: {e}",
-            args.input.display()
-        ))
-    })?;
-    // --parallel: one concurrency key for the whole batch.
-    let parallel_key = args
-        .parallel
-        .map(|_| format!("batch-{}", uuid::Uuid::new_v4().simple()));
-    let fallback = match (args.fallback, args.no_fallback) {
-        (_, true) => Some(false),
-        (true, _) => Some(true),
-        _ => None,
+    let input = Input::of(&args.input);
+    let batch_id = match &args.batch_id {
+        Some(id) => check_batch_id(id)?,
+        None => format!("b-{}", uuid::Uuid::new_v4().simple()),
     };
-    let output = args.output.as_deref().map(batch_output);
-    let mut envs = Vec::with_capacity(items.len());
-    for (i, item) in items.into_iter().enumerate() {
-        let t: BatchTask = serde_json::from_value(item)
-            .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
-        if t.prompt.trim().is_empty() && t.messages.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} task [{i}]: the prompt is empty; give \"prompt\" or \"messages\"",
-                args.input.display()
-            )));
+    let shaper = Shaper {
+        name: input.name(),
+        queue: args.queue.clone(),
+        batch_id: batch_id.clone(),
+        // --parallel: one concurrency key for the whole batch.
+        parallel_key: args
+            .parallel
+            .map(|_| format!("batch-{}", uuid::Uuid::new_v4().simple())),
+        fallback: match (args.fallback, args.no_fallback) {
+            (_, true) => Some(false),
+            (true, _) => Some(true),
+            _ => None,
+        },
+        args: &args,
+    };
+    let from_file = matches!(input, Input::File(_));
+    if from_file {
+        // A file is checked whole before anything is enqueued: a bad task stops the batch
+        // with nothing in.
+        let mut tasks = batch_input::read(input.clone());
+        let mut envs = Vec::new();
+        let mut count = 0u64;
+        while let Some(task) = tasks.recv().await {
+            let (at, value) = task.map_err(Error::Usage)?;
+            let env = shaper.envelope(at, value)?;
+            // Only the estimate keeps them all.
+            if args.config.is_some() {
+                envs.push(env);
+            }
+            count += 1;
         }
-        if let Some(ty) = &t.task_type {
-            ty.parse::<TaskType>()
-                .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
+        if count == 0 {
+            return Err(Error::Usage(format!("{} holds no tasks", shaper.name)));
         }
-        let mut env = Envelope::new(t.prompt);
-        env.task_type = t.task_type;
-        env.provider = t.platform;
-        env.model = t.model;
-        env.timeout = t.timeout;
-        env.metadata = t.metadata;
-        env.system = t.system;
-        env.chain_id = t.chain_id;
-        env.max_attempts = t.max_attempts;
-        env.max_tokens = t.max_tokens;
-        env.temperature = t.temperature;
-        env.enqueued_at = Some(Utc::now());
-        env.concurrency_key.clone_from(&parallel_key);
-        env.concurrency_limit = args.parallel;
-        env.messages = t.messages;
-        env.tools = t.tools;
-        env.tool_choice = t.tool_choice;
-        env.response_format = t.response_format;
-        env.deadline = t.deadline.or_else(|| args.provider_batch.clone());
-        env.fallback = fallback;
-        env.priority = t.priority.or(args.priority);
-        env.tenant = t.tenant.or_else(|| args.tenant.clone());
-        // Refused here, as a worker would refuse it, rather than becoming a dead letter.
-        Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())
-            .map_err(|e| Error::Usage(format!("{} task [{i}]: {e}", args.input.display())))?;
-        envs.push(env);
-    }
-    if envs.is_empty() {
-        return Err(Error::Usage(format!(
-            "{} holds no tasks",
-            args.input.display()
-        )));
-    }
-    if !check_quotas(redis, &args, &envs, out).await? {
-        return Ok(EXIT_USAGE);
+        if !check_quotas(redis, &args, &envs, out).await? {
+            return Ok(EXIT_USAGE);
+        }
+    } else if args.dry_run {
+        return Err(Error::Usage(
+            "--dry-run estimates a batch from a file before it is enqueued; give --input FILE, not -".into(),
+        ));
     }
     if args.dry_run {
         return Ok(EXIT_OK);
     }
     let keys = QueueKeys::new(&args.queue);
     redis.ensure_group(&keys).await?;
-    let started = Instant::now();
-    for chunk in envs.chunks(1000) {
-        redis.enqueue_many(&keys, chunk).await?;
+    // An earlier run of this batch that was cut short: its tasks are in, in order.
+    let skip = redis.batch_progress(&keys, &batch_id).await?;
+    if skip > 0 {
+        eprintln!(
+            "batch {batch_id}: the first {skip} tasks were enqueued by an earlier run; enqueuing the rest"
+        );
     }
-    let ids: Vec<String> = envs
-        .iter()
-        .filter_map(|e| e.id)
-        .map(|u| u.to_string())
-        .collect();
-    if !args.wait {
-        let listing = match args.format {
-            Format::Text => ids.iter().map(|id| format!("{id}\n")).collect::<String>(),
-            Format::Json => to_json(&serde_json::json!({"queue": args.queue, "task_ids": ids})),
+    let started = Instant::now();
+    let output = args.output.as_deref().map(batch_output);
+    let mut listing = Listing::new(
+        args.format,
+        &args.queue,
+        &batch_id,
+        output.as_deref(),
+        args.wait,
+    )?;
+    let mut tasks = batch_input::read(input);
+    let mut chunk: Vec<Envelope> = Vec::with_capacity(ENQUEUE_CHUNK);
+    let (mut seen, mut enqueued) = (0u64, skip);
+    let stopped = loop {
+        let Some(task) = tasks.recv().await else {
+            break None;
         };
-        if let Some(path) = &output {
-            write_report(path, &listing)?;
+        let env = match task {
+            Ok((at, value)) => shaper.envelope(at, value),
+            Err(e) => Err(Error::Usage(e)),
+        };
+        let env = match env {
+            Ok(env) => env,
+            Err(e) => break Some(e),
+        };
+        seen += 1;
+        listing.add(out, env.id)?;
+        if seen <= skip {
+            continue;
         }
-        emit(out, &listing);
-        eprintln!("enqueued {} tasks to queue `{}`", ids.len(), args.queue);
+        chunk.push(env);
+        if chunk.len() == ENQUEUE_CHUNK {
+            enqueued += flush(redis, &keys, &batch_id, enqueued, &mut chunk).await?;
+        }
+    };
+    // Every task before a bad one goes in, so the batch resumes right after what went in.
+    enqueued += flush(redis, &keys, &batch_id, enqueued, &mut chunk).await?;
+    if let Some(e) = stopped {
+        return Err(Error::Usage(format!(
+            "{e}. {enqueued} tasks of batch {batch_id} are enqueued to queue `{}` (every task before this one); fix it and run the same command with --batch-id {batch_id} to enqueue the rest",
+            args.queue
+        )));
+    }
+    if seen == 0 {
+        return Err(Error::Usage(format!("{} holds no tasks", shaper.name)));
+    }
+    let ids = listing.finish(out)?;
+    eprintln!(
+        "batch {batch_id}: {} tasks enqueued to queue `{}`{}",
+        enqueued - skip,
+        args.queue,
+        if skip > 0 {
+            format!(" ({skip} by an earlier run)")
+        } else {
+            String::new()
+        }
+    );
+    if !args.wait {
         return Ok(EXIT_OK);
     }
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
@@ -399,6 +432,215 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     } else {
         EXIT_FAILED
     })
+}
+
+/// Tasks per enqueue script: a round trip each.
+const ENQUEUE_CHUNK: usize = 1000;
+
+/// Enqueues `chunk` (emptying it) with the batch's progress after it: `before` plus its
+/// length. Returns how many went in.
+async fn flush(
+    redis: &Client,
+    keys: &QueueKeys,
+    batch_id: &str,
+    before: u64,
+    chunk: &mut Vec<Envelope>,
+) -> Result<u64> {
+    if chunk.is_empty() {
+        return Ok(0);
+    }
+    let n = chunk.len() as u64;
+    let mark = Progress {
+        batch_id: batch_id.to_owned(),
+        enqueued: before + n,
+    };
+    redis.enqueue_marked(keys, chunk, Some(&mark)).await?;
+    chunk.clear();
+    Ok(n)
+}
+
+/// A `--batch-id`: it names keys and task ids, so a few safe characters.
+fn check_batch_id(id: &str) -> Result<String> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(Error::Usage(format!(
+            "--batch-id `{}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`",
+            llmq_shared::text::excerpt(id, 40)
+        )))
+    }
+}
+
+/// Builds each task of a batch as the worker would take it.
+struct Shaper<'a> {
+    name: String,
+    queue: String,
+    batch_id: String,
+    parallel_key: Option<String>,
+    fallback: Option<bool>,
+    args: &'a Batch,
+}
+
+impl Shaper<'_> {
+    /// The envelope of the task at `at`: its id and idempotency key made of the batch's id
+    /// and the task's `custom_id` (else where it is), so a rerun names the same tasks and
+    /// none of them runs twice.
+    fn envelope(&self, at: At, value: serde_json::Value) -> Result<Envelope> {
+        let args = self.args;
+        let fail = |e: &dyn std::fmt::Display| Error::Usage(format!("{} {at}: {e}", self.name));
+        let t: BatchTask = serde_json::from_value(value).map_err(|e| fail(&e))?;
+        if t.prompt.trim().is_empty() && t.messages.is_empty() {
+            return Err(fail(
+                &"the prompt is empty; give \"prompt\" or \"messages\"",
+            ));
+        }
+        if let Some(ty) = &t.task_type {
+            ty.parse::<TaskType>().map_err(|e| fail(&e))?;
+        }
+        let custom = match t.custom_id {
+            Some(c) if c.is_empty() => {
+                return Err(fail(
+                    &"`custom_id` is empty; give each task an id of its own, or leave it out",
+                ));
+            }
+            Some(c) => c,
+            None => at.key(),
+        };
+        let mut env = Envelope::new(t.prompt);
+        env.id = Some(uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("llmq-batch:{}:{}:{custom}", self.queue, self.batch_id).as_bytes(),
+        ));
+        env.idempotency_key = Some(
+            t.idempotency_key
+                .unwrap_or_else(|| format!("{}:{custom}", self.batch_id)),
+        );
+        env.idempotency_window = t.idempotency_window;
+        env.task_type = t.task_type;
+        env.provider = t.platform;
+        env.model = t.model;
+        env.timeout = t.timeout;
+        env.metadata = t.metadata;
+        env.system = t.system;
+        env.chain_id = t.chain_id;
+        env.max_attempts = t.max_attempts;
+        env.max_tokens = t.max_tokens;
+        env.temperature = t.temperature;
+        env.enqueued_at = Some(Utc::now());
+        env.concurrency_key.clone_from(&self.parallel_key);
+        env.concurrency_limit = args.parallel;
+        env.messages = t.messages;
+        env.tools = t.tools;
+        env.tool_choice = t.tool_choice;
+        env.response_format = t.response_format;
+        env.deadline = t.deadline.or_else(|| args.provider_batch.clone());
+        env.fallback = self.fallback;
+        env.priority = t.priority.or(args.priority);
+        env.tenant = t.tenant.or_else(|| args.tenant.clone());
+        // Refused here, as a worker would refuse it, rather than becoming a dead letter.
+        Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())
+            .map_err(|e| fail(&e))?;
+        Ok(env)
+    }
+}
+
+/// The batch's task ids as they are enqueued: printed (and written to `--output`) as they
+/// come, so a batch of any size lists them in flat memory; kept only for `--wait`.
+struct Listing {
+    format: Format,
+    file: Option<std::io::BufWriter<std::fs::File>>,
+    keep: bool,
+    ids: Vec<String>,
+    first: bool,
+}
+
+impl Listing {
+    fn new(
+        format: Format,
+        queue: &str,
+        batch_id: &str,
+        output: Option<&std::path::Path>,
+        wait: bool,
+    ) -> Result<Self> {
+        // With --wait, --output gets the report instead.
+        let file = match output.filter(|_| !wait) {
+            Some(path) => {
+                write_report(path, "")?;
+                let f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| Error::Write {
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                Some(std::io::BufWriter::new(f))
+            }
+            None => None,
+        };
+        let mut listing = Self {
+            format,
+            file,
+            keep: wait,
+            ids: Vec::new(),
+            first: true,
+        };
+        if format == Format::Json && !wait {
+            let head = format!(
+                "{{\"queue\":{},\"batch_id\":{},\"task_ids\":[",
+                serde_json::Value::from(queue),
+                serde_json::Value::from(batch_id)
+            );
+            listing.put(None, &head)?;
+        }
+        Ok(listing)
+    }
+
+    fn put(&mut self, out: Option<&mut dyn Write>, text: &str) -> Result<()> {
+        if let Some(out) = out {
+            emit(out, text);
+        }
+        if let Some(f) = &mut self.file {
+            f.write_all(text.as_bytes())
+                .map_err(|source| Error::Write {
+                    path: "--output".into(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, out: &mut dyn Write, id: Option<uuid::Uuid>) -> Result<()> {
+        let id = id.map(|u| u.to_string()).unwrap_or_default();
+        if self.keep {
+            self.ids.push(id);
+            return Ok(());
+        }
+        let text = match self.format {
+            Format::Text => format!("{id}\n"),
+            Format::Json if self.first => format!("\"{id}\""),
+            Format::Json => format!(",\"{id}\""),
+        };
+        self.first = false;
+        self.put(Some(out), &text)
+    }
+
+    /// Ends the listing; the ids, kept for `--wait`.
+    fn finish(mut self, out: &mut dyn Write) -> Result<Vec<String>> {
+        if self.format == Format::Json && !self.keep {
+            self.put(Some(out), "]}\n")?;
+        }
+        if let Some(f) = &mut self.file {
+            f.flush().map_err(|source| Error::Write {
+                path: "--output".into(),
+                source,
+            })?;
+        }
+        Ok(self.ids)
+    }
 }
 
 /// With a provider file, estimates the batch and, when a quota would pass 90 %, asks before

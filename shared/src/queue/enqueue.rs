@@ -7,12 +7,12 @@ use redis::Script;
 
 use super::{Client, Fence, NOT_HOLDER, Result, now_ms};
 use crate::envelope::Envelope;
-use crate::keys::{CHAIN_FIELD, GROUP, QueueKeys, TASK_FIELD};
+use crate::keys::{CHAIN_FIELD, GROUP, QueueKeys};
 
-static ROOM_ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/room.lua"),
-        include_str!("room_enqueue.lua")
+        include_str!("enqueue.lua")
     ))
 });
 static TICK: LazyLock<Script> = LazyLock::new(|| {
@@ -29,6 +29,22 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
 });
 
 /// One tick of a recurring task, as the scheduler enqueues it.
+/// A batch's progress, marked with its enqueue: how many of its tasks, in order, are in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Progress {
+    pub batch_id: String,
+    pub enqueued: u64,
+}
+
+/// How long a batch's progress is kept after its last enqueue: a rerun later than this starts
+/// over (its tasks' idempotency keys still keep the ones that ran from running again).
+pub const PROGRESS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The name (under the queue's prefix) of batch `batch_id`'s progress.
+fn progress_name(batch_id: &str) -> String {
+    format!("enqueued:{batch_id}")
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Tick<'a> {
     /// The recurring task's name.
@@ -69,27 +85,43 @@ impl Client {
         self.enqueue_many(keys, std::slice::from_ref(env)).await
     }
 
-    /// Enqueues many tasks: those with a `run_at` ahead into `delayed`, the rest into the
-    /// stream in one pipelined round trip, except that those with a class (`priority` or
-    /// `tenant`) go straight into the queue's room in one script (`room_enqueue.lua`), where
-    /// a worker would sort them after an `XADD`. The queue's group must exist (the room's
-    /// beacon is checked against it): [`Client::ensure_group`].
+    /// Enqueues many tasks in one script (`enqueue.lua`): those with a `run_at` ahead into
+    /// `delayed`, those with a class (`priority` or `tenant`) straight into the queue's room,
+    /// where a worker would sort them after an `XADD`, the rest into the stream. The queue's
+    /// group must exist (the room's beacon is checked against it): [`Client::ensure_group`].
     ///
     /// # Errors
     /// Redis fails.
     pub async fn enqueue_many(&self, keys: &QueueKeys, envs: &[Envelope]) -> Result<()> {
+        self.enqueue_marked(keys, envs, None).await
+    }
+
+    /// [`Client::enqueue_many`], writing `mark` (a batch's progress: how many of its tasks
+    /// are in) in the same script: a rerun of an interrupted batch reads it
+    /// ([`Client::batch_progress`]) and skips exactly the tasks that went in.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn enqueue_marked(
+        &self,
+        keys: &QueueKeys,
+        envs: &[Envelope],
+        mark: Option<&Progress>,
+    ) -> Result<()> {
         let now = now_ms();
-        let mut pipe = redis::pipe();
-        let mut room = ROOM_ENQUEUE.key(keys.stream());
-        room.arg(GROUP);
-        let (mut piped, mut to_room) = (false, false);
+        let mut inv = ENQUEUE.key(keys.stream());
+        inv.key(keys.delayed()).arg(GROUP);
+        match mark {
+            Some(m) => inv
+                .arg(progress_name(&m.batch_id))
+                .arg(m.enqueued)
+                .arg(u64::try_from(PROGRESS_TTL.as_millis()).unwrap_or(u64::MAX)),
+            None => inv.arg("").arg(0).arg(0),
+        };
         for env in envs {
             let json = env.to_json();
             match (env.run_at.map(|t| t.timestamp_millis()), env.class()) {
-                (Some(due), _) if due > now => {
-                    pipe.zadd(keys.delayed(), json, due).ignore();
-                    piped = true;
-                }
+                (Some(due), _) if due > now => inv.arg("d").arg(due).arg(""),
                 // Only a class the worker would accept goes into the room as it is (its
                 // tenant names keys and is shown to operators); any other goes by the stream,
                 // where the worker makes it a dead letter that says why.
@@ -97,28 +129,29 @@ impl Client {
                     if crate::envelope::check_class(env.priority, env.tenant.as_deref())
                         .is_ok() =>
                 {
-                    room.arg(priority).arg(tenant).arg(json);
-                    to_room = true;
+                    inv.arg("r").arg(priority).arg(tenant)
                 }
-                _ => {
-                    pipe.cmd("XADD")
-                        .arg(keys.stream())
-                        .arg("*")
-                        .arg(TASK_FIELD)
-                        .arg(json)
-                        .ignore();
-                    piped = true;
-                }
-            }
+                _ => inv.arg("s").arg("").arg(""),
+            };
+            inv.arg(json);
         }
         let mut c = self.conn().await?;
-        if piped {
-            pipe.query_async::<()>(&mut c).await?;
-        }
-        if to_room {
-            let _: u64 = room.invoke_async(&mut c).await?;
-        }
+        let _: u64 = inv.invoke_async(&mut c).await?;
         Ok(())
+    }
+
+    /// How many tasks of batch `batch_id` went in, as its last enqueue marked it; 0 for a
+    /// batch never seen (or last marked over [`PROGRESS_TTL`] ago).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn batch_progress(&self, keys: &QueueKeys, batch_id: &str) -> Result<u64> {
+        let mut c = self.conn().await?;
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(keys.kept(&progress_name(batch_id)))
+            .query_async(&mut c)
+            .await?;
+        Ok(n.unwrap_or(0))
     }
 
     /// Submits a chain spec as a producer in any language would: one `XADD ... chain <json>`.

@@ -50,7 +50,7 @@ pub use batch::{
 pub use chain::{ChainsPage, Refused};
 pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
-pub use enqueue::Tick;
+pub use enqueue::{PROGRESS_TTL, Progress, Tick};
 pub use finish::Write;
 pub use idem::{KeyEnd, Keyed};
 pub use inspect::TenantBacklog;

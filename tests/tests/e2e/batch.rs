@@ -271,3 +271,130 @@ fn parallel_0_is_refused_with_a_sentence() {
             .to_string();
     assert!(e.contains("at least 1"), "{e}");
 }
+
+fn jsonl(lines: &[String]) -> String {
+    lines.iter().map(|l| format!("{l}\n")).collect()
+}
+
+fn task_line(i: usize) -> String {
+    serde_json::json!({"custom_id": format!("req-{i}"), "prompt": format!("Summarise ticket {i}"), "model": "mock-fast"})
+        .to_string()
+}
+
+async fn stream_len(env: &TestEnv) -> u64 {
+    let mut c = env.redis.conn().await.unwrap();
+    redis::cmd("XLEN")
+        .arg(env.keys.stream())
+        .query_async(&mut c)
+        .await
+        .unwrap()
+}
+
+/// `llmq batch --input -` fed `text` on standard input (the binary, as a shell pipe runs it).
+fn batch_stdin(env: &TestEnv, text: &str, extra: &[&str]) -> (i32, String) {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(llmq_tests::harness::binary("llmq"))
+        .args([
+            "--redis-url",
+            &llmq_tests::harness::redis_url(),
+            "batch",
+            "--input",
+            "-",
+        ])
+        .args(["--queue", &env.queue])
+        .args(extra)
+        .env_remove("LLMQ_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_json_lines_file_is_checked_whole_and_a_bad_line_enqueues_nothing() {
+    let env = TestEnv::new().await.unwrap();
+    let path = std::env::temp_dir().join(format!("llmq-{}-tasks.jsonl", env.queue));
+    let mut lines: Vec<String> = (0..5).map(task_line).collect();
+    lines[3] = r#"{"custom_id": "req-3", "prompt": "x", "type": "poetry"}"#.into();
+    std::fs::write(&path, jsonl(&lines)).unwrap();
+    let (code, out) = env.batch(&path, &[]).await;
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(stream_len(&env).await, 0, "nothing of a bad file goes in");
+    // Fixed, it goes in whole; the ids are the batch's and the custom ids'.
+    lines[3] = task_line(3);
+    std::fs::write(&path, jsonl(&lines)).unwrap();
+    let (code, out) = env.batch(&path, &["--batch-id", "nightly-7"]).await;
+    assert_eq!(code, 0, "{out}");
+    let ids: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(ids.len(), 5);
+    assert_eq!(stream_len(&env).await, 5);
+    let expected = uuid::Uuid::new_v5(
+        &uuid::Uuid::NAMESPACE_OID,
+        format!("llmq-batch:{}:nightly-7:req-0", env.queue).as_bytes(),
+    );
+    assert_eq!(ids[0], expected.to_string());
+    // The same batch again: nothing more goes in.
+    let (code, out) = env.batch(&path, &["--batch-id", "nightly-7"]).await;
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(stream_len(&env).await, 5, "a rerun adds no entry twice");
+    assert_eq!(out.lines().count(), 5, "it lists the batch's ids again");
+}
+
+#[tokio::test]
+async fn a_stdin_batch_stopped_by_a_bad_line_resumes_with_its_batch_id_and_runs_each_task_once() {
+    let env = TestEnv::new().await.unwrap();
+    let mut lines: Vec<String> = (0..2500).map(task_line).collect();
+    lines[1700] = "{\"prompt\": \"cut off".into();
+    let (code, err) = batch_stdin(&env, &jsonl(&lines), &["--batch-id", "import-1"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("line 1701") && err.contains("1700 tasks of batch import-1 are enqueued"),
+        "{err}"
+    );
+    assert!(err.contains("--batch-id import-1"), "{err}");
+    assert_eq!(
+        stream_len(&env).await,
+        1700,
+        "everything before the bad line"
+    );
+    // Rerun whole, fixed: only the rest goes in.
+    lines[1700] = task_line(1700);
+    let (code, err) = batch_stdin(&env, &jsonl(&lines), &["--batch-id", "import-1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("the first 1700 tasks were enqueued by an earlier run"),
+        "{err}"
+    );
+    assert_eq!(stream_len(&env).await, 2500);
+    let worker = env.worker();
+    let ids: Vec<String> = (0..2500)
+        .map(|i| {
+            uuid::Uuid::new_v5(
+                &uuid::Uuid::NAMESPACE_OID,
+                format!("llmq-batch:{}:import-1:req-{i}", env.queue).as_bytes(),
+            )
+            .to_string()
+        })
+        .collect();
+    let records = finish_all(&env, &ids).await;
+    assert!(
+        records
+            .iter()
+            .all(|r| r.status == Status::Succeeded && r.duplicate_of.is_none())
+    );
+    assert_eq!(env.mock.calls_with_prompt("Summarise ticket 1700"), 1);
+    assert_eq!(env.mock.calls_with_prompt("Summarise ticket 0"), 1);
+    worker.stop().await.unwrap();
+}

@@ -1,0 +1,226 @@
+//! A batch file read as a stream: a JSON array of tasks, or JSON Lines (one task a line),
+//! from a file or standard input, told apart by the first character that is not white
+//! space. The tasks are parsed on a thread of their own and handed over through a bounded
+//! channel, so memory stays flat whatever the file's size.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Where a task sits in its file: what an error names, and what a task without a
+/// `custom_id` is keyed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    /// The `n`th element (from 0) of a JSON array.
+    Index(u64),
+    /// Line `n` (from 1) of a JSON Lines file.
+    Line(u64),
+}
+
+impl At {
+    /// The position as a task's key within its batch: its index, or `line-<n>`.
+    pub fn key(self) -> String {
+        match self {
+            At::Index(i) => i.to_string(),
+            At::Line(n) => format!("line-{n}"),
+        }
+    }
+}
+
+impl fmt::Display for At {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            At::Index(i) => write!(f, "task [{i}]"),
+            At::Line(n) => write!(f, "line {n}"),
+        }
+    }
+}
+
+/// What a batch is read from.
+#[derive(Debug, Clone)]
+pub enum Input {
+    File(PathBuf),
+    Stdin,
+}
+
+impl Input {
+    pub fn of(path: &Path) -> Self {
+        if path.as_os_str() == "-" {
+            Input::Stdin
+        } else {
+            Input::File(path.to_owned())
+        }
+    }
+
+    /// How errors name it.
+    pub fn name(&self) -> String {
+        match self {
+            Input::File(p) => p.display().to_string(),
+            Input::Stdin => "standard input".into(),
+        }
+    }
+}
+
+/// The tasks in flight between the reading thread and the enqueue: a few chunks' worth.
+const IN_FLIGHT: usize = 4096;
+
+/// Starts reading `input` on a thread of its own: each task (a JSON value) with where it is,
+/// or the sentence of what is wrong with the file (after which nothing more comes).
+pub fn read(input: Input) -> mpsc::Receiver<Result<(At, Value), String>> {
+    let (tx, rx) = mpsc::channel(IN_FLIGHT);
+    std::thread::spawn(move || {
+        let name = input.name();
+        let reader: Box<dyn Read> = match &input {
+            Input::Stdin => Box::new(std::io::stdin()),
+            Input::File(p) => match std::fs::File::open(p) {
+                Ok(f) => Box::new(f),
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(format!("cannot read {name}: {e}")));
+                    return;
+                }
+            },
+        };
+        let mut reader = BufReader::with_capacity(1 << 16, reader);
+        let sent = |item| tx.blocking_send(item).is_ok();
+        if let Err(e) = read_into(&mut reader, &name, &sent) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
+}
+
+fn read_into(
+    reader: &mut impl BufRead,
+    name: &str,
+    sent: &dyn Fn(Result<(At, Value), String>) -> bool,
+) -> Result<(), String> {
+    let first = loop {
+        let buf = reader
+            .fill_buf()
+            .map_err(|e| format!("cannot read {name}: {e}"))?;
+        let Some(&b) = buf.first() else {
+            return Ok(());
+        };
+        if b.is_ascii_whitespace() {
+            reader.consume(1);
+        } else {
+            break b;
+        }
+    };
+    if first == b'[' {
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        de::Deserializer::deserialize_seq(&mut de, Elements { sent })
+            .map_err(|e| format!("{name} is not a JSON array of tasks: {e}"))?;
+        return de
+            .end()
+            .map_err(|e| format!("{name} has more after its array of tasks: {e}"));
+    }
+    let mut line = String::new();
+    let mut n = 0u64;
+    loop {
+        line.clear();
+        n += 1;
+        let read = reader
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read line {n} of {name}: {e}"))?;
+        if read == 0 {
+            return Ok(());
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value = serde_json::from_str::<Value>(&line).map_err(|e| {
+            format!("line {n} of {name} is not a JSON task (JSON Lines: one task a line): {e}")
+        })?;
+        if !sent(Ok((At::Line(n), value))) {
+            return Ok(());
+        }
+    }
+}
+
+/// Hands each element of the array on as it is parsed.
+struct Elements<'a> {
+    sent: &'a dyn Fn(Result<(At, Value), String>) -> bool,
+}
+
+impl<'de> Visitor<'de> for Elements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array of tasks")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0u64;
+        while let Some(value) = seq.next_element_seed(OneValue)? {
+            if !(self.sent)(Ok((At::Index(i), value))) {
+                // The reader stopped listening: drain nothing more.
+                return Err(de::Error::custom("the batch was stopped"));
+            }
+            i += 1;
+        }
+        Ok(())
+    }
+}
+
+struct OneValue;
+
+impl<'de> DeserializeSeed<'de> for OneValue {
+    type Value = Value;
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn all(text: &str) -> Vec<Result<(At, Value), String>> {
+        let out = std::cell::RefCell::new(Vec::new());
+        let sent = |item| {
+            out.borrow_mut().push(item);
+            true
+        };
+        if let Err(e) = read_into(&mut text.as_bytes(), "f", &sent) {
+            out.borrow_mut().push(Err(e));
+        }
+        out.into_inner()
+    }
+
+    #[test]
+    fn an_array_and_json_lines_give_the_same_tasks_each_where_it_is() {
+        let array = all(" [{\"prompt\":\"a\"}, {\"prompt\":\"b\"}]\n");
+        assert_eq!(array.len(), 2);
+        assert_eq!(array[1].as_ref().unwrap().0, At::Index(1));
+        let lines = all("{\"prompt\":\"a\"}\n\n{\"prompt\":\"b\"}\n");
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[1].as_ref().unwrap().0,
+            At::Line(3),
+            "a blank line counts"
+        );
+        assert_eq!(array[1].as_ref().unwrap().1, lines[1].as_ref().unwrap().1);
+        assert_eq!(At::Line(3).key(), "line-3");
+        assert_eq!(At::Index(1).to_string(), "task [1]");
+        assert!(all("").is_empty());
+    }
+
+    #[test]
+    fn a_bad_line_or_array_is_named() {
+        let lines = all("{\"prompt\":\"a\"}\n{\"prompt\":\n");
+        let e = lines.last().unwrap().as_ref().unwrap_err();
+        assert!(e.starts_with("line 2 of f is not a JSON task"), "{e}");
+        let array = all("[{\"prompt\":\"a\"}, oops]");
+        assert_eq!(array.len(), 2);
+        let e = array[1].as_ref().unwrap_err();
+        assert!(e.starts_with("f is not a JSON array of tasks"), "{e}");
+        let e = all("[{}] {}").pop().unwrap().unwrap_err();
+        assert!(e.contains("more after its array"), "{e}");
+    }
+}

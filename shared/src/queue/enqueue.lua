@@ -1,0 +1,31 @@
+-- Enqueues tasks at once, for a producer that knows them (llmq submit, llmq batch): each into
+-- the stream, into `delayed` (a `run_at` ahead) or straight into the room (a class: the same
+-- place a worker would sort it into after an XADD, without the read and the sort); and, for
+-- a batch that can be resumed, how many of its tasks are in, in the same script, so that a
+-- rerun skips exactly those.
+-- KEYS: 1 stream, 2 delayed
+-- ARGV: 1 group, 2 the batch's progress mark ('' for none; a name under the queue's prefix),
+-- 3 its value, 4 its TTL (ms), then per task: where ('s' stream, 'd' delayed, 'r' room), a
+-- (the due time in ms, or the priority), b (the tenant, '' for none), envelope
+-- Returns how many went in.
+local stream, delayed = KEYS[1], KEYS[2]
+local n, roomed = 0, false
+for i = 5, #ARGV, 4 do
+  local where, env = ARGV[i], ARGV[i + 3]
+  if where == 'd' then
+    redis.call('ZADD', delayed, ARGV[i + 1], env)
+  elseif where == 'r' then
+    room_push(stream, ARGV[i + 1], ARGV[i + 2], env, false)
+    roomed = true
+  else
+    redis.call('XADD', stream, '*', 'task', env)
+  end
+  n = n + 1
+end
+if roomed then
+  room_beacon(stream, ARGV[1], room_of(stream))
+end
+if ARGV[2] ~= '' then
+  redis.call('SET', string.sub(stream, 1, -7) .. ARGV[2], ARGV[3], 'PX', ARGV[4])
+end
+return n
