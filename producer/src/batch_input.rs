@@ -68,9 +68,13 @@ impl Input {
 /// The tasks in flight between the reading thread and the enqueue: a few chunks' worth.
 const IN_FLIGHT: usize = 4096;
 
-/// Starts reading `input` on a thread of its own: each task (a JSON value) with where it is,
-/// or the sentence of what is wrong with the file (after which nothing more comes).
-pub fn read(input: Input) -> mpsc::Receiver<Result<(At, Value), String>> {
+/// Starts reading `input` on a thread of its own: each task, read as a `T`, with where it
+/// is, or the sentence of what is wrong with the file or the task (after which nothing more
+/// comes). Parsing runs there, beside the enqueue.
+pub fn read<T>(input: Input) -> mpsc::Receiver<Result<(At, T), String>>
+where
+    T: serde::de::DeserializeOwned + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     std::thread::spawn(move || {
         let name = input.name();
@@ -85,8 +89,22 @@ pub fn read(input: Input) -> mpsc::Receiver<Result<(At, Value), String>> {
             },
         };
         let mut reader = BufReader::with_capacity(1 << 16, reader);
-        let sent = |item| tx.blocking_send(item).is_ok();
-        if let Err(e) = read_into(&mut reader, &name, &sent) {
+        // A task that is JSON but not a task stops the batch at it, named.
+        let stop = std::cell::Cell::new(false);
+        let sent = |item: Result<(At, Value), String>| {
+            let item = item.and_then(|(at, value)| {
+                serde_json::from_value::<T>(value)
+                    .map(|t| (at, t))
+                    .map_err(|e| format!("{name} {at}: {e}"))
+            });
+            let bad = item.is_err();
+            let ok = tx.blocking_send(item).is_ok() && !bad;
+            stop.set(!ok);
+            ok
+        };
+        if let Err(e) = read_into(&mut reader, &name, &sent)
+            && !stop.get()
+        {
             let _ = tx.blocking_send(Err(e));
         }
     });

@@ -308,12 +308,12 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     if from_file {
         // A file is checked whole before anything is enqueued: a bad task stops the batch
         // with nothing in.
-        let mut tasks = batch_input::read(input.clone());
+        let mut tasks = batch_input::read::<BatchTask>(input.clone());
         let mut envs = Vec::new();
         let mut count = 0u64;
         while let Some(task) = tasks.recv().await {
-            let (at, value) = task.map_err(Error::Usage)?;
-            let env = shaper.envelope(at, value)?;
+            let (at, task) = task.map_err(Error::Usage)?;
+            let env = shaper.envelope(at, task, true)?;
             // Only the estimate keeps them all.
             if args.config.is_some() {
                 envs.push(env);
@@ -352,15 +352,19 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         output.as_deref(),
         args.wait,
     )?;
-    let mut tasks = batch_input::read(input);
+    let mut tasks = batch_input::read::<BatchTask>(input);
     let mut chunk: Vec<Envelope> = Vec::with_capacity(ENQUEUE_CHUNK);
-    let (mut seen, mut enqueued) = (0u64, skip);
+    let mut seen = 0u64;
+    let mut enqueued = skip;
+    // One chunk goes to Redis while the next is built.
+    let mut sending: Option<tokio::task::JoinHandle<Result<u64>>> = None;
     let stopped = loop {
         let Some(task) = tasks.recv().await else {
             break None;
         };
+        // A file's tasks were checked whole before; standard input's are checked here.
         let env = match task {
-            Ok((at, value)) => shaper.envelope(at, value),
+            Ok((at, task)) => shaper.envelope(at, task, !from_file),
             Err(e) => Err(Error::Usage(e)),
         };
         let env = match env {
@@ -374,11 +378,31 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         }
         chunk.push(env);
         if chunk.len() == ENQUEUE_CHUNK {
-            enqueued += flush(redis, &keys, &batch_id, enqueued, &mut chunk).await?;
+            if let Some(sent) = sending.take() {
+                enqueued = sent.await.map_err(|e| Error::Usage(e.to_string()))??;
+            }
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(ENQUEUE_CHUNK));
+            sending = Some(tokio::spawn(flush(
+                redis.clone(),
+                keys.clone(),
+                batch_id.clone(),
+                enqueued,
+                full,
+            )));
         }
     };
+    if let Some(sent) = sending.take() {
+        enqueued = sent.await.map_err(|e| Error::Usage(e.to_string()))??;
+    }
     // Every task before a bad one goes in, so the batch resumes right after what went in.
-    enqueued += flush(redis, &keys, &batch_id, enqueued, &mut chunk).await?;
+    enqueued = flush(
+        redis.clone(),
+        keys.clone(),
+        batch_id.clone(),
+        enqueued,
+        chunk,
+    )
+    .await?;
     if let Some(e) = stopped {
         return Err(Error::Usage(format!(
             "{e}. {enqueued} tasks of batch {batch_id} are enqueued to queue `{}` (every task before this one); fix it and run the same command with --batch-id {batch_id} to enqueue the rest",
@@ -437,26 +461,24 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
 /// Tasks per enqueue script: a round trip each.
 const ENQUEUE_CHUNK: usize = 1000;
 
-/// Enqueues `chunk` (emptying it) with the batch's progress after it: `before` plus its
-/// length. Returns how many went in.
+/// Enqueues `chunk` with the batch's progress after it: `before` plus its length, which it
+/// returns.
 async fn flush(
-    redis: &Client,
-    keys: &QueueKeys,
-    batch_id: &str,
+    redis: Client,
+    keys: QueueKeys,
+    batch_id: String,
     before: u64,
-    chunk: &mut Vec<Envelope>,
+    chunk: Vec<Envelope>,
 ) -> Result<u64> {
     if chunk.is_empty() {
-        return Ok(0);
+        return Ok(before);
     }
-    let n = chunk.len() as u64;
     let mark = Progress {
-        batch_id: batch_id.to_owned(),
-        enqueued: before + n,
+        batch_id,
+        enqueued: before + chunk.len() as u64,
     };
-    redis.enqueue_marked(keys, chunk, Some(&mark)).await?;
-    chunk.clear();
-    Ok(n)
+    redis.enqueue_marked(&keys, &chunk, Some(&mark)).await?;
+    Ok(mark.enqueued)
 }
 
 /// A `--batch-id`: it names keys and task ids, so a few safe characters.
@@ -489,10 +511,10 @@ impl Shaper<'_> {
     /// The envelope of the task at `at`: its id and idempotency key made of the batch's id
     /// and the task's `custom_id` (else where it is), so a rerun names the same tasks and
     /// none of them runs twice.
-    fn envelope(&self, at: At, value: serde_json::Value) -> Result<Envelope> {
+    /// `check`: refuse it here, in the worker's words, if a worker would.
+    fn envelope(&self, at: At, t: BatchTask, check: bool) -> Result<Envelope> {
         let args = self.args;
         let fail = |e: &dyn std::fmt::Display| Error::Usage(format!("{} {at}: {e}", self.name));
-        let t: BatchTask = serde_json::from_value(value).map_err(|e| fail(&e))?;
         if t.prompt.trim().is_empty() && t.messages.is_empty() {
             return Err(fail(
                 &"the prompt is empty; give \"prompt\" or \"messages\"",
@@ -542,8 +564,10 @@ impl Shaper<'_> {
         env.priority = t.priority.or(args.priority);
         env.tenant = t.tenant.or_else(|| args.tenant.clone());
         // Refused here, as a worker would refuse it, rather than becoming a dead letter.
-        Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())
-            .map_err(|e| fail(&e))?;
+        if check {
+            Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())
+                .map_err(|e| fail(&e))?;
+        }
         Ok(env)
     }
 }
