@@ -17,6 +17,7 @@ test: services examples-deps clients-deps browser-deps build ## Run every test a
 	$(CARGO) test --workspace
 
 bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
+	$(CARGO) build --release --bin llmq
 	$(CARGO) run --release -p llmq-tests --bin llmq-bench
 
 bench-compare: services ## Compare the core benchmarks of REF=<commit> with this tree: alternating runs (RUNS=3), each figure's medians and ratio

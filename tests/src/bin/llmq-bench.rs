@@ -121,6 +121,7 @@ enum Bench {
     PromptCache,
     AnswerCache,
     IdempotentEnqueue,
+    BatchEnqueue,
     ClusterNoop,
     WebPages,
     LedgerScale,
@@ -170,6 +171,7 @@ async fn run() -> Result<()> {
             Bench::PromptCache,
             Bench::AnswerCache,
             Bench::IdempotentEnqueue,
+            Bench::BatchEnqueue,
             Bench::ClusterNoop,
             Bench::WebPages,
         ],
@@ -196,6 +198,7 @@ async fn run() -> Result<()> {
             Bench::PromptCache => prompt_cache(&args).await,
             Bench::AnswerCache => answer_cache(&args, &mut redis).await,
             Bench::IdempotentEnqueue => idempotent_enqueue(&args, &mut redis).await,
+            Bench::BatchEnqueue => batch_enqueue(&args, &mut redis).await,
             Bench::ClusterNoop => cluster_noop(&args).await,
             Bench::WebPages => web_pages(&args, &mut redis).await,
             Bench::LedgerScale => ledger_scale(&args).await,
@@ -237,6 +240,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::PromptCache => "prompt_cache",
         Bench::AnswerCache => "answer_cache",
         Bench::IdempotentEnqueue => "idempotent_enqueue",
+        Bench::BatchEnqueue => "batch_enqueue",
         Bench::ClusterNoop => "cluster_noop",
         Bench::WebPages => "web_pages",
         Bench::LedgerScale => "ledger_scale",
@@ -1046,6 +1050,81 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
     }
     .await;
     mock.shutdown().await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// `llmq batch` (the release binary beside this one, run as a user runs it) enqueuing a JSON
+/// Lines file of `--tasks` tasks (1,000,000 by default), each with a `custom_id`, with a
+/// `--batch-id`: tasks per second, wall clock from start to exit (both passes: the file is
+/// checked whole first), and the CLI's peak resident memory (`VmHWM`, read every 20 ms).
+async fn batch_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
+    use std::io::Write as _;
+    let tasks = args.tasks.unwrap_or(1_000_000);
+    let llmq = std::env::current_exe()?.with_file_name("llmq");
+    ensure!(
+        llmq.exists(),
+        "{} is missing; build it with `cargo build --release --bin llmq` (make bench does)",
+        llmq.display()
+    );
+    let queue = fresh_queue();
+    let path = std::env::temp_dir().join(format!("llmq-bench-{queue}.jsonl"));
+    let result = async {
+        {
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&path)?);
+            for i in 0..tasks {
+                writeln!(
+                    w,
+                    r#"{{"custom_id":"req-{i}","prompt":"Summarise support ticket number {i} and say who should handle it","model":"mock-fast"}}"#
+                )?;
+            }
+        }
+        let file_mb = std::fs::metadata(&path)?.len() as f64 / 1e6;
+        let started = Instant::now();
+        let mut child = std::process::Command::new(&llmq)
+            .args(["--redis-url", &args.redis_url, "batch", "--input"])
+            .arg(&path)
+            .args(["--queue", &queue, "--batch-id", "bench"])
+            .env_remove("LLMQ_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let status_file = format!("/proc/{}/status", child.id());
+        let mut peak_kib = 0u64;
+        let status = loop {
+            if let Ok(text) = std::fs::read_to_string(&status_file)
+                && let Some(kib) = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+            if let Some(status) = child.try_wait()? {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut err)?;
+        }
+        ensure!(status.success(), "llmq batch failed: {err}");
+        let len: u64 = redis::cmd("XLEN")
+            .arg(QueueKeys::new(&queue).stream())
+            .query_async(redis)
+            .await?;
+        ensure!(len == tasks as u64, "{len} entries for {tasks} tasks");
+        Ok(format!(
+            "bench=batch_enqueue tasks={tasks} format=jsonl file_mb={file_mb:.0} secs={secs:.2} \
+             tasks_per_s={:.0} cli_peak_rss_mb={:.1}",
+            tasks as f64 / secs,
+            peak_kib as f64 / 1024.0,
+        ))
+    }
+    .await;
+    let _ = std::fs::remove_file(&path);
     cleanup(redis, &queue).await?;
     result
 }
