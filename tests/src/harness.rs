@@ -239,6 +239,16 @@ impl TestEnv {
         (id, task_id)
     }
 
+    /// How many entries the queue's stream holds (ready and in flight).
+    pub async fn stream_len(&self) -> u64 {
+        let mut c = self.redis.conn().await.unwrap();
+        redis::cmd("XLEN")
+            .arg(self.keys.stream())
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
     /// Sends a raw payload with one XADD, as a producer in another language would.
     ///
     /// # Errors

@@ -875,20 +875,7 @@ async fn answer_cache(args: &Args, redis: &mut Redis) -> Result<String> {
                     settings(&args.redis_url, config, queue, concurrency, i)
                 })?;
                 // Drained, and nothing parked behind a call.
-                let drained = async {
-                    loop {
-                        wait_drained(&client, &keys, &running).await?;
-                        let parked: u64 = redis::cmd("HLEN")
-                            .arg(format!("llmq:{{{queue}}}:parked"))
-                            .query_async(redis)
-                            .await?;
-                        if parked == 0 {
-                            return anyhow::Ok(());
-                        }
-                        tokio::time::sleep(POLL).await;
-                    }
-                }
-                .await;
+                let drained = wait_unparked(&client, &keys, &running, redis).await;
                 let after = Snapshot::take(redis).await;
                 running.stop().await?;
                 drained?;
@@ -1009,20 +996,7 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
         let before = Snapshot::take(redis).await?;
         let running = Workers::start(1, |i| settings(&args.redis_url, &config, &queue, concurrency, i))?;
         // Drained, and no copy parked behind a first.
-        let drained = async {
-            loop {
-                wait_drained(&client, &keys, &running).await?;
-                let parked: u64 = redis::cmd("HLEN")
-                    .arg(format!("llmq:{{{queue}}}:parked"))
-                    .query_async(redis)
-                    .await?;
-                if parked == 0 {
-                    return anyhow::Ok(());
-                }
-                tokio::time::sleep(POLL).await;
-            }
-        }
-        .await;
+        let drained = wait_unparked(&client, &keys, &running, redis).await;
         let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
@@ -2678,6 +2652,26 @@ async fn wait_drained(client: &Client, keys: &QueueKeys, workers: &Workers) -> R
             Instant::now() < deadline,
             "not drained after {DRAIN_LIMIT:?}: {c:?}"
         );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// [`wait_drained`], and nothing parked (behind a call, a flight or a key's first task).
+async fn wait_unparked(
+    client: &Client,
+    keys: &QueueKeys,
+    workers: &Workers,
+    redis: &mut Redis,
+) -> Result<()> {
+    loop {
+        wait_drained(client, keys, workers).await?;
+        let parked: u64 = redis::cmd("HLEN")
+            .arg(keys.kept("parked"))
+            .query_async(redis)
+            .await?;
+        if parked == 0 {
+            return Ok(());
+        }
         tokio::time::sleep(POLL).await;
     }
 }

@@ -281,15 +281,6 @@ fn task_line(i: usize) -> String {
         .to_string()
 }
 
-async fn stream_len(env: &TestEnv) -> u64 {
-    let mut c = env.redis.conn().await.unwrap();
-    redis::cmd("XLEN")
-        .arg(env.keys.stream())
-        .query_async(&mut c)
-        .await
-        .unwrap()
-}
-
 /// `llmq batch --input -` fed `text` on standard input (the binary, as a shell pipe runs it).
 fn batch_stdin(env: &TestEnv, text: &str, extra: &[&str]) -> (i32, String) {
     use std::io::Write as _;
@@ -331,7 +322,7 @@ async fn a_json_lines_file_is_checked_whole_and_a_bad_line_enqueues_nothing() {
     std::fs::write(&path, jsonl(&lines)).unwrap();
     let (code, out) = env.batch(&path, &[]).await;
     assert_eq!(code, 2, "{out}");
-    assert_eq!(stream_len(&env).await, 0, "nothing of a bad file goes in");
+    assert_eq!(env.stream_len().await, 0, "nothing of a bad file goes in");
     // Fixed, it goes in whole; the ids are the batch's and the custom ids'.
     lines[3] = task_line(3);
     std::fs::write(&path, jsonl(&lines)).unwrap();
@@ -339,7 +330,7 @@ async fn a_json_lines_file_is_checked_whole_and_a_bad_line_enqueues_nothing() {
     assert_eq!(code, 0, "{out}");
     let ids: Vec<String> = out.lines().map(str::to_owned).collect();
     assert_eq!(ids.len(), 5);
-    assert_eq!(stream_len(&env).await, 5);
+    assert_eq!(env.stream_len().await, 5);
     let expected = uuid::Uuid::new_v5(
         &uuid::Uuid::NAMESPACE_OID,
         format!("llmq-batch:{}:nightly-7:req-0", env.queue).as_bytes(),
@@ -348,7 +339,7 @@ async fn a_json_lines_file_is_checked_whole_and_a_bad_line_enqueues_nothing() {
     // The same batch again: nothing more goes in.
     let (code, out) = env.batch(&path, &["--batch-id", "nightly-7"]).await;
     assert_eq!(code, 0, "{out}");
-    assert_eq!(stream_len(&env).await, 5, "a rerun adds no entry twice");
+    assert_eq!(env.stream_len().await, 5, "a rerun adds no entry twice");
     assert_eq!(out.lines().count(), 5, "it lists the batch's ids again");
 }
 
@@ -365,7 +356,7 @@ async fn a_stdin_batch_stopped_by_a_bad_line_resumes_with_its_batch_id_and_runs_
     );
     assert!(err.contains("--batch-id import-1"), "{err}");
     assert_eq!(
-        stream_len(&env).await,
+        env.stream_len().await,
         1700,
         "everything before the bad line"
     );
@@ -377,7 +368,7 @@ async fn a_stdin_batch_stopped_by_a_bad_line_resumes_with_its_batch_id_and_runs_
         err.contains("the first 1700 tasks were enqueued by an earlier run"),
         "{err}"
     );
-    assert_eq!(stream_len(&env).await, 2500);
+    assert_eq!(env.stream_len().await, 2500);
     let worker = env.worker();
     let ids: Vec<String> = (0..2500)
         .map(|i| {

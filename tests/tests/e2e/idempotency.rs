@@ -410,25 +410,6 @@ async fn each_key_runs_once_whatever_the_copies_order_concurrency_and_failures()
     }
 }
 
-/// Waits until the stream holds no entry (every submission read and acked).
-async fn drained(env: &TestEnv) {
-    let mut c = env.redis.conn().await.unwrap();
-    env.eventually("the stream drained", WAIT, || {
-        let mut c = c.clone();
-        async move {
-            let n: u64 = redis::cmd("XLEN")
-                .arg(env.keys.stream())
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            n == 0
-        }
-    })
-    .await
-    .unwrap();
-    let _: () = redis::cmd("PING").query_async(&mut c).await.unwrap();
-}
-
 #[tokio::test]
 async fn a_chain_submitted_twice_with_one_key_is_one_chain_and_runs_again_once_it_failed() {
     let env = TestEnv::new().await.unwrap();
@@ -445,7 +426,11 @@ async fn a_chain_submitted_twice_with_one_key_is_one_chain_and_runs_again_once_i
     let id = llmq_shared::idempotency::chain_id(&env.queue, None, "release-42").to_string();
     let ended = env.chain_ended(&id, WAIT).await;
     assert_eq!(ended.state, "succeeded", "{ended:#?}");
-    drained(&env).await;
+    env.eventually("the stream drained", WAIT, || async {
+        env.stream_len().await == 0
+    })
+    .await
+    .unwrap();
     assert_eq!(env.mock.calls_with_prompt("Plan release 42"), 1);
     let (code, out) = env.cli(&["chain", "list", "--queue", &env.queue]).await;
     assert_eq!(code, 0, "{out}");

@@ -905,15 +905,6 @@ fn gauge(name: &str, queue: &str) -> Option<f64> {
         .map(|v| v.trim().parse().unwrap())
 }
 
-async fn xlen(env: &TestEnv) -> u64 {
-    let mut c = env.redis.conn().await.unwrap();
-    redis::cmd("XLEN")
-        .arg(env.keys.stream())
-        .query_async(&mut c)
-        .await
-        .unwrap()
-}
-
 /// What KEDA's stream-length trigger reads (`XLEN`) is tasks waiting plus running, never the
 /// delayed or the dead ones; the lease holder's `llmq_queue_backlog` says the same, and a
 /// scheduler that lost the lease shows 0 so a sum over pods stays right.
@@ -950,7 +941,7 @@ async fn the_stream_length_is_waiting_plus_running_and_the_lease_holder_publishe
 
     let c = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!((c.ready, c.in_flight, c.delayed, c.dead), (3, 1, 1, 1));
-    assert_eq!(xlen(&env).await, c.ready + c.in_flight);
+    assert_eq!(env.stream_len().await, c.ready + c.in_flight);
 
     let mut holder = instance(&env, "gauges").await;
     assert!(holder.acquire().await.unwrap());
@@ -966,7 +957,7 @@ async fn the_stream_length_is_waiting_plus_running_and_the_lease_holder_publishe
     .await
     .unwrap();
     assert_eq!(
-        xlen(&env).await,
+        env.stream_len().await,
         0,
         "delayed and dead tasks are not in the stream"
     );
@@ -991,16 +982,16 @@ async fn the_lease_holder_moves_due_delayed_tasks_to_the_stream_with_no_worker_r
     let mut task = Envelope::new("due soon");
     task.run_at = Some(Utc::now() + chrono::Duration::milliseconds(300));
     env.redis.enqueue_many(&env.keys, &[task]).await.unwrap();
-    assert_eq!(xlen(&env).await, 0);
+    assert_eq!(env.stream_len().await, 0);
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().delayed, 1);
 
     let mut s = instance(&env, "promote").await;
     assert!(s.acquire().await.unwrap());
     s.run_duty(Duty::Promote).await.unwrap();
-    assert_eq!(xlen(&env).await, 0, "not due yet");
+    assert_eq!(env.stream_len().await, 0, "not due yet");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let did = s.run_duty(Duty::Promote).await.unwrap();
-    assert_eq!(xlen(&env).await, 1, "{did}");
+    assert_eq!(env.stream_len().await, 1, "{did}");
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().delayed, 0);
 }
 
