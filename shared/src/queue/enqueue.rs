@@ -28,7 +28,6 @@ static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// One tick of a recurring task, as the scheduler enqueues it.
 /// A batch's progress, marked with its enqueue: how many of its tasks, in order, are in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
@@ -45,6 +44,7 @@ fn progress_name(batch_id: &str) -> String {
     format!("enqueued:{batch_id}")
 }
 
+/// One tick of a recurring task, as the scheduler enqueues it.
 #[derive(Debug, Clone, Copy)]
 pub struct Tick<'a> {
     /// The recurring task's name.
