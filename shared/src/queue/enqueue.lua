@@ -4,13 +4,14 @@
 -- a batch that can be resumed, how many of its tasks are in, in the same script, so that a
 -- rerun skips exactly those.
 -- KEYS: 1 stream, 2 delayed
--- ARGV: 1 group, 2 the batch's progress mark ('' for none; a name under the queue's prefix),
--- 3 its value, 4 its TTL (ms), then per task: where ('s' stream, 'd' delayed, 'r' room), a
--- (the due time in ms, or the priority), b (the tenant, '' for none), envelope
+-- ARGV: 1 group, then per task: where ('s' stream, 'd' delayed, 'r' room), a (the due time in
+-- ms, or the priority), b (the tenant, '' for none), envelope; last, the batch's progress
+-- mark ('' for none; a name under the queue's prefix), its value and its TTL (ms)
 -- Returns how many went in.
 local stream, delayed = KEYS[1], KEYS[2]
 local n, roomed = 0, false
-for i = 5, #ARGV, 4 do
+local mark = #ARGV - 2
+for i = 2, mark - 1, 4 do
   local where, env = ARGV[i], ARGV[i + 3]
   if where == 'd' then
     redis.call('ZADD', delayed, ARGV[i + 1], env)
@@ -25,7 +26,7 @@ end
 if roomed then
   room_beacon(stream, ARGV[1], room_of(stream))
 end
-if ARGV[2] ~= '' then
-  redis.call('SET', string.sub(stream, 1, -7) .. ARGV[2], ARGV[3], 'PX', ARGV[4])
+if ARGV[mark] ~= '' then
+  redis.call('SET', string.sub(stream, 1, -7) .. ARGV[mark], ARGV[mark + 1], 'PX', ARGV[mark + 2])
 end
 return n

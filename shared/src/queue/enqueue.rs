@@ -39,6 +39,11 @@ pub struct Progress {
 /// over (its tasks' idempotency keys still keep the ones that ran from running again).
 pub const PROGRESS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// About the most bytes of envelopes one enqueue script carries: Redis reads a command whole
+/// (one of over `client-query-buffer-limit`, 1 GiB by default, closes the connection), so a
+/// chunk of large tasks goes in several scripts.
+pub const SCRIPT_BYTES: usize = 32 * 1024 * 1024;
+
 /// The name (under the queue's prefix) of batch `batch_id`'s progress.
 fn progress_name(batch_id: &str) -> String {
     format!("enqueued:{batch_id}")
@@ -97,11 +102,13 @@ impl Client {
     }
 
     /// [`Client::enqueue_many`], writing `mark` (a batch's progress: how many of its tasks
-    /// are in) in the same script: a rerun of an interrupted batch reads it
-    /// ([`Client::batch_progress`]) and skips exactly the tasks that went in.
+    /// are in once these are) in the same script: a rerun of an interrupted batch reads it
+    /// ([`Client::batch_progress`]) and skips exactly the tasks that went in. Tasks of more
+    /// than [`SCRIPT_BYTES`] together go in several scripts, in order, each marking how many
+    /// are in after it.
     ///
     /// # Errors
-    /// Redis fails.
+    /// Redis fails; the scripts sent before it stay applied, and marked.
     pub async fn enqueue_marked(
         &self,
         keys: &QueueKeys,
@@ -109,34 +116,42 @@ impl Client {
         mark: Option<&Progress>,
     ) -> Result<()> {
         let now = now_ms();
-        let mut inv = ENQUEUE.key(keys.stream());
-        inv.key(keys.delayed()).arg(GROUP);
-        match mark {
-            Some(m) => inv
-                .arg(progress_name(&m.batch_id))
-                .arg(m.enqueued)
-                .arg(u64::try_from(PROGRESS_TTL.as_millis()).unwrap_or(u64::MAX)),
-            None => inv.arg("").arg(0).arg(0),
-        };
-        for env in envs {
-            let json = env.to_json();
-            match (env.run_at.map(|t| t.timestamp_millis()), env.class()) {
-                (Some(due), _) if due > now => inv.arg("d").arg(due).arg(""),
-                // Only a class the worker would accept goes into the room as it is (its
-                // tenant names keys and is shown to operators); any other goes by the stream,
-                // where the worker makes it a dead letter that says why.
-                (_, Some((priority, tenant)))
-                    if crate::envelope::check_class(env.priority, env.tenant.as_deref())
-                        .is_ok() =>
-                {
-                    inv.arg("r").arg(priority).arg(tenant)
-                }
-                _ => inv.arg("s").arg("").arg(""),
-            };
-            inv.arg(json);
-        }
+        let ttl_ms = u64::try_from(PROGRESS_TTL.as_millis()).unwrap_or(u64::MAX);
+        let before = mark.map(|m| m.enqueued.saturating_sub(envs.len() as u64));
         let mut c = self.conn().await?;
-        let _: u64 = inv.invoke_async(&mut c).await?;
+        let mut rest = envs.iter().enumerate().peekable();
+        while rest.peek().is_some() {
+            let mut inv = ENQUEUE.key(keys.stream());
+            inv.key(keys.delayed()).arg(GROUP);
+            let (mut bytes, mut end) = (0, 0);
+            while let Some((i, env)) = rest.next_if(|_| bytes < SCRIPT_BYTES) {
+                let json = env.to_json();
+                bytes += json.len();
+                end = i + 1;
+                match (env.run_at.map(|t| t.timestamp_millis()), env.class()) {
+                    (Some(due), _) if due > now => inv.arg("d").arg(due).arg(""),
+                    // Only a class the worker would accept goes into the room as it is (its
+                    // tenant names keys and is shown to operators); any other goes by the
+                    // stream, where the worker makes it a dead letter that says why.
+                    (_, Some((priority, tenant)))
+                        if crate::envelope::check_class(env.priority, env.tenant.as_deref())
+                            .is_ok() =>
+                    {
+                        inv.arg("r").arg(priority).arg(tenant)
+                    }
+                    _ => inv.arg("s").arg("").arg(""),
+                };
+                inv.arg(json);
+            }
+            match (mark, before) {
+                (Some(m), Some(before)) => inv
+                    .arg(progress_name(&m.batch_id))
+                    .arg(before + end as u64)
+                    .arg(ttl_ms),
+                _ => inv.arg("").arg(0).arg(0),
+            };
+            let _: u64 = inv.invoke_async(&mut c).await?;
+        }
         Ok(())
     }
 

@@ -389,3 +389,45 @@ async fn a_stdin_batch_stopped_by_a_bad_line_resumes_with_its_batch_id_and_runs_
     assert_eq!(env.mock.calls_with_prompt("Summarise ticket 0"), 1);
     worker.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_chunk_of_large_tasks_goes_in_several_scripts_each_marking_its_progress() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    // 70 tasks of 512 KiB: over the 32 MiB one script carries, so two scripts.
+    let big = "x".repeat(512 * 1024);
+    let envs: Vec<Envelope> = (0..70)
+        .map(|i| Envelope::new(format!("{i} {big}")))
+        .collect();
+    let mark = llmq_shared::queue::Progress {
+        batch_id: "large".into(),
+        enqueued: 100,
+    };
+    env.redis
+        .enqueue_marked(&env.keys, &envs, Some(&mark))
+        .await
+        .unwrap();
+    assert_eq!(env.stream_len().await, 70);
+    assert_eq!(
+        env.redis.batch_progress(&env.keys, "large").await.unwrap(),
+        100,
+        "the last script marks the whole chunk in"
+    );
+    let firsts: Vec<String> = env
+        .stream_tasks("-", "+")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            e["prompt"]
+                .as_str()
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let order: Vec<String> = (0..70).map(|i| i.to_string()).collect();
+    assert_eq!(firsts, order, "in order");
+}
