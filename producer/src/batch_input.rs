@@ -116,6 +116,8 @@ fn read_into(
     name: &str,
     sent: &dyn Fn(Result<(At, Value), String>) -> bool,
 ) -> Result<(), String> {
+    // Blank lines before the first task still count in its line number.
+    let mut skipped_lines = 0u64;
     let first = loop {
         let buf = reader
             .fill_buf()
@@ -124,6 +126,7 @@ fn read_into(
             return Ok(());
         };
         if b.is_ascii_whitespace() {
+            skipped_lines += u64::from(b == b'\n');
             reader.consume(1);
         } else {
             break b;
@@ -138,7 +141,7 @@ fn read_into(
             .map_err(|e| format!("{name} has more after its array of tasks: {e}"));
     }
     let mut line = String::new();
-    let mut n = 0u64;
+    let mut n = skipped_lines;
     loop {
         line.clear();
         n += 1;
@@ -222,6 +225,12 @@ mod tests {
             lines[1].as_ref().unwrap().0,
             At::Line(3),
             "a blank line counts"
+        );
+        let late = all("\n \n{\"prompt\":\"a\"}\n");
+        assert_eq!(
+            late[0].as_ref().unwrap().0,
+            At::Line(3),
+            "so do blank lines first"
         );
         assert_eq!(array[1].as_ref().unwrap().1, lines[1].as_ref().unwrap().1);
         assert_eq!(At::Line(3).key(), "line-3");

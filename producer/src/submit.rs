@@ -294,9 +294,8 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         queue: args.queue.clone(),
         batch_id: batch_id.clone(),
         // --parallel: one concurrency key for the whole batch.
-        parallel_key: args
-            .parallel
-            .map(|_| format!("batch-{}", uuid::Uuid::new_v4().simple())),
+        // Named by the batch, so a rerun's tasks share the first run's slots.
+        parallel_key: args.parallel.map(|_| format!("batch-{batch_id}")),
         fallback: match (args.fallback, args.no_fallback) {
             (_, true) => Some(false),
             (true, _) => Some(true),
@@ -336,6 +335,11 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     }
     let keys = QueueKeys::new(&args.queue);
     redis.ensure_group(&keys).await?;
+    // Said before anything goes in: a run cut short resumes with it.
+    eprintln!(
+        "batch {batch_id}: enqueuing to queue `{}`; if it is cut short, run the same command with --batch-id {batch_id} to enqueue the rest",
+        args.queue
+    );
     // An earlier run of this batch that was cut short: its tasks are in, in order.
     let skip = redis.batch_progress(&keys, &batch_id).await?;
     if skip > 0 {

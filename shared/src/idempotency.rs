@@ -43,17 +43,38 @@ pub fn name_of(env: &Envelope) -> Option<String> {
     Some(key_name(env.tenant.as_deref(), key))
 }
 
-/// The name of the key a raw payload carries, when it is JSON with one: what a task that
-/// ends without being parsed (a poison task) frees.
+/// The envelope field, set by workers, that names the run holding a task's key: the stream
+/// entry that first took it. Written back with the envelope on every retry, wait and
+/// hand-back, so the task's later entries are the same run; another entry sent with the same
+/// task id has none (or another), so it is a copy.
+pub const RUN_FIELD: &str = "idempotency_run";
+
+/// The run of `env` read from stream entry `entry_id`: the one it carries, else this entry.
 #[must_use]
-pub fn name_in(payload: &[u8]) -> Option<String> {
+pub fn run_of<'a>(env: &'a Envelope, entry_id: &'a str) -> &'a str {
+    env.extra
+        .get(RUN_FIELD)
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or(entry_id)
+}
+
+/// The name of the key a raw payload carries and its run (the one it carries, else
+/// `entry_id`), when it is JSON with one: what a task that ends without being parsed (a
+/// poison task) frees.
+#[must_use]
+pub fn key_in(payload: &[u8], entry_id: &str) -> Option<(String, String)> {
     #[derive(Deserialize)]
     struct Keyed {
         idempotency_key: Option<String>,
         tenant: Option<String>,
+        idempotency_run: Option<String>,
     }
     let k: Keyed = serde_json::from_slice(payload).ok()?;
-    Some(key_name(k.tenant.as_deref(), &k.idempotency_key?))
+    let name = key_name(k.tenant.as_deref(), &k.idempotency_key?);
+    Some((
+        name,
+        k.idempotency_run.unwrap_or_else(|| entry_id.to_owned()),
+    ))
 }
 
 /// How long after `env` succeeded its copies are answered with its answer: its own
@@ -100,12 +121,24 @@ mod tests {
         env.idempotency_key = Some("order-1".into());
         assert_eq!(name_of(&env), Some(name));
         env.tenant = Some("acme".into());
+        let acme = key_name(Some("acme"), "order-1");
         assert_eq!(
-            name_in(env.to_json().as_bytes()),
-            Some(key_name(Some("acme"), "order-1"))
+            key_in(env.to_json().as_bytes(), "1-0"),
+            Some((acme.clone(), "1-0".into()))
         );
-        assert_eq!(name_in(b"{\"v\":1}"), None);
-        assert_eq!(name_in(b"not json"), None);
+        assert_eq!(run_of(&env, "1-0"), "1-0");
+        env.extra.insert(RUN_FIELD.into(), "0-7".into());
+        assert_eq!(
+            key_in(env.to_json().as_bytes(), "1-0"),
+            Some((acme, "0-7".into()))
+        );
+        assert_eq!(
+            run_of(&env, "1-0"),
+            "0-7",
+            "a retry is the run that took the key"
+        );
+        assert_eq!(key_in(b"{\"v\":1}", "1-0"), None);
+        assert_eq!(key_in(b"not json", "1-0"), None);
     }
 
     #[test]

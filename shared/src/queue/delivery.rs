@@ -287,8 +287,9 @@ fn poison_finish(keys: &QueueKeys, d: &Delivery) -> Finish {
         String::from_utf8_lossy(payload).into_owned(),
     );
     // The key it held is free: a copy may run.
-    if let Some(name) = crate::idempotency::name_in(payload) {
-        finish.end_key(name, Duration::ZERO);
+    if let Some((name, run)) = crate::idempotency::key_in(payload, &d.entry_id) {
+        let holder = super::holder(&finish.task_id, &run);
+        finish.end_key(name, holder, Duration::ZERO);
     }
     finish
 }

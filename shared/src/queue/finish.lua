@@ -9,7 +9,8 @@
 -- Ops, with their keys and args (settle = entry id, kind, record, envelope, a, b, as
 -- settle.lua reads them):
 --   task:   result key; settle, and for a task with an idempotency key that ended: its
---           name, the task id, and its window (ms; '' when the task did not succeed)
+--           name, the run holding it (`<task id>|<run>`), and its window (ms; '' when the
+--           task did not succeed)
 --   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
 --           cancelled), step state fields as json, prefix of the chain's wait sets
 --   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
@@ -120,25 +121,26 @@ local function expand(stream, k, b, na, now)
 end
 
 -- A keyed task ended: its key remembers it for the window (its copies are answered with its
--- answer) or, when it did not succeed, is free (its next copy runs). The key holds the task's
--- id, with `+` after it once a copy parked behind it (idem_take.lua): then the copies wake.
--- Only the task holding the key ends it; the common case, a success with no copy, is one SET.
-local function end_key(stream, name, task, window)
+-- answer) or, when it did not succeed, is free (its next copy runs). The key holds the run
+-- holding it (`<task id>|<run>`), with `+` after it once a copy parked behind it
+-- (idem_take.lua): then the copies wake. Only the run holding the key ends it; the common
+-- case, a success with no copy, is one SET.
+local function end_key(stream, name, mine, window)
   local prefix = string.sub(stream, 1, -7)
   local key = prefix .. name
   local old
   if window ~= '' then
-    old = redis.call('SET', key, 'done:' .. task, 'PX', window, 'GET')
+    old = redis.call('SET', key, 'done:' .. string.match(mine, '^[^|]*'), 'PX', window, 'GET')
   else
     old = redis.call('GET', key)
-    if old == task or old == task .. '+' then
+    if old == mine or old == mine .. '+' then
       redis.call('DEL', key)
     end
   end
-  if old == task .. '+' then
+  if old == mine .. '+' then
     wake(stream, prefix, '\0' .. name, 0)
-  elseif old and old ~= task and window ~= '' then
-    -- Another task's (a replay took the key over): put it back.
+  elseif old and old ~= mine and window ~= '' then
+    -- Another run's (a replay took the key over): put it back.
     local ttl = string.sub(old, 1, 5) == 'done:' and window or HELD_TTL_MS
     redis.call('SET', key, old, 'PX', ttl)
   end

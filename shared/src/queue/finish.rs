@@ -174,7 +174,7 @@ impl Write {
                         .window
                         .map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX).max(1));
                     inv.arg(&end.name)
-                        .arg(&f.task_id)
+                        .arg(&end.holder)
                         .arg(window.map(|w| w.to_string()).unwrap_or_default());
                 }
             }

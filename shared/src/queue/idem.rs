@@ -1,6 +1,6 @@
 //! Idempotency keys in Redis (`crate::idempotency` says which tasks share one). The key
-//! `idem:<hash>` holds the id of the task that holds it (then `+` once a copy parked behind
-//! it), or `done:<id>` for its window once that task succeeded; copies that come while it is
+//! `idem:<hash>` holds the run that holds it ([`holder`]; then `+` once a copy parked behind
+//! it), or `done:<id>` for its window once that run succeeded; copies that come while it is
 //! held park under `\0idem:<hash>` (the
 //! parked tasks of a concurrency key of limit 0, as an answer-cache flight's) and wake when
 //! it ends (`finish.lua`'s `end_key`, or the sweep once its record says it ended).
@@ -41,16 +41,28 @@ pub enum Keyed {
 pub struct KeyEnd {
     /// `idem:<hash>`.
     pub name: String,
+    /// The run that holds it: [`holder`].
+    pub holder: String,
     /// `Some`: the task succeeded, and its copies are answered with its answer this long;
     /// `None`: it did not, and the key is free.
     pub window: Option<Duration>,
 }
 
+/// The value of a key held by task `task_id`'s run `run`: the stream entry that first took
+/// it, which the task carries on (`idempotency::RUN_FIELD`) through its retries, waits and
+/// hand-backs, and which a takeover of that entry has too. Another entry sent with the same
+/// task id is another run: a copy.
+#[must_use]
+pub fn holder(task_id: &str, run: &str) -> String {
+    format!("{task_id}|{run}")
+}
+
 impl Client {
-    /// Takes key `name` for task `task_id` (entry `entry_id`, which this consumer is about
-    /// to run) for `hold`, or says whose copy it is; a key held by another task parks
-    /// `envelope` until that task ends (without an envelope, only tries: [`Keyed::Busy`]).
-    /// A replayed task (`replay`) takes the key whoever holds it: it is a new run by intent.
+    /// Takes key `name` for the run `holder` ([`holder`]) of the entry `entry_id`, which this
+    /// consumer is about to run, for `hold`, or says whose copy it is; a key held by another
+    /// run parks `envelope` until that run ends (without an envelope, only tries:
+    /// [`Keyed::Busy`]). A replayed task (`replay`) takes the key whoever holds it: it is a
+    /// new run by intent.
     ///
     /// # Errors
     /// Redis fails.
@@ -61,7 +73,7 @@ impl Client {
         consumer: &str,
         entry_id: &str,
         name: &str,
-        task_id: &str,
+        holder: &str,
         hold: Duration,
         replay: bool,
         envelope: Option<&str>,
@@ -70,15 +82,15 @@ impl Client {
         let mut c = self.conn().await?;
         // A free key, the common case, is one plain SET.
         let mut set = redis::cmd("SET");
-        set.arg(keys.kept(name)).arg(task_id);
+        set.arg(keys.kept(name)).arg(holder);
         if !replay {
             set.arg("NX");
         }
         set.arg("GET").arg("PX").arg(hold_ms);
-        let holder: Option<String> = set.query_async(&mut c).await?;
+        let was: Option<String> = set.query_async(&mut c).await?;
         // Its own (with `+` once copies parked behind it): a retry, a takeover.
-        let own = |h: &str| h.strip_suffix('+').unwrap_or(h) == task_id;
-        if replay || holder.as_deref().is_none_or(own) {
+        let own = |h: &str| h.strip_suffix('+').unwrap_or(h) == holder;
+        if replay || was.as_deref().is_none_or(own) {
             return Ok(Keyed::Run);
         }
         let v: redis::Value = TAKE
@@ -87,7 +99,7 @@ impl Client {
             .arg(consumer)
             .arg(entry_id)
             .arg(name)
-            .arg(task_id)
+            .arg(holder)
             .arg(hold_ms)
             .arg(envelope.unwrap_or_default())
             .invoke_async(&mut c)

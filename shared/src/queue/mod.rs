@@ -52,7 +52,7 @@ pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::{PROGRESS_TTL, Progress, Tick};
 pub use finish::Write;
-pub use idem::{KeyEnd, Keyed};
+pub use idem::{KeyEnd, Keyed, holder};
 pub use inspect::TenantBacklog;
 pub use out::{OUT_TTL, OutEntry};
 pub use pause::{PAUSE_NOTICE, Paused};
@@ -239,16 +239,33 @@ impl Finish {
         }
     }
 
-    /// Ends idempotency key `name`, which this task holds, if the task ended: remembered
+    /// Ends idempotency key `name`, which this task's run `holder` holds, if the task ended: remembered
     /// for `window` when it succeeded, else freed. A task that goes on (a retry, a wait, a
     /// hand-back) keeps holding it.
-    pub fn end_key(&mut self, name: String, window: Duration) {
+    pub fn end_key(&mut self, name: String, holder: String, window: Duration) {
         let window = match (&self.kind, self.record.as_ref().map(|r| r.status)) {
             (FinishKind::Done, Some(crate::outcome::Status::Succeeded)) => Some(window),
             (FinishKind::Done | FinishKind::Dead { .. }, _) => None,
             _ => return,
         };
-        self.key_end = Some(Box::new(KeyEnd { name, window }));
+        self.key_end = Some(Box::new(KeyEnd {
+            name,
+            holder,
+            window,
+        }));
+    }
+
+    /// Ack the entry, writing nothing: another entry of the same task holds its outcome.
+    #[must_use]
+    pub fn ack(entry_id: String, task_id: String) -> Self {
+        Self {
+            entry_id,
+            task_id,
+            kind: FinishKind::Done,
+            record: None,
+            envelope: String::new(),
+            key_end: None,
+        }
     }
 
     /// Hand `envelope` back to the stream untouched (shutdown).

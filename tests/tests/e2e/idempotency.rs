@@ -89,6 +89,45 @@ async fn copies_sent_while_the_first_runs_wait_for_it_and_get_its_answer_at_no_c
 }
 
 #[tokio::test]
+async fn the_same_envelope_sent_again_with_its_own_id_runs_once_and_keeps_its_record() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    // A producer that sets the id and resends the very same envelope after a timeout.
+    let prompt = "Issue invoice 88 [[mock:slow-600]]";
+    let id = uuid::Uuid::new_v4().to_string();
+    let payload = serde_json::json!({"v": 1, "id": id, "prompt": prompt, "model": "mock-fast", "idempotency_key": "invoice-88"})
+        .to_string();
+    for _ in 0..3 {
+        env.xadd("task", payload.as_bytes()).await.unwrap();
+    }
+    let record = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(record.status, Status::Succeeded);
+    env.eventually("every copy acked", WAIT, || async {
+        env.stream_len().await == 0
+    })
+    .await
+    .unwrap();
+    // And once more after it succeeded.
+    env.xadd("task", payload.as_bytes()).await.unwrap();
+    env.eventually("the late copy acked", WAIT, || async {
+        env.stream_len().await == 0
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        env.mock.calls_with_prompt(prompt),
+        1,
+        "one call for four sends"
+    );
+    let after = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(after.duplicate_of, None, "its own record, not a copy's");
+    assert_eq!(after.cost_usd, record.cost_usd);
+    assert!(after.cost_usd > 0.0);
+    assert_eq!(duplicates(&env).await, 3);
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_copy_within_the_window_gets_the_answer_and_one_after_it_runs_again() {
     let env = TestEnv::new().await.unwrap();
     let worker = env.worker();
@@ -234,7 +273,10 @@ async fn a_first_that_ends_as_poison_frees_the_key() {
     let env = TestEnv::new().await.unwrap();
     // The first was read by a worker that died with it holding its key: its next delivery
     // is one more than the worker allows (`max_deliveries` 1), so it ends as poison.
-    let first = send(&env, "Ship the parcel", "parcel-5", "").await;
+    let payload =
+        r#"{"v":1,"prompt":"Ship the parcel","model":"mock-fast","idempotency_key":"parcel-5"}"#;
+    let entry = env.xadd("task", payload.as_bytes()).await.unwrap();
+    let first = derive_id(&env.queue, &entry).to_string();
     let mut c = env.redis.conn().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -250,7 +292,7 @@ async fn a_first_that_ends_as_poison_frees_the_key() {
     let name = key_name(None, "parcel-5");
     let _: () = redis::cmd("SET")
         .arg(env.keys.kept(&name))
-        .arg(&first)
+        .arg(llmq_shared::queue::holder(&first, &entry))
         .query_async(&mut c)
         .await
         .unwrap();

@@ -11,22 +11,36 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::idempotency;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
-use llmq_shared::queue::{Finish, Keyed};
+use llmq_shared::queue::{Finish, Keyed, holder};
 
 use super::Executor;
 use crate::finished::Finished;
 
 /// What taking a task's key came to.
 pub(super) enum Taken {
-    /// Run the task, holding key `name`, which it ends (remembered this long once it
-    /// succeeds).
-    Run(Box<(String, Duration)>),
+    /// Run the task as run `run` (the entry that first took the key), holding key `name`,
+    /// which it ends (remembered this long once it succeeds).
+    Run(Box<Held>),
     /// A copy of a task that succeeded: answered with its answer.
     Copy(Box<Finished>),
     /// Parked behind the task holding the key: nothing to write.
     Parked,
     /// Redis failed, or the entry is no longer ours: hand the delivery back.
     Release,
+}
+
+/// A key a task's run holds.
+pub(super) struct Held {
+    pub name: String,
+    pub run: String,
+    pub window: Duration,
+}
+
+impl Held {
+    /// The key's value while this run holds it.
+    pub fn holder(&self, task_id: &str) -> String {
+        holder(task_id, &self.run)
+    }
 }
 
 impl Executor {
@@ -40,8 +54,10 @@ impl Executor {
     ) -> Taken {
         let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
         let replay = env.replays > 0;
+        let run = idempotency::run_of(env, entry_id).to_owned();
+        let mine = holder(&task_id, &run);
         let take = |envelope: Option<String>| {
-            let (name, task_id) = (&name, &task_id);
+            let (name, mine) = (&name, &mine);
             async move {
                 self.redis
                     .take_key(
@@ -49,7 +65,7 @@ impl Executor {
                         &self.worker_id,
                         entry_id,
                         name,
-                        task_id,
+                        mine,
                         idempotency::HOLD,
                         replay,
                         envelope.as_deref(),
@@ -65,13 +81,21 @@ impl Executor {
         match taken {
             Ok(Keyed::Run) => {
                 let window = idempotency::window(&self.config.idempotency, queue.name(), env);
-                Taken::Run(Box::new((name, window)))
+                Taken::Run(Box::new(Held { name, run, window }))
             }
             Ok(Keyed::Copy(record)) => match serde_json::from_str::<TaskRecord>(&record) {
                 Ok(first) => {
                     metrics::counter!("llmq_duplicates_total", "queue" => queue.name().to_owned())
                         .increment(1);
-                    Taken::Copy(Box::new(copy(Arc::clone(queue), entry_id, env, first)))
+                    // The same task sent again (its own id): its record is the first's, and
+                    // stays as it is.
+                    let finished = if first.task_id == task_id {
+                        let ack = Finish::ack(entry_id.to_owned(), task_id);
+                        super::plain(Arc::clone(queue), ack, Vec::new())
+                    } else {
+                        copy(Arc::clone(queue), entry_id, env, first)
+                    };
+                    Taken::Copy(Box::new(finished))
                 }
                 Err(e) => {
                     // Not a record this build reads: hand it back rather than run it twice.

@@ -290,9 +290,9 @@ impl Executor {
         let mut finished = self.run_holding(task, &mut slot, &mut key).await;
         finished.slot = slot;
         // A task holding an idempotency key ends it with its outcome's write.
-        if let (Some(key), Write::Task(finish)) = (key, &mut finished.write) {
-            let (name, window) = *key;
-            finish.end_key(name, window);
+        if let (Some(held), Write::Task(finish)) = (key, &mut finished.write) {
+            let holder = held.holder(&finish.task_id);
+            finish.end_key(held.name, holder, held.window);
         }
         finished
     }
@@ -386,12 +386,12 @@ impl Executor {
         &self,
         task: Admitted,
         slot: &mut Option<String>,
-        key: &mut Option<Box<(String, Duration)>>,
+        key: &mut Option<Box<keyed::Held>>,
     ) -> Finished {
         let Admitted {
             queue,
             entry_id,
-            env,
+            mut env,
             task_id,
         } = task;
 
@@ -399,7 +399,13 @@ impl Executor {
         // answered with its answer, one of a task still running waits for it.
         if let Some(name) = llmq_shared::idempotency::name_of(&env) {
             match Box::pin(self.take_key(&queue, &entry_id, name, &env)).await {
-                keyed::Taken::Run(held) => *key = Some(held),
+                keyed::Taken::Run(held) => {
+                    // Its later entries (a retry, a wait, a hand-back) are this run.
+                    let run = serde_json::Value::from(held.run.as_str());
+                    env.extra
+                        .insert(llmq_shared::idempotency::RUN_FIELD.to_owned(), run);
+                    *key = Some(held);
+                }
                 keyed::Taken::Copy(finished) => return *finished,
                 keyed::Taken::Parked => return parked(queue, entry_id, task_id),
                 keyed::Taken::Release => return handed_back(queue, entry_id, task_id, &env),

@@ -39,15 +39,19 @@ local function park(stream, group, consumer, entry, prefix, key, limit, env)
   return 0
 end
 
--- Whether a task's result record says it ended without success.
+-- Whether a task's result record says it ended without success. (Decoded: a model's JSON
+-- answer in the record may hold any text.)
 local function ended(record)
-  return record ~= nil and record ~= false and (string.find(record, '"status":"dead"', 1, true)
-    or string.find(record, '"status":"failed"', 1, true)
-    or string.find(record, '"status":"cancelled"', 1, true)) ~= nil
+  if not record then
+    return false
+  end
+  local ok, r = pcall(cjson.decode, record)
+  local status = ok and type(r) == 'table' and r.status
+  return status == 'dead' or status == 'failed' or status == 'cancelled'
 end
 
 -- Whether an idempotency key (`idem:<hash>`, whose parked copies wait under `\0idem:<hash>`)
--- is held by a task that has not ended (`idem_take.lua`).
+-- is held by a run that has not ended (`idem_take.lua`).
 local function key_held(prefix, key)
   if string.sub(key, 1, 6) ~= '\0idem:' then
     return false
@@ -56,8 +60,7 @@ local function key_held(prefix, key)
   if not holder or string.sub(holder, 1, 5) == 'done:' then
     return false
   end
-  holder = string.gsub(holder, '%+$', '')
-  return not ended(redis.call('GET', prefix .. 'result:' .. holder))
+  return not ended(redis.call('GET', prefix .. 'result:' .. string.match(holder, '^[^|+]*')))
 end
 
 -- Hands free slots of `key` to its oldest parked tasks, each re-added to the stream holding
