@@ -835,22 +835,7 @@ async fn answer_cache(args: &Args, redis: &mut Redis) -> Result<String> {
     let tasks = args.tasks.unwrap_or(10_000);
     let concurrency = args.concurrency.unwrap_or(256);
     let latency = Duration::from_millis(100);
-    let mock = MockServer::start(MockOptions {
-        latency,
-        ..MockOptions::default()
-    })
-    .await
-    .context("cannot start the mock LLM server")?;
-    let mut config = Config::parse(
-        "llmq-bench.yaml",
-        &format!(
-            "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
-             api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
-             output_usd_per_mtok: 0.6}}\n",
-            mock.url()
-        ),
-        &|_| None,
-    )?;
+    let (mock, mut config) = mock_fast(latency).await?;
     let client = Client::new(&args.redis_url)?;
     // One run: `tasks` tasks of `unique` requests to a fresh queue, cached or not; the calls
     // the mock saw and the Redis figures.
@@ -963,22 +948,7 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
     let (keyless_cpu, keyed_cpu) = (cpu(&keyless), cpu(&keyed));
 
     let latency = Duration::from_millis(100);
-    let mock = MockServer::start(MockOptions {
-        latency,
-        ..MockOptions::default()
-    })
-    .await
-    .context("cannot start the mock LLM server")?;
-    let config = Config::parse(
-        "llmq-bench.yaml",
-        &format!(
-            "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
-             api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
-             output_usd_per_mtok: 0.6}}\n",
-            mock.url()
-        ),
-        &|_| None,
-    )?;
+    let (mock, config) = mock_fast(latency).await?;
     let queue = fresh_queue();
     let result = async {
         let keys = QueueKeys::new(&queue);
@@ -2654,6 +2624,28 @@ async fn wait_drained(client: &Client, keys: &QueueKeys, workers: &Workers) -> R
         );
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// An llmq-mock answering after `latency`, and a provider file with its one model,
+/// `mock-fast`.
+async fn mock_fast(latency: Duration) -> Result<(MockServer, Config)> {
+    let mock = MockServer::start(MockOptions {
+        latency,
+        ..MockOptions::default()
+    })
+    .await
+    .context("cannot start the mock LLM server")?;
+    let config = Config::parse(
+        "llmq-bench.yaml",
+        &format!(
+            "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+             api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
+             output_usd_per_mtok: 0.6}}\n",
+            mock.url()
+        ),
+        &|_| None,
+    )?;
+    Ok((mock, config))
 }
 
 /// [`wait_drained`], and nothing parked (behind a call, a flight or a key's first task).
