@@ -384,9 +384,7 @@ async fn identical_requests_make_one_call_each_whatever_their_order_concurrency_
             })
             .collect();
         // In a random order.
-        for i in (1..tasks.len()).rev() {
-            tasks.swap(i, rng.below(i + 1));
-        }
+        rng.shuffle(&mut tasks);
         let records = run_all(&env, &tasks).await;
         worker.stop().await.unwrap();
         let what = format!("case {case}: concurrency {concurrency}, {requests:?}");

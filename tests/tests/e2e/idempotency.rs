@@ -414,9 +414,7 @@ async fn each_key_runs_once_whatever_the_copies_order_concurrency_and_failures()
             .enumerate()
             .flat_map(|(k, _)| std::iter::repeat_n(k, 1 + rng.below(6)))
             .collect();
-        for i in (1..sends.len()).rev() {
-            sends.swap(i, rng.below(i + 1));
-        }
+        rng.shuffle(&mut sends);
         let mut ids = Vec::new();
         for &k in &sends {
             ids.push(send(&env, &keys[k].1, &keys[k].0, "").await);
