@@ -5,7 +5,7 @@ CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
 
-.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps clients-deps browser-deps deploy-check image image-check
+.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps clients-deps browser-deps sdk-deps deploy-check image image-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -13,7 +13,7 @@ help: ## Show the targets and what they do
 demo: ## Start or reuse Redis and Postgres, migrate, run llmq-mock and two workers, enqueue samples and a chain, print results and costs
 	@deploy/demo.sh
 
-test: services examples-deps clients-deps browser-deps build ## Run every test against the local Redis and Postgres
+test: services examples-deps clients-deps browser-deps sdk-deps build ## Run every test against the local Redis and Postgres
 	$(CARGO) test --workspace
 
 bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
@@ -49,6 +49,9 @@ clients-deps: ## Install the Python client and its pinned test tools in a venv, 
 
 browser-deps: ## Install what the browser test needs: Debian's chromium, and Playwright (pinned) in a venv
 	@tests/browser/deps.sh
+
+sdk-deps: ## Install OpenAI's and Anthropic's Python SDKs (pinned) in a venv, to check llmq's answers to their batch files
+	@tests/sdk/deps.sh
 
 deploy-check: ## Check the Dockerfile and the Kubernetes manifests offline (kustomize, schemas, lints, deploy/tests)
 	@deploy/check.sh

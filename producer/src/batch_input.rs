@@ -68,12 +68,13 @@ impl Input {
 /// The tasks in flight between the reading thread and the enqueue: a few chunks' worth.
 const IN_FLIGHT: usize = 4096;
 
-/// Starts reading `input` on a thread of its own: each task, read as a `T`, with where it
-/// is, or the sentence of what is wrong with the file or the task (after which nothing more
-/// comes). Parsing runs there, beside the enqueue.
-pub fn read<T>(input: Input) -> mpsc::Receiver<Result<(At, T), String>>
+/// Starts reading `input` on a thread of its own: each record made a `T` by `convert`, with
+/// where it is, or the sentence of what is wrong with the file or the record (after which
+/// nothing more comes). Parsing runs there, beside the enqueue.
+pub fn read<T, F>(input: Input, mut convert: F) -> mpsc::Receiver<Result<(At, T), String>>
 where
-    T: serde::de::DeserializeOwned + Send + 'static,
+    T: Send + 'static,
+    F: FnMut(Value) -> Result<T, String> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     std::thread::spawn(move || {
@@ -89,11 +90,12 @@ where
             },
         };
         let mut reader = BufReader::with_capacity(1 << 16, reader);
-        // A task that is JSON but not a task stops the batch at it, named.
+        // A record that is JSON but not a task stops the batch at it, named.
         let stop = std::cell::Cell::new(false);
+        let convert = std::cell::RefCell::new(&mut convert);
         let sent = |item: Result<(At, Value), String>| {
             let item = item.and_then(|(at, value)| {
-                serde_json::from_value::<T>(value)
+                (convert.borrow_mut())(value)
                     .map(|t| (at, t))
                     .map_err(|e| format!("{name} {at}: {e}"))
             });
@@ -142,6 +144,7 @@ fn read_into(
     }
     let mut line = String::new();
     let mut n = skipped_lines;
+    let mut body_read = false;
     loop {
         line.clear();
         n += 1;
@@ -154,12 +157,106 @@ fn read_into(
         if line.trim().is_empty() {
             continue;
         }
-        let value = serde_json::from_str::<Value>(&line).map_err(|e| {
-            format!("line {n} of {name} is not a JSON task (JSON Lines: one task a line): {e}")
-        })?;
+        let value = match serde_json::from_str::<Value>(&line) {
+            Ok(value) => value,
+            // An object over several lines first: an Anthropic Message Batches body.
+            Err(e) if e.is_eof() && n == skipped_lines + 1 && first == b'{' => {
+                let text = std::mem::take(&mut line);
+                let whole = std::io::Cursor::new(text.into_bytes()).chain(reader);
+                let mut de = serde_json::Deserializer::from_reader(whole);
+                de::Deserializer::deserialize_map(&mut de, RequestsBody { sent })
+                    .map_err(|e| format!("{name} is not a {REQUESTS_BODY}: {e}"))?;
+                return de
+                    .end()
+                    .map_err(|e| format!("{name} has more after its {REQUESTS_BODY}: {e}"));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "line {n} of {name} is not a JSON task (JSON Lines: one task a line): {e}"
+                ));
+            }
+        };
+        if body_read {
+            return Err(format!(
+                "line {n} of {name} comes after its {REQUESTS_BODY}, which holds the whole batch"
+            ));
+        }
+        // The same body on one line.
+        let value = match requests_of(value) {
+            Ok(requests) => {
+                for (i, r) in requests.into_iter().enumerate() {
+                    if !sent(Ok((At::Index(i as u64), r))) {
+                        return Ok(());
+                    }
+                }
+                body_read = true;
+                continue;
+            }
+            Err(value) => value,
+        };
         if !sent(Ok((At::Line(n), value))) {
             return Ok(());
         }
+    }
+}
+
+/// How errors name Anthropic's `{"requests": [...]}` body.
+const REQUESTS_BODY: &str = "Message Batches body ({\"requests\": [...]})";
+
+/// The requests of a one-line `{"requests": [...]}` body; anything else back as it was.
+fn requests_of(value: Value) -> Result<Vec<Value>, Value> {
+    match value {
+        Value::Object(mut o) if o.len() == 1 && o.get("requests").is_some_and(Value::is_array) => {
+            match o.remove("requests") {
+                Some(Value::Array(requests)) => Ok(requests),
+                _ => Err(Value::Object(o)),
+            }
+        }
+        other => Err(other),
+    }
+}
+
+/// Streams the `requests` of an Anthropic Message Batches body, each as it is parsed.
+struct RequestsBody<'a> {
+    sent: &'a dyn Fn(Result<(At, Value), String>) -> bool,
+}
+
+impl<'de> Visitor<'de> for RequestsBody<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object holding `requests`")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut read = false;
+        while let Some(key) = map.next_key::<String>()? {
+            if key != "requests" || read {
+                return Err(de::Error::custom(format!(
+                    "it holds `{}` besides one `requests`",
+                    llmq_shared::text::excerpt(&key, 40)
+                )));
+            }
+            map.next_value_seed(ElementsSeed { sent: self.sent })?;
+            read = true;
+        }
+        if read {
+            Ok(())
+        } else {
+            Err(de::Error::custom("it has no `requests`"))
+        }
+    }
+}
+
+struct ElementsSeed<'a> {
+    sent: &'a dyn Fn(Result<(At, Value), String>) -> bool,
+}
+
+impl<'de> DeserializeSeed<'de> for ElementsSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(Elements { sent: self.sent })
     }
 }
 
@@ -236,6 +333,33 @@ mod tests {
         assert_eq!(At::Line(3).key(), "line-3");
         assert_eq!(At::Index(1).to_string(), "task [1]");
         assert!(all("").is_empty());
+    }
+
+    #[test]
+    fn anthropic_s_requests_body_is_read_request_by_request() {
+        let one_line =
+            r#"{"requests": [{"custom_id": "a", "params": {}}, {"custom_id": "b", "params": {}}]}"#;
+        let pretty = "{\n  \"requests\": [\n    {\"custom_id\": \"a\", \"params\": {}},\n    {\"custom_id\": \"b\", \"params\": {}}\n  ]\n}\n";
+        for text in [one_line, pretty] {
+            let got = all(text);
+            assert_eq!(got.len(), 2, "{text}: {got:?}");
+            let (at, value) = got[1].as_ref().unwrap();
+            assert_eq!(*at, At::Index(1));
+            assert_eq!(value["custom_id"], "b");
+        }
+        let e = all("{\n\"requests\": [],\n\"model\": 1}")
+            .pop()
+            .unwrap()
+            .unwrap_err();
+        assert!(e.contains("holds `model` besides one `requests`"), "{e}");
+        let e = all(&format!("{one_line}\n{{\"prompt\": \"x\"}}\n"))
+            .pop()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.contains("line 2 of f comes after its Message Batches body"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -338,7 +338,9 @@ pub struct Submit {
 pub struct Batch {
     /// The tasks: a JSON array, or JSON Lines (one task a line), each with prompt (or
     /// messages), type, platform, model, timeout, metadata, system, tools, tool_choice,
-    /// response_format, custom_id, ...; `-` reads standard input, enqueuing as it comes.
+    /// response_format, custom_id, ...; or an OpenAI Batch file (chat completions), or an
+    /// Anthropic Message Batches file or body, whose results come back in the same
+    /// provider's batch output shape; `-` reads standard input, enqueuing as it comes.
     #[arg(long)]
     pub input: PathBuf,
     /// Names the batch: each task's id and idempotency key are made of it and the task's
@@ -346,7 +348,9 @@ pub struct Batch {
     /// enqueues only what did not go in. Default: a new id, printed.
     #[arg(long, value_name = "ID")]
     pub batch_id: Option<String>,
-    /// Write the batch report here (with --wait) or the task ids (without); a directory
+    /// Write the batch report here (with --wait) or the task ids (without); for an OpenAI or
+    /// Anthropic batch file with --wait, its results in that provider's batch output shape
+    /// (JSON Lines); a directory
     /// (an existing one, or a path ending in `/`) gets `batch_<timestamp>.json` inside.
     #[arg(long)]
     pub output: Option<PathBuf>,
@@ -374,6 +378,10 @@ pub struct Batch {
     /// Tasks run only on the provider they name (or the first the routing picks), or fail.
     #[arg(long, overrides_with = "fallback")]
     pub no_fallback: bool,
+    /// Routing chooses each task's provider and model: the model (and platform) a line names
+    /// is not pinned. For an OpenAI or Anthropic batch file, whose lines all name a model.
+    #[arg(long)]
+    pub route: bool,
     /// The provider file, to estimate the batch's requests, tokens and cost per provider and
     /// warn before it pushes a quota past 90 %.
     #[arg(long, env = "LLMQ_CONFIG")]

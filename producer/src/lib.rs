@@ -16,6 +16,7 @@
 
 use std::io::Write;
 
+mod batch_file;
 mod batch_input;
 mod chain;
 pub mod cli;

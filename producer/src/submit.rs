@@ -5,13 +5,13 @@ use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use llmq_shared::conversation::{Message, ResponseFormat, Tool, ToolChoice};
 use llmq_shared::envelope::{CacheAsk, CacheKeep, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::{Client, OutEntry, Progress};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use crate::batch_file::{self, BatchTask, Reader, Shape};
 use crate::batch_input::{self, At, Input};
 use crate::cli::{Batch, Format, Submit};
 use crate::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, Error, Result, emit, render, to_json, write_file};
@@ -210,56 +210,6 @@ pub async fn wait_for(
     Ok(done)
 }
 
-/// One task of a batch file.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BatchTask {
-    #[serde(default)]
-    prompt: String,
-    #[serde(default)]
-    messages: Vec<Message>,
-    #[serde(default)]
-    tools: Vec<Tool>,
-    #[serde(default)]
-    tool_choice: Option<ToolChoice>,
-    #[serde(default)]
-    response_format: Option<ResponseFormat>,
-    #[serde(rename = "type", default)]
-    task_type: Option<String>,
-    #[serde(default)]
-    platform: Option<String>,
-    #[serde(default)]
-    model: Option<String>,
-    #[serde(default)]
-    timeout: Option<u64>,
-    #[serde(default)]
-    metadata: Option<serde_json::Value>,
-    #[serde(default)]
-    system: Option<String>,
-    #[serde(default)]
-    chain_id: Option<String>,
-    #[serde(default)]
-    max_attempts: Option<u32>,
-    #[serde(default)]
-    max_tokens: Option<u32>,
-    #[serde(default)]
-    temperature: Option<f32>,
-    #[serde(default)]
-    deadline: Option<String>,
-    #[serde(default)]
-    priority: Option<i64>,
-    #[serde(default)]
-    tenant: Option<String>,
-    /// The task's id within its batch (as in OpenAI's and Anthropic's batch files): with the
-    /// batch's id, it names the task's id and idempotency key.
-    #[serde(default)]
-    custom_id: Option<String>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-    #[serde(default)]
-    idempotency_window: Option<String>,
-}
-
 /// Per-provider line of a batch report.
 #[derive(Debug, Default, Clone, PartialEq, Serialize)]
 pub struct ProviderSummary {
@@ -307,11 +257,11 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     if from_file {
         // A file is checked whole before anything is enqueued: a bad task stops the batch
         // with nothing in.
-        let mut tasks = batch_input::read::<BatchTask>(input.clone());
+        let mut tasks = batch_input::read(input.clone(), reader());
         let mut envs = Vec::new();
         let mut count = 0u64;
         while let Some(task) = tasks.recv().await {
-            let (at, task) = task.map_err(Error::Usage)?;
+            let (at, (_, task)) = task.map_err(Error::Usage)?;
             let env = shaper.envelope(at, task, true)?;
             // Only the estimate keeps them all.
             if args.config.is_some() {
@@ -356,7 +306,10 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         output.as_deref(),
         args.wait,
     )?;
-    let mut tasks = batch_input::read::<BatchTask>(input);
+    let mut tasks = batch_input::read(input, reader());
+    // The shape of the file's records, and (to answer in it) each task's custom id.
+    let mut shape = Shape::Native;
+    let mut customs: Vec<String> = Vec::new();
     let mut chunk: Vec<Envelope> = Vec::with_capacity(ENQUEUE_CHUNK);
     let mut seen = 0u64;
     let mut enqueued = skip;
@@ -368,7 +321,13 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         };
         // A file's tasks were checked whole before; standard input's are checked here.
         let env = match task {
-            Ok((at, task)) => shaper.envelope(at, task, !from_file),
+            Ok((at, (of, task))) => {
+                shape = of;
+                if args.wait && of != Shape::Native {
+                    customs.push(task.custom_id.clone().unwrap_or_default());
+                }
+                shaper.envelope(at, task, !from_file)
+            }
             Err(e) => Err(Error::Usage(e)),
         };
         let env = match env {
@@ -442,24 +401,59 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     .await?;
     bar.finish_and_clear();
     let unfinished = records.iter().filter(|r| r.is_none()).count();
+    // A directory's file holds JSON Lines for a provider's batch file.
+    let output = output.map(|p| match args.output.as_deref() {
+        Some(given) if given != p && shape != Shape::Native => p.with_extension("jsonl"),
+        _ => p,
+    });
     let results: Vec<TaskRecord> = records
         .into_iter()
         .zip(&ids)
         .map(|(r, id)| r.unwrap_or_else(|| TaskRecord::pending(id, &args.queue, Status::Queued)))
         .collect();
+    // A provider's batch file is answered in that provider's batch output shape: to the
+    // --output file, else to standard output with the summary on standard error.
+    let answers = (shape != Shape::Native).then(|| {
+        results
+            .iter()
+            .zip(&customs)
+            .map(|(r, custom)| format!("{}\n", batch_file::result_line(shape, custom, r)))
+            .collect::<String>()
+    });
     let report = summarize(results, started.elapsed());
-    if let Some(path) = &output {
-        write_report(path, &to_json(&report))?;
-    }
-    match args.format {
-        Format::Json => emit(out, &to_json(&report)),
-        Format::Text => emit(out, &summary_text(&report, unfinished)),
+    let summary = match args.format {
+        Format::Json => to_json(&report),
+        Format::Text => summary_text(&report, unfinished),
+    };
+    match (&output, answers) {
+        (Some(path), Some(answers)) => {
+            write_report(path, &answers)?;
+            emit(out, &summary);
+        }
+        (None, Some(answers)) => {
+            emit(out, &answers);
+            eprint!("{summary}");
+        }
+        (Some(path), None) => {
+            write_report(path, &to_json(&report))?;
+            emit(out, &summary);
+        }
+        (None, None) => emit(out, &summary),
     }
     Ok(if report.failure_count == 0 {
         EXIT_OK
     } else {
         EXIT_FAILED
     })
+}
+
+/// What reads a batch's records: each a task, with the shape of the file's first.
+fn reader() -> impl FnMut(serde_json::Value) -> std::result::Result<(Shape, BatchTask), String> {
+    let mut reader = Reader::default();
+    move |record| {
+        let task = reader.task(record)?;
+        Ok((reader.shape(), task))
+    }
 }
 
 /// Tasks per enqueue script: a round trip each.
@@ -547,8 +541,11 @@ impl Shaper<'_> {
         );
         env.idempotency_window = t.idempotency_window;
         env.task_type = t.task_type;
-        env.provider = t.platform;
-        env.model = t.model;
+        // --route: routing chooses, whatever model the line names.
+        if !args.route {
+            env.provider = t.platform;
+            env.model = t.model;
+        }
         env.timeout = t.timeout;
         env.metadata = t.metadata;
         env.system = t.system;

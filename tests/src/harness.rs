@@ -82,6 +82,23 @@ pub async fn create_database(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Python of a virtualenv a `deps.sh` makes: at `$<var>`, else `~/.cache/llmq/<dir>`
+/// (under `$XDG_CACHE_HOME` when set). `None` when it is not there.
+#[must_use]
+pub fn venv_python(var: &str, dir: &str) -> Option<PathBuf> {
+    let venv = std::env::var_os(var).map_or_else(
+        || {
+            let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
+                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
+                PathBuf::from,
+            );
+            cache.join("llmq").join(dir)
+        },
+        PathBuf::from,
+    );
+    Some(venv.join("bin/python")).filter(|p| p.exists())
+}
+
 /// The provider file the suites use, pointing at `mock_url`.
 #[must_use]
 pub fn mock_config(mock_url: &str) -> Config {

@@ -431,3 +431,142 @@ async fn a_chunk_of_large_tasks_goes_in_several_scripts_each_marking_its_progres
     let order: Vec<String> = (0..70).map(|i| i.to_string()).collect();
     assert_eq!(firsts, order, "in order");
 }
+
+/// A provider's results file checked by that provider's own Python SDK types
+/// (tests/sdk/check_batch_results.py): what each line says.
+fn sdk_checked(shape: &str, results: &std::path::Path) -> Vec<serde_json::Value> {
+    let python = llmq_tests::harness::venv_python("LLMQ_SDK_VENV", "sdk-venv")
+        .expect("the provider-file test needs OpenAI's and Anthropic's SDKs: run `make sdk-deps`");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/check_batch_results.py");
+    let out = std::process::Command::new(python)
+        .args([script, shape])
+        .arg(results)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the {shape} SDK refuses llmq's results: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn openai_and_anthropic_batch_files_run_and_answer_in_their_provider_s_output_shape() {
+    let env = TestEnv::new().await.unwrap();
+    let url = env.mock.url();
+    let mut settings = env.settings();
+    // The models the providers' documentation names, served by llmq-mock in each format.
+    let text = format!(
+        "providers:\n  - {{name: oa, kind: openai_compatible, base_url: \"{url}/v1\", api_key: k, models: [{{id: gpt-3.5-turbo-0125, input_usd_per_mtok: 0.5, output_usd_per_mtok: 1.5}}, {{id: fail-400, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]}}\n  - {{name: an, kind: anthropic, base_url: \"{url}\", api_key: k, models: [{{id: claude-opus-4-1, input_usd_per_mtok: 15, output_usd_per_mtok: 75}}]}}\n"
+    );
+    settings.config = llmq_shared::config::Config::parse("docs.yaml", &text, &|_| None).unwrap();
+    let worker = llmq_tests::harness::WorkerHandle::start(settings);
+    let dir = std::env::temp_dir().join(format!("llmq-{}-provider-files", env.queue));
+    std::fs::create_dir_all(&dir).unwrap();
+
+    // OpenAI's Batch guide's file, and a line the provider refuses (400; with no fallback to
+    // the other provider, it fails).
+    let openai = dir.join("openai.jsonl");
+    std::fs::write(&openai, concat!(
+        r#"{"custom_id": "request-1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-3.5-turbo-0125", "messages": [{"role": "system", "content": "You are a helpful assistant."},{"role": "user", "content": "Hello world!"}],"max_tokens": 1000}}"#, "\n",
+        r#"{"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-3.5-turbo-0125", "messages": [{"role": "system", "content": "You are an unhelpful assistant."},{"role": "user", "content": "Hello world!"}],"max_tokens": 1000}}"#, "\n",
+        r#"{"custom_id": "request-3", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "fail-400", "messages": [{"role": "user", "content": "Refused"}]}}"#, "\n",
+    )).unwrap();
+    let results = dir.join("results.jsonl");
+    let results_arg = results.to_string_lossy().into_owned();
+    let (code, summary) = env
+        .batch(
+            &openai,
+            &[
+                "--wait",
+                "--output",
+                &results_arg,
+                "--wait-timeout",
+                "60s",
+                "--no-fallback",
+            ],
+        )
+        .await;
+    assert_eq!(code, 1, "one request failed: {summary}");
+    let lines = sdk_checked("openai", &results);
+    let ids: Vec<&str> = lines
+        .iter()
+        .map(|l| l["custom_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["request-1", "request-2", "request-3"]);
+    assert_eq!(lines[0]["ok"], true);
+    assert_eq!(lines[0]["model"], "gpt-3.5-turbo-0125");
+    assert_eq!(
+        lines[0]["text"],
+        "mock answer from gpt-3.5-turbo-0125: Hello world!"
+    );
+    assert_eq!(lines[2]["ok"], false);
+    assert_eq!(lines[2]["code"], "fatal");
+    assert_eq!(env.mock.calls_with_prompt("Hello world!"), 2);
+
+    // Anthropic's documented body (over several lines), one request pinned to a model only
+    // the OpenAI-shaped provider serves: the answers come back in Anthropic's shape
+    // whichever provider answered, on standard output without --output.
+    let anthropic = dir.join("anthropic.json");
+    std::fs::write(&anthropic, r#"{
+  "requests": [
+    {"custom_id": "my-first-request", "params": {"model": "claude-opus-4-1", "max_tokens": 1024, "system": "Be brief.", "messages": [{"role": "user", "content": "Hello, world"}]}},
+    {"custom_id": "my-second-request", "params": {"model": "gpt-3.5-turbo-0125", "max_tokens": 1024, "messages": [{"role": "user", "content": "Hi again, friend"}]}}
+  ]
+}
+"#).unwrap();
+    let (code, answers) = env
+        .batch(&anthropic, &["--wait", "--wait-timeout", "60s"])
+        .await;
+    assert_eq!(code, 0, "{answers}");
+    std::fs::write(&results, &answers).unwrap();
+    let lines = sdk_checked("anthropic", &results);
+    assert_eq!(lines.len(), 2, "{answers}");
+    assert_eq!(lines[0]["custom_id"], "my-first-request");
+    assert_eq!(lines[0]["model"], "claude-opus-4-1");
+    assert_eq!(
+        lines[0]["text"],
+        "mock answer from claude-opus-4-1: Hello, world"
+    );
+    assert_eq!(lines[1]["model"], "gpt-3.5-turbo-0125");
+    assert!(lines.iter().all(|l| l["type"] == "succeeded"), "{lines:?}");
+    let provider = |i: usize| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(answers.lines().nth(i).unwrap()).unwrap()["llmq"]
+            ["provider"]
+            .clone()
+    };
+    assert_eq!((provider(0), provider(1)), ("an".into(), "oa".into()));
+    worker.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn a_provider_line_llmq_does_not_run_is_named_and_route_lets_routing_choose() {
+    let env = TestEnv::new().await.unwrap();
+    let path = std::env::temp_dir().join(format!("llmq-{}-openai.jsonl", env.queue));
+    let line = |custom: &str, url: &str| {
+        serde_json::json!({"custom_id": custom, "method": "POST", "url": url,
+            "body": {"model": "gpt-4o-mini", "input": "x", "messages": [{"role": "user", "content": "Hello"}]}})
+        .to_string()
+    };
+    std::fs::write(
+        &path,
+        jsonl(&[
+            line("a", "/v1/chat/completions"),
+            line("b", "/v1/embeddings"),
+        ]),
+    )
+    .unwrap();
+    let (code, out) = env.batch(&path, &[]).await;
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(env.stream_len().await, 0, "nothing of a bad file goes in");
+    std::fs::write(&path, jsonl(&[line("a", "/v1/chat/completions")])).unwrap();
+    let (code, out) = env.batch(&path, &["--route"]).await;
+    assert_eq!(code, 0, "{out}");
+    let tasks = env.stream_tasks("-", "+").await.unwrap();
+    assert_eq!(tasks.len(), 1);
+    assert_eq!(tasks[0].get("model"), None, "--route pins no model");
+    assert_eq!(tasks[0]["messages"][0]["content"], "Hello");
+    let _ = std::fs::remove_file(path);
+}

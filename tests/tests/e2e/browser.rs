@@ -27,23 +27,9 @@ fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("LLMQ_BROWSER_PYTHON") {
         return PathBuf::from(p);
     }
-    let venv = std::env::var_os("LLMQ_BROWSER_VENV").map_or_else(
-        || {
-            let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
-                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
-                PathBuf::from,
-            );
-            cache.join("llmq/browser-venv")
-        },
-        PathBuf::from,
-    );
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists() && std::path::Path::new("/usr/bin/chromium").exists(),
-        "the browser test needs Playwright in {} and Debian's chromium: run `make browser-deps`",
-        venv.display()
-    );
-    python
+    llmq_tests::harness::venv_python("LLMQ_BROWSER_VENV", "browser-venv")
+        .filter(|_| std::path::Path::new("/usr/bin/chromium").exists())
+        .expect("the browser test needs Playwright in its virtualenv and Debian's chromium: run `make browser-deps`")
 }
 
 /// The suites' provider file with quotas on the mock provider, renamed `name` so that its

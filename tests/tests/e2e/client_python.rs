@@ -19,23 +19,9 @@ const SUITE_WITHIN: Duration = Duration::from_secs(600);
 
 /// The virtualenv's Python: `LLMQ_PYTHON_CLIENT_VENV`, else the one deps.sh makes.
 fn python() -> PathBuf {
-    let venv = std::env::var_os("LLMQ_PYTHON_CLIENT_VENV").map_or_else(
-        || {
-            let cache = std::env::var_os("XDG_CACHE_HOME").map_or_else(
-                || PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"),
-                PathBuf::from,
-            );
-            cache.join("llmq/python-client-venv")
-        },
-        PathBuf::from,
-    );
-    let python = venv.join("bin/python");
-    assert!(
-        python.exists(),
-        "the Python client's tests need its virtualenv at {}: run producer/clients/python/deps.sh",
-        venv.display()
-    );
-    python
+    llmq_tests::harness::venv_python("LLMQ_PYTHON_CLIENT_VENV", "python-client-venv").expect(
+        "the Python client's tests need its virtualenv: run producer/clients/python/deps.sh",
+    )
 }
 
 /// The counts of pytest's closing line (`12 passed, 1 skipped, 2 warnings in 3.40s`), as

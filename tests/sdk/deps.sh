@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# make sdk-deps: what tests/tests/e2e/batch.rs's provider-file test needs: OpenAI's and
+# Anthropic's Python SDKs, pinned in tests/sdk/requirements.txt, in a virtualenv kept between
+# runs ($LLMQ_SDK_VENV, default ~/.cache/llmq/sdk-venv) and rebuilt only when that file changes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+venv="${LLMQ_SDK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llmq/sdk-venv}"
+want=$(sha256sum tests/sdk/requirements.txt | cut -d' ' -f1)
+if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
+    echo "$want" >"$venv/.requirements.sha256"
+fi
