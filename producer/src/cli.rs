@@ -571,8 +571,12 @@ pub struct Costs {
     /// Up to and including this UTC day (YYYY-MM-DD).
     #[arg(long, value_parser = parse_date)]
     pub until: Option<chrono::NaiveDate>,
-    #[arg(long)]
+    /// One chain's costs.
+    #[arg(long, conflicts_with = "batch")]
     pub chain_id: Option<String>,
+    /// One batch's costs (`llmq batch`'s id): its finished tasks and their calls.
+    #[arg(long, value_name = "BATCH_ID")]
+    pub batch: Option<String>,
     /// Group the costs by this; by chain, the costliest chains begun in the range, each
     /// with its whole cost.
     #[arg(long, value_enum, default_value = "provider")]

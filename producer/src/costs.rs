@@ -3,7 +3,7 @@
 use std::io::Write;
 
 use chrono::{NaiveDate, TimeZone, Utc};
-use llmq_shared::ledger::{GroupBy, Ledger};
+use llmq_shared::ledger::{GroupBy, Ledger, Scope};
 
 use crate::cli::{By, Costs, Format, Migrate};
 use crate::{EXIT_OK, Result, emit, render, to_json};
@@ -38,19 +38,24 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
         By::Day => GroupBy::Day,
         By::Chain => GroupBy::Chain,
     };
+    let scope = match (&args.chain_id, &args.batch) {
+        (Some(chain), _) => Scope::Chain(chain),
+        (None, Some(batch)) => Scope::Batch(batch),
+        (None, None) => Scope::All,
+    };
     // By chain over the ledger, the lines are whole chains (begun in the range, the
     // costliest `--limit`), so the total is read by provider: the calls made in the range.
-    let chains = args.chain_id.is_none() && by == GroupBy::Chain;
+    let chains = scope == Scope::All && by == GroupBy::Chain;
     let lines = if chains {
         ledger.costliest_chains(since, until, args.limit).await?
     } else {
-        ledger
-            .costs(since, until, args.chain_id.as_deref(), by)
-            .await?
+        ledger.costs(since, until, scope, by).await?
     };
     let by_provider;
     let totals = if chains {
-        by_provider = ledger.costs(since, until, None, GroupBy::Provider).await?;
+        by_provider = ledger
+            .costs(since, until, Scope::All, GroupBy::Provider)
+            .await?;
         &by_provider
     } else {
         &lines
@@ -58,9 +63,7 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
     let total: f64 = totals.iter().map(|l| l.cost_usd).fold(0.0, |a, b| a + b);
     let saved: f64 = totals.iter().map(|l| l.saved_usd).fold(0.0, |a, b| a + b);
     let calls: i64 = totals.iter().map(|l| l.calls).sum();
-    let tasks = ledger
-        .tasks_in(since, until, args.chain_id.as_deref())
-        .await?;
+    let tasks = ledger.tasks_in(since, until, scope).await?;
     let chain = match &args.chain_id {
         Some(id) => ledger.chain_tasks(id, since, until).await?,
         None => Vec::new(),
@@ -82,8 +85,12 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
                 (None, Some(s)) => format!("from {s} to {last}"),
                 (None, None) => format!("up to {last}"),
             };
+            let of = match &args.batch {
+                Some(batch) => format!(" of batch {batch}"),
+                None => String::new(),
+            };
             let mut s = format!(
-                "Costs {range}\nTotal: {} over {calls} calls, {tasks} tasks\n",
+                "Costs{of} {range}\nTotal: {} over {calls} calls, {tasks} tasks\n",
                 render::usd(total)
             );
             if saved > 0.0 {

@@ -479,20 +479,16 @@ async fn flush(
     Ok(mark.enqueued)
 }
 
-/// A `--batch-id`: it names keys and task ids, so a few safe characters.
+/// A `--batch-id`: it names keys, task ids and ledger rows.
 fn check_batch_id(id: &str) -> Result<String> {
-    let ok = (1..=128).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
-    if ok {
-        Ok(id.to_owned())
-    } else {
-        Err(Error::Usage(format!(
-            "--batch-id `{}` must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`",
-            llmq_shared::text::excerpt(id, 40)
-        )))
-    }
+    llmq_shared::envelope::check_batch_id(id)
+        .map(|()| id.to_owned())
+        .map_err(|e| {
+            Error::Usage(format!(
+                "--batch-id `{}` {e}",
+                llmq_shared::text::excerpt(id, 40)
+            ))
+        })
 }
 
 /// Builds each task of a batch as the worker would take it.
@@ -540,6 +536,7 @@ impl Shaper<'_> {
                 .unwrap_or_else(|| format!("{}:{custom}", self.batch_id)),
         );
         env.idempotency_window = t.idempotency_window;
+        env.batch_id = Some(self.batch_id.clone());
         env.task_type = t.task_type;
         // --route: routing chooses, whatever model the line names.
         if !args.route {

@@ -336,6 +336,10 @@ pub struct Envelope {
     /// its answer (e.g. `"24h"`); unset: the queue's, from the provider file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_window: Option<String>,
+    /// The batch the task came in (`llmq batch`'s id): the ledger keeps it with the task, so
+    /// `llmq costs --batch` reports one batch. 1 to 128 letters, digits, `-`, `_`, `.`, `:`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
     /// How urgent the task is: 0 (the default, most urgent) to [`MAX_PRIORITY`] (least). A
     /// ready task of a lower number is taken before any of a higher one, fleet-wide; a task
     /// with neither `priority` nor `tenant` is served first, straight from the stream.
@@ -569,6 +573,22 @@ impl Envelope {
     }
 }
 
+/// A batch's id names keys, task ids and ledger rows: a few safe characters.
+///
+/// # Errors
+/// What is wrong with it, as the end of a sentence that names it.
+pub fn check_batch_id(id: &str) -> std::result::Result<(), String> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err("must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`".into())
+    }
+}
+
 /// The shortest `deadline`: every provider's batch API may take a day (OpenAI's only
 /// completion window is 24h; Anthropic and Gemini aim at a day too).
 pub const MIN_DEADLINE: Duration = Duration::from_secs(24 * 3600);
@@ -634,6 +654,7 @@ impl Envelope {
             run_at: None,
             idempotency_key: None,
             idempotency_window: None,
+            batch_id: None,
             priority: None,
             tenant: None,
             max_tokens: None,
@@ -760,6 +781,12 @@ impl Envelope {
             ask.check(self)?;
         }
         self.check_idempotency()?;
+        if let Some(id) = &self.batch_id {
+            check_batch_id(id).map_err(|message| Error::Field {
+                field: "batch_id".into(),
+                message,
+            })?;
+        }
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.
         let texts = [

@@ -119,6 +119,8 @@ pub struct TaskRow {
     pub explored: Option<bool>,
     /// The route it chose from, `provider/model` in order (the first is its choice).
     pub candidates: Option<Vec<String>>,
+    /// The batch it came in (the envelope's `batch_id`).
+    pub batch_id: Option<String>,
 }
 
 /// A review's or check's verdict on the output of the task it judged: the task's model did
@@ -195,6 +197,46 @@ impl GroupBy {
             GroupBy::TaskType => "task_type".into(),
             GroupBy::Day => format!("to_char({at} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
             GroupBy::Chain => "coalesce(chain_id, '-')".into(),
+        }
+    }
+}
+
+/// Which tasks' costs a report covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    /// Every task: read from the rollups.
+    All,
+    /// One chain's, from its raw rows.
+    Chain(&'a str),
+    /// One batch's (the envelope's `batch_id`): its finished tasks, from their raw rows,
+    /// and their calls, by task id.
+    Batch(&'a str),
+}
+
+impl<'a> Scope<'a> {
+    /// The SQL that picks the scope's raw rows of a table, by `$3`.
+    fn rows(self) -> &'static str {
+        match self {
+            Scope::All => "true",
+            Scope::Chain(_) => "chain_id = $3",
+            Scope::Batch(_) => {
+                "task_id = ANY(ARRAY(SELECT task_id FROM tasks WHERE batch_id = $3))"
+            }
+        }
+    }
+
+    fn tasks(self) -> &'static str {
+        match self {
+            Scope::Batch(_) => "batch_id = $3",
+            other => other.rows(),
+        }
+    }
+
+    /// What `$3` is.
+    fn id(self) -> Option<&'a str> {
+        match self {
+            Scope::All => None,
+            Scope::Chain(id) | Scope::Batch(id) => Some(id),
         }
     }
 }
@@ -616,19 +658,20 @@ impl Ledger {
             sqlx::query(
                 "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
                     provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
-                    finished_at, risk, duration_ms, strategy, propensity, explored, candidates)
+                    finished_at, risk, duration_ms, strategy, propensity, explored, candidates,
+                    batch_id)
                  SELECT t.task_id, t.queue, t.chain_id, t.task_type, t.status, t.attempts,
                     t.provider, t.model, t.input_tokens, t.output_tokens,
                     t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at,
                     t.risk, t.duration_ms, t.strategy, t.propensity, t.explored,
-                    t.candidates::jsonb
+                    t.candidates::jsonb, t.batch_id
                  FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::int4[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::float8[],
                     $12::text[], $13::text[], $14::timestamptz[], $15::text[], $16::int8[],
-                    $17::text[], $18::float8[], $19::bool[], $20::text[])
+                    $17::text[], $18::float8[], $19::bool[], $20::text[], $21::text[])
                  AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
                     input_tokens, output_tokens, cost_usd, error, error_class, finished_at,
-                    risk, duration_ms, strategy, propensity, explored, candidates)
+                    risk, duration_ms, strategy, propensity, explored, candidates, batch_id)
                  ON CONFLICT (task_id, finished_at) DO UPDATE SET status = EXCLUDED.status,
                     attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
                     model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
@@ -637,7 +680,7 @@ impl Ledger {
                     risk = EXCLUDED.risk,
                     duration_ms = EXCLUDED.duration_ms, strategy = EXCLUDED.strategy,
                     propensity = EXCLUDED.propensity, explored = EXCLUDED.explored,
-                    candidates = EXCLUDED.candidates",
+                    candidates = EXCLUDED.candidates, batch_id = EXCLUDED.batch_id",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| text(&t.queue)).collect::<Vec<_>>())
@@ -673,6 +716,7 @@ impl Ledger {
                     })
                     .collect::<Vec<_>>(),
             )
+            .bind(tasks.iter().map(|t| opt(&t.batch_id)).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -801,7 +845,8 @@ impl Ledger {
         Ok(stats)
     }
 
-    /// Tasks that finished in `[since, until)` (whole UTC days; of one chain: exactly).
+    /// Tasks that finished in `[since, until)` (whole UTC days; of one chain or batch:
+    /// exactly).
     ///
     /// # Errors
     /// Postgres fails.
@@ -809,18 +854,22 @@ impl Ledger {
         &self,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
-        chain_id: Option<&str>,
+        scope: Scope<'_>,
     ) -> Result<i64> {
-        let sql = match chain_id {
-            None => format!("SELECT coalesce(sum(tasks), 0)::int8 FROM task_rollups WHERE {DAYS}"),
-            Some(_) => "SELECT count(*) FROM tasks
-                 WHERE chain_id = $3 AND finished_at >= $1 AND finished_at < $2"
-                .to_owned(),
+        let sql = match scope {
+            Scope::All => {
+                format!("SELECT coalesce(sum(tasks), 0)::int8 FROM task_rollups WHERE {DAYS}")
+            }
+            _ => format!(
+                "SELECT count(*) FROM tasks
+                 WHERE {} AND finished_at >= $1 AND finished_at < $2",
+                scope.tasks()
+            ),
         };
         Ok(sqlx::query_scalar(&sql)
             .bind(since)
             .bind(until)
-            .bind(chain_id)
+            .bind(scope.id())
             .fetch_one(&self.pool)
             .await?)
     }
@@ -882,12 +931,12 @@ impl Ledger {
         &self,
         since: DateTime<Utc>,
         until: DateTime<Utc>,
-        chain_id: Option<&str>,
+        scope: Scope<'_>,
         by: GroupBy,
     ) -> Result<Vec<CostLine>> {
-        let (calls, tasks) = match (chain_id, by.rollup_key()) {
-            (None, None) => return self.costliest_chains(since, until, u32::MAX).await,
-            (None, Some(key)) => (
+        let (calls, tasks) = match (scope, by.rollup_key()) {
+            (Scope::All, None) => return self.costliest_chains(since, until, u32::MAX).await,
+            (Scope::All, Some(key)) => (
                 format!(
                     "SELECT {key} AS key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,
                             sum(output_tokens) AS output_tokens,
@@ -901,20 +950,22 @@ impl Ledger {
                          WHERE {DAYS} GROUP BY 1"
                 ),
             ),
-            (Some(_), _) => (
+            (_, _) => (
                 format!(
                     "SELECT {key} AS key, count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')) AS calls,
                         sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                         sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
                         coalesce(sum(list_cost_usd - cost_usd), 0) AS batch_saved_usd
                      FROM provider_calls
-                     WHERE chain_id = $3 AND called_at >= $1 AND called_at < $2 GROUP BY 1",
-                    key = by.raw_key("called_at")
+                     WHERE {rows} AND called_at >= $1 AND called_at < $2 GROUP BY 1",
+                    key = by.raw_key("called_at"),
+                    rows = scope.rows()
                 ),
                 format!(
                     "SELECT {key} AS key, count(*) AS tasks FROM tasks
-                     WHERE chain_id = $3 AND finished_at >= $1 AND finished_at < $2 GROUP BY 1",
-                    key = by.raw_key("finished_at")
+                     WHERE {rows} AND finished_at >= $1 AND finished_at < $2 GROUP BY 1",
+                    key = by.raw_key("finished_at"),
+                    rows = scope.tasks()
                 ),
             ),
         };
@@ -930,7 +981,7 @@ impl Ledger {
         Ok(sqlx::query_as::<_, CostLine>(&sql)
             .bind(since)
             .bind(until)
-            .bind(chain_id)
+            .bind(scope.id())
             .fetch_all(&self.pool)
             .await?)
     }

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{NaiveDate, TimeZone, Utc};
 use llmq_shared::insights;
-use llmq_shared::ledger::{CostLine, GroupBy};
+use llmq_shared::ledger::{CostLine, GroupBy, Scope};
 use serde::Deserialize;
 
 use super::{AppState, Viewer, esc, message, page};
@@ -22,6 +22,8 @@ pub(super) struct CostsQuery {
     since: Option<String>,
     /// Last day, included; default today.
     until: Option<String>,
+    /// One batch's costs (`llmq batch`'s id); its range starts a year back by default.
+    batch: Option<String>,
 }
 
 fn day(raw: Option<&str>, default: NaiveDate, name: &str) -> Result<NaiveDate, String> {
@@ -144,11 +146,20 @@ pub(super) async fn costs(
             &viewer,
         );
     };
+    let batch = q.batch.as_deref().map(str::trim).filter(|b| !b.is_empty());
+    if let Some(b) = batch
+        && let Err(e) = llmq_shared::envelope::check_batch_id(b)
+    {
+        let why = format!("A batch id {e}.");
+        return message(StatusCode::BAD_REQUEST, "Not a batch id", &why, &viewer);
+    }
+    let scope = batch.map_or(Scope::All, Scope::Batch);
     let today = Utc::now().date_naive();
     let range = day(q.until.as_deref(), today, "until").and_then(|until| {
+        let back = if batch.is_some() { MAX_DAYS - 1 } else { 29 };
         let since = day(
             q.since.as_deref(),
-            until - chrono::Duration::days(29),
+            until - chrono::Duration::days(back),
             "since",
         )?;
         if since > until {
@@ -170,14 +181,18 @@ pub(super) async fn costs(
         .from_utc_datetime(&(until + chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN));
     let mut parts = Vec::new();
     for by in GroupBy::PAGE {
-        match ledger.costs(from, to, None, by).await {
+        match ledger.costs(from, to, scope, by).await {
             Ok(lines) => parts.push(lines),
             Err(e) => return postgres_away(&e, &viewer),
         }
     }
-    let chains = match ledger.costliest_chains(from, to, TOP as u32).await {
-        Ok(lines) => lines,
-        Err(e) => return postgres_away(&e, &viewer),
+    // One batch's page is that batch's alone.
+    let chains = match batch {
+        Some(_) => Vec::new(),
+        None => match ledger.costliest_chains(from, to, TOP as u32).await {
+            Ok(lines) => lines,
+            Err(e) => return postgres_away(&e, &viewer),
+        },
     };
     let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
     let calls: i64 = parts[1].iter().map(|l| l.calls).sum();
@@ -186,11 +201,16 @@ pub(super) async fn costs(
         since: Some(from),
         ..insights::Filter::default()
     };
-    let switches = match insights::by_model(ledger.pool(), &filter).await {
-        Ok(lines) => insights::switches(&lines, 0.02, 20),
-        Err(e) => return postgres_away(&e, &viewer),
+    let switches = match batch {
+        Some(_) => Vec::new(),
+        None => match insights::by_model(ledger.pool(), &filter).await {
+            Ok(lines) => insights::switches(&lines, 0.02, 20),
+            Err(e) => return postgres_away(&e, &viewer),
+        },
     };
-    let insight = if switches.is_empty() {
+    let insight = if batch.is_some() {
+        String::new()
+    } else if switches.is_empty() {
         "<h2>Insights</h2><p>No switch would save money at similar success yet (each model \
          needs 20 tasks of a type to be compared).</p>"
             .to_owned()
@@ -220,9 +240,12 @@ pub(super) async fn costs(
     let body = format!(
         "<form method=\"get\" action=\"/costs\"><label>From <input type=\"date\" name=\"since\" \
          value=\"{since}\"></label> <label>to <input type=\"date\" name=\"until\" \
-         value=\"{until}\"></label> <button>Show</button></form>\
-         <p id=\"total\">${total:.6} over {calls} call(s) from {since} to {until} (UTC)\
+         value=\"{until}\"></label> <label>batch <input name=\"batch\" value=\"{}\" \
+         placeholder=\"all\"></label> <button>Show</button></form>\
+         <p id=\"total\">${total:.6} over {calls} call(s){} from {since} to {until} (UTC)\
          {}.</p>{}{}{}{}{}{insight}",
+        esc(batch.unwrap_or_default()),
+        batch.map_or_else(String::new, |b| format!(" of batch {}", esc(b))),
         if saved > 0.0 {
             format!("; provider batches and prompt caching saved ${saved:.6} against list prices")
         } else if saved < 0.0 {
@@ -237,7 +260,11 @@ pub(super) async fn costs(
         table("By provider", &parts[1]),
         table("By model", &parts[2]),
         table("By task type", &parts[3]),
-        chains_table(&chains),
+        if batch.is_some() {
+            String::new()
+        } else {
+            chains_table(&chains)
+        },
     );
     page(StatusCode::OK, "Costs", &body, &viewer)
 }

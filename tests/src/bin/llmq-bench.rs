@@ -20,7 +20,7 @@ use clap::{Parser, ValueEnum};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::{QUEUES, QueueKeys};
-use llmq_shared::ledger::Ledger;
+use llmq_shared::ledger::{Ledger, Scope};
 use llmq_shared::outcome::Status;
 use llmq_shared::provider::{CallFuture, Completion, Provider, Request, Usage};
 use llmq_shared::queue::{Client, OutEntry};
@@ -1832,11 +1832,11 @@ async fn ledger_scale(args: &Args) -> Result<String> {
         Ok(ms[1])
     }
     let epoch = chrono::DateTime::<Utc>::UNIX_EPOCH;
-    let costs = median_ms(|| ledger.costs(epoch, until, None, GroupBy::Provider)).await?;
-    let by_model = median_ms(|| ledger.costs(day(30), until, None, GroupBy::Model)).await?;
-    let by_day = median_ms(|| ledger.costs(day(60), until, None, GroupBy::Day)).await?;
+    let costs = median_ms(|| ledger.costs(epoch, until, Scope::All, GroupBy::Provider)).await?;
+    let by_model = median_ms(|| ledger.costs(day(30), until, Scope::All, GroupBy::Model)).await?;
+    let by_day = median_ms(|| ledger.costs(day(60), until, Scope::All, GroupBy::Day)).await?;
     let by_chain = median_ms(|| ledger.costliest_chains(day(30), until, 50)).await?;
-    let tasks = median_ms(|| ledger.tasks_in(day(30), until, None)).await?;
+    let tasks = median_ms(|| ledger.tasks_in(day(30), until, Scope::All)).await?;
     let filter = llmq_shared::insights::Filter {
         since: Some(day(30)),
         ..Default::default()
@@ -1848,7 +1848,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     // The costs page: what `llmq web` reads for 30 days.
     let web = median_ms(|| async {
         for by in GroupBy::PAGE {
-            ledger.costs(day(29), until, None, by).await?;
+            ledger.costs(day(29), until, Scope::All, by).await?;
         }
         ledger.costliest_chains(day(29), until, 20).await?;
         llmq_shared::insights::by_model(pool, &filter).await

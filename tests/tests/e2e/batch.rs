@@ -570,3 +570,55 @@ async fn a_provider_line_llmq_does_not_run_is_named_and_route_lets_routing_choos
     assert_eq!(tasks[0]["messages"][0]["content"], "Hello");
     let _ = std::fs::remove_file(path);
 }
+
+#[tokio::test]
+async fn llmq_costs_batch_reports_one_batch_s_tasks_calls_models_and_cost() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let path = std::env::temp_dir().join(format!("llmq-{}-costed.jsonl", env.queue));
+    let batch = format!("costed-{}", env.queue);
+    let mut lines: Vec<String> = (0..4).map(task_line).collect();
+    lines.push(
+        serde_json::json!({"custom_id": "smart", "prompt": "Think hard", "model": "mock-smart"})
+            .to_string(),
+    );
+    std::fs::write(&path, jsonl(&lines)).unwrap();
+    let (code, out) = env
+        .batch(&path, &["--batch-id", &batch, "--wait", "--format", "json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // Another batch's tasks are not this one's.
+    std::fs::write(&path, jsonl(&[task_line(9)])).unwrap();
+    let (code, out) = env.batch(&path, &["--wait"]).await;
+    assert_eq!(code, 0, "{out}");
+    worker.stop().await.unwrap();
+
+    let db = llmq_tests::harness::database_url();
+    let (code, out) = env
+        .cli(&["costs", "--database-url", &db, "--batch", &batch, "--by", "model", "--format", "json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let costs: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(costs["tasks"], 5, "{costs}");
+    assert_eq!(costs["calls"], 5, "{costs}");
+    let models: Vec<&str> = costs["breakdown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(models, ["mock/mock-smart", "mock/mock-fast"], "{costs}");
+    let total = costs["total_cost_usd"].as_f64().unwrap();
+    let paid = report["total_cost"].as_f64().unwrap();
+    assert!(total > 0.0 && (total - paid).abs() < 1e-9, "{total} against {paid}");
+    let (code, text) = env
+        .cli(&["costs", "--database-url", &db, "--batch", &batch])
+        .await;
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains(&format!("Costs of batch {batch}")) && text.contains("over 5 calls, 5 tasks"),
+        "{text}"
+    );
+    let _ = std::fs::remove_file(path);
+}

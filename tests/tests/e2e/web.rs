@@ -676,10 +676,17 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
     let worker = env.worker();
     let mut e = Envelope::new("cost me");
     e.model = Some("mock-fast".into());
-    env.redis.enqueue(&env.keys, &e).await.unwrap();
-    env.wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap();
+    // And one task of a batch, which the page can show alone.
+    let batch = format!("web-{}", env.queue);
+    let mut b = Envelope::new("cost me in a batch");
+    b.model = Some("mock-smart".into());
+    b.batch_id = Some(batch.clone());
+    for t in [&e, &b] {
+        env.redis.enqueue(&env.keys, t).await.unwrap();
+        env.wait_final(&t.id.unwrap().to_string(), WAIT)
+            .await
+            .unwrap();
+    }
     worker.stop().await.unwrap();
     let (status, _, body) = get(&format!("{base}/costs")).await;
     assert_eq!(status, 200, "{body}");
@@ -698,6 +705,17 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
     ] {
         assert!(body.contains(part), "{part}: {body}");
     }
+    let (status, _, body) = get(&format!("{base}/costs?batch={batch}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains(&format!("over 1 call(s) of batch {batch}")),
+        "the batch's one call: {body}"
+    );
+    assert!(body.contains("mock/mock-smart") && !body.contains("mock/mock-fast"));
+    assert!(!body.contains("Costliest chains"), "{body}");
+    let (status, _, body) = get(&format!("{base}/costs?batch=%3Cb%3E")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.contains("<b>"), "{body}");
     let (status, _, body) = get(&format!("{base}/costs?since=2026-13-01")).await;
     assert_eq!(status, 400, "{body}");
     let (status, _, _) = get(&format!("{base}/costs?since=2026-11-02&until=2026-11-01")).await;

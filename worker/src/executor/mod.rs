@@ -1018,7 +1018,10 @@ fn apply(
         .record
         .as_ref()
         .filter(|r| r.finished_at.is_some())
-        .map(|r| task_row(r, env.risk));
+        .map(|r| TaskRow {
+            batch_id: env.batch_id.clone(),
+            ..task_row(r, env.risk)
+        });
     let write = match (step, reruns) {
         (Some((chain_id, step)), Some(reruns)) => Write::Rerun {
             finish,
@@ -1212,5 +1215,6 @@ fn task_row(r: &TaskRecord, risk: Option<envelope::Risk>) -> TaskRow {
         propensity: r.learned.as_ref().map(|l| l.propensity),
         explored: r.learned.as_ref().map(|l| l.explored),
         candidates: r.learned.as_ref().map(|l| l.candidates.clone()),
+        batch_id: None,
     }
 }
