@@ -133,6 +133,12 @@ export interface Task {
    * queue's (the provider file's `idempotency:`), else 24h.
    */
   idempotency_window?: string | null;
+  /**
+   * The batch the task came in (`llmq batch`'s id): the ledger keeps it with the task, so
+   * `llmq costs --batch <id>` and the page report one batch. 1 to 128 letters, digits, `-`,
+   * `_`, `.` or `:`.
+   */
+  batch_id?: string | null;
   max_tokens?: number | null;
   temperature?: number | null;
   metadata?: unknown;
@@ -173,6 +179,7 @@ export const TASK_FIELDS = [
   'run_at',
   'idempotency_key',
   'idempotency_window',
+  'batch_id',
   'max_tokens',
   'temperature',
   'metadata',
@@ -441,6 +448,11 @@ function checkIdempotency(key: string | undefined, window: string | undefined): 
   checkTtl('idempotency_window', window);
 }
 
+/** `check_batch_id` of the worker, in its words: a few safe ASCII characters, 1 to 128 of them. */
+function checkBatchId(id: string): void {
+  if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(id)) throw wrong('batch_id', 'must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`');
+}
+
 /** A valid `cache` as the worker writes it (serde): `ttl`, then `sampled` only when true. */
 function cacheWritten(ask: boolean | CacheAsk): boolean | CacheAsk {
   return typeof ask === 'boolean' ? ask : ask.sampled === true ? { ttl: ask.ttl, sampled: true } : { ttl: ask.ttl };
@@ -695,8 +707,8 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
     if (t[f] !== undefined) checkString(f, t[f]);
   }
   // The key's NUL is looked for after Envelope::check_idempotency, as the worker looks; a
-  // window's is humantime's to refuse.
-  for (const f of ['idempotency_key', 'idempotency_window'] as const) {
+  // window's is humantime's to refuse, a batch id's check_batch_id's.
+  for (const f of ['idempotency_key', 'idempotency_window', 'batch_id'] as const) {
     if (t[f] !== undefined) checkStringType(f, t[f]);
   }
   if (t.traceparent !== undefined && chars(t.traceparent) > 256) {
@@ -758,6 +770,7 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
   }
   if (t.cache !== undefined) checkCache(t.cache, t.stream === true, t.temperature);
   checkIdempotency(t.idempotency_key, t.idempotency_window);
+  if (t.batch_id !== undefined) checkBatchId(t.batch_id);
   if (t.idempotency_key?.includes('\0')) throw wrong('idempotency_key', NUL);
 
   const id = t.id ?? randomUUID();

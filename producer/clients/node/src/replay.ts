@@ -279,6 +279,7 @@ const ENVELOPE: Field[] = [
   optional('run_at', time),
   optional('idempotency_key', str),
   optional('idempotency_window', str),
+  optional('batch_id', str),
   optional('priority', i64),
   optional('tenant', str),
   optional('max_tokens', u32),

@@ -52,6 +52,8 @@ export async function usage(): Promise<void> {
   const duplicateOf: string | undefined = record.duplicate_of;
   await q.enqueue({ prompt: 'x', idempotency_key: 'order-42', idempotency_window: '1h' });
   await q.enqueue({ prompt: 'x', idempotency_key: 'order-42', idempotency_window: null });
+  await q.enqueue({ prompt: 'x', batch_id: 'batch-2030-01-02' });
+  await q.enqueue({ prompt: 'x', batch_id: null });
   const keep: CacheAsk = { ttl: '24h', sampled: true };
   await q.enqueue({ prompt: 'x', temperature: 0, cache: { ttl: '10m' } });
   await q.enqueue({ prompt: 'x', cache: keep });
@@ -103,6 +105,8 @@ export async function usage(): Promise<void> {
   await q.enqueue({ prompt: 'x', idempotency_key: 'k', idempotency_window: 3600 });
   // @ts-expect-error a key is text
   await q.enqueue({ prompt: 'x', idempotency_key: 42 });
+  // @ts-expect-error a batch id is text
+  await q.enqueue({ prompt: 'x', batch_id: 7 });
   // @ts-expect-error a chain's key is text
   await q.submitChain({ idempotency_key: 42, steps: [{ name: 'a', prompt: 'x' }] });
   // @ts-expect-error priority is a number

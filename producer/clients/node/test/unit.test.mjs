@@ -112,6 +112,7 @@ const FULL = {
   run_at: new Date('2030-01-02T03:04:05Z'),
   idempotency_key: 'order-42',
   idempotency_window: '1h',
+  batch_id: 'batch-2030-01-02:acme',
   max_tokens: 800,
   temperature: 0.2,
   metadata: { ticket: 'OPS-42', tags: ['a'] },
@@ -360,6 +361,62 @@ test('a keyed task is written with its key and window, as the worker writes them
   assert.equal(replayedTask('{"v":1,"prompt":"x","idempotency_key":"k","idempotency_window":null}', H), `{"v":1,"id":"${H}","prompt":"x","idempotency_key":"k","replays":1}`);
   const odd = '{"v":1,"prompt":"x","idempotency_key":"k","idempotency_window":3600}';
   assert.equal(replayedTask(odd, H), odd);
+});
+
+test('a batch id is written as given, and one the worker refuses is refused in its words (check_batch_id), in its order', () => {
+  const id = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  const written = (task) => buildEnvelope({ id, prompt: 'x', enqueued_at: '2030-01-02T03:04:05Z', ...task }).json;
+  const head = `{"v":1,"id":"${id}","prompt":"x"`;
+  const tail = ',"enqueued_at":"2030-01-02T03:04:05Z"}';
+  // Where Envelope declares it: after idempotency_window, before max_tokens and priority.
+  assert.equal(written({ batch_id: 'batch_2030-01-02.a:1' }), `${head},"batch_id":"batch_2030-01-02.a:1"${tail}`);
+  assert.equal(
+    written({ priority: 1, batch_id: 'b', idempotency_key: 'k' }),
+    `${head},"idempotency_key":"k","batch_id":"b","priority":1${tail}`,
+  );
+  assert.equal(written({ batch_id: null }), `${head}${tail}`);
+  assert.equal(written({ batch_id: undefined }), `${head}${tail}`);
+  // Taken as the worker takes them: one character, 128, each character it allows.
+  for (const b of ['b', 'x'.repeat(128), 'AZaz09-_.:', '-', ':', '.']) {
+    assert.equal(JSON.parse(written({ batch_id: b })).batch_id, b);
+    assert.ok(ajv().getSchema('urn:llmq:schema:envelope:1')(JSON.parse(written({ batch_id: b }))));
+  }
+
+  /** The whole sentence, as a pattern. */
+  const exactly = (text) => new RegExp('^' + text.replace(/[.*+?^${}()|[\]\\]/g, '\\$&') + '$');
+  const rule = exactly("The task's field `batch_id` is wrong: must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`.");
+  const cases = [
+    [{ batch_id: '' }, rule],
+    [{ batch_id: 'x'.repeat(129) }, rule],
+    [{ batch_id: 'a b' }, rule],
+    [{ batch_id: 'a/b' }, rule],
+    [{ batch_id: ' ' }, rule],
+    [{ batch_id: 'b\n' }, rule],
+    [{ batch_id: 'b\u0000' }, rule],
+    [{ batch_id: 'caf\u00e9' }, rule], // a letter, but not ASCII
+    [{ batch_id: '\uff11' }, rule], // a digit, but not ASCII
+    [{ batch_id: 'a+b' }, rule],
+    // Envelope::check's order: the idempotency checks before it.
+    [{ batch_id: '', idempotency_key: '' }, /`idempotency_key` is wrong: is empty/],
+    // Its type, which the worker's deserializer refuses before any check.
+    [{ batch_id: 42 }, exactly("The task's field `batch_id` is wrong: must be a string, not 42.")],
+    [{ batch_id: 'b\ud800' }, /`batch_id` is wrong: holds a lone UTF-16 surrogate/],
+  ];
+  for (const [task, says] of cases) refuses(() => buildEnvelope({ prompt: 'x', ...task }), 'invalid', says);
+  // The schema refuses what the client refuses.
+  const validate = ajv().getSchema('urn:llmq:schema:envelope:1');
+  for (const b of ['', 'x'.repeat(129), 'a b', 'a/b']) assert.equal(validate({ v: 1, prompt: 'x', batch_id: b }), false, b);
+
+  // A dead letter is replayed with it, where Envelope declares it; replays do not check, but
+  // a batch id that is not text is refused by serde, and the letter goes back as it came.
+  assert.equal(
+    replayedTask('{"v":1,"prompt":"x","priority":2,"batch_id":"b-1","idempotency_key":"k"}', id),
+    `{"v":1,"id":"${id}","prompt":"x","idempotency_key":"k","batch_id":"b-1","priority":2,"replays":1}`,
+  );
+  assert.equal(replayedTask('{"v":1,"prompt":"x","batch_id":null}', id), `{"v":1,"id":"${id}","prompt":"x","replays":1}`);
+  assert.equal(replayedTask('{"v":1,"prompt":"x","batch_id":"a b"}', id), `{"v":1,"id":"${id}","prompt":"x","batch_id":"a b","replays":1}`);
+  const odd = '{"v":1,"prompt":"x","batch_id":7}';
+  assert.equal(replayedTask(odd, id), odd);
 });
 
 // uuid.uuid5(uuid.NAMESPACE_OID, "llmq-chain-key:<queue>:<tenant's bytes>:<tenant>:<key>")

@@ -107,6 +107,7 @@ def full_task() -> dict[str, Any]:
         "run_at": datetime(2020, 1, 2, 3, 4, 5, tzinfo=timezone.utc),
         "idempotency_key": "umbrella-1",
         "idempotency_window": timedelta(hours=1),
+        "batch_id": "batch-2020-01-02:weather",
         "max_tokens": 200,
         "temperature": 0.2,
         "metadata": {"ticket": "OPS-42", "tags": ["a", None]},
@@ -135,6 +136,7 @@ def test_a_fully_populated_envelope_validates_against_the_schema() -> None:
     assert not errors, errors
     assert written["timeout"] == 300 and written["run_at"] == "2020-01-02T03:04:05Z"
     assert written["idempotency_window"] == "3600s"
+    assert written["batch_id"] == "batch-2020-01-02:weather"
 
 
 def test_a_fully_populated_chain_validates_against_the_schema() -> None:

@@ -600,6 +600,57 @@ def test_a_keyed_tasks_letter_is_replayed_with_its_key_and_window() -> None:
     assert E.replayed_task(odd, U, None) == odd
 
 
+def test_a_batch_id_is_written_as_given() -> None:
+    head = f'{{"v":1,"prompt":"x","id":"{U}","enqueued_at":"2030-01-02T03:04:05Z"'
+    assert written(batch_id="batch_2030-01-02.a:1") == head + ',"batch_id":"batch_2030-01-02.a:1"}'
+    assert "batch_id" not in json.loads(written(batch_id=None))
+    # Taken as the worker takes them: one character, 128, each character it allows.
+    for batch_id in ("b", "x" * 128, "AZaz09-_.:", "-", ":", "."):
+        assert json.loads(written(batch_id=batch_id))["batch_id"] == batch_id
+
+
+BATCH_ID_RULE = "field `batch_id` is wrong: must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`."
+BATCH_ID_REFUSED: list[tuple[dict[str, Any], str]] = [
+    # check_batch_id, in its words.
+    ({"batch_id": ""}, BATCH_ID_RULE),
+    ({"batch_id": "x" * 129}, BATCH_ID_RULE),
+    ({"batch_id": "a b"}, BATCH_ID_RULE),
+    ({"batch_id": "a/b"}, BATCH_ID_RULE),
+    ({"batch_id": " "}, BATCH_ID_RULE),
+    ({"batch_id": "b\n"}, BATCH_ID_RULE),
+    ({"batch_id": "b\u0000"}, BATCH_ID_RULE),
+    ({"batch_id": "caf\u00e9"}, BATCH_ID_RULE),  # a letter, but not ASCII
+    ({"batch_id": "\uff11"}, BATCH_ID_RULE),  # a digit, but not ASCII
+    ({"batch_id": "a+b"}, BATCH_ID_RULE),
+    # Envelope::check's order: the idempotency checks before it, the NUL checks after it.
+    ({"batch_id": "", "idempotency_key": ""}, KEY_EMPTY),
+    ({"batch_id": "", "model": "a\u0000b"}, BATCH_ID_RULE),
+    # Its type, which serde refuses before any check.
+    ({"batch_id": 42}, "field `batch_id` is wrong: must be a string."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("task", "says"), BATCH_ID_REFUSED)
+def test_a_batch_id_the_worker_refuses_is_refused_in_its_words(task: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidTask) as e:
+        E.build({"prompt": "x", **task})
+    assert_sentence(e.value, says)
+    assert str(e.value) == says
+
+
+def test_a_batched_tasks_letter_is_replayed_with_its_batch_id() -> None:
+    task = '{"v":1,"prompt":"x","batch_id":"b-1"}'
+    assert json.loads(E.replayed_task(task, U, None))["batch_id"] == "b-1"
+    unset = json.loads(E.replayed_task('{"v":1,"prompt":"x","batch_id":null}', U, None))
+    assert "batch_id" not in unset
+    # Replays do not check (a batch id the worker would refuse is written back), but serde
+    # refuses one that is not text: replayed as it came.
+    odd = json.loads(E.replayed_task('{"v":1,"prompt":"x","batch_id":"a b"}', U, None))
+    assert odd["batch_id"] == "a b"
+    number = '{"v":1,"prompt":"x","batch_id":7}'
+    assert E.replayed_task(number, U, None) == number
+
+
 # uuid.uuid5(uuid.NAMESPACE_OID, "llmq-chain-key:<queue>:<tenant's bytes>:<tenant>:<key>"),
 # computed with Python's uuid module: (queue, tenant, key, id).
 CHAIN_KEY_IDS = [

@@ -104,6 +104,10 @@ class TaskFields(TypedDict, total=False):
     #: How long after the first task with the key succeeded its copies get its answer: 1s to
     #: 30d (``"1h"``, or a timedelta of whole seconds). Needs ``idempotency_key``.
     idempotency_window: str | timedelta
+    #: The batch the task came in (``llmq batch``'s id), kept with it in the ledger so that
+    #: ``llmq costs --batch <id>`` reports one batch: 1 to 128 letters, digits, ``-``, ``_``,
+    #: ``.`` or ``:``.
+    batch_id: str
     max_tokens: int
     temperature: float
     metadata: Any
@@ -157,6 +161,7 @@ FIELD_KINDS: dict[str, tuple[Any, bool]] = {
     "run_at": ("datetime", True),
     "idempotency_key": ("string", True),
     "idempotency_window": ("string", True),
+    "batch_id": ("string", True),
     "priority": ("i64", True),
     "tenant": ("string", True),
     "max_tokens": ("u32", True),
@@ -186,6 +191,7 @@ _RFC3339 = re.compile(
 )
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 _CALL_ID = re.compile(r"[A-Za-z0-9_-]{1,256}")
+_BATCH_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/=]+")
 #: What Rust's ``char::is_whitespace`` takes (Unicode White_Space; Python's isspace differs).
 RUST_WHITESPACE = frozenset(
@@ -907,6 +913,13 @@ def check_idempotency(key: str | None, window: str | None) -> None:
         check_ttl("idempotency_window", window)
 
 
+def check_batch_id(batch_id: str) -> None:
+    """``batch_id`` as ``check_batch_id`` in shared/src/envelope.rs checks it, in its words: it
+    names keys, task ids and ledger rows, so a few safe ASCII characters."""
+    if not _BATCH_ID.fullmatch(batch_id):
+        raise Problem("batch_id", "must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`")
+
+
 def check_envelope(env: Mapping[str, Any]) -> None:
     """Raises :class:`Problem` (or :class:`InvalidTask` for a whole-task problem) for an
     envelope a worker would refuse, in the worker's order (Envelope::from_value)."""
@@ -937,6 +950,8 @@ def check_envelope(env: Mapping[str, Any]) -> None:
     if "cache" in field:
         check_cache(field["cache"], field.get("stream") is True, field.get("temperature"))
     check_idempotency(field.get("idempotency_key"), field.get("idempotency_window"))
+    if "batch_id" in field:
+        check_batch_id(field["batch_id"])
     for name in NUL_FREE:
         if "\0" in field.get(name, ""):
             raise Problem(name, NUL)
