@@ -395,56 +395,132 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} tasks finished ({elapsed})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
-    let records = wait_for(redis, &keys, &ids, args.wait_timeout, |n| {
-        bar.set_position(n as u64)
+    wait_batch(redis, &keys, &batch_id, &ids, args.wait_timeout, |n| {
+        bar.set_position(n);
     })
     .await?;
     bar.finish_and_clear();
-    let unfinished = records.iter().filter(|r| r.is_none()).count();
     // A directory's file holds JSON Lines for a provider's batch file.
     let output = output.map(|p| match args.output.as_deref() {
         Some(given) if given != p && shape != Shape::Native => p.with_extension("jsonl"),
         _ => p,
     });
-    let results: Vec<TaskRecord> = records
-        .into_iter()
-        .zip(&ids)
-        .map(|(r, id)| r.unwrap_or_else(|| TaskRecord::pending(id, &args.queue, Status::Queued)))
-        .collect();
-    // A provider's batch file is answered in that provider's batch output shape: to the
-    // --output file, else to standard output with the summary on standard error.
-    let answers = (shape != Shape::Native).then(|| {
-        results
-            .iter()
-            .zip(&customs)
-            .map(|(r, custom)| format!("{}\n", batch_file::result_line(shape, custom, r)))
-            .collect::<String>()
-    });
-    let report = summarize(results, started.elapsed());
+    // Each result is read once, a chunk at a time. A provider's batch file is answered in
+    // that provider's batch output shape as they come: to the --output file, else to standard
+    // output (the summary then goes to standard error). llmq's own keeps them for its report.
+    let answering = shape != Shape::Native;
+    let mut answers = match (&output, answering) {
+        (Some(path), true) => Some(create_output(path)?),
+        _ => None,
+    };
+    let mut tally = Tally::default();
+    let mut kept = Vec::new();
+    for (chunk_no, chunk) in ids.chunks(WAIT_CHUNK).enumerate() {
+        let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+        let records = redis.results(&keys, &chunk_ids).await?;
+        for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
+            let r = record.unwrap_or_else(|| TaskRecord::pending(id, &args.queue, Status::Queued));
+            tally.add(&r);
+            if !answering {
+                kept.push(r);
+                continue;
+            }
+            let custom = customs
+                .get(chunk_no * WAIT_CHUNK + i)
+                .map_or("", String::as_str);
+            let line = format!("{}\n", batch_file::result_line(shape, custom, &r));
+            match &mut answers {
+                Some(file) => file
+                    .write_all(line.as_bytes())
+                    .map_err(|source| Error::Write {
+                        path: "--output".into(),
+                        source,
+                    })?,
+                None => emit(out, &line),
+            }
+        }
+    }
+    if let Some(mut file) = answers {
+        file.flush().map_err(|source| Error::Write {
+            path: "--output".into(),
+            source,
+        })?;
+    }
+    let unfinished = tally.unfinished;
+    let report = tally.report(started.elapsed(), kept);
     let summary = match args.format {
         Format::Json => to_json(&report),
         Format::Text => summary_text(&report, unfinished),
     };
-    match (&output, answers) {
-        (Some(path), Some(answers)) => {
-            write_report(path, &answers)?;
-            emit(out, &summary);
-        }
-        (None, Some(answers)) => {
-            emit(out, &answers);
-            eprint!("{summary}");
-        }
-        (Some(path), None) => {
+    match (&output, answering) {
+        (None, true) => eprint!("{summary}"),
+        (Some(path), false) => {
             write_report(path, &to_json(&report))?;
             emit(out, &summary);
         }
-        (None, None) => emit(out, &summary),
+        _ => emit(out, &summary),
     }
     Ok(if report.failure_count == 0 {
         EXIT_OK
     } else {
         EXIT_FAILED
     })
+}
+
+/// Results read per round trip while a batch is waited on.
+const WAIT_CHUNK: usize = 1000;
+/// How often a batch's tasks not yet seen finished are read while the workers' count of
+/// them is below the total (the count misses a few: a copy answered with its first's answer,
+/// a task gone dead as poison).
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+/// Waits until every task of batch `batch_id` has finished, or `timeout`, in flat memory and
+/// without asking Redis about each task every round: the progress is the workers' count of
+/// the batch's finished tasks; the tasks not yet seen finished are read (once each) when the
+/// count reaches the total, and every [`SWEEP_EVERY`] besides.
+async fn wait_batch(
+    redis: &Client,
+    keys: &QueueKeys,
+    batch_id: &str,
+    ids: &[uuid::Uuid],
+    timeout: Option<Duration>,
+    mut progress: impl FnMut(u64),
+) -> Result<()> {
+    let started = Instant::now();
+    let total = ids.len() as u64;
+    // Indexes of the tasks not yet seen finished.
+    let mut open: Vec<u32> = (0..u32::try_from(ids.len()).unwrap_or(u32::MAX)).collect();
+    let mut swept = Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let counted = redis.batch_finished(keys, batch_id).await?.min(total);
+        let seen = total - open.len() as u64;
+        progress(counted.max(seen));
+        if counted >= total || swept.elapsed() >= SWEEP_EVERY {
+            let mut still = Vec::new();
+            for chunk in open.chunks(WAIT_CHUNK) {
+                let chunk_ids: Vec<String> =
+                    chunk.iter().map(|&i| ids[i as usize].to_string()).collect();
+                let records = redis.results(keys, &chunk_ids).await?;
+                for (&i, r) in chunk.iter().zip(records) {
+                    if !r.is_some_and(|r| r.status.is_final()) {
+                        still.push(i);
+                    }
+                }
+            }
+            open = still;
+            swept = Instant::now();
+            progress(counted.max(total - open.len() as u64));
+            if open.is_empty() {
+                return Ok(());
+            }
+        }
+        if timeout.is_some_and(|t| started.elapsed() >= t) {
+            return Ok(());
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
 }
 
 /// What reads a batch's records: each a task, with the shape of the file's first.
@@ -576,7 +652,7 @@ struct Listing {
     format: Format,
     file: Option<std::io::BufWriter<std::fs::File>>,
     keep: bool,
-    ids: Vec<String>,
+    ids: Vec<uuid::Uuid>,
     first: bool,
 }
 
@@ -590,17 +666,7 @@ impl Listing {
     ) -> Result<Self> {
         // With --wait, --output gets the report instead.
         let file = match output.filter(|_| !wait) {
-            Some(path) => {
-                write_report(path, "")?;
-                let f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(path)
-                    .map_err(|source| Error::Write {
-                        path: path.display().to_string(),
-                        source,
-                    })?;
-                Some(std::io::BufWriter::new(f))
-            }
+            Some(path) => Some(create_output(path)?),
             None => None,
         };
         let mut listing = Self {
@@ -636,7 +702,7 @@ impl Listing {
     }
 
     fn add(&mut self, out: &mut dyn Write, id: Option<uuid::Uuid>) -> Result<()> {
-        let id = id.map(|u| u.to_string()).unwrap_or_default();
+        let id = id.unwrap_or_default();
         if self.keep {
             self.ids.push(id);
             return Ok(());
@@ -651,7 +717,7 @@ impl Listing {
     }
 
     /// Ends the listing; the ids, kept for `--wait`.
-    fn finish(mut self, out: &mut dyn Write) -> Result<Vec<String>> {
+    fn finish(mut self, out: &mut dyn Write) -> Result<Vec<uuid::Uuid>> {
         if self.format == Format::Json && !self.keep {
             self.put(Some(out), "]}\n")?;
         }
@@ -736,37 +802,62 @@ fn write_report(path: &std::path::Path, text: &str) -> Result<()> {
     write_file(path, text)
 }
 
-fn summarize(results: Vec<TaskRecord>, took: Duration) -> BatchReport {
-    let mut by_provider: BTreeMap<String, ProviderSummary> = BTreeMap::new();
-    for r in &results {
-        let line = by_provider
+/// An `--output` file to write as the batch goes, made empty (and its directory made).
+fn create_output(path: &std::path::Path) -> Result<std::io::BufWriter<std::fs::File>> {
+    write_report(path, "")?;
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|source| Error::Write {
+            path: path.display().to_string(),
+            source,
+        })?;
+    Ok(std::io::BufWriter::new(f))
+}
+
+/// A batch's results counted as they are read.
+#[derive(Debug, Default)]
+struct Tally {
+    by_provider: BTreeMap<String, ProviderSummary>,
+    total: usize,
+    succeeded: usize,
+    unfinished: usize,
+    cost_usd: f64,
+}
+
+impl Tally {
+    fn add(&mut self, r: &TaskRecord) {
+        let line = self
+            .by_provider
             .entry(r.provider.clone().unwrap_or_else(|| "-".into()))
             .or_default();
         if r.status == Status::Succeeded {
             line.succeeded += 1;
+            self.succeeded += 1;
         } else {
             line.failed += 1;
         }
         line.cost_usd += r.cost_usd;
+        self.cost_usd += r.cost_usd;
+        self.total += 1;
+        self.unfinished += usize::from(!r.status.is_final());
     }
-    let total = results.len();
-    let ok = results
-        .iter()
-        .filter(|r| r.status == Status::Succeeded)
-        .count();
-    BatchReport {
-        total_tasks: total,
-        success_count: ok,
-        failure_count: total - ok,
-        success_rate: if total == 0 {
-            0.0
-        } else {
-            ok as f64 * 100.0 / total as f64
-        },
-        total_cost: results.iter().map(|r| r.cost_usd).fold(0.0, |a, b| a + b),
-        total_duration: took.as_secs_f64(),
-        by_provider,
-        results,
+
+    fn report(self, took: Duration, results: Vec<TaskRecord>) -> BatchReport {
+        BatchReport {
+            total_tasks: self.total,
+            success_count: self.succeeded,
+            failure_count: self.total - self.succeeded,
+            success_rate: if self.total == 0 {
+                0.0
+            } else {
+                self.succeeded as f64 * 100.0 / self.total as f64
+            },
+            total_cost: self.cost_usd,
+            total_duration: took.as_secs_f64(),
+            by_provider: self.by_provider,
+            results,
+        }
     }
 }
 

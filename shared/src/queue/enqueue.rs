@@ -49,6 +49,12 @@ fn progress_name(batch_id: &str) -> String {
     format!("enqueued:{batch_id}")
 }
 
+/// The name (under the queue's prefix) of batch `batch_id`'s count of finished tasks,
+/// which `finish.lua` counts up as each ends (kept a week after the last).
+pub(super) fn batch_finished_name(batch_id: &str) -> String {
+    format!("finished:{batch_id}")
+}
+
 /// One tick of a recurring task, as the scheduler enqueues it.
 #[derive(Debug, Clone, Copy)]
 pub struct Tick<'a> {
@@ -164,6 +170,21 @@ impl Client {
         let mut c = self.conn().await?;
         let n: Option<u64> = redis::cmd("GET")
             .arg(keys.kept(&progress_name(batch_id)))
+            .query_async(&mut c)
+            .await?;
+        Ok(n.unwrap_or(0))
+    }
+
+    /// How many of batch `batch_id`'s tasks have finished (succeeded or ended dead), as the
+    /// workers count them: a task that finished twice (replayed) counts twice, one whose
+    /// worker died and that went dead as poison does not count.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn batch_finished(&self, keys: &QueueKeys, batch_id: &str) -> Result<u64> {
+        let mut c = self.conn().await?;
+        let n: Option<u64> = redis::cmd("GET")
+            .arg(keys.kept(&batch_finished_name(batch_id)))
             .query_async(&mut c)
             .await?;
         Ok(n.unwrap_or(0))

@@ -10,7 +10,8 @@
 -- settle.lua reads them):
 --   task:   result key; settle, and for a task with an idempotency key that ended: its
 --           name, the run holding it (`<task id>|<run>`), and its window (ms; '' when the
---           task did not succeed)
+--           task did not succeed); then for a batch's task that ended, the name of its
+--           batch's count of finished tasks
 --   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
 --           cancelled), step state fields as json, prefix of the chain's wait sets
 --   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
@@ -146,6 +147,14 @@ local function end_key(stream, name, mine, window)
   end
 end
 
+-- A batch's task ended: one more of the batch's tasks finished (`llmq batch --wait` reads
+-- the count for its progress), kept a week after the last.
+local function batch_finished(stream, name)
+  local key = string.sub(stream, 1, -7) .. name
+  redis.call('INCR', key)
+  redis.call('PEXPIRE', key, 604800000)
+end
+
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
 local group, consumer, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
 -- One XPENDING for the whole batch: what this consumer still holds in the batch's range.
@@ -166,8 +175,13 @@ while a <= last do
     else
       settle(stream, group, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
         ARGV[b + 4], ARGV[b + 5], now, ttl)
-      if op == 'task' and na > 6 then
-        end_key(stream, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
+      if op == 'task' then
+        if na >= 9 then
+          end_key(stream, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
+        end
+        if na == 7 or na == 10 then
+          batch_finished(stream, ARGV[b + na - 1])
+        end
       elseif op == 'step' then
         advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],
           ARGV[b + 8], ARGV[b + 9], now, ttl)

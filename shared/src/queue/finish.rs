@@ -161,11 +161,9 @@ impl Write {
         match self {
             Self::Task(f) => {
                 let ends_key = f.key_end.as_deref();
-                let args = if ends_key.is_some() {
-                    SETTLE + 3
-                } else {
-                    SETTLE
-                };
+                let args = SETTLE
+                    + if ends_key.is_some() { 3 } else { 0 }
+                    + usize::from(f.batch_id.is_some());
                 inv.arg("task").arg(1).arg(args);
                 inv.key(keys.result(&f.task_id));
                 settle(inv, f);
@@ -176,6 +174,9 @@ impl Write {
                     inv.arg(&end.name)
                         .arg(&end.holder)
                         .arg(window.map(|w| w.to_string()).unwrap_or_default());
+                }
+                if let Some(batch) = &f.batch_id {
+                    inv.arg(super::enqueue::batch_finished_name(batch));
                 }
             }
             Self::Step(f, s) => {

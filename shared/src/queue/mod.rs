@@ -184,6 +184,9 @@ pub struct Finish {
     pub envelope: String,
     /// A task holding an idempotency key that ended: what becomes of the key.
     pub key_end: Option<Box<KeyEnd>>,
+    /// The batch of a task that ended (the envelope's `batch_id`): the finish counts toward
+    /// the batch's progress, which `llmq batch --wait` reads.
+    pub batch_id: Option<String>,
 }
 
 impl Finish {
@@ -197,6 +200,7 @@ impl Finish {
             record: Some(record),
             envelope: String::new(),
             key_end: None,
+            batch_id: None,
         }
     }
 
@@ -216,6 +220,7 @@ impl Finish {
             record,
             envelope,
             key_end: None,
+            batch_id: None,
         }
     }
 
@@ -236,6 +241,7 @@ impl Finish {
             record: Some(record),
             envelope,
             key_end: None,
+            batch_id: None,
         }
     }
 
@@ -265,6 +271,7 @@ impl Finish {
             record: None,
             envelope: String::new(),
             key_end: None,
+            batch_id: None,
         }
     }
 
@@ -278,6 +285,7 @@ impl Finish {
             record: None,
             envelope,
             key_end: None,
+            batch_id: None,
         }
     }
 
@@ -301,6 +309,7 @@ impl Finish {
             record: None,
             envelope,
             key_end: None,
+            batch_id: None,
         }
     }
 }

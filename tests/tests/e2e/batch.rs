@@ -588,6 +588,11 @@ async fn llmq_costs_batch_reports_one_batch_s_tasks_calls_models_and_cost() {
         .await;
     assert_eq!(code, 0, "{out}");
     let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        env.redis.batch_finished(&env.keys, &batch).await.unwrap(),
+        5,
+        "the workers counted each of the batch's tasks as it finished"
+    );
     // Another batch's tasks are not this one's.
     std::fs::write(&path, jsonl(&[task_line(9)])).unwrap();
     let (code, out) = env.batch(&path, &["--wait"]).await;
@@ -596,7 +601,17 @@ async fn llmq_costs_batch_reports_one_batch_s_tasks_calls_models_and_cost() {
 
     let db = llmq_tests::harness::database_url();
     let (code, out) = env
-        .cli(&["costs", "--database-url", &db, "--batch", &batch, "--by", "model", "--format", "json"])
+        .cli(&[
+            "costs",
+            "--database-url",
+            &db,
+            "--batch",
+            &batch,
+            "--by",
+            "model",
+            "--format",
+            "json",
+        ])
         .await;
     assert_eq!(code, 0, "{out}");
     let costs: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -611,7 +626,10 @@ async fn llmq_costs_batch_reports_one_batch_s_tasks_calls_models_and_cost() {
     assert_eq!(models, ["mock/mock-smart", "mock/mock-fast"], "{costs}");
     let total = costs["total_cost_usd"].as_f64().unwrap();
     let paid = report["total_cost"].as_f64().unwrap();
-    assert!(total > 0.0 && (total - paid).abs() < 1e-9, "{total} against {paid}");
+    assert!(
+        total > 0.0 && (total - paid).abs() < 1e-9,
+        "{total} against {paid}"
+    );
     let (code, text) = env
         .cli(&["costs", "--database-url", &db, "--batch", &batch])
         .await;

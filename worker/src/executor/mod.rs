@@ -289,10 +289,16 @@ impl Executor {
         let mut key = None;
         let mut finished = self.run_holding(task, &mut slot, &mut key).await;
         finished.slot = slot;
-        // A task holding an idempotency key ends it with its outcome's write.
-        if let (Some(held), Write::Task(finish)) = (key, &mut finished.write) {
-            let holder = held.holder(&finish.task_id);
-            finish.end_key(held.name, holder, held.window);
+        if let Write::Task(finish) = &mut finished.write {
+            // A task holding an idempotency key ends it with its outcome's write.
+            if let Some(held) = key {
+                let holder = held.holder(&finish.task_id);
+                finish.end_key(held.name, holder, held.window);
+            }
+            // A batch's task that ended (it has its ledger row then) counts as finished.
+            if let Some(row) = &finished.task {
+                finish.batch_id.clone_from(&row.batch_id);
+            }
         }
         finished
     }
