@@ -346,7 +346,7 @@ pub struct Batch {
     /// Names the batch: each task's id and idempotency key are made of it and the task's
     /// custom_id (else its place), and a rerun with the same id after an interrupted enqueue
     /// enqueues only what did not go in. Default: a new id, printed.
-    #[arg(long, value_name = "ID")]
+    #[arg(long, value_name = "ID", value_parser = parse_batch_id)]
     pub batch_id: Option<String>,
     /// Write the batch report here (with --wait) or the task ids (without); for an OpenAI or
     /// Anthropic batch file with --wait, its results in that provider's batch output shape
@@ -575,7 +575,7 @@ pub struct Costs {
     #[arg(long, conflicts_with = "batch")]
     pub chain_id: Option<String>,
     /// One batch's costs (`llmq batch`'s id): its finished tasks and their calls.
-    #[arg(long, value_name = "BATCH_ID")]
+    #[arg(long, value_name = "BATCH_ID", value_parser = parse_batch_id)]
     pub batch: Option<String>,
     /// Group the costs by this; by chain, the costliest chains begun in the range, each
     /// with its whole cost.
@@ -593,6 +593,12 @@ fn parse_task_id(s: &str) -> Result<String, String> {
     s.parse::<uuid::Uuid>()
         .map(|id| id.to_string())
         .map_err(|_| format!("`{s}` is not a task id; a task id is a UUID such as 7f3c2a9e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"))
+}
+
+fn parse_batch_id(s: &str) -> Result<String, String> {
+    llmq_shared::envelope::check_batch_id(s)
+        .map(|()| s.to_owned())
+        .map_err(|e| format!("a batch id {e}"))
 }
 
 fn parse_parallel(s: &str) -> Result<u32, String> {

@@ -235,10 +235,10 @@ pub struct BatchReport {
 
 pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u8> {
     let input = Input::of(&args.input);
-    let batch_id = match &args.batch_id {
-        Some(id) => check_batch_id(id)?,
-        None => format!("b-{}", uuid::Uuid::new_v4().simple()),
-    };
+    let batch_id = args
+        .batch_id
+        .clone()
+        .unwrap_or_else(|| format!("b-{}", uuid::Uuid::new_v4().simple()));
     let shaper = Shaper {
         name: input.name(),
         queue: args.queue.clone(),
@@ -553,18 +553,6 @@ async fn flush(
     };
     redis.enqueue_marked(&keys, &chunk, Some(&mark)).await?;
     Ok(mark.enqueued)
-}
-
-/// A `--batch-id`: it names keys, task ids and ledger rows.
-fn check_batch_id(id: &str) -> Result<String> {
-    llmq_shared::envelope::check_batch_id(id)
-        .map(|()| id.to_owned())
-        .map_err(|e| {
-            Error::Usage(format!(
-                "--batch-id `{}` {e}",
-                llmq_shared::text::excerpt(id, 40)
-            ))
-        })
 }
 
 /// Builds each task of a batch as the worker would take it.

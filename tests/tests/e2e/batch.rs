@@ -272,6 +272,23 @@ fn parallel_0_is_refused_with_a_sentence() {
     assert!(e.contains("at least 1"), "{e}");
 }
 
+#[test]
+fn a_batch_id_of_other_characters_is_refused_with_a_sentence() {
+    use clap::Parser;
+    for args in [
+        ["llmq", "batch", "--input", "x.json", "--batch-id", "a b"],
+        ["llmq", "costs", "--database-url", "x", "--batch", ""],
+    ] {
+        let e = llmq::cli::Cli::try_parse_from(args)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a batch id must be 1 to 128 letters, digits"),
+            "{e}"
+        );
+    }
+}
+
 fn jsonl(lines: &[String]) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
