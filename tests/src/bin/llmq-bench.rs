@@ -935,9 +935,11 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
     let concurrency = args.concurrency.unwrap_or(256);
     let mut keyless = Vec::new();
     let mut keyed = Vec::new();
+    let mut batched = Vec::new();
     for _ in 0..2 {
         keyless.push(plain_run(args, redis, tasks, 1, concurrency, Shape::Plain).await?);
         keyed.push(plain_run(args, redis, tasks, 1, concurrency, Shape::Idempotent).await?);
+        batched.push(plain_run(args, redis, tasks, 1, concurrency, Shape::Batch).await?);
     }
     if args.verbose {
         keyless[0].print_commands("idempotent_enqueue_keyless");
@@ -945,7 +947,7 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
     }
     let cpu =
         |ds: &[Delta]| ds.iter().map(|d| d.redis_cpu_us_per_task).sum::<f64>() / ds.len() as f64;
-    let (keyless_cpu, keyed_cpu) = (cpu(&keyless), cpu(&keyed));
+    let (keyless_cpu, keyed_cpu, batch_cpu) = (cpu(&keyless), cpu(&keyed), cpu(&batched));
 
     let latency = Duration::from_millis(100);
     let (mock, config) = mock_fast(latency).await?;
@@ -980,10 +982,12 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
         Ok(format!(
             "bench=idempotent_enqueue tasks={tasks} concurrency={concurrency} \
              keyless_redis_cpu_us_per_task={keyless_cpu:.1} keyed_redis_cpu_us_per_task={keyed_cpu:.1} \
-             keyed_ratio={:.2} keyless_tasks_per_s={:.0} keyed_tasks_per_s={:.0} \
+             keyed_ratio={:.2} batch_task_redis_cpu_us_per_task={batch_cpu:.1} batch_task_ratio={:.2} \
+             keyless_tasks_per_s={:.0} keyed_tasks_per_s={:.0} \
              copies_sent={COPIES} keys={KEYS} mock_latency_ms={} calls={} copies_answered={copies} \
              copies_redis_cpu_us_per_task={:.1} copies_tasks_per_s={:.0} ledger=off",
             keyed_cpu / keyless_cpu,
+            batch_cpu / keyless_cpu,
             keyless.iter().map(|d| d.tasks_per_s).sum::<f64>() / keyless.len() as f64,
             keyed.iter().map(|d| d.tasks_per_s).sum::<f64>() / keyed.len() as f64,
             latency.as_millis(),
@@ -2564,6 +2568,9 @@ enum Shape {
     Classed,
     /// An idempotency key of its own for every task: each takes a free key and ends it.
     Idempotent,
+    /// A task of `llmq batch`: its key made of the batch's id and its place, and the batch's
+    /// id, so its end also counts toward the batch's progress.
+    Batch,
 }
 
 impl Shape {
@@ -2579,6 +2586,10 @@ impl Shape {
                 e.tenant = Some(format!("tenant-{}", i % 100));
             }
             Shape::Idempotent => e.idempotency_key = Some(format!("order-{i}")),
+            Shape::Batch => {
+                e.idempotency_key = Some(format!("bench:line-{i}"));
+                e.batch_id = Some("bench".to_owned());
+            }
         }
     }
 }
