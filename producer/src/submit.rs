@@ -469,15 +469,17 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
 
 /// Results read per round trip while a batch is waited on.
 const WAIT_CHUNK: usize = 1000;
-/// How often a batch's tasks not yet seen finished are read while the workers' count of
-/// them is below the total (the count misses a few: a copy answered with its first's answer,
-/// a task gone dead as poison).
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How long the workers' count of a batch's finished tasks may stand still below the total
+/// before the tasks not yet seen finished are read (the count misses a few: a copy answered
+/// with its first's answer, a task gone dead as poison); doubled after each such read that
+/// found none newly finished, up to [`SWEEP_MAX`].
+const SWEEP_AFTER: Duration = Duration::from_secs(30);
+const SWEEP_MAX: Duration = Duration::from_secs(600);
 
 /// Waits until every task of batch `batch_id` has finished, or `timeout`, in flat memory and
 /// without asking Redis about each task every round: the progress is the workers' count of
 /// the batch's finished tasks; the tasks not yet seen finished are read (once each) when the
-/// count reaches the total, and every [`SWEEP_EVERY`] besides.
+/// count reaches the total, or when it has stood still for a while.
 async fn wait_batch(
     redis: &Client,
     keys: &QueueKeys,
@@ -490,13 +492,23 @@ async fn wait_batch(
     let total = ids.len() as u64;
     // Indexes of the tasks not yet seen finished.
     let mut open: Vec<u32> = (0..u32::try_from(ids.len()).unwrap_or(u32::MAX)).collect();
-    let mut swept = Instant::now();
+    let (mut last, mut moved) = (u64::MAX, Instant::now());
+    let mut sweep_after = SWEEP_AFTER;
+    // A count past the total with tasks still open (one counted twice) reads them at most
+    // once a second.
+    let mut swept = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or_else(Instant::now);
     let mut pause = Duration::from_millis(10);
     loop {
         let counted = redis.batch_finished(keys, batch_id).await?.min(total);
-        let seen = total - open.len() as u64;
-        progress(counted.max(seen));
-        if counted >= total || swept.elapsed() >= SWEEP_EVERY {
+        if counted != last {
+            (last, moved) = (counted, Instant::now());
+        }
+        progress(counted.max(total - open.len() as u64));
+        let complete = counted >= total && swept.elapsed() >= Duration::from_secs(1);
+        if complete || moved.elapsed() >= sweep_after {
+            let before = open.len();
             let mut still = Vec::new();
             for chunk in open.chunks(WAIT_CHUNK) {
                 let chunk_ids: Vec<String> =
@@ -509,11 +521,16 @@ async fn wait_batch(
                 }
             }
             open = still;
-            swept = Instant::now();
-            progress(counted.max(total - open.len() as u64));
             if open.is_empty() {
+                progress(total);
                 return Ok(());
             }
+            sweep_after = if open.len() < before {
+                SWEEP_AFTER
+            } else {
+                (sweep_after * 2).min(SWEEP_MAX)
+            };
+            (moved, swept) = (Instant::now(), Instant::now());
         }
         if timeout.is_some_and(|t| started.elapsed() >= t) {
             return Ok(());
