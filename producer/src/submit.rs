@@ -470,9 +470,9 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
 /// Results read per round trip while a batch is waited on.
 const WAIT_CHUNK: usize = 1000;
 /// How long the workers' count of a batch's finished tasks may stand still below the total
-/// before the tasks not yet seen finished are read (the count misses a few: a copy answered
-/// with its first's answer, a task gone dead as poison); doubled after each such read that
-/// found none newly finished, up to [`SWEEP_MAX`].
+/// before the tasks not yet seen finished are read (the count misses a task gone dead as
+/// poison, and an envelope that was not valid JSON); doubled after each such read that found
+/// none newly finished, up to [`SWEEP_MAX`].
 const SWEEP_AFTER: Duration = Duration::from_secs(30);
 const SWEEP_MAX: Duration = Duration::from_secs(600);
 

@@ -657,3 +657,37 @@ async fn llmq_costs_batch_reports_one_batch_s_tasks_calls_models_and_cost() {
     );
     let _ = std::fs::remove_file(path);
 }
+
+#[tokio::test]
+async fn a_batch_s_copies_count_toward_its_progress_as_they_end() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let path = std::env::temp_dir().join(format!("llmq-{}-copies.jsonl", env.queue));
+    let batch = format!("copies-{}", env.queue);
+    let keyed = |custom: &str| {
+        serde_json::json!({"custom_id": custom, "prompt": "Refund order 7", "model": "mock-fast",
+            "idempotency_key": "refund-7"})
+        .to_string()
+    };
+    std::fs::write(&path, jsonl(&[keyed("a"), keyed("b"), task_line(1)])).unwrap();
+    let (code, out) = env
+        .batch(&path, &["--batch-id", &batch, "--wait", "--format", "json"])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let copies = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["duplicate_of"].is_null())
+        .count();
+    assert_eq!(copies, 1, "{report}");
+    assert_eq!(env.mock.calls_with_prompt("Refund order 7"), 1);
+    assert_eq!(
+        env.redis.batch_finished(&env.keys, &batch).await.unwrap(),
+        3,
+        "the copy counted as it ended, so --wait did not wait for a read of the open tasks"
+    );
+    worker.stop().await.unwrap();
+    let _ = std::fs::remove_file(path);
+}

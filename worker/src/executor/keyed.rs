@@ -139,6 +139,8 @@ fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord
     record.tool_calls = first.tool_calls;
     record.duplicate_of = Some(first.task_id);
     record.finished_at = Some(Utc::now());
-    let finish = Finish::done(entry_id.to_owned(), task_id, record);
+    let mut finish = Finish::done(entry_id.to_owned(), task_id, record);
+    // It has no ledger row, but it ended: it counts toward its batch's progress.
+    finish.batch_id.clone_from(&env.batch_id);
     super::plain(queue, finish, Vec::new())
 }
