@@ -257,22 +257,35 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     if from_file {
         // A file is checked whole before anything is enqueued: a bad task stops the batch
         // with nothing in.
+        // With a provider file, each task is also estimated as it goes by.
+        let config = args
+            .config
+            .as_deref()
+            .map(llmq_shared::config::Config::load)
+            .transpose()?;
+        let mut tally = config.as_ref().map(crate::estimate::Tally::new);
         let mut tasks = batch_input::read(input.clone(), reader());
-        let mut envs = Vec::new();
         let mut count = 0u64;
         while let Some(task) = tasks.recv().await {
             let (at, (_, task)) = task.map_err(Error::Usage)?;
             let env = shaper.envelope(at, task, true)?;
-            // Only the estimate keeps them all.
-            if args.config.is_some() {
-                envs.push(env);
+            if let Some(tally) = &mut tally {
+                tally.add(&env);
             }
             count += 1;
         }
         if count == 0 {
             return Err(Error::Usage(format!("{} holds no tasks", shaper.name)));
         }
-        if !check_quotas(redis, &args, &envs, out).await? {
+        let estimate = match tally {
+            Some(tally) => Some(
+                tally
+                    .finish(redis, args.parallel.is_some(), Utc::now())
+                    .await?,
+            ),
+            None => None,
+        };
+        if !check_quotas(&args, estimate, out)? {
             return Ok(EXIT_USAGE);
         }
     } else if args.dry_run {
@@ -736,16 +749,15 @@ impl Listing {
     }
 }
 
-/// With a provider file, estimates the batch and, when a quota would pass 90 %, asks before
+/// With the estimate (made with a provider file), when a quota would pass 90 %, asks before
 /// going on: `--yes` goes on, a terminal is asked, anything else refuses. `--dry-run` prints
 /// the estimate to `out` (else it goes to stderr). Returns whether to enqueue.
-async fn check_quotas(
-    redis: &Client,
+fn check_quotas(
     args: &Batch,
-    envs: &[Envelope],
+    estimate: Option<crate::estimate::Estimate>,
     out: &mut dyn Write,
 ) -> Result<bool> {
-    let Some(path) = &args.config else {
+    let Some(est) = estimate else {
         if args.dry_run {
             return Err(Error::Usage(
                 "--dry-run estimates the batch from the provider file; pass --config or set LLMQ_CONFIG".into(),
@@ -753,9 +765,6 @@ async fn check_quotas(
         }
         return Ok(true);
     };
-    let config = llmq_shared::config::Config::load(path)?;
-    let est = crate::estimate::estimate(redis, &config, envs, args.parallel.is_some(), Utc::now())
-        .await?;
     if args.dry_run {
         match args.format {
             Format::Text => emit(out, &est.text()),
