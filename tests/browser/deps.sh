@@ -19,10 +19,4 @@ if [ ! -x /usr/bin/chromium ]; then
 fi
 
 venv="${LLMQ_BROWSER_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llmq/browser-venv}"
-want=$(sha256sum tests/browser/requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/browser/requirements.txt
-    echo "$want" >"$venv/.requirements.sha256"
-fi
+deploy/venv.sh tests/browser/requirements.txt "$venv"

@@ -6,10 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 venv="${LLMQ_SDK_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llmq/sdk-venv}"
-want=$(sha256sum tests/sdk/requirements.txt | cut -d' ' -f1)
-if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r tests/sdk/requirements.txt
-    echo "$want" >"$venv/.requirements.sha256"
-fi
+deploy/venv.sh tests/sdk/requirements.txt "$venv"

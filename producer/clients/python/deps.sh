@@ -9,13 +9,7 @@ cd "$(dirname "$0")/../../.."
 
 here=producer/clients/python
 venv="${LLMQ_PYTHON_CLIENT_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llmq/python-client-venv}"
-want=$(sha256sum "$here/requirements-test.txt" | cut -d' ' -f1)
-if [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
-    rm -rf "$venv"
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements-test.txt"
-    echo "$want" >"$venv/.requirements.sha256"
-fi
+deploy/venv.sh "$here/requirements-test.txt" "$venv"
 # setuptools builds in the source tree and packs whatever build/lib holds: what an earlier
 # build left there (a module since removed) would be shipped. Start clean, and leave it clean.
 rm -rf "$here/build" "$here/src/llmq_client.egg-info"

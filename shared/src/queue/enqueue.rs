@@ -167,12 +167,7 @@ impl Client {
     /// # Errors
     /// Redis fails.
     pub async fn batch_progress(&self, keys: &QueueKeys, batch_id: &str) -> Result<u64> {
-        let mut c = self.conn().await?;
-        let n: Option<u64> = redis::cmd("GET")
-            .arg(keys.kept(&progress_name(batch_id)))
-            .query_async(&mut c)
-            .await?;
-        Ok(n.unwrap_or(0))
+        self.count(keys.kept(&progress_name(batch_id))).await
     }
 
     /// How many of batch `batch_id`'s tasks have finished (succeeded or ended dead), as the
@@ -182,11 +177,13 @@ impl Client {
     /// # Errors
     /// Redis fails.
     pub async fn batch_finished(&self, keys: &QueueKeys, batch_id: &str) -> Result<u64> {
+        self.count(keys.kept(&batch_finished_name(batch_id))).await
+    }
+
+    /// The count at `key`; 0 when there is none.
+    async fn count(&self, key: String) -> Result<u64> {
         let mut c = self.conn().await?;
-        let n: Option<u64> = redis::cmd("GET")
-            .arg(keys.kept(&batch_finished_name(batch_id)))
-            .query_async(&mut c)
-            .await?;
+        let n: Option<u64> = redis::cmd("GET").arg(key).query_async(&mut c).await?;
         Ok(n.unwrap_or(0))
     }
 

@@ -148,11 +148,13 @@ local function end_key(stream, name, mine, window)
 end
 
 -- A batch's task ended: one more of the batch's tasks finished (`llmq batch --wait` reads
--- the count for its progress), kept a week after the last.
+-- the count for its progress), kept a week after the last: the week is set again every
+-- 1,000th, so the count costs one INCR a task.
 local function batch_finished(stream, name)
   local key = string.sub(stream, 1, -7) .. name
-  redis.call('INCR', key)
-  redis.call('PEXPIRE', key, 604800000)
+  if redis.call('INCR', key) % 1000 == 1 then
+    redis.call('PEXPIRE', key, 604800000)
+  end
 end
 
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
