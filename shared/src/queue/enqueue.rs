@@ -50,7 +50,7 @@ fn progress_name(batch_id: &str) -> String {
 }
 
 /// The name (under the queue's prefix) of batch `batch_id`'s count of finished tasks,
-/// which `finish.lua` counts up as each ends (kept a week after the last).
+/// which `finish.lua` counts up as each ends (kept a week, set again every 1,000th).
 pub(super) fn batch_finished_name(batch_id: &str) -> String {
     format!("finished:{batch_id}")
 }
