@@ -305,7 +305,79 @@ impl Ledger {
             return Err(e.into());
         }
         drop(conn);
-        self.copy_task_views(say).await
+        self.copy_task_views(say).await?;
+        self.index_batch_ids(say).await
+    }
+
+    /// Builds `tasks_batch_id` (the index of a batch's tasks, migration
+    /// `20261201000001_batch_ids`) without locking the ledger for a scan: the parent's index
+    /// made on it alone, then each partition's CONCURRENTLY and attached (a partition made
+    /// later gets its own as it is attached). An interrupted run builds what is missing, an
+    /// index cut off mid-build again. Nothing to do once the parent's index is valid.
+    async fn index_batch_ids(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
+        const INDEX: &str = "tasks_batch_id";
+        let valid: Option<bool> = sqlx::query_scalar(
+            "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE c.relname = $1",
+        )
+        .bind(INDEX)
+        .fetch_optional(&self.pool)
+        .await?;
+        if valid == Some(true) {
+            return Ok(());
+        }
+        // One session builds it; another `llmq migrate` waits for it, then finds it valid.
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock(hashtext('llmq tasks_batch_id'))")
+            .execute(&mut *conn)
+            .await?;
+        let built = async {
+            sqlx::query(&format!(
+                "CREATE INDEX IF NOT EXISTS {INDEX} ON ONLY tasks (batch_id)
+                 WHERE batch_id IS NOT NULL"
+            ))
+            .execute(&mut *conn)
+            .await?;
+            // The partitions without theirs attached, and any index of theirs left invalid.
+            let parts: Vec<(String, Option<bool>)> = sqlx::query_as(
+                "SELECT p.relname::text,
+                    (SELECT x.indisvalid FROM pg_class xc JOIN pg_index x ON x.indexrelid = xc.oid
+                     WHERE xc.relname = p.relname || '_batch_id')
+                 FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhrelid
+                 WHERE h.inhparent = 'tasks'::regclass
+                   AND NOT EXISTS (SELECT FROM pg_inherits hi
+                       JOIN pg_index x ON x.indexrelid = hi.inhrelid
+                       WHERE hi.inhparent = $1::regclass AND x.indrelid = p.oid)
+                 ORDER BY 1",
+            )
+            .bind(INDEX)
+            .fetch_all(&mut *conn)
+            .await?;
+            for (part, index_valid) in parts {
+                let index = format!("{part}_batch_id");
+                if index_valid == Some(false) {
+                    sqlx::query(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{index}\""))
+                        .execute(&mut *conn)
+                        .await?;
+                }
+                say(format!("indexing the batch ids of {part}"));
+                sqlx::query(&format!(
+                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS \"{index}\" ON \"{part}\" (batch_id)
+                     WHERE batch_id IS NOT NULL"
+                ))
+                .execute(&mut *conn)
+                .await?;
+                sqlx::query(&format!("ALTER INDEX {INDEX} ATTACH PARTITION \"{index}\""))
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('llmq tasks_batch_id'))")
+            .execute(&mut *conn)
+            .await;
+        built
     }
 
     /// Drops the CHECKs [`Ledger::prepare_partitions`] added (an earlier run's too) to

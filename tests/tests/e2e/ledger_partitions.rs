@@ -165,6 +165,29 @@ async fn a_written_ledger_is_partitioned_in_place_while_it_is_written() {
         wrong.join("\n")
     );
     assert_eq!(calls_out_of_step(&pool).await.unwrap(), 0);
+    // The batch ids' index, built a partition at a time after the migrations, covers them all.
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+             WHERE c.relname = 'tasks_batch_id' AND i.indisvalid"
+        )
+        .await,
+        1,
+        "the index of a batch's tasks is valid"
+    );
+    assert_eq!(
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks_batch_id'::regclass"
+        )
+        .await,
+        scalar(
+            &pool,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'tasks'::regclass"
+        )
+        .await
+    );
 
     // A task finished again in a later month (a replay) keeps one row, in its new month.
     let task = Uuid::new_v4();

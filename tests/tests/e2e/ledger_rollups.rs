@@ -298,9 +298,8 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     // Every migration before the rollups.
     let (_, ledger) = env.ledger_before("pre", "20261126000001").await;
     // This version's writer also names the columns the routing rollup and the cache writes
-    // add to each call; they
-    // are there while it writes the old ledger, and gone (as in a ledger an older version
-    // wrote) before the migration.
+    // add to each call, and the batch id a task's row has; they are there while it writes
+    // the old ledger, and gone (as in a ledger an older version wrote) before the migration.
     let columns = |sql: &'static str| {
         let pool = ledger.pool().clone();
         async move { sqlx::query(sql).execute(&pool).await.unwrap() }
@@ -311,9 +310,11 @@ async fn the_migration_sums_a_ledger_written_before_it() {
             ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0",
     )
     .await;
+    columns("ALTER TABLE tasks ADD COLUMN batch_id TEXT").await;
     columns("CREATE UNIQUE INDEX old_call_key ON provider_calls (task_id, delivery, call_no, called_at)").await;
     columns("CREATE UNIQUE INDEX old_task_key ON tasks (task_id, finished_at)").await;
     assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
+    columns("ALTER TABLE tasks DROP COLUMN batch_id").await;
     columns(
         "ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk,
             DROP COLUMN cache_write_tokens",

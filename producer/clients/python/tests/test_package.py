@@ -56,6 +56,9 @@ def test_deps_sh_removes_an_earlier_build_before_installing(tmp_path: Path) -> N
     source = REPO / "producer" / "clients" / "python"
     for name in ("deps.sh", "requirements-test.txt"):
         shutil.copy2(source / name, here / name)
+    # deps.sh makes its virtualenv with the repository's deploy/venv.sh.
+    (root / "deploy").mkdir()
+    shutil.copy2(REPO / "deploy" / "venv.sh", root / "deploy" / "venv.sh")
     stale = here / "build" / "lib" / "llmq_client" / "removed_module.py"
     stale.parent.mkdir(parents=True)
     stale.write_text("stale = True\n")
