@@ -109,9 +109,20 @@ pub struct Reader {
     shape: Option<Shape>,
     /// Fields of the provider's request that are not carried over, said once each.
     dropped: BTreeSet<String>,
+    /// Say nothing of them: a second read of a file whose first read said it.
+    quiet: bool,
 }
 
 impl Reader {
+    /// A reader that does not say which fields are not carried over.
+    #[must_use]
+    pub fn quiet() -> Self {
+        Self {
+            quiet: true,
+            ..Self::default()
+        }
+    }
+
     /// The shape of the records read so far.
     #[must_use]
     pub fn shape(&self) -> Shape {
@@ -259,7 +270,7 @@ impl Reader {
     fn dropped_fields(&mut self, within: &str, rest: Map<String, Value>) {
         for key in rest.keys() {
             let name = format!("`{within}.{}`", llmq_shared::text::excerpt(key, 40));
-            if self.dropped.insert(name.clone()) {
+            if self.dropped.insert(name.clone()) && !self.quiet {
                 eprintln!(
                     "llmq: {name} is not carried over (llmq carries the model, messages, system, tools, tool choice, response format, max tokens, temperature and metadata); the tasks run without it"
                 );

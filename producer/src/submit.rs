@@ -264,7 +264,7 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
             .map(llmq_shared::config::Config::load)
             .transpose()?;
         let mut tally = config.as_ref().map(crate::estimate::Tally::new);
-        let mut tasks = batch_input::read(input.clone(), reader());
+        let mut tasks = batch_input::read(input.clone(), reader(Reader::default()));
         let mut count = 0u64;
         while let Some(task) = tasks.recv().await {
             let (at, (_, task)) = task.map_err(Error::Usage)?;
@@ -319,7 +319,13 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
         output.as_deref(),
         args.wait,
     )?;
-    let mut tasks = batch_input::read(input, reader());
+    // A file's second read says nothing its first said.
+    let second = if from_file {
+        Reader::quiet()
+    } else {
+        Reader::default()
+    };
+    let mut tasks = batch_input::read(input, reader(second));
     // The shape of the file's records, and (to answer in it) each task's custom id.
     let mut shape = Shape::Native;
     let mut customs: Vec<String> = Vec::new();
@@ -554,8 +560,9 @@ async fn wait_batch(
 }
 
 /// What reads a batch's records: each a task, with the shape of the file's first.
-fn reader() -> impl FnMut(serde_json::Value) -> std::result::Result<(Shape, BatchTask), String> {
-    let mut reader = Reader::default();
+fn reader(
+    mut reader: Reader,
+) -> impl FnMut(serde_json::Value) -> std::result::Result<(Shape, BatchTask), String> {
     move |record| {
         let task = reader.task(record)?;
         Ok((reader.shape(), task))

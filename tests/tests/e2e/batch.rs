@@ -300,6 +300,12 @@ fn task_line(i: usize) -> String {
 
 /// `llmq batch --input -` fed `text` on standard input (the binary, as a shell pipe runs it).
 fn batch_stdin(env: &TestEnv, text: &str, extra: &[&str]) -> (i32, String) {
+    batch_binary(env, "-", text, extra)
+}
+
+/// `llmq batch --input <input>` run as a user runs it, `stdin` on its standard input: its
+/// exit code and what it said on standard error.
+fn batch_binary(env: &TestEnv, input: &str, stdin: &str, extra: &[&str]) -> (i32, String) {
     use std::io::Write as _;
     let mut child = std::process::Command::new(llmq_tests::harness::binary("llmq"))
         .args([
@@ -307,7 +313,7 @@ fn batch_stdin(env: &TestEnv, text: &str, extra: &[&str]) -> (i32, String) {
             &llmq_tests::harness::redis_url(),
             "batch",
             "--input",
-            "-",
+            input,
         ])
         .args(["--queue", &env.queue])
         .args(extra)
@@ -321,7 +327,7 @@ fn batch_stdin(env: &TestEnv, text: &str, extra: &[&str]) -> (i32, String) {
         .stdin
         .take()
         .unwrap()
-        .write_all(text.as_bytes())
+        .write_all(stdin.as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
     (
@@ -575,12 +581,25 @@ async fn a_provider_line_llmq_does_not_run_is_named_and_route_lets_routing_choos
         ]),
     )
     .unwrap();
-    let (code, out) = env.batch(&path, &[]).await;
-    assert_eq!(code, 2, "{out}");
+    let file = path.to_string_lossy().into_owned();
+    let (code, err) = batch_binary(&env, &file, "", &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(
+            "line 2: `url` \"/v1/embeddings\" is not an endpoint llmq runs; llmq runs /v1/chat/completions"
+        ),
+        "{err}"
+    );
     assert_eq!(env.stream_len().await, 0, "nothing of a bad file goes in");
     std::fs::write(&path, jsonl(&[line("a", "/v1/chat/completions")])).unwrap();
-    let (code, out) = env.batch(&path, &["--route"]).await;
-    assert_eq!(code, 0, "{out}");
+    let (code, err) = batch_binary(&env, &file, "", &["--route"]);
+    assert_eq!(code, 0, "{err}");
+    // A field llmq does not carry is said once, though the file is read twice.
+    assert_eq!(
+        err.matches("`body.input` is not carried over").count(),
+        1,
+        "{err}"
+    );
     let tasks = env.stream_tasks("-", "+").await.unwrap();
     assert_eq!(tasks.len(), 1);
     assert_eq!(tasks[0].get("model"), None, "--route pins no model");
