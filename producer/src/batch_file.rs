@@ -214,12 +214,7 @@ impl Reader {
         task.system = match params.remove("system") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s),
-            Some(blocks) => Some(
-                text_blocks(blocks, "`params.system`")?
-                    .into_iter()
-                    .collect::<Vec<_>>()
-                    .join("\n\n"),
-            ),
+            Some(blocks) => Some(text_blocks(blocks, "`params.system`")?.join("\n\n")),
         };
         let messages = params
             .remove("messages")
