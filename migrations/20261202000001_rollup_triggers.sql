@@ -122,8 +122,13 @@ $sql$;
 
     -- A task written or judged: its calls carry its status, verdict and risk (a deleted task's
     -- calls carry none again), only where they differ. Each partition is one index lookup per
-    -- task (`= ANY`) whatever its statistics; the ids are joined as text, by a hash, so that
-    -- the join is not a lookup per task per id as well (see 20261127000001_partitions.sql).
+    -- task (`= ANY`); the ids are joined as text, by a hash, so that the join is not a lookup
+    -- per task per id as well (see 20261127000001_partitions.sql). The task functions run
+    -- with `enable_seqscan` off: the planner cannot see how many ids the array holds, and on
+    -- a partition of millions of rows it chose a sequential scan that compared every row
+    -- with every id (one statement of 250,000 tasks ran for more than 8 minutes at 10
+    -- million calls, where the index does it in seconds; a finisher's batch of a few tasks
+    -- read the whole partition).
     tell_calls CONSTANT text := $sql$
     UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
         task_risk = t.risk
@@ -162,7 +167,7 @@ BEGIN
         ) AS v(name, kind, rows, added)
     LOOP
         EXECUTE format(
-            $fn$CREATE OR REPLACE FUNCTION %I() RETURNS trigger LANGUAGE plpgsql AS $body$
+            $fn$CREATE OR REPLACE FUNCTION %I() RETURNS trigger LANGUAGE plpgsql %s AS $body$
 BEGIN
     IF NOT EXISTS (SELECT FROM (%s) x) THEN
         RETURN NULL;
@@ -171,6 +176,7 @@ BEGIN
     RETURN NULL;
 END $body$$fn$,
             f.name,
+            CASE f.kind WHEN 'task' THEN 'SET enable_seqscan = off' ELSE '' END,
             f.rows,
             CASE f.kind
                 WHEN 'call' THEN

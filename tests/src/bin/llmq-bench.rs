@@ -1736,7 +1736,8 @@ async fn bare_streams(
 /// The ledger's reports at scale: a ledger of `--tasks` calls (default 5 million) and as
 /// many finished tasks over 60 days, about a third of them chain steps (chains of five), in
 /// a database of its own that is kept between runs (filled again only when its size
-/// differs). Prints how fast it filled (rows a second through the rollup triggers) and the
+/// differs; a fill cut off goes on where it stopped). Prints how fast it filled (rows a
+/// second through the rollup triggers, of this run's part of the fill) and the
 /// median of three runs of each report's queries, in ms; `raw_by_model_ms` is the same
 /// report summed over the raw rows, as before the rollups, for comparison in the same run.
 async fn ledger_scale(args: &Args) -> Result<String> {
@@ -1749,17 +1750,25 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     let ledger = bench_ledger_named(&args.database_url, &url, DB).await?;
     let migrate_s = migrating.elapsed().as_secs_f64();
     let pool = ledger.pool();
-    let have: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
-        .fetch_one(pool)
-        .await?;
+    let (have, tasks_have): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM provider_calls), (SELECT count(*) FROM tasks)",
+    )
+    .fetch_one(pool)
+    .await?;
     let mut fill_rows_per_s = 0.0;
     if have != n {
-        sqlx::query(
-            "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
-                routing_rollups, ledger_queues",
-        )
-        .execute(pool)
-        .await?;
+        // A fill cut off between chunks goes on where it stopped (each chunk commits whole);
+        // anything else is filled again from the start.
+        let resume = have < n && tasks_have == have && have % CHUNK == 0;
+        if !resume {
+            sqlx::query(
+                "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
+                    routing_rollups, ledger_queues",
+            )
+            .execute(pool)
+            .await?;
+        }
+        let first = if resume { have } else { 0 };
         let started = Instant::now();
         // Call i is made at an even pace over the last 60 days; calls 5k..5k+4 of every third
         // k are one chain's steps.
@@ -1771,7 +1780,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
              (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
              (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7)"
         );
-        for from in (0..n).step_by(CHUNK as usize) {
+        for from in (first..n).step_by(CHUNK as usize) {
             let to = (from + CHUNK).min(n) - 1;
             let mut tx = pool.begin().await?;
             for sql in [
@@ -1806,7 +1815,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
             }
             tx.commit().await?;
         }
-        fill_rows_per_s = (2 * n) as f64 / started.elapsed().as_secs_f64();
+        fill_rows_per_s = (2 * (n - first)) as f64 / started.elapsed().as_secs_f64();
         sqlx::query("VACUUM ANALYZE").execute(pool).await?;
     }
 
