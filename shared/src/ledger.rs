@@ -613,6 +613,20 @@ impl Ledger {
         }
     }
 
+    /// Begins a transaction whose statements find rows by task id (`task_id = ANY($1)`) with
+    /// sequential scans off. A partition no `ANALYZE` has seen yet (a new month's, for its
+    /// first minute or so; every partition of a fresh database) has no statistics, and
+    /// the planner then guesses that a batch's ids match a tenth of its rows and reads all of
+    /// them: on the tasks partition of `bench=e2e_mock` that delete of earlier finishes was
+    /// half of Postgres's time, growing with the partition. The index is right for a batch's
+    /// ids whatever the statistics say.
+    async fn begin_by_task_ids(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
+        Ok(self
+            .pool
+            .begin_with("BEGIN; SET LOCAL enable_seqscan = off")
+            .await?)
+    }
+
     async fn write(&self, calls: &[CallRow], tasks: &[TaskRow]) -> Result<()> {
         if calls.is_empty() && tasks.is_empty() {
             return Ok(());
@@ -625,7 +639,7 @@ impl Ledger {
         // A call of a task finished in this batch carries its status and risk (what routing
         // reads of its task), so the task's row has nothing to copy to it.
         let finished = |c: &CallRow| tasks.iter().find(|t| t.task_id == c.task_id);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.begin_by_task_ids().await?;
         if !calls.is_empty() {
             sqlx::query(
                 "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, chain_id, task_type,
@@ -717,8 +731,8 @@ impl Ledger {
             // write) keeps one row: the earlier finish goes, the rollups with it.
             sqlx::query(
                 // Found as ledger_tell_calls finds calls (migrations/20261127000001): one
-                // index lookup per task in each partition (`= ANY($1)`) whatever the
-                // statistics, joined by a hash (the ids as text), not a lookup per pair.
+                // index lookup per task in each partition (`= ANY($1)`, sequential scans
+                // off), joined by a hash (the ids as text), not a lookup per pair.
                 "DELETE FROM tasks t USING UNNEST($1::uuid[], $2::timestamptz[]) AS n(task_id, at)
                  WHERE t.task_id::text = n.task_id::text AND t.task_id = ANY($1)
                    AND t.finished_at <> n.at",
@@ -805,6 +819,7 @@ impl Ledger {
         if calls.is_empty() {
             return Ok(());
         }
+        let mut tx = self.begin_by_task_ids().await?;
         sqlx::query(
             "DELETE FROM provider_calls c
              USING UNNEST($1::uuid[], $2::uuid[], $3::int4[], $4::timestamptz[])
@@ -817,8 +832,9 @@ impl Ledger {
         .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())
         .bind(calls.iter().map(|c| c.call_no).collect::<Vec<_>>())
         .bind(calls.iter().map(|c| c.called_at).collect::<Vec<_>>())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 
@@ -830,6 +846,7 @@ impl Ledger {
         if verdicts.is_empty() {
             return Ok(());
         }
+        let mut tx = self.begin_by_task_ids().await?;
         sqlx::query(
             "UPDATE tasks SET verdict = v.approved
              FROM UNNEST($1::uuid[], $2::bool[]) AS v(task_id, approved)
@@ -837,8 +854,9 @@ impl Ledger {
         )
         .bind(verdicts.iter().map(|v| v.task_id).collect::<Vec<_>>())
         .bind(verdicts.iter().map(|v| v.approved).collect::<Vec<_>>())
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
     }
 

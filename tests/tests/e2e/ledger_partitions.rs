@@ -373,3 +373,166 @@ async fn a_migration_that_fails_leaves_no_check_that_would_refuse_rows_later() {
         1
     );
 }
+
+/// Sequential scans of `table` and what has been counted of its rows so far, as flushed.
+async fn scans_of(pool: &PgPool, table: &str) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT seq_scan, n_tup_ins, n_tup_del FROM pg_stat_user_tables WHERE relid = $1::regclass",
+    )
+    .bind(table)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Flushes the statistics of the one connection of `pool` (the next time it is idle).
+async fn flush_stats(pool: &PgPool) {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Waits until `seen` holds of `table`'s flushed statistics; returns them.
+async fn stats_when(
+    pool: &PgPool,
+    table: &str,
+    seen: impl Fn((i64, i64, i64)) -> bool,
+) -> (i64, i64, i64) {
+    for _ in 0..300 {
+        let s = scans_of(pool, table).await;
+        if seen(s) {
+            return s;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{table}'s statistics were not flushed: {:?}",
+        scans_of(pool, table).await
+    );
+}
+
+/// A batch finds its tasks' earlier finishes, and their calls to tell, by index in a partition
+/// no `ANALYZE` has seen (a new month's for its first minute, every partition of a new
+/// ledger): without statistics the planner guessed that a batch's ids match a tenth of the
+/// rows and read all of them, per batch.
+#[tokio::test]
+async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let checks = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("SET stats_fetch_consistency = none")
+        .execute(&checks)
+        .await
+        .unwrap();
+    let q = env.queue.as_str();
+    let earlier = Utc::now() - Duration::hours(1);
+    // No ANALYZE by autovacuum while the test runs.
+    let parts: Vec<String> = sqlx::query_scalar(
+        "SELECT inhrelid::regclass::text FROM pg_inherits
+         WHERE inhparent IN ('tasks'::regclass, 'provider_calls'::regclass)",
+    )
+    .fetch_all(&checks)
+    .await
+    .unwrap();
+    for p in &parts {
+        sqlx::query(&format!("ALTER TABLE {p} SET (autovacuum_enabled = off)"))
+            .execute(&checks)
+            .await
+            .unwrap();
+    }
+    // 20,000 tasks finished an hour ago, and their calls.
+    sqlx::query(
+        "INSERT INTO tasks (task_id, queue, task_type, status, attempts, provider, model,
+            cost_usd, finished_at, duration_ms)
+         SELECT md5('t' || g)::uuid, $1, 'research', 'succeeded', 1, 'openai', 'small', 0.25,
+            $2, 900
+         FROM generate_series(1, 20000) g",
+    )
+    .bind(q)
+    .bind(earlier)
+    .execute(&checks)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO provider_calls (task_id, attempt, call_no, queue, task_type, provider,
+            model, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
+            latency_ms, outcome, worker, called_at, delivery, task_status)
+         SELECT md5('t' || g)::uuid, 1, 1, $1, 'research', 'openai', 'small', 1000, 200, 0, 0,
+            0.25, 700, 'ok', 'w', $2, md5('d' || g)::uuid, 'succeeded'
+         FROM generate_series(1, 20000) g",
+    )
+    .bind(q)
+    .bind(earlier)
+    .execute(&checks)
+    .await
+    .unwrap();
+    let again: Vec<Uuid> =
+        sqlx::query_scalar("SELECT md5('t' || g)::uuid FROM generate_series(1, 40) g")
+            .fetch_all(&checks)
+            .await
+            .unwrap();
+    let first = again[0];
+    let tasks_home = home_of(&checks, first).await.remove(0);
+    let calls_home: String = sqlx::query_scalar(
+        "SELECT tableoid::regclass::text FROM provider_calls WHERE task_id = $1",
+    )
+    .bind(first)
+    .fetch_one(&checks)
+    .await
+    .unwrap();
+    flush_stats(&checks).await;
+    flush_stats(ledger.pool()).await;
+    let tasks_before = stats_when(&checks, &tasks_home, |s| s.1 >= 20_000).await;
+    let calls_before = stats_when(&checks, &calls_home, |s| s.1 >= 20_000).await;
+
+    // Forty of them finished again (a replay): each keeps one row, the later.
+    let now = Utc::now();
+    let calls: Vec<CallRow> = again.iter().map(|t| answered(*t, q, now)).collect();
+    let tasks: Vec<TaskRow> = again
+        .iter()
+        .map(|t| finished(*t, q, now, "succeeded"))
+        .collect();
+    ledger.record(&calls, &tasks).await.unwrap();
+    flush_stats(ledger.pool()).await;
+    let tasks_after = stats_when(&checks, &tasks_home, |s| s.2 >= tasks_before.2 + 40).await;
+    let calls_after = scans_of(&checks, &calls_home).await;
+    assert_eq!(
+        scalar(
+            &checks,
+            &format!("SELECT count(*) FROM tasks WHERE queue = '{q}'")
+        )
+        .await,
+        20_000
+    );
+    assert_eq!(
+        (tasks_after.0, calls_after.0),
+        (tasks_before.0, calls_before.0),
+        "sequential scans of {tasks_home} and {calls_home} by the batch's write"
+    );
+
+    // Another writer's statement (not the worker's, which sets no planner setting): the task
+    // trigger still finds the calls to tell by index.
+    sqlx::query(
+        "INSERT INTO tasks (task_id, queue, task_type, status, attempts, provider, model,
+            cost_usd, finished_at, duration_ms)
+         SELECT md5('t' || g)::uuid, $1, 'research', 'succeeded', 1, 'openai', 'small', 0.25,
+            now(), 900
+         FROM generate_series(41, 80) g",
+    )
+    .bind(q)
+    .execute(&checks)
+    .await
+    .unwrap();
+    flush_stats(&checks).await;
+    stats_when(&checks, &tasks_home, |s| s.1 >= tasks_after.1 + 40).await;
+    assert_eq!(
+        scans_of(&checks, &calls_home).await.0,
+        calls_before.0,
+        "sequential scans of {calls_home} by the task trigger"
+    );
+}
