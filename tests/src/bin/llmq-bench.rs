@@ -1780,6 +1780,10 @@ async fn ledger_scale(args: &Args) -> Result<String> {
              (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
              (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7)"
         );
+        // The task's status and risk, which its call carries as the finisher writes it (the
+        // call and its task in one batch): the task's trigger has nothing to copy.
+        let status = "CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END";
+        let risk = "(ARRAY['low', 'medium', 'high'])[1 + i % 3]";
         for from in (first..n).step_by(CHUNK as usize) {
             let to = (from + CHUNK).min(n) - 1;
             let mut tx = pool.begin().await?;
@@ -1788,21 +1792,19 @@ async fn ledger_scale(args: &Args) -> Result<String> {
                     "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
                         chain_id, task_type, provider, model, input_tokens, output_tokens,
                         cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
-                        called_at)
+                        called_at, task_status, task_risk)
                      SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
                         1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
-                        'ok', 'w', {at}
+                        'ok', 'w', {at}, {status}, {risk}
                      FROM generate_series($1::int8, $2::int8) i"
                 ),
                 format!(
                     "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
                         status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
                         duration_ms)
-                     SELECT md5(i::text)::uuid, {shared},
-                        CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END, 1,
+                     SELECT md5(i::text)::uuid, {shared}, {status}, 1,
                         1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
-                        {at} + interval '2 seconds', (ARRAY['low', 'medium', 'high'])[1 + i % 3],
-                        100 + i % 2000
+                        {at} + interval '2 seconds', {risk}, 100 + i % 2000
                      FROM generate_series($1::int8, $2::int8) i"
                 ),
             ] {
