@@ -393,25 +393,6 @@ async fn flush_stats(pool: &PgPool) {
         .unwrap();
 }
 
-/// Waits until `seen` holds of `table`'s flushed statistics; returns them.
-async fn stats_when(
-    pool: &PgPool,
-    table: &str,
-    seen: impl Fn((i64, i64, i64)) -> bool,
-) -> (i64, i64, i64) {
-    for _ in 0..300 {
-        let s = scans_of(pool, table).await;
-        if seen(s) {
-            return s;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{table}'s statistics were not flushed: {:?}",
-        scans_of(pool, table).await
-    );
-}
-
 /// A batch finds its tasks' earlier finishes, and their calls to tell, by index in a partition
 /// no `ANALYZE` has seen (a new month's for its first minute, every partition of a new
 /// ledger): without statistics the planner guessed that a batch's ids match a tenth of the
@@ -483,8 +464,15 @@ async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
     .await
     .unwrap();
     flush_stats(&checks).await;
-    let tasks_before = stats_when(&checks, &tasks_home, |s| s.1 >= 20_000).await;
-    let calls_before = stats_when(&checks, &calls_home, |s| s.1 >= 20_000).await;
+    let flushed = std::time::Duration::from_secs(15);
+    env.eventually("the fill's statistics flushed", flushed, || async {
+        scans_of(&checks, &tasks_home).await.1 >= 20_000
+            && scans_of(&checks, &calls_home).await.1 >= 20_000
+    })
+    .await
+    .unwrap();
+    let tasks_before = scans_of(&checks, &tasks_home).await;
+    let calls_before = scans_of(&checks, &calls_home).await;
 
     // Forty of them finished again (a replay): each keeps one row, the later.
     let now = Utc::now();
@@ -495,16 +483,19 @@ async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
         .collect();
     ledger.record(&calls, &tasks).await.unwrap();
     flush_stats(ledger.pool()).await;
-    let tasks_after = stats_when(&checks, &tasks_home, |s| s.2 >= tasks_before.2 + 40).await;
+    env.eventually("the batch's statistics flushed", flushed, || async {
+        scans_of(&checks, &tasks_home).await.2 >= tasks_before.2 + 40
+    })
+    .await
+    .unwrap();
+    let tasks_after = scans_of(&checks, &tasks_home).await;
     let calls_after = scans_of(&checks, &calls_home).await;
-    assert_eq!(
-        scalar(
-            &checks,
-            &format!("SELECT count(*) FROM tasks WHERE queue = '{q}'")
-        )
-        .await,
-        20_000
-    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE queue = $1")
+        .bind(q)
+        .fetch_one(&checks)
+        .await
+        .unwrap();
+    assert_eq!(rows, 20_000, "each task replayed keeps one row");
     assert_eq!(
         (tasks_after.0, calls_after.0),
         (tasks_before.0, calls_before.0),
@@ -525,7 +516,11 @@ async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
     .await
     .unwrap();
     flush_stats(&checks).await;
-    stats_when(&checks, &tasks_home, |s| s.1 >= tasks_after.1 + 40).await;
+    env.eventually("the other writer's statistics flushed", flushed, || async {
+        scans_of(&checks, &tasks_home).await.1 >= tasks_after.1 + 40
+    })
+    .await
+    .unwrap();
     assert_eq!(
         scans_of(&checks, &calls_home).await.0,
         calls_before.0,
