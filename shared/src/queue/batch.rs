@@ -1,5 +1,6 @@
 //! Tasks that go through a provider's batch API (`deadline`): a worker parks a task to wait
-//! for a batch ([`Client::park_for_batch`]); the scheduler takes waiting tasks into batches,
+//! for a batch (a [`Write::Park`](super::Write::Park) among its batch of outcomes, as
+//! `finish.lua`'s `park` applies it); the scheduler takes waiting tasks into batches,
 //! sends them and, when a batch is over, settles each task with its answer or hands it to a
 //! normal call ([`Client::settle_batch`]): either way the task goes back to its stream, where
 //! a worker finishes it like any task. A task is thus always in one place: the stream, the
@@ -15,10 +16,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{Client, Fence, NOT_HOLDER, Result};
 use crate::conversation::ToolCall;
-use crate::keys::{GROUP, QueueKeys};
+use crate::keys::QueueKeys;
 use crate::outcome::Usage;
 
-static PARK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("batch_park.lua")));
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/fence.lua"),
@@ -50,17 +50,15 @@ pub const FALLBACK_MARGIN: std::time::Duration = std::time::Duration::from_secs(
 /// How long a settled task's batch hash (its latch) lives past the task's deadline.
 pub const LATCH_TTL: std::time::Duration = std::time::Duration::from_secs(2 * 24 * 3600);
 
-/// What [`Client::park_for_batch`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Parked {
-    /// The task waits for a batch; its entry is acked and deleted.
-    Waiting,
-    /// The task went to a batch before: this entry was a copy, acked and deleted.
-    Copy,
-    /// No scheduler sends this queue's batches now: call the model.
-    NoBatcher,
-    /// This consumer no longer holds the entry; nothing was done.
-    Lost,
+/// What a task parked to wait for a batch of `group` (`provider/model`) is kept with: its
+/// envelope, its request body, its deadline (ms) and its generation (`replays:attempts`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchPark {
+    pub group: String,
+    pub envelope: String,
+    pub body: String,
+    pub deadline_ms: i64,
+    pub generation: String,
 }
 
 /// A task's place in the batch path, as a worker reads it when the task comes back.
@@ -158,52 +156,6 @@ pub enum Settle {
 }
 
 impl Client {
-    /// Parks the task of `entry_id`, which `consumer` holds, to wait for a batch of `group`
-    /// (`provider/model`), with its envelope, its request body, its deadline and its
-    /// generation (`replays:attempts`).
-    ///
-    /// # Errors
-    /// Redis fails.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn park_for_batch(
-        &self,
-        keys: &QueueKeys,
-        consumer: &str,
-        entry_id: &str,
-        task_id: &str,
-        group: &str,
-        envelope: &str,
-        body: &str,
-        deadline_ms: i64,
-        generation: &str,
-    ) -> Result<Parked> {
-        let mut c = self.conn().await?;
-        let r: i64 = PARK
-            .key(keys.stream())
-            .key(keys.batch_task(task_id))
-            .key(keys.batch_waiting(group))
-            .key(keys.batch_groups())
-            .key(keys.batcher())
-            .arg(GROUP)
-            .arg(consumer)
-            .arg(entry_id)
-            .arg(task_id)
-            .arg(group)
-            .arg(envelope)
-            .arg(body)
-            .arg(deadline_ms)
-            .arg(generation)
-            .arg(super::now_ms())
-            .invoke_async(&mut c)
-            .await?;
-        Ok(match r {
-            1 => Parked::Waiting,
-            0 => Parked::Copy,
-            2 => Parked::NoBatcher,
-            _ => Parked::Lost,
-        })
-    }
-
     /// Where task `task_id` stands in the batch path.
     ///
     /// # Errors

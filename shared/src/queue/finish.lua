@@ -19,6 +19,9 @@
 --           name, task id, envelope, round, waits, ok (see rerun.lua), fold
 --   expand: chain, steps, tasks, the chains index; entry id, chain id, spec json,
 --           on_failure, then 5 per step (see expand below)
+--   park:   the task's batch hash, its group's waiting set, the groups set, the batcher
+--           key; entry id, task id, group (provider/model), envelope, request body,
+--           deadline (ms), generation, how long a latch lives past the deadline (ms)
 -- Returns one integer per item: 1 applied, 0 fenced (the entry is no longer this consumer's).
 
 -- Each op reads its keys from KEYS[k] on and its args from ARGV[b] on (settle's six first):
@@ -147,6 +150,30 @@ local function end_key(stream, name, mine, window)
   end
 end
 
+-- A task that can wait goes to wait for a provider batch (queue/batch.rs): kept in its batch
+-- hash with what the batch needs, in its group's waiting set, its group among the groups. A
+-- task that has a batch hash went to a batch before, and the hash is its latch: this entry is
+-- a copy, only acked. With no scheduler sending the queue's batches (no batcher key), the
+-- latch says `fallback` and the task goes back to the stream, where it is called as usual.
+local function park(stream, k, b, now)
+  local key = KEYS[k]
+  if redis.call('EXISTS', key) == 1 then
+    return
+  end
+  local group, env, deadline = ARGV[b + 2], ARGV[b + 3], ARGV[b + 5]
+  if redis.call('EXISTS', KEYS[k + 3]) == 0 then
+    redis.call('HSET', key, 'state', 'fallback', 'reason', 'no scheduler sends this queue\'s batches',
+      'deadline', deadline, 'gen', ARGV[b + 6])
+    redis.call('PEXPIRE', key, math.max(tonumber(deadline) - tonumber(now), 0) + tonumber(ARGV[b + 7]))
+    redis.call('XADD', stream, '*', 'task', env, 'room', '-')
+    return
+  end
+  redis.call('HSET', key, 'state', 'waiting', 'group', group, 'env', env, 'body', ARGV[b + 4],
+    'deadline', deadline, 'gen', ARGV[b + 6])
+  redis.call('ZADD', KEYS[k + 1], now, ARGV[b + 1])
+  redis.call('SADD', KEYS[k + 2], group)
+end
+
 -- A batch's task ended: one more of the batch's tasks finished (`llmq batch --wait` reads
 -- the count for its progress), kept a week after the last: the week is set again every
 -- 1,000th, so the count costs one INCR a task.
@@ -174,6 +201,8 @@ while a <= last do
     mine[entry] = nil
     if op == 'expand' then
       expand(stream, k, b, na, now)
+    elseif op == 'park' then
+      park(stream, k, b, now)
     else
       settle(stream, group, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
         ARGV[b + 4], ARGV[b + 5], now, ttl)

@@ -109,6 +109,14 @@ pub enum Write {
     },
     /// Entry `entry_id` submitted this chain: expand it (once per chain id).
     Expand { entry_id: String, chain: Box<Chain> },
+    /// The task waits for a provider batch: parked with what the batch needs, its entry
+    /// acked. A task parked before (this entry is a copy) is only acked; with no scheduler
+    /// sending the queue's batches, it goes back to the stream to be called as usual.
+    Park {
+        entry_id: String,
+        task_id: String,
+        park: Box<super::BatchPark>,
+    },
 }
 
 impl Write {
@@ -116,17 +124,17 @@ impl Write {
     #[must_use]
     pub fn entry_id(&self) -> &str {
         match self {
-            Self::Expand { entry_id, .. } => entry_id,
+            Self::Expand { entry_id, .. } | Self::Park { entry_id, .. } => entry_id,
             Self::Task(f) | Self::Step(f, _) => &f.entry_id,
             Self::Await { finish, .. } | Self::Rerun { finish, .. } => &finish.entry_id,
         }
     }
 
-    /// The task's own outcome; `None` for a submitted chain.
+    /// The task's own outcome; `None` for a submitted chain and a parked task.
     #[must_use]
     pub fn finish(&self) -> Option<&Finish> {
         match self {
-            Self::Expand { .. } => None,
+            Self::Expand { .. } | Self::Park { .. } => None,
             Self::Task(f) | Self::Step(f, _) => Some(f),
             Self::Await { finish, .. } | Self::Rerun { finish, .. } => Some(finish),
         }
@@ -219,6 +227,26 @@ impl Write {
                 for r in reruns {
                     inv.arg(&super::chain::rerun_args(r)[..]);
                 }
+            }
+            Self::Park {
+                entry_id,
+                task_id,
+                park,
+            } => {
+                inv.arg("park").arg(4).arg(8);
+                inv.key(keys.batch_task(task_id))
+                    .key(keys.batch_waiting(&park.group))
+                    .key(keys.batch_groups())
+                    .key(keys.batcher());
+                let latch_ms = u64::try_from(super::LATCH_TTL.as_millis()).unwrap_or(u64::MAX);
+                inv.arg(entry_id)
+                    .arg(task_id)
+                    .arg(&park.group)
+                    .arg(&park.envelope)
+                    .arg(&park.body)
+                    .arg(park.deadline_ms)
+                    .arg(&park.generation)
+                    .arg(latch_ms);
             }
             Self::Expand { entry_id, chain } => {
                 let id = &chain.id;

@@ -45,7 +45,8 @@ mod slots;
 
 pub use answers::{Answer, Keep, NOT_KEPT, answer_name, flight_key, warm_name};
 pub use batch::{
-    BatchAnswer, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Parked, Settle, Taken,
+    BatchAnswer, BatchPark, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Settle,
+    Taken,
 };
 pub use chain::{ChainsPage, Refused};
 pub use conn::Conn;

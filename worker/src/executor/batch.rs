@@ -13,19 +13,10 @@ use std::time::Duration;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request};
-use llmq_shared::queue::{BatchAnswer, Parked};
+use llmq_shared::queue::{BatchAnswer, BatchPark};
 use llmq_shared::routing::{Candidate, Plan};
 
-use super::Executor;
 use super::attempt::{AttemptError, Outcome, Tried, conform};
-
-/// The task a worker holds, as [`Executor::park_for_batch`] needs it.
-pub(super) struct Parking<'a> {
-    pub queue: &'a llmq_shared::keys::QueueKeys,
-    pub entry_id: &'a str,
-    pub task_id: &'a str,
-    pub env: &'a Envelope,
-}
 
 /// The least time a task's deadline must leave to go to a batch: a gather (at most an hour)
 /// and, should the batch not be over by then, a normal call (an hour before the deadline).
@@ -71,72 +62,35 @@ fn batch_candidate<'p>(plan: &'p Plan<'p>, env: &Envelope) -> Option<&'p Candida
     })
 }
 
-/// What became of a task that may go to a batch.
-pub(super) enum Batching {
-    /// It waits for a batch (or was a copy of one that does): nothing to write.
-    Parked,
-    /// Call the model now.
-    Call,
-    /// Redis failed while parking it, perhaps after it was parked: hand the delivery back
-    /// (a copy of a parked task is acked when it comes again), never call it too.
-    Release,
-}
-
-impl Executor {
-    /// Sends `task` to wait for a batch when it may go to one.
-    pub(super) async fn park_for_batch(
-        &self,
-        task: Parking<'_>,
-        call_env: &Envelope,
-        plan: &Plan<'_>,
-    ) -> Batching {
-        let Some(deadline) = deadline_ms(task.env, task.entry_id) else {
-            return Batching::Call;
-        };
-        let lead = i64::try_from(MIN_LEAD.as_millis()).unwrap_or(i64::MAX);
-        if deadline - llmq_shared::queue::now_ms() < lead || task.env.concurrency_key.is_some() {
-            return Batching::Call;
-        }
-        let Some(cand) = batch_candidate(plan, task.env) else {
-            return Batching::Call;
-        };
-        // A batch's answers carry no cache writes (BatchAnswer): ask for no caching, so that
-        // none is billed unseen.
-        let req = Request {
-            prompt_cache: false,
-            ..Request::of(call_env, &cand.model.id, cand.provider)
-        };
-        let Some(body) = provider::batch::item_body(cand.provider, &req) else {
-            return Batching::Call;
-        };
-        let group = format!("{}/{}", cand.provider.name, cand.model.id);
-        let parked = self
-            .redis
-            .park_for_batch(
-                task.queue,
-                &self.worker_id,
-                task.entry_id,
-                task.task_id,
-                &group,
-                &task.env.to_json(),
-                &body.to_string(),
-                deadline,
-                &generation(task.env),
-            )
-            .await;
-        match parked {
-            Ok(Parked::Waiting) => {
-                tracing::debug!(task = %task.task_id, group, "waiting for a provider batch");
-                Batching::Parked
-            }
-            Ok(Parked::Copy | Parked::Lost) => Batching::Parked,
-            Ok(Parked::NoBatcher) => Batching::Call,
-            Err(e) => {
-                tracing::warn!(task = %task.task_id, "cannot send the task to a batch; handing it back: {e}");
-                Batching::Release
-            }
-        }
+/// What `env`'s task (of stream entry `entry_id`) is parked with to wait for a batch, when
+/// it may go to one: the finisher parks it with the delivery's other outcomes
+/// ([`Write::Park`](llmq_shared::queue::Write::Park)). `None`: call the model now.
+pub(super) fn parking(
+    env: &Envelope,
+    entry_id: &str,
+    call_env: &Envelope,
+    plan: &Plan<'_>,
+) -> Option<BatchPark> {
+    let deadline_ms = deadline_ms(env, entry_id)?;
+    let lead = i64::try_from(MIN_LEAD.as_millis()).unwrap_or(i64::MAX);
+    if deadline_ms - llmq_shared::queue::now_ms() < lead || env.concurrency_key.is_some() {
+        return None;
     }
+    let cand = batch_candidate(plan, env)?;
+    // A batch's answers carry no cache writes (BatchAnswer): ask for no caching, so that
+    // none is billed unseen.
+    let req = Request {
+        prompt_cache: false,
+        ..Request::of(call_env, &cand.model.id, cand.provider)
+    };
+    let body = provider::batch::item_body(cand.provider, &req)?;
+    Some(BatchPark {
+        group: format!("{}/{}", cand.provider.name, cand.model.id),
+        envelope: env.to_json(),
+        body: body.to_string(),
+        deadline_ms,
+        generation: generation(env),
+    })
 }
 
 /// A batch's answer as the attempt's outcome: read as the task asked (its JSON checked), with

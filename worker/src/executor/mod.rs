@@ -624,22 +624,15 @@ impl Executor {
                     .map(|c| format!("{}/{}", c.provider.name, c.model.id))
                     .collect(),
             });
-            if may_batch {
-                let parking = batch::Parking {
-                    queue: &queue,
-                    entry_id: &entry_id,
-                    task_id: &task_id,
-                    env: &env,
+            if may_batch && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan) {
+                tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
+                let park = Box::new(park);
+                let write = Write::Park {
+                    entry_id,
+                    task_id,
+                    park,
                 };
-                match Box::pin(self.park_for_batch(parking, call_env, &plan)).await {
-                    batch::Batching::Call => {}
-                    batch::Batching::Parked => {
-                        return parked(queue, entry_id, task_id);
-                    }
-                    batch::Batching::Release => {
-                        return handed_back(queue, entry_id, task_id, &env);
-                    }
-                }
+                return Finished::new(queue, write, Vec::new());
             }
             // A prompt prefix a provider caches: its calls go to the model whose cache holds
             // it warm; while nobody's does, one call warms it before the rest are sent.
