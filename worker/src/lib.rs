@@ -202,20 +202,42 @@ impl Runtime {
     }
 }
 
-/// Keeps glibc's malloc to one arena. Call it first in `main`, before the async runtime
-/// starts its threads: a thread is given its arena by its first allocation.
+/// What glibc's malloc is set to for a worker (see [`tune_malloc`]).
+pub const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1:glibc.malloc.tcache_count=256";
+
+/// Sets glibc's malloc up for a worker: one arena, and a larger cache of freed blocks per
+/// thread. Call it first in `main`, before any thread exists.
 ///
-/// Every task in flight is allocated and freed by apalis' one driver, which tokio moves
-/// between its worker threads. With an arena per thread, each arena in turn grows to hold a
-/// whole wave of tasks and keeps it: `bench=inflight` measured 6.0, 7.4 and 8.8 KiB of
+/// One arena: every task in flight is allocated and freed by apalis' one driver, which tokio
+/// moves between its worker threads. With an arena per thread, each arena in turn grows to
+/// hold a whole wave of tasks and keeps it: `bench=inflight` measured 6.0, 7.4 and 8.8 KiB of
 /// resident memory per task in flight after 1, 2 and 4 waves of tasks; with one arena,
-/// 5.9 KiB after 4, at the same throughput (docs/benchmarks.md). An operator's own
-/// `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` wins.
-pub fn one_malloc_arena() {
+/// 5.9 KiB after 4 (docs/benchmarks.md).
+///
+/// The cache: with one arena, every allocation the thread's cache cannot serve takes the
+/// arena's lock, and glibc's default of 7 blocks per size made the threads queue on it
+/// (`perf`: a third of `queue_noop`'s process time in malloc and free, futex waits among
+/// it). glibc reads its cache size only from `GLIBC_TUNABLES` as a program starts, so this
+/// runs the program again, in place (`exec`, same pid and arguments), with
+/// [`MALLOC_TUNABLES`] set. Nothing is done when the environment already sets
+/// `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (an operator's choice wins; the second run sees its
+/// own) or `LD_PRELOAD` (another allocator, or a tool such as valgrind or heaptrack that
+/// would lose the program to an `exec`). Should the `exec` fail, the arena is still capped.
+pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none()
-        && std::env::var_os("GLIBC_TUNABLES").is_none()
+    if ["GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "LD_PRELOAD"]
+        .iter()
+        .all(|v| std::env::var_os(v).is_none())
     {
+        use std::os::unix::process::CommandExt;
+        let mut args = std::env::args_os();
+        let arg0 = args.next().unwrap_or_default();
+        // Returns only if the exec failed.
+        let _ = std::process::Command::new("/proc/self/exe")
+            .arg0(arg0)
+            .args(args)
+            .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+            .exec();
         cap_malloc_arenas(1);
     }
 }

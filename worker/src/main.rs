@@ -19,7 +19,7 @@ struct Args {
 
 fn main() -> ExitCode {
     // Before the runtime's threads exist.
-    llmq_worker::one_malloc_arena();
+    llmq_worker::tune_malloc();
     llmq_worker::guard_secrets_from_children();
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(run()),

@@ -130,7 +130,7 @@ enum Bench {
 fn main() -> Result<()> {
     // The workers run in this process: their allocator is set up as llmq-worker's is,
     // before the runtime's threads exist.
-    llmq_worker::one_malloc_arena();
+    llmq_worker::tune_malloc();
     // And with the Prometheus recorder a deployed worker has (its manifests serve /metrics),
     // so recording a call's figures costs here what it costs there.
     let _ = llmq_shared::health::recorder();
