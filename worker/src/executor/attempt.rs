@@ -179,14 +179,17 @@ pub(super) struct Attempt<'a> {
 }
 
 impl Attempt<'_> {
-    pub async fn run(mut self, plan: &Plan<'_>) -> Tried {
+    /// Runs the attempt. By reference: an async fn taken by value keeps its argument beside
+    /// the local it moves into, twice the room for the whole of the call.
+    pub async fn run(&mut self, plan: &Plan<'_>) -> Tried {
         let mut route = plan.reason.clone();
         let mut errors = Vec::new();
         // Providers called, for the error; providers asked, whose other models are skipped.
         let mut tried: Vec<String> = Vec::new();
         let mut asked: Vec<String> = Vec::new();
         let mut last: Option<(String, String)> = None;
-        let mut fault: Option<provider::Error> = None;
+        // Boxed: held across every later candidate's call, and mostly `None`.
+        let mut fault: Option<Box<provider::Error>> = None;
         let mut later: Vec<(DateTime<Utc>, ErrorClass, String)> = Vec::new();
         let mut moved_on: Option<String> = None;
         for cand in &plan.candidates {
@@ -237,7 +240,7 @@ impl Attempt<'_> {
                 }
                 Stop::Failed(e) => {
                     moved_on = Some(format!("{name} failed"));
-                    fault = Some(e);
+                    fault = Some(Box::new(e));
                 }
                 Stop::Skipped => moved_on = Some(format!("{name} could not be checked")),
             }

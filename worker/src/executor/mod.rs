@@ -164,8 +164,9 @@ struct StepPlan {
     reading: Option<chain::Reading>,
     rework: Option<Box<chain::Rework>>,
     escalation: Option<Result<Box<chain::Rework>, String>>,
-    /// Its outcome without a call (an output, a check, a fatal problem).
-    settled: Option<Outcome>,
+    /// Its outcome without a call (an output, a check, a fatal problem); boxed, as every
+    /// task's call would otherwise carry its room.
+    settled: Option<Box<Outcome>>,
     /// For a review or a check: the task whose output its verdict judges.
     judged: Option<String>,
 }
@@ -218,12 +219,12 @@ impl Executor {
             Ok(chain::Prepared::Invalid(why)) => return Err(Ended::Invalid(why)),
             Ok(chain::Prepared::Await { deadline_ms }) => return Err(Ended::Await(deadline_ms)),
             Ok(chain::Prepared::Fatal(why)) => {
-                step.settled = Some(Outcome::Failed(AttemptError {
+                step.settled = Some(Box::new(Outcome::Failed(AttemptError {
                     class: ErrorClass::Fatal,
                     message: why,
                     tried: Vec::new(),
                     retry_after: None,
-                }));
+                })));
             }
             Ok(chain::Prepared::Check {
                 command,
@@ -233,7 +234,7 @@ impl Executor {
             }) => {
                 step.rework = rework.map(Box::new);
                 step.judged = judged;
-                step.settled = Some(match self.config.checks.get(&command) {
+                step.settled = Some(Box::new(match self.config.checks.get(&command) {
                     Some(c) => check::run(&command, c, &input).await,
                     None => Outcome::Failed(AttemptError {
                         class: ErrorClass::Fatal,
@@ -243,14 +244,14 @@ impl Executor {
                         tried: Vec::new(),
                         retry_after: None,
                     }),
-                });
+                }));
             }
             Ok(chain::Prepared::Output(text)) => {
-                step.settled = Some(Outcome::Answered(Completion {
+                step.settled = Some(Box::new(Outcome::Answered(Completion {
                     text,
                     usage: llmq_shared::provider::Usage::default(),
                     ..Completion::default()
-                }));
+                })));
             }
             Ok(chain::Prepared::Call {
                 prompt,
@@ -542,6 +543,7 @@ impl Executor {
             }
         }
         let mut calls = Vec::new();
+        // What learned routing chose, for the record (boxed, as the two below).
         let mut learned = None;
         // The answer cache: the task whose answer this one reuses, or what to keep this
         // one's answer as (boxed: every task in flight carries these through its call).
@@ -552,7 +554,7 @@ impl Executor {
         let started = Instant::now();
         let tried = 'tried: {
             if let Some(outcome) = settled {
-                break 'tried Tried::without_call(outcome);
+                break 'tried Tried::without_call(*outcome);
             }
             if let Some(answer) = &batch_answer {
                 break 'tried batch::answered(answer, &env);
@@ -603,7 +605,7 @@ impl Executor {
             }
             let stats = self.learned_stats();
             let stats = stats.as_deref().unwrap_or(&NO_STATS);
-            let plan = match routing::plan(&self.config, call_env, &constraints, stats) {
+            let mut plan = match routing::plan(&self.config, call_env, &constraints, stats) {
                 Ok(plan) => plan,
                 Err(e) => {
                     break 'tried Tried::without_call(Outcome::Failed(AttemptError {
@@ -614,15 +616,17 @@ impl Executor {
                     }));
                 }
             };
-            learned = plan.learned.map(|l| LearnedRoute {
-                strategy: l.strategy.as_str().to_owned(),
-                propensity: l.propensity,
-                explored: l.explored,
-                candidates: plan
-                    .candidates
-                    .iter()
-                    .map(|c| format!("{}/{}", c.provider.name, c.model.id))
-                    .collect(),
+            learned = plan.learned.map(|l| {
+                Box::new(LearnedRoute {
+                    strategy: l.strategy.as_str().to_owned(),
+                    propensity: l.propensity,
+                    explored: l.explored,
+                    candidates: plan
+                        .candidates
+                        .iter()
+                        .map(|c| format!("{}/{}", c.provider.name, c.model.id))
+                        .collect(),
+                })
             });
             if may_batch && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan) {
                 tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
@@ -636,7 +640,6 @@ impl Executor {
             }
             // A prompt prefix a provider caches: its calls go to the model whose cache holds
             // it warm; while nobody's does, one call warms it before the rest are sent.
-            let mut plan = plan;
             if let Some(hash) = self.warm_prefix(call_env, &plan) {
                 let flight = slot.is_none();
                 match Box::pin(self.warm_up(&queue, &entry_id, &hash, flight, &env)).await {
@@ -658,7 +661,7 @@ impl Executor {
             // Attempt.
             // Set while a call waits for its ledger row or its rate-limit window, not sent.
             let waiting = std::sync::atomic::AtomicBool::new(false);
-            let attempt = Attempt {
+            let mut attempt = Attempt {
                 exec: self,
                 delivery: Uuid::new_v4(),
                 env: call_env,
@@ -691,7 +694,7 @@ impl Executor {
         };
         let mut record = running(&queue, &task_id, &env, &task_type);
         record.duration_ms = started.elapsed().as_millis() as u64;
-        record.learned = learned;
+        record.learned = learned.map(|l| *l);
         record.route = Some(tried.route).filter(|r| !r.is_empty());
         record.provider_errors = tried.errors;
         // What to keep once the outcome is written: the model's answer as it came (a chain
