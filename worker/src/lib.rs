@@ -218,7 +218,7 @@ pub const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1:glibc.malloc.tcache_
 /// arena's lock, and glibc's default of 7 blocks per size made the threads queue on it
 /// (`perf`: a third of `queue_noop`'s process time in malloc and free, futex waits among
 /// it). glibc reads its cache size only from `GLIBC_TUNABLES` as a program starts, so this
-/// runs the program again, in place (`exec`, same pid and arguments), with
+/// runs the program again, in place (`exec` of its own file, same pid, name and arguments), with
 /// [`MALLOC_TUNABLES`] set. Nothing is done when the environment already sets
 /// `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (an operator's choice wins; the second run sees its
 /// own) or `LD_PRELOAD` (another allocator, or a tool such as valgrind or heaptrack that
@@ -230,14 +230,18 @@ pub fn tune_malloc() {
         .all(|v| std::env::var_os(v).is_none())
     {
         use std::os::unix::process::CommandExt;
-        let mut args = std::env::args_os();
-        let arg0 = args.next().unwrap_or_default();
-        // Returns only if the exec failed.
-        let _ = std::process::Command::new("/proc/self/exe")
-            .arg0(arg0)
-            .args(args)
-            .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
-            .exec();
+        // The binary's own path, not `/proc/self/exe`: the process's name (`ps`, `pgrep`)
+        // is the file's it was started from.
+        if let Ok(exe) = std::env::current_exe() {
+            let mut args = std::env::args_os();
+            let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+            // Returns only if the exec failed.
+            let _ = std::process::Command::new(&exe)
+                .arg0(arg0)
+                .args(args)
+                .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+                .exec();
+        }
         cap_malloc_arenas(1);
     }
 }

@@ -578,3 +578,22 @@ async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one()
         .unwrap();
     assert_eq!((t.from.as_str(), t.from_alive), ("alive", false));
 }
+
+/// The worker runs itself again at start for its allocator's settings (`tune_malloc`): the
+/// process keeps its pid (what a supervisor signals), its arguments (its queue) and its name
+/// (what `ps`, `pgrep` and the image check find it by; an `exec` of `/proc/self/exe` named it
+/// `exe`).
+#[tokio::test]
+async fn a_worker_started_again_for_its_allocator_keeps_its_pid_arguments_and_name() {
+    let env = TestEnv::new().await.unwrap();
+    let mut worker = WorkerProcess::spawn(&env, &[]).unwrap();
+    let id = enqueue(&env, 1, "mock-fast").await.remove(0);
+    let r = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    let pid = worker.child.id();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(comm.trim_end(), "llmq-worker");
+    worker.signal("TERM").unwrap();
+    let status = worker.wait_exit(Duration::from_secs(15)).await.unwrap();
+    assert!(status.success(), "{status:?}");
+}
