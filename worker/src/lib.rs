@@ -221,26 +221,30 @@ pub const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1:glibc.malloc.tcache_
 /// runs the program again, in place (`exec` of its own file, same pid, name and arguments), with
 /// [`MALLOC_TUNABLES`] set. Nothing is done when the environment already sets
 /// `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (an operator's choice wins; the second run sees its
-/// own) or `LD_PRELOAD` (another allocator, or a tool such as valgrind or heaptrack that
-/// would lose the program to an `exec`). Should the `exec` fail, the arena is still capped.
+/// own). With `LD_PRELOAD` set (another allocator, or a tool such as valgrind or heaptrack
+/// that would lose the program to an `exec`), or should the `exec` fail, the program goes
+/// on with one arena and glibc's cache.
 pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if ["GLIBC_TUNABLES", "MALLOC_ARENA_MAX", "LD_PRELOAD"]
-        .iter()
-        .all(|v| std::env::var_os(v).is_none())
     {
-        use std::os::unix::process::CommandExt;
-        // The binary's own path, not `/proc/self/exe`: the process's name (`ps`, `pgrep`)
-        // is the file's it was started from.
-        if let Ok(exe) = std::env::current_exe() {
-            let mut args = std::env::args_os();
-            let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
-            // Returns only if the exec failed.
-            let _ = std::process::Command::new(&exe)
-                .arg0(arg0)
-                .args(args)
-                .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
-                .exec();
+        let set = |v: &str| std::env::var_os(v).is_some();
+        if set("GLIBC_TUNABLES") || set("MALLOC_ARENA_MAX") {
+            return;
+        }
+        if !set("LD_PRELOAD") {
+            use std::os::unix::process::CommandExt;
+            // The binary's own path, not `/proc/self/exe`: the process's name (`ps`,
+            // `pgrep`) is the file's it was started from.
+            if let Ok(exe) = std::env::current_exe() {
+                let mut args = std::env::args_os();
+                let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+                // Returns only if the exec failed.
+                let _ = std::process::Command::new(&exe)
+                    .arg0(arg0)
+                    .args(args)
+                    .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+                    .exec();
+            }
         }
         cap_malloc_arenas(1);
     }
