@@ -28,11 +28,17 @@ static TAKE: LazyLock<Script> = LazyLock::new(|| {
 static SETTLE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/fence.lua"),
+        include_str!("lua/batch_back.lua"),
         include_str!("batch_settle.lua")
     ))
 });
 static SENT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("batch_sent.lua")));
-static RESCUE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("batch_rescue.lua")));
+static RESCUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("lua/batch_back.lua"),
+        include_str!("batch_rescue.lua")
+    ))
+});
 static MARK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
         include_str!("lua/fence.lua"),

@@ -13,10 +13,7 @@ end
 local now, margin, limit = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[7])
 local n = 0
 local function back(id, key, deadline, env, why)
-  redis.call('HSET', key, 'state', 'fallback', 'reason', why)
-  redis.call('HDEL', key, 'body')
-  redis.call('PEXPIRE', key, math.max(deadline - now, 0) + tonumber(ARGV[6]))
-  redis.call('XADD', KEYS[4], '*', 'task', env, 'room', '-')
+  batch_back(KEYS[4], key, 'fallback', 'reason', why, env, deadline, now, tonumber(ARGV[6]))
   n = n + 1
 end
 for _, group in ipairs(redis.call('SMEMBERS', KEYS[2])) do

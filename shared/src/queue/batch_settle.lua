@@ -21,11 +21,8 @@ for i = 8, #ARGV, 3 do
     if ARGV[i + 1] == 'fallback' then
       field = 'reason'
     end
-    redis.call('HSET', key, 'state', ARGV[i + 1], field, ARGV[i + 2])
-    redis.call('HDEL', key, 'body')
-    -- The latch outlives the deadline, after which no task can be parked again.
-    redis.call('PEXPIRE', key, math.max((tonumber(f[4] or '0') or 0) - now, 0) + tonumber(ARGV[4]))
-    redis.call('XADD', KEYS[2], '*', 'task', f[3], 'room', '-')
+    batch_back(KEYS[2], key, ARGV[i + 1], field, ARGV[i + 2], f[3], tonumber(f[4] or '0') or 0,
+      now, tonumber(ARGV[4]))
     n = n + 1
   end
 end

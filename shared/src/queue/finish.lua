@@ -162,10 +162,8 @@ local function park(stream, k, b, now)
   end
   local group, env, deadline = ARGV[b + 2], ARGV[b + 3], ARGV[b + 5]
   if redis.call('EXISTS', KEYS[k + 3]) == 0 then
-    redis.call('HSET', key, 'state', 'fallback', 'reason', 'no scheduler sends this queue\'s batches',
-      'deadline', deadline, 'gen', ARGV[b + 6])
-    redis.call('PEXPIRE', key, math.max(tonumber(deadline) - tonumber(now), 0) + tonumber(ARGV[b + 7]))
-    redis.call('XADD', stream, '*', 'task', env, 'room', '-')
+    batch_back(stream, key, 'fallback', 'reason', 'no scheduler sends this queue\'s batches', env,
+      tonumber(deadline), tonumber(now), tonumber(ARGV[b + 7]))
     return
   end
   redis.call('HSET', key, 'state', 'waiting', 'group', group, 'env', env, 'body', ARGV[b + 4],

@@ -18,6 +18,7 @@ static FINISH: LazyLock<Script> = LazyLock::new(|| {
         include_str!("lua/settle.lua"),
         include_str!("lua/advance.lua"),
         include_str!("lua/rerun.lua"),
+        include_str!("lua/batch_back.lua"),
         include_str!("finish.lua")
     ))
 });
