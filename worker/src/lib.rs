@@ -203,7 +203,13 @@ impl Runtime {
 }
 
 /// What glibc's malloc is set to for a worker (see [`tune_malloc`]).
-pub const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1:glibc.malloc.tcache_count=256";
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1:glibc.malloc.tcache_count=256";
+/// Set in the environment of the program [`tune_malloc`] runs again: it runs again once,
+/// whatever glibc does with `GLIBC_TUNABLES` (a program with file capabilities or set-user-id
+/// runs in glibc's secure mode, which may take the variable out of its environment).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MALLOC_TUNED: &str = "LLMQ_MALLOC_TUNED";
 
 /// Sets glibc's malloc up for a worker: one arena, and a larger cache of freed blocks per
 /// thread. Call it first in `main`, before any thread exists.
@@ -219,7 +225,7 @@ pub const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=1:glibc.malloc.tcache_
 /// (`perf`: a third of `queue_noop`'s process time in malloc and free, futex waits among
 /// it). glibc reads its cache size only from `GLIBC_TUNABLES` as a program starts, so this
 /// runs the program again, in place (`exec` of its own file, same pid, name and arguments), with
-/// [`MALLOC_TUNABLES`] set. Nothing is done when the environment already sets
+/// `MALLOC_TUNABLES` set, once (`MALLOC_TUNED`). Nothing is done when the environment already sets
 /// `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (an operator's choice wins; the second run sees its
 /// own). With `LD_PRELOAD` set (another allocator, or a tool such as valgrind or heaptrack
 /// that would lose the program to an `exec`), or should the `exec` fail, the program goes
@@ -231,7 +237,7 @@ pub fn tune_malloc() {
         if set("GLIBC_TUNABLES") || set("MALLOC_ARENA_MAX") {
             return;
         }
-        if !set("LD_PRELOAD") {
+        if !set("LD_PRELOAD") && !set(MALLOC_TUNED) {
             use std::os::unix::process::CommandExt;
             // The binary's own path, not `/proc/self/exe`: the process's name (`ps`,
             // `pgrep`) is the file's it was started from.
@@ -243,6 +249,7 @@ pub fn tune_malloc() {
                     .arg0(arg0)
                     .args(args)
                     .env("GLIBC_TUNABLES", MALLOC_TUNABLES)
+                    .env(MALLOC_TUNED, "1")
                     .exec();
             }
         }
