@@ -121,6 +121,10 @@ pub struct TaskRow {
     pub candidates: Option<Vec<String>>,
     /// The batch it came in (the envelope's `batch_id`).
     pub batch_id: Option<String>,
+    /// When it was enqueued (the envelope's `enqueued_at`, when its producer gave one): with
+    /// `finished_at`, the span its rows were written in, which bounds the partitions a write
+    /// looks in for them (migration `20261203000002_task_spans`).
+    pub enqueued_at: Option<DateTime<Utc>>,
 }
 
 /// A review's or check's verdict on the output of the task it judged: the task's model did
@@ -619,11 +623,14 @@ impl Ledger {
     /// the planner then guesses that a batch's ids match a tenth of its rows and reads all of
     /// them: on the tasks partition of `bench=e2e_mock` that delete of earlier finishes was
     /// half of Postgres's time, growing with the partition. The index is right for a batch's
-    /// ids whatever the statistics say.
+    /// ids whatever the statistics say. Nested loops are off too: bounded to the partitions of
+    /// the tasks' lives (migration `20261203000002_task_spans`), the lookups look cheap enough
+    /// to the planner to run once per task joined, each for all the batch's ids; a hash join
+    /// runs them once.
     async fn begin_by_task_ids(&self) -> Result<sqlx::Transaction<'static, sqlx::Postgres>> {
         Ok(self
             .pool
-            .begin_with("BEGIN; SET LOCAL enable_seqscan = off")
+            .begin_with("BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_nestloop = off")
             .await?)
     }
 
@@ -730,34 +737,42 @@ impl Ledger {
             // A task finished before (a replay, a delivery after a worker died past its
             // write) keeps one row: the earlier finish goes, the rollups with it.
             sqlx::query(
-                // Found as ledger_tell_calls finds calls (migrations/20261127000001): one
-                // index lookup per task in each partition (`= ANY($1)`, sequential scans
-                // off), joined by a hash (the ids as text), not a lookup per pair.
+                // Found as the task triggers find calls (migrations/20261127000001 and
+                // 20261203000002): one index lookup per task (`= ANY($1)`, sequential scans
+                // off) in each partition of the batch's tasks' lives (the rest pruned),
+                // joined by a hash (the ids as text), not a lookup per pair.
                 "DELETE FROM tasks t USING UNNEST($1::uuid[], $2::timestamptz[]) AS n(task_id, at)
                  WHERE t.task_id::text = n.task_id::text AND t.task_id = ANY($1)
-                   AND t.finished_at <> n.at",
+                   AND t.finished_at <> n.at
+                   AND t.finished_at >= (SELECT min(ledger_span_from(s.enqueued, s.finished))
+                       FROM UNNEST($3::timestamptz[], $2::timestamptz[]) AS s(enqueued, finished))
+                   AND t.finished_at < (SELECT max(ledger_span_until(s.finished))
+                       FROM UNNEST($2::timestamptz[]) AS s(finished))",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.enqueued_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
             sqlx::query(
                 "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
                     provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
                     finished_at, risk, duration_ms, strategy, propensity, explored, candidates,
-                    batch_id)
+                    batch_id, enqueued_at)
                  SELECT t.task_id, t.queue, t.chain_id, t.task_type, t.status, t.attempts,
                     t.provider, t.model, t.input_tokens, t.output_tokens,
                     t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at,
                     t.risk, t.duration_ms, t.strategy, t.propensity, t.explored,
-                    t.candidates::jsonb, t.batch_id
+                    t.candidates::jsonb, t.batch_id, t.enqueued_at
                  FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
                     $6::int4[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::float8[],
                     $12::text[], $13::text[], $14::timestamptz[], $15::text[], $16::int8[],
-                    $17::text[], $18::float8[], $19::bool[], $20::text[], $21::text[])
+                    $17::text[], $18::float8[], $19::bool[], $20::text[], $21::text[],
+                    $22::timestamptz[])
                  AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
                     input_tokens, output_tokens, cost_usd, error, error_class, finished_at,
-                    risk, duration_ms, strategy, propensity, explored, candidates, batch_id)
+                    risk, duration_ms, strategy, propensity, explored, candidates, batch_id,
+                    enqueued_at)
                  ON CONFLICT (task_id, finished_at) DO UPDATE SET status = EXCLUDED.status,
                     attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
                     model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
@@ -766,7 +781,8 @@ impl Ledger {
                     risk = EXCLUDED.risk,
                     duration_ms = EXCLUDED.duration_ms, strategy = EXCLUDED.strategy,
                     propensity = EXCLUDED.propensity, explored = EXCLUDED.explored,
-                    candidates = EXCLUDED.candidates, batch_id = EXCLUDED.batch_id",
+                    candidates = EXCLUDED.candidates, batch_id = EXCLUDED.batch_id,
+                    enqueued_at = EXCLUDED.enqueued_at",
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| text(&t.queue)).collect::<Vec<_>>())
@@ -803,6 +819,7 @@ impl Ledger {
                     .collect::<Vec<_>>(),
             )
             .bind(tasks.iter().map(|t| opt(&t.batch_id)).collect::<Vec<_>>())
+            .bind(tasks.iter().map(|t| t.enqueued_at).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }
@@ -826,7 +843,7 @@ impl Ledger {
                 AS g(task_id, delivery, call_no, called_at)
              WHERE c.task_id::text = g.task_id::text AND c.delivery = g.delivery
                AND c.call_no = g.call_no AND c.called_at = g.called_at AND c.task_id = ANY($1)
-               AND c.outcome = 'started'",
+               AND c.called_at = ANY($4) AND c.outcome = 'started'",
         )
         .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())
         .bind(calls.iter().map(|c| c.delivery).collect::<Vec<_>>())

@@ -189,20 +189,32 @@ async fn a_written_ledger_is_partitioned_in_place_while_it_is_written() {
         .await
     );
 
-    // A task finished again in a later month (a replay) keeps one row, in its new month.
+    // A task finished again in a later month (a replay) keeps one row, in its new month, and
+    // its call made in the first month is told of the new finish: the span from its enqueue
+    // to its finish covers both months.
     let task = Uuid::new_v4();
     let past = Utc::now() - Duration::days(10);
     let later = Utc::now() + Duration::days(40);
+    let enqueued = Some(past - Duration::hours(1));
     ledger
         .record(
             &[answered(task, "q-new", past)],
-            &[finished(task, "q-new", past, "dead")],
+            &[TaskRow {
+                enqueued_at: enqueued,
+                ..finished(task, "q-new", past, "dead")
+            }],
         )
         .await
         .unwrap();
     assert_eq!(home_of(&pool, task).await, ["tasks_legacy"]);
     ledger
-        .record(&[], &[finished(task, "q-new", later, "succeeded")])
+        .record(
+            &[],
+            &[TaskRow {
+                enqueued_at: enqueued,
+                ..finished(task, "q-new", later, "succeeded")
+            }],
+        )
         .await
         .unwrap();
     let home = home_of(&pool, task).await;
@@ -526,4 +538,95 @@ async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
         calls_before.0,
         "sequential scans of {calls_home} by the task trigger"
     );
+}
+
+/// A batch's write looks for its tasks' rows (their earlier finishes, the calls it tells of
+/// them) only in the partitions of the tasks' lives, from their enqueue to their finish: not
+/// in the months kept before, those made ahead or the default partition, so that the write
+/// costs the same whatever `ledger.retention` keeps.
+#[tokio::test]
+async fn a_batch_looks_for_its_rows_only_in_the_months_of_its_tasks_lives() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let checks = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("SET stats_fetch_consistency = none")
+        .execute(&checks)
+        .await
+        .unwrap();
+    let q = env.queue.as_str();
+    // The batch lives in the last month made ahead: the partitions before it (the current
+    // month's among them) are its past, the default partition its future.
+    let last: DateTime<Utc> =
+        sqlx::query_scalar("SELECT max(upper) FROM ledger_partitions WHERE parent = 'tasks'")
+            .fetch_one(&checks)
+            .await
+            .unwrap();
+    let at = last - Duration::days(10);
+    let ids: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+    let calls: Vec<CallRow> = ids
+        .iter()
+        .map(|t| answered(*t, q, at - Duration::minutes(30)))
+        .collect();
+    let tasks: Vec<TaskRow> = ids
+        .iter()
+        .map(|t| TaskRow {
+            enqueued_at: Some(at - Duration::hours(1)),
+            ..finished(*t, q, at, "succeeded")
+        })
+        .collect();
+    let index_scans = || async {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT c.relname::text, coalesce(s.idx_scan, 0)
+             FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+             JOIN pg_stat_user_tables s ON s.relid = c.oid
+             WHERE i.inhparent IN ('tasks'::regclass, 'provider_calls'::regclass)
+             ORDER BY 1",
+        )
+        .fetch_all(&checks)
+        .await
+        .unwrap();
+        rows
+    };
+    flush_stats(ledger.pool()).await;
+    flush_stats(&checks).await;
+    let before = index_scans().await;
+    let home = |name: &str| name.ends_with(&at.format("_%Y_%m").to_string());
+    assert_eq!(
+        before.iter().filter(|(name, _)| home(name)).count(),
+        2,
+        "the batch's month has a partition of each table: {before:?}"
+    );
+    assert!(before.len() >= 6, "months before and after it: {before:?}");
+
+    ledger.record(&calls, &tasks).await.unwrap();
+    flush_stats(ledger.pool()).await;
+    let flushed = std::time::Duration::from_secs(15);
+    let calls_home = format!("provider_calls{}", at.format("_%Y_%m"));
+    // The tasks' trigger found their calls by index in their month's partition.
+    env.eventually("the batch's statistics flushed", flushed, || async {
+        let now = index_scans().await;
+        let scans = |all: &[(String, i64)]| {
+            all.iter()
+                .find(|(name, _)| *name == calls_home)
+                .map_or(0, |(_, n)| *n)
+        };
+        scans(&now) > scans(&before)
+    })
+    .await
+    .unwrap();
+    let after = index_scans().await;
+    let elsewhere: Vec<_> = before
+        .iter()
+        .zip(&after)
+        .filter(|((name, was), (_, now))| !home(name) && now != was)
+        .collect();
+    assert!(
+        elsewhere.is_empty(),
+        "partitions outside the tasks' lives read by the batch's write: {elsewhere:?}"
+    );
+    assert_eq!(calls_out_of_step(ledger.pool()).await.unwrap(), 0);
 }

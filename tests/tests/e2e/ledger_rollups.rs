@@ -87,9 +87,14 @@ fn task(rng: &mut SeededRng, c: &CallRow) -> TaskRow {
         cost_usd: rng.below(100_000) as f64 / 1e7,
         error_class: (status != "succeeded")
             .then(|| pick(rng, &["fatal", "retryable", "quota"]).into()),
-        finished_at: around_midnight(rng),
+        // After its call, up to two hours later (across the midnight its calls are around),
+        // and enqueued before it when its producer said when: every row of a task is written
+        // in that span (migrations/20261203000002_task_spans.sql).
+        finished_at: c.called_at + Duration::seconds(rng.below(7200) as i64),
         risk: (rng.below(2) == 0).then(|| pick(rng, &["low", "high"]).into()),
         duration_ms: rng.below(10_000) as i64,
+        enqueued_at: (rng.below(4) > 0)
+            .then(|| c.called_at - Duration::seconds(rng.below(3600) as i64)),
         ..TaskRow::default()
     }
 }
@@ -139,7 +144,10 @@ async fn writer(ledger: Ledger, seed: u64, ops: usize) -> usize {
                 let i = rng.below(finished.len());
                 let mut again = finished[i].clone();
                 again.status = pick(&mut rng, &["succeeded", "dead"]).into();
-                again.finished_at = around_midnight(&mut rng);
+                // Finished again (a replay, a delivery after a worker died past its write),
+                // on another day or in another month: within a day of the first finish,
+                // before it too (a worker whose clock is behind).
+                again.finished_at += Duration::seconds(rng.below(22 * 3600) as i64 - 2 * 3600);
                 again.risk = None;
                 failed += usize::from(ledger.record(&[], &[again]).await.is_err());
             }
@@ -310,11 +318,24 @@ async fn the_migration_sums_a_ledger_written_before_it() {
             ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0",
     )
     .await;
-    columns("ALTER TABLE tasks ADD COLUMN batch_id TEXT").await;
+    columns("ALTER TABLE tasks ADD COLUMN batch_id TEXT, ADD COLUMN enqueued_at TIMESTAMPTZ").await;
+    // And the functions its delete of earlier finishes bounds its search with (stand-ins
+    // that bound nothing).
+    columns(
+        "CREATE FUNCTION ledger_span_from(timestamptz, timestamptz) RETURNS timestamptz
+            LANGUAGE sql AS $$ SELECT '-infinity'::timestamptz $$",
+    )
+    .await;
+    columns(
+        "CREATE FUNCTION ledger_span_until(timestamptz) RETURNS timestamptz
+            LANGUAGE sql AS $$ SELECT 'infinity'::timestamptz $$",
+    )
+    .await;
     columns("CREATE UNIQUE INDEX old_call_key ON provider_calls (task_id, delivery, call_no, called_at)").await;
     columns("CREATE UNIQUE INDEX old_task_key ON tasks (task_id, finished_at)").await;
     assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
-    columns("ALTER TABLE tasks DROP COLUMN batch_id").await;
+    columns("ALTER TABLE tasks DROP COLUMN batch_id, DROP COLUMN enqueued_at").await;
+    columns("DROP FUNCTION ledger_span_from, ledger_span_until").await;
     columns(
         "ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk,
             DROP COLUMN cache_write_tokens",

@@ -1022,6 +1022,7 @@ fn apply(
         .filter(|r| r.finished_at.is_some())
         .map(|r| TaskRow {
             batch_id: env.batch_id.clone(),
+            enqueued_at: env.enqueued_at,
             ..task_row(r, env.risk)
         });
     let write = match (step, reruns) {
@@ -1218,5 +1219,6 @@ fn task_row(r: &TaskRecord, risk: Option<envelope::Risk>) -> TaskRow {
         explored: r.learned.as_ref().map(|l| l.explored),
         candidates: r.learned.as_ref().map(|l| l.candidates.clone()),
         batch_id: None,
+        enqueued_at: None,
     }
 }
