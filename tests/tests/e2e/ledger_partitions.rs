@@ -405,13 +405,9 @@ async fn flush_stats(pool: &PgPool) {
         .unwrap();
 }
 
-/// A batch finds its tasks' earlier finishes, and their calls to tell, by index in a partition
-/// no `ANALYZE` has seen (a new month's for its first minute, every partition of a new
-/// ledger): without statistics the planner guessed that a batch's ids match a tenth of the
-/// rows and read all of them, per batch.
-#[tokio::test]
-async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
-    let env = TestEnv::new().await.unwrap();
+/// A ledger of the test's own, and a connection of one to read its statistics: each read
+/// sees them as they are now, not as they were when the transaction first read them.
+async fn ledger_with_stats(env: &TestEnv) -> (Ledger, PgPool) {
     let (url, ledger) = env.own_ledger().await;
     let checks = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
@@ -422,6 +418,17 @@ async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
         .execute(&checks)
         .await
         .unwrap();
+    (ledger, checks)
+}
+
+/// A batch finds its tasks' earlier finishes, and their calls to tell, by index in a partition
+/// no `ANALYZE` has seen (a new month's for its first minute, every partition of a new
+/// ledger): without statistics the planner guessed that a batch's ids match a tenth of the
+/// rows and read all of them, per batch.
+#[tokio::test]
+async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
+    let env = TestEnv::new().await.unwrap();
+    let (ledger, checks) = ledger_with_stats(&env).await;
     let q = env.queue.as_str();
     let earlier = Utc::now() - Duration::hours(1);
     // No ANALYZE by autovacuum while the test runs.
@@ -547,16 +554,7 @@ async fn a_batch_finds_its_rows_by_index_in_a_partition_without_statistics() {
 #[tokio::test]
 async fn a_batch_looks_for_its_rows_only_in_the_months_of_its_tasks_lives() {
     let env = TestEnv::new().await.unwrap();
-    let (url, ledger) = env.own_ledger().await;
-    let checks = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&url)
-        .await
-        .unwrap();
-    sqlx::query("SET stats_fetch_consistency = none")
-        .execute(&checks)
-        .await
-        .unwrap();
+    let (ledger, checks) = ledger_with_stats(&env).await;
     let q = env.queue.as_str();
     // The batch lives in the last month made ahead: the partitions before it (the current
     // month's among them) are its past, the default partition its future.
