@@ -127,6 +127,17 @@ pub struct TaskRow {
     pub enqueued_at: Option<DateTime<Utc>>,
 }
 
+impl TaskRow {
+    /// `enqueued_at` as the ledger keeps it. A producer writes it, and may write any time: one
+    /// more than ten years before the finish is no clock's and is not kept (Postgres cannot
+    /// store the earliest dates a producer can write, and the task would lose its row).
+    fn enqueued(&self) -> Option<DateTime<Utc>> {
+        const LONGEST_LIFE: chrono::TimeDelta = chrono::TimeDelta::days(3650);
+        self.enqueued_at
+            .filter(|e| self.finished_at.signed_duration_since(*e) <= LONGEST_LIFE)
+    }
+}
+
 /// A review's or check's verdict on the output of the task it judged: the task's model did
 /// (`true`) or did not do the work well, for learned routing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -751,7 +762,7 @@ impl Ledger {
             )
             .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
             .bind(tasks.iter().map(|t| t.finished_at).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.enqueued_at).collect::<Vec<_>>())
+            .bind(tasks.iter().map(TaskRow::enqueued).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
             sqlx::query(
@@ -819,7 +830,7 @@ impl Ledger {
                     .collect::<Vec<_>>(),
             )
             .bind(tasks.iter().map(|t| opt(&t.batch_id)).collect::<Vec<_>>())
-            .bind(tasks.iter().map(|t| t.enqueued_at).collect::<Vec<_>>())
+            .bind(tasks.iter().map(TaskRow::enqueued).collect::<Vec<_>>())
             .execute(&mut *tx)
             .await?;
         }

@@ -720,3 +720,43 @@ async fn the_cli_shows_escape_sequences_and_credentials_never() {
     assert!(!out.contains("hunter"), "{out}");
     let _ = std::fs::remove_file(&path);
 }
+
+/// A producer's `enqueued_at` is kept with its task's ledger row, whatever time it names: one
+/// before the earliest Postgres can store, or so long before the finish that no clock could
+/// mean it, is left out of the row rather than costing the task its row; a plausible one,
+/// or one after the finish, is kept as it came.
+#[tokio::test]
+async fn an_enqueue_time_postgres_cannot_store_costs_the_task_no_ledger_row() {
+    let env = TestEnv::new().await.unwrap();
+    let w = env.worker();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let hour_ago = (Utc::now() - chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let times = [
+        ("-5000-01-01T00:00:00Z", None),
+        ("0001-01-01T00:00:00Z", None),
+        (hour_ago.as_str(), Some(hour_ago.as_str())),
+        ("+200000-01-01T00:00:00Z", Some("+200000-01-01T00:00:00Z")),
+    ];
+    let mut ids = Vec::new();
+    for (at, kept) in times {
+        let id = uuid::Uuid::new_v4();
+        let raw = json!({"v": 1, "id": id, "prompt": "when", "enqueued_at": at}).to_string();
+        env.xadd("task", raw.as_bytes()).await.unwrap();
+        let kept = kept.map(|k| k.parse::<chrono::DateTime<Utc>>().unwrap());
+        ids.push((at, id, kept));
+    }
+    for (at, id, kept) in ids {
+        let r = env.wait_final(&id.to_string(), WAIT).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "enqueued at {at}");
+        let row: Option<Option<chrono::DateTime<Utc>>> =
+            sqlx::query_scalar("SELECT enqueued_at FROM tasks WHERE task_id = $1")
+                .bind(id)
+                .fetch_optional(env.ledger.pool())
+                .await
+                .unwrap();
+        let stored = row.unwrap_or_else(|| panic!("enqueued at {at}: the task has no ledger row"));
+        assert_eq!(stored, kept, "enqueued at {at}");
+    }
+    w.stop().await.unwrap();
+}
