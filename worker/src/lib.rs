@@ -434,6 +434,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             call_metrics: executor::CallMetrics::new(&settings.config),
             stats,
             claims: Arc::clone(&claims),
+            batchers: executor::Batchers::default(),
         },
         finisher,
         claims: Arc::clone(&claims),

@@ -162,21 +162,37 @@ pub enum Settle {
 }
 
 impl Client {
-    /// Where task `task_id` stands in the batch path.
+    /// Where task `task_id` stands in the batch path; with `ask_batcher`, also whether a
+    /// scheduler sends this queue's batches (`None` when not asked), in the same round trip.
     ///
     /// # Errors
     /// Redis fails, or the stored answer is unreadable.
-    pub async fn batch_state(&self, keys: &QueueKeys, task_id: &str) -> Result<BatchState> {
+    pub async fn batch_state(
+        &self,
+        keys: &QueueKeys,
+        task_id: &str,
+        ask_batcher: bool,
+    ) -> Result<(BatchState, Option<bool>)> {
         let mut c = self.conn().await?;
-        let (state, generation, answer): (Option<String>, Option<String>, Option<String>) =
-            redis::cmd("HMGET")
-                .arg(keys.batch_task(task_id))
-                .arg("state")
-                .arg("gen")
-                .arg("answer")
-                .query_async(&mut c)
-                .await?;
-        Ok(match state.as_deref() {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HMGET")
+            .arg(keys.batch_task(task_id))
+            .arg("state")
+            .arg("gen")
+            .arg("answer");
+        if ask_batcher {
+            pipe.exists(keys.batcher());
+        }
+        type Latch = (Option<String>, Option<String>, Option<String>);
+        let (latch, batcher): (Latch, Option<bool>) = if ask_batcher {
+            let (latch, batcher): (Latch, bool) = pipe.query_async(&mut c).await?;
+            (latch, Some(batcher))
+        } else {
+            let (latch,): (Latch,) = pipe.query_async(&mut c).await?;
+            (latch, None)
+        };
+        let (state, generation, answer) = latch;
+        let state = match state.as_deref() {
             None => BatchState::None,
             Some("waiting" | "sent") => BatchState::Pending,
             Some("answered") => match answer {
@@ -189,7 +205,8 @@ impl Client {
                 None => BatchState::Call,
             },
             Some(_) => BatchState::Call,
-        })
+        };
+        Ok((state, batcher))
     }
 
     /// Says, for `ttl`, that a scheduler sends this queue's batches.

@@ -379,6 +379,32 @@ async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tas
     assert_eq!(rows_of(&env, e.id.unwrap()).await.len(), 1, "the call only");
 }
 
+/// With no scheduler sending the queue's batches, a task that can wait is called in its first
+/// delivery: not parked, latched `fallback` and put back in the stream to be read again.
+#[tokio::test]
+async fn a_task_that_can_wait_is_called_at_once_when_no_scheduler_sends_batches() {
+    let env = TestEnv::new().await.unwrap();
+    let text = config_text(&env, &["openai"], &["batch-direct"], "100ms");
+    let mut settings = env.settings();
+    settings.config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let w = llmq_tests::harness::WorkerHandle::start(settings);
+    let task = waiting_task(&env, "openai", "batch-direct", "no scheduler");
+    let id = task.id.unwrap().to_string();
+    env.redis.enqueue(&env.keys, &task).await.unwrap();
+    let r = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    let mut c = env.redis.conn().await.unwrap();
+    let latched: bool = redis::AsyncCommands::exists(&mut c, env.keys.batch_task(&id))
+        .await
+        .unwrap();
+    assert!(
+        !latched,
+        "the task was parked and sent back instead of called"
+    );
+    assert_eq!(env.mock.calls("batch-direct"), 1);
+    w.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadline() {
     let env = TestEnv::new().await.unwrap();
@@ -532,7 +558,13 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                     for d in got {
                         let e = Envelope::parse(d.payload.as_deref().unwrap(), 1 << 20).unwrap();
                         let id = e.id.unwrap().to_string();
-                        match env.redis.batch_state(&env.keys, &id).await.unwrap() {
+                        match env
+                            .redis
+                            .batch_state(&env.keys, &id, false)
+                            .await
+                            .unwrap()
+                            .0
+                        {
                             BatchState::None | BatchState::Pending if rng.below(4) > 0 => {
                                 // Now and then the scheduler is gone as the task is parked:
                                 // it goes back to the stream instead.

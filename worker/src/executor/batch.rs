@@ -8,7 +8,9 @@
 //! now. Otherwise, and whenever it comes back without an answer (the batch failed, expired,
 //! or its deadline came near), it is called as any task.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::ErrorClass;
@@ -17,6 +19,33 @@ use llmq_shared::queue::{BatchAnswer, BatchPark};
 use llmq_shared::routing::{Candidate, Plan};
 
 use super::attempt::{AttemptError, Outcome, Tried, conform};
+
+/// How long a worker trusts, once it saw a scheduler's batcher key, that the scheduler
+/// sends the queue's batches: a task parked after the key went is sent back by the park
+/// (`finish.lua`) and called on its next delivery.
+const BATCHER_TRUSTED: Duration = Duration::from_secs(1);
+
+/// The queues whose batcher key this worker saw, and when. A task that can wait asks Redis
+/// whether a scheduler sends its queue's batches (in the round trip that reads its batch
+/// state) unless the key was seen within [`BATCHER_TRUSTED`]; with none, it is called in the
+/// same delivery instead of parked and put back. Absence is not remembered: a scheduler that
+/// starts is used from the next task on.
+#[derive(Debug, Default)]
+pub struct Batchers(Mutex<HashMap<String, Instant>>);
+
+impl Batchers {
+    /// Whether queue `queue`'s batcher was seen within [`BATCHER_TRUSTED`].
+    pub(super) fn trusted(&self, queue: &str) -> bool {
+        let seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.get(queue)
+            .is_some_and(|at| at.elapsed() < BATCHER_TRUSTED)
+    }
+
+    pub(super) fn saw(&self, queue: &str) {
+        let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        seen.insert(queue.to_owned(), Instant::now());
+    }
+}
 
 /// The least time a task's deadline must leave to go to a batch: a gather (at most an hour)
 /// and, should the batch not be over by then, a normal call (an hour before the deadline).

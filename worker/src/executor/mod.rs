@@ -51,6 +51,7 @@ pub mod decide;
 mod keyed;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
+pub use batch::Batchers;
 pub use call_metrics::CallMetrics;
 use decide::{Escalation, Policy, StepRounds, TaskState, Transition};
 
@@ -84,6 +85,8 @@ pub struct Executor {
     pub stats: Arc<StatsView>,
     /// The claims this worker holds: no call starts on one that may have lapsed.
     pub claims: Arc<crate::claims::Claims>,
+    /// Whether a scheduler sends each queue's batches, as last seen.
+    pub batchers: batch::Batchers,
 }
 
 /// What `cheapest` routes by: nothing observed.
@@ -526,9 +529,18 @@ impl Executor {
         let mut batch_answer = None;
         let mut may_batch = false;
         if env.deadline.is_some() && settled.is_none() && slot.is_none() {
-            match Box::pin(self.redis.batch_state(&queue, &task_id)).await {
-                Ok(BatchState::None | BatchState::Pending) => may_batch = true,
-                Ok(BatchState::Answered { answer, generation })
+            let ask = !self.batchers.trusted(queue.name());
+            match Box::pin(self.redis.batch_state(&queue, &task_id, ask)).await {
+                // Never in a batch, and no scheduler sends this queue's batches: called now.
+                Ok((BatchState::None, Some(false))) => {}
+                // (A task waiting in a batch already is parked again: only acked.)
+                Ok((BatchState::None | BatchState::Pending, batcher)) => {
+                    if batcher == Some(true) {
+                        self.batchers.saw(queue.name());
+                    }
+                    may_batch = true;
+                }
+                Ok((BatchState::Answered { answer, generation }, _))
                     if generation == batch::generation(&env) =>
                 {
                     batch_answer = Some(answer);
