@@ -626,5 +626,20 @@ async fn a_batch_looks_for_its_rows_only_in_the_months_of_its_tasks_lives() {
         elsewhere.is_empty(),
         "partitions outside the tasks' lives read by the batch's write: {elsewhere:?}"
     );
+    // And in their month, four lookups per task (the call's upsert and the task's insert
+    // check their keys, the delete of earlier finishes and the copy to its calls look it up),
+    // not every task's lookups once per task (a nested loop over the bounded lookups).
+    let looked = |all: &[(String, i64)]| {
+        all.iter()
+            .filter(|(name, _)| home(name))
+            .map(|(_, n)| *n)
+            .sum::<i64>()
+    };
+    let lookups = looked(&after) - looked(&before);
+    assert!(
+        lookups <= 4 * ids.len() as i64,
+        "{lookups} index lookups in the tasks' month for {} tasks",
+        ids.len()
+    );
     assert_eq!(calls_out_of_step(ledger.pool()).await.unwrap(), 0);
 }
