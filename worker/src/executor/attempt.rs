@@ -287,8 +287,6 @@ impl Attempt<'_> {
         last: &mut Option<(String, String)>,
     ) -> Stop {
         let exec = self.exec;
-        let routing = &exec.config.routing;
-        let retry = &routing.retry;
         let name = cand.provider.name.as_str();
         let model = cand.model.id.as_str();
         // Boxed, and only when Redis must be asked: the hot path allocates nothing.
@@ -343,92 +341,119 @@ impl Attempt<'_> {
             }
             tries += 1;
             *last = Some((name.to_owned(), model.to_owned()));
-            let result = tokio::select! {
+            let e = match tokio::select! {
                 r = self.call(cand, reservation.as_ref()) => r,
                 () = exec.hard_stop.cancelled() => return Stop::Released,
-            };
-            let e = match result {
+            } {
                 Ok(completion) => {
                     self.healthy(name, model, probe).await;
                     return Stop::Answered(completion);
                 }
                 Err(e) => e,
             };
-            errors.push(e.to_string());
-            let opened = match e.scope() {
-                Some(scope) => Box::pin(exec.circuits.failed(
-                    name,
-                    model,
-                    scope,
-                    &e.to_string(),
-                    &routing.cooldown,
-                ))
-                .await
-                .unwrap_or_else(|err| {
-                    tracing::warn!(provider = name, "cannot count the failure: {err}");
-                    false
-                }),
-                None => false,
-            };
-            if opened {
-                tracing::warn!(provider = name, model, "circuit opened: {e}");
-            }
-            if e.is_outage() || (probe && e.scope().is_some()) {
-                // The provider, not the task: look again when it may answer.
-                let wait = if opened || probe {
-                    routing.cooldown.duration
-                } else {
-                    RetryPolicy::new(exec.retry_base, routing.cooldown.duration)
-                        .delay(self.env.snoozes + 1, e.retry_after)
+            // Boxed: the error, and what is awaited for it, would otherwise be part of every
+            // call's state for the whole of the call.
+            let wait =
+                match Box::pin(self.failed(cand, errors, e, probe, &mut tries, &mut rate_waits))
+                    .await
+                {
+                    Ok(wait) => wait,
+                    Err(stop) => return stop,
                 };
-                return Stop::Later {
-                    until: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
-                    why: e.to_string(),
-                    class: ErrorClass::Unavailable,
-                    model_only: e.scope() == Some(provider::Scope::Model),
-                };
-            }
-            if probe && e.scope().is_none() {
-                // It answered, about the task (a 400, a rate limit): it is up again.
-                self.healthy(name, model, probe).await;
-            }
-            let wait = match e.class {
-                ErrorClass::RateLimited => {
-                    match e.retry_after {
-                        Some(w) if w <= retry.max_retry_after && rate_waits < MAX_RATE_WAITS => {
-                            // Waiting out a rate limit does not use a try.
-                            rate_waits += 1;
-                            tries -= 1;
-                            w
-                        }
-                        wait => {
-                            let wait = wait.unwrap_or(exec.retry_base);
-                            return Stop::Later {
-                                until: Utc::now()
-                                    + chrono::Duration::from_std(wait).unwrap_or_default(),
-                                why: e.to_string(),
-                                class: ErrorClass::RateLimited,
-                                model_only: false,
-                            };
-                        }
-                    }
-                }
-                ErrorClass::Retryable if tries < retry.tries_per_provider => {
-                    // The configured waits: the first, doubling, up to the last. A
-                    // Retry-After is waited out in full, whatever the cap.
-                    let first = retry.backoff.first().copied().unwrap_or_default();
-                    let last = retry.backoff.last().copied().unwrap_or(first);
-                    RetryPolicy::new(first, last.max(first))
-                        .delay(tries, None)
-                        .max(e.retry_after.unwrap_or_default())
-                }
-                _ => return Stop::Failed(e),
-            };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
                 () = exec.hard_stop.cancelled() => return Stop::Released,
             }
         }
+    }
+
+    /// What a failed call of [`Attempt::candidate`] leads to: how long to wait before
+    /// trying the candidate again, or how the candidate stops.
+    async fn failed(
+        &self,
+        cand: &Candidate<'_>,
+        errors: &mut Vec<String>,
+        e: provider::Error,
+        probe: bool,
+        tries: &mut u32,
+        rate_waits: &mut u32,
+    ) -> Result<std::time::Duration, Stop> {
+        let exec = self.exec;
+        let routing = &exec.config.routing;
+        let retry = &routing.retry;
+        let name = cand.provider.name.as_str();
+        let model = cand.model.id.as_str();
+        errors.push(e.to_string());
+        let opened = match e.scope() {
+            Some(scope) => Box::pin(exec.circuits.failed(
+                name,
+                model,
+                scope,
+                &e.to_string(),
+                &routing.cooldown,
+            ))
+            .await
+            .unwrap_or_else(|err| {
+                tracing::warn!(provider = name, "cannot count the failure: {err}");
+                false
+            }),
+            None => false,
+        };
+        if opened {
+            tracing::warn!(provider = name, model, "circuit opened: {e}");
+        }
+        if e.is_outage() || (probe && e.scope().is_some()) {
+            // The provider, not the task: look again when it may answer.
+            let wait = if opened || probe {
+                routing.cooldown.duration
+            } else {
+                RetryPolicy::new(exec.retry_base, routing.cooldown.duration)
+                    .delay(self.env.snoozes + 1, e.retry_after)
+            };
+            return Err(Stop::Later {
+                until: Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default(),
+                why: e.to_string(),
+                class: ErrorClass::Unavailable,
+                model_only: e.scope() == Some(provider::Scope::Model),
+            });
+        }
+        if probe && e.scope().is_none() {
+            // It answered, about the task (a 400, a rate limit): it is up again.
+            self.healthy(name, model, probe).await;
+        }
+        let wait = match e.class {
+            ErrorClass::RateLimited => {
+                match e.retry_after {
+                    Some(w) if w <= retry.max_retry_after && *rate_waits < MAX_RATE_WAITS => {
+                        // Waiting out a rate limit does not use a try.
+                        *rate_waits += 1;
+                        *tries -= 1;
+                        w
+                    }
+                    wait => {
+                        let wait = wait.unwrap_or(exec.retry_base);
+                        return Err(Stop::Later {
+                            until: Utc::now()
+                                + chrono::Duration::from_std(wait).unwrap_or_default(),
+                            why: e.to_string(),
+                            class: ErrorClass::RateLimited,
+                            model_only: false,
+                        });
+                    }
+                }
+            }
+            ErrorClass::Retryable if *tries < retry.tries_per_provider => {
+                // The configured waits: the first, doubling, up to the last. A
+                // Retry-After is waited out in full, whatever the cap.
+                let first = retry.backoff.first().copied().unwrap_or_default();
+                let last = retry.backoff.last().copied().unwrap_or(first);
+                RetryPolicy::new(first, last.max(first))
+                    .delay(*tries, None)
+                    .max(e.retry_after.unwrap_or_default())
+            }
+            _ => return Err(Stop::Failed(e)),
+        };
+        Ok(wait)
     }
 
     /// The wait another worker was asked for this model, as the 429 it stands for.
@@ -580,7 +605,7 @@ impl Attempt<'_> {
         } else {
             (None, None)
         };
-        let mut req = Request {
+        let req = Request {
             sink,
             ..Request::of(env, &cand.model.id, cand.provider)
         };
@@ -675,6 +700,28 @@ impl Attempt<'_> {
             )),
         };
         let took = started.elapsed();
+        // Boxed: what the end of a call awaits (the fleet's hold, the live answer's end, the
+        // quota's reconcile) and what it keeps across those awaits would otherwise be part
+        // of every call's state for the whole of the call.
+        Box::pin(self.end_call(cand, reservation, req, forwarder, span, row, result, took)).await
+    }
+
+    /// The end of [`Attempt::call`]: the call's row, metrics and span get how it went.
+    #[allow(clippy::too_many_arguments)]
+    async fn end_call(
+        &mut self,
+        cand: &Candidate<'_>,
+        reservation: Option<&Reservation>,
+        mut req: Request,
+        forwarder: Option<tokio::task::JoinHandle<()>>,
+        span: tracing::Span,
+        row: usize,
+        result: provider::Result<Completion>,
+        took: std::time::Duration,
+    ) -> provider::Result<Completion> {
+        let exec = self.exec;
+        let env = self.env;
+        let name = cand.provider.name.as_str();
         if let Err(e) = &result {
             self.hold_fleet(cand, e).await;
         }
