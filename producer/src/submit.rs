@@ -48,7 +48,7 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     env.max_attempts = Some(args.max_attempts);
     env.max_tokens = args.max_tokens;
     env.temperature = args.temperature;
-    env.metadata = args.metadata;
+    env.metadata = args.metadata.map(Box::new);
     if args.stream {
         env.stream = Some(true);
     }
@@ -645,7 +645,7 @@ impl Shaper<'_> {
             env.model = t.model;
         }
         env.timeout = t.timeout;
-        env.metadata = t.metadata;
+        env.metadata = t.metadata.map(Box::new);
         env.system = t.system;
         env.chain_id = t.chain_id;
         env.max_attempts = t.max_attempts;
@@ -656,8 +656,8 @@ impl Shaper<'_> {
         env.concurrency_limit = args.parallel;
         env.messages = t.messages;
         env.tools = t.tools;
-        env.tool_choice = t.tool_choice;
-        env.response_format = t.response_format;
+        env.tool_choice = t.tool_choice.map(Box::new);
+        env.response_format = t.response_format.map(Box::new);
         env.deadline = t.deadline.or_else(|| args.provider_batch.clone());
         env.fallback = self.fallback;
         env.priority = t.priority.or(args.priority);

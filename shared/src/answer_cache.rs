@@ -105,8 +105,8 @@ pub fn request_hash(env: &Envelope, share_across_tenants: bool) -> Option<String
         messages: &env.messages,
         prompt: &env.prompt,
         tools: &env.tools,
-        tool_choice: env.tool_choice.as_ref(),
-        response_format: env.response_format.as_ref(),
+        tool_choice: env.tool_choice.as_deref(),
+        response_format: env.response_format.as_deref(),
         max_tokens: env.max_tokens,
         temperature: env.temperature,
         tenant: if share_across_tenants {

@@ -277,10 +277,10 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tools: Vec<Tool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_choice: Option<ToolChoice>,
+    pub tool_choice: Option<Box<ToolChoice>>,
     /// JSON the answer must be: an object, or one that fits a schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub response_format: Option<ResponseFormat>,
+    pub response_format: Option<Box<ResponseFormat>>,
     /// `true`: call the provider in streaming mode and append the answer's text to
     /// `llmq:{q}:out:<id>` as it arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -354,7 +354,7 @@ pub struct Envelope {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub metadata: Option<Value>,
+    pub metadata: Option<Box<Value>>,
     /// When the producer enqueued it; `llmq` sets it, other producers may.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enqueued_at: Option<DateTime<Utc>>,
@@ -761,8 +761,8 @@ impl Envelope {
         conversation::check(
             &self.messages,
             &self.tools,
-            self.tool_choice.as_ref(),
-            self.response_format.as_ref(),
+            self.tool_choice.as_deref(),
+            self.response_format.as_deref(),
         )
         .map_err(|e| Error::Field {
             field: e.field,

@@ -31,7 +31,7 @@ fn identical_requests_share_a_hash_whatever_the_task_around_them() {
     let a = env("Summarise the report");
     let mut b = env("Summarise the report");
     b.priority = Some(3);
-    b.metadata = Some(serde_json::json!({"job": 7}));
+    b.metadata = Some(Box::new(serde_json::json!({"job": 7})));
     b.attempts = 2;
     b.enqueued_at = Some(chrono::Utc::now());
     b.idempotency_key = Some("k".into());

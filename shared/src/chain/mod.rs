@@ -798,9 +798,9 @@ fn step(
     task.max_tokens = f.max_tokens;
     task.temperature = f.temperature;
     task.max_attempts = f.max_attempts;
-    task.response_format = f.response_format;
+    task.response_format = f.response_format.map(Box::new);
     task.tools = f.tools.unwrap_or_default();
-    task.tool_choice = f.tool_choice;
+    task.tool_choice = f.tool_choice.map(Box::new);
     task.stream = f.stream;
     task.prompt_cache = f.prompt_cache;
     task.priority = spec.priority;

@@ -95,7 +95,7 @@ async fn an_answer_that_does_not_fit_the_schema_is_a_billed_failed_call_that_ret
         // Its own prompt per format: the mock counts a conversation's requests by its text.
         let prompt = format!("extract the person ({kind}) [[mock:json-bad-once]]");
         let mut e = task(&env, kind, &prompt);
-        e.response_format = Some(person());
+        e.response_format = Some(Box::new(person()));
         let r = run(&env, &e).await;
         assert_eq!(r.status, Status::Succeeded, "{kind}: {r:?}");
         assert_eq!(r.json, Some(json!({"name": "x", "n": 3})), "{kind}");
@@ -129,7 +129,7 @@ async fn an_answer_that_never_fits_ends_saying_why() {
     let _w = worker(&env);
     for kind in FORMATS {
         let mut e = task(&env, kind, "extract the person [[mock:json-wrong]]");
-        e.response_format = Some(person());
+        e.response_format = Some(Box::new(person()));
         e.max_attempts = Some(1);
         let r = run(&env, &e).await;
         assert_eq!(r.status, Status::Dead, "{kind}: {r:?}");

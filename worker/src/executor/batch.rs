@@ -133,7 +133,7 @@ pub(super) fn answered(answer: &BatchAnswer, env: &Envelope) -> Tried {
     };
     let req = Request {
         model: answer.model.clone(),
-        response_format: env.response_format.clone(),
+        response_format: env.response_format.as_deref().cloned(),
         ..Request::default()
     };
     let outcome = match conform(completion, &req, &answer.provider) {
