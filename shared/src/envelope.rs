@@ -259,6 +259,10 @@ impl Tier {
 }
 
 /// A task as producers write it and workers carry it through retries.
+///
+/// Every task in flight holds its envelope for the whole of its call, so the largest fields
+/// most tasks leave out (`tool_choice`, `response_format`, `metadata`) are boxed: absent,
+/// each costs 8 bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Envelope {
     pub v: u64,
