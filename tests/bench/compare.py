@@ -23,7 +23,7 @@ import sys
 CORE = ["queue_noop", "pickup", "inflight", "chain", "e2e_mock", "idle_fleet"]
 # Figures that are settings of the run, not results: the same in every run, left out.
 SETTINGS = {"bench", "tasks", "workers", "concurrency", "rate", "ledger", "calls", "steps",
-            "latency_ms", "queues", "connections", "http2"}
+            "latency_ms", "prompt_bytes", "queues", "connections", "http2"}
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -68,6 +68,11 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     latency_ms: u64,
 
+    /// In `inflight`, every task's prompt padded to this many bytes (a real task's prompt is
+    /// kilobytes; the default keeps the bench's short one).
+    #[arg(long, default_value_t = 0)]
+    prompt_bytes: usize,
+
     /// Tasks per second the pickup benchmark enqueues.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
@@ -545,7 +550,7 @@ async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
     let result = async {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
-        let ids = backlog(&client, &keys, tasks).await?;
+        let ids = backlog_shaped(&client, &keys, tasks, Shape::Prompt(args.prompt_bytes)).await?;
         let provider = NoopProvider {
             latency,
             ..NoopProvider::default()
@@ -564,10 +569,11 @@ async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
         let ideal = concurrency as f64 / latency.as_secs_f64().max(1e-3);
         Ok(format!(
             "bench=inflight tasks={tasks} concurrency={concurrency} latency_ms={} \
-             tasks_per_s={:.0} ideal_per_s={ideal:.0} efficiency_pct={:.1} \
+             prompt_bytes={} tasks_per_s={:.0} ideal_per_s={ideal:.0} efficiency_pct={:.1} \
              redis_cpu_us_per_task={:.1} proc_cpu_us_per_task={:.1} rss_kib_per_inflight={:.2} \
              ledger=off secs={:.3}",
             args.latency_ms,
+            args.prompt_bytes,
             d.tasks_per_s,
             100.0 * d.tasks_per_s / ideal,
             d.redis_cpu_us_per_task,
@@ -2582,6 +2588,8 @@ enum Shape {
     /// A task of `llmq batch`: its key made of the batch's id and its place, and the batch's
     /// id, so its end also counts toward the batch's progress.
     Batch,
+    /// The prompt padded with words to at least `.0` bytes.
+    Prompt(usize),
 }
 
 impl Shape {
@@ -2600,6 +2608,12 @@ impl Shape {
             Shape::Batch => {
                 e.idempotency_key = Some(format!("bench:line-{i}"));
                 e.batch_id = Some("bench".to_owned());
+            }
+            Shape::Prompt(bytes) => {
+                while e.prompt.len() < bytes {
+                    e.prompt
+                        .push_str(" and then some more words of the task's long prompt");
+                }
             }
         }
     }
