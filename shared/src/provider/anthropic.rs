@@ -50,7 +50,7 @@ impl Anthropic {
         }
     }
 
-    pub(super) fn body(req: &Request) -> Value {
+    pub(super) fn body(req: &Request<'_>) -> Value {
         // Consecutive tool answers go in one user turn, a tool_result block each: the turn
         // after the assistant's tool_use blocks answers them all.
         let mut messages: Vec<Value> = Vec::new();
@@ -126,7 +126,7 @@ impl Anthropic {
                     tool
                 })
                 .collect();
-            if let Some(choice) = &req.tool_choice {
+            if let Some(choice) = req.tool_choice.as_deref() {
                 body["tool_choice"] = match choice {
                     ToolChoice::Mode(ToolMode::Auto) => json!({"type": "auto"}),
                     ToolChoice::Mode(ToolMode::None) => json!({"type": "none"}),
@@ -137,7 +137,7 @@ impl Anthropic {
         }
         // Structured outputs (`output_config.format`); "any JSON object" has no native form
         // and is checked when the answer comes.
-        if let Some(ResponseFormat::JsonSchema { schema, .. }) = &req.response_format {
+        if let Some(ResponseFormat::JsonSchema { schema, .. }) = req.response_format.as_deref() {
             body["output_config"] = json!({"format": {"type": "json_schema", "schema": schema}});
         }
         if req.sink.is_some() {
@@ -149,7 +149,7 @@ impl Anthropic {
         body
     }
 
-    async fn call(&self, req: &Request) -> Result<Completion> {
+    async fn call(&self, req: &Request<'_>) -> Result<Completion> {
         let mut builder = self
             .http
             .post(&self.endpoint)
@@ -188,7 +188,7 @@ pub fn min_cacheable_tokens(model: &str) -> u64 {
 /// to it is long enough to be cached (three breakpoints of the four the API allows). The
 /// next request with the same prefix reads it at a tenth of the input price; the first
 /// writes it at 1.25 times.
-fn mark_cache_breakpoints(body: &mut Value, req: &Request) {
+fn mark_cache_breakpoints(body: &mut Value, req: &Request<'_>) {
     let min = min_cacheable_tokens(&req.model);
     let prefix = req.cache_prefix();
     let ephemeral = || json!({"type": "ephemeral"});
@@ -269,7 +269,7 @@ impl Provider for Anthropic {
         &self.name
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
 }
@@ -454,7 +454,7 @@ mod tests {
         );
     }
 
-    fn cacheable(model: &str, system: &str, on: bool) -> Request {
+    fn cacheable<'a>(model: &'a str, system: &'a str, on: bool) -> Request<'a> {
         Request {
             model: model.into(),
             system: Some(system.into()),
@@ -495,14 +495,16 @@ mod tests {
             messages: vec![
                 serde_json::from_value(json!({"role": "user", "content": long})).unwrap(),
                 serde_json::from_value(json!({"role": "assistant", "content": "noted"})).unwrap(),
-            ],
+            ]
+            .into(),
             prompt: "and now?".into(),
             tools: vec![
                 serde_json::from_value(json!({"name": "a", "parameters": {"type": "object"}}))
                     .unwrap(),
                 serde_json::from_value(json!({"name": "b", "parameters": {"type": "object"}}))
                     .unwrap(),
-            ],
+            ]
+            .into(),
             prompt_cache: true,
             ..Request::default()
         };

@@ -58,7 +58,7 @@ pub enum Poll {
 /// The body of one batch request to provider `p`: what a call to it would send. `None` for
 /// a kind without a batch API.
 #[must_use]
-pub fn item_body(p: &ProviderConfig, req: &Request) -> Option<Value> {
+pub fn item_body(p: &ProviderConfig, req: &Request<'_>) -> Option<Value> {
     match p.kind {
         Kind::Openai | Kind::OpenaiCompatible => Some(openai::body(req, Dialect::of(p.kind))),
         Kind::Anthropic => Some(anthropic::Anthropic::body(req)),
@@ -431,7 +431,7 @@ impl BatchClient {
     /// Sends `builder`; a 2xx body as text, bounded, or the classified error.
     async fn send_text(&self, model: &str, builder: reqwest::RequestBuilder) -> Result<String> {
         let req = Request {
-            model: model.to_owned(),
+            model: model.into(),
             timeout: HTTP_TIMEOUT,
             ..Request::default()
         };

@@ -99,7 +99,7 @@ impl Provider for Spread {
         &self.name
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.providers.len();
         self.providers[i].complete(request)
     }

@@ -110,7 +110,7 @@ impl CommandRunner {
 
     /// The argv and stdin of one call; an error names an argument task text would turn into
     /// an option.
-    fn invocation(&self, req: &Request) -> Result<Invocation, String> {
+    fn invocation(&self, req: &Request<'_>) -> Result<Invocation, String> {
         let template = &self.spec.args;
         let has = |placeholder: &str| template.iter().any(|a| a.contains(placeholder));
         let system = req.system_text().unwrap_or_default();
@@ -123,7 +123,7 @@ impl CommandRunner {
         };
         let values = [
             ("prompt", prompt.as_str()),
-            ("model", req.model.as_str()),
+            ("model", &*req.model),
             ("system", system),
         ];
         let mut args = Vec::with_capacity(template.len() + 2);
@@ -157,11 +157,11 @@ impl CommandRunner {
         Ok(Invocation { args, stdin })
     }
 
-    fn error(&self, req: &Request, class: ErrorClass, message: String) -> Error {
+    fn error(&self, req: &Request<'_>, class: ErrorClass, message: String) -> Error {
         Error {
             class,
             provider: self.name.clone(),
-            model: req.model.clone(),
+            model: req.model.to_string(),
             status: None,
             message,
             retry_after: None,
@@ -169,7 +169,7 @@ impl CommandRunner {
         }
     }
 
-    fn spawn_error(&self, req: &Request, e: &io::Error) -> Error {
+    fn spawn_error(&self, req: &Request<'_>, e: &io::Error) -> Error {
         let program = &self.spec.program;
         let (class, message) = match e.kind() {
             io::ErrorKind::NotFound => (
@@ -217,7 +217,7 @@ impl CommandRunner {
     /// as for HTTP), a server error or a network failure the CLI met as the model's or the
     /// provider's health. Anything else is about the task: it retries and falls back, but
     /// opens no circuit.
-    fn exit_error(&self, req: &Request, detail: &str, message: String) -> Error {
+    fn exit_error(&self, req: &Request<'_>, detail: &str, message: String) -> Error {
         let said = detail.to_lowercase();
         if is_context_window(&said) {
             return self.error(
@@ -250,7 +250,7 @@ impl CommandRunner {
         e
     }
 
-    async fn call(&self, req: &Request) -> Result<Completion> {
+    async fn call(&self, req: &Request<'_>) -> Result<Completion> {
         match tokio::time::timeout(req.timeout, self.run(req)).await {
             Ok(result) => result,
             // Dropping `run` drops the child, and `kill_on_drop` kills it.
@@ -265,7 +265,7 @@ impl CommandRunner {
         }
     }
 
-    async fn run(&self, req: &Request) -> Result<Completion> {
+    async fn run(&self, req: &Request<'_>) -> Result<Completion> {
         if let Some((min, max)) = self.spec.delay {
             tokio::time::sleep(pick_delay(min, max, uuid::Uuid::new_v4().as_u128())).await;
         }
@@ -378,7 +378,7 @@ impl Provider for CommandRunner {
         &self.name
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
 }
@@ -608,7 +608,7 @@ mod tests {
         CommandRunner::new("cli", spec(program, args, prompt_via))
     }
 
-    fn request(prompt: &str) -> Request {
+    fn request(prompt: &str) -> Request<'_> {
         Request {
             model: "model-1".into(),
             system: None,
@@ -620,14 +620,14 @@ mod tests {
         }
     }
 
-    async fn text(r: &CommandRunner, req: &Request) -> String {
+    async fn text(r: &CommandRunner, req: &Request<'_>) -> String {
         match r.complete(req).await {
             Ok(c) => c.text,
             Err(e) => panic!("{e}"),
         }
     }
 
-    async fn failure(r: &CommandRunner, req: &Request) -> Error {
+    async fn failure(r: &CommandRunner, req: &Request<'_>) -> Error {
         match r.complete(req).await {
             Ok(c) => panic!("expected an error, got {c:?}"),
             Err(e) => e,
@@ -695,7 +695,8 @@ mod tests {
             Message::text(Role::System, "in English"),
             Message::text(Role::User, "2+2?"),
             Message::text(Role::Assistant, "4"),
-        ];
+        ]
+        .into();
         assert_eq!(
             text(&r, &req).await,
             "the system\n\nin English\n\n[user]\n2+2?\n\n[assistant]\n4\n\n[user]\nand 3+3?"

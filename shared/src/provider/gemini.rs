@@ -65,7 +65,7 @@ impl Gemini {
         )
     }
 
-    pub(super) fn body(req: &Request) -> Value {
+    pub(super) fn body(req: &Request<'_>) -> Value {
         // Consecutive tool answers go in one content, a functionResponse part each: as many
         // as the calls of the model's turn before.
         let mut contents: Vec<Value> = Vec::new();
@@ -142,7 +142,7 @@ impl Gemini {
         if let Some(t) = req.temperature {
             config.insert("temperature".to_owned(), json!(t));
         }
-        if let Some(format) = &req.response_format {
+        if let Some(format) = req.response_format.as_deref() {
             config.insert("responseMimeType".to_owned(), json!("application/json"));
             if let ResponseFormat::JsonSchema { schema, .. } = format {
                 config.insert("responseJsonSchema".to_owned(), schema.clone());
@@ -164,7 +164,7 @@ impl Gemini {
                 })
                 .collect();
             body["tools"] = json!([{"functionDeclarations": declarations}]);
-            if let Some(choice) = &req.tool_choice {
+            if let Some(choice) = req.tool_choice.as_deref() {
                 let config = match choice {
                     ToolChoice::Mode(ToolMode::Auto) => json!({"mode": "AUTO"}),
                     ToolChoice::Mode(ToolMode::None) => json!({"mode": "NONE"}),
@@ -179,7 +179,7 @@ impl Gemini {
         body
     }
 
-    async fn call(&self, req: &Request) -> Result<Completion> {
+    async fn call(&self, req: &Request<'_>) -> Result<Completion> {
         let mut builder = self
             .http
             .post(if req.sink.is_some() {
@@ -239,7 +239,7 @@ impl Provider for Gemini {
         &self.name
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
 }

@@ -31,7 +31,7 @@ impl Ollama {
         }
     }
 
-    fn body(req: &Request) -> Value {
+    fn body(req: &Request<'_>) -> Value {
         let mut messages = Vec::with_capacity(2 + req.messages.len());
         if let Some(system) = req.system_text().filter(|s| !s.is_empty()) {
             messages.push(json!({"role": "system", "content": system}));
@@ -91,10 +91,12 @@ impl Ollama {
         }
         // Ollama has no tool_choice: "none" sends no tools; a required or named tool cannot
         // be enforced, and its answer is taken as it comes.
-        if !req.tools.is_empty() && req.tool_choice != Some(ToolChoice::Mode(ToolMode::None)) {
+        if !req.tools.is_empty()
+            && req.tool_choice.as_deref() != Some(&ToolChoice::Mode(ToolMode::None))
+        {
             body["tools"] = super::openai::tools(&req.tools);
         }
-        match &req.response_format {
+        match req.response_format.as_deref() {
             Some(ResponseFormat::JsonSchema { schema, .. }) => body["format"] = schema.clone(),
             Some(ResponseFormat::JsonObject) => body["format"] = json!("json"),
             None => {}
@@ -102,7 +104,7 @@ impl Ollama {
         body
     }
 
-    async fn call(&self, req: &Request) -> Result<Completion> {
+    async fn call(&self, req: &Request<'_>) -> Result<Completion> {
         let builder = self
             .http
             .post(&self.endpoint)
@@ -144,7 +146,7 @@ impl Provider for Ollama {
         &self.name
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
 }

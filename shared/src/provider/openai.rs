@@ -63,11 +63,11 @@ impl OpenAi {
         }
     }
 
-    fn body(&self, req: &Request) -> Value {
+    fn body(&self, req: &Request<'_>) -> Value {
         body(req, self.dialect)
     }
 
-    async fn call(&self, req: &Request) -> Result<Completion> {
+    async fn call(&self, req: &Request<'_>) -> Result<Completion> {
         let mut builder = self
             .http
             .post(&self.endpoint)
@@ -81,13 +81,15 @@ impl OpenAi {
 }
 
 /// The chat-completions body of `req`, in `dialect`.
-pub(super) fn body(req: &Request, dialect: Dialect) -> Value {
+pub(super) fn body(req: &Request<'_>, dialect: Dialect) -> Value {
     let mut messages = Vec::with_capacity(2 + req.messages.len());
     // OpenAI refuses `json_object` unless a message mentions JSON.
-    let hint = matches!(req.response_format, Some(ResponseFormat::JsonObject))
-        && !req
-            .system_text()
-            .is_some_and(|s| s.to_lowercase().contains("json"))
+    let hint = matches!(
+        req.response_format.as_deref(),
+        Some(ResponseFormat::JsonObject)
+    ) && !req
+        .system_text()
+        .is_some_and(|s| s.to_lowercase().contains("json"))
         && !req.turns().any(|t| t.text.to_lowercase().contains("json"));
     match (req.system_text(), hint) {
         (Some(system), true) => {
@@ -214,7 +216,7 @@ impl Provider for OpenAi {
         &self.name
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         Box::pin(self.call(request))
     }
 }
@@ -474,7 +476,7 @@ mod tests {
         let mut req = Request {
             model: "m".into(),
             prompt: "list three colours".into(),
-            response_format: Some(ResponseFormat::JsonObject),
+            response_format: Some(std::borrow::Cow::Owned(ResponseFormat::JsonObject)),
             ..Request::default()
         };
         let body = a.body(&req);
@@ -513,15 +515,17 @@ mod tests {
 
     #[test]
     fn openai_gets_a_prompt_cache_key_naming_the_stable_prefix() {
-        let req = |system: &str, prompt: &str, on: bool| Request {
-            model: "gpt-4o".into(),
-            system: Some(system.into()),
-            prompt: prompt.into(),
-            prompt_cache: on,
-            ..Request::default()
-        };
+        fn req<'a>(system: &'a str, prompt: &'a str, on: bool) -> Request<'a> {
+            Request {
+                model: "gpt-4o".into(),
+                system: Some(system.into()),
+                prompt: prompt.into(),
+                prompt_cache: on,
+                ..Request::default()
+            }
+        }
         let long = "The same long instructions. ".repeat(200);
-        let key = |r: &Request, dialect| body(r, dialect)["prompt_cache_key"].clone();
+        let key = |r: &Request<'_>, dialect| body(r, dialect)["prompt_cache_key"].clone();
         let a = key(&req(&long, "document one", true), Dialect::OpenAi);
         assert!(a.as_str().is_some_and(|k| k.starts_with("llmq-")), "{a}");
         // The same prefix, another document: the same key; another prefix: another key.

@@ -1919,7 +1919,7 @@ impl Provider for NoopProvider {
         "noop"
     }
 
-    fn complete<'a>(&'a self, request: &'a Request) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         if let Some(pickups) = &self.pickups
             && let Some(sent) = request
                 .prompt

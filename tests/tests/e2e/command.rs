@@ -43,7 +43,7 @@ fn provider(config: &Config, name: &str) -> std::sync::Arc<dyn Provider> {
     clients::build(config.provider(name).unwrap(), &reqwest::Client::new())
 }
 
-fn request(model: &str, prompt: &str, system: Option<&str>) -> Request {
+fn request<'a>(model: &'a str, prompt: &'a str, system: Option<&'a str>) -> Request<'a> {
     Request {
         model: model.into(),
         system: system.map(Into::into),
@@ -56,7 +56,7 @@ fn request(model: &str, prompt: &str, system: Option<&str>) -> Request {
 }
 
 /// What the fake CLI parsed.
-async fn parsed(p: &dyn Provider, req: &Request) -> Value {
+async fn parsed(p: &dyn Provider, req: &Request<'_>) -> Value {
     let c = p.complete(req).await.unwrap_or_else(|e| panic!("{e}"));
     serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("{e}: {}", c.text))
 }

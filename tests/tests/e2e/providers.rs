@@ -5,6 +5,7 @@
 //! Each check runs once per adapter (see `adapter_tests!` at the end), so a failure names the
 //! wire format.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use llmq_shared::outcome::ErrorClass;
@@ -71,11 +72,11 @@ async fn mock() -> MockServer {
     MockServer::start(MockOptions::default()).await.unwrap()
 }
 
-fn request(model: &str, prompt: &str) -> Request {
+fn request<'a>(model: &'a str, prompt: &'a str) -> Request<'a> {
     Request {
-        model: model.to_owned(),
+        model: model.into(),
         system: None,
-        prompt: prompt.to_owned(),
+        prompt: prompt.into(),
         max_tokens: None,
         temperature: None,
         timeout: Duration::from_secs(10),
@@ -83,7 +84,7 @@ fn request(model: &str, prompt: &str) -> Request {
     }
 }
 
-async fn call(format: Format, mock: &MockServer, req: &Request) -> Result<Completion, Error> {
+async fn call(format: Format, mock: &MockServer, req: &Request<'_>) -> Result<Completion, Error> {
     format.adapter(&mock.url()).complete(req).await
 }
 
@@ -105,7 +106,7 @@ async fn fails(format: Format, mock: &MockServer, model: &str) -> Error {
 async fn success_maps_text_and_every_usage_field(format: Format) {
     let mock = mock().await;
     let req = Request {
-        system: Some("Answer briefly. ".repeat(25)), // 400 chars: 100 tokens
+        system: Some("Answer briefly. ".repeat(25).into()), // 400 chars: 100 tokens
         ..request("mock-reason", "hello")
     };
     let c = call(format, &mock, &req).await.unwrap();
@@ -397,7 +398,8 @@ async fn conversations_arrive_whole(format: Format) {
             Message::text(Role::User, "what is 2+2?"),
             Message::text(Role::Assistant, "4"),
             Message::text(Role::User, "and 3+3?"),
-        ],
+        ]
+        .into(),
         ..request("transcript", "and 4+4?")
     };
     let c = call(format, &mock, &req).await.unwrap();
@@ -478,7 +480,8 @@ async fn images_arrive_in_the_formats_shape(format: Format) {
         messages: vec![Message {
             content: Content::Parts(parts),
             ..Message::text(Role::User, "")
-        }],
+        }]
+        .into(),
         ..request("transcript", "")
     };
     let c = call(format, &mock, &req).await.unwrap();
@@ -501,8 +504,8 @@ async fn images_arrive_in_the_formats_shape(format: Format) {
 async fn tool_calls_come_back_and_their_answers_go_in(format: Format) {
     let mock = mock().await;
     let req = Request {
-        tools: vec![tool()],
-        tool_choice: Some(ToolChoice::Mode(ToolMode::Required)),
+        tools: vec![tool()].into(),
+        tool_choice: Some(Cow::Owned(ToolChoice::Mode(ToolMode::Required))),
         ..request("tool-caller", "what is the weather in Paris?")
     };
     let c = call(format, &mock, &req).await.unwrap();
@@ -529,8 +532,9 @@ async fn tool_calls_come_back_and_their_answers_go_in(format: Format) {
                 tool_call_id: Some(made.id.clone()),
                 ..Message::text(Role::Tool, "sunny, 21 degrees")
             },
-        ],
-        tools: vec![tool()],
+        ]
+        .into(),
+        tools: vec![tool()].into(),
         ..request("tool-caller", "")
     };
     let c = call(format, &mock, &follow).await.unwrap();
@@ -560,8 +564,9 @@ async fn parallel_calls_are_answered_together(format: Format) {
             },
             answer("c1", "sunny"),
             answer("c2", "snow"),
-        ],
-        tools: vec![tool()],
+        ]
+        .into(),
+        tools: vec![tool()].into(),
         ..request("transcript", "which is warmer?")
     };
     let c = call(format, &mock, &req).await.unwrap();
@@ -593,7 +598,7 @@ async fn schemas_go_in_the_native_field(format: Format) {
         strict: None,
     };
     let req = Request {
-        response_format: Some(asked.clone()),
+        response_format: Some(Cow::Borrowed(&asked)),
         ..request("mock-fast", "extract the person")
     };
     let c = call(format, &mock, &req).await.unwrap();

@@ -712,7 +712,7 @@ impl Attempt<'_> {
         &mut self,
         cand: &Candidate<'_>,
         reservation: Option<&Reservation>,
-        mut req: Request,
+        mut req: Request<'_>,
         forwarder: Option<tokio::task::JoinHandle<()>>,
         span: tracing::Span,
         row: usize,
@@ -840,7 +840,7 @@ async fn forward(
 /// calls is the model asking for their results, not its answer, and is not read.
 pub(super) fn conform(
     mut c: Completion,
-    req: &Request,
+    req: &Request<'_>,
     provider: &str,
 ) -> provider::Result<Completion> {
     let Some(format) = &req.response_format else {
