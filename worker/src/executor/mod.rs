@@ -92,6 +92,13 @@ pub struct Executor {
 /// What `cheapest` routes by: nothing observed.
 static NO_STATS: std::sync::LazyLock<Stats> = std::sync::LazyLock::new(Stats::default);
 
+/// The constraints of a task that is no chain's step: none.
+static NO_CONSTRAINTS: Constraints = Constraints {
+    exclude_models: Vec::new(),
+    exclude_providers: Vec::new(),
+    min_tier: None,
+};
+
 /// The routing stats every task of this worker reads, refreshed from Redis (where the
 /// scheduler's `routing_stats` duty writes them) while a learned strategy is configured.
 #[derive(Debug, Default)]
@@ -465,10 +472,12 @@ impl Executor {
         // Futures that run briefly are boxed here and below: an async fn's state is as large
         // as its largest await, and these would otherwise make every task in flight carry
         // their size for the whole of its provider call.
-        let step = if env.step.is_some() {
+        // Boxed, and none for a task that is no chain's step: a call in flight carries 8
+        // bytes of it, not its room.
+        let mut step = if env.step.is_some() {
             let prepare = self.prepare_step(&queue, &task_id, &env);
             match Box::pin(prepare).await {
-                Ok(step) => step,
+                Ok(step) => Some(Box::new(step)),
                 Err(Ended::Release) => {
                     return handed_back(queue, entry_id, task_id, &env);
                 }
@@ -488,17 +497,9 @@ impl Executor {
                 }
             }
         } else {
-            StepPlan::default()
+            None
         };
-        let StepPlan {
-            prompt: step_prompt,
-            constraints,
-            reading,
-            rework,
-            escalation,
-            settled,
-            judged,
-        } = step;
+        let settled = step.as_mut().and_then(|s| s.settled.take());
 
         // Plan.
         let span = tracing::trace_span!(
@@ -518,7 +519,7 @@ impl Executor {
             telemetry::join_trace(&span, parent);
         }
         // A chain step's call carries the prompt its handoffs made.
-        let step_env = step_prompt.map(|prompt| {
+        let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
             Box::new(Envelope {
                 prompt,
                 ..(*env).clone()
@@ -583,7 +584,10 @@ impl Executor {
                 }
                 // A chain step kept off some models or providers (a review distinct from
                 // the work it reviews) is not answered with what any model said.
-                Use::On { .. } if constraints != Constraints::default() => {}
+                Use::On { .. }
+                    if step
+                        .as_ref()
+                        .is_some_and(|s| s.constraints != Constraints::default()) => {}
                 Use::On { ttl } => 'cache: {
                     let share = self.config.answer_cache.share_across_tenants;
                     let Some(hash) = answer_cache::request_hash(call_env, share) else {
@@ -617,7 +621,8 @@ impl Executor {
             }
             let stats = self.learned_stats();
             let stats = stats.as_deref().unwrap_or(&NO_STATS);
-            let mut plan = match routing::plan(&self.config, call_env, &constraints, stats) {
+            let constraints = step.as_deref().map_or(&NO_CONSTRAINTS, |s| &s.constraints);
+            let mut plan = match routing::plan(&self.config, call_env, constraints, stats) {
                 Ok(plan) => plan,
                 Err(e) => {
                     break 'tried Tried::without_call(Outcome::Failed(AttemptError {
@@ -704,6 +709,14 @@ impl Executor {
                 Err(_) => self.timed_out(plan.reason.clone(), &calls),
             }
         };
+        let StepPlan {
+            constraints,
+            reading,
+            rework,
+            escalation,
+            judged,
+            ..
+        } = step.map(|s| *s).unwrap_or_default();
         let mut record = running(&queue, &task_id, &env, &task_type);
         record.duration_ms = started.elapsed().as_millis() as u64;
         record.learned = learned.map(|l| *l);
