@@ -132,7 +132,7 @@ fn json_sha256(value: &impl Serialize) -> Option<String> {
 /// worth caching.
 #[must_use]
 pub fn warm_prefix(req: &crate::provider::Request, kind: crate::config::Kind) -> Option<String> {
-    let min = crate::provider::min_cached_tokens(kind, &req.model)?;
+    let min = crate::provider::min_cached_tokens(kind, req.model)?;
     if !req.prompt_cache {
         return None;
     }

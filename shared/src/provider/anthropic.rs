@@ -126,7 +126,7 @@ impl Anthropic {
                     tool
                 })
                 .collect();
-            if let Some(choice) = req.tool_choice.as_deref() {
+            if let Some(choice) = req.tool_choice {
                 body["tool_choice"] = match choice {
                     ToolChoice::Mode(ToolMode::Auto) => json!({"type": "auto"}),
                     ToolChoice::Mode(ToolMode::None) => json!({"type": "none"}),
@@ -137,7 +137,7 @@ impl Anthropic {
         }
         // Structured outputs (`output_config.format`); "any JSON object" has no native form
         // and is checked when the answer comes.
-        if let Some(ResponseFormat::JsonSchema { schema, .. }) = req.response_format.as_deref() {
+        if let Some(ResponseFormat::JsonSchema { schema, .. }) = req.response_format {
             body["output_config"] = json!({"format": {"type": "json_schema", "schema": schema}});
         }
         if req.sink.is_some() {
@@ -189,7 +189,7 @@ pub fn min_cacheable_tokens(model: &str) -> u64 {
 /// next request with the same prefix reads it at a tenth of the input price; the first
 /// writes it at 1.25 times.
 fn mark_cache_breakpoints(body: &mut Value, req: &Request<'_>) {
-    let min = min_cacheable_tokens(&req.model);
+    let min = min_cacheable_tokens(req.model);
     let prefix = req.cache_prefix();
     let ephemeral = || json!({"type": "ephemeral"});
     if prefix.tools.is_some_and(|n| n >= min)
@@ -456,7 +456,7 @@ mod tests {
 
     fn cacheable<'a>(model: &'a str, system: &'a str, on: bool) -> Request<'a> {
         Request {
-            model: model.into(),
+            model,
             system: Some(system.into()),
             prompt: "the document".into(),
             prompt_cache: on,
@@ -491,7 +491,7 @@ mod tests {
     fn the_tools_and_the_turns_before_the_last_are_marked_too() {
         let long = "x".repeat(5000);
         let req = Request {
-            model: "claude-opus-4-1".into(),
+            model: "claude-opus-4-1",
             messages: vec![
                 serde_json::from_value(json!({"role": "user", "content": long})).unwrap(),
                 serde_json::from_value(json!({"role": "assistant", "content": "noted"})).unwrap(),
@@ -607,7 +607,7 @@ mod tests {
     #[test]
     fn body_and_endpoint() {
         let req = Request {
-            model: "claude-x".into(),
+            model: "claude-x",
             system: Some("be brief".into()),
             prompt: "hi".into(),
             max_tokens: None,

@@ -431,7 +431,7 @@ impl BatchClient {
     /// Sends `builder`; a 2xx body as text, bounded, or the classified error.
     async fn send_text(&self, model: &str, builder: reqwest::RequestBuilder) -> Result<String> {
         let req = Request {
-            model: model.into(),
+            model,
             timeout: HTTP_TIMEOUT,
             ..Request::default()
         };

@@ -123,7 +123,7 @@ impl CommandRunner {
         };
         let values = [
             ("prompt", prompt.as_str()),
-            ("model", &*req.model),
+            ("model", req.model),
             ("system", system),
         ];
         let mut args = Vec::with_capacity(template.len() + 2);
@@ -610,7 +610,7 @@ mod tests {
 
     fn request(prompt: &str) -> Request<'_> {
         Request {
-            model: "model-1".into(),
+            model: "model-1",
             system: None,
             prompt: prompt.into(),
             max_tokens: None,

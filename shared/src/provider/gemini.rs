@@ -142,7 +142,7 @@ impl Gemini {
         if let Some(t) = req.temperature {
             config.insert("temperature".to_owned(), json!(t));
         }
-        if let Some(format) = req.response_format.as_deref() {
+        if let Some(format) = req.response_format {
             config.insert("responseMimeType".to_owned(), json!("application/json"));
             if let ResponseFormat::JsonSchema { schema, .. } = format {
                 config.insert("responseJsonSchema".to_owned(), schema.clone());
@@ -164,7 +164,7 @@ impl Gemini {
                 })
                 .collect();
             body["tools"] = json!([{"functionDeclarations": declarations}]);
-            if let Some(choice) = req.tool_choice.as_deref() {
+            if let Some(choice) = req.tool_choice {
                 let config = match choice {
                     ToolChoice::Mode(ToolMode::Auto) => json!({"mode": "AUTO"}),
                     ToolChoice::Mode(ToolMode::None) => json!({"mode": "NONE"}),
@@ -183,9 +183,9 @@ impl Gemini {
         let mut builder = self
             .http
             .post(if req.sink.is_some() {
-                self.streaming_endpoint(&req.model)
+                self.streaming_endpoint(req.model)
             } else {
-                self.endpoint(&req.model)
+                self.endpoint(req.model)
             })
             .timeout(req.timeout)
             .json(&Self::body(req));
@@ -699,7 +699,7 @@ mod tests {
     #[test]
     fn body_and_endpoint() {
         let req = Request {
-            model: "models/gemini-2.5-flash".into(),
+            model: "models/gemini-2.5-flash",
             system: Some("be brief".into()),
             prompt: "hi".into(),
             max_tokens: Some(9),
@@ -723,7 +723,7 @@ mod tests {
         assert!(bare.get("generationConfig").is_none());
         let g = Gemini::new("g", "https://x/v1beta/", None, reqwest::Client::new());
         assert_eq!(
-            g.endpoint(&req.model),
+            g.endpoint(req.model),
             "https://x/v1beta/models/gemini-2.5-flash:generateContent"
         );
     }

@@ -36,15 +36,15 @@ pub mod openai;
 /// messages and tools are held once, not copied for every call.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Request<'a> {
-    pub model: Cow<'a, str>,
+    pub model: &'a str,
     pub system: Option<Cow<'a, str>>,
     /// The last user turn; empty when `messages` carries the whole conversation.
     pub prompt: Cow<'a, str>,
     /// Earlier turns, before the prompt.
     pub messages: Cow<'a, [Message]>,
     pub tools: Cow<'a, [Tool]>,
-    pub tool_choice: Option<Cow<'a, ToolChoice>>,
-    pub response_format: Option<Cow<'a, ResponseFormat>>,
+    pub tool_choice: Option<&'a ToolChoice>,
+    pub response_format: Option<&'a ResponseFormat>,
     pub max_tokens: Option<u32>,
     pub temperature: Option<f32>,
     /// The whole call, connect to last byte, must end within this.
@@ -143,13 +143,13 @@ impl<'a> Request<'a> {
         provider: &ProviderConfig,
     ) -> Self {
         Self {
-            model: Cow::Borrowed(model),
+            model,
             system: env.system.as_deref().map(Cow::Borrowed),
             prompt: Cow::Borrowed(&env.prompt),
             messages: Cow::Borrowed(&env.messages),
             tools: Cow::Borrowed(&env.tools),
-            tool_choice: env.tool_choice.as_deref().map(Cow::Borrowed),
-            response_format: env.response_format.as_deref().map(Cow::Borrowed),
+            tool_choice: env.tool_choice.as_deref(),
+            response_format: env.response_format.as_deref(),
             max_tokens: env.max_tokens,
             temperature: env.temperature,
             timeout: env.timeout(),
@@ -553,18 +553,18 @@ pub(crate) async fn exchange(
     }
     let reply = send(builder, req).await.map_err(|(transport, m)| Error {
         transport: Some(transport),
-        ..Error::new(provider, &req.model, ErrorClass::Retryable, m)
+        ..Error::new(provider, req.model, ErrorClass::Retryable, m)
     })?;
     if !(200..300).contains(&reply.status) {
         return Err(format.error(
             provider,
-            &req.model,
+            req.model,
             reply.status,
             &reply.body,
             reply.retry_after,
         ));
     }
-    (format.parse)(&reply.body).map_err(|(class, m)| Error::new(provider, &req.model, class, m))
+    (format.parse)(&reply.body).map_err(|(class, m)| Error::new(provider, req.model, class, m))
 }
 
 /// [`exchange`] in the provider's streaming mode: each piece of text goes to `sink` as it
@@ -580,7 +580,7 @@ async fn exchange_streamed(
 ) -> Result<Completion> {
     let broken = |(transport, m): (Transport, String)| Error {
         transport: Some(transport),
-        ..Error::new(provider, &req.model, ErrorClass::Retryable, m)
+        ..Error::new(provider, req.model, ErrorClass::Retryable, m)
     };
     let mut response = builder
         .send()
@@ -593,9 +593,9 @@ async fn exchange_streamed(
             .text()
             .await
             .map_err(|e| broken(transport_message(&e, req)))?;
-        return Err(format.error(provider, &req.model, status, &body, wait));
+        return Err(format.error(provider, req.model, status, &body, wait));
     }
-    let failed = |(class, m): (ErrorClass, String)| Error::new(provider, &req.model, class, m);
+    let failed = |(class, m): (ErrorClass, String)| Error::new(provider, req.model, class, m);
     let mut acc = Streamed::default();
     let mut pending: Vec<u8> = Vec::new();
     loop {

@@ -91,12 +91,10 @@ impl Ollama {
         }
         // Ollama has no tool_choice: "none" sends no tools; a required or named tool cannot
         // be enforced, and its answer is taken as it comes.
-        if !req.tools.is_empty()
-            && req.tool_choice.as_deref() != Some(&ToolChoice::Mode(ToolMode::None))
-        {
+        if !req.tools.is_empty() && req.tool_choice != Some(&ToolChoice::Mode(ToolMode::None)) {
             body["tools"] = super::openai::tools(&req.tools);
         }
-        match req.response_format.as_deref() {
+        match req.response_format {
             Some(ResponseFormat::JsonSchema { schema, .. }) => body["format"] = schema.clone(),
             Some(ResponseFormat::JsonObject) => body["format"] = json!("json"),
             None => {}
@@ -280,7 +278,7 @@ mod tests {
     #[test]
     fn body_and_endpoint() {
         let req = Request {
-            model: "llama3.2".into(),
+            model: "llama3.2",
             system: Some("be brief".into()),
             prompt: "hi".into(),
             max_tokens: Some(9),

@@ -84,12 +84,10 @@ impl OpenAi {
 pub(super) fn body(req: &Request<'_>, dialect: Dialect) -> Value {
     let mut messages = Vec::with_capacity(2 + req.messages.len());
     // OpenAI refuses `json_object` unless a message mentions JSON.
-    let hint = matches!(
-        req.response_format.as_deref(),
-        Some(ResponseFormat::JsonObject)
-    ) && !req
-        .system_text()
-        .is_some_and(|s| s.to_lowercase().contains("json"))
+    let hint = matches!(req.response_format, Some(ResponseFormat::JsonObject))
+        && !req
+            .system_text()
+            .is_some_and(|s| s.to_lowercase().contains("json"))
         && !req.turns().any(|t| t.text.to_lowercase().contains("json"));
     match (req.system_text(), hint) {
         (Some(system), true) => {
@@ -473,10 +471,11 @@ mod tests {
     fn json_object_gets_the_word_json_openai_requires() {
         let http = reqwest::Client::new();
         let a = OpenAi::new("a", "http://x/v1", None, Dialect::Compatible, http);
+        let json = ResponseFormat::JsonObject;
         let mut req = Request {
-            model: "m".into(),
+            model: "m",
             prompt: "list three colours".into(),
-            response_format: Some(std::borrow::Cow::Owned(ResponseFormat::JsonObject)),
+            response_format: Some(&json),
             ..Request::default()
         };
         let body = a.body(&req);
@@ -496,7 +495,7 @@ mod tests {
     #[test]
     fn the_output_limit_follows_the_dialect() {
         let req = Request {
-            model: "m".into(),
+            model: "m",
             system: Some("s".into()),
             prompt: "p".into(),
             max_tokens: Some(7),
@@ -517,7 +516,7 @@ mod tests {
     fn openai_gets_a_prompt_cache_key_naming_the_stable_prefix() {
         fn req<'a>(system: &'a str, prompt: &'a str, on: bool) -> Request<'a> {
             Request {
-                model: "gpt-4o".into(),
+                model: "gpt-4o",
                 system: Some(system.into()),
                 prompt: prompt.into(),
                 prompt_cache: on,

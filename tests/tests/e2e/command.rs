@@ -45,7 +45,7 @@ fn provider(config: &Config, name: &str) -> std::sync::Arc<dyn Provider> {
 
 fn request<'a>(model: &'a str, prompt: &'a str, system: Option<&'a str>) -> Request<'a> {
     Request {
-        model: model.into(),
+        model,
         system: system.map(Into::into),
         prompt: prompt.into(),
         max_tokens: None,

@@ -739,7 +739,7 @@ async fn a_batch_is_found_at_its_provider_by_the_label_llmq_gave_it() {
         let p = config.provider(&provider(&env, kind)).unwrap();
         let client = BatchClient::new(p, http.clone()).unwrap();
         let req = llmq_shared::provider::Request {
-            model: "mock-fast".into(),
+            model: "mock-fast",
             prompt: "hi".into(),
             ..Default::default()
         };

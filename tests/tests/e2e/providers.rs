@@ -5,7 +5,6 @@
 //! Each check runs once per adapter (see `adapter_tests!` at the end), so a failure names the
 //! wire format.
 
-use std::borrow::Cow;
 use std::time::{Duration, Instant};
 
 use llmq_shared::outcome::ErrorClass;
@@ -74,7 +73,7 @@ async fn mock() -> MockServer {
 
 fn request<'a>(model: &'a str, prompt: &'a str) -> Request<'a> {
     Request {
-        model: model.into(),
+        model,
         system: None,
         prompt: prompt.into(),
         max_tokens: None,
@@ -503,9 +502,10 @@ async fn images_arrive_in_the_formats_shape(format: Format) {
 /// and the tool's answer reaches the model, which reads the answer.
 async fn tool_calls_come_back_and_their_answers_go_in(format: Format) {
     let mock = mock().await;
+    let required = ToolChoice::Mode(ToolMode::Required);
     let req = Request {
         tools: vec![tool()].into(),
-        tool_choice: Some(Cow::Owned(ToolChoice::Mode(ToolMode::Required))),
+        tool_choice: Some(&required),
         ..request("tool-caller", "what is the weather in Paris?")
     };
     let c = call(format, &mock, &req).await.unwrap();
@@ -598,7 +598,7 @@ async fn schemas_go_in_the_native_field(format: Format) {
         strict: None,
     };
     let req = Request {
-        response_format: Some(Cow::Borrowed(&asked)),
+        response_format: Some(&asked),
         ..request("mock-fast", "extract the person")
     };
     let c = call(format, &mock, &req).await.unwrap();

@@ -694,7 +694,7 @@ impl Attempt<'_> {
             Some(client) => client.complete(&req).instrument(span.clone()).await,
             None => Err(provider::Error::new(
                 name,
-                &req.model,
+                req.model,
                 ErrorClass::Fatal,
                 "no client is built for this provider".into(),
             )),
@@ -856,7 +856,7 @@ pub(super) fn conform(
         }
         Err(why) => Err(provider::Error::new(
             provider,
-            &req.model,
+            req.model,
             ErrorClass::Retryable,
             why,
         )),

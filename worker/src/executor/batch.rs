@@ -8,7 +8,6 @@
 //! now. Otherwise, and whenever it comes back without an answer (the batch failed, expired,
 //! or its deadline came near), it is called as any task.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -133,8 +132,8 @@ pub(super) fn answered(answer: &BatchAnswer, env: &Envelope) -> Tried {
         json: None,
     };
     let req = Request {
-        model: answer.model.as_str().into(),
-        response_format: env.response_format.as_deref().map(Cow::Borrowed),
+        model: &answer.model,
+        response_format: env.response_format.as_deref(),
         ..Request::default()
     };
     let outcome = match conform(completion, &req, &answer.provider) {
