@@ -399,415 +399,423 @@ impl Executor {
     ///
     /// Everything held here is held for the whole of the task's call, by every task in
     /// flight: keep what lives across the call's await small, and build the rest after it.
-    async fn run_holding(
-        &self,
+    ///
+    /// Not an async fn: one holds its arguments twice for the whole of the call (as the
+    /// future's and as its body's), and the task's parts would be both `task` and the locals
+    /// taken from it. The block captures the parts once.
+    fn run_holding<'a>(
+        &'a self,
         task: Admitted,
-        slot: &mut Option<String>,
-        key: &mut Option<Box<keyed::Held>>,
-    ) -> Finished {
+        slot: &'a mut Option<String>,
+        key: &'a mut Option<Box<keyed::Held>>,
+    ) -> impl Future<Output = Finished> + 'a {
         let Admitted {
             queue,
             entry_id,
             mut env,
             task_id,
         } = task;
-
-        // An idempotency key: run only holding it; a copy of a task that succeeded is
-        // answered with its answer, one of a task still running waits for it.
-        if let Some(name) = llmq_shared::idempotency::name_of(&env) {
-            match Box::pin(self.take_key(&queue, &entry_id, name, &env)).await {
-                keyed::Taken::Run(held) => {
-                    // Its later entries (a retry, a wait, a hand-back) are this run.
-                    let run = serde_json::Value::from(held.run.as_str());
-                    env.extra
-                        .insert(llmq_shared::idempotency::RUN_FIELD.to_owned(), run);
-                    *key = Some(held);
+        async move {
+            // An idempotency key: run only holding it; a copy of a task that succeeded is
+            // answered with its answer, one of a task still running waits for it.
+            if let Some(name) = llmq_shared::idempotency::name_of(&env) {
+                match Box::pin(self.take_key(&queue, &entry_id, name, &env)).await {
+                    keyed::Taken::Run(held) => {
+                        // Its later entries (a retry, a wait, a hand-back) are this run.
+                        let run = serde_json::Value::from(held.run.as_str());
+                        env.extra
+                            .insert(llmq_shared::idempotency::RUN_FIELD.to_owned(), run);
+                        *key = Some(held);
+                    }
+                    keyed::Taken::Copy(finished) => return *finished,
+                    keyed::Taken::Parked => return parked(queue, entry_id, task_id),
+                    keyed::Taken::Release => return handed_back(queue, entry_id, task_id, &env),
                 }
-                keyed::Taken::Copy(finished) => return *finished,
-                keyed::Taken::Parked => return parked(queue, entry_id, task_id),
-                keyed::Taken::Release => return handed_back(queue, entry_id, task_id, &env),
             }
-        }
 
-        // A concurrency key: run only with a slot, else wait parked for one.
-        if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {
-            // The envelope goes to Redis only when the task is to be parked.
-            let mut taken = Box::pin(self.redis.take_slot(
-                &queue,
-                &self.worker_id,
-                &entry_id,
-                key,
-                limit,
-                None,
-            ))
-            .await;
-            if let Ok(Slot::Full) = taken {
-                let json = env.to_json();
-                let park = self.redis.take_slot(
+            // A concurrency key: run only with a slot, else wait parked for one.
+            if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {
+                // The envelope goes to Redis only when the task is to be parked.
+                let mut taken = Box::pin(self.redis.take_slot(
                     &queue,
                     &self.worker_id,
                     &entry_id,
                     key,
                     limit,
-                    Some(&json),
-                );
-                taken = Box::pin(park).await;
-            }
-            match taken {
-                Ok(Slot::Held) => *slot = Some(key.clone()),
-                Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
-                    return parked(queue, entry_id, task_id);
+                    None,
+                ))
+                .await;
+                if let Ok(Slot::Full) = taken {
+                    let json = env.to_json();
+                    let park = self.redis.take_slot(
+                        &queue,
+                        &self.worker_id,
+                        &entry_id,
+                        key,
+                        limit,
+                        Some(&json),
+                    );
+                    taken = Box::pin(park).await;
                 }
-                // Redis is away: the worker's fault, not the task's. Hand it back.
-                Err(e) => {
-                    tracing::warn!(task = %task_id, "cannot take a slot of concurrency key `{key}`: {e}");
-                    return handed_back(queue, entry_id, task_id, &env);
-                }
-            }
-        }
-
-        let task_type = env.task_type().map(|t| t.to_string()).unwrap_or_default();
-
-        // A chain step: its handoffs, candidates and constraints.
-        // Futures that run briefly are boxed here and below: an async fn's state is as large
-        // as its largest await, and these would otherwise make every task in flight carry
-        // their size for the whole of its provider call.
-        // Boxed, and none for a task that is no chain's step: a call in flight carries 8
-        // bytes of it, not its room.
-        let mut step = if env.step.is_some() {
-            let prepare = self.prepare_step(&queue, &task_id, &env);
-            match Box::pin(prepare).await {
-                Ok(step) => Some(Box::new(step)),
-                Err(Ended::Release) => {
-                    return handed_back(queue, entry_id, task_id, &env);
-                }
-                Err(Ended::Cancelled(why)) => {
-                    let record = running(&queue, &task_id, &env, &task_type);
-                    return cancelled(queue, entry_id, &env, record, why);
-                }
-                Err(Ended::Invalid(why)) => {
-                    // Not under the id it claims: that is the real step's, whose result a
-                    // copy must not overwrite.
-                    let own_id = envelope::derive_id(queue.name(), &entry_id).to_string();
-                    return invalid(queue, entry_id, own_id, env.to_json(), why);
-                }
-                Err(Ended::Await(deadline_ms)) => {
-                    let record = running(&queue, &task_id, &env, &task_type);
-                    return awaiting(queue, entry_id, &env, record, deadline_ms);
-                }
-            }
-        } else {
-            None
-        };
-        let settled = step.as_mut().and_then(|s| s.settled.take());
-
-        // Plan.
-        let span = tracing::trace_span!(
-            target: telemetry::TARGET,
-            "llmq.task",
-            otel.name = %format_args!("task {task_type}"),
-            llmq.task.id = %task_id,
-            llmq.task.type = %task_type,
-            llmq.queue = queue.name(),
-            llmq.chain.id = env.chain_id.as_deref(),
-            llmq.attempt = env.attempts + 1,
-            llmq.cost_usd = tracing::field::Empty,
-        );
-        if let Some(parent) = env.traceparent.as_deref()
-            && !span.is_disabled()
-        {
-            telemetry::join_trace(&span, parent);
-        }
-        // A chain step's call carries the prompt its handoffs made.
-        let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
-            Box::new(Envelope {
-                prompt,
-                ..(*env).clone()
-            })
-        });
-        let call_env = step_env.as_deref().unwrap_or(&env);
-        // A task that can wait: back from a batch with its answer, or yet to go to one.
-        let mut batch_answer = None;
-        let mut may_batch = false;
-        if env.deadline.is_some() && settled.is_none() && slot.is_none() {
-            let ask = !self.batchers.trusted(queue.name());
-            match Box::pin(self.redis.batch_state(&queue, &task_id, ask)).await {
-                // Never in a batch, and no scheduler sends this queue's batches: called now.
-                Ok((BatchState::None, Some(false))) => {}
-                // (A task waiting in a batch already is parked again: only acked.)
-                Ok((BatchState::None | BatchState::Pending, batcher)) => {
-                    if batcher == Some(true) {
-                        self.batchers.saw(queue.name());
-                    }
-                    may_batch = true;
-                }
-                Ok((BatchState::Answered { answer, generation }, _))
-                    if generation == batch::generation(&env) =>
-                {
-                    batch_answer = Some(answer);
-                }
-                Ok(_) => {}
-                // Redis is away: the worker's fault, not the task's, and the task may have
-                // an answer already. Hand it back rather than call it.
-                Err(e) => {
-                    tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
-                    return handed_back(queue, entry_id, task_id, &env);
-                }
-            }
-        }
-        let mut calls = Vec::new();
-        // What learned routing chose, for the record (boxed, as the two below).
-        let mut learned = None;
-        // The answer cache: the task whose answer this one reuses, or what to keep this
-        // one's answer as (boxed: every task in flight carries these through its call).
-        let mut cached_from = None;
-        let mut to_keep = None;
-        // The prompt prefix this task's call warms.
-        let mut warming = None;
-        let started = Instant::now();
-        let tried = 'tried: {
-            if let Some(outcome) = settled {
-                break 'tried Tried::without_call(*outcome);
-            }
-            if let Some(answer) = &batch_answer {
-                break 'tried batch::answered(answer, &env);
-            }
-            match answer_cache::use_of(&self.config.answer_cache, queue.name(), call_env) {
-                Use::Off => {}
-                Use::Refused { field, message } => {
-                    break 'tried Tried::without_call(Outcome::Failed(AttemptError {
-                        class: ErrorClass::Invalid,
-                        message: format!("field `{field}` is wrong: {message}"),
-                        tried: Vec::new(),
-                        retry_after: None,
-                    }));
-                }
-                // A chain step kept off some models or providers (a review distinct from
-                // the work it reviews) is not answered with what any model said.
-                Use::On { .. }
-                    if step
-                        .as_ref()
-                        .is_some_and(|s| s.constraints != Constraints::default()) => {}
-                Use::On { ttl } => 'cache: {
-                    let share = self.config.answer_cache.share_across_tenants;
-                    let Some(hash) = answer_cache::request_hash(call_env, share) else {
-                        break 'cache;
-                    };
-                    // One call for concurrent identical requests, unless the task holds a
-                    // concurrency key's slot already or may wait for a provider batch.
-                    let flight = slot.is_none() && env.deadline.is_none();
-                    let look = self.look_up(&queue, &entry_id, &hash, flight, &env);
-                    match Box::pin(look).await {
-                        cache::Looked::Hit(answer) => {
-                            let (tried, row) =
-                                cache::hit(&answer, &queue, &env, &task_type, &self.worker_id);
-                            calls.push(row);
-                            cached_from = Some(Box::new(answer.task_id));
-                            break 'tried tried;
-                        }
-                        cache::Looked::Lead => {
-                            *slot = Some(flight_key(&answer_name(&hash)));
-                            to_keep = Some(Box::new((hash, ttl)));
-                        }
-                        cache::Looked::Call => to_keep = Some(Box::new((hash, ttl))),
-                        cache::Looked::Parked => {
-                            return parked(queue, entry_id, task_id);
-                        }
-                        cache::Looked::Release => {
-                            return handed_back(queue, entry_id, task_id, &env);
-                        }
-                    }
-                }
-            }
-            let stats = self.learned_stats();
-            let stats = stats.as_deref().unwrap_or(&NO_STATS);
-            let constraints = step.as_deref().map_or(&NO_CONSTRAINTS, |s| &s.constraints);
-            let mut plan = match routing::plan(&self.config, call_env, constraints, stats) {
-                Ok(plan) => plan,
-                Err(e) => {
-                    break 'tried Tried::without_call(Outcome::Failed(AttemptError {
-                        class: ErrorClass::Fatal,
-                        message: e.to_string(),
-                        tried: Vec::new(),
-                        retry_after: None,
-                    }));
-                }
-            };
-            learned = plan.learned.map(|l| {
-                Box::new(LearnedRoute {
-                    strategy: l.strategy.as_str().to_owned(),
-                    propensity: l.propensity,
-                    explored: l.explored,
-                    candidates: plan
-                        .candidates
-                        .iter()
-                        .map(|c| format!("{}/{}", c.provider.name, c.model.id))
-                        .collect(),
-                })
-            });
-            if may_batch && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan) {
-                tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
-                let park = Box::new(park);
-                let write = Write::Park {
-                    entry_id,
-                    task_id,
-                    park,
-                };
-                return Finished::new(queue, write, Vec::new());
-            }
-            // A prompt prefix a provider caches: its calls go to the model whose cache holds
-            // it warm; while nobody's does, one call warms it before the rest are sent.
-            if let Some(hash) = self.warm_prefix(call_env, &plan) {
-                let flight = slot.is_none();
-                match Box::pin(self.warm_up(&queue, &entry_id, &hash, flight, &env)).await {
-                    cache::Warm::On(model) => cache::pin(&mut plan, &model),
-                    cache::Warm::Cold => {
-                        if flight {
-                            *slot = Some(flight_key(&warm_name(&hash)));
-                            warming = Some(Box::new(hash));
-                        }
-                    }
-                    cache::Warm::Parked => {
+                match taken {
+                    Ok(Slot::Held) => *slot = Some(key.clone()),
+                    Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
                         return parked(queue, entry_id, task_id);
                     }
-                    cache::Warm::Release => {
+                    // Redis is away: the worker's fault, not the task's. Hand it back.
+                    Err(e) => {
+                        tracing::warn!(task = %task_id, "cannot take a slot of concurrency key `{key}`: {e}");
                         return handed_back(queue, entry_id, task_id, &env);
                     }
                 }
             }
-            // Attempt.
-            // Set while a call waits for its ledger row or its rate-limit window, not sent.
-            let waiting = std::sync::atomic::AtomicBool::new(false);
-            let mut attempt = Attempt {
-                exec: self,
-                delivery: Uuid::new_v4(),
-                env: call_env,
-                queue: &queue,
-                entry_id: &entry_id,
-                task_type: &task_type,
-                number: env.attempts + 1,
-                calls: &mut calls,
-                waiting: &waiting,
-            };
-            let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
-            match run.instrument(span.clone()).await {
-                Ok(tried) => tried,
-                Err(_)
-                    if waiting.load(std::sync::atomic::Ordering::Relaxed)
-                        && calls.iter().all(|c| c.outcome == UNSENT) =>
-                {
-                    // The attempt's first call waited past its time for its ledger row or its
-                    // rate-limit window: nothing was sent, and neither the task nor a provider
-                    // is at fault. The task goes back to its queue with its attempts as they
-                    // were.
-                    tracing::warn!(
-                        task_id = %task_id,
-                        "a call waited past --attempt-timeout for its ledger row or its rate-limit window, unsent; handing the task back"
-                    );
-                    Tried::without_call(Outcome::Released)
-                }
-                Err(_) => self.timed_out(plan.reason.clone(), &calls),
-            }
-        };
-        let StepPlan {
-            constraints,
-            reading,
-            rework,
-            escalation,
-            judged,
-            ..
-        } = step.map(|s| *s).unwrap_or_default();
-        let mut record = running(&queue, &task_id, &env, &task_type);
-        record.duration_ms = started.elapsed().as_millis() as u64;
-        record.learned = learned.map(|l| *l);
-        record.route = Some(tried.route).filter(|r| !r.is_empty());
-        record.provider_errors = tried.errors;
-        // What to keep once the outcome is written: the model's answer as it came (a chain
-        // step reads it again on a hit), or which model's prompt cache the call warmed.
-        let mut keep = match (to_keep, warming, &tried.outcome, &tried.last) {
-            (Some(to_keep), _, Outcome::Answered(c), Some(last)) => {
-                cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
-            }
-            (None, Some(hash), Outcome::Answered(_), Some(last)) if self.caches_prompts(last) => {
-                Some(cache::warmed(&hash, last))
-            }
-            _ => None,
-        };
-        record.cached_from = cached_from.map(|id| *id);
-        record.cached = record.cached_from.is_some();
-        if let Some((provider, model)) = tried.last {
-            record.provider = Some(provider);
-            record.model = Some(model);
-        }
-        // A fold from 0.0: an empty f64 sum is -0.0.
-        record.cost_usd = calls.iter().map(|c| c.cost_usd).fold(0.0, |a, b| a + b);
-        if let Some(answer) = &batch_answer {
-            record.cost_usd += answer.cost_usd;
-        }
-        span.record("llmq.cost_usd", record.cost_usd);
-        // A judge's pick, a review's verdict.
-        let outcome = match (tried.outcome, &reading) {
-            (Outcome::Answered(c), Some(read)) => chain::read(read, c),
-            (outcome, _) => outcome,
-        };
-        // An answer its step could not read (a judge naming no candidate) is not kept: its
-        // retry must not be given it again.
-        if !matches!(outcome, Outcome::Answered(_)) && keep.as_ref().is_some_and(|k| k.counted) {
-            keep = None;
-        }
-        // A review's or check's verdict on the work it judged, for learned routing.
-        let verdict = judged
-            .and_then(|id| Uuid::parse_str(&id).ok())
-            .and_then(|task_id| match &outcome {
-                Outcome::Answered(_) => Some(Verdict {
-                    task_id,
-                    approved: true,
-                }),
-                Outcome::Rejected(_) => Some(Verdict {
-                    task_id,
-                    approved: false,
-                }),
-                _ => None,
-            });
 
-        // Decide.
-        let policy = Policy {
-            retry: RetryPolicy::new(self.retry_base, self.retry_max),
-            max_wait: self.config.routing.max_wait,
-        };
-        let state = TaskState {
-            attempts: env.attempts,
-            max_attempts: env.max_attempts(),
-            waiting_since: env.waiting_since,
-        };
-        // Each rung starts from the higher of the failed model's tier and the round's
-        // minimum, so it is a tier higher than the last.
-        let failed_tier = record
-            .provider
-            .as_deref()
-            .and_then(|p| self.config.provider(p))
-            .zip(record.model.as_deref())
-            .and_then(|(p, id)| p.model(id))
-            .map(|m| m.tier);
-        let rounds = StepRounds {
-            rework: rework.map(|r| *r),
-            escalation: escalation
-                .map(|up| self.escalation(up, failed_tier.max(env.min_tier), &constraints)),
-        };
-        let transition = decide::decide(state, &outcome, rounds, &policy, Utc::now());
-        let mut finished = apply(
-            queue,
-            entry_id,
-            *env,
-            record,
-            calls,
-            outcome,
-            transition,
-            &self.read_pause,
-        );
-        finished.verdict = verdict;
-        finished.keep = keep;
-        finished
+            let task_type = env.task_type().map(|t| t.to_string()).unwrap_or_default();
+
+            // A chain step: its handoffs, candidates and constraints.
+            // Futures that run briefly are boxed here and below: an async fn's state is as large
+            // as its largest await, and these would otherwise make every task in flight carry
+            // their size for the whole of its provider call.
+            // Boxed, and none for a task that is no chain's step: a call in flight carries 8
+            // bytes of it, not its room.
+            let mut step = if env.step.is_some() {
+                let prepare = self.prepare_step(&queue, &task_id, &env);
+                match Box::pin(prepare).await {
+                    Ok(step) => Some(Box::new(step)),
+                    Err(Ended::Release) => {
+                        return handed_back(queue, entry_id, task_id, &env);
+                    }
+                    Err(Ended::Cancelled(why)) => {
+                        let record = running(&queue, &task_id, &env, &task_type);
+                        return cancelled(queue, entry_id, &env, record, why);
+                    }
+                    Err(Ended::Invalid(why)) => {
+                        // Not under the id it claims: that is the real step's, whose result a
+                        // copy must not overwrite.
+                        let own_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+                        return invalid(queue, entry_id, own_id, env.to_json(), why);
+                    }
+                    Err(Ended::Await(deadline_ms)) => {
+                        let record = running(&queue, &task_id, &env, &task_type);
+                        return awaiting(queue, entry_id, &env, record, deadline_ms);
+                    }
+                }
+            } else {
+                None
+            };
+            let settled = step.as_mut().and_then(|s| s.settled.take());
+
+            // Plan.
+            let span = tracing::trace_span!(
+                target: telemetry::TARGET,
+                "llmq.task",
+                otel.name = %format_args!("task {task_type}"),
+                llmq.task.id = %task_id,
+                llmq.task.type = %task_type,
+                llmq.queue = queue.name(),
+                llmq.chain.id = env.chain_id.as_deref(),
+                llmq.attempt = env.attempts + 1,
+                llmq.cost_usd = tracing::field::Empty,
+            );
+            if let Some(parent) = env.traceparent.as_deref()
+                && !span.is_disabled()
+            {
+                telemetry::join_trace(&span, parent);
+            }
+            // A chain step's call carries the prompt its handoffs made.
+            let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
+                Box::new(Envelope {
+                    prompt,
+                    ..(*env).clone()
+                })
+            });
+            let call_env = step_env.as_deref().unwrap_or(&env);
+            // A task that can wait: back from a batch with its answer, or yet to go to one.
+            let mut batch_answer = None;
+            let mut may_batch = false;
+            if env.deadline.is_some() && settled.is_none() && slot.is_none() {
+                let ask = !self.batchers.trusted(queue.name());
+                match Box::pin(self.redis.batch_state(&queue, &task_id, ask)).await {
+                    // Never in a batch, and no scheduler sends this queue's batches: called now.
+                    Ok((BatchState::None, Some(false))) => {}
+                    // (A task waiting in a batch already is parked again: only acked.)
+                    Ok((BatchState::None | BatchState::Pending, batcher)) => {
+                        if batcher == Some(true) {
+                            self.batchers.saw(queue.name());
+                        }
+                        may_batch = true;
+                    }
+                    Ok((BatchState::Answered { answer, generation }, _))
+                        if generation == batch::generation(&env) =>
+                    {
+                        batch_answer = Some(answer);
+                    }
+                    Ok(_) => {}
+                    // Redis is away: the worker's fault, not the task's, and the task may have
+                    // an answer already. Hand it back rather than call it.
+                    Err(e) => {
+                        tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
+                        return handed_back(queue, entry_id, task_id, &env);
+                    }
+                }
+            }
+            let mut calls = Vec::new();
+            // What learned routing chose, for the record (boxed, as the two below).
+            let mut learned = None;
+            // The answer cache: the task whose answer this one reuses, or what to keep this
+            // one's answer as (boxed: every task in flight carries these through its call).
+            let mut cached_from = None;
+            let mut to_keep = None;
+            // The prompt prefix this task's call warms.
+            let mut warming = None;
+            let started = Instant::now();
+            let tried = 'tried: {
+                if let Some(outcome) = settled {
+                    break 'tried Tried::without_call(*outcome);
+                }
+                if let Some(answer) = &batch_answer {
+                    break 'tried batch::answered(answer, &env);
+                }
+                match answer_cache::use_of(&self.config.answer_cache, queue.name(), call_env) {
+                    Use::Off => {}
+                    Use::Refused { field, message } => {
+                        break 'tried Tried::without_call(Outcome::Failed(AttemptError {
+                            class: ErrorClass::Invalid,
+                            message: format!("field `{field}` is wrong: {message}"),
+                            tried: Vec::new(),
+                            retry_after: None,
+                        }));
+                    }
+                    // A chain step kept off some models or providers (a review distinct from
+                    // the work it reviews) is not answered with what any model said.
+                    Use::On { .. }
+                        if step
+                            .as_ref()
+                            .is_some_and(|s| s.constraints != Constraints::default()) => {}
+                    Use::On { ttl } => 'cache: {
+                        let share = self.config.answer_cache.share_across_tenants;
+                        let Some(hash) = answer_cache::request_hash(call_env, share) else {
+                            break 'cache;
+                        };
+                        // One call for concurrent identical requests, unless the task holds a
+                        // concurrency key's slot already or may wait for a provider batch.
+                        let flight = slot.is_none() && env.deadline.is_none();
+                        let look = self.look_up(&queue, &entry_id, &hash, flight, &env);
+                        match Box::pin(look).await {
+                            cache::Looked::Hit(answer) => {
+                                let (tried, row) =
+                                    cache::hit(&answer, &queue, &env, &task_type, &self.worker_id);
+                                calls.push(row);
+                                cached_from = Some(Box::new(answer.task_id));
+                                break 'tried tried;
+                            }
+                            cache::Looked::Lead => {
+                                *slot = Some(flight_key(&answer_name(&hash)));
+                                to_keep = Some(Box::new((hash, ttl)));
+                            }
+                            cache::Looked::Call => to_keep = Some(Box::new((hash, ttl))),
+                            cache::Looked::Parked => {
+                                return parked(queue, entry_id, task_id);
+                            }
+                            cache::Looked::Release => {
+                                return handed_back(queue, entry_id, task_id, &env);
+                            }
+                        }
+                    }
+                }
+                let stats = self.learned_stats();
+                let stats = stats.as_deref().unwrap_or(&NO_STATS);
+                let constraints = step.as_deref().map_or(&NO_CONSTRAINTS, |s| &s.constraints);
+                let mut plan = match routing::plan(&self.config, call_env, constraints, stats) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        break 'tried Tried::without_call(Outcome::Failed(AttemptError {
+                            class: ErrorClass::Fatal,
+                            message: e.to_string(),
+                            tried: Vec::new(),
+                            retry_after: None,
+                        }));
+                    }
+                };
+                learned = plan.learned.map(|l| {
+                    Box::new(LearnedRoute {
+                        strategy: l.strategy.as_str().to_owned(),
+                        propensity: l.propensity,
+                        explored: l.explored,
+                        candidates: plan
+                            .candidates
+                            .iter()
+                            .map(|c| format!("{}/{}", c.provider.name, c.model.id))
+                            .collect(),
+                    })
+                });
+                if may_batch && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan) {
+                    tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
+                    let park = Box::new(park);
+                    let write = Write::Park {
+                        entry_id,
+                        task_id,
+                        park,
+                    };
+                    return Finished::new(queue, write, Vec::new());
+                }
+                // A prompt prefix a provider caches: its calls go to the model whose cache holds
+                // it warm; while nobody's does, one call warms it before the rest are sent.
+                if let Some(hash) = self.warm_prefix(call_env, &plan) {
+                    let flight = slot.is_none();
+                    match Box::pin(self.warm_up(&queue, &entry_id, &hash, flight, &env)).await {
+                        cache::Warm::On(model) => cache::pin(&mut plan, &model),
+                        cache::Warm::Cold => {
+                            if flight {
+                                *slot = Some(flight_key(&warm_name(&hash)));
+                                warming = Some(Box::new(hash));
+                            }
+                        }
+                        cache::Warm::Parked => {
+                            return parked(queue, entry_id, task_id);
+                        }
+                        cache::Warm::Release => {
+                            return handed_back(queue, entry_id, task_id, &env);
+                        }
+                    }
+                }
+                // Attempt.
+                // Set while a call waits for its ledger row or its rate-limit window, not sent.
+                let waiting = std::sync::atomic::AtomicBool::new(false);
+                let mut attempt = Attempt {
+                    exec: self,
+                    delivery: Uuid::new_v4(),
+                    env: call_env,
+                    queue: &queue,
+                    entry_id: &entry_id,
+                    task_type: &task_type,
+                    number: env.attempts + 1,
+                    calls: &mut calls,
+                    waiting: &waiting,
+                };
+                let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
+                match run.instrument(span.clone()).await {
+                    Ok(tried) => tried,
+                    Err(_)
+                        if waiting.load(std::sync::atomic::Ordering::Relaxed)
+                            && calls.iter().all(|c| c.outcome == UNSENT) =>
+                    {
+                        // The attempt's first call waited past its time for its ledger row or its
+                        // rate-limit window: nothing was sent, and neither the task nor a provider
+                        // is at fault. The task goes back to its queue with its attempts as they
+                        // were.
+                        tracing::warn!(
+                            task_id = %task_id,
+                            "a call waited past --attempt-timeout for its ledger row or its rate-limit window, unsent; handing the task back"
+                        );
+                        Tried::without_call(Outcome::Released)
+                    }
+                    Err(_) => self.timed_out(plan.reason.clone(), &calls),
+                }
+            };
+            let StepPlan {
+                constraints,
+                reading,
+                rework,
+                escalation,
+                judged,
+                ..
+            } = step.map(|s| *s).unwrap_or_default();
+            let mut record = running(&queue, &task_id, &env, &task_type);
+            record.duration_ms = started.elapsed().as_millis() as u64;
+            record.learned = learned.map(|l| *l);
+            record.route = Some(tried.route).filter(|r| !r.is_empty());
+            record.provider_errors = tried.errors;
+            // What to keep once the outcome is written: the model's answer as it came (a chain
+            // step reads it again on a hit), or which model's prompt cache the call warmed.
+            let mut keep = match (to_keep, warming, &tried.outcome, &tried.last) {
+                (Some(to_keep), _, Outcome::Answered(c), Some(last)) => {
+                    cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
+                }
+                (None, Some(hash), Outcome::Answered(_), Some(last))
+                    if self.caches_prompts(last) =>
+                {
+                    Some(cache::warmed(&hash, last))
+                }
+                _ => None,
+            };
+            record.cached_from = cached_from.map(|id| *id);
+            record.cached = record.cached_from.is_some();
+            if let Some((provider, model)) = tried.last {
+                record.provider = Some(provider);
+                record.model = Some(model);
+            }
+            // A fold from 0.0: an empty f64 sum is -0.0.
+            record.cost_usd = calls.iter().map(|c| c.cost_usd).fold(0.0, |a, b| a + b);
+            if let Some(answer) = &batch_answer {
+                record.cost_usd += answer.cost_usd;
+            }
+            span.record("llmq.cost_usd", record.cost_usd);
+            // A judge's pick, a review's verdict.
+            let outcome = match (tried.outcome, &reading) {
+                (Outcome::Answered(c), Some(read)) => chain::read(read, c),
+                (outcome, _) => outcome,
+            };
+            // An answer its step could not read (a judge naming no candidate) is not kept: its
+            // retry must not be given it again.
+            if !matches!(outcome, Outcome::Answered(_)) && keep.as_ref().is_some_and(|k| k.counted)
+            {
+                keep = None;
+            }
+            // A review's or check's verdict on the work it judged, for learned routing.
+            let verdict = judged
+                .and_then(|id| Uuid::parse_str(&id).ok())
+                .and_then(|task_id| match &outcome {
+                    Outcome::Answered(_) => Some(Verdict {
+                        task_id,
+                        approved: true,
+                    }),
+                    Outcome::Rejected(_) => Some(Verdict {
+                        task_id,
+                        approved: false,
+                    }),
+                    _ => None,
+                });
+
+            // Decide.
+            let policy = Policy {
+                retry: RetryPolicy::new(self.retry_base, self.retry_max),
+                max_wait: self.config.routing.max_wait,
+            };
+            let state = TaskState {
+                attempts: env.attempts,
+                max_attempts: env.max_attempts(),
+                waiting_since: env.waiting_since,
+            };
+            // Each rung starts from the higher of the failed model's tier and the round's
+            // minimum, so it is a tier higher than the last.
+            let failed_tier = record
+                .provider
+                .as_deref()
+                .and_then(|p| self.config.provider(p))
+                .zip(record.model.as_deref())
+                .and_then(|(p, id)| p.model(id))
+                .map(|m| m.tier);
+            let rounds = StepRounds {
+                rework: rework.map(|r| *r),
+                escalation: escalation
+                    .map(|up| self.escalation(up, failed_tier.max(env.min_tier), &constraints)),
+            };
+            let transition = decide::decide(state, &outcome, rounds, &policy, Utc::now());
+            let mut finished = apply(
+                queue,
+                entry_id,
+                *env,
+                record,
+                calls,
+                outcome,
+                transition,
+                &self.read_pause,
+            );
+            finished.verdict = verdict;
+            finished.keep = keep;
+            finished
+        }
     }
 
     /// Whether `provider`'s `model` caches prompts llmq marks (so a call to it warmed one).
