@@ -6,6 +6,7 @@
 //! connection, a timeout, 502/503/504/529) note when to look again and move on at once.
 //! Every failure with a health scope counts against the provider's or model's circuit.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,21 @@ impl Tried {
             last: None,
         }
     }
+
+    /// An attempt's end: what it kept borrowed while its calls ran, copied.
+    fn of(
+        outcome: Outcome,
+        route: Cow<'_, str>,
+        errors: Vec<String>,
+        last: Option<(&str, &str)>,
+    ) -> Self {
+        Self {
+            outcome,
+            route: route.into_owned(),
+            errors,
+            last: last.map(|(provider, model)| (provider.to_owned(), model.to_owned())),
+        }
+    }
 }
 
 /// What stopped one candidate.
@@ -182,12 +198,14 @@ impl Attempt<'_> {
     /// Runs the attempt. By reference: an async fn taken by value keeps its argument beside
     /// the local it moves into, twice the room for the whole of the call.
     pub async fn run(&mut self, plan: &Plan<'_>) -> Tried {
-        let mut route = plan.reason.clone();
+        // Borrowed while the calls run, and the last provider and model called with them:
+        // copies would be held (and allocated) for the whole of every call.
+        let mut route = Cow::Borrowed(plan.reason.as_str());
         let mut errors = Vec::new();
         // Providers called, for the error; providers asked, whose other models are skipped.
         let mut tried: Vec<String> = Vec::new();
         let mut asked: Vec<String> = Vec::new();
-        let mut last: Option<(String, String)> = None;
+        let mut last: Option<(&str, &str)> = None;
         // Boxed: held across every later candidate's call, and mostly `None`.
         let mut fault: Option<Box<provider::Error>> = None;
         let mut later: Vec<(DateTime<Utc>, ErrorClass, String)> = Vec::new();
@@ -199,7 +217,7 @@ impl Attempt<'_> {
                 continue;
             }
             if let Some(why) = moved_on.take() {
-                route = format!("{route}; {why} → {name}/{}", cand.model.id);
+                route = format!("{route}; {why} → {name}/{}", cand.model.id).into();
             }
             let calls_before = self.calls.len();
             let stop = self.candidate(cand, &mut errors, &mut last).await;
@@ -217,21 +235,9 @@ impl Attempt<'_> {
             }
             match stop {
                 Stop::Answered(completion) => {
-                    return Tried {
-                        outcome: Outcome::Answered(completion),
-                        route,
-                        errors,
-                        last,
-                    };
+                    return Tried::of(Outcome::Answered(completion), route, errors, last);
                 }
-                Stop::Released => {
-                    return Tried {
-                        outcome: Outcome::Released,
-                        route,
-                        errors,
-                        last,
-                    };
-                }
+                Stop::Released => return Tried::of(Outcome::Released, route, errors, last),
                 Stop::Later {
                     until, why, class, ..
                 } => {
@@ -271,20 +277,15 @@ impl Attempt<'_> {
                 class: ErrorClass::Unavailable,
             })
         };
-        Tried {
-            outcome,
-            route,
-            errors,
-            last,
-        }
+        Tried::of(outcome, route, errors, last)
     }
 
     /// Tries one candidate until it answers, fails or cannot be called.
-    async fn candidate(
+    async fn candidate<'p>(
         &mut self,
-        cand: &Candidate<'_>,
+        cand: &Candidate<'p>,
         errors: &mut Vec<String>,
-        last: &mut Option<(String, String)>,
+        last: &mut Option<(&'p str, &'p str)>,
     ) -> Stop {
         let exec = self.exec;
         let name = cand.provider.name.as_str();
@@ -340,9 +341,9 @@ impl Attempt<'_> {
                 return Stop::Released;
             }
             tries += 1;
-            *last = Some((name.to_owned(), model.to_owned()));
+            *last = Some((name, model));
             let e = match tokio::select! {
-                r = self.call(cand, reservation.as_ref()) => r,
+                r = self.call(cand, reservation.as_deref()) => r,
                 () = exec.hard_stop.cancelled() => return Stop::Released,
             } {
                 Ok(completion) => {
@@ -515,8 +516,9 @@ impl Attempt<'_> {
         }
     }
 
-    /// Reserves one call against the candidate's quotas, if it has any.
-    async fn reserve(&self, cand: &Candidate<'_>) -> Result<Option<Reservation>, Stop> {
+    /// Reserves one call against the candidate's quotas, if it has any. Boxed: an 88-byte
+    /// local of every call's state for the whole of the call, for most providers absent.
+    async fn reserve(&self, cand: &Candidate<'_>) -> Result<Option<Box<Reservation>>, Stop> {
         if cand.provider.quotas.is_empty() {
             return Ok(None);
         }
@@ -541,7 +543,7 @@ impl Attempt<'_> {
                 for c in crossed {
                     tracing::warn!(provider = name, threshold = %c, "quota threshold crossed");
                 }
-                Ok(Some(reservation))
+                Ok(Some(Box::new(reservation)))
             }
             // Our own limits (per day, month or window) are known waits for a known reset,
             // not an outage: they are not bounded by max_wait.
