@@ -79,8 +79,9 @@ pub struct CallRow {
     /// `ok` or `error`; `started` while the call runs (and for good when its worker died
     /// during it); `abandoned` when the worker gave up waiting (attempt timeout, shutdown);
     /// `cached` for an answer the answer cache gave: no call, no tokens, $0, and as list cost
-    /// what the call it reuses cost.
-    pub outcome: String,
+    /// what the call it reuses cost. Each is a constant: not allocated for every call in
+    /// flight.
+    pub outcome: std::borrow::Cow<'static, str>,
     pub error_class: Option<String>,
     pub error: Option<String>,
     pub worker: String,
