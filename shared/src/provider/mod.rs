@@ -756,6 +756,33 @@ pub(crate) fn source_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
 
+    /// The worker keeps the task's envelope for the whole of its call: a request that copied
+    /// the text would hold a long prompt twice.
+    #[test]
+    fn a_call_s_request_borrows_its_task_s_text() {
+        let text = r#"
+providers:
+  - name: p
+    kind: openai_compatible
+    base_url: http://127.0.0.1:1/v1
+    models:
+      - {id: m, input_usd_per_mtok: 1, output_usd_per_mtok: 1}
+"#;
+        let config = crate::config::Config::parse("t.yaml", text, &|_| None).unwrap();
+        let mut env = crate::envelope::Envelope::new("the document. ".repeat(300));
+        env.system = Some("Be brief.".into());
+        env.messages = vec![Message::text(Role::User, "earlier")];
+        env.tools = vec![
+            serde_json::from_value(serde_json::json!({"name": "t", "parameters": {}})).unwrap(),
+        ];
+        let req = Request::of(&env, "m", &config.providers[0]);
+        assert!(matches!(req.prompt, Cow::Borrowed(p) if std::ptr::eq(p, env.prompt.as_str())));
+        let system = env.system.as_deref().unwrap();
+        assert!(matches!(req.system, Some(Cow::Borrowed(s)) if std::ptr::eq(s, system)));
+        assert!(matches!(req.messages, Cow::Borrowed(m) if m.as_ptr() == env.messages.as_ptr()));
+        assert!(matches!(req.tools, Cow::Borrowed(t) if t.as_ptr() == env.tools.as_ptr()));
+    }
+
     #[test]
     fn a_turns_text_cannot_pass_for_another_turn_in_a_transcript() {
         let req = Request {
