@@ -591,7 +591,7 @@ impl Executor {
                     Use::On { .. }
                         if step
                             .as_ref()
-                            .is_some_and(|s| s.constraints != Constraints::default()) => {}
+                            .is_some_and(|s| s.constraints != NO_CONSTRAINTS) => {}
                     Use::On { ttl } => 'cache: {
                         let share = self.config.answer_cache.share_across_tenants;
                         let Some(hash) = answer_cache::request_hash(call_env, share) else {
