@@ -100,15 +100,17 @@ impl<'a> Tally<'a> {
             return;
         };
         let name = &first.provider.name;
-        let share = self.est.providers.entry(name.clone()).or_default();
+        let share = self.est.providers.entry(name.to_string()).or_default();
         share.requests += 1;
         share.tokens += first.estimated_tokens;
         share.cost_usd += first.estimated_usd;
         if first.provider.cost_tier == CostTier::Free {
-            let next = self.next_after.entry(name.clone()).or_default();
+            let next = self.next_after.entry(name.to_string()).or_default();
             for c in plan.candidates.iter().skip(1) {
-                if c.provider.cost_tier != CostTier::Free && !next.contains(&c.provider.name) {
-                    next.push(c.provider.name.clone());
+                if c.provider.cost_tier != CostTier::Free
+                    && !next.iter().any(|n| **n == *c.provider.name)
+                {
+                    next.push(c.provider.name.to_string());
                 }
             }
         }

@@ -160,11 +160,11 @@ pub fn run(cmd: ProvidersCommand, out: &mut dyn Write) -> Result<u8> {
                 .filter(|(_, m)| tier.is_none_or(|t| m.tier == t))
                 .filter(|(_, m)| max_cost.is_none_or(|c| m.prices.input + m.prices.output <= c))
                 .map(|(p, m)| ModelLine {
-                    provider: p.name.clone(),
+                    provider: p.name.to_string(),
                     kind: p.kind.as_str(),
                     enabled: p.enabled,
                     cost_tier: p.cost_tier.as_str(),
-                    model: m.id.clone(),
+                    model: m.id.to_string(),
                     name: m.name.clone(),
                     tier: m.tier.as_str(),
                     capabilities: m.capabilities.iter().map(|c| c.as_str()).collect(),

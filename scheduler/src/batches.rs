@@ -10,6 +10,7 @@
 //! ledger row is keyed by the batch and the task, and settling skips tasks settled before.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
@@ -39,7 +40,7 @@ pub(crate) fn clients(config: &llmq_shared::config::Config) -> HashMap<String, B
         .filter(|p| p.enabled && p.batch.is_some())
         .filter_map(|p| {
             let http = llmq_shared::provider::clients::http_client(p, 4).ok()?;
-            Some((p.name.clone(), BatchClient::new(p, http)?))
+            Some((p.name.to_string(), BatchClient::new(p, http)?))
         })
         .collect()
 }
@@ -405,6 +406,13 @@ impl Scheduler {
             .unwrap_or_else(Utc::now);
         let latency = i32::try_from(now_ms() - record.created_ms).unwrap_or(i32::MAX);
         let delivery = Uuid::parse_str(&record.id).unwrap_or_else(|_| Uuid::new_v4());
+        // Every row of the batch names the same queue, provider, model and scheduler.
+        let (queue, provider, model, worker): (Arc<str>, Arc<str>, Arc<str>, Arc<str>) = (
+            keys.shared_name(),
+            record.provider.as_str().into(),
+            record.model.as_str().into(),
+            self.id().into(),
+        );
         let mut rows = Vec::new();
         let mut settles = Vec::new();
         let mut answered = HashSet::new();
@@ -428,15 +436,16 @@ impl Scheduler {
                 run: env.as_ref().map_or(0, |e| e.replays as i32),
                 attempt: env.as_ref().map_or(1, |e| e.attempts as i32 + 1),
                 call_no: 1,
-                queue: keys.name().to_owned(),
+                queue: Arc::clone(&queue),
                 chain_id: env.as_ref().and_then(|e| e.chain_id.clone()),
                 task_type: env
                     .as_ref()
                     .and_then(|e| e.task_type().ok())
                     .map(|t| t.to_string())
-                    .unwrap_or_default(),
-                provider: record.provider.clone(),
-                model: record.model.clone(),
+                    .unwrap_or_default()
+                    .into(),
+                provider: Arc::clone(&provider),
+                model: Arc::clone(&model),
                 input_tokens: usage.input_tokens as i64,
                 output_tokens: usage.output_tokens as i64,
                 cached_tokens: usage.cached_tokens as i64,
@@ -447,7 +456,7 @@ impl Scheduler {
                 outcome: if error.is_some() { "error" } else { "ok" }.into(),
                 error_class: error.map(|e| e.class.to_string()),
                 error: error.map(ToString::to_string),
-                worker: self.id().to_owned(),
+                worker: Arc::clone(&worker),
                 called_at: created,
                 // At list prices and as if no prompt cache had been read or written, as a
                 // call made at once keeps it.

@@ -37,7 +37,7 @@ impl Scheduler {
             .providers
             .iter()
             .filter(|p| !p.quotas.is_empty())
-            .map(|p| p.name.clone())
+            .map(|p| p.name.to_string())
             .collect();
         // One pipeline per provider: each stays in its provider's slot (Redis Cluster).
         let mut counters: Vec<Option<i64>> = Vec::new();

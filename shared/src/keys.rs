@@ -23,7 +23,8 @@ pub const QUEUES: &str = "llmq:queues";
 /// Key names of one queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QueueKeys {
-    name: String,
+    /// Shared with every ledger row the queue's calls write.
+    name: std::sync::Arc<str>,
     prefix: String,
 }
 
@@ -32,7 +33,7 @@ impl QueueKeys {
     #[must_use]
     pub fn new(name: &str) -> Self {
         Self {
-            name: name.to_owned(),
+            name: name.into(),
             prefix: format!("llmq:{{{name}}}"),
         }
     }
@@ -41,6 +42,12 @@ impl QueueKeys {
     #[must_use]
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The queue's name, to keep without copying it (a ledger row's `queue`).
+    #[must_use]
+    pub fn shared_name(&self) -> std::sync::Arc<str> {
+        std::sync::Arc::clone(&self.name)
     }
 
     /// Ready tasks: a stream read by the group [`GROUP`].

@@ -10,6 +10,7 @@
 //! drops whole months, and the rollups outlive them.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -63,11 +64,11 @@ pub struct CallRow {
     pub run: i32,
     pub attempt: i32,
     pub call_no: i32,
-    pub queue: String,
+    pub queue: Arc<str>,
     pub chain_id: Option<String>,
-    pub task_type: String,
-    pub provider: String,
-    pub model: String,
+    pub task_type: Arc<str>,
+    pub provider: Arc<str>,
+    pub model: Arc<str>,
     pub input_tokens: i64,
     pub output_tokens: i64,
     pub cached_tokens: i64,
@@ -84,7 +85,7 @@ pub struct CallRow {
     pub outcome: std::borrow::Cow<'static, str>,
     pub error_class: Option<String>,
     pub error: Option<String>,
-    pub worker: String,
+    pub worker: Arc<str>,
     /// When the call's row was first written (before any wait for a quota window); part of
     /// the key and the month partition, so it never changes.
     pub called_at: DateTime<Utc>,

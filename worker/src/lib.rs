@@ -423,7 +423,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             clients,
             limiter: llmq_shared::quota::Limiter::new(redis.clone()),
             circuits: llmq_shared::circuit::Circuits::new(redis.clone(), &worker_id),
-            worker_id: worker_id.clone(),
+            worker_id: worker_id.as_str().into(),
             max_payload_bytes: settings.max_payload_bytes,
             retry_base: settings.retry_base,
             retry_max: settings.retry_max,

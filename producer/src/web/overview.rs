@@ -73,7 +73,7 @@ async fn providers(
         .await?;
     let mut rows = String::new();
     for p in &config.providers {
-        let mine: Vec<_> = open.iter().filter(|o| o.provider == p.name).collect();
+        let mine: Vec<_> = open.iter().filter(|o| *o.provider == *p.name).collect();
         let whole = mine.iter().find(|o| o.model.is_none());
         let (state, detail) = match (p.enabled, whole) {
             (false, _) => ("disabled", "disabled in the provider file".to_owned()),

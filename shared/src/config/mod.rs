@@ -307,8 +307,8 @@ impl Config {
             .iter()
             .map(|p| {
                 (
-                    p.name.clone(),
-                    p.models.iter().map(|m| m.id.clone()).collect(),
+                    p.name.to_string(),
+                    p.models.iter().map(|m| m.id.to_string()).collect(),
                 )
             })
             .collect()
@@ -449,14 +449,14 @@ impl Config {
 
     #[must_use]
     pub fn provider(&self, name: &str) -> Option<&ProviderConfig> {
-        self.providers.iter().find(|p| p.name == name)
+        self.providers.iter().find(|p| *p.name == *name)
     }
 
     /// The tier of model `id`, at the first provider that lists it.
     #[must_use]
     pub fn tier_of(&self, id: &str) -> Option<crate::envelope::Tier> {
         let mut models = self.providers.iter().flat_map(|p| &p.models);
-        models.find(|m| m.id == id).map(|m| m.tier)
+        models.find(|m| *m.id == *id).map(|m| m.tier)
     }
 }
 

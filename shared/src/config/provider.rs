@@ -230,7 +230,7 @@ impl Prices {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
-    pub id: String,
+    pub id: std::sync::Arc<str>,
     pub name: String,
     pub capabilities: Vec<Capability>,
     pub tier: Tier,
@@ -388,7 +388,7 @@ pub struct CommandConfig {
 
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
-    pub name: String,
+    pub name: std::sync::Arc<str>,
     pub kind: Kind,
     pub enabled: bool,
     pub base_url: String,
@@ -433,7 +433,7 @@ pub const MAX_BATCH_REQUESTS: usize = 10_000;
 impl ProviderConfig {
     #[must_use]
     pub fn model(&self, id: &str) -> Option<&Model> {
-        self.models.iter().find(|m| m.id == id)
+        self.models.iter().find(|m| *m.id == *id)
     }
 }
 
@@ -452,7 +452,7 @@ pub(super) fn provider(
             "use a short name without spaces or slashes, such as `openai`",
         ));
     }
-    if earlier.iter().any(|q| q.name == p.name) {
+    if earlier.iter().any(|q| *q.name == *p.name) {
         return Err(errs.at(
             at("name"),
             format!("provider `{}` is listed twice", p.name),
@@ -628,7 +628,7 @@ pub(super) fn provider(
                 "set id to the model name the provider expects",
             ));
         }
-        if models.iter().any(|x| x.id == m.id) {
+        if models.iter().any(|x| *x.id == *m.id) {
             return Err(errs.at(
                 at("id"),
                 format!("model `{}` is listed twice", m.id),
@@ -713,7 +713,7 @@ pub(super) fn provider(
         }
         models.push(Model {
             name: m.name.unwrap_or_else(|| m.id.clone()),
-            id: m.id,
+            id: m.id.into(),
             capabilities: m.capabilities,
             tier: m.tier,
             context_window: window,
@@ -775,7 +775,7 @@ pub(super) fn provider(
         }
     };
     Ok(ProviderConfig {
-        name: p.name,
+        name: p.name.into(),
         kind: p.kind,
         enabled: p.enabled,
         base_url,

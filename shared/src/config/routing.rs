@@ -221,7 +221,7 @@ pub(super) fn routing(
         ));
     }
     for (i, name) in r.fallback.iter().enumerate() {
-        if !providers.iter().any(|p| &p.name == name) {
+        if !providers.iter().any(|p| *p.name == **name) {
             return Err(errs.at(
                 format!("routing.fallback[{i}]"),
                 format!("no provider is named `{name}`"),
@@ -256,7 +256,7 @@ pub(super) fn routing(
                 };
                 let known = providers
                     .iter()
-                    .find(|x| x.name == p)
+                    .find(|x| *x.name == *p)
                     .is_some_and(|x| x.model(model).is_some());
                 if !known {
                     return Err(errs.at(

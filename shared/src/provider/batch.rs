@@ -88,7 +88,7 @@ impl BatchClient {
             Kind::Ollama | Kind::Command => return None,
         };
         Some(Self {
-            name: p.name.clone(),
+            name: p.name.to_string(),
             kind: p.kind,
             base,
             api_key: p.api_key.clone(),

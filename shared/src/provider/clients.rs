@@ -49,12 +49,12 @@ impl Clients {
                         .map(|_| http_client(p, each).map(|http| build(p, &http)))
                         .collect::<Result<Vec<_>, _>>()?;
                     Arc::new(Spread {
-                        name: p.name.clone(),
+                        name: p.name.to_string(),
                         providers: spread,
                         next: AtomicUsize::new(0),
                     })
                 };
-            clients.insert(p.name.clone(), provider);
+            clients.insert(p.name.to_string(), provider);
         }
         Ok(Self(clients))
     }
@@ -149,7 +149,7 @@ pub fn build(p: &ProviderConfig, http: &reqwest::Client) -> Arc<dyn Provider> {
 /// A command provider's command; the provider's name when the file gives none.
 fn command_of(p: &ProviderConfig) -> CommandConfig {
     p.command.clone().unwrap_or_else(|| CommandConfig {
-        program: p.name.clone(),
+        program: p.name.to_string(),
         args: Vec::new(),
         prompt_via_stdin: true,
         value_options: Vec::new(),
@@ -171,7 +171,7 @@ pub struct Readiness {
 /// Asks provider `p` whether it answers, the way its kind answers. Costs no tokens.
 pub async fn probe(p: &ProviderConfig, http: &reqwest::Client) -> Readiness {
     let status = |ready: bool, detail: String| Readiness {
-        name: p.name.clone(),
+        name: p.name.to_string(),
         enabled: p.enabled,
         ready,
         detail,

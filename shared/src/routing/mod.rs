@@ -78,8 +78,8 @@ pub struct Constraints {
 
 impl Constraints {
     fn allows(&self, p: &ProviderConfig, m: &Model) -> bool {
-        !self.exclude_providers.contains(&p.name)
-            && !self.exclude_models.contains(&m.id)
+        !self.exclude_providers.iter().any(|x| **x == *p.name)
+            && !self.exclude_models.iter().any(|x| **x == *m.id)
             && self.min_tier.is_none_or(|t| m.tier >= t)
     }
 }
@@ -295,7 +295,7 @@ pub fn plan<'a>(
     }
     // 2. A rule naming a model.
     if let Some(RuleTarget::Model { provider, model }) = rule.map(|r| &r.target)
-        && let Some(p) = enabled().find(|p| p.name == *provider)
+        && let Some(p) = enabled().find(|p| *p.name == **provider)
         && let Some(m) = p.model(model)
         && let Some(c) = candidate(p, m)
     {
@@ -414,7 +414,7 @@ pub fn plan<'a>(
     plan.extend(capable.into_iter().map(|(c, _)| c));
     // 4. Fallback providers.
     for name in &routing.fallback {
-        if let Some(p) = enabled().find(|p| p.name == *name)
+        if let Some(p) = enabled().find(|p| *p.name == **name)
             && let Some(c) = p
                 .models
                 .iter()
@@ -466,7 +466,7 @@ pub fn plan<'a>(
     // the task names none; nothing else.
     if task.fallback == Some(false) {
         if let Some(named) = &task.provider {
-            plan.retain(|c| &c.provider.name == named);
+            plan.retain(|c| *c.provider.name == **named);
             if plan.is_empty() {
                 return Err(RouteError(match floor {
                     Some(t)
@@ -570,7 +570,7 @@ fn hinted<'a>(
                     config
                         .providers
                         .iter()
-                        .map(|p| p.name.as_str())
+                        .map(|p| &*p.name)
                         .collect::<Vec<_>>()
                         .join(", ")
                 ))
@@ -639,7 +639,7 @@ fn find_model<'a>(p: &'a ProviderConfig, id: &str) -> Result<&'a Model, RouteErr
             p.name,
             p.models
                 .iter()
-                .map(|m| m.id.as_str())
+                .map(|m| &*m.id)
                 .collect::<Vec<_>>()
                 .join(", ")
         ))

@@ -166,7 +166,7 @@ async fn the_example_files_cli_entries_take_the_prompt_on_stdin() {
         }
     }
     assert_eq!(
-        seen.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        seen.iter().map(|(n, _)| &**n).collect::<Vec<_>>(),
         ["claude-cli", "gemini-cli", "codex-cli"]
     );
     for (name, model) in &seen {
@@ -177,7 +177,7 @@ async fn the_example_files_cli_entries_take_the_prompt_on_stdin() {
             assert_eq!(v["settings"], Value::Null, "{name}: {v}");
             assert_eq!(v["prompt"], Value::Null, "{name}: {v}");
             assert_eq!(v["model"], json!(model), "{name}: {v}");
-            let words = if name == "codex-cli" {
+            let words = if &**name == "codex-cli" {
                 json!(["exec", "-"])
             } else {
                 json!([])

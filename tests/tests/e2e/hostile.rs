@@ -147,7 +147,7 @@ async fn a_ledger_batch_with_one_bad_row_writes_the_others() {
         run: 0,
         attempt: 1,
         call_no: 1,
-        queue: env.queue.clone(),
+        queue: env.queue.as_str().into(),
         chain_id: Some("ch\0ain".into()),
         task_type: "data_analysis".into(),
         provider: "p".into(),
@@ -170,7 +170,7 @@ async fn a_ledger_batch_with_one_bad_row_writes_the_others() {
     let calls = vec![row(0.5, "a\0b"), row(1e12, "too dear"), row(0.25, "fine")];
     let task = TaskRow {
         task_id: calls[0].task_id,
-        queue: env.queue.clone(),
+        queue: env.queue.as_str().into(),
         chain_id: None,
         task_type: "data_analysis".into(),
         status: "dead".into(),

@@ -32,7 +32,7 @@ fn history(
             let call = CallRow {
                 task_id,
                 delivery: uuid::Uuid::new_v4(),
-                queue: env.queue.clone(),
+                queue: env.queue.as_str().into(),
                 task_type: "code_generation".into(),
                 provider: "mock".into(),
                 model: model.into(),
@@ -45,7 +45,7 @@ fn history(
             };
             let task = TaskRow {
                 task_id,
-                queue: env.queue.clone(),
+                queue: env.queue.as_str().into(),
                 task_type: "code_generation".into(),
                 status: if failed.is_some() {
                     "dead"
@@ -271,7 +271,7 @@ async fn insights_report_what_the_ledger_holds() {
     let (url, ledger) = env.own_ledger().await;
     let row = |model: &str, ty: &str, ok: bool, class: Option<&str>, cost: f64| TaskRow {
         task_id: uuid::Uuid::new_v4(),
-        queue: env.queue.clone(),
+        queue: env.queue.as_str().into(),
         task_type: ty.into(),
         status: if ok { "succeeded" } else { "dead" }.into(),
         attempts: 1,
@@ -487,7 +487,7 @@ async fn insights_report_what_the_ledger_holds() {
         .map(|i| llmq_shared::ledger::CallRow {
             task_id: uuid::Uuid::new_v4(),
             delivery: uuid::Uuid::new_v4(),
-            queue: env.queue.clone(),
+            queue: env.queue.as_str().into(),
             task_type: "data_analysis".into(),
             provider: "mock".into(),
             model: if i < 20 { "cheap" } else { "premium" }.into(),

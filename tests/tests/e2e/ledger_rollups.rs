@@ -77,13 +77,13 @@ fn task(rng: &mut SeededRng, c: &CallRow) -> TaskRow {
     let status = pick(rng, &["succeeded", "succeeded", "dead", "failed"]);
     TaskRow {
         task_id: c.task_id,
-        queue: c.queue.clone(),
+        queue: c.queue.to_string(),
         chain_id: c.chain_id.clone(),
-        task_type: c.task_type.clone(),
+        task_type: c.task_type.to_string(),
         status: status.into(),
         attempts: 1 + rng.below(3) as i32,
-        provider: (rng.below(5) > 0).then(|| c.provider.clone()),
-        model: Some(c.model.clone()),
+        provider: (rng.below(5) > 0).then(|| c.provider.to_string()),
+        model: Some(c.model.to_string()),
         cost_usd: rng.below(100_000) as f64 / 1e7,
         error_class: (status != "succeeded")
             .then(|| pick(rng, &["fatal", "retryable", "quota"]).into()),

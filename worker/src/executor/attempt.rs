@@ -8,6 +8,7 @@
 
 use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -184,7 +185,7 @@ pub(super) struct Attempt<'a> {
     pub queue: &'a QueueKeys,
     /// The stream entry whose claim this worker must still hold when a call starts.
     pub entry_id: &'a str,
-    pub task_type: &'a str,
+    pub task_type: &'a Arc<str>,
     pub number: u32,
     /// Every call made, for the ledger; kept by the caller so a timeout loses none.
     pub calls: &'a mut Vec<CallRow>,
@@ -211,7 +212,7 @@ impl Attempt<'_> {
         let mut later: Vec<(DateTime<Utc>, ErrorClass, String)> = Vec::new();
         let mut moved_on: Option<String> = None;
         for cand in &plan.candidates {
-            let name = cand.provider.name.as_str();
+            let name = &*cand.provider.name;
             if asked.iter().any(|n| n == name) {
                 // A provider that failed or refused is not asked again for another model.
                 continue;
@@ -288,8 +289,8 @@ impl Attempt<'_> {
         last: &mut Option<(&'p str, &'p str)>,
     ) -> Stop {
         let exec = self.exec;
-        let name = cand.provider.name.as_str();
-        let model = cand.model.id.as_str();
+        let name = &*cand.provider.name;
+        let model = &*cand.model.id;
         // Boxed, and only when Redis must be asked: the hot path allocates nothing.
         let probe = match if exec.circuits.admitted(name, model) {
             Ok(Admission::Call { probe: false })
@@ -382,8 +383,8 @@ impl Attempt<'_> {
         let exec = self.exec;
         let routing = &exec.config.routing;
         let retry = &routing.retry;
-        let name = cand.provider.name.as_str();
-        let model = cand.model.id.as_str();
+        let name = &*cand.provider.name;
+        let model = &*cand.model.id;
         errors.push(e.to_string());
         let opened = match e.scope() {
             Some(scope) => Box::pin(exec.circuits.failed(
@@ -459,7 +460,7 @@ impl Attempt<'_> {
 
     /// The wait another worker was asked for this model, as the 429 it stands for.
     async fn held(&self, cand: &Candidate<'_>) -> Option<provider::Error> {
-        let (name, model) = (cand.provider.name.as_str(), cand.model.id.as_str());
+        let (name, model) = (&*cand.provider.name, &*cand.model.id);
         // Not boxed: its fast path allocates nothing, and it boxes its slow path itself.
         match self.exec.circuits.held(name, model).await {
             Ok(Some(hold)) => {
@@ -498,7 +499,7 @@ impl Attempt<'_> {
             .await
         {
             tracing::warn!(
-                provider = cand.provider.name,
+                provider = &*cand.provider.name,
                 "cannot tell the fleet to wait: {err}"
             );
         }
@@ -522,7 +523,7 @@ impl Attempt<'_> {
         if cand.provider.quotas.is_empty() {
             return Ok(None);
         }
-        let name = cand.provider.name.as_str();
+        let name = &*cand.provider.name;
         match self
             .exec
             .limiter
@@ -592,7 +593,7 @@ impl Attempt<'_> {
     ) -> provider::Result<Completion> {
         let exec = self.exec;
         let env = self.env;
-        let name = cand.provider.name.as_str();
+        let name = &*cand.provider.name;
         // A streamed answer goes to the task's live answer as it arrives, through a task of
         // its own that the call never waits on.
         let (sink, forwarder) = if env.streams() {
@@ -622,11 +623,11 @@ impl Attempt<'_> {
             run: env.replays as i32,
             attempt: self.number as i32,
             call_no: row as i32 + 1,
-            queue: self.queue.name().to_owned(),
+            queue: self.queue.shared_name(),
             chain_id: env.chain_id.clone(),
-            task_type: self.task_type.to_owned(),
-            provider: name.to_owned(),
-            model: cand.model.id.clone(),
+            task_type: Arc::clone(self.task_type),
+            provider: Arc::clone(&cand.provider.name),
+            model: Arc::clone(&cand.model.id),
             input_tokens: 0,
             output_tokens: 0,
             cached_tokens: 0,
@@ -637,7 +638,7 @@ impl Attempt<'_> {
             outcome: STARTED.into(),
             error_class: None,
             error: None,
-            worker: exec.worker_id.clone(),
+            worker: Arc::clone(&exec.worker_id),
             called_at: Utc::now(),
             list_cost_usd: None,
         }]);
@@ -723,7 +724,7 @@ impl Attempt<'_> {
     ) -> provider::Result<Completion> {
         let exec = self.exec;
         let env = self.env;
-        let name = cand.provider.name.as_str();
+        let name = &*cand.provider.name;
         if let Err(e) = &result {
             self.hold_fleet(cand, e).await;
         }

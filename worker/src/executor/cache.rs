@@ -4,6 +4,8 @@
 //! after the call. The rules are `llmq_shared::answer_cache`; the Redis side is
 //! `llmq_shared::queue::answers`.
 
+use std::sync::Arc;
+
 use chrono::Utc;
 use llmq_shared::answer_cache::CachedAnswer;
 use llmq_shared::answer_cache::warm_prefix;
@@ -192,9 +194,10 @@ pub const WARM_FOR: std::time::Duration = std::time::Duration::from_secs(240);
 /// Moves the candidate `provider/model` (a warm cache) to the front of `plan`, when it is in
 /// it: routing does not scatter calls sharing a warm prefix for a cent.
 pub(super) fn pin(plan: &mut Plan<'_>, warm: &str) {
-    let at = plan.candidates.iter().position(|c| {
-        warm.split_once('/') == Some((c.provider.name.as_str(), c.model.id.as_str()))
-    });
+    let at = plan
+        .candidates
+        .iter()
+        .position(|c| warm.split_once('/') == Some((&*c.provider.name, &*c.model.id)));
     if let Some(i) = at {
         plan.candidates[..=i].rotate_right(1);
     }
@@ -216,8 +219,8 @@ pub(super) fn hit(
     answer: &CachedAnswer,
     queue: &QueueKeys,
     env: &Envelope,
-    task_type: &str,
-    worker: &str,
+    task_type: &Arc<str>,
+    worker: &Arc<str>,
 ) -> (Tried, CallRow) {
     let row = CallRow {
         task_id: env.id.unwrap_or_default(),
@@ -225,13 +228,13 @@ pub(super) fn hit(
         run: i32::try_from(env.replays).unwrap_or(i32::MAX),
         attempt: i32::try_from(env.attempts + 1).unwrap_or(i32::MAX),
         call_no: 1,
-        queue: queue.name().to_owned(),
+        queue: queue.shared_name(),
         chain_id: env.chain_id.clone(),
-        task_type: task_type.to_owned(),
-        provider: answer.provider.clone(),
-        model: answer.model.clone(),
+        task_type: Arc::clone(task_type),
+        provider: answer.provider.as_str().into(),
+        model: answer.model.as_str().into(),
         outcome: CACHED.into(),
-        worker: worker.to_owned(),
+        worker: Arc::clone(worker),
         called_at: Utc::now(),
         list_cost_usd: Some(answer.list_cost_usd),
         // No tokens, $0.

@@ -49,14 +49,14 @@ impl CallMetrics {
         let models = |p: &llmq_shared::config::ProviderConfig| {
             p.models
                 .iter()
-                .map(|m| (m.id.clone(), OnceLock::new()))
+                .map(|m| (m.id.to_string(), OnceLock::new()))
                 .collect()
         };
         Self(
             config
                 .providers
                 .iter()
-                .map(|p| (p.name.clone(), models(p)))
+                .map(|p| (p.name.to_string(), models(p)))
                 .collect(),
         )
     }

@@ -65,7 +65,7 @@ pub struct Executor {
     pub clients: Clients,
     pub limiter: Limiter,
     pub circuits: Circuits,
-    pub worker_id: String,
+    pub worker_id: Arc<str>,
     pub max_payload_bytes: usize,
     pub retry_base: Duration,
     pub retry_max: Duration,
@@ -470,7 +470,11 @@ impl Executor {
                 }
             }
 
-            let task_type = env.task_type().map(|t| t.to_string()).unwrap_or_default();
+            let task_type: Arc<str> = env
+                .task_type()
+                .map(|t| t.to_string())
+                .unwrap_or_default()
+                .into();
 
             // A chain step: its handoffs, candidates and constraints.
             // Futures that run briefly are boxed here and below: an async fn's state is as large
