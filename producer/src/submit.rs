@@ -32,15 +32,15 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         ));
     }
     let mut env = Envelope::new(prompt);
-    env.system = args.system;
-    env.task_type = Some(args.task_type.to_string());
-    env.provider = args.platform;
-    env.model = args.model;
-    env.chain_id = args.chain_id;
+    env.system = args.system.map(Into::into);
+    env.task_type = Some(args.task_type.to_string().into());
+    env.provider = args.platform.map(Into::into);
+    env.model = args.model.map(Into::into);
+    env.chain_id = args.chain_id.map(Into::into);
     llmq_shared::envelope::check_class(args.priority, args.tenant.as_deref())
         .map_err(|e| Error::Usage(e.to_string()))?;
     env.priority = args.priority;
-    env.tenant = args.tenant;
+    env.tenant = args.tenant.map(Into::into);
     if args.no_fallback {
         env.fallback = Some(false);
     }
@@ -60,8 +60,8 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     } else if args.no_cache {
         env.cache = Some(Box::new(CacheAsk::Use(false)));
     }
-    env.idempotency_key = args.idempotency_key;
-    env.idempotency_window = args.idempotency_window;
+    env.idempotency_key = args.idempotency_key.map(Into::into);
+    env.idempotency_window = args.idempotency_window.map(Into::into);
     if env.cache.is_some() || env.idempotency_key.is_some() {
         // Refused here, in the worker's words, rather than as a dead letter.
         Envelope::parse(env.to_json().as_bytes(), usize::MAX)
@@ -79,7 +79,7 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         llmq.task.id = %id,
         llmq.queue = %args.queue,
     );
-    env.traceparent = llmq_shared::telemetry::traceparent(&span);
+    env.traceparent = llmq_shared::telemetry::traceparent(&span).map(Into::into);
     let keys = QueueKeys::new(&args.queue);
     redis.ensure_group(&keys).await?;
     redis.enqueue(&keys, &env).await?;
@@ -634,34 +634,38 @@ impl Shaper<'_> {
         ));
         env.idempotency_key = Some(
             t.idempotency_key
-                .unwrap_or_else(|| format!("{}:{custom}", self.batch_id)),
+                .unwrap_or_else(|| format!("{}:{custom}", self.batch_id))
+                .into(),
         );
-        env.idempotency_window = t.idempotency_window;
-        env.batch_id = Some(self.batch_id.clone());
-        env.task_type = t.task_type;
+        env.idempotency_window = t.idempotency_window.map(Into::into);
+        env.batch_id = Some(self.batch_id.as_str().into());
+        env.task_type = t.task_type.map(Into::into);
         // --route: routing chooses, whatever model the line names.
         if !args.route {
-            env.provider = t.platform;
-            env.model = t.model;
+            env.provider = t.platform.map(Into::into);
+            env.model = t.model.map(Into::into);
         }
         env.timeout = t.timeout;
         env.metadata = t.metadata.map(Box::new);
-        env.system = t.system;
-        env.chain_id = t.chain_id;
+        env.system = t.system.map(Into::into);
+        env.chain_id = t.chain_id.map(Into::into);
         env.max_attempts = t.max_attempts;
         env.max_tokens = t.max_tokens;
         env.temperature = t.temperature;
         env.enqueued_at = Some(Utc::now());
-        env.concurrency_key.clone_from(&self.parallel_key);
+        env.concurrency_key = self.parallel_key.as_deref().map(Into::into);
         env.concurrency_limit = args.parallel;
         env.messages = t.messages;
         env.tools = t.tools;
         env.tool_choice = t.tool_choice.map(Box::new);
         env.response_format = t.response_format.map(Box::new);
-        env.deadline = t.deadline.or_else(|| args.provider_batch.clone());
+        env.deadline = t
+            .deadline
+            .or_else(|| args.provider_batch.clone())
+            .map(Into::into);
         env.fallback = self.fallback;
         env.priority = t.priority.or(args.priority);
-        env.tenant = t.tenant.or_else(|| args.tenant.clone());
+        env.tenant = t.tenant.or_else(|| args.tenant.clone()).map(Into::into);
         // Refused here, as a worker would refuse it, rather than becoming a dead letter.
         if check {
             Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())

@@ -437,7 +437,9 @@ impl Scheduler {
                 attempt: env.as_ref().map_or(1, |e| e.attempts as i32 + 1),
                 call_no: 1,
                 queue: Arc::clone(&queue),
-                chain_id: env.as_ref().and_then(|e| e.chain_id.clone()),
+                chain_id: env
+                    .as_ref()
+                    .and_then(|e| e.chain_id.as_deref().map(Into::into)),
                 task_type: env
                     .as_ref()
                     .and_then(|e| e.task_type().ok())

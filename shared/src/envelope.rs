@@ -273,7 +273,7 @@ pub struct Envelope {
     #[serde(default)]
     pub prompt: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub system: Option<String>,
+    pub system: Option<Box<str>>,
     /// Earlier turns of a conversation (`docs/wire-format.md`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub messages: Vec<Message>,
@@ -300,20 +300,20 @@ pub struct Envelope {
     /// How long the task can wait for its answer (e.g. `"24h"`), from when it was enqueued:
     /// set, it may go through a provider's batch API at the batch price.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub deadline: Option<String>,
+    pub deadline: Option<Box<str>>,
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
-    pub task_type: Option<String>,
+    pub task_type: Option<Box<str>>,
     /// Provider hint (`--platform`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<String>,
+    pub provider: Option<Box<str>>,
     /// Model hint.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub model: Option<String>,
+    pub model: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub chain_id: Option<String>,
+    pub chain_id: Option<Box<str>>,
     /// The step of chain `chain_id` this task runs. Set by the chain's expansion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<String>,
+    pub step: Option<Box<str>>,
     /// No model below this tier: set by a chain step's escalation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_tier: Option<Tier>,
@@ -322,7 +322,7 @@ pub struct Envelope {
     pub risk: Option<Risk>,
     /// The part of the system the task touches (e.g. `billing`), for routing rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub area: Option<String>,
+    pub area: Option<Box<str>>,
     /// Per-attempt timeout in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
@@ -335,15 +335,15 @@ pub struct Envelope {
     /// while the first waits or runs, or within `idempotency_window` after it succeeded, is
     /// answered with its answer (`crate::idempotency`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_key: Option<String>,
+    pub idempotency_key: Option<Box<str>>,
     /// How long after the first task with the key succeeded a copy is still answered with
     /// its answer (e.g. `"24h"`); unset: the queue's, from the provider file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub idempotency_window: Option<String>,
+    pub idempotency_window: Option<Box<str>>,
     /// The batch the task came in (`llmq batch`'s id): the ledger keeps it with the task, so
     /// `llmq costs --batch` reports one batch. 1 to 128 letters, digits, `-`, `_`, `.`, `:`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_id: Option<String>,
+    pub batch_id: Option<Box<str>>,
     /// How urgent the task is: 0 (the default, most urgent) to [`MAX_PRIORITY`] (least). A
     /// ready task of a lower number is taken before any of a higher one, fleet-wide; a task
     /// with neither `priority` nor `tenant` is served first, straight from the stream.
@@ -352,7 +352,7 @@ pub struct Envelope {
     /// Whose work it is (a customer, a team): within a priority, tenants with ready tasks
     /// are served in turn, so one tenant's backlog delays another's tasks by a few tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
+    pub tenant: Option<Box<str>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,7 +365,7 @@ pub struct Envelope {
     /// Tasks with the same key run at most `concurrency_limit` at once across every worker;
     /// the others wait, without using attempts, for a slot. Both or neither.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub concurrency_key: Option<String>,
+    pub concurrency_key: Option<Box<str>>,
     /// How many tasks of `concurrency_key` may run at once (at least 1). Each task is
     /// admitted under its own limit; a freed slot goes to the oldest waiting task of the key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -377,7 +377,7 @@ pub struct Envelope {
     /// The producer's W3C trace context (`00-<trace id>-<span id>-<flags>`): the worker's
     /// spans for this task join that trace. A malformed value is ignored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
+    pub traceparent: Option<Box<str>>,
     /// Attempts already used up. Set by workers; producers leave it out.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub attempts: u32,
@@ -395,7 +395,7 @@ pub struct Envelope {
     pub replays: u32,
     /// The error of the last failed attempt. Set by workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
+    pub last_error: Option<Box<str>>,
     /// Fields this version does not know, kept as they came.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
@@ -794,17 +794,17 @@ impl Envelope {
         // NUL cannot be stored (Postgres) nor passed to a program (argv): refused where it
         // enters, so nothing downstream meets it. `last_error` is the worker's own.
         let texts = [
-            ("prompt", Some(&self.prompt)),
-            ("system", self.system.as_ref()),
-            ("type", self.task_type.as_ref()),
-            ("provider", self.provider.as_ref()),
-            ("model", self.model.as_ref()),
-            ("chain_id", self.chain_id.as_ref()),
-            ("step", self.step.as_ref()),
-            ("area", self.area.as_ref()),
-            ("idempotency_key", self.idempotency_key.as_ref()),
-            ("concurrency_key", self.concurrency_key.as_ref()),
-            ("traceparent", self.traceparent.as_ref()),
+            ("prompt", Some(self.prompt.as_str())),
+            ("system", self.system.as_deref()),
+            ("type", self.task_type.as_deref()),
+            ("provider", self.provider.as_deref()),
+            ("model", self.model.as_deref()),
+            ("chain_id", self.chain_id.as_deref()),
+            ("step", self.step.as_deref()),
+            ("area", self.area.as_deref()),
+            ("idempotency_key", self.idempotency_key.as_deref()),
+            ("concurrency_key", self.concurrency_key.as_deref()),
+            ("traceparent", self.traceparent.as_deref()),
         ];
         if let Some((field, _)) = texts
             .iter()
@@ -815,7 +815,7 @@ impl Envelope {
                 message: "contains a NUL character (\\u0000), which cannot be stored or passed on; remove it".into(),
             });
         }
-        let key = self.concurrency_key.clone().map(Value::String);
+        let key = self.concurrency_key.as_deref().map(Value::from);
         let limit = self.concurrency_limit.map(Value::from);
         check_concurrency(key.as_ref(), limit.as_ref())?;
         self.task_type()?;

@@ -784,17 +784,17 @@ fn step(
     let f = merged(&spec.defaults, &s.fields);
     let mut task = Envelope::new(prompt.clone());
     task.id = Some(step_task_id(chain_id, &s.name, 0));
-    task.chain_id = Some(chain_id.to_owned());
-    task.step = Some(s.name.clone());
+    task.chain_id = Some(chain_id.into());
+    task.step = Some(s.name.as_str().into());
     if let Some(t) = &f.task_type {
         t.parse::<TaskType>().map_err(|e| at(e.to_string()))?;
     }
-    task.task_type = f.task_type;
+    task.task_type = f.task_type.map(Into::into);
     task.risk = f.risk;
-    task.area = f.area;
-    task.provider = f.provider;
-    task.model = f.model;
-    task.system = f.system;
+    task.area = f.area.map(Into::into);
+    task.provider = f.provider.map(Into::into);
+    task.model = f.model.map(Into::into);
+    task.system = f.system.map(Into::into);
     task.max_tokens = f.max_tokens;
     task.temperature = f.temperature;
     task.max_attempts = f.max_attempts;
@@ -804,14 +804,14 @@ fn step(
     task.stream = f.stream;
     task.prompt_cache = f.prompt_cache;
     task.priority = spec.priority;
-    task.tenant.clone_from(&spec.tenant);
+    task.tenant = spec.tenant.as_deref().map(Into::into);
     if let Some(n) = spec.max_parallel {
         if n == 0 {
             return Err(err(
                 "`max_parallel` must be at least 1: how many of the chain's steps may run at once",
             ));
         }
-        task.concurrency_key = Some(chain_key(chain_id));
+        task.concurrency_key = Some(chain_key(chain_id).into());
         task.concurrency_limit = Some(n);
     }
     task.timeout = match &f.timeout {

@@ -316,7 +316,7 @@ pub fn replayed_task(dead: &DeadLetter, provider: Option<&str>) -> String {
                 env.id = uuid::Uuid::parse_str(&dead.task_id).ok();
             }
             if let Some(p) = provider {
-                env.provider = Some(p.to_owned());
+                env.provider = Some(p.into());
             }
             env.to_json()
         }

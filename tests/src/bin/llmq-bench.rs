@@ -776,7 +776,7 @@ async fn prompt_cache(args: &Args) -> Result<String> {
         client.ensure_group(&keys).await?;
         let envs: Vec<Envelope> = (0..tasks)
             .map(|i| Envelope {
-                system: Some(instructions.clone()),
+                system: Some(instructions.clone().into()),
                 ..Envelope::new(format!("Document {i}: the quarterly numbers are in."))
             })
             .collect();
@@ -964,7 +964,7 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
         client.ensure_group(&keys).await?;
         let envs: Vec<Envelope> = (0..COPIES)
             .map(|i| Envelope {
-                idempotency_key: Some(format!("refund-{}", i % KEYS)),
+                idempotency_key: Some(format!("refund-{}", i % KEYS).into()),
                 ..Envelope::new(format!("Refund order {}", i % KEYS))
             })
             .collect();
@@ -1228,9 +1228,9 @@ async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
             let mut e = Envelope::new(format!("tell the story of river number {i} in a few words"));
             e.stream = stream.then_some(true);
             e.model = Some(if stream {
-                format!("stream-gap-{GAP_MS}")
+                format!("stream-gap-{GAP_MS}").into()
             } else {
-                format!("slow-{}", 3 * GAP_MS)
+                format!("slow-{}", 3 * GAP_MS).into()
             });
             e
         };
@@ -1362,7 +1362,7 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             let chunk: Vec<Envelope> = (0..tasks)
                 .map(|i| {
                     let mut e = Envelope::new(format!("classify ticket number {i}"));
-                    e.deadline = deadline.map(str::to_owned);
+                    e.deadline = deadline.map(Into::into);
                     e
                 })
                 .collect();
@@ -2261,7 +2261,7 @@ async fn fair_share_run(
                 .map(|i| {
                     let mut e = Envelope::new(format!("tenant {tenant} task {i}"));
                     e.model = Some("mock-fast".into());
-                    e.tenant = on.then(|| format!("tenant-{tenant}"));
+                    e.tenant = on.then(|| format!("tenant-{tenant}")).map(Into::into);
                     e
                 })
                 .collect();
@@ -2597,17 +2597,17 @@ impl Shape {
         match self {
             Shape::Plain => {}
             Shape::Keyed(limit) => {
-                e.concurrency_key = Some("bench".to_owned());
+                e.concurrency_key = Some("bench".into());
                 e.concurrency_limit = Some(limit);
             }
             Shape::Classed => {
                 e.priority = Some(1 + (i % 3) as i64);
-                e.tenant = Some(format!("tenant-{}", i % 100));
+                e.tenant = Some(format!("tenant-{}", i % 100).into());
             }
-            Shape::Idempotent => e.idempotency_key = Some(format!("order-{i}")),
+            Shape::Idempotent => e.idempotency_key = Some(format!("order-{i}").into()),
             Shape::Batch => {
-                e.idempotency_key = Some(format!("bench:line-{i}"));
-                e.batch_id = Some("bench".to_owned());
+                e.idempotency_key = Some(format!("bench:line-{i}").into());
+                e.batch_id = Some("bench".into());
             }
             Shape::Prompt(bytes) => {
                 while e.prompt.len() < bytes {

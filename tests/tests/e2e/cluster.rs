@@ -57,7 +57,7 @@ async fn tasks_and_dead_letters_on_three_queues_on_three_nodes() {
             // Some wait their turn in the queue's room, whose keys the scripts name.
             if i % 2 == 1 {
                 e.priority = Some(i % 4);
-                e.tenant = Some(format!("tenant-{}", i % 3));
+                e.tenant = Some(format!("tenant-{}", i % 3).into());
             }
             redis.enqueue(&keys, &e).await.unwrap();
             ids.push((keys.clone(), e.id.unwrap().to_string()));

@@ -47,8 +47,8 @@ fn worker(env: &TestEnv, config: Config) -> WorkerHandle {
 
 fn pinned(prompt: String, provider: &str, model: &str) -> Envelope {
     let mut e = Envelope::new(prompt);
-    e.provider = Some(provider.to_owned());
-    e.model = Some(model.to_owned());
+    e.provider = Some(provider.into());
+    e.model = Some(model.into());
     e
 }
 

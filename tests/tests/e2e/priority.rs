@@ -96,7 +96,7 @@ async fn slow_classed(
         let mut e = Envelope::new(format!("slow {i}"));
         e.model = Some(model.into());
         e.priority = Some(priority);
-        e.tenant = Some(tenant(i));
+        e.tenant = Some(tenant(i).into());
         ids.push(e.id.unwrap().to_string());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
@@ -139,7 +139,7 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
             let mut e = Envelope::new(format!("task {i}"));
             e.model = Some("mock-fast".into());
             e.priority = p;
-            e.tenant.clone_from(&t);
+            e.tenant = t.as_deref().map(Into::into);
             // As llmq submit does (a classed task straight into the room), or as a producer
             // in another language does (one XADD; the worker sorts it in).
             let by_client = rng.below(2) == 0;
@@ -223,7 +223,7 @@ async fn several_workers_drain_the_room_and_lose_nothing() {
         let mut e = Envelope::new(format!("task {i}"));
         e.model = Some("mock-fast".into());
         e.priority = Some(i % 3);
-        e.tenant = Some(format!("tenant-{}", i % 7));
+        e.tenant = Some(format!("tenant-{}", i % 7).into());
         ids.push(e.id.unwrap().to_string());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
@@ -437,7 +437,7 @@ async fn classed_tasks_under_a_concurrency_key_each_run_once() {
         let mut e = Envelope::new(format!("keyed {i}"));
         e.model = Some("mock-fast".into());
         e.priority = Some(1 + i % 2);
-        e.tenant = Some(format!("t{}", i % 3));
+        e.tenant = Some(format!("t{}", i % 3).into());
         e.concurrency_key = Some("one-at-a-time".into());
         e.concurrency_limit = Some(1);
         ids.push(e.id.unwrap().to_string());
@@ -563,7 +563,7 @@ async fn sigkilled_workers_lose_no_classed_task_and_the_room_drains() {
         let mut e = Envelope::new(format!("classed {i}"));
         e.model = Some("slow-300".into());
         e.priority = Some(i % 3);
-        e.tenant = Some(format!("t{}", i % 4));
+        e.tenant = Some(format!("t{}", i % 4).into());
         ids.push(e.id.unwrap().to_string());
         // Half put into the room by the client, half sorted in by a worker.
         if i % 2 == 0 {

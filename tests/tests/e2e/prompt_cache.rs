@@ -45,7 +45,7 @@ async fn a_shared_system_prompt_is_written_once_then_read_and_the_ledger_bills_w
     // 6,000 characters: about 1,500 tokens, over Sonnet's 1,024-token minimum.
     let instructions = "Classify the document by its tone and topic. ".repeat(134);
     let task = |doc: &str| Envelope {
-        system: Some(instructions.clone()),
+        system: Some(instructions.clone().into()),
         ..Envelope::new(format!("The document: {doc}"))
     };
     run(&env, &[task("one"), task("two"), task("three")]).await;
@@ -134,7 +134,7 @@ async fn a_batch_sharing_a_prefix_is_sent_after_one_call_has_warmed_the_cache() 
     // the warm-up, each of the first sixteen would be sent before any answer and write it.
     let tasks: Vec<Envelope> = (0..16)
         .map(|i| Envelope {
-            system: Some(instructions.clone()),
+            system: Some(instructions.clone().into()),
             ..Envelope::new(format!("The document: number {i} [[mock:slow-300]]"))
         })
         .collect();
@@ -167,7 +167,7 @@ async fn calls_sharing_a_warm_prefix_stay_on_the_model_whose_cache_holds_it() {
     settings.config = Config::parse("anthropic.yaml", &text, &|_| None).unwrap();
     let instructions = "Classify the document by its tone and topic. ".repeat(400);
     let task = |doc: &str| Envelope {
-        system: Some(instructions.clone()),
+        system: Some(instructions.clone().into()),
         ..Envelope::new(format!("The document: {doc}"))
     };
     let cold = task("one");

@@ -98,7 +98,7 @@ async fn started(
 
 fn waiting_task(env: &TestEnv, kind: &str, model: &str, prompt: &str) -> Envelope {
     let mut e = Envelope::new(prompt);
-    e.provider = Some(provider(env, kind));
+    e.provider = Some(provider(env, kind).into());
     e.model = Some(model.into());
     e.fallback = Some(false);
     e.deadline = Some("24h".into());

@@ -59,7 +59,7 @@ fn worker(env: &TestEnv) -> WorkerHandle {
 /// A task for the `kind` provider whose prompt says which magic answer it gets.
 fn task(env: &TestEnv, kind: &str, prompt: &str) -> Envelope {
     let mut e = Envelope::new(prompt);
-    e.provider = Some(provider(env, kind));
+    e.provider = Some(provider(env, kind).into());
     e.fallback = Some(false);
     e
 }

@@ -70,7 +70,7 @@ async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
     let (a, b) = names(&env);
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
     let mut e = Envelope::new("fall back please");
-    e.provider = Some(a.clone());
+    e.provider = Some(a.clone().into());
     e.model = Some("fail-500".into());
     let r = run(&env, e).await;
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -106,7 +106,7 @@ async fn with_fallback_off_a_failing_provider_fails_the_task_naming_it() {
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
     let pinned = |fallback: Option<bool>| {
         let mut e = Envelope::new(format!("pinned, fallback {fallback:?}"));
-        e.provider = Some(a.clone());
+        e.provider = Some(a.clone().into());
         e.model = Some("fail-500".into());
         e.max_attempts = Some(1);
         e.fallback = fallback;
@@ -131,7 +131,7 @@ async fn when_all_fail_the_error_names_every_provider() {
     let env = TestEnv::new().await.unwrap();
     let (a, b) = names(&env);
     let mut e = Envelope::new("[[mock:fail-500]] nobody can");
-    e.provider = Some(a.clone());
+    e.provider = Some(a.clone().into());
     e.model = Some("mock-fast".into());
     e.max_attempts = Some(1);
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
@@ -151,7 +151,7 @@ async fn a_fatal_error_skips_straight_to_the_next_provider() {
     let w = worker(&env, config(&env, "", "  fallback: [b]"));
     let (a, _) = names(&env);
     let mut e = Envelope::new("[[mock:fail-401]] bad key on a");
-    e.provider = Some(a.clone());
+    e.provider = Some(a.clone().into());
     e.model = Some("mock-fast".into());
     let r = run(&env, e).await;
     // The marker makes b fail too; what matters is that a was asked once.
@@ -350,7 +350,7 @@ async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_over_its_connections
     let mut over_h2 = Vec::new();
     for i in 0..10 {
         let mut e = Envelope::new(format!("h2 {i}"));
-        e.provider = Some(a.clone());
+        e.provider = Some(a.clone().into());
         over_h2.push(e);
     }
     env.redis.enqueue_many(&env.keys, &over_h2).await.unwrap();
@@ -374,7 +374,7 @@ async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_over_its_connections
         "{a}'s ten calls went over its three connections"
     );
     let mut e = Envelope::new("h1");
-    e.provider = Some(b.clone());
+    e.provider = Some(b.clone().into());
     let r = run(&env, e).await;
     assert_eq!(r.status, Status::Succeeded);
     assert_eq!(env.mock.http2_requests(), 10, "{b} stays on HTTP/1.1");

@@ -75,7 +75,7 @@ async fn a_worker_exports_the_task_and_provider_call_spans_inside_the_producers_
     let mut task = Envelope::new("trace me");
     task.model = Some("mock-fast".into());
     task.chain_id = Some("chain-traced".into());
-    task.traceparent = Some(format!("00-{trace_id}-{parent_id}-01"));
+    task.traceparent = Some(format!("00-{trace_id}-{parent_id}-01").into());
     env.redis
         .enqueue_many(&env.keys, &[task.clone()])
         .await

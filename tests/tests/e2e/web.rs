@@ -680,7 +680,7 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
     let batch = format!("web-{}", env.queue);
     let mut b = Envelope::new("cost me in a batch");
     b.model = Some("mock-smart".into());
-    b.batch_id = Some(batch.clone());
+    b.batch_id = Some(batch.clone().into());
     for t in [&e, &b] {
         env.redis.enqueue(&env.keys, t).await.unwrap();
         env.wait_final(&t.id.unwrap().to_string(), WAIT)

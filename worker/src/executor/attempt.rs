@@ -624,7 +624,7 @@ impl Attempt<'_> {
             attempt: self.number as i32,
             call_no: row as i32 + 1,
             queue: self.queue.shared_name(),
-            chain_id: env.chain_id.clone(),
+            chain_id: env.chain_id.as_deref().map(Into::into),
             task_type: Arc::clone(self.task_type),
             provider: Arc::clone(&cand.provider.name),
             model: Arc::clone(&cand.model.id),

@@ -229,7 +229,7 @@ pub(super) fn hit(
         attempt: i32::try_from(env.attempts + 1).unwrap_or(i32::MAX),
         call_no: 1,
         queue: queue.shared_name(),
-        chain_id: env.chain_id.clone(),
+        chain_id: env.chain_id.as_deref().map(Into::into),
         task_type: Arc::clone(task_type),
         provider: answer.provider.as_str().into(),
         model: answer.model.as_str().into(),

@@ -127,7 +127,7 @@ fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord
     let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
     let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Succeeded);
     record.task_type = env.task_type().ok().map(|t| t.to_string());
-    record.chain_id.clone_from(&env.chain_id);
+    record.chain_id = env.chain_id.as_deref().map(Into::into);
     record.route = Some(format!(
         "answered with task {}'s answer: the same idempotency_key",
         first.task_id
@@ -141,6 +141,6 @@ fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord
     record.finished_at = Some(Utc::now());
     let mut finish = Finish::done(entry_id.to_owned(), task_id, record);
     // It has no ledger row, but it ended: it counts toward its batch's progress.
-    finish.batch_id.clone_from(&env.batch_id);
+    finish.batch_id = env.batch_id.as_deref().map(Into::into);
     super::plain(queue, finish, Vec::new())
 }

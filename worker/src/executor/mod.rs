@@ -458,7 +458,7 @@ impl Executor {
                     taken = Box::pin(park).await;
                 }
                 match taken {
-                    Ok(Slot::Held) => *slot = Some(key.clone()),
+                    Ok(Slot::Held) => *slot = Some(key.to_string()),
                     Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
                         return parked(queue, entry_id, task_id);
                     }
@@ -951,7 +951,11 @@ fn apply(
     read_pause: &ReadPause,
 ) -> Finished {
     let task_id = record.task_id.clone();
-    let step = env.chain_id.clone().zip(env.step.clone());
+    let step = env
+        .chain_id
+        .as_deref()
+        .map(String::from)
+        .zip(env.step.as_deref().map(String::from));
     // A step's next rounds, for the transitions that run it again.
     let mut reruns = None;
     let finish = match (transition, outcome) {
@@ -983,7 +987,7 @@ fn apply(
             record.attempts = env.attempts;
             record.error = Some(reason.clone());
             record.error_class = Some(class);
-            env.last_error = Some(reason);
+            env.last_error = Some(reason.into());
             env.snoozes += 1;
             env.waiting_since = Some(since);
             let due_ms = due.timestamp_millis();
@@ -993,7 +997,7 @@ fn apply(
             let error = failure_text(&outcome);
             env.attempts += 1;
             env.waiting_since = None;
-            env.last_error = Some(error.clone());
+            env.last_error = Some(error.as_str().into());
             record.status = Status::Delayed;
             record.error = Some(error);
             record.error_class = failure_class(&outcome);
@@ -1005,7 +1009,7 @@ fn apply(
                 env.attempts += 1;
             }
             record.attempts = env.attempts;
-            env.last_error = Some(error.clone());
+            env.last_error = Some(error.as_str().into());
             record.status = Status::Dead;
             record.error = Some(error.clone());
             record.error_class = Some(class);
@@ -1058,7 +1062,7 @@ fn apply(
         .as_ref()
         .filter(|r| r.finished_at.is_some())
         .map(|r| TaskRow {
-            batch_id: env.batch_id.clone(),
+            batch_id: env.batch_id.as_deref().map(Into::into),
             enqueued_at: env.enqueued_at,
             ..task_row(r, env.risk)
         });
@@ -1140,7 +1144,7 @@ fn running(queue: &QueueKeys, task_id: &str, env: &Envelope, task_type: &str) ->
     let mut record = TaskRecord::pending(task_id, queue.name(), Status::Running);
     record.attempts = env.attempts + 1;
     record.task_type = Some(task_type.to_owned());
-    record.chain_id.clone_from(&env.chain_id);
+    record.chain_id = env.chain_id.as_deref().map(Into::into);
     record
 }
 
@@ -1159,8 +1163,8 @@ fn awaiting(
     let task_id = record.task_id.clone();
     let write = Write::Await {
         finish: Finish::done(entry_id, task_id, record),
-        chain_id: env.chain_id.clone().unwrap_or_default(),
-        step: env.step.clone().unwrap_or_default(),
+        chain_id: env.chain_id.as_deref().unwrap_or_default().to_owned(),
+        step: env.step.as_deref().unwrap_or_default().to_owned(),
         deadline_ms,
     };
     Finished::new(queue, write, Vec::new())
@@ -1180,8 +1184,8 @@ fn cancelled(
     record.finished_at = Some(Utc::now());
     let task_id = record.task_id.clone();
     let step = StepOutcome {
-        chain_id: env.chain_id.clone().unwrap_or_default(),
-        step: env.step.clone().unwrap_or_default(),
+        chain_id: env.chain_id.as_deref().unwrap_or_default().to_owned(),
+        step: env.step.as_deref().unwrap_or_default().to_owned(),
         outcome: "cancelled",
         fields: StepState {
             task_id: task_id.clone(),
