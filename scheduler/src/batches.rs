@@ -443,8 +443,7 @@ impl Scheduler {
                 task_type: env
                     .as_ref()
                     .and_then(|e| e.task_type().ok())
-                    .map(|t| t.to_string())
-                    .unwrap_or_default()
+                    .map_or("", |t| t.as_str())
                     .into(),
                 provider: Arc::clone(&provider),
                 model: Arc::clone(&model),

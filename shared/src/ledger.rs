@@ -66,7 +66,9 @@ pub struct CallRow {
     pub call_no: i32,
     pub queue: Arc<str>,
     pub chain_id: Option<String>,
-    pub task_type: Arc<str>,
+    /// One of the task types' names ([`crate::envelope::TaskType::as_str`]): a constant,
+    /// not allocated for any call or task.
+    pub task_type: std::borrow::Cow<'static, str>,
     pub provider: Arc<str>,
     pub model: Arc<str>,
     pub input_tokens: i64,

@@ -230,6 +230,7 @@ impl Prices {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Model {
+    /// Shared, not copied, by every ledger row of a call to this model.
     pub id: std::sync::Arc<str>,
     pub name: String,
     pub capabilities: Vec<Capability>,
@@ -388,6 +389,7 @@ pub struct CommandConfig {
 
 #[derive(Debug, Clone)]
 pub struct ProviderConfig {
+    /// Shared, not copied, by every ledger row of a call to this provider.
     pub name: std::sync::Arc<str>,
     pub kind: Kind,
     pub enabled: bool,

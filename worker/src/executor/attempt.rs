@@ -185,7 +185,7 @@ pub(super) struct Attempt<'a> {
     pub queue: &'a QueueKeys,
     /// The stream entry whose claim this worker must still hold when a call starts.
     pub entry_id: &'a str,
-    pub task_type: &'a Arc<str>,
+    pub task_type: &'static str,
     pub number: u32,
     /// Every call made, for the ledger; kept by the caller so a timeout loses none.
     pub calls: &'a mut Vec<CallRow>,
@@ -625,7 +625,7 @@ impl Attempt<'_> {
             call_no: row as i32 + 1,
             queue: self.queue.shared_name(),
             chain_id: env.chain_id.as_deref().map(Into::into),
-            task_type: Arc::clone(self.task_type),
+            task_type: self.task_type.into(),
             provider: Arc::clone(&cand.provider.name),
             model: Arc::clone(&cand.model.id),
             input_tokens: 0,

@@ -219,7 +219,7 @@ pub(super) fn hit(
     answer: &CachedAnswer,
     queue: &QueueKeys,
     env: &Envelope,
-    task_type: &Arc<str>,
+    task_type: &'static str,
     worker: &Arc<str>,
 ) -> (Tried, CallRow) {
     let row = CallRow {
@@ -230,7 +230,7 @@ pub(super) fn hit(
         call_no: 1,
         queue: queue.shared_name(),
         chain_id: env.chain_id.as_deref().map(Into::into),
-        task_type: Arc::clone(task_type),
+        task_type: task_type.into(),
         provider: answer.provider.as_str().into(),
         model: answer.model.as_str().into(),
         outcome: CACHED.into(),
@@ -292,6 +292,31 @@ pub(super) fn keep(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row shares its queue's and worker's names and takes its type as a constant: none of
+    /// the three is copied for a call or a task.
+    #[test]
+    fn a_row_shares_its_names_instead_of_copying_them() {
+        let queue = QueueKeys::new("q");
+        let worker: Arc<str> = "w-1".into();
+        let answer = CachedAnswer {
+            task_id: "t".into(),
+            provider: "p".into(),
+            model: "m".into(),
+            text: "an answer".into(),
+            json: None,
+            tool_calls: Vec::new(),
+            list_cost_usd: 0.01,
+        };
+        let env = Envelope::new("a prompt".to_owned());
+        let (_, row) = hit(&answer, &queue, &env, "research", &worker);
+        assert!(Arc::ptr_eq(&row.queue, &queue.shared_name()));
+        assert!(Arc::ptr_eq(&row.worker, &worker));
+        assert!(matches!(
+            row.task_type,
+            std::borrow::Cow::Borrowed("research")
+        ));
+    }
 
     #[test]
     fn an_answer_over_the_payload_limit_is_kept_as_not_kept() {

@@ -22,7 +22,7 @@ use llmq_shared::answer_cache::{self, Use};
 use llmq_shared::chain::{Chain, StepOutcome, StepState};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
-use llmq_shared::envelope::{self, Envelope};
+use llmq_shared::envelope::{self, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, TaskRow, UNSENT, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
@@ -470,11 +470,8 @@ impl Executor {
                 }
             }
 
-            let task_type: Arc<str> = env
-                .task_type()
-                .map(|t| t.to_string())
-                .unwrap_or_default()
-                .into();
+            // A constant: the type was checked when the task was parsed.
+            let task_type = env.task_type().map_or("", TaskType::as_str);
 
             // A chain step: its handoffs, candidates and constraints.
             // Futures that run briefly are boxed here and below: an async fn's state is as large
@@ -490,7 +487,7 @@ impl Executor {
                         return handed_back(queue, entry_id, task_id, &env);
                     }
                     Err(Ended::Cancelled(why)) => {
-                        let record = running(&queue, &task_id, &env, &task_type);
+                        let record = running(&queue, &task_id, &env, task_type);
                         return cancelled(queue, entry_id, &env, record, why);
                     }
                     Err(Ended::Invalid(why)) => {
@@ -500,7 +497,7 @@ impl Executor {
                         return invalid(queue, entry_id, own_id, env.to_json(), why);
                     }
                     Err(Ended::Await(deadline_ms)) => {
-                        let record = running(&queue, &task_id, &env, &task_type);
+                        let record = running(&queue, &task_id, &env, task_type);
                         return awaiting(queue, entry_id, &env, record, deadline_ms);
                     }
                 }
@@ -608,7 +605,7 @@ impl Executor {
                         match Box::pin(look).await {
                             cache::Looked::Hit(answer) => {
                                 let (tried, row) =
-                                    cache::hit(&answer, &queue, &env, &task_type, &self.worker_id);
+                                    cache::hit(&answer, &queue, &env, task_type, &self.worker_id);
                                 calls.push(row);
                                 cached_from = Some(Box::new(answer.task_id));
                                 break 'tried tried;
@@ -692,7 +689,7 @@ impl Executor {
                     env: call_env,
                     queue: &queue,
                     entry_id: &entry_id,
-                    task_type: &task_type,
+                    task_type,
                     number: env.attempts + 1,
                     calls: &mut calls,
                     waiting: &waiting,
@@ -725,7 +722,7 @@ impl Executor {
                 judged,
                 ..
             } = step.map(|s| *s).unwrap_or_default();
-            let mut record = running(&queue, &task_id, &env, &task_type);
+            let mut record = running(&queue, &task_id, &env, task_type);
             record.duration_ms = started.elapsed().as_millis() as u64;
             record.learned = learned.map(|l| *l);
             record.route = Some(tried.route).filter(|r| !r.is_empty());
@@ -951,11 +948,8 @@ fn apply(
     read_pause: &ReadPause,
 ) -> Finished {
     let task_id = record.task_id.clone();
-    let step = env
-        .chain_id
-        .as_deref()
-        .map(String::from)
-        .zip(env.step.as_deref().map(String::from));
+    let step = (env.chain_id.as_deref().zip(env.step.as_deref()))
+        .map(|(chain, step)| (chain.to_owned(), step.to_owned()));
     // A step's next rounds, for the transitions that run it again.
     let mut reruns = None;
     let finish = match (transition, outcome) {
