@@ -22,6 +22,40 @@ use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::Client;
 use tokio_util::sync::CancellationToken;
 
+/// A stream entry's id (`<ms>-<seq>`) as the two numbers it is: a claim's key and what a task
+/// in flight holds to release it, without a copy of the text for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EntryId {
+    ms: u64,
+    seq: u64,
+}
+
+impl EntryId {
+    /// The id Redis gave an entry; `None` for any other text (Redis never gives one),
+    /// including a number written otherwise than Redis writes it, which would not read back
+    /// as the same text.
+    #[must_use]
+    pub fn parse(id: &str) -> Option<Self> {
+        fn number(s: &str) -> Option<u64> {
+            let canonical = !s.is_empty()
+                && s.bytes().all(|b| b.is_ascii_digit())
+                && (s == "0" || !s.starts_with('0'));
+            canonical.then(|| s.parse().ok()).flatten()
+        }
+        let (ms, seq) = id.split_once('-')?;
+        Some(Self {
+            ms: number(ms)?,
+            seq: number(seq)?,
+        })
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
 /// One held entry.
 struct Claim {
     queue: Arc<QueueKeys>,
@@ -46,7 +80,7 @@ pub enum Standing {
 /// Entries this worker holds, by entry id.
 pub struct Claims {
     visibility_timeout: Duration,
-    held: Mutex<HashMap<String, Claim>>,
+    held: Mutex<HashMap<EntryId, Claim>>,
 }
 
 impl Claims {
@@ -64,11 +98,20 @@ impl Claims {
         (self.visibility_timeout / 4).max(Duration::from_millis(10))
     }
 
-    /// Holds `entry_id` from `at`, when Redis handed it to this worker (read or taken over).
-    pub fn hold(&self, queue: &Arc<QueueKeys>, entry_id: &str, at: Instant) {
+    /// Holds `entry_id` from `at`, when Redis handed it to this worker (read or taken over),
+    /// and returns the key to release it by.
+    pub fn hold(&self, queue: &Arc<QueueKeys>, entry_id: &str, at: Instant) -> Option<EntryId> {
+        let Some(id) = EntryId::parse(entry_id) else {
+            // Not an id Redis gives: left to the finisher's fencing, as an entry not held.
+            tracing::warn!(
+                entry = entry_id,
+                "not a stream entry id; its claim is not kept alive"
+            );
+            return None;
+        };
         if let Ok(mut m) = self.held.lock() {
             m.insert(
-                entry_id.to_owned(),
+                id,
                 Claim {
                     queue: Arc::clone(queue),
                     confirmed: at,
@@ -76,12 +119,13 @@ impl Claims {
                 },
             );
         }
+        Some(id)
     }
 
     /// The entry's outcome is written (or it was handed back): nothing to keep alive.
-    pub fn release(&self, entry_id: &str) {
+    pub fn release(&self, id: EntryId) {
         if let Ok(mut m) = self.held.lock() {
-            m.remove(entry_id);
+            m.remove(&id);
         }
     }
 
@@ -94,6 +138,7 @@ impl Claims {
     /// Entries whose claim was last confirmed [`Claims::every`] or longer before `now`, by
     /// queue: the ones to refresh.
     fn due(&self, now: Instant) -> Vec<(Arc<QueueKeys>, Vec<String>)> {
+        // As text: the refresh sends them so, every quarter of the timeout, not per task.
         let Ok(m) = self.held.lock() else {
             return Vec::new();
         };
@@ -104,7 +149,7 @@ impl Claims {
                 by_queue
                     .entry(Arc::clone(&c.queue))
                     .or_default()
-                    .push(id.clone());
+                    .push(id.to_string());
             }
         }
         by_queue.into_iter().collect()
@@ -117,7 +162,7 @@ impl Claims {
             return;
         };
         for id in ids {
-            if let Some(c) = m.get_mut(id) {
+            if let Some(c) = EntryId::parse(id).and_then(|k| m.get_mut(&k)) {
                 if lost.contains(id) {
                     c.lost = true;
                 } else {
@@ -134,7 +179,7 @@ impl Claims {
         let Ok(m) = self.held.lock() else {
             return Standing::Held;
         };
-        let Some(c) = m.get(entry_id) else {
+        let Some(c) = EntryId::parse(entry_id).and_then(|k| m.get(&k)) else {
             return Standing::Held;
         };
         let age = now.saturating_duration_since(c.confirmed);
@@ -341,7 +386,7 @@ mod tests {
                             pel.entries.remove(id);
                             finished += 1;
                         }
-                        claims.release(id);
+                        claims.release(EntryId::parse(id).expect("an entry id"));
                         false
                     });
                 }
@@ -366,6 +411,36 @@ mod tests {
     }
     fn seeded(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    #[test]
+    fn an_entry_id_reads_back_as_the_text_redis_gave() {
+        for id in [
+            "0-0",
+            "1-0",
+            "1732000000000-12",
+            "18446744073709551615-18446744073709551615",
+        ] {
+            assert_eq!(
+                EntryId::parse(id).map(|e| e.to_string()).as_deref(),
+                Some(id)
+            );
+        }
+        for bad in [
+            "",
+            "1",
+            "1-",
+            "-1",
+            "+1-0",
+            "01-0",
+            "1-01",
+            "1-0-0",
+            "a-0",
+            "1 -0",
+            "18446744073709551616-0",
+        ] {
+            assert_eq!(EntryId::parse(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -13,6 +13,8 @@ use llmq_shared::retry::RetryPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::claims::EntryId;
+
 /// How failed reads are retried: 250 ms doubling to 5 s while Redis is away.
 const READ_RETRY: RetryPolicy =
     RetryPolicy::new(Duration::from_millis(250), Duration::from_secs(5));
@@ -82,6 +84,8 @@ pub struct Job {
     /// Boxed: a job is moved through apalis into every task's state, so keep it small.
     pub delivery: Box<Delivery>,
     pub permit: OwnedSemaphorePermit,
+    /// What releases the worker's claim on the entry once its outcome is written.
+    pub claim: Option<EntryId>,
 }
 
 /// The read loop's settings.
@@ -327,12 +331,13 @@ impl Fetcher {
             }
             let idle = got.is_empty();
             for ((queue, delivery, at), permit) in got.into_iter().zip(permits) {
-                self.claims.hold(&queue, &delivery.entry_id, at);
+                let claim = self.claims.hold(&queue, &delivery.entry_id, at);
                 if jobs
                     .send(Job {
                         queue,
                         delivery: Box::new(delivery),
                         permit,
+                        claim,
                     })
                     .is_err()
                 {

@@ -186,8 +186,8 @@ impl Runtime {
             queue,
             delivery,
             permit,
+            claim,
         } = job;
-        let entry_id = delivery.entry_id.clone();
         let finished = self.executor.run(queue, delivery).await;
         // `finished` must not live across an await: every task in flight would carry its
         // size (see `hand_over`). The finisher also frees its concurrency slot, if any.
@@ -197,7 +197,9 @@ impl Runtime {
                 self.fleet.delayed();
             }
         }
-        self.claims.release(&entry_id);
+        if let Some(claim) = claim {
+            self.claims.release(claim);
+        }
         drop(permit);
     }
 }
