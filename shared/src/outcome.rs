@@ -201,9 +201,9 @@ pub struct LearnedRoute {
 impl TaskRecord {
     /// A record with only an id, a queue and a status: for tasks not yet finished.
     #[must_use]
-    pub fn pending(task_id: &str, queue: &str, status: Status) -> Self {
+    pub fn pending(task_id: impl Into<String>, queue: &str, status: Status) -> Self {
         Self {
-            task_id: task_id.to_owned(),
+            task_id: task_id.into(),
             queue: queue.to_owned(),
             status,
             provider: None,

@@ -187,7 +187,8 @@ struct Admitted {
     queue: Arc<QueueKeys>,
     entry_id: String,
     env: Box<Envelope>,
-    task_id: String,
+    /// As the number, not its text: every task in flight holds it for the whole of its call.
+    task_id: Uuid,
 }
 
 /// A chain step that ends before any attempt.
@@ -208,7 +209,7 @@ impl Executor {
     async fn prepare_step(
         &self,
         queue: &QueueKeys,
-        task_id: &str,
+        task_id: Uuid,
         env: &Envelope,
     ) -> Result<StepPlan, Ended> {
         let mut step = StepPlan::default();
@@ -369,13 +370,13 @@ impl Executor {
         };
         let task_id = env.id_or_derive(queue.name(), &entry_id);
         env.id = Some(task_id);
-        let task_id = task_id.to_string();
 
         if let Some(run_at) = env.run_at {
             let due_ms = run_at.timestamp_millis();
             if due_ms > now_ms() + 5 {
                 // Enqueued straight into the stream with a future run_at: wait in delayed.
-                let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
+                let finish =
+                    Finish::retry(entry_id, task_id.to_string(), due_ms, None, env.to_json());
                 return Err(Box::new(plain(queue, finish, Vec::new())));
             }
         }
@@ -383,7 +384,7 @@ impl Executor {
         // back from a wait (a retry, a rate limit) keeps its place at its tenant's head.
         if !from_room && let Some(class) = env.class() {
             let front = env.attempts > 0 || env.snoozes > 0;
-            let finish = Finish::room(entry_id, task_id, class, front, env.to_json());
+            let finish = Finish::room(entry_id, task_id.to_string(), class, front, env.to_json());
             return Err(Box::new(plain(queue, finish, Vec::new())));
         }
         Ok(Admitted {
@@ -480,14 +481,14 @@ impl Executor {
             // Boxed, and none for a task that is no chain's step: a call in flight carries 8
             // bytes of it, not its room.
             let mut step = if env.step.is_some() {
-                let prepare = self.prepare_step(&queue, &task_id, &env);
+                let prepare = self.prepare_step(&queue, task_id, &env);
                 match Box::pin(prepare).await {
                     Ok(step) => Some(Box::new(step)),
                     Err(Ended::Release) => {
                         return handed_back(queue, entry_id, task_id, &env);
                     }
                     Err(Ended::Cancelled(why)) => {
-                        let record = running(&queue, &task_id, &env, task_type);
+                        let record = running(&queue, task_id, &env, task_type);
                         return cancelled(queue, entry_id, &env, record, why);
                     }
                     Err(Ended::Invalid(why)) => {
@@ -497,7 +498,7 @@ impl Executor {
                         return invalid(queue, entry_id, own_id, env.to_json(), why);
                     }
                     Err(Ended::Await(deadline_ms)) => {
-                        let record = running(&queue, &task_id, &env, task_type);
+                        let record = running(&queue, task_id, &env, task_type);
                         return awaiting(queue, entry_id, &env, record, deadline_ms);
                     }
                 }
@@ -536,7 +537,7 @@ impl Executor {
             let mut may_batch = false;
             if env.deadline.is_some() && settled.is_none() && slot.is_none() {
                 let ask = !self.batchers.trusted(queue.name());
-                match Box::pin(self.redis.batch_state(&queue, &task_id, ask)).await {
+                match Box::pin(self.redis.batch_state(&queue, &task_id.to_string(), ask)).await {
                     // Never in a batch, and no scheduler sends this queue's batches: called now.
                     Ok((BatchState::None, Some(false))) => {}
                     // (A task waiting in a batch already is parked again: only acked.)
@@ -655,7 +656,7 @@ impl Executor {
                     let park = Box::new(park);
                     let write = Write::Park {
                         entry_id,
-                        task_id,
+                        task_id: task_id.to_string(),
                         park,
                     };
                     return Finished::new(queue, write, Vec::new());
@@ -722,7 +723,7 @@ impl Executor {
                 judged,
                 ..
             } = step.map(|s| *s).unwrap_or_default();
-            let mut record = running(&queue, &task_id, &env, task_type);
+            let mut record = running(&queue, task_id, &env, task_type);
             record.duration_ms = started.elapsed().as_millis() as u64;
             record.learned = learned.map(|l| *l);
             record.route = Some(tried.route).filter(|r| !r.is_empty());
@@ -731,6 +732,7 @@ impl Executor {
             // step reads it again on a hit), or which model's prompt cache the call warmed.
             let mut keep = match (to_keep, warming, &tried.outcome, &tried.last) {
                 (Some(to_keep), _, Outcome::Answered(c), Some(last)) => {
+                    let task_id = task_id.to_string();
                     cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
                 }
                 (None, Some(hash), Outcome::Answered(_), Some(last))
@@ -1081,8 +1083,8 @@ fn apply(
 
 /// A task parked in Redis (for a slot of its concurrency key, a provider batch, an
 /// identical request's call, a warm-up): nothing to write.
-fn parked(queue: Arc<QueueKeys>, entry_id: String, task_id: String) -> Finished {
-    let finish = Finish::release(entry_id, task_id, String::new());
+fn parked(queue: Arc<QueueKeys>, entry_id: String, task_id: Uuid) -> Finished {
+    let finish = Finish::release(entry_id, task_id.to_string(), String::new());
     Finished {
         parked: true,
         ..plain(queue, finish, Vec::new())
@@ -1091,15 +1093,10 @@ fn parked(queue: Arc<QueueKeys>, entry_id: String, task_id: String) -> Finished 
 
 /// A task handed back to its queue as it came, without using an attempt: Redis failed, or
 /// the worker is at fault.
-fn handed_back(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    task_id: String,
-    env: &Envelope,
-) -> Finished {
+fn handed_back(queue: Arc<QueueKeys>, entry_id: String, task_id: Uuid, env: &Envelope) -> Finished {
     plain(
         queue,
-        Finish::release(entry_id, task_id, env.to_json()),
+        Finish::release(entry_id, task_id.to_string(), env.to_json()),
         Vec::new(),
     )
 }
@@ -1134,8 +1131,8 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
 }
 
 /// The record of a task that is running this attempt.
-fn running(queue: &QueueKeys, task_id: &str, env: &Envelope, task_type: &str) -> TaskRecord {
-    let mut record = TaskRecord::pending(task_id, queue.name(), Status::Running);
+fn running(queue: &QueueKeys, task_id: Uuid, env: &Envelope, task_type: &str) -> TaskRecord {
+    let mut record = TaskRecord::pending(task_id.to_string(), queue.name(), Status::Running);
     record.attempts = env.attempts + 1;
     record.task_type = Some(task_type.to_owned());
     record.chain_id = env.chain_id.as_deref().map(Into::into);
