@@ -176,6 +176,35 @@ enum Stop {
     Skipped,
 }
 
+/// What the candidates of an attempt that did not answer left, for the next candidate and
+/// for the attempt's outcome.
+#[derive(Default)]
+struct Past {
+    /// Providers called, for the error.
+    tried: Vec<String>,
+    /// Providers asked, whose other models are skipped.
+    asked: Vec<String>,
+    /// Why the attempt moved on from the last candidate, for the route.
+    moved_on: Option<String>,
+    /// The last failure that was the task's.
+    fault: Option<provider::Error>,
+    /// Candidates that cannot be called before a time.
+    later: Vec<(DateTime<Utc>, ErrorClass, String)>,
+}
+
+impl Past {
+    /// The attempt leaves provider `name`, having `called` it, and `asked` it (it is not asked
+    /// again for another model) unless only its model was out.
+    fn left(&mut self, name: &str, called: bool, asked: bool) {
+        if called && !self.tried.iter().any(|n| n == name) {
+            self.tried.push(name.to_owned());
+        }
+        if asked {
+            self.asked.push(name.to_owned());
+        }
+    }
+}
+
 /// One attempt of one task.
 pub(super) struct Attempt<'a> {
     pub exec: &'a Executor,
@@ -203,55 +232,60 @@ impl Attempt<'_> {
         // copies would be held (and allocated) for the whole of every call.
         let mut route = Cow::Borrowed(plan.reason.as_str());
         let mut errors = Vec::new();
-        // Providers called, for the error; providers asked, whose other models are skipped.
-        let mut tried: Vec<String> = Vec::new();
-        let mut asked: Vec<String> = Vec::new();
         let mut last: Option<(&str, &str)> = None;
-        // Boxed: held across every later candidate's call, and mostly `None`.
-        let mut fault: Option<Box<provider::Error>> = None;
-        let mut later: Vec<(DateTime<Utc>, ErrorClass, String)> = Vec::new();
-        let mut moved_on: Option<String> = None;
+        // What the candidates that did not answer left: none until one does not, so the
+        // first candidate's call (most tasks' only one) carries 8 bytes of it.
+        let mut past: Option<Box<Past>> = None;
         for cand in &plan.candidates {
             let name = &*cand.provider.name;
-            if asked.iter().any(|n| n == name) {
+            if past
+                .as_ref()
+                .is_some_and(|p| p.asked.iter().any(|n| n == name))
+            {
                 // A provider that failed or refused is not asked again for another model.
                 continue;
             }
-            if let Some(why) = moved_on.take() {
+            if let Some(why) = past.as_mut().and_then(|p| p.moved_on.take()) {
                 route = format!("{route}; {why} → {name}/{}", cand.model.id).into();
             }
             let calls_before = self.calls.len();
             let stop = self.candidate(cand, &mut errors, &mut last).await;
-            if self.calls.len() > calls_before && !tried.iter().any(|n| n == name) {
-                tried.push(name.to_owned());
-            }
-            if !matches!(
-                stop,
-                Stop::Later {
-                    model_only: true,
-                    ..
-                }
-            ) {
-                asked.push(name.to_owned());
-            }
+            let called = self.calls.len() > calls_before;
             match stop {
                 Stop::Answered(completion) => {
                     return Tried::of(Outcome::Answered(completion), route, errors, last);
                 }
                 Stop::Released => return Tried::of(Outcome::Released, route, errors, last),
                 Stop::Later {
-                    until, why, class, ..
+                    until,
+                    why,
+                    class,
+                    model_only,
                 } => {
-                    moved_on = Some(why.clone());
-                    later.push((until, class, why));
+                    let past = past.get_or_insert_default();
+                    past.left(name, called, !model_only);
+                    past.moved_on = Some(why.clone());
+                    past.later.push((until, class, why));
                 }
                 Stop::Failed(e) => {
-                    moved_on = Some(format!("{name} failed"));
-                    fault = Some(Box::new(e));
+                    let past = past.get_or_insert_default();
+                    past.left(name, called, true);
+                    past.moved_on = Some(format!("{name} failed"));
+                    past.fault = Some(e);
                 }
-                Stop::Skipped => moved_on = Some(format!("{name} could not be checked")),
+                Stop::Skipped => {
+                    let past = past.get_or_insert_default();
+                    past.left(name, called, true);
+                    past.moved_on = Some(format!("{name} could not be checked"));
+                }
             }
         }
+        let Past {
+            tried,
+            fault,
+            later,
+            ..
+        } = past.map(|p| *p).unwrap_or_default();
         let outcome = if let Some(e) = fault {
             Outcome::Failed(AttemptError {
                 class: e.class,
