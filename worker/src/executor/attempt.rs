@@ -727,14 +727,23 @@ impl Attempt<'_> {
             return Err(held);
         }
         let started = Instant::now();
-        let result = match exec.clients.get(name) {
-            Some(client) => client.complete(&req).instrument(span.clone()).await,
-            None => Err(provider::Error::new(
-                name,
-                req.model,
-                ErrorClass::Fatal,
-                "no client is built for this provider".into(),
-            )),
+        let (result, span) = match exec.clients.get(name) {
+            Some(client) => {
+                // The span is moved into the call and read back from it: held once, not
+                // twice, by every call in flight.
+                let mut call = std::pin::pin!(client.complete(&req).instrument(span));
+                let result = call.as_mut().await;
+                (result, call.span().clone())
+            }
+            None => {
+                let e = provider::Error::new(
+                    name,
+                    req.model,
+                    ErrorClass::Fatal,
+                    "no client is built for this provider".into(),
+                );
+                (Err(e), span)
+            }
         };
         let took = started.elapsed();
         // Boxed: what the end of a call awaits (the fleet's hold, the live answer's end, the

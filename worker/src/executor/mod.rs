@@ -571,22 +571,27 @@ impl Executor {
             // The prompt prefix this task's call warms.
             let mut warming = None;
             let started = Instant::now();
-            let tried = 'tried: {
+            // The span goes into the attempt's call and comes back out of it: held once, not
+            // twice, by every task in flight.
+            let (tried, span) = 'tried: {
                 if let Some(outcome) = settled {
-                    break 'tried Tried::without_call(*outcome);
+                    break 'tried (Tried::without_call(*outcome), span);
                 }
                 if let Some(answer) = &batch_answer {
-                    break 'tried batch::answered(answer, &env);
+                    break 'tried (batch::answered(answer, &env), span);
                 }
                 match answer_cache::use_of(&self.config.answer_cache, queue.name(), call_env) {
                     Use::Off => {}
                     Use::Refused { field, message } => {
-                        break 'tried Tried::without_call(Outcome::Failed(AttemptError {
-                            class: ErrorClass::Invalid,
-                            message: format!("field `{field}` is wrong: {message}"),
-                            tried: Vec::new(),
-                            retry_after: None,
-                        }));
+                        break 'tried (
+                            Tried::without_call(Outcome::Failed(AttemptError {
+                                class: ErrorClass::Invalid,
+                                message: format!("field `{field}` is wrong: {message}"),
+                                tried: Vec::new(),
+                                retry_after: None,
+                            })),
+                            span,
+                        );
                     }
                     // A chain step kept off some models or providers (a review distinct from
                     // the work it reviews) is not answered with what any model said.
@@ -609,7 +614,7 @@ impl Executor {
                                     cache::hit(&answer, &queue, &env, task_type, &self.worker_id);
                                 calls.push(row);
                                 cached_from = Some(Box::new(answer.task_id));
-                                break 'tried tried;
+                                break 'tried (tried, span);
                             }
                             cache::Looked::Lead => {
                                 *slot = Some(flight_key(&answer_name(&hash)));
@@ -631,12 +636,15 @@ impl Executor {
                 let mut plan = match routing::plan(&self.config, call_env, constraints, stats) {
                     Ok(plan) => plan,
                     Err(e) => {
-                        break 'tried Tried::without_call(Outcome::Failed(AttemptError {
-                            class: ErrorClass::Fatal,
-                            message: e.to_string(),
-                            tried: Vec::new(),
-                            retry_after: None,
-                        }));
+                        break 'tried (
+                            Tried::without_call(Outcome::Failed(AttemptError {
+                                class: ErrorClass::Fatal,
+                                message: e.to_string(),
+                                tried: Vec::new(),
+                                retry_after: None,
+                            })),
+                            span,
+                        );
                     }
                 };
                 learned = plan.learned.map(|l| {
@@ -695,8 +703,13 @@ impl Executor {
                     calls: &mut calls,
                     waiting: &waiting,
                 };
-                let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
-                match run.instrument(span.clone()).await {
+                let (ran, span) = {
+                    let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
+                    let mut run = std::pin::pin!(run.instrument(span));
+                    let ran = run.as_mut().await;
+                    (ran, run.span().clone())
+                };
+                let tried = match ran {
                     Ok(tried) => tried,
                     Err(_)
                         if waiting.load(std::sync::atomic::Ordering::Relaxed)
@@ -713,7 +726,8 @@ impl Executor {
                         Tried::without_call(Outcome::Released)
                     }
                     Err(_) => self.timed_out(plan.reason.clone(), &calls),
-                }
+                };
+                (tried, span)
             };
             let StepPlan {
                 constraints,
