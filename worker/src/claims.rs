@@ -100,6 +100,7 @@ impl Claims {
 
     /// Holds `entry_id` from `at`, when Redis handed it to this worker (read or taken over),
     /// and returns the key to release it by.
+    #[must_use = "a claim never released stays in the map for as long as the worker lives"]
     pub fn hold(&self, queue: &Arc<QueueKeys>, entry_id: &str, at: Instant) -> Option<EntryId> {
         let Some(id) = EntryId::parse(entry_id) else {
             // Not an id Redis gives: left to the finisher's fencing, as an entry not held.
@@ -306,7 +307,7 @@ mod tests {
                         next_entry += 1;
                         let id = format!("{next_entry}-0");
                         pel.entries.insert(id.clone(), (w, now));
-                        sims[w].claims.hold(&queue, &id, at(base, now));
+                        let _ = sims[w].claims.hold(&queue, &id, at(base, now));
                         let start = now + rng.below(2_000) as u64;
                         let end = start + rng.below(8_000) as u64;
                         sims[w].running.push((id, start, end));
@@ -325,7 +326,7 @@ mod tests {
                                 discarded_from_live += 1;
                             }
                             pel.entries.insert(id.clone(), (w, now));
-                            sims[w].claims.hold(&queue, &id, at(base, now));
+                            let _ = sims[w].claims.hold(&queue, &id, at(base, now));
                             sims[w]
                                 .running
                                 .push((id, now, now + rng.below(3_000) as u64));
@@ -448,7 +449,7 @@ mod tests {
         let claims = Claims::new(Duration::from_secs(4));
         let q = Arc::new(QueueKeys::new("q"));
         let t0 = Instant::now();
-        claims.hold(&q, "1-0", t0);
+        let _ = claims.hold(&q, "1-0", t0);
         let s = |ms| claims.standing("1-0", t0 + Duration::from_millis(ms));
         assert_eq!(s(0), Standing::Held);
         assert_eq!(s(2_999), Standing::Held);
