@@ -99,6 +99,36 @@ async fn a_failing_provider_is_tried_three_times_then_the_next_answers() {
     w.stop().await.unwrap();
 }
 
+/// The cheapest candidates are both of provider a (`fail-500`, then `mock-fast`, at one
+/// price), then b's: once a has failed the task, its other model is not asked.
+#[tokio::test]
+async fn a_provider_that_failed_is_not_asked_again_for_another_model() {
+    let env = TestEnv::new().await.unwrap();
+    let (a, b) = names(&env);
+    let w = worker(&env, config(&env, "", ""));
+    let r = run(&env, Envelope::new("the cheapest first")).await;
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    let route = r.route.clone().unwrap_or_default();
+    assert_eq!(
+        (r.provider.as_deref(), r.model.as_deref()),
+        (Some(b.as_str()), Some("mock-smart")),
+        "{route}"
+    );
+    assert!(
+        route.contains(&format!("{a} failed → {b}/mock-smart")),
+        "{route}"
+    );
+    let calls = env.calls().await.unwrap();
+    let who: Vec<(&str, &str)> = calls.iter().map(|c| (c.4.as_str(), c.5.as_str())).collect();
+    let (fail, smart) = ((&*a, "fail-500"), (&*b, "mock-smart"));
+    assert_eq!(
+        who,
+        [fail, fail, fail, smart],
+        "a's mock-fast is never called"
+    );
+    w.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn with_fallback_off_a_failing_provider_fails_the_task_naming_it() {
     let env = TestEnv::new().await.unwrap();
