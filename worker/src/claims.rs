@@ -138,37 +138,36 @@ impl Claims {
 
     /// Entries whose claim was last confirmed [`Claims::every`] or longer before `now`, by
     /// queue: the ones to refresh.
-    fn due(&self, now: Instant) -> Vec<(Arc<QueueKeys>, Vec<String>)> {
-        // As text: the refresh sends them so, every quarter of the timeout, not per task.
+    fn due(&self, now: Instant) -> Vec<(Arc<QueueKeys>, Vec<EntryId>)> {
         let Ok(m) = self.held.lock() else {
             return Vec::new();
         };
         let every = self.every();
-        let mut by_queue: HashMap<Arc<QueueKeys>, Vec<String>> = HashMap::new();
+        let mut by_queue: HashMap<Arc<QueueKeys>, Vec<EntryId>> = HashMap::new();
         for (id, c) in m.iter() {
             if !c.lost && now.saturating_duration_since(c.confirmed) >= every {
-                by_queue
-                    .entry(Arc::clone(&c.queue))
-                    .or_default()
-                    .push(id.to_string());
+                by_queue.entry(Arc::clone(&c.queue)).or_default().push(*id);
             }
         }
         by_queue.into_iter().collect()
     }
 
-    /// A refresh sent at `at` for `ids` answered that `lost` are no longer held: the rest
-    /// are confirmed from `at`.
-    fn refreshed(&self, ids: &[String], lost: &[String], at: Instant) {
+    /// A refresh sent at `at` for `ids` answered that `lost` (as Redis wrote them) are no
+    /// longer held: the rest are confirmed from `at`. Linear in both: a refresh of thousands
+    /// of claims that finds them all lost holds the map's lock once over each list.
+    fn refreshed(&self, ids: &[EntryId], lost: &[String], at: Instant) {
         let Ok(mut m) = self.held.lock() else {
             return;
         };
         for id in ids {
-            if let Some(c) = EntryId::parse(id).and_then(|k| m.get_mut(&k)) {
-                if lost.contains(id) {
-                    c.lost = true;
-                } else {
-                    c.confirmed = c.confirmed.max(at);
-                }
+            if let Some(c) = m.get_mut(id) {
+                c.confirmed = c.confirmed.max(at);
+            }
+        }
+        // A lost claim is never confirmed again: its standing reads `lost` first.
+        for id in lost.iter().filter_map(|l| EntryId::parse(l)) {
+            if let Some(c) = m.get_mut(&id) {
+                c.lost = true;
             }
         }
     }
@@ -212,7 +211,9 @@ impl Claims {
     async fn refresh_due(&self, redis: &Client, consumer: &str) {
         let sent = Instant::now();
         for (q, ids) in self.due(sent) {
-            match redis.refresh(&q, consumer, &ids).await {
+            // As text only here, where Redis is sent them: every quarter of the timeout.
+            let texts: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            match redis.refresh(&q, consumer, &texts).await {
                 Ok(lost) => {
                     if !lost.is_empty() {
                         tracing::debug!(
@@ -355,10 +356,10 @@ mod tests {
                         let applied = now + rng.below(50) as u64;
                         for (_, ids) in s.claims.due(at(base, sent)) {
                             let mut lost = Vec::new();
-                            for id in &ids {
-                                match pel.entries.get_mut(id) {
+                            for id in ids.iter().map(ToString::to_string) {
+                                match pel.entries.get_mut(&id) {
                                     Some((holder, since)) if *holder == i => *since = applied,
-                                    _ => lost.push(id.clone()),
+                                    _ => lost.push(id),
                                 }
                             }
                             s.claims.refreshed(&ids, &lost, at(base, sent));
@@ -457,13 +458,10 @@ mod tests {
         assert_eq!(s(4_000), Standing::Lost);
         assert!(claims.due(t0 + Duration::from_millis(999)).is_empty());
         assert_eq!(claims.due(t0 + Duration::from_secs(1)).len(), 1);
-        claims.refreshed(&["1-0".into()], &[], t0 + Duration::from_secs(3));
+        let one = [EntryId::parse("1-0").expect("an entry id")];
+        claims.refreshed(&one, &[], t0 + Duration::from_secs(3));
         assert_eq!(s(4_000), Standing::Held, "a refresh confirms it again");
-        claims.refreshed(
-            &["1-0".into()],
-            &["1-0".into()],
-            t0 + Duration::from_secs(4),
-        );
+        claims.refreshed(&one, &["1-0".into()], t0 + Duration::from_secs(4));
         assert_eq!(s(4_000), Standing::Lost, "taken by another worker");
         assert!(
             claims.due(t0 + Duration::from_secs(9)).is_empty(),
