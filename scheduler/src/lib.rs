@@ -3,7 +3,7 @@
 //!
 //! Layout: `lease` (the lease and the fence every write carries), then one module per duty:
 //! `windows`, `dead_letters`, `recurring`, `approvals`, `chains`, `promote`, `gauges`,
-//! `routing_stats`, `batches`, `ledger_partitions`. Queue
+//! `routing_stats`, `batches`, `ledger_partitions`, `ledger_rollups`. Queue
 //! writes go through the queue's own fenced functions.
 //!
 //! Any number of instances run; the one holding the lease in Redis acts, the others poll
@@ -30,6 +30,8 @@
 //!   asks about open batches, and settles each task with its answer or a normal call.
 //! - `ledger_partitions`: the ledger's monthly partitions are made three months ahead, and
 //!   with `ledger.retention` the months past it are dropped whole (the rollups stay).
+//! - `ledger_rollups`: the ledger's rows written since the last roll are summed into its
+//!   rollups (every report rolls too before it reads).
 //!
 //! There is no duty for results or the ready streams: results carry their own TTL (the
 //! worker's `--result-ttl`) and workers delete acked entries at once, so the only stream
@@ -70,6 +72,7 @@ mod dead_letters;
 mod gauges;
 mod lease;
 mod ledger_partitions;
+mod ledger_rollups;
 mod promote;
 mod recurring;
 mod routing_stats;
@@ -218,10 +221,11 @@ pub enum Duty {
     RoutingStats,
     Batches,
     LedgerPartitions,
+    LedgerRollups,
 }
 
 impl Duty {
-    pub const ALL: [Duty; 10] = [
+    pub const ALL: [Duty; 11] = [
         Duty::QuotaWindows,
         Duty::DeadLetters,
         Duty::Recurring,
@@ -232,6 +236,7 @@ impl Duty {
         Duty::RoutingStats,
         Duty::Batches,
         Duty::LedgerPartitions,
+        Duty::LedgerRollups,
     ];
 
     /// Its field in the duties hash.
@@ -248,6 +253,7 @@ impl Duty {
             Duty::RoutingStats => "routing_stats",
             Duty::Batches => "batches",
             Duty::LedgerPartitions => "ledger_partitions",
+            Duty::LedgerRollups => "ledger_rollups",
         }
     }
 }
@@ -382,6 +388,7 @@ impl Scheduler {
             Duty::Recurring | Duty::Approvals | Duty::Promote => self.pause(),
             Duty::Gauges => gauges::EVERY,
             Duty::LedgerPartitions => ledger_partitions::EVERY,
+            Duty::LedgerRollups => ledger_rollups::EVERY,
         }
     }
 
@@ -523,6 +530,7 @@ impl Scheduler {
             Duty::RoutingStats => self.refresh_routing_stats().await,
             Duty::Batches => self.run_batches().await,
             Duty::LedgerPartitions => self.keep_ledger_partitions().await,
+            Duty::LedgerRollups => self.roll_ledger().await,
         };
         let (ok, detail) = match &outcome {
             Ok(detail) => {

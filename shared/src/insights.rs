@@ -51,6 +51,7 @@ pub struct Filter {
 /// Postgres fails.
 pub async fn by_model(pool: &PgPool, f: &Filter) -> Result<Vec<ModelLine>> {
     type Row = (String, String, String, i64, i64, f64, f64);
+    crate::ledger::roll(pool).await?;
     // From the rollups: whole UTC days from `since`'s.
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT provider, model, task_type, sum(counted)::int8, sum(successes)::int8,
@@ -206,6 +207,7 @@ pub async fn logged_routes(pool: &PgPool, since: Option<DateTime<Utc>>) -> Resul
 /// # Errors
 /// Postgres fails.
 pub async fn queues(pool: &PgPool) -> Result<Vec<String>> {
+    crate::ledger::roll(pool).await?;
     Ok(
         sqlx::query_scalar("SELECT queue FROM ledger_queues ORDER BY queue")
             .fetch_all(pool)

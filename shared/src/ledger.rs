@@ -912,6 +912,7 @@ impl Ledger {
         type Row = (String, String, String, String, i64, i64, Vec<i64>);
         /// tries, successes, latency histogram
         type Sums = (i64, i64, Vec<i64>);
+        roll(&self.pool).await?;
         fn add(to: &mut Sums, tries: i64, successes: i64, latency: &[i64]) {
             to.0 += tries;
             to.1 += successes;
@@ -980,6 +981,7 @@ impl Ledger {
     ) -> Result<i64> {
         let sql = match scope {
             Scope::All => {
+                roll(&self.pool).await?;
                 format!("SELECT coalesce(sum(tasks), 0)::int8 FROM task_rollups WHERE {DAYS}")
             }
             _ => format!(
@@ -1058,7 +1060,9 @@ impl Ledger {
     ) -> Result<Vec<CostLine>> {
         let (calls, tasks) = match (scope, by.rollup_key()) {
             (Scope::All, None) => return self.costliest_chains(since, until, u32::MAX).await,
-            (Scope::All, Some(key)) => (
+            (Scope::All, Some(key)) => {
+                roll(&self.pool).await?;
+                (
                 format!(
                     "SELECT {key} AS key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,
                             sum(output_tokens) AS output_tokens,
@@ -1071,7 +1075,8 @@ impl Ledger {
                     "SELECT {key} AS key, sum(tasks) AS tasks FROM task_rollups
                          WHERE {DAYS} GROUP BY 1"
                 ),
-            ),
+            )
+            }
             (_, _) => (
                 format!(
                     "SELECT {key} AS key, count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')) AS calls,
@@ -1121,6 +1126,7 @@ impl Ledger {
         until: DateTime<Utc>,
         limit: u32,
     ) -> Result<Vec<CostLine>> {
+        roll(&self.pool).await?;
         Ok(sqlx::query_as::<_, CostLine>(
             "SELECT c.chain_id AS key, c.calls, c.tasks, c.input_tokens, c.output_tokens,
                 c.cached_tokens, c.cost_usd::float8 AS cost_usd,
@@ -1160,6 +1166,26 @@ fn median_latency_ms(buckets: &[i64]) -> Option<u64> {
         }
     }
     None
+}
+
+/// Sums what the ledger wrote since the last roll into the rollups (`ledger_roll()`,
+/// migration `20261204000001_deferred_rollups`): the scheduler's `ledger_rollups` duty runs
+/// it, and every report before it reads, so a report counts every row committed before it.
+/// Any number of processes may roll at once; Postgres runs one roll at a time, and a roll
+/// neither skips a row nor counts one twice. On a read-only server (a replica), or for a
+/// role that may only read, nothing is rolled, and a report reads what the last roll summed.
+///
+/// # Errors
+/// Postgres fails.
+pub async fn roll(pool: &PgPool) -> Result<()> {
+    match sqlx::query("SELECT ledger_roll()").execute(pool).await {
+        // read_only_sql_transaction, insufficient_privilege
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("25006" | "42501")) => {
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+        Ok(_) => Ok(()),
+    }
 }
 
 /// Whether Postgres refused a statement for the data it carried (cardinality violation: two

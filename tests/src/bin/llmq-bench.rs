@@ -1134,6 +1134,12 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             calls == tasks as u64,
             "the mock server saw {calls} calls for {tasks} tasks"
         );
+        // The rollups are summed after the rows are written (the scheduler's
+        // `ledger_rollups` duty, every report): what summing this run's rows takes, apart
+        // from the run's own time.
+        let rolled = Instant::now();
+        llmq_shared::ledger::roll(ledger.pool()).await?;
+        let roll_us = rolled.elapsed().as_secs_f64() * 1e6 / tasks as f64;
         // Answered calls must match the mock one for one; calls the worker could not make
         // (out of descriptors: no socket, nothing billed) are rows too, and counted apart.
         let (recorded, refused): (i64, i64) = sqlx::query_as(
@@ -1163,7 +1169,8 @@ async fn e2e_mock(args: &Args, redis: &mut Redis) -> Result<String> {
             "bench=e2e_mock tasks={tasks} workers={workers} concurrency={concurrency} \
              tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=on mock_latency_ms={} \
              secs={:.3} proc_cpu_us_per_task={:.1} other_cpu_cores={:.2} http={} \
-             max_connections={max_connections} refused_calls={refused} efficiency_pct={}",
+             max_connections={max_connections} refused_calls={refused} roll_us_per_task={roll_us:.1} \
+             efficiency_pct={}",
             d.tasks_per_s,
             d.redis_cpu_us_per_task,
             args.mock_latency_ms,

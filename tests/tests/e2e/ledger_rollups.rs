@@ -300,6 +300,76 @@ async fn rollups_equal_the_rows_after_postgres_crashes_under_writers() {
     drop(pg);
 }
 
+/// The rollups are summed after the rows are written, up to a line of transaction ids
+/// (migration 20261204000001): a transaction left open (a long report, a session idle in a
+/// transaction) holds back its own rows, which are summed once it commits, and no other's.
+/// A report rolls before it reads, so it counts every row committed before it.
+#[tokio::test]
+async fn a_transaction_left_open_holds_back_only_its_own_rows() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let other = sqlx::PgPool::connect(&url).await.unwrap();
+    let at = Utc::now();
+    let answered = |provider: &str| CallRow {
+        task_id: Uuid::new_v4(),
+        delivery: Uuid::new_v4(),
+        attempt: 1,
+        queue: "q".into(),
+        task_type: "research".into(),
+        provider: provider.into(),
+        model: "m".into(),
+        outcome: "ok".into(),
+        worker: "w".into(),
+        input_tokens: 10,
+        called_at: at,
+        ..CallRow::default()
+    };
+    let calls_by_provider = || async {
+        let day = at - Duration::days(1);
+        let mut lines: Vec<(String, i64)> = ledger
+            .costs(
+                day,
+                day + Duration::days(3),
+                llmq_shared::ledger::Scope::All,
+                llmq_shared::ledger::GroupBy::Provider,
+            )
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.key, l.calls))
+            .collect();
+        lines.sort();
+        lines
+    };
+
+    // A call written in a transaction that stays open, begun before the others.
+    let mut open = other.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO provider_calls (task_id, attempt, call_no, queue, task_type, provider,
+            model, input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
+            latency_ms, outcome, worker, called_at, delivery)
+         VALUES ($1, 1, 0, 'q', 'research', 'late', 'm', 10, 0, 0, 0, 0, 0, 'ok', 'w', $2, $3)",
+    )
+    .bind(Uuid::new_v4())
+    .bind(at)
+    .bind(Uuid::new_v4())
+    .execute(&mut *open)
+    .await
+    .unwrap();
+    ledger.record(&[answered("early")], &[]).await.unwrap();
+    assert_eq!(calls_by_provider().await, [("early".to_owned(), 1)]);
+    ledger.record(&[answered("early")], &[]).await.unwrap();
+    assert_eq!(calls_by_provider().await, [("early".to_owned(), 2)]);
+
+    open.commit().await.unwrap();
+    assert_eq!(
+        calls_by_provider().await,
+        [("early".to_owned(), 2), ("late".to_owned(), 1)]
+    );
+    let wrong = rollup_mismatches(ledger.pool()).await.unwrap();
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 #[tokio::test]
 async fn the_migration_sums_a_ledger_written_before_it() {
     let env = TestEnv::new().await.unwrap();
