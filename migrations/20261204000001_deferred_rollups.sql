@@ -281,16 +281,24 @@ BEGIN
     hi := greatest(lo, pg_snapshot_xmax(snap)::text::int8);
     running := ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(snap) x);
     finished := ARRAY(SELECT x FROM unnest(pend) x WHERE x <> ALL (running));
-    %s
-    %s
+    -- Each table's rollups only when it has rows to sum: a report rolls before it reads,
+    -- most often right after another roll.
+    IF EXISTS (SELECT FROM (%s) x) THEN
+        %s
+    END IF;
+    IF EXISTS (SELECT FROM (%s) x) THEN
+        %s
+    END IF;
     UPDATE ledger_rolled SET upto = hi,
         pending = ARRAY(SELECT x FROM unnest(running) x WHERE x >= lo OR x = ANY (pend) ORDER BY 1);
     RETURN hi;
 END $body$$fn$,
+        format(call_rows, 'provider_calls', '1', call_rolled),
         format(call_rollup, format(call_rows, 'provider_calls', '1', call_rolled))
         || format(routing_rollup, format(call_rows, 'provider_calls', '1', call_rolled))
         || format(chain_costs, format(call_chain, format(call_rows, 'provider_calls', '1', call_rolled)))
         || format(queues, format(call_rows, 'provider_calls', '1', call_rolled)),
+        format(task_rows, 'tasks', '1', task_rolled),
         format(task_rollup, format(task_rows, 'tasks', '1', task_rolled))
         || format(chain_costs, format(task_chain, format(task_rows, 'tasks', '1', task_rolled)))
         || format(queues, format(task_rows, 'tasks', '1', task_rolled))

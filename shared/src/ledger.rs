@@ -912,7 +912,6 @@ impl Ledger {
         type Row = (String, String, String, String, i64, i64, Vec<i64>);
         /// tries, successes, latency histogram
         type Sums = (i64, i64, Vec<i64>);
-        roll(&self.pool).await?;
         fn add(to: &mut Sums, tries: i64, successes: i64, latency: &[i64]) {
             to.0 += tries;
             to.1 += successes;
@@ -923,6 +922,7 @@ impl Ledger {
                 *sum += n;
             }
         }
+        roll(&self.pool).await?;
         // From the rollups (migrations/20261126000002_routing_rollups.sql, which defines
         // what counts and what succeeded): whole UTC days from `since`'s. The rows are
         // added up here as they stream in, per risk and over every risk: merging their

@@ -1750,7 +1750,8 @@ async fn bare_streams(
 /// many finished tasks over 60 days, about a third of them chain steps (chains of five), in
 /// a database of its own that is kept between runs (filled again only when its size
 /// differs; a fill cut off goes on where it stopped). Prints how fast it filled (rows a
-/// second through the rollup triggers, of this run's part of the fill) and the
+/// second, of this run's part of the fill), how long the roll after it took to sum what it
+/// left (`roll_s`), and the
 /// median of three runs of each report's queries, in ms; `raw_by_model_ms` is the same
 /// report summed over the raw rows, as before the rollups, for comparison in the same run.
 async fn ledger_scale(args: &Args) -> Result<String> {
@@ -1833,6 +1834,11 @@ async fn ledger_scale(args: &Args) -> Result<String> {
         fill_rows_per_s = (2 * (n - first)) as f64 / started.elapsed().as_secs_f64();
         sqlx::query("VACUUM ANALYZE").execute(pool).await?;
     }
+    // The rows are summed after they are written: what the fill left to sum (all of it, the
+    // first time), as the scheduler's duty would, before the reports are timed.
+    let rolling = Instant::now();
+    llmq_shared::ledger::roll(pool).await?;
+    let roll_s = rolling.elapsed().as_secs_f64();
 
     let today = Utc::now().date_naive();
     let day = |d: i64| {
@@ -1906,7 +1912,7 @@ async fn ledger_scale(args: &Args) -> Result<String> {
          rollup_rows={rollup_rows} costs_ms={costs:.1} by_model_ms={by_model:.1} \
          by_day_ms={by_day:.1} by_chain_ms={by_chain:.1} tasks_ms={tasks:.1} \
          insights_ms={insights:.1} queues_ms={queues:.1} routing_ms={routing:.1} \
-         web_costs_ms={web:.1} raw_by_model_ms={raw:.1} migrate_s={migrate_s:.1}"
+         web_costs_ms={web:.1} raw_by_model_ms={raw:.1} migrate_s={migrate_s:.1} roll_s={roll_s:.1}"
     ))
 }
 
