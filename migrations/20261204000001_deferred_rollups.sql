@@ -16,13 +16,14 @@
 -- as the sums). The scheduler runs it (`ledger_rollups`), and so does every report before it
 -- reads, so a report is as current as a read of the raw rows.
 --
--- What changes a summed row (a verdict, an earlier finish deleted, a call's completion written
--- after the line passed its start) still moves the rollups in its own statement, by the
--- triggers below: they take away the old versions that were summed and add the new ones that
--- are, under a share lock of `ledger_rolled`'s row, so a roll waits for them and they for a
--- roll. The workers' own writes do not take that path: a new row is written by the
--- transaction itself, and a call's completion replaces its `started` row, which is not summed.
--- Their triggers find nothing to sum and return.
+-- What changes a summed row (a verdict, an earlier finish deleted, an operator's SQL) still
+-- moves the rollups in its own statement, by the triggers below: they take away the old
+-- versions that were summed and add the new ones that are, under a share lock of
+-- `ledger_rolled`'s row, so a roll waits for them and they for a roll. The workers' own
+-- writes do not take that path: a new row is written by the transaction itself, and a call's
+-- completion replaces its `started` row, which is not summed, and sets `written` to the
+-- completing transaction (`Ledger::write`). Their triggers find nothing to sum and return
+-- before the lock.
 --
 -- A `started` call (made, its answer not yet written) is not summed, so a completion does not
 -- take away what its start added: a started row that no worker ever completes (one SIGKILLed

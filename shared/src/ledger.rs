@@ -659,7 +659,10 @@ impl Ledger {
             s.as_deref().map(crate::text::storable)
         }
         // A call of a task finished in this batch carries its status and risk (what routing
-        // reads of its task), so the task's row has nothing to copy to it.
+        // reads of its task), so the task's row has nothing to copy to it. A completion
+        // replaces its `started` row, which is never summed in the rollups, and is written
+        // by this transaction (`written`), so a roll sums it once this commits and the
+        // triggers have nothing to take away or add (migration 20261204000001).
         let finished = |c: &CallRow| tasks.iter().find(|t| t.task_id == c.task_id);
         let mut tx = self.begin_by_task_ids().await?;
         if !calls.is_empty() {
@@ -692,7 +695,8 @@ impl Ledger {
                     latency_ms = EXCLUDED.latency_ms, outcome = EXCLUDED.outcome,
                     error_class = EXCLUDED.error_class, error = EXCLUDED.error,
                     task_status = coalesce(EXCLUDED.task_status, provider_calls.task_status),
-                    task_risk = coalesce(EXCLUDED.task_risk, provider_calls.task_risk)
+                    task_risk = coalesce(EXCLUDED.task_risk, provider_calls.task_risk),
+                    written = EXCLUDED.written
                  WHERE provider_calls.outcome = 'started'", // STARTED
             )
             .bind(calls.iter().map(|c| c.task_id).collect::<Vec<_>>())

@@ -375,8 +375,8 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     let env = TestEnv::new().await.unwrap();
     // Every migration before the rollups.
     let (_, ledger) = env.ledger_before("pre", "20261126000001").await;
-    // This version's writer also names the columns the routing rollup and the cache writes
-    // add to each call, and the batch id a task's row has; they are there while it writes
+    // This version's writer also names the columns the routing rollup, the cache writes and
+    // the deferred rollups add to each call, and the batch id a task's row has; they are there while it writes
     // the old ledger, and gone (as in a ledger an older version wrote) before the migration.
     let columns = |sql: &'static str| {
         let pool = ledger.pool().clone();
@@ -385,7 +385,7 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     // So do its keys, which hold the time since the partitions.
     columns(
         "ALTER TABLE provider_calls ADD COLUMN task_status TEXT, ADD COLUMN task_risk TEXT,
-            ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0",
+            ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0, ADD COLUMN written BIGINT",
     )
     .await;
     columns("ALTER TABLE tasks ADD COLUMN batch_id TEXT, ADD COLUMN enqueued_at TIMESTAMPTZ").await;
@@ -408,7 +408,7 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     columns("DROP FUNCTION ledger_span_from, ledger_span_until").await;
     columns(
         "ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk,
-            DROP COLUMN cache_write_tokens",
+            DROP COLUMN cache_write_tokens, DROP COLUMN written",
     )
     .await;
     columns("DROP INDEX old_call_key").await;
