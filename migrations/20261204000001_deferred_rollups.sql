@@ -158,14 +158,15 @@ $sql$;
 $sql$;
 
     -- A task's view copied to its calls, or taken away, as 20261203000002 left it.
+    -- `%1$s` is the tasks whose view is copied.
     tell_calls CONSTANT text := $sql$
     UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
         task_risk = t.risk
-    FROM new_rows t
+    FROM (%1$s) t
     WHERE c.task_id::text = t.task_id::text
-      AND c.task_id = ANY(ARRAY(SELECT n.task_id FROM new_rows n))
-      AND c.called_at >= (SELECT min(ledger_span_from(n.enqueued_at, n.finished_at)) FROM new_rows n)
-      AND c.called_at < (SELECT max(ledger_span_until(n.finished_at)) FROM new_rows n)
+      AND c.task_id = ANY(ARRAY(SELECT n.task_id FROM (%1$s) n))
+      AND c.called_at >= (SELECT min(ledger_span_from(n.enqueued_at, n.finished_at)) FROM (%1$s) n)
+      AND c.called_at < (SELECT max(ledger_span_until(n.finished_at)) FROM (%1$s) n)
       AND (c.task_status, c.task_verdict, c.task_risk) IS DISTINCT FROM (t.status, t.verdict, t.risk);
 $sql$;
     untell_calls CONSTANT text := $sql$
@@ -257,15 +258,17 @@ END $body$$fn$,
                     format(task_rollup, summed) || format(chain_costs, format(task_chain, summed))
             END
             || CASE WHEN f.added THEN format(queues, summed) ELSE '' END,
-            CASE WHEN f.kind = 'call' THEN ''
-                WHEN f.added THEN tell_calls
+            -- A task's view is copied to its calls here when a task already written
+            -- changes, and taken away when it goes; a new task's by the roll that sums it.
+            CASE WHEN f.kind = 'call' OR NOT f.removed THEN ''
+                WHEN f.added THEN format(tell_calls, 'SELECT * FROM new_rows')
                 ELSE untell_calls END
         );
     END LOOP;
 
     EXECUTE format(
         $fn$CREATE FUNCTION ledger_roll() RETURNS int8 LANGUAGE plpgsql
-            SET jit = off SET enable_seqscan = off AS $body$
+            SET jit = off SET enable_seqscan = off SET enable_nestloop = off AS $body$
 DECLARE
     lo int8;
     pend int8[];
@@ -283,7 +286,9 @@ BEGIN
     running := ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(snap) x);
     finished := ARRAY(SELECT x FROM unnest(pend) x WHERE x <> ALL (running));
     -- Each table's rollups only when it has rows to sum: a report rolls before it reads,
-    -- most often right after another roll.
+    -- most often right after another roll. The tasks first: their view is copied to their
+    -- calls (those already summed move the rollups by their trigger), so that the calls
+    -- summed next carry it.
     IF EXISTS (SELECT FROM (%s) x) THEN
         %s
     END IF;
@@ -294,15 +299,16 @@ BEGIN
         pending = ARRAY(SELECT x FROM unnest(running) x WHERE x >= lo OR x = ANY (pend) ORDER BY 1);
     RETURN hi;
 END $body$$fn$,
+        format(task_rows, 'tasks', '1', task_rolled),
+        format(tell_calls, format(task_rows, 'tasks', '1', task_rolled))
+        || format(task_rollup, format(task_rows, 'tasks', '1', task_rolled))
+        || format(chain_costs, format(task_chain, format(task_rows, 'tasks', '1', task_rolled)))
+        || format(queues, format(task_rows, 'tasks', '1', task_rolled)),
         format(call_rows, 'provider_calls', '1', call_rolled),
         format(call_rollup, format(call_rows, 'provider_calls', '1', call_rolled))
         || format(routing_rollup, format(call_rows, 'provider_calls', '1', call_rolled))
         || format(chain_costs, format(call_chain, format(call_rows, 'provider_calls', '1', call_rolled)))
-        || format(queues, format(call_rows, 'provider_calls', '1', call_rolled)),
-        format(task_rows, 'tasks', '1', task_rolled),
-        format(task_rollup, format(task_rows, 'tasks', '1', task_rolled))
-        || format(chain_costs, format(task_chain, format(task_rows, 'tasks', '1', task_rolled)))
-        || format(queues, format(task_rows, 'tasks', '1', task_rolled))
+        || format(queues, format(call_rows, 'provider_calls', '1', call_rolled))
     );
 END $migration$;
 
