@@ -276,23 +276,38 @@ DECLARE
     hi int8;
     running int8[];
     finished int8[];
+    tasks boolean;
+    calls boolean;
 BEGIN
-    SELECT r.upto, r.pending INTO lo, pend FROM ledger_rolled r WHERE one FOR UPDATE;
-    -- Taken after the lock is ours, so no trigger that read the old line is still running.
-    -- Every transaction below the snapshot's `xmax` has finished but those it lists as
-    -- running (this roll's own is neither: it writes no ledger row).
-    SELECT pg_current_snapshot() INTO snap;
-    hi := greatest(lo, pg_snapshot_xmax(snap)::text::int8);
-    running := ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(snap) x);
-    finished := ARRAY(SELECT x FROM unnest(pend) x WHERE x <> ALL (running));
-    -- Each table's rollups only when it has rows to sum: a report rolls before it reads,
-    -- most often right after another roll. The tasks first: their view is copied to their
-    -- calls (those already summed move the rollups by their trigger), so that the calls
-    -- summed next carry it.
-    IF EXISTS (SELECT FROM (%s) x) THEN
+    -- First without the lock, which makes this a writing transaction: a report rolls before
+    -- it reads, most often right after another roll, with nothing to sum. When no finished
+    -- transaction has a row above the line, the rollups hold every committed row already.
+    FOR i IN 1..2 LOOP
+        IF i = 1 THEN
+            SELECT r.upto, r.pending INTO lo, pend FROM ledger_rolled r WHERE one;
+        ELSE
+            SELECT r.upto, r.pending INTO lo, pend FROM ledger_rolled r WHERE one FOR UPDATE;
+        END IF;
+        -- Taken after the lock is ours, so no trigger that read the old line is still
+        -- running. Every transaction below the snapshot's `xmax` has finished but those it
+        -- lists as running (this roll's own is neither: it writes no ledger row).
+        SELECT pg_current_snapshot() INTO snap;
+        hi := greatest(lo, pg_snapshot_xmax(snap)::text::int8);
+        running := ARRAY(SELECT x::text::int8 FROM pg_snapshot_xip(snap) x);
+        finished := ARRAY(SELECT x FROM unnest(pend) x WHERE x <> ALL (running));
+        tasks := EXISTS (SELECT FROM (%s) x);
+        calls := EXISTS (SELECT FROM (%s) x);
+        IF i = 1 AND NOT tasks AND NOT calls THEN
+            RETURN lo;
+        END IF;
+    END LOOP;
+    -- Each table's rollups only when it has rows to sum. The tasks first: their view is
+    -- copied to their calls (those already summed move the rollups by their trigger), so
+    -- that the calls summed next carry it.
+    IF tasks THEN
         %s
     END IF;
-    IF EXISTS (SELECT FROM (%s) x) THEN
+    IF calls THEN
         %s
     END IF;
     UPDATE ledger_rolled SET upto = hi,
@@ -300,11 +315,11 @@ BEGIN
     RETURN hi;
 END $body$$fn$,
         format(task_rows, 'tasks', '1', task_rolled),
+        format(call_rows, 'provider_calls', '1', call_rolled),
         format(tell_calls, format(task_rows, 'tasks', '1', task_rolled))
         || format(task_rollup, format(task_rows, 'tasks', '1', task_rolled))
         || format(chain_costs, format(task_chain, format(task_rows, 'tasks', '1', task_rolled)))
         || format(queues, format(task_rows, 'tasks', '1', task_rolled)),
-        format(call_rows, 'provider_calls', '1', call_rolled),
         format(call_rollup, format(call_rows, 'provider_calls', '1', call_rolled))
         || format(routing_rollup, format(call_rows, 'provider_calls', '1', call_rolled))
         || format(chain_costs, format(call_chain, format(call_rows, 'provider_calls', '1', call_rolled)))

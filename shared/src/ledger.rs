@@ -1182,7 +1182,18 @@ fn median_latency_ms(buckets: &[i64]) -> Option<u64> {
 /// # Errors
 /// Postgres fails.
 pub async fn roll(pool: &PgPool) -> Result<()> {
-    match sqlx::query("SELECT ledger_roll()").execute(pool).await {
+    // Committed without waiting for its flush: a roll lost in a crash is lost whole, its
+    // line with its sums, and the next roll sums the same rows again.
+    let rolled = async {
+        let mut tx = pool
+            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+            .await?;
+        sqlx::query("SELECT ledger_roll()")
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    };
+    match rolled.await {
         // read_only_sql_transaction, insufficient_privilege
         Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("25006" | "42501")) => {
             Ok(())
