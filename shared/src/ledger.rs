@@ -1182,24 +1182,33 @@ fn median_latency_ms(buckets: &[i64]) -> Option<u64> {
 /// # Errors
 /// Postgres fails.
 pub async fn roll(pool: &PgPool) -> Result<()> {
-    // Committed without waiting for its flush: a roll lost in a crash is lost whole, its
-    // line with its sums, and the next roll sums the same rows again.
-    let rolled = async {
-        let mut tx = pool
-            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
-            .await?;
-        sqlx::query("SELECT ledger_roll()")
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
-    };
-    match rolled.await {
-        // read_only_sql_transaction, insufficient_privilege
-        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("25006" | "42501")) => {
-            Ok(())
+    // A roll that copies a task's view to a call a writer holds can meet that writer waiting
+    // for the roll's lock (a task's finish written again as the roll reaches it); Postgres
+    // then aborts one of the two, and the roll is made again (the wait was Postgres's own
+    // `deadlock_timeout`).
+    let mut deadlocks = 0;
+    loop {
+        // Committed without waiting for its flush: a roll lost in a crash is lost whole,
+        // its line with its sums, and the next roll sums the same rows again.
+        let rolled = async {
+            let mut tx = pool
+                .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                .await?;
+            sqlx::query("SELECT ledger_roll()")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        };
+        match rolled.await {
+            Ok(()) => return Ok(()),
+            Err(sqlx::Error::Database(e)) => match e.code().as_deref() {
+                // read_only_sql_transaction, insufficient_privilege
+                Some("25006" | "42501") => return Ok(()),
+                Some("40P01") if deadlocks < 3 => deadlocks += 1,
+                _ => return Err(sqlx::Error::Database(e).into()),
+            },
+            Err(e) => return Err(e.into()),
         }
-        Err(e) => Err(e.into()),
-        Ok(_) => Ok(()),
     }
 }
 
