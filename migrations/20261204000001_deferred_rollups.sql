@@ -5,16 +5,20 @@
 -- of the rollups' cost on the write path.
 --
 -- Now every row carries the transaction that wrote it (`written`, a transaction id as a
--- number). `ledger_rolled.upto` divides the rows: a row written by a transaction below it is
--- summed in the rollups, one above it is not yet (a `started` call is never summed, see
--- below; a row written before this migration, `written` NULL, was summed by the triggers
--- before). `ledger_roll()` moves the line: under the lock of `ledger_rolled`'s row it takes
--- the oldest transaction still running (`pg_snapshot_xmin`): every transaction below it has
--- committed or aborted, so the rows between the old line and the new one are all there, and
--- sums them once. It neither skips a row (a transaction still running is above the new line,
--- and so are its rows) nor counts one twice (the line only moves up, in the same transaction
--- as the sums). The scheduler runs it (`ledger_rollups`), and so does every report before it
--- reads, so a report is as current as a read of the raw rows.
+-- number). `ledger_rolled` holds a line (`upto`) and the transactions below it that were
+-- still running when it was drawn (`pending`): a row is summed in the rollups when its
+-- transaction is below the line and not pending (a `started` call never is, see below; a row
+-- written before this migration, `written` NULL, was summed by the triggers before).
+-- `ledger_roll()` moves the line: under the lock of `ledger_rolled`'s row it takes a
+-- snapshot, in which every transaction below `xmax` has committed or aborted but those it
+-- lists as running. It sums the rows of the transactions between the old line and the new
+-- that are not running, and of the pending ones that have finished since, and keeps the
+-- running ones as pending, all in one transaction: no row is skipped (a transaction still
+-- running keeps its rows for a later roll) or summed twice (the line only moves up, with the
+-- sums). A transaction left open holds back only its own rows, wherever it runs. A roll also
+-- copies each new task's view (status, verdict, risk) to its calls before it sums them. The
+-- scheduler rolls (`ledger_rollups`), and so does every report before it reads, so a report
+-- counts every row committed before it.
 --
 -- What changes a summed row (a verdict, an earlier finish deleted, an operator's SQL) still
 -- moves the rollups in its own statement, by the triggers below: they take away the old
