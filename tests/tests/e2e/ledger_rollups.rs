@@ -300,17 +300,9 @@ async fn rollups_equal_the_rows_after_postgres_crashes_under_writers() {
     drop(pg);
 }
 
-/// The rollups are summed after the rows are written, up to a line of transaction ids
-/// (migration 20261204000001): a transaction left open (a long report, a session idle in a
-/// transaction) holds back its own rows, which are summed once it commits, and no other's.
-/// A report rolls before it reads, so it counts every row committed before it.
-#[tokio::test]
-async fn a_transaction_left_open_holds_back_only_its_own_rows() {
-    let env = TestEnv::new().await.unwrap();
-    let (url, ledger) = env.own_ledger().await;
-    let other = sqlx::PgPool::connect(&url).await.unwrap();
-    let at = Utc::now();
-    let answered = |provider: &str| CallRow {
+/// A call `provider` answered at `at`, of queue `q`.
+fn answered(provider: &str, at: DateTime<Utc>) -> CallRow {
+    CallRow {
         task_id: Uuid::new_v4(),
         delivery: Uuid::new_v4(),
         attempt: 1,
@@ -323,7 +315,98 @@ async fn a_transaction_left_open_holds_back_only_its_own_rows() {
         input_tokens: 10,
         called_at: at,
         ..CallRow::default()
+    }
+}
+
+/// The scheduler's `ledger_rollups` duty sums what was written (the rollup tables read
+/// directly, no report rolling first); a report read by a role that may not roll (a reporting
+/// user with SELECT only, as on a replica) answers from what the last roll summed, instead of
+/// failing.
+#[tokio::test]
+async fn the_scheduler_rolls_and_a_reader_that_may_not_roll_reads_what_was_rolled() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let pool = ledger.pool().clone();
+    let at = Utc::now();
+    let summed = "SELECT coalesce(sum(calls), 0)::int8 FROM call_rollups";
+    let calls = || async {
+        sqlx::query_scalar::<_, i64>(summed)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
     };
+
+    ledger.record(&[answered("p", at)], &[]).await.unwrap();
+    assert_eq!(calls().await, 0, "summed after the write, not by it");
+    let mut settings = llmq_scheduler::Settings::new(
+        &llmq_tests::harness::redis_url(),
+        &url,
+        env.settings().config,
+    )
+    .unwrap();
+    settings.id = Some(format!("{}-rollups", env.queue));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    scheduler
+        .run_duty(llmq_scheduler::Duty::LedgerRollups)
+        .await
+        .unwrap();
+    assert_eq!(calls().await, 1);
+    scheduler.release().await.unwrap();
+
+    // A second call, then a reader with SELECT only: its report's roll is refused, and the
+    // report reads the one call summed.
+    ledger.record(&[answered("p", at)], &[]).await.unwrap();
+    let role = format!("reader_{}", env.queue.replace('-', "_"));
+    for sql in [
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.unwrap();
+    }
+    let reader_url = url.replacen("postgres@", &format!("{role}@"), 1);
+    assert_ne!(reader_url, url, "the test server's URL names its user");
+    let reader = Ledger::connect(&reader_url, 1).await.unwrap();
+    let day = at - Duration::days(1);
+    let by_provider = |ledger: Ledger| async move {
+        ledger
+            .costs(
+                day,
+                day + Duration::days(3),
+                llmq_shared::ledger::Scope::All,
+                llmq_shared::ledger::GroupBy::Provider,
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|l| l.calls)
+            .sum::<i64>()
+    };
+    assert_eq!(by_provider(reader.clone()).await, 1);
+    assert_eq!(
+        by_provider(ledger.clone()).await,
+        2,
+        "the owner's report rolls"
+    );
+    reader.pool().close().await;
+    for sql in [format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")] {
+        sqlx::query(&sql).execute(&pool).await.unwrap();
+    }
+}
+
+/// The rollups are summed after the rows are written, up to a line of transaction ids
+/// (migration 20261204000001): a transaction left open (a long report, a session idle in a
+/// transaction) holds back its own rows, which are summed once it commits, and no other's.
+/// A report rolls before it reads, so it counts every row committed before it.
+#[tokio::test]
+async fn a_transaction_left_open_holds_back_only_its_own_rows() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let other = sqlx::PgPool::connect(&url).await.unwrap();
+    let at = Utc::now();
+    let answered = |provider: &str| answered(provider, at);
     let calls_by_provider = || async {
         let day = at - Duration::days(1);
         let mut lines: Vec<(String, i64)> = ledger
