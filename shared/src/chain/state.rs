@@ -159,6 +159,10 @@ pub struct StepOutcome {
     /// `succeeded`, `failed` or `cancelled`.
     pub outcome: &'static str,
     pub fields: StepState,
+    /// The step's state as the worker read it before running the step, when it did: the
+    /// step script then swaps in the state built from it, without decoding JSON, if the
+    /// state is still this text (see `queue::chain::step_swap`).
+    pub seen: Option<Box<str>>,
 }
 
 impl StepOutcome {
@@ -175,6 +179,7 @@ impl StepOutcome {
                 error: Some(error),
                 ..StepState::default()
             },
+            seen: None,
         }
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::{Script, Value};
 
 use super::{Client, Result};
-use crate::chain::{Chain, ChainState, Rerun, Step, StepState};
+use crate::chain::{Chain, ChainState, Rerun, Step, StepOutcome, StepState};
 use crate::keys::QueueKeys;
 
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_cancel.lua")));
@@ -256,8 +256,9 @@ impl Client {
         }))
     }
 
-    /// What a step needs before it runs: its definition and every step's state; `None`
-    /// when there is no such chain or step. Reads the step's own definition, not the spec.
+    /// What a step needs before it runs: its definition, every step's state, and its own
+    /// state's text as stored (for [`step_swap`]); `None` when there is no such chain or step.
+    /// Reads the step's own definition, not the spec.
     ///
     /// # Errors
     /// Redis fails, or what is stored is not a chain.
@@ -266,7 +267,7 @@ impl Client {
         keys: &QueueKeys,
         chain_id: &str,
         step: &str,
-    ) -> Result<Option<(Step, HashMap<String, StepState>)>> {
+    ) -> Result<Option<StepContext>> {
         let mut c = self.conn().await?;
         let (def, steps): (Option<String>, HashMap<String, String>) = redis::pipe()
             .hget(keys.chain(chain_id), format!("def:{step}"))
@@ -281,11 +282,18 @@ impl Client {
                 .await?
                 .and_then(|c| c.spec.step(step).cloned()),
         };
-        let steps = steps
+        let mut own = None;
+        let states = steps
             .into_iter()
-            .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
+            .filter_map(|(name, json)| {
+                let state = serde_json::from_str(&json).ok()?;
+                if name == step {
+                    own = Some(json.into_boxed_str());
+                }
+                Some((name, state))
+            })
             .collect();
-        Ok(def.map(|d| (d, steps)))
+        Ok(def.map(|step| StepContext { step, states, own }))
     }
 
     /// The states of some steps of a chain, in order (`None` where there is none).
@@ -462,8 +470,53 @@ fn refused(n: i64) -> std::result::Result<u64, Refused> {
     }
 }
 
+/// What a chain step reads before it runs ([`Client::step_context`]).
+pub struct StepContext {
+    /// Its definition.
+    pub step: Step,
+    /// Every step's state.
+    pub states: HashMap<String, StepState>,
+    /// Its own state's text as stored, if it has one.
+    pub own: Option<Box<str>>,
+}
+
+/// The step's state once `s` is recorded, built from `seen` (its text as the worker read it
+/// before running the step), and the step's children joined by `,` (names have no comma):
+/// the step script swaps this state in, and moves along to these children, when the stored
+/// state is still `seen`, instead of decoding the state and `s`'s fields and encoding them
+/// again (three of a step's five JSON operations in Lua). `None` when `seen` is not a
+/// state this task may end (not queued, or another task's) or names no children (a chain
+/// expanded by an earlier version): the script then merges the fields itself, as it always
+/// could. Its merge is the script's: every field of `s` over the state, then the outcome.
+pub(super) fn step_swap(seen: &str, s: &StepOutcome) -> Option<(String, String)> {
+    let Ok(serde_json::Value::Object(mut state)) = serde_json::from_str(seen) else {
+        return None;
+    };
+    let text = |k: &str| state.get(k).and_then(serde_json::Value::as_str);
+    if text("status") != Some("queued") || text("task_id") != Some(s.fields.task_id.as_str()) {
+        return None;
+    }
+    // Lua's JSON encoder writes an empty list as `{}`.
+    let children: Vec<&str> = match state.get("children")? {
+        serde_json::Value::Array(c) => c
+            .iter()
+            .map(serde_json::Value::as_str)
+            .collect::<Option<_>>()?,
+        serde_json::Value::Object(c) if c.is_empty() => Vec::new(),
+        _ => return None,
+    };
+    let children = children.join(",");
+    state.extend(step_field_map(&s.fields));
+    state.insert("status".into(), s.outcome.into());
+    Some((serde_json::Value::Object(state).to_string(), children))
+}
+
 /// The fields a finished step records, as the step script merges them.
 pub(super) fn step_fields(s: &StepState) -> String {
+    serde_json::Value::Object(step_field_map(s)).to_string()
+}
+
+fn step_field_map(s: &StepState) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
     let mut put = |k: &str, v: Option<&String>| {
         if let Some(v) = v {
@@ -477,7 +530,7 @@ pub(super) fn step_fields(s: &StepState) -> String {
     put("summary", s.summary.as_ref());
     put("error", s.error.as_ref());
     m.insert("cost_usd".into(), serde_json::json!(s.cost_usd));
-    serde_json::Value::Object(m).to_string()
+    m
 }
 
 /// How many arguments a rerun takes.
@@ -496,4 +549,50 @@ pub(super) fn rerun_args(r: &Rerun) -> [String; RERUN_ARGS] {
         r.ok.to_string(),
         r.fold.clone(),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ended(task_id: &str) -> StepOutcome {
+        StepOutcome {
+            chain_id: "c".into(),
+            step: "s".into(),
+            outcome: "succeeded",
+            fields: StepState {
+                task_id: task_id.into(),
+                model: Some("m".into()),
+                cost_usd: 0.5,
+                ..StepState::default()
+            },
+            seen: None,
+        }
+    }
+
+    #[test]
+    fn a_swap_is_built_only_from_a_queued_state_of_the_same_task_that_names_its_children() {
+        let queued = r#"{"status":"queued","task_id":"t","round":1,"ok":1,"failed":0,
+            "children":["a","b"],"join":false,"min_success":1,"waits":{},"folded":["x"]}"#;
+        let (state, children) = step_swap(queued, &ended("t")).unwrap();
+        assert_eq!(children, "a,b");
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        // The fields over the state, the outcome as its status; the rest as it was.
+        assert_eq!(state["status"], "succeeded");
+        assert_eq!(state["model"], "m");
+        assert_eq!(state["cost_usd"], 0.5);
+        assert_eq!(state["round"], 1);
+        assert_eq!(state["folded"], serde_json::json!(["x"]));
+        assert_eq!(state["children"], serde_json::json!(["a", "b"]));
+        // Lua writes an empty list as `{}`.
+        let last = queued.replace(r#"["a","b"]"#, "{}");
+        assert_eq!(step_swap(&last, &ended("t")).unwrap().1, "");
+
+        // The script decides these itself.
+        assert!(step_swap(queued, &ended("another")).is_none());
+        assert!(step_swap(&queued.replace("queued", "cancelled"), &ended("t")).is_none());
+        let earlier = queued.replace(r#""children":["a","b"],"#, "");
+        assert!(step_swap(&earlier, &ended("t")).is_none());
+        assert!(step_swap("not json", &ended("t")).is_none());
+    }
 }

@@ -189,13 +189,18 @@ impl Write {
                 }
             }
             Self::Step(f, s) => {
-                inv.arg("step").arg(4).arg(SETTLE + 4);
+                inv.arg("step").arg(4).arg(SETTLE + 7);
                 chain_keys(inv, f, &s.chain_id);
                 settle(inv, f);
                 inv.arg(&s.step)
                     .arg(s.outcome)
                     .arg(super::chain::step_fields(&s.fields))
                     .arg(keys.chain_wait_prefix(&s.chain_id));
+                let seen = s.seen.as_deref();
+                match seen.and_then(|seen| Some((seen, super::chain::step_swap(seen, s)?))) {
+                    Some((seen, (state, children))) => inv.arg(seen).arg(state).arg(children),
+                    None => inv.arg("").arg("").arg(""),
+                };
             }
             Self::Await {
                 finish,

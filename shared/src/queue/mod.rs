@@ -48,7 +48,7 @@ pub use batch::{
     BatchAnswer, BatchPark, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Settle,
     Taken,
 };
-pub use chain::{ChainsPage, Refused};
+pub use chain::{ChainsPage, Refused, StepContext};
 pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::{PROGRESS_TTL, Progress, Tick};

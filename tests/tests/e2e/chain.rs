@@ -1707,6 +1707,7 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
                 task_id: draft_id,
                 ..StepState::default()
             },
+            seen: None,
         }),
     );
     env.redis
@@ -1818,4 +1819,149 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
         .unwrap();
     assert_eq!(record.json, Some(json!({"city": "x"})), "{record:?}");
     w.stop().await.unwrap();
+}
+
+/// A step's end swaps in the state its worker built from the state it read before running
+/// (no JSON decoded in Redis) only while the stored state is still that text: one that
+/// changed meanwhile (here, the chain was cancelled) is left as it is, as when the script
+/// merges the fields itself.
+#[tokio::test]
+async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() {
+    use llmq_shared::chain::{Chain, StepOutcome, StepState};
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::{Finish, Write};
+    use redis::AsyncCommands;
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-swap", env.queue);
+    let spec = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "plan", "prompt": "Plan it"},
+        {"name": "build", "after": ["plan"], "prompt": "Build it"},
+        {"name": "docs", "after": ["build"], "prompt": "Document it"}]});
+    let read = |n: usize| {
+        let (redis, keys) = (env.redis.clone(), env.keys.clone());
+        async move {
+            let mut conn = redis.blocking_conn().await.unwrap();
+            redis
+                .read(&mut conn, &keys, "tester", n, None)
+                .await
+                .unwrap()
+        }
+    };
+    let ttl = Duration::from_secs(60);
+    env.xadd("chain", spec.to_string().as_bytes())
+        .await
+        .unwrap();
+    let entry = read(1).await.remove(0);
+    let chain = Chain::parse(
+        spec.to_string().as_bytes(),
+        1 << 20,
+        &env.queue,
+        &entry.entry_id,
+    )
+    .unwrap();
+    let expand = Write::Expand {
+        entry_id: entry.entry_id,
+        chain: Box::new(chain),
+    };
+    env.redis
+        .write(&env.keys, "tester", ttl, &[expand])
+        .await
+        .unwrap();
+    // What a worker reads before it runs a step, and writes when the step ends.
+    let end = |entry_id: String, name: &'static str, seen: Option<Box<str>>| {
+        let task_id = llmq_shared::chain::step_task_id(&id, name, 0).to_string();
+        Write::Step(
+            Finish::done(
+                entry_id,
+                task_id.clone(),
+                TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+            ),
+            Box::new(StepOutcome {
+                chain_id: id.clone(),
+                step: name.into(),
+                outcome: "succeeded",
+                fields: StepState {
+                    task_id,
+                    provider: Some("mock".into()),
+                    model: Some(format!("model-of-{name}")),
+                    cost_usd: 0.25,
+                    ..StepState::default()
+                },
+                seen,
+            }),
+        )
+    };
+    let seen = |name: &'static str| {
+        let (redis, keys, id) = (env.redis.clone(), env.keys.clone(), id.clone());
+        async move {
+            let context = redis.step_context(&keys, &id, name).await.unwrap().unwrap();
+            context.own.unwrap()
+        }
+    };
+
+    // Unchanged since it was read: swapped in, and the chain moves on.
+    let plan = read(1).await.remove(0);
+    let plan_seen = seen("plan").await;
+    assert!(plan_seen.contains("\"queued\""), "{plan_seen}");
+    let applied = env
+        .redis
+        .write(
+            &env.keys,
+            "tester",
+            ttl,
+            &[end(plan.entry_id, "plan", Some(plan_seen))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied, [true]);
+    let state = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    let plan_state = &state.steps["plan"];
+    assert_eq!(
+        (
+            plan_state.status.as_str(),
+            plan_state.model.as_deref(),
+            plan_state.cost_usd
+        ),
+        ("succeeded", Some("model-of-plan"), 0.25),
+        "{state:#?}"
+    );
+    assert_eq!(status(&state, "build"), "queued", "{state:#?}");
+    let mut conn = env.redis.conn().await.unwrap();
+    let steps = env.keys.chain_steps(&id);
+    let plan_raw: String = conn.hget(&steps, "plan").await.unwrap();
+    // Lua's encoder would have written the empty list as `{}`.
+    assert!(
+        plan_raw.contains(r#""waits":[]"#),
+        "swapped in as its worker built it, not decoded and encoded by the script: {plan_raw}"
+    );
+
+    // Read, then the chain is cancelled before the step ends: the step stays cancelled,
+    // and the chain's count of unfinished steps is not taken down a second time.
+    let build = read(1).await.remove(0);
+    let build_seen = seen("build").await;
+    let cancelled = env.redis.cancel_chain(&env.keys, &id).await.unwrap();
+    assert_eq!(cancelled, Ok(2), "build and docs are cancelled");
+    let before: Option<String> = conn.hget(&steps, "build").await.unwrap();
+    let applied = env
+        .redis
+        .write(
+            &env.keys,
+            "tester",
+            ttl,
+            &[end(build.entry_id, "build", Some(build_seen))],
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied, [true], "the task's own entry is acked");
+    let after: Option<String> = conn.hget(&steps, "build").await.unwrap();
+    assert_eq!(
+        after, before,
+        "a state changed since it was read is not swapped"
+    );
+    let state = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
+    assert_eq!(state.state, "cancelled", "{state:#?}");
+    assert_eq!(status(&state, "build"), "cancelled", "{state:#?}");
+    let pending: Option<i64> = conn.hget(env.keys.chain(&id), "pending").await.unwrap();
+    assert_eq!(pending, Some(0));
 }

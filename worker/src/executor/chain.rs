@@ -11,7 +11,7 @@ use llmq_shared::envelope::Envelope;
 use llmq_shared::envelope::Tier;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
-use llmq_shared::queue::Client;
+use llmq_shared::queue::{Client, StepContext};
 use llmq_shared::routing::Constraints;
 
 use llmq_shared::provider::Completion;
@@ -103,7 +103,8 @@ pub(super) enum Reading {
     },
 }
 
-/// Reads what step `env.step` of chain `env.chain_id` needs, and decides how to run it.
+/// Reads what step `env.step` of chain `env.chain_id` needs, and decides how to run it;
+/// `seen` gets the step's state as read (see `StepOutcome::seen`).
 ///
 /// # Errors
 /// Redis fails (the caller hands the task back: the worker's fault, not the task's).
@@ -115,16 +116,19 @@ pub(super) async fn prepare(
     env: &Envelope,
     config: &Config,
     max_bytes: usize,
+    seen: &mut Option<Box<str>>,
 ) -> llmq_shared::queue::Result<Prepared> {
     let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
         return Ok(Prepared::Fatal("the task names a step but no chain".into()));
     };
-    let Some((step, states)) = redis.step_context(keys, chain_id, name).await? else {
+    let Some(StepContext { step, states, own }) = redis.step_context(keys, chain_id, name).await?
+    else {
         return Ok(Prepared::Fatal(format!(
             "chain `{chain_id}` has no step `{name}` in queue `{}` (expired, or submitted elsewhere)",
             keys.name()
         )));
     };
+    *seen = own;
     // Only the task the chain enqueued for the step's current round may run it, and only
     // while the step is queued: a task naming a step is otherwise a forgery (or a stale
     // copy), and it must not finish the step, least of all one that waits for a person.

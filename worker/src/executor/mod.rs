@@ -179,6 +179,8 @@ struct StepPlan {
     settled: Option<Box<Outcome>>,
     /// For a review or a check: the task whose output its verdict judges.
     judged: Option<String>,
+    /// Its state as read before it ran (`StepOutcome::seen`).
+    seen: Option<Box<str>>,
 }
 
 /// A task parsed from its delivery and ready to run: small, so a task in flight carries it
@@ -219,6 +221,7 @@ impl Executor {
             env,
             &self.config,
             self.max_payload_bytes,
+            &mut step.seen,
         )
         .await
         {
@@ -735,6 +738,7 @@ impl Executor {
                 rework,
                 escalation,
                 judged,
+                seen,
                 ..
             } = step.map(|s| *s).unwrap_or_default();
             let mut record = running(&queue, task_id, &env, task_type);
@@ -831,6 +835,9 @@ impl Executor {
             );
             finished.verdict = verdict;
             finished.keep = keep;
+            if let Write::Step(_, ended) = &mut finished.write {
+                ended.seen = seen;
+            }
             finished
         }
     }
@@ -1141,6 +1148,7 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
             error: record.error.clone(),
             ..StepState::default()
         },
+        seen: None,
     })
 }
 
@@ -1197,6 +1205,7 @@ fn cancelled(
             error: Some(why),
             ..StepState::default()
         },
+        seen: None,
     };
     let finish = Finish::done(entry_id, task_id, record);
     Finished::new(queue, Write::Step(finish, Box::new(step)), Vec::new())

@@ -13,6 +13,13 @@
 -- per step instead (named from `wait_prefix`, in the queue's hash tag); both are read when
 -- a state lacks its own.
 --
+-- The worker may send the step's state as it read it before running the step (`seen`), the
+-- state it becomes (`new`: the fields merged over it, the outcome as its status) and its
+-- children (`children`, joined by ','). While the stored state is still `seen`, `new` is
+-- swapped in as it is: no JSON is decoded or encoded for the step itself. Otherwise (a
+-- sibling's rejection folded findings into it, the chain was cancelled meanwhile, or the
+-- worker sent none) the fields are merged here.
+--
 -- The helpers live at the top of the script, not in `advance`: a script that moves many
 -- steps creates them once. `advance` sets the keys they work on (`adv`) for each step.
 local adv = {}
@@ -108,24 +115,35 @@ adv_cancel = function(n, why, s)
 end
 
 local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now,
-    ttl)
+    ttl, seen, new, children_csv)
   adv = {stream = stream, chain = chain, steps = steps, tasks = tasks,
     wait_prefix = wait_prefix}
-  local s = adv_get(name)
-  local fields = cjson.decode(fields_json)
-  -- A task of an earlier round, or not the chain's at all, does not end the step; nor does
-  -- any task end a step that is not queued (blocked, or waiting for a person).
-  if s and fields.task_id and (fields.task_id ~= s.task_id or s.status ~= 'queued') then
-    s = nil
+  local raw = redis.call('HGET', steps, name)
+  local children
+  if seen and seen ~= '' and raw == seen then
+    -- The worker found the step queued and its own; it still is.
+    redis.call('HSET', steps, name, new)
+    children = {}
+    for child in string.gmatch(children_csv, '[^,]+') do
+      children[#children + 1] = child
+    end
+  else
+    local s = raw and cjson.decode(raw)
+    local fields = cjson.decode(fields_json)
+    -- A task of an earlier round, or not the chain's at all, does not end the step; nor
+    -- does any task end a step that is not queued (blocked, or waiting for a person).
+    if s and fields.task_id and (fields.task_id ~= s.task_id or s.status ~= 'queued') then
+      s = nil
+    end
+    if not s or adv_final(s.status) then
+      return
+    end
+    for k, v in pairs(fields) do s[k] = v end
+    s.status = outcome
+    adv_put(name, s)
+    children = adv_node(name, s).children
   end
-  if not s or adv_final(s.status) then
-    return
-  end
-  for k, v in pairs(fields) do s[k] = v end
-  s.status = outcome
-  adv_put(name, s)
   adv.left = redis.call('HINCRBY', chain, 'pending', -1)
-  local children = adv_node(name, s).children
   if outcome == 'succeeded' then
     for _, child in ipairs(children) do
       adv_parent_done(child, name, true)
