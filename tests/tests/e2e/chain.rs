@@ -1646,35 +1646,23 @@ async fn two_reviews_that_reject_at_once_send_the_work_back_once_with_both_findi
 /// Two reviews' rejections of the same work written in one batch: the work goes into one
 /// new round, once in the stream, carrying the second review's findings folded in; both
 /// reviews wait for it.
-#[tokio::test]
-async fn two_rejections_in_one_batch_fold_into_one_round() {
-    use llmq_shared::chain::{Chain, StepOutcome, StepState};
-    use llmq_shared::outcome::{Status, TaskRecord};
-    use llmq_shared::queue::{Finish, Write};
-    let env = TestEnv::new().await.unwrap();
-    env.redis.ensure_group(&env.keys).await.unwrap();
-    let id = format!("{}-fold", env.queue);
-    let review = |name: &str| {
-        json!({"name": name, "kind": "review", "after": ["draft"], "reviews": "draft",
-               "on_reject": {"rerun": "draft", "max_rounds": 2}})
-    };
-    let spec = json!({"v": 1, "chain_id": id, "steps": [
-        {"name": "draft", "prompt": "Write it"}, review("review_a"), review("review_b")]});
-    let read = |n: usize| {
-        let (redis, keys) = (env.redis.clone(), env.keys.clone());
-        async move {
-            let mut conn = redis.blocking_conn().await.unwrap();
-            redis
-                .read(&mut conn, &keys, "tester", n, None)
-                .await
-                .unwrap()
-        }
-    };
-    let ttl = Duration::from_secs(60);
+/// Reads up to `n` of the queue's entries as consumer `tester`, without blocking.
+async fn read_as_tester(env: &TestEnv, n: usize) -> Vec<llmq_shared::queue::Delivery> {
+    let mut conn = env.redis.blocking_conn().await.unwrap();
+    env.redis
+        .read(&mut conn, &env.keys, "tester", n, None)
+        .await
+        .unwrap()
+}
+
+/// Submits chain `spec` with one XADD and expands it as consumer `tester`, as a worker would.
+async fn expand_as_tester(env: &TestEnv, spec: &Value) {
+    use llmq_shared::chain::Chain;
+    use llmq_shared::queue::Write;
     env.xadd("chain", spec.to_string().as_bytes())
         .await
         .unwrap();
-    let entry = read(1).await.remove(0);
+    let entry = read_as_tester(env, 1).await.remove(0);
     let chain = Chain::parse(
         spec.to_string().as_bytes(),
         1 << 20,
@@ -1687,9 +1675,28 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
         chain: Box::new(chain),
     };
     env.redis
-        .write(&env.keys, "tester", ttl, &[expand])
+        .write(&env.keys, "tester", Duration::from_secs(60), &[expand])
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn two_rejections_in_one_batch_fold_into_one_round() {
+    use llmq_shared::chain::{StepOutcome, StepState};
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::{Finish, Write};
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-fold", env.queue);
+    let review = |name: &str| {
+        json!({"name": name, "kind": "review", "after": ["draft"], "reviews": "draft",
+               "on_reject": {"rerun": "draft", "max_rounds": 2}})
+    };
+    let spec = json!({"v": 1, "chain_id": id, "steps": [
+        {"name": "draft", "prompt": "Write it"}, review("review_a"), review("review_b")]});
+    let read = |n: usize| read_as_tester(&env, n);
+    let ttl = Duration::from_secs(60);
+    expand_as_tester(&env, &spec).await;
     // The draft succeeds: both reviews are enqueued.
     let draft = read(1).await.remove(0);
     let draft_id = llmq_shared::chain::step_task_id(&id, "draft", 0).to_string();
@@ -1827,7 +1834,7 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
 /// merges the fields itself.
 #[tokio::test]
 async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() {
-    use llmq_shared::chain::{Chain, StepOutcome, StepState};
+    use llmq_shared::chain::{StepOutcome, StepState};
     use llmq_shared::outcome::{Status, TaskRecord};
     use llmq_shared::queue::{Finish, Write};
     use redis::AsyncCommands;
@@ -1838,36 +1845,9 @@ async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() 
         {"name": "plan", "prompt": "Plan it"},
         {"name": "build", "after": ["plan"], "prompt": "Build it"},
         {"name": "docs", "after": ["build"], "prompt": "Document it"}]});
-    let read = |n: usize| {
-        let (redis, keys) = (env.redis.clone(), env.keys.clone());
-        async move {
-            let mut conn = redis.blocking_conn().await.unwrap();
-            redis
-                .read(&mut conn, &keys, "tester", n, None)
-                .await
-                .unwrap()
-        }
-    };
+    let read = |n: usize| read_as_tester(&env, n);
     let ttl = Duration::from_secs(60);
-    env.xadd("chain", spec.to_string().as_bytes())
-        .await
-        .unwrap();
-    let entry = read(1).await.remove(0);
-    let chain = Chain::parse(
-        spec.to_string().as_bytes(),
-        1 << 20,
-        &env.queue,
-        &entry.entry_id,
-    )
-    .unwrap();
-    let expand = Write::Expand {
-        entry_id: entry.entry_id,
-        chain: Box::new(chain),
-    };
-    env.redis
-        .write(&env.keys, "tester", ttl, &[expand])
-        .await
-        .unwrap();
+    expand_as_tester(&env, &spec).await;
     // What a worker reads before it runs a step, and writes when the step ends.
     let end = |entry_id: String, name: &'static str, seen: Option<Box<str>>| {
         let task_id = llmq_shared::chain::step_task_id(&id, name, 0).to_string();
