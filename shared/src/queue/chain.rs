@@ -480,15 +480,19 @@ pub struct StepContext {
     pub own: Option<Box<str>>,
 }
 
-/// The step's state once `s` is recorded, built from `seen` (its text as the worker read it
-/// before running the step), and the step's children joined by `,` (names have no comma):
+/// The step's state once `s` is recorded with `fields` (its [`step_field_map`]), built from
+/// `seen` (its text as the worker read it before running the step), and the step's children joined by `,` (names have no comma):
 /// the step script swaps this state in, and moves along to these children, when the stored
 /// state is still `seen`, instead of decoding the state and `s`'s fields and encoding them
 /// again (three of a step's five JSON operations in Lua). `None` when `seen` is not a
 /// state this task may end (not queued, or another task's) or names no children (a chain
 /// expanded by an earlier version): the script then merges the fields itself, as it always
 /// could. Its merge is the script's: every field of `s` over the state, then the outcome.
-pub(super) fn step_swap(seen: &str, s: &StepOutcome) -> Option<(String, String)> {
+pub(super) fn step_swap(
+    seen: &str,
+    s: &StepOutcome,
+    fields: serde_json::Map<String, serde_json::Value>,
+) -> Option<(String, String)> {
     let Ok(serde_json::Value::Object(mut state)) = serde_json::from_str(seen) else {
         return None;
     };
@@ -506,17 +510,13 @@ pub(super) fn step_swap(seen: &str, s: &StepOutcome) -> Option<(String, String)>
         _ => return None,
     };
     let children = children.join(",");
-    state.extend(step_field_map(&s.fields));
+    state.extend(fields);
     state.insert("status".into(), s.outcome.into());
     Some((serde_json::Value::Object(state).to_string(), children))
 }
 
 /// The fields a finished step records, as the step script merges them.
-pub(super) fn step_fields(s: &StepState) -> String {
-    serde_json::Value::Object(step_field_map(s)).to_string()
-}
-
-fn step_field_map(s: &StepState) -> serde_json::Map<String, serde_json::Value> {
+pub(super) fn step_field_map(s: &StepState) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
     let mut put = |k: &str, v: Option<&String>| {
         if let Some(v) = v {
@@ -570,11 +570,16 @@ mod tests {
         }
     }
 
+    fn swap(seen: &str, task_id: &str) -> Option<(String, String)> {
+        let s = ended(task_id);
+        step_swap(seen, &s, step_field_map(&s.fields))
+    }
+
     #[test]
     fn a_swap_is_built_only_from_a_queued_state_of_the_same_task_that_names_its_children() {
         let queued = r#"{"status":"queued","task_id":"t","round":1,"ok":1,"failed":0,
             "children":["a","b"],"join":false,"min_success":1,"waits":{},"folded":["x"]}"#;
-        let (state, children) = step_swap(queued, &ended("t")).unwrap();
+        let (state, children) = swap(queued, "t").unwrap();
         assert_eq!(children, "a,b");
         let state: serde_json::Value = serde_json::from_str(&state).unwrap();
         // The fields over the state, the outcome as its status; the rest as it was.
@@ -586,13 +591,13 @@ mod tests {
         assert_eq!(state["children"], serde_json::json!(["a", "b"]));
         // Lua writes an empty list as `{}`.
         let last = queued.replace(r#"["a","b"]"#, "{}");
-        assert_eq!(step_swap(&last, &ended("t")).unwrap().1, "");
+        assert_eq!(swap(&last, "t").unwrap().1, "");
 
         // The script decides these itself.
-        assert!(step_swap(queued, &ended("another")).is_none());
-        assert!(step_swap(&queued.replace("queued", "cancelled"), &ended("t")).is_none());
+        assert!(swap(queued, "another").is_none());
+        assert!(swap(&queued.replace("queued", "cancelled"), "t").is_none());
         let earlier = queued.replace(r#""children":["a","b"],"#, "");
-        assert!(step_swap(&earlier, &ended("t")).is_none());
-        assert!(step_swap("not json", &ended("t")).is_none());
+        assert!(swap(&earlier, "t").is_none());
+        assert!(swap("not json", "t").is_none());
     }
 }

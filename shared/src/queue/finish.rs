@@ -192,12 +192,16 @@ impl Write {
                 inv.arg("step").arg(4).arg(SETTLE + 7);
                 chain_keys(inv, f, &s.chain_id);
                 settle(inv, f);
+                let fields = super::chain::step_field_map(&s.fields);
                 inv.arg(&s.step)
                     .arg(s.outcome)
-                    .arg(super::chain::step_fields(&s.fields))
+                    // A map of strings and a number: it always serializes.
+                    .arg(serde_json::to_string(&fields).unwrap_or_default())
                     .arg(keys.chain_wait_prefix(&s.chain_id));
-                let seen = s.seen.as_deref();
-                match seen.and_then(|seen| Some((seen, super::chain::step_swap(seen, s)?))) {
+                let swap = s.seen.as_deref().and_then(|seen| {
+                    super::chain::step_swap(seen, s, fields).map(|swap| (seen, swap))
+                });
+                match swap {
                     Some((seen, (state, children))) => inv.arg(seen).arg(state).arg(children),
                     None => inv.arg("").arg("").arg(""),
                 };

@@ -369,19 +369,11 @@ async fn the_scheduler_rolls_and_a_reader_that_may_not_roll_reads_what_was_rolle
     let reader_url = url.replacen("postgres@", &format!("{role}@"), 1);
     assert_ne!(reader_url, url, "the test server's URL names its user");
     let reader = Ledger::connect(&reader_url, 1).await.unwrap();
-    let day = at - Duration::days(1);
     let by_provider = |ledger: Ledger| async move {
-        ledger
-            .costs(
-                day,
-                day + Duration::days(3),
-                llmq_shared::ledger::Scope::All,
-                llmq_shared::ledger::GroupBy::Provider,
-            )
+        calls_by_provider(&ledger, at)
             .await
-            .unwrap()
             .iter()
-            .map(|l| l.calls)
+            .map(|(_, calls)| calls)
             .sum::<i64>()
     };
     assert_eq!(by_provider(reader.clone()).await, 1);
@@ -396,6 +388,25 @@ async fn the_scheduler_rolls_and_a_reader_that_may_not_roll_reads_what_was_rolle
     }
 }
 
+/// `llmq costs --by provider` around `at` (a report, so it rolls first): calls by provider.
+async fn calls_by_provider(ledger: &Ledger, at: DateTime<Utc>) -> Vec<(String, i64)> {
+    let day = at - Duration::days(1);
+    let mut lines: Vec<(String, i64)> = ledger
+        .costs(
+            day,
+            day + Duration::days(3),
+            llmq_shared::ledger::Scope::All,
+            llmq_shared::ledger::GroupBy::Provider,
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.key, l.calls))
+        .collect();
+    lines.sort();
+    lines
+}
+
 /// The rollups are summed after the rows are written, up to a line of transaction ids
 /// (migration 20261204000001): a transaction left open (a long report, a session idle in a
 /// transaction) holds back its own rows, which are summed once it commits, and no other's.
@@ -407,23 +418,7 @@ async fn a_transaction_left_open_holds_back_only_its_own_rows() {
     let other = sqlx::PgPool::connect(&url).await.unwrap();
     let at = Utc::now();
     let answered = |provider: &str| answered(provider, at);
-    let calls_by_provider = || async {
-        let day = at - Duration::days(1);
-        let mut lines: Vec<(String, i64)> = ledger
-            .costs(
-                day,
-                day + Duration::days(3),
-                llmq_shared::ledger::Scope::All,
-                llmq_shared::ledger::GroupBy::Provider,
-            )
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|l| (l.key, l.calls))
-            .collect();
-        lines.sort();
-        lines
-    };
+    let calls_by_provider = || calls_by_provider(&ledger, at);
 
     // A call written in a transaction that stays open, begun before the others.
     let mut open = other.begin().await.unwrap();
