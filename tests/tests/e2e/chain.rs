@@ -1945,3 +1945,180 @@ async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() 
     let pending: Option<i64> = conn.hget(env.keys.chain(&id), "pending").await.unwrap();
     assert_eq!(pending, Some(0));
 }
+
+/// A step's state as the swap and the script's merge must both leave it, over a seeded
+/// generator of chains (a step with up to three children, some of which also wait for a
+/// second root, merges and judges, either `on_failure`), outcomes and recorded fields (text
+/// that JSON must escape, costs Lua's encoder rounds): the same chain is expanded twice, its
+/// first step ended in one with the state its worker read (the swap) and in the other
+/// without (the script's merge), and both chains must then hold the same states, counts and
+/// enqueued steps. Lua writes an empty list as `{}` and a number to 14 digits; nothing else
+/// may differ.
+#[tokio::test]
+async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
+    use llmq_shared::chain::{StepOutcome, StepState, step_task_id};
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::{Finish, Write};
+    use llmq_tests::harness::SeededRng;
+    use redis::AsyncCommands;
+    const CASES: usize = 200;
+    const PIECES: &[&str] = &[
+        "plain", " ", "\"", "\\", "/", "\n", "\t", "\u{1}", "é", "💥", "{}", "[]", "null",
+        "\u{2028}",
+    ];
+    const COSTS: &[f64] = &[0.0, 0.25, 0.1 + 0.2, 1e-9, 123_456.789_012_345, 1e300];
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut rng = SeededRng(0x5EED_C4A1_5A4B_0001);
+    let mut conn = env.redis.conn().await.unwrap();
+    let ttl = Duration::from_secs(60);
+
+    // A chain's states with what may differ between the two paths taken out.
+    fn normal(v: &Value) -> Value {
+        match v {
+            Value::Object(m) if m.is_empty() => json!([]),
+            Value::Object(m) => m
+                .iter()
+                .filter(|(k, _)| *k != "task_id")
+                .map(|(k, v)| (k.clone(), normal(v)))
+                .collect::<serde_json::Map<_, _>>()
+                .into(),
+            Value::Array(a) => a.iter().map(normal).collect(),
+            Value::Number(n) => json!(format!("{:.12e}", n.as_f64().unwrap())),
+            v => v.clone(),
+        }
+    }
+    let text = |rng: &mut SeededRng| -> Option<String> {
+        (rng.below(4) != 0).then(|| {
+            (0..1 + rng.below(6))
+                .map(|_| PIECES[rng.below(PIECES.len())])
+                .collect()
+        })
+    };
+
+    for case in 0..CASES {
+        let mut steps = vec![
+            json!({"name": "s", "prompt": "start"}),
+            json!({"name": "o", "prompt": "other"}),
+        ];
+        for c in 0..rng.below(4) {
+            let after = match rng.below(3) {
+                0 => json!(["s"]),
+                1 => json!(["s", "o"]),
+                _ => json!(["o", "s"]),
+            };
+            let mut step = json!({"name": format!("c{c}"), "after": after, "prompt": "child"});
+            if after.as_array().unwrap().len() == 2 && rng.below(2) == 0 {
+                step["kind"] = json!("judge");
+                step["min_success"] = json!(1 + rng.below(2));
+            }
+            steps.push(step);
+            if c == 0 && rng.below(2) == 0 {
+                steps.push(json!({"name": "g", "after": ["c0"], "prompt": "grandchild"}));
+            }
+        }
+        let on_failure = ["cancel_descendants", "fail_chain"][rng.below(2)];
+        let outcome = ["succeeded", "failed", "cancelled"][rng.below(3)];
+        let (provider, model, summary, error) = (
+            text(&mut rng),
+            text(&mut rng),
+            text(&mut rng),
+            text(&mut rng),
+        );
+        let cost_usd = COSTS[rng.below(COSTS.len())];
+
+        let mut ends = Vec::new();
+        let mut ids = Vec::new();
+        for swap in [true, false] {
+            let id = format!("{}-merge-{case}-{swap}", env.queue);
+            let spec = json!({"v": 1, "chain_id": id, "on_failure": on_failure, "steps": steps});
+            expand_as_tester(&env, &spec).await;
+            let roots = read_as_tester(&env, 2).await;
+            let s = roots
+                .into_iter()
+                .find(|d| {
+                    let task: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
+                    task["step"] == "s"
+                })
+                .unwrap();
+            let seen = if swap {
+                let context = env.redis.step_context(&env.keys, &id, "s").await.unwrap();
+                Some(context.unwrap().own.unwrap())
+            } else {
+                None
+            };
+            let task_id = step_task_id(&id, "s", 0).to_string();
+            ends.push(Write::Step(
+                Finish::done(
+                    s.entry_id,
+                    task_id.clone(),
+                    TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+                ),
+                Box::new(StepOutcome {
+                    chain_id: id.clone(),
+                    step: "s".into(),
+                    outcome,
+                    fields: StepState {
+                        task_id,
+                        provider: provider.clone(),
+                        model: model.clone(),
+                        summary: summary.clone(),
+                        error: error.clone(),
+                        cost_usd,
+                        ..StepState::default()
+                    },
+                    seen,
+                }),
+            ));
+            ids.push(id);
+        }
+        let applied = env
+            .redis
+            .write(&env.keys, "tester", ttl, &ends)
+            .await
+            .unwrap();
+        assert_eq!(applied, [true, true], "case {case}");
+
+        // What each chain enqueued: its steps' names, in order.
+        let mut enqueued: [Vec<String>; 2] = Default::default();
+        for d in read_as_tester(&env, 16).await {
+            let task: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
+            let chain = usize::from(task["chain_id"] == ids[1].as_str());
+            enqueued[chain].push(task["step"].as_str().unwrap().to_owned());
+        }
+        let mut held = Vec::new();
+        for id in &ids {
+            let states: std::collections::HashMap<String, String> =
+                conn.hgetall(env.keys.chain_steps(id)).await.unwrap();
+            let chain: Vec<Option<String>> = redis::cmd("HMGET")
+                .arg(env.keys.chain(id))
+                .arg(&["state", "pending", "failed", "cancelled"])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let s = states["s"].clone();
+            let states: serde_json::Map<String, Value> = states
+                .iter()
+                .map(|(k, v)| (k.clone(), normal(&serde_json::from_str(v).unwrap())))
+                .collect();
+            held.push((Value::Object(states), chain, s));
+        }
+        // The first took the swap (Lua would have written the empty list as `{}`), the
+        // second the script's merge.
+        assert!(
+            held[0].2.contains(r#""waits":[]"#),
+            "case {case}: {}",
+            held[0].2
+        );
+        assert!(
+            held[1].2.contains(r#""waits":{}"#),
+            "case {case}: {}",
+            held[1].2
+        );
+        assert_eq!(
+            (&held[0].0, &held[0].1, &enqueued[0]),
+            (&held[1].0, &held[1].1, &enqueued[1]),
+            "case {case}: {steps:?} ended {outcome} with on_failure {on_failure}"
+        );
+    }
+}
