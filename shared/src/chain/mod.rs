@@ -23,7 +23,7 @@ use crate::envelope::{self, Envelope, Risk, TaskType};
 mod tests;
 
 mod state;
-pub use state::{ChainState, Rerun, StepOutcome, StepState};
+pub use state::{ChainState, Rerun, Seen, StepOutcome, StepState};
 
 /// The only chain version this build understands.
 pub const VERSION: u64 = 1;

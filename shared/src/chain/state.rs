@@ -159,10 +159,20 @@ pub struct StepOutcome {
     /// `succeeded`, `failed` or `cancelled`.
     pub outcome: &'static str,
     pub fields: StepState,
-    /// The step's state as the worker read it before running the step, when it did: the
-    /// step script then swaps in the state built from it, without decoding JSON, if the
-    /// state is still this text (see `queue::chain::step_swap`).
-    pub seen: Option<Box<str>>,
+    /// The step's state and its children's as the worker read them before running the
+    /// step, when it did: the step script then swaps in the states built from them, without
+    /// decoding JSON, if they are still these texts (see `queue::chain::step_swap`).
+    pub seen: Option<Box<Seen>>,
+}
+
+/// A chain step's state and its children's, as its worker read them before running it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    /// The step's own state.
+    pub own: Box<str>,
+    /// Each child's state, in the order of the step's `children` (empty where a child has
+    /// none).
+    pub children: Box<[Box<str>]>,
 }
 
 impl StepOutcome {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::{Script, Value};
 
 use super::{Client, Result};
-use crate::chain::{Chain, ChainState, Rerun, Step, StepOutcome, StepState};
+use crate::chain::{Chain, ChainState, Rerun, Seen, Step, StepOutcome, StepState};
 use crate::keys::QueueKeys;
 
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_cancel.lua")));
@@ -257,8 +257,8 @@ impl Client {
     }
 
     /// What a step needs before it runs: its definition, every step's state, and its own
-    /// state's text as stored (for [`step_swap`]); `None` when there is no such chain or step.
-    /// Reads the step's own definition, not the spec.
+    /// state's and its children's texts as stored (for [`step_swap`]); `None` when there is
+    /// no such chain or step. Reads the step's own definition, not the spec.
     ///
     /// # Errors
     /// Redis fails, or what is stored is not a chain.
@@ -269,7 +269,7 @@ impl Client {
         step: &str,
     ) -> Result<Option<StepContext>> {
         let mut c = self.conn().await?;
-        let (def, steps): (Option<String>, HashMap<String, String>) = redis::pipe()
+        let (def, mut steps): (Option<String>, HashMap<String, String>) = redis::pipe()
             .hget(keys.chain(chain_id), format!("def:{step}"))
             .hgetall(keys.chain_steps(chain_id))
             .query_async(&mut c)
@@ -282,18 +282,22 @@ impl Client {
                 .await?
                 .and_then(|c| c.spec.step(step).cloned()),
         };
-        let mut own = None;
         let states = steps
-            .into_iter()
-            .filter_map(|(name, json)| {
-                let state = serde_json::from_str(&json).ok()?;
-                if name == step {
-                    own = Some(json.into_boxed_str());
-                }
-                Some((name, state))
-            })
+            .iter()
+            .filter_map(|(name, json)| Some((name.clone(), serde_json::from_str(json).ok()?)))
             .collect();
-        Ok(def.map(|step| StepContext { step, states, own }))
+        let seen = steps.remove(step).map(|own| {
+            let children = node_children(&own)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|c| steps.remove(&c).unwrap_or_default().into_boxed_str())
+                .collect();
+            Box::new(Seen {
+                own: own.into_boxed_str(),
+                children,
+            })
+        });
+        Ok(def.map(|step| StepContext { step, states, seen }))
     }
 
     /// The states of some steps of a chain, in order (`None` where there is none).
@@ -476,43 +480,122 @@ pub struct StepContext {
     pub step: Step,
     /// Every step's state.
     pub states: HashMap<String, StepState>,
-    /// Its own state's text as stored, if it has one.
-    pub own: Option<Box<str>>,
+    /// Its own state's and its children's texts as stored, if it has a state.
+    pub seen: Option<Box<Seen>>,
 }
 
-/// The step's state once `s` is recorded with `fields` (its [`step_field_map`]), built from
-/// `seen` (its text as the worker read it before running the step), and the step's children joined by `,` (names have no comma):
-/// the step script swaps this state in, and moves along to these children, when the stored
-/// state is still `seen`, instead of decoding the state and `s`'s fields and encoding them
-/// again (three of a step's five JSON operations in Lua). `None` when `seen` is not a
-/// state this task may end (not queued, or another task's) or names no children (a chain
-/// expanded by an earlier version): the script then merges the fields itself, as it always
-/// could. Its merge is the script's: every field of `s` over the state, then the outcome.
+/// What the step script swaps in when a step ends and the states its worker read are still
+/// the stored ones ([`step_swap`]).
+pub(super) struct Swap {
+    /// The step's state: the fields merged over it, the outcome as its status.
+    pub state: String,
+    /// Its children, joined by `,` (names have no comma).
+    pub children: String,
+    /// Each child's state once the step succeeded, and whether it is then enqueued, in the
+    /// order of `children`; empty when the script moves the children itself.
+    pub moves: Vec<(String, bool)>,
+}
+
+/// What the step script swaps in when step `s` ends with `fields` (its [`step_field_map`]),
+/// built from `seen` (the states its worker read before running it), instead of decoding
+/// the states and `s`'s fields and encoding them again. The step's state is merged as the
+/// script merges it: every field of `s` over the state, then the outcome. A succeeded
+/// step's children are moved as the script moves them ([`child_after`]), unless one would
+/// be cancelled: the script then moves them all itself.
+///
+/// `None` when the step's state is not one this task may end (not queued, or another
+/// task's) or names no children (a chain expanded by an earlier version): the script then
+/// merges the fields itself, as it always could.
 pub(super) fn step_swap(
-    seen: &str,
+    seen: &Seen,
     s: &StepOutcome,
     fields: serde_json::Map<String, serde_json::Value>,
-) -> Option<(String, String)> {
-    let Ok(serde_json::Value::Object(mut state)) = serde_json::from_str(seen) else {
+) -> Option<Swap> {
+    let Ok(serde_json::Value::Object(mut state)) = serde_json::from_str(&seen.own) else {
         return None;
     };
     let text = |k: &str| state.get(k).and_then(serde_json::Value::as_str);
     if text("status") != Some("queued") || text("task_id") != Some(s.fields.task_id.as_str()) {
         return None;
     }
-    // Lua's JSON encoder writes an empty list as `{}`.
-    let children: Vec<&str> = match state.get("children")? {
-        serde_json::Value::Array(c) => c
+    let children = node_children_of(&state)?;
+    let moves = if s.outcome == "succeeded" && children.len() == seen.children.len() {
+        seen.children
             .iter()
-            .map(serde_json::Value::as_str)
-            .collect::<Option<_>>()?,
-        serde_json::Value::Object(c) if c.is_empty() => Vec::new(),
-        _ => return None,
+            .map(|c| child_after(c, &s.step))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
+    } else {
+        Vec::new()
     };
     let children = children.join(",");
     state.extend(fields);
     state.insert("status".into(), s.outcome.into());
-    Some((serde_json::Value::Object(state).to_string(), children))
+    Some(Swap {
+        state: serde_json::Value::Object(state).to_string(),
+        children,
+        moves,
+    })
+}
+
+/// A step's children as its state `raw` names them; `None` when the state names none (a
+/// chain expanded by an earlier version keeps them in its `graph`).
+fn node_children(raw: &str) -> Option<Vec<String>> {
+    let serde_json::Value::Object(state) = serde_json::from_str(raw).ok()? else {
+        return None;
+    };
+    Some(
+        node_children_of(&state)?
+            .into_iter()
+            .map(str::to_owned)
+            .collect(),
+    )
+}
+
+fn node_children_of(state: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<&str>> {
+    // Lua's JSON encoder writes an empty list as `{}`.
+    match state.get("children")? {
+        serde_json::Value::Array(c) => c.iter().map(serde_json::Value::as_str).collect(),
+        serde_json::Value::Object(c) if c.is_empty() => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// Child state `raw` once its parent `parent` succeeded, and whether it is then enqueued,
+/// as `lua/advance.lua` moves it: a child that ended, or does not wait for `parent`, stays
+/// as it is; otherwise `parent` leaves what it waits for and counts as a parent that
+/// succeeded, and a child that waited for it last is queued. `None` when it would be
+/// cancelled instead (too few of its parents succeeded) or its state is not of this layout.
+fn child_after(raw: &str, parent: &str) -> Option<(String, bool)> {
+    let serde_json::Value::Object(mut c) = serde_json::from_str(raw).ok()? else {
+        return None;
+    };
+    let unchanged = Some((raw.to_owned(), false));
+    if matches!(
+        c.get("status")?.as_str()?,
+        "succeeded" | "failed" | "cancelled"
+    ) {
+        return unchanged;
+    }
+    let waits = match c.get_mut("waits")? {
+        serde_json::Value::Array(w) => w,
+        serde_json::Value::Object(w) if w.is_empty() => return unchanged,
+        _ => return None,
+    };
+    let Some(at) = waits.iter().position(|p| p.as_str() == Some(parent)) else {
+        return unchanged;
+    };
+    waits.remove(at);
+    let ready = waits.is_empty();
+    let ok = c.get("ok")?.as_u64()? + 1;
+    c.insert("ok".into(), ok.into());
+    if ready {
+        if ok < c.get("min_success")?.as_u64()? {
+            return None;
+        }
+        c.insert("status".into(), "queued".into());
+    }
+    Some((serde_json::Value::Object(c).to_string(), ready))
 }
 
 /// The fields a finished step records, as the step script merges them.
@@ -570,16 +653,22 @@ mod tests {
         }
     }
 
-    fn swap(seen: &str, task_id: &str) -> Option<(String, String)> {
+    fn swap(own: &str, task_id: &str) -> Option<Swap> {
         let s = ended(task_id);
-        step_swap(seen, &s, step_field_map(&s.fields))
+        let seen = Seen {
+            own: own.into(),
+            children: Box::new([]),
+        };
+        step_swap(&seen, &s, step_field_map(&s.fields))
     }
 
     #[test]
     fn a_swap_is_built_only_from_a_queued_state_of_the_same_task_that_names_its_children() {
         let queued = r#"{"status":"queued","task_id":"t","round":1,"ok":1,"failed":0,
             "children":["a","b"],"join":false,"min_success":1,"waits":{},"folded":["x"]}"#;
-        let (state, children) = swap(queued, "t").unwrap();
+        let Swap {
+            state, children, ..
+        } = swap(queued, "t").unwrap();
         assert_eq!(children, "a,b");
         let state: serde_json::Value = serde_json::from_str(&state).unwrap();
         // The fields over the state, the outcome as its status; the rest as it was.
@@ -591,7 +680,7 @@ mod tests {
         assert_eq!(state["children"], serde_json::json!(["a", "b"]));
         // Lua writes an empty list as `{}`.
         let last = queued.replace(r#"["a","b"]"#, "{}");
-        assert_eq!(swap(&last, "t").unwrap().1, "");
+        assert_eq!(swap(&last, "t").unwrap().children, "");
 
         // The script decides these itself.
         assert!(swap(queued, "another").is_none());
@@ -599,5 +688,51 @@ mod tests {
         let earlier = queued.replace(r#""children":["a","b"],"#, "");
         assert!(swap(&earlier, "t").is_none());
         assert!(swap("not json", "t").is_none());
+    }
+
+    #[test]
+    fn a_child_moves_as_the_script_moves_it_or_is_left_to_the_script() {
+        let child = |status: &str, waits: &str, ok: u32, min_success: u32| {
+            format!(
+                r#"{{"status":"{status}","task_id":"c","round":0,"ok":{ok},"failed":0,"children":[],"join":true,"min_success":{min_success},"waits":{waits}}}"#
+            )
+        };
+        let moved = |raw: &str| {
+            let (state, queued) = child_after(raw, "s").unwrap();
+            (
+                serde_json::from_str::<serde_json::Value>(&state).unwrap(),
+                queued,
+            )
+        };
+        // Still waiting for another parent: one parent fewer, one more that succeeded.
+        let (c, queued) = moved(&child("blocked", r#"["o","s"]"#, 0, 1));
+        assert_eq!(
+            (&c["status"], &c["waits"], &c["ok"], queued),
+            (
+                &"blocked".into(),
+                &serde_json::json!(["o"]),
+                &1.into(),
+                false
+            )
+        );
+        // Waited for it last, with enough parents that succeeded: queued.
+        let (c, queued) = moved(&child("blocked", r#"["s"]"#, 1, 2));
+        assert_eq!(
+            (&c["status"], &c["waits"], &c["ok"], queued),
+            (&"queued".into(), &serde_json::json!([]), &2.into(), true)
+        );
+        // Ended, or not waiting for it: as it was.
+        for raw in [
+            child("cancelled", r#"["s"]"#, 0, 1),
+            child("blocked", r#"["o"]"#, 0, 1),
+            child("blocked", "{}", 0, 1),
+        ] {
+            assert_eq!(child_after(&raw, "s"), Some((raw.clone(), false)));
+        }
+        // Cancelled for too few parents that succeeded, or an earlier layout: the script's.
+        assert_eq!(child_after(&child("blocked", r#"["s"]"#, 0, 2), "s"), None);
+        let earlier = child("blocked", r#"["s"]"#, 0, 1).replace(r#","waits":["s"]"#, "");
+        assert_eq!(child_after(&earlier, "s"), None);
+        assert_eq!(child_after("not json", "s"), None);
     }
 }

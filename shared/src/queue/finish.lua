@@ -15,7 +15,9 @@
 --   step:   result key, chain, steps, tasks; settle, step, outcome (succeeded, failed or
 --           cancelled), step state fields as json, prefix of the chain's wait sets, then
 --           the step's state as the worker read it, its new state and its children (see
---           advance.lua; three empty strings when the worker built no new state)
+--           advance.lua; three empty strings when the worker built no new state), then,
+--           when the worker moved the children too, three per child: its state as read,
+--           its new state, and '1' when it is then enqueued
 --   await:  result key, steps, approvals; settle, task id, chain id, step, deadline (ms)
 --   rerun:  result key, chain, steps, tasks; settle, task id, step, then 7 per rerun:
 --           name, task id, envelope, round, waits, ok (see rerun.lua), fold
@@ -215,7 +217,8 @@ while a <= last do
         end
       elseif op == 'step' then
         advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],
-          ARGV[b + 8], ARGV[b + 9], now, ttl, ARGV[b + 10], ARGV[b + 11], ARGV[b + 12])
+          ARGV[b + 8], ARGV[b + 9], now, ttl, ARGV[b + 10], ARGV[b + 11], ARGV[b + 12],
+          na > 13 and b + 13 or nil)
       elseif op == 'await' then
         await_step(k, b)
       elseif op == 'rerun' then

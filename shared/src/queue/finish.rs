@@ -189,22 +189,31 @@ impl Write {
                 }
             }
             Self::Step(f, s) => {
-                inv.arg("step").arg(4).arg(SETTLE + 7);
-                chain_keys(inv, f, &s.chain_id);
-                settle(inv, f);
                 let fields = super::chain::step_field_map(&s.fields);
-                inv.arg(&s.step)
-                    .arg(s.outcome)
-                    // A map of strings and a number: it always serializes.
-                    .arg(serde_json::to_string(&fields).unwrap_or_default())
-                    .arg(keys.chain_wait_prefix(&s.chain_id));
+                // A map of strings and a number: it always serializes.
+                let fields_json = serde_json::to_string(&fields).unwrap_or_default();
                 let swap = s.seen.as_deref().and_then(|seen| {
                     super::chain::step_swap(seen, s, fields).map(|swap| (seen, swap))
                 });
+                let moves = swap.as_ref().map_or(0, |(_, swap)| swap.moves.len());
+                inv.arg("step").arg(4).arg(SETTLE + 7 + 3 * moves);
+                chain_keys(inv, f, &s.chain_id);
+                settle(inv, f);
+                inv.arg(&s.step)
+                    .arg(s.outcome)
+                    .arg(fields_json)
+                    .arg(keys.chain_wait_prefix(&s.chain_id));
                 match swap {
-                    Some((seen, (state, children))) => inv.arg(seen).arg(state).arg(children),
-                    None => inv.arg("").arg("").arg(""),
-                };
+                    Some((seen, swap)) => {
+                        inv.arg(&*seen.own).arg(swap.state).arg(swap.children);
+                        for (was, (now, queued)) in seen.children.iter().zip(swap.moves) {
+                            inv.arg(&**was).arg(now).arg(if queued { "1" } else { "" });
+                        }
+                    }
+                    None => {
+                        inv.arg("").arg("").arg("");
+                    }
+                }
             }
             Self::Await {
                 finish,

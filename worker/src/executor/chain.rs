@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use llmq_shared::chain::{self, Distinct, Kind, Reference};
-use llmq_shared::chain::{ChainState, Rerun, StepState};
+use llmq_shared::chain::{ChainState, Rerun, Seen, StepState};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::envelope::Tier;
@@ -116,12 +116,16 @@ pub(super) async fn prepare(
     env: &Envelope,
     config: &Config,
     max_bytes: usize,
-    seen: &mut Option<Box<str>>,
+    seen: &mut Option<Box<Seen>>,
 ) -> llmq_shared::queue::Result<Prepared> {
     let (Some(chain_id), Some(name)) = (env.chain_id.as_deref(), env.step.as_deref()) else {
         return Ok(Prepared::Fatal("the task names a step but no chain".into()));
     };
-    let Some(StepContext { step, states, own }) = redis.step_context(keys, chain_id, name).await?
+    let Some(StepContext {
+        step,
+        states,
+        seen: own,
+    }) = redis.step_context(keys, chain_id, name).await?
     else {
         return Ok(Prepared::Fatal(format!(
             "chain `{chain_id}` has no step `{name}` in queue `{}` (expired, or submitted elsewhere)",

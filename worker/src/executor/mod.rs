@@ -180,7 +180,7 @@ struct StepPlan {
     /// For a review or a check: the task whose output its verdict judges.
     judged: Option<String>,
     /// Its state as read before it ran (`StepOutcome::seen`).
-    seen: Option<Box<str>>,
+    seen: Option<Box<llmq_shared::chain::Seen>>,
 }
 
 /// A task parsed from its delivery and ready to run: small, so a task in flight carries it

@@ -18,7 +18,10 @@
 -- children (`children`, joined by ','). While the stored state is still `seen`, `new` is
 -- swapped in as it is: no JSON is decoded or encoded for the step itself. Otherwise (a
 -- sibling's rejection folded findings into it, the chain was cancelled meanwhile, or the
--- worker sent none) the fields are merged here.
+-- worker sent none) the fields are merged here. For a step that succeeded the worker may
+-- also send its children's moves (`moves`: the index in ARGV of three per child, as read,
+-- as moved, '1' when then enqueued); while the step's and every child's states are still
+-- as read, they are all swapped in with one HSET, and the children moved here otherwise.
 --
 -- The helpers live at the top of the script, not in `advance`: a script that moves many
 -- steps creates them once. `advance` sets the keys they work on (`adv`) for each step.
@@ -114,19 +117,56 @@ adv_cancel = function(n, why, s)
   end
 end
 
+-- Swaps in the step's state and its children's as the worker moved them (`moves`), if
+-- every one is still as the worker read it; false otherwise, having written nothing.
+local function adv_moved(name, seen, new, children, moves)
+  local names = {name}
+  for i, child in ipairs(children) do
+    names[i + 1] = child
+  end
+  local now = redis.call('HMGET', adv.steps, unpack(names))
+  if now[1] ~= seen then
+    return false
+  end
+  local put = {name, new}
+  for i, child in ipairs(children) do
+    local m = moves + 3 * (i - 1)
+    if now[i + 1] ~= ARGV[m] then
+      return false
+    end
+    if ARGV[m + 1] ~= ARGV[m] then
+      put[#put + 1] = child
+      put[#put + 1] = ARGV[m + 1]
+    end
+  end
+  redis.call('HSET', adv.steps, unpack(put))
+  for i, child in ipairs(children) do
+    if ARGV[moves + 3 * i - 1] == '1' then
+      redis.call('XADD', adv.stream, '*', 'task', redis.call('HGET', adv.tasks, child))
+    end
+  end
+  return true
+end
+
 local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now,
-    ttl, seen, new, children_csv)
+    ttl, seen, new, children_csv, moves)
   adv = {stream = stream, chain = chain, steps = steps, tasks = tasks,
     wait_prefix = wait_prefix}
-  local raw = redis.call('HGET', steps, name)
   local children
-  if seen and seen ~= '' and raw == seen then
-    -- The worker found the step queued and its own; it still is.
-    redis.call('HSET', steps, name, new)
+  local moved = false
+  if seen and seen ~= '' then
     children = {}
     for child in string.gmatch(children_csv, '[^,]+') do
       children[#children + 1] = child
     end
+    moved = moves and outcome == 'succeeded' and adv_moved(name, seen, new, children, moves)
+  end
+  local raw = not moved and redis.call('HGET', steps, name)
+  if moved then
+    -- Done: the step, its children, and those of them it was the last parent of enqueued.
+  elseif children and raw == seen then
+    -- The worker found the step queued and its own; it still is.
+    redis.call('HSET', steps, name, new)
   else
     local s = raw and cjson.decode(raw)
     local fields = cjson.decode(fields_json)
@@ -144,7 +184,8 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
     children = adv_node(name, s).children
   end
   adv.left = redis.call('HINCRBY', chain, 'pending', -1)
-  if outcome == 'succeeded' then
+  if moved then
+  elseif outcome == 'succeeded' then
     for _, child in ipairs(children) do
       adv_parent_done(child, name, true)
     end
