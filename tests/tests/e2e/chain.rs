@@ -2028,49 +2028,57 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
         );
         let cost_usd = COSTS[rng.below(COSTS.len())];
 
+        // The other root ends, or not, between the first step's read and its end.
+        let other_ends = (rng.below(2) == 0).then(|| ["succeeded", "failed"][rng.below(2)]);
         let mut ends = Vec::new();
         let mut ids = Vec::new();
         for swap in [true, false] {
             let id = format!("{}-merge-{case}-{swap}", env.queue);
             let spec = json!({"v": 1, "chain_id": id, "on_failure": on_failure, "steps": steps});
             expand_as_tester(&env, &spec).await;
-            let roots = read_as_tester(&env, 2).await;
-            let s = roots
-                .into_iter()
-                .find(|d| {
-                    let task: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
-                    task["step"] == "s"
-                })
-                .unwrap();
-            let seen = if swap {
-                let context = env.redis.step_context(&env.keys, &id, "s").await.unwrap();
-                Some(context.unwrap().seen.unwrap())
-            } else {
-                None
+            let mut entries = std::collections::HashMap::new();
+            for d in read_as_tester(&env, 2).await {
+                let task: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
+                entries.insert(task["step"].as_str().unwrap().to_owned(), d.entry_id);
+            }
+            let mut contexts = Vec::new();
+            for name in ["s", "o"] {
+                let context = env.redis.step_context(&env.keys, &id, name).await.unwrap();
+                contexts.push(context.unwrap().seen.filter(|_| swap));
+            }
+            let o_seen = contexts.pop().unwrap();
+            let s_seen = contexts.pop().unwrap();
+            let end = |name: &str, outcome, fields: StepState, seen| {
+                let task_id = step_task_id(&id, name, 0).to_string();
+                Write::Step(
+                    Finish::done(
+                        entries[name].clone(),
+                        task_id.clone(),
+                        TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+                    ),
+                    Box::new(StepOutcome {
+                        chain_id: id.clone(),
+                        step: name.into(),
+                        outcome,
+                        fields: StepState { task_id, ..fields },
+                        seen,
+                    }),
+                )
             };
-            let task_id = step_task_id(&id, "s", 0).to_string();
-            ends.push(Write::Step(
-                Finish::done(
-                    s.entry_id,
-                    task_id.clone(),
-                    TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
-                ),
-                Box::new(StepOutcome {
-                    chain_id: id.clone(),
-                    step: "s".into(),
-                    outcome,
-                    fields: StepState {
-                        task_id,
-                        provider: provider.clone(),
-                        model: model.clone(),
-                        summary: summary.clone(),
-                        error: error.clone(),
-                        cost_usd,
-                        ..StepState::default()
-                    },
-                    seen,
-                }),
-            ));
+            if let Some(other) = other_ends {
+                let write = [end("o", other, StepState::default(), o_seen)];
+                let applied = env.redis.write(&env.keys, "tester", ttl, &write).await;
+                assert_eq!(applied.unwrap(), [true], "case {case}");
+            }
+            let fields = StepState {
+                provider: provider.clone(),
+                model: model.clone(),
+                summary: summary.clone(),
+                error: error.clone(),
+                cost_usd,
+                ..StepState::default()
+            };
+            ends.push(end("s", outcome, fields, s_seen));
             ids.push(id);
         }
         let applied = env
@@ -2107,25 +2115,29 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
         }
         // A step that succeeded moved its children as its worker built them too: the
         // script encoded no state of the chain.
-        if outcome == "succeeded" {
-            assert!(!held[0].3, "case {case}: {:?}", held[0].0);
+        // Unless the other root ended first: the first took the swap (Lua would have written
+        // the empty list as `{}`), and a step that succeeded moved its children as its worker
+        // built them too (the script encoded no state of the chain); the second took the
+        // script's merge.
+        if other_ends.is_none() {
+            assert!(
+                held[0].2.contains(r#""waits":[]"#),
+                "case {case}: {}",
+                held[0].2
+            );
+            assert!(
+                held[1].2.contains(r#""waits":{}"#),
+                "case {case}: {}",
+                held[1].2
+            );
+            if outcome == "succeeded" {
+                assert!(!held[0].3, "case {case}: {:?}", held[0].0);
+            }
         }
-        // The first took the swap (Lua would have written the empty list as `{}`), the
-        // second the script's merge.
-        assert!(
-            held[0].2.contains(r#""waits":[]"#),
-            "case {case}: {}",
-            held[0].2
-        );
-        assert!(
-            held[1].2.contains(r#""waits":{}"#),
-            "case {case}: {}",
-            held[1].2
-        );
         assert_eq!(
             (&held[0].0, &held[0].1, &enqueued[0]),
             (&held[1].0, &held[1].1, &enqueued[1]),
-            "case {case}: {steps:?} ended {outcome} with on_failure {on_failure}"
+            "case {case}: {steps:?} ended {outcome} (the other root {other_ends:?}) with on_failure {on_failure}"
         );
     }
 }

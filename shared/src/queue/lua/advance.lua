@@ -118,7 +118,8 @@ adv_cancel = function(n, why, s)
 end
 
 -- Swaps in the step's state and its children's as the worker moved them (`moves`), if
--- every one is still as the worker read it; false otherwise, having written nothing.
+-- every one is still as the worker read it; false otherwise, having written nothing. Then
+-- the step's state as it was stored.
 local function adv_moved(name, seen, new, children, moves)
   local names = {name}
   for i, child in ipairs(children) do
@@ -126,13 +127,13 @@ local function adv_moved(name, seen, new, children, moves)
   end
   local now = redis.call('HMGET', adv.steps, unpack(names))
   if now[1] ~= seen then
-    return false
+    return false, now[1]
   end
   local put = {name, new}
   for i, child in ipairs(children) do
     local m = moves + 3 * (i - 1)
     if now[i + 1] ~= ARGV[m] then
-      return false
+      return false, now[1]
     end
     if ARGV[m + 1] ~= ARGV[m] then
       put[#put + 1] = child
@@ -145,23 +146,26 @@ local function adv_moved(name, seen, new, children, moves)
       redis.call('XADD', adv.stream, '*', 'task', redis.call('HGET', adv.tasks, child))
     end
   end
-  return true
+  return true, now[1]
 end
 
 local function advance(stream, chain, steps, tasks, name, outcome, fields_json, wait_prefix, now,
     ttl, seen, new, children_csv, moves)
   adv = {stream = stream, chain = chain, steps = steps, tasks = tasks,
     wait_prefix = wait_prefix}
-  local children
-  local moved = false
+  local children, moved, raw
   if seen and seen ~= '' then
     children = {}
     for child in string.gmatch(children_csv, '[^,]+') do
       children[#children + 1] = child
     end
-    moved = moves and outcome == 'succeeded' and adv_moved(name, seen, new, children, moves)
+    if moves and outcome == 'succeeded' then
+      moved, raw = adv_moved(name, seen, new, children, moves)
+    end
   end
-  local raw = not moved and redis.call('HGET', steps, name)
+  if raw == nil then
+    raw = redis.call('HGET', steps, name)
+  end
   if moved then
     -- Done: the step, its children, and those of them it was the last parent of enqueued.
   elseif children and raw == seen then
