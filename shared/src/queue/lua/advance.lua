@@ -206,9 +206,9 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
       end
     end
   end
-  if adv.left <= 0 and redis.call('HGET', chain, 'state') == 'running' then
-    local counts = redis.call('HMGET', chain, 'failed', 'cancelled')
-    local failed = tonumber(counts[1]) > 0 or tonumber(counts[2]) > 0
+  local head = adv.left <= 0 and redis.call('HMGET', chain, 'state', 'failed', 'cancelled')
+  if head and head[1] == 'running' then
+    local failed = tonumber(head[2]) > 0 or tonumber(head[3]) > 0
     redis.call('HSET', chain, 'state', failed and 'failed' or 'succeeded', 'finished_at', now)
     for _, key in ipairs({chain, steps, tasks}) do
       redis.call('EXPIRE', key, ttl)
