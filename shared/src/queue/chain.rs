@@ -518,7 +518,7 @@ pub(super) fn step_swap(
     if text("status") != Some("queued") || text("task_id") != Some(s.fields.task_id.as_str()) {
         return None;
     }
-    let children = node_children_of(&state)?;
+    let children = names(state.get("children")?)?;
     let moves = if s.outcome == "succeeded" && children.len() == seen.children.len() {
         seen.children
             .iter()
@@ -539,22 +539,19 @@ pub(super) fn step_swap(
 }
 
 /// A step's children as its state `raw` names them; `None` when the state names none (a
-/// chain expanded by an earlier version keeps them in its `graph`).
+/// chain expanded by an earlier version keeps them in its `graph`). Reads no other field.
 fn node_children(raw: &str) -> Option<Vec<String>> {
-    let serde_json::Value::Object(state) = serde_json::from_str(raw).ok()? else {
-        return None;
-    };
-    Some(
-        node_children_of(&state)?
-            .into_iter()
-            .map(str::to_owned)
-            .collect(),
-    )
+    #[derive(serde::Deserialize)]
+    struct Node {
+        children: Option<serde_json::Value>,
+    }
+    let children = serde_json::from_str::<Node>(raw).ok()?.children?;
+    Some(names(&children)?.into_iter().map(str::to_owned).collect())
 }
 
-fn node_children_of(state: &serde_json::Map<String, serde_json::Value>) -> Option<Vec<&str>> {
-    // Lua's JSON encoder writes an empty list as `{}`.
-    match state.get("children")? {
+/// The names in a state's list `v`: Lua's JSON encoder writes an empty list as `{}`.
+fn names(v: &serde_json::Value) -> Option<Vec<&str>> {
+    match v {
         serde_json::Value::Array(c) => c.iter().map(serde_json::Value::as_str).collect(),
         serde_json::Value::Object(c) if c.is_empty() => Some(Vec::new()),
         _ => None,
