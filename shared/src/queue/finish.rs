@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
 
-use super::{Client, Finish, Result, now_ms};
+use super::{Client, Finish, FinishKind, Result, now_ms};
 use crate::chain::{Chain, Rerun, StepOutcome};
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
@@ -168,6 +168,19 @@ impl Write {
                 .key(keys.chain_tasks(chain_id));
         };
         match self {
+            // The common item, in three args: no kind, envelope or counts to send.
+            Self::Task(Finish {
+                entry_id,
+                task_id,
+                kind: FinishKind::Done,
+                record: Some(record),
+                key_end: None,
+                batch_id: None,
+                ..
+            }) => {
+                inv.arg("done").arg(entry_id).arg(record.to_json());
+                inv.key(keys.result(task_id));
+            }
             Self::Task(f) => {
                 let ends_key = f.key_end.as_deref();
                 let args = SETTLE
