@@ -189,10 +189,12 @@ local function batch_finished(stream, name)
 end
 
 local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
-local group, consumer, ttl, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+-- Numbers stay the text they came as: Redis would print a Lua number back to text for every
+-- command that takes it.
+local group, consumer, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 -- One XPENDING for the whole batch: what this consumer still holds in the batch's range.
 local mine = {}
-for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[5], ARGV[6], 1000000, consumer)) do
+for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[5], ARGV[6], '1000000', consumer)) do
   mine[p[1]] = true
 end
 local done, out = {}, {}

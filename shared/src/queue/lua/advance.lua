@@ -110,8 +110,8 @@ adv_cancel = function(n, why, s)
   s.status = 'cancelled'
   s.error = why
   adv_put(n, s)
-  adv.left = redis.call('HINCRBY', adv.chain, 'pending', -1)
-  redis.call('HINCRBY', adv.chain, 'cancelled', 1)
+  adv.left = redis.call('HINCRBY', adv.chain, 'pending', '-1')
+  redis.call('HINCRBY', adv.chain, 'cancelled', '1')
   for _, child in ipairs(adv_node(n, s).children) do
     adv_parent_done(child, n, false)
   end
@@ -187,14 +187,14 @@ local function advance(stream, chain, steps, tasks, name, outcome, fields_json, 
     adv_put(name, s)
     children = adv_node(name, s).children
   end
-  adv.left = redis.call('HINCRBY', chain, 'pending', -1)
+  adv.left = redis.call('HINCRBY', chain, 'pending', '-1')
   if moved then
   elseif outcome == 'succeeded' then
     for _, child in ipairs(children) do
       adv_parent_done(child, name, true)
     end
   else
-    redis.call('HINCRBY', chain, outcome, 1)
+    redis.call('HINCRBY', chain, outcome, '1')
     local on_failure = redis.call('HGET', chain, 'on_failure') or adv_graph()['.on_failure']
     if on_failure == 'fail_chain' and outcome == 'failed' then
       for _, other in ipairs(redis.call('HKEYS', steps)) do
