@@ -1951,10 +1951,11 @@ async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() 
 /// generator of chains (a step with up to three children, some of which also wait for a
 /// second root, merges and judges, either `on_failure`), outcomes and recorded fields (text
 /// that JSON must escape, costs Lua's encoder rounds): the same chain is expanded twice, its
-/// first step ended in one with the state its worker read (the swap) and in the other
-/// without (the script's merge), and both chains must then hold the same states, counts and
-/// enqueued steps. Lua writes an empty list as `{}` and a number to 14 digits; nothing else
-/// may differ.
+/// first step ended in one with the states its worker read (the swap, its children moved by
+/// the worker) and in the other without (the script's merge), the chain's other root ending
+/// or not in between (so the swap may find the states changed), and both chains must then
+/// hold the same states, counts and enqueued steps. Lua writes an empty list as `{}` and a
+/// number to 14 digits; nothing else may differ.
 #[tokio::test]
 async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
     use llmq_shared::chain::{StepOutcome, StepState, step_task_id};
@@ -2113,8 +2114,6 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
                 .collect();
             held.push((Value::Object(states), chain, s, lua_wrote));
         }
-        // A step that succeeded moved its children as its worker built them too: the
-        // script encoded no state of the chain.
         // Unless the other root ended first: the first took the swap (Lua would have written
         // the empty list as `{}`), and a step that succeeded moved its children as its worker
         // built them too (the script encoded no state of the chain); the second took the

@@ -104,7 +104,7 @@ pub(super) enum Reading {
 }
 
 /// Reads what step `env.step` of chain `env.chain_id` needs, and decides how to run it;
-/// `seen` gets the step's state as read (see `StepOutcome::seen`).
+/// `seen` gets the step's state and its children's as read (see `StepOutcome::seen`).
 ///
 /// # Errors
 /// Redis fails (the caller hands the task back: the worker's fault, not the task's).
@@ -124,7 +124,7 @@ pub(super) async fn prepare(
     let Some(StepContext {
         step,
         states,
-        seen: own,
+        seen: read,
     }) = redis.step_context(keys, chain_id, name).await?
     else {
         return Ok(Prepared::Fatal(format!(
@@ -132,7 +132,7 @@ pub(super) async fn prepare(
             keys.name()
         )));
     };
-    *seen = own;
+    *seen = read;
     // Only the task the chain enqueued for the step's current round may run it, and only
     // while the step is queued: a task naming a step is otherwise a forgery (or a stale
     // copy), and it must not finish the step, least of all one that waits for a person.

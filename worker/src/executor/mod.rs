@@ -179,7 +179,7 @@ struct StepPlan {
     settled: Option<Box<Outcome>>,
     /// For a review or a check: the task whose output its verdict judges.
     judged: Option<String>,
-    /// Its state as read before it ran (`StepOutcome::seen`).
+    /// Its state and its children's as read before it ran (`StepOutcome::seen`).
     seen: Option<Box<llmq_shared::chain::Seen>>,
 }
 
