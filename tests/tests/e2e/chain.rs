@@ -1643,9 +1643,6 @@ async fn two_reviews_that_reject_at_once_send_the_work_back_once_with_both_findi
     w.stop().await.unwrap();
 }
 
-/// Two reviews' rejections of the same work written in one batch: the work goes into one
-/// new round, once in the stream, carrying the second review's findings folded in; both
-/// reviews wait for it.
 /// Reads up to `n` of the queue's entries as consumer `tester`, without blocking.
 async fn read_as_tester(env: &TestEnv, n: usize) -> Vec<llmq_shared::queue::Delivery> {
     let mut conn = env.redis.blocking_conn().await.unwrap();
@@ -1680,9 +1677,50 @@ async fn expand_as_tester(env: &TestEnv, spec: &Value) {
         .unwrap();
 }
 
+/// What a worker writes when round 0 of step `name` of chain `chain_id` (its entry
+/// `entry_id`) ends with `outcome`: `fields` recorded as the step's task's, and `seen`, the
+/// states it read before the call, when it read them.
+fn step_end(
+    env: &TestEnv,
+    chain_id: &str,
+    name: &str,
+    entry_id: String,
+    outcome: &'static str,
+    fields: llmq_shared::chain::StepState,
+    seen: Option<Box<llmq_shared::chain::Seen>>,
+) -> llmq_shared::queue::Write {
+    use llmq_shared::chain::{StepOutcome, StepState};
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::{Finish, Write};
+    let task_id = llmq_shared::chain::step_task_id(chain_id, name, 0).to_string();
+    Write::Step(
+        Finish::done(
+            entry_id,
+            task_id.clone(),
+            TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+        ),
+        Box::new(StepOutcome {
+            chain_id: chain_id.to_owned(),
+            step: name.into(),
+            outcome,
+            fields: StepState { task_id, ..fields },
+            seen,
+        }),
+    )
+}
+
+/// The step a delivered chain task runs.
+fn step_of(d: &llmq_shared::queue::Delivery) -> String {
+    let task: Value = serde_json::from_slice(d.payload.as_deref().unwrap()).unwrap();
+    task["step"].as_str().unwrap().to_owned()
+}
+
+/// Two reviews' rejections of the same work written in one batch: the work goes into one
+/// new round, once in the stream, carrying the second review's findings folded in; both
+/// reviews wait for it.
 #[tokio::test]
 async fn two_rejections_in_one_batch_fold_into_one_round() {
-    use llmq_shared::chain::{StepOutcome, StepState};
+    use llmq_shared::chain::StepState;
     use llmq_shared::outcome::{Status, TaskRecord};
     use llmq_shared::queue::{Finish, Write};
     let env = TestEnv::new().await.unwrap();
@@ -1699,23 +1737,14 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
     expand_as_tester(&env, &spec).await;
     // The draft succeeds: both reviews are enqueued.
     let draft = read(1).await.remove(0);
-    let draft_id = llmq_shared::chain::step_task_id(&id, "draft", 0).to_string();
-    let done = Write::Step(
-        Finish::done(
-            draft.entry_id,
-            draft_id.clone(),
-            TaskRecord::pending(&draft_id, &env.queue, Status::Succeeded),
-        ),
-        Box::new(StepOutcome {
-            chain_id: id.clone(),
-            step: "draft".into(),
-            outcome: "succeeded",
-            fields: StepState {
-                task_id: draft_id,
-                ..StepState::default()
-            },
-            seen: None,
-        }),
+    let done = step_end(
+        &env,
+        &id,
+        "draft",
+        draft.entry_id,
+        "succeeded",
+        StepState::default(),
+        None,
     );
     env.redis
         .write(&env.keys, "tester", ttl, &[done])
@@ -1746,13 +1775,9 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
             reruns,
         }
     };
-    let by_name = |d: &llmq_shared::queue::Delivery| {
-        let e: Value = serde_json::from_slice(d.payload.as_deref().unwrap()).unwrap();
-        e["step"].as_str().unwrap().to_owned()
-    };
     let writes: Vec<Write> = reviews
         .iter()
-        .map(|d| rejection(&d.entry_id, &by_name(d)))
+        .map(|d| rejection(&d.entry_id, &step_of(d)))
         .collect();
     assert_eq!(
         env.redis
@@ -1780,7 +1805,7 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
     }
     let queued = read(10).await;
     assert_eq!(queued.len(), 1, "the draft is enqueued once");
-    assert_eq!(by_name(&queued[0]), "draft");
+    assert_eq!(step_of(&queued[0]), "draft");
 }
 
 #[tokio::test]
@@ -1834,9 +1859,7 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
 /// merges the fields itself.
 #[tokio::test]
 async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() {
-    use llmq_shared::chain::{StepOutcome, StepState};
-    use llmq_shared::outcome::{Status, TaskRecord};
-    use llmq_shared::queue::{Finish, Write};
+    use llmq_shared::chain::StepState;
     use redis::AsyncCommands;
     let env = TestEnv::new().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
@@ -1849,30 +1872,15 @@ async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() 
     let ttl = Duration::from_secs(60);
     expand_as_tester(&env, &spec).await;
     // What a worker reads before it runs a step, and writes when the step ends.
-    let end =
-        |entry_id: String, name: &'static str, seen: Option<Box<llmq_shared::chain::Seen>>| {
-            let task_id = llmq_shared::chain::step_task_id(&id, name, 0).to_string();
-            Write::Step(
-                Finish::done(
-                    entry_id,
-                    task_id.clone(),
-                    TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
-                ),
-                Box::new(StepOutcome {
-                    chain_id: id.clone(),
-                    step: name.into(),
-                    outcome: "succeeded",
-                    fields: StepState {
-                        task_id,
-                        provider: Some("mock".into()),
-                        model: Some(format!("model-of-{name}")),
-                        cost_usd: 0.25,
-                        ..StepState::default()
-                    },
-                    seen,
-                }),
-            )
+    let end = |entry_id: String, name: &str, seen| {
+        let fields = StepState {
+            provider: Some("mock".into()),
+            model: Some(format!("model-of-{name}")),
+            cost_usd: 0.25,
+            ..StepState::default()
         };
+        step_end(&env, &id, name, entry_id, "succeeded", fields, seen)
+    };
     let seen = |name: &'static str| {
         let (redis, keys, id) = (env.redis.clone(), env.keys.clone(), id.clone());
         async move {
@@ -1958,9 +1966,7 @@ async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() 
 /// number to 14 digits; nothing else may differ.
 #[tokio::test]
 async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
-    use llmq_shared::chain::{StepOutcome, StepState, step_task_id};
-    use llmq_shared::outcome::{Status, TaskRecord};
-    use llmq_shared::queue::{Finish, Write};
+    use llmq_shared::chain::StepState;
     use llmq_tests::harness::SeededRng;
     use redis::AsyncCommands;
     const CASES: usize = 200;
@@ -2039,8 +2045,7 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
             expand_as_tester(&env, &spec).await;
             let mut entries = std::collections::HashMap::new();
             for d in read_as_tester(&env, 2).await {
-                let task: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
-                entries.insert(task["step"].as_str().unwrap().to_owned(), d.entry_id);
+                entries.insert(step_of(&d), d.entry_id);
             }
             let mut contexts = Vec::new();
             for name in ["s", "o"] {
@@ -2049,21 +2054,15 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
             }
             let o_seen = contexts.pop().unwrap();
             let s_seen = contexts.pop().unwrap();
-            let end = |name: &str, outcome, fields: StepState, seen| {
-                let task_id = step_task_id(&id, name, 0).to_string();
-                Write::Step(
-                    Finish::done(
-                        entries[name].clone(),
-                        task_id.clone(),
-                        TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
-                    ),
-                    Box::new(StepOutcome {
-                        chain_id: id.clone(),
-                        step: name.into(),
-                        outcome,
-                        fields: StepState { task_id, ..fields },
-                        seen,
-                    }),
+            let end = |name: &str, outcome, fields, seen| {
+                step_end(
+                    &env,
+                    &id,
+                    name,
+                    entries[name].clone(),
+                    outcome,
+                    fields,
+                    seen,
                 )
             };
             if let Some(other) = other_ends {
@@ -2094,7 +2093,7 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
         for d in read_as_tester(&env, 16).await {
             let task: Value = serde_json::from_slice(d.payload.as_ref().unwrap()).unwrap();
             let chain = usize::from(task["chain_id"] == ids[1].as_str());
-            enqueued[chain].push(task["step"].as_str().unwrap().to_owned());
+            enqueued[chain].push(step_of(&d));
         }
         let mut held = Vec::new();
         for id in &ids {
