@@ -200,55 +200,46 @@ end
 local done, out = {}, {}
 local k, a, last = 4, 7, #ARGV
 while a <= last do
-  local op = ARGV[a]
-  if op == 'done' then
-    local entry = ARGV[a + 1]
-    if mine[entry] then
-      mine[entry] = nil
-      redis.call('SET', KEYS[k], ARGV[a + 2], 'EX', ttl)
-      done[#done + 1] = entry
-      out[#out + 1] = 1
-    else
-      out[#out + 1] = 0
-    end
-    k, a = k + 1, a + 3
-  else
-    local nk, na = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-    local b = a + 3
-    local entry = ARGV[b]
-    if mine[entry] then
-      mine[entry] = nil
-      if op == 'expand' then
-        expand(stream, k, b, na, now)
-      elseif op == 'park' then
-        park(stream, k, b, now)
-      else
-        settle(stream, group, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
-          ARGV[b + 4], ARGV[b + 5], now, ttl)
-        if op == 'task' then
-          if na >= 9 then
-            end_key(stream, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
-          end
-          if na == 7 or na == 10 then
-            batch_finished(stream, ARGV[b + na - 1])
-          end
-        elseif op == 'step' then
-          advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],
-            ARGV[b + 8], ARGV[b + 9], now, ttl, ARGV[b + 10], ARGV[b + 11], ARGV[b + 12],
-            na > 13 and b + 13 or nil)
-        elseif op == 'await' then
-          await_step(k, b)
-        elseif op == 'rerun' then
-          rerun_steps(stream, k, b, na)
-        end
-      end
-      done[#done + 1] = entry
-      out[#out + 1] = 1
-    else
-      out[#out + 1] = 0
-    end
-    k, a = k + nk, b + na
+  -- `done` has no counts: one key, its entry id and its record.
+  local op, nk, na, b = ARGV[a], 1, 2, a + 1
+  if op ~= 'done' then
+    nk, na, b = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), a + 3
   end
+  local entry = ARGV[b]
+  if mine[entry] then
+    mine[entry] = nil
+    if op == 'done' then
+      redis.call('SET', KEYS[k], ARGV[b + 1], 'EX', ttl)
+    elseif op == 'expand' then
+      expand(stream, k, b, na, now)
+    elseif op == 'park' then
+      park(stream, k, b, now)
+    else
+      settle(stream, group, delayed, dead, KEYS[k], entry, ARGV[b + 1], ARGV[b + 2], ARGV[b + 3],
+        ARGV[b + 4], ARGV[b + 5], now, ttl)
+      if op == 'task' then
+        if na >= 9 then
+          end_key(stream, ARGV[b + 6], ARGV[b + 7], ARGV[b + 8])
+        end
+        if na == 7 or na == 10 then
+          batch_finished(stream, ARGV[b + na - 1])
+        end
+      elseif op == 'step' then
+        advance(stream, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ARGV[b + 6], ARGV[b + 7],
+          ARGV[b + 8], ARGV[b + 9], now, ttl, ARGV[b + 10], ARGV[b + 11], ARGV[b + 12],
+          na > 13 and b + 13 or nil)
+      elseif op == 'await' then
+        await_step(k, b)
+      elseif op == 'rerun' then
+        rerun_steps(stream, k, b, na)
+      end
+    end
+    done[#done + 1] = entry
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+  k, a = k + nk, b + na
 end
 if #done > 0 then
   redis.call('XACK', stream, group, unpack(done))
