@@ -6,15 +6,16 @@ use chrono::{Duration, NaiveDate, TimeZone, Utc};
 use llmq_shared::config::Prices;
 use llmq_shared::ledger::CallRow;
 use llmq_shared::provider::Usage;
-use llmq_tests::harness::{TestEnv, database_url};
+use llmq_tests::harness::TestEnv;
 use serde_json::Value;
 
 #[tokio::test]
 async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
     let env = TestEnv::new().await.unwrap();
-    // A day of its own, far from every other test's rows.
-    let offset = (uuid::Uuid::new_v4().as_u128() % 3650) as i64;
-    let day = NaiveDate::from_ymd_opt(2040, 1, 1).unwrap() + Duration::days(offset);
+    // A ledger of its own: the report reads by day, and a shared ledger keeps every earlier
+    // run's rows, some of which would land on any day chosen.
+    let (db, ledger) = env.own_ledger().await;
+    let day = NaiveDate::from_ymd_opt(2040, 1, 1).unwrap();
     let start = Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).unwrap());
     let chain = format!("chain-{}", env.queue);
     let models = [
@@ -72,12 +73,11 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
     ) = (0, 0, 0, 0.0);
     unsent.outcome = llmq_shared::ledger::UNSENT.into();
     unsent.chain_id = None;
-    env.ledger
+    ledger
         .record(&[rows.clone(), vec![unsent]].concat(), &[])
         .await
         .unwrap();
 
-    let db = database_url();
     let date = day.to_string();
     // By chain: the chains begun that day, each whole (here all of it is that day).
     for (by, column) in [
@@ -109,7 +109,7 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
         ))
         .bind(start)
         .bind(start + Duration::days(1))
-        .fetch_all(env.ledger.pool())
+        .fetch_all(ledger.pool())
         .await
         .unwrap();
         let lines = report["breakdown"].as_array().unwrap();
@@ -233,8 +233,9 @@ async fn providers_list_shows_the_price_in_use_and_where_it_came_from() {
 #[tokio::test]
 async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
     let env = TestEnv::new().await.unwrap();
-    let offset = (uuid::Uuid::new_v4().as_u128() % 3650) as i64;
-    let first = NaiveDate::from_ymd_opt(2050, 1, 1).unwrap() + Duration::days(offset);
+    // A ledger of its own, as above.
+    let (db, ledger) = env.own_ledger().await;
+    let first = NaiveDate::from_ymd_opt(2050, 1, 1).unwrap();
     let at = |day: i64, hour: i64| {
         Utc.from_utc_datetime(&first.and_hms_opt(0, 0, 0).unwrap())
             + Duration::days(day)
@@ -276,7 +277,7 @@ async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
         call("mid", at(2, 5), 2.0),
         call("after", at(4, 1), 9.0),
     ];
-    env.ledger.record(&rows, &[]).await.unwrap();
+    ledger.record(&rows, &[]).await.unwrap();
     let (code, out) = env
         .cli(&[
             "costs",
@@ -291,7 +292,7 @@ async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
             "--format",
             "json",
             "--database-url",
-            &database_url(),
+            &db,
         ])
         .await;
     assert_eq!(code, 0, "{out}");
