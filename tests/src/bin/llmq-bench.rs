@@ -90,6 +90,12 @@ struct Args {
     #[arg(long, default_value_t = llmq_shared::config::DEFAULT_CONNECTIONS)]
     connections: usize,
 
+    /// In `chain`, the steps between the plan and the merge (the chain has this many and
+    /// three more): each step reads only its own state and its neighbours', so a wider chain
+    /// should cost the same per step.
+    #[arg(long, default_value_t = 2)]
+    chain_width: usize,
+
     /// Redis to benchmark against; only the bench's own `llmq:{bench-*}` keys are touched.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
@@ -652,12 +658,15 @@ fn rss_kib() -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/self/status"))
 }
 
-/// (g) Chains of 5 steps (one fans out to two, a merge joins them, one more after it),
-/// each submitted with one XADD, run by one worker whose provider answers at once, ledger
-/// off: chains and steps per second, and Redis CPU per step, to set beside a plain task's.
+/// (g) Chains of 5 steps (one fans out to two, a merge joins them, one more after it; with
+/// `--chain-width` the plan fans out to that many), each submitted with one XADD, run by one
+/// worker whose provider answers at once, ledger off: chains and steps per second, and Redis
+/// CPU per step, to set beside a plain task's.
 async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
-    const STEPS: usize = 5;
-    let chains = args.tasks.unwrap_or(4_000);
+    let width = args.chain_width.max(1);
+    let steps = width + 3;
+    // About 20,000 steps (4,000 chains at the default width).
+    let chains = args.tasks.unwrap_or(20_000 / steps);
     let workers = args.workers.unwrap_or(1);
     let concurrency = args.concurrency.unwrap_or(256);
     let queue = fresh_queue();
@@ -666,13 +675,24 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
         let client = Client::new(&args.redis_url)?;
         client.ensure_group(&keys).await?;
         let ids: Vec<String> = (0..chains).map(|i| format!("{queue}-{i}")).collect();
+        // The two of the default width are `a` and `b`, as this bench always named them.
+        let fan: Vec<String> = (0..width)
+            .map(|i| match i {
+                0 => "a".to_owned(),
+                1 => "b".to_owned(),
+                i => format!("s{i}"),
+            })
+            .collect();
         for id in &ids {
-            let spec = serde_json::json!({"v": 1, "chain_id": id, "steps": [
-                {"name": "plan", "prompt": "plan"},
-                {"name": "a", "after": ["plan"], "prompt": "a {{plan.summary}}"},
-                {"name": "b", "after": ["plan"], "prompt": "b {{plan.summary}}"},
-                {"name": "merge", "after": ["a", "b"], "prompt": "merge"},
-                {"name": "docs", "after": ["merge"], "prompt": "docs {{merge.output}}"}]});
+            let mut spec = vec![serde_json::json!({"name": "plan", "prompt": "plan"})];
+            for name in &fan {
+                spec.push(serde_json::json!({"name": name, "after": ["plan"],
+                    "prompt": format!("{name} {{{{plan.summary}}}}")}));
+            }
+            spec.push(serde_json::json!({"name": "merge", "after": fan, "prompt": "merge"}));
+            spec.push(serde_json::json!({"name": "docs", "after": ["merge"],
+                "prompt": "docs {{merge.output}}"}));
+            let spec = serde_json::json!({"v": 1, "chain_id": id, "steps": spec});
             client.submit_chain(&keys, &spec.to_string()).await?;
         }
         // From here on: expansion, every step, every finish.
@@ -692,7 +712,7 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
                 "chain {id} ended {state:?}"
             );
         }
-        let d = after.since(&before, chains * STEPS);
+        let d = after.since(&before, chains * steps);
         if args.verbose {
             d.print_commands("chain");
         }
@@ -705,18 +725,18 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
     let plain = plain_run(
         args,
         redis,
-        chains * STEPS,
+        chains * steps,
         workers,
         concurrency,
         Shape::Plain,
     )
     .await?;
     Ok(format!(
-        "bench=chain chains={chains} steps_per_chain={STEPS} workers={workers} \
+        "bench=chain chains={chains} steps_per_chain={steps} workers={workers} \
          concurrency={concurrency} chains_per_s={:.0} steps_per_s={:.0} \
          redis_cpu_us_per_step={:.1} queue_noop_redis_cpu_us_per_task={:.1} \
          ratio_to_queue_noop={:.2} ledger=off secs={:.3} proc_cpu_us_per_step={:.1}",
-        d.tasks_per_s / STEPS as f64,
+        d.tasks_per_s / steps as f64,
         d.tasks_per_s,
         d.redis_cpu_us_per_task,
         plain.redis_cpu_us_per_task,
