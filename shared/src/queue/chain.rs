@@ -256,9 +256,11 @@ impl Client {
         }))
     }
 
-    /// What a step needs before it runs: its definition, every step's state, and its own
+    /// What a step needs before it runs: its definition, the states of the steps it reads
+    /// (its own, its parents', those its prompt names and its children's), and its own
     /// state's and its children's texts as stored (for [`step_swap`]); `None` when there is
-    /// no such chain or step. Reads the step's own definition, not the spec.
+    /// no such chain or step. Reads the step's own definition, not the spec, and no other
+    /// step's state: what a step reads does not grow with its chain.
     ///
     /// # Errors
     /// Redis fails, or what is stored is not a chain.
@@ -269,9 +271,9 @@ impl Client {
         step: &str,
     ) -> Result<Option<StepContext>> {
         let mut c = self.conn().await?;
-        let (def, mut steps): (Option<String>, HashMap<String, String>) = redis::pipe()
-            .hget(keys.chain(chain_id), format!("def:{step}"))
-            .hgetall(keys.chain_steps(chain_id))
+        let def: Option<String> = redis::cmd("HGET")
+            .arg(keys.chain(chain_id))
+            .arg(format!("def:{step}"))
             .query_async(&mut c)
             .await?;
         let def = match def {
@@ -282,6 +284,32 @@ impl Client {
                 .await?
                 .and_then(|c| c.spec.step(step).cloned()),
         };
+        let Some(def) = def else {
+            return Ok(None);
+        };
+        let mut names: Vec<&str> = vec![step];
+        let named = crate::chain::references(&def.prompt);
+        let read = def
+            .after
+            .iter()
+            .map(String::as_str)
+            .chain(named.iter().filter_map(|(_, r)| r.step()))
+            .chain(def.children.iter().map(String::as_str));
+        for n in read {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+        let raw: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(keys.chain_steps(chain_id))
+            .arg(&names)
+            .query_async(&mut c)
+            .await?;
+        let mut steps: HashMap<String, String> = names
+            .iter()
+            .zip(raw)
+            .filter_map(|(n, json)| Some(((*n).to_owned(), json?)))
+            .collect();
         let states = steps
             .iter()
             .filter_map(|(name, json)| Some((name.clone(), serde_json::from_str(json).ok()?)))
@@ -297,7 +325,11 @@ impl Client {
                 children,
             })
         });
-        Ok(def.map(|step| StepContext { step, states, seen }))
+        Ok(Some(StepContext {
+            step: def,
+            states,
+            seen,
+        }))
     }
 
     /// The states of some steps of a chain, in order (`None` where there is none).
@@ -478,7 +510,8 @@ fn refused(n: i64) -> std::result::Result<u64, Refused> {
 pub struct StepContext {
     /// Its definition.
     pub step: Step,
-    /// Every step's state.
+    /// The states of the steps it reads: its own, its parents', those its prompt names and
+    /// its children's.
     pub states: HashMap<String, StepState>,
     /// Its own state's and its children's texts as stored, if it has a state.
     pub seen: Option<Box<Seen>>,

@@ -1853,6 +1853,50 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
     w.stop().await.unwrap();
 }
 
+/// What a step reads before it runs is its own state and its neighbours' (parents, the
+/// steps its prompt names, children), never the whole chain's: in a wide chain, each step's
+/// read stays the same size.
+#[tokio::test]
+async fn a_step_reads_only_its_own_state_and_its_neighbours() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let id = format!("{}-reads", env.queue);
+    let mut steps = vec![json!({"name": "plan", "prompt": "Plan it"})];
+    for i in 0..30 {
+        steps.push(json!({"name": format!("s{i}"), "after": ["plan"], "prompt": "Do part"}));
+    }
+    steps.push(json!({"name": "merge", "after": ["s3", "s7"], "prompt": "Merge"}));
+    steps.push(json!({"name": "docs", "after": ["merge"],
+        "prompt": "Document {{merge.output}} as planned: {{plan.summary}}"}));
+    steps.push(json!({"name": "last", "after": ["docs"], "prompt": "Ship it"}));
+    let spec = json!({"v": 1, "chain_id": id, "steps": steps});
+    expand_as_tester(&env, &spec).await;
+    let read = |name: &'static str| {
+        let (redis, keys, id) = (env.redis.clone(), env.keys.clone(), id.clone());
+        async move {
+            let context = redis.step_context(&keys, &id, name).await.unwrap().unwrap();
+            let mut names: Vec<String> = context.states.into_keys().collect();
+            names.sort();
+            (names, context.seen.unwrap())
+        }
+    };
+    let (names, seen) = read("merge").await;
+    assert_eq!(names, ["docs", "merge", "s3", "s7"]);
+    assert!(seen.own.contains("\"waits\""), "{seen:?}");
+    assert_eq!(seen.children.len(), 1, "{seen:?}");
+    assert!(seen.children[0].contains("\"merge\""), "{seen:?}");
+    // The plan is named by the prompt, not a parent: read too.
+    let (names, _) = read("docs").await;
+    assert_eq!(names, ["docs", "last", "merge", "plan"]);
+    let (names, seen) = read("plan").await;
+    assert_eq!(names.len(), 31, "{names:?}");
+    assert_eq!(seen.children.len(), 30);
+    assert!(
+        seen.children.iter().all(|c| c.contains("\"plan\"")),
+        "{seen:?}"
+    );
+}
+
 /// A step's end swaps in the state its worker built from the state it read before running
 /// (no JSON decoded in Redis) only while the stored state is still that text: one that
 /// changed meanwhile (here, the chain was cancelled) is left as it is, as when the script
