@@ -1,6 +1,6 @@
 //! Tasks that go through a provider's batch API (`deadline`): a worker parks a task to wait
 //! for a batch (a [`Write::Park`](super::Write::Park) among its batch of outcomes, as
-//! `finish.lua`'s `park` applies it); the scheduler takes waiting tasks into batches,
+//! `finish_ops.lua`'s `park` applies it); the scheduler takes waiting tasks into batches,
 //! sends them and, when a batch is over, settles each task with its answer or hands it to a
 //! normal call ([`Client::settle_batch`]): either way the task goes back to its stream, where
 //! a worker finishes it like any task. A task is thus always in one place: the stream, the

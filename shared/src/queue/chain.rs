@@ -651,7 +651,7 @@ pub(super) const RERUN_ARGS: usize = 7;
 
 /// A rerun's seven arguments: name, task id, envelope, round, the parents it waits for
 /// joined by ',', how many parents already succeeded (as `lua/rerun.lua` reads them), and
-/// what to fold into the round when a sibling review already started it (`finish.lua`).
+/// what to fold into the round when a sibling review already started it (`finish_ops.lua`).
 pub(super) fn rerun_args(r: &Rerun) -> [String; RERUN_ARGS] {
     [
         r.step.clone(),

@@ -12,13 +12,19 @@ use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
 static FINISH: LazyLock<Script> = LazyLock::new(|| {
+    // The ops other than a plain task's success, and the helpers they use, are one function
+    // that a call runs only when its batch has such an item: a Lua script makes every
+    // function it defines on every call, and a batch of plain successes needs none.
     Script::new(concat!(
+        "local function ops()\n",
         include_str!("lua/room.lua"),
         include_str!("lua/slots.lua"),
         include_str!("lua/settle.lua"),
         include_str!("lua/advance.lua"),
         include_str!("lua/rerun.lua"),
         include_str!("lua/batch_back.lua"),
+        include_str!("finish_ops.lua"),
+        "end\n",
         include_str!("finish.lua")
     ))
 });

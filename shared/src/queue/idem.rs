@@ -3,7 +3,7 @@
 //! it), or `done:<id>` for its window once that run succeeded; copies that come while it is
 //! held park under `\0idem:<hash>` (the
 //! parked tasks of a concurrency key of limit 0, as an answer-cache flight's) and wake when
-//! it ends (`finish.lua`'s `end_key`, or the sweep once its record says it ended).
+//! it ends (`finish_ops.lua`'s `end_key`, or the sweep once its record says it ended).
 
 use std::sync::LazyLock;
 use std::time::Duration;
