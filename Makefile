@@ -5,7 +5,7 @@ CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
 
-.PHONY: help demo test bench bench-compare bench-bullmq lint fmt build services examples-deps clients-deps browser-deps sdk-deps deploy-check image image-check
+.PHONY: help demo test bench bench-compare bench-bullmq bullmq-deps lint fmt build services examples-deps clients-deps browser-deps sdk-deps deploy-check image image-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -16,15 +16,18 @@ demo: ## Start or reuse Redis and Postgres, migrate, run llmq-mock and two worke
 test: services examples-deps clients-deps browser-deps sdk-deps build ## Run every test against the local Redis and Postgres
 	$(CARGO) test --workspace
 
-bench: services ## Run the benchmarks (figures in docs/benchmarks.md)
+bench: services bullmq-deps ## Run the benchmarks (figures in docs/benchmarks.md; queue_noop runs BullMQ's no-op beside it)
 	$(CARGO) build --release --bin llmq
 	$(CARGO) run --release -p llmq-tests --bin llmq-bench
 
 bench-compare: services ## Compare the core benchmarks of REF=<commit> with this tree: alternating runs (RUNS=3), each figure's medians and ratio
 	@REF="$(REF)" python3 tests/bench/compare.py
 
-bench-bullmq: services ## BullMQ's side of the comparison, on the same Redis (needs Node and npm)
-	cd tests/bullmq && npm install --no-audit --no-fund --ignore-scripts && node bench.mjs noop && node bench.mjs inflight
+bench-bullmq: services bullmq-deps ## BullMQ's side of the comparison, on the same Redis (needs Node and npm)
+	cd tests/bullmq && node bench.mjs noop && node bench.mjs inflight
+
+bullmq-deps: ## Install the BullMQ that the benchmarks compare with (tests/bullmq, exact versions; needs Node and npm)
+	@[ -d tests/bullmq/node_modules/bullmq ] || (cd tests/bullmq && npm install --no-audit --no-fund --ignore-scripts --loglevel=error)
 
 lint: ## cargo fmt --check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check

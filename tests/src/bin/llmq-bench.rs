@@ -278,12 +278,67 @@ async fn queue_noop(args: &Args, redis: &mut Redis, bench: Bench) -> Result<Stri
     if args.verbose {
         d.print_commands(name);
     }
+    // The peer the issue sets llmq beside, in the same run: BullMQ's no-op right after.
+    let peer = match bench {
+        Bench::QueueNoop => bullmq_noop(args, tasks)
+            .await
+            .map_or_else(String::new, |per_s| {
+                format!(
+                    " bullmq_tasks_per_s={per_s:.0} ratio_to_bullmq={:.2}",
+                    d.tasks_per_s / per_s
+                )
+            }),
+        _ => String::new(),
+    };
     Ok(format!(
         "bench={name} tasks={tasks} workers={workers} concurrency={concurrency} \
          tasks_per_s={:.0} redis_cpu_us_per_task={:.1} ledger=off secs={:.3} \
-         proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}",
+         proc_cpu_us_per_task={:.1} other_cpu_cores={:.2}{peer}",
         d.tasks_per_s, d.redis_cpu_us_per_task, d.secs, d.proc_cpu_us_per_task, d.other_cpu_cores
     ))
+}
+
+/// BullMQ's no-op (`tests/bullmq/bench.mjs noop`, as many jobs) on the same Redis: its jobs
+/// per second, or `None`, said on stderr, when Node or BullMQ (`make bullmq-deps`) is not
+/// installed or its run failed.
+async fn bullmq_noop(args: &Args, jobs: usize) -> Option<f64> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bullmq");
+    if !dir.join("node_modules/bullmq").is_dir() {
+        eprintln!("queue_noop: BullMQ's peer not run: install it with `make bullmq-deps`");
+        return None;
+    }
+    let out = tokio::process::Command::new("node")
+        .args(["bench.mjs", "noop"])
+        .current_dir(&dir)
+        .env("REDIS_URL", &args.redis_url)
+        .env("JOBS", jobs.to_string())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            eprintln!("queue_noop: BullMQ's peer failed: {}", err.trim());
+            return None;
+        }
+        Err(e) => {
+            eprintln!("queue_noop: BullMQ's peer not run: cannot start node: {e}");
+            return None;
+        }
+    };
+    let line = String::from_utf8_lossy(&out.stdout);
+    let per_s = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("jobs_per_s="))
+        .and_then(|v| v.parse().ok());
+    if per_s.is_none() {
+        eprintln!(
+            "queue_noop: BullMQ's peer printed no jobs_per_s: {}",
+            line.trim()
+        );
+    }
+    per_s
 }
 
 /// A backlog of `tasks` tasks shaped by `shape` on a fresh queue drained by `workers` whose provider answers at
