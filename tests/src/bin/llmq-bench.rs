@@ -91,10 +91,11 @@ struct Args {
     connections: usize,
 
     /// In `chain`, the steps between the plan and the merge (the chain has this many and
-    /// three more): each step reads only its own state and its neighbours', so a wider chain
-    /// should cost the same per step.
-    #[arg(long, default_value_t = 2)]
-    chain_width: usize,
+    /// three more, at most a chain's 64): each step reads only its own state and its
+    /// neighbours', so a wider chain should cost the same per step.
+    #[arg(long, default_value_t = 2,
+          value_parser = clap::value_parser!(u64).range(1..=(llmq_shared::chain::MAX_STEPS as u64 - 3)))]
+    chain_width: u64,
 
     /// Redis to benchmark against; only the bench's own `llmq:{bench-*}` keys are touched.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -718,7 +719,7 @@ fn rss_kib() -> Result<u64> {
 /// worker whose provider answers at once, ledger off: chains and steps per second, and Redis
 /// CPU per step, to set beside a plain task's.
 async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
-    let width = args.chain_width.max(1);
+    let width = usize::try_from(args.chain_width)?;
     let steps = width + 3;
     // About 20,000 steps (4,000 chains at the default width).
     let chains = args.tasks.unwrap_or(20_000 / steps);
