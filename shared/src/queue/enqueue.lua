@@ -9,22 +9,23 @@
 -- mark ('' for none; a name under the queue's prefix), its value and its TTL (ms)
 -- Returns how many went in.
 local stream, delayed = KEYS[1], KEYS[2]
-local n, roomed = 0, false
+-- The room's functions, made at the first task that goes into it.
+local n, r = 0, nil
 local mark = #ARGV - 2
 for i = 2, mark - 1, 4 do
   local where, env = ARGV[i], ARGV[i + 3]
   if where == 'd' then
     redis.call('ZADD', delayed, ARGV[i + 1], env)
   elseif where == 'r' then
-    room_push(stream, ARGV[i + 1], ARGV[i + 2], env, false)
-    roomed = true
+    r = r or room()
+    r.push(stream, ARGV[i + 1], ARGV[i + 2], env, false)
   else
     redis.call('XADD', stream, '*', 'task', env)
   end
   n = n + 1
 end
-if roomed then
-  room_beacon(stream, ARGV[1], room_of(stream))
+if r then
+  r.beacon(stream, ARGV[1], r.of(stream))
 end
 if ARGV[mark] ~= '' then
   redis.call('SET', string.sub(stream, 1, -7) .. ARGV[mark], ARGV[mark + 1], 'PX', ARGV[mark + 2])

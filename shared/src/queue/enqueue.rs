@@ -10,8 +10,12 @@ use crate::envelope::Envelope;
 use crate::keys::{CHAIN_FIELD, GROUP, QueueKeys};
 
 static ENQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    // The room's functions are made only when a task goes into the room (a Lua script makes
+    // every function it defines on every call; a task with no class needs none).
     Script::new(concat!(
+        "local function room()\n",
         include_str!("lua/room.lua"),
+        "return {push = room_push, beacon = room_beacon, of = room_of}\nend\n",
         include_str!("enqueue.lua")
     ))
 });
