@@ -180,6 +180,23 @@ pub struct Step {
     pub task: Envelope,
 }
 
+impl Step {
+    /// The steps whose outputs it reads: its parents in `after` order, then the other steps
+    /// its prompt names, each once.
+    #[must_use]
+    pub fn inputs(&self) -> Vec<String> {
+        let mut inputs = self.after.clone();
+        for (_, r) in references(&self.prompt) {
+            if let Some(p) = r.step()
+                && !inputs.iter().any(|i| i == p)
+            {
+                inputs.push(p.to_owned());
+            }
+        }
+        inputs
+    }
+}
+
 /// A validated chain.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Chain {

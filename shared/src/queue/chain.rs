@@ -287,16 +287,10 @@ impl Client {
         let Some(def) = def else {
             return Ok(None);
         };
+        let inputs = def.inputs();
         let mut names: Vec<&str> = vec![step];
-        let named = crate::chain::references(&def.prompt);
-        let read = def
-            .after
-            .iter()
-            .map(String::as_str)
-            .chain(named.iter().filter_map(|(_, r)| r.step()))
-            .chain(def.children.iter().map(String::as_str));
-        for n in read {
-            if !names.contains(&n) {
+        for n in inputs.iter().chain(&def.children) {
+            if !names.contains(&n.as_str()) {
                 names.push(n);
             }
         }

@@ -24,7 +24,7 @@
 --   rerun:  result key, chain, steps, tasks; settle, task id, step, then 7 per rerun:
 --           name, task id, envelope, round, waits, ok (see rerun.lua), fold
 --   expand: chain, steps, tasks, the chains index; entry id, chain id, spec json,
---           on_failure, then 5 per step (see expand below)
+--           on_failure, then 5 per step (see expand in finish_ops.lua)
 --   park:   the task's batch hash, its group's waiting set, the groups set, the batcher
 --           key; entry id, task id, group (provider/model), envelope, request body,
 --           deadline (ms), generation, how long a latch lives past the deadline (ms)

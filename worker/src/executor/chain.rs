@@ -187,17 +187,9 @@ pub(super) async fn prepare(
         .get(name)
         .map(|s| s.folded.clone())
         .unwrap_or_default();
-    // Parents that succeeded, in `after` order, then the other ancestors the prompt names:
-    // with their outputs where needed.
-    let referenced = chain::references(template)
-        .into_iter()
-        .filter_map(|(_, r)| r.step().map(str::to_owned));
-    let mut wanted: Vec<String> = step.after.clone();
-    for p in referenced {
-        if !wanted.contains(&p) {
-            wanted.push(p);
-        }
-    }
+    // Parents that succeeded, in `after` order, then the other ancestors the prompt names
+    // (the states `step_context` read): with their outputs where needed.
+    let wanted = step.inputs();
     let succeeded: Vec<(&str, &StepState)> = wanted
         .iter()
         .filter_map(|p| {
