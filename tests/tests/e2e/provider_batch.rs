@@ -405,6 +405,82 @@ async fn a_task_that_can_wait_is_called_at_once_when_no_scheduler_sends_batches(
     w.stop().await.unwrap();
 }
 
+/// The commands Redis runs (scripts' included) that name `needle`, from now until the
+/// returned task is aborted: `MONITOR`, which sees every client's commands, filtered to keys
+/// of this test's own.
+async fn watch(
+    needle: String,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use futures_util::StreamExt;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut lines = client
+        .get_async_monitor()
+        .await
+        .unwrap()
+        .into_on_message::<String>();
+    let into = std::sync::Arc::clone(&seen);
+    let watching = tokio::spawn(async move {
+        while let Some(line) = lines.next().await {
+            if line.contains(&needle) {
+                into.lock().unwrap().push(line);
+            }
+        }
+    });
+    (watching, seen)
+}
+
+/// A task that can wait reads its batch latch only when its plan has a provider with a
+/// batch API: one whose providers have none is called with no read of batch state, as a
+/// task with no deadline is. (The first task, to a provider with a batch API, shows that the
+/// read is seen when it happens.)
+#[tokio::test]
+async fn a_task_that_can_wait_reads_no_batch_state_when_its_providers_have_no_batch_api() {
+    let env = TestEnv::new().await.unwrap();
+    let mut text = config_text(&env, &["openai"], &["batch-read"], "100ms");
+    let plain = format!("plain-{}", &env.queue[2..]);
+    text = text.replace(
+        "routing:",
+        &format!(
+            "  - {{name: {plain}, kind: openai, base_url: \"{}/v1\", api_key: k, models: [{{id: no-batch-api, input_usd_per_mtok: 1, output_usd_per_mtok: 2}}]}}\nrouting:",
+            env.mock.url()
+        ),
+    );
+    let mut settings = env.settings();
+    settings.config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
+    let batch_keys = env.keys.batcher().trim_end_matches("batcher").to_owned();
+    let (watching, seen) = watch(batch_keys).await;
+    let w = llmq_tests::harness::WorkerHandle::start(settings);
+
+    let batchable = waiting_task(&env, "openai", "batch-read", "a provider with a batch API");
+    let mut unbatchable = waiting_task(&env, "openai", "no-batch-api", "a provider with none");
+    unbatchable.provider = Some(plain.clone().into());
+    for task in [&batchable, &unbatchable] {
+        let id = task.id.unwrap().to_string();
+        env.redis.enqueue(&env.keys, task).await.unwrap();
+        let r = env.wait_final(&id, WAIT).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+    w.stop().await.unwrap();
+    watching.abort();
+    let seen = seen.lock().unwrap().clone();
+    let read = |task: &Envelope| {
+        let key = env.keys.batch_task(&task.id.unwrap().to_string());
+        seen.iter().filter(|l| l.contains(&key)).count()
+    };
+    assert_eq!(
+        read(&batchable),
+        1,
+        "the batchable task's read was not seen: {seen:#?}"
+    );
+    assert_eq!(read(&unbatchable), 0, "{seen:#?}");
+    assert_eq!(env.mock.calls("batch-read"), 1);
+    assert_eq!(env.mock.calls("no-batch-api"), 1);
+}
+
 #[tokio::test]
 async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadline() {
     let env = TestEnv::new().await.unwrap();

@@ -9,16 +9,20 @@
 //! or its deadline came near), it is called as any task.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use llmq_shared::envelope::Envelope;
+use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request};
-use llmq_shared::queue::{BatchAnswer, BatchPark};
+use llmq_shared::queue::{self, BatchAnswer, BatchPark, BatchState};
 use llmq_shared::routing::{Candidate, Plan};
+use uuid::Uuid;
 
+use super::Executor;
 use super::attempt::{AttemptError, Outcome, Tried, conform};
+use crate::finished::Finished;
 
 /// How long a worker trusts, once it saw a scheduler's batcher key, that the scheduler
 /// sends the queue's batches: a task parked after the key went is sent back by the park
@@ -45,6 +49,62 @@ impl Batchers {
         let mut seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         seen.insert(queue.to_owned(), Instant::now());
     }
+}
+
+/// Where a task that can wait stands in the batch path, read from its batch hash (its latch).
+pub(super) enum Latch {
+    /// Back from a batch with the answer asked for this delivery.
+    Answered(Box<BatchAnswer>),
+    /// Never in a batch, or a copy of one waiting in a batch already (parked again, the park
+    /// only acks it): it may go to one.
+    Park,
+    /// Call it now: back from a batch without an answer for this delivery, or no scheduler
+    /// sends this queue's batches.
+    Call,
+}
+
+impl Executor {
+    /// Task `task_id`'s [`Latch`]; whether a scheduler sends the queue's batches is asked in
+    /// the same round trip unless it was seen lately ([`Batchers`]).
+    ///
+    /// # Errors
+    /// Redis fails: the task may have an answer already, so it is handed back, not called.
+    pub(super) async fn latch(
+        &self,
+        queue: &QueueKeys,
+        task_id: Uuid,
+        env: &Envelope,
+    ) -> queue::Result<Latch> {
+        let ask = !self.batchers.trusted(queue.name());
+        let (state, batcher) = self
+            .redis
+            .batch_state(queue, &task_id.to_string(), ask)
+            .await?;
+        if batcher == Some(true) {
+            self.batchers.saw(queue.name());
+        }
+        Ok(match state {
+            BatchState::None if batcher == Some(false) => Latch::Call,
+            BatchState::None | BatchState::Pending => Latch::Park,
+            BatchState::Answered { answer, generation } if generation == self::generation(env) => {
+                Latch::Answered(answer)
+            }
+            BatchState::Answered { .. } | BatchState::Call => Latch::Call,
+        })
+    }
+}
+
+/// Redis is away when a task reads its latch: the worker's fault, not the task's, and the
+/// task may have an answer already. It is handed back rather than called.
+pub(super) fn unread_latch(
+    queue: Arc<QueueKeys>,
+    entry_id: String,
+    task_id: Uuid,
+    env: &Envelope,
+    e: &queue::Error,
+) -> Finished {
+    tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
+    super::handed_back(queue, entry_id, task_id, env)
 }
 
 /// The least time a task's deadline must leave to go to a batch: a gather (at most an hour)

@@ -29,8 +29,7 @@ use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{
-    BatchState, Client, Delivery, Finish, FinishKind, Slot, Write, answer_name, flight_key, now_ms,
-    warm_name,
+    Client, Delivery, Finish, FinishKind, Slot, Write, answer_name, flight_key, now_ms, warm_name,
 };
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
@@ -52,6 +51,7 @@ mod keyed;
 
 use attempt::{Attempt, AttemptError, Outcome, Tried};
 pub use batch::Batchers;
+use batch::{Latch, unread_latch};
 pub use call_metrics::CallMetrics;
 use decide::{Escalation, Policy, StepRounds, TaskState, Transition};
 
@@ -191,6 +191,8 @@ struct Admitted {
     env: Box<Envelope>,
     /// As the number, not its text: every task in flight holds it for the whole of its call.
     task_id: Uuid,
+    /// The entry was put back by llmq (from the room, a batch, a hand-back), not enqueued.
+    from_room: bool,
 }
 
 /// A chain step that ends before any attempt.
@@ -395,6 +397,7 @@ impl Executor {
             entry_id,
             env: Box::new(env),
             task_id,
+            from_room,
         })
     }
 
@@ -418,6 +421,7 @@ impl Executor {
             entry_id,
             mut env,
             task_id,
+            from_room,
         } = task;
         async move {
             // An idempotency key: run only holding it; a copy of a task that succeeded is
@@ -535,33 +539,20 @@ impl Executor {
                 })
             });
             let call_env = step_env.as_deref().unwrap_or(&env);
-            // A task that can wait: back from a batch with its answer, or yet to go to one.
+            // A task that can wait: back from a batch with its answer, or yet to go to one. It
+            // reads its latch only where it can have one: an entry a batch sent back (marked as
+            // having had its turn, as a handed-back one is) reads it here, before its answer
+            // is looked for elsewhere; any other reads it below, only when its plan has a
+            // provider with a batch API. One with none costs no read.
+            let can_wait = env.deadline.is_some() && settled.is_none() && slot.is_none();
             let mut batch_answer = None;
-            let mut may_batch = false;
-            if env.deadline.is_some() && settled.is_none() && slot.is_none() {
-                let ask = !self.batchers.trusted(queue.name());
-                match Box::pin(self.redis.batch_state(&queue, &task_id.to_string(), ask)).await {
-                    // Never in a batch, and no scheduler sends this queue's batches: called now.
-                    Ok((BatchState::None, Some(false))) => {}
-                    // (A task waiting in a batch already is parked again: only acked.)
-                    Ok((BatchState::None | BatchState::Pending, batcher)) => {
-                        if batcher == Some(true) {
-                            self.batchers.saw(queue.name());
-                        }
-                        may_batch = true;
-                    }
-                    Ok((BatchState::Answered { answer, generation }, _))
-                        if generation == batch::generation(&env) =>
-                    {
-                        batch_answer = Some(answer);
-                    }
-                    Ok(_) => {}
-                    // Redis is away: the worker's fault, not the task's, and the task may have
-                    // an answer already. Hand it back rather than call it.
-                    Err(e) => {
-                        tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
-                        return handed_back(queue, entry_id, task_id, &env);
-                    }
+            // Whether it may go to a batch, once its latch is read.
+            let mut may_batch = None;
+            if can_wait && from_room {
+                match Box::pin(self.latch(&queue, task_id, &env)).await {
+                    Ok(Latch::Answered(answer)) => batch_answer = Some(answer),
+                    Ok(latch) => may_batch = Some(matches!(latch, Latch::Park)),
+                    Err(e) => return unread_latch(queue, entry_id, task_id, &env, &e),
                 }
             }
             let mut calls = Vec::new();
@@ -662,15 +653,36 @@ impl Executor {
                             .collect(),
                     })
                 });
-                if may_batch && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan) {
-                    tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
-                    let park = Box::new(park);
-                    let write = Write::Park {
-                        entry_id,
-                        task_id: task_id.to_string(),
-                        park,
+                if can_wait
+                    && may_batch != Some(false)
+                    && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan)
+                {
+                    let latch = match may_batch {
+                        Some(_) => Latch::Park,
+                        None => match Box::pin(self.latch(&queue, task_id, &env)).await {
+                            Ok(latch) => latch,
+                            Err(e) => return unread_latch(queue, entry_id, task_id, &env, &e),
+                        },
                     };
-                    return Finished::new(queue, write, Vec::new());
+                    match latch {
+                        Latch::Park => {
+                            tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
+                            let park = Box::new(park);
+                            let write = Write::Park {
+                                entry_id,
+                                task_id: task_id.to_string(),
+                                park,
+                            };
+                            return Finished::new(queue, write, Vec::new());
+                        }
+                        // Only an entry put in the stream by hand carries its answer unmarked.
+                        Latch::Answered(answer) => {
+                            let tried = batch::answered(&answer, &env);
+                            batch_answer = Some(answer);
+                            break 'tried (tried, span);
+                        }
+                        Latch::Call => {}
+                    }
                 }
                 // A prompt prefix a provider caches: its calls go to the model whose cache holds
                 // it warm; while nobody's does, one call warms it before the rest are sent.
