@@ -1417,7 +1417,10 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             &format!(
                 "providers:\n  - name: mock\n    kind: openai\n    base_url: {}/v1\n    \
                  api_key: bench\n    batch: {{gather: 500ms, max_requests: 10000}}\n    models:\n      \
-                 - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+                 - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n  \
+                 - name: direct\n    kind: openai\n    base_url: {}/v1\n    api_key: bench\n    \
+                 models:\n      - {{id: mock-direct, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+                mock.url(),
                 mock.url()
             ),
             &|_| None,
@@ -1441,11 +1444,23 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut per_task = Vec::new();
-        for deadline in [None, Some("24h")] {
+        // Called at once; through a batch; able to wait, but kept to a provider with no batch
+        // API (no fallback: a plan with a batch API among its fallbacks may go to a batch).
+        let runs = [
+            ("plain", None, None),
+            ("batched", Some("24h"), None),
+            ("waiting_direct", Some("24h"), Some("direct")),
+        ];
+        for (run, deadline, provider) in runs {
             let chunk: Vec<Envelope> = (0..tasks)
                 .map(|i| {
                     let mut e = Envelope::new(format!("classify ticket number {i}"));
                     e.deadline = deadline.map(Into::into);
+                    if let Some(p) = provider {
+                        e.provider = Some(p.into());
+                        e.model = Some("mock-direct".into());
+                        e.fallback = Some(false);
+                    }
                     e
                 })
                 .collect();
@@ -1475,7 +1490,7 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             wait_drained(&client, &keys, &running).await?;
             let d = Snapshot::take(redis).await?.since(&before, tasks);
             if args.verbose {
-                d.print_commands(if deadline.is_some() { "provider_batch_batched" } else { "provider_batch_plain" });
+                d.print_commands(&format!("provider_batch_{run}"));
             }
             // The polling for results above is the bench's own, not llmq's.
             let (calls, usec) = d
@@ -1500,11 +1515,13 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
         }
         let ((plain_us, plain_cmds, plain_cmd_us), (batched_us, cmds, cmd_us)) =
             (per_task[0], per_task[1]);
+        let (direct_us, direct_cmds, _) = per_task[2];
         Ok(format!(
             "bench=provider_batch tasks={tasks} batches={batches} redis_us_per_task_plain={plain_us:.1} \
              redis_us_per_task_batched={batched_us:.1} cmds_per_task_plain={plain_cmds:.1} \
              cmds_per_task_batched={cmds:.1} cmd_us_per_task_plain={plain_cmd_us:.1} \
-             cmd_us_per_task_batched={cmd_us:.1}"
+             cmd_us_per_task_batched={cmd_us:.1} redis_us_per_task_waiting_direct={direct_us:.1} \
+             cmds_per_task_waiting_direct={direct_cmds:.1}"
         ))
     }
     .await;
