@@ -62,6 +62,19 @@ async fn tasks_and_dead_letters_on_three_queues_on_three_nodes() {
             redis.enqueue(&keys, &e).await.unwrap();
             ids.push((keys.clone(), e.id.unwrap().to_string()));
         }
+        // Several at once, all for the stream: one transaction on the queue's node.
+        let many: Vec<Envelope> = (0..5)
+            .map(|i| {
+                let mut e = Envelope::new(format!("one of five, {i}, on {q}"));
+                e.model = Some("mock-fast".into());
+                e
+            })
+            .collect();
+        redis.enqueue_many(&keys, &many).await.unwrap();
+        ids.extend(
+            many.iter()
+                .map(|e| (keys.clone(), e.id.unwrap().to_string())),
+        );
         // A task without a prompt: a dead letter on its own node.
         let mut c = redis.conn().await.unwrap();
         let _: String = redis::cmd("XADD")
