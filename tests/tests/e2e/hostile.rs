@@ -760,3 +760,30 @@ async fn an_enqueue_time_postgres_cannot_store_costs_the_task_no_ledger_row() {
     }
     w.stop().await.unwrap();
 }
+
+/// A queue whose stream key holds something else (clobbered by hand) refuses an enqueue with
+/// an error, whichever way the tasks go in: one task (its `XADD`), several for the stream
+/// (their `XADD`s in one transaction, whose errors come back inside `EXEC`'s answer) and
+/// several that need the script (a delayed one among them). None is lost silently.
+#[tokio::test]
+async fn an_enqueue_to_a_clobbered_stream_is_an_error_one_task_or_many() {
+    let env = TestEnv::new().await.unwrap();
+    let mut c = env.redis.conn().await.unwrap();
+    let () = redis::AsyncCommands::set(&mut c, env.keys.stream(), "not a stream")
+        .await
+        .unwrap();
+    let one = vec![Envelope::new("one")];
+    let many: Vec<Envelope> = (0..3).map(|i| Envelope::new(format!("many {i}"))).collect();
+    let mut mixed = many.clone();
+    mixed[0].run_at = Some(Utc::now() + chrono::Duration::hours(1));
+    mixed[1].run_at = None;
+    for (what, tasks) in [("one", &one), ("many", &many), ("mixed", &mixed)] {
+        let r = env.redis.enqueue_many(&env.keys, tasks).await;
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains("WRONGTYPE"), "{what}: {e}");
+    }
+    let kept: String = redis::AsyncCommands::get(&mut c, env.keys.stream())
+        .await
+        .unwrap();
+    assert_eq!(kept, "not a stream");
+}
