@@ -126,10 +126,12 @@ impl Client {
         self.enqueue_many(keys, std::slice::from_ref(env)).await
     }
 
-    /// Enqueues many tasks in one script (`enqueue.lua`): those with a `run_at` ahead into
-    /// `delayed`, those with a class (`priority` or `tenant`) straight into the queue's room,
-    /// where a worker would sort them after an `XADD`, the rest into the stream. The queue's
-    /// group must exist (the room's beacon is checked against it): [`Client::ensure_group`].
+    /// Enqueues many tasks at once, all or none: those with a `run_at` ahead into `delayed`,
+    /// those with a class (`priority` or `tenant`) straight into the queue's room, where a
+    /// worker would sort them after an `XADD`, the rest into the stream (one script,
+    /// `enqueue.lua`; tasks that all go to the stream, one transaction of their `XADD`s).
+    /// The queue's group must exist (the room's beacon is checked against it):
+    /// [`Client::ensure_group`].
     ///
     /// # Errors
     /// Redis fails.
@@ -175,13 +177,13 @@ impl Client {
                 chunk.push((env, json));
             }
             if stream_only {
+                let stream = keys.stream();
                 let mut pipe = redis::pipe();
                 if chunk.len() > 1 {
                     pipe.atomic();
                 }
                 for (_, json) in &chunk {
-                    pipe.xadd(keys.stream(), "*", &[(TASK_FIELD, json)])
-                        .ignore();
+                    pipe.xadd(&stream, "*", &[(TASK_FIELD, json)]).ignore();
                 }
                 let () = pipe.query_async(&mut c).await?;
                 continue;

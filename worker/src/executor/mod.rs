@@ -676,9 +676,11 @@ impl Executor {
                             return Finished::new(queue, write, Vec::new());
                         }
                         // Only an entry put in the stream by hand carries its answer unmarked.
+                        // The batch answered it, not this plan's route.
                         Latch::Answered(answer) => {
                             let tried = batch::answered(&answer, &env);
                             batch_answer = Some(answer);
+                            learned = None;
                             break 'tried (tried, span);
                         }
                         Latch::Call => {}
