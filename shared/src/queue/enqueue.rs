@@ -162,19 +162,17 @@ impl Client {
         let ttl_ms = u64::try_from(PROGRESS_TTL.as_millis()).unwrap_or(u64::MAX);
         let before = mark.map(|m| m.enqueued.saturating_sub(envs.len() as u64));
         let mut c = self.conn().await?;
-        let stream_only = mark.is_none()
-            && envs
-                .iter()
-                .all(|e| matches!(Place::of(e, now), Place::Stream));
-        let mut rest = envs.iter().enumerate().peekable();
+        let places: Vec<Place<'_>> = envs.iter().map(|e| Place::of(e, now)).collect();
+        let stream_only = mark.is_none() && places.iter().all(|p| matches!(p, Place::Stream));
+        let mut rest = envs.iter().zip(places).enumerate().peekable();
         while rest.peek().is_some() {
             let (mut bytes, mut end) = (0, 0);
             let mut chunk = Vec::new();
-            while let Some((i, env)) = rest.next_if(|_| bytes < SCRIPT_BYTES) {
+            while let Some((i, (env, place))) = rest.next_if(|_| bytes < SCRIPT_BYTES) {
                 let json = env.to_json();
                 bytes += json.len();
                 end = i + 1;
-                chunk.push((env, json));
+                chunk.push((place, json));
             }
             if stream_only {
                 let stream = keys.stream();
@@ -190,8 +188,8 @@ impl Client {
             }
             let mut inv = ENQUEUE.key(keys.stream());
             inv.key(keys.delayed()).arg(GROUP);
-            for (env, json) in chunk {
-                match Place::of(env, now) {
+            for (place, json) in chunk {
+                match place {
                     Place::Delayed(due) => inv.arg("d").arg(due).arg(""),
                     Place::Room(priority, tenant) => inv.arg("r").arg(priority).arg(tenant),
                     Place::Stream => inv.arg("s").arg("").arg(""),

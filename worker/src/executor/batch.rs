@@ -151,21 +151,35 @@ fn batch_candidate<'p>(plan: &'p Plan<'p>, env: &Envelope) -> Option<&'p Candida
     })
 }
 
-/// What `env`'s task (of stream entry `entry_id`) is parked with to wait for a batch, when
-/// it may go to one: the finisher parks it with the delivery's other outcomes
-/// ([`Write::Park`](llmq_shared::queue::Write::Park)). `None`: call the model now.
-pub(super) fn parking(
+/// Where a task that may go to a batch would go: its plan's batch candidate, and its
+/// deadline (ms).
+pub(super) struct Parkable<'p> {
+    cand: &'p Candidate<'p>,
+    deadline_ms: i64,
+}
+
+/// Whether `env`'s task (of stream entry `entry_id`) may go to a batch: its deadline leaves
+/// [`MIN_LEAD`], it holds no concurrency key, and its plan has a batch candidate. Cheap: the
+/// task's latch is read, and its request rendered ([`parking`]), only when it may.
+pub(super) fn parkable<'p>(
     env: &Envelope,
     entry_id: &str,
-    call_env: &Envelope,
-    plan: &Plan<'_>,
-) -> Option<BatchPark> {
+    plan: &'p Plan<'p>,
+) -> Option<Parkable<'p>> {
     let deadline_ms = deadline_ms(env, entry_id)?;
     let lead = i64::try_from(MIN_LEAD.as_millis()).unwrap_or(i64::MAX);
     if deadline_ms - llmq_shared::queue::now_ms() < lead || env.concurrency_key.is_some() {
         return None;
     }
     let cand = batch_candidate(plan, env)?;
+    Some(Parkable { cand, deadline_ms })
+}
+
+/// What a [`parkable`] task is parked with to wait for a batch: the finisher parks it with
+/// the delivery's other outcomes ([`Write::Park`](llmq_shared::queue::Write::Park)).
+/// `None` (its request has no batch form): call the model now.
+pub(super) fn parking(env: &Envelope, call_env: &Envelope, to: &Parkable<'_>) -> Option<BatchPark> {
+    let cand = to.cand;
     // A batch's answers carry no cache writes (BatchAnswer): ask for no caching, so that
     // none is billed unseen.
     let req = Request {
@@ -177,7 +191,7 @@ pub(super) fn parking(
         group: format!("{}/{}", cand.provider.name, cand.model.id),
         envelope: env.to_json(),
         body: body.to_string(),
-        deadline_ms,
+        deadline_ms: to.deadline_ms,
         generation: generation(env),
     })
 }

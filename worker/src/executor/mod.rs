@@ -655,7 +655,7 @@ impl Executor {
                 });
                 if can_wait
                     && may_batch != Some(false)
-                    && let Some(park) = batch::parking(&env, &entry_id, call_env, &plan)
+                    && let Some(to) = batch::parkable(&env, &entry_id, &plan)
                 {
                     let latch = match may_batch {
                         Some(_) => Latch::Park,
@@ -666,14 +666,17 @@ impl Executor {
                     };
                     match latch {
                         Latch::Park => {
-                            tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
-                            let park = Box::new(park);
-                            let write = Write::Park {
-                                entry_id,
-                                task_id: task_id.to_string(),
-                                park,
-                            };
-                            return Finished::new(queue, write, Vec::new());
+                            // (A request with no batch form is called now.)
+                            if let Some(park) = batch::parking(&env, call_env, &to) {
+                                tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
+                                let park = Box::new(park);
+                                let write = Write::Park {
+                                    entry_id,
+                                    task_id: task_id.to_string(),
+                                    park,
+                                };
+                                return Finished::new(queue, write, Vec::new());
+                            }
                         }
                         // Only an entry put in the stream by hand carries its answer unmarked.
                         // The batch answered it, not this plan's route.
