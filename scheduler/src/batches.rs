@@ -222,7 +222,7 @@ impl Scheduler {
             // Taken but never recorded as sent: its sender died, before the provider made
             // the batch or after. Found there by its label, it is followed; else sent again.
             if now - record.created_ms > ms(self.batch_resend_after) {
-                let taken = self.sent_tasks(keys, record).await?;
+                let taken = self.sent_tasks(keys, record, true).await?;
                 if !self.sent_already(keys, record, &taken).await? {
                     self.send(keys, record, taken).await?;
                 }
@@ -302,11 +302,16 @@ impl Scheduler {
         }
     }
 
-    /// The tasks of `record` it still holds (not settled).
-    async fn sent_tasks(&self, keys: &QueueKeys, record: &BatchRecord) -> Result<Vec<Taken>> {
+    /// The tasks of `record` it still holds (not settled), with their requests when `bodies`.
+    async fn sent_tasks(
+        &self,
+        keys: &QueueKeys,
+        record: &BatchRecord,
+        bodies: bool,
+    ) -> Result<Vec<Taken>> {
         Ok(self
             .redis
-            .batch_tasks(keys, record)
+            .batch_tasks(keys, record, bodies)
             .await?
             .into_iter()
             .filter(|(state, _)| state == "sent")
@@ -368,7 +373,7 @@ impl Scheduler {
     /// provider still bills.
     async fn give_up(&self, keys: &QueueKeys, record: &BatchRecord, why: &str) -> Result<u64> {
         let tasks: Vec<_> = self
-            .sent_tasks(keys, record)
+            .sent_tasks(keys, record, false)
             .await?
             .into_iter()
             .map(|t| (t.task_id, Settle::Fallback(why.to_owned())))
@@ -389,7 +394,7 @@ impl Scheduler {
     ) -> Result<u64> {
         let tasks: HashMap<String, (String, Taken)> = self
             .redis
-            .batch_tasks(keys, record)
+            .batch_tasks(keys, record, false)
             .await?
             .into_iter()
             .map(|(state, t)| (t.task_id.clone(), (state, t)))

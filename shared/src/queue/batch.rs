@@ -304,7 +304,9 @@ impl Client {
     }
 
     /// The tasks of batch `record` that are still its own, with their state (`sent` until
-    /// settled), envelope, body (while sent) and deadline.
+    /// settled), envelope, deadline and, with `bodies`, their requests (while sent; only a
+    /// batch sent again needs them, and a request holds the whole prompt: left in Redis
+    /// otherwise, the body is empty).
     ///
     /// # Errors
     /// Redis fails.
@@ -312,17 +314,17 @@ impl Client {
         &self,
         keys: &QueueKeys,
         record: &BatchRecord,
+        bodies: bool,
     ) -> Result<Vec<(String, Taken)>> {
         let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
+        let fields: &[&str] = if bodies {
+            &["state", "batch", "env", "deadline", "body"]
+        } else {
+            &["state", "batch", "env", "deadline"]
+        };
         for id in &record.task_ids {
-            pipe.cmd("HMGET")
-                .arg(keys.batch_task(id))
-                .arg("state")
-                .arg("batch")
-                .arg("env")
-                .arg("body")
-                .arg("deadline");
+            pipe.cmd("HMGET").arg(keys.batch_task(id)).arg(fields);
         }
         let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await?;
         let field =
@@ -336,8 +338,8 @@ impl Client {
                 let taken = Taken {
                     task_id: id.clone(),
                     envelope: field(&f, 2),
-                    body: field(&f, 3),
-                    deadline_ms: field(&f, 4).parse().unwrap_or(0),
+                    body: field(&f, 4),
+                    deadline_ms: field(&f, 3).parse().unwrap_or(0),
                 };
                 (field(&f, 0), taken)
             })

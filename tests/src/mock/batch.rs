@@ -231,6 +231,10 @@ impl Batches {
         lock(&self.created).get(model).copied().unwrap_or(0)
     }
 
+    pub(super) fn files(&self) -> usize {
+        lock(&self.files).len()
+    }
+
     pub(super) fn answered(&self, model: &str) -> u64 {
         lock(&self.answered).get(model).copied().unwrap_or(0)
     }

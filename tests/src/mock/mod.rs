@@ -179,6 +179,10 @@ pub struct MockOptions {
     /// client that dies meanwhile leaves a batch it has no id of).
     /// OpenAI's `POST /v1/batches` only.
     pub batch_create_delay: Duration,
+    /// How long the first `POST /v1/files` waits for its answer after the file is stored (a
+    /// client that dies meanwhile has made no batch); later uploads answer at once.
+    /// OpenAI's files only.
+    pub first_upload_delay: Duration,
 }
 
 /// How often a model's answers are good, per task type: an answer to a prompt carrying
@@ -421,6 +425,13 @@ impl MockServer {
     #[must_use]
     pub fn batches(&self, model: &str) -> u64 {
         self.state.batch.created(model)
+    }
+
+    /// Files the server holds (OpenAI's): batch input files uploaded, whether or not a batch
+    /// was made of them, and the output and error files of ended batches.
+    #[must_use]
+    pub fn files(&self) -> usize {
+        self.state.batch.files()
     }
 
     /// Batch items for `model` (each item's own model) that were answered, whatever the

@@ -578,7 +578,7 @@ async fn places(env: &TestEnv) -> std::collections::HashMap<String, Vec<&'static
         }
     }
     for b in env.redis.open_batches(&env.keys).await.unwrap() {
-        for (state, t) in env.redis.batch_tasks(&env.keys, &b).await.unwrap() {
+        for (state, t) in env.redis.batch_tasks(&env.keys, &b, false).await.unwrap() {
             if state == "sent" {
                 at.entry(t.task_id).or_default().push("in a batch");
             }
@@ -716,7 +716,7 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                     let b = &open[rng.below(open.len())];
                     let sent: Vec<String> = env
                         .redis
-                        .batch_tasks(&env.keys, b)
+                        .batch_tasks(&env.keys, b, false)
                         .await
                         .unwrap()
                         .into_iter()
@@ -901,6 +901,56 @@ async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_agai
         1,
         "the batch was not sent again"
     );
+    assert_eq!(env.mock.batch_items("mock-fast"), 5);
+    assert_eq!(env.mock.calls("mock-fast"), 5, "no task was also called");
+}
+
+/// The scheduler is killed after it took a batch and before the provider made it (its file
+/// upload not yet answered): the next scheduler finds no batch by its label and sends the
+/// batch again, each task's request read back from Redis, so the tasks are answered through
+/// a batch rather than handed to calls for an unreadable request.
+#[tokio::test]
+async fn a_batch_whose_sender_died_before_the_provider_made_it_is_sent_again_with_its_requests() {
+    let mut env = TestEnv::new().await.unwrap();
+    env.mock = MockServer::start(MockOptions {
+        first_upload_delay: Duration::from_secs(30),
+        ..MockOptions::default()
+    })
+    .await
+    .unwrap();
+    let text = config_text(&env, &["openai"], &["mock-fast"], "200ms");
+    let config = std::env::temp_dir().join(format!("llmq-batch-{}.yaml", env.queue));
+    std::fs::write(&config, &text).unwrap();
+    let _worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
+    let first = scheduler_process(&env, &config, "first", &[]);
+    batcher_up(&env).await;
+    let ids: Vec<_> = (0..5)
+        .map(|i| waiting_task(&env, "openai", "mock-fast", &format!("unsent {i}")))
+        .collect();
+    for e in &ids {
+        env.redis.enqueue(&env.keys, e).await.unwrap();
+    }
+    // The provider holds the batch's file; no batch was made of it.
+    env.eventually("the batch's file uploaded", WAIT, || async {
+        env.mock.files() == 1
+    })
+    .await
+    .unwrap();
+    first.signal("KILL").unwrap();
+    assert_eq!(env.mock.batches("mock-fast"), 0, "no batch made yet");
+    let _second = scheduler_process(&env, &config, "second", &["--batch-resend-after", "1s"]);
+    for e in &ids {
+        let r = env
+            .wait_final(&e.id.unwrap().to_string(), WAIT)
+            .await
+            .unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert!(
+            r.route.as_deref().unwrap_or("").contains("batch API"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(env.mock.batches("mock-fast"), 1, "the batch was sent again");
     assert_eq!(env.mock.batch_items("mock-fast"), 5);
     assert_eq!(env.mock.calls("mock-fast"), 5, "no task was also called");
 }

@@ -250,14 +250,21 @@ pub(in crate::mock) async fn upload_file(
         .clone()
         .unwrap_or_else(|| "batch.jsonl".into());
     let object = file_object(&id, file.data.len(), &filename, "batch");
-    lock(&state.batch.files).insert(
-        id,
-        StoredFile {
-            object: object.clone(),
-            bytes: file.data.clone(),
-            items,
-        },
-    );
+    let first = {
+        let mut files = lock(&state.batch.files);
+        files.insert(
+            id,
+            StoredFile {
+                object: object.clone(),
+                bytes: file.data.clone(),
+                items,
+            },
+        );
+        files.len() == 1
+    };
+    if first {
+        tokio::time::sleep(state.opts.first_upload_delay).await;
+    }
     Json(object).into_response()
 }
 
