@@ -68,8 +68,8 @@ struct Args {
     #[arg(long, default_value_t = 2000)]
     latency_ms: u64,
 
-    /// In `inflight`, every task's prompt padded to this many bytes (a real task's prompt is
-    /// kilobytes; the default keeps the bench's short one).
+    /// In `inflight` and `provider_batch`, every task's prompt padded to this many bytes (a
+    /// real task's prompt is kilobytes; the default keeps the bench's short one).
     #[arg(long, default_value_t = 0)]
     prompt_bytes: usize,
 
@@ -1455,6 +1455,7 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             let chunk: Vec<Envelope> = (0..tasks)
                 .map(|i| {
                     let mut e = Envelope::new(format!("classify ticket number {i}"));
+                    Shape::Prompt(args.prompt_bytes).apply(i, &mut e);
                     e.deadline = deadline.map(Into::into);
                     if let Some(p) = provider {
                         e.provider = Some(p.into());
@@ -1517,11 +1518,13 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             (per_task[0], per_task[1]);
         let (direct_us, direct_cmds, _) = per_task[2];
         Ok(format!(
-            "bench=provider_batch tasks={tasks} batches={batches} redis_us_per_task_plain={plain_us:.1} \
+            "bench=provider_batch tasks={tasks} prompt_bytes={} batches={batches} \
+             redis_us_per_task_plain={plain_us:.1} \
              redis_us_per_task_batched={batched_us:.1} cmds_per_task_plain={plain_cmds:.1} \
              cmds_per_task_batched={cmds:.1} cmd_us_per_task_plain={plain_cmd_us:.1} \
              cmd_us_per_task_batched={cmd_us:.1} redis_us_per_task_waiting_direct={direct_us:.1} \
-             cmds_per_task_waiting_direct={direct_cmds:.1}"
+             cmds_per_task_waiting_direct={direct_cmds:.1}",
+            args.prompt_bytes
         ))
     }
     .await;
