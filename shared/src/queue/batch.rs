@@ -129,7 +129,10 @@ pub struct Group {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     pub task_id: String,
+    /// Its envelope, as [`Client::batch_tasks`] reads it for settling (the ledger's rows);
+    /// empty from [`Client::take_batch`]: sending needs only the request.
     pub envelope: String,
+    /// Its request; empty where it was not read.
     pub body: String,
     pub deadline_ms: i64,
 }
@@ -292,12 +295,12 @@ impl Client {
         let flat: Vec<Option<String>> = redis::from_redis_value(v)
             .map_err(|e| super::Error::Protocol(format!("a batch's tasks: {e}")))?;
         Ok(Some(
-            flat.chunks_exact(4)
+            flat.chunks_exact(3)
                 .map(|f| Taken {
                     task_id: f[0].clone().unwrap_or_default(),
-                    envelope: f[1].clone().unwrap_or_default(),
-                    body: f[2].clone().unwrap_or_default(),
-                    deadline_ms: f[3].as_deref().and_then(|d| d.parse().ok()).unwrap_or(0),
+                    envelope: String::new(),
+                    body: f[1].clone().unwrap_or_default(),
+                    deadline_ms: f[2].as_deref().and_then(|d| d.parse().ok()).unwrap_or(0),
                 })
                 .collect(),
         ))

@@ -5,7 +5,8 @@
 --       4 the batch record, 5 open batches
 -- ARGV: 1 holder, 2 token, 3 provider/model, 4 max, 5 batch id, 6 now (ms), 7 provider,
 --       8 model, 9 the prefix of task batch hashes, 10 max bytes
--- Returns -1 (not the holder) or, per task taken: its id, envelope, body, deadline (ms).
+-- Returns -1 (not the holder) or, per task taken: its id, body, deadline (ms). Not its
+-- envelope: sending needs only the request, and both carry the whole prompt.
 if not is_holder() then
   return -1
 end
@@ -14,9 +15,9 @@ local cap, size = tonumber(ARGV[10]), 0
 local out, taken = {}, {}
 for _, id in ipairs(ids) do
   local key = ARGV[9] .. id
-  local f = redis.call('HMGET', key, 'state', 'env', 'body', 'deadline')
+  local f = redis.call('HMGET', key, 'state', 'body', 'deadline')
   if f[1] == 'waiting' then
-    local n = string.len(f[3] or '')
+    local n = string.len(f[2] or '')
     if #taken > 0 and size + n > cap then
       break
     end
@@ -27,7 +28,6 @@ for _, id in ipairs(ids) do
     out[#out + 1] = id
     out[#out + 1] = f[2]
     out[#out + 1] = f[3]
-    out[#out + 1] = f[4]
   else
     redis.call('ZREM', KEYS[2], id)
   end
