@@ -853,18 +853,18 @@ async fn a_batch_is_found_at_its_provider_by_the_label_llmq_gave_it() {
     }
 }
 
-/// The scheduler is killed after the provider made its batch and before it recorded the
-/// batch's id: the next scheduler finds the batch by its label and follows it, instead of
-/// sending (and paying for) the same requests twice.
-#[tokio::test]
-async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_again() {
+/// Five tasks that can wait go to a batch, and the scheduler sending it is killed once
+/// `sent_so_far` holds of the provider, having made `made` batches by then; a second
+/// scheduler takes the queue's batches over. Every task ends answered through a batch, and
+/// the provider made one batch of them and answered each task once: none was sent twice,
+/// none called instead.
+async fn a_batch_whose_sender_died(
+    opts: MockOptions,
+    sent_so_far: (&str, fn(&MockServer) -> bool),
+    made: u64,
+) {
     let mut env = TestEnv::new().await.unwrap();
-    env.mock = MockServer::start(MockOptions {
-        batch_create_delay: Duration::from_secs(30),
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
+    env.mock = MockServer::start(opts).await.unwrap();
     let text = config_text(&env, &["openai"], &["mock-fast"], "200ms");
     let config = std::env::temp_dir().join(format!("llmq-batch-{}.yaml", env.queue));
     std::fs::write(&config, &text).unwrap();
@@ -877,13 +877,12 @@ async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_agai
     for e in &ids {
         env.redis.enqueue(&env.keys, e).await.unwrap();
     }
-    // The provider made the batch; its answer (the id) has not reached the scheduler.
-    env.eventually("a batch made at the provider", WAIT, || async {
-        env.mock.batches("mock-fast") == 1
-    })
-    .await
-    .unwrap();
+    let (what, held) = sent_so_far;
+    env.eventually(what, WAIT, || async { held(&env.mock) })
+        .await
+        .unwrap();
     first.signal("KILL").unwrap();
+    assert_eq!(env.mock.batches("mock-fast"), made, "{what}");
     let _second = scheduler_process(&env, &config, "second", &["--batch-resend-after", "1s"]);
     for e in &ids {
         let r = env
@@ -899,10 +898,29 @@ async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_agai
     assert_eq!(
         env.mock.batches("mock-fast"),
         1,
-        "the batch was not sent again"
+        "one batch made of the tasks"
     );
     assert_eq!(env.mock.batch_items("mock-fast"), 5);
     assert_eq!(env.mock.calls("mock-fast"), 5, "no task was also called");
+}
+
+/// The scheduler is killed after the provider made its batch and before it recorded the
+/// batch's id: the next scheduler finds the batch by its label and follows it, instead of
+/// sending (and paying for) the same requests twice.
+#[tokio::test]
+async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_again() {
+    a_batch_whose_sender_died(
+        MockOptions {
+            batch_create_delay: Duration::from_secs(30),
+            ..MockOptions::default()
+        },
+        // The provider made the batch; its answer (the id) has not reached the scheduler.
+        ("a batch made at the provider", |m| {
+            m.batches("mock-fast") == 1
+        }),
+        1,
+    )
+    .await;
 }
 
 /// The scheduler is killed after it took a batch and before the provider made it (its file
@@ -911,46 +929,14 @@ async fn a_batch_whose_sender_died_before_recording_it_is_followed_not_sent_agai
 /// a batch rather than handed to calls for an unreadable request.
 #[tokio::test]
 async fn a_batch_whose_sender_died_before_the_provider_made_it_is_sent_again_with_its_requests() {
-    let mut env = TestEnv::new().await.unwrap();
-    env.mock = MockServer::start(MockOptions {
-        first_upload_delay: Duration::from_secs(30),
-        ..MockOptions::default()
-    })
-    .await
-    .unwrap();
-    let text = config_text(&env, &["openai"], &["mock-fast"], "200ms");
-    let config = std::env::temp_dir().join(format!("llmq-batch-{}.yaml", env.queue));
-    std::fs::write(&config, &text).unwrap();
-    let _worker = WorkerProcess::spawn_with(&env, &text, &[]).unwrap();
-    let first = scheduler_process(&env, &config, "first", &[]);
-    batcher_up(&env).await;
-    let ids: Vec<_> = (0..5)
-        .map(|i| waiting_task(&env, "openai", "mock-fast", &format!("unsent {i}")))
-        .collect();
-    for e in &ids {
-        env.redis.enqueue(&env.keys, e).await.unwrap();
-    }
-    // The provider holds the batch's file; no batch was made of it.
-    env.eventually("the batch's file uploaded", WAIT, || async {
-        env.mock.files() == 1
-    })
-    .await
-    .unwrap();
-    first.signal("KILL").unwrap();
-    assert_eq!(env.mock.batches("mock-fast"), 0, "no batch made yet");
-    let _second = scheduler_process(&env, &config, "second", &["--batch-resend-after", "1s"]);
-    for e in &ids {
-        let r = env
-            .wait_final(&e.id.unwrap().to_string(), WAIT)
-            .await
-            .unwrap();
-        assert_eq!(r.status, Status::Succeeded, "{r:?}");
-        assert!(
-            r.route.as_deref().unwrap_or("").contains("batch API"),
-            "{r:?}"
-        );
-    }
-    assert_eq!(env.mock.batches("mock-fast"), 1, "the batch was sent again");
-    assert_eq!(env.mock.batch_items("mock-fast"), 5);
-    assert_eq!(env.mock.calls("mock-fast"), 5, "no task was also called");
+    a_batch_whose_sender_died(
+        MockOptions {
+            first_upload_delay: Duration::from_secs(30),
+            ..MockOptions::default()
+        },
+        // The provider holds the batch's file; no batch was made of it.
+        ("the batch's file uploaded", |m| m.files() == 1),
+        0,
+    )
+    .await;
 }
