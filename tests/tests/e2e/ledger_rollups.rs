@@ -6,6 +6,9 @@
 //! immediate`) and started again while writers write: what it recovers sums exactly too.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use chrono::{DateTime, Datelike, Duration, TimeZone, Utc};
 use llmq_shared::ledger::{CallRow, Ledger, TaskRow, Verdict};
 use llmq_tests::harness::{
@@ -99,15 +102,27 @@ fn task(rng: &mut SeededRng, c: &CallRow) -> TaskRow {
     }
 }
 
-/// One writer: starts calls, completes, forgets or leaves them, finishes tasks, finishes some
-/// again (a new status, a new day), and judges some. Errors (a cut connection) are expected
-/// and counted: whatever committed must still sum exactly. Returns how many writes failed.
+/// One writer of `ops` writes: see [`writer_while`].
 async fn writer(ledger: Ledger, seed: u64, ops: usize) -> usize {
+    let mut left = ops;
+    writer_while(ledger, seed, move || {
+        let go = left > 0;
+        left = left.saturating_sub(1);
+        go
+    })
+    .await
+}
+
+/// One writer, writing while `more` says so: starts calls, completes, forgets or
+/// leaves them, finishes tasks, finishes some again (a new status, a new day), and judges
+/// some. Errors (a cut connection) are expected and counted: whatever committed must still
+/// sum exactly. Returns how many writes failed.
+async fn writer_while(ledger: Ledger, seed: u64, mut more: impl FnMut() -> bool) -> usize {
     let mut rng = SeededRng(seed);
     let mut started: Vec<CallRow> = Vec::new();
     let mut finished: Vec<TaskRow> = Vec::new();
     let mut failed = 0;
-    for _ in 0..ops {
+    while more() {
         match rng.below(6) {
             0 | 1 => {
                 let chain = format!("chain-{}", rng.below(4));
@@ -174,8 +189,16 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
     let mut cut = 0;
     for seed in [0x5eed_0001_u64, 0x5eed_0002, 0x5eed_0003] {
         let ledger = Ledger::connect(&url, 4).await.unwrap();
+        // The writers write until the cutter is done, so every cut comes while they do
+        // (however fast their writes are).
+        let cut_over = Arc::new(AtomicBool::new(false));
         let writers: Vec<_> = (0..4)
-            .map(|w| tokio::spawn(writer(ledger.clone(), seed * 31 + w, 80)))
+            .map(|w| {
+                let cut_over = Arc::clone(&cut_over);
+                tokio::spawn(writer_while(ledger.clone(), seed * 31 + w, move || {
+                    !cut_over.load(Ordering::SeqCst)
+                }))
+            })
             .collect();
         // The rows' months get their partitions while the writers write: what the default
         // partition holds of them moves, and no write may be lost or counted twice.
@@ -217,10 +240,11 @@ async fn rollups_equal_the_rows_they_sum_under_concurrent_writers_and_cut_connec
                 }
             })
         };
+        cutter.await.unwrap();
+        cut_over.store(true, Ordering::SeqCst);
         for w in writers {
             cut += w.await.unwrap();
         }
-        cutter.await.unwrap();
         partitions.await.unwrap();
         let waiting: i64 = sqlx::query_scalar(
             "SELECT (SELECT count(*) FROM provider_calls_default)
@@ -260,8 +284,16 @@ async fn rollups_equal_the_rows_after_postgres_crashes_under_writers() {
     let url = pg.url("postgres");
     let ledger = Ledger::connect(&url, 4).await.unwrap();
     ledger.migrate().await.unwrap();
+    // The writers write until the server is back, so the crash always comes while they do
+    // (however fast their writes are).
+    let back = Arc::new(AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
-        .map(|w| tokio::spawn(writer(ledger.clone(), 0xc4a5_0000 + w, 150)))
+        .map(|w| {
+            let back = Arc::clone(&back);
+            tokio::spawn(writer_while(ledger.clone(), 0xc4a5_0000 + w, move || {
+                !back.load(Ordering::SeqCst)
+            }))
+        })
         .collect();
     tokio::time::sleep(std::time::Duration::from_millis(150)).await;
     let pg = tokio::task::spawn_blocking(move || {
@@ -270,6 +302,7 @@ async fn rollups_equal_the_rows_after_postgres_crashes_under_writers() {
     })
     .await
     .unwrap();
+    back.store(true, Ordering::SeqCst);
     let mut failed = 0;
     for w in writers {
         failed += w.await.unwrap();
