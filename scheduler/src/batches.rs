@@ -20,7 +20,9 @@ use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, Ledger};
 use llmq_shared::provider::Usage;
 use llmq_shared::provider::batch::{BatchClient, Item, Poll};
-use llmq_shared::queue::{BatchAnswer, BatchRecord, FALLBACK_MARGIN, Settle, Taken, now_ms};
+use llmq_shared::queue::{
+    BatchAnswer, BatchRecord, BatchTask, FALLBACK_MARGIN, Settle, Taken, now_ms,
+};
 use uuid::Uuid;
 
 use crate::{Error, Result, Scheduler};
@@ -314,8 +316,8 @@ impl Scheduler {
             .batch_tasks(keys, record, bodies)
             .await?
             .into_iter()
-            .filter(|(state, _)| state == "sent")
-            .map(|(_, t)| t)
+            .filter(|t| t.state == "sent")
+            .map(|t| t.taken)
             .collect())
     }
 
@@ -392,12 +394,12 @@ impl Scheduler {
         )>,
         unrun: &str,
     ) -> Result<u64> {
-        let tasks: HashMap<String, (String, Taken)> = self
+        let tasks: HashMap<String, BatchTask> = self
             .redis
             .batch_tasks(keys, record, false)
             .await?
             .into_iter()
-            .map(|(state, t)| (t.task_id.clone(), (state, t)))
+            .map(|t| (t.taken.task_id.clone(), t))
             .collect();
         let prices = self
             .config
@@ -422,7 +424,7 @@ impl Scheduler {
         let mut settles = Vec::new();
         let mut answered = HashSet::new();
         for (custom_id, result) in results {
-            let Some((state, taken)) = tasks.get(&custom_id) else {
+            let Some(t) = tasks.get(&custom_id) else {
                 continue;
             };
             let Ok(task_id) = Uuid::parse_str(&custom_id) else {
@@ -431,7 +433,7 @@ impl Scheduler {
             if !answered.insert(custom_id.clone()) {
                 continue;
             }
-            let env = Envelope::parse(taken.envelope.as_bytes(), usize::MAX).ok();
+            let env = Envelope::parse(t.envelope.as_bytes(), usize::MAX).ok();
             let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
             let cost = prices.batch().cost(&usage);
             let error = result.as_ref().err();
@@ -472,7 +474,7 @@ impl Scheduler {
                     ..usage
                 })),
             });
-            if state != "sent" {
+            if t.state != "sent" {
                 continue;
             }
             settles.push((
@@ -494,8 +496,8 @@ impl Scheduler {
                 },
             ));
         }
-        for (id, (state, _)) in &tasks {
-            if state == "sent" && !answered.contains(id) {
+        for (id, t) in &tasks {
+            if t.state == "sent" && !answered.contains(id) {
                 settles.push((id.clone(), Settle::Fallback(unrun.to_owned())));
             }
         }

@@ -125,16 +125,22 @@ pub struct Group {
     pub oldest_ms: i64,
 }
 
-/// A task taken into a batch.
+/// A task taken into a batch, with what sending it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
     pub task_id: String,
-    /// Its envelope, as [`Client::batch_tasks`] reads it for settling (the ledger's rows);
-    /// empty from [`Client::take_batch`]: sending needs only the request.
-    pub envelope: String,
-    /// Its request; empty where it was not read.
+    /// Its request; empty where it was not read ([`Client::batch_tasks`] without `bodies`).
     pub body: String,
     pub deadline_ms: i64,
+}
+
+/// A task of a batch as [`Client::batch_tasks`] reads it: its state (`sent` until settled)
+/// and envelope (what settling writes to the ledger) beside what sending needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BatchTask {
+    pub state: String,
+    pub envelope: String,
+    pub taken: Taken,
 }
 
 /// One batch llmq made, as its record says.
@@ -298,7 +304,6 @@ impl Client {
             flat.chunks_exact(3)
                 .map(|f| Taken {
                     task_id: f[0].clone().unwrap_or_default(),
-                    envelope: String::new(),
                     body: f[1].clone().unwrap_or_default(),
                     deadline_ms: f[2].as_deref().and_then(|d| d.parse().ok()).unwrap_or(0),
                 })
@@ -306,10 +311,10 @@ impl Client {
         ))
     }
 
-    /// The tasks of batch `record` that are still its own, with their state (`sent` until
-    /// settled), envelope, deadline and, with `bodies`, their requests (while sent; only a
-    /// batch sent again needs them, and a request holds the whole prompt: left in Redis
-    /// otherwise, the body is empty).
+    /// The tasks of batch `record` that are still its own, with their state, envelope,
+    /// deadline and, with `bodies`, their requests (while sent; only a batch sent again needs
+    /// them, and a request holds the whole prompt: left in Redis otherwise, the body is
+    /// empty).
     ///
     /// # Errors
     /// Redis fails.
@@ -318,7 +323,7 @@ impl Client {
         keys: &QueueKeys,
         record: &BatchRecord,
         bodies: bool,
-    ) -> Result<Vec<(String, Taken)>> {
+    ) -> Result<Vec<BatchTask>> {
         let mut c = self.conn().await?;
         let mut pipe = redis::pipe();
         let fields: &[&str] = if bodies {
@@ -337,14 +342,14 @@ impl Client {
             .iter()
             .zip(rows)
             .filter(|(_, f)| f.get(1).and_then(Option::as_deref) == Some(record.id.as_str()))
-            .map(|(id, f)| {
-                let taken = Taken {
+            .map(|(id, f)| BatchTask {
+                state: field(&f, 0),
+                envelope: field(&f, 2),
+                taken: Taken {
                     task_id: id.clone(),
-                    envelope: field(&f, 2),
                     body: field(&f, 4),
                     deadline_ms: field(&f, 3).parse().unwrap_or(0),
-                };
-                (field(&f, 0), taken)
+                },
             })
             .collect())
     }

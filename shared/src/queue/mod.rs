@@ -45,8 +45,8 @@ mod slots;
 
 pub use answers::{Answer, Keep, NOT_KEPT, answer_name, flight_key, warm_name};
 pub use batch::{
-    BatchAnswer, BatchPark, BatchRecord, BatchState, FALLBACK_MARGIN, Group, LATCH_TTL, Settle,
-    Taken,
+    BatchAnswer, BatchPark, BatchRecord, BatchState, BatchTask, FALLBACK_MARGIN, Group, LATCH_TTL,
+    Settle, Taken,
 };
 pub use chain::{ChainsPage, Refused, StepContext};
 pub use conn::Conn;

@@ -578,9 +578,9 @@ async fn places(env: &TestEnv) -> std::collections::HashMap<String, Vec<&'static
         }
     }
     for b in env.redis.open_batches(&env.keys).await.unwrap() {
-        for (state, t) in env.redis.batch_tasks(&env.keys, &b, false).await.unwrap() {
-            if state == "sent" {
-                at.entry(t.task_id).or_default().push("in a batch");
+        for t in env.redis.batch_tasks(&env.keys, &b, false).await.unwrap() {
+            if t.state == "sent" {
+                at.entry(t.taken.task_id).or_default().push("in a batch");
             }
         }
     }
@@ -720,8 +720,8 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                         .await
                         .unwrap()
                         .into_iter()
-                        .filter(|(s, _)| s == "sent")
-                        .map(|(_, t)| t.task_id)
+                        .filter(|t| t.state == "sent")
+                        .map(|t| t.taken.task_id)
                         .collect();
                     let all = rng.below(2) == 0;
                     let mut chosen: Vec<(String, Settle)> = Vec::new();
