@@ -131,6 +131,17 @@ pub struct TaskRow {
     pub enqueued_at: Option<DateTime<Utc>>,
 }
 
+impl TaskRow {
+    /// `enqueued_at` as the ledger keeps it. A producer writes it, and may write any time: one
+    /// more than ten years before the finish is no clock's and is not kept (Postgres cannot
+    /// store the earliest dates a producer can write, and the task would lose its row).
+    fn enqueued(&self) -> Option<DateTime<Utc>> {
+        const LONGEST_LIFE: chrono::TimeDelta = chrono::TimeDelta::days(3650);
+        self.enqueued_at
+            .filter(|e| self.finished_at.signed_duration_since(*e) <= LONGEST_LIFE)
+    }
+}
+
 /// The span the rows of a batch's tasks were written in, as `ledger_span_from` and
 /// `ledger_span_until` take it (migration `20261203000002_task_spans`, which adds the margin):
 /// the earliest of the tasks' enqueues and finishes, `None` when a task's enqueue is not
@@ -143,17 +154,6 @@ fn span(tasks: &[TaskRow]) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
         .flatten();
     let until = tasks.iter().map(|t| t.finished_at).max();
     (from, until)
-}
-
-impl TaskRow {
-    /// `enqueued_at` as the ledger keeps it. A producer writes it, and may write any time: one
-    /// more than ten years before the finish is no clock's and is not kept (Postgres cannot
-    /// store the earliest dates a producer can write, and the task would lose its row).
-    fn enqueued(&self) -> Option<DateTime<Utc>> {
-        const LONGEST_LIFE: chrono::TimeDelta = chrono::TimeDelta::days(3650);
-        self.enqueued_at
-            .filter(|e| self.finished_at.signed_duration_since(*e) <= LONGEST_LIFE)
-    }
 }
 
 /// A review's or check's verdict on the output of the task it judged: the task's model did
@@ -1252,7 +1252,66 @@ fn reject(task: Option<Uuid>, e: &sqlx::Error) {
 
 #[cfg(test)]
 mod tests {
-    use super::median_latency_ms;
+    use super::{TaskRow, median_latency_ms, span};
+    use chrono::{DateTime, TimeDelta, Utc};
+
+    /// For any batch, the span the delete of earlier finishes searches holds every task's own
+    /// (`ledger_span_from(enqueued, finished)` to `ledger_span_until(finished)`, margins
+    /// aside): it starts at or before each task's enqueue and finish, has no start when a
+    /// task's enqueue is unknown or not kept, and ends at or after each finish.
+    #[test]
+    fn a_batchs_span_holds_each_of_its_tasks_spans() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let now = Utc::now();
+        let mut unbounded = 0;
+        for _ in 0..2000 {
+            let tasks: Vec<TaskRow> = (0..1 + next() % 64)
+                .map(|_| {
+                    let finished =
+                        now + TimeDelta::seconds((next() % 8_000_000) as i64 - 4_000_000);
+                    // Mostly before its finish; some after (a producer's clock ahead), some
+                    // unknown, some too far back to be kept.
+                    let enqueued = match next() % 20 {
+                        0 => None,
+                        1 => Some(finished - TimeDelta::days(4000)),
+                        2 => Some(finished + TimeDelta::seconds((next() % 7200) as i64)),
+                        _ => Some(finished - TimeDelta::seconds((next() % 900_000) as i64)),
+                    };
+                    TaskRow {
+                        finished_at: finished,
+                        enqueued_at: enqueued,
+                        ..TaskRow::default()
+                    }
+                })
+                .collect();
+            let (from, until) = span(&tasks);
+            for t in &tasks {
+                let start: Option<DateTime<Utc>> = t.enqueued().map(|e| e.min(t.finished_at));
+                match (start, from) {
+                    (Some(start), Some(from)) => assert!(from <= start),
+                    (None, from) => assert_eq!(from, None, "a task without a start"),
+                    (Some(_), None) => {}
+                }
+                assert!(until.is_some_and(|u| u >= t.finished_at));
+            }
+            assert_eq!(
+                from.is_none(),
+                tasks.iter().any(|t| t.enqueued().is_none()),
+                "no start exactly when a task has none"
+            );
+            unbounded += usize::from(from.is_none());
+        }
+        assert!(
+            unbounded > 0 && unbounded < 2000,
+            "both kinds of batch seen"
+        );
+    }
 
     /// `ledger_latency_bucket` (migrations/20261126000002_routing_rollups.sql), for the test.
     fn bucket(ms: u64) -> usize {
