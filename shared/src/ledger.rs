@@ -1254,6 +1254,8 @@ fn reject(task: Option<Uuid>, e: &sqlx::Error) {
 mod tests {
     use super::{TaskRow, median_latency_ms, span};
     use chrono::{DateTime, TimeDelta, Utc};
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
 
     /// For any batch, the span the delete of earlier finishes searches holds every task's own
     /// (`ledger_span_from(enqueued, finished)` to `ledger_span_until(finished)`, margins
@@ -1261,27 +1263,21 @@ mod tests {
     /// task's enqueue is unknown or not kept, and ends at or after each finish.
     #[test]
     fn a_batchs_span_holds_each_of_its_tasks_spans() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = SmallRng::seed_from_u64(0x2545_f491_4f6c_dd1d);
         let now = Utc::now();
         let mut unbounded = 0;
         for _ in 0..2000 {
-            let tasks: Vec<TaskRow> = (0..1 + next() % 64)
+            let tasks: Vec<TaskRow> = (0..rng.random_range(1..=64))
                 .map(|_| {
                     let finished =
-                        now + TimeDelta::seconds((next() % 8_000_000) as i64 - 4_000_000);
+                        now + TimeDelta::seconds(rng.random_range(-4_000_000..4_000_000));
                     // Mostly before its finish; some after (a producer's clock ahead), some
                     // unknown, some too far back to be kept.
-                    let enqueued = match next() % 20 {
+                    let enqueued = match rng.random_range(0..20) {
                         0 => None,
                         1 => Some(finished - TimeDelta::days(4000)),
-                        2 => Some(finished + TimeDelta::seconds((next() % 7200) as i64)),
-                        _ => Some(finished - TimeDelta::seconds((next() % 900_000) as i64)),
+                        2 => Some(finished + TimeDelta::seconds(rng.random_range(0..7200))),
+                        _ => Some(finished - TimeDelta::seconds(rng.random_range(0..900_000))),
                     };
                     TaskRow {
                         finished_at: finished,
