@@ -189,12 +189,7 @@ impl RedisSentinel {
         let dir =
             std::env::temp_dir().join(format!("llmq-sentinel-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let port = || {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap()
-        };
+        let port = crate::harness::free_port;
         let (master_port, replica_port) = (port(), port());
         let mut children = Vec::new();
         for (p, replica_of) in [(master_port, None), (replica_port, Some(master_port))] {

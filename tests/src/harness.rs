@@ -492,6 +492,41 @@ impl WorkerHandle {
     }
 }
 
+/// A loopback port where nothing listens, for a server a test starts later or for an address
+/// that must stay silent: below the kernel's ephemeral range, which `bind(0)` (every test's
+/// own servers, and llmq-mock's) never hands out, and a different one for each call in this
+/// process (a counter from a random start). A port from `bind(0)` that a test released was
+/// once taken by another test's mock server during an outage test's 15 s of silence.
+///
+/// # Panics
+/// No port below the ephemeral range can be bound.
+#[must_use]
+pub fn free_port() -> u16 {
+    const LOWEST: u16 = 10_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
+        .max(LOWEST + 1_000);
+    let span = u32::from(ephemeral - LOWEST);
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id() ^ nanos) % span
+    });
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = LOWEST + u16::try_from((start + n) % span).expect("below the span");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {ephemeral}");
+}
+
 /// The workspace's built binaries (`make test` builds them before the suites run).
 #[must_use]
 pub fn binary(name: &str) -> PathBuf {
@@ -688,10 +723,7 @@ impl ScratchPostgres {
             .output()
             .is_ok_and(|o| o.stdout == b"0\n");
         let d = dir.display().to_string();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let mut options = format!("-p {port} -k {d} -c listen_addresses=127.0.0.1");
         if let Some((cert, key)) = tls {
             std::fs::copy(cert, dir.join("server.pem")).expect("the certificate");

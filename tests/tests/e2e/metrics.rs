@@ -8,11 +8,7 @@ use llmq_tests::harness::{TestEnv, WorkerHandle};
 #[tokio::test]
 async fn a_worker_serves_health_readiness_and_prometheus_metrics() {
     let env = TestEnv::new().await.unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = llmq_tests::harness::free_port();
     let mut s = env.settings();
     s.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());
     let w = WorkerHandle::start(s);
@@ -63,11 +59,7 @@ async fn a_worker_serves_health_readiness_and_prometheus_metrics() {
 async fn a_worker_whose_finisher_cannot_write_is_not_ready_until_it_can() {
     let env = TestEnv::new().await.unwrap();
     let (url, ledger) = env.own_ledger().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = llmq_tests::harness::free_port();
     let mut s = env.settings();
     s.database_url = Some(url);
     s.metrics_listen = Some(format!("127.0.0.1:{port}").parse().unwrap());

@@ -4,46 +4,19 @@
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::{ErrorClass, Status};
-use llmq_tests::harness::{TestEnv, WorkerHandle, WorkerProcess};
+use llmq_tests::harness::{TestEnv, WorkerHandle, WorkerProcess, free_port};
 use llmq_tests::mock::{MockOptions, MockServer};
 
-/// A loopback address where nothing listens (yet), and where no other test can start to
-/// listen meanwhile: a port below the kernel's ephemeral range, which `bind(0)` (every other
-/// test's servers) never hands out, and a different one for each call. A port from `bind(0)`,
-/// released, was once taken by another test's mock server during the 15 s outage, which then
-/// answered every task.
+/// A loopback address where nothing listens (yet), nor will until the test starts a server
+/// there ([`free_port`]).
 fn free_addr() -> SocketAddr {
-    const LOWEST: u16 = 10_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    static START: OnceLock<u32> = OnceLock::new();
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768)
-        .max(LOWEST + 1_000);
-    let span = u32::from(ephemeral - LOWEST);
-    let start = *START.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        (std::process::id() ^ nanos) % span
-    });
-    for _ in 0..span {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = LOWEST + u16::try_from((start + n) % span).unwrap();
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return l.local_addr().unwrap();
-        }
-    }
-    panic!("no free loopback port below {ephemeral}");
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
 /// Providers `<name><suffix>` at their urls with their models (an id, optionally followed by

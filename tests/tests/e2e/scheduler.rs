@@ -798,11 +798,7 @@ async fn the_binary_takes_the_lease_runs_its_duties_and_releases_the_lease_on_si
     )
     .unwrap();
     let id = unique("process");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = llmq_tests::harness::free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut process = Process(
         std::process::Command::new(binary("llmq-scheduler"))

@@ -149,11 +149,7 @@ async fn bad_requests_and_redis_away_get_a_page_that_says_so() {
     stop.cancel();
 
     // Redis away: 503 with the reason, and the server still answers.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = llmq_tests::harness::free_port();
     let (base, stop) = web(Client::new(&format!("redis://127.0.0.1:{port}")).unwrap()).await;
     for _ in 0..2 {
         let (status, headers, body) = get(&format!("{base}/")).await;
@@ -727,11 +723,7 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
 /// then 0), and SIGTERM stops the server with exit 0.
 #[tokio::test]
 async fn the_binary_answers_its_health_check_and_stops_on_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = llmq_tests::harness::free_port();
     let listen = format!("127.0.0.1:{port}");
     let llmq = llmq_tests::harness::binary("llmq");
     let check = || {
