@@ -1301,6 +1301,24 @@ mod tests {
                 tasks.iter().any(|t| t.enqueued().is_none()),
                 "no start exactly when a task has none"
             );
+            // And no wider than that: a span reaching further back than its earliest task
+            // opens partitions for nothing, which is what bounding it was for.
+            let starts: Option<Vec<_>> = tasks
+                .iter()
+                .map(|t| t.enqueued().map(|e| e.min(t.finished_at)))
+                .collect();
+            if let Some(starts) = starts {
+                assert_eq!(
+                    from,
+                    starts.into_iter().min(),
+                    "starts at the earliest start"
+                );
+            }
+            assert_eq!(
+                until,
+                tasks.iter().map(|t| t.finished_at).max(),
+                "ends at the latest finish"
+            );
             unbounded += usize::from(from.is_none());
         }
         assert!(

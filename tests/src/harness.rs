@@ -975,3 +975,36 @@ pub async fn calls_out_of_step(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     .fetch_one(pool)
     .await?)
 }
+
+#[cfg(test)]
+mod tests {
+    /// `free_port` hands out a different port each call, none that `bind(0)` could hand
+    /// another test's server meanwhile, and none that is taken.
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn free_ports_are_distinct_free_and_below_what_bind_0_hands_out() {
+        let ports: Vec<u16> = (0..50).map(|_| super::free_port()).collect();
+        let mut distinct = ports.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            ports.len(),
+            "a port handed out twice: {ports:?}"
+        );
+        for _ in 0..50 {
+            let any = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = any.local_addr().unwrap().port();
+            assert!(
+                ports.iter().all(|q| *q < p),
+                "bind(0) gave {p}, below {ports:?}"
+            );
+        }
+        for p in ports {
+            assert!(
+                std::net::TcpListener::bind(("127.0.0.1", p)).is_ok(),
+                "{p} is taken"
+            );
+        }
+    }
+}
