@@ -3,19 +3,22 @@
 
 Builds REF's `llmq-bench` (release) in a worktree of its own with a target directory of its
 own under `target/bench-compare/` (both kept, so comparing with the same REF again builds
-nothing), builds this tree's, then runs each core benchmark alternately with the two builds,
+nothing; only the last KEEP_REFS REFs compared are kept, 2 by default, as each takes about
+2 GB of disk), builds this tree's, then runs each core benchmark alternately with the two builds,
 RUNS times each (the order flips every run, so a drift of the machine weighs on both), and
 prints every figure's median for REF and HEAD and their ratio. This machine is noisy
 (about 25 % run to run): read the medians, and the ratios of figures measured in one run.
 
 Environment: REF (required), RUNS (default 3), BENCHES (default the core six, space
-separated), BENCH_ARGS (extra flags for every run, e.g. `--tasks 20000`).
+separated), BENCH_ARGS (extra flags for every run, e.g. `--tasks 20000`), KEEP_REFS (the
+REF builds kept, 2 by default).
 """
 
 import os
 import pathlib
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -79,6 +82,25 @@ def figures(binary: pathlib.Path, bench: str, extra: list[str]) -> tuple[dict, s
     return vals, machine
 
 
+def prune(base: pathlib.Path, sha: str, keep: int) -> None:
+    """Removes the worktrees and target directories of all but the `keep` REFs compared last
+    (this one among them): each release target takes about 2 GB, and a machine that compares
+    with many commits fills its disk (a CI run on it failed so, out of space)."""
+    (base / f"target-{sha[:12]}").mkdir(parents=True, exist_ok=True)
+    (base / f"target-{sha[:12]}").touch()
+    targets = sorted(base.glob("target-*"), key=lambda t: t.stat().st_mtime, reverse=True)
+    for target in targets[max(keep, 1):]:
+        short = target.name.removeprefix("target-")
+        src = base / f"src-{short}"
+        print(f"removing the build of {short} (KEEP_REFS={keep})", file=sys.stderr)
+        if src.exists():
+            subprocess.run(["git", "worktree", "remove", "--force", str(src)], cwd=ROOT,
+                           check=False, stderr=subprocess.DEVNULL)
+            shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(target, ignore_errors=True)
+    subprocess.run(["git", "worktree", "prune"], cwd=ROOT, check=False)
+
+
 def main() -> int:
     ref = os.environ.get("REF", "").strip()
     if not ref:
@@ -99,6 +121,7 @@ def main() -> int:
                            check=True, capture_output=True, text=True).stdout.strip()
 
     base = ROOT / "target" / "bench-compare"
+    prune(base, sha, int(os.environ.get("KEEP_REFS", "2")))
     src = base / f"src-{sha[:12]}"
     if not src.exists():
         base.mkdir(parents=True, exist_ok=True)
