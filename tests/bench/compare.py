@@ -4,7 +4,7 @@
 Builds REF's `llmq-bench` (release) in a worktree of its own with a target directory of its
 own under `target/bench-compare/` (both kept, so comparing with the same REF again builds
 nothing; only the last KEEP_REFS REFs compared are kept, 2 by default, as each takes about
-2 GB of disk), builds this tree's, then runs each core benchmark alternately with the two builds,
+1.5 GB of disk), builds this tree's, then runs each core benchmark alternately with the two builds,
 RUNS times each (the order flips every run, so a drift of the machine weighs on both), and
 prints every figure's median for REF and HEAD and their ratio. This machine is noisy
 (about 25 % run to run): read the medians, and the ratios of figures measured in one run.
@@ -84,7 +84,7 @@ def figures(binary: pathlib.Path, bench: str, extra: list[str]) -> tuple[dict, s
 
 def prune(base: pathlib.Path, sha: str, keep: int) -> None:
     """Removes the worktrees and target directories of all but the `keep` REFs compared last
-    (this one among them): each release target takes about 2 GB, and a machine that compares
+    (this one among them): each release target takes about 1.5 GB, and a machine that compares
     with many commits fills its disk (a CI run on it failed so, out of space)."""
     (base / f"target-{sha[:12]}").mkdir(parents=True, exist_ok=True)
     (base / f"target-{sha[:12]}").touch()
