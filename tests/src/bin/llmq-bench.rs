@@ -613,13 +613,20 @@ async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
         let ids = backlog_shaped(&client, &keys, tasks, Shape::Prompt(args.prompt_bytes)).await?;
+        let starts = Arc::new(Starts {
+            fill: concurrency.min(tasks),
+            ..Starts::default()
+        });
         let provider = NoopProvider {
             latency,
+            starts: Some(Arc::clone(&starts)),
             ..NoopProvider::default()
         };
         let idle_kib = rss_kib()?;
         let peak = Peak::start(|| rss_kib().unwrap_or(0));
+        let began = Instant::now();
         let run = run_noop(args, redis, &keys, provider, 1, concurrency).await;
+        let (first_call_ms, filled_ms) = starts.since(began);
         let peak_kib = peak.stop().await;
         let (before, after) = run?;
         verify_results(&client, &keys, &ids).await?;
@@ -633,7 +640,7 @@ async fn inflight(args: &Args, redis: &mut Redis) -> Result<String> {
             "bench=inflight tasks={tasks} concurrency={concurrency} latency_ms={} \
              prompt_bytes={} tasks_per_s={:.0} ideal_per_s={ideal:.0} efficiency_pct={:.1} \
              redis_cpu_us_per_task={:.1} proc_cpu_us_per_task={:.1} rss_kib_per_inflight={:.2} \
-             ledger=off secs={:.3}",
+             ledger=off secs={:.3} first_call_ms={first_call_ms:.1} filled_ms={filled_ms:.1}",
             args.latency_ms,
             args.prompt_bytes,
             d.tasks_per_s,
@@ -2020,7 +2027,39 @@ async fn ledger_scale(args: &Args) -> Result<String> {
 #[derive(Default)]
 struct NoopProvider {
     pickups: Option<Arc<Mutex<Vec<u64>>>>,
+    starts: Option<Arc<Starts>>,
     latency: Duration,
+}
+
+/// When the calls began: the first, and the one that filled every slot (`fill`, the
+/// concurrency). What `inflight`'s efficiency loses before its first round is under way.
+#[derive(Default)]
+struct Starts {
+    fill: usize,
+    calls: std::sync::atomic::AtomicUsize,
+    first: std::sync::OnceLock<Instant>,
+    filled: std::sync::OnceLock<Instant>,
+}
+
+impl Starts {
+    fn call(&self) {
+        let n = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if n == 1 {
+            let _ = self.first.set(Instant::now());
+        }
+        if n == self.fill {
+            let _ = self.filled.set(Instant::now());
+        }
+    }
+
+    /// Milliseconds from `from` to the first call and to the call that filled the slots.
+    fn since(&self, from: Instant) -> (f64, f64) {
+        let ms = |t: Option<&Instant>| t.map_or(f64::NAN, |t| (*t - from).as_secs_f64() * 1e3);
+        (ms(self.first.get()), ms(self.filled.get()))
+    }
 }
 
 impl Provider for NoopProvider {
@@ -2029,6 +2068,9 @@ impl Provider for NoopProvider {
     }
 
     fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
+        if let Some(starts) = &self.starts {
+            starts.call();
+        }
         if let Some(pickups) = &self.pickups
             && let Some(sent) = request
                 .prompt
