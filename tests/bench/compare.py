@@ -4,9 +4,9 @@
 Builds REF's `llmq-bench` (release) in a worktree of its own with a target directory of its
 own under `target/bench-compare/` (both kept, so comparing with the same REF again builds
 nothing; only the last KEEP_REFS REFs compared are kept, 2 by default, as each takes about
-1.5 GB of disk), builds this tree's, then runs each core benchmark alternately with the two builds,
-RUNS times each (the order flips every run, so a drift of the machine weighs on both), and
-prints every figure's median for REF and HEAD and their ratio. This machine is noisy
+1.5 GB of disk), builds this tree's, then runs each core benchmark alternately with the two
+builds, RUNS times each (the order flips every run, so a drift of the machine weighs on
+both), and prints every figure's median for REF and HEAD and their ratio. This machine is noisy
 (about 25 % run to run): read the medians, and the ratios of figures measured in one run.
 
 Environment: REF (required), RUNS (default 3), BENCHES (default the core six, space
