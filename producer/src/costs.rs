@@ -79,7 +79,12 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             })),
         ),
         Format::Text => {
-            let last = (until - chrono::Duration::seconds(1)).format("%Y-%m-%d");
+            // Without `--until` the range runs to a day past now, so that every row of today
+            // is in it; it reads as ending today, not tomorrow.
+            let last = args
+                .until
+                .unwrap_or_else(|| Utc::now().date_naive())
+                .format("%Y-%m-%d");
             let range = match (args.date, args.since) {
                 (Some(d), _) => format!("on {d}"),
                 (None, Some(s)) => format!("from {s} to {last}"),

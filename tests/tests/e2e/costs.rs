@@ -193,6 +193,23 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
             || out.contains(&format!("Total: ${chain_total:.6}")),
         "{out}"
     );
+
+    // With no end given, a report runs to today, and says today (it once said tomorrow).
+    let today = || Utc::now().date_naive().to_string();
+    let before = today();
+    let (code, up_to) = env.cli(&["costs", "--database-url", &db]).await;
+    let (_, since) = env
+        .cli(&["costs", "--since", &date, "--database-url", &db])
+        .await;
+    let after = today();
+    assert_eq!(code, 0, "{up_to}");
+    assert!(
+        [&before, &after]
+            .iter()
+            .any(|d| up_to.starts_with(&format!("Costs up to {d}\n"))
+                && since.starts_with(&format!("Costs from {date} to {d}\n"))),
+        "{up_to}\n{since}"
+    );
 }
 
 #[tokio::test]
