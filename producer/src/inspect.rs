@@ -287,6 +287,14 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),
         )
     };
+    // As wide as the longest duty's name (`ledger_partitions` is 17), so the columns line up.
+    let width = sch
+        .duties
+        .iter()
+        .map(|d| d.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     for d in &sch.duties {
         // Loud where something is wrong.
         let state = match d.state() {
@@ -294,7 +302,7 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             other => other.to_uppercase(),
         };
         s.push_str(&format!(
-            "  {:<16} {:<8} last run {}  {}\n",
+            "  {:<width$} {:<8} last run {}  {}\n",
             d.name,
             state,
             when(d.last_run),
@@ -309,4 +317,47 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use llmq_shared::archive::{DutyStatus, SchedulerStatus};
+
+    use super::{StatusReport, status_text};
+
+    /// The duties' columns line up whatever their names' lengths: `ledger_partitions` pushed
+    /// its state and time a column right of the others.
+    #[test]
+    fn the_duties_columns_line_up() {
+        let duty = |name: &str| DutyStatus {
+            name: name.into(),
+            last_run: Some(chrono::Utc::now()),
+            ok: true,
+            detail: "done".into(),
+            holder: "s-1".into(),
+            overdue: false,
+        };
+        let r = StatusReport {
+            queues: Vec::new(),
+            busiest_tenants: Vec::new(),
+            batches: Vec::new(),
+            providers: Vec::new(),
+            cooling_down: Vec::new(),
+            scheduler: SchedulerStatus {
+                holder: Some("s-1".into()),
+                fence: 1,
+                lease_ttl_ms: Some(10_000),
+                duties: vec![
+                    duty("approvals"),
+                    duty("ledger_partitions"),
+                    duty("promote"),
+                ],
+                recurring: Vec::new(),
+            },
+        };
+        let text = status_text(&r, false);
+        let columns: Vec<usize> = text.lines().filter_map(|l| l.find("last run")).collect();
+        assert_eq!(columns.len(), 3, "{text}");
+        assert!(columns.iter().all(|c| *c == columns[0]), "{text}");
+    }
 }
