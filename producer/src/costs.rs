@@ -6,7 +6,7 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use llmq_shared::ledger::{GroupBy, Ledger, Scope};
 
 use crate::cli::{By, Costs, Format, Migrate};
-use crate::{EXIT_OK, Result, emit, render, to_json};
+use crate::{EXIT_OK, Error, Result, emit, render, to_json};
 
 pub async fn migrate(args: Migrate, out: &mut dyn Write) -> Result<u8> {
     let ledger = Ledger::connect(&args.database_url, 1).await?;
@@ -19,6 +19,15 @@ pub async fn migrate(args: Migrate, out: &mut dyn Write) -> Result<u8> {
 }
 
 pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
+    // As the web page's costs say it: a range that ends before it starts is a mistake, not
+    // an empty report.
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && since > until
+    {
+        return Err(Error::Usage(format!(
+            "the range starts ({since}) after it ends ({until}); give a --since no later than --until"
+        )));
+    }
     let ledger = Ledger::connect(&args.database_url, 2).await?;
     ledger.check_migrated().await?;
     let day = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default());

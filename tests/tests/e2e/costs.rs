@@ -210,6 +210,21 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
                 && since.starts_with(&format!("Costs from {date} to {d}\n"))),
         "{up_to}\n{since}"
     );
+
+    // A range that ends before it starts is refused, as the page refuses it, not answered
+    // with an empty report.
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--since",
+            "2026-11-30",
+            "--until",
+            "2026-11-01",
+            "--database-url",
+            &db,
+        ])
+        .await;
+    assert_eq!((code, out.as_str()), (llmq::EXIT_USAGE, ""), "{out}");
 }
 
 #[tokio::test]
