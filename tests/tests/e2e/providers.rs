@@ -258,11 +258,8 @@ async fn timeouts_are_retryable(format: Format) {
 }
 
 async fn refused_connections_are_retryable(format: Format) {
-    // A port that was just free.
-    let url = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", listener.local_addr().unwrap())
-    };
+    // A port where nothing listens, nor will: below the range another test's server binds.
+    let url = format!("http://127.0.0.1:{}", llmq_tests::harness::free_port());
     let e = format
         .adapter(&url)
         .complete(&request("mock-fast", "hi"))
