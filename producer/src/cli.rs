@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llmq_shared::envelope::TaskType;
+use llmq_shared::keys::queue_name;
 
 /// llmq: a durable job queue for LLM work.
 #[derive(Parser, Debug)]
@@ -64,13 +65,17 @@ pub enum QueueCommand {
     /// Every worker stops taking the queue's tasks within a second; tasks in flight finish,
     /// and new ones wait in the queue until `resume`.
     Pause {
+        #[arg(value_parser = queue_name)]
         queue: String,
         /// Why, shown by `llmq status` and the web page.
         #[arg(long, default_value = "")]
         reason: String,
     },
     /// Workers take the queue's tasks again.
-    Resume { queue: String },
+    Resume {
+        #[arg(value_parser = queue_name)]
+        queue: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -110,7 +115,7 @@ pub enum ChainCommand {
     /// step as it ends and then the chain's outcome).
     Submit {
         file: PathBuf,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         /// Fills `{{NAME}}` in the chain's prompts; repeat for several.
         #[arg(long = "var", value_name = "NAME=VALUE")]
@@ -127,7 +132,7 @@ pub enum ChainCommand {
     /// Show a chain's state and each step.
     Show {
         chain_id: String,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -135,14 +140,14 @@ pub enum ChainCommand {
     /// Cancel a running chain: its steps not yet ended never run.
     Cancel {
         chain_id: String,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
     },
     /// Run an ended chain's failed and cancelled steps again (with --from, that step and
     /// every step after it); steps that succeeded keep their outputs.
     Retry {
         chain_id: String,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         /// Rerun this step and its descendants, whatever their state.
         #[arg(long)]
@@ -150,7 +155,7 @@ pub enum ChainCommand {
     },
     /// List the chain steps awaiting a person's approval, soonest deadline first.
     Pending {
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -159,7 +164,7 @@ pub enum ChainCommand {
     Approve {
         chain_id: String,
         step: String,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         /// Recorded as the step's summary.
         #[arg(long)]
@@ -169,7 +174,7 @@ pub enum ChainCommand {
     Reject {
         chain_id: String,
         step: String,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         /// Why, recorded as the step's error.
         #[arg(long)]
@@ -177,7 +182,7 @@ pub enum ChainCommand {
     },
     /// List the queue's chains, newest first.
     List {
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         /// Only chains in this state: running, succeeded, failed or cancelled.
         #[arg(long)]
@@ -315,7 +320,7 @@ pub struct Submit {
     /// Free JSON kept with the task.
     #[arg(long, value_parser = parse_json)]
     pub metadata: Option<serde_json::Value>,
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = queue_name)]
     pub queue: String,
     /// Write the output (or, with --format json, the whole result) to this file.
     #[arg(long)]
@@ -354,7 +359,7 @@ pub struct Batch {
     /// (an existing one, or a path ending in `/`) gets `batch_<timestamp>.json` inside.
     #[arg(long)]
     pub output: Option<PathBuf>,
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = queue_name)]
     pub queue: String,
     /// At most this many of the batch's tasks run at once, across every worker.
     #[arg(long, value_parser = parse_parallel)]
@@ -408,7 +413,7 @@ pub struct ResultArgs {
     /// The task's id, as `llmq submit` printed it.
     #[arg(value_parser = parse_task_id)]
     pub task_id: String,
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = queue_name)]
     pub queue: String,
     #[arg(long, value_enum, default_value_t)]
     pub format: Format,
@@ -417,7 +422,7 @@ pub struct ResultArgs {
 #[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Queues to show; default: every queue a worker has served.
-    #[arg(long = "queue")]
+    #[arg(long = "queue", value_parser = queue_name)]
     pub queues: Vec<String>,
     /// The provider file, to check each provider.
     #[arg(long, env = "LLMQ_CONFIG")]
@@ -439,7 +444,7 @@ pub struct Dlq {
 pub enum DlqCommand {
     /// List dead letters, newest first.
     List {
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         #[arg(long, default_value_t = 100)]
         limit: usize,
@@ -455,7 +460,7 @@ pub enum DlqCommand {
     /// Show one dead letter in full (by dead-letter id or task id).
     Show {
         id: String,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         #[arg(long, value_enum, default_value_t)]
         format: Format,
@@ -471,7 +476,7 @@ pub enum DlqCommand {
         /// Send the replayed tasks to this provider.
         #[arg(long)]
         platform: Option<String>,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
         /// Where archived dead letters are: ids not in Redis are looked up there.
         #[arg(long, env = "DATABASE_URL")]
@@ -485,7 +490,7 @@ pub enum DlqCommand {
         /// Delete those that died longer ago than this, e.g. 7d.
         #[arg(long, value_parser = humantime::parse_duration)]
         older_than: Option<Duration>,
-        #[arg(long, default_value = "default")]
+        #[arg(long, default_value = "default", value_parser = queue_name)]
         queue: String,
     },
 }

@@ -160,7 +160,7 @@ pub struct Settings {
     pub batch_resend_after: Duration,
     /// A queue whose dead letters to archive; repeat for several [default: every queue a
     /// worker has served].
-    #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',')]
+    #[arg(long = "queue", env = "LLMQ_QUEUES", value_delimiter = ',', value_parser = llmq_shared::keys::queue_name)]
     pub queues: Vec<String>,
     /// Serve /healthz, /readyz and Prometheus /metrics here, e.g. 0.0.0.0:9465.
     #[arg(long, env = "LLMQ_METRICS_LISTEN")]

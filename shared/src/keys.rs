@@ -20,6 +20,36 @@ pub const ROOM_FIELD: &str = "room";
 /// The set of queue names workers have served, for `llmq status`.
 pub const QUEUES: &str = "llmq:queues";
 
+/// The longest queue name llmq takes, in bytes: every key of the queue carries it.
+pub const QUEUE_NAME_MAX: usize = 200;
+
+/// `name`, if it can name a queue; if not, a sentence saying why, with the fix. A brace
+/// would end the queue's hash tag early (its keys could then land in other slots of a
+/// Cluster, or meet another queue's), and a control character would reach logs and pages.
+/// Every way in asks this (the CLIs' `--queue`, as their value parser; the web page; the
+/// scheduler's file), as the Python and Node clients ask the same.
+///
+/// # Errors
+/// The name is empty, longer than [`QUEUE_NAME_MAX`] bytes, or holds a brace or a control
+/// character.
+pub fn queue_name(name: &str) -> Result<String, String> {
+    let why = if name.trim().is_empty() {
+        "it is empty"
+    } else if name.len() > QUEUE_NAME_MAX {
+        "it is longer than 200 bytes"
+    } else if name.contains(['{', '}']) {
+        "a brace would end its keys' hash tag early"
+    } else if name.chars().any(char::is_control) {
+        "it holds a control character"
+    } else {
+        return Ok(name.to_owned());
+    };
+    Err(format!(
+        "\"{}\" cannot name a queue: {why}; keep to letters, digits, -, _ and . (such as default)",
+        name.chars().take(60).collect::<String>().escape_debug()
+    ))
+}
+
 /// Key names of one queue.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct QueueKeys {
@@ -410,6 +440,33 @@ pub struct CircuitKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn queue_names_that_would_escape_their_hash_tag_are_refused() {
+        for good in [
+            "default",
+            "reviews-2",
+            "a.b_c",
+            "x:y",
+            &"q".repeat(QUEUE_NAME_MAX),
+        ] {
+            assert_eq!(queue_name(good).as_deref(), Ok(good), "{good}");
+        }
+        for bad in [
+            "",
+            " ",
+            "a}b",
+            "{a}",
+            "a{",
+            "a\nb",
+            "a\u{7}",
+            &"q".repeat(QUEUE_NAME_MAX + 1),
+        ] {
+            let why = queue_name(bad).unwrap_err();
+            assert!(why.contains("cannot name a queue"), "{why}");
+            assert!(!why.contains('\n'), "the sentence stays on one line: {why}");
+        }
+    }
 
     #[test]
     fn every_key_of_a_queue_shares_one_hash_tag() {

@@ -82,7 +82,8 @@ pub struct Settings {
         long = "queue",
         env = "LLMQ_QUEUES",
         value_delimiter = ',',
-        default_value = "default"
+        default_value = "default",
+        value_parser = llmq_shared::keys::queue_name
     )]
     pub queues: Vec<String>,
     /// Tasks run at once.

@@ -368,13 +368,7 @@ fn action_form(viewer: &Viewer, action: &str, hidden: &[(&str, &str)], inner: &s
 /// A queue name from a query or form: as the CLI takes it, but not empty and not a key
 /// pattern (a brace would escape the queue's hash tag).
 fn queue_name(raw: Option<&str>) -> Result<String, String> {
-    let q = raw.map_or("default", str::trim);
-    if q.is_empty() || q.len() > 200 || q.contains(['{', '}']) || q.chars().any(char::is_control) {
-        return Err(format!(
-            "`{q}` is not a queue name: use the name the tasks were enqueued to, such as default"
-        ));
-    }
-    Ok(q.to_owned())
+    llmq_shared::keys::queue_name(raw.map_or("default", str::trim))
 }
 
 /// The queue a request names, or the 400 page to answer instead.

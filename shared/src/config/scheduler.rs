@@ -153,10 +153,10 @@ pub(super) fn scheduler(errs: &Errors<'_>, raw: RawScheduler) -> Result<Schedule
                 "pick a day and month that exist",
             ));
         }
-        if r.queue.trim().is_empty() {
+        if let Err(why) = crate::keys::queue_name(&r.queue) {
             return Err(errs.at(
                 at("queue"),
-                "the queue name is empty",
+                why,
                 "name a queue, or leave it out for `default`",
             ));
         }

@@ -787,3 +787,46 @@ async fn an_enqueue_to_a_clobbered_stream_is_an_error_one_task_or_many() {
         .unwrap();
     assert_eq!(kept, "not a stream");
 }
+
+/// A queue name with a brace would end its keys' hash tag early: queue `q}x`'s keys would
+/// start `llmq:{q}x}:`, in queue `q`'s slot and beside its keys. Every binary refuses such a
+/// name (and an empty one, or one with a control character) as it parses its arguments, with
+/// a sentence and exit 2, before it writes anything.
+#[tokio::test]
+async fn every_binary_refuses_a_queue_name_that_escapes_its_hash_tag() {
+    let env = TestEnv::new().await.unwrap();
+    let url = redis_url();
+    let escaping = format!("{}}}x", env.queue);
+    for bad in [escaping.as_str(), "", "a\nb"] {
+        for (bin, args) in [
+            ("llmq", vec!["submit", "--prompt", "hi", "--queue", bad]),
+            ("llmq", vec!["status", "--queue", bad]),
+            ("llmq", vec!["queue", "pause", bad]),
+            ("llmq-worker", vec!["--queue", bad]),
+            ("llmq-scheduler", vec!["--queue", bad]),
+        ] {
+            let out = std::process::Command::new(llmq_tests::harness::binary(bin))
+                .args(["--redis-url", &url])
+                .args(&args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{bin} {args:?}: {stderr}");
+            assert!(
+                stderr.contains("cannot name a queue"),
+                "{bin} {args:?}: {stderr}"
+            );
+        }
+    }
+    let mut c = env.redis.conn().await.unwrap();
+    let written: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("llmq:{{{escaping}*"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(written, Vec::<String>::new());
+    let known: bool = redis::AsyncCommands::sismember(&mut c, llmq_shared::keys::QUEUES, &escaping)
+        .await
+        .unwrap();
+    assert!(!known);
+}
