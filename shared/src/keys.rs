@@ -177,6 +177,15 @@ impl QueueKeys {
         format!("{}:workers", self.prefix)
     }
 
+    /// The consumers none of whose entries another (or a later takeover by itself) has
+    /// claimed since their process joined: a hash of consumer to its process's run token.
+    /// Such a consumer's finish needs no per-entry check that it still holds its entries
+    /// (`finish.lua`); a takeover removes the holder (`reclaim.lua`).
+    #[must_use]
+    pub fn intact(&self) -> String {
+        format!("{}:intact", self.prefix)
+    }
+
     /// The room: ready tasks with a `priority` or `tenant`, waiting to be fed to the stream in
     /// their turn (`queue/lua/room.lua`). This key is a sorted set of the priorities that
     /// have tasks, each scored by itself; `room:<p>` is the ring of tenants with tasks at
@@ -477,6 +486,7 @@ mod tests {
             keys.dead(),
             keys.result("abc"),
             keys.workers(),
+            keys.intact(),
             keys.room(),
             keys.room_counts(),
             keys.room_backlog(),

@@ -45,6 +45,9 @@ pub struct Finisher {
     pub redis: Client,
     pub ledger: Option<Ledger>,
     pub consumer: String,
+    /// This process's token among each queue's intact consumers
+    /// ([`Client::join_intact`](llmq_shared::queue::Client::join_intact)).
+    pub run: String,
     pub result_ttl: Duration,
     /// Cancelled at the end of the shutdown grace period: a batch that still cannot be
     /// written is dropped unacked, to be redelivered.
@@ -231,8 +234,13 @@ impl Finisher {
             .unzip();
         let applied = self
             .retry("writing outcomes to Redis", || {
-                self.redis
-                    .write(keys, &self.consumer, self.result_ttl, &writes)
+                self.redis.write_as(
+                    keys,
+                    &self.consumer,
+                    Some(&self.run),
+                    self.result_ttl,
+                    &writes,
+                )
             })
             .await;
         let ok = applied.is_some();

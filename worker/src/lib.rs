@@ -332,6 +332,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         .worker_id
         .clone()
         .unwrap_or_else(|| llmq_shared::process::instance_id("worker"));
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    for q in &queues {
+        redis.join_intact(q, &worker_id, &run).await?;
+    }
     let mut clients = Clients::new(&settings.config, settings.concurrency)
         .map_err(|e| Error::Settings(format!("cannot build the HTTP clients: {e}")))?;
     for (name, provider) in &settings.provider_overrides {
@@ -353,6 +357,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         redis: redis.clone(),
         ledger,
         consumer: worker_id.clone(),
+        run,
         result_ttl: settings.result_ttl,
         hard_stop: hard_stop.clone(),
         readiness: readiness.clone(),

@@ -224,6 +224,7 @@ impl Client {
         let claimed: Vec<Value> = RECLAIM
             .key(keys.stream())
             .key(keys.workers())
+            .key(keys.intact())
             .arg(GROUP)
             .arg(consumer)
             .arg(min_idle.as_millis() as u64)
@@ -232,6 +233,26 @@ impl Client {
             .invoke_async(&mut c)
             .await?;
         reply::parse_claimed(&claimed)
+    }
+
+    /// Joins `consumer` to the queue's intact consumers under its process's `run` token, and
+    /// to its live workers, once as its worker starts (see [`Client::write_as`]). A token no
+    /// other process has: a worker started again under the same id must not vouch for the
+    /// entries of the one before.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn join_intact(&self, keys: &QueueKeys, consumer: &str, run: &str) -> Result<()> {
+        let mut c = self.conn().await?;
+        let () = redis::pipe()
+            .atomic()
+            .hset(keys.intact(), consumer, run)
+            .ignore()
+            .zadd(keys.workers(), consumer, now_ms())
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// Resets the idle time of entries `consumer` still holds. Returns the ones it no

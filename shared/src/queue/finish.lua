@@ -3,9 +3,11 @@
 -- over must not write), applies it, then acks and deletes every entry that was still held.
 -- Every op of a chain step acts on the chain only for the step's current task (its round's)
 -- while the step is queued: a stale or forged task settles its own entry and nothing else.
--- KEYS: 1 stream, 2 delayed, 3 dead, then per item the keys of its op
+-- KEYS: 1 stream, 2 delayed, 3 dead, 4 the queue's intact consumers, then per item the
+--   keys of its op
 -- ARGV: 1 group, 2 consumer, 3 result ttl (s), 4 now (ms), 5 and 6 the lowest and highest
---   entry id of the batch, then per item: op, its number of keys, its number of args, args;
+--   entry id of the batch, 7 the consumer's run token among the intact consumers ('' for
+--   none), then per item: op, its number of keys, its number of args, args;
 --   or, for the common item, a task that succeeded with nothing more to do: `done`, its
 --   entry id and its record (its one key the record's), without the counts
 -- Ops, with their keys and args (settle = entry id, kind, record, envelope, a, b, as
@@ -34,25 +36,56 @@ local stream, delayed, dead = KEYS[1], KEYS[2], KEYS[3]
 -- Numbers stay the text they came as: Redis would print a Lua number back to text for every
 -- command that takes it.
 local group, consumer, ttl, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
--- One XPENDING for the whole batch: what this consumer still holds in the batch's range.
-local mine = {}
-for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[5], ARGV[6], '1000000', consumer)) do
-  mine[p[1]] = true
+-- An item at ARGV[a]: its op, its number of keys and of args, and where its args start.
+-- `done` has no counts: one key, its entry id and its record.
+local function item(a)
+  local op = ARGV[a]
+  if op == 'done' then
+    return op, 1, 2, a + 1
+  end
+  return op, tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), a + 3
+end
+local last = #ARGV
+-- Which of the batch's entries this consumer still holds (marked false once applied, so an
+-- entry twice in the batch is applied once). An entry leaves a consumer's pending list only
+-- when a takeover claims it (reclaim.lua) or when the consumer acks it, and every script
+-- that acks a task's entry deletes it too. A takeover removes the holder from the intact
+-- consumers, so while this consumer's process is there under its run token, each entry it
+-- was given is still its own or already acked and deleted: the batch's entries are acked
+-- first, and only when fewer were pending than there are is each looked up in the stream.
+-- Otherwise one XPENDING over the batch's range says what the consumer still holds.
+local mine, acked = {}, false
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[4], consumer) == ARGV[7] then
+  local ids, a = {}, 8
+  while a <= last do
+    local _, _, na, b = item(a)
+    if mine[ARGV[b]] == nil then
+      mine[ARGV[b]] = true
+      ids[#ids + 1] = ARGV[b]
+    end
+    a = b + na
+  end
+  if #ids > 0 and redis.call('XACK', stream, group, unpack(ids)) < #ids then
+    for _, id in ipairs(ids) do
+      mine[id] = #redis.call('XRANGE', stream, id, id) == 1
+    end
+  end
+  acked = true
+else
+  for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[5], ARGV[6], '1000000', consumer)) do
+    mine[p[1]] = true
+  end
 end
 -- The other ops' functions, made at the first item that needs them: a batch of plain
 -- successes makes none (31 closures, about 2-4 µs a call).
 local h
 local done, out = {}, {}
-local k, a, last = 4, 7, #ARGV
+local k, a = 5, 8
 while a <= last do
-  -- `done` has no counts: one key, its entry id and its record.
-  local op, nk, na, b = ARGV[a], 1, 2, a + 1
-  if op ~= 'done' then
-    nk, na, b = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), a + 3
-  end
+  local op, nk, na, b = item(a)
   local entry = ARGV[b]
   if mine[entry] then
-    mine[entry] = nil
+    mine[entry] = false
     if op == 'done' then
       redis.call('SET', KEYS[k], ARGV[b + 1], 'EX', ttl)
     else
@@ -90,7 +123,9 @@ while a <= last do
   k, a = k + nk, b + na
 end
 if #done > 0 then
-  redis.call('XACK', stream, group, unpack(done))
+  if not acked then
+    redis.call('XACK', stream, group, unpack(done))
+  end
   redis.call('XDEL', stream, unpack(done))
 end
 return out

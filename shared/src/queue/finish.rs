@@ -51,7 +51,8 @@ impl Client {
     /// Writes a batch of outcomes of one queue in one script: plain tasks', chain steps'
     /// (with what their chains do next) and submitted chains alike. Returns, per item,
     /// whether it was applied (`false`: the entry was no longer this consumer's, so nothing
-    /// of it was written).
+    /// of it was written). Each entry is checked against the consumer's pending list; see
+    /// [`Client::write_as`] for a worker's first try.
     ///
     /// # Errors
     /// Redis fails; then nothing of the batch was applied.
@@ -59,6 +60,26 @@ impl Client {
         &self,
         keys: &QueueKeys,
         consumer: &str,
+        result_ttl: Duration,
+        items: &[Write],
+    ) -> Result<Vec<bool>> {
+        self.write_as(keys, consumer, None, result_ttl, items).await
+    }
+
+    /// [`Client::write`] by a worker whose process joined the queue's intact consumers as
+    /// `run` ([`Client::join_intact`]): while no takeover has removed it, each entry it was
+    /// given is still its own or already acked and deleted, so the script acks the batch's
+    /// entries first and looks each up only when fewer were pending than there are, instead
+    /// of listing what the consumer holds (`finish.lua`). The items' entries must be ones
+    /// this consumer was given. `None`: as [`Client::write`].
+    ///
+    /// # Errors
+    /// Redis fails; then nothing of the batch was applied.
+    pub async fn write_as(
+        &self,
+        keys: &QueueKeys,
+        consumer: &str,
+        run: Option<&str>,
         result_ttl: Duration,
         items: &[Write],
     ) -> Result<Vec<bool>> {
@@ -76,13 +97,14 @@ impl Client {
         let lowest = entries().min_by_key(|id| order(id)).unwrap_or("-");
         let highest = entries().max_by_key(|id| order(id)).unwrap_or("+");
         let mut inv = FINISH.key(keys.stream());
-        inv.key(keys.delayed()).key(keys.dead());
+        inv.key(keys.delayed()).key(keys.dead()).key(keys.intact());
         inv.arg(GROUP)
             .arg(consumer)
             .arg(result_ttl.as_secs().max(1))
             .arg(now_ms())
             .arg(lowest)
-            .arg(highest);
+            .arg(highest)
+            .arg(run.unwrap_or(""));
         for item in items {
             item.push(keys, &mut inv);
         }

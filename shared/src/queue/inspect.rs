@@ -92,6 +92,9 @@ impl Client {
             pipe.zcount(keys.workers(), live_since, "+inf");
             let (live,): (u64,) = pipe.query_async(&mut c).await?;
             fewest = fewest.min(live);
+            if tidy {
+                forget_gone(&mut c, keys).await?;
+            }
         }
         Ok(fewest.clamp(1, u64::MAX))
     }
@@ -103,9 +106,11 @@ impl Client {
     pub async fn leave(&self, worker: &str, queues: &[QueueKeys]) -> Result<()> {
         let mut c = self.conn().await?;
         for keys in queues {
-            let _: () = redis::cmd("ZREM")
-                .arg(keys.workers())
-                .arg(worker)
+            let () = redis::pipe()
+                .zrem(keys.workers(), worker)
+                .ignore()
+                .hdel(keys.intact(), worker)
+                .ignore()
                 .query_async(&mut c)
                 .await?;
         }
@@ -370,4 +375,37 @@ impl Client {
             })
             .collect()
     }
+}
+
+/// Drops from queue `keys`' intact consumers the workers no longer among its live workers
+/// (silent for an hour, or stopped without leaving): their entries are taken over or
+/// finished. Dropping a worker that still runs only makes its finishes check each entry. A
+/// worker joins both at once ([`Client::join_intact`]), so none is dropped before its first
+/// heartbeat.
+async fn forget_gone(c: &mut super::conn::Conn, keys: &QueueKeys) -> Result<()> {
+    let joined: Vec<String> = redis::cmd("HKEYS")
+        .arg(keys.intact())
+        .query_async(c)
+        .await?;
+    if joined.is_empty() {
+        return Ok(());
+    }
+    let seen: Vec<Option<f64>> = redis::cmd("ZMSCORE")
+        .arg(keys.workers())
+        .arg(&joined)
+        .query_async(c)
+        .await?;
+    let gone: Vec<&String> = joined
+        .iter()
+        .zip(seen)
+        .filter_map(|(w, at)| at.is_none().then_some(w))
+        .collect();
+    if !gone.is_empty() {
+        let _: u64 = redis::cmd("HDEL")
+            .arg(keys.intact())
+            .arg(&gone)
+            .query_async(c)
+            .await?;
+    }
+    Ok(())
 }

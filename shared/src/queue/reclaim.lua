@@ -1,5 +1,6 @@
 -- Takes over entries idle longer than the visibility timeout (their worker died or hung).
--- KEYS: 1 stream, 2 the queue's live workers (zset of heartbeat times)
+-- KEYS: 1 stream, 2 the queue's live workers (zset of heartbeat times), 3 the queue's intact
+--   consumers (see finish.lua)
 -- ARGV: 1 group, 2 consumer, 3 min idle (ms), 4 count, 5 now (ms, the workers' clock)
 -- Returns a flat array of id, delivery count (this one included), task payload (or false),
 -- chain payload (or false), the worker that held it, 1 when that worker was alive but did
@@ -24,6 +25,15 @@ for i, p in ipairs(idle) do
   kept[p[1]] = now - tonumber(p[3])
 end
 local claimed = redis.call('XCLAIM', stream, group, consumer, min_idle, unpack(ids))
+-- Whoever held a claimed entry (this consumer too, taking back its own) is no longer intact:
+-- a finish of its own for that entry, still to come, must find it gone.
+local holders = {}
+for _, entry in ipairs(claimed) do
+  holders[#holders + 1] = holder[entry[1]]
+end
+if #holders > 0 then
+  redis.call('HDEL', KEYS[3], unpack(holders))
+end
 local out = {}
 for _, entry in ipairs(claimed) do
   local id, fields = entry[1], entry[2]

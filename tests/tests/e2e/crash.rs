@@ -8,7 +8,7 @@ use std::time::Duration;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::queue::{Finish, FinishKind, Write};
-use llmq_tests::harness::{TestEnv, WorkerProcess};
+use llmq_tests::harness::{SeededRng, TestEnv, WorkerProcess};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -151,6 +151,115 @@ async fn repeated_sigkill_loses_no_task_and_the_ledger_holds_every_call_the_mock
         (0, 0, 0, 0)
     );
     drop(workers);
+}
+
+/// A worker among the queue's intact consumers writes without checking that it still holds
+/// each entry. That must never apply what the check would not, whatever the takeovers (by
+/// another worker or by itself), the restarts under the same id (the process before may
+/// still run, with its old token), the entries written twice (in one batch or again later)
+/// and the writes with no token. Seeded cases; each write's answers are compared with a
+/// model of who holds what. A process writes only entries it was given, as a worker does.
+#[tokio::test]
+async fn writing_without_the_check_applies_exactly_what_the_check_would() {
+    struct Process {
+        name: &'static str,
+        token: String,
+        given: Vec<String>,
+    }
+    for seed in 1..=16_u64 {
+        let env = TestEnv::new().await.unwrap();
+        env.redis.ensure_group(&env.keys).await.unwrap();
+        enqueue(&env, 80, "mock-fast").await;
+        let mut rng = SeededRng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut conn = env.redis.conn().await.unwrap();
+        let mut procs: Vec<Process> = Vec::new();
+        for name in ["a", "b"] {
+            let token = format!("{name}-0");
+            env.redis
+                .join_intact(&env.keys, name, &token)
+                .await
+                .unwrap();
+            procs.push(Process {
+                name,
+                token,
+                given: Vec::new(),
+            });
+        }
+        // Which consumer holds each pending entry.
+        let mut holder: HashMap<String, &str> = HashMap::new();
+        for step in 0..80 {
+            let p = rng.below(procs.len());
+            let name = procs[p].name;
+            match rng.below(10) {
+                0..=2 => {
+                    let read = 1 + rng.below(6);
+                    for d in env
+                        .redis
+                        .read(&mut conn, &env.keys, name, read, None)
+                        .await
+                        .unwrap()
+                    {
+                        holder.insert(d.entry_id.clone(), name);
+                        procs[p].given.push(d.entry_id);
+                    }
+                }
+                3 => {
+                    let token = format!("{name}-{step}");
+                    env.redis
+                        .join_intact(&env.keys, name, &token)
+                        .await
+                        .unwrap();
+                    procs.push(Process {
+                        name,
+                        token,
+                        given: Vec::new(),
+                    });
+                }
+                4 => {
+                    let count = 1 + rng.below(4);
+                    let took = env
+                        .redis
+                        .reclaim(&env.keys, name, Duration::ZERO, count, 1_000, WAIT)
+                        .await
+                        .unwrap();
+                    for d in took.tasks {
+                        holder.insert(d.entry_id.clone(), name);
+                        procs[p].given.push(d.entry_id);
+                    }
+                }
+                _ => {
+                    let given = &procs[p].given;
+                    if given.is_empty() {
+                        continue;
+                    }
+                    let entries: Vec<String> = (0..1 + rng.below(6))
+                        .map(|_| given[rng.below(given.len())].clone())
+                        .collect();
+                    let run = (rng.below(4) > 0).then_some(procs[p].token.as_str());
+                    let writes: Vec<Write> = entries
+                        .iter()
+                        .map(|e| {
+                            let r = TaskRecord::pending(e, &env.queue, Status::Succeeded);
+                            Write::Task(Finish::done(e.clone(), e.clone(), r))
+                        })
+                        .collect();
+                    let applied = env
+                        .redis
+                        .write_as(&env.keys, name, run, WAIT, &writes)
+                        .await
+                        .unwrap();
+                    let expected: Vec<bool> = entries
+                        .iter()
+                        .map(|e| holder.get(e) == Some(&name) && holder.remove(e).is_some())
+                        .collect();
+                    assert_eq!(
+                        applied, expected,
+                        "seed {seed}, step {step}: {name} ({run:?}) wrote {entries:?}"
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]
