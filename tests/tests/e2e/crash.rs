@@ -166,6 +166,18 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
         token: String,
         given: Vec<String>,
     }
+    /// A process of worker `name` joins under `token`, given nothing yet.
+    async fn start(env: &TestEnv, name: &'static str, token: String) -> Process {
+        env.redis
+            .join_intact(&env.keys, name, &token)
+            .await
+            .unwrap();
+        Process {
+            name,
+            token,
+            given: Vec::new(),
+        }
+    }
     for seed in 1..=16_u64 {
         let env = TestEnv::new().await.unwrap();
         env.redis.ensure_group(&env.keys).await.unwrap();
@@ -174,16 +186,7 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
         let mut conn = env.redis.conn().await.unwrap();
         let mut procs: Vec<Process> = Vec::new();
         for name in ["a", "b"] {
-            let token = format!("{name}-0");
-            env.redis
-                .join_intact(&env.keys, name, &token)
-                .await
-                .unwrap();
-            procs.push(Process {
-                name,
-                token,
-                given: Vec::new(),
-            });
+            procs.push(start(&env, name, format!("{name}-0")).await);
         }
         // Which consumer holds each pending entry.
         let mut holder: HashMap<String, &str> = HashMap::new();
@@ -203,18 +206,7 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
                         procs[p].given.push(d.entry_id);
                     }
                 }
-                3 => {
-                    let token = format!("{name}-{step}");
-                    env.redis
-                        .join_intact(&env.keys, name, &token)
-                        .await
-                        .unwrap();
-                    procs.push(Process {
-                        name,
-                        token,
-                        given: Vec::new(),
-                    });
-                }
+                3 => procs.push(start(&env, name, format!("{name}-{step}")).await),
                 4 => {
                     let count = 1 + rng.below(4);
                     let took = env
