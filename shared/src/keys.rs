@@ -177,8 +177,9 @@ impl QueueKeys {
         format!("{}:workers", self.prefix)
     }
 
-    /// The consumers none of whose entries another (or a later takeover by itself) has
-    /// claimed since their process joined: a hash of consumer to its process's run token.
+    /// The consumers none of whose entries a takeover (by another, or by the consumer
+    /// itself) has claimed since their process joined: a hash of consumer to its process's
+    /// run token.
     /// Such a consumer's finish needs no per-entry check that it still holds its entries
     /// (`finish.lua`); a takeover removes the holder (`reclaim.lua`).
     #[must_use]

@@ -365,8 +365,8 @@ fn action_form(viewer: &Viewer, action: &str, hidden: &[(&str, &str)], inner: &s
     )
 }
 
-/// A queue name from a query or form: as the CLI takes it, but not empty and not a key
-/// pattern (a brace would escape the queue's hash tag).
+/// A queue name from a query or form, trimmed, then as every binary takes one
+/// ([`llmq_shared::keys::queue_name`]).
 fn queue_name(raw: Option<&str>) -> Result<String, String> {
     llmq_shared::keys::queue_name(raw.map_or("default", str::trim))
 }
