@@ -254,6 +254,43 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
     }
 }
 
+/// The intact workers hold only workers that may still write: a worker that stops cleanly
+/// leaves, and a heartbeat's tidying drops those no longer among the live workers (a worker
+/// killed while it held nothing, which no takeover removes).
+#[tokio::test]
+async fn the_intact_workers_are_left_on_a_clean_stop_and_tidied_once_gone() {
+    let env = TestEnv::new().await.unwrap();
+    let keys = std::slice::from_ref(&env.keys);
+    let mut c = env.redis.conn().await.unwrap();
+    let () = redis::AsyncCommands::hset(&mut c, env.keys.intact(), "killed", "t0")
+        .await
+        .unwrap();
+    env.redis
+        .join_intact(&env.keys, "alive", "t1")
+        .await
+        .unwrap();
+    env.redis.heartbeat("alive", keys, false).await.unwrap();
+    assert_eq!(
+        intact(&env).await,
+        ["alive", "killed"],
+        "only the tidy beat drops"
+    );
+    env.redis.heartbeat("alive", keys, true).await.unwrap();
+    assert_eq!(intact(&env).await, ["alive"]);
+    env.redis.leave("alive", keys).await.unwrap();
+    assert_eq!(intact(&env).await, Vec::<String>::new());
+}
+
+/// The workers in queue `env`'s intact workers, sorted.
+async fn intact(env: &TestEnv) -> Vec<String> {
+    let mut c = env.redis.conn().await.unwrap();
+    let mut names: Vec<String> = redis::AsyncCommands::hkeys(&mut c, env.keys.intact())
+        .await
+        .unwrap();
+    names.sort();
+    names
+}
+
 #[tokio::test]
 async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
     let env = TestEnv::new().await.unwrap();
