@@ -2,8 +2,8 @@
 
 use std::io::Write;
 
-use chrono::{NaiveDate, TimeZone, Utc};
-use llmq_shared::ledger::{GroupBy, Ledger, Scope};
+use chrono::{DateTime, Utc};
+use llmq_shared::ledger::{self, GroupBy, Ledger, Scope};
 
 use crate::cli::{By, Costs, Format, Migrate};
 use crate::{EXIT_OK, Error, Result, emit, render, to_json};
@@ -19,27 +19,22 @@ pub async fn migrate(args: Migrate, out: &mut dyn Write) -> Result<u8> {
 }
 
 pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
-    // As the web page's costs say it: a range that ends before it starts is a mistake, not
-    // an empty report.
-    if let (Some(since), Some(until)) = (args.since, args.until)
-        && since > until
-    {
-        return Err(Error::Usage(format!(
-            "the range starts ({since}) after it ends ({until}); give a --since no later than --until"
-        )));
-    }
-    let ledger = Ledger::connect(&args.database_url, 2).await?;
-    ledger.check_migrated().await?;
-    let day = |d: NaiveDate| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default());
-    let (since, until) = match (args.date, args.since, args.until) {
-        (Some(d), _, _) => (day(d), day(d) + chrono::Duration::days(1)),
-        (None, since, until) => (
-            since.map_or(chrono::DateTime::<Utc>::UNIX_EPOCH, day),
-            until.map_or(Utc::now() + chrono::Duration::days(1), |u| {
-                day(u) + chrono::Duration::days(1)
-            }),
+    // The days asked for, both included: with no end, up to today; with no start, since
+    // the epoch. A range that ends before it starts is a mistake, not an empty report.
+    let (first, last) = match args.date {
+        Some(d) => (d, d),
+        None => (
+            args.since.unwrap_or(DateTime::UNIX_EPOCH.date_naive()),
+            args.until.unwrap_or_else(|| Utc::now().date_naive()),
         ),
     };
+    let Some((since, until)) = ledger::days(first, last) else {
+        return Err(Error::Usage(format!(
+            "the range starts ({first}) after it ends ({last}); give a --since no later than --until"
+        )));
+    };
+    let ledger = Ledger::connect(&args.database_url, 2).await?;
+    ledger.check_migrated().await?;
     let by = match args.by {
         By::Provider => GroupBy::Provider,
         By::Model => GroupBy::Model,
@@ -88,12 +83,6 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             })),
         ),
         Format::Text => {
-            // Without `--until` the range runs to a day past now, so that every row of today
-            // is in it; it reads as ending today, not tomorrow.
-            let last = args
-                .until
-                .unwrap_or_else(|| Utc::now().date_naive())
-                .format("%Y-%m-%d");
             let range = match (args.date, args.since) {
                 (Some(d), _) => format!("on {d}"),
                 (None, Some(s)) => format!("from {s} to {last}"),

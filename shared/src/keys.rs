@@ -34,13 +34,13 @@ pub const QUEUE_NAME_MAX: usize = 200;
 /// character.
 pub fn queue_name(name: &str) -> Result<String, String> {
     let why = if name.trim().is_empty() {
-        "it is empty"
+        "it is empty".to_owned()
     } else if name.len() > QUEUE_NAME_MAX {
-        "it is longer than 200 bytes"
+        format!("it is longer than {QUEUE_NAME_MAX} bytes")
     } else if name.contains(['{', '}']) {
-        "a brace would end its keys' hash tag early"
+        "a brace would end its keys' hash tag early".to_owned()
     } else if name.chars().any(char::is_control) {
-        "it holds a control character"
+        "it holds a control character".to_owned()
     } else {
         return Ok(name.to_owned());
     };

@@ -191,6 +191,18 @@ pub struct ChainTask {
     pub first_call: DateTime<Utc>,
 }
 
+/// The instants of a report's whole UTC days, `since` to `until` both included: from
+/// `since`'s midnight to the midnight after `until`, as [`Ledger::costs`] takes them. `None`
+/// when `since` is after `until` (the caller says so in its own words).
+#[must_use]
+pub fn days(
+    since: chrono::NaiveDate,
+    until: chrono::NaiveDate,
+) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let midnight = |d: chrono::NaiveDate| d.and_time(chrono::NaiveTime::MIN).and_utc();
+    (since <= until).then(|| (midnight(since), midnight(until) + chrono::Duration::days(1)))
+}
+
 /// What `llmq costs` groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
@@ -1252,10 +1264,25 @@ fn reject(task: Option<Uuid>, e: &sqlx::Error) {
 
 #[cfg(test)]
 mod tests {
-    use super::{TaskRow, median_latency_ms, span};
+    use super::{TaskRow, days, median_latency_ms, span};
     use chrono::{DateTime, TimeDelta, Utc};
     use rand::rngs::SmallRng;
     use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn a_range_of_days_runs_from_its_first_midnight_to_the_one_after_its_last() {
+        let d = |s: &str| s.parse::<chrono::NaiveDate>().unwrap();
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        assert_eq!(
+            days(d("2026-11-01"), d("2026-11-28")),
+            Some((at("2026-11-01T00:00:00Z"), at("2026-11-29T00:00:00Z")))
+        );
+        assert_eq!(
+            days(d("2026-11-28"), d("2026-11-28")),
+            Some((at("2026-11-28T00:00:00Z"), at("2026-11-29T00:00:00Z")))
+        );
+        assert_eq!(days(d("2026-11-29"), d("2026-11-28")), None);
+    }
 
     /// For any batch, the span the delete of earlier finishes searches holds every task's own
     /// (`ledger_span_from(enqueued, finished)` to `ledger_span_until(finished)`, margins

@@ -4,7 +4,7 @@
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use chrono::{NaiveDate, TimeZone, Utc};
+use chrono::{NaiveDate, Utc};
 use llmq_shared::insights;
 use llmq_shared::ledger::{CostLine, GroupBy, Scope};
 use serde::Deserialize;
@@ -162,23 +162,20 @@ pub(super) async fn costs(
             until - chrono::Duration::days(back),
             "since",
         )?;
-        if since > until {
+        let Some((from, to)) = llmq_shared::ledger::days(since, until) else {
             return Err(format!(
                 "The range starts ({since}) after it ends ({until})."
             ));
-        }
+        };
         if (until - since).num_days() >= MAX_DAYS {
             return Err(format!("Choose a range of at most {MAX_DAYS} days."));
         }
-        Ok((since, until))
+        Ok((since, until, from, to))
     });
-    let (since, until) = match range {
+    let (since, until, from, to) = match range {
         Ok(r) => r,
         Err(why) => return message(StatusCode::BAD_REQUEST, "Not a range", &why, &viewer),
     };
-    let from = Utc.from_utc_datetime(&since.and_time(chrono::NaiveTime::MIN));
-    let to = Utc
-        .from_utc_datetime(&(until + chrono::Duration::days(1)).and_time(chrono::NaiveTime::MIN));
     let mut parts = Vec::new();
     for by in GroupBy::PAGE {
         match ledger.costs(from, to, scope, by).await {
