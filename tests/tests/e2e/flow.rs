@@ -694,3 +694,69 @@ async fn providers_check_refuses_a_cron_expression_the_scheduler_would_refuse() 
     );
     drop(env);
 }
+
+/// Answers after a sleep that ends at one instant for every call, counting how often the
+/// calls are polled.
+struct AtOnce {
+    until: tokio::time::Instant,
+    polls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl llmq_shared::provider::Provider for AtOnce {
+    fn name(&self) -> &str {
+        "mock"
+    }
+
+    fn complete<'a>(
+        &'a self,
+        _: &'a llmq_shared::provider::Request<'_>,
+    ) -> llmq_shared::provider::CallFuture<'a> {
+        let mut sleep = Box::pin(tokio::time::sleep_until(self.until));
+        let polls = std::sync::Arc::clone(&self.polls);
+        Box::pin(async move {
+            std::future::poll_fn(|cx| {
+                polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                sleep.as_mut().poll(cx)
+            })
+            .await;
+            Ok(llmq_shared::provider::Completion {
+                text: "ok".into(),
+                ..Default::default()
+            })
+        })
+    }
+}
+
+/// A call is polled only when it can move: to start, and once its answer is there, however
+/// many calls end at once. apalis runs every task in one tokio task, whose cooperative budget
+/// the tasks would share: once a burst had spent it, each call polled after it answered "not
+/// yet" and was polled again a turn later (worker/src/backend.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_that_end_at_once_are_polled_only_to_start_and_to_end() {
+    let env = TestEnv::new().await.unwrap();
+    let n = 2000;
+    let polls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut s = env.settings();
+    s.concurrency = n;
+    s.visibility_timeout = Duration::from_secs(60);
+    s.provider_overrides = vec![(
+        "mock".into(),
+        std::sync::Arc::new(AtOnce {
+            until: tokio::time::Instant::now() + Duration::from_secs(4),
+            polls: std::sync::Arc::clone(&polls),
+        }),
+    )];
+    let tasks: Vec<_> = (0..n)
+        .map(|i| llmq_shared::envelope::Envelope::new(format!("task {i}")))
+        .collect();
+    env.redis.enqueue_many(&env.keys, &tasks).await.unwrap();
+    let worker = llmq_tests::harness::WorkerHandle::start(s);
+    for t in &tasks {
+        let id = t.id.unwrap().to_string();
+        let r = env.wait_final(&id, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+    worker.stop().await.unwrap();
+    let polls = polls.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(polls <= 2 * n, "{polls} polls for {n} calls");
+}
