@@ -111,8 +111,9 @@ pub async fn run(
     // tasks polled in that turn answered "not yet" and asked to be woken at the runtime's
     // next turn, and `FuturesUnordered` polled up to 32 of them for nothing before it
     // yielded (futures-rs#2053). Without the budget, `bench=inflight`'s worker spends about
-    // 40 % less CPU a call (docs/benchmarks.md). The driver still yields: apalis' reads from the fetcher's
-    // channel keep the budget, and `FuturesUnordered` yields after 32 polls that end nothing.
+    // 40 % less CPU a call (docs/benchmarks.md). The driver still yields: apalis' reads
+    // from the fetcher's channel keep the budget, and `FuturesUnordered` yields after 32
+    // polls that end nothing. Test: `calls_that_end_at_once_are_polled_only_to_start_and_to_end`.
     let handle = move |job: Job| tokio::task::unconstrained(handle(Arc::clone(&runtime), job));
     WorkerBuilder::new(name)
         .backend(StreamBackend { jobs })
