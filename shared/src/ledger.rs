@@ -19,6 +19,7 @@ use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use crate::envelope::Risk;
+use crate::outcome::TaskRecord;
 
 /// The migrations in `migrations/`, embedded in every binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
@@ -132,6 +133,36 @@ pub struct TaskRow {
 }
 
 impl TaskRow {
+    /// The row of the task whose stored outcome is `record`; `None` when its id is not a
+    /// UUID. The batch and the enqueue time are not in the record: set them after.
+    #[must_use]
+    pub fn of(record: &TaskRecord, risk: Option<Risk>) -> Option<Self> {
+        Some(Self {
+            task_id: Uuid::parse_str(&record.task_id).ok()?,
+            queue: record.queue.clone(),
+            chain_id: record.chain_id.clone(),
+            task_type: record.task_type.as_deref().unwrap_or("unknown").to_owned(),
+            status: record.status.to_string(),
+            attempts: i32::try_from(record.attempts).unwrap_or(i32::MAX),
+            provider: record.provider.clone(),
+            model: record.model.clone(),
+            input_tokens: i64::try_from(record.input_tokens).unwrap_or(i64::MAX),
+            output_tokens: i64::try_from(record.output_tokens).unwrap_or(i64::MAX),
+            cost_usd: record.cost_usd,
+            error: record.error.clone(),
+            error_class: record.error_class.map(|c| c.to_string()),
+            finished_at: record.finished_at.unwrap_or_else(Utc::now),
+            risk: risk.map(|k| k.as_str().to_owned()),
+            duration_ms: i64::try_from(record.duration_ms).unwrap_or(i64::MAX),
+            strategy: record.learned.as_ref().map(|l| l.strategy.clone()),
+            propensity: record.learned.as_ref().map(|l| l.propensity),
+            explored: record.learned.as_ref().map(|l| l.explored),
+            candidates: record.learned.as_ref().map(|l| l.candidates.clone()),
+            batch_id: None,
+            enqueued_at: None,
+        })
+    }
+
     /// `enqueued_at` as the ledger keeps it. A producer writes it, and may write any time: one
     /// more than ten years before the finish is no clock's and is not kept (Postgres cannot
     /// store the earliest dates a producer can write, and the task would lose its row).

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+use llmq_shared::envelope::Risk;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, STARTED, TaskRow, Verdict};
 use llmq_shared::queue::Write;
@@ -16,7 +18,10 @@ pub struct Finished {
     /// What Redis records, in the finisher's one script.
     pub write: Write,
     pub calls: Vec<CallRow>,
-    pub task: Option<TaskRow>,
+    /// Set when the task ended: it then has a row in the ledger's tasks, which the ledger
+    /// stage makes from the record in `write` and this ([`Finished::task_row`]), so an
+    /// outcome waiting for its write holds no copy of its record's fields.
+    pub row: Option<RowExtras>,
     /// A review's or check's verdict on the task whose output it judged.
     pub verdict: Option<Verdict>,
     /// The concurrency key whose slot this delivery holds, to free once its outcome is
@@ -42,12 +47,35 @@ impl Finished {
             queue,
             write,
             calls,
-            task: None,
+            row: None,
             verdict: None,
             slot: None,
             keep: None,
             parked: false,
         }
+    }
+}
+
+/// What a task's ledger row holds beyond its record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowExtras {
+    pub risk: Option<Risk>,
+    /// The batch it came in (the envelope's `batch_id`).
+    pub batch_id: Option<String>,
+    /// When it was enqueued (the envelope's `enqueued_at`).
+    pub enqueued_at: Option<DateTime<Utc>>,
+}
+
+impl Finished {
+    /// The task's row in the ledger's tasks, when it ended; taken, so it is made once.
+    pub fn task_row(&mut self) -> Option<TaskRow> {
+        let extras = self.row.take()?;
+        let record = self.write.finish()?.record.as_ref()?;
+        Some(TaskRow {
+            batch_id: extras.batch_id,
+            enqueued_at: extras.enqueued_at,
+            ..TaskRow::of(record, extras.risk)?
+        })
     }
 }
 

@@ -129,7 +129,7 @@ impl Finisher {
                     .collect();
                 let tasks: Vec<_> = batch
                     .iter_mut()
-                    .filter_map(|p| p.finished.task.take())
+                    .filter_map(|p| p.finished.task_row())
                     .collect();
                 let verdicts: Vec<_> = batch.iter().filter_map(|p| p.finished.verdict).collect();
                 let written = self

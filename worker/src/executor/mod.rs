@@ -24,7 +24,7 @@ use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, TaskRow, UNSENT, Verdict};
+use llmq_shared::ledger::{CallRow, UNSENT, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
@@ -55,7 +55,7 @@ use batch::{Latch, unread_latch};
 pub use call_metrics::CallMetrics;
 use decide::{Escalation, Policy, StepRounds, TaskState, Transition};
 
-use crate::finished::{CallStarts, Finished};
+use crate::finished::{CallStarts, Finished, RowExtras};
 
 /// What the executor needs to know, shared by every task.
 pub struct Executor {
@@ -313,7 +313,7 @@ impl Executor {
                 finish.end_key(held.name, holder, held.window);
             }
             // A batch's task that ended (it has its ledger row then) counts as finished.
-            if let Some(row) = &finished.task {
+            if let Some(row) = &finished.row {
                 finish.batch_id.clone_from(&row.batch_id);
             }
         }
@@ -1094,11 +1094,11 @@ fn apply(
     let row = finish
         .record
         .as_ref()
-        .filter(|r| r.finished_at.is_some())
-        .map(|r| TaskRow {
+        .is_some_and(|r| r.finished_at.is_some())
+        .then(|| RowExtras {
+            risk: env.risk,
             batch_id: env.batch_id.as_deref().map(Into::into),
             enqueued_at: env.enqueued_at,
-            ..task_row(r, env.risk)
         });
     let write = match (step, reruns) {
         (Some((chain_id, step)), Some(reruns)) => Write::Rerun {
@@ -1114,7 +1114,7 @@ fn apply(
         (None, _) => Write::Task(finish),
     };
     Finished {
-        task: row,
+        row,
         ..Finished::new(queue, write, calls)
     }
 }
@@ -1257,40 +1257,9 @@ fn invalid(
     record.error = Some(error.clone());
     record.error_class = Some(ErrorClass::Invalid);
     record.finished_at = Some(Utc::now());
-    let task = uuid::Uuid::parse_str(&task_id).ok().map(|id| TaskRow {
-        task_id: id,
-        ..task_row(&record, None)
-    });
     let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
     Finished {
-        task,
+        row: Some(RowExtras::default()),
         ..self::plain(queue, finish, Vec::new())
-    }
-}
-
-fn task_row(r: &TaskRecord, risk: Option<envelope::Risk>) -> TaskRow {
-    TaskRow {
-        task_id: uuid::Uuid::parse_str(&r.task_id).unwrap_or_default(),
-        queue: r.queue.clone(),
-        chain_id: r.chain_id.clone(),
-        task_type: r.task_type.clone().unwrap_or_else(|| "unknown".into()),
-        status: r.status.to_string(),
-        attempts: r.attempts as i32,
-        provider: r.provider.clone(),
-        model: r.model.clone(),
-        input_tokens: r.input_tokens as i64,
-        output_tokens: r.output_tokens as i64,
-        cost_usd: r.cost_usd,
-        error: r.error.clone(),
-        error_class: r.error_class.map(|c| c.to_string()),
-        finished_at: r.finished_at.unwrap_or_else(Utc::now),
-        risk: risk.map(|k| k.as_str().to_owned()),
-        duration_ms: i64::try_from(r.duration_ms).unwrap_or(i64::MAX),
-        strategy: r.learned.as_ref().map(|l| l.strategy.clone()),
-        propensity: r.learned.as_ref().map(|l| l.propensity),
-        explored: r.learned.as_ref().map(|l| l.explored),
-        candidates: r.learned.as_ref().map(|l| l.candidates.clone()),
-        batch_id: None,
-        enqueued_at: None,
     }
 }
