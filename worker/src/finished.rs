@@ -54,19 +54,7 @@ impl Finished {
             parked: false,
         }
     }
-}
 
-/// What a task's ledger row holds beyond its record.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RowExtras {
-    pub risk: Option<Risk>,
-    /// The batch it came in (the envelope's `batch_id`).
-    pub batch_id: Option<String>,
-    /// When it was enqueued (the envelope's `enqueued_at`).
-    pub enqueued_at: Option<DateTime<Utc>>,
-}
-
-impl Finished {
     /// The task's row in the ledger's tasks, when it ended; taken, so it is made once.
     pub fn task_row(&mut self) -> Option<TaskRow> {
         let extras = self.row.take()?;
@@ -77,6 +65,16 @@ impl Finished {
             ..TaskRow::of(record, extras.risk)?
         })
     }
+}
+
+/// What a task's ledger row holds beyond its record.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RowExtras {
+    pub risk: Option<Risk>,
+    /// The batch it came in (the envelope's `batch_id`).
+    pub batch_id: Option<String>,
+    /// When it was enqueued (the envelope's `enqueued_at`).
+    pub enqueued_at: Option<DateTime<Utc>>,
 }
 
 /// A call's row to commit before the call is made, and who waits for it.
@@ -97,5 +95,49 @@ impl CallStarts {
             return false;
         }
         rx.await.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llmq_shared::outcome::{Status, TaskRecord};
+    use llmq_shared::queue::Finish;
+
+    fn finished(task_id: &str, row: Option<RowExtras>) -> Finished {
+        let mut record = TaskRecord::pending(task_id, "q", Status::Succeeded);
+        record.provider = Some("openai".into());
+        record.attempts = 2;
+        record.finished_at = Some(chrono::Utc::now());
+        let write = Write::Task(Finish::done("1-0".into(), task_id.into(), record));
+        Finished {
+            row,
+            ..Finished::new(Arc::new(QueueKeys::new("q")), write, Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_task_row_is_made_from_the_record_and_its_extras_once() {
+        let id = uuid::Uuid::new_v4();
+        let extras = RowExtras {
+            risk: Some(Risk::High),
+            batch_id: Some("b1".into()),
+            enqueued_at: Some(chrono::Utc::now()),
+        };
+        let mut f = finished(&id.to_string(), Some(extras.clone()));
+        let row = f.task_row().expect("a task that ended has a row");
+        assert_eq!(row.task_id, id);
+        assert_eq!(
+            (row.queue.as_str(), row.status.as_str()),
+            ("q", "succeeded")
+        );
+        assert_eq!((row.provider.as_deref(), row.attempts), (Some("openai"), 2));
+        assert_eq!(row.risk.as_deref(), Some("high"));
+        assert_eq!(row.batch_id, extras.batch_id);
+        assert_eq!(row.enqueued_at, extras.enqueued_at);
+        assert_eq!(f.task_row(), None, "the row is taken");
+        // No extras: the task has no row; an id that is not a UUID has none either.
+        assert_eq!(finished(&id.to_string(), None).task_row(), None);
+        assert_eq!(finished("not-a-uuid", Some(extras)).task_row(), None);
     }
 }
