@@ -122,7 +122,8 @@ impl Finisher {
     ) {
         while let Some(mut batch) = next_batch(&mut rx).await {
             if let Some(ledger) = &self.ledger {
-                // The rows are written once and not needed after: move them, don't copy.
+                // The call rows are written once and not needed after: moved, not copied. The
+                // task rows are made here, from the records the outcomes carry.
                 let calls: Vec<_> = batch
                     .iter_mut()
                     .flat_map(|p| std::mem::take(&mut p.finished.calls))
