@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::harness::{ephemeral_start, free_port};
+
 /// How long the cluster may take to come up.
 const UP_WITHIN: Duration = Duration::from_secs(30);
 
@@ -15,20 +17,24 @@ pub struct RedisCluster {
     dir: PathBuf,
 }
 
-/// A free loopback port whose cluster-bus port (+ 10000) is free too.
+/// A free loopback port whose cluster-bus port (+ 10000) is free too, both below the kernel's
+/// ephemeral range ([`free_port`]): a port from `bind(0)`, released for `redis-server` to
+/// bind, was once taken in between by another test's connection, and the node never started.
+///
+/// # Panics
+/// No such port: the ephemeral range starts too low to leave room for the bus.
+#[allow(clippy::panic)]
 fn free_cluster_port() -> u16 {
-    loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or(0);
-        if port > 0
-            && port < 55_000
-            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+    for _ in 0..10_000 {
+        let port = free_port();
+        if let Some(bus) = port.checked_add(10_000)
+            && bus < ephemeral_start()
+            && std::net::TcpListener::bind(("127.0.0.1", bus)).is_ok()
         {
             return port;
         }
     }
+    panic!("no free loopback port below the ephemeral range has room for a cluster bus");
 }
 
 impl RedisCluster {
@@ -60,14 +66,17 @@ impl RedisCluster {
             ports.push(port);
             children.push(child);
         }
-        let cluster = Self {
+        let mut cluster = Self {
             children,
             ports,
             dir,
         };
-        for port in &cluster.ports {
+        for (port, child) in cluster.ports.iter().zip(&mut cluster.children) {
             let started = Instant::now();
             while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("redis-server on {port} exited ({status}) before it listened");
+                }
                 assert!(
                     started.elapsed() < UP_WITHIN,
                     "redis-server on {port} did not start"

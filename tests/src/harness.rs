@@ -505,11 +505,7 @@ pub fn free_port() -> u16 {
     const LOWEST: u16 = 10_000;
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     static START: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32_768)
-        .max(LOWEST + 1_000);
+    let ephemeral = ephemeral_start().max(LOWEST + 1_000);
     let span = u32::from(ephemeral - LOWEST);
     let start = *START.get_or_init(|| {
         let nanos = std::time::SystemTime::now()
@@ -525,6 +521,16 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free loopback port below {ephemeral}");
+}
+
+/// The lowest port of the kernel's ephemeral range, which `bind(0)` and outgoing connections
+/// take from.
+#[must_use]
+pub fn ephemeral_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768)
 }
 
 /// The workspace's built binaries (`make test` builds them before the suites run).
