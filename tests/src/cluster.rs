@@ -20,6 +20,8 @@ pub struct RedisCluster {
 /// A free loopback port whose cluster-bus port (+ 10000) is free too, both below the kernel's
 /// ephemeral range ([`free_port`]): a port from `bind(0)`, released for `redis-server` to
 /// bind, was once taken in between by another test's connection, and the node never started.
+/// The bus is 10,000 places ahead of `free_port`'s counter, so no other caller is handed it
+/// before redis-server binds it.
 ///
 /// # Panics
 /// No such port: the ephemeral range starts too low to leave room for the bus.
