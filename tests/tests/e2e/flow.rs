@@ -696,9 +696,14 @@ async fn providers_check_refuses_a_cron_expression_the_scheduler_would_refuse() 
 }
 
 /// Answers after a sleep that ends at one instant for every call, counting how often the
-/// calls are polled.
+/// sleeps are polled. The instant is set once every call has started (by the last to start,
+/// a second ahead), so that all of them are in flight when it comes however slowly the
+/// worker takes them in: with a fixed instant, a machine slow enough to start the calls
+/// after it would poll each sleep once and pass with the fix or without it.
 struct AtOnce {
-    until: tokio::time::Instant,
+    calls: usize,
+    started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    at: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
     polls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -711,9 +716,24 @@ impl llmq_shared::provider::Provider for AtOnce {
         &'a self,
         _: &'a llmq_shared::provider::Request<'_>,
     ) -> llmq_shared::provider::CallFuture<'a> {
-        let mut sleep = Box::pin(tokio::time::sleep_until(self.until));
         let polls = std::sync::Arc::clone(&self.polls);
         Box::pin(async move {
+            let mut at = self.at.subscribe();
+            if self
+                .started
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1
+                == self.calls
+            {
+                let when = tokio::time::Instant::now() + Duration::from_secs(1);
+                self.at.send_replace(Some(when));
+            }
+            let when = (*at
+                .wait_for(Option::is_some)
+                .await
+                .expect("the sender lives"))
+            .expect("the instant is set");
+            let mut sleep = Box::pin(tokio::time::sleep_until(when));
             std::future::poll_fn(|cx| {
                 polls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 sleep.as_mut().poll(cx)
@@ -727,10 +747,10 @@ impl llmq_shared::provider::Provider for AtOnce {
     }
 }
 
-/// A call is polled only when it can move: to start, and once its answer is there, however
-/// many calls end at once. apalis runs every task in one tokio task, whose cooperative budget
-/// the tasks would share: once a burst had spent it, each call polled after it answered "not
-/// yet" and was polled again a turn later (worker/src/backend.rs).
+/// A call is polled only when it can move: once to wait, and once its answer is there,
+/// however many calls end at once. apalis runs every task in one tokio task, whose
+/// cooperative budget the tasks would share: once a burst had spent it, each call polled
+/// after it answered "not yet" and was polled again a turn later (worker/src/backend.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_that_end_at_once_are_polled_only_to_start_and_to_end() {
     let env = TestEnv::new().await.unwrap();
@@ -742,7 +762,9 @@ async fn calls_that_end_at_once_are_polled_only_to_start_and_to_end() {
     s.provider_overrides = vec![(
         "mock".into(),
         std::sync::Arc::new(AtOnce {
-            until: tokio::time::Instant::now() + Duration::from_secs(4),
+            calls: n,
+            started: std::sync::Arc::default(),
+            at: tokio::sync::watch::Sender::new(None),
             polls: std::sync::Arc::clone(&polls),
         }),
     )];
