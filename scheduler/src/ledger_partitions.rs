@@ -3,7 +3,9 @@
 //! [`AHEAD`] before any row needs them (a row that comes early waits in the default partition
 //! and moves into its month's when that is made), and, with `ledger.retention`, drops the
 //! months whose last day is older than the retention: whole tables, so no DELETE and no
-//! bloat. The rollups are separate tables and keep those months' sums.
+//! bloat. The first partition (`*_legacy`: on an upgraded ledger, the whole history before
+//! the upgrade) loses the rows of those months by an exact range, until it is dropped whole
+//! in turn. The rollups are separate tables and keep those months' sums.
 
 use std::time::Duration;
 
@@ -45,10 +47,14 @@ impl Scheduler {
             None => Vec::new(),
         };
         tx.commit().await?;
-        if !dropped.is_empty() {
-            tracing::info!(partitions = ?dropped, "dropped ledger months past ledger.retention");
+        // The function names each partition it dropped, and says of each first partition
+        // how many of its rows it deleted by range ("tasks_legacy: 12 rows before ...").
+        let (pruned, dropped): (Vec<String>, Vec<String>) =
+            dropped.into_iter().partition(|d| d.contains(": "));
+        if !dropped.is_empty() || !pruned.is_empty() {
+            tracing::info!(partitions = ?dropped, pruned = ?pruned, "dropped ledger months past ledger.retention");
         }
-        Ok(format!(
+        let mut did = format!(
             "{made} partition(s) made, {} dropped{}",
             dropped.len(),
             if dropped.is_empty() {
@@ -56,6 +62,10 @@ impl Scheduler {
             } else {
                 format!(" ({})", dropped.join(", "))
             }
-        ))
+        );
+        if !pruned.is_empty() {
+            did.push_str(&format!("; deleted {}", pruned.join(", ")));
+        }
+        Ok(did)
     }
 }

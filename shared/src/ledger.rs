@@ -362,15 +362,92 @@ impl Ledger {
         self.migrate_telling(&mut |_| {}).await
     }
 
-    /// [`Ledger::migrate`], telling `say` what it does as it goes (the steps on a populated
-    /// ledger take minutes: building indexes, copying the task views).
+    /// [`Ledger::migrate`], telling `say` what it does as it goes: each migration as it
+    /// starts and how long it took, and the long steps' progress with an estimate of the
+    /// time left (on a populated ledger they take minutes: building indexes, copying the task
+    /// views). Every step resumes where an interrupted run stopped.
     ///
     /// # Errors
     /// A migration fails.
     pub async fn migrate_telling(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
         self.prepare_partitions(say).await?;
+        let applied = self.applied().await?;
+        let pending: Vec<usize> = (0..MIGRATOR.migrations.len())
+            .filter(|&i| !applied.contains(&MIGRATOR.migrations[i].version))
+            .collect();
+        let rows = self.rows_estimate().await?;
+        for (n, i) in pending.iter().enumerate() {
+            let m = &MIGRATOR.migrations[*i];
+            let holds = if m.sql.contains("LOCK TABLE provider_calls, tasks") && rows > 0 {
+                format!("; the ledger holds ~{rows} rows, and its writers wait until it ends")
+            } else {
+                String::new()
+            };
+            say(format!(
+                "migration {} of {}: {} ({}){holds}",
+                n + 1,
+                pending.len(),
+                m.version,
+                m.description
+            ));
+            let started = std::time::Instant::now();
+            // The migrations up to this one: sqlx applies the one that is missing.
+            let upto = Migrator {
+                migrations: std::borrow::Cow::Borrowed(&MIGRATOR.migrations[..=*i]),
+                ignore_missing: true,
+                ..Migrator::DEFAULT
+            };
+            self.run_migrator(&upto).await?;
+            say(format!(
+                "migration {} done in {:.1} s",
+                m.version,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        self.run_migrator(&MIGRATOR).await?;
+        let copied = self.copy_task_views(say).await?;
+        self.index_batch_ids(say).await?;
+        if rows > 0 && (copied || !pending.is_empty()) {
+            // Copying the task views moved the routing rollups a batch at a time, from
+            // several sessions: each key's shards folded into one row, so routing stats
+            // read as many rows as on a ledger filled since.
+            let folded: i64 = sqlx::query_scalar("SELECT ledger_compact_routing(current_date)")
+                .fetch_one(&self.pool)
+                .await?;
+            say(format!(
+                "folded {folded} routing rollup rows into one per key and day"
+            ));
+            // The copy wrote a new version of every call; the page ranges it filled are
+            // summarized in `written`'s BRIN indexes only when autovacuum gets to them
+            // (requests past its queue are dropped), and until then every roll reads each
+            // of them whole: 39 ranges, 115 ms a roll, at 1M calls. Summarized now.
+            let ranges: i64 = sqlx::query_scalar(
+                "SELECT coalesce(sum(brin_summarize_new_values(h.inhrelid::regclass)), 0)::int8
+                 FROM pg_inherits h
+                 WHERE h.inhparent IN ('provider_calls_written'::regclass,
+                    'tasks_written'::regclass)",
+            )
+            .fetch_one(&self.pool)
+            .await?;
+            say(format!(
+                "summarized {ranges} new page ranges of the ledger's BRIN indexes"
+            ));
+            // Columns the migrations added have no statistics until the next ANALYZE, and
+            // plans of the first reports would be made without them. Writers go on.
+            say(format!(
+                "analyzing the ledger's ~{rows} rows, the tables open to writers"
+            ));
+            sqlx::query("ANALYZE provider_calls, tasks")
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs `migrator` on a connection of its own.
+    async fn run_migrator(&self, migrator: &Migrator) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
-        if let Err(e) = MIGRATOR.run(&mut *conn).await {
+        if let Err(e) = migrator.run(&mut *conn).await {
             // sqlx leaves its migration lock (a session's advisory lock) held when a
             // migration fails: the connection is closed, not handed back to the pool, where
             // the next migration on another of its connections would wait for it for ever.
@@ -380,9 +457,31 @@ impl Ledger {
             self.drop_partition_checks(None).await;
             return Err(e.into());
         }
-        drop(conn);
-        self.copy_task_views(say).await?;
-        self.index_batch_ids(say).await
+        Ok(())
+    }
+
+    /// The versions of the migrations applied (none on a new database).
+    async fn applied(&self) -> Result<Vec<i64>> {
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(v) => Ok(v),
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(Vec::new()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// About how many rows the ledger holds, calls and tasks, from the statistics (no scan).
+    async fn rows_estimate(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_class c
+             WHERE c.relkind = 'r' AND (c.relname IN ('provider_calls', 'tasks')
+                OR c.relname LIKE 'provider\\_calls\\_%' OR c.relname LIKE 'tasks\\_%')
+                AND c.relnamespace = current_schema()::regnamespace",
+        )
+        .fetch_one(&self.pool)
+        .await?)
     }
 
     /// Builds `tasks_batch_id` (the index of a batch's tasks, migration
@@ -560,10 +659,15 @@ impl Ledger {
     /// Copies each task's status, verdict and risk to its calls written before migration
     /// `20261126000002_routing_rollups` (which records where the copy stands), 10,000 tasks
     /// per transaction, resuming where an interrupted run stopped; the rollups move with
-    /// every row changed. Nothing to do once it is done.
-    async fn copy_task_views(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
+    /// every row changed. Nothing to do once it is done. Whether it copied any.
+    async fn copy_task_views(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<bool> {
         const BATCH: i64 = 10_000;
         let mut batches = 0_u64;
+        let started = std::time::Instant::now();
+        // Task ids are random UUIDs: how far an id is through the id space is how far the
+        // copy is through the tasks.
+        let at = |id: Uuid| f64::from(id.as_fields().0) / f64::from(u32::MAX);
+        let mut first = None;
         loop {
             let mut tx = self.pool.begin().await?;
             let after: Option<Uuid> = sqlx::query_scalar(
@@ -572,8 +676,9 @@ impl Ledger {
             .fetch_optional(&mut *tx)
             .await?;
             let Some(after) = after else {
-                return Ok(());
+                return Ok(batches > 0);
             };
+            first.get_or_insert(at(after));
             let last: Option<Uuid> = sqlx::query_scalar(
                 "SELECT task_id FROM (SELECT task_id FROM tasks WHERE task_id > $1
                     ORDER BY task_id LIMIT $2) s ORDER BY task_id DESC LIMIT 1",
@@ -587,7 +692,7 @@ impl Ledger {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                return Ok(());
+                return Ok(true);
             };
             sqlx::query(
                 "UPDATE provider_calls c SET task_status = t.status, task_verdict = t.verdict,
@@ -608,9 +713,17 @@ impl Ledger {
             tx.commit().await?;
             batches += 1;
             if batches.is_multiple_of(10) {
+                let (from, to) = (first.unwrap_or(0.0), at(last));
+                let rate = (to - from) / started.elapsed().as_secs_f64().max(1e-3);
+                let left = if rate > 0.0 {
+                    format!(", about {:.0} s left", (1.0 - to) / rate)
+                } else {
+                    String::new()
+                };
                 say(format!(
-                    "copied the task views of {} tasks to their calls (up to task id {last}); \
+                    "copying the task views to their calls: {:.0} % ({} tasks this run{left}); \
                      an interrupted run resumes here",
+                    to * 100.0,
                     batches * BATCH as u64
                 ));
             }
@@ -622,15 +735,7 @@ impl Ledger {
     /// # Errors
     /// [`Error::NotMigrated`] naming the first missing migration.
     pub async fn check_migrated(&self) -> Result<()> {
-        let applied: Vec<i64> =
-            match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
-                .fetch_all(&self.pool)
-                .await
-            {
-                Ok(v) => v,
-                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
-                Err(e) => return Err(e.into()),
-            };
+        let applied = self.applied().await?;
         match MIGRATOR.iter().find(|m| !applied.contains(&m.version)) {
             Some(m) => Err(Error::NotMigrated(format!(
                 "migration {} ({}) has not been applied",

@@ -11,6 +11,7 @@
 //! `llmq_bench`, created next to `DATABASE_URL`'s database when missing.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -1869,99 +1870,122 @@ async fn bare_streams(
     result
 }
 
-/// The ledger's reports at scale: a ledger of `--tasks` calls (default 5 million) and as
-/// many finished tasks over 60 days, about a third of them chain steps (chains of five), in
-/// a database of its own that is kept between runs (filled again only when its size
-/// differs; a fill cut off goes on where it stopped). Prints how fast it filled (rows a
-/// second, of this run's part of the fill), how long the roll after it took to sum what it
-/// left (`roll_s`), and the
-/// median of three runs of each report's queries, in ms; `raw_by_model_ms` is the same
-/// report summed over the raw rows, as before the rollups, for comparison in the same run.
+/// The ledger's reports at scale, on two ledgers of `--tasks` calls (default 5 million) and as
+/// many finished tasks over 60 days, about a third of them chain steps (chains of five), each
+/// in a database of its own that is kept between runs (filled again only when its size
+/// differs):
+/// - `kind=fresh`: filled through today's schema, as a ledger written since rollups and
+///   partitions existed; a fill cut off goes on where it stopped;
+/// - `kind=upgraded`: filled in the shapes of the last release before rollups and partitions
+///   (the migrations before `20261126000001`, release `c7011cf`), then migrated by today's
+///   `llmq migrate` while a writer adds a call and a task every 10 ms as a worker of that
+///   release would (`migrate_s`, the writer's slowest statement `writer_max_ms` and how many
+///   of its writes failed, `writer_failed`; the migration's steps go to stderr).
+///
+/// Each prints how fast it filled (rows a second, of this run's part of the fill), how long
+/// the roll after it took to sum what it left (`roll_s`), how long a roll with nothing new to
+/// sum takes (`idle_roll_ms`), and the median of three runs of each report's queries, in ms;
+/// `raw_by_model_ms` is the same report summed over the raw rows, as before the rollups, for
+/// comparison in the same run.
 async fn ledger_scale(args: &Args) -> Result<String> {
-    const DB: &str = "llmq_bench_ledger";
-    const CHUNK: i64 = 250_000;
     let n = args.tasks.unwrap_or(5_000_000) as i64;
-    let url = with_database(&args.database_url, DB)?;
-    // Migrating a ledger filled by an earlier version is timed too.
-    let migrating = Instant::now();
-    let ledger = bench_ledger_named(&args.database_url, &url, DB).await?;
-    let migrate_s = migrating.elapsed().as_secs_f64();
-    let pool = ledger.pool();
-    let (have, tasks_have): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM provider_calls), (SELECT count(*) FROM tasks)",
-    )
-    .fetch_one(pool)
-    .await?;
+    let fresh = ledger_scale_of(args, n, false).await?;
+    let upgraded = ledger_scale_of(args, n, true).await?;
+    Ok(format!("{fresh}\n{upgraded}"))
+}
+
+/// One ledger of [`ledger_scale`]: `upgraded` says which.
+async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> {
+    const CHUNK: i64 = 250_000;
+    // Before rollups and partitions: the release `c7011cf`'s migrations.
+    const FIRST_NEW: i64 = 20261126000001;
+    let db = if upgraded {
+        "llmq_bench_ledger_upgraded"
+    } else {
+        "llmq_bench_ledger"
+    };
+    let url = with_database(&args.database_url, db)?;
+    let (mut migrate_s, mut writer_max_ms, mut writer_failed) = (0.0, 0.0, 0);
     let mut fill_rows_per_s = 0.0;
-    if have != n {
-        // A fill cut off between chunks goes on where it stopped (each chunk commits whole);
-        // anything else is filled again from the start.
-        let resume = have < n && tasks_have == have && have % CHUNK == 0;
-        if !resume {
-            sqlx::query(
-                "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
-                    routing_rollups, ledger_queues",
-            )
-            .execute(pool)
+    let ledger = if upgraded {
+        let ledger = bench_ledger_named(&args.database_url, &url, db, false).await?;
+        let pool = ledger.pool();
+        let filled: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+            .fetch_one(pool)
             .await?;
+        let (mut migrated, mut have) = (false, 0_i64);
+        if filled {
+            migrated = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT FROM _sqlx_migrations WHERE version >= $1)",
+            )
+            .bind(FIRST_NEW)
+            .fetch_one(pool)
+            .await?;
+            have = sqlx::query_scalar("SELECT count(*) FROM provider_calls")
+                .fetch_one(pool)
+                .await?;
         }
-        let first = if resume { have } else { 0 };
-        let started = Instant::now();
-        // Call i is made at an even pace over the last 60 days; calls 5k..5k+4 of every third
-        // k are one chain's steps.
-        let at = "now() - interval '60 days' + i * (interval '60 days' / $3)";
-        let chain = "CASE WHEN (i / 5) % 3 = 0 THEN 'chain-' || (i / 5) END";
-        // What a call and its task share: queue, chain, type, provider, model.
-        let shared = format!(
-            "'queue-' || (i % 4), {chain},
-             (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
-             (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7)"
-        );
-        // The task's status and risk, which its call carries as the finisher writes it (the
-        // call and its task in one batch): the task's trigger has nothing to copy.
-        let status = "CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END";
-        let risk = "(ARRAY['low', 'medium', 'high'])[1 + i % 3]";
-        for from in (first..n).step_by(CHUNK as usize) {
-            let to = (from + CHUNK).min(n) - 1;
-            let mut tx = pool.begin().await?;
-            for sql in [
-                format!(
-                    "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
-                        chain_id, task_type, provider, model, input_tokens, output_tokens,
-                        cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
-                        called_at, task_status, task_risk)
-                     SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
-                        1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
-                        'ok', 'w', {at}, {status}, {risk}
-                     FROM generate_series($1::int8, $2::int8) i"
+        // A ledger migrated by an earlier run of this bench is kept if it has the size asked
+        // for (every writer row is made after the fill, so it counts toward a new fill's).
+        if have < n || !migrated {
+            drop_database(&args.database_url, db).await?;
+            let ledger = bench_ledger_named(&args.database_url, &url, db, false).await?;
+            let old = sqlx::migrate::Migrator {
+                migrations: std::borrow::Cow::Owned(
+                    llmq_shared::ledger::MIGRATOR
+                        .iter()
+                        .filter(|m| m.version < FIRST_NEW)
+                        .cloned()
+                        .collect(),
                 ),
-                format!(
-                    "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
-                        status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
-                        duration_ms)
-                     SELECT md5(i::text)::uuid, {shared}, {status}, 1,
-                        1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
-                        {at} + interval '2 seconds', {risk}, 100 + i % 2000
-                     FROM generate_series($1::int8, $2::int8) i"
-                ),
-            ] {
-                sqlx::query(&sql)
-                    .bind(from)
-                    .bind(to)
-                    .bind(n as f64)
-                    .execute(&mut *tx)
-                    .await?;
+                ..sqlx::migrate::Migrator::DEFAULT
+            };
+            old.run(ledger.pool()).await?;
+            fill_rows_per_s = fill_ledger(ledger.pool(), 0, n, CHUNK, true).await?;
+            sqlx::query("VACUUM ANALYZE").execute(ledger.pool()).await?;
+            let (s, max_ms, failed) = migrate_under_writes(&ledger, &url).await?;
+            (migrate_s, writer_max_ms, writer_failed) = (s, max_ms, failed);
+            ledger
+        } else {
+            ledger.migrate().await?;
+            ledger
+        }
+    } else {
+        // Migrating a ledger filled by an earlier version is timed too.
+        let migrating = Instant::now();
+        let ledger = bench_ledger_named(&args.database_url, &url, db, true).await?;
+        migrate_s = migrating.elapsed().as_secs_f64();
+        let pool = ledger.pool();
+        let (have, tasks_have): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM provider_calls), (SELECT count(*) FROM tasks)",
+        )
+        .fetch_one(pool)
+        .await?;
+        if have != n {
+            // A fill cut off between chunks goes on where it stopped (each chunk commits
+            // whole); anything else is filled again from the start.
+            let resume = have < n && tasks_have == have && have % CHUNK == 0;
+            if !resume {
+                sqlx::query(
+                    "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
+                        routing_rollups, ledger_queues",
+                )
+                .execute(pool)
+                .await?;
             }
-            tx.commit().await?;
+            let first = if resume { have } else { 0 };
+            fill_rows_per_s = fill_ledger(pool, first, n, CHUNK, false).await?;
+            sqlx::query("VACUUM ANALYZE").execute(pool).await?;
         }
-        fill_rows_per_s = (2 * (n - first)) as f64 / started.elapsed().as_secs_f64();
-        sqlx::query("VACUUM ANALYZE").execute(pool).await?;
-    }
+        ledger
+    };
+    let pool = ledger.pool();
     // The rows are summed after they are written: what the fill left to sum (all of it, the
     // first time), as the scheduler's duty would, before the reports are timed.
     let rolling = Instant::now();
     llmq_shared::ledger::roll(pool).await?;
     let roll_s = rolling.elapsed().as_secs_f64();
+    let idle_roll = median_ms(|| llmq_shared::ledger::roll(pool)).await?;
 
     let today = Utc::now().date_naive();
     let day = |d: i64| {
@@ -2030,13 +2054,144 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     .fetch_one(pool)
     .await?;
     pool.close().await;
+    let kind = if upgraded { "upgraded" } else { "fresh" };
+    let writer = if upgraded {
+        format!(" writer_max_ms={writer_max_ms:.0} writer_failed={writer_failed}")
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "bench=ledger_scale calls={n} fill_rows_per_s={fill_rows_per_s:.0} \
+        "bench=ledger_scale kind={kind} calls={n} fill_rows_per_s={fill_rows_per_s:.0} \
          rollup_rows={rollup_rows} costs_ms={costs:.1} by_model_ms={by_model:.1} \
          by_day_ms={by_day:.1} by_chain_ms={by_chain:.1} tasks_ms={tasks:.1} \
          insights_ms={insights:.1} queues_ms={queues:.1} routing_ms={routing:.1} \
-         web_costs_ms={web:.1} raw_by_model_ms={raw:.1} migrate_s={migrate_s:.1} roll_s={roll_s:.1}"
+         web_costs_ms={web:.1} raw_by_model_ms={raw:.1} migrate_s={migrate_s:.1}{writer} \
+         roll_s={roll_s:.1} idle_roll_ms={idle_roll:.1}"
     ))
+}
+
+/// Fills calls `first..n` of a [`ledger_scale`] ledger and their tasks, `chunk` of each a
+/// transaction; `old` in the columns the release before rollups had. Rows written a second.
+async fn fill_ledger(
+    pool: &sqlx::PgPool,
+    first: i64,
+    n: i64,
+    chunk: i64,
+    old: bool,
+) -> Result<f64> {
+    let started = Instant::now();
+    // Call i is made at an even pace over the last 60 days; calls 5k..5k+4 of every third
+    // k are one chain's steps.
+    let at = "now() - interval '60 days' + i * (interval '60 days' / $3)";
+    let chain = "CASE WHEN (i / 5) % 3 = 0 THEN 'chain-' || (i / 5) END";
+    // What a call and its task share: queue, chain, type, provider, model.
+    let shared = format!(
+        "'queue-' || (i % 4), {chain},
+         (ARRAY['research', 'code_review', 'summarize', 'code_generation'])[1 + i % 4],
+         (ARRAY['openai', 'anthropic', 'gemini'])[1 + i % 3], 'model-' || (i % 7)"
+    );
+    // The task's status and risk, which its call carries as the finisher writes it (the
+    // call and its task in one batch): the task's trigger has nothing to copy. The release
+    // before rollups kept them on the task alone.
+    let status = "CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END";
+    let risk = "(ARRAY['low', 'medium', 'high'])[1 + i % 3]";
+    let (view_columns, view) = if old {
+        (String::new(), String::new())
+    } else {
+        (
+            ", task_status, task_risk".to_owned(),
+            format!(", {status}, {risk}"),
+        )
+    };
+    for from in (first..n).step_by(chunk as usize) {
+        let to = (from + chunk).min(n) - 1;
+        let mut tx = pool.begin().await?;
+        for sql in [
+            format!(
+                "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
+                    chain_id, task_type, provider, model, input_tokens, output_tokens,
+                    cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
+                    called_at{view_columns})
+                 SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
+                    1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
+                    'ok', 'w', {at}{view}
+                 FROM generate_series($1::int8, $2::int8) i"
+            ),
+            format!(
+                "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
+                    status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
+                    duration_ms)
+                 SELECT md5(i::text)::uuid, {shared}, {status}, 1,
+                    1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
+                    {at} + interval '2 seconds', {risk}, 100 + i % 2000
+                 FROM generate_series($1::int8, $2::int8) i"
+            ),
+        ] {
+            sqlx::query(&sql)
+                .bind(from)
+                .bind(to)
+                .bind(n as f64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+    }
+    Ok((2 * (n - first)) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// `llmq migrate` on `ledger` while a writer on a connection of its own adds a call and its
+/// task every 10 ms, in the columns every release has: how long the migration took (s), the
+/// writer's slowest statement (ms) and how many of its writes failed (each failure printed).
+async fn migrate_under_writes(ledger: &Ledger, url: &str) -> Result<(f64, f64, usize)> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Ledger::connect(url, 1).await?;
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut slowest, mut failed) = (Duration::ZERO, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let task = uuid::Uuid::new_v4();
+                for sql in [
+                    "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
+                        task_type, provider, model, input_tokens, output_tokens, cached_tokens,
+                        reasoning_tokens, cost_usd, latency_ms, outcome, worker, called_at)
+                     VALUES ($1, $1, 0, 1, 0, 'queue-w', 'research', 'openai', 'model-w', 10, 2,
+                        0, 0, 0.001, 300, 'ok', 'w', now())",
+                    "INSERT INTO tasks (task_id, queue, task_type, status, attempts, provider,
+                        model, cost_usd, finished_at)
+                     VALUES ($1, 'queue-w', 'research', 'succeeded', 1, 'openai', 'model-w',
+                        0.001, now())",
+                ] {
+                    let started = Instant::now();
+                    let wrote = sqlx::query(sql).bind(task).execute(writes.pool()).await;
+                    slowest = slowest.max(started.elapsed());
+                    if let Err(e) = wrote {
+                        failed += 1;
+                        eprintln!("ledger_scale: a write during the migration failed: {e}");
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (slowest, failed)
+        })
+    };
+    let started = Instant::now();
+    let migrated = ledger
+        .migrate_telling(&mut |step| eprintln!("ledger_scale: llmq migrate: {step}"))
+        .await;
+    let migrate_s = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let (slowest, failed) = writer.await?;
+    migrated?;
+    Ok((migrate_s, slowest.as_secs_f64() * 1000.0, failed))
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> Result<()> {
+    let mut admin = sqlx::PgConnection::connect(admin_url).await?;
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .execute(&mut admin)
+        .await?;
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3089,11 +3244,16 @@ async fn clear_web(redis: &mut Redis, keys: &QueueKeys, chains: usize) -> Result
 }
 
 async fn bench_ledger(admin_url: &str, bench_url: &str) -> Result<Ledger> {
-    bench_ledger_named(admin_url, bench_url, BENCH_DB).await
+    bench_ledger_named(admin_url, bench_url, BENCH_DB, true).await
 }
 
 /// [`bench_ledger`] for the database `name` (at `bench_url`).
-async fn bench_ledger_named(admin_url: &str, bench_url: &str, name: &str) -> Result<Ledger> {
+async fn bench_ledger_named(
+    admin_url: &str,
+    bench_url: &str,
+    name: &str,
+    migrate: bool,
+) -> Result<Ledger> {
     let mut admin = sqlx::PgConnection::connect(admin_url)
         .await
         .with_context(|| format!("cannot reach Postgres at {admin_url}; set DATABASE_URL"))?;
@@ -3108,6 +3268,9 @@ async fn bench_ledger_named(admin_url: &str, bench_url: &str, name: &str) -> Res
             .await?;
     }
     let ledger = Ledger::connect(bench_url, 4).await?;
+    if !migrate {
+        return Ok(ledger);
+    }
     if let Err(e) = ledger.migrate().await {
         if !matches!(
             e,

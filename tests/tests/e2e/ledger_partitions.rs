@@ -1,7 +1,8 @@
 //! The ledger partitioned by month: `llmq migrate` partitions a written ledger in place while
 //! it is written to, losing and doubling nothing; a task finished again in another month keeps
-//! one row; and `ledger.retention` drops whole months (the rollups keep their sums), run by
-//! the scheduler's `ledger_partitions` duty.
+//! one row; and `ledger.retention` drops whole months, and deletes the first partition's
+//! rows of those months by their range (the rollups keep their sums), run by the
+//! scheduler's `ledger_partitions` duty.
 #![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -332,6 +333,83 @@ async fn retention_drops_whole_months_and_the_rollups_keep_their_sums() {
     );
 
     // A second run has nothing to do.
+    let again = scheduler
+        .run_duty(llmq_scheduler::Duty::LedgerPartitions)
+        .await
+        .unwrap();
+    assert_eq!(again, "0 partition(s) made, 0 dropped");
+    scheduler.release().await.unwrap();
+}
+
+/// The first partition holds every row before its cutoff (on an upgraded ledger, the whole
+/// history): retention deletes its rows of each month a monthly partition would have
+/// dropped, by that exact range, and the rollups keep their sums.
+#[tokio::test]
+async fn retention_deletes_the_first_partitions_months_by_their_range() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.own_ledger().await;
+    let pool = ledger.pool().clone();
+    let q = env.queue.as_str();
+    let now = Utc::now();
+    // Keeping 90 days, every month that ended by 90 days ago goes: the first midnight of the
+    // month 90 days ago is the line.
+    let keep = Duration::days(90);
+    let line: DateTime<Utc> = sqlx::query_scalar(
+        "SELECT date_trunc('month', $1::timestamptz AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'",
+    )
+    .bind(now - keep)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let (gone, kept) = (Uuid::new_v4(), Uuid::new_v4());
+    for (task, at) in [(gone, line - Duration::seconds(1)), (kept, line)] {
+        ledger
+            .record(
+                &[answered(task, q, at)],
+                &[finished(task, q, at, "succeeded")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(home_of(&pool, task).await, ["tasks_legacy"]);
+    }
+    let sums = "SELECT ((SELECT sum(calls) FROM call_rollups) * 1000000
+        + (SELECT sum(tasks) FROM task_rollups) * 1000
+        + (SELECT sum(tries) FROM routing_rollups))::bigint";
+    llmq_shared::ledger::roll(&pool).await.unwrap();
+    let before = scalar(&pool, sums).await;
+    assert_eq!(before, 2_002_002);
+
+    let mut config = env.settings().config;
+    config.ledger.retention = Some(keep.to_std().unwrap());
+    let mut settings = llmq_scheduler::Settings::new(&redis_url(), &url, config).unwrap();
+    settings.id = Some(format!("{q}-legacy"));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    settings.clock = Arc::new(move || now);
+    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    let did = scheduler
+        .run_duty(llmq_scheduler::Duty::LedgerPartitions)
+        .await
+        .unwrap();
+    let day = line.format("%Y-%m-%d");
+    assert!(
+        did.contains(&format!("provider_calls_legacy: 1 rows before {day}"))
+            && did.contains(&format!("tasks_legacy: 1 rows before {day}")),
+        "{did}"
+    );
+    assert!(home_of(&pool, gone).await.is_empty(), "{did}");
+    assert_eq!(home_of(&pool, kept).await, ["tasks_legacy"], "{did}");
+    assert_eq!(
+        scalar(&pool, "SELECT count(*) FROM provider_calls").await,
+        1,
+        "{did}"
+    );
+    assert_eq!(
+        scalar(&pool, sums).await,
+        before,
+        "the rollups keep the deleted months' sums"
+    );
     let again = scheduler
         .run_duty(llmq_scheduler::Duty::LedgerPartitions)
         .await
