@@ -24,6 +24,11 @@ use crate::outcome::TaskRecord;
 /// The migrations in `migrations/`, embedded in every binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 
+/// The first migration that sums the whole ledger while it holds the ledger's writers
+/// (`20261126000001_rollups`); a ledger before it has its history set aside for the
+/// migrations ([`Ledger::migrate_telling`]).
+const ROLLUPS: i64 = 20261126000001;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot reach Postgres ({0}); {fix}", fix = connect_fix(.0))]
@@ -370,16 +375,18 @@ impl Ledger {
     /// # Errors
     /// A migration fails.
     pub async fn migrate_telling(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
+        self.set_history_aside(say).await?;
         self.prepare_partitions(say).await?;
         let applied = self.applied().await?;
         let pending: Vec<usize> = (0..MIGRATOR.migrations.len())
             .filter(|&i| !applied.contains(&MIGRATOR.migrations[i].version))
             .collect();
-        let rows = self.rows_estimate().await?;
+        let rows = self.rows_estimate(true).await?;
+        let held = self.rows_estimate(false).await?;
         for (n, i) in pending.iter().enumerate() {
             let m = &MIGRATOR.migrations[*i];
-            let holds = if m.sql.contains("LOCK TABLE provider_calls, tasks") && rows > 0 {
-                format!("; the ledger holds ~{rows} rows, and its writers wait until it ends")
+            let holds = if m.sql.contains("LOCK TABLE provider_calls, tasks") && held > 0 {
+                format!("; it reads ~{held} rows, and the ledger's writers wait until it ends")
             } else {
                 String::new()
             };
@@ -405,7 +412,11 @@ impl Ledger {
             ));
         }
         self.run_migrator(&MIGRATOR).await?;
+        // The copy first, over what was written since the history was set aside (a worker of
+        // the release before wrote calls without their tasks' views); the history's calls
+        // get theirs as they move.
         let copied = self.copy_task_views(say).await?;
+        let copied = self.move_history(say).await? || copied;
         self.index_batch_ids(say).await?;
         if rows > 0 && (copied || !pending.is_empty()) {
             // Copying the task views moved the routing rollups a batch at a time, from
@@ -446,18 +457,31 @@ impl Ledger {
 
     /// Runs `migrator` on a connection of its own.
     async fn run_migrator(&self, migrator: &Migrator) -> Result<()> {
-        let mut conn = self.pool.acquire().await?;
-        if let Err(e) = migrator.run(&mut *conn).await {
+        // A migration that replaces tables meets the writers' triggers, which reach from
+        // `tasks` into `provider_calls`, in the other order: Postgres then ends one of the
+        // two after a second (`deadlock_timeout`). A migration ended so was rolled back whole
+        // and is made again; a writer ended so writes again, as every ledger write does.
+        let mut deadlocks = 0;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let Err(e) = migrator.run(&mut *conn).await else {
+                return Ok(());
+            };
             // sqlx leaves its migration lock (a session's advisory lock) held when a
             // migration fails: the connection is closed, not handed back to the pool, where
             // the next migration on another of its connections would wait for it for ever.
             let _ = conn.close().await;
+            let deadlock = matches!(&e, sqlx::migrate::MigrateError::ExecuteMigration(
+                sqlx::Error::Database(d), _) if d.code().as_deref() == Some("40P01"));
+            if deadlock && deadlocks < 5 {
+                deadlocks += 1;
+                continue;
+            }
             // The CHECKs the preparation added would refuse every row written after their
             // cutoff (a week or more ahead) if the tables stayed as they are.
             self.drop_partition_checks(None).await;
             return Err(e.into());
         }
-        Ok(())
     }
 
     /// The versions of the migrations applied (none on a new database).
@@ -472,15 +496,266 @@ impl Ledger {
         }
     }
 
-    /// About how many rows the ledger holds, calls and tasks, from the statistics (no scan).
-    async fn rows_estimate(&self) -> Result<i64> {
+    /// About how many rows the ledger holds, calls and tasks, from the statistics (no scan);
+    /// `history`: with those set aside ([`Ledger::set_history_aside`]).
+    async fn rows_estimate(&self, history: bool) -> Result<i64> {
         Ok(sqlx::query_scalar(
             "SELECT coalesce(sum(greatest(c.reltuples, 0)), 0)::int8 FROM pg_class c
              WHERE c.relkind = 'r' AND (c.relname IN ('provider_calls', 'tasks')
                 OR c.relname LIKE 'provider\\_calls\\_%' OR c.relname LIKE 'tasks\\_%')
-                AND c.relnamespace = current_schema()::regnamespace",
+                AND c.relnamespace = current_schema()::regnamespace
+                AND ($1 OR c.relname NOT LIKE '%\\_history')",
+        )
+        .bind(history)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// On a ledger of a release before rollups (none of the migrations from
+    /// [`ROLLUPS`] applied) that holds rows, sets its two tables aside as
+    /// `provider_calls_history` and `tasks_history` and puts empty tables of the same shapes
+    /// (made by the migrations it has applied) in their place, in one transaction that waits
+    /// at most a second for its locks (tried again until it has them). The migrations after
+    /// it then read no history while they hold the ledger's writers: four of them lock both
+    /// tables for a scan (10 s at a million calls, with every writer waiting). Workers keep
+    /// writing the new tables meanwhile; [`Ledger::move_history`] brings the history back
+    /// with the tables open. Nothing to do on any other ledger, or once the history is set
+    /// aside.
+    async fn set_history_aside(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
+        let applied = self.applied().await?;
+        if applied.is_empty() || applied.iter().any(|&v| v >= ROLLUPS) {
+            return Ok(());
+        }
+        let (aside, rows): (bool, bool) = sqlx::query_as(
+            "SELECT to_regclass('tasks_history') IS NOT NULL,
+                EXISTS (SELECT FROM provider_calls) OR EXISTS (SELECT FROM tasks)",
         )
         .fetch_one(&self.pool)
+        .await?;
+        if aside || !rows {
+            return Ok(());
+        }
+        say(
+            "setting the ledger's history aside (provider_calls_history, tasks_history) \
+             for the migrations; the ledger's tables stay open to writers"
+                .to_owned(),
+        );
+        let (schema, path): (String, String) =
+            sqlx::query_as("SELECT current_schema()::text, current_setting('search_path')")
+                .fetch_one(&self.pool)
+                .await?;
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let swapped = async {
+                sqlx::query("SET LOCAL lock_timeout = '1s'")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("DROP SCHEMA IF EXISTS llmq_shapes CASCADE")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("CREATE SCHEMA llmq_shapes")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("SET LOCAL search_path = llmq_shapes")
+                    .execute(&mut *tx)
+                    .await?;
+                for m in MIGRATOR.iter().filter(|m| applied.contains(&m.version)) {
+                    sqlx::raw_sql(&m.sql).execute(&mut *tx).await?;
+                }
+                sqlx::query("SELECT set_config('search_path', $1, true)")
+                    .bind(&path)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::raw_sql(&format!(
+                    "ALTER TABLE provider_calls RENAME TO provider_calls_history;
+                     ALTER TABLE tasks RENAME TO tasks_history;
+                     DO $$
+                     DECLARE ix text;
+                     BEGIN
+                         FOR ix IN SELECT c.relname FROM pg_index i
+                             JOIN pg_class c ON c.oid = i.indexrelid
+                             WHERE i.indrelid IN ('provider_calls_history'::regclass,
+                                 'tasks_history'::regclass)
+                         LOOP
+                             EXECUTE format('ALTER INDEX %I RENAME TO %I', ix, ix || '_history');
+                         END LOOP;
+                     END $$;
+                     ALTER TABLE llmq_shapes.provider_calls SET SCHEMA \"{schema}\";
+                     ALTER TABLE llmq_shapes.tasks SET SCHEMA \"{schema}\";
+                     DROP SCHEMA llmq_shapes CASCADE;",
+                    schema = schema.replace('"', "\"\"")
+                ))
+                .execute(&mut *tx)
+                .await?;
+                Ok::<_, sqlx::Error>(())
+            }
+            .await;
+            match swapped {
+                Ok(()) => {
+                    tx.commit().await?;
+                    return Ok(());
+                }
+                // lock_not_available: a long transaction holds a table; the writers that
+                // queued behind the attempt go on, and it is made again.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
+                    drop(tx);
+                    say("waiting for the ledger's tables to set its history aside".to_owned());
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Moves the rows [`Ledger::set_history_aside`] set aside back into the ledger, 10,000
+    /// tasks' rows (and their calls) per transaction, with the tables open to writers: each
+    /// call carries its task's view (status, verdict, risk), each row is summed by the next
+    /// roll like a new one, a call already written again meanwhile (a `started` row
+    /// completed) keeps its newer row, and a task finished again meanwhile keeps its newer
+    /// finish. Each batch is deleted from the history as it is moved, so an interrupted run
+    /// resumes where it stopped; the history tables are dropped at the end. Whether it moved
+    /// any.
+    async fn move_history(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<bool> {
+        const BATCH: i64 = 10_000;
+        let aside: bool = sqlx::query_scalar("SELECT to_regclass('tasks_history') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        if !aside {
+            return Ok(false);
+        }
+        // The columns the history has (those of the release it came from); `written` is
+        // left to its default, so that the roll sums the rows.
+        let calls = self.columns_of("provider_calls_history").await?;
+        let tasks = self.columns_of("tasks_history").await?;
+        let has = |cols: &[String], c: &str| cols.iter().any(|x| x == c);
+        // A release before `20261123000001_calls_by_delivery` had no delivery: that
+        // migration's value for the rows it found.
+        let (call_cols, call_values) = if has(&calls, "delivery") {
+            (
+                calls.join(", "),
+                calls
+                    .iter()
+                    .map(|c| format!("m.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        } else {
+            (
+                format!("{}, delivery", calls.join(", ")),
+                format!(
+                    "{}, md5(m.task_id::text || '/' || m.run || '/' || m.attempt)::uuid",
+                    calls
+                        .iter()
+                        .map(|c| format!("m.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )
+        };
+        // A task finished again since the history was set aside (or whose call went aside
+        // just before its finish was written) has its view in the ledger; else in the
+        // history.
+        let view = |c: &str| {
+            let aside = if has(&tasks, c) {
+                format!("t.{c}")
+            } else {
+                "NULL".to_owned()
+            };
+            format!("CASE WHEN n.found THEN n.{c} ELSE {aside} END")
+        };
+        let move_calls = format!(
+            "WITH m AS (DELETE FROM provider_calls_history c
+                WHERE c.task_id > $1 AND c.task_id <= $2 RETURNING c.*)
+             INSERT INTO provider_calls ({call_cols}, task_status, task_verdict, task_risk)
+             SELECT {call_values}, {status}, {verdict}, {risk}
+             FROM m LEFT JOIN tasks_history t ON t.task_id = m.task_id
+                LEFT JOIN LATERAL (SELECT true AS found, x.status, x.verdict, x.risk
+                    FROM tasks x WHERE x.task_id = m.task_id LIMIT 1) n ON true
+             ON CONFLICT DO NOTHING",
+            status = view("status"),
+            verdict = view("verdict"),
+            risk = view("risk"),
+        );
+        let move_tasks = format!(
+            "WITH m AS (DELETE FROM tasks_history h
+                WHERE h.task_id > $1 AND h.task_id <= $2 RETURNING h.*)
+             INSERT INTO tasks ({cols})
+             SELECT {values} FROM m
+             WHERE NOT EXISTS (SELECT FROM tasks t WHERE t.task_id = m.task_id)
+             ON CONFLICT DO NOTHING",
+            cols = tasks.join(", "),
+            values = tasks
+                .iter()
+                .map(|c| format!("m.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+        let started = std::time::Instant::now();
+        let at = |id: Uuid| f64::from(id.as_fields().0) / f64::from(u32::MAX);
+        let mut after = Uuid::nil();
+        let mut batches = 0_u64;
+        loop {
+            // The next 10,000 tasks' ids, or once none is left, the next 10,000 calls' (of
+            // tasks that never finished).
+            let mut last = None;
+            for table in ["tasks_history", "provider_calls_history"] {
+                last = sqlx::query_scalar::<_, Uuid>(&format!(
+                    "SELECT task_id FROM (SELECT task_id FROM {table} WHERE task_id > $1
+                        ORDER BY task_id LIMIT $2) s ORDER BY task_id DESC LIMIT 1"
+                ))
+                .bind(after)
+                .bind(BATCH)
+                .fetch_optional(&self.pool)
+                .await?;
+                if last.is_some() {
+                    break;
+                }
+            }
+            let Some(last) = last else { break };
+            let mut tx = self.pool.begin().await?;
+            for sql in [&move_calls, &move_tasks] {
+                sqlx::query(sql)
+                    .bind(after)
+                    .bind(last)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            after = last;
+            batches += 1;
+            if batches.is_multiple_of(10) {
+                // Summed as it goes, so that no roll has the whole history to sum at once.
+                roll(&self.pool).await?;
+                let done = at(last);
+                let rate = done / started.elapsed().as_secs_f64().max(1e-3);
+                say(format!(
+                    "moving the history back: {:.0} % ({} tasks this run, about {:.0} s left); \
+                     an interrupted run resumes here",
+                    done * 100.0,
+                    batches * BATCH as u64,
+                    (1.0 - done) / rate.max(1e-9)
+                ));
+            }
+        }
+        sqlx::query("DROP TABLE provider_calls_history, tasks_history")
+            .execute(&self.pool)
+            .await?;
+        roll(&self.pool).await?;
+        say("moved the history back and summed it".to_owned());
+        Ok(true)
+    }
+
+    /// The columns of `table`, quoted, in order, but `written`: a row moved is summed by
+    /// the next roll, as a new one.
+    async fn columns_of(&self, table: &str) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT quote_ident(attname) FROM pg_attribute
+             WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped
+                AND attname <> 'written'
+             ORDER BY attnum",
+        )
+        .bind(table)
+        .fetch_all(&self.pool)
         .await?)
     }
 

@@ -539,3 +539,166 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     let queues = llmq_shared::insights::queues(ledger.pool()).await.unwrap();
     assert_eq!(queues, ["q-a", "q-b"]);
 }
+
+/// A ledger of the release before rollups (`c7011cf`'s shapes) is migrated while a worker of
+/// that release writes to it, and `llmq migrate` is killed partway (after the history was set
+/// aside and some migrations applied) and run again: every row written before and during
+/// the upgrade is there once, the rollups equal the rows, the calls carry their tasks' views,
+/// and nothing of the history's tables is left.
+#[tokio::test]
+async fn an_old_ledger_upgraded_under_writes_and_killed_partway_loses_nothing() {
+    let env = TestEnv::new().await.unwrap();
+    let (url, ledger) = env.ledger_before("killed", "20261126000001").await;
+    let pool = ledger.pool().clone();
+    // 3,000 tasks over 60 days, two calls each and a third of them chain steps; and calls
+    // of 500 tasks that never finished.
+    sqlx::query(
+        "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts, provider,
+            model, cost_usd, finished_at, risk, duration_ms)
+         SELECT md5('t' || g)::uuid, 'q-old', CASE WHEN g % 3 = 0 THEN 'c' || (g / 15) END,
+            'research', CASE WHEN g % 5 = 0 THEN 'dead' ELSE 'succeeded' END, 1, 'openai',
+            'small', g * 0.0001, now() - (g % 60) * interval '1 day', 'high', 1000
+         FROM generate_series(1, 3000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue, chain_id,
+            task_type, provider, model, input_tokens, output_tokens, cached_tokens,
+            reasoning_tokens, cost_usd, latency_ms, outcome, worker, called_at)
+         SELECT md5('t' || (g % 3500 + 1))::uuid, md5('d' || g)::uuid, 0, 1, g / 3500, 'q-old',
+            CASE WHEN (g % 3500 + 1) % 3 = 0 THEN 'c' || ((g % 3500 + 1) / 15) END,
+            'research', 'openai', 'small', 100, 20, 0, 0, 0.0001, 500, 'ok', 'w',
+            now() - ((g % 3500 + 1) % 60) * interval '1 day' - interval '1 hour'
+         FROM generate_series(0, 6999) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    // A worker of the old release: a call and its task every few ms, in the columns every
+    // release has, until the upgrade is done.
+    let stop = Arc::new(AtomicBool::new(false));
+    let old_worker = {
+        let stop = stop.clone();
+        let writes = Ledger::connect(&url, 1).await.unwrap();
+        tokio::spawn(async move {
+            let (mut written, mut slowest) = (0_i64, std::time::Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                let task = Uuid::new_v4();
+                for sql in [
+                    "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
+                        task_type, provider, model, input_tokens, output_tokens, cached_tokens,
+                        reasoning_tokens, cost_usd, latency_ms, outcome, worker, called_at)
+                     VALUES ($1, $1, 0, 1, 0, 'q-new', 'research', 'openai', 'small', 10, 2, 0,
+                        0, 0.001, 300, 'ok', 'w', now())",
+                    "INSERT INTO tasks (task_id, queue, task_type, status, attempts, provider,
+                        model, cost_usd, finished_at)
+                     VALUES ($1, 'q-new', 'research', 'succeeded', 1, 'openai', 'small', 0.001,
+                        now())",
+                ] {
+                    let started = std::time::Instant::now();
+                    // A write that fails (a deadlock with a migration) is written again, as
+                    // the finisher does.
+                    while let Err(e) = sqlx::query(sql).bind(task).execute(writes.pool()).await {
+                        eprintln!("the old worker writes again: {e}");
+                    }
+                    slowest = slowest.max(started.elapsed());
+                }
+                written += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+            }
+            (written, slowest)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+
+    // Killed as the fifth migration starts: the run is dropped where it waits.
+    let fifth = Arc::new(AtomicBool::new(false));
+    let killed = {
+        let told = fifth.clone();
+        let mut say = move |step: String| {
+            eprintln!("llmq migrate: {step}");
+            if step.starts_with("migration 5 of") {
+                told.store(true, Ordering::Relaxed);
+            }
+        };
+        let run = ledger.migrate_telling(&mut say);
+        tokio::select! {
+            done = run => Some(done),
+            () = async {
+                while !fifth.load(Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            } => None,
+        }
+    };
+    assert!(killed.is_none(), "the first run was to be killed partway");
+    // As a process killed: its connections go, and the locks they held with them.
+    ledger.pool().close().await;
+    let ledger = Ledger::connect(&url, 2).await.unwrap();
+    let pool = ledger.pool().clone();
+    // With what the old worker wrote before it was set aside.
+    assert!(
+        scalar_of(&pool, "SELECT count(*) FROM tasks_history").await >= 3000,
+        "the history is set aside"
+    );
+    let mut steps = Vec::new();
+    ledger
+        .migrate_telling(&mut |step| steps.push(step))
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (written, slowest) = old_worker.await.unwrap();
+    eprintln!("{written} tasks written meanwhile, the slowest write {slowest:?}; {steps:#?}");
+    assert!(written > 0);
+    assert!(
+        steps
+            .iter()
+            .any(|s| s == "moved the history back and summed it"),
+        "{steps:#?}"
+    );
+
+    assert_eq!(
+        scalar_of(&pool, "SELECT count(*) FROM tasks").await,
+        3000 + written
+    );
+    assert_eq!(
+        scalar_of(&pool, "SELECT count(*) FROM provider_calls").await,
+        7000 + written
+    );
+    assert_eq!(
+        scalar_of(
+            &pool,
+            "SELECT (to_regclass('tasks_history') IS NOT NULL)::int
+                + (to_regclass('provider_calls_history') IS NOT NULL)::int
+                + (SELECT count(*) FROM pg_namespace WHERE nspname = 'llmq_shapes')"
+        )
+        .await,
+        0
+    );
+    let wrong = rollup_mismatches(&pool).await.unwrap();
+    assert!(wrong.is_empty(), "after the upgrade:\n{}", wrong.join("\n"));
+    assert_eq!(calls_out_of_step(&pool).await.unwrap(), 0);
+    // The history's calls carry their tasks' views, the unfinished tasks' none.
+    assert_eq!(
+        scalar_of(
+            &pool,
+            "SELECT count(*) FROM provider_calls WHERE queue = 'q-old' AND task_risk = 'high'"
+        )
+        .await,
+        6000
+    );
+    // Run again, it has nothing to do.
+    ledger.migrate().await.unwrap();
+    assert_eq!(
+        scalar_of(&pool, "SELECT count(*) FROM tasks").await,
+        3000 + written
+    );
+}
+
+async fn scalar_of(pool: &sqlx::PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
