@@ -64,6 +64,31 @@ fn answered(task: Uuid, queue: &str, at: DateTime<Utc>) -> CallRow {
     }
 }
 
+/// Every call, task and routing try the rollups hold, as one number.
+const SUMS: &str = "SELECT ((SELECT sum(calls) FROM call_rollups) * 1000000
+    + (SELECT sum(tasks) FROM task_rollups) * 1000
+    + (SELECT sum(tries) FROM routing_rollups))::bigint";
+
+/// The scheduler of the test's queue on the ledger at `url`, keeping `keep` of it, its clock
+/// at `now`; it holds the lease.
+async fn keeping(
+    env: &TestEnv,
+    url: &str,
+    keep: Duration,
+    now: DateTime<Utc>,
+) -> llmq_scheduler::Scheduler {
+    let mut config = env.settings().config;
+    config.ledger.retention = Some(keep.to_std().unwrap());
+    let mut settings = llmq_scheduler::Settings::new(&redis_url(), url, config).unwrap();
+    settings.id = Some(format!("{}-partitions", env.queue));
+    settings.queues = vec![env.queue.clone()];
+    settings.namespace = Some(env.queue.clone());
+    settings.clock = Arc::new(move || now);
+    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
+    assert!(scheduler.acquire().await.unwrap());
+    scheduler
+}
+
 #[tokio::test]
 async fn a_written_ledger_is_partitioned_in_place_while_it_is_written() {
     let env = TestEnv::new().await.unwrap();
@@ -260,24 +285,13 @@ async fn retention_drops_whole_months_and_the_rollups_keep_their_sums() {
             .unwrap();
     }
     assert_eq!(home_of(&pool, ahead).await, ["tasks_default"]);
-    let sums = "SELECT ((SELECT sum(calls) FROM call_rollups) * 1000000
-        + (SELECT sum(tasks) FROM task_rollups) * 1000
-        + (SELECT sum(tries) FROM routing_rollups))::bigint";
     llmq_shared::ledger::roll(&pool).await.unwrap();
-    let before = scalar(&pool, sums).await;
+    let before = scalar(&pool, SUMS).await;
     assert_eq!(before, 3_003_003);
 
     // The scheduler, 800 days on, keeps 400 days.
-    let mut config = env.settings().config;
-    config.ledger.retention = Some(std::time::Duration::from_secs(400 * 24 * 3600));
-    let mut settings = llmq_scheduler::Settings::new(&redis_url(), &url, config).unwrap();
-    settings.id = Some(format!("{q}-partitions"));
-    settings.queues = vec![env.queue.clone()];
-    settings.namespace = Some(env.queue.clone());
     let later = now + Duration::days(800);
-    settings.clock = Arc::new(move || later);
-    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
-    assert!(scheduler.acquire().await.unwrap());
+    let mut scheduler = keeping(&env, &url, Duration::days(400), later).await;
     let did = scheduler
         .run_duty(llmq_scheduler::Duty::LedgerPartitions)
         .await
@@ -298,7 +312,7 @@ async fn retention_drops_whole_months_and_the_rollups_keep_their_sums() {
         "{did}"
     );
     assert_eq!(
-        scalar(&pool, sums).await,
+        scalar(&pool, SUMS).await,
         before,
         "the rollups keep every month's sums"
     );
@@ -372,22 +386,11 @@ async fn retention_deletes_the_first_partitions_months_by_their_range() {
             .unwrap();
         assert_eq!(home_of(&pool, task).await, ["tasks_legacy"]);
     }
-    let sums = "SELECT ((SELECT sum(calls) FROM call_rollups) * 1000000
-        + (SELECT sum(tasks) FROM task_rollups) * 1000
-        + (SELECT sum(tries) FROM routing_rollups))::bigint";
     llmq_shared::ledger::roll(&pool).await.unwrap();
-    let before = scalar(&pool, sums).await;
+    let before = scalar(&pool, SUMS).await;
     assert_eq!(before, 2_002_002);
 
-    let mut config = env.settings().config;
-    config.ledger.retention = Some(keep.to_std().unwrap());
-    let mut settings = llmq_scheduler::Settings::new(&redis_url(), &url, config).unwrap();
-    settings.id = Some(format!("{q}-legacy"));
-    settings.queues = vec![env.queue.clone()];
-    settings.namespace = Some(env.queue.clone());
-    settings.clock = Arc::new(move || now);
-    let mut scheduler = llmq_scheduler::Scheduler::connect(settings).await.unwrap();
-    assert!(scheduler.acquire().await.unwrap());
+    let mut scheduler = keeping(&env, &url, keep, now).await;
     let did = scheduler
         .run_duty(llmq_scheduler::Duty::LedgerPartitions)
         .await
@@ -406,7 +409,7 @@ async fn retention_deletes_the_first_partitions_months_by_their_range() {
         "{did}"
     );
     assert_eq!(
-        scalar(&pool, sums).await,
+        scalar(&pool, SUMS).await,
         before,
         "the rollups keep the deleted months' sums"
     );
