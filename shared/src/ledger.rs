@@ -35,6 +35,9 @@ pub enum Error {
     Connect(String),
     #[error("the database is not migrated ({0}); run `llmq migrate` first")]
     NotMigrated(String),
+    /// An upgrade that cannot go on; the sentence says why and what to do.
+    #[error("{0}")]
+    Upgrade(String),
     #[error("migrating the database failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("Postgres failed: {0}")]
@@ -544,21 +547,19 @@ impl Ledger {
             sqlx::query_as("SELECT current_schema()::text, current_setting('search_path')")
                 .fetch_one(&self.pool)
                 .await?;
-        loop {
+        // A transaction that holds a table longer than this is an operator's to end.
+        const TRIES: u32 = 240;
+        for tried in 1..=TRIES {
             let mut tx = self.pool.begin().await?;
             let swapped = async {
-                sqlx::query("SET LOCAL lock_timeout = '1s'")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("DROP SCHEMA IF EXISTS llmq_shapes CASCADE")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("CREATE SCHEMA llmq_shapes")
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("SET LOCAL search_path = llmq_shapes")
-                    .execute(&mut *tx)
-                    .await?;
+                sqlx::raw_sql(
+                    "SET LOCAL lock_timeout = '1s';
+                     DROP SCHEMA IF EXISTS llmq_shapes CASCADE;
+                     CREATE SCHEMA llmq_shapes;
+                     SET LOCAL search_path = llmq_shapes;",
+                )
+                .execute(&mut *tx)
+                .await?;
                 for m in MIGRATOR.iter().filter(|m| applied.contains(&m.version)) {
                     sqlx::raw_sql(&m.sql).execute(&mut *tx).await?;
                 }
@@ -599,12 +600,20 @@ impl Ledger {
                 // queued behind the attempt go on, and it is made again.
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("55P03") => {
                     drop(tx);
-                    say("waiting for the ledger's tables to set its history aside".to_owned());
+                    say(format!(
+                        "waiting for the ledger's tables to set its history aside ({tried} of {TRIES})"
+                    ));
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
+        Err(Error::Upgrade(
+            "another transaction held the ledger's tables for the 6 minutes llmq migrate \
+             waited to set its history aside; end it (see pg_stat_activity) and run \
+             `llmq migrate` again"
+                .to_owned(),
+        ))
     }
 
     /// Moves the rows [`Ledger::set_history_aside`] set aside back into the ledger, 10,000
@@ -627,71 +636,9 @@ impl Ledger {
         // left to its default, so that the roll sums the rows.
         let calls = self.columns_of("provider_calls_history").await?;
         let tasks = self.columns_of("tasks_history").await?;
-        let has = |cols: &[String], c: &str| cols.iter().any(|x| x == c);
-        // A release before `20261123000001_calls_by_delivery` had no delivery: that
-        // migration's value for the rows it found.
-        let (call_cols, call_values) = if has(&calls, "delivery") {
-            (
-                calls.join(", "),
-                calls
-                    .iter()
-                    .map(|c| format!("m.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            )
-        } else {
-            (
-                format!("{}, delivery", calls.join(", ")),
-                format!(
-                    "{}, md5(m.task_id::text || '/' || m.run || '/' || m.attempt)::uuid",
-                    calls
-                        .iter()
-                        .map(|c| format!("m.{c}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            )
-        };
-        // A task finished again since the history was set aside (or whose call went aside
-        // just before its finish was written) has its view in the ledger; else in the
-        // history.
-        let view = |c: &str| {
-            let aside = if has(&tasks, c) {
-                format!("t.{c}")
-            } else {
-                "NULL".to_owned()
-            };
-            format!("CASE WHEN n.found THEN n.{c} ELSE {aside} END")
-        };
-        let move_calls = format!(
-            "WITH m AS (DELETE FROM provider_calls_history c
-                WHERE c.task_id > $1 AND c.task_id <= $2 RETURNING c.*)
-             INSERT INTO provider_calls ({call_cols}, task_status, task_verdict, task_risk)
-             SELECT {call_values}, {status}, {verdict}, {risk}
-             FROM m LEFT JOIN tasks_history t ON t.task_id = m.task_id
-                LEFT JOIN LATERAL (SELECT true AS found, x.status, x.verdict, x.risk
-                    FROM tasks x WHERE x.task_id = m.task_id LIMIT 1) n ON true
-             ON CONFLICT DO NOTHING",
-            status = view("status"),
-            verdict = view("verdict"),
-            risk = view("risk"),
-        );
-        let move_tasks = format!(
-            "WITH m AS (DELETE FROM tasks_history h
-                WHERE h.task_id > $1 AND h.task_id <= $2 RETURNING h.*)
-             INSERT INTO tasks ({cols})
-             SELECT {values} FROM m
-             WHERE NOT EXISTS (SELECT FROM tasks t WHERE t.task_id = m.task_id)
-             ON CONFLICT DO NOTHING",
-            cols = tasks.join(", "),
-            values = tasks
-                .iter()
-                .map(|c| format!("m.{c}"))
-                .collect::<Vec<_>>()
-                .join(", "),
-        );
+        let (move_calls, move_tasks) = history_moves(&calls, &tasks);
         let started = std::time::Instant::now();
-        let at = |id: Uuid| f64::from(id.as_fields().0) / f64::from(u32::MAX);
+        let at = through;
         let mut after = Uuid::nil();
         let mut batches = 0_u64;
         loop {
@@ -939,9 +886,7 @@ impl Ledger {
         const BATCH: i64 = 10_000;
         let mut batches = 0_u64;
         let started = std::time::Instant::now();
-        // Task ids are random UUIDs: how far an id is through the id space is how far the
-        // copy is through the tasks.
-        let at = |id: Uuid| f64::from(id.as_fields().0) / f64::from(u32::MAX);
+        let at = through;
         let mut first = None;
         loop {
             let mut tx = self.pool.begin().await?;
@@ -1590,6 +1535,82 @@ impl Ledger {
         .fetch_all(&self.pool)
         .await?)
     }
+}
+
+/// The two statements of a batch of [`Ledger::move_history`], for history tables of these
+/// columns: its calls (each with its task's view), then its tasks; `$1` and `$2` bound the
+/// batch's task ids.
+fn history_moves(calls: &[String], tasks: &[String]) -> (String, String) {
+    let has = |cols: &[String], c: &str| cols.iter().any(|x| x == c);
+    // A release before `20261123000001_calls_by_delivery` had no delivery: that
+    // migration's value for the rows it found.
+    let (call_cols, call_values) = if has(calls, "delivery") {
+        (
+            calls.join(", "),
+            calls
+                .iter()
+                .map(|c| format!("m.{c}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    } else {
+        (
+            format!("{}, delivery", calls.join(", ")),
+            format!(
+                "{}, md5(m.task_id::text || '/' || m.run || '/' || m.attempt)::uuid",
+                calls
+                    .iter()
+                    .map(|c| format!("m.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )
+    };
+    // A task finished again since the history was set aside (or whose call went aside
+    // just before its finish was written) has its view in the ledger; else in the
+    // history.
+    let view = |c: &str| {
+        let aside = if has(tasks, c) {
+            format!("t.{c}")
+        } else {
+            "NULL".to_owned()
+        };
+        format!("CASE WHEN n.found THEN n.{c} ELSE {aside} END")
+    };
+    let move_calls = format!(
+        "WITH m AS (DELETE FROM provider_calls_history c
+        WHERE c.task_id > $1 AND c.task_id <= $2 RETURNING c.*)
+         INSERT INTO provider_calls ({call_cols}, task_status, task_verdict, task_risk)
+         SELECT {call_values}, {status}, {verdict}, {risk}
+         FROM m LEFT JOIN tasks_history t ON t.task_id = m.task_id
+        LEFT JOIN LATERAL (SELECT true AS found, x.status, x.verdict, x.risk
+            FROM tasks x WHERE x.task_id = m.task_id LIMIT 1) n ON true
+         ON CONFLICT DO NOTHING",
+        status = view("status"),
+        verdict = view("verdict"),
+        risk = view("risk"),
+    );
+    let move_tasks = format!(
+        "WITH m AS (DELETE FROM tasks_history h
+        WHERE h.task_id > $1 AND h.task_id <= $2 RETURNING h.*)
+         INSERT INTO tasks ({cols})
+         SELECT {values} FROM m
+         WHERE NOT EXISTS (SELECT FROM tasks t WHERE t.task_id = m.task_id)
+         ON CONFLICT DO NOTHING",
+        cols = tasks.join(", "),
+        values = tasks
+            .iter()
+            .map(|c| format!("m.{c}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    (move_calls, move_tasks)
+}
+
+/// How far `id` is through the UUID space, 0 to 1: task ids are random, so how far a walk
+/// in their order is through the tasks.
+fn through(id: Uuid) -> f64 {
+    f64::from(id.as_fields().0) / f64::from(u32::MAX)
 }
 
 /// The median of a latency histogram of the routing rollups (bucket `b` holds
