@@ -673,6 +673,10 @@ async fn under_churn_a_task_is_held_by_one_live_worker_and_called_once_more_per_
 
 #[tokio::test]
 async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one() {
+    // A claim lapses after IDLE; a holder is alive when seen more than IDLE / 2 after it last
+    // kept the claim. The margins are hundreds of milliseconds, so a loaded machine's delay
+    // between the test's clock and Redis's does not read a dead worker as alive.
+    const IDLE: Duration = Duration::from_millis(400);
     let env = TestEnv::new().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
     enqueue(&env, 2, "mock-fast").await;
@@ -683,7 +687,7 @@ async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one()
         .await
         .unwrap();
     assert_eq!(read.len(), 2);
-    tokio::time::sleep(Duration::from_millis(60)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     // The worker keeps its second claim (and so is seen alive), not its first.
     let lost = env
         .redis
@@ -693,7 +697,7 @@ async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one()
     assert!(lost.is_empty());
     let taken = env
         .redis
-        .reclaim(&env.keys, "other", Duration::from_millis(40), 10, 5, WAIT)
+        .reclaim(&env.keys, "other", IDLE, 10, 5, WAIT)
         .await
         .unwrap();
     assert_eq!(taken.takeovers.len(), 1, "{taken:?}");
@@ -703,10 +707,10 @@ async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one()
         (read[0].entry_id.as_str(), "alive", true)
     );
     // The other claim lapses too, and its holder is not seen again: a dead worker.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let taken = env
         .redis
-        .reclaim(&env.keys, "other", Duration::from_millis(40), 10, 5, WAIT)
+        .reclaim(&env.keys, "other", IDLE, 10, 5, WAIT)
         .await
         .unwrap();
     let t = taken
