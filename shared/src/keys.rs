@@ -404,6 +404,32 @@ impl ProviderKeys {
         format!("{}:tpm-sum", self.prefix)
     }
 
+    /// The pace of `rpm` (`quota/reserve.lua`): when the next call is due if calls went out
+    /// at the limit's steady rate (ms, a float).
+    #[must_use]
+    pub fn requests_pace(&self) -> String {
+        format!("{}:rpm:pace", self.prefix)
+    }
+
+    /// The pace of `tpm`, as [`ProviderKeys::requests_pace`], by estimated tokens.
+    #[must_use]
+    pub fn tokens_pace(&self) -> String {
+        format!("{}:tpm:pace", self.prefix)
+    }
+
+    /// Who waits for the provider's next slots: task ids by priority and when each first
+    /// asked (`quota/reserve.lua`).
+    #[must_use]
+    pub fn line(&self) -> String {
+        format!("{}:line", self.prefix)
+    }
+
+    /// When each task in [`ProviderKeys::line`] must be back, or lose its place.
+    #[must_use]
+    pub fn line_back(&self) -> String {
+        format!("{}:line:back", self.prefix)
+    }
+
     /// Usage thresholds already announced: a hash of `kind:window:percent`.
     #[must_use]
     pub fn alerts(&self) -> String {

@@ -26,6 +26,8 @@ pub struct Reservation {
     pub tokens: u64,
     pub micro_usd: i64,
     month: String,
+    /// The tpm pace's nanoseconds per token (0: no tpm), so reconciling moves it.
+    token_pace_ns: u64,
 }
 
 /// Why a provider cannot take a call now.
@@ -33,8 +35,11 @@ pub struct Reservation {
 pub struct Refusal {
     /// `requests_per_day`, `usd_per_month`, `rpm` or `tpm`.
     pub limit: String,
-    /// When the limit frees up.
+    /// When the limit frees up: for a paced limit, this asker's next slot.
     pub until: DateTime<Utc>,
+    /// The asker waits in the provider's line until `until`, then asks again: its slot is
+    /// near and kept for it. Otherwise it hands its task back.
+    pub in_line: bool,
 }
 
 impl Refusal {
@@ -108,6 +113,7 @@ fn refusal(reply: &[redis::Value], now: DateTime<Utc>) -> Refusal {
     Refusal {
         limit: reply.get(1).map(text).unwrap_or_default(),
         until: DateTime::from_timestamp_millis(until_ms).unwrap_or(now),
+        in_line: matches!(reply.get(3), Some(redis::Value::Int(1))),
     }
 }
 
@@ -139,7 +145,8 @@ impl Limiter {
 
     /// Reserves one call of about `tokens` tokens costing about `usd`, for a task of
     /// `priority` (0 when it has none): the shares `quotas.reserve` holds for the other
-    /// priorities that are asking are left free (`quota/reserve.lua`).
+    /// priorities that are asking are left free (`quota/reserve.lua`). The asker may not
+    /// wait in the line: see [`Limiter::reserve_in_line`].
     ///
     /// # Errors
     /// Redis fails.
@@ -152,6 +159,27 @@ impl Limiter {
         usd: f64,
         now: DateTime<Utc>,
     ) -> Result<Decision> {
+        self.reserve_in_line(provider, quotas, (priority, None), tokens, usd, now)
+            .await
+    }
+
+    /// [`Limiter::reserve`] for `asker`: a priority, and the id of the task asking, which may
+    /// wait in the provider's line when its slot is near (`Refusal::in_line`): the line
+    /// gives a slot that opens to the most urgent priority waiting, and within it to who
+    /// asked first.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn reserve_in_line(
+        &self,
+        provider: &str,
+        quotas: &Quotas,
+        asker: (u8, Option<&str>),
+        tokens: u64,
+        usd: f64,
+        now: DateTime<Utc>,
+    ) -> Result<Decision> {
+        let (priority, waiter) = asker;
         let keys = ProviderKeys::new(provider);
         let (day, month) = (day_label(now.date_naive()), month_label(now.date_naive()));
         let micro = to_micro(usd);
@@ -166,6 +194,10 @@ impl Limiter {
             .key(keys.tokens_window())
             .key(keys.alerts())
             .key(keys.tokens_sum())
+            .key(keys.requests_pace())
+            .key(keys.tokens_pace())
+            .key(keys.line())
+            .key(keys.line_back())
             .arg(now.timestamp_millis())
             .arg(&id)
             .arg(tokens)
@@ -181,6 +213,8 @@ impl Limiter {
             .arg(&month)
             .arg(priority)
             .arg(shares(quotas))
+            .arg(quotas.burst())
+            .arg(waiter.unwrap_or_default())
             .invoke_async(&mut c)
             .await?;
         match reply.first() {
@@ -191,6 +225,9 @@ impl Limiter {
                     tokens,
                     micro_usd: micro,
                     month,
+                    token_pace_ns: quotas.tpm.map_or(0, |t| {
+                        (quotas.counted_window().as_nanos() / u128::from(t.max(1))) as u64
+                    }),
                 },
                 crossed: reply[1..].iter().map(text).collect(),
             }),
@@ -248,10 +285,12 @@ impl Limiter {
             .key(keys.spend_in(&r.month))
             .key(keys.tokens_window())
             .key(keys.tokens_sum())
+            .key(keys.tokens_pace())
             .arg(&r.id)
             .arg(r.tokens)
             .arg(tokens)
             .arg(to_micro(usd) - r.micro_usd)
+            .arg(r.token_pace_ns as f64 / 1e6)
             .invoke_async::<i64>(&mut c)
             .await?;
         Ok(())

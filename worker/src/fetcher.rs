@@ -260,6 +260,8 @@ impl Fetcher {
                         let mut read = Vec::new();
                         let room_pause = self.read_pause.room_remaining();
                         if feeding[at] && room_pause.is_zero() {
+                            // No more of the room's tasks than this worker may hold.
+                            let room = room.min(self.read_pause.room_allowance());
                             let more;
                             (read, more) = self
                                 .redis
@@ -332,6 +334,9 @@ impl Fetcher {
             let idle = got.is_empty();
             for ((queue, delivery, at), permit) in got.into_iter().zip(permits) {
                 let claim = self.claims.hold(&queue, &delivery.entry_id, at);
+                if delivery.from_room {
+                    self.read_pause.room_read();
+                }
                 if jobs
                     .send(Job {
                         queue,

@@ -891,6 +891,14 @@ providers:
                 "providers[0].quotas.window",
             ),
             (
+                GOOD.replace("rpm: 10", "rpm: 10, burst: 11"),
+                "providers[0].quotas.burst",
+            ),
+            (
+                GOOD.replace("rpm: 10", "burst: 2"),
+                "providers[0].quotas.burst",
+            ),
+            (
                 GOOD.replace(
                     "tier: fast\n        context",
                     "tier: genius\n        context",

@@ -314,6 +314,9 @@ pub struct Quotas {
     pub tpm: Option<u64>,
     /// The window `rpm` and `tpm` count over: one minute unless the file says otherwise.
     pub window: Duration,
+    /// Requests that may go at once beyond the steady pace (`rpm` calls spread evenly over
+    /// the window, `tpm` tokens likewise); `None`: [`Quotas::burst`]'s default.
+    pub burst: Option<u64>,
     /// Per priority (the index), the percent of `rpm` and `tpm` held for its calls while it
     /// asks for some (0: nothing held). Under 100 in all, so every priority keeps a share.
     pub reserve: [u8; 10],
@@ -330,6 +333,17 @@ impl Quotas {
     #[must_use]
     pub fn counted_window(&self) -> Duration {
         self.window + (self.window / 100).max(Duration::from_millis(50))
+    }
+
+    /// Requests that may go at once beyond the steady pace: as the file says, else none.
+    /// The pace spends `rpm` as one call every counted window / rpm, so a flood never
+    /// spends a window's budget in its first seconds, and the next slot is never more than
+    /// about an interval away; `tpm` tokens may run ahead of theirs by as long (1 % of the
+    /// window a burst, without `rpm`). A burst of n costs a gap of n intervals a window
+    /// later, when the window's log is full: the next slot may then be n + 1 away.
+    #[must_use]
+    pub fn burst(&self) -> u64 {
+        self.burst.unwrap_or(0)
     }
 
     /// Why one call of `tokens` tokens costing `usd` can never be granted: it needs more than
@@ -358,6 +372,7 @@ impl Default for Quotas {
             rpm: None,
             tpm: None,
             window: Duration::from_secs(60),
+            burst: None,
             reserve: [0; 10],
         }
     }
@@ -595,6 +610,22 @@ pub(super) fn provider(
                     "keep them under 100 % in all, so that the priorities without a share keep some of the limit",
                 ));
             }
+            if let (Some(burst), Some(rpm)) = (q.burst, q.rpm)
+                && burst > rpm
+            {
+                return Err(errs.at(
+                    at("quotas.burst"),
+                    format!("a burst of {burst} is more than the rpm of {rpm}"),
+                    "give at most rpm (the whole window at once), or leave it out for none",
+                ));
+            }
+            if q.burst.is_some() && q.rpm.is_none() && q.tpm.is_none() {
+                return Err(errs.at(
+                    at("quotas.burst"),
+                    "there is no rpm or tpm to pace",
+                    "set quotas.rpm or quotas.tpm, or leave burst out",
+                ));
+            }
             if held > 0 && q.rpm.is_none() && q.tpm.is_none() {
                 return Err(errs.at(
                     at("quotas.reserve"),
@@ -608,6 +639,7 @@ pub(super) fn provider(
                 rpm: q.rpm,
                 tpm: q.tpm,
                 window,
+                burst: q.burst,
                 reserve,
             }
         }

@@ -167,6 +167,8 @@ pub(super) struct RawQuotas {
     pub(super) usd_per_month: Option<f64>,
     pub(super) rpm: Option<u64>,
     pub(super) tpm: Option<u64>,
+    /// Requests that may go at once beyond the steady pace of `rpm` and `tpm`.
+    pub(super) burst: Option<u64>,
     /// Percent of `rpm` and `tpm` held for a priority while it has calls to make.
     pub(super) reserve: Option<std::collections::BTreeMap<i64, i64>>,
     /// Only UTC is supported; accepted so files can say so.

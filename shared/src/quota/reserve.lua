@@ -2,20 +2,33 @@
 -- or refuses without changing anything. Shared by every worker, so two workers can never
 -- both take the last request or spend the last dollar.
 -- KEYS: 1 requests today, 2 micro-dollars this month, 3 request window, 4 token window,
---       5 alerts, 6 the token window's sum
+--       5 alerts, 6 the token window's sum, 7 the request pace, 8 the token pace,
+--       9 the line, 10 when each in the line must be back
 -- ARGV: 1 now (ms), 2 reservation id, 3 estimated tokens, 4 estimated micro-dollars,
 --       5 requests/day limit, 6 micro-dollars/month limit, 7 requests/window limit,
 --       8 tokens/window limit (each -1 for none), 9 window (ms), 10 next day (ms),
 --       11 next month (ms), 12 day label, 13 month label, 14 the call's priority,
---       15 the reserved shares: `<priority>:<percent>` comma-separated, or ''
+--       15 the reserved shares: `<priority>:<percent>` comma-separated, or '',
+--       16 burst (requests beyond the steady pace), 17 the asker (a task's id: it may wait
+--       in the line) or '' (it may not)
 -- A reserved share holds `percent` of rpm and tpm for its priority while that priority has
 -- asked within the window: every other priority's call must leave the unused rest of it
 -- free. A priority that has not asked holds nothing back (idle capacity is lent freely).
 -- With shares set, each priority has its own window keys beside the provider's
 -- (`<key>:<p>`), and each priority with a share the time it last asked
 -- (`<request window>:asked:<p>`).
+-- Pacing: rpm and tpm are spent as a steady flow (GCRA: each pace key holds the theoretical
+-- arrival time of the next call), `burst` requests ahead of it at most, so a flood never
+-- spends a window's budget in its first seconds; the window's log stays the hard cap. A
+-- burst costs a gap a window later, when the log is full and the pace ahead of it.
+-- The line: who gets the next slot. An asker refused while its slot is within the horizon
+-- (two intervals of the pace, 100 ms at least) waits in the line, ordered by priority and
+-- then by when it first asked, and must be back by its slot and a grace; a slot open now
+-- goes to the head of the line, so a priority that asks gets the next slot. An asker whose
+-- slot is further hands its task back (to the room, whose order decides who asks next).
 -- Returns {1, crossed...} where crossed are `kind:percent` thresholds passed for the first
--- time this window, or {0, limit name, when it frees up (ms)}.
+-- time this window, or {0, limit name, when it frees up (ms), 1 when the asker waits in
+-- the line else 0}.
 local now, id = tonumber(ARGV[1]), ARGV[2]
 local est_tokens, est_usd = tonumber(ARGV[3]), tonumber(ARGV[4])
 local rpd_limit, usd_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -65,9 +78,69 @@ if shares ~= '' then
   mine = mine or {requests = KEYS[3] .. ':' .. priority, tokens = KEYS[4] .. ':' .. priority,
     sum = KEYS[6] .. ':' .. priority, window = window}
 end
-local limit, frees = full(w, now, rpm_limit, tpm_limit, est_tokens)
-if limit then
-  return {0, limit, frees}
+-- The earliest time the log and the pace let a call through.
+local limit, next = full(w, now, rpm_limit, tpm_limit, est_tokens)
+next = tonumber(next or now)
+local rpm_pace = tonumber(ARGV[7]) > 0 and window / tonumber(ARGV[7]) or nil
+local tpm_pace = tonumber(ARGV[8]) > 0 and window / tonumber(ARGV[8]) or nil
+-- How far calls may run ahead of the pace: `burst` intervals (without rpm, an interval is
+-- 1 % of the window), and up to 50 ms more for a caller back a moment late. Only what
+-- runs ahead of the pace can meet the log's cap, and then waits for it no longer.
+local interval = rpm_pace or window / 100
+local tolerance = tonumber(ARGV[16]) * interval + math.min(interval, 50)
+local function paced(key, name)
+  local tat = tonumber(redis.call('GET', key) or '0')
+  if tat - tolerance > next then
+    limit, next = limit or name, tat - tolerance
+  end
+  return tat
+end
+local rpm_tat = rpm_pace and paced(KEYS[7], 'rpm')
+local tpm_tat = tpm_pace and paced(KEYS[8], 'tpm')
+-- The line: drop who did not come back, then count who is ahead.
+local line, back, asker = KEYS[9], KEYS[10], ARGV[17]
+if not rpm_pace and not tpm_pace then
+  asker = ''
+end
+local gone = redis.call('ZRANGEBYSCORE', back, '-inf', now, 'LIMIT', 0, 100)
+if #gone > 0 then
+  redis.call('ZREM', line, unpack(gone))
+  redis.call('ZREM', back, unpack(gone))
+end
+local place = asker ~= '' and redis.call('ZSCORE', line, asker)
+local score = tonumber(place or (tonumber(priority) * 1e13 + now))
+local ahead = 0
+if rpm_pace or tpm_pace then
+  ahead = redis.call('ZCOUNT', line, '-inf', '(' .. string.format('%.0f', score))
+end
+if limit or ahead > 0 then
+  local step = rpm_pace or (tpm_pace * math.max(est_tokens, 1))
+  local slot = math.floor(math.max(next, now) + ahead * step)
+  local horizon = math.max(2 * step, 100)
+  local waits = 0
+  if asker ~= '' and slot <= now + horizon then
+    redis.call('ZADD', line, score, asker)
+    redis.call('ZADD', back, slot + math.min(horizon, math.max(step, 1000)), asker)
+    redis.call('PEXPIRE', line, window * 2)
+    redis.call('PEXPIRE', back, window * 2)
+    waits = 1
+  elseif place then
+    redis.call('ZREM', line, asker)
+    redis.call('ZREM', back, asker)
+  end
+  return {0, limit or (rpm_pace and 'rpm' or 'tpm'), string.format('%.0f', slot), waits}
+end
+if place then
+  redis.call('ZREM', line, asker)
+  redis.call('ZREM', back, asker)
+end
+if rpm_pace then
+  local tat = math.max(rpm_tat, now) + rpm_pace
+  redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
+end
+if tpm_pace then
+  local tat = math.max(tpm_tat, now) + tpm_pace * est_tokens
+  redis.call('SET', KEYS[8], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 
 redis.call('INCR', KEYS[1])

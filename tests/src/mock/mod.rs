@@ -209,6 +209,8 @@ struct Shared {
     per_model: Mutex<HashMap<String, u64>>,
     /// Valid chat requests per last user message, so a test can match calls to tasks.
     per_prompt: Mutex<HashMap<String, u64>>,
+    /// When the first chat request with each last user message arrived (ms since the epoch).
+    first_seen: Mutex<HashMap<String, i64>>,
     /// Per model: valid chat requests being answered now, and the most there were at once.
     open: Mutex<HashMap<String, (u64, u64)>>,
     /// Requests seen per conversation hash, for `flaky`.
@@ -244,6 +246,7 @@ impl Shared {
             http2: AtomicU64::new(0),
             per_model: Mutex::new(HashMap::new()),
             per_prompt: Mutex::new(HashMap::new()),
+            first_seen: Mutex::new(HashMap::new()),
             open: Mutex::new(HashMap::new()),
             flaky: Mutex::new(HashMap::new()),
             strict: Mutex::new(HashMap::new()),
@@ -452,6 +455,17 @@ impl MockServer {
     #[must_use]
     pub fn total_calls(&self) -> u64 {
         self.state.total.load(Ordering::SeqCst)
+    }
+
+    /// When the first valid chat request whose last user message is each prompt arrived (ms
+    /// since the epoch), by prompt.
+    #[must_use]
+    pub fn first_seen(&self) -> HashMap<String, i64> {
+        self.state
+            .first_seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// The last user messages of the chat requests received, each once.
@@ -984,6 +998,12 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         .unwrap_or_else(PoisonError::into_inner)
         .entry(conv.last_user().to_owned())
         .or_insert(0) += 1;
+    state
+        .first_seen
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(conv.last_user().to_owned())
+        .or_insert_with(|| chrono::Utc::now().timestamp_millis());
     let behaviour = marker(conv.last_user())
         .or_else(|| magic(&conv.model))
         .unwrap_or(Behaviour::Normal);

@@ -637,3 +637,105 @@ async fn sigkilled_workers_lose_no_classed_task_and_the_room_drains() {
     assert!(c.ready_by_priority.is_empty(), "{c:?}");
     drop(workers);
 }
+
+/// Issue 69, scaled down: a provider paced at 30 calls a 3 s window, two workers with
+/// sixteen slots each (more than the limit allows). A tenant floods 60 tasks at priority 5;
+/// once its calls flow two small tenants add 12 each, and then an urgent task (priority 0)
+/// comes. Counted in calls, not time: the urgent task is called within the few calls
+/// already in the provider's line, the small tenants take turns with the flood from the
+/// calls after they came, and no window ever holds more than the limit.
+#[tokio::test]
+async fn under_a_paced_limit_the_urgent_get_the_next_slot_and_tenants_take_turns() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut s = env.settings();
+    s.concurrency = 16;
+    let provider = format!("paced-{}", env.queue);
+    s.config.providers[0].name = provider.as_str().into();
+    let quotas = &mut s.config.providers[0].quotas;
+    quotas.rpm = Some(30);
+    quotas.window = Duration::from_secs(3);
+    let window = quotas.counted_window().as_millis() as i64;
+    let workers = [WorkerHandle::start(s.clone()), WorkerHandle::start(s)];
+    let task = |name: String, priority: i64, tenant: Option<&str>| {
+        let mut e = Envelope::new(name);
+        e.model = Some("mock-fast".into());
+        e.priority = Some(priority);
+        e.tenant = tenant.map(Into::into);
+        e
+    };
+    let called = |n: usize| {
+        let mock = &env.mock;
+        async move {
+            let deadline = std::time::Instant::now() + WAIT;
+            while mock.first_seen().len() < n {
+                assert!(std::time::Instant::now() < deadline, "fewer than {n} calls");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    for i in 0..60 {
+        let e = task(format!("flood {i}"), 5, Some("flood"));
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+    }
+    called(3).await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        for tenant in ["small-a", "small-b"] {
+            let e = task(format!("{tenant} {i}"), 5, Some(tenant));
+            ids.push(e.id.unwrap().to_string());
+            env.redis.enqueue(&env.keys, &e).await.unwrap();
+        }
+    }
+    let small_after = env.mock.first_seen().len();
+    called(small_after + 6).await;
+    let urgent = task("urgent".into(), 0, None);
+    ids.push(urgent.id.unwrap().to_string());
+    let urgent_after = env.mock.first_seen().len();
+    env.redis.enqueue(&env.keys, &urgent).await.unwrap();
+    let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
+        .await
+        .unwrap();
+    assert!(
+        r.iter()
+            .all(|r| r.as_ref().is_some_and(|r| r.status == Status::Succeeded)),
+        "{r:#?}"
+    );
+    let mut calls: Vec<(i64, String)> = env
+        .mock
+        .first_seen()
+        .into_iter()
+        .map(|(prompt, at)| (at, prompt))
+        .collect();
+    calls.sort();
+    let order: Vec<&str> = calls.iter().map(|(_, p)| p.as_str()).collect();
+    // The line holds the calls due within two intervals; the urgent task comes before
+    // whatever the workers had not put in it yet.
+    let urgent_at = order.iter().position(|p| *p == "urgent").unwrap();
+    assert!(
+        urgent_at <= urgent_after + 4,
+        "the urgent task was call {urgent_at}, enqueued after call {urgent_after}: {order:?}"
+    );
+    // From the calls after the small tenants came (the first few were in the line already),
+    // the three tenants take turns while all have tasks: each small tenant has a third of
+    // the first 24, give or take the line's few.
+    let after: Vec<&str> = order[small_after + 3..]
+        .iter()
+        .filter(|p| **p != "urgent")
+        .take(24)
+        .copied()
+        .collect();
+    for tenant in ["small-a ", "small-b "] {
+        let got = after.iter().filter(|p| p.starts_with(tenant)).count();
+        assert!(got >= 6, "{tenant}had {got} of the first 24: {after:?}");
+    }
+    // The provider never saw more than 30 calls in a window.
+    let at: Vec<i64> = calls.iter().map(|(at, _)| *at).collect();
+    for (i, t) in at.iter().enumerate() {
+        let n = at[i..].iter().take_while(|u| **u < t + window).count();
+        assert!(n <= 30, "{n} calls in a window from {t}");
+    }
+    for w in workers {
+        w.stop().await.unwrap();
+    }
+}

@@ -383,9 +383,11 @@ async fn a_token_window_counts_reconciled_tokens_and_forgets_old_ones() {
     let limiter = limiter();
     let name = provider();
     let window = Duration::from_secs(60);
+    // The pace off (a burst of the whole window): this is the window's log.
     let quotas = Quotas {
         tpm: Some(100),
         window,
+        burst: Some(100),
         ..Quotas::default()
     };
     let t0 = Utc::now();
@@ -496,8 +498,10 @@ async fn a_hold_set_by_another_worker_reaches_every_call_of_this_one() {
 async fn a_reserved_share_is_held_only_while_its_priority_asks() {
     let limiter = limiter();
     let name = provider();
+    // The pace off (a burst of the whole window): this is the shares' rule on the log.
     let mut quotas = Quotas {
         rpm: Some(10),
+        burst: Some(10),
         ..Quotas::default()
     };
     quotas.reserve[0] = 50;
@@ -574,6 +578,7 @@ async fn reserved_shares_follow_the_rule_for_every_sequence() {
         let mut quotas = Quotas {
             rpm: Some(rpm),
             window: Duration::from_secs(10),
+            burst: Some(rpm),
             ..Quotas::default()
         };
         let mut left = 95;
@@ -628,6 +633,117 @@ async fn reserved_shares_follow_the_rule_for_every_sequence() {
                 }
             }
             assert!(all.len() as u64 <= rpm);
+        }
+    }
+}
+
+/// The pace and the line, property-tested on a driven clock: for random limits, bursts and
+/// crowds of askers of random priorities (each asks again when told: at its slot while it
+/// waits in the line, later when handed back), calls never go faster than the pace allows
+/// (in any stretch of time, what it lasts and 50 ms / interval + the burst + 1), no window holds more
+/// than `rpm`, the crowd still gets at least 98 % of `rpm` a window, and a priority-0 task
+/// that asks gets a slot within the burst + 2 intervals (two without a burst).
+#[tokio::test]
+async fn paced_calls_keep_the_pace_the_limit_and_serve_the_most_urgent_next() {
+    use llmq_tests::harness::SeededRng;
+    let limiter = limiter();
+    for seed in [0x9ace_0001_u64, 0x9ace_0002, 0x9ace_0003] {
+        let mut rng = SeededRng(seed);
+        let name = provider();
+        let rpm = 20 + rng.below(100) as u64;
+        let burst = rng.below(4) as u64;
+        let quotas = Quotas {
+            rpm: Some(rpm),
+            window: Duration::from_secs(60),
+            burst: Some(burst),
+            ..Quotas::default()
+        };
+        let window = quotas.counted_window().as_millis() as i64;
+        let interval = window as f64 / rpm as f64;
+        let start = Utc::now().timestamp_millis();
+        // Each asker: when it asks next, its id and priority. A flood of priority 5 first.
+        let mut askers: Vec<(i64, String, u8)> = (0..40)
+            .map(|i| (start + i, format!("flood-{i}"), 5))
+            .collect();
+        let mut grants: Vec<i64> = Vec::new();
+        let mut urgent: Vec<(i64, Option<i64>)> = Vec::new();
+        let end = start + 3 * window;
+        let mut next_urgent = start + window / 2;
+        while let Some(i) = (0..askers.len()).min_by_key(|&i| askers[i].0) {
+            let (t, id, p) = askers[i].clone();
+            if t > end {
+                break;
+            }
+            if t >= next_urgent && next_urgent < end - window / 4 {
+                // Now and then a priority-0 task comes, while the flood waits.
+                askers.push((next_urgent, format!("urgent-{}", urgent.len()), 0));
+                urgent.push((next_urgent, None));
+                next_urgent += window / 4 + rng.below(window as usize / 4) as i64;
+                continue;
+            }
+            let at = Utc.timestamp_millis_opt(t).unwrap();
+            match limiter
+                .reserve_in_line(&name, &quotas, (p, Some(&id)), 1, 0.0, at)
+                .await
+                .unwrap()
+            {
+                Decision::Granted { .. } => {
+                    grants.push(t);
+                    if let Some(u) = id.strip_prefix("urgent-") {
+                        urgent[u.parse::<usize>().unwrap()].1 = Some(t);
+                    }
+                    // The flood never runs dry: its next task asks in a moment.
+                    askers[i] = (t + 1 + rng.below(20) as i64, format!("{id}+"), p);
+                    if p == 0 {
+                        askers.swap_remove(i);
+                    }
+                }
+                Decision::Refused(r) => {
+                    let until = r.until.timestamp_millis();
+                    assert!(
+                        until > t || r.in_line,
+                        "seed {seed:#x}: refused until {until} at {t}"
+                    );
+                    // Waiting in the line, back at its slot; handed back, a little later.
+                    let back = if r.in_line {
+                        0
+                    } else {
+                        1 + rng.below(50) as i64
+                    };
+                    askers[i].0 = until.max(t + 1) + back;
+                }
+            }
+        }
+        let what = format!("seed {seed:#x}: rpm {rpm}, burst {burst}");
+        for (i, &t) in grants.iter().enumerate() {
+            for (j, &u) in grants[i..].iter().enumerate() {
+                // A caller may be up to 50 ms early on the pace, never more.
+                let early = interval.min(50.0);
+                let allowed =
+                    (((u - t) as f64 + early) / interval).floor() as usize + burst as usize + 1;
+                assert!(j < allowed, "{what}: {} calls in {} ms", j + 1, u - t);
+            }
+            let in_window = grants[i..].iter().take_while(|&&u| u < t + window).count();
+            assert!(
+                in_window as u64 <= rpm,
+                "{what}: {in_window} in a window from {t}"
+            );
+        }
+        let steady = grants
+            .iter()
+            .filter(|&&t| t >= start + window && t < start + 3 * window)
+            .count() as f64;
+        assert!(
+            steady >= 0.98 * 2.0 * rpm as f64,
+            "{what}: {steady} calls in two windows"
+        );
+        for (asked, got) in &urgent {
+            let got = got.unwrap_or_else(|| panic!("{what}: the urgent task of {asked} waits"));
+            assert!(
+                (got - asked) as f64 <= (burst + 2) as f64 * interval + 1.0,
+                "{what}: the urgent task of {asked} waited {} ms; the interval is {interval:.0} ms",
+                got - asked
+            );
         }
     }
 }

@@ -27,7 +27,7 @@ use llmq_shared::telemetry;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::Executor;
+use super::{Executor, RoomTurn};
 
 /// Retry-After waits within one provider before moving on to the next.
 const MAX_RATE_WAITS: u32 = 3;
@@ -66,6 +66,10 @@ pub struct Unavailable {
     /// `QuotaExhausted` when every candidate is at one of its configured quotas or rate
     /// limits, `RateLimited` when every one answered 429, else `Unavailable`.
     pub class: ErrorClass,
+    /// Every candidate only waits for its pace (`rpm`, `tpm`): its slot comes within
+    /// moments, so a task of the room goes back to its tenant's head there, where the
+    /// room's order decides who asks next.
+    pub paced: bool,
 }
 
 impl Unavailable {
@@ -169,6 +173,8 @@ enum Stop {
         class: ErrorClass,
         /// Only this model is out: the provider's other models may still be asked.
         model_only: bool,
+        /// Only the provider's pace holds it back ([`Unavailable::paced`]).
+        paced: bool,
     },
     /// Failed because of the task.
     Failed(provider::Error),
@@ -189,7 +195,7 @@ struct Past {
     /// The last failure that was the task's.
     fault: Option<provider::Error>,
     /// Candidates that cannot be called before a time.
-    later: Vec<(DateTime<Utc>, ErrorClass, String)>,
+    later: Vec<(DateTime<Utc>, ErrorClass, String, bool)>,
 }
 
 impl Past {
@@ -222,6 +228,8 @@ pub(super) struct Attempt<'a> {
     /// window, unsent: an attempt that times out then was stopped by neither its task nor
     /// its provider.
     pub waiting: &'a std::sync::atomic::AtomicBool,
+    /// For a task fed from the room: its turn, told when the task's first call starts.
+    pub turn: Option<&'a RoomTurn<'a>>,
 }
 
 impl Attempt<'_> {
@@ -261,11 +269,12 @@ impl Attempt<'_> {
                     why,
                     class,
                     model_only,
+                    paced,
                 } => {
                     let past = past.get_or_insert_default();
                     past.left(name, called, !model_only);
                     past.moved_on = Some(why.clone());
-                    past.later.push((until, class, why));
+                    past.later.push((until, class, why, paced));
                 }
                 Stop::Failed(e) => {
                     let past = past.get_or_insert_default();
@@ -294,14 +303,16 @@ impl Attempt<'_> {
                 retry_after: e.retry_after,
             })
         } else if let Some(until) = later.iter().map(|(t, ..)| *t).min() {
-            let class = match later.first().map(|(_, c, _)| *c) {
-                Some(c) if later.iter().all(|(_, k, _)| *k == c) => c,
+            let class = match later.first().map(|(_, c, ..)| *c) {
+                Some(c) if later.iter().all(|(_, k, ..)| *k == c) => c,
                 _ => ErrorClass::Unavailable,
             };
+            let paced = later.iter().all(|(.., paced)| *paced);
             Outcome::Unavailable(Unavailable {
                 until,
-                reasons: later.into_iter().map(|(.., why)| why).collect(),
+                reasons: later.into_iter().map(|(_, _, why, _)| why).collect(),
                 class,
+                paced,
             })
         } else {
             // Redis could not be asked about any candidate: the worker's fault, not the
@@ -310,6 +321,7 @@ impl Attempt<'_> {
                 until: Utc::now() + chrono::Duration::seconds(1),
                 reasons: errors.clone(),
                 class: ErrorClass::Unavailable,
+                paced: false,
             })
         };
         Tried::of(outcome, route, errors, last)
@@ -340,6 +352,7 @@ impl Attempt<'_> {
                     why,
                     class: ErrorClass::Unavailable,
                     model_only: open.model.is_some(),
+                    paced: false,
                 };
             }
             Err(e) => {
@@ -374,6 +387,9 @@ impl Attempt<'_> {
                     "the claim on this task lapsed before its call; handing it back uncalled"
                 );
                 return Stop::Released;
+            }
+            if let Some(turn) = self.turn {
+                turn.called();
             }
             tries += 1;
             *last = Some((name, model));
@@ -451,6 +467,7 @@ impl Attempt<'_> {
                 why: e.to_string(),
                 class: ErrorClass::Unavailable,
                 model_only: e.scope() == Some(provider::Scope::Model),
+                paced: false,
             });
         }
         if probe && e.scope().is_none() {
@@ -474,6 +491,7 @@ impl Attempt<'_> {
                             why: e.to_string(),
                             class: ErrorClass::RateLimited,
                             model_only: false,
+                            paced: false,
                         });
                     }
                 }
@@ -553,45 +571,66 @@ impl Attempt<'_> {
 
     /// Reserves one call against the candidate's quotas, if it has any. Boxed: an 88-byte
     /// local of every call's state for the whole of the call, for most providers absent.
+    /// A task whose slot is near waits for it here, in the provider's line
+    /// (`quota/reserve.lua`); one whose slot is further is handed back.
     async fn reserve(&self, cand: &Candidate<'_>) -> Result<Option<Box<Reservation>>, Stop> {
         if cand.provider.quotas.is_empty() {
             return Ok(None);
         }
         let name = &*cand.provider.name;
-        match self
-            .exec
-            .limiter
-            .reserve(
-                name,
-                &cand.provider.quotas,
-                self.env.class().map_or(0, |(p, _)| p),
-                cand.estimated_tokens,
-                cand.estimated_usd,
-                Utc::now(),
-            )
-            .await
-        {
-            Ok(Decision::Granted {
-                reservation,
-                crossed,
-            }) => {
-                for c in crossed {
-                    tracing::warn!(provider = name, threshold = %c, "quota threshold crossed");
+        let asker = self.env.id.map(|id| id.simple().to_string());
+        let priority = self.env.class().map_or(0, |(p, _)| p);
+        loop {
+            let decision = self
+                .exec
+                .limiter
+                .reserve_in_line(
+                    name,
+                    &cand.provider.quotas,
+                    (priority, asker.as_deref()),
+                    cand.estimated_tokens,
+                    cand.estimated_usd,
+                    Utc::now(),
+                )
+                .await;
+            match decision {
+                Ok(Decision::Granted {
+                    reservation,
+                    crossed,
+                }) => {
+                    for c in crossed {
+                        tracing::warn!(provider = name, threshold = %c, "quota threshold crossed");
+                    }
+                    return Ok(Some(Box::new(reservation)));
                 }
-                Ok(Some(Box::new(reservation)))
-            }
-            // Our own limits (per day, month or window) are known waits for a known reset,
-            // not an outage: they are not bounded by max_wait.
-            Ok(Decision::Refused(r)) => Err(Stop::Later {
-                until: r.until,
-                why: r.describe(name),
-                class: ErrorClass::QuotaExhausted,
-                model_only: false,
-            }),
-            Err(e) => {
-                // Without Redis no quota can be checked; do not call blind.
-                tracing::warn!(provider = name, "quota check failed: {e}");
-                Err(Stop::Skipped)
+                Ok(Decision::Refused(r)) if r.in_line => {
+                    // Its slot is near and kept for it: wait here, unsent.
+                    self.waiting
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    let wait = (r.until - Utc::now()).to_std().unwrap_or_default();
+                    tokio::select! {
+                        () = tokio::time::sleep(wait) => {}
+                        () = self.exec.hard_stop.cancelled() => return Err(Stop::Released),
+                    }
+                    self.waiting
+                        .store(false, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Our own limits (per day, month or window) are known waits for a known
+                // reset, not an outage: they are not bounded by max_wait.
+                Ok(Decision::Refused(r)) => {
+                    return Err(Stop::Later {
+                        until: r.until,
+                        why: r.describe(name),
+                        class: ErrorClass::QuotaExhausted,
+                        model_only: false,
+                        paced: matches!(r.limit.as_str(), "rpm" | "tpm"),
+                    });
+                }
+                Err(e) => {
+                    // Without Redis no quota can be checked; do not call blind.
+                    tracing::warn!(provider = name, "quota check failed: {e}");
+                    return Err(Stop::Skipped);
+                }
             }
         }
     }

@@ -206,6 +206,7 @@ mod tests {
             until,
             reasons: vec!["mock is cooling down until 00:01:00 UTC (cannot connect)".into()],
             class,
+            paced: false,
         })
     }
 

@@ -14,7 +14,7 @@
 //! for a whole batch). Only quota and circuit state is read and written as calls are made.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -129,15 +129,27 @@ impl StatsView {
 /// from the room. A task with a class that must wait (for a priority's share of a rate
 /// limit, say) pauses only the room's feeding, so the stream's tasks, served first, are
 /// still read at once.
+///
+/// It also keeps the room's tasks this worker holds without a slot few: a provider's pace
+/// hands back what it cannot take soon, and a worker that went on reading the room would
+/// read them again and again, and keep them from the other workers' turn. So the worker
+/// holds at most `cap` of the room's tasks that wait for a slot (0: no cap), as TCP keeps
+/// its window: halved when one is handed back, one more for each whose call starts.
 #[derive(Debug, Default)]
 pub struct ReadPause {
     all: AtomicI64,
     room: AtomicI64,
+    /// The room's tasks read whose first call has not started (nor have they ended).
+    unslotted: AtomicUsize,
+    cap: AtomicUsize,
 }
 
 impl ReadPause {
     /// The longest one pause lasts; then one read finds out whether a provider freed up.
     pub const MAX: Duration = Duration::from_secs(5);
+
+    /// How soon a worker whose room tasks all wait for slots looks at the room again.
+    const HELD: Duration = Duration::from_millis(20);
 
     fn pause_until(&self, until: chrono::DateTime<Utc>, from_room: bool) {
         let capped = until
@@ -156,12 +168,81 @@ impl ReadPause {
     /// How long to wait before feeding from the room again (reading the stream may go on).
     #[must_use]
     pub fn room_remaining(&self) -> Duration {
-        Self::left(&self.room).max(self.remaining())
+        let held = if self.room_allowance() == 0 {
+            Self::HELD
+        } else {
+            Duration::ZERO
+        };
+        Self::left(&self.room).max(self.remaining()).max(held)
+    }
+
+    /// How many more of the room's tasks this worker may read now.
+    #[must_use]
+    pub fn room_allowance(&self) -> usize {
+        match self.cap.load(Ordering::Relaxed) {
+            0 => usize::MAX,
+            cap => cap.saturating_sub(self.unslotted.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// The fetcher read one of the room's tasks.
+    pub fn room_read(&self) {
+        self.unslotted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A task of the room was handed back for its provider's pace: hold half as many.
+    fn room_handed_back(&self) {
+        let half = (self.unslotted.load(Ordering::Relaxed) / 2).max(1);
+        let _ = self
+            .cap
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cap| {
+                Some(if cap == 0 { half } else { cap.min(half) })
+            });
     }
 
     fn left(until: &AtomicI64) -> Duration {
         let until = until.load(Ordering::Relaxed);
         Duration::from_millis(u64::try_from(until - now_ms()).unwrap_or(0))
+    }
+}
+
+/// A task of the room this worker runs, until its first call starts or it ends: counted in
+/// [`ReadPause`]'s `unslotted`, whatever way the task ends.
+pub struct RoomTurn<'a> {
+    pause: &'a ReadPause,
+    slotless: std::sync::atomic::AtomicBool,
+}
+
+impl<'a> RoomTurn<'a> {
+    /// Takes over the count the fetcher made for `delivery`, if it came from the room.
+    #[must_use]
+    pub fn of(pause: &'a ReadPause, delivery: &Delivery) -> Option<Self> {
+        delivery.from_room.then(|| Self {
+            pause,
+            slotless: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    /// The task's call starts (its provider gave it a slot, or has no limits): one more of
+    /// the room's tasks may be held.
+    pub fn called(&self) {
+        if self.slotless.swap(false, Ordering::Relaxed) {
+            self.pause.unslotted.fetch_sub(1, Ordering::Relaxed);
+            let _ = self
+                .pause
+                .cap
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |cap| {
+                    (cap > 0).then(|| cap.saturating_add(1))
+                });
+        }
+    }
+}
+
+impl Drop for RoomTurn<'_> {
+    fn drop(&mut self) {
+        if *self.slotless.get_mut() {
+            self.pause.unslotted.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -291,6 +372,7 @@ impl Executor {
 
     /// Runs `delivery` to an outcome. Never fails: every problem becomes an outcome.
     pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Box<Delivery>) -> Finished {
+        let turn = RoomTurn::of(&self.read_pause, &delivery);
         let task = match self.admit(queue, *delivery) {
             Ok(task) => task,
             Err(finished) => {
@@ -304,7 +386,9 @@ impl Executor {
         };
         let mut slot = None;
         let mut key = None;
-        let mut finished = self.run_holding(task, &mut slot, &mut key).await;
+        let mut finished = self
+            .run_holding(task, &mut slot, &mut key, turn.as_ref())
+            .await;
         finished.slot = slot;
         if let Write::Task(finish) = &mut finished.write {
             // A task holding an idempotency key ends it with its outcome's write.
@@ -415,6 +499,7 @@ impl Executor {
         task: Admitted,
         slot: &'a mut Option<String>,
         key: &'a mut Option<Box<keyed::Held>>,
+        turn: Option<&'a RoomTurn<'a>>,
     ) -> impl Future<Output = Finished> + 'a {
         let Admitted {
             queue,
@@ -722,6 +807,7 @@ impl Executor {
                     number: env.attempts + 1,
                     calls: &mut calls,
                     waiting: &waiting,
+                    turn,
                 };
                 let (ran, span) = {
                     let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
@@ -1005,6 +1091,17 @@ fn apply(
             record.reasoning_tokens = usage.reasoning_tokens;
             record.finished_at = Some(Utc::now());
             Finish::done(entry_id, task_id, record)
+        }
+        (Transition::Wait { due, .. }, Outcome::Unavailable(u))
+            if u.paced && env.class().is_some() =>
+        {
+            // Only a provider's pace holds it, and its slot is not near: back to its
+            // tenant's head in the room, whose order decides who asks next. The room is
+            // not fed here again before then, and fewer of its tasks are held.
+            read_pause.pause_until(due, true);
+            read_pause.room_handed_back();
+            let class = env.class().unwrap_or_default();
+            Finish::room(entry_id, task_id, class, true, env.to_json())
         }
         (Transition::Wait { due, since }, outcome) => {
             // No provider can be called now: wait without using an attempt. It never
