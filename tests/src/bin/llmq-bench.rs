@@ -2380,10 +2380,11 @@ async fn rate_limited(args: &Args, redis: &mut Redis) -> Result<String> {
         let mut sorted = arrived.clone();
         sorted.sort_unstable();
         let lag = sorted.iter().zip(&at).map(|(a, s)| a - s).max().unwrap_or(0);
-        // A perfect limiter runs the first window's calls at once and each further batch a
-        // window later: ceil(tasks / R) - 1 windows from the first call to the last.
+        // The limit's use: the rate of calls from the first to the last against R a window.
+        // A paced limiter spends R as one call every window / R (with the counted window's
+        // 1 % margin, 99 %); one that sends each window's calls at once would read higher.
         let span_ms = (at[at.len() - 1] - at[0]).max(1);
-        let ideal_ms = (tasks.div_ceil(per_window) as i64 - 1) * window_ms;
+        let ideal_ms = (tasks as i64 - 1) * window_ms / per_window as i64;
         let used_pct = 100.0 * ideal_ms as f64 / span_ms as f64;
         let dead = client.counts(&keys).await?.dead;
         Ok(format!(
@@ -2424,6 +2425,21 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
             waits.last().copied().unwrap_or(0)
         ));
     }
+    let workers = args.workers.unwrap_or(2);
+    let mut m = minute_limit(args, redis, workers).await?;
+    m.urgent_ms.sort_unstable();
+    line.push_str(&format!(
+        " minute_rpm={MINUTE_RPM} minute_workers={workers}x32 minute_urgent={} minute_urgent_p50_ms={} \
+         minute_urgent_p99_ms={} minute_goal_ms={} minute_busiest_minute={} minute_per_minute={:.1} \
+         minute_redis_cpu_us_per_call={:.0}",
+        m.urgent_ms.len(),
+        percentile(&m.urgent_ms, 50.0),
+        percentile(&m.urgent_ms, 99.0),
+        2 * 60_000 / MINUTE_RPM + 100,
+        m.busiest_minute,
+        m.per_minute,
+        m.redis_cpu_us_per_call
+    ));
     Ok(line)
 }
 
@@ -2554,6 +2570,13 @@ async fn fair_share(args: &Args, redis: &mut Redis) -> Result<String> {
             100.0 * shares[2] / total
         ));
     }
+    let workers = args.workers.unwrap_or(2);
+    let m = minute_limit(args, redis, workers).await?;
+    line.push_str(&format!(
+        " minute_rpm={MINUTE_RPM} minute_workers={workers}x32 minute_small_of_first_90={}/{} \
+         minute_jain_min_90={:.3} minute_busiest_minute={} minute_per_minute={:.1}",
+        m.first_90[0], m.first_90[1], m.jain_min, m.busiest_minute, m.per_minute
+    ));
     Ok(line)
 }
 
@@ -2630,6 +2653,149 @@ async fn fair_share_run(
     }
     .await;
     cleanup(redis, &queue).await?;
+    result
+}
+
+/// What `bench=priority` and `bench=fair_share` saw under a provider's one-minute limit
+/// (issue 69), from [`minute_limit`].
+struct MinuteLimit {
+    /// Each urgent task's wait from its enqueue to its call's arrival at the provider (ms).
+    urgent_ms: Vec<u64>,
+    /// Calls the small tenants got among the first 90 made after they arrived.
+    first_90: [usize; 2],
+    /// The lowest Jain index, over the three tenants, of any 90 consecutive calls while all
+    /// three had tasks left.
+    jain_min: f64,
+    /// The most calls the provider saw arrive in any minute.
+    busiest_minute: usize,
+    /// Calls per minute over the run, as the provider saw them arrive.
+    per_minute: f64,
+    /// Redis CPU per call over the run (µs).
+    redis_cpu_us_per_call: f64,
+}
+
+/// The limit of [`minute_limit`]: `rpm` a one-minute window, as providers count.
+const MINUTE_RPM: usize = 60;
+
+/// Issue 69's run: `workers` workers at concurrency 32 (more slots than the limit allows)
+/// on a provider limited to 60 requests a minute with 10 % held for priority 0, through the
+/// mock over HTTP (200 ms an answer). A tenant floods 300 tasks at priority 5; three seconds
+/// later two small tenants add 30 each; four seconds after that urgent tasks (priority 0)
+/// come, one every 3 s, twenty in all. The run ends when the urgent tasks and the small
+/// tenants are done (the flood is left).
+async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<MinuteLimit> {
+    let queue = fresh_queue();
+    let provider = format!("ml-{}", &queue[6..]);
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let mock = MockServer::start(MockOptions {
+            latency: Duration::from_millis(200),
+            ..MockOptions::default()
+        })
+        .await
+        .context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: {provider}\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+                 api_key: bench\n    quotas: {{rpm: {MINUTE_RPM}, window: 1m, reserve: {{0: 10}}}}\n    models:\n      \
+                 - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+                mock.url(),
+            ),
+            &|_| None,
+        )?;
+        client.ensure_group(&keys).await?;
+        let running = Workers::start(workers, |i| settings(&args.redis_url, &config, &queue, 32, i))?;
+        let before = Snapshot::take(redis).await?;
+        let task = |tenant: Option<&str>, priority: i64, i: usize| {
+            let mut e = Envelope::new(format!("{} {i}", tenant.unwrap_or("urgent")));
+            e.model = Some("mock-fast".into());
+            e.priority = Some(priority);
+            e.tenant = tenant.map(Into::into);
+            e
+        };
+        let flood: Vec<Envelope> = (0..300).map(|i| task(Some("flood"), 5, i)).collect();
+        client.enqueue_many(&keys, &flood).await?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let small: Vec<Envelope> = (0..30)
+            .flat_map(|i| [task(Some("small-a"), 5, i), task(Some("small-b"), 5, i)])
+            .collect();
+        let small_at = chrono::Utc::now().timestamp_millis();
+        client.enqueue_many(&keys, &small).await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let mut urgent = Vec::new();
+        for i in 0..20 {
+            let e = task(None, 0, i);
+            urgent.push((format!("urgent {i}"), chrono::Utc::now().timestamp_millis()));
+            client.enqueue(&keys, &e).await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        // Until every urgent and small task has been called.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let seen = loop {
+            let seen = mock.first_seen();
+            let small_done = (0..30).all(|i| {
+                seen.contains_key(&format!("small-a {i}")) && seen.contains_key(&format!("small-b {i}"))
+            });
+            if small_done && urgent.iter().all(|(p, _)| seen.contains_key(p)) {
+                break seen;
+            }
+            ensure!(Instant::now() < deadline, "the small tenants and urgent tasks were not all called in 5 minutes");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        let after = Snapshot::take(redis).await?;
+        let arrived = mock.arrivals();
+        running.stop().await?;
+        mock.shutdown().await;
+        let urgent_ms = urgent
+            .iter()
+            .map(|(p, at)| u64::try_from(seen[p] - at).unwrap_or(0))
+            .collect();
+        // The tenants' calls in order, from when the small tenants arrived.
+        let mut calls: Vec<(i64, usize)> = seen
+            .iter()
+            .filter(|(_, at)| **at >= small_at)
+            .filter_map(|(p, at)| {
+                let tenant = ["flood ", "small-a ", "small-b "].iter().position(|t| p.starts_with(t))?;
+                Some((*at, tenant))
+            })
+            .collect();
+        calls.sort_unstable();
+        let mut left = [usize::MAX, 30, 30];
+        let mut first_90 = [0, 0];
+        let mut jain_min: f64 = 1.0;
+        for (i, &(_, tenant)) in calls.iter().enumerate() {
+            if i < 90 && tenant > 0 {
+                first_90[tenant - 1] += 1;
+            }
+            left[tenant] -= 1;
+            // Windows that end while every tenant still has tasks.
+            if i + 1 >= 90 && left.iter().all(|&l| l > 0) {
+                let mut n = [0.0f64; 3];
+                for &(_, t) in &calls[i + 1 - 90..=i] {
+                    n[t] += 1.0;
+                }
+                let jain = n.iter().sum::<f64>().powi(2) / (3.0 * n.iter().map(|x| x * x).sum::<f64>());
+                jain_min = jain_min.min(jain);
+            }
+        }
+        let busiest_minute = (0..arrived.len())
+            .map(|i| arrived[i..].iter().take_while(|t| **t < arrived[i] + 60_000).count())
+            .max()
+            .unwrap_or(0);
+        let span_min = (arrived.last().copied().unwrap_or(0) - arrived.first().copied().unwrap_or(0)) as f64 / 60_000.0;
+        let per_minute = arrived.len().saturating_sub(1) as f64 / span_min.max(1e-9);
+        let delta = after.since(&before, arrived.len().max(1));
+        if args.verbose {
+            delta.print_commands("minute_limit");
+        }
+        let redis_cpu_us_per_call = delta.redis_cpu_us_per_task;
+        Ok(MinuteLimit { urgent_ms, first_90, jain_min, busiest_minute, per_minute, redis_cpu_us_per_call })
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    cleanup_provider(redis, &provider).await?;
     result
 }
 
