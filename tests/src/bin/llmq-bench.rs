@@ -74,6 +74,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     prompt_bytes: usize,
 
+    /// The provider's limit in the one-minute run of `priority` and `fair_share` (issue 69),
+    /// as the provider file's `quotas` says it; 10 % is held for priority 0 on top.
+    #[arg(long, default_value = "rpm: 60")]
+    minute_quotas: String,
+
     /// Tasks per second the pickup benchmark enqueues.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
@@ -2429,9 +2434,10 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
     let mut m = minute_limit(args, redis, workers).await?;
     m.urgent_ms.sort_unstable();
     line.push_str(&format!(
-        " minute_rpm={MINUTE_RPM} minute_workers={workers}x32 minute_urgent={} minute_urgent_p50_ms={} \
+        " minute_quotas=\"{}\" minute_workers={workers}x32 minute_urgent={} minute_urgent_p50_ms={} \
          minute_urgent_p99_ms={} minute_goal_ms={} minute_busiest_minute={} minute_per_minute={:.1} \
          minute_redis_cpu_us_per_call={:.0}",
+        args.minute_quotas,
         m.urgent_ms.len(),
         percentile(&m.urgent_ms, 50.0),
         percentile(&m.urgent_ms, 99.0),
@@ -2573,9 +2579,14 @@ async fn fair_share(args: &Args, redis: &mut Redis) -> Result<String> {
     let workers = args.workers.unwrap_or(2);
     let m = minute_limit(args, redis, workers).await?;
     line.push_str(&format!(
-        " minute_rpm={MINUTE_RPM} minute_workers={workers}x32 minute_small_of_first_90={}/{} \
+        " minute_quotas=\"{}\" minute_workers={workers}x32 minute_small_of_first_90={}/{} \
          minute_jain_min_90={:.3} minute_busiest_minute={} minute_per_minute={:.1}",
-        m.first_90[0], m.first_90[1], m.jain_min, m.busiest_minute, m.per_minute
+        args.minute_quotas,
+        m.first_90[0],
+        m.first_90[1],
+        m.jain_min,
+        m.busiest_minute,
+        m.per_minute
     ));
     Ok(line)
 }
@@ -2674,11 +2685,13 @@ struct MinuteLimit {
     redis_cpu_us_per_call: f64,
 }
 
-/// The limit of [`minute_limit`]: `rpm` a one-minute window, as providers count.
+/// The limit of [`minute_limit`] by default (`--minute-quotas`): `rpm` a one-minute window,
+/// as providers count.
 const MINUTE_RPM: usize = 60;
 
 /// Issue 69's run: `workers` workers at concurrency 32 (more slots than the limit allows)
-/// on a provider limited to 60 requests a minute with 10 % held for priority 0, through the
+/// on a provider limited to 60 requests a minute (`--minute-quotas`) with 10 % held for
+/// priority 0, through the
 /// mock over HTTP (200 ms an answer). A tenant floods 300 tasks at priority 5; three seconds
 /// later two small tenants add 30 each; four seconds after that urgent tasks (priority 0)
 /// come, one every 3 s, twenty in all. The run ends when the urgent tasks and the small
@@ -2699,9 +2712,10 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
             "llmq-bench.yaml",
             &format!(
                 "providers:\n  - name: {provider}\n    kind: openai_compatible\n    base_url: {}/v1\n    \
-                 api_key: bench\n    quotas: {{rpm: {MINUTE_RPM}, window: 1m, reserve: {{0: 10}}}}\n    models:\n      \
+                 api_key: bench\n    quotas: {{{}, window: 1m, reserve: {{0: 10}}}}\n    models:\n      \
                  - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
                 mock.url(),
+                args.minute_quotas,
             ),
             &|_| None,
         )?;
