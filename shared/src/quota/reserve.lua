@@ -22,7 +22,7 @@
 -- spends a window's budget in its first seconds; the window's log stays the hard cap. A
 -- burst costs a gap a window later, when the log is full and the pace ahead of it.
 -- The line: who gets the next slot. An asker refused while its slot is within the horizon
--- (two intervals of the pace, 100 ms at least) waits in the line, ordered by priority and
+-- (two intervals of the pace, 500 ms at least) waits in the line, ordered by priority and
 -- then by when it first asked, and must be back by its slot and a grace; a slot open now
 -- goes to the head of the line, so a priority that asks gets the next slot. An asker whose
 -- slot is further hands its task back (to the room, whose order decides who asks next).
@@ -84,10 +84,11 @@ next = tonumber(next or now)
 local rpm_pace = tonumber(ARGV[7]) > 0 and window / tonumber(ARGV[7]) or nil
 local tpm_pace = tonumber(ARGV[8]) > 0 and window / tonumber(ARGV[8]) or nil
 -- How far calls may run ahead of the pace: `burst` intervals (without rpm, an interval is
--- 1 % of the window), and up to 50 ms more for a caller back a moment late. Only what
--- runs ahead of the pace can meet the log's cap, and then waits for it no longer.
+-- 1 % of the window), and 50 ms more, for callers back a moment late and for clocks in
+-- whole milliseconds (a fast limit has several calls a millisecond). Only what runs ahead
+-- of the pace can meet the log's cap, and then waits for it no longer.
 local interval = rpm_pace or window / 100
-local tolerance = tonumber(ARGV[16]) * interval + math.min(interval, 50)
+local tolerance = tonumber(ARGV[16]) * interval + 50
 local function paced(key, name)
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat - tolerance > next then
@@ -116,7 +117,7 @@ end
 if limit or ahead > 0 then
   local step = rpm_pace or (tpm_pace * math.max(est_tokens, 1))
   local slot = math.floor(math.max(next, now) + ahead * step)
-  local horizon = math.max(2 * step, 100)
+  local horizon = math.max(2 * step, 500)
   local waits = 0
   if asker ~= '' and slot <= now + horizon then
     redis.call('ZADD', line, score, asker)
