@@ -143,13 +143,24 @@ pub enum FinishKind {
     /// Give the task back to the stream untouched (shutdown).
     Release,
     /// Put the envelope in the queue's room to wait for its turn, at `priority` for
-    /// `tenant` (`""` for none): behind the tenant's tasks, or before them (`front`) when it
-    /// comes back from a wait.
+    /// `tenant` (`""` for none), where `place` says.
     Room {
         priority: u8,
         tenant: String,
-        front: bool,
+        place: Place,
     },
+}
+
+/// Where a task goes in its tenant's list in the room (`lua/room.lua`'s `room_push`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// Behind the tenant's tasks: a new task.
+    Behind,
+    /// Before them: a task back from a wait (a retry, a rate limit), which keeps its place.
+    Front,
+    /// Before them, and the tenant's turn given back: a task the room fed that its provider
+    /// could not take yet, which lost no turn by being read.
+    Turn,
 }
 
 impl FinishKind {
@@ -163,9 +174,13 @@ impl FinishKind {
             FinishKind::Room {
                 priority,
                 tenant,
-                front,
+                place,
             } => (
-                if *front { "room_front" } else { "room" },
+                match place {
+                    Place::Behind => "room",
+                    Place::Front => "room_front",
+                    Place::Turn => "room_turn",
+                },
                 priority.to_string(),
                 tenant.clone(),
             ),
@@ -296,7 +311,7 @@ impl Finish {
         entry_id: String,
         task_id: String,
         (priority, tenant): (u8, &str),
-        front: bool,
+        place: Place,
         envelope: String,
     ) -> Self {
         Self {
@@ -305,7 +320,7 @@ impl Finish {
             kind: FinishKind::Room {
                 priority,
                 tenant: tenant.to_owned(),
-                front,
+                place,
             },
             record: None,
             envelope,

@@ -29,7 +29,8 @@ use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{
-    Client, Delivery, Finish, FinishKind, Slot, Write, answer_name, flight_key, now_ms, warm_name,
+    Client, Delivery, Finish, FinishKind, Place, Slot, Write, answer_name, flight_key, now_ms,
+    warm_name,
 };
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
@@ -472,8 +473,12 @@ impl Executor {
         // A task with a priority or tenant waits its turn in the room first; one coming
         // back from a wait (a retry, a rate limit) keeps its place at its tenant's head.
         if !from_room && let Some(class) = env.class() {
-            let front = env.attempts > 0 || env.snoozes > 0;
-            let finish = Finish::room(entry_id, task_id.to_string(), class, front, env.to_json());
+            let place = if env.attempts > 0 || env.snoozes > 0 {
+                Place::Front
+            } else {
+                Place::Behind
+            };
+            let finish = Finish::room(entry_id, task_id.to_string(), class, place, env.to_json());
             return Err(Box::new(plain(queue, finish, Vec::new())));
         }
         Ok(Admitted {
@@ -1096,12 +1101,13 @@ fn apply(
             if u.paced && env.class().is_some() =>
         {
             // Only a provider's pace holds it, and its slot is not near: back to its
-            // tenant's head in the room, whose order decides who asks next. The room is
-            // not fed here again before then, and fewer of its tasks are held.
+            // tenant's head in the room, its turn given back (reading it cost the tenant
+            // none), where the room's order decides who asks next. The room is not fed here
+            // again before then, and fewer of its tasks are held.
             read_pause.pause_until(due, true);
             read_pause.room_handed_back();
             let class = env.class().unwrap_or_default();
-            Finish::room(entry_id, task_id, class, true, env.to_json())
+            Finish::room(entry_id, task_id, class, Place::Turn, env.to_json())
         }
         (Transition::Wait { due, since }, outcome) => {
             // No provider can be called now: wait without using an attempt. It never

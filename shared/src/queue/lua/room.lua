@@ -100,9 +100,12 @@ local function room_beacon(stream, group, room)
 end
 
 -- Puts envelope `env` in the room at priority `p` for `tenant`: behind the tenant's tasks,
--- or before them (`front`) for a task coming back from a wait, which keeps its place. The
--- caller then makes sure of the beacon (room_beacon).
-local function room_push(stream, p, tenant, env, front)
+-- or before them (`front`) for a task coming back from a wait, which keeps its place; with
+-- `turn`, the tenant's turn is given back too (a task the room fed that could not be called
+-- yet): it goes to the ring's head if it left the ring, or back from its tail if the feed
+-- that read the task moved it there and no other feed came since. The caller then makes
+-- sure of the beacon (room_beacon).
+local function room_push(stream, p, tenant, env, front, turn)
   local room = room_of(stream)
   local ring = room .. ':' .. p
   local list = ring .. ':' .. tenant
@@ -112,8 +115,18 @@ local function room_push(stream, p, tenant, env, front)
   else
     n = redis.call('RPUSH', list, env)
   end
-  if n == 1 and redis.call('RPUSH', ring, tenant) == 1 then
-    redis.call('ZADD', room, p, p)
+  if n == 1 then
+    local joined
+    if turn then
+      joined = redis.call('LPUSH', ring, tenant)
+    else
+      joined = redis.call('RPUSH', ring, tenant)
+    end
+    if joined == 1 then
+      redis.call('ZADD', room, p, p)
+    end
+  elseif turn and redis.call('LINDEX', ring, -1) == tenant then
+    redis.call('LMOVE', ring, ring, 'RIGHT', 'LEFT')
   end
   redis.call('HINCRBY', room .. ':n', p, 1)
   -- One byte a task, so that KEDA's redis (list length) scaler sees the room's backlog.

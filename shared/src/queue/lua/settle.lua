@@ -4,8 +4,9 @@
 --   dead:    a = error, b = class: envelope to the dead letters; store the record
 --   release: envelope back to the stream, no record; marked as having had its turn (it
 --            was run, so it came from the room or has no class), so it is run again
---   room, room_front: a = priority, b = tenant: envelope into the room (lua/room.lua),
---            behind the tenant's tasks or before them; no record
+--   room, room_front, room_turn: a = priority, b = tenant: envelope into the room
+--            (lua/room.lua), behind the tenant's tasks, before them, or before them with
+--            the tenant's turn given back; no record
 -- The caller (finish.lua) acks and deletes the entry. The dead letter's fields are written
 -- here only.
 local function settle(stream, group, delayed, dead, rkey, id, kind, record, env, a, b, now, ttl)
@@ -17,8 +18,8 @@ local function settle(stream, group, delayed, dead, rkey, id, kind, record, env,
       'attempts', tostring(attempts), 'failed_at', now, 'entry_id', id)
   elseif kind == 'release' then
     redis.call('XADD', stream, '*', 'task', env, 'room', '-')
-  elseif kind == 'room' or kind == 'room_front' then
-    room_push(stream, a, b, env, kind == 'room_front')
+  elseif kind == 'room' or kind == 'room_front' or kind == 'room_turn' then
+    room_push(stream, a, b, env, kind ~= 'room', kind == 'room_turn')
     room_beacon(stream, group, room_of(stream))
   end
   if record ~= '' then
