@@ -135,12 +135,15 @@ if place then
   redis.call('ZREM', line, asker)
   redis.call('ZREM', back, asker)
 end
+-- A call up to 50 ms behind the pace keeps its schedule: when calls flow at the limit, the
+-- log is full at every slot, and a call whose predecessor a window ago was sent a moment
+-- late waits that moment; a pace counted from then would lose it, at every call.
 if rpm_pace then
-  local tat = math.max(rpm_tat, now) + rpm_pace
+  local tat = math.max(rpm_tat, now - 50) + rpm_pace
   redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 if tpm_pace then
-  local tat = math.max(tpm_tat, now) + tpm_pace * est_tokens
+  local tat = math.max(tpm_tat, now - 50) + tpm_pace * est_tokens
   redis.call('SET', KEYS[8], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 

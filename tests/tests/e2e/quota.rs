@@ -641,7 +641,7 @@ async fn reserved_shares_follow_the_rule_for_every_sequence() {
 /// and of tokens), bursts and
 /// crowds of askers of random priorities (each asks again when told: at its slot while it
 /// waits in the line, later when handed back), calls never go faster than the pace allows
-/// (in any stretch of time, what it lasts and 50 ms / interval + the burst + 1), no window holds more
+/// (in any stretch of time, what it lasts and 100 ms / interval + the burst + 1), no window holds more
 /// than `rpm`, the crowd still gets at least 98 % of `rpm` a window, and a priority-0 task
 /// that asks gets a slot within the burst + 2 intervals (two without a burst).
 #[tokio::test]
@@ -726,9 +726,10 @@ async fn paced_calls_keep_the_pace_the_limit_and_serve_the_most_urgent_next() {
         let what = format!("seed {seed:#x}: {rpm} calls a window, burst {burst}");
         for (i, &t) in grants.iter().enumerate() {
             for (j, &u) in grants[i..].iter().enumerate() {
-                // A caller may be up to 50 ms early on the pace, never more (and a clock in
-                // whole milliseconds may meet the bound exactly).
-                let early = 50.0 + 1.0;
+                // A call may be up to 50 ms early on the pace, and the one before it up to
+                // 50 ms late, never more (and a clock in whole milliseconds may meet the
+                // bound exactly).
+                let early = 100.0 + 1.0;
                 let allowed =
                     (((u - t) as f64 + early) / interval).floor() as usize + burst as usize + 1;
                 assert!(j < allowed, "{what}: {} calls in {} ms", j + 1, u - t);

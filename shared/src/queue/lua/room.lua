@@ -109,20 +109,9 @@ local function room_push(stream, p, tenant, env, front, turn)
   local room = room_of(stream)
   local ring = room .. ':' .. p
   local list = ring .. ':' .. tenant
-  local n
-  if front then
-    n = redis.call('LPUSH', list, env)
-  else
-    n = redis.call('RPUSH', list, env)
-  end
+  local n = redis.call(front and 'LPUSH' or 'RPUSH', list, env)
   if n == 1 then
-    local joined
-    if turn then
-      joined = redis.call('LPUSH', ring, tenant)
-    else
-      joined = redis.call('RPUSH', ring, tenant)
-    end
-    if joined == 1 then
+    if redis.call(turn and 'LPUSH' or 'RPUSH', ring, tenant) == 1 then
       redis.call('ZADD', room, p, p)
     end
   elseif turn and redis.call('LINDEX', ring, -1) == tenant then
