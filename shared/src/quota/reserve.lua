@@ -98,21 +98,20 @@ local function paced(key, name)
 end
 local rpm_tat = rpm_pace and paced(KEYS[7], 'rpm')
 local tpm_tat = tpm_pace and paced(KEYS[8], 'tpm')
--- The line: drop who did not come back, then count who is ahead.
+-- The line, only under a pace: drop who did not come back, then count who is ahead.
 local line, back, asker = KEYS[9], KEYS[10], ARGV[17]
-if not rpm_pace and not tpm_pace then
-  asker = ''
-end
-local gone = redis.call('ZRANGEBYSCORE', back, '-inf', now, 'LIMIT', 0, 100)
-if #gone > 0 then
-  redis.call('ZREM', line, unpack(gone))
-  redis.call('ZREM', back, unpack(gone))
-end
-local place = asker ~= '' and redis.call('ZSCORE', line, asker)
-local score = tonumber(place or (tonumber(priority) * 1e13 + now))
-local ahead = 0
+local place, score, ahead = false, 0, 0
 if rpm_pace or tpm_pace then
+  local gone = redis.call('ZRANGEBYSCORE', back, '-inf', now, 'LIMIT', 0, 100)
+  if #gone > 0 then
+    redis.call('ZREM', line, unpack(gone))
+    redis.call('ZREM', back, unpack(gone))
+  end
+  place = asker ~= '' and redis.call('ZSCORE', line, asker)
+  score = tonumber(place or (tonumber(priority) * 1e13 + now))
   ahead = redis.call('ZCOUNT', line, '-inf', '(' .. string.format('%.0f', score))
+else
+  asker = ''
 end
 if limit or ahead > 0 then
   local step = rpm_pace or (tpm_pace * math.max(est_tokens, 1))

@@ -607,7 +607,12 @@ impl Attempt<'_> {
                     // Its slot is near and kept for it: wait here, unsent.
                     self.waiting
                         .store(true, std::sync::atomic::Ordering::Relaxed);
-                    let wait = (r.until - Utc::now()).to_std().unwrap_or_default();
+                    // At least a millisecond: a slot due now is never asked for in a spin.
+                    // The attempt's timeout, raced against this, bounds the waits.
+                    let wait = (r.until - Utc::now())
+                        .to_std()
+                        .unwrap_or_default()
+                        .max(std::time::Duration::from_millis(1));
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
                         () = self.exec.hard_stop.cancelled() => return Err(Stop::Released),
