@@ -417,6 +417,12 @@ impl ProviderKeys {
         format!("{}:tpm:pace", self.prefix)
     }
 
+    /// The tokens a call uses, as the token pace charges them: the mean of the calls
+    /// reconciled (reconcile.lua).
+    pub fn tokens_mean(&self) -> String {
+        format!("{}:tpm:mean", self.prefix)
+    }
+
     /// Who waits for the provider's next slots: task ids by priority and when each first
     /// asked (`quota/reserve.lua`).
     #[must_use]

@@ -28,6 +28,9 @@ pub struct Reservation {
     month: String,
     /// The tpm pace's nanoseconds per token (0: no tpm), so reconciling moves it.
     token_pace_ns: u64,
+    /// The tokens the reservation charged the tpm pace, so reconciling moves it by what
+    /// the call used beyond them.
+    paced_tokens: u64,
 }
 
 /// Why a provider cannot take a call now.
@@ -198,6 +201,7 @@ impl Limiter {
             .key(keys.tokens_pace())
             .key(keys.line())
             .key(keys.line_back())
+            .key(keys.tokens_mean())
             .arg(now.timestamp_millis())
             .arg(&id)
             .arg(tokens)
@@ -228,8 +232,12 @@ impl Limiter {
                     token_pace_ns: quotas.tpm.map_or(0, |t| {
                         (quotas.counted_window().as_nanos() / u128::from(t.max(1))) as u64
                     }),
+                    paced_tokens: match reply.get(1) {
+                        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(tokens),
+                        _ => tokens,
+                    },
                 },
-                crossed: reply[1..].iter().map(text).collect(),
+                crossed: reply.iter().skip(2).map(text).collect(),
             }),
             _ => Ok(Decision::Refused(refusal(&reply, now))),
         }
@@ -286,11 +294,13 @@ impl Limiter {
             .key(keys.tokens_window())
             .key(keys.tokens_sum())
             .key(keys.tokens_pace())
+            .key(keys.tokens_mean())
             .arg(&r.id)
             .arg(r.tokens)
             .arg(tokens)
             .arg(to_micro(usd) - r.micro_usd)
             .arg(r.token_pace_ns as f64 / 1e6)
+            .arg(r.paced_tokens)
             .invoke_async::<i64>(&mut c)
             .await?;
         Ok(())

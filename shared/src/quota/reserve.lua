@@ -3,7 +3,8 @@
 -- both take the last request or spend the last dollar.
 -- KEYS: 1 requests today, 2 micro-dollars this month, 3 request window, 4 token window,
 --       5 alerts, 6 the token window's sum, 7 the request pace, 8 the token pace,
---       9 the line, 10 when each in the line must be back
+--       9 the line, 10 when each in the line must be back, 11 the tokens a call uses (the
+--       token pace's mean, reconcile.lua)
 -- ARGV: 1 now (ms), 2 reservation id, 3 estimated tokens, 4 estimated micro-dollars,
 --       5 requests/day limit, 6 micro-dollars/month limit, 7 requests/window limit,
 --       8 tokens/window limit (each -1 for none), 9 window (ms), 10 next day (ms),
@@ -12,8 +13,12 @@
 --       16 burst (requests beyond the steady pace), 17 the asker (a task's id: it may wait
 --       in the line) or '' (it may not)
 -- A reserved share holds `percent` of rpm and tpm for its priority while that priority has
--- asked within the window: every other priority's call must leave the unused rest of it
--- free. A priority that has not asked holds nothing back (idle capacity is lent freely).
+-- asked within the window (under a pace: while a task of it waits in the line): every other
+-- priority's call must leave the unused rest of it free. A priority that has not asked
+-- holds nothing back (idle capacity is lent freely). Under a pace, the line gives a waiting
+-- priority the next slot anyway, so holding a share a whole window after its last task
+-- would only leave slots unused; an asker whose own share is not used up goes ahead of the
+-- other priorities in the line.
 -- With shares set, each priority has its own window keys beside the provider's
 -- (`<key>:<p>`), and each priority with a share the time it last asked
 -- (`<request window>:asked:<p>`).
@@ -26,14 +31,41 @@
 -- then by when it first asked, and must be back by its slot and a grace; a slot open now
 -- goes to the head of the line, so a priority that asks gets the next slot. An asker whose
 -- slot is further hands its task back (to the room, whose order decides who asks next).
--- Returns {1, crossed...} where crossed are `kind:percent` thresholds passed for the first
--- time this window, or {0, limit name, when it frees up (ms), 1 when the asker waits in
+-- tpm's pace is charged what calls use (the mean of the calls reconciled), not their
+-- estimate: a reservation counts `max_tokens` whole against the window, as providers do,
+-- and a pace charged that would keep every other call away until the answer is in.
+-- Returns {1, tokens charged to the pace, crossed...} where crossed are `kind:percent`
+-- thresholds passed for the first time this window, or {0, limit name, when it frees up (ms), 1 when the asker waits in
 -- the line else 0}.
 local now, id = tonumber(ARGV[1]), ARGV[2]
 local est_tokens, est_usd = tonumber(ARGV[3]), tonumber(ARGV[4])
 local rpd_limit, usd_limit = tonumber(ARGV[5]), tonumber(ARGV[6])
 local rpm_limit, tpm_limit = tonumber(ARGV[7]), tonumber(ARGV[8])
 local window = tonumber(ARGV[9])
+local rpm_pace = tonumber(ARGV[7]) > 0 and window / tonumber(ARGV[7]) or nil
+local tpm_pace = tonumber(ARGV[8]) > 0 and window / tonumber(ARGV[8]) or nil
+-- How far calls may run ahead of the pace: `burst` intervals (without rpm, an interval is
+-- 1 % of the window), and 50 ms more, for callers back a moment late and for clocks in
+-- whole milliseconds (a fast limit has several calls a millisecond). Only what runs ahead
+-- of the pace can meet the log's cap, and then waits for it no longer.
+local interval = rpm_pace or window / 100
+local tolerance = tonumber(ARGV[16]) * interval + 50
+-- `burst: <rpm>` runs a whole window ahead: no pace, and no line.
+local pacing = (rpm_pace or tpm_pace) and tolerance < window
+local line, back = KEYS[9], KEYS[10]
+if pacing then
+  -- Who did not come back by their slot and a grace leaves the line.
+  local gone = redis.call('ZRANGEBYSCORE', back, '-inf', now, 'LIMIT', 0, 100)
+  if #gone > 0 then
+    redis.call('ZREM', line, unpack(gone))
+    redis.call('ZREM', back, unpack(gone))
+  end
+end
+-- How many tasks of priority `q` wait in the line (their scores are q * 1e13 + first ask).
+local function waiting(q)
+  return redis.call('ZCOUNT', line, string.format('%.0f', q * 1e13),
+    '(' .. string.format('%.0f', (q + 1) * 1e13))
+end
 
 local w = {requests = KEYS[3], tokens = KEYS[4], sum = KEYS[6], window = window}
 prune(w, now)
@@ -47,24 +79,44 @@ if usd_limit >= 0 and usd_used + est_usd > usd_limit then
   return {0, 'usd_per_month', ARGV[11]}
 end
 local priority, shares = ARGV[14], ARGV[15]
-local mine
+-- `unmet`: the asker's own share is not used up; `held_waiting`: priority -> its tasks in
+-- the line, for each other priority whose share is held for them.
+local mine, unmet, held_waiting = nil, false, {}
 if shares ~= '' then
   local held_r, held_t = 0, 0
   for q, pct in string.gmatch(shares, '(%d+):(%d+)') do
     local wq = {requests = KEYS[3] .. ':' .. q, tokens = KEYS[4] .. ':' .. q,
       sum = KEYS[6] .. ':' .. q, window = window}
-    if q == priority then
-      mine = wq
-      redis.call('SET', KEYS[3] .. ':asked:' .. q, now, 'PX', window * 2)
-    elseif tonumber(redis.call('GET', KEYS[3] .. ':asked:' .. q) or '-1') > now - window then
+    -- What is left of the share in this window.
+    local function left()
       prune(wq, now)
+      local r, t = 0, 0
       if rpm_limit >= 0 then
-        held_r = held_r + math.max(0,
-          math.floor(rpm_limit * tonumber(pct) / 100) - redis.call('ZCARD', wq.requests))
+        r = math.max(0, math.floor(rpm_limit * tonumber(pct) / 100) - redis.call('ZCARD', wq.requests))
       end
       if tpm_limit >= 0 then
-        held_t = held_t + math.max(0,
-          math.floor(tpm_limit * tonumber(pct) / 100) - tonumber(redis.call('GET', wq.sum) or '0'))
+        t = math.max(0, math.floor(tpm_limit * tonumber(pct) / 100)
+          - tonumber(redis.call('GET', wq.sum) or '0'))
+      end
+      return r, t
+    end
+    if q == priority then
+      mine = wq
+      if pacing then
+        local r, t = left()
+        unmet = r > 0 or t > 0
+      else
+        redis.call('SET', KEYS[3] .. ':asked:' .. q, now, 'PX', window * 2)
+      end
+    else
+      local waiters = pacing and waiting(tonumber(q)) or 0
+      if waiters > 0 or (not pacing and
+          tonumber(redis.call('GET', KEYS[3] .. ':asked:' .. q) or '-1') > now - window) then
+        local r, t = left()
+        held_r, held_t = held_r + r, held_t + t
+        if r > 0 or t > 0 then
+          held_waiting[tonumber(q)] = waiters
+        end
       end
     end
   end
@@ -81,14 +133,12 @@ end
 -- The earliest time the log and the pace let a call through.
 local limit, next = full(w, now, rpm_limit, tpm_limit, est_tokens)
 next = tonumber(next or now)
-local rpm_pace = tonumber(ARGV[7]) > 0 and window / tonumber(ARGV[7]) or nil
-local tpm_pace = tonumber(ARGV[8]) > 0 and window / tonumber(ARGV[8]) or nil
--- How far calls may run ahead of the pace: `burst` intervals (without rpm, an interval is
--- 1 % of the window), and 50 ms more, for callers back a moment late and for clocks in
--- whole milliseconds (a fast limit has several calls a millisecond). Only what runs ahead
--- of the pace can meet the log's cap, and then waits for it no longer.
-local interval = rpm_pace or window / 100
-local tolerance = tonumber(ARGV[16]) * interval + 50
+-- What this call costs the token pace.
+local charge = est_tokens
+if tpm_pace then
+  local mean = tonumber(redis.call('GET', KEYS[11]) or '')
+  charge = mean and math.min(est_tokens, math.ceil(mean)) or est_tokens
+end
 local function paced(key, name)
   local tat = tonumber(redis.call('GET', key) or '0')
   if tat - tolerance > next then
@@ -98,23 +148,27 @@ local function paced(key, name)
 end
 local rpm_tat = rpm_pace and paced(KEYS[7], 'rpm')
 local tpm_tat = tpm_pace and paced(KEYS[8], 'tpm')
--- The line, only under a pace: drop who did not come back, then count who is ahead.
-local line, back, asker = KEYS[9], KEYS[10], ARGV[17]
+-- The line, only under a pace: who is ahead (of the asker's own priority only, while its
+-- share is not used up), and the tasks of other priorities whose shares are held.
+local asker = ARGV[17]
 local place, score, ahead = false, 0, 0
-if rpm_pace or tpm_pace then
-  local gone = redis.call('ZRANGEBYSCORE', back, '-inf', now, 'LIMIT', 0, 100)
-  if #gone > 0 then
-    redis.call('ZREM', line, unpack(gone))
-    redis.call('ZREM', back, unpack(gone))
-  end
+if pacing then
   place = asker ~= '' and redis.call('ZSCORE', line, asker)
   score = tonumber(place or (tonumber(priority) * 1e13 + now))
-  ahead = redis.call('ZCOUNT', line, '-inf', '(' .. string.format('%.0f', score))
+  local from = unmet and string.format('%.0f', tonumber(priority) * 1e13) or '-inf'
+  ahead = redis.call('ZCOUNT', line, from, '(' .. string.format('%.0f', score))
+  -- Tasks whose share is held go first: the more urgent of them before an asker whose own
+  -- share is unmet (the others are counted above), the less urgent before any other.
+  for q, n in pairs(held_waiting) do
+    if (unmet and q < tonumber(priority)) or (not unmet and q > tonumber(priority)) then
+      ahead = ahead + n
+    end
+  end
 else
   asker = ''
 end
 if limit or ahead > 0 then
-  local step = rpm_pace or (tpm_pace * math.max(est_tokens, 1))
+  local step = rpm_pace or (tpm_pace * math.max(charge, 1))
   local slot = math.floor(math.max(next, now) + ahead * step)
   local horizon = math.max(2 * step, 500)
   local waits = 0
@@ -142,7 +196,7 @@ if rpm_pace then
   redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 if tpm_pace then
-  local tat = math.max(tpm_tat, now - 50) + tpm_pace * est_tokens
+  local tat = math.max(tpm_tat, now - 50) + tpm_pace * charge
   redis.call('SET', KEYS[8], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 
@@ -157,7 +211,7 @@ if mine then
   count(mine, now, id, est_tokens)
 end
 
-local out = {1}
+local out = {1, charge}
 local function crossed(kind, label, after, limit)
   if limit <= 0 then return end
   for _, pct in ipairs({50, 80, 90}) do

@@ -20,7 +20,7 @@ use chrono::Utc;
 use clap::{Parser, ValueEnum};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
-use llmq_shared::keys::{QUEUES, QueueKeys};
+use llmq_shared::keys::{ProviderKeys, QUEUES, QueueKeys};
 use llmq_shared::ledger::{Ledger, Scope};
 use llmq_shared::outcome::Status;
 use llmq_shared::provider::{CallFuture, Completion, Provider, Request, Usage};
@@ -2436,7 +2436,7 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
     line.push_str(&format!(
         " minute_quotas=\"{}\" minute_workers={workers}x32 minute_urgent={} minute_urgent_p50_ms={} \
          minute_urgent_p99_ms={} minute_goal_ms={} minute_busiest_minute={} minute_per_minute={:.1} \
-         minute_redis_cpu_us_per_call={:.0}",
+         minute_tokens_per_call={:.1} minute_redis_cpu_us_per_call={:.0}",
         args.minute_quotas,
         m.urgent_ms.len(),
         percentile(&m.urgent_ms, 50.0),
@@ -2444,6 +2444,7 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
         2 * 60_000 / MINUTE_RPM + 100,
         m.busiest_minute,
         m.per_minute,
+        m.tokens_per_call,
         m.redis_cpu_us_per_call
     ));
     Ok(line)
@@ -2681,8 +2682,29 @@ struct MinuteLimit {
     busiest_minute: usize,
     /// Calls per minute over the run, as the provider saw them arrive.
     per_minute: f64,
+    /// Under `tpm`, the mean tokens a call used (0 without).
+    tokens_per_call: f64,
     /// Redis CPU per call over the run (µs).
     redis_cpu_us_per_call: f64,
+}
+
+/// How the gaps between the provider's arrivals spread, against the pace's interval, and
+/// how much time the gaps over it lost (`--verbose`).
+fn print_gaps(arrived: &[i64]) {
+    let mut sorted = arrived.to_vec();
+    sorted.sort_unstable();
+    let gaps: Vec<i64> = sorted.windows(2).map(|w| w[1] - w[0]).collect();
+    let bounds = [900, 1000, 1050, 1100, 1200, 1500, 2000, 5000, i64::MAX];
+    let mut counts = [0usize; 9];
+    let mut lost = [0i64; 9];
+    for &g in &gaps {
+        let i = bounds.iter().position(|&b| g < b).unwrap_or(8);
+        counts[i] += 1;
+        lost[i] += (g - 990).max(0);
+    }
+    for (i, b) in bounds.iter().enumerate() {
+        println!("# gap < {b} ms: {} (lost {} ms)", counts[i], lost[i]);
+    }
 }
 
 /// The limit of [`minute_limit`] by default (`--minute-quotas`): `rpm` a one-minute window,
@@ -2727,6 +2749,9 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
             e.model = Some("mock-fast".into());
             e.priority = Some(priority);
             e.tenant = tenant.map(Into::into);
+            // The answers are about 9 tokens: an estimate of 1,024 would hold most of a
+            // `tpm` limit sized for these calls.
+            e.max_tokens = Some(16);
             e
         };
         let flood: Vec<Envelope> = (0..300).map(|i| task(Some("flood"), 5, i)).collect();
@@ -2803,9 +2828,32 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
         let delta = after.since(&before, arrived.len().max(1));
         if args.verbose {
             delta.print_commands("minute_limit");
+            print_gaps(&arrived);
+            let mut named: Vec<(i64, &String)> = seen.iter().map(|(p, at)| (*at, p)).collect();
+            named.sort_unstable();
+            for w in named.windows(2) {
+                if w[1].0 - w[0].0 > 1100 {
+                    println!("# gap {} ms at +{} ms before {:?}", w[1].0 - w[0].0, w[1].0 - named[0].0, w[1].1);
+                }
+            }
         }
         let redis_cpu_us_per_call = delta.redis_cpu_us_per_task;
-        Ok(MinuteLimit { urgent_ms, first_90, jain_min, busiest_minute, per_minute, redis_cpu_us_per_call })
+        // Under `tpm`, the tokens a call used, as the pace learned them.
+        let tokens_per_call: f64 = redis::AsyncCommands::get::<_, Option<f64>>(
+            redis,
+            ProviderKeys::new(&provider).tokens_mean(),
+        )
+        .await?
+        .unwrap_or(0.0);
+        Ok(MinuteLimit {
+            urgent_ms,
+            first_90,
+            jain_min,
+            busiest_minute,
+            per_minute,
+            tokens_per_call,
+            redis_cpu_us_per_call,
+        })
     }
     .await;
     cleanup(redis, &queue).await?;
