@@ -29,6 +29,12 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../migrations");
 /// migrations ([`Ledger::migrate_telling`]).
 const ROLLUPS: i64 = 20261126000001;
 
+/// The longest a migration waits for a lock on the ledger's tables before it ends and is
+/// made again: every writer that comes meanwhile queues behind it, and a worker's statement
+/// should never wait a second (less than Postgres's `deadlock_timeout`, a second, so a
+/// migration that meets a writer's triggers ends before a deadlock is even looked for).
+const MIGRATION_LOCK_WAIT: &str = "300ms";
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot reach Postgres ({0}); {fix}", fix = connect_fix(.0))]
@@ -461,29 +467,51 @@ impl Ledger {
     /// Runs `migrator` on a connection of its own.
     async fn run_migrator(&self, migrator: &Migrator) -> Result<()> {
         // A migration that replaces tables meets the writers' triggers, which reach from
-        // `tasks` into `provider_calls`, in the other order: Postgres then ends one of the
-        // two after a second (`deadlock_timeout`). A migration ended so was rolled back whole
-        // and is made again; a writer ended so writes again, as every ledger write does.
-        let mut deadlocks = 0;
+        // `tasks` into `provider_calls`, in the other order; and every writer that comes
+        // while a migration waits for a table queues behind it. So a migration waits at most
+        // `MIGRATION_LOCK_WAIT` for a lock, less than Postgres's `deadlock_timeout` (a
+        // second), and ends rather than hold the writers longer: rolled back whole, it is
+        // made again. A writer ended by a deadlock writes again, as every ledger write does.
+        const GIVE_UP: std::time::Duration = std::time::Duration::from_secs(600);
+        let started = std::time::Instant::now();
         loop {
             let mut conn = self.pool.acquire().await?;
+            sqlx::query(&format!("SET lock_timeout = '{MIGRATION_LOCK_WAIT}'"))
+                .execute(&mut *conn)
+                .await?;
             let Err(e) = migrator.run(&mut *conn).await else {
+                sqlx::query("RESET lock_timeout")
+                    .execute(&mut *conn)
+                    .await?;
                 return Ok(());
             };
             // sqlx leaves its migration lock (a session's advisory lock) held when a
             // migration fails: the connection is closed, not handed back to the pool, where
             // the next migration on another of its connections would wait for it for ever.
             let _ = conn.close().await;
-            let deadlock = matches!(&e, sqlx::migrate::MigrateError::ExecuteMigration(
-                sqlx::Error::Database(d), _) if d.code().as_deref() == Some("40P01"));
-            if deadlock && deadlocks < 5 {
-                deadlocks += 1;
+            let code = match &e {
+                sqlx::migrate::MigrateError::ExecuteMigration(sqlx::Error::Database(d), _)
+                | sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(d)) => d.code(),
+                _ => None,
+            };
+            // deadlock_detected, lock_not_available
+            let locked = matches!(code.as_deref(), Some("40P01" | "55P03"));
+            if locked && started.elapsed() < GIVE_UP {
                 continue;
             }
             // The CHECKs the preparation added would refuse every row written after their
             // cutoff (a week or more ahead) if the tables stayed as they are.
             self.drop_partition_checks(None).await;
-            return Err(e.into());
+            return Err(if locked {
+                Error::Upgrade(format!(
+                    "a migration tried for {} minutes to lock the ledger's tables and another \
+                     transaction held them each time ({e}); end that transaction (\
+                     pg_stat_activity names it) and run `llmq migrate` again",
+                    GIVE_UP.as_secs() / 60
+                ))
+            } else {
+                e.into()
+            });
         }
     }
 
@@ -548,16 +576,16 @@ impl Ledger {
                 .fetch_one(&self.pool)
                 .await?;
         // A transaction that holds a table longer than this is an operator's to end.
-        const TRIES: u32 = 240;
+        const TRIES: u32 = 450;
         for tried in 1..=TRIES {
             let mut tx = self.pool.begin().await?;
             let swapped = async {
-                sqlx::raw_sql(
-                    "SET LOCAL lock_timeout = '1s';
+                sqlx::raw_sql(&format!(
+                    "SET LOCAL lock_timeout = '{MIGRATION_LOCK_WAIT}';
                      DROP SCHEMA IF EXISTS llmq_shapes CASCADE;
                      CREATE SCHEMA llmq_shapes;
-                     SET LOCAL search_path = llmq_shapes;",
-                )
+                     SET LOCAL search_path = llmq_shapes;"
+                ))
                 .execute(&mut *tx)
                 .await?;
                 for m in MIGRATOR.iter().filter(|m| applied.contains(&m.version)) {
@@ -1642,6 +1670,46 @@ fn median_latency_ms(buckets: &[i64]) -> Option<u64> {
 /// # Errors
 /// Postgres fails.
 pub async fn roll(pool: &PgPool) -> Result<()> {
+    // Reports asked for at once share a roll: one that started after a report asked has
+    // summed every row committed before it, so the report need not roll again. The costs
+    // page's six reads cost one roll, not six (issue 68: 6 × 6-18 ms of its 103-126 ms).
+    let asked = std::time::Instant::now();
+    let gate = roll_gate(pool);
+    let mut last = gate.lock().await;
+    if last.is_some_and(|started| started >= asked) {
+        return Ok(());
+    }
+    let started = std::time::Instant::now();
+    roll_now(pool).await?;
+    *last = Some(started);
+    Ok(())
+}
+
+/// When the last roll this process made on `pool`'s database started, behind the lock that
+/// makes its rolls one at a time (Postgres runs one at a time anyway).
+fn roll_gate(pool: &PgPool) -> Arc<tokio::sync::Mutex<Option<std::time::Instant>>> {
+    type Gates = HashMap<String, Arc<tokio::sync::Mutex<Option<std::time::Instant>>>>;
+    static GATES: std::sync::LazyLock<std::sync::Mutex<Gates>> =
+        std::sync::LazyLock::new(Default::default);
+    let o = pool.connect_options();
+    // The options too: a `search_path` there names another ledger in the same database.
+    let database = format!(
+        "{}:{}:{:?}/{}@{} {}",
+        o.get_host(),
+        o.get_port(),
+        o.get_socket(),
+        o.get_database().unwrap_or_default(),
+        o.get_username(),
+        o.get_options().unwrap_or_default()
+    );
+    let mut gates = GATES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Arc::clone(gates.entry(database).or_default())
+}
+
+/// One roll, made now.
+async fn roll_now(pool: &PgPool) -> Result<()> {
     // A roll that copies a task's view to a call a writer holds can meet that writer waiting
     // for the roll's lock (a task's finish written again as the roll reaches it); Postgres
     // then aborts one of the two, and the roll is made again (the wait was Postgres's own

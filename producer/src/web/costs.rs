@@ -176,35 +176,37 @@ pub(super) async fn costs(
         Ok(r) => r,
         Err(why) => return message(StatusCode::BAD_REQUEST, "Not a range", &why, &viewer),
     };
-    let mut parts = Vec::new();
-    for by in GroupBy::PAGE {
-        match ledger.costs(from, to, scope, by).await {
-            Ok(lines) => parts.push(lines),
-            Err(e) => return postgres_away(&e, &viewer),
-        }
-    }
-    // One batch's page is that batch's alone.
-    let chains = match batch {
-        Some(_) => Vec::new(),
-        None => match ledger.costliest_chains(from, to, TOP as u32).await {
-            Ok(lines) => lines,
-            Err(e) => return postgres_away(&e, &viewer),
-        },
-    };
-    let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
-    let calls: i64 = parts[1].iter().map(|l| l.calls).sum();
-    let saved: f64 = parts[1].iter().map(|l| l.saved_usd).sum();
     let filter = insights::Filter {
         since: Some(from),
         ..insights::Filter::default()
     };
-    let switches = match batch {
-        Some(_) => Vec::new(),
-        None => match insights::by_model(ledger.pool(), &filter).await {
-            Ok(lines) => insights::switches(&lines, 0.02, 20),
-            Err(e) => return postgres_away(&e, &viewer),
+    // Read at once: they share one roll of the ledger (`ledger::roll`) and the pool's
+    // connections. One batch's page is that batch's alone: no chains, no insights.
+    let reads = tokio::try_join!(
+        futures_util::future::try_join_all(
+            GroupBy::PAGE.map(|by| ledger.costs(from, to, scope, by))
+        ),
+        async {
+            match batch {
+                Some(_) => Ok(Vec::new()),
+                None => ledger.costliest_chains(from, to, TOP as u32).await,
+            }
         },
+        async {
+            match batch {
+                Some(_) => Ok(Vec::new()),
+                None => insights::by_model(ledger.pool(), &filter).await,
+            }
+        },
+    );
+    let (parts, chains, models) = match reads {
+        Ok(r) => r,
+        Err(e) => return postgres_away(&e, &viewer),
     };
+    let total: f64 = parts[1].iter().map(|l| l.cost_usd).sum();
+    let calls: i64 = parts[1].iter().map(|l| l.calls).sum();
+    let saved: f64 = parts[1].iter().map(|l| l.saved_usd).sum();
+    let switches = insights::switches(&models, 0.02, 20);
     let insight = if batch.is_some() {
         String::new()
     } else if switches.is_empty() {

@@ -20,7 +20,7 @@ use chrono::Utc;
 use clap::{Parser, ValueEnum};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
-use llmq_shared::keys::{ProviderKeys, QUEUES, QueueKeys};
+use llmq_shared::keys::{QUEUES, QueueKeys};
 use llmq_shared::ledger::{Ledger, Scope};
 use llmq_shared::outcome::Status;
 use llmq_shared::provider::{CallFuture, Completion, Provider, Request, Usage};
@@ -2031,13 +2031,18 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
     let queues = median_ms(|| llmq_shared::insights::queues(pool)).await?;
     let names = llmq_shared::insights::queues(pool).await?;
     let routing = median_ms(|| ledger.routing_stats(&names, day(30))).await?;
-    // The costs page: what `llmq web` reads for 30 days.
+    // The costs page: what `llmq web` reads for 30 days, at once as it reads them.
     let web = median_ms(|| async {
-        for by in GroupBy::PAGE {
-            ledger.costs(day(29), until, Scope::All, by).await?;
-        }
-        ledger.costliest_chains(day(29), until, 20).await?;
-        llmq_shared::insights::by_model(pool, &filter).await
+        tokio::try_join!(
+            futures_util::future::try_join_all(GroupBy::PAGE.map(|by| ledger.costs(
+                day(29),
+                until,
+                Scope::All,
+                by
+            ))),
+            ledger.costliest_chains(day(29), until, 20),
+            llmq_shared::insights::by_model(pool, &filter),
+        )
     })
     .await?;
     let raw = median_ms(|| async {
@@ -2436,7 +2441,7 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
     line.push_str(&format!(
         " minute_quotas=\"{}\" minute_workers={workers}x32 minute_urgent={} minute_urgent_p50_ms={} \
          minute_urgent_p99_ms={} minute_goal_ms={} minute_busiest_minute={} minute_per_minute={:.1} \
-         minute_tokens_per_call={:.1} minute_redis_cpu_us_per_call={:.0}",
+         minute_tokens_per_minute={:.0} minute_redis_cpu_us_per_call={:.0}",
         args.minute_quotas,
         m.urgent_ms.len(),
         percentile(&m.urgent_ms, 50.0),
@@ -2444,7 +2449,7 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
         2 * 60_000 / MINUTE_RPM + 100,
         m.busiest_minute,
         m.per_minute,
-        m.tokens_per_call,
+        m.tokens_per_minute,
         m.redis_cpu_us_per_call
     ));
     Ok(line)
@@ -2682,8 +2687,8 @@ struct MinuteLimit {
     busiest_minute: usize,
     /// Calls per minute over the run, as the provider saw them arrive.
     per_minute: f64,
-    /// Under `tpm`, the mean tokens a call used (0 without).
-    tokens_per_call: f64,
+    /// Tokens a minute over the run, as the provider answered them.
+    tokens_per_minute: f64,
     /// Redis CPU per call over the run (µs).
     redis_cpu_us_per_call: f64,
 }
@@ -2785,6 +2790,7 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
         };
         let after = Snapshot::take(redis).await?;
         let arrived = mock.arrivals();
+        let tokens = mock.answered_tokens();
         running.stop().await?;
         mock.shutdown().await;
         let urgent_ms = urgent
@@ -2838,20 +2844,15 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
             }
         }
         let redis_cpu_us_per_call = delta.redis_cpu_us_per_task;
-        // Under `tpm`, the tokens a call used, as the pace learned them.
-        let tokens_per_call: f64 = redis::AsyncCommands::get::<_, Option<f64>>(
-            redis,
-            ProviderKeys::new(&provider).tokens_mean(),
-        )
-        .await?
-        .unwrap_or(0.0);
+        // The calls answered in the span (all but those still out at its end, about one).
+        let tokens_per_minute = tokens as f64 / span_min.max(1e-9);
         Ok(MinuteLimit {
             urgent_ms,
             first_90,
             jain_min,
             busiest_minute,
             per_minute,
-            tokens_per_call,
+            tokens_per_minute,
             redis_cpu_us_per_call,
         })
     }

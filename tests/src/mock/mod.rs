@@ -222,6 +222,8 @@ struct Shared {
     /// When each POST request arrived (ms since the epoch), as a provider counting requests
     /// in a window sees them: the last [`ARRIVALS_KEPT`].
     arrivals: Mutex<std::collections::VecDeque<i64>>,
+    /// The tokens (prompt and completion) of the chat requests answered.
+    answered_tokens: AtomicU64,
     /// The batches and files of the batch APIs.
     batch: batch::Batches,
     /// Anthropic's prompt cache: per marked prefix (model and content), when it expires, its
@@ -252,6 +254,7 @@ impl Shared {
             strict: Mutex::new(HashMap::new()),
             retry_after_ignored: AtomicU64::new(0),
             arrivals: Mutex::new(std::collections::VecDeque::new()),
+            answered_tokens: AtomicU64::new(0),
             batch: batch::Batches::default(),
             prompt_cache: Mutex::new(HashMap::new()),
             anthropic_billed: Mutex::new([0; 4]),
@@ -495,6 +498,15 @@ impl MockServer {
             .iter()
             .copied()
             .collect()
+    }
+
+    /// The tokens (prompt and completion) of the chat requests answered so far, as a provider
+    /// counting `tpm` would count them.
+    #[must_use]
+    pub fn answered_tokens(&self) -> u64 {
+        self.state
+            .answered_tokens
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops the server and waits (at most 5 s) for open connections to finish; requests
@@ -1042,6 +1054,10 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         answer.content = text;
     }
     shape(state, conv, &mut answer);
+    state.answered_tokens.fetch_add(
+        answer.prompt_tokens + answer.completion_tokens,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     answer.cut = conv.stream
         && conv.named("stream-break-once")
         && state.flaky_attempt(conv.hash() ^ 0x0063_7574) == 1;

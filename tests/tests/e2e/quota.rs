@@ -708,7 +708,12 @@ async fn drive(
 ) -> Vec<(i64, String, u8)> {
     let mut grants = Vec::new();
     while let Some(i) = (0..askers.len()).min_by_key(|&i| askers[i].at) {
-        let Asker { at: t, ref id, priority: p, until } = askers[i];
+        let Asker {
+            at: t,
+            ref id,
+            priority: p,
+            until,
+        } = askers[i];
         if t > end {
             break;
         }
@@ -722,7 +727,12 @@ async fn drive(
                 grants.push((t, id.clone(), p));
                 if t < until {
                     let id = format!("{id}+");
-                    askers[i] = Asker { at: t + 1 + rng.below(20) as i64, id, priority: p, until };
+                    askers[i] = Asker {
+                        at: t + 1 + rng.below(20) as i64,
+                        id,
+                        priority: p,
+                        until,
+                    };
                 } else {
                     askers.swap_remove(i);
                 }
@@ -731,7 +741,11 @@ async fn drive(
                 let back = r.until.timestamp_millis();
                 assert!(back > t || r.in_line, "{name}: refused until {back} at {t}");
                 // Waiting in the line, back at its slot; handed back, a little later.
-                let later = if r.in_line { 0 } else { 1 + rng.below(50) as i64 };
+                let later = if r.in_line {
+                    0
+                } else {
+                    1 + rng.below(50) as i64
+                };
                 askers[i].at = back.max(t + 1) + later;
             }
         }
@@ -775,15 +789,29 @@ async fn paced_calls_keep_the_pace_the_limit_and_serve_the_most_urgent_next() {
         let end = start + 3 * window;
         // A flood of priority 5 that never runs dry, and now and then a priority-0 task.
         let mut askers: Vec<Asker> = (0..40)
-            .map(|i| Asker { at: start + i, id: format!("flood-{i}"), priority: 5, until: end })
+            .map(|i| Asker {
+                at: start + i,
+                id: format!("flood-{i}"),
+                priority: 5,
+                until: end,
+            })
             .collect();
         let mut next_urgent = start + window / 2;
         while next_urgent < end - window / 4 {
             let id = format!("urgent-{next_urgent}");
-            askers.push(Asker { at: next_urgent, id, priority: 0, until: 0 });
+            askers.push(Asker {
+                at: next_urgent,
+                id,
+                priority: 0,
+                until: 0,
+            });
             next_urgent += window / 4 + rng.below(window as usize / 4) as i64;
         }
-        let urgent: Vec<i64> = askers.iter().filter(|a| a.priority == 0).map(|a| a.at).collect();
+        let urgent: Vec<i64> = askers
+            .iter()
+            .filter(|a| a.priority == 0)
+            .map(|a| a.at)
+            .collect();
         let granted = drive(&limiter, &name, &quotas, est, &mut rng, askers, end).await;
         let grants: Vec<i64> = granted.iter().map(|g| g.0).collect();
         let what = format!("seed {seed:#x}: {rpm} calls a window, burst {burst}");
@@ -853,7 +881,12 @@ async fn under_a_pace_a_share_holds_while_its_priority_waits_and_not_after() {
         let end = start + 5 * window;
         // An urgent flood (priority 1) all along; priority 7, with the share, for two windows.
         let mut askers: Vec<Asker> = (0..30)
-            .map(|i| Asker { at: start + i, id: format!("flood-{i}"), priority: 1, until: end })
+            .map(|i| Asker {
+                at: start + i,
+                id: format!("flood-{i}"),
+                priority: 1,
+                until: end,
+            })
             .collect();
         askers.extend((0..5).map(|i| Asker {
             at: start + 100 + i,
@@ -877,13 +910,22 @@ async fn under_a_pace_a_share_holds_while_its_priority_waits_and_not_after() {
         let interval = window / rpm as i64;
         for from in (start + 1_000..stop - window).step_by(window as usize / 20) {
             let got = count(from, from + window + interval + 51, Some(7));
-            assert!(got + 1 >= share, "{what}: priority 7 had {got} of {share} in the window from {from}");
+            assert!(
+                got + 1 >= share,
+                "{what}: priority 7 had {got} of {share} in the window from {from}"
+            );
         }
         // Soon after the share's last task, the flood has the whole limit (a share held a
         // window after its last call would leave its slots unused as they leave the window).
         let after = stop + 10 * interval;
         let got = count(after, after + 2 * window, None) as f64;
-        assert!(got >= 0.98 * 2.0 * rpm as f64, "{what}: {got} calls in the two windows after");
-        assert!(count(after, end, Some(7)) == 0, "{what}: priority 7 asked after its stop");
+        assert!(
+            got >= 0.98 * 2.0 * rpm as f64,
+            "{what}: {got} calls in the two windows after"
+        );
+        assert!(
+            count(after, end, Some(7)) == 0,
+            "{what}: priority 7 asked after its stop"
+        );
     }
 }
