@@ -167,9 +167,20 @@ impl Reader {
         }
         let body = line.remove("body").ok_or("the line has no `body`")?;
         refuse_rest(&line, "the line")?;
-        let mut body = object(body, "`body`")?;
-        let mut task = BatchTask {
+        let body = object(body, "`body`")?;
+        Ok(BatchTask {
             custom_id: Some(custom_id),
+            ..self.openai_body(body)?
+        })
+    }
+
+    /// The task of a chat completions request's body (a Batch line's, or one `llmq serve`
+    /// takes).
+    ///
+    /// # Errors
+    /// The body is not a request llmq can run; the sentence names the field.
+    pub fn openai_body(&mut self, mut body: Map<String, Value>) -> Result<BatchTask, String> {
+        let mut task = BatchTask {
             model: take_str(&mut body, "model")?,
             ..BatchTask::default()
         };
@@ -203,9 +214,23 @@ impl Reader {
         let custom_id = custom_id(&mut line)?;
         let params = line.remove("params").unwrap_or_default();
         refuse_rest(&line, "the request")?;
-        let mut params = object(params, "`params`")?;
-        let mut task = BatchTask {
+        let params = object(params, "`params`")?;
+        Ok(BatchTask {
             custom_id: Some(custom_id),
+            ..self.anthropic_params(params)?
+        })
+    }
+
+    /// The task of a Messages API request's parameters (a Message Batches request's, or one
+    /// `llmq serve` takes).
+    ///
+    /// # Errors
+    /// The parameters are not a request llmq can run; the sentence names the field.
+    pub fn anthropic_params(
+        &mut self,
+        mut params: Map<String, Value>,
+    ) -> Result<BatchTask, String> {
+        let mut task = BatchTask {
             model: take_str(&mut params, "model")?,
             max_tokens: take_u32(&mut params, "max_tokens")?,
             temperature: take_f32(&mut params, "temperature")?,
@@ -661,42 +686,7 @@ fn openai_result(id: &str, r: &TaskRecord) -> Value {
     let error = |code: &str, message: String| json!({"code": code, "message": message});
     let (response, error) = match r.status {
         Status::Succeeded => {
-            let calls: Vec<Value> = r
-                .tool_calls
-                .iter()
-                .map(|c| {
-                    json!({"id": c.id, "type": "function", "function": {
-                        "name": c.name, "arguments": c.arguments_object().to_string()}})
-                })
-                .collect();
-            let text = r.output.clone().unwrap_or_default();
-            let mut message = json!({
-                "role": "assistant",
-                "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { text.into() },
-                "refusal": null,
-            });
-            if !calls.is_empty() {
-                message["tool_calls"] = calls.into();
-            }
-            let body = json!({
-                "id": format!("chatcmpl-{id}"),
-                "object": "chat.completion",
-                "created": r.finished_at.map_or(0, |t| t.timestamp()),
-                "model": r.model.clone().unwrap_or_default(),
-                "choices": [{
-                    "index": 0,
-                    "message": message,
-                    "logprobs": null,
-                    "finish_reason": if r.tool_calls.is_empty() { "stop" } else { "tool_calls" },
-                }],
-                "usage": {
-                    "prompt_tokens": r.input_tokens,
-                    "completion_tokens": r.output_tokens,
-                    "total_tokens": r.input_tokens + r.output_tokens,
-                    "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
-                    "completion_tokens_details": {"reasoning_tokens": r.reasoning_tokens},
-                },
-            });
+            let body = chat_completion(id, r);
             let response =
                 json!({"status_code": 200, "request_id": format!("req_{id}"), "body": body});
             (response, Value::Null)
@@ -726,32 +716,79 @@ fn openai_result(id: &str, r: &TaskRecord) -> Value {
     json!({"id": format!("batch_req_{id}"), "response": response, "error": error})
 }
 
+/// A succeeded task's record as OpenAI's `chat.completion` (`chatcmpl-<id>`).
+#[must_use]
+pub fn chat_completion(id: &str, r: &TaskRecord) -> Value {
+    let calls: Vec<Value> = r
+        .tool_calls
+        .iter()
+        .map(|c| {
+            json!({"id": c.id, "type": "function", "function": {
+                "name": c.name, "arguments": c.arguments_object().to_string()}})
+        })
+        .collect();
+    let text = r.output.clone().unwrap_or_default();
+    let mut message = json!({
+        "role": "assistant",
+        "content": if text.is_empty() && !calls.is_empty() { Value::Null } else { text.into() },
+        "refusal": null,
+    });
+    if !calls.is_empty() {
+        message["tool_calls"] = calls.into();
+    }
+    json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": r.finished_at.map_or(0, |t| t.timestamp()),
+        "model": r.model.clone().unwrap_or_default(),
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": if r.tool_calls.is_empty() { "stop" } else { "tool_calls" },
+        }],
+        "usage": {
+            "prompt_tokens": r.input_tokens,
+            "completion_tokens": r.output_tokens,
+            "total_tokens": r.input_tokens + r.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": r.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": r.reasoning_tokens},
+        },
+    })
+}
+
+/// A succeeded task's record as Anthropic's `message` (`msg_<id>`).
+#[must_use]
+pub fn anthropic_reply(id: &str, r: &TaskRecord) -> Value {
+    let mut content: Vec<Value> = Vec::new();
+    if let Some(text) = r.output.as_deref().filter(|t| !t.is_empty()) {
+        content.push(json!({"type": "text", "text": text}));
+    }
+    content.extend(r.tool_calls.iter().map(
+        |c| json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments_object()}),
+    ));
+    json!({
+        "id": format!("msg_{id}"),
+        "type": "message",
+        "role": "assistant",
+        "model": r.model.clone().unwrap_or_default(),
+        "content": content,
+        "stop_reason": if r.tool_calls.is_empty() { "end_turn" } else { "tool_use" },
+        "stop_sequence": null,
+        "usage": {
+            // Anthropic counts cache reads apart from the input; llmq within it.
+            "input_tokens": r.input_tokens.saturating_sub(r.cached_tokens),
+            "cache_read_input_tokens": r.cached_tokens,
+            "cache_creation_input_tokens": 0,
+            "output_tokens": r.output_tokens,
+        },
+    })
+}
+
 fn anthropic_result(id: &str, r: &TaskRecord) -> Value {
     let result = match r.status {
         Status::Succeeded => {
-            let mut content: Vec<Value> = Vec::new();
-            if let Some(text) = r.output.as_deref().filter(|t| !t.is_empty()) {
-                content.push(json!({"type": "text", "text": text}));
-            }
-            content.extend(r.tool_calls.iter().map(|c| {
-                json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments_object()})
-            }));
-            json!({"type": "succeeded", "message": {
-                "id": format!("msg_{id}"),
-                "type": "message",
-                "role": "assistant",
-                "model": r.model.clone().unwrap_or_default(),
-                "content": content,
-                "stop_reason": if r.tool_calls.is_empty() { "end_turn" } else { "tool_use" },
-                "stop_sequence": null,
-                "usage": {
-                    // Anthropic counts cache reads apart from the input; llmq within it.
-                    "input_tokens": r.input_tokens.saturating_sub(r.cached_tokens),
-                    "cache_read_input_tokens": r.cached_tokens,
-                    "cache_creation_input_tokens": 0,
-                    "output_tokens": r.output_tokens,
-                },
-            }})
+            json!({"type": "succeeded", "message": anthropic_reply(id, r)})
         }
         Status::Cancelled => json!({"type": "canceled"}),
         Status::Failed | Status::Dead => {

@@ -52,6 +52,76 @@ pub enum Command {
     Queue(QueueCmd),
     /// Serve a page for operators: queues, chains, approvals, dead letters and costs.
     Web(WebArgs),
+    /// Serve OpenAI's and Anthropic's APIs (chat completions, messages, models) in front of
+    /// the queue: each request a task, answered in the caller's SDK's shape.
+    Serve(ServeArgs),
+    /// Make, list and revoke the keys `llmq serve` takes.
+    Keys(KeysCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Where to listen; loopback by default (behind TLS in Kubernetes). Without --keys only
+    /// a loopback address is allowed.
+    #[arg(long, env = "LLMQ_SERVE_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: std::net::SocketAddr,
+    /// The keys file (`llmq keys create` makes it): callers present a key, which names their
+    /// tenant. Without it, callers need no key and the server stays on loopback.
+    #[arg(long, env = "LLMQ_SERVE_KEYS")]
+    pub keys: Option<PathBuf>,
+    /// The queue requests become tasks in.
+    #[arg(long, env = "LLMQ_SERVE_QUEUE", default_value = "default", value_parser = queue_name)]
+    pub queue: String,
+    /// The provider file (its API keys are not read): the models a request may name and
+    /// `GET /v1/models` lists.
+    #[arg(long, env = "LLMQ_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// How long a request waits for its task when the caller does not say (`llmq-timeout`,
+    /// or its SDK's timeout); then 504, and the task goes on.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+    /// Exit 0 when a server on --listen answers, 1 when not (a probe for Kubernetes).
+    #[arg(long)]
+    pub health_check: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct KeysCmd {
+    #[command(subcommand)]
+    pub command: KeysCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Make a key for a tenant: its line (the key's SHA-256, never the key) is added to the
+    /// file, and the key is printed once.
+    Create {
+        #[arg(long, env = "LLMQ_SERVE_KEYS")]
+        file: PathBuf,
+        /// The tenant its requests are charged to and take turns as.
+        #[arg(long)]
+        tenant: String,
+        /// A model it may name (a pin, `provider/model` or `llmq/auto`); repeat for several.
+        /// None: any.
+        #[arg(long = "model")]
+        models: Vec<String>,
+        /// The most urgent priority it may ask for, 0 (most urgent) to 9; its requests get
+        /// it when they ask for none.
+        #[arg(long)]
+        highest_priority: Option<u8>,
+    },
+    /// The keys of the file: ids, tenants, models and priorities, nothing secret.
+    List {
+        #[arg(long, env = "LLMQ_SERVE_KEYS")]
+        file: PathBuf,
+    },
+    /// Remove a key (a running server stops taking it within a second).
+    Revoke {
+        #[arg(long, env = "LLMQ_SERVE_KEYS")]
+        file: PathBuf,
+        /// The key's id, as `list` shows it.
+        id: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -4,7 +4,8 @@
 //! batch would cost and which quotas it would push, before it is enqueued), `chain` (chain
 //! submit, show, list, cancel, retry, approve, reject), `inspect` (result, status), `dlq`,
 //! `providers` (check, list, quota), `costs` (costs, migrate), `insights`, `render` (text
-//! output), `web` (the operators' page).
+//! output), `web` (the operators' page), `serve` (OpenAI's and Anthropic's APIs in front of
+//! the queue, and the keys they take).
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -27,6 +28,7 @@ mod insights;
 mod inspect;
 mod providers;
 mod render;
+pub mod serve;
 mod submit;
 pub mod web;
 
@@ -88,6 +90,40 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Providers(args) => providers::run(args.command, out),
         Command::Chain(args) => chain::run(&redis()?, args.command, out).await,
         Command::Queue(args) => inspect::queue(&redis()?, args.command, out).await,
+        Command::Serve(args) => {
+            if args.health_check {
+                return web::probe("llmq serve", args.listen).await;
+            }
+            let config = args
+                .config
+                .as_deref()
+                .map(llmq_shared::config::Config::load_without_secrets)
+                .transpose()?;
+            let keys = args
+                .keys
+                .as_deref()
+                .map(serve::keys::KeyFile::open)
+                .transpose()
+                .map_err(Error::Usage)?;
+            let state = serve::ServeState {
+                redis: redis()?,
+                queue: args.queue,
+                keys,
+                config,
+                wait: args.wait,
+            };
+            serve::run(state, args.listen).await
+        }
+        Command::Keys(args) => match args.command {
+            cli::KeysCommand::Create {
+                file,
+                tenant,
+                models,
+                highest_priority,
+            } => serve::keys::create(&file, &tenant, models, highest_priority, out),
+            cli::KeysCommand::List { file } => serve::keys::list(&file, out),
+            cli::KeysCommand::Revoke { file, id } => serve::keys::revoke(&file, &id, out),
+        },
         Command::Web(args) => {
             if args.health_check {
                 return web::health_check(args.listen).await;

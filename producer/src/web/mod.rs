@@ -119,6 +119,11 @@ pub async fn run(state: WebState, listen: SocketAddr) -> crate::Result<u8> {
 /// `llmq web --health-check`: whether a server on `listen` answers `/healthz` (for an exec
 /// probe: the server listens on loopback, which the kubelet cannot reach).
 pub async fn health_check(listen: SocketAddr) -> crate::Result<u8> {
+    probe("llmq web", listen).await
+}
+
+/// Whether server `name` on `listen` answers `/healthz`: exit 0 when it does, 1 when not.
+pub async fn probe(name: &str, listen: SocketAddr) -> crate::Result<u8> {
     let mut at = listen;
     if at.ip().is_unspecified() {
         at.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
@@ -130,11 +135,11 @@ pub async fn health_check(listen: SocketAddr) -> crate::Result<u8> {
     match http.get(format!("http://{at}/healthz")).send().await {
         Ok(r) if r.status().is_success() => Ok(crate::EXIT_OK),
         Ok(r) => {
-            eprintln!("llmq web on {at} answered /healthz with {}", r.status());
+            eprintln!("{name} on {at} answered /healthz with {}", r.status());
             Ok(crate::EXIT_FAILED)
         }
         Err(e) => {
-            eprintln!("llmq web on {at} does not answer: {e}");
+            eprintln!("{name} on {at} does not answer: {e}");
             Ok(crate::EXIT_FAILED)
         }
     }

@@ -32,6 +32,7 @@ mod quota;
 mod requests;
 mod routing;
 mod scheduler;
+mod serve;
 mod tls;
 mod traces;
 mod web;

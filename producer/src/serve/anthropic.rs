@@ -1,0 +1,156 @@
+//! `POST /v1/messages` in Anthropic's shape, answered whole or as the Messages API's
+//! server-sent events (`message_start` ... `message_stop`).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use llmq_shared::outcome::{Status, TaskRecord};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::stream::{self, Piece};
+use super::task::{self, ApiError, Dialect};
+use super::{App, AppState};
+use crate::batch_file::Reader;
+
+pub async fn messages(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match message(app, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(Dialect::Anthropic),
+    }
+}
+
+async fn message(
+    app: Arc<App>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = task::caller(&app, headers)?;
+    let mut body = task::body(body)?;
+    let stream = task::take_bool(&mut body, "stream")?;
+    if body.get("max_tokens").is_none_or(Value::is_null) {
+        return Err(ApiError::bad(
+            Some("max_tokens"),
+            "max_tokens: Field required",
+        ));
+    }
+    let t = Reader::quiet()
+        .anthropic_params(body)
+        .map_err(|e| ApiError::bad(None, e))?;
+    let mut ask = task::ask(&app, key.as_ref(), headers, t)?;
+    let live = stream && ask.env.tools.is_empty();
+    if live {
+        ask.env.stream = Some(true);
+    }
+    let id = task::enqueue(&app, &ask).await?;
+    let wait = task::wait_of(&app, headers);
+    if stream {
+        let pieces = stream::follow(Arc::clone(&app), id.clone(), wait, ask.keyed, live);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(events(pieces, tx, id.clone(), ask.model));
+        return Ok(stream::respond(&id, rx));
+    }
+    let r = task::finished(&app, &id, wait, ask.keyed).await?;
+    if r.status != Status::Succeeded {
+        return Err(task::failure(&r, ask.keyed));
+    }
+    let mut response = axum::Json(crate::batch_file::anthropic_reply(&id, &r)).into_response();
+    task::describe(&mut response, &r);
+    Ok(response)
+}
+
+/// An event named as its data's `type`, as Anthropic sends them.
+fn event(data: &Value) -> Event {
+    let name = data["type"].as_str().unwrap_or("message");
+    Event::default().event(name).data(data.to_string())
+}
+
+/// The task's pieces as the Messages API's events.
+async fn events(
+    mut pieces: mpsc::Receiver<Piece>,
+    tx: mpsc::Sender<Event>,
+    id: String,
+    model: String,
+) {
+    let start = json!({"type": "message_start", "message": {
+        "id": format!("msg_{id}"), "type": "message", "role": "assistant", "model": model,
+        "content": [], "stop_reason": null, "stop_sequence": null,
+        "usage": {"input_tokens": 0, "output_tokens": 0}}});
+    if tx.send(event(&start)).await.is_err() {
+        return;
+    }
+    // Whether the text block (index 0) was opened by streamed text.
+    let mut open = false;
+    while let Some(piece) = pieces.recv().await {
+        let mut out = Vec::new();
+        match piece {
+            Piece::Text(t) => {
+                if !open {
+                    open = true;
+                    out.push(json!({"type": "content_block_start", "index": 0,
+                        "content_block": {"type": "text", "text": ""}}));
+                }
+                out.push(json!({"type": "content_block_delta", "index": 0,
+                    "delta": {"type": "text_delta", "text": t}}));
+            }
+            Piece::End { record, streamed } => out.extend(end(&record, streamed, open)),
+            Piece::Fail(e) => {
+                let kind = match e.status.as_u16() {
+                    400 => "invalid_request_error",
+                    429 => "rate_limit_error",
+                    503 => "overloaded_error",
+                    504 => "timeout_error",
+                    _ => "api_error",
+                };
+                out.push(json!({"type": "error", "error": {"type": kind, "message": e.message}}));
+            }
+        }
+        for data in &out {
+            if tx.send(event(data)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The last events of a task that succeeded: its text if not streamed, its tool uses, the
+/// stop reason and usage, `message_stop`.
+fn end(r: &TaskRecord, streamed: bool, open: bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut index = 0;
+    if let Some(text) = r.output.as_deref().filter(|t| !streamed && !t.is_empty()) {
+        out.push(json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "text", "text": ""}}));
+        out.push(json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": text}}));
+        out.push(json!({"type": "content_block_stop", "index": 0}));
+        index = 1;
+    } else if open {
+        out.push(json!({"type": "content_block_stop", "index": 0}));
+        index = 1;
+    }
+    for c in &r.tool_calls {
+        out.push(json!({"type": "content_block_start", "index": index,
+            "content_block": {"type": "tool_use", "id": c.id, "name": c.name, "input": {}}}));
+        out.push(json!({"type": "content_block_delta", "index": index,
+            "delta": {"type": "input_json_delta",
+                "partial_json": c.arguments_object().to_string()}}));
+        out.push(json!({"type": "content_block_stop", "index": index}));
+        index += 1;
+    }
+    let message = crate::batch_file::anthropic_reply("", r);
+    out.push(json!({"type": "message_delta",
+        "delta": {"stop_reason": message["stop_reason"], "stop_sequence": null},
+        "usage": message["usage"]}));
+    out.push(json!({"type": "message_stop"}));
+    out
+}

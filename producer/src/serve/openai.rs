@@ -1,0 +1,195 @@
+//! `POST /v1/chat/completions` in OpenAI's shape, answered whole or as `chat.completion.chunk`
+//! events ending with `data: [DONE]`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::response::sse::Event;
+use axum::response::{IntoResponse, Response};
+use llmq_shared::outcome::{Status, TaskRecord};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use super::stream::{self, Piece};
+use super::task::{self, ApiError, Dialect};
+use super::{App, AppState};
+use crate::batch_file::Reader;
+
+pub async fn chat_completions(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match chat(app, &headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(Dialect::OpenAi),
+    }
+}
+
+async fn chat(
+    app: Arc<App>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = task::caller(&app, headers)?;
+    let mut body = task::body(body)?;
+    let stream = task::take_bool(&mut body, "stream")?;
+    let include_usage = match body.remove("stream_options") {
+        Some(Value::Object(o)) => o
+            .get("include_usage")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+        None | Some(Value::Null) => false,
+        Some(_) => {
+            return Err(ApiError::bad(
+                Some("stream_options"),
+                "`stream_options` must be an object",
+            ));
+        }
+    };
+    match body.remove("n") {
+        None | Some(Value::Null) => {}
+        Some(n) if n == json!(1) => {}
+        Some(_) => {
+            return Err(ApiError::bad(
+                Some("n"),
+                "llmq answers one choice a request; `n` must be 1",
+            ));
+        }
+    }
+    let user = body.remove("user");
+    let mut t = Reader::quiet()
+        .openai_body(body)
+        .map_err(|e| ApiError::bad(None, e))?;
+    if let Some(user) = user.filter(|u| !u.is_null()) {
+        let mut meta = t.metadata.take().unwrap_or_else(|| json!({}));
+        if let Some(m) = meta.as_object_mut() {
+            m.insert("user".into(), user);
+        }
+        t.metadata = Some(meta);
+    }
+    let mut ask = task::ask(&app, key.as_ref(), headers, t)?;
+    // A task with tools is not streamed by the worker: its answer comes whole at the end.
+    let live = stream && ask.env.tools.is_empty();
+    if live {
+        ask.env.stream = Some(true);
+    }
+    let id = task::enqueue(&app, &ask).await?;
+    let wait = task::wait_of(&app, headers);
+    if stream {
+        let pieces = stream::follow(Arc::clone(&app), id.clone(), wait, ask.keyed, live);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(chunks(pieces, tx, id.clone(), ask.model, include_usage));
+        return Ok(stream::respond(&id, rx));
+    }
+    let r = task::finished(&app, &id, wait, ask.keyed).await?;
+    if r.status != Status::Succeeded {
+        return Err(task::failure(&r, ask.keyed));
+    }
+    let mut response = axum::Json(crate::batch_file::chat_completion(&id, &r)).into_response();
+    task::describe(&mut response, &r);
+    Ok(response)
+}
+
+/// The task's pieces as `chat.completion.chunk` events.
+async fn chunks(
+    mut pieces: mpsc::Receiver<Piece>,
+    tx: mpsc::Sender<Event>,
+    id: String,
+    model: String,
+    include_usage: bool,
+) {
+    let created = chrono::Utc::now().timestamp();
+    let chunk = |model: &str, choices: Value, usage: Option<Value>| {
+        let mut c = json!({
+            "id": format!("chatcmpl-{id}"),
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": null,
+            "choices": choices,
+        });
+        if include_usage {
+            c["usage"] = usage.unwrap_or(Value::Null);
+        }
+        Event::default().data(c.to_string())
+    };
+    let delta = |model: &str, delta: Value, finish: Option<&str>| {
+        chunk(
+            model,
+            json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]),
+            None,
+        )
+    };
+    let first = delta(
+        &model,
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        None,
+    );
+    if tx.send(first).await.is_err() {
+        return;
+    }
+    while let Some(piece) = pieces.recv().await {
+        let events = match piece {
+            Piece::Text(t) => vec![delta(&model, json!({"content": t}), None)],
+            Piece::End { record, streamed } => {
+                end(&record, streamed, include_usage, &delta, &chunk)
+            }
+            Piece::Fail(e) => vec![
+                Event::default().data(
+                    json!({"error": {"message": e.message, "type": "server_error",
+                    "code": e.code, "param": null}})
+                    .to_string(),
+                ),
+            ],
+        };
+        for e in events {
+            if tx.send(e).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The last chunks of a task that succeeded: its text if not streamed, its tool calls, the
+/// finish reason, the usage (when asked) and `[DONE]`.
+fn end(
+    r: &TaskRecord,
+    streamed: bool,
+    include_usage: bool,
+    delta: &dyn Fn(&str, Value, Option<&str>) -> Event,
+    chunk: &dyn Fn(&str, Value, Option<Value>) -> Event,
+) -> Vec<Event> {
+    let model = r.model.clone().unwrap_or_default();
+    let mut events = Vec::new();
+    if let Some(text) = r.output.as_deref().filter(|t| !streamed && !t.is_empty()) {
+        events.push(delta(&model, json!({"content": text}), None));
+    }
+    if !r.tool_calls.is_empty() {
+        let calls: Vec<Value> = r
+            .tool_calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({"index": i, "id": c.id, "type": "function", "function": {
+                    "name": c.name, "arguments": c.arguments_object().to_string()}})
+            })
+            .collect();
+        events.push(delta(&model, json!({"tool_calls": calls}), None));
+    }
+    let finish = if r.tool_calls.is_empty() {
+        "stop"
+    } else {
+        "tool_calls"
+    };
+    events.push(delta(&model, json!({}), Some(finish)));
+    if include_usage {
+        let usage = crate::batch_file::chat_completion("", r)["usage"].clone();
+        events.push(chunk(&model, json!([]), Some(usage)));
+    }
+    events.push(Event::default().data("[DONE]"));
+    events
+}

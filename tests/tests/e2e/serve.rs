@@ -1,0 +1,340 @@
+//! `llmq serve` as a new user meets it: the official `openai` and `anthropic` Python SDKs
+//! (tests/sdk/serve_check.py) pointed at it with nothing changed but the base URL and the
+//! key, against a real worker, Redis and the mock provider; and hostile requests, refused in
+//! the provider's shape with nothing enqueued.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use llmq::serve::keys::KeyFile;
+use llmq::serve::{ServeState, serve};
+use llmq_tests::harness::{TestEnv, mock_config};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// A server for `env`'s queue with one key for tenant `acme`: its base URL, the key, and
+/// the token that stops it.
+async fn server(env: &TestEnv, wait: Duration) -> (String, String, CancellationToken) {
+    let dir = std::env::temp_dir().join(format!("llmq-serve-{}", env.queue));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.jsonl");
+    let file_arg = file.to_str().unwrap().to_owned();
+    let (code, printed) = env
+        .cli(&["keys", "create", "--file", &file_arg, "--tenant", "acme"])
+        .await;
+    assert_eq!(code, 0, "{printed}");
+    let secret = printed.lines().next().unwrap().to_owned();
+    let state = ServeState {
+        redis: env.redis.clone(),
+        queue: env.queue.clone(),
+        keys: Some(KeyFile::open(&file).unwrap()),
+        config: Some(mock_config(&env.mock.url())),
+        wait,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(listener, state, stop.clone()));
+    (base, secret, stop)
+}
+
+/// What the SDKs saw in case `case` of tests/sdk/serve_check.py.
+async fn sdk(case: &str, base: &str, key: &str) -> Value {
+    let python = llmq_tests::harness::venv_python("LLMQ_SDK_VENV", "sdk-venv")
+        .expect("the serve tests need OpenAI's and Anthropic's SDKs: run `make sdk-deps`");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/serve_check.py");
+    let out = tokio::process::Command::new(python)
+        .args([script, case])
+        .env("LLMQ_SERVE_URL", base)
+        .env("LLMQ_SERVE_KEY", key)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "serve_check.py {case}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test]
+async fn the_openai_sdk_chats_streams_and_calls_tools_through_the_queue() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let (base, key, stop) = server(&env, Duration::from_secs(60)).await;
+
+    let chat = sdk("openai_chat", &base, &key).await;
+    assert!(
+        chat["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("mock answer from mock-fast: say hello"),
+        "{chat}"
+    );
+    assert_eq!(chat["model"], "mock-fast");
+    assert_eq!(chat["finish_reason"], "stop");
+    assert!(chat["total_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(chat["provider"], "mock");
+    assert!(
+        chat["cost"].as_str().unwrap().parse::<f64>().unwrap() > 0.0,
+        "{chat}"
+    );
+    assert!(
+        chat["models"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("mock-fast"))
+    );
+    assert!(
+        chat["models"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("llmq/auto"))
+    );
+    // It ran as a task of the key's tenant, in the queue, and its record says so.
+    let id = chat["task_id"].as_str().unwrap();
+    let record = env.wait_final(id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(record.output.as_deref(), chat["text"].as_str());
+
+    let streamed = sdk("openai_stream", &base, &key).await;
+    assert!(
+        streamed["pieces"].as_u64().unwrap() > 1,
+        "streamed in pieces: {streamed}"
+    );
+    assert!(
+        streamed["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("mock answer from mock-fast: stream this"),
+        "{streamed}"
+    );
+    assert_eq!(streamed["finish_reason"], "stop");
+    assert!(
+        streamed["usage"].as_u64().unwrap() > 0,
+        "the usage chunk: {streamed}"
+    );
+
+    let tools = sdk("openai_tools", &base, &key).await;
+    assert_eq!(tools["name"], "get_weather", "{tools}");
+    assert!(tools["args"].is_object(), "{tools}");
+    assert_eq!(tools["finish_reason"], "tool_calls");
+    assert_eq!(tools["streamed_calls"], json!(["get_weather"]));
+    assert_eq!(tools["streamed_finish"], "tool_calls");
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_anthropic_sdk_gets_messages_and_their_events() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let (base, key, stop) = server(&env, Duration::from_secs(60)).await;
+    let m = sdk("anthropic_message", &base, &key).await;
+    assert!(
+        m["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("mock answer from mock-fast: say hello"),
+        "{m}"
+    );
+    assert_eq!(m["stop_reason"], "end_turn");
+    assert!(m["output_tokens"].as_u64().unwrap() > 0);
+    let s = sdk("anthropic_stream", &base, &key).await;
+    let kinds: Vec<&str> = s["kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"message_start"), "{s}");
+    assert_eq!(kinds.last(), Some(&"message_stop"), "{s}");
+    assert!(kinds.contains(&"content_block_delta") && kinds.contains(&"message_delta"));
+    assert!(
+        s["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("mock answer from mock-fast: stream it")
+    );
+    assert_eq!(s["stop_reason"], "end_turn");
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sdk_errors_come_in_each_provider_s_shape_and_a_retried_key_runs_once() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let (base, key, stop) = server(&env, Duration::from_secs(60)).await;
+    let e = sdk("errors", &base, &key).await;
+    assert_eq!(e["openai_401"], json!([401, "invalid_api_key"]), "{e}");
+    assert_eq!(
+        e["anthropic_401"],
+        json!([401, "authentication_error"]),
+        "{e}"
+    );
+    assert_eq!(e["openai_404"], json!([404, "model_not_found"]), "{e}");
+    assert_eq!(e["openai_n"], json!([400, "n"]), "{e}");
+    assert!(e["anthropic_max_tokens"].is_string(), "{e}");
+    // The task that failed at the provider: 400, and the SDK is told not to send it again.
+    assert_eq!(e["openai_failed_task"], json!([400, "false"]), "{e}");
+    // Of all of these only that task reached the provider.
+    assert_eq!(env.mock.total_calls(), 1);
+
+    let once = sdk("idempotent", &base, &key).await;
+    let answers = once["answers"].as_array().unwrap();
+    // The retry is a task of its own that copies the first one's answer, billed once.
+    assert_eq!(answers[0]["text"], answers[1]["text"], "{once}");
+    assert!(
+        answers[0]["cost"].as_str().unwrap().parse::<f64>().unwrap() > 0.0,
+        "{once}"
+    );
+    assert_eq!(answers[1]["cost"], "0.000000", "{once}");
+    let copy = env
+        .wait_final(
+            answers[1]["task_id"].as_str().unwrap(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(copy.duplicate_of.as_deref(), answers[0]["task_id"].as_str());
+    assert_eq!(env.mock.calls_with_prompt("once only please"), 1);
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
+
+/// Hostile and broken requests over raw HTTP: each refused with the provider's error shape
+/// and status, nothing enqueued; a task that outlives the caller's wait answers 504 with its
+/// id, and goes on.
+#[tokio::test]
+async fn hostile_requests_are_refused_with_nothing_enqueued_and_a_long_task_answers_504() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, key, stop) = server(&env, Duration::from_secs(60)).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: Vec<u8>| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let chat = "/v1/chat/completions";
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (chat, b"{not json".to_vec(), 400),
+        (chat, b"[1, 2]".to_vec(), 400),
+        (
+            chat,
+            json!({"model": "mock-fast"}).to_string().into_bytes(),
+            400,
+        ),
+        (
+            chat,
+            json!({"model": "mock-fast", "messages": "hi"})
+                .to_string()
+                .into_bytes(),
+            400,
+        ),
+        (
+            chat,
+            json!({"model": 7, "messages": []}).to_string().into_bytes(),
+            400,
+        ),
+        (
+            chat,
+            json!({"model": "mock-fast", "messages": [{"role": "user", "content": "x"}],
+            "stream": "yes"})
+            .to_string()
+            .into_bytes(),
+            400,
+        ),
+        (
+            chat,
+            json!({"model": "mock-fast", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]})
+            .to_string()
+            .into_bytes(),
+            400,
+        ),
+        (
+            chat,
+            format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)).into_bytes(),
+            400,
+        ),
+        (chat, vec![b' '; 5 * 1024 * 1024], 413),
+        (
+            "/v1/messages",
+            json!({"model": "mock-fast", "max_tokens": 10,
+            "messages": [{"role": "user", "content": [{"type": "image", "source":
+                {"type": "url", "url": "ftp://x/y.png"}}]}]})
+            .to_string()
+            .into_bytes(),
+            400,
+        ),
+    ];
+    for (path, body, status) in cases {
+        let shown = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+        let r = post(path, body).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{shown}");
+        let e: Value = r.json().await.unwrap();
+        if path == chat {
+            assert!(e["error"]["message"].is_string(), "OpenAI's shape: {e}");
+        } else {
+            assert_eq!(e["type"], "error", "Anthropic's shape: {e}");
+        }
+    }
+    // A wrong key and an unknown route.
+    let r = http
+        .post(format!("{base}{chat}"))
+        .bearer_auth("llmq-not-a-key")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let r = http.get(format!("{base}/v1/nothing")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let c = &mut env.redis.conn().await.unwrap();
+    let queued: u64 = redis::cmd("XLEN")
+        .arg(env.keys.stream())
+        .query_async(c)
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "nothing refused was enqueued");
+
+    // No worker yet: the task waits in the queue past the caller's 1 s, which gets 504 and
+    // the task's id; the task runs when a worker comes.
+    let r = http
+        .post(format!("{base}{chat}"))
+        .bearer_auth(&key)
+        .header("llmq-timeout", "1")
+        .json(&json!({"model": "mock-fast", "messages": [{"role": "user", "content": "later"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 504);
+    let id = r.headers()["llmq-task-id"].to_str().unwrap().to_owned();
+    assert_eq!(r.headers()["x-should-retry"], "false");
+    let worker = env.worker();
+    let record = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
+    assert!(record.output.unwrap().contains("later"));
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
+
+/// Without keys the server takes no non-loopback address: anyone who reached it could spend.
+#[tokio::test]
+async fn without_keys_the_server_refuses_to_listen_beyond_loopback() {
+    let env = TestEnv::new().await.unwrap();
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let state = ServeState {
+        redis: env.redis.clone(),
+        queue: env.queue.clone(),
+        keys: None,
+        config: None,
+        wait: Duration::from_secs(1),
+    };
+    let e = serve(listener, state, CancellationToken::new())
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("loopback only"), "{e}");
+}
