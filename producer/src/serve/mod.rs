@@ -45,6 +45,9 @@ pub struct ServeState {
 struct App {
     serve: ServeState,
     keys: QueueKeys,
+    /// Cancelled when the server stops: open waits end (their tasks go on), so a stop is
+    /// not held by a request that would wait minutes.
+    stop: CancellationToken,
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -74,7 +77,11 @@ pub async fn serve(
         .ensure_group(&keys)
         .await
         .map_err(|e| std::io::Error::other(format!("cannot reach Redis: {e}")))?;
-    let app = Arc::new(App { serve: state, keys });
+    let app = Arc::new(App {
+        serve: state,
+        keys,
+        stop: shutdown.clone(),
+    });
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -127,6 +127,9 @@ async fn text(
             .map_err(|e| away(&e))?[0]
             .as_ref()
             .is_some_and(|r| r.status.is_final());
+        if app.stop.is_cancelled() {
+            return Err(task::stopping(id, false));
+        }
         if ended || started.elapsed() >= wait || tx.is_closed() {
             return Ok(sent);
         }

@@ -324,14 +324,16 @@ pub async fn finished(
     keyed: bool,
 ) -> Result<TaskRecord, ApiError> {
     let ids = [id.to_owned()];
-    let got = crate::submit::wait_for(&app.serve.redis, &app.keys, &ids, Some(wait), |_| {})
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("Cannot read the task's result ({e})"),
-            )
-        })?;
+    let waited = tokio::select! {
+        got = crate::submit::wait_for(&app.serve.redis, &app.keys, &ids, Some(wait), |_| {}) => got,
+        () = app.stop.cancelled() => return Err(stopping(id, keyed)),
+    };
+    let got = waited.map_err(|e| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Cannot read the task's result ({e})"),
+        )
+    })?;
     got.into_iter().next().flatten().ok_or_else(|| ApiError {
         task_id: Some(id.to_owned()),
         retry: keyed,
@@ -345,6 +347,22 @@ pub async fn finished(
             ),
         )
     })
+}
+
+/// The answer to a request open when the server stops: its task goes on.
+pub fn stopping(id: &str, keyed: bool) -> ApiError {
+    ApiError {
+        task_id: Some(id.to_owned()),
+        retry: keyed,
+        ..ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "This llmq serve is stopping; the task {id} goes on in the queue \
+                 (`llmq result {id}` shows it), and a retry with the same Idempotency-Key \
+                 waits for it"
+            ),
+        )
+    }
 }
 
 /// A record that did not succeed, as the error a provider would give for it.

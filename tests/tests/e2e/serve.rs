@@ -338,3 +338,72 @@ async fn without_keys_the_server_refuses_to_listen_beyond_loopback() {
         .unwrap_err();
     assert!(e.to_string().contains("loopback only"), "{e}");
 }
+
+/// The binary: a health check for its probe, and SIGTERM with a request open (its task
+/// waiting, no worker) stops it at once; the request is told, and its task stays queued.
+#[tokio::test]
+async fn the_binary_answers_its_health_check_and_stops_on_sigterm_with_a_request_open() {
+    let env = TestEnv::new().await.unwrap();
+    let port = llmq_tests::harness::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let llmq = llmq_tests::harness::binary("llmq");
+    let check = || {
+        std::process::Command::new(&llmq)
+            .args(["serve", "--health-check", "--listen", &listen])
+            .output()
+            .unwrap()
+    };
+    assert_eq!(check().status.code(), Some(1));
+    let mut server = std::process::Command::new(&llmq)
+        .args(["serve", "--listen", &listen, "--queue", &env.queue])
+        .env("REDIS_URL", llmq_tests::harness::redis_url())
+        .env_remove("LLMQ_SERVE_KEYS")
+        .env_remove("LLMQ_CONFIG")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut up = false;
+    for _ in 0..100 {
+        if check().status.success() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "llmq serve never answered its health check");
+    let open = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("http://{listen}/v1/chat/completions"))
+            .json(&json!({"model": "mock-fast", "messages": [{"role": "user", "content": "x"}]}))
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = server.id().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status();
+    assert!(killed.unwrap().success());
+    let mut status = None;
+    for _ in 0..50 {
+        if let Some(s) = server.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        server.kill().unwrap();
+        panic!("llmq serve did not stop within 5 s of SIGTERM");
+    };
+    assert!(status.success(), "{status:?}");
+    let r = open.await.unwrap().unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let id = r.headers()["llmq-task-id"].to_str().unwrap().to_owned();
+    let c = &mut env.redis.conn().await.unwrap();
+    let queued: u64 = redis::cmd("XLEN")
+        .arg(env.keys.stream())
+        .query_async(c)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "the task of {id} stays in the queue");
+}
