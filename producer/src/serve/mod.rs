@@ -26,6 +26,7 @@ pub mod keys;
 mod openai;
 mod stream;
 mod task;
+mod wait;
 
 /// What `llmq serve` is started with.
 pub struct ServeState {
@@ -48,6 +49,7 @@ struct App {
     /// Cancelled when the server stops: open waits end (their tasks go on), so a stop is
     /// not held by a request that would wait minutes.
     stop: CancellationToken,
+    waiter: Arc<wait::Waiter>,
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -77,10 +79,12 @@ pub async fn serve(
         .ensure_group(&keys)
         .await
         .map_err(|e| std::io::Error::other(format!("cannot reach Redis: {e}")))?;
+    let waiter = wait::Waiter::start(state.redis.clone(), keys.clone(), shutdown.clone());
     let app = Arc::new(App {
         serve: state,
         keys,
         stop: shutdown.clone(),
+        waiter,
     });
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

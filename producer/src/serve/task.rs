@@ -323,18 +323,13 @@ pub async fn finished(
     wait: Duration,
     keyed: bool,
 ) -> Result<TaskRecord, ApiError> {
-    let ids = [id.to_owned()];
-    let waited = tokio::select! {
-        got = crate::submit::wait_for(&app.serve.redis, &app.keys, &ids, Some(wait), |_| {}) => got,
+    let done = app.waiter.wait(id);
+    tokio::select! {
+        r = done => return r.map_err(|_| stopping(id, keyed)),
+        () = tokio::time::sleep(wait) => {}
         () = app.stop.cancelled() => return Err(stopping(id, keyed)),
-    };
-    let got = waited.map_err(|e| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("Cannot read the task's result ({e})"),
-        )
-    })?;
-    got.into_iter().next().flatten().ok_or_else(|| ApiError {
+    }
+    Err(ApiError {
         task_id: Some(id.to_owned()),
         retry: keyed,
         ..ApiError::new(

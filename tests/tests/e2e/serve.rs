@@ -15,6 +15,15 @@ use tokio_util::sync::CancellationToken;
 /// A server for `env`'s queue with one key for tenant `acme`: its base URL, the key, and
 /// the token that stops it.
 async fn server(env: &TestEnv, wait: Duration) -> (String, String, CancellationToken) {
+    server_for(env, wait, mock_config(&env.mock.url())).await
+}
+
+/// [`server`] with provider file `config`.
+async fn server_for(
+    env: &TestEnv,
+    wait: Duration,
+    config: llmq_shared::config::Config,
+) -> (String, String, CancellationToken) {
     let dir = std::env::temp_dir().join(format!("llmq-serve-{}", env.queue));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("keys.jsonl");
@@ -28,7 +37,7 @@ async fn server(env: &TestEnv, wait: Duration) -> (String, String, CancellationT
         redis: env.redis.clone(),
         queue: env.queue.clone(),
         keys: Some(KeyFile::open(&file).unwrap()),
-        config: Some(mock_config(&env.mock.url())),
+        config: Some(config),
         wait,
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -406,4 +415,48 @@ async fn the_binary_answers_its_health_check_and_stops_on_sigterm_with_a_request
         .await
         .unwrap();
     assert_eq!(queued, 1, "the task of {id} stays in the queue");
+}
+
+/// 200 requests at once against a provider limited to 20 calls a 2 s window (a minute's
+/// limit, shortened): every one is answered 200, none 429, each called once. A proxy would
+/// pass the provider's 429 on; the queue waits (that no window holds more than the limit is
+/// the quota suite's).
+#[tokio::test]
+async fn two_hundred_requests_at_once_against_a_limited_provider_all_answer_200() {
+    let env = TestEnv::new().await.unwrap();
+    let text = format!(
+        "providers:\n  - name: lim{sfx}\n    kind: openai_compatible\n    base_url: {url}/v1\n    \
+         api_key: k\n    quotas: {{rpm: 20, window: 2s}}\n    models:\n      \
+         - {{id: mock-fast, input_usd_per_mtok: 0.15, output_usd_per_mtok: 0.6}}\n",
+        sfx = &env.queue[2..],
+        url = env.mock.url()
+    );
+    let config = llmq_shared::config::Config::parse("limited.yaml", &text, &|_| None).unwrap();
+    let mut settings =
+        llmq_worker::Settings::new(&llmq_tests::harness::redis_url(), config.clone()).unwrap();
+    let base = env.settings();
+    settings.queues = base.queues;
+    settings.concurrency = 64;
+    settings.block = base.block;
+    settings.promote_every = base.promote_every;
+    let worker = llmq_tests::harness::WorkerHandle::start(settings);
+    let (url, key, stop) = server_for(&env, Duration::from_secs(120), config).await;
+    let http = reqwest::Client::new();
+    let asks = (0..200).map(|i| {
+        http.post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(&json!({"model": "mock-fast",
+                "messages": [{"role": "user", "content": format!("request {i}")}]}))
+            .send()
+    });
+    let answers = futures_util::future::join_all(asks).await;
+    let mut statuses = std::collections::BTreeMap::new();
+    for a in answers {
+        *statuses.entry(a.unwrap().status().as_u16()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses, std::collections::BTreeMap::from([(200, 200)]));
+    let arrived = env.mock.arrivals();
+    assert_eq!(arrived.len(), 200);
+    stop.cancel();
+    worker.stop().await.unwrap();
 }
