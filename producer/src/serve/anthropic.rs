@@ -23,10 +23,12 @@ pub async fn messages(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match message(app, &headers, body).await {
+    let r = match message(app, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::Anthropic),
-    }
+    };
+    task::count("/v1/messages", &r);
+    r
 }
 
 async fn message(

@@ -73,6 +73,8 @@ pub async fn serve(
              address",
         ));
     }
+    // Installed before the first request records anything.
+    let _ = llmq_shared::health::recorder();
     let keys = QueueKeys::new(&state.queue);
     state
         .redis
@@ -120,9 +122,17 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .fallback(task::not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
+}
+
+/// `GET /metrics`: requests by route and status (`llmq_serve_requests_total`), requests
+/// waiting for their task (`llmq_serve_open_requests`), and how long they waited
+/// (`llmq_serve_wait_seconds`), with the process's other metrics.
+async fn metrics() -> String {
+    llmq_shared::health::recorder().map_or_else(String::new, |h| h.render())
 }
 
 /// `GET /v1/models`: the models of the provider file and the routing name, in Anthropic's

@@ -23,10 +23,12 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match chat(app, &headers, body).await {
+    let r = match chat(app, &headers, body).await {
         Ok(r) => r,
         Err(e) => e.into_response(Dialect::OpenAi),
-    }
+    };
+    task::count("/v1/chat/completions", &r);
+    r
 }
 
 async fn chat(

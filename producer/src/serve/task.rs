@@ -324,8 +324,13 @@ pub async fn finished(
     keyed: bool,
 ) -> Result<TaskRecord, ApiError> {
     let done = app.waiter.wait(id);
+    let _open = OpenWait::new();
+    let started = std::time::Instant::now();
     tokio::select! {
-        r = done => return r.map_err(|_| stopping(id, keyed)),
+        r = done => {
+            metrics::histogram!("llmq_serve_wait_seconds").record(started.elapsed().as_secs_f64());
+            return r.map_err(|_| stopping(id, keyed));
+        }
         () = tokio::time::sleep(wait) => {}
         () = app.stop.cancelled() => return Err(stopping(id, keyed)),
     }
@@ -342,6 +347,29 @@ pub async fn finished(
             ),
         )
     })
+}
+
+/// Counts an answer of `route` by its status (`llmq_serve_requests_total`).
+pub fn count(route: &'static str, r: &Response) {
+    metrics::counter!("llmq_serve_requests_total", "route" => route,
+        "status" => r.status().as_u16().to_string())
+    .increment(1);
+}
+
+/// A request waiting for its task, counted in `llmq_serve_open_requests` while it lives.
+struct OpenWait;
+
+impl OpenWait {
+    fn new() -> Self {
+        metrics::gauge!("llmq_serve_open_requests").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for OpenWait {
+    fn drop(&mut self) {
+        metrics::gauge!("llmq_serve_open_requests").decrement(1.0);
+    }
 }
 
 /// The answer to a request open when the server stops: its task goes on.

@@ -326,6 +326,21 @@ async fn hostile_requests_are_refused_with_nothing_enqueued_and_a_long_task_answ
     let worker = env.worker();
     let record = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
     assert!(record.output.unwrap().contains("later"));
+    // Prometheus counts the answers by route and status, and the waits.
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        r#"llmq_serve_requests_total{route="/v1/chat/completions",status="413"}"#,
+        r#"llmq_serve_requests_total{route="/v1/messages",status="400"}"#,
+        r#"llmq_serve_requests_total{route="/v1/chat/completions",status="504"}"#,
+        "llmq_serve_open_requests",
+    ] {
+        assert!(metrics.contains(line), "{line} in\n{metrics}");
+    }
     stop.cancel();
     worker.stop().await.unwrap();
 }
