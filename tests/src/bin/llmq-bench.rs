@@ -143,6 +143,7 @@ enum Bench {
     ClusterNoop,
     WebPages,
     LedgerScale,
+    Gateway,
 }
 
 fn main() -> Result<()> {
@@ -192,6 +193,7 @@ async fn run() -> Result<()> {
             Bench::BatchEnqueue,
             Bench::ClusterNoop,
             Bench::WebPages,
+            Bench::Gateway,
         ],
     };
     let mut failed = 0;
@@ -220,6 +222,7 @@ async fn run() -> Result<()> {
             Bench::ClusterNoop => cluster_noop(&args).await,
             Bench::WebPages => web_pages(&args, &mut redis).await,
             Bench::LedgerScale => ledger_scale(&args).await,
+            Bench::Gateway => gateway(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -262,6 +265,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::ClusterNoop => "cluster_noop",
         Bench::WebPages => "web_pages",
         Bench::LedgerScale => "ledger_scale",
+        Bench::Gateway => "gateway",
     }
 }
 
@@ -3123,6 +3127,274 @@ impl Workers {
         }
         Ok(())
     }
+}
+
+/// (issue 70) What `llmq serve` adds to a task: the same chat requests at 1,000 a second
+/// (`--tasks`, default 10,000) through `llmq serve` (the release binary, its own process) and
+/// enqueued by XADD and waited on directly (one loop reading the open results every
+/// millisecond, as the server's own waiter does), in the same run, one worker of 256 slots,
+/// the mock answering at once: the latency each path saw from send to answer (the front
+/// door's added p50 and p99), the most answers a second with 2,000 callers each asking again
+/// as soon as answered (the front door's as a ratio to the direct path's), the server's CPU
+/// per request (its /proc time over the paced phase), and its RSS per request waiting (2,000
+/// requests held open with no worker).
+async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
+    let n = args.tasks.unwrap_or(10_000);
+    let rate = 1_000.0;
+    let callers = 2_000;
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        client.ensure_group(&keys).await?;
+        let mock = MockServer::start(MockOptions::default())
+            .await
+            .context("cannot start the mock LLM server")?;
+        let config = Config::parse(
+            "llmq-bench.yaml",
+            &format!(
+                "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
+                 api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
+                 output_usd_per_mtok: 0.6}}\n",
+                mock.url()
+            ),
+            &|_| None,
+        )?;
+        let mut exe = std::env::current_exe()?;
+        exe.pop();
+        let llmq = exe.join("llmq");
+        ensure!(llmq.exists(), "{} is missing: cargo build --release --bin llmq (make bench does)", llmq.display());
+        let port = llmq_tests::harness::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut server = std::process::Command::new(&llmq)
+            .args(["serve", "--listen", &listen, "--queue", &queue])
+            .env("REDIS_URL", &args.redis_url)
+            .env_remove("LLMQ_SERVE_KEYS")
+            .env_remove("LLMQ_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let measured = async {
+            let url = format!("http://{listen}/v1/chat/completions");
+            let http = reqwest::Client::builder().pool_max_idle_per_host(callers).build()?;
+            let mut up = false;
+            for _ in 0..100 {
+                if http.get(format!("http://{listen}/healthz")).send().await.is_ok() {
+                    up = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ensure!(up, "llmq serve did not start");
+            let running = Workers::start(1, |i| settings(&args.redis_url, &config, &queue, 256, i))?;
+            let direct = Direct::start(client.clone(), keys.clone());
+            let body = |i: usize| serde_json::json!({"model": "mock-fast", "messages": [{"role": "user", "content": format!("gateway {i}")}]});
+            let envelope = |i: usize| {
+                let mut e = Envelope::new(format!("gateway {i}"));
+                e.model = Some("mock-fast".into());
+                e
+            };
+            // Paced: each path alone, at `rate`.
+            let start = Instant::now();
+            let mut asks = tokio::task::JoinSet::new();
+            for i in 0..n {
+                let at = start + Duration::from_secs_f64(i as f64 / rate);
+                let (client, keys, direct, e) = (client.clone(), keys.clone(), direct.clone(), envelope(i));
+                asks.spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    let sent = Instant::now();
+                    let done = direct.wait(e.id.unwrap_or_default().to_string());
+                    client.enqueue(&keys, &e).await?;
+                    done.await?;
+                    Ok::<_, anyhow::Error>(sent.elapsed().as_micros() as u64)
+                });
+            }
+            let mut direct_us = Vec::new();
+            while let Some(r) = asks.join_next().await {
+                direct_us.push(r??);
+            }
+            let cpu_before = proc_cpu_us(server.id())?;
+            let start = Instant::now();
+            for i in 0..n {
+                let at = start + Duration::from_secs_f64(i as f64 / rate);
+                let (http, url, body) = (http.clone(), url.clone(), body(n + i));
+                asks.spawn(async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    let sent = Instant::now();
+                    let r = http.post(&url).json(&body).send().await?;
+                    ensure!(r.status().is_success(), "llmq serve answered {}", r.status());
+                    r.bytes().await?;
+                    Ok(sent.elapsed().as_micros() as u64)
+                });
+            }
+            let mut gateway_us = Vec::new();
+            while let Some(r) = asks.join_next().await {
+                gateway_us.push(r??);
+            }
+            let cpu_us_per_request = (proc_cpu_us(server.id())? - cpu_before) as f64 / n as f64;
+            direct_us.sort_unstable();
+            gateway_us.sort_unstable();
+            // The most: `callers` each asking again as soon as answered, 5 s a path.
+            let most = |gateway: bool| {
+                let (client, keys, direct, http, url) = (client.clone(), keys.clone(), direct.clone(), http.clone(), url.clone());
+                async move {
+                    let until = Instant::now() + Duration::from_secs(5);
+                    let mut loops = tokio::task::JoinSet::new();
+                    for c in 0..callers {
+                        let (client, keys, direct, http, url) = (client.clone(), keys.clone(), direct.clone(), http.clone(), url.clone());
+                        loops.spawn(async move {
+                            let mut answered = 0u64;
+                            while Instant::now() < until {
+                                let i = 10_000_000 + c * 100_000 + answered as usize;
+                                if gateway {
+                                    let r = http.post(&url).json(&serde_json::json!({"model": "mock-fast", "messages": [{"role": "user", "content": format!("most {i}")}]})).send().await?;
+                                    ensure!(r.status().is_success(), "llmq serve answered {}", r.status());
+                                    r.bytes().await?;
+                                } else {
+                                    let mut e = Envelope::new(format!("most {i}"));
+                                    e.model = Some("mock-fast".into());
+                                    let done = direct.wait(e.id.unwrap_or_default().to_string());
+                                    client.enqueue(&keys, &e).await?;
+                                    done.await?;
+                                }
+                                answered += 1;
+                            }
+                            Ok::<_, anyhow::Error>(answered)
+                        });
+                    }
+                    let started = Instant::now();
+                    let mut total = 0;
+                    while let Some(r) = loops.join_next().await {
+                        total += r??;
+                    }
+                    Ok::<_, anyhow::Error>(total as f64 / started.elapsed().as_secs_f64())
+                }
+            };
+            let direct_most = most(false).await?;
+            let gateway_most = most(true).await?;
+            running.stop().await?;
+            // RSS per waiting request: no worker, `callers` requests held open.
+            let idle_kib = proc_rss_kib(server.id())?;
+            let mut held = tokio::task::JoinSet::new();
+            for i in 0..callers {
+                let (http, url, body) = (http.clone(), url.clone(), body(20_000_000 + i));
+                held.spawn(async move { http.post(&url).json(&body).send().await });
+            }
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let held_kib = proc_rss_kib(server.id())?;
+            held.abort_all();
+            let p = |v: &[u64], q: f64| percentile(v, q) as f64 / 1000.0;
+            Ok(format!(
+                "bench=gateway requests={n} rate_per_s={rate:.0} direct_p50_ms={:.2} direct_p99_ms={:.2} \
+                 gateway_p50_ms={:.2} gateway_p99_ms={:.2} added_p50_ms={:.2} added_p99_ms={:.2} \
+                 callers={callers} direct_most_per_s={direct_most:.0} gateway_most_per_s={gateway_most:.0} \
+                 most_ratio={:.2} serve_cpu_us_per_request={cpu_us_per_request:.0} \
+                 serve_rss_kib_per_waiting_request={:.1}",
+                p(&direct_us, 50.0),
+                p(&direct_us, 99.0),
+                p(&gateway_us, 50.0),
+                p(&gateway_us, 99.0),
+                p(&gateway_us, 50.0) - p(&direct_us, 50.0),
+                p(&gateway_us, 99.0) - p(&direct_us, 99.0),
+                gateway_most / direct_most.max(1e-9),
+                held_kib.saturating_sub(idle_kib) as f64 / callers as f64,
+            ))
+        }
+        .await;
+        let _ = server.kill();
+        let _ = server.wait();
+        mock.shutdown().await;
+        measured
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// The direct path's waiter in [`gateway`]: one loop reads the open tasks' results every
+/// millisecond, as `llmq serve`'s does.
+#[derive(Clone)]
+struct Direct {
+    open: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+    >,
+}
+
+impl Direct {
+    fn start(client: Client, keys: QueueKeys) -> Self {
+        let me = Self {
+            open: std::sync::Arc::default(),
+        };
+        let open = std::sync::Arc::clone(&me.open);
+        tokio::spawn(async move {
+            loop {
+                let ids: Vec<String> = {
+                    let mut o = open
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    o.retain(|_, tx| !tx.is_closed());
+                    o.keys().cloned().collect()
+                };
+                for chunk in ids.chunks(1000) {
+                    if let Ok(records) = client.results(&keys, chunk).await {
+                        let mut o = open
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        for r in records
+                            .into_iter()
+                            .flatten()
+                            .filter(|r| r.status.is_final())
+                        {
+                            if let Some(tx) = o.remove(&r.task_id) {
+                                let _ = tx.send(());
+                            }
+                        }
+                    }
+                }
+                if std::sync::Arc::strong_count(&open) == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_micros((2 * ids.len() as u64).max(1_000))).await;
+            }
+        });
+        me
+    }
+
+    fn wait(&self, id: String) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id, tx);
+        rx
+    }
+}
+
+/// A process's CPU time so far (user and system, µs), from /proc.
+fn proc_cpu_us(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // After the command's name in parentheses: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).and_then(|t| t.parse().ok()).unwrap_or(0)
+        + f.get(12).and_then(|t| t.parse().ok()).unwrap_or(0);
+    // The kernel's clock ticks are 100 a second here (getconf CLK_TCK).
+    Ok(ticks * 10_000)
+}
+
+/// A process's resident memory (KiB), from /proc.
+fn proc_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .context("no VmRSS in /proc/<pid>/status")
 }
 
 /// Enqueues `n` no-op tasks in chunks; returns their ids.
