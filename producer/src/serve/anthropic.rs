@@ -7,13 +7,13 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
+use axum::response::Response;
 use axum::response::sse::Event;
-use axum::response::{IntoResponse, Response};
-use llmq_shared::outcome::{Status, TaskRecord};
+use llmq_shared::outcome::TaskRecord;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use super::stream::{self, Piece};
+use super::stream::Piece;
 use super::task::{self, ApiError, Dialect};
 use super::{App, AppState};
 use crate::batch_file::Reader;
@@ -48,26 +48,16 @@ async fn message(
     let t = Reader::quiet()
         .anthropic_params(body)
         .map_err(|e| ApiError::bad(None, e))?;
-    let mut ask = task::ask(&app, key.as_ref(), headers, t)?;
-    let live = stream && ask.env.tools.is_empty();
-    if live {
-        ask.env.stream = Some(true);
-    }
-    let id = task::enqueue(&app, &ask).await?;
-    let wait = task::wait_of(&app, headers);
-    if stream {
-        let pieces = stream::follow(Arc::clone(&app), id.clone(), wait, ask.keyed, live);
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(events(pieces, tx, id.clone(), ask.model));
-        return Ok(stream::respond(&id, rx));
-    }
-    let r = task::finished(&app, &id, wait, ask.keyed).await?;
-    if r.status != Status::Succeeded {
-        return Err(task::failure(&r, ask.keyed));
-    }
-    let mut response = axum::Json(crate::batch_file::anthropic_reply(&id, &r)).into_response();
-    task::describe(&mut response, &r);
-    Ok(response)
+    let ask = task::ask(&app, key.as_ref(), headers, t)?;
+    task::answer(
+        app,
+        headers,
+        ask,
+        stream,
+        crate::batch_file::anthropic_reply,
+        events,
+    )
+    .await
 }
 
 /// An event named as its data's `type`, as Anthropic sends them.

@@ -13,7 +13,10 @@ use serde_json::{Map, Value, json};
 
 use super::App;
 use super::keys::Key;
+use super::stream::Piece;
 use crate::batch_file::BatchTask;
+use axum::response::sse::Event;
+use tokio::sync::mpsc::{Receiver, Sender};
 
 /// The model name that leaves the choice to routing (by task type and learned stats).
 pub const AUTO: &str = "llmq/auto";
@@ -269,6 +272,50 @@ pub fn ask(app: &App, key: Option<&Key>, h: &HeaderMap, t: BatchTask) -> Result<
         model,
         keyed: idempotency.is_some(),
     })
+}
+
+/// Runs `ask` as a task and answers it: whole, as `whole` shapes a record, or with
+/// `stream` as the server-sent `events` make of its pieces.
+///
+/// # Errors
+/// The task cannot be enqueued, fails, or outlives the caller's wait.
+pub async fn answer<F>(
+    app: std::sync::Arc<App>,
+    headers: &HeaderMap,
+    mut ask: Ask,
+    stream: bool,
+    whole: fn(&str, &TaskRecord) -> Value,
+    events: impl FnOnce(Receiver<Piece>, Sender<Event>, String, String) -> F,
+) -> Result<Response, ApiError>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    // A task with tools is not streamed by the worker: its answer comes whole at the end.
+    let live = stream && ask.env.tools.is_empty();
+    if live {
+        ask.env.stream = Some(true);
+    }
+    let id = enqueue(&app, &ask).await?;
+    let wait = wait_of(&app, headers);
+    if stream {
+        let pieces = super::stream::follow(
+            std::sync::Arc::clone(&app),
+            id.clone(),
+            wait,
+            ask.keyed,
+            live,
+        );
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(events(pieces, tx, id.clone(), ask.model));
+        return Ok(super::stream::respond(&id, rx));
+    }
+    let r = finished(&app, &id, wait, ask.keyed).await?;
+    if r.status != Status::Succeeded {
+        return Err(failure(&r, ask.keyed));
+    }
+    let mut response = axum::Json(whole(&id, &r)).into_response();
+    describe(&mut response, &r);
+    Ok(response)
 }
 
 /// Checks `ask`'s envelope as a worker would, and enqueues it.
