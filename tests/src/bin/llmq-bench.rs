@@ -3147,19 +3147,7 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
         let keys = QueueKeys::new(&queue);
         let client = Client::new(&args.redis_url)?;
         client.ensure_group(&keys).await?;
-        let mock = MockServer::start(MockOptions::default())
-            .await
-            .context("cannot start the mock LLM server")?;
-        let config = Config::parse(
-            "llmq-bench.yaml",
-            &format!(
-                "providers:\n  - name: mock\n    kind: openai_compatible\n    base_url: {}/v1\n    \
-                 api_key: bench\n    models:\n      - {{id: mock-fast, input_usd_per_mtok: 0.15, \
-                 output_usd_per_mtok: 0.6}}\n",
-                mock.url()
-            ),
-            &|_| None,
-        )?;
+        let (mock, config) = mock_fast(Duration::ZERO).await?;
         let mut exe = std::env::current_exe()?;
         exe.pop();
         let llmq = exe.join("llmq");
