@@ -3182,6 +3182,7 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
                 e
             };
             // Paced: each path alone, at `rate`.
+            let before = Snapshot::take(redis).await?;
             let start = Instant::now();
             let mut asks = tokio::task::JoinSet::new();
             for i in 0..n {
@@ -3200,6 +3201,8 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
             while let Some(r) = asks.join_next().await {
                 direct_us.push(r??);
             }
+            let between = Snapshot::take(redis).await?;
+            let direct_redis_us = between.since(&before, n).redis_cpu_us_per_task;
             let cpu_before = proc_cpu_us(server.id())?;
             let start = Instant::now();
             for i in 0..n {
@@ -3219,6 +3222,7 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
                 gateway_us.push(r??);
             }
             let cpu_us_per_request = (proc_cpu_us(server.id())? - cpu_before) as f64 / n as f64;
+            let gateway_redis_us = Snapshot::take(redis).await?.since(&between, n).redis_cpu_us_per_task;
             direct_us.sort_unstable();
             gateway_us.sort_unstable();
             // The most: `callers` each asking again as soon as answered, 5 s a path.
@@ -3275,7 +3279,9 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
                 "bench=gateway requests={n} rate_per_s={rate:.0} direct_p50_ms={:.2} direct_p99_ms={:.2} \
                  gateway_p50_ms={:.2} gateway_p99_ms={:.2} added_p50_ms={:.2} added_p99_ms={:.2} \
                  callers={callers} direct_most_per_s={direct_most:.0} gateway_most_per_s={gateway_most:.0} \
-                 most_ratio={:.2} serve_cpu_us_per_request={cpu_us_per_request:.0} \
+                 most_ratio={:.2} direct_redis_cpu_us_per_task={direct_redis_us:.1} \
+                 gateway_redis_cpu_us_per_request={gateway_redis_us:.1} \
+                 serve_cpu_us_per_request={cpu_us_per_request:.0} \
                  serve_rss_kib_per_waiting_request={:.1}",
                 p(&direct_us, 50.0),
                 p(&direct_us, 99.0),
