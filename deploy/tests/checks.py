@@ -61,9 +61,16 @@ EGRESS = {
     "llmq": DNS | POSTGRES,
     # The web page (components/web, optional): no provider, no collector.
     "llmq web": DNS | REDIS | POSTGRES,
+    # The front door (components/serve, optional): Redis only.
+    "llmq serve": DNS | REDIS,
 }
 PODS = {"llmq-worker": "the worker pods", "llmq-scheduler": "the scheduler pods",
-        "llmq": "the migration Job's pods", "llmq web": "the web page's pods"}
+        "llmq": "the migration Job's pods", "llmq web": "the web page's pods",
+        "llmq serve": "the front door's pods"}
+# The components an overlay may leave out.
+OPTIONAL = {"llmq web", "llmq serve"}
+# The keys of the Secret llmq the front door may read: Redis only.
+SERVE_SECRET_KEYS = {"REDIS_URL"}
 # The keys of the Secret the web page may read: no provider key.
 WEB_SECRET_KEYS = {"REDIS_URL", "DATABASE_URL", "LLMQ_WEB_TOKEN"}
 
@@ -108,13 +115,15 @@ def binary(container):
 
 def workload_running(docs, program):
     """The workload whose container runs /usr/local/bin/<program> (names may carry a prefix).
-    `llmq web` is the web page's; plain `llmq` any other llmq command's (the migration Job)."""
+    `llmq web` is the web page's, `llmq serve` the front door's; plain `llmq` any other llmq
+    command's (the migration Job)."""
     name, _, sub = program.partition(" ")
     for w in workloads(docs):
         for c in containers(pod_spec(w)):
             if not binary(c) or Path(binary(c)).name != name:
                 continue
-            if name == "llmq" and ((c.get("args") or [None])[0] == "web") != (sub == "web"):
+            first = (c.get("args") or [None])[0]
+            if name == "llmq" and (first if first in ("web", "serve") else "") != sub:
                 continue
             return w, c
     return None, None
@@ -487,6 +496,43 @@ def check_web(docs):
     return problems
 
 
+def check_serve(docs):
+    """The front door, where an overlay adds it: at least two replicas of `llmq serve`
+    beyond loopback (it refuses that without keys), its keys a file from a Secret, only Redis
+    of the Secret llmq, /healthz probes on its port, a Service and a PodDisruptionBudget."""
+    w, c = workload_running(docs, "llmq serve")
+    if w is None:
+        return []
+    problems = []
+    if w["kind"] != "Deployment" or w["spec"].get("replicas", 1) < 2:
+        problems.append("llmq serve runs as a Deployment of two replicas at least")
+    env = env_of(docs, w, c)
+    for secret, key in secret_refs(c):
+        if key is None or key not in SERVE_SECRET_KEYS:
+            problems.append(f"llmq serve reads {key or 'every key'} of the Secret {secret}; "
+                            f"it needs only {', '.join(sorted(SERVE_SECRET_KEYS))}")
+    keys = env.get("LLMQ_SERVE_KEYS")
+    mounts = {m["mountPath"].rstrip("/"): m["name"] for m in c.get("volumeMounts", [])}
+    volume = next((v for v in pod_spec(w).get("volumes", [])
+                   if keys and v["name"] == mounts.get(str(Path(keys).parent))), None)
+    if volume is None or "secret" not in volume:
+        problems.append("LLMQ_SERVE_KEYS is not a file of a mounted Secret")
+    port = listen_port(env.get("LLMQ_SERVE_LISTEN") or "127.0.0.1:8000")
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        if get.get("path") != "/healthz" or _port(c, get.get("port")) != port:
+            problems.append(f"llmq serve: {probe} is not /healthz on {port}")
+    labels = pod_spec_labels(w)
+    services = [s for s in by_kind(docs, "Service")
+                if _selects({"matchLabels": s["spec"].get("selector")}, labels)]
+    if not any(_port(c, p.get("targetPort")) == port for s in services for p in s["spec"].get("ports", [])):
+        problems.append(f"no Service sends to llmq serve's port {port}")
+    pdbs = [p for p in by_kind(docs, "PodDisruptionBudget") if _selects(p["spec"].get("selector"), labels)]
+    if not pdbs:
+        problems.append("no PodDisruptionBudget keeps a replica of llmq serve up")
+    return problems
+
+
 def check_migration_job(docs):
     problems = []
     job, c = workload_running(docs, "llmq")
@@ -537,9 +583,13 @@ def check_keda(docs):
     objects = by_kind(docs, "ScaledObject")
     if len(objects) != 1:
         return [f"expected one ScaledObject, found {len(objects)}"]
-    if by_kind(docs, "HorizontalPodAutoscaler"):
-        problems.append("an HPA beside the ScaledObject: two autoscalers would fight over the workers")
     so = objects[0]
+    # The front door's HPA (components/serve) scales its own Deployment; one on the workers
+    # would fight the ScaledObject.
+    worker = (so["spec"].get("scaleTargetRef") or {}).get("name")
+    if any(((h.get("spec") or {}).get("scaleTargetRef") or {}).get("name") == worker
+           for h in by_kind(docs, "HorizontalPodAutoscaler")):
+        problems.append("an HPA beside the ScaledObject: two autoscalers would fight over the workers")
     spec = so["spec"]
     target = spec.get("scaleTargetRef") or {}
     if target.get("kind", "Deployment") != "Deployment" or target.get("name") != w["metadata"]["name"]:
@@ -769,7 +819,7 @@ def check_network_policies(docs):
     for program, egress in EGRESS.items():
         w, c = workload_running(docs, program)
         if w is None:
-            if program != "llmq web":  # the web page is an optional component
+            if program not in OPTIONAL:
                 problems.append(f"no workload runs {program}")
             continue
         pods = PODS[program]
@@ -798,6 +848,9 @@ def check_network_policies(docs):
                 problems.append(f"no NetworkPolicy restricts the {kind.lower()} of {pods}")
         if program in ("llmq", "llmq web"):  # the Job, and the page on loopback
             expected_in = set()
+        elif program == "llmq serve":  # its callers, probes and Prometheus, on one port
+            env = env_of(docs, w, c)
+            expected_in = {("TCP", listen_port(env.get("LLMQ_SERVE_LISTEN") or "0:8000"))}
         else:
             env = env_of(docs, w, c)
             expected_in = {("TCP", listen_port(env.get("LLMQ_METRICS_LISTEN", "0:0")))}

@@ -29,6 +29,10 @@ def trigger(docs, i=0):
     return checks.by_kind(docs, "ScaledObject")[0]["spec"]["triggers"][i]
 
 
+def serve(docs):
+    return checks.workload_running(docs, "llmq serve")[0]
+
+
 def hpa(docs):
     return checks.by_kind(docs, "HorizontalPodAutoscaler")[0]["spec"]
 
@@ -146,8 +150,19 @@ BREAKS = {
     "TLS Redis, plain KEDA": ("keda", checks.check_keda,
                               lambda d: set_secret(d, "REDIS_URL", "rediss://:change-me@redis:6379/0"), "enableTLS"),
     "an HPA beside KEDA": ("keda", checks.check_keda,
-                           lambda d: d.append({"kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"}}),
+                           lambda d: d.append({"kind": "HorizontalPodAutoscaler", "metadata": {"name": "x"},
+                                               "spec": {"scaleTargetRef": {"name": "llmq-worker"}}}),
                            "two autoscalers"),
+    # the front door
+    "the front door on one replica": ("example-overlay", checks.check_serve,
+                                      lambda d: serve(d)["spec"].update(replicas=1), "two replicas"),
+    "the front door reads every key": ("example-overlay", checks.check_serve,
+                                       lambda d: checks.pod_spec(serve(d))["containers"][0].update(
+                                           envFrom=[{"secretRef": {"name": "acme-llmq"}}]), "every key"),
+    "the front door's keys a literal": ("example-overlay", checks.check_serve,
+                                        lambda d: checks.pod_spec(serve(d))["containers"][0]["env"].append(
+                                            {"name": "LLMQ_SERVE_KEYS", "value": "/tmp/keys.jsonl"}),
+                                        "mounted Secret"),
     # the static HPA
     "averageValue != concurrency": ("static", checks.check_static_hpa,
                                     lambda d: hpa(d)["metrics"][0]["external"]["target"]

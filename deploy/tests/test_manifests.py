@@ -64,6 +64,17 @@ def test_the_web_page_is_on_loopback_with_its_token_from_the_secret(rendered, ov
     ok(checks.check_web(rendered[overlay]))
 
 
+@pytest.mark.parametrize("overlay", ALL)
+def test_the_front_door_has_two_replicas_keys_from_a_secret_and_a_service(rendered, overlay):
+    ok(checks.check_serve(rendered[overlay]))
+
+
+def test_the_operator_overlay_adds_the_front_door(rendered):
+    w, c = checks.workload_running(rendered["example-overlay"], "llmq serve")
+    assert w is not None and c["args"] == ["serve"]
+    assert checks.workload_running(rendered["example-overlay"], "llmq web")[1]["args"] == ["web"]
+
+
 def test_the_operator_overlay_adds_the_web_page(rendered):
     w, c = checks.workload_running(rendered["example-overlay"], "llmq web")
     assert w is not None and c["args"] == ["web"]
@@ -106,7 +117,7 @@ def test_the_static_hpa_targets_the_backlog_per_queue(rendered):
 
 def test_the_operator_overlay_replaces_the_secret_and_the_image(rendered):
     docs = rendered["example-overlay"]
-    secret = checks.by_kind(docs, "Secret")
+    secret = [s for s in checks.by_kind(docs, "Secret") if s["metadata"]["name"] == "acme-llmq"]
     assert len(secret) == 1
     assert "example-password" in checks.secret_data(secret[0])["REDIS_URL"]
     for w in checks.workloads(docs):
