@@ -267,6 +267,7 @@ pub fn ask(app: &App, key: Option<&Key>, h: &HeaderMap, t: BatchTask) -> Result<
     env.tool_choice = t.tool_choice.map(Box::new);
     env.response_format = t.response_format.map(Box::new);
     env.enqueued_at = Some(chrono::Utc::now());
+    env.traceparent = trace(&env, header("traceparent")?).map(Into::into);
     Ok(Ask {
         env,
         model,
@@ -316,6 +317,35 @@ where
     let mut response = axum::Json(whole(&id, &r)).into_response();
     describe(&mut response, &r);
     Ok(response)
+}
+
+/// The task's W3C `traceparent`: with traces exported, a span of the front door's, in the
+/// caller's trace when its request carried one, so the task's spans join it; without, the
+/// caller's own, passed on when well formed (a malformed one is ignored, as the W3C says).
+fn trace(env: &Envelope, given: Option<&str>) -> Option<String> {
+    let given = given.map(str::trim).filter(|t| well_formed_traceparent(t));
+    let span = tracing::trace_span!(
+        target: llmq_shared::telemetry::TARGET,
+        "llmq.serve",
+        llmq.task.id = %env.id.unwrap_or_default(),
+    );
+    if let Some(t) = given {
+        llmq_shared::telemetry::join_trace(&span, t);
+    }
+    llmq_shared::telemetry::traceparent(&span).or_else(|| given.map(Into::into))
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`, neither id all zeros.
+fn well_formed_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    let hex = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit());
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
 }
 
 /// Checks `ask`'s envelope as a worker would, and enqueues it.

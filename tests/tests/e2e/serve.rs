@@ -312,10 +312,12 @@ async fn hostile_requests_are_refused_with_nothing_enqueued_and_a_long_task_answ
 
     // No worker yet: the task waits in the queue past the caller's 1 s, which gets 504 and
     // the task's id; the task runs when a worker comes.
+    let caller_trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let r = http
         .post(format!("{base}{chat}"))
         .bearer_auth(&key)
         .header("llmq-timeout", "1")
+        .header("traceparent", caller_trace)
         .json(&json!({"model": "mock-fast", "messages": [{"role": "user", "content": "later"}]}))
         .send()
         .await
@@ -323,6 +325,24 @@ async fn hostile_requests_are_refused_with_nothing_enqueued_and_a_long_task_answ
     assert_eq!(r.status().as_u16(), 504);
     let id = r.headers()["llmq-task-id"].to_str().unwrap().to_owned();
     assert_eq!(r.headers()["x-should-retry"], "false");
+    // The task carries the caller's trace, so its spans join it. (A key's tenant puts it in
+    // the room: its priority's list of the tenant's tasks.)
+    let waiting: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{}:0:acme", env.keys.room()))
+        .arg(0)
+        .arg(-1)
+        .query_async(c)
+        .await
+        .unwrap();
+    assert_eq!(waiting.len(), 1);
+    let task: Value = serde_json::from_str(&waiting[0]).unwrap();
+    assert!(
+        task["traceparent"]
+            .as_str()
+            .unwrap()
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{task}"
+    );
     let worker = env.worker();
     let record = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
     assert!(record.output.unwrap().contains("later"));
