@@ -354,18 +354,20 @@ fn well_formed_traceparent(t: &str) -> bool {
 /// 400 naming the field a worker would refuse, 413 for a task over the worker's size
 /// limit, 503 when Redis cannot take it.
 pub async fn enqueue(app: &App, ask: &Ask) -> Result<String, ApiError> {
-    let value = serde_json::to_value(&ask.env).unwrap_or_default();
-    let size = value.to_string().len();
-    if size > llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES {
-        return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "The request makes a task of {size} bytes; a task may be {} bytes at most",
-                llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES
-            ),
-        ));
+    let max = llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES;
+    let raw = serde_json::to_vec(&ask.env).unwrap_or_default();
+    match Envelope::parse(&raw, max) {
+        Ok(_) => {}
+        Err(llmq_shared::envelope::Error::TooLarge { size, limit }) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "The request makes a task of {size} bytes; a task may be {limit} bytes at most"
+                ),
+            ));
+        }
+        Err(e) => return Err(ApiError::bad(None, e.to_string())),
     }
-    Envelope::from_value(value).map_err(|e| ApiError::bad(None, e.to_string()))?;
     app.serve
         .redis
         .enqueue(&app.keys, &ask.env)
