@@ -52,7 +52,12 @@ pub fn follow(
             false
         };
         let left = wait.saturating_sub(started.elapsed());
-        let piece = match task::finished(&app, &id, left, keyed).await {
+        // A caller that went away waits no more (its task goes on).
+        let finished = tokio::select! {
+            f = task::finished(&app, &id, left, keyed) => f,
+            () = tx.closed() => return,
+        };
+        let piece = match finished {
             Ok(r) if r.status == Status::Succeeded => Piece::End {
                 record: Box::new(r),
                 streamed,
