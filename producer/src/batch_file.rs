@@ -716,6 +716,18 @@ fn openai_result(id: &str, r: &TaskRecord) -> Value {
     json!({"id": format!("batch_req_{id}"), "response": response, "error": error})
 }
 
+/// OpenAI's finish reason for a succeeded task's record.
+#[must_use]
+pub fn finish_reason(r: &TaskRecord) -> &'static str {
+    if !r.tool_calls.is_empty() {
+        "tool_calls"
+    } else if r.truncated {
+        "length"
+    } else {
+        "stop"
+    }
+}
+
 /// A succeeded task's record as OpenAI's `chat.completion` (`chatcmpl-<id>`).
 #[must_use]
 pub fn chat_completion(id: &str, r: &TaskRecord) -> Value {
@@ -745,7 +757,7 @@ pub fn chat_completion(id: &str, r: &TaskRecord) -> Value {
             "index": 0,
             "message": message,
             "logprobs": null,
-            "finish_reason": if r.tool_calls.is_empty() { "stop" } else { "tool_calls" },
+            "finish_reason": finish_reason(r),
         }],
         "usage": {
             "prompt_tokens": r.input_tokens,
@@ -773,7 +785,13 @@ pub fn anthropic_reply(id: &str, r: &TaskRecord) -> Value {
         "role": "assistant",
         "model": r.model.clone().unwrap_or_default(),
         "content": content,
-        "stop_reason": if r.tool_calls.is_empty() { "end_turn" } else { "tool_use" },
+        "stop_reason": if !r.tool_calls.is_empty() {
+            "tool_use"
+        } else if r.truncated {
+            "max_tokens"
+        } else {
+            "end_turn"
+        },
         "stop_sequence": null,
         "usage": {
             // Anthropic counts cache reads apart from the input; llmq within it.

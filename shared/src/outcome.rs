@@ -176,6 +176,9 @@ pub struct TaskRecord {
     /// The tools the model called, when the task gave it tools. llmq never runs them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<crate::conversation::ToolCall>,
+    /// The output limit (`max_tokens`) cut the answer short.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
     /// Answered from the answer cache, without a call.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cached: bool,
@@ -226,6 +229,7 @@ impl TaskRecord {
             learned: None,
             json: None,
             tool_calls: Vec::new(),
+            truncated: false,
             cached: false,
             cached_from: None,
             duplicate_of: None,

@@ -36,8 +36,12 @@ def openai_chat():
         temperature=0,
     )
     c = raw.parse()
+    short = oa().chat.completions.create(
+        model="mock-fast", messages=[{"role": "user", "content": "a long answer, cut short"}],
+        max_completion_tokens=3)
     return {"text": c.choices[0].message.content, "model": c.model,
             "finish_reason": c.choices[0].finish_reason,
+            "short_finish_reason": short.choices[0].finish_reason,
             "total_tokens": c.usage.total_tokens, "task_id": raw.headers.get("llmq-task-id"),
             "cost": raw.headers.get("llmq-cost-usd"), "provider": raw.headers.get("llmq-provider"),
             "models": sorted(m.id for m in oa().models.list())}
@@ -99,8 +103,12 @@ def anthropic_message():
         model="mock-fast", max_tokens=100, system="Be brief.",
         messages=[{"role": "user", "content": "say hello, Anthropic style"}],
     )
+    short = an().messages.create(
+        model="mock-fast", max_tokens=3,
+        messages=[{"role": "user", "content": "a long answer, cut short"}])
     return {"text": "".join(b.text for b in m.content if b.type == "text"), "model": m.model,
-            "stop_reason": m.stop_reason, "output_tokens": m.usage.output_tokens}
+            "stop_reason": m.stop_reason, "output_tokens": m.usage.output_tokens,
+            "short_stop_reason": short.stop_reason}
 
 
 def anthropic_stream():

@@ -172,11 +172,7 @@ fn end(
             .collect();
         events.push(delta(&model, json!({"tool_calls": calls}), None));
     }
-    let finish = if r.tool_calls.is_empty() {
-        "stop"
-    } else {
-        "tool_calls"
-    };
+    let finish = crate::batch_file::finish_reason(r);
     events.push(delta(&model, json!({}), Some(finish)));
     if include_usage {
         let usage = crate::batch_file::chat_completion("", r)["usage"].clone();

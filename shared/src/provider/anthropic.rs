@@ -245,6 +245,7 @@ fn stream_event(
             if let Some(n) = v["usage"]["output_tokens"].as_u64() {
                 acc.usage.output_tokens = n;
             }
+            acc.truncated = v["delta"]["stop_reason"] == "max_tokens";
             Ok(None)
         }
         Some("message_stop") => {
@@ -405,6 +406,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
         usage,
         tool_calls,
         json: None,
+        truncated: parsed.stop_reason.as_deref() == Some("max_tokens"),
     })
 }
 

@@ -222,6 +222,7 @@ fn stream_event(
             return Err((ErrorClass::Fatal, format!("blocked: {finish}")));
         }
         acc.done = true;
+        acc.truncated = finish == "MAX_TOKENS";
     }
     let text: String = candidate["content"]["parts"]
         .as_array()
@@ -501,6 +502,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, (ErrorClass, 
         usage,
         tool_calls,
         json: None,
+        truncated: finish == "MAX_TOKENS",
     })
 }
 
@@ -633,6 +635,7 @@ mod tests {
         // Out of output tokens while thinking: an empty answer, not an error.
         let c = parse_completion(r#"{"candidates":[{"finishReason":"MAX_TOKENS"}]}"#).unwrap();
         assert_eq!(c.text, "");
+        assert!(c.truncated);
         let (class, _) =
             parse_completion(r#"{"candidates":[{"finishReason":"OTHER"}]}"#).unwrap_err();
         assert_eq!(class, ErrorClass::Retryable);

@@ -113,6 +113,8 @@ pub(crate) struct Streamed {
     pub(crate) usage: Usage,
     /// The format said the answer is complete.
     pub(crate) done: bool,
+    /// The format said the output limit cut it short ([`Completion::truncated`]).
+    pub(crate) truncated: bool,
 }
 
 /// One event of a streamed answer (a JSON payload) read into `acc`: the text it adds.
@@ -279,6 +281,10 @@ pub struct Completion {
     pub tool_calls: Vec<ToolCall>,
     /// The answer read as JSON, when the task asked for JSON (`response_format`).
     pub json: Option<serde_json::Value>,
+    /// The output limit (`max_tokens`) cut the answer short: OpenAI's finish reason
+    /// `length`, Anthropic's stop reason `max_tokens`, Gemini's `MAX_TOKENS`, Ollama's
+    /// `length`.
+    pub truncated: bool,
 }
 
 /// A failed call, classified.
@@ -633,6 +639,7 @@ async fn exchange_streamed(
     Ok(Completion {
         text: acc.text,
         usage: acc.usage,
+        truncated: acc.truncated,
         ..Completion::default()
     })
 }

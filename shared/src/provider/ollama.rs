@@ -130,6 +130,7 @@ fn stream_event(
     }
     if v["done"] == true {
         acc.done = true;
+        acc.truncated = v["done_reason"] == "length";
         acc.usage = Usage {
             input_tokens: v["prompt_eval_count"].as_u64().unwrap_or(0),
             output_tokens: v["eval_count"].as_u64().unwrap_or(0),
@@ -178,6 +179,9 @@ struct ChatResponse {
     /// Absent when the whole prompt came from Ollama's cache.
     prompt_eval_count: Option<u64>,
     eval_count: Option<u64>,
+    /// `length` when `num_predict` cut the answer short.
+    #[serde(default)]
+    done_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -212,6 +216,7 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
         },
         tool_calls: super::openai::tool_calls(message.tool_calls),
         json: None,
+        truncated: parsed.done_reason.as_deref() == Some("length"),
     })
 }
 

@@ -203,8 +203,9 @@ fn stream_event(
         acc.usage = u.to_usage();
     }
     let choice = &v["choices"][0];
-    if choice["finish_reason"].is_string() {
+    if let Some(finish) = choice["finish_reason"].as_str() {
         acc.done = true;
+        acc.truncated = finish == "length";
     }
     Ok(choice["delta"]["content"].as_str().map(str::to_owned))
 }
@@ -314,6 +315,8 @@ struct ChatResponse {
 #[derive(Deserialize)]
 struct Choice {
     message: Message,
+    #[serde(default)]
+    finish_reason: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -402,7 +405,11 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
             excerpt(body, 200)
         )
     })?;
-    let message = parsed.choices.into_iter().next().map(|c| c.message);
+    let choice = parsed.choices.into_iter().next();
+    let truncated = choice
+        .as_ref()
+        .is_some_and(|c| c.finish_reason.as_deref() == Some("length"));
+    let message = choice.map(|c| c.message);
     let (text, calls) = match message {
         Some(Message {
             content,
@@ -423,12 +430,28 @@ fn parse_completion(body: &str) -> std::result::Result<Completion, String> {
         usage,
         tool_calls: calls,
         json: None,
+        truncated,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_cut_by_the_output_limit_is_truncated() {
+        let body = |finish: &str| {
+            format!(
+                r#"{{"choices":[{{"message":{{"content":"hi"}},"finish_reason":"{finish}"}}]}}"#
+            )
+        };
+        assert!(parse_completion(&body("length")).unwrap().truncated);
+        assert!(!parse_completion(&body("stop")).unwrap().truncated);
+        let mut acc = Streamed::default();
+        let chunk = r#"{"choices":[{"delta":{},"finish_reason":"length"}]}"#;
+        stream_event(&serde_json::from_str(chunk).unwrap(), &mut acc).unwrap();
+        assert!(acc.done && acc.truncated);
+    }
 
     #[test]
     fn usage_maps_cached_and_reasoning_tokens() {

@@ -83,6 +83,8 @@ async fn the_openai_sdk_chats_streams_and_calls_tools_through_the_queue() {
     );
     assert_eq!(chat["model"], "mock-fast");
     assert_eq!(chat["finish_reason"], "stop");
+    // An answer the output limit cut short says so, as the provider said it.
+    assert_eq!(chat["short_finish_reason"], "length", "{chat}");
     assert!(chat["total_tokens"].as_u64().unwrap() > 0);
     assert_eq!(chat["provider"], "mock");
     assert!(
@@ -148,6 +150,7 @@ async fn the_anthropic_sdk_gets_messages_and_their_events() {
         "{m}"
     );
     assert_eq!(m["stop_reason"], "end_turn");
+    assert_eq!(m["short_stop_reason"], "max_tokens", "{m}");
     assert!(m["output_tokens"].as_u64().unwrap() > 0);
     let s = sdk("anthropic_stream", &base, &key).await;
     let kinds: Vec<&str> = s["kinds"]

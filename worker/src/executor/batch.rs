@@ -204,6 +204,7 @@ pub(super) fn answered(answer: &BatchAnswer, env: &Envelope) -> Tried {
         usage: answer.usage(),
         tool_calls: answer.tool_calls.clone(),
         json: None,
+        truncated: false,
     };
     let req = Request {
         model: &answer.model,

@@ -1090,6 +1090,7 @@ fn apply(
             record.output = Some(completion.text);
             record.json = completion.json;
             record.tool_calls = completion.tool_calls;
+            record.truncated = completion.truncated;
             record.input_tokens = usage.input_tokens;
             record.output_tokens = usage.output_tokens;
             record.cached_tokens = usage.cached_tokens;

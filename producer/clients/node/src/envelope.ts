@@ -238,6 +238,8 @@ export interface TaskRecord {
   json?: unknown;
   tool_calls?: { id: string; name: string; arguments: unknown; signature?: string }[];
   learned?: { strategy: string; propensity: number; explored: boolean; candidates: string[] };
+  /** `true`: the output limit (`max_tokens`) cut the answer short. */
+  truncated?: boolean;
   /** `true`: answered from the answer cache, without a call (`cost_usd` 0). */
   cached?: boolean;
   /** For a cached answer, the task whose call gave it. */

@@ -83,6 +83,8 @@ class TaskRecord:
     #: The answer parsed as JSON, for a task with ``response_format``.
     json: Any = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    #: True: the output limit (``max_tokens``) cut the answer short.
+    truncated: bool = False
     #: True: answered from the answer cache, without a call (``cost_usd`` 0).
     cached: bool = False
     #: For a cached answer, the task whose call gave it.
