@@ -23,12 +23,8 @@ pub async fn messages(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = match message(app, &headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(Dialect::Anthropic),
-    };
-    task::count("/v1/messages", &r);
-    r
+    let answer = message(app, &headers, body).await;
+    task::respond("/v1/messages", Dialect::Anthropic, answer)
 }
 
 async fn message(

@@ -23,12 +23,8 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let r = match chat(app, &headers, body).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(Dialect::OpenAi),
-    };
-    task::count("/v1/chat/completions", &r);
-    r
+    let answer = chat(app, &headers, body).await;
+    task::respond("/v1/chat/completions", Dialect::OpenAi, answer)
 }
 
 async fn chat(

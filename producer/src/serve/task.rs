@@ -428,11 +428,18 @@ pub async fn finished(
     })
 }
 
-/// Counts an answer of `route` by its status (`llmq_serve_requests_total`).
-pub fn count(route: &'static str, r: &Response) {
+/// The answer of `route`, an error in `dialect`'s shape, counted by its status
+/// (`llmq_serve_requests_total`).
+pub fn respond(
+    route: &'static str,
+    dialect: Dialect,
+    answer: Result<Response, ApiError>,
+) -> Response {
+    let r = answer.unwrap_or_else(|e| e.into_response(dialect));
     metrics::counter!("llmq_serve_requests_total", "route" => route,
         "status" => r.status().as_u16().to_string())
     .increment(1);
+    r
 }
 
 /// A request waiting for its task, counted in `llmq_serve_open_requests` while it lives.
