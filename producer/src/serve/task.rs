@@ -255,6 +255,8 @@ pub fn ask(app: &App, key: Option<&Key>, h: &HeaderMap, t: BatchTask) -> Result<
         env.task_type = Some(ty.into());
     }
     let idempotency = header("idempotency-key")?.filter(|k| !k.is_empty());
+    // Workers scope the key to the task's tenant, the key's: another tenant sending the same
+    // key gets its own task, never this one's answer.
     env.idempotency_key = idempotency.map(Into::into);
     env.priority = priority;
     env.tenant = key.map(|k| k.tenant.as_str().into());

@@ -498,3 +498,57 @@ async fn two_hundred_requests_at_once_against_a_limited_provider_all_answer_200(
     stop.cancel();
     worker.stop().await.unwrap();
 }
+
+/// An `Idempotency-Key` is the caller's tenant's: another tenant sending the same key with
+/// its own request gets its own answer, never the first tenant's.
+#[tokio::test]
+async fn the_same_idempotency_key_from_two_tenants_makes_two_tasks() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let (base, key_a, stop) = server(&env, Duration::from_secs(60)).await;
+    let file = std::env::temp_dir()
+        .join(format!("llmq-serve-{}", env.queue))
+        .join("keys.jsonl");
+    let (code, printed) = env
+        .cli(&[
+            "keys",
+            "create",
+            "--file",
+            file.to_str().unwrap(),
+            "--tenant",
+            "globex",
+        ])
+        .await;
+    assert_eq!(code, 0, "{printed}");
+    let key_b = printed.lines().next().unwrap().to_owned();
+    // The server reads the file again once a second at most.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let http = reqwest::Client::new();
+    let ask = |key: String, prompt: &'static str| {
+        http.post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("Idempotency-Key", "order-42")
+            .json(&json!({"model": "mock-fast", "messages": [{"role": "user", "content": prompt}]}))
+            .send()
+    };
+    let a: Value = ask(key_a, "acme's secret plan")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let r = ask(key_b, "globex's question").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let b: Value = r.json().await.unwrap();
+    let text = |v: &Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(text(&a).contains("acme's secret plan"), "{a}");
+    assert!(text(&b).contains("globex's question"), "{b}");
+    assert_eq!(env.mock.total_calls(), 2);
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
