@@ -484,11 +484,13 @@ pub fn failure(r: &TaskRecord, keyed: bool) -> ApiError {
     });
     let (status, code) = match r.error_class {
         Some(ErrorClass::Fatal | ErrorClass::Invalid) => (StatusCode::BAD_REQUEST, None),
+        // 429 is a caller's own limit, which its SDK waits out and sends again; a provider's
+        // limit or budget that ended the task is the fleet's.
         Some(ErrorClass::RateLimited) => {
-            (StatusCode::TOO_MANY_REQUESTS, Some("rate_limit_exceeded"))
+            (StatusCode::SERVICE_UNAVAILABLE, Some("rate_limit_exceeded"))
         }
         Some(ErrorClass::QuotaExhausted) => {
-            (StatusCode::TOO_MANY_REQUESTS, Some("insufficient_quota"))
+            (StatusCode::SERVICE_UNAVAILABLE, Some("insufficient_quota"))
         }
         Some(ErrorClass::Unavailable) => (StatusCode::SERVICE_UNAVAILABLE, None),
         _ => (StatusCode::BAD_GATEWAY, None),
