@@ -91,16 +91,7 @@ async fn events(
                     "delta": {"type": "text_delta", "text": t}}));
             }
             Piece::End { record, streamed } => out.extend(end(&record, streamed, open)),
-            Piece::Fail(e) => {
-                let kind = match e.status.as_u16() {
-                    400 => "invalid_request_error",
-                    429 => "rate_limit_error",
-                    503 => "overloaded_error",
-                    504 => "timeout_error",
-                    _ => "api_error",
-                };
-                out.push(json!({"type": "error", "error": {"type": kind, "message": e.message}}));
-            }
+            Piece::Fail(e) => out.push(e.body(Dialect::Anthropic)),
         }
         for data in &out {
             if tx.send(event(data)).await.is_err() {

@@ -126,13 +126,7 @@ async fn chunks(
             Piece::End { record, streamed } => {
                 end(&record, streamed, include_usage, &delta, &chunk)
             }
-            Piece::Fail(e) => vec![
-                Event::default().data(
-                    json!({"error": {"message": e.message, "type": "server_error",
-                    "code": e.code, "param": null}})
-                    .to_string(),
-                ),
-            ],
+            Piece::Fail(e) => vec![Event::default().data(e.body(Dialect::OpenAi).to_string())],
         };
         for e in events {
             if tx.send(e).await.is_err() {

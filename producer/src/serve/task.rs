@@ -70,9 +70,11 @@ impl ApiError {
         self
     }
 
-    pub fn into_response(self, dialect: Dialect) -> Response {
+    /// The error's body in `dialect`'s shape, as a response carries it and as a stream's
+    /// error event does.
+    pub fn body(&self, dialect: Dialect) -> Value {
         let s = self.status.as_u16();
-        let body = match dialect {
+        match dialect {
             Dialect::OpenAi => {
                 let kind = match s {
                     400 | 404 | 413 | 422 => "invalid_request_error",
@@ -99,7 +101,11 @@ impl ApiError {
                 };
                 json!({"type": "error", "error": {"type": kind, "message": self.message}})
             }
-        };
+        }
+    }
+
+    pub fn into_response(self, dialect: Dialect) -> Response {
+        let body = self.body(dialect);
         let mut r = (self.status, axum::Json(body)).into_response();
         let h = r.headers_mut();
         h.insert(

@@ -187,7 +187,8 @@ async fn sdk_errors_come_in_each_provider_s_shape_and_a_retried_key_runs_once() 
     );
     assert_eq!(e["openai_404"], json!([404, "model_not_found"]), "{e}");
     assert_eq!(e["openai_n"], json!([400, "n"]), "{e}");
-    assert!(e["anthropic_max_tokens"].is_string(), "{e}");
+    // Refused by the server (400), not by the SDK before it sent anything.
+    assert_eq!(e["anthropic_max_tokens"], "BadRequestError", "{e}");
     // The task that failed at the provider: 400, and the SDK is told not to send it again.
     assert_eq!(e["openai_failed_task"], json!([400, "false"]), "{e}");
     // Of all of these only that task reached the provider.
@@ -273,6 +274,14 @@ async fn hostile_requests_are_refused_with_nothing_enqueued_and_a_long_task_answ
             400,
         ),
         (chat, vec![b' '; 5 * 1024 * 1024], 413),
+        (
+            "/v1/messages",
+            json!({"model": "mock-fast",
+            "messages": [{"role": "user", "content": "no max_tokens"}]})
+            .to_string()
+            .into_bytes(),
+            400,
+        ),
         (
             "/v1/messages",
             json!({"model": "mock-fast", "max_tokens": 10,
