@@ -33,6 +33,13 @@ pub struct Reservation {
     paced_tokens: u64,
 }
 
+/// A task that may wait in a provider's line, and when it first asked for this call.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiter<'a> {
+    pub task: &'a str,
+    pub since: DateTime<Utc>,
+}
+
 /// Why a provider cannot take a call now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -166,10 +173,11 @@ impl Limiter {
             .await
     }
 
-    /// [`Limiter::reserve`] for `asker`: a priority, and the id of the task asking, which may
-    /// wait in the provider's line when its slot is near (`Refusal::in_line`): the line
-    /// gives a slot that opens to the most urgent priority waiting, and within it to who
-    /// asked first.
+    /// [`Limiter::reserve`] for `asker`: a priority, and the task asking, which may wait in
+    /// the provider's line when its slot is near (`Refusal::in_line`): the line gives a slot
+    /// that opens to the most urgent priority waiting, and within it to who asked first. A
+    /// waiter back late (past its slot and grace) has left the line; it comes back in at
+    /// the place its first ask gives it (at most a window old), not at the end.
     ///
     /// # Errors
     /// Redis fails.
@@ -177,7 +185,7 @@ impl Limiter {
         &self,
         provider: &str,
         quotas: &Quotas,
-        asker: (u8, Option<&str>),
+        asker: (u8, Option<Waiter<'_>>),
         tokens: u64,
         usd: f64,
         now: DateTime<Utc>,
@@ -218,7 +226,8 @@ impl Limiter {
             .arg(priority)
             .arg(shares(quotas))
             .arg(quotas.burst())
-            .arg(waiter.unwrap_or_default())
+            .arg(waiter.map_or("", |w| w.task))
+            .arg(waiter.map_or(0, |w| w.since.timestamp_millis()))
             .invoke_async(&mut c)
             .await?;
         match reply.first() {

@@ -11,7 +11,7 @@
 --       11 next month (ms), 12 day label, 13 month label, 14 the call's priority,
 --       15 the reserved shares: `<priority>:<percent>` comma-separated, or '',
 --       16 burst (requests beyond the steady pace), 17 the asker (a task's id: it may wait
---       in the line) or '' (it may not)
+--       in the line) or '' (it may not), 18 when the asker first asked for this call (ms)
 -- A reserved share holds `percent` of rpm and tpm for its priority while that priority has
 -- asked within the window (under a pace: while a task of it waits in the line): every other
 -- priority's call must leave the unused rest of it free. A priority that has not asked
@@ -28,7 +28,8 @@
 -- burst costs a gap a window later, when the log is full and the pace ahead of it.
 -- The line: who gets the next slot. An asker refused while its slot is within the horizon
 -- (two intervals of the pace, 500 ms at least) waits in the line, ordered by priority and
--- then by when it first asked, and must be back by its slot and a grace; a slot open now
+-- then by when it first asked (a waiter back late, after it left, comes in at that place
+-- again, at most a window old), and must be back by its slot and a grace; a slot open now
 -- goes to the head of the line, so a priority that asks gets the next slot. An asker whose
 -- slot is further hands its task back (to the room, whose order decides who asks next).
 -- tpm's pace is charged what calls use (the mean of the calls reconciled), not their
@@ -154,7 +155,9 @@ local asker = ARGV[17]
 local place, score, ahead = false, 0, 0
 if pacing then
   place = asker ~= '' and redis.call('ZSCORE', line, asker)
-  score = tonumber(place or (tonumber(priority) * 1e13 + now))
+  local since = tonumber(ARGV[18])
+  since = since > 0 and math.min(now, math.max(since, now - window)) or now
+  score = tonumber(place or (tonumber(priority) * 1e13 + since))
   local from = unmet and string.format('%.0f', tonumber(priority) * 1e13) or '-inf'
   ahead = redis.call('ZCOUNT', line, from, '(' .. string.format('%.0f', score))
   -- Tasks whose share is held go first: the more urgent of them before an asker whose own

@@ -638,7 +638,7 @@ async fn sigkilled_workers_lose_no_classed_task_and_the_room_drains() {
     drop(workers);
 }
 
-/// Issue 69, scaled down: a provider paced at 30 calls a 3 s window, two workers with
+/// Issue 69, scaled down: a provider paced at 30 calls a 6 s window, two workers with
 /// sixteen slots each (more than the limit allows). A tenant floods 60 tasks at priority 5;
 /// once its calls flow two small tenants add 12 each, and then an urgent task (priority 0)
 /// comes. Counted in calls, not time: the urgent task is called within the few calls
@@ -656,7 +656,8 @@ async fn under_a_paced_limit_the_urgent_get_the_next_slot_and_tenants_take_turns
     s.config.providers[0].name = provider.as_str().into();
     let quotas = &mut s.config.providers[0].quotas;
     quotas.rpm = Some(30);
-    quotas.window = Duration::from_secs(3);
+    // A call each 200 ms: slack for a loaded machine's late timers and slow fetches.
+    quotas.window = Duration::from_secs(6);
     let workers = [WorkerHandle::start(s.clone()), WorkerHandle::start(s)];
     let task = |name: String, priority: i64, tenant: Option<&str>| {
         let mut e = Envelope::new(name);
@@ -718,11 +719,11 @@ async fn under_a_paced_limit_the_urgent_get_the_next_slot_and_tenants_take_turns
         "the urgent task was call {urgent_at}, enqueued after call {urgent_after}: {order:?}"
     );
     // From the calls after the small tenants came (the first few were in the line already:
-    // it holds what is due within 500 ms, five calls at this pace, and one in flight), the
+    // it holds what is due within 500 ms, three calls at this pace, and one in flight), the
     // three tenants take turns while all have tasks: each small tenant has about a third of
     // the first 24 (in the order the mock saw them: without turns, none, behind the
-    // flood's 60). At least 4: on a loaded machine a waiter woken late past its slot and
-    // grace loses its place in the line and asks again at its end (seen once: 4 of 24).
+    // flood's 60). At least 6: a waiter woken late past its slot and grace comes in again at
+    // its first place (quota.rs: a_waiter_back_late_comes_in_again_at_its_first_place).
     let after: Vec<&str> = order[small_after + 6..]
         .iter()
         .filter(|p| **p != "urgent")
@@ -731,7 +732,7 @@ async fn under_a_paced_limit_the_urgent_get_the_next_slot_and_tenants_take_turns
         .collect();
     for tenant in ["small-a ", "small-b "] {
         let got = after.iter().filter(|p| p.starts_with(tenant)).count();
-        assert!(got >= 4, "{tenant}had {got} of the first 24: {after:?}");
+        assert!(got >= 6, "{tenant}had {got} of the first 24: {after:?}");
     }
     for w in workers {
         w.stop().await.unwrap();

@@ -9,7 +9,7 @@ use llmq_shared::circuit::{self, Admission, Circuits};
 use llmq_shared::config::{Cooldown, Quotas};
 use llmq_shared::provider::Scope;
 use llmq_shared::queue::Client;
-use llmq_shared::quota::{Decision, Limiter};
+use llmq_shared::quota::{Decision, Limiter, Waiter};
 use llmq_tests::harness::redis_url;
 
 fn provider() -> String {
@@ -694,6 +694,10 @@ struct Asker {
     until: i64,
 }
 
+fn at(ms: i64) -> chrono::DateTime<Utc> {
+    Utc.timestamp_millis_opt(ms).unwrap()
+}
+
 /// Drives a crowd of askers on a driven clock until `end`, each asking as a worker does:
 /// back at its slot while it waits in the line, a little later when handed back. Returns
 /// every grant: when, to whom, at which priority.
@@ -707,6 +711,8 @@ async fn drive(
     end: i64,
 ) -> Vec<(i64, String, u8)> {
     let mut grants = Vec::new();
+    // When each asker first asked for its present call, as a worker keeps it.
+    let mut since: HashMap<String, i64> = HashMap::new();
     while let Some(i) = (0..askers.len()).min_by_key(|&i| askers[i].at) {
         let Asker {
             at: t,
@@ -717,9 +723,13 @@ async fn drive(
         if t > end {
             break;
         }
-        let at = Utc.timestamp_millis_opt(t).unwrap();
+        let first = *since.entry(id.clone()).or_insert(t);
+        let waiter = Waiter {
+            task: id,
+            since: at(first),
+        };
         match limiter
-            .reserve_in_line(name, quotas, (p, Some(id)), est, 0.0, at)
+            .reserve_in_line(name, quotas, (p, Some(waiter)), est, 0.0, at(t))
             .await
             .unwrap()
         {
@@ -740,10 +750,16 @@ async fn drive(
             Decision::Refused(r) => {
                 let back = r.until.timestamp_millis();
                 assert!(back > t || r.in_line, "{name}: refused until {back} at {t}");
-                // Waiting in the line, back at its slot; handed back, a little later.
+                // Waiting in the line, back at its slot (now and then a little late, as a
+                // loaded worker is); handed back, a little later, asking anew.
                 let later = if r.in_line {
-                    0
+                    if p > 0 && rng.below(10) == 0 {
+                        rng.below(30) as i64
+                    } else {
+                        0
+                    }
                 } else {
+                    since.remove(&askers[i].id);
                     1 + rng.below(50) as i64
                 };
                 askers[i].at = back.max(t + 1) + later;
@@ -751,6 +767,55 @@ async fn drive(
         }
     }
     grants
+}
+
+/// A waiter back late, past its slot and grace, has left the line (a worker that died must
+/// not hold it); asking again, it comes in at the place its first ask gave it, ahead of those
+/// who asked after it, not at the end.
+#[tokio::test]
+async fn a_waiter_back_late_comes_in_again_at_its_first_place() {
+    let limiter = limiter();
+    let name = provider();
+    let quotas = Quotas {
+        rpm: Some(60),
+        window: Duration::from_secs(60),
+        burst: Some(0),
+        ..Quotas::default()
+    };
+    let t0 = Utc::now().timestamp_millis();
+    let ask = |task: &'static str, since: i64, now: i64| {
+        let (limiter, name, quotas) = (&limiter, &name, &quotas);
+        async move {
+            let waiter = Waiter {
+                task,
+                since: at(since),
+            };
+            limiter
+                .reserve_in_line(name, quotas, (5, Some(waiter)), 1, 0.0, at(now))
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(ask("x", t0, t0).await, Decision::Granted { .. }));
+    // The next slot is a second on: a, then b, wait in the line for it.
+    let Decision::Refused(a) = ask("a", t0 + 1, t0 + 1).await else {
+        panic!("a second call within the pace's interval was granted")
+    };
+    let Decision::Refused(b) = ask("b", t0 + 2, t0 + 2).await else {
+        panic!("a third call within the pace's interval was granted")
+    };
+    assert!(a.in_line && b.in_line && a.until < b.until, "{a:?} {b:?}");
+    // Both are back late, a first: past its slot and grace it has left the line, and is let
+    // in at its first place, so the slot is its.
+    let late = b.until.timestamp_millis() + 1;
+    assert!(
+        matches!(ask("a", t0 + 1, late).await, Decision::Granted { .. }),
+        "a waiter back late lost its place"
+    );
+    let Decision::Refused(b) = ask("b", t0 + 2, late + 1).await else {
+        panic!("two calls were granted within the pace's interval")
+    };
+    assert!(b.in_line, "{b:?}");
 }
 
 /// The pace and the line, property-tested on a driven clock: for random limits (of requests,

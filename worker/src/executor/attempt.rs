@@ -20,7 +20,7 @@ use llmq_shared::ledger::{CallRow, STARTED, UNSENT};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::queue::OutEntry;
-use llmq_shared::quota::{Decision, Reservation};
+use llmq_shared::quota::{Decision, Reservation, Waiter};
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
 use llmq_shared::telemetry;
@@ -579,6 +579,7 @@ impl Attempt<'_> {
         }
         let name = &*cand.provider.name;
         let asker = self.env.id.map(|id| id.simple().to_string());
+        let since = Utc::now();
         let priority = self.env.class().map_or(0, |(p, _)| p);
         loop {
             let decision = self
@@ -587,7 +588,10 @@ impl Attempt<'_> {
                 .reserve_in_line(
                     name,
                     &cand.provider.quotas,
-                    (priority, asker.as_deref()),
+                    (
+                        priority,
+                        asker.as_deref().map(|task| Waiter { task, since }),
+                    ),
                     cand.estimated_tokens,
                     cand.estimated_usd,
                     Utc::now(),
