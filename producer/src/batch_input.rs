@@ -71,23 +71,53 @@ const IN_FLIGHT: usize = 4096;
 /// Starts reading `input` on a thread of its own: each record made a `T` by `convert`, with
 /// where it is, or the sentence of what is wrong with the file or the record (after which
 /// nothing more comes). Parsing runs there, beside the enqueue.
-pub fn read<T, F>(input: Input, mut convert: F) -> mpsc::Receiver<Result<(At, T), String>>
+pub fn read<T, F>(input: Input, convert: F) -> mpsc::Receiver<Result<(At, T), String>>
+where
+    T: Send + 'static,
+    F: FnMut(Value) -> Result<T, String> + Send + 'static,
+{
+    let name = input.name();
+    let open = move || -> Result<Box<dyn Read>, String> {
+        match &input {
+            Input::Stdin => Ok(Box::new(std::io::stdin())),
+            Input::File(p) => std::fs::File::open(p)
+                .map(|f| Box::new(f) as Box<dyn Read>)
+                .map_err(|e| format!("cannot read {}: {e}", input.name())),
+        }
+    };
+    spawn(name, open, convert)
+}
+
+/// [`read`] from `reader`, which errors call `name`.
+pub fn read_from<T, F>(
+    name: String,
+    reader: impl Read + Send + 'static,
+    convert: F,
+) -> mpsc::Receiver<Result<(At, T), String>>
+where
+    T: Send + 'static,
+    F: FnMut(Value) -> Result<T, String> + Send + 'static,
+{
+    spawn(name, move || Ok(Box::new(reader) as Box<dyn Read>), convert)
+}
+
+fn spawn<T, F>(
+    name: String,
+    open: impl FnOnce() -> Result<Box<dyn Read>, String> + Send + 'static,
+    mut convert: F,
+) -> mpsc::Receiver<Result<(At, T), String>>
 where
     T: Send + 'static,
     F: FnMut(Value) -> Result<T, String> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel(IN_FLIGHT);
     std::thread::spawn(move || {
-        let name = input.name();
-        let reader: Box<dyn Read> = match &input {
-            Input::Stdin => Box::new(std::io::stdin()),
-            Input::File(p) => match std::fs::File::open(p) {
-                Ok(f) => Box::new(f),
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(format!("cannot read {name}: {e}")));
-                    return;
-                }
-            },
+        let reader = match open() {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(e));
+                return;
+            }
         };
         let mut reader = BufReader::with_capacity(1 << 16, reader);
         // A record that is JSON but not a task stops the batch at it, named.

@@ -83,6 +83,14 @@ pub struct ServeArgs {
     /// Exit 0 when a server on --listen answers, 1 when not (a probe for Kubernetes).
     #[arg(long)]
     pub health_check: bool,
+    /// Postgres, where the Files and Batch APIs keep files and batches (every replica
+    /// reads them; a restart keeps them). Without it those APIs answer 404, saying so.
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// How long a replica's hold on a batch lasts unless kept (each second): after a replica
+    /// dies, another takes its batches up this long after.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub batch_lease: Duration,
 }
 
 #[derive(Args, Debug)]

@@ -105,12 +105,18 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
                 .map(serve::keys::KeyFile::open)
                 .transpose()
                 .map_err(Error::Usage)?;
+            let database = match args.database_url.as_deref() {
+                Some(url) => Some(ledger(Some(url), "llmq serve").await?.pool().clone()),
+                None => None,
+            };
             let state = serve::ServeState {
                 redis: redis()?,
                 queue: args.queue,
                 keys,
                 config,
                 wait: args.wait,
+                database,
+                batch_lease: args.batch_lease,
             };
             serve::run(state, args.listen).await
         }

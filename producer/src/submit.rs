@@ -499,7 +499,7 @@ const SWEEP_MAX: Duration = Duration::from_secs(600);
 /// without asking Redis about each task every round: the progress is the workers' count of
 /// the batch's finished tasks; the tasks not yet seen finished are read (once each) when the
 /// count reaches the total, or when it has stood still for a while.
-async fn wait_batch(
+pub(crate) async fn wait_batch(
     redis: &Client,
     keys: &QueueKeys,
     batch_id: &str,
@@ -574,7 +574,7 @@ const ENQUEUE_CHUNK: usize = 1000;
 
 /// Enqueues `chunk` with the batch's progress after it: `before` plus its length, which it
 /// returns.
-async fn flush(
+pub(crate) async fn flush(
     redis: Client,
     keys: QueueKeys,
     batch_id: String,

@@ -4,12 +4,15 @@ nothing changed but the base URL and the key. Prints one JSON object of what the
     serve_check.py CASE        (LLMQ_SERVE_URL, LLMQ_SERVE_KEY in the environment)
 
 Cases: openai_chat, openai_stream, openai_tools, anthropic_message, anthropic_stream,
-errors, idempotent.
+errors, idempotent, openai_batch, openai_batch_bad, anthropic_batch,
+openai_batch_start N (creates a batch of N lines and prints its id), openai_batch_wait ID.
 """
 
+import io
 import json
 import os
 import sys
+import time
 
 import anthropic
 import openai
@@ -174,5 +177,124 @@ def idempotent():
     return {"answers": answers}
 
 
+def batch_lines(n, prefix="line"):
+    # As OpenAI's Batch guide writes them.
+    return "".join(json.dumps({
+        "custom_id": f"request-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "mock-fast", "max_tokens": 50, "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": f"{prefix} {i}: hello world"}]},
+    }) + "\n" for i in range(n))
+
+
+def upload(text):
+    return oa().files.create(file=("batchinput.jsonl", io.BytesIO(text.encode())),
+                             purpose="batch")
+
+
+def wait_batch(batch_id, within=90):
+    client = oa()
+    deadline = time.time() + within
+    while True:
+        b = client.batches.retrieve(batch_id)
+        if b.status in ("completed", "failed", "expired", "cancelled"):
+            return b
+        if time.time() > deadline:
+            raise SystemExit(f"batch {batch_id} still {b.status} after {within} s")
+        time.sleep(0.2)
+
+
+def openai_batch():
+    client = oa()
+    f = upload(batch_lines(3))
+    got = client.files.retrieve(f.id)
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                              completion_window="24h", metadata={"job": "nightly"})
+    created = b.status
+    b = wait_batch(b.id)
+    out = client.files.content(b.output_file_id).text
+    results = [json.loads(line) for line in out.splitlines()]
+    listed = [x.id for x in client.batches.list(limit=10)]
+    files = [x.id for x in client.files.list()]
+    deleted = client.files.delete(f.id).deleted
+    try:
+        client.files.retrieve(f.id)
+        gone = False
+    except openai.NotFoundError:
+        gone = True
+    return {"file": f.id, "bytes": got.bytes, "purpose": got.purpose, "created": created,
+            "status": b.status, "counts": b.request_counts.model_dump(),
+            "metadata": b.metadata, "error_file": b.error_file_id, "listed": b.id in listed,
+            "file_listed": f.id in files, "deleted": deleted, "gone": gone,
+            "results": [{"custom_id": r["custom_id"], "status": r["response"]["status_code"],
+                         "text": r["response"]["body"]["choices"][0]["message"]["content"],
+                         "model": r["response"]["body"]["model"]} for r in results]}
+
+
+def openai_batch_bad():
+    client = oa()
+    bad = batch_lines(2) + json.dumps({"custom_id": "odd", "method": "POST",
+                                       "url": "/v1/embeddings", "body": {}}) + "\n"
+    b = client.batches.create(input_file_id=upload(bad).id, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    b = wait_batch(b.id)
+    errors = [e.model_dump() for e in b.errors.data] if b.errors else []
+    try:
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+        missing = None
+    except openai.BadRequestError as e:
+        missing = e.body
+    try:
+        client.files.create(file=("x.jsonl", io.BytesIO(b"{}")), purpose="fine-tune")
+        purpose = None
+    except openai.BadRequestError as e:
+        purpose = e.body
+    return {"status": b.status, "errors": errors, "output_file": b.output_file_id,
+            "missing": missing, "purpose": purpose}
+
+
+def openai_batch_start(n):
+    b = oa().batches.create(input_file_id=upload(batch_lines(int(n), "kill")).id,
+                            endpoint="/v1/chat/completions", completion_window="24h")
+    return {"id": b.id}
+
+
+def openai_batch_wait(batch_id):
+    b = wait_batch(batch_id)
+    out = oa().files.content(b.output_file_id).text if b.output_file_id else ""
+    return {"status": b.status, "counts": b.request_counts.model_dump(),
+            "custom_ids": [json.loads(line)["custom_id"] for line in out.splitlines()]}
+
+
+def anthropic_batch():
+    client = an()
+    b = client.messages.batches.create(requests=[
+        {"custom_id": f"first-{i}", "params": {
+            "model": "mock-fast", "max_tokens": 64,
+            "messages": [{"role": "user", "content": f"anthropic batch {i}"}]}}
+        for i in range(2)])
+    created = b.processing_status
+    deadline = time.time() + 90
+    while b.processing_status != "ended":
+        if time.time() > deadline:
+            raise SystemExit(f"message batch {b.id} still {b.processing_status}")
+        time.sleep(0.2)
+        b = client.messages.batches.retrieve(b.id)
+    results = [{"custom_id": r.custom_id, "type": r.result.type,
+                "text": r.result.message.content[0].text if r.result.type == "succeeded" else None}
+               for r in client.messages.batches.results(b.id)]
+    listed = [x.id for x in client.messages.batches.list(limit=10)]
+    try:
+        client.messages.batches.create(requests=[{"custom_id": "x", "params": {
+            "model": "mock-fast", "messages": [{"role": "user", "content": "no max_tokens"}]}}])
+        bad = None
+    except anthropic.BadRequestError as e:
+        bad = e.body
+    return {"id": b.id, "created": created, "status": b.processing_status,
+            "counts": b.request_counts.model_dump(), "results": results,
+            "listed": b.id in listed, "bad": bad}
+
+
 if __name__ == "__main__":
-    print(json.dumps(globals()[sys.argv[1]]()))
+    print(json.dumps(globals()[sys.argv[1]](*sys.argv[2:])))

@@ -65,6 +65,19 @@ impl KeyFile {
         })
     }
 
+    /// The key named `id` (not secret: what `list` shows), as the file held it when last
+    /// read.
+    pub fn by_id(&self, id: &str) -> Option<Key> {
+        let read = self
+            .read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        read.keys
+            .iter()
+            .find(|(k, _)| k.id == id)
+            .map(|(k, _)| k.clone())
+    }
+
     /// The key whose secret is `secret`, compared with every key in constant time.
     pub fn find(&self, secret: &str) -> Option<Key> {
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();

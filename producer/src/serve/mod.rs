@@ -22,6 +22,8 @@ use llmq_shared::queue::Client;
 use tokio_util::sync::CancellationToken;
 
 mod anthropic;
+mod batches;
+mod files;
 pub mod keys;
 mod openai;
 mod stream;
@@ -40,7 +42,15 @@ pub struct ServeState {
     pub config: Option<Config>,
     /// How long a request waits for its task when the caller does not say.
     pub wait: Duration,
+    /// Postgres, where files and batches are kept; `None`: the Files and Batch APIs answer
+    /// 404, saying so.
+    pub database: Option<sqlx::PgPool>,
+    /// How long a batch's lease holds without being kept: a replica that died gives its
+    /// batches up to another after this ([`BATCH_LEASE`]).
+    pub batch_lease: Duration,
 }
+
+pub use batches::LEASE as BATCH_LEASE;
 
 /// The server's state, shared by every request.
 struct App {
@@ -50,6 +60,9 @@ struct App {
     /// not held by a request that would wait minutes.
     stop: CancellationToken,
     waiter: Arc<wait::Waiter>,
+    files: Option<files::Files>,
+    /// Woken when a batch is made or cancelled: the driver takes it up at once.
+    batches: tokio::sync::Notify,
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -82,15 +95,22 @@ pub async fn serve(
         .await
         .map_err(|e| std::io::Error::other(format!("cannot reach Redis: {e}")))?;
     let waiter = wait::Waiter::start(state.redis.clone(), keys.clone(), shutdown.clone());
+    let files = state.database.clone().map(|pool| files::Files { pool });
     let app = Arc::new(App {
         serve: state,
         keys,
         stop: shutdown.clone(),
         waiter,
+        files,
+        batches: tokio::sync::Notify::new(),
     });
-    axum::serve(listener, router(app))
+    let driver = tokio::spawn(batches::drive(Arc::clone(&app)));
+    let served = axum::serve(listener, router(app))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+        .await;
+    // The batches give their leases back: another replica takes them up at once.
+    let _ = driver.await;
+    served
 }
 
 /// Binds `listen` and serves until SIGTERM or ctrl-c.
@@ -121,6 +141,24 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(files::MAX_FILE))
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route(
+            "/v1/messages/batches",
+            post(batches::create_messages).get(batches::list),
+        )
+        .route("/v1/messages/batches/{id}", get(batches::retrieve))
+        .route("/v1/messages/batches/{id}/cancel", post(batches::cancel))
+        .route("/v1/messages/batches/{id}/results", get(batches::results))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .fallback(task::not_found)

@@ -362,8 +362,27 @@ fn well_formed_traceparent(t: &str) -> bool {
 /// 400 naming the field a worker would refuse, 413 for a task over the worker's size
 /// limit, 503 when Redis cannot take it.
 pub async fn enqueue(app: &App, ask: &Ask) -> Result<String, ApiError> {
+    check(&ask.env)?;
+    app.serve
+        .redis
+        .enqueue(&app.keys, &ask.env)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("The queue cannot take the request now ({e}); try again"),
+            )
+        })?;
+    Ok(ask.env.id.unwrap_or_default().to_string())
+}
+
+/// Checks `env` as a worker would.
+///
+/// # Errors
+/// 400 naming the field a worker would refuse, 413 for a task over the worker's size limit.
+pub fn check(env: &Envelope) -> Result<(), ApiError> {
     let max = llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES;
-    let raw = serde_json::to_vec(&ask.env).unwrap_or_default();
+    let raw = serde_json::to_vec(env).unwrap_or_default();
     match Envelope::parse(&raw, max) {
         Ok(_) => {}
         Err(llmq_shared::envelope::Error::TooLarge { size, limit }) => {
@@ -376,17 +395,7 @@ pub async fn enqueue(app: &App, ask: &Ask) -> Result<String, ApiError> {
         }
         Err(e) => return Err(ApiError::bad(None, e.to_string())),
     }
-    app.serve
-        .redis
-        .enqueue(&app.keys, &ask.env)
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("The queue cannot take the request now ({e}); try again"),
-            )
-        })?;
-    Ok(ask.env.id.unwrap_or_default().to_string())
+    Ok(())
 }
 
 /// How long the caller lets a request wait: `llmq-timeout` (seconds), else what its SDK says

@@ -39,6 +39,8 @@ async fn server_for(
         keys: Some(KeyFile::open(&file).unwrap()),
         config: Some(config),
         wait,
+        database: Some(env.ledger.pool().clone()),
+        batch_lease: Duration::from_secs(2),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -49,11 +51,17 @@ async fn server_for(
 
 /// What the SDKs saw in case `case` of tests/sdk/serve_check.py.
 async fn sdk(case: &str, base: &str, key: &str) -> Value {
+    sdk_with(&[case], base, key).await
+}
+
+/// [`sdk`] with the case's arguments after it.
+async fn sdk_with(case: &[&str], base: &str, key: &str) -> Value {
     let python = llmq_tests::harness::venv_python("LLMQ_SDK_VENV", "sdk-venv")
         .expect("the serve tests need OpenAI's and Anthropic's SDKs: run `make sdk-deps`");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sdk/serve_check.py");
     let out = tokio::process::Command::new(python)
-        .args([script, case])
+        .arg(script)
+        .args(case)
         .env("LLMQ_SERVE_URL", base)
         .env("LLMQ_SERVE_KEY", key)
         .output()
@@ -61,7 +69,7 @@ async fn sdk(case: &str, base: &str, key: &str) -> Value {
         .unwrap();
     assert!(
         out.status.success(),
-        "serve_check.py {case}: {}",
+        "serve_check.py {case:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
@@ -388,6 +396,8 @@ async fn without_keys_the_server_refuses_to_listen_beyond_loopback() {
         keys: None,
         config: None,
         wait: Duration::from_secs(1),
+        database: None,
+        batch_lease: llmq::serve::BATCH_LEASE,
     };
     let e = serve(listener, state, CancellationToken::new())
         .await
@@ -560,4 +570,175 @@ async fn the_same_idempotency_key_from_two_tenants_makes_two_tasks() {
     assert_eq!(env.mock.total_calls(), 2);
     stop.cancel();
     worker.stop().await.unwrap();
+}
+
+/// Issue 70's batches: a file of OpenAI's Batch guide uploaded with `client.files`, run with
+/// `client.batches` (each line a task), its output parsed by the SDK; a file with a line llmq
+/// cannot run fails whole, naming the line, with nothing enqueued; Anthropic's Message
+/// Batches through `client.messages.batches`.
+#[tokio::test]
+async fn the_sdks_run_batches_through_files_and_batches() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let (base, key, stop) = server(&env, Duration::from_secs(60)).await;
+
+    let b = sdk("openai_batch", &base, &key).await;
+    assert_eq!(b["created"], "validating", "{b}");
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(b["purpose"], "batch");
+    assert!(b["bytes"].as_u64().unwrap() > 100, "{b}");
+    assert_eq!(
+        b["counts"],
+        json!({"total": 3, "completed": 3, "failed": 0}),
+        "{b}"
+    );
+    assert_eq!(b["metadata"], json!({"job": "nightly"}));
+    assert_eq!(b["error_file"], Value::Null);
+    assert_eq!(
+        (&b["listed"], &b["file_listed"], &b["deleted"], &b["gone"]),
+        (&json!(true), &json!(true), &json!(true), &json!(true)),
+        "{b}"
+    );
+    let results = b["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3, "{b}");
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["custom_id"], format!("request-{i}"));
+        assert_eq!(r["status"], 200);
+        assert_eq!(r["model"], "mock-fast");
+        let text = r["text"].as_str().unwrap();
+        assert!(
+            text.starts_with(&format!(
+                "mock answer from mock-fast: line {i}: hello world"
+            )),
+            "{text}"
+        );
+        assert_eq!(
+            env.mock
+                .calls_with_prompt(&format!("line {i}: hello world")),
+            1
+        );
+    }
+
+    let bad = sdk("openai_batch_bad", &base, &key).await;
+    assert_eq!(bad["status"], "failed", "{bad}");
+    assert_eq!(bad["output_file"], Value::Null);
+    let errors = bad["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{bad}");
+    assert_eq!(errors[0]["line"], 3, "{bad}");
+    assert!(
+        errors[0]["message"].as_str().unwrap().contains("`url`"),
+        "{bad}"
+    );
+    assert_eq!(bad["missing"]["param"], "input_file_id", "{bad}");
+    assert_eq!(bad["purpose"]["param"], "purpose", "{bad}");
+    // The failed batch's good lines were never enqueued.
+    assert_eq!(env.mock.calls_with_prompt("line 0: hello world"), 1);
+
+    let m = sdk("anthropic_batch", &base, &key).await;
+    assert_eq!(m["created"], "in_progress", "{m}");
+    assert_eq!(m["status"], "ended", "{m}");
+    assert_eq!(m["listed"], true);
+    assert_eq!(m["counts"]["succeeded"], 2, "{m}");
+    assert_eq!(m["counts"]["errored"], 0, "{m}");
+    let results = m["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2, "{m}");
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r["custom_id"], format!("first-{i}"));
+        assert_eq!(r["type"], "succeeded");
+        assert!(
+            r["text"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("mock answer from mock-fast: anthropic batch {i}")),
+            "{m}"
+        );
+    }
+    assert_eq!(m["bad"]["error"]["type"], "invalid_request_error", "{m}");
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
+
+/// `llmq serve` SIGKILLed while its batch waits on its tasks: another replica takes the
+/// batch up once the lease has lapsed, and every request is answered, each called once.
+#[tokio::test]
+async fn a_batch_outlives_its_server_killed_and_runs_each_request_once() {
+    let env = TestEnv::new().await.unwrap();
+    let llmq = llmq_tests::harness::binary("llmq");
+    let start = || {
+        let port = llmq_tests::harness::free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = std::process::Command::new(&llmq)
+            .args(["serve", "--listen", &listen, "--queue", &env.queue])
+            .args(["--batch-lease", "2s"])
+            .env("REDIS_URL", llmq_tests::harness::redis_url())
+            .env("DATABASE_URL", llmq_tests::harness::database_url())
+            .env_remove("LLMQ_SERVE_KEYS")
+            .env_remove("LLMQ_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (format!("http://{listen}"), Server(child))
+    };
+    let up = |base: String| async move {
+        for _ in 0..100 {
+            if reqwest::get(format!("{base}/healthz")).await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("llmq serve never answered at {base}");
+    };
+    let (first, a) = start();
+    up(first.clone()).await;
+    let made = sdk_with(&["openai_batch_start", "40"], &first, "none").await;
+    let id = made["id"].as_str().unwrap().to_owned();
+    // No worker yet: the batch's tasks wait in the queue, the server waits on them.
+    env.eventually(
+        "the batch's 40 tasks enqueued",
+        Duration::from_secs(30),
+        || async { env.redis.batch_progress(&env.keys, &id).await.unwrap() == 40 },
+    )
+    .await
+    .unwrap();
+    drop(a);
+    let worker = env.worker();
+    let (second, b) = start();
+    up(second.clone()).await;
+    let done = sdk_with(&["openai_batch_wait", &id], &second, "none").await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["counts"],
+        json!({"total": 40, "completed": 40, "failed": 0}),
+        "{done}"
+    );
+    let mut ids: Vec<&str> = done["custom_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 40, "{done}");
+    for i in 0..40 {
+        assert_eq!(
+            env.mock
+                .calls_with_prompt(&format!("kill {i}: hello world")),
+            1,
+            "request {i}"
+        );
+    }
+    drop(b);
+    worker.stop().await.unwrap();
+}
+
+/// A server process, SIGKILLed when dropped (a failed test leaves none behind).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

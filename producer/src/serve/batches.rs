@@ -1,0 +1,1094 @@
+//! OpenAI's Batch API (`/v1/batches`) and Anthropic's Message Batches
+//! (`/v1/messages/batches`) over the queue: each request of a batch is a task routed on its
+//! own, whose deadline is the batch's completion window, so the workers send it to a
+//! provider's batch API at half price where that is cheaper and call it at once where not.
+//!
+//! A batch lives in Postgres (`serve_batches`) and is driven by whichever replica of
+//! `llmq serve` holds its lease: it checks the input (OpenAI's `validating`), enqueues its
+//! tasks in chunks (each chunk's progress marked in Redis with it, and each task's id and
+//! idempotency key made of the batch's id and the request's `custom_id`, so a replica that
+//! takes over after a crash enqueues the rest and nothing twice), waits for them, and writes
+//! the output and error files a part at a time. A server that stops gives its leases back;
+//! one that dies loses them after [`LEASE`], and another takes its batches over.
+//!
+//! Cancelling stops the enqueuing: requests not yet enqueued end cancelled; those enqueued
+//! run to their end (a queued task cannot be taken back yet).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt;
+use llmq_shared::envelope::Envelope;
+use llmq_shared::outcome::{Status, TaskRecord};
+use serde_json::{Value, json};
+
+use super::files::{self, Files};
+use super::keys::Key;
+use super::task::{self, ApiError, Dialect};
+use super::{App, AppState};
+use crate::batch_file::{self, Reader, Shape};
+
+/// How long a batch's lease holds without being kept, unless the server is told otherwise.
+pub const LEASE: Duration = Duration::from_secs(30);
+/// How often a driving server keeps its leases and writes its batches' progress, and looks
+/// for batches to take up.
+const KEEP: Duration = Duration::from_secs(1);
+/// The most errors a failed batch lists.
+const MAX_ERRORS: usize = 100;
+/// Results read from Redis per round trip while the output is written.
+const CHUNK: usize = 1000;
+/// The largest Message Batches body taken (Anthropic's limit).
+pub const MAX_ANTHROPIC_BODY: usize = 256 * 1024 * 1024;
+
+/// A batch as its row holds it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BatchRow {
+    pub id: String,
+    pub tenant: Option<String>,
+    pub key_id: Option<String>,
+    pub dialect: String,
+    pub endpoint: String,
+    pub input_file_id: String,
+    pub completion_window: String,
+    pub metadata: Option<Value>,
+    pub status: String,
+    pub errors: Option<Value>,
+    pub total: i32,
+    pub completed: i32,
+    pub failed: i32,
+    pub cancelled: i32,
+    pub expired: i32,
+    pub output_file_id: Option<String>,
+    pub error_file_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub in_progress_at: Option<DateTime<Utc>>,
+    pub finalizing_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub failed_at: Option<DateTime<Utc>>,
+    pub cancelling_at: Option<DateTime<Utc>>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+    pub expired_at: Option<DateTime<Utc>>,
+}
+
+const COLUMNS: &str = "id, tenant, key_id, dialect, endpoint, input_file_id, completion_window, \
+    metadata, status, errors, total, completed, failed, cancelled, expired, output_file_id, \
+    error_file_id, created_at, expires_at, in_progress_at, finalizing_at, completed_at, \
+    failed_at, cancelling_at, cancelled_at, expired_at";
+
+fn secs(t: Option<DateTime<Utc>>) -> Value {
+    t.map_or(Value::Null, |t| t.timestamp().into())
+}
+
+fn rfc3339(t: Option<DateTime<Utc>>) -> Value {
+    t.map_or(Value::Null, |t| {
+        t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true).into()
+    })
+}
+
+impl BatchRow {
+    fn dialect(&self) -> Dialect {
+        if self.dialect == "anthropic" {
+            Dialect::Anthropic
+        } else {
+            Dialect::OpenAi
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        match self.dialect() {
+            Dialect::Anthropic => Shape::Anthropic,
+            Dialect::OpenAi => Shape::OpenAi,
+        }
+    }
+
+    fn open(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "validating" | "in_progress" | "finalizing" | "cancelling"
+        )
+    }
+
+    /// OpenAI's batch object.
+    pub fn openai(&self) -> Value {
+        // While it runs, `completed` counts every finished request (the split is exact at
+        // the end).
+        json!({
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": self.errors.as_ref().map(|e| json!({"object": "list", "data": e})),
+            "input_file_id": self.input_file_id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at.timestamp(),
+            "in_progress_at": secs(self.in_progress_at),
+            "expires_at": self.expires_at.timestamp(),
+            "finalizing_at": secs(self.finalizing_at),
+            "completed_at": secs(self.completed_at),
+            "failed_at": secs(self.failed_at),
+            "expired_at": secs(self.expired_at),
+            "cancelling_at": secs(self.cancelling_at),
+            "cancelled_at": secs(self.cancelled_at),
+            "request_counts": {
+                "total": self.total,
+                "completed": self.completed,
+                "failed": self.failed + self.cancelled + self.expired,
+            },
+            "metadata": self.metadata,
+        })
+    }
+
+    /// Anthropic's message batch object.
+    pub fn anthropic(&self) -> Value {
+        let status = match self.status.as_str() {
+            "cancelling" => "canceling",
+            s if self.open() && s != "cancelling" => "in_progress",
+            _ => "ended",
+        };
+        let ended = self
+            .completed_at
+            .or(self.cancelled_at)
+            .or(self.expired_at)
+            .or(self.failed_at);
+        let (succeeded, errored) = if self.open() {
+            (0, 0)
+        } else {
+            (self.completed, self.failed)
+        };
+        json!({
+            "id": self.id,
+            "type": "message_batch",
+            "processing_status": status,
+            "request_counts": {
+                "processing": if self.open() { self.total - self.completed } else { 0 },
+                "succeeded": succeeded,
+                "errored": errored,
+                "canceled": self.cancelled,
+                "expired": self.expired,
+            },
+            "ended_at": rfc3339(ended),
+            "created_at": rfc3339(Some(self.created_at)),
+            "expires_at": rfc3339(Some(self.expires_at)),
+            "archived_at": null,
+            "cancel_initiated_at": rfc3339(self.cancelling_at),
+            "results_url": self.output_file_id.as_ref().map(|_| {
+                format!("/v1/messages/batches/{}/results", self.id)
+            }),
+        })
+    }
+
+    fn object(&self) -> Value {
+        match self.dialect() {
+            Dialect::OpenAi => self.openai(),
+            Dialect::Anthropic => self.anthropic(),
+        }
+    }
+}
+
+fn no_batch(id: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "No such batch: {}",
+            Value::from(llmq_shared::text::excerpt(id, 80))
+        ),
+    )
+}
+
+async fn find(
+    app: &App,
+    dialect: &str,
+    tenant: Option<&str>,
+    id: &str,
+) -> Result<BatchRow, ApiError> {
+    let files = files::of(app)?;
+    sqlx::query_as(&format!(
+        "SELECT {COLUMNS} FROM serve_batches
+         WHERE id = $1 AND dialect = $2 AND tenant IS NOT DISTINCT FROM $3 AND queue = $4"
+    ))
+    .bind(id)
+    .bind(dialect)
+    .bind(tenant)
+    .bind(&app.serve.queue)
+    .fetch_optional(&files.pool)
+    .await
+    .map_err(|e| files::stored(&e))?
+    .ok_or_else(|| no_batch(id))
+}
+
+/// The completion window as a duration: OpenAI's `24h` (the one it takes), or any
+/// `humantime` span from an hour to a week.
+fn window_of(w: &str) -> Result<Duration, ApiError> {
+    humantime::parse_duration(w)
+        .ok()
+        .filter(|d| (Duration::from_secs(3600)..=Duration::from_secs(7 * 86_400)).contains(d))
+        .ok_or_else(|| {
+            ApiError::bad(
+                Some("completion_window"),
+                format!(
+                    "`completion_window` must be \"24h\" (or a span from 1h to 7d), not {}",
+                    Value::from(llmq_shared::text::excerpt(w, 40))
+                ),
+            )
+        })
+}
+
+/// A new batch's id in `dialect`'s form.
+fn new_id(dialect: &str) -> String {
+    let prefix = if dialect == "anthropic" {
+        "msgbatch_"
+    } else {
+        "batch_"
+    };
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
+}
+
+async fn insert(
+    app: &App,
+    key: Option<&Key>,
+    (id, dialect): (&str, &str),
+    file_id: &str,
+    window: &str,
+    metadata: Option<Value>,
+) -> Result<BatchRow, ApiError> {
+    let files = files::of(app)?;
+    let expires = Utc::now()
+        + chrono::Duration::from_std(window_of(window)?).unwrap_or(chrono::Duration::hours(24));
+    let row: BatchRow = sqlx::query_as(&format!(
+        "INSERT INTO serve_batches (id, tenant, key_id, dialect, endpoint, input_file_id,
+             completion_window, metadata, status, expires_at, queue)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'validating', $9, $10) RETURNING {COLUMNS}"
+    ))
+    .bind(id)
+    .bind(key.map(|k| k.tenant.as_str()))
+    .bind(key.map(|k| k.id.as_str()))
+    .bind(dialect)
+    .bind(if dialect == "anthropic" {
+        "/v1/messages"
+    } else {
+        batch_file::OPENAI_CHAT
+    })
+    .bind(file_id)
+    .bind(window)
+    .bind(metadata)
+    .bind(expires)
+    .bind(&app.serve.queue)
+    .fetch_one(&files.pool)
+    .await
+    .map_err(|e| files::stored(&e))?;
+    app.batches.notify_one();
+    Ok(row)
+}
+
+/// `POST /v1/batches`: `{input_file_id, endpoint, completion_window, metadata}`.
+pub async fn create(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let answer = async {
+        let key = task::caller(&app, &headers)?;
+        let mut body = task::body(body)?;
+        let text = |body: &mut serde_json::Map<String, Value>, name: &str| match body.remove(name) {
+            Some(Value::String(s)) => Ok(s),
+            _ => Err(ApiError::bad(
+                Some(name),
+                format!("`{name}` is required, a string"),
+            )),
+        };
+        let file_id = text(&mut body, "input_file_id")?;
+        let endpoint = text(&mut body, "endpoint")?;
+        if endpoint != batch_file::OPENAI_CHAT {
+            return Err(ApiError::bad(
+                Some("endpoint"),
+                format!(
+                    "llmq runs batches of {} only, not {}",
+                    batch_file::OPENAI_CHAT,
+                    Value::from(llmq_shared::text::excerpt(&endpoint, 60))
+                ),
+            ));
+        }
+        let window = text(&mut body, "completion_window")?;
+        let metadata = match body.remove("metadata") {
+            None | Some(Value::Null) => None,
+            Some(m @ Value::Object(_)) => Some(m),
+            Some(_) => {
+                return Err(ApiError::bad(
+                    Some("metadata"),
+                    "`metadata` must be an object of strings",
+                ));
+            }
+        };
+        let tenant = key.as_ref().map(|k| k.tenant.as_str());
+        let file = files::of(&app)?
+            .get(tenant, &file_id)
+            .await
+            .map_err(|e| files::stored(&e))?
+            .ok_or_else(|| {
+                ApiError::bad(
+                    Some("input_file_id"),
+                    format!(
+                        "No such File object: {}",
+                        Value::from(llmq_shared::text::excerpt(&file_id, 80))
+                    ),
+                )
+            })?;
+        if file.purpose != "batch" {
+            return Err(ApiError::bad(
+                Some("input_file_id"),
+                "The file was not uploaded with purpose \"batch\"",
+            ));
+        }
+        let id = new_id("openai");
+        let row = insert(
+            &app,
+            key.as_ref(),
+            (&id, "openai"),
+            &file.id,
+            &window,
+            metadata,
+        )
+        .await?;
+        Ok(axum::Json(row.openai()).into_response())
+    }
+    .await;
+    task::respond("/v1/batches", Dialect::OpenAi, answer)
+}
+
+/// `POST /v1/messages/batches`: `{"requests": [{custom_id, params}, ...]}`, streamed into a
+/// file and checked whole before anything is enqueued (a bad request refuses the batch,
+/// naming it).
+pub async fn create_messages(
+    State(app): AppState,
+    headers: HeaderMap,
+    body: axum::body::Body,
+) -> Response {
+    let answer = async {
+        let key = task::caller(&app, &headers)?;
+        let files = files::of(&app)?;
+        let tenant = key.as_ref().map(|k| k.tenant.as_str());
+        let mut w = files
+            .create(tenant, "message_batch", "requests.json")
+            .await
+            .map_err(|e| files::stored(&e))?;
+        let mut stream = body.into_data_stream();
+        let mut size = 0usize;
+        while let Some(chunk) = stream.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    w.abandon().await;
+                    return Err(ApiError::bad(None, format!("The body was cut short: {e}")));
+                }
+            };
+            size += chunk.len();
+            if size > MAX_ANTHROPIC_BODY {
+                w.abandon().await;
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "The body is over {} MB, the most a batch may be",
+                        MAX_ANTHROPIC_BODY / 1024 / 1024
+                    ),
+                ));
+            }
+            w.write(&chunk).await.map_err(|e| files::stored(&e))?;
+        }
+        let file = w
+            .finish("message_batch")
+            .await
+            .map_err(|e| files::stored(&e))?;
+        let id = new_id("anthropic");
+        let checked = read(
+            &app,
+            files,
+            &file.id,
+            "the body",
+            Shape::Anthropic,
+            key.as_ref(),
+            (&id, "24h"),
+        )
+        .count()
+        .await;
+        if let Err(e) = checked {
+            let _ = sqlx::query("DELETE FROM serve_files WHERE id = $1")
+                .bind(&file.id)
+                .execute(&files.pool)
+                .await;
+            return Err(e);
+        }
+        let row = insert(
+            &app,
+            key.as_ref(),
+            (&id, "anthropic"),
+            &file.id,
+            "24h",
+            None,
+        )
+        .await?;
+        Ok(axum::Json(row.anthropic()).into_response())
+    }
+    .await;
+    task::respond("/v1/messages/batches", Dialect::Anthropic, answer)
+}
+
+/// `GET /v1/batches/{id}` and `GET /v1/messages/batches/{id}`.
+pub async fn retrieve(
+    State(app): AppState,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
+) -> Response {
+    let dialect = dialect_of(&uri);
+    let answer = async {
+        let key = task::caller(&app, &headers)?;
+        let tenant = key.as_ref().map(|k| k.tenant.as_str());
+        let row = find(&app, name(dialect), tenant, &id).await?;
+        Ok(axum::Json(row.object()).into_response())
+    }
+    .await;
+    task::respond("/v1/batches/{id}", dialect, answer)
+}
+
+/// Whose API a batch route is: Anthropic's under `/v1/messages/`.
+fn dialect_of(uri: &axum::http::Uri) -> Dialect {
+    if uri.path().starts_with("/v1/messages/") {
+        Dialect::Anthropic
+    } else {
+        Dialect::OpenAi
+    }
+}
+
+fn name(d: Dialect) -> &'static str {
+    match d {
+        Dialect::OpenAi => "openai",
+        Dialect::Anthropic => "anthropic",
+    }
+}
+
+/// `POST /v1/batches/{id}/cancel` and `POST /v1/messages/batches/{id}/cancel`.
+pub async fn cancel(
+    State(app): AppState,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    Path(id): Path<String>,
+) -> Response {
+    let dialect = dialect_of(&uri);
+    let answer = async {
+        let key = task::caller(&app, &headers)?;
+        let tenant = key.as_ref().map(|k| k.tenant.as_str());
+        let files = files::of(&app)?;
+        let row = find(&app, name(dialect), tenant, &id).await?;
+        if !row.open() {
+            return Err(ApiError::bad(
+                None,
+                format!(
+                    "The batch has ended ({}); there is nothing to cancel",
+                    row.status
+                ),
+            ));
+        }
+        let row: BatchRow = sqlx::query_as(&format!(
+            "UPDATE serve_batches SET status = 'cancelling', cancelling_at = now()
+             WHERE id = $1 AND status IN ('validating', 'in_progress', 'finalizing',
+                 'cancelling')
+             RETURNING {COLUMNS}"
+        ))
+        .bind(&id)
+        .fetch_optional(&files.pool)
+        .await
+        .map_err(|e| files::stored(&e))?
+        .unwrap_or(row);
+        app.batches.notify_one();
+        Ok(axum::Json(row.object()).into_response())
+    }
+    .await;
+    task::respond("/v1/batches/{id}/cancel", dialect, answer)
+}
+
+#[derive(serde::Deserialize)]
+pub struct Paging {
+    after: Option<String>,
+    after_id: Option<String>,
+    limit: Option<i64>,
+}
+
+/// `GET /v1/batches` (OpenAI's cursor, `after`) and `GET /v1/messages/batches`
+/// (Anthropic's, `after_id`): the caller's batches, newest first.
+pub async fn list(
+    State(app): AppState,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    q: Query<Paging>,
+) -> Response {
+    let dialect = dialect_of(&uri);
+    let answer = async {
+        let key = task::caller(&app, &headers)?;
+        let tenant = key.as_ref().map(|k| k.tenant.as_str());
+        let limit = q.limit.unwrap_or(20).clamp(1, 100);
+        let after = q.after.as_deref().or(q.after_id.as_deref());
+        let rows: Vec<BatchRow> = sqlx::query_as(&format!(
+            "SELECT {COLUMNS} FROM serve_batches
+             WHERE tenant IS NOT DISTINCT FROM $1 AND dialect = $2 AND queue = $5
+               AND ($3::text IS NULL OR (created_at, id) < (
+                   SELECT created_at, id FROM serve_batches WHERE id = $3))
+             ORDER BY created_at DESC, id DESC LIMIT $4"
+        ))
+        .bind(tenant)
+        .bind(name(dialect))
+        .bind(after)
+        .bind(limit + 1)
+        .bind(&app.serve.queue)
+        .fetch_all(&files::of(&app)?.pool)
+        .await
+        .map_err(|e| files::stored(&e))?;
+        let data: Vec<Value> = rows.iter().map(BatchRow::object).collect();
+        let body = match dialect {
+            Dialect::OpenAi => files::page(data, limit),
+            Dialect::Anthropic => {
+                let mut p = files::page(data, limit);
+                json!({"data": p["data"].take(), "has_more": p["has_more"],
+                    "first_id": p["first_id"], "last_id": p["last_id"]})
+            }
+        };
+        Ok(axum::Json(body).into_response())
+    }
+    .await;
+    task::respond("/v1/batches", dialect, answer)
+}
+
+/// `GET /v1/messages/batches/{id}/results`: the results as JSON Lines, once it has ended.
+pub async fn results(State(app): AppState, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    let answer = async {
+        let key = task::caller(&app, &headers)?;
+        let tenant = key.as_ref().map(|k| k.tenant.as_str());
+        let files = files::of(&app)?;
+        let row = find(&app, "anthropic", tenant, &id).await?;
+        let Some(out) = &row.output_file_id else {
+            return Err(ApiError::bad(
+                None,
+                "The batch is still processing; its results come when it has ended",
+            ));
+        };
+        let file = files
+            .get(tenant, out)
+            .await
+            .map_err(|e| files::stored(&e))?
+            .ok_or_else(|| no_batch(&id))?;
+        Ok(files::download(files.clone(), file.id, file.bytes))
+    }
+    .await;
+    task::respond(
+        "/v1/messages/batches/{id}/results",
+        Dialect::Anthropic,
+        answer,
+    )
+}
+
+/// A batch's requests read from its input file, each made the task a worker takes.
+struct Lines<'a> {
+    app: &'a App,
+    rx: tokio::sync::mpsc::Receiver<
+        Result<(crate::batch_input::At, batch_file::BatchTask), String>,
+    >,
+    key: Option<&'a Key>,
+    batch_id: &'a str,
+    window: &'a str,
+    seen: HashSet<String>,
+}
+
+/// One request of a batch: its `custom_id` and its task, or why it cannot run.
+type Line = (String, Result<Envelope, String>);
+
+fn read<'a>(
+    app: &'a App,
+    files: &Files,
+    file_id: &str,
+    what: &str,
+    shape: Shape,
+    key: Option<&'a Key>,
+    batch: (&'a str, &'a str),
+) -> Lines<'a> {
+    let mut reader = Reader::quiet();
+    let rx = crate::batch_input::read_from(
+        what.to_owned(),
+        files.reader(file_id),
+        move |record: Value| {
+            // As Anthropic's own API (and /v1/messages) requires it.
+            if shape == Shape::Anthropic
+                && record
+                    .pointer("/params/max_tokens")
+                    .is_none_or(Value::is_null)
+            {
+                return Err("`params.max_tokens`: Field required".into());
+            }
+            let t = reader.task(record)?;
+            if reader.shape() != shape {
+                return Err(match shape {
+                    Shape::Anthropic => "each request must be `{custom_id, params}`".into(),
+                    _ => "each line must be `{custom_id, method, url, body}`".into(),
+                });
+            }
+            Ok(t)
+        },
+    );
+    Lines {
+        app,
+        rx,
+        key,
+        batch_id: batch.0,
+        window: batch.1,
+        seen: HashSet::new(),
+    }
+}
+
+impl Lines<'_> {
+    /// The next request; `Err` when the file cannot be read on (a sentence naming where).
+    async fn next(&mut self) -> Option<Result<Line, String>> {
+        let (at, t) = match self.rx.recv().await? {
+            Ok(v) => v,
+            Err(e) => return Some(Err(e)),
+        };
+        let custom = t.custom_id.clone().unwrap_or_else(|| at.key());
+        if !self.seen.insert(custom.clone()) {
+            return Some(Ok((
+                custom,
+                Err(format!(
+                    "{at}: the custom_id is used by an earlier request; each must be unique"
+                )),
+            )));
+        }
+        let env = task::ask(self.app, self.key, &HeaderMap::new(), t)
+            .and_then(|ask| {
+                let mut env = ask.env;
+                env.id = Some(uuid::Uuid::new_v5(
+                    &uuid::Uuid::NAMESPACE_OID,
+                    format!(
+                        "llmq-serve-batch:{}:{}:{custom}",
+                        self.app.serve.queue, self.batch_id
+                    )
+                    .as_bytes(),
+                ));
+                env.idempotency_key = Some(format!("{}:{custom}", self.batch_id).into());
+                env.batch_id = Some(self.batch_id.into());
+                env.deadline = Some(self.window.into());
+                env.traceparent = None;
+                task::check(&env)?;
+                Ok(env)
+            })
+            .map_err(|e| format!("{at}: {}", e.message));
+        Some(Ok((custom, env)))
+    }
+
+    /// Reads them all: how many, or the first fault as an error naming it.
+    async fn count(mut self) -> Result<usize, ApiError> {
+        let mut n = 0;
+        while let Some(line) = self.next().await {
+            let (_, env) = line.map_err(|e| ApiError::bad(Some("requests"), e))?;
+            env.map_err(|e| ApiError::bad(Some("requests"), e))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(ApiError::bad(
+                Some("requests"),
+                "The batch holds no requests",
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// Drives the batches of every replica: takes each open batch whose lease is free and runs
+/// it on a task of its own, until `stop`.
+pub async fn drive(app: Arc<App>) {
+    let Some(files) = app.files.clone() else {
+        return;
+    };
+    let me = format!("serve-{}", uuid::Uuid::new_v4().simple());
+    let mut swept = std::time::Instant::now();
+    let _ = files.sweep().await;
+    loop {
+        loop {
+            match claim(&app, &files, &me).await {
+                Ok(Some(b)) => {
+                    let (app, files, me) = (Arc::clone(&app), files.clone(), me.clone());
+                    tokio::spawn(async move {
+                        let id = b.id.clone();
+                        if let Err(e) = run(&app, &files, &me, b).await {
+                            tracing::warn!(
+                                batch = id,
+                                "the batch stopped: {e}; another try takes it up"
+                            );
+                        }
+                        release(&files, &id, &me).await;
+                    });
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!("cannot read the batches: {e}");
+                    break;
+                }
+            }
+        }
+        if swept.elapsed() > Duration::from_secs(600) {
+            swept = std::time::Instant::now();
+            let _ = files.sweep().await;
+        }
+        tokio::select! {
+            () = app.stop.cancelled() => return,
+            () = app.batches.notified() => {}
+            () = tokio::time::sleep(KEEP) => {}
+        }
+    }
+}
+
+/// Takes the oldest open batch of `app`'s queue whose lease is free.
+async fn claim(app: &App, files: &Files, me: &str) -> sqlx::Result<Option<BatchRow>> {
+    sqlx::query_as(&format!(
+        "UPDATE serve_batches SET holder = $1, held_until = now() + $2 * interval '1 second'
+         WHERE id = (
+             SELECT id FROM serve_batches
+             WHERE queue = $3
+               AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
+               AND (held_until IS NULL OR held_until < now())
+             ORDER BY created_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+         RETURNING {COLUMNS}"
+    ))
+    .bind(me)
+    .bind(app.serve.batch_lease.as_secs_f64())
+    .bind(&app.serve.queue)
+    .fetch_optional(&files.pool)
+    .await
+}
+
+async fn release(files: &Files, id: &str, me: &str) {
+    let _ = sqlx::query(
+        "UPDATE serve_batches SET holder = NULL, held_until = NULL WHERE id = $1 AND holder = $2",
+    )
+    .bind(id)
+    .bind(me)
+    .execute(&files.pool)
+    .await;
+}
+
+/// Keeps the lease and writes `finished` as the progress; the batch's status now, `None`
+/// when the lease is lost.
+async fn keep(
+    app: &App,
+    files: &Files,
+    id: &str,
+    me: &str,
+    finished: i64,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "UPDATE serve_batches SET held_until = now() + $3 * interval '1 second',
+             completed = GREATEST(completed, $4::int)
+         WHERE id = $1 AND holder = $2 RETURNING status",
+    )
+    .bind(id)
+    .bind(me)
+    .bind(app.serve.batch_lease.as_secs_f64())
+    .bind(finished)
+    .fetch_optional(&files.pool)
+    .await
+}
+
+async fn run(app: &App, files: &Files, me: &str, mut b: BatchRow) -> Result<(), String> {
+    let key = match (&b.key_id, &app.serve.keys) {
+        (Some(id), Some(keys)) => match keys.by_id(id) {
+            Some(k) => Some(k),
+            None => {
+                let e = json!([{"code": "invalid_api_key", "message":
+                    "The key that made this batch was revoked", "param": null, "line": null}]);
+                return fail(files, &b.id, me, e).await;
+            }
+        },
+        _ => None,
+    };
+    let queue = llmq_shared::keys::QueueKeys::new(&app.serve.queue);
+    if b.status == "validating" {
+        let mut lines = read(
+            app,
+            files,
+            &b.input_file_id,
+            "the input file",
+            b.shape(),
+            key.as_ref(),
+            (&b.id, &b.completion_window),
+        );
+        let (mut errors, mut total) = (Vec::new(), 0);
+        while let Some(line) = lines.next().await {
+            if (total + errors.len()) % CHUNK == CHUNK - 1
+                && keep(app, files, &b.id, me, 0)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_none()
+            {
+                return Err("its lease was taken over".into());
+            }
+            match line {
+                Ok((_, Ok(_))) => total += 1,
+                Ok((_, Err(e))) | Err(e) => {
+                    // Each sentence names where: `line <n>: ...`.
+                    let line = e
+                        .split_once("line ")
+                        .and_then(|(_, r)| r.split(':').next())
+                        .and_then(|n| n.parse::<u64>().ok());
+                    errors.push(json!({"code": "invalid_request", "message": e,
+                        "param": null, "line": line}));
+                    if errors.len() >= MAX_ERRORS {
+                        break;
+                    }
+                }
+            }
+        }
+        if total == 0 && errors.is_empty() {
+            errors.push(
+                json!({"code": "empty_file", "message": "The input file holds no requests",
+                "param": null, "line": null}),
+            );
+        }
+        if !errors.is_empty() {
+            return fail(files, &b.id, me, Value::from(errors)).await;
+        }
+        b.status = "in_progress".into();
+        sqlx::query(
+            "UPDATE serve_batches SET status = 'in_progress', in_progress_at = now(), total = $3
+             WHERE id = $1 AND holder = $2 AND status = 'validating'",
+        )
+        .bind(&b.id)
+        .bind(me)
+        .bind(i32::try_from(total).unwrap_or(i32::MAX))
+        .execute(&files.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    // The requests' ids and custom ids, in order; the tasks not yet in, enqueued in chunks.
+    let redis = &app.serve.redis;
+    let skip = redis
+        .batch_progress(&queue, &b.id)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut lines = read(
+        app,
+        files,
+        &b.input_file_id,
+        "the input file",
+        b.shape(),
+        key.as_ref(),
+        (&b.id, &b.completion_window),
+    );
+    let (mut ids, mut customs) = (Vec::new(), Vec::new());
+    let mut chunk = Vec::new();
+    let mut enqueued = skip;
+    let mut cancelled = b.status == "cancelling";
+    while let Some(line) = lines.next().await {
+        let (custom, env) = line?;
+        let env = env?;
+        ids.push(env.id.unwrap_or_default());
+        customs.push(custom);
+        if (ids.len() as u64) <= skip || cancelled {
+            continue;
+        }
+        chunk.push(env);
+        if chunk.len() == CHUNK {
+            enqueued = crate::submit::flush(
+                redis.clone(),
+                queue.clone(),
+                b.id.clone(),
+                enqueued,
+                std::mem::take(&mut chunk),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let status = keep(app, files, &b.id, me, 0)
+                .await
+                .map_err(|e| e.to_string())?;
+            cancelled = match status {
+                None => return Err("its lease was taken over".into()),
+                Some(s) => s == "cancelling",
+            };
+        }
+    }
+    if !cancelled {
+        enqueued =
+            crate::submit::flush(redis.clone(), queue.clone(), b.id.clone(), enqueued, chunk)
+                .await
+                .map_err(|e| e.to_string())?;
+    }
+    let enqueued = usize::try_from(enqueued)
+        .unwrap_or(usize::MAX)
+        .min(ids.len());
+    // Waits for what went in, keeping the lease and writing the progress meanwhile.
+    let left = (b.expires_at - Utc::now()).to_std().unwrap_or_default();
+    let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+    let waiting = crate::submit::wait_batch(
+        redis,
+        &queue,
+        &b.id,
+        &ids[..enqueued],
+        Some(left),
+        move |n| {
+            let _ = tx.send(n);
+        },
+    );
+    tokio::pin!(waiting);
+    loop {
+        tokio::select! {
+            done = &mut waiting => {
+                done.map_err(|e| e.to_string())?;
+                break;
+            }
+            () = tokio::time::sleep(KEEP) => {
+                let n = i64::try_from(*rx.borrow_and_update()).unwrap_or(0);
+                match keep(app, files, &b.id, me, n).await {
+                    Ok(None) => return Err("its lease was taken over".into()),
+                    Ok(Some(s)) => cancelled |= s == "cancelling",
+                    Err(e) => tracing::warn!(batch = b.id, "cannot keep the batch's lease: {e}"),
+                }
+            }
+            () = app.stop.cancelled() => return Err("the server is stopping".into()),
+        }
+    }
+    finish(app, files, me, &b, &ids, &customs, enqueued, cancelled).await
+}
+
+async fn fail(files: &Files, id: &str, me: &str, errors: Value) -> Result<(), String> {
+    sqlx::query(
+        "UPDATE serve_batches SET status = 'failed', failed_at = now(), errors = $3
+         WHERE id = $1 AND holder = $2",
+    )
+    .bind(id)
+    .bind(me)
+    .bind(errors)
+    .execute(&files.pool)
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+/// Writes the output and error files (Anthropic's: one results file) and ends the batch.
+#[allow(clippy::too_many_arguments)]
+async fn finish(
+    app: &App,
+    files: &Files,
+    me: &str,
+    b: &BatchRow,
+    ids: &[uuid::Uuid],
+    customs: &[String],
+    enqueued: usize,
+    cancelled: bool,
+) -> Result<(), String> {
+    let db = |e: sqlx::Error| e.to_string();
+    sqlx::query(
+        "UPDATE serve_batches SET status = CASE WHEN status = 'cancelling' THEN status
+             ELSE 'finalizing' END, finalizing_at = now() WHERE id = $1 AND holder = $2",
+    )
+    .bind(&b.id)
+    .bind(me)
+    .execute(&files.pool)
+    .await
+    .map_err(db)?;
+    let tenant = b.tenant.as_deref();
+    let (out_name, err_name) = (
+        format!("{}_output.jsonl", b.id),
+        format!("{}_error.jsonl", b.id),
+    );
+    let mut out = files
+        .create(tenant, "batch_output", &out_name)
+        .await
+        .map_err(db)?;
+    let mut err = files
+        .create(tenant, "batch_output", &err_name)
+        .await
+        .map_err(db)?;
+    let (mut ok, mut failed, mut gone, mut expired) = (0i32, 0i32, 0i32, 0i32);
+    let queue = llmq_shared::keys::QueueKeys::new(&app.serve.queue);
+    for (n, chunk) in ids.chunks(CHUNK).enumerate() {
+        let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+        let records = app
+            .serve
+            .redis
+            .results(&queue, &chunk_ids)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
+            let at = n * CHUNK + i;
+            let r = record.unwrap_or_else(|| {
+                let s = if at >= enqueued {
+                    Status::Cancelled
+                } else {
+                    Status::Queued
+                };
+                TaskRecord::pending(id, &app.serve.queue, s)
+            });
+            match r.status {
+                Status::Succeeded => ok += 1,
+                Status::Cancelled => gone += 1,
+                s if !s.is_final() => expired += 1,
+                _ => failed += 1,
+            }
+            let line = format!("{}\n", batch_file::result_line(b.shape(), &customs[at], &r));
+            let to = if r.status == Status::Succeeded || b.shape() == Shape::Anthropic {
+                &mut out
+            } else {
+                &mut err
+            };
+            to.write(line.as_bytes()).await.map_err(db)?;
+        }
+    }
+    let keep_file = |w: files::Writer, any: bool| async move {
+        if any {
+            w.finish("batch_output").await.map(|f| Some(f.id))
+        } else {
+            w.abandon().await;
+            Ok(None)
+        }
+    };
+    let anthropic = b.shape() == Shape::Anthropic;
+    let out_id = keep_file(out, ok > 0 || (anthropic && !ids.is_empty()))
+        .await
+        .map_err(db)?;
+    let err_id = keep_file(
+        err,
+        !anthropic && usize::try_from(ok).unwrap_or(0) < ids.len(),
+    )
+    .await
+    .map_err(db)?;
+    let status = if cancelled {
+        "cancelled"
+    } else if expired > 0 {
+        "expired"
+    } else {
+        "completed"
+    };
+    sqlx::query(&format!(
+        "UPDATE serve_batches SET status = $3, output_file_id = $4, error_file_id = $5,
+             completed = $6, failed = $7, cancelled = $8, expired = $9, {status}_at = now()
+         WHERE id = $1 AND holder = $2"
+    ))
+    .bind(&b.id)
+    .bind(me)
+    .bind(status)
+    .bind(out_id)
+    .bind(err_id)
+    .bind(ok)
+    .bind(failed)
+    .bind(gone)
+    .bind(expired)
+    .execute(&files.pool)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
