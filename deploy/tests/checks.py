@@ -61,16 +61,17 @@ EGRESS = {
     "llmq": DNS | POSTGRES,
     # The web page (components/web, optional): no provider, no collector.
     "llmq web": DNS | REDIS | POSTGRES,
-    # The front door (components/serve, optional): Redis only.
-    "llmq serve": DNS | REDIS,
+    # The front door (components/serve, optional): Redis, and Postgres for files and batches.
+    "llmq serve": DNS | REDIS | POSTGRES,
 }
 PODS = {"llmq-worker": "the worker pods", "llmq-scheduler": "the scheduler pods",
         "llmq": "the migration Job's pods", "llmq web": "the web page's pods",
         "llmq serve": "the front door's pods"}
 # The components an overlay may leave out.
 OPTIONAL = {"llmq web", "llmq serve"}
-# The keys of the Secret llmq the front door may read: Redis only.
-SERVE_SECRET_KEYS = {"REDIS_URL"}
+# The keys of the Secret llmq the front door may read: Redis, and Postgres for files and
+# batches; no provider key.
+SERVE_SECRET_KEYS = {"REDIS_URL", "DATABASE_URL"}
 # The keys of the Secret the web page may read: no provider key.
 WEB_SECRET_KEYS = {"REDIS_URL", "DATABASE_URL", "LLMQ_WEB_TOKEN"}
 
@@ -499,7 +500,8 @@ def check_web(docs):
 def check_serve(docs):
     """The front door, where an overlay adds it: at least two replicas of `llmq serve`
     beyond loopback (it refuses that without keys), its keys a file from a Secret, only Redis
-    of the Secret llmq, /healthz probes on its port, a Service and a PodDisruptionBudget."""
+    and Postgres of the Secret llmq, /healthz probes on its port, a Service and a
+    PodDisruptionBudget."""
     w, c = workload_running(docs, "llmq serve")
     if w is None:
         return []

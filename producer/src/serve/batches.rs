@@ -46,6 +46,9 @@ const MAX_ERRORS: usize = 100;
 const CHUNK: usize = 1000;
 /// The largest Message Batches body taken (Anthropic's limit).
 pub const MAX_ANTHROPIC_BODY: usize = 256 * 1024 * 1024;
+/// The most requests a batch holds (Anthropic's limit; OpenAI's is 50,000): what a driving
+/// server keeps of each (its task's id and `custom_id`) stays a few MB.
+const MAX_REQUESTS: usize = 100_000;
 
 /// A batch as its row holds it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -660,6 +663,11 @@ impl Lines<'_> {
             Err(e) => return Some(Err(e)),
         };
         let custom = t.custom_id.clone().unwrap_or_else(|| at.key());
+        if self.seen.len() == MAX_REQUESTS {
+            return Some(Err(format!(
+                "{at}: a batch holds {MAX_REQUESTS} requests at most; split the file"
+            )));
+        }
         if !self.seen.insert(custom.clone()) {
             return Some(Ok((
                 custom,
@@ -781,61 +789,109 @@ async fn release(files: &Files, id: &str, me: &str) {
     .await;
 }
 
-/// Keeps the lease and writes `finished` as the progress; the batch's status now, `None`
-/// when the lease is lost.
-async fn keep(
-    app: &App,
-    files: &Files,
-    id: &str,
-    me: &str,
-    finished: i64,
-) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar(
-        "UPDATE serve_batches SET held_until = now() + $3 * interval '1 second',
-             completed = GREATEST(completed, $4::int)
-         WHERE id = $1 AND holder = $2 RETURNING status",
-    )
-    .bind(id)
-    .bind(me)
-    .bind(app.serve.batch_lease.as_secs_f64())
-    .bind(finished)
-    .fetch_optional(&files.pool)
-    .await
+/// A batch being driven by this server, which holds its lease.
+struct Driver<'a> {
+    app: &'a App,
+    files: &'a Files,
+    /// This server's name as a lease holder.
+    me: &'a str,
+    b: BatchRow,
+    /// The key that made it, whose models and priority its requests are held to.
+    key: Option<Key>,
 }
 
-async fn run(app: &App, files: &Files, me: &str, mut b: BatchRow) -> Result<(), String> {
+/// What a batch's run knows of its requests: each one's task id and `custom_id`, in order;
+/// how many went into the queue; whether it was cancelled.
+struct Plan {
+    ids: Vec<uuid::Uuid>,
+    customs: Vec<String>,
+    enqueued: usize,
+    cancelled: bool,
+}
+
+const LOST: &str = "its lease was taken over";
+
+/// Runs batch `b` from where it stands to its end.
+async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), String> {
     let key = match (&b.key_id, &app.serve.keys) {
         (Some(id), Some(keys)) => match keys.by_id(id) {
             Some(k) => Some(k),
             None => {
                 let e = json!([{"code": "invalid_api_key", "message":
                     "The key that made this batch was revoked", "param": null, "line": null}]);
-                return fail(files, &b.id, me, e).await;
+                let d = Driver {
+                    app,
+                    files,
+                    me,
+                    b,
+                    key: None,
+                };
+                return d.fail(e).await;
             }
         },
         _ => None,
     };
-    let queue = llmq_shared::keys::QueueKeys::new(&app.serve.queue);
-    if b.status == "validating" {
-        let mut lines = read(
-            app,
-            files,
-            &b.input_file_id,
+    let mut d = Driver {
+        app,
+        files,
+        me,
+        b,
+        key,
+    };
+    if d.b.status == "validating" && !d.validate().await? {
+        return Ok(());
+    }
+    let mut plan = d.enqueue().await?;
+    d.wait(&mut plan).await?;
+    d.finish(&plan).await
+}
+
+impl Driver<'_> {
+    fn queue(&self) -> llmq_shared::keys::QueueKeys {
+        llmq_shared::keys::QueueKeys::new(&self.app.serve.queue)
+    }
+
+    /// The batch's requests, read from its input file.
+    fn lines(&self) -> Lines<'_> {
+        read(
+            self.app,
+            self.files,
+            &self.b.input_file_id,
             "the input file",
-            b.shape(),
-            key.as_ref(),
-            (&b.id, &b.completion_window),
-        );
+            self.b.shape(),
+            self.key.as_ref(),
+            (&self.b.id, &self.b.completion_window),
+        )
+    }
+
+    /// Keeps the lease and writes `finished` as the progress; the batch's status now.
+    ///
+    /// # Errors
+    /// The lease was lost, or Postgres failed.
+    async fn keep(&self, finished: u64) -> Result<String, String> {
+        sqlx::query_scalar(
+            "UPDATE serve_batches SET held_until = now() + $3 * interval '1 second',
+                 completed = GREATEST(completed, $4::int)
+             WHERE id = $1 AND holder = $2 RETURNING status",
+        )
+        .bind(&self.b.id)
+        .bind(self.me)
+        .bind(self.app.serve.batch_lease.as_secs_f64())
+        .bind(i32::try_from(finished).unwrap_or(i32::MAX))
+        .fetch_optional(&self.files.pool)
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| LOST.to_owned())
+    }
+
+    /// OpenAI's `validating`: reads every request; any that cannot run fails the batch,
+    /// naming each (up to [`MAX_ERRORS`]). Whether the batch goes on.
+    async fn validate(&mut self) -> Result<bool, String> {
+        let mut lines = self.lines();
         let (mut errors, mut total) = (Vec::new(), 0);
         while let Some(line) = lines.next().await {
-            if (total + errors.len()) % CHUNK == CHUNK - 1
-                && keep(app, files, &b.id, me, 0)
-                    .await
-                    .ok()
-                    .flatten()
-                    .is_none()
-            {
-                return Err("its lease was taken over".into());
+            if (total + errors.len()) % CHUNK == CHUNK - 1 {
+                self.keep(0).await?;
             }
             match line {
                 Ok((_, Ok(_))) => total += 1,
@@ -853,242 +909,216 @@ async fn run(app: &App, files: &Files, me: &str, mut b: BatchRow) -> Result<(), 
                 }
             }
         }
+        drop(lines);
         if total == 0 && errors.is_empty() {
-            errors.push(
-                json!({"code": "empty_file", "message": "The input file holds no requests",
-                "param": null, "line": null}),
-            );
+            errors.push(json!({"code": "empty_file",
+                "message": "The input file holds no requests", "param": null, "line": null}));
         }
         if !errors.is_empty() {
-            return fail(files, &b.id, me, Value::from(errors)).await;
+            self.fail(Value::from(errors)).await?;
+            return Ok(false);
         }
-        b.status = "in_progress".into();
+        self.b.status = "in_progress".into();
         sqlx::query(
             "UPDATE serve_batches SET status = 'in_progress', in_progress_at = now(), total = $3
              WHERE id = $1 AND holder = $2 AND status = 'validating'",
         )
-        .bind(&b.id)
-        .bind(me)
+        .bind(&self.b.id)
+        .bind(self.me)
         .bind(i32::try_from(total).unwrap_or(i32::MAX))
+        .execute(&self.files.pool)
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(true)
+    }
+
+    /// Reads the requests again and enqueues those not yet in (an earlier run's are, as its
+    /// progress mark says), a chunk at a time, unless the batch is cancelled.
+    async fn enqueue(&self) -> Result<Plan, String> {
+        let (redis, queue, id) = (&self.app.serve.redis, self.queue(), &self.b.id);
+        let skip = redis
+            .batch_progress(&queue, id)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut lines = self.lines();
+        let mut plan = Plan {
+            ids: Vec::new(),
+            customs: Vec::new(),
+            enqueued: 0,
+            cancelled: self.b.status == "cancelling",
+        };
+        let (mut chunk, mut enqueued) = (Vec::new(), skip);
+        let flush = |chunk, enqueued| {
+            crate::submit::flush(redis.clone(), queue.clone(), id.clone(), enqueued, chunk)
+        };
+        while let Some(line) = lines.next().await {
+            let (custom, env) = line?;
+            let env = env?;
+            plan.ids.push(env.id.unwrap_or_default());
+            plan.customs.push(custom);
+            if (plan.ids.len() as u64) <= skip || plan.cancelled {
+                continue;
+            }
+            chunk.push(env);
+            if chunk.len() == CHUNK {
+                enqueued = flush(std::mem::take(&mut chunk), enqueued)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                plan.cancelled = self.keep(0).await? == "cancelling";
+            }
+        }
+        if !plan.cancelled {
+            enqueued = flush(chunk, enqueued).await.map_err(|e| e.to_string())?;
+        }
+        plan.enqueued = usize::try_from(enqueued)
+            .unwrap_or(usize::MAX)
+            .min(plan.ids.len());
+        Ok(plan)
+    }
+
+    /// Waits for the enqueued tasks to end, or the batch to expire, keeping the lease and
+    /// writing the progress meanwhile.
+    async fn wait(&self, plan: &mut Plan) -> Result<(), String> {
+        let left = (self.b.expires_at - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        let (tx, mut rx) = tokio::sync::watch::channel(0u64);
+        let queue = self.queue();
+        let waiting = crate::submit::wait_batch(
+            &self.app.serve.redis,
+            &queue,
+            &self.b.id,
+            &plan.ids[..plan.enqueued],
+            Some(left),
+            move |n| {
+                let _ = tx.send(n);
+            },
+        );
+        tokio::pin!(waiting);
+        loop {
+            tokio::select! {
+                done = &mut waiting => return done.map_err(|e| e.to_string()),
+                () = tokio::time::sleep(KEEP) => {
+                    let n = *rx.borrow_and_update();
+                    plan.cancelled |= self.keep(n).await? == "cancelling";
+                }
+                () = self.app.stop.cancelled() => return Err("the server is stopping".into()),
+            }
+        }
+    }
+
+    async fn fail(&self, errors: Value) -> Result<(), String> {
+        sqlx::query(
+            "UPDATE serve_batches SET status = 'failed', failed_at = now(), errors = $3
+             WHERE id = $1 AND holder = $2",
+        )
+        .bind(&self.b.id)
+        .bind(self.me)
+        .bind(errors)
+        .execute(&self.files.pool)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
+    }
+
+    /// Writes the output and error files (Anthropic's: one results file) and ends the
+    /// batch: `completed`, `expired` (a request unfinished) or `cancelled`.
+    async fn finish(&self, plan: &Plan) -> Result<(), String> {
+        let (b, files) = (&self.b, self.files);
+        let db = |e: sqlx::Error| e.to_string();
+        sqlx::query(
+            "UPDATE serve_batches SET status = CASE WHEN status = 'cancelling' THEN status
+                 ELSE 'finalizing' END, finalizing_at = now() WHERE id = $1 AND holder = $2",
+        )
+        .bind(&b.id)
+        .bind(self.me)
         .execute(&files.pool)
         .await
-        .map_err(|e| e.to_string())?;
-    }
-    // The requests' ids and custom ids, in order; the tasks not yet in, enqueued in chunks.
-    let redis = &app.serve.redis;
-    let skip = redis
-        .batch_progress(&queue, &b.id)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut lines = read(
-        app,
-        files,
-        &b.input_file_id,
-        "the input file",
-        b.shape(),
-        key.as_ref(),
-        (&b.id, &b.completion_window),
-    );
-    let (mut ids, mut customs) = (Vec::new(), Vec::new());
-    let mut chunk = Vec::new();
-    let mut enqueued = skip;
-    let mut cancelled = b.status == "cancelling";
-    while let Some(line) = lines.next().await {
-        let (custom, env) = line?;
-        let env = env?;
-        ids.push(env.id.unwrap_or_default());
-        customs.push(custom);
-        if (ids.len() as u64) <= skip || cancelled {
-            continue;
-        }
-        chunk.push(env);
-        if chunk.len() == CHUNK {
-            enqueued = crate::submit::flush(
-                redis.clone(),
-                queue.clone(),
-                b.id.clone(),
-                enqueued,
-                std::mem::take(&mut chunk),
-            )
+        .map_err(db)?;
+        let tenant = b.tenant.as_deref();
+        let named = |end: &str| format!("{}_{end}.jsonl", b.id);
+        let mut out = files
+            .create(tenant, "batch_output", &named("output"))
             .await
-            .map_err(|e| e.to_string())?;
-            let status = keep(app, files, &b.id, me, 0)
+            .map_err(db)?;
+        let mut err = files
+            .create(tenant, "batch_output", &named("error"))
+            .await
+            .map_err(db)?;
+        let anthropic = b.shape() == Shape::Anthropic;
+        let (mut ok, mut failed, mut gone, mut expired) = (0i32, 0i32, 0i32, 0i32);
+        for (n, chunk) in plan.ids.chunks(CHUNK).enumerate() {
+            let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+            let records = self
+                .app
+                .serve
+                .redis
+                .results(&self.queue(), &chunk_ids)
                 .await
                 .map_err(|e| e.to_string())?;
-            cancelled = match status {
-                None => return Err("its lease was taken over".into()),
-                Some(s) => s == "cancelling",
-            };
-        }
-    }
-    if !cancelled {
-        enqueued =
-            crate::submit::flush(redis.clone(), queue.clone(), b.id.clone(), enqueued, chunk)
-                .await
-                .map_err(|e| e.to_string())?;
-    }
-    let enqueued = usize::try_from(enqueued)
-        .unwrap_or(usize::MAX)
-        .min(ids.len());
-    // Waits for what went in, keeping the lease and writing the progress meanwhile.
-    let left = (b.expires_at - Utc::now()).to_std().unwrap_or_default();
-    let (tx, mut rx) = tokio::sync::watch::channel(0u64);
-    let waiting = crate::submit::wait_batch(
-        redis,
-        &queue,
-        &b.id,
-        &ids[..enqueued],
-        Some(left),
-        move |n| {
-            let _ = tx.send(n);
-        },
-    );
-    tokio::pin!(waiting);
-    loop {
-        tokio::select! {
-            done = &mut waiting => {
-                done.map_err(|e| e.to_string())?;
-                break;
-            }
-            () = tokio::time::sleep(KEEP) => {
-                let n = i64::try_from(*rx.borrow_and_update()).unwrap_or(0);
-                match keep(app, files, &b.id, me, n).await {
-                    Ok(None) => return Err("its lease was taken over".into()),
-                    Ok(Some(s)) => cancelled |= s == "cancelling",
-                    Err(e) => tracing::warn!(batch = b.id, "cannot keep the batch's lease: {e}"),
+            for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
+                let at = n * CHUNK + i;
+                let r = record.unwrap_or_else(|| {
+                    let never_in = at >= plan.enqueued;
+                    let s = if never_in {
+                        Status::Cancelled
+                    } else {
+                        Status::Queued
+                    };
+                    TaskRecord::pending(id, &self.app.serve.queue, s)
+                });
+                match r.status {
+                    Status::Succeeded => ok += 1,
+                    Status::Cancelled => gone += 1,
+                    s if !s.is_final() => expired += 1,
+                    _ => failed += 1,
                 }
-            }
-            () = app.stop.cancelled() => return Err("the server is stopping".into()),
-        }
-    }
-    finish(app, files, me, &b, &ids, &customs, enqueued, cancelled).await
-}
-
-async fn fail(files: &Files, id: &str, me: &str, errors: Value) -> Result<(), String> {
-    sqlx::query(
-        "UPDATE serve_batches SET status = 'failed', failed_at = now(), errors = $3
-         WHERE id = $1 AND holder = $2",
-    )
-    .bind(id)
-    .bind(me)
-    .bind(errors)
-    .execute(&files.pool)
-    .await
-    .map(drop)
-    .map_err(|e| e.to_string())
-}
-
-/// Writes the output and error files (Anthropic's: one results file) and ends the batch.
-#[allow(clippy::too_many_arguments)]
-async fn finish(
-    app: &App,
-    files: &Files,
-    me: &str,
-    b: &BatchRow,
-    ids: &[uuid::Uuid],
-    customs: &[String],
-    enqueued: usize,
-    cancelled: bool,
-) -> Result<(), String> {
-    let db = |e: sqlx::Error| e.to_string();
-    sqlx::query(
-        "UPDATE serve_batches SET status = CASE WHEN status = 'cancelling' THEN status
-             ELSE 'finalizing' END, finalizing_at = now() WHERE id = $1 AND holder = $2",
-    )
-    .bind(&b.id)
-    .bind(me)
-    .execute(&files.pool)
-    .await
-    .map_err(db)?;
-    let tenant = b.tenant.as_deref();
-    let (out_name, err_name) = (
-        format!("{}_output.jsonl", b.id),
-        format!("{}_error.jsonl", b.id),
-    );
-    let mut out = files
-        .create(tenant, "batch_output", &out_name)
-        .await
-        .map_err(db)?;
-    let mut err = files
-        .create(tenant, "batch_output", &err_name)
-        .await
-        .map_err(db)?;
-    let (mut ok, mut failed, mut gone, mut expired) = (0i32, 0i32, 0i32, 0i32);
-    let queue = llmq_shared::keys::QueueKeys::new(&app.serve.queue);
-    for (n, chunk) in ids.chunks(CHUNK).enumerate() {
-        let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
-        let records = app
-            .serve
-            .redis
-            .results(&queue, &chunk_ids)
-            .await
-            .map_err(|e| e.to_string())?;
-        for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
-            let at = n * CHUNK + i;
-            let r = record.unwrap_or_else(|| {
-                let s = if at >= enqueued {
-                    Status::Cancelled
+                let line = batch_file::result_line(b.shape(), &plan.customs[at], &r);
+                let to = if r.status == Status::Succeeded || anthropic {
+                    &mut out
                 } else {
-                    Status::Queued
+                    &mut err
                 };
-                TaskRecord::pending(id, &app.serve.queue, s)
-            });
-            match r.status {
-                Status::Succeeded => ok += 1,
-                Status::Cancelled => gone += 1,
-                s if !s.is_final() => expired += 1,
-                _ => failed += 1,
+                to.write(format!("{line}\n").as_bytes()).await.map_err(db)?;
             }
-            let line = format!("{}\n", batch_file::result_line(b.shape(), &customs[at], &r));
-            let to = if r.status == Status::Succeeded || b.shape() == Shape::Anthropic {
-                &mut out
+        }
+        let kept = |w: files::Writer, any: bool| async move {
+            if any {
+                w.finish("batch_output").await.map(|f| Some(f.id))
             } else {
-                &mut err
-            };
-            to.write(line.as_bytes()).await.map_err(db)?;
-        }
-    }
-    let keep_file = |w: files::Writer, any: bool| async move {
-        if any {
-            w.finish("batch_output").await.map(|f| Some(f.id))
+                w.abandon().await;
+                Ok(None)
+            }
+        };
+        let all_ok = usize::try_from(ok).unwrap_or(0) == plan.ids.len();
+        let out_id = kept(out, ok > 0 || (anthropic && !plan.ids.is_empty()))
+            .await
+            .map_err(db)?;
+        let err_id = kept(err, !anthropic && !all_ok).await.map_err(db)?;
+        let status = if plan.cancelled {
+            "cancelled"
+        } else if expired > 0 {
+            "expired"
         } else {
-            w.abandon().await;
-            Ok(None)
-        }
-    };
-    let anthropic = b.shape() == Shape::Anthropic;
-    let out_id = keep_file(out, ok > 0 || (anthropic && !ids.is_empty()))
+            "completed"
+        };
+        sqlx::query(&format!(
+            "UPDATE serve_batches SET status = $3, output_file_id = $4, error_file_id = $5,
+                 completed = $6, failed = $7, cancelled = $8, expired = $9, {status}_at = now()
+             WHERE id = $1 AND holder = $2"
+        ))
+        .bind(&b.id)
+        .bind(self.me)
+        .bind(status)
+        .bind(out_id)
+        .bind(err_id)
+        .bind(ok)
+        .bind(failed)
+        .bind(gone)
+        .bind(expired)
+        .execute(&files.pool)
         .await
         .map_err(db)?;
-    let err_id = keep_file(
-        err,
-        !anthropic && usize::try_from(ok).unwrap_or(0) < ids.len(),
-    )
-    .await
-    .map_err(db)?;
-    let status = if cancelled {
-        "cancelled"
-    } else if expired > 0 {
-        "expired"
-    } else {
-        "completed"
-    };
-    sqlx::query(&format!(
-        "UPDATE serve_batches SET status = $3, output_file_id = $4, error_file_id = $5,
-             completed = $6, failed = $7, cancelled = $8, expired = $9, {status}_at = now()
-         WHERE id = $1 AND holder = $2"
-    ))
-    .bind(&b.id)
-    .bind(me)
-    .bind(status)
-    .bind(out_id)
-    .bind(err_id)
-    .bind(ok)
-    .bind(failed)
-    .bind(gone)
-    .bind(expired)
-    .execute(&files.pool)
-    .await
-    .map_err(db)?;
-    Ok(())
+        Ok(())
+    }
 }

@@ -144,6 +144,7 @@ enum Bench {
     WebPages,
     LedgerScale,
     Gateway,
+    GatewayBatch,
 }
 
 fn main() -> Result<()> {
@@ -223,6 +224,7 @@ async fn run() -> Result<()> {
             Bench::WebPages => web_pages(&args, &mut redis).await,
             Bench::LedgerScale => ledger_scale(&args).await,
             Bench::Gateway => gateway(&args, &mut redis).await,
+            Bench::GatewayBatch => gateway_batch(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -266,6 +268,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::WebPages => "web_pages",
         Bench::LedgerScale => "ledger_scale",
         Bench::Gateway => "gateway",
+        Bench::GatewayBatch => "gateway_batch",
     }
 }
 
@@ -3304,6 +3307,134 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
     result
 }
 
+/// (issue 70) A batch file of 100,000 lines (`--tasks`) in OpenAI's Batch shape through
+/// `llmq serve` (the release binary, its own process, files and batches in the bench's
+/// Postgres): uploaded to `POST /v1/files`, run with `POST /v1/batches` by one worker of 256
+/// slots against the mock answering at once, and its output downloaded; the time of each
+/// part, the lines a second, the server's peak RSS (`VmHWM`: the goal is at most 100 MB) and
+/// its CPU per line, and Redis's CPU per line.
+async fn gateway_batch(args: &Args, redis: &mut Redis) -> Result<String> {
+    let n = args.tasks.unwrap_or(100_000);
+    let queue = fresh_queue();
+    let bench_url = with_database(&args.database_url, BENCH_DB)?;
+    bench_ledger(&args.database_url, &bench_url).await?;
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        Client::new(&args.redis_url)?.ensure_group(&keys).await?;
+        let (mock, config) = mock_fast(Duration::ZERO).await?;
+        let mut exe = std::env::current_exe()?;
+        exe.pop();
+        let llmq = exe.join("llmq");
+        ensure!(llmq.exists(), "{} is missing: cargo build --release --bin llmq (make bench does)", llmq.display());
+        let listen = format!("127.0.0.1:{}", llmq_tests::harness::free_port());
+        let mut server = std::process::Command::new(&llmq)
+            .args(["serve", "--listen", &listen, "--queue", &queue])
+            .env("REDIS_URL", &args.redis_url)
+            .env("DATABASE_URL", &bench_url)
+            .env_remove("LLMQ_SERVE_KEYS")
+            .env_remove("LLMQ_CONFIG")
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let measured = async {
+            let base = format!("http://{listen}/v1");
+            let http = reqwest::Client::new();
+            let mut up = false;
+            for _ in 0..100 {
+                if http.get(format!("http://{listen}/healthz")).send().await.is_ok() {
+                    up = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            ensure!(up, "llmq serve did not start");
+            let boundary = "llmq-bench-boundary";
+            let mut form = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n\
+                 --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"batch.jsonl\"\r\n\
+                 Content-Type: application/jsonl\r\n\r\n"
+            );
+            for i in 0..n {
+                form.push_str(&serde_json::json!({
+                    "custom_id": format!("request-{i}"), "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "mock-fast", "max_tokens": 16, "messages": [
+                        {"role": "system", "content": "You are a helpful assistant."},
+                        {"role": "user", "content": format!("batch line {i}")}]},
+                }).to_string());
+                form.push('\n');
+            }
+            form.push_str(&format!("\r\n--{boundary}--\r\n"));
+            let file_mb = form.len() as f64 / 1e6;
+            let cpu_before = proc_cpu_us(server.id())?;
+            let started = Instant::now();
+            let file: serde_json::Value = http
+                .post(format!("{base}/files"))
+                .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+                .body(form)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let upload_s = started.elapsed().as_secs_f64();
+            let running = Workers::start(1, |i| settings(&args.redis_url, &config, &queue, 256, i))?;
+            let before = Snapshot::take(redis).await?;
+            let started = Instant::now();
+            let batch: serde_json::Value = http
+                .post(format!("{base}/batches"))
+                .json(&serde_json::json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}))
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            let id = batch["id"].as_str().context("no batch id")?.to_owned();
+            let done = loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let b: serde_json::Value = http.get(format!("{base}/batches/{id}")).send().await?.json().await?;
+                match b["status"].as_str() {
+                    Some("completed") => break b,
+                    Some("failed" | "expired" | "cancelled") => bail!("the batch ended {}: {b}", b["status"]),
+                    _ => ensure!(started.elapsed() < Duration::from_secs(1200), "the batch did not end in 20 minutes: {b}"),
+                }
+            };
+            let run_s = started.elapsed().as_secs_f64();
+            let redis_us = Snapshot::take(redis).await?.since(&before, n).redis_cpu_us_per_task;
+            running.stop().await?;
+            ensure!(done["request_counts"]["completed"] == n, "not every line succeeded: {done}");
+            let started = Instant::now();
+            let mut out = http
+                .get(format!("{base}/files/{}/content", done["output_file_id"].as_str().unwrap_or_default()))
+                .send()
+                .await?
+                .error_for_status()?;
+            let (mut lines, mut bytes) = (0u64, 0u64);
+            while let Some(chunk) = out.chunk().await? {
+                lines += chunk.iter().filter(|&&b| b == b'\n').count() as u64;
+                bytes += chunk.len() as u64;
+            }
+            let download_s = started.elapsed().as_secs_f64();
+            ensure!(lines == n as u64, "the output holds {lines} lines of {n}");
+            let cpu_us_per_line = (proc_cpu_us(server.id())? - cpu_before) as f64 / n as f64;
+            let peak_mb = proc_status_kib(server.id(), "VmHWM:")? as f64 / 1024.0;
+            Ok(format!(
+                "bench=gateway_batch lines={n} file_mb={file_mb:.1} upload_s={upload_s:.2} run_s={run_s:.1} \
+                 lines_per_s={:.0} download_s={download_s:.2} output_mb={:.1} serve_peak_rss_mb={peak_mb:.1} \
+                 serve_cpu_us_per_line={cpu_us_per_line:.0} redis_cpu_us_per_line={redis_us:.1}",
+                n as f64 / run_s,
+                bytes as f64 / 1e6,
+            ))
+        }
+        .await;
+        let _ = server.kill();
+        let _ = server.wait();
+        mock.shutdown().await;
+        measured
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
 /// The direct path's waiter in [`gateway`]: one loop reads the open tasks' results every
 /// millisecond, as `llmq serve`'s does.
 #[derive(Clone)]
@@ -3377,18 +3508,23 @@ fn proc_cpu_us(pid: u32) -> Result<u64> {
 
 /// A process's resident memory (KiB), from /proc.
 fn proc_rss_kib(pid: u32) -> Result<u64> {
+    proc_status_kib(pid, "VmRSS:")
+}
+
+/// A `kB` line of `/proc/<pid>/status` (`VmRSS:`, `VmHWM:`).
+fn proc_status_kib(pid: u32, line: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| {
-            l.strip_prefix("VmRSS:")?
+            l.strip_prefix(line)?
                 .trim()
                 .strip_suffix("kB")?
                 .trim()
                 .parse()
                 .ok()
         })
-        .context("no VmRSS in /proc/<pid>/status")
+        .with_context(|| format!("no {line} in /proc/<pid>/status"))
 }
 
 /// Enqueues `n` no-op tasks in chunks; returns their ids.
