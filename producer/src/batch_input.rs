@@ -172,17 +172,34 @@ fn read_into(
             .end()
             .map_err(|e| format!("{name} has more after its array of tasks: {e}"));
     }
+    if first == b'{' && starts_requests_body(reader.fill_buf().unwrap_or_default()) {
+        // Anthropic's body (on one line or several), streamed a request at a time: a
+        // 256 MB body is never held whole, as it would be read as a line.
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        de::Deserializer::deserialize_map(&mut de, RequestsBody { sent })
+            .map_err(|e| format!("{name} is not a {REQUESTS_BODY}: {e}"))?;
+        return de
+            .end()
+            .map_err(|e| format!("{name} has more after its {REQUESTS_BODY}: {e}"));
+    }
     let mut line = String::new();
     let mut n = skipped_lines;
-    let mut body_read = false;
     loop {
         line.clear();
         n += 1;
-        let read = reader
+        let read = (&mut *reader)
+            .take(MAX_LINE as u64 + 1)
             .read_line(&mut line)
             .map_err(|e| format!("cannot read line {n} of {name}: {e}"))?;
         if read == 0 {
             return Ok(());
+        }
+        if read > MAX_LINE {
+            return Err(format!(
+                "line {n} of {name} is over {} MiB; a task is {} MiB at most",
+                MAX_LINE >> 20,
+                llmq_shared::envelope::DEFAULT_MAX_PAYLOAD_BYTES >> 20
+            ));
         }
         if line.trim().is_empty() {
             continue;
@@ -206,45 +223,29 @@ fn read_into(
                 ));
             }
         };
-        if body_read {
-            return Err(format!(
-                "line {n} of {name} comes after its {REQUESTS_BODY}, which holds the whole batch"
-            ));
-        }
-        // The same body on one line.
-        let value = match requests_of(value) {
-            Ok(requests) => {
-                for (i, r) in requests.into_iter().enumerate() {
-                    if !sent(Ok((At::Index(i as u64), r))) {
-                        return Ok(());
-                    }
-                }
-                body_read = true;
-                continue;
-            }
-            Err(value) => value,
-        };
         if !sent(Ok((At::Line(n), value))) {
             return Ok(());
         }
     }
 }
 
+/// The longest line read: a line over it cannot be a task (whose envelope is 1 MiB at most),
+/// and is not held whole to find that out.
+const MAX_LINE: usize = 8 << 20;
+
+/// Whether `head` (the start of a file, after white space) opens `{"requests":`, Anthropic's
+/// body: no task of a JSON Lines file has that field.
+fn starts_requests_body(head: &[u8]) -> bool {
+    let rest = head.strip_prefix(b"{").unwrap_or_default();
+    let at = rest
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(rest.len());
+    rest[at..].starts_with(b"\"requests\"")
+}
+
 /// How errors name Anthropic's `{"requests": [...]}` body.
 const REQUESTS_BODY: &str = "Message Batches body ({\"requests\": [...]})";
-
-/// The requests of a one-line `{"requests": [...]}` body; anything else back as it was.
-fn requests_of(value: Value) -> Result<Vec<Value>, Value> {
-    match value {
-        Value::Object(mut o) if o.len() == 1 && o.get("requests").is_some_and(Value::is_array) => {
-            match o.remove("requests") {
-                Some(Value::Array(requests)) => Ok(requests),
-                _ => Err(Value::Object(o)),
-            }
-        }
-        other => Err(other),
-    }
-}
 
 /// Streams the `requests` of an Anthropic Message Batches body, each as it is parsed.
 struct RequestsBody<'a> {
@@ -387,9 +388,16 @@ mod tests {
             .unwrap()
             .unwrap_err();
         assert!(
-            e.contains("line 2 of f comes after its Message Batches body"),
+            e.contains("f has more after its Message Batches body"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_line_too_long_to_be_a_task_is_refused_unread() {
+        let text = format!("{{\"prompt\": \"{}\"}}\n", "a".repeat(MAX_LINE));
+        let e = all(&text).pop().unwrap().unwrap_err();
+        assert!(e.starts_with("line 1 of f is over 8 MiB"), "{e}");
     }
 
     #[test]

@@ -117,6 +117,11 @@ pub enum KeysCommand {
         /// it when they ask for none.
         #[arg(long)]
         highest_priority: Option<u8>,
+        /// The requests it may make a clock minute, across every replica; past it the server
+        /// answers 429 with `retry-after` (the caller's SDK waits and sends it again). None:
+        /// no limit.
+        #[arg(long)]
+        requests_per_minute: Option<u32>,
     },
     /// The keys of the file: ids, tenants, models and priorities, nothing secret.
     List {

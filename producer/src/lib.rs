@@ -126,7 +126,16 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
                 tenant,
                 models,
                 highest_priority,
-            } => serve::keys::create(&file, &tenant, models, highest_priority, out),
+                requests_per_minute,
+            } => {
+                let grant = serve::keys::Grant {
+                    tenant,
+                    models,
+                    highest_priority,
+                    requests_per_minute,
+                };
+                serve::keys::create(&file, grant, out)
+            }
             cli::KeysCommand::List { file } => serve::keys::list(&file, out),
             cli::KeysCommand::Revoke { file, id } => serve::keys::revoke(&file, &id, out),
         },

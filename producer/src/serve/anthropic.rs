@@ -33,6 +33,7 @@ async fn message(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let key = task::caller(&app, headers)?;
+    task::admit(&app, key.as_ref()).await?;
     let mut body = task::body(body)?;
     let stream = task::take_bool(&mut body, "stream")?;
     if body.get("max_tokens").is_none_or(Value::is_null) {

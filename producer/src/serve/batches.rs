@@ -49,6 +49,8 @@ pub const MAX_ANTHROPIC_BODY: usize = 256 * 1024 * 1024;
 /// The most requests a batch holds (Anthropic's limit; OpenAI's is 50,000): what a driving
 /// server keeps of each (its task's id and `custom_id`) stays a few MB.
 const MAX_REQUESTS: usize = 100_000;
+/// The longest `custom_id` (Anthropic's limit is 64).
+const MAX_CUSTOM_ID: usize = 512;
 
 /// A batch as its row holds it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -173,7 +175,8 @@ impl BatchRow {
             "type": "message_batch",
             "processing_status": status,
             "request_counts": {
-                "processing": if self.open() { self.total - self.completed } else { 0 },
+                // As Anthropic counts: a request leaves `processing` when the batch ends.
+                "processing": if self.open() { self.total } else { 0 },
                 "succeeded": succeeded,
                 "errored": errored,
                 "canceled": self.cancelled,
@@ -229,17 +232,18 @@ async fn find(
     .ok_or_else(|| no_batch(id))
 }
 
-/// The completion window as a duration: OpenAI's `24h` (the one it takes), or any
-/// `humantime` span from an hour to a week.
+/// The completion window as a duration: OpenAI's `24h` (the one it takes), or any span a
+/// task's deadline may be (24h, what a provider's batch API may take, to 30 days).
 fn window_of(w: &str) -> Result<Duration, ApiError> {
+    use llmq_shared::envelope::{MAX_DEADLINE, MIN_DEADLINE};
     humantime::parse_duration(w)
         .ok()
-        .filter(|d| (Duration::from_secs(3600)..=Duration::from_secs(7 * 86_400)).contains(d))
+        .filter(|d| (MIN_DEADLINE..=MAX_DEADLINE).contains(d))
         .ok_or_else(|| {
             ApiError::bad(
                 Some("completion_window"),
                 format!(
-                    "`completion_window` must be \"24h\" (or a span from 1h to 7d), not {}",
+                    "`completion_window` must be \"24h\" (or a span from 24h to 30d), not {}",
                     Value::from(llmq_shared::text::excerpt(w, 40))
                 ),
             )
@@ -260,7 +264,7 @@ async fn insert(
     app: &App,
     key: Option<&Key>,
     (id, dialect): (&str, &str),
-    file_id: &str,
+    (file_id, total): (&str, usize),
     window: &str,
     metadata: Option<Value>,
 ) -> Result<BatchRow, ApiError> {
@@ -269,8 +273,9 @@ async fn insert(
         + chrono::Duration::from_std(window_of(window)?).unwrap_or(chrono::Duration::hours(24));
     let row: BatchRow = sqlx::query_as(&format!(
         "INSERT INTO serve_batches (id, tenant, key_id, dialect, endpoint, input_file_id,
-             completion_window, metadata, status, expires_at, queue)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'validating', $9, $10) RETURNING {COLUMNS}"
+             completion_window, metadata, status, expires_at, queue, total)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'validating', $9, $10, $11)
+         RETURNING {COLUMNS}"
     ))
     .bind(id)
     .bind(key.map(|k| k.tenant.as_str()))
@@ -286,11 +291,20 @@ async fn insert(
     .bind(metadata)
     .bind(expires)
     .bind(&app.serve.queue)
+    .bind(i32::try_from(total).unwrap_or(i32::MAX))
     .fetch_one(&files.pool)
     .await
     .map_err(|e| files::stored(&e))?;
     app.batches.notify_one();
     Ok(row)
+}
+
+/// OpenAI's limits on `metadata`: 16 pairs, keys of 64 characters, string values of 512.
+fn fits_metadata(m: &serde_json::Map<String, Value>) -> bool {
+    m.len() <= 16
+        && m.iter().all(|(k, v)| {
+            k.chars().count() <= 64 && v.as_str().is_some_and(|v| v.chars().count() <= 512)
+        })
 }
 
 /// `POST /v1/batches`: `{input_file_id, endpoint, completion_window, metadata}`.
@@ -301,6 +315,7 @@ pub async fn create(
 ) -> Response {
     let answer = async {
         let key = task::caller(&app, &headers)?;
+        task::admit(&app, key.as_ref()).await?;
         let mut body = task::body(body)?;
         let text = |body: &mut serde_json::Map<String, Value>, name: &str| match body.remove(name) {
             Some(Value::String(s)) => Ok(s),
@@ -324,11 +339,12 @@ pub async fn create(
         let window = text(&mut body, "completion_window")?;
         let metadata = match body.remove("metadata") {
             None | Some(Value::Null) => None,
-            Some(m @ Value::Object(_)) => Some(m),
+            Some(Value::Object(m)) if fits_metadata(&m) => Some(Value::Object(m)),
             Some(_) => {
                 return Err(ApiError::bad(
                     Some("metadata"),
-                    "`metadata` must be an object of strings",
+                    "`metadata` must be an object of up to 16 strings, each key up to 64 \
+                     characters and each value up to 512",
                 ));
             }
         };
@@ -357,7 +373,7 @@ pub async fn create(
             &app,
             key.as_ref(),
             (&id, "openai"),
-            &file.id,
+            (&file.id, 0),
             &window,
             metadata,
         )
@@ -378,6 +394,7 @@ pub async fn create_messages(
 ) -> Response {
     let answer = async {
         let key = task::caller(&app, &headers)?;
+        task::admit(&app, key.as_ref()).await?;
         let files = files::of(&app)?;
         let tenant = key.as_ref().map(|k| k.tenant.as_str());
         let mut w = files
@@ -423,18 +440,21 @@ pub async fn create_messages(
         )
         .count()
         .await;
-        if let Err(e) = checked {
-            let _ = sqlx::query("DELETE FROM serve_files WHERE id = $1")
-                .bind(&file.id)
-                .execute(&files.pool)
-                .await;
-            return Err(e);
-        }
+        let total = match checked {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = sqlx::query("DELETE FROM serve_files WHERE id = $1")
+                    .bind(&file.id)
+                    .execute(&files.pool)
+                    .await;
+                return Err(e);
+            }
+        };
         let row = insert(
             &app,
             key.as_ref(),
             (&id, "anthropic"),
-            &file.id,
+            (&file.id, total),
             "24h",
             None,
         )
@@ -607,7 +627,8 @@ struct Lines<'a> {
     key: Option<&'a Key>,
     batch_id: &'a str,
     window: &'a str,
-    seen: HashSet<String>,
+    /// The tasks' ids so far (each made of its `custom_id`): a repeated one is refused.
+    seen: HashSet<uuid::Uuid>,
 }
 
 /// One request of a batch: its `custom_id` and its task, or why it cannot run.
@@ -668,7 +689,23 @@ impl Lines<'_> {
                 "{at}: a batch holds {MAX_REQUESTS} requests at most; split the file"
             )));
         }
-        if !self.seen.insert(custom.clone()) {
+        if custom.len() > MAX_CUSTOM_ID {
+            return Some(Ok((
+                llmq_shared::text::excerpt(&custom, 40),
+                Err(format!(
+                    "{at}: the custom_id is over {MAX_CUSTOM_ID} bytes; give a shorter one"
+                )),
+            )));
+        }
+        let id = uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!(
+                "llmq-serve-batch:{}:{}:{custom}",
+                self.app.serve.queue, self.batch_id
+            )
+            .as_bytes(),
+        );
+        if !self.seen.insert(id) {
             return Some(Ok((
                 custom,
                 Err(format!(
@@ -679,14 +716,7 @@ impl Lines<'_> {
         let env = task::ask(self.app, self.key, &HeaderMap::new(), t)
             .and_then(|ask| {
                 let mut env = ask.env;
-                env.id = Some(uuid::Uuid::new_v5(
-                    &uuid::Uuid::NAMESPACE_OID,
-                    format!(
-                        "llmq-serve-batch:{}:{}:{custom}",
-                        self.app.serve.queue, self.batch_id
-                    )
-                    .as_bytes(),
-                ));
+                env.id = Some(id);
                 env.idempotency_key = Some(format!("{}:{custom}", self.batch_id).into());
                 env.batch_id = Some(self.batch_id.into());
                 env.deadline = Some(self.window.into());
@@ -716,8 +746,13 @@ impl Lines<'_> {
     }
 }
 
-/// Drives the batches of every replica: takes each open batch whose lease is free and runs
-/// it on a task of its own, until `stop`.
+/// The most batches one replica drives at once; others wait for a replica with room.
+const MAX_DRIVEN: usize = 4;
+
+/// Drives the batches of every replica: takes each open batch whose lease is free (up to
+/// [`MAX_DRIVEN`] at once) and runs it on a task of its own, until `stop`, when each gives
+/// its lease back. A run that fails keeps its lease until it lapses, so the batch is tried
+/// again a lease later (by any replica), not in a loop.
 pub async fn drive(app: Arc<App>) {
     let Some(files) = app.files.clone() else {
         return;
@@ -725,39 +760,60 @@ pub async fn drive(app: Arc<App>) {
     let me = format!("serve-{}", uuid::Uuid::new_v4().simple());
     let mut swept = std::time::Instant::now();
     let _ = files.sweep().await;
+    let mut running: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
+    let running_ids = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
     loop {
-        loop {
-            match claim(&app, &files, &me).await {
-                Ok(Some(b)) => {
-                    let (app, files, me) = (Arc::clone(&app), files.clone(), me.clone());
-                    tokio::spawn(async move {
-                        let id = b.id.clone();
-                        if let Err(e) = run(&app, &files, &me, b).await {
-                            tracing::warn!(
-                                batch = id,
-                                "the batch stopped: {e}; another try takes it up"
-                            );
-                        }
-                        release(&files, &id, &me).await;
-                    });
-                }
+        while running.try_join_next().is_some() {}
+        while running.len() < MAX_DRIVEN {
+            let b = match claim(&app, &files, &me).await {
+                Ok(Some(b)) => b,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!("cannot read the batches: {e}");
                     break;
                 }
+            };
+            let ids = Arc::clone(&running_ids);
+            if !lock(&ids).insert(b.id.clone()) {
+                // Its lease lapsed while this replica still runs it: leave it be.
+                continue;
             }
+            let (app, files, me) = (Arc::clone(&app), files.clone(), me.clone());
+            running.spawn(async move {
+                let id = b.id.clone();
+                let outcome = tokio::select! {
+                    r = run(&app, &files, &me, b) => r,
+                    () = app.stop.cancelled() => Err(STOPPING.into()),
+                };
+                match outcome {
+                    Ok(()) => release(&files, &id, &me).await,
+                    Err(e) if e == STOPPING => release(&files, &id, &me).await,
+                    Err(e) => tracing::warn!(
+                        batch = id,
+                        "the batch stopped: {e}; it is tried again once its lease lapses"
+                    ),
+                }
+                lock(&ids).remove(&id);
+            });
         }
         if swept.elapsed() > Duration::from_secs(600) {
             swept = std::time::Instant::now();
             let _ = files.sweep().await;
         }
         tokio::select! {
-            () = app.stop.cancelled() => return,
+            () = app.stop.cancelled() => break,
             () = app.batches.notified() => {}
             () = tokio::time::sleep(KEEP) => {}
         }
     }
+    // Each run gives its lease back as it stops.
+    while running.join_next().await.is_some() {}
+}
+
+const STOPPING: &str = "the server is stopping";
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Takes the oldest open batch of `app`'s queue whose lease is free.
@@ -838,6 +894,10 @@ async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), Stri
         b,
         key,
     };
+    if d.b.status == "cancelling" && d.b.in_progress_at.is_none() {
+        // Cancelled before its requests were read: none ran.
+        return d.end_unread().await;
+    }
     if d.b.status == "validating" && !d.validate().await? {
         return Ok(());
     }
@@ -1002,9 +1062,22 @@ impl Driver<'_> {
                     let n = *rx.borrow_and_update();
                     plan.cancelled |= self.keep(n).await? == "cancelling";
                 }
-                () = self.app.stop.cancelled() => return Err("the server is stopping".into()),
+                () = self.app.stop.cancelled() => return Err(STOPPING.into()),
             }
         }
+    }
+
+    async fn end_unread(&self) -> Result<(), String> {
+        sqlx::query(
+            "UPDATE serve_batches SET status = 'cancelled', cancelled_at = now()
+             WHERE id = $1 AND holder = $2",
+        )
+        .bind(&self.b.id)
+        .bind(self.me)
+        .execute(&self.files.pool)
+        .await
+        .map(drop)
+        .map_err(|e| e.to_string())
     }
 
     async fn fail(&self, errors: Value) -> Result<(), String> {
@@ -1048,6 +1121,9 @@ impl Driver<'_> {
         let anthropic = b.shape() == Shape::Anthropic;
         let (mut ok, mut failed, mut gone, mut expired) = (0i32, 0i32, 0i32, 0i32);
         for (n, chunk) in plan.ids.chunks(CHUNK).enumerate() {
+            if n > 0 {
+                self.keep(0).await?;
+            }
             let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
             let records = self
                 .app
@@ -1082,19 +1158,9 @@ impl Driver<'_> {
                 to.write(format!("{line}\n").as_bytes()).await.map_err(db)?;
             }
         }
-        let kept = |w: files::Writer, any: bool| async move {
-            if any {
-                w.finish("batch_output").await.map(|f| Some(f.id))
-            } else {
-                w.abandon().await;
-                Ok(None)
-            }
-        };
         let all_ok = usize::try_from(ok).unwrap_or(0) == plan.ids.len();
-        let out_id = kept(out, ok > 0 || (anthropic && !plan.ids.is_empty()))
-            .await
-            .map_err(db)?;
-        let err_id = kept(err, !anthropic && !all_ok).await.map_err(db)?;
+        let out_any = ok > 0 || (anthropic && !plan.ids.is_empty());
+        let err_any = !anthropic && !all_ok;
         let status = if plan.cancelled {
             "cancelled"
         } else if expired > 0 {
@@ -1102,23 +1168,50 @@ impl Driver<'_> {
         } else {
             "completed"
         };
-        sqlx::query(&format!(
+        // The files are whole and the batch ends in one transaction, only while this server
+        // holds the lease: one that lost it leaves nothing behind.
+        let (out, err) = (
+            out.close().await.map_err(db)?,
+            err.close().await.map_err(db)?,
+        );
+        let mut tx = files.pool.begin().await.map_err(db)?;
+        let ended = sqlx::query(&format!(
             "UPDATE serve_batches SET status = $3, output_file_id = $4, error_file_id = $5,
-                 completed = $6, failed = $7, cancelled = $8, expired = $9, {status}_at = now()
+                 completed = $6, failed = $7, cancelled = $8, expired = $9, {status}_at = now(),
+                 total = GREATEST(total, $10)
              WHERE id = $1 AND holder = $2"
         ))
         .bind(&b.id)
         .bind(self.me)
         .bind(status)
-        .bind(out_id)
-        .bind(err_id)
+        .bind(out_any.then_some(&out.id))
+        .bind(err_any.then_some(&err.id))
         .bind(ok)
         .bind(failed)
         .bind(gone)
         .bind(expired)
-        .execute(&files.pool)
+        .bind(i32::try_from(plan.ids.len()).unwrap_or(i32::MAX))
+        .execute(&mut *tx)
         .await
-        .map_err(db)?;
+        .map_err(db)?
+        .rows_affected()
+            == 1;
+        for (f, any) in [(&out, out_any), (&err, err_any)] {
+            let q = if ended && any {
+                "UPDATE serve_files SET complete = true WHERE id = $1"
+            } else {
+                "DELETE FROM serve_files WHERE id = $1"
+            };
+            sqlx::query(q)
+                .bind(&f.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        if !ended {
+            return Err(LOST.into());
+        }
         Ok(())
     }
 }

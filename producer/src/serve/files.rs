@@ -119,10 +119,30 @@ impl Writer {
         .await
     }
 
+    /// Stores the last part and sizes the file, leaving it unfinished (not listed or
+    /// found): the caller makes it whole (`complete`) in a transaction of its own.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn close(mut self) -> sqlx::Result<Closed> {
+        self.store().await?;
+        sqlx::query("UPDATE serve_files SET bytes = $2 WHERE id = $1")
+            .bind(&self.id)
+            .bind(self.bytes)
+            .execute(&self.files.pool)
+            .await?;
+        Ok(Closed { id: self.id })
+    }
+
     /// Drops what was written.
     pub async fn abandon(self) {
         let _ = self.files.delete_any(&self.id).await;
     }
+}
+
+/// A file written whole but not yet visible.
+pub struct Closed {
+    pub id: String,
 }
 
 impl Files {
@@ -302,7 +322,7 @@ pub fn stored(e: &sqlx::Error) -> ApiError {
     tracing::warn!("the files table failed: {e}");
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("The file store cannot answer now ({e}); try again"),
+        "The file store cannot answer now; try again",
     )
 }
 
@@ -328,6 +348,7 @@ async fn upload_file(
     mut form: Multipart,
 ) -> Result<Response, ApiError> {
     let key = task::caller(app, headers)?;
+    task::admit(app, key.as_ref()).await?;
     let files = of(app)?;
     let tenant = key.as_ref().map(|k| k.tenant.as_str());
     let too_big = || {
@@ -350,7 +371,16 @@ async fn upload_file(
     let result = async {
         while let Some(mut field) = form.next_field().await.map_err(unreadable)? {
             match field.name() {
-                Some("purpose") => purpose = Some(field.text().await.map_err(unreadable)?),
+                Some("purpose") => {
+                    let mut text = Vec::new();
+                    while let Some(chunk) = field.chunk().await.map_err(unreadable)? {
+                        text.extend_from_slice(&chunk);
+                        if text.len() > 64 {
+                            return Err(ApiError::bad(Some("purpose"), "`purpose` is \"batch\""));
+                        }
+                    }
+                    purpose = Some(String::from_utf8_lossy(&text).into_owned());
+                }
                 Some("file") => {
                     let name = field.file_name().unwrap_or("upload.jsonl").to_owned();
                     let w = written.insert(

@@ -29,6 +29,10 @@ pub struct Key {
     /// The most urgent priority it may ask for (0-9, 0 the most urgent); none: any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub highest_priority: Option<u8>,
+    /// The requests it may make a minute (each clock minute, across every replica): past
+    /// it, 429 with `retry-after`, the one 429 the server gives. None: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -159,15 +163,22 @@ fn to_hex(bytes: &[u8]) -> String {
 ///
 /// # Errors
 /// The file cannot be written, or the tenant or priority is not valid.
-pub fn create(
-    file: &Path,
-    tenant: &str,
-    models: Vec<String>,
-    highest_priority: Option<u8>,
-    out: &mut dyn Write,
-) -> crate::Result<u8> {
+pub fn create(file: &Path, grant: Grant, out: &mut dyn Write) -> crate::Result<u8> {
+    let Grant {
+        tenant,
+        models,
+        highest_priority,
+        requests_per_minute,
+    } = grant;
+    let tenant = tenant.as_str();
     llmq_shared::envelope::check_class(highest_priority.map(i64::from), Some(tenant))
         .map_err(|e| crate::Error::Usage(format!("{e}")))?;
+    if requests_per_minute == Some(0) {
+        return Err(crate::Error::Usage(
+            "--requests-per-minute 0 would refuse every request; give 1 or more, or leave it out"
+                .into(),
+        ));
+    }
     let secret = format!(
         "llmq-{}{}",
         uuid::Uuid::new_v4().simple(),
@@ -179,6 +190,7 @@ pub fn create(
         tenant: tenant.to_owned(),
         models,
         highest_priority,
+        requests_per_minute,
         created_at: Some(chrono::Utc::now()),
     };
     let line = serde_json::to_string(&key).unwrap_or_default();
@@ -198,7 +210,15 @@ pub fn create(
     Ok(crate::EXIT_OK)
 }
 
-/// `llmq keys list`: each key's id, tenant, models and priority, nothing secret.
+/// What `llmq keys create` grants a new key.
+pub struct Grant {
+    pub tenant: String,
+    pub models: Vec<String>,
+    pub highest_priority: Option<u8>,
+    pub requests_per_minute: Option<u32>,
+}
+
+/// `llmq keys list`: each key's id, tenant, models, priority and limit, nothing secret.
 ///
 /// # Errors
 /// The file cannot be read.
@@ -207,7 +227,7 @@ pub fn list(file: &Path, out: &mut dyn Write) -> crate::Result<u8> {
     for (k, _) in keys {
         let _ = writeln!(
             out,
-            "{}\ttenant={}\tmodels={}\thighest_priority={}\tcreated={}",
+            "{}\ttenant={}\tmodels={}\thighest_priority={}\trequests_per_minute={}\tcreated={}",
             k.id,
             k.tenant,
             if k.models.is_empty() {
@@ -217,6 +237,8 @@ pub fn list(file: &Path, out: &mut dyn Write) -> crate::Result<u8> {
             },
             k.highest_priority
                 .map_or("any".to_owned(), |p| p.to_string()),
+            k.requests_per_minute
+                .map_or("any".to_owned(), |n| n.to_string()),
             k.created_at.map_or(String::new(), |t| t.to_rfc3339()),
         );
     }
@@ -260,7 +282,13 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("keys.jsonl");
         let mut out = Vec::new();
-        create(&file, "acme", vec!["mock-fast".into()], Some(3), &mut out).unwrap();
+        let grant = Grant {
+            tenant: "acme".into(),
+            models: vec!["mock-fast".into()],
+            highest_priority: Some(3),
+            requests_per_minute: Some(5),
+        };
+        create(&file, grant, &mut out).unwrap();
         let printed = String::from_utf8(out).unwrap();
         let secret = printed.lines().next().unwrap();
         let text = std::fs::read_to_string(&file).unwrap();

@@ -44,6 +44,8 @@ pub struct ApiError {
     /// or waits (another request would be another task), unless an `Idempotency-Key` makes
     /// the retry the same task.
     pub retry: bool,
+    /// Seconds the caller should wait before sending it again (`retry-after`).
+    pub retry_after: Option<i64>,
 }
 
 impl ApiError {
@@ -55,6 +57,7 @@ impl ApiError {
             message: message.into(),
             task_id: None,
             retry: false,
+            retry_after: None,
         }
     }
 
@@ -115,6 +118,9 @@ impl ApiError {
         if let Some(id) = self.task_id.and_then(|i| HeaderValue::from_str(&i).ok()) {
             h.insert("llmq-task-id", id);
         }
+        if let Some(s) = self.retry_after {
+            h.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(s));
+        }
         r
     }
 }
@@ -159,6 +165,44 @@ pub fn caller(app: &App, headers: &HeaderMap) -> Result<Option<Key>, ApiError> {
         .filter(|k| !k.is_empty())
         .ok_or_else(unknown)?;
     keys.find(given).map(Some).ok_or_else(unknown)
+}
+
+/// Counts a request that makes work (a task, a file, a batch) against `key`'s own limit
+/// (`requests_per_minute`, each clock minute, shared by every replica through Redis).
+///
+/// # Errors
+/// 429 with `retry-after` (the seconds to the next minute) past the limit: the one 429 the
+/// server gives, which the caller's SDK waits out and sends again; 503 when Redis fails.
+pub async fn admit(app: &App, key: Option<&Key>) -> Result<(), ApiError> {
+    let Some((key, limit)) = key.and_then(|k| Some((k, k.requests_per_minute?))) else {
+        return Ok(());
+    };
+    let now = chrono::Utc::now().timestamp();
+    let counter = app.keys.kept(&format!("serve-rpm:{}:{}", key.id, now / 60));
+    let n = app
+        .serve
+        .redis
+        .tally(&counter, Duration::from_secs(120))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("The queue cannot take the request now ({e}); try again"),
+            )
+        })?;
+    if n <= u64::from(limit) {
+        return Ok(());
+    }
+    let wait = 60 - now % 60;
+    Err(ApiError {
+        retry: true,
+        retry_after: Some(wait),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!("This key may make {limit} requests a minute; try again in {wait} s"),
+        )
+        .code("rate_limit_exceeded")
+    })
 }
 
 /// A request made a task: its envelope, and what the response needs of the request.

@@ -227,6 +227,22 @@ impl Client {
         self.count(keys.kept(&batch_finished_name(batch_id))).await
     }
 
+    /// Adds one to the counter `key` (made with a life of `ttl`, which a count in a clock
+    /// window outlives), returning the count: one round trip.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn tally(&self, key: &str, ttl: std::time::Duration) -> Result<u64> {
+        let mut c = self.conn().await?;
+        let (n, _): (u64, bool) = redis::pipe()
+            .atomic()
+            .incr(key, 1)
+            .expire(key, i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX))
+            .query_async(&mut c)
+            .await?;
+        Ok(n)
+    }
+
     /// The count at `key`; 0 when there is none.
     async fn count(&self, key: String) -> Result<u64> {
         let mut c = self.conn().await?;

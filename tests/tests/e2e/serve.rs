@@ -742,3 +742,65 @@ impl Drop for Server {
         let _ = self.0.wait();
     }
 }
+
+/// A key's own limit (`llmq keys create --requests-per-minute`), shared by every replica: past
+/// it, 429 with `retry-after` (the one 429 the server gives, which the SDKs wait out and
+/// send again), in the provider's shape, and nothing enqueued.
+#[tokio::test]
+async fn a_key_past_its_own_limit_gets_429_with_retry_after_and_nothing_runs() {
+    let env = TestEnv::new().await.unwrap();
+    let worker = env.worker();
+    let (base, _, stop) = server(&env, Duration::from_secs(60)).await;
+    // A second key, limited, in the file the server reads again when it changes.
+    let file = std::env::temp_dir()
+        .join(format!("llmq-serve-{}", env.queue))
+        .join("keys.jsonl");
+    let (code, printed) = env
+        .cli(&[
+            "keys",
+            "create",
+            "--file",
+            file.to_str().unwrap(),
+            "--tenant",
+            "acme",
+            "--requests-per-minute",
+            "2",
+        ])
+        .await;
+    assert_eq!(code, 0, "{printed}");
+    let limited = printed.lines().next().unwrap().to_owned();
+    // The limit counts clock minutes: three requests within one.
+    let second = chrono::Utc::now().timestamp() % 60;
+    if second > 50 {
+        tokio::time::sleep(Duration::from_secs((61 - second) as u64)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let http = reqwest::Client::new();
+    let ask = |i: usize| {
+        http.post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&limited)
+            .json(&json!({"model": "mock-fast",
+                "messages": [{"role": "user", "content": format!("limited {i}")}]}))
+            .send()
+    };
+    for i in 0..2 {
+        let r = ask(i).await.unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    }
+    let r = ask(2).await.unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let wait: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&wait), "retry-after {wait}");
+    assert_eq!(r.headers()["x-should-retry"], "true");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(env.mock.calls_with_prompt("limited 2"), 0);
+    assert_eq!(env.stream_len().await, 0);
+    stop.cancel();
+    worker.stop().await.unwrap();
+}
