@@ -175,13 +175,17 @@ fn read_into(
     if first == b'{' && starts_requests_body(reader.fill_buf().unwrap_or_default()) {
         // Anthropic's body (on one line or several), streamed a request at a time: a
         // 256 MB body is never held whole, as it would be read as a line.
-        let mut de = serde_json::Deserializer::from_reader(reader);
-        de::Deserializer::deserialize_map(&mut de, RequestsBody { sent })
-            .map_err(|e| format!("{name} is not a {REQUESTS_BODY}: {e}"))?;
-        return de
-            .end()
-            .map_err(|e| format!("{name} has more after its {REQUESTS_BODY}: {e}"));
+        return read_body(reader, name, sent);
     }
+    read_lines(reader, (name, skipped_lines, first), sent)
+}
+
+/// JSON Lines, one task a line (`skipped` blank lines before the first).
+fn read_lines(
+    reader: &mut impl BufRead,
+    (name, skipped_lines, first): (&str, u64, u8),
+    sent: &dyn Fn(Result<(At, Value), String>) -> bool,
+) -> Result<(), String> {
     let mut line = String::new();
     let mut n = skipped_lines;
     loop {
@@ -210,12 +214,7 @@ fn read_into(
             Err(e) if e.is_eof() && n == skipped_lines + 1 && first == b'{' => {
                 let text = std::mem::take(&mut line);
                 let whole = std::io::Cursor::new(text.into_bytes()).chain(reader);
-                let mut de = serde_json::Deserializer::from_reader(whole);
-                de::Deserializer::deserialize_map(&mut de, RequestsBody { sent })
-                    .map_err(|e| format!("{name} is not a {REQUESTS_BODY}: {e}"))?;
-                return de
-                    .end()
-                    .map_err(|e| format!("{name} has more after its {REQUESTS_BODY}: {e}"));
+                return read_body(whole, name, sent);
             }
             Err(e) => {
                 return Err(format!(
@@ -227,6 +226,19 @@ fn read_into(
             return Ok(());
         }
     }
+}
+
+/// Anthropic's `{"requests": [...]}` body, each request handed on as it is parsed.
+fn read_body(
+    reader: impl std::io::Read,
+    name: &str,
+    sent: &dyn Fn(Result<(At, Value), String>) -> bool,
+) -> Result<(), String> {
+    let mut de = serde_json::Deserializer::from_reader(reader);
+    de::Deserializer::deserialize_map(&mut de, RequestsBody { sent })
+        .map_err(|e| format!("{name} is not a {REQUESTS_BODY}: {e}"))?;
+    de.end()
+        .map_err(|e| format!("{name} has more after its {REQUESTS_BODY}: {e}"))
 }
 
 /// The longest line read: a line over it cannot be a task (whose envelope is 1 MiB at most),

@@ -184,12 +184,7 @@ pub async fn admit(app: &App, key: Option<&Key>) -> Result<(), ApiError> {
         .redis
         .tally(&counter, Duration::from_secs(120))
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("The queue cannot take the request now ({e}); try again"),
-            )
-        })?;
+        .map_err(|e| queue_down(&e))?;
     if n <= u64::from(limit) {
         return Ok(());
     }
@@ -411,13 +406,16 @@ pub async fn enqueue(app: &App, ask: &Ask) -> Result<String, ApiError> {
         .redis
         .enqueue(&app.keys, &ask.env)
         .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("The queue cannot take the request now ({e}); try again"),
-            )
-        })?;
+        .map_err(|e| queue_down(&e))?;
     Ok(ask.env.id.unwrap_or_default().to_string())
+}
+
+/// 503: Redis cannot take the request now.
+fn queue_down(e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("The queue cannot take the request now ({e}); try again"),
+    )
 }
 
 /// Checks `env` as a worker would.
