@@ -804,3 +804,118 @@ async fn a_key_past_its_own_limit_gets_429_with_retry_after_and_nothing_runs() {
     stop.cancel();
     worker.stop().await.unwrap();
 }
+
+/// A tenant's files and batches are its own: another tenant's key finds none of them (404,
+/// as for one that does not exist), cannot run a batch on its file, cancel its batch, or see
+/// them listed.
+#[tokio::test]
+async fn another_tenant_finds_none_of_a_tenant_s_files_or_batches() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, acme, stop) = server(&env, Duration::from_secs(60)).await;
+    let file = std::env::temp_dir()
+        .join(format!("llmq-serve-{}", env.queue))
+        .join("keys.jsonl");
+    let (code, printed) = env
+        .cli(&[
+            "keys",
+            "create",
+            "--file",
+            file.to_str().unwrap(),
+            "--tenant",
+            "globex",
+        ])
+        .await;
+    assert_eq!(code, 0, "{printed}");
+    let globex = printed.lines().next().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let http = reqwest::Client::new();
+    let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "mock-fast", "messages": [{"role": "user", "content": "mine"}]}});
+    let form = format!(
+        "--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\n\
+         Content-Disposition: form-data; name=\"file\"; filename=\"in.jsonl\"\r\n\r\n{line}\n\r\n--b--\r\n"
+    );
+    let made: Value = http
+        .post(format!("{base}/v1/files"))
+        .bearer_auth(&acme)
+        .header("content-type", "multipart/form-data; boundary=b")
+        .body(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let file_id = made["id"].as_str().unwrap().to_owned();
+    let batch: Value = http
+        .post(format!("{base}/v1/batches"))
+        .bearer_auth(&acme)
+        .json(
+            &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let batch_id = batch["id"].as_str().unwrap().to_owned();
+    let status = |r: reqwest::Response| r.status().as_u16();
+    let as_globex = |method: reqwest::Method, path: String| {
+        http.request(method, format!("{base}{path}"))
+            .bearer_auth(&globex)
+    };
+    use reqwest::Method;
+    for (method, path) in [
+        (Method::GET, format!("/v1/files/{file_id}")),
+        (Method::GET, format!("/v1/files/{file_id}/content")),
+        (Method::DELETE, format!("/v1/files/{file_id}")),
+        (Method::GET, format!("/v1/batches/{batch_id}")),
+        (Method::POST, format!("/v1/batches/{batch_id}/cancel")),
+    ] {
+        let r = as_globex(method.clone(), path.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status(r), 404, "{method} {path}");
+    }
+    let r = as_globex(Method::POST, "/v1/batches".into())
+        .json(
+            &json!({"input_file_id": file_id, "endpoint": "/v1/chat/completions",
+            "completion_window": "24h"}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(r), 400);
+    for path in ["/v1/files", "/v1/batches"] {
+        let listed = as_globex(Method::GET, path.into())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            !listed.contains(&file_id) && !listed.contains(&batch_id),
+            "{path}: {listed}"
+        );
+    }
+    // The owner still has both.
+    let r = http
+        .get(format!("{base}/v1/files/{file_id}"))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(r), 200);
+    let r = http
+        .get(format!("{base}/v1/batches/{batch_id}"))
+        .bearer_auth(&acme)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status(r), 200);
+    stop.cancel();
+}
