@@ -525,21 +525,7 @@ async fn the_same_idempotency_key_from_two_tenants_makes_two_tasks() {
     let env = TestEnv::new().await.unwrap();
     let worker = env.worker();
     let (base, key_a, stop) = server(&env, Duration::from_secs(60)).await;
-    let file = std::env::temp_dir()
-        .join(format!("llmq-serve-{}", env.queue))
-        .join("keys.jsonl");
-    let (code, printed) = env
-        .cli(&[
-            "keys",
-            "create",
-            "--file",
-            file.to_str().unwrap(),
-            "--tenant",
-            "globex",
-        ])
-        .await;
-    assert_eq!(code, 0, "{printed}");
-    let key_b = printed.lines().next().unwrap().to_owned();
+    let key_b = another_key(&env, "globex", &[]).await;
     // The server reads the file again once a second at most.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let http = reqwest::Client::new();
@@ -733,6 +719,26 @@ async fn a_batch_outlives_its_server_killed_and_runs_each_request_once() {
     worker.stop().await.unwrap();
 }
 
+/// A second key for `tenant` (with `extra` flags of `llmq keys create`) in the keys file of
+/// [`server`], which the server reads again when it changes.
+async fn another_key(env: &TestEnv, tenant: &str, extra: &[&str]) -> String {
+    let file = std::env::temp_dir()
+        .join(format!("llmq-serve-{}", env.queue))
+        .join("keys.jsonl");
+    let mut args = vec![
+        "keys",
+        "create",
+        "--file",
+        file.to_str().unwrap(),
+        "--tenant",
+        tenant,
+    ];
+    args.extend_from_slice(extra);
+    let (code, printed) = env.cli(&args).await;
+    assert_eq!(code, 0, "{printed}");
+    printed.lines().next().unwrap().to_owned()
+}
+
 /// A server process, SIGKILLed when dropped (a failed test leaves none behind).
 struct Server(std::process::Child);
 
@@ -752,23 +758,7 @@ async fn a_key_past_its_own_limit_gets_429_with_retry_after_and_nothing_runs() {
     let worker = env.worker();
     let (base, _, stop) = server(&env, Duration::from_secs(60)).await;
     // A second key, limited, in the file the server reads again when it changes.
-    let file = std::env::temp_dir()
-        .join(format!("llmq-serve-{}", env.queue))
-        .join("keys.jsonl");
-    let (code, printed) = env
-        .cli(&[
-            "keys",
-            "create",
-            "--file",
-            file.to_str().unwrap(),
-            "--tenant",
-            "acme",
-            "--requests-per-minute",
-            "2",
-        ])
-        .await;
-    assert_eq!(code, 0, "{printed}");
-    let limited = printed.lines().next().unwrap().to_owned();
+    let limited = another_key(&env, "acme", &["--requests-per-minute", "2"]).await;
     // The limit counts clock minutes: three requests within one.
     let second = chrono::Utc::now().timestamp() % 60;
     if second > 50 {
@@ -812,21 +802,7 @@ async fn a_key_past_its_own_limit_gets_429_with_retry_after_and_nothing_runs() {
 async fn another_tenant_finds_none_of_a_tenant_s_files_or_batches() {
     let env = TestEnv::new().await.unwrap();
     let (base, acme, stop) = server(&env, Duration::from_secs(60)).await;
-    let file = std::env::temp_dir()
-        .join(format!("llmq-serve-{}", env.queue))
-        .join("keys.jsonl");
-    let (code, printed) = env
-        .cli(&[
-            "keys",
-            "create",
-            "--file",
-            file.to_str().unwrap(),
-            "--tenant",
-            "globex",
-        ])
-        .await;
-    assert_eq!(code, 0, "{printed}");
-    let globex = printed.lines().next().unwrap().to_owned();
+    let globex = another_key(&env, "globex", &[]).await;
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let http = reqwest::Client::new();
     let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
