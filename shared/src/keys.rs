@@ -419,8 +419,17 @@ impl ProviderKeys {
 
     /// The tokens a call uses, as the token pace charges them: the mean of the calls
     /// reconciled (reconcile.lua).
+    #[must_use]
     pub fn tokens_mean(&self) -> String {
         format!("{}:tpm:mean", self.prefix)
+    }
+
+    /// Pace time that calls using less than their charge gave back while others already
+    /// held their slots (ms, reconcile.lua): the next grants may start that far behind the
+    /// pace, so the time is not lost.
+    #[must_use]
+    pub fn tokens_slack(&self) -> String {
+        format!("{}:tpm:slack", self.prefix)
     }
 
     /// Who waits for the provider's next slots: task ids by priority and when each first

@@ -28,9 +28,9 @@ pub struct Reservation {
     month: String,
     /// The tpm pace's nanoseconds per token (0: no tpm), so reconciling moves it.
     token_pace_ns: u64,
-    /// The tokens the reservation charged the tpm pace, so reconciling moves it by what
-    /// the call used beyond them.
-    paced_tokens: u64,
+    /// The thousandths of tokens the reservation charged the tpm pace (the mean of what
+    /// calls use, a fraction), so reconciling moves it by what the call used beyond them.
+    paced_millitokens: u64,
 }
 
 /// A task that may wait in a provider's line, and when it first asked for this call.
@@ -210,6 +210,7 @@ impl Limiter {
             .key(keys.line())
             .key(keys.line_back())
             .key(keys.tokens_mean())
+            .key(keys.tokens_slack())
             .arg(now.timestamp_millis())
             .arg(&id)
             .arg(tokens)
@@ -241,9 +242,9 @@ impl Limiter {
                     token_pace_ns: quotas.tpm.map_or(0, |t| {
                         (quotas.counted_window().as_nanos() / u128::from(t.max(1))) as u64
                     }),
-                    paced_tokens: match reply.get(1) {
-                        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(tokens),
-                        _ => tokens,
+                    paced_millitokens: match reply.get(1) {
+                        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(tokens * 1000),
+                        _ => tokens * 1000,
                     },
                 },
                 crossed: reply.iter().skip(2).map(text).collect(),
@@ -304,12 +305,13 @@ impl Limiter {
             .key(keys.tokens_sum())
             .key(keys.tokens_pace())
             .key(keys.tokens_mean())
+            .key(keys.tokens_slack())
             .arg(&r.id)
             .arg(r.tokens)
             .arg(tokens)
             .arg(to_micro(usd) - r.micro_usd)
             .arg(r.token_pace_ns as f64 / 1e6)
-            .arg(r.paced_tokens)
+            .arg(r.paced_millitokens as f64 / 1000.0)
             .invoke_async::<i64>(&mut c)
             .await?;
         Ok(())

@@ -4,7 +4,7 @@
 -- KEYS: 1 requests today, 2 micro-dollars this month, 3 request window, 4 token window,
 --       5 alerts, 6 the token window's sum, 7 the request pace, 8 the token pace,
 --       9 the line, 10 when each in the line must be back, 11 the tokens a call uses (the
---       token pace's mean, reconcile.lua)
+--       token pace's mean, reconcile.lua), 12 the token pace's slack (reconcile.lua)
 -- ARGV: 1 now (ms), 2 reservation id, 3 estimated tokens, 4 estimated micro-dollars,
 --       5 requests/day limit, 6 micro-dollars/month limit, 7 requests/window limit,
 --       8 tokens/window limit (each -1 for none), 9 window (ms), 10 next day (ms),
@@ -35,7 +35,7 @@
 -- tpm's pace is charged what calls use (the mean of the calls reconciled), not their
 -- estimate: a reservation counts `max_tokens` whole against the window, as providers do,
 -- and a pace charged that would keep every other call away until the answer is in.
--- Returns {1, tokens charged to the pace, crossed...} where crossed are `kind:percent`
+-- Returns {1, thousandths of tokens charged to the pace, crossed...} where crossed are `kind:percent`
 -- thresholds passed for the first time this window, or {0, limit name, when it frees up (ms), 1 when the asker waits in
 -- the line else 0}.
 local now, id = tonumber(ARGV[1]), ARGV[2]
@@ -138,7 +138,7 @@ next = tonumber(next or now)
 local charge = est_tokens
 if tpm_pace then
   local mean = tonumber(redis.call('GET', KEYS[11]) or '')
-  charge = mean and math.min(est_tokens, math.ceil(mean)) or est_tokens
+  charge = mean and math.min(est_tokens, mean) or est_tokens
 end
 local function paced(key, name)
   local tat = tonumber(redis.call('GET', key) or '0')
@@ -199,7 +199,13 @@ if rpm_pace then
   redis.call('SET', KEYS[7], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 if tpm_pace then
-  local tat = math.max(tpm_tat, now - 50) + tpm_pace * charge
+  -- The token pace keeps its schedule further behind while calls give time back (the slack,
+  -- reconcile.lua): a call that used less than its charge moves the pace back, but those
+  -- told their slots in the line come at them, and the time between would be lost.
+  -- Never so far that the next call could go out at once.
+  local step = tpm_pace * charge
+  local slack = math.min(tonumber(redis.call('GET', KEYS[12]) or '0'), step - 101)
+  local tat = math.max(tpm_tat, now - 50 - math.max(slack, 0)) + step
   redis.call('SET', KEYS[8], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end
 
@@ -214,7 +220,7 @@ if mine then
   count(mine, now, id, est_tokens)
 end
 
-local out = {1, charge}
+local out = {1, math.floor(charge * 1000 + 0.5)}
 local function crossed(kind, label, after, limit)
   if limit <= 0 then return end
   for _, pct in ipairs({50, 80, 90}) do

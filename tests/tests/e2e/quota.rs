@@ -699,20 +699,25 @@ fn at(ms: i64) -> chrono::DateTime<Utc> {
 }
 
 /// Drives a crowd of askers on a driven clock until `end`, each asking as a worker does:
-/// back at its slot while it waits in the line, a little later when handed back. Returns
-/// every grant: when, to whom, at which priority.
+/// back at its slot while it waits in the line, a little later when handed back. With
+/// `uses`, each call estimated at `est` tokens uses a random number of them in that range,
+/// reconciled when its answer is in (100 ms to 1.5 s after the grant). Returns every grant:
+/// when, to whom, at which priority, and the tokens it used.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     limiter: &Limiter,
     name: &str,
     quotas: &Quotas,
-    est: u64,
+    (est, uses): (u64, Option<std::ops::Range<u64>>),
     rng: &mut llmq_tests::harness::SeededRng,
     mut askers: Vec<Asker>,
     end: i64,
-) -> Vec<(i64, String, u8)> {
+) -> Vec<(i64, String, u8, u64)> {
     let mut grants = Vec::new();
     // When each asker first asked for its present call, as a worker keeps it.
     let mut since: HashMap<String, i64> = HashMap::new();
+    // Answers still out: when each comes in, its reservation and the tokens it used.
+    let mut out: Vec<(i64, llmq_shared::quota::Reservation, u64)> = Vec::new();
     while let Some(i) = (0..askers.len()).min_by_key(|&i| askers[i].at) {
         let Asker {
             at: t,
@@ -722,6 +727,12 @@ async fn drive(
         } = askers[i];
         if t > end {
             break;
+        }
+        for k in (0..out.len()).rev() {
+            if out[k].0 <= t {
+                let (_, r, used) = out.swap_remove(k);
+                limiter.reconcile(&r, used, 0.0).await.unwrap();
+            }
         }
         let first = *since.entry(id.clone()).or_insert(t);
         let waiter = Waiter {
@@ -733,8 +744,16 @@ async fn drive(
             .await
             .unwrap()
         {
-            Decision::Granted { .. } => {
-                grants.push((t, id.clone(), p));
+            Decision::Granted { reservation, .. } => {
+                let used = match &uses {
+                    Some(uses) => {
+                        let used = uses.start + rng.below((uses.end - uses.start) as usize) as u64;
+                        out.push((t + 100 + rng.below(1_400) as i64, reservation, used));
+                        used
+                    }
+                    None => est,
+                };
+                grants.push((t, id.clone(), p, used));
                 if t < until {
                     let id = format!("{id}+");
                     askers[i] = Asker {
@@ -819,22 +838,24 @@ async fn a_waiter_back_late_comes_in_again_at_its_first_place() {
 }
 
 /// The pace and the line, property-tested on a driven clock: for random limits (of requests,
-/// and of tokens), bursts and
-/// crowds of askers of random priorities (each asks again when told: at its slot while it
-/// waits in the line, later when handed back), calls never go faster than the pace allows
-/// (in any stretch of time, what it lasts and 100 ms / interval + the burst + 1), no window holds more
-/// than `rpm`, the crowd still gets at least 98 % of `rpm` a window, and a priority-0 task
-/// that asks gets a slot within the burst + 2 intervals (two without a burst).
+/// and of tokens, where calls use fewer than their estimate, a random number each), bursts
+/// and crowds of askers of random priorities (each asks again when told: at its slot while
+/// it waits in the line, later when handed back), calls never go faster than the pace allows
+/// (in any stretch of time, what it lasts and 100 ms / interval + the burst + 1), no window
+/// holds more than the limit, the crowd still gets at least 98 % of the limit a window, and
+/// a priority-0 task that asks gets a slot within the burst + 2 intervals (two without a
+/// burst).
 #[tokio::test]
 async fn paced_calls_keep_the_pace_the_limit_and_serve_the_most_urgent_next() {
     use llmq_tests::harness::SeededRng;
     let limiter = limiter();
-    // The last seed limits tokens (10 a call), not requests.
+    // The last seeds limit tokens (10 estimated a call, 3 to 10 used), not requests.
     for (seed, tokens) in [
         (0x9ace_0001_u64, false),
         (0x9ace_0002, false),
         (0x9ace_0003, false),
         (0x9ace_0004, true),
+        (0x9ace_0005, true),
     ] {
         let mut rng = SeededRng(seed);
         let name = provider();
@@ -849,7 +870,9 @@ async fn paced_calls_keep_the_pace_the_limit_and_serve_the_most_urgent_next() {
             ..Quotas::default()
         };
         let window = quotas.counted_window().as_millis() as i64;
+        // The pace's interval for a call of `est` tokens.
         let interval = window as f64 / rpm as f64;
+        let limit = rpm * est;
         let start = Utc::now().timestamp_millis();
         let end = start + 3 * window;
         // A flood of priority 5 that never runs dry, and now and then a priority-0 task.
@@ -877,32 +900,60 @@ async fn paced_calls_keep_the_pace_the_limit_and_serve_the_most_urgent_next() {
             .filter(|a| a.priority == 0)
             .map(|a| a.at)
             .collect();
-        let granted = drive(&limiter, &name, &quotas, est, &mut rng, askers, end).await;
+        let uses = tokens.then_some(3..est + 1);
+        let granted = drive(&limiter, &name, &quotas, (est, uses), &mut rng, askers, end).await;
         let grants: Vec<i64> = granted.iter().map(|g| g.0).collect();
-        let what = format!("seed {seed:#x}: {rpm} calls a window, burst {burst}");
+        let unit = if tokens { "tokens" } else { "calls" };
+        let what = format!("seed {seed:#x}: {limit} {unit} a window, burst {burst}");
         for (i, &t) in grants.iter().enumerate() {
-            for (j, &u) in grants[i..].iter().enumerate() {
+            let mut used = 0;
+            for (j, g) in granted[i..].iter().enumerate() {
+                let u = g.0;
                 // A call may be up to 50 ms early on the pace, and the one before it up to
                 // 50 ms late, never more (and a clock in whole milliseconds may meet the
                 // bound exactly).
                 let early = 100.0 + 1.0;
-                let allowed =
-                    (((u - t) as f64 + early) / interval).floor() as usize + burst as usize + 1;
-                assert!(j < allowed, "{what}: {} calls in {} ms", j + 1, u - t);
+                if tokens {
+                    // The token pace is charged the mean of what calls use, so the calls
+                    // out (answers take up to 1.5 s here: two or three) may use more until
+                    // they reconcile, and it may run behind by what calls gave back (a
+                    // call's step at most): three calls' estimate ahead at most.
+                    used += g.3;
+                    let allowed =
+                        ((u - t) as f64 + early) / interval * est as f64 + 3.0 * est as f64;
+                    assert!(
+                        used as f64 <= allowed,
+                        "{what}: {used} tokens in {} ms",
+                        u - t
+                    );
+                } else {
+                    let allowed =
+                        (((u - t) as f64 + early) / interval).floor() as usize + burst as usize + 1;
+                    assert!(j < allowed, "{what}: {} calls in {} ms", j + 1, u - t);
+                }
             }
-            let in_window = grants[i..].iter().take_while(|&&u| u < t + window).count();
+            let in_window: u64 = granted[i..]
+                .iter()
+                .take_while(|g| g.0 < t + window)
+                .map(|g| g.3)
+                .sum();
             assert!(
-                in_window as u64 <= rpm,
-                "{what}: {in_window} in a window from {t}"
+                in_window <= limit,
+                "{what}: {in_window} of {limit} in a window from {t}"
             );
         }
-        let steady = grants
+        let steady: u64 = granted
             .iter()
-            .filter(|&&t| t >= start + window && t < start + 3 * window)
-            .count() as f64;
+            .filter(|g| g.0 >= start + window && g.0 < start + 3 * window)
+            .map(|g| g.3)
+            .sum();
+        // Under a token limit the window's log keeps room for the next call's estimate (as
+        // providers count `max_tokens`), so a window holds what calls used up to the limit
+        // less one estimate: the pace must lose nothing of that.
+        let most = if tokens { limit - est } else { limit };
         assert!(
-            steady >= 0.98 * 2.0 * rpm as f64,
-            "{what}: {steady} calls in two windows"
+            steady as f64 >= 0.98 * 2.0 * most as f64,
+            "{what}: {steady} of {most} a window in two windows"
         );
         for asked in urgent {
             let got = granted
@@ -959,7 +1010,7 @@ async fn under_a_pace_a_share_holds_while_its_priority_waits_and_not_after() {
             priority: 7,
             until: stop,
         }));
-        let grants = drive(&limiter, &name, &quotas, 1, &mut rng, askers, end).await;
+        let grants = drive(&limiter, &name, &quotas, (1, None), &mut rng, askers, end).await;
         let what = format!("seed {seed:#x}: {rpm} calls a window, {pct} % for priority 7");
         let share = rpm as usize * usize::from(pct) / 100;
         let count = |from: i64, to: i64, p: Option<u8>| {
