@@ -255,9 +255,16 @@ def openai_batch_bad():
 
 
 def openai_batch_start(n):
-    b = oa().batches.create(input_file_id=upload(batch_lines(int(n), "kill")).id,
-                            endpoint="/v1/chat/completions", completion_window="24h")
-    return {"id": b.id}
+    f = upload(batch_lines(int(n), "kill"))
+    b = oa().batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                            completion_window="24h")
+    # The batch has not ended: its input file cannot go from under it.
+    try:
+        oa().files.delete(f.id)
+        refused = None
+    except openai.APIStatusError as e:
+        refused = {"status": e.status_code, "message": str(e)}
+    return {"id": b.id, "delete_refused": refused}
 
 
 def openai_batch_wait(batch_id):

@@ -81,12 +81,20 @@ pub struct BatchRow {
     pub cancelling_at: Option<DateTime<Utc>>,
     pub cancelled_at: Option<DateTime<Utc>>,
     pub expired_at: Option<DateTime<Utc>>,
+    /// Runs of it that failed, and why the last one did.
+    pub failed_runs: i32,
+    pub last_run_error: Option<String>,
 }
 
 const COLUMNS: &str = "id, tenant, key_id, dialect, endpoint, input_file_id, completion_window, \
     metadata, status, errors, total, completed, failed, cancelled, expired, output_file_id, \
     error_file_id, created_at, expires_at, in_progress_at, finalizing_at, completed_at, \
-    failed_at, cancelling_at, cancelled_at, expired_at";
+    failed_at, cancelling_at, cancelled_at, expired_at, failed_runs, last_run_error";
+
+/// A batch whose runs failed this many times fails, with the last run's reason. The n-th
+/// failed run holds the batch for 2^(n-1) leases (an hour at most) before the next: with
+/// the default lease, an outage of an hour fails no batch.
+const MAX_FAILED_RUNS: i32 = 8;
 
 fn secs(t: Option<DateTime<Utc>>) -> Value {
     t.map_or(Value::Null, |t| t.timestamp().into())
@@ -751,8 +759,9 @@ const MAX_DRIVEN: usize = 4;
 
 /// Drives the batches of every replica: takes each open batch whose lease is free (up to
 /// [`MAX_DRIVEN`] at once) and runs it on a task of its own, until `stop`, when each gives
-/// its lease back. A run that fails keeps its lease until it lapses, so the batch is tried
-/// again a lease later (by any replica), not in a loop.
+/// its lease back. A run that fails keeps its lease for twice as long each time, so the
+/// batch is tried again later (by any replica), not in a loop, and fails after
+/// [`MAX_FAILED_RUNS`] such runs.
 pub async fn drive(app: Arc<App>) {
     let Some(files) = app.files.clone() else {
         return;
@@ -788,10 +797,13 @@ pub async fn drive(app: Arc<App>) {
                 match outcome {
                     Ok(()) => release(&files, &id, &me).await,
                     Err(e) if e == STOPPING => release(&files, &id, &me).await,
-                    Err(e) => tracing::warn!(
-                        batch = id,
-                        "the batch stopped: {e}; it is tried again once its lease lapses"
-                    ),
+                    Err(e) => {
+                        tracing::warn!(
+                            batch = id,
+                            "the batch stopped: {e}; it is tried again later"
+                        );
+                        failed_run(&app, &files, &id, &me, &e).await;
+                    }
                 }
                 lock(&ids).remove(&id);
             });
@@ -833,6 +845,22 @@ async fn claim(app: &App, files: &Files, me: &str) -> sqlx::Result<Option<BatchR
     .bind(&app.serve.queue)
     .fetch_optional(&files.pool)
     .await
+}
+
+/// Counts a failed run of batch `id`, and why, and holds the batch twice as long as the
+/// last time (the lease the first time, an hour at most) before it is tried again.
+async fn failed_run(app: &App, files: &Files, id: &str, me: &str, error: &str) {
+    let _ = sqlx::query(
+        "UPDATE serve_batches SET failed_runs = failed_runs + 1, last_run_error = $3,
+             held_until = now() + least($4 * power(2, failed_runs), 3600) * interval '1 second'
+         WHERE id = $1 AND holder = $2",
+    )
+    .bind(id)
+    .bind(me)
+    .bind(error)
+    .bind(app.serve.batch_lease.as_secs_f64())
+    .execute(&files.pool)
+    .await;
 }
 
 async fn release(files: &Files, id: &str, me: &str) {
@@ -894,6 +922,29 @@ async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), Stri
         b,
         key,
     };
+    if d.b.failed_runs >= MAX_FAILED_RUNS {
+        let why = d.b.last_run_error.as_deref().unwrap_or("unknown");
+        let message = format!(
+            "The batch was given up after {} runs that failed; the last one: {why}. Requests \
+             it had already queued may still run.",
+            d.b.failed_runs
+        );
+        return d
+            .fail(
+                json!([{"code": "batch_failed", "message": message, "param": null, "line": null}]),
+            )
+            .await;
+    }
+    // A file gone reads as empty: say so rather than end the batch with no requests.
+    let tenant = d.b.tenant.as_deref();
+    if files
+        .get(tenant, &d.b.input_file_id)
+        .await
+        .map_err(|e| e.to_string())?
+        .is_none()
+    {
+        return Err(format!("its input file {} is gone", d.b.input_file_id));
+    }
     if d.b.status == "cancelling" && d.b.in_progress_at.is_none() {
         // Cancelled before its requests were read: none ran.
         return d.end_unread().await;

@@ -215,15 +215,27 @@ impl Files {
     }
 
     /// Deletes file `id` of `tenant`; whether there was one.
-    async fn delete(&self, tenant: Option<&str>, id: &str) -> sqlx::Result<bool> {
-        let r = sqlx::query(
-            "DELETE FROM serve_files WHERE id = $1 AND tenant IS NOT DISTINCT FROM $2 AND complete",
+    /// Deletes `tenant`'s file `id`, unless a batch not yet ended reads it (which reads its
+    /// input again when another replica takes it over). Whether it was deleted, and the
+    /// batch that reads it.
+    async fn delete(&self, tenant: Option<&str>, id: &str) -> sqlx::Result<(bool, Option<String>)> {
+        let (gone, busy): (Option<String>, Option<String>) = sqlx::query_as(
+            "WITH busy AS (
+                 SELECT id FROM serve_batches WHERE input_file_id = $1
+                   AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
+                 LIMIT 1),
+             gone AS (
+                 DELETE FROM serve_files
+                 WHERE id = $1 AND tenant IS NOT DISTINCT FROM $2 AND complete
+                   AND NOT EXISTS (SELECT 1 FROM busy)
+                 RETURNING id)
+             SELECT (SELECT id FROM gone), (SELECT id FROM busy)",
         )
         .bind(id)
         .bind(tenant)
-        .execute(&self.pool)
+        .fetch_one(&self.pool)
         .await?;
-        Ok(r.rows_affected() > 0)
+        Ok((gone.is_some(), busy))
     }
 
     async fn delete_any(&self, id: &str) -> sqlx::Result<()> {
@@ -489,12 +501,23 @@ pub async fn delete(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
     let answer = async {
         let key = task::caller(&app, &headers)?;
         let tenant = key.as_ref().map(|k| k.tenant.as_str());
-        if !of(&app)?
+        match of(&app)?
             .delete(tenant, &id)
             .await
             .map_err(|e| stored(&e))?
         {
-            return Err(no_file(&id));
+            (true, _) => {}
+            (false, Some(batch)) if of(&app)?.get(tenant, &id).await.is_ok_and(|f| f.is_some()) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "The file {} is the input of batch {batch}, which has not ended: \
+                         cancel the batch or wait for its end before deleting the file",
+                        Value::from(llmq_shared::text::excerpt(&id, 80))
+                    ),
+                ));
+            }
+            (false, _) => return Err(no_file(&id)),
         }
         Ok(axum::Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
     }

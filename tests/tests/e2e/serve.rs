@@ -679,6 +679,15 @@ async fn a_batch_outlives_its_server_killed_and_runs_each_request_once() {
     up(first.clone()).await;
     let made = sdk_with(&["openai_batch_start", "40"], &first, "none").await;
     let id = made["id"].as_str().unwrap().to_owned();
+    let refused = &made["delete_refused"];
+    assert_eq!(refused["status"], 409, "{made}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("cancel the batch"),
+        "{made}"
+    );
     // No worker yet: the batch's tasks wait in the queue, the server waits on them.
     env.eventually(
         "the batch's 40 tasks enqueued",
@@ -717,6 +726,64 @@ async fn a_batch_outlives_its_server_killed_and_runs_each_request_once() {
     }
     drop(b);
     worker.stop().await.unwrap();
+}
+
+/// A batch whose runs keep failing (here its input file is gone from under it, which would
+/// otherwise read as a file with no requests) is tried again, each time later, and fails
+/// after the last try with the reason: not run in a loop, not ended with nothing.
+#[tokio::test]
+async fn a_batch_whose_runs_keep_failing_fails_with_the_reason() {
+    let env = TestEnv::new().await.unwrap();
+    let id = format!("batch_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(
+        "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
+             completion_window, status, expires_at, in_progress_at)
+         VALUES ($1, $2, 'openai', '/v1/chat/completions', 'file-gone', '24h', 'in_progress',
+             now() + interval '1 day', now())",
+    )
+    .bind(&id)
+    .bind(&env.queue)
+    .execute(env.ledger.pool())
+    .await
+    .unwrap();
+    let state = ServeState {
+        redis: env.redis.clone(),
+        queue: env.queue.clone(),
+        keys: None,
+        config: Some(mock_config(&env.mock.url())),
+        wait: Duration::from_secs(60),
+        database: Some(env.ledger.pool().clone()),
+        batch_lease: Duration::from_millis(50),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stop = CancellationToken::new();
+    tokio::spawn(serve(listener, state, stop.clone()));
+    let pool = env.ledger.pool().clone();
+    let row = || async {
+        sqlx::query_as::<_, (String, i32, Option<Value>)>(
+            "SELECT status, failed_runs, errors FROM serve_batches WHERE id = $1",
+        )
+        .bind(&id)
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+    env.eventually("the batch failed", Duration::from_secs(120), || async {
+        row().await.0 == "failed"
+    })
+    .await
+    .unwrap();
+    let (_, runs, errors) = row().await;
+    assert_eq!(runs, 8, "{errors:?}");
+    let errors = errors.unwrap();
+    assert_eq!(errors[0]["code"], "batch_failed", "{errors}");
+    let message = errors[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("after 8 runs that failed")
+            && message.contains("its input file file-gone is gone"),
+        "{message}"
+    );
+    stop.cancel();
 }
 
 /// A second key for `tenant` (with `extra` flags of `llmq keys create`) in the keys file of
