@@ -27,6 +27,7 @@ use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::{Status, TaskRecord};
+use llmq_shared::queue::PROGRESS_TTL;
 use serde_json::{Value, json};
 
 use super::files::{self, Files};
@@ -240,18 +241,21 @@ async fn find(
     .ok_or_else(|| no_batch(id))
 }
 
-/// The completion window as a duration: OpenAI's `24h` (the one it takes), or any span a
-/// task's deadline may be (24h, what a provider's batch API may take, to 30 days).
+/// The completion window as a duration: OpenAI's `24h` (the one it takes), or a longer span
+/// a task's deadline may be (24h, what a provider's batch API may take), up to 7 days: a
+/// batch's progress mark in Redis ([`PROGRESS_TTL`]) and the workers' results (their
+/// `LLMQ_RESULT_TTL`, 7 days by default) live that long, and a longer batch taken over
+/// later would enqueue its requests again and find its first results gone.
 fn window_of(w: &str) -> Result<Duration, ApiError> {
     use llmq_shared::envelope::{MAX_DEADLINE, MIN_DEADLINE};
     humantime::parse_duration(w)
         .ok()
-        .filter(|d| (MIN_DEADLINE..=MAX_DEADLINE).contains(d))
+        .filter(|d| (MIN_DEADLINE..=MAX_DEADLINE.min(PROGRESS_TTL)).contains(d))
         .ok_or_else(|| {
             ApiError::bad(
                 Some("completion_window"),
                 format!(
-                    "`completion_window` must be \"24h\" (or a span from 24h to 30d), not {}",
+                    "`completion_window` must be \"24h\" (or a span from 24h to 7d), not {}",
                     Value::from(llmq_shared::text::excerpt(w, 40))
                 ),
             )
@@ -281,8 +285,9 @@ async fn insert(
         + chrono::Duration::from_std(window_of(window)?).unwrap_or(chrono::Duration::hours(24));
     let row: BatchRow = sqlx::query_as(&format!(
         "INSERT INTO serve_batches (id, tenant, key_id, dialect, endpoint, input_file_id,
-             completion_window, metadata, status, expires_at, queue, total)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'validating', $9, $10, $11)
+             completion_window, metadata, status, expires_at, queue, total, in_progress_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $12, $9, $10, $11,
+             CASE WHEN $12 = 'in_progress' THEN now() END)
          RETURNING {COLUMNS}"
     ))
     .bind(id)
@@ -300,6 +305,12 @@ async fn insert(
     .bind(expires)
     .bind(&app.serve.queue)
     .bind(i32::try_from(total).unwrap_or(i32::MAX))
+    // A Message Batch's body was checked whole as it came: no `validating` reads it again.
+    .bind(if dialect == "anthropic" {
+        "in_progress"
+    } else {
+        "validating"
+    })
     .fetch_one(&files.pool)
     .await
     .map_err(|e| files::stored(&e))?;
@@ -432,10 +443,8 @@ pub async fn create_messages(
             }
             w.write(&chunk).await.map_err(|e| files::stored(&e))?;
         }
-        let file = w
-            .finish("message_batch")
-            .await
-            .map_err(|e| files::stored(&e))?;
+        // Not yet whole (a caller gone while it is checked leaves it to the sweep).
+        let file = w.close().await.map_err(|e| files::stored(&e))?;
         let id = new_id("anthropic");
         let checked = read(
             &app,
@@ -451,13 +460,14 @@ pub async fn create_messages(
         let total = match checked {
             Ok(n) => n,
             Err(e) => {
-                let _ = sqlx::query("DELETE FROM serve_files WHERE id = $1")
-                    .bind(&file.id)
-                    .execute(&files.pool)
-                    .await;
+                let _ = files.delete_any(&file.id).await;
                 return Err(e);
             }
         };
+        files
+            .make_whole(&file.id)
+            .await
+            .map_err(|e| files::stored(&e))?;
         let row = insert(
             &app,
             key.as_ref(),
@@ -572,7 +582,8 @@ pub async fn list(
             "SELECT {COLUMNS} FROM serve_batches
              WHERE tenant IS NOT DISTINCT FROM $1 AND dialect = $2 AND queue = $5
                AND ($3::text IS NULL OR (created_at, id) < (
-                   SELECT created_at, id FROM serve_batches WHERE id = $3))
+                   SELECT created_at, id FROM serve_batches
+                   WHERE id = $3 AND tenant IS NOT DISTINCT FROM $1))
              ORDER BY created_at DESC, id DESC LIMIT $4"
         ))
         .bind(tenant)
@@ -754,11 +765,16 @@ impl Lines<'_> {
     }
 }
 
-/// The most batches one replica drives at once; others wait for a replica with room.
-const MAX_DRIVEN: usize = 4;
+/// The most batches one replica reads at once (checking and enqueuing their requests), and
+/// the most it drives in all (most of them waiting on their tasks, which costs a Postgres
+/// update a second each); others wait for a replica with room.
+const MAX_READING: usize = 4;
+const MAX_DRIVEN: usize = 64;
 
 /// Drives the batches of every replica: takes each open batch whose lease is free (up to
-/// [`MAX_DRIVEN`] at once) and runs it on a task of its own, until `stop`, when each gives
+/// [`MAX_DRIVEN`] at once, [`MAX_READING`] of them reading their input, so that a batch
+/// waiting hours on its tasks keeps no other from starting) and runs it on a task of its
+/// own, until `stop`, when each gives
 /// its lease back. A run that fails keeps its lease for twice as long each time, so the
 /// batch is tried again later (by any replica), not in a loop, and fails after
 /// [`MAX_FAILED_RUNS`] such runs.
@@ -771,9 +787,13 @@ pub async fn drive(app: Arc<App>) {
     let _ = files.sweep().await;
     let mut running: tokio::task::JoinSet<()> = tokio::task::JoinSet::new();
     let running_ids = Arc::new(std::sync::Mutex::new(HashSet::<String>::new()));
+    let reading = Arc::new(tokio::sync::Semaphore::new(MAX_READING));
     loop {
         while running.try_join_next().is_some() {}
         while running.len() < MAX_DRIVEN {
+            let Ok(permit) = Arc::clone(&reading).try_acquire_owned() else {
+                break;
+            };
             let b = match claim(&app, &files, &me).await {
                 Ok(Some(b)) => b,
                 Ok(None) => break,
@@ -790,8 +810,10 @@ pub async fn drive(app: Arc<App>) {
             let (app, files, me) = (Arc::clone(&app), files.clone(), me.clone());
             running.spawn(async move {
                 let id = b.id.clone();
+                // Forgets the batch however its run ends, a panic included.
+                let _forget = Forget(ids, id.clone());
                 let outcome = tokio::select! {
-                    r = run(&app, &files, &me, b) => r,
+                    r = run(&app, &files, &me, b, permit) => r,
                     () = app.stop.cancelled() => Err(STOPPING.into()),
                 };
                 match outcome {
@@ -805,7 +827,6 @@ pub async fn drive(app: Arc<App>) {
                         failed_run(&app, &files, &id, &me, &e).await;
                     }
                 }
-                lock(&ids).remove(&id);
             });
         }
         if swept.elapsed() > Duration::from_secs(600) {
@@ -826,6 +847,15 @@ const STOPPING: &str = "the server is stopping";
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes a batch out of the replica's running set when dropped.
+struct Forget(Arc<std::sync::Mutex<HashSet<String>>>, String);
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        lock(&self.0).remove(&self.1);
+    }
 }
 
 /// Takes the oldest open batch of `app`'s queue whose lease is free.
@@ -885,18 +915,27 @@ struct Driver<'a> {
 }
 
 /// What a batch's run knows of its requests: each one's task id and `custom_id`, in order;
-/// how many went into the queue; whether it was cancelled.
+/// how many went into the queue; whether it was cancelled, or expired before all went in
+/// (the rest never go: they end expired).
 struct Plan {
     ids: Vec<uuid::Uuid>,
     customs: Vec<String>,
     enqueued: usize,
     cancelled: bool,
+    expired: bool,
 }
 
 const LOST: &str = "its lease was taken over";
 
 /// Runs batch `b` from where it stands to its end.
-async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), String> {
+/// `reading` is held while it reads its input, and let go before it waits on its tasks.
+async fn run(
+    app: &App,
+    files: &Files,
+    me: &str,
+    b: BatchRow,
+    reading: tokio::sync::OwnedSemaphorePermit,
+) -> Result<(), String> {
     let key = match (&b.key_id, &app.serve.keys) {
         (Some(id), Some(keys)) => match keys.by_id(id) {
             Some(k) => Some(k),
@@ -935,7 +974,7 @@ async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), Stri
             )
             .await;
     }
-    // A file gone reads as empty: say so rather than end the batch with no requests.
+    // A file gone would read as empty: fail, rather than end the batch with no requests.
     let tenant = d.b.tenant.as_deref();
     if files
         .get(tenant, &d.b.input_file_id)
@@ -943,7 +982,13 @@ async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), Stri
         .map_err(|e| e.to_string())?
         .is_none()
     {
-        return Err(format!("its input file {} is gone", d.b.input_file_id));
+        let message = format!("The input file {} is gone", d.b.input_file_id);
+        return d
+            .fail(
+                json!([{"code": "file_gone", "message": message, "param": "input_file_id",
+                "line": null}]),
+            )
+            .await;
     }
     if d.b.status == "cancelling" && d.b.in_progress_at.is_none() {
         // Cancelled before its requests were read: none ran.
@@ -953,6 +998,7 @@ async fn run(app: &App, files: &Files, me: &str, b: BatchRow) -> Result<(), Stri
         return Ok(());
     }
     let mut plan = d.enqueue().await?;
+    drop(reading);
     d.wait(&mut plan).await?;
     d.finish(&plan).await
 }
@@ -1029,8 +1075,7 @@ impl Driver<'_> {
             self.fail(Value::from(errors)).await?;
             return Ok(false);
         }
-        self.b.status = "in_progress".into();
-        sqlx::query(
+        let moved = sqlx::query(
             "UPDATE serve_batches SET status = 'in_progress', in_progress_at = now(), total = $3
              WHERE id = $1 AND holder = $2 AND status = 'validating'",
         )
@@ -1039,12 +1084,23 @@ impl Driver<'_> {
         .bind(i32::try_from(total).unwrap_or(i32::MAX))
         .execute(&self.files.pool)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())?
+        .rows_affected()
+            == 1;
+        if !moved {
+            // Cancelled while it was read (nothing enqueued yet), or the lease was lost.
+            return match self.keep(0).await?.as_str() {
+                "cancelling" => self.end_unread().await.map(|()| false),
+                _ => Err(LOST.into()),
+            };
+        }
+        self.b.status = "in_progress".into();
         Ok(true)
     }
 
     /// Reads the requests again and enqueues those not yet in (an earlier run's are, as its
-    /// progress mark says), a chunk at a time, unless the batch is cancelled.
+    /// progress mark says), a chunk at a time, unless the batch is cancelled or expired.
+    /// Keeps the lease every chunk of lines read, enqueued or not.
     async fn enqueue(&self) -> Result<Plan, String> {
         let (redis, queue, id) = (&self.app.serve.redis, self.queue(), &self.b.id);
         let skip = redis
@@ -1057,6 +1113,7 @@ impl Driver<'_> {
             customs: Vec::new(),
             enqueued: 0,
             cancelled: self.b.status == "cancelling",
+            expired: Utc::now() >= self.b.expires_at,
         };
         let (mut chunk, mut enqueued) = (Vec::new(), skip);
         let flush = |chunk, enqueued| {
@@ -1067,18 +1124,20 @@ impl Driver<'_> {
             let env = env?;
             plan.ids.push(env.id.unwrap_or_default());
             plan.customs.push(custom);
-            if (plan.ids.len() as u64) <= skip || plan.cancelled {
-                continue;
+            if (plan.ids.len() as u64) > skip && !plan.cancelled && !plan.expired {
+                chunk.push(env);
             }
-            chunk.push(env);
-            if chunk.len() == CHUNK {
-                enqueued = flush(std::mem::take(&mut chunk), enqueued)
-                    .await
-                    .map_err(|e| e.to_string())?;
+            if plan.ids.len().is_multiple_of(CHUNK) {
+                if !chunk.is_empty() {
+                    enqueued = flush(std::mem::take(&mut chunk), enqueued)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
                 plan.cancelled = self.keep(0).await? == "cancelling";
+                plan.expired = Utc::now() >= self.b.expires_at;
             }
         }
-        if !plan.cancelled {
+        if !plan.cancelled && !plan.expired {
             enqueued = flush(chunk, enqueued).await.map_err(|e| e.to_string())?;
         }
         plan.enqueued = usize::try_from(enqueued)
@@ -1120,7 +1179,8 @@ impl Driver<'_> {
 
     async fn end_unread(&self) -> Result<(), String> {
         sqlx::query(
-            "UPDATE serve_batches SET status = 'cancelled', cancelled_at = now()
+            "UPDATE serve_batches SET status = 'cancelled', cancelled_at = now(),
+                 cancelled = total
              WHERE id = $1 AND holder = $2",
         )
         .bind(&self.b.id)
@@ -1186,8 +1246,9 @@ impl Driver<'_> {
             for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
                 let at = n * CHUNK + i;
                 let r = record.unwrap_or_else(|| {
+                    // Never enqueued: cancelled, unless the batch expired first.
                     let never_in = at >= plan.enqueued;
-                    let s = if never_in {
+                    let s = if never_in && plan.cancelled {
                         Status::Cancelled
                     } else {
                         Status::Queued

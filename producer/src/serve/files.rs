@@ -203,7 +203,8 @@ impl Files {
              WHERE tenant IS NOT DISTINCT FROM $1 AND complete
                AND ($2::text IS NULL OR purpose = $2)
                AND ($3::text IS NULL OR (created_at, id) < (
-                   SELECT created_at, id FROM serve_files WHERE id = $3))
+                   SELECT created_at, id FROM serve_files
+                   WHERE id = $3 AND tenant IS NOT DISTINCT FROM $1))
              ORDER BY created_at DESC, id DESC LIMIT $4",
         )
         .bind(tenant)
@@ -217,12 +218,13 @@ impl Files {
     /// Deletes file `id` of `tenant`; whether there was one.
     /// Deletes `tenant`'s file `id`, unless a batch not yet ended reads it (which reads its
     /// input again when another replica takes it over). Whether it was deleted, and the
-    /// batch that reads it.
+    /// batch that reads it (only of `tenant`'s own file).
     async fn delete(&self, tenant: Option<&str>, id: &str) -> sqlx::Result<(bool, Option<String>)> {
         let (gone, busy): (Option<String>, Option<String>) = sqlx::query_as(
             "WITH busy AS (
-                 SELECT id FROM serve_batches WHERE input_file_id = $1
-                   AND status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
+                 SELECT b.id FROM serve_batches b JOIN serve_files f ON f.id = b.input_file_id
+                 WHERE b.input_file_id = $1 AND f.tenant IS NOT DISTINCT FROM $2 AND f.complete
+                   AND b.status IN ('validating', 'in_progress', 'finalizing', 'cancelling')
                  LIMIT 1),
              gone AS (
                  DELETE FROM serve_files
@@ -238,7 +240,23 @@ impl Files {
         Ok((gone.is_some(), busy))
     }
 
-    async fn delete_any(&self, id: &str) -> sqlx::Result<()> {
+    /// Makes closed file `id` whole: listed and found.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub(super) async fn make_whole(&self, id: &str) -> sqlx::Result<()> {
+        sqlx::query("UPDATE serve_files SET complete = true WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+    }
+
+    /// Deletes file `id`, whoever's it is and whether or not it is whole.
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub(super) async fn delete_any(&self, id: &str) -> sqlx::Result<()> {
         sqlx::query("DELETE FROM serve_files WHERE id = $1")
             .bind(id)
             .execute(&self.pool)
@@ -507,7 +525,7 @@ pub async fn delete(State(app): AppState, headers: HeaderMap, Path(id): Path<Str
             .map_err(|e| stored(&e))?
         {
             (true, _) => {}
-            (false, Some(batch)) if of(&app)?.get(tenant, &id).await.is_ok_and(|f| f.is_some()) => {
+            (false, Some(batch)) => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,
                     format!(

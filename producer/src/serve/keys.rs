@@ -69,13 +69,10 @@ impl KeyFile {
         })
     }
 
-    /// The key named `id` (not secret: what `list` shows), as the file held it when last
-    /// read.
+    /// The key named `id` (not secret: what `list` shows), as the file holds it (read again
+    /// when it changed, at most each second: a key revoked drives no batch).
     pub fn by_id(&self, id: &str) -> Option<Key> {
-        let read = self
-            .read
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let read = self.fresh();
         read.keys
             .iter()
             .find(|(k, _)| k.id == id)
@@ -85,6 +82,18 @@ impl KeyFile {
     /// The key whose secret is `secret`, compared with every key in constant time.
     pub fn find(&self, secret: &str) -> Option<Key> {
         let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let read = self.fresh();
+        let mut found = None;
+        for (key, hash) in &read.keys {
+            if bool::from(hash.ct_eq(&digest)) {
+                found = Some(key.clone());
+            }
+        }
+        found
+    }
+
+    /// The keys, read again first when the file changed (looked at most each second).
+    fn fresh(&self) -> std::sync::MutexGuard<'_, Read> {
         let mut read = self
             .read
             .lock()
@@ -105,13 +114,7 @@ impl KeyFile {
                 }
             }
         }
-        let mut found = None;
-        for (key, hash) in &read.keys {
-            if bool::from(hash.ct_eq(&digest)) {
-                found = Some(key.clone());
-            }
-        }
-        found
+        read
     }
 }
 

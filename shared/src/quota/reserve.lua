@@ -202,9 +202,11 @@ if tpm_pace then
   -- The token pace keeps its schedule further behind while calls give time back (the slack,
   -- reconcile.lua): a call that used less than its charge moves the pace back, but those
   -- told their slots in the line come at them, and the time between would be lost.
-  -- Never so far that the next call could go out at once.
+  -- Never so far that the next call could go out sooner than the burst lets it. The slack
+  -- is not used up by a grant: it is how far behind the pace the slots told stand, for as
+  -- long as calls give time back (reconcile.lua sets it, with a lifetime).
   local step = tpm_pace * charge
-  local slack = math.min(tonumber(redis.call('GET', KEYS[12]) or '0'), step - 101)
+  local slack = math.min(tonumber(redis.call('GET', KEYS[12]) or '0'), step - tolerance - 51)
   local tat = math.max(tpm_tat, now - 50 - math.max(slack, 0)) + step
   redis.call('SET', KEYS[8], string.format('%.3f', tat), 'PX', math.ceil(tat - now + window))
 end

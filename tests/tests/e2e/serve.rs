@@ -33,20 +33,38 @@ async fn server_for(
         .await;
     assert_eq!(code, 0, "{printed}");
     let secret = printed.lines().next().unwrap().to_owned();
-    let state = ServeState {
-        redis: env.redis.clone(),
-        queue: env.queue.clone(),
+    let (base, stop) = spawn(ServeState {
         keys: Some(KeyFile::open(&file).unwrap()),
         config: Some(config),
         wait,
+        ..state(env)
+    })
+    .await;
+    (base, secret, stop)
+}
+
+/// A server's state for `env`'s queue: no keys, the mock's provider file, a wait of 60 s,
+/// the ledger's database, batch leases of 2 s.
+fn state(env: &TestEnv) -> ServeState {
+    ServeState {
+        redis: env.redis.clone(),
+        queue: env.queue.clone(),
+        keys: None,
+        config: Some(mock_config(&env.mock.url())),
+        wait: Duration::from_secs(60),
         database: Some(env.ledger.pool().clone()),
         batch_lease: Duration::from_secs(2),
-    };
+    }
+}
+
+/// Serves `state` on a free loopback port until the returned token is cancelled: its base
+/// URL and the token.
+async fn spawn(state: ServeState) -> (String, CancellationToken) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     tokio::spawn(serve(listener, state, stop.clone()));
-    (base, secret, stop)
+    (base, stop)
 }
 
 /// What the SDKs saw in case `case` of tests/sdk/serve_check.py.
@@ -391,13 +409,9 @@ async fn without_keys_the_server_refuses_to_listen_beyond_loopback() {
     let env = TestEnv::new().await.unwrap();
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
     let state = ServeState {
-        redis: env.redis.clone(),
-        queue: env.queue.clone(),
-        keys: None,
         config: None,
-        wait: Duration::from_secs(1),
         database: None,
-        batch_lease: llmq::serve::BATCH_LEASE,
+        ..state(&env)
     };
     let e = serve(listener, state, CancellationToken::new())
         .await
@@ -728,61 +742,119 @@ async fn a_batch_outlives_its_server_killed_and_runs_each_request_once() {
     worker.stop().await.unwrap();
 }
 
-/// A batch whose runs keep failing (here its input file is gone from under it, which would
-/// otherwise read as a file with no requests) is tried again, each time later, and fails
-/// after the last try with the reason: not run in a loop, not ended with nothing.
+/// A batch whose runs keep failing (here Redis refuses its progress mark, a key of the
+/// wrong type) is tried again, each time later, and fails after the last try with the
+/// reason: not run in a loop for ever. A batch whose input file is gone fails at once,
+/// naming it, rather than reading it as empty and ending with no requests. One taken up
+/// after it expired enqueues nothing and ends `expired`.
 #[tokio::test]
 async fn a_batch_whose_runs_keep_failing_fails_with_the_reason() {
     let env = TestEnv::new().await.unwrap();
-    let id = format!("batch_{}", uuid::Uuid::new_v4().simple());
+    let pool = env.ledger.pool().clone();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (failing, orphan, late, file) = (
+        format!("batch_f{suffix}"),
+        format!("batch_o{suffix}"),
+        format!("batch_l{suffix}"),
+        format!("file-{suffix}"),
+    );
     sqlx::query(
-        "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
-             completion_window, status, expires_at, in_progress_at)
-         VALUES ($1, $2, 'openai', '/v1/chat/completions', 'file-gone', '24h', 'in_progress',
-             now() + interval '1 day', now())",
+        "INSERT INTO serve_files (id, purpose, filename, bytes, complete)
+         VALUES ($1, 'batch', 'in.jsonl', 0, true)",
     )
-    .bind(&id)
-    .bind(&env.queue)
-    .execute(env.ledger.pool())
+    .bind(&file)
+    .execute(&pool)
     .await
     .unwrap();
-    let state = ServeState {
-        redis: env.redis.clone(),
-        queue: env.queue.clone(),
-        keys: None,
-        config: Some(mock_config(&env.mock.url())),
-        wait: Duration::from_secs(60),
-        database: Some(env.ledger.pool().clone()),
-        batch_lease: Duration::from_millis(50),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let stop = CancellationToken::new();
-    tokio::spawn(serve(listener, state, stop.clone()));
-    let pool = env.ledger.pool().clone();
-    let row = || async {
-        sqlx::query_as::<_, (String, i32, Option<Value>)>(
-            "SELECT status, failed_runs, errors FROM serve_batches WHERE id = $1",
-        )
-        .bind(&id)
-        .fetch_one(&pool)
+    let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}]}});
+    sqlx::query("INSERT INTO serve_file_parts (file_id, seq, data) VALUES ($1, 0, $2)")
+        .bind(&file)
+        .bind(format!("{line}\n").into_bytes())
+        .execute(&pool)
         .await
-        .unwrap()
+        .unwrap();
+    for (id, input, expires) in [
+        (&failing, file.as_str(), "1 day"),
+        (&orphan, "file-gone", "1 day"),
+        (&late, file.as_str(), "-1 minute"),
+    ] {
+        sqlx::query(
+            "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
+                 completion_window, status, expires_at, in_progress_at, total)
+             VALUES ($1, $2, 'openai', '/v1/chat/completions', $3, '24h', 'in_progress',
+                 now() + $4::interval, now(), 1)",
+        )
+        .bind(id)
+        .bind(&env.queue)
+        .bind(input)
+        .bind(expires)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let mark = env.keys.kept(&format!("enqueued:{failing}"));
+    let _: () = redis::cmd("RPUSH")
+        .arg(&mark)
+        .arg("not a count")
+        .query_async(&mut env.redis.conn().await.unwrap())
+        .await
+        .unwrap();
+    let (_, stop) = spawn(ServeState {
+        batch_lease: Duration::from_millis(50),
+        ..state(&env)
+    })
+    .await;
+    let row = |id: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (String, i32, Option<Value>)>(
+                "SELECT status, failed_runs, errors FROM serve_batches WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
     };
-    env.eventually("the batch failed", Duration::from_secs(120), || async {
-        row().await.0 == "failed"
+    env.eventually("the batches ended", Duration::from_secs(120), || async {
+        row(failing.clone()).await.0 == "failed"
+            && row(orphan.clone()).await.0 == "failed"
+            && row(late.clone()).await.0 == "expired"
     })
     .await
     .unwrap();
-    let (_, runs, errors) = row().await;
+    let (_, runs, errors) = row(failing.clone()).await;
     assert_eq!(runs, 8, "{errors:?}");
     let errors = errors.unwrap();
     assert_eq!(errors[0]["code"], "batch_failed", "{errors}");
     let message = errors[0]["message"].as_str().unwrap();
     assert!(
-        message.contains("after 8 runs that failed")
-            && message.contains("its input file file-gone is gone"),
+        message.contains("after 8 runs that failed") && message.contains("WRONGTYPE"),
         "{message}"
     );
+    let (_, runs, errors) = row(orphan.clone()).await;
+    assert_eq!(runs, 0, "{errors:?}");
+    let errors = errors.unwrap();
+    assert_eq!(errors[0]["code"], "file_gone", "{errors}");
+    assert!(
+        errors[0]["message"].as_str().unwrap().contains("file-gone"),
+        "{errors}"
+    );
+    let (expired, output): (i32, Option<String>) =
+        sqlx::query_as("SELECT expired, error_file_id FROM serve_batches WHERE id = $1")
+            .bind(&late)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(expired, 1);
+    assert!(output.is_some(), "the expired request is in the error file");
+    let queued: u64 = redis::cmd("XLEN")
+        .arg(env.keys.stream())
+        .query_async(&mut env.redis.conn().await.unwrap())
+        .await
+        .unwrap();
+    assert_eq!(queued, 0, "the batches enqueued nothing");
     stop.cancel();
 }
 
