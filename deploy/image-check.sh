@@ -14,8 +14,13 @@ cd "$(dirname "$0")/.."
 
 IMAGE=${LLMQ_IMAGE:-localhost/llmq:dev}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/llmq}
 QUEUE=image-check-$$
+# A database of its own on $DATABASE_URL's server, made and dropped here: a ledger another run
+# migrated (from an unreleased commit whose migration changed since) must not fail this one.
+base_url=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/llmq}
+SERVER_URL=${base_url%/*}
+own_db=llmq_image_check_$$
+DATABASE_URL=$SERVER_URL/$own_db
 
 say() { echo "image-check: $*" >&2; }
 fail() { say "$*"; exit 1; }
@@ -43,9 +48,11 @@ cleanup() {
     redis-cli -u "$REDIS_URL" --scan --pattern "llmq:{$QUEUE}:*" 2>/dev/null |
         xargs -r redis-cli -u "$REDIS_URL" del >/dev/null 2>&1 || true
     rm -rf "$work"
+    psql "$SERVER_URL/postgres" -qc "DROP DATABASE IF EXISTS $own_db WITH (FORCE)" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 trap 'exit 143' TERM INT
+psql "$SERVER_URL/postgres" -qc "CREATE DATABASE $own_db" >/dev/null || fail "could not make the database $own_db on $SERVER_URL."
 
 # Runs one of the image's binaries in the container, as the image's user, on the host's
 # network, with the provider file at /etc/llmq/providers.yaml.
