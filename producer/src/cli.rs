@@ -31,6 +31,9 @@ pub enum Command {
     Batch(Batch),
     /// Show a task's status and result.
     Result(ResultArgs),
+    /// Cancel tasks by id, a batch's tasks, or a tenant's queued work: what is queued never
+    /// runs, a call in flight is dropped, and what already ended is left as it was.
+    Cancel(CancelArgs),
     /// Show queue depths, live workers and provider readiness.
     Status(StatusArgs),
     /// Inspect, replay and purge dead letters.
@@ -503,6 +506,25 @@ pub struct ResultArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["task_ids", "batch", "tenant"])))]
+pub struct CancelArgs {
+    /// The tasks' ids, as `llmq submit` printed them.
+    #[arg(value_parser = parse_task_id)]
+    pub task_ids: Vec<String>,
+    /// Every task of this batch (the tasks' `batch_id`, as `llmq batch` printed it).
+    #[arg(long, value_parser = parse_batch_id)]
+    pub batch: Option<String>,
+    /// This tenant's tasks enqueued until now; its later ones run.
+    #[arg(long, value_parser = parse_tenant)]
+    pub tenant: Option<String>,
+    #[arg(long, default_value = "default", value_parser = queue_name)]
+    pub queue: String,
+    /// Say what would be cancelled, and cancel nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct StatusArgs {
     /// Queues to show; default: every queue a worker has served.
     #[arg(long = "queue", value_parser = queue_name)]
@@ -681,6 +703,12 @@ fn parse_task_id(s: &str) -> Result<String, String> {
     s.parse::<uuid::Uuid>()
         .map(|id| id.to_string())
         .map_err(|_| format!("`{s}` is not a task id; a task id is a UUID such as 7f3c2a9e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"))
+}
+
+fn parse_tenant(s: &str) -> Result<String, String> {
+    llmq_shared::envelope::check_class(None, Some(s))
+        .map(|()| s.to_owned())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_batch_id(s: &str) -> Result<String, String> {

@@ -18,6 +18,7 @@
 use std::io::Write;
 
 mod batch_file;
+mod cancel;
 mod batch_input;
 mod chain;
 pub mod cli;
@@ -81,6 +82,7 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Submit(args) => submit::submit(&redis()?, args, out).await,
         Command::Batch(args) => submit::batch(&redis()?, args, out).await,
         Command::Result(args) => inspect::result(&redis()?, args, out).await,
+        Command::Cancel(args) => cancel::run(&redis()?, args, out).await,
         Command::Status(args) => inspect::status(&redis()?, args, out).await,
         Command::Dlq(args) => dlq::run(&redis()?, args.command, out).await,
         Command::Migrate(args) => costs::migrate(args, out).await,

@@ -218,6 +218,14 @@ impl QueueKeys {
         format!("{}:paused", self.prefix)
     }
 
+    /// Cancel marks: a sorted set of marks (`task:<id>`, `queued:<id>`, `batch:<id>`,
+    /// `tenant:<name>`) scored by when each was set (ms). Workers end the work a mark names
+    /// where they meet it, and never run it (`queue/cancel.rs`).
+    #[must_use]
+    pub fn cancels(&self) -> String {
+        format!("{}:cancels", self.prefix)
+    }
+
     /// The scheduler's fencing token as this queue last saw it (see `queue/lua/fence.lua`):
     /// fenced writes to the queue check it here, in the queue's own slot.
     #[must_use]

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod backend;
+mod cancels;
 mod claims;
 pub mod executor;
 mod fetcher;
@@ -365,6 +366,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     }
     .spawn(&tasks);
     let claims = Arc::new(Claims::new(settings.visibility_timeout));
+    let cancels = Arc::new(cancels::Cancels::new(hard_stop.clone()));
+    tasks.spawn(cancels::refresh(
+        redis.clone(),
+        queues.clone(),
+        Arc::clone(&cancels),
+        done.clone(),
+    ));
     let fleet = Arc::new(maintenance::Fleet::default());
     tasks.spawn(maintenance::promote(
         redis.clone(),
@@ -442,6 +450,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             call_metrics: executor::CallMetrics::new(&settings.config),
             stats,
             claims: Arc::clone(&claims),
+            cancels,
             batchers: executor::Batchers::default(),
         },
         finisher,

@@ -550,11 +550,22 @@ pub async fn cancel(
         .await
         .map_err(|e| files::stored(&e))?
         .unwrap_or(row);
+        // Its queued tasks never run, its calls in flight are dropped: the driver then
+        // finds them ended and ends the batch.
+        mark_cancelled(&app, &id).await;
         app.batches.notify_one();
         Ok(axum::Json(row.object()).into_response())
     }
     .await;
     task::respond("/v1/batches/{id}/cancel", dialect, answer)
+}
+
+/// Sets batch `id`'s cancel mark; a failure is logged (the driver sets it again).
+async fn mark_cancelled(app: &App, id: &str) {
+    let target = [llmq_shared::queue::Target::Batch(id.to_owned())];
+    if let Err(e) = app.serve.redis.cancel(&app.keys, &target).await {
+        tracing::warn!(batch = id, "cannot mark the batch's tasks cancelled: {e}");
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -1165,12 +1176,19 @@ impl Driver<'_> {
             },
         );
         tokio::pin!(waiting);
+        let mut marked = false;
         loop {
             tokio::select! {
                 done = &mut waiting => return done.map_err(|e| e.to_string()),
                 () = tokio::time::sleep(KEEP) => {
                     let n = *rx.borrow_and_update();
                     plan.cancelled |= self.keep(n).await? == "cancelling";
+                    // Cancelled while this replica waits: its tasks are ended (set again,
+                    // for the replica that took the cancel may have failed to).
+                    if plan.cancelled && !marked {
+                        mark_cancelled(self.app, &self.b.id).await;
+                        marked = true;
+                    }
                 }
                 () = self.app.stop.cancelled() => return Err(STOPPING.into()),
             }

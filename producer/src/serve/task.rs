@@ -463,14 +463,20 @@ pub async fn finished(
 ) -> Result<TaskRecord, ApiError> {
     let done = app.waiter.wait(id);
     let _open = OpenWait::new();
+    // Dropped here only when the caller leaves: then its task is taken back.
+    let left = Abandon::new(app, id, keyed);
     let started = std::time::Instant::now();
     tokio::select! {
         r = done => {
+            left.keep();
             metrics::histogram!("llmq_serve_wait_seconds").record(started.elapsed().as_secs_f64());
             return r.map_err(|_| stopping(id, keyed));
         }
-        () = tokio::time::sleep(wait) => {}
-        () = app.stop.cancelled() => return Err(stopping(id, keyed)),
+        () = tokio::time::sleep(wait) => left.keep(),
+        () = app.stop.cancelled() => {
+            left.keep();
+            return Err(stopping(id, keyed));
+        }
     }
     Err(ApiError {
         task_id: Some(id.to_owned()),
@@ -499,6 +505,47 @@ pub fn respond(
         "status" => r.status().as_u16().to_string())
     .increment(1);
     r
+}
+
+/// Takes a request's task back when its caller leaves before the answer: a `queued:` cancel
+/// mark, by which a worker that meets the task before it started ends it (one already
+/// running finishes, its answer kept). Not a keyed request's: its caller's retry waits for
+/// the same task.
+struct Abandon {
+    redis: llmq_shared::queue::Client,
+    keys: llmq_shared::keys::QueueKeys,
+    id: Option<String>,
+}
+
+impl Abandon {
+    fn new(app: &App, id: &str, keyed: bool) -> Self {
+        Self {
+            redis: app.serve.redis.clone(),
+            keys: app.keys.clone(),
+            id: (!keyed).then(|| id.to_owned()),
+        }
+    }
+
+    /// The wait ended with the caller there: its task goes on.
+    fn keep(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Abandon {
+    fn drop(&mut self) {
+        let (Some(id), Ok(rt)) = (self.id.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (redis, keys) = (self.redis.clone(), self.keys.clone());
+        rt.spawn(async move {
+            let target = [llmq_shared::queue::Target::Queued(id.clone())];
+            match redis.cancel(&keys, &target).await {
+                Ok(_) => tracing::debug!(task = %id, "the caller left; its task is taken back unless it started"),
+                Err(e) => tracing::warn!(task = %id, "the caller left, but its task could not be taken back: {e}"),
+            }
+        });
+    }
 }
 
 /// A request waiting for its task, counted in `llmq_serve_open_requests` while it lives.

@@ -30,6 +30,7 @@ use crate::outcome::{ErrorClass, TaskRecord};
 
 mod answers;
 mod batch;
+mod cancel;
 mod chain;
 mod conn;
 mod dead_letter;
@@ -48,6 +49,7 @@ pub use batch::{
     BatchAnswer, BatchPark, BatchRecord, BatchState, BatchTask, FALLBACK_MARGIN, Group, LATCH_TTL,
     Settle, Taken,
 };
+pub use cancel::{CANCEL_NOTICE, Cancelled, MARK_LIFE, Marks, Target};
 pub use chain::{ChainsPage, Refused, StepContext};
 pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};

@@ -230,6 +230,9 @@ pub(super) struct Attempt<'a> {
     pub waiting: &'a std::sync::atomic::AtomicBool,
     /// For a task fed from the room: its turn, told when the task's first call starts.
     pub turn: Option<&'a RoomTurn<'a>>,
+    /// Cancelled when the task must stop (a cancel that names it, the hard stop): its call
+    /// is dropped, its wait ends, and the attempt ends `Released`.
+    pub stop: &'a tokio_util::sync::CancellationToken,
 }
 
 impl Attempt<'_> {
@@ -381,6 +384,9 @@ impl Attempt<'_> {
             // A call is made only on a claim this worker surely holds: one that lapsed (Redis
             // away past the visibility timeout) may be another worker's, and its call would
             // be a second, paid one.
+            if self.stop.is_cancelled() {
+                return Stop::Released;
+            }
             if !exec.claims.may_call(self.entry_id).await {
                 tracing::warn!(
                     entry = self.entry_id,
@@ -393,9 +399,10 @@ impl Attempt<'_> {
             }
             tries += 1;
             *last = Some((name, model));
+            let stop = self.stop;
             let e = match tokio::select! {
                 r = self.call(cand, reservation.as_deref()) => r,
-                () = exec.hard_stop.cancelled() => return Stop::Released,
+                () = stop.cancelled() => return Stop::Released,
             } {
                 Ok(completion) => {
                     self.healthy(name, model, probe).await;
@@ -414,7 +421,7 @@ impl Attempt<'_> {
                 };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}
-                () = exec.hard_stop.cancelled() => return Stop::Released,
+                () = self.stop.cancelled() => return Stop::Released,
             }
         }
     }
@@ -619,7 +626,7 @@ impl Attempt<'_> {
                         .max(std::time::Duration::from_millis(1));
                     tokio::select! {
                         () = tokio::time::sleep(wait) => {}
-                        () = self.exec.hard_stop.cancelled() => return Err(Stop::Released),
+                        () = self.stop.cancelled() => return Err(Stop::Released),
                     }
                     self.waiting
                         .store(false, std::sync::atomic::Ordering::Relaxed);

@@ -56,6 +56,7 @@ use batch::{Latch, unread_latch};
 pub use call_metrics::CallMetrics;
 use decide::{Escalation, Policy, StepRounds, TaskState, Transition};
 
+use crate::cancels::Named;
 use crate::finished::{CallStarts, Finished, RowExtras};
 
 /// What the executor needs to know, shared by every task.
@@ -86,6 +87,8 @@ pub struct Executor {
     pub stats: Arc<StatsView>,
     /// The claims this worker holds: no call starts on one that may have lapsed.
     pub claims: Arc<crate::claims::Claims>,
+    /// The cancel marks of this worker's queues, and the tasks running here they may end.
+    pub cancels: Arc<crate::cancels::Cancels>,
     /// Whether a scheduler sends each queue's batches, as last seen.
     pub batchers: batch::Batchers,
 }
@@ -460,6 +463,25 @@ impl Executor {
         };
         let task_id = env.id_or_derive(queue.name(), &entry_id);
         env.id = Some(task_id);
+        // When it was enqueued, kept wherever it goes next (the room, a wait): what a
+        // tenant's cancel compares.
+        let entry_ms = entry_ms(&entry_id);
+        if env.enqueued_at.is_none() && !from_room {
+            env.enqueued_at = chrono::DateTime::from_timestamp_millis(entry_ms);
+        }
+        let named = Named::of(task_id, &env, entry_ms, env.attempts > 0);
+        if let Some(why) = self.cancels.why(&queue, named) {
+            let task_type = env.task_type().map_or("", TaskType::as_str);
+            let record = running(&queue, task_id, &env, task_type);
+            return Err(Box::new(cancelled(
+                queue,
+                entry_id,
+                &env,
+                record,
+                why,
+                Vec::new(),
+            )));
+        }
 
         if let Some(run_at) = env.run_at {
             let due_ms = run_at.timestamp_millis();
@@ -514,6 +536,8 @@ impl Executor {
             from_room,
         } = task;
         async move {
+            // What stops its call: a cancel that names it, or the hard stop.
+            let watch = self.cancels.watch(&queue, task_id, &env, entry_ms(&entry_id));
             // An idempotency key: run only holding it; a copy of a task that succeeded is
             // answered with its answer, one of a task still running waits for it.
             if let Some(name) = llmq_shared::idempotency::name_of(&env) {
@@ -586,7 +610,7 @@ impl Executor {
                     }
                     Err(Ended::Cancelled(why)) => {
                         let record = running(&queue, task_id, &env, task_type);
-                        return cancelled(queue, entry_id, &env, record, why);
+                        return cancelled(queue, entry_id, &env, record, why, Vec::new());
                     }
                     Err(Ended::Invalid(why)) => {
                         // Not under the id it claims: that is the real step's, whose result a
@@ -813,6 +837,7 @@ impl Executor {
                     calls: &mut calls,
                     waiting: &waiting,
                     turn,
+                    stop: watch.token(),
                 };
                 let (ran, span) = {
                     let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
@@ -905,6 +930,13 @@ impl Executor {
                     }),
                     _ => None,
                 });
+
+            // A cancel stopped it: it ends so, with what its calls cost.
+            if matches!(outcome, Outcome::Released) && watch.cancelled() {
+                let named = Named::of(task_id, &env, entry_ms(&entry_id), true);
+                let why = (self.cancels.why(&queue, named)).unwrap_or_else(|| "cancelled".into());
+                return cancelled(queue, entry_id, &env, record, why, calls);
+            }
 
             // Decide.
             let policy = Policy {
@@ -1304,32 +1336,58 @@ fn awaiting(
     Finished::new(queue, write, Vec::new())
 }
 
-/// A chain step that was cancelled before it ran: acked with a `cancelled` record.
+/// A task that was cancelled (its chain, or a cancel mark that names it): acked with a
+/// `cancelled` record and its calls; a chain step's ends its step as a failure would.
 fn cancelled(
     queue: Arc<QueueKeys>,
     entry_id: String,
     env: &Envelope,
     mut record: TaskRecord,
     why: String,
+    calls: Vec<CallRow>,
 ) -> Finished {
+    // An attempt is used only by a call that went out.
+    record.attempts = env.attempts + u32::from(calls.iter().any(|c| c.outcome != UNSENT));
     record.status = Status::Cancelled;
-    record.attempts = env.attempts;
     record.error = Some(why.clone());
     record.finished_at = Some(Utc::now());
+    metrics::counter!("llmq_tasks_cancelled_total", "queue" => queue.name().to_owned())
+        .increment(1);
     let task_id = record.task_id.clone();
-    let step = StepOutcome {
-        chain_id: env.chain_id.as_deref().unwrap_or_default().to_owned(),
-        step: env.step.as_deref().unwrap_or_default().to_owned(),
-        outcome: "cancelled",
-        fields: StepState {
-            task_id: task_id.clone(),
-            error: Some(why),
-            ..StepState::default()
-        },
-        seen: None,
+    let finish = Finish::done(entry_id, task_id.clone(), record);
+    let write = match (env.chain_id.as_deref(), env.step.as_deref()) {
+        (Some(chain_id), Some(step)) => {
+            let step = StepOutcome {
+                chain_id: chain_id.to_owned(),
+                step: step.to_owned(),
+                outcome: "cancelled",
+                fields: StepState {
+                    task_id,
+                    error: Some(why),
+                    ..StepState::default()
+                },
+                seen: None,
+            };
+            Write::Step(finish, Box::new(step))
+        }
+        _ => Write::Task(finish),
     };
-    let finish = Finish::done(entry_id, task_id, record);
-    Finished::new(queue, Write::Step(finish, Box::new(step)), Vec::new())
+    Finished {
+        row: Some(RowExtras {
+            risk: env.risk,
+            batch_id: env.batch_id.as_deref().map(Into::into),
+            enqueued_at: env.enqueued_at,
+        }),
+        ..Finished::new(queue, write, calls)
+    }
+}
+
+/// The time (ms) in a stream entry's id (`<ms>-<seq>`); 0 for any other text.
+fn entry_ms(entry_id: &str) -> i64 {
+    entry_id
+        .split_once('-')
+        .and_then(|(ms, _)| ms.parse().ok())
+        .unwrap_or(0)
 }
 
 fn failure_text(outcome: &Outcome) -> String {

@@ -1,0 +1,156 @@
+//! Cancelling work: a mark in the queue's sorted set `cancels` ([`QueueKeys::cancels`]) names
+//! a task, the tasks of a batch, or a tenant's work queued until the mark's time. Workers
+//! keep the marks in memory (read again only when the set changed, a probe of two commands
+//! per queue every [`CANCEL_NOTICE`]), so a task nobody cancelled costs no command; they end
+//! what a mark names where they meet it: as they read it, before a call, and during a call,
+//! which is dropped. A task that had already ended is left as it was.
+//!
+//! The raw form, for any language: `ZADD llmq:{<queue>}:cancels GT <now, ms> task:<id>`
+//! (`docs/wire-format.md`).
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use redis::Script;
+
+use super::{Client, Result, reply};
+use crate::keys::QueueKeys;
+
+static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("cancel.lua")));
+
+/// How long a worker may go without reading a queue's new marks.
+pub const CANCEL_NOTICE: Duration = Duration::from_millis(500);
+
+/// How long a mark lives: the longest a cancelled task may still be met (a `run_at` or a
+/// retry far ahead); older marks are dropped by the next cancel.
+pub const MARK_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Task marks per script call.
+const CHUNK: usize = 1000;
+
+/// What a cancel names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One task, wherever it is: queued, waiting, or in a call (which is dropped).
+    Task(String),
+    /// One task, only while it has not started: a caller that left before its task ran.
+    Queued(String),
+    /// Every task of a batch (the envelopes' `batch_id`).
+    Batch(String),
+    /// A tenant's tasks enqueued until now; its later ones run.
+    Tenant(String),
+}
+
+impl Target {
+    /// The mark's member in the set.
+    #[must_use]
+    pub fn mark(&self) -> String {
+        match self {
+            Self::Task(id) => format!("task:{id}"),
+            Self::Queued(id) => format!("queued:{id}"),
+            Self::Batch(id) => format!("batch:{id}"),
+            Self::Tenant(t) => format!("tenant:{t}"),
+        }
+    }
+
+    fn task(&self) -> Option<&str> {
+        match self {
+            Self::Task(id) | Self::Queued(id) => Some(id),
+            Self::Batch(_) | Self::Tenant(_) => None,
+        }
+    }
+}
+
+/// What one cancel did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cancelled {
+    /// The mark is set, at this time (ms): workers end what it names as they meet it.
+    Marked(i64),
+    /// The task had already ended so (`succeeded`, `failed`, `dead`, `cancelled`): nothing set.
+    Ended(String),
+}
+
+/// The marks of one queue as read: each with when it was set (ms).
+pub type Marks = Vec<(String, i64)>;
+
+impl Client {
+    /// Sets the marks of `targets`, in their order (task marks checked against their tasks'
+    /// results, so a task that ended is left alone); a thousand tasks per script call.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn cancel(&self, keys: &QueueKeys, targets: &[Target]) -> Result<Vec<Cancelled>> {
+        let (tasks, others): (Vec<&Target>, Vec<&Target>) =
+            targets.iter().partition(|t| t.task().is_some());
+        let mut c = self.conn().await?;
+        let mut by_mark = std::collections::HashMap::new();
+        for chunk in tasks.chunks(CHUNK).chain(std::iter::once(&others[..])) {
+            if chunk.is_empty() {
+                continue;
+            }
+            let mut inv = CANCEL.key(keys.cancels());
+            inv.arg(MARK_LIFE.as_millis() as u64);
+            for t in chunk {
+                if let Some(id) = t.task() {
+                    inv.key(keys.result(id));
+                }
+                inv.arg(t.mark());
+            }
+            let answers: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
+            for (t, a) in chunk.iter().zip(answers) {
+                let a = reply::as_string(&a)?;
+                let done = match a.parse::<i64>() {
+                    Ok(ms) => Cancelled::Marked(ms),
+                    Err(_) => Cancelled::Ended(a),
+                };
+                by_mark.insert(t.mark(), done);
+            }
+        }
+        Ok(targets
+            .iter()
+            .map(|t| {
+                by_mark
+                    .get(&t.mark())
+                    .cloned()
+                    .unwrap_or(Cancelled::Marked(0))
+            })
+            .collect())
+    }
+
+    /// How many marks the queue has and the latest one's time: what a worker compares with
+    /// what it last read, to read the marks again only when they changed.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn cancel_probe(&self, keys: &QueueKeys) -> Result<(u64, i64)> {
+        let mut c = self.conn().await?;
+        let (n, top): (u64, Vec<(String, f64)>) = redis::pipe()
+            .cmd("ZCARD")
+            .arg(keys.cancels())
+            .cmd("ZRANGE")
+            .arg(keys.cancels())
+            .arg(-1)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await?;
+        Ok((n, top.first().map_or(0, |(_, s)| *s as i64)))
+    }
+
+    /// The queue's marks set at or after `since` (ms).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn cancel_marks(&self, keys: &QueueKeys, since: i64) -> Result<Marks> {
+        let mut c = self.conn().await?;
+        let marks: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(keys.cancels())
+            .arg(since)
+            .arg("+inf")
+            .arg("BYSCORE")
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await?;
+        Ok(marks.into_iter().map(|(m, s)| (m, s as i64)).collect())
+    }
+}
