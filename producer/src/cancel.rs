@@ -89,12 +89,7 @@ async fn batch_line(redis: &Client, keys: &QueueKeys, batch: &str, verb: &str) -
 
 /// What a cancel of `tenant` ends: its tasks waiting in the room now, and any of its work
 /// enqueued until now that is running or waiting elsewhere.
-async fn tenant_line(
-    redis: &Client,
-    keys: &QueueKeys,
-    tenant: &str,
-    verb: &str,
-) -> Result<String> {
+async fn tenant_line(redis: &Client, keys: &QueueKeys, tenant: &str, verb: &str) -> Result<String> {
     let waiting: u64 = redis
         .busiest_tenants(keys, usize::MAX)
         .await?

@@ -506,7 +506,7 @@ pub struct ResultArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(group(clap::ArgGroup::new("what").required(true).args(["task_ids", "batch", "tenant"])))]
+#[command(group(clap::ArgGroup::new("what").required(true).multiple(true).args(["task_ids", "batch", "tenant"])))]
 pub struct CancelArgs {
     /// The tasks' ids, as `llmq submit` printed them.
     #[arg(value_parser = parse_task_id)]

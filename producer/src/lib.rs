@@ -18,8 +18,8 @@
 use std::io::Write;
 
 mod batch_file;
-mod cancel;
 mod batch_input;
+mod cancel;
 mod chain;
 pub mod cli;
 mod costs;

@@ -53,8 +53,9 @@ impl<'a> Named<'a> {
 #[must_use]
 pub fn why(marks: &HashMap<String, i64>, task: Named<'_>) -> Option<String> {
     let at = |ms: i64| {
-        DateTime::<Utc>::from_timestamp_millis(ms)
-            .map_or_else(String::new, |t| t.format(" at %Y-%m-%dT%H:%M:%SZ").to_string())
+        DateTime::<Utc>::from_timestamp_millis(ms).map_or_else(String::new, |t| {
+            t.format(" at %Y-%m-%dT%H:%M:%SZ").to_string()
+        })
     };
     if let Some(ms) = marks.get(&format!("task:{}", task.task_id)) {
         return Some(format!("cancelled (llmq cancel{})", at(*ms)));
@@ -168,7 +169,7 @@ impl Cancels {
     }
 
     /// Reads what changed of `queues`' marks, and cancels the running tasks a mark names.
-    async fn refresh(&self, redis: &Client, queues: &[Arc<QueueKeys>]) {
+    pub async fn refresh(&self, redis: &Client, queues: &[Arc<QueueKeys>]) {
         let now = Utc::now().timestamp_millis();
         let mut changed = false;
         for q in queues {

@@ -367,6 +367,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     .spawn(&tasks);
     let claims = Arc::new(Claims::new(settings.visibility_timeout));
     let cancels = Arc::new(cancels::Cancels::new(hard_stop.clone()));
+    // Read before the first task: one cancelled before the worker started never runs.
+    cancels.refresh(&redis, &queues).await;
     tasks.spawn(cancels::refresh(
         redis.clone(),
         queues.clone(),

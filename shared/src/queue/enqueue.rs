@@ -169,7 +169,15 @@ impl Client {
             let (mut bytes, mut end) = (0, 0);
             let mut chunk = Vec::new();
             while let Some((i, (env, place))) = rest.next_if(|_| bytes < SCRIPT_BYTES) {
-                let json = env.to_json();
+                // When it went in, kept through the room and `delayed`, where its entry's id
+                // is not its own: what a tenant's cancel compares (`queue/cancel.rs`).
+                let json = if env.enqueued_at.is_none() {
+                    let mut stamped = env.clone();
+                    stamped.enqueued_at = chrono::DateTime::from_timestamp_millis(now);
+                    stamped.to_json()
+                } else {
+                    env.to_json()
+                };
                 bytes += json.len();
                 end = i + 1;
                 chunk.push((place, json));

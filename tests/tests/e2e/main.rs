@@ -6,6 +6,7 @@
 mod answer_cache;
 mod batch;
 mod browser;
+mod cancel;
 mod chain;
 mod chain_property;
 mod client_node;

@@ -537,7 +537,9 @@ impl Executor {
         } = task;
         async move {
             // What stops its call: a cancel that names it, or the hard stop.
-            let watch = self.cancels.watch(&queue, task_id, &env, entry_ms(&entry_id));
+            let watch = self
+                .cancels
+                .watch(&queue, task_id, &env, entry_ms(&entry_id));
             // An idempotency key: run only holding it; a copy of a task that succeeded is
             // answered with its answer, one of a task still running waits for it.
             if let Some(name) = llmq_shared::idempotency::name_of(&env) {
