@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use llmq::serve::keys::KeyFile;
 use llmq::serve::{ServeState, serve};
+use llmq_shared::outcome::Status;
 use llmq_tests::harness::{TestEnv, mock_config};
+
+const WAIT: Duration = Duration::from_secs(60);
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -1032,5 +1035,140 @@ async fn another_tenant_finds_none_of_a_tenant_s_files_or_batches() {
         .await
         .unwrap();
     assert_eq!(status(r), 200);
+    stop.cancel();
+}
+
+/// A caller that leaves before its task started takes it back (one with an Idempotency-Key
+/// does not: its retry waits for the same task); a batch cancelled with its tasks queued
+/// ends with none of them run.
+#[tokio::test]
+async fn a_caller_that_leaves_and_a_cancelled_batch_take_their_queued_tasks_back() {
+    let env = TestEnv::new().await.unwrap();
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let pool = env.ledger.pool().clone();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    let (batch, file) = (format!("batch_c{suffix}"), format!("file-{suffix}"));
+    sqlx::query(
+        "INSERT INTO serve_files (id, purpose, filename, bytes, complete)
+         VALUES ($1, 'batch', 'in.jsonl', 0, true)",
+    )
+    .bind(&file)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let lines: String = (0..20)
+        .map(|i| {
+            let line = json!({"custom_id": format!("r{i}"), "method": "POST",
+                "url": "/v1/chat/completions", "body": {"model": "mock-fast",
+                "messages": [{"role": "user", "content": "hi"}]}});
+            format!("{line}\n")
+        })
+        .collect();
+    sqlx::query("INSERT INTO serve_file_parts (file_id, seq, data) VALUES ($1, 0, $2)")
+        .bind(&file)
+        .bind(lines.into_bytes())
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
+             completion_window, status, expires_at, in_progress_at, total)
+         VALUES ($1, $2, 'openai', '/v1/chat/completions', $3, '24h', 'in_progress',
+             now() + interval '1 day', now(), 20)",
+    )
+    .bind(&batch)
+    .bind(&env.queue)
+    .bind(&file)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (base, stop) = spawn(state(&env)).await;
+    // No worker yet: the batch's tasks and the requests wait in the queue.
+    env.eventually(
+        "the batch's tasks are queued",
+        Duration::from_secs(30),
+        || async { env.stream_len().await >= 20 },
+    )
+    .await
+    .unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let ask = json!({"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}]});
+    let chat = format!("{base}/v1/chat/completions");
+    assert!(impatient.post(&chat).json(&ask).send().await.is_err());
+    assert!(
+        impatient
+            .post(&chat)
+            .header("idempotency-key", format!("k-{suffix}"))
+            .json(&ask)
+            .send()
+            .await
+            .is_err()
+    );
+    let cancelled = reqwest::Client::new()
+        .post(format!("{base}/v1/batches/{batch}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let left = env
+        .eventually(
+            "the caller's task is taken back",
+            Duration::from_secs(30),
+            || async {
+                let marks: Vec<String> = redis::cmd("ZRANGE")
+                    .arg(env.keys.cancels())
+                    .arg(0)
+                    .arg(-1)
+                    .query_async(&mut env.redis.conn().await.unwrap())
+                    .await
+                    .unwrap();
+                marks.iter().filter(|m| m.starts_with("queued:")).count() == 1
+            },
+        )
+        .await;
+    left.unwrap();
+    let tasks = env.stream_tasks("-", "+").await.unwrap();
+    let id_of = |keyed: bool| {
+        tasks
+            .iter()
+            .find(|t| t.get("batch_id").is_none() && t.get("idempotency_key").is_some() == keyed)
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .unwrap()
+    };
+    let (gone, kept) = (id_of(false), id_of(true));
+
+    let w = env.worker();
+    let r = env.wait_final(&gone, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Cancelled, "{r:?}");
+    assert!(r.error.unwrap().contains("its caller left"));
+    let r = env.wait_final(&kept, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    env.eventually("the batch ended", Duration::from_secs(60), || async {
+        let status: String = sqlx::query_scalar("SELECT status FROM serve_batches WHERE id = $1")
+            .bind(&batch)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        status == "cancelled"
+    })
+    .await
+    .unwrap();
+    let (completed, cancelled): (i32, i32) =
+        sqlx::query_as("SELECT completed, cancelled FROM serve_batches WHERE id = $1")
+            .bind(&batch)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!((completed, cancelled), (0, 20));
+    let called: i64 = sqlx::query_scalar("SELECT count(*) FROM provider_calls WHERE queue = $1")
+        .bind(&env.queue)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(called, 1, "only the keyed request's task was called");
+    w.stop().await.unwrap();
     stop.cancel();
 }
