@@ -285,8 +285,10 @@ impl CommandRunner {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            .process_group(0)
             .spawn()
             .map_err(|e| self.spawn_error(req, &e))?;
+        let mut group = Group::of(&child);
 
         let pipe = child.stdin.take();
         let write = async move {
@@ -318,6 +320,7 @@ impl CommandRunner {
         };
         let (out, out_overflow) = out.map_err(|e| io_error("read the output of", e))?;
         if out_overflow {
+            group.kill();
             let _ = child.start_kill();
             let _ = child.wait().await;
             return Err(self.error(
@@ -331,6 +334,7 @@ impl CommandRunner {
         }
         let (err, _) = err.map_err(|e| io_error("read the errors of", e))?;
         let status = child.wait().await.map_err(|e| io_error("wait for", e))?;
+        group.ended();
         let stdout = String::from_utf8_lossy(&out);
         if !status.success() {
             let stderr = String::from_utf8_lossy(&err);
@@ -583,6 +587,41 @@ fn pick_delay(min: Duration, max: Duration, random: u128) -> Duration {
 /// One token per four characters, rounded up.
 fn estimate_tokens(chars: usize) -> u64 {
     u64::try_from(chars.div_ceil(4)).unwrap_or(u64::MAX)
+}
+
+/// The process group a command's program runs in (its own, led by it), killed whole when a
+/// call is dropped before the program ended (a timeout, a cancel, the hard stop): what the
+/// program started (a CLI's own subprocesses) stops with it, not only the program.
+struct Group(Option<i32>);
+
+impl Group {
+    fn of(child: &tokio::process::Child) -> Self {
+        Self(child.id().and_then(|pid| i32::try_from(pid).ok()))
+    }
+
+    /// The program ended and was waited for: nothing to kill.
+    fn ended(&mut self) {
+        self.0 = None;
+    }
+
+    /// Kills the group now (its leader not yet waited for).
+    fn kill(&mut self) {
+        drop(Self(self.0.take()));
+    }
+}
+
+impl Drop for Group {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // SAFETY: killpg takes two integers and touches no memory. The group's leader is
+            // our child, not yet waited for (its `Child` is dropped after this), so its id
+            // cannot have been reused by another group.
+            unsafe {
+                libc::killpg(pgid, libc::SIGKILL);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

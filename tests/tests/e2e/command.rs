@@ -334,3 +334,52 @@ async fn a_cli_and_a_check_see_none_of_the_workers_secrets() {
     let gate = env.step_output(&c, "gate").await;
     assert_eq!(names(&gate), ["GATE", "HOME", "PATH"], "{gate}");
 }
+
+/// A call dropped before its program ended (a cancel, a timeout, the hard stop) kills the
+/// program's whole process group: what it started in the background stops with it.
+#[tokio::test]
+async fn a_dropped_call_kills_what_the_program_started() {
+    let dir = std::env::temp_dir().join(format!("llmq-group-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pid_file = dir.join("child.pid");
+    let script = format!("sleep 120 & echo $! > {}; wait", pid_file.display());
+    let text = format!(
+        "providers:\n  - name: cli\n    kind: command\n    command: {{program: sh, args: [\"-c\", {script:?}], prompt_via: stdin}}\n    models: [{{id: sonnet, input_usd_per_mtok: 0, output_usd_per_mtok: 0}}]\n"
+    );
+    let config = Config::parse("providers.yaml", &text, &|_| None).unwrap();
+    let p = provider(&config, "cli");
+    let req = request("sonnet", "hi", None);
+    let mut call = Box::pin(p.complete(&req));
+    let mut pid = None;
+    for _ in 0..200 {
+        tokio::select! {
+            r = &mut call => panic!("the call ended: {:?}", r.map(|c| c.text)),
+            () = tokio::time::sleep(Duration::from_millis(25)) => {}
+        }
+        pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok());
+        if pid.is_some() {
+            break;
+        }
+    }
+    let pid = pid.expect("the program started its background child");
+    let alive = |pid: u32| {
+        std::path::Path::new(&format!("/proc/{pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+    };
+    assert!(alive(pid));
+    drop(call);
+    let mut gone = false;
+    for _ in 0..100 {
+        if !alive(pid) {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the background child {pid} outlived the dropped call");
+    std::fs::remove_dir_all(&dir).ok();
+}
