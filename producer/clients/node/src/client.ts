@@ -6,14 +6,24 @@ import { readFileSync } from 'node:fs';
 import { setTimeout as sleep } from 'node:timers/promises';
 
 import { buildChain, type Chain, type ChainEvent, type ChainState, type StepState } from './chain.js';
-import { buildEnvelope, DEFAULT_MAX_PAYLOAD_BYTES, type Task, type TaskRecord } from './envelope.js';
+import {
+  BATCH_ID,
+  buildEnvelope,
+  CONTROL,
+  DEFAULT_MAX_PAYLOAD_BYTES,
+  MAX_TENANT_BYTES,
+  type Task,
+  type TaskRecord,
+} from './envelope.js';
 import { invalid, LlmqError } from './errors.js';
 import { connectRedis, redisError, type Commands, type Connection, type StreamEntry } from './redis.js';
 import { chainStepOf, replayedTask, taskIdOf } from './replay.js';
 import { CANONICAL_UUID, canonicalUuid, deriveId } from './uuid.js';
 
 /** The statuses after which nothing more happens to a task without an operator. */
-const FINAL = new Set(['succeeded', 'failed', 'dead']);
+const FINAL = new Set(['succeeded', 'failed', 'dead', 'cancelled']);
+/** The statuses of a task that has ended: a cancel leaves it as it was. */
+const ENDED: ReadonlySet<string> = new Set(['succeeded', 'failed', 'dead', 'cancelled']);
 /** Tasks per MULTI/EXEC of a batch, as `llmq batch` sends 1000 per round trip. */
 const BATCH_CHUNK = 1000;
 /** The most dead letters one {@link Queue.deadLetters} reads (each may be up to a payload's size). */
@@ -76,6 +86,22 @@ export interface Replayed {
   taskId: string;
 }
 
+/** What {@link Queue.cancel} is to cancel; give at least one. */
+export interface CancelOptions {
+  /** Tasks, by the ids enqueue() returned: each wherever it is (queued, waiting, in a call). */
+  taskIds?: readonly string[];
+  /** Every task enqueued with this `batch_id`. */
+  batch?: string;
+  /** The tenant's tasks enqueued until now; its later ones run. */
+  tenant?: string;
+}
+
+/**
+ * What a cancel did to one thing it named: `cancelled` (its mark is set), or the status the
+ * task had already ended with, for which no mark is set.
+ */
+export type CancelOutcome = 'cancelled' | 'succeeded' | 'failed' | 'dead';
+
 /** A queue name as llmq takes one: it goes into `llmq:{<queue>}:...` keys verbatim. */
 export function checkQueueName(name: unknown): asserts name is string {
   if (
@@ -120,6 +146,68 @@ function checkChainId(id: unknown): asserts id is string {
   if (typeof id !== 'string' || id.trim() === '' || [...id].length > 512 || /[\u0000-\u001f\u007f-\u009f]/.test(id)) {
     throw invalid(`${JSON.stringify(id) ?? String(id)} is not a chain id; give the id submitChain() returned.`);
   }
+}
+
+/** The ids of the tasks a cancel names (each once, in order) and its other marks. */
+function cancelTargets(options: unknown): { ids: string[]; others: string[] } {
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) {
+    throw invalid('`cancel` takes an object: { taskIds, batch, tenant }, each optional, at least one given.');
+  }
+  const o = options as Record<string, unknown>;
+  const unknown = Object.keys(o).filter((k) => !['taskIds', 'batch', 'tenant'].includes(k));
+  if (unknown.length > 0) {
+    throw invalid(`\`cancel\` takes taskIds, batch and tenant, not ${unknown.map((k) => `\`${k}\``).join(', ')}.`);
+  }
+  const { taskIds, batch, tenant } = o;
+  if (taskIds != null && !Array.isArray(taskIds)) {
+    throw invalid(`The taskIds option must be an array of task ids, not ${JSON.stringify(taskIds) ?? String(taskIds)}.`);
+  }
+  const given: unknown[] = taskIds ?? [];
+  given.forEach(checkTaskId);
+  const ids = [...new Set(given as string[])];
+  const others: string[] = [];
+  if (batch != null) {
+    if (typeof batch !== 'string' || !BATCH_ID.test(batch)) {
+      throw invalid(
+        `The batch option must be the batch_id its tasks were enqueued with: 1 to 128 letters, digits, \`-\`, \`_\`, \`.\` or \`:\`, not ${JSON.stringify(batch) ?? String(batch)}.`,
+      );
+    }
+    others.push(`batch:${batch}`);
+  }
+  if (tenant != null) {
+    const fix = 'give the tenant its tasks were enqueued with';
+    if (typeof tenant !== 'string') throw invalid(`The tenant option must be a string, not ${JSON.stringify(tenant) ?? String(tenant)}; ${fix}.`);
+    if (tenant === '') throw invalid('The tenant option is empty; give the tenant whose tasks to cancel, or leave it out.');
+    if (!tenant.isWellFormed()) throw invalid(`The tenant option holds a lone UTF-16 surrogate, which no task's tenant has; ${fix}.`);
+    const bytes = Buffer.byteLength(tenant, 'utf8');
+    if (bytes > MAX_TENANT_BYTES) {
+      throw invalid(`The tenant option is ${bytes} bytes long, and no task's tenant is longer than ${MAX_TENANT_BYTES}; ${fix}.`);
+    }
+    if (CONTROL.test(tenant)) {
+      throw invalid(`The tenant option contains a control character (a newline, tab or NUL), which no task's tenant has; ${fix}.`);
+    }
+    others.push(`tenant:${tenant}`);
+  }
+  if (ids.length === 0 && others.length === 0) {
+    throw invalid('`cancel` names nothing to cancel: give taskIds, batch or tenant.');
+  }
+  return { ids, others };
+}
+
+/**
+ * The status of a task whose result record says it has ended, else `null`: no record, one
+ * still `delayed`, or one llmq did not write (its mark is set, as `llmq cancel` sets it).
+ */
+function endedStatus(raw: string | null): CancelOutcome | null {
+  if (raw === null) return null;
+  let v: unknown;
+  try {
+    v = JSON.parse(raw);
+  } catch {
+    return null;
+  }
+  const status = typeof v === 'object' && v !== null ? (v as { status?: unknown }).status : undefined;
+  return typeof status === 'string' && ENDED.has(status) ? (status as CancelOutcome) : null;
 }
 
 const seconds = (ms: number) => `${Math.round(ms / 100) / 10}s`;
@@ -537,6 +625,44 @@ export class Queue {
       }
     });
     return { status: replayed === 1 ? 'enqueued' : 'gone', taskId: d.taskId };
+  }
+
+  /**
+   * Cancels tasks: those of `taskIds` wherever they are, every task enqueued with `batch_id`
+   * `batch`, and `tenant`'s tasks enqueued until now (its later ones run). One `MGET` of the
+   * tasks' records, then one `ZADD llmq:{q}:cancels GT` of every mark (docs/wire-format.md,
+   * "Cancelling"). Workers act within a second: a queued task never runs, a call in flight is
+   * dropped, and the task ends with status `cancelled`. A task that had already ended is left
+   * as it was, with no mark.
+   *
+   * A tenant's cutoff is this machine's clock (`Date.now()`): a client whose clock is far
+   * behind Redis's may miss the tenant's tasks enqueued just before.
+   *
+   * @returns For each thing named, by `task:<id>`, `batch:<id>` and `tenant:<name>`:
+   * `cancelled` (its mark is set) or the status the task had ended with (`succeeded`,
+   * `failed`, `dead`, or `cancelled` already).
+   * @throws {LlmqError} `invalid` for a task id that is not one, a batch id or tenant no task
+   * could carry, or nothing named (nothing is sent).
+   */
+  async cancel(options: CancelOptions): Promise<Record<string, CancelOutcome>> {
+    const { ids, others } = cancelTargets(options);
+    const named = [...ids.map((id) => `task:${id}`), ...others];
+    const ended = new Map<string, CancelOutcome>();
+    if (ids.length > 0) {
+      // The keys of a queue share one hash tag, so one MGET serves a cluster too.
+      const raws = await this.#redis((r) => r.mGet(ids.map((id) => this.key(`result:${id}`))));
+      raws.forEach((raw, i) => {
+        const status = endedStatus(raw);
+        if (status !== null) ended.set(`task:${ids[i]!}`, status);
+      });
+    }
+    const marks = named.filter((m) => !ended.has(m));
+    if (marks.length > 0) {
+      const now = Date.now();
+      const members = marks.map((value) => ({ score: now, value }));
+      await this.#redis((r) => r.zAdd(this.key('cancels'), members, { comparison: 'GT' }));
+    }
+    return Object.fromEntries(named.map((m) => [m, ended.get(m) ?? 'cancelled']));
   }
 
   /** Closes the connection (every queue made from it with {@link queue} too). */

@@ -208,7 +208,7 @@ void everyFieldListed;
 export interface TaskRecord {
   task_id: string;
   queue: string;
-  status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead';
+  status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead' | 'cancelled';
   provider: string | null;
   model: string | null;
   output: string | null;
@@ -259,13 +259,16 @@ type Given<T> = { [K in keyof T]?: Exclude<T[K], null> };
 export const DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024;
 const MAX_TIMEOUT_SECS = 30 * 24 * 3600;
 const U32_MAX = 4294967295;
-const MAX_TENANT_BYTES = 128;
+/** The longest tenant a task may carry, in UTF-8 bytes. */
+export const MAX_TENANT_BYTES = 128;
 const MAX_CONCURRENCY_KEY = 200;
 const MAX_TOOLS = 128;
 const IMAGE_TYPES: readonly string[] = ['image/png', 'image/jpeg', 'image/gif', 'image/webp'];
 
 /** Rust's `char::is_control`: the C0 and C1 controls and DEL. */
-const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+export const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
+/** A batch id as `check_batch_id` takes one: 1 to 128 letters, digits, `-`, `_`, `.` or `:`. */
+export const BATCH_ID = /^[A-Za-z0-9_.:-]{1,128}$/;
 
 /** A field that is wrong, in the words a worker's dead letter would use. */
 function wrong(field: string, message: string): Error {
@@ -452,7 +455,7 @@ function checkIdempotency(key: string | undefined, window: string | undefined): 
 
 /** `check_batch_id` of the worker, in its words: a few safe ASCII characters, 1 to 128 of them. */
 function checkBatchId(id: string): void {
-  if (!/^[A-Za-z0-9_.:-]{1,128}$/.test(id)) throw wrong('batch_id', 'must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`');
+  if (!BATCH_ID.test(id)) throw wrong('batch_id', 'must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`');
 }
 
 /** A valid `cache` as the worker writes it (serde): `ttl`, then `sampled` only when true. */

@@ -1,5 +1,14 @@
 export { connect, checkQueueName, Queue, CHAINS_KEPT, DEAD_SCAN, MAX_DEAD_LETTERS } from './client.js';
-export type { AnswerEvent, ConnectOptions, DeadLetter, FollowAnswerOptions, Replayed, WaitOptions } from './client.js';
+export type {
+  AnswerEvent,
+  CancelOptions,
+  CancelOutcome,
+  ConnectOptions,
+  DeadLetter,
+  FollowAnswerOptions,
+  Replayed,
+  WaitOptions,
+} from './client.js';
 export { replayedTask } from './replay.js';
 export { buildEnvelope, parseDuration, DEFAULT_MAX_PAYLOAD_BYTES, RESERVED_FIELDS, TASK_FIELDS, TASK_TYPES } from './envelope.js';
 export type {

@@ -16,6 +16,7 @@ export interface Commands {
   xAdd(key: string, id: string, message: Record<string, string>): Promise<string>;
   get(key: string): Promise<string | null>;
   mGet(keys: string[]): Promise<(string | null)[]>;
+  zAdd(key: string, members: { score: number; value: string }[], options?: { comparison?: 'GT' | 'LT' }): Promise<unknown>;
   hGet(key: string, field: string): Promise<string | null | undefined>;
   hGetAll(key: string): Promise<Record<string, string>>;
   xRange(key: string, start: string, end: string, options?: { COUNT: number }): Promise<StreamEntry[]>;

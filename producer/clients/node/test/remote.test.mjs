@@ -2,6 +2,7 @@
 // redis+sentinel:// URL), against a real worker on the same (started by
 // tests/tests/e2e/client_node.rs) serving LLMQ_TEST_QUEUE.
 import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
 import { after, before, test } from 'node:test';
 
 import { connect } from '../dist/index.js';
@@ -52,6 +53,9 @@ test('a chain is followed to its end', async () => {
 test('a dead letter is listed and replayed with llmq\'s script', async () => {
   const id = await q.enqueue({ prompt: 'Refuse me', model: 'fail-400' });
   assert.equal((await q.waitForResult(id, { timeoutMs: 30_000 })).status, 'dead');
+  // One MGET and one ZADD on this topology; a fresh id names no task, so nothing is cancelled.
+  const fresh = randomUUID();
+  assert.deepEqual(await q.cancel({ taskIds: [id, fresh] }), { [`task:${id}`]: 'dead', [`task:${fresh}`]: 'cancelled' });
   const dead = (await q.deadLetters()).find((d) => d.taskId === id);
   assert.equal(dead.class, 'fatal');
   assert.deepEqual(await q.replay(dead.id), { status: 'enqueued', taskId: id });

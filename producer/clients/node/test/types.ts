@@ -7,6 +7,8 @@ import {
   LlmqError,
   type AnswerEvent,
   type CacheAsk,
+  type CancelOptions,
+  type CancelOutcome,
   type ChainEvent,
   type DeadLetter,
   type Task,
@@ -82,6 +84,15 @@ export async function usage(): Promise<void> {
   const dead: DeadLetter[] = await q.deadLetters({ limit: 10 });
   const replayed = await q.replay(dead[0]!.id, { provider: 'mock' });
   const how: 'enqueued' | 'gone' = replayed.status;
+  const cancelling: CancelOptions = { taskIds: [id, ...ids], batch: 'batch-2030-01-02', tenant: 'acme' };
+  const cancelled: Record<string, CancelOutcome> = await q.cancel(cancelling);
+  const outcome: 'cancelled' | 'succeeded' | 'failed' | 'dead' | undefined = cancelled[`task:${id}`];
+  const asText: Record<string, string> = await q.cancel({ tenant: 'acme' });
+  void [outcome, asText];
+  // @ts-expect-error taskIds is an array of ids
+  await q.cancel({ taskIds: id });
+  // @ts-expect-error a misspelt option
+  await q.cancel({ taskId: id });
   try {
     await q.queue('other').enqueue({ prompt: 'x' });
   } catch (e) {

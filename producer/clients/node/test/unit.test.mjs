@@ -902,6 +902,80 @@ test('a replay by task id looks through the newest dead letters only, and says s
   assert.ok(sent.every(([name]) => name === 'xRevRange'));
 });
 
+test('a cancel reads the tasks\' records in one MGET and sets every mark in one ZADD GT, skipping ended tasks', async () => {
+  const U = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  const E = '7d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6';
+  const D = '00000000-0000-4000-8000-000000000001';
+  const { conn, sent } = fakeConnection({
+    mGet: async (keys) =>
+      keys.map((k) =>
+        k.endsWith(E) ? JSON.stringify({ task_id: E, queue: 'q', status: 'cancelled' }) : k.endsWith(D) ? '{"status":"delayed"}' : null,
+      ),
+    zAdd: async () => 4,
+  });
+  const q = new Queue(conn, 'q', 1 << 20);
+  const wall = Date.now;
+  Date.now = () => 1764400000123;
+  let done;
+  try {
+    done = await q.cancel({ taskIds: [U, E, D, U], batch: 'nightly:2030-01-02', tenant: 'acme corp' });
+  } finally {
+    Date.now = wall;
+  }
+  assert.deepEqual(done, {
+    [`task:${U}`]: 'cancelled',
+    [`task:${E}`]: 'cancelled',
+    [`task:${D}`]: 'cancelled',
+    'batch:nightly:2030-01-02': 'cancelled',
+    'tenant:acme corp': 'cancelled',
+  });
+  assert.deepEqual(sent, [
+    ['mGet', [`llmq:{q}:result:${U}`, `llmq:{q}:result:${E}`, `llmq:{q}:result:${D}`]],
+    [
+      'zAdd',
+      'llmq:{q}:cancels',
+      [`task:${U}`, `task:${D}`, 'batch:nightly:2030-01-02', 'tenant:acme corp'].map((value) => ({ score: 1764400000123, value })),
+      { comparison: 'GT' },
+    ],
+  ]);
+  // Without task ids there is nothing to read; with only ended ones, nothing to write.
+  sent.length = 0;
+  assert.deepEqual(await q.cancel({ tenant: 't' }), { 'tenant:t': 'cancelled' });
+  assert.deepEqual(sent.map(([name]) => name), ['zAdd']);
+  sent.length = 0;
+  assert.deepEqual(await q.cancel({ taskIds: [E] }), { [`task:${E}`]: 'cancelled' });
+  assert.deepEqual(sent.map(([name]) => name), ['mGet']);
+});
+
+test('a cancel that names nothing, or what no task could carry, is a sentence before anything is sent', async () => {
+  const { conn, sent } = fakeConnection({});
+  const q = new Queue(conn, 'q', 1 << 20);
+  const U = '0b6f4c2e-8a57-4a43-9c3e-2f5d8e7a1b90';
+  for (const [options, says] of [
+    [{}, /^`cancel` names nothing to cancel: give taskIds, batch or tenant\.$/],
+    [{ taskIds: [] }, /names nothing to cancel/],
+    [{ tenant: null }, /names nothing to cancel/],
+    [undefined, /^`cancel` takes an object/],
+    [[U], /^`cancel` takes an object/],
+    [{ taskId: U }, /^`cancel` takes taskIds, batch and tenant, not `taskId`\.$/],
+    [{ taskIds: U }, /^The taskIds option must be an array of task ids/],
+    [{ taskIds: ['not-a-uuid'] }, /^"not-a-uuid" is not a task id; give the id enqueue\(\) returned/],
+    [{ taskIds: [U, U.toUpperCase()] }, /is not a task id/],
+    [{ batch: '' }, /^The batch option must be the batch_id its tasks were enqueued with: 1 to 128 letters/],
+    [{ batch: 'a b' }, /The batch option must be/],
+    [{ batch: 'x'.repeat(129) }, /The batch option must be/],
+    [{ tenant: '' }, /^The tenant option is empty; give the tenant whose tasks to cancel, or leave it out\.$/],
+    [{ tenant: 'a\tb' }, /^The tenant option contains a control character/],
+    [{ tenant: 'é'.repeat(65) }, /^The tenant option is 130 bytes long, and no task's tenant is longer than 128/],
+    [{ tenant: 'lone \ud800' }, /^The tenant option holds a lone UTF-16 surrogate/],
+    [{ tenant: 7 }, /^The tenant option must be a string, not 7/],
+    [{ taskIds: [U], batch: 'ok', tenant: '\n' }, /control character/],
+  ]) {
+    await rejects(q.cancel(options), 'invalid', says);
+  }
+  assert.deepEqual(sent, []);
+});
+
 test('the redis dependency is a caret range for a library, the lock pins it exactly', () => {
   const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8'));
   const lock = JSON.parse(readFileSync(new URL('../package-lock.json', import.meta.url), 'utf8'));

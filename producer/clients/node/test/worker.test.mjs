@@ -13,6 +13,7 @@ const queueName = need('LLMQ_TEST_QUEUE');
 const idleName = need('LLMQ_TEST_IDLE_QUEUE');
 const preparedDeadIds = JSON.parse(need('LLMQ_TEST_DEAD_IDS'));
 const answer = (prompt) => `mock answer from mock-fast: ${prompt}`;
+const sorted = (xs) => [...xs].sort();
 /** The text of a followed answer: the pieces after its last restart. */
 const textOf = (events) => {
   const from = events.findLastIndex((e) => e.type === 'restart') + 1;
@@ -540,6 +541,45 @@ test('bad input through the client is a sentence and writes nothing', async () =
   await assert.rejects(idle.deadLetters({ limit: 5000 }), (e) => e.code === 'invalid' && /from 1 to 1000/.test(e.message));
   await assert.rejects(q.followChain('a\nb').next(), (e) => e.code === 'invalid' && /is not a chain id/.test(e.message));
   assert.throws(() => q.queue('a}b'), (e) => e.code === 'invalid' && /^Queue name "a}b" cannot be used/.test(e.message));
+});
+
+test("a cancel marks what it names in the queue's cancels, and leaves a task that had ended alone", async () => {
+  const cancels = `llmq:{${idleName}}:cancels`;
+  const ended = randomUUID();
+  const fresh = randomUUID();
+  await redis.set(
+    `llmq:{${idleName}}:result:${ended}`,
+    JSON.stringify({ task_id: ended, queue: idleName, status: 'succeeded', output: 'done', attempts: 1, cost_usd: 0 }),
+  );
+  const from = Date.now();
+  const done = await idle.cancel({ taskIds: [ended, fresh], batch: 'nightly-2030:01', tenant: 'acme corp' });
+  const to = Date.now();
+  assert.deepEqual(done, {
+    [`task:${ended}`]: 'succeeded',
+    [`task:${fresh}`]: 'cancelled',
+    'batch:nightly-2030:01': 'cancelled',
+    'tenant:acme corp': 'cancelled',
+  });
+  const marks = await redis.zRangeWithScores(cancels, 0, -1);
+  assert.deepEqual(sorted(marks.map((m) => m.value)), sorted([`task:${fresh}`, 'batch:nightly-2030:01', 'tenant:acme corp']));
+  assert.ok(marks.every((m) => m.score >= from && m.score <= to && m.score === marks[0].score), JSON.stringify(marks));
+  // Set again, a mark moves later, never earlier (ZADD GT).
+  await redis.zAdd(cancels, { score: 4102444800000, value: 'tenant:acme corp' });
+  await new Promise((r) => setTimeout(r, 5));
+  assert.deepEqual(await idle.cancel({ taskIds: [fresh], tenant: 'acme corp' }), { [`task:${fresh}`]: 'cancelled', 'tenant:acme corp': 'cancelled' });
+  assert.equal(await redis.zScore(cancels, 'tenant:acme corp'), 4102444800000);
+  assert.ok((await redis.zScore(cancels, `task:${fresh}`)) > marks[0].score);
+  // Bad input is a sentence and writes nothing.
+  await redis.del(cancels);
+  for (const [options, says] of [
+    [{ taskIds: ['not-a-uuid'] }, /is not a task id/],
+    [{ tenant: '' }, /The tenant option is empty/],
+    [{}, /names nothing to cancel/],
+  ]) {
+    await assert.rejects(idle.cancel(options), (e) => e instanceof LlmqError && e.code === 'invalid' && says.test(e.message) && e.message.endsWith('.'));
+  }
+  assert.equal(await redis.exists(cancels), 0);
+  await redis.del(`llmq:{${idleName}}:result:${ended}`);
 });
 
 test('a wait with no worker ends at its timeout with a sentence', async () => {

@@ -4,6 +4,7 @@ with a worker serving the queue: every kind of call, sync and async."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import pytest
@@ -37,6 +38,10 @@ def test_every_call_on_a_cluster_and_behind_sentinels(queue: str, url_var: str) 
 
         task_id = client.enqueue(unique("Topology refused"), model="fail-400")
         assert client.wait(task_id, timeout=WAIT).status == "dead"
+        fresh = str(uuid.uuid4())  # names no task: its mark is set, and nothing is cancelled
+        assert client.cancel(task_id, fresh) == {f"task:{task_id}": "dead", f"task:{fresh}": "cancelled"}
+        assert client.redis.zscore(client.keys.cancels, f"task:{task_id}") is None
+        assert client.redis.zscore(client.keys.cancels, f"task:{fresh}") is not None
         letter = next(d for d in client.dead_letters(1000) if d.task_id == task_id)
         assert client.replay(letter) == task_id  # replay.lua on this topology
         assert client.redis.xrange(client.keys.dead, letter.id, letter.id) == []

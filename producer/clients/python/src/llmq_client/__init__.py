@@ -1,5 +1,5 @@
 """llmq_client: enqueue LLM tasks and chains into llmq, wait for their results, follow live
-answers, list and replay dead letters. The wire format is docs/wire-format.md.
+answers, cancel tasks, list and replay dead letters. The wire format is docs/wire-format.md.
 
     from llmq_client import Client
 

@@ -136,3 +136,8 @@ class AsyncClient(Base):
 
     async def replay(self, dead: DeadLetter | str, provider: str | None = None) -> str:
         return await self._run(self._replay(dead, provider))
+
+    async def cancel(
+        self, *task_ids: str, batch: str | None = None, tenant: str | None = None
+    ) -> dict[str, str]:
+        return await self._run(self._cancel(task_ids, batch, tenant))

@@ -159,3 +159,8 @@ class Base:
 
     def _replay(self, dead: DeadLetter | str, provider: str | None) -> plans.Plan[str]:
         return plans.replay(self.keys, dead, provider, self._script)
+
+    def _cancel(
+        self, task_ids: Iterable[str], batch: str | None, tenant: str | None
+    ) -> plans.Plan[dict[str, str]]:
+        return plans.cancel(self.keys, task_ids, batch, tenant)

@@ -121,7 +121,7 @@ class Client(Base):
         return self._run(self._result(task_id))
 
     def wait(self, task_id: str, timeout: float = 60.0, poll: float = 0.1) -> TaskRecord:
-        """The task's record once it is final (succeeded, dead or failed);
+        """The task's record once it is final (succeeded, dead, failed or cancelled);
         :class:`WaitTimeout` after ``timeout`` seconds."""
         return self._run(self._wait([task_id], timeout, poll))[0]
 
@@ -163,3 +163,19 @@ class Client(Base):
         ``llmq dlq replay`` does, optionally on another provider; returns the task id. A
         chain step's letter is refused (:class:`ReplayRefused`): use the llmq binaries."""
         return self._run(self._replay(dead, provider))
+
+    def cancel(self, *task_ids: str, batch: str | None = None, tenant: str | None = None) -> dict[str, str]:
+        """Cancels the tasks ``task_ids`` wherever they are, every task enqueued with
+        ``batch_id`` ``batch``, and ``tenant``'s tasks enqueued until now (its later ones run):
+        one MGET of the tasks' records, then one ZADD of every mark (docs/wire-format.md,
+        "Cancelling"). Workers act within a second: a queued task never runs, a call in flight
+        is dropped, and the task ends with status ``cancelled``. A task that had already ended
+        is left as it was, with no mark. Returns, for each thing named (``task:<id>``,
+        ``batch:<id>``, ``tenant:<name>``), ``cancelled`` (its mark is set) or the status the
+        task had ended with (``succeeded``, ``failed``, ``dead`` or ``cancelled``).
+
+        A tenant's cutoff is this machine's clock: a client whose clock is far behind Redis's
+        may miss the tenant's tasks enqueued just before. :class:`InvalidId` for a task id
+        that is not a UUID, :class:`InvalidArgument` for a bad batch id or tenant, or when
+        nothing is named."""
+        return self._run(self._cancel(task_ids, batch, tenant))

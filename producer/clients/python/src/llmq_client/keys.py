@@ -146,6 +146,12 @@ class Keys:
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
+    @property
+    def cancels(self) -> str:
+        """The queue's cancel marks: a sorted set of ``task:<id>``, ``batch:<batch id>`` and
+        ``tenant:<tenant>``, each scored by when it was set (ms since the epoch)."""
+        return f"{self.prefix}:cancels"
+
     def result(self, task_id: str) -> str:
         return f"{self.prefix}:result:{canonical_task_id(task_id)}"
 

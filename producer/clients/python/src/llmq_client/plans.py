@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
 
-from .envelope import replayed_task
+from . import wirejson
+from .envelope import _BATCH_ID, MAX_TENANT_BYTES, replayed_task
 from .errors import ChainRefused, InvalidArgument, LlmqError, NotFound, ReplayRefused, WaitTimeout
-from .keys import Keys, canonical_task_id, check_chain_id, parse_uuid, utf8
+from .keys import Keys, canonical_task_id, check_chain_id, has_control, parse_uuid, utf8
 from .records import (
     STEP_ENDED,
     ChainEnd,
@@ -81,6 +82,8 @@ DEAD_PAGE = 100
 #: The longest blocking read of a live answer before the task's record is looked at.
 BLOCK_MS = 1000
 _STREAM_ID = re.compile(r"[0-9]+-[0-9]+")
+#: The statuses of a task that has ended: a cancel leaves it as it was.
+ENDED = ("succeeded", "failed", "dead", "cancelled")
 
 
 def replay_script() -> str:
@@ -365,3 +368,79 @@ def replay(keys: Keys, dead: DeadLetter | str, provider: str | None, script: str
             f"dead letter {letter.id} is no longer in queue `{keys.queue}`: it was replayed or purged meanwhile."
         )
     return letter.task_id
+
+
+def _cancel_marks(task_ids: Iterable[object], batch: object, tenant: object) -> tuple[list[str], list[str]]:
+    """The canonical ids of the tasks named (each once, in order) and the marks of the batch
+    and the tenant named; :class:`InvalidId` or :class:`InvalidArgument` for what names
+    nothing a task could carry."""
+    ids = list(dict.fromkeys(canonical_task_id(t) for t in task_ids))
+    others: list[str] = []
+    if batch is not None:
+        if not (isinstance(batch, str) and _BATCH_ID.fullmatch(batch)):
+            raise InvalidArgument(
+                f"batch must be the batch_id its tasks were enqueued with: 1 to 128 letters, digits, "
+                f"`-`, `_`, `.` or `:`, not {batch!r}."
+            )
+        others.append(f"batch:{batch}")
+    if tenant is not None:
+        if not isinstance(tenant, str):
+            raise InvalidArgument(
+                f"tenant must be the tenant its tasks were enqueued with, a string, not {tenant!r}."
+            )
+        if not utf8(tenant):
+            raise InvalidArgument(
+                "tenant holds a lone surrogate, which no task's tenant has; give the tenant in UTF-8."
+            )
+        size = len(tenant.encode("utf-8"))
+        if size == 0:
+            raise InvalidArgument("tenant is empty; give the tenant whose tasks to cancel, or leave it out.")
+        if size > MAX_TENANT_BYTES:
+            raise InvalidArgument(
+                f"tenant is {size} bytes long, and no task's tenant is longer than {MAX_TENANT_BYTES}; "
+                "give the tenant its tasks were enqueued with."
+            )
+        if has_control(tenant):
+            raise InvalidArgument(
+                "tenant contains a control character (a newline, tab or NUL), which no task's tenant has; "
+                "give the tenant its tasks were enqueued with."
+            )
+        others.append(f"tenant:{tenant}")
+    if not ids and not others:
+        raise InvalidArgument("cancel names nothing to cancel: give task ids, batch= or tenant=.")
+    return ids, others
+
+
+def _ended(raw: Any) -> str | None:
+    """The status of a task whose result record says it has ended, else None (no record, one
+    still ``delayed``, or one llmq did not write: the mark is set, as ``llmq cancel`` sets it)."""
+    if raw is None:
+        return None
+    try:
+        record = wirejson.loads(text(raw))
+    except ValueError:
+        return None
+    status = record.get("status") if isinstance(record, dict) else None
+    return status if isinstance(status, str) and status in ENDED else None
+
+
+def cancel(keys: Keys, task_ids: Iterable[object], batch: object, tenant: object) -> Plan[dict[str, str]]:
+    """Sets the cancel marks of the tasks, the batch and the tenant named (docs/wire-format.md,
+    "Cancelling"): one MGET of the tasks' records, then one ``ZADD GT`` of every mark, each
+    scored now (this machine's clock, in ms). A task whose record says it has ended gets no
+    mark. Returns, for each ``task:<id>``, ``batch:<id>`` and ``tenant:<name>`` named,
+    ``cancelled`` (its mark is set) or the status the task had ended with."""
+    ids, others = _cancel_marks(task_ids, batch, tenant)
+    named = [f"task:{t}" for t in ids] + others
+    ended: dict[str, str] = {}
+    if ids:
+        replies = yield Command(("MGET", *[keys.result(t) for t in ids]))
+        for task_id, raw in zip(ids, replies, strict=True):
+            status = _ended(raw)
+            if status is not None:
+                ended[f"task:{task_id}"] = status
+    marks = [m for m in named if m not in ended]
+    if marks:
+        now = time.time_ns() // 1_000_000
+        yield Command(("ZADD", keys.cancels, "GT", *[x for m in marks for x in (now, m)]))
+    return {m: ended.get(m, "cancelled") for m in named}

@@ -15,7 +15,7 @@ from .errors import InvalidRecord
 from .keys import derive_id, parse_uuid
 
 #: The statuses after which nothing happens to a task without an operator.
-FINAL = ("succeeded", "failed", "dead")
+FINAL = ("succeeded", "failed", "dead", "cancelled")
 #: The statuses in which a chain step has ended (for its current round).
 STEP_ENDED = ("succeeded", "failed", "cancelled")
 
