@@ -3,7 +3,7 @@
 //! benchmark so that runs can be compared by script. `docs/benchmarks.md` explains the lines.
 //!
 //! ```text
-//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|queue_noop_classed|priority|fair_share|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token|idle_fleet|provider_batch|cluster_noop|web_pages|ledger_scale] [--tasks N]
+//! cargo run --release -p llmq-tests --bin llmq-bench -- [--only queue_noop|queue_noop_keyed|queue_noop_classed|priority|fair_share|e2e_mock|pickup|rate_limited|overhead|memory|chain|inflight|routing_savings|stream_first_token|idle_fleet|provider_batch|cluster_noop|web_pages|ledger_scale|cancel] [--tasks N]
 //! ```
 //!
 //! Every run uses fresh queues (`bench-<8 hex>`) and deletes their keys at the end; it never
@@ -145,6 +145,7 @@ enum Bench {
     LedgerScale,
     Gateway,
     GatewayBatch,
+    Cancel,
 }
 
 fn main() -> Result<()> {
@@ -195,6 +196,7 @@ async fn run() -> Result<()> {
             Bench::ClusterNoop,
             Bench::WebPages,
             Bench::Gateway,
+            Bench::Cancel,
         ],
     };
     let mut failed = 0;
@@ -225,6 +227,7 @@ async fn run() -> Result<()> {
             Bench::LedgerScale => ledger_scale(&args).await,
             Bench::Gateway => gateway(&args, &mut redis).await,
             Bench::GatewayBatch => gateway_batch(&args, &mut redis).await,
+            Bench::Cancel => cancel(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -269,6 +272,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::LedgerScale => "ledger_scale",
         Bench::Gateway => "gateway",
         Bench::GatewayBatch => "gateway_batch",
+        Bench::Cancel => "cancel",
     }
 }
 
@@ -2291,6 +2295,137 @@ impl Provider for NoopProvider {
         Box::pin(async move {
             tokio::time::sleep(latency).await;
             answer
+        })
+    }
+}
+
+/// (x) A batch cancelled while it runs: 100,000 tasks of one batch, two workers at
+/// concurrency 256 whose provider answers in 50 ms; once 5,000 have been called, the batch is
+/// cancelled (`llmq cancel --batch`'s script). `none_run_after_ms`: from the cancel to the last
+/// call that started after it (0: none did), how long until no task of it can run; `ended_s`,
+/// until every task had ended; Redis CPU per cancelled task, beside Redis CPU per task that ran
+/// before the cancel (the same run's peer).
+async fn cancel(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(100_000);
+    let workers = args.workers.unwrap_or(2);
+    let concurrency = args.concurrency.unwrap_or(256);
+    let queue = fresh_queue();
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        client.ensure_group(&keys).await?;
+        let batch = format!("{queue}-batch");
+        let mut left = tasks;
+        while left > 0 {
+            let chunk: Vec<Envelope> = (0..left.min(ENQUEUE_CHUNK))
+                .map(|i| {
+                    let mut e = Envelope::new(format!("benchmark task {}", tasks - left + i));
+                    e.batch_id = Some(batch.as_str().into());
+                    e
+                })
+                .collect();
+            client.enqueue_many(&keys, &chunk).await?;
+            left -= chunk.len();
+        }
+        let clock = Arc::new(CallClock::default());
+        let provider: Arc<dyn Provider> = Arc::new(ClockedProvider {
+            clock: Arc::clone(&clock),
+            latency: Duration::from_millis(50),
+        });
+        let config = noop_config()?;
+        let started = Snapshot::take(redis).await?;
+        let running = Workers::start(workers, |i| {
+            let mut s = settings(&args.redis_url, &config, keys.name(), concurrency, i)?;
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            Ok(s)
+        })?;
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while clock.calls.load(Ordering::Relaxed) < 5_000 {
+            running.check()?;
+            ensure!(
+                Instant::now() < deadline,
+                "5,000 calls were not made in {DRAIN_LIMIT:?}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
+        let before = Snapshot::take(redis).await?;
+        let ran_before = clock.calls.load(Ordering::Relaxed);
+        let at = Instant::now();
+        client
+            .cancel(&keys, &[llmq_shared::queue::Target::Batch(batch.clone())])
+            .await?;
+        let drained = wait_drained(&client, &keys, &running).await;
+        let ended = at.elapsed();
+        let after = Snapshot::take(redis).await;
+        running.stop().await?;
+        drained?;
+        let after = after?;
+        let calls = clock.calls.load(Ordering::Relaxed);
+        let last_after = clock
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .filter(|t| *t > at)
+            .map_or(0.0, |t| (t - at).as_secs_f64() * 1e3);
+        let cancelled = tasks.saturating_sub(calls);
+        let run = before.since(&started, ran_before);
+        let gone = after.since(&before, cancelled);
+        if args.verbose {
+            gone.print_commands("cancel");
+        }
+        Ok(format!(
+            "bench=cancel tasks={tasks} workers={workers} concurrency={concurrency} \
+             called_before={ran_before} called_after={} cancelled={cancelled} \
+             none_run_after_ms={last_after:.0} ended_s={:.2} \
+             redis_cpu_us_per_cancelled={:.1} redis_cpu_us_per_run_task={:.1}",
+            calls - ran_before,
+            ended.as_secs_f64(),
+            gone.redis_cpu_us_per_task,
+            run.redis_cpu_us_per_task,
+        ))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
+}
+
+/// How many calls started, and when the last did.
+#[derive(Default)]
+struct CallClock {
+    calls: std::sync::atomic::AtomicUsize,
+    last: Mutex<Option<Instant>>,
+}
+
+/// Answers as [`NoopProvider`] does after `latency`, counting each call's start on `clock`.
+struct ClockedProvider {
+    clock: Arc<CallClock>,
+    latency: Duration,
+}
+
+impl Provider for ClockedProvider {
+    fn name(&self) -> &str {
+        "noop"
+    }
+
+    fn complete<'a>(&'a self, _request: &'a Request<'_>) -> CallFuture<'a> {
+        self.clock.calls.fetch_add(1, Ordering::Relaxed);
+        *self
+            .clock
+            .last
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+        let latency = self.latency;
+        Box::pin(async move {
+            tokio::time::sleep(latency).await;
+            Ok(Completion {
+                text: "ok".into(),
+                usage: Usage {
+                    input_tokens: 8,
+                    output_tokens: 1,
+                    ..Usage::default()
+                },
+                ..Completion::default()
+            })
         })
     }
 }
