@@ -149,6 +149,7 @@ fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(overview::overview))
         .route("/task", get(overview::task))
+        .route("/task/cancel", post(overview::cancel))
         .route("/approvals", get(chains::approvals))
         .route("/approvals/decide", post(chains::decide))
         .route("/chains", get(chains::chains))

@@ -347,12 +347,61 @@ pub(super) async fn task(
         .as_deref()
         .map(|o| format!("<h2>Output</h2><pre>{}</pre>", esc(o)))
         .unwrap_or_default();
+    // A task that has not ended may be cancelled (`llmq cancel`): it never runs, or its
+    // call is dropped.
+    let cancel = if r.status.is_final() {
+        String::new()
+    } else {
+        let id = id.to_string();
+        action_form(
+            &viewer,
+            "/task/cancel",
+            &[("queue", &queue), ("id", &id)],
+            "<button>Cancel this task</button>",
+        )
+    };
     page(
         StatusCode::OK,
         &format!("Task {id}"),
-        &format!("<div id=\"live\" data-refresh=\"3000\"><table>{table}</table>{output}</div>"),
+        &format!(
+            "<div id=\"live\" data-refresh=\"3000\"><table>{table}</table>{cancel}{output}</div>"
+        ),
         &viewer,
     )
+}
+
+/// POST `/task/cancel`: sets the task's cancel mark, as `llmq cancel` does.
+pub(super) async fn cancel(State(app): AppState, headers: HeaderMap, body: String) -> Response {
+    let viewer = app.sessions.viewer(&headers);
+    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+        Ok(x) => x,
+        Err(page) => return *page,
+    };
+    let Some(id) = field(&fields, "id").and_then(|id| uuid::Uuid::parse_str(id.trim()).ok()) else {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Not a task id",
+            "A task id is a UUID, as llmq submit printed it.",
+            &viewer,
+        );
+    };
+    let target = [llmq_shared::queue::Target::Task(id.to_string())];
+    match app.web.redis.cancel(&QueueKeys::new(&queue), &target).await {
+        Ok(answer) => {
+            let what = match answer.first() {
+                Some(llmq_shared::queue::Cancelled::Ended(status)) => {
+                    format!("Task {id} had already ended ({status}); it was left as it was.")
+                }
+                _ => format!(
+                    "Cancelled task {id} of queue {queue}: workers end it within a second; \
+                     it never runs, or its call is dropped."
+                ),
+            };
+            let back = format!("/task?queue={}&id={id}", urlencode(&queue));
+            done("Cancelled", &what, &back, &viewer)
+        }
+        Err(e) => redis_away(&e, &viewer),
+    }
 }
 
 /// POST `/queue/pause` and `/queue/resume`.

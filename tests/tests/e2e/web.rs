@@ -330,9 +330,13 @@ async fn every_action_needs_the_token_and_the_anti_forgery_field() {
     let env = TestEnv::new().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
     let (dead_id, _) = env.replayable_dead_letter("keep me").await;
+    let queued = llmq_shared::envelope::Envelope::new("cancel me");
+    env.redis.enqueue(&env.keys, &queued).await.unwrap();
+    let queued = queued.id.unwrap().to_string();
     let q = env.queue.as_str();
-    let actions: [(&str, Vec<(&str, &str)>); 6] = [
+    let actions: [(&str, Vec<(&str, &str)>); 7] = [
         ("/dead/replay", vec![("queue", q), ("id", &dead_id)]),
+        ("/task/cancel", vec![("queue", q), ("id", &queued)]),
         ("/dead/purge", vec![("queue", q), ("id", &dead_id)]),
         ("/queue/pause", vec![("queue", q)]),
         ("/queue/resume", vec![("queue", q)]),
@@ -401,6 +405,27 @@ async fn every_action_needs_the_token_and_the_anti_forgery_field() {
     // Nothing of that acted.
     let counts = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!((counts.dead, counts.paused), (1, false));
+    let marks = || async {
+        let m: Vec<String> = redis::cmd("ZRANGE")
+            .arg(env.keys.cancels())
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut env.redis.conn().await.unwrap())
+            .await
+            .unwrap();
+        m
+    };
+    assert!(marks().await.is_empty());
+    // The task's page offers its cancel, which sets its mark.
+    let (status, body) = b.get(&format!("/task?queue={q}&id={queued}")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Cancel this task"), "{body}");
+    let (status, body) = b
+        .post("/task/cancel", &[("queue", q), ("id", &queued)])
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Cancelled task"), "{body}");
+    assert_eq!(marks().await, [format!("task:{queued}")]);
     // A wrong token does not sign in.
     let (status, body) = post_raw(&http, &format!("{base}/login"), &[("token", "nope")], &[]).await;
     assert_eq!(status, 403, "{body}");
