@@ -48,7 +48,7 @@ export async function usage(): Promise<void> {
     void piece;
   }
   const record: TaskRecord = await q.waitForResult(id);
-  const status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead' = record.status;
+  const status: 'queued' | 'delayed' | 'running' | 'succeeded' | 'failed' | 'dead' | 'cancelled' = record.status;
   const cached: boolean | undefined = record.cached;
   const cachedFrom: string | undefined = record.cached_from;
   const duplicateOf: string | undefined = record.duplicate_of;
