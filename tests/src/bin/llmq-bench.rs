@@ -2330,7 +2330,10 @@ async fn cancel(args: &Args, redis: &mut Redis) -> Result<String> {
         let clock = Arc::new(CallClock::default());
         let provider: Arc<dyn Provider> = Arc::new(ClockedProvider {
             clock: Arc::clone(&clock),
-            latency: Duration::from_millis(50),
+            inner: NoopProvider {
+                latency: Duration::from_millis(50),
+                ..NoopProvider::default()
+            },
         });
         let config = noop_config()?;
         let started = Snapshot::take(redis).await?;
@@ -2396,10 +2399,10 @@ struct CallClock {
     last: Mutex<Option<Instant>>,
 }
 
-/// Answers as [`NoopProvider`] does after `latency`, counting each call's start on `clock`.
+/// Answers as `inner` does, counting each call's start on `clock`.
 struct ClockedProvider {
     clock: Arc<CallClock>,
-    latency: Duration,
+    inner: NoopProvider,
 }
 
 impl Provider for ClockedProvider {
@@ -2407,26 +2410,14 @@ impl Provider for ClockedProvider {
         "noop"
     }
 
-    fn complete<'a>(&'a self, _request: &'a Request<'_>) -> CallFuture<'a> {
+    fn complete<'a>(&'a self, request: &'a Request<'_>) -> CallFuture<'a> {
         self.clock.calls.fetch_add(1, Ordering::Relaxed);
         *self
             .clock
             .last
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
-        let latency = self.latency;
-        Box::pin(async move {
-            tokio::time::sleep(latency).await;
-            Ok(Completion {
-                text: "ok".into(),
-                usage: Usage {
-                    input_tokens: 8,
-                    output_tokens: 1,
-                    ..Usage::default()
-                },
-                ..Completion::default()
-            })
-        })
+        self.inner.complete(request)
     }
 }
 

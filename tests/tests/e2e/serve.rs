@@ -70,6 +70,59 @@ async fn spawn(state: ServeState) -> (String, CancellationToken) {
     (base, stop)
 }
 
+/// A complete batch input file `file` of `n` chat requests (`r0`, `r1`, ...) written straight
+/// into the server's tables, as an upload leaves it.
+async fn batch_file(pool: &sqlx::PgPool, file: &str, n: usize) {
+    sqlx::query(
+        "INSERT INTO serve_files (id, purpose, filename, bytes, complete)
+         VALUES ($1, 'batch', 'in.jsonl', 0, true)",
+    )
+    .bind(file)
+    .execute(pool)
+    .await
+    .unwrap();
+    let lines: String = (0..n)
+        .map(|i| {
+            let line = json!({"custom_id": format!("r{i}"), "method": "POST",
+                "url": "/v1/chat/completions", "body": {"model": "mock-fast",
+                "messages": [{"role": "user", "content": "hi"}]}});
+            format!("{line}\n")
+        })
+        .collect();
+    sqlx::query("INSERT INTO serve_file_parts (file_id, seq, data) VALUES ($1, 0, $2)")
+        .bind(file)
+        .bind(lines.into_bytes())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+/// Batch `id` of `file` on `queue`, `in_progress` until `expires` (an interval from now), of
+/// `total` requests, as a server leaves one it made.
+async fn open_batch(
+    pool: &sqlx::PgPool,
+    id: &str,
+    queue: &str,
+    file: &str,
+    expires: &str,
+    total: i32,
+) {
+    sqlx::query(
+        "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
+             completion_window, status, expires_at, in_progress_at, total)
+         VALUES ($1, $2, 'openai', '/v1/chat/completions', $3, '24h', 'in_progress',
+             now() + $4::interval, now(), $5)",
+    )
+    .bind(id)
+    .bind(queue)
+    .bind(file)
+    .bind(expires)
+    .bind(total)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
 /// What the SDKs saw in case `case` of tests/sdk/serve_check.py.
 async fn sdk(case: &str, base: &str, key: &str) -> Value {
     sdk_with(&[case], base, key).await
@@ -761,40 +814,13 @@ async fn a_batch_whose_runs_keep_failing_fails_with_the_reason() {
         format!("batch_l{suffix}"),
         format!("file-{suffix}"),
     );
-    sqlx::query(
-        "INSERT INTO serve_files (id, purpose, filename, bytes, complete)
-         VALUES ($1, 'batch', 'in.jsonl', 0, true)",
-    )
-    .bind(&file)
-    .execute(&pool)
-    .await
-    .unwrap();
-    let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-        "body": {"model": "mock-fast", "messages": [{"role": "user", "content": "hi"}]}});
-    sqlx::query("INSERT INTO serve_file_parts (file_id, seq, data) VALUES ($1, 0, $2)")
-        .bind(&file)
-        .bind(format!("{line}\n").into_bytes())
-        .execute(&pool)
-        .await
-        .unwrap();
+    batch_file(&pool, &file, 1).await;
     for (id, input, expires) in [
         (&failing, file.as_str(), "1 day"),
         (&orphan, "file-gone", "1 day"),
         (&late, file.as_str(), "-1 minute"),
     ] {
-        sqlx::query(
-            "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
-                 completion_window, status, expires_at, in_progress_at, total)
-             VALUES ($1, $2, 'openai', '/v1/chat/completions', $3, '24h', 'in_progress',
-                 now() + $4::interval, now(), 1)",
-        )
-        .bind(id)
-        .bind(&env.queue)
-        .bind(input)
-        .bind(expires)
-        .execute(&pool)
-        .await
-        .unwrap();
+        open_batch(&pool, id, &env.queue, input, expires, 1).await;
     }
     let mark = env.keys.kept(&format!("enqueued:{failing}"));
     let _: () = redis::cmd("RPUSH")
@@ -1048,40 +1074,8 @@ async fn a_caller_that_leaves_and_a_cancelled_batch_take_their_queued_tasks_back
     let pool = env.ledger.pool().clone();
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     let (batch, file) = (format!("batch_c{suffix}"), format!("file-{suffix}"));
-    sqlx::query(
-        "INSERT INTO serve_files (id, purpose, filename, bytes, complete)
-         VALUES ($1, 'batch', 'in.jsonl', 0, true)",
-    )
-    .bind(&file)
-    .execute(&pool)
-    .await
-    .unwrap();
-    let lines: String = (0..20)
-        .map(|i| {
-            let line = json!({"custom_id": format!("r{i}"), "method": "POST",
-                "url": "/v1/chat/completions", "body": {"model": "mock-fast",
-                "messages": [{"role": "user", "content": "hi"}]}});
-            format!("{line}\n")
-        })
-        .collect();
-    sqlx::query("INSERT INTO serve_file_parts (file_id, seq, data) VALUES ($1, 0, $2)")
-        .bind(&file)
-        .bind(lines.into_bytes())
-        .execute(&pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO serve_batches (id, queue, dialect, endpoint, input_file_id,
-             completion_window, status, expires_at, in_progress_at, total)
-         VALUES ($1, $2, 'openai', '/v1/chat/completions', $3, '24h', 'in_progress',
-             now() + interval '1 day', now(), 20)",
-    )
-    .bind(&batch)
-    .bind(&env.queue)
-    .bind(&file)
-    .execute(&pool)
-    .await
-    .unwrap();
+    batch_file(&pool, &file, 20).await;
+    open_batch(&pool, &batch, &env.queue, &file, "1 day", 20).await;
     let (base, stop) = spawn(state(&env)).await;
     // No worker yet: the batch's tasks and the requests wait in the queue.
     env.eventually(
@@ -1118,14 +1112,12 @@ async fn a_caller_that_leaves_and_a_cancelled_batch_take_their_queued_tasks_back
             "the caller's task is taken back",
             Duration::from_secs(30),
             || async {
-                let marks: Vec<String> = redis::cmd("ZRANGE")
-                    .arg(env.keys.cancels())
-                    .arg(0)
-                    .arg(-1)
-                    .query_async(&mut env.redis.conn().await.unwrap())
-                    .await
-                    .unwrap();
-                marks.iter().filter(|m| m.starts_with("queued:")).count() == 1
+                let marks = env.redis.cancel_marks(&env.keys, 0).await.unwrap();
+                marks
+                    .iter()
+                    .filter(|(m, _)| m.starts_with("queued:"))
+                    .count()
+                    == 1
             },
         )
         .await;

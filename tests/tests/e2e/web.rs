@@ -406,14 +406,8 @@ async fn every_action_needs_the_token_and_the_anti_forgery_field() {
     let counts = env.redis.counts(&env.keys).await.unwrap();
     assert_eq!((counts.dead, counts.paused), (1, false));
     let marks = || async {
-        let m: Vec<String> = redis::cmd("ZRANGE")
-            .arg(env.keys.cancels())
-            .arg(0)
-            .arg(-1)
-            .query_async(&mut env.redis.conn().await.unwrap())
-            .await
-            .unwrap();
-        m
+        let marks = env.redis.cancel_marks(&env.keys, 0).await.unwrap();
+        marks.into_iter().map(|(m, _)| m).collect::<Vec<_>>()
     };
     assert!(marks().await.is_empty());
     // The task's page offers its cancel, which sets its mark.
