@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, Ledger};
+use llmq_shared::outcome::Status;
 use llmq_shared::queue::{Client, FinishKind, Keep, Write};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -247,10 +248,19 @@ impl Finisher {
         let ok = applied.is_some();
         let applied = applied.unwrap_or_default();
         let mut counts = [0_u64; OUTCOMES.len()];
+        // Tasks that ended cancelled: the marks that named them are spent.
+        let mut spent = Vec::new();
         for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
             if was_applied && let Some(key) = slot {
                 freed.push((write.entry_id().to_owned(), key));
+            }
+            if let Some(f) = write.finish().filter(|_| was_applied)
+                && f.record
+                    .as_ref()
+                    .is_some_and(|r| r.status == Status::Cancelled)
+            {
+                spent.push(f.task_id.as_str());
             }
             if ok && let Some(finish) = write.finish() {
                 counts[outcome(&finish.kind, was_applied)] += 1;
@@ -264,6 +274,10 @@ impl Finisher {
             let _ = done.send(was_applied);
         }
         count(keys, &counts);
+        // Should this fail, the marks stay until their life ends; they name tasks that ended.
+        if let Err(e) = self.redis.forget_cancels(keys, &spent).await {
+            tracing::debug!(queue = keys.name(), "cannot drop spent cancel marks: {e}");
+        }
     }
 
     /// Runs `op` until it succeeds, backing off up to 5 s between tries, with the worker

@@ -137,6 +137,27 @@ impl Client {
         Ok((n, top.first().map_or(0, |(_, s)| *s as i64)))
     }
 
+    /// Drops the marks that name tasks `task_ids` (`task:` and `queued:`), once each has ended
+    /// cancelled and its outcome is written: a mark that names one task is spent then, and the
+    /// set stays as small as what is still to cancel.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn forget_cancels(&self, keys: &QueueKeys, task_ids: &[&str]) -> Result<()> {
+        if task_ids.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn().await?;
+        let mut cmd = redis::cmd("ZREM");
+        cmd.arg(keys.cancels());
+        for id in task_ids {
+            cmd.arg(Target::Task((*id).to_owned()).mark())
+                .arg(Target::Queued((*id).to_owned()).mark());
+        }
+        let _: u64 = cmd.query_async(&mut c).await?;
+        Ok(())
+    }
+
     /// The queue's marks set at or after `since` (ms).
     ///
     /// # Errors

@@ -102,6 +102,16 @@ async fn a_cancelled_task_never_runs_and_one_in_a_call_has_it_dropped() {
         Status::Succeeded,
         "a cancel after the end changes nothing"
     );
+    // The marks that named one task each are spent once it ended.
+    env.eventually("the spent marks are dropped", WAIT, || async {
+        env.redis
+            .cancel_marks(&env.keys, 0)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await
+    .unwrap();
     w.stop().await.unwrap();
 
     // The dropped call is in the ledger, as a call the provider may bill; the task that
