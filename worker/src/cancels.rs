@@ -2,7 +2,8 @@
 //! and the tasks running here that a new mark ends.
 //!
 //! The marks are read again only when a queue's set changed (a probe every
-//! [`CANCEL_NOTICE`]), so a task nobody cancelled costs no command: it is looked up here when
+//! [`CANCEL_NOTICE`] while tasks run, and before tasks are handed on when the last probe is
+//! older; none while idle), so a task nobody cancelled costs no command: it is looked up here when
 //! it is read, and its call is raced against its [`Watch`]'s token, which a mark that names it
 //! cancels (as the hard stop does, whose child it is).
 
@@ -106,6 +107,8 @@ pub struct Cancels {
     running: Mutex<HashMap<u64, Running>>,
     next: AtomicU64,
     hard_stop: CancellationToken,
+    /// When the marks were last probed.
+    probed: Mutex<Option<std::time::Instant>>,
 }
 
 impl Cancels {
@@ -117,6 +120,7 @@ impl Cancels {
             running: Mutex::default(),
             next: AtomicU64::new(0),
             hard_stop,
+            probed: Mutex::default(),
         }
     }
 
@@ -168,8 +172,29 @@ impl Cancels {
         }
     }
 
+    /// [`Cancels::refresh`] when the marks were last probed [`CANCEL_NOTICE`] ago or more:
+    /// what the fetcher asks before it hands tasks on, so a worker that was idle (and probed
+    /// nothing) meets its first tasks with fresh marks.
+    pub async fn refresh_if_stale(&self, redis: &Client, queues: &[Arc<QueueKeys>]) {
+        let stale = self
+            .probed
+            .lock()
+            .map_or(true, |p| p.is_none_or(|t| t.elapsed() >= CANCEL_NOTICE));
+        if stale {
+            self.refresh(redis, queues).await;
+        }
+    }
+
+    /// Whether a task runs here.
+    fn running(&self) -> bool {
+        self.running.lock().is_ok_and(|r| !r.is_empty())
+    }
+
     /// Reads what changed of `queues`' marks, and cancels the running tasks a mark names.
     pub async fn refresh(&self, redis: &Client, queues: &[Arc<QueueKeys>]) {
+        if let Ok(mut p) = self.probed.lock() {
+            *p = Some(std::time::Instant::now());
+        }
         let now = Utc::now().timestamp_millis();
         let mut changed = false;
         for q in queues {
@@ -246,7 +271,9 @@ impl Cancels {
     }
 }
 
-/// Keeps this worker's marks of `queues` fresh until `stop`: every [`CANCEL_NOTICE`].
+/// Keeps this worker's marks of `queues` fresh until `stop`: every [`CANCEL_NOTICE`] while a
+/// task runs here (a mark must reach its call). An idle worker probes nothing: the fetcher
+/// refreshes stale marks before it hands tasks on ([`Cancels::refresh_if_stale`]).
 pub async fn refresh(
     redis: Client,
     queues: Vec<Arc<QueueKeys>>,
@@ -260,7 +287,9 @@ pub async fn refresh(
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        cancels.refresh(&redis, &queues).await;
+        if cancels.running() {
+            cancels.refresh(&redis, &queues).await;
+        }
     }
 }
 

@@ -107,6 +107,8 @@ pub struct Fetcher {
     pub claims: Arc<crate::claims::Claims>,
     /// Tenants that get more than one task per turn in a room (`tenants.weights`).
     pub tenant_weights: Vec<(String, u32)>,
+    /// The cancel marks, refreshed before tasks are handed on when stale.
+    pub cancels: Arc<crate::cancels::Cancels>,
 }
 
 impl Fetcher {
@@ -318,6 +320,10 @@ impl Fetcher {
                                 .await?;
                         }
                     }
+                    // An idle worker probed no marks: it meets these with fresh ones.
+                    self.cancels
+                        .refresh_if_stale(&self.redis, &self.queues)
+                        .await;
                 }
                 Ok(())
             }

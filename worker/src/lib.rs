@@ -431,6 +431,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
                 .iter()
                 .map(|(t, w)| (t.clone(), *w))
                 .collect(),
+            cancels: Arc::clone(&cancels),
         }
         .run(jobs_tx),
     );
@@ -452,7 +453,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             call_metrics: executor::CallMetrics::new(&settings.config),
             stats,
             claims: Arc::clone(&claims),
-            cancels,
+            cancels: Arc::clone(&cancels),
             batchers: executor::Batchers::default(),
         },
         finisher,
