@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use chrono::{DateTime, Utc};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{CANCEL_NOTICE, Client, MARK_LIFE};
+use llmq_shared::queue::{CANCEL_NOTICE, Client, MARK_LIFE, Target};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -58,24 +58,26 @@ pub fn why(marks: &HashMap<String, i64>, task: Named<'_>) -> Option<String> {
             t.format(" at %Y-%m-%dT%H:%M:%SZ").to_string()
         })
     };
-    if let Some(ms) = marks.get(&format!("task:{}", task.task_id)) {
-        return Some(format!("cancelled (llmq cancel{})", at(*ms)));
+    let id = task.task_id.to_string();
+    let mark = |t: Target| marks.get(&t.mark()).copied();
+    if let Some(ms) = mark(Target::Task(id.clone())) {
+        return Some(format!("cancelled (llmq cancel{})", at(ms)));
     }
-    if !task.started && marks.contains_key(&format!("queued:{}", task.task_id)) {
+    if !task.started && mark(Target::Queued(id)).is_some() {
         return Some("cancelled before it started: its caller left".to_owned());
     }
     if let Some(batch) = task.batch
-        && let Some(ms) = marks.get(&format!("batch:{batch}"))
+        && let Some(ms) = mark(Target::Batch(batch.to_owned()))
     {
-        return Some(format!("cancelled with its batch {batch}{}", at(*ms)));
+        return Some(format!("cancelled with its batch {batch}{}", at(ms)));
     }
     if let Some(tenant) = task.tenant
-        && let Some(ms) = marks.get(&format!("tenant:{tenant}"))
-        && task.enqueued_ms <= *ms
+        && let Some(ms) = mark(Target::Tenant(tenant.to_owned()))
+        && task.enqueued_ms <= ms
     {
         return Some(format!(
             "cancelled with the work of tenant {tenant} queued until{}",
-            at(*ms)
+            at(ms)
         ));
     }
     None

@@ -159,6 +159,7 @@ impl Client {
         mark: Option<&Progress>,
     ) -> Result<()> {
         let now = now_ms();
+        let stamp = chrono::DateTime::from_timestamp_millis(now).unwrap_or_default();
         let ttl_ms = u64::try_from(PROGRESS_TTL.as_millis()).unwrap_or(u64::MAX);
         let before = mark.map(|m| m.enqueued.saturating_sub(envs.len() as u64));
         let mut c = self.conn().await?;
@@ -171,13 +172,7 @@ impl Client {
             while let Some((i, (env, place))) = rest.next_if(|_| bytes < SCRIPT_BYTES) {
                 // When it went in, kept through the room and `delayed`, where its entry's id
                 // is not its own: what a tenant's cancel compares (`queue/cancel.rs`).
-                let json = if env.enqueued_at.is_none() {
-                    let mut stamped = env.clone();
-                    stamped.enqueued_at = chrono::DateTime::from_timestamp_millis(now);
-                    stamped.to_json()
-                } else {
-                    env.to_json()
-                };
+                let json = env.to_json_enqueued(stamp);
                 bytes += json.len();
                 end = i + 1;
                 chunk.push((place, json));
