@@ -920,22 +920,6 @@ impl Envelope {
         // Serializing a struct of plain fields and a JSON map cannot fail.
         serde_json::to_string(self).unwrap_or_default()
     }
-
-    /// [`Envelope::to_json`] with `enqueued_at` set to `at` when it has none, written into the
-    /// text rather than into a copy of the envelope (the enqueue of a big batch copies no
-    /// prompt for it). `enqueued_at` is then absent from the text, and the object has fields
-    /// (`v`, `prompt`) for it to follow.
-    #[must_use]
-    pub fn to_json_enqueued(&self, at: DateTime<Utc>) -> String {
-        let mut json = self.to_json();
-        if self.enqueued_at.is_none() && json.len() > 2 && json.ends_with('}') {
-            json.pop();
-            json.push_str(",\"enqueued_at\":");
-            json.push_str(&serde_json::to_string(&at).unwrap_or_default());
-            json.push('}');
-        }
-        json
-    }
 }
 
 /// The task id of a raw stream payload, even one that is not a valid envelope: its `id`
@@ -1115,24 +1099,5 @@ mod tests {
             let e = parse(extra).unwrap_err().to_string();
             assert!(e.contains(says), "{extra}: {e}");
         }
-    }
-
-    #[test]
-    fn enqueued_json_carries_the_stamp_only_when_the_task_had_none() {
-        let at = DateTime::from_timestamp_millis(1_700_000_000_123).unwrap();
-        let mut e = Envelope::new("hi \"there\" }");
-        e.tenant = Some("acme".into());
-        let stamped = Envelope::parse(e.to_json_enqueued(at).as_bytes(), 1 << 20).unwrap();
-        assert_eq!(stamped.enqueued_at, Some(at));
-        assert_eq!(
-            Envelope {
-                enqueued_at: None,
-                ..stamped
-            },
-            e
-        );
-        let earlier = DateTime::from_timestamp_millis(5).unwrap();
-        e.enqueued_at = Some(earlier);
-        assert_eq!(e.to_json_enqueued(at), e.to_json());
     }
 }

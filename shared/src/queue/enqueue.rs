@@ -171,8 +171,15 @@ impl Client {
             let mut chunk = Vec::new();
             while let Some((i, (env, place))) = rest.next_if(|_| bytes < SCRIPT_BYTES) {
                 // When it went in, kept through the room and `delayed`, where its entry's id
-                // is not its own: what a tenant's cancel compares (`queue/cancel.rs`).
-                let json = env.to_json_enqueued(stamp);
+                // is not its own: what a tenant's cancel compares (`queue/cancel.rs`). A copy,
+                // so the text is the fields in their order, as every other writer makes it.
+                let json = if env.enqueued_at.is_none() {
+                    let mut stamped = env.clone();
+                    stamped.enqueued_at = Some(stamp);
+                    stamped.to_json()
+                } else {
+                    env.to_json()
+                };
                 bytes += json.len();
                 end = i + 1;
                 chunk.push((place, json));
