@@ -2574,7 +2574,7 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
     line.push_str(&format!(
         " minute_quotas=\"{}\" minute_workers={workers}x32 minute_urgent={} minute_urgent_p50_ms={} \
          minute_urgent_p99_ms={} minute_goal_ms={} minute_busiest_minute={} minute_per_minute={:.1} \
-         minute_tokens_per_minute={:.0} minute_redis_cpu_us_per_call={:.0}",
+         minute_tokens_per_minute={:.0} minute_busiest_tokens_minute={} minute_redis_cpu_us_per_call={:.0}",
         args.minute_quotas,
         m.urgent_ms.len(),
         percentile(&m.urgent_ms, 50.0),
@@ -2583,6 +2583,7 @@ async fn priority(args: &Args, redis: &mut Redis) -> Result<String> {
         m.busiest_minute,
         m.per_minute,
         m.tokens_per_minute,
+        m.busiest_tokens_minute,
         m.redis_cpu_us_per_call
     ));
     Ok(line)
@@ -2822,6 +2823,8 @@ struct MinuteLimit {
     per_minute: f64,
     /// Tokens a minute over the run, as the provider answered them.
     tokens_per_minute: f64,
+    /// The most tokens the provider answered in any minute.
+    busiest_tokens_minute: u64,
     /// Redis CPU per call over the run (µs).
     redis_cpu_us_per_call: f64,
 }
@@ -2923,7 +2926,7 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
         };
         let after = Snapshot::take(redis).await?;
         let arrived = mock.arrivals();
-        let tokens = mock.answered_tokens();
+        let answers = mock.answers();
         running.stop().await?;
         mock.shutdown().await;
         let urgent_ms = urgent
@@ -2977,8 +2980,23 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
             }
         }
         let redis_cpu_us_per_call = delta.redis_cpu_us_per_task;
-        // The calls answered in the span (all but those still out at its end, about one).
-        let tokens_per_minute = tokens as f64 / span_min.max(1e-9);
+        // Tokens as a provider counting `tpm` sees them: by when each call was answered.
+        let busiest_tokens_minute = (0..answers.len())
+            .map(|i| answers[i..].iter().take_while(|a| a.0 < answers[i].0 + 60_000).map(|a| a.1).sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        let answered_min = match (answers.first(), answers.last()) {
+            (Some(first), Some(last)) => (last.0 - first.0) as f64 / 60_000.0,
+            _ => 0.0,
+        };
+        // The tokens after the first answer, over the time from it to the last.
+        let tokens_per_minute = answers.iter().skip(1).map(|a| a.1).sum::<u64>() as f64 / answered_min.max(1e-9);
+        if args.verbose {
+            for (i, a) in answers.iter().enumerate() {
+                let before: u64 = answers[..i].iter().rev().take_while(|b| b.0 > a.0 - 60_000).map(|b| b.1).sum();
+                println!("# answer +{} ms: {} tokens, {before} in the minute before", a.0 - answers[0].0, a.1);
+            }
+        }
         Ok(MinuteLimit {
             urgent_ms,
             first_90,
@@ -2986,6 +3004,7 @@ async fn minute_limit(args: &Args, redis: &mut Redis, workers: usize) -> Result<
             busiest_minute,
             per_minute,
             tokens_per_minute,
+            busiest_tokens_minute,
             redis_cpu_us_per_call,
         })
     }

@@ -224,6 +224,9 @@ struct Shared {
     arrivals: Mutex<std::collections::VecDeque<i64>>,
     /// The tokens (prompt and completion) of the chat requests answered.
     answered_tokens: AtomicU64,
+    /// When each of the last [`ARRIVALS_KEPT`] chat requests was answered (ms since the
+    /// epoch) and its tokens, as a provider counting `tpm` in a window sees them.
+    answers: Mutex<std::collections::VecDeque<(i64, u64)>>,
     /// The batches and files of the batch APIs.
     batch: batch::Batches,
     /// Anthropic's prompt cache: per marked prefix (model and content), when it expires, its
@@ -255,6 +258,7 @@ impl Shared {
             retry_after_ignored: AtomicU64::new(0),
             arrivals: Mutex::new(std::collections::VecDeque::new()),
             answered_tokens: AtomicU64::new(0),
+            answers: Mutex::new(std::collections::VecDeque::new()),
             batch: batch::Batches::default(),
             prompt_cache: Mutex::new(HashMap::new()),
             anthropic_billed: Mutex::new([0; 4]),
@@ -507,6 +511,18 @@ impl MockServer {
         self.state
             .answered_tokens
             .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// When each of the last [`ARRIVALS_KEPT`] chat requests was answered (ms since the
+    /// epoch), with its tokens (prompt and completion).
+    #[must_use]
+    pub fn answers(&self) -> Vec<(i64, u64)> {
+        let answers = self.state.answers.lock();
+        answers
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
     }
 
     /// Stops the server and waits (at most 5 s) for open connections to finish; requests
@@ -1054,10 +1070,15 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
         answer.content = text;
     }
     shape(state, conv, &mut answer);
-    state.answered_tokens.fetch_add(
-        answer.prompt_tokens + answer.completion_tokens,
-        std::sync::atomic::Ordering::Relaxed,
-    );
+    let used = answer.prompt_tokens + answer.completion_tokens;
+    state.answered_tokens.fetch_add(used, Ordering::Relaxed);
+    {
+        let mut answers = state.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        if answers.len() >= ARRIVALS_KEPT {
+            answers.pop_front();
+        }
+        answers.push_back((chrono::Utc::now().timestamp_millis(), used));
+    }
     answer.cut = conv.stream
         && conv.named("stream-break-once")
         && state.flaky_attempt(conv.hash() ^ 0x0063_7574) == 1;
