@@ -221,12 +221,12 @@ struct Shared {
     retry_after_ignored: AtomicU64,
     /// When each POST request arrived (ms since the epoch), as a provider counting requests
     /// in a window sees them: the last [`ARRIVALS_KEPT`].
-    arrivals: Mutex<std::collections::VecDeque<i64>>,
+    arrivals: Kept<i64>,
     /// The tokens (prompt and completion) of the chat requests answered.
     answered_tokens: AtomicU64,
     /// When each of the last [`ARRIVALS_KEPT`] chat requests was answered (ms since the
     /// epoch) and its tokens, as a provider counting `tpm` in a window sees them.
-    answers: Mutex<std::collections::VecDeque<(i64, u64)>>,
+    answers: Kept<(i64, u64)>,
     /// The batches and files of the batch APIs.
     batch: batch::Batches,
     /// Anthropic's prompt cache: per marked prefix (model and content), when it expires, its
@@ -242,6 +242,25 @@ struct Shared {
 /// A wait a `strict-<n>` model asked for: since when, until when.
 type StrictHold = (Instant, Instant);
 
+/// The last [`ARRIVALS_KEPT`] of something the mock notes, oldest first.
+#[derive(Default)]
+struct Kept<T>(Mutex<std::collections::VecDeque<T>>);
+
+impl<T: Copy> Kept<T> {
+    fn push(&self, item: T) {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() >= ARRIVALS_KEPT {
+            kept.pop_front();
+        }
+        kept.push_back(item);
+    }
+
+    fn all(&self) -> Vec<T> {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        kept.iter().copied().collect()
+    }
+}
+
 impl Shared {
     fn new(opts: MockOptions, shutdown: CancellationToken) -> Self {
         Self {
@@ -256,9 +275,9 @@ impl Shared {
             flaky: Mutex::new(HashMap::new()),
             strict: Mutex::new(HashMap::new()),
             retry_after_ignored: AtomicU64::new(0),
-            arrivals: Mutex::new(std::collections::VecDeque::new()),
+            arrivals: Kept::default(),
             answered_tokens: AtomicU64::new(0),
-            answers: Mutex::new(std::collections::VecDeque::new()),
+            answers: Kept::default(),
             batch: batch::Batches::default(),
             prompt_cache: Mutex::new(HashMap::new()),
             anthropic_billed: Mutex::new([0; 4]),
@@ -496,12 +515,7 @@ impl MockServer {
     /// in order of arrival.
     #[must_use]
     pub fn arrivals(&self) -> Vec<i64> {
-        let arrivals = self.state.arrivals.lock();
-        arrivals
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect()
+        self.state.arrivals.all()
     }
 
     /// The tokens (prompt and completion) of the chat requests answered so far, as a provider
@@ -517,12 +531,7 @@ impl MockServer {
     /// epoch), with its tokens (prompt and completion).
     #[must_use]
     pub fn answers(&self) -> Vec<(i64, u64)> {
-        let answers = self.state.answers.lock();
-        answers
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .copied()
-            .collect()
+        self.state.answers.all()
     }
 
     /// Stops the server and waits (at most 5 s) for open connections to finish; requests
@@ -634,14 +643,7 @@ async fn count_version(
         state.http2.fetch_add(1, Ordering::SeqCst);
     }
     if req.method() == Method::POST {
-        let mut arrivals = state
-            .arrivals
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if arrivals.len() >= ARRIVALS_KEPT {
-            arrivals.pop_front();
-        }
-        arrivals.push_back(chrono::Utc::now().timestamp_millis());
+        state.arrivals.push(chrono::Utc::now().timestamp_millis());
     }
     next.run(req).await
 }
@@ -1072,13 +1074,9 @@ async fn decide(state: &Shared, conv: &Conversation) -> Outcome {
     shape(state, conv, &mut answer);
     let used = answer.prompt_tokens + answer.completion_tokens;
     state.answered_tokens.fetch_add(used, Ordering::Relaxed);
-    {
-        let mut answers = state.answers.lock().unwrap_or_else(PoisonError::into_inner);
-        if answers.len() >= ARRIVALS_KEPT {
-            answers.pop_front();
-        }
-        answers.push_back((chrono::Utc::now().timestamp_millis(), used));
-    }
+    state
+        .answers
+        .push((chrono::Utc::now().timestamp_millis(), used));
     answer.cut = conv.stream
         && conv.named("stream-break-once")
         && state.flaky_attempt(conv.hash() ^ 0x0063_7574) == 1;
