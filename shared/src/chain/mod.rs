@@ -29,11 +29,7 @@ pub use state::{ChainState, Rerun, Seen, StepOutcome, StepState};
 pub const VERSION: u64 = 1;
 /// The most steps one chain may have.
 pub const MAX_STEPS: usize = 64;
-/// How many times one step may run again after its first run (escalations, rejections and
-/// `llmq chain retry` together) unless the provider file's `chains.max_rounds` says otherwise.
-pub const DEFAULT_MAX_ROUNDS: u32 = 10;
-/// The highest `chains.max_rounds` accepted.
-pub const MAX_ROUNDS_CEILING: u32 = 100;
+pub use crate::config::{DEFAULT_MAX_ROUNDS, MAX_ROUNDS_CEILING};
 
 /// The longest `chain_id` accepted, in characters.
 pub const MAX_CHAIN_ID: usize = 512;

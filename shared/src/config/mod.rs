@@ -183,6 +183,12 @@ pub struct LedgerConfig {
 /// The longest `ledger.retention` taken: ten years.
 pub const MAX_LEDGER_RETENTION: Duration = Duration::from_secs(3660 * 24 * 3600);
 
+/// How many times one step may run again after its first run (escalations, rejections and
+/// `llmq chain retry` together) unless the provider file's `chains.max_rounds` says otherwise.
+pub const DEFAULT_MAX_ROUNDS: u32 = 10;
+/// The highest `chains.max_rounds` accepted.
+pub const MAX_ROUNDS_CEILING: u32 = 100;
+
 /// Bounds every chain meets, whatever its spec asks (`chains:` in the provider file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Chains {
@@ -194,7 +200,7 @@ pub struct Chains {
 impl Default for Chains {
     fn default() -> Self {
         Self {
-            max_rounds: crate::chain::DEFAULT_MAX_ROUNDS,
+            max_rounds: DEFAULT_MAX_ROUNDS,
         }
     }
 }
@@ -390,15 +396,12 @@ impl Config {
             None => Chains::default(),
             Some(c) => Chains {
                 max_rounds: match c.max_rounds {
-                    None => crate::chain::DEFAULT_MAX_ROUNDS,
-                    Some(n) if (1..=crate::chain::MAX_ROUNDS_CEILING).contains(&n) => n,
+                    None => DEFAULT_MAX_ROUNDS,
+                    Some(n) if (1..=MAX_ROUNDS_CEILING).contains(&n) => n,
                     Some(n) => {
                         return Err(errs.at(
                             "chains.max_rounds",
-                            format!(
-                                "{n} is not between 1 and {}",
-                                crate::chain::MAX_ROUNDS_CEILING
-                            ),
+                            format!("{n} is not between 1 and {}", MAX_ROUNDS_CEILING),
                             "give how many times one chain step may run again, e.g. 10",
                         ));
                     }
@@ -779,7 +782,7 @@ providers:
     #[test]
     fn cost_prices_cached_tokens_at_their_rate() {
         let prices = Prices::list(1.0, 2.0, 0.5);
-        let usage = crate::provider::Usage {
+        let usage = crate::outcome::Usage {
             input_tokens: 1_000_000,
             output_tokens: 1_000_000,
             cached_tokens: 500_000,
@@ -792,7 +795,7 @@ providers:
     #[test]
     fn cache_writes_cost_a_quarter_more_than_input_unless_the_file_says() {
         // 1M input tokens: 200k read from the cache, 300k written to it, 500k plain.
-        let usage = crate::provider::Usage {
+        let usage = crate::outcome::Usage {
             input_tokens: 1_000_000,
             output_tokens: 0,
             cached_tokens: 200_000,

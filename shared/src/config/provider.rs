@@ -860,7 +860,7 @@ pub(super) fn command(
             ));
         }
     }
-    if let Some(bad) = crate::provider::command::unsafe_argument(&c.args, &c.value_options) {
+    if let Some(bad) = unsafe_argument(&c.args, &c.value_options) {
         let arg = &c.args[bad.index];
         return Err(errs.at(
             at(&format!("args[{}]", bad.index)),
@@ -904,5 +904,41 @@ pub(super) fn command(
         value_options: c.value_options,
         env: super::env::child_env(errs, &at("env"), c.env, env)?,
         delay,
+    })
+}
+
+/// The placeholders that carry task text; `{model}` comes from the provider file.
+pub(crate) const TASK_TEXT: [&str; 2] = ["{prompt}", "{system}"];
+
+/// The argument after which no option parser reads options.
+pub(crate) const END_OF_OPTIONS: &str = "--";
+
+/// An argument of a template that puts task text where a program could read it as an option.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnsafeArgument {
+    /// Its index in the template.
+    pub index: usize,
+    /// `{prompt}` or `{system}`.
+    pub placeholder: &'static str,
+}
+
+/// The first argument of template `args` that puts `{prompt}` or `{system}` anywhere but in
+/// the value of `--option=…`, right after one of `value_options`, or after a `--` argument.
+#[must_use]
+pub fn unsafe_argument(args: &[String], value_options: &[String]) -> Option<UnsafeArgument> {
+    let end = args
+        .iter()
+        .position(|a| a == END_OF_OPTIONS)
+        .unwrap_or(args.len());
+    args[..end].iter().enumerate().find_map(|(index, arg)| {
+        let placeholder = *TASK_TEXT.iter().find(|t| arg.contains(*t))?;
+        let attached = arg
+            .strip_prefix("--")
+            .and_then(|a| a.split_once('='))
+            .is_some_and(|(name, _)| !name.is_empty() && !name.contains('{'));
+        let after_value_option = index
+            .checked_sub(1)
+            .is_some_and(|p| value_options.contains(&args[p]));
+        (!attached && !after_value_option).then_some(UnsafeArgument { index, placeholder })
     })
 }

@@ -52,6 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use super::{CallFuture, Completion, Error, Provider, Request, Result, Usage, excerpt};
+use crate::config::{END_OF_OPTIONS, TASK_TEXT};
 use crate::outcome::ErrorClass;
 
 /// The most bytes kept from a program's stdout or stderr. A program that prints more to stdout
@@ -387,42 +388,6 @@ impl Provider for CommandRunner {
     }
 }
 
-/// The placeholders that carry task text; `{model}` comes from the provider file.
-const TASK_TEXT: [&str; 2] = ["{prompt}", "{system}"];
-
-/// The argument after which no option parser reads options.
-const END_OF_OPTIONS: &str = "--";
-
-/// An argument of a template that puts task text where a program could read it as an option.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UnsafeArgument {
-    /// Its index in the template.
-    pub index: usize,
-    /// `{prompt}` or `{system}`.
-    pub placeholder: &'static str,
-}
-
-/// The first argument of template `args` that puts `{prompt}` or `{system}` anywhere but in
-/// the value of `--option=…`, right after one of `value_options`, or after a `--` argument.
-#[must_use]
-pub fn unsafe_argument(args: &[String], value_options: &[String]) -> Option<UnsafeArgument> {
-    let end = args
-        .iter()
-        .position(|a| a == END_OF_OPTIONS)
-        .unwrap_or(args.len());
-    args[..end].iter().enumerate().find_map(|(index, arg)| {
-        let placeholder = *TASK_TEXT.iter().find(|t| arg.contains(*t))?;
-        let attached = arg
-            .strip_prefix("--")
-            .and_then(|a| a.split_once('='))
-            .is_some_and(|(name, _)| !name.is_empty() && !name.contains('{'));
-        let after_value_option = index
-            .checked_sub(1)
-            .is_some_and(|p| value_options.contains(&args[p]));
-        (!attached && !after_value_option).then_some(UnsafeArgument { index, placeholder })
-    })
-}
-
 /// Replaces `{name}` by its value in one pass; unknown placeholders and other braces stay.
 fn substitute(template: &str, values: &[(&str, &str)]) -> String {
     let mut out = String::with_capacity(template.len());
@@ -627,6 +592,7 @@ impl Drop for Group {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{UnsafeArgument, unsafe_argument};
     use std::time::Instant;
 
     // Harmless if it ever reached a shell.
