@@ -29,9 +29,12 @@ bench-bullmq: services bullmq-deps ## BullMQ's side of the comparison, on the sa
 bullmq-deps: ## Install the BullMQ that the benchmarks compare with (tests/bullmq, exact versions; needs Node and npm)
 	@[ -d tests/bullmq/node_modules/bullmq ] || (cd tests/bullmq && npm install --no-audit --no-fund --ignore-scripts --loglevel=error)
 
-lint: ## cargo fmt --check and clippy with warnings as errors
+lint: ## cargo fmt --check, clippy with warnings as errors, and no import cycle between a crate's top modules
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# tests/tests/layout.rs reads each crate's src/ for crate:: and super:: paths between its
+	# top modules (comments, strings and test modules left out) and fails naming any cycle.
+	$(CARGO) test -p llmq-tests --test layout
 
 fmt: ## Format the code
 	$(CARGO) fmt --all

@@ -1,7 +1,8 @@
 //! llmq's shared core: the Redis contract every producer and worker speaks, the task
 //! envelope, providers, the provider file and the Postgres ledger.
 //!
-//! Layout (imports run one way: envelope <- config <- provider <- routing <- queue users):
+//! Layout (imports run one way: envelope <- config <- provider <- routing <- queue users,
+//! and config <- idempotency <- chain; `make lint` fails on a cycle, tests/tests/layout.rs):
 //! - `envelope`: the task as producers write it (`conversation`: its turns, tools and answer
 //!   format); `outcome`: its record, error classes, usage;
 //! - `config`: the provider file, validated (providers, routing, scheduler, `${ENV}`);
