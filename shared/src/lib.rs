@@ -14,7 +14,8 @@
 //! - `quota`: shared quotas and rate limits; `circuit`: shared circuit breakers;
 //! - `retry`: the one backoff policy; `ledger`, `archive`: Postgres; `insights`: what the
 //!   ledger says of each model (`llmq insights`);
-//! - `text`: untrusted text made storable (Postgres) and printable (terminals);
+//! - `text`: untrusted text made storable (Postgres) and printable (terminals); `tokens`: a
+//!   prompt's tokens before the call (a model's tokenizer, else the one estimate);
 //! - `tls`: the one rustls crypto provider every connection uses;
 //! - `health`, `telemetry`, `shutdown`, `process`: what every binary needs.
 //!
@@ -52,3 +53,4 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod text;
 pub mod tls;
+pub mod tokens;

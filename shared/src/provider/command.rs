@@ -54,6 +54,7 @@ use tokio::process::Command;
 use super::{CallFuture, Completion, Error, Provider, Request, Result, Usage, excerpt};
 use crate::config::{END_OF_OPTIONS, TASK_TEXT};
 use crate::outcome::ErrorClass;
+use crate::tokens::{estimate_text, estimate_tokens};
 
 /// The most bytes kept from a program's stdout or stderr. A program that prints more to stdout
 /// fails the call; stderr beyond it is read and discarded.
@@ -362,13 +363,11 @@ impl CommandRunner {
                 "the command printed nothing".to_owned(),
             ));
         }
-        let sent =
-            req.system_text().map_or(0, |s| s.chars().count()) + req.transcript().chars().count();
         Ok(Completion {
             text: text.to_owned(),
             usage: Usage {
-                input_tokens: estimate_tokens(sent),
-                output_tokens: estimate_tokens(text.chars().count()),
+                input_tokens: estimate_tokens(req.system_text().as_deref(), &req.transcript()),
+                output_tokens: estimate_text(text),
                 cached_tokens: 0,
                 cache_write_tokens: 0,
                 reasoning_tokens: 0,
@@ -547,11 +546,6 @@ fn pick_delay(min: Duration, max: Duration, random: u128) -> Duration {
         u64::try_from(offset).unwrap_or(u64::MAX),
     ))
     .min(max)
-}
-
-/// One token per four characters, rounded up.
-fn estimate_tokens(chars: usize) -> u64 {
-    u64::try_from(chars.div_ceil(4)).unwrap_or(u64::MAX)
 }
 
 /// The process group a command's program runs in (its own, led by it), killed whole when a
@@ -771,17 +765,19 @@ mod tests {
         assert_eq!(
             c.usage,
             Usage {
-                input_tokens: 3,  // 11 characters; 5 without the system prompt would make 2
+                // 6 + 5 characters and 4 for each message's framing, a token per three (the
+                // reservation's estimate); 3 without the system prompt.
+                input_tokens: 7,
                 output_tokens: 2, // 5 characters
                 cached_tokens: 0,
                 cache_write_tokens: 0,
                 reasoning_tokens: 0
             }
         );
-        req.prompt = "héll".into(); // 4 characters; 5 bytes would make 2
+        req.prompt = "héy".into(); // 3 characters; 4 bytes would make an answer of 2
         req.system = None;
         let c = r.complete(&req).await.unwrap();
-        assert_eq!((c.usage.input_tokens, c.usage.output_tokens), (1, 1));
+        assert_eq!((c.usage.input_tokens, c.usage.output_tokens), (3, 1));
     }
 
     #[tokio::test]

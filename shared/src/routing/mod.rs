@@ -31,7 +31,7 @@ use std::collections::HashMap;
 use crate::config::{Capability, Config, Kind, Model, ProviderConfig, RuleTarget, Strategy, Tier};
 use crate::envelope::{Envelope, Risk};
 use crate::outcome::Usage;
-use crate::quota::PromptTokens;
+use crate::tokens::PromptTokens;
 
 mod learn;
 #[cfg(test)]
