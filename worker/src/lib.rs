@@ -300,57 +300,19 @@ fn set_not_dumpable() {
 /// # Errors
 /// Redis or Postgres cannot be reached at start, or the database is not migrated.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> {
-    if settings.concurrency == 0 {
-        return Err(Error::Settings("--concurrency must be at least 1".into()));
-    }
-    if settings.queues.is_empty() {
-        return Err(Error::Settings("give at least one --queue".into()));
-    }
-    if settings.config.providers.is_empty() {
-        return Err(Error::Settings(
-            "the provider file lists no provider; pass --config with one".into(),
-        ));
-    }
-    let redis = Client::new(&settings.redis_url)?;
-    redis.ping().await?;
-    let ledger = match &settings.database_url {
-        Some(url) => {
-            let ledger = Ledger::connect(url, 4).await?;
-            ledger.check_migrated().await?;
-            Some(ledger)
-        }
-        None => None,
-    };
-    let queues: Vec<Arc<QueueKeys>> = settings
-        .queues
-        .iter()
-        .map(|q| Arc::new(QueueKeys::new(q)))
-        .collect();
-    for q in &queues {
-        redis.ensure_group(q).await?;
-    }
-    let worker_id = settings
-        .worker_id
-        .clone()
-        .unwrap_or_else(|| llmq_shared::process::instance_id("worker"));
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    for q in &queues {
-        redis.join_intact(q, &worker_id, &run).await?;
-    }
-    let mut clients = Clients::new(&settings.config, settings.concurrency)
-        .map_err(|e| Error::Settings(format!("cannot build the HTTP clients: {e}")))?;
-    for (name, provider) in &settings.provider_overrides {
-        clients.replace(name, Arc::clone(provider));
-    }
+    check(&settings)?;
+    let Joined {
+        redis,
+        ledger,
+        queues,
+        worker_id,
+        run,
+    } = join(&settings).await?;
+    let clients = clients(&settings)?;
 
     let stop = shutdown.child_token();
     let readiness = llmq_shared::health::Readiness::default();
-    let endpoints = CancellationToken::new();
-    if let Some(addr) = settings.metrics_listen {
-        llmq_shared::health::serve(addr, readiness.clone(), endpoints.clone())
-            .await
-            .map_err(|e| Error::Settings(e.to_string()))?;
-    }
+    let endpoints = serve_health(&settings, &readiness).await?;
     let hard_stop = CancellationToken::new();
     let done = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -367,74 +329,43 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     .spawn(&tasks);
     let claims = Arc::new(Claims::new(settings.visibility_timeout));
     let cancels = Arc::new(cancels::Cancels::new(hard_stop.clone()));
-    // Read before the first task: one cancelled before the worker started never runs.
-    cancels.refresh(&redis, &queues).await;
-    tasks.spawn(cancels::refresh(
-        redis.clone(),
-        queues.clone(),
-        Arc::clone(&cancels),
-        done.clone(),
-    ));
     let fleet = Arc::new(maintenance::Fleet::default());
-    tasks.spawn(maintenance::promote(
-        redis.clone(),
-        queues.clone(),
-        settings.promote_every,
-        Arc::clone(&fleet),
-        stop.clone(),
-    ));
-    tasks.spawn(maintenance::heartbeat(
-        redis.clone(),
-        worker_id.clone(),
-        queues.clone(),
-        Arc::clone(&fleet),
-        done.clone(),
-    ));
-    tasks.spawn(claims::refresh(
-        redis.clone(),
-        worker_id.clone(),
-        Arc::clone(&claims),
-        done.clone(),
-    ));
     let read_pause = Arc::new(executor::ReadPause::default());
     let stats = Arc::new(executor::StatsView::default());
-    if settings.config.routing.strategy != llmq_shared::config::Strategy::Cheapest {
-        // Read before the first task, so it is not routed on the prior when stats exist.
-        let keys = llmq_shared::keys::SchedulerKeys::new(settings.scheduler_namespace.as_deref());
-        maintenance::load_routing_stats(&redis, &keys, &stats).await;
-        tasks.spawn(maintenance::routing_stats(
-            redis.clone(),
-            keys,
-            Arc::clone(&stats),
-            settings.stats_every,
-            stop.clone(),
-        ));
-    }
+    let duties = Duties {
+        tasks: &tasks,
+        redis: &redis,
+        queues: &queues,
+        worker_id: &worker_id,
+        stop: &stop,
+        done: &done,
+    };
+    duties
+        .start(&settings, &claims, &cancels, &fleet, &stats)
+        .await;
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
-    tasks.spawn(
-        Fetcher {
-            redis: redis.clone(),
-            queues: queues.clone(),
-            consumer: worker_id.clone(),
-            slots: Arc::new(Semaphore::new(settings.concurrency)),
-            max_batch: settings.concurrency.min(1000),
-            visibility_timeout: settings.visibility_timeout,
-            max_deliveries: settings.max_deliveries,
-            result_ttl: settings.result_ttl,
-            block: settings.block,
-            stop: stop.clone(),
-            read_pause: Arc::clone(&read_pause),
-            claims: Arc::clone(&claims),
-            tenant_weights: settings
-                .config
-                .tenant_weights
-                .iter()
-                .map(|(t, w)| (t.clone(), *w))
-                .collect(),
-            cancels: Arc::clone(&cancels),
-        }
-        .run(jobs_tx),
-    );
+    let fetcher = Fetcher {
+        redis: redis.clone(),
+        queues: queues.clone(),
+        consumer: worker_id.clone(),
+        slots: Arc::new(Semaphore::new(settings.concurrency)),
+        max_batch: settings.concurrency.min(1000),
+        visibility_timeout: settings.visibility_timeout,
+        max_deliveries: settings.max_deliveries,
+        result_ttl: settings.result_ttl,
+        block: settings.block,
+        stop: stop.clone(),
+        read_pause: Arc::clone(&read_pause),
+        claims: Arc::clone(&claims),
+        tenant_weights: settings
+            .config
+            .tenant_weights
+            .iter()
+            .map(|(t, w)| (t.clone(), *w))
+            .collect(),
+        cancels: Arc::clone(&cancels),
+    };
+    tasks.spawn(fetcher.run(jobs_tx));
     let runtime = Arc::new(Runtime {
         executor: Executor {
             redis: redis.clone(),
@@ -470,21 +401,220 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let mut apalis = tokio::spawn(async move { backend::run(&name, jobs_rx, runtime).await });
     readiness.set(true);
 
+    drain(
+        &mut apalis,
+        &stop,
+        &hard_stop,
+        &claims,
+        &readiness,
+        settings.grace,
+    )
+    .await;
+    duties.end().await;
+    endpoints.cancel();
+    tracing::info!(worker = %worker_id, "worker stopped");
+    Ok(())
+}
+
+/// The worker's background duties: where they run and when they end.
+struct Duties<'a> {
+    tasks: &'a TaskTracker,
+    redis: &'a Client,
+    queues: &'a [Arc<QueueKeys>],
+    worker_id: &'a str,
+    /// Ends the duties that bring new work (promotion, routing stats) when the drain starts.
+    stop: &'a CancellationToken,
+    /// Ends the rest once the tasks in flight are done.
+    done: &'a CancellationToken,
+}
+
+impl Duties<'_> {
+    /// Reads the cancel marks (and the routing stats, unless routing is `cheapest`) before
+    /// the first task, then keeps them, the fleet's promotion and heartbeat and the claims'
+    /// refresh going.
+    async fn start(
+        &self,
+        settings: &Settings,
+        claims: &Arc<Claims>,
+        cancels: &Arc<cancels::Cancels>,
+        fleet: &Arc<maintenance::Fleet>,
+        stats: &Arc<executor::StatsView>,
+    ) {
+        let (redis, queues) = (self.redis, self.queues.to_vec());
+        // Read before the first task: one cancelled before the worker started never runs.
+        cancels.refresh(redis, &queues).await;
+        self.tasks.spawn(cancels::refresh(
+            redis.clone(),
+            queues.clone(),
+            Arc::clone(cancels),
+            self.done.clone(),
+        ));
+        self.tasks.spawn(maintenance::promote(
+            redis.clone(),
+            queues.clone(),
+            settings.promote_every,
+            Arc::clone(fleet),
+            self.stop.clone(),
+        ));
+        self.tasks.spawn(maintenance::heartbeat(
+            redis.clone(),
+            self.worker_id.to_owned(),
+            queues,
+            Arc::clone(fleet),
+            self.done.clone(),
+        ));
+        self.tasks.spawn(claims::refresh(
+            redis.clone(),
+            self.worker_id.to_owned(),
+            Arc::clone(claims),
+            self.done.clone(),
+        ));
+        if settings.config.routing.strategy != llmq_shared::config::Strategy::Cheapest {
+            // Read before the first task, so it is not routed on the prior when stats exist.
+            let keys =
+                llmq_shared::keys::SchedulerKeys::new(settings.scheduler_namespace.as_deref());
+            maintenance::load_routing_stats(redis, &keys, stats).await;
+            self.tasks.spawn(maintenance::routing_stats(
+                redis.clone(),
+                keys,
+                Arc::clone(stats),
+                settings.stats_every,
+                self.stop.clone(),
+            ));
+        }
+    }
+
+    /// Ends the duties (10 s at most) and takes the worker out of its queues' fleet.
+    async fn end(&self) {
+        self.done.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within 10s");
+        }
+        let keys: Vec<QueueKeys> = self.queues.iter().map(|q| QueueKeys::clone(q)).collect();
+        if let Err(e) = self.redis.leave(self.worker_id, &keys).await {
+            tracing::warn!("could not deregister the worker: {e}");
+        }
+    }
+}
+
+/// The health and metrics endpoints, when the settings name an address: ended by the
+/// token returned, last of all.
+async fn serve_health(
+    settings: &Settings,
+    readiness: &llmq_shared::health::Readiness,
+) -> Result<CancellationToken> {
+    let endpoints = CancellationToken::new();
+    if let Some(addr) = settings.metrics_listen {
+        llmq_shared::health::serve(addr, readiness.clone(), endpoints.clone())
+            .await
+            .map_err(|e| Error::Settings(e.to_string()))?;
+    }
+    Ok(endpoints)
+}
+
+/// The providers' clients, with the overrides the settings carry (tests, embedders).
+fn clients(settings: &Settings) -> Result<Clients> {
+    let mut clients = Clients::new(&settings.config, settings.concurrency)
+        .map_err(|e| Error::Settings(format!("cannot build the HTTP clients: {e}")))?;
+    for (name, provider) in &settings.provider_overrides {
+        clients.replace(name, Arc::clone(provider));
+    }
+    Ok(clients)
+}
+
+/// The settings a worker cannot start with, each as a sentence.
+fn check(settings: &Settings) -> Result<()> {
+    if settings.concurrency == 0 {
+        return Err(Error::Settings("--concurrency must be at least 1".into()));
+    }
+    if settings.queues.is_empty() {
+        return Err(Error::Settings("give at least one --queue".into()));
+    }
+    if settings.config.providers.is_empty() {
+        return Err(Error::Settings(
+            "the provider file lists no provider; pass --config with one".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What a worker holds once it has joined its queues.
+struct Joined {
+    redis: Client,
+    ledger: Option<Ledger>,
+    queues: Vec<Arc<QueueKeys>>,
+    worker_id: String,
+    /// This run of the worker, among the queues' intact workers.
+    run: String,
+}
+
+/// Reaches Redis and the ledger (migrated), makes each queue's group and joins each queue's
+/// intact workers.
+async fn join(settings: &Settings) -> Result<Joined> {
+    let redis = Client::new(&settings.redis_url)?;
+    redis.ping().await?;
+    let ledger = match &settings.database_url {
+        Some(url) => {
+            let ledger = Ledger::connect(url, 4).await?;
+            ledger.check_migrated().await?;
+            Some(ledger)
+        }
+        None => None,
+    };
+    let queues: Vec<Arc<QueueKeys>> = settings
+        .queues
+        .iter()
+        .map(|q| Arc::new(QueueKeys::new(q)))
+        .collect();
+    for q in &queues {
+        redis.ensure_group(q).await?;
+    }
+    let worker_id = settings
+        .worker_id
+        .clone()
+        .unwrap_or_else(|| llmq_shared::process::instance_id("worker"));
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    for q in &queues {
+        redis.join_intact(q, &worker_id, &run).await?;
+    }
+    Ok(Joined {
+        redis,
+        ledger,
+        queues,
+        worker_id,
+        run,
+    })
+}
+
+/// Until the task runner ends: on its own (something broke), or after `stop`, when running
+/// tasks get `grace` to finish and are then stopped hard (handed back), 30 s at most more.
+async fn drain(
+    apalis: &mut tokio::task::JoinHandle<std::result::Result<(), String>>,
+    stop: &CancellationToken,
+    hard_stop: &CancellationToken,
+    claims: &Claims,
+    readiness: &llmq_shared::health::Readiness,
+    grace: Duration,
+) {
     tokio::select! {
-        r = &mut apalis => {
+        r = &mut *apalis => {
             // apalis only returns on its own when something broke.
             stop.cancel();
             log_apalis(r);
         }
         () = stop.cancelled() => {
             readiness.set(false);
-            tracing::info!(running = claims.count(), grace = ?settings.grace, "no longer reading; waiting for running tasks");
-            match tokio::time::timeout(settings.grace, &mut apalis).await {
+            tracing::info!(running = claims.count(), grace = ?grace, "no longer reading; waiting for running tasks");
+            match tokio::time::timeout(grace, &mut *apalis).await {
                 Ok(r) => log_apalis(r),
                 Err(_) => {
                     tracing::warn!(running = claims.count(), "grace period over; handing running tasks back to the queue");
                     hard_stop.cancel();
-                    match tokio::time::timeout(Duration::from_secs(30), &mut apalis).await {
+                    match tokio::time::timeout(Duration::from_secs(30), &mut *apalis).await {
                         Ok(r) => log_apalis(r),
                         Err(_) => apalis.abort(),
                     }
@@ -492,21 +622,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             }
         }
     }
-    done.cancel();
-    tasks.close();
-    if tokio::time::timeout(Duration::from_secs(10), tasks.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("background tasks did not stop within 10s");
-    }
-    let keys: Vec<QueueKeys> = queues.iter().map(|q| QueueKeys::clone(q)).collect();
-    if let Err(e) = redis.leave(&worker_id, &keys).await {
-        tracing::warn!("could not deregister the worker: {e}");
-    }
-    endpoints.cancel();
-    tracing::info!(worker = %worker_id, "worker stopped");
-    Ok(())
 }
 
 fn log_apalis(r: std::result::Result<std::result::Result<(), String>, tokio::task::JoinError>) {
