@@ -255,38 +255,8 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     };
     let from_file = matches!(input, Input::File(_));
     if from_file {
-        // A file is checked whole before anything is enqueued: a bad task stops the batch
-        // with nothing in.
-        // With a provider file, each task is also estimated as it goes by.
-        let config = args
-            .config
-            .as_deref()
-            .map(llmq_shared::config::Config::load)
-            .transpose()?;
-        let mut tally = config.as_ref().map(crate::estimate::Tally::new);
-        let mut tasks = batch_input::read(input.clone(), reader(Reader::default()));
-        let mut count = 0u64;
-        while let Some(task) = tasks.recv().await {
-            let (at, (_, task)) = task.map_err(Error::Usage)?;
-            let env = shaper.envelope(at, task, true)?;
-            if let Some(tally) = &mut tally {
-                tally.add(&env);
-            }
-            count += 1;
-        }
-        if count == 0 {
-            return Err(Error::Usage(format!("{} holds no tasks", shaper.name)));
-        }
-        let estimate = match tally {
-            Some(tally) => Some(
-                tally
-                    .finish(redis, args.parallel.is_some(), Utc::now())
-                    .await?,
-            ),
-            None => None,
-        };
-        if !check_quotas(&args, estimate, out)? {
-            return Ok(EXIT_USAGE);
+        if let Some(exit) = check_file(redis, &args, &shaper, input.clone(), out).await? {
+            return Ok(exit);
         }
     } else if args.dry_run {
         return Err(Error::Usage(
@@ -325,66 +295,14 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     } else {
         Reader::default()
     };
-    let mut tasks = batch_input::read(input, reader(second));
-    // The shape of the file's records, and (to answer in it) each task's custom id.
-    let mut shape = Shape::Native;
-    let mut customs: Vec<String> = Vec::new();
-    let mut chunk: Vec<Envelope> = Vec::with_capacity(ENQUEUE_CHUNK);
-    let mut seen = 0u64;
-    let mut enqueued = skip;
-    // One chunk goes to Redis while the next is built.
-    let mut sending: Option<tokio::task::JoinHandle<Result<u64>>> = None;
-    let stopped = loop {
-        let Some(task) = tasks.recv().await else {
-            break None;
-        };
-        // A file's tasks were checked whole before; standard input's are checked here.
-        let env = match task {
-            Ok((at, (of, task))) => {
-                shape = of;
-                if args.wait && of != Shape::Native {
-                    customs.push(task.custom_id.clone().unwrap_or_default());
-                }
-                shaper.envelope(at, task, !from_file)
-            }
-            Err(e) => Err(Error::Usage(e)),
-        };
-        let env = match env {
-            Ok(env) => env,
-            Err(e) => break Some(e),
-        };
-        seen += 1;
-        listing.add(out, env.id)?;
-        if seen <= skip {
-            continue;
-        }
-        chunk.push(env);
-        if chunk.len() == ENQUEUE_CHUNK {
-            if let Some(sent) = sending.take() {
-                enqueued = sent.await.map_err(|e| Error::Usage(e.to_string()))??;
-            }
-            let full = std::mem::replace(&mut chunk, Vec::with_capacity(ENQUEUE_CHUNK));
-            sending = Some(tokio::spawn(flush(
-                redis.clone(),
-                keys.clone(),
-                batch_id.clone(),
-                enqueued,
-                full,
-            )));
-        }
-    };
-    if let Some(sent) = sending.take() {
-        enqueued = sent.await.map_err(|e| Error::Usage(e.to_string()))??;
-    }
-    // Every task before a bad one goes in, so the batch resumes right after what went in.
-    enqueued = flush(
-        redis.clone(),
-        keys.clone(),
-        batch_id.clone(),
+    let tasks = batch_input::read(input, reader(second));
+    let Sent {
+        seen,
         enqueued,
-        chunk,
-    )
-    .await?;
+        shape,
+        customs,
+        stopped,
+    } = enqueue_all(redis, skip, tasks, &shaper, !from_file, &mut listing, out).await?;
     if let Some(e) = stopped {
         return Err(Error::Usage(format!(
             "{e}. {enqueued} tasks of batch {batch_id} are enqueued to queue `{}` (every task before this one); fix it and run the same command with --batch-id {batch_id} to enqueue the rest",
@@ -408,6 +326,186 @@ pub async fn batch(redis: &Client, args: Batch, out: &mut dyn Write) -> Result<u
     if !args.wait {
         return Ok(EXIT_OK);
     }
+    answer(
+        redis,
+        &args,
+        Waited {
+            keys,
+            batch_id,
+            ids,
+            shape,
+            customs,
+            output,
+            started,
+        },
+        out,
+    )
+    .await
+}
+
+/// A batch's tasks as they are read, each in its file's shape, or why one cannot be read.
+type Tasks = tokio::sync::mpsc::Receiver<std::result::Result<(At, (Shape, BatchTask)), String>>;
+
+/// What one run of a batch enqueued.
+struct Sent {
+    /// Tasks read, those an earlier run enqueued among them.
+    seen: u64,
+    /// The batch's tasks in Redis, in order.
+    enqueued: u64,
+    /// The shape of the file's records, and (to answer in it) each task's custom id.
+    shape: Shape,
+    customs: Vec<String>,
+    /// The bad task that stopped the run, if one did: every task before it went in.
+    stopped: Option<Error>,
+}
+
+/// Enqueues a batch's `tasks` after the first `skip` (an earlier run's), a chunk going to
+/// Redis while the next is built, each task listed as it is read; `check`s each task unless
+/// the file was checked whole before.
+async fn enqueue_all(
+    redis: &Client,
+    skip: u64,
+    mut tasks: Tasks,
+    shaper: &Shaper<'_>,
+    check: bool,
+    listing: &mut Listing,
+    out: &mut dyn Write,
+) -> Result<Sent> {
+    let keys = QueueKeys::new(&shaper.queue);
+    // The shape of the file's records, and (to answer in it) each task's custom id.
+    let mut shape = Shape::Native;
+    let mut customs: Vec<String> = Vec::new();
+    let mut chunk: Vec<Envelope> = Vec::with_capacity(ENQUEUE_CHUNK);
+    let mut seen = 0u64;
+    let mut enqueued = skip;
+    // One chunk goes to Redis while the next is built.
+    let mut sending: Option<tokio::task::JoinHandle<Result<u64>>> = None;
+    let stopped = loop {
+        let Some(task) = tasks.recv().await else {
+            break None;
+        };
+        // A file's tasks were checked whole before; standard input's are checked here.
+        let env = match task {
+            Ok((at, (of, task))) => {
+                shape = of;
+                if shaper.args.wait && of != Shape::Native {
+                    customs.push(task.custom_id.clone().unwrap_or_default());
+                }
+                shaper.envelope(at, task, check)
+            }
+            Err(e) => Err(Error::Usage(e)),
+        };
+        let env = match env {
+            Ok(env) => env,
+            Err(e) => break Some(e),
+        };
+        seen += 1;
+        listing.add(out, env.id)?;
+        if seen <= skip {
+            continue;
+        }
+        chunk.push(env);
+        if chunk.len() == ENQUEUE_CHUNK {
+            if let Some(sent) = sending.take() {
+                enqueued = sent.await.map_err(|e| Error::Usage(e.to_string()))??;
+            }
+            let full = std::mem::replace(&mut chunk, Vec::with_capacity(ENQUEUE_CHUNK));
+            sending = Some(tokio::spawn(flush(
+                redis.clone(),
+                keys.clone(),
+                shaper.batch_id.clone(),
+                enqueued,
+                full,
+            )));
+        }
+    };
+    if let Some(sent) = sending.take() {
+        enqueued = sent.await.map_err(|e| Error::Usage(e.to_string()))??;
+    }
+    // Every task before a bad one goes in, so the batch resumes right after what went in.
+    enqueued = flush(
+        redis.clone(),
+        keys.clone(),
+        shaper.batch_id.clone(),
+        enqueued,
+        chunk,
+    )
+    .await?;
+    Ok(Sent {
+        seen,
+        enqueued,
+        shape,
+        customs,
+        stopped,
+    })
+}
+
+/// Reads a batch file whole before anything is enqueued: a bad task stops the batch with
+/// nothing in; with a provider file, each task is estimated as it goes by and the quotas
+/// checked. `Some(exit code)` when the batch must not go in.
+async fn check_file(
+    redis: &Client,
+    args: &Batch,
+    shaper: &Shaper<'_>,
+    input: Input,
+    out: &mut dyn Write,
+) -> Result<Option<u8>> {
+    let config = args
+        .config
+        .as_deref()
+        .map(llmq_shared::config::Config::load)
+        .transpose()?;
+    let mut tally = config.as_ref().map(crate::estimate::Tally::new);
+    let mut tasks = batch_input::read(input, reader(Reader::default()));
+    let mut count = 0u64;
+    while let Some(task) = tasks.recv().await {
+        let (at, (_, task)) = task.map_err(Error::Usage)?;
+        let env = shaper.envelope(at, task, true)?;
+        if let Some(tally) = &mut tally {
+            tally.add(&env);
+        }
+        count += 1;
+    }
+    if count == 0 {
+        return Err(Error::Usage(format!("{} holds no tasks", shaper.name)));
+    }
+    let estimate = match tally {
+        Some(tally) => Some(
+            tally
+                .finish(redis, args.parallel.is_some(), Utc::now())
+                .await?,
+        ),
+        None => None,
+    };
+    Ok((!check_quotas(args, estimate, out)?).then_some(EXIT_USAGE))
+}
+
+/// A batch enqueued, as `--wait` waits for it.
+struct Waited {
+    keys: QueueKeys,
+    batch_id: String,
+    /// Its tasks, in the file's order.
+    ids: Vec<uuid::Uuid>,
+    /// The shape of the file's records, and each task's custom id (to answer in it).
+    shape: Shape,
+    customs: Vec<String>,
+    output: Option<std::path::PathBuf>,
+    started: Instant,
+}
+
+/// Waits for a batch's tasks, then answers: a provider's batch file in that provider's
+/// output shape (to `--output`, else standard output, the summary to standard error), llmq's
+/// own as a report.
+async fn answer(redis: &Client, args: &Batch, batch: Waited, out: &mut dyn Write) -> Result<u8> {
+    let Waited {
+        keys,
+        batch_id,
+        ids,
+        shape,
+        customs,
+        output,
+        started,
+    } = batch;
     let bar = indicatif::ProgressBar::new(ids.len() as u64);
     bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
     bar.set_style(
