@@ -25,127 +25,29 @@ pub async fn run(redis: &Client, cmd: ChainCommand, out: &mut dyn Write) -> Resu
             wait_timeout,
             format,
         } => {
-            let keys = QueueKeys::new(&queue);
-            let spec = read_spec(&file, &vars)?;
-            let chain = Chain::parse(spec.as_bytes(), usize::MAX, &queue, "0-0")
-                .map_err(|e| Error::Usage(format!("{}: {e}", file.display())))?;
-            redis.ensure_group(&keys).await?;
-            redis.submit_chain(&keys, &spec).await?;
-            if !wait {
-                match format {
-                    Format::Text => emit(out, &format!("{}\n", chain.id)),
-                    Format::Json => emit(out, &to_json(&serde_json::json!({"chain_id": chain.id}))),
-                }
-                return Ok(EXIT_OK);
-            }
-            if format == Format::Text {
-                emit(out, &format!("chain {} submitted to `{queue}`\n", chain.id));
-            }
-            watch(redis, &keys, &chain.id, wait_timeout, format, out).await
+            submit(
+                redis,
+                &file,
+                &queue,
+                &vars,
+                wait.then_some(wait_timeout),
+                format,
+                out,
+            )
+            .await
         }
         ChainCommand::Show {
             chain_id,
             queue,
             format,
-        } => {
-            let keys = QueueKeys::new(&queue);
-            let Some(state) = redis.chain(&keys, &chain_id).await? else {
-                eprintln!(
-                    "llmq: no chain {chain_id} in queue `{queue}` (it may be in another queue: pass --queue)"
-                );
-                return Ok(EXIT_FAILED);
-            };
-            let view = view(redis, &keys, &state).await?;
-            match format {
-                Format::Json => emit(out, &to_json(&view)),
-                Format::Text => emit(out, &text(&view)),
-            }
-            Ok(EXIT_OK)
-        }
-        ChainCommand::Cancel { chain_id, queue } => {
-            let keys = QueueKeys::new(&queue);
-            match redis.cancel_chain(&keys, &chain_id).await? {
-                Ok(n) => {
-                    emit(
-                        out,
-                        &format!("chain {chain_id} cancelled; {n} step(s) will not run\n"),
-                    );
-                    Ok(EXIT_OK)
-                }
-                Err(r) => Ok(refused(&chain_id, &queue, r, "it has already ended")),
-            }
-        }
+        } => show(redis, &chain_id, &queue, format, out).await,
+        ChainCommand::Cancel { chain_id, queue } => cancel(redis, &chain_id, &queue, out).await,
         ChainCommand::Retry {
             chain_id,
             queue,
             from,
-        } => {
-            let keys = QueueKeys::new(&queue);
-            let Some(state) = redis.chain(&keys, &chain_id).await? else {
-                return Ok(refused(&chain_id, &queue, Refused::NoSuchChain, ""));
-            };
-            let reruns = match state.retry(from.as_deref()) {
-                Ok(r) => r,
-                Err(why) => {
-                    eprintln!("llmq: {why}");
-                    return Ok(EXIT_FAILED);
-                }
-            };
-            if reruns.is_empty() {
-                emit(
-                    out,
-                    &format!("chain {chain_id}: no failed or cancelled step to rerun\n"),
-                );
-                return Ok(EXIT_OK);
-            }
-            match redis.retry_chain(&keys, &chain_id, &reruns).await? {
-                Ok(_) => {
-                    let names: Vec<&str> = reruns.iter().map(|r| r.step.as_str()).collect();
-                    emit(
-                        out,
-                        &format!("chain {chain_id}: rerunning {}\n", names.join(", ")),
-                    );
-                    Ok(EXIT_OK)
-                }
-                Err(r) => Ok(refused(
-                    &chain_id,
-                    &queue,
-                    r,
-                    "it is still running; wait for it to end or cancel it first",
-                )),
-            }
-        }
-        ChainCommand::Pending { queue, format } => {
-            let keys = QueueKeys::new(&queue);
-            let rows: Vec<serde_json::Value> = redis
-                .approvals(&keys, None)
-                .await?
-                .into_iter()
-                .map(|(chain, step, at)| {
-                    serde_json::json!({
-                        "chain_id": chain,
-                        "step": step,
-                        "deadline": chrono::DateTime::from_timestamp_millis(at),
-                    })
-                })
-                .collect();
-            match format {
-                Format::Json => emit(out, &to_json(&rows)),
-                Format::Text => {
-                    let mut s = format!("{:<38} {:<16} DEADLINE\n", "CHAIN", "STEP");
-                    for r in &rows {
-                        s.push_str(&format!(
-                            "{:<38} {:<16} {}\n",
-                            render::cut(r["chain_id"].as_str().unwrap_or_default(), 38),
-                            r["step"].as_str().unwrap_or_default(),
-                            r["deadline"].as_str().unwrap_or_default()
-                        ));
-                    }
-                    emit(out, &s);
-                }
-            }
-            Ok(EXIT_OK)
-        }
+        } => retry(redis, &chain_id, &queue, from.as_deref(), out).await,
+        ChainCommand::Pending { queue, format } => pending(redis, &queue, format, out).await,
         ChainCommand::Approve {
             chain_id,
             step,
@@ -169,52 +71,207 @@ pub async fn run(redis: &Client, cmd: ChainCommand, out: &mut dyn Write) -> Resu
             state,
             limit,
             format,
-        } => {
-            let keys = QueueKeys::new(&queue);
-            let mut rows = Vec::new();
-            for (id, _) in redis.chains(&keys, limit).await? {
-                let Some(c) = redis.chain(&keys, &id).await? else {
-                    continue;
-                };
-                if state.as_deref().is_some_and(|s| s != c.state) {
-                    continue;
-                }
-                let done = c
-                    .steps
-                    .values()
-                    .filter(|s| matches!(s.status.as_str(), "succeeded" | "failed" | "cancelled"))
-                    .count();
-                rows.push(serde_json::json!({
-                    "chain_id": id,
-                    "state": c.state,
-                    "steps": c.spec.steps.len(),
-                    "finished_steps": done,
-                    "created_at": c.created_at,
-                }));
-            }
-            match format {
-                Format::Json => emit(out, &to_json(&rows)),
-                Format::Text => {
-                    let mut s = format!(
-                        "{:<38} {:<10} {:>7}  SUBMITTED\n",
-                        "CHAIN", "STATE", "STEPS"
-                    );
-                    for r in &rows {
-                        s.push_str(&format!(
-                            "{:<38} {:<10} {:>3}/{:<3}  {}\n",
-                            render::cut(r["chain_id"].as_str().unwrap_or_default(), 38),
-                            r["state"].as_str().unwrap_or_default(),
-                            r["finished_steps"],
-                            r["steps"],
-                            r["created_at"].as_str().unwrap_or_default(),
-                        ));
-                    }
-                    emit(out, &s);
-                }
-            }
+        } => list(redis, &queue, state.as_deref(), limit, format, out).await,
+    }
+}
+
+/// `llmq chain submit`: the chain in, then with `--wait` (`Some`, with its timeout if one was
+/// given) watched to its end.
+async fn submit(
+    redis: &Client,
+    file: &std::path::Path,
+    queue: &str,
+    vars: &[String],
+    wait: Option<Option<Duration>>,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let spec = read_spec(file, vars)?;
+    let chain = Chain::parse(spec.as_bytes(), usize::MAX, queue, "0-0")
+        .map_err(|e| Error::Usage(format!("{}: {e}", file.display())))?;
+    redis.ensure_group(&keys).await?;
+    redis.submit_chain(&keys, &spec).await?;
+    let Some(wait_timeout) = wait else {
+        match format {
+            Format::Text => emit(out, &format!("{}\n", chain.id)),
+            Format::Json => emit(out, &to_json(&serde_json::json!({"chain_id": chain.id}))),
+        }
+        return Ok(EXIT_OK);
+    };
+    if format == Format::Text {
+        emit(out, &format!("chain {} submitted to `{queue}`\n", chain.id));
+    }
+    watch(redis, &keys, &chain.id, wait_timeout, format, out).await
+}
+
+/// `llmq chain show`.
+async fn show(
+    redis: &Client,
+    chain_id: &str,
+    queue: &str,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let Some(state) = redis.chain(&keys, chain_id).await? else {
+        eprintln!(
+            "llmq: no chain {chain_id} in queue `{queue}` (it may be in another queue: pass --queue)"
+        );
+        return Ok(EXIT_FAILED);
+    };
+    let view = view(redis, &keys, &state).await?;
+    match format {
+        Format::Json => emit(out, &to_json(&view)),
+        Format::Text => emit(out, &text(&view)),
+    }
+    Ok(EXIT_OK)
+}
+
+/// `llmq chain cancel`.
+async fn cancel(redis: &Client, chain_id: &str, queue: &str, out: &mut dyn Write) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    match redis.cancel_chain(&keys, chain_id).await? {
+        Ok(n) => {
+            emit(
+                out,
+                &format!("chain {chain_id} cancelled; {n} step(s) will not run\n"),
+            );
             Ok(EXIT_OK)
         }
+        Err(r) => Ok(refused(chain_id, queue, r, "it has already ended")),
     }
+}
+
+/// `llmq chain retry`: the failed or cancelled steps (or `from` and what follows) again.
+async fn retry(
+    redis: &Client,
+    chain_id: &str,
+    queue: &str,
+    from: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let Some(state) = redis.chain(&keys, chain_id).await? else {
+        return Ok(refused(chain_id, queue, Refused::NoSuchChain, ""));
+    };
+    let reruns = match state.retry(from) {
+        Ok(r) => r,
+        Err(why) => {
+            eprintln!("llmq: {why}");
+            return Ok(EXIT_FAILED);
+        }
+    };
+    if reruns.is_empty() {
+        emit(
+            out,
+            &format!("chain {chain_id}: no failed or cancelled step to rerun\n"),
+        );
+        return Ok(EXIT_OK);
+    }
+    match redis.retry_chain(&keys, chain_id, &reruns).await? {
+        Ok(_) => {
+            let names: Vec<&str> = reruns.iter().map(|r| r.step.as_str()).collect();
+            emit(
+                out,
+                &format!("chain {chain_id}: rerunning {}\n", names.join(", ")),
+            );
+            Ok(EXIT_OK)
+        }
+        Err(r) => Ok(refused(
+            chain_id,
+            queue,
+            r,
+            "it is still running; wait for it to end or cancel it first",
+        )),
+    }
+}
+
+/// `llmq chain pending`: the approvals waiting, with their deadlines.
+async fn pending(redis: &Client, queue: &str, format: Format, out: &mut dyn Write) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let rows: Vec<serde_json::Value> = redis
+        .approvals(&keys, None)
+        .await?
+        .into_iter()
+        .map(|(chain, step, at)| {
+            serde_json::json!({
+                "chain_id": chain,
+                "step": step,
+                "deadline": chrono::DateTime::from_timestamp_millis(at),
+            })
+        })
+        .collect();
+    match format {
+        Format::Json => emit(out, &to_json(&rows)),
+        Format::Text => {
+            let mut s = format!("{:<38} {:<16} DEADLINE\n", "CHAIN", "STEP");
+            for r in &rows {
+                s.push_str(&format!(
+                    "{:<38} {:<16} {}\n",
+                    render::cut(r["chain_id"].as_str().unwrap_or_default(), 38),
+                    r["step"].as_str().unwrap_or_default(),
+                    r["deadline"].as_str().unwrap_or_default()
+                ));
+            }
+            emit(out, &s);
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// `llmq chain list`: the newest `limit` chains, in `state` if given.
+async fn list(
+    redis: &Client,
+    queue: &str,
+    state: Option<&str>,
+    limit: usize,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let mut rows = Vec::new();
+    for (id, _) in redis.chains(&keys, limit).await? {
+        let Some(c) = redis.chain(&keys, &id).await? else {
+            continue;
+        };
+        if state.is_some_and(|s| s != c.state) {
+            continue;
+        }
+        let done = c
+            .steps
+            .values()
+            .filter(|s| matches!(s.status.as_str(), "succeeded" | "failed" | "cancelled"))
+            .count();
+        rows.push(serde_json::json!({
+            "chain_id": id,
+            "state": c.state,
+            "steps": c.spec.steps.len(),
+            "finished_steps": done,
+            "created_at": c.created_at,
+        }));
+    }
+    match format {
+        Format::Json => emit(out, &to_json(&rows)),
+        Format::Text => {
+            let mut s = format!(
+                "{:<38} {:<10} {:>7}  SUBMITTED\n",
+                "CHAIN", "STATE", "STEPS"
+            );
+            for r in &rows {
+                s.push_str(&format!(
+                    "{:<38} {:<10} {:>3}/{:<3}  {}\n",
+                    render::cut(r["chain_id"].as_str().unwrap_or_default(), 38),
+                    r["state"].as_str().unwrap_or_default(),
+                    r["finished_steps"],
+                    r["steps"],
+                    r["created_at"].as_str().unwrap_or_default(),
+                ));
+            }
+            emit(out, &s);
+        }
+    }
+    Ok(EXIT_OK)
 }
 
 /// The chain file (or stdin) with `--var`s merged into its `vars`, and a `chain_id` when it
