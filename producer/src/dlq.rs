@@ -18,45 +18,10 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
             database_url,
             format,
         } => {
-            let dead = if archived {
-                let ledger = crate::ledger(database_url.as_deref(), "--archived").await?;
-                llmq_shared::archive::list_archived(ledger.pool(), &queue, limit)
-                    .await?
-                    .into_iter()
-                    .map(|r| DeadLetter {
-                        id: r.id,
-                        task_id: r.task_id,
-                        queue: r.queue,
-                        error: r.error,
-                        class: r.class,
-                        attempts: u64::try_from(r.attempts).unwrap_or(0),
-                        failed_at: r.failed_at,
-                        task: r.task,
-                    })
-                    .collect()
-            } else {
-                redis.dead_letters(&QueueKeys::new(&queue), limit).await?
-            };
-            match format {
-                Format::Json => emit(out, &to_json(&dead)),
-                Format::Text => emit(out, &list_text(&dead)),
-            }
-            Ok(EXIT_OK)
+            let database_url = archived.then_some(database_url.as_deref());
+            list(redis, &queue, limit, database_url, format, out).await
         }
-        DlqCommand::Show { id, queue, format } => {
-            let found = redis
-                .find_dead(&QueueKeys::new(&queue), std::slice::from_ref(&id))
-                .await?;
-            let Some(d) = found.into_iter().next() else {
-                eprintln!("llmq: no dead letter {id} in queue `{queue}`");
-                return Ok(EXIT_FAILED);
-            };
-            match format {
-                Format::Json => emit(out, &to_json(&d)),
-                Format::Text => emit(out, &show_text(&d)),
-            }
-            Ok(EXIT_OK)
-        }
+        DlqCommand::Show { id, queue, format } => show(redis, &id, &queue, format, out).await,
         DlqCommand::Replay {
             ids,
             all,
@@ -64,94 +29,180 @@ pub async fn run(redis: &Client, cmd: DlqCommand, out: &mut dyn Write) -> Result
             queue,
             database_url,
         } => {
-            let keys = QueueKeys::new(&queue);
-            let (dead, elsewhere) = if all {
-                (redis.dead_letters(&keys, usize::MAX).await?, Vec::new())
-            } else {
-                let found = redis.find_dead(&keys, &ids).await?;
-                let rest = absent(&found, &ids);
-                (found, rest)
-            };
-            let mut done = Vec::new();
-            if !elsewhere.is_empty() {
-                // Not in Redis: the scheduler may have archived them. Check they all exist
-                // before replaying anything.
-                let ledger =
-                    match crate::ledger(database_url.as_deref(), "replaying archived dead letters")
-                        .await
-                    {
-                        Ok(l) => l,
-                        Err(_) => return Err(missing(&elsewhere, &queue)),
-                    };
-                let found =
-                    llmq_shared::archive::take_archived(ledger.pool(), &queue, &elsewhere).await?;
-                let not_archived = absent(&found, &elsewhere);
-                if !not_archived.is_empty() {
-                    return Err(missing(&not_archived, &queue));
-                }
-                done = llmq_shared::archive::replay_archived(
-                    redis,
-                    ledger.pool(),
-                    &queue,
-                    &elsewhere,
-                    platform.as_deref(),
-                )
-                .await?;
-            }
-            for d in &dead {
-                let replayed = redis.replay(&keys, d, platform.as_deref()).await?;
-                done.push((d.id.clone(), replayed));
-            }
-            let mut replayed = 0;
-            for (id, what) in done {
-                match what {
-                    Replayed::Enqueued => replayed += 1,
-                    Replayed::Gone => {}
-                    Replayed::Resumed(steps) => {
-                        replayed += 1;
-                        emit(
-                            out,
-                            &format!(
-                                "dead letter {id}: its chain runs {} again\n",
-                                steps.join(", ")
-                            ),
-                        );
-                    }
-                    Replayed::Refused(why) => eprintln!("llmq: dead letter {id}: {why}"),
-                }
-            }
-            emit(
+            let ids = (!all).then_some(ids.as_slice());
+            replay(
+                redis,
+                ids,
+                platform.as_deref(),
+                &queue,
+                database_url.as_deref(),
                 out,
-                &format!("replayed {replayed} dead letter(s) to queue `{queue}`\n"),
-            );
-            Ok(EXIT_OK)
+            )
+            .await
         }
         DlqCommand::Purge {
             ids,
             older_than,
             queue,
-        } => {
-            let keys = QueueKeys::new(&queue);
-            let dead = match older_than {
-                Some(age) => {
-                    let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or_default();
-                    redis
-                        .dead_letters(&keys, usize::MAX)
-                        .await?
-                        .into_iter()
-                        .filter(|d| d.failed_at.is_some_and(|t| t < cutoff))
-                        .collect()
-                }
-                None => found_all(redis, &keys, &ids).await?,
-            };
-            let purged = redis.purge(&keys, &dead).await?;
-            emit(
-                out,
-                &format!("purged {purged} dead letter(s) from queue `{queue}`\n"),
-            );
-            Ok(EXIT_OK)
+        } => purge(redis, &ids, older_than, &queue, out).await,
+    }
+}
+
+/// `llmq dlq list`: from Redis, or (`--archived`: `Some` with the ledger's URL, if given)
+/// those the scheduler archived.
+async fn list(
+    redis: &Client,
+    queue: &str,
+    limit: usize,
+    archived: Option<Option<&str>>,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let dead = if let Some(database_url) = archived {
+        let ledger = crate::ledger(database_url, "--archived").await?;
+        llmq_shared::archive::list_archived(ledger.pool(), queue, limit)
+            .await?
+            .into_iter()
+            .map(|r| DeadLetter {
+                id: r.id,
+                task_id: r.task_id,
+                queue: r.queue,
+                error: r.error,
+                class: r.class,
+                attempts: u64::try_from(r.attempts).unwrap_or(0),
+                failed_at: r.failed_at,
+                task: r.task,
+            })
+            .collect()
+    } else {
+        redis.dead_letters(&QueueKeys::new(queue), limit).await?
+    };
+    match format {
+        Format::Json => emit(out, &to_json(&dead)),
+        Format::Text => emit(out, &list_text(&dead)),
+    }
+    Ok(EXIT_OK)
+}
+
+/// `llmq dlq show`.
+async fn show(
+    redis: &Client,
+    id: &str,
+    queue: &str,
+    format: Format,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let found = redis
+        .find_dead(&QueueKeys::new(queue), &[id.to_owned()])
+        .await?;
+    let Some(d) = found.into_iter().next() else {
+        eprintln!("llmq: no dead letter {id} in queue `{queue}`");
+        return Ok(EXIT_FAILED);
+    };
+    match format {
+        Format::Json => emit(out, &to_json(&d)),
+        Format::Text => emit(out, &show_text(&d)),
+    }
+    Ok(EXIT_OK)
+}
+
+/// `llmq dlq replay`: `ids` (`None`: every one in Redis), those not in Redis from the
+/// archive, each checked to exist before any is replayed.
+async fn replay(
+    redis: &Client,
+    ids: Option<&[String]>,
+    platform: Option<&str>,
+    queue: &str,
+    database_url: Option<&str>,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let (dead, elsewhere) = match ids {
+        None => (redis.dead_letters(&keys, usize::MAX).await?, Vec::new()),
+        Some(ids) => {
+            let found = redis.find_dead(&keys, ids).await?;
+            let rest = absent(&found, ids);
+            (found, rest)
+        }
+    };
+    let mut done = Vec::new();
+    if !elsewhere.is_empty() {
+        // Not in Redis: the scheduler may have archived them. Check they all exist
+        // before replaying anything.
+        let ledger = match crate::ledger(database_url, "replaying archived dead letters").await {
+            Ok(l) => l,
+            Err(_) => return Err(missing(&elsewhere, queue)),
+        };
+        let found = llmq_shared::archive::take_archived(ledger.pool(), queue, &elsewhere).await?;
+        let not_archived = absent(&found, &elsewhere);
+        if !not_archived.is_empty() {
+            return Err(missing(&not_archived, queue));
+        }
+        done = llmq_shared::archive::replay_archived(
+            redis,
+            ledger.pool(),
+            queue,
+            &elsewhere,
+            platform,
+        )
+        .await?;
+    }
+    for d in &dead {
+        let replayed = redis.replay(&keys, d, platform).await?;
+        done.push((d.id.clone(), replayed));
+    }
+    let mut replayed = 0;
+    for (id, what) in done {
+        match what {
+            Replayed::Enqueued => replayed += 1,
+            Replayed::Gone => {}
+            Replayed::Resumed(steps) => {
+                replayed += 1;
+                emit(
+                    out,
+                    &format!(
+                        "dead letter {id}: its chain runs {} again\n",
+                        steps.join(", ")
+                    ),
+                );
+            }
+            Replayed::Refused(why) => eprintln!("llmq: dead letter {id}: {why}"),
         }
     }
+    emit(
+        out,
+        &format!("replayed {replayed} dead letter(s) to queue `{queue}`\n"),
+    );
+    Ok(EXIT_OK)
+}
+
+/// `llmq dlq purge`: `ids`, or those that failed longer than `older_than` ago.
+async fn purge(
+    redis: &Client,
+    ids: &[String],
+    older_than: Option<std::time::Duration>,
+    queue: &str,
+    out: &mut dyn Write,
+) -> Result<u8> {
+    let keys = QueueKeys::new(queue);
+    let dead = match older_than {
+        Some(age) => {
+            let cutoff = Utc::now() - chrono::Duration::from_std(age).unwrap_or_default();
+            redis
+                .dead_letters(&keys, usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|d| d.failed_at.is_some_and(|t| t < cutoff))
+                .collect()
+        }
+        None => found_all(redis, &keys, ids).await?,
+    };
+    let purged = redis.purge(&keys, &dead).await?;
+    emit(
+        out,
+        &format!("purged {purged} dead letter(s) from queue `{queue}`\n"),
+    );
+    Ok(EXIT_OK)
 }
 
 fn missing(ids: &[String], queue: &str) -> Error {
