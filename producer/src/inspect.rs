@@ -171,6 +171,20 @@ pub async fn queue(redis: &Client, cmd: QueueCommand, out: &mut dyn Write) -> Re
 }
 
 fn status_text(r: &StatusReport, with_providers: bool) -> String {
+    let mut s = queues_text(r);
+    batches_text(&mut s, &r.batches);
+    if with_providers {
+        providers_text(&mut s, r);
+    } else {
+        s.push_str("\n(set LLMQ_CONFIG or pass --config to check providers)\n");
+    }
+    scheduler_text(&mut s, &r.scheduler);
+    s
+}
+
+/// The queues' table, then what waits in each room by priority, the busiest tenants and
+/// the paused queues.
+fn queues_text(r: &StatusReport) -> String {
     let mut s = format!(
         "{:<20} {:>8} {:>10} {:>8} {:>6} {:>8}\n",
         "QUEUE", "READY", "IN FLIGHT", "DELAYED", "DEAD", "WORKERS"
@@ -209,10 +223,15 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             q.queue, q.queue
         ));
     }
-    if !r.batches.is_empty() {
+    s
+}
+
+/// The provider batches: tasks waiting for one, and those open.
+fn batches_text(s: &mut String, batches: &[QueueBatches]) {
+    if !batches.is_empty() {
         s.push_str("\nPROVIDER BATCHES (tasks that can wait, at the batch price)\n");
     }
-    for b in &r.batches {
+    for b in batches {
         for (group, n) in &b.waiting {
             s.push_str(&format!(
                 "  {:<20} {n} task(s) waiting for a batch to {group}\n",
@@ -236,43 +255,46 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             ));
         }
     }
-    if with_providers {
-        s.push_str(&format!(
-            "\n{:<20} {:<8} {}\n",
-            "PROVIDER", "READY", "DETAIL"
-        ));
-        for p in &r.providers {
-            let ready = if p.ready { "yes" } else { "no" };
-            s.push_str(&format!("{:<20} {:<8} {}\n", p.name, ready, p.detail));
-        }
-        if r.cooling_down.is_empty() {
-            s.push_str("\nCooling down: nothing\n");
-        } else {
-            s.push_str(
-                "\nCooling down (every worker skips these; tasks with nowhere else to go wait):\n",
-            );
-            for c in &r.cooling_down {
-                let since = c
-                    .since
-                    .map(|t| format!(" since {}", t.format("%H:%M:%S")))
-                    .unwrap_or_default();
-                let state = if c.probing {
-                    "cooldown over; the next call probes it".to_owned()
-                } else {
-                    format!("{since} until {} UTC", c.until.format("%H:%M:%S"))
-                };
-                s.push_str(&format!(
-                    "  {:<32} {}: {}\n",
-                    c.scope,
-                    state.trim_start(),
-                    render::cut(&c.reason, 160)
-                ));
-            }
-        }
-    } else {
-        s.push_str("\n(set LLMQ_CONFIG or pass --config to check providers)\n");
+}
+
+/// Whether each provider is ready, and what cools down.
+fn providers_text(s: &mut String, r: &StatusReport) {
+    s.push_str(&format!(
+        "\n{:<20} {:<8} {}\n",
+        "PROVIDER", "READY", "DETAIL"
+    ));
+    for p in &r.providers {
+        let ready = if p.ready { "yes" } else { "no" };
+        s.push_str(&format!("{:<20} {:<8} {}\n", p.name, ready, p.detail));
     }
-    let sch = &r.scheduler;
+    if r.cooling_down.is_empty() {
+        s.push_str("\nCooling down: nothing\n");
+    } else {
+        s.push_str(
+            "\nCooling down (every worker skips these; tasks with nowhere else to go wait):\n",
+        );
+        for c in &r.cooling_down {
+            let since = c
+                .since
+                .map(|t| format!(" since {}", t.format("%H:%M:%S")))
+                .unwrap_or_default();
+            let state = if c.probing {
+                "cooldown over; the next call probes it".to_owned()
+            } else {
+                format!("{since} until {} UTC", c.until.format("%H:%M:%S"))
+            };
+            s.push_str(&format!(
+                "  {:<32} {}: {}\n",
+                c.scope,
+                state.trim_start(),
+                render::cut(&c.reason, 160)
+            ));
+        }
+    }
+}
+
+/// Which scheduler holds the lease, and its duties' last runs.
+fn scheduler_text(s: &mut String, sch: &llmq_shared::archive::SchedulerStatus) {
     match &sch.holder {
         Some(holder) => s.push_str(&format!(
             "\nSCHEDULER  active: {holder} (fence {}, lease {} ms left)\n",
@@ -316,7 +338,6 @@ fn status_text(r: &StatusReport, with_providers: bool) -> String {
             when(rec.last_tick)
         ));
     }
-    s
 }
 
 #[cfg(test)]
