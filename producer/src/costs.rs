@@ -83,79 +83,116 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
             })),
         ),
         Format::Text => {
-            let range = match (args.date, args.since) {
-                (Some(d), _) => format!("on {d}"),
-                (None, Some(s)) => format!("from {s} to {last}"),
-                (None, None) => format!("up to {last}"),
+            let report = Report {
+                lines: &lines,
+                whole_chains: chains,
+                total,
+                saved,
+                calls,
+                tasks,
+                chain: &chain,
             };
-            let of = match &args.batch {
-                Some(batch) => format!(" of batch {batch}"),
-                None => String::new(),
-            };
-            let mut s = format!(
-                "Costs{of} {range}\nTotal: {} over {calls} calls, {tasks} tasks\n",
-                render::usd(total)
-            );
-            if saved > 0.0 {
-                s.push_str(&format!(
-                    "Provider batches and prompt caching saved {} against list prices ({} at list prices)\n",
-                    render::usd(saved),
-                    render::usd(total + saved)
-                ));
-            } else if saved < 0.0 {
-                s.push_str(&format!(
-                    "Provider batches and prompt caching together cost {} more than list prices (cache writes that few reads followed)\n",
-                    render::usd(-saved)
-                ));
-            }
-            s.push('\n');
-            if chains {
-                s.push_str(&format!(
-                    "The {} costliest chains begun in the range, each with its whole cost:\n",
-                    lines.len()
-                ));
-            }
-            s.push_str(&format!(
-                "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
-                format!("{:?}", args.by).to_uppercase(),
-                "CALLS",
-                "TASKS",
-                "IN TOKENS",
-                "CACHED",
-                "OUT TOKENS",
-                "COST"
-            ));
-            for l in &lines {
-                s.push_str(&format!(
-                    "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
-                    render::cut(&l.key, 32),
-                    l.calls,
-                    l.tasks,
-                    l.input_tokens,
-                    l.cached_tokens,
-                    l.output_tokens,
-                    render::usd(l.cost_usd)
-                ));
-            }
-            if let Some(id) = &args.chain_id {
-                s.push_str(&format!("\nChain {id}: {} tasks\n", chain.len()));
-                s.push_str(&format!(
-                    "{:<36} {:<16} {:>5} {:>12}  {}\n",
-                    "TASK", "TYPE", "CALLS", "COST", "PROVIDER/MODEL"
-                ));
-                for t in &chain {
-                    s.push_str(&format!(
-                        "{:<36} {:<16} {:>5} {:>12}  {}\n",
-                        t.task_id,
-                        t.task_type,
-                        t.calls,
-                        render::usd(t.cost_usd),
-                        t.models.join(" → ")
-                    ));
-                }
-            }
-            emit(out, &s);
+            emit(out, &text(&args, last, &report));
         }
     }
     Ok(EXIT_OK)
+}
+
+/// What `llmq costs` says, read from the ledger.
+struct Report<'a> {
+    /// A line per provider, model, type, day or chain (`whole_chains`: the costliest chains
+    /// begun in the range, each with its whole cost).
+    lines: &'a [ledger::CostLine],
+    whole_chains: bool,
+    total: f64,
+    saved: f64,
+    calls: i64,
+    tasks: i64,
+    /// With `--chain-id`: its tasks.
+    chain: &'a [ledger::ChainTask],
+}
+
+/// The report as text, for the range asked (`last`: its last day).
+fn text(args: &Costs, last: chrono::NaiveDate, r: &Report<'_>) -> String {
+    let Report {
+        lines,
+        whole_chains: chains,
+        total,
+        saved,
+        calls,
+        tasks,
+        chain,
+    } = *r;
+    let range = match (args.date, args.since) {
+        (Some(d), _) => format!("on {d}"),
+        (None, Some(s)) => format!("from {s} to {last}"),
+        (None, None) => format!("up to {last}"),
+    };
+    let of = match &args.batch {
+        Some(batch) => format!(" of batch {batch}"),
+        None => String::new(),
+    };
+    let mut s = format!(
+        "Costs{of} {range}\nTotal: {} over {calls} calls, {tasks} tasks\n",
+        render::usd(total)
+    );
+    if saved > 0.0 {
+        s.push_str(&format!(
+            "Provider batches and prompt caching saved {} against list prices ({} at list prices)\n",
+            render::usd(saved),
+            render::usd(total + saved)
+        ));
+    } else if saved < 0.0 {
+        s.push_str(&format!(
+            "Provider batches and prompt caching together cost {} more than list prices (cache writes that few reads followed)\n",
+            render::usd(-saved)
+        ));
+    }
+    s.push('\n');
+    if chains {
+        s.push_str(&format!(
+            "The {} costliest chains begun in the range, each with its whole cost:\n",
+            lines.len()
+        ));
+    }
+    s.push_str(&format!(
+        "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
+        format!("{:?}", args.by).to_uppercase(),
+        "CALLS",
+        "TASKS",
+        "IN TOKENS",
+        "CACHED",
+        "OUT TOKENS",
+        "COST"
+    ));
+    for l in lines {
+        s.push_str(&format!(
+            "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
+            render::cut(&l.key, 32),
+            l.calls,
+            l.tasks,
+            l.input_tokens,
+            l.cached_tokens,
+            l.output_tokens,
+            render::usd(l.cost_usd)
+        ));
+    }
+    if let Some(id) = &args.chain_id {
+        s.push_str(&format!("\nChain {id}: {} tasks\n", chain.len()));
+        s.push_str(&format!(
+            "{:<36} {:<16} {:>5} {:>12}  {}\n",
+            "TASK", "TYPE", "CALLS", "COST", "PROVIDER/MODEL"
+        ));
+        for t in chain {
+            s.push_str(&format!(
+                "{:<36} {:<16} {:>5} {:>12}  {}\n",
+                t.task_id,
+                t.task_type,
+                t.calls,
+                render::usd(t.cost_usd),
+                t.models.join(" → ")
+            ));
+        }
+    }
+    s
 }
