@@ -10,6 +10,7 @@ use futures_util::{StreamExt, TryStreamExt};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
+use llmq_shared::queue::Client;
 use llmq_shared::quota::{Limiter, QuotaLine};
 use serde::Deserialize;
 
@@ -63,10 +64,7 @@ fn quota_rows(lines: &[QuotaLine]) -> String {
 /// Each provider's state as the workers see it: disabled, cooling down (its circuit open,
 /// with why and until when), or ready, with its models that cool down. Read from Redis, so
 /// the page calls no provider and needs no API key.
-async fn providers(
-    redis: &llmq_shared::queue::Client,
-    config: &Config,
-) -> Result<String, llmq_shared::queue::Error> {
+async fn providers(redis: &Client, config: &Config) -> Result<String, llmq_shared::queue::Error> {
     let scopes = config.circuit_scopes();
     let open = Circuits::new(redis.clone(), "llmq-web")
         .open(&scopes)
@@ -169,44 +167,21 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
             c.ready, c.in_flight, c.delayed, c.dead, c.duplicates, c.workers,
         ));
     }
-    let providers = match &app.web.config {
-        Some(config) => match providers(redis, config).await {
-            Ok(rows) => format!(
-                "<h2>Providers</h2><p class=\"note\">As the workers found them: a provider or \
-                 model whose calls keep failing cools down, and every worker skips it until \
-                 then.</p><table><tr><th>Provider</th><th>State</th><th>Detail</th></tr>\
-                 {rows}</table>"
-            ),
+    let (providers, quotas) = match &app.web.config {
+        Some(config) => match tokio::try_join!(
+            providers_section(redis, config),
+            quotas_section(redis, config)
+        ) {
+            Ok(sections) => sections,
             Err(e) => return redis_away(&e, &viewer),
         },
-        None => "<h2>Providers</h2><p class=\"note\">Start <code>llmq web</code> with \
-                 <code>--config</code> (or <code>LLMQ_CONFIG</code>) to see each provider's \
-                 state and quota use.</p>"
-            .to_owned(),
-    };
-    let quotas = match &app.web.config {
-        Some(config) => {
-            let limiter = Limiter::new(redis.clone());
-            let now = chrono::Utc::now();
-            let mut lines = Vec::new();
-            for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
-                match limiter.usage(&p.name, &p.quotas, now).await {
-                    Ok(l) => lines.extend(l),
-                    Err(e) => return redis_away(&e, &viewer),
-                }
-            }
-            if lines.is_empty() {
-                "<h2>Quotas</h2><p>No provider in the provider file has a quota.</p>".to_owned()
-            } else {
-                format!(
-                    "<h2>Quotas</h2><p class=\"note\">Marks at 50, 80 and 90 %.</p><table>\
-                     <tr><th>Provider</th><th>Quota</th><th>Use</th><th>Used</th>\
-                     <th>Resets</th></tr>{}</table>",
-                    quota_rows(&lines)
-                )
-            }
-        }
-        None => String::new(),
+        None => (
+            "<h2>Providers</h2><p class=\"note\">Start <code>llmq web</code> with \
+             <code>--config</code> (or <code>LLMQ_CONFIG</code>) to see each provider's \
+             state and quota use.</p>"
+                .to_owned(),
+            String::new(),
+        ),
     };
     let keys = SchedulerKeys::new(app.web.scheduler_namespace.as_deref());
     let scheduler = match llmq_shared::archive::scheduler_status(redis, &keys).await {
@@ -220,22 +195,7 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
             );
         }
     };
-    let mut duties = String::new();
-    for d in &scheduler.duties {
-        duties.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&d.name),
-            d.state(),
-            d.last_run
-                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
-                .unwrap_or_else(|| "never".into()),
-            esc(&d.detail)
-        ));
-    }
-    let holder = scheduler.holder.as_deref().map_or_else(
-        || "none active (start llmq-scheduler)".to_owned(),
-        |h| format!("active: {}", esc(h)),
-    );
+    let (holder, duties) = scheduler_section(&scheduler);
     if !rooms.is_empty() {
         rooms = format!(
             "<p class=\"note\">Of the ready tasks, waiting their turn (priority 0 first, \
@@ -255,6 +215,64 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
          <label>Task id <input name=\"id\" size=\"40\"></label> <button>Show</button></form>"
     );
     page(StatusCode::OK, "llmq", &body, &viewer)
+}
+
+/// Each provider's state, as the workers found it.
+async fn providers_section(
+    redis: &Client,
+    config: &Config,
+) -> Result<String, llmq_shared::queue::Error> {
+    let rows = providers(redis, config).await?;
+    Ok(format!(
+        "<h2>Providers</h2><p class=\"note\">As the workers found them: a provider or \
+         model whose calls keep failing cools down, and every worker skips it until \
+         then.</p><table><tr><th>Provider</th><th>State</th><th>Detail</th></tr>\
+         {rows}</table>"
+    ))
+}
+
+/// Each quota's use, with the marks the workers alert at.
+async fn quotas_section(
+    redis: &Client,
+    config: &Config,
+) -> Result<String, llmq_shared::queue::Error> {
+    let limiter = Limiter::new(redis.clone());
+    let now = chrono::Utc::now();
+    let mut lines = Vec::new();
+    for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
+        lines.extend(limiter.usage(&p.name, &p.quotas, now).await?);
+    }
+    Ok(if lines.is_empty() {
+        "<h2>Quotas</h2><p>No provider in the provider file has a quota.</p>".to_owned()
+    } else {
+        format!(
+            "<h2>Quotas</h2><p class=\"note\">Marks at 50, 80 and 90 %.</p><table>\
+             <tr><th>Provider</th><th>Quota</th><th>Use</th><th>Used</th>\
+             <th>Resets</th></tr>{}</table>",
+            quota_rows(&lines)
+        )
+    })
+}
+
+/// Who holds the scheduler's lease, and a row for each duty.
+fn scheduler_section(scheduler: &llmq_shared::archive::SchedulerStatus) -> (String, String) {
+    let mut duties = String::new();
+    for d in &scheduler.duties {
+        duties.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&d.name),
+            d.state(),
+            d.last_run
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "never".into()),
+            esc(&d.detail)
+        ));
+    }
+    let holder = scheduler.holder.as_deref().map_or_else(
+        || "none active (start llmq-scheduler)".to_owned(),
+        |h| format!("active: {}", esc(h)),
+    );
+    (holder, duties)
 }
 
 #[derive(Deserialize)]
