@@ -122,6 +122,67 @@ fn chains_table(chains: &[CostLine]) -> String {
     )
 }
 
+/// The first and last day of a page, and the ledger's bounds for them.
+type Range = (
+    chrono::NaiveDate,
+    chrono::NaiveDate,
+    chrono::DateTime<Utc>,
+    chrono::DateTime<Utc>,
+);
+
+/// The days asked for (30 to `until`, or `MAX_DAYS` for one batch), with the ledger's
+/// bounds for them; or why they cannot be read.
+fn range(q: &CostsQuery, batch: bool, today: chrono::NaiveDate) -> Result<Range, String> {
+    day(q.until.as_deref(), today, "until").and_then(|until| {
+        let back = if batch { MAX_DAYS - 1 } else { 29 };
+        let since = day(
+            q.since.as_deref(),
+            until - chrono::Duration::days(back),
+            "since",
+        )?;
+        let Some((from, to)) = llmq_shared::ledger::days(since, until) else {
+            return Err(format!(
+                "The range starts ({since}) after it ends ({until})."
+            ));
+        };
+        if (until - since).num_days() >= MAX_DAYS {
+            return Err(format!("Choose a range of at most {MAX_DAYS} days."));
+        }
+        Ok((since, until, from, to))
+    })
+}
+
+/// The switches that would save money at similar success.
+fn insights_section(switches: &[insights::Switch]) -> String {
+    if switches.is_empty() {
+        "<h2>Insights</h2><p>No switch would save money at similar success yet (each model \
+         needs 20 tasks of a type to be compared).</p>"
+            .to_owned()
+    } else {
+        let mut rows = String::new();
+        for s in switches {
+            rows.push_str(&format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>${:.6} a task (${:.4} over {} tasks)\
+                 </td><td>{:.0}% of {} against {:.0}% of {}</td></tr>",
+                esc(&s.task_type),
+                esc(&s.from),
+                esc(&s.to),
+                s.saving_per_task_usd,
+                s.saving_usd,
+                s.from_tasks,
+                s.from_success_rate * 100.0,
+                s.from_tasks,
+                s.to_success_rate * 100.0,
+                s.to_tasks
+            ));
+        }
+        format!(
+            "<h2>Insights</h2><table><tr><th>Task type</th><th>From</th><th>To</th>\
+             <th>Saving</th><th>Success (from against to)</th></tr>{rows}</table>"
+        )
+    }
+}
+
 /// Postgres could not answer: a page that says so.
 fn postgres_away(e: &dyn std::fmt::Display, viewer: &Viewer) -> Response {
     message(
@@ -155,23 +216,7 @@ pub(super) async fn costs(
     }
     let scope = batch.map_or(Scope::All, Scope::Batch);
     let today = Utc::now().date_naive();
-    let range = day(q.until.as_deref(), today, "until").and_then(|until| {
-        let back = if batch.is_some() { MAX_DAYS - 1 } else { 29 };
-        let since = day(
-            q.since.as_deref(),
-            until - chrono::Duration::days(back),
-            "since",
-        )?;
-        let Some((from, to)) = llmq_shared::ledger::days(since, until) else {
-            return Err(format!(
-                "The range starts ({since}) after it ends ({until})."
-            ));
-        };
-        if (until - since).num_days() >= MAX_DAYS {
-            return Err(format!("Choose a range of at most {MAX_DAYS} days."));
-        }
-        Ok((since, until, from, to))
-    });
+    let range = range(&q, batch.is_some(), today);
     let (since, until, from, to) = match range {
         Ok(r) => r,
         Err(why) => return message(StatusCode::BAD_REQUEST, "Not a range", &why, &viewer),
@@ -209,32 +254,8 @@ pub(super) async fn costs(
     let switches = insights::switches(&models, 0.02, 20);
     let insight = if batch.is_some() {
         String::new()
-    } else if switches.is_empty() {
-        "<h2>Insights</h2><p>No switch would save money at similar success yet (each model \
-         needs 20 tasks of a type to be compared).</p>"
-            .to_owned()
     } else {
-        let mut rows = String::new();
-        for s in &switches {
-            rows.push_str(&format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>${:.6} a task (${:.4} over {} tasks)\
-                 </td><td>{:.0}% of {} against {:.0}% of {}</td></tr>",
-                esc(&s.task_type),
-                esc(&s.from),
-                esc(&s.to),
-                s.saving_per_task_usd,
-                s.saving_usd,
-                s.from_tasks,
-                s.from_success_rate * 100.0,
-                s.from_tasks,
-                s.to_success_rate * 100.0,
-                s.to_tasks
-            ));
-        }
-        format!(
-            "<h2>Insights</h2><table><tr><th>Task type</th><th>From</th><th>To</th>\
-             <th>Saving</th><th>Success (from against to)</th></tr>{rows}</table>"
-        )
+        insights_section(&switches)
     };
     let body = format!(
         "<form method=\"get\" action=\"/costs\"><label>From <input type=\"date\" name=\"since\" \
