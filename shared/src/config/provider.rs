@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 
 use super::env::{ENV_FIX, expand};
-use super::raw::{RawCommand, RawProvider};
+use super::raw::{RawBatch, RawCommand, RawModel, RawProvider, RawQuotas};
 use super::{Errors, Result};
 use crate::envelope::TaskType;
 pub use crate::envelope::Tier;
@@ -454,6 +454,296 @@ impl ProviderConfig {
     }
 }
 
+/// A provider's `quotas`, checked: each key named where it is wrong.
+fn quotas(errs: &Errors<'_>, at: &dyn Fn(&str) -> String, q: RawQuotas) -> Result<Quotas> {
+    if let Some(tz) = q
+        .reset_timezone
+        .as_deref()
+        .filter(|tz| !tz.eq_ignore_ascii_case("utc"))
+    {
+        return Err(errs.at(
+            at("quotas.reset_timezone"),
+            format!("`{tz}` is not supported"),
+            "quota windows reset in UTC; write UTC or leave it out",
+        ));
+    }
+    for (key, zero) in [
+        ("requests_per_day", q.requests_per_day == Some(0)),
+        ("rpm", q.rpm == Some(0)),
+        ("tpm", q.tpm == Some(0)),
+        (
+            "usd_per_month",
+            q.usd_per_month.is_some_and(|v| !v.is_finite() || v <= 0.0),
+        ),
+    ] {
+        if zero {
+            return Err(errs.at(
+                at(&format!("quotas.{key}")),
+                "a quota must be more than zero",
+                "raise it, or set enabled: false to stop using the provider",
+            ));
+        }
+    }
+    let window = match q.window.as_deref() {
+        Some(w) => errs.duration(at("quotas.window"), w)?,
+        None => Quotas::default().window,
+    };
+    if window.is_zero() {
+        return Err(errs.at(
+            at("quotas.window"),
+            "the window cannot be zero",
+            "leave it out for one minute, or give e.g. 10s",
+        ));
+    }
+    // Rolling windows are for minutes and hours; a day's limit is requests_per_day.
+    if window > MAX_WINDOW {
+        return Err(errs.at(
+            at("quotas.window"),
+            format!(
+                "{} is longer than a day",
+                humantime::format_duration(window)
+            ),
+            "give at most 1d; for a daily limit use requests_per_day",
+        ));
+    }
+    let mut reserve = [0u8; 10];
+    for (&priority, &percent) in q.reserve.iter().flatten() {
+        let slot = usize::try_from(priority)
+            .ok()
+            .and_then(|i| reserve.get_mut(i))
+            .ok_or_else(|| {
+                errs.at(
+                    at("quotas.reserve"),
+                    format!("priority {priority} is out of range"),
+                    "name priorities 0 (most urgent) to 9",
+                )
+            })?;
+        *slot = u8::try_from(percent)
+            .ok()
+            .filter(|p| (1..=99).contains(p))
+            .ok_or_else(|| {
+                errs.at(
+                    at(&format!("quotas.reserve.{priority}")),
+                    format!("{percent} is not a share"),
+                    "give a percent of rpm and tpm from 1 to 99",
+                )
+            })?;
+    }
+    let held: u32 = reserve.iter().map(|&p| u32::from(p)).sum();
+    if held >= 100 {
+        return Err(errs.at(
+            at("quotas.reserve"),
+            format!("the shares add up to {held} %"),
+            "keep them under 100 % in all, so that the priorities without a share keep some of the limit",
+        ));
+    }
+    if let (Some(burst), Some(rpm)) = (q.burst, q.rpm)
+        && burst > rpm
+    {
+        return Err(errs.at(
+            at("quotas.burst"),
+            format!("a burst of {burst} is more than the rpm of {rpm}"),
+            "give at most rpm (the whole window at once), or leave it out for none",
+        ));
+    }
+    if q.burst.is_some() && q.rpm.is_none() && q.tpm.is_none() {
+        return Err(errs.at(
+            at("quotas.burst"),
+            "there is no rpm or tpm to pace",
+            "set quotas.rpm or quotas.tpm, or leave burst out",
+        ));
+    }
+    if held > 0 && q.rpm.is_none() && q.tpm.is_none() {
+        return Err(errs.at(
+            at("quotas.reserve"),
+            "there is no rpm or tpm to share",
+            "set quotas.rpm or quotas.tpm, or leave reserve out",
+        ));
+    }
+    Ok(Quotas {
+        requests_per_day: q.requests_per_day,
+        usd_per_month: q.usd_per_month,
+        rpm: q.rpm,
+        tpm: q.tpm,
+        window,
+        burst: q.burst,
+        reserve,
+    })
+}
+
+/// One model of a provider of `kind`, checked, its prices from the file or llmq's bundled
+/// table; `earlier`: the provider's models before it.
+fn model(
+    errs: &Errors<'_>,
+    at: &dyn Fn(&str) -> String,
+    kind: Kind,
+    m: RawModel,
+    earlier: &[Model],
+) -> Result<Model> {
+    if m.id.trim().is_empty() {
+        return Err(errs.at(
+            at("id"),
+            "the model id is empty",
+            "set id to the model name the provider expects",
+        ));
+    }
+    if earlier.iter().any(|x| *x.id == *m.id) {
+        return Err(errs.at(
+            at("id"),
+            format!("model `{}` is listed twice", m.id),
+            "list each model once",
+        ));
+    }
+    for (key, v) in [
+        ("input_usd_per_mtok", m.input_usd_per_mtok),
+        ("output_usd_per_mtok", m.output_usd_per_mtok),
+        ("cached_input_usd_per_mtok", m.cached_input_usd_per_mtok),
+        ("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok),
+        ("batch_input_usd_per_mtok", m.batch_input_usd_per_mtok),
+        ("batch_output_usd_per_mtok", m.batch_output_usd_per_mtok),
+    ] {
+        if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
+            return Err(errs.at(
+                at(key),
+                "a price must be a number of USD per million tokens, zero or more",
+                "write it as e.g. 0.15 (use 0 for a free model)",
+            ));
+        }
+    }
+    if m.context_window == Some(0) {
+        return Err(errs.at(
+            at("context_window"),
+            "the context window cannot be 0 tokens",
+            "give the model's context size in tokens, e.g. 128000, or leave it out",
+        ));
+    }
+    let bundled = bundled_prices().models.get(&m.id).copied();
+    let (prices, price_source, window) =
+        match (m.input_usd_per_mtok, m.output_usd_per_mtok, bundled) {
+            (Some(input), Some(output), _) => (
+                Prices::list(
+                    input,
+                    output,
+                    m.cached_input_usd_per_mtok.unwrap_or(match kind {
+                        // Anthropic sells a cache read at a tenth of the input price.
+                        Kind::Anthropic => input * ANTHROPIC_CACHE_READ_MULTIPLIER,
+                        _ => input,
+                    }),
+                ),
+                PriceSource::File,
+                m.context_window,
+            ),
+            (None, None, Some(b)) => (
+                Prices::list(b.input, b.output, b.cached_input.unwrap_or(b.input)),
+                PriceSource::Bundled,
+                m.context_window.or(b.context_window),
+            ),
+            (None, None, None) => {
+                return Err(errs.at(
+                    at("input_usd_per_mtok"),
+                    format!(
+                        "model `{}` has no prices and is not in llmq's bundled price table",
+                        m.id
+                    ),
+                    "add input_usd_per_mtok and output_usd_per_mtok (0 for a free model)",
+                ));
+            }
+            _ => {
+                return Err(errs.at(
+                    at(if m.input_usd_per_mtok.is_none() {
+                        "input_usd_per_mtok"
+                    } else {
+                        "output_usd_per_mtok"
+                    }),
+                    "only one of the input and output prices is given",
+                    "give both, or neither to use the bundled price table",
+                ));
+            }
+        };
+    let mut prices = prices;
+    if let Some(p) = m.cache_write_usd_per_mtok {
+        prices.cache_write = p;
+    }
+    if let Some(p) = m.batch_input_usd_per_mtok {
+        prices.batch_input = p;
+    }
+    if let Some(p) = m.batch_output_usd_per_mtok {
+        prices.batch_output = p;
+    }
+    Ok(Model {
+        name: m.name.unwrap_or_else(|| m.id.clone()),
+        id: m.id.into(),
+        capabilities: m.capabilities,
+        tier: m.tier,
+        context_window: window,
+        prices,
+        price_source,
+    })
+}
+
+/// A provider's `batch` section, checked.
+fn batch(errs: &Errors<'_>, at: &dyn Fn(&str) -> String, b: RawBatch) -> Result<BatchConfig> {
+    let mut batch = BatchConfig::default();
+    if let Some(g) = b.gather.as_deref() {
+        batch.gather = errs.duration(at("batch.gather"), g)?;
+        if batch.gather > Duration::from_secs(3600) {
+            return Err(errs.at(
+                at("batch.gather"),
+                format!("{g} is longer than an hour"),
+                "give at most 1h; a task waits this long for others before its batch is sent",
+            ));
+        }
+    }
+    match b.max_requests {
+        None => {}
+        Some(n @ 1..=MAX_BATCH_REQUESTS) => batch.max_requests = n,
+        Some(n) => {
+            return Err(errs.at(
+                at("batch.max_requests"),
+                format!("{n} requests per batch is not a usable number"),
+                &format!("use 1 to {MAX_BATCH_REQUESTS}"),
+            ));
+        }
+    }
+    Ok(batch)
+}
+
+/// Where a provider of `kind` is reached (`url` from the file, `${ENV}` expanded, else the
+/// kind's own), checked to be http(s); a command provider has none.
+fn base_url(
+    errs: &Errors<'_>,
+    at: &dyn Fn(&str) -> String,
+    kind: Kind,
+    url: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String> {
+    let base_url = match (url, kind.default_base_url()) {
+        (Some(url), _) => expand(&url, env).map_err(|m| errs.at(at("base_url"), m, ENV_FIX))?,
+        (None, Some(url)) => url.to_owned(),
+        (None, None) if kind == Kind::Command => String::new(),
+        (None, None) => {
+            return Err(errs.at(
+                at("base_url"),
+                "an openai_compatible provider needs a base_url",
+                "set base_url to the server's address up to /v1, e.g. http://127.0.0.1:8000/v1",
+            ));
+        }
+    };
+    if kind != Kind::Command
+        && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
+    {
+        return Err(errs.at(
+            at("base_url"),
+            format!(
+                "`{}` is not an http(s) URL",
+                crate::text::without_credentials(&base_url)
+            ),
+            "write it as http://host:port/v1 or https://host/v1",
+        ));
+    }
+    Ok(base_url)
+}
+
 pub(super) fn provider(
     errs: &Errors<'_>,
     i: usize,
@@ -476,30 +766,7 @@ pub(super) fn provider(
             "give every provider its own name",
         ));
     }
-    let base_url = match (p.base_url, p.kind.default_base_url()) {
-        (Some(url), _) => expand(&url, env).map_err(|m| errs.at(at("base_url"), m, ENV_FIX))?,
-        (None, Some(url)) => url.to_owned(),
-        (None, None) if p.kind == Kind::Command => String::new(),
-        (None, None) => {
-            return Err(errs.at(
-                at("base_url"),
-                "an openai_compatible provider needs a base_url",
-                "set base_url to the server's address up to /v1, e.g. http://127.0.0.1:8000/v1",
-            ));
-        }
-    };
-    if p.kind != Kind::Command
-        && !(base_url.starts_with("http://") || base_url.starts_with("https://"))
-    {
-        return Err(errs.at(
-            at("base_url"),
-            format!(
-                "`{}` is not an http(s) URL",
-                crate::text::without_credentials(&base_url)
-            ),
-            "write it as http://host:port/v1 or https://host/v1",
-        ));
-    }
+    let base_url = base_url(errs, &at, p.kind, p.base_url, env)?;
     let api_key = p
         .api_key
         .filter(|_| errs.with_secrets)
@@ -528,121 +795,7 @@ pub(super) fn provider(
         (_, None) => None,
     };
     let quotas = match p.quotas {
-        Some(q) => {
-            if let Some(tz) = q
-                .reset_timezone
-                .as_deref()
-                .filter(|tz| !tz.eq_ignore_ascii_case("utc"))
-            {
-                return Err(errs.at(
-                    at("quotas.reset_timezone"),
-                    format!("`{tz}` is not supported"),
-                    "quota windows reset in UTC; write UTC or leave it out",
-                ));
-            }
-            for (key, zero) in [
-                ("requests_per_day", q.requests_per_day == Some(0)),
-                ("rpm", q.rpm == Some(0)),
-                ("tpm", q.tpm == Some(0)),
-                (
-                    "usd_per_month",
-                    q.usd_per_month.is_some_and(|v| !v.is_finite() || v <= 0.0),
-                ),
-            ] {
-                if zero {
-                    return Err(errs.at(
-                        at(&format!("quotas.{key}")),
-                        "a quota must be more than zero",
-                        "raise it, or set enabled: false to stop using the provider",
-                    ));
-                }
-            }
-            let window = match q.window.as_deref() {
-                Some(w) => errs.duration(at("quotas.window"), w)?,
-                None => Quotas::default().window,
-            };
-            if window.is_zero() {
-                return Err(errs.at(
-                    at("quotas.window"),
-                    "the window cannot be zero",
-                    "leave it out for one minute, or give e.g. 10s",
-                ));
-            }
-            // Rolling windows are for minutes and hours; a day's limit is requests_per_day.
-            if window > MAX_WINDOW {
-                return Err(errs.at(
-                    at("quotas.window"),
-                    format!(
-                        "{} is longer than a day",
-                        humantime::format_duration(window)
-                    ),
-                    "give at most 1d; for a daily limit use requests_per_day",
-                ));
-            }
-            let mut reserve = [0u8; 10];
-            for (&priority, &percent) in q.reserve.iter().flatten() {
-                let slot = usize::try_from(priority)
-                    .ok()
-                    .and_then(|i| reserve.get_mut(i))
-                    .ok_or_else(|| {
-                        errs.at(
-                            at("quotas.reserve"),
-                            format!("priority {priority} is out of range"),
-                            "name priorities 0 (most urgent) to 9",
-                        )
-                    })?;
-                *slot = u8::try_from(percent)
-                    .ok()
-                    .filter(|p| (1..=99).contains(p))
-                    .ok_or_else(|| {
-                        errs.at(
-                            at(&format!("quotas.reserve.{priority}")),
-                            format!("{percent} is not a share"),
-                            "give a percent of rpm and tpm from 1 to 99",
-                        )
-                    })?;
-            }
-            let held: u32 = reserve.iter().map(|&p| u32::from(p)).sum();
-            if held >= 100 {
-                return Err(errs.at(
-                    at("quotas.reserve"),
-                    format!("the shares add up to {held} %"),
-                    "keep them under 100 % in all, so that the priorities without a share keep some of the limit",
-                ));
-            }
-            if let (Some(burst), Some(rpm)) = (q.burst, q.rpm)
-                && burst > rpm
-            {
-                return Err(errs.at(
-                    at("quotas.burst"),
-                    format!("a burst of {burst} is more than the rpm of {rpm}"),
-                    "give at most rpm (the whole window at once), or leave it out for none",
-                ));
-            }
-            if q.burst.is_some() && q.rpm.is_none() && q.tpm.is_none() {
-                return Err(errs.at(
-                    at("quotas.burst"),
-                    "there is no rpm or tpm to pace",
-                    "set quotas.rpm or quotas.tpm, or leave burst out",
-                ));
-            }
-            if held > 0 && q.rpm.is_none() && q.tpm.is_none() {
-                return Err(errs.at(
-                    at("quotas.reserve"),
-                    "there is no rpm or tpm to share",
-                    "set quotas.rpm or quotas.tpm, or leave reserve out",
-                ));
-            }
-            Quotas {
-                requests_per_day: q.requests_per_day,
-                usd_per_month: q.usd_per_month,
-                rpm: q.rpm,
-                tpm: q.tpm,
-                window,
-                burst: q.burst,
-                reserve,
-            }
-        }
+        Some(q) => quotas(errs, &at, q)?,
         None => Quotas::default(),
     };
     if p.models.is_empty() {
@@ -655,105 +808,8 @@ pub(super) fn provider(
     let mut models: Vec<Model> = Vec::with_capacity(p.models.len());
     for (j, m) in p.models.into_iter().enumerate() {
         let at = |k: &str| format!("providers[{i}].models[{j}].{k}");
-        if m.id.trim().is_empty() {
-            return Err(errs.at(
-                at("id"),
-                "the model id is empty",
-                "set id to the model name the provider expects",
-            ));
-        }
-        if models.iter().any(|x| *x.id == *m.id) {
-            return Err(errs.at(
-                at("id"),
-                format!("model `{}` is listed twice", m.id),
-                "list each model once",
-            ));
-        }
-        for (key, v) in [
-            ("input_usd_per_mtok", m.input_usd_per_mtok),
-            ("output_usd_per_mtok", m.output_usd_per_mtok),
-            ("cached_input_usd_per_mtok", m.cached_input_usd_per_mtok),
-            ("cache_write_usd_per_mtok", m.cache_write_usd_per_mtok),
-            ("batch_input_usd_per_mtok", m.batch_input_usd_per_mtok),
-            ("batch_output_usd_per_mtok", m.batch_output_usd_per_mtok),
-        ] {
-            if v.is_some_and(|v| !v.is_finite() || v < 0.0) {
-                return Err(errs.at(
-                    at(key),
-                    "a price must be a number of USD per million tokens, zero or more",
-                    "write it as e.g. 0.15 (use 0 for a free model)",
-                ));
-            }
-        }
-        if m.context_window == Some(0) {
-            return Err(errs.at(
-                at("context_window"),
-                "the context window cannot be 0 tokens",
-                "give the model's context size in tokens, e.g. 128000, or leave it out",
-            ));
-        }
-        let bundled = bundled_prices().models.get(&m.id).copied();
-        let (prices, price_source, window) =
-            match (m.input_usd_per_mtok, m.output_usd_per_mtok, bundled) {
-                (Some(input), Some(output), _) => (
-                    Prices::list(
-                        input,
-                        output,
-                        m.cached_input_usd_per_mtok.unwrap_or(match p.kind {
-                            // Anthropic sells a cache read at a tenth of the input price.
-                            Kind::Anthropic => input * ANTHROPIC_CACHE_READ_MULTIPLIER,
-                            _ => input,
-                        }),
-                    ),
-                    PriceSource::File,
-                    m.context_window,
-                ),
-                (None, None, Some(b)) => (
-                    Prices::list(b.input, b.output, b.cached_input.unwrap_or(b.input)),
-                    PriceSource::Bundled,
-                    m.context_window.or(b.context_window),
-                ),
-                (None, None, None) => {
-                    return Err(errs.at(
-                        at("input_usd_per_mtok"),
-                        format!(
-                            "model `{}` has no prices and is not in llmq's bundled price table",
-                            m.id
-                        ),
-                        "add input_usd_per_mtok and output_usd_per_mtok (0 for a free model)",
-                    ));
-                }
-                _ => {
-                    return Err(errs.at(
-                        at(if m.input_usd_per_mtok.is_none() {
-                            "input_usd_per_mtok"
-                        } else {
-                            "output_usd_per_mtok"
-                        }),
-                        "only one of the input and output prices is given",
-                        "give both, or neither to use the bundled price table",
-                    ));
-                }
-            };
-        let mut prices = prices;
-        if let Some(p) = m.cache_write_usd_per_mtok {
-            prices.cache_write = p;
-        }
-        if let Some(p) = m.batch_input_usd_per_mtok {
-            prices.batch_input = p;
-        }
-        if let Some(p) = m.batch_output_usd_per_mtok {
-            prices.batch_output = p;
-        }
-        models.push(Model {
-            name: m.name.unwrap_or_else(|| m.id.clone()),
-            id: m.id.into(),
-            capabilities: m.capabilities,
-            tier: m.tier,
-            context_window: window,
-            prices,
-            price_source,
-        });
+        let model = model(errs, &at, p.kind, m, &models)?;
+        models.push(model);
     }
     let batch = match p.batch {
         None => None,
@@ -769,31 +825,7 @@ pub(super) fn provider(
                 "remove the batch section; only openai, openai_compatible (a server with /v1/batches), anthropic and gemini take one",
             ));
         }
-        Some(b) => {
-            let mut batch = BatchConfig::default();
-            if let Some(g) = b.gather.as_deref() {
-                batch.gather = errs.duration(at("batch.gather"), g)?;
-                if batch.gather > Duration::from_secs(3600) {
-                    return Err(errs.at(
-                        at("batch.gather"),
-                        format!("{g} is longer than an hour"),
-                        "give at most 1h; a task waits this long for others before its batch is sent",
-                    ));
-                }
-            }
-            match b.max_requests {
-                None => {}
-                Some(n @ 1..=MAX_BATCH_REQUESTS) => batch.max_requests = n,
-                Some(n) => {
-                    return Err(errs.at(
-                        at("batch.max_requests"),
-                        format!("{n} requests per batch is not a usable number"),
-                        &format!("use 1 to {MAX_BATCH_REQUESTS}"),
-                    ));
-                }
-            }
-            Some(batch)
-        }
+        Some(b) => Some(batch(errs, &at, b)?),
     };
     let connections = match p.connections {
         None => DEFAULT_CONNECTIONS,
