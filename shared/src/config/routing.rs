@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::raw::RawRouting;
+use super::raw::{RawCooldown, RawRetry, RawRouting, RawRule};
 use super::{Capability, Errors, ProviderConfig, Result, Tier};
 use crate::envelope::{Risk, TaskType};
 
@@ -173,6 +173,122 @@ impl Default for Routing {
     }
 }
 
+/// One routing rule, checked: which tasks it applies to, and the tier or model they go to.
+fn rule(errs: &Errors<'_>, i: usize, rule: RawRule, providers: &[ProviderConfig]) -> Result<Rule> {
+    let at = |k: &str| format!("routing.rules[{i}]{k}");
+    let task_type = rule
+        .task_type
+        .map(|t| {
+            t.parse::<TaskType>().map_err(|e| {
+                errs.at(
+                    at(".task_type"),
+                    e.to_string(),
+                    "use one of the ten task types",
+                )
+            })
+        })
+        .transpose()?;
+    let target = match (rule.tier, rule.model) {
+        (Some(t), None) => RuleTarget::Tier(t),
+        (None, Some(m)) => {
+            let Some((p, model)) = m.split_once('/') else {
+                return Err(errs.at(
+                    at(".model"),
+                    format!("`{m}` does not say which provider"),
+                    "write it as provider/model, e.g. openai/gpt-4o",
+                ));
+            };
+            let known = providers
+                .iter()
+                .find(|x| *x.name == *p)
+                .is_some_and(|x| x.model(model).is_some());
+            if !known {
+                return Err(errs.at(
+                    at(".model"),
+                    format!("no provider `{p}` with model `{model}`"),
+                    "name a model listed under providers",
+                ));
+            }
+            RuleTarget::Model {
+                provider: p.to_owned(),
+                model: model.to_owned(),
+            }
+        }
+        _ => {
+            return Err(errs.at(
+                at(""),
+                "a rule needs exactly one of tier or model",
+                "add tier: fast|standard|advanced, or model: provider/model",
+            ));
+        }
+    };
+    if task_type.is_none() && rule.risk.is_none() && rule.area.is_none() {
+        return Err(errs.at(
+            at(""),
+            "a rule needs at least one of task_type, risk or area",
+            "say which tasks it applies to",
+        ));
+    }
+    Ok(Rule {
+        task_type,
+        risk: rule.risk,
+        area: rule.area,
+        target,
+    })
+}
+
+/// `routing.retry`, checked.
+fn retry(errs: &Errors<'_>, raw: RawRetry) -> Result<Retry> {
+    let mut retry = Retry::default();
+    if let Some(n) = raw.tries_per_provider {
+        if n == 0 {
+            return Err(errs.at(
+                "routing.retry.tries_per_provider",
+                "a provider needs at least one try",
+                "set it to 1 or more (default 3)",
+            ));
+        }
+        retry.tries_per_provider = n;
+    }
+    if let Some(b) = raw.backoff {
+        if b.is_empty() {
+            return Err(errs.at(
+                "routing.retry.backoff",
+                "the list is empty",
+                "give at least one wait, e.g. [1s, 2s, 4s]",
+            ));
+        }
+        retry.backoff = b
+            .iter()
+            .enumerate()
+            .map(|(i, d)| errs.duration(format!("routing.retry.backoff[{i}]"), d))
+            .collect::<Result<_>>()?;
+    }
+    if let Some(m) = raw.max_retry_after {
+        retry.max_retry_after = errs.duration("routing.retry.max_retry_after".into(), &m)?;
+    }
+    Ok(retry)
+}
+
+/// `routing.cooldown`, checked.
+fn cooldown(errs: &Errors<'_>, raw: RawCooldown) -> Result<Cooldown> {
+    let mut cooldown = Cooldown::default();
+    if let Some(n) = raw.after_failures {
+        if n == 0 {
+            return Err(errs.at(
+                "routing.cooldown.after_failures",
+                "0 failures would cool every provider down at once",
+                "set it to 1 or more (default 5)",
+            ));
+        }
+        cooldown.after_failures = n;
+    }
+    if let Some(d) = raw.duration {
+        cooldown.duration = errs.duration("routing.cooldown.for".into(), &d)?;
+    }
+    Ok(cooldown)
+}
+
 pub(super) fn routing(
     errs: &Errors<'_>,
     r: RawRouting,
@@ -230,119 +346,20 @@ pub(super) fn routing(
         }
     }
     let mut rules = Vec::with_capacity(r.rules.len());
-    for (i, rule) in r.rules.into_iter().enumerate() {
-        let at = |k: &str| format!("routing.rules[{i}]{k}");
-        let task_type = rule
-            .task_type
-            .map(|t| {
-                t.parse::<TaskType>().map_err(|e| {
-                    errs.at(
-                        at(".task_type"),
-                        e.to_string(),
-                        "use one of the ten task types",
-                    )
-                })
-            })
-            .transpose()?;
-        let target = match (rule.tier, rule.model) {
-            (Some(t), None) => RuleTarget::Tier(t),
-            (None, Some(m)) => {
-                let Some((p, model)) = m.split_once('/') else {
-                    return Err(errs.at(
-                        at(".model"),
-                        format!("`{m}` does not say which provider"),
-                        "write it as provider/model, e.g. openai/gpt-4o",
-                    ));
-                };
-                let known = providers
-                    .iter()
-                    .find(|x| *x.name == *p)
-                    .is_some_and(|x| x.model(model).is_some());
-                if !known {
-                    return Err(errs.at(
-                        at(".model"),
-                        format!("no provider `{p}` with model `{model}`"),
-                        "name a model listed under providers",
-                    ));
-                }
-                RuleTarget::Model {
-                    provider: p.to_owned(),
-                    model: model.to_owned(),
-                }
-            }
-            _ => {
-                return Err(errs.at(
-                    at(""),
-                    "a rule needs exactly one of tier or model",
-                    "add tier: fast|standard|advanced, or model: provider/model",
-                ));
-            }
-        };
-        if task_type.is_none() && rule.risk.is_none() && rule.area.is_none() {
-            return Err(errs.at(
-                at(""),
-                "a rule needs at least one of task_type, risk or area",
-                "say which tasks it applies to",
-            ));
-        }
-        rules.push(Rule {
-            task_type,
-            risk: rule.risk,
-            area: rule.area,
-            target,
-        });
+    for (i, raw) in r.rules.into_iter().enumerate() {
+        rules.push(rule(errs, i, raw, providers)?);
     }
     let keywords = r
         .keywords
         .into_iter()
         .map(|(cap, words)| (cap, words.into_iter().map(|w| w.to_lowercase()).collect()))
         .collect();
-    let mut retry = Retry::default();
-    if let Some(raw) = r.retry {
-        if let Some(n) = raw.tries_per_provider {
-            if n == 0 {
-                return Err(errs.at(
-                    "routing.retry.tries_per_provider",
-                    "a provider needs at least one try",
-                    "set it to 1 or more (default 3)",
-                ));
-            }
-            retry.tries_per_provider = n;
-        }
-        if let Some(b) = raw.backoff {
-            if b.is_empty() {
-                return Err(errs.at(
-                    "routing.retry.backoff",
-                    "the list is empty",
-                    "give at least one wait, e.g. [1s, 2s, 4s]",
-                ));
-            }
-            retry.backoff = b
-                .iter()
-                .enumerate()
-                .map(|(i, d)| errs.duration(format!("routing.retry.backoff[{i}]"), d))
-                .collect::<Result<_>>()?;
-        }
-        if let Some(m) = raw.max_retry_after {
-            retry.max_retry_after = errs.duration("routing.retry.max_retry_after".into(), &m)?;
-        }
-    }
-    let mut cooldown = Cooldown::default();
-    if let Some(raw) = r.cooldown {
-        if let Some(n) = raw.after_failures {
-            if n == 0 {
-                return Err(errs.at(
-                    "routing.cooldown.after_failures",
-                    "0 failures would cool every provider down at once",
-                    "set it to 1 or more (default 5)",
-                ));
-            }
-            cooldown.after_failures = n;
-        }
-        if let Some(d) = raw.duration {
-            cooldown.duration = errs.duration("routing.cooldown.for".into(), &d)?;
-        }
-    }
+    let retry = r
+        .retry
+        .map_or_else(|| Ok(Retry::default()), |raw| retry(errs, raw))?;
+    let cooldown = r
+        .cooldown
+        .map_or_else(|| Ok(Cooldown::default()), |raw| cooldown(errs, raw))?;
     let max_wait = match r.max_wait {
         Some(m) => errs.duration("routing.max_wait".into(), &m)?,
         None => DEFAULT_MAX_WAIT,
