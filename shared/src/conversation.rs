@@ -377,6 +377,13 @@ pub fn check(
     tool_choice: Option<&ToolChoice>,
     response_format: Option<&ResponseFormat>,
 ) -> Result<(), Invalid> {
+    check_messages(messages)?;
+    check_tools(tools, tool_choice)?;
+    check_format(response_format)
+}
+
+/// Each turn: its text, images and calls, every call answered by a tool turn.
+fn check_messages(messages: &[Message]) -> Result<(), Invalid> {
     // Calls of the last assistant turn not yet answered, and every call id so far.
     let mut open: Vec<&str> = Vec::new();
     let mut ids: std::collections::HashSet<&str> = std::collections::HashSet::new();
@@ -482,6 +489,12 @@ pub fn check(
             ),
         ));
     }
+    Ok(())
+}
+
+/// The tools (at most [`MAX_TOOLS`], each named once with an object's schema) and what
+/// `tool_choice` asks of them.
+fn check_tools(tools: &[Tool], tool_choice: Option<&ToolChoice>) -> Result<(), Invalid> {
     if tools.len() > MAX_TOOLS {
         return Err(invalid(
             "tools",
@@ -540,6 +553,11 @@ pub fn check(
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// A JSON Schema asked for as the answer's format compiles.
+fn check_format(response_format: Option<&ResponseFormat>) -> Result<(), Invalid> {
     if let Some(ResponseFormat::JsonSchema { schema, name, .. }) = response_format {
         if !schema.is_object() {
             return Err(invalid(
