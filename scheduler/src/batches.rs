@@ -407,19 +407,20 @@ impl Scheduler {
             .and_then(|p: &ProviderConfig| p.model(&record.model))
             .map(|m| m.prices)
             .unwrap_or_default();
-        let created = Utc
-            .timestamp_millis_opt(record.created_ms)
-            .single()
-            .unwrap_or_else(Utc::now);
-        let latency = i32::try_from(now_ms() - record.created_ms).unwrap_or(i32::MAX);
-        let delivery = Uuid::parse_str(&record.id).unwrap_or_else(|_| Uuid::new_v4());
-        // Every row of the batch names the same queue, provider, model and scheduler.
-        let (queue, provider, model, worker): (Arc<str>, Arc<str>, Arc<str>, Arc<str>) = (
-            keys.shared_name(),
-            record.provider.as_str().into(),
-            record.model.as_str().into(),
-            self.id().into(),
-        );
+        let rows_of = BatchRows {
+            delivery: Uuid::parse_str(&record.id).unwrap_or_else(|_| Uuid::new_v4()),
+            // Every row of the batch names the same queue, provider, model and scheduler.
+            queue: keys.shared_name(),
+            provider: record.provider.as_str().into(),
+            model: record.model.as_str().into(),
+            worker: self.id().into(),
+            called_at: Utc
+                .timestamp_millis_opt(record.created_ms)
+                .single()
+                .unwrap_or_else(Utc::now),
+            latency_ms: i32::try_from(now_ms() - record.created_ms).unwrap_or(i32::MAX),
+            prices,
+        };
         let mut rows = Vec::new();
         let mut settles = Vec::new();
         let mut answered = HashSet::new();
@@ -437,43 +438,7 @@ impl Scheduler {
             let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
             let cost = prices.batch().cost(&usage);
             let error = result.as_ref().err();
-            rows.push(CallRow {
-                task_id,
-                delivery,
-                run: env.as_ref().map_or(0, |e| e.replays as i32),
-                attempt: env.as_ref().map_or(1, |e| e.attempts as i32 + 1),
-                call_no: 1,
-                queue: Arc::clone(&queue),
-                chain_id: env
-                    .as_ref()
-                    .and_then(|e| e.chain_id.as_deref().map(Into::into)),
-                task_type: env
-                    .as_ref()
-                    .and_then(|e| e.task_type().ok())
-                    .map_or("", |t| t.as_str())
-                    .into(),
-                provider: Arc::clone(&provider),
-                model: Arc::clone(&model),
-                input_tokens: usage.input_tokens as i64,
-                output_tokens: usage.output_tokens as i64,
-                cached_tokens: usage.cached_tokens as i64,
-                cache_write_tokens: usage.cache_write_tokens as i64,
-                reasoning_tokens: usage.reasoning_tokens as i64,
-                cost_usd: cost,
-                latency_ms: latency,
-                outcome: if error.is_some() { "error" } else { "ok" }.into(),
-                error_class: error.map(|e| e.class.to_string()),
-                error: error.map(ToString::to_string),
-                worker: Arc::clone(&worker),
-                called_at: created,
-                // At list prices and as if no prompt cache had been read or written, as a
-                // call made at once keeps it.
-                list_cost_usd: Some(prices.cost(&Usage {
-                    cached_tokens: 0,
-                    cache_write_tokens: 0,
-                    ..usage
-                })),
-            });
+            rows.push(rows_of.row(task_id, env.as_ref(), usage, cost, error));
             if t.state != "sent" {
                 continue;
             }
@@ -540,5 +505,64 @@ impl Scheduler {
             .await?
             .ok_or(Error::NotLeader)
             .map(drop)
+    }
+}
+
+/// What every ledger row of one provider batch shares.
+struct BatchRows {
+    delivery: Uuid,
+    queue: Arc<str>,
+    provider: Arc<str>,
+    model: Arc<str>,
+    worker: Arc<str>,
+    called_at: chrono::DateTime<Utc>,
+    latency_ms: i32,
+    prices: llmq_shared::config::Prices,
+}
+
+impl BatchRows {
+    /// The row of one request the batch answered (or failed), costing `cost`.
+    fn row(
+        &self,
+        task_id: Uuid,
+        env: Option<&Envelope>,
+        usage: Usage,
+        cost: f64,
+        error: Option<&llmq_shared::provider::Error>,
+    ) -> CallRow {
+        CallRow {
+            task_id,
+            delivery: self.delivery,
+            run: env.map_or(0, |e| e.replays as i32),
+            attempt: env.map_or(1, |e| e.attempts as i32 + 1),
+            call_no: 1,
+            queue: Arc::clone(&self.queue),
+            chain_id: env.and_then(|e| e.chain_id.as_deref().map(Into::into)),
+            task_type: env
+                .and_then(|e| e.task_type().ok())
+                .map_or("", |t| t.as_str())
+                .into(),
+            provider: Arc::clone(&self.provider),
+            model: Arc::clone(&self.model),
+            input_tokens: usage.input_tokens as i64,
+            output_tokens: usage.output_tokens as i64,
+            cached_tokens: usage.cached_tokens as i64,
+            cache_write_tokens: usage.cache_write_tokens as i64,
+            reasoning_tokens: usage.reasoning_tokens as i64,
+            cost_usd: cost,
+            latency_ms: self.latency_ms,
+            outcome: if error.is_some() { "error" } else { "ok" }.into(),
+            error_class: error.map(|e| e.class.to_string()),
+            error: error.map(ToString::to_string),
+            worker: Arc::clone(&self.worker),
+            called_at: self.called_at,
+            // At list prices and as if no prompt cache had been read or written, as a
+            // call made at once keeps it.
+            list_cost_usd: Some(self.prices.cost(&Usage {
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+                ..usage
+            })),
+        }
     }
 }
