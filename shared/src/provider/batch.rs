@@ -258,124 +258,131 @@ impl BatchClient {
     pub async fn poll(&self, model: &str, id: &str) -> Result<Poll> {
         self.check_id(model, id)?;
         match self.kind {
-            Kind::Anthropic => {
-                let url = format!("{}/v1/messages/batches/{id}", self.base);
-                let v = self.send_json(model, self.get(&url)).await?;
-                if v["processing_status"] != "ended" {
-                    return Ok(Poll::Running);
-                }
-                let text = self
-                    .send_text(model, self.get(&format!("{url}/results")))
-                    .await?;
-                let results = lines(&text)
-                    .filter_map(|line| {
-                        let id = line["custom_id"].as_str()?.to_owned();
-                        let result = &line["result"];
-                        let answer = match result["type"].as_str()? {
-                            "succeeded" => {
-                                parse(&self.name, model, &anthropic::FORMAT, &result["message"])
-                            }
-                            "errored" => {
-                                let error = &result["error"]["error"];
-                                let error = if error.is_object() {
-                                    error
-                                } else {
-                                    &result["error"]
-                                };
-                                let status = anthropic_status(error["type"].as_str());
-                                let body = json!({"type": "error", "error": error}).to_string();
-                                Err(anthropic::FORMAT.error(&self.name, model, status, &body, None))
-                            }
-                            // canceled, expired: not run.
-                            _ => return None,
-                        };
-                        Some((id, answer))
-                    })
-                    .collect();
-                Ok(Poll::Ended {
-                    results,
-                    unrun: "the batch ended before the request ran (cancelled or expired)".into(),
-                })
-            }
-            Kind::Gemini => {
-                let url = format!("{}/{id}", self.base);
-                let v = self.send_json(model, self.get(&url)).await?;
-                if v["done"] != true {
-                    return Ok(Poll::Running);
-                }
-                let state = v["metadata"]["state"].as_str().unwrap_or("").to_owned();
-                let responses = v["response"]["inlinedResponses"]["inlinedResponses"]
-                    .as_array()
-                    .cloned()
-                    .unwrap_or_default();
-                let results = responses
-                    .iter()
-                    .enumerate()
-                    .map(|(k, r)| {
-                        let id = r["metadata"]["key"]
-                            .as_str()
-                            .map_or_else(|| format!("t{k}"), str::to_owned);
-                        let answer = if r["error"].is_object() {
-                            let status = r["error"]["code"]
-                                .as_u64()
-                                .and_then(|c| u16::try_from(c).ok())
-                                .filter(|c| (400..600).contains(c))
-                                .unwrap_or(500);
-                            let body = json!({"error": r["error"]}).to_string();
-                            Err(gemini::FORMAT.error(&self.name, model, status, &body, None))
-                        } else {
-                            parse(&self.name, model, &gemini::FORMAT, &r["response"])
-                        };
-                        (id, answer)
-                    })
-                    .collect();
-                let unrun = match v["error"]["message"].as_str() {
-                    Some(m) => format!("the batch ended {state}: {}", super::excerpt(m, 200)),
-                    None => format!("the batch ended {state} before the request ran"),
-                };
-                Ok(Poll::Ended { results, unrun })
-            }
-            _ => {
-                let url = format!("{}/batches/{id}", self.base);
-                let v = self.send_json(model, self.get(&url)).await?;
-                let status = v["status"].as_str().unwrap_or("");
-                if !matches!(status, "completed" | "failed" | "expired" | "cancelled") {
-                    return Ok(Poll::Running);
-                }
-                let mut results = Vec::new();
-                for field in ["output_file_id", "error_file_id"] {
-                    let Some(file) = v[field].as_str() else {
-                        continue;
-                    };
-                    self.check_id(model, file)?;
-                    let url = format!("{}/files/{file}/content", self.base);
-                    let text = self.send_text(model, self.get(&url)).await?;
-                    results.extend(lines(&text).filter_map(|line| {
-                        let id = line["custom_id"].as_str()?.to_owned();
-                        let response = line.get("response").filter(|r| r.is_object())?;
-                        let code = response["status_code"]
-                            .as_u64()
-                            .and_then(|c| u16::try_from(c).ok())
-                            .unwrap_or(500);
-                        let answer = if (200..300).contains(&code) {
-                            parse(&self.name, model, &openai::FORMAT, &response["body"])
-                        } else {
-                            let body = response["body"].to_string();
-                            Err(openai::FORMAT.error(&self.name, model, code, &body, None))
-                        };
-                        Some((id, answer))
-                    }));
-                }
-                let why = v["errors"]["data"][0]["message"]
-                    .as_str()
-                    .map(|m| format!(": {}", super::excerpt(m, 200)))
-                    .unwrap_or_default();
-                Ok(Poll::Ended {
-                    results,
-                    unrun: format!("the batch ended {status} before the request ran{why}"),
-                })
-            }
+            Kind::Anthropic => self.poll_anthropic(model, id).await,
+            Kind::Gemini => self.poll_gemini(model, id).await,
+            _ => self.poll_openai(model, id).await,
         }
+    }
+
+    /// [`BatchClient::poll`] of a Message Batch: its results once `ended`.
+    async fn poll_anthropic(&self, model: &str, id: &str) -> Result<Poll> {
+        let url = format!("{}/v1/messages/batches/{id}", self.base);
+        let v = self.send_json(model, self.get(&url)).await?;
+        if v["processing_status"] != "ended" {
+            return Ok(Poll::Running);
+        }
+        let text = self
+            .send_text(model, self.get(&format!("{url}/results")))
+            .await?;
+        let results = lines(&text)
+            .filter_map(|line| {
+                let id = line["custom_id"].as_str()?.to_owned();
+                let result = &line["result"];
+                let answer = match result["type"].as_str()? {
+                    "succeeded" => parse(&self.name, model, &anthropic::FORMAT, &result["message"]),
+                    "errored" => {
+                        let error = &result["error"]["error"];
+                        let error = if error.is_object() {
+                            error
+                        } else {
+                            &result["error"]
+                        };
+                        let status = anthropic_status(error["type"].as_str());
+                        let body = json!({"type": "error", "error": error}).to_string();
+                        Err(anthropic::FORMAT.error(&self.name, model, status, &body, None))
+                    }
+                    // canceled, expired: not run.
+                    _ => return None,
+                };
+                Some((id, answer))
+            })
+            .collect();
+        Ok(Poll::Ended {
+            results,
+            unrun: "the batch ended before the request ran (cancelled or expired)".into(),
+        })
+    }
+
+    /// [`BatchClient::poll`] of a Gemini batch operation: its inlined responses once done.
+    async fn poll_gemini(&self, model: &str, id: &str) -> Result<Poll> {
+        let url = format!("{}/{id}", self.base);
+        let v = self.send_json(model, self.get(&url)).await?;
+        if v["done"] != true {
+            return Ok(Poll::Running);
+        }
+        let state = v["metadata"]["state"].as_str().unwrap_or("").to_owned();
+        let responses = v["response"]["inlinedResponses"]["inlinedResponses"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let results = responses
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                let id = r["metadata"]["key"]
+                    .as_str()
+                    .map_or_else(|| format!("t{k}"), str::to_owned);
+                let answer = if r["error"].is_object() {
+                    let status = r["error"]["code"]
+                        .as_u64()
+                        .and_then(|c| u16::try_from(c).ok())
+                        .filter(|c| (400..600).contains(c))
+                        .unwrap_or(500);
+                    let body = json!({"error": r["error"]}).to_string();
+                    Err(gemini::FORMAT.error(&self.name, model, status, &body, None))
+                } else {
+                    parse(&self.name, model, &gemini::FORMAT, &r["response"])
+                };
+                (id, answer)
+            })
+            .collect();
+        let unrun = match v["error"]["message"].as_str() {
+            Some(m) => format!("the batch ended {state}: {}", super::excerpt(m, 200)),
+            None => format!("the batch ended {state} before the request ran"),
+        };
+        Ok(Poll::Ended { results, unrun })
+    }
+
+    /// [`BatchClient::poll`] of an OpenAI batch: its output and error files once it is over.
+    async fn poll_openai(&self, model: &str, id: &str) -> Result<Poll> {
+        let url = format!("{}/batches/{id}", self.base);
+        let v = self.send_json(model, self.get(&url)).await?;
+        let status = v["status"].as_str().unwrap_or("");
+        if !matches!(status, "completed" | "failed" | "expired" | "cancelled") {
+            return Ok(Poll::Running);
+        }
+        let mut results = Vec::new();
+        for field in ["output_file_id", "error_file_id"] {
+            let Some(file) = v[field].as_str() else {
+                continue;
+            };
+            self.check_id(model, file)?;
+            let url = format!("{}/files/{file}/content", self.base);
+            let text = self.send_text(model, self.get(&url)).await?;
+            results.extend(lines(&text).filter_map(|line| {
+                let id = line["custom_id"].as_str()?.to_owned();
+                let response = line.get("response").filter(|r| r.is_object())?;
+                let code = response["status_code"]
+                    .as_u64()
+                    .and_then(|c| u16::try_from(c).ok())
+                    .unwrap_or(500);
+                let answer = if (200..300).contains(&code) {
+                    parse(&self.name, model, &openai::FORMAT, &response["body"])
+                } else {
+                    let body = response["body"].to_string();
+                    Err(openai::FORMAT.error(&self.name, model, code, &body, None))
+                };
+                Some((id, answer))
+            }));
+        }
+        let why = v["errors"]["data"][0]["message"]
+            .as_str()
+            .map(|m| format!(": {}", super::excerpt(m, 200)))
+            .unwrap_or_default();
+        Ok(Poll::Ended {
+            results,
+            unrun: format!("the batch ended {status} before the request ran{why}"),
+        })
     }
 
     /// Asks the provider to cancel batch `id`; requests already answered stay answered (and
