@@ -9,20 +9,20 @@
 //! or its deadline came near), it is called as any task.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request};
-use llmq_shared::queue::{self, BatchAnswer, BatchPark, BatchState};
+use llmq_shared::queue::{BatchAnswer, BatchPark, BatchState};
 use llmq_shared::routing::{Candidate, Plan};
 use uuid::Uuid;
 
-use super::Executor;
 use super::attempt::{AttemptError, Outcome, Tried, conform};
-use crate::finished::Finished;
+use super::decide::Stop;
+use super::{Executor, Task, Trail};
 
 /// How long a worker trusts, once it saw a scheduler's batcher key, that the scheduler
 /// sends the queue's batches: a task parked after the key went is sent back by the park
@@ -74,12 +74,14 @@ impl Executor {
         queue: &QueueKeys,
         task_id: Uuid,
         env: &Envelope,
-    ) -> queue::Result<Latch> {
+    ) -> Result<Latch, Stop> {
         let ask = !self.batchers.trusted(queue.name());
-        let (state, batcher) = self
-            .redis
-            .batch_state(queue, &task_id.to_string(), ask)
-            .await?;
+        let task = task_id.to_string();
+        let read = self.redis.batch_state(queue, &task, ask);
+        let (state, batcher) = read.await.map_err(|e| {
+            tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
+            Stop::HandedBack
+        })?;
         if batcher == Some(true) {
             self.batchers.saw(queue.name());
         }
@@ -92,19 +94,6 @@ impl Executor {
             BatchState::Answered { .. } | BatchState::Call => Latch::Call,
         })
     }
-}
-
-/// Redis is away when a task reads its latch: the worker's fault, not the task's, and the
-/// task may have an answer already. It is handed back rather than called.
-pub(super) fn unread_latch(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    task_id: Uuid,
-    env: &Envelope,
-    e: &queue::Error,
-) -> Finished {
-    tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
-    super::handed_back(queue, entry_id, task_id, env)
 }
 
 /// The least time a task's deadline must leave to go to a batch: a gather (at most an hour)
@@ -228,6 +217,38 @@ pub(super) fn answered(answer: &BatchAnswer, env: &Envelope) -> Tried {
         ),
         errors: Vec::new(),
         last: Some((answer.provider.clone(), answer.model.clone())),
+    }
+}
+
+impl Executor {
+    /// The park phase of a task that can wait: its request goes to a provider batch when
+    /// its plan has a batch candidate and its latch says it may (read now unless `may_batch`
+    /// already says); a batch's answer for this delivery is its outcome.
+    pub(super) async fn park(
+        &self,
+        task: &Task<'_>,
+        call_env: &Envelope,
+        plan: &Plan<'_>,
+        may_batch: Option<bool>,
+        trail: &mut Trail,
+    ) -> Result<Option<Tried>, Stop> {
+        let Some(to) = parkable(task.env, task.entry_id, plan) else {
+            return Ok(None);
+        };
+        let latch = match may_batch {
+            Some(_) => Latch::Park,
+            None => Box::pin(self.latch(task.queue, task.task_id, task.env)).await?,
+        };
+        match latch {
+            // (A request with no batch form is called now.)
+            Latch::Park => match parking(task.env, call_env, &to) {
+                Some(park) => Err(Stop::Batched(Box::new(park))),
+                None => Ok(None),
+            },
+            // Only an entry put in the stream by hand carries its answer unmarked.
+            Latch::Answered(answer) => Ok(Some(trail.batch_answered(&answer, task))),
+            Latch::Call => Ok(None),
+        }
     }
 }
 

@@ -7,18 +7,22 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use llmq_shared::answer_cache::CachedAnswer;
 use llmq_shared::answer_cache::warm_prefix;
+use llmq_shared::answer_cache::{self, CachedAnswer, Use};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::CallRow;
+use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::Completion;
+use llmq_shared::queue::flight_key;
 use llmq_shared::queue::{Answer, Keep, NOT_KEPT, answer_name, warm_name};
 use llmq_shared::routing::Plan;
 use uuid::Uuid;
 
-use super::Executor;
-use super::attempt::{Outcome, Tried};
+use super::attempt::{AttemptError, Outcome, Tried};
+use super::chain::StepPlan;
+use super::decide::Stop;
+use super::{Executor, NO_CONSTRAINTS, Task, Trail};
 
 /// What a lookup came to.
 pub(super) enum Looked {
@@ -28,10 +32,6 @@ pub(super) enum Looked {
     /// Call the model on its own: no flight was asked for, or the request's answers are not
     /// kept (too large), or what is kept is not an answer this build reads.
     Call,
-    /// Parked behind another task's call for the same request: nothing to write.
-    Parked,
-    /// Redis failed, or the entry is no longer ours: hand the delivery back.
-    Release,
 }
 
 /// The `outcome` of a call's ledger row for an answer the cache gave.
@@ -44,7 +44,8 @@ fn count(queue: &QueueKeys, result: &'static str) {
 
 impl Executor {
     /// Looks request `hash` up for the delivery `entry_id` of `env`; with `flight`, takes
-    /// the request's flight on a miss or parks behind it.
+    /// the request's flight on a miss or parks behind it (the task stops parked: nothing to
+    /// write). Redis failed, or the entry is no longer ours: the task is handed back.
     pub(super) async fn look_up(
         &self,
         queue: &QueueKeys,
@@ -52,17 +53,17 @@ impl Executor {
         hash: &str,
         flight: bool,
         env: &Envelope,
-    ) -> Looked {
+    ) -> Result<Looked, Stop> {
         let name = answer_name(hash);
         match self.take(queue, entry_id, &name, flight, env, None).await {
             Ok(Answer::Hit(json)) if json == NOT_KEPT => {
                 count(queue, "miss");
-                Looked::Call
+                Ok(Looked::Call)
             }
             Ok(Answer::Hit(json)) => match serde_json::from_str::<CachedAnswer>(&json) {
                 Ok(answer) => {
                     count(queue, "hit");
-                    Looked::Hit(Box::new(answer))
+                    Ok(Looked::Hit(Box::new(answer)))
                 }
                 // Not an answer this build reads: call the model on its own, and keep its
                 // answer over this one.
@@ -71,24 +72,24 @@ impl Executor {
                         queue = queue.name(),
                         "an answer in the cache is not one llmq keeps; calling the model: {e}"
                     );
-                    Looked::Call
+                    Ok(Looked::Call)
                 }
             },
             Ok(Answer::Miss) => {
                 count(queue, "miss");
-                if flight { Looked::Lead } else { Looked::Call }
+                Ok(if flight { Looked::Lead } else { Looked::Call })
             }
             Ok(Answer::Parked) => {
                 count(queue, "waited");
-                Looked::Parked
+                Err(Stop::Parked)
             }
-            Ok(Answer::Busy | Answer::Lost) => Looked::Release,
+            Ok(Answer::Busy | Answer::Lost) => Err(Stop::HandedBack),
             Err(e) => {
                 tracing::warn!(
                     queue = queue.name(),
                     "cannot look the task up in the answer cache; handing it back: {e}"
                 );
-                Looked::Release
+                Err(Stop::HandedBack)
             }
         }
     }
@@ -143,7 +144,7 @@ impl Executor {
     }
 
     /// Which model holds prefix `hash` warm; on a miss with `flight`, this task warms it
-    /// (the others sharing it park until it has).
+    /// (the others sharing it park until it has: the task stops parked).
     pub(super) async fn warm_up(
         &self,
         queue: &QueueKeys,
@@ -151,7 +152,7 @@ impl Executor {
         hash: &str,
         flight: bool,
         env: &Envelope,
-    ) -> Warm {
+    ) -> Result<Warm, Stop> {
         // A warm cache's readers keep it warm, as each read keeps the provider's.
         let refresh = u64::try_from(WARM_FOR.as_millis()).ok();
         let name = warm_name(hash);
@@ -159,16 +160,16 @@ impl Executor {
             .take(queue, entry_id, &name, flight, env, refresh)
             .await
         {
-            Ok(Answer::Hit(model)) => Warm::On(model),
-            Ok(Answer::Miss) => Warm::Cold,
-            Ok(Answer::Parked) => Warm::Parked,
-            Ok(Answer::Busy | Answer::Lost) => Warm::Release,
+            Ok(Answer::Hit(model)) => Ok(Warm::On(model)),
+            Ok(Answer::Miss) => Ok(Warm::Cold),
+            Ok(Answer::Parked) => Err(Stop::Parked),
+            Ok(Answer::Busy | Answer::Lost) => Err(Stop::HandedBack),
             Err(e) => {
                 tracing::warn!(
                     queue = queue.name(),
                     "cannot look up whose prompt cache is warm; handing the task back: {e}"
                 );
-                Warm::Release
+                Err(Stop::HandedBack)
             }
         }
     }
@@ -180,10 +181,6 @@ pub(super) enum Warm {
     On(String),
     /// Nobody's: this task's call warms it (holding the prefix's flight, when asked).
     Cold,
-    /// Another task's call is warming it: parked until it has.
-    Parked,
-    /// Redis failed, or the entry is no longer ours: hand the delivery back.
-    Release,
 }
 
 /// How long a model's prompt cache is taken as warm after the last call that read or wrote
@@ -287,6 +284,92 @@ pub(super) fn keep(
         answer,
         counted: true,
     }))
+}
+
+impl Executor {
+    /// The cache phase: an answer the cache holds for the task's request is its outcome
+    /// (recorded as a `cached` call); on a miss, what to keep its answer as, and the
+    /// request's flight when it takes one. A refused cache setting fails the task.
+    pub(super) async fn cached(
+        &self,
+        task: &Task<'_>,
+        call_env: &Envelope,
+        step: Option<&StepPlan>,
+        slot: &mut Option<String>,
+        trail: &mut Trail,
+    ) -> Result<Option<Tried>, Stop> {
+        let ttl = match answer_cache::use_of(&self.config.answer_cache, task.queue.name(), call_env)
+        {
+            Use::Off => return Ok(None),
+            Use::Refused { field, message } => {
+                return Ok(Some(Tried::without_call(Outcome::Failed(AttemptError {
+                    class: ErrorClass::Invalid,
+                    message: format!("field `{field}` is wrong: {message}"),
+                    tried: Vec::new(),
+                    retry_after: None,
+                }))));
+            }
+            // A chain step kept off some models or providers (a review distinct from the
+            // work it reviews) is not answered with what any model said.
+            Use::On { .. } if step.is_some_and(|s| s.constraints != NO_CONSTRAINTS) => {
+                return Ok(None);
+            }
+            Use::On { ttl } => ttl,
+        };
+        let share = self.config.answer_cache.share_across_tenants;
+        let Some(hash) = answer_cache::request_hash(call_env, share) else {
+            return Ok(None);
+        };
+        // One call for concurrent identical requests, unless the task holds a concurrency
+        // key's slot already or may wait for a provider batch.
+        let flight = slot.is_none() && task.env.deadline.is_none();
+        let look = self.look_up(task.queue, task.entry_id, &hash, flight, task.env);
+        match Box::pin(look).await? {
+            Looked::Hit(answer) => {
+                let (tried, row) = hit(
+                    &answer,
+                    task.queue,
+                    task.env,
+                    task.task_type,
+                    &self.worker_id,
+                );
+                trail.calls.push(row);
+                trail.cached_from = Some(answer.task_id.into());
+                return Ok(Some(tried));
+            }
+            Looked::Lead => *slot = Some(flight_key(&answer_name(&hash))),
+            Looked::Call => {}
+        }
+        trail.to_keep = Some(Box::new((hash, ttl)));
+        Ok(None)
+    }
+
+    /// The warm-up phase: a prompt prefix a provider caches sends its calls to the model
+    /// whose cache holds it warm; while nobody's does, one call warms it before the rest are
+    /// sent (they park).
+    pub(super) async fn warm(
+        &self,
+        task: &Task<'_>,
+        call_env: &Envelope,
+        plan: &mut Plan<'_>,
+        slot: &mut Option<String>,
+        trail: &mut Trail,
+    ) -> Result<(), Stop> {
+        let Some(hash) = self.warm_prefix(call_env, plan) else {
+            return Ok(());
+        };
+        let flight = slot.is_none();
+        let warm = self.warm_up(task.queue, task.entry_id, &hash, flight, task.env);
+        match Box::pin(warm).await? {
+            Warm::On(model) => pin(plan, &model),
+            Warm::Cold if flight => {
+                *slot = Some(flight_key(&warm_name(&hash)));
+                trail.warming = Some(hash.into());
+            }
+            Warm::Cold => {}
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,105 @@ use llmq_shared::routing::Constraints;
 use llmq_shared::provider::Completion;
 
 use super::attempt::{AttemptError, Outcome, Rejection};
+use super::decide::Stop;
+use super::{Executor, Task};
+
+/// What a chain step's preparation decided, for its attempt and after it.
+#[derive(Default)]
+pub(super) struct StepPlan {
+    /// The prompt its handoffs made, when it calls a model.
+    pub prompt: Option<String>,
+    pub constraints: Constraints,
+    pub reading: Option<Reading>,
+    pub rework: Option<Box<Rework>>,
+    pub escalation: Option<Result<Box<Rework>, String>>,
+    /// Its outcome without a call (an output, a check, a fatal problem); boxed, as every
+    /// task's call would otherwise carry its room.
+    pub settled: Option<Box<Outcome>>,
+    /// For a review or a check: the task whose output its verdict judges.
+    pub judged: Option<String>,
+    /// Its state and its children's as read before it ran (`StepOutcome::seen`).
+    pub seen: Option<Box<Seen>>,
+}
+
+impl Executor {
+    /// The step phase: a chain step's handoffs, candidates and constraints, or its outcome
+    /// when it makes no call, or why it stops before one. Boxed by its caller: its futures
+    /// are large and done before the step's call starts.
+    pub(super) async fn step(&self, task: &Task<'_>) -> Result<StepPlan, Stop> {
+        let mut step = StepPlan::default();
+        match prepare(
+            &self.redis,
+            task.queue,
+            task.env,
+            &self.config,
+            self.max_payload_bytes,
+            &mut step.seen,
+        )
+        .await
+        {
+            Err(e) => {
+                tracing::warn!(task = %task.task_id, "cannot read the task's chain: {e}");
+                return Err(Stop::HandedBack);
+            }
+            Ok(Prepared::Cancelled(why)) => return Err(Stop::Cancelled(why)),
+            Ok(Prepared::Invalid(why)) => return Err(Stop::NotItsStep(why)),
+            Ok(Prepared::Await { deadline_ms }) => return Err(Stop::Awaiting(deadline_ms)),
+            Ok(Prepared::Fatal(why)) => {
+                step.settled = Some(Box::new(Outcome::Failed(AttemptError {
+                    class: ErrorClass::Fatal,
+                    message: why,
+                    tried: Vec::new(),
+                    retry_after: None,
+                })));
+            }
+            Ok(Prepared::Check {
+                command,
+                input,
+                rework,
+                judged,
+            }) => {
+                step.rework = rework.map(Box::new);
+                step.judged = judged;
+                step.settled = Some(Box::new(match self.config.checks.get(&command) {
+                    Some(c) => super::check::run(&command, c, &input).await,
+                    None => Outcome::Failed(AttemptError {
+                        class: ErrorClass::Fatal,
+                        message: format!(
+                            "check `{command}` is not configured; add it under `checks:` in the provider file"
+                        ),
+                        tried: Vec::new(),
+                        retry_after: None,
+                    }),
+                }));
+            }
+            Ok(Prepared::Output(text)) => {
+                step.settled = Some(Box::new(Outcome::Answered(Completion {
+                    text,
+                    usage: llmq_shared::provider::Usage::default(),
+                    ..Completion::default()
+                })));
+            }
+            Ok(Prepared::Call {
+                prompt,
+                constraints,
+                read,
+                rework,
+                escalation,
+            }) => {
+                if let Reading::Verdict { judged, .. } = &read {
+                    step.judged.clone_from(judged);
+                }
+                step.prompt = Some(prompt);
+                step.constraints = constraints;
+                step.reading = Some(read);
+                step.rework = rework.map(Box::new);
+                step.escalation = escalation.map(|e| e.map(Box::new));
+            }
+        }
+        Ok(step)
+    }
+}
 
 /// How long an approval waits when its step gives no `timeout`.
 const APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);

@@ -1,8 +1,9 @@
-//! What happens to a task after an attempt: a pure function of the task, what the attempt
-//! came to, what its chain step may do instead of ending, and the retry policy, so every
-//! rule here has a unit test without Redis. It is the only place a task's fate is chosen:
-//! done, retry, wait, escalate, rework, dead or release; nothing after it looks at the
-//! outcome again.
+//! What happens to a task: a pure function of the task, what its attempt came to (or why it
+//! stopped before one), what its chain step may do instead of ending, and the retry policy,
+//! so every rule here has a unit test without Redis. It is the only place a task's fate is
+//! chosen: done, retry, wait, escalate, rework, dead, release, cancel, or a stop before the
+//! call (parked, sent to a batch, answered as a copy, awaiting a person); nothing after it
+//! looks at the outcome again, and each [`Transition`] carries what its write needs.
 
 use std::time::Duration;
 
@@ -12,9 +13,12 @@ use llmq_shared::retry::RetryPolicy;
 
 use llmq_shared::chain::Rerun;
 use llmq_shared::envelope::Tier;
+use llmq_shared::provider::Completion;
+use llmq_shared::queue::BatchPark;
 
 use super::attempt::{AttemptError, Outcome, Unavailable};
 use super::chain::Rework;
+use crate::finished::Finished;
 
 /// The retry policy of one worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,13 +30,36 @@ pub struct Policy {
 }
 
 /// What the task carries into the decision.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TaskState {
     /// Attempts used before this one.
     pub attempts: u32,
     pub max_attempts: u32,
     /// Since when it has been waiting for a provider, if it has.
     pub waiting_since: Option<DateTime<Utc>>,
+    /// Why a cancel that names the task stopped its attempt, if one did.
+    pub cancelled: Option<String>,
+}
+
+/// Why a task stopped before its attempt: what a phase of the executor found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// Parked in Redis (for a slot of its concurrency key, an identical request's call, a
+    /// warm-up, the task holding its idempotency key): nothing to write.
+    Parked,
+    /// Redis failed, or the worker is at fault: not the task's doing.
+    HandedBack,
+    /// A copy of a task holding its idempotency key, answered with that task's answer: the
+    /// write is made.
+    Duplicate(Box<Finished>),
+    /// Its chain or a cancel mark ended it, with why.
+    Cancelled(String),
+    /// It claims a chain step it is not the current task of, with why.
+    NotItsStep(String),
+    /// An approval step: a person decides by this deadline (ms since the epoch).
+    Awaiting(i64),
+    /// It can wait: its request goes to a provider batch.
+    Batched(Box<BatchPark>),
 }
 
 /// What a chain step may do instead of ending, known before the decision. Each rerun in it
@@ -57,16 +84,24 @@ pub struct Escalation {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Transition {
     /// It answered: store the result.
-    Done,
-    /// The worker is stopping: give the task back untouched.
+    Done(Completion),
+    /// The worker is stopping, or at fault: give the task back untouched.
     Release,
-    /// No provider can be called now: wait until `due` without using an attempt.
+    /// No provider can be called now: wait until `due` without using an attempt. `paced`:
+    /// only a provider's pace held it.
     Wait {
         due: DateTime<Utc>,
         since: DateTime<Utc>,
+        reason: String,
+        class: ErrorClass,
+        paced: bool,
     },
-    /// The attempt failed and is used up; try again at `due`.
-    Retry { due: DateTime<Utc> },
+    /// The attempt failed with `error` and is used up; try again at `due`.
+    Retry {
+        due: DateTime<Utc>,
+        error: String,
+        class: ErrorClass,
+    },
     /// Nothing more will be tried.
     Dead { error: String, class: ErrorClass },
     /// A chain step failed for good with `error` and runs again at `tier`: this round ends
@@ -84,6 +119,19 @@ pub enum Transition {
         findings: String,
         reruns: Vec<Rerun>,
     },
+    /// Parked in Redis until what it waits for frees: nothing to write.
+    Park,
+    /// Cancelled: it ends so, with what its calls cost, and ends its chain step.
+    Cancel { why: String },
+    /// Not its chain step's current task: a dead letter under the id of its own entry, which
+    /// leaves the step (and the result of its real task) alone.
+    Refuse { error: String },
+    /// An approval step: acknowledged, its step awaiting a person until `deadline_ms`.
+    Await { deadline_ms: i64 },
+    /// Parked for a provider batch.
+    Batch(Box<BatchPark>),
+    /// A copy of a task holding its idempotency key: its write, as made.
+    Duplicate(Box<Finished>),
 }
 
 impl Transition {
@@ -92,30 +140,51 @@ impl Transition {
     }
 }
 
+/// Decides what becomes of a task that stopped before its attempt.
+#[must_use]
+pub fn stopped(stop: Stop) -> Transition {
+    match stop {
+        Stop::Parked => Transition::Park,
+        Stop::HandedBack => Transition::Release,
+        Stop::Duplicate(finished) => Transition::Duplicate(finished),
+        Stop::Cancelled(why) => Transition::Cancel { why },
+        Stop::NotItsStep(error) => Transition::Refuse { error },
+        Stop::Awaiting(deadline_ms) => Transition::Await { deadline_ms },
+        Stop::Batched(park) => Transition::Batch(park),
+    }
+}
+
 /// Decides what becomes of a task after an attempt that came to `outcome`; a chain step may
 /// instead run again as `rounds` allows.
 #[must_use]
 pub fn decide(
     task: TaskState,
-    outcome: &Outcome,
+    outcome: Outcome,
     rounds: StepRounds,
     policy: &Policy,
     now: DateTime<Utc>,
 ) -> Transition {
     let ended = match outcome {
-        Outcome::Answered(_) => return Transition::Done,
-        Outcome::Released => return Transition::Release,
-        Outcome::Unavailable(u) => wait(task, u, policy, now),
-        Outcome::Failed(e) => failed(task, e, policy, now),
+        Outcome::Answered(completion) => return Transition::Done(completion),
+        // A cancel stopped it: it ends so; the hard stop hands it back.
+        Outcome::Released => {
+            return match task.cancelled {
+                Some(why) => Transition::Cancel { why },
+                None => Transition::Release,
+            };
+        }
+        Outcome::Unavailable(u) => wait(&task, &u, policy, now),
+        Outcome::Failed(e) => failed(&task, &e, policy, now),
         Outcome::Rejected(r) => match rounds.rework {
             Some(rework) => {
+                let reruns = rework.with_findings(&r.0);
                 return Transition::Rework {
-                    findings: r.0.clone(),
-                    reruns: rework.with_findings(&r.0),
+                    findings: r.0,
+                    reruns,
                 };
             }
             // No rounds left: the verdict stands, and ends the step.
-            None => Transition::dead(r.0.clone(), ErrorClass::Fatal),
+            None => Transition::dead(r.0, ErrorClass::Fatal),
         },
     };
     // A step that escalates and ended for good runs again one tier up, while it can. An
@@ -134,7 +203,7 @@ pub fn decide(
     }
 }
 
-fn wait(task: TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -> Transition {
+fn wait(task: &TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -> Transition {
     let since = task.waiting_since.unwrap_or(now);
     // A configured quota or rate limit is a known wait for a known reset, not an outage:
     // it is not bounded by max_wait.
@@ -157,15 +226,23 @@ fn wait(task: TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) -
             ErrorClass::Unavailable,
         );
     }
-    Transition::Wait { due, since }
+    Transition::Wait {
+        due,
+        since,
+        reason: u.reason(),
+        class: u.class,
+        paced: u.paced,
+    }
 }
 
-fn failed(task: TaskState, e: &AttemptError, policy: &Policy, now: DateTime<Utc>) -> Transition {
+fn failed(task: &TaskState, e: &AttemptError, policy: &Policy, now: DateTime<Utc>) -> Transition {
     let attempt = task.attempts + 1;
     if e.class.is_retryable() && attempt < task.max_attempts {
         let wait = policy.retry.delay(attempt, e.retry_after);
         return Transition::Retry {
             due: now + chrono::Duration::from_std(wait).unwrap_or_default(),
+            error: e.to_string(),
+            class: e.class,
         };
     }
     let error = if e.class.is_retryable() {
@@ -198,6 +275,15 @@ mod tests {
             attempts,
             max_attempts: 3,
             waiting_since,
+            cancelled: None,
+        }
+    }
+
+    /// A wait's due time and first moment of waiting.
+    fn waited(t: &Transition) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        match t {
+            Transition::Wait { due, since, .. } => Some((*due, *since)),
+            _ => None,
         }
     }
 
@@ -223,54 +309,39 @@ mod tests {
     fn an_outage_waits_until_the_provider_may_answer_without_using_an_attempt() {
         let t = decide(
             task(1, None),
-            &unavailable(ErrorClass::Unavailable, at(60)),
+            unavailable(ErrorClass::Unavailable, at(60)),
             StepRounds::default(),
             &POLICY,
             at(0),
         );
-        assert_eq!(
-            t,
-            Transition::Wait {
-                due: at(60),
-                since: at(0)
-            }
-        );
+        assert_eq!(waited(&t), Some((at(60), at(0))));
         // A task already waiting keeps its first moment of waiting.
         let t = decide(
             task(0, Some(at(-100))),
-            &unavailable(ErrorClass::Unavailable, at(60)),
+            unavailable(ErrorClass::Unavailable, at(60)),
             StepRounds::default(),
             &POLICY,
             at(0),
         );
-        assert_eq!(
-            t,
-            Transition::Wait {
-                due: at(60),
-                since: at(-100)
-            }
-        );
+        assert_eq!(waited(&t), Some((at(60), at(-100))));
     }
 
     #[test]
     fn a_wait_never_spins_and_never_passes_max_wait() {
         let t = decide(
             task(0, None),
-            &unavailable(ErrorClass::RateLimited, at(-5)),
+            unavailable(ErrorClass::RateLimited, at(-5)),
             StepRounds::default(),
             &POLICY,
             at(0),
         );
         assert_eq!(
-            t,
-            Transition::Wait {
-                due: at(0) + chrono::Duration::milliseconds(100),
-                since: at(0)
-            }
+            waited(&t),
+            Some((at(0) + chrono::Duration::milliseconds(100), at(0)))
         );
         let t = decide(
             task(0, Some(at(-3590))),
-            &unavailable(ErrorClass::Unavailable, at(60)),
+            unavailable(ErrorClass::Unavailable, at(60)),
             StepRounds::default(),
             &POLICY,
             at(0),
@@ -285,7 +356,7 @@ mod tests {
     fn max_wait_ends_the_wait_with_what_it_waited_for_and_since_when() {
         let t = decide(
             task(0, Some(at(-3600))),
-            &unavailable(ErrorClass::Unavailable, at(60)),
+            unavailable(ErrorClass::Unavailable, at(60)),
             StepRounds::default(),
             &POLICY,
             at(0),
@@ -306,30 +377,24 @@ mod tests {
     fn a_used_up_quota_waits_for_its_reset_however_long() {
         let t = decide(
             task(0, Some(at(-7200))),
-            &unavailable(ErrorClass::QuotaExhausted, at(20_000)),
+            unavailable(ErrorClass::QuotaExhausted, at(20_000)),
             StepRounds::default(),
             &POLICY,
             at(0),
         );
-        assert_eq!(
-            t,
-            Transition::Wait {
-                due: at(20_000),
-                since: at(-7200)
-            }
-        );
+        assert_eq!(waited(&t), Some((at(20_000), at(-7200))));
     }
 
     #[test]
     fn a_task_fault_uses_an_attempt_and_dies_after_the_last() {
         let t = decide(
             task(0, None),
-            &failed(ErrorClass::Retryable, &["mock"]),
+            failed(ErrorClass::Retryable, &["mock"]),
             StepRounds::default(),
             &POLICY,
             at(0),
         );
-        let Transition::Retry { due } = t else {
+        let Transition::Retry { due, .. } = t else {
             panic!("{t:?}")
         };
         let wait = (due - at(0)).num_milliseconds();
@@ -337,7 +402,7 @@ mod tests {
 
         let t = decide(
             task(2, None),
-            &failed(ErrorClass::Retryable, &["mock"]),
+            failed(ErrorClass::Retryable, &["mock"]),
             StepRounds::default(),
             &POLICY,
             at(0),
@@ -351,7 +416,7 @@ mod tests {
         );
         let t = decide(
             task(2, None),
-            &failed(ErrorClass::Retryable, &["a", "b"]),
+            failed(ErrorClass::Retryable, &["a", "b"]),
             StepRounds::default(),
             &POLICY,
             at(0),
@@ -369,7 +434,7 @@ mod tests {
     fn a_fatal_error_dies_at_once_with_its_own_words() {
         let t = decide(
             task(0, None),
-            &failed(ErrorClass::Fatal, &["mock"]),
+            failed(ErrorClass::Fatal, &["mock"]),
             StepRounds::default(),
             &POLICY,
             at(0),
@@ -385,30 +450,100 @@ mod tests {
 
     #[test]
     fn answers_and_shutdowns_pass_through() {
-        let answered = Outcome::Answered(llmq_shared::provider::Completion {
-            text: "ok".into(),
-            ..llmq_shared::provider::Completion::default()
-        });
+        let answered = Outcome::Answered(answered_completion());
         assert_eq!(
             decide(
                 task(0, None),
-                &answered,
+                answered,
                 StepRounds::default(),
                 &POLICY,
                 at(0)
             ),
-            Transition::Done
+            Transition::Done(answered_completion())
         );
         assert_eq!(
             decide(
                 task(0, None),
-                &Outcome::Released,
+                Outcome::Released,
                 StepRounds::default(),
                 &POLICY,
                 at(0)
             ),
             Transition::Release
         );
+    }
+
+    fn answered_completion() -> Completion {
+        Completion {
+            text: "ok".into(),
+            ..Completion::default()
+        }
+    }
+
+    #[test]
+    fn a_cancel_during_the_attempt_ends_it_cancelled_and_the_hard_stop_hands_it_back() {
+        let cancelled = TaskState {
+            cancelled: Some("cancelled by llmq cancel".into()),
+            ..task(1, None)
+        };
+        assert_eq!(
+            decide(
+                cancelled.clone(),
+                Outcome::Released,
+                StepRounds::default(),
+                &POLICY,
+                at(0)
+            ),
+            Transition::Cancel {
+                why: "cancelled by llmq cancel".into()
+            }
+        );
+        // A cancel that came as its call answered does not take the answer away.
+        assert_eq!(
+            decide(
+                cancelled,
+                Outcome::Answered(answered_completion()),
+                StepRounds::default(),
+                &POLICY,
+                at(0)
+            ),
+            Transition::Done(answered_completion())
+        );
+    }
+
+    #[test]
+    fn every_stop_before_the_attempt_has_its_transition() {
+        let park = llmq_shared::queue::BatchPark {
+            group: "g".into(),
+            envelope: "{}".into(),
+            body: "{}".into(),
+            deadline_ms: 7,
+            generation: "0:0".into(),
+        };
+        let cases = [
+            (Stop::Parked, Transition::Park),
+            (Stop::HandedBack, Transition::Release),
+            (
+                Stop::Cancelled("the chain was cancelled".into()),
+                Transition::Cancel {
+                    why: "the chain was cancelled".into(),
+                },
+            ),
+            (
+                Stop::NotItsStep("not the step's task".into()),
+                Transition::Refuse {
+                    error: "not the step's task".into(),
+                },
+            ),
+            (Stop::Awaiting(42), Transition::Await { deadline_ms: 42 }),
+            (
+                Stop::Batched(Box::new(park.clone())),
+                Transition::Batch(Box::new(park)),
+            ),
+        ];
+        for (stop, transition) in cases {
+            assert_eq!(stopped(stop), transition);
+        }
     }
 
     fn rerun(step: &str, round: u32) -> Rerun {
@@ -454,7 +589,7 @@ mod tests {
             escalation: None,
         };
         let Transition::Rework { findings, reruns } =
-            decide(task(0, None), &rejected(), rounds, &POLICY, at(0))
+            decide(task(0, None), rejected(), rounds, &POLICY, at(0))
         else {
             panic!("a rejection with rounds left is rework")
         };
@@ -477,7 +612,7 @@ mod tests {
         assert_eq!(
             decide(
                 task(0, None),
-                &rejected(),
+                rejected(),
                 StepRounds::default(),
                 &POLICY,
                 at(0)
@@ -492,7 +627,7 @@ mod tests {
             escalation: Some(Ok(up())),
         };
         assert!(matches!(
-            decide(task(0, None), &rejected(), rounds, &POLICY, at(0)),
+            decide(task(0, None), rejected(), rounds, &POLICY, at(0)),
             Transition::Escalate {
                 tier: Tier::Standard,
                 ..
@@ -510,7 +645,7 @@ mod tests {
         assert!(matches!(
             decide(
                 task(0, None),
-                &failed(ErrorClass::Retryable, &["mock"]),
+                failed(ErrorClass::Retryable, &["mock"]),
                 with(Ok(up())),
                 &POLICY,
                 at(0)
@@ -519,7 +654,7 @@ mod tests {
         ));
         let t = decide(
             task(0, None),
-            &failed(ErrorClass::Fatal, &["mock"]),
+            failed(ErrorClass::Fatal, &["mock"]),
             with(Ok(up())),
             &POLICY,
             at(0),
@@ -535,7 +670,7 @@ mod tests {
         );
         let t = decide(
             task(0, None),
-            &failed(ErrorClass::Fatal, &["mock"]),
+            failed(ErrorClass::Fatal, &["mock"]),
             with(Err(
                 "nothing at the advanced-tier can take it: provider mock has no advanced-tier model"
                     .into(),
@@ -556,7 +691,7 @@ mod tests {
         assert!(matches!(
             decide(
                 task(0, None),
-                &failed(ErrorClass::Invalid, &[]),
+                failed(ErrorClass::Invalid, &[]),
                 with(Ok(up())),
                 &POLICY,
                 at(0)
@@ -567,17 +702,14 @@ mod tests {
             }
         ));
         // An answer is done, whatever the step could have done instead.
-        let answered = Outcome::Answered(llmq_shared::provider::Completion {
-            text: "ok".into(),
-            ..llmq_shared::provider::Completion::default()
-        });
+        let answered = Outcome::Answered(answered_completion());
         let rounds = StepRounds {
             rework: Some(rework()),
             escalation: Some(Ok(up())),
         };
         assert_eq!(
-            decide(task(0, None), &answered, rounds, &POLICY, at(0)),
-            Transition::Done
+            decide(task(0, None), answered, rounds, &POLICY, at(0)),
+            Transition::Done(answered_completion())
         );
     }
 }

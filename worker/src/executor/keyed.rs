@@ -14,22 +14,11 @@ use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::{Finish, Keyed, holder};
 
 use super::Executor;
+use super::decide::Stop;
 use crate::finished::Finished;
 
-/// What taking a task's key came to.
-pub(super) enum Taken {
-    /// Run the task as run `run` (the entry that first took the key), holding key `name`,
-    /// which it ends (remembered this long once it succeeds).
-    Run(Box<Held>),
-    /// A copy of a task that succeeded: answered with its answer.
-    Copy(Box<Finished>),
-    /// Parked behind the task holding the key: nothing to write.
-    Parked,
-    /// Redis failed, or the entry is no longer ours: hand the delivery back.
-    Release,
-}
-
-/// A key a task's run holds.
+/// A key a task's run holds: it runs as run `run` (the entry that first took the key),
+/// holding key `name`, which it ends (remembered `window` once it succeeds).
 pub(super) struct Held {
     pub name: String,
     pub run: String,
@@ -44,14 +33,17 @@ impl Held {
 }
 
 impl Executor {
-    /// Takes the key of `env` (which has one, named `name`) for delivery `entry_id`.
+    /// Takes the key of `env` (which has one, named `name`) for delivery `entry_id`; or
+    /// the task stops: a copy of a task that succeeded (answered with its answer), parked
+    /// behind the task holding the key, or handed back (Redis failed, or the entry is no
+    /// longer ours).
     pub(super) async fn take_key(
         &self,
         queue: &Arc<QueueKeys>,
         entry_id: &str,
         name: String,
         env: &Envelope,
-    ) -> Taken {
+    ) -> Result<Box<Held>, Stop> {
         let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
         let replay = env.replays > 0;
         let run = idempotency::run_of(env, entry_id).to_owned();
@@ -81,7 +73,7 @@ impl Executor {
         match taken {
             Ok(Keyed::Run) => {
                 let window = idempotency::window(&self.config.idempotency, queue.name(), env);
-                Taken::Run(Box::new(Held { name, run, window }))
+                Ok(Box::new(Held { name, run, window }))
             }
             Ok(Keyed::Copy(record)) => match serde_json::from_str::<TaskRecord>(&record) {
                 Ok(first) => {
@@ -91,11 +83,11 @@ impl Executor {
                     // stays as it is.
                     let finished = if first.task_id == task_id {
                         let ack = Finish::ack(entry_id.to_owned(), task_id);
-                        super::plain(Arc::clone(queue), ack, Vec::new())
+                        super::apply::plain(Arc::clone(queue), ack, Vec::new())
                     } else {
                         copy(Arc::clone(queue), entry_id, env, first)
                     };
-                    Taken::Copy(Box::new(finished))
+                    Err(Stop::Duplicate(Box::new(finished)))
                 }
                 Err(e) => {
                     // Not a record this build reads: hand it back rather than run it twice.
@@ -104,18 +96,18 @@ impl Executor {
                         task = %task_id,
                         "the record of the task holding this task's idempotency key cannot be read; handing the task back: {e}"
                     );
-                    Taken::Release
+                    Err(Stop::HandedBack)
                 }
             },
-            Ok(Keyed::Parked | Keyed::Lost) => Taken::Parked,
-            Ok(Keyed::Busy) => Taken::Release,
+            Ok(Keyed::Parked | Keyed::Lost) => Err(Stop::Parked),
+            Ok(Keyed::Busy) => Err(Stop::HandedBack),
             Err(e) => {
                 tracing::warn!(
                     queue = queue.name(),
                     task = %task_id,
                     "cannot take the task's idempotency key; handing it back: {e}"
                 );
-                Taken::Release
+                Err(Stop::HandedBack)
             }
         }
     }
@@ -142,5 +134,5 @@ fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord
     let mut finish = Finish::done(entry_id.to_owned(), task_id, record);
     // It has no ledger row, but it ended: it counts toward its batch's progress.
     finish.batch_id = env.batch_id.as_deref().map(Into::into);
-    super::plain(queue, finish, Vec::new())
+    super::apply::plain(queue, finish, Vec::new())
 }

@@ -18,20 +18,15 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use llmq_shared::answer_cache::{self, Use};
-use llmq_shared::chain::{Chain, StepOutcome, StepState};
+use llmq_shared::chain::{Chain, StepOutcome};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, UNSENT, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
-use llmq_shared::provider::Completion;
 use llmq_shared::provider::clients::Clients;
-use llmq_shared::queue::{
-    Client, Delivery, Finish, FinishKind, Place, Slot, Write, answer_name, flight_key, now_ms,
-    warm_name,
-};
+use llmq_shared::queue::{BatchAnswer, Client, Delivery, Finish, Keep, Place, Slot, Write, now_ms};
 use llmq_shared::quota::Limiter;
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{self, Constraints, Stats};
@@ -41,6 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
+mod apply;
 pub mod attempt;
 mod batch;
 mod cache;
@@ -50,14 +46,16 @@ mod check;
 pub mod decide;
 mod keyed;
 
+use apply::{Ending, cancelled, invalid, plain};
 use attempt::{Attempt, AttemptError, Outcome, Tried};
 pub use batch::Batchers;
-use batch::{Latch, unread_latch};
+use batch::Latch;
 pub use call_metrics::CallMetrics;
-use decide::{Escalation, Policy, StepRounds, TaskState, Transition};
+use chain::StepPlan;
+use decide::{Escalation, Policy, StepRounds, Stop, TaskState, Transition};
 
 use crate::cancels::Named;
-use crate::finished::{CallStarts, Finished, RowExtras};
+use crate::finished::{CallStarts, Finished};
 
 /// What the executor needs to know, shared by every task.
 pub struct Executor {
@@ -250,24 +248,6 @@ impl Drop for RoomTurn<'_> {
     }
 }
 
-/// What a chain step's preparation decided, for its attempt and after it.
-#[derive(Default)]
-struct StepPlan {
-    /// The prompt its handoffs made, when it calls a model.
-    prompt: Option<String>,
-    constraints: Constraints,
-    reading: Option<chain::Reading>,
-    rework: Option<Box<chain::Rework>>,
-    escalation: Option<Result<Box<chain::Rework>, String>>,
-    /// Its outcome without a call (an output, a check, a fatal problem); boxed, as every
-    /// task's call would otherwise carry its room.
-    settled: Option<Box<Outcome>>,
-    /// For a review or a check: the task whose output its verdict judges.
-    judged: Option<String>,
-    /// Its state and its children's as read before it ran (`StepOutcome::seen`).
-    seen: Option<Box<llmq_shared::chain::Seen>>,
-}
-
 /// A task parsed from its delivery and ready to run: small, so a task in flight carries it
 /// once (its envelope is boxed).
 struct Admitted {
@@ -280,100 +260,153 @@ struct Admitted {
     from_room: bool,
 }
 
-/// A chain step that ends before any attempt.
-enum Ended {
-    /// Redis is away: the worker's fault, not the task's. Hand it back.
-    Release,
-    Cancelled(String),
-    /// Not the step's own task: a dead letter that leaves the chain alone.
-    Invalid(String),
-    /// Handed to a person until this deadline (ms).
-    Await(i64),
+/// A task in its pipeline, once it holds its key: what every phase reads.
+struct Task<'a> {
+    queue: &'a Arc<QueueKeys>,
+    entry_id: &'a str,
+    task_id: Uuid,
+    env: &'a Envelope,
+    task_type: &'static str,
+    from_room: bool,
+    /// For a task fed from the room: its turn, told when its first call starts.
+    turn: Option<&'a RoomTurn<'a>>,
+    /// Cancelled when its call must stop: a cancel that names it, or the hard stop.
+    stop: &'a CancellationToken,
+}
+
+impl Task<'_> {
+    /// The task's span, joined to the trace its producer started, if any.
+    fn span(&self) -> tracing::Span {
+        let (env, task_type) = (self.env, self.task_type);
+        let span = tracing::trace_span!(
+            target: telemetry::TARGET,
+            "llmq.task",
+            otel.name = %format_args!("task {task_type}"),
+            llmq.task.id = %self.task_id,
+            llmq.task.type = %task_type,
+            llmq.queue = self.queue.name(),
+            llmq.chain.id = env.chain_id.as_deref(),
+            llmq.attempt = env.attempts + 1,
+            llmq.cost_usd = tracing::field::Empty,
+        );
+        if let Some(parent) = env.traceparent.as_deref()
+            && !span.is_disabled()
+        {
+            telemetry::join_trace(&span, parent);
+        }
+        span
+    }
+}
+
+/// What a task's phases gathered on the way to its outcome, for its record (boxed: every
+/// task in flight carries these through its call).
+#[derive(Default)]
+struct Trail {
+    /// Every call made, for the ledger.
+    calls: Vec<CallRow>,
+    /// What learned routing chose.
+    learned: Option<Box<LearnedRoute>>,
+    /// The task whose cached answer this one reuses.
+    cached_from: Option<Box<str>>,
+    /// What to keep this task's answer as in the answer cache, and for how long.
+    to_keep: Option<Box<(String, Duration)>>,
+    /// The prompt prefix this task's call warms.
+    warming: Option<Box<str>>,
+    /// What the provider batch that answered it cost.
+    batch_cost_usd: f64,
+}
+
+impl Trail {
+    /// The task answered by a provider batch.
+    fn batch_answered(&mut self, answer: &BatchAnswer, task: &Task<'_>) -> Tried {
+        self.batch_cost_usd = answer.cost_usd;
+        // The batch answered it, not a plan's route.
+        self.learned = None;
+        batch::answered(answer, task.env)
+    }
+
+    /// What to keep once the outcome is written: the model's answer as it came (a chain
+    /// step reads it again on a hit), or which model's prompt cache the call warmed.
+    fn keep(
+        &mut self,
+        exec: &Executor,
+        task_id: &str,
+        outcome: &Outcome,
+        last: Option<&(String, String)>,
+    ) -> Option<Box<Keep>> {
+        let (Outcome::Answered(c), Some(last)) = (outcome, last) else {
+            return None;
+        };
+        match (self.to_keep.take(), self.warming.take()) {
+            (Some(to_keep), _) => cache::keep(
+                *to_keep,
+                c,
+                task_id,
+                last,
+                &self.calls,
+                exec.max_payload_bytes,
+            ),
+            (None, Some(hash)) if exec.caches_prompts(last) => Some(cache::warmed(&hash, last)),
+            _ => None,
+        }
+    }
+
+    /// The task's record after its attempt: its route, model, cost and time.
+    fn record(
+        &mut self,
+        mut record: TaskRecord,
+        route: String,
+        errors: Vec<String>,
+        last: Option<(String, String)>,
+        started: Instant,
+    ) -> TaskRecord {
+        record.duration_ms = started.elapsed().as_millis() as u64;
+        record.learned = self.learned.take().map(|l| *l);
+        record.route = Some(route).filter(|r| !r.is_empty());
+        record.provider_errors = errors;
+        record.cached_from = self.cached_from.take().map(String::from);
+        record.cached = record.cached_from.is_some();
+        if let Some((provider, model)) = last {
+            record.provider = Some(provider);
+            record.model = Some(model);
+        }
+        // A fold from 0.0: an empty f64 sum is -0.0.
+        record.cost_usd = self
+            .calls
+            .iter()
+            .map(|c| c.cost_usd)
+            .fold(0.0, |a, b| a + b);
+        record.cost_usd += self.batch_cost_usd;
+        record
+    }
+}
+
+/// What a task's attempt came to, with its span and its chain step's plan.
+struct Ran {
+    tried: Tried,
+    span: tracing::Span,
+    step: Option<Box<StepPlan>>,
+}
+
+/// What goes with the write of a task that ran.
+struct After {
+    verdict: Option<Verdict>,
+    keep: Option<Box<Keep>>,
+    seen: Option<Box<llmq_shared::chain::Seen>>,
+}
+
+/// A review's or check's verdict on the task whose work it judged, for learned routing.
+fn verdict(judged: Option<&str>, outcome: &Outcome) -> Option<Verdict> {
+    let task_id = Uuid::parse_str(judged?).ok()?;
+    let approved = match outcome {
+        Outcome::Answered(_) => true,
+        Outcome::Rejected(_) => false,
+        _ => return None,
+    };
+    Some(Verdict { task_id, approved })
 }
 
 impl Executor {
-    /// Prepares a chain step: its handoffs, candidates and constraints, or its outcome when
-    /// it makes no call. Boxed by its caller: its futures are large and done before the
-    /// step's call starts.
-    async fn prepare_step(
-        &self,
-        queue: &QueueKeys,
-        task_id: Uuid,
-        env: &Envelope,
-    ) -> Result<StepPlan, Ended> {
-        let mut step = StepPlan::default();
-        match chain::prepare(
-            &self.redis,
-            queue,
-            env,
-            &self.config,
-            self.max_payload_bytes,
-            &mut step.seen,
-        )
-        .await
-        {
-            Err(e) => {
-                tracing::warn!(task = %task_id, "cannot read the task's chain: {e}");
-                return Err(Ended::Release);
-            }
-            Ok(chain::Prepared::Cancelled(why)) => return Err(Ended::Cancelled(why)),
-            Ok(chain::Prepared::Invalid(why)) => return Err(Ended::Invalid(why)),
-            Ok(chain::Prepared::Await { deadline_ms }) => return Err(Ended::Await(deadline_ms)),
-            Ok(chain::Prepared::Fatal(why)) => {
-                step.settled = Some(Box::new(Outcome::Failed(AttemptError {
-                    class: ErrorClass::Fatal,
-                    message: why,
-                    tried: Vec::new(),
-                    retry_after: None,
-                })));
-            }
-            Ok(chain::Prepared::Check {
-                command,
-                input,
-                rework,
-                judged,
-            }) => {
-                step.rework = rework.map(Box::new);
-                step.judged = judged;
-                step.settled = Some(Box::new(match self.config.checks.get(&command) {
-                    Some(c) => check::run(&command, c, &input).await,
-                    None => Outcome::Failed(AttemptError {
-                        class: ErrorClass::Fatal,
-                        message: format!(
-                            "check `{command}` is not configured; add it under `checks:` in the provider file"
-                        ),
-                        tried: Vec::new(),
-                        retry_after: None,
-                    }),
-                }));
-            }
-            Ok(chain::Prepared::Output(text)) => {
-                step.settled = Some(Box::new(Outcome::Answered(Completion {
-                    text,
-                    usage: llmq_shared::provider::Usage::default(),
-                    ..Completion::default()
-                })));
-            }
-            Ok(chain::Prepared::Call {
-                prompt,
-                constraints,
-                read,
-                rework,
-                escalation,
-            }) => {
-                if let chain::Reading::Verdict { judged, .. } = &read {
-                    step.judged.clone_from(judged);
-                }
-                step.prompt = Some(prompt);
-                step.constraints = constraints;
-                step.reading = Some(read);
-                step.rework = rework.map(Box::new);
-                step.escalation = escalation.map(|e| e.map(Box::new));
-            }
-        }
-        Ok(step)
-    }
-
     /// Runs `delivery` to an outcome. Never fails: every problem becomes an outcome.
     pub async fn run(&self, queue: Arc<QueueKeys>, delivery: Box<Delivery>) -> Finished {
         let turn = RoomTurn::of(&self.read_pause, &delivery);
@@ -513,7 +546,10 @@ impl Executor {
     }
 
     /// [`Executor::run`], setting `slot` once the task holds a slot of its concurrency key,
-    /// and `key` once it holds its idempotency key.
+    /// and `key` once it holds its idempotency key. Its pipeline: key, then [`Self::phases`]
+    /// (slot, step, cache, plan, park, warm-up, attempt), then decide and apply. A phase
+    /// gives its next one's input or a [`Stop`], which `decide` turns into the task's
+    /// transition as it does an attempt's outcome.
     ///
     /// Everything held here is held for the whole of the task's call, by every task in
     /// flight: keep what lives across the call's await small, and build the rest after it.
@@ -540,448 +576,351 @@ impl Executor {
             let watch = self
                 .cancels
                 .watch(&queue, task_id, &env, entry_ms(&entry_id));
-            // An idempotency key: run only holding it; a copy of a task that succeeded is
-            // answered with its answer, one of a task still running waits for it.
-            if let Some(name) = llmq_shared::idempotency::name_of(&env) {
-                match Box::pin(self.take_key(&queue, &entry_id, name, &env)).await {
-                    keyed::Taken::Run(held) => {
-                        // Its later entries (a retry, a wait, a hand-back) are this run.
-                        let run = serde_json::Value::from(held.run.as_str());
-                        env.extra
-                            .insert(llmq_shared::idempotency::RUN_FIELD.to_owned(), run);
-                        *key = Some(held);
-                    }
-                    keyed::Taken::Copy(finished) => return *finished,
-                    keyed::Taken::Parked => return parked(queue, entry_id, task_id),
-                    keyed::Taken::Release => return handed_back(queue, entry_id, task_id, &env),
-                }
-            }
-
-            // A concurrency key: run only with a slot, else wait parked for one.
-            if let (Some(key), Some(limit)) = (&env.concurrency_key, env.concurrency_limit) {
-                // The envelope goes to Redis only when the task is to be parked.
-                let mut taken = Box::pin(self.redis.take_slot(
-                    &queue,
-                    &self.worker_id,
-                    &entry_id,
-                    key,
-                    limit,
-                    None,
-                ))
-                .await;
-                if let Ok(Slot::Full) = taken {
-                    let json = env.to_json();
-                    let park = self.redis.take_slot(
-                        &queue,
-                        &self.worker_id,
-                        &entry_id,
-                        key,
-                        limit,
-                        Some(&json),
-                    );
-                    taken = Box::pin(park).await;
-                }
-                match taken {
-                    Ok(Slot::Held) => *slot = Some(key.to_string()),
-                    Ok(Slot::Parked | Slot::Lost | Slot::Full) => {
-                        return parked(queue, entry_id, task_id);
-                    }
-                    // Redis is away: the worker's fault, not the task's. Hand it back.
-                    Err(e) => {
-                        tracing::warn!(task = %task_id, "cannot take a slot of concurrency key `{key}`: {e}");
-                        return handed_back(queue, entry_id, task_id, &env);
-                    }
-                }
-            }
-
-            // A constant: the type was checked when the task was parsed.
-            let task_type = env.task_type().map_or("", TaskType::as_str);
-
-            // A chain step: its handoffs, candidates and constraints.
-            // Futures that run briefly are boxed here and below: an async fn's state is as large
-            // as its largest await, and these would otherwise make every task in flight carry
-            // their size for the whole of its provider call.
-            // Boxed, and none for a task that is no chain's step: a call in flight carries 8
-            // bytes of it, not its room.
-            let mut step = if env.step.is_some() {
-                let prepare = self.prepare_step(&queue, task_id, &env);
-                match Box::pin(prepare).await {
-                    Ok(step) => Some(Box::new(step)),
-                    Err(Ended::Release) => {
-                        return handed_back(queue, entry_id, task_id, &env);
-                    }
-                    Err(Ended::Cancelled(why)) => {
-                        let record = running(&queue, task_id, &env, task_type);
-                        return cancelled(queue, entry_id, &env, record, why, Vec::new());
-                    }
-                    Err(Ended::Invalid(why)) => {
-                        // Not under the id it claims: that is the real step's, whose result a
-                        // copy must not overwrite.
-                        let own_id = envelope::derive_id(queue.name(), &entry_id).to_string();
-                        return invalid(queue, entry_id, own_id, env.to_json(), why);
-                    }
-                    Err(Ended::Await(deadline_ms)) => {
-                        let record = running(&queue, task_id, &env, task_type);
-                        return awaiting(queue, entry_id, &env, record, deadline_ms);
-                    }
-                }
-            } else {
-                None
-            };
-            let settled = step.as_mut().and_then(|s| s.settled.take());
-
-            // Plan.
-            let span = tracing::trace_span!(
-                target: telemetry::TARGET,
-                "llmq.task",
-                otel.name = %format_args!("task {task_type}"),
-                llmq.task.id = %task_id,
-                llmq.task.type = %task_type,
-                llmq.queue = queue.name(),
-                llmq.chain.id = env.chain_id.as_deref(),
-                llmq.attempt = env.attempts + 1,
-                llmq.cost_usd = tracing::field::Empty,
-            );
-            if let Some(parent) = env.traceparent.as_deref()
-                && !span.is_disabled()
-            {
-                telemetry::join_trace(&span, parent);
-            }
-            // A chain step's call carries the prompt its handoffs made.
-            let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
-                Box::new(Envelope {
-                    prompt,
-                    ..(*env).clone()
-                })
-            });
-            let call_env = step_env.as_deref().unwrap_or(&env);
-            // A task that can wait: back from a batch with its answer, or yet to go to one. It
-            // reads its latch only where it can have one: an entry a batch sent back (marked as
-            // having had its turn, as a handed-back one is) reads it here, before its answer
-            // is looked for elsewhere; any other reads it below, only when its plan has a
-            // provider with a batch API. One with none costs no read.
-            let can_wait = env.deadline.is_some() && settled.is_none() && slot.is_none();
-            let mut batch_answer = None;
-            // Whether it may go to a batch, once its latch is read.
-            let mut may_batch = None;
-            if can_wait && from_room {
-                match Box::pin(self.latch(&queue, task_id, &env)).await {
-                    Ok(Latch::Answered(answer)) => batch_answer = Some(answer),
-                    Ok(latch) => may_batch = Some(matches!(latch, Latch::Park)),
-                    Err(e) => return unread_latch(queue, entry_id, task_id, &env, &e),
-                }
-            }
-            let mut calls = Vec::new();
-            // What learned routing chose, for the record (boxed, as the two below).
-            let mut learned = None;
-            // The answer cache: the task whose answer this one reuses, or what to keep this
-            // one's answer as (boxed: every task in flight carries these through its call).
-            let mut cached_from = None;
-            let mut to_keep = None;
-            // The prompt prefix this task's call warms.
-            let mut warming = None;
             let started = Instant::now();
-            // The span goes into the attempt's call and comes back out of it: held once, not
-            // twice, by every task in flight.
-            let (tried, span) = 'tried: {
-                if let Some(outcome) = settled {
-                    break 'tried (Tried::without_call(*outcome), span);
-                }
-                if let Some(answer) = &batch_answer {
-                    break 'tried (batch::answered(answer, &env), span);
-                }
-                match answer_cache::use_of(&self.config.answer_cache, queue.name(), call_env) {
-                    Use::Off => {}
-                    Use::Refused { field, message } => {
-                        break 'tried (
-                            Tried::without_call(Outcome::Failed(AttemptError {
-                                class: ErrorClass::Invalid,
-                                message: format!("field `{field}` is wrong: {message}"),
-                                tried: Vec::new(),
-                                retry_after: None,
-                            })),
-                            span,
-                        );
-                    }
-                    // A chain step kept off some models or providers (a review distinct from
-                    // the work it reviews) is not answered with what any model said.
-                    Use::On { .. }
-                        if step
-                            .as_ref()
-                            .is_some_and(|s| s.constraints != NO_CONSTRAINTS) => {}
-                    Use::On { ttl } => 'cache: {
-                        let share = self.config.answer_cache.share_across_tenants;
-                        let Some(hash) = answer_cache::request_hash(call_env, share) else {
-                            break 'cache;
-                        };
-                        // One call for concurrent identical requests, unless the task holds a
-                        // concurrency key's slot already or may wait for a provider batch.
-                        let flight = slot.is_none() && env.deadline.is_none();
-                        let look = self.look_up(&queue, &entry_id, &hash, flight, &env);
-                        match Box::pin(look).await {
-                            cache::Looked::Hit(answer) => {
-                                let (tried, row) =
-                                    cache::hit(&answer, &queue, &env, task_type, &self.worker_id);
-                                calls.push(row);
-                                cached_from = Some(Box::new(answer.task_id));
-                                break 'tried (tried, span);
-                            }
-                            cache::Looked::Lead => {
-                                *slot = Some(flight_key(&answer_name(&hash)));
-                                to_keep = Some(Box::new((hash, ttl)));
-                            }
-                            cache::Looked::Call => to_keep = Some(Box::new((hash, ttl))),
-                            cache::Looked::Parked => {
-                                return parked(queue, entry_id, task_id);
-                            }
-                            cache::Looked::Release => {
-                                return handed_back(queue, entry_id, task_id, &env);
-                            }
-                        }
-                    }
-                }
-                let stats = self.learned_stats();
-                let stats = stats.as_deref().unwrap_or(&NO_STATS);
-                let constraints = step.as_deref().map_or(&NO_CONSTRAINTS, |s| &s.constraints);
-                let mut plan = match routing::plan(&self.config, call_env, constraints, stats) {
-                    Ok(plan) => plan,
-                    Err(e) => {
-                        break 'tried (
-                            Tried::without_call(Outcome::Failed(AttemptError {
-                                class: ErrorClass::Fatal,
-                                message: e.to_string(),
-                                tried: Vec::new(),
-                                retry_after: None,
-                            })),
-                            span,
-                        );
-                    }
-                };
-                learned = plan.learned.map(|l| {
-                    Box::new(LearnedRoute {
-                        strategy: l.strategy.as_str().to_owned(),
-                        propensity: l.propensity,
-                        explored: l.explored,
-                        candidates: plan
-                            .candidates
-                            .iter()
-                            .map(|c| format!("{}/{}", c.provider.name, c.model.id))
-                            .collect(),
-                    })
-                });
-                if can_wait
-                    && may_batch != Some(false)
-                    && let Some(to) = batch::parkable(&env, &entry_id, &plan)
-                {
-                    let latch = match may_batch {
-                        Some(_) => Latch::Park,
-                        None => match Box::pin(self.latch(&queue, task_id, &env)).await {
-                            Ok(latch) => latch,
-                            Err(e) => return unread_latch(queue, entry_id, task_id, &env, &e),
-                        },
-                    };
-                    match latch {
-                        Latch::Park => {
-                            // (A request with no batch form is called now.)
-                            if let Some(park) = batch::parking(&env, call_env, &to) {
-                                tracing::debug!(task = %task_id, group = park.group, "parking the task for a provider batch");
-                                let park = Box::new(park);
-                                let write = Write::Park {
-                                    entry_id,
-                                    task_id: task_id.to_string(),
-                                    park,
-                                };
-                                return Finished::new(queue, write, Vec::new());
-                            }
-                        }
-                        // Only an entry put in the stream by hand carries its answer unmarked.
-                        // The batch answered it, not this plan's route.
-                        Latch::Answered(answer) => {
-                            let tried = batch::answered(&answer, &env);
-                            batch_answer = Some(answer);
-                            learned = None;
-                            break 'tried (tried, span);
-                        }
-                        Latch::Call => {}
-                    }
-                }
-                // A prompt prefix a provider caches: its calls go to the model whose cache holds
-                // it warm; while nobody's does, one call warms it before the rest are sent.
-                if let Some(hash) = self.warm_prefix(call_env, &plan) {
-                    let flight = slot.is_none();
-                    match Box::pin(self.warm_up(&queue, &entry_id, &hash, flight, &env)).await {
-                        cache::Warm::On(model) => cache::pin(&mut plan, &model),
-                        cache::Warm::Cold => {
-                            if flight {
-                                *slot = Some(flight_key(&warm_name(&hash)));
-                                warming = Some(Box::new(hash));
-                            }
-                        }
-                        cache::Warm::Parked => {
-                            return parked(queue, entry_id, task_id);
-                        }
-                        cache::Warm::Release => {
-                            return handed_back(queue, entry_id, task_id, &env);
-                        }
-                    }
-                }
-                // Attempt.
-                // Set while a call waits for its ledger row or its rate-limit window, not sent.
-                let waiting = std::sync::atomic::AtomicBool::new(false);
-                let mut attempt = Attempt {
-                    exec: self,
-                    delivery: Uuid::new_v4(),
-                    env: call_env,
-                    queue: &queue,
-                    entry_id: &entry_id,
-                    task_type,
-                    number: env.attempts + 1,
-                    calls: &mut calls,
-                    waiting: &waiting,
-                    turn,
-                    stop: watch.token(),
-                };
-                let (ran, span) = {
-                    let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
-                    let mut run = std::pin::pin!(run.instrument(span));
-                    let ran = run.as_mut().await;
-                    (ran, run.span().clone())
-                };
-                let tried = match ran {
-                    Ok(tried) => tried,
-                    Err(_)
-                        if waiting.load(std::sync::atomic::Ordering::Relaxed)
-                            && calls.iter().all(|c| c.outcome == UNSENT) =>
-                    {
-                        // The attempt's first call waited past its time for its ledger row or its
-                        // rate-limit window: nothing was sent, and neither the task nor a provider
-                        // is at fault. The task goes back to its queue with its attempts as they
-                        // were.
-                        tracing::warn!(
-                            task_id = %task_id,
-                            "a call waited past --attempt-timeout for its ledger row or its rate-limit window, unsent; handing the task back"
-                        );
-                        Tried::without_call(Outcome::Released)
-                    }
-                    Err(_) => self.timed_out(plan.reason.clone(), &calls),
-                };
-                (tried, span)
+            let keyed = self.key(&queue, &entry_id, &mut env, key).await;
+            let mut trail = Trail::default();
+            let task = Task {
+                queue: &queue,
+                entry_id: &entry_id,
+                task_id,
+                env: &env,
+                // A constant: the type was checked when the task was parsed.
+                task_type: env.task_type().map_or("", TaskType::as_str),
+                from_room,
+                turn,
+                stop: watch.token(),
             };
-            let StepPlan {
-                constraints,
-                reading,
-                rework,
-                escalation,
-                judged,
-                seen,
-                ..
-            } = step.map(|s| *s).unwrap_or_default();
-            let mut record = running(&queue, task_id, &env, task_type);
-            record.duration_ms = started.elapsed().as_millis() as u64;
-            record.learned = learned.map(|l| *l);
-            record.route = Some(tried.route).filter(|r| !r.is_empty());
-            record.provider_errors = tried.errors;
-            // What to keep once the outcome is written: the model's answer as it came (a chain
-            // step reads it again on a hit), or which model's prompt cache the call warmed.
-            let mut keep = match (to_keep, warming, &tried.outcome, &tried.last) {
-                (Some(to_keep), _, Outcome::Answered(c), Some(last)) => {
-                    let task_id = task_id.to_string();
-                    cache::keep(*to_keep, c, &task_id, last, &calls, self.max_payload_bytes)
+            let ran = match keyed {
+                Ok(()) => self.phases(&task, slot, &mut trail).await,
+                Err(stop) => Err(stop),
+            };
+            let task_type = task.task_type;
+            let record = running(&queue, task_id, &env, task_type);
+            let (transition, record, after) = match ran {
+                Err(stop) => (decide::stopped(stop), record, None),
+                Ok(ran) => {
+                    let cancelled = watch.cancelled().then(|| {
+                        let named = Named::of(task_id, &env, entry_ms(&entry_id), true);
+                        (self.cancels.why(&queue, named)).unwrap_or_else(|| "cancelled".into())
+                    });
+                    self.decide(&env, record, ran, &mut trail, cancelled, started)
                 }
-                (None, Some(hash), Outcome::Answered(_), Some(last))
-                    if self.caches_prompts(last) =>
-                {
-                    Some(cache::warmed(&hash, last))
-                }
-                _ => None,
             };
-            record.cached_from = cached_from.map(|id| *id);
-            record.cached = record.cached_from.is_some();
-            if let Some((provider, model)) = tried.last {
-                record.provider = Some(provider);
-                record.model = Some(model);
-            }
-            // A fold from 0.0: an empty f64 sum is -0.0.
-            record.cost_usd = calls.iter().map(|c| c.cost_usd).fold(0.0, |a, b| a + b);
-            if let Some(answer) = &batch_answer {
-                record.cost_usd += answer.cost_usd;
-            }
-            span.record("llmq.cost_usd", record.cost_usd);
-            // A judge's pick, a review's verdict.
-            let outcome = match (tried.outcome, &reading) {
-                (Outcome::Answered(c), Some(read)) => chain::read(read, c),
-                (outcome, _) => outcome,
-            };
-            // An answer its step could not read (a judge naming no candidate) is not kept: its
-            // retry must not be given it again.
-            if !matches!(outcome, Outcome::Answered(_)) && keep.as_ref().is_some_and(|k| k.counted)
-            {
-                keep = None;
-            }
-            // A review's or check's verdict on the work it judged, for learned routing.
-            let verdict = judged
-                .and_then(|id| Uuid::parse_str(&id).ok())
-                .and_then(|task_id| match &outcome {
-                    Outcome::Answered(_) => Some(Verdict {
-                        task_id,
-                        approved: true,
-                    }),
-                    Outcome::Rejected(_) => Some(Verdict {
-                        task_id,
-                        approved: false,
-                    }),
-                    _ => None,
-                });
-
-            // A cancel stopped it: it ends so, with what its calls cost.
-            if matches!(outcome, Outcome::Released) && watch.cancelled() {
-                let named = Named::of(task_id, &env, entry_ms(&entry_id), true);
-                let why = (self.cancels.why(&queue, named)).unwrap_or_else(|| "cancelled".into());
-                return cancelled(queue, entry_id, &env, record, why, calls);
-            }
-
-            // Decide.
-            let policy = Policy {
-                retry: RetryPolicy::new(self.retry_base, self.retry_max),
-                max_wait: self.config.routing.max_wait,
-            };
-            let state = TaskState {
-                attempts: env.attempts,
-                max_attempts: env.max_attempts(),
-                waiting_since: env.waiting_since,
-            };
-            // Each rung starts from the higher of the failed model's tier and the round's
-            // minimum, so it is a tier higher than the last.
-            let failed_tier = record
-                .provider
-                .as_deref()
-                .and_then(|p| self.config.provider(p))
-                .zip(record.model.as_deref())
-                .and_then(|(p, id)| p.model(id))
-                .map(|m| m.tier);
-            let rounds = StepRounds {
-                rework: rework.map(|r| *r),
-                escalation: escalation
-                    .map(|up| self.escalation(up, failed_tier.max(env.min_tier), &constraints)),
-            };
-            let transition = decide::decide(state, &outcome, rounds, &policy, Utc::now());
-            let mut finished = apply(
+            let calls = std::mem::take(&mut trail.calls);
+            let ending = Ending {
                 queue,
                 entry_id,
-                *env,
+                env: *env,
                 record,
                 calls,
-                outcome,
-                transition,
-                &self.read_pause,
-            );
-            finished.verdict = verdict;
-            finished.keep = keep;
-            if let Write::Step(_, ended) = &mut finished.write {
-                ended.seen = seen;
+            };
+            let mut finished = apply::apply(ending, transition, &self.read_pause);
+            if let Some(after) = after {
+                finished.verdict = after.verdict;
+                finished.keep = after.keep;
+                if let Write::Step(_, ended) = &mut finished.write {
+                    ended.seen = after.seen;
+                }
             }
             finished
         }
+    }
+
+    /// The key phase: a task with an idempotency key runs only holding it; a copy of a task
+    /// that succeeded is answered with its answer, one of a task still running waits for it.
+    /// The only phase that changes the envelope: its later entries (a retry, a wait, a
+    /// hand-back) are this run.
+    async fn key(
+        &self,
+        queue: &Arc<QueueKeys>,
+        entry_id: &str,
+        env: &mut Envelope,
+        key: &mut Option<Box<keyed::Held>>,
+    ) -> Result<(), Stop> {
+        let Some(name) = llmq_shared::idempotency::name_of(env) else {
+            return Ok(());
+        };
+        let held = Box::pin(self.take_key(queue, entry_id, name, env)).await?;
+        let run = serde_json::Value::from(held.run.as_str());
+        env.extra
+            .insert(llmq_shared::idempotency::RUN_FIELD.to_owned(), run);
+        *key = Some(held);
+        Ok(())
+    }
+
+    /// The phases from the slot to the attempt: what the task's attempt came to, or where
+    /// it stopped before one.
+    async fn phases(
+        &self,
+        task: &Task<'_>,
+        slot: &mut Option<String>,
+        trail: &mut Trail,
+    ) -> Result<Ran, Stop> {
+        self.slot(task, slot).await?;
+        // A chain step: its handoffs, candidates and constraints. Futures that run briefly
+        // are boxed here and below: an async fn's state is as large as its largest await,
+        // and these would otherwise make every task in flight carry their size for the
+        // whole of its provider call. Boxed, and none for a task that is no chain's step: a
+        // call in flight carries 8 bytes of it, not its room.
+        let mut step = match task.env.step {
+            Some(_) => Some(Box::new(Box::pin(self.step(task)).await?)),
+            None => None,
+        };
+        let settled = step.as_mut().and_then(|s| s.settled.take());
+        let span = task.span();
+        // A chain step's call carries the prompt its handoffs made.
+        let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
+            Box::new(Envelope {
+                prompt,
+                ..task.env.clone()
+            })
+        });
+        let call_env = step_env.as_deref().unwrap_or(task.env);
+        // The span goes into the attempt's call and comes back out of it: held once, not
+        // twice, by every task in flight.
+        let (tried, span) = match settled {
+            Some(outcome) => (Tried::without_call(*outcome), span),
+            None => {
+                let call = self.call(task, call_env, step.as_deref(), slot, trail, span);
+                call.await?
+            }
+        };
+        Ok(Ran { tried, span, step })
+    }
+
+    /// The slot phase: a task with a concurrency key runs only with a slot, else waits
+    /// parked for one.
+    async fn slot(&self, task: &Task<'_>, slot: &mut Option<String>) -> Result<(), Stop> {
+        let (Some(key), Some(limit)) = (&task.env.concurrency_key, task.env.concurrency_limit)
+        else {
+            return Ok(());
+        };
+        let (queue, worker, entry_id) = (task.queue, &self.worker_id, task.entry_id);
+        let take = self
+            .redis
+            .take_slot(queue, worker, entry_id, key, limit, None);
+        let mut taken = Box::pin(take).await;
+        if let Ok(Slot::Full) = taken {
+            // The envelope goes to Redis only when the task is to be parked.
+            let json = task.env.to_json();
+            let park = self
+                .redis
+                .take_slot(queue, worker, entry_id, key, limit, Some(&json));
+            taken = Box::pin(park).await;
+        }
+        match taken {
+            Ok(Slot::Held) => {
+                *slot = Some(key.to_string());
+                Ok(())
+            }
+            Ok(Slot::Parked | Slot::Lost | Slot::Full) => Err(Stop::Parked),
+            // Redis is away: the worker's fault, not the task's. Hand it back.
+            Err(e) => {
+                tracing::warn!(task = %task.task_id, "cannot take a slot of concurrency key `{key}`: {e}");
+                Err(Stop::HandedBack)
+            }
+        }
+    }
+
+    /// The phases of a task that makes a call: cache, plan, park, warm-up, attempt.
+    async fn call(
+        &self,
+        task: &Task<'_>,
+        call_env: &Envelope,
+        step: Option<&StepPlan>,
+        slot: &mut Option<String>,
+        trail: &mut Trail,
+        span: tracing::Span,
+    ) -> Result<(Tried, tracing::Span), Stop> {
+        // A task that can wait: back from a batch with its answer, or yet to go to one. It
+        // reads its latch only where it can have one: an entry a batch sent back (marked as
+        // having had its turn, as a handed-back one is) reads it here, before its answer is
+        // looked for elsewhere; any other reads it in the park phase, only when its plan has
+        // a provider with a batch API. One with none costs no read.
+        let can_wait = task.env.deadline.is_some() && slot.is_none();
+        // Whether it may go to a batch, once its latch is read.
+        let mut may_batch = None;
+        if can_wait && task.from_room {
+            let latch = self.latch(task.queue, task.task_id, task.env);
+            match Box::pin(latch).await? {
+                Latch::Answered(answer) => return Ok((trail.batch_answered(&answer, task), span)),
+                latch => may_batch = Some(matches!(latch, Latch::Park)),
+            }
+        }
+        if let Some(tried) = self.cached(task, call_env, step, slot, trail).await? {
+            return Ok((tried, span));
+        }
+        let mut plan = match self.plan(call_env, step, trail) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let failed = Outcome::Failed(AttemptError {
+                    class: ErrorClass::Fatal,
+                    message: e.to_string(),
+                    tried: Vec::new(),
+                    retry_after: None,
+                });
+                return Ok((Tried::without_call(failed), span));
+            }
+        };
+        if can_wait
+            && may_batch != Some(false)
+            && let Some(tried) =
+                Box::pin(self.park(task, call_env, &plan, may_batch, trail)).await?
+        {
+            return Ok((tried, span));
+        }
+        self.warm(task, call_env, &mut plan, slot, trail).await?;
+        Ok(self.attempt(task, call_env, &plan, trail, span).await)
+    }
+
+    /// The plan phase: the candidates routing picks for `call_env`, or why it has none.
+    fn plan(
+        &self,
+        call_env: &Envelope,
+        step: Option<&StepPlan>,
+        trail: &mut Trail,
+    ) -> Result<routing::Plan<'_>, routing::RouteError> {
+        let stats = self.learned_stats();
+        let stats = stats.as_deref().unwrap_or(&NO_STATS);
+        let constraints = step.map_or(&NO_CONSTRAINTS, |s| &s.constraints);
+        let plan = routing::plan(&self.config, call_env, constraints, stats)?;
+        trail.learned = plan.learned.map(|l| {
+            Box::new(LearnedRoute {
+                strategy: l.strategy.as_str().to_owned(),
+                propensity: l.propensity,
+                explored: l.explored,
+                candidates: plan
+                    .candidates
+                    .iter()
+                    .map(|c| format!("{}/{}", c.provider.name, c.model.id))
+                    .collect(),
+            })
+        });
+        Ok(plan)
+    }
+
+    /// The attempt phase: the plan's candidates tried within `--attempt-timeout`.
+    async fn attempt(
+        &self,
+        task: &Task<'_>,
+        call_env: &Envelope,
+        plan: &routing::Plan<'_>,
+        trail: &mut Trail,
+        span: tracing::Span,
+    ) -> (Tried, tracing::Span) {
+        // Set while a call waits for its ledger row or its rate-limit window, not sent.
+        let waiting = std::sync::atomic::AtomicBool::new(false);
+        let mut attempt = Attempt {
+            exec: self,
+            delivery: Uuid::new_v4(),
+            env: call_env,
+            queue: task.queue,
+            entry_id: task.entry_id,
+            task_type: task.task_type,
+            number: task.env.attempts + 1,
+            calls: &mut trail.calls,
+            waiting: &waiting,
+            turn: task.turn,
+            stop: task.stop,
+        };
+        let (ran, span) = {
+            let run = tokio::time::timeout(self.attempt_timeout, attempt.run(plan));
+            let mut run = std::pin::pin!(run.instrument(span));
+            let ran = run.as_mut().await;
+            (ran, run.span().clone())
+        };
+        let tried = match ran {
+            Ok(tried) => tried,
+            Err(_)
+                if waiting.load(Ordering::Relaxed)
+                    && trail.calls.iter().all(|c| c.outcome == UNSENT) =>
+            {
+                // The attempt's first call waited past its time for its ledger row or its
+                // rate-limit window: nothing was sent, and neither the task nor a provider is
+                // at fault. The task goes back to its queue with its attempts as they were.
+                tracing::warn!(
+                    task_id = %task.task_id,
+                    "a call waited past --attempt-timeout for its ledger row or its rate-limit window, unsent; handing the task back"
+                );
+                Tried::without_call(Outcome::Released)
+            }
+            Err(_) => self.timed_out(plan.reason.clone(), &trail.calls),
+        };
+        (tried, span)
+    }
+
+    /// The decide phase of a task that ran: its record, what its step makes of its outcome,
+    /// and its transition, with what goes with the write.
+    fn decide(
+        &self,
+        env: &Envelope,
+        record: TaskRecord,
+        ran: Ran,
+        trail: &mut Trail,
+        cancelled: Option<String>,
+        started: Instant,
+    ) -> (Transition, TaskRecord, Option<After>) {
+        let Ran { tried, span, step } = ran;
+        let StepPlan {
+            constraints,
+            reading,
+            rework,
+            escalation,
+            judged,
+            seen,
+            ..
+        } = step.map(|s| *s).unwrap_or_default();
+        let Tried {
+            outcome,
+            route,
+            errors,
+            last,
+        } = tried;
+        let keep = trail.keep(self, &record.task_id, &outcome, last.as_ref());
+        let record = trail.record(record, route, errors, last, started);
+        span.record("llmq.cost_usd", record.cost_usd);
+        // A judge's pick, a review's verdict.
+        let outcome = match (outcome, &reading) {
+            (Outcome::Answered(c), Some(read)) => chain::read(read, c),
+            (outcome, _) => outcome,
+        };
+        // An answer its step could not read (a judge naming no candidate) is not kept: its
+        // retry must not be given it again.
+        let keep = keep.filter(|k| matches!(outcome, Outcome::Answered(_)) || !k.counted);
+        // A review's or check's verdict on the work it judged, for learned routing.
+        let verdict = verdict(judged.as_deref(), &outcome);
+        let policy = Policy {
+            retry: RetryPolicy::new(self.retry_base, self.retry_max),
+            max_wait: self.config.routing.max_wait,
+        };
+        let state = TaskState {
+            attempts: env.attempts,
+            max_attempts: env.max_attempts(),
+            waiting_since: env.waiting_since,
+            cancelled,
+        };
+        // Each rung starts from the higher of the failed model's tier and the round's
+        // minimum, so it is a tier higher than the last.
+        let failed_tier = record
+            .provider
+            .as_deref()
+            .and_then(|p| self.config.provider(p))
+            .zip(record.model.as_deref())
+            .and_then(|(p, id)| p.model(id))
+            .map(|m| m.tier);
+        let rounds = StepRounds {
+            rework: rework.map(|r| *r),
+            escalation: escalation
+                .map(|up| self.escalation(up, failed_tier.max(env.min_tier), &constraints)),
+        };
+        let transition = decide::decide(state, outcome, rounds, &policy, Utc::now());
+        // A cancel ends the task as it stands: nothing of its run goes with the write.
+        let after = (!matches!(transition, Transition::Cancel { .. })).then_some(After {
+            verdict,
+            keep,
+            seen,
+        });
+        (transition, record, after)
     }
 
     /// Whether `provider`'s `model` caches prompts llmq marks (so a call to it warmed one).
@@ -1100,213 +1039,6 @@ impl Executor {
     }
 }
 
-/// Carries out `transition` on the envelope and the record, ready for the finisher.
-#[allow(clippy::too_many_arguments)]
-fn apply(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    mut env: Envelope,
-    mut record: TaskRecord,
-    calls: Vec<CallRow>,
-    outcome: Outcome,
-    transition: Transition,
-    read_pause: &ReadPause,
-) -> Finished {
-    let task_id = record.task_id.clone();
-    let step = (env.chain_id.as_deref().zip(env.step.as_deref()))
-        .map(|(chain, step)| (chain.to_owned(), step.to_owned()));
-    // A step's next rounds, for the transitions that run it again.
-    let mut reruns = None;
-    let finish = match (transition, outcome) {
-        (Transition::Done, Outcome::Answered(completion)) => {
-            let usage = completion.usage;
-            record.status = Status::Succeeded;
-            record.output = Some(completion.text);
-            record.json = completion.json;
-            record.tool_calls = completion.tool_calls;
-            record.truncated = completion.truncated;
-            record.input_tokens = usage.input_tokens;
-            record.output_tokens = usage.output_tokens;
-            record.cached_tokens = usage.cached_tokens;
-            record.reasoning_tokens = usage.reasoning_tokens;
-            record.finished_at = Some(Utc::now());
-            Finish::done(entry_id, task_id, record)
-        }
-        (Transition::Wait { due, .. }, Outcome::Unavailable(u))
-            if u.paced && env.class().is_some() =>
-        {
-            // Only a provider's pace holds it, and its slot is not near: back to its
-            // tenant's head in the room, its turn given back (reading it cost the tenant
-            // none), where the room's order decides who asks next. The room is not fed here
-            // again before then, and fewer of its tasks are held.
-            read_pause.pause_until(due, true);
-            read_pause.room_handed_back();
-            let class = env.class().unwrap_or_default();
-            Finish::room(entry_id, task_id, class, Place::Turn, env.to_json())
-        }
-        (Transition::Wait { due, since }, outcome) => {
-            // No provider can be called now: wait without using an attempt. It never
-            // spins: the due time is when one may be called again.
-            read_pause.pause_until(due, env.class().is_some());
-            let (reason, class) = match &outcome {
-                Outcome::Unavailable(u) => (u.reason(), u.class),
-                _ => (String::new(), ErrorClass::Unavailable),
-            };
-            if class == ErrorClass::Unavailable {
-                metrics::counter!("llmq_tasks_waiting_on_outage_total", "queue" => queue.name().to_owned()).increment(1);
-            }
-            record.status = Status::Delayed;
-            record.attempts = env.attempts;
-            record.error = Some(reason.clone());
-            record.error_class = Some(class);
-            env.last_error = Some(reason.into());
-            env.snoozes += 1;
-            env.waiting_since = Some(since);
-            let due_ms = due.timestamp_millis();
-            Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json())
-        }
-        (Transition::Retry { due }, outcome) => {
-            let error = failure_text(&outcome);
-            env.attempts += 1;
-            env.waiting_since = None;
-            env.last_error = Some(error.as_str().into());
-            record.status = Status::Delayed;
-            record.error = Some(error);
-            record.error_class = failure_class(&outcome);
-            let due_ms = due.timestamp_millis();
-            Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json())
-        }
-        (Transition::Dead { error, class }, _) => {
-            if class != ErrorClass::Unavailable {
-                env.attempts += 1;
-            }
-            record.attempts = env.attempts;
-            env.last_error = Some(error.as_str().into());
-            record.status = Status::Dead;
-            record.error = Some(error.clone());
-            record.error_class = Some(class);
-            record.finished_at = Some(Utc::now());
-            Finish::dead(entry_id, task_id, error, class, record, env.to_json())
-        }
-        (
-            Transition::Escalate {
-                error,
-                class,
-                tier,
-                reruns: up,
-            },
-            _,
-        ) => {
-            // This round failed; the step runs again one tier up.
-            record.status = Status::Failed;
-            record.error_class = Some(class);
-            record.error = Some(format!(
-                "{error}; escalating to a {}-tier model",
-                tier.as_str()
-            ));
-            record.attempts = env.attempts + 1;
-            record.finished_at = Some(Utc::now());
-            reruns = Some(up);
-            Finish::done(entry_id, task_id, record)
-        }
-        (
-            Transition::Rework {
-                findings,
-                reruns: back,
-            },
-            _,
-        ) => {
-            // The verdict is this task's result; the work runs again with it.
-            record.status = Status::Succeeded;
-            record.output = Some(findings);
-            record.finished_at = Some(Utc::now());
-            reruns = Some(back);
-            Finish::done(entry_id, task_id, record)
-        }
-        // Release, and Done without an answer (which decide never gives): hand it back.
-        (Transition::Release | Transition::Done, _) => {
-            Finish::release(entry_id, task_id, env.to_json())
-        }
-    };
-    // A task that ended (its record is finished) has its row in the ledger's tasks.
-    let row = finish
-        .record
-        .as_ref()
-        .is_some_and(|r| r.finished_at.is_some())
-        .then(|| RowExtras {
-            risk: env.risk,
-            batch_id: env.batch_id.as_deref().map(Into::into),
-            enqueued_at: env.enqueued_at,
-        });
-    let write = match (step, reruns) {
-        (Some((chain_id, step)), Some(reruns)) => Write::Rerun {
-            finish,
-            chain_id,
-            step,
-            reruns,
-        },
-        (Some((chain_id, step)), None) => match step_outcome(&finish, chain_id, step) {
-            Some(ended) => Write::Step(finish, Box::new(ended)),
-            None => Write::Task(finish),
-        },
-        (None, _) => Write::Task(finish),
-    };
-    Finished {
-        row,
-        ..Finished::new(queue, write, calls)
-    }
-}
-
-/// A task parked in Redis (for a slot of its concurrency key, a provider batch, an
-/// identical request's call, a warm-up): nothing to write.
-fn parked(queue: Arc<QueueKeys>, entry_id: String, task_id: Uuid) -> Finished {
-    let finish = Finish::release(entry_id, task_id.to_string(), String::new());
-    Finished {
-        parked: true,
-        ..plain(queue, finish, Vec::new())
-    }
-}
-
-/// A task handed back to its queue as it came, without using an attempt: Redis failed, or
-/// the worker is at fault.
-fn handed_back(queue: Arc<QueueKeys>, entry_id: String, task_id: Uuid, env: &Envelope) -> Finished {
-    plain(
-        queue,
-        Finish::release(entry_id, task_id.to_string(), env.to_json()),
-        Vec::new(),
-    )
-}
-
-/// A task's outcome that moves no chain.
-fn plain(queue: Arc<QueueKeys>, finish: Finish, calls: Vec<CallRow>) -> Finished {
-    Finished::new(queue, Write::Task(finish), calls)
-}
-
-/// What a step's chain records when its task ended for good; `None` while it goes on.
-fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepOutcome> {
-    let record = finish.record.as_ref()?;
-    let outcome = match finish.kind {
-        FinishKind::Done => "succeeded",
-        FinishKind::Dead { .. } => "failed",
-        FinishKind::Retry { .. } | FinishKind::Release | FinishKind::Room { .. } => return None,
-    };
-    Some(StepOutcome {
-        chain_id,
-        step,
-        outcome,
-        fields: StepState {
-            task_id: finish.task_id.clone(),
-            provider: record.provider.clone(),
-            model: record.model.clone(),
-            cost_usd: record.cost_usd,
-            summary: record.output.as_deref().map(llmq_shared::chain::summary),
-            error: record.error.clone(),
-            ..StepState::default()
-        },
-        seen: None,
-    })
-}
-
 /// The record of a task that is running this attempt.
 fn running(queue: &QueueKeys, task_id: Uuid, env: &Envelope, task_type: &str) -> TaskRecord {
     let mut record = TaskRecord::pending(task_id.to_string(), queue.name(), Status::Running);
@@ -1316,114 +1048,10 @@ fn running(queue: &QueueKeys, task_id: Uuid, env: &Envelope, task_type: &str) ->
     record
 }
 
-/// An approval step's task: acked with a record saying a person decides, the step left
-/// awaiting approval.
-fn awaiting(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    env: &Envelope,
-    mut record: TaskRecord,
-    deadline_ms: i64,
-) -> Finished {
-    record.status = Status::Succeeded;
-    record.output = Some("handed to a person: llmq chain approve|reject".into());
-    record.finished_at = Some(Utc::now());
-    let task_id = record.task_id.clone();
-    let write = Write::Await {
-        finish: Finish::done(entry_id, task_id, record),
-        chain_id: env.chain_id.as_deref().unwrap_or_default().to_owned(),
-        step: env.step.as_deref().unwrap_or_default().to_owned(),
-        deadline_ms,
-    };
-    Finished::new(queue, write, Vec::new())
-}
-
-/// A task that was cancelled (its chain, or a cancel mark that names it): acked with a
-/// `cancelled` record and its calls; a chain step's ends its step as a failure would.
-fn cancelled(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    env: &Envelope,
-    mut record: TaskRecord,
-    why: String,
-    calls: Vec<CallRow>,
-) -> Finished {
-    // An attempt is used only by a call that went out.
-    record.attempts = env.attempts + u32::from(calls.iter().any(|c| c.outcome != UNSENT));
-    record.status = Status::Cancelled;
-    record.error = Some(why.clone());
-    record.finished_at = Some(Utc::now());
-    metrics::counter!("llmq_tasks_cancelled_total", "queue" => queue.name().to_owned())
-        .increment(1);
-    let task_id = record.task_id.clone();
-    let finish = Finish::done(entry_id, task_id.clone(), record);
-    let write = match (env.chain_id.as_deref(), env.step.as_deref()) {
-        (Some(chain_id), Some(step)) => {
-            let step = StepOutcome {
-                chain_id: chain_id.to_owned(),
-                step: step.to_owned(),
-                outcome: "cancelled",
-                fields: StepState {
-                    task_id,
-                    error: Some(why),
-                    ..StepState::default()
-                },
-                seen: None,
-            };
-            Write::Step(finish, Box::new(step))
-        }
-        _ => Write::Task(finish),
-    };
-    Finished {
-        row: Some(RowExtras {
-            risk: env.risk,
-            batch_id: env.batch_id.as_deref().map(Into::into),
-            enqueued_at: env.enqueued_at,
-        }),
-        ..Finished::new(queue, write, calls)
-    }
-}
-
 /// The time (ms) in a stream entry's id (`<ms>-<seq>`); 0 for any other text.
 fn entry_ms(entry_id: &str) -> i64 {
     entry_id
         .split_once('-')
         .and_then(|(ms, _)| ms.parse().ok())
         .unwrap_or(0)
-}
-
-fn failure_text(outcome: &Outcome) -> String {
-    match outcome {
-        Outcome::Failed(e) => e.to_string(),
-        Outcome::Unavailable(u) => u.reason(),
-        Outcome::Rejected(r) => r.0.clone(),
-        Outcome::Answered(_) | Outcome::Released => String::new(),
-    }
-}
-
-fn failure_class(outcome: &Outcome) -> Option<ErrorClass> {
-    match outcome {
-        Outcome::Failed(e) => Some(e.class),
-        Outcome::Unavailable(u) => Some(u.class),
-        Outcome::Rejected(_) => Some(ErrorClass::Fatal),
-        Outcome::Answered(_) | Outcome::Released => None,
-    }
-}
-
-fn invalid(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    task_id: String,
-    raw: String,
-    error: String,
-) -> Finished {
-    let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Dead);
-    record.error = Some(error.clone());
-    record.error_class = Some(ErrorClass::Invalid);
-    record.finished_at = Some(Utc::now());
-    let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
-    Finished {
-        row: Some(RowExtras::default()),
-        ..self::plain(queue, finish, Vec::new())
-    }
 }
