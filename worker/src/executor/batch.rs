@@ -31,14 +31,14 @@ const BATCHER_TRUSTED: Duration = Duration::from_secs(1);
 
 /// The queues whose batcher key this worker saw, and when. A task that can wait asks Redis
 /// whether a scheduler sends its queue's batches (in the round trip that reads its batch
-/// state) unless the key was seen within [`BATCHER_TRUSTED`]; with none, it is called in the
+/// state) unless the key was seen within `BATCHER_TRUSTED`; with none, it is called in the
 /// same delivery instead of parked and put back. Absence is not remembered: a scheduler that
 /// starts is used from the next task on.
 #[derive(Debug, Default)]
 pub struct Batchers(Mutex<HashMap<String, Instant>>);
 
 impl Batchers {
-    /// Whether queue `queue`'s batcher was seen within [`BATCHER_TRUSTED`].
+    /// Whether queue `queue`'s batcher was seen within `BATCHER_TRUSTED`.
     pub(super) fn trusted(&self, queue: &str) -> bool {
         let seen = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         seen.get(queue)

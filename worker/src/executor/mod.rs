@@ -1,14 +1,22 @@
-//! Runs one task: parse -> plan -> attempt -> decide.
+//! Runs one task as a pipeline of named phases: admit, key, slot, step, cache, plan, park,
+//! warm-up, attempt, decide, apply ([`Executor::run`]). Each phase gives its next one's input
+//! or a [`Stop`], the one early end; every fate, before the call or after it, is chosen by
+//! `decide`.
 //!
 //! Layout:
+//! - this module: admission and the pipeline, with the key, slot, plan and attempt phases;
+//! - `keyed`: the idempotency key a task runs holding;
+//! - `chain`: the step phase, what a chain step needs before its call and what its answer
+//!   means after; each kind of step a module of its own (`chain::kind` tells them apart);
+//! - `cache`: the answer cache and prompt warm-up phases;
+//! - `batch`: the park phase, tasks that can wait sent to a provider batch and finished with
+//!   its answer;
 //! - `attempt`: tries the plan's candidates and says what the attempt came to;
-//! - `decide`: turns that into the task's transition, a pure function and the only place a
-//!   task's fate is chosen (escalation and a rejection's send-back included);
-//! - `chain`: what a chain step needs before its call and what its answer means after;
-//! - `check`: a chain's check step, a command the provider file names;
-//! - `batch`: tasks that can wait, sent to a provider batch and finished with its answer;
-//! - `call_metrics`: the GenAI metrics of each call;
-//! - this module: admission, the record, and the [`Finished`] value for the finisher.
+//! - `decide`: turns that (or a stop) into the task's transition, a pure function and the only
+//!   place a task's fate is chosen (escalation and a rejection's send-back included);
+//! - `apply`: carries a transition out on the envelope and the record, the `Finished` value
+//!   for the finisher;
+//! - `call_metrics`: the GenAI metrics of each call.
 //!
 //! Outcomes are not written here: the finisher writes them (ledger first, then one Lua call
 //! for a whole batch). Only quota and circuit state is read and written as calls are made.
@@ -42,7 +50,6 @@ mod batch;
 mod cache;
 mod call_metrics;
 mod chain;
-mod check;
 pub mod decide;
 mod keyed;
 

@@ -1,7 +1,10 @@
-//! A chain's `check` step: a quality gate that runs a command the operator named in the
+//! A `check` step: a quality gate that runs a command the operator named in the
 //! provider file (never one from the task), without a shell, with its parent's output on
-//! stdin and an environment of `PATH`, `HOME` and its entry's `env:` only. Exit 0 passes and its output is the step's; anything else fails the step with
-//! what the command printed.
+//! stdin and an environment of `PATH`, `HOME` and its entry's `env:` only. Exit 0 passes
+//! and its output is the step's; anything else fails the step with what the command printed.
+//!
+//! It makes no call: its command runs on its parent's output, and a failure may send the
+//! work back (`on_reject`), as a review's rejection does.
 
 use std::process::Stdio;
 
@@ -11,7 +14,27 @@ use llmq_shared::provider::{Completion, Usage, excerpt};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
-use super::attempt::{AttemptError, Outcome, Rejection};
+use super::kind::{Context, StepKind};
+use super::{Prepared, rework};
+use crate::executor::attempt::{AttemptError, Outcome, Rejection};
+
+pub(super) struct Check;
+
+impl StepKind for Check {
+    fn prepare(&self, cx: Context<'_>, _prompt: String) -> Prepared {
+        let Some((parent, input)) = cx.candidates.into_iter().next() else {
+            return Prepared::Fatal(
+                "handoff unresolved: the output of the step this check checks has no value".into(),
+            );
+        };
+        Prepared::Check {
+            command: cx.step.command.clone().unwrap_or_default(),
+            input,
+            rework: cx.full.and_then(|f| rework(f, cx.step, cx.config)),
+            judged: cx.states.get(parent).map(|s| s.task_id.clone()),
+        }
+    }
+}
 
 /// Runs check `name` on `input`.
 pub(super) async fn run(name: &str, check: &CheckConfig, input: &str) -> Outcome {

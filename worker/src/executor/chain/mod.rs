@@ -1,10 +1,12 @@
 //! Chain steps: what a step needs from its chain before its call (handoffs, candidates, the
 //! model it must not be), and what its answer means after (a judge's pick, a review's
-//! verdict). A consensus step makes no call.
+//! verdict). Each kind of step is a module of its own, told apart in one place
+//! ([`kind::of`]): `llm`, `merge`, `judge`, `consensus`, `review`, `check`, `approval`.
+//! Consensus, check and approval steps make no call.
 
 use std::collections::HashMap;
 
-use llmq_shared::chain::{self, Distinct, Kind, Reference};
+use llmq_shared::chain::{self, Distinct, Reference};
 use llmq_shared::chain::{ChainState, Rerun, Seen, StepState};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
@@ -16,9 +18,18 @@ use llmq_shared::routing::Constraints;
 
 use llmq_shared::provider::Completion;
 
-use super::attempt::{AttemptError, Outcome, Rejection};
+use super::attempt::{AttemptError, Outcome};
 use super::decide::Stop;
 use super::{Executor, Task};
+
+mod approval;
+pub(super) mod check;
+mod consensus;
+mod judge;
+mod kind;
+mod llm;
+mod merge;
+mod review;
 
 /// What a chain step's preparation decided, for its attempt and after it.
 #[derive(Default)]
@@ -78,7 +89,7 @@ impl Executor {
                 step.rework = rework.map(Box::new);
                 step.judged = judged;
                 step.settled = Some(Box::new(match self.config.checks.get(&command) {
-                    Some(c) => super::check::run(&command, c, &input).await,
+                    Some(c) => check::run(&command, c, &input).await,
                     None => Outcome::Failed(AttemptError {
                         class: ErrorClass::Fatal,
                         message: format!(
@@ -117,9 +128,6 @@ impl Executor {
     }
 }
 
-/// How long an approval waits when its step gives no `timeout`.
-const APPROVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-
 /// How a step is run, decided before its call.
 // One per task, built and taken apart at once: boxing the large variant buys nothing.
 #[allow(clippy::large_enum_variant)]
@@ -154,6 +162,19 @@ pub(super) enum Prepared {
     /// The task is not the step's to run: a dead letter of class `invalid` that leaves the
     /// chain alone.
     Invalid(String),
+}
+
+impl Prepared {
+    /// A call whose answer reads as `read`, with no rework or escalation.
+    fn call(prompt: String, constraints: Constraints, read: Reading) -> Self {
+        Self::Call {
+            prompt,
+            constraints,
+            read,
+            rework: None,
+            escalation: None,
+        }
+    }
 }
 
 /// What a review's rejection sends back: the steps to run again, from the step to redo to
@@ -232,41 +253,8 @@ pub(super) async fn prepare(
         )));
     };
     *seen = read;
-    // Only the task the chain enqueued for the step's current round may run it, and only
-    // while the step is queued: a task naming a step is otherwise a forgery (or a stale
-    // copy), and it must not finish the step, least of all one that waits for a person.
-    let own = states
-        .get(name)
-        .is_some_and(|s| env.id.is_some_and(|id| s.task_id == id.to_string()));
-    // An earlier round's task of a step sent into a new round (a sibling's rejection sent the
-    // work it depends on back) is superseded: it ends quietly, and the new round runs.
-    if let Some(s) = states.get(name)
-        && !own
-        && let Some(id) = env.id
-        && (0..s.round).any(|r| chain::step_task_id(chain_id, name, r) == id)
-    {
-        return Ok(Prepared::Cancelled(format!(
-            "superseded: step `{name}` of chain `{chain_id}` runs again as round {}, after the work it depends on was sent back",
-            s.round
-        )));
-    }
-    if let Some(s) = states.get(name)
-        && (!own || !matches!(s.status.as_str(), "queued" | "cancelled"))
-    {
-        return Ok(Prepared::Invalid(format!(
-            "step `{name}` of chain `{chain_id}` is {} and runs as task {} (round {}); this task is not the one the chain enqueued for it, so it cannot run the step (a failed step runs again with `llmq chain retry`)",
-            s.status, s.task_id, s.round
-        )));
-    }
-    match states.get(name).map(|s| s.status.as_str()) {
-        Some("cancelled") | None => {
-            let why = states
-                .get(name)
-                .and_then(|s| s.error.clone())
-                .unwrap_or_else(|| "the chain was cancelled".into());
-            return Ok(Prepared::Cancelled(why));
-        }
-        _ => {}
+    if let Some(refused) = not_to_run(env, chain_id, name, &states) {
+        return Ok(refused);
     }
     // Sending work back or escalating needs the whole chain; most steps do neither.
     let full = if step.on_reject.is_some() || step.escalate {
@@ -281,11 +269,7 @@ pub(super) async fn prepare(
             "the task's prompt is not the prompt of step `{name}` of chain `{chain_id}`; only the chain's own tasks run its steps"
         )));
     };
-    let template = step.prompt.as_str();
-    let folded: Vec<String> = states
-        .get(name)
-        .map(|s| s.folded.clone())
-        .unwrap_or_default();
+    let kind = kind::of(&step);
     // Parents that succeeded, in `after` order, then the other ancestors the prompt names
     // (the states `step_context` read): with their outputs where needed.
     let wanted = step.inputs();
@@ -296,193 +280,53 @@ pub(super) async fn prepare(
             (s.status == "succeeded").then_some((p.as_str(), s))
         })
         .collect();
-    let needs_outputs = !matches!(step.kind, Kind::Llm)
+    let needs_outputs = kind.reads_outputs()
         || step.after.len() > 1
-        || chain::references(template)
+        || chain::references(&step.prompt)
             .iter()
             .any(|(_, r)| matches!(r, Reference::Output(_) | Reference::Json(..)));
-    let mut outputs: HashMap<&str, String> = HashMap::new();
-    let mut jsons: HashMap<&str, serde_json::Value> = HashMap::new();
-    if needs_outputs {
-        let ids: Vec<String> = succeeded.iter().map(|(_, s)| s.task_id.clone()).collect();
-        let records = redis.results(keys, &ids).await?;
-        for ((p, _), r) in succeeded.iter().zip(records) {
-            let Some(r) = r else { continue };
-            if let Some(json) = r.json {
-                jsons.insert(*p, json);
-            }
-            if let Some(output) = r.output {
-                outputs.insert(*p, output);
-            }
-        }
-    }
-    // What each reference to a step reads: its summary, its output, a value of its JSON.
-    let value = |r: &Reference| -> Option<String> {
-        match r {
-            Reference::Var(_) => None,
-            Reference::Summary(p) => succeeded
-                .iter()
-                .find(|(n, _)| n == p)
-                .and_then(|(_, s)| s.summary.clone()),
-            Reference::Output(p) => outputs.get(p.as_str()).cloned(),
-            Reference::Json(p, path) => chain::json_at(jsons.get(p.as_str())?, path),
-        }
+    let (outputs, jsons) = if needs_outputs {
+        outputs(redis, keys, &succeeded).await?
+    } else {
+        Default::default()
     };
-    // Handoffs: counted before they are filled in, so outputs referenced many times cannot
-    // make a prompt of any size.
-    let size = chain::references(template).iter().fold(
-        folded
-            .iter()
-            .fold(template.len().saturating_add(added.len()), |n, f| {
-                n.saturating_add(f.len())
-            }),
-        |n, (range, r)| {
-            let len = match r {
-                Reference::Var(_) => return n,
-                Reference::Summary(p) => states
-                    .get(p)
-                    .and_then(|s| s.summary.as_ref())
-                    .map_or(0, String::len),
-                Reference::Output(p) => outputs.get(p.as_str()).map_or(0, String::len),
-                Reference::Json(..) => value(r).map_or(0, |v| v.len()),
-            };
-            n.saturating_sub(range.len()).saturating_add(len)
-        },
-    );
-    // What a merge, a judge or a review appends after the prompt: its parents' outputs, with
-    // their framing (a heading, a name or a number each, an instruction; counted a little high).
-    let parents_out = || {
-        step.after.iter().fold(160usize, |n, p| {
-            let out = outputs.get(p.as_str()).map_or(0, String::len);
-            n.saturating_add(out).saturating_add(p.len() + 16)
-        })
-    };
-    let appended = match step.kind {
-        Kind::Llm if step.after.len() > 1 && chain::references(template).is_empty() => {
-            parents_out()
-        }
-        Kind::Judge => parents_out(),
-        Kind::Review => step
-            .reviews
-            .as_deref()
-            .and_then(|r| outputs.get(r))
-            .map_or(0, |o| o.len().saturating_add(400)),
-        _ => 0,
-    };
-    let size = size.saturating_add(appended);
-    if size > max_bytes {
-        return Ok(Prepared::Fatal(format!(
-            "the step's prompt would be {size} bytes with its handoffs and its parents' outputs, over the {max_bytes}-byte limit; reference `.summary` instead of `.output`, or raise --max-payload-bytes"
-        )));
-    }
-    // Handoffs: a reference that cannot be resolved fails the step; it never runs blind.
-    let mut unresolved = None;
-    let mut prompt = chain::fill(template, |r| {
-        if matches!(r, Reference::Var(_)) {
-            return None;
-        }
-        let got = value(r);
-        if got.is_none() && unresolved.is_none() {
-            unresolved = Some(r.clone());
-        }
-        got
-    });
-    if let Some(r) = unresolved {
-        let why = match &r {
-            Reference::Json(..) => {
-                "the step did not succeed, its result expired, or its answer has no JSON there (give it a response_format)"
-            }
-            _ => "the step did not succeed, or its result expired",
-        };
-        return Ok(Prepared::Fatal(format!(
-            "handoff unresolved: {r} has no value ({why}); the step does not run without its context"
-        )));
-    }
-    prompt.push_str(added);
-    // Findings of sibling reviews that rejected the same work at once, folded into this
-    // round: data, like `added`.
-    for fold in &folded {
-        prompt.push_str(fold);
-    }
-    // Candidates (of a judge, a consensus, a merge) are the parents only.
+    // Candidates (of a judge, a consensus, a merge, a check) are the parents only.
     let candidates: Vec<(&str, String)> = succeeded
         .iter()
         .filter(|(p, _)| step.after.iter().any(|a| a == p))
         .filter_map(|(p, _)| Some((*p, outputs.get(p)?.clone())))
         .collect();
-    let prepared = match step.kind {
-        Kind::Llm if step.after.len() > 1 && chain::references(template).is_empty() => {
-            // A merge: the parents' outputs follow the prompt.
-            let mut p = prompt;
-            p.push_str("\n\n## Inputs\n");
-            for (name, out) in &candidates {
-                p.push_str(&format!("\n### {name}\n{out}\n"));
-            }
-            call(p, Constraints::default(), Reading::Plain)
-        }
-        Kind::Llm => call(prompt, Constraints::default(), Reading::Plain),
-        Kind::Approval => {
-            let wait = env
-                .timeout
-                .map_or(APPROVAL_TIMEOUT, std::time::Duration::from_secs);
-            Prepared::Await {
-                deadline_ms: llmq_shared::queue::now_ms()
-                    .saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)),
-            }
-        }
-        Kind::Check => match candidates.into_iter().next() {
-            Some((parent, input)) => Prepared::Check {
-                command: step.command.clone().unwrap_or_default(),
-                input,
-                rework: full.as_ref().and_then(|f| rework(f, &step, config)),
-                judged: states.get(parent).map(|s| s.task_id.clone()),
-            },
-            None => Prepared::Fatal(
-                "handoff unresolved: the output of the step this check checks has no value".into(),
-            ),
-        },
-        Kind::Consensus => consensus(&candidates),
-        Kind::Judge => {
-            let mut p = prompt;
-            p.push_str("\n\n## Candidates\n");
-            for (i, (_, out)) in candidates.iter().enumerate() {
-                p.push_str(&format!("\n[{}]\n{out}\n", i + 1));
-            }
-            p.push_str(&format!(
-                "\nAnswer with the number of the best candidate (1 to {}) first.",
-                candidates.len()
-            ));
-            let constraints = distinct_from(
-                &step.distinct,
-                candidates.iter().filter_map(|(n, _)| states.get(*n)),
-            );
-            let texts = candidates.into_iter().map(|(_, o)| o).collect();
-            call(p, constraints, Reading::Pick(texts))
-        }
-        Kind::Review => {
-            let reviewed = step.reviews.clone().unwrap_or_default();
-            let Some(work) = outputs.get(reviewed.as_str()) else {
-                return Ok(Prepared::Fatal(format!(
-                    "handoff unresolved: the output of `{reviewed}`, the step this one reviews, has no value"
-                )));
-            };
-            let p = format!(
-                "{prompt}\n\n## Work to review (step `{reviewed}`)\n\n{work}\n\nAnswer with JSON only: {{\"verdict\": \"approve\" or \"reject\", \"findings\": [\"...\"]}}."
-            );
-            let constraints = distinct_from(&step.distinct, states.get(&reviewed));
-            let rework = full.as_ref().and_then(|f| rework(f, &step, config));
-            let judged = states.get(&reviewed).map(|s| s.task_id.clone());
-            Prepared::Call {
-                prompt: p,
-                constraints,
-                read: Reading::Verdict { reviewed, judged },
-                rework,
-                escalation: full.as_ref().and_then(|f| escalation(f, &step)),
-            }
-        }
+    let handoffs = Handoffs {
+        states: &states,
+        succeeded: &succeeded,
+        outputs: &outputs,
+        jsons: &jsons,
     };
+    let cx = kind::Context {
+        step: &step,
+        env,
+        config,
+        states: &states,
+        outputs: &outputs,
+        candidates,
+        full: full.as_ref(),
+    };
+    let folded = states.get(name).map_or(&[][..], |s| &s.folded[..]);
+    let size = handoffs
+        .size(&step.prompt, added, folded)
+        .saturating_add(kind.appended(&cx));
+    if size > max_bytes {
+        return Ok(Prepared::Fatal(format!(
+            "the step's prompt would be {size} bytes with its handoffs and its parents' outputs, over the {max_bytes}-byte limit; reference `.summary` instead of `.output`, or raise --max-payload-bytes"
+        )));
+    }
+    let prompt = match handoffs.fill(&step.prompt) {
+        Ok(prompt) => prompt,
+        Err(why) => return Ok(Prepared::Fatal(why)),
+    };
+    let prompt = prompt + added + &folded.concat();
     // A step that escalates runs again one tier up if it fails.
-    Ok(match prepared {
+    Ok(match kind.prepare(cx, prompt) {
         Prepared::Call {
             prompt,
             constraints,
@@ -500,13 +344,147 @@ pub(super) async fn prepare(
     })
 }
 
-fn call(prompt: String, constraints: Constraints, read: Reading) -> Prepared {
-    Prepared::Call {
-        prompt,
-        constraints,
-        read,
-        rework: None,
-        escalation: None,
+/// Why task `env` must not run step `name`, if it must not: only the task the chain enqueued
+/// for the step's current round may run it, and only while the step is queued. A task
+/// naming a step is otherwise a forgery (or a stale copy), and it must not finish the step,
+/// least of all one that waits for a person.
+fn not_to_run(
+    env: &Envelope,
+    chain_id: &str,
+    name: &str,
+    states: &HashMap<String, StepState>,
+) -> Option<Prepared> {
+    let Some(s) = states.get(name) else {
+        return Some(Prepared::Cancelled("the chain was cancelled".into()));
+    };
+    let own = env.id.is_some_and(|id| s.task_id == id.to_string());
+    // An earlier round's task of a step sent into a new round (a sibling's rejection sent the
+    // work it depends on back) is superseded: it ends quietly, and the new round runs.
+    if !own
+        && let Some(id) = env.id
+        && (0..s.round).any(|r| chain::step_task_id(chain_id, name, r) == id)
+    {
+        return Some(Prepared::Cancelled(format!(
+            "superseded: step `{name}` of chain `{chain_id}` runs again as round {}, after the work it depends on was sent back",
+            s.round
+        )));
+    }
+    if !own || !matches!(s.status.as_str(), "queued" | "cancelled") {
+        return Some(Prepared::Invalid(format!(
+            "step `{name}` of chain `{chain_id}` is {} and runs as task {} (round {}); this task is not the one the chain enqueued for it, so it cannot run the step (a failed step runs again with `llmq chain retry`)",
+            s.status, s.task_id, s.round
+        )));
+    }
+    (s.status == "cancelled").then(|| {
+        Prepared::Cancelled(
+            s.error
+                .clone()
+                .unwrap_or_else(|| "the chain was cancelled".into()),
+        )
+    })
+}
+
+/// The outputs and JSON answers of the steps that `succeeded`, as their results hold them.
+async fn outputs<'a>(
+    redis: &Client,
+    keys: &QueueKeys,
+    succeeded: &[(&'a str, &StepState)],
+) -> llmq_shared::queue::Result<(
+    HashMap<&'a str, String>,
+    HashMap<&'a str, serde_json::Value>,
+)> {
+    let ids: Vec<String> = succeeded.iter().map(|(_, s)| s.task_id.clone()).collect();
+    let records = redis.results(keys, &ids).await?;
+    let mut outputs = HashMap::new();
+    let mut jsons = HashMap::new();
+    for ((p, _), r) in succeeded.iter().zip(records) {
+        let Some(r) = r else { continue };
+        if let Some(json) = r.json {
+            jsons.insert(*p, json);
+        }
+        if let Some(output) = r.output {
+            outputs.insert(*p, output);
+        }
+    }
+    Ok((outputs, jsons))
+}
+
+/// What a step's prompt references read: the states, outputs and JSON answers of the steps
+/// it reads.
+struct Handoffs<'a> {
+    states: &'a HashMap<String, StepState>,
+    succeeded: &'a [(&'a str, &'a StepState)],
+    outputs: &'a HashMap<&'a str, String>,
+    jsons: &'a HashMap<&'a str, serde_json::Value>,
+}
+
+impl Handoffs<'_> {
+    /// What reference `r` reads: a step's summary, its output, a value of its JSON.
+    fn value(&self, r: &Reference) -> Option<String> {
+        match r {
+            Reference::Var(_) => None,
+            Reference::Summary(p) => self
+                .succeeded
+                .iter()
+                .find(|(n, _)| n == p)
+                .and_then(|(_, s)| s.summary.clone()),
+            Reference::Output(p) => self.outputs.get(p.as_str()).cloned(),
+            Reference::Json(p, path) => chain::json_at(self.jsons.get(p.as_str())?, path),
+        }
+    }
+
+    /// The bytes of `template` with its handoffs, then `added` and `folded` after it:
+    /// counted before they are filled in, so outputs referenced many times cannot make a
+    /// prompt of any size.
+    fn size(&self, template: &str, added: &str, folded: &[String]) -> usize {
+        let start = folded
+            .iter()
+            .fold(template.len().saturating_add(added.len()), |n, f| {
+                n.saturating_add(f.len())
+            });
+        chain::references(template)
+            .iter()
+            .fold(start, |n, (range, r)| {
+                let len = match r {
+                    Reference::Var(_) => return n,
+                    Reference::Summary(p) => self
+                        .states
+                        .get(p)
+                        .and_then(|s| s.summary.as_ref())
+                        .map_or(0, String::len),
+                    Reference::Output(p) => self.outputs.get(p.as_str()).map_or(0, String::len),
+                    Reference::Json(..) => self.value(r).map_or(0, |v| v.len()),
+                };
+                n.saturating_sub(range.len()).saturating_add(len)
+            })
+    }
+
+    /// `template` with its handoffs filled in; a reference that cannot be resolved fails the
+    /// step, which never runs blind.
+    fn fill(&self, template: &str) -> Result<String, String> {
+        let mut unresolved = None;
+        let prompt = chain::fill(template, |r| {
+            if matches!(r, Reference::Var(_)) {
+                return None;
+            }
+            let got = self.value(r);
+            if got.is_none() && unresolved.is_none() {
+                unresolved = Some(r.clone());
+            }
+            got
+        });
+        let Some(r) = unresolved else {
+            return Ok(prompt);
+        };
+        let why = match &r {
+            Reference::Json(..) => {
+                "the step did not succeed, its result expired, or its answer has no JSON there (give it a response_format)"
+            }
+            _ => "the step did not succeed, or its result expired",
+        };
+        Err(format!(
+            "handoff unresolved: {r} has no value ({why}); the step does not run without its context"
+        ))
     }
 }
 
@@ -602,102 +580,13 @@ fn distinct_from<'a>(
     c
 }
 
-/// The majority of the candidates' normalised outputs; a tie fails.
-fn consensus(candidates: &[(&str, String)]) -> Prepared {
-    let norm = |s: &str| {
-        s.split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ")
-            .to_lowercase()
-    };
-    let mut counts: Vec<(String, usize, &str)> = Vec::new();
-    for (_, out) in candidates {
-        let key = norm(out);
-        match counts.iter_mut().find(|(k, _, _)| *k == key) {
-            Some(c) => c.1 += 1,
-            None => counts.push((key, 1, out)),
-        }
-    }
-    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
-    match counts.as_slice() {
-        [] => Prepared::Fatal("consensus has no output to count".into()),
-        [(_, n, _), (_, m, _), ..] if n == m => Prepared::Fatal(format!(
-            "no consensus: {} outputs, the most common ones tie with {n} each",
-            candidates.len()
-        )),
-        [(_, _, out), ..] => Prepared::Output((*out).to_owned()),
-    }
-}
-
 /// What the answer of a step means: its output, a failure, or a review's rejection.
 pub(super) fn read(reading: &Reading, answer: Completion) -> Outcome {
     match reading {
         Reading::Plain => Outcome::Answered(answer),
-        Reading::Pick(candidates) => {
-            let n = answer
-                .text
-                .split(|c: char| !c.is_ascii_digit())
-                .find(|s| !s.is_empty())
-                .and_then(|s| s.parse::<usize>().ok())
-                .filter(|n| (1..=candidates.len()).contains(n));
-            match n {
-                Some(n) => Outcome::Answered(Completion {
-                    text: candidates[n - 1].clone(),
-                    ..answer
-                }),
-                None => Outcome::Failed(failure(
-                    ErrorClass::Retryable,
-                    format!(
-                        "the judge's answer names no candidate between 1 and {}: {}",
-                        candidates.len(),
-                        llmq_shared::provider::excerpt(&answer.text, 200)
-                    ),
-                )),
-            }
-        }
-        Reading::Verdict { reviewed, .. } => {
-            let Some(v) = verdict(&answer.text) else {
-                return Outcome::Failed(failure(
-                    ErrorClass::Retryable,
-                    format!(
-                        "the review's answer is not a verdict ({{\"verdict\": \"approve\"|\"reject\"}}): {}",
-                        llmq_shared::provider::excerpt(&answer.text, 200)
-                    ),
-                ));
-            };
-            let findings = v
-                .get("findings")
-                .and_then(|f| f.as_array())
-                .map(|f| {
-                    f.iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                })
-                .unwrap_or_default();
-            match v.get("verdict").and_then(|x| x.as_str()) {
-                Some("approve") => Outcome::Answered(Completion {
-                    text: v.to_string(),
-                    ..answer
-                }),
-                _ => Outcome::Rejected(Rejection(format!(
-                    "the review rejected step `{reviewed}`: {findings}"
-                ))),
-            }
-        }
+        Reading::Pick(candidates) => judge::read(candidates, answer),
+        Reading::Verdict { reviewed, .. } => review::read(reviewed, answer),
     }
-}
-
-/// The first JSON object in `answer` with a `verdict` of approve or reject.
-fn verdict(answer: &str) -> Option<serde_json::Value> {
-    let start = answer.find('{')?;
-    let end = answer.rfind('}')?;
-    let v: serde_json::Value = serde_json::from_str(answer.get(start..=end)?).ok()?;
-    matches!(
-        v.get("verdict").and_then(|x| x.as_str()),
-        Some("approve" | "reject")
-    )
-    .then_some(v)
 }
 
 fn failure(class: ErrorClass, message: String) -> AttemptError {
@@ -710,10 +599,10 @@ fn failure(class: ErrorClass, message: String) -> AttemptError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn answer(text: &str) -> Completion {
+    pub fn answer(text: &str) -> Completion {
         Completion {
             text: text.into(),
             usage: llmq_shared::provider::Usage::default(),
@@ -721,44 +610,11 @@ mod tests {
         }
     }
 
-    fn output(o: Outcome) -> String {
+    pub fn output(o: Outcome) -> String {
         match o {
             Outcome::Answered(c) => c.text,
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn a_judge_picks_by_number_and_a_review_reads_its_verdict() {
-        let pick = Reading::Pick(vec!["A".into(), "B".into()]);
-        assert_eq!(output(read(&pick, answer("2. B is better"))), "B");
-        assert_eq!(output(read(&pick, answer("Candidate [1]"))), "A");
-        assert!(matches!(read(&pick, answer("3")), Outcome::Failed(_)));
-        assert!(matches!(read(&pick, answer("neither")), Outcome::Failed(_)));
-        let review = Reading::Verdict {
-            reviewed: "impl".into(),
-            judged: None,
-        };
-        let ok = output(read(
-            &review,
-            answer(r#"Sure: {"verdict": "approve", "findings": []}"#),
-        ));
-        assert!(ok.contains("approve"));
-        let rejected = read(
-            &review,
-            answer(r#"{"verdict":"reject","findings":["no tests","typo"]}"#),
-        );
-        assert!(
-            matches!(&rejected, Outcome::Rejected(r) if r.0 == "the review rejected step `impl`: no tests; typo"),
-            "a rejection is a verdict, not a failed call: {rejected:?}"
-        );
-        assert!(matches!(
-            read(&review, answer("looks fine")),
-            Outcome::Failed(AttemptError {
-                class: ErrorClass::Retryable,
-                ..
-            })
-        ));
     }
 
     #[test]
@@ -789,17 +645,5 @@ mod tests {
             Err("its model is pinned (gpt-4o)".into())
         );
         assert_eq!(pinned.min_tier, None);
-    }
-
-    #[test]
-    fn consensus_takes_the_majority_and_fails_on_a_tie() {
-        let c = [
-            ("a", "Yes.".to_owned()),
-            ("b", " yes. ".to_owned()),
-            ("c", "No".to_owned()),
-        ];
-        assert!(matches!(consensus(&c), Prepared::Output(o) if o == "Yes."));
-        let tie = [("a", "Yes".to_owned()), ("b", "No".to_owned())];
-        assert!(matches!(consensus(&tie), Prepared::Fatal(m) if m.contains("tie")));
     }
 }
