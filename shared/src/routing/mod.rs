@@ -195,95 +195,223 @@ pub fn plan<'a>(
     constraints: &Constraints,
     stats: &Stats,
 ) -> Result<Plan<'a>, RouteError> {
-    let task_type = task.task_type().unwrap_or_default();
-    let routing = &config.routing;
     // Every turn, tool and schema counts against the context window and the quotas.
     let read = task.read_text();
-    let tokens = PromptTokens::new(task.system.as_deref(), &read);
-    let output_tokens = task.max_tokens.map_or(DEFAULT_OUTPUT_ESTIMATE, u64::from);
-    let risk = task.risk;
-    let area = task.area.as_deref();
-
-    let mut needs = vec![Capability::for_task(task_type)];
-    let (image_count, images_by_url) = crate::conversation::images(&task.messages);
-    let images = image_count > 0;
-    let image_tokens = image_count * crate::conversation::IMAGE_TOKENS;
-    if images {
-        needs.push(Capability::Vision);
-    }
-    // A lowercase copy of the prompt only when there are keywords to look for in it.
-    let lower = (!routing.keywords.is_empty()).then(|| read.to_lowercase());
-    for (cap, words) in &routing.keywords {
-        let found = |w: &String| lower.as_deref().is_some_and(|l| l.contains(w.as_str()));
-        if words.iter().any(found) && !needs.contains(cap) {
-            needs.push(*cap);
-        }
-    }
-    let rule = routing.rules.iter().find(|r| {
-        r.task_type.is_none_or(|t| t == task_type)
-            && r.risk.is_none_or(|k| Some(k) == risk)
-            && r.area.as_deref().is_none_or(|a| Some(a) == area)
-    });
-    let min_tier = match risk {
-        Some(Risk::High) => Tier::Advanced,
-        Some(Risk::Medium) => Tier::Standard,
-        _ => Tier::Fast,
-    }
-    .max(constraints.min_tier.unwrap_or(Tier::Fast))
-    .max(task.min_tier.unwrap_or(Tier::Fast));
-    // A floor no candidate goes below, hints included: a chain step's constraint, or the
-    // tier an escalation raised the task to. (Risk raises the tier of the capable models
-    // only: a hint still names its model.)
-    let floor = constraints.min_tier.max(task.min_tier);
-    let wanted_tier = match rule.map(|r| &r.target) {
-        Some(RuleTarget::Tier(t)) => Some(*t),
-        _ => None,
-    };
-
-    // A local command cannot be handed tools or images, nor return the model's tool calls;
-    // Ollama takes images only as data, never by URL.
-    let takes_tools = |p: &ProviderConfig| match p.kind {
-        Kind::Command => task.tools.is_empty() && !images && !task.streams(),
-        Kind::Ollama => !images_by_url,
-        _ => true,
-    };
-    let candidate = |p: &'a ProviderConfig, m: &'a Model| {
-        (constraints.allows(p, m) && floor.is_none_or(|t| m.tier >= t) && takes_tools(p)).then(
-            || Candidate {
-                provider: p,
-                model: m,
-                estimated_tokens: tokens.for_model(&m.id) + image_tokens + output_tokens,
-                estimated_usd: m.prices.cost(&Usage {
-                    input_tokens: tokens.for_model(&m.id) + image_tokens,
-                    output_tokens,
-                    cached_tokens: 0,
-                    cache_write_tokens: 0,
-                    reasoning_tokens: 0,
-                }),
-            },
-        )
-    };
-    let enabled = || config.providers.iter().filter(|p| p.enabled);
+    let ask = Ask::new(config, task, constraints, &read);
     let mut plan: Vec<Candidate<'a>> = Vec::new();
     let mut reason = String::new();
-
     // 1. Hints.
     if task.provider.is_some() || task.model.is_some() {
-        let (p, m) = hinted(config, task, floor)?;
-        plan.extend(candidate(p, m));
-        reason = match (&task.provider, &task.model) {
-            (Some(_), Some(_)) => "provider and model hints honoured".into(),
-            (Some(_), None) => "provider hint honoured; its cheapest model".into(),
-            _ => "model hint honoured".into(),
+        let (p, m) = hinted(config, task, ask.floor)?;
+        plan.extend(ask.candidate(p, m));
+        reason = ask.hint_reason(p, m, plan.is_empty());
+    }
+    // 2. A rule naming a model.
+    if let Some((c, target)) = ask.rule_model(config) {
+        if reason.is_empty() {
+            reason = format!("routing rule: {}", ask.describe_rule(&target));
+        }
+        plan.push(c);
+    }
+    // 3. Everything capable, cheapest cost tier first; a learned strategy reorders them.
+    let (capable, excluded_by_cost) = ask.capable(config);
+    let (capable, learned) = ask.learn(config, capable, stats, &mut reason);
+    if reason.is_empty()
+        && let Some(first) = capable.first()
+    {
+        reason = ask.cheapest_reason(first);
+    }
+    plan.extend(capable);
+    // 4. Fallback providers.
+    plan.extend(ask.fallbacks(config));
+    let mut plan = unique(plan);
+    // A call no reset can make room for (max_tokens beyond a whole quota) is not waited on.
+    let mut never = None;
+    plan.retain(|c| {
+        let why = (c.provider.quotas).never_fits(c.estimated_tokens, c.estimated_usd);
+        if let Some(why) = &why {
+            never.get_or_insert_with(|| format!("{c:?}: {why}"));
+        }
+        why.is_none()
+    });
+    if plan.is_empty()
+        && let Some(why) = never
+    {
+        return Err(RouteError(format!(
+            "no model can ever take this task: {why}; lower max_tokens"
+        )));
+    }
+    if task.fallback == Some(false) {
+        ask.fallback_off(config, &mut plan, &mut reason)?;
+    }
+    if plan.is_empty() {
+        return Err(RouteError(ask.nothing_fits(excluded_by_cost)));
+    }
+    // What the strategy chose is the route's only when nothing (a hint, a rule's model) came
+    // before its pick.
+    let learned = learned
+        .filter(|(_, (p, m))| {
+            plan.first()
+                .is_some_and(|c| c.provider.name == *p && c.model.id == *m)
+        })
+        .map(|(l, _)| l);
+    Ok(Plan {
+        candidates: plan,
+        reason,
+        learned,
+    })
+}
+
+/// Each provider and model of `plan` once, at its first place. Plans are short: a scan is
+/// cheaper than hashing.
+fn unique(plan: Vec<Candidate<'_>>) -> Vec<Candidate<'_>> {
+    let mut unique: Vec<Candidate<'_>> = Vec::with_capacity(plan.len());
+    for c in plan {
+        let same =
+            |u: &Candidate<'_>| u.provider.name == c.provider.name && u.model.id == c.model.id;
+        if !unique.iter().any(same) {
+            unique.push(c);
+        }
+    }
+    unique
+}
+
+/// A capable candidate and its rank: its provider's cost tier, whether it misses a rule's
+/// tier, its price.
+type Ranked<'a> = (Candidate<'a>, (u8, u8, u64));
+
+/// What a strategy chose, and the provider and model it put first.
+type Chosen = Option<(Learned, (std::sync::Arc<str>, std::sync::Arc<str>))>;
+
+/// What a task asks of a model, read once from the task, the constraints and the provider
+/// file's routing section, for every candidate.
+struct Ask<'t> {
+    task: &'t Envelope,
+    constraints: &'t Constraints,
+    routing: &'t crate::config::Routing,
+    task_type: crate::envelope::TaskType,
+    risk: Option<Risk>,
+    area: Option<&'t str>,
+    tokens: PromptTokens<'t>,
+    output_tokens: u64,
+    image_tokens: u64,
+    images: bool,
+    images_by_url: bool,
+    /// The capabilities it needs: its type's, an image's, its prompt's keywords'.
+    needs: Vec<Capability>,
+    rule: Option<&'t crate::config::Rule>,
+    /// The tier its risk, the constraints and the task raise the capable models to.
+    min_tier: Tier,
+    /// A floor no candidate goes below, hints included: a chain step's constraint, or the
+    /// tier an escalation raised the task to. (Risk raises the tier of the capable models
+    /// only: a hint still names its model.)
+    floor: Option<Tier>,
+    /// The tier a routing rule prefers.
+    wanted_tier: Option<Tier>,
+}
+
+impl<'t> Ask<'t> {
+    fn new(
+        config: &'t Config,
+        task: &'t Envelope,
+        constraints: &'t Constraints,
+        read: &'t str,
+    ) -> Self {
+        let task_type = task.task_type().unwrap_or_default();
+        let routing = &config.routing;
+        let risk = task.risk;
+        let area = task.area.as_deref();
+        let mut needs = vec![Capability::for_task(task_type)];
+        let (image_count, images_by_url) = crate::conversation::images(&task.messages);
+        if image_count > 0 {
+            needs.push(Capability::Vision);
+        }
+        // A lowercase copy of the prompt only when there are keywords to look for in it.
+        let lower = (!routing.keywords.is_empty()).then(|| read.to_lowercase());
+        for (cap, words) in &routing.keywords {
+            let found = |w: &String| lower.as_deref().is_some_and(|l| l.contains(w.as_str()));
+            if words.iter().any(found) && !needs.contains(cap) {
+                needs.push(*cap);
+            }
+        }
+        let rule = routing.rules.iter().find(|r| {
+            r.task_type.is_none_or(|t| t == task_type)
+                && r.risk.is_none_or(|k| Some(k) == risk)
+                && r.area.as_deref().is_none_or(|a| Some(a) == area)
+        });
+        let min_tier = match risk {
+            Some(Risk::High) => Tier::Advanced,
+            Some(Risk::Medium) => Tier::Standard,
+            _ => Tier::Fast,
+        }
+        .max(constraints.min_tier.unwrap_or(Tier::Fast))
+        .max(task.min_tier.unwrap_or(Tier::Fast));
+        let wanted_tier = match rule.map(|r| &r.target) {
+            Some(RuleTarget::Tier(t)) => Some(*t),
+            _ => None,
         };
-        if plan.is_empty() {
-            reason = match floor.filter(|t| m.tier < *t) {
+        Self {
+            task,
+            constraints,
+            routing,
+            task_type,
+            risk,
+            area,
+            tokens: PromptTokens::new(task.system.as_deref(), read),
+            output_tokens: task.max_tokens.map_or(DEFAULT_OUTPUT_ESTIMATE, u64::from),
+            image_tokens: image_count * crate::conversation::IMAGE_TOKENS,
+            images: image_count > 0,
+            images_by_url,
+            needs,
+            rule,
+            min_tier,
+            floor: constraints.min_tier.max(task.min_tier),
+            wanted_tier,
+        }
+    }
+
+    /// Whether provider `p` can take the task's tools, images and stream: a local command
+    /// cannot be handed tools or images, nor return the model's tool calls; Ollama takes
+    /// images only as data, never by URL.
+    fn takes_tools(&self, p: &ProviderConfig) -> bool {
+        match p.kind {
+            Kind::Command => self.task.tools.is_empty() && !self.images && !self.task.streams(),
+            Kind::Ollama => !self.images_by_url,
+            _ => true,
+        }
+    }
+
+    /// `p`'s model `m` as a candidate, with its estimates, unless the constraints, the floor
+    /// or the task's tools keep it out.
+    fn candidate<'a>(&self, p: &'a ProviderConfig, m: &'a Model) -> Option<Candidate<'a>> {
+        let allowed = self.constraints.allows(p, m)
+            && self.floor.is_none_or(|t| m.tier >= t)
+            && self.takes_tools(p);
+        let input_tokens = self.tokens.for_model(&m.id) + self.image_tokens;
+        allowed.then(|| Candidate {
+            provider: p,
+            model: m,
+            estimated_tokens: input_tokens + self.output_tokens,
+            estimated_usd: m.prices.cost(&Usage {
+                input_tokens,
+                output_tokens: self.output_tokens,
+                cached_tokens: 0,
+                cache_write_tokens: 0,
+                reasoning_tokens: 0,
+            }),
+        })
+    }
+
+    /// Why the plan starts with the hint `p`/`m`; or, when it is `refused`, why it cannot.
+    fn hint_reason(&self, p: &ProviderConfig, m: &Model, refused: bool) -> String {
+        if refused {
+            return match self.floor.filter(|t| m.tier < *t) {
                 Some(t) => format!(
                     "provider {} has no {}-tier model or above for the hint",
                     p.name,
                     t.as_str()
                 ),
-                None if !takes_tools(p) => format!(
+                None if !self.takes_tools(p) => format!(
                     "the hint {}/{} cannot take the task's tools, images or stream ({} provider)",
                     p.name,
                     m.id,
@@ -292,62 +420,74 @@ pub fn plan<'a>(
                 None => format!("the hint {}/{} is excluded for this step", p.name, m.id),
             };
         }
-    }
-    // 2. A rule naming a model.
-    if let Some(RuleTarget::Model { provider, model }) = rule.map(|r| &r.target)
-        && let Some(p) = enabled().find(|p| *p.name == **provider)
-        && let Some(m) = p.model(model)
-        && let Some(c) = candidate(p, m)
-    {
-        if reason.is_empty() {
-            reason = format!(
-                "routing rule: {}",
-                describe_rule(
-                    task_type.as_str(),
-                    risk,
-                    area,
-                    &format!("{provider}/{model}")
-                )
-            );
-        }
-        plan.push(c);
-    }
-    // 3. Everything capable, cheapest cost tier first.
-    let mut capable: Vec<(Candidate<'a>, (u8, u8, u64))> = Vec::new();
-    let mut excluded_by_cost = 0;
-    for p in enabled() {
-        for m in &p.models {
-            if !needs.iter().all(|c| m.can(*c)) || m.tier < min_tier {
-                continue;
-            }
-            if m.context_window
-                .is_some_and(|w| tokens.for_model(&m.id) + image_tokens + output_tokens > w)
-            {
-                continue;
-            }
-            let Some(c) = candidate(p, m) else { continue };
-            if routing
-                .max_cost_per_task
-                .is_some_and(|cap| c.estimated_usd > cap)
-            {
-                excluded_by_cost += 1;
-                continue;
-            }
-            let tier_miss = match wanted_tier {
-                Some(t) if t != m.tier => 1,
-                _ => 0,
-            };
-            let price = ((m.prices.input + m.prices.output) * 1e6) as u64;
-            capable.push((c, (p.cost_tier as u8, tier_miss, price)));
+        match (&self.task.provider, &self.task.model) {
+            (Some(_), Some(_)) => "provider and model hints honoured".into(),
+            (Some(_), None) => "provider hint honoured; its cheapest model".into(),
+            _ => "model hint honoured".into(),
         }
     }
-    capable.sort_by_key(|(_, key)| *key);
-    // A learned strategy reorders the capable models by what was observed of each.
-    let mut learned = None;
-    if routing.strategy != Strategy::Cheapest && !capable.is_empty() {
+
+    /// The model a matching routing rule names, as a candidate, and as the rule names it.
+    fn rule_model<'a>(&self, config: &'a Config) -> Option<(Candidate<'a>, String)> {
+        let Some(RuleTarget::Model { provider, model }) = self.rule.map(|r| &r.target) else {
+            return None;
+        };
+        let p = enabled(config).find(|p| *p.name == **provider)?;
+        let c = self.candidate(p, p.model(model)?)?;
+        Some((c, format!("{provider}/{model}")))
+    }
+
+    fn describe_rule(&self, target: &str) -> String {
+        describe_rule(self.task_type.as_str(), self.risk, self.area, target)
+    }
+
+    /// Every enabled model capable of the task, cheapest cost tier first, then the preferred
+    /// tier, then the lowest price; and how many `max_cost_per_task` kept out.
+    fn capable<'a>(&self, config: &'a Config) -> (Vec<Ranked<'a>>, usize) {
+        let mut capable = Vec::new();
+        let mut excluded_by_cost = 0;
+        for p in enabled(config) {
+            for m in &p.models {
+                if !self.needs.iter().all(|c| m.can(*c)) || m.tier < self.min_tier {
+                    continue;
+                }
+                let tokens = self.tokens.for_model(&m.id) + self.image_tokens + self.output_tokens;
+                if m.context_window.is_some_and(|w| tokens > w) {
+                    continue;
+                }
+                let Some(c) = self.candidate(p, m) else {
+                    continue;
+                };
+                if (self.routing.max_cost_per_task).is_some_and(|cap| c.estimated_usd > cap) {
+                    excluded_by_cost += 1;
+                    continue;
+                }
+                let tier_miss = u8::from(self.wanted_tier.is_some_and(|t| t != m.tier));
+                let price = ((m.prices.input + m.prices.output) * 1e6) as u64;
+                capable.push((c, (p.cost_tier as u8, tier_miss, price)));
+            }
+        }
+        capable.sort_by_key(|(_, key)| *key);
+        (capable, excluded_by_cost)
+    }
+
+    /// The capable models in the order a learned strategy puts them (by what was observed
+    /// of each), with what it chose; `reason` says why, when nothing before set it.
+    fn learn<'a>(
+        &self,
+        config: &Config,
+        capable: Vec<Ranked<'a>>,
+        stats: &Stats,
+        reason: &mut String,
+    ) -> (Vec<Candidate<'a>>, Chosen) {
+        let routing = &config.routing;
+        if routing.strategy == Strategy::Cheapest || capable.is_empty() {
+            return (capable.into_iter().map(|(c, _)| c).collect(), None);
+        }
+        let task_type = self.task_type.as_str();
         let observed: Vec<Observed> = capable
             .iter()
-            .map(|(c, _)| stats.observed(&c.provider.name, &c.model.id, task_type.as_str(), risk))
+            .map(|(c, _)| stats.observed(&c.provider.name, &c.model.id, task_type, self.risk))
             .collect();
         let cost: Vec<f64> = capable.iter().map(|(c, _)| c.estimated_usd).collect();
         let (order, chose) = learn::order(
@@ -357,118 +497,109 @@ pub fn plan<'a>(
             routing.explore,
             routing.tolerance,
             routing.prior,
-            seed(task),
+            seed(self.task),
         );
         let mut slots: Vec<Option<_>> = capable.into_iter().map(Some).collect();
-        capable = order.iter().filter_map(|i| slots[*i].take()).collect();
-        learned = chose
+        let capable: Vec<Candidate<'a>> = order
+            .iter()
+            .filter_map(|i| slots[*i].take().map(|(c, _)| c))
+            .collect();
+        let learned = chose
             .zip(capable.first())
-            .map(|(l, (c, _))| (l, (c.provider.name.clone(), c.model.id.clone())));
+            .map(|(l, c)| (l, (c.provider.name.clone(), c.model.id.clone())));
         if reason.is_empty()
-            && let (Some((first, _)), Some(i)) = (capable.first(), order.first())
+            && let (Some(first), Some(i)) = (capable.first(), order.first())
         {
-            let o = observed[*i];
-            let kind = match risk {
-                Some(r) => format!("{}/{}", task_type.as_str(), r.as_str()),
-                None => task_type.as_str().to_owned(),
-            };
-            let explored = match chose {
-                Some(l) if l.explored => "; explored",
-                _ => "",
-            };
-            let share = match chose {
-                Some(_) => format!(
-                    "; explores at most {:.0} % of the time",
-                    routing.explore * 100.0
-                ),
-                None => String::new(),
-            };
-            let latency = o
-                .latency_ms
-                .map(|ms| format!(", median {:.1} s", ms as f64 / 1000.0))
-                .unwrap_or_default();
-            reason = format!(
-                "{}: {} for {kind} (success {:.2} over {} calls{latency}{explored}{share})",
-                routing.strategy.as_str(),
-                first.model.id,
-                o.mean(routing.prior),
-                o.tasks
-            );
+            *reason = self.learned_reason(routing, first, observed[*i], chose);
         }
+        (capable, learned)
     }
-    if reason.is_empty()
-        && let Some((first, _)) = capable.first()
-    {
+
+    /// Why a learned strategy put `first` first, having observed `o` of it.
+    fn learned_reason(
+        &self,
+        routing: &crate::config::Routing,
+        first: &Candidate<'_>,
+        o: Observed,
+        chose: Option<Learned>,
+    ) -> String {
+        let kind = match self.risk {
+            Some(r) => format!("{}/{}", self.task_type.as_str(), r.as_str()),
+            None => self.task_type.as_str().to_owned(),
+        };
+        let explored = match chose {
+            Some(l) if l.explored => "; explored",
+            _ => "",
+        };
+        let share = match chose {
+            Some(_) => format!(
+                "; explores at most {:.0} % of the time",
+                routing.explore * 100.0
+            ),
+            None => String::new(),
+        };
+        let latency = o
+            .latency_ms
+            .map(|ms| format!(", median {:.1} s", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        format!(
+            "{}: {} for {kind} (success {:.2} over {} calls{latency}{explored}{share})",
+            routing.strategy.as_str(),
+            first.model.id,
+            o.mean(routing.prior),
+            o.tasks
+        )
+    }
+
+    /// Why the cheapest capable model, `first`, comes first.
+    fn cheapest_reason(&self, first: &Candidate<'_>) -> String {
         let tier = first.provider.cost_tier.as_str();
-        reason = match (rule, wanted_tier) {
+        match (self.rule, self.wanted_tier) {
             (Some(_), Some(t)) => format!(
                 "routing rule: {}; cheapest {tier}-tier model",
-                describe_rule(task_type.as_str(), risk, area, t.as_str())
+                self.describe_rule(t.as_str())
             ),
             _ => format!(
                 "cheapest capable model ({tier} tier) for {}",
-                needs_text(&needs)
+                needs_text(&self.needs)
             ),
-        };
-    }
-    plan.extend(capable.into_iter().map(|(c, _)| c));
-    // 4. Fallback providers.
-    for name in &routing.fallback {
-        if let Some(p) = enabled().find(|p| *p.name == **name)
-            && let Some(c) = p
-                .models
-                .iter()
-                .filter(|m| {
-                    needs.iter().all(|c| m.can(*c))
-                        && constraints.allows(p, m)
-                        && floor.is_none_or(|t| m.tier >= t)
-                })
-                .min_by(|a, b| price(a).total_cmp(&price(b)))
-                .and_then(|m| candidate(p, m))
-        {
-            plan.push(c);
         }
     }
-    // Each provider and model once, at its first place. Plans are short: a scan is cheaper
-    // than hashing.
-    let mut unique: Vec<Candidate<'a>> = Vec::with_capacity(plan.len());
-    for c in plan {
-        let same =
-            |u: &Candidate<'_>| u.provider.name == c.provider.name && u.model.id == c.model.id;
-        if !unique.iter().any(same) {
-            unique.push(c);
-        }
-    }
-    let mut plan = unique;
-    // A call no reset can make room for (max_tokens beyond a whole quota) is not waited on.
-    let mut never = None;
-    plan.retain(|c| {
-        match c
-            .provider
-            .quotas
-            .never_fits(c.estimated_tokens, c.estimated_usd)
-        {
-            Some(why) => {
-                never.get_or_insert_with(|| format!("{}/{}: {why}", c.provider.name, c.model.id));
-                false
+
+    /// The cheapest capable model of each provider in `routing.fallback`.
+    fn fallbacks<'a>(&self, config: &'a Config) -> Vec<Candidate<'a>> {
+        let mut out = Vec::new();
+        for name in &config.routing.fallback {
+            if let Some(p) = enabled(config).find(|p| *p.name == **name)
+                && let Some(c) = p
+                    .models
+                    .iter()
+                    .filter(|m| {
+                        self.needs.iter().all(|c| m.can(*c))
+                            && self.constraints.allows(p, m)
+                            && self.floor.is_none_or(|t| m.tier >= t)
+                    })
+                    .min_by(|a, b| price(a).total_cmp(&price(b)))
+                    .and_then(|m| self.candidate(p, m))
+            {
+                out.push(c);
             }
-            None => true,
         }
-    });
-    if plan.is_empty()
-        && let Some(why) = never
-    {
-        return Err(RouteError(format!(
-            "no model can ever take this task: {why}; lower max_tokens"
-        )));
+        out
     }
-    // Fallback off: the named provider (its first model in the plan), or the first pick when
-    // the task names none; nothing else.
-    if task.fallback == Some(false) {
-        if let Some(named) = &task.provider {
+
+    /// Fallback off: the named provider (its first model in the plan), or the first pick
+    /// when the task names none; nothing else.
+    fn fallback_off(
+        &self,
+        config: &Config,
+        plan: &mut Vec<Candidate<'_>>,
+        reason: &mut String,
+    ) -> Result<(), RouteError> {
+        if let Some(named) = &self.task.provider {
             plan.retain(|c| *c.provider.name == **named);
             if plan.is_empty() {
-                return Err(RouteError(match floor {
+                return Err(RouteError(match self.floor {
                     Some(t)
                         if config
                             .provider(named)
@@ -489,43 +620,38 @@ pub fn plan<'a>(
             plan.truncate(1);
             reason.push_str("; fallback off, so no other provider");
         }
+        Ok(())
     }
-    if plan.is_empty() {
+
+    /// Why no model can take the task.
+    fn nothing_fits(&self, excluded_by_cost: usize) -> String {
         let mut why = format!(
             "no enabled model can take this task: it needs {}",
-            needs_text(&needs)
+            needs_text(&self.needs)
         );
-        if min_tier > Tier::Fast {
-            why.push_str(&format!(" at tier {} or above", min_tier.as_str()));
+        if self.min_tier > Tier::Fast {
+            why.push_str(&format!(" at tier {} or above", self.min_tier.as_str()));
         }
         if excluded_by_cost > 0 {
             why.push_str(&format!(
                 "; {excluded_by_cost} model(s) would cost more than max_cost_per_task"
             ));
         }
-        if constraints != &Constraints::default() {
+        if self.constraints != &Constraints::default() {
             why.push_str("; some models are excluded for this step");
         }
-        if !task.tools.is_empty() || images || task.streams() {
+        if !self.task.tools.is_empty() || self.images || self.task.streams() {
             why.push_str(
                 "; a task with tools, images or stream never goes to a local command, nor one with an image by URL to Ollama",
             );
         }
-        return Err(RouteError(why));
+        why
     }
-    // What the strategy chose is the route's only when nothing (a hint, a rule's model) came
-    // before its pick.
-    let learned = learned
-        .filter(|(_, (p, m))| {
-            plan.first()
-                .is_some_and(|c| c.provider.name == *p && c.model.id == *m)
-        })
-        .map(|(l, _)| l);
-    Ok(Plan {
-        candidates: plan,
-        reason,
-        learned,
-    })
+}
+
+/// The providers the file enables.
+fn enabled(config: &Config) -> impl Iterator<Item = &ProviderConfig> {
+    config.providers.iter().filter(|p| p.enabled)
 }
 
 /// Which of `candidates` (any order, each with what was observed of it and its cost) a
