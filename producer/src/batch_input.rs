@@ -68,6 +68,9 @@ impl Input {
 /// The tasks in flight between the reading thread and the enqueue: a few chunks' worth.
 const IN_FLIGHT: usize = 4096;
 
+/// The first byte of a JSON object.
+const OPEN_BRACE: u8 = b'{';
+
 /// Starts reading `input` on a thread of its own: each record made a `T` by `convert`, with
 /// where it is, or the sentence of what is wrong with the file or the record (after which
 /// nothing more comes). Parsing runs there, beside the enqueue.
@@ -172,7 +175,7 @@ fn read_into(
             .end()
             .map_err(|e| format!("{name} has more after its array of tasks: {e}"));
     }
-    if first == b'{' && starts_requests_body(reader.fill_buf().unwrap_or_default()) {
+    if first == OPEN_BRACE && starts_requests_body(reader.fill_buf().unwrap_or_default()) {
         // Anthropic's body (on one line or several), streamed a request at a time: a
         // 256 MB body is never held whole, as it would be read as a line.
         return read_body(reader, name, sent);
@@ -211,7 +214,7 @@ fn read_lines(
         let value = match serde_json::from_str::<Value>(&line) {
             Ok(value) => value,
             // An object over several lines first: an Anthropic Message Batches body.
-            Err(e) if e.is_eof() && n == skipped_lines + 1 && first == b'{' => {
+            Err(e) if e.is_eof() && n == skipped_lines + 1 && first == OPEN_BRACE => {
                 let text = std::mem::take(&mut line);
                 let whole = std::io::Cursor::new(text.into_bytes()).chain(reader);
                 return read_body(whole, name, sent);

@@ -17,7 +17,7 @@ use chrono::{TimeZone, Utc};
 use llmq_shared::config::ProviderConfig;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, Ledger};
+use llmq_shared::ledger::{CallOutcome, CallRow, Ledger};
 use llmq_shared::provider::Usage;
 use llmq_shared::provider::batch::{BatchClient, Item, Poll};
 use llmq_shared::queue::{
@@ -551,7 +551,11 @@ impl BatchRows {
             reasoning_tokens: usage.reasoning_tokens as i64,
             cost_usd: cost,
             latency_ms: self.latency_ms,
-            outcome: if error.is_some() { "error" } else { "ok" }.into(),
+            outcome: if error.is_some() {
+                CallOutcome::Error
+            } else {
+                CallOutcome::Ok
+            },
             error_class: error.map(|e| e.class.to_string()),
             error: error.map(ToString::to_string),
             worker: Arc::clone(&self.worker),

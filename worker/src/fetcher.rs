@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{Client, Delivery, PAUSE_NOTICE, Takeover};
+use llmq_shared::queue::{Client, Conn, Delivery, Error as QueueError, PAUSE_NOTICE, Takeover};
 use llmq_shared::retry::RetryPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -148,224 +148,325 @@ impl Fetcher {
 
     /// Reads until `stop`; the channel closes when it returns.
     pub async fn run(self, jobs: mpsc::UnboundedSender<Job>) {
-        let reclaim_every = (self.visibility_timeout / 2)
-            .clamp(Duration::from_millis(200), Duration::from_secs(30));
-        let mut last_reclaim: Option<Instant> = None;
-        let mut conn = None;
-        let mut conn_id = None;
-        let mut turn = 0usize;
-        let mut failures = 0u32;
-        // Per queue: its room had tasks when last read, so read it with them.
-        let mut feeding = vec![false; self.queues.len()];
-        let mut pauses = Pauses {
-            paused: vec![false; self.queues.len()],
-            checked: None,
-        };
+        let mut r = Reading::new(self.queues.len(), self.visibility_timeout);
         loop {
-            let pause = self.read_pause.remaining();
-            if !pause.is_zero() {
-                tracing::debug!(?pause, "no capable provider can be called now; not reading");
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = self.stop.cancelled() => return,
-                }
+            match self.may_read(&mut r).await {
+                Some(true) => {}
+                Some(false) => continue,
+                None => return,
             }
-            // A paused queue is not read; with every queue paused, wait for a resume.
-            if let Err(e) = pauses.refresh(&self.redis, &self.queues, false).await {
-                tracing::error!("cannot read whether the queues are paused (Redis away?): {e}");
-                pauses.checked = None;
-                failures += 1;
-                tokio::select! {
-                    () = tokio::time::sleep(READ_RETRY.delay(failures, None)) => {}
-                    () = self.stop.cancelled() => return,
-                }
-                continue;
-            }
-            if pauses.all() {
-                tokio::select! {
-                    () = tokio::time::sleep(PAUSE_POLL) => {}
-                    () = self.stop.cancelled() => return,
-                }
-                continue;
-            }
-            let first = tokio::select! {
-                p = Arc::clone(&self.slots).acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => return,
-                },
-                () = self.stop.cancelled() => return,
+            let Some(permits) = self.permits().await else {
+                return;
             };
-            let mut permits = vec![first];
-            while permits.len() < self.max_batch {
-                match Arc::clone(&self.slots).try_acquire_owned() {
-                    Ok(p) => permits.push(p),
-                    Err(_) => break,
-                }
-            }
-
-            // Each entry with when Redis handed it over: its claim counts from then.
-            let mut got: Vec<(Arc<QueueKeys>, Delivery, Instant)> = Vec::new();
-            let result: Result<(), llmq_shared::queue::Error> = async {
-                if last_reclaim.is_none_or(|t| t.elapsed() >= reclaim_every) {
-                    last_reclaim = Some(Instant::now());
-                    for (q, _) in self.queues.iter().zip(&pauses.paused).filter(|(_, p)| !**p) {
-                        let room = permits.len() - got.len();
-                        if room == 0 {
-                            break;
-                        }
-                        let sent = Instant::now();
-                        let taken = self
-                            .redis
-                            .reclaim(
-                                q,
-                                &self.consumer,
-                                self.visibility_timeout,
-                                room,
-                                self.max_deliveries,
-                                self.result_ttl,
-                            )
-                            .await?;
-                        self.count_takeovers(q, &taken.takeovers);
-                        got.extend(taken.tasks.into_iter().map(|d| (Arc::clone(q), d, sent)));
-                    }
-                }
-                if got.len() < permits.len() {
-                    let c = match conn.as_mut() {
-                        Some(c) => c,
-                        None => {
-                            let mut c = self.redis.reading_conn(self.block).await?;
-                            conn_id = Client::client_id(&mut c).await.ok();
-                            conn.insert(c)
-                        }
-                    };
-                    // One queue: block on it, until the next takeover is due at most. Several:
-                    // poll each in turn without blocking, so a quiet queue never holds slots
-                    // another queue could use.
-                    let to_reclaim = last_reclaim.map_or(Duration::ZERO, |t| {
-                        reclaim_every.saturating_sub(t.elapsed())
-                    });
-                    // Entries just taken over are not held back by a blocking read.
-                    let block = (self.queues.len() == 1 && got.is_empty())
-                        .then(|| self.block.min(to_reclaim).max(Duration::from_millis(1)));
-                    for i in 0..self.queues.len() {
-                        let at = (turn + i) % self.queues.len();
-                        if pauses.paused[at] {
-                            continue;
-                        }
-                        let q = &self.queues[at];
-                        let room = permits.len() - got.len();
-                        if room == 0 {
-                            break;
-                        }
-                        // A queue whose room has tasks is read with them in their turn;
-                        // only when nothing at all is there does the reader block.
-                        let mut read = Vec::new();
-                        let room_pause = self.read_pause.room_remaining();
-                        if feeding[at] && room_pause.is_zero() {
-                            // No more of the room's tasks than this worker may hold.
-                            let room = room.min(self.read_pause.room_allowance());
-                            let more;
-                            (read, more) = self
-                                .redis
-                                .read_room(c, q, &self.consumer, room, &self.tenant_weights)
-                                .await?;
-                            feeding[at] = more;
-                        }
-                        if read.is_empty() {
-                            // While the room's tasks must wait, block no longer than that.
-                            let block = block.map(|b| {
-                                if feeding[at] && !room_pause.is_zero() {
-                                    b.min(room_pause)
-                                } else {
-                                    b
-                                }
-                            });
-                            let plain = self.redis.read(c, q, &self.consumer, room, block);
-                            tokio::pin!(plain);
-                            read = tokio::select! {
-                                biased;
-                                r = &mut plain => r,
-                                // Shutdown ends a long blocking read at once: what it read
-                                // before is handed over as always, and nothing after.
-                                () = self.stop.cancelled(), if block.is_some() => {
-                                    end_read(&self.redis, conn_id, &mut plain).await
-                                }
-                            }?;
-                        }
-                        // The room's beacon says it has tasks: drop it, and feed from it.
-                        if !self.redis.drop_beacons(q, &mut read).await?.is_empty() {
-                            feeding[at] = true;
-                        }
-                        // A blocking read's entries were handed over when it returned.
-                        let at = Instant::now();
-                        got.extend(read.into_iter().map(|d| (Arc::clone(q), d, at)));
-                    }
-                    turn = turn.wrapping_add(1);
-                }
-                // A blocking read may have waited past a pause: hand on nothing read from a
-                // queue paused since, and give it back to the stream.
-                if !got.is_empty() {
-                    pauses.refresh(&self.redis, &self.queues, true).await?;
-                    if pauses.paused.contains(&true) {
-                        let (back, keep): (Vec<_>, Vec<_>) = got.drain(..).partition(|(q, ..)| {
-                            self.queues
-                                .iter()
-                                .position(|k| Arc::ptr_eq(k, q))
-                                .is_some_and(|i| pauses.paused[i])
-                        });
-                        got = keep;
-                        for (q, d, _) in &back {
-                            self.redis
-                                .unread(q, &self.consumer, &[d.entry_id.as_str()])
-                                .await?;
-                        }
-                    }
-                    // An idle worker probed no marks: it meets these with fresh ones.
-                    self.cancels
-                        .refresh_if_stale(&self.redis, &self.queues)
-                        .await;
-                }
-                Ok(())
-            }
-            .await;
+            let mut got = Got::new();
+            let result = self.read(&mut r, permits.len(), &mut got).await;
             let failed = result.is_err();
             if let Err(e) = result {
-                conn = None;
-                conn_id = None;
-                failures += 1;
+                r.conn = None;
+                r.conn_id = None;
+                r.failures += 1;
                 tracing::error!("reading tasks failed (Redis away?); retrying: {e}");
             } else {
-                failures = 0;
+                r.failures = 0;
             }
             let idle = got.is_empty();
-            for ((queue, delivery, at), permit) in got.into_iter().zip(permits) {
-                let claim = self.claims.hold(&queue, &delivery.entry_id, at);
-                if delivery.from_room {
-                    self.read_pause.room_read();
-                }
-                if jobs
-                    .send(Job {
-                        queue,
-                        delivery: Box::new(delivery),
-                        permit,
-                        claim,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
+            if !self.hand_over(got, permits, &jobs) {
+                return;
             }
             if idle && (failed || self.queues.len() > 1) {
                 let pause = if failed {
-                    READ_RETRY.delay(failures, None)
+                    READ_RETRY.delay(r.failures, None)
                 } else {
                     Duration::from_millis(20)
                 };
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = self.stop.cancelled() => return,
+                if !self.sleep(pause).await {
+                    return;
                 }
             }
+        }
+    }
+
+    /// Sleeps `pause`, or until `stop`: `false` then.
+    async fn sleep(&self, pause: Duration) -> bool {
+        tokio::select! {
+            () = tokio::time::sleep(pause) => true,
+            () = self.stop.cancelled() => false,
+        }
+    }
+
+    /// Waits out a read pause (no capable provider can be called now) and the queues'
+    /// pauses: `Some(true)` to read now, `Some(false)` to look again, `None` at `stop`.
+    async fn may_read(&self, r: &mut Reading) -> Option<bool> {
+        let pause = self.read_pause.remaining();
+        if !pause.is_zero() {
+            tracing::debug!(?pause, "no capable provider can be called now; not reading");
+            if !self.sleep(pause).await {
+                return None;
+            }
+        }
+        // A paused queue is not read; with every queue paused, wait for a resume.
+        if let Err(e) = r.pauses.refresh(&self.redis, &self.queues, false).await {
+            tracing::error!("cannot read whether the queues are paused (Redis away?): {e}");
+            r.pauses.checked = None;
+            r.failures += 1;
+            return self
+                .sleep(READ_RETRY.delay(r.failures, None))
+                .await
+                .then_some(false);
+        }
+        if r.pauses.all() {
+            return self.sleep(PAUSE_POLL).await.then_some(false);
+        }
+        Some(true)
+    }
+
+    /// A free slot, waited for, and as many more as are free now (up to `max_batch`);
+    /// `None` at `stop`.
+    async fn permits(&self) -> Option<Vec<OwnedSemaphorePermit>> {
+        let first = tokio::select! {
+            p = Arc::clone(&self.slots).acquire_owned() => p.ok()?,
+            () = self.stop.cancelled() => return None,
+        };
+        let mut permits = vec![first];
+        while permits.len() < self.max_batch {
+            match Arc::clone(&self.slots).try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        Some(permits)
+    }
+
+    /// Reads up to `want` entries into `got`: those idle past the visibility timeout first
+    /// (when a takeover is due), then each queue's.
+    async fn read(&self, r: &mut Reading, want: usize, got: &mut Got) -> Result<(), QueueError> {
+        if r.last_reclaim
+            .is_none_or(|t| t.elapsed() >= r.reclaim_every)
+        {
+            r.last_reclaim = Some(Instant::now());
+            self.reclaim(r, want, got).await?;
+        }
+        if got.len() < want {
+            self.read_queues(r, want, got).await?;
+        }
+        if !got.is_empty() {
+            self.give_back_paused(r, got).await?;
+            // An idle worker probed no marks: it meets these with fresh ones.
+            self.cancels
+                .refresh_if_stale(&self.redis, &self.queues)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Takes over entries idle past the visibility timeout, from every queue not paused.
+    async fn reclaim(&self, r: &Reading, want: usize, got: &mut Got) -> Result<(), QueueError> {
+        for (q, _) in self
+            .queues
+            .iter()
+            .zip(&r.pauses.paused)
+            .filter(|(_, p)| !**p)
+        {
+            let room = want - got.len();
+            if room == 0 {
+                break;
+            }
+            let sent = Instant::now();
+            let taken = self
+                .redis
+                .reclaim(
+                    q,
+                    &self.consumer,
+                    self.visibility_timeout,
+                    room,
+                    self.max_deliveries,
+                    self.result_ttl,
+                )
+                .await?;
+            self.count_takeovers(q, &taken.takeovers);
+            got.extend(taken.tasks.into_iter().map(|d| (Arc::clone(q), d, sent)));
+        }
+        Ok(())
+    }
+
+    /// Reads each queue not paused, in turn. One queue: block on it, until the next
+    /// takeover is due at most. Several: poll each in turn without blocking, so a quiet
+    /// queue never holds slots another queue could use.
+    async fn read_queues(
+        &self,
+        r: &mut Reading,
+        want: usize,
+        got: &mut Got,
+    ) -> Result<(), QueueError> {
+        let mut c = match r.conn.take() {
+            Some(c) => c,
+            None => {
+                let mut c = self.redis.reading_conn(self.block).await?;
+                r.conn_id = Client::client_id(&mut c).await.ok();
+                c
+            }
+        };
+        let to_reclaim = (r.last_reclaim).map_or(Duration::ZERO, |t| {
+            r.reclaim_every.saturating_sub(t.elapsed())
+        });
+        // Entries just taken over are not held back by a blocking read.
+        let block = (self.queues.len() == 1 && got.is_empty())
+            .then(|| self.block.min(to_reclaim).max(Duration::from_millis(1)));
+        for i in 0..self.queues.len() {
+            let at = (r.turn + i) % self.queues.len();
+            if r.pauses.paused[at] {
+                continue;
+            }
+            let room = want - got.len();
+            if room == 0 {
+                break;
+            }
+            // A failed read drops the connection (it is not put back).
+            self.read_queue(&mut c, r, at, room, block, got).await?;
+        }
+        r.turn = r.turn.wrapping_add(1);
+        r.conn = Some(c);
+        Ok(())
+    }
+
+    /// Reads up to `room` entries of queue `at`. A queue whose room has tasks is read with
+    /// them in their turn; only when nothing at all is there does the reader block.
+    async fn read_queue(
+        &self,
+        c: &mut Conn,
+        r: &mut Reading,
+        at: usize,
+        room: usize,
+        block: Option<Duration>,
+        got: &mut Got,
+    ) -> Result<(), QueueError> {
+        let q = &self.queues[at];
+        let mut read = Vec::new();
+        let room_pause = self.read_pause.room_remaining();
+        if r.feeding[at] && room_pause.is_zero() {
+            // No more of the room's tasks than this worker may hold.
+            let room = room.min(self.read_pause.room_allowance());
+            let more;
+            (read, more) = self
+                .redis
+                .read_room(c, q, &self.consumer, room, &self.tenant_weights)
+                .await?;
+            r.feeding[at] = more;
+        }
+        if read.is_empty() {
+            // While the room's tasks must wait, block no longer than that.
+            let block = block.map(|b| {
+                if r.feeding[at] && !room_pause.is_zero() {
+                    b.min(room_pause)
+                } else {
+                    b
+                }
+            });
+            let plain = self.redis.read(c, q, &self.consumer, room, block);
+            tokio::pin!(plain);
+            read = tokio::select! {
+                biased;
+                r = &mut plain => r,
+                // Shutdown ends a long blocking read at once: what it read before is handed
+                // over as always, and nothing after.
+                () = self.stop.cancelled(), if block.is_some() => {
+                    end_read(&self.redis, r.conn_id, &mut plain).await
+                }
+            }?;
+        }
+        // The room's beacon says it has tasks: drop it, and feed from it.
+        if !self.redis.drop_beacons(q, &mut read).await?.is_empty() {
+            r.feeding[at] = true;
+        }
+        // A blocking read's entries were handed over when it returned.
+        let now = Instant::now();
+        got.extend(read.into_iter().map(|d| (Arc::clone(q), d, now)));
+        Ok(())
+    }
+
+    /// A blocking read may have waited past a pause: hands on nothing read from a queue
+    /// paused since, and gives it back to the stream.
+    async fn give_back_paused(&self, r: &mut Reading, got: &mut Got) -> Result<(), QueueError> {
+        r.pauses.refresh(&self.redis, &self.queues, true).await?;
+        if !r.pauses.paused.contains(&true) {
+            return Ok(());
+        }
+        let (back, keep): (Vec<_>, Vec<_>) = got.drain(..).partition(|(q, ..)| {
+            self.queues
+                .iter()
+                .position(|k| Arc::ptr_eq(k, q))
+                .is_some_and(|i| r.pauses.paused[i])
+        });
+        *got = keep;
+        for (q, d, _) in &back {
+            self.redis
+                .unread(q, &self.consumer, &[d.entry_id.as_str()])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Hands each entry read to the workers with its permit, its claim held from when Redis
+    /// handed it over; `false` once nobody takes jobs any more.
+    fn hand_over(
+        &self,
+        got: Got,
+        permits: Vec<OwnedSemaphorePermit>,
+        jobs: &mpsc::UnboundedSender<Job>,
+    ) -> bool {
+        for ((queue, delivery, at), permit) in got.into_iter().zip(permits) {
+            let claim = self.claims.hold(&queue, &delivery.entry_id, at);
+            if delivery.from_room {
+                self.read_pause.room_read();
+            }
+            let job = Job {
+                queue,
+                delivery: Box::new(delivery),
+                permit,
+                claim,
+            };
+            if jobs.send(job).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Each entry read, with when Redis handed it over: its claim counts from then.
+type Got = Vec<(Arc<QueueKeys>, Delivery, Instant)>;
+
+/// What the read loop keeps from one read to the next.
+struct Reading {
+    reclaim_every: Duration,
+    last_reclaim: Option<Instant>,
+    /// The connection reads block on, and its id (for `CLIENT UNBLOCK`).
+    conn: Option<Conn>,
+    conn_id: Option<i64>,
+    /// Which queue is read first, turn by turn.
+    turn: usize,
+    /// Failed reads in a row.
+    failures: u32,
+    /// Per queue: its room had tasks when last read, so read it with them.
+    feeding: Vec<bool>,
+    pauses: Pauses,
+}
+
+impl Reading {
+    fn new(queues: usize, visibility_timeout: Duration) -> Self {
+        Self {
+            reclaim_every: (visibility_timeout / 2)
+                .clamp(Duration::from_millis(200), Duration::from_secs(30)),
+            last_reclaim: None,
+            conn: None,
+            conn_id: None,
+            turn: 0,
+            failures: 0,
+            feeding: vec![false; queues],
+            pauses: Pauses {
+                paused: vec![false; queues],
+                checked: None,
+            },
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use llmq_shared::envelope::Risk;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, STARTED, TaskRow, Verdict};
+use llmq_shared::ledger::{CallOutcome, CallRow, TaskRow, Verdict};
 use llmq_shared::queue::Write;
 use tokio::sync::{mpsc, oneshot};
 
@@ -40,8 +40,11 @@ impl Finished {
     pub fn new(queue: Arc<QueueKeys>, write: Write, mut calls: Vec<CallRow>) -> Self {
         // A call still running when its attempt ended (a timeout, the hard stop) was given up
         // on: the provider may bill it, its usage is unknown.
-        for call in calls.iter_mut().filter(|c| c.outcome == STARTED) {
-            call.outcome = "abandoned".into();
+        for call in calls
+            .iter_mut()
+            .filter(|c| c.outcome == CallOutcome::Started)
+        {
+            call.outcome = CallOutcome::Abandoned;
         }
         Self {
             queue,

@@ -247,7 +247,7 @@ impl Finisher {
             .await;
         let ok = applied.is_some();
         let applied = applied.unwrap_or_default();
-        let mut counts = [0_u64; OUTCOMES.len()];
+        let mut counts = [0_u64; Written::ALL.len()];
         // Tasks that ended cancelled: the marks that named them are spent.
         let mut spent = Vec::new();
         for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
@@ -263,7 +263,7 @@ impl Finisher {
                 spent.push(f.task_id.as_str());
             }
             if ok && let Some(finish) = write.finish() {
-                counts[outcome(&finish.kind, was_applied)] += 1;
+                counts[Written::of(&finish.kind, was_applied) as usize] += 1;
             }
             if ok && !was_applied {
                 tracing::warn!(
@@ -322,34 +322,60 @@ async fn release(ledger: &Ledger, committed: Vec<Start>) {
     }
 }
 
-/// The `outcome` labels of `llmq_tasks_total`.
-const OUTCOMES: [&str; 6] = [
-    "fenced",
-    "succeeded",
-    "delayed",
-    "dead",
-    "released",
-    "sorted",
-];
+/// What the finisher wrote for a task: the `outcome` label of `llmq_tasks_total`. A chain
+/// step's counts as a plain task's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Not applied: the entry was no longer this worker's.
+    Fenced,
+    Succeeded,
+    Delayed,
+    Dead,
+    Released,
+    /// Back in its room, at its tenant's place.
+    Sorted,
+}
 
-/// A task's written outcome as an index into [`OUTCOMES`], a chain step's as a plain task's.
-fn outcome(kind: &FinishKind, applied: bool) -> usize {
-    match (kind, applied) {
-        (_, false) => 0,
-        (FinishKind::Done, _) => 1,
-        (FinishKind::Retry { .. }, _) => 2,
-        (FinishKind::Dead { .. }, _) => 3,
-        (FinishKind::Release, _) => 4,
-        (FinishKind::Room { .. }, _) => 5,
+impl Written {
+    const ALL: [Self; 6] = [
+        Self::Fenced,
+        Self::Succeeded,
+        Self::Delayed,
+        Self::Dead,
+        Self::Released,
+        Self::Sorted,
+    ];
+
+    fn of(kind: &FinishKind, applied: bool) -> Self {
+        match (kind, applied) {
+            (_, false) => Self::Fenced,
+            (FinishKind::Done, _) => Self::Succeeded,
+            (FinishKind::Retry { .. }, _) => Self::Delayed,
+            (FinishKind::Dead { .. }, _) => Self::Dead,
+            (FinishKind::Release, _) => Self::Released,
+            (FinishKind::Room { .. }, _) => Self::Sorted,
+        }
+    }
+
+    /// The label, as the metric names it.
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Fenced => "fenced",
+            Self::Succeeded => "succeeded",
+            Self::Delayed => "delayed",
+            Self::Dead => "dead",
+            Self::Released => "released",
+            Self::Sorted => "sorted",
+        }
     }
 }
 
-/// Counts a written batch's outcomes in `llmq_tasks_total`: one look-up per outcome the
-/// batch has, not one per task.
-fn count(keys: &QueueKeys, counts: &[u64; OUTCOMES.len()]) {
-    for (outcome, &n) in OUTCOMES.iter().zip(counts) {
+/// Counts a written batch's outcomes in `llmq_tasks_total` (`counts` by [`Written`], in its
+/// order): one look-up per outcome the batch has, not one per task.
+fn count(keys: &QueueKeys, counts: &[u64; Written::ALL.len()]) {
+    for (written, &n) in Written::ALL.iter().zip(counts) {
         if n > 0 {
-            metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => *outcome)
+            metrics::counter!("llmq_tasks_total", "queue" => keys.name().to_owned(), "outcome" => written.as_str())
                 .increment(n);
         }
     }

@@ -4,7 +4,8 @@
 //! Layout:
 //! - `fetcher`: reads as many tasks as there are free slots, reclaims idle ones;
 //! - `backend`: the apalis adapter (the only module that imports apalis);
-//! - `executor`: one task, parse -> plan -> attempt -> decide;
+//! - `executor`: one task, as its pipeline of phases: admit, key, slot, step, cache, plan,
+//!   park, warm-up, attempt, decide, apply;
 //! - `finished`: what the executor hands the finisher (neither imports the other);
 //! - `finisher`: writes outcomes in batches, ledger first, then one Lua call;
 //! - `claims`: the entries this worker holds, kept claimed from read to written;

@@ -23,7 +23,7 @@ use crate::envelope::{self, Envelope, Risk, TaskType};
 mod tests;
 
 mod state;
-pub use state::{ChainState, Rerun, Seen, StepOutcome, StepState};
+pub use state::{ChainState, Rerun, Seen, StepEnd, StepOutcome, StepState};
 
 /// The only chain version this build understands.
 pub const VERSION: u64 = 1;
@@ -625,6 +625,8 @@ fn expanded_len(prompt: &str, vars: &BTreeMap<String, String>) -> usize {
         })
 }
 
+/// Step `s` of chain `chain_id` as its spec gives it, checked: its kind's fields, its prompt
+/// with the chain's variables filled in (counted against `budget`, the chain's), and its task.
 fn step(
     chain_id: &str,
     spec: &RawChain,
@@ -633,7 +635,46 @@ fn step(
     max_bytes: usize,
     budget: &mut usize,
 ) -> Result<Step> {
-    let at = |problem: String| err(format!("step `{}`: {problem}", s.name));
+    let k = kind_fields(s, parents)?;
+    let prompt = step_prompt(spec, s, k.kind, parents, max_bytes, budget)?;
+    let task = step_task(chain_id, spec, s, &prompt, max_bytes)?;
+    Ok(Step {
+        name: s.name.clone(),
+        kind: k.kind,
+        after: s.after.clone(),
+        children: Vec::new(),
+        prompt,
+        min_success: k.min_success,
+        distinct: s.distinct,
+        reviews: k.reviews,
+        command: k.command,
+        on_reject: k.on_reject,
+        on_timeout: k.on_timeout,
+        escalate: k.escalate,
+        task,
+    })
+}
+
+/// An error in step `s`.
+fn at(s: &RawStep) -> impl Fn(String) -> Error + '_ {
+    move |problem| err(format!("step `{}`: {problem}", s.name))
+}
+
+/// The fields of a step that depend on its kind, checked against it.
+struct KindFields {
+    kind: Kind,
+    on_timeout: Option<OnTimeout>,
+    escalate: bool,
+    command: Option<String>,
+    min_success: u32,
+    reviews: Option<String>,
+    on_reject: Option<OnReject>,
+}
+
+/// Step `s`'s kind and the fields that go with it; a field its kind does not take is an
+/// error that says so.
+fn kind_fields(s: &RawStep, parents: &HashMap<&str, &[String]>) -> Result<KindFields> {
+    let at = at(s);
     let kind = match s.kind.as_deref().unwrap_or("llm") {
         "llm" => Kind::Llm,
         "judge" => Kind::Judge,
@@ -735,6 +776,29 @@ fn step(
     if s.distinct.is_some() && kind != Kind::Review && kind != Kind::Judge {
         return Err(at("`distinct` is only for review and judge steps".into()));
     }
+    Ok(KindFields {
+        kind,
+        on_timeout,
+        escalate,
+        command,
+        min_success,
+        reviews,
+        on_reject,
+    })
+}
+
+/// Step `s`'s prompt (its kind's default when it has none) with the chain's variables filled
+/// in: it names only the chain's variables and the steps it runs after, and stays within
+/// `max_bytes`, and the chain's prompts within `budget`.
+fn step_prompt(
+    spec: &RawChain,
+    s: &RawStep,
+    kind: Kind,
+    parents: &HashMap<&str, &[String]>,
+    max_bytes: usize,
+    budget: &mut usize,
+) -> Result<String> {
+    let at = at(s);
     let prompt = match (&s.prompt, kind) {
         (Some(p), _) if !p.trim().is_empty() => p.clone(),
         (_, Kind::Consensus) => "The majority of its parents' outputs (no call).".into(),
@@ -793,9 +857,21 @@ fn step(
                 .into(),
         ));
     }
-    let prompt = filled;
+    Ok(filled)
+}
+
+/// The task the chain enqueues for step `s` (its first round), with `prompt`: one a worker
+/// accepts, as any other.
+fn step_task(
+    chain_id: &str,
+    spec: &RawChain,
+    s: &RawStep,
+    prompt: &str,
+    max_bytes: usize,
+) -> Result<Envelope> {
+    let at = at(s);
     let f = merged(&spec.defaults, &s.fields);
-    let mut task = Envelope::new(prompt.clone());
+    let mut task = Envelope::new(prompt.to_owned());
     task.id = Some(step_task_id(chain_id, &s.name, 0));
     task.chain_id = Some(chain_id.into());
     task.step = Some(s.name.as_str().into());
@@ -853,21 +929,7 @@ fn step(
             "its task is {size} bytes as JSON, over the {max_bytes}-byte limit; shorten its prompt or raise --max-payload-bytes"
         )));
     }
-    Ok(Step {
-        name: s.name.clone(),
-        kind,
-        after: s.after.clone(),
-        children: Vec::new(),
-        prompt,
-        min_success,
-        distinct: s.distinct,
-        reviews,
-        command,
-        on_reject,
-        on_timeout,
-        escalate,
-        task,
-    })
+    Ok(task)
 }
 
 fn merged(defaults: &RawFields, own: &RawFields) -> RawFields {

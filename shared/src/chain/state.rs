@@ -151,13 +151,32 @@ impl ChainState {
     }
 }
 
+/// How a chain step's task ended: its step's status as the step scripts write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepEnd {
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl StepEnd {
+    /// The status, as Lua, the step's state and the metrics name it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
 /// How a chain step's task ended, for its chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
     pub chain_id: String,
     pub step: String,
-    /// `succeeded`, `failed` or `cancelled`.
-    pub outcome: &'static str,
+    pub outcome: StepEnd,
     pub fields: StepState,
     /// The step's state and its children's as the worker read them before running the
     /// step, when it did: the step script then swaps in the states built from them, without
@@ -183,7 +202,7 @@ impl StepOutcome {
         Self {
             chain_id,
             step,
-            outcome: "failed",
+            outcome: StepEnd::Failed,
             fields: StepState {
                 task_id,
                 error: Some(error),

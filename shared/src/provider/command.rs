@@ -389,16 +389,18 @@ impl Provider for CommandRunner {
 
 /// Replaces `{name}` by its value in one pass; unknown placeholders and other braces stay.
 fn substitute(template: &str, values: &[(&str, &str)]) -> String {
+    const OPEN: &str = "{";
+    const CLOSE: &str = "}";
     let mut out = String::with_capacity(template.len());
     let mut rest = template;
-    while let Some(start) = rest.find('{') {
+    while let Some(start) = rest.find(OPEN) {
         out.push_str(&rest[..start]);
         let tail = &rest[start..];
         let hit = values.iter().find_map(|(name, value)| {
             let after = tail
-                .strip_prefix('{')?
+                .strip_prefix(OPEN)?
                 .strip_prefix(name)?
-                .strip_prefix('}')?;
+                .strip_prefix(CLOSE)?;
             Some((*value, after))
         });
         match hit {
@@ -407,7 +409,7 @@ fn substitute(template: &str, values: &[(&str, &str)]) -> String {
                 rest = after;
             }
             None => {
-                out.push('{');
+                out.push_str(OPEN);
                 rest = &tail[1..];
             }
         }

@@ -546,18 +546,19 @@ pub(super) fn step_swap(
         return None;
     }
     let children = names(state.get("children")?)?;
-    let moves = if s.outcome == "succeeded" && children.len() == seen.children.len() {
-        seen.children
-            .iter()
-            .map(|c| child_after(c, &s.step))
-            .collect::<Option<Vec<_>>>()
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+    let moves =
+        if s.outcome == crate::chain::StepEnd::Succeeded && children.len() == seen.children.len() {
+            seen.children
+                .iter()
+                .map(|c| child_after(c, &s.step))
+                .collect::<Option<Vec<_>>>()
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
     let children = children.join(",");
     state.extend(fields);
-    state.insert("status".into(), s.outcome.into());
+    state.insert("status".into(), s.outcome.as_str().into());
     Some(Swap {
         state: serde_json::Value::Object(state).to_string(),
         children,
@@ -666,7 +667,7 @@ mod tests {
         StepOutcome {
             chain_id: "c".into(),
             step: "s".into(),
-            outcome: "succeeded",
+            outcome: crate::chain::StepEnd::Succeeded,
             fields: StepState {
                 task_id: task_id.into(),
                 model: Some("m".into()),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::{Script, ScriptInvocation};
 
-use super::{Client, Finish, FinishKind, Result, now_ms};
+use super::{BatchPark, Client, Finish, FinishKind, Result, now_ms};
 use crate::chain::{Chain, Rerun, StepOutcome};
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
@@ -173,28 +173,6 @@ impl Write {
     /// has, then its keys and args. Borrowed where they can be: a task's envelope is not
     /// copied on its way to Redis.
     fn push(&self, keys: &QueueKeys, inv: &mut ScriptInvocation<'_>) {
-        // settle.lua's six: entry id, kind, record, envelope and the kind's two.
-        const SETTLE: usize = 6;
-        fn settle(inv: &mut ScriptInvocation<'_>, f: &Finish) {
-            let (kind, a, b) = f.kind.args();
-            let record = f
-                .record
-                .as_ref()
-                .map(TaskRecord::to_json)
-                .unwrap_or_default();
-            inv.arg(&f.entry_id)
-                .arg(kind)
-                .arg(record)
-                .arg(&f.envelope)
-                .arg(a)
-                .arg(b);
-        }
-        let chain_keys = |inv: &mut ScriptInvocation<'_>, f: &Finish, chain_id: &str| {
-            inv.key(keys.result(&f.task_id))
-                .key(keys.chain(chain_id))
-                .key(keys.chain_steps(chain_id))
-                .key(keys.chain_tasks(chain_id));
-        };
         match self {
             // The common item, in three args: no kind, envelope or counts to send.
             Self::Task(Finish {
@@ -209,53 +187,8 @@ impl Write {
                 inv.arg("done").arg(entry_id).arg(record.to_json());
                 inv.key(keys.result(task_id));
             }
-            Self::Task(f) => {
-                let ends_key = f.key_end.as_deref();
-                let args = SETTLE
-                    + if ends_key.is_some() { 3 } else { 0 }
-                    + usize::from(f.batch_id.is_some());
-                inv.arg("task").arg(1).arg(args);
-                inv.key(keys.result(&f.task_id));
-                settle(inv, f);
-                if let Some(end) = ends_key {
-                    let window = end
-                        .window
-                        .map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX).max(1));
-                    inv.arg(&end.name)
-                        .arg(&end.holder)
-                        .arg(window.map(|w| w.to_string()).unwrap_or_default());
-                }
-                if let Some(batch) = &f.batch_id {
-                    inv.arg(super::enqueue::batch_finished_name(batch));
-                }
-            }
-            Self::Step(f, s) => {
-                let fields = super::chain::step_field_map(&s.fields);
-                // A map of strings and a number: it always serializes.
-                let fields_json = serde_json::to_string(&fields).unwrap_or_default();
-                let swap = s.seen.as_deref().and_then(|seen| {
-                    super::chain::step_swap(seen, s, fields).map(|swap| (seen, swap))
-                });
-                let moves = swap.as_ref().map_or(0, |(_, swap)| swap.moves.len());
-                inv.arg("step").arg(4).arg(SETTLE + 7 + 3 * moves);
-                chain_keys(inv, f, &s.chain_id);
-                settle(inv, f);
-                inv.arg(&s.step)
-                    .arg(s.outcome)
-                    .arg(fields_json)
-                    .arg(keys.chain_wait_prefix(&s.chain_id));
-                match swap {
-                    Some((seen, swap)) => {
-                        inv.arg(&*seen.own).arg(swap.state).arg(swap.children);
-                        for (was, (now, queued)) in seen.children.iter().zip(swap.moves) {
-                            inv.arg(&**was).arg(now).arg(if queued { "1" } else { "" });
-                        }
-                    }
-                    None => {
-                        inv.arg("").arg("").arg("");
-                    }
-                }
-            }
+            Self::Task(f) => push_task(keys, inv, f),
+            Self::Step(f, s) => push_step(keys, inv, f, s),
             Self::Await {
                 finish,
                 chain_id,
@@ -281,7 +214,7 @@ impl Write {
                 inv.arg("rerun")
                     .arg(4)
                     .arg(SETTLE + 2 + super::chain::RERUN_ARGS * reruns.len());
-                chain_keys(inv, finish, chain_id);
+                chain_keys(keys, inv, finish, chain_id);
                 settle(inv, finish);
                 inv.arg(&finish.task_id).arg(step);
                 for r in reruns {
@@ -292,45 +225,136 @@ impl Write {
                 entry_id,
                 task_id,
                 park,
-            } => {
-                inv.arg("park").arg(4).arg(8);
-                inv.key(keys.batch_task(task_id))
-                    .key(keys.batch_waiting(&park.group))
-                    .key(keys.batch_groups())
-                    .key(keys.batcher());
-                let latch_ms = u64::try_from(super::LATCH_TTL.as_millis()).unwrap_or(u64::MAX);
-                inv.arg(entry_id)
-                    .arg(task_id)
-                    .arg(&park.group)
-                    .arg(&park.envelope)
-                    .arg(&park.body)
-                    .arg(park.deadline_ms)
-                    .arg(&park.generation)
-                    .arg(latch_ms);
-            }
-            Self::Expand { entry_id, chain } => {
-                let id = &chain.id;
-                inv.arg("expand").arg(4).arg(4 + 5 * chain.steps.len());
-                inv.key(keys.chain(id))
-                    .key(keys.chain_steps(id))
-                    .key(keys.chain_tasks(id))
-                    .key(keys.chains());
-                let on_failure = match serde_json::to_value(chain.on_failure) {
-                    Ok(serde_json::Value::String(s)) => s,
-                    _ => String::new(),
-                };
-                inv.arg(entry_id)
-                    .arg(id)
-                    .arg(chain.to_json())
-                    .arg(on_failure);
-                for s in &chain.steps {
-                    inv.arg(&s.name)
-                        .arg(s.task.to_json())
-                        .arg(serde_json::to_string(s).unwrap_or_default())
-                        .arg(super::chain::first_state(s))
-                        .arg(if s.after.is_empty() { "1" } else { "0" });
-                }
+            } => push_park(keys, inv, entry_id, task_id, park),
+            Self::Expand { entry_id, chain } => push_expand(keys, inv, entry_id, chain),
+        }
+    }
+}
+
+// settle.lua's six: entry id, kind, record, envelope and the kind's two.
+const SETTLE: usize = 6;
+
+/// A finish's args as settle.lua reads them.
+fn settle(inv: &mut ScriptInvocation<'_>, f: &Finish) {
+    let (kind, a, b) = f.kind.args();
+    let record = f
+        .record
+        .as_ref()
+        .map(TaskRecord::to_json)
+        .unwrap_or_default();
+    inv.arg(&f.entry_id)
+        .arg(kind)
+        .arg(record)
+        .arg(&f.envelope)
+        .arg(a)
+        .arg(b);
+}
+
+/// The keys of a chain step's finish: its result, its chain, steps and tasks.
+fn chain_keys(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, f: &Finish, chain_id: &str) {
+    inv.key(keys.result(&f.task_id))
+        .key(keys.chain(chain_id))
+        .key(keys.chain_steps(chain_id))
+        .key(keys.chain_tasks(chain_id));
+}
+
+/// A task's finish that is not the common one: with its kind, an idempotency key it ends,
+/// the batch it counts in.
+fn push_task(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, f: &Finish) {
+    let ends_key = f.key_end.as_deref();
+    let args = SETTLE + if ends_key.is_some() { 3 } else { 0 } + usize::from(f.batch_id.is_some());
+    inv.arg("task").arg(1).arg(args);
+    inv.key(keys.result(&f.task_id));
+    settle(inv, f);
+    if let Some(end) = ends_key {
+        let window = end
+            .window
+            .map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX).max(1));
+        inv.arg(&end.name)
+            .arg(&end.holder)
+            .arg(window.map(|w| w.to_string()).unwrap_or_default());
+    }
+    if let Some(batch) = &f.batch_id {
+        inv.arg(super::enqueue::batch_finished_name(batch));
+    }
+}
+
+/// A chain step's finish, with the states its worker read when they are still these
+/// (`seen`): then the script swaps in the states built from them.
+fn push_step(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, f: &Finish, s: &StepOutcome) {
+    let fields = super::chain::step_field_map(&s.fields);
+    // A map of strings and a number: it always serializes.
+    let fields_json = serde_json::to_string(&fields).unwrap_or_default();
+    let swap = s
+        .seen
+        .as_deref()
+        .and_then(|seen| super::chain::step_swap(seen, s, fields).map(|swap| (seen, swap)));
+    let moves = swap.as_ref().map_or(0, |(_, swap)| swap.moves.len());
+    inv.arg("step").arg(4).arg(SETTLE + 7 + 3 * moves);
+    chain_keys(keys, inv, f, &s.chain_id);
+    settle(inv, f);
+    inv.arg(&s.step)
+        .arg(s.outcome.as_str())
+        .arg(fields_json)
+        .arg(keys.chain_wait_prefix(&s.chain_id));
+    match swap {
+        Some((seen, swap)) => {
+            inv.arg(&*seen.own).arg(swap.state).arg(swap.children);
+            for (was, (now, queued)) in seen.children.iter().zip(swap.moves) {
+                inv.arg(&**was).arg(now).arg(if queued { "1" } else { "" });
             }
         }
+        None => {
+            inv.arg("").arg("").arg("");
+        }
+    }
+}
+
+/// A task parked for a provider batch.
+fn push_park(
+    keys: &QueueKeys,
+    inv: &mut ScriptInvocation<'_>,
+    entry_id: &str,
+    task_id: &str,
+    park: &BatchPark,
+) {
+    inv.arg("park").arg(4).arg(8);
+    inv.key(keys.batch_task(task_id))
+        .key(keys.batch_waiting(&park.group))
+        .key(keys.batch_groups())
+        .key(keys.batcher());
+    let latch_ms = u64::try_from(super::LATCH_TTL.as_millis()).unwrap_or(u64::MAX);
+    inv.arg(entry_id)
+        .arg(task_id)
+        .arg(&park.group)
+        .arg(&park.envelope)
+        .arg(&park.body)
+        .arg(park.deadline_ms)
+        .arg(&park.generation)
+        .arg(latch_ms);
+}
+
+/// A submitted chain to expand: its spec and each step's task and first state.
+fn push_expand(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, entry_id: &str, chain: &Chain) {
+    let id = &chain.id;
+    inv.arg("expand").arg(4).arg(4 + 5 * chain.steps.len());
+    inv.key(keys.chain(id))
+        .key(keys.chain_steps(id))
+        .key(keys.chain_tasks(id))
+        .key(keys.chains());
+    let on_failure = match serde_json::to_value(chain.on_failure) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    };
+    inv.arg(entry_id)
+        .arg(id)
+        .arg(chain.to_json())
+        .arg(on_failure);
+    for s in &chain.steps {
+        inv.arg(&s.name)
+            .arg(s.task.to_json())
+            .arg(serde_json::to_string(s).unwrap_or_default())
+            .arg(super::chain::first_state(s))
+            .arg(if s.after.is_empty() { "1" } else { "0" });
     }
 }

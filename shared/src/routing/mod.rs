@@ -23,7 +23,8 @@
 //! fleet observed ([`Stats`]): `performance`, `cost`, `balanced` and `learning`.
 //!
 //! Layout: this module holds `plan` and its types (`Plan`, `Candidate`, `Constraints`,
-//! `Stats` and `Observed`, `RouteError`); `learn` orders candidates by their observed
+//! `Stats` and `Observed`, `RouteError`), with `Ask`, what a task asks of a model, read
+//! once and giving each step of the plan; `learn` orders candidates by their observed
 //! success (Thompson sampling for `learning`); `tests` has the unit tests.
 
 use std::collections::HashMap;

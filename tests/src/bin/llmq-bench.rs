@@ -3092,7 +3092,7 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
                     reasoning_tokens: 0,
                     cost_usd: 0.0002,
                     latency_ms: 1,
-                    outcome: "ok".into(),
+                    outcome: llmq_shared::ledger::CallOutcome::Ok,
                     error_class: None,
                     error: None,
                     worker: "bench".into(),

@@ -1689,7 +1689,7 @@ fn step_end(
     fields: llmq_shared::chain::StepState,
     seen: Option<Box<llmq_shared::chain::Seen>>,
 ) -> llmq_shared::queue::Write {
-    use llmq_shared::chain::{StepOutcome, StepState};
+    use llmq_shared::chain::{StepEnd, StepOutcome, StepState};
     use llmq_shared::outcome::{Status, TaskRecord};
     use llmq_shared::queue::{Finish, Write};
     let task_id = llmq_shared::chain::step_task_id(chain_id, name, 0).to_string();
@@ -1702,7 +1702,11 @@ fn step_end(
         Box::new(StepOutcome {
             chain_id: chain_id.to_owned(),
             step: name.into(),
-            outcome,
+            outcome: match outcome {
+                "succeeded" => StepEnd::Succeeded,
+                "failed" => StepEnd::Failed,
+                _ => StepEnd::Cancelled,
+            },
             fields: StepState { task_id, ..fields },
             seen,
         }),

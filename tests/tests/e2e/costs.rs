@@ -52,7 +52,7 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
             reasoning_tokens: 0,
             cost_usd: prices.cost(&usage),
             latency_ms: 10,
-            outcome: "ok".into(),
+            outcome: llmq_shared::ledger::CallOutcome::Ok,
             error_class: None,
             error: None,
             worker: "test".into(),
@@ -71,7 +71,7 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
         unsent.cached_tokens,
         unsent.cost_usd,
     ) = (0, 0, 0, 0.0);
-    unsent.outcome = llmq_shared::ledger::UNSENT.into();
+    unsent.outcome = llmq_shared::ledger::CallOutcome::Unsent;
     unsent.chain_id = None;
     ledger
         .record(&[rows.clone(), vec![unsent]].concat(), &[])
@@ -297,7 +297,7 @@ async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
         reasoning_tokens: 0,
         cost_usd,
         latency_ms: 10,
-        outcome: "ok".into(),
+        outcome: llmq_shared::ledger::CallOutcome::Ok,
         error_class: None,
         error: None,
         worker: "test".into(),

@@ -159,7 +159,7 @@ async fn a_ledger_batch_with_one_bad_row_writes_the_others() {
         reasoning_tokens: 0,
         cost_usd,
         latency_ms: 1,
-        outcome: "error".into(),
+        outcome: llmq_shared::ledger::CallOutcome::Error,
         error_class: Some("fatal".into()),
         error: Some(error.into()),
         worker: "w".into(),

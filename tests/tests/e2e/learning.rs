@@ -36,7 +36,11 @@ fn history(
                 task_type: "code_generation".into(),
                 provider: "mock".into(),
                 model: model.into(),
-                outcome: if failed.is_some() { "error" } else { "ok" }.into(),
+                outcome: if failed.is_some() {
+                    llmq_shared::ledger::CallOutcome::Error
+                } else {
+                    llmq_shared::ledger::CallOutcome::Ok
+                },
                 error_class: failed.clone(),
                 worker: "history".into(),
                 called_at: Utc::now(),
@@ -491,7 +495,11 @@ async fn insights_report_what_the_ledger_holds() {
             task_type: "data_analysis".into(),
             provider: "mock".into(),
             model: if i < 20 { "cheap" } else { "premium" }.into(),
-            outcome: if (5..20).contains(&i) { "error" } else { "ok" }.into(),
+            outcome: if (5..20).contains(&i) {
+                llmq_shared::ledger::CallOutcome::Error
+            } else {
+                llmq_shared::ledger::CallOutcome::Ok
+            },
             error_class: (5..20).contains(&i).then(|| "fatal".to_owned()),
             worker: "history".into(),
             called_at: Utc::now(),

@@ -57,7 +57,7 @@ fn answered(task: Uuid, queue: &str, at: DateTime<Utc>) -> CallRow {
         output_tokens: 200,
         cost_usd: 0.25,
         latency_ms: 700,
-        outcome: "ok".into(),
+        outcome: llmq_shared::ledger::CallOutcome::Ok,
         worker: "w".into(),
         called_at: at,
         ..CallRow::default()

@@ -47,7 +47,7 @@ fn call(rng: &mut SeededRng, task_id: Uuid, chain: Option<&str>) -> CallRow {
         task_type: pick(rng, &["research", "code_review"]).into(),
         provider: pick(rng, &["openai", "anthropic"]).into(),
         model: pick(rng, &["small", "large"]).into(),
-        outcome: llmq_shared::ledger::STARTED.into(),
+        outcome: llmq_shared::ledger::CallOutcome::Started,
         worker: "w".into(),
         called_at: around_midnight(rng),
         ..CallRow::default()
@@ -56,11 +56,18 @@ fn call(rng: &mut SeededRng, task_id: Uuid, chain: Option<&str>) -> CallRow {
 
 /// The call `c` over: answered, failed or never sent, with its tokens and cost.
 fn completed(rng: &mut SeededRng, c: &CallRow) -> CallRow {
-    let outcome = pick(rng, &["ok", "ok", "error", "unsent"]);
-    let sent = outcome != "unsent";
+    use llmq_shared::ledger::CallOutcome;
+    let outcome = [
+        CallOutcome::Ok,
+        CallOutcome::Ok,
+        CallOutcome::Error,
+        CallOutcome::Unsent,
+    ][rng.below(4)];
+    let sent = outcome != CallOutcome::Unsent;
     CallRow {
-        outcome: outcome.into(),
-        error_class: (outcome == "error").then(|| pick(rng, &["fatal", "rate_limited"]).into()),
+        outcome,
+        error_class: (outcome == CallOutcome::Error)
+            .then(|| pick(rng, &["fatal", "rate_limited"]).into()),
         input_tokens: if sent { rng.below(5000) as i64 } else { 0 },
         output_tokens: if sent { rng.below(900) as i64 } else { 0 },
         cached_tokens: if sent { rng.below(300) as i64 } else { 0 },
@@ -343,7 +350,7 @@ fn answered(provider: &str, at: DateTime<Utc>) -> CallRow {
         task_type: "research".into(),
         provider: provider.into(),
         model: "m".into(),
-        outcome: "ok".into(),
+        outcome: llmq_shared::ledger::CallOutcome::Ok,
         worker: "w".into(),
         input_tokens: 10,
         called_at: at,

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use llmq_shared::chain::{StepOutcome, StepState};
+use llmq_shared::chain::{StepEnd, StepOutcome, StepState};
 use llmq_shared::envelope::{self, Envelope};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, UNSENT};
+use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::queue::{Finish, FinishKind, Place, Write};
@@ -246,8 +246,8 @@ pub(super) fn plain(queue: Arc<QueueKeys>, finish: Finish, calls: Vec<CallRow>) 
 fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepOutcome> {
     let record = finish.record.as_ref()?;
     let outcome = match finish.kind {
-        FinishKind::Done => "succeeded",
-        FinishKind::Dead { .. } => "failed",
+        FinishKind::Done => StepEnd::Succeeded,
+        FinishKind::Dead { .. } => StepEnd::Failed,
         FinishKind::Retry { .. } | FinishKind::Release | FinishKind::Room { .. } => return None,
     };
     Some(StepOutcome {
@@ -300,7 +300,8 @@ pub(super) fn cancelled(
     calls: Vec<CallRow>,
 ) -> Finished {
     // An attempt is used only by a call that went out.
-    record.attempts = env.attempts + u32::from(calls.iter().any(|c| c.outcome != UNSENT));
+    record.attempts =
+        env.attempts + u32::from(calls.iter().any(|c| c.outcome != CallOutcome::Unsent));
     record.status = Status::Cancelled;
     record.error = Some(why.clone());
     record.finished_at = Some(Utc::now());
@@ -313,7 +314,7 @@ pub(super) fn cancelled(
             let step = StepOutcome {
                 chain_id: chain_id.to_owned(),
                 step: step.to_owned(),
-                outcome: "cancelled",
+                outcome: StepEnd::Cancelled,
                 fields: StepState {
                     task_id,
                     error: Some(why),

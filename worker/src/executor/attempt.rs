@@ -16,7 +16,7 @@ use llmq_shared::circuit::Admission;
 use llmq_shared::config::Kind;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, STARTED, UNSENT};
+use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::queue::OutEntry;
@@ -674,39 +674,26 @@ impl Attempt<'_> {
         }
     }
 
-    /// Makes one call, reconciles its reservation and records it for the ledger.
-    async fn call(
-        &mut self,
-        cand: &Candidate<'_>,
-        reservation: Option<&Reservation>,
-    ) -> provider::Result<Completion> {
-        let exec = self.exec;
-        let env = self.env;
-        let name = &*cand.provider.name;
-        // A streamed answer goes to the task's live answer as it arrives, through a task of
-        // its own that the call never waits on.
-        let (sink, forwarder) = if env.streams() {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let forwarder = tokio::spawn(forward(
-                exec.redis.clone(),
-                self.queue.clone(),
-                env.id.unwrap_or_default().to_string(),
-                rx,
-            ));
-            (Some(provider::Sink(tx)), Some(forwarder))
-        } else {
-            (None, None)
-        };
-        let req = Request {
-            sink,
-            ..Request::of(env, &cand.model.id, cand.provider)
-        };
-        // The row goes in before the call, so a worker that dies during it leaves a trace
-        // of a call the provider may bill. It is boxed while its start is recorded: a
-        // 320-byte local would size every task's state for the whole of its call. Boxed as
-        // an array of one, so that for a task's first call the box becomes `calls` as is.
-        let row = self.calls.len();
-        let start = Box::new([CallRow {
+    /// Where a streamed answer goes as it arrives: the task's live answer, through a task of
+    /// its own that the call never waits on.
+    fn live_answer(&self) -> (Option<provider::Sink>, Option<tokio::task::JoinHandle<()>>) {
+        if !self.env.streams() {
+            return (None, None);
+        }
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let forwarder = tokio::spawn(forward(
+            self.exec.redis.clone(),
+            self.queue.clone(),
+            self.env.id.unwrap_or_default().to_string(),
+            rx,
+        ));
+        (Some(provider::Sink(tx)), Some(forwarder))
+    }
+
+    /// The ledger row of call number `row` (from 0) of this attempt, as it starts.
+    fn start_row(&self, cand: &Candidate<'_>, row: usize) -> Box<[CallRow; 1]> {
+        let (exec, env) = (self.exec, self.env);
+        Box::new([CallRow {
             task_id: env.id.unwrap_or_default(),
             delivery: self.delivery,
             run: env.replays as i32,
@@ -724,13 +711,35 @@ impl Attempt<'_> {
             reasoning_tokens: 0,
             cost_usd: 0.0,
             latency_ms: 0,
-            outcome: STARTED.into(),
+            outcome: CallOutcome::Started,
             error_class: None,
             error: None,
             worker: Arc::clone(&exec.worker_id),
             called_at: Utc::now(),
             list_cost_usd: None,
-        }]);
+        }])
+    }
+
+    /// Makes one call, reconciles its reservation and records it for the ledger.
+    async fn call(
+        &mut self,
+        cand: &Candidate<'_>,
+        reservation: Option<&Reservation>,
+    ) -> provider::Result<Completion> {
+        let exec = self.exec;
+        let env = self.env;
+        let name = &*cand.provider.name;
+        let (sink, forwarder) = self.live_answer();
+        let req = Request {
+            sink,
+            ..Request::of(env, &cand.model.id, cand.provider)
+        };
+        // The row goes in before the call, so a worker that dies during it leaves a trace
+        // of a call the provider may bill. It is boxed while its start is recorded: a
+        // 320-byte local would size every task's state for the whole of its call. Boxed as
+        // an array of one, so that for a task's first call the box becomes `calls` as is.
+        let row = self.calls.len();
+        let start = self.start_row(cand, row);
         if let Some(starts) = &exec.call_starts {
             use std::sync::atomic::Ordering::Relaxed;
             self.waiting.store(true, Relaxed);
@@ -749,36 +758,23 @@ impl Attempt<'_> {
             let [start] = *start;
             self.calls.push(start);
         }
-        let span = tracing::trace_span!(
-            target: telemetry::TARGET,
-            "gen_ai.call",
-            otel.name = %format_args!("chat {}", req.model),
-            otel.kind = "client",
-            gen_ai.operation.name = "chat",
-            gen_ai.system = gen_ai_system(cand.provider.kind),
-            gen_ai.request.model = %req.model,
-            gen_ai.usage.input_tokens = tracing::field::Empty,
-            gen_ai.usage.output_tokens = tracing::field::Empty,
-            error.type = tracing::field::Empty,
-            llmq.provider = name,
-            llmq.cost_usd = tracing::field::Empty,
-        );
+        let span = call_span(&req, cand);
         if let Some(r) = reservation {
             // Not sent until stamped: an attempt that ends while this waits for its window
             // made no call here, which the row says.
             use std::sync::atomic::Ordering::Relaxed;
-            self.calls[row].outcome = UNSENT.into();
+            self.calls[row].outcome = CallOutcome::Unsent;
             self.waiting.store(true, Relaxed);
             // `called_at` stays the row's start: it is part of the row's key.
             Box::pin(self.stamp(cand, r)).await;
             self.waiting.store(false, Relaxed);
-            self.calls[row].outcome = STARTED.into();
+            self.calls[row].outcome = CallOutcome::Started;
         }
         // A wait the provider asked of any worker for this model (Retry-After) holds this
         // call too, read as late as can be: the call is not sent (its row says so) and the
         // attempt waits as for a 429 of its own, using no try.
         if let Some(held) = self.held(cand).await {
-            self.calls[row].outcome = UNSENT.into();
+            self.calls[row].outcome = CallOutcome::Unsent;
             return Err(held);
         }
         let started = Instant::now();
@@ -885,7 +881,11 @@ impl Attempt<'_> {
             })
         });
         call.latency_ms = i32::try_from(took.as_millis()).unwrap_or(i32::MAX);
-        call.outcome = if error.is_some() { "error" } else { "ok" }.into();
+        call.outcome = if error.is_some() {
+            CallOutcome::Error
+        } else {
+            CallOutcome::Ok
+        };
         call.error_class = error.map(|e| e.class.to_string());
         call.error = error.map(ToString::to_string);
         result
@@ -973,4 +973,23 @@ fn gen_ai_system(kind: Kind) -> &'static str {
         Kind::Ollama => "ollama",
         Kind::Command => "_OTHER",
     }
+}
+
+/// The span of a call to `cand` with `req`, as the GenAI semantic conventions name it.
+fn call_span(req: &Request<'_>, cand: &Candidate<'_>) -> tracing::Span {
+    let name = &*cand.provider.name;
+    tracing::trace_span!(
+        target: telemetry::TARGET,
+        "gen_ai.call",
+        otel.name = %format_args!("chat {}", req.model),
+        otel.kind = "client",
+        gen_ai.operation.name = "chat",
+        gen_ai.system = gen_ai_system(cand.provider.kind),
+        gen_ai.request.model = %req.model,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        llmq.provider = name,
+        llmq.cost_usd = tracing::field::Empty,
+    )
 }

@@ -11,7 +11,7 @@ use llmq_shared::answer_cache::warm_prefix;
 use llmq_shared::answer_cache::{self, CachedAnswer, Use};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::CallRow;
+use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::Completion;
 use llmq_shared::queue::flight_key;
@@ -33,9 +33,6 @@ pub(super) enum Looked {
     /// kept (too large), or what is kept is not an answer this build reads.
     Call,
 }
-
-/// The `outcome` of a call's ledger row for an answer the cache gave.
-pub const CACHED: &str = "cached";
 
 fn count(queue: &QueueKeys, result: &'static str) {
     metrics::counter!("llmq_answer_cache_total", "queue" => queue.name().to_owned(), "result" => result)
@@ -230,7 +227,7 @@ pub(super) fn hit(
         task_type: task_type.into(),
         provider: answer.provider.as_str().into(),
         model: answer.model.as_str().into(),
-        outcome: CACHED.into(),
+        outcome: CallOutcome::Cached,
         worker: Arc::clone(worker),
         called_at: Utc::now(),
         list_cost_usd: Some(answer.list_cost_usd),
@@ -334,13 +331,13 @@ impl Executor {
                     &self.worker_id,
                 );
                 trail.calls.push(row);
-                trail.cached_from = Some(answer.task_id.into());
+                trail.more().cached_from = Some(answer.task_id);
                 return Ok(Some(tried));
             }
             Looked::Lead => *slot = Some(flight_key(&answer_name(&hash))),
             Looked::Call => {}
         }
-        trail.to_keep = Some(Box::new((hash, ttl)));
+        trail.more().to_keep = Some((hash, ttl));
         Ok(None)
     }
 
@@ -364,7 +361,7 @@ impl Executor {
             Warm::On(model) => pin(plan, &model),
             Warm::Cold if flight => {
                 *slot = Some(flight_key(&warm_name(&hash)));
-                trail.warming = Some(hash.into());
+                trail.more().warming = Some(hash);
             }
             Warm::Cold => {}
         }

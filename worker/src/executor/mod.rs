@@ -22,7 +22,7 @@
 //! for a whole batch). Only quota and circuit state is read and written as calls are made.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -31,7 +31,7 @@ use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope, TaskType};
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::ledger::{CallRow, UNSENT, Verdict};
+use llmq_shared::ledger::{CallOutcome, CallRow, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
 use llmq_shared::provider::clients::Clients;
 use llmq_shared::queue::{BatchAnswer, Client, Delivery, Finish, Keep, Place, Slot, Write, now_ms};
@@ -305,30 +305,42 @@ impl Task<'_> {
     }
 }
 
-/// What a task's phases gathered on the way to its outcome, for its record (boxed: every
-/// task in flight carries these through its call).
+/// What a task's phases gathered on the way to its outcome, for its record: every task in
+/// flight carries it through its call, so all but its calls are in one box, none for most
+/// tasks.
 #[derive(Default)]
 struct Trail {
     /// Every call made, for the ledger.
     calls: Vec<CallRow>,
+    more: Option<Box<More>>,
+}
+
+/// What some tasks' phases gather besides their calls.
+#[derive(Default)]
+struct More {
     /// What learned routing chose.
-    learned: Option<Box<LearnedRoute>>,
+    learned: Option<LearnedRoute>,
     /// The task whose cached answer this one reuses.
-    cached_from: Option<Box<str>>,
+    cached_from: Option<String>,
     /// What to keep this task's answer as in the answer cache, and for how long.
-    to_keep: Option<Box<(String, Duration)>>,
+    to_keep: Option<(String, Duration)>,
     /// The prompt prefix this task's call warms.
-    warming: Option<Box<str>>,
+    warming: Option<String>,
     /// What the provider batch that answered it cost.
     batch_cost_usd: f64,
 }
 
 impl Trail {
+    fn more(&mut self) -> &mut More {
+        self.more.get_or_insert_with(Box::default)
+    }
+
     /// The task answered by a provider batch.
     fn batch_answered(&mut self, answer: &BatchAnswer, task: &Task<'_>) -> Tried {
-        self.batch_cost_usd = answer.cost_usd;
+        let more = self.more();
+        more.batch_cost_usd = answer.cost_usd;
         // The batch answered it, not a plan's route.
-        self.learned = None;
+        more.learned = None;
         batch::answered(answer, task.env)
     }
 
@@ -341,12 +353,12 @@ impl Trail {
         outcome: &Outcome,
         last: Option<&(String, String)>,
     ) -> Option<Box<Keep>> {
-        let (Outcome::Answered(c), Some(last)) = (outcome, last) else {
+        let (Outcome::Answered(c), Some(last), Some(more)) = (outcome, last, &mut self.more) else {
             return None;
         };
-        match (self.to_keep.take(), self.warming.take()) {
+        match (more.to_keep.take(), more.warming.take()) {
             (Some(to_keep), _) => cache::keep(
-                *to_keep,
+                to_keep,
                 c,
                 task_id,
                 last,
@@ -367,11 +379,12 @@ impl Trail {
         last: Option<(String, String)>,
         started: Instant,
     ) -> TaskRecord {
+        let more = self.more.take().map(|m| *m).unwrap_or_default();
         record.duration_ms = started.elapsed().as_millis() as u64;
-        record.learned = self.learned.take().map(|l| *l);
+        record.learned = more.learned;
         record.route = Some(route).filter(|r| !r.is_empty());
         record.provider_errors = errors;
-        record.cached_from = self.cached_from.take().map(String::from);
+        record.cached_from = more.cached_from;
         record.cached = record.cached_from.is_some();
         if let Some((provider, model)) = last {
             record.provider = Some(provider);
@@ -383,9 +396,18 @@ impl Trail {
             .iter()
             .map(|c| c.cost_usd)
             .fold(0.0, |a, b| a + b);
-        record.cost_usd += self.batch_cost_usd;
+        record.cost_usd += more.batch_cost_usd;
         record
     }
+}
+
+/// What a task came to before its attempt: an outcome without one (a step's, a batch's or
+/// the cache's answer, no route), or the plan its attempt tries.
+// One per task, built and taken apart at once: boxing the large variant buys nothing.
+#[allow(clippy::large_enum_variant)]
+enum Before<'p> {
+    Settled(Tried),
+    Call(routing::Plan<'p>),
 }
 
 /// What a task's attempt came to, with its span and its chain step's plan.
@@ -511,8 +533,7 @@ impl Executor {
         }
         let named = Named::of(task_id, &env, entry_ms, env.attempts > 0);
         if let Some(why) = self.cancels.why(&queue, named) {
-            let task_type = env.task_type().map_or("", TaskType::as_str);
-            let record = running(&queue, task_id, &env, task_type);
+            let record = running(&queue, task_id, &env);
             return Err(Box::new(cancelled(
                 queue,
                 entry_id,
@@ -598,11 +619,14 @@ impl Executor {
                 stop: watch.token(),
             };
             let ran = match keyed {
-                Ok(()) => self.phases(&task, slot, &mut trail).await,
                 Err(stop) => Err(stop),
+                // Moved and dropped: not held across the call.
+                ok => {
+                    drop(ok);
+                    self.phases(task, slot, &mut trail).await
+                }
             };
-            let task_type = task.task_type;
-            let record = running(&queue, task_id, &env, task_type);
+            let record = running(&queue, task_id, &env);
             let (transition, record, after) = match ran {
                 Err(stop) => (decide::stopped(stop), record, None),
                 Ok(ran) => {
@@ -657,42 +681,63 @@ impl Executor {
 
     /// The phases from the slot to the attempt: what the task's attempt came to, or where
     /// it stopped before one.
-    async fn phases(
-        &self,
-        task: &Task<'_>,
-        slot: &mut Option<String>,
-        trail: &mut Trail,
-    ) -> Result<Ran, Stop> {
-        self.slot(task, slot).await?;
-        // A chain step: its handoffs, candidates and constraints. Futures that run briefly
-        // are boxed here and below: an async fn's state is as large as its largest await,
-        // and these would otherwise make every task in flight carry their size for the
-        // whole of its provider call. Boxed, and none for a task that is no chain's step: a
-        // call in flight carries 8 bytes of it, not its room.
-        let mut step = match task.env.step {
-            Some(_) => Some(Box::new(Box::pin(self.step(task)).await?)),
-            None => None,
-        };
-        let settled = step.as_mut().and_then(|s| s.settled.take());
-        let span = task.span();
-        // A chain step's call carries the prompt its handoffs made.
-        let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
-            Box::new(Envelope {
-                prompt,
-                ..task.env.clone()
-            })
-        });
-        let call_env = step_env.as_deref().unwrap_or(task.env);
-        // The span goes into the attempt's call and comes back out of it: held once, not
-        // twice, by every task in flight.
-        let (tried, span) = match settled {
-            Some(outcome) => (Tried::without_call(*outcome), span),
-            None => {
-                let call = self.call(task, call_env, step.as_deref(), slot, trail, span);
-                call.await?
+    ///
+    /// Not an async fn, as `run_holding` is not: the block holds its arguments once, and
+    /// owns the task.
+    #[allow(clippy::manual_async_fn)]
+    fn phases<'a>(
+        &'a self,
+        task: Task<'a>,
+        slot: &'a mut Option<String>,
+        trail: &'a mut Trail,
+    ) -> impl Future<Output = Result<Ran, Stop>> + 'a {
+        async move {
+            let task = &task;
+            self.slot(task, slot).await?;
+            // A chain step: its handoffs, candidates and constraints. Futures that run briefly
+            // are boxed here and below: an async fn's state is as large as its largest await,
+            // and these would otherwise make every task in flight carry their size for the
+            // whole of its provider call. Boxed, and none for a task that is no chain's step: a
+            // call in flight carries 8 bytes of it, not its room.
+            let mut step = match task.env.step {
+                Some(_) => Some(Box::new(Box::pin(self.step(task)).await?)),
+                None => None,
+            };
+            let settled = step.as_mut().and_then(|s| s.settled.take());
+            let span = task.span();
+            // A chain step's call carries the prompt its handoffs made.
+            let step_env = step.as_mut().and_then(|s| s.prompt.take()).map(|prompt| {
+                Box::new(Envelope {
+                    prompt,
+                    ..task.env.clone()
+                })
+            });
+            let call_env = step_env.as_deref().unwrap_or(task.env);
+            // The span goes into the attempt's call and comes back out of it: held once, not
+            // twice, by every task in flight.
+            if let Some(outcome) = settled {
+                let tried = Tried::without_call(*outcome);
+                return Ok(Ran { tried, span, step });
             }
-        };
-        Ok(Ran { tried, span, step })
+            let before = self.before_call(task, call_env, step.as_deref(), slot, trail);
+            // A temporary, not a local: only the plan lives on through the call.
+            let plan = match Box::pin(before).await? {
+                Before::Settled(tried) => return Ok(Ran { tried, span, step }),
+                Before::Call(plan) => plan,
+            };
+            // Attempt: the plan's candidates tried within `--attempt-timeout`. Set while a
+            // call waits for its ledger row or its rate-limit window, not sent.
+            let waiting = AtomicBool::new(false);
+            let (ran, span) = {
+                let mut attempt = self.attempt(task, call_env, &mut trail.calls, &waiting);
+                let run = tokio::time::timeout(self.attempt_timeout, attempt.run(&plan));
+                let mut run = std::pin::pin!(run.instrument(span));
+                let ran = run.as_mut().await;
+                (ran, run.span().clone())
+            };
+            let tried = self.attempted(task, ran, &waiting, &plan, &trail.calls);
+            Ok(Ran { tried, span, step })
+        }
     }
 
     /// The slot phase: a task with a concurrency key runs only with a slot, else waits
@@ -729,16 +774,17 @@ impl Executor {
         }
     }
 
-    /// The phases of a task that makes a call: cache, plan, park, warm-up, attempt.
-    async fn call(
-        &self,
+    /// The phases of a task that makes a call, up to its attempt: cache, plan, park,
+    /// warm-up. Boxed by its caller: it is over before the call starts, so a call in flight
+    /// carries none of its state.
+    async fn before_call<'a>(
+        &'a self,
         task: &Task<'_>,
         call_env: &Envelope,
         step: Option<&StepPlan>,
         slot: &mut Option<String>,
         trail: &mut Trail,
-        span: tracing::Span,
-    ) -> Result<(Tried, tracing::Span), Stop> {
+    ) -> Result<Before<'a>, Stop> {
         // A task that can wait: back from a batch with its answer, or yet to go to one. It
         // reads its latch only where it can have one: an entry a batch sent back (marked as
         // having had its turn, as a handed-back one is) reads it here, before its answer is
@@ -748,14 +794,15 @@ impl Executor {
         // Whether it may go to a batch, once its latch is read.
         let mut may_batch = None;
         if can_wait && task.from_room {
-            let latch = self.latch(task.queue, task.task_id, task.env);
-            match Box::pin(latch).await? {
-                Latch::Answered(answer) => return Ok((trail.batch_answered(&answer, task), span)),
+            match self.latch(task.queue, task.task_id, task.env).await? {
+                Latch::Answered(answer) => {
+                    return Ok(Before::Settled(trail.batch_answered(&answer, task)));
+                }
                 latch => may_batch = Some(matches!(latch, Latch::Park)),
             }
         }
         if let Some(tried) = self.cached(task, call_env, step, slot, trail).await? {
-            return Ok((tried, span));
+            return Ok(Before::Settled(tried));
         }
         let mut plan = match self.plan(call_env, step, trail) {
             Ok(plan) => plan,
@@ -766,18 +813,17 @@ impl Executor {
                     tried: Vec::new(),
                     retry_after: None,
                 });
-                return Ok((Tried::without_call(failed), span));
+                return Ok(Before::Settled(Tried::without_call(failed)));
             }
         };
         if can_wait
             && may_batch != Some(false)
-            && let Some(tried) =
-                Box::pin(self.park(task, call_env, &plan, may_batch, trail)).await?
+            && let Some(tried) = self.park(task, call_env, &plan, may_batch, trail).await?
         {
-            return Ok((tried, span));
+            return Ok(Before::Settled(tried));
         }
         self.warm(task, call_env, &mut plan, slot, trail).await?;
-        Ok(self.attempt(task, call_env, &plan, trail, span).await)
+        Ok(Before::Call(plan))
     }
 
     /// The plan phase: the candidates routing picks for `call_env`, or why it has none.
@@ -791,8 +837,8 @@ impl Executor {
         let stats = stats.as_deref().unwrap_or(&NO_STATS);
         let constraints = step.map_or(&NO_CONSTRAINTS, |s| &s.constraints);
         let plan = routing::plan(&self.config, call_env, constraints, stats)?;
-        trail.learned = plan.learned.map(|l| {
-            Box::new(LearnedRoute {
+        if let Some(l) = plan.learned {
+            trail.more().learned = Some(LearnedRoute {
                 strategy: l.strategy.as_str().to_owned(),
                 propensity: l.propensity,
                 explored: l.explored,
@@ -801,23 +847,21 @@ impl Executor {
                     .iter()
                     .map(|c| format!("{}/{}", c.provider.name, c.model.id))
                     .collect(),
-            })
-        });
+            });
+        }
         Ok(plan)
     }
 
-    /// The attempt phase: the plan's candidates tried within `--attempt-timeout`.
-    async fn attempt(
-        &self,
-        task: &Task<'_>,
-        call_env: &Envelope,
-        plan: &routing::Plan<'_>,
-        trail: &mut Trail,
-        span: tracing::Span,
-    ) -> (Tried, tracing::Span) {
-        // Set while a call waits for its ledger row or its rate-limit window, not sent.
-        let waiting = std::sync::atomic::AtomicBool::new(false);
-        let mut attempt = Attempt {
+    /// The attempt phase's [`Attempt`] of `task`, calling with `call_env` and keeping its
+    /// calls in `calls`; `waiting` is set while a call waits, unsent.
+    fn attempt<'a>(
+        &'a self,
+        task: &'a Task<'a>,
+        call_env: &'a Envelope,
+        calls: &'a mut Vec<CallRow>,
+        waiting: &'a AtomicBool,
+    ) -> Attempt<'a> {
+        Attempt {
             exec: self,
             delivery: Uuid::new_v4(),
             env: call_env,
@@ -825,22 +869,27 @@ impl Executor {
             entry_id: task.entry_id,
             task_type: task.task_type,
             number: task.env.attempts + 1,
-            calls: &mut trail.calls,
-            waiting: &waiting,
+            calls,
+            waiting,
             turn: task.turn,
             stop: task.stop,
-        };
-        let (ran, span) = {
-            let run = tokio::time::timeout(self.attempt_timeout, attempt.run(plan));
-            let mut run = std::pin::pin!(run.instrument(span));
-            let ran = run.as_mut().await;
-            (ran, run.span().clone())
-        };
-        let tried = match ran {
+        }
+    }
+
+    /// What an attempt of `plan` came to, `ran` within `--attempt-timeout` or not.
+    fn attempted(
+        &self,
+        task: &Task<'_>,
+        ran: Result<Tried, tokio::time::error::Elapsed>,
+        waiting: &AtomicBool,
+        plan: &routing::Plan<'_>,
+        calls: &[CallRow],
+    ) -> Tried {
+        match ran {
             Ok(tried) => tried,
             Err(_)
                 if waiting.load(Ordering::Relaxed)
-                    && trail.calls.iter().all(|c| c.outcome == UNSENT) =>
+                    && calls.iter().all(|c| c.outcome == CallOutcome::Unsent) =>
             {
                 // The attempt's first call waited past its time for its ledger row or its
                 // rate-limit window: nothing was sent, and neither the task nor a provider is
@@ -851,9 +900,8 @@ impl Executor {
                 );
                 Tried::without_call(Outcome::Released)
             }
-            Err(_) => self.timed_out(plan.reason.clone(), &trail.calls),
-        };
-        (tried, span)
+            Err(_) => self.timed_out(plan.reason.clone(), calls),
+        }
     }
 
     /// The decide phase of a task that ran: its record, what its step makes of its outcome,
@@ -1047,7 +1095,9 @@ impl Executor {
 }
 
 /// The record of a task that is running this attempt.
-fn running(queue: &QueueKeys, task_id: Uuid, env: &Envelope, task_type: &str) -> TaskRecord {
+fn running(queue: &QueueKeys, task_id: Uuid, env: &Envelope) -> TaskRecord {
+    // A constant: the type was checked when the task was parsed.
+    let task_type = env.task_type().map_or("", TaskType::as_str);
     let mut record = TaskRecord::pending(task_id.to_string(), queue.name(), Status::Running);
     record.attempts = env.attempts + 1;
     record.task_type = Some(task_type.to_owned());
