@@ -169,12 +169,13 @@ pub struct TaskRow {
 }
 
 impl TaskRow {
-    /// The row of the task whose stored outcome is `record`; `None` when its id is not a
-    /// UUID. The batch and the enqueue time are not in the record: set them after.
+    /// The row of task `task_id` (its id as parsed when it was admitted), whose stored
+    /// outcome is `record`. The batch and the enqueue time are not in the record: set them
+    /// after.
     #[must_use]
-    pub fn of(record: &TaskRecord, risk: Option<Risk>) -> Option<Self> {
-        Some(Self {
-            task_id: Uuid::parse_str(&record.task_id).ok()?,
+    pub fn of(task_id: Uuid, record: &TaskRecord, risk: Option<Risk>) -> Self {
+        Self {
+            task_id,
             queue: record.queue.clone(),
             chain_id: record.chain_id.clone(),
             task_type: record.task_type.as_deref().unwrap_or("unknown").to_owned(),
@@ -196,7 +197,7 @@ impl TaskRow {
             candidates: record.learned.as_ref().map(|l| l.candidates.clone()),
             batch_id: None,
             enqueued_at: None,
-        })
+        }
     }
 
     /// `enqueued_at` as the ledger keeps it. A producer writes it, and may write any time: one

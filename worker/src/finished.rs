@@ -65,14 +65,16 @@ impl Finished {
         Some(TaskRow {
             batch_id: extras.batch_id,
             enqueued_at: extras.enqueued_at,
-            ..TaskRow::of(record, extras.risk)?
+            ..TaskRow::of(extras.task_id, record, extras.risk)
         })
     }
 }
 
 /// What a task's ledger row holds beyond its record.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RowExtras {
+    /// The task's id, as admission parsed it.
+    pub task_id: uuid::Uuid,
     pub risk: Option<Risk>,
     /// The batch it came in (the envelope's `batch_id`).
     pub batch_id: Option<String>,
@@ -123,6 +125,7 @@ mod tests {
     fn a_task_row_is_made_from_the_record_and_its_extras_once() {
         let id = uuid::Uuid::new_v4();
         let extras = RowExtras {
+            task_id: id,
             risk: Some(Risk::High),
             batch_id: Some("b1".into()),
             enqueued_at: Some(chrono::Utc::now()),
@@ -139,8 +142,11 @@ mod tests {
         assert_eq!(row.batch_id, extras.batch_id);
         assert_eq!(row.enqueued_at, extras.enqueued_at);
         assert_eq!(f.task_row(), None, "the row is taken");
-        // No extras: the task has no row; an id that is not a UUID has none either.
+        // No extras: the task has no row.
         assert_eq!(finished(&id.to_string(), None).task_row(), None);
-        assert_eq!(finished("not-a-uuid", Some(extras)).task_row(), None);
+        // The row's id is the one admission parsed, not read back from the record's text:
+        // no row is skipped for it.
+        let row = finished("not-a-uuid", Some(extras)).task_row();
+        assert_eq!(row.map(|r| r.task_id), Some(id));
     }
 }

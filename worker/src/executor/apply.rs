@@ -12,6 +12,7 @@ use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::queue::{Finish, FinishKind, Place, Write};
+use uuid::Uuid;
 
 use super::ReadPause;
 use super::decide::Transition;
@@ -21,6 +22,8 @@ use crate::finished::{Finished, RowExtras};
 pub(super) struct Ending {
     pub queue: Arc<QueueKeys>,
     pub entry_id: String,
+    /// Its id, as admission parsed it: what its ledger row is keyed by.
+    pub task_id: Uuid,
     pub env: Envelope,
     pub record: TaskRecord,
     pub calls: Vec<CallRow>,
@@ -31,6 +34,7 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
     let Ending {
         queue,
         entry_id,
+        task_id: id,
         mut env,
         record,
         calls,
@@ -41,11 +45,21 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
     let finish = match transition {
         Transition::Park => return parked(queue, entry_id, task_id),
         Transition::Duplicate(finished) => return *finished,
-        Transition::Cancel { why } => return cancelled(queue, entry_id, &env, record, why, calls),
+        Transition::Cancel { why } => {
+            let ending = Ending {
+                queue,
+                entry_id,
+                task_id: id,
+                env,
+                record,
+                calls,
+            };
+            return cancelled(ending, why);
+        }
         Transition::Refuse { error } => {
             // Not under the id it claims: that is the real step's, whose result a copy must
             // not overwrite.
-            let own_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+            let own_id = envelope::derive_id(queue.name(), &entry_id);
             return invalid(queue, entry_id, own_id, env.to_json(), error);
         }
         Transition::Await { deadline_ms } => {
@@ -135,7 +149,7 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
             Finish::done(entry_id, task_id, record)
         }
     };
-    written(queue, &env, finish, reruns, calls)
+    written(queue, id, &env, finish, reruns, calls)
 }
 
 /// The record of a task that answered.
@@ -187,6 +201,7 @@ fn dead(mut record: TaskRecord, env: &mut Envelope, error: &str, class: ErrorCla
 /// `finish` as the finisher writes it: with its step's end or next rounds, for a chain's.
 fn written(
     queue: Arc<QueueKeys>,
+    task_id: Uuid,
     env: &Envelope,
     finish: Finish,
     reruns: Option<Vec<llmq_shared::chain::Rerun>>,
@@ -197,7 +212,7 @@ fn written(
         .record
         .as_ref()
         .is_some_and(|r| r.finished_at.is_some())
-        .then(|| row_extras(env));
+        .then(|| row_extras(task_id, env));
     let step = (env.chain_id.as_deref().zip(env.step.as_deref()))
         .map(|(chain, step)| (chain.to_owned(), step.to_owned()));
     let write = match (step, reruns) {
@@ -219,8 +234,9 @@ fn written(
     }
 }
 
-fn row_extras(env: &Envelope) -> RowExtras {
+fn row_extras(task_id: Uuid, env: &Envelope) -> RowExtras {
     RowExtras {
+        task_id,
         risk: env.risk,
         batch_id: env.batch_id.as_deref().map(Into::into),
         enqueued_at: env.enqueued_at,
@@ -291,14 +307,15 @@ fn awaiting(
 
 /// A task that was cancelled (its chain, or a cancel mark that names it): acked with a
 /// `cancelled` record and its calls; a chain step's ends its step as a failure would.
-pub(super) fn cancelled(
-    queue: Arc<QueueKeys>,
-    entry_id: String,
-    env: &Envelope,
-    mut record: TaskRecord,
-    why: String,
-    calls: Vec<CallRow>,
-) -> Finished {
+pub(super) fn cancelled(task: Ending, why: String) -> Finished {
+    let Ending {
+        queue,
+        entry_id,
+        task_id: id,
+        env,
+        mut record,
+        calls,
+    } = task;
     // An attempt is used only by a call that went out.
     record.attempts =
         env.attempts + u32::from(calls.iter().any(|c| c.outcome != CallOutcome::Unsent));
@@ -327,7 +344,7 @@ pub(super) fn cancelled(
         _ => Write::Task(finish),
     };
     Finished {
-        row: Some(row_extras(env)),
+        row: Some(row_extras(id, &env)),
         ..Finished::new(queue, write, calls)
     }
 }
@@ -336,17 +353,23 @@ pub(super) fn cancelled(
 pub(super) fn invalid(
     queue: Arc<QueueKeys>,
     entry_id: String,
-    task_id: String,
+    id: Uuid,
     raw: String,
     error: String,
 ) -> Finished {
+    let task_id = id.to_string();
     let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Dead);
     record.error = Some(error.clone());
     record.error_class = Some(ErrorClass::Invalid);
     record.finished_at = Some(Utc::now());
     let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
     Finished {
-        row: Some(RowExtras::default()),
+        row: Some(RowExtras {
+            task_id: id,
+            risk: None,
+            batch_id: None,
+            enqueued_at: None,
+        }),
         ..plain(queue, finish, Vec::new())
     }
 }

@@ -485,7 +485,7 @@ impl Executor {
             return Err(Box::new(self.submitted_chain(queue, entry_id, spec)));
         }
         let Some(payload) = payload else {
-            let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+            let task_id = envelope::derive_id(queue.name(), &entry_id);
             let error = format!(
                 "the stream entry has no `task` field; enqueue with XADD {} * task '<json>'",
                 queue.stream()
@@ -507,16 +507,16 @@ impl Executor {
                     envelope::task_id_of(queue.name(), &entry_id, &payload)
                 } else {
                     envelope::derive_id(queue.name(), &entry_id)
-                }
-                .to_string();
+                };
                 let raw = envelope::dead_payload(&payload, self.max_payload_bytes);
                 let step = readable
                     .then(|| envelope::chain_step_of(&payload))
                     .flatten();
-                let mut finished = invalid(queue, entry_id, task_id.clone(), raw, e.to_string());
+                let mut finished = invalid(queue, entry_id, task_id, raw, e.to_string());
                 // A chain step's task refused here still ends its step, so its chain ends;
                 // the step script applies it only for the step's current, queued task.
                 if let (Some((chain_id, step)), Write::Task(finish)) = (step, &finished.write) {
+                    let task_id = task_id.to_string();
                     let failed = StepOutcome::failed(chain_id, step, task_id, e.to_string());
                     finished.write = Write::Step(finish.clone(), Box::new(failed));
                 }
@@ -534,14 +534,15 @@ impl Executor {
         let named = Named::of(task_id, &env, entry_ms, env.attempts > 0);
         if let Some(why) = self.cancels.why(&queue, named) {
             let record = running(&queue, task_id, &env);
-            return Err(Box::new(cancelled(
+            let ending = Ending {
                 queue,
                 entry_id,
-                &env,
+                task_id,
+                env,
                 record,
-                why,
-                Vec::new(),
-            )));
+                calls: Vec::new(),
+            };
+            return Err(Box::new(cancelled(ending, why)));
         }
 
         if let Some(run_at) = env.run_at {
@@ -641,6 +642,7 @@ impl Executor {
             let ending = Ending {
                 queue,
                 entry_id,
+                task_id,
                 env: *env,
                 record,
                 calls,
@@ -1037,7 +1039,7 @@ impl Executor {
                 Finished::new(queue, write, Vec::new())
             }
             Err(e) => {
-                let task_id = envelope::derive_id(queue.name(), &entry_id).to_string();
+                let task_id = envelope::derive_id(queue.name(), &entry_id);
                 let raw = envelope::dead_payload(spec, self.max_payload_bytes);
                 let error = format!("the chain is invalid: {e}");
                 invalid(queue, entry_id, task_id, raw, error)
