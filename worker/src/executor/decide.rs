@@ -520,6 +520,15 @@ mod tests {
             deadline_ms: 7,
             generation: "0:0".into(),
         };
+        // A copy's write, made by the key phase, goes through as it is.
+        let copy = Finished::new(
+            std::sync::Arc::new(llmq_shared::keys::QueueKeys::new("q")),
+            llmq_shared::queue::Write::Task(llmq_shared::queue::Finish::ack(
+                "1-0".into(),
+                "t".into(),
+            )),
+            Vec::new(),
+        );
         let cases = [
             (Stop::Parked, Transition::Park),
             (Stop::HandedBack, Transition::Release),
@@ -539,6 +548,10 @@ mod tests {
             (
                 Stop::Batched(Box::new(park.clone())),
                 Transition::Batch(Box::new(park)),
+            ),
+            (
+                Stop::Duplicate(Box::new(copy.clone())),
+                Transition::Duplicate(Box::new(copy)),
             ),
         ];
         for (stop, transition) in cases {
