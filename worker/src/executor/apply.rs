@@ -307,7 +307,7 @@ fn awaiting(
 
 /// A task that was cancelled (its chain, or a cancel mark that names it): acked with a
 /// `cancelled` record and its calls; a chain step's ends its step as a failure would.
-pub(super) fn cancelled(task: Ending, why: String) -> Finished {
+fn cancelled(task: Ending, why: String) -> Finished {
     let Ending {
         queue,
         entry_id,

@@ -53,7 +53,7 @@ mod chain;
 pub mod decide;
 mod keyed;
 
-use apply::{Ending, cancelled, invalid, plain};
+use apply::{Ending, invalid, plain};
 use attempt::{Attempt, AttemptError, Outcome, Tried};
 pub use batch::Batchers;
 use batch::Latch;
@@ -470,9 +470,11 @@ impl Executor {
         finished
     }
 
-    /// Parses a delivery, or says how it ends without running: a chain to expand, a dead
-    /// letter, a task that waits for its `run_at`. The raw payload is dropped here, so a
-    /// task's prompt is not held twice during its call.
+    /// Parses a delivery, or says where it goes instead of running: a chain to expand, a
+    /// dead letter (a payload that is not a task), a task that waits for its `run_at` or for
+    /// its turn in the room. A cancel that names it is a fate: `decide` chooses it, as every
+    /// other. The raw payload is dropped here, so a task's prompt is not held twice during
+    /// its call.
     fn admit(&self, queue: Arc<QueueKeys>, delivery: Delivery) -> Result<Admitted, Box<Finished>> {
         let Delivery {
             entry_id,
@@ -542,7 +544,9 @@ impl Executor {
                 record,
                 calls: Vec::new(),
             };
-            return Err(Box::new(cancelled(ending, why)));
+            // A fate, chosen where every other is.
+            let transition = decide::stopped(Stop::Cancelled(why));
+            return Err(Box::new(apply::apply(ending, transition, &self.read_pause)));
         }
 
         if let Some(run_at) = env.run_at {
