@@ -15,7 +15,7 @@ use llmq_shared::queue::{Finish, FinishKind, Place, Write};
 use uuid::Uuid;
 
 use super::ReadPause;
-use super::decide::Transition;
+use super::decide::{Transition, Wait};
 use crate::finished::{Finished, RowExtras};
 
 /// What a transition is carried out on: the task as it came and what its run recorded.
@@ -76,36 +76,7 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
         }
         Transition::Release => Finish::release(entry_id, task_id, env.to_json()),
         Transition::Done(completion) => Finish::done(entry_id, task_id, done(record, completion)),
-        Transition::Wait {
-            due,
-            since,
-            reason,
-            class,
-            paced,
-        } => {
-            let from_room = env.class().is_some();
-            if paced && let Some(class) = env.class() {
-                // Only a provider's pace holds it, and its slot is not near: back to its
-                // tenant's head in the room, its turn given back (reading it cost the tenant
-                // none), where the room's order decides who asks next. The room is not fed
-                // here again before then, and fewer of its tasks are held.
-                read_pause.pause_until(due, true);
-                read_pause.room_handed_back();
-                Finish::room(entry_id, task_id, class, Place::Turn, env.to_json())
-            } else {
-                // No provider can be called now: wait without using an attempt. It never
-                // spins: the due time is when one may be called again.
-                read_pause.pause_until(due, from_room);
-                if class == ErrorClass::Unavailable {
-                    metrics::counter!("llmq_tasks_waiting_on_outage_total", "queue" => queue.name().to_owned()).increment(1);
-                }
-                let record = delayed(record, &mut env, reason, class);
-                env.snoozes += 1;
-                env.waiting_since = Some(since);
-                let due_ms = due.timestamp_millis();
-                Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json())
-            }
-        }
+        Transition::Wait(wait) => waiting(&queue, entry_id, &mut env, record, wait, read_pause),
         Transition::Retry { due, error, class } => {
             env.attempts += 1;
             let record = delayed(record, &mut env, error, class);
@@ -150,6 +121,42 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
         }
     };
     written(queue, id, &env, finish, reruns, calls)
+}
+
+/// A task no provider can call now: it waits without using an attempt, in delayed, or back
+/// at its tenant's head in the room when only a provider's pace holds it.
+fn waiting(
+    queue: &QueueKeys,
+    entry_id: String,
+    env: &mut Envelope,
+    record: TaskRecord,
+    wait: Wait,
+    read_pause: &ReadPause,
+) -> Finish {
+    let task_id = record.task_id.clone();
+    if wait.paced
+        && let Some(class) = env.class()
+    {
+        // Only a provider's pace holds it, and its slot is not near: back to its tenant's
+        // head in the room, its turn given back (reading it cost the tenant none), where the
+        // room's order decides who asks next. The room is not fed here again before then,
+        // and fewer of its tasks are held.
+        read_pause.pause_until(wait.due, true);
+        read_pause.room_handed_back();
+        return Finish::room(entry_id, task_id, class, Place::Turn, env.to_json());
+    }
+    // No provider can be called now: wait without using an attempt. It never spins: the due
+    // time is when one may be called again.
+    read_pause.pause_until(wait.due, env.class().is_some());
+    if wait.class == ErrorClass::Unavailable {
+        metrics::counter!("llmq_tasks_waiting_on_outage_total", "queue" => queue.name().to_owned())
+            .increment(1);
+    }
+    let record = delayed(record, env, wait.reason, wait.class);
+    env.snoozes += 1;
+    env.waiting_since = Some(wait.since);
+    let due_ms = wait.due.timestamp_millis();
+    Finish::retry(entry_id, task_id, due_ms, Some(record), env.to_json())
 }
 
 /// The record of a task that answered.

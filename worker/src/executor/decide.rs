@@ -73,6 +73,18 @@ pub struct StepRounds {
     pub escalation: Option<Result<Escalation, String>>,
 }
 
+/// A wait for a provider: until `due`, without using an attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wait {
+    pub due: DateTime<Utc>,
+    /// Since when the task has been waiting.
+    pub since: DateTime<Utc>,
+    pub reason: String,
+    pub class: ErrorClass,
+    /// Only a provider's pace held it.
+    pub paced: bool,
+}
+
 /// A step's next round, one tier up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Escalation {
@@ -87,15 +99,8 @@ pub enum Transition {
     Done(Completion),
     /// The worker is stopping, or at fault: give the task back untouched.
     Release,
-    /// No provider can be called now: wait until `due` without using an attempt. `paced`:
-    /// only a provider's pace held it.
-    Wait {
-        due: DateTime<Utc>,
-        since: DateTime<Utc>,
-        reason: String,
-        class: ErrorClass,
-        paced: bool,
-    },
+    /// No provider can be called now: wait without using an attempt.
+    Wait(Wait),
     /// The attempt failed with `error` and is used up; try again at `due`.
     Retry {
         due: DateTime<Utc>,
@@ -226,13 +231,13 @@ fn wait(task: &TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) 
             ErrorClass::Unavailable,
         );
     }
-    Transition::Wait {
+    Transition::Wait(Wait {
         due,
         since,
         reason: u.reason(),
         class: u.class,
         paced: u.paced,
-    }
+    })
 }
 
 fn failed(task: &TaskState, e: &AttemptError, policy: &Policy, now: DateTime<Utc>) -> Transition {
@@ -282,7 +287,7 @@ mod tests {
     /// A wait's due time and first moment of waiting.
     fn waited(t: &Transition) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
         match t {
-            Transition::Wait { due, since, .. } => Some((*due, *since)),
+            Transition::Wait(w) => Some((w.due, w.since)),
             _ => None,
         }
     }
