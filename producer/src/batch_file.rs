@@ -664,7 +664,7 @@ fn anthropic_tool_choice(c: Value) -> Result<Option<ToolChoice>, String> {
 /// provider and cost.
 #[must_use]
 pub fn result_line(shape: Shape, custom_id: &str, r: &TaskRecord) -> Value {
-    let id = r.task_id.replace('-', "");
+    let id = r.task_id.uuid().simple().to_string();
     let mut line = match shape {
         // A batch of llmq's own tasks writes its report instead; OpenAI's shape if asked.
         Shape::OpenAi | Shape::Native => openai_result(&id, r),

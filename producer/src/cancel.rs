@@ -11,7 +11,7 @@ use crate::{EXIT_OK, Result, emit};
 
 pub async fn run(redis: &Client, args: CancelArgs, out: &mut dyn Write) -> Result<u8> {
     let keys = QueueKeys::new(&args.queue);
-    let mut targets: Vec<Target> = args.task_ids.iter().cloned().map(Target::Task).collect();
+    let mut targets: Vec<Target> = args.task_ids.iter().copied().map(Target::Task).collect();
     targets.extend(args.batch.clone().map(Target::Batch));
     targets.extend(args.tenant.clone().map(Target::Tenant));
     let mut report = String::new();

@@ -5,7 +5,8 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use llmq_shared::chain::Chain;
-use llmq_shared::chain::ChainState;
+use llmq_shared::chain::{ChainState, ChainStatus, StepStatus};
+use llmq_shared::ids::EntryId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::{Client, Refused};
@@ -88,7 +89,7 @@ async fn submit(
 ) -> Result<u8> {
     let keys = QueueKeys::new(queue);
     let spec = read_spec(file, vars)?;
-    let chain = Chain::parse(spec.as_bytes(), usize::MAX, queue, "0-0")
+    let chain = Chain::parse(spec.as_bytes(), usize::MAX, queue, EntryId::default())
         .map_err(|e| Error::Usage(format!("{}: {e}", file.display())))?;
     redis.ensure_group(&keys).await?;
     redis.submit_chain(&keys, &spec).await?;
@@ -235,14 +236,10 @@ async fn list(
         let Some(c) = redis.chain(&keys, &id).await? else {
             continue;
         };
-        if state.is_some_and(|s| s != c.state) {
+        if state.is_some_and(|s| s != c.state.as_str()) {
             continue;
         }
-        let done = c
-            .steps
-            .values()
-            .filter(|s| matches!(s.status.as_str(), "succeeded" | "failed" | "cancelled"))
-            .count();
+        let done = c.steps.values().filter(|s| s.status.ended()).count();
         rows.push(serde_json::json!({
             "chain_id": id,
             "state": c.state,
@@ -335,9 +332,7 @@ async fn watch(
                     let Some(s) = state.steps.get(&step.name) else {
                         continue;
                     };
-                    if matches!(s.status.as_str(), "succeeded" | "failed" | "cancelled")
-                        && told.insert(step.name.clone())
-                    {
+                    if s.status.ended() && told.insert(step.name.clone()) {
                         let by = match (&s.provider, &s.model) {
                             (Some(p), Some(m)) => format!(" by {p}/{m}"),
                             _ => String::new(),
@@ -351,13 +346,13 @@ async fn watch(
                     }
                 }
             }
-            if state.state != "running" {
+            if state.state != ChainStatus::Running {
                 let view = view(redis, keys, &state).await?;
                 match format {
                     Format::Json => emit(out, &to_json(&view)),
                     Format::Text => emit(out, &outcome_text(&view)),
                 }
-                return Ok(if state.state == "succeeded" {
+                return Ok(if state.state == ChainStatus::Succeeded {
                     EXIT_OK
                 } else {
                     EXIT_FAILED
@@ -391,7 +386,7 @@ struct StepView {
 struct ChainView {
     chain_id: String,
     queue: String,
-    state: String,
+    state: ChainStatus,
     created_at: Option<chrono::DateTime<chrono::Utc>>,
     finished_at: Option<chrono::DateTime<chrono::Utc>>,
     cost_usd: f64,
@@ -404,20 +399,21 @@ async fn view(redis: &Client, keys: &QueueKeys, state: &ChainState) -> Result<Ch
         let s = state.steps.get(&step.name).cloned().unwrap_or_default();
         // The chain says `queued` until the step ends; its task says whether it runs or
         // waits for a retry.
-        let status = if s.status == "queued" && !s.task_id.is_empty() {
-            match redis.task(keys, &s.task_id).await?.map(|r| r.status) {
+        let status = if let Some(id) = s.task_id.filter(|_| s.status == StepStatus::Queued) {
+            match redis.task(keys, id).await?.map(|r| r.status) {
                 Some(Status::Running) => "running".to_owned(),
                 Some(Status::Delayed) => "retrying".to_owned(),
                 _ => "queued".to_owned(),
             }
         } else {
-            s.status.clone()
+            s.status.as_str().to_owned()
         };
         steps.push(StepView {
             name: step.name.clone(),
             kind: step.kind.as_str(),
             status,
-            task_id: s.task_id,
+            // Empty for a step without state (the wire format before typed ids).
+            task_id: s.task_id.map(|t| t.to_string()).unwrap_or_default(),
             provider: s.provider,
             model: s.model,
             round: s.round,
@@ -429,7 +425,7 @@ async fn view(redis: &Client, keys: &QueueKeys, state: &ChainState) -> Result<Ch
     Ok(ChainView {
         chain_id: state.spec.id.clone(),
         queue: keys.name().to_owned(),
-        state: state.state.clone(),
+        state: state.state,
         created_at: state.created_at,
         finished_at: state.finished_at,
         cost_usd: steps.iter().map(|s| s.cost_usd).fold(0.0, |a, b| a + b),

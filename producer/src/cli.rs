@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use llmq_shared::envelope::TaskType;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::queue_name;
 
 /// llmq: a durable job queue for LLM work.
@@ -498,7 +499,7 @@ pub struct Batch {
 pub struct ResultArgs {
     /// The task's id, as `llmq submit` printed it.
     #[arg(value_parser = parse_task_id)]
-    pub task_id: String,
+    pub task_id: TaskId,
     #[arg(long, default_value = "default", value_parser = queue_name)]
     pub queue: String,
     #[arg(long, value_enum, default_value_t)]
@@ -510,7 +511,7 @@ pub struct ResultArgs {
 pub struct CancelArgs {
     /// The tasks' ids, as `llmq submit` printed them.
     #[arg(value_parser = parse_task_id)]
-    pub task_ids: Vec<String>,
+    pub task_ids: Vec<TaskId>,
     /// Every task of this batch (the tasks' `batch_id`, as `llmq batch` printed it).
     #[arg(long, value_parser = parse_batch_id)]
     pub batch: Option<String>,
@@ -699,10 +700,9 @@ pub struct Costs {
 }
 
 /// A task id is a UUID: never a pattern.
-fn parse_task_id(s: &str) -> Result<String, String> {
-    s.parse::<uuid::Uuid>()
-        .map(|id| id.to_string())
-        .map_err(|_| format!("`{s}` is not a task id; a task id is a UUID such as 7f3c2a9e-1b2d-4e5f-8a9b-0c1d2e3f4a5b"))
+fn parse_task_id(s: &str) -> Result<TaskId, String> {
+    s.parse()
+        .map_err(|e: llmq_shared::ids::BadId| e.to_string())
 }
 
 fn parse_tenant(s: &str) -> Result<String, String> {

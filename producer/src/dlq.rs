@@ -63,16 +63,7 @@ async fn list(
         llmq_shared::archive::list_archived(ledger.pool(), queue, limit)
             .await?
             .into_iter()
-            .map(|r| DeadLetter {
-                id: r.id,
-                task_id: r.task_id,
-                queue: r.queue,
-                error: r.error,
-                class: r.class,
-                attempts: u64::try_from(r.attempts).unwrap_or(0),
-                failed_at: r.failed_at,
-                task: r.task,
-            })
+            .map(DeadLetter::from)
             .collect()
     } else {
         redis.dead_letters(&QueueKeys::new(queue), limit).await?
@@ -225,7 +216,11 @@ async fn found_all(redis: &Client, keys: &QueueKeys, ids: &[String]) -> Result<V
 /// The ids (dead-letter or task ids) that match none of `found`.
 fn absent(found: &[DeadLetter], ids: &[String]) -> Vec<String> {
     ids.iter()
-        .filter(|id| !found.iter().any(|d| d.id == **id || d.task_id == **id))
+        .filter(|id| {
+            !found
+                .iter()
+                .any(|d| d.id == **id || d.task_id.to_string() == **id)
+        })
         .cloned()
         .collect()
 }

@@ -13,7 +13,7 @@ use crate::{EXIT_FAILED, EXIT_OK, Result, emit, render, to_json};
 
 pub async fn result(redis: &Client, args: ResultArgs, out: &mut dyn Write) -> Result<u8> {
     let keys = QueueKeys::new(&args.queue);
-    let Some(record) = redis.task(&keys, &args.task_id).await? else {
+    let Some(record) = redis.task(&keys, args.task_id).await? else {
         eprintln!(
             "llmq: no task {} in queue `{}` (it may have expired, or be in another queue: pass --queue)",
             args.task_id, args.queue

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use llmq_shared::envelope::{CacheAsk, CacheKeep, Envelope, TaskType};
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::{Client, OutEntry, Progress};
@@ -71,7 +72,9 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
     if let Some(delay) = args.delay {
         env.run_at = Some(Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default());
     }
-    let id = env.id.map(|u| u.to_string()).unwrap_or_default();
+    // `Envelope::new` gave it its id.
+    let id = env.id.unwrap_or_else(TaskId::random);
+    env.id = Some(id);
     // With traces exported, the worker's spans for this task join the submit's trace.
     let span = tracing::trace_span!(
         target: llmq_shared::telemetry::TARGET,
@@ -95,7 +98,7 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         return Ok(EXIT_OK);
     }
     if args.stream {
-        follow(redis, &keys, &id, args.wait_timeout, out).await?;
+        follow(redis, &keys, id, args.wait_timeout, out).await?;
     }
     let mut records = wait_for(
         redis,
@@ -141,7 +144,7 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
 async fn follow(
     redis: &Client,
     keys: &QueueKeys,
-    id: &str,
+    id: TaskId,
     timeout: Option<Duration>,
     out: &mut dyn Write,
 ) -> Result<()> {
@@ -163,8 +166,7 @@ async fn follow(
                 OutEntry::Done => return Ok(()),
             }
         }
-        let ids = [id.to_owned()];
-        let finished = redis.results(keys, &ids).await?[0]
+        let finished = redis.results(keys, &[id]).await?[0]
             .as_ref()
             .is_some_and(|r| r.status.is_final());
         if finished || timeout.is_some_and(|t| started.elapsed() >= t) {
@@ -182,7 +184,7 @@ async fn follow(
 pub async fn wait_for(
     redis: &Client,
     keys: &QueueKeys,
-    ids: &[String],
+    ids: &[TaskId],
     timeout: Option<Duration>,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<Option<TaskRecord>>> {
@@ -192,7 +194,7 @@ pub async fn wait_for(
     let mut pause = Duration::from_millis(10);
     while !open.is_empty() {
         for chunk in open.clone().chunks(1000) {
-            let chunk_ids: Vec<String> = chunk.iter().map(|&i| ids[i].clone()).collect();
+            let chunk_ids: Vec<TaskId> = chunk.iter().map(|&i| ids[i]).collect();
             for (&i, record) in chunk.iter().zip(redis.results(keys, &chunk_ids).await?) {
                 if let Some(r) = record.filter(|r| r.status.is_final()) {
                     done[i] = Some(r);
@@ -400,7 +402,11 @@ async fn enqueue_all(
             Err(e) => break Some(e),
         };
         seen += 1;
-        listing.add(out, env.id)?;
+        // Every line's task is named from its custom id as it is read.
+        let id = env
+            .id
+            .ok_or_else(|| Error::Usage("a batch line's task has no id".into()))?;
+        listing.add(out, id)?;
         if seen <= skip {
             continue;
         }
@@ -485,7 +491,7 @@ struct Waited {
     keys: QueueKeys,
     batch_id: String,
     /// Its tasks, in the file's order.
-    ids: Vec<uuid::Uuid>,
+    ids: Vec<TaskId>,
     /// The shape of the file's records, and each task's custom id (to answer in it).
     shape: Shape,
     customs: Vec<String>,
@@ -533,9 +539,8 @@ async fn answer(redis: &Client, args: &Batch, batch: Waited, out: &mut dyn Write
     let mut tally = Tally::default();
     let mut kept = Vec::new();
     for (chunk_no, chunk) in ids.chunks(WAIT_CHUNK).enumerate() {
-        let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
-        let records = redis.results(&keys, &chunk_ids).await?;
-        for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
+        let records = redis.results(&keys, chunk).await?;
+        for (i, (record, &id)) in records.into_iter().zip(chunk).enumerate() {
             let r = record.unwrap_or_else(|| TaskRecord::pending(id, &args.queue, Status::Queued));
             tally.add(&r);
             if !answering {
@@ -601,7 +606,7 @@ pub(crate) async fn wait_batch(
     redis: &Client,
     keys: &QueueKeys,
     batch_id: &str,
-    ids: &[uuid::Uuid],
+    ids: &[TaskId],
     timeout: Option<Duration>,
     mut progress: impl FnMut(u64),
 ) -> Result<()> {
@@ -628,8 +633,7 @@ pub(crate) async fn wait_batch(
             let before = open.len();
             let mut still = Vec::new();
             for chunk in open.chunks(WAIT_CHUNK) {
-                let chunk_ids: Vec<String> =
-                    chunk.iter().map(|&i| ids[i as usize].to_string()).collect();
+                let chunk_ids: Vec<TaskId> = chunk.iter().map(|&i| ids[i as usize]).collect();
                 let records = redis.results(keys, &chunk_ids).await?;
                 for (&i, r) in chunk.iter().zip(records) {
                     if !r.is_some_and(|r| r.status.is_final()) {
@@ -726,10 +730,10 @@ impl Shaper<'_> {
             None => at.key(),
         };
         let mut env = Envelope::new(t.prompt);
-        env.id = Some(uuid::Uuid::new_v5(
+        env.id = Some(TaskId::from_uuid(uuid::Uuid::new_v5(
             &uuid::Uuid::NAMESPACE_OID,
             format!("llmq-batch:{}:{}:{custom}", self.queue, self.batch_id).as_bytes(),
-        ));
+        )));
         env.idempotency_key = Some(
             t.idempotency_key
                 .unwrap_or_else(|| format!("{}:{custom}", self.batch_id))
@@ -779,7 +783,7 @@ struct Listing {
     format: Format,
     file: Option<std::io::BufWriter<std::fs::File>>,
     keep: bool,
-    ids: Vec<uuid::Uuid>,
+    ids: Vec<TaskId>,
     first: bool,
 }
 
@@ -828,8 +832,7 @@ impl Listing {
         Ok(())
     }
 
-    fn add(&mut self, out: &mut dyn Write, id: Option<uuid::Uuid>) -> Result<()> {
-        let id = id.unwrap_or_default();
+    fn add(&mut self, out: &mut dyn Write, id: TaskId) -> Result<()> {
         if self.keep {
             self.ids.push(id);
             return Ok(());
@@ -844,7 +847,7 @@ impl Listing {
     }
 
     /// Ends the listing; the ids, kept for `--wait`.
-    fn finish(mut self, out: &mut dyn Write) -> Result<Vec<uuid::Uuid>> {
+    fn finish(mut self, out: &mut dyn Write) -> Result<Vec<TaskId>> {
         if self.format == Format::Json && !self.keep {
             self.put(Some(out), "]}\n")?;
         }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use chrono::{TimeZone, Utc};
 use llmq_shared::config::ProviderConfig;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallOutcome, CallRow, Ledger};
 use llmq_shared::provider::Usage;
@@ -159,7 +160,7 @@ impl Scheduler {
                 (None, Some(body)) => {
                     earliest = earliest.min(t.deadline_ms - margin);
                     items.push(Item {
-                        custom_id: t.task_id,
+                        custom_id: t.task_id.to_string(),
                         body,
                     });
                 }
@@ -202,7 +203,10 @@ impl Scheduler {
                 let why = format!("its batch could not be sent: {e}");
                 let all: Vec<_> = items
                     .into_iter()
-                    .map(|i| (i.custom_id, Settle::Fallback(why.clone())))
+                    // Each item's custom id is its task's id, as `Taken` gave it.
+                    .filter_map(|i| {
+                        Some((i.custom_id.parse().ok()?, Settle::Fallback(why.clone())))
+                    })
                     .collect();
                 self.settle(keys, &record.id, &all, "close").await.map(drop)
             }
@@ -394,12 +398,12 @@ impl Scheduler {
         )>,
         unrun: &str,
     ) -> Result<u64> {
-        let tasks: HashMap<String, BatchTask> = self
+        let tasks: HashMap<TaskId, BatchTask> = self
             .redis
             .batch_tasks(keys, record, false)
             .await?
             .into_iter()
-            .map(|t| (t.taken.task_id.clone(), t))
+            .map(|t| (t.taken.task_id, t))
             .collect();
         let prices = self
             .config
@@ -425,25 +429,26 @@ impl Scheduler {
         let mut settles = Vec::new();
         let mut answered = HashSet::new();
         for (custom_id, result) in results {
-            let Some(t) = tasks.get(&custom_id) else {
+            // Each request was sent with its task's id; any other names no task of it.
+            let Ok(task_id) = custom_id.parse::<TaskId>() else {
                 continue;
             };
-            let Ok(task_id) = Uuid::parse_str(&custom_id) else {
+            let Some(t) = tasks.get(&task_id) else {
                 continue;
             };
-            if !answered.insert(custom_id.clone()) {
+            if !answered.insert(task_id) {
                 continue;
             }
             let env = Envelope::parse(t.envelope.as_bytes(), usize::MAX).ok();
             let usage = result.as_ref().map(|c| c.usage).unwrap_or_default();
             let cost = prices.batch().cost(&usage);
             let error = result.as_ref().err();
-            rows.push(rows_of.row(task_id, env.as_ref(), usage, cost, error));
+            rows.push(rows_of.row(task_id.uuid(), env.as_ref(), usage, cost, error));
             if t.state != "sent" {
                 continue;
             }
             settles.push((
-                custom_id,
+                task_id,
                 match result {
                     Ok(c) => Settle::Answered(Box::new(BatchAnswer {
                         provider: record.provider.clone(),
@@ -463,7 +468,7 @@ impl Scheduler {
         }
         for (id, t) in &tasks {
             if t.state == "sent" && !answered.contains(id) {
-                settles.push((id.clone(), Settle::Fallback(unrun.to_owned())));
+                settles.push((*id, Settle::Fallback(unrun.to_owned())));
             }
         }
         Ledger::from_pool(self.pool.clone())
@@ -482,7 +487,7 @@ impl Scheduler {
         &self,
         keys: &QueueKeys,
         batch_id: &str,
-        tasks: &[(String, Settle)],
+        tasks: &[(TaskId, Settle)],
         end: &str,
     ) -> Result<u64> {
         if tasks.is_empty() && end.is_empty() {

@@ -122,7 +122,11 @@ impl Scheduler {
         // A dead letter's text is whatever a producer or a provider sent: NUL becomes U+FFFD,
         // or one letter would stop the duty for its whole queue.
         .bind(due.iter().map(|d| storable(&d.id)).collect::<Vec<_>>())
-        .bind(due.iter().map(|d| storable(&d.task_id)).collect::<Vec<_>>())
+        .bind(
+            due.iter()
+                .map(|d| d.task_id.to_string())
+                .collect::<Vec<_>>(),
+        )
         .bind(due.iter().map(|d| storable(&d.error)).collect::<Vec<_>>())
         .bind(due.iter().map(|d| storable(&d.class)).collect::<Vec<_>>())
         .bind(
@@ -160,7 +164,7 @@ impl Scheduler {
         .bind(
             letters
                 .iter()
-                .map(|d| d.task_id.clone())
+                .map(|d| d.task_id.to_string())
                 .collect::<Vec<_>>(),
         )
         .fetch_all(&self.pool)
@@ -234,7 +238,7 @@ mod tests {
     fn a_letter_without_failed_at_is_as_old_as_its_entry_id() {
         let mut d = DeadLetter {
             id: "1700000000123-4".into(),
-            task_id: String::new(),
+            task_id: llmq_shared::ids::TaskId::random(),
             queue: "q".into(),
             error: String::new(),
             class: String::new(),

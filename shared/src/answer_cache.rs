@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::config::AnswerCache;
 use crate::conversation::{Message, ResponseFormat, Tool, ToolCall, ToolChoice};
 use crate::envelope::{CacheAsk, Envelope, Risk, Tier, samples};
+use crate::ids::TaskId;
 
 /// How a task uses the answer cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +185,7 @@ impl std::io::Write for HashWriter<'_> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CachedAnswer {
     /// The task whose call answered.
-    pub task_id: String,
+    pub task_id: TaskId,
     pub provider: String,
     pub model: String,
     pub text: String,

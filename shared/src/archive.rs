@@ -100,8 +100,13 @@ pub struct ArchivedLetter {
 impl From<ArchivedLetter> for DeadLetter {
     fn from(a: ArchivedLetter) -> Self {
         DeadLetter {
+            // Archived from a dead letter, whose id is a task id; else named as the queue's
+            // reader names it.
+            task_id: a.task_id.parse().unwrap_or_else(|_| {
+                let entry = crate::ids::EntryId::parse(&a.id).unwrap_or_default();
+                crate::envelope::task_id_of(&a.queue, entry, a.task.as_bytes())
+            }),
             id: a.id,
-            task_id: a.task_id,
             queue: a.queue,
             error: a.error,
             class: a.class,
@@ -193,7 +198,7 @@ pub async fn replay_archived(
                 .arg(keys.dead())
                 .arg(&dead.id)
                 .ignore()
-                .del(keys.result(&dead.task_id))
+                .del(keys.result(dead.task_id))
                 .ignore()
                 .query_async::<()>(&mut c)
                 .await?;

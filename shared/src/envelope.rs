@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::conversation::{self, Message, ResponseFormat, Tool, ToolChoice};
+use crate::ids::{EntryId, TaskId};
 
 /// The only envelope version this build understands.
 pub const VERSION: u64 = 1;
@@ -267,7 +268,7 @@ impl Tier {
 pub struct Envelope {
     pub v: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<Uuid>,
+    pub id: Option<TaskId>,
     /// The user's request. May be left empty when `messages` carries the conversation;
     /// otherwise it is the last user turn, after them.
     #[serde(default)]
@@ -634,7 +635,7 @@ impl Envelope {
     pub fn new(prompt: impl Into<String>) -> Self {
         Self {
             v: VERSION,
-            id: Some(Uuid::new_v4()),
+            id: Some(TaskId::random()),
             prompt: prompt.into(),
             system: None,
             messages: Vec::new(),
@@ -910,7 +911,7 @@ impl Envelope {
     /// The task id; for a producer that left it out, one derived from where the task sits,
     /// so every redelivery of the same entry gets the same id.
     #[must_use]
-    pub fn id_or_derive(&self, queue: &str, entry_id: &str) -> Uuid {
+    pub fn id_or_derive(&self, queue: &str, entry_id: EntryId) -> TaskId {
         self.id.unwrap_or_else(|| derive_id(queue, entry_id))
     }
 
@@ -925,10 +926,10 @@ impl Envelope {
 /// The task id of a raw stream payload, even one that is not a valid envelope: its `id`
 /// if that is a UUID (normalised to lower case), else the id derived from where it sits.
 #[must_use]
-pub fn task_id_of(queue: &str, entry_id: &str, payload: &[u8]) -> Uuid {
+pub fn task_id_of(queue: &str, entry_id: EntryId, payload: &[u8]) -> TaskId {
     serde_json::from_slice::<Value>(payload)
         .ok()
-        .and_then(|v| v.get("id")?.as_str()?.parse::<Uuid>().ok())
+        .and_then(|v| v.get("id")?.as_str()?.parse::<TaskId>().ok())
         .unwrap_or_else(|| derive_id(queue, entry_id))
 }
 
@@ -947,11 +948,11 @@ pub fn chain_step_of(payload: &[u8]) -> Option<(String, String)> {
 
 /// The id given to a task whose producer did not set one.
 #[must_use]
-pub fn derive_id(queue: &str, entry_id: &str) -> Uuid {
-    Uuid::new_v5(
+pub fn derive_id(queue: &str, entry_id: EntryId) -> TaskId {
+    TaskId::from_uuid(Uuid::new_v5(
         &Uuid::NAMESPACE_OID,
         format!("llmq:{queue}:{entry_id}").as_bytes(),
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -969,6 +970,24 @@ mod tests {
         assert_eq!(env.max_attempts(), 3);
         assert_eq!(env.task_type().unwrap(), TaskType::DataAnalysis);
         assert!(env.id.is_none());
+    }
+
+    #[test]
+    fn a_malformed_id_is_refused_with_a_sentence_naming_the_field() {
+        let e = parse(r#"{"v":1,"prompt":"hi","id":"order-7"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("id"), "{e}");
+        assert!(
+            e.contains("`order-7` is not a task id; a task id is a UUID"),
+            "{e}"
+        );
+        let env = parse(r#"{"v":1,"prompt":"hi","id":"3F2B8C1E-5D6A-4E7B-9C0D-1A2B3C4D5E6F"}"#);
+        assert_eq!(
+            env.unwrap().id.map(|id| id.to_string()).as_deref(),
+            Some("3f2b8c1e-5d6a-4e7b-9c0d-1a2b3c4d5e6f"),
+            "read once, as its UUID"
+        );
     }
 
     #[test]
@@ -1059,8 +1078,14 @@ mod tests {
 
     #[test]
     fn derived_ids_are_stable() {
-        assert_eq!(derive_id("q", "1-0"), derive_id("q", "1-0"));
-        assert_ne!(derive_id("q", "1-0"), derive_id("q", "1-1"));
+        assert_eq!(
+            derive_id("q", crate::ids::EntryId::new(1, 0)),
+            derive_id("q", crate::ids::EntryId::new(1, 0))
+        );
+        assert_ne!(
+            derive_id("q", crate::ids::EntryId::new(1, 0)),
+            derive_id("q", crate::ids::EntryId::new(1, 1))
+        );
     }
 
     #[test]

@@ -13,6 +13,7 @@ use uuid::Uuid;
 
 use crate::config::Idempotency;
 use crate::envelope::Envelope;
+use crate::ids::EntryId;
 
 /// How long a key stays held by a task that has not ended: past this a copy runs even if the
 /// first never ended (it can only have been lost: every end frees or keeps its key). As long
@@ -51,18 +52,18 @@ pub const RUN_FIELD: &str = "idempotency_run";
 
 /// The run of `env` read from stream entry `entry_id`: the one it carries, else this entry.
 #[must_use]
-pub fn run_of<'a>(env: &'a Envelope, entry_id: &'a str) -> &'a str {
+pub fn run_of(env: &Envelope, entry_id: EntryId) -> String {
     env.extra
         .get(RUN_FIELD)
         .and_then(serde_json::Value::as_str)
-        .unwrap_or(entry_id)
+        .map_or_else(|| entry_id.to_string(), str::to_owned)
 }
 
 /// The name of the key a raw payload carries and its run (the one it carries, else
 /// `entry_id`), when it is JSON with one: what a task that ends without being parsed (a
 /// poison task) frees.
 #[must_use]
-pub fn key_in(payload: &[u8], entry_id: &str) -> Option<(String, String)> {
+pub fn key_in(payload: &[u8], entry_id: EntryId) -> Option<(String, String)> {
     #[derive(Deserialize)]
     struct Keyed {
         idempotency_key: Option<String>,
@@ -73,7 +74,7 @@ pub fn key_in(payload: &[u8], entry_id: &str) -> Option<(String, String)> {
     let name = key_name(k.tenant.as_deref(), &k.idempotency_key?);
     Some((
         name,
-        k.idempotency_run.unwrap_or_else(|| entry_id.to_owned()),
+        k.idempotency_run.unwrap_or_else(|| entry_id.to_string()),
     ))
 }
 
@@ -123,22 +124,22 @@ mod tests {
         env.tenant = Some("acme".into());
         let acme = key_name(Some("acme"), "order-1");
         assert_eq!(
-            key_in(env.to_json().as_bytes(), "1-0"),
+            key_in(env.to_json().as_bytes(), crate::ids::EntryId::new(1, 0)),
             Some((acme.clone(), "1-0".into()))
         );
-        assert_eq!(run_of(&env, "1-0"), "1-0");
+        assert_eq!(run_of(&env, crate::ids::EntryId::new(1, 0)), "1-0");
         env.extra.insert(RUN_FIELD.into(), "0-7".into());
         assert_eq!(
-            key_in(env.to_json().as_bytes(), "1-0"),
+            key_in(env.to_json().as_bytes(), crate::ids::EntryId::new(1, 0)),
             Some((acme, "0-7".into()))
         );
         assert_eq!(
-            run_of(&env, "1-0"),
+            run_of(&env, crate::ids::EntryId::new(1, 0)),
             "0-7",
             "a retry is the run that took the key"
         );
-        assert_eq!(key_in(b"{\"v\":1}", "1-0"), None);
-        assert_eq!(key_in(b"not json", "1-0"), None);
+        assert_eq!(key_in(b"{\"v\":1}", crate::ids::EntryId::new(1, 0)), None);
+        assert_eq!(key_in(b"not json", crate::ids::EntryId::new(1, 0)), None);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! Redis Cluster. `docs/wire-format.md` documents this layout; it is the public API for
 //! producers in other languages, so a change here is a breaking change.
 
+use crate::ids::TaskId;
+
 /// The consumer group every worker reads the ready stream with.
 pub const GROUP: &str = "workers";
 
@@ -118,13 +120,13 @@ impl QueueKeys {
 
     /// The stored outcome of one task: a JSON string with a TTL.
     #[must_use]
-    pub fn result(&self, task_id: &str) -> String {
+    pub fn result(&self, task_id: TaskId) -> String {
         format!("{}:result:{task_id}", self.prefix)
     }
 
     /// A task's live answer: a stream of its text as it arrives (`"stream": true`).
     #[must_use]
-    pub fn out(&self, task_id: &str) -> String {
+    pub fn out(&self, task_id: TaskId) -> String {
         format!("{}:out:{task_id}", self.prefix)
     }
 
@@ -242,8 +244,14 @@ impl QueueKeys {
     /// A task that went to a provider batch: a hash of its state (`waiting`, `sent`,
     /// `answered`, `fallback`), its envelope and request while it waits, and the answer.
     #[must_use]
-    pub fn batch_task(&self, task_id: &str) -> String {
-        format!("{}:batch:task:{task_id}", self.prefix)
+    pub fn batch_task(&self, task_id: TaskId) -> String {
+        format!("{}{task_id}", self.batch_task_prefix())
+    }
+
+    /// What every [`Self::batch_task`] key starts with, for the scripts that name them.
+    #[must_use]
+    pub fn batch_task_prefix(&self) -> String {
+        format!("{}:batch:task:", self.prefix)
     }
 
     /// The tasks waiting to be sent in a batch to one `provider/model`: a sorted set of
@@ -534,7 +542,7 @@ mod tests {
             keys.stream(),
             keys.delayed(),
             keys.dead(),
-            keys.result("abc"),
+            keys.result(TaskId::random()),
             keys.workers(),
             keys.intact(),
             keys.room(),

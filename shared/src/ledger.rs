@@ -19,6 +19,7 @@ use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use crate::envelope::Risk;
+use crate::ids::TaskId;
 use crate::outcome::TaskRecord;
 
 /// The migrations in `migrations/`, embedded in every binary.
@@ -173,9 +174,9 @@ impl TaskRow {
     /// outcome is `record`. The batch and the enqueue time are not in the record: set them
     /// after.
     #[must_use]
-    pub fn of(task_id: Uuid, record: &TaskRecord, risk: Option<Risk>) -> Self {
+    pub fn of(task_id: TaskId, record: &TaskRecord, risk: Option<Risk>) -> Self {
         Self {
-            task_id,
+            task_id: task_id.uuid(),
             queue: record.queue.clone(),
             chain_id: record.chain_id.clone(),
             task_type: record.task_type.as_deref().unwrap_or("unknown").to_owned(),

@@ -8,6 +8,7 @@
 //! - `config`: the provider file, validated (providers, routing, scheduler, `${ENV}`);
 //! - `provider`: one adapter per wire format, the shared HTTP exchange, clients and probes;
 //! - `routing`: `plan(config, task, constraints, stats)`, pure;
+//! - `ids`: a task's `TaskId` and its stream entry's `EntryId`, parsed once where they enter;
 //! - `keys`: every Redis key name; `queue`: every operation on a queue, one file each;
 //! - `answer_cache`: which tasks the answer cache answers, and what makes requests identical;
 //!   `idempotency`: which tasks are copies of one another (`idempotency_key`);
@@ -39,6 +40,7 @@ pub mod conversation;
 pub mod envelope;
 pub mod health;
 pub mod idempotency;
+pub mod ids;
 pub mod insights;
 pub mod keys;
 pub mod ledger;

@@ -7,6 +7,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::TaskId;
+
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -141,7 +143,7 @@ pub struct Usage {
 /// The stored outcome of a task (`llmq:{q}:result:<id>`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
-    pub task_id: String,
+    pub task_id: TaskId,
     pub queue: String,
     pub status: Status,
     pub provider: Option<String>,
@@ -184,10 +186,10 @@ pub struct TaskRecord {
     pub cached: bool,
     /// The task whose call gave the cached answer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_from: Option<String>,
+    pub cached_from: Option<TaskId>,
     /// A copy of a task with the same `idempotency_key`: that task, whose answer this is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duplicate_of: Option<String>,
+    pub duplicate_of: Option<TaskId>,
 }
 
 /// How a learned strategy chose a task's model, so the route can be judged later
@@ -204,9 +206,9 @@ pub struct LearnedRoute {
 impl TaskRecord {
     /// A record with only an id, a queue and a status: for tasks not yet finished.
     #[must_use]
-    pub fn pending(task_id: impl Into<String>, queue: &str, status: Status) -> Self {
+    pub fn pending(task_id: TaskId, queue: &str, status: Status) -> Self {
         Self {
-            task_id: task_id.into(),
+            task_id,
             queue: queue.to_owned(),
             status,
             provider: None,

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use llmq_shared::chain::ChainState;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::Ledger;
 use llmq_shared::outcome::TaskRecord;
@@ -233,7 +234,7 @@ impl TestEnv {
     pub async fn replayable_dead_letter(&self, prompt: &str) -> (String, String) {
         let mut e = Envelope::new(prompt);
         e.model = Some("mock-fast".into());
-        let task_id = e.id.unwrap_or_default().to_string();
+        let task_id = e.id.expect("Envelope::new names its task").to_string();
         let mut c = self.redis.conn().await.unwrap();
         let id: String = redis::cmd("XADD")
             .arg(self.keys.dead())
@@ -319,15 +320,13 @@ impl TestEnv {
     ///
     /// # Errors
     /// It does not finish within `within`.
-    pub async fn wait_final(&self, id: &str, within: Duration) -> anyhow::Result<TaskRecord> {
-        let records = llmq::wait_for(
-            &self.redis,
-            &self.keys,
-            &[id.to_owned()],
-            Some(within),
-            |_| {},
-        )
-        .await?;
+    pub async fn wait_final(
+        &self,
+        id: impl std::fmt::Display,
+        within: Duration,
+    ) -> anyhow::Result<TaskRecord> {
+        let id: TaskId = id.to_string().parse()?;
+        let records = llmq::wait_for(&self.redis, &self.keys, &[id], Some(within), |_| {}).await?;
         records
             .into_iter()
             .next()
@@ -354,7 +353,7 @@ impl TestEnv {
     /// The output of step `step` of chain `c` (empty when it has none).
     pub async fn step_output(&self, c: &ChainState, step: &str) -> String {
         self.redis
-            .task(&self.keys, &c.steps[step].task_id)
+            .task(&self.keys, c.steps[step].task_id.expect("a step's task"))
             .await
             .unwrap()
             .and_then(|r| r.output)
@@ -980,6 +979,35 @@ pub async fn calls_out_of_step(pool: &sqlx::PgPool) -> anyhow::Result<i64> {
     )
     .fetch_one(pool)
     .await?)
+}
+
+/// A task id as the tests hold one (the text a CLI printed, an entry's `id`, or the id
+/// itself), read as one.
+pub trait AsTaskId {
+    fn tid(&self) -> TaskId;
+}
+
+impl AsTaskId for str {
+    fn tid(&self) -> TaskId {
+        self.parse().expect("a task id")
+    }
+}
+
+impl AsTaskId for String {
+    fn tid(&self) -> TaskId {
+        self.as_str().tid()
+    }
+}
+
+impl AsTaskId for TaskId {
+    fn tid(&self) -> TaskId {
+        *self
+    }
+}
+
+/// [`AsTaskId::tid`] of each.
+pub fn tids<T: AsTaskId>(ids: &[T]) -> Vec<TaskId> {
+    ids.iter().map(AsTaskId::tid).collect()
 }
 
 #[cfg(test)]

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, Utc};
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::{CANCEL_NOTICE, Client, MARK_LIFE, Target};
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 /// How far back of the latest mark read a new read starts: a mark set by a client whose clock
 /// is behind is still found.
@@ -25,7 +25,7 @@ const LOOKBACK_MS: i64 = 10 * 60 * 1000;
 /// What a mark may name of a task.
 #[derive(Debug, Clone, Copy)]
 pub struct Named<'a> {
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub batch: Option<&'a str>,
     pub tenant: Option<&'a str>,
     /// When it was enqueued (ms): a tenant's mark ends what was enqueued until it.
@@ -38,7 +38,7 @@ pub struct Named<'a> {
 impl<'a> Named<'a> {
     /// What of `env` (read from entry `entry_ms`) a mark may name.
     #[must_use]
-    pub fn of(task_id: Uuid, env: &'a Envelope, entry_ms: i64, started: bool) -> Self {
+    pub fn of(task_id: TaskId, env: &'a Envelope, entry_ms: i64, started: bool) -> Self {
         Self {
             task_id,
             batch: env.batch_id.as_deref(),
@@ -58,9 +58,9 @@ pub fn why(marks: &HashMap<String, i64>, task: Named<'_>) -> Option<String> {
             t.format(" at %Y-%m-%dT%H:%M:%SZ").to_string()
         })
     };
-    let id = task.task_id.to_string();
+    let id = task.task_id;
     let mark = |t: Target| marks.get(&t.mark()).copied();
-    if let Some(ms) = mark(Target::Task(id.clone())) {
+    if let Some(ms) = mark(Target::Task(id)) {
         return Some(format!("cancelled (llmq cancel{})", at(ms)));
     }
     if !task.started && mark(Target::Queued(id)).is_some() {
@@ -86,7 +86,7 @@ pub fn why(marks: &HashMap<String, i64>, task: Named<'_>) -> Option<String> {
 /// A task running here, that a new mark may end.
 struct Running {
     queue: Arc<QueueKeys>,
-    task_id: Uuid,
+    task_id: TaskId,
     batch: Option<Box<str>>,
     tenant: Option<Box<str>>,
     enqueued_ms: i64,
@@ -142,7 +142,7 @@ impl Cancels {
     pub fn watch(
         self: &Arc<Self>,
         queue: &Arc<QueueKeys>,
-        task_id: Uuid,
+        task_id: TaskId,
         env: &Envelope,
         entry_ms: i64,
     ) -> Watch {
@@ -331,7 +331,7 @@ mod tests {
 
     fn named(started: bool, enqueued_ms: i64) -> Named<'static> {
         Named {
-            task_id: Uuid::from_u128(7),
+            task_id: TaskId::from_uuid(uuid::Uuid::from_u128(7)),
             batch: Some("b1"),
             tenant: Some("acme"),
             enqueued_ms,
@@ -341,7 +341,7 @@ mod tests {
 
     #[test]
     fn each_mark_names_what_it_says_and_nothing_else() {
-        let id = Uuid::from_u128(7);
+        let id = uuid::Uuid::from_u128(7);
         let marks = |m: &[(&str, i64)]| -> HashMap<String, i64> {
             m.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
         };
@@ -351,7 +351,7 @@ mod tests {
         let queued = marks(&[(&format!("queued:{id}"), 1)]);
         assert!(why(&queued, named(false, 5)).is_some());
         assert!(why(&queued, named(true, 5)).is_none(), "it started");
-        let other = marks(&[(&format!("task:{}", Uuid::from_u128(8)), 1)]);
+        let other = marks(&[(&format!("task:{}", uuid::Uuid::from_u128(8)), 1)]);
         assert!(why(&other, named(false, 5)).is_none());
         assert!(why(&marks(&[("batch:b1", 1)]), named(true, 5)).is_some());
         assert!(why(&marks(&[("batch:b2", 1)]), named(true, 5)).is_none());

@@ -7,13 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llmq_shared::ids::EntryId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::{Client, Conn, Delivery, Error as QueueError, PAUSE_NOTICE, Takeover};
 use llmq_shared::retry::RetryPolicy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-
-use crate::claims::EntryId;
 
 /// How failed reads are retried: 250 ms doubling to 5 s while Redis is away.
 const READ_RETRY: RetryPolicy =
@@ -85,7 +84,7 @@ pub struct Job {
     pub delivery: Box<Delivery>,
     pub permit: OwnedSemaphorePermit,
     /// What releases the worker's claim on the entry once its outcome is written.
-    pub claim: Option<EntryId>,
+    pub claim: EntryId,
 }
 
 /// The read loop's settings.
@@ -399,9 +398,7 @@ impl Fetcher {
         });
         *got = keep;
         for (q, d, _) in &back {
-            self.redis
-                .unread(q, &self.consumer, &[d.entry_id.as_str()])
-                .await?;
+            self.redis.unread(q, &self.consumer, &[d.entry_id]).await?;
         }
         Ok(())
     }
@@ -415,7 +412,7 @@ impl Fetcher {
         jobs: &mpsc::UnboundedSender<Job>,
     ) -> bool {
         for ((queue, delivery, at), permit) in got.into_iter().zip(permits) {
-            let claim = self.claims.hold(&queue, &delivery.entry_id, at);
+            let claim = self.claims.hold(&queue, delivery.entry_id, at);
             if delivery.from_room {
                 self.read_pause.room_read();
             }

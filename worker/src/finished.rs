@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use llmq_shared::envelope::Risk;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallOutcome, CallRow, TaskRow, Verdict};
 use llmq_shared::queue::Write;
@@ -74,7 +75,7 @@ impl Finished {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowExtras {
     /// The task's id, as admission parsed it.
-    pub task_id: uuid::Uuid,
+    pub task_id: TaskId,
     pub risk: Option<Risk>,
     /// The batch it came in (the envelope's `batch_id`).
     pub batch_id: Option<String>,
@@ -106,15 +107,16 @@ impl CallStarts {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llmq_shared::ids::EntryId;
     use llmq_shared::outcome::{Status, TaskRecord};
     use llmq_shared::queue::Finish;
 
-    fn finished(task_id: &str, row: Option<RowExtras>) -> Finished {
+    fn finished(task_id: TaskId, row: Option<RowExtras>) -> Finished {
         let mut record = TaskRecord::pending(task_id, "q", Status::Succeeded);
         record.provider = Some("openai".into());
         record.attempts = 2;
         record.finished_at = Some(chrono::Utc::now());
-        let write = Write::Task(Finish::done("1-0".into(), task_id.into(), record));
+        let write = Write::Task(Finish::done(EntryId::new(1, 0), task_id, record));
         Finished {
             row,
             ..Finished::new(Arc::new(QueueKeys::new("q")), write, Vec::new())
@@ -123,16 +125,16 @@ mod tests {
 
     #[test]
     fn a_task_row_is_made_from_the_record_and_its_extras_once() {
-        let id = uuid::Uuid::new_v4();
+        let id = TaskId::random();
         let extras = RowExtras {
             task_id: id,
             risk: Some(Risk::High),
             batch_id: Some("b1".into()),
             enqueued_at: Some(chrono::Utc::now()),
         };
-        let mut f = finished(&id.to_string(), Some(extras.clone()));
+        let mut f = finished(id, Some(extras.clone()));
         let row = f.task_row().expect("a task that ended has a row");
-        assert_eq!(row.task_id, id);
+        assert_eq!(row.task_id, id.uuid());
         assert_eq!(
             (row.queue.as_str(), row.status.as_str()),
             ("q", "succeeded")
@@ -143,10 +145,9 @@ mod tests {
         assert_eq!(row.enqueued_at, extras.enqueued_at);
         assert_eq!(f.task_row(), None, "the row is taken");
         // No extras: the task has no row.
-        assert_eq!(finished(&id.to_string(), None).task_row(), None);
-        // The row's id is the one admission parsed, not read back from the record's text:
-        // no row is skipped for it.
-        let row = finished("not-a-uuid", Some(extras)).task_row();
-        assert_eq!(row.map(|r| r.task_id), Some(id));
+        assert_eq!(finished(id, None).task_row(), None);
+        // The row's id is the one admission parsed, whatever the record says.
+        let row = finished(TaskId::random(), Some(extras)).task_row();
+        assert_eq!(row.map(|r| r.task_id), Some(id.uuid()));
     }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
+use llmq_shared::ids::EntryId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallRow, Ledger};
 use llmq_shared::outcome::Status;
@@ -205,13 +206,9 @@ impl Finisher {
             let mut freed = Vec::new();
             self.write_queue(&keys, items, &mut freed).await;
             if !freed.is_empty() {
-                let held: Vec<(&str, &str)> = freed
-                    .iter()
-                    .map(|(e, k)| (e.as_str(), k.as_str()))
-                    .collect();
                 // Should this fail, the slots are freed as stale by the next sweep: their
                 // entries have left the stream.
-                if let Err(e) = self.redis.free_slots(&keys, &held).await {
+                if let Err(e) = self.redis.free_slots(&keys, &freed).await {
                     tracing::warn!(queue = keys.name(), "cannot free concurrency slots: {e}");
                 }
             }
@@ -224,7 +221,7 @@ impl Finisher {
         &self,
         keys: &QueueKeys,
         items: Vec<Pending>,
-        freed: &mut Vec<(String, String)>,
+        freed: &mut Vec<(EntryId, String)>,
     ) {
         let mut slots = Vec::with_capacity(items.len());
         let (writes, waiters): (Vec<Write>, Vec<_>) = items
@@ -253,21 +250,21 @@ impl Finisher {
         for (i, ((write, done), slot)) in writes.iter().zip(waiters).zip(slots).enumerate() {
             let was_applied = applied.get(i).copied().unwrap_or(false);
             if was_applied && let Some(key) = slot {
-                freed.push((write.entry_id().to_owned(), key));
+                freed.push((write.entry_id(), key));
             }
             if let Some(f) = write.finish().filter(|_| was_applied)
                 && f.record
                     .as_ref()
                     .is_some_and(|r| r.status == Status::Cancelled)
             {
-                spent.push(f.task_id.as_str());
+                spent.push(f.task_id);
             }
             if ok && let Some(finish) = write.finish() {
                 counts[Written::of(&finish.kind, was_applied) as usize] += 1;
             }
             if ok && !was_applied {
                 tracing::warn!(
-                    entry = write.entry_id(),
+                    entry = %write.entry_id(),
                     "another worker took this entry over; its outcome here was discarded"
                 );
             }

@@ -200,9 +200,7 @@ impl Runtime {
                 self.fleet.delayed();
             }
         }
-        if let Some(claim) = claim {
-            self.claims.release(claim);
-        }
+        self.claims.release(claim);
         drop(permit);
     }
 }

@@ -167,7 +167,11 @@ fn what_llmq_does_not_run_is_named() {
 }
 
 fn record(status: Status) -> TaskRecord {
-    let mut r = TaskRecord::pending("0b0c0d0e-0000-4000-8000-000000000001", "q", status);
+    let mut r = TaskRecord::pending(
+        "0b0c0d0e-0000-4000-8000-000000000001".parse().unwrap(),
+        "q",
+        status,
+    );
     r.provider = Some("anthropic-main".into());
     r.model = Some("claude-sonnet-4-5".into());
     r.input_tokens = 20;

@@ -26,6 +26,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::PROGRESS_TTL;
 use serde_json::{Value, json};
@@ -746,7 +747,7 @@ impl Lines<'_> {
         let env = task::ask(self.app, self.key, &HeaderMap::new(), t)
             .and_then(|ask| {
                 let mut env = ask.env;
-                env.id = Some(id);
+                env.id = Some(TaskId::from_uuid(id));
                 env.idempotency_key = Some(format!("{}:{custom}", self.batch_id).into());
                 env.batch_id = Some(self.batch_id.into());
                 env.deadline = Some(self.window.into());
@@ -929,7 +930,7 @@ struct Driver<'a> {
 /// how many went into the queue; whether it was cancelled, or expired before all went in
 /// (the rest never go: they end expired).
 struct Plan {
-    ids: Vec<uuid::Uuid>,
+    ids: Vec<TaskId>,
     customs: Vec<String>,
     enqueued: usize,
     cancelled: bool,
@@ -1133,7 +1134,8 @@ impl Driver<'_> {
         while let Some(line) = lines.next().await {
             let (custom, env) = line?;
             let env = env?;
-            plan.ids.push(env.id.unwrap_or_default());
+            // Each line's id is set from its custom_id as it is read.
+            plan.ids.extend(env.id);
             plan.customs.push(custom);
             if (plan.ids.len() as u64) > skip && !plan.cancelled && !plan.expired {
                 chunk.push(env);
@@ -1253,15 +1255,14 @@ impl Driver<'_> {
             if n > 0 {
                 self.keep(0).await?;
             }
-            let chunk_ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
             let records = self
                 .app
                 .serve
                 .redis
-                .results(&self.queue(), &chunk_ids)
+                .results(&self.queue(), chunk)
                 .await
                 .map_err(|e| e.to_string())?;
-            for (i, (record, id)) in records.into_iter().zip(&chunk_ids).enumerate() {
+            for (i, (record, &id)) in records.into_iter().zip(chunk).enumerate() {
                 let at = n * CHUNK + i;
                 let r = record.unwrap_or_else(|| {
                     // Never enqueued: cancelled, unless the batch expired first.

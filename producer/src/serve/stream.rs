@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::{Client, OutEntry};
 use tokio::sync::mpsc;
@@ -32,7 +33,7 @@ pub enum Piece {
 /// record. Ends when the receiver is dropped (the caller went away).
 pub fn follow(
     app: Arc<App>,
-    id: String,
+    id: TaskId,
     wait: Duration,
     keyed: bool,
     live: bool,
@@ -41,7 +42,7 @@ pub fn follow(
     tokio::spawn(async move {
         let started = Instant::now();
         let streamed = if live {
-            match text(&app, &id, wait, &tx).await {
+            match text(&app, id, wait, &tx).await {
                 Ok(streamed) => streamed,
                 Err(e) => {
                     let _ = tx.send(Piece::Fail(e)).await;
@@ -54,7 +55,7 @@ pub fn follow(
         let left = wait.saturating_sub(started.elapsed());
         // A caller that went away waits no more (its task goes on).
         let finished = tokio::select! {
-            f = task::finished(&app, &id, left, keyed) => f,
+            f = task::finished(&app, id, left, keyed) => f,
             () = tx.closed() => return,
         };
         let piece = match finished {
@@ -73,7 +74,7 @@ pub fn follow(
 /// Sends the live answer's text until it is complete or the task ends; whether any was sent.
 async fn text(
     app: &App,
-    id: &str,
+    id: TaskId,
     wait: Duration,
     tx: &mpsc::Sender<Piece>,
 ) -> Result<bool, ApiError> {
@@ -109,7 +110,7 @@ async fn text(
                 // a stream cannot take it back.
                 OutEntry::Restart(why) if sent => {
                     return Err(ApiError {
-                        task_id: Some(id.to_owned()),
+                        task_id: Some(id),
                         ..ApiError::new(
                             axum::http::StatusCode::BAD_GATEWAY,
                             format!(
@@ -123,7 +124,7 @@ async fn text(
                 OutEntry::Done => return Ok(sent),
             }
         }
-        let ids = [id.to_owned()];
+        let ids = [id];
         let ended = app
             .serve
             .redis
@@ -142,14 +143,14 @@ async fn text(
 }
 
 /// A server-sent event stream of what `events` sends, with the task's id in a header.
-pub fn respond(id: &str, events: mpsc::Receiver<Event>) -> Response {
+pub fn respond(id: TaskId, events: mpsc::Receiver<Event>) -> Response {
     let stream = futures_util::stream::unfold(events, |mut rx| async move {
         rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
     });
     let mut r = Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response();
-    if let Ok(v) = axum::http::HeaderValue::from_str(id) {
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id.to_string()) {
         r.headers_mut().insert("llmq-task-id", v);
     }
     r

@@ -8,6 +8,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use llmq_shared::envelope::{Envelope, TaskType};
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use serde_json::{Map, Value, json};
 
@@ -39,7 +40,7 @@ pub struct ApiError {
     pub param: Option<String>,
     pub message: String,
     /// The task this concerns, when one was enqueued.
-    pub task_id: Option<String>,
+    pub task_id: Option<TaskId>,
     /// Whether the caller's SDK may send the request again on its own: not when a task ran
     /// or waits (another request would be another task), unless an `Idempotency-Key` makes
     /// the retry the same task.
@@ -115,7 +116,10 @@ impl ApiError {
             "x-should-retry",
             HeaderValue::from_static(if self.retry { "true" } else { "false" }),
         );
-        if let Some(id) = self.task_id.and_then(|i| HeaderValue::from_str(&i).ok()) {
+        if let Some(id) = self
+            .task_id
+            .and_then(|i| HeaderValue::from_str(&i.to_string()).ok())
+        {
             h.insert("llmq-task-id", id);
         }
         if let Some(s) = self.retry_after {
@@ -346,22 +350,16 @@ where
     let id = enqueue(&app, &ask).await?;
     let wait = wait_of(&app, headers);
     if stream {
-        let pieces = super::stream::follow(
-            std::sync::Arc::clone(&app),
-            id.clone(),
-            wait,
-            ask.keyed,
-            live,
-        );
+        let pieces = super::stream::follow(std::sync::Arc::clone(&app), id, wait, ask.keyed, live);
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(events(pieces, tx, id.clone(), ask.model));
-        return Ok(super::stream::respond(&id, rx));
+        tokio::spawn(events(pieces, tx, id.to_string(), ask.model));
+        return Ok(super::stream::respond(id, rx));
     }
-    let r = finished(&app, &id, wait, ask.keyed).await?;
+    let r = finished(&app, id, wait, ask.keyed).await?;
     if r.status != Status::Succeeded {
         return Err(failure(&r, ask.keyed));
     }
-    let mut response = axum::Json(whole(&id, &r)).into_response();
+    let mut response = axum::Json(whole(&id.to_string(), &r)).into_response();
     describe(&mut response, &r);
     Ok(response)
 }
@@ -374,7 +372,7 @@ fn trace(env: &Envelope, given: Option<&str>) -> Option<String> {
     let span = tracing::trace_span!(
         target: llmq_shared::telemetry::TARGET,
         "llmq.serve",
-        llmq.task.id = %env.id.unwrap_or_default(),
+        llmq.task.id = env.id.map(tracing::field::display),
     );
     if let Some(t) = given {
         llmq_shared::telemetry::join_trace(&span, t);
@@ -400,14 +398,17 @@ fn well_formed_traceparent(t: &str) -> bool {
 /// # Errors
 /// 400 naming the field a worker would refuse, 413 for a task over the worker's size
 /// limit, 503 when Redis cannot take it.
-pub async fn enqueue(app: &App, ask: &Ask) -> Result<String, ApiError> {
+pub async fn enqueue(app: &App, ask: &Ask) -> Result<TaskId, ApiError> {
     check(&ask.env)?;
     app.serve
         .redis
         .enqueue(&app.keys, &ask.env)
         .await
         .map_err(|e| queue_down(&e))?;
-    Ok(ask.env.id.unwrap_or_default().to_string())
+    // `ask` named it (`Envelope::new` gives every task its id).
+    ask.env
+        .id
+        .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the task has no id"))
 }
 
 /// 503: Redis cannot take the request now.
@@ -457,7 +458,7 @@ pub fn wait_of(app: &App, h: &HeaderMap) -> Duration {
 /// when Redis fails.
 pub async fn finished(
     app: &App,
-    id: &str,
+    id: TaskId,
     wait: Duration,
     keyed: bool,
 ) -> Result<TaskRecord, ApiError> {
@@ -479,7 +480,7 @@ pub async fn finished(
         }
     }
     Err(ApiError {
-        task_id: Some(id.to_owned()),
+        task_id: Some(id),
         retry: keyed,
         ..ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -514,15 +515,15 @@ pub fn respond(
 struct Abandon {
     redis: llmq_shared::queue::Client,
     keys: llmq_shared::keys::QueueKeys,
-    id: Option<String>,
+    id: Option<TaskId>,
 }
 
 impl Abandon {
-    fn new(app: &App, id: &str, keyed: bool) -> Self {
+    fn new(app: &App, id: TaskId, keyed: bool) -> Self {
         Self {
             redis: app.serve.redis.clone(),
             keys: app.keys.clone(),
-            id: (!keyed).then(|| id.to_owned()),
+            id: (!keyed).then_some(id),
         }
     }
 
@@ -539,7 +540,7 @@ impl Drop for Abandon {
         };
         let (redis, keys) = (self.redis.clone(), self.keys.clone());
         rt.spawn(async move {
-            let target = [llmq_shared::queue::Target::Queued(id.clone())];
+            let target = [llmq_shared::queue::Target::Queued(id)];
             match redis.cancel(&keys, &target).await {
                 Ok(_) => tracing::debug!(task = %id, "the caller left; its task is taken back unless it started"),
                 Err(e) => tracing::warn!(task = %id, "the caller left, but its task could not be taken back: {e}"),
@@ -565,7 +566,7 @@ impl Drop for OpenWait {
 }
 
 /// The answer to a request open when the server stops: its task goes on.
-pub fn stopping(id: &str, keyed: bool) -> ApiError {
+pub fn stopping(id: TaskId, keyed: bool) -> ApiError {
     ApiError {
         task_id: Some(id.to_owned()),
         retry: keyed,
@@ -601,7 +602,7 @@ pub fn failure(r: &TaskRecord, keyed: bool) -> ApiError {
     };
     ApiError {
         code,
-        task_id: Some(r.task_id.to_string()),
+        task_id: Some(r.task_id),
         retry: keyed,
         ..ApiError::new(status, message)
     }

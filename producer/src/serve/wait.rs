@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::TaskRecord;
 use llmq_shared::queue::Client;
@@ -14,7 +15,7 @@ use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// The requests waiting, by task id.
-type Open = HashMap<String, Vec<oneshot::Sender<TaskRecord>>>;
+type Open = HashMap<TaskId, Vec<oneshot::Sender<TaskRecord>>>;
 
 pub struct Waiter {
     open: Mutex<Open>,
@@ -34,9 +35,9 @@ impl Waiter {
     }
 
     /// Task `id`'s final record, when it has one; dropping the receiver stops the wait.
-    pub fn wait(&self, id: &str) -> oneshot::Receiver<TaskRecord> {
+    pub fn wait(&self, id: TaskId) -> oneshot::Receiver<TaskRecord> {
         let (tx, rx) = oneshot::channel();
-        self.lock().entry(id.to_owned()).or_default().push(tx);
+        self.lock().entry(id).or_default().push(tx);
         self.wake.notify_one();
         rx
     }
@@ -48,13 +49,13 @@ impl Waiter {
     async fn run(self: Arc<Self>, redis: Client, keys: QueueKeys, stop: CancellationToken) {
         while !stop.is_cancelled() {
             // Requests that went away (their caller, or their wait, ended) wait no more.
-            let ids: Vec<String> = {
+            let ids: Vec<TaskId> = {
                 let mut open = self.lock();
                 open.retain(|_, txs| {
                     txs.retain(|tx| !tx.is_closed());
                     !txs.is_empty()
                 });
-                open.keys().cloned().collect()
+                open.keys().copied().collect()
             };
             if ids.is_empty() {
                 tokio::select! {

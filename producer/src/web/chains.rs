@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
-use llmq_shared::chain::ChainState;
+use llmq_shared::chain::{ChainState, StepStatus};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::Refused;
 use serde::Deserialize;
@@ -255,7 +255,7 @@ pub(super) async fn chain(
     let waiting: Vec<&str> = c
         .steps
         .iter()
-        .filter(|(_, s)| s.status == "awaiting_approval")
+        .filter(|(_, s)| s.status == StepStatus::AwaitingApproval)
         .map(|(n, _)| n.as_str())
         .collect();
     let approvals = if waiting.is_empty() {
@@ -270,7 +270,7 @@ pub(super) async fn chain(
         "<div id=\"live\" data-refresh=\"3000\"><p>State: <span id=\"chain-state\">{}</span></p>\
          {approvals}{svg}<h2>Steps</h2><table id=\"steps\"><tr><th>Step</th><th>Status</th>\
          <th>Model</th><th>Cost</th><th>Summary</th><th>Error</th></tr>{table}</table></div>",
-        esc(&c.state)
+        c.state.as_str()
     );
     page(StatusCode::OK, &format!("Chain {id}"), &body, &viewer)
 }

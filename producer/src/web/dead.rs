@@ -38,7 +38,7 @@ fn row(d: &DeadLetter, queue_u: &str, viewer: &Viewer) -> String {
     format!(
         "<tr data-dead=\"{id}\">{pick}<td><a href=\"/dead/show?queue={queue_u}&amp;id={id}\">{id}</a>\
          </td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><pre>{}</pre></td></tr>",
-        esc(&d.task_id),
+        esc(&d.task_id.to_string()),
         esc(&d.class),
         d.attempts,
         esc(&d.error),
@@ -175,7 +175,7 @@ pub(super) async fn show(
          <tr><th>Attempts</th><td>{}</td></tr><tr><th>Failed at</th><td>{failed}</td></tr>\
          <tr><th>Error</th><td>{}</td></tr></table><p>{act}</p><h2>Task as it died</h2>\
          <pre>{}</pre>",
-        esc(&d.task_id),
+        esc(&d.task_id.to_string()),
         esc(&d.class),
         d.attempts,
         esc(&d.error),

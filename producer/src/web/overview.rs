@@ -9,6 +9,7 @@ use axum::response::Response;
 use futures_util::{StreamExt, TryStreamExt};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
 use llmq_shared::queue::Client;
 use llmq_shared::quota::{Limiter, QuotaLine};
@@ -303,7 +304,7 @@ pub(super) async fn task(
     };
     let Some(id) =
         q.id.as_deref()
-            .and_then(|id| uuid::Uuid::parse_str(id.trim()).ok())
+            .and_then(|id| id.trim().parse::<TaskId>().ok())
     else {
         return page(
             StatusCode::BAD_REQUEST,
@@ -318,7 +319,7 @@ pub(super) async fn task(
         match app
             .web
             .redis
-            .task_within(&QueueKeys::new(queue), &id.to_string(), TASK_SCAN)
+            .task_within(&QueueKeys::new(queue), id, TASK_SCAN)
             .await
         {
             Ok(Some(r)) => {
@@ -395,7 +396,7 @@ pub(super) async fn cancel(State(app): AppState, headers: HeaderMap, body: Strin
         Ok(x) => x,
         Err(page) => return *page,
     };
-    let Some(id) = field(&fields, "id").and_then(|id| uuid::Uuid::parse_str(id.trim()).ok()) else {
+    let Some(id) = field(&fields, "id").and_then(|id| id.trim().parse::<TaskId>().ok()) else {
         return message(
             StatusCode::BAD_REQUEST,
             "Not a task id",
@@ -403,7 +404,7 @@ pub(super) async fn cancel(State(app): AppState, headers: HeaderMap, body: Strin
             &viewer,
         );
     };
-    let target = [llmq_shared::queue::Target::Task(id.to_string())];
+    let target = [llmq_shared::queue::Target::Task(id)];
     match app.web.redis.cancel(&QueueKeys::new(&queue), &target).await {
         Ok(answer) => {
             let what = match answer.first() {

@@ -197,7 +197,7 @@ fn the_envelope_refuses_a_cache_it_cannot_keep() {
 #[test]
 fn a_cached_answer_reads_back_as_written() {
     let a = CachedAnswer {
-        task_id: "t".into(),
+        task_id: crate::ids::TaskId::random(),
         provider: "p".into(),
         model: "m".into(),
         text: "answer".into(),

@@ -18,12 +18,15 @@ use serde_json::Value;
 
 use crate::conversation::{ResponseFormat, Tool, ToolChoice};
 use crate::envelope::{self, Envelope, Risk, TaskType};
+use crate::ids::{EntryId, TaskId};
 
 #[cfg(test)]
 mod tests;
 
 mod state;
-pub use state::{ChainState, Rerun, Seen, StepEnd, StepOutcome, StepState};
+pub use state::{
+    ChainState, ChainStatus, Rerun, Seen, StepEnd, StepOutcome, StepState, StepStatus,
+};
 
 /// The only chain version this build understands.
 pub const VERSION: u64 = 1;
@@ -216,7 +219,7 @@ impl Chain {
     ///
     /// # Errors
     /// Every way the spec can be wrong, naming the step and the problem.
-    pub fn parse(raw: &[u8], max_bytes: usize, queue: &str, entry_id: &str) -> Result<Self> {
+    pub fn parse(raw: &[u8], max_bytes: usize, queue: &str, entry_id: EntryId) -> Result<Self> {
         if raw.len() > max_bytes {
             return Err(err(format!(
                 "the chain is {} bytes, over the {max_bytes}-byte limit; shorten its prompts or raise --max-payload-bytes",
@@ -249,7 +252,7 @@ impl Chain {
             Some(id) => id,
             None => match spec.idempotency_key.as_deref() {
                 Some(key) => crate::idempotency::chain_id(queue, spec.tenant.as_deref(), key),
-                None => envelope::derive_id(queue, entry_id),
+                None => envelope::derive_id(queue, entry_id).uuid(),
             }
             .to_string(),
         };
@@ -315,11 +318,11 @@ impl Chain {
 /// The id of a step's task: the same for the same chain, step and round, so that an
 /// expansion or a finish replayed after a crash names the same task.
 #[must_use]
-pub fn step_task_id(chain_id: &str, step: &str, round: u32) -> uuid::Uuid {
-    uuid::Uuid::new_v5(
+pub fn step_task_id(chain_id: &str, step: &str, round: u32) -> TaskId {
+    TaskId::from_uuid(uuid::Uuid::new_v5(
         &uuid::Uuid::NAMESPACE_OID,
         format!("llmq-chain:{chain_id}:{step}:{round}").as_bytes(),
-    )
+    ))
 }
 
 /// A `{{...}}` reference in a prompt.

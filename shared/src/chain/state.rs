@@ -8,15 +8,22 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::Chain;
+use crate::ids::TaskId;
 
 /// What became of a chain step, as its chain records it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepState {
-    /// `blocked`, `queued`, `succeeded`, `failed` or `cancelled` as the chain records it;
-    /// `llmq chain show` refines `queued` into `running` or `retrying` from the task.
-    pub status: String,
+    /// Where the step stands; `llmq chain show` refines `queued` into `running` or
+    /// `retrying` from the task.
     #[serde(default)]
-    pub task_id: String,
+    pub status: StepStatus,
+    /// The task of its current round (every step has one from its chain's expansion).
+    #[serde(
+        default,
+        deserialize_with = "crate::ids::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub task_id: Option<TaskId>,
     #[serde(default)]
     pub round: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,12 +50,117 @@ pub struct StepState {
     pub folded: Vec<String>,
 }
 
+/// Where a chain step stands, as its state says it (the step scripts write it in Lua).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepStatus {
+    /// Waiting for its parents.
+    #[default]
+    Blocked,
+    /// Its task is enqueued (or running, or waiting for a retry).
+    Queued,
+    /// An approval step waiting for a person.
+    AwaitingApproval,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl StepStatus {
+    /// The status as Lua, the step's state and `llmq chain show` write it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Blocked => "blocked",
+            Self::Queued => "queued",
+            Self::AwaitingApproval => "awaiting_approval",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The step is over: it succeeded, failed or was cancelled.
+    #[must_use]
+    pub const fn ended(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// It ended without success: what a retry runs again.
+    #[must_use]
+    pub const fn unsucceeded(self) -> bool {
+        matches!(self, Self::Failed | Self::Cancelled)
+    }
+}
+
+/// Compared with its text, as `http::Method` is: `status == "succeeded"`.
+impl PartialEq<&str> for StepStatus {
+    fn eq(&self, text: &&str) -> bool {
+        self.as_str() == *text
+    }
+}
+
+impl std::fmt::Display for StepStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a chain stands, as its hash's `state` says it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChainStatus {
+    #[default]
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl ChainStatus {
+    /// The state as Lua and `llmq chain` write it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// The state a chain's hash holds; `None` for any other text.
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// Compared with its text, as `http::Method` is: `status == "succeeded"`.
+impl PartialEq<&str> for ChainStatus {
+    fn eq(&self, text: &&str) -> bool {
+        self.as_str() == *text
+    }
+}
+
+impl std::fmt::Display for ChainStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A chain as stored: its spec, state and steps.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainState {
     pub spec: Chain,
-    /// `running`, `succeeded`, `failed` or `cancelled`.
-    pub state: String,
+    pub state: ChainStatus,
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
     pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
     pub steps: HashMap<String, StepState>,
@@ -66,7 +178,11 @@ impl ChainState {
         again: &std::collections::HashSet<String>,
     ) -> std::result::Result<Vec<Rerun>, String> {
         let will_succeed = |p: &str| {
-            !again.contains(p) && self.steps.get(p).is_some_and(|x| x.status == "succeeded")
+            !again.contains(p)
+                && self
+                    .steps
+                    .get(p)
+                    .is_some_and(|x| x.status == StepStatus::Succeeded)
         };
         let mut out = Vec::new();
         for s in self.spec.steps.iter().filter(|s| again.contains(&s.name)) {
@@ -125,7 +241,7 @@ impl ChainState {
                 .filter(|s| {
                     self.steps
                         .get(&s.name)
-                        .is_some_and(|x| matches!(x.status.as_str(), "failed" | "cancelled"))
+                        .is_some_and(|x| x.status.unsucceeded())
                 })
                 .map(|s| s.name.clone())
                 .collect(),
@@ -157,6 +273,16 @@ pub enum StepEnd {
     Succeeded,
     Failed,
     Cancelled,
+}
+
+impl From<StepEnd> for StepStatus {
+    fn from(end: StepEnd) -> Self {
+        match end {
+            StepEnd::Succeeded => Self::Succeeded,
+            StepEnd::Failed => Self::Failed,
+            StepEnd::Cancelled => Self::Cancelled,
+        }
+    }
 }
 
 impl StepEnd {
@@ -198,13 +324,13 @@ impl StepOutcome {
     /// Step `step` of chain `chain_id` failed with `error`, as task `task_id` (its current
     /// round's task, or the step script leaves the step alone).
     #[must_use]
-    pub fn failed(chain_id: String, step: String, task_id: String, error: String) -> Self {
+    pub fn failed(chain_id: String, step: String, task_id: TaskId, error: String) -> Self {
         Self {
             chain_id,
             step,
             outcome: StepEnd::Failed,
             fields: StepState {
-                task_id,
+                task_id: Some(task_id),
                 error: Some(error),
                 ..StepState::default()
             },

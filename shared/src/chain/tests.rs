@@ -1,7 +1,12 @@
 use super::*;
 
 fn parse(json: &str) -> Result<Chain> {
-    Chain::parse(json.as_bytes(), 1 << 20, "q", "1-0")
+    Chain::parse(
+        json.as_bytes(),
+        1 << 20,
+        "q",
+        crate::ids::EntryId::new(1, 0),
+    )
 }
 
 fn reason(json: &str) -> String {
@@ -93,7 +98,10 @@ fn max_parallel_puts_every_step_under_one_concurrency_key() {
 #[test]
 fn a_chain_without_an_id_is_named_by_its_entry() {
     let c = parse(r#"{"v":1,"steps":[{"name":"a","prompt":"x"}]}"#).unwrap();
-    assert_eq!(c.id, envelope::derive_id("q", "1-0").to_string());
+    assert_eq!(
+        c.id,
+        envelope::derive_id("q", crate::ids::EntryId::new(1, 0)).to_string()
+    );
 }
 
 #[test]
@@ -168,7 +176,7 @@ fn each_bad_chain_names_the_step_and_the_problem() {
         .collect();
     let json = format!(r#"{{"v":1,"steps":[{}]}}"#, many.join(","));
     assert!(reason(&json).contains("has 65 steps; a chain may have at most 64"));
-    let err = Chain::parse(GOOD.as_bytes(), 100, "q", "1-0")
+    let err = Chain::parse(GOOD.as_bytes(), 100, "q", crate::ids::EntryId::new(1, 0))
         .unwrap_err()
         .to_string();
     assert!(err.contains("over the 100-byte limit"), "{err}");
@@ -373,7 +381,13 @@ fn a_variable_holding_a_reference_or_filling_past_the_limit_is_refused() {
     // anything is filled in.
     let spec = serde_json::json!({"v": 1, "vars": {"x": "y".repeat(100)},
         "steps": [{"name": "a", "prompt": "{{x}}".repeat(20)}]});
-    let e = Chain::parse(spec.to_string().as_bytes(), 1000, "q", "1-0").unwrap_err();
+    let e = Chain::parse(
+        spec.to_string().as_bytes(),
+        1000,
+        "q",
+        crate::ids::EntryId::new(1, 0),
+    )
+    .unwrap_err();
     assert!(
         e.to_string().contains(
             "its prompt is 2000 bytes once its variables are filled in, over the 1000-byte limit"
@@ -385,13 +399,27 @@ fn a_variable_holding_a_reference_or_filling_past_the_limit_is_refused() {
         .map(|i| serde_json::json!({"name": format!("s{i}"), "prompt": "{{x}}{{x}}{{x}}"}))
         .collect();
     let spec = serde_json::json!({"v": 1, "vars": {"x": "y".repeat(250)}, "steps": steps});
-    let e = Chain::parse(spec.to_string().as_bytes(), 1000, "q", "1-0").unwrap_err();
+    let e = Chain::parse(
+        spec.to_string().as_bytes(),
+        1000,
+        "q",
+        crate::ids::EntryId::new(1, 0),
+    )
+    .unwrap_err();
     assert!(
         e.to_string()
             .contains("the chain's prompts come to more than 4000 bytes"),
         "{e}"
     );
-    assert!(Chain::parse(spec.to_string().as_bytes(), 2000, "q", "1-0").is_ok());
+    assert!(
+        Chain::parse(
+            spec.to_string().as_bytes(),
+            2000,
+            "q",
+            crate::ids::EntryId::new(1, 0)
+        )
+        .is_ok()
+    );
 }
 
 #[test]
@@ -399,7 +427,13 @@ fn a_step_task_over_the_limit_as_json_is_refused() {
     // 280 bytes of prompt, four times as many once its control characters are escaped.
     let spec = serde_json::json!({"v": 1, "vars": {"x": "\u{1}a".repeat(70)},
         "steps": [{"name": "a", "prompt": "{{x}}{{x}}"}]});
-    let e = Chain::parse(spec.to_string().as_bytes(), 1000, "q", "1-0").unwrap_err();
+    let e = Chain::parse(
+        spec.to_string().as_bytes(),
+        1000,
+        "q",
+        crate::ids::EntryId::new(1, 0),
+    )
+    .unwrap_err();
     assert!(
         e.to_string()
             .contains("bytes as JSON, over the 1000-byte limit"),

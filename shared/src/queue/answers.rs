@@ -17,6 +17,7 @@ use std::sync::LazyLock;
 use redis::Script;
 
 use super::{Client, Result};
+use crate::ids::EntryId;
 use crate::keys::{GROUP, QueueKeys};
 
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
@@ -91,7 +92,7 @@ impl Client {
         &self,
         keys: &QueueKeys,
         consumer: &str,
-        entry_id: &str,
+        entry_id: EntryId,
         name: &str,
         flight: bool,
         envelope: Option<&str>,

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Client, Fence, NOT_HOLDER, Result};
 use crate::conversation::ToolCall;
+use crate::ids::TaskId;
 use crate::keys::QueueKeys;
 use crate::outcome::Usage;
 
@@ -128,7 +129,7 @@ pub struct Group {
 /// A task taken into a batch, with what sending it needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Taken {
-    pub task_id: String,
+    pub task_id: TaskId,
     /// Its request; empty where it was not read ([`Client::batch_tasks`] without `bodies`).
     pub body: String,
     pub deadline_ms: i64,
@@ -152,7 +153,7 @@ pub struct BatchRecord {
     /// The provider's id, once sent.
     pub remote: Option<String>,
     pub created_ms: i64,
-    pub task_ids: Vec<String>,
+    pub task_ids: Vec<TaskId>,
     /// `submitting`, `open` or `abandoned` (its tasks fell back; read for what is billed).
     pub state: String,
     /// When its tasks fall back to normal calls if it is not over (ms).
@@ -179,7 +180,7 @@ impl Client {
     pub async fn batch_state(
         &self,
         keys: &QueueKeys,
-        task_id: &str,
+        task_id: TaskId,
         ask_batcher: bool,
     ) -> Result<(BatchState, Option<bool>)> {
         let mut c = self.conn().await?;
@@ -291,7 +292,7 @@ impl Client {
             .arg(super::now_ms())
             .arg(provider)
             .arg(model)
-            .arg(keys.batch_task(""))
+            .arg(keys.batch_task_prefix())
             .arg(max_bytes)
             .invoke_async(&mut c)
             .await?;
@@ -300,15 +301,21 @@ impl Client {
         }
         let flat: Vec<Option<String>> = redis::from_redis_value(v)
             .map_err(|e| super::Error::Protocol(format!("a batch's tasks: {e}")))?;
-        Ok(Some(
-            flat.chunks_exact(3)
-                .map(|f| Taken {
-                    task_id: f[0].clone().unwrap_or_default(),
+        // The ids are the ones tasks were parked under, each a task id.
+        let taken = flat
+            .chunks_exact(3)
+            .map(|f| {
+                let id = f[0].as_deref().unwrap_or_default();
+                Ok(Taken {
+                    task_id: id
+                        .parse()
+                        .map_err(|e| super::Error::Protocol(format!("a batch's tasks: {e}")))?,
                     body: f[1].clone().unwrap_or_default(),
                     deadline_ms: f[2].as_deref().and_then(|d| d.parse().ok()).unwrap_or(0),
                 })
-                .collect(),
-        ))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Some(taken))
     }
 
     /// The tasks of batch `record` that are still its own, with their state, envelope,
@@ -332,7 +339,7 @@ impl Client {
             &["state", "batch", "env", "deadline"]
         };
         for id in &record.task_ids {
-            pipe.cmd("HMGET").arg(keys.batch_task(id)).arg(fields);
+            pipe.cmd("HMGET").arg(keys.batch_task(*id)).arg(fields);
         }
         let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await?;
         let field =
@@ -346,7 +353,7 @@ impl Client {
                 state: field(&f, 0),
                 envelope: field(&f, 2),
                 taken: Taken {
-                    task_id: id.clone(),
+                    task_id: *id,
                     body: field(&f, 4),
                     deadline_ms: field(&f, 3).parse().unwrap_or(0),
                 },
@@ -375,7 +382,8 @@ impl Client {
                 created_ms: num("created").unwrap_or(0),
                 task_ids: h
                     .get("tasks")
-                    .map(|t| t.split(',').map(str::to_owned).collect())
+                    // Written from task ids; anything else names no task of it.
+                    .map(|t| t.split(',').filter_map(|id| id.parse().ok()).collect())
                     .unwrap_or_default(),
                 state: h.get("state").cloned().unwrap_or_default(),
                 fallback_ms: num("fallback"),
@@ -431,7 +439,7 @@ impl Client {
             .key(keys.stream())
             .arg(super::now_ms())
             .arg(ms(margin))
-            .arg(keys.batch_task(""))
+            .arg(keys.batch_task_prefix())
             .arg(keys.batch_waiting(""))
             .arg(keys.batch(""))
             .arg(ms(ttl))
@@ -480,13 +488,13 @@ impl Client {
         fence: Fence<'_>,
         keys: &QueueKeys,
         batch_id: &str,
-        tasks: &[(String, Settle)],
+        tasks: &[(TaskId, Settle)],
         end: &str,
     ) -> Result<Option<u64>> {
         let mut c = self.conn().await?;
         let ttl_ms = u64::try_from(LATCH_TTL.as_millis()).unwrap_or(u64::MAX);
         let mut moved = 0;
-        let chunks: Vec<&[(String, Settle)]> = if tasks.is_empty() {
+        let chunks: Vec<&[(TaskId, Settle)]> = if tasks.is_empty() {
             vec![&[]]
         } else {
             tasks.chunks(SETTLE_CHUNK).collect()
@@ -502,7 +510,7 @@ impl Client {
                 .arg(fence.token)
                 .arg(batch_id)
                 .arg(ttl_ms)
-                .arg(keys.batch_task(""))
+                .arg(keys.batch_task_prefix())
                 .arg(if k == last { end } else { "" })
                 .arg(super::now_ms());
             for (id, settle) in chunk {

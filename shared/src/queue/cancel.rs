@@ -14,6 +14,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{Client, Result, reply};
+use crate::ids::TaskId;
 use crate::keys::QueueKeys;
 
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("cancel.lua")));
@@ -32,9 +33,9 @@ const CHUNK: usize = 1000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// One task, wherever it is: queued, waiting, or in a call (which is dropped).
-    Task(String),
+    Task(TaskId),
     /// One task, only while it has not started: a caller that left before its task ran.
-    Queued(String),
+    Queued(TaskId),
     /// Every task of a batch (the envelopes' `batch_id`).
     Batch(String),
     /// A tenant's tasks enqueued until now; its later ones run.
@@ -53,9 +54,9 @@ impl Target {
         }
     }
 
-    fn task(&self) -> Option<&str> {
+    fn task(&self) -> Option<TaskId> {
         match self {
-            Self::Task(id) | Self::Queued(id) => Some(id),
+            Self::Task(id) | Self::Queued(id) => Some(*id),
             Self::Batch(_) | Self::Tenant(_) => None,
         }
     }
@@ -143,7 +144,7 @@ impl Client {
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn forget_cancels(&self, keys: &QueueKeys, task_ids: &[&str]) -> Result<()> {
+    pub async fn forget_cancels(&self, keys: &QueueKeys, task_ids: &[TaskId]) -> Result<()> {
         if task_ids.is_empty() {
             return Ok(());
         }
@@ -151,8 +152,8 @@ impl Client {
         let mut cmd = redis::cmd("ZREM");
         cmd.arg(keys.cancels());
         for id in task_ids {
-            cmd.arg(Target::Task((*id).to_owned()).mark())
-                .arg(Target::Queued((*id).to_owned()).mark());
+            cmd.arg(Target::Task(*id).mark())
+                .arg(Target::Queued(*id).mark());
         }
         let _: u64 = cmd.query_async(&mut c).await?;
         Ok(())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::{Script, Value};
 
 use super::{Client, Result};
-use crate::chain::{Chain, ChainState, Rerun, Seen, Step, StepOutcome, StepState};
+use crate::chain::{Chain, ChainState, ChainStatus, Rerun, Seen, Step, StepOutcome, StepState};
 use crate::keys::QueueKeys;
 
 static CANCEL: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("chain_cancel.lua")));
@@ -248,7 +248,11 @@ impl Client {
             .filter_map(|(name, json)| Some((name, serde_json::from_str(&json).ok()?)))
             .collect();
         Ok(Some(ChainState {
-            state: head.get("state").cloned().unwrap_or_default(),
+            // Written by the chain scripts, one of the four; a chain without one runs.
+            state: head
+                .get("state")
+                .and_then(|s| ChainStatus::parse(s))
+                .unwrap_or_default(),
             created_at: at("created_at"),
             finished_at: at("finished_at"),
             spec,
@@ -542,7 +546,8 @@ pub(super) fn step_swap(
         return None;
     };
     let text = |k: &str| state.get(k).and_then(serde_json::Value::as_str);
-    if text("status") != Some("queued") || text("task_id") != Some(s.fields.task_id.as_str()) {
+    let task_id = s.fields.task_id.map(|t| t.to_string());
+    if text("status") != Some("queued") || text("task_id") != task_id.as_deref() {
         return None;
     }
     let children = names(state.get("children")?)?;
@@ -632,7 +637,7 @@ pub(super) fn step_field_map(s: &StepState) -> serde_json::Map<String, serde_jso
         }
     };
     // The step is recorded only while this is still its task (its current round's).
-    put("task_id", Some(&s.task_id).filter(|t| !t.is_empty()));
+    put("task_id", s.task_id.map(|t| t.to_string()).as_ref());
     put("provider", s.provider.as_ref());
     put("model", s.model.as_ref());
     put("summary", s.summary.as_ref());
@@ -662,14 +667,15 @@ pub(super) fn rerun_args(r: &Rerun) -> [String; RERUN_ARGS] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::TaskId;
 
-    fn ended(task_id: &str) -> StepOutcome {
+    fn ended(task_id: TaskId) -> StepOutcome {
         StepOutcome {
             chain_id: "c".into(),
             step: "s".into(),
             outcome: crate::chain::StepEnd::Succeeded,
             fields: StepState {
-                task_id: task_id.into(),
+                task_id: Some(task_id),
                 model: Some("m".into()),
                 cost_usd: 0.5,
                 ..StepState::default()
@@ -678,8 +684,12 @@ mod tests {
         }
     }
 
+    /// The task of the states below, and another.
+    const T: &str = "00000000-0000-4000-8000-000000000001";
+    const ANOTHER: &str = "00000000-0000-4000-8000-000000000002";
+
     fn swap(own: &str, task_id: &str) -> Option<Swap> {
-        let s = ended(task_id);
+        let s = ended(task_id.parse().unwrap());
         let seen = Seen {
             own: own.into(),
             children: Box::new([]),
@@ -689,11 +699,13 @@ mod tests {
 
     #[test]
     fn a_swap_is_built_only_from_a_queued_state_of_the_same_task_that_names_its_children() {
-        let queued = r#"{"status":"queued","task_id":"t","round":1,"ok":1,"failed":0,
-            "children":["a","b"],"join":false,"min_success":1,"waits":{},"folded":["x"]}"#;
+        let queued = &format!(
+            r#"{{"status":"queued","task_id":"{T}","round":1,"ok":1,"failed":0,
+            "children":["a","b"],"join":false,"min_success":1,"waits":{{}},"folded":["x"]}}"#
+        );
         let Swap {
             state, children, ..
-        } = swap(queued, "t").unwrap();
+        } = swap(queued, T).unwrap();
         assert_eq!(children, "a,b");
         let state: serde_json::Value = serde_json::from_str(&state).unwrap();
         // The fields over the state, the outcome as its status; the rest as it was.
@@ -705,14 +717,14 @@ mod tests {
         assert_eq!(state["children"], serde_json::json!(["a", "b"]));
         // Lua writes an empty list as `{}`.
         let last = queued.replace(r#"["a","b"]"#, "{}");
-        assert_eq!(swap(&last, "t").unwrap().children, "");
+        assert_eq!(swap(&last, T).unwrap().children, "");
 
         // The script decides these itself.
-        assert!(swap(queued, "another").is_none());
-        assert!(swap(&queued.replace("queued", "cancelled"), "t").is_none());
+        assert!(swap(queued, ANOTHER).is_none());
+        assert!(swap(&queued.replace("queued", "cancelled"), T).is_none());
         let earlier = queued.replace(r#""children":["a","b"],"#, "");
-        assert!(swap(&earlier, "t").is_none());
-        assert!(swap("not json", "t").is_none());
+        assert!(swap(&earlier, T).is_none());
+        assert!(swap("not json", T).is_none());
     }
 
     #[test]

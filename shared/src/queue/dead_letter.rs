@@ -140,7 +140,10 @@ impl Client {
             .dead_letters(keys, usize::MAX)
             .await?
             .into_iter()
-            .filter(|d| ids.iter().any(|id| *id == d.id || *id == d.task_id))
+            .filter(|d| {
+                let task_id = d.task_id.to_string();
+                ids.iter().any(|id| *id == d.id || *id == task_id)
+            })
             .collect())
     }
 
@@ -165,7 +168,7 @@ impl Client {
         let replayed: i64 = REPLAY
             .key(keys.dead())
             .key(keys.stream())
-            .key(keys.result(&dead.task_id))
+            .key(keys.result(dead.task_id))
             .arg(&dead.id)
             .arg(task)
             .invoke_async(&mut c)
@@ -192,9 +195,10 @@ impl Client {
         };
         // Only the letter of the step's current round, and only once the step has ended
         // without success: an older round's letter, or a refused copy's, resumes nothing.
-        let current = state.steps.get(step).is_some_and(|s| {
-            s.task_id == dead.task_id && matches!(s.status.as_str(), "failed" | "cancelled")
-        });
+        let current = state
+            .steps
+            .get(step)
+            .is_some_and(|s| s.task_id == Some(dead.task_id) && s.status.unsucceeded());
         if !current {
             return Ok(Replayed::Refused(format!(
                 "step `{step}` of chain {chain_id} is not failed in the round this letter is of; nothing to resume (purge it, or use llmq chain retry)"
@@ -238,7 +242,7 @@ impl Client {
                 .await?;
             deleted += n;
             let stored: Option<String> = redis::cmd("GET")
-                .arg(keys.result(&d.task_id))
+                .arg(keys.result(d.task_id))
                 .query_async(&mut c)
                 .await?;
             if let Some(mut record) =
@@ -246,7 +250,7 @@ impl Client {
             {
                 record.status = Status::Failed;
                 redis::cmd("SET")
-                    .arg(keys.result(&d.task_id))
+                    .arg(keys.result(d.task_id))
                     .arg(record.to_json())
                     .arg("KEEPTTL")
                     .query_async::<()>(&mut c)
@@ -313,7 +317,7 @@ pub fn replayed_task(dead: &DeadLetter, provider: Option<&str>) -> String {
             env.replays = env.replays.saturating_add(1);
             env.last_error = None;
             if env.id.is_none() {
-                env.id = uuid::Uuid::parse_str(&dead.task_id).ok();
+                env.id = Some(dead.task_id);
             }
             if let Some(p) = provider {
                 env.provider = Some(p.into());

@@ -9,6 +9,7 @@ use redis::{Script, Value};
 use super::{Client, Delivery, Finish, Reclaimed, Result, Write, now_ms, reply};
 use crate::chain::StepOutcome;
 use crate::envelope;
+use crate::ids::EntryId;
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::{ErrorClass, Status, TaskRecord};
 
@@ -106,11 +107,11 @@ impl Client {
         &self,
         keys: &QueueKeys,
         read: &mut Vec<Delivery>,
-    ) -> Result<Vec<String>> {
-        let ids: Vec<String> = read
+    ) -> Result<Vec<EntryId>> {
+        let ids: Vec<EntryId> = read
             .iter()
             .filter(|d| d.is_beacon())
-            .map(|d| d.entry_id.clone())
+            .map(|d| d.entry_id)
             .collect();
         if ids.is_empty() {
             return Ok(ids);
@@ -195,7 +196,7 @@ impl Client {
                 let step = d.payload.as_deref().and_then(envelope::chain_step_of);
                 match (step, finish.record.as_ref().and_then(|r| r.error.clone())) {
                     (Some((chain_id, step)), Some(error)) => {
-                        let task_id = finish.task_id.clone();
+                        let task_id = finish.task_id;
                         let outcome = StepOutcome::failed(chain_id, step, task_id, error);
                         Write::Step(finish, Box::new(outcome))
                     }
@@ -264,8 +265,8 @@ impl Client {
         &self,
         keys: &QueueKeys,
         consumer: &str,
-        entry_ids: &[String],
-    ) -> Result<Vec<String>> {
+        entry_ids: &[EntryId],
+    ) -> Result<Vec<EntryId>> {
         if entry_ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -276,7 +277,9 @@ impl Client {
             .arg(consumer)
             .arg(now_ms())
             .arg(entry_ids);
-        Ok(inv.invoke_async(&mut c).await?)
+        let lost: Vec<String> = inv.invoke_async(&mut c).await?;
+        // The script answers with ids it was sent.
+        Ok(lost.iter().filter_map(|id| EntryId::parse(id)).collect())
     }
 }
 
@@ -292,15 +295,15 @@ fn poison_finish(keys: &QueueKeys, d: &Delivery) -> Finish {
         .as_deref()
         .or(d.chain.as_deref())
         .unwrap_or_default();
-    let task_id = envelope::task_id_of(keys.name(), &d.entry_id, payload).to_string();
+    let task_id = envelope::task_id_of(keys.name(), d.entry_id, payload);
     let error = format!("the task was delivered {}{POISON_REASON}", d.deliveries);
-    let mut record = TaskRecord::pending(&task_id, keys.name(), Status::Dead);
+    let mut record = TaskRecord::pending(task_id, keys.name(), Status::Dead);
     record.error = Some(error.clone());
     record.error_class = Some(ErrorClass::Poison);
     record.attempts = u32::try_from(d.deliveries).unwrap_or(u32::MAX);
     record.finished_at = Some(chrono::Utc::now());
     let mut finish = Finish::dead(
-        d.entry_id.clone(),
+        d.entry_id,
         task_id,
         error,
         ErrorClass::Poison,
@@ -308,8 +311,8 @@ fn poison_finish(keys: &QueueKeys, d: &Delivery) -> Finish {
         String::from_utf8_lossy(payload).into_owned(),
     );
     // The key it held is free: a copy may run.
-    if let Some((name, run)) = crate::idempotency::key_in(payload, &d.entry_id) {
-        let holder = super::holder(&finish.task_id, &run);
+    if let Some((name, run)) = crate::idempotency::key_in(payload, d.entry_id) {
+        let holder = super::holder(finish.task_id, &run);
         finish.end_key(name, holder, Duration::ZERO);
     }
     finish

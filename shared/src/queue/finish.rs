@@ -8,6 +8,7 @@ use redis::{Script, ScriptInvocation};
 
 use super::{BatchPark, Client, Finish, FinishKind, Result, now_ms};
 use crate::chain::{Chain, Rerun, StepOutcome};
+use crate::ids::{EntryId, TaskId};
 use crate::keys::{GROUP, QueueKeys};
 use crate::outcome::TaskRecord;
 
@@ -86,16 +87,13 @@ impl Client {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let order = |id: &str| {
-            let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-            (
-                ms.parse::<u64>().unwrap_or(0),
-                seq.parse::<u64>().unwrap_or(0),
-            )
-        };
         let entries = || items.iter().map(Write::entry_id);
-        let lowest = entries().min_by_key(|id| order(id)).unwrap_or("-");
-        let highest = entries().max_by_key(|id| order(id)).unwrap_or("+");
+        let lowest = entries()
+            .min()
+            .map_or_else(|| "-".into(), |id| id.to_string());
+        let highest = entries()
+            .max()
+            .map_or_else(|| "+".into(), |id| id.to_string());
         let mut inv = FINISH.key(keys.stream());
         inv.key(keys.delayed()).key(keys.dead()).key(keys.intact());
         inv.arg(GROUP)
@@ -137,13 +135,16 @@ pub enum Write {
         reruns: Vec<Rerun>,
     },
     /// Entry `entry_id` submitted this chain: expand it (once per chain id).
-    Expand { entry_id: String, chain: Box<Chain> },
+    Expand {
+        entry_id: EntryId,
+        chain: Box<Chain>,
+    },
     /// The task waits for a provider batch: parked with what the batch needs, its entry
     /// acked. A task parked before (this entry is a copy) is only acked; with no scheduler
     /// sending the queue's batches, it goes back to the stream to be called as usual.
     Park {
-        entry_id: String,
-        task_id: String,
+        entry_id: EntryId,
+        task_id: TaskId,
         park: Box<super::BatchPark>,
     },
 }
@@ -151,11 +152,11 @@ pub enum Write {
 impl Write {
     /// The stream entry this outcome acks.
     #[must_use]
-    pub fn entry_id(&self) -> &str {
+    pub fn entry_id(&self) -> EntryId {
         match self {
-            Self::Expand { entry_id, .. } | Self::Park { entry_id, .. } => entry_id,
-            Self::Task(f) | Self::Step(f, _) => &f.entry_id,
-            Self::Await { finish, .. } | Self::Rerun { finish, .. } => &finish.entry_id,
+            Self::Expand { entry_id, .. } | Self::Park { entry_id, .. } => *entry_id,
+            Self::Task(f) | Self::Step(f, _) => f.entry_id,
+            Self::Await { finish, .. } | Self::Rerun { finish, .. } => finish.entry_id,
         }
     }
 
@@ -185,7 +186,7 @@ impl Write {
                 ..
             }) => {
                 inv.arg("done").arg(entry_id).arg(record.to_json());
-                inv.key(keys.result(task_id));
+                inv.key(keys.result(*task_id));
             }
             Self::Task(f) => push_task(keys, inv, f),
             Self::Step(f, s) => push_step(keys, inv, f, s),
@@ -196,11 +197,11 @@ impl Write {
                 deadline_ms,
             } => {
                 inv.arg("await").arg(3).arg(SETTLE + 4);
-                inv.key(keys.result(&finish.task_id))
+                inv.key(keys.result(finish.task_id))
                     .key(keys.chain_steps(chain_id))
                     .key(keys.approvals());
                 settle(inv, finish);
-                inv.arg(&finish.task_id)
+                inv.arg(finish.task_id)
                     .arg(chain_id)
                     .arg(step)
                     .arg(deadline_ms);
@@ -216,7 +217,7 @@ impl Write {
                     .arg(SETTLE + 2 + super::chain::RERUN_ARGS * reruns.len());
                 chain_keys(keys, inv, finish, chain_id);
                 settle(inv, finish);
-                inv.arg(&finish.task_id).arg(step);
+                inv.arg(finish.task_id).arg(step);
                 for r in reruns {
                     inv.arg(&super::chain::rerun_args(r)[..]);
                 }
@@ -225,8 +226,8 @@ impl Write {
                 entry_id,
                 task_id,
                 park,
-            } => push_park(keys, inv, entry_id, task_id, park),
-            Self::Expand { entry_id, chain } => push_expand(keys, inv, entry_id, chain),
+            } => push_park(keys, inv, *entry_id, *task_id, park),
+            Self::Expand { entry_id, chain } => push_expand(keys, inv, *entry_id, chain),
         }
     }
 }
@@ -242,7 +243,7 @@ fn settle(inv: &mut ScriptInvocation<'_>, f: &Finish) {
         .as_ref()
         .map(TaskRecord::to_json)
         .unwrap_or_default();
-    inv.arg(&f.entry_id)
+    inv.arg(f.entry_id)
         .arg(kind)
         .arg(record)
         .arg(&f.envelope)
@@ -252,7 +253,7 @@ fn settle(inv: &mut ScriptInvocation<'_>, f: &Finish) {
 
 /// The keys of a chain step's finish: its result, its chain, steps and tasks.
 fn chain_keys(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, f: &Finish, chain_id: &str) {
-    inv.key(keys.result(&f.task_id))
+    inv.key(keys.result(f.task_id))
         .key(keys.chain(chain_id))
         .key(keys.chain_steps(chain_id))
         .key(keys.chain_tasks(chain_id));
@@ -264,7 +265,7 @@ fn push_task(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, f: &Finish) {
     let ends_key = f.key_end.as_deref();
     let args = SETTLE + if ends_key.is_some() { 3 } else { 0 } + usize::from(f.batch_id.is_some());
     inv.arg("task").arg(1).arg(args);
-    inv.key(keys.result(&f.task_id));
+    inv.key(keys.result(f.task_id));
     settle(inv, f);
     if let Some(end) = ends_key {
         let window = end
@@ -314,8 +315,8 @@ fn push_step(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, f: &Finish, s: &S
 fn push_park(
     keys: &QueueKeys,
     inv: &mut ScriptInvocation<'_>,
-    entry_id: &str,
-    task_id: &str,
+    entry_id: EntryId,
+    task_id: TaskId,
     park: &BatchPark,
 ) {
     inv.arg("park").arg(4).arg(8);
@@ -335,7 +336,7 @@ fn push_park(
 }
 
 /// A submitted chain to expand: its spec and each step's task and first state.
-fn push_expand(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, entry_id: &str, chain: &Chain) {
+fn push_expand(keys: &QueueKeys, inv: &mut ScriptInvocation<'_>, entry_id: EntryId, chain: &Chain) {
     let id = &chain.id;
     inv.arg("expand").arg(4).arg(4 + 5 * chain.steps.len());
     inv.key(keys.chain(id))

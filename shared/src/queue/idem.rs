@@ -11,6 +11,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{Client, Result};
+use crate::ids::{EntryId, TaskId};
 use crate::keys::{GROUP, QueueKeys};
 
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
@@ -53,7 +54,7 @@ pub struct KeyEnd {
 /// hand-backs, and which a takeover of that entry has too. Another entry sent with the same
 /// task id is another run: a copy.
 #[must_use]
-pub fn holder(task_id: &str, run: &str) -> String {
+pub fn holder(task_id: TaskId, run: &str) -> String {
     format!("{task_id}|{run}")
 }
 
@@ -71,7 +72,7 @@ impl Client {
         &self,
         keys: &QueueKeys,
         consumer: &str,
-        entry_id: &str,
+        entry_id: EntryId,
         name: &str,
         holder: &str,
         hold: Duration,

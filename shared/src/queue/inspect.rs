@@ -3,6 +3,7 @@
 use redis::Value;
 
 use super::{Client, Error, QueueCounts, Result, WORKER_LIVENESS, now_ms, reply};
+use crate::ids::TaskId;
 use crate::keys::{GROUP, QUEUES, QueueKeys};
 use crate::outcome::{Status, TaskRecord};
 
@@ -221,7 +222,7 @@ impl Client {
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn task(&self, keys: &QueueKeys, task_id: &str) -> Result<Option<TaskRecord>> {
+    pub async fn task(&self, keys: &QueueKeys, task_id: TaskId) -> Result<Option<TaskRecord>> {
         self.task_within(keys, task_id, usize::MAX).await
     }
 
@@ -234,14 +235,10 @@ impl Client {
     pub async fn task_within(
         &self,
         keys: &QueueKeys,
-        task_id: &str,
+        task_id: TaskId,
         scan: usize,
     ) -> Result<Option<TaskRecord>> {
-        let stored = self
-            .results(keys, &[task_id.to_owned()])
-            .await?
-            .pop()
-            .flatten();
+        let stored = self.results(keys, &[task_id]).await?.pop().flatten();
         if let Some(record) = stored.as_ref().filter(|r| r.status.is_final()) {
             return Ok(Some(record.clone()));
         }
@@ -255,15 +252,8 @@ impl Client {
             Ok(Some(r))
         };
         let mut c = self.conn().await?;
-        // Any JSON spacing; the id itself is unique enough. It is text, not a pattern.
-        let escaped: String = task_id
-            .chars()
-            .flat_map(|c| {
-                let glob = matches!(c, '*' | '?' | '[' | ']' | '\\');
-                glob.then_some('\\').into_iter().chain([c])
-            })
-            .collect();
-        let pattern = format!("*{escaped}*");
+        // Any JSON spacing; the id itself is unique enough (a UUID holds no glob character).
+        let pattern = format!("*{task_id}*");
         let mut cursor = 0u64;
         let mut looked = 0usize;
         loop {
@@ -351,7 +341,7 @@ impl Client {
     pub async fn results(
         &self,
         keys: &QueueKeys,
-        task_ids: &[String],
+        task_ids: &[TaskId],
     ) -> Result<Vec<Option<TaskRecord>>> {
         if task_ids.is_empty() {
             return Ok(Vec::new());
@@ -359,7 +349,7 @@ impl Client {
         let mut c = self.conn().await?;
         let mut cmd = redis::cmd("MGET");
         for id in task_ids {
-            cmd.arg(keys.result(id));
+            cmd.arg(keys.result(*id));
         }
         let stored: Vec<Option<String>> = cmd.query_async(&mut c).await?;
         stored

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use tokio::sync::OnceCell;
 
+use crate::ids::{EntryId, TaskId};
 use crate::outcome::{ErrorClass, TaskRecord};
 
 mod answers;
@@ -91,7 +92,7 @@ fn connect_fix(why: &str) -> &'static str {
 /// A task as read from the stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
-    pub entry_id: String,
+    pub entry_id: EntryId,
     /// The `task` field; `None` when the entry has no such field.
     pub payload: Option<Vec<u8>>,
     /// The `chain` field, for an entry that submits a chain.
@@ -123,7 +124,7 @@ pub struct Reclaimed {
 /// One entry taken over after its claim lapsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Takeover {
-    pub entry_id: String,
+    pub entry_id: EntryId,
     /// The worker that held it.
     pub from: String,
     /// That worker was seen alive (a heartbeat, or a refresh of its other claims) well after
@@ -193,8 +194,8 @@ impl FinishKind {
 /// A task's own outcome, in a [`Write`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finish {
-    pub entry_id: String,
-    pub task_id: String,
+    pub entry_id: EntryId,
+    pub task_id: TaskId,
     pub kind: FinishKind,
     /// The record to store at `result:<task_id>`, if any.
     pub record: Option<TaskRecord>,
@@ -210,7 +211,7 @@ pub struct Finish {
 impl Finish {
     /// The task answered: store `record`.
     #[must_use]
-    pub fn done(entry_id: String, task_id: String, record: TaskRecord) -> Self {
+    pub fn done(entry_id: EntryId, task_id: TaskId, record: TaskRecord) -> Self {
         Self {
             entry_id,
             task_id,
@@ -225,8 +226,8 @@ impl Finish {
     /// Wait in `delayed` until `due_ms`, carrying `envelope`; store `record` if given.
     #[must_use]
     pub fn retry(
-        entry_id: String,
-        task_id: String,
+        entry_id: EntryId,
+        task_id: TaskId,
         due_ms: i64,
         record: Option<TaskRecord>,
         envelope: String,
@@ -245,8 +246,8 @@ impl Finish {
     /// Move `envelope` to the dead letters with `error`, and store `record`.
     #[must_use]
     pub fn dead(
-        entry_id: String,
-        task_id: String,
+        entry_id: EntryId,
+        task_id: TaskId,
         error: String,
         class: ErrorClass,
         record: TaskRecord,
@@ -281,7 +282,7 @@ impl Finish {
 
     /// Ack the entry, writing nothing: another entry of the same task holds its outcome.
     #[must_use]
-    pub fn ack(entry_id: String, task_id: String) -> Self {
+    pub fn ack(entry_id: EntryId, task_id: TaskId) -> Self {
         Self {
             entry_id,
             task_id,
@@ -295,7 +296,7 @@ impl Finish {
 
     /// Hand `envelope` back to the stream untouched (shutdown).
     #[must_use]
-    pub fn release(entry_id: String, task_id: String, envelope: String) -> Self {
+    pub fn release(entry_id: EntryId, task_id: TaskId, envelope: String) -> Self {
         Self {
             entry_id,
             task_id,
@@ -310,8 +311,8 @@ impl Finish {
     /// Put `envelope` in the queue's room to wait for its turn (see [`FinishKind::Room`]).
     #[must_use]
     pub fn room(
-        entry_id: String,
-        task_id: String,
+        entry_id: EntryId,
+        task_id: TaskId,
         (priority, tenant): (u8, &str),
         place: Place,
         envelope: String,
@@ -370,7 +371,7 @@ pub struct QueueCounts {
 pub struct DeadLetter {
     /// The entry id in the dead stream.
     pub id: String,
-    pub task_id: String,
+    pub task_id: TaskId,
     pub queue: String,
     pub error: String,
     pub class: String,

@@ -8,6 +8,7 @@ use std::time::Duration;
 use super::Conn;
 
 use super::{Client, Result};
+use crate::ids::TaskId;
 use crate::keys::QueueKeys;
 
 /// How long a live answer is kept after its first entry (renewed by its last).
@@ -59,7 +60,7 @@ impl Client {
     pub async fn append_out(
         &self,
         keys: &QueueKeys,
-        task_id: &str,
+        task_id: TaskId,
         entry: &OutEntry,
         renew: bool,
     ) -> Result<()> {
@@ -92,7 +93,7 @@ impl Client {
     pub async fn read_out(
         conn: &mut Conn,
         keys: &QueueKeys,
-        task_id: &str,
+        task_id: TaskId,
         after: &str,
         block: Duration,
     ) -> Result<Vec<(String, OutEntry)>> {

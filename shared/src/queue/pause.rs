@@ -12,6 +12,7 @@ use std::time::Duration;
 use redis::Script;
 
 use super::{Client, Result};
+use crate::ids::EntryId;
 use crate::keys::{GROUP, QueueKeys};
 
 static UNREAD: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("unread.lua")));
@@ -100,7 +101,7 @@ impl Client {
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn unread(&self, keys: &QueueKeys, consumer: &str, ids: &[&str]) -> Result<u64> {
+    pub async fn unread(&self, keys: &QueueKeys, consumer: &str, ids: &[EntryId]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
@@ -108,7 +109,7 @@ impl Client {
         let mut inv = UNREAD.key(keys.stream());
         inv.arg(GROUP).arg(consumer);
         for id in ids {
-            inv.arg(*id);
+            inv.arg(id);
         }
         Ok(inv.invoke_async(&mut c).await?)
     }

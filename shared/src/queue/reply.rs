@@ -7,6 +7,7 @@ use redis::Value;
 
 use super::{DeadLetter, Delivery, Error, Reclaimed, Result, Takeover};
 use crate::envelope;
+use crate::ids::{EntryId, TaskId};
 use crate::keys::{CHAIN_FIELD, ROOM_FIELD, TASK_FIELD};
 
 pub(super) fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>) -> DeadLetter {
@@ -16,7 +17,11 @@ pub(super) fn dead_letter(queue: &str, id: String, f: &HashMap<String, Vec<u8>>)
             .unwrap_or_default()
     };
     let task = text(TASK_FIELD);
-    let task_id = envelope::task_id_of(queue, &text("entry_id"), task.as_bytes()).to_string();
+    // The entry the task was read from; a letter that does not say is named by its own.
+    let entry_id = EntryId::parse(&text("entry_id"))
+        .or_else(|| EntryId::parse(&id))
+        .unwrap_or_default();
+    let task_id = envelope::task_id_of(queue, entry_id, task.as_bytes());
     DeadLetter {
         task_id,
         queue: queue.to_owned(),
@@ -97,16 +102,28 @@ pub(super) fn parse_read_reply(reply: Value) -> Result<Vec<Delivery>> {
 
 /// Stream entries just read (`[[id, [field, value, ...]], ...]`) as deliveries.
 pub(super) fn deliveries(entries: Value) -> Result<Vec<Delivery>> {
-    Ok(parse_entries(entries)?
+    parse_entries(entries)?
         .into_iter()
-        .map(|(entry_id, mut fields)| Delivery {
-            entry_id,
-            payload: fields.remove(TASK_FIELD),
-            chain: fields.remove(CHAIN_FIELD),
-            deliveries: 1,
-            from_room: fields.contains_key(ROOM_FIELD),
+        .map(|(entry_id, mut fields)| {
+            Ok(Delivery {
+                entry_id: entry_id_of(&entry_id)?,
+                payload: fields.remove(TASK_FIELD),
+                chain: fields.remove(CHAIN_FIELD),
+                deliveries: 1,
+                from_room: fields.contains_key(ROOM_FIELD),
+            })
         })
-        .collect())
+        .collect()
+}
+
+/// A stream entry's id as Redis gave it; any other text is Redis not speaking its protocol.
+fn entry_id_of(text: &str) -> Result<EntryId> {
+    EntryId::parse(text).ok_or_else(|| {
+        Error::Protocol(format!(
+            "`{}` is not a stream entry id",
+            text.escape_debug()
+        ))
+    })
 }
 
 /// A flat `[id, deliveries, task or false, chain or false, holder, holder alive, had its
@@ -122,7 +139,7 @@ pub(super) fn parse_claimed(flat: &[Value]) -> Result<Reclaimed> {
             return Err(Error::Protocol("a claimed entry came back partial".into()));
         };
         let delivery = Delivery {
-            entry_id: as_string(id)?,
+            entry_id: entry_id_of(&as_string(id)?)?,
             deliveries: as_u64(deliveries).max(1),
             payload: bytes(payload),
             chain: bytes(chain),
@@ -131,7 +148,7 @@ pub(super) fn parse_claimed(flat: &[Value]) -> Result<Reclaimed> {
             from_room: as_u64(room) == 1,
         };
         out.takeovers.push(Takeover {
-            entry_id: delivery.entry_id.clone(),
+            entry_id: delivery.entry_id,
             from: as_string(from)?,
             from_alive: as_u64(alive) == 1,
             deliveries: delivery.deliveries,
@@ -146,8 +163,8 @@ pub(super) fn entry_matches(
     queue: &str,
     entry_id: &str,
     fields: &HashMap<String, Vec<u8>>,
-    task_id: &str,
+    task_id: TaskId,
 ) -> bool {
     let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
-    envelope::task_id_of(queue, entry_id, payload).to_string() == task_id
+    EntryId::parse(entry_id).is_some_and(|e| envelope::task_id_of(queue, e, payload) == task_id)
 }

@@ -6,6 +6,7 @@ use std::sync::LazyLock;
 use redis::Script;
 
 use super::{Client, Result};
+use crate::ids::EntryId;
 use crate::keys::{GROUP, QueueKeys};
 
 static TAKE: LazyLock<Script> = LazyLock::new(|| {
@@ -51,7 +52,7 @@ impl Client {
         &self,
         keys: &QueueKeys,
         consumer: &str,
-        entry_id: &str,
+        entry_id: EntryId,
         key: &str,
         limit: u32,
         envelope: Option<&str>,
@@ -80,14 +81,14 @@ impl Client {
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn free_slots(&self, keys: &QueueKeys, held: &[(&str, &str)]) -> Result<()> {
+    pub async fn free_slots(&self, keys: &QueueKeys, held: &[(EntryId, String)]) -> Result<()> {
         if held.is_empty() {
             return Ok(());
         }
         let mut c = self.conn().await?;
         let mut inv = FREE.key(keys.stream());
         for (entry, key) in held {
-            inv.arg(*entry).arg(*key);
+            inv.arg(entry).arg(key);
         }
         inv.invoke_async::<i64>(&mut c).await?;
         Ok(())

@@ -676,7 +676,7 @@ pub fn first_choice(
 /// The seed of a task's draws: its id and attempt, so a route can be reproduced.
 fn seed(task: &Envelope) -> u64 {
     let id = task.id.map_or(0, |u| {
-        let v = u.as_u128();
+        let v = u.uuid().as_u128();
         (v as u64) ^ ((v >> 64) as u64)
     });
     id ^ u64::from(task.attempts).wrapping_mul(0x9E37_79B9_7F4A_7C15)

@@ -20,6 +20,7 @@ use chrono::Utc;
 use clap::{Parser, ValueEnum};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::{QUEUES, QueueKeys};
 use llmq_shared::ledger::{Ledger, Scope};
 use llmq_shared::outcome::Status;
@@ -788,7 +789,7 @@ async fn chain(args: &Args, redis: &mut Redis) -> Result<String> {
         for id in &ids {
             let state = client.chain(&keys, id).await?.map(|c| c.state);
             ensure!(
-                state.as_deref() == Some("succeeded"),
+                state.is_some_and(|s| s == "succeeded"),
                 "chain {id} ended {state:?}"
             );
         }
@@ -970,11 +971,7 @@ async fn answer_cache(args: &Args, redis: &mut Redis) -> Result<String> {
                 let after = Snapshot::take(redis).await;
                 running.stop().await?;
                 drained?;
-                let ids: Vec<String> = envs
-                    .iter()
-                    .filter_map(|e| e.id)
-                    .map(|id| id.to_string())
-                    .collect();
+                let ids: Vec<TaskId> = envs.iter().filter_map(|e| e.id).collect();
                 verify_results(&client, &keys, &ids).await?;
                 let d = after?.since(&before, tasks);
                 if args.verbose {
@@ -1078,7 +1075,7 @@ async fn idempotent_enqueue(args: &Args, redis: &mut Redis) -> Result<String> {
         let after = Snapshot::take(redis).await;
         running.stop().await?;
         drained?;
-        let ids: Vec<String> = envs.iter().filter_map(|e| e.id).map(|id| id.to_string()).collect();
+        let ids: Vec<TaskId> = envs.iter().filter_map(|e| e.id).collect();
         verify_results(&client, &keys, &ids).await?;
         let copies = client.duplicates(&keys).await?;
         let d = after?.since(&before, COPIES);
@@ -1369,11 +1366,11 @@ async fn stream_first_token(args: &Args, redis: &mut Redis) -> Result<String> {
         let mut firsts = Vec::with_capacity(followed);
         for i in 0..followed {
             let e = task(tasks + i, true);
-            let id = e.id.map(|u| u.to_string()).unwrap_or_default();
+            let id = e.id.context("Envelope::new names its task")?;
             client.enqueue(&keys, &e).await?;
             let seen = loop {
                 let entries =
-                    Client::read_out(&mut conn, &keys, &id, "0", Duration::from_secs(10)).await?;
+                    Client::read_out(&mut conn, &keys, id, "0", Duration::from_secs(10)).await?;
                 if entries.iter().any(|(_, e)| matches!(e, OutEntry::Text(_))) {
                     break Utc::now();
                 }
@@ -1492,10 +1489,7 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
                     e
                 })
                 .collect();
-            let ids: Vec<String> = chunk
-                .iter()
-                .filter_map(|e| e.id.map(|u| u.to_string()))
-                .collect();
+            let ids: Vec<TaskId> = chunk.iter().filter_map(|e| e.id).collect();
             let before = Snapshot::take(redis).await?;
             for part in chunk.chunks(ENQUEUE_CHUNK) {
                 client.enqueue_many(&keys, part).await?;
@@ -1512,7 +1506,7 @@ async fn provider_batch(args: &Args, redis: &mut Redis) -> Result<String> {
             while next < ids.len() {
                 let chunk = &ids[next..ids.len().min(next + RESULT_POLL_KEYS)];
                 let stored: usize = redis::cmd("EXISTS")
-                    .arg(chunk.iter().map(|id| keys.result(id)).collect::<Vec<_>>())
+                    .arg(chunk.iter().map(|id| keys.result(*id)).collect::<Vec<_>>())
                     .query_async(&mut c)
                     .await?;
                 polls += 1;
@@ -2652,13 +2646,13 @@ async fn priority_run(
             e.model = Some("mock-fast".into());
             let at = chrono::Utc::now();
             client.enqueue(&keys, &e).await?;
-            sent.push((e.id.map(|u| u.to_string()).unwrap_or_default(), at));
+            sent.push((e.id.context("Envelope::new names its task")?, at));
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         let landed = landing.await??;
         // Only the tasks sent while the flood was there count.
         sent.retain(|(_, at)| *at >= landed);
-        let ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
+        let ids: Vec<TaskId> = sent.iter().map(|(id, _)| *id).collect();
         let deadline = Instant::now() + DRAIN_LIMIT;
         let waits = loop {
             let records = client.results(&keys, &ids).await?;
@@ -2755,7 +2749,7 @@ async fn fair_share_run(
             config.tenant_weights.insert("tenant-0".into(), 2);
         }
         client.ensure_group(&keys).await?;
-        let mut tasks: Vec<(String, usize)> = Vec::new();
+        let mut tasks: Vec<(TaskId, usize)> = Vec::new();
         for (tenant, n) in [big, small, small].into_iter().enumerate() {
             let envs: Vec<Envelope> = (0..n)
                 .map(|i| {
@@ -2768,17 +2762,14 @@ async fn fair_share_run(
             for chunk in envs.chunks(ENQUEUE_CHUNK) {
                 client.enqueue_many(&keys, chunk).await?;
             }
-            tasks.extend(
-                envs.iter()
-                    .map(|e| (e.id.map(|u| u.to_string()).unwrap_or_default(), tenant)),
-            );
+            tasks.extend(envs.iter().filter_map(|e| Some((e.id?, tenant))));
         }
         let running = Workers::start(1, |i| settings(&args.redis_url, &config, &queue, 8, i))?;
         let drained = wait_drained(&client, &keys, &running).await;
         running.stop().await?;
         mock.shutdown().await;
         drained?;
-        let ids: Vec<String> = tasks.iter().map(|(id, _)| id.clone()).collect();
+        let ids: Vec<TaskId> = tasks.iter().map(|(id, _)| *id).collect();
         let mut done: Vec<(chrono::DateTime<chrono::Utc>, usize)> = Vec::with_capacity(ids.len());
         for (chunk, owners) in ids.chunks(1000).zip(tasks.chunks(1000)) {
             for (r, (_, tenant)) in client.results(&keys, chunk).await?.into_iter().zip(owners) {
@@ -3339,7 +3330,7 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
                 asks.spawn(async move {
                     tokio::time::sleep_until(at.into()).await;
                     let sent = Instant::now();
-                    let done = direct.wait(e.id.unwrap_or_default().to_string());
+                    let done = direct.wait(e.id.context("Envelope::new names its task")?);
                     client.enqueue(&keys, &e).await?;
                     done.await?;
                     Ok::<_, anyhow::Error>(sent.elapsed().as_micros() as u64)
@@ -3392,7 +3383,7 @@ async fn gateway(args: &Args, redis: &mut Redis) -> Result<String> {
                                 } else {
                                     let mut e = Envelope::new(format!("most {i}"));
                                     e.model = Some("mock-fast".into());
-                                    let done = direct.wait(e.id.unwrap_or_default().to_string());
+                                    let done = direct.wait(e.id.context("Envelope::new names its task")?);
                                     client.enqueue(&keys, &e).await?;
                                     done.await?;
                                 }
@@ -3585,7 +3576,7 @@ async fn gateway_batch(args: &Args, redis: &mut Redis) -> Result<String> {
 #[derive(Clone)]
 struct Direct {
     open: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<()>>>,
+        std::sync::Mutex<std::collections::HashMap<TaskId, tokio::sync::oneshot::Sender<()>>>,
     >,
 }
 
@@ -3597,12 +3588,12 @@ impl Direct {
         let open = std::sync::Arc::clone(&me.open);
         tokio::spawn(async move {
             loop {
-                let ids: Vec<String> = {
+                let ids: Vec<TaskId> = {
                     let mut o = open
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     o.retain(|_, tx| !tx.is_closed());
-                    o.keys().cloned().collect()
+                    o.keys().copied().collect()
                 };
                 for chunk in ids.chunks(1000) {
                     if let Ok(records) = client.results(&keys, chunk).await {
@@ -3629,7 +3620,7 @@ impl Direct {
         me
     }
 
-    fn wait(&self, id: String) -> tokio::sync::oneshot::Receiver<()> {
+    fn wait(&self, id: TaskId) -> tokio::sync::oneshot::Receiver<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.open
             .lock()
@@ -3673,7 +3664,7 @@ fn proc_status_kib(pid: u32, line: &str) -> Result<u64> {
 }
 
 /// Enqueues `n` no-op tasks in chunks; returns their ids.
-async fn backlog(client: &Client, keys: &QueueKeys, n: usize) -> Result<Vec<String>> {
+async fn backlog(client: &Client, keys: &QueueKeys, n: usize) -> Result<Vec<TaskId>> {
     backlog_shaped(client, keys, n, Shape::Plain).await
 }
 
@@ -3727,7 +3718,7 @@ async fn backlog_shaped(
     keys: &QueueKeys,
     n: usize,
     shape: Shape,
-) -> Result<Vec<String>> {
+) -> Result<Vec<TaskId>> {
     client.ensure_group(keys).await?;
     let mut ids = Vec::with_capacity(n);
     let mut left = n;
@@ -3740,7 +3731,7 @@ async fn backlog_shaped(
             })
             .collect();
         client.enqueue_many(keys, &chunk).await?;
-        ids.extend(chunk.iter().filter_map(|e| e.id).map(|id| id.to_string()));
+        ids.extend(chunk.iter().filter_map(|e| e.id));
         left -= chunk.len();
     }
     Ok(ids)
@@ -3807,7 +3798,7 @@ async fn wait_unparked(
 }
 
 /// Checks that every task has a stored, successful result.
-async fn verify_results(client: &Client, keys: &QueueKeys, ids: &[String]) -> Result<()> {
+async fn verify_results(client: &Client, keys: &QueueKeys, ids: &[TaskId]) -> Result<()> {
     for chunk in ids.chunks(1000) {
         for (id, record) in chunk.iter().zip(client.results(keys, chunk).await?) {
             match record {

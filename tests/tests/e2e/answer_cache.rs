@@ -53,7 +53,7 @@ async fn run_all(env: &TestEnv, tasks: &[Envelope]) -> Vec<TaskRecord> {
     }
     let mut records = Vec::new();
     for t in tasks {
-        let id = t.id.unwrap().to_string();
+        let id = t.id.unwrap();
         records.push(env.wait_final(&id, Duration::from_secs(60)).await.unwrap());
     }
     records
@@ -87,7 +87,7 @@ async fn identical_tasks_sent_at_once_make_one_call_each_and_the_rest_read_its_a
         assert!(leader.cost_usd > 0.0);
         for r in rs.iter().filter(|r| r.cached) {
             assert_eq!(r.output, leader.output, "the same answer");
-            assert_eq!(r.cached_from.as_deref(), Some(leader.task_id.as_str()));
+            assert_eq!(r.cached_from, Some(leader.task_id));
             assert_eq!(r.cost_usd, 0.0, "a hit is billed nothing");
             assert_eq!(r.model, leader.model);
         }
@@ -223,7 +223,15 @@ async fn kept_answers_stay_within_their_bound_nearest_end_first() {
         let env = &env;
         async move {
             env.redis
-                .take_answer(&env.keys, "c", "0-1", name, false, None, None)
+                .take_answer(
+                    &env.keys,
+                    "c",
+                    llmq_shared::ids::EntryId::new(0, 1),
+                    name,
+                    false,
+                    None,
+                    None,
+                )
                 .await
                 .unwrap()
         }
@@ -337,7 +345,7 @@ async fn a_worker_killed_during_the_call_leaves_the_flight_to_the_worker_that_ta
     let second = llmq_tests::harness::WorkerProcess::spawn_with(&env, &config, &args).unwrap();
     let mut records = Vec::new();
     for t in &tasks {
-        let id = t.id.unwrap().to_string();
+        let id = t.id.unwrap();
         records.push(env.wait_final(&id, Duration::from_secs(60)).await.unwrap());
     }
     second.signal("TERM").unwrap();
@@ -353,7 +361,7 @@ async fn a_worker_killed_during_the_call_leaves_the_flight_to_the_worker_that_ta
         records
             .iter()
             .filter(|r| r.cached)
-            .all(|r| r.cached_from.as_deref() == Some(called[0].task_id.as_str()))
+            .all(|r| r.cached_from == Some(called[0].task_id))
     );
 }
 

@@ -5,12 +5,13 @@
 use std::time::Duration;
 
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_tests::harness::{TestEnv, WorkerProcess};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-async fn finish_all(env: &TestEnv, ids: &[String]) -> Vec<TaskRecord> {
+async fn finish_all(env: &TestEnv, ids: &[TaskId]) -> Vec<TaskRecord> {
     llmq::wait_for(&env.redis, &env.keys, ids, Some(WAIT), |_| {})
         .await
         .unwrap()
@@ -41,7 +42,7 @@ async fn a_parallel_3_batch_never_has_more_than_3_calls_open_across_workers_and_
     std::fs::write(&input, serde_json::to_string(&tasks).unwrap()).unwrap();
     let (code, listing) = env.batch(&input, &["--parallel", "3"]).await;
     assert_eq!(code, 0, "{listing}");
-    let ids: Vec<String> = listing.lines().map(str::to_owned).collect();
+    let ids: Vec<TaskId> = listing.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(ids.len(), 40);
 
     // Other work of the same queue is not held up by the batch.
@@ -53,7 +54,7 @@ async fn a_parallel_3_batch_never_has_more_than_3_calls_open_across_workers_and_
         })
         .collect();
     env.redis.enqueue_many(&env.keys, &others).await.unwrap();
-    let other_ids: Vec<String> = others.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let other_ids: Vec<TaskId> = others.iter().map(|e| e.id.unwrap()).collect();
 
     // Kill a worker while it holds batch tasks (and so slots), and start another.
     let victim = workers.remove(0);
@@ -351,14 +352,14 @@ async fn a_json_lines_file_is_checked_whole_and_a_bad_line_enqueues_nothing() {
     std::fs::write(&path, jsonl(&lines)).unwrap();
     let (code, out) = env.batch(&path, &["--batch-id", "nightly-7"]).await;
     assert_eq!(code, 0, "{out}");
-    let ids: Vec<String> = out.lines().map(str::to_owned).collect();
+    let ids: Vec<TaskId> = out.lines().map(|l| l.parse().unwrap()).collect();
     assert_eq!(ids.len(), 5);
     assert_eq!(env.stream_len().await, 5);
     let expected = uuid::Uuid::new_v5(
         &uuid::Uuid::NAMESPACE_OID,
         format!("llmq-batch:{}:nightly-7:req-0", env.queue).as_bytes(),
     );
-    assert_eq!(ids[0], expected.to_string());
+    assert_eq!(ids[0], expected.into());
     // The same batch again: nothing more goes in.
     let (code, out) = env.batch(&path, &["--batch-id", "nightly-7"]).await;
     assert_eq!(code, 0, "{out}");
@@ -393,13 +394,13 @@ async fn a_stdin_batch_stopped_by_a_bad_line_resumes_with_its_batch_id_and_runs_
     );
     assert_eq!(env.stream_len().await, 2500);
     let worker = env.worker();
-    let ids: Vec<String> = (0..2500)
+    let ids: Vec<TaskId> = (0..2500)
         .map(|i| {
             uuid::Uuid::new_v5(
                 &uuid::Uuid::NAMESPACE_OID,
                 format!("llmq-batch:{}:import-1:req-{i}", env.queue).as_bytes(),
             )
-            .to_string()
+            .into()
         })
         .collect();
     let records = finish_all(&env, &ids).await;

@@ -125,7 +125,7 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
     let (dead_id, replayed_task) = env.replayable_dead_letter("run me again").await;
     let mut hostile = Envelope::new("<script>window.__llmq_pwned=1;alert('pwned')</script>");
     hostile.model = Some("mock-fast".into());
-    let hostile_id = hostile.id.unwrap().to_string();
+    let hostile_id = hostile.id.unwrap();
     env.redis.enqueue(&env.keys, &hostile).await.unwrap();
     env.wait_final(&hostile_id, WAIT).await.unwrap();
     env.eventually("the step awaiting approval", WAIT, || async {

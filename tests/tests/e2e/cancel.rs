@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use llmq_shared::envelope::Envelope;
 use llmq_shared::outcome::Status;
-use llmq_tests::harness::TestEnv;
+use llmq_tests::harness::{AsTaskId, TestEnv};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -94,7 +94,7 @@ async fn a_cancelled_task_never_runs_and_one_in_a_call_has_it_dropped() {
     );
     assert_eq!(
         env.redis
-            .task(&env.keys, &done)
+            .task(&env.keys, done.tid())
             .await
             .unwrap()
             .unwrap()
@@ -223,27 +223,22 @@ async fn a_chain_steps_cancel_cancels_what_follows_it() {
     let plan = env
         .eventually("the plan step is in its call", WAIT, || async {
             let c = env.redis.chain(&env.keys, &id).await.unwrap();
-            let step = c.and_then(|c| c.steps.get("plan").map(|s| s.task_id.clone()));
+            let step = c.and_then(|c| c.steps.get("plan").and_then(|s| s.task_id));
             match step {
-                Some(t) if !t.is_empty() => env
-                    .calls()
-                    .await
-                    .unwrap()
-                    .iter()
-                    .any(|c| c.0.to_string() == t),
+                Some(t) => env.calls().await.unwrap().iter().any(|c| c.0 == t.uuid()),
                 _ => false,
             }
         })
         .await;
     plan.unwrap();
     let c = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
-    let plan_task = c.steps["plan"].task_id.clone();
+    let plan_task = c.steps["plan"].task_id.unwrap().to_string();
     let (code, said) = env
         .cli(&["cancel", "--queue", &env.queue, &plan_task])
         .await;
     assert_eq!(code, 0, "{said}");
     let c = env.chain_ended(&id, WAIT).await;
-    let status = |s: &str| c.steps[s].status.clone();
+    let status = |s: &str| c.steps[s].status;
     assert_eq!(
         [
             status("plan"),

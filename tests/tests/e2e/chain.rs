@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use llmq_shared::chain::ChainState;
-use llmq_tests::harness::{TestEnv, WorkerHandle};
+use llmq_tests::harness::{AsTaskId, TestEnv, WorkerHandle};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -340,12 +340,15 @@ async fn two_workers_racing_to_finish_a_joins_parents_enqueue_it_once() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let calls = env.calls().await.unwrap();
     assert_eq!(calls.len(), 60, "three steps per chain, each called once");
-    let merges = std::collections::HashSet::<uuid::Uuid>::from_iter(
+    let merges = std::collections::HashSet::<llmq_shared::ids::TaskId>::from_iter(
         ids.iter()
             .map(|id| llmq_shared::chain::step_task_id(id, "merge", 0)),
     );
     assert_eq!(
-        calls.iter().filter(|c| merges.contains(&c.0)).count(),
+        calls
+            .iter()
+            .filter(|c| merges.contains(&c.0.into()))
+            .count(),
         20,
         "every join ran exactly once"
     );
@@ -530,7 +533,7 @@ async fn a_chain_can_be_cancelled_and_an_ended_one_retried() {
     .await;
     let c = finished(&env, &id).await;
     assert_eq!(c.state, "failed");
-    let impl_task = c.steps["impl"].task_id.clone();
+    let impl_task = c.steps["impl"].task_id;
     let (code, out) = env
         .cli(&["chain", "retry", &id, "--queue", &env.queue])
         .await;
@@ -543,7 +546,7 @@ async fn a_chain_can_be_cancelled_and_an_ended_one_retried() {
     assert_eq!(c.steps["ship"].round, 1);
     assert_eq!(
         c.steps["review"].task_id,
-        llmq_shared::chain::step_task_id(&id, "review", 1).to_string()
+        Some(llmq_shared::chain::step_task_id(&id, "review", 1))
     );
     let (code, out) = env
         .cli(&[
@@ -610,11 +613,10 @@ async fn chains_survive_workers_killed_over_and_over() {
         }
     }
     // Every step's task ran to one result.
-    let tasks: Vec<String> = ids
+    let tasks: Vec<llmq_shared::ids::TaskId> = ids
         .iter()
         .flat_map(|id| {
-            (1..=6)
-                .map(move |n| llmq_shared::chain::step_task_id(id, &format!("s{n}"), 0).to_string())
+            (1..=6).map(move |n| llmq_shared::chain::step_task_id(id, &format!("s{n}"), 0))
         })
         .collect();
     let records = env.redis.results(&env.keys, &tasks).await.unwrap();
@@ -724,8 +726,13 @@ async fn a_rejection_sends_the_work_back_with_the_findings_up_to_max_rounds() {
         "{redone}"
     );
     // The first review's task records the rejection that sent the work back.
-    let first = llmq_shared::chain::step_task_id(&once, "review", 0).to_string();
-    let r = env.redis.task(&env.keys, &first).await.unwrap().unwrap();
+    let first = llmq_shared::chain::step_task_id(&once, "review", 0);
+    let r = env
+        .redis
+        .task(&env.keys, first.tid())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(
         r.output
             .unwrap()
@@ -854,8 +861,13 @@ async fn a_step_that_escalates_runs_again_one_tier_up_after_a_failure() {
     assert_eq!(c.steps["work"].round, 1);
     assert_eq!(c.steps["work"].model.as_deref(), Some("mock-smart"));
     // The failed rung keeps its record, and says where the step went.
-    let first = llmq_shared::chain::step_task_id(&id, "work", 0).to_string();
-    let r = env.redis.task(&env.keys, &first).await.unwrap().unwrap();
+    let first = llmq_shared::chain::step_task_id(&id, "work", 0);
+    let r = env
+        .redis
+        .task(&env.keys, first.tid())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(r.status, llmq_shared::outcome::Status::Failed);
     assert_eq!(r.model.as_deref(), Some("fail-400"));
     assert!(
@@ -1294,7 +1306,13 @@ async fn a_chain_in_the_previous_layout_still_runs_to_its_end() {
         {"name": "a", "after": ["plan"], "prompt": "A {{plan.summary}}", "model": "slow-1500"},
         {"name": "b", "after": ["plan"], "prompt": "B", "model": "fail-400"},
         {"name": "merge", "after": ["a", "b"], "prompt": "Merge"}]});
-    let chain = Chain::parse(spec.to_string().as_bytes(), 1 << 20, &env.queue, "0-1").unwrap();
+    let chain = Chain::parse(
+        spec.to_string().as_bytes(),
+        1 << 20,
+        &env.queue,
+        llmq_shared::ids::EntryId::new(0, 1),
+    )
+    .unwrap();
     // What the previous chain_expand.lua wrote.
     let keys = &env.keys;
     let mut graph = serde_json::Map::new();
@@ -1331,7 +1349,7 @@ async fn a_chain_in_the_previous_layout_still_runs_to_its_end() {
         } else {
             "blocked"
         };
-        let task_id = s.task.id.unwrap().to_string();
+        let task_id = s.task.id.unwrap();
         p.hset(
             keys.chain_steps(&id),
             &s.name,
@@ -1407,7 +1425,7 @@ async fn an_archived_step_letter_replayed_resumes_its_chain() {
         .cli(&[
             "dlq",
             "replay",
-            &dead[0].task_id,
+            &dead[0].task_id.to_string(),
             "--queue",
             &env.queue,
             "--database-url",
@@ -1429,7 +1447,7 @@ async fn an_archived_step_letter_replayed_resumes_its_chain() {
     let left = llmq_shared::archive::take_archived(
         env.ledger.pool(),
         &env.queue,
-        std::slice::from_ref(&dead[0].task_id),
+        &[dead[0].task_id.to_string()],
     )
     .await
     .unwrap();
@@ -1470,7 +1488,7 @@ async fn a_late_task_of_an_older_round_cannot_rerun_or_park_its_step() {
         spec.to_string().as_bytes(),
         1 << 20,
         &env.queue,
-        &entry.entry_id,
+        entry.entry_id,
     )
     .unwrap();
     let ttl = Duration::from_secs(60);
@@ -1492,20 +1510,20 @@ async fn a_late_task_of_an_older_round_cannot_rerun_or_park_its_step() {
     let own = read(1).await.remove(0);
     env.xadd("task", b"{\"prompt\": \"late\"}").await.unwrap();
     let late = read(1).await.remove(0);
-    let stale_id = uuid::Uuid::new_v4().to_string();
-    let finish = |entry: &str| {
-        let record = TaskRecord::pending(&stale_id, &env.queue, Status::Succeeded);
-        Finish::done(entry.to_owned(), stale_id.clone(), record)
+    let stale_id = llmq_shared::ids::TaskId::random();
+    let finish = |entry| {
+        let record = TaskRecord::pending(stale_id, &env.queue, Status::Succeeded);
+        Finish::done(entry, stale_id, record)
     };
     let writes = [
         Write::Rerun {
-            finish: finish(&late.entry_id),
+            finish: finish(late.entry_id),
             chain_id: id.clone(),
             step: "impl".into(),
             reruns,
         },
         Write::Await {
-            finish: finish(&own.entry_id),
+            finish: finish(own.entry_id),
             chain_id: id.clone(),
             step: "impl".into(),
             deadline_ms: i64::MAX,
@@ -1664,7 +1682,7 @@ async fn expand_as_tester(env: &TestEnv, spec: &Value) {
         spec.to_string().as_bytes(),
         1 << 20,
         &env.queue,
-        &entry.entry_id,
+        entry.entry_id,
     )
     .unwrap();
     let expand = Write::Expand {
@@ -1684,7 +1702,7 @@ fn step_end(
     env: &TestEnv,
     chain_id: &str,
     name: &str,
-    entry_id: String,
+    entry_id: llmq_shared::ids::EntryId,
     outcome: &'static str,
     fields: llmq_shared::chain::StepState,
     seen: Option<Box<llmq_shared::chain::Seen>>,
@@ -1692,12 +1710,12 @@ fn step_end(
     use llmq_shared::chain::{StepEnd, StepOutcome, StepState};
     use llmq_shared::outcome::{Status, TaskRecord};
     use llmq_shared::queue::{Finish, Write};
-    let task_id = llmq_shared::chain::step_task_id(chain_id, name, 0).to_string();
+    let task_id = llmq_shared::chain::step_task_id(chain_id, name, 0);
     Write::Step(
         Finish::done(
             entry_id,
-            task_id.clone(),
-            TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+            task_id,
+            TaskRecord::pending(task_id, &env.queue, Status::Succeeded),
         ),
         Box::new(StepOutcome {
             chain_id: chain_id.to_owned(),
@@ -1707,7 +1725,10 @@ fn step_end(
                 "failed" => StepEnd::Failed,
                 _ => StepEnd::Cancelled,
             },
-            fields: StepState { task_id, ..fields },
+            fields: StepState {
+                task_id: Some(task_id),
+                ..fields
+            },
             seen,
         }),
     )
@@ -1758,7 +1779,7 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
     assert_eq!(reviews.len(), 2);
     // Each review rejects, sending the draft and itself into round 1 with its findings.
     let state = env.redis.chain(&env.keys, &id).await.unwrap().unwrap();
-    let rejection = |entry: &str, name: &str| {
+    let rejection = |entry, name: &str| {
         let again = ["draft".to_owned(), name.to_owned()].into_iter().collect();
         let mut reruns = state.reruns(&again).unwrap();
         for r in &mut reruns {
@@ -1767,12 +1788,12 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
                 r.task.prompt.push_str(&r.fold);
             }
         }
-        let task_id = state.steps[name].task_id.clone();
+        let task_id = state.steps[name].task_id.unwrap();
         Write::Rerun {
             finish: Finish::done(
-                entry.to_owned(),
-                task_id.clone(),
-                TaskRecord::pending(&task_id, &env.queue, Status::Succeeded),
+                entry,
+                task_id,
+                TaskRecord::pending(task_id, &env.queue, Status::Succeeded),
             ),
             chain_id: id.clone(),
             step: name.into(),
@@ -1781,7 +1802,7 @@ async fn two_rejections_in_one_batch_fold_into_one_round() {
     };
     let writes: Vec<Write> = reviews
         .iter()
-        .map(|d| rejection(&d.entry_id, &step_of(d)))
+        .map(|d| rejection(d.entry_id, &step_of(d)))
         .collect();
     assert_eq!(
         env.redis
@@ -1829,7 +1850,7 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
     // adding up to the step's output.
     let mut conn = env.redis.blocking_conn().await.unwrap();
     let mut live = async |step: &str| {
-        let task = &c.steps[step].task_id;
+        let task = c.steps[step].task_id.unwrap();
         let wait = Duration::from_millis(1);
         llmq_shared::queue::Client::read_out(&mut conn, &env.keys, task, "0", wait)
             .await
@@ -1850,7 +1871,7 @@ async fn a_step_streams_its_answer_and_another_answers_json_that_fits_its_schema
     let none = live("facts").await;
     assert!(none.is_empty(), "{none:?}");
     let record = env
-        .wait_final(&c.steps["facts"].task_id, WAIT)
+        .wait_final(c.steps["facts"].task_id.unwrap(), WAIT)
         .await
         .unwrap();
     assert_eq!(record.json, Some(json!({"city": "x"})), "{record:?}");
@@ -1920,7 +1941,7 @@ async fn a_steps_state_is_swapped_in_only_while_it_is_the_one_its_worker_read() 
     let ttl = Duration::from_secs(60);
     expand_as_tester(&env, &spec).await;
     // What a worker reads before it runs a step, and writes when the step ends.
-    let end = |entry_id: String, name: &str, seen| {
+    let end = |entry_id, name: &str, seen| {
         let fields = StepState {
             provider: Some("mock".into()),
             model: Some(format!("model-of-{name}")),
@@ -2103,15 +2124,7 @@ async fn a_swapped_step_ends_as_the_scripts_merge_would_end_it() {
             let o_seen = contexts.pop().unwrap();
             let s_seen = contexts.pop().unwrap();
             let end = |name: &str, outcome, fields, seen| {
-                step_end(
-                    &env,
-                    &id,
-                    name,
-                    entries[name].clone(),
-                    outcome,
-                    fields,
-                    seen,
-                )
+                step_end(&env, &id, name, entries[name], outcome, fields, seen)
             };
             if let Some(other) = other_ends {
                 let write = [end("o", other, StepState::default(), o_seen)];

@@ -143,7 +143,7 @@ async fn prepare_dead_letters(env: &TestEnv, idle: &QueueKeys) -> Vec<String> {
             .unwrap()
             .remove(0);
         redis::cmd("SET")
-            .arg(idle.result(&letter.task_id))
+            .arg(idle.result(letter.task_id))
             .arg(r#"{"status":"dead"}"#)
             .query_async::<()>(&mut c)
             .await
@@ -202,7 +202,7 @@ fn oracle(queue: &str) -> PathBuf {
         .map(|l| {
             let dead = DeadLetter {
                 id: "1-0".into(),
-                task_id: l[1].as_str().unwrap().into(),
+                task_id: l[1].as_str().unwrap().parse().unwrap(),
                 queue: "q".into(),
                 error: String::new(),
                 class: String::new(),
@@ -219,7 +219,12 @@ fn oracle(queue: &str) -> PathBuf {
         .map(|s| {
             let mut spec: Value = serde_json::from_str(&s).unwrap();
             spec["v"] = json!(1);
-            let answer = match Chain::parse(spec.to_string().as_bytes(), max, "q", "1-0") {
+            let answer = match Chain::parse(
+                spec.to_string().as_bytes(),
+                max,
+                "q",
+                llmq_shared::ids::EntryId::new(1, 0),
+            ) {
                 Ok(_) => json!({"ok": true}),
                 Err(e) => json!({"error": e.to_string()}),
             };

@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::Client;
@@ -22,7 +23,7 @@ fn later_tick(at: chrono::DateTime<chrono::Utc>) -> i64 {
 async fn wait_final(
     redis: &Client,
     keys: &QueueKeys,
-    id: &str,
+    id: TaskId,
 ) -> llmq_shared::outcome::TaskRecord {
     let started = Instant::now();
     loop {
@@ -60,7 +61,7 @@ async fn tasks_and_dead_letters_on_three_queues_on_three_nodes() {
                 e.tenant = Some(format!("tenant-{}", i % 3).into());
             }
             redis.enqueue(&keys, &e).await.unwrap();
-            ids.push((keys.clone(), e.id.unwrap().to_string()));
+            ids.push((keys.clone(), e.id.unwrap()));
         }
         // Several at once, all for the stream: one transaction on the queue's node.
         let many: Vec<Envelope> = (0..5)
@@ -71,10 +72,7 @@ async fn tasks_and_dead_letters_on_three_queues_on_three_nodes() {
             })
             .collect();
         redis.enqueue_many(&keys, &many).await.unwrap();
-        ids.extend(
-            many.iter()
-                .map(|e| (keys.clone(), e.id.unwrap().to_string())),
-        );
+        ids.extend(many.iter().map(|e| (keys.clone(), e.id.unwrap())));
         // A task without a prompt: a dead letter on its own node.
         let mut c = redis.conn().await.unwrap();
         let _: String = redis::cmd("XADD")
@@ -87,6 +85,7 @@ async fn tasks_and_dead_letters_on_three_queues_on_three_nodes() {
             .unwrap();
     }
     for (keys, id) in &ids {
+        let id = *id;
         let r = wait_final(&redis, keys, id).await;
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
     }
@@ -140,7 +139,7 @@ async fn a_killed_worker_s_tasks_a_chain_and_the_scheduler_s_duties_on_three_nod
             let mut e = Envelope::new(format!("slow task {i} on {q}"));
             e.model = Some("slow-1500".into());
             redis.enqueue(&keys, &e).await.unwrap();
-            slow.push((keys.clone(), e.id.unwrap().to_string()));
+            slow.push((keys.clone(), e.id.unwrap()));
         }
     }
     let started = Instant::now();
@@ -164,6 +163,7 @@ async fn a_killed_worker_s_tasks_a_chain_and_the_scheduler_s_duties_on_three_nod
     )
     .unwrap();
     for (keys, id) in &slow {
+        let id = *id;
         let r = wait_final(&redis, keys, id).await;
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
     }
@@ -415,7 +415,7 @@ async fn a_sentinel_failover_under_500_slow_tasks_loses_none_and_bills_every_cal
         .map(|i| {
             let mut e = Envelope::new(format!("slow task {i}"));
             e.model = Some("slow-300".into());
-            ids.push(e.id.unwrap().to_string());
+            ids.push(e.id.unwrap());
             e
         })
         .collect();

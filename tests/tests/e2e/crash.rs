@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::queue::{Finish, FinishKind, Write};
-use llmq_tests::harness::{SeededRng, TestEnv, WorkerProcess};
+use llmq_tests::harness::{AsTaskId, SeededRng, TestEnv, WorkerProcess};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn enqueue(env: &TestEnv, n: usize, model: &str) -> Vec<String> {
+async fn enqueue(env: &TestEnv, n: usize, model: &str) -> Vec<TaskId> {
     let envs: Vec<Envelope> = (0..n)
         .map(|i| {
             let mut e = Envelope::new(format!("task {i}"));
@@ -21,15 +22,15 @@ async fn enqueue(env: &TestEnv, n: usize, model: &str) -> Vec<String> {
         })
         .collect();
     env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
-    envs.iter().map(|e| e.id.unwrap().to_string()).collect()
+    envs.iter().map(|e| e.id.unwrap()).collect()
 }
 
 /// The task id inside each stream entry.
-async fn task_ids_of(env: &TestEnv, entry_ids: &[String]) -> Vec<String> {
+async fn task_ids_of(env: &TestEnv, entry_ids: &[String]) -> Vec<TaskId> {
     let mut out = Vec::new();
     for id in entry_ids {
         for task in env.stream_tasks(id, id).await.unwrap() {
-            out.push(task["id"].as_str().unwrap().to_owned());
+            out.push(task["id"].as_str().unwrap().parse().unwrap());
         }
     }
     out
@@ -122,9 +123,9 @@ async fn repeated_sigkill_loses_no_task_and_the_ledger_holds_every_call_the_mock
     .fetch_all(env.ledger.pool())
     .await
     .unwrap();
-    let rows: HashMap<String, (i64, i64)> = rows
+    let rows: HashMap<TaskId, (i64, i64)> = rows
         .into_iter()
-        .map(|(task, all, started)| (task, (all, started)))
+        .map(|(task, all, started)| (task.parse().unwrap(), (all, started)))
         .collect();
     let (mut ledger_total, mut started_total) = (0, 0);
     for (i, id) in ids.iter().enumerate() {
@@ -164,7 +165,7 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
     struct Process {
         name: &'static str,
         token: String,
-        given: Vec<String>,
+        given: Vec<EntryId>,
     }
     /// A process of worker `name` joins under `token`, given nothing yet.
     async fn start(env: &TestEnv, name: &'static str, token: String) -> Process {
@@ -189,7 +190,7 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
             procs.push(start(&env, name, format!("{name}-0")).await);
         }
         // Which consumer holds each pending entry.
-        let mut holder: HashMap<String, &str> = HashMap::new();
+        let mut holder: HashMap<EntryId, &str> = HashMap::new();
         for step in 0..80 {
             let p = rng.below(procs.len());
             let name = procs[p].name;
@@ -202,7 +203,7 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
                         .await
                         .unwrap()
                     {
-                        holder.insert(d.entry_id.clone(), name);
+                        holder.insert(d.entry_id, name);
                         procs[p].given.push(d.entry_id);
                     }
                 }
@@ -215,7 +216,7 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
                         .await
                         .unwrap();
                     for d in took.tasks {
-                        holder.insert(d.entry_id.clone(), name);
+                        holder.insert(d.entry_id, name);
                         procs[p].given.push(d.entry_id);
                     }
                 }
@@ -224,15 +225,16 @@ async fn writing_without_the_check_applies_exactly_what_the_check_would() {
                     if given.is_empty() {
                         continue;
                     }
-                    let entries: Vec<String> = (0..1 + rng.below(6))
-                        .map(|_| given[rng.below(given.len())].clone())
+                    let entries: Vec<EntryId> = (0..1 + rng.below(6))
+                        .map(|_| given[rng.below(given.len())])
                         .collect();
                     let run = (rng.below(4) > 0).then_some(procs[p].token.as_str());
                     let writes: Vec<Write> = entries
                         .iter()
                         .map(|e| {
-                            let r = TaskRecord::pending(e, &env.queue, Status::Succeeded);
-                            Write::Task(Finish::done(e.clone(), e.clone(), r))
+                            let id = llmq_shared::envelope::derive_id(&env.queue, *e);
+                            let r = TaskRecord::pending(id, &env.queue, Status::Succeeded);
+                            Write::Task(Finish::done(*e, id, r))
                         })
                         .collect();
                     let applied = env
@@ -328,9 +330,9 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
     );
 
     let outcome = |who: &str| {
-        let mut r = TaskRecord::pending(&id, &env.queue, Status::Succeeded);
+        let mut r = TaskRecord::pending(id, &env.queue, Status::Succeeded);
         r.output = Some(format!("written by {who}"));
-        Write::Task(Finish::done(mine[0].entry_id.clone(), id.clone(), r))
+        Write::Task(Finish::done(mine[0].entry_id, id, r))
     };
     let fast = env
         .redis
@@ -344,7 +346,7 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
         .await
         .unwrap();
     assert_eq!(slow, vec![false], "the old owner is fenced off");
-    let stored = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    let stored = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
     assert_eq!(stored.output.as_deref(), Some("written by fast"));
     // Nor may it push a retry or a dead letter.
     let Write::Task(mut retry) = outcome("slow") else {
@@ -365,10 +367,10 @@ async fn a_worker_whose_claim_was_taken_over_cannot_ack_or_write() {
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().dead, 0);
     assert_eq!(
         env.redis
-            .refresh(&env.keys, "slow-worker", &[mine[0].entry_id.clone()])
+            .refresh(&env.keys, "slow-worker", &[mine[0].entry_id])
             .await
             .unwrap(),
-        [mine[0].entry_id.clone()],
+        [mine[0].entry_id],
         "the slow worker's refresh finds its claim lost"
     );
 }
@@ -462,7 +464,7 @@ async fn a_task_that_keeps_killing_workers_becomes_a_poison_dead_letter() {
         "{}",
         dead[0].error
     );
-    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    let r = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
     assert_eq!(
         (r.status, r.error_class),
         (Status::Dead, Some(ErrorClass::Poison)),
@@ -490,7 +492,7 @@ async fn sigterm_lets_the_running_task_finish_then_exits() {
     worker.signal("TERM").unwrap();
     let status = worker.wait_exit(Duration::from_secs(15)).await.unwrap();
     assert!(status.success(), "{status:?}");
-    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    let r = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
     assert_eq!(
         r.status,
         Status::Succeeded,
@@ -567,10 +569,7 @@ async fn a_long_call_keeps_its_claim_past_the_visibility_timeout() {
     let mut e = Envelope::new("[[mock:slow-3000]] long analysis");
     e.model = Some("mock-fast".into());
     env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let r = env
-        .wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap();
+    let r = env.wait_final(e.id.unwrap(), WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded);
     assert_eq!(
         env.mock.calls("mock-fast"),
@@ -604,7 +603,7 @@ async fn under_churn_a_task_is_held_by_one_live_worker_and_called_once_more_per_
         .map(|_| WorkerProcess::spawn(&env, &args).unwrap())
         .collect();
     // The entries a killed worker held, read after it died: exactly what it held then.
-    let mut held_at_death: HashMap<String, usize> = HashMap::new();
+    let mut held_at_death: HashMap<TaskId, usize> = HashMap::new();
     tokio::time::sleep(Duration::from_secs(1)).await;
     for _ in 0..5 {
         let mut victim = workers.remove(0);
@@ -691,7 +690,7 @@ async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one()
     // The worker keeps its second claim (and so is seen alive), not its first.
     let lost = env
         .redis
-        .refresh(&env.keys, "alive", &[read[1].entry_id.clone()])
+        .refresh(&env.keys, "alive", &[read[1].entry_id])
         .await
         .unwrap();
     assert!(lost.is_empty());
@@ -703,8 +702,8 @@ async fn a_takeover_tells_a_live_worker_that_let_a_claim_lapse_from_a_dead_one()
     assert_eq!(taken.takeovers.len(), 1, "{taken:?}");
     let t = &taken.takeovers[0];
     assert_eq!(
-        (t.entry_id.as_str(), t.from.as_str(), t.from_alive),
-        (read[0].entry_id.as_str(), "alive", true)
+        (t.entry_id, t.from.as_str(), t.from_alive),
+        (read[0].entry_id, "alive", true)
     );
     // The other claim lapses too, and its holder is not seen again: a dead worker.
     tokio::time::sleep(Duration::from_millis(1000)).await;

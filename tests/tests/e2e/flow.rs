@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
-use llmq_tests::harness::TestEnv;
+use llmq_tests::harness::{AsTaskId, TestEnv};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -56,12 +56,12 @@ async fn submit_wait_prints_the_result_and_bills_the_call() {
 
     let calls = env.calls().await.unwrap();
     assert_eq!(calls.len(), 1);
-    assert_eq!(calls[0].0.to_string(), r.task_id);
+    assert_eq!(calls[0].0, r.task_id.uuid());
     assert!((calls[0].6 - r.cost_usd).abs() < 1e-9);
 
     // The text layout shows what the issue asks for.
     let (code, text) = env
-        .cli(&["result", &r.task_id, "--queue", &env.queue])
+        .cli(&["result", &r.task_id.to_string(), "--queue", &env.queue])
         .await;
     assert_eq!(code, 0);
     for label in [
@@ -132,7 +132,7 @@ async fn a_fatal_error_dies_at_once_and_exit_code_is_1() {
     assert_eq!(code, 0);
     let dead: Vec<Value> = serde_json::from_str(&list).unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0]["task_id"], r.task_id.as_str());
+    assert_eq!(dead[0]["task_id"], r.task_id.to_string());
     assert_eq!(dead[0]["class"], "fatal");
     worker.stop().await.unwrap();
 }
@@ -179,7 +179,13 @@ async fn retries_then_dead_letter_then_replay_succeeds() {
     );
 
     let (code, _) = env
-        .cli(&["dlq", "replay", &r.task_id, "--queue", &env.queue])
+        .cli(&[
+            "dlq",
+            "replay",
+            &r.task_id.to_string(),
+            "--queue",
+            &env.queue,
+        ])
         .await;
     assert_eq!(code, 0);
     let counts = env.redis.counts(&env.keys).await.unwrap();
@@ -224,14 +230,14 @@ async fn a_rate_limit_waits_without_using_attempts() {
     env.eventually("the task waiting in delayed", WAIT, || async {
         // None for the instant the task moves from the stream to delayed: look again.
         env.redis
-            .task(&env.keys, &id)
+            .task(&env.keys, id.tid())
             .await
             .unwrap()
             .is_some_and(|r| r.error_class == Some(ErrorClass::RateLimited) && !r.status.is_final())
     })
     .await
     .unwrap();
-    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    let r = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
     assert_eq!(r.attempts, 0, "{r:?}");
     assert!(
         env.mock.calls("rate-limit-ms") >= 4,
@@ -329,7 +335,7 @@ async fn a_delayed_task_waits_then_runs_with_only_workers() {
         .await;
     assert_eq!(code, 0);
     let id = id.trim().to_owned();
-    let now = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    let now = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
     assert_eq!(now.status, Status::Delayed);
     let r = env.wait_final(&id, WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded);
@@ -478,7 +484,7 @@ async fn dlq_purge_by_id_and_age() {
         ids.push(record(&out).task_id);
     }
     let (code, out) = env
-        .cli(&["dlq", "purge", &ids[0], "--queue", &env.queue])
+        .cli(&["dlq", "purge", &ids[0].to_string(), "--queue", &env.queue])
         .await;
     assert_eq!(
         (code, out.trim()),
@@ -487,7 +493,12 @@ async fn dlq_purge_by_id_and_age() {
             format!("purged 1 dead letter(s) from queue `{}`", env.queue).as_str()
         )
     );
-    let r = env.redis.task(&env.keys, &ids[0]).await.unwrap().unwrap();
+    let r = env
+        .redis
+        .task(&env.keys, ids[0].tid())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         r.status,
         Status::Failed,
@@ -613,7 +624,9 @@ async fn status_checks_each_provider_and_dlq_show_prints_one_letter() {
         ])
         .await;
     let id = record(&out).task_id;
-    let (code, shown) = env.cli(&["dlq", "show", &id, "--queue", &env.queue]).await;
+    let (code, shown) = env
+        .cli(&["dlq", "show", &id.to_string(), "--queue", &env.queue])
+        .await;
     assert_eq!(code, 0);
     for want in [
         format!("Task ID:     {id}"),
@@ -666,7 +679,7 @@ async fn wait_timeout_exits_1_and_batch_without_wait_lists_the_ids() {
         "--output holds the same ids"
     );
     for id in ids {
-        let r = env.redis.task(&env.keys, id).await.unwrap().unwrap();
+        let r = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
         assert_eq!(r.status, Status::Queued);
     }
 }
@@ -774,7 +787,7 @@ async fn calls_that_end_at_once_are_polled_only_to_start_and_to_end() {
     env.redis.enqueue_many(&env.keys, &tasks).await.unwrap();
     let worker = llmq_tests::harness::WorkerHandle::start(s);
     for t in &tasks {
-        let id = t.id.unwrap().to_string();
+        let id = t.id.unwrap();
         let r = env.wait_final(&id, Duration::from_secs(60)).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
     }

@@ -40,7 +40,7 @@ async fn ordinary_tasks_succeed(env: &TestEnv, n: usize) {
         .collect();
     env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
     for e in &envs {
-        let id = e.id.unwrap().to_string();
+        let id = e.id.unwrap();
         let r = env.wait_final(&id, WAIT).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
     }
@@ -277,7 +277,7 @@ async fn a_plain_task_cannot_finish_a_step_behind_an_approval() {
     assert_eq!(c.steps["deploy"].status, "cancelled");
     // A copy of a step that succeeded, under its real id, is refused without touching the
     // real task's result, which later steps read.
-    let build = c.steps["build"].task_id.clone();
+    let build = c.steps["build"].task_id.unwrap();
     let copy = json!({"v": 1, "id": build, "prompt": "Build it", "chain_id": id, "step": "build"});
     env.xadd("task", copy.to_string().as_bytes()).await.unwrap();
     env.eventually("the copy refused", WAIT, || async {
@@ -290,7 +290,7 @@ async fn a_plain_task_cannot_finish_a_step_behind_an_approval() {
     })
     .await
     .unwrap();
-    let r = env.redis.task(&env.keys, &build).await.unwrap().unwrap();
+    let r = env.redis.task(&env.keys, build).await.unwrap().unwrap();
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     w.stop().await.unwrap();
 }

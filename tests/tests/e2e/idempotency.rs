@@ -27,7 +27,7 @@ async fn send(env: &TestEnv, prompt: &str, key: &str, extra: &str) -> String {
         json.push('}');
     }
     let entry = env.xadd("task", json.as_bytes()).await.unwrap();
-    derive_id(&env.queue, &entry).to_string()
+    derive_id(&env.queue, entry.parse().unwrap()).to_string()
 }
 
 async fn finals(env: &TestEnv, ids: &[String]) -> Vec<TaskRecord> {
@@ -68,10 +68,7 @@ async fn copies_sent_while_the_first_runs_wait_for_it_and_get_its_answer_at_no_c
         .collect();
     assert_eq!(first.len(), 1, "{records:?}");
     for copy in records.iter().filter(|r| r.duplicate_of.is_some()) {
-        assert_eq!(
-            copy.duplicate_of.as_deref(),
-            Some(first[0].task_id.as_str())
-        );
+        assert_eq!(copy.duplicate_of, Some(first[0].task_id));
         assert_eq!(copy.output, first[0].output);
         assert_eq!(copy.model, first[0].model);
         assert_eq!(copy.cost_usd, 0.0, "a copy is billed $0");
@@ -81,7 +78,7 @@ async fn copies_sent_while_the_first_runs_wait_for_it_and_get_its_answer_at_no_c
     // The ledger has the one call, of the first task.
     let calls = env.calls().await.unwrap();
     assert_eq!(calls.len(), 1, "{calls:?}");
-    assert_eq!(calls[0].0.to_string(), first[0].task_id);
+    assert_eq!(calls[0].0, first[0].task_id.uuid());
     assert_eq!(duplicates(&env).await, 2);
     // `llmq status --format json` and the page count them from the same counter.
     assert_eq!(env.redis.counts(&env.keys).await.unwrap().duplicates, 2);
@@ -138,7 +135,7 @@ async fn a_copy_within_the_window_gets_the_answer_and_one_after_it_runs_again() 
     // Sent again after it succeeded, within its window: its answer, no call.
     let copy = send(&env, prompt, "digest-w48", "").await;
     let copy = env.wait_final(&copy, WAIT).await.unwrap();
-    assert_eq!(copy.duplicate_of.as_deref(), Some(first.task_id.as_str()));
+    assert_eq!(copy.duplicate_of, Some(first.task_id));
     assert_eq!(copy.output, first.output);
     assert_eq!(env.mock.calls_with_prompt(prompt), 1);
     // Another tenant's task with the same key is not a copy.
@@ -215,13 +212,19 @@ async fn a_first_that_fails_holds_the_key_through_its_retries_then_frees_it_for_
         records
             .iter()
             .filter(|r| r.duplicate_of.is_some())
-            .all(|r| r.duplicate_of.as_deref() == Some(ran[0].task_id.as_str()))
+            .all(|r| r.duplicate_of == Some(ran[0].task_id))
     );
     // Replaying the dead letter is a new run by intent: it calls, however the key stands.
     let failing = "Charge card [[mock:fail-500]]";
     let before = env.mock.calls_with_prompt(failing);
     let (code, out) = env
-        .cli(&["dlq", "replay", &first.task_id, "--queue", &env.queue])
+        .cli(&[
+            "dlq",
+            "replay",
+            &first.task_id.to_string(),
+            "--queue",
+            &env.queue,
+        ])
         .await;
     assert_eq!(code, 0, "{out}");
     env.eventually("the replay called", WAIT, || async {
@@ -263,7 +266,7 @@ async fn a_worker_killed_during_the_first_call_leaves_the_key_to_the_worker_that
     assert!(
         records
             .iter()
-            .all(|r| r.duplicate_of.as_deref() == Some(first.task_id.as_str())),
+            .all(|r| r.duplicate_of == Some(first.task_id)),
         "{records:?}"
     );
 }
@@ -276,7 +279,7 @@ async fn a_first_that_ends_as_poison_frees_the_key() {
     let payload =
         r#"{"v":1,"prompt":"Ship the parcel","model":"mock-fast","idempotency_key":"parcel-5"}"#;
     let entry = env.xadd("task", payload.as_bytes()).await.unwrap();
-    let first = derive_id(&env.queue, &entry).to_string();
+    let first = derive_id(&env.queue, entry.parse().unwrap());
     let mut c = env.redis.conn().await.unwrap();
     env.redis.ensure_group(&env.keys).await.unwrap();
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -292,7 +295,7 @@ async fn a_first_that_ends_as_poison_frees_the_key() {
     let name = key_name(None, "parcel-5");
     let _: () = redis::cmd("SET")
         .arg(env.keys.kept(&name))
-        .arg(llmq_shared::queue::holder(&first, &entry))
+        .arg(llmq_shared::queue::holder(first, &entry))
         .query_async(&mut c)
         .await
         .unwrap();
@@ -366,7 +369,7 @@ async fn llmq_submit_takes_a_key_and_a_second_submit_gets_the_first_answer() {
     let (code, out) = submit("note-3.1").await;
     assert_eq!(code, 0, "{out}");
     let second: TaskRecord = serde_json::from_str(&out).unwrap();
-    assert_eq!(second.duplicate_of.as_deref(), Some(first.task_id.as_str()));
+    assert_eq!(second.duplicate_of, Some(first.task_id));
     assert_eq!(env.mock.calls_with_prompt("Draft the release note"), 1);
     let (code, out) = env
         .cli(&[
@@ -442,8 +445,7 @@ async fn each_key_runs_once_whatever_the_copies_order_concurrency_and_failures()
             assert_eq!(ran.len(), 1, "{what}: {prompt}: {rs:?}");
             assert!(
                 rs.iter().all(|r| r.output == ran[0].output
-                    && (r.duplicate_of.is_none()
-                        || r.duplicate_of.as_deref() == Some(ran[0].task_id.as_str()))),
+                    && (r.duplicate_of.is_none() || r.duplicate_of == Some(ran[0].task_id))),
                 "{what}: {prompt}: {rs:?}"
             );
         }

@@ -143,7 +143,7 @@ async fn learned_routing_goes_where_the_fleets_history_says_and_says_why() {
     for i in 0..8 {
         let mut task = Envelope::new(format!("write the parser, part {i}"));
         task.task_type = Some("code_generation".into());
-        ids.push(task.id.unwrap().to_string());
+        ids.push(task.id.unwrap());
         env.redis.enqueue(&env.keys, &task).await.unwrap();
     }
     for id in &ids {
@@ -226,14 +226,14 @@ async fn a_reviews_or_checks_verdict_is_recorded_against_the_work_it_judged() {
     }
     for (id, (name, _, approved)) in ids.iter().zip(&judges) {
         let c = env.chain_ended(id, WAIT).await;
-        let judged = c.steps["impl"].task_id.clone();
+        let judged = c.steps["impl"].task_id;
         env.eventually(
             &format!("the {name} verdict in the ledger"),
             WAIT,
             || async {
                 let v: Option<Option<bool>> =
                     sqlx::query_scalar("SELECT verdict FROM tasks WHERE task_id = $1::uuid")
-                        .bind(&judged)
+                        .bind(judged)
                         .fetch_optional(env.ledger.pool())
                         .await
                         .unwrap();

@@ -86,7 +86,7 @@ async fn a_worker_whose_finisher_cannot_write_is_not_ready_until_it_can() {
         .unwrap();
     let mut task = llmq_shared::envelope::Envelope::new("wait for the ledger");
     task.model = Some("mock-fast".into());
-    let id = task.id.unwrap().to_string();
+    let id = task.id.unwrap();
     env.redis.enqueue(&env.keys, &task).await.unwrap();
     env.eventually("the worker unready", Duration::from_secs(10), || async {
         status().await == Some(503)

@@ -9,8 +9,9 @@ use std::time::Duration;
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::{ErrorClass, Status};
-use llmq_tests::harness::{TestEnv, WorkerHandle, WorkerProcess, free_port};
+use llmq_tests::harness::{AsTaskId, TestEnv, WorkerHandle, WorkerProcess, free_port};
 use llmq_tests::mock::{MockOptions, MockServer};
 
 /// A loopback address where nothing listens (yet), nor will until the test starts a server
@@ -81,7 +82,7 @@ async fn the_only_provider_down_for_15_s_loses_no_task_and_no_attempt() {
         .await
         .unwrap();
 
-    let ids: Vec<String> = tasks.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let ids: Vec<TaskId> = tasks.iter().map(|e| e.id.unwrap()).collect();
     let records = llmq::wait_for(
         &env.redis,
         &env.keys,
@@ -124,7 +125,7 @@ async fn during_an_outage_tasks_fall_back_to_a_second_provider_at_once() {
     );
     let w = worker(&env, config);
     let e = pinned("fall back".into(), &format!("down{sfx}"), "mock-fast");
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     let r = env.wait_final(&id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -162,7 +163,7 @@ async fn one_failing_model_does_not_stop_the_other_models_of_its_provider() {
     // Three 500s from fail-500 open its circuit; the task they came from used its attempt.
     let mut first = pinned("break it".into(), &name, "fail-500");
     first.max_attempts = Some(1);
-    let first_id = first.id.unwrap().to_string();
+    let first_id = first.id.unwrap();
     env.redis.enqueue(&env.keys, &first).await.unwrap();
     let r = env
         .wait_final(&first_id, Duration::from_secs(10))
@@ -178,7 +179,7 @@ async fn one_failing_model_does_not_stop_the_other_models_of_its_provider() {
     env.redis.enqueue_many(&env.keys, &ok).await.unwrap();
     for e in &ok {
         let r = env
-            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(10))
+            .wait_final(&e.id.unwrap(), Duration::from_secs(10))
             .await
             .unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -188,14 +189,14 @@ async fn one_failing_model_does_not_stop_the_other_models_of_its_provider() {
     // using attempts.
     let mut waiting = pinned("wait for it".into(), &name, "fail-500");
     waiting.task_type = Some("code_generation".into());
-    let wid = waiting.id.unwrap().to_string();
+    let wid = waiting.id.unwrap();
     env.redis.enqueue(&env.keys, &waiting).await.unwrap();
     env.eventually(
         "the task waiting on the open circuit",
         Duration::from_secs(10),
         || async {
             env.redis
-                .task(&env.keys, &wid)
+                .task(&env.keys, wid.tid())
                 .await
                 .unwrap()
                 .is_some_and(|r| r.status == Status::Delayed)
@@ -203,7 +204,7 @@ async fn one_failing_model_does_not_stop_the_other_models_of_its_provider() {
     )
     .await
     .unwrap();
-    let r = env.redis.task(&env.keys, &wid).await.unwrap().unwrap();
+    let r = env.redis.task(&env.keys, wid.tid()).await.unwrap().unwrap();
     assert_eq!(r.attempts, 0, "{r:?}");
     assert_eq!(r.error_class, Some(ErrorClass::Unavailable));
     let error = r.error.unwrap();
@@ -274,7 +275,7 @@ async fn a_task_that_fails_with_500_while_the_provider_answers_others_dies_after
         .map(|i| pinned(format!("[[mock:slow-100]] fine {i}"), &name, "mock-fast"))
         .collect();
     let bad = pinned("[[mock:fail-500]] always fails".into(), &name, "mock-fast");
-    let bad_id = bad.id.unwrap().to_string();
+    let bad_id = bad.id.unwrap();
     let mut all = others.clone();
     all.insert(3, bad);
     env.redis.enqueue_many(&env.keys, &all).await.unwrap();
@@ -292,7 +293,7 @@ async fn a_task_that_fails_with_500_while_the_provider_answers_others_dies_after
     );
     for e in &others {
         let r = env
-            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(20))
+            .wait_final(&e.id.unwrap(), Duration::from_secs(20))
             .await
             .unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -311,7 +312,7 @@ async fn max_wait_ends_a_longer_outage_with_what_it_waited_for_and_since_when() 
     );
     let w = worker(&env, config);
     let e = Envelope::new("nobody answers");
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     let r = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
     assert_eq!(r.status, Status::Dead, "{r:?}");
@@ -347,7 +348,7 @@ async fn a_503_with_retry_after_is_not_called_again_sooner() {
         &format!("p{sfx}"),
         "mock-fast",
     );
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     let r = env.wait_final(&id, Duration::from_secs(20)).await.unwrap();
     assert_eq!(r.status, Status::Dead);
@@ -412,7 +413,7 @@ async fn a_worker_out_of_file_descriptors_uses_no_attempt_and_blames_no_provider
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let ids: Vec<String> = tasks.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let ids: Vec<TaskId> = tasks.iter().map(|e| e.id.unwrap()).collect();
     let records = llmq::wait_for(
         &env.redis,
         &env.keys,
@@ -468,9 +469,9 @@ async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
     // A max_wait longer than any day: the task waits for the reset, using no attempt.
     let w = worker(&env, gemini_config(&env, &name, "quota-daily", "25h"));
     let e = pinned("one more today".into(), &name, "quota-daily");
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let ids = [id.clone()];
+    let ids = [id];
     env.eventually("the task waiting", Duration::from_secs(20), || async {
         env.redis.results(&env.keys, &ids).await.unwrap()[0]
             .as_ref()
@@ -508,7 +509,7 @@ async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
         .unwrap();
     let due = delayed
         .iter()
-        .find(|(task, _)| task.contains(&id))
+        .find(|(task, _)| task.contains(&id.to_string()))
         .map(|(_, due)| *due as i64)
         .unwrap();
     assert!(
@@ -527,7 +528,7 @@ async fn a_gemini_per_day_quota_waits_for_midnight_pacific_within_max_wait() {
     let other = TestEnv::new().await.unwrap();
     let w = worker(&other, gemini_config(&other, &name, "quota-daily", "1m"));
     let e = pinned("one more today".into(), &name, "quota-daily");
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     other.redis.enqueue(&other.keys, &e).await.unwrap();
     let r = other
         .wait_final(&id, Duration::from_secs(20))
@@ -575,10 +576,10 @@ async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_
     let mut task = Envelope::new("wait for the ledger");
     task.model = Some("mock-fast".into());
     task.max_attempts = Some(2);
-    let id = task.id.unwrap().to_string();
+    let id = task.id.unwrap();
     env.redis.enqueue(&env.keys, &task).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let ids = [id.clone()];
+    let ids = [id];
     let meanwhile = env.redis.results(&env.keys, &ids).await.unwrap()[0].clone();
     assert!(meanwhile.is_none(), "{meanwhile:?}");
     assert_eq!(env.mock.total_calls(), 0, "no call without its ledger row");
@@ -590,7 +591,7 @@ async fn postgres_down_longer_than_an_attempt_hands_the_task_back_without_using_
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     assert_eq!(r.attempts, 1, "the waits for Postgres used no attempt");
     // One row, for the one call made: none for the calls given up before they were made.
-    let rows = call_outcomes(&ledger, &id).await;
+    let rows = call_outcomes(&ledger, &id.to_string()).await;
     assert_eq!(rows, ["ok"]);
     w.stop().await.unwrap();
 }
@@ -608,7 +609,7 @@ async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
         .unwrap();
     let mut task = Envelope::new("wait for a slow ledger");
     task.model = Some("mock-fast".into());
-    let id = task.id.unwrap().to_string();
+    let id = task.id.unwrap();
     env.redis.enqueue(&env.keys, &task).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(env.mock.total_calls(), 0, "no call without its ledger row");
@@ -618,7 +619,7 @@ async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
     assert_eq!(r.attempts, 1);
     w.stop().await.unwrap();
     // Every row stands for a call made: the one that answered.
-    let rows = call_outcomes(&ledger, &id).await;
+    let rows = call_outcomes(&ledger, &id.to_string()).await;
     assert_eq!(rows, ["ok"]);
     assert_eq!(env.mock.total_calls(), 1);
 }
@@ -629,7 +630,7 @@ async fn a_slow_ledger_leaves_no_row_for_a_call_it_was_too_late_to_allow() {
 #[tokio::test]
 async fn a_retry_after_given_to_one_worker_holds_every_worker_on_the_key() {
     let env = TestEnv::new().await.unwrap();
-    let ids: Vec<String> = {
+    let ids: Vec<TaskId> = {
         let envs: Vec<Envelope> = (0..240)
             .map(|i| {
                 let mut e = Envelope::new(format!("strict {i}"));
@@ -638,7 +639,7 @@ async fn a_retry_after_given_to_one_worker_holds_every_worker_on_the_key() {
             })
             .collect();
         env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
-        envs.iter().map(|e| e.id.unwrap().to_string()).collect()
+        envs.iter().map(|e| e.id.unwrap()).collect()
     };
     let workers: Vec<WorkerProcess> = (0..3)
         .map(|_| WorkerProcess::spawn(&env, &["--concurrency", "8"]).unwrap())
@@ -707,7 +708,7 @@ routing:
         // One after another, so the cheap model fails six times in a row.
         env.redis.enqueue(&env.keys, e).await.unwrap();
         let r = env
-            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(20))
+            .wait_final(&e.id.unwrap(), Duration::from_secs(20))
             .await
             .unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -722,7 +723,7 @@ routing:
         e.task_type = Some("documentation".into());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
         let r = env
-            .wait_final(&e.id.unwrap().to_string(), Duration::from_secs(20))
+            .wait_final(&e.id.unwrap(), Duration::from_secs(20))
             .await
             .unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");

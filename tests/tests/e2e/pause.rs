@@ -8,7 +8,7 @@ use std::time::Duration;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::Status;
-use llmq_tests::harness::TestEnv;
+use llmq_tests::harness::{AsTaskId, TestEnv};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -37,7 +37,7 @@ async fn a_paused_queue_waits_and_runs_on_resume() {
     for _ in 0..2 {
         let e = task("slow-1500");
         env.redis.enqueue(&env.keys, &e).await.unwrap();
-        slow.push(e.id.unwrap().to_string());
+        slow.push(e.id.unwrap());
     }
     env.eventually("both slow tasks in flight", WAIT, || async {
         env.redis.counts(&env.keys).await.unwrap().in_flight == 2
@@ -60,11 +60,11 @@ async fn a_paused_queue_waits_and_runs_on_resume() {
     for _ in 0..5 {
         let e = task("mock-fast");
         env.redis.enqueue(&env.keys, &e).await.unwrap();
-        waiting.push(e.id.unwrap().to_string());
+        waiting.push(e.id.unwrap());
     }
     let e = task("mock-fast");
     env.redis.enqueue(&other_keys, &e).await.unwrap();
-    let elsewhere = e.id.unwrap().to_string();
+    let elsewhere = e.id.unwrap();
 
     // The tasks in flight finish; the other queue's task runs; this queue's wait.
     for id in &slow {
@@ -85,7 +85,7 @@ async fn a_paused_queue_waits_and_runs_on_resume() {
     for id in &waiting {
         assert!(
             env.redis
-                .task(&env.keys, id)
+                .task(&env.keys, id.tid())
                 .await
                 .unwrap()
                 .is_none_or(|r| r.status == Status::Queued)
@@ -128,14 +128,14 @@ async fn what_a_worker_read_after_a_pause_goes_back_unchanged() {
     assert_eq!(read.len(), 1);
     let back = env
         .redis
-        .unread(&env.keys, "reader", &[read[0].entry_id.as_str()])
+        .unread(&env.keys, "reader", &[read[0].entry_id])
         .await
         .unwrap();
     assert_eq!(back, 1);
     // A second hand-back of the same entry does nothing: it is no longer held.
     let again = env
         .redis
-        .unread(&env.keys, "reader", &[read[0].entry_id.as_str()])
+        .unread(&env.keys, "reader", &[read[0].entry_id])
         .await
         .unwrap();
     assert_eq!(again, 0);

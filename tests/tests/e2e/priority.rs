@@ -7,8 +7,9 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::Status;
-use llmq_tests::harness::{SeededRng, TestEnv, WorkerHandle};
+use llmq_tests::harness::{AsTaskId, SeededRng, TestEnv, WorkerHandle};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -90,20 +91,20 @@ async fn slow_classed(
     model: &str,
     priority: i64,
     tenant: impl Fn(usize) -> String,
-) -> Vec<String> {
+) -> Vec<TaskId> {
     let mut ids = Vec::new();
     for i in 0..n {
         let mut e = Envelope::new(format!("slow {i}"));
         e.model = Some(model.into());
         e.priority = Some(priority);
         e.tenant = Some(tenant(i).into());
-        ids.push(e.id.unwrap().to_string());
+        ids.push(e.id.unwrap());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
     ids
 }
 
-async fn all_succeed_once(env: &TestEnv, ids: &[String]) {
+async fn all_succeed_once(env: &TestEnv, ids: &[TaskId]) {
     let r = llmq::wait_for(&env.redis, &env.keys, ids, Some(WAIT), |_| {})
         .await
         .unwrap();
@@ -149,7 +150,7 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
                 env.xadd("task", e.to_json().as_bytes()).await.unwrap();
             }
             direct.push(by_client && e.class().is_some());
-            ids.push(e.id.unwrap().to_string());
+            ids.push(e.id.unwrap());
             classes.push((p, t));
         }
         let mut s = env.settings();
@@ -224,7 +225,7 @@ async fn several_workers_drain_the_room_and_lose_nothing() {
         e.model = Some("mock-fast".into());
         e.priority = Some(i % 3);
         e.tenant = Some(format!("tenant-{}", i % 7).into());
-        ids.push(e.id.unwrap().to_string());
+        ids.push(e.id.unwrap());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
     // Each task was called once, in one attempt.
@@ -360,7 +361,7 @@ async fn status_counts_the_room_by_priority() {
     // llmq result finds a task waiting its turn: queued, not unknown.
     let mut queued = 0;
     for id in &ids {
-        if let Some(r) = env.redis.task(&env.keys, id).await.unwrap() {
+        if let Some(r) = env.redis.task(&env.keys, id.tid()).await.unwrap() {
             queued += usize::from(r.status == Status::Queued);
         }
     }
@@ -440,7 +441,7 @@ async fn classed_tasks_under_a_concurrency_key_each_run_once() {
         e.tenant = Some(format!("t{}", i % 3).into());
         e.concurrency_key = Some("one-at-a-time".into());
         e.concurrency_limit = Some(1);
-        ids.push(e.id.unwrap().to_string());
+        ids.push(e.id.unwrap());
         env.redis.enqueue(&env.keys, &e).await.unwrap();
     }
     // Each called once: a parked task woken with its slot runs; it is not sorted again.
@@ -458,7 +459,7 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
     e.model = Some("mock-fast".into());
     e.priority = Some(4);
     e.tenant = Some("acme".into());
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     // A producer that knows the class puts the task straight into the room.
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     let mut conn = env.redis.conn().await.unwrap();
@@ -564,7 +565,7 @@ async fn sigkilled_workers_lose_no_classed_task_and_the_room_drains() {
         e.model = Some("slow-300".into());
         e.priority = Some(i % 3);
         e.tenant = Some(format!("t{}", i % 4).into());
-        ids.push(e.id.unwrap().to_string());
+        ids.push(e.id.unwrap());
         // Half put into the room by the client, half sorted in by a worker.
         if i % 2 == 0 {
             env.redis.enqueue(&env.keys, &e).await.unwrap();
@@ -685,14 +686,14 @@ async fn under_a_paced_limit_the_urgent_get_the_next_slot_and_tenants_take_turns
     for i in 0..12 {
         for tenant in ["small-a", "small-b"] {
             let e = task(format!("{tenant} {i}"), 5, Some(tenant));
-            ids.push(e.id.unwrap().to_string());
+            ids.push(e.id.unwrap());
             env.redis.enqueue(&env.keys, &e).await.unwrap();
         }
     }
     let small_after = env.mock.first_seen().len();
     called(small_after + 6).await;
     let urgent = task("urgent".into(), 0, None);
-    ids.push(urgent.id.unwrap().to_string());
+    ids.push(urgent.id.unwrap());
     let urgent_after = env.mock.first_seen().len();
     env.redis.enqueue(&env.keys, &urgent).await.unwrap();
     let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})

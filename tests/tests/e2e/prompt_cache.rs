@@ -27,7 +27,7 @@ async fn run(env: &TestEnv, tasks: &[Envelope]) {
         env.redis.enqueue(&env.keys, t).await.unwrap();
         // One at a time: the first call has written the prefix before the next asks.
         let r = env
-            .wait_final(&t.id.unwrap().to_string(), Duration::from_secs(30))
+            .wait_final(&t.id.unwrap(), Duration::from_secs(30))
             .await
             .unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -143,7 +143,7 @@ async fn a_batch_sharing_a_prefix_is_sent_after_one_call_has_warmed_the_cache() 
     }
     for t in &tasks {
         let r = env
-            .wait_final(&t.id.unwrap().to_string(), Duration::from_secs(60))
+            .wait_final(&t.id.unwrap(), Duration::from_secs(60))
             .await
             .unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -175,7 +175,7 @@ async fn calls_sharing_a_warm_prefix_stay_on_the_model_whose_cache_holds_it() {
     let worker = WorkerHandle::start(settings);
     env.redis.enqueue(&env.keys, &cold).await.unwrap();
     let r = env
-        .wait_final(&cold.id.unwrap().to_string(), Duration::from_secs(30))
+        .wait_final(&cold.id.unwrap(), Duration::from_secs(30))
         .await
         .unwrap();
     assert_eq!(
@@ -200,7 +200,7 @@ async fn calls_sharing_a_warm_prefix_stay_on_the_model_whose_cache_holds_it() {
     let warm = task("two");
     env.redis.enqueue(&env.keys, &warm).await.unwrap();
     let r = env
-        .wait_final(&warm.id.unwrap().to_string(), Duration::from_secs(30))
+        .wait_final(&warm.id.unwrap(), Duration::from_secs(30))
         .await
         .unwrap();
     worker.stop().await.unwrap();

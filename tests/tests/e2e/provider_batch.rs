@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::Status;
-use llmq_tests::harness::{TestEnv, WorkerProcess, binary, database_url, redis_url};
+use llmq_tests::harness::{AsTaskId, TestEnv, WorkerProcess, binary, database_url, redis_url};
 use llmq_tests::mock::{MockOptions, MockServer};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
@@ -106,7 +107,7 @@ fn waiting_task(env: &TestEnv, kind: &str, model: &str, prompt: &str) -> Envelop
 }
 
 /// (cost, list cost) of each ledger row of `task_id`.
-async fn rows_of(env: &TestEnv, task_id: uuid::Uuid) -> Vec<(f64, Option<f64>)> {
+async fn rows_of(env: &TestEnv, task_id: TaskId) -> Vec<(f64, Option<f64>)> {
     sqlx::query_as(
         "SELECT cost_usd::float8, list_cost_usd::float8 FROM provider_calls WHERE task_id = $1",
     )
@@ -130,10 +131,7 @@ async fn tasks_that_can_wait_are_answered_through_each_formats_batch_api_at_the_
         }
     }
     for (kind, e) in &tasks {
-        let r = env
-            .wait_final(&e.id.unwrap().to_string(), WAIT)
-            .await
-            .unwrap();
+        let r = env.wait_final(e.id.unwrap(), WAIT).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{kind}: {r:?}");
         assert!(
             r.output
@@ -215,10 +213,7 @@ async fn a_batch_that_expires_or_fails_and_a_request_that_fails_in_one_fall_back
         tasks.push((format!("{kind} fail-400"), e, Status::Dead));
     }
     for (what, e, want) in &tasks {
-        let r = env
-            .wait_final(&e.id.unwrap().to_string(), WAIT)
-            .await
-            .unwrap();
+        let r = env.wait_final(e.id.unwrap(), WAIT).await.unwrap();
         assert_eq!(r.status, *want, "{what}: {r:?}");
         // Called, not answered by the batch.
         assert!(
@@ -358,10 +353,7 @@ async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tas
     let _: () = redis::AsyncCommands::hset(&mut c, env.keys.batch(&open[0].id), "fallback", 0)
         .await
         .unwrap();
-    let r = env
-        .wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap();
+    let r = env.wait_final(e.id.unwrap(), WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     assert!(
         !r.route.as_deref().unwrap_or("").contains("batch API"),
@@ -389,12 +381,12 @@ async fn a_task_that_can_wait_is_called_at_once_when_no_scheduler_sends_batches(
     settings.config = Config::parse("batch.yaml", &text, &|_| None).unwrap();
     let w = llmq_tests::harness::WorkerHandle::start(settings);
     let task = waiting_task(&env, "openai", "batch-direct", "no scheduler");
-    let id = task.id.unwrap().to_string();
+    let id = task.id.unwrap();
     env.redis.enqueue(&env.keys, &task).await.unwrap();
     let r = env.wait_final(&id, WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     let mut c = env.redis.conn().await.unwrap();
-    let latched: bool = redis::AsyncCommands::exists(&mut c, env.keys.batch_task(&id))
+    let latched: bool = redis::AsyncCommands::exists(&mut c, env.keys.batch_task(id))
         .await
         .unwrap();
     assert!(
@@ -459,7 +451,7 @@ async fn a_task_that_can_wait_reads_no_batch_state_when_its_providers_have_no_ba
     let mut unbatchable = waiting_task(&env, "openai", "no-batch-api", "a provider with none");
     unbatchable.provider = Some(plain.clone().into());
     for task in [&batchable, &unbatchable] {
-        let id = task.id.unwrap().to_string();
+        let id = task.id.unwrap();
         env.redis.enqueue(&env.keys, task).await.unwrap();
         let r = env.wait_final(&id, WAIT).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
@@ -468,7 +460,7 @@ async fn a_task_that_can_wait_reads_no_batch_state_when_its_providers_have_no_ba
     watching.abort();
     let seen = seen.lock().unwrap().clone();
     let read = |task: &Envelope| {
-        let key = env.keys.batch_task(&task.id.unwrap().to_string());
+        let key = env.keys.batch_task(task.id.unwrap());
         seen.iter().filter(|l| l.contains(&key)).count()
     };
     assert_eq!(
@@ -497,7 +489,7 @@ async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadl
     drop(sched);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut c = env.redis.conn().await.unwrap();
-    let task_key = env.keys.batch_task(&sent.id.unwrap().to_string());
+    let task_key = env.keys.batch_task(sent.id.unwrap());
     // While a scheduler sends batches, or while the deadline is far, nothing moves.
     let rescued = env
         .redis
@@ -539,10 +531,7 @@ async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadl
         .await
         .unwrap();
     assert_eq!(rescued, 1);
-    let r = env
-        .wait_final(&sent.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap();
+    let r = env.wait_final(sent.id.unwrap(), WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
     assert!(
         !r.route.as_deref().unwrap_or("").contains("batch API"),
@@ -552,29 +541,30 @@ async fn tasks_whose_batches_no_scheduler_follows_go_to_calls_before_their_deadl
 }
 
 /// Where a task is, as Redis holds it: every task id must be in exactly one place.
-async fn places(env: &TestEnv) -> std::collections::HashMap<String, Vec<&'static str>> {
+async fn places(env: &TestEnv) -> std::collections::HashMap<TaskId, Vec<&'static str>> {
     use redis::AsyncCommands;
     let mut c = env.redis.conn().await.unwrap();
-    let mut at: std::collections::HashMap<String, Vec<&'static str>> = Default::default();
+    let mut at: std::collections::HashMap<TaskId, Vec<&'static str>> = Default::default();
     let entries: redis::streams::StreamRangeReply = c.xrange_all(env.keys.stream()).await.unwrap();
     for e in entries.ids {
         let task: String = e.get("task").unwrap();
         let env_: Envelope = serde_json::from_str(&task).unwrap();
-        at.entry(env_.id.unwrap().to_string())
-            .or_default()
-            .push("stream");
+        at.entry(env_.id.unwrap()).or_default().push("stream");
     }
     let groups: Vec<String> = c.smembers(env.keys.batch_groups()).await.unwrap();
     for g in groups {
         let ids: Vec<String> = c.zrange(env.keys.batch_waiting(&g), 0, -1).await.unwrap();
         for id in ids {
-            let state: Option<String> = c.hget(env.keys.batch_task(&id), "state").await.unwrap();
+            let state: Option<String> = c
+                .hget(env.keys.batch_task(id.tid()), "state")
+                .await
+                .unwrap();
             assert_eq!(
                 state.as_deref(),
                 Some("waiting"),
                 "{id} in {g}'s waiting set"
             );
-            at.entry(id).or_default().push("waiting");
+            at.entry(id.tid()).or_default().push("waiting");
         }
     }
     for b in env.redis.open_batches(&env.keys).await.unwrap() {
@@ -612,7 +602,7 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                 0 | 1 => {
                     let mut e = Envelope::new(format!("task {step}"));
                     e.deadline = Some("24h".into());
-                    enqueued.insert(e.id.unwrap().to_string());
+                    enqueued.insert(e.id.unwrap());
                     env.redis.enqueue(&env.keys, &e).await.unwrap();
                 }
                 // A worker reads one (or takes over one a dead worker held) and parks it,
@@ -633,14 +623,8 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                     }
                     for d in got {
                         let e = Envelope::parse(d.payload.as_deref().unwrap(), 1 << 20).unwrap();
-                        let id = e.id.unwrap().to_string();
-                        match env
-                            .redis
-                            .batch_state(&env.keys, &id, false)
-                            .await
-                            .unwrap()
-                            .0
-                        {
+                        let id = e.id.unwrap();
+                        match env.redis.batch_state(&env.keys, id, false).await.unwrap().0 {
                             BatchState::None | BatchState::Pending if rng.below(4) > 0 => {
                                 // Now and then the scheduler is gone as the task is parked:
                                 // it goes back to the stream instead.
@@ -649,8 +633,8 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                                 }
                                 let group = ["p/m1", "p/m2"][rng.below(2)];
                                 let park = Write::Park {
-                                    entry_id: d.entry_id.clone(),
-                                    task_id: id.clone(),
+                                    entry_id: d.entry_id,
+                                    task_id: id,
                                     park: Box::new(llmq_shared::queue::BatchPark {
                                         group: group.into(),
                                         envelope: e.to_json(),
@@ -675,7 +659,7 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                                     .query_async(&mut c)
                                     .await
                                     .unwrap();
-                                assert!(done.insert(id.clone()), "{id} finished twice");
+                                assert!(done.insert(id), "{id} finished twice");
                             }
                         }
                     }
@@ -714,7 +698,7 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                         continue;
                     }
                     let b = &open[rng.below(open.len())];
-                    let sent: Vec<String> = env
+                    let sent: Vec<TaskId> = env
                         .redis
                         .batch_tasks(&env.keys, b, false)
                         .await
@@ -724,7 +708,7 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                         .map(|t| t.taken.task_id)
                         .collect();
                     let all = rng.below(2) == 0;
-                    let mut chosen: Vec<(String, Settle)> = Vec::new();
+                    let mut chosen: Vec<(TaskId, Settle)> = Vec::new();
                     for id in &sent {
                         if !all && rng.below(2) == 0 {
                             continue;
@@ -745,7 +729,7 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                                 batch: b.id.clone(),
                             }))
                         };
-                        chosen.push((id.clone(), settle));
+                        chosen.push((*id, settle));
                     }
                     let end = if all {
                         ["close", "abandon"][rng.below(2)]
@@ -761,11 +745,11 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                 // No scheduler any more, and a deadline near: workers send tasks back.
                 _ => {
                     let _: () = c.del(env.keys.batcher()).await.unwrap();
-                    let ids: Vec<String> = enqueued.iter().cloned().collect();
+                    let ids: Vec<TaskId> = enqueued.iter().copied().collect();
                     if let Some(id) = ids.get(rng.below(ids.len().max(1)))
-                        && c.exists::<_, bool>(env.keys.batch_task(id)).await.unwrap()
+                        && c.exists::<_, bool>(env.keys.batch_task(*id)).await.unwrap()
                     {
-                        let key = env.keys.batch_task(id);
+                        let key = env.keys.batch_task(*id);
                         let _: () = c
                             .hset(&key, "deadline", llmq_shared::queue::now_ms())
                             .await
@@ -885,10 +869,7 @@ async fn a_batch_whose_sender_died(
     assert_eq!(env.mock.batches("mock-fast"), made, "{what}");
     let _second = scheduler_process(&env, &config, "second", &["--batch-resend-after", "1s"]);
     for e in &ids {
-        let r = env
-            .wait_final(&e.id.unwrap().to_string(), WAIT)
-            .await
-            .unwrap();
+        let r = env.wait_final(e.id.unwrap(), WAIT).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
         assert!(
             r.route.as_deref().unwrap_or("").contains("batch API"),

@@ -8,6 +8,7 @@ use std::time::Duration;
 use llmq_shared::config::Config;
 use llmq_shared::conversation::{ResponseFormat, Tool};
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::Status;
 use llmq_shared::queue::{Client, OutEntry};
 use llmq_tests::harness::{TestEnv, WorkerHandle};
@@ -67,9 +68,7 @@ fn task(env: &TestEnv, kind: &str, prompt: &str) -> Envelope {
 /// Runs `e` and waits for its final record.
 async fn run(env: &TestEnv, e: &Envelope) -> llmq_shared::outcome::TaskRecord {
     env.redis.enqueue(&env.keys, e).await.unwrap();
-    env.wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap()
+    env.wait_final(e.id.unwrap(), WAIT).await.unwrap()
 }
 
 /// (outcome, error class, error, cost) of each call of `task_id`, in order.
@@ -103,11 +102,11 @@ async fn an_answer_that_does_not_fit_the_schema_is_a_billed_failed_call_that_ret
         assert_eq!(output, json!({"name": "x", "n": 3}));
         let id = e.id.unwrap();
         env.eventually("both calls in the ledger", WAIT, || async {
-            calls_of(&env, id).await.len() == 2
+            calls_of(&env, id.uuid()).await.len() == 2
         })
         .await
         .unwrap();
-        let calls = calls_of(&env, id).await;
+        let calls = calls_of(&env, id.uuid()).await;
         let (outcome, class, error, cost) = &calls[0];
         assert_eq!(
             (outcome.as_str(), class.as_deref()),
@@ -254,7 +253,7 @@ async fn a_chain_step_hands_a_field_of_its_json_to_the_next() {
 
 /// Follows task `id`'s live answer from its start as any language would (XREAD BLOCK): its
 /// entries up to the one that ends it, and whether text came before the task's result.
-async fn follow(env: &TestEnv, id: &str) -> (Vec<OutEntry>, bool) {
+async fn follow(env: &TestEnv, id: TaskId) -> (Vec<OutEntry>, bool) {
     let mut after = "0".to_owned();
     let mut seen = Vec::new();
     let mut early = false;
@@ -270,7 +269,7 @@ async fn follow(env: &TestEnv, id: &str) -> (Vec<OutEntry>, bool) {
         for (entry_id, entry) in entries {
             after = entry_id;
             if matches!(entry, OutEntry::Text(_)) && !early {
-                let ids = [id.to_owned()];
+                let ids = [id];
                 early = env.redis.results(&env.keys, &ids).await.unwrap()[0].is_none();
             }
             let end = entry == OutEntry::Done;
@@ -304,8 +303,8 @@ async fn a_streamed_answer_is_read_while_it_is_written() {
         );
         e.stream = Some(true);
         env.redis.enqueue(&env.keys, &e).await.unwrap();
-        let id = e.id.unwrap().to_string();
-        let (entries, early) = follow(&env, &id).await;
+        let id = e.id.unwrap();
+        let (entries, early) = follow(&env, id).await;
         assert!(
             early,
             "{kind}: the first text came only after the result: {entries:?}"
@@ -333,8 +332,8 @@ async fn a_stream_cut_halfway_says_so_and_the_retry_streams_it_whole() {
     );
     e.stream = Some(true);
     env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let id = e.id.unwrap().to_string();
-    let (entries, _) = follow(&env, &id).await;
+    let id = e.id.unwrap();
+    let (entries, _) = follow(&env, id).await;
     let restart = entries
         .iter()
         .position(|e| matches!(e, OutEntry::Restart(_)))

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::TaskId;
 use llmq_shared::outcome::{ErrorClass, Status};
-use llmq_tests::harness::{TestEnv, WorkerHandle};
+use llmq_tests::harness::{AsTaskId, TestEnv, WorkerHandle};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -59,9 +60,7 @@ fn worker(env: &TestEnv, config: Config) -> WorkerHandle {
 
 async fn run(env: &TestEnv, e: Envelope) -> llmq_shared::outcome::TaskRecord {
     env.redis.enqueue(&env.keys, &e).await.unwrap();
-    env.wait_final(&e.id.unwrap().to_string(), WAIT)
-        .await
-        .unwrap()
+    env.wait_final(e.id.unwrap(), WAIT).await.unwrap()
 }
 
 #[tokio::test]
@@ -244,11 +243,11 @@ providers:
 
     // Everything is used up: the fourth task waits in delayed until midnight, unspent.
     let e = Envelope::new("task 3");
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     env.redis.enqueue(&env.keys, &e).await.unwrap();
     env.eventually("the task waiting for the reset", WAIT, || async {
         env.redis
-            .task(&env.keys, &id)
+            .task(&env.keys, id.tid())
             .await
             .unwrap()
             .is_some_and(|r| {
@@ -257,7 +256,7 @@ providers:
     })
     .await
     .unwrap();
-    let r = env.redis.task(&env.keys, &id).await.unwrap().unwrap();
+    let r = env.redis.task(&env.keys, id.tid()).await.unwrap().unwrap();
     assert_eq!(r.attempts, 0);
     assert_eq!(
         env.calls().await.unwrap().len(),
@@ -301,7 +300,7 @@ async fn three_worker_processes_never_exceed_a_shared_rate_limit() {
         .map(|i| Envelope::new(format!("limited {i}")))
         .collect();
     env.redis.enqueue_many(&env.keys, &envs).await.unwrap();
-    let ids: Vec<String> = envs.iter().map(|e| e.id.unwrap().to_string()).collect();
+    let ids: Vec<TaskId> = envs.iter().map(|e| e.id.unwrap()).collect();
     let records = llmq::wait_for(
         &env.redis,
         &env.keys,
@@ -385,10 +384,7 @@ async fn a_provider_set_to_http2_prior_knowledge_speaks_h2c_over_its_connections
     }
     env.redis.enqueue_many(&env.keys, &over_h2).await.unwrap();
     for e in &over_h2 {
-        let r = env
-            .wait_final(&e.id.unwrap().to_string(), WAIT)
-            .await
-            .unwrap();
+        let r = env.wait_final(e.id.unwrap(), WAIT).await.unwrap();
         assert_eq!(r.status, Status::Succeeded, "{r:?}");
     }
     assert_eq!(

@@ -342,7 +342,7 @@ async fn dead_in_redis(env: &TestEnv) -> Vec<String> {
         .await
         .unwrap()
         .into_iter()
-        .map(|d| d.task_id)
+        .map(|d| d.task_id.to_string())
         .collect();
     ids.sort();
     ids
@@ -389,7 +389,7 @@ async fn dead_letters_are_archived_before_they_are_trimmed_and_replay_from_the_a
     // The scheduler dies between the two steps: the letters are in both places.
     let step = s.archive_step(&env.keys, 500).await.unwrap();
     assert_eq!(
-        sorted(step.iter().map(|d| d.task_id.clone()).collect()),
+        sorted(step.iter().map(|d| d.task_id.to_string()).collect()),
         sorted(vec![old_a.clone(), old_b.clone()])
     );
     assert_eq!(
@@ -451,7 +451,7 @@ async fn dead_letters_are_archived_before_they_are_trimmed_and_replay_from_the_a
         .await
         .unwrap();
     assert_eq!(taken.len(), 1);
-    assert_eq!(taken[0].task_id, old_a);
+    assert_eq!(taken[0].task_id.to_string(), old_a);
     let db = llmq_tests::harness::database_url();
     let (code, listing) = env
         .cli(&[

@@ -292,7 +292,10 @@ async fn sdk_errors_come_in_each_provider_s_shape_and_a_retried_key_runs_once() 
         )
         .await
         .unwrap();
-    assert_eq!(copy.duplicate_of.as_deref(), answers[0]["task_id"].as_str());
+    assert_eq!(
+        copy.duplicate_of.map(|t| t.to_string()).as_deref(),
+        answers[0]["task_id"].as_str()
+    );
     assert_eq!(env.mock.calls_with_prompt("once only please"), 1);
     stop.cancel();
     worker.stop().await.unwrap();

@@ -80,7 +80,7 @@ async fn a_worker_exports_the_task_and_provider_call_spans_inside_the_producers_
         .enqueue_many(&env.keys, &[task.clone()])
         .await
         .unwrap();
-    let id = task.id.unwrap().to_string();
+    let id = task.id.unwrap();
     let record = llmq::wait_for(
         &env.redis,
         &env.keys,
@@ -112,7 +112,7 @@ async fn a_worker_exports_the_task_and_provider_call_spans_inside_the_producers_
     );
     assert_eq!(
         attr(task_span, "llmq.task.id"),
-        Some(Value::StringValue(id.clone()))
+        Some(Value::StringValue(id.to_string()))
     );
     assert_eq!(
         attr(task_span, "llmq.queue"),

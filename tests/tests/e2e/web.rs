@@ -77,7 +77,7 @@ async fn the_pages_show_the_queues_and_hostile_text_only_as_text() {
     let mut e = Envelope::new("<img src=x onerror=alert(1)>");
     e.model = Some("mock-fast".into());
     env.redis.enqueue(&env.keys, &e).await.unwrap();
-    let id = e.id.unwrap().to_string();
+    let id = e.id.unwrap();
     env.wait_final(&id, WAIT).await.unwrap();
     env.xadd("task", br#"{"v":2,"prompt":"<script>alert(1)</script>"}"#)
         .await
@@ -698,9 +698,7 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
     b.batch_id = Some(batch.clone().into());
     for t in [&e, &b] {
         env.redis.enqueue(&env.keys, t).await.unwrap();
-        env.wait_final(&t.id.unwrap().to_string(), WAIT)
-            .await
-            .unwrap();
+        env.wait_final(&t.id.unwrap(), WAIT).await.unwrap();
     }
     worker.stop().await.unwrap();
     let (status, _, body) = get(&format!("{base}/costs")).await;

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use chrono::Utc;
 use llmq_shared::chain::{StepEnd, StepOutcome, StepState};
 use llmq_shared::envelope::{self, Envelope};
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::{ErrorClass, Status, TaskRecord};
 use llmq_shared::provider::Completion;
 use llmq_shared::queue::{Finish, FinishKind, Place, Write};
-use uuid::Uuid;
 
 use super::ReadPause;
 use super::decide::{Transition, Wait};
@@ -21,9 +21,9 @@ use crate::finished::{Finished, RowExtras};
 /// What a transition is carried out on: the task as it came and what its run recorded.
 pub(super) struct Ending {
     pub queue: Arc<QueueKeys>,
-    pub entry_id: String,
+    pub entry_id: EntryId,
     /// Its id, as admission parsed it: what its ledger row is keyed by.
-    pub task_id: Uuid,
+    pub task_id: TaskId,
     pub env: Envelope,
     pub record: TaskRecord,
     pub calls: Vec<CallRow>,
@@ -39,7 +39,7 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
         record,
         calls,
     } = task;
-    let task_id = record.task_id.clone();
+    let task_id = record.task_id;
     // A step's next rounds, for the transitions that run it again.
     let mut reruns = None;
     let finish = match transition {
@@ -59,7 +59,7 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
         Transition::Refuse { error } => {
             // Not under the id it claims: that is the real step's, whose result a copy must
             // not overwrite.
-            let own_id = envelope::derive_id(queue.name(), &entry_id);
+            let own_id = envelope::derive_id(queue.name(), entry_id);
             return invalid(queue, entry_id, own_id, env.to_json(), error);
         }
         Transition::Await { deadline_ms } => {
@@ -127,13 +127,13 @@ pub(super) fn apply(task: Ending, transition: Transition, read_pause: &ReadPause
 /// at its tenant's head in the room when only a provider's pace holds it.
 fn waiting(
     queue: &QueueKeys,
-    entry_id: String,
+    entry_id: EntryId,
     env: &mut Envelope,
     record: TaskRecord,
     wait: Wait,
     read_pause: &ReadPause,
 ) -> Finish {
-    let task_id = record.task_id.clone();
+    let task_id = record.task_id;
     if wait.paced
         && let Some(class) = env.class()
     {
@@ -208,7 +208,7 @@ fn dead(mut record: TaskRecord, env: &mut Envelope, error: &str, class: ErrorCla
 /// `finish` as the finisher writes it: with its step's end or next rounds, for a chain's.
 fn written(
     queue: Arc<QueueKeys>,
-    task_id: Uuid,
+    task_id: TaskId,
     env: &Envelope,
     finish: Finish,
     reruns: Option<Vec<llmq_shared::chain::Rerun>>,
@@ -241,7 +241,7 @@ fn written(
     }
 }
 
-fn row_extras(task_id: Uuid, env: &Envelope) -> RowExtras {
+fn row_extras(task_id: TaskId, env: &Envelope) -> RowExtras {
     RowExtras {
         task_id,
         risk: env.risk,
@@ -252,7 +252,7 @@ fn row_extras(task_id: Uuid, env: &Envelope) -> RowExtras {
 
 /// A task parked in Redis (for a slot of its concurrency key, an identical request's call,
 /// a warm-up, the task holding its idempotency key): nothing to write.
-fn parked(queue: Arc<QueueKeys>, entry_id: String, task_id: String) -> Finished {
+fn parked(queue: Arc<QueueKeys>, entry_id: EntryId, task_id: TaskId) -> Finished {
     let finish = Finish::release(entry_id, task_id, String::new());
     Finished {
         parked: true,
@@ -278,7 +278,7 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
         step,
         outcome,
         fields: StepState {
-            task_id: finish.task_id.clone(),
+            task_id: Some(finish.task_id),
             provider: record.provider.clone(),
             model: record.model.clone(),
             cost_usd: record.cost_usd,
@@ -294,7 +294,7 @@ fn step_outcome(finish: &Finish, chain_id: String, step: String) -> Option<StepO
 /// awaiting approval.
 fn awaiting(
     queue: Arc<QueueKeys>,
-    entry_id: String,
+    entry_id: EntryId,
     env: &Envelope,
     mut record: TaskRecord,
     deadline_ms: i64,
@@ -302,7 +302,7 @@ fn awaiting(
     record.status = Status::Succeeded;
     record.output = Some("handed to a person: llmq chain approve|reject".into());
     record.finished_at = Some(Utc::now());
-    let task_id = record.task_id.clone();
+    let task_id = record.task_id;
     let write = Write::Await {
         finish: Finish::done(entry_id, task_id, record),
         chain_id: env.chain_id.as_deref().unwrap_or_default().to_owned(),
@@ -331,8 +331,8 @@ fn cancelled(task: Ending, why: String) -> Finished {
     record.finished_at = Some(Utc::now());
     metrics::counter!("llmq_tasks_cancelled_total", "queue" => queue.name().to_owned())
         .increment(1);
-    let task_id = record.task_id.clone();
-    let finish = Finish::done(entry_id, task_id.clone(), record);
+    let task_id = record.task_id;
+    let finish = Finish::done(entry_id, task_id, record);
     let write = match (env.chain_id.as_deref(), env.step.as_deref()) {
         (Some(chain_id), Some(step)) => {
             let step = StepOutcome {
@@ -340,7 +340,7 @@ fn cancelled(task: Ending, why: String) -> Finished {
                 step: step.to_owned(),
                 outcome: StepEnd::Cancelled,
                 fields: StepState {
-                    task_id,
+                    task_id: Some(task_id),
                     error: Some(why),
                     ..StepState::default()
                 },
@@ -359,20 +359,19 @@ fn cancelled(task: Ending, why: String) -> Finished {
 /// A task that cannot run as it came: a dead letter under `task_id`, keeping `raw`.
 pub(super) fn invalid(
     queue: Arc<QueueKeys>,
-    entry_id: String,
-    id: Uuid,
+    entry_id: EntryId,
+    task_id: TaskId,
     raw: String,
     error: String,
 ) -> Finished {
-    let task_id = id.to_string();
-    let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Dead);
+    let mut record = TaskRecord::pending(task_id, queue.name(), Status::Dead);
     record.error = Some(error.clone());
     record.error_class = Some(ErrorClass::Invalid);
     record.finished_at = Some(Utc::now());
     let finish = Finish::dead(entry_id, task_id, error, ErrorClass::Invalid, record, raw);
     Finished {
         row: Some(RowExtras {
-            task_id: id,
+            task_id,
             risk: None,
             batch_id: None,
             enqueued_at: None,

@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use llmq_shared::circuit::Admission;
 use llmq_shared::config::Kind;
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::ErrorClass;
@@ -218,8 +219,9 @@ pub(super) struct Attempt<'a> {
     pub delivery: Uuid,
     pub env: &'a Envelope,
     pub queue: &'a QueueKeys,
+    pub task_id: TaskId,
     /// The stream entry whose claim this worker must still hold when a call starts.
-    pub entry_id: &'a str,
+    pub entry_id: EntryId,
     pub task_type: &'static str,
     pub number: u32,
     /// Every call made, for the ledger; kept by the caller so a timeout loses none.
@@ -389,7 +391,7 @@ impl Attempt<'_> {
             }
             if !exec.claims.may_call(self.entry_id).await {
                 tracing::warn!(
-                    entry = self.entry_id,
+                    entry = %self.entry_id,
                     "the claim on this task lapsed before its call; handing it back uncalled"
                 );
                 return Stop::Released;
@@ -585,7 +587,7 @@ impl Attempt<'_> {
             return Ok(None);
         }
         let name = &*cand.provider.name;
-        let asker = self.env.id.map(|id| id.simple().to_string());
+        let asker = Some(self.task_id.uuid().simple().to_string());
         let since = Utc::now();
         let priority = self.env.class().map_or(0, |(p, _)| p);
         loop {
@@ -684,7 +686,7 @@ impl Attempt<'_> {
         let forwarder = tokio::spawn(forward(
             self.exec.redis.clone(),
             self.queue.clone(),
-            self.env.id.unwrap_or_default().to_string(),
+            self.task_id,
             rx,
         ));
         (Some(provider::Sink(tx)), Some(forwarder))
@@ -694,7 +696,7 @@ impl Attempt<'_> {
     fn start_row(&self, cand: &Candidate<'_>, row: usize) -> Box<[CallRow; 1]> {
         let (exec, env) = (self.exec, self.env);
         Box::new([CallRow {
-            task_id: env.id.unwrap_or_default(),
+            task_id: self.task_id.uuid(),
             delivery: self.delivery,
             run: env.replays as i32,
             attempt: self.number as i32,
@@ -817,7 +819,6 @@ impl Attempt<'_> {
         took: std::time::Duration,
     ) -> provider::Result<Completion> {
         let exec = self.exec;
-        let env = self.env;
         let name = &*cand.provider.name;
         if let Err(e) = &result {
             self.hold_fleet(cand, e).await;
@@ -834,9 +835,9 @@ impl Attempt<'_> {
                 Ok(_) => OutEntry::Done,
                 Err(e) => OutEntry::Restart(e.to_string()),
             };
-            let id = env.id.unwrap_or_default().to_string();
+            let id = self.task_id;
             // Boxed: a write's state would size every call's for the whole of the call.
-            let write = Box::pin(exec.redis.append_out(self.queue, &id, &end, true));
+            let write = Box::pin(exec.redis.append_out(self.queue, id, &end, true));
             if let Err(e) = write.await {
                 tracing::warn!(task_id = %id, "cannot end the live answer: {e}");
             }
@@ -903,7 +904,7 @@ const LIVE_FLUSH: std::time::Duration = std::time::Duration::from_millis(50);
 async fn forward(
     redis: llmq_shared::queue::Client,
     queue: QueueKeys,
-    task_id: String,
+    task_id: TaskId,
     mut pieces: tokio::sync::mpsc::UnboundedReceiver<String>,
 ) {
     let mut first = true;
@@ -928,10 +929,10 @@ async fn forward(
             }
         }
         if let Err(e) = redis
-            .append_out(&queue, &task_id, &OutEntry::Text(text), first)
+            .append_out(&queue, task_id, &OutEntry::Text(text), first)
             .await
         {
-            tracing::warn!(task_id, "cannot append to the live answer: {e}");
+            tracing::warn!(%task_id, "cannot append to the live answer: {e}");
         }
         first = false;
     }

@@ -13,12 +13,12 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request};
 use llmq_shared::queue::{BatchAnswer, BatchPark, BatchState};
 use llmq_shared::routing::{Candidate, Plan};
-use uuid::Uuid;
 
 use super::attempt::{AttemptError, Outcome, Tried, conform};
 use super::decide::Stop;
@@ -72,12 +72,11 @@ impl Executor {
     pub(super) async fn latch(
         &self,
         queue: &QueueKeys,
-        task_id: Uuid,
+        task_id: TaskId,
         env: &Envelope,
     ) -> Result<Latch, Stop> {
         let ask = !self.batchers.trusted(queue.name());
-        let task = task_id.to_string();
-        let read = self.redis.batch_state(queue, &task, ask);
+        let read = self.redis.batch_state(queue, task_id, ask);
         let (state, batcher) = read.await.map_err(|e| {
             tracing::warn!(task = %task_id, "cannot read the task's batch state; handing it back: {e}");
             Stop::HandedBack
@@ -102,14 +101,12 @@ pub const MIN_LEAD: Duration = Duration::from_secs(2 * 3600);
 
 /// When a task's deadline is (ms): `deadline` after it was enqueued (`enqueued_at`, else
 /// its stream entry's time).
-pub(super) fn deadline_ms(env: &Envelope, entry_id: &str) -> Option<i64> {
+pub(super) fn deadline_ms(env: &Envelope, entry_id: EntryId) -> Option<i64> {
     let d = env.deadline()?;
-    let since = env.enqueued_at.map(|t| t.timestamp_millis()).or_else(|| {
-        entry_id
-            .split('-')
-            .next()
-            .and_then(|ms| ms.parse::<i64>().ok())
-    })?;
+    let since = env.enqueued_at.map_or_else(
+        || i64::try_from(entry_id.ms()).ok(),
+        |t| Some(t.timestamp_millis()),
+    )?;
     Some(since + i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2))
 }
 
@@ -152,7 +149,7 @@ pub(super) struct Parkable<'p> {
 /// task's latch is read, and its request rendered ([`parking`]), only when it may.
 pub(super) fn parkable<'p>(
     env: &Envelope,
-    entry_id: &str,
+    entry_id: EntryId,
     plan: &'p Plan<'p>,
 ) -> Option<Parkable<'p>> {
     let deadline_ms = deadline_ms(env, entry_id)?;
@@ -260,10 +257,16 @@ mod tests {
     fn the_deadline_counts_from_enqueueing_or_the_entry() {
         let mut env = Envelope::new("x");
         env.deadline = Some("24h".into());
-        assert_eq!(deadline_ms(&env, "1000-0"), Some(1000 + 86_400_000));
+        assert_eq!(
+            deadline_ms(&env, EntryId::new(1000, 0)),
+            Some(1000 + 86_400_000)
+        );
         env.enqueued_at = chrono::DateTime::from_timestamp_millis(5000);
-        assert_eq!(deadline_ms(&env, "1000-0"), Some(5000 + 86_400_000));
+        assert_eq!(
+            deadline_ms(&env, EntryId::new(1000, 0)),
+            Some(5000 + 86_400_000)
+        );
         env.deadline = None;
-        assert_eq!(deadline_ms(&env, "1000-0"), None);
+        assert_eq!(deadline_ms(&env, EntryId::new(1000, 0)), None);
     }
 }

@@ -10,6 +10,7 @@ use chrono::Utc;
 use llmq_shared::answer_cache::warm_prefix;
 use llmq_shared::answer_cache::{self, CachedAnswer, Use};
 use llmq_shared::envelope::Envelope;
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::ErrorClass;
@@ -46,7 +47,7 @@ impl Executor {
     pub(super) async fn look_up(
         &self,
         queue: &QueueKeys,
-        entry_id: &str,
+        entry_id: EntryId,
         hash: &str,
         flight: bool,
         env: &Envelope,
@@ -97,7 +98,7 @@ impl Executor {
     async fn take(
         &self,
         queue: &QueueKeys,
-        entry_id: &str,
+        entry_id: EntryId,
         name: &str,
         flight: bool,
         env: &Envelope,
@@ -145,7 +146,7 @@ impl Executor {
     pub(super) async fn warm_up(
         &self,
         queue: &QueueKeys,
-        entry_id: &str,
+        entry_id: EntryId,
         hash: &str,
         flight: bool,
         env: &Envelope,
@@ -212,12 +213,12 @@ pub(super) fn warmed(hash: &str, (provider, model): &(String, String)) -> Box<Ke
 pub(super) fn hit(
     answer: &CachedAnswer,
     queue: &QueueKeys,
-    env: &Envelope,
+    (task_id, env): (TaskId, &Envelope),
     task_type: &'static str,
     worker: &Arc<str>,
 ) -> (Tried, CallRow) {
     let row = CallRow {
-        task_id: env.id.unwrap_or_default(),
+        task_id: task_id.uuid(),
         delivery: Uuid::new_v4(),
         run: i32::try_from(env.replays).unwrap_or(i32::MAX),
         attempt: i32::try_from(env.attempts + 1).unwrap_or(i32::MAX),
@@ -253,13 +254,13 @@ pub(super) fn hit(
 pub(super) fn keep(
     (hash, ttl): (String, std::time::Duration),
     completion: &Completion,
-    task_id: &str,
+    task_id: TaskId,
     (provider, model): &(String, String),
     calls: &[CallRow],
     max_bytes: usize,
 ) -> Option<Box<Keep>> {
     let answer = CachedAnswer {
-        task_id: task_id.to_owned(),
+        task_id,
         provider: provider.clone(),
         model: model.clone(),
         text: completion.text.clone(),
@@ -326,7 +327,7 @@ impl Executor {
                 let (tried, row) = hit(
                     &answer,
                     task.queue,
-                    task.env,
+                    (task.task_id, task.env),
                     task.task_type,
                     &self.worker_id,
                 );
@@ -380,7 +381,7 @@ mod tests {
         let queue = QueueKeys::new("q");
         let worker: Arc<str> = "w-1".into();
         let answer = CachedAnswer {
-            task_id: "t".into(),
+            task_id: TaskId::random(),
             provider: "p".into(),
             model: "m".into(),
             text: "an answer".into(),
@@ -389,7 +390,13 @@ mod tests {
             list_cost_usd: 0.01,
         };
         let env = Envelope::new("a prompt".to_owned());
-        let (_, row) = hit(&answer, &queue, &env, "research", &worker);
+        let (_, row) = hit(
+            &answer,
+            &queue,
+            (TaskId::random(), &env),
+            "research",
+            &worker,
+        );
         assert!(Arc::ptr_eq(&row.queue, &queue.shared_name()));
         assert!(Arc::ptr_eq(&row.worker, &worker));
         assert!(matches!(
@@ -406,7 +413,17 @@ mod tests {
         };
         let last = ("p".to_owned(), "m".to_owned());
         let ttl = std::time::Duration::from_secs(60);
-        let kept = |max| keep(("h".into(), ttl), &completion, "t", &last, &[], max).unwrap();
+        let kept = |max| {
+            keep(
+                ("h".into(), ttl),
+                &completion,
+                TaskId::random(),
+                &last,
+                &[],
+                max,
+            )
+            .unwrap()
+        };
         let whole = kept(1 << 20);
         let answer: CachedAnswer = serde_json::from_str(&whole.answer).unwrap();
         assert_eq!(answer.text, completion.text);

@@ -529,8 +529,8 @@ mod tests {
         let copy = Finished::new(
             std::sync::Arc::new(llmq_shared::keys::QueueKeys::new("q")),
             llmq_shared::queue::Write::Task(llmq_shared::queue::Finish::ack(
-                "1-0".into(),
-                "t".into(),
+                llmq_shared::ids::EntryId::new(1, 0),
+                llmq_shared::ids::TaskId::random(),
             )),
             Vec::new(),
         );

@@ -9,6 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::idempotency;
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::{Status, TaskRecord};
 use llmq_shared::queue::{Finish, Keyed, holder};
@@ -27,7 +28,7 @@ pub(super) struct Held {
 
 impl Held {
     /// The key's value while this run holds it.
-    pub fn holder(&self, task_id: &str) -> String {
+    pub fn holder(&self, task_id: TaskId) -> String {
         holder(task_id, &self.run)
     }
 }
@@ -40,14 +41,13 @@ impl Executor {
     pub(super) async fn take_key(
         &self,
         queue: &Arc<QueueKeys>,
-        entry_id: &str,
+        (entry_id, task_id): (EntryId, TaskId),
         name: String,
         env: &Envelope,
     ) -> Result<Box<Held>, Stop> {
-        let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
         let replay = env.replays > 0;
-        let run = idempotency::run_of(env, entry_id).to_owned();
-        let mine = holder(&task_id, &run);
+        let run = idempotency::run_of(env, entry_id);
+        let mine = holder(task_id, &run);
         let take = |envelope: Option<String>| {
             let (name, mine) = (&name, &mine);
             async move {
@@ -82,10 +82,10 @@ impl Executor {
                     // The same task sent again (its own id): its record is the first's, and
                     // stays as it is.
                     let finished = if first.task_id == task_id {
-                        let ack = Finish::ack(entry_id.to_owned(), task_id);
+                        let ack = Finish::ack(entry_id, task_id);
                         super::apply::plain(Arc::clone(queue), ack, Vec::new())
                     } else {
-                        copy(Arc::clone(queue), entry_id, env, first)
+                        copy(Arc::clone(queue), (entry_id, task_id), env, first)
                     };
                     Err(Stop::Duplicate(Box::new(finished)))
                 }
@@ -115,9 +115,13 @@ impl Executor {
 
 /// A copy's end: succeeded with `first`'s answer, marked `duplicate_of` it, $0, no call and
 /// no attempt. Not in the ledger: nothing ran.
-fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord) -> Finished {
-    let task_id = env.id.map(|id| id.to_string()).unwrap_or_default();
-    let mut record = TaskRecord::pending(&task_id, queue.name(), Status::Succeeded);
+fn copy(
+    queue: Arc<QueueKeys>,
+    (entry_id, task_id): (EntryId, TaskId),
+    env: &Envelope,
+    first: TaskRecord,
+) -> Finished {
+    let mut record = TaskRecord::pending(task_id, queue.name(), Status::Succeeded);
     record.task_type = env.task_type().ok().map(|t| t.to_string());
     record.chain_id = env.chain_id.as_deref().map(Into::into);
     record.route = Some(format!(
@@ -131,7 +135,7 @@ fn copy(queue: Arc<QueueKeys>, entry_id: &str, env: &Envelope, first: TaskRecord
     record.tool_calls = first.tool_calls;
     record.duplicate_of = Some(first.task_id);
     record.finished_at = Some(Utc::now());
-    let mut finish = Finish::done(entry_id.to_owned(), task_id, record);
+    let mut finish = Finish::done(entry_id, task_id, record);
     // It has no ledger row, but it ended: it counts toward its batch's progress.
     finish.batch_id = env.batch_id.as_deref().map(Into::into);
     super::apply::plain(queue, finish, Vec::new())

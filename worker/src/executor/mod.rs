@@ -30,6 +30,7 @@ use llmq_shared::chain::{Chain, StepOutcome};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
 use llmq_shared::envelope::{self, Envelope, TaskType};
+use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::ledger::{CallOutcome, CallRow, Verdict};
 use llmq_shared::outcome::{ErrorClass, LearnedRoute, Status, TaskRecord};
@@ -259,10 +260,10 @@ impl Drop for RoomTurn<'_> {
 /// once (its envelope is boxed).
 struct Admitted {
     queue: Arc<QueueKeys>,
-    entry_id: String,
+    entry_id: EntryId,
     env: Box<Envelope>,
     /// As the number, not its text: every task in flight holds it for the whole of its call.
-    task_id: Uuid,
+    task_id: TaskId,
     /// The entry was put back by llmq (from the room, a batch, a hand-back), not enqueued.
     from_room: bool,
 }
@@ -270,8 +271,8 @@ struct Admitted {
 /// A task in its pipeline, once it holds its key: what every phase reads.
 struct Task<'a> {
     queue: &'a Arc<QueueKeys>,
-    entry_id: &'a str,
-    task_id: Uuid,
+    entry_id: EntryId,
+    task_id: TaskId,
     env: &'a Envelope,
     task_type: &'static str,
     from_room: bool,
@@ -321,7 +322,7 @@ struct More {
     /// What learned routing chose.
     learned: Option<LearnedRoute>,
     /// The task whose cached answer this one reuses.
-    cached_from: Option<String>,
+    cached_from: Option<TaskId>,
     /// What to keep this task's answer as in the answer cache, and for how long.
     to_keep: Option<(String, Duration)>,
     /// The prompt prefix this task's call warms.
@@ -349,7 +350,7 @@ impl Trail {
     fn keep(
         &mut self,
         exec: &Executor,
-        task_id: &str,
+        task_id: TaskId,
         outcome: &Outcome,
         last: Option<&(String, String)>,
     ) -> Option<Box<Keep>> {
@@ -425,8 +426,8 @@ struct After {
 }
 
 /// A review's or check's verdict on the task whose work it judged, for learned routing.
-fn verdict(judged: Option<&str>, outcome: &Outcome) -> Option<Verdict> {
-    let task_id = Uuid::parse_str(judged?).ok()?;
+fn verdict(judged: Option<TaskId>, outcome: &Outcome) -> Option<Verdict> {
+    let task_id = judged?.uuid();
     let approved = match outcome {
         Outcome::Answered(_) => true,
         Outcome::Rejected(_) => false,
@@ -459,7 +460,7 @@ impl Executor {
         if let Write::Task(finish) = &mut finished.write {
             // A task holding an idempotency key ends it with its outcome's write.
             if let Some(held) = key {
-                let holder = held.holder(&finish.task_id);
+                let holder = held.holder(finish.task_id);
                 finish.end_key(held.name, holder, held.window);
             }
             // A batch's task that ended (it has its ledger row then) counts as finished.
@@ -487,7 +488,7 @@ impl Executor {
             return Err(Box::new(self.submitted_chain(queue, entry_id, spec)));
         }
         let Some(payload) = payload else {
-            let task_id = envelope::derive_id(queue.name(), &entry_id);
+            let task_id = envelope::derive_id(queue.name(), entry_id);
             let error = format!(
                 "the stream entry has no `task` field; enqueue with XADD {} * task '<json>'",
                 queue.stream()
@@ -506,9 +507,9 @@ impl Executor {
                 // An oversized payload is not parsed again, for its id or its step.
                 let readable = !matches!(e, envelope::Error::TooLarge { .. });
                 let task_id = if readable {
-                    envelope::task_id_of(queue.name(), &entry_id, &payload)
+                    envelope::task_id_of(queue.name(), entry_id, &payload)
                 } else {
-                    envelope::derive_id(queue.name(), &entry_id)
+                    envelope::derive_id(queue.name(), entry_id)
                 };
                 let raw = envelope::dead_payload(&payload, self.max_payload_bytes);
                 let step = readable
@@ -518,18 +519,17 @@ impl Executor {
                 // A chain step's task refused here still ends its step, so its chain ends;
                 // the step script applies it only for the step's current, queued task.
                 if let (Some((chain_id, step)), Write::Task(finish)) = (step, &finished.write) {
-                    let task_id = task_id.to_string();
                     let failed = StepOutcome::failed(chain_id, step, task_id, e.to_string());
                     finished.write = Write::Step(finish.clone(), Box::new(failed));
                 }
                 return Err(Box::new(finished));
             }
         };
-        let task_id = env.id_or_derive(queue.name(), &entry_id);
+        let task_id = env.id_or_derive(queue.name(), entry_id);
         env.id = Some(task_id);
         // When it was enqueued, kept wherever it goes next (the room, a wait): what a
         // tenant's cancel compares.
-        let entry_ms = entry_ms(&entry_id);
+        let entry_ms = entry_ms(entry_id);
         if env.enqueued_at.is_none() && !from_room {
             env.enqueued_at = chrono::DateTime::from_timestamp_millis(entry_ms);
         }
@@ -553,8 +553,7 @@ impl Executor {
             let due_ms = run_at.timestamp_millis();
             if due_ms > now_ms() + 5 {
                 // Enqueued straight into the stream with a future run_at: wait in delayed.
-                let finish =
-                    Finish::retry(entry_id, task_id.to_string(), due_ms, None, env.to_json());
+                let finish = Finish::retry(entry_id, task_id, due_ms, None, env.to_json());
                 return Err(Box::new(plain(queue, finish, Vec::new())));
             }
         }
@@ -566,7 +565,7 @@ impl Executor {
             } else {
                 Place::Behind
             };
-            let finish = Finish::room(entry_id, task_id.to_string(), class, place, env.to_json());
+            let finish = Finish::room(entry_id, task_id, class, place, env.to_json());
             return Err(Box::new(plain(queue, finish, Vec::new())));
         }
         Ok(Admitted {
@@ -608,13 +607,13 @@ impl Executor {
             // What stops its call: a cancel that names it, or the hard stop.
             let watch = self
                 .cancels
-                .watch(&queue, task_id, &env, entry_ms(&entry_id));
+                .watch(&queue, task_id, &env, entry_ms(entry_id));
             let started = Instant::now();
-            let keyed = self.key(&queue, &entry_id, &mut env, key).await;
+            let keyed = self.key(&queue, (entry_id, task_id), &mut env, key).await;
             let mut trail = Trail::default();
             let task = Task {
                 queue: &queue,
-                entry_id: &entry_id,
+                entry_id,
                 task_id,
                 env: &env,
                 // A constant: the type was checked when the task was parsed.
@@ -636,7 +635,7 @@ impl Executor {
                 Err(stop) => (decide::stopped(stop), record, None),
                 Ok(ran) => {
                     let cancelled = watch.cancelled().then(|| {
-                        let named = Named::of(task_id, &env, entry_ms(&entry_id), true);
+                        let named = Named::of(task_id, &env, entry_ms(entry_id), true);
                         (self.cancels.why(&queue, named)).unwrap_or_else(|| "cancelled".into())
                     });
                     self.decide(&env, record, ran, &mut trail, cancelled, started)
@@ -670,14 +669,14 @@ impl Executor {
     async fn key(
         &self,
         queue: &Arc<QueueKeys>,
-        entry_id: &str,
+        (entry_id, task_id): (EntryId, TaskId),
         env: &mut Envelope,
         key: &mut Option<Box<keyed::Held>>,
     ) -> Result<(), Stop> {
         let Some(name) = llmq_shared::idempotency::name_of(env) else {
             return Ok(());
         };
-        let held = Box::pin(self.take_key(queue, entry_id, name, env)).await?;
+        let held = Box::pin(self.take_key(queue, (entry_id, task_id), name, env)).await?;
         let run = serde_json::Value::from(held.run.as_str());
         env.extra
             .insert(llmq_shared::idempotency::RUN_FIELD.to_owned(), run);
@@ -872,6 +871,7 @@ impl Executor {
             delivery: Uuid::new_v4(),
             env: call_env,
             queue: task.queue,
+            task_id: task.task_id,
             entry_id: task.entry_id,
             task_type: task.task_type,
             number: task.env.attempts + 1,
@@ -937,7 +937,7 @@ impl Executor {
             errors,
             last,
         } = tried;
-        let keep = trail.keep(self, &record.task_id, &outcome, last.as_ref());
+        let keep = trail.keep(self, record.task_id, &outcome, last.as_ref());
         let record = trail.record(record, route, errors, last, started);
         span.record("llmq.cost_usd", record.cost_usd);
         // A judge's pick, a review's verdict.
@@ -949,7 +949,7 @@ impl Executor {
         // retry must not be given it again.
         let keep = keep.filter(|k| matches!(outcome, Outcome::Answered(_)) || !k.counted);
         // A review's or check's verdict on the work it judged, for learned routing.
-        let verdict = verdict(judged.as_deref(), &outcome);
+        let verdict = verdict(judged, &outcome);
         let policy = Policy {
             retry: RetryPolicy::new(self.retry_base, self.retry_max),
             max_wait: self.config.routing.max_wait,
@@ -1024,8 +1024,8 @@ impl Executor {
 
     /// A delivery that submits a chain: validated here, expanded by the finisher in one
     /// script; an invalid one is one dead letter whose reason names the step and the problem.
-    fn submitted_chain(&self, queue: Arc<QueueKeys>, entry_id: String, spec: &[u8]) -> Finished {
-        let parsed = Chain::parse(spec, self.max_payload_bytes, queue.name(), &entry_id).and_then(
+    fn submitted_chain(&self, queue: Arc<QueueKeys>, entry_id: EntryId, spec: &[u8]) -> Finished {
+        let parsed = Chain::parse(spec, self.max_payload_bytes, queue.name(), entry_id).and_then(
             |mut chain| {
                 chain.bound_rounds(self.config.chains.max_rounds)?;
                 match chain.unknown_check(|c| self.config.checks.contains_key(c)) {
@@ -1043,7 +1043,7 @@ impl Executor {
                 Finished::new(queue, write, Vec::new())
             }
             Err(e) => {
-                let task_id = envelope::derive_id(queue.name(), &entry_id);
+                let task_id = envelope::derive_id(queue.name(), entry_id);
                 let raw = envelope::dead_payload(spec, self.max_payload_bytes);
                 let error = format!("the chain is invalid: {e}");
                 invalid(queue, entry_id, task_id, raw, error)
@@ -1058,7 +1058,7 @@ impl Executor {
     /// one chain.
     async fn resubmitted(&self, queue: &QueueKeys, chain: &Chain) {
         let state = match self.redis.chain(queue, &chain.id).await {
-            Ok(Some(state)) if state.state == "failed" => state,
+            Ok(Some(state)) if state.state == llmq_shared::chain::ChainStatus::Failed => state,
             Ok(_) => return,
             Err(e) => {
                 tracing::warn!(chain = %chain.id, "cannot read the chain this submission's idempotency_key names: {e}");
@@ -1101,20 +1101,17 @@ impl Executor {
 }
 
 /// The record of a task that is running this attempt.
-fn running(queue: &QueueKeys, task_id: Uuid, env: &Envelope) -> TaskRecord {
+fn running(queue: &QueueKeys, task_id: TaskId, env: &Envelope) -> TaskRecord {
     // A constant: the type was checked when the task was parsed.
     let task_type = env.task_type().map_or("", TaskType::as_str);
-    let mut record = TaskRecord::pending(task_id.to_string(), queue.name(), Status::Running);
+    let mut record = TaskRecord::pending(task_id, queue.name(), Status::Running);
     record.attempts = env.attempts + 1;
     record.task_type = Some(task_type.to_owned());
     record.chain_id = env.chain_id.as_deref().map(Into::into);
     record
 }
 
-/// The time (ms) in a stream entry's id (`<ms>-<seq>`); 0 for any other text.
-fn entry_ms(entry_id: &str) -> i64 {
-    entry_id
-        .split_once('-')
-        .and_then(|(ms, _)| ms.parse().ok())
-        .unwrap_or(0)
+/// The time (ms) in a stream entry's id (`<ms>-<seq>`).
+fn entry_ms(entry_id: EntryId) -> i64 {
+    i64::try_from(entry_id.ms()).unwrap_or(i64::MAX)
 }

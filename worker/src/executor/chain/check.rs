@@ -31,7 +31,7 @@ impl StepKind for Check {
             command: cx.step.command.clone().unwrap_or_default(),
             input,
             rework: cx.full.and_then(|f| rework(f, cx.step, cx.config)),
-            judged: cx.states.get(parent).map(|s| s.task_id.clone()),
+            judged: cx.states.get(parent).and_then(|s| s.task_id),
         }
     }
 }

@@ -7,10 +7,11 @@
 use std::collections::HashMap;
 
 use llmq_shared::chain::{self, Distinct, Reference};
-use llmq_shared::chain::{ChainState, Rerun, Seen, StepState};
+use llmq_shared::chain::{ChainState, Rerun, Seen, StepState, StepStatus};
 use llmq_shared::config::Config;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::envelope::Tier;
+use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::queue::{Client, StepContext};
@@ -44,7 +45,7 @@ pub(super) struct StepPlan {
     /// task's call would otherwise carry its room.
     pub settled: Option<Box<Outcome>>,
     /// For a review or a check: the task whose output its verdict judges.
-    pub judged: Option<String>,
+    pub judged: Option<TaskId>,
     /// Its state and its children's as read before it ran (`StepOutcome::seen`).
     pub seen: Option<Box<Seen>>,
 }
@@ -115,7 +116,7 @@ impl Executor {
                 escalation,
             }) => {
                 if let Reading::Verdict { judged, .. } = &read {
-                    step.judged.clone_from(judged);
+                    step.judged = *judged;
                 }
                 step.prompt = Some(prompt);
                 step.constraints = constraints;
@@ -151,7 +152,7 @@ pub(super) enum Prepared {
         input: String,
         rework: Option<Rework>,
         /// The task whose output it checks, whose model its verdict judges.
-        judged: Option<String>,
+        judged: Option<TaskId>,
     },
     /// No call: a person decides, by `deadline_ms` at the latest.
     Await { deadline_ms: i64 },
@@ -219,7 +220,7 @@ pub(super) enum Reading {
     /// The answer is a verdict on step `reviewed`, whose task was `judged`.
     Verdict {
         reviewed: String,
-        judged: Option<String>,
+        judged: Option<TaskId>,
     },
 }
 
@@ -277,7 +278,7 @@ pub(super) async fn prepare(
         .iter()
         .filter_map(|p| {
             let s = states.get(p)?;
-            (s.status == "succeeded").then_some((p.as_str(), s))
+            (s.status == StepStatus::Succeeded).then_some((p.as_str(), s))
         })
         .collect();
     let needs_outputs = kind.reads_outputs()
@@ -357,7 +358,7 @@ fn not_to_run(
     let Some(s) = states.get(name) else {
         return Some(Prepared::Cancelled("the chain was cancelled".into()));
     };
-    let own = env.id.is_some_and(|id| s.task_id == id.to_string());
+    let own = env.id.is_some_and(|id| s.task_id == Some(id));
     // An earlier round's task of a step sent into a new round (a sibling's rejection sent the
     // work it depends on back) is superseded: it ends quietly, and the new round runs.
     if !own
@@ -369,13 +370,15 @@ fn not_to_run(
             s.round
         )));
     }
-    if !own || !matches!(s.status.as_str(), "queued" | "cancelled") {
+    if !own || !matches!(s.status, StepStatus::Queued | StepStatus::Cancelled) {
         return Some(Prepared::Invalid(format!(
             "step `{name}` of chain `{chain_id}` is {} and runs as task {} (round {}); this task is not the one the chain enqueued for it, so it cannot run the step (a failed step runs again with `llmq chain retry`)",
-            s.status, s.task_id, s.round
+            s.status,
+            s.task_id.map_or_else(|| "none".into(), |t| t.to_string()),
+            s.round
         )));
     }
-    (s.status == "cancelled").then(|| {
+    (s.status == StepStatus::Cancelled).then(|| {
         Prepared::Cancelled(
             s.error
                 .clone()
@@ -393,7 +396,12 @@ async fn outputs<'a>(
     HashMap<&'a str, String>,
     HashMap<&'a str, serde_json::Value>,
 )> {
-    let ids: Vec<String> = succeeded.iter().map(|(_, s)| s.task_id.clone()).collect();
+    // Every step has a task from its chain's expansion; one without names no record.
+    let succeeded: Vec<_> = succeeded
+        .iter()
+        .filter_map(|(p, s)| Some((*p, s.task_id?)))
+        .collect();
+    let ids: Vec<TaskId> = succeeded.iter().map(|(_, id)| *id).collect();
     let records = redis.results(keys, &ids).await?;
     let mut outputs = HashMap::new();
     let mut jsons = HashMap::new();
@@ -545,7 +553,7 @@ fn rework(state: &ChainState, step: &chain::Step, config: &Config) -> Option<Rew
                 || state
                     .steps
                     .get(n)
-                    .is_some_and(|s| s.status == "queued" && *n != on_reject.rerun)
+                    .is_some_and(|s| s.status == StepStatus::Queued && *n != on_reject.rerun)
         })
         .collect();
     let reruns = state.reruns(&again).ok()?;

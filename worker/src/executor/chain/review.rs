@@ -32,7 +32,7 @@ impl StepKind for Review {
         );
         let constraints = distinct_from(&cx.step.distinct, cx.states.get(&reviewed));
         let rework = cx.full.and_then(|f| rework(f, cx.step, cx.config));
-        let judged = cx.states.get(&reviewed).map(|s| s.task_id.clone());
+        let judged = cx.states.get(&reviewed).and_then(|s| s.task_id);
         Prepared::Call {
             prompt,
             constraints,
