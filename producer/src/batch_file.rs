@@ -57,6 +57,8 @@ pub struct BatchTask {
     pub priority: Option<i64>,
     #[serde(default)]
     pub tenant: Option<String>,
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
     /// The task's id within its batch (as in OpenAI's and Anthropic's batch files): with the
     /// batch's id, it names the task's id and idempotency key.
     #[serde(default)]

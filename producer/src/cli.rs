@@ -369,6 +369,10 @@ pub struct Submit {
     /// served in turn.
     #[arg(long)]
     pub tenant: Option<String>,
+    /// A tag the ledger keeps with the task and its calls, as NAME=VALUE (e.g. team=search);
+    /// repeat it, up to 8. `llmq costs --by tag:NAME` reports by it.
+    #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
     /// Seconds one attempt may take.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     pub timeout: u64,
@@ -459,6 +463,9 @@ pub struct Batch {
     /// served in turn.
     #[arg(long)]
     pub tenant: Option<String>,
+    /// A tag for every task, as NAME=VALUE; repeat it. A line's own `tags` win, name by name.
+    #[arg(long = "tag", value_name = "NAME=VALUE", value_parser = parse_tag)]
+    pub tags: Vec<(String, String)>,
     /// The tasks can wait this long (default 24h, at least 24h): they go through the
     /// providers' batch APIs at the batch price where the provider file allows
     /// (`deadline` on each task; a task's own `deadline` wins).
@@ -703,6 +710,20 @@ pub struct Costs {
 fn parse_task_id(s: &str) -> Result<TaskId, String> {
     s.parse()
         .map_err(|e: llmq_shared::ids::BadId| e.to_string())
+}
+
+/// `NAME=VALUE`, checked as a task's `tags` are.
+fn parse_tag(s: &str) -> Result<(String, String), String> {
+    let Some((name, value)) = s.split_once('=') else {
+        return Err(format!(
+            "`{}` is not a tag; write it as NAME=VALUE, e.g. team=search",
+            s.escape_debug()
+        ));
+    };
+    let tag = std::collections::BTreeMap::from([(name.to_owned(), value.to_owned())]);
+    llmq_shared::envelope::check_tags(&tag)
+        .map(|()| (name.to_owned(), value.to_owned()))
+        .map_err(|e| e.to_string())
 }
 
 fn parse_tenant(s: &str) -> Result<String, String> {

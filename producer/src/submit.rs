@@ -42,6 +42,8 @@ pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result
         .map_err(|e| Error::Usage(e.to_string()))?;
     env.priority = args.priority;
     env.tenant = args.tenant.map(Into::into);
+    env.tags = args.tags.into_iter().collect();
+    llmq_shared::envelope::check_tags(&env.tags).map_err(|e| Error::Usage(e.to_string()))?;
     if args.no_fallback {
         env.fallback = Some(false);
     }
@@ -768,6 +770,7 @@ impl Shaper<'_> {
         env.fallback = self.fallback;
         env.priority = t.priority.or(args.priority);
         env.tenant = t.tenant.or_else(|| args.tenant.clone()).map(Into::into);
+        env.tags = args.tags.iter().cloned().chain(t.tags).collect();
         // Refused here, as a worker would refuse it, rather than becoming a dead letter.
         if check {
             Envelope::from_value(serde_json::to_value(&env).unwrap_or_default())

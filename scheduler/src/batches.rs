@@ -572,6 +572,8 @@ impl BatchRows {
                 cache_write_tokens: 0,
                 ..usage
             })),
+            tenant: env.and_then(|e| e.tenant.as_deref().map(Into::into)),
+            tags: env.and_then(Envelope::tags_json),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! `schema/envelope.schema.json` and `docs/wire-format.md` describe it for other languages.
 //! Unknown fields are kept (and written back on retries) but otherwise ignored.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -354,6 +355,11 @@ pub struct Envelope {
     /// are served in turn, so one tenant's backlog delays another's tasks by a few tasks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<Box<str>>,
+    /// What the task is for, as `name: value` pairs (up to [`MAX_TAGS`]; e.g. `team:
+    /// search`, `feature: summaries`): kept with its calls and itself in the ledger, so
+    /// `llmq costs --by tag:team` reports spend by them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tags: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -410,6 +416,67 @@ fn is_zero(n: &u32) -> bool {
 pub const MAX_PRIORITY: u8 = 9;
 /// The longest `tenant`, in bytes.
 pub const MAX_TENANT_BYTES: usize = 128;
+
+/// The most tags a task carries.
+pub const MAX_TAGS: usize = 8;
+/// The longest tag name: letters, digits, `_`, `-` and `.` (it names a report's column).
+pub const MAX_TAG_NAME_BYTES: usize = 64;
+/// The longest tag value.
+pub const MAX_TAG_VALUE_BYTES: usize = 128;
+
+/// Checks a task's `tags`: at most [`MAX_TAGS`], each name 1 to [`MAX_TAG_NAME_BYTES`]
+/// letters, digits, `_`, `-` or `.`, each value 1 to [`MAX_TAG_VALUE_BYTES`] bytes without a
+/// control character.
+///
+/// # Errors
+/// A sentence naming the tag and the fix.
+pub fn check_tags(tags: &BTreeMap<String, String>) -> Result<()> {
+    let wrong = |field: String, message: String| Err(Error::Field { field, message });
+    if tags.len() > MAX_TAGS {
+        return wrong(
+            "tags".into(),
+            format!("has {} tags; a task carries at most {MAX_TAGS}", tags.len()),
+        );
+    }
+    for (name, value) in tags {
+        let name_ok = (1..=MAX_TAG_NAME_BYTES).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+        if !name_ok {
+            return wrong(
+                "tags".into(),
+                format!(
+                    "has a tag named {:?}; name a tag with 1 to {MAX_TAG_NAME_BYTES} letters, digits, `_`, `-` or `.`",
+                    crate::text::excerpt(name, MAX_TAG_NAME_BYTES)
+                ),
+            );
+        }
+        let field = format!("tags.{name}");
+        if value.is_empty() {
+            return wrong(
+                field,
+                "is empty; leave the tag out or give it a value".into(),
+            );
+        }
+        if value.len() > MAX_TAG_VALUE_BYTES {
+            return wrong(
+                field,
+                format!(
+                    "is {} bytes long; use at most {MAX_TAG_VALUE_BYTES}",
+                    value.len()
+                ),
+            );
+        }
+        if value.chars().any(char::is_control) {
+            return wrong(
+                field,
+                "contains a control character (a newline, tab or NUL); remove it".into(),
+            );
+        }
+    }
+    Ok(())
+}
 
 /// Checks a `priority` and a `tenant`, wherever they are given (a task, a chain).
 ///
@@ -662,6 +729,7 @@ impl Envelope {
             batch_id: None,
             priority: None,
             tenant: None,
+            tags: BTreeMap::new(),
             max_tokens: None,
             temperature: None,
             metadata: None,
@@ -677,6 +745,12 @@ impl Envelope {
             last_error: None,
             extra: Map::new(),
         }
+    }
+
+    /// Its `tags` as the ledger keeps them: a JSON object, `None` for none.
+    #[must_use]
+    pub fn tags_json(&self) -> Option<String> {
+        (!self.tags.is_empty()).then(|| serde_json::to_string(&self.tags).unwrap_or_default())
     }
 
     /// How long the task can wait for its answer, when it says so (and says it well: an
@@ -821,6 +895,7 @@ impl Envelope {
         check_concurrency(key.as_ref(), limit.as_ref())?;
         self.task_type()?;
         check_class(self.priority, self.tenant.as_deref())?;
+        check_tags(&self.tags)?;
         if self.max_attempts == Some(0) {
             return Err(Error::Field {
                 field: "max_attempts".into(),
@@ -970,6 +1045,43 @@ mod tests {
         assert_eq!(env.max_attempts(), 3);
         assert_eq!(env.task_type().unwrap(), TaskType::DataAnalysis);
         assert!(env.id.is_none());
+    }
+
+    #[test]
+    fn tags_are_name_value_pairs_checked_like_every_field() {
+        let env = parse(r#"{"v":1,"prompt":"hi","tags":{"team":"search","feature":"sum"}}"#);
+        let env = env.unwrap();
+        assert_eq!(env.tags.get("team").map(String::as_str), Some("search"));
+        assert!(
+            env.to_json()
+                .contains(r#""tags":{"feature":"sum","team":"search"}"#)
+        );
+        assert!(
+            !Envelope::new("x").to_json().contains("tags"),
+            "none: not written"
+        );
+        let refused = |tags: &str| {
+            parse(&format!(r#"{{"v":1,"prompt":"hi","tags":{tags}}}"#))
+                .unwrap_err()
+                .to_string()
+        };
+        let nine: Vec<String> = (0..9).map(|i| format!(r#""t{i}":"v""#)).collect();
+        for (tags, says) in [
+            (format!("{{{}}}", nine.join(",")), "at most 8"),
+            (r#"{"team name":"x"}"#.into(), "name a tag with"),
+            (r#"{"":"x"}"#.into(), "name a tag with"),
+            (r#"{"team":""}"#.into(), "tags.team"),
+            (r#"{"team":"a\nb"}"#.into(), "control character"),
+            (
+                format!(r#"{{"team":"{}"}}"#, "x".repeat(129)),
+                "at most 128",
+            ),
+            (r#"{"team":7}"#.into(), "tags.team"),
+            (r#"["team"]"#.into(), "tags"),
+        ] {
+            let e = refused(&tags);
+            assert!(e.contains(says), "{tags}: {e}");
+        }
     }
 
     #[test]

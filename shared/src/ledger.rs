@@ -133,6 +133,10 @@ pub struct CallRow {
     /// batch API (billed at the batch price), and for one that read or wrote the provider's
     /// prompt cache (as if it had done neither). `None` when it is `cost_usd`.
     pub list_cost_usd: Option<f64>,
+    /// Whose work its task was, and what for: the envelope's `tenant` and `tags` (a JSON
+    /// object, [`Envelope::tags_json`](crate::envelope::Envelope::tags_json)).
+    pub tenant: Option<String>,
+    pub tags: Option<String>,
 }
 
 /// One finished task (succeeded or dead).
@@ -167,6 +171,9 @@ pub struct TaskRow {
     /// `finished_at`, the span its rows were written in, which bounds the partitions a write
     /// looks in for them (migration `20261203000002_task_spans`).
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// Its envelope's `tenant` and `tags` (a JSON object), as its calls have them.
+    pub tenant: Option<String>,
+    pub tags: Option<String>,
 }
 
 impl TaskRow {
@@ -198,6 +205,8 @@ impl TaskRow {
             candidates: record.learned.as_ref().map(|l| l.candidates.clone()),
             batch_id: None,
             enqueued_at: None,
+            tenant: None,
+            tags: None,
         }
     }
 
@@ -1623,22 +1632,22 @@ async fn insert_calls(
         "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, chain_id, task_type,
             provider, model, input_tokens, output_tokens, cached_tokens, reasoning_tokens,
             cost_usd, latency_ms, outcome, error_class, error, worker, called_at, delivery,
-            list_cost_usd, task_status, task_risk, cache_write_tokens)
+            list_cost_usd, task_status, task_risk, cache_write_tokens, tenant, tags)
          SELECT t.task_id, t.run, t.attempt, t.call_no, t.queue, t.chain_id, t.task_type,
             t.provider, t.model, t.input_tokens, t.output_tokens, t.cached_tokens,
             t.reasoning_tokens, t.cost_usd::numeric(20, 10), t.latency_ms, t.outcome,
             t.error_class, t.error, t.worker, t.called_at, t.delivery,
             t.list_cost_usd::numeric(20, 10), t.task_status, t.task_risk,
-            t.cache_write_tokens
+            t.cache_write_tokens, t.tenant, t.tags::jsonb
          FROM UNNEST($1::uuid[], $2::int4[], $3::int4[], $4::int4[], $5::text[],
             $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[],
             $12::int8[], $13::int8[], $14::float8[], $15::int4[], $16::text[],
             $17::text[], $18::text[], $19::text[], $20::timestamptz[], $21::uuid[],
-            $22::float8[], $23::text[], $24::text[], $25::int8[])
+            $22::float8[], $23::text[], $24::text[], $25::int8[], $26::text[], $27::text[])
          AS t(task_id, run, attempt, call_no, queue, chain_id, task_type, provider, model,
             input_tokens, output_tokens, cached_tokens, reasoning_tokens, cost_usd,
             latency_ms, outcome, error_class, error, worker, called_at, delivery,
-            list_cost_usd, task_status, task_risk, cache_write_tokens)
+            list_cost_usd, task_status, task_risk, cache_write_tokens, tenant, tags)
          ON CONFLICT (task_id, delivery, call_no, called_at) DO UPDATE SET
             input_tokens = EXCLUDED.input_tokens, output_tokens = EXCLUDED.output_tokens,
             cached_tokens = EXCLUDED.cached_tokens,
@@ -1697,6 +1706,8 @@ async fn insert_calls(
             .map(|c| c.cache_write_tokens)
             .collect::<Vec<_>>(),
     )
+    .bind(calls.iter().map(|c| opt(&c.tenant)).collect::<Vec<_>>())
+    .bind(calls.iter().map(|c| c.tags.as_deref()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -1733,21 +1744,21 @@ async fn replace_tasks(
         "INSERT INTO tasks (task_id, queue, chain_id, task_type, status, attempts,
             provider, model, input_tokens, output_tokens, cost_usd, error, error_class,
             finished_at, risk, duration_ms, strategy, propensity, explored, candidates,
-            batch_id, enqueued_at)
+            batch_id, enqueued_at, tenant, tags)
          SELECT t.task_id, t.queue, t.chain_id, t.task_type, t.status, t.attempts,
             t.provider, t.model, t.input_tokens, t.output_tokens,
             t.cost_usd::numeric(20, 10), t.error, t.error_class, t.finished_at,
             t.risk, t.duration_ms, t.strategy, t.propensity, t.explored,
-            t.candidates::jsonb, t.batch_id, t.enqueued_at
+            t.candidates::jsonb, t.batch_id, t.enqueued_at, t.tenant, t.tags::jsonb
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
             $6::int4[], $7::text[], $8::text[], $9::int8[], $10::int8[], $11::float8[],
             $12::text[], $13::text[], $14::timestamptz[], $15::text[], $16::int8[],
             $17::text[], $18::float8[], $19::bool[], $20::text[], $21::text[],
-            $22::timestamptz[])
+            $22::timestamptz[], $23::text[], $24::text[])
          AS t(task_id, queue, chain_id, task_type, status, attempts, provider, model,
             input_tokens, output_tokens, cost_usd, error, error_class, finished_at,
             risk, duration_ms, strategy, propensity, explored, candidates, batch_id,
-            enqueued_at)
+            enqueued_at, tenant, tags)
          ON CONFLICT (task_id, finished_at) DO UPDATE SET status = EXCLUDED.status,
             attempts = EXCLUDED.attempts, provider = EXCLUDED.provider,
             model = EXCLUDED.model, input_tokens = EXCLUDED.input_tokens,
@@ -1757,7 +1768,8 @@ async fn replace_tasks(
             duration_ms = EXCLUDED.duration_ms, strategy = EXCLUDED.strategy,
             propensity = EXCLUDED.propensity, explored = EXCLUDED.explored,
             candidates = EXCLUDED.candidates, batch_id = EXCLUDED.batch_id,
-            enqueued_at = EXCLUDED.enqueued_at",
+            enqueued_at = EXCLUDED.enqueued_at, tenant = EXCLUDED.tenant,
+            tags = EXCLUDED.tags",
     )
     .bind(tasks.iter().map(|t| t.task_id).collect::<Vec<_>>())
     .bind(tasks.iter().map(|t| text(&t.queue)).collect::<Vec<_>>())
@@ -1795,6 +1807,8 @@ async fn replace_tasks(
     )
     .bind(tasks.iter().map(|t| opt(&t.batch_id)).collect::<Vec<_>>())
     .bind(tasks.iter().map(TaskRow::enqueued).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| opt(&t.tenant)).collect::<Vec<_>>())
+    .bind(tasks.iter().map(|t| t.tags.as_deref()).collect::<Vec<_>>())
     .execute(&mut **tx)
     .await?;
     Ok(())

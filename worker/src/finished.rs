@@ -66,6 +66,8 @@ impl Finished {
         Some(TaskRow {
             batch_id: extras.batch_id,
             enqueued_at: extras.enqueued_at,
+            tenant: extras.tenant,
+            tags: extras.tags,
             ..TaskRow::of(extras.task_id, record, extras.risk)
         })
     }
@@ -81,6 +83,9 @@ pub struct RowExtras {
     pub batch_id: Option<String>,
     /// When it was enqueued (the envelope's `enqueued_at`).
     pub enqueued_at: Option<DateTime<Utc>>,
+    /// The envelope's `tenant`, and its `tags` as a JSON object.
+    pub tenant: Option<String>,
+    pub tags: Option<String>,
 }
 
 /// A call's row to commit before the call is made, and who waits for it.
@@ -131,6 +136,8 @@ mod tests {
             risk: Some(Risk::High),
             batch_id: Some("b1".into()),
             enqueued_at: Some(chrono::Utc::now()),
+            tenant: Some("acme".into()),
+            tags: Some(r#"{"team":"search"}"#.into()),
         };
         let mut f = finished(id, Some(extras.clone()));
         let row = f.task_row().expect("a task that ended has a row");
@@ -143,6 +150,7 @@ mod tests {
         assert_eq!(row.risk.as_deref(), Some("high"));
         assert_eq!(row.batch_id, extras.batch_id);
         assert_eq!(row.enqueued_at, extras.enqueued_at);
+        assert_eq!((&row.tenant, &row.tags), (&extras.tenant, &extras.tags));
         assert_eq!(f.task_row(), None, "the row is taken");
         // No extras: the task has no row.
         assert_eq!(finished(id, None).task_row(), None);

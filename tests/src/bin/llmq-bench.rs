@@ -3089,6 +3089,8 @@ async fn overhead(args: &Args, redis: &mut Redis) -> Result<String> {
                     worker: "bench".into(),
                     called_at: Utc::now(),
                     list_cost_usd: None,
+                    tenant: None,
+                    tags: None,
                 })
                 .collect();
             let started = Instant::now();

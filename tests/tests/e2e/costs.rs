@@ -58,6 +58,8 @@ async fn costs_match_the_ledger_to_the_cent_for_every_grouping() {
             worker: "test".into(),
             called_at: start + Duration::minutes(i64::from(i) * 7),
             list_cost_usd: None,
+            tenant: None,
+            tags: None,
         });
     }
     // A call whose attempt ended while it waited for its rate-limit window: never sent, so
@@ -303,6 +305,8 @@ async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
         worker: "test".into(),
         called_at,
         list_cost_usd: None,
+        tenant: None,
+        tags: None,
     };
     // Days 1 to 3 are the range.
     let rows = [

@@ -14,6 +14,64 @@ fn record(json: &str) -> TaskRecord {
     serde_json::from_str(json).unwrap_or_else(|e| panic!("not a record ({e}): {json}"))
 }
 
+/// A task's tenant and tags are kept with it and with each of its calls in the ledger, as
+/// the envelope carries them; a bad tag is refused before anything is enqueued.
+#[tokio::test]
+async fn the_ledger_keeps_each_task_and_call_s_tenant_and_tags() {
+    let env = TestEnv::new().await.unwrap();
+    let _worker = env.worker();
+    let (code, out) = env
+        .cli(&[
+            "submit",
+            "--prompt",
+            "Tag me",
+            "--queue",
+            &env.queue,
+            "--tenant",
+            "acme",
+            "--tag",
+            "team=search",
+            "--tag",
+            "feature=summaries",
+            "--wait",
+            "--format",
+            "json",
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let r = record(&out);
+    let want = serde_json::json!({"team": "search", "feature": "summaries"});
+    let call: (Option<String>, Option<Value>) =
+        sqlx::query_as("SELECT tenant, tags FROM provider_calls WHERE task_id = $1")
+            .bind(r.task_id)
+            .fetch_one(env.ledger.pool())
+            .await
+            .unwrap();
+    assert_eq!(call, (Some("acme".into()), Some(want.clone())));
+    env.eventually("the task's row", WAIT, || async {
+        let task: Option<(Option<String>, Option<Value>)> =
+            sqlx::query_as("SELECT tenant, tags FROM tasks WHERE task_id = $1")
+                .bind(r.task_id)
+                .fetch_optional(env.ledger.pool())
+                .await
+                .unwrap();
+        task == Some((Some("acme".into()), Some(want.clone())))
+    })
+    .await
+    .unwrap();
+    for (tag, says) in [
+        ("team search", "write it as NAME=VALUE"),
+        ("team name=x", "name a tag with"),
+        ("team=", "leave the tag out"),
+    ] {
+        let args = ["llmq", "submit", "--prompt", "x", "--tag", tag];
+        let refused = <llmq::cli::Cli as clap::Parser>::try_parse_from(args)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains(says), "{tag}: {refused}");
+    }
+}
+
 #[tokio::test]
 async fn submit_wait_prints_the_result_and_bills_the_call() {
     let env = TestEnv::new().await.unwrap();

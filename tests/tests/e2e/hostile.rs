@@ -165,6 +165,8 @@ async fn a_ledger_batch_with_one_bad_row_writes_the_others() {
         worker: "w".into(),
         called_at: Utc::now(),
         list_cost_usd: None,
+        tenant: None,
+        tags: None,
     };
     // cost_usd is numeric(20, 10): 1e12 does not fit, whatever is done to the text.
     let calls = vec![row(0.5, "a\0b"), row(1e12, "too dear"), row(0.25, "fine")];

@@ -494,7 +494,7 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     // Every migration before the rollups.
     let (_, ledger) = env.ledger_before("pre", "20261126000001").await;
     // This version's writer also names the columns the routing rollup, the cache writes and
-    // the deferred rollups add to each call, and the batch id a task's row has; they are there while it writes
+    // the deferred rollups and the tenant and tags add to each call, and the batch id a task's row has; they are there while it writes
     // the old ledger, and gone (as in a ledger an older version wrote) before the migration.
     let columns = |sql: &'static str| {
         let pool = ledger.pool().clone();
@@ -503,10 +503,15 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     // So do its keys, which hold the time since the partitions.
     columns(
         "ALTER TABLE provider_calls ADD COLUMN task_status TEXT, ADD COLUMN task_risk TEXT,
-            ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0, ADD COLUMN written BIGINT",
+            ADD COLUMN cache_write_tokens BIGINT NOT NULL DEFAULT 0, ADD COLUMN written BIGINT,
+            ADD COLUMN tenant TEXT, ADD COLUMN tags JSONB",
     )
     .await;
-    columns("ALTER TABLE tasks ADD COLUMN batch_id TEXT, ADD COLUMN enqueued_at TIMESTAMPTZ").await;
+    columns(
+        "ALTER TABLE tasks ADD COLUMN batch_id TEXT, ADD COLUMN enqueued_at TIMESTAMPTZ,
+            ADD COLUMN tenant TEXT, ADD COLUMN tags JSONB",
+    )
+    .await;
     // And the functions its delete of earlier finishes bounds its search with (stand-ins
     // that bound nothing).
     columns(
@@ -522,11 +527,16 @@ async fn the_migration_sums_a_ledger_written_before_it() {
     columns("CREATE UNIQUE INDEX old_call_key ON provider_calls (task_id, delivery, call_no, called_at)").await;
     columns("CREATE UNIQUE INDEX old_task_key ON tasks (task_id, finished_at)").await;
     assert_eq!(writer(ledger.clone(), 0x00be_f04e, 150).await, 0);
-    columns("ALTER TABLE tasks DROP COLUMN batch_id, DROP COLUMN enqueued_at").await;
+    columns(
+        "ALTER TABLE tasks DROP COLUMN batch_id, DROP COLUMN enqueued_at, DROP COLUMN tenant,
+            DROP COLUMN tags",
+    )
+    .await;
     columns("DROP FUNCTION ledger_span_from, ledger_span_until").await;
     columns(
         "ALTER TABLE provider_calls DROP COLUMN task_status, DROP COLUMN task_risk,
-            DROP COLUMN cache_write_tokens, DROP COLUMN written",
+            DROP COLUMN cache_write_tokens, DROP COLUMN written, DROP COLUMN tenant,
+            DROP COLUMN tags",
     )
     .await;
     columns("DROP INDEX old_call_key").await;

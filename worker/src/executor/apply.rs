@@ -247,6 +247,8 @@ fn row_extras(task_id: TaskId, env: &Envelope) -> RowExtras {
         risk: env.risk,
         batch_id: env.batch_id.as_deref().map(Into::into),
         enqueued_at: env.enqueued_at,
+        tenant: env.tenant.as_deref().map(Into::into),
+        tags: env.tags_json(),
     }
 }
 
@@ -375,6 +377,8 @@ pub(super) fn invalid(
             risk: None,
             batch_id: None,
             enqueued_at: None,
+            tenant: None,
+            tags: None,
         }),
         ..plain(queue, finish, Vec::new())
     }

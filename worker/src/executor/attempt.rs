@@ -719,6 +719,8 @@ impl Attempt<'_> {
             worker: Arc::clone(&exec.worker_id),
             called_at: Utc::now(),
             list_cost_usd: None,
+            tenant: env.tenant.as_deref().map(Into::into),
+            tags: env.tags_json(),
         }])
     }
 

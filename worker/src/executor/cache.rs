@@ -232,6 +232,8 @@ pub(super) fn hit(
         worker: Arc::clone(worker),
         called_at: Utc::now(),
         list_cost_usd: Some(answer.list_cost_usd),
+        tenant: env.tenant.as_deref().map(Into::into),
+        tags: env.tags_json(),
         // No tokens, $0.
         ..CallRow::default()
     };

@@ -146,6 +146,12 @@ export interface Task {
   priority?: number | null;
   /** Whose work it is: 1 to 128 bytes, no control characters. */
   tenant?: string | null;
+  /**
+   * What it is for, as up to 8 `name: value` pairs (`{ team: 'search' }`): the ledger keeps them
+   * with the task and its calls. Names: 1 to 64 letters, digits, `_`, `-` or `.`; values: 1 to
+   * 128 bytes, no control characters.
+   */
+  tags?: Record<string, string> | null;
   concurrency_key?: string | null;
   concurrency_limit?: number | null;
   fallback?: boolean | null;
@@ -185,6 +191,7 @@ export const TASK_FIELDS = [
   'metadata',
   'priority',
   'tenant',
+  'tags',
   'concurrency_key',
   'concurrency_limit',
   'fallback',
@@ -269,6 +276,32 @@ const IMAGE_TYPES: readonly string[] = ['image/png', 'image/jpeg', 'image/gif', 
 export const CONTROL = /[\u0000-\u001f\u007f-\u009f]/;
 /** A batch id as `check_batch_id` takes one: 1 to 128 letters, digits, `-`, `_`, `.` or `:`. */
 export const BATCH_ID = /^[A-Za-z0-9_.:-]{1,128}$/;
+
+const MAX_TAGS = 8;
+const MAX_TAG_VALUE_BYTES = 128;
+const TAG_NAME = /^[A-Za-z0-9_.-]{1,64}$/;
+
+/** Checks a task's `tags` as a worker does. */
+function checkTags(tags: unknown): void {
+  if (tags === undefined || tags === null) return;
+  if (typeof tags !== 'object' || Array.isArray(tags)) {
+    throw wrong('tags', `must be an object of name: value pairs, not ${show(tags)}`);
+  }
+  const pairs = Object.entries(tags);
+  if (pairs.length > MAX_TAGS) throw wrong('tags', `has ${pairs.length} tags; a task carries at most ${MAX_TAGS}`);
+  for (const [name, value] of pairs) {
+    if (!TAG_NAME.test(name)) {
+      throw wrong('tags', `has a tag named ${show(name)}; name a tag with 1 to 64 letters, digits, \`_\`, \`-\` or \`.\``);
+    }
+    const at = `tags.${name}`;
+    if (typeof value !== 'string') throw wrong(at, `must be a string, not ${show(value)}`);
+    if (value === '') throw wrong(at, 'is empty; leave the tag out or give it a value');
+    const bytes = Buffer.byteLength(value, 'utf8');
+    if (bytes > MAX_TAG_VALUE_BYTES) throw wrong(at, `is ${bytes} bytes long; use at most ${MAX_TAG_VALUE_BYTES}`);
+    if (CONTROL.test(value)) throw wrong(at, 'contains a control character (a newline, tab or NUL); remove it');
+    if (!value.isWellFormed()) throw wrong(at, 'holds a lone UTF-16 surrogate; fix the string');
+  }
+}
 
 /** A field that is wrong, in the words a worker's dead letter would use. */
 function wrong(field: string, message: string): Error {
@@ -750,6 +783,7 @@ export function buildEnvelope(task: Task, maxPayloadBytes = DEFAULT_MAX_PAYLOAD_
     }
   }
   checkClass(t.priority, t.tenant);
+  checkTags(t.tags);
   const key = t.concurrency_key;
   const limit = t.concurrency_limit;
   if (key !== undefined && limit === undefined) {

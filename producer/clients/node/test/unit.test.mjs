@@ -118,6 +118,7 @@ const FULL = {
   metadata: { ticket: 'OPS-42', tags: ['a'] },
   priority: 9,
   tenant: 'acme',
+  tags: { team: 'search', feature: 'billing' },
   concurrency_key: 'acme-llm',
   concurrency_limit: 4,
   fallback: false,

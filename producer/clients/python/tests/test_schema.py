@@ -113,6 +113,7 @@ def full_task() -> dict[str, Any]:
         "metadata": {"ticket": "OPS-42", "tags": ["a", None]},
         "priority": 2,
         "tenant": "acme",
+        "tags": {"team": "search", "feature": "umbrella"},
         "concurrency_key": "weather",
         "concurrency_limit": 2,
         "fallback": False,

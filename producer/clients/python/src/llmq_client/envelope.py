@@ -113,6 +113,10 @@ class TaskFields(TypedDict, total=False):
     metadata: Any
     priority: int
     tenant: str
+    #: What the task is for, as up to 8 ``name: value`` pairs (``{"team": "search"}``): the
+    #: ledger keeps them with the task and its calls. Names: 1 to 64 letters, digits, ``_``,
+    #: ``-`` or ``.``; values: 1 to 128 bytes without a control character.
+    tags: dict[str, str]
     concurrency_key: str
     concurrency_limit: int
     fallback: bool
@@ -164,6 +168,7 @@ FIELD_KINDS: dict[str, tuple[Any, bool]] = {
     "batch_id": ("string", True),
     "priority": ("i64", True),
     "tenant": ("string", True),
+    "tags": ("any", True),
     "max_tokens": ("u32", True),
     "temperature": ("number", True),
     "metadata": ("any", True),
@@ -652,6 +657,37 @@ def check_name(field: str, name: str) -> None:
         )
 
 
+MAX_TAGS = 8
+MAX_TAG_VALUE_BYTES = 128
+_TAG_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_tags(tags: Any) -> None:
+    """Up to 8 tags, each named by 1 to 64 letters, digits, ``_``, ``-`` or ``.``, each value
+    1 to 128 bytes without a control character (as the worker checks them)."""
+    if tags is None:
+        return
+    if not isinstance(tags, dict):
+        raise Problem("tags", f"must be an object of name: value pairs, not {_show(tags)}")
+    if len(tags) > MAX_TAGS:
+        raise Problem("tags", f"has {len(tags)} tags; a task carries at most {MAX_TAGS}")
+    for name, value in tags.items():
+        if not isinstance(name, str) or not _TAG_NAME.fullmatch(name):
+            raise Problem(
+                "tags",
+                f"has a tag named {_show(name)}; name a tag with 1 to 64 letters, digits, `_`, `-` or `.`",
+            )
+        if not isinstance(value, str):
+            raise Problem(f"tags.{name}", f"must be a string, not {_show(value)}")
+        if value == "":
+            raise Problem(f"tags.{name}", "is empty; leave the tag out or give it a value")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_TAG_VALUE_BYTES:
+            raise Problem(f"tags.{name}", f"is {size} bytes long; use at most {MAX_TAG_VALUE_BYTES}")
+        if has_control(value):
+            raise Problem(f"tags.{name}", "contains a control character (a newline, tab or NUL); remove it")
+
+
 def check_class(priority: Any, tenant: Any) -> None:
     """A priority of 0 to 9 and a tenant of 1 to 128 bytes without control characters."""
     if priority is not None and not (_is_int(priority) and 0 <= priority <= MAX_PRIORITY):
@@ -958,6 +994,7 @@ def check_envelope(env: Mapping[str, Any]) -> None:
     if field.get("type", "data_analysis") not in TASK_TYPES:
         raise InvalidTask(f"unknown task type `{field['type']}`; use one of: {', '.join(TASK_TYPES)}.")
     check_class(field.get("priority"), field.get("tenant"))
+    check_tags(field.get("tags"))
     check_temperature(field.get("temperature"))
     if field.get("max_attempts") == 0:
         raise Problem("max_attempts", "must be at least 1")
