@@ -17,22 +17,27 @@ use crate::batch_input::{self, At, Input};
 use crate::cli::{Batch, Format, Submit};
 use crate::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, Error, Result, emit, render, to_json, write_file};
 
-pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result<u8> {
-    let prompt = if args.prompt == "-" {
+/// `--prompt` as given, or standard input's for `-`; an empty one is refused.
+fn read_prompt(given: String) -> Result<String> {
+    let prompt = if given == "-" {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).map_err(|e| {
             Error::Usage(format!("cannot read the prompt from standard input: {e}"))
         })?;
         s
     } else {
-        args.prompt
+        given
     };
     if prompt.trim().is_empty() {
         return Err(Error::Usage(
             "the prompt is empty; pass --prompt with some text".into(),
         ));
     }
-    let mut env = Envelope::new(prompt);
+    Ok(prompt)
+}
+
+pub async fn submit(redis: &Client, args: Submit, out: &mut dyn Write) -> Result<u8> {
+    let mut env = Envelope::new(read_prompt(args.prompt)?);
     env.system = args.system.map(Into::into);
     env.task_type = Some(args.task_type.to_string().into());
     env.provider = args.platform.map(Into::into);
