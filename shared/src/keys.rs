@@ -245,7 +245,7 @@ impl QueueKeys {
     /// `answered`, `fallback`), its envelope and request while it waits, and the answer.
     #[must_use]
     pub fn batch_task(&self, task_id: TaskId) -> String {
-        format!("{}{task_id}", self.batch_task_prefix())
+        format!("{}:batch:task:{task_id}", self.prefix)
     }
 
     /// What every [`Self::batch_task`] key starts with, for the scripts that name them.

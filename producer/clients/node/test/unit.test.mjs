@@ -253,6 +253,13 @@ test('bad task fields are refused with a sentence naming the field and the fix',
       /only a user turn may carry images/,
     ],
     [{ prompt: 'x'.repeat(1024 * 1024) }, /bytes, over the 1048576-byte limit/],
+    [{ prompt: 'x', tags: ['team'] }, /`tags` is wrong: must be an object/],
+    [{ prompt: 'x', tags: Object.fromEntries([...Array(9).keys()].map((i) => [`t${i}`, 'v'])) }, /at most 8/],
+    [{ prompt: 'x', tags: { 'team name': 'x' } }, /`tags` is wrong: has a tag named/],
+    [{ prompt: 'x', tags: { team: '' } }, /`tags.team` is wrong: is empty/],
+    [{ prompt: 'x', tags: { team: 7 } }, /`tags.team` is wrong: must be a string/],
+    [{ prompt: 'x', tags: { team: 'a\nb' } }, /`tags.team` is wrong: contains a control character/],
+    [{ prompt: 'x', tags: { team: 'x'.repeat(129) } }, /`tags.team` is wrong: is 129 bytes long/],
   ];
   for (const [task, says] of cases) refuses(() => buildEnvelope(task), 'invalid', says);
   refuses(() => buildEnvelope('hi'), 'invalid', /A task must be an object/);

@@ -213,3 +213,20 @@ def test_each_field_alone_validates(field: str) -> None:
     _, env = E.build(task)
     validator = jsonschema.Draft202012Validator(schema("envelope.schema.json"))
     assert not list(validator.iter_errors(json.loads(E.encode(env, 1 << 20))))
+
+
+@pytest.mark.parametrize(
+    ("tags", "says"),
+    [
+        (["team"], "must be an object"),
+        ({f"t{i}": "v" for i in range(9)}, "at most 8"),
+        ({"team name": "x"}, "has a tag named"),
+        ({"team": ""}, "is empty"),
+        ({"team": 7}, "must be a string"),
+        ({"team": "a\nb"}, "control character"),
+        ({"team": "x" * 129}, "is 129 bytes long"),
+    ],
+)
+def test_tags_are_refused_as_the_worker_refuses_them(tags: Any, says: str) -> None:
+    with pytest.raises(llmq_client.InvalidTask, match=says):
+        E.build({"prompt": "x", "tags": tags})
