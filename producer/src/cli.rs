@@ -617,6 +617,9 @@ pub struct InsightsCmd {
     /// Only tasks finished since this UTC day (YYYY-MM-DD).
     #[arg(long, value_parser = parse_date, global = true)]
     pub since: Option<chrono::NaiveDate>,
+    /// Only this tenant's tasks (the envelope's `tenant`).
+    #[arg(long, value_parser = parse_tenant, global = true)]
+    pub tenant: Option<String>,
     #[arg(long, value_enum, default_value_t, global = true)]
     pub format: Format,
 }
@@ -667,13 +670,51 @@ pub struct Migrate {
     pub database_url: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+/// What `llmq costs --by` groups by.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum By {
     Provider,
     Model,
     Type,
     Day,
     Chain,
+    Tenant,
+    /// `tag:NAME`: the value of the tag NAME.
+    Tag(String),
+}
+
+impl By {
+    /// The report's column header.
+    pub fn header(&self) -> String {
+        match self {
+            By::Tag(name) => format!("TAG {name}"),
+            other => format!("{other:?}").to_uppercase(),
+        }
+    }
+}
+
+fn parse_by(s: &str) -> Result<By, String> {
+    Ok(match s {
+        "provider" => By::Provider,
+        "model" => By::Model,
+        "type" => By::Type,
+        "day" => By::Day,
+        "chain" => By::Chain,
+        "tenant" => By::Tenant,
+        _ => match s.strip_prefix("tag:") {
+            Some(name) => {
+                let tag = std::collections::BTreeMap::from([(name.to_owned(), "-".to_owned())]);
+                llmq_shared::envelope::check_tags(&tag).map_err(|e| e.to_string())?;
+                By::Tag(name.to_owned())
+            }
+            None => {
+                return Err(format!(
+                    "`{}` is not a grouping; group by provider, model, type, day, chain, tenant or tag:NAME (e.g. tag:team)",
+                    s.escape_debug()
+                ));
+            }
+        },
+    })
 }
 
 #[derive(Args, Debug)]
@@ -695,9 +736,13 @@ pub struct Costs {
     /// One batch's costs (`llmq batch`'s id): its finished tasks and their calls.
     #[arg(long, value_name = "BATCH_ID", value_parser = parse_batch_id)]
     pub batch: Option<String>,
-    /// Group the costs by this; by chain, the costliest chains begun in the range, each
-    /// with its whole cost.
-    #[arg(long, value_enum, default_value = "provider")]
+    /// One tenant's costs (the envelope's `tenant`).
+    #[arg(long, value_parser = parse_tenant, conflicts_with_all = ["chain_id", "batch"])]
+    pub tenant: Option<String>,
+    /// Group the costs by provider, model, type, day, chain, tenant or tag:NAME (the value
+    /// of the tag NAME, e.g. tag:team); by chain, the costliest chains begun in the range,
+    /// each with its whole cost. By tenant or tag, the line `(none)` is the work without one.
+    #[arg(long, value_parser = parse_by, default_value = "provider")]
     pub by: By,
     /// With --by chain: how many chains to list, the costliest first.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]

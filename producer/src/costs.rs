@@ -35,17 +35,20 @@ pub async fn costs(args: Costs, out: &mut dyn Write) -> Result<u8> {
     };
     let ledger = Ledger::connect(&args.database_url, 2).await?;
     ledger.check_migrated().await?;
-    let by = match args.by {
+    let by = match &args.by {
         By::Provider => GroupBy::Provider,
         By::Model => GroupBy::Model,
         By::Type => GroupBy::TaskType,
         By::Day => GroupBy::Day,
         By::Chain => GroupBy::Chain,
+        By::Tenant => GroupBy::Tenant,
+        By::Tag(name) => GroupBy::Tag(name),
     };
-    let scope = match (&args.chain_id, &args.batch) {
-        (Some(chain), _) => Scope::Chain(chain),
-        (None, Some(batch)) => Scope::Batch(batch),
-        (None, None) => Scope::All,
+    let scope = match (&args.chain_id, &args.batch, &args.tenant) {
+        (Some(chain), _, _) => Scope::Chain(chain),
+        (None, Some(batch), _) => Scope::Batch(batch),
+        (None, None, Some(tenant)) => Scope::Tenant(tenant),
+        (None, None, None) => Scope::All,
     };
     // By chain over the ledger, the lines are whole chains (begun in the range, the
     // costliest `--limit`), so the total is read by provider: the calls made in the range.
@@ -128,9 +131,10 @@ fn text(args: &Costs, last: chrono::NaiveDate, r: &Report<'_>) -> String {
         (None, Some(s)) => format!("from {s} to {last}"),
         (None, None) => format!("up to {last}"),
     };
-    let of = match &args.batch {
-        Some(batch) => format!(" of batch {batch}"),
-        None => String::new(),
+    let of = match (&args.batch, &args.tenant) {
+        (Some(batch), _) => format!(" of batch {batch}"),
+        (None, Some(tenant)) => format!(" of tenant {}", tenant.escape_debug()),
+        (None, None) => String::new(),
     };
     let mut s = format!(
         "Costs{of} {range}\nTotal: {} over {calls} calls, {tasks} tasks\n",
@@ -157,7 +161,7 @@ fn text(args: &Costs, last: chrono::NaiveDate, r: &Report<'_>) -> String {
     }
     s.push_str(&format!(
         "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
-        format!("{:?}", args.by).to_uppercase(),
+        args.by.header(),
         "CALLS",
         "TASKS",
         "IN TOKENS",
@@ -168,7 +172,10 @@ fn text(args: &Costs, last: chrono::NaiveDate, r: &Report<'_>) -> String {
     for l in lines {
         s.push_str(&format!(
             "{:<32} {:>7} {:>7} {:>12} {:>12} {:>12} {:>12}\n",
-            render::cut(&l.key, 32),
+            match (&args.by, l.key.as_str()) {
+                (By::Tenant | By::Tag(_), "") => "(none)".to_owned(),
+                _ => render::cut(&l.key, 32),
+            },
             l.calls,
             l.tasks,
             l.input_tokens,

@@ -7,7 +7,7 @@ use chrono::{TimeZone, Utc};
 use llmq_shared::insights::{self, Filter, ModelLine};
 
 use crate::cli::{Format, Insights, InsightsCmd};
-use crate::{EXIT_OK, Result, emit, render, to_json};
+use crate::{EXIT_OK, Error, Result, emit, render, to_json};
 
 pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
     let ledger = crate::ledger(args.database_url.as_deref(), "llmq insights").await?;
@@ -17,8 +17,24 @@ pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
         .map(|d| Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).unwrap_or_default()));
     let mut filter = Filter {
         since,
+        tenant: args.tenant,
         ..Filter::default()
     };
+    // A tenant's spend is summed without risk, and the routes a strategy logged without
+    // tenant: neither can be told apart by one.
+    match &args.command {
+        Insights::Rankings { risk: Some(_), .. } if filter.tenant.is_some() => {
+            return Err(Error::Usage(
+                "--risk and --tenant cannot be given together: a tenant's insights are summed without risk; leave one out".into(),
+            ));
+        }
+        Insights::Replay { .. } if filter.tenant.is_some() => {
+            return Err(Error::Usage(
+                "llmq insights replay reads every route a learned strategy logged, whoever's task it was; leave --tenant out".into(),
+            ));
+        }
+        _ => {}
+    }
     let json = args.format == Format::Json;
     match args.command {
         Insights::Summary => {

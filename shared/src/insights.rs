@@ -43,6 +43,9 @@ pub struct Filter {
     pub task_type: Option<String>,
     pub risk: Option<String>,
     pub model: Option<String>,
+    /// One tenant's tasks, from `spend_rollups` (which knows no risk: with a tenant, `risk`
+    /// must be `None`).
+    pub tenant: Option<String>,
 }
 
 /// Success, cost and latency per model and task type, best success first within a type.
@@ -53,22 +56,31 @@ pub async fn by_model(pool: &PgPool, f: &Filter) -> Result<Vec<ModelLine>> {
     type Row = (String, String, String, i64, i64, f64, f64);
     crate::ledger::roll(pool).await?;
     // From the rollups: whole UTC days from `since`'s.
-    let rows: Vec<Row> = sqlx::query_as(
+    // A tenant's from its spend (no tag), whose key has no risk.
+    let (rollup, by) = match f.tenant {
+        Some(_) => (
+            "spend_rollups",
+            "tag = '' AND tenant = $5 AND $3::text IS NULL",
+        ),
+        None => ("task_rollups", "($3::text IS NULL OR risk = $3)"),
+    };
+    let rows: Vec<Row> = sqlx::query_as(&format!(
         "SELECT provider, model, task_type, sum(counted)::int8, sum(successes)::int8,
             sum(counted_cost_usd)::float8,
             coalesce(sum(duration_ms)::float8 / nullif(sum(durations), 0), 0)
-         FROM task_rollups
+         FROM {rollup}
          WHERE day >= ($1 AT TIME ZONE 'UTC')::date AND provider <> '' AND model <> ''
            AND ($2::text IS NULL OR task_type = $2)
-           AND ($3::text IS NULL OR risk = $3)
+           AND {by}
            AND ($4::text IS NULL OR model = $4)
          GROUP BY provider, model, task_type
-         HAVING sum(counted) > 0",
-    )
+         HAVING sum(counted) > 0"
+    ))
     .bind(f.since.unwrap_or(DateTime::<Utc>::UNIX_EPOCH))
     .bind(&f.task_type)
     .bind(&f.risk)
     .bind(&f.model)
+    .bind(&f.tenant)
     .fetch_all(pool)
     .await?;
     let mut lines: Vec<ModelLine> = rows

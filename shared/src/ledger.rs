@@ -283,25 +283,32 @@ pub fn days(
 
 /// What `llmq costs` groups by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GroupBy {
+pub enum GroupBy<'a> {
     Provider,
     Model,
     TaskType,
     Day,
     Chain,
+    /// The envelope's `tenant`; the line of work with none has the key `""`.
+    Tenant,
+    /// The value of one of the envelope's `tags`; the line of work without it has the key
+    /// `""`.
+    Tag(&'a str),
 }
 
-impl GroupBy {
+impl<'a> GroupBy<'a> {
     /// The groupings `llmq web`'s costs page shows, in its order (by day first, for its
     /// chart): what it reads for a range, with [`Ledger::costliest_chains`].
-    pub const PAGE: [GroupBy; 4] = [
+    pub const PAGE: [GroupBy<'static>; 5] = [
         GroupBy::Day,
         GroupBy::Provider,
         GroupBy::Model,
         GroupBy::TaskType,
+        GroupBy::Tenant,
     ];
 
-    /// The key over `call_rollups` and `task_rollups`; none by chain (`chain_costs`).
+    /// The key over `call_rollups`, `task_rollups` and `spend_rollups`; none by chain
+    /// (`chain_costs`).
     fn rollup_key(self) -> Option<&'static str> {
         match self {
             GroupBy::Provider => Some("provider"),
@@ -309,10 +316,12 @@ impl GroupBy {
             GroupBy::TaskType => Some("task_type"),
             GroupBy::Day => Some("to_char(day, 'YYYY-MM-DD')"),
             GroupBy::Chain => None,
+            GroupBy::Tenant => Some("tenant"),
+            GroupBy::Tag(_) => Some("value"),
         }
     }
 
-    /// The key over raw rows, whose time column is `at`.
+    /// The key over raw rows, whose time column is `at` (a tag's name is `$4`).
     fn raw_key(self, at: &str) -> String {
         match self {
             GroupBy::Provider => "provider".into(),
@@ -320,6 +329,17 @@ impl GroupBy {
             GroupBy::TaskType => "task_type".into(),
             GroupBy::Day => format!("to_char({at} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"),
             GroupBy::Chain => "coalesce(chain_id, '-')".into(),
+            GroupBy::Tenant => "coalesce(tenant, '')".into(),
+            GroupBy::Tag(_) => "coalesce(tags ->> $4, '')".into(),
+        }
+    }
+
+    /// The tag whose groups a report reads from `spend_rollups` (`''`: the tenants' whole
+    /// spend), as `$4`.
+    fn tag(self) -> &'a str {
+        match self {
+            GroupBy::Tag(name) => name,
+            _ => "",
         }
     }
 }
@@ -334,6 +354,8 @@ pub enum Scope<'a> {
     /// One batch's (the envelope's `batch_id`): its finished tasks, from their raw rows,
     /// and their calls, by task id.
     Batch(&'a str),
+    /// One tenant's: read from `spend_rollups` (by chain, from the raw rows).
+    Tenant(&'a str),
 }
 
 impl<'a> Scope<'a> {
@@ -345,6 +367,7 @@ impl<'a> Scope<'a> {
             Scope::Batch(_) => {
                 "task_id = ANY(ARRAY(SELECT task_id FROM tasks WHERE batch_id = $3))"
             }
+            Scope::Tenant(_) => "tenant = $3",
         }
     }
 
@@ -359,7 +382,7 @@ impl<'a> Scope<'a> {
     fn id(self) -> Option<&'a str> {
         match self {
             Scope::All => None,
-            Scope::Chain(id) | Scope::Batch(id) => Some(id),
+            Scope::Chain(id) | Scope::Batch(id) | Scope::Tenant(id) => Some(id),
         }
     }
 }
@@ -368,6 +391,52 @@ impl<'a> Scope<'a> {
 /// `since`'s day to the day `until` ends in.
 const DAYS: &str = "day >= ($1 AT TIME ZONE 'UTC')::date
     AND day < (($2 - interval '1 microsecond') AT TIME ZONE 'UTC')::date + 1";
+
+/// A cost line's sums over a rollup of calls, named as [`CostLine`]'s.
+const CALL_SUMS: &str = "sum(calls) AS calls, sum(input_tokens) AS input_tokens,
+    sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens,
+    sum(cost_usd) AS cost_usd, sum(batch_saved_usd) AS batch_saved_usd";
+
+/// The calls' and the tasks' lines of a report from `spend_rollups`: `scope`'s (every
+/// tenant's, or `$3`'s) spend grouped by `key`, of the tag `$4` (`''`: none). By tenant or
+/// tag the line `''` is the work without one: the whole of the scope's spend (the other
+/// rollups', or the tenant's) less the lines with one.
+fn spend_sql(scope: Scope<'_>, by: GroupBy<'_>, key: &str) -> (String, String) {
+    const CALLS: &str =
+        "calls, input_tokens, output_tokens, cached_tokens, cost_usd, batch_saved_usd";
+    let of = format!("{DAYS} AND tag = $4 AND ($3::text IS NULL OR tenant = $3)");
+    let part = |columns: &str, whole: &str| {
+        let negated = columns
+            .split(", ")
+            .map(|c| format!("-{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rest = match (scope, by) {
+            (Scope::All, GroupBy::Tenant | GroupBy::Tag(_)) => format!(
+                "UNION ALL SELECT '', {columns} FROM {whole} WHERE {DAYS}
+                 UNION ALL SELECT '', {negated} FROM spend_rollups WHERE {of}"
+            ),
+            (_, GroupBy::Tag(_)) => format!(
+                "UNION ALL SELECT '', {columns} FROM spend_rollups
+                    WHERE {DAYS} AND tag = '' AND tenant = $3
+                 UNION ALL SELECT '', {negated} FROM spend_rollups WHERE {of}"
+            ),
+            _ => String::new(),
+        };
+        format!("SELECT {key} AS key, {columns} FROM spend_rollups WHERE {of} {rest}")
+    };
+    (
+        format!(
+            "SELECT key, {CALL_SUMS} FROM ({}) s GROUP BY 1
+             HAVING sum(calls) <> 0 OR sum(cost_usd) <> 0",
+            part(CALLS, "call_rollups")
+        ),
+        format!(
+            "SELECT key, sum(tasks) AS tasks FROM ({}) s GROUP BY 1",
+            part("tasks", "task_rollups")
+        ),
+    )
+}
 
 /// The Postgres ledger.
 #[derive(Debug, Clone)]
@@ -1249,6 +1318,13 @@ impl Ledger {
                 roll(&self.pool).await?;
                 format!("SELECT coalesce(sum(tasks), 0)::int8 FROM task_rollups WHERE {DAYS}")
             }
+            Scope::Tenant(_) => {
+                roll(&self.pool).await?;
+                format!(
+                    "SELECT coalesce(sum(tasks), 0)::int8 FROM spend_rollups
+                     WHERE tag = '' AND {DAYS} AND tenant = $3"
+                )
+            }
             _ => format!(
                 "SELECT count(*) FROM tasks
                  WHERE {} AND finished_at >= $1 AND finished_at < $2",
@@ -1321,26 +1397,26 @@ impl Ledger {
         since: DateTime<Utc>,
         until: DateTime<Utc>,
         scope: Scope<'_>,
-        by: GroupBy,
+        by: GroupBy<'_>,
     ) -> Result<Vec<CostLine>> {
         let (calls, tasks) = match (scope, by.rollup_key()) {
             (Scope::All, None) => return self.costliest_chains(since, until, u32::MAX).await,
-            (Scope::All, Some(key)) => {
+            (Scope::All, Some(key)) if !matches!(by, GroupBy::Tenant | GroupBy::Tag(_)) => {
                 roll(&self.pool).await?;
                 (
-                format!(
-                    "SELECT {key} AS key, sum(calls) AS calls, sum(input_tokens) AS input_tokens,
-                            sum(output_tokens) AS output_tokens,
-                            sum(cached_tokens) AS cached_tokens, sum(cost_usd) AS cost_usd,
-                            sum(batch_saved_usd) AS batch_saved_usd
-                         FROM call_rollups WHERE {DAYS} GROUP BY 1 HAVING sum(calls) <> 0
-                            OR sum(cost_usd) <> 0"
-                ),
-                format!(
-                    "SELECT {key} AS key, sum(tasks) AS tasks FROM task_rollups
+                    format!(
+                        "SELECT {key} AS key, {CALL_SUMS} FROM call_rollups WHERE {DAYS}
+                         GROUP BY 1 HAVING sum(calls) <> 0 OR sum(cost_usd) <> 0"
+                    ),
+                    format!(
+                        "SELECT {key} AS key, sum(tasks) AS tasks FROM task_rollups
                          WHERE {DAYS} GROUP BY 1"
-                ),
-            )
+                    ),
+                )
+            }
+            (Scope::All | Scope::Tenant(_), Some(key)) => {
+                roll(&self.pool).await?;
+                spend_sql(scope, by, key)
             }
             (_, _) => (
                 format!(
@@ -1374,6 +1450,7 @@ impl Ledger {
             .bind(since)
             .bind(until)
             .bind(scope.id())
+            .bind(by.tag())
             .fetch_all(&self.pool)
             .await?)
     }

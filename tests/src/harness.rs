@@ -831,7 +831,7 @@ impl Drop for ScratchPostgres {
 /// # Errors
 /// Postgres fails.
 pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String>> {
-    const CHECKS: [(&str, &str, &str); 4] = [
+    const CHECKS: [(&str, &str, &str); 6] = [
         (
             // The latency histogram compared as a key.
             "routing_rollups",
@@ -873,6 +873,38 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
                 count(duration_ms) FILTER (WHERE ledger_task_counts(tasks)),
                 coalesce(sum(duration_ms) FILTER (WHERE ledger_task_counts(tasks)), 0)
              FROM tasks WHERE TASK_SUMMED GROUP BY 1, 2, 3, 4, 5, 6",
+        ),
+        (
+            // Spend by tenant and tag (migration 20261211000001): the calls' sums.
+            "spend_rollups calls",
+            "SELECT day, tenant, tag, value, queue, provider, model, task_type, sum(calls),
+                sum(input_tokens), sum(output_tokens), sum(cached_tokens), 0,
+                sum(cost_usd), sum(batch_saved_usd)
+             FROM spend_rollups GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+            "SELECT (called_at AT TIME ZONE 'UTC')::date, k.tenant, k.tag, k.value, queue,
+                provider, model, task_type,
+                count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')), sum(input_tokens),
+                sum(output_tokens), sum(cached_tokens), 0, sum(cost_usd),
+                coalesce(sum(list_cost_usd - cost_usd), 0)
+             FROM provider_calls c CROSS JOIN LATERAL ledger_spend_keys(c.tenant, c.tags) k
+             WHERE CALL_SUMMED GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+        ),
+        (
+            // ... and the finished tasks'.
+            "spend_rollups tasks",
+            "SELECT day, tenant, tag, value, queue, provider, model, task_type, sum(tasks),
+                sum(counted), sum(successes), sum(counted_cost_usd), sum(durations),
+                sum(duration_ms), 0
+             FROM spend_rollups GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
+            "SELECT (finished_at AT TIME ZONE 'UTC')::date, k.tenant, k.tag, k.value, queue,
+                coalesce(provider, ''), coalesce(model, ''), task_type, count(*),
+                count(*) FILTER (WHERE ledger_task_counts(t)),
+                count(*) FILTER (WHERE ledger_task_counts(t) AND ledger_task_succeeded(t)),
+                coalesce(sum(cost_usd) FILTER (WHERE ledger_task_counts(t)), 0),
+                count(duration_ms) FILTER (WHERE ledger_task_counts(t)),
+                coalesce(sum(duration_ms) FILTER (WHERE ledger_task_counts(t)), 0), 0
+             FROM tasks t CROSS JOIN LATERAL ledger_spend_keys(t.tenant, t.tags) k
+             WHERE TASK_SUMMED GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
         ),
         (
             // Whole chains; `first_day` is checked below.
@@ -922,6 +954,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
             "routing_rollups" => 7,
             "call_rollups" => 5,
             "task_rollups" => 6,
+            "spend_rollups calls" | "spend_rollups tasks" => 8,
             _ => 1,
         };
         let columns: Vec<String> = (1..=keys)

@@ -24,6 +24,15 @@ pub(super) struct CostsQuery {
     until: Option<String>,
     /// One batch's costs (`llmq batch`'s id); its range starts a year back by default.
     batch: Option<String>,
+    /// One tenant's costs.
+    tenant: Option<String>,
+    /// A tag's name: the costs by its value too.
+    tag: Option<String>,
+}
+
+/// A form field given and not blank.
+fn given(field: Option<&str>) -> Option<&str> {
+    field.map(str::trim).filter(|s| !s.is_empty())
 }
 
 fn day(raw: Option<&str>, default: NaiveDate, name: &str) -> Result<NaiveDate, String> {
@@ -90,7 +99,11 @@ fn table(title: &str, lines: &[CostLine]) -> String {
     }
     let mut rows = String::new();
     for l in lines.iter().take(TOP) {
-        let key = esc(&l.key);
+        let key = if l.key.is_empty() {
+            "(none)".to_owned()
+        } else {
+            esc(&l.key)
+        };
         rows.push_str(&format!(
             "<tr><td>{key}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>${:.6}</td></tr>",
             l.calls, l.tasks, l.input_tokens, l.output_tokens, l.cost_usd
@@ -207,14 +220,35 @@ pub(super) async fn costs(
             &viewer,
         );
     };
-    let batch = q.batch.as_deref().map(str::trim).filter(|b| !b.is_empty());
+    let (batch, tenant, tag) = (
+        given(q.batch.as_deref()),
+        given(q.tenant.as_deref()),
+        given(q.tag.as_deref()),
+    );
     if let Some(b) = batch
         && let Err(e) = llmq_shared::envelope::check_batch_id(b)
     {
         let why = format!("A batch id {e}.");
         return message(StatusCode::BAD_REQUEST, "Not a batch id", &why, &viewer);
     }
-    let scope = batch.map_or(Scope::All, Scope::Batch);
+    if let Some(name) = tag
+        && let Err(e) =
+            llmq_shared::envelope::check_tags(&[(name.to_owned(), "-".to_owned())].into())
+    {
+        return message(
+            StatusCode::BAD_REQUEST,
+            "Not a tag",
+            &format!("{e}."),
+            &viewer,
+        );
+    }
+    let scope = match (batch, tenant) {
+        (Some(b), _) => Scope::Batch(b),
+        (None, Some(t)) => Scope::Tenant(t),
+        (None, None) => Scope::All,
+    };
+    // One batch's or one tenant's page is theirs alone: no chains, no insights of others.
+    let whole = scope == Scope::All;
     let today = Utc::now().date_naive();
     let range = range(&q, batch.is_some(), today);
     let (since, until, from, to) = match range {
@@ -223,18 +257,22 @@ pub(super) async fn costs(
     };
     let filter = insights::Filter {
         since: Some(from),
+        tenant: tenant.map(str::to_owned),
         ..insights::Filter::default()
     };
     // Read at once: they share one roll of the ledger (`ledger::roll`) and the pool's
-    // connections. One batch's page is that batch's alone: no chains, no insights.
+    // connections.
     let reads = tokio::try_join!(
         futures_util::future::try_join_all(
-            GroupBy::PAGE.map(|by| ledger.costs(from, to, scope, by))
+            GroupBy::PAGE
+                .into_iter()
+                .chain(tag.map(GroupBy::Tag))
+                .map(|by| ledger.costs(from, to, scope, by))
         ),
         async {
-            match batch {
-                Some(_) => Ok(Vec::new()),
-                None => ledger.costliest_chains(from, to, TOP as u32).await,
+            match whole {
+                false => Ok(Vec::new()),
+                true => ledger.costliest_chains(from, to, TOP as u32).await,
             }
         },
         async {
@@ -261,11 +299,19 @@ pub(super) async fn costs(
         "<form method=\"get\" action=\"/costs\"><label>From <input type=\"date\" name=\"since\" \
          value=\"{since}\"></label> <label>to <input type=\"date\" name=\"until\" \
          value=\"{until}\"></label> <label>batch <input name=\"batch\" value=\"{}\" \
-         placeholder=\"all\"></label> <button>Show</button></form>\
+         placeholder=\"all\"></label> <label>tenant <input name=\"tenant\" value=\"{}\" \
+         placeholder=\"all\"></label> <label>by tag <input name=\"tag\" value=\"{}\" \
+         placeholder=\"team\"></label> <button>Show</button></form>\
          <p id=\"total\">${total:.6} over {calls} call(s){} from {since} to {until} (UTC)\
-         {}.</p>{}{}{}{}{}{insight}",
+         {}.</p>{}{}{}{}{}{}{}{insight}",
         esc(batch.unwrap_or_default()),
-        batch.map_or_else(String::new, |b| format!(" of batch {}", esc(b))),
+        esc(tenant.unwrap_or_default()),
+        esc(tag.unwrap_or_default()),
+        match (batch, tenant) {
+            (Some(b), _) => format!(" of batch {}", esc(b)),
+            (None, Some(t)) => format!(" of tenant {}", esc(t)),
+            (None, None) => String::new(),
+        },
         if saved > 0.0 {
             format!("; provider batches and prompt caching saved ${saved:.6} against list prices")
         } else if saved < 0.0 {
@@ -280,10 +326,15 @@ pub(super) async fn costs(
         table("By provider", &parts[1]),
         table("By model", &parts[2]),
         table("By task type", &parts[3]),
-        if batch.is_some() {
-            String::new()
-        } else {
+        table("By tenant", &parts[4]),
+        tag.map_or_else(String::new, |name| table(
+            &format!("By tag {name}"),
+            &parts[5]
+        )),
+        if whole {
             chains_table(&chains)
+        } else {
+            String::new()
         },
     );
     page(StatusCode::OK, "Costs", &body, &viewer)

@@ -1978,7 +1978,7 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
             if !resume {
                 sqlx::query(
                     "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
-                        routing_rollups, ledger_queues",
+                        routing_rollups, spend_rollups, ledger_queues",
                 )
                 .execute(pool)
                 .await?;
@@ -2028,6 +2028,14 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
     let by_day = median_ms(|| ledger.costs(day(60), until, Scope::All, GroupBy::Day)).await?;
     let by_chain = median_ms(|| ledger.costliest_chains(day(30), until, 50)).await?;
     let tasks = median_ms(|| ledger.tasks_in(day(30), until, Scope::All)).await?;
+    // Spend by tenant and tag (issue 72): every tenant's, every team's, one tenant's.
+    let by_tenant = median_ms(|| ledger.costs(day(30), until, Scope::All, GroupBy::Tenant)).await?;
+    let by_tag =
+        median_ms(|| ledger.costs(day(30), until, Scope::All, GroupBy::Tag("team"))).await?;
+    let tenant = median_ms(|| {
+        ledger.costs(day(30), until, Scope::Tenant("tenant-7"), GroupBy::Model)
+    })
+    .await?;
     let filter = llmq_shared::insights::Filter {
         since: Some(day(30)),
         ..Default::default()
@@ -2064,7 +2072,8 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
     .await?;
     let rollup_rows: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM call_rollups) + (SELECT count(*) FROM task_rollups)
-            + (SELECT count(*) FROM chain_costs) + (SELECT count(*) FROM routing_rollups)",
+            + (SELECT count(*) FROM chain_costs) + (SELECT count(*) FROM routing_rollups)
+            + (SELECT count(*) FROM spend_rollups)",
     )
     .fetch_one(pool)
     .await?;
@@ -2079,6 +2088,7 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
         "bench=ledger_scale kind={kind} calls={n} fill_rows_per_s={fill_rows_per_s:.0} \
          rollup_rows={rollup_rows} costs_ms={costs:.1} by_model_ms={by_model:.1} \
          by_day_ms={by_day:.1} by_chain_ms={by_chain:.1} tasks_ms={tasks:.1} \
+         by_tenant_ms={by_tenant:.1} by_tag_ms={by_tag:.1} tenant_ms={tenant:.1} \
          insights_ms={insights:.1} queues_ms={queues:.1} routing_ms={routing:.1} \
          web_costs_ms={web:.1} raw_by_model_ms={raw:.1} migrate_s={migrate_s:.1}{writer} \
          roll_s={roll_s:.1} idle_roll_ms={idle_roll:.1}"
@@ -2110,12 +2120,17 @@ async fn fill_ledger(
     // before rollups kept them on the task alone.
     let status = "CASE WHEN i % 10 = 0 THEN 'dead' ELSE 'succeeded' END";
     let risk = "(ARRAY['low', 'medium', 'high'])[1 + i % 3]";
-    let (view_columns, view) = if old {
-        (String::new(), String::new())
+    // Fifty tenants and a fifth of the work with none; a team tag on two calls of three.
+    let spend = "CASE WHEN i % 5 <> 0 THEN 'tenant-' || (i % 50) END,
+        CASE WHEN i % 3 <> 0 THEN jsonb_build_object('team', 'team-' || (i % 12)) END";
+    let (view_columns, view, spend_columns, spend) = if old {
+        (String::new(), String::new(), "", String::new())
     } else {
         (
             ", task_status, task_risk".to_owned(),
             format!(", {status}, {risk}"),
+            ", tenant, tags",
+            format!(", {spend}"),
         )
     };
     for from in (first..n).step_by(chunk as usize) {
@@ -2126,19 +2141,19 @@ async fn fill_ledger(
                 "INSERT INTO provider_calls (task_id, delivery, run, attempt, call_no, queue,
                     chain_id, task_type, provider, model, input_tokens, output_tokens,
                     cached_tokens, reasoning_tokens, cost_usd, latency_ms, outcome, worker,
-                    called_at{view_columns})
+                    called_at{view_columns}{spend_columns})
                  SELECT md5(i::text)::uuid, md5('d' || i)::uuid, 0, 1, 0, {shared},
                     1000 + i % 500, 200 + i % 300, i % 100, 0, (i % 1000) / 1e6, 100 + i % 2000,
-                    'ok', 'w', {at}{view}
+                    'ok', 'w', {at}{view}{spend}
                  FROM generate_series($1::int8, $2::int8) i"
             ),
             format!(
                 "INSERT INTO tasks (task_id, queue, chain_id, task_type, provider, model,
                     status, attempts, input_tokens, output_tokens, cost_usd, finished_at, risk,
-                    duration_ms)
+                    duration_ms{spend_columns})
                  SELECT md5(i::text)::uuid, {shared}, {status}, 1,
                     1000 + i % 500, 200 + i % 300, (i % 1000) / 1e6,
-                    {at} + interval '2 seconds', {risk}, 100 + i % 2000
+                    {at} + interval '2 seconds', {risk}, 100 + i % 2000{spend}
                  FROM generate_series($1::int8, $2::int8) i"
             ),
         ] {

@@ -371,3 +371,213 @@ async fn costs_by_chain_lists_the_costliest_chains_begun_in_the_range() {
         .unwrap_or_default();
     assert!(refused.contains("--limit"), "{refused}");
 }
+
+/// Spend by tenant and by tag, read from `spend_rollups`, against the same sums over the
+/// ledger's rows: every tenant, every value of a tag, one tenant's by provider, by day and
+/// by tag, and `llmq insights` of one tenant; the work without a tenant or a tag is its own
+/// line (`(none)`, key `""` in JSON), so the lines add up to the whole.
+#[tokio::test]
+async fn costs_by_tenant_and_tag_match_the_ledger_s_rows() {
+    use llmq_shared::ledger::TaskRow;
+    let env = TestEnv::new().await.unwrap();
+    let (db, ledger) = env.own_ledger().await;
+    let day = NaiveDate::from_ymd_opt(2041, 3, 1).unwrap();
+    let start = Utc.from_utc_datetime(&day.and_hms_opt(0, 0, 0).unwrap());
+    let mut rng = llmq_tests::harness::SeededRng(0x7e4a_4701);
+    let (mut calls, mut tasks) = (Vec::new(), Vec::new());
+    for i in 0..120i64 {
+        let tenant = [None, Some("acme"), Some("acme"), Some("globex")][rng.below(4)];
+        let tags = match rng.below(4) {
+            0 => None,
+            1 => Some(r#"{"team":"search"}"#),
+            2 => Some(r#"{"team":"ads","feature":"triage"}"#),
+            _ => Some(r#"{"feature":"summary"}"#),
+        };
+        let (provider, model) =
+            [("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet")][rng.below(2)];
+        let task_id = uuid::Uuid::new_v4();
+        let chain_id = (rng.below(2) == 0).then(|| format!("chain-{}", rng.below(3)));
+        let at = start + Duration::minutes(i * 11);
+        calls.push(CallRow {
+            task_id,
+            delivery: uuid::Uuid::new_v4(),
+            attempt: 1,
+            call_no: 1,
+            queue: env.queue.as_str().into(),
+            task_type: ["research", "code_review"][rng.below(2)].into(),
+            provider: provider.into(),
+            model: model.into(),
+            input_tokens: 100 + rng.below(5000) as i64,
+            output_tokens: rng.below(900) as i64,
+            cost_usd: rng.below(100_000) as f64 / 1e7,
+            latency_ms: 10,
+            outcome: llmq_shared::ledger::CallOutcome::Ok,
+            worker: "test".into(),
+            called_at: at,
+            chain_id: chain_id.clone(),
+            tenant: tenant.map(str::to_owned),
+            tags: tags.map(str::to_owned),
+            ..CallRow::default()
+        });
+        tasks.push(TaskRow {
+            task_id,
+            queue: env.queue.to_string(),
+            task_type: calls[calls.len() - 1].task_type.to_string(),
+            status: ["succeeded", "succeeded", "failed"][rng.below(3)].into(),
+            attempts: 1,
+            provider: Some(provider.into()),
+            model: Some(model.into()),
+            cost_usd: calls[calls.len() - 1].cost_usd,
+            finished_at: at + Duration::seconds(5),
+            chain_id,
+            duration_ms: 100 + rng.below(900) as i64,
+            tenant: tenant.map(str::to_owned),
+            tags: tags.map(str::to_owned),
+            ..TaskRow::default()
+        });
+    }
+    ledger.record(&calls, &tasks).await.unwrap();
+
+    let date = day.to_string();
+    for (args, key, rows) in [
+        (vec!["--by", "tenant"], "coalesce(tenant, '')", "true"),
+        (
+            vec!["--by", "tag:team"],
+            "coalesce(tags ->> 'team', '')",
+            "true",
+        ),
+        (
+            vec!["--by", "tag:feature"],
+            "coalesce(tags ->> 'feature', '')",
+            "true",
+        ),
+        (vec!["--tenant", "acme"], "provider", "tenant = 'acme'"),
+        (
+            vec!["--tenant", "acme", "--by", "model"],
+            "provider || '/' || model",
+            "tenant = 'acme'",
+        ),
+        (
+            vec!["--tenant", "globex", "--by", "tag:team"],
+            "coalesce(tags ->> 'team', '')",
+            "tenant = 'globex'",
+        ),
+        (
+            vec!["--tenant", "acme", "--by", "chain"],
+            "coalesce(chain_id, '-')",
+            "tenant = 'acme'",
+        ),
+    ] {
+        let mut cli = vec![
+            "costs",
+            "--date",
+            &date,
+            "--format",
+            "json",
+            "--database-url",
+            &db,
+        ];
+        cli.extend(&args);
+        let (code, out) = env.cli(&cli).await;
+        assert_eq!(code, 0, "{args:?}: {out}");
+        let report: Value = serde_json::from_str(&out).unwrap();
+        let want: Vec<(String, i64, f64, i64)> = sqlx::query_as(&format!(
+            "SELECT c.key, c.calls, c.cost, coalesce(t.tasks, 0)
+             FROM (SELECT {key} AS key, count(*) AS calls, sum(cost_usd)::float8 AS cost
+                   FROM provider_calls WHERE {rows} GROUP BY 1) c
+             LEFT JOIN (SELECT {key} AS key, count(*) AS tasks FROM tasks WHERE {rows}
+                   GROUP BY 1) t USING (key)
+             ORDER BY 1"
+        ))
+        .fetch_all(ledger.pool())
+        .await
+        .unwrap();
+        assert!(want.len() > 1, "{args:?}: the ledger has one group only");
+        let lines = report["breakdown"].as_array().unwrap();
+        assert_eq!(lines.len(), want.len(), "{args:?}: {out}");
+        for (key, calls, cost, tasks) in &want {
+            let line = lines
+                .iter()
+                .find(|l| l["key"] == key.as_str())
+                .unwrap_or_else(|| panic!("{args:?}: no line {key:?} in {out}"));
+            assert_eq!(line["calls"].as_i64(), Some(*calls), "{args:?} {key}");
+            assert_eq!(line["tasks"].as_i64(), Some(*tasks), "{args:?} {key:?} {out}");
+            let got = line["cost_usd"].as_f64().unwrap();
+            assert!((got - cost).abs() < 1e-9, "{args:?} {key}: {got} vs {cost}");
+        }
+        let whole: f64 = want.iter().map(|w| w.2).sum();
+        let got = report["total_cost_usd"].as_f64().unwrap();
+        assert!(
+            (got - whole).abs() < 1e-9,
+            "{args:?}: total {got} vs {whole}"
+        );
+        let tasks: i64 = want.iter().map(|w| w.3).sum();
+        assert_eq!(report["tasks"].as_i64(), Some(tasks), "{args:?}");
+    }
+    // As text, the work without a tenant is a line of its own.
+    let (code, out) = env
+        .cli(&[
+            "costs",
+            "--date",
+            &date,
+            "--by",
+            "tenant",
+            "--database-url",
+            &db,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("\n(none) ") && out.contains("\nacme ") && out.contains("TENANT"),
+        "{out}"
+    );
+
+    // One tenant's insights: its succeeded share and cost per model.
+    let (code, out) = env
+        .cli(&[
+            "insights",
+            "summary",
+            "--tenant",
+            "acme",
+            "--since",
+            &date,
+            "--format",
+            "json",
+            "--database-url",
+            &db,
+        ])
+        .await;
+    assert_eq!(code, 0, "{out}");
+    let lines: Value = serde_json::from_str(&out).unwrap();
+    let want: Vec<(String, String, i64, i64)> = sqlx::query_as(
+        "SELECT model, task_type, count(*), count(*) FILTER (WHERE status = 'succeeded')
+         FROM tasks WHERE tenant = 'acme' GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .fetch_all(ledger.pool())
+    .await
+    .unwrap();
+    let lines = lines.as_array().unwrap();
+    assert_eq!(lines.len(), want.len(), "{out}");
+    for (model, task_type, n, ok) in &want {
+        let line = lines
+            .iter()
+            .find(|l| l["model"] == model.as_str() && l["task_type"] == task_type.as_str())
+            .unwrap_or_else(|| panic!("no {model} {task_type} in {out}"));
+        assert_eq!(
+            (line["tasks"].as_i64(), line["successes"].as_i64()),
+            (Some(*n), Some(*ok))
+        );
+    }
+
+    // A grouping that is none, and a tag name that cannot be one, are refused with a sentence.
+    for (by, says) in [
+        ("team", "is not a grouping"),
+        ("tag:te am", "name a tag with"),
+    ] {
+        let refused =
+            <llmq::cli::Cli as clap::Parser>::try_parse_from(["llmq", "costs", "--by", by])
+                .unwrap_err()
+                .to_string();
+        assert!(refused.contains(says), "{by}: {refused}");
+    }
+}

@@ -50,7 +50,23 @@ fn call(rng: &mut SeededRng, task_id: Uuid, chain: Option<&str>) -> CallRow {
         outcome: llmq_shared::ledger::CallOutcome::Started,
         worker: "w".into(),
         called_at: around_midnight(rng),
+        tenant: (rng.below(3) > 0).then(|| pick(rng, &["acme", "globex"]).into()),
+        tags: tags(rng),
         ..CallRow::default()
+    }
+}
+
+/// None, one or two tags (spend is summed by each).
+fn tags(rng: &mut SeededRng) -> Option<String> {
+    match rng.below(4) {
+        0 => None,
+        1 => Some(format!(r#"{{"team":"{}"}}"#, pick(rng, &["search", "ads"]))),
+        2 => Some(format!(
+            r#"{{"team":"{}","feature":"{}"}}"#,
+            pick(rng, &["search", "ads"]),
+            pick(rng, &["summary", "triage"])
+        )),
+        _ => Some("{}".into()),
     }
 }
 
@@ -105,6 +121,8 @@ fn task(rng: &mut SeededRng, c: &CallRow) -> TaskRow {
         duration_ms: rng.below(10_000) as i64,
         enqueued_at: (rng.below(4) > 0)
             .then(|| c.called_at - Duration::seconds(rng.below(3600) as i64)),
+        tenant: c.tenant.clone(),
+        tags: c.tags.clone(),
         ..TaskRow::default()
     }
 }
