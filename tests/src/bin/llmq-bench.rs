@@ -2032,10 +2032,9 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
     let by_tenant = median_ms(|| ledger.costs(day(30), until, Scope::All, GroupBy::Tenant)).await?;
     let by_tag =
         median_ms(|| ledger.costs(day(30), until, Scope::All, GroupBy::Tag("team"))).await?;
-    let tenant = median_ms(|| {
-        ledger.costs(day(30), until, Scope::Tenant("tenant-7"), GroupBy::Model)
-    })
-    .await?;
+    let tenant =
+        median_ms(|| ledger.costs(day(30), until, Scope::Tenant("tenant-7"), GroupBy::Model))
+            .await?;
     let filter = llmq_shared::insights::Filter {
         since: Some(day(30)),
         ..Default::default()

@@ -501,7 +501,11 @@ async fn costs_by_tenant_and_tag_match_the_ledger_s_rows() {
                 .find(|l| l["key"] == key.as_str())
                 .unwrap_or_else(|| panic!("{args:?}: no line {key:?} in {out}"));
             assert_eq!(line["calls"].as_i64(), Some(*calls), "{args:?} {key}");
-            assert_eq!(line["tasks"].as_i64(), Some(*tasks), "{args:?} {key:?} {out}");
+            assert_eq!(
+                line["tasks"].as_i64(),
+                Some(*tasks),
+                "{args:?} {key:?} {out}"
+            );
             let got = line["cost_usd"].as_f64().unwrap();
             assert!((got - cost).abs() < 1e-9, "{args:?} {key}: {got} vs {cost}");
         }

@@ -696,6 +696,10 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
     let mut b = Envelope::new("cost me in a batch");
     b.model = Some("mock-smart".into());
     b.batch_id = Some(batch.clone().into());
+    // Whose it is, in markup the page must escape, and a team tag.
+    let tenant = format!("<i>{}</i>", env.queue);
+    b.tenant = Some(tenant.clone().into());
+    b.tags = [("team".to_owned(), "search".to_owned())].into();
     for t in [&e, &b] {
         env.redis.enqueue(&env.keys, t).await.unwrap();
         env.wait_final(&t.id.unwrap(), WAIT).await.unwrap();
@@ -713,11 +717,40 @@ async fn the_costs_page_charts_the_ledger_for_a_range() {
         "By provider",
         "By model",
         "By task type",
+        "By tenant",
+        "(none)",
         "Costliest chains",
         "Insights",
     ] {
         assert!(body.contains(part), "{part}: {body}");
     }
+    assert!(!body.contains(&tenant), "a tenant is shown escaped: {body}");
+    // One tenant's page, by its team tag too.
+    let tenant_query: String = tenant
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'0'..=b'9' | b'-' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (status, _, body) = get(&format!("{base}/costs?tenant={tenant_query}&tag=team")).await;
+    assert_eq!(status, 200, "{body}");
+    let shown = tenant.replace('<', "&lt;").replace('>', "&gt;");
+    assert!(
+        body.contains(&format!("over 1 call(s) of tenant {shown}")),
+        "the tenant's one call: {body}"
+    );
+    assert!(
+        body.contains("By tag team") && body.contains("<td>search</td>"),
+        "{body}"
+    );
+    assert!(body.contains("mock/mock-smart") && !body.contains("mock/mock-fast"));
+    assert!(
+        !body.contains(&tenant) && !body.contains("Costliest chains"),
+        "{body}"
+    );
+    let (status, _, body) = get(&format!("{base}/costs?tag=te%20am")).await;
+    assert_eq!(status, 400, "{body}");
     let (status, _, body) = get(&format!("{base}/costs?batch={batch}")).await;
     assert_eq!(status, 200, "{body}");
     assert!(
