@@ -292,6 +292,9 @@ pub struct QuotaArgs {
     /// With --history, only this provider.
     #[arg(long, requires = "history")]
     pub provider: Option<String>,
+    /// A tenant's limits too (those the file names are always shown); repeat it for more.
+    #[arg(long, value_parser = parse_tenant, conflicts_with = "history")]
+    pub tenant: Vec<String>,
     /// With --history: the ledger.
     #[arg(long, env = "DATABASE_URL")]
     pub database_url: Option<String>,

@@ -17,23 +17,23 @@ pub async fn quota(redis: &Client, args: QuotaArgs, out: &mut dyn Write) -> Resu
     let config = Config::load(&args.config)?;
     let limiter = Limiter::new(redis.clone());
     let now = chrono::Utc::now();
-    let mut lines = Vec::new();
-    for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
-        lines.extend(limiter.usage(&p.name, &p.quotas, now).await?);
-    }
+    let lines = limiter.all_usage(&config, &args.tenant, now).await?;
     match args.format {
         Format::Json => emit(out, &to_json(&lines)),
         Format::Text => {
             if lines.is_empty() {
-                emit(out, "no provider in the provider file has a quota\n");
+                emit(
+                    out,
+                    "no provider in the provider file has a quota, and no tenant a limit\n",
+                );
                 return Ok(EXIT_OK);
             }
             let mut s = format!(
-                "{:<20} {:<17} {:>12} {:>12} {:>12}  {}\n",
-                "PROVIDER", "QUOTA", "USED", "LIMIT", "REMAINING", "RESET"
+                "{:<32} {:<17} {:>12} {:>12} {:>12}  {}\n",
+                "PROVIDER/TENANT", "QUOTA", "USED", "LIMIT", "REMAINING", "RESET"
             );
             for l in &lines {
-                let money = l.quota == "usd_per_month";
+                let money = l.money();
                 let num = |v: f64| {
                     if money {
                         render::usd(v)
@@ -49,8 +49,8 @@ pub async fn quota(redis: &Client, args: QuotaArgs, out: &mut dyn Write) -> Resu
                     _ => "",
                 };
                 s.push_str(&format!(
-                    "{:<20} {:<17} {:>12} {:>12} {:>12}  {}{flag}\n",
-                    render::cut(&l.provider, 20),
+                    "{:<32} {:<17} {:>12} {:>12} {:>12}  {}{flag}\n",
+                    render::cut(&l.provider, 32),
                     l.quota,
                     num(l.used),
                     num(l.limit),

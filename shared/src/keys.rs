@@ -361,6 +361,65 @@ impl SchedulerKeys {
     }
 }
 
+/// A tenant's limits' keys (`quota/tenant_reserve.lua`), under a hash tag of their own, so
+/// one script reaches them all on a Redis Cluster. The tenant's name is kept as it is: the
+/// suffixes hold no `}`, so two tenants never share a key.
+#[derive(Debug, Clone)]
+pub struct TenantKeys {
+    prefix: String,
+}
+
+impl TenantKeys {
+    #[must_use]
+    pub fn new(tenant: &str) -> Self {
+        Self {
+            prefix: format!("llmq:{{t:{tenant}}}"),
+        }
+    }
+
+    /// Micro-dollars reserved and spent on one UTC day (`YYYYMMDD`): a counter.
+    #[must_use]
+    pub fn spend_on(&self, day: &str) -> String {
+        format!("{}:usd:d:{day}", self.prefix)
+    }
+
+    /// Micro-dollars reserved and spent in one UTC month (`YYYYMM`): a counter.
+    #[must_use]
+    pub fn spend_in(&self, month: &str) -> String {
+        format!("{}:usd:m:{month}", self.prefix)
+    }
+
+    /// Requests in the sliding minute: reservation ids by time (ms).
+    #[must_use]
+    pub fn requests_window(&self) -> String {
+        format!("{}:rpm", self.prefix)
+    }
+
+    /// Tokens in the sliding minute: `id:tokens` by time (ms).
+    #[must_use]
+    pub fn tokens_window(&self) -> String {
+        format!("{}:tpm", self.prefix)
+    }
+
+    /// The sum of [`TenantKeys::tokens_window`].
+    #[must_use]
+    pub fn tokens_sum(&self) -> String {
+        format!("{}:tpm-sum", self.prefix)
+    }
+
+    /// Calls in flight: reservation ids by when they lapse (ms), should their worker die.
+    #[must_use]
+    pub fn in_flight(&self) -> String {
+        format!("{}:inflight", self.prefix)
+    }
+
+    /// Budget thresholds already announced: a hash of `kind:window:percent`.
+    #[must_use]
+    pub fn alerts(&self) -> String {
+        format!("{}:alerts", self.prefix)
+    }
+}
+
 /// Key names of one provider's shared state: quotas, rate limits, failures and cooldown.
 /// They share the hash tag `{p:<provider>}`, so the quota scripts run on Redis Cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

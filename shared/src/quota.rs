@@ -14,6 +14,10 @@
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use redis::Script;
 
+mod tenant;
+
+pub use tenant::{TENANT_WINDOW, TenantDecision, TenantGrant, TenantRefusal};
+
 use crate::config::Quotas;
 use crate::keys::ProviderKeys;
 use crate::queue::{Client, Result};
@@ -93,6 +97,12 @@ pub struct QuotaLine {
 }
 
 impl QuotaLine {
+    /// Whether the line counts dollars.
+    #[must_use]
+    pub fn money(&self) -> bool {
+        self.quota == "usd_per_month" || self.quota.starts_with("budget_usd")
+    }
+
     /// How much of the limit is used, in percent (0 for no limit).
     #[must_use]
     pub fn percent(&self) -> f64 {
@@ -134,6 +144,8 @@ pub struct Limiter {
     reserve: std::sync::Arc<Script>,
     stamp: std::sync::Arc<Script>,
     reconcile: std::sync::Arc<Script>,
+    tenant_reserve: std::sync::Arc<Script>,
+    tenant_settle: std::sync::Arc<Script>,
 }
 
 impl Limiter {
@@ -150,6 +162,13 @@ impl Limiter {
                 include_str!("quota/stamp.lua")
             ))),
             reconcile: std::sync::Arc::new(Script::new(include_str!("quota/reconcile.lua"))),
+            tenant_reserve: std::sync::Arc::new(Script::new(concat!(
+                include_str!("quota/window.lua"),
+                include_str!("quota/tenant_reserve.lua")
+            ))),
+            tenant_settle: std::sync::Arc::new(Script::new(include_str!(
+                "quota/tenant_settle.lua"
+            ))),
         }
     }
 
@@ -315,6 +334,33 @@ impl Limiter {
             .invoke_async::<i64>(&mut c)
             .await?;
         Ok(())
+    }
+
+    /// Usage against every limit of the provider file: each provider's quotas, then each
+    /// tenant's limits, for the tenants it names and `tenants` (the default limits' too).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn all_usage(
+        &self,
+        config: &crate::config::Config,
+        tenants: &[String],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<QuotaLine>> {
+        let mut lines = Vec::new();
+        for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
+            lines.extend(self.usage(&p.name, &p.quotas, now).await?);
+        }
+        let named = config.tenants.limits.keys();
+        let mut seen = std::collections::BTreeSet::new();
+        for tenant in named.chain(tenants) {
+            if let Some(limits) = config.tenants.limits_of(tenant)
+                && seen.insert(tenant.as_str())
+            {
+                lines.extend(self.tenant_usage(tenant, limits, now).await?);
+            }
+        }
+        Ok(lines)
     }
 
     /// Usage against every configured limit of `provider`.

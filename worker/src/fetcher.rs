@@ -342,21 +342,33 @@ impl Fetcher {
         let q = &self.queues[at];
         let mut read = Vec::new();
         let room_pause = self.read_pause.room_remaining();
-        if r.feeding[at] && room_pause.is_zero() {
+        let held = |r: &Reading| {
+            r.held[at].map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(Instant::now())
+            })
+        };
+        if r.feeding[at] && room_pause.is_zero() && held(r).is_zero() {
             // No more of the room's tasks than this worker may hold.
             let room = room.min(self.read_pause.room_allowance());
-            let more;
-            (read, more) = self
+            let (more, held_until);
+            (read, more, held_until) = self
                 .redis
                 .read_room(c, q, &self.consumer, room, &self.tenant_weights)
                 .await?;
-            r.feeding[at] = more;
+            // Every tenant left in the room is held at its limits: feed again when the
+            // first hold ends (a task that comes meanwhile leaves a beacon).
+            r.feeding[at] = more || held_until.is_some();
+            r.held[at] = held_until.map(|ms| {
+                let left = ms - chrono::Utc::now().timestamp_millis();
+                Instant::now() + Duration::from_millis(u64::try_from(left).unwrap_or(0))
+            });
         }
         if read.is_empty() {
             // While the room's tasks must wait, block no longer than that.
+            let wait = room_pause.max(held(r));
             let block = block.map(|b| {
-                if r.feeding[at] && !room_pause.is_zero() {
-                    b.min(room_pause)
+                if r.feeding[at] && !wait.is_zero() {
+                    b.min(wait)
                 } else {
                     b
                 }
@@ -446,6 +458,8 @@ struct Reading {
     failures: u32,
     /// Per queue: its room had tasks when last read, so read it with them.
     feeding: Vec<bool>,
+    /// Per queue, until when every tenant left in its room is held at its limits.
+    held: Vec<Option<Instant>>,
     pauses: Pauses,
 }
 
@@ -460,6 +474,7 @@ impl Reading {
             turn: 0,
             failures: 0,
             feeding: vec![false; queues],
+            held: vec![None; queues],
             pauses: Pauses {
                 paused: vec![false; queues],
                 checked: None,

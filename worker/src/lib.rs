@@ -358,7 +358,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         claims: Arc::clone(&claims),
         tenant_weights: settings
             .config
-            .tenant_weights
+            .tenants
+            .weights
             .iter()
             .map(|(t, w)| (t.clone(), *w))
             .collect(),

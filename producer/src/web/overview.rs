@@ -40,7 +40,7 @@ fn bar(pct: f64) -> String {
 fn quota_rows(lines: &[QuotaLine]) -> String {
     let mut rows = String::new();
     for l in lines {
-        let money = l.quota == "usd_per_month";
+        let money = l.money();
         let num = |v: f64| {
             if money {
                 format!("${v:.2}")
@@ -239,12 +239,11 @@ async fn quotas_section(
 ) -> Result<String, llmq_shared::queue::Error> {
     let limiter = Limiter::new(redis.clone());
     let now = chrono::Utc::now();
-    let mut lines = Vec::new();
-    for p in config.providers.iter().filter(|p| !p.quotas.is_empty()) {
-        lines.extend(limiter.usage(&p.name, &p.quotas, now).await?);
-    }
+    let lines = limiter.all_usage(config, &[], now).await?;
     Ok(if lines.is_empty() {
-        "<h2>Quotas</h2><p>No provider in the provider file has a quota.</p>".to_owned()
+        "<h2>Quotas</h2><p>No provider in the provider file has a quota, and no tenant a \
+         limit.</p>"
+            .to_owned()
     } else {
         format!(
             "<h2>Quotas</h2><p class=\"note\">Marks at 50, 80 and 90 %.</p><table>\

@@ -25,11 +25,13 @@ mod provider;
 mod raw;
 mod routing;
 mod scheduler;
+mod tenants;
 
 pub use checks::{CheckConfig, DEFAULT_CHECK_TIMEOUT};
 pub use provider::*;
 pub use routing::*;
 pub use scheduler::*;
+pub use tenants::{OnBudget, TenantLimits, Tenants};
 
 use raw::RawFile;
 
@@ -65,9 +67,8 @@ pub struct Config {
     pub checks: std::collections::BTreeMap<String, CheckConfig>,
     pub chains: Chains,
     pub ledger: LedgerConfig,
-    /// How many tasks a tenant gets per turn in a queue's room (`tenants.weights`), for the
-    /// tenants whose weight is not 1; the same on every worker.
-    pub tenant_weights: std::collections::BTreeMap<String, u32>,
+    /// `tenants:`: each tenant's weight in a queue's room, and its limits.
+    pub tenants: Tenants,
     pub answer_cache: AnswerCache,
     pub idempotency: Idempotency,
 }
@@ -416,27 +417,7 @@ impl Config {
         };
         let answer_cache = answer_cache(&errs, raw.answer_cache)?;
         let idempotency = idempotency(&errs, raw.idempotency)?;
-        let mut tenant_weights = std::collections::BTreeMap::new();
-        for (tenant, weight) in raw.tenants.map(|t| t.weights).unwrap_or_default() {
-            let key = format!("tenants.weights.{tenant}");
-            crate::envelope::check_class(None, Some(&tenant)).map_err(|e| {
-                errs.at(
-                    key.clone(),
-                    format!("is not a tenant name: {e}"),
-                    "name the tenant as its tasks' `tenant` does",
-                )
-            })?;
-            if !(1..=MAX_TENANT_WEIGHT).contains(&weight) {
-                return Err(errs.at(
-                    key,
-                    format!("{weight} is not a weight"),
-                    "give how many tasks the tenant gets per turn, from 1 to 100",
-                ));
-            }
-            if weight > 1 {
-                tenant_weights.insert(tenant, u32::try_from(weight).unwrap_or(1));
-            }
-        }
+        let tenants = tenants::tenants(&errs, raw.tenants)?;
         Ok(Self {
             providers,
             routing,
@@ -444,7 +425,7 @@ impl Config {
             checks,
             chains,
             ledger,
-            tenant_weights,
+            tenants,
             answer_cache,
             idempotency,
         })
@@ -631,7 +612,7 @@ routing:
         let with = |w: &str| format!("{GOOD}tenants:\n  weights: {w}\n");
         let c = Config::parse("p.yaml", &with("{acme: 3, globex: 1}"), &env).unwrap();
         assert_eq!(
-            c.tenant_weights,
+            c.tenants.weights,
             std::collections::BTreeMap::from([("acme".to_owned(), 3)]),
             "a weight of 1 is the default, not listed"
         );
@@ -644,6 +625,86 @@ routing:
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key) && err.contains(says), "{w}: {err}");
+        }
+    }
+
+    #[test]
+    fn tenant_limits_are_read_per_tenant_with_a_default_and_say_which_key_and_fix() {
+        let with = |l: &str| format!("{GOOD}tenants:\n{l}");
+        let c = Config::parse(
+            "p.yaml",
+            &with(
+                "  limits:\n    acme: {budget_usd: {day: 5, month: 100}, rpm: 60, on_budget: downgrade}\n    \
+                 globex: {max_in_flight: 2, tpm: 50000, on_budget: fail}\n  \
+                 default_limits: {budget_usd: {month: 10}}\n",
+            ),
+            &env,
+        )
+        .unwrap();
+        let acme = c.tenants.limits_of("acme").unwrap();
+        assert_eq!(
+            (
+                acme.budget_usd_day,
+                acme.budget_usd_month,
+                acme.rpm,
+                acme.on_budget
+            ),
+            (Some(5.0), Some(100.0), Some(60), OnBudget::Downgrade)
+        );
+        let globex = c.tenants.limits_of("globex").unwrap();
+        assert_eq!(
+            (
+                globex.max_in_flight,
+                globex.tpm,
+                globex.on_budget,
+                globex.budget_usd_month
+            ),
+            (Some(2), Some(50000), OnBudget::Fail, None)
+        );
+        let other = c.tenants.limits_of("initech").unwrap();
+        assert_eq!(
+            (other.budget_usd_month, other.on_budget),
+            (Some(10.0), OnBudget::Wait),
+            "a tenant not named has the default limits"
+        );
+        let none = Config::parse("p.yaml", GOOD, &env).unwrap();
+        assert_eq!(none.tenants.limits_of("acme"), None);
+        for (l, key, says) in [
+            (
+                "  limits:\n    acme: {budget_usd: {day: 0}}\n",
+                "tenants.limits.acme.budget_usd.day",
+                "is not a budget",
+            ),
+            (
+                "  limits:\n    acme: {budget_usd: {week: 3}}\n",
+                "week",
+                "unknown field",
+            ),
+            (
+                "  limits:\n    acme: {rpm: 0}\n",
+                "tenants.limits.acme.rpm",
+                "would stop every call",
+            ),
+            (
+                "  limits:\n    acme: {on_budget: panic}\n",
+                "tenants.limits.acme.on_budget",
+                "give wait, downgrade or fail",
+            ),
+            (
+                "  default_limits: {max_in_flight: 0}\n",
+                "tenants.default_limits.max_in_flight",
+                "would stop",
+            ),
+            (
+                "  limits:\n    \"\": {rpm: 3}\n",
+                "tenants.limits.",
+                "is empty",
+            ),
+        ] {
+            let err = Config::parse("p.yaml", &with(l), &env)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(says), "{l}: {err}");
         }
     }
 

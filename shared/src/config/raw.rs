@@ -67,6 +67,26 @@ pub(super) struct RawQueueCache {
 pub(super) struct RawTenants {
     #[serde(default)]
     pub(super) weights: std::collections::BTreeMap<String, i64>,
+    #[serde(default)]
+    pub(super) limits: std::collections::BTreeMap<String, RawTenantLimits>,
+    pub(super) default_limits: Option<RawTenantLimits>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTenantLimits {
+    pub(super) budget_usd: Option<RawBudget>,
+    pub(super) rpm: Option<u64>,
+    pub(super) tpm: Option<u64>,
+    pub(super) max_in_flight: Option<u64>,
+    pub(super) on_budget: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawBudget {
+    pub(super) day: Option<f64>,
+    pub(super) month: Option<f64>,
 }
 
 #[derive(Deserialize)]

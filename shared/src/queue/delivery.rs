@@ -59,8 +59,10 @@ impl Client {
 
     /// Reads up to `count` tasks for `consumer` without waiting: the stream's unread
     /// entries first, then the room's next tasks in their turn (`room_read.lua`), a tenant
-    /// of `weights` getting that many tasks per turn. Also says
-    /// whether the room still has tasks; while it does, the reader keeps reading this way.
+    /// of `weights` getting that many tasks per turn. Also says whether the room still has
+    /// tasks to feed (while it does, the reader keeps reading this way), and, when every
+    /// tenant left in it is held at its limits, when the first hold ends (ms): the reader
+    /// looks again then.
     ///
     /// # Errors
     /// Redis fails; a missing group is created and the read retried once.
@@ -71,7 +73,7 @@ impl Client {
         consumer: &str,
         count: usize,
         weights: &[(String, u32)],
-    ) -> Result<(Vec<Delivery>, bool)> {
+    ) -> Result<(Vec<Delivery>, bool, Option<i64>)> {
         let mut inv = ROOM_READ.key(keys.stream());
         inv.arg(GROUP).arg(consumer).arg(count);
         for (tenant, weight) in weights {
@@ -92,10 +94,15 @@ impl Client {
         let mut parts = parts.into_iter();
         let more = parts.next().is_some_and(|v| reply::as_u64(&v) == 1);
         let mut read = Vec::new();
-        for entries in parts {
+        for entries in parts.by_ref().take(2) {
             read.extend(reply::deliveries(entries)?);
         }
-        Ok((read, more))
+        let held = parts
+            .next()
+            .map(|v| reply::as_u64(&v))
+            .filter(|&ms| ms > 0)
+            .map(|ms| i64::try_from(ms).unwrap_or(i64::MAX));
+        Ok((read, more, held))
     }
 
     /// Takes the room's beacons out of `read` (entries read or taken over) and acks and

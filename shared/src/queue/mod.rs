@@ -164,6 +164,9 @@ pub enum Place {
     /// Before them, and the tenant's turn given back: a task the room fed that its provider
     /// could not take yet, which lost no turn by being read.
     Turn,
+    /// As `Turn`, and the tenant held at its limits until this instant (ms): the room feeds
+    /// none of its tasks before then, and the other tenants' in their turn.
+    Hold(i64),
 }
 
 impl FinishKind {
@@ -178,15 +181,22 @@ impl FinishKind {
                 priority,
                 tenant,
                 place,
-            } => (
-                match place {
-                    Place::Behind => "room",
-                    Place::Front => "room_front",
-                    Place::Turn => "room_turn",
-                },
-                priority.to_string(),
-                tenant.clone(),
-            ),
+            } => match place {
+                Place::Hold(until_ms) => (
+                    "room_hold",
+                    format!("{priority}:{until_ms}"),
+                    tenant.clone(),
+                ),
+                _ => (
+                    match place {
+                        Place::Behind => "room",
+                        Place::Front => "room_front",
+                        _ => "room_turn",
+                    },
+                    priority.to_string(),
+                    tenant.clone(),
+                ),
+            },
         }
     }
 }

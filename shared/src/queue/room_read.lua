@@ -5,7 +5,10 @@
 -- KEYS: 1 stream
 -- ARGV: 1 group, 2 consumer, 3 count, then tenant and weight pairs (tenants with more than
 --       one task per turn)
--- Returns {1 if the room still has tasks else 0, entries read, entries fed and read}.
+-- Returns {1 if the room still has tasks to feed else 0, entries read, entries fed and read,
+-- and when every tenant left in the room is held at its limits: the first hold's end (ms),
+-- else 0}. No beacon is left then: readers would wake to feed nothing; the reader looks
+-- again when the hold ends, and a task that comes meanwhile leaves a beacon.
 local stream, group, consumer, want = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local read = function(n)
   local got = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS',
@@ -30,8 +33,13 @@ for i = 4, #ARGV, 2 do
   weights[ARGV[i]] = tonumber(ARGV[i + 1])
 end
 local room = room_of(stream)
-local fed = 0
-while fed < want - #first and room_feed_one(stream, room, weights) do
+local holds = room_holds(room)
+local fed, stuck = 0, false
+while fed < want - #first do
+  if not room_feed_one(stream, room, weights, holds) then
+    stuck = true
+    break
+  end
   fed = fed + 1
 end
 local second = {}
@@ -39,7 +47,15 @@ if fed > 0 then
   second = read(fed)
 end
 local more = redis.call('EXISTS', room)
-if more == 1 then
+local held = 0
+if more == 1 and stuck and holds then
+  more = 0
+  for _, until_ms in pairs(holds) do
+    if held == 0 or until_ms < held then
+      held = until_ms
+    end
+  end
+elseif more == 1 then
   room_beacon(stream, group, room)
 end
-return {more, first, second}
+return {more, first, second, held}

@@ -2760,7 +2760,7 @@ async fn fair_share_run(
         .context("cannot start the mock LLM server")?;
         let mut config = llmq_tests::harness::mock_config(&mock.url());
         if weighted {
-            config.tenant_weights.insert("tenant-0".into(), 2);
+            config.tenants.weights.insert("tenant-0".into(), 2);
         }
         client.ensure_group(&keys).await?;
         let mut tasks: Vec<(TaskId, usize)> = Vec::new();

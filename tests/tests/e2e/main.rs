@@ -34,6 +34,7 @@ mod requests;
 mod routing;
 mod scheduler;
 mod serve;
+mod tenants;
 mod tls;
 mod traces;
 mod web;

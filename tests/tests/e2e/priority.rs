@@ -161,7 +161,7 @@ async fn the_most_urgent_runs_first_and_tenants_take_turns() {
         } else {
             HashMap::new()
         };
-        s.config.tenant_weights = weights.clone().into_iter().collect();
+        s.config.tenants.weights = weights.clone().into_iter().collect();
         let w = WorkerHandle::start(s);
         let r = llmq::wait_for(&env.redis, &env.keys, &ids, Some(WAIT), |_| {})
             .await
@@ -473,7 +473,7 @@ async fn a_task_from_the_room_that_keeps_killing_workers_ends_as_poison() {
     let got = env.take_over("next", 10).await.unwrap();
     assert!(got.tasks.is_empty() && got.takeovers.is_empty(), "{got:?}");
     // Fed to a worker that dies, then taken over twice: the same entry, run each time.
-    let (fed, more) = env
+    let (fed, more, _) = env
         .redis
         .read_room(&mut conn, &env.keys, "crashed-1", 1, &[])
         .await

@@ -134,6 +134,14 @@ fn waiting(
     read_pause: &ReadPause,
 ) -> Finish {
     let task_id = record.task_id;
+    if wait.hold
+        && let Some(class) = env.class()
+    {
+        // Its tenant is at its limits: back to its head in the room, and the tenant held
+        // there until then; the other tenants' tasks are fed meanwhile, in their turn.
+        let until = wait.due.timestamp_millis();
+        return Finish::room(entry_id, task_id, class, Place::Hold(until), env.to_json());
+    }
     if wait.paced
         && let Some(class) = env.class()
     {

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use llmq_shared::circuit::Admission;
 use llmq_shared::config::Kind;
+use llmq_shared::config::{OnBudget, TenantLimits};
 use llmq_shared::envelope::Envelope;
 use llmq_shared::ids::{EntryId, TaskId};
 use llmq_shared::keys::QueueKeys;
@@ -21,7 +22,9 @@ use llmq_shared::ledger::{CallOutcome, CallRow};
 use llmq_shared::outcome::ErrorClass;
 use llmq_shared::provider::{self, Completion, Request, Usage};
 use llmq_shared::queue::OutEntry;
-use llmq_shared::quota::{Decision, Reservation, Waiter};
+use llmq_shared::quota::{
+    Decision, Reservation, TenantDecision, TenantGrant, TenantRefusal, Waiter,
+};
 use llmq_shared::retry::RetryPolicy;
 use llmq_shared::routing::{Candidate, Plan};
 use llmq_shared::telemetry;
@@ -46,6 +49,12 @@ pub enum Outcome {
     /// A review or a check judged the work and rejected it: a verdict, not a failed call,
     /// so [`decide`](super::decide) may send the work back.
     Rejected(Rejection),
+    /// The task's tenant is at one of its limits (`tenants.limits`): its tasks wait in the
+    /// room until it frees, or, `fail`ing (`on_budget: fail` at a budget), this one ends.
+    Held {
+        refusal: Box<TenantRefusal>,
+        fail: bool,
+    },
 }
 
 /// A review's or a check's rejection, as a sentence with its findings.
@@ -167,6 +176,8 @@ impl Tried {
 enum Stop {
     Answered(Completion),
     Released,
+    /// The task's tenant is at one of its limits.
+    Tenant(Box<TenantRefusal>),
     /// Cannot be called before `until`.
     Later {
         until: DateTime<Utc>,
@@ -249,7 +260,16 @@ impl Attempt<'_> {
         // What the candidates that did not answer left: none until one does not, so the
         // first candidate's call (most tasks' only one) carries 8 bytes of it.
         let mut past: Option<Box<Past>> = None;
+        // A tenant at its budget that steps down (`on_budget: downgrade`): only candidates
+        // cheaper than the one refused, and the refusal, should none of them fit.
+        let mut budget: Option<(f64, Box<TenantRefusal>)> = None;
         for cand in &plan.candidates {
+            if budget
+                .as_ref()
+                .is_some_and(|(usd, _)| cand.estimated_usd >= *usd)
+            {
+                continue;
+            }
             let name = &*cand.provider.name;
             if past
                 .as_ref()
@@ -269,6 +289,17 @@ impl Attempt<'_> {
                     return Tried::of(Outcome::Answered(completion), route, errors, last);
                 }
                 Stop::Released => return Tried::of(Outcome::Released, route, errors, last),
+                Stop::Tenant(refusal) => {
+                    let on_budget = self.limits().map(|(_, l)| l.on_budget);
+                    if refusal.is_budget() && on_budget == Some(OnBudget::Downgrade) {
+                        route = format!("{route}; {} → a cheaper model", refusal.describe()).into();
+                        budget = Some((cand.estimated_usd, refusal));
+                        continue;
+                    }
+                    let fail = refusal.is_budget() && on_budget == Some(OnBudget::Fail);
+                    let outcome = Outcome::Held { refusal, fail };
+                    return Tried::of(outcome, route, errors, last);
+                }
                 Stop::Later {
                     until,
                     why,
@@ -300,7 +331,13 @@ impl Attempt<'_> {
             later,
             ..
         } = past.map(|p| *p).unwrap_or_default();
-        let outcome = if let Some(e) = fault {
+        let outcome = if let (None, Some((_, refusal))) = (&fault, budget) {
+            // No cheaper model fit what is left of the budget: wait for it.
+            Outcome::Held {
+                refusal,
+                fail: false,
+            }
+        } else if let Some(e) = fault {
             Outcome::Failed(AttemptError {
                 class: e.class,
                 message: e.to_string(),
@@ -369,6 +406,17 @@ impl Attempt<'_> {
         let mut tries = 0;
         let mut rate_waits = 0;
         loop {
+            // The tenant's limits first, only when it has some: boxed, kept out of the
+            // call's state.
+            let grant = match self.limits() {
+                None => None,
+                Some((tenant, limits)) => {
+                    match Box::pin(self.reserve_tenant(cand, tenant, limits)).await {
+                        Ok(grant) => Some(grant),
+                        Err(stop) => return stop,
+                    }
+                }
+            };
             // Boxed, and only for quotas: a short wait, kept out of the call's state.
             let reservation = match if cand.provider.quotas.is_empty() {
                 Ok(None)
@@ -380,6 +428,7 @@ impl Attempt<'_> {
                     if let Stop::Later { why, .. } = &stop {
                         errors.push(why.clone());
                     }
+                    self.settle_tenant(grant.as_deref(), Some((0, 0.0))).await;
                     return stop;
                 }
             };
@@ -387,6 +436,7 @@ impl Attempt<'_> {
             // away past the visibility timeout) may be another worker's, and its call would
             // be a second, paid one.
             if self.stop.is_cancelled() {
+                self.settle_tenant(grant.as_deref(), Some((0, 0.0))).await;
                 return Stop::Released;
             }
             if !exec.claims.may_call(self.entry_id).await {
@@ -394,6 +444,7 @@ impl Attempt<'_> {
                     entry = %self.entry_id,
                     "the claim on this task lapsed before its call; handing it back uncalled"
                 );
+                self.settle_tenant(grant.as_deref(), Some((0, 0.0))).await;
                 return Stop::Released;
             }
             if let Some(turn) = self.turn {
@@ -402,10 +453,30 @@ impl Attempt<'_> {
             tries += 1;
             *last = Some((name, model));
             let stop = self.stop;
-            let e = match tokio::select! {
-                r = self.call(cand, reservation.as_deref()) => r,
-                () = stop.cancelled() => return Stop::Released,
-            } {
+            let row = self.calls.len();
+            let called = tokio::select! {
+                r = self.call(cand, reservation.as_deref()) => Some(r),
+                () = stop.cancelled() => None,
+            };
+            if grant.is_some() {
+                // What the call used and cost, from its row: none for one never sent; for
+                // one dropped in flight its estimate stays spent (the provider may bill it).
+                let used = self.calls.get(row).map_or(Some((0, 0.0)), |row| {
+                    match (&called, row.outcome) {
+                        (_, CallOutcome::Unsent) => Some((0, 0.0)),
+                        (None, _) => None,
+                        (Some(_), _) => Some((
+                            u64::try_from(row.input_tokens + row.output_tokens).unwrap_or(0),
+                            row.cost_usd,
+                        )),
+                    }
+                });
+                self.settle_tenant(grant.as_deref(), used).await;
+            }
+            let Some(called) = called else {
+                return Stop::Released;
+            };
+            let e = match called {
                 Ok(completion) => {
                     self.healthy(name, model, probe).await;
                     return Stop::Answered(completion);
@@ -575,6 +646,109 @@ impl Attempt<'_> {
         }
         if let Err(e) = Box::pin(circuits.succeeded(provider, model, probe)).await {
             tracing::warn!(provider, "cannot reset the circuit breaker: {e}");
+        }
+    }
+
+    /// The task's tenant and its limits (`tenants.limits`), when it has any.
+    fn limits(&self) -> Option<(&str, &TenantLimits)> {
+        let tenant = self.env.tenant.as_deref()?;
+        Some((tenant, self.exec.config.tenants.limits_of(tenant)?))
+    }
+
+    /// Reserves one call of the task's tenant against its limits.
+    async fn reserve_tenant(
+        &self,
+        cand: &Candidate<'_>,
+        tenant: &str,
+        limits: &TenantLimits,
+    ) -> Result<Box<TenantGrant>, Stop> {
+        let now = Utc::now();
+        if let Some((limit, budget)) = limits.never_fits(cand.estimated_usd) {
+            // No reset makes room for it: a cheaper model may fit, else the task fails.
+            let refusal = TenantRefusal {
+                tenant: tenant.to_owned(),
+                limit: limit.to_owned(),
+                until: if limit == "budget_usd_day" {
+                    llmq_shared::quota::next_day(now)
+                } else {
+                    llmq_shared::quota::next_month(now)
+                },
+                value: budget,
+            };
+            if limits.on_budget == OnBudget::Downgrade {
+                return Err(Stop::Tenant(Box::new(refusal)));
+            }
+            let per = if limit == "budget_usd_day" {
+                "day"
+            } else {
+                "month"
+            };
+            return Err(Stop::Failed(provider::Error::new(
+                &cand.provider.name,
+                &cand.model.id,
+                ErrorClass::Fatal,
+                format!(
+                    "a call could cost ${:.6} (max_tokens included), more than tenant {:?}'s whole budget of ${budget:.2} a {per}; lower max_tokens or raise tenants.limits",
+                    cand.estimated_usd, tenant
+                ),
+            )));
+        }
+        let decision = self
+            .exec
+            .limiter
+            .reserve_tenant(
+                tenant,
+                limits,
+                cand.estimated_tokens,
+                cand.estimated_usd,
+                self.exec.attempt_timeout,
+                now,
+            )
+            .await;
+        match decision {
+            Ok(TenantDecision::Granted { grant, crossed }) => {
+                for c in crossed {
+                    let (limit, percent) = c.rsplit_once(':').unwrap_or((&c, ""));
+                    tracing::warn!(tenant, threshold = %c, "tenant budget threshold crossed");
+                    metrics::counter!(
+                        "llmq_tenant_budget_thresholds_total",
+                        "tenant" => tenant.to_owned(),
+                        "limit" => limit.to_owned(),
+                        "percent" => percent.to_owned()
+                    )
+                    .increment(1);
+                }
+                Ok(Box::new(grant))
+            }
+            Ok(TenantDecision::Refused(r)) => {
+                metrics::counter!(
+                    "llmq_tenant_limited_total",
+                    "tenant" => tenant.to_owned(),
+                    "limit" => r.limit.clone()
+                )
+                .increment(1);
+                Err(Stop::Tenant(Box::new(r)))
+            }
+            Err(e) => {
+                // Without Redis no limit can be checked; do not call blind.
+                tracing::warn!(tenant, "tenant limit check failed: {e}");
+                Err(Stop::Skipped)
+            }
+        }
+    }
+
+    /// Settles the tenant's reservation, if any, at what its call used and cost (`None`:
+    /// its estimate, for a call that may have been billed).
+    async fn settle_tenant(&self, grant: Option<&TenantGrant>, used: Option<(u64, f64)>) {
+        let Some(grant) = grant else {
+            return;
+        };
+        let (tokens, usd) = used.unwrap_or_else(|| grant.estimate());
+        if let Err(e) = Box::pin(self.exec.limiter.settle_tenant(grant, tokens, usd)).await {
+            tracing::warn!(
+                tenant = grant.tenant,
+                "settling the tenant's limits failed: {e}"
+            );
         }
     }
 

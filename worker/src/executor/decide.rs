@@ -83,6 +83,8 @@ pub struct Wait {
     pub class: ErrorClass,
     /// Only a provider's pace held it.
     pub paced: bool,
+    /// Its tenant is at its limits: it waits in the room, its tenant held there.
+    pub hold: bool,
 }
 
 /// A step's next round, one tier up.
@@ -179,6 +181,24 @@ pub fn decide(
             };
         }
         Outcome::Unavailable(u) => wait(&task, &u, policy, now),
+        // A tenant at its limits: a known wait for a known reset, in the room. Failing at
+        // its budget ends the task as it is: a cheaper tier is the opposite of escalating.
+        Outcome::Held { refusal, fail } => {
+            if fail {
+                return Transition::dead(
+                    format!("{} (on_budget: fail)", refusal.describe()),
+                    ErrorClass::QuotaExhausted,
+                );
+            }
+            return Transition::Wait(Wait {
+                due: refusal.until.max(now + chrono::Duration::milliseconds(100)),
+                since: task.waiting_since.unwrap_or(now),
+                reason: refusal.describe(),
+                class: ErrorClass::QuotaExhausted,
+                paced: false,
+                hold: true,
+            });
+        }
         Outcome::Failed(e) => failed(&task, &e, policy, now),
         Outcome::Rejected(r) => match rounds.rework {
             Some(rework) => {
@@ -237,6 +257,7 @@ fn wait(task: &TaskState, u: &Unavailable, policy: &Policy, now: DateTime<Utc>) 
         reason: u.reason(),
         class: u.class,
         paced: u.paced,
+        hold: false,
     })
 }
 

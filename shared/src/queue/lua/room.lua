@@ -15,10 +15,19 @@ end
 -- AGE_EVERY times as many feeds as there are priorities waiting.
 local AGE_EVERY = 10
 
--- The priority to feed next; nil when the room is empty. Feeds are counted in `room:feeds`
--- and each priority's last one in `room:served`.
-local function room_pick(room)
+-- The priority to feed next, of those not in `skip`; nil when there is none. Feeds are
+-- counted in `room:feeds` and each priority's last one in `room:served`.
+local function room_pick(room, skip)
   local ps = redis.call('ZRANGE', room, 0, -1)
+  if next(skip) then
+    local open = {}
+    for _, q in ipairs(ps) do
+      if not skip[q] then
+        open[#open + 1] = q
+      end
+    end
+    ps = open
+  end
   if #ps == 0 then
     return nil
   end
@@ -38,14 +47,41 @@ local function room_pick(room)
   return p
 end
 
+-- The tenants held at their limits (`room:hold`, tenant -> until ms), read once per script:
+-- those whose hold has passed are let go. Nil when none is held.
+local function room_holds(room)
+  local key = room .. ':hold'
+  if redis.call('EXISTS', key) == 0 then
+    return nil
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local flat, held, over = redis.call('HGETALL', key), {}, {}
+  for i = 1, #flat, 2 do
+    local until_ms = tonumber(flat[i + 1]) or 0
+    if until_ms > now then
+      held[flat[i]] = until_ms
+    else
+      over[#over + 1] = flat[i]
+    end
+  end
+  if #over > 0 then
+    redis.call('HDEL', key, unpack(over))
+  end
+  return next(held) and held or nil
+end
+
 -- Moves the room's next task to the stream, marked; returns its entry id, or false when
--- the room is empty (for room_read.lua, which reads it in the same step). A listing without
--- tasks (written by hand) is dropped on the way. `weights` maps a tenant to the tasks it
--- gets per turn when more than one; its tasks in this turn so far are counted in
--- `room:turn:<p>` (not under `room:<p>:`, where a tenant named `turn` has its tasks).
-local function room_feed_one(stream, room, weights)
+-- the room has none to feed: empty, or every tenant with tasks held (`holds`, from
+-- room_holds: a held tenant's turn passes to the next, and a priority whose tenants are all
+-- held to the next priority). A listing without tasks (written by hand) is dropped on the
+-- way. `weights` maps a tenant to the tasks it gets per turn when more than one; its tasks
+-- in this turn so far are counted in `room:turn:<p>` (not under `room:<p>:`, where a tenant
+-- named `turn` has its tasks).
+local function room_feed_one(stream, room, weights, holds)
+  local skip, passed = {}, {}
   while true do
-    local p = room_pick(room)
+    local p = room_pick(room, skip)
     if not p then
       return false
     end
@@ -53,6 +89,15 @@ local function room_feed_one(stream, room, weights)
     local tenant = redis.call('LINDEX', ring, 0)
     if not tenant then
       redis.call('ZREM', room, p)
+    elseif holds and holds[tenant] then
+      -- Its turn goes to the next tenant; once every tenant of the priority has passed,
+      -- the priority is skipped.
+      passed[p] = (passed[p] or 0) + 1
+      if passed[p] >= redis.call('LLEN', ring) then
+        skip[p] = true
+      else
+        redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+      end
     else
       local list = ring .. ':' .. tenant
       local env = redis.call('LPOP', list)

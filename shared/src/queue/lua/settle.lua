@@ -7,6 +7,8 @@
 --   room, room_front, room_turn: a = priority, b = tenant: envelope into the room
 --            (lua/room.lua), behind the tenant's tasks, before them, or before them with
 --            the tenant's turn given back; no record
+--   room_hold: a = `<priority>:<until ms>`, b = tenant: as room_turn, and the tenant is held
+--            (at its limits) until then: the room feeds its tasks no sooner
 -- The caller (finish.lua) acks and deletes the entry. The dead letter's fields are written
 -- here only.
 local function settle(stream, group, delayed, dead, rkey, id, kind, record, env, a, b, now, ttl)
@@ -20,6 +22,11 @@ local function settle(stream, group, delayed, dead, rkey, id, kind, record, env,
     redis.call('XADD', stream, '*', 'task', env, 'room', '-')
   elseif kind == 'room' or kind == 'room_front' or kind == 'room_turn' then
     room_push(stream, a, b, env, kind ~= 'room', kind == 'room_turn')
+    room_beacon(stream, group, room_of(stream))
+  elseif kind == 'room_hold' then
+    local p, hold = string.match(a, '^(%d+):(%d+)$')
+    room_push(stream, p, b, env, true, true)
+    redis.call('HSET', room_of(stream) .. ':hold', b, hold)
     room_beacon(stream, group, room_of(stream))
   end
   if record ~= '' then
