@@ -389,22 +389,16 @@ impl TenantKeys {
         format!("{}:usd:m:{month}", self.prefix)
     }
 
-    /// Requests in the sliding minute: reservation ids by time (ms).
+    /// The pace of `rpm`: when the tenant's next call is due (ms, a float).
     #[must_use]
-    pub fn requests_window(&self) -> String {
-        format!("{}:rpm", self.prefix)
+    pub fn requests_pace(&self) -> String {
+        format!("{}:rpm:pace", self.prefix)
     }
 
-    /// Tokens in the sliding minute: `id:tokens` by time (ms).
+    /// The pace of `tpm`, as [`TenantKeys::requests_pace`], by estimated tokens.
     #[must_use]
-    pub fn tokens_window(&self) -> String {
-        format!("{}:tpm", self.prefix)
-    }
-
-    /// The sum of [`TenantKeys::tokens_window`].
-    #[must_use]
-    pub fn tokens_sum(&self) -> String {
-        format!("{}:tpm-sum", self.prefix)
+    pub fn tokens_pace(&self) -> String {
+        format!("{}:tpm:pace", self.prefix)
     }
 
     /// Calls in flight: reservation ids by when they lapse (ms), should their worker die.

@@ -16,7 +16,7 @@ use redis::Script;
 
 mod tenant;
 
-pub use tenant::{TENANT_WINDOW, TenantDecision, TenantGrant, TenantRefusal};
+pub use tenant::{SETTLE_EVERY, TENANT_WINDOW, TenantDecision, TenantGrant, TenantRefusal};
 
 use crate::config::Quotas;
 use crate::keys::ProviderKeys;
@@ -145,7 +145,8 @@ pub struct Limiter {
     stamp: std::sync::Arc<Script>,
     reconcile: std::sync::Arc<Script>,
     tenant_reserve: std::sync::Arc<Script>,
-    tenant_settle: std::sync::Arc<Script>,
+    /// Tenants' settles not yet sent (`tenant.rs`).
+    settles: std::sync::Arc<std::sync::Mutex<tenant::Settles>>,
 }
 
 impl Limiter {
@@ -162,13 +163,10 @@ impl Limiter {
                 include_str!("quota/stamp.lua")
             ))),
             reconcile: std::sync::Arc::new(Script::new(include_str!("quota/reconcile.lua"))),
-            tenant_reserve: std::sync::Arc::new(Script::new(concat!(
-                include_str!("quota/window.lua"),
-                include_str!("quota/tenant_reserve.lua")
+            tenant_reserve: std::sync::Arc::new(Script::new(include_str!(
+                "quota/tenant_reserve.lua"
             ))),
-            tenant_settle: std::sync::Arc::new(Script::new(include_str!(
-                "quota/tenant_settle.lua"
-            ))),
+            settles: std::sync::Arc::default(),
         }
     }
 

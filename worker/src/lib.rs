@@ -366,12 +366,13 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         cancels: Arc::clone(&cancels),
     };
     tasks.spawn(fetcher.run(jobs_tx));
+    let limiter = llmq_shared::quota::Limiter::new(redis.clone());
     let runtime = Arc::new(Runtime {
         executor: Executor {
             redis: redis.clone(),
             config: settings.config.clone(),
             clients,
-            limiter: llmq_shared::quota::Limiter::new(redis.clone()),
+            limiter: limiter.clone(),
             circuits: llmq_shared::circuit::Circuits::new(redis.clone(), &worker_id),
             worker_id: worker_id.as_str().into(),
             max_payload_bytes: settings.max_payload_bytes,
@@ -410,6 +411,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         settings.grace,
     )
     .await;
+    // The tenants' settles gathered since the last were sent (`quota/tenant.rs`).
+    if let Err(e) = limiter.send_settles().await {
+        tracing::warn!("cannot settle the tenants' last calls: {e}");
+    }
     duties.end().await;
     endpoints.cancel();
     tracing::info!(worker = %worker_id, "worker stopped");

@@ -1,17 +1,46 @@
 //! A tenant's limits (`tenants.limits` in the provider file), shared by every worker:
 //! budgets per day and month, `rpm`, `tpm` and calls in flight, reserved before each call
-//! with the provider's quotas and settled after it (`tenant_reserve.lua`,
-//! `tenant_settle.lua`).
+//! with the provider's quotas (`tenant_reserve.lua`) and settled after it. Settles are
+//! gathered and sent every [`SETTLE_EVERY`], a command per tenant's counter for all the
+//! calls settled meanwhile, so a call costs Redis one script. A settle nearly always lowers
+//! what a reservation counted (the estimate counts `max_tokens` whole) or frees a place in
+//! flight: sent a moment later, it makes the limits stricter meanwhile, not looser; only a
+//! call that cost more than its estimate adds the rest that moment later.
+
+use std::collections::HashMap;
+use std::sync::PoisonError;
 
 use chrono::{DateTime, Utc};
 
-use super::{QuotaLine, day_label, month_label, next_day, next_month, text, to_micro, tokens_of};
+use super::{QuotaLine, day_label, month_label, next_day, next_month, text, to_micro};
 use crate::config::TenantLimits;
 use crate::keys::TenantKeys;
 use crate::queue::Result;
 
 /// The window a tenant's `rpm` and `tpm` count over.
 pub const TENANT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// How often gathered settles are sent.
+pub const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// How far ahead a tenant's pace grants a slot: a call whose slot is nearer waits for it in
+/// the worker; one further is refused (its task held in the room) until it is nearer.
+const HORIZON: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Settles not yet sent, by tenant: what to add to each of its counters, and the calls no
+/// longer in flight.
+#[derive(Debug, Default)]
+pub(super) struct Settles {
+    by_tenant: HashMap<String, Settle>,
+    /// Whether the task that sends them runs.
+    sending: bool,
+}
+
+#[derive(Debug, Default)]
+struct Settle {
+    counters: HashMap<String, i64>,
+    done: Vec<String>,
+}
 
 /// A tenant's reservation, settled after its call ([`super::Limiter::settle_tenant`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +53,10 @@ pub struct TenantGrant {
     month: String,
     /// Whether the day's and the month's budgets counted it.
     budgets: (bool, bool),
+    /// Whether it holds a place in flight.
+    in_flight: bool,
+    /// How long to wait for the slot the tenant's pace gave it.
+    pub wait: std::time::Duration,
 }
 
 impl TenantGrant {
@@ -113,9 +146,8 @@ impl super::Limiter {
             .tenant_reserve
             .key(keys.spend_on(&day))
             .key(keys.spend_in(&month))
-            .key(keys.requests_window())
-            .key(keys.tokens_window())
-            .key(keys.tokens_sum())
+            .key(keys.requests_pace())
+            .key(keys.tokens_pace())
             .key(keys.in_flight())
             .key(keys.alerts())
             .arg(now.timestamp_millis())
@@ -133,9 +165,12 @@ impl super::Limiter {
             .arg(lease.as_millis().max(1000) as i64)
             .arg(&day)
             .arg(&month)
+            .arg(HORIZON.as_millis() as i64)
             .invoke_async(&mut c)
             .await?;
+        let number = |i: usize| reply.get(i).map(text).and_then(|t| t.parse::<i64>().ok());
         if let Some(redis::Value::Int(1)) = reply.first() {
+            let wait = u64::try_from(number(1).unwrap_or(0)).unwrap_or(0);
             return Ok(TenantDecision::Granted {
                 grant: TenantGrant {
                     tenant: tenant.to_owned(),
@@ -148,12 +183,13 @@ impl super::Limiter {
                         limits.budget_usd_day.is_some(),
                         limits.budget_usd_month.is_some(),
                     ),
+                    in_flight: limits.max_in_flight.is_some(),
+                    wait: std::time::Duration::from_millis(wait),
                 },
-                crossed: reply.iter().skip(1).map(text).collect(),
+                crossed: reply.iter().skip(2).map(text).collect(),
             });
         }
         let name = reply.get(1).map(text).unwrap_or_default();
-        let until_ms = reply.get(2).map(text).and_then(|t| t.parse::<i64>().ok());
         let value = match name.as_str() {
             "budget_usd_day" => limits.budget_usd_day.unwrap_or_default(),
             "budget_usd_month" => limits.budget_usd_month.unwrap_or_default(),
@@ -164,7 +200,7 @@ impl super::Limiter {
         Ok(TenantDecision::Refused(TenantRefusal {
             tenant: tenant.to_owned(),
             limit: name,
-            until: until_ms
+            until: number(2)
                 .and_then(DateTime::from_timestamp_millis)
                 .unwrap_or(now),
             value,
@@ -172,28 +208,93 @@ impl super::Limiter {
     }
 
     /// Settles `grant` at what its call used and cost: `(0, 0.0)` for a call never sent,
-    /// which gives its reservation back whole.
+    /// which gives its reservation back whole. Gathered, and sent within [`SETTLE_EVERY`]
+    /// by a task of this limiter's own (started by the first settle), or by
+    /// [`Limiter::send_settles`](super::Limiter::send_settles).
+    pub fn settle_tenant(&self, grant: &TenantGrant, usd: f64) {
+        let keys = TenantKeys::new(&grant.tenant);
+        let more = to_micro(usd) - grant.micro_usd;
+        let start = {
+            let mut settles = self.settles.lock().unwrap_or_else(PoisonError::into_inner);
+            let settle = settles.by_tenant.entry(grant.tenant.clone()).or_default();
+            if more != 0 {
+                if grant.budgets.0 {
+                    *settle
+                        .counters
+                        .entry(keys.spend_on(&grant.day))
+                        .or_default() += more;
+                }
+                if grant.budgets.1 {
+                    *settle
+                        .counters
+                        .entry(keys.spend_in(&grant.month))
+                        .or_default() += more;
+                }
+            }
+            if grant.in_flight {
+                settle.done.push(grant.id.clone());
+            }
+            !std::mem::replace(&mut settles.sending, true)
+        };
+        if start && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let limiter = self.clone();
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(SETTLE_EVERY).await;
+                    if let Err(e) = limiter.send_settles().await {
+                        tracing::warn!("cannot settle tenants' calls (sent again shortly): {e}");
+                    }
+                }
+            });
+        }
+    }
+
+    /// Sends the settles gathered: per tenant, one pipeline of a command per counter and
+    /// one for the calls no longer in flight. A tenant's that fail are gathered again.
     ///
     /// # Errors
     /// Redis fails.
-    pub async fn settle_tenant(&self, grant: &TenantGrant, tokens: u64, usd: f64) -> Result<()> {
-        let keys = TenantKeys::new(&grant.tenant);
-        let mut c = self.redis.conn().await?;
-        self.tenant_settle
-            .key(keys.spend_on(&grant.day))
-            .key(keys.spend_in(&grant.month))
-            .key(keys.tokens_window())
-            .key(keys.tokens_sum())
-            .key(keys.in_flight())
-            .arg(&grant.id)
-            .arg(grant.tokens)
-            .arg(tokens)
-            .arg(to_micro(usd) - grant.micro_usd)
-            .arg(u8::from(grant.budgets.0))
-            .arg(u8::from(grant.budgets.1))
-            .invoke_async::<i64>(&mut c)
-            .await?;
-        Ok(())
+    pub async fn send_settles(&self) -> Result<()> {
+        let taken = std::mem::take(
+            &mut self
+                .settles
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .by_tenant,
+        );
+        let mut failed = None;
+        for (tenant, settle) in taken {
+            let keys = TenantKeys::new(&tenant);
+            let mut pipe = redis::pipe();
+            for (key, more) in &settle.counters {
+                // A counter whose day or month is long over has expired: not made again.
+                pipe.cmd("INCRBY").arg(key).arg(*more).ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(key)
+                    .arg(2 * 86_400_000)
+                    .arg("NX")
+                    .ignore();
+            }
+            if !settle.done.is_empty() {
+                pipe.zrem(keys.in_flight(), &settle.done).ignore();
+            }
+            let sent: Result<()> = async {
+                let mut c = self.redis.conn().await?;
+                pipe.query_async::<()>(&mut c).await?;
+                Ok(())
+            }
+            .await;
+            if let Err(e) = sent {
+                let mut settles = self.settles.lock().unwrap_or_else(PoisonError::into_inner);
+                let again = settles.by_tenant.entry(tenant).or_default();
+                for (key, more) in settle.counters {
+                    *again.counters.entry(key).or_default() += more;
+                }
+                again.done.extend(settle.done);
+                failed = Some(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
     }
 
     /// Usage against every limit of `tenant` (a line's `provider` is `tenant <name>`).
@@ -208,16 +309,21 @@ impl super::Limiter {
     ) -> Result<Vec<QuotaLine>> {
         let keys = TenantKeys::new(tenant);
         let mut c = self.redis.conn().await?;
-        let since = now.timestamp_millis() - TENANT_WINDOW.as_millis() as i64;
-        type Usage = (Option<i64>, Option<i64>, u64, Vec<String>, u64);
-        let (day, month, requests, members, in_flight): Usage = redis::pipe()
+        type Usage = (Option<i64>, Option<i64>, Option<f64>, Option<f64>, u64);
+        let (day, month, rpm_pace, tpm_pace, in_flight): Usage = redis::pipe()
             .get(keys.spend_on(&day_label(now.date_naive())))
             .get(keys.spend_in(&month_label(now.date_naive())))
-            .zcount(keys.requests_window(), since, "+inf")
-            .zrangebyscore(keys.tokens_window(), since, "+inf")
+            .get(keys.requests_pace())
+            .get(keys.tokens_pace())
             .zcount(keys.in_flight(), now.timestamp_millis(), "+inf")
             .query_async(&mut c)
             .await?;
+        // A pace ahead of now by a whole minute is the limit, spent: the share of the minute
+        // it is ahead.
+        let ahead = |pace: Option<f64>| {
+            let ms = pace.unwrap_or(0.0) - now.timestamp_millis() as f64;
+            (ms / TENANT_WINDOW.as_millis() as f64).clamp(0.0, 1.0)
+        };
         let window_end = now + chrono::Duration::from_std(TENANT_WINDOW).unwrap_or_default();
         let who = format!("tenant {tenant}");
         let line = |quota: &str, used: f64, limit: f64, reset| QuotaLine {
@@ -238,10 +344,11 @@ impl super::Limiter {
             out.push(line("budget_usd_month", used, l, next_month(now)));
         }
         if let Some(l) = limits.rpm {
-            out.push(line("rpm", requests as f64, l as f64, window_end));
+            let used = (ahead(rpm_pace) * l as f64).round();
+            out.push(line("rpm", used, l as f64, window_end));
         }
         if let Some(l) = limits.tpm {
-            let used = tokens_of(&members) as f64;
+            let used = (ahead(tpm_pace) * l as f64).round();
             out.push(line("tpm", used, l as f64, window_end));
         }
         if let Some(l) = limits.max_in_flight {

@@ -147,6 +147,7 @@ enum Bench {
     Gateway,
     GatewayBatch,
     Cancel,
+    TenantLimits,
 }
 
 fn main() -> Result<()> {
@@ -198,6 +199,7 @@ async fn run() -> Result<()> {
             Bench::WebPages,
             Bench::Gateway,
             Bench::Cancel,
+            Bench::TenantLimits,
         ],
     };
     let mut failed = 0;
@@ -229,6 +231,7 @@ async fn run() -> Result<()> {
             Bench::Gateway => gateway(&args, &mut redis).await,
             Bench::GatewayBatch => gateway_batch(&args, &mut redis).await,
             Bench::Cancel => cancel(&args, &mut redis).await,
+            Bench::TenantLimits => tenant_limits(&args, &mut redis).await,
         };
         match result {
             Ok(line) => println!("{line}"),
@@ -274,6 +277,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::Gateway => "gateway",
         Bench::GatewayBatch => "gateway_batch",
         Bench::Cancel => "cancel",
+        Bench::TenantLimits => "tenant_limits",
     }
 }
 
@@ -684,12 +688,24 @@ async fn run_noop(
     workers: usize,
     concurrency: usize,
 ) -> Result<(Snapshot, Snapshot)> {
+    let config = noop_config()?;
+    run_noop_with(args, redis, keys, provider, (workers, concurrency), &config).await
+}
+
+/// [`run_noop`] with provider file `config` (its provider named `noop`).
+async fn run_noop_with(
+    args: &Args,
+    redis: &mut Redis,
+    keys: &QueueKeys,
+    provider: NoopProvider,
+    (workers, concurrency): (usize, usize),
+    config: &Config,
+) -> Result<(Snapshot, Snapshot)> {
     let client = Client::new(&args.redis_url)?;
     let provider: Arc<dyn Provider> = Arc::new(provider);
-    let config = noop_config()?;
     let before = Snapshot::take(redis).await?;
     let running = Workers::start(workers, |i| {
-        let mut s = settings(&args.redis_url, &config, keys.name(), concurrency, i)?;
+        let mut s = settings(&args.redis_url, config, keys.name(), concurrency, i)?;
         s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
         Ok(s)
     })?;
@@ -698,6 +714,153 @@ async fn run_noop(
     running.stop().await?;
     drained?;
     Ok((before, after?))
+}
+
+/// (y) Tenant limits (issue 72). Redis CPU per task of a 20,000-task backlog of ten tenants
+/// drained by one worker whose provider answers at once, without limits and with each
+/// tenant's budget (day and month) and `rpm` configured high enough that none refuses: the
+/// reservation and settle every call adds. Three runs of each, alternating, medians. Then
+/// four workers of 64 slots race one tenant's budget of 500 estimates, the provider
+/// answering in 2 ms: what the tenant spent beyond its budget, in estimates (goal: at most
+/// one), and how many of its 2,000 tasks ran before it was held.
+async fn tenant_limits(args: &Args, redis: &mut Redis) -> Result<String> {
+    let tasks = args.tasks.unwrap_or(20_000);
+    let mut limited = noop_config()?;
+    limited.tenants.default_limits = Some(llmq_shared::config::TenantLimits {
+        budget_usd_day: Some(1e6),
+        budget_usd_month: Some(1e7),
+        rpm: Some(100_000_000),
+        ..llmq_shared::config::TenantLimits::default()
+    });
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for round in 0..6 {
+        let config = if round % 2 == 0 {
+            noop_config()?
+        } else {
+            limited.clone()
+        };
+        let queue = fresh_queue();
+        let d = async {
+            let keys = QueueKeys::new(&queue);
+            let client = Client::new(&args.redis_url)?;
+            let ids = backlog_shaped(&client, &keys, tasks, Shape::Tenants).await?;
+            let provider = NoopProvider::default();
+            let (before, after) =
+                run_noop_with(args, redis, &keys, provider, (1, 256), &config).await?;
+            verify_results(&client, &keys, &ids).await?;
+            Ok::<_, anyhow::Error>(after.since(&before, tasks))
+        }
+        .await;
+        cleanup(redis, &queue).await?;
+        let d = d?;
+        if round % 2 == 0 { &mut off } else { &mut on }.push(d.redis_cpu_us_per_task);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (off, on) = (median(&mut off), median(&mut on));
+    let (spent, estimate, ran, budget) = tenant_race(args, redis).await?;
+    Ok(format!(
+        "bench=tenant_limits tasks={tasks} redis_cpu_us_per_task_off={off:.1} \
+         redis_cpu_us_per_task_on={on:.1} ratio={:.2} race_workers=4x64 race_budget_usd={budget:.6} \
+         race_spent_usd={spent:.6} race_estimate_usd={estimate:.8} \
+         race_overspend_estimates={:.2} race_ran={ran}",
+        on / off,
+        (spent - budget).max(0.0) / estimate
+    ))
+}
+
+/// The race of [`tenant_limits`]: what the tenant spent, one call's estimate, how many
+/// of its tasks ran, and its budget.
+async fn tenant_race(args: &Args, redis: &mut Redis) -> Result<(f64, f64, usize, f64)> {
+    let queue = fresh_queue();
+    let tenant = format!("race-{queue}");
+    let result = async {
+        let keys = QueueKeys::new(&queue);
+        let client = Client::new(&args.redis_url)?;
+        let mut config = noop_config()?;
+        // One call's estimate, as the worker makes it: the prompt's tokens and 16 out.
+        let mut probe = Envelope::new("benchmark task 0");
+        probe.max_tokens = Some(16);
+        probe.model = Some("noop".into());
+        let plan = llmq_shared::routing::plan(
+            &config,
+            &probe,
+            &llmq_shared::routing::Constraints::default(),
+            &llmq_shared::routing::Stats::default(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let estimate = plan.candidates[0].estimated_usd;
+        let budget = estimate * 500.0;
+        config.tenants.limits.insert(
+            tenant.clone(),
+            llmq_shared::config::TenantLimits {
+                budget_usd_day: Some(budget),
+                ..llmq_shared::config::TenantLimits::default()
+            },
+        );
+        client.ensure_group(&keys).await?;
+        let envs: Vec<Envelope> = (0..2000)
+            .map(|i| {
+                let mut e = Envelope::new(format!("benchmark task {i}"));
+                e.max_tokens = Some(16);
+                e.model = Some("noop".into());
+                e.tenant = Some(tenant.as_str().into());
+                e
+            })
+            .collect();
+        for chunk in envs.chunks(ENQUEUE_CHUNK) {
+            client.enqueue_many(&keys, chunk).await?;
+        }
+        // Each answer uses what its estimate counted out (max_tokens whole): a call costs
+        // about its estimate, so the budget runs out.
+        let provider: Arc<dyn Provider> = Arc::new(NoopProvider {
+            latency: Duration::from_millis(2),
+            output_tokens: 16,
+            ..NoopProvider::default()
+        });
+        let running = Workers::start(4, |i| {
+            let mut s = settings(&args.redis_url, &config, keys.name(), 64, i)?;
+            s.provider_overrides = vec![("noop".into(), Arc::clone(&provider))];
+            Ok(s)
+        })?;
+        // Until the ran count stops moving for a second: the rest are held.
+        let ids: Vec<TaskId> = envs.iter().filter_map(|e| e.id).collect();
+        let (mut ran, mut still) = (0, 0);
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while still < 10 {
+            running.check()?;
+            ensure!(Instant::now() < deadline, "the race did not settle");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut now = 0;
+            for chunk in ids.chunks(1000) {
+                now += client
+                    .results(&keys, chunk)
+                    .await?
+                    .iter()
+                    .filter(|r| {
+                        r.as_ref()
+                            .is_some_and(|r| r.status == llmq_shared::outcome::Status::Succeeded)
+                    })
+                    .count();
+            }
+            still = if now == ran { still + 1 } else { 0 };
+            ran = now;
+        }
+        running.stop().await?;
+        let limiter = llmq_shared::quota::Limiter::new(client.clone());
+        let limits = config.tenants.limits[&tenant];
+        let usage = limiter.tenant_usage(&tenant, &limits, Utc::now()).await?;
+        let spent = usage
+            .iter()
+            .find(|l| l.quota == "budget_usd_day")
+            .map_or(0.0, |l| l.used);
+        Ok((spent, estimate, ran, budget))
+    }
+    .await;
+    cleanup(redis, &queue).await?;
+    result
 }
 
 /// The most a reading reached, read every 100 ms until stopped.
@@ -2233,6 +2396,8 @@ struct NoopProvider {
     pickups: Option<Arc<Mutex<Vec<u64>>>>,
     starts: Option<Arc<Starts>>,
     latency: Duration,
+    /// The tokens out each answer uses (1 when 0).
+    output_tokens: u64,
 }
 
 /// When the calls began: the first, and the one that filled every slot (`fill`, the
@@ -2291,7 +2456,7 @@ impl Provider for NoopProvider {
             text: "ok".into(),
             usage: Usage {
                 input_tokens: 8,
-                output_tokens: 1,
+                output_tokens: self.output_tokens.max(1),
                 ..Usage::default()
             },
             ..Completion::default()
@@ -3699,6 +3864,8 @@ enum Shape {
     Batch,
     /// The prompt padded with words to at least `.0` bytes.
     Prompt(usize),
+    /// Ten tenants in turn, no priority: every task goes through the room.
+    Tenants,
 }
 
 impl Shape {
@@ -3714,6 +3881,7 @@ impl Shape {
                 e.tenant = Some(format!("tenant-{}", i % 100).into());
             }
             Shape::Idempotent => e.idempotency_key = Some(format!("order-{i}").into()),
+            Shape::Tenants => e.tenant = Some(format!("tenant-{}", i % 10).into()),
             Shape::Batch => {
                 e.idempotency_key = Some(format!("bench:line-{i}").into());
                 e.batch_id = Some("bench".into());

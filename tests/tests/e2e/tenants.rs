@@ -73,7 +73,7 @@ async fn racing_workers_never_take_a_tenant_past_its_budget() {
                             } else {
                                 est * (50 + rng.below(71)) as f64 / 100.0
                             };
-                            limiter.settle_tenant(&grant, 90, cost).await.unwrap();
+                            limiter.settle_tenant(&grant, cost);
                             spent += cost;
                         }
                         TenantDecision::Refused(r) => {
@@ -89,6 +89,7 @@ async fn racing_workers_never_take_a_tenant_past_its_budget() {
             });
         }
         let results = set.join_all().await;
+        limiter.send_settles().await.unwrap();
         let spent: f64 = results.iter().map(|r| r.0).sum();
         let biggest = results.iter().map(|r| r.1).fold(0.0, f64::max);
         assert!(
@@ -331,4 +332,44 @@ async fn a_tenant_that_downgrades_at_its_budget_steps_down_to_a_cheaper_model() 
         "{r:?}"
     );
     worker.stop().await.unwrap();
+}
+
+/// A tenant's `rpm` paces its calls over the whole fleet: two workers, six tasks, 120 a
+/// minute: no two calls of the tenant less than half a second apart (by the ledger's clock,
+/// less a few milliseconds for the call to start), and every task answered.
+#[tokio::test]
+async fn a_tenant_s_rpm_spaces_its_calls_over_every_worker() {
+    let env = TestEnv::new().await.unwrap();
+    let who = tenant();
+    let limits = TenantLimits {
+        rpm: Some(120),
+        ..TenantLimits::default()
+    };
+    let workers = [
+        llmq_tests::harness::WorkerHandle::start(with_limits(&env, &who, limits)),
+        llmq_tests::harness::WorkerHandle::start(with_limits(&env, &who, limits)),
+    ];
+    let tasks: Vec<Envelope> = (0..6).map(|n| task(&who, "mock-fast", n)).collect();
+    for t in &tasks {
+        env.redis.enqueue(&env.keys, t).await.unwrap();
+    }
+    for t in &tasks {
+        let r = env.wait_final(t.id.unwrap(), WAIT).await.unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    }
+    let at: Vec<chrono::DateTime<Utc>> = sqlx::query_scalar(
+        "SELECT called_at FROM provider_calls WHERE tenant = $1 ORDER BY called_at",
+    )
+    .bind(&who)
+    .fetch_all(env.ledger.pool())
+    .await
+    .unwrap();
+    assert_eq!(at.len(), 6);
+    for pair in at.windows(2) {
+        let gap = (pair[1] - pair[0]).num_milliseconds();
+        assert!(gap >= 450, "two calls {gap} ms apart: {at:?}");
+    }
+    for w in workers {
+        w.stop().await.unwrap();
+    }
 }

@@ -417,6 +417,16 @@ impl Attempt<'_> {
                     }
                 }
             };
+            // The slot the tenant's pace gave it is near: wait for it here.
+            if let Some(wait) = grant.as_ref().map(|g| g.wait).filter(|w| !w.is_zero()) {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = self.stop.cancelled() => {
+                        self.settle_tenant(grant.as_deref(), Some(0.0));
+                        return Stop::Released;
+                    }
+                }
+            }
             // Boxed, and only for quotas: a short wait, kept out of the call's state.
             let reservation = match if cand.provider.quotas.is_empty() {
                 Ok(None)
@@ -428,7 +438,7 @@ impl Attempt<'_> {
                     if let Stop::Later { why, .. } = &stop {
                         errors.push(why.clone());
                     }
-                    self.settle_tenant(grant.as_deref(), Some((0, 0.0))).await;
+                    self.settle_tenant(grant.as_deref(), Some(0.0));
                     return stop;
                 }
             };
@@ -436,7 +446,7 @@ impl Attempt<'_> {
             // away past the visibility timeout) may be another worker's, and its call would
             // be a second, paid one.
             if self.stop.is_cancelled() {
-                self.settle_tenant(grant.as_deref(), Some((0, 0.0))).await;
+                self.settle_tenant(grant.as_deref(), Some(0.0));
                 return Stop::Released;
             }
             if !exec.claims.may_call(self.entry_id).await {
@@ -444,7 +454,7 @@ impl Attempt<'_> {
                     entry = %self.entry_id,
                     "the claim on this task lapsed before its call; handing it back uncalled"
                 );
-                self.settle_tenant(grant.as_deref(), Some((0, 0.0))).await;
+                self.settle_tenant(grant.as_deref(), Some(0.0));
                 return Stop::Released;
             }
             if let Some(turn) = self.turn {
@@ -459,19 +469,17 @@ impl Attempt<'_> {
                 () = stop.cancelled() => None,
             };
             if grant.is_some() {
-                // What the call used and cost, from its row: none for one never sent; for
-                // one dropped in flight its estimate stays spent (the provider may bill it).
-                let used = self.calls.get(row).map_or(Some((0, 0.0)), |row| {
-                    match (&called, row.outcome) {
-                        (_, CallOutcome::Unsent) => Some((0, 0.0)),
-                        (None, _) => None,
-                        (Some(_), _) => Some((
-                            u64::try_from(row.input_tokens + row.output_tokens).unwrap_or(0),
-                            row.cost_usd,
-                        )),
-                    }
-                });
-                self.settle_tenant(grant.as_deref(), used).await;
+                // What the call cost, from its row: nothing for one never sent; for one
+                // dropped in flight its estimate stays spent (the provider may bill it).
+                let used =
+                    self.calls
+                        .get(row)
+                        .map_or(Some(0.0), |row| match (&called, row.outcome) {
+                            (_, CallOutcome::Unsent) => Some(0.0),
+                            (None, _) => None,
+                            (Some(_), _) => Some(row.cost_usd),
+                        });
+                self.settle_tenant(grant.as_deref(), used);
             }
             let Some(called) = called else {
                 return Stop::Released;
@@ -737,18 +745,12 @@ impl Attempt<'_> {
         }
     }
 
-    /// Settles the tenant's reservation, if any, at what its call used and cost (`None`:
-    /// its estimate, for a call that may have been billed).
-    async fn settle_tenant(&self, grant: Option<&TenantGrant>, used: Option<(u64, f64)>) {
-        let Some(grant) = grant else {
-            return;
-        };
-        let (tokens, usd) = used.unwrap_or_else(|| grant.estimate());
-        if let Err(e) = Box::pin(self.exec.limiter.settle_tenant(grant, tokens, usd)).await {
-            tracing::warn!(
-                tenant = grant.tenant,
-                "settling the tenant's limits failed: {e}"
-            );
+    /// Settles the tenant's reservation, if any, at what its call cost (`None`: its
+    /// estimate, for a call that may have been billed).
+    fn settle_tenant(&self, grant: Option<&TenantGrant>, cost: Option<f64>) {
+        if let Some(grant) = grant {
+            let usd = cost.unwrap_or_else(|| grant.estimate().1);
+            self.exec.limiter.settle_tenant(grant, usd);
         }
     }
 
