@@ -147,6 +147,8 @@ pub struct Limiter {
     tenant_reserve: std::sync::Arc<Script>,
     /// Tenants' settles not yet sent (`tenant.rs`).
     settles: std::sync::Arc<std::sync::Mutex<tenant::Settles>>,
+    /// Tenants' calls waiting for their reservation (`tenant.rs`).
+    asks: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, tenant::Asks>>>,
 }
 
 impl Limiter {
@@ -167,6 +169,7 @@ impl Limiter {
                 "quota/tenant_reserve.lua"
             ))),
             settles: std::sync::Arc::default(),
+            asks: std::sync::Arc::default(),
         }
     }
 

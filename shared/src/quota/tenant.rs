@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 use super::{QuotaLine, day_label, month_label, next_day, next_month, text, to_micro};
 use crate::config::TenantLimits;
 use crate::keys::TenantKeys;
-use crate::queue::Result;
+use crate::queue::{Error, Result};
 
 /// The window a tenant's `rpm` and `tpm` count over.
 pub const TENANT_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
@@ -26,6 +26,35 @@ pub const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_millis(5
 /// How far ahead a tenant's pace grants a slot: a call whose slot is nearer waits for it in
 /// the worker; one further is refused (its task held in the room) until it is nearer.
 const HORIZON: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The most calls one script reserves.
+const MAX_ASKS: usize = 64;
+
+/// One call waiting for its reservation.
+#[derive(Debug)]
+struct Ask {
+    limits: TenantLimits,
+    tokens: u64,
+    micro: i64,
+    lease: std::time::Duration,
+    now: DateTime<Utc>,
+    tx: tokio::sync::oneshot::Sender<Result<TenantDecision>>,
+}
+
+/// A tenant's calls waiting for their reservation, and whether an ask is in flight.
+#[derive(Debug, Default)]
+pub(super) struct Asks {
+    waiting: Vec<Ask>,
+    asking: bool,
+}
+
+/// The same error for each of a batch's calls.
+fn copy(e: &Error) -> Error {
+    match e {
+        Error::Connect(why) => Error::Connect(why.clone()),
+        other => Error::Protocol(other.to_string()),
+    }
+}
 
 /// Settles not yet sent, by tenant: what to add to each of its counters, and the calls no
 /// longer in flight.
@@ -124,7 +153,9 @@ fn limit(v: Option<u64>) -> i64 {
 
 impl super::Limiter {
     /// Reserves one call of `tenant` of about `tokens` tokens costing about `usd` against
-    /// `limits`; a call in flight counts for `lease` at most, should its worker die.
+    /// `limits`; a call in flight counts for `lease` at most, should its worker die. The
+    /// calls of a tenant asked for while one ask is in flight go together in the next (one
+    /// script for them all, `tenant_reserve.lua`), each granted or refused as if alone.
     ///
     /// # Errors
     /// Redis fails.
@@ -137,23 +168,79 @@ impl super::Limiter {
         lease: std::time::Duration,
         now: DateTime<Utc>,
     ) -> Result<TenantDecision> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let ask = Ask {
+            limits: *limits,
+            tokens,
+            micro: to_micro(usd),
+            lease,
+            now,
+            tx,
+        };
+        let start = {
+            let mut asks = self.asks.lock().unwrap_or_else(PoisonError::into_inner);
+            let queue = asks.entry(tenant.to_owned()).or_default();
+            queue.waiting.push(ask);
+            !std::mem::replace(&mut queue.asking, true)
+        };
+        if start {
+            let limiter = self.clone();
+            let tenant = tenant.to_owned();
+            tokio::spawn(async move { limiter.ask_tenant(&tenant).await });
+        }
+        rx.await
+            .map_err(|_| Error::Protocol("a tenant's reservation was dropped".into()))?
+    }
+
+    /// Sends `tenant`'s asks, as many at once as wait, until none waits.
+    async fn ask_tenant(&self, tenant: &str) {
+        loop {
+            let asks = {
+                let mut all = self.asks.lock().unwrap_or_else(PoisonError::into_inner);
+                let Some(queue) = all.get_mut(tenant) else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    all.remove(tenant);
+                    return;
+                }
+                let n = queue.waiting.len().min(MAX_ASKS);
+                queue.waiting.drain(..n).collect::<Vec<Ask>>()
+            };
+            match self.reserve_many(tenant, &asks).await {
+                Ok(decisions) => {
+                    for (ask, d) in asks.into_iter().zip(decisions) {
+                        let _ = ask.tx.send(Ok(d));
+                    }
+                }
+                Err(e) => {
+                    for ask in asks {
+                        let _ = ask.tx.send(Err(copy(&e)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// One `tenant_reserve.lua` for `asks`, all of one tenant.
+    async fn reserve_many(&self, tenant: &str, asks: &[Ask]) -> Result<Vec<TenantDecision>> {
+        let Some(first) = asks.first() else {
+            return Ok(Vec::new());
+        };
+        let (limits, now) = (&first.limits, first.now);
         let keys = TenantKeys::new(tenant);
         let (day, month) = (day_label(now.date_naive()), month_label(now.date_naive()));
-        let micro = to_micro(usd);
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let mut c = self.redis.conn().await?;
-        let reply: Vec<redis::Value> = self
-            .tenant_reserve
-            .key(keys.spend_on(&day))
-            .key(keys.spend_in(&month))
+        let ids: Vec<String> = asks
+            .iter()
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        let mut inv = self.tenant_reserve.key(keys.spend_on(&day));
+        inv.key(keys.spend_in(&month))
             .key(keys.requests_pace())
             .key(keys.tokens_pace())
             .key(keys.in_flight())
             .key(keys.alerts())
             .arg(now.timestamp_millis())
-            .arg(&id)
-            .arg(tokens)
-            .arg(micro)
             .arg(limits.budget_usd_day.map_or(-1, to_micro))
             .arg(limits.budget_usd_month.map_or(-1, to_micro))
             .arg(limit(limits.rpm))
@@ -162,49 +249,65 @@ impl super::Limiter {
             .arg(TENANT_WINDOW.as_millis() as i64)
             .arg(next_day(now).timestamp_millis())
             .arg(next_month(now).timestamp_millis())
-            .arg(lease.as_millis().max(1000) as i64)
+            .arg(first.lease.as_millis().max(1000) as i64)
             .arg(&day)
             .arg(&month)
-            .arg(HORIZON.as_millis() as i64)
-            .invoke_async(&mut c)
-            .await?;
-        let number = |i: usize| reply.get(i).map(text).and_then(|t| t.parse::<i64>().ok());
-        if let Some(redis::Value::Int(1)) = reply.first() {
-            let wait = u64::try_from(number(1).unwrap_or(0)).unwrap_or(0);
-            return Ok(TenantDecision::Granted {
-                grant: TenantGrant {
-                    tenant: tenant.to_owned(),
-                    id,
-                    tokens,
-                    micro_usd: micro,
-                    day,
-                    month,
-                    budgets: (
-                        limits.budget_usd_day.is_some(),
-                        limits.budget_usd_month.is_some(),
-                    ),
-                    in_flight: limits.max_in_flight.is_some(),
-                    wait: std::time::Duration::from_millis(wait),
-                },
-                crossed: reply.iter().skip(2).map(text).collect(),
-            });
+            .arg(HORIZON.as_millis() as i64);
+        for (ask, id) in asks.iter().zip(&ids) {
+            inv.arg(id).arg(ask.tokens).arg(ask.micro);
         }
-        let name = reply.get(1).map(text).unwrap_or_default();
-        let value = match name.as_str() {
+        let mut c = self.redis.conn().await?;
+        let reply: Vec<redis::Value> = inv.invoke_async(&mut c).await?;
+        if reply.len() < 3 * asks.len() {
+            return Err(Error::Protocol(format!(
+                "a tenant's reservation returned {reply:?}"
+            )));
+        }
+        let crossed: Vec<String> = reply[3 * asks.len()..].iter().map(text).collect();
+        let number = |v: &redis::Value| text(v).parse::<i64>().ok();
+        let value = |name: &str| match name {
             "budget_usd_day" => limits.budget_usd_day.unwrap_or_default(),
             "budget_usd_month" => limits.budget_usd_month.unwrap_or_default(),
             "rpm" => limits.rpm.unwrap_or_default() as f64,
             "tpm" => limits.tpm.unwrap_or_default() as f64,
             _ => limits.max_in_flight.unwrap_or_default() as f64,
         };
-        Ok(TenantDecision::Refused(TenantRefusal {
-            tenant: tenant.to_owned(),
-            limit: name,
-            until: number(2)
-                .and_then(DateTime::from_timestamp_millis)
-                .unwrap_or(now),
-            value,
-        }))
+        let mut out = Vec::with_capacity(asks.len());
+        for (i, (ask, id)) in asks.iter().zip(ids).enumerate() {
+            let r = &reply[3 * i..3 * i + 3];
+            out.push(if let redis::Value::Int(1) = r[0] {
+                let wait = u64::try_from(number(&r[1]).unwrap_or(0)).unwrap_or(0);
+                TenantDecision::Granted {
+                    grant: TenantGrant {
+                        tenant: tenant.to_owned(),
+                        id,
+                        tokens: ask.tokens,
+                        micro_usd: ask.micro,
+                        day: day.clone(),
+                        month: month.clone(),
+                        budgets: (
+                            limits.budget_usd_day.is_some(),
+                            limits.budget_usd_month.is_some(),
+                        ),
+                        in_flight: limits.max_in_flight.is_some(),
+                        wait: std::time::Duration::from_millis(wait),
+                    },
+                    // Told once, with the first call granted.
+                    crossed: if i == 0 { crossed.clone() } else { Vec::new() },
+                }
+            } else {
+                let name = text(&r[1]);
+                TenantDecision::Refused(TenantRefusal {
+                    tenant: tenant.to_owned(),
+                    value: value(&name),
+                    limit: name,
+                    until: number(&r[2])
+                        .and_then(DateTime::from_timestamp_millis)
+                        .unwrap_or(now),
+                })
+            });
+        }
+        Ok(out)
     }
 
     /// Settles `grant` at what its call used and cost: `(0, 0.0)` for a call never sent,

@@ -24,8 +24,9 @@ fn tenant() -> String {
     )
 }
 
-/// Workers racing for one tenant's budget, for every seeded mix of estimates, costs, waits
-/// and worker counts: what the tenant spends (each call settled at its cost, which may pass
+/// Workers racing for one tenant's budget, each with three tasks asking at once (asked
+/// together, in one script), for every seeded mix of estimates, costs, waits and worker
+/// counts: what the tenant spends (each call settled at its cost, which may pass
 /// its estimate by a fifth) never passes its budget by more than one call's estimate, a
 /// call never sent gives its reservation back whole, and the spend counted is the sum of
 /// the calls' costs exactly.
@@ -44,8 +45,13 @@ async fn racing_workers_never_take_a_tenant_past_its_budget() {
         };
         let workers = 2 + rng.below(5);
         let mut set = tokio::task::JoinSet::new();
-        for w in 0..workers {
-            let (limiter, name) = (limiter.clone(), name.clone());
+        // A limiter per worker, as each worker has its own.
+        let limiters: Vec<Limiter> = (0..workers)
+            .map(|_| Limiter::new(Client::new(&redis_url()).unwrap()))
+            .collect();
+        for w in 0..workers * 3 {
+            let limiter = limiters[w / 3].clone();
+            let name = name.clone();
             let mut rng = SeededRng(seed * 31 + w as u64);
             set.spawn(async move {
                 let (mut spent, mut biggest) = (0.0_f64, 0.0_f64);
@@ -89,7 +95,9 @@ async fn racing_workers_never_take_a_tenant_past_its_budget() {
             });
         }
         let results = set.join_all().await;
-        limiter.send_settles().await.unwrap();
+        for l in &limiters {
+            l.send_settles().await.unwrap();
+        }
         let spent: f64 = results.iter().map(|r| r.0).sum();
         let biggest = results.iter().map(|r| r.1).fold(0.0, f64::max);
         assert!(
