@@ -22,7 +22,7 @@ use llmq_shared::ledger::{CallOutcome, CallRow, Ledger};
 use llmq_shared::provider::Usage;
 use llmq_shared::provider::batch::{BatchClient, Item, Poll};
 use llmq_shared::queue::{
-    BatchAnswer, BatchRecord, BatchTask, FALLBACK_MARGIN, Settle, Taken, now_ms,
+    BatchAnswer, BatchRecord, BatchTask, FALLBACK_MARGIN, Named, Settle, Taken, now_ms, why,
 };
 use uuid::Uuid;
 
@@ -139,11 +139,21 @@ impl Scheduler {
         let margin = ms(FALLBACK_MARGIN);
         let now = now_ms();
         let client = self.batch_clients.get(&record.provider);
+        let cancelled = {
+            let mut with = record.clone();
+            with.task_ids = taken.iter().map(|t| t.task_id).collect();
+            self.cancelled(keys, &with).await?
+        };
         let mut fallback = Vec::new();
         let mut items = Vec::new();
         let mut earliest = i64::MAX;
         for t in taken {
             let body: Option<serde_json::Value> = serde_json::from_str(&t.body).ok();
+            if let Some(why) = cancelled.get(&t.task_id) {
+                // Taken out of the batch: back to its stream, where a worker ends it so.
+                fallback.push((t.task_id, Settle::Cancelled(why.clone())));
+                continue;
+            }
             let why = if client.is_none() {
                 Some(format!(
                     "provider `{}` no longer has a batch section",
@@ -250,6 +260,29 @@ impl Scheduler {
                 .give_up(keys, record, "its provider no longer has a batch section")
                 .await;
         };
+        // Every task it still holds cancelled: the provider's batch is cancelled, and the
+        // tasks go back to their stream, where a worker ends them so. (What the provider
+        // answered before it stopped is still billed, as for any batch given up.)
+        if !abandoned {
+            let cancelled = self.cancelled(keys, record).await?;
+            if !cancelled.is_empty() {
+                let open = self.sent_tasks(keys, record, false).await?;
+                let all: Option<Vec<(TaskId, Settle)>> = open
+                    .iter()
+                    .map(|t| {
+                        let why = cancelled.get(&t.task_id)?;
+                        Some((t.task_id, Settle::Cancelled(why.clone())))
+                    })
+                    .collect();
+                if let Some(all) = all.filter(|a| !a.is_empty()) {
+                    if let Err(e) = client.cancel(&record.model, remote).await {
+                        tracing::warn!(batch = record.id, "cannot cancel the batch: {e}");
+                    }
+                    tracing::info!(batch = record.id, "every task of a batch was cancelled");
+                    return self.settle(keys, &record.id, &all, "abandon").await;
+                }
+            }
+        }
         if !abandoned && record.fallback_ms.is_some_and(|f| now >= f) {
             if let Err(e) = client.cancel(&record.model, remote).await {
                 tracing::warn!(batch = record.id, "cannot cancel the batch: {e}");
@@ -387,6 +420,35 @@ impl Scheduler {
         self.settle(keys, &record.id, &tasks, "abandon").await
     }
 
+    /// The tasks of `record` a cancel mark names, with why: read only when the queue has
+    /// marks (most runs, none). A parked task counts as enqueued by when the batch was taken.
+    async fn cancelled(
+        &self,
+        keys: &QueueKeys,
+        record: &BatchRecord,
+    ) -> Result<HashMap<TaskId, String>> {
+        let marks: HashMap<String, i64> = self
+            .redis
+            .cancel_marks(keys, 0)
+            .await?
+            .into_iter()
+            .collect();
+        if marks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut out = HashMap::new();
+        for t in self.redis.batch_tasks(keys, record, false).await? {
+            let Ok(env) = Envelope::parse(t.envelope.as_bytes(), usize::MAX) else {
+                continue;
+            };
+            let named = Named::of(t.taken.task_id, &env, record.created_ms, false);
+            if let Some(why) = why(&marks, named) {
+                out.insert(t.taken.task_id, why);
+            }
+        }
+        Ok(out)
+    }
+
     /// Bills what an ended batch answered, then settles its tasks.
     async fn settle_ended(
         &self,
@@ -425,6 +487,7 @@ impl Scheduler {
             latency_ms: i32::try_from(now_ms() - record.created_ms).unwrap_or(i32::MAX),
             prices,
         };
+        let cancelled = self.cancelled(keys, record).await?;
         let mut rows = Vec::new();
         let mut settles = Vec::new();
         let mut answered = HashSet::new();
@@ -445,6 +508,11 @@ impl Scheduler {
             let error = result.as_ref().err();
             rows.push(rows_of.row(task_id.uuid(), env.as_ref(), usage, cost, error));
             if t.state != "sent" {
+                continue;
+            }
+            if let Some(why) = cancelled.get(&task_id) {
+                // Billed above; its answer is not used: a worker ends it cancelled.
+                settles.push((task_id, Settle::Cancelled(why.clone())));
                 continue;
             }
             settles.push((

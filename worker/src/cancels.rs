@@ -11,77 +11,18 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use llmq_shared::envelope::Envelope;
 use llmq_shared::ids::TaskId;
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{CANCEL_NOTICE, Client, MARK_LIFE, Target};
+use llmq_shared::queue::{CANCEL_NOTICE, Client, MARK_LIFE};
 use tokio_util::sync::CancellationToken;
 
 /// How far back of the latest mark read a new read starts: a mark set by a client whose clock
 /// is behind is still found.
 const LOOKBACK_MS: i64 = 10 * 60 * 1000;
 
-/// What a mark may name of a task.
-#[derive(Debug, Clone, Copy)]
-pub struct Named<'a> {
-    pub task_id: TaskId,
-    pub batch: Option<&'a str>,
-    pub tenant: Option<&'a str>,
-    /// When it was enqueued (ms): a tenant's mark ends what was enqueued until it.
-    pub enqueued_ms: i64,
-    /// Whether it has started (a call was made, or it is running here): a `queued:` mark
-    /// no longer names it.
-    pub started: bool,
-}
-
-impl<'a> Named<'a> {
-    /// What of `env` (read from entry `entry_ms`) a mark may name.
-    #[must_use]
-    pub fn of(task_id: TaskId, env: &'a Envelope, entry_ms: i64, started: bool) -> Self {
-        Self {
-            task_id,
-            batch: env.batch_id.as_deref(),
-            tenant: env.tenant.as_deref(),
-            enqueued_ms: env.enqueued_at.map_or(entry_ms, |t| t.timestamp_millis()),
-            started,
-        }
-    }
-}
-
-/// Why `task` is cancelled by one of `marks` (mark -> when set, ms), as its record says it;
-/// `None` when none names it.
-#[must_use]
-pub fn why(marks: &HashMap<String, i64>, task: Named<'_>) -> Option<String> {
-    let at = |ms: i64| {
-        DateTime::<Utc>::from_timestamp_millis(ms).map_or_else(String::new, |t| {
-            t.format(" at %Y-%m-%dT%H:%M:%SZ").to_string()
-        })
-    };
-    let id = task.task_id;
-    let mark = |t: Target| marks.get(&t.mark()).copied();
-    if let Some(ms) = mark(Target::Task(id)) {
-        return Some(format!("cancelled (llmq cancel{})", at(ms)));
-    }
-    if !task.started && mark(Target::Queued(id)).is_some() {
-        return Some("cancelled before it started: its caller left".to_owned());
-    }
-    if let Some(batch) = task.batch
-        && let Some(ms) = mark(Target::Batch(batch.to_owned()))
-    {
-        return Some(format!("cancelled with its batch {batch}{}", at(ms)));
-    }
-    if let Some(tenant) = task.tenant
-        && let Some(ms) = mark(Target::Tenant(tenant.to_owned()))
-        && task.enqueued_ms <= ms
-    {
-        return Some(format!(
-            "cancelled with the work of tenant {tenant} queued until{}",
-            at(ms)
-        ));
-    }
-    None
-}
+pub use llmq_shared::queue::{Named, why};
 
 /// A task running here, that a new mark may end.
 struct Running {

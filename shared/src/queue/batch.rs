@@ -82,6 +82,8 @@ pub enum BatchState {
     },
     /// Handed to a normal call, or answered for an earlier generation.
     Call,
+    /// Taken out of its batch by a cancel, with why: it ends so.
+    Cancelled(String),
 }
 
 /// A batch's answer to one task, stored in its batch hash.
@@ -169,6 +171,8 @@ pub struct BatchRecord {
 pub enum Settle {
     Answered(Box<BatchAnswer>),
     Fallback(String),
+    /// A cancel named it: it ends cancelled, with why.
+    Cancelled(String),
 }
 
 impl Client {
@@ -189,11 +193,17 @@ impl Client {
             .arg(keys.batch_task(task_id))
             .arg("state")
             .arg("gen")
-            .arg("answer");
+            .arg("answer")
+            .arg("reason");
         if ask_batcher {
             pipe.exists(keys.batcher());
         }
-        type Latch = (Option<String>, Option<String>, Option<String>);
+        type Latch = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
         let (latch, batcher): (Latch, Option<bool>) = if ask_batcher {
             let (latch, batcher): (Latch, bool) = pipe.query_async(&mut c).await?;
             (latch, Some(batcher))
@@ -201,7 +211,7 @@ impl Client {
             let (latch,): (Latch,) = pipe.query_async(&mut c).await?;
             (latch, None)
         };
-        let (state, generation, answer) = latch;
+        let (state, generation, answer, reason) = latch;
         let state = match state.as_deref() {
             None => BatchState::None,
             Some("waiting" | "sent") => BatchState::Pending,
@@ -214,6 +224,7 @@ impl Client {
                 },
                 None => BatchState::Call,
             },
+            Some("cancelled") => BatchState::Cancelled(reason.unwrap_or_default()),
             Some(_) => BatchState::Call,
         };
         Ok((state, batcher))
@@ -520,6 +531,7 @@ impl Client {
                         .arg("answered")
                         .arg(serde_json::to_string(a).unwrap_or_default()),
                     Settle::Fallback(why) => inv.arg("fallback").arg(why),
+                    Settle::Cancelled(why) => inv.arg("cancelled").arg(why),
                 };
             }
             let n: i64 = inv.invoke_async(&mut c).await?;

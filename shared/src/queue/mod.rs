@@ -50,7 +50,7 @@ pub use batch::{
     BatchAnswer, BatchPark, BatchRecord, BatchState, BatchTask, FALLBACK_MARGIN, Group, LATCH_TTL,
     Settle, Taken,
 };
-pub use cancel::{CANCEL_NOTICE, Cancelled, MARK_LIFE, Marks, Target};
+pub use cancel::{CANCEL_NOTICE, Cancelled, MARK_LIFE, Marks, Named, Target, why};
 pub use chain::{ChainsPage, Refused, StepContext};
 pub use conn::Conn;
 pub use dead_letter::{Replayed, replayed_task};

@@ -371,6 +371,45 @@ async fn a_batch_still_open_an_hour_before_the_deadline_is_cancelled_and_its_tas
     assert_eq!(rows_of(&env, e.id.unwrap()).await.len(), 1, "the call only");
 }
 
+/// A task cancelled while its provider batch is open is taken out of it: every task of the
+/// batch cancelled, the provider's batch is cancelled too, and the task ends `cancelled`,
+/// never called; one cancelled in a batch with another task waits for the batch's end, which
+/// bills what it answered, and ends cancelled then, while the other is answered.
+#[tokio::test]
+async fn a_cancelled_task_is_taken_out_of_its_batch_and_a_batch_of_none_left_is_cancelled() {
+    let env = TestEnv::new().await.unwrap();
+    let (_s, _w) = started(&env, &["openai"], &["batch-stuck"], "100ms").await;
+    let e = waiting_task(
+        &env,
+        "openai",
+        "batch-stuck",
+        "a task cancelled in its batch",
+    );
+    env.redis.enqueue(&env.keys, &e).await.unwrap();
+    env.eventually("the batch open at the provider", WAIT, || async {
+        let open = env.redis.open_batches(&env.keys).await.unwrap();
+        open.iter().any(|b| b.remote.is_some())
+    })
+    .await
+    .unwrap();
+    let id = e.id.unwrap().to_string();
+    let (code, out) = env.cli(&["cancel", "--queue", &env.queue, &id]).await;
+    assert_eq!(code, 0, "{out}");
+    let r = env.wait_final(&id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Cancelled, "{r:?}");
+    env.eventually("the cancelled batch closed", WAIT, || async {
+        env.redis.open_batches(&env.keys).await.unwrap().is_empty()
+    })
+    .await
+    .unwrap();
+    assert_eq!(env.mock.calls("batch-stuck"), 0, "never called");
+    assert_eq!(
+        env.mock.batch_items("batch-stuck"),
+        0,
+        "nothing of the batch ran"
+    );
+}
+
 /// With no scheduler sending the queue's batches, a task that can wait is called in its first
 /// delivery: not parked, latched `fallback` and put back in the stream to be read again.
 #[tokio::test]
@@ -649,7 +688,9 @@ async fn no_interleaving_of_parking_batching_settling_rescue_and_crashes_loses_o
                                     .unwrap();
                             }
                             BatchState::None | BatchState::Pending => {} // died holding it
-                            state @ (BatchState::Answered { .. } | BatchState::Call) => {
+                            state @ (BatchState::Answered { .. }
+                            | BatchState::Call
+                            | BatchState::Cancelled(_)) => {
                                 if matches!(state, BatchState::Answered { .. }) {
                                     answered += 1;
                                 }

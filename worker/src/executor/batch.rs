@@ -61,6 +61,8 @@ pub(super) enum Latch {
     /// Call it now: back from a batch without an answer for this delivery, or no scheduler
     /// sends this queue's batches.
     Call,
+    /// Taken out of its batch by a cancel, with why.
+    Cancelled(String),
 }
 
 impl Executor {
@@ -91,6 +93,7 @@ impl Executor {
                 Latch::Answered(answer)
             }
             BatchState::Answered { .. } | BatchState::Call => Latch::Call,
+            BatchState::Cancelled(why) => Latch::Cancelled(why),
         })
     }
 }
@@ -245,6 +248,7 @@ impl Executor {
             // Only an entry put in the stream by hand carries its answer unmarked.
             Latch::Answered(answer) => Ok(Some(trail.batch_answered(&answer, task))),
             Latch::Call => Ok(None),
+            Latch::Cancelled(why) => Err(Stop::Cancelled(why)),
         }
     }
 }

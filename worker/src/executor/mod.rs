@@ -803,6 +803,7 @@ impl Executor {
                 Latch::Answered(answer) => {
                     return Ok(Before::Settled(trail.batch_answered(&answer, task)));
                 }
+                Latch::Cancelled(why) => return Err(Stop::Cancelled(why)),
                 latch => may_batch = Some(matches!(latch, Latch::Park)),
             }
         }
