@@ -84,6 +84,12 @@ impl Scheduler {
     /// or a batch is full, and sends them.
     async fn send_waiting(&self, keys: &QueueKeys) -> Result<usize> {
         let mut sent = 0;
+        let marks: HashMap<String, i64> = self
+            .redis
+            .cancel_marks(keys, 0)
+            .await?
+            .into_iter()
+            .collect();
         for group in self.redis.batch_groups(keys).await? {
             let Some((provider, model)) = group.name.split_once('/') else {
                 continue;
@@ -97,7 +103,10 @@ impl Scheduler {
                 .and_then(|p| p.batch)
                 .map_or((Duration::ZERO, 1000), |b| (b.gather, b.max_requests));
             let due = group.waiting >= max as u64 || now_ms() - group.oldest_ms >= ms(gather);
-            if !due {
+            // A cancelled task waiting in it is taken out now, not at the gather's end: the
+            // group is taken, and sending leaves the cancelled out.
+            if !due && !(!marks.is_empty() && self.names_waiting(keys, &group.name, &marks).await?)
+            {
                 continue;
             }
             for _ in 0..MAX_BATCHES_PER_RUN {
@@ -418,6 +427,43 @@ impl Scheduler {
             .map(|t| (t.task_id, Settle::Fallback(why.to_owned())))
             .collect();
         self.settle(keys, &record.id, &tasks, "abandon").await
+    }
+
+    /// Whether a cancel mark names a task waiting in `group`.
+    async fn names_waiting(
+        &self,
+        keys: &QueueKeys,
+        group: &str,
+        marks: &HashMap<String, i64>,
+    ) -> Result<bool> {
+        let mut c = self.redis.conn().await?;
+        // Each task by when it was parked, which is after it was enqueued.
+        let ids: Vec<(String, f64)> = redis::cmd("ZRANGE")
+            .arg(keys.batch_waiting(group))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query_async(&mut c)
+            .await
+            .map_err(llmq_shared::queue::Error::from)?;
+        for (id, parked) in ids {
+            let Ok(task_id) = id.parse::<TaskId>() else {
+                continue;
+            };
+            let env: Option<String> = redis::cmd("HGET")
+                .arg(keys.batch_task(task_id))
+                .arg("env")
+                .query_async(&mut c)
+                .await
+                .map_err(llmq_shared::queue::Error::from)?;
+            let Some(env) = env.and_then(|e| Envelope::parse(e.as_bytes(), usize::MAX).ok()) else {
+                continue;
+            };
+            if why(marks, Named::of(task_id, &env, parked as i64, false)).is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The tasks of `record` a cancel mark names, with why: read only when the queue has
