@@ -105,8 +105,7 @@ impl Scheduler {
             let due = group.waiting >= max as u64 || now_ms() - group.oldest_ms >= ms(gather);
             // A cancelled task waiting in it is taken out now, not at the gather's end: the
             // group is taken, and sending leaves the cancelled out.
-            if !due && !(!marks.is_empty() && self.names_waiting(keys, &group.name, &marks).await?)
-            {
+            if !due && (marks.is_empty() || !self.names_waiting(keys, &group.name, &marks).await?) {
                 continue;
             }
             for _ in 0..MAX_BATCHES_PER_RUN {
