@@ -8,6 +8,9 @@
 -- read from the ledger's rows here, and it takes no longer on a populated ledger than on an
 -- empty one.
 --
+-- Rows with neither are left out before the function is called: most rows, in a ledger whose
+-- producers set neither, and a roll of them costs what it cost before.
+--
 -- The task side carries what `llmq insights` reads from `task_rollups` (`counted`,
 -- `successes`, `counted_cost_usd`, `durations`, `duration_ms`), so a tenant's insights come
 -- from here too; not `risk`, which no report of spend asks for.
@@ -69,6 +72,7 @@ DECLARE
         sum(c.s * c.output_tokens), sum(c.s * c.cached_tokens), sum(c.s * c.cost_usd),
         coalesce(sum(c.s * (c.list_cost_usd - c.cost_usd)), 0)
     FROM c CROSS JOIN LATERAL ledger_spend_keys(c.tenant, c.tags) k
+    WHERE c.tenant IS NOT NULL OR c.tags IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
     ON CONFLICT (tag, day, tenant, value, queue, provider, model, task_type, shard) DO UPDATE SET
         calls = r.calls + EXCLUDED.calls,
@@ -91,6 +95,7 @@ DECLARE
         coalesce(sum(t.s) FILTER (WHERE t.counts AND t.duration_ms IS NOT NULL), 0),
         coalesce(sum(t.s * t.duration_ms) FILTER (WHERE t.counts), 0)
     FROM t CROSS JOIN LATERAL ledger_spend_keys(t.tenant, t.tags) k
+    WHERE t.tenant IS NOT NULL OR t.tags IS NOT NULL
     GROUP BY 1, 2, 3, 4, 5, 6, 7, 8 ORDER BY 1, 2, 3, 4, 5, 6, 7, 8
     ON CONFLICT (tag, day, tenant, value, queue, provider, model, task_type, shard) DO UPDATE SET
         tasks = r.tasks + EXCLUDED.tasks,

@@ -126,6 +126,10 @@ pub enum KeysCommand {
         /// no limit.
         #[arg(long)]
         requests_per_minute: Option<u32>,
+        /// A tag every task it sends carries, NAME=VALUE (e.g. team=search); repeat it, up
+        /// to 8. `llmq costs --by tag:NAME` reports by it.
+        #[arg(long = "tag", value_parser = parse_tag)]
+        tags: Vec<(String, String)>,
     },
     /// The keys of the file: ids, tenants, models and priorities, nothing secret.
     List {

@@ -129,12 +129,14 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
                 models,
                 highest_priority,
                 requests_per_minute,
+                tags,
             } => {
                 let grant = serve::keys::Grant {
                     tenant,
                     models,
                     highest_priority,
                     requests_per_minute,
+                    tags: tags.into_iter().collect(),
                 };
                 serve::keys::create(&file, grant, out)
             }

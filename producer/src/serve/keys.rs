@@ -33,6 +33,9 @@ pub struct Key {
     /// it, 429 with `retry-after`, the one 429 the server gives. None: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
+    /// The tags every task it sends carries (`llmq costs --by tag:NAME`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tags: std::collections::BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<chrono::DateTime<chrono::Utc>>,
 }
@@ -172,10 +175,12 @@ pub fn create(file: &Path, grant: Grant, out: &mut dyn Write) -> crate::Result<u
         models,
         highest_priority,
         requests_per_minute,
+        tags,
     } = grant;
     let tenant = tenant.as_str();
     llmq_shared::envelope::check_class(highest_priority.map(i64::from), Some(tenant))
         .map_err(|e| crate::Error::Usage(format!("{e}")))?;
+    llmq_shared::envelope::check_tags(&tags).map_err(|e| crate::Error::Usage(format!("{e}")))?;
     if requests_per_minute == Some(0) {
         return Err(crate::Error::Usage(
             "--requests-per-minute 0 would refuse every request; give 1 or more, or leave it out"
@@ -194,6 +199,7 @@ pub fn create(file: &Path, grant: Grant, out: &mut dyn Write) -> crate::Result<u
         models,
         highest_priority,
         requests_per_minute,
+        tags,
         created_at: Some(chrono::Utc::now()),
     };
     let line = serde_json::to_string(&key).unwrap_or_default();
@@ -219,6 +225,7 @@ pub struct Grant {
     pub models: Vec<String>,
     pub highest_priority: Option<u8>,
     pub requests_per_minute: Option<u32>,
+    pub tags: std::collections::BTreeMap<String, String>,
 }
 
 /// `llmq keys list`: each key's id, tenant, models, priority and limit, nothing secret.
@@ -230,7 +237,7 @@ pub fn list(file: &Path, out: &mut dyn Write) -> crate::Result<u8> {
     for (k, _) in keys {
         let _ = writeln!(
             out,
-            "{}\ttenant={}\tmodels={}\thighest_priority={}\trequests_per_minute={}\tcreated={}",
+            "{}\ttenant={}\tmodels={}\thighest_priority={}\trequests_per_minute={}\ttags={}\tcreated={}",
             k.id,
             k.tenant,
             if k.models.is_empty() {
@@ -242,6 +249,11 @@ pub fn list(file: &Path, out: &mut dyn Write) -> crate::Result<u8> {
                 .map_or("any".to_owned(), |p| p.to_string()),
             k.requests_per_minute
                 .map_or("any".to_owned(), |n| n.to_string()),
+            k.tags
+                .iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
             k.created_at.map_or(String::new(), |t| t.to_rfc3339()),
         );
     }

@@ -309,6 +309,7 @@ pub fn ask(app: &App, key: Option<&Key>, h: &HeaderMap, t: BatchTask) -> Result<
     env.idempotency_key = idempotency.map(Into::into);
     env.priority = priority;
     env.tenant = key.map(|k| k.tenant.as_str().into());
+    env.tags = key.map(|k| k.tags.clone()).unwrap_or_default();
     env.metadata = t.metadata.map(Box::new);
     env.system = t.system.map(Into::into);
     env.max_tokens = t.max_tokens;

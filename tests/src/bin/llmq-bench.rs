@@ -104,6 +104,10 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=(llmq_shared::chain::MAX_STEPS as u64 - 3)))]
     chain_width: u64,
 
+    /// In `ledger_scale`, only the fresh ledger or only the upgraded one (both by default).
+    #[arg(long, value_parser = ["fresh", "upgraded"])]
+    ledger: Option<String>,
+
     /// Redis to benchmark against; only the bench's own `llmq:{bench-*}` keys are touched.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
@@ -2062,9 +2066,14 @@ async fn bare_streams(
 /// comparison in the same run.
 async fn ledger_scale(args: &Args) -> Result<String> {
     let n = args.tasks.unwrap_or(5_000_000) as i64;
-    let fresh = ledger_scale_of(args, n, false).await?;
-    let upgraded = ledger_scale_of(args, n, true).await?;
-    Ok(format!("{fresh}\n{upgraded}"))
+    let mut lines = Vec::new();
+    for upgraded in [false, true] {
+        let kind = if upgraded { "upgraded" } else { "fresh" };
+        if args.ledger.as_deref().is_none_or(|k| k == kind) {
+            lines.push(ledger_scale_of(args, n, upgraded).await?);
+        }
+    }
+    Ok(lines.join("\n"))
 }
 
 /// One ledger of [`ledger_scale`]: `upgraded` says which.

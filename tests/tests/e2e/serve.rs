@@ -32,7 +32,16 @@ async fn server_for(
     let file = dir.join("keys.jsonl");
     let file_arg = file.to_str().unwrap().to_owned();
     let (code, printed) = env
-        .cli(&["keys", "create", "--file", &file_arg, "--tenant", "acme"])
+        .cli(&[
+            "keys",
+            "create",
+            "--file",
+            &file_arg,
+            "--tenant",
+            "acme",
+            "--tag",
+            "team=search",
+        ])
         .await;
     assert_eq!(code, 0, "{printed}");
     let secret = printed.lines().next().unwrap().to_owned();
@@ -185,10 +194,18 @@ async fn the_openai_sdk_chats_streams_and_calls_tools_through_the_queue() {
             .unwrap()
             .contains(&json!("llmq/auto"))
     );
-    // It ran as a task of the key's tenant, in the queue, and its record says so.
+    // It ran as a task of the key's tenant, in the queue, and its record says so; the
+    // ledger keeps the key's tenant and tags with its call.
     let id = chat["task_id"].as_str().unwrap();
     let record = env.wait_final(id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(record.output.as_deref(), chat["text"].as_str());
+    let kept: (Option<String>, Option<Value>) =
+        sqlx::query_as("SELECT tenant, tags FROM provider_calls WHERE task_id = $1")
+            .bind(record.task_id)
+            .fetch_one(env.ledger.pool())
+            .await
+            .unwrap();
+    assert_eq!(kept, (Some("acme".into()), Some(json!({"team": "search"}))));
 
     let streamed = sdk("openai_stream", &base, &key).await;
     assert!(
