@@ -302,6 +302,7 @@ mod tests {
             models: vec!["mock-fast".into()],
             highest_priority: Some(3),
             requests_per_minute: Some(5),
+            tags: [("team".to_owned(), "search".to_owned())].into(),
         };
         create(&file, grant, &mut out).unwrap();
         let printed = String::from_utf8(out).unwrap();
@@ -315,6 +316,7 @@ mod tests {
         let key = keys.find(secret).expect("the key is found by its secret");
         assert_eq!(key.tenant, "acme");
         assert_eq!(key.highest_priority, Some(3));
+        assert_eq!(key.tags.get("team").map(String::as_str), Some("search"));
         assert!(keys.find("llmq-wrong").is_none());
         revoke(&file, &key.id, &mut Vec::new()).unwrap();
         assert!(KeyFile::open(&file).unwrap().find(secret).is_none());
