@@ -9,6 +9,20 @@ use llmq_shared::insights::{self, Filter, ModelLine};
 use crate::cli::{Format, Insights, InsightsCmd};
 use crate::{EXIT_OK, Error, Result, emit, render, to_json};
 
+/// What `--tenant` cannot be given with: a tenant's spend is summed without risk, and the
+/// routes a strategy logged without tenant.
+fn refuse_tenant(command: &Insights) -> Result<()> {
+    match command {
+        Insights::Rankings { risk: Some(_), .. } => Err(Error::Usage(
+            "--risk and --tenant cannot be given together: a tenant's insights are summed without risk; leave one out".into(),
+        )),
+        Insights::Replay { .. } => Err(Error::Usage(
+            "llmq insights replay reads every route a learned strategy logged, whoever's task it was; leave --tenant out".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
     let ledger = crate::ledger(args.database_url.as_deref(), "llmq insights").await?;
     ledger.check_migrated().await?;
@@ -20,20 +34,8 @@ pub async fn run(args: InsightsCmd, out: &mut dyn Write) -> Result<u8> {
         tenant: args.tenant,
         ..Filter::default()
     };
-    // A tenant's spend is summed without risk, and the routes a strategy logged without
-    // tenant: neither can be told apart by one.
-    match &args.command {
-        Insights::Rankings { risk: Some(_), .. } if filter.tenant.is_some() => {
-            return Err(Error::Usage(
-                "--risk and --tenant cannot be given together: a tenant's insights are summed without risk; leave one out".into(),
-            ));
-        }
-        Insights::Replay { .. } if filter.tenant.is_some() => {
-            return Err(Error::Usage(
-                "llmq insights replay reads every route a learned strategy logged, whoever's task it was; leave --tenant out".into(),
-            ));
-        }
-        _ => {}
+    if filter.tenant.is_some() {
+        refuse_tenant(&args.command)?;
     }
     let json = args.format == Format::Json;
     match args.command {

@@ -84,12 +84,7 @@ impl Scheduler {
     /// or a batch is full, and sends them.
     async fn send_waiting(&self, keys: &QueueKeys) -> Result<usize> {
         let mut sent = 0;
-        let marks: HashMap<String, i64> = self
-            .redis
-            .cancel_marks(keys, 0)
-            .await?
-            .into_iter()
-            .collect();
+        let marks = self.marks(keys).await?;
         for group in self.redis.batch_groups(keys).await? {
             let Some((provider, model)) = group.name.split_once('/') else {
                 continue;
@@ -428,6 +423,16 @@ impl Scheduler {
         self.settle(keys, &record.id, &tasks, "abandon").await
     }
 
+    /// The queue's cancel marks (most runs, none).
+    async fn marks(&self, keys: &QueueKeys) -> Result<HashMap<String, i64>> {
+        Ok(self
+            .redis
+            .cancel_marks(keys, 0)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
     /// Whether a cancel mark names a task waiting in `group`.
     async fn names_waiting(
         &self,
@@ -472,12 +477,7 @@ impl Scheduler {
         keys: &QueueKeys,
         record: &BatchRecord,
     ) -> Result<HashMap<TaskId, String>> {
-        let marks: HashMap<String, i64> = self
-            .redis
-            .cancel_marks(keys, 0)
-            .await?
-            .into_iter()
-            .collect();
+        let marks = self.marks(keys).await?;
         if marks.is_empty() {
             return Ok(HashMap::new());
         }

@@ -360,8 +360,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             .config
             .tenants
             .weights
-            .iter()
-            .map(|(t, w)| (t.clone(), *w))
+            .clone()
+            .into_iter()
             .collect(),
         cancels: Arc::clone(&cancels),
     };

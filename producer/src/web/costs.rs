@@ -30,6 +30,30 @@ pub(super) struct CostsQuery {
     tag: Option<String>,
 }
 
+/// The batch, tenant and tag fields given, each checked: or a title and why it is refused.
+#[allow(clippy::type_complexity)]
+fn fields(
+    q: &CostsQuery,
+) -> Result<(Option<&str>, Option<&str>, Option<&str>), (&'static str, String)> {
+    let (batch, tenant, tag) = (
+        given(q.batch.as_deref()),
+        given(q.tenant.as_deref()),
+        given(q.tag.as_deref()),
+    );
+    if let Some(b) = batch
+        && let Err(e) = llmq_shared::envelope::check_batch_id(b)
+    {
+        return Err(("Not a batch id", format!("A batch id {e}.")));
+    }
+    if let Some(name) = tag
+        && let Err(e) =
+            llmq_shared::envelope::check_tags(&[(name.to_owned(), "-".to_owned())].into())
+    {
+        return Err(("Not a tag", format!("{e}.")));
+    }
+    Ok((batch, tenant, tag))
+}
+
 /// A form field given and not blank.
 fn given(field: Option<&str>) -> Option<&str> {
     field.map(str::trim).filter(|s| !s.is_empty())
@@ -220,28 +244,10 @@ pub(super) async fn costs(
             &viewer,
         );
     };
-    let (batch, tenant, tag) = (
-        given(q.batch.as_deref()),
-        given(q.tenant.as_deref()),
-        given(q.tag.as_deref()),
-    );
-    if let Some(b) = batch
-        && let Err(e) = llmq_shared::envelope::check_batch_id(b)
-    {
-        let why = format!("A batch id {e}.");
-        return message(StatusCode::BAD_REQUEST, "Not a batch id", &why, &viewer);
-    }
-    if let Some(name) = tag
-        && let Err(e) =
-            llmq_shared::envelope::check_tags(&[(name.to_owned(), "-".to_owned())].into())
-    {
-        return message(
-            StatusCode::BAD_REQUEST,
-            "Not a tag",
-            &format!("{e}."),
-            &viewer,
-        );
-    }
+    let (batch, tenant, tag) = match fields(&q) {
+        Ok(f) => f,
+        Err((title, why)) => return message(StatusCode::BAD_REQUEST, title, &why, &viewer),
+    };
     let scope = match (batch, tenant) {
         (Some(b), _) => Scope::Batch(b),
         (None, Some(t)) => Scope::Tenant(t),

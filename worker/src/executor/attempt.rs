@@ -410,23 +410,11 @@ impl Attempt<'_> {
             // call's state.
             let grant = match self.limits() {
                 None => None,
-                Some((tenant, limits)) => {
-                    match Box::pin(self.reserve_tenant(cand, tenant, limits)).await {
-                        Ok(grant) => Some(grant),
-                        Err(stop) => return stop,
-                    }
-                }
+                Some(_) => match Box::pin(self.tenant_slot(cand)).await {
+                    Ok(grant) => grant,
+                    Err(stop) => return stop,
+                },
             };
-            // The slot the tenant's pace gave it is near: wait for it here.
-            if let Some(wait) = grant.as_ref().map(|g| g.wait).filter(|w| !w.is_zero()) {
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => {}
-                    () = self.stop.cancelled() => {
-                        self.settle_tenant(grant.as_deref(), Some(0.0));
-                        return Stop::Released;
-                    }
-                }
-            }
             // Boxed, and only for quotas: a short wait, kept out of the call's state.
             let reservation = match if cand.provider.quotas.is_empty() {
                 Ok(None)
@@ -469,17 +457,7 @@ impl Attempt<'_> {
                 () = stop.cancelled() => None,
             };
             if grant.is_some() {
-                // What the call cost, from its row: nothing for one never sent; for one
-                // dropped in flight its estimate stays spent (the provider may bill it).
-                let used =
-                    self.calls
-                        .get(row)
-                        .map_or(Some(0.0), |row| match (&called, row.outcome) {
-                            (_, CallOutcome::Unsent) => Some(0.0),
-                            (None, _) => None,
-                            (Some(_), _) => Some(row.cost_usd),
-                        });
-                self.settle_tenant(grant.as_deref(), used);
+                self.settle_tenant(grant.as_deref(), self.cost_of(row, called.is_some()));
             }
             let Some(called) = called else {
                 return Stop::Released;
@@ -655,6 +633,38 @@ impl Attempt<'_> {
         if let Err(e) = Box::pin(circuits.succeeded(provider, model, probe)).await {
             tracing::warn!(provider, "cannot reset the circuit breaker: {e}");
         }
+    }
+
+    /// Reserves the call against the task's tenant's limits and waits for the slot its
+    /// pace gave it, when near; `None` when the tenant has no limits.
+    async fn tenant_slot(&self, cand: &Candidate<'_>) -> Result<Option<Box<TenantGrant>>, Stop> {
+        let Some((tenant, limits)) = self.limits() else {
+            return Ok(None);
+        };
+        let grant = self.reserve_tenant(cand, tenant, limits).await?;
+        if !grant.wait.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(grant.wait) => {}
+                () = self.stop.cancelled() => {
+                    self.settle_tenant(Some(&grant), Some(0.0));
+                    return Err(Stop::Released);
+                }
+            }
+        }
+        Ok(Some(grant))
+    }
+
+    /// What the call of row `row` cost, for its tenant's settle: nothing for one never
+    /// sent; `None` (its estimate stays spent: the provider may bill it) for one dropped in
+    /// flight, which did not come `back`.
+    fn cost_of(&self, row: usize, back: bool) -> Option<f64> {
+        self.calls
+            .get(row)
+            .map_or(Some(0.0), |row| match (back, row.outcome) {
+                (_, CallOutcome::Unsent) => Some(0.0),
+                (false, _) => None,
+                (true, _) => Some(row.cost_usd),
+            })
     }
 
     /// The task's tenant and its limits (`tenants.limits`), when it has any.
