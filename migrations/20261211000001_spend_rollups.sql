@@ -48,6 +48,25 @@ CREATE TABLE spend_rollups (
     PRIMARY KEY (tag, day, tenant, value, queue, provider, model, task_type, shard)
 ) WITH (fillfactor = 50);
 
+-- The same sums by day alone, for the reports over every tenant: `tag` '' with the tenant as
+-- `value` (spend by tenant), else the tag's value, summed over the tenants (spend by tag).
+-- Tens of rows a day where `spend_rollups` has thousands, so `llmq costs --by tenant` and
+-- `--by tag:NAME` read as few rows as the other reports do.
+CREATE TABLE spend_days (
+    day              DATE NOT NULL,
+    tag              TEXT NOT NULL,
+    value            TEXT NOT NULL,
+    shard            SMALLINT NOT NULL,
+    calls            BIGINT NOT NULL DEFAULT 0,
+    input_tokens     BIGINT NOT NULL DEFAULT 0,
+    output_tokens    BIGINT NOT NULL DEFAULT 0,
+    cached_tokens    BIGINT NOT NULL DEFAULT 0,
+    cost_usd         NUMERIC(30, 10) NOT NULL DEFAULT 0,
+    batch_saved_usd  NUMERIC(30, 10) NOT NULL DEFAULT 0,
+    tasks            BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (tag, day, value, shard)
+) WITH (fillfactor = 50);
+
 -- The groups a row adds to: its tenant's (no tag), and one per tag.
 CREATE FUNCTION ledger_spend_keys(text, jsonb)
 RETURNS TABLE (tenant text, tag text, value text) LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -80,6 +99,23 @@ DECLARE
         output_tokens = r.output_tokens + EXCLUDED.output_tokens,
         cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens,
         cost_usd = r.cost_usd + EXCLUDED.cost_usd,
+        batch_saved_usd = r.batch_saved_usd + EXCLUDED.batch_saved_usd), days AS (
+    INSERT INTO spend_days AS r (day, tag, value, shard, calls, input_tokens, output_tokens,
+        cached_tokens, cost_usd, batch_saved_usd)
+    SELECT (c.called_at AT TIME ZONE 'UTC')::date, k.tag,
+        CASE WHEN k.tag = '' THEN k.tenant ELSE k.value END, (pg_backend_pid() % 16)::smallint,
+        sum(c.s * (c.outcome NOT IN ('unsent', 'cached'))::int), sum(c.s * c.input_tokens),
+        sum(c.s * c.output_tokens), sum(c.s * c.cached_tokens), sum(c.s * c.cost_usd),
+        coalesce(sum(c.s * (c.list_cost_usd - c.cost_usd)), 0)
+    FROM c CROSS JOIN LATERAL ledger_spend_keys(c.tenant, c.tags) k
+    WHERE c.tenant IS NOT NULL OR c.tags IS NOT NULL
+    GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (tag, day, value, shard) DO UPDATE SET
+        calls = r.calls + EXCLUDED.calls,
+        input_tokens = r.input_tokens + EXCLUDED.input_tokens,
+        output_tokens = r.output_tokens + EXCLUDED.output_tokens,
+        cached_tokens = r.cached_tokens + EXCLUDED.cached_tokens,
+        cost_usd = r.cost_usd + EXCLUDED.cost_usd,
         batch_saved_usd = r.batch_saved_usd + EXCLUDED.batch_saved_usd)
     INSERT INTO call_rollups AS r$sql$;
     tasks CONSTANT text := $sql$, spend AS (
@@ -103,7 +139,15 @@ DECLARE
         successes = r.successes + EXCLUDED.successes,
         counted_cost_usd = r.counted_cost_usd + EXCLUDED.counted_cost_usd,
         durations = r.durations + EXCLUDED.durations,
-        duration_ms = r.duration_ms + EXCLUDED.duration_ms)
+        duration_ms = r.duration_ms + EXCLUDED.duration_ms), days AS (
+    INSERT INTO spend_days AS r (day, tag, value, shard, tasks)
+    SELECT (t.finished_at AT TIME ZONE 'UTC')::date, k.tag,
+        CASE WHEN k.tag = '' THEN k.tenant ELSE k.value END, (pg_backend_pid() % 16)::smallint,
+        sum(t.s)
+    FROM t CROSS JOIN LATERAL ledger_spend_keys(t.tenant, t.tags) k
+    WHERE t.tenant IS NOT NULL OR t.tags IS NOT NULL
+    GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (tag, day, value, shard) DO UPDATE SET tasks = r.tasks + EXCLUDED.tasks)
     INSERT INTO task_rollups AS r$sql$;
     f record;
     def text;

@@ -404,7 +404,16 @@ const CALL_SUMS: &str = "sum(calls) AS calls, sum(input_tokens) AS input_tokens,
 fn spend_sql(scope: Scope<'_>, by: GroupBy<'_>, key: &str) -> (String, String) {
     const CALLS: &str =
         "calls, input_tokens, output_tokens, cached_tokens, cost_usd, batch_saved_usd";
-    let of = format!("{DAYS} AND tag = $4 AND ($3::text IS NULL OR tenant = $3)");
+    // Every tenant's, by tenant or by a tag: `spend_days`, whose `value` is the tenant (no
+    // tag) or the tag's value; one tenant's, `spend_rollups`.
+    let (table, key, of) = match scope {
+        Scope::All => ("spend_days", "value", format!("{DAYS} AND tag = $4")),
+        _ => (
+            "spend_rollups",
+            key,
+            format!("{DAYS} AND tag = $4 AND tenant = $3"),
+        ),
+    };
     let part = |columns: &str, whole: &str| {
         let negated = columns
             .split(", ")
@@ -412,18 +421,18 @@ fn spend_sql(scope: Scope<'_>, by: GroupBy<'_>, key: &str) -> (String, String) {
             .collect::<Vec<_>>()
             .join(", ");
         let rest = match (scope, by) {
-            (Scope::All, GroupBy::Tenant | GroupBy::Tag(_)) => format!(
+            (Scope::All, _) => format!(
                 "UNION ALL SELECT '', {columns} FROM {whole} WHERE {DAYS}
-                 UNION ALL SELECT '', {negated} FROM spend_rollups WHERE {of}"
+                 UNION ALL SELECT '', {negated} FROM {table} WHERE {of}"
             ),
             (_, GroupBy::Tag(_)) => format!(
                 "UNION ALL SELECT '', {columns} FROM spend_rollups
                     WHERE {DAYS} AND tag = '' AND tenant = $3
-                 UNION ALL SELECT '', {negated} FROM spend_rollups WHERE {of}"
+                 UNION ALL SELECT '', {negated} FROM {table} WHERE {of}"
             ),
             _ => String::new(),
         };
-        format!("SELECT {key} AS key, {columns} FROM spend_rollups WHERE {of} {rest}")
+        format!("SELECT {key} AS key, {columns} FROM {table} WHERE {of} {rest}")
     };
     (
         format!(

@@ -831,7 +831,7 @@ impl Drop for ScratchPostgres {
 /// # Errors
 /// Postgres fails.
 pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String>> {
-    const CHECKS: [(&str, &str, &str); 6] = [
+    const CHECKS: [(&str, &str, &str); 7] = [
         (
             // The latency histogram compared as a key.
             "routing_rollups",
@@ -907,6 +907,30 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
              WHERE TASK_SUMMED GROUP BY 1, 2, 3, 4, 5, 6, 7, 8",
         ),
         (
+            // ... and by day alone, over every tenant.
+            "spend_days",
+            "SELECT day, tag, value, sum(calls), sum(input_tokens), sum(output_tokens),
+                sum(cached_tokens), sum(tasks), sum(cost_usd), sum(batch_saved_usd)
+             FROM spend_days GROUP BY 1, 2, 3",
+            "SELECT day, tag, value, sum(calls), sum(i), sum(o), sum(c), sum(tasks), sum(cost),
+                sum(saved)
+             FROM (SELECT (called_at AT TIME ZONE 'UTC')::date AS day, k.tag,
+                    CASE WHEN k.tag = '' THEN k.tenant ELSE k.value END AS value,
+                    count(*) FILTER (WHERE outcome NOT IN ('unsent', 'cached')) AS calls,
+                    sum(input_tokens) AS i, sum(output_tokens) AS o, sum(cached_tokens) AS c,
+                    0 AS tasks, sum(cost_usd) AS cost,
+                    coalesce(sum(list_cost_usd - cost_usd), 0) AS saved
+                 FROM provider_calls p CROSS JOIN LATERAL ledger_spend_keys(p.tenant, p.tags) k
+                 WHERE CALL_SUMMED GROUP BY 1, 2, 3
+                 UNION ALL
+                 SELECT (finished_at AT TIME ZONE 'UTC')::date, k.tag,
+                    CASE WHEN k.tag = '' THEN k.tenant ELSE k.value END, 0, 0, 0, 0, count(*),
+                    0, 0
+                 FROM tasks t CROSS JOIN LATERAL ledger_spend_keys(t.tenant, t.tags) k
+                 WHERE TASK_SUMMED GROUP BY 1, 2, 3) s
+             GROUP BY 1, 2, 3",
+        ),
+        (
             // Whole chains; `first_day` is checked below.
             "chain_costs",
             "SELECT chain_id, calls, tasks AS i, input_tokens AS o, output_tokens AS c,
@@ -955,6 +979,7 @@ pub async fn rollup_mismatches(pool: &sqlx::PgPool) -> anyhow::Result<Vec<String
             "call_rollups" => 5,
             "task_rollups" => 6,
             "spend_rollups calls" | "spend_rollups tasks" => 8,
+            "spend_days" => 3,
             _ => 1,
         };
         let columns: Vec<String> = (1..=keys)
