@@ -356,13 +356,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         stop: stop.clone(),
         read_pause: Arc::clone(&read_pause),
         claims: Arc::clone(&claims),
-        tenant_weights: settings
-            .config
-            .tenants
-            .weights
-            .clone()
-            .into_iter()
-            .collect(),
+        tenant_weights: weights(&settings.config),
         cancels: Arc::clone(&cancels),
     };
     tasks.spawn(fetcher.run(jobs_tx));
@@ -419,6 +413,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     endpoints.cancel();
     tracing::info!(worker = %worker_id, "worker stopped");
     Ok(())
+}
+
+/// The tenants that get more than one task per turn in a queue's room, and how many.
+fn weights(config: &llmq_shared::config::Config) -> Vec<(String, u32)> {
+    config.tenants.weights.clone().into_iter().collect()
 }
 
 /// The worker's background duties: where they run and when they end.
