@@ -76,7 +76,6 @@ struct Settle {
 pub struct TenantGrant {
     pub tenant: String,
     id: String,
-    tokens: u64,
     micro_usd: i64,
     day: String,
     month: String,
@@ -89,10 +88,10 @@ pub struct TenantGrant {
 }
 
 impl TenantGrant {
-    /// What it reserved: tokens and dollars.
+    /// The dollars it reserved.
     #[must_use]
-    pub fn estimate(&self) -> (u64, f64) {
-        (self.tokens, self.micro_usd as f64 / 1e6)
+    pub fn estimate(&self) -> f64 {
+        self.micro_usd as f64 / 1e6
     }
 }
 
@@ -281,7 +280,6 @@ impl super::Limiter {
                     grant: TenantGrant {
                         tenant: tenant.to_owned(),
                         id,
-                        tokens: ask.tokens,
                         micro_usd: ask.micro,
                         day: day.clone(),
                         month: month.clone(),

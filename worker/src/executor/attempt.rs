@@ -759,7 +759,7 @@ impl Attempt<'_> {
     /// estimate, for a call that may have been billed).
     fn settle_tenant(&self, grant: Option<&TenantGrant>, cost: Option<f64>) {
         if let Some(grant) = grant {
-            let usd = cost.unwrap_or_else(|| grant.estimate().1);
+            let usd = cost.unwrap_or_else(|| grant.estimate());
             self.exec.limiter.settle_tenant(grant, usd);
         }
     }
