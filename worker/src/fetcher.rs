@@ -388,6 +388,8 @@ impl Fetcher {
         // The room's beacon says it has tasks: drop it, and feed from it.
         if !self.redis.drop_beacons(q, &mut read).await?.is_empty() {
             r.feeding[at] = true;
+            // A task came since every tenant left was held: it may be another tenant's.
+            r.held[at] = None;
         }
         // A blocking read's entries were handed over when it returned.
         let now = Instant::now();

@@ -230,6 +230,15 @@ async fn a_tenant_at_its_budget_waits_in_the_room_while_others_go_on() {
         .await
         .unwrap();
     assert_eq!(first, then, "the held tenant's tasks were read again");
+    // Every tenant left in the room is held, yet another tenant's task that comes now runs
+    // at once, not at the hold's end.
+    let late = task(&globex, "mock-fast", 99);
+    env.redis.enqueue(&env.keys, &late).await.unwrap();
+    let r = env
+        .wait_final(late.id.unwrap(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(r.status, Status::Succeeded, "{r:?}");
     worker.stop().await.unwrap();
 
     // `llmq quota` names the tenant and its budget, with what is used of it.
