@@ -54,6 +54,9 @@ pub enum Command {
     Chain(ChainCmd),
     /// Pause or resume a queue: workers stop taking its tasks within a second.
     Queue(QueueCmd),
+    /// List the fleet's workers, or drain one: it takes nothing new and finishes what it
+    /// holds.
+    Worker(WorkerCmd),
     /// Serve a page for operators: queues, chains, approvals, dead letters and costs.
     Web(WebArgs),
     /// Serve OpenAI's and Anthropic's APIs (chat completions, messages, models) in front of
@@ -167,6 +170,31 @@ pub enum QueueCommand {
         #[arg(value_parser = queue_name)]
         queue: String,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerCmd {
+    #[command(subcommand)]
+    pub command: WorkerCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WorkerCommand {
+    /// Every worker heard from within the hour: queues, version, tasks held, calls under
+    /// way, heartbeat; silent ones marked.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The worker takes no new task (within its next heartbeat, 5 s) and finishes those it
+    /// holds; it stays up, drained, until `resume` or its shutdown.
+    Drain {
+        /// The worker's id, as `llmq worker list` shows it.
+        id: String,
+    },
+    /// A drained worker takes tasks again.
+    Resume { id: String },
 }
 
 #[derive(Args, Debug)]

@@ -32,6 +32,7 @@ mod render;
 pub mod serve;
 mod submit;
 pub mod web;
+mod workers;
 
 pub use submit::{BatchReport, wait_for};
 
@@ -92,6 +93,7 @@ async fn dispatch(cli: cli::Cli, out: &mut dyn Write) -> Result<u8> {
         Command::Providers(args) => providers::run(args.command, out),
         Command::Chain(args) => chain::run(&redis()?, args.command, out).await,
         Command::Queue(args) => inspect::queue(&redis()?, args.command, out).await,
+        Command::Worker(args) => workers::run(&redis()?, args.command, out).await,
         Command::Serve(args) => {
             if args.health_check {
                 return web::probe("llmq serve", args.listen).await;

@@ -22,6 +22,24 @@ pub const ROOM_FIELD: &str = "room";
 /// The set of queue names workers have served, for `llmq status`.
 pub const QUEUES: &str = "llmq:queues";
 
+/// Every worker process of the fleet, whatever its queues: a sorted set of worker ids scored
+/// by last heartbeat (ms). Its keys share the hash tag `{workers}` (one slot of a Cluster).
+pub const WORKERS: &str = "llmq:{workers}";
+
+/// What worker `id` says of itself at each heartbeat (`queue::WorkerInfo`): a JSON string
+/// that lapses an hour after its last beat.
+#[must_use]
+pub fn worker_info(id: &str) -> String {
+    format!("{WORKERS}:{id}")
+}
+
+/// Set while worker `id` is asked to drain (`llmq worker drain`): who asked and when, as
+/// JSON. The worker takes nothing new while it exists and finishes what it holds.
+#[must_use]
+pub fn worker_drain(id: &str) -> String {
+    format!("{WORKERS}:{id}:drain")
+}
+
 /// The longest queue name llmq takes, in bytes: every key of the queue carries it.
 pub const QUEUE_NAME_MAX: usize = 200;
 

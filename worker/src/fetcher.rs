@@ -93,6 +93,9 @@ pub struct Fetcher {
     pub queues: Vec<Arc<QueueKeys>>,
     pub consumer: String,
     pub slots: Arc<Semaphore>,
+    /// Set while the worker is asked to drain: it reads nothing, and gives back what a read
+    /// under way brings.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub max_batch: usize,
     pub visibility_timeout: Duration,
     pub max_deliveries: u64,
@@ -213,10 +216,14 @@ impl Fetcher {
                 .await
                 .then_some(false);
         }
-        if r.pauses.all() {
+        if r.pauses.all() || self.drained() {
             return self.sleep(PAUSE_POLL).await.then_some(false);
         }
         Some(true)
+    }
+
+    fn drained(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A free slot, waited for, and as many more as are free now (up to `max_batch`);
@@ -397,18 +404,21 @@ impl Fetcher {
         Ok(())
     }
 
-    /// A blocking read may have waited past a pause: hands on nothing read from a queue
-    /// paused since, and gives it back to the stream.
+    /// A blocking read may have waited past a pause or a drain: hands on nothing read from
+    /// a queue paused since (or from any, draining), and gives it back to the stream.
     async fn give_back_paused(&self, r: &mut Reading, got: &mut Got) -> Result<(), QueueError> {
         r.pauses.refresh(&self.redis, &self.queues, true).await?;
-        if !r.pauses.paused.contains(&true) {
+        let drained = self.drained();
+        if !drained && !r.pauses.paused.contains(&true) {
             return Ok(());
         }
         let (back, keep): (Vec<_>, Vec<_>) = got.drain(..).partition(|(q, ..)| {
-            self.queues
-                .iter()
-                .position(|k| Arc::ptr_eq(k, q))
-                .is_some_and(|i| r.pauses.paused[i])
+            drained
+                || self
+                    .queues
+                    .iter()
+                    .position(|k| Arc::ptr_eq(k, q))
+                    .is_some_and(|i| r.pauses.paused[i])
         });
         *got = keep;
         for (q, d, _) in &back {

@@ -331,6 +331,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let fleet = Arc::new(maintenance::Fleet::default());
     let read_pause = Arc::new(executor::ReadPause::default());
     let stats = Arc::new(executor::StatsView::default());
+    let slots = Arc::new(Semaphore::new(settings.concurrency));
+    let presence = presence(&settings, &worker_id, &claims);
+    let (draining, calls_in_flight) = (Arc::clone(&presence.draining), Arc::clone(&presence.calls));
     let duties = Duties {
         tasks: &tasks,
         redis: &redis,
@@ -340,14 +343,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         done: &done,
     };
     duties
-        .start(&settings, &claims, &cancels, &fleet, &stats)
+        .start(&settings, &claims, &cancels, &fleet, &stats, presence)
         .await;
     let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
     let fetcher = Fetcher {
         redis: redis.clone(),
         queues: queues.clone(),
         consumer: worker_id.clone(),
-        slots: Arc::new(Semaphore::new(settings.concurrency)),
+        slots,
+        draining,
         max_batch: settings.concurrency.min(1000),
         visibility_timeout: settings.visibility_timeout,
         max_deliveries: settings.max_deliveries,
@@ -381,6 +385,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
             claims: Arc::clone(&claims),
             cancels: Arc::clone(&cancels),
             batchers: executor::Batchers::default(),
+            calls_in_flight,
         },
         finisher,
         claims: Arc::clone(&claims),
@@ -415,6 +420,32 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     Ok(())
 }
 
+/// What the worker's heartbeat says of it: the parts that never change, and the counters
+/// read at each beat.
+fn presence(settings: &Settings, worker_id: &str, claims: &Arc<Claims>) -> maintenance::Presence {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    maintenance::Presence {
+        info: llmq_shared::queue::WorkerInfo {
+            id: worker_id.to_owned(),
+            host,
+            queues: settings.queues.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            concurrency: settings.concurrency as u64,
+            started_ms: llmq_shared::queue::now_ms(),
+            busy: 0,
+            calls: 0,
+            draining: false,
+        },
+        claims: Arc::clone(claims),
+        calls: Arc::default(),
+        draining: Arc::default(),
+    }
+}
+
 /// The tenants that get more than one task per turn in a queue's room, and how many.
 fn weights(config: &llmq_shared::config::Config) -> Vec<(String, u32)> {
     config.tenants.weights.clone().into_iter().collect()
@@ -443,6 +474,7 @@ impl Duties<'_> {
         cancels: &Arc<cancels::Cancels>,
         fleet: &Arc<maintenance::Fleet>,
         stats: &Arc<executor::StatsView>,
+        presence: maintenance::Presence,
     ) {
         let (redis, queues) = (self.redis, self.queues.to_vec());
         // Read before the first task: one cancelled before the worker started never runs.
@@ -465,6 +497,7 @@ impl Duties<'_> {
             self.worker_id.to_owned(),
             queues,
             Arc::clone(fleet),
+            presence,
             self.done.clone(),
         ));
         self.tasks.spawn(claims::refresh(
@@ -501,6 +534,9 @@ impl Duties<'_> {
         let keys: Vec<QueueKeys> = self.queues.iter().map(|q| QueueKeys::clone(q)).collect();
         if let Err(e) = self.redis.leave(self.worker_id, &keys).await {
             tracing::warn!("could not deregister the worker: {e}");
+        }
+        if let Err(e) = self.redis.forget_worker(self.worker_id).await {
+            tracing::warn!("could not take the worker out of the fleet's registry: {e}");
         }
     }
 }

@@ -2,11 +2,11 @@
 //! delayed tasks to the stream, announcing itself, reading the routing stats.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use llmq_shared::keys::QueueKeys;
-use llmq_shared::queue::{Client, now_ms};
+use llmq_shared::queue::{Client, WorkerInfo, now_ms};
 use tokio_util::sync::CancellationToken;
 
 /// How many workers serve this worker's queues, as its last heartbeat counted them: duties
@@ -161,13 +161,49 @@ pub async fn routing_stats(
     }
 }
 
-/// Announces the worker every few seconds, for `llmq status`, and counts the fleet it
-/// belongs to.
+/// What the heartbeat tells the fleet of this worker, and the drain it hands the fetcher.
+pub struct Presence {
+    /// What does not change: id, host, queues, version, concurrency, start.
+    pub info: WorkerInfo,
+    /// The stream entries the worker holds: its tasks.
+    pub claims: Arc<crate::claims::Claims>,
+    pub calls: Arc<AtomicU64>,
+    /// Set while a drain is asked of this worker (`llmq worker drain`): it reads nothing.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl Presence {
+    /// Says where the worker stands in the fleet's registry, and takes note of a drain asked
+    /// or withdrawn.
+    async fn announce(&mut self, redis: &Client) {
+        self.info.busy = self.claims.count() as u64;
+        self.info.calls = self.calls.load(Ordering::Relaxed);
+        self.info.draining = self.draining.load(Ordering::Relaxed);
+        match redis.announce(&self.info).await {
+            Ok(drain) => {
+                let asked = drain.is_some();
+                if self.draining.swap(asked, Ordering::Relaxed) != asked {
+                    match drain {
+                        Some(d) => {
+                            tracing::warn!(by = %d.by, "asked to drain: taking no new task, finishing those held")
+                        }
+                        None => tracing::info!("drain withdrawn: taking tasks again"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot announce the worker: {e}"),
+        }
+    }
+}
+
+/// Announces the worker every few seconds, for `llmq status` and `llmq workers`, counts the
+/// fleet it belongs to, and takes note of a drain.
 pub async fn heartbeat(
     redis: Client,
     worker: String,
     queues: Vec<Arc<QueueKeys>>,
     fleet: Arc<Fleet>,
+    mut presence: Presence,
     stop: CancellationToken,
 ) {
     /// Beats between two that also record the queues and forget workers silent for an hour.
@@ -181,6 +217,7 @@ pub async fn heartbeat(
             Ok(live) => fleet.set(live),
             Err(e) => tracing::warn!("heartbeat failed: {e}"),
         }
+        presence.announce(&redis).await;
         if tidy {
             // Tasks parked for a provider batch that no scheduler sends any more go back to
             // their streams before their deadline.

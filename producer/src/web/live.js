@@ -1,13 +1,26 @@
-// llmq web: refreshes the page's live part (#live) every few seconds without a reload.
+// llmq web: refreshes the page's live part (#live) every few seconds without a reload, and
+// asks to confirm an action whose button says so (data-confirm).
 // The new part comes from this same server, whose pages escape every text they show; it is
 // parsed inert (DOMParser runs no script) and swapped in. Nothing else on the page changes,
-// so a form being filled in is left alone.
+// so a form being filled in is left alone. A hidden tab asks nothing until it is shown.
 (function () {
   "use strict";
+  document.addEventListener("submit", function (e) {
+    var button = e.submitter;
+    var ask = button && button.getAttribute("data-confirm");
+    if (ask && !window.confirm(ask)) e.preventDefault();
+  });
   var live = document.getElementById("live");
-  if (!live) return;
+  // A part marked data-done (a task that ended) never changes again.
+  if (!live || live.hasAttribute("data-done")) return;
+  var done = false;
   var every = Number(live.getAttribute("data-refresh")) || 3000;
+  function later() { if (!done) window.setTimeout(refresh, every); }
   function refresh() {
+    if (document.hidden) {
+      document.addEventListener("visibilitychange", refresh, { once: true });
+      return;
+    }
     fetch(window.location.href, { credentials: "same-origin", cache: "no-store" })
       .then(function (r) { return r.ok ? r.text() : null; })
       .then(function (text) {
@@ -15,9 +28,10 @@
         var fresh = new DOMParser().parseFromString(text, "text/html").getElementById("live");
         var now = document.getElementById("live");
         if (fresh && now) now.replaceWith(document.importNode(fresh, true));
+        done = Boolean(fresh && fresh.hasAttribute("data-done"));
       })
       .catch(function () { /* the server is away: try again next time */ })
-      .finally(function () { window.setTimeout(refresh, every); });
+      .finally(later);
   }
-  window.setTimeout(refresh, every);
+  later();
 })();

@@ -382,7 +382,12 @@ pub(super) async fn task(
         StatusCode::OK,
         &format!("Task {id}"),
         &format!(
-            "<div id=\"live\" data-refresh=\"3000\"><table>{table}</table>{cancel}{output}</div>"
+            "<div id=\"live\" data-refresh=\"3000\"{done}><table>{table}</table>{cancel}{output}</div>",
+            done = if r.status.is_final() {
+                " data-done"
+            } else {
+                ""
+            }
         ),
         &viewer,
     )

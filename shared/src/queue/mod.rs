@@ -44,6 +44,7 @@ mod out;
 mod pause;
 mod reply;
 mod slots;
+mod workers;
 
 pub use answers::{Answer, Keep, NOT_KEPT, answer_name, flight_key, warm_name};
 pub use batch::{
@@ -61,6 +62,7 @@ pub use inspect::TenantBacklog;
 pub use out::{OUT_TTL, OutEntry};
 pub use pause::{PAUSE_NOTICE, Paused};
 pub use slots::Slot;
+pub use workers::{HeldTask, SeenWorker, WorkerInfo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

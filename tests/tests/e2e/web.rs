@@ -857,3 +857,109 @@ async fn the_overview_shows_the_room_by_priority_and_tenants_as_text() {
     w.stop().await.unwrap();
     stop.cancel();
 }
+
+/// The workers page lists a worker with the task it holds; drained from the page it takes
+/// no new task and finishes the one it held, and `llmq worker resume` sets it going again.
+#[tokio::test]
+async fn a_worker_drained_from_the_page_finishes_what_it_holds_and_takes_nothing_new() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = serve_state(WebState {
+        token: Some(TOKEN.into()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    })
+    .await;
+    let id = format!("{}-drainee", env.queue);
+    let mut settings = env.settings();
+    settings.worker_id = Some(id.clone());
+    settings.concurrency = 2;
+    let worker = llmq_tests::harness::WorkerHandle::start(settings);
+    let mut slow = Envelope::new("hold me");
+    slow.model = Some("slow-5000".into());
+    slow.task_type = Some("code_review".into());
+    env.redis.enqueue(&env.keys, &slow).await.unwrap();
+    let slow_id = slow.id.unwrap();
+    let browser = Browser::sign_in(&base).await;
+    // The page shows the worker (from its heartbeat) holding the slow task (read from Redis).
+    let page = std::cell::RefCell::new(String::new());
+    env.eventually("the worker shown holding the slow task", WAIT, || async {
+        let got = browser
+            .get(&format!("/workers?queue={}", env.queue))
+            .await
+            .1;
+        let shown =
+            got.contains(&format!("id={slow_id}\">code_review</a>")) && got.contains(" / 2</td>");
+        *page.borrow_mut() = got;
+        shown
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", page.borrow()));
+    let page = page.into_inner();
+    assert!(page.contains(&format!("<code>{id}</code>")), "{page}");
+    assert!(
+        page.contains("<span class=\"state live\">live</span>"),
+        "{page}"
+    );
+
+    let (status, said) = browser.post("/workers/drain", &[("id", &id)]).await;
+    assert_eq!(status, 200, "{said}");
+    assert!(said.contains("drains"), "{said}");
+    let (status, _) = browser
+        .post("/workers/drain", &[("id", "no-such-worker")])
+        .await;
+    assert_eq!(status, 404);
+    // Once it has noticed (its next beat), new tasks wait while the slow one finishes.
+    env.eventually("the worker noticing its drain", WAIT, || async {
+        env.redis
+            .fleet()
+            .await
+            .unwrap()
+            .iter()
+            .any(|w| w.id == id && w.info.as_ref().is_some_and(|i| i.draining))
+    })
+    .await
+    .unwrap();
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        let mut e = Envelope::new(format!("after the drain {i}"));
+        e.model = Some("mock-fast".into());
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+        waiting.push(e.id.unwrap());
+    }
+    let r = env.wait_final(&slow_id, WAIT).await.unwrap();
+    assert_eq!(r.status, llmq_shared::outcome::Status::Succeeded);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((counts.ready, counts.in_flight), (3, 0), "{counts:?}");
+    env.eventually("the page showing the worker drained", WAIT, || async {
+        let got = browser.get("/workers").await.1;
+        got.contains(&format!(
+            "<code>{id}</code></td><td><span class=\"state drained\">"
+        ))
+    })
+    .await
+    .unwrap();
+    let (code, listed) = env.cli(&["worker", "list"]).await;
+    assert_eq!(code, 0);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("drained")),
+        "{listed}"
+    );
+
+    let (code, said) = env.cli(&["worker", "resume", &id]).await;
+    assert_eq!(code, 0, "{said}");
+    for t in &waiting {
+        let r = env.wait_final(t, WAIT).await.unwrap();
+        assert_eq!(
+            (r.status, r.attempts),
+            (llmq_shared::outcome::Status::Succeeded, 1)
+        );
+    }
+    let (code, _) = env.cli(&["worker", "drain", "no-such-worker"]).await;
+    assert_eq!(code, 1);
+    worker.stop().await.unwrap();
+    // A worker that stopped cleanly leaves the registry.
+    assert!(!env.redis.fleet().await.unwrap().iter().any(|w| w.id == id));
+    stop.cancel();
+}

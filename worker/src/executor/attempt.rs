@@ -973,6 +973,7 @@ impl Attempt<'_> {
                 // The span is moved into the call and read back from it: held once, not
                 // twice, by every call in flight.
                 let mut call = std::pin::pin!(client.complete(&req).instrument(span));
+                let _under_way = InFlight::new(&exec.calls_in_flight);
                 let result = call.as_mut().await;
                 (result, call.span().clone())
             }
@@ -1181,4 +1182,20 @@ fn call_span(req: &Request<'_>, cand: &Candidate<'_>) -> tracing::Span {
         llmq.provider = name,
         llmq.cost_usd = tracing::field::Empty,
     )
+}
+
+/// Counts a provider call under way for as long as it lives (a call dropped midway too).
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicU64) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }

@@ -97,6 +97,8 @@ pub struct Executor {
     pub cancels: Arc<crate::cancels::Cancels>,
     /// Whether a scheduler sends each queue's batches, as last seen.
     pub batchers: batch::Batchers,
+    /// Provider calls under way now, for the worker's heartbeat.
+    pub calls_in_flight: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What `cheapest` routes by: nothing observed.
