@@ -453,6 +453,46 @@ pub struct Ledger {
     pool: PgPool,
 }
 
+/// An index of `tasks` that `llmq migrate` builds after the migrations
+/// ([`Ledger::build_late_indexes`]): on a populated ledger a plain `CREATE INDEX` in a
+/// migration would lock the tasks for the length of a scan.
+struct LateIndex {
+    name: &'static str,
+    /// A partition's index is named the partition's name and this.
+    suffix: &'static str,
+    /// What follows `ON <table>`.
+    def: &'static str,
+    /// For `llmq migrate`'s progress: "indexing <what> of <partition>".
+    what: &'static str,
+}
+
+const LATE_INDEXES: &[LateIndex] = &[
+    // A batch's tasks (`llmq costs --batch`, the page), migration 20261201000001.
+    LateIndex {
+        name: "tasks_batch_id",
+        suffix: "_batch_id",
+        def: "(batch_id) WHERE batch_id IS NOT NULL",
+        what: "the batch ids",
+    },
+    // The tasks that did not succeed, newest first, for the page's task search: a few in a
+    // hundred rows, so a B-tree entry for those alone.
+    LateIndex {
+        name: "tasks_unsucceeded",
+        suffix: "_unsucceeded",
+        def: "(finished_at DESC, task_id DESC) WHERE status <> 'succeeded'",
+        what: "the tasks that did not succeed",
+    },
+    // Every task by when it finished, for the task search's windows: rows are appended in
+    // about that order, so a block range's summary costs a write next to nothing (a B-tree
+    // entry per row is what 20261203000001 took away).
+    LateIndex {
+        name: "tasks_finished_brin",
+        suffix: "_finished_brin",
+        def: "USING brin (finished_at) WITH (autosummarize = on)",
+        what: "the finish times",
+    },
+];
+
 impl Ledger {
     /// Connects to `url`.
     ///
@@ -537,7 +577,7 @@ impl Ledger {
         // get theirs as they move.
         let copied = self.copy_task_views(say).await?;
         let copied = self.move_history(say).await? || copied;
-        self.index_batch_ids(say).await?;
+        self.build_late_indexes(say).await?;
         if rows > 0 && (copied || !pending.is_empty()) {
             // Copying the task views moved the routing rollups a batch at a time, from
             // several sessions: each key's shards folded into one row, so routing stats
@@ -845,32 +885,48 @@ impl Ledger {
         .await?)
     }
 
-    /// Builds `tasks_batch_id` (the index of a batch's tasks, migration
-    /// `20261201000001_batch_ids`) without locking the ledger for a scan: the parent's index
-    /// made on it alone, then each partition's CONCURRENTLY and attached (a partition made
-    /// later gets its own as it is attached). An interrupted run builds what is missing, an
-    /// index cut off mid-build again. Nothing to do once the parent's index is valid.
-    async fn index_batch_ids(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
-        const INDEX: &str = "tasks_batch_id";
+    /// Builds each of [`LATE_INDEXES`] without locking the ledger for a scan: the parent's
+    /// index made on it alone, then each partition's CONCURRENTLY and attached (a partition
+    /// made later gets its own as it is attached). An interrupted run builds what is missing,
+    /// an index cut off mid-build again. Nothing to do once the parent's index is valid.
+    async fn build_late_indexes(&self, say: &mut (dyn FnMut(String) + Send)) -> Result<()> {
+        for index in LATE_INDEXES {
+            self.build_late_index(index, say).await?;
+        }
+        Ok(())
+    }
+
+    async fn build_late_index(
+        &self,
+        index: &LateIndex,
+        say: &mut (dyn FnMut(String) + Send),
+    ) -> Result<()> {
+        let LateIndex {
+            name,
+            suffix,
+            def,
+            what,
+        } = *index;
         let valid: Option<bool> = sqlx::query_scalar(
             "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
              WHERE c.relname = $1",
         )
-        .bind(INDEX)
+        .bind(name)
         .fetch_optional(&self.pool)
         .await?;
         if valid == Some(true) {
             return Ok(());
         }
         // One session builds it; another `llmq migrate` waits for it, then finds it valid.
+        let lock = format!("llmq {name}");
         let mut conn = self.pool.acquire().await?;
-        sqlx::query("SELECT pg_advisory_lock(hashtext('llmq tasks_batch_id'))")
+        sqlx::query("SELECT pg_advisory_lock(hashtext($1))")
+            .bind(&lock)
             .execute(&mut *conn)
             .await?;
         let built = async {
             sqlx::query(&format!(
-                "CREATE INDEX IF NOT EXISTS {INDEX} ON ONLY tasks (batch_id)
-                 WHERE batch_id IS NOT NULL"
+                "CREATE INDEX IF NOT EXISTS {name} ON ONLY tasks {def}"
             ))
             .execute(&mut *conn)
             .await?;
@@ -878,7 +934,7 @@ impl Ledger {
             let parts: Vec<(String, Option<bool>)> = sqlx::query_as(
                 "SELECT p.relname::text,
                     (SELECT x.indisvalid FROM pg_class xc JOIN pg_index x ON x.indexrelid = xc.oid
-                     WHERE xc.relname = p.relname || '_batch_id')
+                     WHERE xc.relname = p.relname || $2)
                  FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhrelid
                  WHERE h.inhparent = 'tasks'::regclass
                    AND NOT EXISTS (SELECT FROM pg_inherits hi
@@ -886,31 +942,32 @@ impl Ledger {
                        WHERE hi.inhparent = $1::regclass AND x.indrelid = p.oid)
                  ORDER BY 1",
             )
-            .bind(INDEX)
+            .bind(name)
+            .bind(suffix)
             .fetch_all(&mut *conn)
             .await?;
             for (part, index_valid) in parts {
-                let index = format!("{part}_batch_id");
+                let index = format!("{part}{suffix}");
                 if index_valid == Some(false) {
                     sqlx::query(&format!("DROP INDEX CONCURRENTLY IF EXISTS \"{index}\""))
                         .execute(&mut *conn)
                         .await?;
                 }
-                say(format!("indexing the batch ids of {part}"));
+                say(format!("indexing {what} of {part}"));
                 sqlx::query(&format!(
-                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS \"{index}\" ON \"{part}\" (batch_id)
-                     WHERE batch_id IS NOT NULL"
+                    "CREATE INDEX CONCURRENTLY IF NOT EXISTS \"{index}\" ON \"{part}\" {def}"
                 ))
                 .execute(&mut *conn)
                 .await?;
-                sqlx::query(&format!("ALTER INDEX {INDEX} ATTACH PARTITION \"{index}\""))
+                sqlx::query(&format!("ALTER INDEX {name} ATTACH PARTITION \"{index}\""))
                     .execute(&mut *conn)
                     .await?;
             }
             Ok::<_, Error>(())
         }
         .await;
-        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext('llmq tasks_batch_id'))")
+        let _ = sqlx::query("SELECT pg_advisory_unlock(hashtext($1))")
+            .bind(&lock)
             .execute(&mut *conn)
             .await;
         built

@@ -39,6 +39,7 @@ pub mod config;
 pub mod conversation;
 pub mod envelope;
 pub mod health;
+pub mod history;
 pub mod idempotency;
 pub mod ids;
 pub mod insights;

@@ -125,9 +125,8 @@ fn worker_row(w: &SeenWorker, held: &[HeldTask], now: i64, viewer: &Viewer) -> S
     } else {
         String::new()
     };
-    let (host, queues, version, slots, calls, up) = w.info.as_ref().map_or_else(
-        Default::default,
-        |i| {
+    let (host, queues, version, slots, calls, up) =
+        w.info.as_ref().map_or_else(Default::default, |i| {
             let queues: Vec<String> = i
                 .queues
                 .iter()
@@ -147,8 +146,7 @@ fn worker_row(w: &SeenWorker, held: &[HeldTask], now: i64, viewer: &Viewer) -> S
                 i.calls.to_string(),
                 format!("up {}", age(now - i.started_ms)),
             )
-        },
-    );
+        });
     format!(
         "<tr data-worker=\"{id}\"><td><code>{id}</code></td><td><span class=\"state {st}\">{st}\
          </span> {button}</td><td>{host}</td><td>{queues}</td><td>{version}</td>\

@@ -31,6 +31,7 @@ use crate::outcome::{ErrorClass, TaskRecord};
 
 mod answers;
 mod batch;
+mod browse;
 mod cancel;
 mod chain;
 mod conn;
@@ -51,6 +52,7 @@ pub use batch::{
     BatchAnswer, BatchPark, BatchRecord, BatchState, BatchTask, FALLBACK_MARGIN, Group, LATCH_TTL,
     Settle, Taken,
 };
+pub use browse::LiveTask;
 pub use cancel::{CANCEL_NOTICE, Cancelled, MARK_LIFE, Marks, Named, Target, why};
 pub use chain::{ChainsPage, Refused, StepContext};
 pub use conn::Conn;

@@ -206,9 +206,50 @@ impl Client {
         consumer: Option<&str>,
         n: usize,
     ) -> Result<Vec<HeldTask>> {
+        let mut held = self.held_after(keys, consumer, None, n).await?;
+        if held.is_empty() {
+            return Ok(held);
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for h in &held {
+            pipe.cmd("XRANGE")
+                .arg(keys.stream())
+                .arg(&h.entry_id)
+                .arg(&h.entry_id);
+        }
+        let entries: Vec<Value> = pipe.query_async(&mut c).await?;
+        for (h, entry) in held.iter_mut().zip(entries) {
+            let Some((_, fields)) = reply::parse_entries(entry)?.into_iter().next() else {
+                continue;
+            };
+            let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
+            if let Some(e) = EntryId::parse(&h.entry_id) {
+                h.task_id = Some(envelope::task_id_of(keys.name(), e, payload));
+            }
+            h.task_type = serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get("type")?.as_str().map(str::to_owned));
+        }
+        Ok(held)
+    }
+
+    /// The entries held in queue `keys` (by `consumer`, or by any worker) after entry
+    /// `after`, oldest first, at most `n`: one `XPENDING`, the tasks not read.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub(super) async fn held_after(
+        &self,
+        keys: &QueueKeys,
+        consumer: Option<&str>,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<HeldTask>> {
         let mut c = self.conn().await?;
         let mut cmd = redis::cmd("XPENDING");
-        cmd.arg(keys.stream()).arg(GROUP).arg("-").arg("+").arg(n);
+        let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        cmd.arg(keys.stream()).arg(GROUP).arg(start).arg("+").arg(n);
         if let Some(consumer) = consumer {
             cmd.arg(consumer);
         }
@@ -234,29 +275,6 @@ impl Client {
                 idle_ms: reply::as_u64(idle),
                 deliveries: reply::as_u64(deliveries),
             });
-        }
-        if held.is_empty() {
-            return Ok(held);
-        }
-        let mut pipe = redis::pipe();
-        for h in &held {
-            pipe.cmd("XRANGE")
-                .arg(keys.stream())
-                .arg(&h.entry_id)
-                .arg(&h.entry_id);
-        }
-        let entries: Vec<Value> = pipe.query_async(&mut c).await?;
-        for (h, entry) in held.iter_mut().zip(entries) {
-            let Some((_, fields)) = reply::parse_entries(entry)?.into_iter().next() else {
-                continue;
-            };
-            let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
-            if let Some(e) = EntryId::parse(&h.entry_id) {
-                h.task_id = Some(envelope::task_id_of(keys.name(), e, payload));
-            }
-            h.task_type = serde_json::from_slice::<serde_json::Value>(payload)
-                .ok()
-                .and_then(|v| v.get("type")?.as_str().map(str::to_owned));
         }
         Ok(held)
     }

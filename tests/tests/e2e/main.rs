@@ -34,6 +34,7 @@ mod requests;
 mod routing;
 mod scheduler;
 mod serve;
+mod tasks;
 mod tenants;
 mod tls;
 mod traces;

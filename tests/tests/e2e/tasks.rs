@@ -1,0 +1,303 @@
+//! The task search (`/tasks`): finished tasks from the ledger by state and filters, paged by
+//! cursor in both directions with nothing missed or repeated; live ones (ready, in flight,
+//! delayed) from Redis; hostile text shown as text.
+#![allow(clippy::panic, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::Utc;
+use llmq::web::{WebState, serve};
+use llmq_shared::envelope::Envelope;
+use llmq_shared::history::{Page, TaskFilter};
+use llmq_shared::outcome::Status;
+use llmq_shared::queue::Client;
+use llmq_tests::harness::{SeededRng, TestEnv, redis_url};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn web(env: &TestEnv) -> (String, CancellationToken) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let state = WebState {
+        ledger: Some(env.ledger.clone()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    };
+    tokio::spawn(serve(listener, state, stop.clone()));
+    (base, stop)
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+/// Ledger rows of a queue of its own, many sharing a finish time (ties broken by id) and
+/// spread over two days, a seeded mix of states, tenants and errors: every search pages
+/// through exactly the rows its SQL selects, older then newer, none twice.
+#[tokio::test]
+async fn every_search_pages_through_exactly_what_it_matches() {
+    let env = TestEnv::new().await.unwrap();
+    let pool = env.ledger.pool();
+    let mut rng = SeededRng(0x7a5c);
+    let now = Utc::now();
+    let statuses = [
+        "succeeded",
+        "succeeded",
+        "succeeded",
+        "failed",
+        "dead",
+        "cancelled",
+    ];
+    for i in 0..400 {
+        let status = statuses[rng.below(statuses.len())];
+        // Clumps of equal times, a few seconds to two days back.
+        let back = chrono::Duration::seconds((rng.below(60) * 2900) as i64);
+        let error = (status != "succeeded").then(|| {
+            if rng.below(3) == 0 {
+                format!("quota 50%_off exceeded for call {i}")
+            } else {
+                format!("bad request {i}")
+            }
+        });
+        sqlx::query(
+            "INSERT INTO tasks (task_id, queue, task_type, status, attempts, model, tenant, tags,
+                error, error_class, finished_at)
+             VALUES ($1, $2, $3, $4, 1, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(uuid::Uuid::new_v4())
+        .bind(&env.queue)
+        .bind(if i % 2 == 0 {
+            "code_review"
+        } else {
+            "research"
+        })
+        .bind(status)
+        .bind(if i % 3 == 0 {
+            "mock-smart"
+        } else {
+            "mock-fast"
+        })
+        .bind(format!("tenant-{}", i % 4))
+        .bind(serde_json::json!({"team": if i % 5 == 0 { "search" } else { "ads" }}))
+        .bind(&error)
+        .bind(
+            error
+                .as_ref()
+                .map(|_| if i % 2 == 0 { "fatal" } else { "transient" }),
+        )
+        .bind(now - back)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let base = TaskFilter {
+        queue: Some(env.queue.clone()),
+        since: now - chrono::Duration::days(3),
+        until: now + chrono::Duration::seconds(1),
+        ..TaskFilter::default()
+    };
+    let searches = [
+        base.clone(),
+        TaskFilter {
+            status: Some("succeeded".into()),
+            ..base.clone()
+        },
+        TaskFilter {
+            status: Some("dead".into()),
+            ..base.clone()
+        },
+        TaskFilter {
+            text: Some("50%_OFF".into()),
+            ..base.clone()
+        },
+        TaskFilter {
+            tenant: Some("tenant-1".into()),
+            task_type: Some("research".into()),
+            ..base.clone()
+        },
+        TaskFilter {
+            tag: Some(("team".into(), "search".into())),
+            ..base.clone()
+        },
+        TaskFilter {
+            model: Some("mock-smart".into()),
+            error_class: Some("fatal".into()),
+            ..base.clone()
+        },
+        TaskFilter {
+            since: now - chrono::Duration::hours(5),
+            ..base.clone()
+        },
+    ];
+    for f in &searches {
+        let want: i64 = {
+            let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+                "SELECT count(*) FROM tasks WHERE queue = ",
+            );
+            q.push_bind(&env.queue)
+                .push(" AND finished_at >= ")
+                .push_bind(f.since)
+                .push(" AND finished_at < ")
+                .push_bind(f.until);
+            if let Some(s) = &f.status {
+                q.push(" AND status = ").push_bind(s);
+            }
+            if let Some(t) = &f.text {
+                q.push(" AND strpos(lower(error), lower(")
+                    .push_bind(t)
+                    .push(")) > 0");
+            }
+            if let Some(t) = &f.tenant {
+                q.push(" AND tenant = ").push_bind(t);
+            }
+            if let Some(t) = &f.task_type {
+                q.push(" AND task_type = ").push_bind(t);
+            }
+            if let Some((k, v)) = &f.tag {
+                q.push(" AND tags ->> ")
+                    .push_bind(k)
+                    .push(" = ")
+                    .push_bind(v);
+            }
+            if let Some(m) = &f.model {
+                q.push(" AND model = ").push_bind(m);
+            }
+            if let Some(c) = &f.error_class {
+                q.push(" AND error_class = ").push_bind(c);
+            }
+            q.build_query_scalar().fetch_one(pool).await.unwrap()
+        };
+        assert!(want > 0, "a search that finds nothing tests nothing: {f:?}");
+        // Older, page by page, from the newest.
+        let mut seen = Vec::new();
+        let mut page = env.ledger.find_tasks(f, Page::Newest, 17).await.unwrap();
+        assert_eq!((page.count, page.more), (want, false), "{f:?}");
+        assert!(page.newer.is_none());
+        loop {
+            seen.extend(page.tasks.iter().map(|t| (t.finished_at, t.task_id)));
+            match page.older {
+                Some(c) => page = env.ledger.find_tasks(f, Page::Older(c), 17).await.unwrap(),
+                None => break,
+            }
+        }
+        assert_eq!(seen.len() as i64, want, "{f:?}");
+        let unique: HashSet<_> = seen.iter().collect();
+        assert_eq!(unique.len(), seen.len(), "a task shown twice: {f:?}");
+        assert!(
+            seen.windows(2).all(|w| w[0] > w[1]),
+            "not newest first: {f:?}"
+        );
+        // And back to the newest.
+        let mut back = Vec::new();
+        while let Some(c) = page.newer {
+            page = env.ledger.find_tasks(f, Page::Newer(c), 17).await.unwrap();
+            back.splice(0..0, page.tasks.iter().map(|t| (t.finished_at, t.task_id)));
+        }
+        let last_page = seen.len() - seen.len().div_ceil(17).saturating_sub(1) * 17;
+        assert_eq!(back, seen[..seen.len() - last_page], "{f:?}");
+    }
+}
+
+/// As an operator would: a failed task found by a word of its error, ready, delayed and in
+/// flight tasks listed live, and markup in a prompt, a tenant or an error shown as text.
+#[tokio::test]
+async fn the_page_finds_failures_by_their_words_and_lists_live_tasks() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = web(&env).await;
+    let q = &env.queue;
+    // Live first: nothing reads the queue yet.
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut ready = Envelope::new("<script>alert('ready')</script>");
+    ready.tenant = Some("<b>acme</b>".into());
+    env.redis.enqueue(&env.keys, &ready).await.unwrap();
+    let mut later = Envelope::new("run me tomorrow");
+    later.run_at = Some(Utc::now() + chrono::Duration::days(1));
+    env.redis.enqueue(&env.keys, &later).await.unwrap();
+    let (status, body) = get(&format!("{base}/tasks?queue={q}&state=ready")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&ready.id.unwrap().to_string()[..8]), "{body}");
+    assert!(
+        body.contains("&lt;script&gt;alert(&#39;ready&#39;)"),
+        "{body}"
+    );
+    assert!(
+        body.contains("&lt;b&gt;acme&lt;/b&gt;") && !body.contains("<b>acme"),
+        "{body}"
+    );
+    let (_, body) = get(&format!("{base}/tasks?queue={q}&state=delayed")).await;
+    assert!(
+        body.contains("run me tomorrow") && body.contains("1 task(s) delayed"),
+        "{body}"
+    );
+    let (_, body) = get(&format!(
+        "{base}/tasks?queue={q}&state=ready&q=nothing-like-it"
+    ))
+    .await;
+    assert!(
+        !body.contains("alert(&#39;ready"),
+        "the filter leaves it out: {body}"
+    );
+
+    // A worker runs them: the ready one succeeds, a slow one is in flight, one fails.
+    let worker = env.worker();
+    let mut slow = Envelope::new("take your time");
+    slow.model = Some("slow-5000".into());
+    env.redis.enqueue(&env.keys, &slow).await.unwrap();
+    let mut bad = Envelope::new("this one is refused");
+    bad.model = Some("fail-400".into());
+    bad.tenant = Some("<i>t</i>".into());
+    env.redis.enqueue(&env.keys, &bad).await.unwrap();
+    let bad_id = bad.id.unwrap();
+    env.eventually("the slow task in flight", WAIT, || async {
+        get(&format!("{base}/tasks?queue={q}&state=in_flight"))
+            .await
+            .1
+            .contains("take your time")
+    })
+    .await
+    .unwrap();
+    let r = env.wait_final(&bad_id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Dead, "{r:?}");
+    let word = r
+        .error
+        .as_deref()
+        .unwrap()
+        .split_whitespace()
+        .find(|w| w.len() > 5)
+        .unwrap()
+        .to_owned();
+    let mut page = String::new();
+    for _ in 0..200 {
+        page = get(&format!(
+            "{base}/tasks?queue={q}&state=dead&q={}",
+            word.trim_matches(|c: char| !c.is_alphanumeric())
+        ))
+        .await
+        .1;
+        if page.contains(&bad_id.to_string()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(page.contains(&format!("id={bad_id}")), "{word}: {page}");
+    assert!(page.contains("&lt;i&gt;t&lt;/i&gt;"), "{page}");
+    assert!(page.contains("1 task(s) finished"), "{page}");
+    // The same words find nothing among the tasks that succeeded.
+    let (_, none) = get(&format!("{base}/tasks?queue={q}&state=succeeded&q=refused")).await;
+    assert!(none.contains("0 task(s) finished"), "{none}");
+    // Bad input gets a page that says so.
+    for bad in [
+        "state=sleeping",
+        "state=finished&since=yesterday",
+        "state=finished&older=x_y",
+        "state=ready&queue=a%7Db",
+    ] {
+        let (status, body) = get(&format!("{base}/tasks?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    worker.stop().await.unwrap();
+    stop.cancel();
+}
