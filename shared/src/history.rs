@@ -323,6 +323,63 @@ impl Ledger {
     }
 }
 
+/// One provider call of a task, as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow, serde::Serialize)]
+pub struct TaskCall {
+    /// Replays from the dead letters start a new run.
+    pub run: i32,
+    pub attempt: i32,
+    pub call_no: i32,
+    pub provider: String,
+    pub model: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub cached_tokens: i64,
+    pub cost_usd: f64,
+    pub latency_ms: i32,
+    pub outcome: String,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+    pub worker: String,
+    pub called_at: DateTime<Utc>,
+}
+
+/// The most calls of one task the page reads.
+const CALLS_SHOWN: i64 = 200;
+
+impl Ledger {
+    /// Task `id`'s ledger row (its latest, should a replay have finished it again).
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn finished_task(&self, id: Uuid) -> Result<Option<FoundTask>> {
+        Ok(sqlx::query_as::<_, FoundTask>(&format!(
+            "SELECT {COLUMNS} FROM tasks WHERE task_id = $1 ORDER BY finished_at DESC LIMIT 1"
+        ))
+        .bind(id)
+        .fetch_optional(self.pool())
+        .await?)
+    }
+
+    /// Task `id`'s provider calls in the order made (the first [`CALLS_SHOWN`]).
+    ///
+    /// # Errors
+    /// Postgres fails.
+    pub async fn task_calls(&self, id: Uuid) -> Result<Vec<TaskCall>> {
+        Ok(sqlx::query_as::<_, TaskCall>(
+            "SELECT run, attempt, call_no, provider, model, input_tokens, output_tokens,
+                cached_tokens, cost_usd::float8 AS cost_usd, latency_ms, outcome, error_class,
+                error, worker, called_at
+             FROM provider_calls WHERE task_id = $1
+             ORDER BY run, attempt, call_no LIMIT $2",
+        )
+        .bind(id)
+        .bind(CALLS_SHOWN)
+        .fetch_all(self.pool())
+        .await?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

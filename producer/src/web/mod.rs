@@ -27,6 +27,7 @@ mod chains;
 mod costs;
 mod dead;
 mod overview;
+mod task;
 mod tasks;
 mod workers;
 
@@ -150,8 +151,9 @@ pub async fn probe(name: &str, listen: SocketAddr) -> crate::Result<u8> {
 fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/", get(overview::overview))
-        .route("/task", get(overview::task))
-        .route("/task/cancel", post(overview::cancel))
+        .route("/task", get(task::show))
+        .route("/task/cancel", post(task::cancel))
+        .route("/task/run-now", post(task::run_now))
         .route("/approvals", get(chains::approvals))
         .route("/approvals/decide", post(chains::decide))
         .route("/chains", get(chains::chains))

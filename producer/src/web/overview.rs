@@ -3,22 +3,19 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::{StreamExt, TryStreamExt};
 use llmq_shared::circuit::Circuits;
 use llmq_shared::config::Config;
-use llmq_shared::ids::TaskId;
 use llmq_shared::keys::{QueueKeys, SchedulerKeys};
 use llmq_shared::queue::Client;
 use llmq_shared::quota::{Limiter, QuotaLine};
-use serde::Deserialize;
 
 use super::auth::done;
 use super::{
-    App, AppState, Viewer, action, action_form, esc, field, message, page, queue_in, redis_away,
-    urlencode,
+    App, AppState, Viewer, action, action_form, esc, field, message, page, redis_away, urlencode,
 };
 
 /// A quota's use as a bar, with marks at 50, 80 and 90 %.
@@ -273,158 +270,6 @@ fn scheduler_section(scheduler: &llmq_shared::archive::SchedulerStatus) -> (Stri
         |h| format!("active: {}", esc(h)),
     );
     (holder, duties)
-}
-
-#[derive(Deserialize)]
-pub(super) struct TaskQuery {
-    queue: Option<String>,
-    id: Option<String>,
-}
-
-/// How many delayed, ready and dead entries of a queue a task lookup reads at most.
-const TASK_SCAN: usize = 5000;
-
-pub(super) async fn task(
-    State(app): AppState,
-    viewer: Viewer,
-    Query(q): Query<TaskQuery>,
-) -> Response {
-    // No queue named: every queue is looked in.
-    let named = q.queue.as_deref().map(str::trim).filter(|q| !q.is_empty());
-    let queues = match named {
-        Some(name) => match queue_in(Some(name), &viewer) {
-            Ok(q) => vec![q],
-            Err(page) => return *page,
-        },
-        None => match app.web.redis.known_queues().await {
-            Ok(q) => q,
-            Err(e) => return redis_away(&e, &viewer),
-        },
-    };
-    let Some(id) =
-        q.id.as_deref()
-            .and_then(|id| id.trim().parse::<TaskId>().ok())
-    else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Not a task id",
-            "<p>A task id is a UUID, as <code>llmq submit</code> printed it, such as \
-             <code>0b6c2d1e-3f4a-4b5c-9d6e-7f8091a2b3c4</code>.</p>",
-            &viewer,
-        );
-    };
-    let mut found = None;
-    for queue in &queues {
-        match app
-            .web
-            .redis
-            .task_within(&QueueKeys::new(queue), id, TASK_SCAN)
-            .await
-        {
-            Ok(Some(r)) => {
-                found = Some((queue.clone(), r));
-                break;
-            }
-            Ok(None) => {}
-            Err(e) => return redis_away(&e, &viewer),
-        }
-    }
-    let Some((queue, r)) = found else {
-        let missing = named.map_or_else(
-            || format!("No queue has task {id}"),
-            |q| format!("Queue {q} has no task {id}"),
-        );
-        return message(
-            StatusCode::NOT_FOUND,
-            "No such task",
-            &format!(
-                "{missing}: it was never enqueued there, its result is older than the workers' \
-                 --result-ttl, or it waits behind more than {TASK_SCAN} delayed, ready or dead \
-                 tasks (llmq result finds it there)."
-            ),
-            &viewer,
-        );
-    };
-    let row = |name: &str, value: &str| format!("<tr><th>{name}</th><td>{}</td></tr>", esc(value));
-    let mut table = String::new();
-    table.push_str(&row("Queue", &queue));
-    table.push_str(&row("Status", &format!("{:?}", r.status).to_lowercase()));
-    table.push_str(&row("Attempts", &r.attempts.to_string()));
-    if let (Some(p), Some(m)) = (&r.provider, &r.model) {
-        table.push_str(&row("Provider/model", &format!("{p}/{m}")));
-    }
-    if let Some(route) = &r.route {
-        table.push_str(&row("Route", route));
-    }
-    table.push_str(&row("Cost", &format!("${:.6}", r.cost_usd)));
-    if let Some(e) = &r.error {
-        table.push_str(&row("Error", e));
-    }
-    let output = r
-        .output
-        .as_deref()
-        .map(|o| format!("<h2>Output</h2><pre>{}</pre>", esc(o)))
-        .unwrap_or_default();
-    // A task that has not ended may be cancelled (`llmq cancel`): it never runs, or its
-    // call is dropped.
-    let cancel = if r.status.is_final() {
-        String::new()
-    } else {
-        let id = id.to_string();
-        action_form(
-            &viewer,
-            "/task/cancel",
-            &[("queue", &queue), ("id", &id)],
-            "<button>Cancel this task</button>",
-        )
-    };
-    page(
-        StatusCode::OK,
-        &format!("Task {id}"),
-        &format!(
-            "<div id=\"live\" data-refresh=\"3000\"{done}><table>{table}</table>{cancel}{output}</div>",
-            done = if r.status.is_final() {
-                " data-done"
-            } else {
-                ""
-            }
-        ),
-        &viewer,
-    )
-}
-
-/// POST `/task/cancel`: sets the task's cancel mark, as `llmq cancel` does.
-pub(super) async fn cancel(State(app): AppState, headers: HeaderMap, body: String) -> Response {
-    let viewer = app.sessions.viewer(&headers);
-    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
-        Ok(x) => x,
-        Err(page) => return *page,
-    };
-    let Some(id) = field(&fields, "id").and_then(|id| id.trim().parse::<TaskId>().ok()) else {
-        return message(
-            StatusCode::BAD_REQUEST,
-            "Not a task id",
-            "A task id is a UUID, as llmq submit printed it.",
-            &viewer,
-        );
-    };
-    let target = [llmq_shared::queue::Target::Task(id)];
-    match app.web.redis.cancel(&QueueKeys::new(&queue), &target).await {
-        Ok(answer) => {
-            let what = match answer.first() {
-                Some(llmq_shared::queue::Cancelled::Ended(status)) => {
-                    format!("Task {id} had already ended ({status}); it was left as it was.")
-                }
-                _ => format!(
-                    "Cancelled task {id} of queue {queue}: workers end it within a second; \
-                     it never runs, or its call is dropped."
-                ),
-            };
-            let back = format!("/task?queue={}&id={id}", urlencode(&queue));
-            done("Cancelled", &what, &back, &viewer)
-        }
-        Err(e) => redis_away(&e, &viewer),
-    }
 }
 
 /// POST `/queue/pause` and `/queue/resume`.

@@ -20,6 +20,34 @@ static ROOM_FIND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(
     ))
 });
 
+/// Replaces delayed member ARGV[1] by ARGV[2], due at ARGV[3]; 1 when it was there.
+static RUN_NOW: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then \
+           redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2]) return 1 end return 0",
+    )
+});
+
+/// A task as a look finds it: its record, its envelope where it is held now, and its dead
+/// letter's entry id if it is dead.
+#[derive(Debug, Clone, Default)]
+pub struct Found {
+    pub record: Option<TaskRecord>,
+    /// The envelope as it is held (delayed, in the stream or the room, or dead): the member
+    /// of `delayed` exactly, when delayed.
+    pub request: Option<String>,
+    pub dead_entry: Option<String>,
+}
+
+impl Found {
+    fn of(record: Option<TaskRecord>) -> Self {
+        Self {
+            record,
+            ..Self::default()
+        }
+    }
+}
+
 /// Tasks of one tenant waiting in a queue's room at one priority.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TenantBacklog {
@@ -159,6 +187,31 @@ impl Client {
         Ok(top)
     }
 
+    /// Makes delayed task `member` (its envelope as [`Found::request`] read it) due now:
+    /// the next promotion moves it to the stream. `false` when it is no longer delayed.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn run_now(&self, keys: &QueueKeys, member: &str) -> Result<bool> {
+        // Its `run_at` goes too, or the worker that reads it would delay it again.
+        let due = match serde_json::from_str::<serde_json::Value>(member) {
+            Ok(serde_json::Value::Object(mut env)) => {
+                env.remove("run_at");
+                serde_json::Value::Object(env).to_string()
+            }
+            _ => member.to_owned(),
+        };
+        let mut c = self.conn().await?;
+        let moved: u64 = RUN_NOW
+            .key(keys.delayed())
+            .arg(member)
+            .arg(due)
+            .arg(now_ms())
+            .invoke_async(&mut c)
+            .await?;
+        Ok(moved == 1)
+    }
+
     /// Counts of one queue.
     ///
     /// # Errors
@@ -238,19 +291,74 @@ impl Client {
         task_id: TaskId,
         scan: usize,
     ) -> Result<Option<TaskRecord>> {
+        Ok(self.find_task(keys, task_id, scan, false).await?.record)
+    }
+
+    /// [`Client::task_within`], and the task's envelope where it is held now (delayed, in
+    /// the stream or the room, or dead): what it asked for.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn task_and_request(
+        &self,
+        keys: &QueueKeys,
+        task_id: TaskId,
+        scan: usize,
+    ) -> Result<Found> {
+        self.find_task(keys, task_id, scan, true).await
+    }
+
+    /// The task's record, and (with `request`, or where the task is held decides its
+    /// record) its envelope.
+    async fn find_task(
+        &self,
+        keys: &QueueKeys,
+        task_id: TaskId,
+        scan: usize,
+        request: bool,
+    ) -> Result<Found> {
         let stored = self.results(keys, &[task_id]).await?.pop().flatten();
-        if let Some(record) = stored.as_ref().filter(|r| r.status.is_final()) {
-            return Ok(Some(record.clone()));
+        let final_record = stored.as_ref().filter(|r| r.status.is_final());
+        // An ended task is one lookup; only a dead one is held anywhere still (its letter).
+        if final_record.is_some_and(|r| !request || r.status != Status::Dead) {
+            return Ok(Found::of(stored));
+        }
+        let Some((status, request, dead)) = self.locate(keys, task_id, scan).await? else {
+            // Between two places (e.g. being promoted) while we looked: the record stands.
+            return Ok(Found::of(stored));
+        };
+        let dead_entry = dead.as_ref().map(|d| d.id.clone());
+        if final_record.is_some() {
+            return Ok(Found {
+                record: stored,
+                request,
+                dead_entry,
+            });
         }
         // A record of a retry says `delayed`; where the task is now decides, and the record
         // keeps its last error and attempts.
-        let now = |status: Status| {
-            let mut r = stored
-                .clone()
-                .unwrap_or_else(|| TaskRecord::pending(task_id, keys.name(), status));
-            r.status = status;
-            Ok(Some(r))
-        };
+        let mut r = stored.unwrap_or_else(|| TaskRecord::pending(task_id, keys.name(), status));
+        r.status = status;
+        if let Some(d) = dead {
+            r.error = Some(d.error);
+            r.error_class = d.class.parse().ok();
+            r.attempts = u32::try_from(d.attempts).unwrap_or(u32::MAX);
+        }
+        Ok(Found {
+            record: Some(r),
+            request,
+            dead_entry,
+        })
+    }
+
+    /// Where task `task_id` is held now (looking at no more than about `scan` entries of
+    /// each place), its envelope there, and its dead letter if that is where.
+    async fn locate(
+        &self,
+        keys: &QueueKeys,
+        task_id: TaskId,
+        scan: usize,
+    ) -> Result<Option<(Status, Option<String>, Option<super::DeadLetter>)>> {
         let mut c = self.conn().await?;
         // Any JSON spacing; the id itself is unique enough (a UUID holds no glob character).
         let pattern = format!("*{task_id}*");
@@ -266,8 +374,8 @@ impl Client {
                 .arg(1000)
                 .query_async(&mut c)
                 .await?;
-            if !hits.is_empty() {
-                return now(Status::Delayed);
+            if let Some(envelope) = hits.into_iter().next() {
+                return Ok(Some((Status::Delayed, Some(envelope), None)));
             }
             looked = looked.saturating_add(1000);
             if next == 0 || looked >= scan {
@@ -296,7 +404,10 @@ impl Client {
                     } else {
                         Status::Queued
                     };
-                    return now(status);
+                    let request = fields
+                        .get(crate::keys::TASK_FIELD)
+                        .map(|p| String::from_utf8_lossy(p).into_owned());
+                    return Ok(Some((status, request, None)));
                 }
             }
             looked = looked.saturating_add(page.len());
@@ -308,29 +419,22 @@ impl Client {
             }
         }
         // Waiting its turn in the room: queued, as in the stream.
-        let in_room: u64 = ROOM_FIND
+        let in_room: Value = ROOM_FIND
             .key(keys.stream())
             .arg(task_id)
             .arg(scan.min(i64::MAX as usize))
             .invoke_async(&mut c)
             .await?;
-        if in_room == 1 {
-            return now(Status::Queued);
+        if let Value::BulkString(envelope) = in_room {
+            let request = String::from_utf8_lossy(&envelope).into_owned();
+            return Ok(Some((Status::Queued, Some(request), None)));
         }
         Ok(self
             .dead_letters(keys, scan)
             .await?
             .into_iter()
             .find(|d| d.task_id == task_id)
-            .map(|d| {
-                let mut r = TaskRecord::pending(task_id, keys.name(), Status::Dead);
-                r.error = Some(d.error);
-                r.error_class = d.class.parse().ok();
-                r.attempts = u32::try_from(d.attempts).unwrap_or(u32::MAX);
-                r
-            })
-            // Between two places (e.g. being promoted) while we looked: the record stands.
-            .or(stored))
+            .map(|d| (Status::Dead, Some(d.task.clone()), Some(d))))
     }
 
     /// The stored records of `task_ids`, in order (`None` where there is none yet), in one

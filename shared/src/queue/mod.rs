@@ -60,7 +60,7 @@ pub use dead_letter::{Replayed, replayed_task};
 pub use enqueue::{PROGRESS_TTL, Progress, Tick};
 pub use finish::Write;
 pub use idem::{KeyEnd, Keyed, holder};
-pub use inspect::TenantBacklog;
+pub use inspect::{Found, TenantBacklog};
 pub use out::{OUT_TTL, OutEntry};
 pub use pause::{PAUSE_NOTICE, Paused};
 pub use slots::Slot;

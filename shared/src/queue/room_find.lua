@@ -2,7 +2,7 @@
 -- matched as plain text, never as a pattern).
 -- KEYS: 1 stream
 -- ARGV: 1 task id, 2 limit
--- Returns 1 when found, else 0.
+-- Returns the task's envelope when found, else 0.
 local room = room_of(KEYS[1])
 local id, left = ARGV[1], tonumber(ARGV[2])
 for _, p in ipairs(redis.call('ZRANGE', room, 0, -1)) do
@@ -17,7 +17,7 @@ for _, p in ipairs(redis.call('ZRANGE', room, 0, -1)) do
       end
       for _, env in ipairs(page) do
         if string.find(env, id, 1, true) then
-          return 1
+          return env
         end
       end
       left = left - #page

@@ -301,3 +301,140 @@ async fn the_page_finds_failures_by_their_words_and_lists_live_tasks() {
     worker.stop().await.unwrap();
     stop.cancel();
 }
+
+/// A task's page tells its whole story: the request as text, each provider call with its
+/// error, and the actions its state allows (replay a dead one, run a delayed one now), each
+/// refused without a sign-in.
+#[tokio::test]
+async fn a_task_s_page_tells_its_story_and_offers_what_its_state_allows() {
+    let env = TestEnv::new().await.unwrap();
+    let token = "tasks-token";
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    let state = WebState {
+        ledger: Some(env.ledger.clone()),
+        token: Some(token.into()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    };
+    tokio::spawn(serve(listener, state, stop.clone()));
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = http
+        .post(format!("{base}/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={token}"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = signed.headers()["set-cookie"]
+        .to_str()
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let get_page = |path: String| {
+        let (http, cookie, base) = (http.clone(), cookie.clone(), base.clone());
+        async move {
+            http.get(format!("{base}{path}"))
+                .header("cookie", cookie)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let post = |path: &'static str, csrf: String, id: String| {
+        let (http, cookie, base, queue) = (
+            http.clone(),
+            cookie.clone(),
+            base.clone(),
+            env.queue.clone(),
+        );
+        async move {
+            let r = http
+                .post(format!("{base}{path}"))
+                .header("cookie", cookie)
+                .header("origin", &base)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(format!("csrf={csrf}&queue={queue}&id={id}"))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let csrf_of = |page: &str| {
+        page.split("name=\"csrf\" value=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap()
+            .to_owned()
+    };
+
+    // A delayed task: run now.
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut later = Envelope::new("later, please");
+    later.model = Some("mock-fast".into());
+    later.run_at = Some(Utc::now() + chrono::Duration::days(1));
+    env.redis.enqueue(&env.keys, &later).await.unwrap();
+    let later_id = later.id.unwrap();
+    let shown = get_page(format!("/task?queue={}&id={later_id}", env.queue)).await;
+    assert!(
+        shown.contains("later, please") && shown.contains("Run now"),
+        "{shown}"
+    );
+    let worker = env.worker();
+    let (status, said) = post("/task/run-now", csrf_of(&shown), later_id.to_string()).await;
+    assert_eq!(status, 200, "{said}");
+    let r = env.wait_final(&later_id, WAIT).await.unwrap();
+    assert_eq!(r.status, Status::Succeeded);
+
+    // A dead task with markup in its prompt and system text: its request as text, its
+    // calls with their errors, a replay.
+    let mut bad = Envelope::new("<script>alert('p')</script>");
+    bad.system = Some("<b>be brief</b>".into());
+    bad.model = Some("fail-400".into());
+    env.redis.enqueue(&env.keys, &bad).await.unwrap();
+    let bad_id = bad.id.unwrap();
+    assert_eq!(
+        env.wait_final(&bad_id, WAIT).await.unwrap().status,
+        Status::Dead
+    );
+    let mut shown = String::new();
+    for _ in 0..200 {
+        shown = get_page(format!("/task?queue={}&id={bad_id}", env.queue)).await;
+        if shown.contains("Provider calls") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        shown.contains("&lt;script&gt;alert(&#39;p&#39;)&lt;/script&gt;"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("&lt;b&gt;be brief&lt;/b&gt;") && !shown.contains("<b>be brief"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("Provider calls") && shown.contains("fail-400"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("Replay") && shown.contains(" data-done"),
+        "{shown}"
+    );
+    // Without the anti-forgery field, refused.
+    let (status, _) = post("/task/run-now", "nope".into(), bad_id.to_string()).await;
+    assert_eq!(status, 403);
+    let (status, said) = post("/task/run-now", csrf_of(&shown), bad_id.to_string()).await;
+    assert_eq!(status, 409, "a dead task is not delayed: {said}");
+    worker.stop().await.unwrap();
+    stop.cancel();
+}
