@@ -453,10 +453,12 @@ pub struct Ledger {
     pool: PgPool,
 }
 
-/// An index of `tasks` that `llmq migrate` builds after the migrations
+/// An index of `tasks` or `provider_calls` that `llmq migrate` builds after the migrations
 /// ([`Ledger::build_late_indexes`]): on a populated ledger a plain `CREATE INDEX` in a
 /// migration would lock the tasks for the length of a scan.
 struct LateIndex {
+    /// `tasks` or `provider_calls`.
+    table: &'static str,
     name: &'static str,
     /// A partition's index is named the partition's name and this.
     suffix: &'static str,
@@ -469,6 +471,7 @@ struct LateIndex {
 const LATE_INDEXES: &[LateIndex] = &[
     // A batch's tasks (`llmq costs --batch`, the page), migration 20261201000001.
     LateIndex {
+        table: "tasks",
         name: "tasks_batch_id",
         suffix: "_batch_id",
         def: "(batch_id) WHERE batch_id IS NOT NULL",
@@ -477,6 +480,7 @@ const LATE_INDEXES: &[LateIndex] = &[
     // The tasks that did not succeed, newest first, for the page's task search: a few in a
     // hundred rows, so a B-tree entry for those alone.
     LateIndex {
+        table: "tasks",
         name: "tasks_unsucceeded",
         suffix: "_unsucceeded",
         def: "(finished_at DESC, task_id DESC) WHERE status <> 'succeeded'",
@@ -486,10 +490,20 @@ const LATE_INDEXES: &[LateIndex] = &[
     // about that order, so a block range's summary costs a write next to nothing (a B-tree
     // entry per row is what 20261203000001 took away).
     LateIndex {
+        table: "tasks",
         name: "tasks_finished_brin",
         suffix: "_finished_brin",
         def: "USING brin (finished_at) WITH (autosummarize = on)",
         what: "the finish times",
+    },
+    // The same of every call by when it was made, for the page's charts of the last hour
+    // and day.
+    LateIndex {
+        table: "provider_calls",
+        name: "provider_calls_called_brin",
+        suffix: "_called_brin",
+        def: "USING brin (called_at) WITH (autosummarize = on)",
+        what: "the call times",
     },
 ];
 
@@ -902,6 +916,7 @@ impl Ledger {
         say: &mut (dyn FnMut(String) + Send),
     ) -> Result<()> {
         let LateIndex {
+            table,
             name,
             suffix,
             def,
@@ -926,7 +941,7 @@ impl Ledger {
             .await?;
         let built = async {
             sqlx::query(&format!(
-                "CREATE INDEX IF NOT EXISTS {name} ON ONLY tasks {def}"
+                "CREATE INDEX IF NOT EXISTS {name} ON ONLY {table} {def}"
             ))
             .execute(&mut *conn)
             .await?;
@@ -936,7 +951,7 @@ impl Ledger {
                     (SELECT x.indisvalid FROM pg_class xc JOIN pg_index x ON x.indexrelid = xc.oid
                      WHERE xc.relname = p.relname || $2)
                  FROM pg_inherits h JOIN pg_class p ON p.oid = h.inhrelid
-                 WHERE h.inhparent = 'tasks'::regclass
+                 WHERE h.inhparent = $3::regclass
                    AND NOT EXISTS (SELECT FROM pg_inherits hi
                        JOIN pg_index x ON x.indexrelid = hi.inhrelid
                        WHERE hi.inhparent = $1::regclass AND x.indrelid = p.oid)
@@ -944,6 +959,7 @@ impl Ledger {
             )
             .bind(name)
             .bind(suffix)
+            .bind(table)
             .fetch_all(&mut *conn)
             .await?;
             for (part, index_valid) in parts {

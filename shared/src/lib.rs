@@ -52,6 +52,7 @@ pub mod queue;
 pub mod quota;
 pub mod retry;
 pub mod routing;
+pub mod series;
 pub mod shutdown;
 pub mod telemetry;
 pub mod text;

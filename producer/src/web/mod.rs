@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 mod auth;
 mod chains;
+mod charts;
 mod costs;
 mod dead;
 mod overview;
@@ -166,6 +167,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/queue/resume", post(overview::resume))
         .route("/costs", get(costs::costs))
         .route("/tasks", get(tasks::list))
+        .route("/charts", get(charts::charts))
         .route("/workers", get(workers::list))
         .route("/workers/drain", post(workers::drain))
         .route("/workers/resume", post(workers::resume))
@@ -333,7 +335,7 @@ fn page(status: StatusCode, title: &str, body: &str, viewer: &Viewer) -> Respons
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>{title} · llmq</title><style>{STYLE}</style>\
          <script src=\"/live.js\" defer></script></head><body>\
-         <nav><a href=\"/\">Overview</a><a href=\"/tasks\">Tasks</a><a href=\"/workers\">Workers</a>\
+         <nav><a href=\"/\">Overview</a><a href=\"/tasks\">Tasks</a><a href=\"/workers\">Workers</a><a href=\"/charts\">Over time</a>\
          <a href=\"/approvals\">Approvals</a><a href=\"/costs\">Costs</a><span class=\"who\">{who}</span></nav>\
          <h1>{title}</h1>{body}</body></html>",
         title = esc(title)

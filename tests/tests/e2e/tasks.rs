@@ -438,3 +438,166 @@ async fn a_task_s_page_tells_its_story_and_offers_what_its_state_allows() {
     worker.stop().await.unwrap();
     stop.cancel();
 }
+
+/// The percentile of `v` as Postgres's `percentile_cont` makes it (linear between ranks).
+fn percentile(mut v: Vec<f64>, q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let pos = q * (v.len() - 1) as f64;
+    let (lo, hi) = (pos.floor() as usize, pos.ceil() as usize);
+    v[lo] + (v[hi] - v[lo]) * (pos - lo as f64)
+}
+
+/// The charts' figures, as their JSON says them, are what the rows say: each minute's counts,
+/// waits and call latencies computed here from seeded rows, and each day's p95 of the 30-day
+/// chart within the 5 % its histogram allows.
+#[tokio::test]
+async fn the_charts_say_what_the_ledger_s_rows_say() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = web(&env).await;
+    let pool = env.ledger.pool();
+    let mut rng = SeededRng(0xc4a7);
+    let now = Utc::now();
+    let minute = |k: i64| {
+        chrono::DurationRound::duration_trunc(now, chrono::Duration::minutes(1)).unwrap()
+            - chrono::Duration::minutes(k)
+    };
+    // Per minute (3, 7, 12 minutes ago) and per day (2, 5 days ago): tasks and calls.
+    // Per point: its time, the waits and call latencies, the succeeded and the dead.
+    type Want = (chrono::DateTime<Utc>, Vec<f64>, Vec<f64>, i64, i64);
+    let mut want: Vec<Want> = Vec::new();
+    for at in [
+        minute(3),
+        minute(7),
+        minute(12),
+        minute(60 * 24 * 2),
+        minute(60 * 24 * 5),
+    ] {
+        let (mut waits, mut latencies, mut ok, mut dead) = (Vec::new(), Vec::new(), 0, 0);
+        for _ in 0..(20 + rng.below(30)) {
+            let id = uuid::Uuid::new_v4();
+            let status = if rng.below(5) == 0 {
+                "dead"
+            } else {
+                "succeeded"
+            };
+            let (wait, run) = (rng.below(5000) as i64, 100 + rng.below(2000) as i64);
+            let finished = at + chrono::Duration::seconds(3 + rng.below(56) as i64);
+            sqlx::query(
+                "INSERT INTO tasks (task_id, queue, task_type, status, attempts, finished_at,
+                    enqueued_at, duration_ms)
+                 VALUES ($1, $2, 'research', $3, 1, $4, $5, $6)",
+            )
+            .bind(id)
+            .bind(&env.queue)
+            .bind(status)
+            .bind(finished)
+            .bind(finished - chrono::Duration::milliseconds(wait + run))
+            .bind(run)
+            .execute(pool)
+            .await
+            .unwrap();
+            let latency = 50 + rng.below(3000) as i32;
+            sqlx::query(
+                "INSERT INTO provider_calls (task_id, run, attempt, call_no, queue, task_type,
+                    provider, model, input_tokens, output_tokens, cached_tokens,
+                    reasoning_tokens, cost_usd, latency_ms, outcome, worker, called_at, delivery)
+                 VALUES ($1, 0, 1, 0, $2, 'research', 'mock', 'mock-fast', 10, 5, 0, 0,
+                    0.000001, $3, 'ok', 'w', $4, $1)",
+            )
+            .bind(id)
+            .bind(&env.queue)
+            .bind(latency)
+            .bind(finished - chrono::Duration::milliseconds(run))
+            .execute(pool)
+            .await
+            .unwrap();
+            waits.push(wait as f64);
+            latencies.push(f64::from(latency));
+            if status == "dead" {
+                dead += 1;
+            } else {
+                ok += 1;
+            }
+        }
+        want.push((at, waits, latencies, ok, dead));
+    }
+    let json = |span: &str| {
+        let url = format!("{base}/charts?queue={}&span={span}&format=json", env.queue);
+        async move {
+            reqwest::get(url)
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let hour = json("hour").await;
+    let points = hour["points"].as_array().unwrap();
+    assert_eq!(points.len(), 60);
+    for (at, waits, latencies, ok, dead) in &want[..3] {
+        let p = points
+            .iter()
+            .find(|p| {
+                p["at"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<chrono::DateTime<Utc>>()
+                    .unwrap()
+                    == *at
+            })
+            .unwrap_or_else(|| panic!("no point at {at}: {hour}"));
+        assert_eq!(p["succeeded"].as_i64().unwrap(), *ok, "{p}");
+        assert_eq!(p["dead"].as_i64().unwrap(), *dead, "{p}");
+        assert_eq!(p["calls"].as_i64().unwrap(), ok + dead, "{p}");
+        for (field, values, q) in [
+            ("wait_p95_ms", waits, 0.95),
+            ("wait_p50_ms", waits, 0.5),
+            ("call_p95_ms", latencies, 0.95),
+        ] {
+            let got = p[field].as_f64().unwrap();
+            let exact = percentile(values.clone(), q);
+            assert!(
+                (got - exact).abs() < 1.5,
+                "{field} at {at}: {got} against {exact}"
+            );
+        }
+    }
+    // The minutes with nothing are there, empty.
+    assert!(points.iter().filter(|p| p["finished"] == 0).count() >= 57);
+    // 30 days, from the rollups: each day's count exact, its p95 within the histogram's 5 %.
+    let month = json("30d").await;
+    for (at, _, latencies, ok, dead) in &want[3..] {
+        let day = at.date_naive().to_string();
+        let p = month["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["at"].as_str().unwrap().starts_with(&day))
+            .unwrap();
+        assert_eq!(p["finished"].as_i64().unwrap(), ok + dead, "{p}");
+        assert_eq!(p["failed"].as_i64().unwrap(), *dead, "{p}");
+        let got = p["call_p95_ms"].as_f64().unwrap();
+        let exact = percentile(latencies.clone(), 0.95);
+        assert!(
+            (got / exact - 1.0).abs() <= 0.06,
+            "p95 of {day}: {got} against {exact}"
+        );
+    }
+    // The page draws them; the CSV carries a line per minute.
+    let (status, page) = get(&format!("{base}/charts?queue={}&span=hour", env.queue)).await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<svg class=\"chart\"") && page.contains("Time waiting"),
+        "{page}"
+    );
+    let (_, csv) = get(&format!(
+        "{base}/charts?queue={}&span=day&format=csv",
+        env.queue
+    ))
+    .await;
+    assert_eq!(csv.lines().count(), 25, "{csv}");
+    let (status, _) = get(&format!("{base}/charts?span=week")).await;
+    assert_eq!(status, 400);
+    stop.cancel();
+}
