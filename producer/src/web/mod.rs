@@ -27,6 +27,7 @@ mod chains;
 mod charts;
 mod costs;
 mod dead;
+mod dead_work;
 mod overview;
 mod task;
 mod tasks;
@@ -76,6 +77,8 @@ pub(crate) struct App {
     pub sessions: auth::Sessions,
     /// Listening on loopback: answer only requests addressed to a loopback name.
     pub loopback_only: bool,
+    /// Dead letters replayed or purged in the background.
+    pub jobs: dead_work::Jobs,
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -94,6 +97,7 @@ pub async fn serve(
         sessions: auth::Sessions::new(state.token.clone()),
         loopback_only,
         web: state,
+        jobs: dead_work::Jobs::default(),
     };
     axum::serve(listener, router(Arc::new(app)))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

@@ -81,6 +81,35 @@ impl Client {
         Ok(out)
     }
 
+    /// One page of a queue's dead letters between dead-entry ids (or `-`, `+`, `(id` for
+    /// an exclusive bound) `from` and `to`, at most `count`: oldest first, or newest first
+    /// with `newest_first` (then `from` is the upper bound, as for `XREVRANGE`).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn dead_range(
+        &self,
+        keys: &QueueKeys,
+        from: &str,
+        to: &str,
+        count: usize,
+        newest_first: bool,
+    ) -> Result<Vec<DeadLetter>> {
+        let mut c = self.conn().await?;
+        let page: Value = redis::cmd(if newest_first { "XREVRANGE" } else { "XRANGE" })
+            .arg(keys.dead())
+            .arg(from)
+            .arg(to)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?;
+        Ok(reply::parse_entries(page)?
+            .into_iter()
+            .map(|(id, f)| reply::dead_letter(keys.name(), id, &f))
+            .collect())
+    }
+
     /// The dead letters with these dead-entry ids, one lookup each (no scan): those that
     /// exist, in the order asked.
     ///

@@ -963,3 +963,104 @@ async fn a_worker_drained_from_the_page_finishes_what_it_holds_and_takes_nothing
     assert!(!env.redis.fleet().await.unwrap().iter().any(|w| w.id == id));
     stop.cancel();
 }
+
+/// Dead letters as a work list: a search by the error's words and by model finds exactly
+/// its letters, the errors come grouped, and "replay all that match" replays 5,000 of 10,000
+/// in the background, each once, while the page keeps answering and shows its progress.
+#[tokio::test]
+async fn dead_letters_are_searched_grouped_and_replayed_in_the_background() {
+    let env = TestEnv::new().await.unwrap();
+    let (base, stop) = serve_state(WebState {
+        token: Some(TOKEN.into()),
+        ..WebState::new(Client::new(&redis_url()).unwrap())
+    })
+    .await;
+    env.redis.ensure_group(&env.keys).await.unwrap();
+    let mut c = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for start in (0..10_000).step_by(1000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 1000 {
+            let mut e = Envelope::new(format!("letter {i}"));
+            e.model = Some(
+                if i % 2 == 0 {
+                    "mock-fast"
+                } else {
+                    "mock-smart"
+                }
+                .into(),
+            );
+            let error = if i % 2 == 0 {
+                format!("quota exceeded for key {i}")
+            } else {
+                format!("<b>bad</b> request {i}")
+            };
+            pipe.cmd("XADD")
+                .arg(env.keys.dead())
+                .arg("*")
+                .arg("task")
+                .arg(e.to_json())
+                .arg("error")
+                .arg(error)
+                .arg("class")
+                .arg(if i % 2 == 0 { "quota" } else { "fatal" })
+                .ignore();
+        }
+        let () = pipe.query_async(&mut c).await.unwrap();
+    }
+    let b = Browser::sign_in(&base).await;
+    let q = &env.queue;
+    let (status, page) = b
+        .get(&format!("/dead?queue={q}&q=QUOTA+exceeded&model=mock-fast"))
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page.matches("<tr data-dead=").count(), 50, "{page}");
+    assert!(!page.contains("request 9"), "{page}");
+    assert!(page.contains("quota exceeded for key"), "{page}");
+    let (_, none) = b
+        .get(&format!("/dead?queue={q}&q=quota&model=mock-smart"))
+        .await;
+    assert!(none.contains("No dead letters here match"), "{none}");
+    // Grouped by error, numbers as #, markup as text.
+    let (_, all) = b.get(&format!("/dead?queue={q}")).await;
+    assert!(all.contains("quota exceeded for key #"), "{all}");
+    assert!(all.contains("&lt;b&gt;bad&lt;/b&gt; request #"), "{all}");
+
+    let (status, said) = b
+        .post(
+            "/dead/replay",
+            &[
+                ("queue", q),
+                ("all", "1"),
+                ("confirm", "1"),
+                ("q", "quota exceeded"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{said}");
+    assert!(said.contains("in the background"), "{said}");
+    // The page answers while the job runs, and shows it; then it ends with every match once.
+    let mut pages = 0;
+    loop {
+        let (status, page) = b.get(&format!("/dead?queue={q}")).await;
+        assert_eq!(status, 200);
+        pages += 1;
+        if page.contains("done at") {
+            assert!(page.contains("<td class=\"num\">10000</td><td class=\"num\">5000</td><td class=\"num\">5000</td>"), "{page}");
+            break;
+        }
+        assert!(pages < 3000, "the job did not end: {page}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let counts = env.redis.counts(&env.keys).await.unwrap();
+    assert_eq!((counts.dead, counts.ready), (5000, 5000), "{counts:?}");
+    // Without the confirmation, nothing starts.
+    let (status, _) = b
+        .post("/dead/purge", &[("queue", q), ("all", "1"), ("q", "bad")])
+        .await;
+    assert_eq!(status, 400);
+    stop.cancel();
+}
