@@ -16,6 +16,7 @@ use super::{
     AppState, Viewer, action, action_form, esc, field, message, page, queue_in, redis_away,
     urlencode, when_ms,
 };
+use crate::render::usd;
 
 /// How many chains one page lists.
 const CHAIN_PAGE: usize = 50;
@@ -77,15 +78,20 @@ pub(super) async fn chains(
         },
     };
     let keys = QueueKeys::new(&queue);
-    let listed = match app
+    // One more than the page: a list that ends on a page's last chain links to no empty page.
+    let mut listed = match app
         .web
         .redis
-        .chains_page(&keys, after, state, CHAIN_PAGE, CHAIN_SCAN)
+        .chains_page(&keys, after, state, CHAIN_PAGE + 1, CHAIN_SCAN)
         .await
     {
         Ok(l) => l,
         Err(e) => return redis_away(&e, &viewer),
     };
+    if listed.chains.len() > CHAIN_PAGE {
+        listed.chains.truncate(CHAIN_PAGE);
+        listed.next = listed.chains.last().map(|(id, at, _)| (*at, id.clone()));
+    }
     let u = esc(&urlencode(&queue));
     let mut rows = String::new();
     for (id, at, st) in &listed.chains {
@@ -129,15 +135,15 @@ pub(super) async fn chains(
     page(StatusCode::OK, &title, &body, &viewer)
 }
 
-/// The fill of a step's box, by its status.
-fn step_colour(status: &str) -> &'static str {
+/// The class of a step's box, by its status (its colours are the stylesheet's).
+fn step_class(status: &str) -> &'static str {
     match status {
-        "succeeded" => "#c8efc8",
-        "failed" => "#f6c6c6",
-        "cancelled" => "#dddddd",
-        "awaiting_approval" => "#cdd6f6",
-        "queued" | "running" | "retrying" => "#f8efb8",
-        _ => "#f2f2f2",
+        "succeeded" => "succeeded",
+        "failed" => "failed",
+        "cancelled" => "cancelled",
+        "awaiting_approval" => "waiting",
+        "queued" | "running" | "retrying" => "running",
+        _ => "blocked",
     }
 }
 
@@ -174,18 +180,22 @@ fn draw(c: &ChainState) -> (String, String) {
     let width = 20 + (depth.values().max().copied().unwrap_or(0) + 1) * (w + gap_x);
     let height = 20 + used.values().max().copied().unwrap_or(1) * (h + gap_y);
     let mut svg = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" \
-         role=\"img\" aria-label=\"the chain's steps\">"
+        "<svg class=\"dag\" xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" \
+         height=\"{height}\" role=\"img\" aria-label=\"the chain's steps\"><defs>\
+         <marker id=\"arrow\" viewBox=\"0 0 10 10\" refX=\"10\" refY=\"5\" markerWidth=\"7\" \
+         markerHeight=\"7\" orient=\"auto-start-reverse\"><path d=\"M0,0 L10,5 L0,10 z\"/>\
+         </marker></defs>"
     );
     for s in steps {
         let (x, y) = at(&s.name);
         for p in &s.after {
             let (px, py) = at(p);
+            // From the parent's right edge to the step's left, curved, with an arrowhead.
+            let (x1, y1, y2) = (px + w, py + h / 2, y + h / 2);
+            let mid = (x1 + x) / 2;
             svg.push_str(&format!(
-                "<line x1=\"{}\" y1=\"{}\" x2=\"{x}\" y2=\"{}\" stroke=\"#888\"/>",
-                px + w,
-                py + h / 2,
-                y + h / 2
+                "<path class=\"edge\" d=\"M{x1},{y1} C{mid},{y1} {mid},{y2} {x},{y2}\" \
+                 marker-end=\"url(#arrow)\"/>"
             ));
         }
     }
@@ -197,11 +207,11 @@ fn draw(c: &ChainState) -> (String, String) {
         let model = st.and_then(|st| st.model.clone()).unwrap_or_default();
         let cost = st.map_or(0.0, |st| st.cost_usd);
         svg.push_str(&format!(
-            "<g><rect x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" rx=\"6\" \
-             fill=\"{}\" stroke=\"#555\"/><text x=\"{}\" y=\"{}\" font-size=\"13\" \
+            "<g><rect class=\"step {}\" x=\"{x}\" y=\"{y}\" width=\"{w}\" height=\"{h}\" \
+             rx=\"6\"/><text x=\"{}\" y=\"{}\" font-size=\"13\" \
              font-weight=\"bold\">{}</text><text x=\"{}\" y=\"{}\" font-size=\"11\">{} \
-             {}</text><text x=\"{}\" y=\"{}\" font-size=\"11\">${cost:.4}</text></g>",
-            step_colour(status),
+             {}</text><text x=\"{}\" y=\"{}\" font-size=\"11\">{}</text></g>",
+            step_class(status),
             x + 8,
             y + 18,
             esc(&s.name),
@@ -211,12 +221,16 @@ fn draw(c: &ChainState) -> (String, String) {
             esc(&model),
             x + 8,
             y + 47,
+            usd(cost),
         ));
         table.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>${cost:.6}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td><span class=\"state {}\">{}</span></td><td>{}</td>\
+             <td class=\"num\">{}</td><td>{}</td><td>{}</td></tr>",
             esc(&s.name),
+            step_class(status),
             esc(status),
             esc(&model),
+            usd(cost),
             esc(st.and_then(|st| st.summary.as_deref()).unwrap_or("")),
             esc(st.and_then(|st| st.error.as_deref()).unwrap_or(""))
         ));
@@ -358,7 +372,9 @@ pub(super) async fn approvals(State(app): AppState, viewer: Viewer) -> Response 
         } else {
             String::new()
         };
-        format!("{shown}{items}")
+        // Live too, so a new approval shows without a reload (live.js leaves the part alone
+        // while a note is being written in it).
+        format!("<div id=\"live\" data-refresh=\"5000\">{shown}{items}</div>")
     };
     page(StatusCode::OK, "Approvals", &body, &viewer)
 }

@@ -2,7 +2,7 @@
 // asks to confirm an action whose button says so (data-confirm).
 // The new part comes from this same server, whose pages escape every text they show; it is
 // parsed inert (DOMParser runs no script) and swapped in. Nothing else on the page changes,
-// so a form being filled in is left alone. A hidden tab asks nothing until it is shown.
+// and a part being written in waits. A hidden tab asks nothing until it is shown.
 (function () {
   "use strict";
   document.addEventListener("submit", function (e) {
@@ -16,7 +16,20 @@
   var done = false;
   var every = Number(live.getAttribute("data-refresh")) || 3000;
   function later() { if (!done) window.setTimeout(refresh, every); }
+  // Something typed in the live part (a note) is not thrown away: wait until it is sent.
+  function typing() {
+    var now = document.getElementById("live");
+    if (!now) return false;
+    var inputs = now.querySelectorAll("input, textarea");
+    for (var i = 0; i < inputs.length; i++) {
+      var f = inputs[i];
+      if (f === document.activeElement || (f.type !== "hidden" && f.type !== "checkbox" && f.value !== f.defaultValue)) return true;
+      if (f.type === "checkbox" && f.checked !== f.defaultChecked) return true;
+    }
+    return false;
+  }
   function refresh() {
+    if (typing()) { later(); return; }
     if (document.hidden) {
       document.addEventListener("visibilitychange", refresh, { once: true });
       return;

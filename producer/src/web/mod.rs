@@ -35,14 +35,17 @@ mod workers;
 
 pub use auth::Viewer;
 
-/// Same-origin script only (`/live.js`), no inline script, no framing, no plugins; styles
-/// inline only.
+/// Same-origin script only (`/live.js`), no inline script, no framing, no plugins; the one
+/// stylesheet (`/style.css`) and inline style attributes (a quota bar's width).
 const CSP: &str = "default-src 'none'; script-src 'self'; connect-src 'self'; \
-                   style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; \
+                   style-src 'self' 'unsafe-inline'; img-src 'self'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
 
 /// The script that refreshes a page's `#live` part every few seconds without a reload.
 const LIVE_JS: &str = include_str!("live.js");
+
+/// The one stylesheet: light or dark from the system, the same state colours everywhere.
+const STYLE_CSS: &str = include_str!("style.css");
 
 /// What `llmq web` is started with.
 pub struct WebState {
@@ -79,6 +82,52 @@ pub(crate) struct App {
     pub loopback_only: bool,
     /// Dead letters replayed or purged in the background.
     pub jobs: dead_work::Jobs,
+    /// Queues found in the keyspace that no worker has served yet ([`App::queues`]).
+    pub discovered: std::sync::Mutex<Discovered>,
+}
+
+/// What the walk over the keyspace for queues found so far, where it is, and when it last
+/// stepped.
+#[derive(Default)]
+pub(crate) struct Discovered {
+    names: std::collections::BTreeSet<String>,
+    cursor: u64,
+    stepped: Option<std::time::Instant>,
+}
+
+impl App {
+    /// Every queue: those workers have served, and those found in the keyspace (a queue with
+    /// tasks and no worker yet). The keyspace is walked 5,000 keys a step, a step every 5 s at
+    /// most, so an open page costs Redis little however many keys it holds.
+    pub async fn queues(&self) -> Result<Vec<String>, llmq_shared::queue::Error> {
+        let mut names = self.web.redis.known_queues().await?;
+        let due = self
+            .discovered
+            .lock()
+            .map(|d| {
+                d.stepped
+                    .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5))
+            })
+            .unwrap_or(false);
+        if due {
+            let cursor = self.discovered.lock().map(|d| d.cursor).unwrap_or(0);
+            // Best effort: a walk that fails (a Cluster node away) only finds less.
+            let step = self.web.redis.discover_queues(cursor, 5).await;
+            if let Ok(mut d) = self.discovered.lock() {
+                d.stepped = Some(std::time::Instant::now());
+                if let Ok((found, next)) = step {
+                    d.names.extend(found);
+                    d.cursor = next;
+                }
+            }
+        }
+        if let Ok(d) = self.discovered.lock() {
+            names.extend(d.names.iter().cloned());
+        }
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
 }
 
 type AppState = axum::extract::State<Arc<App>>;
@@ -98,6 +147,7 @@ pub async fn serve(
         loopback_only,
         web: state,
         jobs: dead_work::Jobs::default(),
+        discovered: std::sync::Mutex::default(),
     };
     axum::serve(listener, router(Arc::new(app)))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -178,6 +228,7 @@ fn router(app: Arc<App>) -> Router {
         .route("/login", get(auth::login_form).post(auth::login))
         .route("/logout", post(auth::logout))
         .route("/live.js", get(live_js))
+        .route("/style.css", get(style_css))
         .route("/healthz", get(|| async { "ok" }))
         .fallback(|viewer: Viewer| async move {
             page(
@@ -202,6 +253,17 @@ async fn live_js() -> Response {
             HeaderValue::from_static("text/javascript; charset=utf-8"),
         )],
         LIVE_JS,
+    )
+        .into_response()
+}
+
+async fn style_css() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/css; charset=utf-8"),
+        )],
+        STYLE_CSS,
     )
         .into_response()
 }
@@ -308,18 +370,6 @@ fn when_ms(ms: i64) -> String {
         .unwrap_or_default()
 }
 
-const STYLE: &str = "body{font-family:sans-serif;margin:1.5em 2em;color:#222}\
-    nav a{margin-right:1em}nav .who{float:right;color:#555}\
-    table{border-collapse:collapse;margin:.5em 0}\
-    td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}\
-    pre{white-space:pre-wrap;max-width:60em;margin:0}.note{color:#666}\
-    .done{background:#eef8ee;border:1px solid #9c9;padding:.5em 1em}\
-    .bar{position:relative;width:16em;height:1em;background:#eee;border:1px solid #bbb}\
-    .bar .fill{height:100%;background:#7a9}.bar .fill.warn{background:#db5}\
-    .bar .fill.hot{background:#d66}\
-    .bar .mark{position:absolute;top:-2px;bottom:-2px;width:1px;background:#444}\
-    .paused{color:#a40;font-weight:bold}form.inline{display:inline}";
-
 /// A whole page: `body` is HTML made by this module (its text escaped).
 fn page(status: StatusCode, title: &str, body: &str, viewer: &Viewer) -> Response {
     let who = match viewer {
@@ -337,7 +387,8 @@ fn page(status: StatusCode, title: &str, body: &str, viewer: &Viewer) -> Respons
     };
     let html = format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <title>{title} · llmq</title><style>{STYLE}</style>\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <title>{title} · llmq</title><link rel=\"stylesheet\" href=\"/style.css\">\
          <script src=\"/live.js\" defer></script></head><body>\
          <nav><a href=\"/\">Overview</a><a href=\"/tasks\">Tasks</a><a href=\"/workers\">Workers</a><a href=\"/charts\">Over time</a>\
          <a href=\"/approvals\">Approvals</a><a href=\"/costs\">Costs</a><span class=\"who\">{who}</span></nav>\

@@ -34,25 +34,35 @@ fn bar(pct: f64) -> String {
     )
 }
 
+/// A share with the digits it needs: `0%` only when nothing is used.
+fn percent(p: f64) -> String {
+    match p {
+        0.0 => "0%".into(),
+        p if p < 0.1 => format!("{p:.3}%"),
+        p if p < 10.0 => format!("{p:.1}%"),
+        p => format!("{p:.0}%"),
+    }
+}
+
 fn quota_rows(lines: &[QuotaLine]) -> String {
     let mut rows = String::new();
     for l in lines {
         let money = l.money();
         let num = |v: f64| {
             if money {
-                format!("${v:.2}")
+                crate::render::usd(v)
             } else {
                 format!("{v:.0}")
             }
         };
         rows.push_str(&format!(
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{} of {} ({:.0}%)</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{} of {} ({})</td><td>{}</td></tr>",
             esc(&l.provider),
             esc(&l.quota),
             bar(l.percent()),
             num(l.used),
             num(l.limit),
-            l.percent(),
+            percent(l.percent()),
             l.reset.format("%Y-%m-%d %H:%M UTC"),
         ));
     }
@@ -97,7 +107,7 @@ const OVERVIEW_PARALLEL: usize = 32;
 
 pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
     let redis = &app.web.redis;
-    let queues = match redis.known_queues().await {
+    let queues = match app.queues().await {
         Ok(q) => q,
         Err(e) => return redis_away(&e, &viewer),
     };
@@ -263,6 +273,16 @@ fn scheduler_section(scheduler: &llmq_shared::archive::SchedulerStatus) -> (Stri
                 .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
                 .unwrap_or_else(|| "never".into()),
             esc(&d.detail)
+        ));
+    }
+    // Recurring tasks, as `llmq status` lists them.
+    for r in &scheduler.recurring {
+        duties.push_str(&format!(
+            "<tr><td>recurring {}</td><td></td><td>{}</td><td>last tick</td></tr>",
+            esc(&r.name),
+            r.last_tick
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "never".into()),
         ));
     }
     let holder = scheduler.holder.as_deref().map_or_else(

@@ -160,6 +160,38 @@ impl Client {
         Ok(names)
     }
 
+    /// One step of a walk over the keyspace for queues' streams (`llmq:{<q>}:stream`), for
+    /// queues no worker has served yet: `SCAN` from `cursor`, `calls` times at most (1,000
+    /// keys each). Returns the names found and the cursor to go on from (0: the walk ended).
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn discover_queues(&self, cursor: u64, calls: usize) -> Result<(Vec<String>, u64)> {
+        let mut c = self.conn().await?;
+        let (mut at, mut found) = (cursor, Vec::new());
+        for _ in 0..calls {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(at)
+                .arg("MATCH")
+                .arg("llmq:{*}:stream")
+                .arg("COUNT")
+                .arg(1000)
+                .arg("TYPE")
+                .arg("stream")
+                .query_async(&mut c)
+                .await?;
+            found.extend(keys.iter().filter_map(|k| {
+                let name = k.strip_prefix("llmq:{")?.strip_suffix("}:stream")?;
+                crate::keys::queue_name(name).ok()
+            }));
+            at = next;
+            if at == 0 {
+                break;
+            }
+        }
+        Ok((found, at))
+    }
+
     /// The `n` tenants with the most tasks waiting in the room (`room_top.lua`: at most 200
     /// per priority are looked at, those next in turn): priority, tenant, tasks, most
     /// first.

@@ -216,6 +216,19 @@ async fn the_page_finds_failures_by_their_words_and_lists_live_tasks() {
     let mut later = Envelope::new("run me tomorrow");
     later.run_at = Some(Utc::now() + chrono::Duration::days(1));
     env.redis.enqueue(&env.keys, &later).await.unwrap();
+    // The overview shows the queue though no worker has served it yet.
+    env.eventually(
+        "the overview listing a queue no worker served",
+        WAIT,
+        || async {
+            get(&format!("{base}/"))
+                .await
+                .1
+                .contains(&format!("data-queue=\"{q}\""))
+        },
+    )
+    .await
+    .unwrap();
     let (status, body) = get(&format!("{base}/tasks?queue={q}&state=ready")).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&ready.id.unwrap().to_string()[..8]), "{body}");

@@ -190,12 +190,13 @@ async fn a_chain_is_drawn_as_its_dag_with_each_step_s_status_and_its_text_escape
     assert!(body.contains("<svg"), "{body}");
     assert_eq!(body.matches("<rect").count(), 3, "a box per step: {body}");
     assert_eq!(
-        body.matches("<line").count(),
+        body.matches("<path class=\"edge\"").count(),
         2,
-        "an edge per parent: {body}"
+        "an edge per parent, with an arrowhead: {body}"
     );
+    assert_eq!(body.matches("marker-end=\"url(#arrow)\"").count(), 2, "{body}");
     assert_eq!(
-        body.matches("#c8efc8").count(),
+        body.matches("<rect class=\"step succeeded\"").count(),
         3,
         "every step succeeded: {body}"
     );
