@@ -123,6 +123,33 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
         .await
         .unwrap();
     let (dead_id, replayed_task) = env.replayable_dead_letter("run me again").await;
+    // A chain whose one step the provider refuses: a failed task, found by a word of its
+    // error, followed to its chain, replayed.
+    let failing = format!("{}-failing", env.queue);
+    let spec_failing = serde_json::json!({"v": 1, "chain_id": failing, "steps": [
+        {"name": "refused", "prompt": "ask for too much", "model": "fail-400"}]});
+    env.redis
+        .submit_chain(&env.keys, &spec_failing.to_string())
+        .await
+        .unwrap();
+    let failed = env.chain_ended(&failing, WAIT).await;
+    assert_eq!(failed.state, "failed", "{failed:?}");
+    let failed_task = failed.steps["refused"].task_id.unwrap();
+    let failed_record = env.wait_final(&failed_task, WAIT).await.unwrap();
+    let word = failed_record
+        .error
+        .as_deref()
+        .unwrap_or_default()
+        .split(|c: char| !c.is_alphanumeric())
+        .find(|w| w.len() > 5 && w.chars().all(|c| c.is_ascii_alphabetic()))
+        .unwrap_or_else(|| panic!("no word in {failed_record:?}"))
+        .to_owned();
+    // A second worker, on a queue of its own, for the page to drain.
+    let drainee = format!("{}-drainee", env.queue);
+    let mut drain_settings = env.settings();
+    drain_settings.queues = vec![format!("{}-drain", env.queue)];
+    drain_settings.worker_id = Some(drainee.clone());
+    let drained_worker = llmq_tests::harness::WorkerHandle::start(drain_settings);
     let mut hostile = Envelope::new("<script>window.__llmq_pwned=1;alert('pwned')</script>");
     hostile.model = Some("mock-fast".into());
     let hostile_id = hostile.id.unwrap();
@@ -161,6 +188,8 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
         "counts": {"ready": ready, "in_flight": in_flight, "delayed": delayed, "dead": dead},
         "chain": chain_id, "steps": ["impl", "ship", "docs"], "dead": dead_id,
         "hostile_task": hostile_id, "screenshots": shots,
+        "failed_task": failed_task.to_string(), "failed_word": word, "failing_chain": failing,
+        "drainee": drainee,
     });
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/browser/web.py");
     let mut child = tokio::process::Command::new(&python)
@@ -191,6 +220,16 @@ async fn an_operator_approves_replays_and_sees_hostile_text_as_text_in_chromium(
     assert_eq!(c.steps["ship"].summary.as_deref(), Some("ship it"));
     let r = env.wait_final(&replayed_task, WAIT).await.unwrap();
     assert_eq!(r.status, Status::Succeeded, "{r:?}");
+    // The page drained the second worker.
+    assert!(
+        env.redis
+            .fleet()
+            .await
+            .unwrap()
+            .iter()
+            .any(|w| w.id == drainee && w.drain.is_some())
+    );
+    drained_worker.stop().await.unwrap();
     worker.stop().await.unwrap();
     stop.cancel();
 }

@@ -194,7 +194,11 @@ async fn a_chain_is_drawn_as_its_dag_with_each_step_s_status_and_its_text_escape
         2,
         "an edge per parent, with an arrowhead: {body}"
     );
-    assert_eq!(body.matches("marker-end=\"url(#arrow)\"").count(), 2, "{body}");
+    assert_eq!(
+        body.matches("marker-end=\"url(#arrow)\"").count(),
+        2,
+        "{body}"
+    );
     assert_eq!(
         body.matches("<rect class=\"step succeeded\"").count(),
         3,
