@@ -199,12 +199,26 @@ impl Ledger {
             Page::Older(c) | Page::Newer(c) => Some(c),
         };
         // One more than the page: whether there is a further page.
-        let mut rows = if filter.unsucceeded() {
-            self.tasks_between(filter, filter.since, filter.until, edge, older, limit + 1)
-                .await?
+        let find = async {
+            if filter.unsucceeded() {
+                self.tasks_between(filter, filter.since, filter.until, edge, older, limit + 1)
+                    .await
+            } else {
+                self.tasks_by_windows(filter, edge, older, limit + 1).await
+            }
+        };
+        let (mut rows, (count, more)) = if edge.is_none() {
+            let rows = find.await?;
+            // The newest page with no further one holds every match: its length is the
+            // count, and a filter that matches few rows of a long range is read once.
+            let counted = if rows.len() as i64 <= limit {
+                (rows.len() as i64, false)
+            } else {
+                self.count_tasks(filter).await?
+            };
+            (rows, counted)
         } else {
-            self.tasks_by_windows(filter, edge, older, limit + 1)
-                .await?
+            tokio::try_join!(find, self.count_tasks(filter))?
         };
         let further = rows.len() as i64 > limit;
         rows.truncate(limit as usize);
@@ -220,7 +234,6 @@ impl Ledger {
         } else {
             (if further { first } else { None }, last.or(edge))
         };
-        let (count, more) = self.count_tasks(filter).await?;
         Ok(TaskPage {
             tasks: rows,
             older: older_edge,

@@ -182,7 +182,7 @@ impl Ledger {
         to: DateTime<Utc>,
     ) -> Result<(Vec<Point>, Vec<ModelCalls>)> {
         let step = format!("1 {}", if span == Span::Hour { "minute" } else { "hour" });
-        let tasks: Vec<Point> = sqlx::query_as(
+        let tasks = sqlx::query_as::<_, Point>(
             "WITH t AS (
                 SELECT date_bin($1::interval, finished_at, $2) AS at, status, duration_ms,
                     extract(epoch FROM finished_at - enqueued_at) * 1000
@@ -228,9 +228,8 @@ impl Ledger {
         .bind(from)
         .bind(to)
         .bind(queue)
-        .fetch_all(self.pool())
-        .await?;
-        let models: Vec<ModelCalls> = sqlx::query_as(
+        .fetch_all(self.pool());
+        let models = sqlx::query_as::<_, ModelCalls>(
             "SELECT date_bin($1::interval, called_at, $2) AS at, provider, model,
                 count(*) AS calls, count(*) FILTER (WHERE outcome = 'error') AS errors
              FROM provider_calls
@@ -241,9 +240,9 @@ impl Ledger {
         .bind(from)
         .bind(to)
         .bind(queue)
-        .fetch_all(self.pool())
-        .await?;
-        Ok((tasks, models))
+        .fetch_all(self.pool());
+        // Each on a connection of its own, at once.
+        Ok(tokio::try_join!(tasks, models)?)
     }
 
     async fn series_of_rollups(
@@ -281,20 +280,28 @@ impl Ledger {
         .bind(queue)
         .fetch_all(self.pool())
         .await?;
-        // Each day's latency histogram, summed over its rows.
-        let hists: Vec<(chrono::NaiveDate, Vec<i64>)> = sqlx::query_as(
-            "SELECT day, array_agg(n ORDER BY i)
-             FROM (SELECT day, i, sum(latency[i])::int8 AS n
-                   FROM routing_rollups, generate_series(1, 160) i
-                   WHERE day >= $1 AND day < $2 AND ($3::text IS NULL OR queue = $3)
-                   GROUP BY 1, 2) h
-             GROUP BY 1",
+        // Each day's latency histogram, summed over its rows here (a sum per bucket in SQL
+        // unnests every row's 160 buckets: ten times slower).
+        let rows: Vec<(chrono::NaiveDate, Vec<i64>)> = sqlx::query_as(
+            "SELECT day, latency FROM routing_rollups
+             WHERE day >= $1 AND day < $2 AND ($3::text IS NULL OR queue = $3)",
         )
         .bind(since)
         .bind(until)
         .bind(queue)
         .fetch_all(self.pool())
         .await?;
+        let mut hists: std::collections::BTreeMap<chrono::NaiveDate, Vec<i64>> =
+            std::collections::BTreeMap::new();
+        for (day, h) in rows {
+            let sum = hists.entry(day).or_insert_with(|| vec![0; h.len()]);
+            if sum.len() < h.len() {
+                sum.resize(h.len(), 0);
+            }
+            for (s, n) in sum.iter_mut().zip(h) {
+                *s += n;
+            }
+        }
         let models: Vec<(chrono::NaiveDate, String, String, i64)> = sqlx::query_as(
             "SELECT day, provider, model, sum(calls)::int8 FROM call_rollups
              WHERE day >= $1 AND day < $2 AND ($3::text IS NULL OR queue = $3)

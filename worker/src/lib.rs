@@ -331,7 +331,6 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
     let fleet = Arc::new(maintenance::Fleet::default());
     let read_pause = Arc::new(executor::ReadPause::default());
     let stats = Arc::new(executor::StatsView::default());
-    let slots = Arc::new(Semaphore::new(settings.concurrency));
     let presence = presence(&settings, &worker_id, &claims);
     let (draining, calls_in_flight) = (Arc::clone(&presence.draining), Arc::clone(&presence.calls));
     let duties = Duties {
@@ -350,7 +349,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<()> 
         redis: redis.clone(),
         queues: queues.clone(),
         consumer: worker_id.clone(),
-        slots,
+        slots: Arc::new(Semaphore::new(settings.concurrency)),
         draining,
         max_batch: settings.concurrency.min(1000),
         visibility_timeout: settings.visibility_timeout,

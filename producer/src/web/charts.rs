@@ -253,119 +253,83 @@ fn series_of(s: &Series, f: impl Fn(&Point) -> Option<f64>) -> Vec<Option<f64>> 
     s.points.iter().map(f).collect()
 }
 
-fn html(s: &Series, span: Span) -> String {
+/// A line of `values` named `name`, coloured by `class`.
+fn line<'a>(name: &'a str, class: &'a str, values: Vec<Option<f64>>) -> Line<'a> {
+    Line {
+        name,
+        class,
+        values,
+    }
+}
+
+/// A chart of a p50 and a p95 line, in ms.
+fn percentiles(
+    title: &str,
+    s: &Series,
+    p50: fn(&Point) -> Option<f64>,
+    p95: fn(&Point) -> Option<f64>,
+) -> String {
+    let lines = [
+        line("p50", "p50", series_of(s, p50)),
+        line("p95", "p95", series_of(s, p95)),
+    ];
+    chart(title, "ms", s, &lines, false)
+}
+
+/// Every chart of the series.
+fn charts_of(s: &Series, span: Span) -> String {
     let count = |f: fn(&Point) -> i64| series_of(s, move |p| Some(f(p) as f64));
-    let tasks = chart(
-        "Tasks finished",
-        "",
-        s,
-        &[
-            Line {
-                name: "succeeded",
-                class: "ok",
-                values: count(|p| p.succeeded),
-            },
-            Line {
-                name: "failed",
-                class: "bad",
-                values: count(|p| p.failed - p.dead),
-            },
-            Line {
-                name: "dead",
-                class: "dead",
-                values: count(|p| p.dead),
-            },
-        ],
-        true,
-    );
-    let waits = chart(
-        "Time waiting in the queue",
-        "ms",
-        s,
-        &[
-            Line {
-                name: "p50",
-                class: "p50",
-                values: series_of(s, |p| p.wait_p50_ms),
-            },
-            Line {
-                name: "p95",
-                class: "p95",
-                values: series_of(s, |p| p.wait_p95_ms),
-            },
-        ],
-        false,
-    );
-    let runs = chart(
-        if span == Span::Month {
-            "Time running (mean)"
-        } else {
-            "Time running"
-        },
-        "ms",
-        s,
-        &[
-            Line {
-                name: "p50",
-                class: "p50",
-                values: series_of(s, |p| p.run_p50_ms),
-            },
-            Line {
-                name: "p95",
-                class: "p95",
-                values: series_of(s, |p| p.run_p95_ms),
-            },
-        ],
-        false,
-    );
-    let latency = chart(
-        "Provider call latency (answered calls)",
-        "ms",
-        s,
-        &[
-            Line {
-                name: "p50",
-                class: "p50",
-                values: series_of(s, |p| p.call_p50_ms),
-            },
-            Line {
-                name: "p95",
-                class: "p95",
-                values: series_of(s, |p| p.call_p95_ms),
-            },
-        ],
-        false,
-    );
-    let tokens = chart(
-        "Tokens",
-        "",
-        s,
-        &[
-            Line {
-                name: "input",
-                class: "p50",
-                values: count(|p| p.input_tokens),
-            },
-            Line {
-                name: "output",
-                class: "p95",
-                values: count(|p| p.output_tokens),
-            },
-        ],
-        true,
-    );
-    let cost = chart(
-        "Cost",
-        "$",
-        s,
-        &[Line {
-            name: "cost",
-            class: "ok",
-            values: series_of(s, |p| Some(p.cost_usd)),
-        }],
-        true,
-    );
-    // Calls by provider and model over the span, most first.
+    let tasks = [
+        line("succeeded", "ok", count(|p| p.succeeded)),
+        line("failed", "bad", count(|p| p.failed - p.dead)),
+        line("dead", "dead", count(|p| p.dead)),
+    ];
+    let tokens = [
+        line("input", "p50", count(|p| p.input_tokens)),
+        line("output", "p95", count(|p| p.output_tokens)),
+    ];
+    let run_title = if span == Span::Month {
+        "Time running (mean)"
+    } else {
+        "Time running"
+    };
+    let charts = [
+        chart("Tasks finished", "", s, &tasks, true),
+        percentiles(
+            "Time waiting in the queue",
+            s,
+            |p| p.wait_p50_ms,
+            |p| p.wait_p95_ms,
+        ),
+        percentiles(run_title, s, |p| p.run_p50_ms, |p| p.run_p95_ms),
+        chart(
+            "Provider calls",
+            "",
+            s,
+            &[line("calls", "p50", count(|p| p.calls))],
+            true,
+        ),
+        percentiles(
+            "Provider call latency (answered calls)",
+            s,
+            |p| p.call_p50_ms,
+            |p| p.call_p95_ms,
+        ),
+        chart("Tokens", "", s, &tokens, true),
+        chart(
+            "Cost",
+            "$",
+            s,
+            &[line("cost", "ok", series_of(s, |p| Some(p.cost_usd)))],
+            true,
+        ),
+    ]
+    .concat();
+    format!("<div class=\"charts\">{charts}</div>")
+}
+
+/// The calls by provider and model over the span, most first, as table rows.
+fn model_rows(s: &Series) -> String {
     let mut by_model: Vec<(String, i64, i64)> = Vec::new();
     for m in &s.models {
         let key = format!("{}/{}", m.provider, m.model);
@@ -378,7 +342,7 @@ fn html(s: &Series, span: Span) -> String {
         }
     }
     by_model.sort_by_key(|m| std::cmp::Reverse(m.1));
-    let model_rows: String = by_model
+    by_model
         .iter()
         .map(|(k, calls, errors)| {
             format!(
@@ -386,20 +350,12 @@ fn html(s: &Series, span: Span) -> String {
                 esc(k)
             )
         })
-        .collect();
-    let calls = chart(
-        "Provider calls",
-        "",
-        s,
-        &[Line {
-            name: "calls",
-            class: "p50",
-            values: count(|p| p.calls),
-        }],
-        true,
-    );
-    let numbers: String = s
-        .points
+        .collect()
+}
+
+/// Every point's figures, as table rows.
+fn number_rows(s: &Series) -> String {
+    s.points
         .iter()
         .map(|p| {
             format!(
@@ -423,7 +379,11 @@ fn html(s: &Series, span: Span) -> String {
                 usd(p.cost_usd)
             )
         })
-        .collect();
+        .collect()
+}
+
+fn html(s: &Series, span: Span) -> String {
+    let (charts, model_rows, numbers) = (charts_of(s, span), model_rows(s), number_rows(s));
     let q = s.queue.as_deref().unwrap_or("");
     let link = |span: &str, format: &str| {
         esc(&format!(
@@ -468,8 +428,7 @@ fn html(s: &Series, span: Span) -> String {
          <label>Queue <input name=\"queue\" value=\"{}\" placeholder=\"every queue\"></label> \
          <button>Show</button></form><nav class=\"tabs\">{spans}</nav>\
          <p class=\"note\">{source} Also as <a href=\"{}\">CSV</a> and <a href=\"{}\">JSON</a>.</p>\
-         <div id=\"live\" data-refresh=\"{}\"><div class=\"charts\">{tasks}{waits}{runs}{calls}\
-         {latency}{tokens}{cost}</div><h2>Calls by provider and model</h2><table><thead><tr>\
+         <div id=\"live\" data-refresh=\"{}\">{charts}<h2>Calls by provider and model</h2><table><thead><tr>\
          <th>Provider/model</th><th class=\"num\">Calls</th><th class=\"num\">Errors</th></tr>\
          </thead><tbody>{model_rows}</tbody></table><details><summary>The numbers</summary>\
          <div class=\"scroll\"><table><thead><tr><th>At (UTC)</th><th class=\"num\">Finished</th>\

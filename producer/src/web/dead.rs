@@ -140,12 +140,7 @@ fn row(d: &DeadLetter, queue_u: &str, viewer: &Viewer) -> String {
 }
 
 fn search_form(q: &DeadQuery, queue: &str) -> String {
-    let field = |name: &str, label: &str, v: &Option<String>, hint: &str| {
-        format!(
-            "<label>{label} <input name=\"{name}\" value=\"{}\" placeholder=\"{hint}\"></label> ",
-            esc(v.as_deref().unwrap_or(""))
-        )
-    };
+    let field = super::search_field;
     let archived = if q.archived.as_deref() == Some("1") {
         " checked"
     } else {

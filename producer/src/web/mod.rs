@@ -86,6 +86,9 @@ pub(crate) struct App {
     pub discovered: std::sync::Mutex<Discovered>,
 }
 
+/// How often the walk over the keyspace for queues takes a step (5,000 keys).
+const DISCOVERY_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What the walk over the keyspace for queues found so far, where it is, and when it last
 /// stepped.
 #[derive(Default)]
@@ -97,22 +100,27 @@ pub(crate) struct Discovered {
 
 impl App {
     /// Every queue: those workers have served, and those found in the keyspace (a queue with
-    /// tasks and no worker yet). The keyspace is walked 5,000 keys a step, a step every 5 s at
-    /// most, so an open page costs Redis little however many keys it holds.
+    /// tasks and no worker yet). The keyspace is walked 5,000 keys a step, a step every
+    /// [`DISCOVERY_EVERY`] at most, so an open page costs Redis little however many keys it
+    /// holds.
     pub async fn queues(&self) -> Result<Vec<String>, llmq_shared::queue::Error> {
         let mut names = self.web.redis.known_queues().await?;
         let due = self
             .discovered
             .lock()
-            .map(|d| {
-                d.stepped
-                    .is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(5))
-            })
+            .map(|d| d.stepped.is_none_or(|t| t.elapsed() >= DISCOVERY_EVERY))
             .unwrap_or(false);
         if due {
-            let cursor = self.discovered.lock().map(|d| d.cursor).unwrap_or(0);
-            // Best effort: a walk that fails (a Cluster node away) only finds less.
-            let step = self.web.redis.discover_queues(cursor, 5).await;
+            let (cursor, first) = self
+                .discovered
+                .lock()
+                .map(|d| (d.cursor, d.stepped.is_none()))
+                .unwrap_or((0, false));
+            // The first walk goes further (100,000 keys), so a queue shows at once on a
+            // server just started. Best effort: a walk that fails (a Cluster node away) only
+            // finds less.
+            let calls = if first { 100 } else { 5 };
+            let step = self.web.redis.discover_queues(cursor, calls).await;
             if let Ok(mut d) = self.discovered.lock() {
                 d.stepped = Some(std::time::Instant::now());
                 if let Ok((found, next)) = step {
@@ -368,6 +376,14 @@ fn when_ms(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
         .unwrap_or_default()
+}
+
+/// A labelled text field of a search form, holding `value` (escaped).
+fn search_field(name: &str, label: &str, value: &Option<String>, hint: &str) -> String {
+    format!(
+        "<label>{label} <input name=\"{name}\" value=\"{}\" placeholder=\"{hint}\"></label> ",
+        esc(value.as_deref().unwrap_or(""))
+    )
 }
 
 /// A whole page: `body` is HTML made by this module (its text escaped).

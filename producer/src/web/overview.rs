@@ -211,7 +211,7 @@ pub(super) async fn overview(State(app): AppState, viewer: Viewer) -> Response {
         );
     }
     let body = format!(
-        "<div id=\"live\" data-refresh=\"3000\"><h2>Queues</h2><table id=\"queues\"><tr>\
+        "<div id=\"live\" data-refresh=\"5000\"><h2>Queues</h2><table id=\"queues\"><tr>\
          <th>Queue</th><th>Ready</th><th>In flight</th><th>Delayed</th><th>Dead</th>\
          <th title=\"Tasks sent again with an idempotency_key already used, answered with the first's answer without a call\">Copies</th>\
          <th>Workers</th><th>State</th><th></th></tr>{rows}</table>{rooms}\

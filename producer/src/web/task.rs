@@ -75,19 +75,6 @@ async fn story(
     id: TaskId,
     viewer: &Viewer,
 ) -> Result<Option<Story>, Box<Response>> {
-    let mut found = None;
-    for queue in queues {
-        let f = app
-            .web
-            .redis
-            .task_and_request(&QueueKeys::new(queue), id, TASK_SCAN)
-            .await
-            .map_err(|e| Box::new(redis_away(&e, viewer)))?;
-        if f.record.is_some() {
-            found = Some((queue.clone(), f));
-            break;
-        }
-    }
     let (row, calls) = match &app.web.ledger {
         Some(ledger) => {
             let uuid = id.uuid();
@@ -108,6 +95,43 @@ async fn story(
         }
         None => (None, Vec::new()),
     };
+    let mut found = None;
+    // A task the ledger has seen end is held nowhere in Redis (but a dead one's letter): its
+    // stored record is one lookup, and no scan is made for it.
+    let ended = row
+        .as_ref()
+        .filter(|r| r.status != "dead" && queues.contains(&r.queue));
+    if let Some(r) = ended {
+        let keys = QueueKeys::new(&r.queue);
+        let record = app
+            .web
+            .redis
+            .results(&keys, &[id])
+            .await
+            .map_err(|e| Box::new(redis_away(&e, viewer)))?
+            .pop()
+            .flatten();
+        found = Some((
+            r.queue.clone(),
+            Found {
+                record,
+                ..Found::default()
+            },
+        ));
+    } else {
+        for queue in queues {
+            let f = app
+                .web
+                .redis
+                .task_and_request(&QueueKeys::new(queue), id, TASK_SCAN)
+                .await
+                .map_err(|e| Box::new(redis_away(&e, viewer)))?;
+            if f.record.is_some() {
+                found = Some((queue.clone(), f));
+                break;
+            }
+        }
+    }
     let (queue, found) = match (found, &row) {
         (Some(f), _) => f,
         (None, Some(r)) => (r.queue.clone(), Found::default()),
@@ -285,6 +309,17 @@ fn summary(s: &Story) -> String {
             &at.format("%Y-%m-%d %H:%M:%S%.3f UTC").to_string(),
         ));
     }
+    t.push_str(&links(s));
+    format!("<table class=\"story\">{t}</table>")
+}
+
+/// The rows that link the task to others (its chain, batch, the task it copies, the cached
+/// origin) and say how it ended (truncated, its errors).
+fn links(s: &Story) -> String {
+    let r = s.found.record.as_ref();
+    let l = s.row.as_ref();
+    let q = &s.queue;
+    let mut t = String::new();
     let chain = r
         .and_then(|r| r.chain_id.clone())
         .or(l.and_then(|l| l.chain_id.clone()));
@@ -347,7 +382,7 @@ fn summary(s: &Story) -> String {
             .collect();
         t.push_str(&row_html("Provider errors", &format!("<ul>{items}</ul>")));
     }
-    format!("<table class=\"story\">{t}</table>")
+    t
 }
 
 fn actions(s: &Story, id: TaskId, viewer: &Viewer) -> String {

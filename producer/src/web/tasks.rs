@@ -195,7 +195,7 @@ pub(super) async fn list(
         Err(page) => return *page,
     };
     let body = format!(
-        "{form}<nav class=\"tabs\">{tabs}</nav><div id=\"live\" data-refresh=\"5000\">{listed}</div>",
+        "{form}<nav class=\"tabs\">{tabs}</nav><div id=\"live\" data-refresh=\"10000\">{listed}</div>",
         form = search_form(&q, &state),
         tabs = tabs.join(""),
     );
@@ -208,12 +208,7 @@ pub(super) async fn list(
 }
 
 fn search_form(q: &TasksQuery, state: &str) -> String {
-    let field = |name: &str, label: &str, v: &Option<String>, hint: &str| {
-        format!(
-            "<label>{label} <input name=\"{name}\" value=\"{}\" placeholder=\"{hint}\"></label> ",
-            esc(v.as_deref().unwrap_or(""))
-        )
-    };
+    let field = super::search_field;
     format!(
         "<form class=\"search\" method=\"get\" action=\"/tasks\">\
          <input type=\"hidden\" name=\"state\" value=\"{}\">{}{}{}{}{}{}{}{}{}{}\

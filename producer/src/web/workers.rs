@@ -18,8 +18,9 @@ use super::{
 };
 use crate::workers::{age, state};
 
-/// Held tasks read per queue, oldest first; the rest are counted in each worker's row.
-const HELD_SHOWN: usize = 200;
+/// Held tasks read per queue, oldest first (each a read of its entry); the rest are counted in
+/// each worker's row.
+const HELD_SHOWN: usize = 50;
 
 #[derive(Deserialize)]
 pub(super) struct WorkersQuery {

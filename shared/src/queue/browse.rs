@@ -82,6 +82,36 @@ impl LiveTask {
 }
 
 impl Client {
+    /// The task field of each of the stream entries `ids` (`None` for one gone), in one
+    /// round trip.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub(super) async fn payloads(
+        &self,
+        keys: &QueueKeys,
+        ids: &[&str],
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XRANGE").arg(keys.stream()).arg(id).arg(id);
+        }
+        let entries: Vec<Value> = pipe.query_async(&mut c).await?;
+        entries
+            .into_iter()
+            .map(|e| {
+                Ok(reply::parse_entries(e)?
+                    .into_iter()
+                    .next()
+                    .and_then(|(_, mut f)| f.remove(TASK_FIELD)))
+            })
+            .collect()
+    }
+
     /// Ready tasks in the stream (next to run first) after entry `after`, up to `n`, and
     /// where the next page starts: a range of the stream read `n` at a time, the entries in
     /// flight in that range left out (one `XPENDING` of the range) and the room's beacon too.
@@ -159,30 +189,12 @@ impl Client {
         n: usize,
     ) -> Result<(Vec<LiveTask>, Option<String>)> {
         let held = self.held_after(keys, None, after, n).await?;
-        let mut c = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for h in &held {
-            pipe.cmd("XRANGE")
-                .arg(keys.stream())
-                .arg(&h.entry_id)
-                .arg(&h.entry_id);
-        }
-        let entries: Vec<Value> = if held.is_empty() {
-            Vec::new()
-        } else {
-            pipe.query_async(&mut c).await?
-        };
+        let ids: Vec<&str> = held.iter().map(|h| h.entry_id.as_str()).collect();
+        let payloads = self.payloads(keys, &ids).await?;
         let mut out = Vec::with_capacity(held.len());
-        for (h, entry) in held.iter().zip(entries) {
-            let fields = reply::parse_entries(entry)?
-                .into_iter()
-                .next()
-                .map(|(_, f)| f);
-            let payload = fields
-                .as_ref()
-                .and_then(|f| f.get(TASK_FIELD))
-                .map_or(&[][..], Vec::as_slice);
-            let mut t = LiveTask::of_entry(keys.name(), &h.entry_id, payload);
+        for (h, payload) in held.iter().zip(payloads) {
+            let payload = payload.unwrap_or_default();
+            let mut t = LiveTask::of_entry(keys.name(), &h.entry_id, &payload);
             t.worker = Some(h.worker.clone());
             t.idle_ms = Some(h.idle_ms);
             t.deliveries = Some(h.deliveries);

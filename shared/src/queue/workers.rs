@@ -6,7 +6,7 @@ use redis::Value;
 use super::{Client, Paused, Result, WORKER_LIVENESS, now_ms, reply};
 use crate::envelope;
 use crate::ids::{EntryId, TaskId};
-use crate::keys::{self, GROUP, QueueKeys, TASK_FIELD};
+use crate::keys::{self, GROUP, QueueKeys};
 
 /// How long a worker's record outlives its last heartbeat: a silent worker stays on the
 /// page for this long (or until its tasks are taken over), then is forgotten.
@@ -207,27 +207,14 @@ impl Client {
         n: usize,
     ) -> Result<Vec<HeldTask>> {
         let mut held = self.held_after(keys, consumer, None, n).await?;
-        if held.is_empty() {
-            return Ok(held);
-        }
-        let mut c = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for h in &held {
-            pipe.cmd("XRANGE")
-                .arg(keys.stream())
-                .arg(&h.entry_id)
-                .arg(&h.entry_id);
-        }
-        let entries: Vec<Value> = pipe.query_async(&mut c).await?;
-        for (h, entry) in held.iter_mut().zip(entries) {
-            let Some((_, fields)) = reply::parse_entries(entry)?.into_iter().next() else {
-                continue;
-            };
-            let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
+        let ids: Vec<&str> = held.iter().map(|h| h.entry_id.as_str()).collect();
+        let payloads = self.payloads(keys, &ids).await?;
+        for (h, payload) in held.iter_mut().zip(payloads) {
+            let Some(payload) = payload else { continue };
             if let Some(e) = EntryId::parse(&h.entry_id) {
-                h.task_id = Some(envelope::task_id_of(keys.name(), e, payload));
+                h.task_id = Some(envelope::task_id_of(keys.name(), e, &payload));
             }
-            h.task_type = serde_json::from_slice::<serde_json::Value>(payload)
+            h.task_type = serde_json::from_slice::<serde_json::Value>(&payload)
                 .ok()
                 .and_then(|v| v.get("type")?.as_str().map(str::to_owned));
         }

@@ -147,6 +147,7 @@ enum Bench {
     BatchEnqueue,
     ClusterNoop,
     WebPages,
+    Web,
     LedgerScale,
     Gateway,
     GatewayBatch,
@@ -231,6 +232,7 @@ async fn run() -> Result<()> {
             Bench::BatchEnqueue => batch_enqueue(&args, &mut redis).await,
             Bench::ClusterNoop => cluster_noop(&args).await,
             Bench::WebPages => web_pages(&args, &mut redis).await,
+            Bench::Web => web(&args, &mut redis).await,
             Bench::LedgerScale => ledger_scale(&args).await,
             Bench::Gateway => gateway(&args, &mut redis).await,
             Bench::GatewayBatch => gateway_batch(&args, &mut redis).await,
@@ -277,6 +279,7 @@ fn bench_name(b: Bench) -> &'static str {
         Bench::BatchEnqueue => "batch_enqueue",
         Bench::ClusterNoop => "cluster_noop",
         Bench::WebPages => "web_pages",
+        Bench::Web => "web",
         Bench::LedgerScale => "ledger_scale",
         Bench::Gateway => "gateway",
         Bench::GatewayBatch => "gateway_batch",
@@ -2076,9 +2079,47 @@ async fn ledger_scale(args: &Args) -> Result<String> {
     Ok(lines.join("\n"))
 }
 
+/// Rows a fill of the bench ledgers commits at once.
+const CHUNK: i64 = 250_000;
+
+/// The fresh bench ledger (`llmq_bench_ledger`) of `n` calls and their tasks, migrated and
+/// filled (kept from an earlier run when it holds them, a cut-off fill resumed): the ledger,
+/// how long migrating took (s), and the fill's rows a second (0 when kept).
+async fn fresh_ledger(args: &Args, n: i64) -> Result<(Ledger, f64, f64)> {
+    let db = "llmq_bench_ledger";
+    let url = with_database(&args.database_url, db)?;
+    // Migrating a ledger filled by an earlier version is timed too.
+    let migrating = Instant::now();
+    let ledger = bench_ledger_named(&args.database_url, &url, db, true).await?;
+    let migrate_s = migrating.elapsed().as_secs_f64();
+    let pool = ledger.pool();
+    let (have, tasks_have): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM provider_calls), (SELECT count(*) FROM tasks)",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut fill_rows_per_s = 0.0;
+    if have != n {
+        // A fill cut off between chunks goes on where it stopped (each chunk commits
+        // whole); anything else is filled again from the start.
+        let resume = have < n && tasks_have == have && have % CHUNK == 0;
+        if !resume {
+            sqlx::query(
+                "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
+                    routing_rollups, spend_rollups, ledger_queues",
+            )
+            .execute(pool)
+            .await?;
+        }
+        let first = if resume { have } else { 0 };
+        fill_rows_per_s = fill_ledger(pool, first, n, CHUNK, false).await?;
+        sqlx::query("VACUUM ANALYZE").execute(pool).await?;
+    }
+    Ok((ledger, migrate_s, fill_rows_per_s))
+}
+
 /// One ledger of [`ledger_scale`]: `upgraded` says which.
 async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> {
-    const CHUNK: i64 = 250_000;
     // Before rollups and partitions: the release `c7011cf`'s migrations.
     const FIRST_NEW: i64 = 20261126000001;
     let db = if upgraded {
@@ -2133,32 +2174,8 @@ async fn ledger_scale_of(args: &Args, n: i64, upgraded: bool) -> Result<String> 
             ledger
         }
     } else {
-        // Migrating a ledger filled by an earlier version is timed too.
-        let migrating = Instant::now();
-        let ledger = bench_ledger_named(&args.database_url, &url, db, true).await?;
-        migrate_s = migrating.elapsed().as_secs_f64();
-        let pool = ledger.pool();
-        let (have, tasks_have): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM provider_calls), (SELECT count(*) FROM tasks)",
-        )
-        .fetch_one(pool)
-        .await?;
-        if have != n {
-            // A fill cut off between chunks goes on where it stopped (each chunk commits
-            // whole); anything else is filled again from the start.
-            let resume = have < n && tasks_have == have && have % CHUNK == 0;
-            if !resume {
-                sqlx::query(
-                    "TRUNCATE provider_calls, tasks, call_rollups, task_rollups, chain_costs,
-                        routing_rollups, spend_rollups, ledger_queues",
-                )
-                .execute(pool)
-                .await?;
-            }
-            let first = if resume { have } else { 0 };
-            fill_rows_per_s = fill_ledger(pool, first, n, CHUNK, false).await?;
-            sqlx::query("VACUUM ANALYZE").execute(pool).await?;
-        }
+        let (ledger, s, rate) = fresh_ledger(args, n).await?;
+        (migrate_s, fill_rows_per_s) = (s, rate);
         ledger
     };
     let pool = ledger.pool();
@@ -4190,6 +4207,247 @@ async fn web_pages(args: &Args, redis: &mut Redis) -> Result<String> {
         .leave("bench-web", std::slice::from_ref(&keys))
         .await?;
     clear_web(redis, &keys, CHAINS).await?;
+    Ok(line)
+}
+
+/// The operator page where operators live: a ledger of 5 M calls and tasks (`--tasks`; the
+/// fresh ledger of `ledger_scale`, made when missing) and a queue of 1 M ready tasks, 1,000 in
+/// flight, 100,000 delayed and 100,000 dead. Each page and filter: the median and the slowest
+/// of five loads. And what an open page costs Redis a second (its Redis time a load over its
+/// refresh), beside a worker's idle heartbeat a second (its beat and its announcement, every
+/// 5 s).
+async fn web(args: &Args, redis: &mut Redis) -> Result<String> {
+    const READY: usize = 1_000_000;
+    const HELD: usize = 1_000;
+    const DELAYED: usize = 100_000;
+    const DEAD: usize = 100_000;
+    let n = args.tasks.unwrap_or(5_000_000) as i64;
+    let (ledger, _, _) = fresh_ledger(args, n).await?;
+    llmq_shared::ledger::roll(ledger.pool()).await?;
+    let keys = QueueKeys::new("bench-web-scale");
+    let () = redis::pipe()
+        .del(keys.stream())
+        .del(keys.delayed())
+        .del(keys.dead())
+        .query_async(redis)
+        .await?;
+    let client = Client::new(&args.redis_url)?;
+    client.ensure_group(&keys).await?;
+    let task = |i: usize| {
+        let mut e = Envelope::new(format!("task {i}: summarise the quarterly report"));
+        e.model = Some(if i.is_multiple_of(2) { "model-1" } else { "model-2" }.into());
+        e.to_json()
+    };
+    for start in (0..READY).step_by(5000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 5000 {
+            pipe.cmd("XADD")
+                .arg(keys.stream())
+                .arg("*")
+                .arg("task")
+                .arg(task(i))
+                .ignore();
+        }
+        let () = pipe.query_async(redis).await?;
+    }
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(llmq_shared::keys::GROUP)
+        .arg("bench-web-worker")
+        .arg("COUNT")
+        .arg(HELD)
+        .arg("STREAMS")
+        .arg(keys.stream())
+        .arg(">")
+        .query_async(redis)
+        .await?;
+    let due = Utc::now().timestamp_millis() + 86_400_000;
+    for start in (0..DELAYED).step_by(5000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 5000 {
+            pipe.zadd(keys.delayed(), task(i), due + i as i64).ignore();
+        }
+        let () = pipe.query_async(redis).await?;
+    }
+    for start in (0..DEAD).step_by(5000) {
+        let mut pipe = redis::pipe();
+        for i in start..start + 5000 {
+            pipe.cmd("XADD")
+                .arg(keys.dead())
+                .arg("*")
+                .arg("task")
+                .arg(task(i))
+                .arg("error")
+                .arg(format!(
+                    "HTTP 400 from model-{}: request {i} refused",
+                    i % 7
+                ))
+                .arg("class")
+                .arg("fatal")
+                .ignore();
+        }
+        let () = pipe.query_async(redis).await?;
+    }
+    let info = llmq_shared::queue::WorkerInfo {
+        id: "bench-web-worker".into(),
+        host: "bench".into(),
+        queues: vec![keys.name().to_owned()],
+        version: env!("CARGO_PKG_VERSION").into(),
+        concurrency: HELD as u64,
+        started_ms: Utc::now().timestamp_millis(),
+        busy: HELD as u64,
+        calls: 0,
+        draining: false,
+    };
+    // A worker's idle beat: its heartbeat and its announcement.
+    let before = Snapshot::take(redis).await?;
+    for _ in 0..200 {
+        client
+            .heartbeat("bench-web-worker", std::slice::from_ref(&keys), false)
+            .await?;
+        client.announce(&info).await?;
+    }
+    let beat_us = Snapshot::take(redis)
+        .await?
+        .since(&before, 200)
+        .redis_cpu_us_per_task;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let stop = CancellationToken::new();
+    tokio::spawn(llmq::web::serve(
+        listener,
+        llmq::web::WebState {
+            ledger: Some(ledger.clone()),
+            ..llmq::web::WebState::new(client.clone())
+        },
+        stop.clone(),
+    ));
+    let q = keys.name();
+    let week = (Utc::now() - chrono::Duration::days(7)).format("%Y-%m-%d");
+    let known: uuid::Uuid = sqlx::query_scalar(
+        "SELECT task_id FROM tasks WHERE status = 'dead' ORDER BY finished_at DESC LIMIT 1",
+    )
+    .fetch_one(ledger.pool())
+    .await?;
+    // (name, path, refresh in s when it is a live page, for its Redis cost a second)
+    let pages: Vec<(&str, String, f64)> = vec![
+        ("overview", "/".into(), 5.0),
+        ("workers", format!("/workers?queue={q}"), 5.0),
+        ("tasks_ready", format!("/tasks?queue={q}&state=ready"), 10.0),
+        (
+            "tasks_ready_filtered",
+            format!("/tasks?queue={q}&state=ready&model=model-2&q=report"),
+            10.0,
+        ),
+        (
+            "tasks_in_flight",
+            format!("/tasks?queue={q}&state=in_flight"),
+            10.0,
+        ),
+        (
+            "tasks_delayed",
+            format!("/tasks?queue={q}&state=delayed&older=50000"),
+            10.0,
+        ),
+        ("tasks_finished", "/tasks?state=finished".into(), 0.0),
+        (
+            "tasks_succeeded_queue",
+            "/tasks?state=succeeded&queue=queue-1".into(),
+            0.0,
+        ),
+        ("tasks_dead", "/tasks?state=dead".into(), 0.0),
+        (
+            "tasks_dead_text_none",
+            "/tasks?state=dead&q=no+such+words".into(),
+            0.0,
+        ),
+        (
+            "tasks_tenant",
+            "/tasks?state=finished&tenant=tenant-7".into(),
+            0.0,
+        ),
+        (
+            "tasks_tag",
+            "/tasks?state=finished&tag=team%3Dteam-3".into(),
+            0.0,
+        ),
+        (
+            "tasks_model_week",
+            format!("/tasks?state=finished&model=model-3&since={week}"),
+            0.0,
+        ),
+        (
+            "tasks_rare_week",
+            format!("/tasks?state=finished&tenant=nobody&since={week}"),
+            0.0,
+        ),
+        // Ended: its page does not refresh.
+        ("task_ledger", format!("/task?id={known}"), 0.0),
+        ("charts_hour", "/charts?span=hour".into(), 10.0),
+        ("charts_day", "/charts?span=day".into(), 60.0),
+        ("charts_30d", "/charts?span=30d".into(), 60.0),
+        (
+            "charts_30d_queue",
+            "/charts?span=30d&queue=queue-1".into(),
+            60.0,
+        ),
+        ("dead", format!("/dead?queue={q}"), 0.0),
+        (
+            "dead_filtered",
+            format!("/dead?queue={q}&q=request+9999&model=model-2"),
+            0.0,
+        ),
+    ];
+    let http = reqwest::Client::new();
+    let mut line = format!(
+        "bench=web ledger_tasks={n} ready={READY} in_flight={HELD} delayed={DELAYED} \
+         dead={DEAD} heartbeat_redis_us_per_s={:.1}",
+        beat_us / 5.0
+    );
+    let mut slowest: (f64, &str) = (0.0, "");
+    for (name, path, refresh) in &pages {
+        let mut ms = Vec::new();
+        let before = Snapshot::take(redis).await?;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let r = http.get(format!("{base}{path}")).send().await?;
+            ensure!(r.status().is_success(), "{path} answered {}", r.status());
+            let _ = r.bytes().await?;
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        let delta = Snapshot::take(redis).await?.since(&before, 5);
+        let redis_us = delta.redis_cpu_us_per_task;
+        if *refresh > 0.0 {
+            delta.print_commands(&format!("web {name}"));
+        }
+        ms.sort_by(f64::total_cmp);
+        line.push_str(&format!(
+            " {name}_ms={:.1} {name}_max_ms={:.1}",
+            ms[2], ms[4]
+        ));
+        if *refresh > 0.0 {
+            line.push_str(&format!(" {name}_redis_us_per_s={:.1}", redis_us / refresh));
+        }
+        if ms[2] > slowest.0 {
+            slowest = (ms[2], name);
+        }
+    }
+    line.push_str(&format!(
+        " slowest={} slowest_ms={:.1}",
+        slowest.1, slowest.0
+    ));
+    stop.cancel();
+    client.forget_worker("bench-web-worker").await?;
+    client
+        .leave("bench-web-worker", std::slice::from_ref(&keys))
+        .await?;
+    let () = redis::pipe()
+        .del(keys.stream())
+        .del(keys.delayed())
+        .del(keys.dead())
+        .query_async(redis)
+        .await?;
     Ok(line)
 }
 
