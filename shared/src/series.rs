@@ -363,14 +363,14 @@ mod tests {
 
     #[test]
     fn a_histogram_s_quantiles_land_within_its_bucket() {
-        // 100 calls at bucket 50 (about 107 to 117 ms), 5 at bucket 80.
+        // 95 calls in bucket 50 (116.4 to 128.1 ms), 5 in bucket 80.
         let mut h = vec![0i64; 160];
         h[50] = 95;
         h[80] = 5;
         let p50 = hist_quantile(&h, 0.5).unwrap();
-        assert!((106.0..118.0).contains(&p50), "{p50}");
+        assert!((116.3..128.2).contains(&p50), "{p50}");
         let p95 = hist_quantile(&h, 0.95).unwrap();
-        assert!((106.0..118.0).contains(&p95), "{p95}");
+        assert!((116.3..128.2).contains(&p95), "{p95}");
         let p99 = hist_quantile(&h, 0.99).unwrap();
         assert!(p99 > 1000.0, "{p99}");
         assert_eq!(hist_quantile(&[0; 160], 0.5), None);
