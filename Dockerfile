@@ -27,7 +27,9 @@ COPY --from=planner /src/recipe.json recipe.json
 RUN cargo chef cook --release --recipe-path recipe.json -p llmq -p llmq-worker -p llmq-scheduler
 # The sources, migrations/ included: sqlx::migrate! embeds them in the binaries.
 COPY . .
-RUN cargo build --release --locked -p llmq -p llmq-worker -p llmq-scheduler
+# The commit the binaries name in llmq_build_info (deploy/image.sh passes it).
+ARG LLMQ_COMMIT=unknown
+RUN LLMQ_COMMIT="$LLMQ_COMMIT" cargo build --release --locked -p llmq -p llmq-worker -p llmq-scheduler
 
 # glibc and libgcc only (TLS is rustls with bundled roots); no shell, no package manager.
 FROM ${RUNTIME}

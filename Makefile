@@ -4,8 +4,10 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export REDIS_URL ?= redis://127.0.0.1:6379
 export DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/llmq
+# The commit every binary names in `llmq_build_info` (none outside a git checkout).
+export LLMQ_COMMIT ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 
-.PHONY: help demo test bench bench-compare bench-bullmq bullmq-deps lint fmt build services examples-deps clients-deps browser-deps sdk-deps deploy-check image image-check
+.PHONY: help demo test bench bench-compare bench-bullmq bullmq-deps lint fmt build services examples-deps clients-deps browser-deps sdk-deps promtool-deps deploy-check image image-check
 
 help: ## Show the targets and what they do
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -13,7 +15,7 @@ help: ## Show the targets and what they do
 demo: ## Start or reuse Redis and Postgres, migrate, run llmq-mock and two workers, enqueue samples and a chain, print results and costs
 	@deploy/demo.sh
 
-test: services examples-deps clients-deps browser-deps sdk-deps build ## Run every test against the local Redis and Postgres
+test: services examples-deps clients-deps browser-deps sdk-deps promtool-deps build ## Run every test against the local Redis and Postgres
 	$(CARGO) test --workspace
 
 bench: services bullmq-deps ## Run the benchmarks (figures in docs/benchmarks.md; queue_noop runs BullMQ's no-op beside it)
@@ -55,6 +57,9 @@ clients-deps: ## Install the Python client and its pinned test tools in a venv, 
 
 browser-deps: ## Install what the browser test needs: Debian's chromium, and Playwright (pinned) in a venv
 	@tests/browser/deps.sh
+
+promtool-deps: ## Install Prometheus's promtool (Debian's prometheus, pinned), which the metrics test runs
+	@deploy/monitoring/deps.sh
 
 sdk-deps: ## Install OpenAI's and Anthropic's Python SDKs (pinned) in a venv, to check llmq's answers to their batch files
 	@tests/sdk/deps.sh

@@ -120,6 +120,7 @@ fi
 say "building $IMAGE from ./Dockerfile (BUILDER=$BUILDER_BASE, RUNTIME=$RUNTIME_BASE)"
 if ! buildah bud --quiet --isolation chroot --layers --force-rm --pull-never \
     --build-arg BUILDER="$BUILDER_BASE" --build-arg RUNTIME="$RUNTIME_BASE" \
+    --build-arg LLMQ_COMMIT="$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)" \
     -t "$IMAGE" . >"$work/build.log" 2>&1; then
     tail -30 "$work/build.log" >&2
     fail "building $IMAGE from ./Dockerfile failed (the end of its output is above)."

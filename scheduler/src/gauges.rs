@@ -25,6 +25,9 @@ const QUEUE_GAUGES: [&str; 5] = [
     "llmq_queue_backlog",
 ];
 
+/// How long the oldest task ready in a queue's stream has waited (s), 0 with none.
+const OLDEST_READY: &str = "llmq_queue_oldest_ready_age_seconds";
+
 /// Every priority a task can have, for the room's gauge.
 const PRIORITIES: std::ops::RangeInclusive<u8> = 0..=llmq_shared::envelope::MAX_PRIORITY;
 
@@ -52,6 +55,11 @@ impl Scheduler {
             for (name, value) in QUEUE_GAUGES.iter().zip(values) {
                 metrics::gauge!(*name, "queue" => queue.clone()).set(value as f64);
             }
+            let oldest = self.redis.oldest_ready_ms(&QueueKeys::new(queue)).await?;
+            let age_s = oldest.map_or(0.0, |ms| {
+                ((chrono::Utc::now().timestamp_millis() - ms).max(0) as f64) / 1000.0
+            });
+            metrics::gauge!(OLDEST_READY, "queue" => queue.clone()).set(age_s);
             // Per priority, not per tenant: ten labels at most.
             for p in PRIORITIES {
                 let n = c
@@ -95,8 +103,8 @@ impl Scheduler {
     /// holder publishes the real figures.
     pub(crate) fn zero_gauges(&mut self) {
         for queue in self.gauged_queues.drain(..) {
-            for name in QUEUE_GAUGES {
-                metrics::gauge!(name, "queue" => queue.clone()).set(0.0);
+            for name in QUEUE_GAUGES.iter().chain([&OLDEST_READY]) {
+                metrics::gauge!(*name, "queue" => queue.clone()).set(0.0);
             }
             for p in PRIORITIES {
                 room_gauge(&queue, p).set(0.0);

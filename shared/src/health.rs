@@ -32,8 +32,136 @@ pub fn recorder() -> Option<&'static PrometheusHandle> {
                 .ok()?
                 .install_recorder()
                 .ok()
+                .inspect(|_| describe())
         })
         .as_ref()
+}
+
+/// What this build is: `llmq_build_info{version,commit}`, always 1.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit this build was made from (`LLMQ_COMMIT` at build time), else `unknown`.
+pub const COMMIT: &str = match option_env!("LLMQ_COMMIT") {
+    Some(c) if !c.is_empty() => c,
+    _ => "unknown",
+};
+
+/// Every metric llmq exports, described (the HELP line `/metrics` gives each), and the build
+/// info set. A metric named here and never recorded by a process is not rendered by it.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "llmq_build_info",
+        "The llmq build: its version and commit; always 1."
+    );
+    metrics::gauge!("llmq_build_info", "version" => VERSION, "commit" => COMMIT).set(1.0);
+    describe_counter!(
+        "llmq_tasks_total",
+        "Tasks a worker ended, by queue and outcome (succeeded, failed, dead, retried, cancelled, ...)."
+    );
+    describe_counter!(
+        "llmq_provider_calls_total",
+        "Provider calls made, by provider, model and outcome (ok or the error's class)."
+    );
+    describe_histogram!(
+        "llmq_provider_call_seconds",
+        Unit::Seconds,
+        "How long a provider call took, by provider and model."
+    );
+    describe_counter!(
+        "llmq_tokens_total",
+        "Tokens of provider calls, by provider and kind (input, output, cached)."
+    );
+    describe_counter!(
+        "llmq_cost_microdollars_total",
+        "What provider calls cost, in millionths of a US dollar, by provider (an integer counter: rate() of it divided by 1e6 is dollars a second)."
+    );
+    describe_histogram!(
+        "llmq_task_wait_seconds",
+        Unit::Seconds,
+        "From a task's enqueue to the start of its last attempt (retries' waits included), by queue, task type and priority."
+    );
+    describe_histogram!(
+        "llmq_task_latency_seconds",
+        Unit::Seconds,
+        "From a task's enqueue to its result, by queue, task type and priority."
+    );
+    describe_counter!(
+        "llmq_takeovers_total",
+        "Tasks taken over after their claim lapsed, by queue and whether the worker that held them still beat (alive) or not (silent)."
+    );
+    describe_counter!(
+        "llmq_duplicates_total",
+        "Copies of keyed tasks answered with the first's answer, by queue."
+    );
+    describe_counter!(
+        "llmq_answer_cache_total",
+        "Answer cache lookups, by queue and result (hit, miss, ...)."
+    );
+    describe_counter!(
+        "llmq_tasks_waiting_on_outage_total",
+        "Tasks put back because no provider could be called (an outage), by queue."
+    );
+    describe_counter!(
+        "llmq_tasks_cancelled_total",
+        "Tasks ended by a cancel mark, by queue."
+    );
+    describe_counter!(
+        "llmq_ledger_rows_rejected_total",
+        "Ledger rows Postgres refused (a value it cannot hold) and left out."
+    );
+    describe_counter!(
+        "llmq_tenant_budget_thresholds_total",
+        "A tenant's budget crossing 80 % or 100 % of a limit, by tenant, limit and percent."
+    );
+    describe_counter!(
+        "llmq_tenant_limited_total",
+        "Calls a tenant's limit held back, by tenant and limit."
+    );
+    describe_gauge!(
+        "llmq_quota_used_ratio",
+        "The share of a provider's quota used, 0 to 1, by provider and quota."
+    );
+    describe_counter!(
+        "llmq_scheduler_duty_runs_total",
+        "Runs of the scheduler's duties, by duty and whether the run succeeded (ok)."
+    );
+    describe_gauge!(
+        "llmq_queue_ready",
+        "Tasks ready in a queue (in its stream and its room), by queue; published by the scheduler holding the lease."
+    );
+    describe_gauge!("llmq_queue_in_flight", "Tasks a worker holds, by queue.");
+    describe_gauge!(
+        "llmq_queue_delayed",
+        "Tasks waiting for their run_at or a retry, by queue."
+    );
+    describe_gauge!("llmq_queue_dead", "Dead letters, by queue.");
+    describe_gauge!(
+        "llmq_queue_backlog",
+        "Tasks ready and in flight (what an autoscaler reads), by queue."
+    );
+    describe_gauge!(
+        "llmq_queue_ready_in_room",
+        "Tasks waiting their turn in the room, by queue and priority."
+    );
+    describe_gauge!(
+        "llmq_queue_oldest_ready_age_seconds",
+        Unit::Seconds,
+        "How long the oldest task ready in a queue's stream has waited (0 with none), by queue."
+    );
+    describe_counter!(
+        "llmq_serve_requests_total",
+        "Requests to llmq serve, by route and status."
+    );
+    describe_gauge!(
+        "llmq_serve_open_requests",
+        "Requests to llmq serve waiting for their task."
+    );
+    describe_histogram!(
+        "llmq_serve_wait_seconds",
+        Unit::Seconds,
+        "How long a request to llmq serve waited for its task."
+    );
 }
 
 /// Whether the process is ready for work: the binary flips it, and any stage that cannot

@@ -244,6 +244,36 @@ impl Client {
         Ok(moved == 1)
     }
 
+    /// When the oldest task ready in the queue's stream entered it (ms), `None` with none: the
+    /// first entry after the group's last delivered one that holds a task (the room's beacon
+    /// holds none). Tasks waiting their turn in the room are not looked at.
+    ///
+    /// # Errors
+    /// Redis fails.
+    pub async fn oldest_ready_ms(&self, keys: &QueueKeys) -> Result<Option<i64>> {
+        let mut c = self.conn().await?;
+        let groups: Value = match redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(keys.stream())
+            .query_async(&mut c)
+            .await
+        {
+            // No stream yet (`ERR no such key`): nothing waits.
+            Err(e) if e.code() == Some("ERR") => return Ok(None),
+            other => other?,
+        };
+        let last =
+            reply::group_field(&groups, GROUP, "last-delivered-id").unwrap_or_else(|| "0-0".into());
+        let page = self
+            .range(&mut c, &keys.stream(), &format!("({last}"), 2)
+            .await?;
+        Ok(page
+            .iter()
+            .find(|(_, f)| f.contains_key(crate::keys::TASK_FIELD))
+            .and_then(|(id, _)| crate::ids::EntryId::parse(id))
+            .map(|e| i64::try_from(e.ms()).unwrap_or(0)))
+    }
+
     /// Counts of one queue.
     ///
     /// # Errors

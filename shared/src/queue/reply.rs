@@ -168,3 +168,29 @@ pub(super) fn entry_matches(
     let payload = fields.get(TASK_FIELD).map_or(&[][..], Vec::as_slice);
     EntryId::parse(entry_id).is_some_and(|e| envelope::task_id_of(queue, e, payload) == task_id)
 }
+
+/// Field `field` of group `group` in an `XINFO GROUPS` reply (RESP2 flat lists or RESP3
+/// maps), as text.
+pub(super) fn group_field(reply: &Value, group: &str, field: &str) -> Option<String> {
+    let Value::Array(groups) = reply else {
+        return None;
+    };
+    groups.iter().find_map(|g| {
+        let pairs: Vec<(String, &Value)> = match g {
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|kv| Some((as_string(kv.first()?).ok()?, kv.get(1)?)))
+                .collect(),
+            Value::Map(m) => m
+                .iter()
+                .filter_map(|(k, v)| Some((as_string(k).ok()?, v)))
+                .collect(),
+            _ => return None,
+        };
+        let name = pairs.iter().find(|(k, _)| k == "name")?.1;
+        (as_string(name).ok()? == group)
+            .then(|| pairs.iter().find(|(k, _)| k == field))
+            .flatten()
+            .and_then(|(_, v)| as_string(v).ok())
+    })
+}

@@ -4235,7 +4235,14 @@ async fn web(args: &Args, redis: &mut Redis) -> Result<String> {
     client.ensure_group(&keys).await?;
     let task = |i: usize| {
         let mut e = Envelope::new(format!("task {i}: summarise the quarterly report"));
-        e.model = Some(if i.is_multiple_of(2) { "model-1" } else { "model-2" }.into());
+        e.model = Some(
+            if i.is_multiple_of(2) {
+                "model-1"
+            } else {
+                "model-2"
+            }
+            .into(),
+        );
         e.to_json()
     };
     for start in (0..READY).step_by(5000) {

@@ -108,3 +108,149 @@ async fn a_worker_whose_finisher_cannot_write_is_not_ready_until_it_can() {
     .unwrap();
     w.stop().await.unwrap();
 }
+
+/// `promtool check metrics` on what the running binaries serve: a worker that ran tasks (one
+/// failing) and a scheduler that published its gauges. Every metric has HELP and TYPE, the
+/// counters end in `_total` and are counters, units are Prometheus's; the build is named.
+#[tokio::test]
+async fn every_binary_s_metrics_pass_promtool() {
+    let env = TestEnv::new().await.unwrap();
+    let promtool = which("promtool");
+    let http = reqwest::Client::new();
+    let scrape = |port: u16| {
+        let http = http.clone();
+        async move {
+            http.get(format!("http://127.0.0.1:{port}/metrics"))
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()
+        }
+    };
+    let worker_port = llmq_tests::harness::free_port();
+    let worker = llmq_tests::harness::WorkerProcess::spawn(
+        &env,
+        &["--metrics-listen", &format!("127.0.0.1:{worker_port}")],
+    )
+    .unwrap();
+    let mut ids = Vec::new();
+    for model in ["mock-fast", "mock-fast", "fail-400"] {
+        let mut e = llmq_shared::envelope::Envelope::new("measure me");
+        e.model = Some(model.into());
+        e.priority = Some(3);
+        env.redis.enqueue(&env.keys, &e).await.unwrap();
+        ids.push(e.id.unwrap());
+    }
+    for id in &ids {
+        env.wait_final(id, Duration::from_secs(30)).await.unwrap();
+    }
+    let body = std::cell::RefCell::new(String::new());
+    env.eventually("the worker's metrics", Duration::from_secs(10), || async {
+        let got = scrape(worker_port).await.unwrap_or_default();
+        let done = got.contains("llmq_task_latency_seconds_bucket");
+        *body.borrow_mut() = got;
+        done
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", body.borrow()));
+    let worker_body = body.borrow().clone();
+    let body = worker_body;
+    for want in [
+        "# TYPE llmq_cost_microdollars_total counter",
+        "# HELP llmq_tasks_total ",
+        "# TYPE llmq_task_wait_seconds histogram",
+        "llmq_build_info{version=\"",
+    ] {
+        assert!(body.contains(want), "no `{want}` in\n{body}");
+    }
+    assert!(
+        body.contains(&format!(
+            "llmq_task_wait_seconds_count{{queue=\"{}\",task_type=\"data_analysis\",priority=\"3\"}} 3",
+            env.queue
+        )),
+        "{body}"
+    );
+    assert!(!body.contains("llmq_cost_usd_total"), "{body}");
+    promtool_passes(&promtool, "llmq-worker", &body);
+    drop(worker);
+    let body = std::cell::RefCell::new(String::new());
+
+    let config = std::env::temp_dir().join(format!("llmq-{}-scheduler.yaml", env.queue));
+    std::fs::write(
+        &config,
+        include_str!("../../../examples/providers.mock.yaml"),
+    )
+    .unwrap();
+    let port = llmq_tests::harness::free_port();
+    let mut scheduler = std::process::Command::new(llmq_tests::harness::binary("llmq-scheduler"))
+        .env("REDIS_URL", llmq_tests::harness::redis_url())
+        .env("DATABASE_URL", llmq_tests::harness::database_url())
+        .env("LLMQ_CONFIG", &config)
+        .env("LLMQ_SCHEDULER_NAMESPACE", &env.queue)
+        .env("RUST_LOG", "warn")
+        .args([
+            "--queue",
+            &env.queue,
+            "--metrics-listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    env.eventually(
+        "the scheduler's gauges",
+        Duration::from_secs(20),
+        || async {
+            let got = scrape(port).await.unwrap_or_default();
+            let done = got.contains("llmq_queue_oldest_ready_age_seconds");
+            *body.borrow_mut() = got;
+            done
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {}", body.borrow()));
+    let body = body.into_inner();
+    let _ = scheduler.kill();
+    let _ = scheduler.wait();
+    assert!(body.contains("# HELP llmq_queue_backlog "), "{body}");
+    promtool_passes(&promtool, "llmq-scheduler", &body);
+}
+
+/// The path of `program`, which the suite needs (`make test` installs it).
+fn which(program: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(program))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{program} is missing: `make promtool-deps` installs it"))
+}
+
+fn promtool_passes(promtool: &std::path::Path, who: &str, body: &str) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool on {who}'s metrics: {said}\n{body}"
+    );
+}

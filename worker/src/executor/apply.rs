@@ -223,11 +223,11 @@ fn written(
     calls: Vec<CallRow>,
 ) -> Finished {
     // A task that ended (its record is finished) has its row in the ledger's tasks.
-    let row = finish
-        .record
-        .as_ref()
-        .is_some_and(|r| r.finished_at.is_some())
-        .then(|| row_extras(task_id, env));
+    let ended = finish.record.as_ref().filter(|r| r.finished_at.is_some());
+    if let Some(r) = ended {
+        observe_end(&queue, env, finish.entry_id, r.duration_ms);
+    }
+    let row = ended.is_some().then(|| row_extras(task_id, env));
     let step = (env.chain_id.as_deref().zip(env.step.as_deref()))
         .map(|(chain, step)| (chain.to_owned(), step.to_owned()));
     let write = match (step, reruns) {
@@ -247,6 +247,36 @@ fn written(
         row,
         ..Finished::new(queue, write, calls)
     }
+}
+
+/// Records how long an ended task waited and took from its enqueue (the envelope's
+/// `enqueued_at`, else its stream entry's time): `llmq_task_latency_seconds` and
+/// `llmq_task_wait_seconds` (less its last attempt's `run_ms`).
+fn observe_end(queue: &QueueKeys, env: &Envelope, entry_id: EntryId, run_ms: u64) {
+    let enqueued_ms = env.enqueued_at.map_or_else(
+        || i64::try_from(entry_id.ms()).unwrap_or(0),
+        |t| t.timestamp_millis(),
+    );
+    let latency_ms = (Utc::now().timestamp_millis() - enqueued_ms).max(0) as f64;
+    let wait_ms = (latency_ms - run_ms as f64).max(0.0);
+    // Labels from a known set only: a type or priority the envelope got wrong is `unknown`.
+    let priority = match env.priority {
+        None => "none".to_owned(),
+        Some(p) if (0..=i64::from(llmq_shared::envelope::MAX_PRIORITY)).contains(&p) => {
+            p.to_string()
+        }
+        Some(_) => "unknown".to_owned(),
+    };
+    let labels = [
+        ("queue", queue.name().to_owned()),
+        (
+            "task_type",
+            env.task_type().map_or("unknown", |t| t.as_str()).to_owned(),
+        ),
+        ("priority", priority),
+    ];
+    metrics::histogram!("llmq_task_latency_seconds", &labels).record(latency_ms / 1000.0);
+    metrics::histogram!("llmq_task_wait_seconds", &labels).record(wait_ms / 1000.0);
 }
 
 fn row_extras(task_id: TaskId, env: &Envelope) -> RowExtras {

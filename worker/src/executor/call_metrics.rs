@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use llmq_shared::config::Config;
 use llmq_shared::provider::{self, Completion, Usage};
-use metrics::{Counter, Gauge, Histogram};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Counter, Histogram};
 
 /// Handles for every model of every configured provider, each made on the model's first
 /// call (so they belong to the recorder installed by then).
@@ -21,7 +23,10 @@ struct Handles {
     input: Counter,
     output: Counter,
     cached: Counter,
-    cost: Gauge,
+    /// `llmq_cost_microdollars_total`, and every cost it was given in picodollars: each call
+    /// adds the whole microdollars its sum crossed, so costs below a microdollar are not lost.
+    cost: Counter,
+    picodollars: AtomicU64,
 }
 
 impl Handles {
@@ -33,7 +38,8 @@ impl Handles {
             input: metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "input"),
             output: metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "output"),
             cached: metrics::counter!("llmq_tokens_total", "provider" => p.clone(), "kind" => "cached"),
-            cost: metrics::gauge!("llmq_cost_usd_total", "provider" => p),
+            cost: metrics::counter!("llmq_cost_microdollars_total", "provider" => p),
+            picodollars: AtomicU64::new(0),
         }
     }
 }
@@ -89,6 +95,23 @@ impl CallMetrics {
         h.input.increment(usage.input_tokens);
         h.output.increment(usage.output_tokens);
         h.cached.increment(usage.cached_tokens);
-        h.cost.increment(cost);
+        h.add_cost(cost);
+    }
+}
+
+impl Handles {
+    /// Adds `usd` to the cost counter in whole microdollars, the rest carried to the next.
+    fn add_cost(&self, usd: f64) {
+        if !(usd.is_finite() && usd > 0.0) {
+            return;
+        }
+        // At most a few hundred dollars a call: far inside u64 picodollars.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let pico = (usd * 1e12).round() as u64;
+        let before = self.picodollars.fetch_add(pico, Ordering::Relaxed);
+        let crossed = (before + pico) / 1_000_000 - before / 1_000_000;
+        if crossed > 0 {
+            self.cost.increment(crossed);
+        }
     }
 }
