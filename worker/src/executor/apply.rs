@@ -2,6 +2,7 @@
 //! finisher writes. Nothing here chooses a fate; each transition carries what its write
 //! needs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -260,23 +261,64 @@ fn observe_end(queue: &QueueKeys, env: &Envelope, entry_id: EntryId, run_ms: u64
     let latency_ms = (Utc::now().timestamp_millis() - enqueued_ms).max(0) as f64;
     let wait_ms = (latency_ms - run_ms as f64).max(0.0);
     // Labels from a known set only: a type or priority the envelope got wrong is `unknown`.
+    let task_type = env.task_type().map_or("unknown", |t| t.as_str());
     let priority = match env.priority {
-        None => "none".to_owned(),
-        Some(p) if (0..=i64::from(llmq_shared::envelope::MAX_PRIORITY)).contains(&p) => {
-            p.to_string()
-        }
-        Some(_) => "unknown".to_owned(),
+        None => -1,
+        Some(p) if (0..=i64::from(llmq_shared::envelope::MAX_PRIORITY)).contains(&p) => p as i8,
+        Some(_) => -2,
     };
-    let labels = [
-        ("queue", queue.name().to_owned()),
-        (
-            "task_type",
-            env.task_type().map_or("unknown", |t| t.as_str()).to_owned(),
-        ),
-        ("priority", priority),
-    ];
-    metrics::histogram!("llmq_task_latency_seconds", &labels).record(latency_ms / 1000.0);
-    metrics::histogram!("llmq_task_wait_seconds", &labels).record(wait_ms / 1000.0);
+    TASK_TIMES.with(queue.name(), task_type, priority, |latency, wait| {
+        latency.record(latency_ms / 1000.0);
+        wait.record(wait_ms / 1000.0);
+    });
+}
+
+/// The two task histograms of each queue, task type and priority (-1 none, -2 unknown),
+/// registered once: building a metric's key and looking it up on every task would cost more
+/// than recording it.
+static TASK_TIMES: TaskTimes = TaskTimes(std::sync::LazyLock::new(Default::default));
+
+type TimesOf = HashMap<(&'static str, i8), (metrics::Histogram, metrics::Histogram)>;
+
+struct TaskTimes(std::sync::LazyLock<std::sync::RwLock<HashMap<String, TimesOf>>>);
+
+impl TaskTimes {
+    fn with(
+        &self,
+        queue: &str,
+        task_type: &'static str,
+        priority: i8,
+        record: impl FnOnce(&metrics::Histogram, &metrics::Histogram),
+    ) {
+        let key = (task_type, priority);
+        if let Ok(map) = self.0.read()
+            && let Some((latency, wait)) = map.get(queue).and_then(|m| m.get(&key))
+        {
+            return record(latency, wait);
+        }
+        // Made for the process's recorder (installed now if nothing did yet), not a no-op one.
+        let _ = llmq_shared::health::recorder();
+        let priority = match priority {
+            -1 => "none".to_owned(),
+            -2 => "unknown".to_owned(),
+            p => p.to_string(),
+        };
+        let labels = [
+            ("queue", queue.to_owned()),
+            ("task_type", task_type.to_owned()),
+            ("priority", priority),
+        ];
+        let handles = (
+            metrics::histogram!("llmq_task_latency_seconds", &labels),
+            metrics::histogram!("llmq_task_wait_seconds", &labels),
+        );
+        record(&handles.0, &handles.1);
+        if let Ok(mut map) = self.0.write() {
+            map.entry(queue.to_owned())
+                .or_default()
+                .insert(key, handles);
+        }
+    }
 }
 
 fn row_extras(task_id: TaskId, env: &Envelope) -> RowExtras {
