@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 K8S_VERSIONS=(1.30 1.33 1.37)
 # Our overlays, and the operator's example overlay, which adds the web page (components/web).
 OVERLAYS=(kubernetes/overlays/keda kubernetes/overlays/static tests/example-overlay)
-# The only kinds that may go unchecked for want of a schema.
-UNCHECKED_KINDS='ScaledObject|TriggerAuthentication'
+# The only kinds that may go unchecked for want of a schema (KEDA's and the prometheus-operator's).
+UNCHECKED_KINDS='ScaledObject|TriggerAuthentication|PodMonitor|PrometheusRule'
 
 venv="${LLMQ_DEPLOY_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/llmq/deploy-venv}"
 if [ -x "$venv/bin/python" ]; then
@@ -48,8 +48,9 @@ for path in "${OVERLAYS[@]}"; do
             exit 1
         fi
         # A kind or apiVersion it has no schema for is only a warning to it; fail on any but
-        # the KEDA kinds, so a typo in an apiVersion cannot pass unchecked.
-        if grep -v -E "Couldn't find schema for kind ($UNCHECKED_KINDS) with api version keda\.sh/" \
+        # the KEDA and prometheus-operator kinds, so a typo in an apiVersion cannot pass
+        # unchecked.
+        if grep -v -E "Couldn't find schema for kind ($UNCHECKED_KINDS) with api version (keda\.sh|monitoring\.coreos\.com)/" \
             "$out/validate.log" | grep -q .; then
             cat "$out/validate.log" >&2
             echo "deploy-check: unexpected output validating $overlay against Kubernetes $version" >&2
@@ -57,7 +58,7 @@ for path in "${OVERLAYS[@]}"; do
         fi
         skipped=$(grep -c "Couldn't find schema" "$out/validate.log" || true)
         note=""
-        [ "$skipped" -eq 0 ] || note=" ($skipped KEDA objects skipped: no schema for them)"
+        [ "$skipped" -eq 0 ] || note=" ($skipped KEDA and prometheus-operator objects skipped: no schema for them)"
         echo "kubernetes-validate --strict -k $version: $path, $objects objects ok$note"
     done
 done

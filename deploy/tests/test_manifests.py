@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 import checks
 from conftest import KEDA_RENDERS, RENDERS
@@ -146,3 +147,27 @@ def test_durations_parse_as_llmq_reads_them(text, seconds):
 def test_durations_that_are_not_durations_are_refused(text):
     with pytest.raises(ValueError):
         checks.duration_seconds(text)
+
+
+def test_the_prometheusrule_holds_the_alert_rules_and_the_podmonitor_finds_every_metrics_port(rendered):
+    """components/monitoring: the PrometheusRule holds deploy/monitoring/alerts.yaml's groups
+    as they are (python3 deploy/monitoring/to_prometheusrule.py regenerates it), and the
+    PodMonitor's selector and port name every pod that serves /metrics."""
+    docs = rendered["example-overlay"]
+    rules = yaml.safe_load((checks.REPO / "deploy/monitoring/alerts.yaml").read_text())
+    [rule] = checks.by_kind(docs, "PrometheusRule")
+    assert rule["spec"]["groups"] == rules["groups"]
+    [monitor] = checks.by_kind(docs, "PodMonitor")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    ports = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    scraped = 0
+    for w in checks.workloads(docs):
+        pod_labels = w["spec"]["template"]["metadata"].get("labels", {})
+        metrics = [
+            p for c in checks.containers(checks.pod_spec(w)) for p in c.get("ports", []) if p.get("name") == "metrics"
+        ]
+        if metrics:
+            assert all(pod_labels.get(k) == v for k, v in selector.items()), w["metadata"]["name"]
+            assert ports == {"metrics"}
+            scraped += 1
+    assert scraped >= 2, "the workers and the schedulers serve /metrics"

@@ -17,13 +17,20 @@ use crate::{Result, Scheduler};
 pub(crate) const EVERY: Duration = Duration::from_secs(5);
 
 /// The per-queue gauges, with the count each one shows.
-const QUEUE_GAUGES: [&str; 5] = [
+const QUEUE_GAUGES: [&str; 6] = [
     "llmq_queue_ready",
     "llmq_queue_in_flight",
     "llmq_queue_delayed",
     "llmq_queue_dead",
     "llmq_queue_backlog",
+    "llmq_queue_workers",
 ];
+
+/// 1 on the scheduler that holds the lease (and publishes), 0 on the others.
+const LEADER: &str = "llmq_scheduler_is_leader";
+
+/// 1 while a configured provider/model's circuit is open.
+const CIRCUIT_OPEN: &str = "llmq_circuit_open";
 
 /// How long the oldest task ready in a queue's stream has waited (s), 0 with none.
 const OLDEST_READY: &str = "llmq_queue_oldest_ready_age_seconds";
@@ -51,6 +58,7 @@ impl Scheduler {
                 c.delayed,
                 c.dead,
                 c.ready + c.in_flight,
+                c.workers,
             ];
             for (name, value) in QUEUE_GAUGES.iter().zip(values) {
                 metrics::gauge!(*name, "queue" => queue.clone()).set(value as f64);
@@ -73,6 +81,8 @@ impl Scheduler {
                 self.gauged_queues.push(queue.clone());
             }
         }
+        metrics::gauge!(LEADER).set(1.0);
+        let circuits = self.publish_circuits().await?;
         let limiter = Limiter::new(self.redis.clone());
         let now = self.now();
         let mut quotas = 0;
@@ -94,14 +104,52 @@ impl Scheduler {
             }
         }
         Ok(format!(
-            "published the depths of {} queue(s) and the use of {quotas} quota(s)",
+            "published the depths of {} queue(s), the use of {quotas} quota(s) and {circuits} \
+             open circuit(s)",
             queues.len()
         ))
+    }
+
+    /// `llmq_circuit_open{provider,model}`: 1 for each configured pair whose circuit (or
+    /// provider's) is open now, else 0. Returns how many are open.
+    async fn publish_circuits(&mut self) -> Result<usize> {
+        let pairs: Vec<(String, Vec<String>)> = self
+            .config
+            .providers
+            .iter()
+            .map(|p| {
+                let models = p.models.iter().map(|m| m.id.to_string()).collect();
+                (p.name.to_string(), models)
+            })
+            .collect();
+        let open = llmq_shared::circuit::Circuits::new(self.redis.clone(), "llmq-scheduler")
+            .open(&pairs)
+            .await?;
+        let mut n = 0;
+        for (provider, models) in &pairs {
+            for model in models {
+                let is_open = open.iter().any(|o| {
+                    o.provider == *provider && o.model.as_ref().is_none_or(|m| m == model)
+                });
+                n += usize::from(is_open);
+                metrics::gauge!(CIRCUIT_OPEN, "provider" => provider.clone(), "model" => model.clone())
+                    .set(if is_open { 1.0 } else { 0.0 });
+            }
+        }
+        self.gauged_circuits = pairs;
+        Ok(n)
     }
 
     /// Sets every gauge this instance published to 0: it no longer holds the lease, and the
     /// holder publishes the real figures.
     pub(crate) fn zero_gauges(&mut self) {
+        metrics::gauge!(LEADER).set(0.0);
+        for (provider, models) in self.gauged_circuits.drain(..) {
+            for model in models {
+                metrics::gauge!(CIRCUIT_OPEN, "provider" => provider.clone(), "model" => model)
+                    .set(0.0);
+            }
+        }
         for queue in self.gauged_queues.drain(..) {
             for name in QUEUE_GAUGES.iter().chain([&OLDEST_READY]) {
                 metrics::gauge!(*name, "queue" => queue.clone()).set(0.0);

@@ -288,6 +288,8 @@ pub struct Scheduler {
     /// when it loses the lease.
     gauged_queues: Vec<String>,
     gauged_quotas: Vec<(String, String)>,
+    /// The provider/model pairs whose circuit gauge this instance published.
+    gauged_circuits: Vec<(String, Vec<String>)>,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -344,6 +346,7 @@ impl Scheduler {
             next_run: HashMap::new(),
             gauged_queues: Vec::new(),
             gauged_quotas: Vec::new(),
+            gauged_circuits: Vec::new(),
         })
     }
 

@@ -141,6 +141,18 @@ fn describe() {
         "Tasks ready and in flight (what an autoscaler reads), by queue."
     );
     describe_gauge!(
+        "llmq_queue_workers",
+        "Workers of a queue that beat within 15 s, by queue."
+    );
+    describe_gauge!(
+        "llmq_scheduler_is_leader",
+        "1 on the scheduler that holds the lease (and publishes the queue gauges), 0 on the others."
+    );
+    describe_gauge!(
+        "llmq_circuit_open",
+        "1 while a provider's or a model's circuit is open (every worker skips it), by provider and model."
+    );
+    describe_gauge!(
         "llmq_queue_ready_in_room",
         "Tasks waiting their turn in the room, by queue and priority."
     );

@@ -254,3 +254,110 @@ fn promtool_passes(promtool: &std::path::Path, who: &str, body: &str) {
         "promtool on {who}'s metrics: {said}\n{body}"
     );
 }
+
+/// The alert rules (`deploy/monitoring/alerts.yaml`): `promtool check rules`, and `promtool
+/// test rules` with a case for every alert firing and one staying quiet; and every metric an
+/// expression names is one the binaries describe (`llmq_shared::health`), every label it
+/// groups by one they set.
+#[test]
+fn the_alert_rules_pass_promtool_and_name_only_exported_metrics() {
+    let promtool = which("promtool");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/monitoring");
+    for args in [
+        ["check", "rules", "alerts.yaml"],
+        ["test", "rules", "alerts.test.yaml"],
+    ] {
+        let out = std::process::Command::new(&promtool)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let rules = std::fs::read_to_string(format!("{dir}/alerts.yaml")).unwrap();
+    let tests = std::fs::read_to_string(format!("{dir}/alerts.test.yaml")).unwrap();
+    // Every alert has a case that fires and a case that stays quiet.
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        let cases: Vec<&str> = tests
+            .split("- name: ")
+            .filter(|c| c.contains(&format!("alertname: {alert}\n")))
+            .collect();
+        assert!(
+            cases.iter().any(|c| c.contains("exp_labels")),
+            "no case where {alert} fires"
+        );
+        assert!(
+            cases.iter().any(|c| c.contains("exp_alerts: []")),
+            "no case where {alert} stays quiet"
+        );
+    }
+    let sources: String = ["shared/src", "worker/src", "scheduler/src", "producer/src"]
+        .iter()
+        .flat_map(|d| rust_files(&format!("{}/../{d}", env!("CARGO_MANIFEST_DIR"))))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    let described: std::collections::HashSet<String> = words_after(&sources, "describe_")
+        .into_iter()
+        .filter(|w| w.starts_with("llmq_"))
+        .collect();
+    // Labels the code sets: `"name" =>` in a metric's macro.
+    let labels: std::collections::HashSet<String> = sources
+        .split("\" =>")
+        .filter_map(|before| before.rsplit('"').next().map(str::to_owned))
+        .collect();
+    for name in rules
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("llmq_"))
+    {
+        let base = name
+            .trim_end_matches("_bucket")
+            .trim_end_matches("_count")
+            .trim_end_matches("_sum");
+        assert!(
+            described.contains(base),
+            "alerts.yaml names {name}, which no binary exports"
+        );
+    }
+    for by in rules.split("by (").skip(1) {
+        for label in by.split(')').next().unwrap().split(',').map(str::trim) {
+            assert!(
+                labels.contains(label),
+                "alerts.yaml groups by `{label}`, which no metric has"
+            );
+        }
+    }
+}
+
+fn rust_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(rust_files(p.to_str().unwrap()));
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The first string literal after each `marker...!(` in `text`.
+fn words_after(text: &str, marker: &str) -> Vec<String> {
+    text.split(marker)
+        .skip(1)
+        .filter_map(|rest| {
+            let (_, args) = rest.split_once("!(")?;
+            let quoted = args.trim_start().strip_prefix('"')?;
+            Some(quoted.split('"').next()?.to_owned())
+        })
+        .collect()
+}
