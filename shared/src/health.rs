@@ -118,6 +118,12 @@ fn describe() {
         "llmq_tenant_limited_total",
         "Calls a tenant's limit held back, by tenant and limit."
     );
+    describe_gauges();
+}
+
+/// The gauges and the front door's metrics, described (the rest of [`describe`]).
+fn describe_gauges() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(
         "llmq_quota_used_ratio",
         "The share of a provider's quota used, 0 to 1, by provider and quota."
