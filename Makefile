@@ -64,7 +64,7 @@ promtool-deps: ## Install Prometheus's promtool (Debian's prometheus, pinned), w
 sdk-deps: ## Install OpenAI's and Anthropic's Python SDKs (pinned) in a venv, to check llmq's answers to their batch files
 	@tests/sdk/deps.sh
 
-deploy-check: ## Check the Dockerfile and the Kubernetes manifests offline (kustomize, schemas, lints, deploy/tests)
+deploy-check: promtool-deps ## Check the Dockerfile and the Kubernetes manifests offline (kustomize, schemas, lints, deploy/tests)
 	@deploy/check.sh
 
 image: ## Build the image from ./Dockerfile with buildah (no daemon, no registry: bases made from Debian's packages; deploy/image.sh) and print its size
