@@ -9,7 +9,7 @@ use llmq_shared::insights;
 use llmq_shared::ledger::{CostLine, GroupBy, Scope};
 use serde::Deserialize;
 
-use super::{AppState, Viewer, esc, message, page};
+use super::{AppState, Viewer, esc, given, message, page};
 
 /// The longest range one page reports.
 const MAX_DAYS: i64 = 366;
@@ -52,11 +52,6 @@ fn fields(
         return Err(("Not a tag", format!("{e}.")));
     }
     Ok((batch, tenant, tag))
-}
-
-/// A form field given and not blank.
-fn given(field: Option<&str>) -> Option<&str> {
-    field.map(str::trim).filter(|s| !s.is_empty())
 }
 
 fn day(raw: Option<&str>, default: NaiveDate, name: &str) -> Result<NaiveDate, String> {

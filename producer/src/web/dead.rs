@@ -11,8 +11,8 @@ use serde::Deserialize;
 use super::auth::done;
 use super::dead_work::{self, DeadFilter};
 use super::{
-    AppState, Viewer, action, action_form, esc, field, is_entry_id, message, page, queue_in,
-    redis_away, urlencode,
+    AppState, Viewer, action, action_form, esc, field, form_time, given, is_entry_id, message,
+    page, queue_in, redis_away, urlencode,
 };
 
 /// How many dead letters one page lists.
@@ -39,43 +39,17 @@ pub(super) struct DeadQuery {
     archived: Option<String>,
 }
 
-/// A filter field from a query or a form, trimmed; `None` when empty.
-fn given(v: Option<&str>) -> Option<String> {
-    v.map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
-/// A time from the form (`YYYY-MM-DD`, or `YYYY-MM-DDTHH:MM`, UTC) in ms; an end date means
-/// its whole day.
-fn time_ms(raw: Option<&str>, end: bool, name: &str) -> Result<Option<i64>, String> {
-    let Some(raw) = given(raw) else {
-        return Ok(None);
-    };
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(&raw, "%Y-%m-%d") {
-        let d = if end { d.succ_opt().unwrap_or(d) } else { d };
-        return Ok(d
-            .and_hms_opt(0, 0, 0)
-            .map(|t| t.and_utc().timestamp_millis()));
-    }
-    chrono::NaiveDateTime::parse_from_str(&raw, "%Y-%m-%dT%H:%M")
-        .map(|t| Some(t.and_utc().timestamp_millis()))
-        .map_err(|_| {
-            format!("`{name}` is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM, UTC)")
-        })
-}
-
 /// The filter a query or a form asks for.
 fn filter_of(get: impl Fn(&str) -> Option<String>) -> Result<DeadFilter, String> {
     Ok(DeadFilter {
-        class: given(get("class").as_deref()),
-        text: given(get("q").as_deref()),
-        provider: given(get("provider").as_deref()),
-        model: given(get("model").as_deref()),
-        task_type: given(get("type").as_deref()),
-        tenant: given(get("tenant").as_deref()),
-        since_ms: time_ms(get("since").as_deref(), false, "since")?,
-        until_ms: time_ms(get("until").as_deref(), true, "until")?,
+        class: given(get("class").as_deref()).map(str::to_owned),
+        text: given(get("q").as_deref()).map(str::to_owned),
+        provider: given(get("provider").as_deref()).map(str::to_owned),
+        model: given(get("model").as_deref()).map(str::to_owned),
+        task_type: given(get("type").as_deref()).map(str::to_owned),
+        tenant: given(get("tenant").as_deref()).map(str::to_owned),
+        since_ms: form_time(get("since").as_deref(), false, "since")?.map(|t| t.timestamp_millis()),
+        until_ms: form_time(get("until").as_deref(), true, "until")?.map(|t| t.timestamp_millis()),
     })
 }
 
@@ -111,7 +85,7 @@ impl DeadQuery {
             ("until", &self.until),
         ] {
             if let Some(v) = given(v.as_deref()) {
-                parts.push(format!("{k}={}", urlencode(&v)));
+                parts.push(format!("{k}={}", urlencode(v)));
             }
         }
         esc(&parts.join("&"))

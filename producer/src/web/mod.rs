@@ -378,6 +378,34 @@ fn when_ms(ms: i64) -> String {
         .unwrap_or_default()
 }
 
+/// A form or query field given and not blank, trimmed.
+fn given(field: Option<&str>) -> Option<&str> {
+    field.map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// A time from a form field: `YYYY-MM-DD` (its midnight, or the next one for an `end`) or
+/// `YYYY-MM-DDTHH:MM[:SS]` (UTC); `None` when blank, a sentence naming `name` when neither.
+fn form_time(
+    raw: Option<&str>,
+    end: bool,
+    name: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, String> {
+    let Some(raw) = given(raw) else {
+        return Ok(None);
+    };
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        let d = if end { d.succ_opt().unwrap_or(d) } else { d };
+        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc()));
+    }
+    ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"]
+        .iter()
+        .find_map(|f| chrono::NaiveDateTime::parse_from_str(raw, f).ok())
+        .map(|t| Some(t.and_utc()))
+        .ok_or_else(|| {
+            format!("`{name}` is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM, UTC)")
+        })
+}
+
 /// A labelled text field of a search form, holding `value` (escaped).
 fn search_field(name: &str, label: &str, value: &Option<String>, hint: &str) -> String {
     format!(

@@ -535,15 +535,23 @@ fn answer(r: &TaskRecord) -> String {
     out
 }
 
+/// The queue and task an action's form names, when the viewer may act; else the page to
+/// answer instead.
+fn task_action(
+    app: &super::App,
+    headers: &HeaderMap,
+    body: &str,
+    viewer: &Viewer,
+) -> Result<(String, TaskId), Box<Response>> {
+    let (fields, queue) = action(app, headers, body, viewer)?;
+    Ok((queue, task_id(field(&fields, "id"), viewer)?))
+}
+
 /// POST `/task/cancel`: sets the task's cancel mark, as `llmq cancel` does.
 pub(super) async fn cancel(State(app): AppState, headers: HeaderMap, body: String) -> Response {
     let viewer = app.sessions.viewer(&headers);
-    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+    let (queue, id) = match task_action(&app, &headers, &body, &viewer) {
         Ok(x) => x,
-        Err(page) => return *page,
-    };
-    let id = match task_id(field(&fields, "id"), &viewer) {
-        Ok(id) => id,
         Err(page) => return *page,
     };
     let target = [llmq_shared::queue::Target::Task(id)];
@@ -569,12 +577,8 @@ pub(super) async fn cancel(State(app): AppState, headers: HeaderMap, body: Strin
 /// POST `/task/run-now`: a delayed task becomes due now.
 pub(super) async fn run_now(State(app): AppState, headers: HeaderMap, body: String) -> Response {
     let viewer = app.sessions.viewer(&headers);
-    let (fields, queue) = match action(&app, &headers, &body, &viewer) {
+    let (queue, id) = match task_action(&app, &headers, &body, &viewer) {
         Ok(x) => x,
-        Err(page) => return *page,
-    };
-    let id = match task_id(field(&fields, "id"), &viewer) {
-        Ok(id) => id,
         Err(page) => return *page,
     };
     let keys = QueueKeys::new(&queue);

@@ -6,7 +6,7 @@
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::Utc;
 use llmq_shared::history::{Cursor, FoundTask, Page, TaskFilter, TaskPage};
 use llmq_shared::keys::QueueKeys;
 use llmq_shared::queue::{LiveTask, now_ms};
@@ -54,28 +54,7 @@ pub(super) struct TasksQuery {
 
 /// A query's value, trimmed; `None` when empty.
 fn given(v: &Option<String>) -> Option<String> {
-    v.as_deref()
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
-/// A time from the form: `YYYY-MM-DD` (its midnight, or the next for an end) or
-/// `YYYY-MM-DDTHH:MM[:SS]` (UTC).
-fn time(raw: Option<String>, end: bool, name: &str) -> Result<Option<DateTime<Utc>>, String> {
-    let Some(raw) = raw else { return Ok(None) };
-    if let Ok(d) = NaiveDate::parse_from_str(&raw, "%Y-%m-%d") {
-        let d = if end { d.succ_opt().unwrap_or(d) } else { d };
-        return Ok(d.and_hms_opt(0, 0, 0).map(|t| t.and_utc()));
-    }
-    for format in ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(&raw, format) {
-            return Ok(Some(t.and_utc()));
-        }
-    }
-    Err(format!(
-        "`{name}` is not a date (YYYY-MM-DD) or a time (YYYY-MM-DDTHH:MM, UTC)"
-    ))
+    super::given(v.as_deref()).map(str::to_owned)
 }
 
 impl TasksQuery {
@@ -111,9 +90,9 @@ impl TasksQuery {
     /// The ledger search this asks for; a sentence when a field cannot be read.
     fn filter(&self, status: Option<&str>) -> Result<TaskFilter, String> {
         let now = Utc::now();
-        let since =
-            time(given(&self.since), false, "since")?.unwrap_or(now - chrono::Duration::hours(24));
-        let until = time(given(&self.until), true, "until")?.unwrap_or(now);
+        let since = super::form_time(self.since.as_deref(), false, "since")?
+            .unwrap_or(now - chrono::Duration::hours(24));
+        let until = super::form_time(self.until.as_deref(), true, "until")?.unwrap_or(now);
         if since >= until {
             return Err(format!(
                 "The range starts ({since}) at or after it ends ({until})."
